@@ -1,0 +1,78 @@
+//! Trust bundles: PEM, and the SPIFFE trust bundle format (a JWK set with one
+//! `x509-svid` key per root, `spiffe_sequence` and `spiffe_refresh_hint`).
+
+use std::path::Path;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use rustls_pki_types::CertificateDer;
+use serde_json::{json, Value};
+
+use crate::ca::{files, io_err, CaError, CaState};
+use crate::fsutil::{self, PUBLIC};
+use crate::keys::{self, KeyType};
+
+/// The JWK of one root certificate, with the certificate in `x5c`.
+fn jwk(root: &CertificateDer<'_>) -> Value {
+    let mut key = json!({
+        "use": "x509-svid",
+        "x5c": [STANDARD.encode(root.as_ref())],
+    });
+    if let Ok((_, cert)) = x509_parser::parse_x509_certificate(root) {
+        let spki = cert.public_key();
+        let raw = spki.subject_public_key.data.as_ref();
+        match KeyType::of_spki(spki) {
+            Ok(KeyType::EcdsaP256) if raw.len() == 65 => {
+                key["kty"] = json!("EC");
+                key["crv"] = json!("P-256");
+                key["x"] = json!(URL_SAFE_NO_PAD.encode(&raw[1..33]));
+                key["y"] = json!(URL_SAFE_NO_PAD.encode(&raw[33..65]));
+            }
+            Ok(KeyType::Ed25519) => {
+                key["kty"] = json!("OKP");
+                key["crv"] = json!("Ed25519");
+                key["x"] = json!(URL_SAFE_NO_PAD.encode(raw));
+            }
+            _ => {}
+        }
+        key["kid"] = json!(URL_SAFE_NO_PAD.encode(keys::sha256(spki.raw)));
+    }
+    key
+}
+
+/// The SPIFFE trust bundle document.
+pub fn spiffe_json(state: &CaState, roots: &[CertificateDer<'_>]) -> String {
+    let doc = json!({
+        "keys": roots.iter().map(jwk).collect::<Vec<_>>(),
+        "spiffe_sequence": state.spiffe_sequence,
+        "spiffe_refresh_hint": state.refresh_hint_secs,
+    });
+    let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// Writes `bundle.pem` and `bundle.spiffe.json` into `dir`.
+pub(crate) fn write(dir: &Path, state: &CaState, roots: &[CertificateDer<'_>]) -> Result<(), CaError> {
+    let pem: String = roots.iter().map(|c| keys::cert_pem(c)).collect();
+    let p = dir.join(files::BUNDLE_PEM);
+    fsutil::write_atomic(&p, pem.as_bytes(), PUBLIC).map_err(io_err(&p))?;
+    let j = dir.join(files::BUNDLE_JSON);
+    fsutil::write_atomic(&j, spiffe_json(state, roots).as_bytes(), PUBLIC).map_err(io_err(&j))
+}
+
+/// Reads the roots out of a SPIFFE trust bundle document.
+pub fn roots_from_spiffe_json(doc: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let v: Value = serde_json::from_str(doc).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = v["keys"].as_array().ok_or("no \"keys\" array")?;
+    let mut out = Vec::new();
+    for k in keys.iter().filter(|k| k["use"] == "x509-svid") {
+        for c in k["x5c"].as_array().into_iter().flatten() {
+            let der = STANDARD
+                .decode(c.as_str().unwrap_or_default())
+                .map_err(|e| format!("bad x5c: {e}"))?;
+            out.push(CertificateDer::from(der));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,479 @@
+//! A CA directory: its layout, its state, and loading the issuing chain.
+//!
+//! ```text
+//! DIR/                      0700
+//!   ca.json                 trust domain, key type, bundle sequence, rotation stage
+//!   root.crt   root.key     the root that issuance currently chains to
+//!   intermediate.crt/.key   the issuing intermediate
+//!   bundle.pem              every trusted root (more than one during a root move)
+//!   bundle.spiffe.json      the same as a SPIFFE trust bundle
+//!   ledger.jsonl            one line per issued certificate
+//!   next/                   the prepared root and intermediate (root rotation)
+//!   previous-root.crt       the outgoing root, once the new one is active
+//!   archive/                retired keys and certificates
+//! ```
+//!
+//! Keys are 0600; every write is atomic (see [`crate::fsutil`]).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::PublicKeyData;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::bundle;
+use crate::csr::CsrError;
+use crate::fsutil::{self, PUBLIC, SECRET};
+use crate::keys::{self, KeyError, KeyType};
+use crate::spiffe::{SpiffeIdError, TrustDomain};
+
+/// File names inside a CA directory.
+pub mod files {
+    pub const STATE: &str = "ca.json";
+    pub const ROOT_CRT: &str = "root.crt";
+    pub const ROOT_KEY: &str = "root.key";
+    pub const INT_CRT: &str = "intermediate.crt";
+    pub const INT_KEY: &str = "intermediate.key";
+    pub const BUNDLE_PEM: &str = "bundle.pem";
+    pub const BUNDLE_JSON: &str = "bundle.spiffe.json";
+    pub const LEDGER: &str = "ledger.jsonl";
+    pub const TOKENS: &str = "tokens.jsonl";
+    pub const NEXT: &str = "next";
+    pub const PREVIOUS_ROOT: &str = "previous-root.crt";
+    pub const ARCHIVE: &str = "archive";
+}
+
+/// Everything that can go wrong with a CA directory or an issuance.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing to initialise {}: it already exists and is not empty", .0.display())]
+    AlreadyExists(PathBuf),
+    #[error("{} is not a keyproof CA directory (no {})", .0.display(), files::STATE)]
+    NotACa(PathBuf),
+    #[error("{}: {msg}", path.display())]
+    Corrupt { path: PathBuf, msg: String },
+    #[error("invalid SPIFFE ID: {0}")]
+    SpiffeId(#[from] SpiffeIdError),
+    #[error("SPIFFE ID {id} is not in this CA's trust domain {trust_domain}")]
+    ForeignTrustDomain { id: String, trust_domain: String },
+    #[error("SPIFFE ID {0} has no path; a workload ID needs one (e.g. /ns/default/sa/web)")]
+    NotAWorkloadId(String),
+    #[error("{0}")]
+    Csr(#[from] CsrError),
+    #[error("the issuing intermediate expired at {0}; run `keyproof-ca rotate intermediate`")]
+    IntermediateExpired(String),
+    #[error("the issuing intermediate is not valid until {0}")]
+    IntermediateNotYetValid(String),
+    #[error("invalid --ttl: {0}")]
+    BadTtl(String),
+    #[error("invalid DNS name {0:?}")]
+    BadDnsName(String),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{0}")]
+    Rotation(String),
+}
+
+/// Attaches a path to an I/O error.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where a root rotation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationStage {
+    /// One root, nothing in flight.
+    #[default]
+    Idle,
+    /// A new root is in the bundle; issuance still uses the old chain.
+    Prepared,
+    /// Issuance uses the new chain; the old root is still trusted.
+    Activated,
+}
+
+/// `ca.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaState {
+    pub version: u32,
+    pub trust_domain: String,
+    pub key_type: KeyType,
+    /// Increases each time the bundle changes (SPIFFE `spiffe_sequence`).
+    pub spiffe_sequence: u64,
+    /// Seconds; published as `spiffe_refresh_hint`.
+    pub refresh_hint_secs: u64,
+    #[serde(default)]
+    pub rotation: RotationStage,
+}
+
+/// Options for `init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub trust_domain: TrustDomain,
+    pub key_type: KeyType,
+    pub root_ttl: Duration,
+    pub intermediate_ttl: Duration,
+}
+
+/// Clock skew allowance: certificates are valid from five minutes ago.
+pub const BACKDATE: Duration = Duration::from_secs(300);
+
+/// Now, truncated to whole seconds: X.509 times have no fractions, and the
+/// ledger should say exactly what the certificate says.
+pub(crate) fn now() -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc();
+    t.replace_nanosecond(0).unwrap_or(t)
+}
+
+/// A serial number as lowercase hex without leading zero bytes, as
+/// `openssl x509 -serial` prints it.
+pub fn serial_hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    hex::encode(&bytes[start..])
+}
+
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// 128 bits from the system CSPRNG, as a positive DER INTEGER (a leading zero
+/// byte keeps the top bit from making it negative).
+pub(crate) fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 17];
+    // aws-lc's RNG only fails if the OS has no entropy source; nothing can be
+    // issued safely then, so treat it as fatal.
+    aws_lc_rs::rand::fill(&mut bytes[1..]).expect("system random number generator failed");
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
+fn ca_dn(td: &TrustDomain, what: &str, at: OffsetDateTime) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "keyproof");
+    dn.push(
+        DnType::CommonName,
+        format!("{} {what} {}", td.as_str(), at.unix_timestamp()),
+    );
+    dn
+}
+
+/// Parameters for a CA certificate of the trust domain.
+fn ca_params(
+    td: &TrustDomain,
+    what: &str,
+    path_len: u8,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, CaError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = ca_dn(td, what, not_before + BACKDATE);
+    p.serial_number = Some(random_serial());
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.subject_alt_names = vec![SanType::URI(td.id_string().try_into()?)];
+    p.use_authority_key_identifier_extension = path_len == 0;
+    Ok(p)
+}
+
+/// A freshly generated root or intermediate.
+pub(crate) struct NewCa {
+    pub cert: CertificateDer<'static>,
+    pub key: KeyPair,
+}
+
+/// Generates a self-signed root (path length 1).
+pub(crate) fn new_root(td: &TrustDomain, kt: KeyType, ttl: Duration) -> Result<NewCa, CaError> {
+    let start = now() - BACKDATE;
+    let key = kt.generate()?;
+    let params = ca_params(td, "root", 1, start, start + BACKDATE + ttl)?;
+    let cert = params.self_signed(&key)?;
+    Ok(NewCa {
+        cert: cert.der().clone(),
+        key,
+    })
+}
+
+/// Generates an intermediate (path length 0) under `root`, never outliving it.
+pub(crate) fn new_intermediate(
+    td: &TrustDomain,
+    kt: KeyType,
+    ttl: Duration,
+    root: &NewCa,
+) -> Result<NewCa, CaError> {
+    let start = now() - BACKDATE;
+    let root_not_after = not_after_of(&root.cert)?;
+    let not_after = (start + BACKDATE + ttl).min(root_not_after);
+    let key = kt.generate()?;
+    let params = ca_params(td, "intermediate", 0, start, not_after)?;
+    let issuer = Issuer::from_ca_cert_der(&root.cert, &root.key)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(NewCa {
+        cert: cert.der().clone(),
+        key,
+    })
+}
+
+pub(crate) fn not_after_of(der: &[u8]) -> Result<OffsetDateTime, CaError> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Corrupt {
+        path: PathBuf::from("<certificate>"),
+        msg: e.to_string(),
+    })?;
+    Ok(c.validity().not_after.to_datetime())
+}
+
+/// Writes a key (0600) and its certificate into `dir` under `stem`.
+pub(crate) fn write_pair(dir: &Path, stem: &str, ca: &NewCa) -> Result<(), CaError> {
+    let key_path = dir.join(format!("{stem}.key"));
+    fsutil::write_atomic(&key_path, ca.key.serialize_pem().as_bytes(), SECRET)
+        .map_err(io_err(&key_path))?;
+    let crt_path = dir.join(format!("{stem}.crt"));
+    fsutil::write_atomic(&crt_path, keys::cert_pem(&ca.cert).as_bytes(), PUBLIC)
+        .map_err(io_err(&crt_path))?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CaError> {
+    fs::read(path).map_err(io_err(path))
+}
+
+/// An opened CA directory, ready to issue.
+pub struct Ca {
+    dir: PathBuf,
+    state: CaState,
+    trust_domain: TrustDomain,
+    root: CertificateDer<'static>,
+    intermediate: CertificateDer<'static>,
+    pub(crate) intermediate_not_before: OffsetDateTime,
+    pub(crate) intermediate_not_after: OffsetDateTime,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    /// Hex SKI of the intermediate (the ledger's issuer key id).
+    pub(crate) issuer_key_id: String,
+    /// SHA-256 of the root DER, to know which root a ledger entry chains to.
+    pub(crate) root_sha256: String,
+    bundle: Vec<CertificateDer<'static>>,
+}
+
+impl Ca {
+    /// Creates a new trust domain in `dir`.
+    pub fn init(dir: &Path, opts: &InitOptions) -> Result<Ca, CaError> {
+        if dir.exists() {
+            let empty = fs::read_dir(dir)
+                .map_err(io_err(dir))?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(CaError::AlreadyExists(dir.to_owned()));
+            }
+        }
+        // Build everything in memory first, then write into a staging
+        // directory renamed into place, so a failure leaves nothing behind.
+        let root = new_root(&opts.trust_domain, opts.key_type, opts.root_ttl)?;
+        let int = new_intermediate(&opts.trust_domain, opts.key_type, opts.intermediate_ttl, &root)?;
+        let state = CaState {
+            version: 1,
+            trust_domain: opts.trust_domain.to_string(),
+            key_type: opts.key_type,
+            spiffe_sequence: 1,
+            refresh_hint_secs: 300,
+            rotation: RotationStage::Idle,
+        };
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".keyproof-ca-init-")
+            .tempdir_in(&parent)
+            .map_err(io_err(&parent))?;
+        let sdir = staging.path();
+        set_mode(sdir, 0o700)?;
+        write_pair(sdir, "root", &root)?;
+        write_pair(sdir, "intermediate", &int)?;
+        write_state(sdir, &state)?;
+        bundle::write(sdir, &state, std::slice::from_ref(&root.cert))?;
+        let ledger = sdir.join(files::LEDGER);
+        fsutil::write_atomic(&ledger, b"", 0o600).map_err(io_err(&ledger))?;
+        if dir.exists() {
+            // An existing empty directory (e.g. a mounted volume): keep it.
+            fs::remove_dir(dir).map_err(io_err(dir))?;
+        }
+        let staged = staging.keep();
+        fs::rename(&staged, dir).map_err(|e| {
+            let _ = fs::remove_dir_all(&staged);
+            CaError::Io {
+                path: dir.to_owned(),
+                source: e,
+            }
+        })?;
+        Ca::open(dir)
+    }
+
+    /// Opens an existing CA directory.
+    pub fn open(dir: &Path) -> Result<Ca, CaError> {
+        if !dir.is_dir() {
+            return Err(if dir.exists() {
+                CaError::NotACa(dir.to_owned())
+            } else {
+                CaError::Io {
+                    path: dir.to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+                }
+            });
+        }
+        let state_path = dir.join(files::STATE);
+        if !state_path.exists() {
+            return Err(CaError::NotACa(dir.to_owned()));
+        }
+        let state: CaState =
+            serde_json::from_slice(&read(&state_path)?).map_err(|e| CaError::Corrupt {
+                path: state_path.clone(),
+                msg: e.to_string(),
+            })?;
+        let trust_domain = TrustDomain::parse(&state.trust_domain)?;
+        let root = first_cert(&dir.join(files::ROOT_CRT))?;
+        let int_path = dir.join(files::INT_CRT);
+        let intermediate = first_cert(&int_path)?;
+        let int_key_path = dir.join(files::INT_KEY);
+        let int_key_pem = String::from_utf8(read(&int_key_path)?).map_err(|_| CaError::Corrupt {
+            path: int_key_path.clone(),
+            msg: "not UTF-8 PEM".into(),
+        })?;
+        let int_key = keys::key_pair_from_pem(&int_key_pem).map_err(|e| CaError::Corrupt {
+            path: int_key_path.clone(),
+            msg: e.to_string(),
+        })?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&intermediate).map_err(|e| CaError::Corrupt {
+                path: int_path.clone(),
+                msg: e.to_string(),
+            })?;
+        if parsed.public_key().raw != int_key.subject_public_key_info().as_slice() {
+            return Err(CaError::Corrupt {
+                path: int_key_path,
+                msg: "key does not match intermediate.crt".into(),
+            });
+        }
+        let issuer_key_id = parsed
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(hex::encode(k.0))
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        let intermediate_not_before = parsed.validity().not_before.to_datetime();
+        let intermediate_not_after = parsed.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&intermediate, int_key)?;
+        let bundle_path = dir.join(files::BUNDLE_PEM);
+        let bundle = keys::certs_from_pem(&read(&bundle_path)?).map_err(|e| CaError::Corrupt {
+            path: bundle_path,
+            msg: e.to_string(),
+        })?;
+        Ok(Ca {
+            dir: dir.to_owned(),
+            root_sha256: keys::fingerprint(&root),
+            state,
+            trust_domain,
+            root,
+            intermediate,
+            intermediate_not_before,
+            intermediate_not_after,
+            issuer,
+            issuer_key_id,
+            bundle,
+        })
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `ca.json` as loaded.
+    pub fn state(&self) -> &CaState {
+        &self.state
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The key type new keys are generated with.
+    pub fn key_type(&self) -> KeyType {
+        self.state.key_type
+    }
+
+    /// The root issuance chains to.
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root
+    }
+
+    /// The issuing intermediate.
+    pub fn intermediate(&self) -> &CertificateDer<'static> {
+        &self.intermediate
+    }
+
+    /// Every trusted root (the bundle).
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
+    /// The bundle as PEM.
+    pub fn bundle_pem(&self) -> String {
+        self.bundle.iter().map(|c| keys::cert_pem(c)).collect()
+    }
+
+    /// The bundle as a SPIFFE trust bundle (JWK set).
+    pub fn bundle_spiffe_json(&self) -> String {
+        bundle::spiffe_json(&self.state, &self.bundle)
+    }
+}
+
+pub(crate) fn write_state(dir: &Path, state: &CaState) -> Result<(), CaError> {
+    let path = dir.join(files::STATE);
+    let mut json = serde_json::to_vec_pretty(state).map_err(|e| CaError::Corrupt {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    json.push(b'\n');
+    fsutil::write_atomic(&path, &json, PUBLIC).map_err(io_err(&path))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+pub(crate) fn first_cert(path: &Path) -> Result<CertificateDer<'static>, CaError> {
+    let pem = read(path)?;
+    keys::certs_from_pem(&pem)
+        .map_err(|e| CaError::Corrupt {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        })
+        .map(|mut v| v.swap_remove(0))
+}

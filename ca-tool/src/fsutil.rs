@@ -1,0 +1,47 @@
+//! Crash-safe file writes with explicit permissions.
+//!
+//! Every file keyproof writes goes to a temporary file in the same directory
+//! and is renamed into place, so a reader never sees half a certificate and a
+//! failed command leaves nothing behind.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+/// Mode for private keys and other secrets.
+pub const SECRET: u32 = 0o600;
+/// Mode for public material (certificates, bundles).
+pub const PUBLIC: u32 = 0o644;
+
+/// Writes `data` to `path` atomically with `mode`.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".keyproof-tmp-")
+        .tempfile_in(dir)?;
+    // Permissions before content: a secret is never readable by others, even briefly.
+    tmp.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Appends one line to a file, creating it with `mode` if needed, and syncs.
+pub fn append_line(path: &Path, line: &str, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(mode)
+        .open(path)?;
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    f.write_all(&buf)?;
+    f.sync_data()
+}

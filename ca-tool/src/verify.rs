@@ -1,0 +1,234 @@
+//! Chain validation against a trust bundle, plus the X.509-SVID rules and the
+//! trust-domain match: the verifier the proxy uses for every peer.
+
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use webpki::{EndEntityCert, KeyUsage, ALL_VERIFICATION_ALGS as SIG_ALGS};
+
+use crate::keys;
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::svid::{self, SvidError};
+
+/// Why a peer's chain was refused. [`VerifyError::reason`] gives the metric
+/// label the proxy counts it under.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("no certificate presented")]
+    NoCertificate,
+    #[error("certificate is not signed by a trusted root")]
+    UnknownIssuer,
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate is not valid yet")]
+    NotYetValid,
+    #[error("certificate chain is invalid: {0}")]
+    BadChain(String),
+    #[error("not a valid X.509-SVID: {0}")]
+    Svid(#[from] SvidError),
+    #[error("SPIFFE ID {got} is not in trust domain {expected}")]
+    ForeignTrustDomain { expected: String, got: String },
+    #[error("trust bundle has no usable root")]
+    EmptyBundle,
+    #[error("trust bundle root is unusable: {0}")]
+    BadRoot(String),
+}
+
+impl VerifyError {
+    /// The `result` label for `keyproof_tls_handshakes_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::NoCertificate => "no_client_cert",
+            VerifyError::UnknownIssuer | VerifyError::EmptyBundle | VerifyError::BadRoot(_) => {
+                "unknown_ca"
+            }
+            VerifyError::Expired => "expired",
+            VerifyError::NotYetValid => "not_yet_valid",
+            VerifyError::BadChain(_) => "unknown_ca",
+            VerifyError::Svid(_) | VerifyError::ForeignTrustDomain { .. } => "bad_identity",
+        }
+    }
+}
+
+fn map_webpki(e: webpki::Error) -> VerifyError {
+    match e {
+        webpki::Error::UnknownIssuer => VerifyError::UnknownIssuer,
+        webpki::Error::CertExpired { .. } => VerifyError::Expired,
+        webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
+        other => VerifyError::BadChain(format!("{other:?}")),
+    }
+}
+
+/// Which extended key usage the end-entity certificate must allow (when it
+/// has an EKU extension at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// The peer is a TLS client (inbound handshakes).
+    ClientAuth,
+    /// The peer is a TLS server (outbound handshakes).
+    ServerAuth,
+}
+
+/// The outcome of validating a path: the end-entity's SPKI hash and expiry.
+#[derive(Debug, Clone)]
+pub struct VerifiedSvid {
+    /// The peer's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// SHA-256 of the end-entity SubjectPublicKeyInfo DER.
+    pub spki_sha256: [u8; 32],
+    /// The end-entity certificate's notAfter, seconds since the epoch.
+    pub not_after: i64,
+}
+
+/// Trust anchors owned for the life of the verifier.
+#[derive(Debug)]
+pub struct TrustBundle {
+    roots: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+    /// (notBefore, notAfter) of each root, seconds since the epoch. webpki
+    /// treats anchors as bare keys and ignores their validity; an expired
+    /// root must not be trusted, so keyproof checks it itself.
+    validity: Vec<(i64, i64)>,
+}
+
+impl TrustBundle {
+    /// Builds anchors from DER root certificates.
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self, VerifyError> {
+        if roots.is_empty() {
+            return Err(VerifyError::EmptyBundle);
+        }
+        let anchors = roots
+            .iter()
+            .map(|r| {
+                webpki::anchor_from_trusted_cert(r)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| VerifyError::BadRoot(format!("{e:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let validity = roots
+            .iter()
+            .map(|r| {
+                x509_parser::parse_x509_certificate(r)
+                    .map(|(_, c)| (c.validity().not_before.timestamp(), c.validity().not_after.timestamp()))
+                    .map_err(|e| VerifyError::BadRoot(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustBundle {
+            roots,
+            anchors,
+            validity,
+        })
+    }
+
+    /// Checks that the anchor a path ended at is within its validity period.
+    fn check_anchor(&self, anchor: &TrustAnchor<'_>, now: UnixTime) -> Result<(), VerifyError> {
+        let now = now.as_secs() as i64;
+        let idx = self
+            .anchors
+            .iter()
+            .position(|a| a.subject_public_key_info == anchor.subject_public_key_info && a.subject == anchor.subject);
+        match idx.map(|i| self.validity[i]) {
+            Some((nb, _)) if now < nb => Err(VerifyError::NotYetValid),
+            Some((_, na)) if now > na => Err(VerifyError::Expired),
+            _ => Ok(()),
+        }
+    }
+
+    /// Parses a PEM bundle.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, VerifyError> {
+        let roots = keys::certs_from_pem(pem).map_err(|e| VerifyError::BadRoot(e.to_string()))?;
+        Self::new(roots)
+    }
+
+    /// The root certificates.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// The trust anchors.
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+}
+
+/// Path validation only (RFC 5280 via rustls-webpki), with a caller-chosen
+/// EKU. Returns nothing but success; the SVID layer adds identity.
+pub fn verify_path(
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    eku: KeyUsage,
+) -> Result<(), VerifyError> {
+    let ee = EndEntityCert::try_from(end_entity).map_err(map_webpki)?;
+    let path = ee
+        .verify_for_usage(SIG_ALGS, bundle.anchors(), intermediates, now, eku, None, None)
+        .map_err(map_webpki)?;
+    bundle.check_anchor(path.anchor(), now)
+}
+
+
+/// Verifies X.509-SVIDs of one trust domain against its bundle.
+#[derive(Debug)]
+pub struct SvidVerifier {
+    trust_domain: TrustDomain,
+    bundle: TrustBundle,
+}
+
+impl SvidVerifier {
+    /// A verifier accepting SVIDs of `trust_domain` that chain to `bundle`.
+    pub fn new(trust_domain: TrustDomain, bundle: TrustBundle) -> Self {
+        SvidVerifier {
+            trust_domain,
+            bundle,
+        }
+    }
+
+    /// The trust domain accepted.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The bundle in use.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// Validates the chain, then the SVID rules on the leaf and on every
+    /// intermediate, then the trust domain.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<VerifiedSvid, VerifyError> {
+        let ee = EndEntityCert::try_from(end_entity).map_err(map_webpki)?;
+        let eku = match usage {
+            Usage::ClientAuth => KeyUsage::client_auth(),
+            Usage::ServerAuth => KeyUsage::server_auth(),
+        };
+        let path = ee
+            .verify_for_usage(SIG_ALGS, self.bundle.anchors(), intermediates, now, eku, None, None)
+            .map_err(map_webpki)?;
+        self.bundle.check_anchor(path.anchor(), now)?;
+        for ca in path.intermediate_certificates() {
+            let der = ca.der();
+            let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
+                .map_err(|e| VerifyError::BadChain(format!("intermediate: {e}")))?;
+            svid::check_signing(&parsed)?;
+        }
+        let (_, leaf) = x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|e| SvidError::Parse(e.to_string()))?;
+        let spiffe_id = svid::check_leaf(&leaf)?;
+        if !spiffe_id.is_member_of(&self.trust_domain) {
+            return Err(VerifyError::ForeignTrustDomain {
+                expected: self.trust_domain.to_string(),
+                got: spiffe_id.to_string(),
+            });
+        }
+        Ok(VerifiedSvid {
+            spiffe_id,
+            spki_sha256: keys::sha256(leaf.public_key().raw),
+            not_after: leaf.validity().not_after.timestamp(),
+        })
+    }
+}

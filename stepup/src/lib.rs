@@ -1,0 +1,1 @@
+//! stepup-v1 (placeholder until the step-up work lands)
