@@ -53,7 +53,11 @@ pub fn spiffe_json(state: &CaState, roots: &[CertificateDer<'_>]) -> String {
 }
 
 /// Writes `bundle.pem` and `bundle.spiffe.json` into `dir`.
-pub(crate) fn write(dir: &Path, state: &CaState, roots: &[CertificateDer<'_>]) -> Result<(), CaError> {
+pub(crate) fn write(
+    dir: &Path,
+    state: &CaState,
+    roots: &[CertificateDer<'_>],
+) -> Result<(), CaError> {
     let pem: String = roots.iter().map(|c| keys::cert_pem(c)).collect();
     let p = dir.join(files::BUNDLE_PEM);
     fsutil::write_atomic(&p, pem.as_bytes(), PUBLIC).map_err(io_err(&p))?;

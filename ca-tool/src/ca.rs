@@ -147,7 +147,10 @@ pub(crate) fn now() -> OffsetDateTime {
 /// A serial number as lowercase hex without leading zero bytes, as
 /// `openssl x509 -serial` prints it.
 pub fn serial_hex(bytes: &[u8]) -> String {
-    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    let start = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
     hex::encode(&bytes[start..])
 }
 
@@ -278,10 +281,7 @@ impl Ca {
     /// Creates a new trust domain in `dir`.
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<Ca, CaError> {
         if dir.exists() {
-            let empty = fs::read_dir(dir)
-                .map_err(io_err(dir))?
-                .next()
-                .is_none();
+            let empty = fs::read_dir(dir).map_err(io_err(dir))?.next().is_none();
             if !empty {
                 return Err(CaError::AlreadyExists(dir.to_owned()));
             }
@@ -289,7 +289,12 @@ impl Ca {
         // Build everything in memory first, then write into a staging
         // directory renamed into place, so a failure leaves nothing behind.
         let root = new_root(&opts.trust_domain, opts.key_type, opts.root_ttl)?;
-        let int = new_intermediate(&opts.trust_domain, opts.key_type, opts.intermediate_ttl, &root)?;
+        let int = new_intermediate(
+            &opts.trust_domain,
+            opts.key_type,
+            opts.intermediate_ttl,
+            &root,
+        )?;
         let state = CaState {
             version: 1,
             trust_domain: opts.trust_domain.to_string(),
@@ -356,10 +361,11 @@ impl Ca {
         let int_path = dir.join(files::INT_CRT);
         let intermediate = first_cert(&int_path)?;
         let int_key_path = dir.join(files::INT_KEY);
-        let int_key_pem = String::from_utf8(read(&int_key_path)?).map_err(|_| CaError::Corrupt {
-            path: int_key_path.clone(),
-            msg: "not UTF-8 PEM".into(),
-        })?;
+        let int_key_pem =
+            String::from_utf8(read(&int_key_path)?).map_err(|_| CaError::Corrupt {
+                path: int_key_path.clone(),
+                msg: "not UTF-8 PEM".into(),
+            })?;
         let int_key = keys::key_pair_from_pem(&int_key_pem).map_err(|e| CaError::Corrupt {
             path: int_key_path.clone(),
             msg: e.to_string(),

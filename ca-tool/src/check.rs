@@ -81,9 +81,17 @@ fn expiry_finding(
 ) {
     let remaining = not_after - now;
     if remaining <= time::Duration::ZERO {
-        r.push(Level::Bad, what, format!("expired at {}", ca::rfc3339(not_after)));
+        r.push(
+            Level::Bad,
+            what,
+            format!("expired at {}", ca::rfc3339(not_after)),
+        );
     } else if now < not_before {
-        r.push(Level::Bad, what, format!("not valid until {}", ca::rfc3339(not_before)));
+        r.push(
+            Level::Bad,
+            what,
+            format!("not valid until {}", ca::rfc3339(not_before)),
+        );
     } else if remaining.unsigned_abs() <= window {
         r.push(
             Level::Warn,
@@ -95,7 +103,11 @@ fn expiry_finding(
             ),
         );
     } else {
-        r.push(Level::Ok, what, format!("valid until {}", ca::rfc3339(not_after)));
+        r.push(
+            Level::Ok,
+            what,
+            format!("valid until {}", ca::rfc3339(not_after)),
+        );
     }
 }
 
@@ -120,7 +132,14 @@ pub fn check_dir(dir: &Path, warn_before: Duration) -> Result<Report, CaError> {
     let mut r = Report::default();
     for (i, root) in ca.bundle().iter().enumerate() {
         match validity(root) {
-            Ok((nb, na)) => expiry_finding(&mut r, &format!("bundle root {i}"), nb, na, warn_before, now),
+            Ok((nb, na)) => expiry_finding(
+                &mut r,
+                &format!("bundle root {i}"),
+                nb,
+                na,
+                warn_before,
+                now,
+            ),
             Err(e) => r.push(Level::Bad, format!("bundle root {i}"), e),
         }
     }
@@ -129,18 +148,28 @@ pub fn check_dir(dir: &Path, warn_before: Duration) -> Result<Report, CaError> {
         Err(e) => r.push(Level::Bad, files::ROOT_CRT, e),
     }
     if !ca.bundle().iter().any(|b| b == ca.root()) {
-        r.push(Level::Bad, files::ROOT_CRT, "the issuing root is not in bundle.pem: nothing it issues would be trusted");
+        r.push(
+            Level::Bad,
+            files::ROOT_CRT,
+            "the issuing root is not in bundle.pem: nothing it issues would be trusted",
+        );
     }
     let (nb, na) = (ca.intermediate_not_before, ca.intermediate_not_after);
     expiry_finding(&mut r, files::INT_CRT, nb, na, warn_before, now);
 
     // Newest unexpired entry per identity; older ones are superseded.
     let entries = ledger::read_all(dir)?;
-    let mut newest: HashMap<&str, (&ledger::Entry, OffsetDateTime, OffsetDateTime)> = HashMap::new();
+    let mut newest: HashMap<&str, (&ledger::Entry, OffsetDateTime, OffsetDateTime)> =
+        HashMap::new();
     for e in &entries {
-        let parse = |s: &str| OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339);
+        let parse =
+            |s: &str| OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339);
         let (Ok(nb), Ok(na)) = (parse(&e.not_before), parse(&e.not_after)) else {
-            r.push(Level::Bad, format!("ledger serial {}", e.serial), "unparsable validity");
+            r.push(
+                Level::Bad,
+                format!("ledger serial {}", e.serial),
+                "unparsable validity",
+            );
             continue;
         };
         if na <= now {
@@ -191,20 +220,35 @@ pub fn check_cert(cert_pem: &[u8], bundle_pem: &[u8], warn_before: Duration) -> 
     let td = match crate::svid::check_leaf_der(&certs[0]) {
         Ok(id) => id.trust_domain(),
         Err(e) => {
-            r.push(Level::Bad, "certificate", format!("not a valid X.509-SVID: {e}"));
+            r.push(
+                Level::Bad,
+                "certificate",
+                format!("not a valid X.509-SVID: {e}"),
+            );
             return r;
         }
     };
     let verifier = SvidVerifier::new(td, bundle);
     match verifier.verify(&certs[0], &certs[1..], UnixTime::now(), Usage::ClientAuth) {
-        Ok(v) => r.push(Level::Ok, "chain", format!("{} chains to the bundle", v.spiffe_id)),
+        Ok(v) => r.push(
+            Level::Ok,
+            "chain",
+            format!("{} chains to the bundle", v.spiffe_id),
+        ),
         Err(crate::verify::VerifyError::Expired) => {}
         Err(e) => r.push(Level::Bad, "chain", e.to_string()),
     }
     let now = ca::now();
     for (i, c) in certs.iter().enumerate() {
         match validity(c) {
-            Ok((nb, na)) => expiry_finding(&mut r, &format!("certificate {i}"), nb, na, warn_before, now),
+            Ok((nb, na)) => expiry_finding(
+                &mut r,
+                &format!("certificate {i}"),
+                nb,
+                na,
+                warn_before,
+                now,
+            ),
             Err(e) => r.push(Level::Bad, format!("certificate {i}"), e),
         }
     }

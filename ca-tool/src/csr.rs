@@ -75,7 +75,9 @@ pub fn decode(input: &[u8]) -> Result<Vec<u8>, CsrError> {
             return Ok(der.as_ref().to_vec());
         }
         if !input.first().is_some_and(|b| *b == 0x30) {
-            return Err(CsrError::Malformed("no CERTIFICATE REQUEST PEM block".into()));
+            return Err(CsrError::Malformed(
+                "no CERTIFICATE REQUEST PEM block".into(),
+            ));
         }
     }
     Ok(input.to_vec())
@@ -83,8 +85,8 @@ pub fn decode(input: &[u8]) -> Result<Vec<u8>, CsrError> {
 
 /// Parses a DER CSR, verifies its signature and returns its key.
 pub fn verify(der: &[u8]) -> Result<SubjectKey, CsrError> {
-    let (rest, csr) = X509CertificationRequest::from_der(der)
-        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CsrError::Malformed("trailing data after CSR".into()));
     }
@@ -99,7 +101,8 @@ pub fn verify(der: &[u8]) -> Result<SubjectKey, CsrError> {
                 .verify(info.raw, csr.signature_value.data.as_ref())
         }
         KeyType::Ed25519 if *sig_alg == OID_SIG_ED25519 => {
-            UnparsedPublicKey::new(&ED25519, raw_key).verify(info.raw, csr.signature_value.data.as_ref())
+            UnparsedPublicKey::new(&ED25519, raw_key)
+                .verify(info.raw, csr.signature_value.data.as_ref())
         }
         _ => return Err(CsrError::AlgorithmMismatch(sig_alg.to_id_string())),
     };

@@ -13,15 +13,21 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("invalid duration {s:?}: expected a number, e.g. 24h, 90d, 10y"));
+            return Err(format!(
+                "invalid duration {s:?}: expected a number, e.g. 24h, 90d, 10y"
+            ));
         }
         let n: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let secs: u64 = match unit {
@@ -35,8 +41,16 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             "d" => 86_400,
             "w" => 7 * 86_400,
             "y" => 365 * 86_400,
-            "" => return Err(format!("invalid duration {s:?}: missing unit (ms, s, m, h, d, w, y)")),
-            other => return Err(format!("invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, h, d, w, y)")),
+            "" => {
+                return Err(format!(
+                    "invalid duration {s:?}: missing unit (ms, s, m, h, d, w, y)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, h, d, w, y)"
+                ))
+            }
         };
         let add = n
             .checked_mul(secs)
@@ -55,7 +69,13 @@ pub fn format(d: Duration) -> String {
         return format!("{}ms", d.as_millis());
     }
     let mut out = String::new();
-    for (unit, len) in [("y", 365 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+    for (unit, len) in [
+        ("y", 365 * 86_400),
+        ("d", 86_400),
+        ("h", 3600),
+        ("m", 60),
+        ("s", 1),
+    ] {
         if secs >= len {
             out.push_str(&format!("{}{unit}", secs / len));
             secs %= len;

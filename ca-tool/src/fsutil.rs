@@ -24,7 +24,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         .prefix(".keyproof-tmp-")
         .tempfile_in(dir)?;
     // Permissions before content: a secret is never readable by others, even briefly.
-    tmp.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;

@@ -162,7 +162,11 @@ pub fn render_text(r: &Report) -> String {
             c.percent_used
         ));
         out.push_str(&format!("  sha256:      {}\n", c.sha256));
-        let rules = if c.is_ca { "signing-certificate" } else { "X.509-SVID leaf" };
+        let rules = if c.is_ca {
+            "signing-certificate"
+        } else {
+            "X.509-SVID leaf"
+        };
         if c.svid_errors.is_empty() {
             out.push_str(&format!("  {rules} rules: all pass\n"));
         } else {

@@ -51,7 +51,9 @@ fn valid_dns_name(name: &str) -> bool {
         && name.len() <= 253
         && name.split('.').enumerate().all(|(i, label)| {
             (!label.is_empty() && label.len() <= 63)
-                && (label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && (label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                     || (i == 0 && label == "*"))
                 && !label.starts_with('-')
                 && !label.ends_with('-')
@@ -82,7 +84,9 @@ impl Ca {
         }
         let now = ca::now();
         if now >= self.intermediate_not_after {
-            return Err(CaError::IntermediateExpired(ca::rfc3339(self.intermediate_not_after)));
+            return Err(CaError::IntermediateExpired(ca::rfc3339(
+                self.intermediate_not_after,
+            )));
         }
         if now < self.intermediate_not_before {
             return Err(CaError::IntermediateNotYetValid(ca::rfc3339(
@@ -107,9 +111,11 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
-        p.subject_alt_names.push(SanType::URI(id.as_str().try_into()?));
+        p.subject_alt_names
+            .push(SanType::URI(id.as_str().try_into()?));
         for d in &req.dns {
-            p.subject_alt_names.push(SanType::DnsName(d.as_str().try_into()?));
+            p.subject_alt_names
+                .push(SanType::DnsName(d.as_str().try_into()?));
         }
         let leaf = p.signed_by(&req.key, &self.issuer)?.der().clone();
         let entry = ledger::Entry {

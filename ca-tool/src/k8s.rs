@@ -15,7 +15,8 @@ pub enum SecretError {
 fn dns1123(flag: &'static str, s: &str, max: usize) -> Result<(), SecretError> {
     let ok = !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric();
     if ok {
@@ -23,7 +24,9 @@ fn dns1123(flag: &'static str, s: &str, max: usize) -> Result<(), SecretError> {
     } else {
         Err(SecretError::Input {
             flag,
-            msg: format!("{s:?} is not a valid Kubernetes name (lowercase letters, digits, '-', '.')"),
+            msg: format!(
+                "{s:?} is not a valid Kubernetes name (lowercase letters, digits, '-', '.')"
+            ),
         })
     }
 }

@@ -53,7 +53,8 @@ impl KeyType {
 
     /// Generates a fresh key pair.
     pub fn generate(self) -> Result<KeyPair, KeyError> {
-        KeyPair::generate_for(self.signature_algorithm()).map_err(|e| KeyError::Crypto(e.to_string()))
+        KeyPair::generate_for(self.signature_algorithm())
+            .map_err(|e| KeyError::Crypto(e.to_string()))
     }
 
     /// The key type of a parsed SubjectPublicKeyInfo.
@@ -73,7 +74,9 @@ impl KeyType {
             }
             return Err(KeyError::Unsupported(format!(
                 "EC key on curve {}",
-                curve.map(|c| c.to_id_string()).unwrap_or_else(|| "?".into())
+                curve
+                    .map(|c| c.to_id_string())
+                    .unwrap_or_else(|| "?".into())
             )));
         }
         Err(KeyError::Unsupported(alg.to_id_string()))
@@ -92,7 +95,9 @@ impl FromStr for KeyType {
         match s {
             "ecdsa-p256" => Ok(KeyType::EcdsaP256),
             "ed25519" => Ok(KeyType::Ed25519),
-            other => Err(format!("unknown key type {other:?}; use ecdsa-p256 or ed25519")),
+            other => Err(format!(
+                "unknown key type {other:?}; use ecdsa-p256 or ed25519"
+            )),
         }
     }
 }

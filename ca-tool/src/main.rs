@@ -19,7 +19,11 @@ fn human_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Parser)]
-#[command(name = "keyproof-ca", version, about = "keyproof's certificate authority: SPIFFE X.509-SVIDs for a trust domain")]
+#[command(
+    name = "keyproof-ca",
+    version,
+    about = "keyproof's certificate authority: SPIFFE X.509-SVIDs for a trust domain"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -229,7 +233,8 @@ fn issue(a: IssueArgs) -> Result<()> {
     let ca = Ca::open(&a.dir)?;
     let (key, key_pem) = match (&a.csr, &a.key_out) {
         (Some(path), _) => {
-            let der = csr::decode(&read(path, "csr")?).with_context(|| format!("--csr {}", path.display()))?;
+            let der = csr::decode(&read(path, "csr")?)
+                .with_context(|| format!("--csr {}", path.display()))?;
             let key = csr::verify(&der).with_context(|| format!("--csr {}", path.display()))?;
             (key, None)
         }
@@ -282,9 +287,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check(a) => {
             let report = match (&a.dir, &a.cert, &a.bundle) {
                 (Some(dir), _, _) => check::check_dir(dir, a.warn_before)?,
-                (None, Some(cert), Some(bundle)) => {
-                    check::check_cert(&read(cert, "cert")?, &read(bundle, "bundle")?, a.warn_before)
-                }
+                (None, Some(cert), Some(bundle)) => check::check_cert(
+                    &read(cert, "cert")?,
+                    &read(bundle, "bundle")?,
+                    a.warn_before,
+                ),
                 _ => bail!("use --dir, or --cert with --bundle"),
             };
             print!("{}", report.render());

@@ -51,12 +51,14 @@ fn load_pair(dir: &Path, stem: &str) -> Result<NewCa, CaError> {
 
 fn require(ca: &Ca, stage: RotationStage, step: &str) -> Result<(), CaError> {
     if ca.state().rotation != stage {
-        return Err(CaError::Rotation(format!(
-            "cannot {step}: the root rotation is {:?}, expected {:?}",
-            ca.state().rotation,
-            stage
-        )
-        .to_lowercase()));
+        return Err(CaError::Rotation(
+            format!(
+                "cannot {step}: the root rotation is {:?}, expected {:?}",
+                ca.state().rotation,
+                stage
+            )
+            .to_lowercase(),
+        ));
     }
     Ok(())
 }
@@ -110,10 +112,20 @@ pub fn activate(dir: &Path) -> Result<String, CaError> {
     load_pair(&next, "intermediate")?;
     let prev = dir.join(files::PREVIOUS_ROOT);
     fs::copy(dir.join(files::ROOT_CRT), &prev).map_err(io_err(&prev))?;
-    for f in [files::ROOT_CRT, files::ROOT_KEY, files::INT_CRT, files::INT_KEY] {
+    for f in [
+        files::ROOT_CRT,
+        files::ROOT_KEY,
+        files::INT_CRT,
+        files::INT_KEY,
+    ] {
         archive(dir, f)?;
     }
-    for f in [files::ROOT_KEY, files::ROOT_CRT, files::INT_KEY, files::INT_CRT] {
+    for f in [
+        files::ROOT_KEY,
+        files::ROOT_CRT,
+        files::INT_KEY,
+        files::INT_CRT,
+    ] {
         let src = next.join(f);
         fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
     }
@@ -156,13 +168,21 @@ pub fn finish(dir: &Path, force: bool) -> Result<String, CaError> {
             still.len()
         );
         for e in &still {
-            msg.push_str(&format!("  {} serial {} expires {}\n", e.spiffe_id, e.serial, e.not_after));
+            msg.push_str(&format!(
+                "  {} serial {} expires {}\n",
+                e.spiffe_id, e.serial, e.not_after
+            ));
         }
         msg.push_str("renew them (or wait for them to expire), or pass --force");
         return Err(CaError::Rotation(msg));
     }
     let prev = first_cert(&dir.join(files::PREVIOUS_ROOT))?;
-    let roots: Vec<_> = ca.bundle().iter().filter(|r| **r != prev).cloned().collect();
+    let roots: Vec<_> = ca
+        .bundle()
+        .iter()
+        .filter(|r| **r != prev)
+        .cloned()
+        .collect();
     let mut state = ca.state().clone();
     state.spiffe_sequence += 1;
     state.rotation = RotationStage::Idle;
@@ -175,7 +195,11 @@ pub fn finish(dir: &Path, force: bool) -> Result<String, CaError> {
         "finished: the bundle holds {} root(s) (spiffe_sequence {}){}",
         roots.len(),
         state.spiffe_sequence,
-        if still.is_empty() { String::new() } else { format!("; forced past {} certificate(s)", still.len()) }
+        if still.is_empty() {
+            String::new()
+        } else {
+            format!("; forced past {} certificate(s)", still.len())
+        }
     ))
 }
 

@@ -36,7 +36,9 @@ pub enum SpiffeIdError {
     Fragment,
     #[error("SPIFFE ID uses percent-encoding, which is not allowed")]
     PercentEncoding,
-    #[error("trust domain has {0:?}; only lowercase letters, digits, '.', '-' and '_' are allowed")]
+    #[error(
+        "trust domain has {0:?}; only lowercase letters, digits, '.', '-' and '_' are allowed"
+    )]
     BadTrustDomainChar(char),
     #[error("path has {0:?}; only letters, digits, '.', '-' and '_' are allowed in segments")]
     BadPathChar(char),
@@ -280,7 +282,9 @@ mod tests {
         assert_eq!(id.trust_domain_name(), "example.org");
         assert_eq!(id.path(), "/ns/web");
         assert!(id.is_workload());
-        assert!(!SpiffeId::parse("spiffe://example.org").unwrap().is_workload());
+        assert!(!SpiffeId::parse("spiffe://example.org")
+            .unwrap()
+            .is_workload());
     }
 
     #[test]
@@ -322,10 +326,19 @@ mod tests {
 
     #[test]
     fn trust_domains() {
-        assert_eq!(TrustDomain::parse("prod.example.com").unwrap().as_str(), "prod.example.com");
+        assert_eq!(
+            TrustDomain::parse("prod.example.com").unwrap().as_str(),
+            "prod.example.com"
+        );
         assert_eq!(TrustDomain::parse("spiffe://td").unwrap().as_str(), "td");
-        assert_eq!(TrustDomain::parse("Prod"), Err(SpiffeIdError::BadTrustDomainChar('P')));
-        assert_eq!(TrustDomain::parse(""), Err(SpiffeIdError::MissingTrustDomain));
+        assert_eq!(
+            TrustDomain::parse("Prod"),
+            Err(SpiffeIdError::BadTrustDomainChar('P'))
+        );
+        assert_eq!(
+            TrustDomain::parse(""),
+            Err(SpiffeIdError::MissingTrustDomain)
+        );
         assert_eq!(TrustDomain::parse("td:443"), Err(SpiffeIdError::Port));
         let id = SpiffeId::parse("spiffe://td/a").unwrap();
         assert!(id.is_member_of(&TrustDomain::parse("td").unwrap()));

@@ -50,7 +50,11 @@ impl VerifyError {
 
 fn map_webpki(e: webpki::Error) -> VerifyError {
     match e {
-        webpki::Error::UnknownIssuer => VerifyError::UnknownIssuer,
+        // A name-matching issuer whose key did not sign this certificate is,
+        // to the operator, the same thing: not signed by a trusted root.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            VerifyError::UnknownIssuer
+        }
         webpki::Error::CertExpired { .. } => VerifyError::Expired,
         webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
         other => VerifyError::BadChain(format!("{other:?}")),
@@ -107,7 +111,12 @@ impl TrustBundle {
             .iter()
             .map(|r| {
                 x509_parser::parse_x509_certificate(r)
-                    .map(|(_, c)| (c.validity().not_before.timestamp(), c.validity().not_after.timestamp()))
+                    .map(|(_, c)| {
+                        (
+                            c.validity().not_before.timestamp(),
+                            c.validity().not_after.timestamp(),
+                        )
+                    })
                     .map_err(|e| VerifyError::BadRoot(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -121,10 +130,10 @@ impl TrustBundle {
     /// Checks that the anchor a path ended at is within its validity period.
     fn check_anchor(&self, anchor: &TrustAnchor<'_>, now: UnixTime) -> Result<(), VerifyError> {
         let now = now.as_secs() as i64;
-        let idx = self
-            .anchors
-            .iter()
-            .position(|a| a.subject_public_key_info == anchor.subject_public_key_info && a.subject == anchor.subject);
+        let idx = self.anchors.iter().position(|a| {
+            a.subject_public_key_info == anchor.subject_public_key_info
+                && a.subject == anchor.subject
+        });
         match idx.map(|i| self.validity[i]) {
             Some((nb, _)) if now < nb => Err(VerifyError::NotYetValid),
             Some((_, na)) if now > na => Err(VerifyError::Expired),
@@ -160,11 +169,18 @@ pub fn verify_path(
 ) -> Result<(), VerifyError> {
     let ee = EndEntityCert::try_from(end_entity).map_err(map_webpki)?;
     let path = ee
-        .verify_for_usage(SIG_ALGS, bundle.anchors(), intermediates, now, eku, None, None)
+        .verify_for_usage(
+            SIG_ALGS,
+            bundle.anchors(),
+            intermediates,
+            now,
+            eku,
+            None,
+            None,
+        )
         .map_err(map_webpki)?;
     bundle.check_anchor(path.anchor(), now)
 }
-
 
 /// Verifies X.509-SVIDs of one trust domain against its bundle.
 #[derive(Debug)]
@@ -207,7 +223,15 @@ impl SvidVerifier {
             Usage::ServerAuth => KeyUsage::server_auth(),
         };
         let path = ee
-            .verify_for_usage(SIG_ALGS, self.bundle.anchors(), intermediates, now, eku, None, None)
+            .verify_for_usage(
+                SIG_ALGS,
+                self.bundle.anchors(),
+                intermediates,
+                now,
+                eku,
+                None,
+                None,
+            )
             .map_err(map_webpki)?;
         self.bundle.check_anchor(path.anchor(), now)?;
         for ca in path.intermediate_certificates() {

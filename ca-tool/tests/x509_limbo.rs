@@ -17,19 +17,25 @@ use keyproof_ca::verify::{verify_path, TrustBundle};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::Value;
 
-const NO_CRL: &str = "no CRL checking: SVIDs are short-lived and revoked by expiry, as SPIFFE recommends";
-const AKI_SKI: &str = "webpki builds paths by name and signature and does not require or cross-check AKI/SKI \
+const NO_CRL: &str =
+    "no CRL checking: SVIDs are short-lived and revoked by expiry, as SPIFFE recommends";
+const AKI_SKI: &str =
+    "webpki builds paths by name and signature and does not require or cross-check AKI/SKI \
      (RFC 5280 SHOULDs); keyproof-ca always writes both";
-const ANCHOR: &str = "a trust anchor is a configured name and key: webpki does not re-validate its extensions \
+const ANCHOR: &str =
+    "a trust anchor is a configured name and key: webpki does not re-validate its extensions \
      (keyproof adds only the anchor validity-period check)";
 const SERIAL: &str = "serial-number encoding is not validated (pedantic)";
 const EMAIL_NC: &str = "rfc822Name constraints are not evaluated and make webpki fail closed; SVIDs carry no email names";
 const DN_NC: &str = "directoryName constraints are not evaluated and make webpki fail closed";
-const NC_LENIENT: &str = "webpki accepts a name-constraints encoding or placement that RFC 5280 forbids; \
+const NC_LENIENT: &str =
+    "webpki accepts a name-constraints encoding or placement that RFC 5280 forbids; \
      the constraints still apply to every name";
-const STRICTER: &str = "webpki is stricter here and fails closed (no self-issued exemption, no constraints in leaves)";
+const STRICTER: &str =
+    "webpki is stricter here and fails closed (no self-issued exemption, no constraints in leaves)";
 const CA_LEAF: &str = "a CA certificate is never accepted as an end entity; the X.509-SVID rules forbid cA=true leaves too";
-const SAN_SYNTAX: &str = "DNS/IP SAN syntax is checked only when matching a peer name; SPIFFE authorizes by the URI SAN";
+const SAN_SYNTAX: &str =
+    "DNS/IP SAN syntax is checked only when matching a peer name; SPIFFE authorizes by the URI SAN";
 const LEAF_KU: &str = "path validation ignores key usage; the X.509-SVID rules reject a keyCertSign leaf (asserted below)";
 const EKU: &str = "pedantic EKU expectations rustls-webpki does not enforce; an X.509-SVID may omit EKU (SPIFFE X.509-SVID §4.4)";
 const WEAK_KEY: &str = "checked at the handshake instead: rustls verifies CertificateVerify only with P-256/P-384/Ed25519 \
@@ -109,7 +115,10 @@ fn is_skipped(case: &Value) -> Option<&'static str> {
     if !case["max_chain_depth"].is_null() {
         return Some("max-depth");
     }
-    if case["signature_algorithms"].as_array().is_some_and(|a| !a.is_empty()) {
+    if case["signature_algorithms"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
         return Some("signature-algorithm");
     }
     if case["key_usage"].as_array().is_some_and(|a| !a.is_empty()) {
@@ -186,7 +195,10 @@ fn x509_limbo_chain_validation_agrees() {
             disagree.push(case["id"].as_str().unwrap_or_default().to_owned());
         }
     }
-    eprintln!("x509-limbo: {} cases, {applied} applied, skipped {skipped:?}", cases.len());
+    eprintln!(
+        "x509-limbo: {} cases, {applied} applied, skipped {skipped:?}",
+        cases.len()
+    );
     disagree.sort();
     let mut expected: Vec<String> = DISAGREEMENTS.iter().map(|(id, _)| id.to_string()).collect();
     expected.sort();
@@ -204,8 +216,13 @@ fn x509_limbo_chain_validation_agrees() {
         .iter()
         .find(|c| c["id"] == "rfc5280::leaf-ku-keycertsign")
         .expect("case present");
-    let leaf = certs_from_pem(case["peer_certificate"].as_str().unwrap_or_default().as_bytes())
-        .expect("leaf parses");
+    let leaf = certs_from_pem(
+        case["peer_certificate"]
+            .as_str()
+            .unwrap_or_default()
+            .as_bytes(),
+    )
+    .expect("leaf parses");
     let (_, parsed) = x509_parser::parse_x509_certificate(&leaf[0]).expect("leaf parses");
     assert!(keyproof_ca::svid::leaf_violations(&parsed)
         .contains(&keyproof_ca::svid::SvidError::LeafKeyCertSign));

@@ -149,7 +149,10 @@ impl TestCa {
                 .arg("issue")
                 .arg("--dir")
                 .arg(&self.dir)
-                .args(["--spiffe-id", &format!("spiffe://{}{path}", self.trust_domain)])
+                .args([
+                    "--spiffe-id",
+                    &format!("spiffe://{}{path}", self.trust_domain),
+                ])
                 .arg("--key-out")
                 .arg(&key)
                 .arg("--cert-out")
