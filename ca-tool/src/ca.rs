@@ -169,13 +169,14 @@ pub(crate) fn random_serial() -> rcgen::SerialNumber {
     rcgen::SerialNumber::from_slice(&bytes)
 }
 
-fn ca_dn(td: &TrustDomain, what: &str, at: OffsetDateTime) -> DistinguishedName {
+/// Names a CA certificate by its key, so two generations of a root or an
+/// intermediate never share a subject (path building and operators alike
+/// tell them apart).
+fn ca_dn(td: &TrustDomain, what: &str, key: &KeyPair) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "keyproof");
-    dn.push(
-        DnType::CommonName,
-        format!("{} {what} {}", td.as_str(), at.unix_timestamp()),
-    );
+    let kid = hex::encode(&keys::sha256(key.public_key_raw())[..6]);
+    dn.push(DnType::CommonName, format!("{} {what} {kid}", td.as_str()));
     dn
 }
 
@@ -183,12 +184,13 @@ fn ca_dn(td: &TrustDomain, what: &str, at: OffsetDateTime) -> DistinguishedName 
 fn ca_params(
     td: &TrustDomain,
     what: &str,
+    key: &KeyPair,
     path_len: u8,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
-    p.distinguished_name = ca_dn(td, what, not_before + BACKDATE);
+    p.distinguished_name = ca_dn(td, what, key);
     p.serial_number = Some(random_serial());
     p.not_before = not_before;
     p.not_after = not_after;
@@ -209,7 +211,7 @@ pub(crate) struct NewCa {
 pub(crate) fn new_root(td: &TrustDomain, kt: KeyType, ttl: Duration) -> Result<NewCa, CaError> {
     let start = now() - BACKDATE;
     let key = kt.generate()?;
-    let params = ca_params(td, "root", 1, start, start + BACKDATE + ttl)?;
+    let params = ca_params(td, "root", &key, 1, start, start + BACKDATE + ttl)?;
     let cert = params.self_signed(&key)?;
     Ok(NewCa {
         cert: cert.der().clone(),
@@ -228,7 +230,7 @@ pub(crate) fn new_intermediate(
     let root_not_after = not_after_of(&root.cert)?;
     let not_after = (start + BACKDATE + ttl).min(root_not_after);
     let key = kt.generate()?;
-    let params = ca_params(td, "intermediate", 0, start, not_after)?;
+    let params = ca_params(td, "intermediate", &key, 0, start, not_after)?;
     let issuer = Issuer::from_ca_cert_der(&root.cert, &root.key)?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok(NewCa {

@@ -36,12 +36,24 @@ pub struct Entry {
 
 /// Appends one entry.
 pub fn append(dir: &Path, entry: &Entry) -> Result<(), CaError> {
+    append_all(dir, std::slice::from_ref(entry))
+}
+
+/// Appends entries with a single write and fsync (group commit).
+pub fn append_all(dir: &Path, entries: &[Entry]) -> Result<(), CaError> {
     let path = dir.join(files::LEDGER);
-    let line = serde_json::to_string(entry).map_err(|e| CaError::Corrupt {
-        path: path.clone(),
-        msg: e.to_string(),
-    })?;
-    fsutil::append_line(&path, &line, 0o600).map_err(io_err(&path))
+    let mut lines = String::new();
+    for e in entries {
+        let line = serde_json::to_string(e).map_err(|err| CaError::Corrupt {
+            path: path.clone(),
+            msg: err.to_string(),
+        })?;
+        if !lines.is_empty() {
+            lines.push('\n');
+        }
+        lines.push_str(&line);
+    }
+    fsutil::append_line(&path, &lines, 0o600).map_err(io_err(&path))
 }
 
 /// Reads every entry; a torn last line (a crash mid-append) is skipped, any

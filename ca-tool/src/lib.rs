@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod ca;
 pub mod check;
+pub mod client;
 pub mod csr;
 pub mod duration;
 pub mod fsutil;
@@ -16,8 +17,11 @@ pub mod k8s;
 pub mod keys;
 pub mod ledger;
 pub mod rotate;
+pub mod serve;
 pub mod spiffe;
 pub mod svid;
+pub mod tls;
+pub mod token;
 pub mod verify;
 
 pub use ca::{Ca, CaError};

@@ -48,6 +48,50 @@ enum Command {
     /// Rotate the intermediate, or move to a new root in three steps.
     #[command(subcommand)]
     Rotate(RotateCommand),
+    /// Serve renewals, bootstrap and the bundle over mutual TLS.
+    Serve(ServeArgs),
+    /// Join tokens for bootstrapping workloads.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// CA directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: std::net::SocketAddr,
+    /// The server's own SPIFFE ID [default: spiffe://<trust domain>/keyproof-ca].
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// DNS SAN for the server certificate (repeatable), e.g. the Service name.
+    #[arg(long)]
+    dns: Vec<String>,
+    /// Lifetime of the SVIDs it issues.
+    #[arg(long, default_value = "24h", value_parser = human_duration)]
+    ttl: Duration,
+    /// Issuances allowed per identity per minute (0: unlimited).
+    #[arg(long, default_value_t = 30)]
+    rate_limit: u32,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a single-use join token bound to one SPIFFE ID; prints it once.
+    Create {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        spiffe_id: String,
+        /// How long the token may be used.
+        #[arg(long, default_value = "1h", value_parser = human_duration)]
+        ttl: Duration,
+    },
 }
 
 #[derive(Args)]
@@ -268,6 +312,50 @@ fn issue(a: IssueArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(a: ServeArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if a.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let opts = keyproof_ca::serve::ServeOptions {
+        dir: a.dir,
+        listen: a.listen,
+        server_id: a
+            .spiffe_id
+            .as_deref()
+            .map(SpiffeId::parse)
+            .transpose()
+            .context("--spiffe-id")?,
+        dns: a.dns,
+        ttl: a.ttl,
+        per_identity_per_minute: a.rate_limit,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(keyproof_ca::serve::run(opts, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init(a) => init(a)?,
@@ -313,6 +401,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &read(&a.bundle, "bundle")?,
             )?;
             print!("{yaml}");
+        }
+        Command::Serve(a) => serve(a)?,
+        Command::Token(TokenCommand::Create {
+            dir,
+            spiffe_id,
+            ttl,
+        }) => {
+            let id = SpiffeId::parse(&spiffe_id).context("--spiffe-id")?;
+            let ca = Ca::open(&dir)?;
+            let (token, record) = keyproof_ca::token::create(&ca, &id, ttl)?;
+            eprintln!("{}", keyproof_ca::serve::token_summary(&record));
+            println!("{token}");
         }
         Command::Rotate(RotateCommand::Intermediate { dir, ttl }) => {
             println!("{}", rotate::intermediate(&dir, ttl)?)

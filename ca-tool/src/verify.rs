@@ -4,6 +4,9 @@
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use webpki::{EndEntityCert, KeyUsage, ALL_VERIFICATION_ALGS as SIG_ALGS};
 
+/// The extended-key-usage requirement passed to [`verify_path`].
+pub use webpki::KeyUsage as EkuUsage;
+
 use crate::keys;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::svid::{self, SvidError};

@@ -1,0 +1,286 @@
+//! A client for `keyproof-ca serve`: bootstrap with a join token, renew with
+//! the current SVID, fetch the bundle. The server is authenticated as an
+//! X.509-SVID of the trust domain; its DNS name is not used.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::sign::CertifiedKey;
+
+use crate::keys;
+use crate::spiffe::IdPattern;
+use crate::tls::{SharedVerifier, SvidServerVerifier};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_RESPONSE: usize = 256 * 1024;
+
+/// What can go wrong talking to the CA.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid CA url {0:?}: expected https://host:port")]
+    BadUrl(String),
+    #[error("cannot reach the CA at {addr}: {msg}")]
+    Unreachable { addr: String, msg: String },
+    #[error("the CA refused: {status} {code}: {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from the CA: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The API error code when the CA answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A newly issued SVID with the bundle current at issuance.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    pub spiffe_id: String,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub bundle: Vec<CertificateDer<'static>>,
+    pub spiffe_sequence: u64,
+}
+
+/// Presents one certificate as the TLS client identity.
+#[derive(Debug)]
+struct Presents(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Talks to one CA server.
+#[derive(Clone)]
+pub struct CaClient {
+    authority: String,
+    host: String,
+    verifier: SharedVerifier,
+    server_id: IdPattern,
+}
+
+impl CaClient {
+    /// `url` is `https://host:port`; `verifier` holds the trust bundle used to
+    /// authenticate the server, whose SPIFFE ID must match `server_id`.
+    pub fn new(
+        url: &str,
+        verifier: SharedVerifier,
+        server_id: IdPattern,
+    ) -> Result<Self, ClientError> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| ClientError::BadUrl(url.into()))?;
+        let authority = rest.trim_end_matches('/').to_owned();
+        if authority.is_empty() || authority.contains('/') {
+            return Err(ClientError::BadUrl(url.into()));
+        }
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h.trim_matches(['[', ']']).to_owned(),
+            _ => return Err(ClientError::BadUrl(url.into())),
+        };
+        Ok(CaClient {
+            authority,
+            host,
+            verifier,
+            server_id,
+        })
+    }
+
+    fn tls_config(&self, identity: Option<Arc<CertifiedKey>>) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3 is supported by the aws-lc-rs provider")
+            .dangerous()
+            .with_custom_certificate_verifier(SvidServerVerifier::new(
+                self.verifier.clone(),
+                self.server_id.clone(),
+            ));
+        let mut cfg = match identity {
+            Some(ck) => builder.with_client_cert_resolver(Arc::new(Presents(ck))),
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg
+    }
+
+    /// One request on a fresh connection.
+    async fn send(
+        &self,
+        identity: Option<Arc<CertifiedKey>>,
+        method: Method,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let unreachable = |msg: String| ClientError::Unreachable {
+            addr: self.authority.clone(),
+            msg,
+        };
+        let fut = async {
+            let tcp = tokio::net::TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from(self.host.clone())
+                .map_err(|_| ClientError::BadUrl(self.authority.clone()))?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(self.tls_config(identity)))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            tokio::spawn(conn);
+            let mut req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::HOST, &self.authority);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            let req = req
+                .body(Full::new(body))
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(TIMEOUT, fut)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {TIMEOUT:?}")))?
+    }
+
+    fn issued(status: StatusCode, body: &[u8]) -> Result<IssuedSvid, ClientError> {
+        let v: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| ClientError::Protocol(format!("{status}: not JSON: {e}")))?;
+        if !status.is_success() {
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                code: v["error"].as_str().unwrap_or("unknown").to_owned(),
+                message: v["message"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        let pem = |k: &str| {
+            keys::certs_from_pem(v[k].as_str().unwrap_or_default().as_bytes())
+                .map_err(|e| ClientError::Protocol(format!("{k}: {e}")))
+        };
+        Ok(IssuedSvid {
+            spiffe_id: v["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+            chain: pem("chain_pem")?,
+            bundle: pem("bundle_pem")?,
+            spiffe_sequence: v["spiffe_sequence"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Exchanges a join token and a CSR for a first SVID.
+    pub async fn bootstrap(&self, token: &str, csr_pem: &str) -> Result<IssuedSvid, ClientError> {
+        let (status, body) = self
+            .send(
+                None,
+                Method::POST,
+                "/v1/bootstrap",
+                &[
+                    (header::AUTHORIZATION, format!("Bearer {}", token.trim())),
+                    (header::CONTENT_TYPE, "application/pkcs10".into()),
+                ],
+                Bytes::from(csr_pem.to_owned()),
+            )
+            .await?;
+        Self::issued(status, &body)
+    }
+
+    /// Renews: authenticates with `current` and gets an SVID for a new key.
+    pub async fn renew(
+        &self,
+        current: Arc<CertifiedKey>,
+        csr_pem: &str,
+    ) -> Result<IssuedSvid, ClientError> {
+        let (status, body) = self
+            .send(
+                Some(current),
+                Method::POST,
+                "/v1/renew",
+                &[(header::CONTENT_TYPE, "application/pkcs10".into())],
+                Bytes::from(csr_pem.to_owned()),
+            )
+            .await?;
+        Self::issued(status, &body)
+    }
+
+    /// The current trust bundle (PEM roots).
+    pub async fn bundle(&self) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+        let (status, body) = self
+            .send(None, Method::GET, "/v1/bundle", &[], Bytes::new())
+            .await?;
+        if !status.is_success() {
+            return Err(ClientError::Protocol(format!("bundle: {status}")));
+        }
+        keys::certs_from_pem(&body).map_err(|e| ClientError::Protocol(format!("bundle: {e}")))
+    }
+}
+
+/// A fresh key pair and its CSR, for bootstrap and renewal.
+pub struct NewKey {
+    /// PEM CSR to send.
+    pub csr_pem: String,
+    /// The private key, for building the certified key once issued.
+    pub key_der: PrivateKeyDer<'static>,
+}
+
+/// Generates a key of `key_type` in memory and a CSR for it.
+pub fn new_key(key_type: keys::KeyType, spiffe_id: &str) -> Result<NewKey, ClientError> {
+    let kp = key_type
+        .generate()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let csr_pem =
+        crate::csr::build_pem(&kp, spiffe_id).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let key_der = PrivateKeyDer::try_from(kp.serialize_der())
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    Ok(NewKey { csr_pem, key_der })
+}
+
+/// Builds a rustls certified key from an issued chain and its private key.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> Result<CertifiedKey, ClientError> {
+    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(key)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(|e| {
+        ClientError::Protocol(format!("issued certificate does not match the key: {e}"))
+    })?;
+    Ok(ck)
+}

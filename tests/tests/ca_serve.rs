@@ -1,0 +1,364 @@
+//! `keyproof-ca serve` end to end: the real server binary over mutual TLS,
+//! driven by keyproof's CA client and by curl.
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use keyproof_ca::client::{certified_key, new_key, CaClient, ClientError};
+use keyproof_ca::keys::KeyType;
+use keyproof_ca::verify::{SvidVerifier, TrustBundle};
+use keyproof_ca::{IdPattern, TrustDomain};
+use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
+use serde_json::Value;
+
+const TD: &str = "prod.example.com";
+const WEB: &str = "spiffe://prod.example.com/ns/default/sa/web";
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(ca: &TestCa, extra: &[&str]) -> Server {
+    start_on(ca, free_port(), extra)
+}
+
+fn start_on(ca: &TestCa, port: u16, extra: &[&str]) -> Server {
+    let child = cmd("keyproof-ca")
+        .args(["serve", "--dns", "localhost", "--dir"])
+        .arg(&ca.dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start keyproof-ca serve");
+    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
+    Server { child, port }
+}
+
+fn client(ca: &TestCa, port: u16) -> CaClient {
+    let bundle = TrustBundle::from_pem(&fs::read(ca.bundle()).unwrap()).unwrap();
+    let verifier = SvidVerifier::new(TrustDomain::parse(TD).unwrap(), bundle);
+    CaClient::new(
+        &format!("https://127.0.0.1:{port}"),
+        Arc::new(ArcSwap::from_pointee(verifier)),
+        IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
+    )
+    .unwrap()
+}
+
+fn token(ca: &TestCa, id: &str, ttl: &str) -> String {
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["token", "create", "--dir"])
+            .arg(&ca.dir)
+            .args(["--spiffe-id", id, "--ttl", ttl]),
+    )
+    .trim()
+    .to_owned()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn code(r: Result<impl Sized, ClientError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.code().map(str::to_owned).unwrap_or_else(|| e.to_string()),
+    }
+}
+
+#[test]
+fn bootstrap_then_renew_with_single_use_tokens() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let c = client(&ca, srv.port);
+    let rt = rt();
+    let t = token(&ca, WEB, "1h");
+    // Only the hash is stored.
+    let stored = fs::read_to_string(ca.dir.join("tokens.jsonl")).unwrap();
+    assert!(!stored.contains(&t));
+
+    // A tampered CSR is refused and does not burn the token.
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let tampered = k.csr_pem.replacen("MI", "MJ", 1);
+    assert!(matches!(
+        code(rt.block_on(c.bootstrap(&t, &tampered))).as_str(),
+        "bad_csr" | "bad_csr_signature"
+    ));
+    let svid = rt.block_on(c.bootstrap(&t, &k.csr_pem)).expect("bootstrap");
+    assert_eq!(svid.spiffe_id, WEB);
+    assert_eq!(svid.chain.len(), 2);
+    assert_eq!(svid.bundle.len(), 1);
+
+    // Reuse, garbage, expiry, id mismatch.
+    let k2 = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    assert_eq!(
+        code(rt.block_on(c.bootstrap(&t, &k2.csr_pem))),
+        "token_reused"
+    );
+    assert_eq!(
+        code(rt.block_on(c.bootstrap("kpt_nonsense", &k2.csr_pem))),
+        "invalid_token"
+    );
+    let short = token(&ca, WEB, "1s");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        code(rt.block_on(c.bootstrap(&short, &k2.csr_pem))),
+        "token_expired"
+    );
+
+    // Renew with the SVID just issued: same identity, new key.
+    let current = Arc::new(certified_key(svid.chain.clone(), &k.key_der).unwrap());
+    let k3 = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let renewed = rt
+        .block_on(c.renew(current.clone(), &k3.csr_pem))
+        .expect("renew");
+    assert_eq!(renewed.spiffe_id, WEB);
+    assert_ne!(renewed.chain[0], svid.chain[0]);
+
+    // Ed25519 CSRs are allowed; RSA is not.
+    let ed = new_key(KeyType::Ed25519, WEB).unwrap();
+    assert_eq!(
+        code(rt.block_on(c.renew(current.clone(), &ed.csr_pem))),
+        "ok"
+    );
+    let rsa_csr = ca.path("rsa.csr");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=x", "-keyout",
+            ])
+            .arg(ca.path("rsa.key"))
+            .arg("-out")
+            .arg(&rsa_csr),
+    );
+    let rsa = fs::read_to_string(&rsa_csr).unwrap();
+    assert_eq!(
+        code(rt.block_on(c.renew(current, &rsa))),
+        "csr_key_type_not_allowed"
+    );
+
+    // The ledger names who asked.
+    let ledger = fs::read_to_string(ca.dir.join("ledger.jsonl")).unwrap();
+    let requesters: Vec<String> = ledger
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["requester"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        requesters.iter().any(|r| r.starts_with("bootstrap:")),
+        "{requesters:?}"
+    );
+    assert!(
+        requesters.contains(&format!("renew:{WEB}")),
+        "{requesters:?}"
+    );
+}
+
+/// curl with a client certificate, straight at the API.
+fn curl(ca: &TestCa, port: u16, args: &[&str], path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(ca.bundle())
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let body = format!("{body}{}", String::from_utf8_lossy(&out.stderr));
+    (status.trim().parse().unwrap_or(0), body)
+}
+
+#[test]
+fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &["--rate-limit", "3"]);
+    let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
+    let csr = ca.path("new.csr");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=x",
+                "-keyout",
+            ])
+            .arg(ca.path("new.key"))
+            .arg("-out")
+            .arg(&csr),
+    );
+    let cert_s = cert.display().to_string();
+    let key_s = key.display().to_string();
+    let data = format!("@{}", csr.display());
+    let renew = |path: &str| {
+        curl(
+            &ca,
+            srv.port,
+            &[
+                "--cert",
+                &cert_s,
+                "--key",
+                &key_s,
+                "--data-binary",
+                &data,
+                "-H",
+                "Content-Type: application/pkcs10",
+            ],
+            path,
+        )
+    };
+    let (status, body) = renew("/v1/renew");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["spiffe_id"], WEB);
+
+    let (status, body) =
+        renew("/v1/renew?spiffe_id=spiffe://prod.example.com/ns/kube-system/sa/admin");
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "id_mismatch"
+    );
+
+    // Without a client certificate.
+    let (status, body) = curl(&ca, srv.port, &["--data-binary", &data], "/v1/renew");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "client_certificate_required"
+    );
+
+    // Rate limit: 3 per minute per identity (one used above).
+    assert_eq!(renew("/v1/renew").0, 200);
+    assert_eq!(renew("/v1/renew").0, 200);
+    let (status, body) = renew("/v1/renew");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "rate_limited"
+    );
+
+    // Bundle: PEM by default, SPIFFE JSON on request.
+    let (status, pem) = curl(&ca, srv.port, &[], "/v1/bundle");
+    assert_eq!(status, 200);
+    assert_eq!(pem, fs::read_to_string(ca.bundle()).unwrap());
+    let (_, json) = curl(
+        &ca,
+        srv.port,
+        &["-H", "Accept: application/json"],
+        "/v1/bundle",
+    );
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["keys"][0]["use"], "x509-svid");
+}
+
+#[test]
+fn a_certificate_of_another_ca_cannot_renew() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let other = TestCa::new(TD);
+    let (cert, key) = other.issue("web", "/ns/default/sa/web", &[]);
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(ca.bundle())
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["-X", "POST", "--data-binary", "x"])
+        .arg(format!("https://localhost:{}/v1/renew", srv.port))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the handshake must fail");
+}
+
+#[test]
+fn unreachable_ca_is_a_clear_error_and_recovery_follows() {
+    let ca = TestCa::new(TD);
+    let port = free_port();
+    let c = client(&ca, port);
+    let rt = rt();
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let t = token(&ca, WEB, "1h");
+    let err = rt.block_on(c.bootstrap(&t, &k.csr_pem)).unwrap_err();
+    assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("cannot reach the CA"), "{err}");
+    let _srv = start_on(&ca, port, &[]);
+    let svid = rt
+        .block_on(c.bootstrap(&t, &k.csr_pem))
+        .expect("the CA is back");
+    assert_eq!(svid.spiffe_id, WEB);
+}
+
+#[test]
+fn serve_follows_a_root_rotation_without_restart() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let rt = rt();
+    let rot = |step: &str| {
+        run_ok(
+            cmd("keyproof-ca")
+                .args(["rotate", "root", step, "--dir"])
+                .arg(&ca.dir),
+        );
+    };
+    rot("prepare");
+    std::thread::sleep(Duration::from_millis(1200));
+    let c = client(&ca, srv.port);
+    let bundle = rt.block_on(c.bundle()).unwrap();
+    assert_eq!(bundle.len(), 2, "the server publishes the prepared bundle");
+    rot("activate");
+    std::thread::sleep(Duration::from_millis(1200));
+    // The client trusts both roots now; the server's own certificate and new
+    // SVIDs come from the new root.
+    let c = client(&ca, srv.port);
+    let t = token(&ca, WEB, "1h");
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let svid = rt.block_on(c.bootstrap(&t, &k.csr_pem)).unwrap();
+    let new_root = fs::read(ca.dir.join("root.crt")).unwrap();
+    let root = keyproof_ca::keys::certs_from_pem(&new_root)
+        .unwrap()
+        .remove(0);
+    let tb = TrustBundle::new(vec![root]).unwrap();
+    keyproof_ca::verify::verify_path(
+        &tb,
+        &svid.chain[0],
+        &svid.chain[1..],
+        rustls_pki_types::UnixTime::now(),
+        webpki_client_auth(),
+    )
+    .expect("new SVIDs chain to the new root");
+}
+
+fn webpki_client_auth() -> keyproof_ca::verify::EkuUsage {
+    keyproof_ca::verify::EkuUsage::client_auth()
+}
