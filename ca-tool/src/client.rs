@@ -127,15 +127,9 @@ impl CaClient {
         cfg
     }
 
-    /// One request on a fresh connection.
-    async fn send(
-        &self,
-        identity: Option<Arc<CertifiedKey>>,
-        method: Method,
-        path: &str,
-        headers: &[(header::HeaderName, String)],
-        body: Bytes,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    /// Opens a mutual-TLS connection (HTTP/1.1, kept alive) presenting
+    /// `identity` if given.
+    pub async fn connect(&self, identity: Option<Arc<CertifiedKey>>) -> Result<Session, ClientError> {
         let unreachable = |msg: String| ClientError::Unreachable {
             addr: self.authority.clone(),
             msg,
@@ -151,35 +145,30 @@ impl CaClient {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| unreachable(format!("TLS: {e}")))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
             tokio::spawn(conn);
-            let mut req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header(header::HOST, &self.authority);
-            for (k, v) in headers {
-                req = req.header(k, v);
-            }
-            let req = req
-                .body(Full::new(body))
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
-                .to_bytes();
-            Ok((status, body))
+            Ok(Session {
+                sender,
+                authority: self.authority.clone(),
+            })
         };
         tokio::time::timeout(TIMEOUT, fut)
             .await
             .map_err(|_| unreachable(format!("no answer within {TIMEOUT:?}")))?
+    }
+
+    /// One request on a fresh connection.
+    async fn send(
+        &self,
+        identity: Option<Arc<CertifiedKey>>,
+        method: Method,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.connect(identity).await?.send(method, path, headers, body).await
     }
 
     fn issued(status: StatusCode, body: &[u8]) -> Result<IssuedSvid, ClientError> {
@@ -248,6 +237,67 @@ impl CaClient {
             return Err(ClientError::Protocol(format!("bundle: {status}")));
         }
         keys::certs_from_pem(&body).map_err(|e| ClientError::Protocol(format!("bundle: {e}")))
+    }
+}
+
+/// A kept-alive connection to the CA.
+pub struct Session {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl Session {
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let broken = |msg: String| ClientError::Unreachable {
+            addr: self.authority.clone(),
+            msg,
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.authority);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let fut = async {
+            let resp = self
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(TIMEOUT, fut)
+            .await
+            .map_err(|_| broken(format!("no answer within {TIMEOUT:?}")))?
+    }
+
+    /// Renews on this connection (its client certificate names the identity).
+    pub async fn renew(&mut self, csr_pem: &str) -> Result<IssuedSvid, ClientError> {
+        let (status, body) = self
+            .send(
+                Method::POST,
+                "/v1/renew",
+                &[(header::CONTENT_TYPE, "application/pkcs10".into())],
+                Bytes::from(csr_pem.to_owned()),
+            )
+            .await?;
+        CaClient::issued(status, &body)
     }
 }
 

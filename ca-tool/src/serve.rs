@@ -39,7 +39,7 @@ use crate::ledger;
 use crate::spiffe::SpiffeId;
 use crate::tls::{SharedVerifier, SvidClientVerifier};
 use crate::token::{TokenError, TokenStore};
-use crate::verify::{SvidVerifier, TrustBundle};
+use crate::verify::{SvidVerifier, TrustBundle, VerifiedSvid};
 
 /// Largest accepted request body (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
@@ -358,7 +358,7 @@ impl Server {
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Option<SpiffeId>,
+        peer: Option<VerifiedSvid>,
     ) -> Response<Full<Bytes>> {
         self.refresh();
         let (parts, body) = req.into_parts();
@@ -417,15 +417,23 @@ impl Server {
         &self,
         req: &http::request::Parts,
         body: &[u8],
-        peer: Option<SpiffeId>,
+        peer: Option<VerifiedSvid>,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let Some(id) = peer else {
+        let Some(peer) = peer else {
             return Err(ApiError(
                 StatusCode::UNAUTHORIZED,
                 "client_certificate_required",
                 "renewal needs the caller's current SVID as its TLS client certificate".into(),
             ));
         };
+        if crate::ca::now().unix_timestamp() > peer.not_after {
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "client_certificate_expired",
+                "the SVID this connection was opened with has expired; bootstrap again".into(),
+            ));
+        }
+        let id = peer.spiffe_id;
         check_requested_id(req, &id)?;
         let key = parse_csr(body)?;
         let issued = self.issue(id.clone(), key, format!("renew:{id}")).await?;
@@ -608,7 +616,18 @@ pub async fn run(
                     return;
                 }
             };
-            let peer = crate::tls::peer_spiffe_id(tls.get_ref().1.peer_certificates());
+            // Verified again here (not only in the handshake) so a resumed
+            // session is checked against today's bundle, and the expiry is
+            // kept to refuse renewals once the SVID lapses on a long-lived
+            // connection.
+            let peer = tls.get_ref().1.peer_certificates().and_then(|certs| {
+                let (leaf, rest) = certs.split_first()?;
+                server
+                    .verifier
+                    .load()
+                    .verify(leaf, rest, rustls::pki_types::UnixTime::now(), crate::verify::Usage::ClientAuth)
+                    .ok()
+            });
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 let peer = peer.clone();

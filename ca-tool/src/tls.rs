@@ -191,8 +191,3 @@ impl ServerCertVerifier for SvidServerVerifier {
     }
 }
 
-/// The SPIFFE ID in a verified peer's leaf, if any.
-pub fn peer_spiffe_id(certs: Option<&[CertificateDer<'_>]>) -> Option<crate::SpiffeId> {
-    let leaf = certs?.first()?;
-    crate::svid::check_leaf_der(leaf).ok()
-}

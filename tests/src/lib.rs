@@ -180,3 +180,5 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+pub mod prometheus;
