@@ -129,7 +129,10 @@ impl CaClient {
 
     /// Opens a mutual-TLS connection (HTTP/1.1, kept alive) presenting
     /// `identity` if given.
-    pub async fn connect(&self, identity: Option<Arc<CertifiedKey>>) -> Result<Session, ClientError> {
+    pub async fn connect(
+        &self,
+        identity: Option<Arc<CertifiedKey>>,
+    ) -> Result<Session, ClientError> {
         let unreachable = |msg: String| ClientError::Unreachable {
             addr: self.authority.clone(),
             msg,
@@ -168,7 +171,10 @@ impl CaClient {
         headers: &[(header::HeaderName, String)],
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        self.connect(identity).await?.send(method, path, headers, body).await
+        self.connect(identity)
+            .await?
+            .send(method, path, headers, body)
+            .await
     }
 
     fn issued(status: StatusCode, body: &[u8]) -> Result<IssuedSvid, ClientError> {

@@ -488,6 +488,16 @@ impl Server {
     }
 }
 
+/// Identity and expiry of a client certificate the handshake verified.
+fn peer_svid(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Option<VerifiedSvid> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    Some(VerifiedSvid {
+        spiffe_id: crate::svid::check_leaf(&leaf).ok()?,
+        spki_sha256: crate::keys::sha256(leaf.public_key().raw),
+        not_after: leaf.validity().not_after.timestamp(),
+    })
+}
+
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -550,6 +560,10 @@ pub async fn run(
         .with_client_cert_verifier(SvidClientVerifier::new(verifier.clone(), false))
         .with_cert_resolver(own.clone());
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No resumption: a renewal must come with fresh proof of key possession,
+    // which only a full handshake gives.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -616,18 +630,11 @@ pub async fn run(
                     return;
                 }
             };
-            // Verified again here (not only in the handshake) so a resumed
-            // session is checked against today's bundle, and the expiry is
-            // kept to refuse renewals once the SVID lapses on a long-lived
+            // The handshake verified the chain (resumption is off, so every
+            // connection is a full handshake); keep the identity and expiry
+            // to refuse renewals once the SVID lapses on a long-lived
             // connection.
-            let peer = tls.get_ref().1.peer_certificates().and_then(|certs| {
-                let (leaf, rest) = certs.split_first()?;
-                server
-                    .verifier
-                    .load()
-                    .verify(leaf, rest, rustls::pki_types::UnixTime::now(), crate::verify::Usage::ClientAuth)
-                    .ok()
-            });
+            let peer = tls.get_ref().1.peer_certificates().and_then(peer_svid);
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 let peer = peer.clone();

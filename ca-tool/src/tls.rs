@@ -190,4 +190,3 @@ impl ServerCertVerifier for SvidServerVerifier {
         self.algs.supported_schemes()
     }
 }
-
