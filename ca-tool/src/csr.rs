@@ -70,17 +70,12 @@ impl rcgen::PublicKeyData for SubjectKey {
 
 /// Decodes PEM (`CERTIFICATE REQUEST`) or raw DER.
 pub fn decode(input: &[u8]) -> Result<Vec<u8>, CsrError> {
-    if input.starts_with(b"-----") || input.iter().take(64).all(|b| b.is_ascii()) {
-        if let Ok(der) = CertificateSigningRequestDer::from_pem_slice(input) {
-            return Ok(der.as_ref().to_vec());
-        }
-        if !input.first().is_some_and(|b| *b == 0x30) {
-            return Err(CsrError::Malformed(
-                "no CERTIFICATE REQUEST PEM block".into(),
-            ));
-        }
+    if input.first() == Some(&0x30) {
+        return Ok(input.to_vec());
     }
-    Ok(input.to_vec())
+    CertificateSigningRequestDer::from_pem_slice(input)
+        .map(|der| der.as_ref().to_vec())
+        .map_err(|_| CsrError::Malformed("no CERTIFICATE REQUEST PEM block".into()))
 }
 
 /// Parses a DER CSR, verifies its signature and returns its key.

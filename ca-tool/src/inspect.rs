@@ -102,10 +102,7 @@ pub fn inspect(pem: &[u8], bundle: Option<&[u8]>) -> Result<Report, String> {
         .enumerate()
         .map(|(i, d)| report_one(i, d, now))
         .collect::<Result<Vec<_>, _>>()?;
-    let chain = match bundle {
-        None => None,
-        Some(b) => Some(chain_status(&certs, b)),
-    };
+    let chain = bundle.map(|b| chain_status(&certs, b));
     Ok(Report {
         certificates,
         chain,

@@ -87,7 +87,12 @@ fn a_valid_leaf_passes_every_rule() {
         TrustBundle::new(vec![c.root.clone()]).unwrap(),
     );
     let ok = v
-        .verify(&leaf, &[c.int.clone()], UnixTime::now(), Usage::ClientAuth)
+        .verify(
+            &leaf,
+            std::slice::from_ref(&c.int),
+            UnixTime::now(),
+            Usage::ClientAuth,
+        )
         .unwrap();
     assert_eq!(ok.spiffe_id.as_str(), ID);
     // EKU absent is allowed.
@@ -167,7 +172,12 @@ fn each_leaf_rule_has_its_own_error() {
             TrustBundle::new(vec![c.root.clone()]).unwrap(),
         );
         let err = v
-            .verify(&leaf, &[c.int.clone()], UnixTime::now(), Usage::ClientAuth)
+            .verify(
+                &leaf,
+                std::slice::from_ref(&c.int),
+                UnixTime::now(),
+                Usage::ClientAuth,
+            )
             .unwrap_err();
         // A CA leaf is refused by path validation before the SVID rules run.
         if want != SvidError::LeafIsCa && !matches!(want, SvidError::EkuNoClientAuth) {
@@ -194,8 +204,13 @@ fn signing_certificate_rules() {
         TrustBundle::new(vec![c.root.clone()]).unwrap(),
     );
     assert_eq!(
-        v.verify(&leaf, &[c.int.clone()], UnixTime::now(), Usage::ClientAuth)
-            .unwrap_err(),
+        v.verify(
+            &leaf,
+            std::slice::from_ref(&c.int),
+            UnixTime::now(),
+            Usage::ClientAuth
+        )
+        .unwrap_err(),
         VerifyError::Svid(SvidError::SigningNoKeyCertSign)
     );
     // A certificate that is not a CA at all fails the cA rule.
@@ -226,7 +241,7 @@ fn verifier_outcomes_have_the_right_reason() {
     // Another CA.
     let other = chain();
     let stranger = sign(&other, &leaf_params(ID));
-    let err = check(&stranger, &[other.int.clone()]).unwrap_err();
+    let err = check(&stranger, std::slice::from_ref(&other.int)).unwrap_err();
     assert_eq!(err, VerifyError::UnknownIssuer);
     assert_eq!(err.reason(), "unknown_ca");
 

@@ -816,3 +816,20 @@ fn root_rotation_moves_in_three_steps() {
     let status = run_ok(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir));
     assert!(status.contains("idle"), "{status}");
 }
+
+#[test]
+fn check_dir_warns_when_a_renewal_is_overdue_until_superseded() {
+    let ca = TestCa::new(TD);
+    let code = || {
+        keyproof_tests::run(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir))
+            .status
+            .code()
+    };
+    // 2 minutes left of a 7-minute life (5 minutes are backdating): inside
+    // the last third, so renewal is overdue.
+    ca.issue("short", "/ns/default/sa/web", &["--ttl", "2m"]);
+    assert_eq!(code(), Some(1));
+    // A newer certificate for the same identity supersedes it.
+    ca.issue("renewed", "/ns/default/sa/web", &["--ttl", "1h"]);
+    assert_eq!(code(), Some(0));
+}
