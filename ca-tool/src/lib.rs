@@ -16,6 +16,7 @@ pub mod issue;
 pub mod k8s;
 pub mod keys;
 pub mod ledger;
+pub mod renewer;
 pub mod rotate;
 pub mod serve;
 pub mod spiffe;

@@ -1,0 +1,236 @@
+//! Keeps a workload's SVID fresh from `keyproof-ca serve`: bootstrap with a
+//! join token, then renew at two thirds of each certificate's remaining life
+//! (±10% jitter so a fleet does not renew in lockstep), retry with
+//! exponential backoff, and refresh the trust bundle in between.
+//!
+//! The key is generated in memory for every issuance and never written. The
+//! caller installs each new SVID through [`Handler::install`] (which may
+//! refuse it) and keeps serving on the previous one until it does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+use crate::client::{certified_key, new_key, CaClient, ClientError, IssuedSvid};
+use crate::keys::KeyType;
+use crate::spiffe::SpiffeId;
+
+/// First retry delay; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the renewer needs.
+pub struct RenewerConfig {
+    pub client: CaClient,
+    pub spiffe_id: SpiffeId,
+    pub key_type: KeyType,
+    /// Read at bootstrap time (a Kubernetes Secret may be mounted late).
+    pub join_token_file: PathBuf,
+    /// How often to fetch `/v1/bundle` between renewals.
+    pub bundle_refresh: Duration,
+}
+
+/// A newly issued identity for the caller to install.
+pub struct NewIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub bundle: Vec<CertificateDer<'static>>,
+    /// When the leaf expires (seconds since the epoch).
+    pub not_after: i64,
+}
+
+/// What happened, for metrics and logs.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// An SVID was issued and installed (`bootstrap` or `renew`).
+    Renewed { how: &'static str, not_after: i64 },
+    /// Issuance failed; the current identity keeps serving.
+    Failed {
+        how: &'static str,
+        error: &'a str,
+        retry_in: Duration,
+    },
+    /// A newer bundle was fetched and installed.
+    BundleUpdated { roots: usize },
+}
+
+/// The caller's side: install identities and bundles, observe events.
+pub trait Handler: Send + Sync {
+    /// The certificate currently held, for renewal (None before bootstrap).
+    fn current(&self) -> Option<Arc<CertifiedKey>>;
+    /// Installs a new identity; an error keeps the old one and is retried.
+    fn install(&self, id: NewIdentity) -> Result<(), String>;
+    /// Installs a refreshed bundle (same leaf); an error keeps the old one.
+    fn install_bundle(&self, bundle: Vec<CertificateDer<'static>>) -> Result<(), String>;
+    /// Counts and logs.
+    fn event(&self, e: Event<'_>);
+}
+
+/// A uniformly random factor in [0.9, 1.1].
+fn jitter() -> f64 {
+    let mut b = [0u8; 2];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    0.9 + 0.2 * (u16::from_le_bytes(b) as f64 / u16::MAX as f64)
+}
+
+/// When to renew a certificate received now that expires at `not_after`:
+/// two thirds of the remaining life, jittered. Measured from receipt, not
+/// from notBefore, because notBefore is backdated for clock skew.
+pub fn renew_after(not_after: i64, now: i64) -> Duration {
+    let remaining = (not_after - now).max(1) as f64;
+    Duration::from_secs_f64(remaining * 2.0 / 3.0 * jitter())
+}
+
+/// The next retry: exponential backoff, but never more than a quarter of the
+/// held certificate's remaining life, so several attempts fit before it
+/// expires however short-lived it is.
+fn retry_delay(backoff: Duration, held_until: Option<i64>, now: i64) -> Duration {
+    match held_until {
+        Some(until) if until > now => {
+            let quarter = Duration::from_secs((until - now) as u64) / 4;
+            backoff.min(quarter.max(Duration::from_millis(200)))
+        }
+        _ => backoff,
+    }
+}
+
+fn leaf_not_after(chain: &[CertificateDer<'_>]) -> Result<i64, ClientError> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| ClientError::Protocol("empty chain".into()))?;
+    let (_, c) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| ClientError::Protocol(format!("issued certificate: {e}")))?;
+    Ok(c.validity().not_after.timestamp())
+}
+
+async fn obtain(
+    cfg: &RenewerConfig,
+    current: Option<Arc<CertifiedKey>>,
+) -> Result<(NewIdentity, &'static str), ClientError> {
+    let key = new_key(cfg.key_type, cfg.spiffe_id.as_str())?;
+    let (issued, how): (IssuedSvid, _) = match current {
+        Some(ck) => (cfg.client.renew(ck, &key.csr_pem).await?, "renew"),
+        None => {
+            let token = tokio::fs::read_to_string(&cfg.join_token_file)
+                .await
+                .map_err(|e| {
+                    ClientError::Protocol(format!(
+                        "join token file {}: {e}",
+                        cfg.join_token_file.display()
+                    ))
+                })?;
+            (
+                cfg.client.bootstrap(token.trim(), &key.csr_pem).await?,
+                "bootstrap",
+            )
+        }
+    };
+    if issued.spiffe_id != cfg.spiffe_id.as_str() {
+        return Err(ClientError::Protocol(format!(
+            "the CA issued {} but this workload is {}",
+            issued.spiffe_id, cfg.spiffe_id
+        )));
+    }
+    // Proves the chain matches the key before anyone installs it.
+    certified_key(issued.chain.clone(), &key.key_der)?;
+    Ok((
+        NewIdentity {
+            not_after: leaf_not_after(&issued.chain)?,
+            chain: issued.chain,
+            key: key.key_der,
+            bundle: issued.bundle,
+        },
+        how,
+    ))
+}
+
+/// Runs forever: obtains and renews the SVID, refreshing the bundle.
+pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
+    let mut backoff = MIN_BACKOFF;
+    let mut renew_at = Instant::now();
+    let mut last_bundle: Option<Vec<CertificateDer<'static>>> = None;
+    // Expiry of the certificate held, to keep retries inside its lifetime.
+    let mut held_until: Option<i64> = None;
+    loop {
+        let now = Instant::now();
+        if now >= renew_at {
+            let current = handler.current();
+            let how = if current.is_some() {
+                "renew"
+            } else {
+                "bootstrap"
+            };
+            let outcome = match obtain(&cfg, current).await {
+                Ok((id, how)) => {
+                    let not_after = id.not_after;
+                    let bundle = id.bundle.clone();
+                    handler.install(id).map(|()| (how, not_after, bundle))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok((how, not_after, bundle)) => {
+                    handler.event(Event::Renewed { how, not_after });
+                    last_bundle = Some(bundle);
+                    held_until = Some(not_after);
+                    backoff = MIN_BACKOFF;
+                    let wall = crate::ca::now().unix_timestamp();
+                    renew_at = Instant::now() + renew_after(not_after, wall);
+                }
+                Err(error) => {
+                    let retry_in =
+                        retry_delay(backoff, held_until, crate::ca::now().unix_timestamp());
+                    handler.event(Event::Failed {
+                        how,
+                        error: &error,
+                        retry_in,
+                    });
+                    renew_at = Instant::now() + retry_in;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        // Sleep until the renewal or the next bundle check, whichever is first.
+        let wake = renew_at.min(Instant::now() + cfg.bundle_refresh);
+        tokio::time::sleep_until(wake.into()).await;
+        if Instant::now() < renew_at && handler.current().is_some() {
+            if let Ok(bundle) = cfg.client.bundle().await {
+                if last_bundle.as_ref() != Some(&bundle) {
+                    let roots = bundle.len();
+                    if handler.install_bundle(bundle.clone()).is_ok() {
+                        handler.event(Event::BundleUpdated { roots });
+                        last_bundle = Some(bundle);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_at_two_thirds_of_the_remaining_life_with_jitter() {
+        for _ in 0..1000 {
+            let d = renew_after(1_000 + 30, 1_000).as_secs_f64();
+            assert!((18.0..=22.0).contains(&d), "{d}");
+        }
+        // Already expired: renew (almost) at once.
+        assert!(renew_after(10, 1_000) < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn retries_stay_inside_the_remaining_lifetime() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_delay(s(30), Some(1_008), 1_000), s(2));
+        assert_eq!(retry_delay(s(1), Some(2_000), 1_000), s(1));
+        assert_eq!(retry_delay(s(8), None, 1_000), s(8));
+        assert_eq!(retry_delay(s(8), Some(1_000), 1_000), s(8));
+    }
+}

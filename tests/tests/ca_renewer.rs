@@ -1,0 +1,170 @@
+//! The renewal loop (`keyproof_ca::renewer`) against the real
+//! `keyproof-ca serve`: bootstrap, renew short-lived SVIDs over and over, ride
+//! out a CA outage longer than the renewal interval, and recover.
+
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use keyproof_ca::client::{certified_key, CaClient};
+use keyproof_ca::keys::KeyType;
+use keyproof_ca::renewer::{self, Event, Handler, NewIdentity, RenewerConfig};
+use keyproof_ca::verify::{SvidVerifier, TrustBundle};
+use keyproof_ca::{IdPattern, SpiffeId, TrustDomain};
+use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
+use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+
+const TD: &str = "prod.example.com";
+const WEB: &str = "spiffe://prod.example.com/ns/default/sa/web";
+
+#[derive(Default)]
+struct Recorder {
+    current: ArcSwap<Option<Arc<CertifiedKey>>>,
+    log: Mutex<Vec<String>>,
+}
+
+impl Handler for Recorder {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.load().as_ref().clone()
+    }
+    fn install(&self, id: NewIdentity) -> Result<(), String> {
+        let ck = certified_key(id.chain, &id.key).map_err(|e| e.to_string())?;
+        self.current.store(Arc::new(Some(Arc::new(ck))));
+        Ok(())
+    }
+    fn install_bundle(&self, _bundle: Vec<CertificateDer<'static>>) -> Result<(), String> {
+        Ok(())
+    }
+    fn event(&self, e: Event<'_>) {
+        let line = match e {
+            Event::Renewed { how, .. } => format!("ok:{how}"),
+            Event::Failed { how, error, .. } => format!("fail:{how}:{error}"),
+            Event::BundleUpdated { roots } => format!("bundle:{roots}"),
+        };
+        self.log.lock().unwrap().push(line);
+    }
+}
+
+fn serve(ca: &TestCa, port: u16) -> Child {
+    let c = cmd("keyproof-ca")
+        .args(["serve", "--ttl", "9s", "--dir"])
+        .arg(&ca.dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
+    c
+}
+
+#[test]
+fn bootstraps_renews_and_recovers_from_an_outage() {
+    let ca = TestCa::new(TD);
+    let port = free_port();
+    let mut server = serve(&ca, port);
+    let token_file = ca.path("token");
+    let token = run_ok(
+        cmd("keyproof-ca")
+            .args(["token", "create", "--dir"])
+            .arg(&ca.dir)
+            .args(["--spiffe-id", WEB]),
+    );
+    std::fs::write(&token_file, token).unwrap();
+    let bundle = TrustBundle::from_pem(&std::fs::read(ca.bundle()).unwrap()).unwrap();
+    let client = CaClient::new(
+        &format!("https://127.0.0.1:{port}"),
+        Arc::new(ArcSwap::from_pointee(SvidVerifier::new(
+            TrustDomain::parse(TD).unwrap(),
+            bundle,
+        ))),
+        IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
+    )
+    .unwrap();
+    let rec = Arc::new(Recorder::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handler: Arc<dyn Handler> = rec.clone();
+    rt.spawn(renewer::run(
+        RenewerConfig {
+            client,
+            spiffe_id: SpiffeId::parse(WEB).unwrap(),
+            key_type: KeyType::EcdsaP256,
+            join_token_file: token_file,
+            bundle_refresh: Duration::from_secs(2),
+        },
+        handler,
+    ));
+    let oks = |rec: &Recorder| {
+        rec.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("ok:"))
+            .count()
+    };
+    let wait_for = |n: usize, limit: Duration| {
+        let start = Instant::now();
+        while oks(&rec) < n {
+            assert!(
+                start.elapsed() < limit,
+                "only {} issuances: {:?}",
+                oks(&rec),
+                rec.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Bootstrap, then a renewal about 6 s later (2/3 of 9 s).
+    wait_for(2, Duration::from_secs(15));
+    {
+        let log = rec.log.lock().unwrap();
+        assert_eq!(log[0], "ok:bootstrap", "{log:?}");
+        assert!(log.contains(&"ok:renew".to_string()), "{log:?}");
+    }
+    // The CA goes away for longer than a renewal interval.
+    let _ = server.kill();
+    let _ = server.wait();
+    let before = oks(&rec);
+    let down = Instant::now();
+    let failures = |rec: &Recorder| -> Vec<String> {
+        rec.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("fail:renew"))
+            .cloned()
+            .collect()
+    };
+    // Down until renewal has failed at least twice: longer than the renewal
+    // interval (6 s), shorter than the lifetime.
+    while failures(&rec).len() < 2 {
+        assert!(
+            down.elapsed() < Duration::from_secs(12),
+            "{:?}",
+            rec.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        down.elapsed() > Duration::from_secs(4),
+        "the CA was down for {:?}",
+        down.elapsed()
+    );
+    let failures = failures(&rec);
+    assert!(failures[0].contains("cannot reach the CA"), "{failures:?}");
+    assert_eq!(oks(&rec), before);
+    // It comes back; the renewer recovers on its own (backoff is at most a
+    // few seconds at this point, well inside the remaining lifetime).
+    let _server = serve(&ca, port);
+    wait_for(before + 1, Duration::from_secs(10));
+    let cert = rec.current().expect("an identity is held");
+    let id = keyproof_ca::svid::check_leaf_der(&cert.cert[0]).unwrap();
+    assert_eq!(id.as_str(), WEB);
+}
