@@ -32,6 +32,17 @@ pub struct CertReport {
     pub svid_errors: Vec<String>,
     /// Human descriptions of the same.
     pub svid_error_messages: Vec<String>,
+    /// Every rule that applies (leaf or signing), passed or not.
+    pub svid_rules: Vec<RuleResult>,
+}
+
+/// One SVID rule's verdict.
+#[derive(Debug, Serialize)]
+pub struct RuleResult {
+    pub rule: &'static str,
+    pub pass: bool,
+    /// Why it failed (empty when it passed).
+    pub failures: Vec<String>,
 }
 
 /// The whole report for a file.
@@ -66,6 +77,26 @@ fn report_one(index: usize, der: &[u8], now: i64) -> Result<CertReport, String> 
     } else {
         svid::leaf_violations(&c)
     };
+    let rules = if is_ca {
+        svid::SIGNING_RULES
+    } else {
+        svid::LEAF_RULES
+    };
+    let svid_rules = rules
+        .iter()
+        .map(|rule| {
+            let failures: Vec<String> = violations
+                .iter()
+                .filter(|v| v.rule() == *rule)
+                .map(|v| v.to_string())
+                .collect();
+            RuleResult {
+                rule,
+                pass: failures.is_empty(),
+                failures,
+            }
+        })
+        .collect();
     let (uri_sans, dns_sans) = sans(&c);
     let nb = c.validity().not_before.timestamp();
     let na = c.validity().not_after.timestamp();
@@ -89,6 +120,7 @@ fn report_one(index: usize, der: &[u8], now: i64) -> Result<CertReport, String> 
         sha256: keys::fingerprint(der),
         svid_errors: violations.iter().map(|v| v.code().to_owned()).collect(),
         svid_error_messages: violations.iter().map(|v| v.to_string()).collect(),
+        svid_rules,
     })
 }
 
@@ -159,16 +191,21 @@ pub fn render_text(r: &Report) -> String {
             c.percent_used
         ));
         out.push_str(&format!("  sha256:      {}\n", c.sha256));
-        let rules = if c.is_ca {
+        let kind = if c.is_ca {
             "signing-certificate"
         } else {
             "X.509-SVID leaf"
         };
-        if c.svid_errors.is_empty() {
-            out.push_str(&format!("  {rules} rules: all pass\n"));
-        } else {
-            for m in &c.svid_error_messages {
-                out.push_str(&format!("  {rules} rule FAILED: {m}\n"));
+        out.push_str(&format!("  {kind} rules:\n"));
+        for r in &c.svid_rules {
+            if r.pass {
+                out.push_str(&format!("    pass  {}\n", r.rule));
+            } else {
+                out.push_str(&format!(
+                    "    FAIL  {}: {}\n",
+                    r.rule,
+                    r.failures.join("; ")
+                ));
             }
         }
     }

@@ -43,7 +43,39 @@ pub enum SvidError {
     SigningNoKeyCertSign,
 }
 
+/// The leaf rules, in order, as `inspect` lists them.
+pub const LEAF_RULES: &[&str] = &[
+    "exactly one URI SAN, a workload SPIFFE ID",
+    "not a CA (cA=false)",
+    "key usage present and critical",
+    "key usage has digitalSignature",
+    "key usage has neither keyCertSign nor cRLSign",
+    "extended key usage, if present, has serverAuth and clientAuth",
+];
+
+/// The signing-certificate rules, in order.
+pub const SIGNING_RULES: &[&str] = &["a CA (cA=true)", "key usage has keyCertSign"];
+
 impl SvidError {
+    /// The rule (an entry of [`LEAF_RULES`] or [`SIGNING_RULES`]) this
+    /// violates.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            SvidError::Parse(_)
+            | SvidError::NoUriSan
+            | SvidError::MultipleUriSans(_)
+            | SvidError::InvalidSpiffeId(_)
+            | SvidError::RootPathId(_) => LEAF_RULES[0],
+            SvidError::LeafIsCa => LEAF_RULES[1],
+            SvidError::KeyUsageMissing | SvidError::KeyUsageNotCritical => LEAF_RULES[2],
+            SvidError::NoDigitalSignature => LEAF_RULES[3],
+            SvidError::LeafKeyCertSign | SvidError::LeafCrlSign => LEAF_RULES[4],
+            SvidError::EkuNoServerAuth | SvidError::EkuNoClientAuth => LEAF_RULES[5],
+            SvidError::SigningNotCa => SIGNING_RULES[0],
+            SvidError::SigningNoKeyCertSign => SIGNING_RULES[1],
+        }
+    }
+
     /// A short stable name, used in JSON output and logs.
     pub fn code(&self) -> &'static str {
         match self {

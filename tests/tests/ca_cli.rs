@@ -833,3 +833,65 @@ fn check_dir_warns_when_a_renewal_is_overdue_until_superseded() {
     ca.issue("renewed", "/ns/default/sa/web", &["--ttl", "1h"]);
     assert_eq!(code(), Some(0));
 }
+
+#[test]
+fn inspect_reports_every_rule_of_a_bad_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let crt = tmp.path().join("bad.crt");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=x",
+            ])
+            .arg("-keyout")
+            .arg(tmp.path().join("bad.key"))
+            .arg("-out")
+            .arg(&crt)
+            .args([
+                "-addext",
+                "subjectAltName=URI:spiffe://td/a,URI:spiffe://td/b",
+            ])
+            .args([
+                "-addext",
+                "keyUsage=keyCertSign",
+                "-addext",
+                "basicConstraints=CA:FALSE",
+            ]),
+    );
+    let v: Value = serde_json::from_str(&run_ok(
+        cmd("keyproof-ca").arg("inspect").arg(&crt).arg("--json"),
+    ))
+    .unwrap();
+    let c = &v["certificates"][0];
+    let errors: Vec<&str> = c["svid_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "multiple_uri_sans",
+            "key_usage_not_critical",
+            "no_digital_signature",
+            "leaf_key_cert_sign"
+        ]
+    );
+    let rules = c["svid_rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 6);
+    let passed: Vec<bool> = rules.iter().map(|r| r["pass"].as_bool().unwrap()).collect();
+    assert_eq!(passed, [false, true, false, false, false, true]);
+    assert_eq!(c["spiffe_id"], Value::Null);
+    let text = run_ok(cmd("keyproof-ca").arg("inspect").arg(&crt));
+    assert!(text.contains("FAIL  exactly one URI SAN"), "{text}");
+    assert!(text.contains("pass  not a CA"), "{text}");
+}
