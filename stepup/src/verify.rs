@@ -1,0 +1,446 @@
+//! The inbound verifier: challenges and verification in the design's order
+//! (§4), cheap checks first.
+//!
+//! Two phases so the proxy need not buffer a body it will refuse anyway:
+//! [`Verifier::begin`] runs steps 1-7 on the headers; [`Pending::finish`] runs
+//! steps 8-10 once the body is read (up to [`StepUpConfig::max_body`]).
+
+use http::header::{HeaderValue, CACHE_CONTROL};
+use http::HeaderMap;
+use sfv::{BareItemFromInput, Dictionary, Item, Parser};
+use subtle::ConstantTimeEq;
+
+use aws_lc_rs::rand::SystemRandom;
+
+use crate::alg::{Alg, KeyError, PeerKey};
+use crate::base::{self, Component, RequestView};
+use crate::config::StepUpConfig;
+use crate::digest;
+use crate::headers::{
+    ACCEPT_SIGNATURE, CONTENT_DIGEST, SIGNATURE, SIGNATURE_INPUT, STEPUP_BINDING,
+};
+use crate::nonce::{IssueError, NonceId, NonceKey, NonceTable};
+use crate::outcome::Outcome;
+use crate::sf;
+use crate::{BINDING_LEN, LABEL, TAG};
+
+/// Largest accepted `Signature-Input` (all field lines). A genuine one is
+/// about 300 bytes.
+pub const MAX_SIGNATURE_INPUT_LEN: usize = 1024;
+/// Largest accepted `Signature` (a genuine one is about 100 bytes).
+pub const MAX_SIGNATURE_LEN: usize = 512;
+/// Largest accepted `Content-Digest` (room for a few algorithms).
+pub const MAX_CONTENT_DIGEST_LEN: usize = 1024;
+/// Largest accepted `Stepup-Binding` (a genuine one is 46 bytes).
+pub const MAX_BINDING_LEN: usize = 128;
+
+/// What the verifier knows about one TLS connection, built once per
+/// connection: the peer's key (from its verified leaf certificate) and the
+/// connection's channel binding.
+#[derive(Debug)]
+pub struct Peer {
+    key: PeerKey,
+    exporter: Option<[u8; BINDING_LEN]>,
+}
+
+impl Peer {
+    /// From the key and the 32-byte TLS exporter (`EXPORTER-Channel-Binding`,
+    /// empty context). `None` when the connection has no exporter (e.g. TLS
+    /// 1.2): every binding check then fails if `channel_binding` is on.
+    pub fn new(key: PeerKey, exporter: Option<[u8; BINDING_LEN]>) -> Peer {
+        Peer { key, exporter }
+    }
+
+    /// From the peer's verified leaf certificate (DER) and the exporter.
+    pub fn from_cert_der(
+        cert_der: &[u8],
+        exporter: Option<[u8; BINDING_LEN]>,
+    ) -> Result<Peer, KeyError> {
+        Ok(Peer::new(PeerKey::from_cert_der(cert_der)?, exporter))
+    }
+
+    /// The peer's key.
+    pub fn key(&self) -> &PeerKey {
+        &self.key
+    }
+}
+
+/// Header values of a challenge. For a 401 use all three
+/// ([`ChallengeHeaders::apply_challenge`]); on a successful response only
+/// `Accept-Signature` and `Cache-Control` ([`ChallengeHeaders::apply_next`]).
+#[derive(Debug, Clone)]
+pub struct ChallengeHeaders {
+    /// `StepUp error="stepup_required"` or `StepUp error="<result>"`.
+    pub www_authenticate: HeaderValue,
+    /// `stepup=(...);created;nonce="...";alg="...";keyid="...";tag="stepup-v1"`.
+    pub accept_signature: HeaderValue,
+    /// `no-store`: a nonce must never be served from a cache.
+    pub cache_control: HeaderValue,
+}
+
+impl ChallengeHeaders {
+    /// Sets `WWW-Authenticate`, `Accept-Signature` and `Cache-Control`.
+    pub fn apply_challenge(&self, headers: &mut HeaderMap) {
+        headers.insert(
+            http::header::WWW_AUTHENTICATE,
+            self.www_authenticate.clone(),
+        );
+        self.apply_next(headers);
+    }
+
+    /// Sets `Accept-Signature` and `Cache-Control` (a successful response's
+    /// nonce for the next request, RFC 9421 §5.1).
+    pub fn apply_next(&self, headers: &mut HeaderMap) {
+        headers.insert(ACCEPT_SIGNATURE, self.accept_signature.clone());
+        headers.insert(CACHE_CONTROL, self.cache_control.clone());
+    }
+}
+
+/// Removes `Signature`, `Signature-Input`, `Stepup-Binding` and
+/// `Accept-Signature` before a request is forwarded to the application.
+pub fn strip_stepup_headers(headers: &mut HeaderMap) {
+    headers.remove(SIGNATURE);
+    headers.remove(SIGNATURE_INPUT);
+    headers.remove(STEPUP_BINDING);
+    headers.remove(ACCEPT_SIGNATURE);
+}
+
+/// The inbound verifier. One per process (or per listener); share it behind
+/// an `Arc`. It holds the random nonce MAC key and the nonce table, so a new
+/// `Verifier` (a restart) refuses every nonce of the old one.
+pub struct Verifier {
+    cfg: StepUpConfig,
+    nonce_key: NonceKey,
+    table: NonceTable,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("cfg", &self.cfg)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Steps 1-7 passed; holds what steps 8-10 need.
+#[must_use = "finish the verification with the body"]
+#[derive(Debug)]
+pub struct Pending<'v> {
+    verifier: &'v Verifier,
+    peer: &'v Peer,
+    base: Vec<u8>,
+    signature: Vec<u8>,
+    digest: [u8; 32],
+    nonce_id: NonceId,
+}
+
+/// The signature parameters stepup-v1 reads, checked at step 2.
+struct Params<'a> {
+    created: i64,
+    expires: Option<i64>,
+    nonce: &'a str,
+    alg: &'a str,
+    keyid: &'a str,
+}
+
+fn parse_params<'a>(params: &'a [(&'a sfv::KeyRef, BareItemFromInput<'a>)]) -> Option<Params<'a>> {
+    let mut created = None;
+    let mut expires = None;
+    let mut nonce = None;
+    let mut alg = None;
+    let mut keyid = None;
+    let mut tag = None;
+    for (key, value) in params {
+        match (key.as_str(), value) {
+            ("created", BareItemFromInput::Integer(i)) => created = Some(i64::from(*i)),
+            ("expires", BareItemFromInput::Integer(i)) => expires = Some(i64::from(*i)),
+            ("nonce", BareItemFromInput::String(s)) => nonce = Some(s.as_str()),
+            ("alg", BareItemFromInput::String(s)) => alg = Some(s.as_str()),
+            ("keyid", BareItemFromInput::String(s)) => keyid = Some(s.as_str()),
+            ("tag", BareItemFromInput::String(s)) => tag = Some(s.as_str()),
+            // Unknown parameters or known ones of the wrong type: the
+            // profile is closed, anything else is malformed.
+            _ => return None,
+        }
+    }
+    if tag? != TAG {
+        return None;
+    }
+    Some(Params {
+        created: created?,
+        expires,
+        nonce: nonce?,
+        alg: alg?,
+        keyid: keyid?,
+    })
+}
+
+fn byte_sequence(item: &Item) -> Option<&[u8]> {
+    if !item.params.is_empty() {
+        return None;
+    }
+    item.bare_item.as_byte_sequence()
+}
+
+fn sf_string(s: &str) -> Result<&sfv::StringRef, IssueError> {
+    sfv::StringRef::from_str(s).map_err(|_| IssueError::Encoding)
+}
+
+impl Verifier {
+    /// A verifier with a fresh random nonce key and an empty table.
+    pub fn new(cfg: StepUpConfig) -> Result<Verifier, aws_lc_rs::error::Unspecified> {
+        let rng = SystemRandom::new();
+        let nonce_key = NonceKey::generate(&rng)?;
+        Ok(Verifier::with_nonce_key(cfg, nonce_key))
+    }
+
+    /// A verifier with an explicit nonce key (tests, benches).
+    pub fn with_nonce_key(cfg: StepUpConfig, nonce_key: NonceKey) -> Verifier {
+        let retry = u32::try_from(cfg.nonce_ttl.as_secs())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let table = NonceTable::new(cfg.max_outstanding, cfg.max_outstanding_per_peer, retry);
+        Verifier {
+            cfg,
+            nonce_key,
+            table,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &StepUpConfig {
+        &self.cfg
+    }
+
+    /// Issued, unused nonces (the `keyproof_stepup_nonces_outstanding` gauge).
+    pub fn outstanding(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Drops expired nonces; call periodically (e.g. every few seconds).
+    pub fn purge_expired(&self, now: u64) -> usize {
+        self.table.purge_expired(now)
+    }
+
+    /// Issues and stores a nonce for this peer and route.
+    pub fn issue_nonce(&self, peer: &Peer, route_id: &str, now: u64) -> Result<String, IssueError> {
+        let expires =
+            u32::try_from(now.saturating_add(self.cfg.nonce_ttl.as_secs())).unwrap_or(u32::MAX);
+        let spki = peer.key.spki_sha256();
+        let id = self.table.issue(&self.rng, spki, expires, now)?;
+        Ok(self.nonce_key.seal(&id, expires, spki, route_id))
+    }
+
+    /// A challenge for the next request of this peer on this route: a fresh
+    /// nonce in `Accept-Signature`. `error` is the outcome that caused it
+    /// (`None` or `Some(Missing)` give `error="stepup_required"`).
+    /// `has_content_type` says whether the request being answered has a
+    /// Content-Type (then `content-type` joins the component list).
+    ///
+    /// Fails closed when the table is full: [`IssueError::GlobalFull`] means
+    /// 503 + `Retry-After`, [`IssueError::PeerFull`] means 429.
+    pub fn challenge(
+        &self,
+        peer: &Peer,
+        route_id: &str,
+        has_content_type: bool,
+        error: Option<Outcome>,
+        now: u64,
+    ) -> Result<ChallengeHeaders, IssueError> {
+        let nonce = self.issue_nonce(peer, route_id, now)?;
+        let accept =
+            accept_signature_value(&nonce, peer.key.alg(), peer.key.keyid(), has_content_type)?;
+        let reason = match error {
+            None | Some(Outcome::Missing) | Some(Outcome::Ok) => "stepup_required",
+            Some(o) => o.as_str(),
+        };
+        let www = format!("StepUp error=\"{reason}\"");
+        Ok(ChallengeHeaders {
+            www_authenticate: HeaderValue::try_from(www).map_err(|_| IssueError::Encoding)?,
+            accept_signature: HeaderValue::try_from(accept).map_err(|_| IssueError::Encoding)?,
+            cache_control: HeaderValue::from_static("no-store"),
+        })
+    }
+
+    /// Steps 1-7 of the verification order, from headers alone. `Err` is the
+    /// failing outcome; `Ok` must be finished with the body.
+    ///
+    /// `peer` is this connection's peer, `route_id` the matched route (the
+    /// same string given to [`Verifier::challenge`]), `now` Unix seconds.
+    pub fn begin<'v>(
+        &'v self,
+        peer: &'v Peer,
+        route_id: &str,
+        req: &RequestView<'_>,
+        now: u64,
+    ) -> Result<Pending<'v>, Outcome> {
+        let h = req.headers;
+        // Step 1: presence, size, structured-field syntax.
+        let input = sf::combined(h, &SIGNATURE_INPUT, MAX_SIGNATURE_INPUT_LEN);
+        let signature = sf::combined(h, &SIGNATURE, MAX_SIGNATURE_LEN);
+        let (input, signature) = match (input, signature) {
+            (Ok(None), Ok(None)) => return Err(Outcome::Missing),
+            (Ok(Some(i)), Ok(Some(s))) => (i, s),
+            // One without the other, oversized or not text.
+            _ => return Err(Outcome::Malformed),
+        };
+        // Content-Digest and Stepup-Binding are mandatory once a signature is
+        // attempted; their absence is a malformed attempt, not `missing`
+        // (which counts requests that made no attempt at all).
+        let Ok(Some(content_digest)) = sf::combined(h, &CONTENT_DIGEST, MAX_CONTENT_DIGEST_LEN)
+        else {
+            return Err(Outcome::Malformed);
+        };
+        let Ok(Some(binding)) = sf::combined(h, &STEPUP_BINDING, MAX_BINDING_LEN) else {
+            return Err(Outcome::Malformed);
+        };
+        // Exactly one member, labelled `stepup`, in each signature field
+        // (two members, or the same label twice, are malformed), parsed in
+        // one pass each; the digest and binding with the generic parser.
+        let member = sf::parse_signature_input(&input).ok_or(Outcome::Malformed)?;
+        let sig = sf::parse_signature(&signature).ok_or(Outcome::Malformed)?;
+        let content_digest: Dictionary = Parser::new(&content_digest)
+            .parse()
+            .map_err(|_| Outcome::Malformed)?;
+        let binding: Item = Parser::new(&binding)
+            .parse()
+            .map_err(|_| Outcome::Malformed)?;
+
+        // Step 2: tag, parameters, exactly the required components.
+        let params = parse_params(&member.params).ok_or(Outcome::Malformed)?;
+        let names: Vec<&str> = member.components.iter().map(|c| c.as_str()).collect();
+        if !base::is_required_set(names.iter().copied(), req.has_content_type()) {
+            return Err(Outcome::Malformed);
+        }
+        let expected_digest = digest::sha256_member(&content_digest).ok_or(Outcome::Malformed)?;
+        let binding = byte_sequence(&binding).ok_or(Outcome::Malformed)?;
+        if binding.len() != BINDING_LEN {
+            return Err(Outcome::Malformed);
+        }
+        // Every component must be resolvable (e.g. an authority must exist).
+        let signature_params = member.serialize().ok_or(Outcome::Malformed)?;
+        let base =
+            base::base_for_names(req, &names, &signature_params).ok_or(Outcome::Malformed)?;
+
+        // Step 3: the algorithm is the peer key's, never the request's choice.
+        if Alg::from_name(params.alg) != Some(peer.key.alg()) {
+            return Err(Outcome::BadAlg);
+        }
+        // Step 4.
+        if params.keyid != peer.key.keyid() {
+            return Err(Outcome::KeyidMismatch);
+        }
+        // Step 5: MAC over id, expiry, peer SPKI hash and route.
+        let nonce = self
+            .nonce_key
+            .open(params.nonce, peer.key.spki_sha256(), route_id)
+            .ok_or(Outcome::BadNonce)?;
+        // Step 6: freshness.
+        let now_i = i64::try_from(now).unwrap_or(i64::MAX);
+        let skew = i64::try_from(self.cfg.max_clock_skew.as_secs()).unwrap_or(i64::MAX);
+        if u64::from(nonce.expires) < now
+            || params.created.abs_diff(now_i) > skew.unsigned_abs()
+            || params.expires.is_some_and(|e| e < now_i)
+        {
+            return Err(Outcome::Expired);
+        }
+        // Step 7: channel binding, constant time.
+        if self.cfg.channel_binding {
+            let matches = peer
+                .exporter
+                .as_ref()
+                .is_some_and(|e| bool::from(e.as_slice().ct_eq(binding)));
+            if !matches {
+                return Err(Outcome::BindingMismatch);
+            }
+        }
+        Ok(Pending {
+            verifier: self,
+            peer,
+            base,
+            signature: sig,
+            digest: expected_digest,
+            nonce_id: nonce.id,
+        })
+    }
+
+    /// All ten steps at once, for a body already buffered.
+    pub fn verify(
+        &self,
+        peer: &Peer,
+        route_id: &str,
+        req: &RequestView<'_>,
+        body: &[u8],
+        now: u64,
+    ) -> Outcome {
+        match self.begin(peer, route_id, req, now) {
+            Ok(pending) => pending.finish(body),
+            Err(outcome) => outcome,
+        }
+    }
+}
+
+impl Pending<'_> {
+    /// The body limit to read up to before calling [`Pending::finish`]
+    /// (larger: answer 413 without finishing; the nonce stays unused).
+    pub fn max_body(&self) -> usize {
+        self.verifier.cfg.max_body
+    }
+
+    /// The signature base that will be verified (diagnostics, interop tests).
+    pub fn signature_base(&self) -> &[u8] {
+        &self.base
+    }
+
+    /// Steps 8-10 with the buffered body.
+    pub fn finish(self, body: &[u8]) -> Outcome {
+        let d = digest::sha256(body);
+        self.finish_with_body_sha256(&d)
+    }
+
+    /// Steps 8-10 with the SHA-256 of the body, for a proxy that hashes the
+    /// body while streaming it.
+    pub fn finish_with_body_sha256(self, body_sha256: &[u8; 32]) -> Outcome {
+        // Step 8.
+        if !bool::from(self.digest.ct_eq(body_sha256)) {
+            return Outcome::DigestMismatch;
+        }
+        // Step 9.
+        if !self.peer.key.verify(&self.base, &self.signature) {
+            return Outcome::BadSignature;
+        }
+        // Step 10: single use. Exactly one concurrent caller wins.
+        if !self.verifier.table.take(&self.nonce_id) {
+            return Outcome::Replay;
+        }
+        Outcome::Ok
+    }
+}
+
+/// `Accept-Signature` for a nonce: the stepup member with the component list,
+/// `created` as a bare parameter (RFC 9421 §5.1: "add one"), nonce, alg, keyid, tag.
+fn accept_signature_value(
+    nonce: &str,
+    alg: Alg,
+    keyid: &str,
+    has_content_type: bool,
+) -> Result<String, IssueError> {
+    let mut ser = sfv::DictSerializer::new();
+    {
+        let mut inner = ser.inner_list(sfv::key_ref(LABEL));
+        for c in Component::required(has_content_type) {
+            let _ = inner.bare_item(sfv::string_ref(c.name()));
+        }
+        let _ = inner
+            .finish()
+            .parameter(sfv::key_ref("created"), true)
+            .parameter(sfv::key_ref("nonce"), sf_string(nonce)?)
+            .parameter(sfv::key_ref("alg"), sfv::string_ref(alg.name()))
+            .parameter(sfv::key_ref("keyid"), sf_string(keyid)?)
+            .parameter(sfv::key_ref("tag"), sfv::string_ref(TAG));
+    }
+    ser.finish().ok_or(IssueError::Encoding)
+}
