@@ -1,1 +1,318 @@
-pub fn x(){}
+//! `keyproof-proxy`: a mutual-TLS sidecar. Inbound it terminates TLS 1.3
+//! with client certificates verified as X.509-SVIDs and authorizes callers by
+//! route; outbound it originates mutual TLS for the local app, checking the
+//! server's SPIFFE ID. See `run` for the process lifecycle.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod policy;
+pub mod quickstart;
+pub mod server;
+pub mod stepup;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyproof_ca::Usage;
+use tokio::sync::watch;
+
+pub use config::Config;
+use identity::{Identity, IdentityStore};
+
+/// Why the proxy could not start. Every variant names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity files are missing or unusable.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// A listener could not be bound.
+    #[error("{key}: cannot listen on {addr}")]
+    Bind {
+        /// The configuration key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A policy pattern names another trust domain.
+    #[error("{key}: {msg}")]
+    ForeignPattern {
+        /// The configuration key.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The inbound could not be built.
+    #[error(transparent)]
+    Inbound(#[from] inbound::InboundError),
+    /// The outbound could not be built.
+    #[error(transparent)]
+    Outbound(#[from] outbound::OutboundError),
+    /// Metric registration failed (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The async runtime could not be created.
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+fn pattern_trust_domain(p: &keyproof_ca::IdPattern) -> String {
+    match p {
+        keyproof_ca::IdPattern::Exact(id) => id.trust_domain_name().to_owned(),
+        keyproof_ca::IdPattern::Prefix(s) => s
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+            .to_owned(),
+    }
+}
+
+/// Refuses patterns that can never match: peers are only accepted from our
+/// own trust domain, so an `allow` or `identity` naming another one is a
+/// configuration mistake, better caught at startup than as a 403 or 502.
+pub fn check_trust_domains(cfg: &Config, identity: &Identity) -> Result<(), StartError> {
+    let ours = identity.id.trust_domain_name();
+    let check = |key: String, p: &keyproof_ca::IdPattern| {
+        let td = pattern_trust_domain(p);
+        if td != ours {
+            return Err(StartError::ForeignPattern {
+                key,
+                msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted"),
+            });
+        }
+        Ok(())
+    };
+    if let Some(i) = &cfg.inbound {
+        for (r, route) in i.routes.iter().enumerate() {
+            for (a, p) in route.allow.iter().enumerate() {
+                check(format!("inbound.routes[{r}].allow[{a}]"), p)?;
+            }
+        }
+    }
+    if let Some(o) = &cfg.outbound {
+        for (u, up) in o.upstreams.iter().enumerate() {
+            check(format!("outbound.upstreams[{u}].identity"), &up.identity)?;
+        }
+    }
+    Ok(())
+}
+
+/// A started proxy: listeners bound, accepting.
+pub struct Running {
+    /// Bound inbound address.
+    pub inbound_addr: Option<SocketAddr>,
+    /// Bound outbound address.
+    pub outbound_addr: Option<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: Option<SocketAddr>,
+    /// The identity store (hot reload swaps its content).
+    pub identity: Arc<IdentityStore>,
+    /// Admin state (readiness, metrics).
+    pub admin: Arc<admin::AdminState>,
+    stop_accepting: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
+    tracker: Arc<server::Tracker>,
+    grace: Duration,
+}
+
+/// Loads the identity (before any port is bound, so a bad file fails fast),
+/// binds every listener and starts serving. Must run inside a Tokio runtime.
+pub async fn start(cfg: &Config) -> Result<Running, StartError> {
+    let metrics = metrics::Metrics::new()?;
+    let mut usages = Vec::new();
+    if cfg.inbound.is_some() {
+        usages.push(Usage::ServerAuth);
+    }
+    if cfg.outbound.is_some() {
+        usages.push(Usage::ClientAuth);
+    }
+    let identity = Identity::load(&cfg.identity, &usages)?;
+    check_trust_domains(cfg, &identity)?;
+    metrics.cert_expiry.set(identity.not_after as f64);
+    tracing::info!(spiffe_id = %identity.id, serial = %identity.serial, not_after = identity.not_after, "identity loaded");
+    let store = IdentityStore::new(identity);
+
+    let inbound = cfg
+        .inbound
+        .as_ref()
+        .map(|c| inbound::Inbound::new(c, store.clone(), &metrics))
+        .transpose()?;
+    let outbound = cfg
+        .outbound
+        .as_ref()
+        .map(|c| outbound::Outbound::new(c, store.clone(), &metrics))
+        .transpose()?;
+
+    let bind = |key: &'static str, addr: SocketAddr| {
+        server::bind(addr).map_err(|source| StartError::Bind { key, addr, source })
+    };
+    let in_l = cfg
+        .inbound
+        .as_ref()
+        .map(|c| bind("inbound.listen", c.listen))
+        .transpose()?;
+    let out_l = cfg
+        .outbound
+        .as_ref()
+        .map(|c| bind("outbound.listen", c.listen))
+        .transpose()?;
+    let admin_l = cfg
+        .admin
+        .as_ref()
+        .map(|c| bind("admin.listen", c.listen))
+        .transpose()?;
+
+    let (stop_accepting, stop_rx) = watch::channel(false);
+    let (stop_admin, admin_rx) = watch::channel(false);
+    let tracker = Arc::new(server::Tracker::default());
+    let admin_state = Arc::new(admin::AdminState {
+        metrics: metrics.clone(),
+        store: store.clone(),
+        ready: false.into(),
+        draining: false.into(),
+    });
+
+    let mut running = Running {
+        inbound_addr: None,
+        outbound_addr: None,
+        admin_addr: None,
+        identity: store,
+        admin: admin_state.clone(),
+        stop_accepting,
+        stop_admin,
+        tracker: tracker.clone(),
+        grace: cfg.runtime.shutdown_grace,
+    };
+    if let (Some(l), Some(ib), Some(c)) = (in_l, inbound, cfg.inbound.as_ref()) {
+        running.inbound_addr = l.local_addr().ok();
+        tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
+        let rx = stop_rx.clone();
+        tokio::spawn(server::accept_loop(
+            l,
+            c.limits.max_connections,
+            tracker.clone(),
+            stop_rx.clone(),
+            move |tcp, remote, guards| ib.clone().connection(tcp, remote, guards, rx.clone()),
+        ));
+    }
+    if let (Some(l), Some(ob), Some(c)) = (out_l, outbound, cfg.outbound.as_ref()) {
+        running.outbound_addr = l.local_addr().ok();
+        if !c.listen.ip().is_loopback() {
+            // The outbound is plaintext and acts with this workload's
+            // identity: anyone who can reach it can speak as us.
+            tracing::warn!(listen = %c.listen, "outbound.listen is not a loopback address; any host that can reach it can use this workload's identity");
+        }
+        tracing::info!(listen = %fmt_addr(running.outbound_addr), upstreams = c.upstreams.len(), "outbound listening");
+        let rx = stop_rx.clone();
+        tokio::spawn(server::accept_loop(
+            l,
+            c.limits.max_connections,
+            tracker.clone(),
+            stop_rx.clone(),
+            move |tcp, remote, guards| ob.clone().connection(tcp, remote, guards, rx.clone()),
+        ));
+    }
+    if let Some(l) = admin_l {
+        running.admin_addr = l.local_addr().ok();
+        tracing::info!(listen = %fmt_addr(running.admin_addr), "admin listening");
+        tokio::spawn(admin::serve(l, admin_state.clone(), admin_rx));
+    }
+    admin_state.ready.store(true, Ordering::Release);
+    Ok(running)
+}
+
+impl Running {
+    /// Drains: `/ready` turns 503, listeners close, connections finish their
+    /// in-flight requests (up to the grace period), then the admin stops.
+    pub async fn shutdown(self) {
+        self.admin.draining.store(true, Ordering::Release);
+        let _ = self.stop_accepting.send(true);
+        tracing::info!(grace = ?self.grace, "draining");
+        if tokio::time::timeout(self.grace, self.tracker.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+        let _ = self.stop_admin.send(true);
+    }
+}
+
+fn fmt_addr(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Builds the runtime `[runtime]` asks for (current-thread for one worker).
+pub fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, StartError> {
+    let mut b = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(worker_threads);
+        b
+    };
+    b.enable_all().build().map_err(StartError::Runtime)
+}
+
+/// `keyproof-proxy run`: start, serve until SIGTERM/SIGINT, drain, return.
+pub fn run(cfg: Config) -> Result<(), StartError> {
+    let rt = runtime(cfg.runtime.worker_threads)?;
+    rt.block_on(async {
+        let running = start(&cfg).await?;
+        shutdown_signal().await;
+        running.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` (default `info`), text or JSON.
+pub fn init_logging(format: config::LogFormat) {
+    init_logging_with_default(format, "info")
+}
+
+/// Like [`init_logging`] with another default level (quickstart keeps its
+/// demo output readable with `warn`).
+pub fn init_logging_with_default(format: config::LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        config::LogFormat::Text => b.try_init(),
+        config::LogFormat::Json => b.json().try_init(),
+    };
+}

@@ -1,0 +1,100 @@
+//! The admin listener: `/metrics`, `/ready`, `/live` and `/identity`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::{text, ProxyBody};
+use crate::identity::IdentityStore;
+use crate::metrics::Metrics;
+
+/// What the admin endpoints report on.
+pub struct AdminState {
+    /// The proxy's metrics.
+    pub metrics: Metrics,
+    /// The identity in use.
+    pub store: Arc<IdentityStore>,
+    /// Set once identity is loaded and every listener is bound.
+    pub ready: AtomicBool,
+    /// Set when shutdown starts.
+    pub draining: AtomicBool,
+}
+
+impl AdminState {
+    fn respond(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        }
+        match req.uri().path() {
+            "/metrics" => {
+                let id = self.store.current();
+                self.metrics.cert_expiry.set(id.not_after as f64);
+                let mut r =
+                    Response::new(ProxyBody::Full(Some(Bytes::from(self.metrics.render()))));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" => {
+                if self.draining.load(Ordering::Acquire) {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if self.ready.load(Ordering::Acquire) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                }
+            }
+            "/identity" => {
+                let body =
+                    serde_json::to_vec_pretty(&self.store.current().to_json()).unwrap_or_default();
+                let mut r = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "try /metrics, /ready, /live or /identity\n",
+            ),
+        }
+    }
+}
+
+/// Serves the admin endpoints until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::server::stopped(&mut stop) => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = state.respond(&req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

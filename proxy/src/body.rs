@@ -1,0 +1,138 @@
+//! The one body type the proxy hands to hyper: either a streamed peer body,
+//! passed through frame by frame (data and trailers, never buffered), or a
+//! small in-memory body for responses the proxy makes itself. An enum rather
+//! than a boxed trait object keeps the per-request path free of allocation.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// A streamed or in-memory body.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// A body received from a peer, forwarded as it arrives.
+    Stream(Incoming),
+    /// A complete body (or none, once taken).
+    Full(Option<Bytes>),
+}
+
+impl ProxyBody {
+    /// An empty body.
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+}
+
+impl From<Incoming> for ProxyBody {
+    fn from(b: Incoming) -> Self {
+        ProxyBody::Stream(b)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Stream(b) => b.is_end_stream(),
+            ProxyBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Stream(b) => b.size_hint(),
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+/// A plain-text response made by the proxy itself, e.g. a 403 naming the
+/// rule or a 503 naming why the app is unreachable.
+pub fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::Full(Some(msg.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) that must not be forwarded;
+/// HTTP/2 also forbids them outright.
+pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        // Headers named in Connection are hop-by-hop too.
+        let named: Vec<String> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|list| list.split(','))
+            .map(|n| n.trim().to_ascii_lowercase())
+            .filter(|n| !n.is_empty())
+            .collect();
+        h.remove(header::CONNECTION);
+        for name in named {
+            h.remove(name.as_str());
+        }
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::PROXY_AUTHORIZATION);
+    h.remove(header::UPGRADE);
+    h.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = h.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            h.remove(header::TE);
+        }
+    }
+}
+
+/// Reads and discards a small request body before the proxy answers a
+/// request itself (403, fail-closed step-up). Answering while the client is
+/// still sending makes HTTP/2 reset the stream and HTTP/1 close the
+/// connection, which some clients report as a transport error instead of
+/// showing the refusal. Bounded in size and time so it costs nothing to
+/// abuse.
+pub async fn discard<B>(body: B)
+where
+    B: Body + Unpin,
+{
+    use http_body_util::BodyExt;
+    const LIMIT: u64 = 64 * 1024;
+    let mut body = body;
+    if body.is_end_stream() {
+        return;
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(d) = frame.data_ref() {
+                seen += d.remaining() as u64;
+                if seen > LIMIT {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}

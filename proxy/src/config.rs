@@ -1,0 +1,839 @@
+//! The TOML configuration: parsed with serde (unknown keys refused), then
+//! validated into typed values. Every error names the offending key, because
+//! an operator reading a CrashLoopBackOff log has nothing else to go on.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyproof_ca::IdPattern;
+use serde::Deserialize;
+
+/// A configuration problem, naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value failed validation.
+    #[error("{key}: {msg}")]
+    Invalid {
+        /// The dotted key, e.g. `inbound.routes[1].allow[0]`.
+        key: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, msg: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        msg: msg.to_string(),
+    }
+}
+
+// ---- raw (serde) shapes -------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    identity: RawIdentity,
+    inbound: Option<RawInbound>,
+    outbound: Option<RawOutbound>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    runtime: RawRuntime,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    trust_bundle: PathBuf,
+    files: Option<RawIdentityFiles>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentityFiles {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// The limit keys shared by `[inbound]` and `[outbound]` (serde's `flatten`
+/// cannot be combined with `deny_unknown_fields`, so they are copied out).
+struct RawLimits {
+    handshake_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    listen: String,
+    app: String,
+    default_policy: Option<String>,
+    app_protocol: Option<String>,
+    app_connect_timeout: Option<String>,
+    app_pool_idle_timeout: Option<String>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    stepup: Option<RawInboundStepUp>,
+    handshake_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path_prefix: String,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    step_up: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInboundStepUp {
+    nonce_ttl: Option<String>,
+    max_clock_skew: Option<String>,
+    max_body: Option<u64>,
+    max_outstanding: Option<usize>,
+    max_outstanding_per_peer: Option<usize>,
+    channel_binding: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    listen: String,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    connect_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    stepup: Option<RawOutboundStepUp>,
+    handshake_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    host: String,
+    address: String,
+    identity: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutboundStepUp {
+    max_body: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: Option<usize>,
+    log_format: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+// ---- validated configuration ---------------------------------------------
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the workload identity comes from.
+    pub identity: IdentityConfig,
+    /// The inbound (server-side) listener, when configured.
+    pub inbound: Option<InboundConfig>,
+    /// The outbound (client-side) listener, when configured.
+    pub outbound: Option<OutboundConfig>,
+    /// The admin listener, when configured.
+    pub admin: Option<AdminConfig>,
+    /// Process-wide settings.
+    pub runtime: RuntimeConfig,
+}
+
+/// `[identity]`.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// PEM roots of the trust domain.
+    pub trust_bundle: PathBuf,
+    /// Leaf then intermediates, PEM.
+    pub cert: PathBuf,
+    /// The workload private key, PEM.
+    pub key: PathBuf,
+}
+
+/// Per-listener connection limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time allowed for a TLS handshake (inbound) before the socket is closed.
+    pub handshake_timeout: Duration,
+    /// Time allowed for a client to send a complete request head. For
+    /// HTTP/1 this clock also runs while a keep-alive connection waits for
+    /// its next request, so it bounds idle HTTP/1 connections too.
+    pub header_read_timeout: Duration,
+    /// A connection with no I/O for this long is closed gracefully.
+    pub idle_timeout: Duration,
+    /// Largest request head accepted.
+    pub max_header_bytes: usize,
+    /// Connections served at once; further clients wait in the backlog.
+    pub max_connections: usize,
+}
+
+/// What the inbound does when no route matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultPolicy {
+    /// Any verified peer of the local trust domain is allowed.
+    AllowTrustDomain,
+    /// Refused with 403.
+    Deny,
+}
+
+impl DefaultPolicy {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefaultPolicy::AllowTrustDomain => "allow-trust-domain",
+            DefaultPolicy::Deny => "deny",
+        }
+    }
+}
+
+/// Which HTTP version the inbound speaks to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// gRPC (HTTP/2 with `content-type: application/grpc*`) goes out as h2c,
+    /// everything else as HTTP/1.1.
+    Auto,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always HTTP/2 with prior knowledge.
+    H2,
+}
+
+/// One `[[inbound.routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Matches this path and anything below it (segment-aware).
+    pub path_prefix: String,
+    /// Empty: all methods.
+    pub methods: Vec<http::Method>,
+    /// Callers allowed on this route.
+    pub allow: Vec<IdPattern>,
+    /// Whether the route demands a per-request step-up proof.
+    pub step_up: bool,
+}
+
+/// `[inbound.stepup]`, read now so configs validate; consumed by the
+/// step-up verifier.
+#[derive(Debug, Clone)]
+pub struct InboundStepUpConfig {
+    /// Lifetime of an issued nonce.
+    pub nonce_ttl: Duration,
+    /// Allowed skew of a signature's `created`.
+    pub max_clock_skew: Duration,
+    /// Largest body read to check `Content-Digest`.
+    pub max_body: u64,
+    /// Nonces outstanding at once, all peers.
+    pub max_outstanding: usize,
+    /// Nonces outstanding at once for one peer key.
+    pub max_outstanding_per_peer: usize,
+    /// Whether signatures must cover the TLS exporter.
+    pub channel_binding: bool,
+}
+
+impl Default for InboundStepUpConfig {
+    fn default() -> Self {
+        InboundStepUpConfig {
+            nonce_ttl: Duration::from_secs(30),
+            max_clock_skew: Duration::from_secs(60),
+            max_body: 1 << 20,
+            max_outstanding: 100_000,
+            max_outstanding_per_peer: 64,
+            channel_binding: true,
+        }
+    }
+}
+
+/// `[inbound]`.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// Where mutual TLS is terminated.
+    pub listen: SocketAddr,
+    /// The local app, `host:port`.
+    pub app: String,
+    /// Decision when no route matches.
+    pub default_policy: DefaultPolicy,
+    /// HTTP version towards the app.
+    pub app_protocol: AppProtocol,
+    /// Bound on connecting to the app (then 503).
+    pub app_connect_timeout: Duration,
+    /// Idle pooled app connections are closed after this. Short by default:
+    /// apps close idle keep-alive connections too (Node.js after 5 s), and
+    /// reusing one the app is closing fails the request.
+    pub app_pool_idle_timeout: Duration,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Step-up verifier settings.
+    pub stepup: InboundStepUpConfig,
+    /// Connection limits.
+    pub limits: Limits,
+}
+
+/// One `[[outbound.upstreams]]` entry.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Request host (lowercase), or `*`.
+    pub host: String,
+    /// The peer sidecar's inbound, `host:port`.
+    pub address: String,
+    /// Who the peer must prove to be.
+    pub identity: IdPattern,
+}
+
+/// `[outbound]`.
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    /// Plaintext listener for the local app (loopback).
+    pub listen: SocketAddr,
+    /// Host-based upstream table.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// TCP connect bound (then 504).
+    pub connect_timeout: Duration,
+    /// Idle pooled mesh connections are closed after this; kept below the
+    /// peer inbound's `header_read_timeout` (which closes idle HTTP/1
+    /// keep-alive connections) so the pool never picks one being closed.
+    pub pool_idle_timeout: Duration,
+    /// Largest body buffered for a step-up replay.
+    pub stepup_max_body: u64,
+    /// Connection limits for the app-facing listener; `handshake_timeout`
+    /// bounds the mesh-side TLS handshake.
+    pub limits: Limits,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Plaintext admin listener.
+    pub listen: SocketAddr,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; 1 means a current-thread runtime.
+    pub worker_threads: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+fn duration(key: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => keyproof_ca::duration::parse(s).map_err(|e| invalid(key, e)),
+    }
+}
+
+fn socket_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        invalid(
+            key,
+            format!("invalid listen address {s:?}: expected IP:PORT, e.g. 127.0.0.1:15001"),
+        )
+    })
+}
+
+/// `host:port` where host is an IP, a bracketed IPv6 address or a DNS name.
+fn host_port(key: &str, s: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| {
+        invalid(
+            key,
+            format!("invalid address {s:?}: {why}; expected HOST:PORT"),
+        )
+    };
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_owned());
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("missing port"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("port is not a number in 1..65535"))?;
+    let dns_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !dns_ok {
+        return Err(bad("host is neither an IP address nor a DNS name"));
+    }
+    Ok(s.to_owned())
+}
+
+fn limits(
+    prefix: &str,
+    raw: &RawLimits,
+    default_header_read_timeout: Duration,
+) -> Result<Limits, ConfigError> {
+    let max_header_bytes = raw.max_header_bytes.unwrap_or(64 * 1024);
+    if !(8192..=16 << 20).contains(&max_header_bytes) {
+        return Err(invalid(
+            format!("{prefix}.max_header_bytes"),
+            "must be between 8192 and 16777216",
+        ));
+    }
+    let max_connections = raw.max_connections.unwrap_or(10_000);
+    if max_connections == 0 || max_connections > (1 << 24) {
+        return Err(invalid(
+            format!("{prefix}.max_connections"),
+            "must be between 1 and 16777216",
+        ));
+    }
+    let nonzero = |key: &str, v: Option<&String>, d: Duration| -> Result<Duration, ConfigError> {
+        let k = format!("{prefix}.{key}");
+        let v = duration(&k, v, d)?;
+        if v.is_zero() {
+            return Err(invalid(k, "must be greater than zero"));
+        }
+        Ok(v)
+    };
+    Ok(Limits {
+        handshake_timeout: nonzero(
+            "handshake_timeout",
+            raw.handshake_timeout.as_ref(),
+            Duration::from_secs(10),
+        )?,
+        header_read_timeout: nonzero(
+            "header_read_timeout",
+            raw.header_read_timeout.as_ref(),
+            default_header_read_timeout,
+        )?,
+        idle_timeout: nonzero(
+            "idle_timeout",
+            raw.idle_timeout.as_ref(),
+            Duration::from_secs(300),
+        )?,
+        max_header_bytes,
+        max_connections,
+    })
+}
+
+fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
+    let listen = socket_addr("inbound.listen", &raw.listen)?;
+    let app = host_port("inbound.app", &raw.app)?;
+    let default_policy = match raw.default_policy.as_deref() {
+        None | Some("allow-trust-domain") => DefaultPolicy::AllowTrustDomain,
+        Some("deny") => DefaultPolicy::Deny,
+        Some(other) => {
+            return Err(invalid(
+                "inbound.default_policy",
+                format!("unknown policy {other:?}; use \"allow-trust-domain\" or \"deny\""),
+            ))
+        }
+    };
+    let app_protocol = match raw.app_protocol.as_deref() {
+        None | Some("auto") => AppProtocol::Auto,
+        Some("http1") => AppProtocol::Http1,
+        Some("h2") => AppProtocol::H2,
+        Some(other) => {
+            return Err(invalid(
+                "inbound.app_protocol",
+                format!("unknown protocol {other:?}; use \"auto\", \"http1\" or \"h2\""),
+            ))
+        }
+    };
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let key = format!("inbound.routes[{i}]");
+        if !r.path_prefix.starts_with('/') {
+            return Err(invalid(
+                format!("{key}.path_prefix"),
+                format!("{:?} must start with '/'", r.path_prefix),
+            ));
+        }
+        let mut methods = Vec::with_capacity(r.methods.len());
+        for (j, m) in r.methods.iter().enumerate() {
+            let upper = m.to_ascii_uppercase();
+            let method = http::Method::from_bytes(upper.as_bytes())
+                .ok()
+                .filter(|_| !upper.is_empty() && upper.bytes().all(|b| b.is_ascii_alphabetic()))
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{key}.methods[{j}]"),
+                        format!("invalid HTTP method {m:?}"),
+                    )
+                })?;
+            methods.push(method);
+        }
+        let mut allow = Vec::with_capacity(r.allow.len());
+        for (j, a) in r.allow.iter().enumerate() {
+            allow.push(IdPattern::parse(a).map_err(|e| {
+                invalid(
+                    format!("{key}.allow[{j}]"),
+                    format!("invalid SPIFFE ID {a:?}: {e}"),
+                )
+            })?);
+        }
+        routes.push(RouteConfig {
+            path_prefix: r.path_prefix,
+            methods,
+            allow,
+            step_up: r.step_up,
+        });
+    }
+    let mut stepup = InboundStepUpConfig::default();
+    if let Some(s) = raw.stepup {
+        stepup.nonce_ttl = duration(
+            "inbound.stepup.nonce_ttl",
+            s.nonce_ttl.as_ref(),
+            stepup.nonce_ttl,
+        )?;
+        if stepup.nonce_ttl.is_zero() {
+            return Err(invalid(
+                "inbound.stepup.nonce_ttl",
+                "must be greater than zero",
+            ));
+        }
+        stepup.max_clock_skew = duration(
+            "inbound.stepup.max_clock_skew",
+            s.max_clock_skew.as_ref(),
+            stepup.max_clock_skew,
+        )?;
+        stepup.max_body = s.max_body.unwrap_or(stepup.max_body);
+        stepup.max_outstanding = s.max_outstanding.unwrap_or(stepup.max_outstanding);
+        if stepup.max_outstanding == 0 {
+            return Err(invalid(
+                "inbound.stepup.max_outstanding",
+                "must be at least 1",
+            ));
+        }
+        stepup.max_outstanding_per_peer = s
+            .max_outstanding_per_peer
+            .unwrap_or(stepup.max_outstanding_per_peer);
+        if stepup.max_outstanding_per_peer == 0
+            || stepup.max_outstanding_per_peer > stepup.max_outstanding
+        {
+            return Err(invalid(
+                "inbound.stepup.max_outstanding_per_peer",
+                "must be between 1 and max_outstanding",
+            ));
+        }
+        stepup.channel_binding = s.channel_binding.unwrap_or(true);
+    }
+    Ok(InboundConfig {
+        listen,
+        app,
+        default_policy,
+        app_protocol,
+        app_connect_timeout: duration(
+            "inbound.app_connect_timeout",
+            raw.app_connect_timeout.as_ref(),
+            Duration::from_secs(2),
+        )?,
+        app_pool_idle_timeout: duration(
+            "inbound.app_pool_idle_timeout",
+            raw.app_pool_idle_timeout.as_ref(),
+            Duration::from_secs(4),
+        )?,
+        routes,
+        stepup,
+        limits: limits(
+            "inbound",
+            &RawLimits {
+                handshake_timeout: raw.handshake_timeout,
+                header_read_timeout: raw.header_read_timeout,
+                idle_timeout: raw.idle_timeout,
+                max_header_bytes: raw.max_header_bytes,
+                max_connections: raw.max_connections,
+            },
+            Duration::from_secs(30),
+        )?,
+    })
+}
+
+fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
+    let listen = socket_addr("outbound.listen", &raw.listen)?;
+    let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
+    for (i, u) in raw.upstreams.into_iter().enumerate() {
+        let key = format!("outbound.upstreams[{i}]");
+        let host = u.host.trim().to_ascii_lowercase();
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(invalid(
+                format!("{key}.host"),
+                format!("invalid host {:?}", u.host),
+            ));
+        }
+        if upstreams.iter().any(|o| o.host == host) {
+            return Err(invalid(
+                format!("{key}.host"),
+                format!("duplicate host {host:?}"),
+            ));
+        }
+        let address = host_port(&format!("{key}.address"), &u.address)?;
+        let identity = IdPattern::parse(&u.identity).map_err(|e| {
+            invalid(
+                format!("{key}.identity"),
+                format!("invalid SPIFFE ID {:?}: {e}", u.identity),
+            )
+        })?;
+        upstreams.push(UpstreamConfig {
+            host,
+            address,
+            identity,
+        });
+    }
+    Ok(OutboundConfig {
+        listen,
+        upstreams,
+        connect_timeout: duration(
+            "outbound.connect_timeout",
+            raw.connect_timeout.as_ref(),
+            Duration::from_secs(5),
+        )?,
+        pool_idle_timeout: duration(
+            "outbound.pool_idle_timeout",
+            raw.pool_idle_timeout.as_ref(),
+            Duration::from_secs(15),
+        )?,
+        stepup_max_body: raw.stepup.and_then(|s| s.max_body).unwrap_or(1 << 20),
+        // The app's own pool decides when its idle connections go (Go:
+        // 90 s); closing them first races its next request, so the loopback
+        // listener waits longer than common client idle timeouts.
+        limits: limits(
+            "outbound",
+            &RawLimits {
+                handshake_timeout: raw.handshake_timeout,
+                header_read_timeout: raw.header_read_timeout,
+                idle_timeout: raw.idle_timeout,
+                max_header_bytes: raw.max_header_bytes,
+                max_connections: raw.max_connections,
+            },
+            Duration::from_secs(120),
+        )?,
+    })
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Validates configuration text. Files it names are checked later, when
+    /// the identity is loaded.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let files = raw.identity.files.ok_or_else(|| {
+            invalid(
+                "identity.files",
+                "missing: set identity.files.cert and identity.files.key",
+            )
+        })?;
+        let identity = IdentityConfig {
+            trust_bundle: raw.identity.trust_bundle,
+            cert: files.cert,
+            key: files.key,
+        };
+        let inbound = raw.inbound.map(inbound).transpose()?;
+        let outbound = raw.outbound.map(outbound).transpose()?;
+        if inbound.is_none() && outbound.is_none() {
+            return Err(invalid(
+                "inbound",
+                "neither [inbound] nor [outbound] is configured; nothing to do",
+            ));
+        }
+        let admin = raw
+            .admin
+            .map(|a| socket_addr("admin.listen", &a.listen).map(|listen| AdminConfig { listen }))
+            .transpose()?;
+        let worker_threads = raw.runtime.worker_threads.unwrap_or(1);
+        if worker_threads == 0 || worker_threads > 1024 {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "must be between 1 and 1024",
+            ));
+        }
+        let log_format = match raw.runtime.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "runtime.log_format",
+                    format!("unknown format {other:?}; use \"text\" or \"json\""),
+                ))
+            }
+        };
+        let runtime = RuntimeConfig {
+            worker_threads,
+            log_format,
+            shutdown_grace: duration(
+                "runtime.shutdown_grace",
+                raw.runtime.shutdown_grace.as_ref(),
+                Duration::from_secs(30),
+            )?,
+        };
+        Ok(Config {
+            identity,
+            inbound,
+            outbound,
+            admin,
+            runtime,
+        })
+    }
+
+    /// A short human explanation of what this configuration does, printed
+    /// by `check-config`.
+    pub fn explain(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "identity: cert {} key {} trust bundle {}",
+            self.identity.cert.display(),
+            self.identity.key.display(),
+            self.identity.trust_bundle.display()
+        );
+        if let Some(i) = &self.inbound {
+            let _ = writeln!(
+                s,
+                "inbound: mutual TLS on {} -> app {} (default policy {})",
+                i.listen,
+                i.app,
+                i.default_policy.as_str()
+            );
+            for r in &i.routes {
+                let methods = if r.methods.is_empty() {
+                    "any method".to_owned()
+                } else {
+                    r.methods
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                let allow = r
+                    .allow
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let _ = writeln!(
+                    s,
+                    "  route {} ({methods}): allow [{allow}]{}",
+                    r.path_prefix,
+                    if r.step_up { ", step-up required" } else { "" }
+                );
+            }
+        }
+        if let Some(o) = &self.outbound {
+            let _ = writeln!(s, "outbound: plaintext on {}", o.listen);
+            for u in &o.upstreams {
+                let _ = writeln!(
+                    s,
+                    "  host {} -> {} expecting {}",
+                    u.host, u.address, u.identity
+                );
+            }
+        }
+        if let Some(a) = &self.admin {
+            let _ = writeln!(s, "admin: http://{}/metrics", a.listen);
+        }
+        let _ = writeln!(
+            s,
+            "runtime: {} worker thread(s)",
+            self.runtime.worker_threads
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.files]\ncert = \"c\"\nkey = \"k\"\n";
+
+    #[test]
+    fn names_bad_keys() {
+        let bad_allow = format!(
+            "{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n[[inbound.routes]]\npath_prefix = \"/a\"\n[[inbound.routes]]\npath_prefix = \"/b\"\nallow = [\"http://x\"]\n"
+        );
+        let e = Config::parse(&bad_allow).unwrap_err().to_string();
+        assert!(
+            e.starts_with("inbound.routes[1].allow[0]: invalid SPIFFE ID"),
+            "{e}"
+        );
+        let unknown = format!(
+            "{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\nbogus = 1\n"
+        );
+        let e = Config::parse(&unknown).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let addr = format!("{BASE}[outbound]\nlisten = \"nope\"\n");
+        let e = Config::parse(&addr).unwrap_err().to_string();
+        assert!(e.starts_with("outbound.listen:"), "{e}");
+        let to =
+            format!("{BASE}[outbound]\nlisten = \"127.0.0.1:1\"\nhandshake_timeout = \"10\"\n");
+        let e = Config::parse(&to).unwrap_err().to_string();
+        assert!(e.starts_with("outbound.handshake_timeout:"), "{e}");
+    }
+
+    #[test]
+    fn accepts_stepup_keys() {
+        let c = format!(
+            "{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"localhost:2\"\n[[inbound.routes]]\npath_prefix = \"/admin\"\nmethods = [\"post\"]\nallow = [\"spiffe://td/ns/ops/*\"]\nstep_up = true\n[inbound.stepup]\nnonce_ttl = \"10s\"\nmax_clock_skew = \"30s\"\nmax_body = 1024\nmax_outstanding = 10\nmax_outstanding_per_peer = 2\nchannel_binding = false\n[outbound]\nlisten = \"127.0.0.1:3\"\n[outbound.stepup]\nmax_body = 5\n"
+        );
+        let cfg = Config::parse(&c).unwrap();
+        let i = cfg.inbound.unwrap();
+        assert!(i.routes[0].step_up);
+        assert_eq!(i.routes[0].methods, vec![http::Method::POST]);
+        assert_eq!(i.stepup.nonce_ttl, Duration::from_secs(10));
+        assert_eq!(cfg.outbound.unwrap().stepup_max_body, 5);
+    }
+}

@@ -1,0 +1,395 @@
+//! The inbound side: terminate mutual TLS, authorize by route, set
+//! `x-forwarded-client-cert`, and forward to the app over pooled plaintext
+//! connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use http::uri::{Authority, Scheme};
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::{strip_hop_by_hop, text, ProxyBody};
+use crate::config::{AppProtocol, InboundConfig};
+use crate::identity::{self, IdentityStore, PeerIdentity};
+use crate::metrics::DirectionMetrics;
+use crate::policy::{Decision, Policy};
+use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
+use crate::stepup::{InboundConn, InboundStepUp};
+
+static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static("x-keyproof-step-up");
+
+/// Everything the inbound needs, shared by all its connections.
+pub struct Inbound {
+    store: Arc<IdentityStore>,
+    acceptor: TlsAcceptor,
+    policy: Policy,
+    stepup: InboundStepUp,
+    need_exporter: bool,
+    app: AppClient,
+    metrics: DirectionMetrics,
+    builders: Builders,
+    cfg: InboundConfig,
+}
+
+struct AppClient {
+    h1: Client<HttpConnector, ProxyBody>,
+    h2: AppH2,
+    authority: Authority,
+    protocol: AppProtocol,
+}
+
+/// One multiplexed h2c connection to the app, re-dialled when it closes.
+/// Hand-rolled rather than the pooled client so that the caller's
+/// `:authority` reaches the app unchanged (the pool would put the app's
+/// address there).
+struct AppH2 {
+    addr: String,
+    connect_timeout: std::time::Duration,
+    current: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl AppH2 {
+    async fn sender(&self) -> Result<http2::SendRequest<ProxyBody>, String> {
+        if let Some(s) = self.current.load().as_ref() {
+            if !s.is_closed() {
+                return Ok((**s).clone());
+            }
+        }
+        let _g = self.dialing.lock().await;
+        if let Some(s) = self.current.load().as_ref() {
+            if !s.is_closed() {
+                return Ok((**s).clone());
+            }
+        }
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.current.store(Some(Arc::new(send.clone())));
+        Ok(send)
+    }
+}
+
+/// A failure to build the inbound.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// rustls refused the configuration.
+    #[error("inbound TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// `inbound.app` is not a valid URI authority.
+    #[error("inbound.app: {0}")]
+    App(String),
+}
+
+impl Inbound {
+    /// Builds the inbound from its configuration.
+    pub fn new(
+        cfg: &InboundConfig,
+        store: Arc<IdentityStore>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Arc<Inbound>, InboundError> {
+        let tls = identity::server_config(&store)?;
+        let policy = Policy::new(&cfg.routes, cfg.default_policy, metrics);
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(cfg.app_connect_timeout));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.app_pool_idle_timeout)
+            .set_host(false)
+            .build(conn.clone());
+        let h2 = AppH2 {
+            addr: cfg.app.clone(),
+            connect_timeout: cfg.app_connect_timeout,
+            current: ArcSwapOption::empty(),
+            dialing: tokio::sync::Mutex::new(()),
+        };
+        let authority: Authority = cfg
+            .app
+            .parse()
+            .map_err(|e| InboundError::App(format!("{e}")))?;
+        Ok(Arc::new(Inbound {
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            need_exporter: policy.any_step_up(),
+            policy,
+            stepup: InboundStepUp::new(cfg.stepup.clone()),
+            app: AppClient {
+                h1,
+                h2,
+                authority,
+                protocol: cfg.app_protocol,
+            },
+            metrics: metrics.inbound.clone(),
+            builders: Builders::new(&cfg.limits),
+            store,
+            cfg: cfg.clone(),
+        }))
+    }
+
+    /// Handles one accepted TCP connection: handshake (bounded), then HTTP.
+    pub async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        guards: ConnGuards,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let _guards = guards;
+        let open = self.metrics.connections_open.clone();
+        open.inc();
+        let _open = scopeguard(move || open.dec());
+        let activity = Arc::new(AtomicU64::new(0));
+        let io = ActivityIo::new(tcp, activity.clone());
+        let tls = match tokio::time::timeout(
+            self.cfg.limits.handshake_timeout,
+            self.acceptor.accept(io),
+        )
+        .await
+        {
+            Err(_) => {
+                self.metrics.handshake("timeout");
+                tracing::warn!(peer = %remote, reason = "timeout", "inbound TLS handshake refused: no handshake within {:?}", self.cfg.limits.handshake_timeout);
+                return;
+            }
+            Ok(Err(e)) => {
+                let f = identity::classify(&e);
+                self.metrics.handshake(f.reason);
+                tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
+                return;
+            }
+            Ok(Ok(tls)) => tls,
+        };
+        let (_, session) = tls.get_ref();
+        let Some(peer) = PeerIdentity::from_certs(session.peer_certificates()) else {
+            self.metrics.handshake("bad_identity");
+            tracing::warn!(peer = %remote, reason = "bad_identity", "inbound peer certificate unreadable after verification");
+            return;
+        };
+        self.metrics.handshake("ok");
+        let proto = match session.alpn_protocol() {
+            Some(b"h2") => Proto::H2,
+            Some(b"http/1.1") => Proto::Http1,
+            _ => Proto::Detect,
+        };
+        let exporter = if self.need_exporter {
+            let mut out = [0u8; 32];
+            let ok = session
+                .export_keying_material(&mut out, b"EXPORTER-Channel-Binding", Some(b""))
+                .is_ok();
+            ok.then_some(out)
+        } else {
+            None
+        };
+        let own = self.store.current();
+        let xfcc = format!(
+            "By={};Hash={};URI={}",
+            own.id,
+            hex::encode(peer.cert_sha256),
+            peer.id
+        );
+        let Ok(xfcc) = HeaderValue::from_str(&xfcc) else {
+            return;
+        };
+        tracing::debug!(peer = %remote, peer_id = %peer.id, "inbound connection");
+        let conn = Arc::new(InboundConn {
+            peer,
+            remote,
+            exporter,
+            xfcc,
+        });
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(this.request(req, &conn).await) }
+        });
+        let idle = self.cfg.limits.idle_timeout;
+        if let Err(e) =
+            server::serve(&self.builders, proto, tls, activity, idle, svc, shutdown).await
+        {
+            tracing::debug!(peer = %remote, error = %e, "inbound connection ended with an error");
+        }
+    }
+
+    async fn request(&self, req: Request<Incoming>, conn: &InboundConn) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let resp = self.route(req, conn).await;
+        self.metrics
+            .request(resp.status(), start.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn route(&self, req: Request<Incoming>, conn: &InboundConn) -> Response<ProxyBody> {
+        if req.method() == http::Method::CONNECT {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        }
+        let route = match self
+            .policy
+            .decide(req.method(), req.uri().path(), &conn.peer.id)
+        {
+            Decision::Allow(r) => r,
+            Decision::Deny(msg) => {
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
+                crate::body::discard(req.into_body()).await;
+                return text(StatusCode::FORBIDDEN, msg);
+            }
+        };
+        let (mut parts, body) = req.into_parts();
+        // Identity headers from the network are never trusted: remove every
+        // copy before the proxy sets its own.
+        parts.headers.remove(&XFCC);
+        parts.headers.remove(&STEP_UP_VERIFIED);
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
+        let mut req = Request::from_parts(parts, ProxyBody::Stream(body));
+        if let Some(r) = route.filter(|r| r.step_up) {
+            req = match self.stepup.verify(req, conn, r).await {
+                Ok(req) => req,
+                Err(resp) => return resp,
+            };
+            let mut resp = self.forward(req).await;
+            self.stepup.on_response(&mut resp, conn, r);
+            return resp;
+        }
+        self.forward(req).await
+    }
+
+    async fn forward(&self, req: Request<ProxyBody>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let use_h2 = match self.app.protocol {
+            // gRPC needs HTTP/2 end to end (trailers, streams); anything else
+            // reaches the app as HTTP/1.1, which every app speaks, so a
+            // browser or curl negotiating h2 works against HTTP/1-only apps.
+            AppProtocol::Auto => {
+                parts.version == Version::HTTP_2
+                    && parts
+                        .headers
+                        .get(header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+            }
+            AppProtocol::Http1 => false,
+            AppProtocol::H2 => true,
+        };
+        if !use_h2 && !parts.headers.contains_key(header::HOST) {
+            // An HTTP/2 caller's :authority becomes the app's Host.
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        // HTTP/1.1 goes out in origin-form (Host carries the name); HTTP/2
+        // keeps the caller's :authority.
+        uri.authority = Some(match parts.uri.authority() {
+            Some(a) if use_h2 => a.clone(),
+            _ => self.app.authority.clone(),
+        });
+        uri.path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        parts.uri = match Uri::from_parts(uri) {
+            Ok(u) => u,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad request target: {e}\n"),
+                )
+            }
+        };
+        parts.version = if use_h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let req = Request::from_parts(parts, body);
+        let sent = if use_h2 {
+            match self.app.h2.sender().await {
+                Ok(mut s) => s.send_request(req).await.map_err(|e| {
+                    let cause = root_cause(&e);
+                    tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");
+                    text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("app request failed: {}: {cause}\n", self.cfg.app),
+                    )
+                }),
+                Err(cause) => {
+                    tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
+                    Err(text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("app unavailable: {}: {cause}\n", self.cfg.app),
+                    ))
+                }
+            }
+        } else {
+            self.app.h1.request(req).await.map_err(|e| {
+                let cause = root_cause(&e);
+                if e.is_connect() {
+                    tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("app unavailable: {}: {cause}\n", self.cfg.app),
+                    )
+                } else {
+                    tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");
+                    text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("app request failed: {}: {cause}\n", self.cfg.app),
+                    )
+                }
+            })
+        };
+        match sent {
+            Ok(resp) => resp.map(ProxyBody::Stream),
+            Err(resp) => resp,
+        }
+    }
+}
+
+/// The innermost error's message (what actually went wrong).
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Runs `f` on drop.
+pub(crate) fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,185 @@
+//! One Prometheus registry per proxy instance, with the label children the
+//! hot path needs resolved up front (a `with_label_values` lookup takes a
+//! lock and hashes the labels; a pre-resolved child is a single atomic add).
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every `result` label of `keyproof_tls_handshakes_total`.
+pub const HANDSHAKE_RESULTS: [&str; 9] = [
+    "ok",
+    "no_client_cert",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "bad_identity",
+    "identity_mismatch",
+    "protocol",
+    "timeout",
+];
+
+/// Traffic direction label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Callers into the local app.
+    Inbound,
+    /// The local app calling out.
+    Outbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Pre-resolved per-direction children.
+#[derive(Clone)]
+pub struct DirectionMetrics {
+    handshakes: [IntCounter; HANDSHAKE_RESULTS.len()],
+    /// `keyproof_connections_open{direction}`.
+    pub connections_open: IntGauge,
+    codes: [IntCounter; 5],
+    /// `keyproof_request_duration_seconds{direction}`.
+    pub duration: Histogram,
+}
+
+impl DirectionMetrics {
+    /// Counts one handshake outcome; `result` must be one of
+    /// [`HANDSHAKE_RESULTS`] (anything else is counted as `protocol`).
+    pub fn handshake(&self, result: &str) {
+        let i = HANDSHAKE_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(7);
+        self.handshakes[i].inc();
+    }
+
+    /// Counts a finished request by status class and records its duration.
+    pub fn request(&self, status: http::StatusCode, seconds: f64) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.codes[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+/// The proxy's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Inbound children.
+    pub inbound: DirectionMetrics,
+    /// Outbound children.
+    pub outbound: DirectionMetrics,
+    authz_denied: IntCounterVec,
+    /// `keyproof_identity_cert_expiry_timestamp_seconds`.
+    pub cert_expiry: Gauge,
+}
+
+const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "keyproof_tls_handshakes_total",
+                "TLS handshakes by direction and result.",
+            ),
+            &["direction", "result"],
+        )?;
+        let open = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_connections_open",
+                "Connections currently open, by direction.",
+            ),
+            &["direction"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "keyproof_requests_total",
+                "Requests answered, by direction and status class.",
+            ),
+            &["direction", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "keyproof_request_duration_seconds",
+                "Time from request head to response head, by direction.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["direction"],
+        )?;
+        let authz_denied = IntCounterVec::new(
+            Opts::new(
+                "keyproof_authz_denied_total",
+                "Inbound requests refused by route policy, by route path_prefix (or default).",
+            ),
+            &["route"],
+        )?;
+        let cert_expiry = Gauge::new(
+            "keyproof_identity_cert_expiry_timestamp_seconds",
+            "notAfter of the workload certificate in use, seconds since the epoch.",
+        )?;
+        registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(authz_denied.clone()))?;
+        registry.register(Box::new(cert_expiry.clone()))?;
+        let dir = |d: Direction| DirectionMetrics {
+            handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
+            connections_open: open.with_label_values(&[d.as_str()]),
+            codes: CODES.map(|c| requests.with_label_values(&[d.as_str(), c])),
+            duration: duration.with_label_values(&[d.as_str()]),
+        };
+        Ok(Metrics {
+            inbound: dir(Direction::Inbound),
+            outbound: dir(Direction::Outbound),
+            registry,
+            authz_denied,
+            cert_expiry,
+        })
+    }
+
+    /// Children for one direction.
+    pub fn direction(&self, d: Direction) -> &DirectionMetrics {
+        match d {
+            Direction::Inbound => &self.inbound,
+            Direction::Outbound => &self.outbound,
+        }
+    }
+
+    /// A child of `keyproof_authz_denied_total`, resolved once per route at
+    /// startup.
+    pub fn authz_denied(&self, route: &str) -> IntCounter {
+        self.authz_denied.with_label_values(&[route])
+    }
+
+    /// Registers an extra collector (the step-up verifier's metrics).
+    pub fn register(
+        &self,
+        c: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(c)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8192);
+        // Encoding into a Vec cannot fail on I/O; a collector error would
+        // only drop that family.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}

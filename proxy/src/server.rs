@@ -1,0 +1,305 @@
+//! What the inbound and outbound listeners share: binding, an accept loop
+//! with backpressure, connection tracking for drain, and serving one HTTP
+//! connection with idle and shutdown handling.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Limits;
+
+/// Binds a listener with a deep backlog (excess clients wait there when
+/// `max_connections` is reached, rather than being refused).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}
+
+/// Resolves once the shutdown flag is set (immediately if it already is).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it before returning.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Counts live connection tasks so that shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a connection task; its drop marks the connection finished.
+#[derive(Debug)]
+pub struct TrackGuard(Arc<Tracker>);
+
+impl Tracker {
+    /// Registers a connection.
+    pub fn track(self: &Arc<Self>) -> TrackGuard {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        TrackGuard(self.clone())
+    }
+
+    /// Resolves once no connection is live.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What a connection task holds for its whole life.
+#[derive(Debug)]
+pub struct ConnGuards {
+    _permit: OwnedSemaphorePermit,
+    _track: TrackGuard,
+}
+
+/// Accepts until shutdown. A permit is taken *before* `accept`, so at the
+/// connection limit the proxy simply stops accepting and the kernel backlog
+/// applies backpressure, instead of accepting and then dropping.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    tracker: Arc<Tracker>,
+    mut shutdown: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(TcpStream, SocketAddr, ConnGuards) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let sem = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopped(&mut shutdown) => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped(&mut shutdown) => return,
+        };
+        match accepted {
+            Ok((tcp, remote)) => {
+                // Small request/response exchanges must not wait for Nagle.
+                let _ = tcp.set_nodelay(true);
+                let guards = ConnGuards {
+                    _permit: permit,
+                    _track: tracker.track(),
+                };
+                tokio::spawn(handler(tcp, remote, guards));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Counts I/O on a connection so a watchdog can tell it is idle without a
+/// clock read per syscall.
+pub struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<AtomicU64>,
+}
+
+impl<T> ActivityIo<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, activity: Arc<AtomicU64>) -> Self {
+        ActivityIo { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            self.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves after a full `idle` period with no I/O (so between one and two
+/// periods after the last byte).
+async fn idle_watch(activity: Arc<AtomicU64>, idle: Duration) {
+    let mut seen = activity.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(idle).await;
+        let now = activity.load(Ordering::Relaxed);
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
+/// Which server builder a connection gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// ALPN said http/1.1.
+    Http1,
+    /// ALPN said h2.
+    H2,
+    /// Unknown: detect from the first bytes (h2 prior knowledge or HTTP/1).
+    Detect,
+}
+
+/// The three server builders, configured once from the listener's limits.
+pub struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+    detect: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    /// Builders enforcing `limits`.
+    pub fn new(limits: &Limits) -> Builders {
+        let make = |which: Proto| {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .keep_alive(true);
+            b.http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .max_concurrent_streams(1000)
+                .keep_alive_interval(Some(Duration::from_secs(60)))
+                .keep_alive_timeout(Duration::from_secs(20));
+            match which {
+                Proto::Http1 => b.http1_only(),
+                Proto::H2 => b.http2_only(),
+                Proto::Detect => b,
+            }
+        };
+        Builders {
+            http1: make(Proto::Http1),
+            h2: make(Proto::H2),
+            detect: make(Proto::Detect),
+        }
+    }
+
+    fn get(&self, p: Proto) -> &auto::Builder<TokioExecutor> {
+        match p {
+            Proto::Http1 => &self.http1,
+            Proto::H2 => &self.h2,
+            Proto::Detect => &self.detect,
+        }
+    }
+}
+
+/// Serves HTTP on one connection until the peer is done, the connection is
+/// idle for `idle`, or shutdown starts. Idle and shutdown are both graceful:
+/// an in-flight request still completes.
+pub async fn serve<I, S, B>(
+    builders: &Builders,
+    proto: Proto,
+    io: I,
+    activity: Arc<AtomicU64>,
+    idle: Duration,
+    svc: S,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builders.get(proto).serve_connection(TokioIo::new(io), svc);
+    let mut conn = pin!(conn);
+    let mut idle_fut = pin!(idle_watch(activity, idle));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stopped(&mut shutdown), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut idle_fut, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Noticing that identity files changed.
+//!
+//! Kubernetes updates a Secret volume by writing a new timestamped directory
+//! and atomically renaming the `..data` symlink to point at it; the visible
+//! files are symlinks through `..data`. Watching the files themselves would
+//! miss that (the inode watched never changes), so the *directories* that
+//! hold them are watched, and any event there means "look again". Events are
+//! coalesced, and a periodic tick covers file systems where inotify is not
+//! delivered (some network and overlay mounts). The consumer decides whether
+//! anything really changed by comparing contents.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::watch;
+
+/// How long to wait for a burst of events (a Secret update is several) to end.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// A running watch; dropping it stops the notifications.
+pub struct FileWatch {
+    _watcher: Option<notify::RecommendedWatcher>,
+    rx: watch::Receiver<u64>,
+    _ticker: tokio::task::JoinHandle<()>,
+}
+
+impl FileWatch {
+    /// Watches the directories holding `files`, and ticks every `interval`
+    /// regardless. Watch failures are logged, not fatal: the periodic
+    /// re-read still works.
+    pub fn start(files: &[&Path], interval: Duration) -> FileWatch {
+        let (tx, rx) = watch::channel(0u64);
+        let (raw_tx, mut raw_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let dirs: BTreeSet<PathBuf> = files
+            .iter()
+            .map(|f| match f.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = raw_tx.send(());
+            }
+        })
+        .and_then(|mut w| {
+            for d in &dirs {
+                w.watch(d, RecursiveMode::NonRecursive)?;
+            }
+            Ok(w)
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch identity files; relying on the periodic re-read");
+                None
+            }
+        };
+        let ticker = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut generation = 0u64;
+            loop {
+                tokio::select! {
+                    got = raw_rx.recv() => {
+                        if got.is_none() {
+                            // The watcher is gone; keep ticking.
+                            tick.tick().await;
+                        } else {
+                            tokio::time::sleep(SETTLE).await;
+                            while raw_rx.try_recv().is_ok() {}
+                        }
+                    }
+                    _ = tick.tick() => {}
+                }
+                generation += 1;
+                if tx.send(generation).is_err() {
+                    return;
+                }
+            }
+        });
+        FileWatch {
+            _watcher: watcher,
+            rx,
+            _ticker: ticker,
+        }
+    }
+
+    /// Waits until something may have changed.
+    pub async fn changed(&mut self) {
+        // The sender lives as long as the ticker task, which lives as long
+        // as `self`; an error would mean it ended, so just stop waiting.
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

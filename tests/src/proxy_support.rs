@@ -1,0 +1,384 @@
+//! Helpers for the `keyproof-proxy` end-to-end tests: a throwaway trust
+//! domain made with the `keyproof-ca` library (plus hand-crafted bad
+//! certificates), an echo app, and the real proxy binary as a child process.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use keyproof_ca::ca::InitOptions;
+use keyproof_ca::csr::SubjectKey;
+use keyproof_ca::issue::IssueRequest;
+use keyproof_ca::keys::{self, KeyType};
+use keyproof_ca::{Ca, SpiffeId, TrustDomain};
+
+/// A throwaway trust domain in a temp dir.
+pub struct Pki {
+    /// Keeps the directory alive.
+    pub tmp: tempfile::TempDir,
+    /// The CA.
+    pub ca: Ca,
+    /// Trust domain name.
+    pub td: String,
+    /// `bundle.pem` written for the proxy.
+    pub bundle: PathBuf,
+}
+
+/// A certificate chain and key on disk.
+#[derive(Clone, Debug)]
+pub struct Cert {
+    /// PEM chain (leaf, intermediate).
+    pub crt: PathBuf,
+    /// PEM PKCS#8 key.
+    pub key: PathBuf,
+    /// The leaf DER.
+    pub leaf: Vec<u8>,
+}
+
+impl Pki {
+    /// A new CA for `td`.
+    pub fn new(td: &str) -> Pki {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::init(
+            &tmp.path().join("ca"),
+            &InitOptions {
+                trust_domain: TrustDomain::parse(td).expect("trust domain"),
+                key_type: KeyType::EcdsaP256,
+                root_ttl: Duration::from_secs(86_400),
+                intermediate_ttl: Duration::from_secs(86_400),
+            },
+        )
+        .expect("ca init");
+        let bundle = tmp.path().join("bundle.pem");
+        std::fs::write(&bundle, ca.bundle_pem()).expect("write bundle");
+        Pki {
+            tmp,
+            ca,
+            td: td.to_owned(),
+            bundle,
+        }
+    }
+
+    /// A path in the temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// The full SPIFFE ID for a path.
+    pub fn id(&self, path: &str) -> String {
+        format!("spiffe://{}{path}", self.td)
+    }
+
+    /// Issues a normal SVID (with DNS SAN `localhost`, so curl can check the
+    /// server name) through the CA library.
+    pub fn issue(&self, name: &str, path: &str) -> Cert {
+        let kt = KeyType::EcdsaP256;
+        let kp = kt.generate().expect("keygen");
+        let issued = self
+            .ca
+            .issue(
+                &IssueRequest {
+                    spiffe_id: SpiffeId::parse(&self.id(path)).expect("id"),
+                    key: SubjectKey::from_key_pair(&kp, kt),
+                    ttl: Duration::from_secs(3600),
+                    dns: vec!["localhost".into()],
+                },
+                "proxy tests",
+            )
+            .expect("issue");
+        let crt = self.path(&format!("{name}.crt"));
+        let key = self.path(&format!("{name}.key"));
+        std::fs::write(&crt, issued.chain_pem()).expect("write crt");
+        std::fs::write(&key, kp.serialize_pem()).expect("write key");
+        Cert {
+            crt,
+            key,
+            leaf: issued.leaf.to_vec(),
+        }
+    }
+
+    /// A leaf signed by this CA's intermediate with arbitrary URI SANs and
+    /// validity (offsets from now, in seconds): for certificates the CA
+    /// itself would refuse to issue.
+    pub fn craft(&self, name: &str, uris: &[&str], not_before: i64, not_after: i64) -> Cert {
+        let dir = self.tmp.path().join("ca");
+        let int_pem = std::fs::read(dir.join("intermediate.crt")).expect("intermediate.crt");
+        let int_der = keys::certs_from_pem(&int_pem).expect("int pem").remove(0);
+        let int_key = rcgen::KeyPair::from_pem(
+            &std::fs::read_to_string(dir.join("intermediate.key")).expect("intermediate.key"),
+        )
+        .expect("int key");
+        let issuer = rcgen::Issuer::from_ca_cert_der(&int_der, int_key).expect("issuer");
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+        let mut p = rcgen::CertificateParams::default();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::seconds(not_before);
+        p.not_after = now + time::Duration::seconds(not_after);
+        p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        for u in uris {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI((*u).try_into().expect("uri")));
+        }
+        p.subject_alt_names.push(rcgen::SanType::DnsName(
+            "localhost".try_into().expect("dns"),
+        ));
+        let leaf = p.signed_by(&kp, &issuer).expect("sign");
+        let crt = self.path(&format!("{name}.crt"));
+        let key = self.path(&format!("{name}.key"));
+        std::fs::write(&crt, keys::cert_pem(leaf.der()) + &keys::cert_pem(&int_der))
+            .expect("write crt");
+        std::fs::write(&key, kp.serialize_pem()).expect("write key");
+        Cert {
+            crt,
+            key,
+            leaf: leaf.der().to_vec(),
+        }
+    }
+}
+
+/// Hex SHA-256 of a DER blob.
+pub fn sha256_hex(der: &[u8]) -> String {
+    keys::fingerprint(der)
+}
+
+/// A tiny HTTP/1.1 + h2c app echoing what it received: the first line is
+/// `METHOD PATH VERSION`, then `:authority: A` for HTTP/2, then one `name: value` line per header, then
+/// `body-bytes: N`. `/slow` answers after two seconds.
+pub struct EchoApp {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    _rt: std::sync::Arc<tokio::runtime::Runtime>,
+}
+
+async fn echo(
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    let mut out = format!(
+        "{} {} {:?}\n",
+        req.method(),
+        req.uri().path(),
+        req.version()
+    );
+    if let Some(a) = req.uri().authority() {
+        out.push_str(&format!(":authority: {a}\n"));
+    }
+    for (k, v) in req.headers() {
+        out.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+    }
+    let slow = req.uri().path() == "/slow";
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    out.push_str(&format!("body-bytes: {}\n", body.len()));
+    if slow {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        out.push_str("slow done\n");
+    }
+    Ok(http::Response::new(Full::new(Bytes::from(out))))
+}
+
+impl EchoApp {
+    /// Starts the app on a free loopback port, on its own runtime thread.
+    pub fn start() -> EchoApp {
+        let rt = std::sync::Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime"),
+        );
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind app");
+        let addr = listener.local_addr().expect("addr");
+        rt.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tcp),
+                        hyper::service::service_fn(echo),
+                    )
+                    .await;
+                });
+            }
+        });
+        EchoApp { addr, _rt: rt }
+    }
+}
+
+/// A running `keyproof-proxy run` child process.
+pub struct ProxyProc {
+    child: Child,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// The log file (stderr and stdout).
+    pub log: PathBuf,
+}
+
+/// A minimal HTTP/1.0 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+impl ProxyProc {
+    /// Writes `config` into `dir` and starts the proxy; waits for `/ready`.
+    pub fn start(dir: &Path, name: &str, config: &str, admin: SocketAddr) -> ProxyProc {
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, config).expect("write config");
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(crate::bin("keyproof-proxy"))
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn keyproof-proxy");
+        let mut p = ProxyProc { child, admin, log };
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!(
+                    "keyproof-proxy {name} exited early with {st}:\n{}",
+                    p.log_text()
+                );
+            }
+            if matches!(http_get(admin, "/ready"), Ok((200, _))) {
+                return p;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!(
+                    "keyproof-proxy {name} never became ready:\n{}",
+                    p.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/metrics` text.
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").expect("GET /metrics").1
+    }
+
+    /// The value of one sample, e.g.
+    /// `keyproof_tls_handshakes_total{direction="inbound",result="ok"}`;
+    /// 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (up to 5 s) for a sample to reach at least `min`; returns it.
+    pub fn wait_metric(&self, sample: &str, min: f64) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(sample);
+            if v >= min || start.elapsed() > Duration::from_secs(5) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for exit (up to `timeout`).
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `[identity]` section for a certificate.
+pub fn identity_toml(bundle: &Path, cert: &Cert) -> String {
+    format!(
+        "[identity]\ntrust_bundle = {:?}\n[identity.files]\ncert = {:?}\nkey = {:?}\n",
+        bundle.display().to_string(),
+        cert.crt.display().to_string(),
+        cert.key.display().to_string()
+    )
+}
+
+/// Runs curl with `args`, returning (HTTP status, body, curl exit code).
+/// Status is 0 when no HTTP response arrived.
+pub fn curl(args: &[&str]) -> (u16, String, i32) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "15", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        code.trim().parse().unwrap_or(0),
+        body.to_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}

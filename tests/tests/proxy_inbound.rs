@@ -1,0 +1,414 @@
+//! The inbound sidecar against real clients (curl, openssl s_client):
+//! mutual TLS, refusals counted by reason, x-forwarded-client-cert, route
+//! policy, fail-closed step-up, app down.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyproof_tests::proxy_support::*;
+use keyproof_tests::{free_port, have};
+
+const TD: &str = "prod.test";
+
+struct Setup {
+    pki: Pki,
+    app: EchoApp,
+    proxy: ProxyProc,
+    port: u16,
+    web: Cert,
+}
+
+fn setup(extra_bundle: Option<&Pki>, routes: &str, app: Option<SocketAddr>) -> Setup {
+    let pki = Pki::new(TD);
+    let echo = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let mut bundle = pki.bundle.clone();
+    if let Some(other) = extra_bundle {
+        // Federation-like bundle: trust another domain's root too, so its
+        // certificates chain and only the trust-domain check can refuse them.
+        bundle = pki.path("bundle-plus.pem");
+        let mut pem = std::fs::read(&pki.bundle).unwrap();
+        pem.extend(std::fs::read(&other.bundle).unwrap());
+        std::fs::write(&bundle, pem).unwrap();
+    }
+    let port = free_port();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let app = app.unwrap_or(echo.addr);
+    let cfg = format!(
+        "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{app}\"\nhandshake_timeout = \"2s\"\n{routes}\n[admin]\nlisten = \"{admin}\"\n",
+        identity_toml(&bundle, &server)
+    );
+    let proxy = ProxyProc::start(pki.tmp.path(), "inbound", &cfg, admin);
+    Setup {
+        pki,
+        app: echo,
+        proxy,
+        port,
+        web,
+    }
+}
+
+impl Setup {
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+    fn resolve(&self) -> String {
+        format!("localhost:{}:127.0.0.1", self.port)
+    }
+    fn curl_as(&self, cert: &Cert, extra: &[&str], path: &str) -> (u16, String, i32) {
+        let (crt, key, ca) = (
+            cert.crt.display().to_string(),
+            cert.key.display().to_string(),
+            self.pki.bundle.display().to_string(),
+        );
+        let resolve = self.resolve();
+        let url = self.url(path);
+        let mut args = vec![
+            "--cert",
+            &crt,
+            "--key",
+            &key,
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&args)
+    }
+    fn handshakes(&self, result: &str) -> f64 {
+        self.proxy.metric(&format!(
+            "keyproof_tls_handshakes_total{{direction=\"inbound\",result=\"{result}\"}}"
+        ))
+    }
+}
+
+#[test]
+fn curl_with_client_cert_is_served_and_xfcc_is_set_by_the_proxy_only() {
+    let s = setup(None, "", None);
+    let (code, body, _) = s.curl_as(
+        &s.web,
+        &[
+            "--http1.1",
+            "-H",
+            "x-forwarded-client-cert: By=spiffe://evil/x;URI=spiffe://prod.test/ns/ops/sa/root",
+            "-H",
+            "x-keyproof-step-up: verified",
+        ],
+        "/hello?x=1",
+    );
+    assert_eq!(code, 200, "{body}\n{}", s.proxy.log_text());
+    assert!(body.starts_with("GET /hello HTTP/1.1"), "{body}");
+    let xfcc: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("x-forwarded-client-cert:"))
+        .collect();
+    let expected = format!(
+        "x-forwarded-client-cert: By=spiffe://{TD}/ns/default/sa/api;Hash={};URI=spiffe://{TD}/ns/default/sa/web",
+        sha256_hex(&s.web.leaf)
+    );
+    assert_eq!(
+        xfcc,
+        vec![expected.as_str()],
+        "spoofed header must be replaced:\n{body}"
+    );
+    assert!(!body.contains("evil"), "{body}");
+    assert!(!body.contains("x-keyproof-step-up"), "{body}");
+
+    // HTTP/2 (ALPN h2) works too; not being gRPC, it reaches the app as
+    // HTTP/1.1 with :authority as Host (apps need not speak HTTP/2).
+    let (code, body, _) = s.curl_as(&s.web, &["--http2"], "/h2");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("GET /h2 HTTP/1.1"), "{body}");
+    assert!(
+        body.contains(&format!("host: localhost:{}\n", s.port)),
+        "{body}"
+    );
+    assert_eq!(
+        body.matches("x-forwarded-client-cert:").count(),
+        1,
+        "{body}"
+    );
+    // gRPC-shaped HTTP/2 requests go to the app as h2c.
+    let (code, body, _) = s.curl_as(
+        &s.web,
+        &["--http2", "-H", "content-type: application/grpc", "-d", ""],
+        "/pkg.Svc/Call",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("POST /pkg.Svc/Call HTTP/2.0"), "{body}");
+    assert!(s.handshakes("ok") >= 2.0);
+    // The app never saw a connection the proxy did not authenticate.
+    let _ = &s.app;
+}
+
+#[test]
+fn refused_handshakes_are_counted_by_reason() {
+    let foreign = Pki::new("other.test");
+    let s = setup(Some(&foreign), "", None);
+
+    // No client certificate (openssl s_client): refused, nothing served.
+    if have("openssl") {
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{}", s.port)])
+            .args([
+                "-CAfile",
+                &s.pki.bundle.display().to_string(),
+                "-tls1_3",
+                "-quiet",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stdout.contains("HTTP/1.1 200"),
+            "served without a client cert: {stdout}"
+        );
+        assert!(
+            stderr.contains("certificate required") || stderr.contains("alert"),
+            "expected a TLS alert, got: {stderr}"
+        );
+        assert!(
+            s.proxy.wait_metric(
+                "keyproof_tls_handshakes_total{direction=\"inbound\",result=\"no_client_cert\"}",
+                1.0
+            ) >= 1.0,
+            "{}",
+            s.proxy.metrics()
+        );
+    }
+
+    // curl without a client certificate: refused too.
+    let resolve = s.resolve();
+    let ca = s.pki.bundle.display().to_string();
+    let (code, _, rc) = curl(&["--cacert", &ca, "--resolve", &resolve, &s.url("/")]);
+    assert_eq!(code, 0);
+    assert_ne!(rc, 0);
+
+    // Another CA with the same trust domain name: unknown_ca.
+    let stranger = Pki::new(TD);
+    let c = stranger.issue("stranger", "/ns/default/sa/web");
+    let (code, _, _) = s.curl_as(&c, &[], "/");
+    assert_eq!(code, 0);
+
+    // Expired.
+    let expired = s
+        .pki
+        .craft("expired", &[&s.pki.id("/ns/default/sa/web")], -7200, -3600);
+    let (code, _, _) = s.curl_as(&expired, &[], "/");
+    assert_eq!(code, 0);
+
+    // Not yet valid.
+    let future = s
+        .pki
+        .craft("future", &[&s.pki.id("/ns/default/sa/web")], 3600, 7200);
+    let (code, _, _) = s.curl_as(&future, &[], "/");
+    assert_eq!(code, 0);
+
+    // Two URI SANs: not an X.509-SVID.
+    let two = s.pki.craft(
+        "two",
+        &[
+            &s.pki.id("/ns/default/sa/web"),
+            &s.pki.id("/ns/ops/sa/root"),
+        ],
+        -60,
+        3600,
+    );
+    let (code, _, _) = s.curl_as(&two, &[], "/");
+    assert_eq!(code, 0);
+
+    let want = [
+        ("no_client_cert", 1.0),
+        ("unknown_ca", 1.0),
+        ("expired", 1.0),
+        ("not_yet_valid", 1.0),
+        ("bad_identity", 1.0),
+    ];
+    for (r, n) in want {
+        let v = s.proxy.wait_metric(
+            &format!("keyproof_tls_handshakes_total{{direction=\"inbound\",result=\"{r}\"}}"),
+            n,
+        );
+        assert!(v >= n, "result {r}: {v}\n{}", s.proxy.metrics());
+    }
+    // A foreign trust domain whose root we do trust: bad_identity (the
+    // second one), and the log names the peer id.
+    let before = s.handshakes("bad_identity");
+    let f = foreign.issue("foreign", "/ns/default/sa/web");
+    let (code, _, _) = s.curl_as(&f, &[], "/");
+    assert_eq!(code, 0);
+    let after = s.proxy.wait_metric(
+        "keyproof_tls_handshakes_total{direction=\"inbound\",result=\"bad_identity\"}",
+        before + 1.0,
+    );
+    assert_eq!(after, before + 1.0, "{}", s.proxy.metrics());
+    assert_eq!(s.handshakes("ok"), 0.0, "nothing should have been accepted");
+    let log = s.proxy.log_text();
+    assert!(
+        log.contains("spiffe://other.test/ns/default/sa/web"),
+        "{log}"
+    );
+    assert!(log.contains("inbound TLS handshake refused"), "{log}");
+    assert!(!log.contains("PRIVATE KEY"), "{log}");
+}
+
+#[test]
+fn slow_tls_client_is_cut_at_the_handshake_timeout() {
+    let s = setup(None, "", None);
+    let start = Instant::now();
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    use std::io::Read;
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "connection should be closed, not answered");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(s.handshakes("timeout"), 1.0);
+}
+
+#[test]
+fn route_policy_by_id_prefix_and_method() {
+    let routes = format!(
+        "[[inbound.routes]]\npath_prefix = \"/admin\"\nmethods = [\"POST\", \"DELETE\"]\nallow = [\"spiffe://{TD}/ns/ops/*\"]\n\
+         [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://{TD}/ns/default/sa/web\"]\n\
+         [[inbound.routes]]\npath_prefix = \"/private\"\nallow = []\n\
+         [[inbound.routes]]\npath_prefix = \"/privileged\"\nallow = [\"spiffe://{TD}/ns/default/sa/web\"]\nstep_up = true\n"
+    );
+    let s = setup(None, &routes, None);
+    let ops = s.pki.issue("ops", "/ns/ops/sa/deployer");
+    let web = s.web.clone();
+
+    // Exact id on the second /admin route (GET is not in the first's methods).
+    assert_eq!(s.curl_as(&web, &[], "/admin/users").0, 200);
+    // POST matches the first route: only ns/ops/* may.
+    let (code, body, _) = s.curl_as(&web, &["-X", "POST"], "/admin/users");
+    assert_eq!(code, 403);
+    assert!(body.contains("route /admin"), "{body}");
+    assert_eq!(s.curl_as(&ops, &["-X", "POST"], "/admin/users").0, 200);
+    assert_eq!(s.curl_as(&ops, &["-X", "DELETE"], "/admin").0, 200);
+    // ops on GET /admin hits the second route, which allows only web.
+    assert_eq!(s.curl_as(&ops, &[], "/admin").0, 403);
+    // Prefix is segment-aware: /administrator is not /admin.
+    assert_eq!(s.curl_as(&ops, &[], "/administrator").0, 200);
+    // Empty allow list: nobody.
+    let (code, body, _) = s.curl_as(&web, &[], "/private/x");
+    assert_eq!(code, 403);
+    assert!(body.contains("/private"), "{body}");
+    // Default policy allow-trust-domain.
+    assert_eq!(s.curl_as(&ops, &[], "/other").0, 200);
+    // Step-up route: allowed caller, but no verifier yet: fail closed.
+    let (code, body, rc) = s.curl_as(&web, &["-X", "POST", "-d", "x"], "/privileged/op");
+    assert_eq!(code, 503, "curl rc {rc}: {body}\n{}", s.proxy.log_text());
+    assert!(body.contains("step-up"), "{body}");
+    assert!(
+        !body.contains("body-bytes"),
+        "must never reach the app: {body}"
+    );
+    // Not allowed on a step-up route: 403, never a challenge.
+    assert_eq!(s.curl_as(&ops, &[], "/privileged/op").0, 403);
+
+    assert_eq!(
+        s.proxy
+            .metric("keyproof_authz_denied_total{route=\"/admin\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.proxy
+            .metric("keyproof_authz_denied_total{route=\"/private\"}"),
+        1.0
+    );
+    assert_eq!(
+        s.proxy
+            .metric("keyproof_authz_denied_total{route=\"/privileged\"}"),
+        1.0
+    );
+    assert!(
+        s.proxy
+            .metric("keyproof_requests_total{code=\"4xx\",direction=\"inbound\"}")
+            >= 4.0
+    );
+}
+
+#[test]
+fn default_deny_and_app_down() {
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let s = setup(
+        None,
+        &format!("default_policy = \"deny\"\n[[inbound.routes]]\npath_prefix = \"/ok\"\nallow = [\"spiffe://{TD}/*\"]\n"),
+        Some(dead),
+    );
+    let (code, body, _) = s.curl_as(&s.web, &[], "/nope");
+    assert_eq!(code, 403);
+    assert!(body.contains("default_policy"), "{body}");
+    assert_eq!(
+        s.proxy
+            .metric("keyproof_authz_denied_total{route=\"default\"}"),
+        1.0
+    );
+    let start = Instant::now();
+    let (code, body, _) = s.curl_as(&s.web, &[], "/ok");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("app unavailable"), "{body}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn admin_endpoints() {
+    let s = setup(None, "", None);
+    let (code, body) = http_get(s.proxy.admin, "/identity").unwrap();
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["spiffe_id"], format!("spiffe://{TD}/ns/default/sa/api"));
+    assert_eq!(v["trust_roots"].as_array().unwrap().len(), 1);
+    assert_eq!(v["trust_roots"][0]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(http_get(s.proxy.admin, "/live").unwrap().0, 200);
+    let m = s.proxy.metrics();
+    for name in [
+        "keyproof_tls_handshakes_total",
+        "keyproof_connections_open",
+        "keyproof_requests_total",
+        "keyproof_request_duration_seconds",
+        "keyproof_identity_cert_expiry_timestamp_seconds",
+    ] {
+        assert!(
+            m.contains(&format!("# TYPE {name}")),
+            "{name} missing:\n{m}"
+        );
+    }
+    if have("promtool") {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

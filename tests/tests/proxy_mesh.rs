@@ -1,0 +1,293 @@
+//! A sidecar pair: app -> outbound (plaintext) -> mutual TLS -> inbound ->
+//! app. Origin-form and absolute-form requests, host routing, server
+//! identity checks, connection reuse, streaming bodies, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use keyproof_tests::free_port;
+use keyproof_tests::proxy_support::*;
+
+const TD: &str = "mesh.test";
+
+fn addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+struct Pair {
+    /// Accepts TCP (via the backlog) but never speaks TLS.
+    _silent: std::net::TcpListener,
+    pki: Pki,
+    _app: EchoApp,
+    inbound: ProxyProc,
+    outbound: ProxyProc,
+    in_addr: SocketAddr,
+    out_addr: SocketAddr,
+}
+
+fn pair(extra_inbound: &str) -> Pair {
+    let pki = Pki::new(TD);
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let client = pki.issue("client", "/ns/default/sa/web");
+    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+    let inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n{extra_inbound}\n[admin]\nlisten = \"{in_admin}\"\n[runtime]\nshutdown_grace = \"10s\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr
+        ),
+        in_admin,
+    );
+    let dead = addr();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
+             [[outbound.upstreams]]\nhost = \"prefix.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/*\"\n\
+             [[outbound.upstreams]]\nhost = \"payments.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/payments\"\n\
+             [[outbound.upstreams]]\nhost = \"down.default.svc\"\naddress = \"{dead}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
+             [[outbound.upstreams]]\nhost = \"silent.default.svc\"\naddress = \"{silent_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
+             [admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&pki.bundle, &client)
+        ),
+        out_admin,
+    );
+    Pair {
+        _silent: silent,
+        pki,
+        _app: app,
+        inbound,
+        outbound,
+        in_addr,
+        out_addr,
+    }
+}
+
+#[test]
+fn origin_form_absolute_form_and_host_routing() {
+    let p = pair("");
+    let out = format!("http://{}", p.out_addr);
+    // Origin-form with a Host header, as an app configured with the
+    // sidecar's address sends.
+    let (code, body, _) = curl(&["-H", "Host: api.default.svc", &format!("{out}/hello?q=1")]);
+    assert_eq!(code, 200, "{body}\n{}", p.outbound.log_text());
+    assert!(body.starts_with("GET /hello HTTP/1.1"), "{body}");
+    assert!(body.contains("host: api.default.svc\n"), "{body}");
+    assert!(
+        body.contains(&format!("URI=spiffe://{TD}/ns/default/sa/web")),
+        "{body}"
+    );
+    // Absolute-form, as HTTP_PROXY clients send.
+    let (code, body, _) = curl(&[
+        "-x",
+        &out,
+        "-H",
+        "Host: spoofed.example",
+        "http://api.default.svc/via-proxy",
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("GET /via-proxy HTTP/1.1"), "{body}");
+    assert!(body.contains("host: api.default.svc\n"), "{body}");
+    assert!(
+        !body.to_ascii_lowercase().contains("proxy-connection"),
+        "{body}"
+    );
+    // Identity by prefix pattern.
+    let (code, body, _) = curl(&["-x", &out, "http://prefix.default.svc/p"]);
+    assert_eq!(code, 200, "{body}");
+    // HTTP/2 with prior knowledge (gRPC-style apps).
+    let (code, body, _) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: api.default.svc",
+        &format!("{out}/h2c"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("GET /h2c HTTP/1.1"), "{body}");
+    assert!(body.contains("host: api.default.svc\n"), "{body}");
+    let (code, body, _) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: api.default.svc",
+        "-H",
+        "content-type: application/grpc+proto",
+        "-d",
+        "",
+        &format!("{out}/pkg.Svc/Call"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("POST /pkg.Svc/Call HTTP/2.0"), "{body}");
+    assert!(body.contains(":authority: api.default.svc\n"), "{body}");
+    // Unknown host, no catch-all.
+    let (code, body, _) = curl(&["-x", &out, "http://nope.example/"]);
+    assert_eq!(code, 502);
+    assert_eq!(body.trim(), "no upstream for host nope.example");
+    // Streaming a 4 MiB upload both ways through the pair.
+    let big = p.pki.path("big.bin");
+    std::fs::write(&big, vec![b'x'; 4 << 20]).unwrap();
+    let (code, body, _) = curl(&[
+        "-x",
+        &out,
+        "--data-binary",
+        &format!("@{}", big.display()),
+        "http://api.default.svc/upload",
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&format!("body-bytes: {}", 4 << 20)), "{body}");
+
+    // Keep-alive reuse: many requests, few handshakes.
+    for i in 0..20 {
+        let (code, _, _) = curl(&["-x", &out, &format!("http://api.default.svc/r{i}")]);
+        assert_eq!(code, 200);
+    }
+    let ok = p
+        .outbound
+        .metric("keyproof_tls_handshakes_total{direction=\"outbound\",result=\"ok\"}");
+    assert!(
+        (1.0..=4.0).contains(&ok),
+        "mesh connections not reused: {ok} handshakes"
+    );
+    assert!(
+        p.outbound
+            .metric("keyproof_requests_total{code=\"2xx\",direction=\"outbound\"}")
+            >= 25.0
+    );
+    let _ = p.in_addr;
+}
+
+#[test]
+fn wrong_server_identity_and_unreachable_upstream() {
+    let p = pair("");
+    let out = format!("http://{}", p.out_addr);
+    let (code, body, _) = curl(&["-x", &out, "http://payments.default.svc/pay"]);
+    assert_eq!(code, 502, "{body}");
+    assert_eq!(
+        body.trim(),
+        format!(
+            "peer identity mismatch: expected spiffe://{TD}/ns/default/sa/payments, got spiffe://{TD}/ns/default/sa/api"
+        )
+    );
+    assert_eq!(
+        p.outbound.metric(
+            "keyproof_tls_handshakes_total{direction=\"outbound\",result=\"identity_mismatch\"}"
+        ),
+        1.0
+    );
+    let start = Instant::now();
+    let (code, body, _) = curl(&["-x", &out, "http://down.default.svc/"]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("connect to"), "{body}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // A peer that accepts but never answers the handshake: 504 with why.
+    let start = Instant::now();
+    let (code, body, _) = curl(&["-x", &out, "http://silent.default.svc/"]);
+    assert_eq!(code, 504, "{body}");
+    assert!(
+        body.contains("TLS handshake with") && body.contains("timed out"),
+        "{body}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(4));
+    assert_eq!(
+        p.outbound
+            .metric("keyproof_tls_handshakes_total{direction=\"outbound\",result=\"timeout\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn graceful_shutdown_lets_in_flight_request_finish() {
+    let p = pair("");
+    let mut inbound = p.inbound;
+    let out = format!("http://{}", p.out_addr);
+    let slow = std::thread::spawn(move || curl(&["-x", &out, "http://api.default.svc/slow"]));
+    // Let the request reach the app, then ask the inbound to stop.
+    std::thread::sleep(Duration::from_millis(600));
+    inbound.terminate();
+    std::thread::sleep(Duration::from_millis(200));
+    let (ready, _) = http_get(inbound.admin, "/ready").unwrap_or((0, String::new()));
+    assert_eq!(ready, 503, "/ready must turn 503 while draining");
+    // New connections are refused while draining.
+    assert!(std::net::TcpStream::connect(p.in_addr).is_err());
+    let (code, body, _) = slow.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("slow done"), "{body}");
+    let st = inbound
+        .wait(Duration::from_secs(10))
+        .expect("inbound did not exit");
+    assert!(st.success(), "exit status {st}\n{}", inbound.log_text());
+}
+
+/// An upstream that only offers `http/1.1` (openssl s_server, mutual TLS):
+/// the outbound falls back from its shared h2 connection to an HTTP/1.1 pool,
+/// and refuses gRPC-style HTTP/2 to it with a clear reason.
+#[test]
+fn http1_only_upstream_falls_back_to_a_pool() {
+    if !keyproof_tests::have("openssl") {
+        eprintln!("openssl not installed; skipping");
+        return;
+    }
+    let pki = Pki::new(TD);
+    let server = pki.issue("legacy", "/ns/default/sa/legacy");
+    let client = pki.issue("client", "/ns/default/sa/web");
+    let www = pki.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from s_server\n").unwrap();
+    let port = free_port();
+    let mut s_server = std::process::Command::new("openssl")
+        .current_dir(&www)
+        .args(["s_server", "-WWW", "-quiet", "-tls1_3", "-alpn", "http/1.1"])
+        .args(["-accept", &port.to_string(), "-Verify", "1"])
+        .arg("-cert")
+        .arg(&server.crt)
+        .arg("-cert_chain")
+        .arg(&server.crt)
+        .arg("-key")
+        .arg(&server.key)
+        .arg("-CAfile")
+        .arg(&pki.bundle)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    keyproof_tests::wait_for_port(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(5),
+    );
+    let (out_addr, out_admin) = (addr(), addr());
+    let outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\n[[outbound.upstreams]]\nhost = \"legacy.default.svc\"\naddress = \"127.0.0.1:{port}\"\nidentity = \"spiffe://{TD}/ns/default/sa/legacy\"\n[admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&pki.bundle, &client)
+        ),
+        out_admin,
+    );
+    let out = format!("http://{out_addr}");
+    for _ in 0..2 {
+        let (code, body, _) = curl(&["-x", &out, "http://legacy.default.svc/hello.txt"]);
+        assert_eq!(code, 200, "{body}\n{}", outbound.log_text());
+        assert_eq!(body, "hello from s_server\n");
+    }
+    let (code, body, _) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: legacy.default.svc",
+        "-H",
+        "content-type: application/grpc",
+        "-d",
+        "",
+        &format!("{out}/pkg.Svc/Call"),
+    ]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("does not offer HTTP/2"), "{body}");
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+}
