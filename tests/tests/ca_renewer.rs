@@ -47,7 +47,17 @@ impl Handler for Recorder {
     }
 }
 
-fn serve(ca: &TestCa, port: u16) -> Child {
+/// The server process, killed when dropped so no test leaves one behind.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(ca: &TestCa, port: u16) -> Serve {
     let c = cmd("keyproof-ca")
         .args(["serve", "--ttl", "9s", "--dir"])
         .arg(&ca.dir)
@@ -58,14 +68,14 @@ fn serve(ca: &TestCa, port: u16) -> Child {
         .spawn()
         .unwrap();
     wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
-    c
+    Serve(c)
 }
 
 #[test]
 fn bootstraps_renews_and_recovers_from_an_outage() {
     let ca = TestCa::new(TD);
     let port = free_port();
-    let mut server = serve(&ca, port);
+    let server = serve(&ca, port);
     let token_file = ca.path("token");
     let token = run_ok(
         cmd("keyproof-ca")
@@ -129,8 +139,7 @@ fn bootstraps_renews_and_recovers_from_an_outage() {
         assert!(log.contains(&"ok:renew".to_string()), "{log:?}");
     }
     // The CA goes away for longer than a renewal interval.
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let before = oks(&rec);
     let down = Instant::now();
     let failures = |rec: &Recorder| -> Vec<String> {
