@@ -43,6 +43,42 @@ pub struct NewIdentity {
     pub not_after: i64,
 }
 
+/// Why an attempt failed, for the `result` label of renewal metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The CA could not be reached (network, TLS, timeout).
+    CaUnreachable,
+    /// The CA answered with an error (token, rate limit, id mismatch...).
+    CaRefused,
+    /// The CA's answer was malformed or for the wrong identity.
+    Protocol,
+    /// The join token file could not be read (bootstrap only).
+    TokenUnreadable,
+    /// The handler refused the issued identity ([`Handler::install`]).
+    Rejected,
+}
+
+impl FailureKind {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::CaUnreachable => "ca_unreachable",
+            FailureKind::CaRefused => "ca_refused",
+            FailureKind::Protocol => "protocol",
+            FailureKind::TokenUnreadable => "token_unreadable",
+            FailureKind::Rejected => "invalid",
+        }
+    }
+
+    fn of(e: &ClientError) -> FailureKind {
+        match e {
+            ClientError::Unreachable { .. } => FailureKind::CaUnreachable,
+            ClientError::Refused { .. } => FailureKind::CaRefused,
+            ClientError::BadUrl(_) | ClientError::Protocol(_) => FailureKind::Protocol,
+        }
+    }
+}
+
 /// What happened, for metrics and logs.
 #[derive(Debug)]
 pub enum Event<'a> {
@@ -51,6 +87,7 @@ pub enum Event<'a> {
     /// Issuance failed; the current identity keeps serving.
     Failed {
         how: &'static str,
+        kind: FailureKind,
         error: &'a str,
         retry_in: Duration,
     },
@@ -110,36 +147,47 @@ fn leaf_not_after(chain: &[CertificateDer<'_>]) -> Result<i64, ClientError> {
 async fn obtain(
     cfg: &RenewerConfig,
     current: Option<Arc<CertifiedKey>>,
-) -> Result<(NewIdentity, &'static str), ClientError> {
-    let key = new_key(cfg.key_type, cfg.spiffe_id.as_str())?;
+) -> Result<(NewIdentity, &'static str), (FailureKind, String)> {
+    let failed = |e: ClientError| (FailureKind::of(&e), e.to_string());
+    let key = new_key(cfg.key_type, cfg.spiffe_id.as_str()).map_err(failed)?;
     let (issued, how): (IssuedSvid, _) = match current {
-        Some(ck) => (cfg.client.renew(ck, &key.csr_pem).await?, "renew"),
+        Some(ck) => (
+            cfg.client.renew(ck, &key.csr_pem).await.map_err(failed)?,
+            "renew",
+        ),
         None => {
             let token = tokio::fs::read_to_string(&cfg.join_token_file)
                 .await
                 .map_err(|e| {
-                    ClientError::Protocol(format!(
-                        "join token file {}: {e}",
-                        cfg.join_token_file.display()
-                    ))
+                    (
+                        FailureKind::TokenUnreadable,
+                        format!("join token file {}: {e}", cfg.join_token_file.display()),
+                    )
                 })?;
             (
-                cfg.client.bootstrap(token.trim(), &key.csr_pem).await?,
+                cfg.client
+                    .bootstrap(token.trim(), &key.csr_pem)
+                    .await
+                    .map_err(failed)?,
                 "bootstrap",
             )
         }
     };
     if issued.spiffe_id != cfg.spiffe_id.as_str() {
-        return Err(ClientError::Protocol(format!(
-            "the CA issued {} but this workload is {}",
-            issued.spiffe_id, cfg.spiffe_id
-        )));
+        return Err((
+            FailureKind::Protocol,
+            format!(
+                "the CA issued {} but this workload is {}",
+                issued.spiffe_id, cfg.spiffe_id
+            ),
+        ));
     }
     // Proves the chain matches the key before anyone installs it.
-    certified_key(issued.chain.clone(), &key.key_der)?;
+    certified_key(issued.chain.clone(), &key.key_der).map_err(failed)?;
+    let not_after = leaf_not_after(&issued.chain).map_err(failed)?;
     Ok((
         NewIdentity {
-            not_after: leaf_not_after(&issued.chain)?,
+            not_after,
             chain: issued.chain,
             key: key.key_der,
             bundle: issued.bundle,
@@ -168,9 +216,12 @@ pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
                 Ok((id, how)) => {
                     let not_after = id.not_after;
                     let bundle = id.bundle.clone();
-                    handler.install(id).map(|()| (how, not_after, bundle))
+                    handler
+                        .install(id)
+                        .map(|()| (how, not_after, bundle))
+                        .map_err(|e| (FailureKind::Rejected, e))
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
             };
             match outcome {
                 Ok((how, not_after, bundle)) => {
@@ -181,11 +232,12 @@ pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
                     let wall = crate::ca::now().unix_timestamp();
                     renew_at = Instant::now() + renew_after(not_after, wall);
                 }
-                Err(error) => {
+                Err((kind, error)) => {
                     let retry_in =
                         retry_delay(backoff, held_until, crate::ca::now().unix_timestamp());
                     handler.event(Event::Failed {
                         how,
+                        kind,
                         error: &error,
                         retry_in,
                     });

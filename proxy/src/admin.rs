@@ -21,7 +21,7 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// The identity in use.
     pub store: Arc<IdentityStore>,
-    /// Set once identity is loaded and every listener is bound.
+    /// Set once a certificate is held and every listener is bound.
     pub ready: AtomicBool,
     /// Set when shutdown starts.
     pub draining: AtomicBool,
@@ -34,8 +34,9 @@ impl AdminState {
         }
         match req.uri().path() {
             "/metrics" => {
-                let id = self.store.current();
-                self.metrics.cert_expiry.set(id.not_after as f64);
+                if let Some(id) = self.store.get() {
+                    self.metrics.identity_installed(&id);
+                }
                 let mut r =
                     Response::new(ProxyBody::Full(Some(Bytes::from(self.metrics.render()))));
                 r.headers_mut().insert(
@@ -48,16 +49,28 @@ impl AdminState {
             "/ready" => {
                 if self.draining.load(Ordering::Acquire) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else if self.ready.load(Ordering::Acquire) {
+                } else if self.ready.load(Ordering::Acquire) && self.store.get().is_some() {
                     text(StatusCode::OK, "ready\n")
+                } else if self.store.get().is_none() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the first certificate\n",
+                    )
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
                 }
             }
             "/identity" => {
-                let body =
-                    serde_json::to_vec_pretty(&self.store.current().to_json()).unwrap_or_default();
+                let (status, json) = match self.store.get() {
+                    Some(id) => (StatusCode::OK, id.to_json()),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        serde_json::json!({"error": "no certificate held yet"}),
+                    ),
+                };
+                let body = serde_json::to_vec_pretty(&json).unwrap_or_default();
                 let mut r = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
+                *r.status_mut() = status;
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),

@@ -18,6 +18,9 @@ pub enum ProxyBody {
     Stream(Incoming),
     /// A complete body (or none, once taken).
     Full(Option<Bytes>),
+    /// A streamed peer body of which the outbound keeps a bounded copy, so
+    /// a step-up challenge can be answered by replaying it.
+    Tee(crate::stepup::TeeBody),
 }
 
 impl ProxyBody {
@@ -44,6 +47,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Tee(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -51,6 +55,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Stream(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Tee(b) => b.is_end_stream(),
         }
     }
 
@@ -58,6 +63,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Stream(b) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            ProxyBody::Tee(b) => b.size_hint(),
         }
     }
 }

@@ -59,6 +59,19 @@ struct RawConfig {
 struct RawIdentity {
     trust_bundle: PathBuf,
     files: Option<RawIdentityFiles>,
+    ca: Option<RawIdentityCa>,
+    reload_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentityCa {
+    url: String,
+    spiffe_id: String,
+    join_token_file: PathBuf,
+    server_id: Option<String>,
+    key_type: Option<String>,
+    bundle_refresh: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,12 +197,50 @@ pub struct Config {
 /// `[identity]`.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
-    /// PEM roots of the trust domain.
+    /// PEM roots of the trust domain. With `[identity.files]` it is watched
+    /// and reloaded; with `[identity.ca]` it is only the bootstrap trust
+    /// for the CA server, and the CA's bundle replaces it.
     pub trust_bundle: PathBuf,
+    /// Where the certificate and key come from.
+    pub source: IdentitySource,
+    /// `[identity] reload_interval`: how often the files are re-read even
+    /// without a change notification (file systems without inotify).
+    pub reload_interval: Duration,
+}
+
+/// `[identity.files]` or `[identity.ca]` (exactly one).
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    /// Certificate and key from files, hot-reloaded.
+    Files(FilesSourceConfig),
+    /// Certificate from `keyproof-ca serve`, key in memory.
+    Ca(CaSourceConfig),
+}
+
+/// `[identity.files]`.
+#[derive(Debug, Clone)]
+pub struct FilesSourceConfig {
     /// Leaf then intermediates, PEM.
     pub cert: PathBuf,
     /// The workload private key, PEM.
     pub key: PathBuf,
+}
+
+/// `[identity.ca]`.
+#[derive(Debug, Clone)]
+pub struct CaSourceConfig {
+    /// `https://host:port` of `keyproof-ca serve`.
+    pub url: String,
+    /// The identity to obtain.
+    pub spiffe_id: keyproof_ca::SpiffeId,
+    /// The single-use join token for the first certificate.
+    pub join_token_file: PathBuf,
+    /// The CA server's SPIFFE ID (default `spiffe://<td>/keyproof-ca`).
+    pub server_id: IdPattern,
+    /// Key algorithm generated for each certificate.
+    pub key_type: keyproof_ca::keys::KeyType,
+    /// How often the bundle is fetched between renewals.
+    pub bundle_refresh: Duration,
 }
 
 /// Per-listener connection limits.
@@ -593,6 +644,99 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
     })
 }
 
+fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
+    let source = match (raw.files, raw.ca) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "identity.ca",
+                "[identity.files] and [identity.ca] are mutually exclusive; keep one",
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                "identity.files",
+                "missing: set identity.files.cert and identity.files.key, or [identity.ca]",
+            ))
+        }
+        (Some(f), None) => IdentitySource::Files(FilesSourceConfig {
+            cert: f.cert,
+            key: f.key,
+        }),
+        (None, Some(c)) => IdentitySource::Ca(ca_source(c)?),
+    };
+    let reload_interval = duration(
+        "identity.reload_interval",
+        raw.reload_interval.as_ref(),
+        Duration::from_secs(10),
+    )?;
+    if reload_interval < Duration::from_millis(100) {
+        return Err(invalid(
+            "identity.reload_interval",
+            "must be at least 100ms",
+        ));
+    }
+    Ok(IdentityConfig {
+        trust_bundle: raw.trust_bundle,
+        source,
+        reload_interval,
+    })
+}
+
+fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
+    let url = raw.url.trim_end_matches('/').to_owned();
+    let authority = url.strip_prefix("https://").ok_or_else(|| {
+        invalid(
+            "identity.ca.url",
+            format!("{:?} must be https://HOST:PORT", raw.url),
+        )
+    })?;
+    host_port("identity.ca.url", authority)?;
+    let spiffe_id = keyproof_ca::SpiffeId::parse(&raw.spiffe_id).map_err(|e| {
+        invalid(
+            "identity.ca.spiffe_id",
+            format!("invalid SPIFFE ID {:?}: {e}", raw.spiffe_id),
+        )
+    })?;
+    let server_id = match &raw.server_id {
+        Some(s) => IdPattern::parse(s).map_err(|e| {
+            invalid(
+                "identity.ca.server_id",
+                format!("invalid SPIFFE ID {s:?}: {e}"),
+            )
+        })?,
+        None => IdPattern::parse(&format!(
+            "spiffe://{}/keyproof-ca",
+            spiffe_id.trust_domain_name()
+        ))
+        .map_err(|e| invalid("identity.ca.server_id", e))?,
+    };
+    let key_type = match raw.key_type.as_deref() {
+        None => keyproof_ca::keys::KeyType::EcdsaP256,
+        Some(k) => k.parse().map_err(|_| {
+            invalid(
+                "identity.ca.key_type",
+                format!("unknown key type {k:?}; use \"ecdsa-p256\" or \"ed25519\""),
+            )
+        })?,
+    };
+    let bundle_refresh = duration(
+        "identity.ca.bundle_refresh",
+        raw.bundle_refresh.as_ref(),
+        Duration::from_secs(300),
+    )?;
+    if bundle_refresh < Duration::from_secs(1) {
+        return Err(invalid("identity.ca.bundle_refresh", "must be at least 1s"));
+    }
+    Ok(CaSourceConfig {
+        url,
+        spiffe_id,
+        join_token_file: raw.join_token_file,
+        server_id,
+        key_type,
+        bundle_refresh,
+    })
+}
+
 fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
     let listen = socket_addr("outbound.listen", &raw.listen)?;
     let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
@@ -669,17 +813,7 @@ impl Config {
     /// the identity is loaded.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let files = raw.identity.files.ok_or_else(|| {
-            invalid(
-                "identity.files",
-                "missing: set identity.files.cert and identity.files.key",
-            )
-        })?;
-        let identity = IdentityConfig {
-            trust_bundle: raw.identity.trust_bundle,
-            cert: files.cert,
-            key: files.key,
-        };
+        let identity = identity(raw.identity)?;
         let inbound = raw.inbound.map(inbound).transpose()?;
         let outbound = raw.outbound.map(outbound).transpose()?;
         if inbound.is_none() && outbound.is_none() {
@@ -732,13 +866,29 @@ impl Config {
     pub fn explain(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "identity: cert {} key {} trust bundle {}",
-            self.identity.cert.display(),
-            self.identity.key.display(),
-            self.identity.trust_bundle.display()
-        );
+        match &self.identity.source {
+            IdentitySource::Files(f) => {
+                let _ = writeln!(
+                    s,
+                    "identity: cert {} key {} trust bundle {} (reloaded on change, re-read every {:?})",
+                    f.cert.display(),
+                    f.key.display(),
+                    self.identity.trust_bundle.display(),
+                    self.identity.reload_interval
+                );
+            }
+            IdentitySource::Ca(c) => {
+                let _ = writeln!(
+                    s,
+                    "identity: {} from the CA at {} (server {}), {} key in memory, bootstrap trust {}",
+                    c.spiffe_id,
+                    c.url,
+                    c.server_id,
+                    c.key_type.as_str(),
+                    self.identity.trust_bundle.display()
+                );
+            }
+        }
         if let Some(i) = &self.inbound {
             let _ = writeln!(
                 s,
@@ -822,6 +972,32 @@ mod tests {
             format!("{BASE}[outbound]\nlisten = \"127.0.0.1:1\"\nhandshake_timeout = \"10\"\n");
         let e = Config::parse(&to).unwrap_err().to_string();
         assert!(e.starts_with("outbound.handshake_timeout:"), "{e}");
+    }
+
+    #[test]
+    fn identity_sources() {
+        let ca = "[identity]\ntrust_bundle = \"ca.crt\"\nreload_interval = \"2s\"\n[identity.ca]\nurl = \"https://ca.svc:8443\"\nspiffe_id = \"spiffe://td/ns/a/sa/b\"\njoin_token_file = \"t\"\n[outbound]\nlisten = \"127.0.0.1:1\"\n";
+        let cfg = Config::parse(ca).unwrap();
+        assert_eq!(cfg.identity.reload_interval, Duration::from_secs(2));
+        let IdentitySource::Ca(c) = &cfg.identity.source else {
+            panic!("not ca")
+        };
+        assert_eq!(c.server_id.to_string(), "spiffe://td/keyproof-ca");
+        let both = ca.replace(
+            "[outbound]",
+            "[identity.files]\ncert = \"c\"\nkey = \"k\"\n[outbound]",
+        );
+        let e = Config::parse(&both).unwrap_err().to_string();
+        assert!(e.starts_with("identity.ca: "), "{e}");
+        let bad_url = ca.replace("https://ca.svc:8443", "http://ca.svc");
+        let e = Config::parse(&bad_url).unwrap_err().to_string();
+        assert!(e.starts_with("identity.ca.url: "), "{e}");
+        let bad_id = ca.replace("spiffe://td/ns/a/sa/b", "td/x");
+        let e = Config::parse(&bad_id).unwrap_err().to_string();
+        assert!(e.starts_with("identity.ca.spiffe_id: "), "{e}");
+        let bad_kt = ca.replace("join_token_file", "key_type = \"rsa\"\njoin_token_file");
+        let e = Config::parse(&bad_kt).unwrap_err().to_string();
+        assert!(e.starts_with("identity.ca.key_type: "), "{e}");
     }
 
     #[test]

@@ -2,19 +2,22 @@
 //! bundle; the rustls configurations built around them; and the certificate
 //! verifiers that apply the shared X.509-SVID rules to every peer.
 //!
-//! The current identity lives in an [`ArcSwap`] inside [`IdentityStore`].
-//! rustls reaches it only through [`CertResolver`] (our certificate) and the
-//! two verifiers (the bundle), each of which loads the current value per
-//! handshake, so a reload (issue 5) is one `store()` call: new handshakes see
-//! the new material, established connections are untouched, and no rustls
-//! configuration has to be rebuilt.
+//! The current identity lives in an [`ArcSwapOption`] inside
+//! [`IdentityStore`] (empty only before an `[identity.ca]` bootstrap). rustls
+//! reaches it only through [`CertResolver`] (our certificate) and the two
+//! verifiers (the bundle), each of which loads the current value per
+//! handshake, so a reload or renewal is one [`IdentityStore::replace`]: new
+//! handshakes see the new material, established connections are untouched,
+//! and no rustls configuration has to be rebuilt. Both sources build the
+//! identity with [`Identity::from_parts`], so file and CA material pass the
+//! same checks.
 
 use std::fmt;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use keyproof_ca::{keys, svid, IdPattern, SpiffeId, SvidVerifier, TrustBundle, Usage, VerifyError};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -23,9 +26,10 @@ use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
+use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::config::IdentityConfig;
+use crate::config::{IdentityConfig, IdentitySource};
 
 /// Why the identity could not be loaded; names the configuration key.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,145 @@ fn invalid(key: &'static str, msg: impl fmt::Display) -> IdentityError {
     }
 }
 
+/// Why certificate material (from files or from the CA) is unusable.
+/// [`MaterialError::reason`] is the `result` label of
+/// `keyproof_identity_reloads_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    /// A file could not be read (missing during an update, permissions).
+    #[error("cannot read {0}")]
+    Unreadable(String),
+    /// The trust bundle does not parse or has no usable root.
+    #[error("trust bundle: {0}")]
+    Bundle(String),
+    /// The certificate chain does not parse, or the leaf is not an SVID.
+    #[error("{0}")]
+    Cert(String),
+    /// The private key does not parse or is of an unsupported type.
+    #[error("{0}")]
+    Key(String),
+    /// The key is not the one the leaf certifies.
+    #[error("private key does not match the certificate")]
+    KeyMismatch,
+    /// The leaf names another trust domain.
+    #[error("SPIFFE ID {got} is not in trust domain {expected}")]
+    ForeignTrustDomain {
+        /// Ours.
+        expected: String,
+        /// The new leaf's ID.
+        got: String,
+    },
+    /// The leaf names another workload of our trust domain.
+    #[error("SPIFFE ID {got} differs from {expected}; an identity change needs a restart")]
+    IdChanged {
+        /// Ours.
+        expected: String,
+        /// The new leaf's ID.
+        got: String,
+    },
+    /// The chain does not verify against the (new) bundle.
+    #[error("does not verify against the trust bundle: {0}")]
+    Verify(VerifyError),
+}
+
+impl MaterialError {
+    /// The `result` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MaterialError::Unreadable(_) => "unreadable",
+            MaterialError::Bundle(_) | MaterialError::Cert(_) | MaterialError::Key(_) => "invalid",
+            MaterialError::KeyMismatch => "key_mismatch",
+            MaterialError::ForeignTrustDomain { .. } => "foreign_trust_domain",
+            MaterialError::IdChanged { .. } => "id_changed",
+            MaterialError::Verify(v) => match v {
+                VerifyError::Expired => "expired",
+                VerifyError::NotYetValid => "not_yet_valid",
+                VerifyError::ForeignTrustDomain { .. } => "foreign_trust_domain",
+                VerifyError::Svid(_) => "invalid",
+                _ => "unknown_ca",
+            },
+        }
+    }
+
+    /// The `[identity.files]` key the problem is about, for startup errors.
+    fn files_key(&self) -> &'static str {
+        match self {
+            MaterialError::Bundle(_) => "identity.trust_bundle",
+            MaterialError::Key(_) | MaterialError::KeyMismatch => "identity.files.key",
+            _ => "identity.files.cert",
+        }
+    }
+}
+
+/// Every `result` label of `keyproof_identity_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 9] = [
+    "ok",
+    "unreadable",
+    "invalid",
+    "key_mismatch",
+    "expired",
+    "not_yet_valid",
+    "unknown_ca",
+    "foreign_trust_domain",
+    "id_changed",
+];
+
+/// Parses PEM material into the chain, the key and the bundle roots.
+pub fn parse_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    bundle_pem: &[u8],
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        Vec<CertificateDer<'static>>,
+    ),
+    MaterialError,
+> {
+    let roots =
+        keys::certs_from_pem(bundle_pem).map_err(|e| MaterialError::Bundle(e.to_string()))?;
+    let chain = keys::certs_from_pem(cert_pem)
+        .map_err(|e| MaterialError::Cert(format!("certificate: {e}")))?;
+    let key = keys::private_key_from_pem(key_pem)
+        .map_err(|e| MaterialError::Key(format!("private key: {e}")))?;
+    Ok((chain, key, roots))
+}
+
+/// A digest of exactly this chain, key and bundle: equal digests mean
+/// nothing changed. Hashed in place, so no extra copy of the key is made.
+pub fn material_digest(
+    chain: &[CertificateDer<'_>],
+    key: &PrivateKeyDer<'_>,
+    roots: &[CertificateDer<'_>],
+) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut part = |b: &[u8]| {
+        ctx.update(&(b.len() as u64).to_be_bytes());
+        ctx.update(b);
+    };
+    part(b"chain");
+    chain.iter().for_each(|c| part(c));
+    part(b"key");
+    part(key.secret_der());
+    part(b"roots");
+    roots.iter().for_each(|r| part(r));
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// A certificate of the presented chain, as shown on `/identity`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChainCertInfo {
+    /// Subject DN.
+    pub subject: String,
+    /// Issuer DN.
+    pub issuer: String,
+    /// SHA-256 of the DER, hex.
+    pub sha256: String,
+}
+
 /// A trust root as shown on `/identity`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RootInfo {
@@ -88,8 +231,14 @@ pub struct Identity {
     pub serial: String,
     /// Leaf notAfter, seconds since the epoch.
     pub not_after: i64,
+    /// Leaf notBefore, seconds since the epoch.
+    pub not_before: i64,
     /// The bundle's roots, for `/identity`.
     pub roots: Vec<RootInfo>,
+    /// The presented chain, for `/identity`.
+    pub chain: Vec<ChainCertInfo>,
+    /// [`material_digest`] of this identity, to tell a real change.
+    pub material: [u8; 32],
     /// The workload key as loaded (PKCS#8, SEC1 or PKCS#1 DER), for the
     /// step-up signer; swapped with the rest of the identity on reload.
     /// Never logged: `Debug` for `Identity` omits it.
@@ -118,49 +267,109 @@ fn rfc3339(ts: i64) -> String {
 }
 
 impl Identity {
-    /// Loads the files named by `[identity]` and checks that they form a
-    /// usable identity: the key matches the leaf, and the leaf is a valid
+    /// Loads the files named by `[identity.files]` and checks that they form
+    /// a usable identity: the key matches the leaf, and the leaf is a valid
     /// X.509-SVID chaining to the bundle for the directions in `usages`.
+    /// Errors name the configuration key.
     pub fn load(cfg: &IdentityConfig, usages: &[Usage]) -> Result<Identity, IdentityError> {
         const BUNDLE: &str = "identity.trust_bundle";
         const CERT: &str = "identity.files.cert";
         const KEY: &str = "identity.files.key";
+        let IdentitySource::Files(files) = &cfg.source else {
+            return Err(invalid(
+                "identity.files",
+                "not configured: the identity comes from [identity.ca]",
+            ));
+        };
         let bundle_pem = read(BUNDLE, &cfg.trust_bundle)?;
-        let bundle = TrustBundle::from_pem(&bundle_pem).map_err(|e| invalid(BUNDLE, e))?;
-        let mut roots = Vec::with_capacity(bundle.roots().len());
+        let cert_pem = read(CERT, &files.cert)?;
+        let key_pem = read(KEY, &files.key)?;
+        let (chain, key, roots) =
+            parse_pem(&cert_pem, &key_pem, &bundle_pem).map_err(|e| invalid(e.files_key(), e))?;
+        Identity::from_parts(chain, key, roots, usages, None).map_err(|e| match e {
+            MaterialError::Verify(v) => {
+                invalid(CERT, format!("does not verify against {BUNDLE}: {v}"))
+            }
+            other => invalid(other.files_key(), other),
+        })
+    }
+
+    /// Builds an identity from a chain (leaf first), its private key and the
+    /// trust bundle's roots, as read from files or issued by the CA. Checks,
+    /// in this order: the bundle parses; the leaf is an X.509-SVID; its ID is
+    /// in `expected`'s trust domain and is `expected` itself (when given);
+    /// the key matches the leaf; the chain verifies against these roots for
+    /// every usage (which also rejects expired and not-yet-valid leaves).
+    pub fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key_der: PrivateKeyDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
+        usages: &[Usage],
+        expected: Option<&SpiffeId>,
+    ) -> Result<Identity, MaterialError> {
+        let material = material_digest(&chain, &key_der, &roots);
+        let bundle = TrustBundle::new(roots).map_err(|e| MaterialError::Bundle(e.to_string()))?;
+        let mut root_info = Vec::with_capacity(bundle.roots().len());
         for r in bundle.roots() {
             let (_, parsed) = x509_parser::parse_x509_certificate(r)
-                .map_err(|e| invalid(BUNDLE, format!("root does not parse: {e}")))?;
-            roots.push(RootInfo {
+                .map_err(|e| MaterialError::Bundle(format!("root does not parse: {e}")))?;
+            root_info.push(RootInfo {
                 subject: parsed.subject().to_string(),
                 sha256: keys::fingerprint(r),
                 not_after: rfc3339(parsed.validity().not_after.timestamp()),
             });
         }
-        let chain = keys::certs_from_pem(&read(CERT, &cfg.cert)?).map_err(|e| invalid(CERT, e))?;
-        let key_der =
-            keys::private_key_from_pem(&read(KEY, &cfg.key)?).map_err(|e| invalid(KEY, e))?;
-        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
-            .map_err(|e| invalid(KEY, format!("unsupported private key: {e}")))?;
-        let leaf = chain[0].clone();
+        let leaf = chain
+            .first()
+            .cloned()
+            .ok_or_else(|| MaterialError::Cert("no certificate in the chain".into()))?;
         let id = svid::check_leaf_der(&leaf)
-            .map_err(|e| invalid(CERT, format!("not a valid X.509-SVID: {e}")))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf)
-            .map_err(|e| invalid(CERT, format!("certificate does not parse: {e}")))?;
-        let serial = hex::encode(parsed.raw_serial());
-        let verifier = SvidVerifier::new(id.trust_domain(), bundle);
-        let now = UnixTime::now();
-        let mut not_after = parsed.validity().not_after.timestamp();
-        for usage in usages {
-            let v = verifier
-                .verify(&leaf, &chain[1..], now, *usage)
-                .map_err(|e| invalid(CERT, format!("does not verify against {BUNDLE}: {e}")))?;
-            not_after = v.not_after;
+            .map_err(|e| MaterialError::Cert(format!("not a valid X.509-SVID: {e}")))?;
+        if let Some(want) = expected {
+            if id.trust_domain_name() != want.trust_domain_name() {
+                return Err(MaterialError::ForeignTrustDomain {
+                    expected: want.trust_domain_name().to_owned(),
+                    got: id.to_string(),
+                });
+            }
+            if id != *want {
+                return Err(MaterialError::IdChanged {
+                    expected: want.to_string(),
+                    got: id.to_string(),
+                });
+            }
         }
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
+            .map_err(|e| MaterialError::Key(format!("unsupported private key: {e}")))?;
+        let mut chain_info = Vec::with_capacity(chain.len());
+        for c in &chain {
+            let (_, parsed) = x509_parser::parse_x509_certificate(c)
+                .map_err(|e| MaterialError::Cert(format!("certificate does not parse: {e}")))?;
+            chain_info.push(ChainCertInfo {
+                subject: parsed.subject().to_string(),
+                issuer: parsed.issuer().to_string(),
+                sha256: keys::fingerprint(c),
+            });
+        }
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf)
+            .map_err(|e| MaterialError::Cert(format!("certificate does not parse: {e}")))?;
+        let serial = hex::encode(parsed.raw_serial());
+        let not_before = parsed.validity().not_before.timestamp();
+        let mut not_after = parsed.validity().not_after.timestamp();
         let certified = CertifiedKey::new(chain, signing);
+        // Before the chain: "certificate replaced before its key" is the
+        // common half-written state, and deserves its own label.
         certified
             .keys_match()
-            .map_err(|e| invalid(KEY, format!("private key does not match {CERT}: {e}")))?;
+            .map_err(|_| MaterialError::KeyMismatch)?;
+        let verifier = SvidVerifier::new(id.trust_domain(), bundle);
+        let now = UnixTime::now();
+        for usage in usages {
+            let v = verifier
+                .verify(&leaf, &certified.cert[1..], now, *usage)
+                .map_err(MaterialError::Verify)?;
+            not_after = v.not_after;
+        }
         Ok(Identity {
             key_der,
             id,
@@ -168,8 +377,28 @@ impl Identity {
             verifier,
             serial,
             not_after,
-            roots,
+            not_before,
+            roots: root_info,
+            chain: chain_info,
+            material,
         })
+    }
+
+    /// The same certificate and key with another bundle (a refresh from the
+    /// CA). The leaf must still verify against it: a bundle that does not
+    /// trust our own certificate would have peers refuse us too.
+    pub fn with_bundle(
+        &self,
+        roots: Vec<CertificateDer<'static>>,
+        usages: &[Usage],
+    ) -> Result<Identity, MaterialError> {
+        Identity::from_parts(
+            self.certified.cert.clone(),
+            self.key_der.clone_key(),
+            roots,
+            usages,
+            Some(&self.id),
+        )
     }
 
     /// `/identity` as JSON.
@@ -179,34 +408,69 @@ impl Identity {
             "serial": self.serial,
             "not_after": rfc3339(self.not_after),
             "not_after_unix": self.not_after,
+            "not_before": rfc3339(self.not_before),
+            "not_before_unix": self.not_before,
             "trust_domain": self.verifier.trust_domain().as_str(),
             "trust_roots": self.roots,
+            "chain": self.chain,
         })
     }
 }
 
-/// Holds the current identity; swapped atomically on reload.
+/// Holds the current identity; swapped atomically on reload and renewal.
+/// Empty only while an `[identity.ca]` proxy waits for its first
+/// certificate, before any data listener is bound.
 #[derive(Debug)]
 pub struct IdentityStore {
-    current: ArcSwap<Identity>,
+    current: ArcSwapOption<Identity>,
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 impl IdentityStore {
     /// A store holding `identity`.
     pub fn new(identity: Identity) -> Arc<IdentityStore> {
         Arc::new(IdentityStore {
-            current: ArcSwap::from_pointee(identity),
+            current: ArcSwapOption::from_pointee(identity),
+            held: tokio::sync::watch::Sender::new(true),
         })
     }
 
-    /// The identity in use now.
-    pub fn current(&self) -> Arc<Identity> {
+    /// A store without an identity yet (`[identity.ca]` before bootstrap).
+    pub fn empty() -> Arc<IdentityStore> {
+        Arc::new(IdentityStore {
+            current: ArcSwapOption::empty(),
+            held: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    /// The identity in use, if one is held yet.
+    pub fn get(&self) -> Option<Arc<Identity>> {
         self.current.load_full()
     }
 
-    /// Replaces the identity for every later handshake (hot reload).
+    /// The identity in use, on the data path.
+    ///
+    /// # Panics
+    /// If no identity is held yet. The inbound and outbound are bound only
+    /// after the first identity is installed, and one is never removed, so
+    /// the data path cannot observe an empty store.
+    pub fn current(&self) -> Arc<Identity> {
+        self.get()
+            .expect("data listeners are bound only once an identity is held")
+    }
+
+    /// Replaces the identity for every later handshake (hot reload,
+    /// renewal); established connections keep the one they negotiated.
     pub fn replace(&self, identity: Identity) {
-        self.current.store(Arc::new(identity));
+        self.current.store(Some(Arc::new(identity)));
+        self.held.send_replace(true);
+    }
+
+    /// Resolves once an identity is held.
+    pub async fn wait_held(&self) {
+        let mut rx = self.held.subscribe();
+        // The sender lives in `self`, so this cannot fail while we wait.
+        let _ = rx.wait_for(|h| *h).await;
     }
 }
 
@@ -314,7 +578,12 @@ pub struct CertResolver {
 
 impl rustls::server::ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.store.current.load().certified.clone())
+        // No identity yet: rustls aborts the handshake.
+        self.store
+            .current
+            .load()
+            .as_ref()
+            .map(|i| i.certified.clone())
     }
 }
 
@@ -324,7 +593,11 @@ impl rustls::client::ResolvesClientCert for CertResolver {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        Some(self.store.current.load().certified.clone())
+        self.store
+            .current
+            .load()
+            .as_ref()
+            .map(|i| i.certified.clone())
     }
 
     fn has_certs(&self) -> bool {
@@ -353,6 +626,13 @@ impl ClientCertVerifier for SvidClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let id = self.store.current.load();
+        let Some(id) = id.as_ref() else {
+            return Err(reject(
+                "protocol",
+                "no identity held yet".into(),
+                end_entity,
+            ));
+        };
         id.verifier
             .verify(end_entity, intermediates, now, Usage::ClientAuth)
             .map_err(|e| verify_error(e, end_entity))?;
@@ -401,6 +681,13 @@ impl ServerCertVerifier for SvidServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let id = self.store.current.load();
+        let Some(id) = id.as_ref() else {
+            return Err(reject(
+                "protocol",
+                "no identity held yet".into(),
+                end_entity,
+            ));
+        };
         let v = id
             .verifier
             .verify(end_entity, intermediates, now, Usage::ServerAuth)

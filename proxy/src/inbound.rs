@@ -102,6 +102,9 @@ pub enum InboundError {
     /// `inbound.app` is not a valid URI authority.
     #[error("inbound.app: {0}")]
     App(String),
+    /// The step-up verifier could not be built.
+    #[error(transparent)]
+    StepUp(#[from] crate::stepup::VerifierStartError),
 }
 
 impl Inbound {
@@ -135,7 +138,7 @@ impl Inbound {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             need_exporter: policy.any_step_up(),
             policy,
-            stepup: InboundStepUp::new(cfg.stepup.clone()),
+            stepup: InboundStepUp::new(&cfg.stepup, &cfg.routes, metrics)?,
             app: AppClient {
                 h1,
                 h2,
@@ -214,10 +217,24 @@ impl Inbound {
             return;
         };
         tracing::debug!(peer = %remote, peer_id = %peer.id, "inbound connection");
+        // The verifier's view of the caller, once per connection: the key
+        // from the verified leaf and this connection's channel binding.
+        let stepup = if self.need_exporter {
+            match keyproof_stepup::Peer::from_cert_der(&peer.leaf, exporter) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::info!(peer = %remote, peer_id = %peer.id, error = %e, "caller's key cannot sign stepup-v1; step-up routes will refuse it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let conn = Arc::new(InboundConn {
             peer,
             remote,
             exporter,
+            stepup,
             xfcc,
         });
         let this = self.clone();
@@ -264,14 +281,14 @@ impl Inbound {
         parts.headers.remove(&STEP_UP_VERIFIED);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
-        let mut req = Request::from_parts(parts, ProxyBody::Stream(body));
+        let req = Request::from_parts(parts, ProxyBody::Stream(body));
         if let Some(r) = route.filter(|r| r.step_up) {
-            req = match self.stepup.verify(req, conn, r).await {
-                Ok(req) => req,
+            let (req, verified) = match self.stepup.verify(req, conn, r).await {
+                Ok(v) => v,
                 Err(resp) => return resp,
             };
             let mut resp = self.forward(req).await;
-            self.stepup.on_response(&mut resp, conn, r);
+            self.stepup.on_response(&mut resp, conn, r, verified);
             return resp;
         }
         self.forward(req).await

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod ca_identity;
 pub mod config;
 pub mod identity;
 pub mod inbound;
@@ -12,8 +13,10 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod quickstart;
+pub mod reload;
 pub mod server;
 pub mod stepup;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -21,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyproof_ca::Usage;
-use tokio::sync::watch;
 
 pub use config::Config;
+use config::IdentitySource;
 use identity::{Identity, IdentityStore};
 
 /// Why the proxy could not start. Every variant names what to fix.
@@ -79,7 +82,12 @@ fn pattern_trust_domain(p: &keyproof_ca::IdPattern) -> String {
 /// own trust domain, so an `allow` or `identity` naming another one is a
 /// configuration mistake, better caught at startup than as a 403 or 502.
 pub fn check_trust_domains(cfg: &Config, identity: &Identity) -> Result<(), StartError> {
-    let ours = identity.id.trust_domain_name();
+    check_trust_domain_name(cfg, identity.id.trust_domain_name())
+}
+
+/// [`check_trust_domains`] against a trust domain name (`[identity.ca]`
+/// knows it from `spiffe_id` before any certificate is held).
+pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartError> {
     let check = |key: String, p: &keyproof_ca::IdPattern| {
         let td = pattern_trust_domain(p);
         if td != ours {
@@ -117,14 +125,25 @@ pub struct Running {
     pub identity: Arc<IdentityStore>,
     /// Admin state (readiness, metrics).
     pub admin: Arc<admin::AdminState>,
-    stop_accepting: watch::Sender<bool>,
-    stop_admin: watch::Sender<bool>,
+    stop_accepting: tokio::sync::watch::Sender<bool>,
+    stop_admin: tokio::sync::watch::Sender<bool>,
     tracker: Arc<server::Tracker>,
     grace: Duration,
+    /// The reloader (`[identity.files]`) or renewer (`[identity.ca]`).
+    identity_task: tokio::task::JoinHandle<()>,
 }
 
-/// Loads the identity (before any port is bound, so a bad file fails fast),
-/// binds every listener and starts serving. Must run inside a Tokio runtime.
+/// Loads the identity (`[identity.files]`: before any port is bound, so a
+/// bad file fails fast) and starts its reloader or renewer, binds the admin
+/// listener, then (`[identity.ca]`: once the first certificate is held)
+/// binds the inbound and outbound and starts serving. Must run inside a
+/// Tokio runtime.
+///
+/// `[identity.ca]` delays binding the data listeners rather than binding
+/// them early and failing handshakes: until a certificate is held, callers
+/// get "connection refused", which every client treats as "not up yet" and
+/// retries safely, instead of TLS failures that look like a broken peer;
+/// `/ready` answers 503 meanwhile, so Kubernetes routes nothing here.
 pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let metrics = metrics::Metrics::new()?;
     let mut usages = Vec::new();
@@ -134,11 +153,69 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     if cfg.outbound.is_some() {
         usages.push(Usage::ClientAuth);
     }
-    let identity = Identity::load(&cfg.identity, &usages)?;
-    check_trust_domains(cfg, &identity)?;
-    metrics.cert_expiry.set(identity.not_after as f64);
-    tracing::info!(spiffe_id = %identity.id, serial = %identity.serial, not_after = identity.not_after, "identity loaded");
-    let store = IdentityStore::new(identity);
+    let (store, identity_task) = match &cfg.identity.source {
+        IdentitySource::Files(files) => {
+            let identity = Identity::load(&cfg.identity, &usages)?;
+            check_trust_domains(cfg, &identity)?;
+            metrics.identity_installed(&identity);
+            tracing::info!(spiffe_id = %identity.id, serial = %identity.serial, not_after = identity.not_after, "identity loaded");
+            let store = IdentityStore::new(identity);
+            let task = reload::Reloader::new(
+                reload::IdentityFiles {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                    bundle: cfg.identity.trust_bundle.clone(),
+                },
+                store.clone(),
+                metrics.clone(),
+                usages.clone(),
+            )
+            .spawn(cfg.identity.reload_interval);
+            (store, task)
+        }
+        IdentitySource::Ca(ca) => {
+            check_trust_domain_name(cfg, ca.spiffe_id.trust_domain_name())?;
+            let store = IdentityStore::empty();
+            let task = ca_identity::start(
+                &cfg.identity,
+                ca,
+                store.clone(),
+                metrics.clone(),
+                usages.clone(),
+            )?;
+            (store, task)
+        }
+    };
+    // Stops the background task if start fails or is cancelled from here on.
+    let cancel_identity = AbortOnDrop(Some(identity_task.abort_handle()));
+
+    let bind = |key: &'static str, addr: SocketAddr| {
+        server::bind(addr).map_err(|source| StartError::Bind { key, addr, source })
+    };
+    let admin_l = cfg
+        .admin
+        .as_ref()
+        .map(|c| bind("admin.listen", c.listen))
+        .transpose()?;
+    let (stop_admin, admin_rx) = tokio::sync::watch::channel(false);
+    let admin_state = Arc::new(admin::AdminState {
+        metrics: metrics.clone(),
+        store: store.clone(),
+        ready: false.into(),
+        draining: false.into(),
+    });
+    let mut admin_addr = None;
+    if let Some(l) = admin_l {
+        admin_addr = l.local_addr().ok();
+        tracing::info!(listen = %fmt_addr(admin_addr), "admin listening");
+        tokio::spawn(admin::serve(l, admin_state.clone(), admin_rx));
+    }
+    // Should start fail or be cancelled from here on, dropping `stop_admin`
+    // stops the admin listener.
+    if store.get().is_none() {
+        tracing::info!("waiting for the first certificate before binding the inbound and outbound");
+        store.wait_held().await;
+    }
 
     let inbound = cfg
         .inbound
@@ -151,9 +228,6 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         .map(|c| outbound::Outbound::new(c, store.clone(), &metrics))
         .transpose()?;
 
-    let bind = |key: &'static str, addr: SocketAddr| {
-        server::bind(addr).map_err(|source| StartError::Bind { key, addr, source })
-    };
     let in_l = cfg
         .inbound
         .as_ref()
@@ -164,33 +238,23 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         .as_ref()
         .map(|c| bind("outbound.listen", c.listen))
         .transpose()?;
-    let admin_l = cfg
-        .admin
-        .as_ref()
-        .map(|c| bind("admin.listen", c.listen))
-        .transpose()?;
 
-    let (stop_accepting, stop_rx) = watch::channel(false);
-    let (stop_admin, admin_rx) = watch::channel(false);
+    let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
     let tracker = Arc::new(server::Tracker::default());
-    let admin_state = Arc::new(admin::AdminState {
-        metrics: metrics.clone(),
-        store: store.clone(),
-        ready: false.into(),
-        draining: false.into(),
-    });
 
     let mut running = Running {
         inbound_addr: None,
         outbound_addr: None,
-        admin_addr: None,
+        admin_addr,
         identity: store,
         admin: admin_state.clone(),
         stop_accepting,
         stop_admin,
         tracker: tracker.clone(),
         grace: cfg.runtime.shutdown_grace,
+        identity_task,
     };
+    cancel_identity.disarm();
     if let (Some(l), Some(ib), Some(c)) = (in_l, inbound, cfg.inbound.as_ref()) {
         running.inbound_addr = l.local_addr().ok();
         tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
@@ -220,13 +284,25 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             move |tcp, remote, guards| ob.clone().connection(tcp, remote, guards, rx.clone()),
         ));
     }
-    if let Some(l) = admin_l {
-        running.admin_addr = l.local_addr().ok();
-        tracing::info!(listen = %fmt_addr(running.admin_addr), "admin listening");
-        tokio::spawn(admin::serve(l, admin_state.clone(), admin_rx));
-    }
     admin_state.ready.store(true, Ordering::Release);
     Ok(running)
+}
+
+/// Aborts a task when dropped, unless disarmed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
 }
 
 impl Running {
@@ -243,6 +319,7 @@ impl Running {
             tracing::warn!("grace period over; closing remaining connections");
         }
         let _ = self.stop_admin.send(true);
+        self.identity_task.abort();
     }
 }
 
@@ -289,8 +366,17 @@ pub fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, StartEr
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let rt = runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async {
-        let running = start(&cfg).await?;
-        shutdown_signal().await;
+        // One signal listener for the whole life: `[identity.ca]` may wait
+        // for the CA in `start`, and a SIGTERM then must still stop us.
+        let mut stop = std::pin::pin!(shutdown_signal());
+        let running = tokio::select! {
+            r = start(&cfg) => r?,
+            _ = &mut stop => {
+                tracing::info!("stopped before the first certificate was obtained");
+                return Ok(());
+            }
+        };
+        stop.await;
         running.shutdown().await;
         tracing::info!("stopped");
         Ok(())

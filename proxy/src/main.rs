@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use keyproof_proxy::config::{Config, LogFormat};
+use keyproof_proxy::config::{Config, IdentitySource, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -69,12 +69,29 @@ fn real_main() -> anyhow::Result<()> {
             if cfg.outbound.is_some() {
                 usages.push(keyproof_ca::Usage::ClientAuth);
             }
-            let id = keyproof_proxy::identity::Identity::load(&cfg.identity, &usages)
-                .with_context(|| format!("invalid configuration {}", config.display()))?;
-            keyproof_proxy::check_trust_domains(&cfg, &id)
-                .with_context(|| format!("invalid configuration {}", config.display()))?;
-            print!("{}", cfg.explain());
-            println!("identity {} (serial {}), valid", id.id, id.serial);
+            let invalid = || format!("invalid configuration {}", config.display());
+            match &cfg.identity.source {
+                IdentitySource::Files(_) => {
+                    let id = keyproof_proxy::identity::Identity::load(&cfg.identity, &usages)
+                        .with_context(invalid)?;
+                    keyproof_proxy::check_trust_domains(&cfg, &id).with_context(invalid)?;
+                    print!("{}", cfg.explain());
+                    println!("identity {} (serial {}), valid", id.id, id.serial);
+                }
+                IdentitySource::Ca(ca) => {
+                    // The certificate exists only at run time; check what
+                    // can be checked now: the bootstrap bundle and patterns.
+                    keyproof_proxy::ca_identity::bootstrap_trust(&cfg.identity, ca)
+                        .with_context(invalid)?;
+                    keyproof_proxy::check_trust_domain_name(&cfg, ca.spiffe_id.trust_domain_name())
+                        .with_context(invalid)?;
+                    print!("{}", cfg.explain());
+                    println!(
+                        "identity {} will be obtained from {} at startup",
+                        ca.spiffe_id, ca.url
+                    );
+                }
+            }
             println!("configuration OK");
             Ok(())
         }

@@ -80,6 +80,10 @@ pub struct Metrics {
     authz_denied: IntCounterVec,
     /// `keyproof_identity_cert_expiry_timestamp_seconds`.
     pub cert_expiry: Gauge,
+    /// `keyproof_identity_cert_issued_timestamp_seconds`.
+    pub cert_issued: Gauge,
+    reloads: IntCounterVec,
+    renewals: IntCounterVec,
 }
 
 const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -137,6 +141,34 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(authz_denied.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
+        let cert_issued = Gauge::new(
+            "keyproof_identity_cert_issued_timestamp_seconds",
+            "notBefore of the workload certificate in use, seconds since the epoch.",
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "keyproof_identity_reloads_total",
+                "[identity.files] changes seen, by result: ok (in use) or why they were refused.",
+            ),
+            &["result"],
+        )?;
+        let renewals = IntCounterVec::new(
+            Opts::new(
+                "keyproof_identity_renewals_total",
+                "[identity.ca] bootstraps and renewals, by result.",
+            ),
+            &["result"],
+        )?;
+        // Every label at 0 from the start, so increase() sees the first event.
+        for r in crate::identity::RELOAD_RESULTS {
+            reloads.with_label_values(&[r]);
+        }
+        for r in crate::ca_identity::RENEWAL_RESULTS {
+            renewals.with_label_values(&[r]);
+        }
+        registry.register(Box::new(cert_issued.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(renewals.clone()))?;
         let dir = |d: Direction| DirectionMetrics {
             handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
             connections_open: open.with_label_values(&[d.as_str()]),
@@ -149,7 +181,26 @@ impl Metrics {
             registry,
             authz_denied,
             cert_expiry,
+            cert_issued,
+            reloads,
+            renewals,
         })
+    }
+
+    /// Counts one `[identity.files]` reload outcome.
+    pub fn reload(&self, result: &str) {
+        self.reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Counts one `[identity.ca]` issuance outcome.
+    pub fn renewal(&self, result: &str) {
+        self.renewals.with_label_values(&[result]).inc();
+    }
+
+    /// Sets the certificate gauges for the identity now in use.
+    pub fn identity_installed(&self, identity: &crate::identity::Identity) {
+        self.cert_expiry.set(identity.not_after as f64);
+        self.cert_issued.set(identity.not_before as f64);
     }
 
     /// Children for one direction.

@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keyproof_ca::svid;
+use keyproof_stepup::is_stepup_challenge;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -42,7 +43,7 @@ use crate::identity::{self, IdentityStore};
 use crate::inbound::root_cause;
 use crate::metrics::DirectionMetrics;
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
-use crate::stepup::{MeshConnInfo, OutboundStepUp};
+use crate::stepup::{tee, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, Template};
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -345,6 +346,8 @@ struct Upstream {
     h2: H2Conn,
     /// Set once the upstream turned out not to offer `h2`.
     h1_only: AtomicBool,
+    /// Paths of this upstream that demanded step-up: buffered, signed.
+    stepup_paths: StepUpPaths,
 }
 
 /// A failure to build the outbound.
@@ -353,6 +356,9 @@ pub enum OutboundError {
     /// rustls refused the configuration.
     #[error("outbound TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// Registering the step-up metrics failed (a bug).
+    #[error("step-up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// An address is not a valid authority.
     #[error("{key}: {msg}")]
     Address {
@@ -427,6 +433,7 @@ impl Outbound {
                     current: ArcSwapOption::empty(),
                     dialing: tokio::sync::Mutex::new(()),
                 },
+                stepup_paths: StepUpPaths::default(),
             });
             if u.host == "*" {
                 fallback = Some(i);
@@ -438,9 +445,7 @@ impl Outbound {
             upstreams,
             by_host,
             fallback,
-            stepup: OutboundStepUp {
-                max_body: cfg.stepup_max_body,
-            },
+            stepup: OutboundStepUp::new(cfg.stepup_max_body, store.clone(), metrics)?,
             metrics: metrics.outbound.clone(),
             builders: Builders::new(&cfg.limits),
             cfg: cfg.clone(),
@@ -554,37 +559,95 @@ impl Outbound {
         if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             parts.headers.insert(header::HOST, v);
         }
-        let req = Request::from_parts(parts, ProxyBody::Stream(body));
-        let sent = self
-            .stepup
-            .send(req, |req| async move {
-                if orig_h2 || !up.h1_only.load(Ordering::Relaxed) {
-                    match up.h2.sender().await {
-                        Ok((send, info)) => return send_h2(up, send, info, req).await,
-                        Err(ForwardError::NotH2) if !orig_h2 => {
-                            tracing::info!(upstream = %up.cfg.address, "upstream does not offer h2; using an HTTP/1.1 pool");
-                            up.h1_only.store(true, Ordering::Relaxed);
-                        }
-                        Err(e) => return Err(e),
-                    }
+        if up.stepup_paths.contains(parts.uri.path()) && !up.h1_only.load(Ordering::Relaxed) {
+            // A path that demanded step-up before: buffered and sent on the
+            // h2 connection, signed up front when a nonce is kept.
+            let template = Template::new(parts.method, parts.uri, parts.version, parts.headers);
+            let sent = self
+                .stepup
+                .send_known(|| up.h2.sender(), template, body)
+                .await;
+            return self.respond(up, sent);
+        }
+        // Every other request streams. Its head and a bounded copy of its
+        // body (reference-counted chunks, no copying) are kept until the
+        // response head arrives, so that a first step-up challenge can be
+        // answered without the app noticing.
+        let head = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        );
+        let (body, copy) = if body.is_end_stream() {
+            (ProxyBody::Stream(body), None)
+        } else {
+            let (body, copy) = tee(body, self.stepup.max_body());
+            (ProxyBody::Tee(body), Some(copy))
+        };
+        let req = Request::from_parts(parts, body);
+        let sent = match self.send(up, orig_h2, req).await {
+            Ok(resp) if is_stepup_challenge(resp.status(), resp.headers()) => {
+                if up.h1_only.load(Ordering::Relaxed) {
+                    // No h2 connection: nowhere to send a request signed for
+                    // a known channel binding.
+                    Ok(self.stepup.pass_unanswerable(resp))
+                } else {
+                    let head = Template::new(head.0, head.1, head.2, head.3);
+                    up.stepup_paths.learn(head.path());
+                    let replay = copy.map_or(Replay::Body(bytes::Bytes::new()), |c| c.replay());
+                    self.stepup
+                        .answer_replay(|| up.h2.sender(), resp, &head, replay)
+                        .await
                 }
-                up.h1.request(req).await.map_err(|e| {
-                    let mut cur: &(dyn std::error::Error + 'static) = &e;
-                    loop {
-                        if let Some(c) = cur.downcast_ref::<ConnectError>() {
-                            return ForwardError::Connect(c.clone());
-                        }
-                        match cur.source() {
-                            Some(n) => cur = n,
-                            None => break,
-                        }
-                    }
-                    ForwardError::Upstream(root_cause(&e))
-                })
-            })
-            .await;
+            }
+            Ok(resp) => Ok(resp.map(ProxyBody::Stream)),
+            Err(e) => Err(e),
+        };
+        self.respond(up, sent)
+    }
+
+    /// Sends on the upstream's h2 connection, or on the HTTP/1.1 pool when
+    /// the upstream does not offer h2 (HTTP/1.1 requests only).
+    async fn send(
+        &self,
+        up: &Upstream,
+        orig_h2: bool,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        if orig_h2 || !up.h1_only.load(Ordering::Relaxed) {
+            match up.h2.sender().await {
+                Ok((send, info)) => return send_h2(up, send, info, req).await,
+                Err(ForwardError::NotH2) if !orig_h2 => {
+                    tracing::info!(upstream = %up.cfg.address, "upstream does not offer h2; using an HTTP/1.1 pool");
+                    up.h1_only.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        up.h1.request(req).await.map_err(|e| {
+            let mut cur: &(dyn std::error::Error + 'static) = &e;
+            loop {
+                if let Some(c) = cur.downcast_ref::<ConnectError>() {
+                    return ForwardError::Connect(c.clone());
+                }
+                match cur.source() {
+                    Some(n) => cur = n,
+                    None => break,
+                }
+            }
+            ForwardError::Upstream(root_cause(&e))
+        })
+    }
+
+    /// The app's response, or why the forward failed.
+    fn respond(
+        &self,
+        up: &Upstream,
+        sent: Result<Response<ProxyBody>, ForwardError>,
+    ) -> Response<ProxyBody> {
         match sent {
-            Ok(resp) => resp.map(ProxyBody::Stream),
+            Ok(resp) => resp,
             Err(ForwardError::Connect(e)) => text(e.status(), format!("{e}\n")),
             Err(ForwardError::NotH2) => text(
                 StatusCode::BAD_GATEWAY,

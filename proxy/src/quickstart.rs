@@ -105,8 +105,15 @@ async fn demo_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
         .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("URI=")))
         .unwrap_or("unknown")
         .to_owned();
+    // The inbound sidecar sets this header only after a step-up proof
+    // verified (a copy sent by a caller is removed first).
+    let step_up = if req.headers().contains_key("x-keyproof-step-up") {
+        ", step-up verified"
+    } else {
+        ""
+    };
     Ok(Response::new(Full::new(Bytes::from(format!(
-        "hello from the demo app: {} {} called by {caller}\n",
+        "hello from the demo app: {} {} called by {caller}{step_up}\n",
         req.method(),
         req.uri().path()
     )))))
@@ -159,6 +166,7 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
     let api_cfg = format!(
         "[identity]\ntrust_bundle = {bundle:?}\n[identity.files]\ncert = {api_crt:?}\nkey = {api_key:?}\n\
          [inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app_addr}\"\n\
+         [[inbound.routes]]\npath_prefix = \"/admin/rotate\"\nmethods = [\"POST\"]\nallow = [\"spiffe://{TD}/ns/demo/sa/web\"]\nstep_up = true\n\
          [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://{TD}/ns/ops/*\"]\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n"
     );
@@ -191,12 +199,20 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
     println!();
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let send = |path: &'static str| {
+    let send = |method: http::Method, path: &'static str| {
         let client = client.clone();
         async move {
-            let req = Request::get(format!("http://{out_addr}{path}"))
+            let body = if method == http::Method::POST {
+                Bytes::from_static(DEMO_BODY)
+            } else {
+                Bytes::new()
+            };
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("http://{out_addr}{path}"))
                 .header(http::header::HOST, "api.demo")
-                .body(Full::new(Bytes::new()))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body))
                 .map_err(|e| QuickstartError::Request(e.to_string()))?;
             let resp = client
                 .request(req)
@@ -212,7 +228,7 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
             Ok::<_, QuickstartError>((status, body))
         }
     };
-    let (s, b) = send("/hello").await?;
+    let (s, b) = send(http::Method::GET, "/hello").await?;
     println!(
         "1. web -> api GET /hello (allowed):        {s} {}",
         b.trim()
@@ -224,7 +240,7 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
             got: s.as_u16(),
         });
     }
-    let (s, b) = send("/admin/reset").await?;
+    let (s, b) = send(http::Method::GET, "/admin/reset").await?;
     println!(
         "2. web -> api GET /admin/reset (denied):   {s} {}",
         b.trim()
@@ -236,9 +252,30 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
             got: s.as_u16(),
         });
     }
+    let (s, b) = send(http::Method::POST, "/admin/rotate").await?;
     println!(
-        "3. privileged step-up request:             not shown yet (step-up verifier not built in)"
+        "3. web -> api POST /admin/rotate (step-up): {s} {}",
+        b.trim()
     );
+    if s != StatusCode::OK {
+        return Err(QuickstartError::Unexpected {
+            what: "POST /admin/rotate",
+            expected: 200,
+            got: s.as_u16(),
+        });
+    }
+    let (first, signed, replayed, why) = captured_replay(&web, in_addr).await?;
+    println!(
+        "4. a caller's own signed request, captured and replayed on its connection:\n   \
+         unsigned {first}, signed {signed}, replayed {replayed} ({why})"
+    );
+    if replayed != StatusCode::UNAUTHORIZED || !why.contains("replay") {
+        return Err(QuickstartError::Unexpected {
+            what: "replayed POST /admin/rotate",
+            expected: 401,
+            got: replayed.as_u16(),
+        });
+    }
     println!();
     println!("metrics:  curl http://{}/metrics", fmt_addr(api.admin_addr));
     println!(
@@ -262,6 +299,89 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
     web.shutdown().await;
     api.shutdown().await;
     Ok(())
+}
+
+const DEMO_BODY: &[u8] = b"{\"rotate\":true}";
+
+fn request_error(e: impl std::fmt::Display) -> QuickstartError {
+    QuickstartError::Request(e.to_string())
+}
+
+/// Plays an attacker who captured a signed request: as web, straight over
+/// mutual TLS, take the challenge, sign, send (200), then send the very same
+/// bytes again on the same connection (401 `replay`). Returns the three
+/// statuses and the replay's `WWW-Authenticate`.
+async fn captured_replay(
+    web: &crate::Running,
+    in_addr: std::net::SocketAddr,
+) -> Result<(StatusCode, StatusCode, StatusCode, String), QuickstartError> {
+    let api = keyproof_ca::IdPattern::parse(&format!("spiffe://{TD}/ns/demo/sa/api"))
+        .map_err(request_error)?;
+    let tls = crate::identity::client_config(&web.identity, api, &[b"http/1.1"])
+        .map_err(request_error)?;
+    let tcp = tokio::net::TcpStream::connect(in_addr)
+        .await
+        .map_err(request_error)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(request_error)?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(request_error)?;
+    let mut exporter = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, keyproof_stepup::EXPORTER_LABEL, Some(b""))
+        .map_err(request_error)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(request_error)?;
+    tokio::spawn(conn);
+    let signer = crate::stepup::signer_for(&web.identity.current()).map_err(request_error)?;
+    let build = |headers: &http::HeaderMap| {
+        let mut b = Request::post("/admin/rotate")
+            .header(http::header::HOST, "api.demo")
+            .header(http::header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            b = b.header(k, v);
+        }
+        b.body(Full::new(Bytes::from_static(DEMO_BODY)))
+            .map_err(request_error)
+    };
+    let mut send = |req: Request<Full<Bytes>>| {
+        let fut = sender.send_request(req);
+        async move {
+            let resp = fut.await.map_err(request_error)?;
+            let (parts, body) = resp.into_parts();
+            let _ = body.collect().await;
+            Ok::<_, QuickstartError>(parts)
+        }
+    };
+    let challenge = send(build(&http::HeaderMap::new())?).await?;
+    let ch = keyproof_stepup::Challenge::from_headers(&challenge.headers)
+        .map_err(request_error)?
+        .ok_or_else(|| QuickstartError::Request("no step-up challenge".into()))?;
+    let (unsigned, _) = build(&http::HeaderMap::new())?.into_parts();
+    let view = keyproof_stepup::RequestView::from_parts(&unsigned);
+    let signed = signer
+        .sign(
+            &ch,
+            &view,
+            DEMO_BODY,
+            &exporter,
+            keyproof_stepup::unix_now(),
+        )
+        .map_err(request_error)?;
+    let mut headers = http::HeaderMap::new();
+    signed.apply(&mut headers);
+    let accepted = send(build(&headers)?).await?;
+    let replayed = send(build(&headers)?).await?;
+    let why = replayed
+        .headers
+        .get(http::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Ok((challenge.status, accepted.status, replayed.status, why))
 }
 
 fn fmt_addr(a: Option<std::net::SocketAddr>) -> String {

@@ -24,7 +24,11 @@ fn help_lists_the_commands() {
 fn check_config_names_an_unknown_key_and_fails() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("bad.toml");
-    std::fs::write(&cfg, "[identity]\ntrust_bundle = \"/nonexistent\"\nbogus_key = 1\n").expect("write");
+    std::fs::write(
+        &cfg,
+        "[identity]\ntrust_bundle = \"/nonexistent\"\nbogus_key = 1\n",
+    )
+    .expect("write");
     let out = proxy()
         .arg("check-config")
         .arg("--config")
@@ -33,5 +37,8 @@ fn check_config_names_an_unknown_key_and_fails() {
         .expect("run keyproof-proxy");
     assert!(!out.status.success(), "an unknown key must be refused");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bogus_key"), "the error must name the key: {err}");
+    assert!(
+        err.contains("bogus_key"),
+        "the error must name the key: {err}"
+    );
 }

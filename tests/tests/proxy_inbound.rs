@@ -315,9 +315,10 @@ fn route_policy_by_id_prefix_and_method() {
     assert!(body.contains("/private"), "{body}");
     // Default policy allow-trust-domain.
     assert_eq!(s.curl_as(&ops, &[], "/other").0, 200);
-    // Step-up route: allowed caller, but no verifier yet: fail closed.
+    // Step-up route: an allowed caller without a signature is challenged
+    // (tests/proxy_stepup.rs covers answering it).
     let (code, body, rc) = s.curl_as(&web, &["-X", "POST", "-d", "x"], "/privileged/op");
-    assert_eq!(code, 503, "curl rc {rc}: {body}\n{}", s.proxy.log_text());
+    assert_eq!(code, 401, "curl rc {rc}: {body}\n{}", s.proxy.log_text());
     assert!(body.contains("step-up"), "{body}");
     assert!(
         !body.contains("body-bytes"),

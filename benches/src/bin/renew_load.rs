@@ -23,7 +23,10 @@ use keyproof_ca::verify::{SvidVerifier, TrustBundle};
 use keyproof_ca::{Ca, IdPattern, SpiffeId};
 
 #[derive(Parser)]
-#[command(name = "renew-load", about = "Renewals per second through keyproof-ca serve")]
+#[command(
+    name = "renew-load",
+    about = "Renewals per second through keyproof-ca serve"
+)]
 struct Args {
     /// The CA directory the server uses (the tool issues its client SVIDs from it).
     #[arg(long)]
@@ -57,7 +60,10 @@ fn main() -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let ca = Ca::open(&args.dir)?;
     let bundle = TrustBundle::new(ca.bundle().to_vec())?;
-    let verifier = Arc::new(ArcSwap::from_pointee(SvidVerifier::new(ca.trust_domain().clone(), bundle)));
+    let verifier = Arc::new(ArcSwap::from_pointee(SvidVerifier::new(
+        ca.trust_domain().clone(),
+        bundle,
+    )));
     let client = CaClient::new(
         &format!("https://{}", args.addr),
         verifier,
@@ -70,7 +76,10 @@ async fn run(args: Args) -> Result<()> {
     for i in 0..args.concurrency {
         // Each worker has its own identity and a CSR made once: the server's
         // work (verify the CSR, sign, log) is what is measured, not the client's.
-        let id = SpiffeId::parse(&format!("{}/bench/worker-{i}", ca.trust_domain().id_string()))?;
+        let id = SpiffeId::parse(&format!(
+            "{}/bench/worker-{i}",
+            ca.trust_domain().id_string()
+        ))?;
         let kp = ca.key_type().generate()?;
         let issued = ca.sign(
             &IssueRequest {
@@ -83,7 +92,10 @@ async fn run(args: Args) -> Result<()> {
         )?;
         let key_der = rustls::pki_types::PrivateKeyDer::try_from(kp.serialize_der())
             .map_err(anyhow::Error::msg)?;
-        let identity = Arc::new(certified_key(vec![issued.leaf, issued.intermediate], &key_der)?);
+        let identity = Arc::new(certified_key(
+            vec![issued.leaf, issued.intermediate],
+            &key_der,
+        )?);
         let csr = new_key(ca.key_type(), id.as_str())?.csr_pem;
         let (client, done, failed) = (client.clone(), done.clone(), failed.clone());
         let new_connection = args.new_connection;
@@ -123,7 +135,11 @@ async fn run(args: Args) -> Result<()> {
     let ok = done.load(Ordering::Relaxed);
     println!(
         "mode={} concurrency={} seconds={secs:.1} renewals={ok} errors={} renewals_per_sec={:.0}",
-        if args.new_connection { "new-connection" } else { "keep-alive" },
+        if args.new_connection {
+            "new-connection"
+        } else {
+            "keep-alive"
+        },
         args.concurrency,
         failed.load(Ordering::Relaxed),
         ok as f64 / secs

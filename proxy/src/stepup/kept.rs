@@ -1,0 +1,150 @@
+//! Nonces kept by the outbound from verified responses' `Accept-Signature`,
+//! per (mesh connection, request path), to sign the next request to that
+//! path up front (design §5: zero extra round trips in steady state).
+//!
+//! Each key holds a small FIFO pool rather than one nonce: with `c`
+//! concurrent requests to one path on one connection, every response brings
+//! a nonce and every request takes one, so the pool settles at about `c`.
+//! Keeping only the latest would strand the others on the inbound, counted
+//! against its per-peer bound until they expire, and turn into 429s.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use keyproof_stepup::Challenge;
+
+/// Kept nonces older than this are dropped rather than used: the inbound's
+/// default lifetime is 30 s, and using an expired one costs a challenge.
+const KEEP_FOR: Duration = Duration::from_secs(25);
+/// Bound per (connection, path): the inbound's default per-peer bound.
+const MAX_PER_PATH: usize = 64;
+/// Bound on all kept nonces.
+const MAX_TOTAL: usize = 4096;
+
+type Pool = VecDeque<(Challenge, Instant)>;
+
+#[derive(Default)]
+struct Inner {
+    by_conn: HashMap<u64, HashMap<String, Pool>>,
+    len: usize,
+}
+
+/// The kept nonces of one outbound.
+#[derive(Default)]
+pub struct KeptNonces(Mutex<Inner>);
+
+impl std::fmt::Debug for KeptNonces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptNonces")
+            .field("len", &self.lock().len)
+            .finish()
+    }
+}
+
+impl KeptNonces {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every mutation keeps `len` consistent before it can panic.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The oldest fresh nonce kept for `path` on connection `conn_id`
+    /// (removed: each nonce is used once). Stale ones are dropped on the way.
+    pub fn take(&self, conn_id: u64, path: &str) -> Option<Challenge> {
+        let mut k = self.lock();
+        let per_conn = k.by_conn.get_mut(&conn_id)?;
+        let pool = per_conn.get_mut(path)?;
+        let mut taken = 0;
+        let mut found = None;
+        while let Some((ch, at)) = pool.pop_front() {
+            taken += 1;
+            if at.elapsed() < KEEP_FOR {
+                found = Some(ch);
+                break;
+            }
+        }
+        if pool.is_empty() {
+            per_conn.remove(path);
+            if per_conn.is_empty() {
+                k.by_conn.remove(&conn_id);
+            }
+        }
+        k.len -= taken;
+        found
+    }
+
+    /// Keeps `ch` for `path` on connection `conn_id`, within the bounds (a
+    /// nonce that does not fit is dropped; the request it would have signed
+    /// is challenged instead).
+    pub fn keep(&self, conn_id: u64, path: &str, ch: Challenge) {
+        let mut k = self.lock();
+        if k.len >= MAX_TOTAL {
+            // Drop stale entries (closed connections, unused paths).
+            let mut len = 0;
+            k.by_conn.retain(|_, paths| {
+                paths.retain(|_, pool| {
+                    pool.retain(|(_, at)| at.elapsed() < KEEP_FOR);
+                    len += pool.len();
+                    !pool.is_empty()
+                });
+                !paths.is_empty()
+            });
+            k.len = len;
+            if k.len >= MAX_TOTAL {
+                return;
+            }
+        }
+        let k = &mut *k;
+        let paths = k.by_conn.entry(conn_id).or_default();
+        if !paths.contains_key(path) {
+            paths.insert(path.to_owned(), Pool::new());
+        }
+        let Some(pool) = paths.get_mut(path) else {
+            return;
+        };
+        if pool.len() >= MAX_PER_PATH {
+            return;
+        }
+        pool.push_back((ch, Instant::now()));
+        k.len += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(n: &str) -> Challenge {
+        Challenge {
+            components: vec![],
+            nonce: n.into(),
+            alg: "ed25519".into(),
+            keyid: "k".into(),
+            tag: "stepup-v1".into(),
+        }
+    }
+
+    #[test]
+    fn fifo_per_connection_and_path() {
+        let k = KeptNonces::default();
+        k.keep(1, "/a", ch("n1"));
+        k.keep(1, "/a", ch("n2"));
+        k.keep(2, "/a", ch("other-conn"));
+        assert_eq!(k.take(1, "/b"), None);
+        assert_eq!(k.take(1, "/a").map(|c| c.nonce), Some("n1".into()));
+        assert_eq!(k.take(1, "/a").map(|c| c.nonce), Some("n2".into()));
+        assert_eq!(k.take(1, "/a"), None);
+        assert_eq!(k.take(2, "/a").map(|c| c.nonce), Some("other-conn".into()));
+        assert_eq!(k.lock().len, 0);
+        assert!(k.lock().by_conn.is_empty());
+    }
+
+    #[test]
+    fn bounded_per_path() {
+        let k = KeptNonces::default();
+        for i in 0..MAX_PER_PATH + 5 {
+            k.keep(1, "/a", ch(&i.to_string()));
+        }
+        assert_eq!(k.lock().len, MAX_PER_PATH);
+    }
+}

@@ -1,0 +1,136 @@
+//! A request body streamed to the upstream while a bounded copy is kept, so
+//! that a step-up challenge to a request on a path not yet known to need
+//! step-up can be answered by replaying the body.
+//!
+//! The copy is a list of `Bytes` handles (reference counts, no memcpy) and
+//! stops at `[outbound.stepup] max_body`; beyond that the copy is dropped and
+//! a challenge gets a clear 413 instead of a silent failure.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+#[derive(Debug, Default)]
+struct TeeState {
+    chunks: Vec<Bytes>,
+    len: usize,
+    overflow: bool,
+    complete: bool,
+}
+
+fn lock(m: &Mutex<TeeState>) -> MutexGuard<'_, TeeState> {
+    // Every mutation is a single push or flag store: a poisoned lock cannot
+    // hold a half-written state.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The streaming half: forwards `Incoming` frame by frame, keeping a copy.
+#[derive(Debug)]
+pub struct TeeBody {
+    inner: Incoming,
+    state: Arc<Mutex<TeeState>>,
+    limit: usize,
+}
+
+/// The keeping half: what can be replayed once the response is known.
+#[derive(Debug)]
+pub struct TeeHandle(Arc<Mutex<TeeState>>);
+
+/// The body available for a replay.
+#[derive(Debug)]
+pub enum Replay {
+    /// The whole body, as sent.
+    Body(Bytes),
+    /// The body was larger than the bound.
+    TooLarge,
+    /// The upstream answered before the whole body was sent.
+    Incomplete,
+}
+
+/// Wraps `body` (which must not be at its end already; an empty body needs
+/// no copy) with a copy bounded by `limit`.
+pub fn tee(body: Incoming, limit: usize) -> (TeeBody, TeeHandle) {
+    let state = Arc::new(Mutex::new(TeeState::default()));
+    (
+        TeeBody {
+            inner: body,
+            state: state.clone(),
+            limit,
+        },
+        TeeHandle(state),
+    )
+}
+
+impl TeeHandle {
+    /// The body for a replay.
+    pub fn replay(&self) -> Replay {
+        let mut s = lock(&self.0);
+        if s.overflow {
+            return Replay::TooLarge;
+        }
+        if !s.complete {
+            return Replay::Incomplete;
+        }
+        let chunks = std::mem::take(&mut s.chunks);
+        Replay::Body(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut b = BytesMut::with_capacity(s.len);
+                for c in &chunks {
+                    b.extend_from_slice(c);
+                }
+                b.freeze()
+            }
+        })
+    }
+}
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let mut s = lock(&this.state);
+                if let Some(d) = frame.data_ref() {
+                    if !s.overflow {
+                        if s.len + d.len() > this.limit {
+                            s.overflow = true;
+                            s.chunks = Vec::new();
+                        } else {
+                            s.len += d.len();
+                            s.chunks.push(d.clone());
+                        }
+                    }
+                }
+                // The sender may never poll again once the body says it has
+                // ended, so completion is noted with the last frame.
+                if this.inner.is_end_stream() {
+                    s.complete = true;
+                }
+            }
+            Poll::Ready(None) => lock(&this.state).complete = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,537 @@
+//! The outbound hook: answers stepup-v1 challenges with the workload key so
+//! that applications change nothing.
+//!
+//! Signing needs the TLS exporter of the connection the request will travel
+//! on *before* it is sent, so every signed request goes through the
+//! upstream's single multiplexed h2 connection, whose [`MeshConnInfo`] is
+//! known when a sender is taken (the pooled HTTP/1.1 client picks its
+//! connection only inside `request`). A challenge received on a pooled
+//! HTTP/1.1 connection is answered on the h2 connection: the nonce is bound
+//! to the peer key and route, the binding to the connection that carries the
+//! signed request, so that is sound.
+//!
+//! Steady state is one round trip: the nonce of a verified response's
+//! `Accept-Signature` is kept per (connection, request path) and the next
+//! request to that path on that connection is signed up front. The outbound
+//! does not know the inbound's route ids; a path that shares a route with
+//! another but has no kept nonce of its own costs one challenge.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::Authority;
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use keyproof_stepup::headers::ACCEPT_SIGNATURE;
+use keyproof_stepup::{
+    is_stepup_challenge, strip_stepup_headers, unix_now, Challenge, RequestView, SignError, Signer,
+};
+
+use super::kept::KeptNonces;
+use super::limited::{drain, read_limited, ReadError};
+use super::metrics::{SignResult, SignerMetrics};
+use super::replay::Replay;
+use super::MeshConnInfo;
+use crate::body::{text, ProxyBody};
+use crate::identity::{Identity, IdentityStore};
+use crate::inbound::root_cause;
+use crate::metrics::Metrics;
+use crate::outbound::ForwardError;
+
+static STEP_UP_ERROR: HeaderName = HeaderName::from_static("x-keyproof-step-up-error");
+
+/// Signers of earlier identities kept for connections made before a reload.
+const MAX_PREVIOUS_KEYS: usize = 3;
+/// Bound on paths remembered as needing step-up, per upstream.
+const MAX_STEPUP_PATHS: usize = 1024;
+
+/// The multiplexed connection to an upstream: a sender and the facts of
+/// the connection it sends on.
+pub type MeshSender = (http2::SendRequest<ProxyBody>, Arc<MeshConnInfo>);
+
+/// Paths of one upstream that answered with a step-up challenge. Requests to
+/// them are buffered (up to `max_body`) and sent on the h2 connection so they
+/// can be signed up front; every other request streams untouched.
+#[derive(Debug, Default)]
+pub struct StepUpPaths {
+    len: AtomicUsize,
+    set: RwLock<HashSet<String>>,
+}
+
+impl StepUpPaths {
+    /// True if `path` is known to need step-up. Lock-free while no path is
+    /// known, which is the hot path of every non-step-up upstream.
+    pub fn contains(&self, path: &str) -> bool {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.set
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(path)
+    }
+
+    /// Remembers `path` (bounded: beyond the bound, new paths keep working
+    /// through the replay path, only without the up-front signature).
+    pub fn learn(&self, path: &str) {
+        let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
+        if set.len() < MAX_STEPUP_PATHS && set.insert(path.to_owned()) {
+            self.len.store(set.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The request line and headers of a request to (re)send on the h2 connection.
+#[derive(Debug, Clone)]
+pub struct Template {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Template {
+    /// From the outbound's rewritten request head (`https://<pool key>` URI
+    /// and the app's Host for HTTP/1.1, the app's `:authority` for HTTP/2).
+    /// The h2 form carries the app's host as `:authority`, which is what the
+    /// inbound reads as `@authority`.
+    pub fn new(method: Method, uri: Uri, version: Version, mut headers: HeaderMap) -> Template {
+        let mut uri = uri;
+        if version != Version::HTTP_2 {
+            let host = headers
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<Authority>().ok());
+            if let Some(a) = host {
+                let mut p = uri.clone().into_parts();
+                p.authority = Some(a);
+                if let Ok(u) = Uri::from_parts(p) {
+                    uri = u;
+                }
+            }
+            headers.remove(HOST);
+        }
+        Template {
+            method,
+            uri,
+            headers,
+        }
+    }
+
+    /// The request path (the key of kept nonces and learned paths).
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    fn request(&self, headers: HeaderMap, body: &Bytes) -> Request<ProxyBody> {
+        let mut req = Request::new(if body.is_empty() {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::Full(Some(body.clone()))
+        });
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = headers;
+        req
+    }
+}
+
+struct SignerSlot {
+    identity: Arc<Identity>,
+    signer: Result<Arc<Signer>, String>,
+}
+
+/// The outbound step-up signer hook.
+pub struct OutboundStepUp {
+    max_body: usize,
+    store: Arc<IdentityStore>,
+    signer: ArcSwapOption<SignerSlot>,
+    /// Signers of the identities held before the current one, newest first:
+    /// a mesh connection made before a reload is authenticated with the old
+    /// certificate, so the inbound asks that key (by `keyid`) to sign.
+    previous: std::sync::Mutex<Vec<Arc<Signer>>>,
+    kept: KeptNonces,
+    metrics: SignerMetrics,
+}
+
+impl std::fmt::Debug for OutboundStepUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundStepUp")
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a signer from the identity's key and leaf. The key is loaded as
+/// PKCS#8 or SEC1 (converted to PKCS#8; P-256 only) and must match the leaf.
+pub fn signer_for(identity: &Identity) -> Result<Arc<Signer>, String> {
+    use rustls_pki_types::PrivateKeyDer;
+    let leaf = identity
+        .certified
+        .cert
+        .first()
+        .ok_or("the identity has no certificate")?;
+    let pkcs8: Vec<u8> = match &identity.key_der {
+        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        PrivateKeyDer::Sec1(k) => {
+            use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+            let kp = EcdsaKeyPair::from_private_key_der(
+                &ECDSA_P256_SHA256_FIXED_SIGNING,
+                k.secret_sec1_der(),
+            )
+            .map_err(|_| "the SEC1 workload key is not a P-256 key".to_owned())?;
+            kp.to_pkcs8v1()
+                .map_err(|_| "the SEC1 workload key cannot be converted".to_owned())?
+                .as_ref()
+                .to_vec()
+        }
+        _ => {
+            return Err(
+                "the workload key is neither PKCS#8 nor SEC1 (RSA cannot sign stepup-v1)".into(),
+            )
+        }
+    };
+    Signer::from_pkcs8_and_cert(&pkcs8, leaf)
+        .map(Arc::new)
+        .map_err(|e| format!("the workload key cannot sign stepup-v1: {e}"))
+}
+
+impl OutboundStepUp {
+    /// The signer hook for `[outbound.stepup]`; signs with the identity
+    /// current in `store` (a hot-reloaded identity is picked up at the next
+    /// signature).
+    pub fn new(
+        max_body: u64,
+        store: Arc<IdentityStore>,
+        metrics: &Metrics,
+    ) -> Result<OutboundStepUp, prometheus::Error> {
+        Ok(OutboundStepUp {
+            max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+            store,
+            signer: ArcSwapOption::empty(),
+            previous: std::sync::Mutex::new(Vec::new()),
+            kept: KeptNonces::default(),
+            metrics: SignerMetrics::register(metrics)?,
+        })
+    }
+
+    /// `[outbound.stepup] max_body`.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
+    /// The signer of the identity held now, rebuilt when it changes (the
+    /// one it replaces is kept in `previous`).
+    fn current_signer(&self) -> Result<Arc<Signer>, String> {
+        let current = self
+            .store
+            .get()
+            .ok_or_else(|| "no workload identity held yet".to_owned())?;
+        let old = self.signer.load_full();
+        if let Some(slot) = &old {
+            if Arc::ptr_eq(&slot.identity, &current) {
+                return slot.signer.clone();
+            }
+        }
+        let signer = signer_for(&current);
+        if let Err(e) = &signer {
+            tracing::warn!(error = %e, "step-up: no signer for the current identity");
+        }
+        if let Some(Ok(old)) = old.as_ref().map(|s| &s.signer) {
+            let mut prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+            if !prev.iter().any(|p| p.keyid() == old.keyid()) {
+                prev.insert(0, old.clone());
+                prev.truncate(MAX_PREVIOUS_KEYS);
+            }
+        }
+        self.signer.store(Some(Arc::new(SignerSlot {
+            identity: current,
+            signer: signer.clone(),
+        })));
+        signer
+    }
+
+    /// The signer whose key the challenge names: the current identity's, or
+    /// a recent one's for a connection made before a reload. Otherwise the
+    /// current one, which then refuses the challenge (`keyid_mismatch`).
+    fn signer_for_challenge(&self, ch: &Challenge) -> Result<Arc<Signer>, String> {
+        let current = self.current_signer();
+        if matches!(&current, Ok(s) if s.keyid() == ch.keyid) {
+            return current;
+        }
+        let prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        match prev.iter().find(|p| p.keyid() == ch.keyid) {
+            Some(p) => Ok(p.clone()),
+            None => current,
+        }
+    }
+
+    /// Signs `headers` for `template` and `body` on the connection `info`.
+    fn sign(
+        &self,
+        ch: &Challenge,
+        template: &Template,
+        headers: &mut HeaderMap,
+        body: &[u8],
+        info: &MeshConnInfo,
+    ) -> Result<(), SignResult> {
+        let signer = self
+            .signer_for_challenge(ch)
+            .map_err(|_| SignResult::NoKey)?;
+        strip_stepup_headers(headers);
+        let view = RequestView::new(&template.method, &template.uri, headers);
+        let signed = signer
+            .sign(ch, &view, body, &info.exporter, unix_now())
+            .map_err(|e| match e {
+                SignError::Refused(r) => SignResult::from_refusal(r),
+                _ => SignResult::Error,
+            });
+        let signed = match signed {
+            Ok(s) => s,
+            Err(r) => {
+                self.metrics.count(r);
+                return Err(r);
+            }
+        };
+        signed.apply(headers);
+        self.metrics.count(SignResult::Ok);
+        Ok(())
+    }
+
+    /// Sends a request to a path known to need step-up: buffers the body (up
+    /// to `max_body`), signs up front when a nonce is kept for this
+    /// connection and path, and answers a challenge once.
+    pub async fn send_known<C, F>(
+        &self,
+        connect: C,
+        template: Template,
+        mut body: Incoming,
+    ) -> Result<Response<ProxyBody>, ForwardError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<MeshSender, ForwardError>>,
+    {
+        let body = match read_limited(&mut body, self.max_body).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
+                drain(&mut body, self.max_body).await;
+                self.metrics.count(SignResult::BodyTooLarge);
+                return Ok(self.too_large());
+            }
+            Err(ReadError::Body(e)) => {
+                return Ok(text(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body failed: {e}\n"),
+                ))
+            }
+        };
+        let (resp, info) = match self.send_signed(&connect, &template, &body, None).await? {
+            Ok(sent) => sent,
+            // Unreachable without a challenge to answer; kept total.
+            Err(r) => return Ok(text(StatusCode::BAD_GATEWAY, format!("{}\n", describe(r)))),
+        };
+        if !is_stepup_challenge(resp.status(), resp.headers()) {
+            return Ok(self.finish(resp, info.conn_id, template.path()));
+        }
+        self.answer(&connect, resp, &template, body).await
+    }
+
+    /// Answers a challenge received for a request sent on any connection:
+    /// signs with the h2 connection's exporter and resends there, once.
+    /// `replay` is the body as first sent.
+    pub async fn answer_replay<C, F>(
+        &self,
+        connect: C,
+        challenge: Response<Incoming>,
+        template: &Template,
+        replay: Replay,
+    ) -> Result<Response<ProxyBody>, ForwardError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<MeshSender, ForwardError>>,
+    {
+        match replay {
+            Replay::Body(body) => self.answer(&connect, challenge, template, body).await,
+            Replay::TooLarge => {
+                self.metrics.count(SignResult::BodyTooLarge);
+                Ok(self.too_large())
+            }
+            Replay::Incomplete => {
+                self.metrics.count(SignResult::Error);
+                Ok(pass(
+                    challenge,
+                    "body_not_replayable (the upstream answered before the whole body was sent; not signed)",
+                ))
+            }
+        }
+    }
+
+    /// Passes a challenge that cannot be answered because the upstream has
+    /// no h2 connection (signing needs to know the connection beforehand).
+    pub fn pass_unanswerable(&self, challenge: Response<Incoming>) -> Response<ProxyBody> {
+        self.metrics.count(SignResult::Error);
+        pass(
+            challenge,
+            "no_h2 (the upstream does not offer h2, on which step-up requests are signed; not signed)",
+        )
+    }
+
+    async fn answer<C, F>(
+        &self,
+        connect: &C,
+        challenge: Response<Incoming>,
+        template: &Template,
+        body: Bytes,
+    ) -> Result<Response<ProxyBody>, ForwardError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<MeshSender, ForwardError>>,
+    {
+        let ch = match Challenge::from_headers(challenge.headers()) {
+            Ok(Some(c)) => c,
+            _ => {
+                self.metrics.count(SignResult::BadChallenge);
+                return Ok(pass(challenge, describe(SignResult::BadChallenge)));
+            }
+        };
+        let (resp, info) = match self
+            .send_signed(connect, template, &body, Some(&ch))
+            .await?
+        {
+            Ok(sent) => sent,
+            Err(r) => {
+                tracing::warn!(
+                    path = template.path(),
+                    result = r.as_str(),
+                    "step-up challenge not answered"
+                );
+                return Ok(pass(challenge, describe(r)));
+            }
+        };
+        drop(challenge);
+        if is_stepup_challenge(resp.status(), resp.headers()) {
+            self.metrics.count(SignResult::Rejected);
+            let why = resp
+                .headers()
+                .get(http::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            tracing::warn!(upstream_id = %info.peer_id, path = template.path(), challenge = %why, "step-up: the upstream refused our signed request");
+            return Ok(pass(resp, describe(SignResult::Rejected)));
+        }
+        Ok(self.finish(resp, info.conn_id, template.path()))
+    }
+
+    /// Sends on the h2 connection, signed for `challenge`, or (when `None`)
+    /// for a nonce kept for this connection and path, if any. The signature
+    /// binds the connection, so it is made after the connection is known; a
+    /// request the connection refused before sending (it was closing) is
+    /// signed again for a fresh connection, once. `Ok(Err(_))`: the
+    /// challenge could not be answered.
+    async fn send_signed<C, F>(
+        &self,
+        connect: &C,
+        template: &Template,
+        body: &Bytes,
+        challenge: Option<&Challenge>,
+    ) -> Result<Result<(Response<Incoming>, Arc<MeshConnInfo>), SignResult>, ForwardError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<MeshSender, ForwardError>>,
+    {
+        let mut kept: Option<Challenge> = None;
+        let mut retried = false;
+        loop {
+            let (mut send, info) = connect().await?;
+            let mut headers = template.headers.clone();
+            match challenge {
+                Some(ch) => {
+                    if let Err(r) = self.sign(ch, template, &mut headers, body, &info) {
+                        return Ok(Err(r));
+                    }
+                }
+                None => {
+                    if kept.is_none() {
+                        kept = self.kept.take(info.conn_id, template.path());
+                    }
+                    if let Some(ch) = &kept {
+                        // A failure (e.g. the identity was reloaded since)
+                        // only means the request goes unsigned and is
+                        // challenged.
+                        let _ = self.sign(ch, template, &mut headers, body, &info);
+                    }
+                }
+            }
+            match send.try_send_request(template.request(headers, body)).await {
+                Ok(resp) => return Ok(Ok((resp, info))),
+                Err(mut e) => match e.take_message() {
+                    Some(_) if !retried => retried = true,
+                    _ => return Err(ForwardError::Upstream(root_cause(e.error()))),
+                },
+            }
+        }
+    }
+
+    /// Keeps the next nonce of a verified response (not shown to the app).
+    fn finish(
+        &self,
+        mut resp: Response<Incoming>,
+        conn_id: u64,
+        path: &str,
+    ) -> Response<ProxyBody> {
+        if resp.headers().contains_key(ACCEPT_SIGNATURE) {
+            if let Ok(Some(ch)) = Challenge::from_headers(resp.headers()) {
+                self.kept.keep(conn_id, path, ch);
+            }
+            resp.headers_mut().remove(ACCEPT_SIGNATURE);
+        }
+        resp.map(ProxyBody::Stream)
+    }
+
+    fn too_large(&self) -> Response<ProxyBody> {
+        let mut resp = text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body larger than {} bytes (outbound.stepup.max_body): the upstream demands a step-up signature over the body, which cannot be replayed\n",
+                self.max_body
+            ),
+        );
+        resp.headers_mut().insert(
+            STEP_UP_ERROR.clone(),
+            HeaderValue::from_static("body_too_large"),
+        );
+        resp
+    }
+}
+
+fn describe(r: SignResult) -> &'static str {
+    match r {
+        SignResult::Ok => "ok",
+        SignResult::KeyidMismatch => "keyid_mismatch (the challenge names another key; not signed)",
+        SignResult::AlgMismatch => "alg_mismatch (the challenge's alg does not fit this workload's key; not signed)",
+        SignResult::WrongTag => "wrong_tag (the challenge is not stepup-v1; not signed)",
+        SignResult::UnexpectedComponents => "unexpected_components (the challenge asks for components stepup-v1 does not sign; not signed)",
+        SignResult::BadChallenge => {
+            "bad_challenge (Accept-Signature has no readable stepup member; not signed)"
+        }
+        SignResult::BodyTooLarge => "body_too_large",
+        SignResult::NoKey => "no_key (this workload's key cannot sign stepup-v1)",
+        SignResult::Rejected => "rejected (the upstream refused the signed request; see WWW-Authenticate)",
+        SignResult::Error => "error (signing failed)",
+    }
+}
+
+/// Passes a challenge the sidecar did not (or could not) answer to the app,
+/// saying why.
+fn pass(mut resp: Response<Incoming>, why: &'static str) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(STEP_UP_ERROR.clone(), HeaderValue::from_static(why));
+    resp.map(ProxyBody::Stream)
+}

@@ -1,0 +1,322 @@
+//! The inbound hook: one `keyproof_stepup::Verifier` per process, a
+//! challenge or a verification for every request on a `step_up` route.
+//!
+//! The route id bound into each nonce is the route's `path_prefix`: the same
+//! string is given to `challenge` and `begin`, so a nonce issued on one route
+//! is `bad_nonce` on another.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use keyproof_stepup::{
+    strip_stepup_headers, unix_now, IssueError, Outcome, Peer, RequestView, StepUpConfig, Verifier,
+};
+
+use super::limited::{drain, read_limited, ReadError};
+use super::metrics::VerifierMetrics;
+use super::InboundConn;
+use crate::body::{text, ProxyBody};
+use crate::config::{InboundStepUpConfig, RouteConfig};
+use crate::metrics::Metrics;
+use crate::policy::Route;
+
+static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static("x-keyproof-step-up");
+
+/// How often expired nonces are dropped from the table. Expired nonces are
+/// refused by their MAC'd expiry anyway; purging only returns their memory
+/// and their slot under `max_outstanding`.
+const PURGE_EVERY: Duration = Duration::from_secs(5);
+
+/// Why the inbound step-up verifier could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifierStartError {
+    /// The system random generator failed while creating the nonce key.
+    #[error("step-up: cannot create the nonce key (system random generator failed)")]
+    Rng,
+    /// Registering the step-up metrics failed (a bug).
+    #[error("step-up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Proof that a request passed [`InboundStepUp::verify`]; needed by
+/// [`InboundStepUp::on_response`], so a next nonce is only ever attached to
+/// the response of a verified request.
+#[derive(Debug)]
+pub struct Verified {
+    has_content_type: bool,
+}
+
+/// The inbound step-up verifier hook.
+pub struct InboundStepUp {
+    verifier: Arc<Verifier>,
+    metrics: VerifierMetrics,
+    max_body: usize,
+}
+
+impl std::fmt::Debug for InboundStepUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundStepUp")
+            .field("verifier", &self.verifier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboundStepUp {
+    /// The verifier for `[inbound.stepup]`, its metrics (challenge counters
+    /// for every step-up route) and, when a runtime is present, the task that
+    /// purges expired nonces.
+    pub fn new(
+        config: &InboundStepUpConfig,
+        routes: &[RouteConfig],
+        metrics: &Metrics,
+    ) -> Result<InboundStepUp, VerifierStartError> {
+        let max_body = usize::try_from(config.max_body).unwrap_or(usize::MAX);
+        let verifier = Arc::new(
+            Verifier::new(StepUpConfig {
+                nonce_ttl: config.nonce_ttl,
+                max_clock_skew: config.max_clock_skew,
+                max_body,
+                max_outstanding: config.max_outstanding,
+                max_outstanding_per_peer: config.max_outstanding_per_peer,
+                channel_binding: config.channel_binding,
+            })
+            .map_err(|_| VerifierStartError::Rng)?,
+        );
+        let metrics = VerifierMetrics::register(
+            metrics,
+            routes
+                .iter()
+                .filter(|r| r.step_up)
+                .map(|r| r.path_prefix.as_str()),
+            config.max_outstanding,
+        )?;
+        if routes.iter().any(|r| r.step_up) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(purge(
+                    Arc::downgrade(&verifier),
+                    metrics.outstanding.clone(),
+                ));
+            }
+        }
+        Ok(InboundStepUp {
+            verifier,
+            metrics,
+            max_body,
+        })
+    }
+
+    /// Checks one request on a step-up route (the route's `allow` has already
+    /// admitted the caller, and caller-sent identity headers are gone).
+    ///
+    /// `Ok` is the request to forward: step-up headers stripped,
+    /// `x-keyproof-step-up: verified` set, the body buffered as received.
+    /// `Err` is the answer instead: 401 with a fresh challenge, 413, or
+    /// 503/429 when no nonce can be issued.
+    pub async fn verify(
+        &self,
+        req: Request<ProxyBody>,
+        conn: &InboundConn,
+        route: &Route,
+    ) -> Result<(Request<ProxyBody>, Verified), Response<ProxyBody>> {
+        let route_id = route.path_prefix.as_str();
+        let Some(peer) = conn.stepup.as_ref() else {
+            // The peer's certificate key is neither P-256 nor Ed25519: it can
+            // never produce a stepup-v1 signature, so a challenge would be a
+            // lie. Refuse with the reason.
+            drain(&mut req.into_body(), self.max_body).await;
+            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = "unsupported_key", "step-up refused: the caller's key type cannot sign stepup-v1");
+            return Err(no_store(text(
+                StatusCode::FORBIDDEN,
+                format!("step-up required by route {route_id}, but the caller's certificate key is neither P-256 nor Ed25519\n"),
+            )));
+        };
+        let (mut parts, mut body) = req.into_parts();
+        let now = unix_now();
+        let view = RequestView::from_parts(&parts);
+        let has_content_type = view.has_content_type();
+        let pending = match self.verifier.begin(peer, route_id, &view, now) {
+            Ok(p) => p,
+            Err(outcome) => {
+                // Read what the caller sends (bounded) before answering, so a
+                // caller's sidecar has sent its whole body and can replay it.
+                drain(&mut body, self.max_body).await;
+                return Err(self.refuse(peer, conn, route_id, has_content_type, outcome, now));
+            }
+        };
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body as u64) {
+            drain(&mut body, self.max_body).await;
+            return Err(self.too_large(conn, route_id));
+        }
+        let body = match read_limited(&mut body, self.max_body).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
+                drain(&mut body, self.max_body).await;
+                return Err(self.too_large(conn, route_id));
+            }
+            Err(ReadError::Body(e)) => {
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, error = %e, "step-up: reading the request body failed");
+                return Err(text(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body failed: {e}\n"),
+                ));
+            }
+        };
+        let outcome = pending.finish(&body);
+        if !outcome.is_ok() {
+            return Err(self.refuse(peer, conn, route_id, has_content_type, outcome, now));
+        }
+        self.metrics.verification(Outcome::Ok);
+        self.metrics
+            .outstanding
+            .set(i64::try_from(self.verifier.outstanding()).unwrap_or(i64::MAX));
+        tracing::debug!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = "ok", "step-up verified");
+        strip_stepup_headers(&mut parts.headers);
+        // Any copy from the network was removed before this hook ran.
+        parts.headers.insert(
+            STEP_UP_VERIFIED.clone(),
+            HeaderValue::from_static("verified"),
+        );
+        let body = if body.is_empty() {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::Full(Some(body))
+        };
+        Ok((
+            Request::from_parts(parts, body),
+            Verified { has_content_type },
+        ))
+    }
+
+    /// Attaches a fresh `Accept-Signature` (and `Cache-Control: no-store`) to
+    /// the app's response to a verified request: the caller signs its next
+    /// privileged request up front, so steady state costs no extra round trip.
+    pub fn on_response(
+        &self,
+        resp: &mut Response<ProxyBody>,
+        conn: &InboundConn,
+        route: &Route,
+        verified: Verified,
+    ) {
+        let Some(peer) = conn.stepup.as_ref() else {
+            return;
+        };
+        let route_id = route.path_prefix.as_str();
+        match self
+            .verifier
+            .challenge(peer, route_id, verified.has_content_type, None, unix_now())
+        {
+            Ok(ch) => ch.apply_next(resp.headers_mut()),
+            Err(e) => {
+                // The response itself succeeded; the next request will simply
+                // be challenged (and refused with 503/429 if still full).
+                if matches!(
+                    e,
+                    IssueError::GlobalFull { .. } | IssueError::PeerFull { .. }
+                ) {
+                    self.metrics.table_full.inc();
+                }
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, error = %e, "step-up: no next nonce attached");
+            }
+        }
+        self.metrics
+            .outstanding
+            .set(i64::try_from(self.verifier.outstanding()).unwrap_or(i64::MAX));
+    }
+
+    /// Counts and logs a failed verification and answers with a challenge
+    /// naming the reason (or 503/429 when no nonce can be issued).
+    fn refuse(
+        &self,
+        peer: &Peer,
+        conn: &InboundConn,
+        route_id: &str,
+        has_content_type: bool,
+        outcome: Outcome,
+        now: u64,
+    ) -> Response<ProxyBody> {
+        self.metrics.verification(outcome);
+        if outcome == Outcome::Missing {
+            // The normal first request of a caller: challenged, not an attack.
+            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), "step-up required: challenging");
+        } else {
+            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), "step-up verification refused");
+        }
+        let resp = match self.verifier.challenge(
+            peer,
+            route_id,
+            has_content_type,
+            Some(outcome),
+            now,
+        ) {
+            Ok(ch) => {
+                self.metrics.challenge(route_id);
+                let mut resp = text(
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "step-up required by route {route_id} ({}): sign this request per stepup-v1 with the nonce in Accept-Signature\n",
+                        outcome.as_str()
+                    ),
+                );
+                ch.apply_challenge(resp.headers_mut());
+                resp
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    IssueError::GlobalFull { .. } | IssueError::PeerFull { .. }
+                ) {
+                    self.metrics.table_full.inc();
+                }
+                tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), error = %e, "step-up challenge not issued");
+                let mut resp = no_store(text(e.http_status(), format!("{e}\n")));
+                if let Some(secs) = e.retry_after_secs() {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                resp
+            }
+        };
+        self.metrics
+            .outstanding
+            .set(i64::try_from(self.verifier.outstanding()).unwrap_or(i64::MAX));
+        resp
+    }
+
+    fn too_large(&self, conn: &InboundConn, route_id: &str) -> Response<ProxyBody> {
+        tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = "body_too_large", max_body = self.max_body, "step-up refused: body larger than inbound.stepup.max_body");
+        // Not a verification outcome: the signature was never checked and
+        // the nonce stays unused (it expires).
+        no_store(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body larger than {} bytes (inbound.stepup.max_body) on step-up route {route_id}: Content-Digest cannot be checked\n",
+                self.max_body
+            ),
+        ))
+    }
+}
+
+fn no_store(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Drops expired nonces every [`PURGE_EVERY`] and refreshes the gauge; ends
+/// when the verifier is gone.
+async fn purge(verifier: Weak<Verifier>, gauge: prometheus::IntGauge) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(v) = verifier.upgrade() else { return };
+        v.purge_expired(unix_now());
+        gauge.set(i64::try_from(v.outstanding()).unwrap_or(i64::MAX));
+    }
+}

@@ -1,0 +1,290 @@
+//! A real Prometheus (the Debian package) scrapes a real sidecar pair with a
+//! 1 s interval and evaluates keyproof's alert rules. After a replayed
+//! step-up request and a refused handshake, its HTTP API must return the
+//! matching counter values, and the replay alert must be firing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use keyproof_stepup::{Challenge, RequestView, Signer};
+use keyproof_tests::prometheus::{Prometheus, PrometheusOptions};
+use keyproof_tests::proxy_support::{curl, identity_toml, EchoApp, Pki, ProxyProc};
+use keyproof_tests::{free_port, have};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Sends one request on an HTTP/1.1 connection and returns status, headers
+/// and body.
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, http::HeaderMap) {
+    let resp = sender.send_request(req).await.expect("request");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let _ = resp.into_body().collect().await;
+    (status, headers)
+}
+
+fn post(
+    path: &str,
+    authority: &str,
+    headers: &http::HeaderMap,
+    body: &'static [u8],
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (k, v) in headers {
+        b = b.header(k, v);
+    }
+    b.body(Full::new(Bytes::from_static(body)))
+        .expect("request")
+}
+
+/// Takes a challenge, signs, is accepted, then replays the same signed
+/// request on the same connection. Returns the replay's status and its
+/// `WWW-Authenticate`.
+async fn signed_then_replayed(
+    inbound: SocketAddr,
+    pki: &Pki,
+    cert: &keyproof_tests::proxy_support::Cert,
+) -> (StatusCode, String) {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
+        .expect("chain")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
+        roots.add(r.expect("root")).expect("add root");
+    }
+    // The sidecar's server certificate carries a SPIFFE ID, not a DNS name;
+    // this test is about the request layer, so any server of the bundle is
+    // accepted (the proxy tests cover server identity).
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    #[derive(Debug)]
+    struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+    impl rustls::client::danger::ServerCertVerifier for AnyName {
+        fn verify_server_cert(
+            &self,
+            ee: &CertificateDer<'_>,
+            im: &[CertificateDer<'_>],
+            _name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            match self.0.verify_server_cert(
+                ee,
+                im,
+                &ServerName::try_from("unused.invalid").expect("name"),
+                ocsp,
+                now,
+            ) {
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName,
+                ))
+                | Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForNameContext { .. },
+                )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls12_signature(m, c, d)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls13_signature(m, c, d)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyName(verifier)))
+        .with_client_auth_cert(chain.clone(), key.clone_key())
+        .expect("client cert");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound)
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("mTLS handshake");
+    let mut exporter = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
+        .expect("exporter");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+
+    let authority = "payments.default.svc";
+    let path = "/admin/rotate?x=1";
+    let body: &'static [u8] = b"{\"rotate\":true}";
+    let (status, challenge_headers) = send(
+        &mut sender,
+        post(path, authority, &http::HeaderMap::new(), body),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a step-up route challenges first"
+    );
+    let challenge = Challenge::from_headers(&challenge_headers)
+        .expect("challenge parses")
+        .expect("a StepUp challenge");
+    let key_der = match &key {
+        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        _ => panic!("the CA writes PKCS#8 keys"),
+    };
+    let signer = Signer::from_pkcs8_and_cert(&key_der, &chain[0]).expect("signer");
+    let unsigned = post(path, authority, &http::HeaderMap::new(), body);
+    let (parts, _) = unsigned.into_parts();
+    let view = RequestView::from_parts(&parts);
+    let signed = signer
+        .sign(
+            &challenge,
+            &view,
+            body,
+            &exporter,
+            keyproof_stepup::unix_now(),
+        )
+        .expect("sign");
+    let mut headers = http::HeaderMap::new();
+    signed.apply(&mut headers);
+    let (status, _) = send(&mut sender, post(path, authority, &headers, body)).await;
+    assert_eq!(status, StatusCode::OK, "the signed request is accepted");
+    // The captured request, byte for byte, again.
+    let (status, replay_headers) = send(&mut sender, post(path, authority, &headers, body)).await;
+    let www = replay_headers
+        .get(http::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, www)
+}
+
+#[test]
+fn prometheus_sees_the_replay_and_the_refused_handshake_and_fires_the_alert() {
+    if !have("prometheus") && std::env::var_os("CI").is_none() {
+        eprintln!("skipping: no prometheus binary (apt-get install prometheus)");
+        return;
+    }
+    let pki = Pki::new("prod.example.com");
+    let server = pki.issue("server", "/ns/default/sa/payments");
+    let ops = pki.issue("ops", "/ns/ops/sa/admin");
+    let app = EchoApp::start();
+    let inbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let config = format!(
+        "{}\n[inbound]\nlisten = \"{inbound}\"\napp = \"{}\"\n[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://prod.example.com/ns/ops/*\"]\nstep_up = true\n[admin]\nlisten = \"{admin}\"\n",
+        identity_toml(&pki.bundle, &server),
+        app.addr
+    );
+    let proxy = ProxyProc::start(pki.tmp.path(), "in", &config, admin);
+
+    let prom = Prometheus::start(
+        PrometheusOptions::new()
+            .job("keyproof", [admin.to_string()])
+            .rule_file(repo().join("deploy/prometheus/keyproof-rules.yaml")),
+    )
+    .expect("start prometheus");
+
+    // A handshake without a client certificate is refused and counted.
+    let (status, _, code) = curl(&[
+        "--cacert",
+        pki.bundle.to_str().expect("utf8"),
+        "-k",
+        &format!("https://{inbound}/"),
+    ]);
+    assert!(
+        status == 0 && code != 0,
+        "no client certificate, no HTTP answer (curl exit {code})"
+    );
+
+    // A signed request accepted once, refused as a replay the second time.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let (status, www) = rt.block_on(signed_then_replayed(inbound, &pki, &ops));
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the replay is refused");
+    assert!(www.contains("error=\"replay\""), "{www}");
+    assert_eq!(
+        proxy.metric("keyproof_stepup_verifications_total{result=\"replay\"}"),
+        1.0
+    );
+
+    let replays = prom
+        .wait_for_query(
+            "keyproof_stepup_verifications_total{result=\"replay\"}",
+            |v| v >= 1.0,
+            Duration::from_secs(30),
+        )
+        .expect("Prometheus scraped the replay counter");
+    assert_eq!(replays, 1.0);
+    let oks = prom
+        .wait_for_query(
+            "keyproof_stepup_verifications_total{result=\"ok\"}",
+            |v| v >= 1.0,
+            Duration::from_secs(30),
+        )
+        .expect("the accepted request");
+    assert_eq!(oks, 1.0);
+    let refused = prom
+        .wait_for_query(
+            "keyproof_tls_handshakes_total{direction=\"inbound\",result=\"no_client_cert\"}",
+            |v| v >= 1.0,
+            Duration::from_secs(30),
+        )
+        .expect("the refused handshake");
+    assert_eq!(refused, 1.0);
+    let firing = prom
+        .wait_for_query(
+            "ALERTS{alertname=\"KeyproofStepUpReplay\",alertstate=\"firing\"}",
+            |v| v == 1.0,
+            Duration::from_secs(30),
+        )
+        .expect("the replay alert fires");
+    assert_eq!(firing, 1.0);
+    assert!(prom
+        .alert_firing("KeyproofStepUpReplay")
+        .expect("alerts API"));
+    drop(proxy);
+}

@@ -1,0 +1,865 @@
+//! Step-up (`stepup-v1`) wired into the real sidecars: an app's plain POST
+//! through the mesh, interop with an independent RFC 9421 implementation
+//! (Python `http-message-signatures`) in both directions, and attacks
+//! against the real inbound, each refused with the right `result` counted on
+//! `/metrics`. The library's own tests cover the full attack matrix at unit
+//! level; these prove the wiring.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keyproof_stepup::{unix_now, Challenge, Peer, RequestView, Signer, StepUpConfig, Verifier};
+use keyproof_tests::free_port;
+use keyproof_tests::proxy_support::*;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+use serde_json::{json, Value};
+
+const TD: &str = "stepup.test";
+const AUTHORITY: &str = "api.default.svc";
+const BODY: &[u8] = b"{\"a\":1}";
+
+fn addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `/admin` and `/super` demand step-up from web (and ops on `/admin`);
+/// `/ops` demands step-up but only admits ops; `/plain` has no step-up.
+fn inbound_config(
+    pki: &Pki,
+    server: &Cert,
+    listen: SocketAddr,
+    app: SocketAddr,
+    admin: SocketAddr,
+) -> String {
+    let web = pki.id("/ns/default/sa/web");
+    let ops = pki.id("/ns/ops/sa/admin");
+    format!(
+        "{}[inbound]\nlisten = \"{listen}\"\napp = \"{app}\"\n\
+         [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{web}\", \"{ops}\"]\nstep_up = true\n\
+         [[inbound.routes]]\npath_prefix = \"/super\"\nallow = [\"{web}\"]\nstep_up = true\n\
+         [[inbound.routes]]\npath_prefix = \"/ops\"\nallow = [\"{ops}\"]\nstep_up = true\n\
+         [[inbound.routes]]\npath_prefix = \"/plain\"\nallow = [\"{web}\"]\n\
+         [admin]\nlisten = \"{admin}\"\n",
+        identity_toml(&pki.bundle, server)
+    )
+}
+
+fn outbound_config(
+    pki: &Pki,
+    client: &Cert,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    upstreams: &[(&str, SocketAddr)],
+) -> String {
+    // Re-read every second: one test hot-reloads the outbound's identity.
+    let identity = identity_toml(&pki.bundle, client).replacen(
+        "[identity]\n",
+        "[identity]\nreload_interval = \"1s\"\n",
+        1,
+    );
+    let mut s = format!(
+        "{identity}[outbound]\nlisten = \"{listen}\"\nconnect_timeout = \"2s\"\n[outbound.stepup]\nmax_body = 200000\n"
+    );
+    for (host, a) in upstreams {
+        s.push_str(&format!(
+            "[[outbound.upstreams]]\nhost = \"{host}\"\naddress = \"{a}\"\nidentity = \"{}\"\n",
+            pki.id("/ns/default/sa/api")
+        ));
+    }
+    s.push_str(&format!("[admin]\nlisten = \"{admin}\"\n"));
+    s
+}
+
+fn stepup_metric(p: &ProxyProc, result: &str) -> f64 {
+    p.metric(&format!(
+        "keyproof_stepup_verifications_total{{result=\"{result}\"}}"
+    ))
+}
+
+fn post_via(out: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
+    let url = format!("http://{AUTHORITY}{path}");
+    let proxy = format!("http://{out}");
+    let mut args = vec!["-x", proxy.as_str(), "-H", "content-type: application/json"];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--data-binary") {
+        args.extend_from_slice(&["-d", "{\"a\":1}"]);
+    }
+    args.push(url.as_str());
+    let (code, body, _) = curl(&args);
+    (code, body)
+}
+
+fn assert_no_stepup_headers(body: &str) {
+    for h in [
+        "signature:",
+        "signature-input:",
+        "stepup-binding:",
+        "accept-signature:",
+    ] {
+        assert!(
+            !body.lines().any(|l| l.starts_with(h)),
+            "{h} reached the app:\n{body}"
+        );
+    }
+}
+
+fn promtool_clean(exposition: &str) {
+    if !keyproof_tests::have("promtool") {
+        eprintln!("skipping promtool check metrics: promtool not installed");
+        return;
+    }
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}\n{exposition}"
+    );
+}
+
+#[test]
+fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
+    let pki = Pki::new(TD);
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+    let in_cfg = inbound_config(&pki, &server, in_addr, app.addr, in_admin);
+    let inb = ProxyProc::start(pki.tmp.path(), "in", &in_cfg, in_admin);
+    let outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &outbound_config(&pki, &web, out_addr, out_admin, &[(AUTHORITY, in_addr)]),
+        out_admin,
+    );
+    // Every result is exported from the start.
+    let m = inb.metrics();
+    for r in [
+        "ok",
+        "missing",
+        "malformed",
+        "bad_alg",
+        "keyid_mismatch",
+        "bad_nonce",
+        "expired",
+        "binding_mismatch",
+        "digest_mismatch",
+        "bad_signature",
+        "replay",
+    ] {
+        assert!(
+            m.contains(&format!(
+                "keyproof_stepup_verifications_total{{result=\"{r}\"}} 0"
+            )),
+            "{r} not pre-initialised:\n{m}"
+        );
+    }
+    assert!(m.contains("keyproof_stepup_nonce_capacity 100000"), "{m}");
+    assert!(
+        m.contains("keyproof_stepup_challenges_total{route=\"/admin\"} 0"),
+        "{m}"
+    );
+
+    // The app's plain POST, five times: the first is challenged and answered
+    // by the outbound, the rest are signed up front with the kept nonce.
+    const N: usize = 5;
+    for i in 0..N {
+        let (code, body) = post_via(out_addr, "/admin/rotate?x=1", &[]);
+        assert_eq!(
+            code,
+            200,
+            "request {i}: {body}\n{}\n{}",
+            outbound.log_text(),
+            inb.log_text()
+        );
+        assert!(body.starts_with("POST /admin/rotate HTTP/1.1"), "{body}");
+        assert!(body.contains("x-keyproof-step-up: verified\n"), "{body}");
+        assert!(body.contains("body-bytes: 7\n"), "{body}");
+        assert!(body.contains(&format!("host: {AUTHORITY}\n")), "{body}");
+        assert_no_stepup_headers(&body);
+    }
+    assert_eq!(
+        inb.metric("keyproof_stepup_challenges_total{route=\"/admin\"}"),
+        1.0,
+        "steady state must not be re-challenged"
+    );
+    assert_eq!(stepup_metric(&inb, "missing"), 1.0);
+    assert_eq!(stepup_metric(&inb, "ok"), N as f64);
+    // One round trip per request in steady state: N app requests reached
+    // the inbound as N + 1 requests (the single challenge).
+    let in_2xx = inb.metric("keyproof_requests_total{code=\"2xx\",direction=\"inbound\"}");
+    let in_4xx = inb.metric("keyproof_requests_total{code=\"4xx\",direction=\"inbound\"}");
+    assert_eq!((in_2xx, in_4xx), (N as f64, 1.0));
+    assert_eq!(
+        outbound.metric("keyproof_stepup_signatures_total{result=\"ok\"}"),
+        N as f64
+    );
+
+    // Concurrent requests on the one mesh connection: each takes its own
+    // kept nonce or is challenged; none is refused for a full nonce table.
+    let handles: Vec<_> = (0..12)
+        .map(|_| std::thread::spawn(move || post_via(out_addr, "/admin/rotate?x=1", &[])))
+        .collect();
+    for h in handles {
+        let (code, body) = h.join().unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(inb.metric("keyproof_stepup_nonce_table_full_total"), 0.0);
+    assert_eq!(stepup_metric(&inb, "ok"), (N + 12) as f64);
+    for r in ["replay", "bad_nonce", "binding_mismatch", "expired"] {
+        assert_eq!(stepup_metric(&inb, r), 0.0, "{r}");
+    }
+
+    // Hot reload of the outbound's identity (same SPIFFE ID, new key). The
+    // mesh connection made before it is authenticated with the old key, so
+    // the inbound's challenges and kept nonces name that key: they are
+    // signed with it, never refused as someone else's.
+    let web2 = pki.issue("web2", "/ns/default/sa/web");
+    let (crt2, key2) = (
+        std::fs::read(&web2.crt).unwrap(),
+        std::fs::read(&web2.key).unwrap(),
+    );
+    std::fs::write(&web.key, key2).unwrap();
+    std::fs::write(&web.crt, crt2).unwrap();
+    let reloads = outbound.wait_metric("keyproof_identity_reloads_total{result=\"ok\"}", 1.0);
+    assert!(
+        reloads >= 1.0,
+        "identity not reloaded:\n{}",
+        outbound.log_text()
+    );
+    for _ in 0..3 {
+        let (code, body) = post_via(out_addr, "/admin/rotate?x=1", &[]);
+        assert_eq!(code, 200, "after reload: {body}\n{}", outbound.log_text());
+    }
+    for r in ["keyid_mismatch", "rejected", "no_key"] {
+        assert_eq!(
+            outbound.metric(&format!(
+                "keyproof_stepup_signatures_total{{result=\"{r}\"}}"
+            )),
+            0.0,
+            "{r}"
+        );
+    }
+
+    // The exposition, step-up families included, passes promtool's lint.
+    promtool_clean(&inb.metrics());
+    promtool_clean(&outbound.metrics());
+
+    // A route without step-up is untouched; a caller-sent verified header is dropped.
+    let (code, body) = post_via(
+        out_addr,
+        "/plain/x",
+        &["-H", "x-keyproof-step-up: verified"],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("x-keyproof-step-up"), "{body}");
+
+    // A first request with a 100 KiB body to a new step-up path is replayed
+    // from the outbound's copy after the challenge.
+    let big = pki.path("big.bin");
+    std::fs::write(&big, vec![b'x'; 100 * 1024]).unwrap();
+    let at_big = format!("@{}", big.display());
+    let (code, body) = post_via(out_addr, "/admin/upload", &["--data-binary", &at_big]);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("body-bytes: 102400\n") && body.contains("x-keyproof-step-up: verified\n"),
+        "{body}"
+    );
+    // Larger than [outbound.stepup] max_body: a clear 413, not a silent failure.
+    let huge = pki.path("huge.bin");
+    std::fs::write(&huge, vec![b'y'; 300 * 1024]).unwrap();
+    let at_huge = format!("@{}", huge.display());
+    let (code, body) = post_via(out_addr, "/admin/upload", &["--data-binary", &at_huge]);
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("outbound.stepup.max_body"), "{body}");
+
+    // Restart the inbound: its nonces are gone with its MAC key. The app
+    // simply gets 200 (the outbound is challenged again and answers).
+    drop(inb);
+    let inb = ProxyProc::start(pki.tmp.path(), "in2", &in_cfg, in_admin);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..2 {
+        let (code, body) = post_via(out_addr, "/admin/rotate?x=1", &[]);
+        assert_eq!(code, 200, "after restart: {body}\n{}", outbound.log_text());
+        assert!(body.contains("x-keyproof-step-up: verified\n"), "{body}");
+    }
+    assert_eq!(stepup_metric(&inb, "ok"), 2.0);
+    assert_eq!(
+        inb.metric("keyproof_stepup_challenges_total{route=\"/admin\"}"),
+        1.0
+    );
+}
+
+// ---- a direct mTLS caller (the attacker's view) ---------------------------
+
+struct Caller {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    exporter: [u8; 32],
+    signer: Arc<Signer>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+impl Answer {
+    fn www(&self) -> String {
+        self.headers
+            .get(http::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+    fn challenge(&self) -> Challenge {
+        Challenge::from_headers(&self.headers)
+            .expect("Accept-Signature parses")
+            .expect("a stepup challenge")
+    }
+}
+
+fn signer_for(cert: &Cert) -> Arc<Signer> {
+    let key = match PrivateKeyDer::from_pem_file(&cert.key).expect("key") {
+        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        _ => panic!("test keys are PKCS#8"),
+    };
+    Arc::new(Signer::from_pkcs8_and_cert(&key, &cert.leaf).expect("signer"))
+}
+
+async fn caller(inbound: SocketAddr, pki: &Pki, cert: &Cert) -> Caller {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
+        .expect("chain")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
+        roots.add(r.expect("root")).expect("add root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client cert");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound)
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("mTLS handshake");
+    let mut exporter = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
+        .expect("exporter");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+    Caller {
+        send,
+        exporter,
+        signer: signer_for(cert),
+    }
+}
+
+fn request(path: &str, headers: &HeaderMap) -> Request<Full<Bytes>> {
+    request_with(path, headers, Bytes::from_static(BODY))
+}
+
+fn request_with(path: &str, headers: &HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(http::header::HOST, AUTHORITY)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (k, v) in headers {
+        b = b.header(k, v);
+    }
+    b.body(Full::new(body)).expect("request")
+}
+
+impl Caller {
+    async fn send(&mut self, path: &str, headers: &HeaderMap) -> Answer {
+        self.send_body(path, headers, Bytes::from_static(BODY))
+            .await
+    }
+
+    async fn send_body(&mut self, path: &str, headers: &HeaderMap, body: Bytes) -> Answer {
+        let resp = self
+            .send
+            .send_request(request_with(path, headers, body))
+            .await
+            .expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let _ = resp.into_body().collect().await;
+        Answer { status, headers }
+    }
+
+    /// The four step-up headers for `path`, signed for `ch` on this connection.
+    fn sign(&self, ch: &Challenge, path: &str) -> HeaderMap {
+        self.sign_body(ch, path, BODY)
+    }
+
+    fn sign_body(&self, ch: &Challenge, path: &str, body: &[u8]) -> HeaderMap {
+        let (parts, _) = request(path, &HeaderMap::new()).into_parts();
+        let view = RequestView::from_parts(&parts);
+        let signed = self
+            .signer
+            .sign(ch, &view, body, &self.exporter, unix_now())
+            .expect("sign");
+        let mut h = HeaderMap::new();
+        signed.apply(&mut h);
+        h
+    }
+}
+
+#[test]
+fn attacks_against_the_real_inbound_are_refused_and_counted() {
+    let pki = Pki::new(TD);
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let ops = pki.issue("ops", "/ns/ops/sa/admin");
+    let (in_addr, in_admin) = (addr(), addr());
+    let in_cfg = inbound_config(&pki, &server, in_addr, app.addr, in_admin);
+    let mut inbound = ProxyProc::start(pki.tmp.path(), "in", &in_cfg, in_admin);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let (old_nonce, captured) = rt.block_on(async {
+        // Challenge, sign, accepted; the response carries the next nonce.
+        let mut c1 = caller(in_addr, &pki, &web).await;
+        let a = c1.send("/admin/rotate", &HeaderMap::new()).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(a.www(), "StepUp error=\"stepup_required\"");
+        assert_eq!(a.headers.get("cache-control").unwrap(), "no-store");
+        let signed = c1.sign(&a.challenge(), "/admin/rotate");
+        let ok = c1.send("/admin/rotate", &signed).await;
+        assert_eq!(ok.status, StatusCode::OK);
+        assert_eq!(ok.headers.get("cache-control").unwrap(), "no-store");
+        let next = ok.challenge();
+
+        // 1. The captured signed request replayed on the same connection.
+        let r = c1.send("/admin/rotate", &signed).await;
+        assert_eq!(
+            (r.status, r.www()),
+            (
+                StatusCode::UNAUTHORIZED,
+                "StepUp error=\"replay\"".to_owned()
+            )
+        );
+        assert!(
+            r.headers.contains_key("accept-signature"),
+            "a refusal carries a fresh challenge"
+        );
+
+        // 2. On another connection of the same identity: bound to the first.
+        let mut c2 = caller(in_addr, &pki, &web).await;
+        let r = c2.send("/admin/rotate", &signed).await;
+        assert_eq!(r.www(), "StepUp error=\"binding_mismatch\"");
+
+        // 3. From another identity (allowed on the route).
+        let mut c3 = caller(in_addr, &pki, &ops).await;
+        let r = c3.send("/admin/rotate", &signed).await;
+        assert_eq!(r.www(), "StepUp error=\"keyid_mismatch\"");
+
+        // 4. A nonce issued for route /admin used on route /super.
+        let cross = c1.sign(&next, "/super/x");
+        let r = c1.send("/super/x", &cross).await;
+        assert_eq!(r.www(), "StepUp error=\"bad_nonce\"");
+        // ... while the same nonce is still good on its own route.
+        let good = c1.sign(&next, "/admin/rotate");
+        assert_eq!(c1.send("/admin/rotate", &good).await.status, StatusCode::OK);
+
+        // 5. A caller not allowed on a step-up route: 403, never a challenge.
+        let r = c1.send("/ops/x", &HeaderMap::new()).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(!r.headers.contains_key("accept-signature"));
+
+        // A correctly signed body over [inbound.stepup] max_body: 413 with
+        // the reason, never forwarded (the nonce stays unused).
+        let big = Bytes::from(vec![b'z'; (1 << 20) + 1]);
+        let ch = c1
+            .send("/admin/rotate", &HeaderMap::new())
+            .await
+            .challenge();
+        let h = c1.sign_body(&ch, "/admin/big", &big);
+        let r = c1.send_body("/admin/big", &h, big).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+        // A nonce to try after the restart.
+        let fresh = c1
+            .send("/admin/rotate", &HeaderMap::new())
+            .await
+            .challenge();
+        (fresh, signed)
+    });
+    assert_eq!(stepup_metric(&inbound, "ok"), 2.0);
+    assert_eq!(stepup_metric(&inbound, "replay"), 1.0);
+    assert_eq!(stepup_metric(&inbound, "binding_mismatch"), 1.0);
+    assert_eq!(stepup_metric(&inbound, "keyid_mismatch"), 1.0);
+    assert_eq!(stepup_metric(&inbound, "bad_nonce"), 1.0);
+    assert_eq!(
+        inbound.metric("keyproof_stepup_challenges_total{route=\"/ops\"}"),
+        0.0
+    );
+    assert_eq!(
+        inbound.metric("keyproof_authz_denied_total{route=\"/ops\"}"),
+        1.0
+    );
+    let log = inbound.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("result=\"replay\"")
+            && l.contains("route=\"/admin\"")
+            && l.contains("peer_id=spiffe://stepup.test/ns/default/sa/web")),
+        "replay refusal not logged with peer and result:\n{log}"
+    );
+    let _ = captured;
+
+    // 6. A restarted sidecar refuses the nonces of its previous life.
+    drop(inbound);
+    inbound = ProxyProc::start(pki.tmp.path(), "in2", &in_cfg, in_admin);
+    rt.block_on(async {
+        let mut c = caller(in_addr, &pki, &web).await;
+        let stale = c.sign(&old_nonce, "/admin/rotate");
+        let r = c.send("/admin/rotate", &stale).await;
+        assert_eq!(r.www(), "StepUp error=\"bad_nonce\"");
+        // ... and the caller is simply challenged again.
+        let again = c.sign(&r.challenge(), "/admin/rotate");
+        assert_eq!(c.send("/admin/rotate", &again).await.status, StatusCode::OK);
+    });
+    assert_eq!(stepup_metric(&inbound, "bad_nonce"), 1.0);
+    assert_eq!(stepup_metric(&inbound, "ok"), 1.0);
+}
+
+// ---- interop with an independent RFC 9421 implementation -------------------
+
+fn python() -> Option<String> {
+    let py = std::env::var("KEYPROOF_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import http_message_signatures, OpenSSL, http_sf"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Some(py);
+    }
+    if std::env::var_os("KEYPROOF_INTEROP").is_some() {
+        panic!("KEYPROOF_INTEROP is set but {py} lacks http-message-signatures / pyOpenSSL");
+    }
+    eprintln!(
+        "skipping interop: {py} lacks http-message-signatures / pyOpenSSL (set KEYPROOF_PYTHON)"
+    );
+    None
+}
+
+/// A TLS server standing in for an inbound sidecar: it challenges with the
+/// real `Verifier`, records every signed request as received (before any
+/// stripping) and answers 200 when the library accepts it.
+struct Capture {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Value>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn capture_server(pki: &Pki, server: &Cert) -> Capture {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&server.crt)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&server.key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for r in CertificateDer::pem_file_iter(&pki.bundle).unwrap() {
+        roots.add(r.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let verifier = Arc::new(Verifier::new(StepUpConfig::default()).unwrap());
+    let seen2 = seen.clone();
+    let own = server.leaf.clone();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let own_leaf = own.clone();
+            let acceptor = acceptor.clone();
+            let verifier = verifier.clone();
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let (_, s) = tls.get_ref();
+                let mut exporter = [0u8; 32];
+                s.export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None).unwrap();
+                let leaf = s.peer_certificates().unwrap()[0].to_vec();
+                let peer = Arc::new(Peer::from_cert_der(&leaf, Some(exporter)).unwrap());
+                // `/foreign*` is challenged for another key (this server's own).
+                let foreign = Arc::new(Peer::from_cert_der(&own_leaf, None).unwrap());
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (verifier, peer, seen) = (verifier.clone(), peer.clone(), seen.clone());
+                    let foreign = foreign.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let view = RequestView::from_parts(&parts);
+                        let now = unix_now();
+                        let mut resp = http::Response::new(Full::new(Bytes::new()));
+                        if !parts.headers.contains_key("signature") {
+                            let who = if parts.uri.path().starts_with("/foreign") { &foreign } else { &peer };
+                            let ch = verifier.challenge(who, "/admin", view.has_content_type(), None, now).unwrap();
+                            ch.apply_challenge(resp.headers_mut());
+                            *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        }
+                        let outcome = verifier.verify(&peer, "/admin", &view, &body, now);
+                        seen.lock().unwrap().push(json!({
+                            "method": parts.method.as_str(),
+                            "url": format!("https://{}{}", view.authority.unwrap_or(""), parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")),
+                            "headers": parts.headers.iter().map(|(k, v)| json!([k.as_str(), v.to_str().unwrap_or("")])).collect::<Vec<_>>(),
+                            "body_b64": B64.encode(&body),
+                            "exporter_b64": B64.encode(exporter),
+                            "outcome": outcome.as_str(),
+                        }));
+                        if !outcome.is_ok() {
+                            *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                        }
+                        Ok(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Capture {
+        addr,
+        seen,
+        _rt: rt,
+    }
+}
+
+#[test]
+fn outbound_never_signs_a_challenge_for_another_key() {
+    let pki = Pki::new(TD);
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let cap = capture_server(&pki, &pki.issue("capture", "/ns/default/sa/api"));
+    let (out_addr, out_admin) = (addr(), addr());
+    let outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &outbound_config(
+            &pki,
+            &web,
+            out_addr,
+            out_admin,
+            &[("capture.default.svc", cap.addr)],
+        ),
+        out_admin,
+    );
+    let (code, text, _) = curl(&[
+        "-D",
+        "-",
+        "-x",
+        &format!("http://{out_addr}"),
+        "-d",
+        "{}",
+        "http://capture.default.svc/foreign/x",
+    ]);
+    assert_eq!(code, 401, "{text}");
+    let lower = text.to_ascii_lowercase();
+    assert!(
+        lower.contains("x-keyproof-step-up-error: keyid_mismatch"),
+        "{text}"
+    );
+    assert!(lower.contains("www-authenticate: stepup"), "{text}");
+    assert!(
+        cap.seen.lock().unwrap().is_empty(),
+        "nothing signed was sent"
+    );
+    assert_eq!(
+        outbound.metric("keyproof_stepup_signatures_total{result=\"keyid_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(
+        outbound.metric("keyproof_stepup_signatures_total{result=\"ok\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn interop_python_signs_for_the_inbound_and_verifies_the_outbound() {
+    let Some(py) = python() else { return };
+    let pki = Pki::new(TD);
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let (in_addr, in_admin) = (addr(), addr());
+    let inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &inbound_config(&pki, &server, in_addr, app.addr, in_admin),
+        in_admin,
+    );
+
+    // Python (http-message-signatures + pyOpenSSL) is the caller, straight
+    // against the real inbound over mutual TLS.
+    let out = Command::new(&py)
+        .arg(repo().join("stepup/interop/sign_client.py"))
+        .args([
+            "--connect",
+            &in_addr.to_string(),
+            "--server-name",
+            "localhost",
+        ])
+        .arg("--cert")
+        .arg(&web.crt)
+        .arg("--key")
+        .arg(&web.key)
+        .arg("--ca")
+        .arg(&pki.bundle)
+        .args([
+            "--method",
+            "POST",
+            "--path",
+            "/admin/rotate?x=1",
+            "--content-type",
+            "application/json",
+            "--body",
+            "{\"a\":1}",
+        ])
+        .output()
+        .expect("run sign_client.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sign_client.py failed:\n{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        inbound.log_text()
+    );
+    assert!(
+        stdout.contains("first response: 401") && stdout.contains("signed response: 200"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("x-keyproof-step-up: verified"), "{stdout}");
+    assert_eq!(stepup_metric(&inbound, "ok"), 1.0);
+
+    // The other way: the outbound sidecar signs; a capturing server records
+    // the request as it arrives; Python verifies it.
+    let cap = capture_server(&pki, &pki.issue("capture", "/ns/default/sa/api"));
+    let (out_addr, out_admin) = (addr(), addr());
+    let outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &outbound_config(
+            &pki,
+            &web,
+            out_addr,
+            out_admin,
+            &[("capture.default.svc", cap.addr)],
+        ),
+        out_admin,
+    );
+    let (code, body, _) = curl(&[
+        "-x",
+        &format!("http://{out_addr}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        "{\"rotate\":true}",
+        "http://capture.default.svc/admin/rotate?x=1&y=two",
+    ]);
+    assert_eq!(code, 200, "{body}\n{}", outbound.log_text());
+    let seen = cap.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let mut captured = seen[0].clone();
+    assert_eq!(captured["outcome"], "ok", "{captured}");
+    let exporter = captured["exporter_b64"].as_str().unwrap().to_owned();
+    captured["cert_pem"] = json!(keyproof_ca::keys::cert_pem(&web.leaf));
+    let file = pki.path("captured.json");
+    std::fs::write(&file, captured.to_string()).unwrap();
+    let v = Command::new(&py)
+        .arg(repo().join("stepup/interop/verify.py"))
+        .arg(&file)
+        .args(["--exporter-b64", &exporter])
+        .output()
+        .expect("run verify.py");
+    let vout = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        v.status.success() && vout.starts_with("OK "),
+        "verify.py refused the outbound's signature:\n{vout}\n{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    // A tampered copy fails in Python too (the check can fail).
+    let mut tampered = captured.clone();
+    tampered["body_b64"] = json!(B64.encode(b"{\"rotate\":false}"));
+    std::fs::write(&file, tampered.to_string()).unwrap();
+    let v = Command::new(&py)
+        .arg(repo().join("stepup/interop/verify.py"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        !v.status.success(),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+}
