@@ -14,7 +14,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::keys;
 use crate::spiffe::IdPattern;
-use crate::tls::{SharedVerifier, SvidServerVerifier};
+use crate::tls::{Shared, SharedVerifier, SvidServerVerifier};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE: usize = 256 * 1024;
@@ -116,7 +116,7 @@ impl CaClient {
             .expect("TLS 1.3 is supported by the aws-lc-rs provider")
             .dangerous()
             .with_custom_certificate_verifier(SvidServerVerifier::new(
-                self.verifier.clone(),
+                Shared(self.verifier.clone()),
                 self.server_id.clone(),
             ));
         let mut cfg = match identity {

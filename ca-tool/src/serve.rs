@@ -37,7 +37,7 @@ use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
 use crate::spiffe::SpiffeId;
-use crate::tls::{SharedVerifier, SvidClientVerifier};
+use crate::tls::{Shared, SharedVerifier, SvidClientVerifier};
 use crate::token::{TokenError, TokenStore};
 use crate::verify::{SvidVerifier, TrustBundle, VerifiedSvid};
 
@@ -557,7 +557,7 @@ pub async fn run(
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_client_cert_verifier(SvidClientVerifier::new(verifier.clone(), false))
+        .with_client_cert_verifier(SvidClientVerifier::new(Shared(verifier.clone()), false))
         .with_cert_resolver(own.clone());
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // No resumption: a renewal must come with fresh proof of key possession,

@@ -36,35 +36,94 @@ pub fn to_rustls(e: VerifyError) -> rustls::Error {
     rustls::Error::InvalidCertificate(cert)
 }
 
+/// Why an adapter refused a peer.
+#[derive(Debug)]
+pub enum Refusal {
+    /// No identity, and so no trust bundle, is held yet.
+    NoIdentity,
+    /// The chain, the SVID rules or the trust domain.
+    Invalid(VerifyError),
+    /// A valid SVID whose ID is not the one expected.
+    Mismatch(IdentityMismatch),
+}
+
+/// Where the adapters get the verifier in force for each handshake, and how
+/// they turn a refusal into the rustls error that ends it (so a caller can
+/// carry whatever it counts and logs).
+pub trait PeerPolicy: Send + Sync + fmt::Debug {
+    /// Runs `f` with the current verifier; `None` when none is held.
+    fn with_verifier<R>(&self, f: impl FnOnce(&SvidVerifier) -> R) -> Option<R>;
+    /// The error for a refused peer.
+    fn refuse(&self, why: Refusal, end_entity: &CertificateDer<'_>) -> rustls::Error;
+}
+
+/// The plain policy: one swappable verifier; refusals map to the closest
+/// rustls error, with the typed cause reachable through it.
+#[derive(Debug, Clone)]
+pub struct Shared(pub SharedVerifier);
+
+impl PeerPolicy for Shared {
+    fn with_verifier<R>(&self, f: impl FnOnce(&SvidVerifier) -> R) -> Option<R> {
+        Some(f(&self.0.load()))
+    }
+
+    fn refuse(&self, why: Refusal, _end_entity: &CertificateDer<'_>) -> rustls::Error {
+        match why {
+            Refusal::NoIdentity => rustls::Error::General("no trust bundle held".into()),
+            Refusal::Invalid(e) => to_rustls(e),
+            Refusal::Mismatch(m) => {
+                rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(m))))
+            }
+        }
+    }
+}
+
+fn verify_with<P: PeerPolicy>(
+    policy: &P,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: Usage,
+) -> Result<crate::verify::VerifiedSvid, rustls::Error> {
+    match policy.with_verifier(|v| v.verify(end_entity, intermediates, now, usage)) {
+        None => Err(policy.refuse(Refusal::NoIdentity, end_entity)),
+        Some(Err(e)) => Err(policy.refuse(Refusal::Invalid(e), end_entity)),
+        Some(Ok(v)) => Ok(v),
+    }
+}
+
 /// Verifies client certificates as X.509-SVIDs of the trust domain.
-pub struct SvidClientVerifier {
-    verifier: SharedVerifier,
+pub struct SvidClientVerifier<P> {
+    policy: P,
     mandatory: bool,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl SvidClientVerifier {
+impl<P: PeerPolicy> SvidClientVerifier<P> {
     /// `mandatory = false` lets clients without a certificate in (the CA's
     /// bootstrap endpoint authenticates them with a token instead).
-    pub fn new(verifier: SharedVerifier, mandatory: bool) -> Arc<Self> {
+    pub fn new(policy: P, mandatory: bool) -> Arc<Self> {
         Arc::new(SvidClientVerifier {
-            verifier,
+            policy,
             mandatory,
             algs: algorithms(),
         })
     }
 }
 
-impl fmt::Debug for SvidClientVerifier {
+impl<P: PeerPolicy> fmt::Debug for SvidClientVerifier<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidClientVerifier")
+            .field("policy", &self.policy)
             .field("mandatory", &self.mandatory)
             .finish()
     }
 }
 
-impl ClientCertVerifier for SvidClientVerifier {
+impl<P: PeerPolicy> ClientCertVerifier for SvidClientVerifier<P> {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints would reveal the bundle and help nobody: a workload has one
+        // certificate.
         &[]
     }
 
@@ -78,11 +137,14 @@ impl ClientCertVerifier for SvidClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verifier
-            .load()
-            .verify(end_entity, intermediates, now, Usage::ClientAuth)
-            .map(|_| ClientCertVerified::assertion())
-            .map_err(to_rustls)
+        verify_with(
+            &self.policy,
+            end_entity,
+            intermediates,
+            now,
+            Usage::ClientAuth,
+        )
+        .map(|_| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -110,26 +172,27 @@ impl ClientCertVerifier for SvidClientVerifier {
 
 /// Verifies a server's X.509-SVID and that its SPIFFE ID matches a pattern.
 /// The TLS server name is not used: SPIFFE identifies servers by URI SAN.
-pub struct SvidServerVerifier {
-    verifier: SharedVerifier,
+pub struct SvidServerVerifier<P> {
+    policy: P,
     expected: IdPattern,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl SvidServerVerifier {
+impl<P: PeerPolicy> SvidServerVerifier<P> {
     /// A verifier expecting a server whose ID matches `expected`.
-    pub fn new(verifier: SharedVerifier, expected: IdPattern) -> Arc<Self> {
+    pub fn new(policy: P, expected: IdPattern) -> Arc<Self> {
         Arc::new(SvidServerVerifier {
-            verifier,
+            policy,
             expected,
             algs: algorithms(),
         })
     }
 }
 
-impl fmt::Debug for SvidServerVerifier {
+impl<P: PeerPolicy> fmt::Debug for SvidServerVerifier<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidServerVerifier")
+            .field("policy", &self.policy)
             .field("expected", &self.expected.to_string())
             .finish()
     }
@@ -143,7 +206,7 @@ pub struct IdentityMismatch {
     pub got: String,
 }
 
-impl ServerCertVerifier for SvidServerVerifier {
+impl<P: PeerPolicy> ServerCertVerifier for SvidServerVerifier<P> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -152,18 +215,19 @@ impl ServerCertVerifier for SvidServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let v = self
-            .verifier
-            .load()
-            .verify(end_entity, intermediates, now, Usage::ServerAuth)
-            .map_err(to_rustls)?;
+        let v = verify_with(
+            &self.policy,
+            end_entity,
+            intermediates,
+            now,
+            Usage::ServerAuth,
+        )?;
         if !self.expected.matches(&v.spiffe_id) {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(IdentityMismatch {
-                    expected: self.expected.to_string(),
-                    got: v.spiffe_id.to_string(),
-                })),
-            )));
+            let m = IdentityMismatch {
+                expected: self.expected.to_string(),
+                got: v.spiffe_id.to_string(),
+            };
+            return Err(self.policy.refuse(Refusal::Mismatch(m), end_entity));
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -18,16 +18,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use keyproof_ca::tls::{PeerPolicy, Refusal, SvidClientVerifier, SvidServerVerifier};
 use keyproof_ca::{keys, svid, IdPattern, SpiffeId, SvidVerifier, TrustBundle, Usage, VerifyError};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
+use rustls::{CertificateError, OtherError, SignatureScheme};
 use rustls_pki_types::PrivateKeyDer;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::config::{IdentityConfig, IdentitySource};
 
@@ -605,126 +602,24 @@ impl rustls::client::ResolvesClientCert for CertResolver {
     }
 }
 
-/// Inbound: requires a client certificate that is a valid X.509-SVID of our
-/// trust domain, chaining to the current bundle.
-#[derive(Debug)]
-pub struct SvidClientVerifier {
-    store: Arc<IdentityStore>,
-    algs: WebPkiSupportedAlgorithms,
-}
+/// How keyproof's rustls adapters ([`SvidClientVerifier`],
+/// [`SvidServerVerifier`]) see the proxy: every handshake uses the identity
+/// held now (so a reload applies to the next handshake), and a refusal
+/// carries a [`PeerRejected`] for the handshake metrics and log.
+#[derive(Debug, Clone)]
+pub struct StorePolicy(Arc<IdentityStore>);
 
-impl ClientCertVerifier for SvidClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // Hints would leak the bundle and are useless: a workload has one cert.
-        &[]
+impl PeerPolicy for StorePolicy {
+    fn with_verifier<R>(&self, f: impl FnOnce(&SvidVerifier) -> R) -> Option<R> {
+        self.0.current.load().as_ref().map(|id| f(&id.verifier))
     }
 
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = self.store.current.load();
-        let Some(id) = id.as_ref() else {
-            return Err(reject(
-                "protocol",
-                "no identity held yet".into(),
-                end_entity,
-            ));
-        };
-        id.verifier
-            .verify(end_entity, intermediates, now, Usage::ClientAuth)
-            .map_err(|e| verify_error(e, end_entity))?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// Outbound: the server must present a valid X.509-SVID of our trust domain
-/// whose ID matches the upstream's `identity`. DNS names play no part.
-#[derive(Debug)]
-pub struct SvidServerVerifier {
-    store: Arc<IdentityStore>,
-    expected: IdPattern,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for SvidServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = self.store.current.load();
-        let Some(id) = id.as_ref() else {
-            return Err(reject(
-                "protocol",
-                "no identity held yet".into(),
-                end_entity,
-            ));
-        };
-        let v = id
-            .verifier
-            .verify(end_entity, intermediates, now, Usage::ServerAuth)
-            .map_err(|e| verify_error(e, end_entity))?;
-        if !self.expected.matches(&v.spiffe_id) {
-            return Err(reject(
-                "identity_mismatch",
-                format!(
-                    "peer identity mismatch: expected {}, got {}",
-                    self.expected, v.spiffe_id
-                ),
-                end_entity,
-            ));
+    fn refuse(&self, why: Refusal, end_entity: &CertificateDer<'_>) -> rustls::Error {
+        match why {
+            Refusal::NoIdentity => reject("protocol", "no identity held yet".into(), end_entity),
+            Refusal::Invalid(e) => verify_error(e, end_entity),
+            Refusal::Mismatch(m) => reject("identity_mismatch", m.to_string(), end_entity),
         }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
     }
 }
 
@@ -732,12 +627,9 @@ impl ServerCertVerifier for SvidServerVerifier {
 /// required, ALPN h2 and http/1.1, no session resumption (a resumed session
 /// would skip the verifier, and with it expiry and bundle changes).
 pub fn server_config(store: &Arc<IdentityStore>) -> Result<rustls::ServerConfig, rustls::Error> {
-    let provider = provider();
-    let verifier = Arc::new(SvidClientVerifier {
-        store: store.clone(),
-        algs: provider.signature_verification_algorithms,
-    });
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    // Client certificates are required: the inbound serves only verified callers.
+    let verifier = SvidClientVerifier::new(StorePolicy(store.clone()), true);
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(CertResolver {
@@ -755,13 +647,8 @@ pub fn client_config(
     expected: IdPattern,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, rustls::Error> {
-    let provider = provider();
-    let verifier = Arc::new(SvidServerVerifier {
-        store: store.clone(),
-        expected,
-        algs: provider.signature_verification_algorithms,
-    });
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let verifier = SvidServerVerifier::new(StorePolicy(store.clone()), expected);
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)

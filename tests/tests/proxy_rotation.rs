@@ -233,7 +233,7 @@ impl Peer {
             .unwrap()
             .dangerous()
             .with_custom_certificate_verifier(keyproof_ca::tls::SvidServerVerifier::new(
-                trust.clone(),
+                keyproof_ca::tls::Shared(trust.clone()),
                 keyproof_ca::IdPattern::parse(&format!("spiffe://{TD}{API}")).unwrap(),
             ))
             .with_client_cert_resolver(resolver);
