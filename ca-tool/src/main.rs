@@ -411,7 +411,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let id = SpiffeId::parse(&spiffe_id).context("--spiffe-id")?;
             let ca = Ca::open(&dir)?;
             let (token, record) = keyproof_ca::token::create(&ca, &id, ttl)?;
-            eprintln!("{}", keyproof_ca::serve::token_summary(&record));
+            eprintln!("{}", record.summary());
             println!("{token}");
         }
         Command::Rotate(RotateCommand::Intermediate { dir, ttl }) => {

@@ -657,16 +657,3 @@ pub async fn run(
     }
     Ok(())
 }
-
-/// Prints the token line for `keyproof-ca token create`.
-pub fn token_summary(record: &crate::token::Record) -> String {
-    match record {
-        crate::token::Record::Token {
-            id,
-            spiffe_id,
-            expires_at,
-            ..
-        } => format!("token {id} for {spiffe_id}, expires {expires_at}, single use"),
-        crate::token::Record::Used { id, .. } => format!("token {id} used"),
-    }
-}

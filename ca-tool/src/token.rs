@@ -36,6 +36,21 @@ pub enum Record {
     Used { id: String, used_at: String },
 }
 
+impl Record {
+    /// One line for the operator (never the token itself).
+    pub fn summary(&self) -> String {
+        match self {
+            Record::Token {
+                id,
+                spiffe_id,
+                expires_at,
+                ..
+            } => format!("token {id} for {spiffe_id}, expires {expires_at}, single use"),
+            Record::Used { id, .. } => format!("token {id} used"),
+        }
+    }
+}
+
 /// Why a token was refused. `code()` is the JSON error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {

@@ -382,3 +382,54 @@ pub fn curl(args: &[&str]) -> (u16, String, i32) {
         out.status.code().unwrap_or(-1),
     )
 }
+
+/// A kept-alive HTTP/1.1 connection to an inbound sidecar over mutual TLS
+/// 1.3, presenting `cert` and trusting the PKI's bundle (test leaves carry
+/// `localhost`), plus the connection's 32-byte `EXPORTER-Channel-Binding`
+/// value: what a step-up caller needs to sign for this connection.
+pub async fn mtls_http1(
+    inbound: SocketAddr,
+    pki: &Pki,
+    cert: &Cert,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    [u8; 32],
+) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
+        .expect("chain")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
+        roots.add(r.expect("root")).expect("add root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client cert");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound)
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("mTLS handshake");
+    let mut exporter = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
+        .expect("exporter");
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+    (send, exporter)
+}

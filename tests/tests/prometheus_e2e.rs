@@ -5,18 +5,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use keyproof_stepup::{Challenge, RequestView, Signer};
 use keyproof_tests::prometheus::{Prometheus, PrometheusOptions};
-use keyproof_tests::proxy_support::{curl, identity_toml, EchoApp, Pki, ProxyProc};
+use keyproof_tests::proxy_support::{
+    curl, identity_toml, mtls_http1, Cert, EchoApp, Pki, ProxyProc,
+};
 use keyproof_tests::{free_port, have};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
 fn repo() -> PathBuf {
@@ -55,103 +55,11 @@ fn post(
 }
 
 /// Takes a challenge, signs, is accepted, then replays the same signed
-/// request on the same connection. Returns the replay's status and its
+/// request on the same connection (a kept-alive mTLS connection from the
+/// shared test support, so the exporter is the one the inbound sees). Returns the replay's status and its
 /// `WWW-Authenticate`.
-async fn signed_then_replayed(
-    inbound: SocketAddr,
-    pki: &Pki,
-    cert: &keyproof_tests::proxy_support::Cert,
-) -> (StatusCode, String) {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
-        .expect("chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
-    let mut roots = rustls::RootCertStore::empty();
-    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
-        roots.add(r.expect("root")).expect("add root");
-    }
-    // The sidecar's server certificate carries a SPIFFE ID, not a DNS name;
-    // this test is about the request layer, so any server of the bundle is
-    // accepted (the proxy tests cover server identity).
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .expect("verifier");
-    #[derive(Debug)]
-    struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
-    impl rustls::client::danger::ServerCertVerifier for AnyName {
-        fn verify_server_cert(
-            &self,
-            ee: &CertificateDer<'_>,
-            im: &[CertificateDer<'_>],
-            _name: &ServerName<'_>,
-            ocsp: &[u8],
-            now: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            match self.0.verify_server_cert(
-                ee,
-                im,
-                &ServerName::try_from("unused.invalid").expect("name"),
-                ocsp,
-                now,
-            ) {
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::NotValidForName,
-                ))
-                | Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::NotValidForNameContext { .. },
-                )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-                other => other,
-            }
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls12_signature(m, c, d)
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls13_signature(m, c, d)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.supported_verify_schemes()
-        }
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyName(verifier)))
-        .with_client_auth_cert(chain.clone(), key.clone_key())
-        .expect("client cert");
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(inbound)
-        .await
-        .expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("mTLS handshake");
-    let mut exporter = [0u8; 32];
-    tls.get_ref()
-        .1
-        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
-        .expect("exporter");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("http1");
-    tokio::spawn(conn);
+async fn signed_then_replayed(inbound: SocketAddr, pki: &Pki, cert: &Cert) -> (StatusCode, String) {
+    let (mut sender, exporter) = mtls_http1(inbound, pki, cert).await;
 
     let authority = "payments.default.svc";
     let path = "/admin/rotate?x=1";
@@ -169,11 +77,11 @@ async fn signed_then_replayed(
     let challenge = Challenge::from_headers(&challenge_headers)
         .expect("challenge parses")
         .expect("a StepUp challenge");
-    let key_der = match &key {
+    let key_der = match PrivateKeyDer::from_pem_file(&cert.key).expect("key") {
         PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
         _ => panic!("the CA writes PKCS#8 keys"),
     };
-    let signer = Signer::from_pkcs8_and_cert(&key_der, &chain[0]).expect("signer");
+    let signer = Signer::from_pkcs8_and_cert(&key_der, &cert.leaf).expect("signer");
     let unsigned = post(path, authority, &http::HeaderMap::new(), body);
     let (parts, _) = unsigned.into_parts();
     let view = RequestView::from_parts(&parts);

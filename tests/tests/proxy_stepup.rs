@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyproof_stepup::{unix_now, Challenge, Peer, RequestView, Signer, StepUpConfig, Verifier};
 use keyproof_tests::free_port;
 use keyproof_tests::proxy_support::*;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject;
 use serde_json::{json, Value};
 
@@ -357,39 +357,7 @@ fn signer_for(cert: &Cert) -> Arc<Signer> {
 }
 
 async fn caller(inbound: SocketAddr, pki: &Pki, cert: &Cert) -> Caller {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
-        .expect("chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
-    let mut roots = rustls::RootCertStore::empty();
-    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
-        roots.add(r.expect("root")).expect("add root");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client cert");
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(inbound)
-        .await
-        .expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("mTLS handshake");
-    let mut exporter = [0u8; 32];
-    tls.get_ref()
-        .1
-        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
-        .expect("exporter");
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("http1");
-    tokio::spawn(conn);
+    let (send, exporter) = mtls_http1(inbound, pki, cert).await;
     Caller {
         send,
         exporter,
