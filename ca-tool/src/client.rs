@@ -110,8 +110,7 @@ impl CaClient {
     }
 
     fn tls_config(&self, identity: Option<Arc<CertifiedKey>>) -> rustls::ClientConfig {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3 is supported by the aws-lc-rs provider")
             .dangerous()

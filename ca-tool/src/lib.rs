@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod renewer;
 pub mod rotate;
 pub mod serve;
+pub mod sigcache;
 pub mod spiffe;
 pub mod svid;
 pub mod tls;

@@ -2,12 +2,13 @@
 //! trust-domain match: the verifier the proxy uses for every peer.
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
-use webpki::{EndEntityCert, KeyUsage, ALL_VERIFICATION_ALGS as SIG_ALGS};
+use webpki::{EndEntityCert, KeyUsage};
 
 /// The extended-key-usage requirement passed to [`verify_path`].
 pub use webpki::KeyUsage as EkuUsage;
 
 use crate::keys;
+use crate::sigcache;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::svid::{self, SvidError};
 
@@ -173,7 +174,7 @@ pub fn verify_path(
     let ee = EndEntityCert::try_from(end_entity).map_err(map_webpki)?;
     let path = ee
         .verify_for_usage(
-            SIG_ALGS,
+            sigcache::chain_algorithms(),
             bundle.anchors(),
             intermediates,
             now,
@@ -227,7 +228,7 @@ impl SvidVerifier {
         };
         let path = ee
             .verify_for_usage(
-                SIG_ALGS,
+                sigcache::chain_algorithms(),
                 self.bundle.anchors(),
                 intermediates,
                 now,

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use keyproof_ca::tls::{PeerPolicy, Refusal, SvidClientVerifier, SvidServerVerifier};
 use keyproof_ca::{keys, svid, IdPattern, SpiffeId, SvidVerifier, TrustBundle, Usage, VerifyError};
-use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, OtherError, SignatureScheme};
 use rustls_pki_types::PrivateKeyDer;
@@ -563,10 +562,6 @@ pub fn classify(err: &io::Error) -> HandshakeFailure {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
 /// Presents the current identity's certificate, on both sides.
 #[derive(Debug)]
 pub struct CertResolver {
@@ -629,13 +624,14 @@ impl PeerPolicy for StorePolicy {
 pub fn server_config(store: &Arc<IdentityStore>) -> Result<rustls::ServerConfig, rustls::Error> {
     // Client certificates are required: the inbound serves only verified callers.
     let verifier = SvidClientVerifier::new(StorePolicy(store.clone()), true);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(keyproof_ca::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(CertResolver {
             store: store.clone(),
         }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.ignore_client_order = true;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Ok(cfg)
@@ -648,7 +644,7 @@ pub fn client_config(
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let verifier = SvidServerVerifier::new(StorePolicy(store.clone()), expected);
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(keyproof_ca::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)

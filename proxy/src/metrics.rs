@@ -84,6 +84,8 @@ pub struct Metrics {
     pub cert_issued: Gauge,
     reloads: IntCounterVec,
     renewals: IntCounterVec,
+    sig_cache: [IntCounter; 2],
+    sig_cache_sync: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -166,9 +168,19 @@ impl Metrics {
         for r in crate::ca_identity::RENEWAL_RESULTS {
             renewals.with_label_values(&[r]);
         }
+        let sig_cache = IntCounterVec::new(
+            Opts::new(
+                "keyproof_tls_chain_signature_cache_total",
+                "Certificate-chain signatures checked in handshakes (both directions), by \
+                 result: hit (these exact bytes already verified under this key) or miss \
+                 (verified now). Proof-of-possession signatures never use the cache.",
+            ),
+            &["result"],
+        )?;
         registry.register(Box::new(cert_issued.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(renewals.clone()))?;
+        registry.register(Box::new(sig_cache.clone()))?;
         let dir = |d: Direction| DirectionMetrics {
             handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
             connections_open: open.with_label_values(&[d.as_str()]),
@@ -184,7 +196,22 @@ impl Metrics {
             cert_issued,
             reloads,
             renewals,
+            sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
+            sig_cache_sync: Default::default(),
         })
+    }
+
+    /// Brings the signature-cache counters up to the process-wide cache's
+    /// own counts (it lives in `keyproof-ca`, which has no registry).
+    fn sync_sig_cache(&self) {
+        let _one_at_a_time = self
+            .sig_cache_sync
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let stats = keyproof_ca::sigcache::SigCache::global().stats();
+        for (counter, total) in self.sig_cache.iter().zip([stats.hits, stats.misses]) {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// Counts one `[identity.files]` reload outcome.
@@ -227,6 +254,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> Vec<u8> {
+        self.sync_sig_cache();
         let mut buf = Vec::with_capacity(8192);
         // Encoding into a Vec cannot fail on I/O; a collector error would
         // only drop that family.

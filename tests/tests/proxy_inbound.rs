@@ -146,6 +146,76 @@ fn curl_with_client_cert_is_served_and_xfcc_is_set_by_the_proxy_only() {
 }
 
 #[test]
+fn a_reconnecting_peer_reuses_verified_chain_signatures() {
+    let s = setup(None, "", None);
+    let cache = |r: &str| {
+        s.proxy.metric(&format!(
+            "keyproof_tls_chain_signature_cache_total{{result=\"{r}\"}}"
+        ))
+    };
+    let (code, body, _) = s.curl_as(&s.web, &[], "/first");
+    assert_eq!(code, 200, "{body}");
+    let (hits, misses) = (cache("hit"), cache("miss"));
+    // The first connection verified web's leaf signature (a miss).
+    assert!(misses >= 1.0, "{}", s.proxy.metrics());
+    // A new connection with the same chain: its two chain signatures (leaf
+    // by intermediate, intermediate by root) come from the cache, and
+    // nothing new is computed. The handshake itself is full (CertificateVerify
+    // is still checked: see the test below with a mismatched key).
+    let (code, body, _) = s.curl_as(&s.web, &[], "/second");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(cache("hit"), hits + 2.0, "{}", s.proxy.metrics());
+    assert_eq!(cache("miss"), misses, "{}", s.proxy.metrics());
+    assert_eq!(s.handshakes("ok"), 2.0);
+
+    // The cached chain proves nothing about key possession: web's
+    // certificate presented with another workload's key is refused.
+    let thief = Cert {
+        key: s.pki.issue("thief", "/ns/default/sa/thief").key,
+        ..s.web.clone()
+    };
+    let (code, _, rc) = s.curl_as(&thief, &[], "/stolen");
+    assert_eq!(code, 0);
+    assert_ne!(rc, 0);
+    assert_eq!(s.handshakes("ok"), 2.0);
+}
+
+#[test]
+fn aes_128_gcm_is_preferred_whatever_the_client_order() {
+    if !have("openssl") {
+        return;
+    }
+    let s = setup(None, "", None);
+    let suite = |offered: &str| {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{}", s.port)])
+            .args(["-CAfile", &s.pki.bundle.display().to_string()])
+            .args(["-cert", &s.web.crt.display().to_string()])
+            .args(["-key", &s.web.key.display().to_string()])
+            .args(["-tls1_3", "-ciphersuites", offered, "-brief"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("Ciphersuite: "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no ciphersuite in: {text}"))
+    };
+    // openssl's own order puts AES-256 first; the server's order decides.
+    assert_eq!(
+        suite("TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"),
+        "TLS_AES_128_GCM_SHA256"
+    );
+    // Clients that offer only the other suites are still served.
+    assert_eq!(suite("TLS_AES_256_GCM_SHA384"), "TLS_AES_256_GCM_SHA384");
+    assert_eq!(
+        suite("TLS_CHACHA20_POLY1305_SHA256"),
+        "TLS_CHACHA20_POLY1305_SHA256"
+    );
+}
+
+#[test]
 fn refused_handshakes_are_counted_by_reason() {
     let foreign = Pki::new("other.test");
     let s = setup(Some(&foreign), "", None);
