@@ -340,7 +340,14 @@ fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(keyproof_ca::serve::run(opts, shutdown_signal()))?;
+    // The server runs as a task on the worker threads rather than on this
+    // one: otherwise every accepted connection wakes a second thread that
+    // competes with the workers for the same cores.
+    rt.block_on(async {
+        tokio::spawn(keyproof_ca::serve::run(opts, shutdown_signal()))
+            .await
+            .context("server task")
+    })??;
     Ok(())
 }
 
