@@ -390,15 +390,34 @@ pub fn init_logging(format: config::LogFormat) {
 
 /// Like [`init_logging`] with another default level (quickstart keeps its
 /// demo output readable with `warn`).
+///
+/// `RUST_LOG` takes a level and `target=level` directives, comma-separated
+/// (`warn,keyproof_proxy::inbound=debug`). That is `Targets` syntax, not
+/// `EnvFilter`'s: the span and regex filters of the latter bring a regex
+/// engine into every sidecar's resident code for a feature a sidecar's
+/// operators do not use. A value that does not parse is reported on stderr
+/// and the default is used.
 pub fn init_logging_with_default(format: config::LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let parse = |s: &str| s.parse::<Targets>();
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => parse(&v).unwrap_or_else(|e| {
+            eprintln!("keyproof-proxy: RUST_LOG={v:?} is not valid ({e}); using {default:?}");
+            parse(default).unwrap_or_default()
+        }),
+        _ => parse(default).unwrap_or_default(),
+    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(ansi);
     let _ = match format {
-        config::LogFormat::Text => b.try_init(),
-        config::LogFormat::Json => b.json().try_init(),
+        config::LogFormat::Text => tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .try_init(),
+        config::LogFormat::Json => tracing_subscriber::registry()
+            .with(fmt.json().with_filter(filter))
+            .try_init(),
     };
 }
