@@ -171,7 +171,8 @@ impl Metrics {
         let sig_cache = IntCounterVec::new(
             Opts::new(
                 "keyproof_tls_chain_signature_cache_total",
-                "Certificate-chain signatures checked in handshakes (both directions), by \
+                "Certificate-chain signatures checked (peer chains in handshakes, both \
+                 directions, and the proxy's own chain when it loads an identity), by \
                  result: hit (these exact bytes already verified under this key) or miss \
                  (verified now). Proof-of-possession signatures never use the cache.",
             ),
