@@ -283,15 +283,29 @@ impl Inbound {
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
         let req = Request::from_parts(parts, ProxyBody::Stream(body));
         if let Some(r) = route.filter(|r| r.step_up) {
-            let (req, verified) = match self.stepup.verify(req, conn, r).await {
-                Ok(v) => v,
-                Err(resp) => return resp,
-            };
-            let mut resp = self.forward(req).await;
-            self.stepup.on_response(&mut resp, conn, r, verified);
-            return resp;
+            // Boxed: inline, the step-up state (body buffering, verification)
+            // would make every request's future as large, and it is moved
+            // into place per request.
+            return Box::pin(self.stepped_up(req, conn, r)).await;
         }
         self.forward(req).await
+    }
+
+    /// A request on a step-up route: verified (or challenged), forwarded,
+    /// and its response given the next nonce.
+    async fn stepped_up(
+        &self,
+        req: Request<ProxyBody>,
+        conn: &InboundConn,
+        r: &crate::policy::Route,
+    ) -> Response<ProxyBody> {
+        let (req, verified) = match self.stepup.verify(req, conn, r).await {
+            Ok(v) => v,
+            Err(resp) => return resp,
+        };
+        let mut resp = self.forward(req).await;
+        self.stepup.on_response(&mut resp, conn, r, verified);
+        resp
     }
 
     async fn forward(&self, req: Request<ProxyBody>) -> Response<ProxyBody> {
@@ -347,23 +361,7 @@ impl Inbound {
         };
         let req = Request::from_parts(parts, body);
         let sent = if use_h2 {
-            match self.app.h2.sender().await {
-                Ok(mut s) => s.send_request(req).await.map_err(|e| {
-                    let cause = root_cause(&e);
-                    tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");
-                    text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("app request failed: {}: {cause}\n", self.cfg.app),
-                    )
-                }),
-                Err(cause) => {
-                    tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
-                    Err(text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("app unavailable: {}: {cause}\n", self.cfg.app),
-                    ))
-                }
-            }
+            Box::pin(self.to_h2_app(req)).await
         } else {
             self.app.h1.request(req).await.map_err(|e| {
                 let cause = root_cause(&e);
@@ -385,6 +383,30 @@ impl Inbound {
         match sent {
             Ok(resp) => resp.map(ProxyBody::Stream),
             Err(resp) => resp,
+        }
+    }
+
+    /// Sends to an HTTP/2 app (gRPC), dialling its connection if needed.
+    async fn to_h2_app(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<hyper::body::Incoming>, Response<ProxyBody>> {
+        match self.app.h2.sender().await {
+            Ok(mut s) => s.send_request(req).await.map_err(|e| {
+                let cause = root_cause(&e);
+                tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("app request failed: {}: {cause}\n", self.cfg.app),
+                )
+            }),
+            Err(cause) => {
+                tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
+                Err(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("app unavailable: {}: {cause}\n", self.cfg.app),
+                ))
+            }
         }
     }
 }

@@ -289,6 +289,10 @@ struct H2Conn {
 }
 
 impl H2Conn {
+    /// The live connection's sender, dialling a new connection if there is
+    /// none. The dial (TCP, TLS and h2 handshakes) is boxed: inline, its
+    /// state would sit in every request's future, which is moved into place
+    /// per request.
     async fn sender(
         &self,
     ) -> Result<(http2::SendRequest<ProxyBody>, Arc<MeshConnInfo>), ForwardError> {
@@ -297,6 +301,12 @@ impl H2Conn {
                 return Ok((c.0.clone(), c.1.clone()));
             }
         }
+        Box::pin(self.redial()).await
+    }
+
+    async fn redial(
+        &self,
+    ) -> Result<(http2::SendRequest<ProxyBody>, Arc<MeshConnInfo>), ForwardError> {
         // One dial at a time; whoever waited re-checks first.
         let _g = self.dialing.lock().await;
         if let Some(c) = self.current.load().as_ref() {
@@ -563,10 +573,10 @@ impl Outbound {
             // A path that demanded step-up before: buffered and sent on the
             // h2 connection, signed up front when a nonce is kept.
             let template = Template::new(parts.method, parts.uri, parts.version, parts.headers);
-            let sent = self
-                .stepup
-                .send_known(|| up.h2.sender(), template, body)
-                .await;
+            // Boxed, like the other rare paths below: an inline future would
+            // make every request's future (moved into place per request) as
+            // large as the largest path.
+            let sent = Box::pin(self.stepup.send_known(|| up.h2.sender(), template, body)).await;
             return self.respond(up, sent);
         }
         // Every other request streams. Its head and a bounded copy of its
@@ -596,9 +606,11 @@ impl Outbound {
                     let head = Template::new(head.0, head.1, head.2, head.3);
                     up.stepup_paths.learn(head.path());
                     let replay = copy.map_or(Replay::Body(bytes::Bytes::new()), |c| c.replay());
-                    self.stepup
-                        .answer_replay(|| up.h2.sender(), resp, &head, replay)
-                        .await
+                    Box::pin(
+                        self.stepup
+                            .answer_replay(|| up.h2.sender(), resp, &head, replay),
+                    )
+                    .await
                 }
             }
             Ok(resp) => Ok(resp.map(ProxyBody::Stream)),
@@ -625,7 +637,7 @@ impl Outbound {
                 Err(e) => return Err(e),
             }
         }
-        up.h1.request(req).await.map_err(|e| {
+        Box::pin(up.h1.request(req)).await.map_err(|e| {
             let mut cur: &(dyn std::error::Error + 'static) = &e;
             loop {
                 if let Some(c) = cur.downcast_ref::<ConnectError>() {
