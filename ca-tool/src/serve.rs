@@ -493,11 +493,12 @@ impl Server {
     }
 }
 
-/// Identity and expiry of a client certificate the handshake verified.
+/// Identity and expiry of a client certificate the handshake verified (the
+/// verifier already applied every SVID rule; only the ID is read here).
 fn peer_svid(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Option<VerifiedSvid> {
     let (_, leaf) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
     Some(VerifiedSvid {
-        spiffe_id: crate::svid::check_leaf(&leaf).ok()?,
+        spiffe_id: crate::svid::spiffe_id_of(&leaf).ok()?,
         spki_sha256: crate::keys::sha256(leaf.public_key().raw),
         not_after: leaf.validity().not_after.timestamp(),
     })
@@ -558,17 +559,13 @@ pub async fn run(
     let verifier: SharedVerifier = Arc::new(ArcSwap::from_pointee(verifier_for(&ca)?));
     let (ck, renew_in) = own_cert(&ca, &opts)?;
     let own = Arc::new(OwnCert(ArcSwap::from_pointee(ck)));
-    let mut tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_client_cert_verifier(SvidClientVerifier::new(Shared(verifier.clone()), false))
-        .with_cert_resolver(own.clone());
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    tls.ignore_client_order = true;
-    // No resumption: a renewal must come with fresh proof of key possession,
-    // which only a full handshake gives.
-    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    tls.send_tls13_tickets = 0;
+    // Without resumption (see `server_config`) every renewal comes with
+    // fresh proof of key possession.
+    let tls = crate::tls::server_config(
+        SvidClientVerifier::new(Shared(verifier.clone()), false),
+        own.clone(),
+    )
+    .map_err(|e| ServeError::Tls(e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind(opts.listen)
         .await

@@ -45,6 +45,26 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
+/// The server side of every keyproof endpoint (proxy inbound, CA server):
+/// TLS 1.3 only, [`provider`] with the server's suite order, ALPN `h2` and
+/// `http/1.1`, and no session resumption. A resumed session would skip
+/// `client_verifier`, and with it the proof of key possession, expiry and
+/// trust-bundle changes.
+pub fn server_config(
+    client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_cert_resolver(certs);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.ignore_client_order = true;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
+}
+
 /// Converts a verification failure into the rustls error that carries it,
 /// keeping the typed [`VerifyError`] reachable for metrics and logs.
 pub fn to_rustls(e: VerifyError) -> rustls::Error {

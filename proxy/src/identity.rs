@@ -618,23 +618,16 @@ impl PeerPolicy for StorePolicy {
     }
 }
 
-/// The inbound server configuration: TLS 1.3 only, client certificate
-/// required, ALPN h2 and http/1.1, no session resumption (a resumed session
-/// would skip the verifier, and with it expiry and bundle changes).
+/// The inbound server configuration ([`keyproof_ca::tls::server_config`]),
+/// presenting the current identity and requiring a client certificate.
 pub fn server_config(store: &Arc<IdentityStore>) -> Result<rustls::ServerConfig, rustls::Error> {
     // Client certificates are required: the inbound serves only verified callers.
-    let verifier = SvidClientVerifier::new(StorePolicy(store.clone()), true);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(keyproof_ca::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(CertResolver {
+    keyproof_ca::tls::server_config(
+        SvidClientVerifier::new(StorePolicy(store.clone()), true),
+        Arc::new(CertResolver {
             store: store.clone(),
-        }));
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    cfg.ignore_client_order = true;
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
-    Ok(cfg)
+        }),
+    )
 }
 
 /// An outbound client configuration for one upstream, offering `alpn`.

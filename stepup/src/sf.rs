@@ -126,11 +126,31 @@ impl SigInput<'_> {
     }
 }
 
+/// What both dictionary visitors require: exactly one member, named
+/// `stepup`, with nothing malformed inside it.
+#[derive(Default)]
+struct OnlyStepup {
+    members: usize,
+    foreign: bool,
+    bad: bool,
+}
+
+impl OnlyStepup {
+    /// Counts a member; `true` when it is `stepup`, the one to visit.
+    fn enter(&mut self, key: &KeyRef) -> bool {
+        self.members += 1;
+        self.foreign |= key.as_str() != crate::LABEL;
+        !self.foreign
+    }
+
+    fn valid(&self) -> bool {
+        self.members == 1 && !self.foreign && !self.bad
+    }
+}
+
 #[derive(Default)]
 struct SigInputVisitor<'de> {
-    members: usize,
-    only_stepup: bool,
-    bad: bool,
+    seen: OnlyStepup,
     member: SigInput<'de>,
 }
 
@@ -139,16 +159,11 @@ impl<'de> DictionaryVisitor<'de> for SigInputVisitor<'de> {
     type Error = Infallible;
 
     fn entry(&mut self, key: &'de KeyRef) -> Result<impl EntryVisitor<'de>, Self::Error> {
-        self.members += 1;
-        if key.as_str() != crate::LABEL {
-            self.only_stepup = false;
-            return Ok(None);
-        }
-        Ok(Some(self))
+        Ok(self.seen.enter(key).then_some(self))
     }
 
     fn finish(self) -> Result<Self::Out, Self::Error> {
-        Ok((self.members == 1 && self.only_stepup && !self.bad).then_some(self.member))
+        Ok(self.seen.valid().then_some(self.member))
     }
 }
 
@@ -157,7 +172,7 @@ impl<'de> EntryVisitor<'de> for &mut SigInputVisitor<'de> {
 
     fn item(self) -> Result<impl ItemVisitor<'de>, Self::Error> {
         // A signature input is an inner list, never a bare item.
-        self.bad = true;
+        self.seen.bad = true;
         Ok(Ignored)
     }
 
@@ -190,7 +205,7 @@ impl<'de> ItemVisitor<'de> for ComponentVisitor<'_, 'de> {
     ) -> Result<impl ParameterVisitor<'de, Out = Self::Out>, Self::Error> {
         match v {
             BareItemFromInput::String(s) => self.0.member.components.push(s),
-            _ => self.0.bad = true,
+            _ => self.0.seen.bad = true,
         }
         Ok(NoParams(self.0))
     }
@@ -205,7 +220,7 @@ impl<'de> ParameterVisitor<'de> for NoParams<'_, 'de> {
     type Error = Infallible;
 
     fn parameter(&mut self, _: &'de KeyRef, _: BareItemFromInput<'de>) -> Result<(), Self::Error> {
-        self.0.bad = true;
+        self.0.seen.bad = true;
         Ok(())
     }
 
@@ -228,7 +243,7 @@ impl<'de> ParameterVisitor<'de> for SignatureParams<'_, 'de> {
         // RFC 9651 would let the last duplicate win; a signer that sent two
         // values signed both, so the base could never match. Refuse early.
         if self.0.member.params.iter().any(|(k, _)| *k == key) {
-            self.0.bad = true;
+            self.0.seen.bad = true;
         }
         self.0.member.params.push((key, v));
         Ok(())
@@ -243,21 +258,15 @@ impl<'de> ParameterVisitor<'de> for SignatureParams<'_, 'de> {
 /// `stepup`: an inner list of strings without parameters, and signature
 /// parameters without duplicates. `None` for anything else.
 pub(crate) fn parse_signature_input(input: &str) -> Option<SigInput<'_>> {
-    let visitor = SigInputVisitor {
-        only_stepup: true,
-        ..SigInputVisitor::default()
-    };
     sfv::Parser::new(input)
-        .parse_dictionary_with_visitor(visitor)
+        .parse_dictionary_with_visitor(SigInputVisitor::default())
         .ok()
         .flatten()
 }
 
 #[derive(Default)]
 struct SignatureVisitor {
-    members: usize,
-    only_stepup: bool,
-    bad: bool,
+    seen: OnlyStepup,
     value: Option<Vec<u8>>,
 }
 
@@ -266,20 +275,11 @@ impl<'de> DictionaryVisitor<'de> for SignatureVisitor {
     type Error = Infallible;
 
     fn entry(&mut self, key: &'de KeyRef) -> Result<impl EntryVisitor<'de>, Self::Error> {
-        self.members += 1;
-        if key.as_str() != crate::LABEL {
-            self.only_stepup = false;
-            return Ok(None);
-        }
-        Ok(Some(self))
+        Ok(self.seen.enter(key).then_some(self))
     }
 
     fn finish(self) -> Result<Self::Out, Self::Error> {
-        Ok(if self.members == 1 && self.only_stepup && !self.bad {
-            self.value
-        } else {
-            None
-        })
+        Ok(self.value.filter(|_| self.seen.valid()))
     }
 }
 
@@ -291,7 +291,7 @@ impl<'de> EntryVisitor<'de> for &mut SignatureVisitor {
     }
 
     fn inner_list(self) -> Result<impl InnerListVisitor<'de>, Self::Error> {
-        self.bad = true;
+        self.seen.bad = true;
         Ok(Ignored)
     }
 }
@@ -306,7 +306,7 @@ impl<'de> ItemVisitor<'de> for &mut SignatureVisitor {
     ) -> Result<impl ParameterVisitor<'de, Out = Self::Out>, Self::Error> {
         match v {
             BareItemFromInput::ByteSequence(b) => self.value = Some(b),
-            _ => self.bad = true,
+            _ => self.seen.bad = true,
         }
         Ok(self)
     }
@@ -317,7 +317,7 @@ impl<'de> ParameterVisitor<'de> for &mut SignatureVisitor {
     type Error = Infallible;
 
     fn parameter(&mut self, _: &'de KeyRef, _: BareItemFromInput<'de>) -> Result<(), Self::Error> {
-        self.bad = true;
+        self.seen.bad = true;
         Ok(())
     }
 
@@ -329,12 +329,8 @@ impl<'de> ParameterVisitor<'de> for &mut SignatureVisitor {
 /// Parses a `Signature` value that must hold exactly one member, `stepup`:
 /// a byte sequence without parameters.
 pub(crate) fn parse_signature(input: &str) -> Option<Vec<u8>> {
-    let visitor = SignatureVisitor {
-        only_stepup: true,
-        ..SignatureVisitor::default()
-    };
     sfv::Parser::new(input)
-        .parse_dictionary_with_visitor(visitor)
+        .parse_dictionary_with_visitor(SignatureVisitor::default())
         .ok()
         .flatten()
 }
