@@ -15,6 +15,7 @@ trap '"$bench/sidecars.sh" stop keyproof "$work/certs" "$work/run" >/dev/null 2>
 "$bench/gen-certs.sh" "$work/certs" >/dev/null
 "$bench/sidecars.sh" start backend "$work/certs" "$work/run" >/dev/null
 tck=$(getconf CLK_TCK)
+for bin in "${bins[@]}"; do "$repo/proxy/layout/check.sh" "$bin" || true; done
 for r in $(seq "$rounds"); do for bin in "${bins[@]}"; do
   pids=$(KEYPROOF_PROXY=$bin "$bench/sidecars.sh" start keyproof "$work/certs" "$work/run" | tail -n1)
   wrk -t1 -c"$conns" -d1s http://127.0.0.1:15001/ >/dev/null

@@ -11,6 +11,7 @@ set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 keyproof=${KEYPROOF_PROXY:-$repo/target/release/keyproof-proxy}
 rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns=${CONNS:-32} routes=${ROUTES:-plain su}
+"$repo/proxy/layout/check.sh" "$keyproof" || true
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done

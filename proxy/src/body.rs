@@ -21,6 +21,9 @@ pub enum ProxyBody {
     /// A streamed peer body of which the outbound keeps a bounded copy, so
     /// a step-up challenge can be answered by replaying it.
     Tee(crate::stepup::TeeBody),
+    /// A response body from the app's HTTP/1.1 pool, which returns its
+    /// connection to the pool when it ends.
+    App(crate::app::AppBody),
 }
 
 impl ProxyBody {
@@ -48,6 +51,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Tee(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::App(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -56,6 +60,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Tee(b) => b.is_end_stream(),
+            ProxyBody::App(b) => b.is_end_stream(),
         }
     }
 
@@ -64,6 +69,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(b) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
             ProxyBody::Tee(b) => b.size_hint(),
+            ProxyBody::App(b) => b.size_hint(),
         }
     }
 }
@@ -78,6 +84,25 @@ pub fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// `scheme://authority/path`, or a 400 response saying why that is not a
+/// usable request target (boxed: it is the rare case).
+pub fn absolute_uri(
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    path: http::uri::PathAndQuery,
+) -> Result<http::Uri, Box<Response<ProxyBody>>> {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(scheme);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path);
+    http::Uri::from_parts(uri).map_err(|e| {
+        Box::new(text(
+            StatusCode::BAD_REQUEST,
+            format!("bad request target: {e}\n"),
+        ))
+    })
 }
 
 static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");

@@ -8,19 +8,15 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwapOption;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::{strip_hop_by_hop, text, ProxyBody};
+use crate::app::{self, AppError};
+use crate::body::{absolute_uri, strip_hop_by_hop, text, ProxyBody};
 use crate::config::{AppProtocol, InboundConfig};
 use crate::identity::{self, IdentityStore, PeerIdentity};
 use crate::metrics::DirectionMetrics;
@@ -45,52 +41,10 @@ pub struct Inbound {
 }
 
 struct AppClient {
-    h1: Client<HttpConnector, ProxyBody>,
-    h2: AppH2,
+    h1: Arc<app::H1Pool>,
+    h2: app::H2Conn,
     authority: Authority,
     protocol: AppProtocol,
-}
-
-/// One multiplexed h2c connection to the app, re-dialled when it closes.
-/// Hand-rolled rather than the pooled client so that the caller's
-/// `:authority` reaches the app unchanged (the pool would put the app's
-/// address there).
-struct AppH2 {
-    addr: String,
-    connect_timeout: std::time::Duration,
-    current: ArcSwapOption<http2::SendRequest<ProxyBody>>,
-    dialing: tokio::sync::Mutex<()>,
-}
-
-impl AppH2 {
-    async fn sender(&self) -> Result<http2::SendRequest<ProxyBody>, String> {
-        if let Some(s) = self.current.load().as_ref() {
-            if !s.is_closed() {
-                return Ok((**s).clone());
-            }
-        }
-        let _g = self.dialing.lock().await;
-        if let Some(s) = self.current.load().as_ref() {
-            if !s.is_closed() {
-                return Ok((**s).clone());
-            }
-        }
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
-            .await
-            .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))?
-            .map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        self.current.store(Some(Arc::new(send.clone())));
-        Ok(send)
-    }
 }
 
 /// A failure to build the inbound.
@@ -116,20 +70,8 @@ impl Inbound {
     ) -> Result<Arc<Inbound>, InboundError> {
         let tls = identity::server_config(&store)?;
         let policy = Policy::new(&cfg.routes, cfg.default_policy, metrics);
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(cfg.app_connect_timeout));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.app_pool_idle_timeout)
-            .set_host(false)
-            .build(conn.clone());
-        let h2 = AppH2 {
-            addr: cfg.app.clone(),
-            connect_timeout: cfg.app_connect_timeout,
-            current: ArcSwapOption::empty(),
-            dialing: tokio::sync::Mutex::new(()),
-        };
+        let h1 = app::H1Pool::new(&cfg.app, cfg.app_connect_timeout, cfg.app_pool_idle_timeout);
+        let h2 = app::H2Conn::new(&cfg.app, cfg.app_connect_timeout);
         let authority: Authority = cfg
             .app
             .parse()
@@ -332,80 +274,52 @@ impl Inbound {
                 }
             }
         }
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        // HTTP/1.1 goes out in origin-form (Host carries the name); HTTP/2
-        // keeps the caller's :authority.
-        uri.authority = Some(match parts.uri.authority() {
-            Some(a) if use_h2 => a.clone(),
-            _ => self.app.authority.clone(),
-        });
-        uri.path_and_query = parts
+        let path = parts
             .uri
             .path_and_query()
             .cloned()
-            .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-        parts.uri = match Uri::from_parts(uri) {
-            Ok(u) => u,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("bad request target: {e}\n"),
-                )
-            }
-        };
-        parts.version = if use_h2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
-        let req = Request::from_parts(parts, body);
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         let sent = if use_h2 {
-            Box::pin(self.to_h2_app(req)).await
+            // HTTP/2 keeps the caller's :authority.
+            let authority = match parts.uri.authority() {
+                Some(a) => a.clone(),
+                None => self.app.authority.clone(),
+            };
+            parts.uri = match absolute_uri(Scheme::HTTP, authority, path) {
+                Ok(u) => u,
+                Err(resp) => return *resp,
+            };
+            parts.version = Version::HTTP_2;
+            let req = Request::from_parts(parts, body);
+            Box::pin(self.app.h2.request(req))
+                .await
+                .map(|r| r.map(ProxyBody::Stream))
         } else {
-            self.app.h1.request(req).await.map_err(|e| {
-                let cause = root_cause(&e);
-                if e.is_connect() {
-                    tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("app unavailable: {}: {cause}\n", self.cfg.app),
-                    )
-                } else {
-                    tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");
-                    text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("app request failed: {}: {cause}\n", self.cfg.app),
-                    )
-                }
-            })
+            // HTTP/1.1 goes out in origin-form; Host carries the name.
+            parts.uri = Uri::from(path);
+            parts.version = Version::HTTP_11;
+            let req = Request::from_parts(parts, body);
+            self.app
+                .h1
+                .request(req)
+                .await
+                .map(|r| r.map(ProxyBody::App))
         };
         match sent {
-            Ok(resp) => resp.map(ProxyBody::Stream),
-            Err(resp) => resp,
-        }
-    }
-
-    /// Sends to an HTTP/2 app (gRPC), dialling its connection if needed.
-    async fn to_h2_app(
-        &self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<hyper::body::Incoming>, Response<ProxyBody>> {
-        match self.app.h2.sender().await {
-            Ok(mut s) => s.send_request(req).await.map_err(|e| {
-                let cause = root_cause(&e);
+            Ok(resp) => resp,
+            Err(AppError::Unavailable(cause)) => {
+                tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("app unavailable: {}: {cause}\n", self.cfg.app),
+                )
+            }
+            Err(AppError::Failed(cause)) => {
                 tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");
                 text(
                     StatusCode::BAD_GATEWAY,
                     format!("app request failed: {}: {cause}\n", self.cfg.app),
                 )
-            }),
-            Err(cause) => {
-                tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
-                Err(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("app unavailable: {}: {cause}\n", self.cfg.app),
-                ))
             }
         }
     }

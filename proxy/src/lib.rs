@@ -4,6 +4,7 @@
 //! server's SPIFFE ID. See `run` for the process lifecycle.
 
 pub mod admin;
+pub mod app;
 pub mod body;
 pub mod ca_identity;
 pub mod config;

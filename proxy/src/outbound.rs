@@ -37,7 +37,7 @@ use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::body::{strip_hop_by_hop, text, ProxyBody};
+use crate::body::{absolute_uri, strip_hop_by_hop, text, ProxyBody};
 use crate::config::{OutboundConfig, UpstreamConfig};
 use crate::identity::{self, IdentityStore};
 use crate::inbound::root_cause;
@@ -544,24 +544,14 @@ impl Outbound {
         // upstream's pool, the app's authority in Host); `into_h2` turns it
         // into HTTP/2 form when the mesh connection is h2.
         let authority = parts.uri.authority().cloned();
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTPS);
-        uri.authority = Some(up.pool_key.clone());
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        parts.uri = match Uri::from_parts(uri) {
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = match absolute_uri(Scheme::HTTPS, up.pool_key.clone(), path) {
             Ok(u) => u,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("bad request target: {e}\n"),
-                )
-            }
+            Err(resp) => return *resp,
         };
         parts.version = Version::HTTP_11;
         // Absolute-form and HTTP/2: the target's authority replaces any Host

@@ -483,3 +483,96 @@ fn admin_endpoints() {
         );
     }
 }
+
+/// A hand-written HTTP/1.1 app that counts the connections it accepts and
+/// answers, all kept alive: `/len` (Content-Length), `/chunked`, `/empty`
+/// (204) and `HEAD`; `/bye` answers and then closes the connection, as an
+/// app closes an idle keep-alive connection.
+fn counting_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut out = tcp.try_clone().unwrap();
+                let mut r = BufReader::new(tcp);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut words = line.split_whitespace();
+                    let (method, path) = (
+                        words.next().unwrap_or("").to_owned(),
+                        words.next().unwrap_or("").to_owned(),
+                    );
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let resp: &[u8] = match (method.as_str(), path.as_str()) {
+                        ("HEAD", _) => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                        (_, "/chunked") => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nchu\r\n4\r\nnked\r\n0\r\n\r\n",
+                        (_, "/empty") => b"HTTP/1.1 204 No Content\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                    };
+                    if out.write_all(resp).is_err() || path == "/bye" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn app_connections_are_kept_alive_and_a_closed_one_costs_no_request() {
+    use std::sync::atomic::Ordering;
+    let (app, accepted) = counting_app();
+    let s = setup(None, "", Some(app));
+    // Sequential requests of every body shape reuse one app connection:
+    // each goes back to the pool when its response ends (no body at all
+    // for HEAD and 204).
+    for _ in 0..3 {
+        for (extra, path, want_code, want_body) in [
+            (&[][..], "/len", 200, "hello"),
+            (&[][..], "/chunked", 200, "chunked"),
+            (&[][..], "/empty", 204, ""),
+            (&["-I"][..], "/len", 200, ""),
+        ] {
+            let (code, body, _) = s.curl_as(&s.web, extra, path);
+            assert_eq!(code, want_code, "{path}: {body}\n{}", s.proxy.log_text());
+            if extra.is_empty() {
+                assert_eq!(body, want_body, "{path}");
+            }
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one kept-alive app connection"
+    );
+    // The app closes the connection after this answer; the next request
+    // gets a new connection and succeeds, whether the pool noticed the
+    // close first or retried the request that found it.
+    for round in 0..5 {
+        let (code, body, _) = s.curl_as(&s.web, &[], "/bye");
+        assert_eq!((code, body.as_str()), (200, "hello"), "round {round}");
+        let (code, body, _) = s.curl_as(&s.web, &[], "/len");
+        assert_eq!(
+            (code, body.as_str()),
+            (200, "hello"),
+            "round {round}\n{}",
+            s.proxy.log_text()
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
+}
