@@ -11,6 +11,8 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::mesh::BoxError;
+
 /// A streamed or in-memory body.
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -24,6 +26,8 @@ pub enum ProxyBody {
     /// A response body from the app's HTTP/1.1 pool, which returns its
     /// connection to the pool when it ends.
     App(crate::app::AppBody),
+    /// A response body from an upstream sidecar's HTTP/2 mesh connection.
+    Mesh(crate::mesh::MeshBody),
 }
 
 impl ProxyBody {
@@ -41,17 +45,23 @@ impl From<Incoming> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        fn boxed<E: Into<BoxError>>(
+            p: Poll<Option<Result<Frame<Bytes>, E>>>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            p.map(|f| f.map(|r| r.map_err(Into::into)))
+        }
         match self.get_mut() {
-            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Stream(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Tee(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::App(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Tee(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::App(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Mesh(b) => boxed(Pin::new(b).poll_frame(cx)),
         }
     }
 
@@ -61,6 +71,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Tee(b) => b.is_end_stream(),
             ProxyBody::App(b) => b.is_end_stream(),
+            ProxyBody::Mesh(b) => b.is_end_stream(),
         }
     }
 
@@ -70,6 +81,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
             ProxyBody::Tee(b) => b.size_hint(),
             ProxyBody::App(b) => b.size_hint(),
+            ProxyBody::Mesh(b) => b.size_hint(),
         }
     }
 }

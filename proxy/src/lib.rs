@@ -10,6 +10,7 @@ pub mod ca_identity;
 pub mod config;
 pub mod identity;
 pub mod inbound;
+pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

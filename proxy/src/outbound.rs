@@ -24,7 +24,6 @@ use arc_swap::ArcSwapOption;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -41,6 +40,7 @@ use crate::body::{absolute_uri, strip_hop_by_hop, text, ProxyBody};
 use crate::config::{OutboundConfig, UpstreamConfig};
 use crate::identity::{self, IdentityStore};
 use crate::inbound::root_cause;
+use crate::mesh::MeshSender;
 use crate::metrics::DirectionMetrics;
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
 use crate::stepup::{tee, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, Template};
@@ -284,8 +284,9 @@ impl tower_service::Service<Uri> for MeshConnector {
 /// One multiplexed HTTP/2 connection, re-dialled when it closes.
 struct H2Conn {
     dialer: Arc<Dialer>,
-    current: ArcSwapOption<(http2::SendRequest<ProxyBody>, Arc<MeshConnInfo>)>,
+    current: ArcSwapOption<(MeshSender, Arc<MeshConnInfo>)>,
     dialing: tokio::sync::Mutex<()>,
+    max_header_bytes: u32,
 }
 
 impl H2Conn {
@@ -293,9 +294,7 @@ impl H2Conn {
     /// none. The dial (TCP, TLS and h2 handshakes) is boxed: inline, its
     /// state would sit in every request's future, which is moved into place
     /// per request.
-    async fn sender(
-        &self,
-    ) -> Result<(http2::SendRequest<ProxyBody>, Arc<MeshConnInfo>), ForwardError> {
+    async fn sender(&self) -> Result<(MeshSender, Arc<MeshConnInfo>), ForwardError> {
         if let Some(c) = self.current.load().as_ref() {
             if !c.0.is_closed() {
                 return Ok((c.0.clone(), c.1.clone()));
@@ -304,9 +303,7 @@ impl H2Conn {
         Box::pin(self.redial()).await
     }
 
-    async fn redial(
-        &self,
-    ) -> Result<(http2::SendRequest<ProxyBody>, Arc<MeshConnInfo>), ForwardError> {
+    async fn redial(&self) -> Result<(MeshSender, Arc<MeshConnInfo>), ForwardError> {
         // One dial at a time; whoever waited re-checks first.
         let _g = self.dialing.lock().await;
         if let Some(c) = self.current.load().as_ref() {
@@ -320,18 +317,9 @@ impl H2Conn {
             return Err(ForwardError::NotH2);
         }
         let info = stream.info.clone();
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(stream))
+        let send = MeshSender::handshake(stream, self.max_header_bytes)
             .await
             .map_err(|e| ForwardError::Upstream(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "outbound h2 connection closed");
-            }
-        });
         self.current
             .store(Some(Arc::new((send.clone(), info.clone()))));
         Ok((send, info))
@@ -442,6 +430,8 @@ impl Outbound {
                     dialer: mk(&[b"h2", b"http/1.1"])?,
                     current: ArcSwapOption::empty(),
                     dialing: tokio::sync::Mutex::new(()),
+                    max_header_bytes: u32::try_from(cfg.limits.max_header_bytes)
+                        .unwrap_or(u32::MAX),
                 },
                 stepup_paths: StepUpPaths::default(),
             });
@@ -603,8 +593,7 @@ impl Outbound {
                     .await
                 }
             }
-            Ok(resp) => Ok(resp.map(ProxyBody::Stream)),
-            Err(e) => Err(e),
+            other => other,
         };
         self.respond(up, sent)
     }
@@ -616,7 +605,7 @@ impl Outbound {
         up: &Upstream,
         orig_h2: bool,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ProxyBody>, ForwardError> {
         if orig_h2 || !up.h1_only.load(Ordering::Relaxed) {
             match up.h2.sender().await {
                 Ok((send, info)) => return send_h2(up, send, info, req).await,
@@ -627,7 +616,8 @@ impl Outbound {
                 Err(e) => return Err(e),
             }
         }
-        Box::pin(up.h1.request(req)).await.map_err(|e| {
+        let sent = Box::pin(up.h1.request(req)).await;
+        sent.map(|r| r.map(ProxyBody::Stream)).map_err(|e| {
             let mut cur: &(dyn std::error::Error + 'static) = &e;
             loop {
                 if let Some(c) = cur.downcast_ref::<ConnectError>() {
@@ -691,23 +681,22 @@ fn into_h2(req: Request<ProxyBody>) -> Request<ProxyBody> {
 /// unsent and is retried once on a fresh connection.
 async fn send_h2(
     up: &Upstream,
-    mut send: http2::SendRequest<ProxyBody>,
+    send: MeshSender,
     info: Arc<MeshConnInfo>,
     req: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ForwardError> {
-    let mut resp = match send.try_send_request(into_h2(req)).await {
-        Ok(r) => r,
-        Err(mut e) => match e.take_message() {
+) -> Result<Response<ProxyBody>, ForwardError> {
+    let (mut resp, info) = match send.try_send(into_h2(req)).await {
+        Ok(r) => (r, info),
+        Err(e) => match e.unsent {
             Some(req) => {
-                let (mut send, info) = up.h2.sender().await?;
-                let mut r = send
-                    .send_request(req)
+                let (send, info) = up.h2.sender().await?;
+                let r = send
+                    .try_send(req)
                     .await
-                    .map_err(|e| ForwardError::Upstream(root_cause(&e)))?;
-                r.extensions_mut().insert(info);
-                return Ok(r);
+                    .map_err(|e| ForwardError::Upstream(root_cause(&e.error)))?;
+                (r, info)
             }
-            None => return Err(ForwardError::Upstream(root_cause(e.error()))),
+            None => return Err(ForwardError::Upstream(root_cause(&e.error))),
         },
     };
     resp.extensions_mut().insert(info);

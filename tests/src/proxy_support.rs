@@ -154,7 +154,8 @@ pub fn sha256_hex(der: &[u8]) -> String {
 
 /// A tiny HTTP/1.1 + h2c app echoing what it received: the first line is
 /// `METHOD PATH VERSION`, then `:authority: A` for HTTP/2, then one `name: value` line per header, then
-/// `body-bytes: N`. `/slow` answers after two seconds.
+/// `body-bytes: N`. `/slow` answers after two seconds; `/bytes/N` answers
+/// with N bytes of `x` instead.
 pub struct EchoApp {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -175,6 +176,11 @@ async fn echo(
     }
     for (k, v) in req.headers() {
         out.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+    }
+    if let Some(n) = req.uri().path().strip_prefix("/bytes/") {
+        // A large response, for flow control through the sidecars.
+        let n: usize = n.parse().unwrap_or(0);
+        return Ok(http::Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
     }
     let slow = req.uri().path() == "/slow";
     let body = req

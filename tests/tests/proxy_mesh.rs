@@ -162,6 +162,69 @@ fn origin_form_absolute_form_and_host_routing() {
     let _ = p.in_addr;
 }
 
+/// Bodies larger than the HTTP/2 windows (2 MB per stream, 5 MB per
+/// connection) stream through the pair both ways, several at once, and
+/// arrive whole.
+#[test]
+fn large_bodies_stream_both_ways_under_flow_control() {
+    let p = pair("");
+    let out = format!("http://{}", p.out_addr);
+    const N: usize = 12_000_000;
+    let upload = p.pki.path("upload.bin");
+    std::fs::write(&upload, vec![7u8; N]).unwrap();
+    let data = format!("@{}", upload.display());
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let (out, data) = (out.clone(), data.clone());
+            std::thread::spawn(move || {
+                let down = curl(&["-H", "Host: api.default.svc", &format!("{out}/bytes/{N}")]);
+                let up = curl(&[
+                    "-H",
+                    "Host: api.default.svc",
+                    "--data-binary",
+                    &data,
+                    &format!("{out}/upload/{i}"),
+                ]);
+                (down, up)
+            })
+        })
+        .collect();
+    for h in handles {
+        let ((code, body, _), (up_code, up_body, _)) = h.join().unwrap();
+        assert_eq!(code, 200, "{}", p.outbound.log_text());
+        assert_eq!(body.len(), N, "download arrived whole");
+        assert!(body.bytes().all(|b| b == b'x'));
+        assert_eq!(up_code, 200, "{up_body}");
+        assert!(up_body.contains(&format!("body-bytes: {N}\n")), "{up_body}");
+    }
+}
+
+/// The inbound closes an idle mesh connection (GOAWAY, then FIN) between
+/// one and two idle periods after its last use; the next request goes on a
+/// new connection and succeeds, however the close and the request
+/// interleave.
+#[test]
+fn an_idle_closed_mesh_connection_costs_no_request() {
+    let p = pair("idle_timeout = \"1s\"");
+    let out = format!("http://{}", p.out_addr);
+    for (round, wait_ms) in [0u64, 2200, 1500, 2200, 1800].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        let (code, body, _) = curl(&["-H", "Host: api.default.svc", &format!("{out}/r{round}")]);
+        assert_eq!(
+            code,
+            200,
+            "round {round}: {body}\n{}",
+            p.outbound.log_text()
+        );
+    }
+    assert!(
+        p.outbound
+            .metric("keyproof_tls_handshakes_total{direction=\"outbound\",result=\"ok\"}")
+            >= 3.0,
+        "each 2.2 s pause outlasts the idle timeout: a new connection after each"
+    );
+}
+
 #[test]
 fn wrong_server_identity_and_unreachable_upstream() {
     let p = pair("");

@@ -27,7 +27,6 @@ use http::header::{HeaderValue, HOST};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
 use keyproof_stepup::headers::ACCEPT_SIGNATURE;
 use keyproof_stepup::{
     is_stepup_challenge, strip_stepup_headers, unix_now, Challenge, RequestView, SignError, Signer,
@@ -53,7 +52,7 @@ const MAX_STEPUP_PATHS: usize = 1024;
 
 /// The multiplexed connection to an upstream: a sender and the facts of
 /// the connection it sends on.
-pub type MeshSender = (http2::SendRequest<ProxyBody>, Arc<MeshConnInfo>);
+pub type MeshSender = (crate::mesh::MeshSender, Arc<MeshConnInfo>);
 
 /// Paths of one upstream that answered with a step-up challenge. Requests to
 /// them are buffered (up to `max_body`) and sent on the h2 connection so they
@@ -348,7 +347,7 @@ impl OutboundStepUp {
     pub async fn answer_replay<C, F>(
         &self,
         connect: C,
-        challenge: Response<Incoming>,
+        challenge: Response<ProxyBody>,
         template: &Template,
         replay: Replay,
     ) -> Result<Response<ProxyBody>, ForwardError>
@@ -374,7 +373,7 @@ impl OutboundStepUp {
 
     /// Passes a challenge that cannot be answered because the upstream has
     /// no h2 connection (signing needs to know the connection beforehand).
-    pub fn pass_unanswerable(&self, challenge: Response<Incoming>) -> Response<ProxyBody> {
+    pub fn pass_unanswerable(&self, challenge: Response<ProxyBody>) -> Response<ProxyBody> {
         self.metrics.count(SignResult::Error);
         pass(
             challenge,
@@ -385,7 +384,7 @@ impl OutboundStepUp {
     async fn answer<C, F>(
         &self,
         connect: &C,
-        challenge: Response<Incoming>,
+        challenge: Response<ProxyBody>,
         template: &Template,
         body: Bytes,
     ) -> Result<Response<ProxyBody>, ForwardError>
@@ -441,7 +440,7 @@ impl OutboundStepUp {
         template: &Template,
         body: &Bytes,
         challenge: Option<&Challenge>,
-    ) -> Result<Result<(Response<Incoming>, Arc<MeshConnInfo>), SignResult>, ForwardError>
+    ) -> Result<Result<(Response<ProxyBody>, Arc<MeshConnInfo>), SignResult>, ForwardError>
     where
         C: Fn() -> F,
         F: Future<Output = Result<MeshSender, ForwardError>>,
@@ -449,7 +448,7 @@ impl OutboundStepUp {
         let mut kept: Option<Challenge> = None;
         let mut retried = false;
         loop {
-            let (mut send, info) = connect().await?;
+            let (send, info) = connect().await?;
             let mut headers = template.headers.clone();
             match challenge {
                 Some(ch) => {
@@ -469,11 +468,11 @@ impl OutboundStepUp {
                     }
                 }
             }
-            match send.try_send_request(template.request(headers, body)).await {
+            match send.try_send(template.request(headers, body)).await {
                 Ok(resp) => return Ok(Ok((resp, info))),
-                Err(mut e) => match e.take_message() {
+                Err(e) => match e.unsent {
                     Some(_) if !retried => retried = true,
-                    _ => return Err(ForwardError::Upstream(root_cause(e.error()))),
+                    _ => return Err(ForwardError::Upstream(root_cause(&e.error))),
                 },
             }
         }
@@ -482,7 +481,7 @@ impl OutboundStepUp {
     /// Keeps the next nonce of a verified response (not shown to the app).
     fn finish(
         &self,
-        mut resp: Response<Incoming>,
+        mut resp: Response<ProxyBody>,
         conn_id: u64,
         path: &str,
     ) -> Response<ProxyBody> {
@@ -492,7 +491,7 @@ impl OutboundStepUp {
             }
             resp.headers_mut().remove(ACCEPT_SIGNATURE);
         }
-        resp.map(ProxyBody::Stream)
+        resp
     }
 
     fn too_large(&self) -> Response<ProxyBody> {
@@ -530,8 +529,8 @@ fn describe(r: SignResult) -> &'static str {
 
 /// Passes a challenge the sidecar did not (or could not) answer to the app,
 /// saying why.
-fn pass(mut resp: Response<Incoming>, why: &'static str) -> Response<ProxyBody> {
+fn pass(mut resp: Response<ProxyBody>, why: &'static str) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert(STEP_UP_ERROR.clone(), HeaderValue::from_static(why));
-    resp.map(ProxyBody::Stream)
+    resp
 }

@@ -1,0 +1,318 @@
+//! The outbound's HTTP/2 client on a mesh connection, on the `h2` crate
+//! directly.
+//!
+//! hyper's HTTP/2 client hands every request through a channel to the
+//! connection's task, spawns a task per request to wait for its response,
+//! and answers through a oneshot: about a tenth of the outbound's CPU per
+//! request. Here the request's own future opens the stream and awaits the
+//! response; only a request whose body is still streaming gets a task, to
+//! pump it under HTTP/2 flow control.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::body::ProxyBody;
+
+/// hyper's defaults, kept: room for large bodies without waiting on window
+/// updates.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+/// While requests flow, a PING this often; no PONG in `PING_TIMEOUT` and the
+/// connection is closed (a peer gone without a FIN).
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A boxed error from the mesh connection or a body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The sending half of one HTTP/2 mesh connection; cheap to clone.
+#[derive(Clone)]
+pub struct MeshSender {
+    send: h2::client::SendRequest<Bytes>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    closed: AtomicBool,
+    /// Milliseconds since `epoch` of the last request sent.
+    last_used: AtomicU64,
+    epoch: Instant,
+}
+
+/// A request the connection refused before anything of it was sent (the
+/// connection was closing), handed back for a retry elsewhere; or why the
+/// exchange failed.
+pub struct TrySendError {
+    /// The request, if it was never sent.
+    pub unsent: Option<Request<ProxyBody>>,
+    /// What went wrong.
+    pub error: h2::Error,
+}
+
+impl MeshSender {
+    /// Performs the HTTP/2 handshake on `io` and spawns the task that drives
+    /// the connection (and keeps it alive with PINGs while it is used).
+    pub async fn handshake<T>(io: T, max_header_bytes: u32) -> Result<MeshSender, h2::Error>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_header_list_size(max_header_bytes)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let shared = Arc::new(Shared {
+            closed: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        let ping = conn.ping_pong();
+        tokio::spawn(drive(conn, ping, shared.clone()));
+        Ok(MeshSender { send, shared })
+    }
+
+    /// Whether the connection has ended (new requests need a new one).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Relaxed)
+    }
+
+    /// Sends `req` (HTTP/2 form: scheme and authority in the URI) and waits
+    /// for the response head.
+    pub async fn try_send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, TrySendError> {
+        let mut send = match self.send.clone().ready().await {
+            Ok(s) => s,
+            Err(error) => {
+                // GOAWAY or a broken connection: the driving task may not
+                // have ended yet, but nothing more goes on this connection.
+                self.shared.closed.store(true, Ordering::Relaxed);
+                return Err(TrySendError {
+                    unsent: Some(req),
+                    error,
+                });
+            }
+        };
+        let (mut parts, body) = req.into_parts();
+        if let Some(len) = body.size_hint().exact() {
+            // As hyper does: a known length is announced, except a zero one
+            // on methods without payload semantics.
+            if (len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE))
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+            {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+        }
+        let eos = body.is_end_stream();
+        let head = Request::from_parts(parts, ());
+        self.shared.last_used.store(
+            self.shared.epoch.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        let (response, stream) = match send.send_request(head, eos) {
+            Ok(r) => r,
+            Err(error) => {
+                // Not for a malformed request (a user error): a local app
+                // must not be able to make the sidecar redial at will.
+                if error.is_go_away() || error.is_io() {
+                    self.shared.closed.store(true, Ordering::Relaxed);
+                }
+                return Err(TrySendError {
+                    unsent: None,
+                    error,
+                });
+            }
+        };
+        if !eos {
+            // Boxed and spawned: only requests with a body pay for it.
+            tokio::spawn(pipe(body, stream));
+        }
+        let resp = response.await.map_err(|error| TrySendError {
+            unsent: None,
+            error,
+        })?;
+        let (parts, recv) = resp.into_parts();
+        let remaining = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::Mesh(MeshBody {
+                recv,
+                data_done: false,
+                remaining,
+            }),
+        ))
+    }
+}
+
+/// Drives the connection until it ends; PINGs while it is in use.
+async fn drive(
+    mut conn: h2::client::Connection<impl AsyncRead + AsyncWrite + Unpin, Bytes>,
+    ping: Option<h2::PingPong>,
+    shared: Arc<Shared>,
+) {
+    let mut tick = tokio::time::interval(PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut ping = ping;
+    let result = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            _ = tick.tick() => {
+                let now = shared.epoch.elapsed().as_millis() as u64;
+                let used = now.saturating_sub(shared.last_used.load(Ordering::Relaxed))
+                    < PING_INTERVAL.as_millis() as u64;
+                let Some(p) = ping.as_mut().filter(|_| used) else { continue };
+                // The PONG arrives only while the connection is driven.
+                let pong = tokio::time::timeout(PING_TIMEOUT, p.ping(h2::Ping::opaque()));
+                tokio::pin!(pong);
+                let alive = tokio::select! {
+                    r = &mut conn => Err(r),
+                    r = &mut pong => Ok(matches!(r, Ok(Ok(_)))),
+                };
+                match alive {
+                    Err(r) => break r,
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!("outbound h2 connection: no PONG within {PING_TIMEOUT:?}; closing");
+                        break Ok(());
+                    }
+                }
+            }
+        }
+    };
+    shared.closed.store(true, Ordering::Relaxed);
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "outbound h2 connection closed");
+    }
+}
+
+/// Streams a request body onto its HTTP/2 stream as the peer's flow-control
+/// window allows; resets the stream if the body fails.
+async fn pipe(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
+    loop {
+        let frame = poll_fn(|cx| {
+            // The peer may reset the stream (it answered already, or gave
+            // up): stop reading the body then.
+            if stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let frame = match frame {
+            None => return,
+            Some(None) => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(_))) => {
+                stream.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Some(Ok(f))) => f,
+        };
+        let mut data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                }
+                return;
+            }
+        };
+        let last = body.is_end_stream();
+        if data.is_empty() {
+            if last {
+                let _ = stream.send_data(data, true);
+                return;
+            }
+            continue;
+        }
+        while !data.is_empty() {
+            stream.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                _ => return,
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            if stream.send_data(chunk, last && data.is_empty()).is_err() {
+                return;
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// A response body received on a mesh stream: data as it arrives (its
+/// flow-control window given back as it is passed on), then trailers.
+#[derive(Debug)]
+pub struct MeshBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+    /// The bytes left by `content-length`, when it was sent.
+    remaining: Option<u64>,
+}
+
+impl Body for MeshBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut this.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
