@@ -17,9 +17,12 @@ trap '"$bench/sidecars.sh" stop keyproof "$work/certs" "$work/run" >/dev/null 2>
 tck=$(getconf CLK_TCK)
 for bin in "${bins[@]}"; do "$repo/proxy/layout/check.sh" "$bin" || true; done
 for r in $(seq "$rounds"); do for bin in "${bins[@]}"; do
-  # The whole binary in the page cache, as right after a build: fault-around
-  # maps only cached pages, so a partly evicted binary would look smaller.
-  cat "$bin" > /dev/null
+  # Each start begins with none of the binary in the page cache, as a pod on
+  # a fresh node: how much code stays resident depends on what is cached
+  # (fault-around maps cached neighbours, and the size of the cached folios
+  # depends on how the file was written or read), so binaries are compared
+  # from the same, empty, state.
+  python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$bin"
   pids=$(KEYPROOF_PROXY=$bin "$bench/sidecars.sh" start keyproof "$work/certs" "$work/run" | tail -n1)
   wrk -t1 -c"$conns" -d1s http://127.0.0.1:15001/ >/dev/null
   c0=0; for p in $pids; do c0=$((c0 + $(awk '{print $14+$15}' "/proc/$p/stat"))); done
