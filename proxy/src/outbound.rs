@@ -43,7 +43,7 @@ use crate::inbound::root_cause;
 use crate::mesh::MeshSender;
 use crate::metrics::DirectionMetrics;
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
-use crate::stepup::{tee, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, Template};
+use crate::stepup::{tee, MeshConn, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, Template};
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -284,7 +284,7 @@ impl tower_service::Service<Uri> for MeshConnector {
 /// One multiplexed HTTP/2 connection, re-dialled when it closes.
 struct H2Conn {
     dialer: Arc<Dialer>,
-    current: ArcSwapOption<(MeshSender, Arc<MeshConnInfo>)>,
+    current: ArcSwapOption<MeshConn>,
     dialing: tokio::sync::Mutex<()>,
     max_header_bytes: u32,
 }
@@ -294,7 +294,7 @@ impl H2Conn {
     /// none. The dial (TCP, TLS and h2 handshakes) is boxed: inline, its
     /// state would sit in every request's future, which is moved into place
     /// per request.
-    async fn sender(&self) -> Result<(MeshSender, Arc<MeshConnInfo>), ForwardError> {
+    async fn sender(&self) -> Result<MeshConn, ForwardError> {
         if let Some(c) = self.current.load().as_ref() {
             if !c.0.is_closed() {
                 return Ok((c.0.clone(), c.1.clone()));
@@ -303,7 +303,7 @@ impl H2Conn {
         Box::pin(self.redial()).await
     }
 
-    async fn redial(&self) -> Result<(MeshSender, Arc<MeshConnInfo>), ForwardError> {
+    async fn redial(&self) -> Result<MeshConn, ForwardError> {
         // One dial at a time; whoever waited re-checks first.
         let _g = self.dialing.lock().await;
         if let Some(c) = self.current.load().as_ref() {

@@ -31,7 +31,7 @@ use crate::identity::PeerIdentity;
 
 pub use metrics::{SignResult, SignerMetrics, VerifierMetrics};
 pub use replay::{tee, Replay, TeeBody, TeeHandle};
-pub use signer::{signer_for, MeshSender, OutboundStepUp, StepUpPaths, Template};
+pub use signer::{signer_for, MeshConn, OutboundStepUp, StepUpPaths, Template};
 pub use verifier::{InboundStepUp, Verified, VerifierStartError};
 
 /// Per-connection facts on the inbound, computed once after the handshake.

@@ -52,7 +52,7 @@ const MAX_STEPUP_PATHS: usize = 1024;
 
 /// The multiplexed connection to an upstream: a sender and the facts of
 /// the connection it sends on.
-pub type MeshSender = (crate::mesh::MeshSender, Arc<MeshConnInfo>);
+pub type MeshConn = (crate::mesh::MeshSender, Arc<MeshConnInfo>);
 
 /// Paths of one upstream that answered with a step-up challenge. Requests to
 /// them are buffered (up to `max_body`) and sent on the h2 connection so they
@@ -314,7 +314,7 @@ impl OutboundStepUp {
     ) -> Result<Response<ProxyBody>, ForwardError>
     where
         C: Fn() -> F,
-        F: Future<Output = Result<MeshSender, ForwardError>>,
+        F: Future<Output = Result<MeshConn, ForwardError>>,
     {
         let body = match read_limited(&mut body, self.max_body).await {
             Ok(b) => b,
@@ -353,7 +353,7 @@ impl OutboundStepUp {
     ) -> Result<Response<ProxyBody>, ForwardError>
     where
         C: Fn() -> F,
-        F: Future<Output = Result<MeshSender, ForwardError>>,
+        F: Future<Output = Result<MeshConn, ForwardError>>,
     {
         match replay {
             Replay::Body(body) => self.answer(&connect, challenge, template, body).await,
@@ -390,7 +390,7 @@ impl OutboundStepUp {
     ) -> Result<Response<ProxyBody>, ForwardError>
     where
         C: Fn() -> F,
-        F: Future<Output = Result<MeshSender, ForwardError>>,
+        F: Future<Output = Result<MeshConn, ForwardError>>,
     {
         let ch = match Challenge::from_headers(challenge.headers()) {
             Ok(Some(c)) => c,
@@ -443,7 +443,7 @@ impl OutboundStepUp {
     ) -> Result<Result<(Response<ProxyBody>, Arc<MeshConnInfo>), SignResult>, ForwardError>
     where
         C: Fn() -> F,
-        F: Future<Output = Result<MeshSender, ForwardError>>,
+        F: Future<Output = Result<MeshConn, ForwardError>>,
     {
         let mut kept: Option<Challenge> = None;
         let mut retried = false;
