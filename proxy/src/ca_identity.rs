@@ -81,15 +81,8 @@ impl Handler for CaIdentity {
         )
         .map_err(|e| self.refuse(e))?;
         self.trust_ca(&next);
-        self.metrics.identity_installed(&next);
-        tracing::info!(
-            spiffe_id = %next.id,
-            serial = %next.serial,
-            not_after = next.not_after,
-            trust_roots = next.roots.len(),
-            "certificate issued by the CA; in use for new handshakes"
-        );
-        self.store.replace(next);
+        self.store
+            .install(next, &self.metrics, "certificate issued by the CA");
         Ok(())
     }
 

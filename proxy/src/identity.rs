@@ -462,6 +462,21 @@ impl IdentityStore {
         self.held.send_replace(true);
     }
 
+    /// Puts a new identity in use (a reload, a renewal): exports its
+    /// expiry, logs what is in use now and why (`why` says where it came
+    /// from), and replaces the current one.
+    pub fn install(&self, identity: Identity, metrics: &crate::metrics::Metrics, why: &str) {
+        metrics.identity_installed(&identity);
+        tracing::info!(
+            spiffe_id = %identity.id,
+            serial = %identity.serial,
+            not_after = identity.not_after,
+            trust_roots = identity.roots.len(),
+            "{why}; new identity in use for new handshakes"
+        );
+        self.replace(identity);
+    }
+
     /// Resolves once an identity is held.
     pub async fn wait_held(&self) {
         let mut rx = self.held.subscribe();

@@ -138,7 +138,7 @@ impl MeshSender {
             }
         };
         if !eos {
-            // Boxed and spawned: only requests with a body pay for it.
+            // Only a request with a body still to send costs a task.
             tokio::spawn(pipe(body, stream));
         }
         let resp = response.await.map_err(|error| TrySendError {

@@ -174,16 +174,9 @@ impl Reloader {
                 }
             };
             self.rejected = None;
-            tracing::info!(
-                spiffe_id = %next.id,
-                serial = %next.serial,
-                not_after = next.not_after,
-                trust_roots = next.roots.len(),
-                "identity files changed; new identity in use for new handshakes"
-            );
-            self.metrics.identity_installed(&next);
             self.metrics.reload("ok");
-            self.store.replace(next);
+            self.store
+                .install(next, &self.metrics, "identity files changed");
             return Outcome::Applied;
         }
     }
