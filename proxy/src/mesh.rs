@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response};
@@ -43,9 +43,10 @@ pub struct MeshSender {
 
 struct Shared {
     closed: AtomicBool,
-    /// Milliseconds since `epoch` of the last request sent.
-    last_used: AtomicU64,
-    epoch: Instant,
+    /// Requests sent so far: the PING task compares it between ticks to
+    /// tell whether the connection is in use (a count, not a clock read per
+    /// request).
+    sent: AtomicU64,
 }
 
 /// A request the connection refused before anything of it was sent (the
@@ -74,8 +75,7 @@ impl MeshSender {
             .await?;
         let shared = Arc::new(Shared {
             closed: AtomicBool::new(false),
-            last_used: AtomicU64::new(0),
-            epoch: Instant::now(),
+            sent: AtomicU64::new(0),
         });
         let ping = conn.ping_pong();
         tokio::spawn(drive(conn, ping, shared.clone()));
@@ -88,17 +88,20 @@ impl MeshSender {
     }
 
     /// Sends `req` (HTTP/2 form: scheme and authority in the URI) and waits
-    /// for the response head.
+    /// for the response head. Takes the sender by value: each request gets
+    /// its clone from the connection holder once, and this is where it is
+    /// used up.
     pub async fn try_send(
-        &self,
+        self,
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, TrySendError> {
-        let mut send = match self.send.clone().ready().await {
+        let MeshSender { send, shared } = self;
+        let mut send = match send.ready().await {
             Ok(s) => s,
             Err(error) => {
                 // GOAWAY or a broken connection: the driving task may not
                 // have ended yet, but nothing more goes on this connection.
-                self.shared.closed.store(true, Ordering::Relaxed);
+                shared.closed.store(true, Ordering::Relaxed);
                 return Err(TrySendError {
                     unsent: Some(req),
                     error,
@@ -119,17 +122,14 @@ impl MeshSender {
         }
         let eos = body.is_end_stream();
         let head = Request::from_parts(parts, ());
-        self.shared.last_used.store(
-            self.shared.epoch.elapsed().as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        shared.sent.fetch_add(1, Ordering::Relaxed);
         let (response, stream) = match send.send_request(head, eos) {
             Ok(r) => r,
             Err(error) => {
                 // Not for a malformed request (a user error): a local app
                 // must not be able to make the sidecar redial at will.
                 if error.is_go_away() || error.is_io() {
-                    self.shared.closed.store(true, Ordering::Relaxed);
+                    shared.closed.store(true, Ordering::Relaxed);
                 }
                 return Err(TrySendError {
                     unsent: None,
@@ -172,13 +172,14 @@ async fn drive(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut ping = ping;
+    let mut sent_at_last_tick = 0;
     let result = loop {
         tokio::select! {
             r = &mut conn => break r,
             _ = tick.tick() => {
-                let now = shared.epoch.elapsed().as_millis() as u64;
-                let used = now.saturating_sub(shared.last_used.load(Ordering::Relaxed))
-                    < PING_INTERVAL.as_millis() as u64;
+                let sent = shared.sent.load(Ordering::Relaxed);
+                let used = sent != sent_at_last_tick;
+                sent_at_last_tick = sent;
                 let Some(p) = ping.as_mut().filter(|_| used) else { continue };
                 // The PONG arrives only while the connection is driven.
                 let pong = tokio::time::timeout(PING_TIMEOUT, p.ping(h2::Ping::opaque()));
