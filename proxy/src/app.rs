@@ -2,31 +2,54 @@
 //! plaintext HTTP/1.1 connections, and one multiplexed h2c connection for
 //! apps that need HTTP/2 (gRPC).
 //!
-//! The HTTP/1.1 pool is a stack of idle connections rather than hyper-util's
-//! general-purpose client: every request goes to the same address, so there
-//! is no key to hash, and a connection goes back on the stack the moment its
-//! response body ends, from the body itself, instead of from a task spawned
-//! per request to watch it. Most recently used first, so a quiet period lets
-//! the connections at the bottom age out, and the busy ones stay warm.
+//! The HTTP/1.1 side is the proxy's own client (wire format in [`crate::h1`])
+//! rather than hyper's. hyper's runs each connection as a task fed through a
+//! channel, with an 8 KiB write buffer, a read buffer that grows to 16 KiB
+//! and about 19 KiB of channel blocks, all kept while the connection idles:
+//! some 40 KiB per pooled connection, and a task hand-off each way per
+//! request. Here the request's own future writes the request and reads the
+//! response head; the response body reads straight off the socket and puts
+//! the connection back on the stack the moment it ends. An idle connection
+//! is only its socket. A request body still arriving when the head is
+//! written streams while the response is awaited (an app may answer before
+//! reading all of it); if the answer comes first, the rest of the body goes
+//! on in a task of its own.
+//!
+//! The pool is a stack, most recently used first, so a quiet period lets the
+//! connections at the bottom age out, and the busy ones stay warm.
 
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
+use crate::h1::{self, ChunkedDecoder, Decoded, Framing, H1Error};
 
 /// Idle connections kept beyond this many are closed: enough for any burst
 /// a sidecar sees, small enough that a flood cannot pin file descriptors.
 const MAX_IDLE: usize = 512;
+
+/// Reads start this small (a typical response head and body fit) and grow
+/// once a body turns out large. An idle connection holds no buffer at all.
+const SMALL_READ: usize = 4 * 1024;
+const LARGE_READ: usize = 32 * 1024;
+
+/// Request body bytes that may go out in the same write as the head.
+const GATHER: usize = 16 * 1024;
 
 /// Why a request to the app failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,90 +67,209 @@ pub struct H1Pool {
     addr: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    max_head: usize,
     idle: Mutex<Vec<Idle>>,
     reaper: std::sync::Once,
 }
 
 struct Idle {
-    send: http1::SendRequest<ProxyBody>,
+    io: TcpStream,
     since: Instant,
 }
 
+/// How an exchange on one connection failed.
+enum Exchange {
+    /// Not a byte came back: the connection was closed or broken before the
+    /// app answered. On a pooled connection this is the app having closed
+    /// it while idle, and an idempotent request can go again.
+    Unanswered(io::Error),
+    Failed(String),
+}
+
 impl H1Pool {
-    /// A pool dialling `addr`; idle connections close after `idle_timeout`.
-    pub fn new(addr: &str, connect_timeout: Duration, idle_timeout: Duration) -> Arc<H1Pool> {
+    /// A pool dialling `addr`; idle connections close after `idle_timeout`,
+    /// and response heads above `max_head` bytes are refused.
+    pub fn new(
+        addr: &str,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_head: usize,
+    ) -> Arc<H1Pool> {
         Arc::new(H1Pool {
             addr: addr.to_owned(),
             connect_timeout,
             idle_timeout,
+            max_head,
             idle: Mutex::new(Vec::new()),
             reaper: std::sync::Once::new(),
         })
     }
 
-    /// Sends `req` (origin-form) on an idle connection or a new one. A
-    /// request that an idle connection could not even start (the app closed
-    /// it meanwhile) is retried once on a new connection.
+    /// Sends `req` (origin-form, hop-by-hop fields removed) on an idle
+    /// connection or a new one. An idempotent request whose pooled
+    /// connection turns out closed before any answer goes again, once, on
+    /// a new connection (RFC 9110 section 9.2.2).
     pub async fn request(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
     ) -> Result<Response<AppBody>, AppError> {
-        let (mut send, pooled) = match self.checkout() {
-            Some(s) => (s, true),
-            None => (Box::pin(self.dial()).await?, false),
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut sender = BodySender::new(body, &parts.method);
+        let mut out = BytesMut::new();
+        h1::write_request_head(
+            &parts.method,
+            path,
+            &parts.headers,
+            sender.framing,
+            &mut out,
+        );
+        // What of the body has arrived already goes out with the head: for
+        // most requests, the whole of it, in one write.
+        sender.gather(&mut out).map_err(AppError::Failed)?;
+        let mut sender = (!sender.done).then_some(sender);
+        // Only a request wholly in `out` can be sent again.
+        let resendable = sender.is_none() && idempotent(&parts.method);
+        let mut pooled = true;
+        let mut io = match self.checkout() {
+            Some(io) => io,
+            None => {
+                pooled = false;
+                self.dial().await?
+            }
         };
-        let resp = match send.try_send_request(req).await {
-            Ok(r) => r,
-            Err(mut e) => match e.take_message() {
-                Some(req) if pooled => {
-                    send = Box::pin(self.dial()).await?;
-                    send.send_request(req)
-                        .await
-                        .map_err(|e| AppError::Failed(crate::inbound::root_cause(&e)))?
+        loop {
+            match self.exchange(io, &out, sender.take(), &parts.method).await {
+                Ok(resp) => return Ok(resp),
+                Err(Exchange::Unanswered(e)) if pooled && resendable => {
+                    tracing::debug!(error = %e, "pooled app connection was closed; retrying");
+                    pooled = false;
+                    io = self.dial().await?;
                 }
-                _ => return Err(AppError::Failed(crate::inbound::root_cause(e.error()))),
-            },
-        };
-        let (parts, inner) = resp.into_parts();
-        let mut body = AppBody {
-            inner,
-            conn: Some((self.clone(), send)),
-        };
-        if body.inner.is_end_stream() {
-            // No body (HEAD, 204, 304, Content-Length: 0): reusable now.
-            body.release();
+                Err(Exchange::Unanswered(e)) => {
+                    return Err(AppError::Failed(format!(
+                        "connection closed before a response: {e}"
+                    )))
+                }
+                Err(Exchange::Failed(e)) => return Err(AppError::Failed(e)),
+            }
         }
-        Ok(Response::from_parts(parts, body))
     }
 
-    /// The most recently used idle connection that can take a request now.
-    fn checkout(&self) -> Option<http1::SendRequest<ProxyBody>> {
+    /// One request and its response head on `io`. `out` holds the head
+    /// and, if `sender` is `None`, the whole body.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut io: TcpStream,
+        out: &[u8],
+        sender: Option<BodySender>,
+        method: &Method,
+    ) -> Result<Response<AppBody>, Exchange> {
+        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        io.write_all(out).await.map_err(Exchange::Unanswered)?;
+        let Some(sender) = sender else {
+            let head = read_head(&mut io, &mut buf, method, self.max_head).await?;
+            return Ok(self.response(head, AppIo::Whole(io), buf));
+        };
+        // The rest of the body streams while the response is awaited: an
+        // app may answer before it has read the whole request.
+        let (mut rd, wr) = io.into_split();
+        let mut pump = Box::pin(sender.pump(wr));
+        let mut pumped = None;
+        let head = loop {
+            tokio::select! {
+                biased;
+                (wr, r) = &mut pump, if pumped.is_none() => match r {
+                    Ok(()) => pumped = Some(Some(wr)),
+                    Err(PumpError::Body(e)) => return Err(Exchange::Failed(e)),
+                    // The app stopped reading: it may have answered (and
+                    // closed), so read on.
+                    Err(PumpError::Write(e)) => {
+                        tracing::debug!(error = %e, "the app stopped reading the request body");
+                        pumped = Some(None);
+                    }
+                },
+                head = read_head(&mut rd, &mut buf, method, self.max_head) => break head?,
+            }
+        };
+        let io = match pumped {
+            Some(Some(wr)) => match rd.reunite(wr) {
+                Ok(io) => AppIo::Whole(io),
+                Err(e) => AppIo::Read(e.0),
+            },
+            Some(None) => AppIo::Read(rd),
+            None => {
+                // Answered early: the body goes on in its own task, and the
+                // connection closes after both are done.
+                tokio::spawn(pump);
+                AppIo::Read(rd)
+            }
+        };
+        Ok(self.response(head, io, buf))
+    }
+
+    fn response(
+        self: &Arc<Self>,
+        head: h1::ResponseHead,
+        io: AppIo,
+        buf: BytesMut,
+    ) -> Response<AppBody> {
+        let h1::ResponseHead {
+            mut parts,
+            framing,
+            keep_alive,
+        } = head;
+        crate::body::strip_hop_by_hop(&mut parts.headers);
+        let state = match framing {
+            Framing::Empty => ReadState::Done,
+            Framing::Length(n) => ReadState::Length(n),
+            Framing::Chunked => ReadState::Chunked(ChunkedDecoder::new(self.max_head)),
+            Framing::UntilClose => ReadState::UntilClose,
+        };
+        let mut body = AppBody {
+            io: Some(io),
+            buf,
+            state,
+            keep_alive,
+            read: 0,
+            pool: self.clone(),
+        };
+        if matches!(body.state, ReadState::Done) {
+            body.finish();
+        }
+        Response::from_parts(parts, body)
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut probe = [0u8; 1];
         while let Some(c) = idle.pop() {
-            // Not ready yet not closed means it is still busy with the last
-            // exchange (the app answered before the request body was all
-            // sent): dropping it closes it once that is done.
-            if c.send.is_ready() && c.since.elapsed() < self.idle_timeout {
-                return Some(c.send);
+            if c.since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            // An idle connection has nothing to read: if it has, the app
+            // closed it (or sent garbage). Free unless the socket was
+            // signalled readable since its last read.
+            match c.io.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(c.io),
+                _ => continue,
             }
         }
         None
     }
 
-    fn checkin(&self, send: http1::SendRequest<ProxyBody>) {
-        if send.is_closed() {
-            return;
-        }
+    fn checkin(&self, io: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
-                send,
+                io,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn dial(self: &Arc<Self>) -> Result<http1::SendRequest<ProxyBody>, AppError> {
+    async fn dial(self: &Arc<Self>) -> Result<TcpStream, AppError> {
         self.reaper.call_once(|| {
             tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
         });
@@ -141,16 +283,47 @@ impl H1Pool {
             })?
             .map_err(|e| AppError::Unavailable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let (send, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| AppError::Unavailable(crate::inbound::root_cause(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "app connection closed");
+        Ok(tcp)
+    }
+}
+
+/// RFC 9110 section 9.2.2.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Reads until a complete response head is in `buf`, and parses it.
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    method: &Method,
+    max: usize,
+) -> Result<h1::ResponseHead, Exchange> {
+    let mut got_any = !buf.is_empty();
+    loop {
+        if let Some(head) = h1::parse_response_head(buf, method, max)
+            .map_err(|e| Exchange::Failed(format!("bad response from the app: {e}")))?
+        {
+            return Ok(head);
+        }
+        buf.reserve(SMALL_READ);
+        let n = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)).await;
+        match n {
+            Ok(0) if !got_any => {
+                return Err(Exchange::Unanswered(io::ErrorKind::UnexpectedEof.into()))
             }
-        });
-        Ok(send)
+            Ok(0) => {
+                return Err(Exchange::Failed(
+                    "the app closed the connection in the middle of a response head".into(),
+                ))
+            }
+            Ok(_) => got_any = true,
+            Err(e) if !got_any => return Err(Exchange::Unanswered(e)),
+            Err(e) => return Err(Exchange::Failed(e.to_string())),
+        }
     }
 }
 
@@ -165,53 +338,330 @@ async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
         // The stack is in order of return: the stale ones are at the bottom.
         let stale = idle
             .iter()
-            .take_while(|c| c.since.elapsed() >= idle_timeout || c.send.is_closed())
+            .take_while(|c| c.since.elapsed() >= idle_timeout)
             .count();
         idle.drain(..stale);
     }
 }
 
-/// A response body from the app. When it ends, its connection goes back to
-/// the pool; dropped before the end, the connection closes with it.
+/// Why a request body could not be passed on.
+enum PumpError {
+    /// The caller's body failed or broke its declared length.
+    Body(String),
+    /// The app's side of the connection failed.
+    Write(io::Error),
+}
+
+/// The request body on its way to the app, framed as its head declared.
+struct BodySender {
+    body: ProxyBody,
+    framing: Framing,
+    sent: u64,
+    done: bool,
+}
+
+impl BodySender {
+    /// `Content-Length` when the caller's body has a known size, chunked
+    /// otherwise; no framing field for a bodyless GET and the like.
+    fn new(body: ProxyBody, method: &Method) -> BodySender {
+        let framing = if body.is_end_stream() {
+            match *method {
+                Method::POST | Method::PUT | Method::PATCH => Framing::Length(0),
+                _ => Framing::Empty,
+            }
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
+            }
+        };
+        let done = body.is_end_stream();
+        BodySender {
+            body,
+            framing,
+            sent: 0,
+            done,
+        }
+    }
+
+    /// Appends to `out` the frames that are ready without waiting.
+    fn gather(&mut self, out: &mut BytesMut) -> Result<(), String> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while !self.done && out.len() < GATHER {
+            match Pin::new(&mut self.body).poll_frame(&mut cx) {
+                Poll::Pending => break,
+                Poll::Ready(frame) => {
+                    if let Some(data) = self.encode(frame, out)? {
+                        out.extend_from_slice(&data);
+                        self.suffix(out);
+                    }
+                }
+            }
+            if !self.done && self.body.is_end_stream() {
+                self.encode(None, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the rest of the body to `wr`, and gives `wr` back.
+    async fn pump(mut self, mut wr: OwnedWriteHalf) -> (OwnedWriteHalf, Result<(), PumpError>) {
+        // Framing before the data, the data itself (not copied), then
+        // what follows it: the chunk's CRLF, the last chunk.
+        let (mut head, mut tail) = (BytesMut::new(), BytesMut::new());
+        while !self.done {
+            let frame = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            let data = match self.encode(frame, &mut head) {
+                Ok(d) => d.unwrap_or_default(),
+                Err(e) => return (wr, Err(PumpError::Body(e))),
+            };
+            if !data.is_empty() {
+                self.suffix(&mut tail);
+            }
+            if !self.done && self.body.is_end_stream() {
+                if let Err(e) = self.encode(None, &mut tail) {
+                    return (wr, Err(PumpError::Body(e)));
+                }
+            }
+            let mut chain = (&mut head).chain(data).chain(&mut tail);
+            if let Err(e) = wr.write_all_buf(&mut chain).await {
+                return (wr, Err(PumpError::Write(e)));
+            }
+            head.clear();
+            tail.clear();
+        }
+        (wr, Ok(()))
+    }
+
+    /// Frames `frame` (`None`: the end of the body): the chunk or framing
+    /// bytes go to `out`, and the data is returned for the caller to send
+    /// after them (followed by [`Self::suffix`]).
+    fn encode(
+        &mut self,
+        frame: Option<Result<Frame<Bytes>, crate::mesh::BoxError>>,
+        out: &mut BytesMut,
+    ) -> Result<Option<Bytes>, String> {
+        let frame = match frame {
+            None => {
+                self.done = true;
+                return match self.framing {
+                    Framing::Chunked => {
+                        h1::write_last_chunk(None, out);
+                        Ok(None)
+                    }
+                    Framing::Length(n) if self.sent != n => Err(format!(
+                        "request body ended after {} of {n} bytes",
+                        self.sent
+                    )),
+                    _ => Ok(None),
+                };
+            }
+            Some(Err(e)) => return Err(format!("request body failed: {e}")),
+            Some(Ok(f)) => f,
+        };
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => Ok(None),
+            Ok(data) => {
+                self.sent += data.len() as u64;
+                match self.framing {
+                    Framing::Chunked => h1::chunk_start(data.len(), out),
+                    Framing::Length(n) if self.sent > n => {
+                        return Err(format!("request body longer than its {n} bytes"))
+                    }
+                    _ => {}
+                }
+                Ok(Some(data))
+            }
+            Err(frame) => {
+                // Trailers end the body; HTTP/1.1 carries them only in a
+                // chunked one.
+                self.done = true;
+                match (self.framing, frame.trailers_ref()) {
+                    (Framing::Chunked, t) => h1::write_last_chunk(t, out),
+                    (Framing::Length(n), _) if self.sent != n => {
+                        return Err(format!(
+                            "request body ended after {} of {n} bytes",
+                            self.sent
+                        ))
+                    }
+                    _ => {}
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// What follows a data frame's bytes.
+    fn suffix(&self, out: &mut BytesMut) {
+        if self.framing == Framing::Chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// The app connection a response body reads from.
+#[derive(Debug)]
+enum AppIo {
+    /// Whole: can go back to the pool.
+    Whole(TcpStream),
+    /// Its write half is elsewhere (or gone): closes after the response.
+    Read(OwnedReadHalf),
+}
+
+impl AppIo {
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            AppIo::Whole(s) => tokio_util::io::poll_read_buf(Pin::new(s), cx, buf),
+            AppIo::Read(r) => tokio_util::io::poll_read_buf(Pin::new(r), cx, buf),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum ReadState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// Why a response body from the app broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum AppBodyError {
+    /// The body is malformed.
+    #[error("bad response body from the app: {0}")]
+    Framing(#[from] H1Error),
+    /// The connection failed.
+    #[error("app connection failed: {0}")]
+    Io(#[from] io::Error),
+    /// The connection closed before the declared end of the body.
+    #[error("the app closed the connection before the end of the response body")]
+    Incomplete,
+}
+
+/// A response body from the app, read straight off its connection. When
+/// it ends, the connection goes back to the pool; dropped before the end,
+/// the connection closes with it.
 #[derive(Debug)]
 pub struct AppBody {
-    inner: Incoming,
-    conn: Option<(Arc<H1Pool>, http1::SendRequest<ProxyBody>)>,
+    io: Option<AppIo>,
+    buf: BytesMut,
+    state: ReadState,
+    keep_alive: bool,
+    /// Body bytes read so far, to size the reads.
+    read: u64,
+    pool: Arc<H1Pool>,
 }
 
 impl AppBody {
-    fn release(&mut self) {
-        if let Some((pool, send)) = self.conn.take() {
-            pool.checkin(send);
+    /// The body is complete: the connection is reused if the app allows it
+    /// and sent nothing beyond the response.
+    fn finish(&mut self) {
+        self.state = ReadState::Done;
+        match self.io.take() {
+            Some(AppIo::Whole(io)) if self.keep_alive && self.buf.is_empty() => {
+                self.pool.checkin(io)
+            }
+            _ => {}
         }
+        self.buf = BytesMut::new();
+    }
+
+    fn fail(
+        &mut self,
+        e: impl Into<AppBodyError>,
+    ) -> Poll<Option<Result<Frame<Bytes>, AppBodyError>>> {
+        self.state = ReadState::Done;
+        self.io = None;
+        Poll::Ready(Some(Err(e.into())))
     }
 }
 
 impl Body for AppBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = AppBodyError;
 
     fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, AppBodyError>>> {
         let this = self.get_mut();
-        let frame = ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            None => this.release(),
-            Some(Ok(_)) if this.inner.is_end_stream() => this.release(),
-            Some(Err(_)) => this.conn = None,
-            Some(Ok(_)) => {}
+        loop {
+            match &mut this.state {
+                ReadState::Done => return Poll::Ready(None),
+                ReadState::Length(left) => {
+                    if !this.buf.is_empty() {
+                        let n = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(this.buf.len());
+                        *left -= n as u64;
+                        let data = this.buf.split_to(n).freeze();
+                        if *left == 0 {
+                            // The caller may not poll again after the last
+                            // bytes: the connection goes back now.
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                ReadState::Chunked(dec) => match dec.decode(&mut this.buf) {
+                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Decoded::Trailers(t)) => {
+                        this.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::Done) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => return this.fail(e),
+                },
+                ReadState::UntilClose => {
+                    if !this.buf.is_empty() {
+                        let data = this.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            let Some(io) = this.io.as_mut() else {
+                return this.fail(AppBodyError::Incomplete);
+            };
+            let size = if this.read > LARGE_READ as u64 {
+                LARGE_READ
+            } else {
+                SMALL_READ
+            };
+            if this.buf.capacity() - this.buf.len() < size / 4 {
+                this.buf.reserve(size);
+            }
+            match ready!(io.poll_read_buf(cx, &mut this.buf)) {
+                Ok(0) if matches!(this.state, ReadState::UntilClose) => {
+                    this.state = ReadState::Done;
+                    this.io = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(AppBodyError::Incomplete),
+                Ok(n) => this.read += n as u64,
+                Err(e) => return this.fail(e),
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        matches!(self.state, ReadState::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.state {
+            ReadState::Length(n) => SizeHint::with_exact(n),
+            ReadState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
 

@@ -70,7 +70,12 @@ impl Inbound {
     ) -> Result<Arc<Inbound>, InboundError> {
         let tls = identity::server_config(&store)?;
         let policy = Policy::new(&cfg.routes, cfg.default_policy, metrics);
-        let h1 = app::H1Pool::new(&cfg.app, cfg.app_connect_timeout, cfg.app_pool_idle_timeout);
+        let h1 = app::H1Pool::new(
+            &cfg.app,
+            cfg.app_connect_timeout,
+            cfg.app_pool_idle_timeout,
+            cfg.limits.max_header_bytes,
+        );
         let h2 = app::H2Conn::new(&cfg.app, cfg.app_connect_timeout);
         let authority: Authority = cfg
             .app

@@ -8,6 +8,7 @@ pub mod app;
 pub mod body;
 pub mod ca_identity;
 pub mod config;
+pub mod h1;
 pub mod identity;
 pub mod inbound;
 pub mod mesh;

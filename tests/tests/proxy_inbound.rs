@@ -517,13 +517,27 @@ fn counting_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>
                             break;
                         }
                     }
+                    if path == "/early" {
+                        // Refuses an upload without reading it, then closes
+                        // the way servers do (lingering): no more writes,
+                        // the rest of the request read and dropped.
+                        let _ = out.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n");
+                        let _ = out.shutdown(std::net::Shutdown::Write);
+                        let _ = std::io::copy(&mut r, &mut std::io::sink());
+                        return;
+                    }
                     let resp: &[u8] = match (method.as_str(), path.as_str()) {
                         ("HEAD", _) => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                        (_, "/until-close") => b"HTTP/1.1 200 OK\r\n\r\nuntil-close-body",
+                        (_, "/bad-length") => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+                        (_, "/truncated") => b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+                        (_, "/trailers") => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwith\r\n0\r\nx-checksum: abc\r\n\r\n",
                         (_, "/chunked") => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nchu\r\n4\r\nnked\r\n0\r\n\r\n",
                         (_, "/empty") => b"HTTP/1.1 204 No Content\r\n\r\n",
                         _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
                     };
-                    if out.write_all(resp).is_err() || path == "/bye" {
+                    let last = ["/bye", "/until-close", "/bad-length", "/truncated"];
+                    if out.write_all(resp).is_err() || last.contains(&path.as_str()) {
                         return;
                     }
                 }
@@ -575,4 +589,70 @@ fn app_connections_are_kept_alive_and_a_closed_one_costs_no_request() {
         );
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 6);
+}
+
+#[test]
+fn app_responses_are_framed_strictly_and_broken_connections_are_not_reused() {
+    use std::sync::atomic::Ordering;
+    let (app, accepted) = counting_app();
+    let s = setup(None, "", Some(app));
+    // No length: the body runs until the app closes.
+    let (code, body, _) = s.curl_as(&s.web, &[], "/until-close");
+    assert_eq!((code, body.as_str()), (200, "until-close-body"));
+    // Chunked with a trailer section: the data arrives, the connection is
+    // kept (the next request does not count a new one).
+    let (code, body, _) = s.curl_as(&s.web, &[], "/trailers");
+    assert_eq!((code, body.as_str()), (200, "with"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // Two lengths: which one ends the message is ambiguous, so neither.
+    let (code, body, _) = s.curl_as(&s.web, &[], "/bad-length");
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("invalid content-length"), "{body}");
+    // Shorter than declared: the caller sees a broken response, never a
+    // complete-looking one.
+    let (code, body, exit) = s.curl_as(&s.web, &[], "/truncated");
+    assert_ne!(exit, 0, "{code} {body:?}");
+    // An app that answers before reading the upload: the answer reaches
+    // the caller.
+    let big = s.pki.path("big.bin");
+    std::fs::write(&big, vec![b'u'; 4 << 20]).unwrap();
+    let upload = format!("@{}", big.display());
+    let (code, body, _) = s.curl_as(&s.web, &["--data-binary", &upload], "/early");
+    assert_eq!((code, body.as_str()), (413, "too big\n"));
+    // Each of the last three went on the connection the one before had
+    // left, or a new one, and closed it: a new one serves the next.
+    let (code, body, _) = s.curl_as(&s.web, &[], "/len");
+    assert_eq!((code, body.as_str()), (200, "hello"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 5, "{}", s.proxy.log_text());
+}
+
+#[test]
+fn uploads_of_unknown_length_reach_the_app_whole_in_chunked_coding() {
+    let s = setup(None, "", None);
+    let big = s.pki.path("upload.bin");
+    std::fs::write(&big, vec![b'c'; 3 << 20]).unwrap();
+    let upload = format!("@{}", big.display());
+    // HTTP/1.1 caller, chunked upload: no length for the proxy to pass on.
+    let (code, body, _) = s.curl_as(
+        &s.web,
+        &[
+            "--http1.1",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &upload,
+        ],
+        "/up",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("transfer-encoding: chunked"), "{body}");
+    assert!(body.contains(&format!("body-bytes: {}", 3 << 20)), "{body}");
+    // HTTP/2 caller with a length: the app gets Content-Length.
+    let (code, body, _) = s.curl_as(&s.web, &["--data-binary", &upload], "/up");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(&format!("content-length: {}", 3 << 20)),
+        "{body}"
+    );
+    assert!(body.contains(&format!("body-bytes: {}", 3 << 20)), "{body}");
 }

@@ -1,0 +1,625 @@
+//! HTTP/1.1 on the wire (RFC 9112), for the inbound's connections to the
+//! app: request heads and chunked request bodies out, response heads and
+//! response body framing (Content-Length, chunked, or until close) in.
+//!
+//! Only the client side, and only what a proxy in front of a local app needs:
+//! no upgrades (the proxy never asks for one), and 1xx interim responses are
+//! read past. The parsing is strict where laxness lets two parties disagree
+//! about where a message ends: conflicting `Content-Length` values, chunk
+//! sizes that are not hex, and line endings other than CRLF are errors.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// Most header fields in a response head or trailer section.
+const MAX_HEADERS: usize = 128;
+
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 1024;
+
+/// Why a response from the app could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// The response head is not HTTP/1.x.
+    #[error("malformed response head: {0}")]
+    Head(httparse::Error),
+    /// A header field's name or value is not valid.
+    #[error("malformed response header field")]
+    Field,
+    /// The response head (or trailer section) is larger than allowed.
+    #[error("response head larger than {0} bytes")]
+    TooLarge(usize),
+    /// `Content-Length` is not one decimal number.
+    #[error("invalid content-length")]
+    ContentLength,
+    /// The chunked body is malformed.
+    #[error("malformed chunked body")]
+    Chunk,
+    /// The app answered `101 Switching Protocols`, which was not asked for.
+    #[error("unexpected 101 switching protocols")]
+    Upgrade,
+}
+
+/// How a message body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Everything until the connection closes (responses only).
+    UntilClose,
+}
+
+/// Writes a request head in origin-form: request line, the fields of
+/// `headers` except the framing ones, then the framing field `framing` asks
+/// for. The caller has removed hop-by-hop fields.
+pub fn write_request_head(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    framing: Framing,
+    dst: &mut BytesMut,
+) {
+    dst.reserve(64 + path.len() + headers.len() * 32);
+    dst.put_slice(method.as_str().as_bytes());
+    dst.put_u8(b' ');
+    dst.put_slice(path.as_bytes());
+    dst.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        dst.put_slice(name.as_str().as_bytes());
+        dst.put_slice(b": ");
+        dst.put_slice(value.as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Empty | Framing::UntilClose => {}
+        Framing::Length(n) => {
+            dst.put_slice(b"content-length: ");
+            dst.put_slice(itoa::Buffer::new().format(n).as_bytes());
+            dst.put_slice(b"\r\n");
+        }
+        Framing::Chunked => dst.put_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    dst.put_slice(b"\r\n");
+}
+
+/// The line that starts a chunk of `len` bytes.
+pub fn chunk_start(len: usize, dst: &mut BytesMut) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let (mut i, mut n) = (digits.len(), len);
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    dst.put_slice(&digits[i..]);
+    dst.put_slice(b"\r\n");
+}
+
+/// The last chunk and the trailer section.
+pub fn write_last_chunk(trailers: Option<&HeaderMap>, dst: &mut BytesMut) {
+    dst.put_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        dst.put_slice(name.as_str().as_bytes());
+        dst.put_slice(b": ");
+        dst.put_slice(value.as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    dst.put_slice(b"\r\n");
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Status, version and header fields (framing fields included).
+    pub parts: http::response::Parts,
+    /// How the body that follows is delimited.
+    pub framing: Framing,
+    /// Whether the connection can carry another request afterwards.
+    pub keep_alive: bool,
+}
+
+/// Parses the response head at the start of `buf`, reading past 1xx
+/// interim responses, and removes it from `buf`. `Ok(None)`: more bytes are
+/// needed. `method` is the request's (a HEAD response has no body).
+pub fn parse_response_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    max: usize,
+) -> Result<Option<ResponseHead>, H1Error> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut fields);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > max => return Err(H1Error::TooLarge(max)),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(H1Error::TooLarge(max)),
+            Err(e) => return Err(H1Error::Head(e)),
+        };
+        if len > max {
+            return Err(H1Error::TooLarge(max));
+        }
+        let code = resp.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| H1Error::Head(httparse::Error::Status))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(H1Error::Upgrade);
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let mut at = [FieldAt::default(); MAX_HEADERS];
+        let count = locate(buf, resp.headers, &mut at);
+        // The field values become slices of the head, not copies.
+        let mut headers = field_map(&buf.split_to(len).freeze(), &at[..count])?;
+        let (framing, keep_alive) = response_framing(method, status, version, &mut headers)?;
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some(ResponseHead {
+            parts,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// RFC 9112 section 6.3: how the body of this response is delimited, and
+/// whether the connection stays usable after it.
+fn response_framing(
+    method: &Method,
+    status: StatusCode,
+    version: Version,
+    headers: &mut HeaderMap,
+) -> Result<(Framing, bool), H1Error> {
+    let mut keep_alive = connection_has(headers, "keep-alive") || version == Version::HTTP_11;
+    if connection_has(headers, "close") {
+        keep_alive = false;
+    }
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, keep_alive));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            // Both: Transfer-Encoding wins, and the connection is not
+            // trusted with another message.
+            headers.remove(header::CONTENT_LENGTH);
+            keep_alive = false;
+        }
+        return Ok(if chunked_last {
+            (Framing::Chunked, keep_alive)
+        } else {
+            (Framing::UntilClose, false)
+        });
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        let mut len = None;
+        for v in headers.get_all(header::CONTENT_LENGTH) {
+            let v = v.to_str().map_err(|_| H1Error::ContentLength)?;
+            for item in v.split(',') {
+                let n = parse_decimal(item.trim()).ok_or(H1Error::ContentLength)?;
+                if len.is_some_and(|l| l != n) {
+                    return Err(H1Error::ContentLength);
+                }
+                len = Some(n);
+            }
+        }
+        return match len {
+            Some(0) => Ok((Framing::Empty, keep_alive)),
+            Some(n) => Ok((Framing::Length(n), keep_alive)),
+            None => Err(H1Error::ContentLength),
+        };
+    }
+    Ok((Framing::UntilClose, false))
+}
+
+/// Where a parsed field's name and value are in the buffer parsed, so that
+/// the buffer can be frozen and sliced once the parser lets go of it.
+#[derive(Debug, Clone, Copy, Default)]
+struct FieldAt {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Records where `fields` (parsed from `buf`) are; returns how many.
+fn locate(buf: &[u8], fields: &[httparse::Header<'_>], at: &mut [FieldAt]) -> usize {
+    let base = buf.as_ptr() as usize;
+    for (f, a) in fields.iter().zip(at.iter_mut()) {
+        let name = f.name.as_ptr() as usize - base;
+        let value = f.value.as_ptr() as usize - base;
+        *a = FieldAt {
+            name: (name, name + f.name.len()),
+            value: (value, value + f.value.len()),
+        };
+    }
+    fields.len()
+}
+
+/// The fields at `at` in `section`, values sharing its memory.
+fn field_map(section: &Bytes, at: &[FieldAt]) -> Result<HeaderMap, H1Error> {
+    let mut map = HeaderMap::with_capacity(at.len());
+    for a in at {
+        let name =
+            HeaderName::from_bytes(&section[a.name.0..a.name.1]).map_err(|_| H1Error::Field)?;
+        let value = HeaderValue::from_maybe_shared(section.slice(a.value.0..a.value.1))
+            .map_err(|_| H1Error::Field)?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// A non-empty string of ASCII digits, without overflow.
+fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// What the chunked decoder found in the buffer.
+#[derive(Debug)]
+pub enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section (the body is complete).
+    Trailers(HeaderMap),
+    /// The body is complete, without trailers.
+    Done,
+    /// More bytes are needed.
+    NeedMore,
+}
+
+/// Incremental decoder of a chunked body.
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: Chunk,
+    max_trailers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF that ends a chunk's data.
+    DataEnd,
+    /// After the last chunk: expecting the trailer section.
+    Trailers,
+    Done,
+}
+
+impl ChunkedDecoder {
+    /// A decoder at the start of a body; trailer sections above
+    /// `max_trailers` bytes are refused.
+    pub fn new(max_trailers: usize) -> ChunkedDecoder {
+        ChunkedDecoder {
+            state: Chunk::Size,
+            max_trailers,
+        }
+    }
+
+    /// Whether the whole body has been decoded.
+    pub fn is_done(&self) -> bool {
+        self.state == Chunk::Done
+    }
+
+    /// Decodes the next piece of the body from the start of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+        loop {
+            match self.state {
+                Chunk::Size => {
+                    let Some(end) = find_crlf(buf) else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(H1Error::Chunk);
+                        }
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = parse_chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    self.state = if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Chunk);
+                    }
+                    buf.advance(2);
+                    self.state = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let mut at = [FieldAt::default(); MAX_HEADERS];
+                    let (len, count) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, f))) => (len, locate(buf, f, &mut at)),
+                        Ok(httparse::Status::Partial) if buf.len() > self.max_trailers => {
+                            return Err(H1Error::TooLarge(self.max_trailers))
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                        Err(_) => return Err(H1Error::Chunk),
+                    };
+                    self.state = Chunk::Done;
+                    if count == 0 {
+                        buf.advance(len);
+                        return Ok(Decoded::Done);
+                    }
+                    let section = buf.split_to(len).freeze();
+                    return Ok(Decoded::Trailers(field_map(&section, &at[..count])?));
+                }
+                Chunk::Done => return Ok(Decoded::Done),
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// `1*HEXDIG [ BWS ";" chunk-ext ]`, at most 16 hex digits.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(H1Error::Chunk);
+    }
+    let rest = &line[digits..];
+    let rest_trimmed = rest
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .map_or(&rest[rest.len()..], |i| &rest[i..]);
+    if !(rest_trimmed.is_empty() || rest_trimmed[0] == b';')
+        || rest.iter().any(|b| *b == b'\r' || *b == b'\n')
+    {
+        return Err(H1Error::Chunk);
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| H1Error::Chunk)?;
+    u64::from_str_radix(hex, 16).map_err(|_| H1Error::Chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, method: Method) -> Result<Option<ResponseHead>, H1Error> {
+        parse_response_head(&mut BytesMut::from(raw), &method, 64 * 1024)
+    }
+
+    #[test]
+    fn request_head_is_origin_form_with_one_framing_field() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("app"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        let mut out = BytesMut::new();
+        write_request_head(&Method::POST, "/a?b", &h, Framing::Length(5), &mut out);
+        assert_eq!(
+            &out[..],
+            b"POST /a?b HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n\r\n"
+        );
+        out.clear();
+        write_request_head(&Method::PUT, "/", &h, Framing::Chunked, &mut out);
+        assert_eq!(
+            &out[..],
+            b"PUT / HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let r = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Length(5), true));
+        let r = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.framing, Framing::Empty);
+        let r = head("HTTP/1.1 204 No Content\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.framing, Framing::Empty);
+        let r = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false));
+        assert!(!r.parts.headers.contains_key(header::CONTENT_LENGTH));
+        let r = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::UntilClose, false));
+        let r = head("HTTP/1.1 200 OK\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::UntilClose, false));
+        let r = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert!(!r.keep_alive);
+        let r = head(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(r.keep_alive);
+        let r = head(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1, 1\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Length(1), false));
+    }
+
+    #[test]
+    fn conflicting_or_bad_lengths_are_refused() {
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(bad, Method::GET), Err(H1Error::ContentLength)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_partial_heads_wait() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\nX",
+        );
+        let r = parse_response_head(&mut buf, &Method::POST, 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.parts.status, StatusCode::CREATED);
+        assert_eq!(&buf[..], b"X");
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Len", Method::GET)
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            head("HTTP/1.1 101 Switching Protocols\r\n\r\n", Method::GET),
+            Err(H1Error::Upgrade)
+        ));
+        let big = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(2000));
+        assert!(matches!(
+            parse_response_head(&mut BytesMut::from(big.as_str()), &Method::GET, 1024),
+            Err(H1Error::TooLarge(1024))
+        ));
+    }
+
+    /// Feeds `wire` to a decoder `step` bytes at a time.
+    fn decode_all(wire: &[u8], step: usize) -> Result<(Vec<u8>, Option<HeaderMap>), H1Error> {
+        let mut dec = ChunkedDecoder::new(1024);
+        let mut buf = BytesMut::new();
+        let (mut body, mut trailers) = (Vec::new(), None);
+        let mut fed = 0;
+        loop {
+            match dec.decode(&mut buf)? {
+                Decoded::Data(d) => body.extend_from_slice(&d),
+                Decoded::Trailers(t) => trailers = Some(t),
+                Decoded::Done => return Ok((body, trailers)),
+                Decoded::NeedMore if fed == wire.len() => return Err(H1Error::Chunk),
+                Decoded::NeedMore => {
+                    let n = step.min(wire.len() - fed);
+                    buf.extend_from_slice(&wire[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let wire = b"3;ext=1\r\nchu\r\nA \r\nnked-bytes\r\n0\r\ngrpc-status: 0\r\nx: y\r\n\r\n";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let (body, trailers) = decode_all(wire, step).unwrap();
+            assert_eq!(body, b"chunked-bytes", "step {step}");
+            let t = trailers.unwrap();
+            assert_eq!(t["grpc-status"], "0");
+            assert_eq!(t["x"], "y");
+        }
+        let (body, trailers) = decode_all(b"0\r\n\r\n", 1).unwrap();
+        assert!(body.is_empty() && trailers.is_none());
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for bad in [
+            &b"g\r\nx\r\n0\r\n\r\n"[..],
+            b"\r\n",
+            b"3\r\nabcX\r\n0\r\n\r\n",
+            b"3 x\r\nabc\r\n0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b"-1\r\n",
+            b"3\nabc\n0\n\n",
+        ] {
+            assert!(
+                decode_all(bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = format!("1;{}\r\n", "e".repeat(2000));
+        assert!(decode_all(long.as_bytes(), 64).is_err());
+    }
+
+    #[test]
+    fn chunk_lines_are_written_in_hex() {
+        let mut out = BytesMut::new();
+        chunk_start(255, &mut out);
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        write_last_chunk(Some(&t), &mut out);
+        assert_eq!(&out[..], b"ff\r\n0\r\ngrpc-status: 0\r\n\r\n");
+    }
+}
