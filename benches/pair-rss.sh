@@ -2,12 +2,13 @@
 # Memory of a keyproof sidecar pair under load, and where it is: the pair's
 # RSS after wrk (as ../shared/bench/compare.sh reads it), CPU per request, and
 # per sidecar the resident pages of the binary's code and its heap.
-# usage: benches/pair-rss.sh [BINARY...]   (default target/release/keyproof-proxy)
+# usage: benches/pair-rss.sh [BINARY...]   (default target/x86_64-unknown-linux-gnu/release/keyproof-proxy,
+#        from `cargo build-proxy`)
 #        env: ROUNDS (2), SECONDS_EACH (6), CONNS (32). Needs wrk, nginx, openssl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 bench=$repo/../shared/bench
-bins=("${@:-$repo/target/release/keyproof-proxy}")
+bins=("${@:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}")
 rounds=${ROUNDS:-2} secs=${SECONDS_EACH:-6} conns=${CONNS:-32}
 work=$(mktemp -d)
 trap '"$bench/sidecars.sh" stop keyproof "$work/certs" "$work/run" >/dev/null 2>&1 || true

@@ -6,10 +6,10 @@
 # median req/s and p50/p99 per route, the ratios, and the round trips: the
 # requests that reached the inbound per wrk request (1.00 = no extra trip).
 # usage: benches/stepup-mesh.sh    env: ROUNDS (3), SECONDS_EACH (8), CONNS (32), ROUTES ("plain su"),
-#        KEYPROOF_PROXY (target/release/keyproof-proxy). Needs wrk, nginx, openssl.
+#        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`). Needs wrk, nginx, openssl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
-keyproof=${KEYPROOF_PROXY:-$repo/target/release/keyproof-proxy}
+keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
 rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns=${CONNS:-32} routes=${ROUTES:-plain su}
 "$repo/proxy/layout/check.sh" "$keyproof" || true
 work=$(mktemp -d)

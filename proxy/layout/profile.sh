@@ -8,9 +8,9 @@
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/../..")
 bench=$repo/../shared/bench
-bin=$repo/target/release/keyproof-proxy
+bin=$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy
 work=$(mktemp -d)
-cd "$repo" && cargo build --release --locked -p keyproof-proxy
+cd "$repo" && cargo build-proxy
 "$bench/gen-certs.sh" "$work/certs" >/dev/null
 "$bench/sidecars.sh" start backend "$work/certs" "$work/run" >/dev/null
 trap '"$bench/sidecars.sh" stop backend "$work/certs" "$work/run" >/dev/null 2>&1 || true' EXIT
@@ -62,4 +62,4 @@ hot = [name for name, _ in cost.most_common() if name in text]
 open(out, "w").write("".join(n + "\n" for n in hot))
 print(f"{len(hot)} functions written to {out}")
 PY
-echo "now rebuild: cargo build --release --locked -p keyproof-proxy"
+echo "now rebuild: cargo build-proxy"

@@ -633,11 +633,11 @@ fn containerfile_is_multistage_and_nonroot() {
         "{c}"
     );
     assert!(
-        c.contains("cargo build --release --locked -p keyproof-proxy -p keyproof-ca"),
+        c.contains("cargo build-proxy && cargo build-ca"),
         "{c}"
     );
     assert!(
-        c.contains("FROM gcr.io/distroless/cc-debian12:nonroot"),
+        c.contains("FROM gcr.io/distroless/static-debian12:nonroot"),
         "{c}"
     );
     assert!(c.contains("USER 65532:65532"), "{c}");
