@@ -131,20 +131,29 @@ impl H1Pool {
         // Only a request wholly in `out` can be sent again.
         let resendable = sender.is_none() && idempotent(&parts.method);
         let mut pooled = true;
+        // The rare paths (dialling, a streaming body) are boxed: inline,
+        // they would make every request's future larger, and hyper moves
+        // that future into place for each request.
         let mut io = match self.checkout() {
             Some(io) => io,
             None => {
                 pooled = false;
-                self.dial().await?
+                Box::pin(self.dial()).await?
             }
         };
         loop {
-            match self.exchange(io, &out, sender.take(), &parts.method).await {
+            let sent = match sender.take() {
+                None => self.exchange(io, &out, &parts.method).await,
+                Some(sender) => {
+                    Box::pin(self.exchange_streaming(io, &out, sender, &parts.method)).await
+                }
+            };
+            match sent {
                 Ok(resp) => return Ok(resp),
                 Err(Exchange::Unanswered(e)) if pooled && resendable => {
                     tracing::debug!(error = %e, "pooled app connection was closed; retrying");
                     pooled = false;
-                    io = self.dial().await?;
+                    io = Box::pin(self.dial()).await?;
                 }
                 Err(Exchange::Unanswered(e)) => {
                     return Err(AppError::Failed(format!(
@@ -156,21 +165,30 @@ impl H1Pool {
         }
     }
 
-    /// One request and its response head on `io`. `out` holds the head
-    /// and, if `sender` is `None`, the whole body.
+    /// One request, wholly in `out`, and its response head on `io`.
     async fn exchange(
         self: &Arc<Self>,
         mut io: TcpStream,
         out: &[u8],
-        sender: Option<BodySender>,
         method: &Method,
     ) -> Result<Response<AppBody>, Exchange> {
         let mut buf = BytesMut::with_capacity(SMALL_READ);
         io.write_all(out).await.map_err(Exchange::Unanswered)?;
-        let Some(sender) = sender else {
-            let head = read_head(&mut io, &mut buf, method, self.max_head).await?;
-            return Ok(self.response(head, AppIo::Whole(io), buf));
-        };
+        let head = read_head(&mut io, &mut buf, method, self.max_head).await?;
+        Ok(self.response(head, AppIo::Whole(io), buf))
+    }
+
+    /// One request whose head (and the start of its body) is in `out` and
+    /// the rest still to come from `sender`, and its response head on `io`.
+    async fn exchange_streaming(
+        self: &Arc<Self>,
+        mut io: TcpStream,
+        out: &[u8],
+        sender: BodySender,
+        method: &Method,
+    ) -> Result<Response<AppBody>, Exchange> {
+        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        io.write_all(out).await.map_err(Exchange::Unanswered)?;
         // The rest of the body streams while the response is awaited: an
         // app may answer before it has read the whole request.
         let (mut rd, wr) = io.into_split();

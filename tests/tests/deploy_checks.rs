@@ -632,10 +632,7 @@ fn containerfile_is_multistage_and_nonroot() {
         c.contains("FROM docker.io/library/rust:1-bookworm AS build"),
         "{c}"
     );
-    assert!(
-        c.contains("cargo build-proxy && cargo build-ca"),
-        "{c}"
-    );
+    assert!(c.contains("cargo build-proxy && cargo build-ca"), "{c}");
     assert!(
         c.contains("FROM gcr.io/distroless/static-debian12:nonroot"),
         "{c}"
