@@ -55,6 +55,12 @@ struct Args {
     /// Client runtime threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Instead of the handshake loop: open this many connections
+    /// (`--concurrency` handshakes at a time), keep them all open and silent
+    /// for `--seconds`, and print `holding N connections` once they are up
+    /// (for measuring the inbound's memory per idle connection).
+    #[arg(long)]
+    hold: Option<usize>,
 }
 
 /// Verifies the server as an X.509-SVID of the bundle's trust domain, the
@@ -144,6 +150,47 @@ async fn one(
     }
 }
 
+/// Opens `n` mutual-TLS connections and holds them, idle, for `--seconds`.
+async fn hold(
+    a: &Args,
+    tls: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    n: usize,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let slot = slots.clone().acquire_owned().await?;
+        let (tls, name, target) = (tls.clone(), name.clone(), a.target);
+        opening.spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(target).await?;
+            let s = tls.connect(name, tcp).await?;
+            drop(slot);
+            anyhow::Ok(s)
+        });
+    }
+    let (mut held, mut first_error) = (Vec::with_capacity(n), None);
+    while let Some(r) = opening.join_next().await {
+        match r? {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    println!(
+        "holding {} connections ({} failed)",
+        held.len(),
+        n - held.len()
+    );
+    if let Some(e) = first_error {
+        eprintln!("first error: {e:#}");
+    }
+    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+    drop(held);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&a)?));
@@ -153,6 +200,9 @@ fn main() -> anyhow::Result<()> {
         rt.worker_threads(t);
     }
     let rt = rt.enable_all().build()?;
+    if let Some(n) = a.hold {
+        return rt.block_on(hold(&a, tls, name, n));
+    }
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
