@@ -18,7 +18,7 @@
 //! The pool is a stack, most recently used first, so a quiet period lets the
 //! connections at the bottom age out, and the busy ones stay warm.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::Either;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -77,6 +78,9 @@ struct Idle {
     since: Instant,
 }
 
+/// An app request on one of its rare paths.
+type Sending = Pin<Box<dyn Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static>>;
+
 /// How an exchange on one connection failed.
 enum Exchange {
     /// Not a byte came back: the connection was closed or broken before the
@@ -84,6 +88,17 @@ enum Exchange {
     /// it while idle, and an idempotent request can go again.
     Unanswered(io::Error),
     Failed(String),
+}
+
+impl Exchange {
+    fn into_app_error(self) -> AppError {
+        match self {
+            Exchange::Unanswered(e) => {
+                AppError::Failed(format!("connection closed before a response: {e}"))
+            }
+            Exchange::Failed(e) => AppError::Failed(e),
+        }
+    }
 }
 
 impl H1Pool {
@@ -109,10 +124,14 @@ impl H1Pool {
     /// connection or a new one. An idempotent request whose pooled
     /// connection turns out closed before any answer goes again, once, on
     /// a new connection (RFC 9110 section 9.2.2).
-    pub async fn request(
+    ///
+    /// The head is encoded (and what of the body has arrived gathered)
+    /// before the future exists; the future holds only what is left to
+    /// send, which keeps it small (see `inbound::Pending`).
+    pub fn request(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
-    ) -> Result<Response<AppBody>, AppError> {
+    ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut sender = BodySender::new(body, &parts.method);
@@ -126,43 +145,43 @@ impl H1Pool {
         );
         // What of the body has arrived already goes out with the head: for
         // most requests, the whole of it, in one write.
-        sender.gather(&mut out).map_err(AppError::Failed)?;
-        let mut sender = (!sender.done).then_some(sender);
-        // Only a request wholly in `out` can be sent again.
-        let resendable = sender.is_none() && idempotent(&parts.method);
-        let mut pooled = true;
-        // The rare paths (dialling, a streaming body) are boxed: inline,
-        // they would make every request's future larger, and hyper moves
-        // that future into place for each request.
-        let mut io = match self.checkout() {
-            Some(io) => io,
-            None => {
-                pooled = false;
-                Box::pin(self.dial()).await?
-            }
-        };
-        loop {
-            let sent = match sender.take() {
-                None => self.exchange(io, &out, &parts.method).await,
-                Some(sender) => {
-                    Box::pin(self.exchange_streaming(io, &out, sender, &parts.method)).await
-                }
-            };
-            match sent {
-                Ok(resp) => return Ok(resp),
-                Err(Exchange::Unanswered(e)) if pooled && resendable => {
-                    tracing::debug!(error = %e, "pooled app connection was closed; retrying");
-                    pooled = false;
-                    io = Box::pin(self.dial()).await?;
-                }
-                Err(Exchange::Unanswered(e)) => {
-                    return Err(AppError::Failed(format!(
-                        "connection closed before a response: {e}"
-                    )))
-                }
-                Err(Exchange::Failed(e)) => return Err(AppError::Failed(e)),
-            }
+        if let Err(e) = sender.gather(&mut out) {
+            return Either::Left(Box::pin(std::future::ready(Err(AppError::Failed(e)))) as Sending);
         }
+        let (idle, pool, method) = (self.checkout(), self.clone(), parts.method);
+        // The rare paths (a body still arriving, dialling) are boxed: inline,
+        // they would make every request's future larger.
+        if !sender.done {
+            return Either::Left(Box::pin(async move {
+                let io = match idle {
+                    Some(io) => io,
+                    None => pool.dial().await?,
+                };
+                let sent = pool.exchange_streaming(io, &out, sender, &method).await;
+                sent.map_err(Exchange::into_app_error)
+            }));
+        }
+        // Only a request wholly in `out` can be sent again.
+        let resendable = idempotent(&method);
+        // An async block, not an `async fn`: those copy their arguments
+        // into the future twice.
+        Either::Right(async move {
+            let (mut io, mut pooled) = match idle {
+                Some(io) => (io, true),
+                None => (Box::pin(pool.dial()).await?, false),
+            };
+            loop {
+                match pool.exchange(io, &out, &method).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(Exchange::Unanswered(e)) if pooled && resendable => {
+                        tracing::debug!(error = %e, "pooled app connection was closed; retrying");
+                        pooled = false;
+                        io = Box::pin(pool.dial()).await?;
+                    }
+                    Err(e) => return Err(e.into_app_error()),
+                }
+            }
+        })
     }
 
     /// One request, wholly in `out`, and its response head on `io`.

@@ -3,10 +3,14 @@
 //! connections.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures_util::future::{Either, FutureExt};
 
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -23,6 +27,17 @@ use crate::metrics::DirectionMetrics;
 use crate::policy::{Decision, Policy};
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
 use crate::stepup::{InboundConn, InboundStepUp};
+
+/// A response still to come, on one of the rare paths (refusals, step-up,
+/// an h2c app). Boxed: the common path, forwarding to the app over HTTP/1.1,
+/// is a concrete future, so that the future each request runs (which hyper
+/// moves into a task of its own per request) is only as large as that path
+/// needs, not as large as the largest path.
+type Pending = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+
+fn ready(resp: Response<ProxyBody>) -> Pending {
+    Box::pin(std::future::ready(resp))
+}
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static("x-keyproof-step-up");
@@ -186,9 +201,9 @@ impl Inbound {
         });
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let this = this.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(this.request(req, &conn).await) }
+            this.clone()
+                .request(req, conn.clone())
+                .map(Ok::<_, Infallible>)
         });
         let idle = self.cfg.limits.idle_timeout;
         if let Err(e) =
@@ -198,27 +213,47 @@ impl Inbound {
         }
     }
 
-    async fn request(&self, req: Request<Incoming>, conn: &InboundConn) -> Response<ProxyBody> {
+    /// One request, start to response. Built without `async fn`s: the
+    /// decisions are made before the future exists, and each layer's future
+    /// holds only what it still needs (an `async fn` keeps its arguments for
+    /// its whole life, so each layer would keep another copy of the
+    /// request).
+    fn request(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<InboundConn>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let start = Instant::now();
-        let resp = self.route(req, conn).await;
-        self.metrics
-            .request(resp.status(), start.elapsed().as_secs_f64());
-        resp
+        let routed = self.route(req, conn);
+        routed.map(move |resp| {
+            self.metrics
+                .request(resp.status(), start.elapsed().as_secs_f64());
+            resp
+        })
     }
 
-    async fn route(&self, req: Request<Incoming>, conn: &InboundConn) -> Response<ProxyBody> {
+    fn route(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<InboundConn>,
+    ) -> Either<Pending, impl Future<Output = Response<ProxyBody>> + Send + 'static> {
         if req.method() == http::Method::CONNECT {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+            return Either::Left(ready(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not supported\n",
+            )));
         }
         let route = match self
             .policy
             .decide(req.method(), req.uri().path(), &conn.peer.id)
         {
-            Decision::Allow(r) => r,
+            Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
-                crate::body::discard(req.into_body()).await;
-                return text(StatusCode::FORBIDDEN, msg);
+                return Either::Left(Box::pin(async move {
+                    crate::body::discard(req.into_body()).await;
+                    text(StatusCode::FORBIDDEN, msg)
+                }));
             }
         };
         let (mut parts, body) = req.into_parts();
@@ -230,18 +265,18 @@ impl Inbound {
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
         let req = Request::from_parts(parts, ProxyBody::Stream(body));
         if let Some(r) = route.filter(|r| r.step_up) {
-            // Boxed: inline, the step-up state (body buffering, verification)
-            // would make every request's future as large, and it is moved
-            // into place per request.
-            return Box::pin(self.stepped_up(req, conn, r)).await;
+            let this = self.clone();
+            return Either::Left(Box::pin(
+                async move { this.stepped_up(req, &conn, &r).await },
+            ));
         }
-        self.forward(req).await
+        Either::Right(self.forward(req))
     }
 
     /// A request on a step-up route: verified (or challenged), forwarded,
     /// and its response given the next nonce.
     async fn stepped_up(
-        &self,
+        self: &Arc<Self>,
         req: Request<ProxyBody>,
         conn: &InboundConn,
         r: &crate::policy::Route,
@@ -255,7 +290,10 @@ impl Inbound {
         resp
     }
 
-    async fn forward(&self, req: Request<ProxyBody>) -> Response<ProxyBody> {
+    fn forward(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+    ) -> Either<Pending, impl Future<Output = Response<ProxyBody>> + Send + 'static> {
         let (mut parts, body) = req.into_parts();
         let use_h2 = match self.app.protocol {
             // gRPC needs HTTP/2 end to end (trailers, streams); anything else
@@ -284,7 +322,8 @@ impl Inbound {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let sent = if use_h2 {
+        let this = self.clone();
+        if use_h2 {
             // HTTP/2 keeps the caller's :authority.
             let authority = match parts.uri.authority() {
                 Some(a) => a.clone(),
@@ -292,24 +331,29 @@ impl Inbound {
             };
             parts.uri = match absolute_uri(Scheme::HTTP, authority, path) {
                 Ok(u) => u,
-                Err(resp) => return *resp,
+                Err(resp) => return Either::Left(ready(*resp)),
             };
             parts.version = Version::HTTP_2;
             let req = Request::from_parts(parts, body);
-            Box::pin(self.app.h2.request(req))
-                .await
-                .map(|r| r.map(ProxyBody::Stream))
-        } else {
-            // HTTP/1.1 goes out in origin-form; Host carries the name.
-            parts.uri = Uri::from(path);
-            parts.version = Version::HTTP_11;
-            let req = Request::from_parts(parts, body);
+            return Either::Left(Box::pin(async move {
+                let sent = this.app.h2.request(req).await;
+                this.answer(sent.map(|r| r.map(ProxyBody::Stream)))
+            }));
+        }
+        // HTTP/1.1 goes out in origin-form; Host carries the name.
+        parts.uri = Uri::from(path);
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body);
+        Either::Right(
             self.app
                 .h1
                 .request(req)
-                .await
-                .map(|r| r.map(ProxyBody::App))
-        };
+                .map(move |sent| this.answer(sent.map(|r| r.map(ProxyBody::App)))),
+        )
+    }
+
+    /// The app's response, or a 503/502 saying why there is none.
+    fn answer(&self, sent: Result<Response<ProxyBody>, AppError>) -> Response<ProxyBody> {
         match sent {
             Ok(resp) => resp,
             Err(AppError::Unavailable(cause)) => {

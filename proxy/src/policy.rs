@@ -1,6 +1,8 @@
 //! Inbound route policy: the first route whose path prefix and methods match
 //! decides; its `allow` list must contain the caller.
 
+use std::sync::Arc;
+
 use keyproof_ca::{IdPattern, SpiffeId};
 use prometheus::IntCounter;
 
@@ -25,7 +27,7 @@ pub struct Route {
 #[derive(Debug)]
 pub enum Decision<'a> {
     /// Forward; the matched route, if any.
-    Allow(Option<&'a Route>),
+    Allow(Option<&'a Arc<Route>>),
     /// Refuse with 403; the body says which rule.
     Deny(String),
 }
@@ -33,7 +35,8 @@ pub enum Decision<'a> {
 /// The compiled policy.
 #[derive(Debug)]
 pub struct Policy {
-    routes: Vec<Route>,
+    /// Shared, so that a request's future can own its route.
+    routes: Vec<Arc<Route>>,
     default: DefaultPolicy,
     default_denied: IntCounter,
 }
@@ -54,12 +57,14 @@ impl Policy {
         Policy {
             routes: routes
                 .iter()
-                .map(|r| Route {
-                    path_prefix: r.path_prefix.clone(),
-                    methods: r.methods.clone(),
-                    allow: r.allow.clone(),
-                    step_up: r.step_up,
-                    denied: metrics.authz_denied(&r.path_prefix),
+                .map(|r| {
+                    Arc::new(Route {
+                        path_prefix: r.path_prefix.clone(),
+                        methods: r.methods.clone(),
+                        allow: r.allow.clone(),
+                        step_up: r.step_up,
+                        denied: metrics.authz_denied(&r.path_prefix),
+                    })
                 })
                 .collect(),
             default,
