@@ -252,11 +252,10 @@ impl H1Pool {
         buf: BytesMut,
     ) -> Response<AppBody> {
         let h1::ResponseHead {
-            mut parts,
+            parts,
             framing,
             keep_alive,
         } = head;
-        crate::body::strip_hop_by_hop(&mut parts.headers);
         let state = match framing {
             Framing::Empty => ReadState::Done,
             Framing::Length(n) => ReadState::Length(n),

@@ -8,9 +8,12 @@
 //! about where a message ends: conflicting `Content-Length` values, chunk
 //! sizes that are not hex, and line endings other than CRLF are errors.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+use smallvec::SmallVec;
 
 /// Most header fields in a response head or trailer section.
 const MAX_HEADERS: usize = 128;
@@ -122,7 +125,9 @@ pub fn write_last_chunk(trailers: Option<&HeaderMap>, dst: &mut BytesMut) {
 /// A parsed response head.
 #[derive(Debug)]
 pub struct ResponseHead {
-    /// Status, version and header fields (framing fields included).
+    /// Status, version and the end-to-end header fields: the hop-by-hop
+    /// ones (RFC 9110 section 7.6.1, and any the Connection field names)
+    /// are read for framing and left out. Content-Length stays.
     pub parts: http::response::Parts,
     /// How the body that follows is delimited.
     pub framing: Framing,
@@ -139,9 +144,16 @@ pub fn parse_response_head(
     max: usize,
 ) -> Result<Option<ResponseHead>, H1Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut fields);
-        let len = match resp.parse(buf) {
+        // Left uninitialised: zeroing 128 fields (4 KiB) per response would
+        // cost more than parsing a typical head.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > max => return Err(H1Error::TooLarge(max)),
             Ok(httparse::Status::Partial) => return Ok(None),
@@ -166,11 +178,19 @@ pub fn parse_response_head(
         } else {
             Version::HTTP_11
         };
-        let mut at = [FieldAt::default(); MAX_HEADERS];
-        let count = locate(buf, resp.headers, &mut at);
-        // The field values become slices of the head, not copies.
-        let mut headers = field_map(&buf.split_to(len).freeze(), &at[..count])?;
-        let (framing, keep_alive) = response_framing(method, status, version, &mut headers)?;
+        let hop = HopByHop::scan(resp.headers)?;
+        let at = locate(buf, resp.headers);
+        // The field values become slices of the head, not copies; the
+        // hop-by-hop ones are left out.
+        let mut headers = field_map(&buf.split_to(len).freeze(), &at, |name| {
+            HOP_BY_HOP
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        })?;
+        for name in &hop.named {
+            headers.remove(name.as_str());
+        }
+        let (framing, keep_alive) = response_framing(method, status, version, &hop, &mut headers);
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -183,115 +203,158 @@ pub fn parse_response_head(
     }
 }
 
+/// Fields that describe one connection, not the message (RFC 9110 section
+/// 7.6.1), which a proxy does not pass on.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// What a response head's hop-by-hop and length fields say, read off the
+/// parsed fields directly (no map lookups per request).
+#[derive(Debug, Default)]
+struct HopByHop {
+    close: bool,
+    keep_alive: bool,
+    /// Transfer-Encoding is present; its last coding is chunked.
+    transfer_encoding: bool,
+    chunked: bool,
+    /// The one Content-Length value, when present.
+    content_length: Option<u64>,
+    /// Further fields the Connection field names (rare).
+    named: Vec<String>,
+}
+
+impl HopByHop {
+    fn scan(fields: &[httparse::Header<'_>]) -> Result<HopByHop, H1Error> {
+        let mut h = HopByHop::default();
+        for f in fields {
+            let name = f.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                for item in f.value.split(|b| *b == b',') {
+                    let n = parse_decimal(item.trim_ascii()).ok_or(H1Error::ContentLength)?;
+                    if h.content_length.is_some_and(|l| l != n) {
+                        return Err(H1Error::ContentLength);
+                    }
+                    h.content_length = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                h.transfer_encoding = true;
+                h.chunked = f
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in f.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        h.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        h.keep_alive = true;
+                    } else if !token.is_empty() {
+                        h.named
+                            .push(String::from_utf8_lossy(token).to_ascii_lowercase());
+                    }
+                }
+            }
+        }
+        Ok(h)
+    }
+}
+
 /// RFC 9112 section 6.3: how the body of this response is delimited, and
 /// whether the connection stays usable after it.
 fn response_framing(
     method: &Method,
     status: StatusCode,
     version: Version,
+    hop: &HopByHop,
     headers: &mut HeaderMap,
-) -> Result<(Framing, bool), H1Error> {
-    let mut keep_alive = connection_has(headers, "keep-alive") || version == Version::HTTP_11;
-    if connection_has(headers, "close") {
-        keep_alive = false;
-    }
+) -> (Framing, bool) {
+    let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
     if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok((Framing::Empty, keep_alive));
+        return (Framing::Empty, keep_alive);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        if headers.contains_key(header::CONTENT_LENGTH) {
+    if hop.transfer_encoding {
+        let mut keep_alive = keep_alive;
+        if hop.content_length.is_some() {
             // Both: Transfer-Encoding wins, and the connection is not
             // trusted with another message.
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
-        return Ok(if chunked_last {
+        return if hop.chunked {
             (Framing::Chunked, keep_alive)
         } else {
             (Framing::UntilClose, false)
-        });
-    }
-    if headers.contains_key(header::CONTENT_LENGTH) {
-        let mut len = None;
-        for v in headers.get_all(header::CONTENT_LENGTH) {
-            let v = v.to_str().map_err(|_| H1Error::ContentLength)?;
-            for item in v.split(',') {
-                let n = parse_decimal(item.trim()).ok_or(H1Error::ContentLength)?;
-                if len.is_some_and(|l| l != n) {
-                    return Err(H1Error::ContentLength);
-                }
-                len = Some(n);
-            }
-        }
-        return match len {
-            Some(0) => Ok((Framing::Empty, keep_alive)),
-            Some(n) => Ok((Framing::Length(n), keep_alive)),
-            None => Err(H1Error::ContentLength),
         };
     }
-    Ok((Framing::UntilClose, false))
+    match hop.content_length {
+        Some(0) => (Framing::Empty, keep_alive),
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::UntilClose, false),
+    }
+}
+
+/// A non-empty string of ASCII digits, without overflow.
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
 }
 
 /// Where a parsed field's name and value are in the buffer parsed, so that
 /// the buffer can be frozen and sliced once the parser lets go of it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct FieldAt {
     name: (usize, usize),
     value: (usize, usize),
 }
 
-/// Records where `fields` (parsed from `buf`) are; returns how many.
-fn locate(buf: &[u8], fields: &[httparse::Header<'_>], at: &mut [FieldAt]) -> usize {
+/// Where `fields` (parsed from `buf`) are. Inline for a typical head, on
+/// the heap beyond.
+fn locate(buf: &[u8], fields: &[httparse::Header<'_>]) -> SmallVec<[FieldAt; 32]> {
     let base = buf.as_ptr() as usize;
-    for (f, a) in fields.iter().zip(at.iter_mut()) {
-        let name = f.name.as_ptr() as usize - base;
-        let value = f.value.as_ptr() as usize - base;
-        *a = FieldAt {
-            name: (name, name + f.name.len()),
-            value: (value, value + f.value.len()),
-        };
-    }
-    fields.len()
+    fields
+        .iter()
+        .map(|f| {
+            let name = f.name.as_ptr() as usize - base;
+            let value = f.value.as_ptr() as usize - base;
+            FieldAt {
+                name: (name, name + f.name.len()),
+                value: (value, value + f.value.len()),
+            }
+        })
+        .collect()
 }
 
-/// The fields at `at` in `section`, values sharing its memory.
-fn field_map(section: &Bytes, at: &[FieldAt]) -> Result<HeaderMap, H1Error> {
+/// The fields at `at` in `section` but those `skip` names, values sharing
+/// its memory.
+fn field_map(
+    section: &Bytes,
+    at: &[FieldAt],
+    skip: impl Fn(&[u8]) -> bool,
+) -> Result<HeaderMap, H1Error> {
     let mut map = HeaderMap::with_capacity(at.len());
     for a in at {
-        let name =
-            HeaderName::from_bytes(&section[a.name.0..a.name.1]).map_err(|_| H1Error::Field)?;
+        let raw = &section[a.name.0..a.name.1];
+        if skip(raw) {
+            continue;
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| H1Error::Field)?;
         let value = HeaderValue::from_maybe_shared(section.slice(a.value.0..a.value.1))
             .map_err(|_| H1Error::Field)?;
         map.append(name, value);
     }
     Ok(map)
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// A non-empty string of ASCII digits, without overflow.
-fn parse_decimal(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 /// What the chunked decoder found in the buffer.
@@ -386,9 +449,8 @@ impl ChunkedDecoder {
                 }
                 Chunk::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let mut at = [FieldAt::default(); MAX_HEADERS];
-                    let (len, count) = match httparse::parse_headers(buf, &mut fields) {
-                        Ok(httparse::Status::Complete((len, f))) => (len, locate(buf, f, &mut at)),
+                    let (len, at) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, f))) => (len, locate(buf, f)),
                         Ok(httparse::Status::Partial) if buf.len() > self.max_trailers => {
                             return Err(H1Error::TooLarge(self.max_trailers))
                         }
@@ -396,12 +458,12 @@ impl ChunkedDecoder {
                         Err(_) => return Err(H1Error::Chunk),
                     };
                     self.state = Chunk::Done;
-                    if count == 0 {
+                    if at.is_empty() {
                         buf.advance(len);
                         return Ok(Decoded::Done);
                     }
                     let section = buf.split_to(len).freeze();
-                    return Ok(Decoded::Trailers(field_map(&section, &at[..count])?));
+                    return Ok(Decoded::Trailers(field_map(&section, &at, |_| false)?));
                 }
                 Chunk::Done => return Ok(Decoded::Done),
             }
@@ -509,12 +571,16 @@ mod tests {
         .unwrap();
         assert!(r.keep_alive);
         let r = head(
-            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1, 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\nContent-Length: 1, 1\r\n\r\n",
             Method::GET,
         )
         .unwrap()
         .unwrap();
         assert_eq!((r.framing, r.keep_alive), (Framing::Length(1), false));
+        // Only end-to-end fields are left.
+        let mut names: Vec<_> = r.parts.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-length", "x-kept"]);
     }
 
     #[test]
