@@ -123,6 +123,20 @@ static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) that must not be forwarded;
 /// HTTP/2 also forbids them outright.
 pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    // Most requests carry none: one pass over the few fields present is
+    // cheaper than a hashed lookup for each name below.
+    let hop = |k: &http::HeaderName| {
+        k == header::CONNECTION
+            || k == header::TRANSFER_ENCODING
+            || k == header::TE
+            || k == header::UPGRADE
+            || k == header::PROXY_AUTHORIZATION
+            || k == KEEP_ALIVE
+            || k == PROXY_CONNECTION
+    };
+    if !h.keys().any(hop) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         // Headers named in Connection are hop-by-hop too.
         let named: Vec<String> = h
@@ -178,4 +192,43 @@ where
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(fields: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in fields {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_names_are_stripped() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-Private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("x-kept", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "x-kept"]);
+        // `te: trailers` is the one TE value that goes on (gRPC needs it).
+        let mut h = map(&[("host", "a"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        let mut h = map(&[("host", "a"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
 }
