@@ -6,9 +6,11 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -287,19 +289,55 @@ where
 {
     let conn = builders.get(proto).serve_connection(TokioIo::new(io), svc);
     let mut conn = pin!(conn);
+    let mut stop = pin!(stopped(&mut shutdown));
     let mut idle_fut = pin!(idle_watch(activity, idle));
+    // The shutdown and idle futures are polled only when they have woken
+    // the task, not on every wake of a busy connection (polling them costs
+    // a lock and a timer check, per request): they get a waker of their own
+    // that marks them due before waking the task.
+    let aux = Arc::new(AuxWake {
+        due: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let aux_waker = Waker::from(aux.clone());
     let mut closing = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => return r,
-            _ = stopped(&mut shutdown), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = &mut idle_fut, if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r);
         }
+        if closing {
+            return Poll::Pending;
+        }
+        aux.task.register(cx.waker());
+        if !aux.due.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let mut acx = Context::from_waker(&aux_waker);
+        if stop.as_mut().poll(&mut acx).is_ready() || idle_fut.as_mut().poll(&mut acx).is_ready() {
+            // Both are graceful: an in-flight request still completes.
+            conn.as_mut().graceful_shutdown();
+            closing = true;
+        }
+        // Round again: the connection is polled after graceful_shutdown,
+        // and the auxiliary futures until they are pending.
+    })
+    .await
+}
+
+/// The waker of `serve`'s shutdown and idle futures: marks them due, then
+/// wakes the connection's task.
+struct AuxWake {
+    due: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for AuxWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.due.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
