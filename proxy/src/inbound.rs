@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::{Either, FutureExt};
-
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
