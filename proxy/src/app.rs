@@ -278,9 +278,11 @@ impl H1Pool {
 
     /// The most recently used idle connection that is still open.
     fn checkout(&self) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let mut probe = [0u8; 1];
-        while let Some(c) = idle.pop() {
+        loop {
+            // Popped under the lock, probed outside it: the probe may be a
+            // syscall.
+            let c = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
             if c.since.elapsed() >= self.idle_timeout {
                 continue;
             }
@@ -292,7 +294,6 @@ impl H1Pool {
                 _ => continue,
             }
         }
-        None
     }
 
     fn checkin(&self, io: TcpStream) {
