@@ -8,6 +8,12 @@
 //! coalesced, and a periodic tick covers file systems where inotify is not
 //! delivered (some network and overlay mounts). The consumer decides whether
 //! anything really changed by comparing contents.
+//!
+//! Only events that can change what is read count. inotify also reports every
+//! `open` of a file in the directory; counting those made the reloader's own
+//! reads (and those of anything else sharing the directory, such as an app
+//! reading its certificate) trigger the next re-read, ten times a second,
+//! forever.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -41,7 +47,7 @@ impl FileWatch {
             })
             .collect();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            if res.is_ok_and(|e| may_change_contents(&e.kind)) {
                 let _ = raw_tx.send(());
             }
         })
@@ -96,5 +102,37 @@ impl FileWatch {
         if self.rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// Whether an event of this kind can change what a read of the files
+/// returns: creations, writes, renames, removals (and events the backend
+/// could not classify), but not opens, reads and closes.
+fn may_change_contents(kind: &notify::EventKind) -> bool {
+    !matches!(kind, notify::EventKind::Access(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading the watched files (as the reloader itself does) is not a
+    /// change; writing one is.
+    #[tokio::test]
+    async fn reads_are_not_changes_but_writes_are() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("tls.crt");
+        std::fs::write(&file, b"one").expect("write");
+        let mut watch = FileWatch::start(&[file.as_path()], Duration::from_secs(3600));
+        for _ in 0..5 {
+            assert_eq!(std::fs::read(&file).expect("read"), b"one");
+        }
+        let noticed = tokio::time::timeout(Duration::from_millis(600), watch.changed()).await;
+        assert!(noticed.is_err(), "reading the files was taken for a change");
+
+        std::fs::write(&file, b"two").expect("write");
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("a write to a watched file was not noticed");
     }
 }
