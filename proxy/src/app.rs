@@ -22,7 +22,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -38,16 +38,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
-use crate::h1::{self, ChunkedDecoder, Decoded, Framing, H1Error};
+use crate::h1::{self, BodyError, BodyReader, Framing, H1Error};
 
 /// Idle connections kept beyond this many are closed: enough for any burst
 /// a sidecar sees, small enough that a flood cannot pin file descriptors.
 const MAX_IDLE: usize = 512;
-
-/// Reads start this small (a typical response head and body fit) and grow
-/// once a body turns out large. An idle connection holds no buffer at all.
-const SMALL_READ: usize = 4 * 1024;
-const LARGE_READ: usize = 32 * 1024;
 
 /// Request body bytes that may go out in the same write as the head.
 const GATHER: usize = 16 * 1024;
@@ -191,7 +186,9 @@ impl H1Pool {
         out: &[u8],
         method: &Method,
     ) -> Result<Response<AppBody>, Exchange> {
-        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        // Reads start small (a typical response head and body fit) and grow
+        // once a body turns out large. An idle connection holds no buffer.
+        let mut buf = BytesMut::with_capacity(h1::SMALL_READ);
         io.write_all(out).await.map_err(Exchange::Unanswered)?;
         let head = read_head(&mut io, &mut buf, method, self.max_head).await?;
         Ok(self.response(head, AppIo::Whole(io), buf))
@@ -206,7 +203,7 @@ impl H1Pool {
         sender: BodySender,
         method: &Method,
     ) -> Result<Response<AppBody>, Exchange> {
-        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        let mut buf = BytesMut::with_capacity(h1::SMALL_READ);
         io.write_all(out).await.map_err(Exchange::Unanswered)?;
         // The rest of the body streams while the response is awaited: an
         // app may answer before it has read the whole request.
@@ -256,21 +253,14 @@ impl H1Pool {
             framing,
             keep_alive,
         } = head;
-        let state = match framing {
-            Framing::Empty => ReadState::Done,
-            Framing::Length(n) => ReadState::Length(n),
-            Framing::Chunked => ReadState::Chunked(ChunkedDecoder::new(self.max_head)),
-            Framing::UntilClose => ReadState::UntilClose,
-        };
         let mut body = AppBody {
             io: Some(io),
             buf,
-            state,
+            reader: BodyReader::new(framing, self.max_head),
             keep_alive,
-            read: 0,
             pool: self.clone(),
         };
-        if matches!(body.state, ReadState::Done) {
+        if body.reader.is_done() {
             body.finish();
         }
         Response::from_parts(parts, body)
@@ -346,7 +336,7 @@ async fn read_head<R: AsyncRead + Unpin>(
         {
             return Ok(head);
         }
-        buf.reserve(SMALL_READ);
+        buf.reserve(h1::SMALL_READ);
         let n = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)).await;
         match n {
             Ok(0) if !got_any => {
@@ -558,14 +548,6 @@ impl AppIo {
     }
 }
 
-#[derive(Debug)]
-enum ReadState {
-    Length(u64),
-    Chunked(ChunkedDecoder),
-    UntilClose,
-    Done,
-}
-
 /// Why a response body from the app broke off.
 #[derive(Debug, thiserror::Error)]
 pub enum AppBodyError {
@@ -580,6 +562,16 @@ pub enum AppBodyError {
     Incomplete,
 }
 
+impl From<BodyError> for AppBodyError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::Framing(e) => AppBodyError::Framing(e),
+            BodyError::Io(e) => AppBodyError::Io(e),
+            BodyError::Incomplete => AppBodyError::Incomplete,
+        }
+    }
+}
+
 /// A response body from the app, read straight off its connection. When
 /// it ends, the connection goes back to the pool; dropped before the end,
 /// the connection closes with it.
@@ -587,10 +579,8 @@ pub enum AppBodyError {
 pub struct AppBody {
     io: Option<AppIo>,
     buf: BytesMut,
-    state: ReadState,
+    reader: BodyReader,
     keep_alive: bool,
-    /// Body bytes read so far, to size the reads.
-    read: u64,
     pool: Arc<H1Pool>,
 }
 
@@ -598,7 +588,6 @@ impl AppBody {
     /// The body is complete: the connection is reused if the app allows it
     /// and sent nothing beyond the response.
     fn finish(&mut self) {
-        self.state = ReadState::Done;
         match self.io.take() {
             Some(AppIo::Whole(io)) if self.keep_alive && self.buf.is_empty() => {
                 self.pool.checkin(io)
@@ -606,15 +595,6 @@ impl AppBody {
             _ => {}
         }
         self.buf = BytesMut::new();
-    }
-
-    fn fail(
-        &mut self,
-        e: impl Into<AppBodyError>,
-    ) -> Poll<Option<Result<Frame<Bytes>, AppBodyError>>> {
-        self.state = ReadState::Done;
-        self.io = None;
-        Poll::Ready(Some(Err(e.into())))
     }
 }
 
@@ -627,78 +607,36 @@ impl Body for AppBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, AppBodyError>>> {
         let this = self.get_mut();
-        loop {
-            match &mut this.state {
-                ReadState::Done => return Poll::Ready(None),
-                ReadState::Length(left) => {
-                    if !this.buf.is_empty() {
-                        let n = usize::try_from(*left)
-                            .unwrap_or(usize::MAX)
-                            .min(this.buf.len());
-                        *left -= n as u64;
-                        let data = this.buf.split_to(n).freeze();
-                        if *left == 0 {
-                            // The caller may not poll again after the last
-                            // bytes: the connection goes back now.
-                            this.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                ReadState::Chunked(dec) => match dec.decode(&mut this.buf) {
-                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
-                    Ok(Decoded::Trailers(t)) => {
-                        this.finish();
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
-                    }
-                    Ok(Decoded::Done) => {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    Ok(Decoded::NeedMore) => {}
-                    Err(e) => return this.fail(e),
-                },
-                ReadState::UntilClose => {
-                    if !this.buf.is_empty() {
-                        let data = this.buf.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
+        let io = &mut this.io;
+        let polled = this
+            .reader
+            .poll_frame(&mut this.buf, cx, |cx, buf| match io {
+                Some(io) => io.poll_read_buf(cx, buf),
+                None => Poll::Ready(Ok(0)),
+            });
+        match polled {
+            Poll::Ready(Some(Err(e))) => {
+                this.io = None;
+                Poll::Ready(Some(Err(e.into())))
             }
-            let Some(io) = this.io.as_mut() else {
-                return this.fail(AppBodyError::Incomplete);
-            };
-            let size = if this.read > LARGE_READ as u64 {
-                LARGE_READ
-            } else {
-                SMALL_READ
-            };
-            if this.buf.capacity() - this.buf.len() < size / 4 {
-                this.buf.reserve(size);
-            }
-            match ready!(io.poll_read_buf(cx, &mut this.buf)) {
-                Ok(0) if matches!(this.state, ReadState::UntilClose) => {
-                    this.state = ReadState::Done;
-                    this.io = None;
-                    return Poll::Ready(None);
+            Poll::Ready(frame) => {
+                if this.reader.is_done() && this.io.is_some() {
+                    // The caller may not poll again after the last bytes:
+                    // the connection goes back now.
+                    this.finish();
                 }
-                Ok(0) => return this.fail(AppBodyError::Incomplete),
-                Ok(n) => this.read += n as u64,
-                Err(e) => return this.fail(e),
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, ReadState::Done)
+        self.reader.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            ReadState::Length(n) => SizeHint::with_exact(n),
-            ReadState::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.reader.size_hint()
     }
 }
 

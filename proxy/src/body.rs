@@ -28,6 +28,8 @@ pub enum ProxyBody {
     App(crate::app::AppBody),
     /// A response body from an upstream sidecar's HTTP/2 mesh connection.
     Mesh(crate::mesh::MeshBody),
+    /// A request body from the outbound's own HTTP/1.1 server.
+    H1(crate::h1_server::ServerBody),
 }
 
 impl ProxyBody {
@@ -43,6 +45,60 @@ impl From<Incoming> for ProxyBody {
     }
 }
 
+impl From<RequestBody> for ProxyBody {
+    fn from(b: RequestBody) -> Self {
+        match b {
+            RequestBody::Hyper(b) => ProxyBody::Stream(b),
+            RequestBody::H1(b) => ProxyBody::H1(b),
+        }
+    }
+}
+
+/// A request body as the outbound receives it: from hyper's HTTP/2 server
+/// (gRPC, prior knowledge) or from its own HTTP/1.1 server.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// From hyper.
+    Hyper(Incoming),
+    /// From `h1_server`.
+    H1(crate::h1_server::ServerBody),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(b) => boxed(Pin::new(b).poll_frame(cx)),
+            RequestBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::H1(b) => b.size_hint(),
+        }
+    }
+}
+
+fn boxed<E: Into<BoxError>>(
+    p: Poll<Option<Result<Frame<Bytes>, E>>>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    p.map(|f| f.map(|r| r.map_err(Into::into)))
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -51,17 +107,13 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        fn boxed<E: Into<BoxError>>(
-            p: Poll<Option<Result<Frame<Bytes>, E>>>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            p.map(|f| f.map(|r| r.map_err(Into::into)))
-        }
         match self.get_mut() {
             ProxyBody::Stream(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Tee(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::App(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Mesh(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
         }
     }
 
@@ -72,6 +124,7 @@ impl Body for ProxyBody {
             ProxyBody::Tee(b) => b.is_end_stream(),
             ProxyBody::App(b) => b.is_end_stream(),
             ProxyBody::Mesh(b) => b.is_end_stream(),
+            ProxyBody::H1(b) => b.is_end_stream(),
         }
     }
 
@@ -82,6 +135,7 @@ impl Body for ProxyBody {
             ProxyBody::Tee(b) => b.size_hint(),
             ProxyBody::App(b) => b.size_hint(),
             ProxyBody::Mesh(b) => b.size_hint(),
+            ProxyBody::H1(b) => b.size_hint(),
         }
     }
 }
@@ -115,6 +169,13 @@ pub fn absolute_uri(
             format!("bad request target: {e}\n"),
         ))
     })
+}
+
+/// The path and query of `uri`, `/` when it has none (authority-form).
+pub fn path_of(uri: &http::Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
 
 static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");

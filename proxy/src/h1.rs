@@ -1,18 +1,27 @@
-//! HTTP/1.1 on the wire (RFC 9112), for the inbound's connections to the
-//! app: request heads and chunked request bodies out, response heads and
-//! response body framing (Content-Length, chunked, or until close) in.
+//! HTTP/1.1 on the wire (RFC 9112), for the proxy's plaintext connections
+//! with its own app:
 //!
-//! Only the client side, and only what a proxy in front of a local app needs:
-//! no upgrades (the proxy never asks for one), and 1xx interim responses are
-//! read past. The parsing is strict where laxness lets two parties disagree
-//! about where a message ends: conflicting `Content-Length` values, chunk
-//! sizes that are not hex, and line endings other than CRLF are errors.
+//! * client side (the inbound's connections to the app): request heads and
+//!   chunked request bodies out, response heads and response body framing
+//!   (Content-Length, chunked, or until close) in;
+//! * server side (the outbound's listener, `h1_server.rs`): request heads
+//!   and request body framing in, response heads out.
+//!
+//! Only what a proxy in front of a local app needs: no upgrades, and 1xx
+//! interim responses are read past. The parsing is strict where laxness lets
+//! two parties disagree about where a message ends (request smuggling):
+//! conflicting `Content-Length` values, a request with both
+//! `Transfer-Encoding` and `Content-Length`, chunk sizes that are not hex,
+//! and line endings other than CRLF are errors.
 
+use std::io;
 use std::mem::MaybeUninit;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+use http_body::{Frame, SizeHint};
 use smallvec::SmallVec;
 
 /// Most header fields in a response head or trailer section.
@@ -21,17 +30,17 @@ const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 1024;
 
-/// Why a response from the app could not be read.
+/// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
-    /// The response head is not HTTP/1.x.
-    #[error("malformed response head: {0}")]
+    /// The head is not HTTP/1.x.
+    #[error("malformed message head: {0}")]
     Head(httparse::Error),
     /// A header field's name or value is not valid.
-    #[error("malformed response header field")]
+    #[error("malformed header field")]
     Field,
-    /// The response head (or trailer section) is larger than allowed.
-    #[error("response head larger than {0} bytes")]
+    /// The head (or trailer section) is larger than allowed.
+    #[error("message head larger than {0} bytes")]
     TooLarge(usize),
     /// `Content-Length` is not one decimal number.
     #[error("invalid content-length")]
@@ -42,6 +51,32 @@ pub enum H1Error {
     /// The app answered `101 Switching Protocols`, which was not asked for.
     #[error("unexpected 101 switching protocols")]
     Upgrade,
+    /// A request's `Transfer-Encoding` does not end in chunked, or comes
+    /// with a `Content-Length` (RFC 9112 section 6.1: either can make two
+    /// parties disagree about where the body ends).
+    #[error("unsupported transfer-encoding")]
+    TransferEncoding,
+    /// An `Expect` other than `100-continue` (RFC 9110 section 10.1.1).
+    #[error("unsupported expectation")]
+    Expectation,
+    /// The request target is not a valid URI.
+    #[error("malformed request target")]
+    Target,
+    /// The method is not a valid token.
+    #[error("malformed method")]
+    Method,
+}
+
+impl H1Error {
+    /// The status a server answers a request it could not read with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            H1Error::TooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            H1Error::TransferEncoding => StatusCode::NOT_IMPLEMENTED,
+            H1Error::Expectation => StatusCode::EXPECTATION_FAILED,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 /// How a message body is delimited on the wire.
@@ -153,16 +188,9 @@ pub fn parse_response_head(
             buf,
             &mut fields,
         );
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > max => return Err(H1Error::TooLarge(max)),
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(H1Error::TooLarge(max)),
-            Err(e) => return Err(H1Error::Head(e)),
+        let Some(len) = head_len(parsed, buf.len(), max)? else {
+            return Ok(None);
         };
-        if len > max {
-            return Err(H1Error::TooLarge(max));
-        }
         let code = resp.code.unwrap_or(0);
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Head(httparse::Error::Status))?;
@@ -201,6 +229,223 @@ pub fn parse_response_head(
             keep_alive,
         }));
     }
+}
+
+/// The length of a parsed head, `None` while it is incomplete, or why it
+/// is refused (`buffered`: the bytes looked at so far).
+fn head_len(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    max: usize,
+) -> Result<Option<usize>, H1Error> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len > max => Err(H1Error::TooLarge(max)),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered > max => Err(H1Error::TooLarge(max)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(H1Error::TooLarge(max)),
+        Err(e) => Err(H1Error::Head(e)),
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// Method, target, version and the header fields as sent (hop-by-hop
+    /// ones included: the proxy strips them where it forwards).
+    pub parts: http::request::Parts,
+    /// How the body that follows is delimited: never `UntilClose`.
+    pub framing: Framing,
+    /// Whether the client keeps the connection open after the response.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` was sent (and is removed from the fields).
+    pub expect_continue: bool,
+}
+
+/// Parses the request head at the start of `buf` and removes it from `buf`.
+/// `Ok(None)`: more bytes are needed. Empty lines before the request line
+/// are skipped (RFC 9112 section 2.2).
+pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, H1Error> {
+    let blank = buf
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    buf.advance(blank);
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut fields,
+    );
+    let Some(len) = head_len(parsed, buf.len(), max)? else {
+        return Ok(None);
+    };
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let method =
+        Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| H1Error::Method)?;
+    let hop = HopByHop::scan(req.headers)?;
+    let base = buf.as_ptr() as usize;
+    let path = req.path.unwrap_or("");
+    let target = (path.as_ptr() as usize - base, path.len());
+    let at = locate(buf, req.headers);
+    let expect = req
+        .headers
+        .iter()
+        .position(|f| f.name.eq_ignore_ascii_case("expect"));
+    let expect_continue = match expect.map(|i| req.headers[i].value) {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case(b"100-continue") => true,
+        Some(_) => return Err(H1Error::Expectation),
+    };
+    let section = buf.split_to(len).freeze();
+    let uri = http::Uri::from_maybe_shared(section.slice(target.0..target.0 + target.1))
+        .map_err(|_| H1Error::Target)?;
+    let mut headers = field_map(&section, &at, |name| {
+        expect.is_some() && name.eq_ignore_ascii_case(b"expect")
+    })?;
+    let framing = if hop.transfer_encoding {
+        if !hop.chunked || hop.content_length.is_some() || version == Version::HTTP_10 {
+            return Err(H1Error::TransferEncoding);
+        }
+        Framing::Chunked
+    } else {
+        match hop.content_length {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    if framing == Framing::Chunked {
+        // The body's framing is the proxy's business from here on.
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
+    let mut parts = http::Request::new(()).into_parts().0;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(RequestHead {
+        parts,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && framing != Framing::Empty,
+    }))
+}
+
+/// How a response goes on the wire to a client, given the request it
+/// answers and what is known of the body.
+pub fn response_framing_for(
+    method: &Method,
+    version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    exact_len: Option<u64>,
+) -> Framing {
+    if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Framing::Empty;
+    }
+    if let Some(n) = exact_len {
+        return Framing::Length(n);
+    }
+    if let Some(n) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| parse_decimal(v.as_bytes()))
+    {
+        return Framing::Length(n);
+    }
+    if version == Version::HTTP_11 {
+        Framing::Chunked
+    } else {
+        Framing::UntilClose
+    }
+}
+
+/// Writes a response head: status line, the end-to-end fields of `headers`
+/// (hop-by-hop and framing fields are skipped), the framing field, the
+/// connection field, and `date` when the response has none.
+pub fn write_response_head(
+    parts: &http::response::Parts,
+    framing: Framing,
+    connection: Connection,
+    date: &[u8],
+    dst: &mut BytesMut,
+) {
+    dst.reserve(128 + parts.headers.len() * 40);
+    dst.put_slice(b"HTTP/1.1 ");
+    dst.put_slice(parts.status.as_str().as_bytes());
+    dst.put_u8(b' ');
+    dst.put_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    dst.put_slice(b"\r\n");
+    let mut has_date = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| name.as_str().eq_ignore_ascii_case(h))
+        {
+            continue;
+        }
+        has_date |= name == header::DATE;
+        dst.put_slice(name.as_str().as_bytes());
+        dst.put_slice(b": ");
+        dst.put_slice(value.as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    if !has_date {
+        dst.put_slice(b"date: ");
+        dst.put_slice(date);
+        dst.put_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            dst.put_slice(b"content-length: ");
+            dst.put_slice(itoa::Buffer::new().format(n).as_bytes());
+            dst.put_slice(b"\r\n");
+        }
+        Framing::Chunked => dst.put_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {
+            // A HEAD or 304 response keeps the length the GET would have had.
+            if let Some(v) = parts.headers.get(header::CONTENT_LENGTH) {
+                if parts.status != StatusCode::NO_CONTENT && !parts.status.is_informational() {
+                    dst.put_slice(b"content-length: ");
+                    dst.put_slice(v.as_bytes());
+                    dst.put_slice(b"\r\n");
+                }
+            }
+        }
+    }
+    match connection {
+        Connection::Default => {}
+        Connection::Close => dst.put_slice(b"connection: close\r\n"),
+        Connection::KeepAlive => dst.put_slice(b"connection: keep-alive\r\n"),
+    }
+    dst.put_slice(b"\r\n");
+}
+
+/// The `Connection` field a response carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// None: the version's default applies.
+    Default,
+    /// The connection closes after this response.
+    Close,
+    /// An HTTP/1.0 client's keep-alive is honoured.
+    KeepAlive,
 }
 
 /// Fields that describe one connection, not the message (RFC 9110 section
@@ -471,6 +716,136 @@ impl ChunkedDecoder {
     }
 }
 
+/// Reads one framed body off a connection, a frame at a time, from a
+/// buffer the owner refills. Shared by the app client's response bodies and
+/// the outbound server's request bodies; the owner decides what happens to
+/// the connection when the body ends ([`BodyReader::is_done`]) or fails.
+#[derive(Debug)]
+pub struct BodyReader {
+    state: ReadState,
+    /// Body bytes read so far, to size the reads.
+    read: u64,
+}
+
+#[derive(Debug)]
+enum ReadState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// Why a body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body is malformed.
+    #[error("{0}")]
+    Framing(#[from] H1Error),
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The connection closed before the declared end of the body.
+    #[error("the connection closed before the end of the body")]
+    Incomplete,
+}
+
+/// Read sizes: small for heads and small bodies, larger once a body is not.
+pub const SMALL_READ: usize = 4 * 1024;
+const LARGE_READ: usize = 32 * 1024;
+
+impl BodyReader {
+    /// A reader for a body framed as `framing`; chunked trailer sections
+    /// above `max_trailers` bytes are refused.
+    pub fn new(framing: Framing, max_trailers: usize) -> BodyReader {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => ReadState::Done,
+            Framing::Length(n) => ReadState::Length(n),
+            Framing::Chunked => ReadState::Chunked(ChunkedDecoder::new(max_trailers)),
+            Framing::UntilClose => ReadState::UntilClose,
+        };
+        BodyReader { state, read: 0 }
+    }
+
+    /// Whether the body has ended (or failed).
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, ReadState::Done)
+    }
+
+    /// The body's remaining length, when known.
+    pub fn size_hint(&self) -> SizeHint {
+        match self.state {
+            ReadState::Length(n) => SizeHint::with_exact(n),
+            ReadState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The next frame: from `buf` while it holds body bytes, else after
+    /// `read` has added some (`Ok(0)`: the connection closed).
+    pub fn poll_frame(
+        &mut self,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+        mut read: impl FnMut(&mut Context<'_>, &mut BytesMut) -> Poll<io::Result<usize>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            match &mut self.state {
+                ReadState::Done => return Poll::Ready(None),
+                ReadState::Length(left) => {
+                    if !buf.is_empty() {
+                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.state = ReadState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(buf.split_to(n).freeze()))));
+                    }
+                }
+                ReadState::Chunked(dec) => match dec.decode(buf) {
+                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Decoded::Trailers(t)) => {
+                        self.state = ReadState::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::Done) => {
+                        self.state = ReadState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => return self.fail(e.into()),
+                },
+                ReadState::UntilClose => {
+                    if !buf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(buf.split().freeze()))));
+                    }
+                }
+            }
+            let size = if self.read > LARGE_READ as u64 {
+                LARGE_READ
+            } else {
+                SMALL_READ
+            };
+            if buf.capacity() - buf.len() < size / 4 {
+                buf.reserve(size);
+            }
+            match ready!(read(cx, buf)) {
+                Ok(0) if matches!(self.state, ReadState::UntilClose) => {
+                    self.state = ReadState::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return self.fail(BodyError::Incomplete),
+                Ok(n) => self.read += n as u64,
+                Err(e) => return self.fail(e.into()),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.state = ReadState::Done;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
 fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
@@ -687,5 +1062,118 @@ mod tests {
         t.insert("grpc-status", HeaderValue::from_static("0"));
         write_last_chunk(Some(&t), &mut out);
         assert_eq!(&out[..], b"ff\r\n0\r\ngrpc-status: 0\r\n\r\n");
+    }
+
+    fn request(raw: &str) -> Result<Option<RequestHead>, H1Error> {
+        parse_request_head(&mut BytesMut::from(raw), 1024)
+    }
+
+    #[test]
+    fn request_framing_and_smuggling_shapes() {
+        let r = request("\r\nPOST /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Length(5), true));
+        assert_eq!(r.parts.uri, "/a?b");
+        let r = request("PUT http://x/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.framing, Framing::Chunked);
+        assert_eq!(r.parts.uri.host(), Some("x"));
+        assert!(!r.parts.headers.contains_key(header::TRANSFER_ENCODING));
+        let r = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Empty, false));
+        let r = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(r.keep_alive);
+        let r = request("POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(r.expect_continue && !r.parts.headers.contains_key(header::EXPECT));
+        assert!(request("GET / HTTP/1.1\r\nHost: x").unwrap().is_none());
+        for (bad, status) in [
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                501,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                501,
+            ),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+            ("POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nExpect: later\r\n\r\n", 417),
+            ("G(T / HTTP/1.1\r\n\r\n", 400),
+        ] {
+            let e = request(bad).map(|_| ()).expect_err(bad);
+            assert_eq!(e.status().as_u16(), status, "{bad:?}: {e}");
+        }
+        let big = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(2000));
+        assert_eq!(request(&big).unwrap_err().status().as_u16(), 431);
+    }
+
+    #[test]
+    fn response_heads_carry_one_framing_field() {
+        let resp = |status: u16, fields: &[(&'static str, &'static str)]| {
+            let mut r = http::Response::new(());
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            for (k, v) in fields {
+                r.headers_mut().append(*k, HeaderValue::from_static(v));
+            }
+            r.into_parts().0
+        };
+        let frame = |m: Method, v: Version, p: &http::response::Parts, len: Option<u64>| {
+            response_framing_for(&m, v, p.status, &p.headers, len)
+        };
+        let p = resp(
+            200,
+            &[("content-length", "7"), ("connection", "x"), ("date", "D")],
+        );
+        assert_eq!(
+            frame(Method::GET, Version::HTTP_11, &p, None),
+            Framing::Length(7)
+        );
+        assert_eq!(
+            frame(Method::GET, Version::HTTP_11, &p, Some(3)),
+            Framing::Length(3)
+        );
+        assert_eq!(
+            frame(Method::HEAD, Version::HTTP_11, &p, None),
+            Framing::Empty
+        );
+        let mut out = BytesMut::new();
+        write_response_head(&p, Framing::Length(7), Connection::Close, b"N", &mut out);
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 200 OK\r\ndate: D\r\ncontent-length: 7\r\nconnection: close\r\n\r\n"
+        );
+        out.clear();
+        write_response_head(&p, Framing::Empty, Connection::Default, b"N", &mut out);
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 200 OK\r\ndate: D\r\ncontent-length: 7\r\n\r\n",
+            "a HEAD response keeps the GET's length"
+        );
+        let p = resp(404, &[]);
+        assert_eq!(
+            frame(Method::GET, Version::HTTP_11, &p, None),
+            Framing::Chunked
+        );
+        assert_eq!(
+            frame(Method::GET, Version::HTTP_10, &p, None),
+            Framing::UntilClose
+        );
+        out.clear();
+        write_response_head(&p, Framing::Chunked, Connection::KeepAlive, b"N", &mut out);
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 404 Not Found\r\ndate: N\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\n\r\n"
+        );
+        assert_eq!(
+            frame(Method::GET, Version::HTTP_11, &resp(304, &[]), None),
+            Framing::Empty
+        );
     }
 }

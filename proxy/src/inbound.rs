@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::future::{Either, FutureExt};
+use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -19,8 +19,9 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::{self, AppError};
-use crate::body::{absolute_uri, strip_hop_by_hop, text, ProxyBody};
+use crate::body::{absolute_uri, path_of, strip_hop_by_hop, text, ProxyBody};
 use crate::config::{AppProtocol, InboundConfig};
+use crate::fut::map_in_place;
 use crate::identity::{self, IdentityStore, PeerIdentity};
 use crate::metrics::DirectionMetrics;
 use crate::policy::{Decision, Policy};
@@ -200,9 +201,7 @@ impl Inbound {
         });
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            this.clone()
-                .request(req, conn.clone())
-                .map(Ok::<_, Infallible>)
+            map_in_place(this.clone().request(req, conn.clone()), Ok::<_, Infallible>)
         });
         let idle = self.cfg.limits.idle_timeout;
         if let Err(e) =
@@ -223,8 +222,7 @@ impl Inbound {
         conn: Arc<InboundConn>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let start = Instant::now();
-        let routed = self.route(req, conn);
-        routed.map(move |resp| {
+        map_in_place(self.route(req, conn), move |resp| {
             self.metrics
                 .request(resp.status(), start.elapsed().as_secs_f64());
             resp
@@ -316,11 +314,7 @@ impl Inbound {
                 }
             }
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let path = path_of(&parts.uri);
         let this = self.clone();
         if use_h2 {
             // HTTP/2 keeps the caller's :authority.
@@ -343,12 +337,9 @@ impl Inbound {
         parts.uri = Uri::from(path);
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
-        Either::Right(
-            self.app
-                .h1
-                .request(req)
-                .map(move |sent| this.answer(sent.map(|r| r.map(ProxyBody::App)))),
-        )
+        Either::Right(map_in_place(self.app.h1.request(req), move |sent| {
+            this.answer(sent.map(|r| r.map(ProxyBody::App)))
+        }))
     }
 
     /// The app's response, or a 503/502 saying why there is none.

@@ -8,7 +8,7 @@
 //! response; only a request whose body is still streaming gets a task, to
 //! pump it under HTTP/2 flow control.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -96,7 +96,7 @@ impl MeshSender {
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, TrySendError> {
         let MeshSender { send, shared } = self;
-        let mut send = match send.ready().await {
+        let send = match send.ready().await {
             Ok(s) => s,
             Err(error) => {
                 // GOAWAY or a broken connection: the driving task may not
@@ -108,6 +108,48 @@ impl MeshSender {
                 });
             }
         };
+        let head = MeshSender { send, shared }
+            .send_now(req)
+            .map_err(|error| TrySendError {
+                unsent: None,
+                error,
+            })?;
+        head.await
+    }
+
+    /// Sends `req` at once when the connection can open a stream without
+    /// waiting, which is the common case: the returned future then only
+    /// awaits the response head, and is small, since it is moved into place
+    /// per request. [`Start::Wait`] hands everything back for
+    /// [`MeshSender::try_send`].
+    pub fn start(mut self, req: Request<ProxyBody>) -> Start {
+        // A fresh clone has no stream of its own pending, so readiness only
+        // reflects the connection's state: no wake-up is needed from here.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.send.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => match self.send_now(req) {
+                Ok(head) => Start::Sent(head),
+                Err(error) => Start::Failed(TrySendError {
+                    unsent: None,
+                    error,
+                }),
+            },
+            Poll::Ready(Err(error)) => {
+                self.shared.closed.store(true, Ordering::Relaxed);
+                Start::Failed(TrySendError {
+                    unsent: Some(req),
+                    error,
+                })
+            }
+            Poll::Pending => Start::Wait(self, req),
+        }
+    }
+
+    /// Opens the stream on a ready sender: the head goes out now, a body
+    /// still to come is pumped by a task of its own. The request is used up
+    /// either way.
+    fn send_now(self, req: Request<ProxyBody>) -> Result<ResponseHead, h2::Error> {
+        let MeshSender { mut send, shared } = self;
         let (mut parts, body) = req.into_parts();
         if let Some(len) = body.size_hint().exact() {
             // As hyper does: a known length is announced, except a zero one
@@ -131,17 +173,35 @@ impl MeshSender {
                 if error.is_go_away() || error.is_io() {
                     shared.closed.store(true, Ordering::Relaxed);
                 }
-                return Err(TrySendError {
-                    unsent: None,
-                    error,
-                });
+                return Err(error);
             }
         };
         if !eos {
             // Only a request with a body still to send costs a task.
             tokio::spawn(pipe(body, stream));
         }
-        let resp = response.await.map_err(|error| TrySendError {
+        Ok(ResponseHead(response))
+    }
+}
+
+/// What [`MeshSender::start`] did.
+pub enum Start {
+    /// The request is on its way: await its response head.
+    Sent(ResponseHead),
+    /// The connection cannot open a stream yet: wait with `try_send`.
+    Wait(MeshSender, Request<ProxyBody>),
+    /// The connection refused the request (see [`TrySendError::unsent`]).
+    Failed(TrySendError),
+}
+
+/// The response head of a request sent on a mesh connection.
+pub struct ResponseHead(h2::client::ResponseFuture);
+
+impl Future for ResponseHead {
+    type Output = Result<Response<ProxyBody>, TrySendError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = ready!(Pin::new(&mut self.0).poll(cx)).map_err(|error| TrySendError {
             unsent: None,
             error,
         })?;
@@ -151,14 +211,14 @@ impl MeshSender {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        Ok(Response::from_parts(
+        Poll::Ready(Ok(Response::from_parts(
             parts,
             ProxyBody::Mesh(MeshBody {
                 recv,
                 data_done: false,
                 remaining,
             }),
-        ))
+        )))
     }
 }
 

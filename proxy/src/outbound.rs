@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{ready, Future, Ready};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
@@ -36,16 +37,23 @@ use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::body::{absolute_uri, strip_hop_by_hop, text, ProxyBody};
+use crate::body::{absolute_uri, path_of, strip_hop_by_hop, text, ProxyBody, RequestBody};
 use crate::config::{OutboundConfig, UpstreamConfig};
+use crate::fut::map_in_place;
+use crate::h1_server::{self, ServerLimits};
 use crate::identity::{self, IdentityStore};
 use crate::inbound::root_cause;
-use crate::mesh::MeshSender;
+use crate::mesh::{MeshSender, Start};
 use crate::metrics::DirectionMetrics;
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
-use crate::stepup::{tee, MeshConn, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, Template};
+use crate::stepup::{
+    tee, MeshConn, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, TeeHandle, Template,
+};
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A boxed per-request future, for the rare paths.
+type Pending<'a> = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send + 'a>>;
 
 /// Why a mesh connection could not be made; mapped to 502/504 with the
 /// reason in the body.
@@ -254,12 +262,32 @@ impl Connection for MeshStream {
     }
 }
 
-/// The host part of a Host header value: `name`, `name:port`, `[v6]:port`.
-fn host_of(v: &str) -> &str {
-    if let Some(rest) = v.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or("");
+/// Whether the client opens with the HTTP/2 connection preface (prior
+/// knowledge, as gRPC clients do), peeked so that either server reads the
+/// connection from its first byte.
+async fn sniff_h2(tcp: &TcpStream) -> io::Result<bool> {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut seen = [0u8; 24];
+    loop {
+        let n = tcp.peek(&mut seen).await?;
+        if n == 0 || seen[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // Only part of the preface so far (rare): look again shortly.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    v.rsplit_once(':').map_or(v, |(h, _)| h)
+}
+
+/// The host of an authority as upstreams are keyed: an IPv6 literal
+/// without its brackets.
+fn host_key(a: &Authority) -> &str {
+    let h = a.host();
+    h.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(h)
 }
 
 /// The pool's connector: every URI it is asked for maps to this upstream.
@@ -295,12 +323,17 @@ impl H2Conn {
     /// state would sit in every request's future, which is moved into place
     /// per request.
     async fn sender(&self) -> Result<MeshConn, ForwardError> {
-        if let Some(c) = self.current.load().as_ref() {
-            if !c.0.is_closed() {
-                return Ok((c.0.clone(), c.1.clone()));
-            }
+        if let Some(c) = self.current() {
+            return Ok(c);
         }
         Box::pin(self.redial()).await
+    }
+
+    /// The live connection's sender, if there is one.
+    fn current(&self) -> Option<MeshConn> {
+        let c = self.current.load();
+        let c = c.as_ref().filter(|c| !c.0.is_closed())?;
+        Some((c.0.clone(), c.1.clone()))
     }
 
     async fn redial(&self) -> Result<MeshConn, ForwardError> {
@@ -375,6 +408,7 @@ pub struct Outbound {
     stepup: OutboundStepUp,
     metrics: DirectionMetrics,
     builders: Builders,
+    h1_limits: ServerLimits,
     cfg: OutboundConfig,
 }
 
@@ -448,48 +482,80 @@ impl Outbound {
             stepup: OutboundStepUp::new(cfg.stepup_max_body, store.clone(), metrics)?,
             metrics: metrics.outbound.clone(),
             builders: Builders::new(&cfg.limits),
+            h1_limits: ServerLimits {
+                header_read_timeout: cfg.limits.header_read_timeout,
+                max_header_bytes: cfg.limits.max_header_bytes,
+            },
             cfg: cfg.clone(),
         }))
     }
 
-    /// Handles one accepted plaintext connection from the app.
+    /// Handles one accepted plaintext connection from the app: HTTP/2 with
+    /// prior knowledge (gRPC) goes to hyper's server, HTTP/1 to the
+    /// sidecar's own (`h1_server.rs`).
     pub async fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
         remote: SocketAddr,
         guards: ConnGuards,
-        shutdown: watch::Receiver<bool>,
+        mut shutdown: watch::Receiver<bool>,
     ) {
         let _guards = guards;
         let activity = Arc::new(AtomicU64::new(0));
-        let io = ActivityIo::new(tcp, activity.clone());
-        let this = self.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let this = this.clone();
-            async move { Ok::<_, Infallible>(this.request(req).await) }
-        });
         let idle = self.cfg.limits.idle_timeout;
-        if let Err(e) = server::serve(
-            &self.builders,
-            Proto::Detect,
-            io,
-            activity,
-            idle,
-            svc,
-            shutdown,
-        )
-        .await
-        {
+        let h2 = tokio::select! {
+            r = sniff_h2(&tcp) => r,
+            _ = server::stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(idle) => return,
+        };
+        let result = match h2 {
+            Ok(true) => {
+                let this = self.clone();
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.request(req.map(RequestBody::Hyper)).await) }
+                });
+                let io = ActivityIo::new(tcp, activity.clone());
+                server::serve(&self.builders, Proto::H2, io, activity, idle, svc, shutdown).await
+            }
+            Ok(false) => {
+                let closing = AtomicBool::new(false);
+                let conn =
+                    h1_server::serve(tcp, self.h1_limits, &closing, activity.clone(), |req| {
+                        self.request(req.map(RequestBody::H1))
+                    });
+                server::drive(
+                    conn,
+                    |_| closing.store(true, Ordering::Relaxed),
+                    activity,
+                    idle,
+                    &mut shutdown,
+                )
+                .await
+                .map_err(Into::into)
+            }
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = result {
             tracing::debug!(peer = %remote, error = %e, "outbound connection ended with an error");
         }
     }
 
-    async fn request(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// One request, start to response. Built like the inbound's: the
+    /// decisions are made before the future exists, the common path's
+    /// future holds only what it still needs, and the rare paths are boxed
+    /// (an `async fn` per layer would keep another copy of the request in
+    /// each layer, and the whole future is moved into place per request).
+    fn request(
+        &self,
+        req: Request<RequestBody>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
         let start = Instant::now();
-        let resp = self.forward(req).await;
-        self.metrics
-            .request(resp.status(), start.elapsed().as_secs_f64());
-        resp
+        map_in_place(self.forward(req), move |resp| {
+            self.metrics
+                .request(resp.status(), start.elapsed().as_secs_f64());
+            resp
+        })
     }
 
     fn upstream_for(&self, host: &str) -> Option<&Upstream> {
@@ -501,105 +567,168 @@ impl Outbound {
         i.or(self.fallback.as_ref()).map(|i| &self.upstreams[*i])
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    fn forward(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Either<Pending<'_>, impl Future<Output = Response<ProxyBody>> + Send + '_> {
         if req.method() == http::Method::CONNECT {
-            return text(
+            return Either::Left(Box::pin(ready(text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT tunnels are not supported: send plain http:// requests and the sidecar adds mutual TLS\n",
-            );
+            ))));
         }
         let (mut parts, body) = req.into_parts();
-        // Absolute-form and HTTP/2 carry the authority in the URI; origin-form
-        // in Host. Borrowed, not parsed into a new value: this runs per request.
-        let host = match parts.uri.authority() {
-            Some(a) => Some(a.host()),
+        // Absolute-form and HTTP/2 carry the authority in the URI (which
+        // then replaces any Host sent, RFC 9112 section 3.2.2); origin-form
+        // in Host. The request goes on in HTTP/2 form, the app's authority
+        // as `:authority`, which is what the inbound reads.
+        let authority = match parts.uri.authority() {
+            Some(a) => Some(a.clone()),
             None => parts
                 .headers
                 .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(host_of),
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
         };
-        let Some(host) = host.filter(|h| !h.is_empty()) else {
-            return text(StatusCode::BAD_REQUEST, "request has no host\n");
+        let Some(authority) = authority.filter(|a| !a.host().is_empty()) else {
+            return Either::Left(Box::pin(ready(text(
+                StatusCode::BAD_REQUEST,
+                "request has no valid host\n",
+            ))));
         };
+        let host = host_key(&authority);
         let Some(up) = self.upstream_for(host) else {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("no upstream for host {host}\n"),
-            );
+            let msg = format!("no upstream for host {host}\n");
+            return Either::Left(Box::pin(ready(text(StatusCode::BAD_GATEWAY, msg))));
         };
         strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
         let orig_h2 = parts.version == Version::HTTP_2;
-        // The request is put in HTTP/1.1 form (origin-form URI keyed to the
-        // upstream's pool, the app's authority in Host); `into_h2` turns it
-        // into HTTP/2 form when the mesh connection is h2.
-        let authority = parts.uri.authority().cloned();
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        parts.uri = match absolute_uri(Scheme::HTTPS, up.pool_key.clone(), path) {
+        let path = path_of(&parts.uri);
+        parts.uri = match absolute_uri(Scheme::HTTPS, authority, path) {
             Ok(u) => u,
-            Err(resp) => return *resp,
+            Err(resp) => return Either::Left(Box::pin(ready(*resp))),
         };
-        parts.version = Version::HTTP_11;
-        // Absolute-form and HTTP/2: the target's authority replaces any Host
-        // sent (RFC 9112 section 3.2.2).
-        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            parts.headers.insert(header::HOST, v);
-        }
+        parts.version = Version::HTTP_2;
         if up.stepup_paths.contains(parts.uri.path()) && !up.h1_only.load(Ordering::Relaxed) {
             // A path that demanded step-up before: buffered and sent on the
             // h2 connection, signed up front when a nonce is kept.
             let template = Template::new(parts.method, parts.uri, parts.version, parts.headers);
-            // Boxed, like the other rare paths below: an inline future would
-            // make every request's future (moved into place per request) as
-            // large as the largest path.
-            let sent = Box::pin(self.stepup.send_known(|| up.h2.sender(), template, body)).await;
-            return self.respond(up, sent);
+            return Either::Left(Box::pin(async move {
+                let sent = self
+                    .stepup
+                    .send_known(|| up.h2.sender(), template, body)
+                    .await;
+                self.respond(up, sent)
+            }));
         }
         // Every other request streams. Its head and a bounded copy of its
         // body (reference-counted chunks, no copying) are kept until the
         // response head arrives, so that a first step-up challenge can be
         // answered without the app noticing.
-        let head = (
+        let head = Template::new(
             parts.method.clone(),
             parts.uri.clone(),
             parts.version,
             parts.headers.clone(),
         );
         let (body, copy) = if body.is_end_stream() {
-            (ProxyBody::Stream(body), None)
+            (ProxyBody::from(body), None)
         } else {
             let (body, copy) = tee(body, self.stepup.max_body());
             (ProxyBody::Tee(body), Some(copy))
         };
         let req = Request::from_parts(parts, body);
-        let sent = match self.send(up, orig_h2, req).await {
+        let conn = if orig_h2 || !up.h1_only.load(Ordering::Relaxed) {
+            up.h2.current()
+        } else {
+            None
+        };
+        let Some((send, info)) = conn else {
+            return Either::Left(self.send_slow(up, orig_h2, req, head, copy));
+        };
+        let req = match send.start(req) {
+            Start::Sent(response) => {
+                // The common path: the request is on its way, and this
+                // future only awaits the response head.
+                return Either::Right(async move {
+                    let sent = match response.await {
+                        Ok(mut resp) => {
+                            resp.extensions_mut().insert(info);
+                            Ok(resp)
+                        }
+                        Err(e) => Err(ForwardError::Upstream(root_cause(&e.error))),
+                    };
+                    self.after_send(up, sent, head, copy).await
+                });
+            }
+            Start::Wait(send, req) => {
+                return Either::Left(Box::pin(async move {
+                    let sent = send_h2(up, send, info, req).await;
+                    self.after_send(up, sent, head, copy).await
+                }));
+            }
+            Start::Failed(e) => match e.unsent {
+                // The connection was closing: a fresh one is dialled below.
+                Some(req) => req,
+                None => {
+                    let sent = Err(ForwardError::Upstream(root_cause(&e.error)));
+                    return Either::Left(Box::pin(ready(self.respond(up, sent))));
+                }
+            },
+        };
+        Either::Left(self.send_slow(up, orig_h2, req, head, copy))
+    }
+
+    /// No live h2 connection (the first request, or after a close), or an
+    /// upstream without h2: dial, or use the HTTP/1.1 pool.
+    fn send_slow<'a>(
+        &'a self,
+        up: &'a Upstream,
+        orig_h2: bool,
+        req: Request<ProxyBody>,
+        head: Template,
+        copy: Option<TeeHandle>,
+    ) -> Pending<'a> {
+        Box::pin(async move {
+            let sent = self.send(up, orig_h2, req).await;
+            self.after_send(up, sent, head, copy).await
+        })
+    }
+
+    /// The response, unless it is a first step-up challenge, which is
+    /// answered by replaying the request signed (boxed: it is rare).
+    fn after_send<'a>(
+        &'a self,
+        up: &'a Upstream,
+        sent: Result<Response<ProxyBody>, ForwardError>,
+        head: Template,
+        copy: Option<TeeHandle>,
+    ) -> Either<Ready<Response<ProxyBody>>, Pending<'a>> {
+        match sent {
             Ok(resp) if is_stepup_challenge(resp.status(), resp.headers()) => {
                 if up.h1_only.load(Ordering::Relaxed) {
                     // No h2 connection: nowhere to send a request signed for
                     // a known channel binding.
-                    Ok(self.stepup.pass_unanswerable(resp))
-                } else {
-                    let head = Template::new(head.0, head.1, head.2, head.3);
-                    up.stepup_paths.learn(head.path());
-                    let replay = copy.map_or(Replay::Body(bytes::Bytes::new()), |c| c.replay());
-                    Box::pin(
-                        self.stepup
-                            .answer_replay(|| up.h2.sender(), resp, &head, replay),
-                    )
-                    .await
+                    let resp = self.stepup.pass_unanswerable(resp);
+                    return Either::Left(ready(resp));
                 }
+                up.stepup_paths.learn(head.path());
+                let replay = copy.map_or(Replay::Body(bytes::Bytes::new()), |c| c.replay());
+                Either::Right(Box::pin(async move {
+                    let sent = self
+                        .stepup
+                        .answer_replay(|| up.h2.sender(), resp, &head, replay)
+                        .await;
+                    self.respond(up, sent)
+                }))
             }
-            other => other,
-        };
-        self.respond(up, sent)
+            other => Either::Left(ready(self.respond(up, other))),
+        }
     }
 
-    /// Sends on the upstream's h2 connection, or on the HTTP/1.1 pool when
-    /// the upstream does not offer h2 (HTTP/1.1 requests only).
+    /// Sends on the upstream's h2 connection (dialling it first), or on the
+    /// HTTP/1.1 pool when the upstream does not offer h2 (HTTP/1.1 requests
+    /// only).
     async fn send(
         &self,
         up: &Upstream,
@@ -616,7 +745,11 @@ impl Outbound {
                 Err(e) => return Err(e),
             }
         }
-        let sent = Box::pin(up.h1.request(req)).await;
+        let req = match into_h1(req, &up.pool_key) {
+            Ok(r) => r,
+            Err(resp) => return Ok(*resp),
+        };
+        let sent = up.h1.request(req).await;
         sent.map(|r| r.map(ProxyBody::Stream)).map_err(|e| {
             let mut cur: &(dyn std::error::Error + 'static) = &e;
             loop {
@@ -659,21 +792,24 @@ impl Outbound {
     }
 }
 
-/// Turns an HTTP/1.1-form request into HTTP/2 form: the Host header becomes
-/// `:authority`.
-fn into_h2(req: Request<ProxyBody>) -> Request<ProxyBody> {
+/// Turns the HTTP/2-form request into the form the HTTP/1.1 pool sends:
+/// the app's authority in Host, the URI keyed to the upstream's pool.
+fn into_h1(
+    req: Request<ProxyBody>,
+    pool_key: &Authority,
+) -> Result<Request<ProxyBody>, Box<Response<ProxyBody>>> {
     let (mut parts, body) = req.into_parts();
-    if let Some(host) = parts.headers.remove(header::HOST) {
-        if let Ok(a) = Authority::try_from(host.as_bytes()) {
-            let mut uri = std::mem::take(&mut parts.uri).into_parts();
-            uri.authority = Some(a);
-            if let Ok(u) = Uri::from_parts(uri) {
-                parts.uri = u;
-            }
-        }
+    if let Some(v) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, v);
     }
-    parts.version = Version::HTTP_2;
-    Request::from_parts(parts, body)
+    let path = path_of(&parts.uri);
+    parts.uri = absolute_uri(Scheme::HTTPS, pool_key.clone(), path)?;
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Sends on the shared h2 connection. A request the connection could not
@@ -685,7 +821,7 @@ async fn send_h2(
     info: Arc<MeshConnInfo>,
     req: Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, ForwardError> {
-    let (mut resp, info) = match send.try_send(into_h2(req)).await {
+    let (mut resp, info) = match send.try_send(req).await {
         Ok(r) => (r, info),
         Err(e) => match e.unsent {
             Some(req) => {
@@ -705,13 +841,14 @@ async fn send_h2(
 
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::host_key;
 
     #[test]
     fn host_header_forms() {
-        assert_eq!(host_of("api.default.svc"), "api.default.svc");
-        assert_eq!(host_of("api.default.svc:8080"), "api.default.svc");
-        assert_eq!(host_of("[::1]:80"), "::1");
-        assert_eq!(host_of("127.0.0.1:15001"), "127.0.0.1");
+        let key = |s: &'static str| host_key(&s.parse().unwrap()).to_owned();
+        assert_eq!(key("api.default.svc"), "api.default.svc");
+        assert_eq!(key("api.default.svc:8080"), "api.default.svc");
+        assert_eq!(key("[::1]:80"), "::1");
+        assert_eq!(key("127.0.0.1:15001"), "127.0.0.1");
     }
 }

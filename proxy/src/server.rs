@@ -287,8 +287,28 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let conn = builders.get(proto).serve_connection(TokioIo::new(io), svc);
+    drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        activity,
+        idle,
+        &mut shutdown,
+    )
+    .await
+}
+
+/// Runs a connection's future until it ends. When the connection has been
+/// idle for `idle`, or shutdown starts, `graceful` asks it to finish (an
+/// in-flight request still completes) and it is polled on until it does.
+pub async fn drive<C: Future>(
+    conn: C,
+    mut graceful: impl FnMut(Pin<&mut C>),
+    activity: Arc<AtomicU64>,
+    idle: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> C::Output {
     let mut conn = pin!(conn);
-    let mut stop = pin!(stopped(&mut shutdown));
+    let mut stop = pin!(stopped(shutdown));
     let mut idle_fut = pin!(idle_watch(activity, idle));
     // The shutdown and idle futures are polled only when they have woken
     // the task, not on every wake of a busy connection (polling them costs
@@ -313,12 +333,11 @@ where
         }
         let mut acx = Context::from_waker(&aux_waker);
         if stop.as_mut().poll(&mut acx).is_ready() || idle_fut.as_mut().poll(&mut acx).is_ready() {
-            // Both are graceful: an in-flight request still completes.
-            conn.as_mut().graceful_shutdown();
+            graceful(conn.as_mut());
             closing = true;
         }
-        // Round again: the connection is polled after graceful_shutdown,
-        // and the auxiliary futures until they are pending.
+        // Round again: the connection is polled after `graceful`, and the
+        // auxiliary futures until they are pending.
     })
     .await
 }

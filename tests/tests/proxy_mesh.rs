@@ -2,7 +2,8 @@
 //! app. Origin-form and absolute-form requests, host routing, server
 //! identity checks, connection reuse, streaming bodies, graceful shutdown.
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use keyproof_tests::free_port;
@@ -26,6 +27,10 @@ struct Pair {
 }
 
 fn pair(extra_inbound: &str) -> Pair {
+    pair_with(extra_inbound, "")
+}
+
+fn pair_with(extra_inbound: &str, extra_outbound: &str) -> Pair {
     let pki = Pki::new(TD);
     let app = EchoApp::start();
     let server = pki.issue("server", "/ns/default/sa/api");
@@ -48,7 +53,7 @@ fn pair(extra_inbound: &str) -> Pair {
         pki.tmp.path(),
         "out",
         &format!(
-            "{}[outbound]\nlisten = \"{out_addr}\"\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n\
+            "{}[outbound]\nlisten = \"{out_addr}\"\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n{extra_outbound}\n\
              [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
              [[outbound.upstreams]]\nhost = \"prefix.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/*\"\n\
              [[outbound.upstreams]]\nhost = \"payments.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/payments\"\n\
@@ -353,4 +358,219 @@ fn http1_only_upstream_falls_back_to_a_pool() {
     assert!(body.contains("does not offer HTTP/2"), "{body}");
     let _ = s_server.kill();
     let _ = s_server.wait();
+}
+
+/// One response read off a raw HTTP/1.1 connection: status, header fields
+/// (names lowercased), body (by Content-Length or chunked; none for HEAD).
+fn read_response(
+    r: &mut BufReader<TcpStream>,
+    head_only: bool,
+) -> (u16, Vec<(String, String)>, String) {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status line");
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut fields = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).expect("header line");
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').expect("a field");
+        fields.push((k.to_ascii_lowercase(), v.trim().to_owned()));
+    }
+    let get = |k: &str| fields.iter().find(|f| f.0 == k).map(|f| f.1.clone());
+    let mut body = Vec::new();
+    if head_only || status == 100 {
+    } else if let Some(n) = get("content-length") {
+        body.resize(n.parse().unwrap(), 0);
+        r.read_exact(&mut body).expect("body");
+    } else if get("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let n = usize::from_str_radix(line.trim_end(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    (status, fields, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn raw(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+/// Whether the peer has closed the connection (EOF, or a reset).
+fn closed(r: &mut BufReader<TcpStream>) -> bool {
+    let mut rest = Vec::new();
+    matches!(r.read_to_end(&mut rest), Ok(_) | Err(_)) && rest.is_empty()
+}
+
+/// The outbound's own HTTP/1.1 server, on the wire: pipelining, HEAD,
+/// HTTP/1.0 keep-alive rules, chunked uploads on a kept-alive connection,
+/// `Expect: 100-continue` (with curl), and the refusals: request smuggling
+/// shapes, oversized and slow heads, garbage.
+#[test]
+fn the_outbound_serves_http1_strictly() {
+    let p = pair_with("", "header_read_timeout = \"1s\"\nmax_header_bytes = 8192");
+    let log = || p.outbound.log_text();
+    let host = "Host: api.default.svc\r\n";
+
+    // Two pipelined requests in one write: answered in order.
+    let (mut s, mut r) = raw(p.out_addr);
+    write!(
+        s,
+        "GET /one HTTP/1.1\r\n{host}\r\nGET /two HTTP/1.1\r\n{host}\r\n"
+    )
+    .unwrap();
+    let (c1, _, b1) = read_response(&mut r, false);
+    let (c2, _, b2) = read_response(&mut r, false);
+    assert_eq!((c1, c2), (200, 200), "{}", log());
+    assert!(b1.starts_with("GET /one"), "{b1}");
+    assert!(b2.starts_with("GET /two"), "{b2}");
+    // HEAD: the length the GET would have, no body; the connection goes on.
+    write!(s, "HEAD /bytes/1000 HTTP/1.1\r\n{host}\r\n").unwrap();
+    let (code, fields, _) = read_response(&mut r, true);
+    assert_eq!(code, 200);
+    assert!(
+        fields.contains(&("content-length".into(), "1000".into())),
+        "{fields:?}"
+    );
+    // A chunked upload reaches the app whole, and the connection is reused.
+    write!(
+        s,
+        "POST /up HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+    )
+    .unwrap();
+    let (code, _, body) = read_response(&mut r, false);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("body-bytes: 11\n"), "{body}");
+    write!(s, "GET /after HTTP/1.1\r\n{host}Connection: close\r\n\r\n").unwrap();
+    let (code, fields, body) = read_response(&mut r, false);
+    assert!(body.starts_with("GET /after"), "{code} {body}");
+    assert!(
+        fields.contains(&("connection".into(), "close".into())),
+        "{fields:?}"
+    );
+    assert!(closed(&mut r), "closed after `connection: close`");
+
+    // HTTP/1.0 closes unless asked to keep alive.
+    let (mut s, mut r) = raw(p.out_addr);
+    write!(s, "GET /ten HTTP/1.0\r\n{host}\r\n").unwrap();
+    let (code, fields, _) = read_response(&mut r, false);
+    assert_eq!(code, 200);
+    assert!(
+        fields.contains(&("connection".into(), "close".into())),
+        "{fields:?}"
+    );
+    assert!(closed(&mut r));
+    let (mut s, mut r) = raw(p.out_addr);
+    for _ in 0..2 {
+        write!(
+            s,
+            "GET /ten HTTP/1.0\r\n{host}Connection: keep-alive\r\n\r\n"
+        )
+        .unwrap();
+        let (code, fields, _) = read_response(&mut r, false);
+        assert_eq!(code, 200);
+        assert!(
+            fields.contains(&("connection".into(), "keep-alive".into())),
+            "{fields:?}"
+        );
+    }
+
+    // A body the proxy answers without reading (no upstream for the host):
+    // the answer arrives whole, then the connection closes.
+    let (mut s, mut r) = raw(p.out_addr);
+    write!(
+        s,
+        "POST / HTTP/1.1\r\nHost: nowhere.svc\r\nContent-Length: 10\r\n\r\n0123456789"
+    )
+    .unwrap();
+    let (code, fields, body) = read_response(&mut r, false);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("no upstream for host nowhere.svc"), "{body}");
+    assert!(
+        fields.iter().any(|f| f.0 == "date"),
+        "a proxy-made response has a Date: {fields:?}"
+    );
+
+    // Refused, each with the connection closed after the answer.
+    let refusals: [(&str, u16); 4] = [
+        // Both framings: a request smuggling shape (RFC 9112 section 6.1).
+        (
+            "POST / HTTP/1.1\r\nHost: api.default.svc\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            501,
+        ),
+        ("POST / HTTP/1.1\r\nHost: api.default.svc\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+        ("HELLO THERE\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: api.default.svc\r\nExpect: teapot\r\n\r\n", 417),
+    ];
+    for (req, want) in refusals {
+        let (mut s, mut r) = raw(p.out_addr);
+        s.write_all(req.as_bytes()).unwrap();
+        let (code, _, body) = read_response(&mut r, false);
+        assert_eq!(code, want, "{req:?}: {body}");
+        assert!(
+            closed(&mut r),
+            "{req:?}: connection closed after the refusal"
+        );
+    }
+    let (mut s, mut r) = raw(p.out_addr);
+    write!(
+        s,
+        "GET / HTTP/1.1\r\n{host}x-big: {}\r\n\r\n",
+        "a".repeat(10_000)
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r, false).0, 431);
+    // A head that stops half-way is cut at `header_read_timeout`.
+    let (mut s, mut r) = raw(p.out_addr);
+    let t = Instant::now();
+    write!(s, "GET / HTTP/1.1\r\nHost: api.def").unwrap();
+    assert_eq!(read_response(&mut r, false).0, 408);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // curl's `Expect: 100-continue` gets its 100 at once.
+    let upload = p.pki.path("expect.bin");
+    std::fs::write(&upload, vec![1u8; 100_000]).unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-v",
+            "--expect100-timeout",
+            "10",
+            "-H",
+            "Host: api.default.svc",
+        ])
+        .args(["-H", "Expect: 100-continue", "--data-binary"])
+        .arg(format!("@{}", upload.display()))
+        .arg(format!("http://{}/expect", p.out_addr))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stderr.contains("HTTP/1.1 100 Continue"), "{stderr}");
+    assert!(stdout.contains("body-bytes: 100000\n"), "{stdout}");
+    assert!(
+        !stdout.to_ascii_lowercase().contains("expect:"),
+        "handled at the sidecar: {stdout}"
+    );
 }

@@ -12,7 +12,9 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+
+use crate::body::RequestBody;
+use crate::mesh::BoxError;
 
 #[derive(Debug, Default)]
 struct TeeState {
@@ -28,10 +30,11 @@ fn lock(m: &Mutex<TeeState>) -> MutexGuard<'_, TeeState> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The streaming half: forwards `Incoming` frame by frame, keeping a copy.
+/// The streaming half: forwards the request body frame by frame, keeping a
+/// copy.
 #[derive(Debug)]
 pub struct TeeBody {
-    inner: Incoming,
+    inner: RequestBody,
     state: Arc<Mutex<TeeState>>,
     limit: usize,
 }
@@ -53,7 +56,7 @@ pub enum Replay {
 
 /// Wraps `body` (which must not be at its end already; an empty body needs
 /// no copy) with a copy bounded by `limit`.
-pub fn tee(body: Incoming, limit: usize) -> (TeeBody, TeeHandle) {
+pub fn tee(body: RequestBody, limit: usize) -> (TeeBody, TeeHandle) {
     let state = Arc::new(Mutex::new(TeeState::default()));
     (
         TeeBody {
@@ -92,12 +95,12 @@ impl TeeHandle {
 
 impl Body for TeeBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

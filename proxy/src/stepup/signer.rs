@@ -26,7 +26,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use keyproof_stepup::headers::ACCEPT_SIGNATURE;
 use keyproof_stepup::{
     is_stepup_challenge, strip_stepup_headers, unix_now, Challenge, RequestView, SignError, Signer,
@@ -37,7 +36,7 @@ use super::limited::{drain, read_limited, ReadError};
 use super::metrics::{SignResult, SignerMetrics};
 use super::replay::Replay;
 use super::MeshConnInfo;
-use crate::body::{text, ProxyBody};
+use crate::body::{text, ProxyBody, RequestBody};
 use crate::identity::{Identity, IdentityStore};
 use crate::inbound::root_cause;
 use crate::metrics::Metrics;
@@ -310,7 +309,7 @@ impl OutboundStepUp {
         &self,
         connect: C,
         template: Template,
-        mut body: Incoming,
+        mut body: RequestBody,
     ) -> Result<Response<ProxyBody>, ForwardError>
     where
         C: Fn() -> F,
