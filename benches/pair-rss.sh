@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Memory of a keyproof sidecar pair under load, and where it is: the pair's
-# RSS after wrk (as ../shared/bench/compare.sh reads it), CPU per request, and
-# per sidecar the resident pages of the binary's code and its heap.
+# RSS after wrk (as ../shared/bench/compare.sh reads it), throughput, p99
+# latency, CPU per request, and per sidecar the resident pages of the
+# binary's code and its heap. Binaries given together are measured in
+# interleaved rounds, so that they can be compared on a noisy machine.
 # usage: benches/pair-rss.sh [BINARY...]   (default target/x86_64-unknown-linux-gnu/release/keyproof-proxy,
 #        from `cargo build-proxy`)
 #        env: ROUNDS (2), SECONDS_EACH (6), CONNS (32). Needs wrk, nginx, openssl.
@@ -27,7 +29,7 @@ for r in $(seq "$rounds"); do for bin in "${bins[@]}"; do
   pids=$(KEYPROOF_PROXY=$bin "$bench/sidecars.sh" start keyproof "$work/certs" "$work/run" | tail -n1)
   wrk -t1 -c"$conns" -d1s http://127.0.0.1:15001/ >/dev/null
   c0=0; for p in $pids; do c0=$((c0 + $(awk '{print $14+$15}' "/proc/$p/stat"))); done
-  out=$(wrk -t1 -c"$conns" -d"${secs}s" http://127.0.0.1:15001/)
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency http://127.0.0.1:15001/)
   c1=0; rss=0; detail=""
   for p in $pids; do
     c1=$((c1 + $(awk '{print $14+$15}' "/proc/$p/stat")))
@@ -38,6 +40,7 @@ for r in $(seq "$rounds"); do for bin in "${bins[@]}"; do
   done
   reqs=$(awk '/requests in/{print $1}' <<<"$out")
   echo "round $r $(basename "$bin"): pair RSS $rss KiB, $(awk '/Requests\/sec/{print $2}' <<<"$out") req/s," \
+       "p99 $(awk '$1=="99%"{print $2}' <<<"$out")," \
        "$(echo "scale=1; ($c1-$c0)*1000000/$tck/$reqs" | bc) us CPU/req;$detail"
   "$bench/sidecars.sh" stop keyproof "$work/certs" "$work/run" >/dev/null
 done; done

@@ -415,10 +415,18 @@ fn raw(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
     (s, r)
 }
 
-/// Whether the peer has closed the connection (EOF, or a reset).
+/// Whether the peer closes the connection (EOF, or a reset) within 5 s,
+/// sending nothing more.
 fn closed(r: &mut BufReader<TcpStream>) -> bool {
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut rest = Vec::new();
-    matches!(r.read_to_end(&mut rest), Ok(_) | Err(_)) && rest.is_empty()
+    let ended = match r.read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    ended && rest.is_empty()
 }
 
 /// The outbound's own HTTP/1.1 server, on the wire: pipelining, HEAD,
@@ -427,7 +435,10 @@ fn closed(r: &mut BufReader<TcpStream>) -> bool {
 /// shapes, oversized and slow heads, garbage.
 #[test]
 fn the_outbound_serves_http1_strictly() {
-    let p = pair_with("", "header_read_timeout = \"1s\"\nmax_header_bytes = 8192");
+    let p = pair_with(
+        "",
+        "header_read_timeout = \"1s\"\nmax_header_bytes = 8192\nidle_timeout = \"1s\"",
+    );
     let log = || p.outbound.log_text();
     let host = "Host: api.default.svc\r\n";
 
@@ -545,6 +556,15 @@ fn the_outbound_serves_http1_strictly() {
     write!(s, "GET / HTTP/1.1\r\nHost: api.def").unwrap();
     assert_eq!(read_response(&mut r, false).0, 408);
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // A connection silent after a request is closed by the idle timeout
+    // (between one and two periods).
+    let (mut s, mut r) = raw(p.out_addr);
+    write!(s, "GET /idle HTTP/1.1\r\n{host}\r\n").unwrap();
+    assert_eq!(read_response(&mut r, false).0, 200);
+    let t = Instant::now();
+    assert!(closed(&mut r));
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 
     // curl's `Expect: 100-continue` gets its 100 at once.
     let upload = p.pki.path("expect.bin");
