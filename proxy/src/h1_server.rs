@@ -216,7 +216,7 @@ where
         if expect_continue {
             wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
         }
-        let (body, home) = if framing == Framing::Empty {
+        let (body, mut home) = if framing == Framing::Empty {
             (ServerBody::empty(activity.clone()), None)
         } else {
             let (tx, rx) = oneshot::channel();
@@ -233,6 +233,21 @@ where
         // A CONNECT is refused by the handler; what follows it on the wire
         // would be tunnel bytes, not a request.
         let mut close = !keep_alive || method == Method::CONNECT;
+        // A body that is back already (read whole, or dropped unread) is
+        // settled before the head goes out, so that a connection that will
+        // close says so.
+        let mut unread = None;
+        if let Some(rx) = home.as_mut() {
+            match rx.try_recv() {
+                Ok(side) if side.finished => {
+                    (rd, buf, home) = (Some(side.io), side.buf, None);
+                }
+                Ok(side) => (unread, home, close) = (Some(side.io), None, true),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                // The body failed: its framing, so the connection's, is lost.
+                Err(oneshot::error::TryRecvError::Closed) => (home, close) = (None, true),
+            }
+        }
         let (rparts, rbody) = resp.into_parts();
         let framing = h1::response_framing_for(
             &method,
@@ -255,26 +270,17 @@ where
             return Ok(());
         }
         if let Some(home) = home {
-            let side = wait_home(home, closing).await;
-            match side {
-                Some(ReadSide {
-                    io,
-                    buf: b,
-                    finished: true,
-                }) => {
-                    rd = Some(io);
-                    buf = b;
-                }
-                Some(ReadSide { mut io, .. }) => {
-                    let _ = wr.shutdown().await;
-                    linger(&mut io).await;
-                    return Ok(());
-                }
+            match wait_home(home, closing).await {
+                Some(side) if side.finished => (rd, buf) = (Some(side.io), side.buf),
+                Some(side) => (unread, close) = (Some(side.io), true),
                 None => return Ok(()),
             }
         }
         if close {
             let _ = wr.shutdown().await;
+            if let Some(mut io) = unread {
+                linger(&mut io).await;
+            }
             return Ok(());
         }
     }

@@ -506,7 +506,7 @@ fn the_outbound_serves_http1_strictly() {
     }
 
     // A body the proxy answers without reading (no upstream for the host):
-    // the answer arrives whole, then the connection closes.
+    // the answer arrives whole, says the connection closes, and it does.
     let (mut s, mut r) = raw(p.out_addr);
     write!(
         s,
@@ -520,6 +520,11 @@ fn the_outbound_serves_http1_strictly() {
         fields.iter().any(|f| f.0 == "date"),
         "a proxy-made response has a Date: {fields:?}"
     );
+    assert!(
+        fields.contains(&("connection".into(), "close".into())),
+        "the unread body ends the connection, and the answer says so: {fields:?}"
+    );
+    assert!(closed(&mut r));
 
     // Refused, each with the connection closed after the answer.
     let refusals: [(&str, u16); 4] = [
