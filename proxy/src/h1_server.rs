@@ -12,7 +12,9 @@
 //! the body, so that the body can stream to the mesh while the response is
 //! awaited, and comes back when the body has been read to its end. A body
 //! left unread (the handler answered without it) closes the connection
-//! after the response, as its end on the wire is then unknown.
+//! after the response, as its end on the wire is then unknown; the
+//! response says `connection: close` when that is known before its head
+//! goes out, and the client's remaining bytes are drained briefly first.
 //!
 //! Limits: a request head must arrive within `header_read_timeout` of its
 //! first byte (408 otherwise) and fit `max_header_bytes` (431); a client

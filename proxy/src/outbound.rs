@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -520,10 +520,13 @@ impl Outbound {
             }
             Ok(false) => {
                 let closing = AtomicBool::new(false);
-                let conn =
-                    h1_server::serve(tcp, self.h1_limits, &closing, activity.clone(), |req| {
-                        self.request(req.map(RequestBody::H1))
-                    });
+                let conn = pin!(h1_server::serve(
+                    tcp,
+                    self.h1_limits,
+                    &closing,
+                    activity.clone(),
+                    |req| self.request(req.map(RequestBody::H1))
+                ));
                 server::drive(
                     conn,
                     |_| closing.store(true, Ordering::Relaxed),

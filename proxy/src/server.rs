@@ -286,7 +286,10 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = builders.get(proto).serve_connection(TokioIo::new(io), svc);
+    // Pinned here and lent to `drive`: passed by value, the connection's
+    // state (most of what an idle connection costs) would be stored twice,
+    // as `drive`'s argument and as its pinned local.
+    let conn = pin!(builders.get(proto).serve_connection(TokioIo::new(io), svc));
     drive(
         conn,
         |c| c.graceful_shutdown(),
@@ -301,13 +304,12 @@ where
 /// idle for `idle`, or shutdown starts, `graceful` asks it to finish (an
 /// in-flight request still completes) and it is polled on until it does.
 pub async fn drive<C: Future>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     mut graceful: impl FnMut(Pin<&mut C>),
     activity: Arc<AtomicU64>,
     idle: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> C::Output {
-    let mut conn = pin!(conn);
     let mut stop = pin!(stopped(shutdown));
     let mut idle_fut = pin!(idle_watch(activity, idle));
     // The shutdown and idle futures are polled only when they have woken
