@@ -371,12 +371,13 @@ pub fn response_framing_for(
 
 /// Writes a response head: status line, the end-to-end fields of `headers`
 /// (hop-by-hop and framing fields are skipped), the framing field, the
-/// connection field, and `date` when the response has none.
-pub fn write_response_head(
+/// connection field, and a `date` field when the response has none
+/// (`date` is called only then: most responses carry the app's own).
+pub fn write_response_head<D: AsRef<[u8]>>(
     parts: &http::response::Parts,
     framing: Framing,
     connection: Connection,
-    date: &[u8],
+    date: impl FnOnce() -> D,
     dst: &mut BytesMut,
 ) {
     dst.reserve(128 + parts.headers.len() * 40);
@@ -408,7 +409,7 @@ pub fn write_response_head(
     }
     if !has_date {
         dst.put_slice(b"date: ");
-        dst.put_slice(date);
+        dst.put_slice(date().as_ref());
         dst.put_slice(b"\r\n");
     }
     match framing {
@@ -1144,13 +1145,13 @@ mod tests {
             Framing::Empty
         );
         let mut out = BytesMut::new();
-        write_response_head(&p, Framing::Length(7), Connection::Close, b"N", &mut out);
+        write_response_head(&p, Framing::Length(7), Connection::Close, || b"N", &mut out);
         assert_eq!(
             &out[..],
             b"HTTP/1.1 200 OK\r\ndate: D\r\ncontent-length: 7\r\nconnection: close\r\n\r\n"
         );
         out.clear();
-        write_response_head(&p, Framing::Empty, Connection::Default, b"N", &mut out);
+        write_response_head(&p, Framing::Empty, Connection::Default, || b"N", &mut out);
         assert_eq!(
             &out[..],
             b"HTTP/1.1 200 OK\r\ndate: D\r\ncontent-length: 7\r\n\r\n",
@@ -1166,7 +1167,13 @@ mod tests {
             Framing::UntilClose
         );
         out.clear();
-        write_response_head(&p, Framing::Chunked, Connection::KeepAlive, b"N", &mut out);
+        write_response_head(
+            &p,
+            Framing::Chunked,
+            Connection::KeepAlive,
+            || b"N",
+            &mut out,
+        );
         assert_eq!(
             &out[..],
             b"HTTP/1.1 404 Not Found\r\ndate: N\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\n\r\n"

@@ -76,7 +76,9 @@ pub struct ServerBody {
     buf: BytesMut,
     reader: BodyReader,
     home: Option<oneshot::Sender<ReadSide>>,
-    activity: Arc<AtomicU64>,
+    /// The connection's activity count; `None` for a body with nothing to
+    /// read (most requests), which saves a reference count per request.
+    activity: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for ReadSide {
@@ -89,13 +91,13 @@ impl std::fmt::Debug for ReadSide {
 
 impl ServerBody {
     /// A body that is already complete.
-    fn empty(activity: Arc<AtomicU64>) -> ServerBody {
+    fn empty() -> ServerBody {
         ServerBody {
             io: None,
             buf: BytesMut::new(),
             reader: BodyReader::new(Framing::Empty, 0),
             home: None,
-            activity,
+            activity: None,
         }
     }
 
@@ -130,8 +132,8 @@ impl Body for ServerBody {
             .poll_frame(&mut this.buf, cx, |cx, buf| match io {
                 Some(io) => {
                     let r = tokio_util::io::poll_read_buf(Pin::new(io), cx, buf);
-                    if r.is_ready() {
-                        activity.fetch_add(1, Ordering::Relaxed);
+                    if let (true, Some(a)) = (r.is_ready(), activity) {
+                        a.fetch_add(1, Ordering::Relaxed);
                     }
                     r
                 }
@@ -219,7 +221,7 @@ where
             wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
         }
         let (body, mut home) = if framing == Framing::Empty {
-            (ServerBody::empty(activity.clone()), None)
+            (ServerBody::empty(), None)
         } else {
             let (tx, rx) = oneshot::channel();
             let body = ServerBody {
@@ -227,7 +229,7 @@ where
                 buf: std::mem::take(&mut buf),
                 reader: BodyReader::new(framing, limits.max_header_bytes),
                 home: Some(tx),
-                activity: activity.clone(),
+                activity: Some(activity.clone()),
             };
             (body, Some(rx))
         };
@@ -266,7 +268,7 @@ where
         } else {
             Connection::Default
         };
-        h1::write_response_head(&rparts, framing, connection, &http_date(), &mut out);
+        h1::write_response_head(&rparts, framing, connection, http_date, &mut out);
         if !write_body(&mut wr, &mut out, rbody, framing, &activity).await? {
             // The response broke off: closing is how the client learns.
             return Ok(());
@@ -473,7 +475,7 @@ async fn refuse(
 ) -> io::Result<()> {
     let (parts, body) = resp.into_parts();
     let framing = Framing::Length(body.size_hint().exact().unwrap_or(0));
-    h1::write_response_head(&parts, framing, Connection::Close, &http_date(), out);
+    h1::write_response_head(&parts, framing, Connection::Close, http_date, out);
     write_body(wr, out, body, framing, activity).await?;
     let _ = wr.shutdown().await;
     Ok(())

@@ -339,10 +339,8 @@ impl H2Conn {
     async fn redial(&self) -> Result<MeshConn, ForwardError> {
         // One dial at a time; whoever waited re-checks first.
         let _g = self.dialing.lock().await;
-        if let Some(c) = self.current.load().as_ref() {
-            if !c.0.is_closed() {
-                return Ok((c.0.clone(), c.1.clone()));
-            }
+        if let Some(c) = self.current() {
+            return Ok(c);
         }
         let stream = self.dialer.dial().await.map_err(ForwardError::Connect)?;
         if !stream.h2 {
