@@ -10,6 +10,8 @@ use std::time::Duration;
 use keyproof_ca::IdPattern;
 use serde::Deserialize;
 
+pub use crate::path::Mode as PathMode;
+
 /// A configuration problem, naming the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -98,6 +100,7 @@ struct RawInbound {
     app: String,
     default_policy: Option<String>,
     app_protocol: Option<String>,
+    path_normalization: Option<String>,
     app_connect_timeout: Option<String>,
     app_pool_idle_timeout: Option<String>,
     #[serde(default)]
@@ -141,6 +144,7 @@ struct RawOutbound {
     upstreams: Vec<RawUpstream>,
     connect_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
+    path_normalization: Option<String>,
     stepup: Option<RawOutboundStepUp>,
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
@@ -346,6 +350,8 @@ pub struct InboundConfig {
     pub default_policy: DefaultPolicy,
     /// HTTP version towards the app.
     pub app_protocol: AppProtocol,
+    /// How request paths are normalized before the policy decides.
+    pub path_normalization: PathMode,
     /// Bound on connecting to the app (then 503).
     pub app_connect_timeout: Duration,
     /// Idle pooled app connections are closed after this. Short by default:
@@ -386,6 +392,8 @@ pub struct OutboundConfig {
     pub pool_idle_timeout: Duration,
     /// Largest body buffered for a step-up replay.
     pub stepup_max_body: u64,
+    /// How request paths are normalized before they are sent (and signed).
+    pub path_normalization: PathMode,
     /// Connection limits for the app-facing listener; `handshake_timeout`
     /// bounds the mesh-side TLS handshake.
     pub limits: Limits,
@@ -511,6 +519,32 @@ fn limits(
     })
 }
 
+fn path_mode(key: &str, v: Option<&str>) -> Result<PathMode, ConfigError> {
+    match v {
+        None => Ok(PathMode::default()),
+        Some(name) => PathMode::from_name(name).ok_or_else(|| {
+            invalid(
+                key,
+                format!("unknown mode {name:?}; use \"strict\" or \"keep-slashes\""),
+            )
+        }),
+    }
+}
+
+/// A route prefix must be in the form requests are matched in (strict
+/// normalization, which is also the merged form `keep-slashes` matches):
+/// `/admin/../x`, `//a` or `/%61` would never match what they seem to say.
+fn path_prefix(key: &str, prefix: &str) -> Result<(), ConfigError> {
+    match crate::path::normalize(prefix, PathMode::Strict) {
+        Ok(std::borrow::Cow::Borrowed(_)) => Ok(()),
+        Ok(std::borrow::Cow::Owned(normal)) => Err(invalid(
+            key,
+            format!("{prefix:?} is not a normalized path; write {normal:?}"),
+        )),
+        Err(e) => Err(invalid(key, format!("{prefix:?}: {e}"))),
+    }
+}
+
 fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
     let listen = socket_addr("inbound.listen", &raw.listen)?;
     let app = host_port("inbound.app", &raw.app)?;
@@ -535,15 +569,14 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             ))
         }
     };
+    let path_normalization = path_mode(
+        "inbound.path_normalization",
+        raw.path_normalization.as_deref(),
+    )?;
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.into_iter().enumerate() {
         let key = format!("inbound.routes[{i}]");
-        if !r.path_prefix.starts_with('/') {
-            return Err(invalid(
-                format!("{key}.path_prefix"),
-                format!("{:?} must start with '/'", r.path_prefix),
-            ));
-        }
+        path_prefix(&format!("{key}.path_prefix"), &r.path_prefix)?;
         let mut methods = Vec::with_capacity(r.methods.len());
         for (j, m) in r.methods.iter().enumerate() {
             let upper = m.to_ascii_uppercase();
@@ -618,6 +651,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         app,
         default_policy,
         app_protocol,
+        path_normalization,
         app_connect_timeout: duration(
             "inbound.app_connect_timeout",
             raw.app_connect_timeout.as_ref(),
@@ -782,6 +816,10 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
             Duration::from_secs(15),
         )?,
         stepup_max_body: raw.stepup.and_then(|s| s.max_body).unwrap_or(1 << 20),
+        path_normalization: path_mode(
+            "outbound.path_normalization",
+            raw.path_normalization.as_deref(),
+        )?,
         // The app's own pool decides when its idle connections go (Go:
         // 90 s); closing them first races its next request, so the loopback
         // listener waits longer than common client idle timeouts.
@@ -949,6 +987,44 @@ mod tests {
 
     const BASE: &str =
         "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.files]\ncert = \"c\"\nkey = \"k\"\n";
+
+    #[test]
+    fn path_settings() {
+        let inbound = |extra: &str, prefix: &str| {
+            Config::parse(&format!(
+                "{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n{extra}[[inbound.routes]]\npath_prefix = \"{prefix}\"\n"
+            ))
+        };
+        let c = inbound("", "/admin").unwrap();
+        assert_eq!(c.inbound.unwrap().path_normalization, PathMode::Strict);
+        let c = inbound("path_normalization = \"keep-slashes\"\n", "/api/").unwrap();
+        assert_eq!(c.inbound.unwrap().path_normalization, PathMode::KeepSlashes);
+        let e = inbound("path_normalization = \"off\"\n", "/a")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("inbound.path_normalization: unknown mode"),
+            "{e}"
+        );
+        for (prefix, says) in [
+            ("/admin/../x", "write \"/x\""),
+            ("//a", "write \"/a\""),
+            ("/%61dmin", "write \"/admin\""),
+            ("/a%2fb", "encoded '/'"),
+            ("/a;b", "';'"),
+            ("admin", "start with '/'"),
+        ] {
+            let e = inbound("", prefix).unwrap_err().to_string();
+            assert!(e.starts_with("inbound.routes[0].path_prefix: "), "{e}");
+            assert!(e.contains(says), "{prefix}: {e}");
+        }
+        let out = Config::parse(&format!(
+            "{BASE}[outbound]\nlisten = \"127.0.0.1:3\"\npath_normalization = \"strictest\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(out.starts_with("outbound.path_normalization: "), "{out}");
+    }
 
     #[test]
     fn names_bad_keys() {

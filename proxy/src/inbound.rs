@@ -24,6 +24,7 @@ use crate::config::{AppProtocol, InboundConfig};
 use crate::fut::map_in_place;
 use crate::identity::{self, IdentityStore, PeerIdentity};
 use crate::metrics::DirectionMetrics;
+use crate::path;
 use crate::policy::{Decision, Policy};
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
 use crate::stepup::{InboundConn, InboundStepUp};
@@ -240,10 +241,28 @@ impl Inbound {
                 "CONNECT is not supported\n",
             )));
         }
-        let route = match self
-            .policy
-            .decide(req.method(), req.uri().path(), &conn.peer.id)
-        {
+        // Normalize first, then decide on, step up on and forward that one
+        // path: an app resolving `/public/../admin` itself would otherwise
+        // serve what the policy never saw.
+        let mut req = req;
+        let mode = self.cfg.path_normalization;
+        match path::normalize_uri(req.method(), req.uri(), mode) {
+            Ok(None) => {}
+            Ok(Some(uri)) => *req.uri_mut() = uri,
+            Err(why) => {
+                self.metrics.refused(why);
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), reason = why.reason(), "request refused: {why}");
+                return Either::Left(Box::pin(async move {
+                    crate::body::discard(req.into_body()).await;
+                    text(
+                        StatusCode::BAD_REQUEST,
+                        format!("bad request path: {why}\n"),
+                    )
+                }));
+            }
+        }
+        let matched = path::match_form(req.uri().path(), mode);
+        let route = match self.policy.decide(req.method(), &matched, &conn.peer.id) {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");

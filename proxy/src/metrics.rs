@@ -48,6 +48,7 @@ pub struct DirectionMetrics {
     codes: [IntCounter; 5],
     /// `keyproof_request_duration_seconds{direction}`.
     pub duration: Histogram,
+    refused: [IntCounter; crate::path::REFUSAL_REASONS.len()],
 }
 
 impl DirectionMetrics {
@@ -59,6 +60,12 @@ impl DirectionMetrics {
             .position(|r| *r == result)
             .unwrap_or(7);
         self.handshakes[i].inc();
+    }
+
+    /// Counts a request refused with 400 because its path has no safe
+    /// normal form.
+    pub fn refused(&self, why: crate::path::PathError) {
+        self.refused[why.index()].inc();
     }
 
     /// Counts a finished request by status class and records its duration.
@@ -133,6 +140,17 @@ impl Metrics {
             ),
             &["route"],
         )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "keyproof_http_requests_refused_total",
+                "Requests refused with 400 before any route decision, by direction and \
+                 reason (a path with no safe normal form: encoded_slash, backslash, \
+                 encoded_control, bad_percent_encoding, above_root, not_absolute, \
+                 semicolon, invalid_character).",
+            ),
+            &["direction", "reason"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
         let cert_expiry = Gauge::new(
             "keyproof_identity_cert_expiry_timestamp_seconds",
             "notAfter of the workload certificate in use, seconds since the epoch.",
@@ -187,6 +205,8 @@ impl Metrics {
             connections_open: open.with_label_values(&[d.as_str()]),
             codes: CODES.map(|c| requests.with_label_values(&[d.as_str(), c])),
             duration: duration.with_label_values(&[d.as_str()]),
+            refused: crate::path::REFUSAL_REASONS
+                .map(|r| refused.with_label_values(&[d.as_str(), r])),
         };
         Ok(Metrics {
             inbound: dir(Direction::Inbound),

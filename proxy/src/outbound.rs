@@ -579,6 +579,18 @@ impl Outbound {
             ))));
         }
         let (mut parts, body) = req.into_parts();
+        // The path goes out (and is signed for step-up) in the form the
+        // peer's inbound decides on, so its normalization is the identity.
+        match crate::path::normalize_uri(&parts.method, &parts.uri, self.cfg.path_normalization) {
+            Ok(None) => {}
+            Ok(Some(uri)) => parts.uri = uri,
+            Err(why) => {
+                self.metrics.refused(why);
+                tracing::info!(method = %parts.method, path = parts.uri.path(), reason = why.reason(), "outbound request refused: {why}");
+                let msg = format!("bad request path: {why}\n");
+                return Either::Left(Box::pin(ready(text(StatusCode::BAD_REQUEST, msg))));
+            }
+        }
         // Absolute-form and HTTP/2 carry the authority in the URI (which
         // then replaces any Host sent, RFC 9112 section 3.2.2); origin-form
         // in Host. The request goes on in HTTP/2 form, the app's authority
