@@ -439,3 +439,68 @@ pub async fn mtls_http1(
     tokio::spawn(conn);
     (send, exporter)
 }
+
+/// A mutual-TLS 1.3 connection to an inbound sidecar offering `alpn`,
+/// presenting `cert`: the raw stream, for requests no polite client would
+/// send (targets with dot segments or encodings, as written).
+pub async fn mtls_stream(
+    inbound: SocketAddr,
+    pki: &Pki,
+    cert: &Cert,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
+        .expect("chain")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
+        roots.add(r.expect("root")).expect("add root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client cert");
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound)
+        .await
+        .expect("connect");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("mTLS handshake")
+}
+
+/// Sends `head` (a complete HTTP/1.1 request head, sent byte for byte) on
+/// `io` and reads the response until the peer closes (ask for
+/// `Connection: close`): (status, body); status 0 when none arrived.
+pub async fn raw_http1<S>(mut io: S, head: &[u8]) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if io.write_all(head).await.is_err() {
+        return (0, String::new());
+    }
+    let _ = io.flush().await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
