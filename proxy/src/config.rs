@@ -89,6 +89,9 @@ struct RawLimits {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +103,7 @@ struct RawInbound {
     app_protocol: Option<String>,
     app_connect_timeout: Option<String>,
     app_pool_idle_timeout: Option<String>,
+    max_app_connections: Option<usize>,
     #[serde(default)]
     routes: Vec<RawRoute>,
     stepup: Option<RawInboundStepUp>,
@@ -108,6 +112,9 @@ struct RawInbound {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +154,8 @@ struct RawOutbound {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,8 +265,19 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Largest request head accepted.
     pub max_header_bytes: usize,
-    /// Connections served at once; further clients wait in the backlog.
+    /// Connections served at once, counted from the end of their TLS
+    /// handshake; further clients wait (after their handshake, then in the
+    /// backlog).
     pub max_connections: usize,
+    /// Inbound: TLS handshakes in progress at once. Beyond it the oldest
+    /// pending handshake is closed to make room, so a flood of handshakes
+    /// that never finish cannot keep a prompt caller out.
+    pub max_handshakes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// A request body that makes no progress for this long ends its
+    /// request (408 when no response has started) and its connection.
+    pub body_timeout: Duration,
 }
 
 /// What the inbound does when no route matches.
@@ -356,6 +376,9 @@ pub struct InboundConfig {
     pub routes: Vec<RouteConfig>,
     /// Step-up verifier settings.
     pub stepup: InboundStepUpConfig,
+    /// Connections to the app open at once (HTTP/1.1); requests beyond it
+    /// wait up to `app_connect_timeout` for one, then get 503.
+    pub max_app_connections: usize,
     /// Connection limits.
     pub limits: Limits,
 }
@@ -490,7 +513,28 @@ fn limits(
         }
         Ok(v)
     };
+    let max_handshakes = raw.max_handshakes.unwrap_or(256);
+    if max_handshakes == 0 || max_handshakes > (1 << 20) {
+        return Err(invalid(
+            format!("{prefix}.max_handshakes"),
+            "must be between 1 and 1048576",
+        ));
+    }
+    let max_concurrent_streams = raw.max_concurrent_streams.unwrap_or(100);
+    if max_concurrent_streams == 0 || max_concurrent_streams > 10_000 {
+        return Err(invalid(
+            format!("{prefix}.max_concurrent_streams"),
+            "must be between 1 and 10000",
+        ));
+    }
     Ok(Limits {
+        body_timeout: nonzero(
+            "body_timeout",
+            raw.body_timeout.as_ref(),
+            Duration::from_secs(30),
+        )?,
+        max_handshakes,
+        max_concurrent_streams,
         handshake_timeout: nonzero(
             "handshake_timeout",
             raw.handshake_timeout.as_ref(),
@@ -514,6 +558,13 @@ fn limits(
 fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
     let listen = socket_addr("inbound.listen", &raw.listen)?;
     let app = host_port("inbound.app", &raw.app)?;
+    let max_app_connections = raw.max_app_connections.unwrap_or(256);
+    if max_app_connections == 0 || max_app_connections > (1 << 20) {
+        return Err(invalid(
+            "inbound.max_app_connections",
+            "must be between 1 and 1048576",
+        ));
+    }
     let default_policy = match raw.default_policy.as_deref() {
         None | Some("allow-trust-domain") => DefaultPolicy::AllowTrustDomain,
         Some("deny") => DefaultPolicy::Deny,
@@ -628,6 +679,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             raw.app_pool_idle_timeout.as_ref(),
             Duration::from_secs(4),
         )?,
+        max_app_connections,
         routes,
         stepup,
         limits: limits(
@@ -638,6 +690,9 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
                 idle_timeout: raw.idle_timeout,
                 max_header_bytes: raw.max_header_bytes,
                 max_connections: raw.max_connections,
+                max_handshakes: raw.max_handshakes,
+                max_concurrent_streams: raw.max_concurrent_streams,
+                body_timeout: raw.body_timeout,
             },
             Duration::from_secs(30),
         )?,
@@ -793,6 +848,10 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
                 idle_timeout: raw.idle_timeout,
                 max_header_bytes: raw.max_header_bytes,
                 max_connections: raw.max_connections,
+                // The outbound's listener is plaintext: no handshakes.
+                max_handshakes: None,
+                max_concurrent_streams: raw.max_concurrent_streams,
+                body_timeout: raw.body_timeout,
             },
             Duration::from_secs(120),
         )?,
