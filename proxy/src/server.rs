@@ -137,8 +137,16 @@ pub async fn accept_loop<F, Fut>(
 /// to `handshake_timeout` each.
 pub struct HandshakeGate {
     max: usize,
-    pending: Mutex<(u64, VecDeque<(u64, Arc<Notify>)>)>,
+    pending: Mutex<Pending>,
     shed: prometheus::IntCounter,
+}
+
+/// The pending handshakes, oldest first, each with the signal that evicts
+/// it; ids are handed out under the lock, so the queue stays sorted.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    queue: VecDeque<(u64, Arc<Notify>)>,
 }
 
 /// A place among the pending handshakes; dropped when the handshake ends.
@@ -153,7 +161,7 @@ impl HandshakeGate {
     pub fn new(max: usize, shed: prometheus::IntCounter) -> Arc<HandshakeGate> {
         Arc::new(HandshakeGate {
             max: max.max(1),
-            pending: Mutex::new((0, VecDeque::new())),
+            pending: Mutex::new(Pending::default()),
             shed,
         })
     }
@@ -162,18 +170,17 @@ impl HandshakeGate {
     pub fn admit(self: &Arc<Self>) -> HandshakeSlot {
         let evict = Arc::new(Notify::new());
         let mut g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        // Ids are handed out under the lock, so the queue stays sorted.
-        let id = g.0;
-        g.0 += 1;
-        if g.1.len() >= self.max {
-            if let Some((_, oldest)) = g.1.pop_front() {
+        let id = g.next;
+        g.next += 1;
+        if g.queue.len() >= self.max {
+            if let Some((_, oldest)) = g.queue.pop_front() {
                 // notify_one keeps a permit, so a handshake that is not
                 // waiting on it right now still sees it.
                 oldest.notify_one();
                 self.shed.inc();
             }
         }
-        g.1.push_back((id, evict.clone()));
+        g.queue.push_back((id, evict.clone()));
         drop(g);
         HandshakeSlot {
             gate: self.clone(),
@@ -187,7 +194,7 @@ impl HandshakeGate {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .1
+            .queue
             .len()
     }
 }
@@ -202,8 +209,8 @@ impl HandshakeSlot {
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
         let mut g = self.gate.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if let Ok(i) = g.1.binary_search_by_key(&self.id, |e| e.0) {
-            g.1.remove(i);
+        if let Ok(i) = g.queue.binary_search_by_key(&self.id, |e| e.0) {
+            g.queue.remove(i);
         }
     }
 }
@@ -406,5 +413,132 @@ impl Wake for AuxWake {
     fn wake_by_ref(self: &Arc<Self>) {
         self.due.store(true, Ordering::Release);
         self.task.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            handshake_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_millis(200),
+            max_header_bytes: 16384,
+            max_connections: 4,
+            max_handshakes: 4,
+            max_concurrent_streams: 2,
+            body_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// An h2 server on one end of an in-memory pipe whose requests take
+    /// `delay`; resolves when the connection ends.
+    fn h2_server(
+        io: tokio::io::DuplexStream,
+        idle: Duration,
+        delay: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let activity: Activity = Default::default();
+        let streams = activity.clone();
+        let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+            let g = StreamGuard::start(&streams);
+            async move {
+                tokio::time::sleep(delay).await;
+                drop(g);
+                Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        tokio::spawn(async move {
+            let b = Builders::new(&limits());
+            let (_tx, rx) = watch::channel(false);
+            let _ = serve(&b, Proto::H2, io, activity, idle, svc, rx).await;
+        })
+    }
+
+    #[tokio::test]
+    async fn an_h2_peer_sending_only_pings_is_closed_at_the_idle_timeout() {
+        let (cli, srv) = tokio::io::duplex(64 * 1024);
+        let idle = Duration::from_millis(200);
+        let server = h2_server(srv, idle, Duration::ZERO);
+        let (_send, mut conn) = h2::client::handshake(cli).await.expect("h2 handshake");
+        let mut pings = conn.ping_pong().expect("ping_pong");
+        let client = tokio::spawn(conn);
+        let start = Instant::now();
+        // A PING every 20 ms: bytes flow both ways all the time.
+        let pinger = tokio::spawn(async move {
+            loop {
+                if pings.ping(h2::Ping::opaque()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("the server kept a connection with no stream open")
+            .expect("server task");
+        let took = start.elapsed();
+        assert!(took >= idle, "closed before the idle timeout: {took:?}");
+        assert!(took < idle * 3, "closed late: {took:?}");
+        let _ = tokio::time::timeout(Duration::from_secs(1), client).await;
+        pinger.abort();
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_keeps_the_connection_past_the_idle_timeout() {
+        let (cli, srv) = tokio::io::duplex(64 * 1024);
+        let idle = Duration::from_millis(100);
+        let server = h2_server(srv, idle, Duration::from_millis(500));
+        let (mut send, conn) = h2::client::handshake(cli).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get("http://x/").body(()).expect("request");
+        let (resp, _) = send.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(3), resp)
+            .await
+            .expect("response in time")
+            .expect("response, not a reset");
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        // Then idle: closed.
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("closed once idle")
+            .expect("server task");
+    }
+
+    #[tokio::test]
+    async fn the_handshake_gate_sheds_the_oldest_pending_handshake() {
+        let shed = prometheus::IntCounter::new("shed", "shed").expect("counter");
+        let gate = HandshakeGate::new(2, shed.clone());
+        let a = gate.admit();
+        let b = gate.admit();
+        assert_eq!(gate.pending(), 2);
+        let c = gate.admit();
+        assert_eq!(gate.pending(), 2);
+        assert_eq!(shed.get(), 1);
+        tokio::time::timeout(Duration::from_millis(100), a.evicted())
+            .await
+            .expect("the oldest is told to go");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.evicted())
+                .await
+                .is_err(),
+            "a newer handshake was shed"
+        );
+        // A finished handshake leaves room: nobody else is shed.
+        drop(b);
+        let _d = gate.admit();
+        assert_eq!(shed.get(), 1);
+        drop(a);
+        assert_eq!(gate.pending(), 2);
+        drop(c);
+        assert_eq!(gate.pending(), 1);
     }
 }
