@@ -62,7 +62,11 @@ fn header_limit_and_connection_backpressure() {
     let start = Instant::now();
     let (code, body, _) = curl(&args);
     assert_eq!(code, 200, "{body}");
-    assert!(start.elapsed() < Duration::from_millis(1000), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        start.elapsed()
+    );
 
     // Two authenticated, idle connections take both slots; a third caller
     // waits (after its handshake) and is served once the idle timeout

@@ -261,7 +261,10 @@ fn a_handshake_flood_does_not_starve_authenticated_callers() {
     assert!(served >= 3, "only {served} legitimate requests");
     assert!(opened > 300, "the flood opened only {opened} connections");
     let shed = proxy.metric("keyproof_tls_handshakes_shed_total{direction=\"inbound\"}");
-    assert!(shed > 0.0, "no handshake was shed while {opened} were opened");
+    assert!(
+        shed > 0.0,
+        "no handshake was shed while {opened} were opened"
+    );
     assert!(
         peak_rss < rss_before + 24 * 1024,
         "RSS grew from {rss_before} to {peak_rss} KiB"
@@ -344,7 +347,8 @@ fn a_stalled_request_body_ends_with_408() {
             let (io, conn) = tls.into_inner();
             let io = io.into_std().expect("std");
             io.set_nonblocking(false).expect("blocking");
-            io.set_read_timeout(Some(Duration::from_secs(8))).expect("timeout");
+            io.set_read_timeout(Some(Duration::from_secs(8)))
+                .expect("timeout");
             let mut tls = rustls::StreamOwned::new(conn, io);
             tokio::task::block_in_place(|| {
                 stall_h1(
@@ -353,8 +357,15 @@ fn a_stalled_request_body_ends_with_408() {
                 )
             })
         });
-        assert!(text.starts_with("HTTP/1.1 408"), "{text}\n{}", inbound.log_text());
-        assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 408"),
+            "{text}\n{}",
+            inbound.log_text()
+        );
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
         assert!(
             took >= Duration::from_millis(900) && took < Duration::from_secs(4),
             "408 after {took:?}"
@@ -415,8 +426,15 @@ fn a_stalled_request_body_ends_with_408() {
         &mut s,
         "POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\n",
     );
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}\n{}", outbound.log_text());
-    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "{text}\n{}",
+        outbound.log_text()
+    );
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(4),
         "408 after {took:?}"
@@ -545,7 +563,10 @@ fn one_connection_cannot_open_unbounded_app_connections() {
         proxy.log_text()
     );
     assert_eq!(code, 200);
-    assert!(took < Duration::from_secs(2), "the other caller took {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the other caller took {took:?}"
+    );
     let max = app.max_conns.load(Ordering::SeqCst);
     assert!(max <= 4, "the app saw {max} connections at once");
     assert!(
@@ -559,5 +580,8 @@ fn one_connection_cannot_open_unbounded_app_connections() {
     let statuses = rt().block_on(burst(addr2, cfg, 20));
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let max = app2.max_reqs.load(Ordering::SeqCst);
-    assert!(max <= 3, "one connection had {max} requests in flight at once");
+    assert!(
+        max <= 3,
+        "one connection had {max} requests in flight at once"
+    );
 }
