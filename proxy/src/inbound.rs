@@ -108,7 +108,7 @@ impl Inbound {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             need_exporter: policy.any_step_up(),
             policy,
-            stepup: InboundStepUp::new(&cfg.stepup, &cfg.routes, metrics)?,
+            stepup: InboundStepUp::new(&cfg.stepup, &cfg.routes, metrics, cfg.limits.body_timeout)?,
             app: AppClient {
                 h1,
                 h2,
