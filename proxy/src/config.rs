@@ -1071,4 +1071,51 @@ mod tests {
         assert_eq!(i.stepup.nonce_ttl, Duration::from_secs(10));
         assert_eq!(cfg.outbound.unwrap().stepup_max_body, 5);
     }
+
+    #[test]
+    fn resource_limits_have_defaults_and_name_the_bad_key() {
+        let base = format!("{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"localhost:2\"\n");
+        let cfg = Config::parse(&format!("{base}[outbound]\nlisten = \"127.0.0.1:3\"\n")).unwrap();
+        let i = cfg.inbound.unwrap();
+        assert_eq!(i.limits.max_handshakes, 256);
+        assert_eq!(i.limits.max_concurrent_streams, 100);
+        assert_eq!(i.limits.body_timeout, Duration::from_secs(30));
+        assert_eq!(i.max_app_connections, 256);
+        let o = cfg.outbound.unwrap();
+        assert_eq!(o.limits.max_concurrent_streams, 100);
+        assert_eq!(o.limits.body_timeout, Duration::from_secs(30));
+
+        let set = Config::parse(&format!(
+            "{base}max_handshakes = 8\nmax_concurrent_streams = 3\nbody_timeout = \"2s\"\nmax_app_connections = 4\n"
+        ))
+        .unwrap()
+        .inbound
+        .unwrap();
+        assert_eq!(set.limits.max_handshakes, 8);
+        assert_eq!(set.limits.max_concurrent_streams, 3);
+        assert_eq!(set.limits.body_timeout, Duration::from_secs(2));
+        assert_eq!(set.max_app_connections, 4);
+
+        for (line, key) in [
+            ("max_handshakes = 0", "inbound.max_handshakes"),
+            (
+                "max_concurrent_streams = 0",
+                "inbound.max_concurrent_streams",
+            ),
+            ("body_timeout = \"0s\"", "inbound.body_timeout"),
+            ("max_app_connections = 0", "inbound.max_app_connections"),
+        ] {
+            let e = Config::parse(&format!("{base}{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{line}: {e}");
+        }
+        // The outbound's listener is plaintext: it has no handshakes to bound.
+        let e = Config::parse(&format!(
+            "{BASE}[outbound]\nlisten = \"127.0.0.1:3\"\nmax_handshakes = 5\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_handshakes"), "{e}");
+    }
 }

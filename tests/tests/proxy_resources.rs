@@ -585,3 +585,92 @@ fn one_connection_cannot_open_unbounded_app_connections() {
         "one connection had {max} requests in flight at once"
     );
 }
+
+/// HTTP/1.1 on the inbound: a request head trickled a field every 300 ms
+/// is cut at `header_read_timeout` (1 s), and a keep-alive connection
+/// with no next request is closed within about the same bound (well before
+/// `idle_timeout`); a new caller is then served at once.
+#[test]
+fn trickled_heads_and_idle_keep_alive_are_bounded() {
+    let w = World::new();
+    let (proxy, addr) = w.inbound(
+        "trickle",
+        w.app.addr,
+        "header_read_timeout = \"1s\"\nidle_timeout = \"30s\"\n",
+    );
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"http/1.1");
+    let open_tls = |cfg: Arc<rustls::ClientConfig>| {
+        rt.block_on(async {
+            let tls = mtls(addr, cfg).await;
+            let (io, conn) = tls.into_inner();
+            let io = io.into_std().expect("std");
+            io.set_nonblocking(false).expect("blocking");
+            io.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            rustls::StreamOwned::new(conn, io)
+        })
+    };
+    // Reads what is there; true once the server has closed.
+    fn closed<S: Read>(s: &mut S, seen: &mut Vec<u8>) -> bool {
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                false
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    let mut t = open_tls(cfg.clone());
+    let start = Instant::now();
+    t.write_all(b"GET /trickle HTTP/1.1\r\nhost: api\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut i = 0;
+    let cut = loop {
+        if closed(&mut t, &mut seen) || t.write_all(format!("x-{i}: a\r\n").as_bytes()).is_err() {
+            break start.elapsed();
+        }
+        i += 1;
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a trickled head was kept for {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(cut < Duration::from_millis(2500), "cut after {cut:?}");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        !text.contains(" 200 "),
+        "a trickled head was served: {text}\n{}",
+        proxy.log_text()
+    );
+
+    // Keep-alive: one request, then silence.
+    let mut k = open_tls(cfg);
+    k.write_all(b"GET /once HTTP/1.1\r\nhost: api\r\n\r\n")
+        .unwrap();
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while !closed(&mut k, &mut seen) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "an idle keep-alive connection was kept for {:?}",
+            start.elapsed()
+        );
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let (code, took) = w.legit(addr, "/meanwhile");
+    assert_eq!(code, 200);
+    assert!(took < Duration::from_secs(1), "legit took {took:?}");
+}
