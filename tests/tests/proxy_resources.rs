@@ -508,7 +508,19 @@ impl CountingApp {
 /// Fires `n` concurrent GETs on one HTTP/2 connection; returns the
 /// statuses.
 async fn burst(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, n: usize) -> Vec<u16> {
-    let (send, _task) = h2_conn::<Empty<Bytes>>(addr, cfg, None).await;
+    let (mut send, _task) = h2_conn::<Empty<Bytes>>(addr, cfg, None).await;
+    // One request first: by its answer the server's SETTINGS (its stream
+    // limit) have arrived, so the burst waits for stream capacity instead
+    // of racing them and being refused (REFUSED_STREAM) beyond the limit.
+    let first = send
+        .send_request(
+            http::Request::get("https://localhost/first")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .expect("first request");
+    let _ = first.into_body().collect().await;
     let mut tasks = Vec::new();
     for i in 0..n {
         let mut send = send.clone();
@@ -673,4 +685,56 @@ fn trickled_heads_and_idle_keep_alive_are_bounded() {
     let (code, took) = w.legit(addr, "/meanwhile");
     assert_eq!(code, 200);
     assert!(took < Duration::from_secs(1), "legit took {took:?}");
+}
+
+/// The inbound's stream limit (100) does not refuse a burst through the
+/// mesh: 250 requests at once through an outbound whose HTTP/2 connection
+/// to the inbound is new all succeed (they queue for stream capacity).
+#[test]
+fn a_burst_through_a_new_mesh_connection_is_not_refused() {
+    let w = World::new();
+    let (_inbound, in_addr) = w.inbound("burst-in", w.app.addr, "");
+    let out_port = free_port();
+    let out_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _outbound = ProxyProc::start(
+        w.pki.tmp.path(),
+        "burst-out",
+        &format!(
+            "{}[outbound]\nlisten = \"127.0.0.1:{out_port}\"\n[[outbound.upstreams]]\nhost = \"api\"\naddress = \"{in_addr}\"\nidentity = \"{}\"\n[admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&w.pki.bundle, &w.web),
+            w.pki.id("/ns/default/sa/api"),
+        ),
+        out_admin,
+    );
+    let statuses = rt().block_on(async move {
+        let mut tasks = Vec::new();
+        for i in 0..250 {
+            tasks.push(tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", out_port))
+                    .await
+                    .expect("connect");
+                s.write_all(
+                    format!("GET /b{i} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .expect("write");
+                let mut t = String::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut t)).await;
+                t.split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .unwrap_or(0)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap_or(0));
+        }
+        out
+    });
+    let bad: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(bad.is_empty(), "{} of 250 failed: {bad:?}", bad.len());
 }
