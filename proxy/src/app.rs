@@ -36,6 +36,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::h1::{self, BodyError, BodyReader, Framing, H1Error};
@@ -56,6 +57,19 @@ pub enum AppError {
     /// The app failed the request after a connection was made.
     #[error("{0}")]
     Failed(String),
+    /// The caller's request body made no progress for this long.
+    #[error("request body made no progress for {0:?}")]
+    BodyTimeout(Duration),
+}
+
+/// What bounds the HTTP/1.1 pool beyond its timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct H1Bounds {
+    /// Connections to the app open at once; a request beyond waits up to
+    /// the connect timeout for one.
+    pub max_connections: usize,
+    /// A request body with no progress for this long ends the request.
+    pub body_timeout: Duration,
 }
 
 /// A keep-alive pool of HTTP/1.1 connections to one address.
@@ -66,6 +80,10 @@ pub struct H1Pool {
     max_head: usize,
     idle: Mutex<Vec<Idle>>,
     reaper: std::sync::Once,
+    /// One permit per connection in use (idle ones are at most what was in
+    /// use before, as a new one is dialled only when none is idle).
+    slots: Arc<Semaphore>,
+    bounds: H1Bounds,
 }
 
 struct Idle {
@@ -83,11 +101,14 @@ enum Exchange {
     /// it while idle, and an idempotent request can go again.
     Unanswered(io::Error),
     Failed(String),
+    /// The request body stalled.
+    Stalled(Duration),
 }
 
 impl Exchange {
     fn into_app_error(self) -> AppError {
         match self {
+            Exchange::Stalled(d) => AppError::BodyTimeout(d),
             Exchange::Unanswered(e) => {
                 AppError::Failed(format!("connection closed before a response: {e}"))
             }
@@ -104,6 +125,7 @@ impl H1Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_head: usize,
+        bounds: H1Bounds,
     ) -> Arc<H1Pool> {
         Arc::new(H1Pool {
             addr: addr.to_owned(),
@@ -112,7 +134,21 @@ impl H1Pool {
             max_head,
             idle: Mutex::new(Vec::new()),
             reaper: std::sync::Once::new(),
+            slots: Arc::new(Semaphore::new(bounds.max_connections.max(1))),
+            bounds,
         })
+    }
+
+    /// Waits (in order of arrival, up to the connect timeout) for a
+    /// connection slot when all are in use.
+    async fn wait_slot(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, AppError> {
+        match tokio::time::timeout(self.connect_timeout, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(AppError::Unavailable(format!(
+                "all {} app connections (inbound.max_app_connections) stayed in use for {:?}",
+                self.bounds.max_connections, self.connect_timeout
+            ))),
+        }
     }
 
     /// Sends `req` (origin-form, hop-by-hop fields removed) on an idle
@@ -129,7 +165,7 @@ impl H1Pool {
     ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut sender = BodySender::new(body, &parts.method);
+        let mut sender = BodySender::new(body, &parts.method, self.bounds.body_timeout);
         let mut out = BytesMut::new();
         h1::write_request_head(
             &parts.method,
@@ -143,7 +179,30 @@ impl H1Pool {
         if let Err(e) = sender.gather(&mut out) {
             return Either::Left(Box::pin(std::future::ready(Err(AppError::Failed(e)))) as Sending);
         }
-        let (idle, pool, method) = (self.checkout(), self.clone(), parts.method);
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Every connection is in use: wait for one (rare, boxed).
+                let pool = self.clone();
+                return Either::Left(Box::pin(async move {
+                    let slot = pool.wait_slot().await?;
+                    pool.send(slot, out, sender, parts.method).await
+                }));
+            }
+        };
+        Either::Right(self.send(slot, out, sender, parts.method))
+    }
+
+    /// Sends the encoded request on an idle connection or a new one, with
+    /// `slot` held until the connection is back in the pool or closed.
+    fn send(
+        self: &Arc<Self>,
+        slot: OwnedSemaphorePermit,
+        out: BytesMut,
+        sender: BodySender,
+        method: Method,
+    ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
+        let (idle, pool) = (self.checkout(), self.clone());
         // The rare paths (a body still arriving, dialling) are boxed: inline,
         // they would make every request's future larger.
         if !sender.done {
@@ -153,8 +212,9 @@ impl H1Pool {
                     None => pool.dial().await?,
                 };
                 let sent = pool.exchange_streaming(io, &out, sender, &method).await;
-                sent.map_err(Exchange::into_app_error)
-            }));
+                sent.map(|r| with_slot(r, slot))
+                    .map_err(Exchange::into_app_error)
+            }) as Sending);
         }
         // Only a request wholly in `out` can be sent again.
         let resendable = idempotent(&method);
@@ -167,7 +227,7 @@ impl H1Pool {
             };
             loop {
                 match pool.exchange(io, &out, &method).await {
-                    Ok(resp) => return Ok(resp),
+                    Ok(resp) => return Ok(with_slot(resp, slot)),
                     Err(Exchange::Unanswered(e)) if pooled && resendable => {
                         tracing::debug!(error = %e, "pooled app connection was closed; retrying");
                         pooled = false;
@@ -216,6 +276,7 @@ impl H1Pool {
                 (wr, r) = &mut pump, if pumped.is_none() => match r {
                     Ok(()) => pumped = Some(Some(wr)),
                     Err(PumpError::Body(e)) => return Err(Exchange::Failed(e)),
+                    Err(PumpError::Stalled(d)) => return Err(Exchange::Stalled(d)),
                     // The app stopped reading: it may have answered (and
                     // closed), so read on.
                     Err(PumpError::Write(e)) => {
@@ -259,6 +320,7 @@ impl H1Pool {
             reader: BodyReader::new(framing, self.max_head),
             keep_alive,
             pool: self.clone(),
+            slot: None,
         };
         if body.reader.is_done() {
             body.finish();
@@ -377,6 +439,8 @@ enum PumpError {
     Body(String),
     /// The app's side of the connection failed.
     Write(io::Error),
+    /// The caller's body made no progress for this long.
+    Stalled(Duration),
 }
 
 /// The request body on its way to the app, framed as its head declared.
@@ -385,12 +449,14 @@ struct BodySender {
     framing: Framing,
     sent: u64,
     done: bool,
+    /// `body_timeout`.
+    stall: Duration,
 }
 
 impl BodySender {
     /// `Content-Length` when the caller's body has a known size, chunked
     /// otherwise; no framing field for a bodyless GET and the like.
-    fn new(body: ProxyBody, method: &Method) -> BodySender {
+    fn new(body: ProxyBody, method: &Method, stall: Duration) -> BodySender {
         let framing = if body.is_end_stream() {
             match *method {
                 Method::POST | Method::PUT | Method::PATCH => Framing::Length(0),
@@ -408,6 +474,7 @@ impl BodySender {
             framing,
             sent: 0,
             done,
+            stall,
         }
     }
 
@@ -437,7 +504,18 @@ impl BodySender {
         // what follows it: the chunk's CRLF, the last chunk.
         let (mut head, mut tail) = (BytesMut::new(), BytesMut::new());
         while !self.done {
-            let frame = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            // The clock is read only when the body has nothing ready.
+            let frame =
+                match poll_fn(|cx| Poll::Ready(Pin::new(&mut self.body).poll_frame(cx))).await {
+                    Poll::Ready(f) => f,
+                    Poll::Pending => {
+                        let next = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx));
+                        match tokio::time::timeout(self.stall, next).await {
+                            Ok(f) => f,
+                            Err(_) => return (wr, Err(PumpError::Stalled(self.stall))),
+                        }
+                    }
+                };
             let data = match self.encode(frame, &mut head) {
                 Ok(d) => d.unwrap_or_default(),
                 Err(e) => return (wr, Err(PumpError::Body(e))),
@@ -582,6 +660,18 @@ pub struct AppBody {
     reader: BodyReader,
     keep_alive: bool,
     pool: Arc<H1Pool>,
+    /// The pool's connection slot, released when the connection is back
+    /// or closed.
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Gives the response body the connection slot to release.
+fn with_slot(mut resp: Response<AppBody>, slot: OwnedSemaphorePermit) -> Response<AppBody> {
+    let body = resp.body_mut();
+    if body.io.is_some() {
+        body.slot = Some(slot);
+    }
+    resp
 }
 
 impl AppBody {
@@ -595,6 +685,7 @@ impl AppBody {
             _ => {}
         }
         self.buf = BytesMut::new();
+        self.slot = None;
     }
 }
 
@@ -617,6 +708,7 @@ impl Body for AppBody {
         match polled {
             Poll::Ready(Some(Err(e))) => {
                 this.io = None;
+                this.slot = None;
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(frame) => {

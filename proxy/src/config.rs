@@ -91,6 +91,9 @@ struct RawLimits {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +106,7 @@ struct RawInbound {
     path_normalization: Option<String>,
     app_connect_timeout: Option<String>,
     app_pool_idle_timeout: Option<String>,
+    max_app_connections: Option<usize>,
     #[serde(default)]
     routes: Vec<RawRoute>,
     stepup: Option<RawInboundStepUp>,
@@ -111,6 +115,9 @@ struct RawInbound {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +158,8 @@ struct RawOutbound {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,8 +269,19 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Largest request head accepted.
     pub max_header_bytes: usize,
-    /// Connections served at once; further clients wait in the backlog.
+    /// Connections served at once, counted from the end of their TLS
+    /// handshake; further clients wait (after their handshake, then in the
+    /// backlog).
     pub max_connections: usize,
+    /// Inbound: TLS handshakes in progress at once. Beyond it the oldest
+    /// pending handshake is closed to make room, so a flood of handshakes
+    /// that never finish cannot keep a prompt caller out.
+    pub max_handshakes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// A request body that makes no progress for this long ends its
+    /// request (408 when no response has started) and its connection.
+    pub body_timeout: Duration,
 }
 
 /// What the inbound does when no route matches.
@@ -362,6 +382,9 @@ pub struct InboundConfig {
     pub routes: Vec<RouteConfig>,
     /// Step-up verifier settings.
     pub stepup: InboundStepUpConfig,
+    /// Connections to the app open at once (HTTP/1.1); requests beyond it
+    /// wait up to `app_connect_timeout` for one, then get 503.
+    pub max_app_connections: usize,
     /// Connection limits.
     pub limits: Limits,
 }
@@ -498,7 +521,28 @@ fn limits(
         }
         Ok(v)
     };
+    let max_handshakes = raw.max_handshakes.unwrap_or(256);
+    if max_handshakes == 0 || max_handshakes > (1 << 20) {
+        return Err(invalid(
+            format!("{prefix}.max_handshakes"),
+            "must be between 1 and 1048576",
+        ));
+    }
+    let max_concurrent_streams = raw.max_concurrent_streams.unwrap_or(100);
+    if max_concurrent_streams == 0 || max_concurrent_streams > 10_000 {
+        return Err(invalid(
+            format!("{prefix}.max_concurrent_streams"),
+            "must be between 1 and 10000",
+        ));
+    }
     Ok(Limits {
+        body_timeout: nonzero(
+            "body_timeout",
+            raw.body_timeout.as_ref(),
+            Duration::from_secs(30),
+        )?,
+        max_handshakes,
+        max_concurrent_streams,
         handshake_timeout: nonzero(
             "handshake_timeout",
             raw.handshake_timeout.as_ref(),
@@ -548,6 +592,13 @@ fn path_prefix(key: &str, prefix: &str) -> Result<(), ConfigError> {
 fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
     let listen = socket_addr("inbound.listen", &raw.listen)?;
     let app = host_port("inbound.app", &raw.app)?;
+    let max_app_connections = raw.max_app_connections.unwrap_or(256);
+    if max_app_connections == 0 || max_app_connections > (1 << 20) {
+        return Err(invalid(
+            "inbound.max_app_connections",
+            "must be between 1 and 1048576",
+        ));
+    }
     let default_policy = match raw.default_policy.as_deref() {
         None | Some("allow-trust-domain") => DefaultPolicy::AllowTrustDomain,
         Some("deny") => DefaultPolicy::Deny,
@@ -662,6 +713,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             raw.app_pool_idle_timeout.as_ref(),
             Duration::from_secs(4),
         )?,
+        max_app_connections,
         routes,
         stepup,
         limits: limits(
@@ -672,6 +724,9 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
                 idle_timeout: raw.idle_timeout,
                 max_header_bytes: raw.max_header_bytes,
                 max_connections: raw.max_connections,
+                max_handshakes: raw.max_handshakes,
+                max_concurrent_streams: raw.max_concurrent_streams,
+                body_timeout: raw.body_timeout,
             },
             Duration::from_secs(30),
         )?,
@@ -831,6 +886,10 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
                 idle_timeout: raw.idle_timeout,
                 max_header_bytes: raw.max_header_bytes,
                 max_connections: raw.max_connections,
+                // The outbound's listener is plaintext: no handshakes.
+                max_handshakes: None,
+                max_concurrent_streams: raw.max_concurrent_streams,
+                body_timeout: raw.body_timeout,
             },
             Duration::from_secs(120),
         )?,
@@ -1087,5 +1146,52 @@ mod tests {
         assert_eq!(i.routes[0].methods, vec![http::Method::POST]);
         assert_eq!(i.stepup.nonce_ttl, Duration::from_secs(10));
         assert_eq!(cfg.outbound.unwrap().stepup_max_body, 5);
+    }
+
+    #[test]
+    fn resource_limits_have_defaults_and_name_the_bad_key() {
+        let base = format!("{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"localhost:2\"\n");
+        let cfg = Config::parse(&format!("{base}[outbound]\nlisten = \"127.0.0.1:3\"\n")).unwrap();
+        let i = cfg.inbound.unwrap();
+        assert_eq!(i.limits.max_handshakes, 256);
+        assert_eq!(i.limits.max_concurrent_streams, 100);
+        assert_eq!(i.limits.body_timeout, Duration::from_secs(30));
+        assert_eq!(i.max_app_connections, 256);
+        let o = cfg.outbound.unwrap();
+        assert_eq!(o.limits.max_concurrent_streams, 100);
+        assert_eq!(o.limits.body_timeout, Duration::from_secs(30));
+
+        let set = Config::parse(&format!(
+            "{base}max_handshakes = 8\nmax_concurrent_streams = 3\nbody_timeout = \"2s\"\nmax_app_connections = 4\n"
+        ))
+        .unwrap()
+        .inbound
+        .unwrap();
+        assert_eq!(set.limits.max_handshakes, 8);
+        assert_eq!(set.limits.max_concurrent_streams, 3);
+        assert_eq!(set.limits.body_timeout, Duration::from_secs(2));
+        assert_eq!(set.max_app_connections, 4);
+
+        for (line, key) in [
+            ("max_handshakes = 0", "inbound.max_handshakes"),
+            (
+                "max_concurrent_streams = 0",
+                "inbound.max_concurrent_streams",
+            ),
+            ("body_timeout = \"0s\"", "inbound.body_timeout"),
+            ("max_app_connections = 0", "inbound.max_app_connections"),
+        ] {
+            let e = Config::parse(&format!("{base}{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{line}: {e}");
+        }
+        // The outbound's listener is plaintext: it has no handshakes to bound.
+        let e = Config::parse(&format!(
+            "{BASE}[outbound]\nlisten = \"127.0.0.1:3\"\nmax_handshakes = 5\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_handshakes"), "{e}");
     }
 }

@@ -40,6 +40,7 @@ use tokio::sync::oneshot;
 
 use crate::body::{text, ProxyBody};
 use crate::h1::{self, BodyError, BodyReader, Connection, Framing, H1Error, RequestHead};
+use crate::server::PROGRESS;
 
 /// Body bytes up to this size are copied next to the head (or the previous
 /// chunk) so that they go out in one write; larger ones are written as they
@@ -58,6 +59,10 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
     /// Largest request head (and chunked trailer section).
     pub max_header_bytes: usize,
+    /// A request body with nothing to read for this long fails; the
+    /// request is answered 408 if it can still be, and the connection
+    /// closes.
+    pub body_timeout: Duration,
 }
 
 /// The read half and its buffer, handed between the connection and the
@@ -67,6 +72,9 @@ struct ReadSide {
     buf: BytesMut,
     /// The body was read to its end: the next request starts at `buf`.
     finished: bool,
+    /// The body stalled for `body_timeout`: answer 408 if still possible,
+    /// and close without lingering.
+    stalled: bool,
 }
 
 /// A request body read straight off the client's connection.
@@ -79,6 +87,12 @@ pub struct ServerBody {
     /// The connection's activity count; `None` for a body with nothing to
     /// read (most requests), which saves a reference count per request.
     activity: Option<Arc<AtomicU64>>,
+    /// `body_timeout`, and its deadline, armed only once a read finds
+    /// nothing (a body that arrives with its head never reads the clock).
+    stall: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the deadline was set.
+    progressed: bool,
 }
 
 impl std::fmt::Debug for ReadSide {
@@ -98,15 +112,47 @@ impl ServerBody {
             reader: BodyReader::new(Framing::Empty, 0),
             home: None,
             activity: None,
+            stall: Duration::MAX,
+            deadline: None,
+            progressed: false,
         }
     }
 
     /// Hands the read half back to the connection.
     fn go_home(&mut self, finished: bool) {
+        self.send_home(finished, false);
+    }
+
+    fn send_home(&mut self, finished: bool, stalled: bool) {
         if let (Some(home), Some(io)) = (self.home.take(), self.io.take()) {
             let buf = std::mem::take(&mut self.buf);
-            let _ = home.send(ReadSide { io, buf, finished });
+            let _ = home.send(ReadSide {
+                io,
+                buf,
+                finished,
+                stalled,
+            });
         }
+    }
+
+    /// Nothing to read: runs the stall clock, restarted after progress.
+    /// `Ready` once the body has stalled for `stall`.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.io.is_none() {
+            return Poll::Pending;
+        }
+        let deadline = match self.deadline.as_mut() {
+            Some(d) if !self.progressed => d,
+            Some(d) => {
+                d.as_mut().reset(tokio::time::Instant::now() + self.stall);
+                d
+            }
+            None => self
+                .deadline
+                .insert(Box::pin(tokio::time::sleep(self.stall))),
+        };
+        self.progressed = false;
+        deadline.as_mut().poll(cx)
     }
 }
 
@@ -133,7 +179,7 @@ impl Body for ServerBody {
                 Some(io) => {
                     let r = tokio_util::io::poll_read_buf(Pin::new(io), cx, buf);
                     if let (true, Some(a)) = (r.is_ready(), activity) {
-                        a.fetch_add(1, Ordering::Relaxed);
+                        a.fetch_add(PROGRESS, Ordering::Relaxed);
                     }
                     r
                 }
@@ -146,7 +192,17 @@ impl Body for ServerBody {
                 this.home = None;
             }
             Poll::Ready(_) if this.reader.is_done() => this.go_home(true),
-            _ => {}
+            Poll::Ready(_) => this.progressed = true,
+            Poll::Pending => {
+                if this.poll_stall(cx).is_ready() {
+                    this.send_home(false, true);
+                    this.deadline = None;
+                    return Poll::Ready(Some(Err(BodyError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("request body made no progress for {:?}", this.stall),
+                    )))));
+                }
+            }
         }
         polled
     }
@@ -230,10 +286,13 @@ where
                 reader: BodyReader::new(framing, limits.max_header_bytes),
                 home: Some(tx),
                 activity: Some(activity.clone()),
+                stall: limits.body_timeout,
+                deadline: None,
+                progressed: false,
             };
             (body, Some(rx))
         };
-        let resp = handler(Request::from_parts(parts, body)).await;
+        let mut resp = handler(Request::from_parts(parts, body)).await;
         // A CONNECT is refused by the handler; what follows it on the wire
         // would be tunnel bytes, not a request.
         let mut close = !keep_alive || method == Method::CONNECT;
@@ -243,6 +302,13 @@ where
         let mut unread = None;
         if let Some(rx) = home.as_mut() {
             match rx.try_recv() {
+                Ok(side) if side.stalled => {
+                    // What the handler made of the broken body (a 502, say)
+                    // is not the cause: the client stalled.
+                    resp = stalled(limits.body_timeout);
+                    (home, close) = (None, true);
+                    drop(side);
+                }
                 Ok(side) if side.finished => {
                     (rd, buf, home) = (Some(side.io), side.buf, None);
                 }
@@ -275,6 +341,7 @@ where
         }
         if let Some(home) = home {
             match wait_home(home, closing).await {
+                Some(side) if side.stalled => return Ok(()),
                 Some(side) if side.finished => (rd, buf) = (Some(side.io), side.buf),
                 Some(side) => (unread, close) = (Some(side.io), true),
                 None => return Ok(()),
@@ -288,6 +355,14 @@ where
             return Ok(());
         }
     }
+}
+
+/// The answer to a request whose body stalled.
+fn stalled(after: Duration) -> Response<ProxyBody> {
+    text(
+        StatusCode::REQUEST_TIMEOUT,
+        format!("request body made no progress for {after:?}\n"),
+    )
 }
 
 /// The read half back from a request body, unless the connection closes
@@ -344,7 +419,7 @@ async fn read_head(
             tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf).map_err(HeadEnd::Io)
         })
         .await?;
-        activity.fetch_add(1, Ordering::Relaxed);
+        activity.fetch_add(PROGRESS, Ordering::Relaxed);
         if n == 0 {
             return Err(if buf.is_empty() {
                 HeadEnd::Done
@@ -424,7 +499,7 @@ async fn write_body(
                 } else {
                     flush(wr, out, activity).await?;
                     wr.write_all(&data).await?;
-                    activity.fetch_add(1, Ordering::Relaxed);
+                    activity.fetch_add(PROGRESS, Ordering::Relaxed);
                 }
                 if chunked {
                     out.put_slice(b"\r\n");
@@ -460,7 +535,7 @@ async fn flush(
 ) -> io::Result<()> {
     if !out.is_empty() {
         wr.write_all(out).await?;
-        activity.fetch_add(1, Ordering::Relaxed);
+        activity.fetch_add(PROGRESS, Ordering::Relaxed);
         out.clear();
     }
     Ok(())

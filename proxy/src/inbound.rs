@@ -26,7 +26,7 @@ use crate::identity::{self, IdentityStore, PeerIdentity};
 use crate::metrics::DirectionMetrics;
 use crate::path;
 use crate::policy::{Decision, Policy};
-use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
+use crate::server::{self, Builders, ConnGuards, HandshakeGate, Proto, StreamGuard};
 use crate::stepup::{InboundConn, InboundStepUp};
 
 /// A response still to come, on one of the rare paths (refusals, step-up,
@@ -53,6 +53,10 @@ pub struct Inbound {
     app: AppClient,
     metrics: DirectionMetrics,
     builders: Builders,
+    /// Handshakes in progress (`max_handshakes`).
+    gate: Arc<HandshakeGate>,
+    /// Connections past their handshake (`max_connections`).
+    established: Arc<tokio::sync::Semaphore>,
     cfg: InboundConfig,
 }
 
@@ -91,6 +95,10 @@ impl Inbound {
             cfg.app_connect_timeout,
             cfg.app_pool_idle_timeout,
             cfg.limits.max_header_bytes,
+            app::H1Bounds {
+                max_connections: cfg.max_app_connections,
+                body_timeout: cfg.limits.body_timeout,
+            },
         );
         let h2 = app::H2Conn::new(&cfg.app, cfg.app_connect_timeout);
         let authority: Authority = cfg
@@ -101,7 +109,7 @@ impl Inbound {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             need_exporter: policy.any_step_up(),
             policy,
-            stepup: InboundStepUp::new(&cfg.stepup, &cfg.routes, metrics)?,
+            stepup: InboundStepUp::new(&cfg.stepup, &cfg.routes, metrics, cfg.limits.body_timeout)?,
             app: AppClient {
                 h1,
                 h2,
@@ -110,6 +118,11 @@ impl Inbound {
             },
             metrics: metrics.inbound.clone(),
             builders: Builders::new(&cfg.limits),
+            gate: HandshakeGate::new(
+                cfg.limits.max_handshakes,
+                metrics.inbound.handshakes_shed.clone(),
+            ),
+            established: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_connections)),
             store,
             cfg: cfg.clone(),
         }))
@@ -127,14 +140,20 @@ impl Inbound {
         let open = self.metrics.connections_open.clone();
         open.inc();
         let _open = scopeguard(move || open.dec());
-        let activity = Arc::new(AtomicU64::new(0));
-        let io = ActivityIo::new(tcp, activity.clone());
-        let tls = match tokio::time::timeout(
-            self.cfg.limits.handshake_timeout,
-            self.acceptor.accept(io),
-        )
-        .await
-        {
+        // The handshake holds a place among the pending ones, not a
+        // connection slot: see `HandshakeGate`.
+        let slot = self.gate.admit();
+        let handshake =
+            tokio::time::timeout(self.cfg.limits.handshake_timeout, self.acceptor.accept(tcp));
+        let tls = tokio::select! {
+            r = handshake => r,
+            _ = slot.evicted() => {
+                tracing::debug!(peer = %remote, "inbound TLS handshake shed: max_handshakes in progress");
+                return;
+            }
+        };
+        drop(slot);
+        let tls = match tls {
             Err(_) => {
                 self.metrics.handshake("timeout");
                 tracing::warn!(peer = %remote, reason = "timeout", "inbound TLS handshake refused: no handshake within {:?}", self.cfg.limits.handshake_timeout);
@@ -155,6 +174,16 @@ impl Inbound {
             return;
         };
         self.metrics.handshake("ok");
+        // Only an authenticated connection takes one of `max_connections`;
+        // at the limit it waits here for one.
+        let mut stop = shutdown.clone();
+        let _slot = tokio::select! {
+            p = self.established.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = server::stopped(&mut stop) => return,
+        };
         let proto = match session.alpn_protocol() {
             Some(b"h2") => Proto::H2,
             Some(b"http/1.1") => Proto::Http1,
@@ -201,8 +230,14 @@ impl Inbound {
             xfcc,
         });
         let this = self.clone();
+        let activity: server::Activity = Arc::new(AtomicU64::new(0));
+        let streams = activity.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            map_in_place(this.clone().request(req, conn.clone()), Ok::<_, Infallible>)
+            let stream = StreamGuard::start(&streams);
+            map_in_place(this.clone().request(req, conn.clone()), move |resp| {
+                drop(stream);
+                Ok::<_, Infallible>(resp)
+            })
         });
         let idle = self.cfg.limits.idle_timeout;
         if let Err(e) =
@@ -335,6 +370,8 @@ impl Inbound {
         }
         let path = path_of(&parts.uri);
         let this = self.clone();
+        // HTTP/2 has no Connection field: a stalled body ends its stream.
+        let h1_caller = parts.version != Version::HTTP_2;
         if use_h2 {
             // HTTP/2 keeps the caller's :authority.
             let authority = match parts.uri.authority() {
@@ -349,7 +386,7 @@ impl Inbound {
             let req = Request::from_parts(parts, body);
             return Either::Left(Box::pin(async move {
                 let sent = this.app.h2.request(req).await;
-                this.answer(sent.map(|r| r.map(ProxyBody::Stream)))
+                this.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller)
             }));
         }
         // HTTP/1.1 goes out in origin-form; Host carries the name.
@@ -357,12 +394,18 @@ impl Inbound {
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
         Either::Right(map_in_place(self.app.h1.request(req), move |sent| {
-            this.answer(sent.map(|r| r.map(ProxyBody::App)))
+            this.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller)
         }))
     }
 
-    /// The app's response, or a 503/502 saying why there is none.
-    fn answer(&self, sent: Result<Response<ProxyBody>, AppError>) -> Response<ProxyBody> {
+    /// The app's response, or a 503/502 saying why there is none (408 for
+    /// a request body that stalled, closing an HTTP/1 caller's connection:
+    /// the rest of that body is still on the wire).
+    fn answer(
+        &self,
+        sent: Result<Response<ProxyBody>, AppError>,
+        h1_caller: bool,
+    ) -> Response<ProxyBody> {
         match sent {
             Ok(resp) => resp,
             Err(AppError::Unavailable(cause)) => {
@@ -371,6 +414,18 @@ impl Inbound {
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("app unavailable: {}: {cause}\n", self.cfg.app),
                 )
+            }
+            Err(AppError::BodyTimeout(after)) => {
+                tracing::info!(app = %self.cfg.app, "request body stalled for {after:?}; closing");
+                let mut r = text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body made no progress for {after:?}\n"),
+                );
+                if h1_caller {
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                r
             }
             Err(AppError::Failed(cause)) => {
                 tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");

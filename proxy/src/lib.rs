@@ -265,9 +265,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         running.inbound_addr = l.local_addr().ok();
         tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
         let rx = stop_rx.clone();
+        // Sockets: the authenticated connections plus the pending
+        // handshakes (the inbound bounds each on its own).
         tokio::spawn(server::accept_loop(
             l,
-            c.limits.max_connections,
+            c.limits.max_connections + c.limits.max_handshakes,
             tracker.clone(),
             stop_rx.clone(),
             move |tcp, remote, guards| ib.clone().connection(tcp, remote, guards, rx.clone()),

@@ -70,6 +70,10 @@ impl MeshSender {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_header_list_size(max_header_bytes)
+            // Until the peer's SETTINGS arrive, assume the inbound's default
+            // stream limit: a burst at connection setup then queues here
+            // instead of being refused (REFUSED_STREAM) beyond the limit.
+            .initial_max_send_streams(100)
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await?;

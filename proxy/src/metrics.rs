@@ -45,6 +45,8 @@ pub struct DirectionMetrics {
     handshakes: [IntCounter; HANDSHAKE_RESULTS.len()],
     /// `keyproof_connections_open{direction}`.
     pub connections_open: IntGauge,
+    /// `keyproof_tls_handshakes_shed_total{direction}`.
+    pub handshakes_shed: IntCounter,
     codes: [IntCounter; 5],
     /// `keyproof_request_duration_seconds{direction}`.
     pub duration: Histogram,
@@ -115,6 +117,14 @@ impl Metrics {
             ),
             &["direction"],
         )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "keyproof_tls_handshakes_shed_total",
+                "Pending TLS handshakes closed to make room for a newer one, because \
+                 max_handshakes were in progress, by direction.",
+            ),
+            &["direction"],
+        )?;
         let requests = IntCounterVec::new(
             Opts::new(
                 "keyproof_requests_total",
@@ -157,6 +167,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(authz_denied.clone()))?;
@@ -203,6 +214,7 @@ impl Metrics {
         let dir = |d: Direction| DirectionMetrics {
             handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
             connections_open: open.with_label_values(&[d.as_str()]),
+            handshakes_shed: shed.with_label_values(&[d.as_str()]),
             codes: CODES.map(|c| requests.with_label_values(&[d.as_str(), c])),
             duration: duration.with_label_values(&[d.as_str()]),
             refused: crate::path::REFUSAL_REASONS

@@ -45,7 +45,7 @@ use crate::identity::{self, IdentityStore};
 use crate::inbound::root_cause;
 use crate::mesh::{MeshSender, Start};
 use crate::metrics::DirectionMetrics;
-use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
+use crate::server::{self, Builders, ConnGuards, Proto, StreamGuard};
 use crate::stepup::{
     tee, MeshConn, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, TeeHandle, Template,
 };
@@ -483,6 +483,7 @@ impl Outbound {
             h1_limits: ServerLimits {
                 header_read_timeout: cfg.limits.header_read_timeout,
                 max_header_bytes: cfg.limits.max_header_bytes,
+                body_timeout: cfg.limits.body_timeout,
             },
             cfg: cfg.clone(),
         }))
@@ -509,12 +510,26 @@ impl Outbound {
         let result = match h2 {
             Ok(true) => {
                 let this = self.clone();
+                let streams = activity.clone();
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.request(req.map(RequestBody::Hyper)).await) }
+                    let stream = StreamGuard::start(&streams);
+                    async move {
+                        let resp = this.request(req.map(RequestBody::Hyper)).await;
+                        drop(stream);
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
-                let io = ActivityIo::new(tcp, activity.clone());
-                server::serve(&self.builders, Proto::H2, io, activity, idle, svc, shutdown).await
+                server::serve(
+                    &self.builders,
+                    Proto::H2,
+                    tcp,
+                    activity,
+                    idle,
+                    svc,
+                    shutdown,
+                )
+                .await
             }
             Ok(false) => {
                 let closing = AtomicBool::new(false);

@@ -2,12 +2,13 @@
 //! with backpressure, connection tracking for drain, and serving one HTTP
 //! connection with idle and shutdown handling.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -127,80 +128,132 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Counts I/O on a connection so a watchdog can tell it is idle without a
-/// clock read per syscall.
-pub struct ActivityIo<T> {
-    inner: T,
-    activity: Arc<AtomicU64>,
+/// Bounds the TLS handshakes in progress on a listener. At the bound, the
+/// oldest pending handshake is closed to make room for the new one (and
+/// counted): a flood of connections that never finish their handshake then
+/// only displaces itself, and a caller whose handshake takes `d` is served
+/// unless `max` newer connections arrive within `d`. Waiting in the accept
+/// queue instead would put a prompt caller behind every stalled one, for up
+/// to `handshake_timeout` each.
+pub struct HandshakeGate {
+    max: usize,
+    pending: Mutex<Pending>,
+    shed: prometheus::IntCounter,
 }
 
-impl<T> ActivityIo<T> {
-    /// Wraps `inner`.
-    pub fn new(inner: T, activity: Arc<AtomicU64>) -> Self {
-        ActivityIo { inner, activity }
+/// The pending handshakes, oldest first, each with the signal that evicts
+/// it; ids are handed out under the lock, so the queue stays sorted.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    queue: VecDeque<(u64, Arc<Notify>)>,
+}
+
+/// A place among the pending handshakes; dropped when the handshake ends.
+pub struct HandshakeSlot {
+    gate: Arc<HandshakeGate>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl HandshakeGate {
+    /// A gate for `max` pending handshakes, counting evictions in `shed`.
+    pub fn new(max: usize, shed: prometheus::IntCounter) -> Arc<HandshakeGate> {
+        Arc::new(HandshakeGate {
+            max: max.max(1),
+            pending: Mutex::new(Pending::default()),
+            shed,
+        })
     }
-}
 
-impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if r.is_ready() {
-            self.activity.fetch_add(1, Ordering::Relaxed);
+    /// Registers a new handshake, evicting the oldest one at the bound.
+    pub fn admit(self: &Arc<Self>) -> HandshakeSlot {
+        let evict = Arc::new(Notify::new());
+        let mut g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let id = g.next;
+        g.next += 1;
+        if g.queue.len() >= self.max {
+            if let Some((_, oldest)) = g.queue.pop_front() {
+                // notify_one keeps a permit, so a handshake that is not
+                // waiting on it right now still sees it.
+                oldest.notify_one();
+                self.shed.inc();
+            }
         }
-        r
+        g.queue.push_back((id, evict.clone()));
+        drop(g);
+        HandshakeSlot {
+            gate: self.clone(),
+            id,
+            evict,
+        }
+    }
+
+    /// Handshakes pending now.
+    pub fn pending(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .len()
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            self.activity.fetch_add(1, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            self.activity.fetch_add(1, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+impl HandshakeSlot {
+    /// Resolves when a newer handshake took this one's place.
+    pub async fn evicted(&self) {
+        self.evict.notified().await
     }
 }
 
-/// Resolves after a full `idle` period with no I/O (so between one and two
-/// periods after the last byte).
-async fn idle_watch(activity: Arc<AtomicU64>, idle: Duration) {
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut g = self.gate.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(i) = g.queue.binary_search_by_key(&self.id, |e| e.0) {
+            g.queue.remove(i);
+        }
+    }
+}
+
+/// Added to a connection's activity word for each sign of progress that is
+/// not a stream (the outbound's HTTP/1.1 server counts its reads and writes
+/// this way). The low 32 bits count streams in flight.
+pub const PROGRESS: u64 = 1 << 32;
+
+/// A connection's activity word: streams started and in flight (see
+/// [`StreamGuard`]), plus [`PROGRESS`] ticks. The idle watch reads it: the
+/// connection is idle when the word has not changed for a whole period and
+/// no stream is in flight. Bytes alone (HTTP/2 PING, SETTINGS,
+/// WINDOW_UPDATE) are not activity: a peer that only sends those is idle.
+pub type Activity = Arc<AtomicU64>;
+
+/// Held by a request's service future: the request counts as in flight
+/// until the response head is produced. One atomic add each way; no clock.
+pub struct StreamGuard(Activity);
+
+impl StreamGuard {
+    /// Marks a stream started and in flight on `activity`.
+    pub fn start(activity: &Activity) -> StreamGuard {
+        activity.fetch_add(PROGRESS + 1, Ordering::Relaxed);
+        StreamGuard(activity.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once a full `idle` period has passed with no new stream, no
+/// stream in flight and no [`PROGRESS`] (so between one and two periods
+/// after the last sign of life).
+async fn idle_watch(activity: Activity, idle: Duration) {
     let mut seen = activity.load(Ordering::Relaxed);
     loop {
         tokio::time::sleep(idle).await;
         let now = activity.load(Ordering::Relaxed);
-        if now == seen {
+        if now == seen && now & 0xffff_ffff == 0 {
             return;
         }
         seen = now;
@@ -238,7 +291,7 @@ impl Builders {
             b.http2()
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                .max_concurrent_streams(1000)
+                .max_concurrent_streams(limits.max_concurrent_streams)
                 .keep_alive_interval(Some(Duration::from_secs(60)))
                 .keep_alive_timeout(Duration::from_secs(20));
             match which {
@@ -264,13 +317,14 @@ impl Builders {
 }
 
 /// Serves HTTP on one connection until the peer is done, the connection is
-/// idle for `idle`, or shutdown starts. Idle and shutdown are both graceful:
+/// idle for `idle` (no stream in flight, none started: the service counts
+/// its requests with [`StreamGuard`]), or shutdown starts. Idle and shutdown are both graceful:
 /// an in-flight request still completes.
 pub async fn serve<I, S, B>(
     builders: &Builders,
     proto: Proto,
     io: I,
-    activity: Arc<AtomicU64>,
+    activity: Activity,
     idle: Duration,
     svc: S,
     mut shutdown: watch::Receiver<bool>,
@@ -306,7 +360,7 @@ where
 pub async fn drive<C: Future>(
     mut conn: Pin<&mut C>,
     mut graceful: impl FnMut(Pin<&mut C>),
-    activity: Arc<AtomicU64>,
+    activity: Activity,
     idle: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> C::Output {
@@ -359,5 +413,132 @@ impl Wake for AuxWake {
     fn wake_by_ref(self: &Arc<Self>) {
         self.due.store(true, Ordering::Release);
         self.task.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            handshake_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_millis(200),
+            max_header_bytes: 16384,
+            max_connections: 4,
+            max_handshakes: 4,
+            max_concurrent_streams: 2,
+            body_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// An h2 server on one end of an in-memory pipe whose requests take
+    /// `delay`; resolves when the connection ends.
+    fn h2_server(
+        io: tokio::io::DuplexStream,
+        idle: Duration,
+        delay: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let activity: Activity = Default::default();
+        let streams = activity.clone();
+        let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+            let g = StreamGuard::start(&streams);
+            async move {
+                tokio::time::sleep(delay).await;
+                drop(g);
+                Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        tokio::spawn(async move {
+            let b = Builders::new(&limits());
+            let (_tx, rx) = watch::channel(false);
+            let _ = serve(&b, Proto::H2, io, activity, idle, svc, rx).await;
+        })
+    }
+
+    #[tokio::test]
+    async fn an_h2_peer_sending_only_pings_is_closed_at_the_idle_timeout() {
+        let (cli, srv) = tokio::io::duplex(64 * 1024);
+        let idle = Duration::from_millis(200);
+        let server = h2_server(srv, idle, Duration::ZERO);
+        let (_send, mut conn) = h2::client::handshake(cli).await.expect("h2 handshake");
+        let mut pings = conn.ping_pong().expect("ping_pong");
+        let client = tokio::spawn(conn);
+        let start = Instant::now();
+        // A PING every 20 ms: bytes flow both ways all the time.
+        let pinger = tokio::spawn(async move {
+            loop {
+                if pings.ping(h2::Ping::opaque()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("the server kept a connection with no stream open")
+            .expect("server task");
+        let took = start.elapsed();
+        assert!(took >= idle, "closed before the idle timeout: {took:?}");
+        assert!(took < idle * 3, "closed late: {took:?}");
+        let _ = tokio::time::timeout(Duration::from_secs(1), client).await;
+        pinger.abort();
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_keeps_the_connection_past_the_idle_timeout() {
+        let (cli, srv) = tokio::io::duplex(64 * 1024);
+        let idle = Duration::from_millis(100);
+        let server = h2_server(srv, idle, Duration::from_millis(500));
+        let (mut send, conn) = h2::client::handshake(cli).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get("http://x/").body(()).expect("request");
+        let (resp, _) = send.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(3), resp)
+            .await
+            .expect("response in time")
+            .expect("response, not a reset");
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        // Then idle: closed.
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("closed once idle")
+            .expect("server task");
+    }
+
+    #[tokio::test]
+    async fn the_handshake_gate_sheds_the_oldest_pending_handshake() {
+        let shed = prometheus::IntCounter::new("shed", "shed").expect("counter");
+        let gate = HandshakeGate::new(2, shed.clone());
+        let a = gate.admit();
+        let b = gate.admit();
+        assert_eq!(gate.pending(), 2);
+        let c = gate.admit();
+        assert_eq!(gate.pending(), 2);
+        assert_eq!(shed.get(), 1);
+        tokio::time::timeout(Duration::from_millis(100), a.evicted())
+            .await
+            .expect("the oldest is told to go");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.evicted())
+                .await
+                .is_err(),
+            "a newer handshake was shed"
+        );
+        // A finished handshake leaves room: nobody else is shed.
+        drop(b);
+        let _d = gate.admit();
+        assert_eq!(shed.get(), 1);
+        drop(a);
+        assert_eq!(gate.pending(), 2);
+        drop(c);
+        assert_eq!(gate.pending(), 1);
     }
 }

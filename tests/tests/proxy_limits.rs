@@ -1,5 +1,6 @@
 //! Listener limits: oversized request heads and the connection cap (which
-//! must queue clients, not refuse them).
+//! must queue authenticated clients, not refuse them, and is not taken by
+//! connections still in their handshake).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ fn header_limit_and_connection_backpressure() {
         pki.tmp.path(),
         "in",
         &format!(
-            "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{}\"\nhandshake_timeout = \"2s\"\nmax_header_bytes = 16384\nmax_connections = 2\n[admin]\nlisten = \"{admin}\"\n",
+            "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{}\"\nhandshake_timeout = \"2s\"\nmax_header_bytes = 16384\nmax_connections = 2\nidle_timeout = \"1s\"\n[admin]\nlisten = \"{admin}\"\n",
             identity_toml(&pki.bundle, &server),
             app.addr
         ),
@@ -53,17 +54,38 @@ fn header_limit_and_connection_backpressure() {
     args.push(&url);
     assert_eq!(curl(&args).0, 200);
 
-    // Two silent clients take both slots; a third is queued (its TCP
-    // connect succeeds via the backlog) and served once the handshake
-    // timeout frees a slot.
+    // Two silent clients are pending handshakes, not connections: they
+    // take no slot, and a caller is served at once.
     let _a = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let _b = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let start = Instant::now();
     let (code, body, _) = curl(&args);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // Two authenticated, idle connections take both slots; a third caller
+    // waits (after its handshake) and is served once the idle timeout
+    // frees one.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = rt.block_on(async {
+        let a = mtls_http1(format!("127.0.0.1:{port}").parse().unwrap(), &pki, &web).await;
+        let b = mtls_http1(format!("127.0.0.1:{port}").parse().unwrap(), &pki, &web).await;
+        (a, b)
+    });
+    let start = Instant::now();
+    let (code, body, _) = curl(&args);
     let took = start.elapsed();
     assert_eq!(code, 200, "{body}");
-    assert!(took >= Duration::from_millis(1200), "not queued: {took:?}");
+    assert!(took >= Duration::from_millis(800), "not queued: {took:?}");
+    drop(held);
     assert!(
         proxy.wait_metric(
             "keyproof_tls_handshakes_total{direction=\"inbound\",result=\"timeout\"}",

@@ -21,11 +21,18 @@ pub(crate) enum ReadError {
     TooLarge,
     /// The peer's stream failed.
     Body(String),
+    /// Nothing came for this long (`body_timeout`).
+    Stalled(Duration),
 }
 
-/// Reads a whole body, refusing more than `limit` bytes. Request trailers
-/// are dropped (HTTP/1 clients never send them; gRPC sends none on requests).
-pub(crate) async fn read_limited<B>(body: &mut B, limit: usize) -> Result<Bytes, ReadError>
+/// Reads a whole body, refusing more than `limit` bytes, and giving up when
+/// nothing comes for `stall` (when given). Request trailers are dropped
+/// (HTTP/1 clients never send them; gRPC sends none on requests).
+pub(crate) async fn read_limited<B>(
+    body: &mut B,
+    limit: usize,
+    stall: Option<Duration>,
+) -> Result<Bytes, ReadError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -35,7 +42,24 @@ where
     }
     let mut first: Option<Bytes> = None;
     let mut buf: Vec<u8> = Vec::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match stall {
+            None => body.frame().await,
+            // The clock is read only when the body has nothing ready.
+            Some(d) => {
+                let ready = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::pin::Pin::new(&mut *body).poll_frame(cx))
+                })
+                .await;
+                match ready {
+                    std::task::Poll::Ready(f) => f,
+                    std::task::Poll::Pending => tokio::time::timeout(d, body.frame())
+                        .await
+                        .map_err(|_| ReadError::Stalled(d))?,
+                }
+            }
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| ReadError::Body(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue;
@@ -83,4 +107,55 @@ where
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use http_body::Frame;
+
+    use super::*;
+
+    /// Sends `first`, then nothing, for ever.
+    struct Stalling(Option<Bytes>);
+
+    impl Body for Stalling {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.0.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_coming_is_given_up_after_the_stall_bound() {
+        let mut body = Stalling(Some(Bytes::from_static(b"0123456789")));
+        let stall = Duration::from_millis(100);
+        let start = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            read_limited(&mut body, 1024, Some(stall)),
+        )
+        .await
+        .expect("read_limited waited on a stalled body past its bound");
+        assert!(matches!(r, Err(ReadError::Stalled(d)) if d == stall));
+        assert!(start.elapsed() >= stall);
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_is_read_without_the_stall_bound_mattering() {
+        let mut body = http_body_util::Full::new(Bytes::from_static(b"abc"));
+        let r = read_limited(&mut body, 1024, Some(Duration::from_millis(1))).await;
+        assert_eq!(r.ok().as_deref(), Some(&b"abc"[..]));
+    }
 }

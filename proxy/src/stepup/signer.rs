@@ -315,7 +315,7 @@ impl OutboundStepUp {
         C: Fn() -> F,
         F: Future<Output = Result<MeshConn, ForwardError>>,
     {
-        let body = match read_limited(&mut body, self.max_body).await {
+        let body = match read_limited(&mut body, self.max_body, None).await {
             Ok(b) => b,
             Err(ReadError::TooLarge) => {
                 drain(&mut body, self.max_body).await;
@@ -326,6 +326,14 @@ impl OutboundStepUp {
                 return Ok(text(
                     StatusCode::BAD_REQUEST,
                     format!("reading the request body failed: {e}\n"),
+                ))
+            }
+            // No stall bound is passed here: the app's body has its own
+            // (`h1_server`).
+            Err(ReadError::Stalled(d)) => {
+                return Ok(text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body made no progress for {d:?}\n"),
                 ))
             }
         };

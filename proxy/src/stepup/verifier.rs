@@ -52,6 +52,8 @@ pub struct InboundStepUp {
     verifier: Arc<Verifier>,
     metrics: VerifierMetrics,
     max_body: usize,
+    /// `[inbound] body_timeout`, for the body read whole to check its digest.
+    body_timeout: Duration,
 }
 
 impl std::fmt::Debug for InboundStepUp {
@@ -70,6 +72,7 @@ impl InboundStepUp {
         config: &InboundStepUpConfig,
         routes: &[RouteConfig],
         metrics: &Metrics,
+        body_timeout: Duration,
     ) -> Result<InboundStepUp, VerifierStartError> {
         let max_body = usize::try_from(config.max_body).unwrap_or(usize::MAX);
         let verifier = Arc::new(
@@ -103,6 +106,7 @@ impl InboundStepUp {
             verifier,
             metrics,
             max_body,
+            body_timeout,
         })
     }
 
@@ -153,8 +157,20 @@ impl InboundStepUp {
             drain(&mut body, self.max_body).await;
             return Err(self.too_large(conn, route_id));
         }
-        let body = match read_limited(&mut body, self.max_body).await {
+        let body = match read_limited(&mut body, self.max_body, Some(self.body_timeout)).await {
             Ok(b) => b,
+            Err(ReadError::Stalled(after)) => {
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, "step-up: request body stalled for {after:?}");
+                let mut r = text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body made no progress for {after:?}\n"),
+                );
+                if parts.version != http::Version::HTTP_2 {
+                    r.headers_mut()
+                        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+                return Err(r);
+            }
             Err(ReadError::TooLarge) => {
                 drain(&mut body, self.max_body).await;
                 return Err(self.too_large(conn, route_id));

@@ -1,0 +1,740 @@
+//! Resources a caller can hold: idle HTTP/2 connections, pending TLS
+//! handshakes, stalled request bodies and app connections. Each test runs
+//! the real proxy with small limits and measures a legitimate caller
+//! alongside the abuse: it must keep being served within a stated bound.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame, Incoming};
+use keyproof_tests::free_port;
+use keyproof_tests::proxy_support::*;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// The caller's TLS configuration: its SVID, the trust bundle, one ALPN.
+fn client_tls(pki: &Pki, cert: &Cert, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
+        .expect("chain")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
+        roots.add(r.expect("root")).expect("add root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client cert");
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(cfg)
+}
+
+async fn mtls(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("mTLS handshake")
+}
+
+/// An HTTP/2 connection over mutual TLS; the task drives it and ends when
+/// the connection does.
+async fn h2_conn<B>(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    ping_every: Option<Duration>,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = mtls(addr, cfg).await;
+    let mut b = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new());
+    if let Some(every) = ping_every {
+        b.keep_alive_interval(every)
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+    }
+    let (send, conn) = b
+        .handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("h2 handshake");
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A trust domain, the inbound's and a caller's SVIDs, and the echo app.
+struct World {
+    pki: Pki,
+    server: Cert,
+    web: Cert,
+    app: EchoApp,
+}
+
+impl World {
+    fn new() -> World {
+        let pki = Pki::new("resources.test");
+        let server = pki.issue("server", "/ns/default/sa/api");
+        let web = pki.issue("web", "/ns/default/sa/web");
+        World {
+            pki,
+            server,
+            web,
+            app: EchoApp::start(),
+        }
+    }
+
+    /// An inbound in front of `app` with `extra` `[inbound]` keys.
+    fn inbound(&self, name: &str, app: SocketAddr, extra: &str) -> (ProxyProc, SocketAddr) {
+        let port = free_port();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let proxy = ProxyProc::start(
+            self.pki.tmp.path(),
+            name,
+            &format!(
+                "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{app}\"\n{extra}\n[admin]\nlisten = \"{admin}\"\n",
+                identity_toml(&self.pki.bundle, &self.server),
+            ),
+            admin,
+        );
+        (proxy, format!("127.0.0.1:{port}").parse().unwrap())
+    }
+
+    /// One legitimate request with curl (a new connection, HTTP/1.1):
+    /// status and how long it took.
+    fn legit(&self, inbound: SocketAddr, path: &str) -> (u16, Duration) {
+        let (crt, key, ca) = (
+            self.web.crt.display().to_string(),
+            self.web.key.display().to_string(),
+            self.pki.bundle.display().to_string(),
+        );
+        let resolve = format!("localhost:{}:127.0.0.1", inbound.port());
+        let url = format!("https://localhost:{}{path}", inbound.port());
+        let start = Instant::now();
+        let (code, _, _) = curl(&[
+            "--http1.1",
+            "--cert",
+            &crt,
+            "--key",
+            &key,
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            &url,
+        ]);
+        (code, start.elapsed())
+    }
+}
+
+/// Idle: an HTTP/2 connection with no stream open is closed at
+/// `idle_timeout`, even while the peer PINGs every 200 ms; `max_connections`
+/// such connections therefore lock a legitimate caller out for at most
+/// about two idle periods.
+#[test]
+fn idle_h2_connections_are_closed_even_while_pinging() {
+    let w = World::new();
+    let (proxy, addr) = w.inbound(
+        "idle",
+        w.app.addr,
+        "idle_timeout = \"1s\"\nmax_connections = 2\n",
+    );
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"h2");
+    let start = Instant::now();
+    let (holders, sends): (Vec<_>, Vec<_>) = rt.block_on(async {
+        let mut holders = Vec::new();
+        let mut sends = Vec::new();
+        for _ in 0..2 {
+            let (send, task) =
+                h2_conn::<Empty<Bytes>>(addr, cfg.clone(), Some(Duration::from_millis(200))).await;
+            holders.push(task);
+            sends.push(send);
+        }
+        (holders, sends)
+    });
+    // Both slots are held: a legitimate caller is served once they go.
+    let (code, took) = w.legit(addr, "/legit");
+    assert_eq!(code, 200, "{}", proxy.log_text());
+    assert!(
+        took < Duration::from_secs(4),
+        "the legitimate caller waited {took:?} behind idle h2 connections"
+    );
+    rt.block_on(async {
+        for h in holders {
+            tokio::time::timeout(Duration::from_secs(4), h)
+                .await
+                .expect("an h2 connection with no stream, only PINGs, was kept past 2 idle periods")
+                .expect("driver");
+        }
+    });
+    let closed = start.elapsed();
+    assert!(
+        closed >= Duration::from_secs(1),
+        "closed before idle_timeout: {closed:?}"
+    );
+    drop(sends);
+}
+
+/// Handshakes: a flood of connections that never finish their TLS
+/// handshake (about 200 new ones a second for 4 s, up to 500 held open)
+/// takes neither the connection slots nor the memory: every legitimate
+/// request during the flood completes within 2 s, the pending handshakes
+/// shed are counted, and the inbound's RSS grows by less than 24 MB.
+#[test]
+fn a_handshake_flood_does_not_starve_authenticated_callers() {
+    let w = World::new();
+    let (proxy, addr) = w.inbound(
+        "flood",
+        w.app.addr,
+        "handshake_timeout = \"10s\"\nmax_connections = 4\nmax_handshakes = 32\n",
+    );
+    assert_eq!(w.legit(addr, "/warm").0, 200);
+    let rss_before = rss_kib(proxy.pid());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = VecDeque::new();
+            let mut opened = 0usize;
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(6) {
+                if let Ok(s) = TcpStream::connect(addr) {
+                    held.push_back(s);
+                    opened += 1;
+                }
+                if held.len() > 500 {
+                    held.pop_front();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            opened
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut served = 0;
+    let mut peak_rss = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let (code, took) = w.legit(addr, "/during-flood");
+        assert_eq!(code, 200, "{}", proxy.log_text());
+        assert!(
+            took < Duration::from_secs(2),
+            "a legitimate request took {took:?} during the handshake flood"
+        );
+        served += 1;
+        peak_rss = peak_rss.max(rss_kib(proxy.pid()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().expect("flood thread");
+    assert!(served >= 3, "only {served} legitimate requests");
+    assert!(opened > 300, "the flood opened only {opened} connections");
+    let shed = proxy.metric("keyproof_tls_handshakes_shed_total{direction=\"inbound\"}");
+    assert!(
+        shed > 0.0,
+        "no handshake was shed while {opened} were opened"
+    );
+    assert!(
+        peak_rss < rss_before + 24 * 1024,
+        "RSS grew from {rss_before} to {peak_rss} KiB"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A request body that sends `first` and then nothing, for ever.
+struct Stalling(Option<Bytes>);
+
+impl Body for Stalling {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+}
+
+/// Writes `head` and part of a body on `s`, then waits: returns the
+/// response text (up to EOF) and how long it took.
+fn stall_h1<S: Read + Write>(s: &mut S, head: &str) -> (String, Duration) {
+    let start = Instant::now();
+    s.write_all(head.as_bytes()).expect("write head");
+    s.write_all(b"0123456789").expect("write part of the body");
+    s.flush().expect("flush");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("no answer after {:?}", start.elapsed())
+            }
+            Err(_) => break,
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+}
+
+/// `body_timeout`: a request body that stops making progress ends its
+/// request with 408 (HTTP/1.1: and its connection) within about one
+/// timeout, on the inbound (HTTP/1.1 and HTTP/2) and the outbound's own
+/// HTTP/1.1 server; a caller on another connection is served meanwhile
+/// within 1 s.
+#[test]
+fn a_stalled_request_body_ends_with_408() {
+    let w = World::new();
+    let (inbound, in_addr) = w.inbound("stall-in", w.app.addr, "body_timeout = \"1s\"\n");
+    let rt = rt();
+
+    // Inbound, HTTP/1.1 over mutual TLS.
+    let cfg = client_tls(&w.pki, &w.web, b"http/1.1");
+    let legit = std::thread::scope(|sc| {
+        let l = sc.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            w.legit(in_addr, "/meanwhile")
+        });
+        let (text, took) = rt.block_on(async {
+            let tls = mtls(in_addr, cfg.clone()).await;
+            let (io, conn) = tls.into_inner();
+            let io = io.into_std().expect("std");
+            io.set_nonblocking(false).expect("blocking");
+            io.set_read_timeout(Some(Duration::from_secs(8)))
+                .expect("timeout");
+            let mut tls = rustls::StreamOwned::new(conn, io);
+            tokio::task::block_in_place(|| {
+                stall_h1(
+                    &mut tls,
+                    "POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\n",
+                )
+            })
+        });
+        assert!(
+            text.starts_with("HTTP/1.1 408"),
+            "{text}\n{}",
+            inbound.log_text()
+        );
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "408 after {took:?}"
+        );
+        l.join().expect("legit")
+    });
+    assert_eq!(legit.0, 200);
+    assert!(legit.1 < Duration::from_secs(1), "legit took {:?}", legit.1);
+
+    // Inbound, HTTP/2: the stream ends with 408.
+    let h2cfg = client_tls(&w.pki, &w.web, b"h2");
+    rt.block_on(async {
+        let (mut send, _task) = h2_conn::<Stalling>(in_addr, h2cfg.clone(), None).await;
+        let req = http::Request::post(format!("https://localhost:{}/upload", in_addr.port()))
+            .header("content-length", "100")
+            .body(Stalling(Some(Bytes::from_static(b"0123456789"))))
+            .unwrap();
+        let start = Instant::now();
+        let resp = tokio::time::timeout(Duration::from_secs(6), send.send_request(req))
+            .await
+            .expect("an HTTP/2 request with a stalled body was never answered")
+            .expect("response");
+        assert_eq!(resp.status(), 408);
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(4), "408 after {took:?}");
+    });
+
+    // Outbound, its own HTTP/1.1 server: an inbound with a long body
+    // timeout behind it, so that the 408 is the outbound's.
+    let (_in2, in2_addr) = w.inbound("stall-in2", w.app.addr, "body_timeout = \"30s\"\n");
+    let out_port = free_port();
+    let out_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let outbound = ProxyProc::start(
+        w.pki.tmp.path(),
+        "stall-out",
+        &format!(
+            "{}[outbound]\nlisten = \"127.0.0.1:{out_port}\"\nbody_timeout = \"1s\"\n[[outbound.upstreams]]\nhost = \"api\"\naddress = \"{in2_addr}\"\nidentity = \"{}\"\n[admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&w.pki.bundle, &w.web),
+            w.pki.id("/ns/default/sa/api"),
+        ),
+        out_admin,
+    );
+    let out_addr: SocketAddr = format!("127.0.0.1:{out_port}").parse().unwrap();
+    let mut s = TcpStream::connect(out_addr).expect("connect outbound");
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let meanwhile = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        let mut c = TcpStream::connect(out_addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /meanwhile HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut t = String::new();
+        let _ = c.read_to_string(&mut t);
+        (t, start.elapsed())
+    });
+    let (text, took) = stall_h1(
+        &mut s,
+        "POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\n",
+    );
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "{text}\n{}",
+        outbound.log_text()
+    );
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "408 after {took:?}"
+    );
+    let (t, took) = meanwhile.join().unwrap();
+    assert!(t.starts_with("HTTP/1.1 200"), "{t}");
+    assert!(took < Duration::from_secs(1), "meanwhile took {took:?}");
+}
+
+/// An app that answers every request after 300 ms and records the most
+/// connections and requests it had open at once.
+struct CountingApp {
+    addr: SocketAddr,
+    max_conns: Arc<AtomicUsize>,
+    max_reqs: Arc<AtomicUsize>,
+    total_conns: Arc<AtomicUsize>,
+    _rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl CountingApp {
+    fn start() -> CountingApp {
+        let rt = Arc::new(rt());
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let (max_conns, max_reqs, total_conns) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (mc, mr, tc) = (max_conns.clone(), max_reqs.clone(), total_conns.clone());
+        rt.spawn(async move {
+            let conns = Arc::new(AtomicUsize::new(0));
+            let reqs = Arc::new(AtomicUsize::new(0));
+            while let Ok((tcp, _)) = listener.accept().await {
+                tc.fetch_add(1, Ordering::SeqCst);
+                let n = conns.fetch_add(1, Ordering::SeqCst) + 1;
+                mc.fetch_max(n, Ordering::SeqCst);
+                let (conns, reqs, mr) = (conns.clone(), reqs.clone(), mr.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+                        let (reqs, mr) = (reqs.clone(), mr.clone());
+                        async move {
+                            let n = reqs.fetch_add(1, Ordering::SeqCst) + 1;
+                            mr.fetch_max(n, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            reqs.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                                Bytes::from_static(b"ok"),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                    conns.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        CountingApp {
+            addr,
+            max_conns,
+            max_reqs,
+            total_conns,
+            _rt: rt,
+        }
+    }
+}
+
+/// Fires `n` concurrent GETs on one HTTP/2 connection; returns the
+/// statuses.
+async fn burst(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, n: usize) -> Vec<u16> {
+    let (mut send, _task) = h2_conn::<Empty<Bytes>>(addr, cfg, None).await;
+    // One request first: by its answer the server's SETTINGS (its stream
+    // limit) have arrived, so the burst waits for stream capacity instead
+    // of racing them and being refused (REFUSED_STREAM) beyond the limit.
+    let first = send
+        .send_request(
+            http::Request::get("https://localhost/first")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .expect("first request");
+    let _ = first.into_body().collect().await;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut send = send.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::get(format!("https://localhost/{i}"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            match send.send_request(req).await {
+                Ok(r) => {
+                    let s = r.status().as_u16();
+                    let _ = r.into_body().collect().await;
+                    s
+                }
+                Err(_) => 0,
+            }
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap_or(0));
+    }
+    out
+}
+
+/// App connections: one HTTP/2 connection firing 40 requests at once
+/// opens at most `max_app_connections` (4) to the app, every request is
+/// served (waiting for a pooled connection), and a request on another
+/// connection meanwhile completes within 2 s. `max_concurrent_streams`
+/// bounds what one connection has in flight: with 3, the app never sees
+/// more than 3 requests at once from it.
+#[test]
+fn one_connection_cannot_open_unbounded_app_connections() {
+    let w = World::new();
+    let app = CountingApp::start();
+    let (proxy, addr) = w.inbound(
+        "appcap",
+        app.addr,
+        "max_concurrent_streams = 8\nmax_app_connections = 4\napp_connect_timeout = \"10s\"\n",
+    );
+    let flood_rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"h2");
+    let flood = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || flood_rt.block_on(burst(addr, cfg, 40)))
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    let (code, took) = w.legit(addr, "/meanwhile");
+    let statuses = flood.join().expect("burst");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{statuses:?}\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(code, 200);
+    assert!(
+        took < Duration::from_secs(2),
+        "the other caller took {took:?}"
+    );
+    let max = app.max_conns.load(Ordering::SeqCst);
+    assert!(max <= 4, "the app saw {max} connections at once");
+    assert!(
+        app.total_conns.load(Ordering::SeqCst) <= 8,
+        "connections were not reused: {}",
+        app.total_conns.load(Ordering::SeqCst)
+    );
+
+    let app2 = CountingApp::start();
+    let (_proxy2, addr2) = w.inbound("streams", app2.addr, "max_concurrent_streams = 3\n");
+    let statuses = rt().block_on(burst(addr2, cfg, 20));
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let max = app2.max_reqs.load(Ordering::SeqCst);
+    assert!(
+        max <= 3,
+        "one connection had {max} requests in flight at once"
+    );
+}
+
+/// HTTP/1.1 on the inbound: a request head trickled a field every 300 ms
+/// is cut at `header_read_timeout` (1 s), and a keep-alive connection
+/// with no next request is closed within about the same bound (well before
+/// `idle_timeout`); a new caller is then served at once.
+#[test]
+fn trickled_heads_and_idle_keep_alive_are_bounded() {
+    let w = World::new();
+    let (proxy, addr) = w.inbound(
+        "trickle",
+        w.app.addr,
+        "header_read_timeout = \"1s\"\nidle_timeout = \"30s\"\n",
+    );
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"http/1.1");
+    let open_tls = |cfg: Arc<rustls::ClientConfig>| {
+        rt.block_on(async {
+            let tls = mtls(addr, cfg).await;
+            let (io, conn) = tls.into_inner();
+            let io = io.into_std().expect("std");
+            io.set_nonblocking(false).expect("blocking");
+            io.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            rustls::StreamOwned::new(conn, io)
+        })
+    };
+    // Reads what is there; true once the server has closed.
+    fn closed<S: Read>(s: &mut S, seen: &mut Vec<u8>) -> bool {
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                false
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    let mut t = open_tls(cfg.clone());
+    let start = Instant::now();
+    t.write_all(b"GET /trickle HTTP/1.1\r\nhost: api\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut i = 0;
+    let cut = loop {
+        if closed(&mut t, &mut seen) || t.write_all(format!("x-{i}: a\r\n").as_bytes()).is_err() {
+            break start.elapsed();
+        }
+        i += 1;
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a trickled head was kept for {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(cut < Duration::from_millis(2500), "cut after {cut:?}");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        !text.contains(" 200 "),
+        "a trickled head was served: {text}\n{}",
+        proxy.log_text()
+    );
+
+    // Keep-alive: one request, then silence.
+    let mut k = open_tls(cfg);
+    k.write_all(b"GET /once HTTP/1.1\r\nhost: api\r\n\r\n")
+        .unwrap();
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while !closed(&mut k, &mut seen) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "an idle keep-alive connection was kept for {:?}",
+            start.elapsed()
+        );
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let (code, took) = w.legit(addr, "/meanwhile");
+    assert_eq!(code, 200);
+    assert!(took < Duration::from_secs(1), "legit took {took:?}");
+}
+
+/// The inbound's stream limit (100) does not refuse a burst through the
+/// mesh: 250 requests at once through an outbound whose HTTP/2 connection
+/// to the inbound is new all succeed (they queue for stream capacity).
+#[test]
+fn a_burst_through_a_new_mesh_connection_is_not_refused() {
+    let w = World::new();
+    let (_inbound, in_addr) = w.inbound("burst-in", w.app.addr, "");
+    let out_port = free_port();
+    let out_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _outbound = ProxyProc::start(
+        w.pki.tmp.path(),
+        "burst-out",
+        &format!(
+            "{}[outbound]\nlisten = \"127.0.0.1:{out_port}\"\n[[outbound.upstreams]]\nhost = \"api\"\naddress = \"{in_addr}\"\nidentity = \"{}\"\n[admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&w.pki.bundle, &w.web),
+            w.pki.id("/ns/default/sa/api"),
+        ),
+        out_admin,
+    );
+    let statuses = rt().block_on(async move {
+        let mut tasks = Vec::new();
+        for i in 0..250 {
+            tasks.push(tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", out_port))
+                    .await
+                    .expect("connect");
+                s.write_all(
+                    format!("GET /b{i} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .expect("write");
+                let mut t = String::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut t)).await;
+                t.split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .unwrap_or(0)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap_or(0));
+        }
+        out
+    });
+    let bad: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(bad.is_empty(), "{} of 250 failed: {bad:?}", bad.len());
+}
