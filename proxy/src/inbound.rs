@@ -154,6 +154,8 @@ impl Inbound {
             return;
         };
         self.metrics.handshake("ok");
+        self.metrics
+            .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
         let proto = match session.alpn_protocol() {
             Some(b"h2") => Proto::H2,
             Some(b"http/1.1") => Proto::Http1,
