@@ -147,6 +147,11 @@ impl CaClient {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| unreachable(format!("TLS: {e}")))?;
+            let group = tls
+                .get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name());
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
@@ -154,6 +159,7 @@ impl CaClient {
             Ok(Session {
                 sender,
                 authority: self.authority.clone(),
+                group,
             })
         };
         tokio::time::timeout(TIMEOUT, fut)
@@ -249,9 +255,16 @@ impl CaClient {
 pub struct Session {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     authority: String,
+    group: Option<rustls::NamedGroup>,
 }
 
 impl Session {
+    /// The key-exchange group the handshake negotiated (X25519MLKEM768 with
+    /// a keyproof server).
+    pub fn key_exchange_group(&self) -> Option<rustls::NamedGroup> {
+        self.group
+    }
+
     async fn send(
         &mut self,
         method: Method,

@@ -72,14 +72,31 @@ impl KeyType {
             if curve.as_ref() == Some(&OID_EC_P256) {
                 return Ok(KeyType::EcdsaP256);
             }
+            let curve = curve.map(|c| c.to_id_string());
             return Err(KeyError::Unsupported(format!(
                 "EC key on curve {}",
-                curve
-                    .map(|c| c.to_id_string())
-                    .unwrap_or_else(|| "?".into())
+                curve.as_deref().map(oid_name).unwrap_or("?")
             )));
         }
-        Err(KeyError::Unsupported(alg.to_id_string()))
+        Err(KeyError::Unsupported(
+            oid_name(&alg.to_id_string()).to_owned(),
+        ))
+    }
+}
+
+/// A readable name for the key algorithms and curves a refused key is likely
+/// to have (the dotted OID otherwise), so that refusals say what was seen.
+fn oid_name(dotted: &str) -> &str {
+    match dotted {
+        "1.2.840.113549.1.1.1" => "RSA",
+        "1.2.840.113549.1.1.10" => "RSA-PSS",
+        "1.3.132.0.34" => "P-384",
+        "1.3.132.0.35" => "P-521",
+        "1.3.132.0.10" => "secp256k1",
+        "1.3.101.113" => "Ed448",
+        "1.3.101.110" => "X25519",
+        "1.2.840.10040.4.1" => "DSA",
+        other => other,
     }
 }
 

@@ -636,7 +636,16 @@ pub async fn run(
             // connection is a full handshake); keep the identity and expiry
             // to refuse renewals once the SVID lapses on a long-lived
             // connection.
-            let peer = tls.get_ref().1.peer_certificates().and_then(peer_svid);
+            let session = tls.get_ref().1;
+            let peer = session.peer_certificates().and_then(peer_svid);
+            tracing::debug!(
+                peer = %addr,
+                spiffe_id = peer.as_ref().map(|p| p.spiffe_id.as_str()),
+                group = session
+                    .negotiated_key_exchange_group()
+                    .map(|g| crate::tls::group_label(g.name())),
+                "TLS handshake"
+            );
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 let peer = peer.clone();

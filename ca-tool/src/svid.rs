@@ -6,6 +6,7 @@
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
+use crate::keys::KeyType;
 use crate::spiffe::{SpiffeId, SpiffeIdError};
 
 /// One violated X.509-SVID rule.
@@ -37,6 +38,8 @@ pub enum SvidError {
     EkuNoServerAuth,
     #[error("extended key usage lacks clientAuth")]
     EkuNoClientAuth,
+    #[error("leaf key: {0}")]
+    UnsupportedKey(String),
     #[error("signing certificate is not a CA (basicConstraints cA is not true)")]
     SigningNotCa,
     #[error("signing certificate key usage lacks keyCertSign")]
@@ -51,6 +54,7 @@ pub const LEAF_RULES: &[&str] = &[
     "key usage has digitalSignature",
     "key usage has neither keyCertSign nor cRLSign",
     "extended key usage, if present, has serverAuth and clientAuth",
+    "key is ECDSA P-256 or Ed25519",
 ];
 
 /// The signing-certificate rules, in order.
@@ -71,9 +75,29 @@ impl SvidError {
             SvidError::NoDigitalSignature => LEAF_RULES[3],
             SvidError::LeafKeyCertSign | SvidError::LeafCrlSign => LEAF_RULES[4],
             SvidError::EkuNoServerAuth | SvidError::EkuNoClientAuth => LEAF_RULES[5],
+            SvidError::UnsupportedKey(_) => LEAF_RULES[6],
             SvidError::SigningNotCa => SIGNING_RULES[0],
             SvidError::SigningNoKeyCertSign => SIGNING_RULES[1],
         }
+    }
+
+    /// Whether the rule broken is about what the certificate may be used
+    /// for (basic constraints, key usage, extended key usage) rather than
+    /// whom it names or what key it holds.
+    pub fn is_key_usage(&self) -> bool {
+        matches!(
+            self,
+            SvidError::LeafIsCa
+                | SvidError::KeyUsageMissing
+                | SvidError::KeyUsageNotCritical
+                | SvidError::NoDigitalSignature
+                | SvidError::LeafKeyCertSign
+                | SvidError::LeafCrlSign
+                | SvidError::EkuNoServerAuth
+                | SvidError::EkuNoClientAuth
+                | SvidError::SigningNotCa
+                | SvidError::SigningNoKeyCertSign
+        )
     }
 
     /// A short stable name, used in JSON output and logs.
@@ -92,6 +116,7 @@ impl SvidError {
             SvidError::LeafCrlSign => "leaf_crl_sign",
             SvidError::EkuNoServerAuth => "eku_no_server_auth",
             SvidError::EkuNoClientAuth => "eku_no_client_auth",
+            SvidError::UnsupportedKey(_) => "unsupported_key",
             SvidError::SigningNotCa => "signing_not_ca",
             SvidError::SigningNoKeyCertSign => "signing_no_key_cert_sign",
         }
@@ -170,6 +195,12 @@ pub fn leaf_violations(cert: &X509Certificate<'_>) -> Vec<SvidError> {
         }
         Ok(_) => {}
         Err(e) => errs.push(SvidError::Parse(format!("extendedKeyUsage: {e}"))),
+    }
+    // Only the key types keyproof-ca issues: a workload presenting any other
+    // key did not get its certificate from this trust domain's CA as a
+    // workload, and the step-up signer and verifier know only these two.
+    if let Err(e) = KeyType::of_spki(cert.public_key()) {
+        errs.push(SvidError::UnsupportedKey(e.to_string()));
     }
     errs
 }

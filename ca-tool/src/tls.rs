@@ -20,13 +20,108 @@ use crate::verify::{SvidVerifier, Usage, VerifyError};
 /// The current verifier, swappable while connections use the old one.
 pub type SharedVerifier = Arc<ArcSwap<SvidVerifier>>;
 
-fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+/// What a peer's CertificateVerify may be checked with: exactly the
+/// signature schemes of the keys an X.509-SVID may hold (ECDSA P-256 with
+/// SHA-256, Ed25519; see [`crate::svid::LEAF_RULES`]). Any other scheme is a
+/// failed proof of possession.
+///
+/// The schemes *offered* (CertificateRequest, ClientHello
+/// `signature_algorithms`) stay rustls' full list on purpose: a peer whose
+/// key keyproof refuses (RSA, P-384) then still presents its certificate,
+/// and the chain verifier refuses it as `unsupported_key`, naming the peer.
+/// Offering only these two would make such a peer (openssl, curl, rustls)
+/// withhold its certificate instead, and the refusal would read
+/// `no_client_cert`: the same outcome, with the true reason lost. The key
+/// type is checked on the certificate before any CertificateVerify is
+/// looked at, so the wider offer accepts nothing more.
+static SVID_SIGNATURE_ALGORITHMS: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
+    all: &[
+        webpki::aws_lc_rs::ECDSA_P256_SHA256,
+        webpki::aws_lc_rs::ED25519,
+    ],
+    mapping: &[
+        (
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            &[webpki::aws_lc_rs::ECDSA_P256_SHA256],
+        ),
+        (SignatureScheme::ED25519, &[webpki::aws_lc_rs::ED25519]),
+    ],
+};
+
+/// The schemes offered to peers (see [`SVID_SIGNATURE_ALGORITHMS`] for why
+/// this is wider than what is accepted).
+fn offered_schemes() -> Vec<SignatureScheme> {
+    static OFFERED: std::sync::LazyLock<Vec<SignatureScheme>> = std::sync::LazyLock::new(|| {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    });
+    OFFERED.clone()
 }
+
+/// Checks a peer's TLS 1.3 CertificateVerify against the schemes of
+/// [`SVID_SIGNATURE_ALGORITHMS`]; any failure is the peer not proving that
+/// it holds the key of the certificate it presented.
+fn verify_possession<P: PeerPolicy>(
+    policy: &P,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    verify_tls13_signature(message, cert, dss, &SVID_SIGNATURE_ALGORITHMS)
+        .map_err(|e| policy.refuse(Refusal::Possession(e), cert))
+}
+
+/// The key-exchange groups of every keyproof endpoint, most preferred
+/// first: the hybrid X25519MLKEM768 (post-quantum ML-KEM-768 with X25519),
+/// then the classic groups for peers without ML-KEM (OpenSSL before 3.5,
+/// older Go and Envoy).
+///
+/// A rustls client sends a key share for the first group only, plus, when
+/// that group is a hybrid, its classic component: keyproof clients send
+/// X25519MLKEM768 and X25519 shares, so servers without ML-KEM pick X25519
+/// without a HelloRetryRequest. A rustls server picks the first group of
+/// the *client's* list that it supports, so keyproof servers agree on
+/// X25519MLKEM768 with every client that prefers it, and never force it on
+/// a client that ranks it lower (that would cost a HelloRetryRequest round
+/// trip). The price is a larger ClientHello (the ML-KEM-768 share is 1,216
+/// bytes, the server's 1,120; the ClientHello no longer fits one
+/// 1,460-byte segment) and a little CPU: `benches/README.md` has figures.
+pub fn kx_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+        kx_group::SECP384R1,
+    ]
+}
+
+/// The label a negotiated key-exchange group is exported under
+/// (`keyproof_tls_key_exchange_total{group}` in the proxy).
+pub fn group_label(group: rustls::NamedGroup) -> &'static str {
+    match group {
+        rustls::NamedGroup::X25519MLKEM768 => "x25519mlkem768",
+        rustls::NamedGroup::X25519 => "x25519",
+        rustls::NamedGroup::secp256r1 => "secp256r1",
+        rustls::NamedGroup::secp384r1 => "secp384r1",
+        _ => "other",
+    }
+}
+
+/// Every label [`group_label`] returns, in [`kx_groups`] order.
+pub const GROUP_LABELS: [&str; 5] = [
+    "x25519mlkem768",
+    "x25519",
+    "secp256r1",
+    "secp384r1",
+    "other",
+];
 
 /// The crypto provider of every keyproof TLS endpoint (proxy inbound and
 /// outbound, CA server and client): aws-lc-rs, preferring
-/// TLS_AES_128_GCM_SHA256.
+/// TLS_AES_128_GCM_SHA256 and the key-exchange groups of [`kx_groups`]
+/// (X25519MLKEM768 first).
 ///
 /// rustls' default order puts TLS_AES_256_GCM_SHA384 first. Its SHA-384 runs
 /// the whole TLS 1.3 key schedule and transcript hash, and x86 has no
@@ -42,6 +137,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         .cipher_suites
         .retain(|s| s.suite() != TLS13_AES_128_GCM_SHA256.suite());
     provider.cipher_suites.insert(0, TLS13_AES_128_GCM_SHA256);
+    provider.kx_groups = kx_groups();
     Arc::new(provider)
 }
 
@@ -86,6 +182,10 @@ pub enum Refusal {
     Invalid(VerifyError),
     /// A valid SVID whose ID is not the one expected.
     Mismatch(IdentityMismatch),
+    /// The peer's CertificateVerify does not verify with the key of the
+    /// certificate it presented (or uses a scheme no SVID key has): it
+    /// showed a certificate without proving it holds the key.
+    Possession(rustls::Error),
 }
 
 /// Where the adapters get the verifier in force for each handshake, and how
@@ -115,6 +215,7 @@ impl PeerPolicy for Shared {
             Refusal::Mismatch(m) => {
                 rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(m))))
             }
+            Refusal::Possession(e) => e,
         }
     }
 }
@@ -137,18 +238,13 @@ fn verify_with<P: PeerPolicy>(
 pub struct SvidClientVerifier<P> {
     policy: P,
     mandatory: bool,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 impl<P: PeerPolicy> SvidClientVerifier<P> {
     /// `mandatory = false` lets clients without a certificate in (the CA's
     /// bootstrap endpoint authenticates them with a token instead).
     pub fn new(policy: P, mandatory: bool) -> Arc<Self> {
-        Arc::new(SvidClientVerifier {
-            policy,
-            mandatory,
-            algs: algorithms(),
-        })
+        Arc::new(SvidClientVerifier { policy, mandatory })
     }
 }
 
@@ -194,7 +290,10 @@ impl<P: PeerPolicy> ClientCertVerifier for SvidClientVerifier<P> {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algs)
+        // Every keyproof config is TLS 1.3 only; should one ever allow 1.2,
+        // the proof is held to the same schemes.
+        verify_tls12_signature(message, cert, dss, &SVID_SIGNATURE_ALGORITHMS)
+            .map_err(|e| self.policy.refuse(Refusal::Possession(e), cert))
     }
 
     fn verify_tls13_signature(
@@ -203,11 +302,11 @@ impl<P: PeerPolicy> ClientCertVerifier for SvidClientVerifier<P> {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
+        verify_possession(&self.policy, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        offered_schemes()
     }
 }
 
@@ -216,17 +315,12 @@ impl<P: PeerPolicy> ClientCertVerifier for SvidClientVerifier<P> {
 pub struct SvidServerVerifier<P> {
     policy: P,
     expected: IdPattern,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 impl<P: PeerPolicy> SvidServerVerifier<P> {
     /// A verifier expecting a server whose ID matches `expected`.
     pub fn new(policy: P, expected: IdPattern) -> Arc<Self> {
-        Arc::new(SvidServerVerifier {
-            policy,
-            expected,
-            algs: algorithms(),
-        })
+        Arc::new(SvidServerVerifier { policy, expected })
     }
 }
 
@@ -279,7 +373,10 @@ impl<P: PeerPolicy> ServerCertVerifier for SvidServerVerifier<P> {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algs)
+        // Every keyproof config is TLS 1.3 only; should one ever allow 1.2,
+        // the proof is held to the same schemes.
+        verify_tls12_signature(message, cert, dss, &SVID_SIGNATURE_ALGORITHMS)
+            .map_err(|e| self.policy.refuse(Refusal::Possession(e), cert))
     }
 
     fn verify_tls13_signature(
@@ -288,10 +385,10 @@ impl<P: PeerPolicy> ServerCertVerifier for SvidServerVerifier<P> {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
+        verify_possession(&self.policy, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        offered_schemes()
     }
 }

@@ -26,6 +26,11 @@ pub enum VerifyError {
     NotYetValid,
     #[error("certificate chain is invalid: {0}")]
     BadChain(String),
+    /// Path validation refused what the certificate is used for: a CA
+    /// certificate presented as the end entity, or an extended key usage
+    /// without the one this side of the handshake needs.
+    #[error("certificate may not be used this way: {0}")]
+    BadKeyUsage(&'static str),
     #[error("not a valid X.509-SVID: {0}")]
     Svid(#[from] SvidError),
     #[error("SPIFFE ID {got} is not in trust domain {expected}")]
@@ -47,6 +52,9 @@ impl VerifyError {
             VerifyError::Expired => "expired",
             VerifyError::NotYetValid => "not_yet_valid",
             VerifyError::BadChain(_) => "unknown_ca",
+            VerifyError::BadKeyUsage(_) => "bad_key_usage",
+            VerifyError::Svid(SvidError::UnsupportedKey(_)) => "unsupported_key",
+            VerifyError::Svid(e) if e.is_key_usage() => "bad_key_usage",
             VerifyError::Svid(_) | VerifyError::ForeignTrustDomain { .. } => "bad_identity",
         }
     }
@@ -61,6 +69,15 @@ fn map_webpki(e: webpki::Error) -> VerifyError {
         }
         webpki::Error::CertExpired { .. } => VerifyError::Expired,
         webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
+        webpki::Error::CaUsedAsEndEntity => {
+            VerifyError::BadKeyUsage("a CA certificate (cA=true) presented as the end entity")
+        }
+        #[allow(deprecated)]
+        webpki::Error::RequiredEkuNotFound
+        | webpki::Error::RequiredEkuNotFoundContext(_)
+        | webpki::Error::EmptyEkuExtension => VerifyError::BadKeyUsage(
+            "extended key usage lacks the purpose of this side (clientAuth for callers, serverAuth for servers)",
+        ),
         other => VerifyError::BadChain(format!("{other:?}")),
     }
 }

@@ -179,12 +179,75 @@ fn each_leaf_rule_has_its_own_error() {
                 Usage::ClientAuth,
             )
             .unwrap_err();
-        // A CA leaf is refused by path validation before the SVID rules run.
-        if want != SvidError::LeafIsCa && !matches!(want, SvidError::EkuNoClientAuth) {
+        // A CA leaf and a leaf without clientAuth are refused by path
+        // validation before the SVID rules run, under the same reason.
+        if want == SvidError::LeafIsCa || want == SvidError::EkuNoClientAuth {
+            assert!(matches!(err, VerifyError::BadKeyUsage(_)), "{want}: {err}");
+        } else {
             assert_eq!(err, VerifyError::Svid(want.clone()), "{want}");
-            assert_eq!(err.reason(), "bad_identity");
+        }
+        let reason = if want.is_key_usage() {
+            "bad_key_usage"
+        } else {
+            "bad_identity"
+        };
+        assert_eq!(err.reason(), reason, "{want}");
+    }
+}
+
+#[test]
+fn only_p256_and_ed25519_leaf_keys_are_svids() {
+    let c = chain();
+    let v = SvidVerifier::new(
+        TrustDomain::parse("td.example").unwrap(),
+        TrustBundle::new(vec![c.root.clone()]).unwrap(),
+    );
+    let cases: [(&'static rcgen::SignatureAlgorithm, Option<&str>); 4] = [
+        (&rcgen::PKCS_ECDSA_P256_SHA256, None),
+        (&rcgen::PKCS_ED25519, None),
+        (&rcgen::PKCS_ECDSA_P384_SHA384, Some("P-384")),
+        (&rcgen::PKCS_RSA_SHA256, Some("RSA")),
+    ];
+    for (alg, refused) in cases {
+        let key = if alg == &rcgen::PKCS_RSA_SHA256 {
+            rsa_key(alg)
+        } else {
+            KeyPair::generate_for(alg).unwrap()
+        };
+        let leaf = leaf_params(ID)
+            .signed_by(&key, &c.int_issuer)
+            .unwrap()
+            .der()
+            .clone();
+        for usage in [Usage::ClientAuth, Usage::ServerAuth] {
+            let got = v.verify(&leaf, std::slice::from_ref(&c.int), UnixTime::now(), usage);
+            match refused {
+                None => assert!(got.is_ok(), "{alg:?}: {got:?}"),
+                Some(name) => {
+                    let err = got.unwrap_err();
+                    assert!(
+                        matches!(&err, VerifyError::Svid(SvidError::UnsupportedKey(m)) if m.contains(name)),
+                        "{alg:?}: {err}"
+                    );
+                    assert_eq!(err.reason(), "unsupported_key");
+                }
+            }
+        }
+        let errs = violations(&leaf);
+        assert_eq!(errs.len(), usize::from(refused.is_some()), "{errs:?}");
+        if let Some(e) = errs.first() {
+            assert_eq!(e.rule(), "key is ECDSA P-256 or Ed25519");
+            assert_eq!(e.code(), "unsupported_key");
         }
     }
+}
+
+/// An RSA-2048 key pair (rcgen cannot generate RSA keys; aws-lc-rs can).
+fn rsa_key(alg: &'static rcgen::SignatureAlgorithm) -> KeyPair {
+    let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let der = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&kp).unwrap();
+    let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_ref().to_vec());
+    KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, alg).unwrap()
 }
 
 #[test]

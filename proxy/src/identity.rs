@@ -629,6 +629,14 @@ impl PeerPolicy for StorePolicy {
             Refusal::NoIdentity => reject("protocol", "no identity held yet".into(), end_entity),
             Refusal::Invalid(e) => verify_error(e, end_entity),
             Refusal::Mismatch(m) => reject("identity_mismatch", m.to_string(), end_entity),
+            // The certificate passed every check, so whoever holds it has
+            // a certificate of ours without its key (a copied certificate,
+            // or a broken client): named, as a security event.
+            Refusal::Possession(e) => reject(
+                "possession_failed",
+                format!("certificate presented without proof of its key (CertificateVerify: {e})"),
+                end_entity,
+            ),
         }
     }
 }

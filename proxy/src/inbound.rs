@@ -174,6 +174,8 @@ impl Inbound {
             return;
         };
         self.metrics.handshake("ok");
+        self.metrics
+            .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
         // Only an authenticated connection takes one of `max_connections`;
         // at the limit it waits here for one.
         let mut stop = shutdown.clone();

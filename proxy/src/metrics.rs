@@ -2,13 +2,14 @@
 //! hot path needs resolved up front (a `with_label_values` lookup takes a
 //! lock and hashes the labels; a pre-resolved child is a single atomic add).
 
+use keyproof_ca::tls::GROUP_LABELS;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every `result` label of `keyproof_tls_handshakes_total`.
-pub const HANDSHAKE_RESULTS: [&str; 9] = [
+pub const HANDSHAKE_RESULTS: [&str; 12] = [
     "ok",
     "no_client_cert",
     "unknown_ca",
@@ -18,7 +19,13 @@ pub const HANDSHAKE_RESULTS: [&str; 9] = [
     "identity_mismatch",
     "protocol",
     "timeout",
+    "possession_failed",
+    "bad_key_usage",
+    "unsupported_key",
 ];
+
+/// Index of `protocol` in [`HANDSHAKE_RESULTS`], where unknown results go.
+const PROTOCOL: usize = 7;
 
 /// Traffic direction label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +50,7 @@ impl Direction {
 #[derive(Clone)]
 pub struct DirectionMetrics {
     handshakes: [IntCounter; HANDSHAKE_RESULTS.len()],
+    key_exchanges: [IntCounter; GROUP_LABELS.len()],
     /// `keyproof_connections_open{direction}`.
     pub connections_open: IntGauge,
     /// `keyproof_tls_handshakes_shed_total{direction}`.
@@ -60,7 +68,7 @@ impl DirectionMetrics {
         let i = HANDSHAKE_RESULTS
             .iter()
             .position(|r| *r == result)
-            .unwrap_or(7);
+            .unwrap_or(PROTOCOL);
         self.handshakes[i].inc();
     }
 
@@ -68,6 +76,16 @@ impl DirectionMetrics {
     /// normal form.
     pub fn refused(&self, why: crate::path::PathError) {
         self.refused[why.index()].inc();
+    }
+
+    /// Counts the key-exchange group of a completed handshake.
+    pub fn key_exchange(&self, group: Option<rustls::NamedGroup>) {
+        let label = group.map_or("other", keyproof_ca::tls::group_label);
+        let i = GROUP_LABELS
+            .iter()
+            .position(|g| *g == label)
+            .unwrap_or(GROUP_LABELS.len() - 1);
+        self.key_exchanges[i].inc();
     }
 
     /// Counts a finished request by status class and records its duration.
@@ -109,6 +127,18 @@ impl Metrics {
                 "TLS handshakes by direction and result.",
             ),
             &["direction", "result"],
+        )?;
+        // A counter of its own rather than a `group` label on
+        // keyproof_tls_handshakes_total: that metric is a contract of rules,
+        // dashboards and tests, a new label would change what every query
+        // without `sum by` aggregates, and failed handshakes have no group.
+        let key_exchanges = IntCounterVec::new(
+            Opts::new(
+                "keyproof_tls_key_exchange_total",
+                "Completed TLS handshakes by direction and negotiated key-exchange group \
+                 (x25519mlkem768 is the post-quantum hybrid).",
+            ),
+            &["direction", "group"],
         )?;
         let open = IntGaugeVec::new(
             Opts::new(
@@ -166,6 +196,7 @@ impl Metrics {
             "notAfter of the workload certificate in use, seconds since the epoch.",
         )?;
         registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(key_exchanges.clone()))?;
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -213,6 +244,7 @@ impl Metrics {
         registry.register(Box::new(sig_cache.clone()))?;
         let dir = |d: Direction| DirectionMetrics {
             handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
+            key_exchanges: GROUP_LABELS.map(|g| key_exchanges.with_label_values(&[d.as_str(), g])),
             connections_open: open.with_label_values(&[d.as_str()]),
             handshakes_shed: shed.with_label_values(&[d.as_str()]),
             codes: CODES.map(|c| requests.with_label_values(&[d.as_str(), c])),

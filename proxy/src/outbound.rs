@@ -171,6 +171,8 @@ impl Dialer {
         };
         self.metrics.handshake("ok");
         let (_, session) = tls.get_ref();
+        self.metrics
+            .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
         let h2 = session.alpn_protocol() == Some(b"h2");
         let mut exporter = [0u8; 32];
         let _ =

@@ -106,6 +106,24 @@ impl Pki {
     /// validity (offsets from now, in seconds): for certificates the CA
     /// itself would refuse to issue.
     pub fn craft(&self, name: &str, uris: &[&str], not_before: i64, not_after: i64) -> Cert {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+        self.craft_with(name, uris, kp, |p| {
+            let now = time::OffsetDateTime::now_utc();
+            p.not_before = now + time::Duration::seconds(not_before);
+            p.not_after = now + time::Duration::seconds(not_after);
+        })
+    }
+
+    /// A leaf for `key`, signed by this CA's intermediate, valid for an
+    /// hour, with the URI SANs given plus DNS `localhost`; `edit` changes
+    /// anything else (key usages, basic constraints) to break one rule.
+    pub fn craft_with(
+        &self,
+        name: &str,
+        uris: &[&str],
+        key: rcgen::KeyPair,
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> Cert {
         let dir = self.tmp.path().join("ca");
         let int_pem = std::fs::read(dir.join("intermediate.crt")).expect("intermediate.crt");
         let int_der = keys::certs_from_pem(&int_pem).expect("int pem").remove(0);
@@ -114,11 +132,10 @@ impl Pki {
         )
         .expect("int key");
         let issuer = rcgen::Issuer::from_ca_cert_der(&int_der, int_key).expect("issuer");
-        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
         let mut p = rcgen::CertificateParams::default();
         let now = time::OffsetDateTime::now_utc();
-        p.not_before = now + time::Duration::seconds(not_before);
-        p.not_after = now + time::Duration::seconds(not_after);
+        p.not_before = now - time::Duration::seconds(60);
+        p.not_after = now + time::Duration::seconds(3600);
         p.is_ca = rcgen::IsCa::ExplicitNoCa;
         p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
@@ -133,18 +150,29 @@ impl Pki {
         p.subject_alt_names.push(rcgen::SanType::DnsName(
             "localhost".try_into().expect("dns"),
         ));
-        let leaf = p.signed_by(&kp, &issuer).expect("sign");
+        edit(&mut p);
+        let leaf = p.signed_by(&key, &issuer).expect("sign");
         let crt = self.path(&format!("{name}.crt"));
-        let key = self.path(&format!("{name}.key"));
+        let key_path = self.path(&format!("{name}.key"));
         std::fs::write(&crt, keys::cert_pem(leaf.der()) + &keys::cert_pem(&int_der))
             .expect("write crt");
-        std::fs::write(&key, kp.serialize_pem()).expect("write key");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
         Cert {
             crt,
-            key,
+            key: key_path,
             leaf: leaf.der().to_vec(),
         }
     }
+}
+
+/// A fresh RSA-2048 key pair for rcgen (which cannot generate RSA keys
+/// itself), signing with PKCS#1 v1.5 SHA-256.
+pub fn rsa_key_pair() -> rcgen::KeyPair {
+    use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+    let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa");
+    let der: Pkcs8V1Der<'_> = kp.as_der().expect("pkcs8");
+    let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_ref().to_vec());
+    rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256).expect("rsa kp")
 }
 
 /// Hex SHA-256 of a DER blob.
@@ -503,4 +531,89 @@ where
         .map(|x| x.1.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A fresh Ed25519 key pair for rcgen, serialized as PKCS#8 v1 (rcgen's
+/// own v2 encoding is refused by OpenSSL 3.0, and so by curl).
+pub fn ed25519_key_pair() -> rcgen::KeyPair {
+    let kp = aws_lc_rs::signature::Ed25519KeyPair::generate().expect("ed25519");
+    let der = kp.to_pkcs8v1().expect("pkcs8");
+    let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_ref().to_vec());
+    rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519).expect("ed kp")
+}
+
+/// What a TLS ClientHello offers for key exchange, read from the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloKx {
+    /// `supported_groups`, in the client's order of preference.
+    pub groups: Vec<u16>,
+    /// `key_share` entries: (group, key share length).
+    pub shares: Vec<(u16, usize)>,
+    /// Size of the whole ClientHello record, header included.
+    pub record_len: usize,
+}
+
+/// X25519MLKEM768's TLS code point.
+pub const GROUP_X25519MLKEM768: u16 = 0x11ec;
+/// X25519's TLS code point.
+pub const GROUP_X25519: u16 = 0x001d;
+
+/// Accepts one connection on `listener`, reads the first TLS record (the
+/// ClientHello) and parses its key-exchange offer; the connection is then
+/// dropped, so the client fails.
+pub fn capture_client_hello(listener: &std::net::TcpListener) -> HelloKx {
+    let (mut s, _) = listener.accept().expect("accept");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).expect("record header");
+    assert_eq!(head[0], 22, "not a handshake record");
+    let len = u16::from_be_bytes([head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("record body");
+    let mut kx = parse_client_hello(&body);
+    kx.record_len = 5 + len;
+    kx
+}
+
+fn parse_client_hello(b: &[u8]) -> HelloKx {
+    fn u16_at(b: &[u8], i: usize) -> usize {
+        u16::from_be_bytes([b[i], b[i + 1]]) as usize
+    }
+    assert_eq!(b[0], 1, "not a ClientHello");
+    // type(1) length(3) version(2) random(32)
+    let mut i = 4 + 2 + 32;
+    i += 1 + b[i] as usize; // session id
+    i += 2 + u16_at(b, i); // cipher suites
+    i += 1 + b[i] as usize; // compression methods
+    let end = i + 2 + u16_at(b, i);
+    i += 2;
+    let mut out = HelloKx {
+        groups: Vec::new(),
+        shares: Vec::new(),
+        record_len: 0,
+    };
+    while i + 4 <= end {
+        let (typ, len) = (u16_at(b, i), u16_at(b, i + 2));
+        let ext = &b[i + 4..i + 4 + len];
+        match typ {
+            0x000a => {
+                out.groups = ext[2..2 + u16_at(ext, 0)]
+                    .chunks(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
+            }
+            0x0033 => {
+                let mut j = 2;
+                while j + 4 <= 2 + u16_at(ext, 0) {
+                    let (g, l) = (u16_at(ext, j) as u16, u16_at(ext, j + 2));
+                    out.shares.push((g, l));
+                    j += 4 + l;
+                }
+            }
+            _ => {}
+        }
+        i += 4 + len;
+    }
+    out
 }

@@ -887,9 +887,9 @@ fn inspect_reports_every_rule_of_a_bad_certificate() {
         ]
     );
     let rules = c["svid_rules"].as_array().unwrap();
-    assert_eq!(rules.len(), 6);
+    assert_eq!(rules.len(), 7);
     let passed: Vec<bool> = rules.iter().map(|r| r["pass"].as_bool().unwrap()).collect();
-    assert_eq!(passed, [false, true, false, false, false, true]);
+    assert_eq!(passed, [false, true, false, false, false, true, true]);
     assert_eq!(c["spiffe_id"], Value::Null);
     let text = run_ok(cmd("keyproof-ca").arg("inspect").arg(&crt));
     assert!(text.contains("FAIL  exactly one URI SAN"), "{text}");

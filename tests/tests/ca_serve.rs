@@ -2,6 +2,7 @@
 //! driven by keyproof's CA client and by curl.
 
 use std::fs;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use keyproof_ca::client::{certified_key, new_key, CaClient, ClientError};
 use keyproof_ca::keys::KeyType;
 use keyproof_ca::verify::{SvidVerifier, TrustBundle};
 use keyproof_ca::{IdPattern, TrustDomain};
+use keyproof_tests::proxy_support::{capture_client_hello, GROUP_X25519, GROUP_X25519MLKEM768};
 use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
 use serde_json::Value;
 
@@ -361,4 +363,123 @@ fn serve_follows_a_root_rotation_without_restart() {
 
 fn webpki_client_auth() -> keyproof_ca::verify::EkuUsage {
     keyproof_ca::verify::EkuUsage::client_auth()
+}
+
+/// A leaf for `key` under the CA directory's intermediate, otherwise a
+/// valid X.509-SVID for `id`: what the CA would never issue.
+fn craft(ca: &TestCa, name: &str, id: &str, key: rcgen::KeyPair) -> (PathBuf, PathBuf) {
+    let int_der =
+        keyproof_ca::keys::certs_from_pem(&fs::read(ca.dir.join("intermediate.crt")).unwrap())
+            .unwrap()
+            .remove(0);
+    let int_key =
+        rcgen::KeyPair::from_pem(&fs::read_to_string(ca.dir.join("intermediate.key")).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&int_der, int_key).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    let leaf = p.signed_by(&key, &issuer).unwrap();
+    let (crt, key_path) = (
+        ca.path(&format!("{name}.crt")),
+        ca.path(&format!("{name}.key")),
+    );
+    fs::write(
+        &crt,
+        keyproof_ca::keys::cert_pem(leaf.der()) + &keyproof_ca::keys::cert_pem(&int_der),
+    )
+    .unwrap();
+    fs::write(&key_path, key.serialize_pem()).unwrap();
+    (crt, key_path)
+}
+
+#[test]
+fn ca_client_and_server_use_x25519mlkem768_and_the_server_refuses_foreign_keys() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let rt = rt();
+
+    // The CA client (the proxy's [identity.ca] renewer uses it) offers
+    // X25519MLKEM768 first, with its key share and an X25519 one.
+    let catcher = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let catch_port = catcher.local_addr().unwrap().port();
+    let hello = std::thread::spawn(move || capture_client_hello(&catcher));
+    assert!(rt.block_on(client(&ca, catch_port).connect(None)).is_err());
+    let hello = hello.join().unwrap();
+    assert_eq!(
+        hello.groups.first(),
+        Some(&GROUP_X25519MLKEM768),
+        "{hello:?}"
+    );
+    assert_eq!(
+        hello.shares,
+        vec![(GROUP_X25519MLKEM768, 1216), (GROUP_X25519, 32)],
+        "{hello:?}"
+    );
+
+    // Against the real server: the hybrid.
+    let session = rt.block_on(client(&ca, srv.port).connect(None)).unwrap();
+    assert_eq!(
+        session.key_exchange_group(),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    drop(session);
+
+    if keyproof_tests::have("openssl") {
+        // A client without ML-KEM gets X25519.
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{}", srv.port)])
+            .args(["-tls1_3", "-groups", "X25519:P-256", "-CAfile"])
+            .arg(ca.bundle())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("Server Temp Key: X25519"), "{stdout}");
+    }
+
+    // A P-256 client certificate is accepted in the handshake; RSA and
+    // P-384 ones chained to the same intermediate are not, even on the
+    // endpoint that needs no client certificate.
+    let (p256, p256_key) = craft(
+        &ca,
+        "p256",
+        WEB,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+    );
+    let (status, body) = curl(
+        &ca,
+        srv.port,
+        &[
+            "--cert",
+            p256.to_str().unwrap(),
+            "--key",
+            p256_key.to_str().unwrap(),
+        ],
+        "/v1/bundle",
+    );
+    assert_eq!(status, 200, "{body}");
+    for (name, key) in [
+        ("rsa", keyproof_tests::proxy_support::rsa_key_pair()),
+        (
+            "p384",
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
+        ),
+    ] {
+        let (crt, key_path) = craft(&ca, name, WEB, key);
+        let (status, body) = curl(
+            &ca,
+            srv.port,
+            &[
+                "--cert",
+                crt.to_str().unwrap(),
+                "--key",
+                key_path.to_str().unwrap(),
+            ],
+            "/v1/bundle",
+        );
+        assert_eq!(status, 0, "{name}: {body}");
+    }
 }

@@ -25,6 +25,7 @@ const CRD_KINDS: &[&str] = &["PodMonitor"];
 /// contract (issues 3, 4, 5) plus the two gauges deploy/ asks for.
 const KNOWN_METRICS: &[&str] = &[
     "keyproof_tls_handshakes_total",
+    "keyproof_tls_key_exchange_total",
     "keyproof_connections_open",
     "keyproof_requests_total",
     "keyproof_request_duration_seconds",
@@ -439,6 +440,7 @@ fn every_alert_is_unit_tested_and_documented() {
     for required in [
         "KeyproofStepUpReplay",
         "KeyproofHandshakeFailures",
+        "KeyproofHandshakePossessionFailed",
         "KeyproofCertExpiringSoon",
         "KeyproofCertNotRenewed",
         "KeyproofIdentityRenewalErrors",
@@ -453,6 +455,12 @@ fn every_alert_is_unit_tested_and_documented() {
     assert!(
         rules_text.contains(r#"keyproof_stepup_verifications_total{result="replay"}[5m]) > 0"#),
         "the replay alert must fire on any increase"
+    );
+    assert!(
+        rules_text.contains(
+            r#"increase(keyproof_tls_handshakes_total{result="possession_failed"}[5m]) > 0"#
+        ),
+        "a certificate presented without its key must alert on the first one"
     );
     // Alert blocks: text from one "- alert:" to the next.
     let blocks: Vec<&str> = rules_text.split("- alert: ").skip(1).collect();
@@ -581,6 +589,8 @@ fn grafana_dashboard_is_valid() {
         "histogram_quantile",
         "keyproof_request_duration_seconds_bucket",
         "keyproof_tls_handshakes_total",
+        "possession_failed",
+        "keyproof_tls_key_exchange_total",
         "keyproof_stepup_verifications_total",
         "keyproof_stepup_nonces_outstanding",
         "keyproof_identity_cert_expiry_timestamp_seconds",

@@ -12,6 +12,13 @@
 //!     --target 127.0.0.1:15443 --cert client.crt --key client.key --ca ca.crt \
 //!     --concurrency 64 --seconds 10
 //! ```
+//!
+//! `--group x25519mlkem768 --group x25519 --rounds 3` compares key-exchange
+//! groups in one run: each round loads the target for `--seconds` with a
+//! client offering only the first group, then only the second (so each
+//! handshake negotiates it without a retry), alternating so that drift in
+//! the machine's load falls on both; it also prints each group's
+//! ClientHello size. Without `--group` the client offers rustls' defaults.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +68,144 @@ struct Args {
     /// (for measuring the inbound's memory per idle connection).
     #[arg(long)]
     hold: Option<usize>,
+    /// Key-exchange group offered (x25519mlkem768, x25519, secp256r1),
+    /// alone; repeat to compare groups round by round.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Rounds of `--seconds` per group, alternating groups.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+}
+
+fn kx_group(name: &str) -> anyhow::Result<&'static dyn rustls::crypto::SupportedKxGroup> {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    Ok(match name {
+        "x25519mlkem768" => kx_group::X25519MLKEM768,
+        "x25519" => kx_group::X25519,
+        "secp256r1" => kx_group::SECP256R1,
+        "secp384r1" => kx_group::SECP384R1,
+        other => {
+            anyhow::bail!("--group {other}: use x25519mlkem768, x25519, secp256r1 or secp384r1")
+        }
+    })
+}
+
+/// The size of the ClientHello record `tls` sends, captured on a loopback
+/// listener that answers nothing.
+async fn client_hello_size(
+    tls: &tokio_rustls::TlsConnector,
+    name: &ServerName<'static>,
+) -> anyhow::Result<usize> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let at = l.local_addr()?;
+    let (tls, name) = (tls.clone(), name.clone());
+    let client = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(at).await?;
+        let _ = tls.connect(name, tcp).await;
+        anyhow::Ok(())
+    });
+    let (mut s, _) = l.accept().await?;
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await?;
+    let len = u16::from_be_bytes([head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    drop(s);
+    let _ = client.await;
+    Ok(5 + len)
+}
+
+/// Handshakes done, their latencies and the errors of one load period.
+struct Period {
+    ok: u64,
+    errors: u64,
+    seconds: f64,
+    lat: Vec<Duration>,
+    first_error: Option<String>,
+}
+
+/// `--concurrency` clients doing full handshakes for `seconds`.
+async fn load(
+    target: SocketAddr,
+    concurrency: usize,
+    seconds: u64,
+    tls: &tokio_rustls::TlsConnector,
+    name: &ServerName<'static>,
+) -> Period {
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (tls, name, ok, errors, stop, first_error) = (
+            tls.clone(),
+            name.clone(),
+            ok.clone(),
+            errors.clone(),
+            stop.clone(),
+            first_error.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match one(target, &tls, &name).await {
+                    Ok(()) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        lat.push(t.elapsed());
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut f) = first_error.lock() {
+                            f.get_or_insert_with(|| format!("{e:#}"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap_or_default());
+    }
+    let first_error = first_error.lock().ok().and_then(|f| f.clone());
+    Period {
+        ok: ok.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed),
+        seconds: start.elapsed().as_secs_f64(),
+        lat,
+        first_error,
+    }
+}
+
+fn report(label: &str, a: &Args, mut p: Period) {
+    p.lat.sort();
+    let lat = &p.lat;
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
+    println!(
+        "{label}target {} concurrency {} seconds {:.1}: {} handshakes, {:.0} handshakes/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+        a.target,
+        a.concurrency,
+        p.seconds,
+        p.ok,
+        p.ok as f64 / p.seconds,
+        pct(0.50),
+        pct(0.99),
+        p.errors
+    );
+    if let Some(e) = p.first_error {
+        eprintln!("first error: {e}");
+    }
 }
 
 /// Verifies the server as an X.509-SVID of the bundle's trust domain, the
@@ -107,12 +252,19 @@ impl ServerCertVerifier for SvidServer {
     }
 }
 
-fn client_config(a: &Args) -> anyhow::Result<rustls::ClientConfig> {
+fn client_config(
+    a: &Args,
+    group: Option<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> anyhow::Result<rustls::ClientConfig> {
     let chain = keys::certs_from_pem(&std::fs::read(&a.cert).context("--cert")?)?;
     let key = keys::private_key_from_pem(&std::fs::read(&a.key).context("--key")?)?;
     let bundle = TrustBundle::from_pem(&std::fs::read(&a.ca).context("--ca")?)?;
     let td = keyproof_ca::svid::check_leaf_der(&chain[0])?.trust_domain();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(g) = group {
+        provider.kx_groups = vec![g];
+    }
+    let provider = Arc::new(provider);
     let verifier = Arc::new(SvidServer {
         verifier: SvidVerifier::new(td, bundle),
         algs: provider.signature_verification_algorithms,
@@ -193,84 +345,56 @@ async fn hold(
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&a)?));
     let name = ServerName::try_from(a.server_name.clone()).context("--server-name")?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(t) = a.threads {
         rt.worker_threads(t);
     }
     let rt = rt.enable_all().build()?;
-    if let Some(n) = a.hold {
-        return rt.block_on(hold(&a, tls, name, n));
+    if a.groups.is_empty() {
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&a, None)?));
+        if let Some(n) = a.hold {
+            return rt.block_on(hold(&a, tls, name, n));
+        }
+        let p = rt.block_on(load(a.target, a.concurrency, a.seconds, &tls, &name));
+        report("", &a, p);
+        return Ok(());
     }
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let start = Instant::now();
-    let lat = rt.block_on(async {
-        let mut tasks = Vec::with_capacity(a.concurrency);
-        for _ in 0..a.concurrency {
-            let (tls, name, ok, errors, stop, first_error) = (
-                tls.clone(),
-                name.clone(),
-                ok.clone(),
-                errors.clone(),
-                stop.clone(),
-                first_error.clone(),
+    let mut runs = Vec::with_capacity(a.groups.len());
+    for g in &a.groups {
+        let tls =
+            tokio_rustls::TlsConnector::from(Arc::new(client_config(&a, Some(kx_group(g)?))?));
+        let hello = rt.block_on(client_hello_size(&tls, &name))?;
+        println!("group {g}: ClientHello {hello} bytes");
+        runs.push((g.clone(), tls, Vec::new()));
+    }
+    for round in 1..=a.rounds.max(1) {
+        for (g, tls, periods) in runs.iter_mut() {
+            let p = rt.block_on(load(a.target, a.concurrency, a.seconds, tls, &name));
+            println!(
+                "round {round} group {g}: {:.0} handshakes/s, errors {}",
+                p.ok as f64 / p.seconds,
+                p.errors
             );
-            let target = a.target;
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    match one(target, &tls, &name).await {
-                        Ok(()) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                            lat.push(t.elapsed());
-                        }
-                        Err(e) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            if let Ok(mut f) = first_error.lock() {
-                                f.get_or_insert_with(|| format!("{e:#}"));
-                            }
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    }
-                }
-                lat
-            }));
+            periods.push(p);
         }
-        tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap_or_default());
+    }
+    for (g, _, periods) in runs {
+        let mut total = Period {
+            ok: 0,
+            errors: 0,
+            seconds: 0.0,
+            lat: Vec::new(),
+            first_error: None,
+        };
+        for p in periods {
+            total.ok += p.ok;
+            total.errors += p.errors;
+            total.seconds += p.seconds;
+            total.lat.extend(p.lat);
+            total.first_error = total.first_error.or(p.first_error);
         }
-        all
-    });
-    let elapsed = start.elapsed().as_secs_f64();
-    let mut lat = lat;
-    lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
-    };
-    let n = ok.load(Ordering::Relaxed);
-    println!(
-        "target {} concurrency {} seconds {:.1}: {} handshakes, {:.0} handshakes/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-        a.target,
-        a.concurrency,
-        elapsed,
-        n,
-        n as f64 / elapsed,
-        pct(0.50),
-        pct(0.99),
-        errors.load(Ordering::Relaxed)
-    );
-    if let Ok(Some(e)) = first_error.lock().map(|f| f.clone()) {
-        eprintln!("first error: {e}");
+        report(&format!("group {g} (all rounds): "), &a, total);
     }
     Ok(())
 }
