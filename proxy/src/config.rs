@@ -100,6 +100,7 @@ struct RawInbound {
     app_protocol: Option<String>,
     app_connect_timeout: Option<String>,
     app_pool_idle_timeout: Option<String>,
+    headers_with_underscores: Option<String>,
     #[serde(default)]
     routes: Vec<RawRoute>,
     stepup: Option<RawInboundStepUp>,
@@ -356,6 +357,9 @@ pub struct InboundConfig {
     pub routes: Vec<RouteConfig>,
     /// Step-up verifier settings.
     pub stepup: InboundStepUpConfig,
+    /// What happens to header names with `_` (sidecar-owned names in
+    /// disguise are always removed).
+    pub headers_with_underscores: crate::owned::Underscores,
     /// Connection limits.
     pub limits: Limits,
 }
@@ -535,6 +539,17 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             ))
         }
     };
+    let headers_with_underscores = match raw.headers_with_underscores.as_deref() {
+        None | Some("allow") => crate::owned::Underscores::Allow,
+        Some("drop") => crate::owned::Underscores::Drop,
+        Some("reject") => crate::owned::Underscores::Reject,
+        Some(other) => {
+            return Err(invalid(
+                "inbound.headers_with_underscores",
+                format!("unknown action {other:?}; use \"allow\", \"drop\" or \"reject\""),
+            ))
+        }
+    };
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.into_iter().enumerate() {
         let key = format!("inbound.routes[{i}]");
@@ -630,6 +645,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         )?,
         routes,
         stepup,
+        headers_with_underscores,
         limits: limits(
             "inbound",
             &RawLimits {

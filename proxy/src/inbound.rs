@@ -24,6 +24,7 @@ use crate::config::{AppProtocol, InboundConfig};
 use crate::fut::map_in_place;
 use crate::identity::{self, IdentityStore, PeerIdentity};
 use crate::metrics::DirectionMetrics;
+use crate::owned::{self, Underscores};
 use crate::policy::{Decision, Policy};
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
 use crate::stepup::{InboundConn, InboundStepUp};
@@ -40,7 +41,6 @@ fn ready(resp: Response<ProxyBody>) -> Pending {
 }
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
-static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static("x-keyproof-step-up");
 
 /// Everything the inbound needs, shared by all its connections.
 pub struct Inbound {
@@ -240,6 +240,24 @@ impl Inbound {
                 "CONNECT is not supported\n",
             )));
         }
+        let mode = self.cfg.headers_with_underscores;
+        let found = match owned::check_request(req.headers(), req.uri(), mode) {
+            Ok(f) => f,
+            Err(r) => {
+                if mode == Underscores::Reject && r.reason.contains("'_'") {
+                    self.metrics.underscores(true, 1);
+                }
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), reason = %r.reason, "request refused: header fields");
+                return Either::Left(Box::pin(async move {
+                    crate::body::discard(req.into_body()).await;
+                    text(r.status, format!("bad request: {}\n", r.reason))
+                }));
+            }
+        };
+        if found.underscores > 0 {
+            self.metrics
+                .underscores(false, u64::from(found.underscores));
+        }
         let route = match self
             .policy
             .decide(req.method(), req.uri().path(), &conn.peer.id)
@@ -254,10 +272,11 @@ impl Inbound {
             }
         };
         let (mut parts, body) = req.into_parts();
-        // Identity headers from the network are never trusted: remove every
-        // copy before the proxy sets its own.
-        parts.headers.remove(&XFCC);
-        parts.headers.remove(&STEP_UP_VERIFIED);
+        // Sidecar-owned fields from the network are never trusted: every
+        // copy goes before the proxy sets its own. A step-up route's
+        // verifier consumes (and removes) the step-up request fields.
+        let step_up = route.as_ref().is_some_and(|r| r.step_up);
+        owned::strip_request(&mut parts.headers, found, step_up);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
         let req = Request::from_parts(parts, ProxyBody::Stream(body));
@@ -345,7 +364,12 @@ impl Inbound {
     /// The app's response, or a 503/502 saying why there is none.
     fn answer(&self, sent: Result<Response<ProxyBody>, AppError>) -> Response<ProxyBody> {
         match sent {
-            Ok(resp) => resp,
+            Ok(mut resp) => {
+                // Only the sidecar speaks the StepUp scheme and sets its own
+                // fields; the inbound's own challenges are added after this.
+                owned::strip_response(resp.headers_mut());
+                resp
+            }
             Err(AppError::Unavailable(cause)) => {
                 tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
                 text(

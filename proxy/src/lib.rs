@@ -16,6 +16,7 @@ pub mod inbound;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
+pub mod owned;
 pub mod policy;
 pub mod quickstart;
 pub mod reload;

@@ -48,6 +48,9 @@ pub struct DirectionMetrics {
     codes: [IntCounter; 5],
     /// `keyproof_request_duration_seconds{direction}`.
     pub duration: Histogram,
+    /// `keyproof_headers_with_underscores_total{direction,action}`:
+    /// dropped, rejected.
+    underscores: [IntCounter; 2],
 }
 
 impl DirectionMetrics {
@@ -59,6 +62,12 @@ impl DirectionMetrics {
             .position(|r| *r == result)
             .unwrap_or(7);
         self.handshakes[i].inc();
+    }
+
+    /// Counts header fields with `_` in their name that were dropped
+    /// (`n` of them), or a request rejected for one.
+    pub fn underscores(&self, rejected: bool, n: u64) {
+        self.underscores[usize::from(rejected)].inc_by(n);
     }
 
     /// Counts a finished request by status class and records its duration.
@@ -126,6 +135,15 @@ impl Metrics {
             ]),
             &["direction"],
         )?;
+        let underscores = IntCounterVec::new(
+            Opts::new(
+                "keyproof_headers_with_underscores_total",
+                "Header fields with '_' in their name dropped, or requests rejected for one \
+                 (inbound.headers_with_underscores); owned fields in disguise are not counted.",
+            ),
+            &["direction", "action"],
+        )?;
+        registry.register(Box::new(underscores.clone()))?;
         let authz_denied = IntCounterVec::new(
             Opts::new(
                 "keyproof_authz_denied_total",
@@ -187,6 +205,8 @@ impl Metrics {
             connections_open: open.with_label_values(&[d.as_str()]),
             codes: CODES.map(|c| requests.with_label_values(&[d.as_str(), c])),
             duration: duration.with_label_values(&[d.as_str()]),
+            underscores: ["dropped", "rejected"]
+                .map(|a| underscores.with_label_values(&[d.as_str(), a])),
         };
         Ok(Metrics {
             inbound: dir(Direction::Inbound),

@@ -45,6 +45,7 @@ use crate::identity::{self, IdentityStore};
 use crate::inbound::root_cause;
 use crate::mesh::{MeshSender, Start};
 use crate::metrics::DirectionMetrics;
+use crate::owned::{self, Underscores};
 use crate::server::{self, ActivityIo, Builders, ConnGuards, Proto};
 use crate::stepup::{
     tee, MeshConn, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, TeeHandle, Template,
@@ -579,6 +580,19 @@ impl Outbound {
             ))));
         }
         let (mut parts, body) = req.into_parts();
+        // The same header rules as the inbound's, so that the app learns of
+        // a malformed request here rather than from the peer; sidecar-owned
+        // fields the app sends are removed (the peer's inbound would remove
+        // them anyway, and the signer adds the step-up fields itself).
+        let found = match owned::check_request(&parts.headers, &parts.uri, Underscores::Allow) {
+            Ok(f) => f,
+            Err(r) => {
+                tracing::info!(method = %parts.method, reason = %r.reason, "outbound request refused: header fields");
+                let resp = text(r.status, format!("bad request: {}\n", r.reason));
+                return Either::Left(Box::pin(ready(resp)));
+            }
+        };
+        owned::strip_request(&mut parts.headers, found, false);
         // Absolute-form and HTTP/2 carry the authority in the URI (which
         // then replaces any Host sent, RFC 9112 section 3.2.2); origin-form
         // in Host. The request goes on in HTTP/2 form, the app's authority
