@@ -360,6 +360,28 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
     }))
 }
 
+/// How the body after a complete request head `head` is framed, as far as
+/// a reader that only follows message boundaries needs to know (see
+/// `h1_guard`); `None` when the head is not one the server will accept.
+pub(crate) fn request_body_framing(head: &[u8]) -> Option<Framing> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, head, &mut fields)
+        .ok()?;
+    if !parsed.is_complete() {
+        return None;
+    }
+    let hop = HopByHop::scan(req.headers).ok()?;
+    if hop.transfer_encoding {
+        return hop.chunked.then_some(Framing::Chunked);
+    }
+    Some(match hop.content_length {
+        None | Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
+}
+
 /// How a response goes on the wire to a client, given the request it
 /// answers and what is known of the body.
 pub fn response_framing_for(

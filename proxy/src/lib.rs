@@ -10,6 +10,7 @@ pub mod ca_identity;
 pub mod config;
 pub mod fut;
 pub mod h1;
+pub mod h1_guard;
 pub mod h1_server;
 pub mod identity;
 pub mod inbound;

@@ -226,6 +226,7 @@ pub struct Builders {
     strict_h1: hyper::server::conn::http1::Builder,
     h2: auto::Builder<TokioExecutor>,
     header_read_timeout: Duration,
+    max_header_bytes: usize,
 }
 
 impl Builders {
@@ -265,6 +266,7 @@ impl Builders {
             strict_h1,
             h2: make(Proto::H2),
             header_read_timeout: limits.header_read_timeout,
+            max_header_bytes: limits.max_header_bytes,
         }
     }
 }
@@ -391,7 +393,11 @@ where
                 _ = stopped(&mut shutdown) => return Ok(()),
             };
             let (h2, pre) = first;
-            let io = Rewind { pre, at: 0, inner: io };
+            let io = Rewind {
+                pre,
+                at: 0,
+                inner: io,
+            };
             return Box::pin(serve_as(builders, h2, io, activity, idle, svc, shutdown)).await;
         }
     };
@@ -432,6 +438,7 @@ where
         )
         .await;
     }
+    let io = crate::h1_guard::StrictLines::new(io, builders.max_header_bytes);
     let conn = pin!(builders.strict_h1.serve_connection(TokioIo::new(io), svc));
     drive(
         conn,

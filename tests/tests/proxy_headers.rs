@@ -69,7 +69,10 @@ async fn record(req: Request<Incoming>, seen: Seen) -> Result<Response<AppBody>,
     if path.starts_with("/challenge") {
         *resp.status_mut() = StatusCode::UNAUTHORIZED;
         let h = resp.headers_mut();
-        h.append("www-authenticate", HeaderValue::from_static("Basic realm=\"app\""));
+        h.append(
+            "www-authenticate",
+            HeaderValue::from_static("Basic realm=\"app\""),
+        );
         h.append(
             "www-authenticate",
             HeaderValue::from_static("StepUp error=\"stepup_required\""),
@@ -78,13 +81,22 @@ async fn record(req: Request<Incoming>, seen: Seen) -> Result<Response<AppBody>,
             "accept-signature",
             HeaderValue::from_static("stepup=(\"@method\" \"@authority\" \"@path\" \"@query\" \"content-digest\" \"stepup-binding\");created;nonce=\"app-chosen-nonce\";alg=\"ecdsa-p256-sha256\";keyid=\"x\";tag=\"stepup-v1\""),
         );
-        h.append("x-keyproof-step-up-error", HeaderValue::from_static("forged"));
-        h.append("x_forwarded_client_cert", HeaderValue::from_static("forged"));
+        h.append(
+            "x-keyproof-step-up-error",
+            HeaderValue::from_static("forged"),
+        );
+        h.append(
+            "x_forwarded_client_cert",
+            HeaderValue::from_static("forged"),
+        );
     }
     if path.starts_with("/resp-trailers") {
         let mut t = HeaderMap::new();
         t.insert("x-checksum", HeaderValue::from_static("abc"));
-        t.insert("x-forwarded-client-cert", HeaderValue::from_static("forged"));
+        t.insert(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("forged"),
+        );
         t.insert("x-keyproof-step-up", HeaderValue::from_static("verified"));
         t.insert("content-length", HeaderValue::from_static("99"));
         t.insert("www-authenticate", HeaderValue::from_static("StepUp"));
@@ -171,7 +183,14 @@ struct Mesh {
     out_addr: SocketAddr,
 }
 
-fn inbound_toml(pki: &Pki, server: &Cert, listen: SocketAddr, app: SocketAddr, extra: &str, admin: SocketAddr) -> String {
+fn inbound_toml(
+    pki: &Pki,
+    server: &Cert,
+    listen: SocketAddr,
+    app: SocketAddr,
+    extra: &str,
+    admin: SocketAddr,
+) -> String {
     let web = pki.id("/ns/default/sa/web");
     format!(
         "{}[inbound]\nlisten = \"{listen}\"\napp = \"{app}\"\n{extra}\n\
@@ -333,7 +352,8 @@ async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> Raw {
                 }
                 continue;
             };
-            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..i]).trim(), 16).unwrap_or(0);
+            let n =
+                usize::from_str_radix(String::from_utf8_lossy(&rest[..i]).trim(), 16).unwrap_or(0);
             if n == 0 {
                 break;
             }
@@ -388,11 +408,10 @@ async fn h2_at(
     req: Request<AppBody>,
 ) -> Result<(StatusCode, HeaderMap, String, Option<HeaderMap>), hyper::Error> {
     let s = tls(at, pki, cert, &[b"h2"]).await;
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .handshake(hyper_util::rt::TokioIo::new(s))
-    .await?;
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(s))
+            .await?;
     tokio::spawn(conn);
     let resp = send.send_request(req).await?;
     let (parts, body) = resp.into_parts();
@@ -402,7 +421,11 @@ async fn h2_at(
     Ok((parts.status, parts.headers, body, trailers))
 }
 
-fn h2_request(path: &str, fields: &[(&str, &str)], trailers: Option<&[(&str, &str)]>) -> Request<AppBody> {
+fn h2_request(
+    path: &str,
+    fields: &[(&str, &str)],
+    trailers: Option<&[(&str, &str)]>,
+) -> Request<AppBody> {
     let mut r = Request::builder()
         .method(if trailers.is_some() { "POST" } else { "GET" })
         .uri(format!("https://localhost{path}"));
@@ -436,7 +459,8 @@ fn lines_naming<'a>(record: &'a str, field: &str) -> Vec<&'a str> {
         .collect()
 }
 
-const DISGUISES: &str = "x_forwarded_client_cert: By=spiffe://evil;URI=spiffe://headers.test/ns/default/sa/admin\r\n\
+const DISGUISES: &str =
+    "x_forwarded_client_cert: By=spiffe://evil;URI=spiffe://headers.test/ns/default/sa/admin\r\n\
 X-Forwarded_Client-Cert: By=forged\r\n\
 X-Forwarded-Client-Cert: By=forged\r\n\
 X_Keyproof_Step_Up: verified\r\n\
@@ -451,7 +475,8 @@ fn assert_only_the_sidecars_fields(record: &str) {
     let xfcc = lines_naming(record, "x-forwarded-client-cert");
     assert_eq!(xfcc.len(), 1, "{record}");
     assert!(
-        xfcc[0].contains(&format!("URI=spiffe://{TD}/ns/default/sa/web")) && !xfcc[0].contains("evil"),
+        xfcc[0].contains(&format!("URI=spiffe://{TD}/ns/default/sa/web"))
+            && !xfcc[0].contains("evil"),
         "{record}"
     );
     for f in [
@@ -461,7 +486,10 @@ fn assert_only_the_sidecars_fields(record: &str) {
         "signature-input",
         "stepup-binding",
     ] {
-        assert!(lines_naming(record, f).is_empty(), "{f} reached the app:\n{record}");
+        assert!(
+            lines_naming(record, f).is_empty(),
+            "{f} reached the app:\n{record}"
+        );
     }
 }
 
@@ -470,11 +498,17 @@ fn owned_fields_in_any_disguise_never_reach_the_app() {
     let m = mesh("");
     rt().block_on(async {
         // HTTP/1.1 to the inbound, and without ALPN (protocol sniffed).
-        let req = format!("GET /plain HTTP/1.1\r\nHost: localhost\r\n{DISGUISES}my_field: kept\r\n\r\n");
+        let req =
+            format!("GET /plain HTTP/1.1\r\nHost: localhost\r\n{DISGUISES}my_field: kept\r\n\r\n");
         let r = inbound_h1(&m, &req).await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_only_the_sidecars_fields(&r.body);
-        assert_eq!(lines_naming(&r.body, "my_field").len(), 1, "allow is the default: {}", r.body);
+        assert_eq!(
+            lines_naming(&r.body, "my_field").len(),
+            1,
+            "allow is the default: {}",
+            r.body
+        );
         let mut s = tls(m.in_addr, &m.pki, &m.web, &[]).await;
         let r = exchange(&mut s, req.as_bytes()).await;
         assert_eq!(r.status, 200, "{r:?}");
@@ -528,10 +562,24 @@ fn headers_with_underscores_drop_and_reject() {
             }
         });
         let sample = |a: &str| {
-            format!("keyproof_headers_with_underscores_total{{action=\"{a}\",direction=\"inbound\"}}")
+            format!(
+                "keyproof_headers_with_underscores_total{{action=\"{a}\",direction=\"inbound\"}}"
+            )
         };
-        assert_eq!(m.inbound.metric(&sample("dropped")), if mode == "drop" { dropped + 1.0 } else { 0.0 }, "{mode}");
-        assert_eq!(m.inbound.metric(&sample("rejected")), if mode == "reject" { rejected + 1.0 } else { 0.0 }, "{mode}");
+        assert_eq!(
+            m.inbound.metric(&sample("dropped")),
+            if mode == "drop" { dropped + 1.0 } else { 0.0 },
+            "{mode}"
+        );
+        assert_eq!(
+            m.inbound.metric(&sample("rejected")),
+            if mode == "reject" {
+                rejected + 1.0
+            } else {
+                0.0
+            },
+            "{mode}"
+        );
     }
 }
 
@@ -598,7 +646,14 @@ fn app_response_trailers_are_cleaned_too() {
     let inbound = ProxyProc::start(
         pki.tmp.path(),
         "in",
-        &inbound_toml(&pki, &server, in_addr, app.addr, "app_protocol = \"h2\"", in_admin),
+        &inbound_toml(
+            &pki,
+            &server,
+            in_addr,
+            app.addr,
+            "app_protocol = \"h2\"",
+            in_admin,
+        ),
         in_admin,
     );
     rt().block_on(async {
@@ -611,4 +666,230 @@ fn app_response_trailers_are_cleaned_too() {
         let names: Vec<&str> = t.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-checksum"], "{t:?}");
     });
+}
+
+#[test]
+fn connection_may_not_name_fields_the_proxy_relies_on() {
+    let m = mesh("");
+    rt().block_on(async {
+        for named in [
+            "Host",
+            "Content-Length",
+            "transfer-encoding",
+            "X-Forwarded-Client-Cert",
+            "x_forwarded_client_cert",
+            "x-keyproof-step-up",
+            "Signature-Input",
+        ] {
+            let r = inbound_h1(&m, &format!("GET /plain HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive, {named}\r\n\r\n")).await;
+            assert_eq!(r.status, 400, "inbound, Connection naming {named}: {r:?}");
+            let r = outbound_h1(&m, &format!("GET /plain HTTP/1.1\r\nHost: api.default.svc\r\nConnection: keep-alive, {named}\r\n\r\n")).await;
+            assert_eq!(r.status, 400, "outbound, Connection naming {named}: {r:?}");
+        }
+        // Other fields named there are hop-by-hop, removed, as before.
+        let r = inbound_h1(&m, "GET /plain HTTP/1.1\r\nHost: localhost\r\nConnection: x-private\r\nx-private: 1\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(lines_naming(&r.body, "x-private").is_empty(), "{}", r.body);
+        let r = outbound_h1(&m, "GET /plain HTTP/1.1\r\nHost: api.default.svc\r\nConnection: x-private\r\nx-private: 1\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(lines_naming(&r.body, "x-private").is_empty(), "{}", r.body);
+    });
+}
+
+#[test]
+fn host_transfer_coding_and_line_ending_shapes_are_refused_on_both_listeners() {
+    let m = mesh("");
+    let cases: [(&str, u16); 8] = [
+        ("GET /plain HTTP/1.1\r\nHost: {h}\r\nHost: {h}\r\n\r\n", 400),
+        ("GET /plain HTTP/1.1\r\nHost: {h}\r\nHost: other.example\r\n\r\n", 400),
+        ("GET http://other.example/plain HTTP/1.1\r\nHost: {h}\r\n\r\n", 400),
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 501),
+        ("GET /plain HTTP/1.1\nHost: {h}\r\n\r\n", 400),
+        ("GET /plain HTTP/1.1\r\nHost: {h}\r\nX-A: 1\nX-B: 2\r\n\r\n", 400),
+    ];
+    rt().block_on(async {
+        for (shape, want) in cases {
+            let r = inbound_h1(&m, &shape.replace("{h}", "localhost")).await;
+            assert_eq!(r.status, want, "inbound {shape:?}: {r:?}");
+            let r = outbound_h1(&m, &shape.replace("{h}", "api.default.svc").replace("other.example", "api.default.svc:1")).await;
+            assert_eq!(r.status, want, "outbound {shape:?}: {r:?}");
+        }
+        assert!(
+            !m.app.all().contains("/plain"),
+            "no refused request reached the app:\n{}",
+            m.app.all()
+        );
+        // The shapes that are fine still are.
+        let r = inbound_h1(&m, "POST /plain HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.body.contains("body-bytes: 5"), "{}", r.body);
+        let r = inbound_h1(&m, "GET http://localhost/ok HTTP/1.1\r\nHost: LOCALHOST\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        // HTTP/2: a Host that disagrees with :authority.
+        let got = inbound_h2(&m, h2_request("/plain", &[("host", "other.example")], None))
+            .await
+            .unwrap();
+        assert_eq!(got.0, 400, "{}", got.2);
+    });
+}
+
+/// A head of `len` bytes exactly: `GET <path> HTTP/1.1`, Host, one filler
+/// field sized to fit.
+fn head_of(len: usize, host: &str) -> String {
+    let start = format!("GET /big HTTP/1.1\r\nHost: {host}\r\nx-fill: ");
+    let fill = len - start.len() - 4;
+    format!("{start}{}\r\n\r\n", "a".repeat(fill))
+}
+
+#[test]
+fn the_head_limit_is_max_header_bytes_exactly_on_both_listeners() {
+    let m = mesh("");
+    rt().block_on(async {
+        for (len, want) in [(MAX - 1, 200), (MAX, 200), (MAX + 1, 431), (2 * MAX, 431)] {
+            let req = head_of(len, "localhost");
+            assert_eq!(req.len(), len);
+            let r = inbound_h1(&m, &req).await;
+            assert_eq!(r.status, want, "inbound head of {len} bytes");
+            // The same without ALPN.
+            let mut s = tls(m.in_addr, &m.pki, &m.web, &[]).await;
+            let r = exchange(&mut s, req.as_bytes()).await;
+            assert_eq!(r.status, want, "inbound (no ALPN) head of {len} bytes");
+        }
+        for (len, want) in [(OUT_MAX - 1, 200), (OUT_MAX, 200), (OUT_MAX + 1, 431)] {
+            let req = head_of(len, "api.default.svc");
+            let r = outbound_h1(&m, &req).await;
+            assert_eq!(r.status, want, "outbound head of {len} bytes: {}", r.body);
+        }
+        // HTTP/2 counts the header list as RFC 7541 does: each field's
+        // name and value plus 32, pseudo-fields included; the list must
+        // stay below max_header_bytes.
+        let pseudo = (":method".len() + 3 + 32)
+            + (":scheme".len() + 5 + 32)
+            + (":authority".len() + "localhost".len() + 32)
+            + (":path".len() + "/big".len() + 32);
+        for (size, want) in [(MAX - 1, 200), (MAX + 1, 431)] {
+            let value = "a".repeat(size - pseudo - "x-fill".len() - 32);
+            let req = h2_request("/big", &[("x-fill", &value)], None);
+            let (status, _, body, _) = inbound_h2(&m, req).await.unwrap();
+            assert_eq!(status, want, "h2 header list of {size}: {body}");
+        }
+    });
+}
+
+#[test]
+fn a_trailer_http2_cannot_carry_never_hangs_the_mesh() {
+    let m = mesh("");
+    rt().block_on(async {
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let out = m.out_addr;
+            tasks.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+                let req = format!(
+                    "POST /t{i} HTTP/1.1\r\nHost: api.default.svc\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nTE: gzip\r\nKeep-Alive: 5\r\nUpgrade: h2c\r\n\r\n"
+                );
+                exchange(&mut s, req.as_bytes()).await.status
+            }));
+        }
+        for t in tasks {
+            let status = t.await.unwrap();
+            assert!(status == 200 || status == 400 || status == 502, "{status}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+        // The upstream still serves everyone else.
+        let r = outbound_h1(&m, "GET /after HTTP/1.1\r\nHost: api.default.svc\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", m.outbound.log_text());
+    });
+}
+
+#[test]
+fn the_app_cannot_make_callers_sign_and_no_caller_signature_reaches_it() {
+    let m = mesh("");
+    rt().block_on(async {
+        // An ordinary route whose app answers with a StepUp challenge.
+        let r = outbound_h1(&m, "GET /challenge HTTP/1.1\r\nHost: api.default.svc\r\n\r\n").await;
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(r.get_all("www-authenticate"), ["Basic realm=\"app\""], "{r:?}");
+        assert!(r.get_all("accept-signature").is_empty(), "{r:?}");
+        assert!(r.get_all("x-keyproof-step-up-error").is_empty(), "{r:?}");
+        assert!(r.get_all("x-forwarded-client-cert").is_empty(), "{r:?}");
+        // Straight to the inbound, HTTP/1.1 and HTTP/2, alike.
+        let r = inbound_h1(&m, "GET /challenge HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(r.get_all("www-authenticate"), ["Basic realm=\"app\""], "{r:?}");
+        assert!(r.get_all("accept-signature").is_empty(), "{r:?}");
+        let (status, h, _, _) = inbound_h2(&m, h2_request("/challenge", &[], None)).await.unwrap();
+        assert_eq!(status, 401);
+        assert!(!h.contains_key("accept-signature"), "{h:?}");
+        assert_eq!(h.get_all("www-authenticate").iter().count(), 1, "{h:?}");
+        // A real step-up route: the caller's sidecar signs, the app gets
+        // the verified mark and none of the signature fields.
+        let r = outbound_h1(&m, "GET /admin/x HTTP/1.1\r\nHost: api.default.svc\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", m.inbound.log_text());
+        assert_eq!(lines_naming(&r.body, "x-keyproof-step-up"), ["x-keyproof-step-up: verified"], "{}", r.body);
+        // A caller app sending the fields itself, on both kinds of route.
+        for path in ["/plain", "/admin/y", "/challenge"] {
+            let r = outbound_h1(&m, &format!("POST {path} HTTP/1.1\r\nHost: api.default.svc\r\nContent-Length: 2\r\n{DISGUISES}\r\nhi")).await;
+            assert!(r.status == 200 || r.status == 401, "{path}: {r:?}");
+            let r = inbound_h1(&m, &format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n{DISGUISES}\r\nhi")).await;
+            // The inbound's own challenge on the step-up route (the forged
+            // signature does not verify); the app's one elsewhere.
+            assert_eq!(r.status, if path == "/plain" { 200 } else { 401 }, "{path}: {r:?}");
+        }
+    });
+    // The app saw the step-up route only once verified, and no request
+    // ever carried a caller's signature fields.
+    let all = m.app.all();
+    for f in [
+        "signature",
+        "signature-input",
+        "stepup-binding",
+        "accept-signature",
+    ] {
+        assert!(
+            lines_naming(&all, f).is_empty(),
+            "{f} reached the app:\n{all}"
+        );
+    }
+    for record in m.app.seen.lock().unwrap().iter() {
+        assert_only_the_sidecars_fields_or_verified(record);
+    }
+    // The outbound signed only the inbound's own challenges: the /admin
+    // ones, never /challenge.
+    let signed = m
+        .outbound
+        .metric("keyproof_stepup_signatures_total{result=\"ok\"}");
+    assert!(
+        signed >= 1.0 && signed <= 2.0,
+        "{signed}\n{}",
+        m.outbound.metrics()
+    );
+    assert_eq!(
+        m.app.all().matches("GET /challenge").count(),
+        3,
+        "each /challenge request reached the app once, none was resent signed:\n{all}"
+    );
+}
+
+/// As [`assert_only_the_sidecars_fields`], allowing the verified mark the
+/// inbound sets after a step-up.
+fn assert_only_the_sidecars_fields_or_verified(record: &str) {
+    let marks = lines_naming(record, "x-keyproof-step-up");
+    assert!(
+        marks.iter().all(|l| *l == "x-keyproof-step-up: verified"),
+        "{record}"
+    );
+    assert!(
+        marks.is_empty() || record.starts_with("GET /admin") || record.starts_with("POST /admin"),
+        "{record}"
+    );
+    let without: String = record
+        .lines()
+        .filter(|l| !l.starts_with("x-keyproof-step-up:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_only_the_sidecars_fields(&without);
 }
