@@ -747,11 +747,27 @@ fn head_of(len: usize, host: &str) -> String {
 fn the_head_limit_is_max_header_bytes_exactly_on_both_listeners() {
     let m = mesh("");
     rt().block_on(async {
-        for (len, want) in [(MAX - 1, 200), (MAX, 200), (MAX + 1, 431), (2 * MAX, 431)] {
+        for (len, want) in [
+            (MAX - 1, 200),
+            (MAX, 200),
+            (MAX + 1, 431),
+            (MAX + 40_000, 431),
+            (2 * MAX, 431),
+        ] {
             let req = head_of(len, "localhost");
             assert_eq!(req.len(), len);
             let r = inbound_h1(&m, &req).await;
             assert_eq!(r.status, want, "inbound head of {len} bytes");
+            // The same in two writes, the second arriving once the proxy
+            // has read (and buffered) the first: a read buffer bound is
+            // not a head bound.
+            let mut s = tls(m.in_addr, &m.pki, &m.web, &[b"http/1.1"]).await;
+            let cut = MAX - 1000;
+            s.write_all(&req.as_bytes()[..cut]).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let r = exchange(&mut s, &req.as_bytes()[cut..]).await;
+            assert_eq!(r.status, want, "inbound head of {len} bytes in two writes");
             // The same without ALPN.
             let mut s = tls(m.in_addr, &m.pki, &m.web, &[]).await;
             let r = exchange(&mut s, req.as_bytes()).await;
