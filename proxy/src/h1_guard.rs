@@ -145,13 +145,10 @@ impl<I> StrictLines<I> {
                 };
                 self.line.clear();
             }
-            At::Trailers => {
-                if self.line.ends_with(b"\r\n")
-                    && (self.line.len() == 2 || self.line.ends_with(b"\r\n\r\n"))
-                {
-                    self.at = At::Head;
-                    self.line.clear();
-                }
+            // The section ends at an empty line.
+            At::Trailers if self.line == b"\r\n" || self.line.ends_with(b"\r\n\r\n") => {
+                self.at = At::Head;
+                self.line.clear();
             }
             _ => {}
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use keyproof_tests::free_port;
 use keyproof_tests::proxy_support::*;
@@ -879,7 +879,7 @@ fn the_app_cannot_make_callers_sign_and_no_caller_signature_reaches_it() {
         .outbound
         .metric("keyproof_stepup_signatures_total{result=\"ok\"}");
     assert!(
-        signed >= 1.0 && signed <= 2.0,
+        (1.0..=2.0).contains(&signed),
         "{signed}\n{}",
         m.outbound.metrics()
     );
