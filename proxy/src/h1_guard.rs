@@ -90,23 +90,31 @@ impl<I> StrictLines<I> {
                     };
                 }
                 At::Head | At::ChunkLine | At::Trailers => {
-                    let b = bytes[i];
-                    if b == b'\n' && self.prev != b'\r' {
-                        bytes[i] = 0;
+                    // Whole segments up to the next LF, not byte by byte.
+                    let rest = &bytes[i..];
+                    let Some(p) = rest.iter().position(|b| *b == b'\n') else {
+                        self.line.extend_from_slice(rest);
+                        self.prev = rest[rest.len() - 1];
+                        if self.line.len() > self.max.saturating_add(2) {
+                            self.at = At::Lost;
+                        }
+                        return;
+                    };
+                    let before = if p == 0 { self.prev } else { rest[p - 1] };
+                    if before != b'\r' {
+                        bytes[i + p] = 0;
                         // hyper refuses the head; nothing after it matters.
                         self.at = At::Lost;
                         return;
                     }
-                    self.prev = b;
-                    self.line.push(b);
-                    i += 1;
+                    self.line.extend_from_slice(&rest[..=p]);
+                    self.prev = b'\n';
+                    i += p + 1;
                     if self.line.len() > self.max.saturating_add(2) {
                         self.at = At::Lost;
                         return;
                     }
-                    if b == b'\n' {
-                        self.line_end();
-                    }
+                    self.line_end();
                 }
             }
         }
