@@ -30,6 +30,10 @@ pub enum ProxyBody {
     Mesh(crate::mesh::MeshBody),
     /// A request body from the outbound's own HTTP/1.1 server.
     H1(crate::h1_server::ServerBody),
+    /// A caller's request body on the inbound when
+    /// `headers_with_underscores` is `drop` or `reject`: its trailer
+    /// section is held to the same rule as its header section.
+    Checked(Incoming, crate::owned::Underscores),
 }
 
 impl ProxyBody {
@@ -114,6 +118,19 @@ impl Body for ProxyBody {
             ProxyBody::App(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Mesh(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Checked(b, mode) => {
+                let mode = *mode;
+                boxed(Pin::new(b).poll_frame(cx)).map(|f| {
+                    f.map(|r| {
+                        r.and_then(|mut frame| {
+                            if let Some(t) = frame.trailers_mut() {
+                                crate::owned::underscores_in_trailers(t, mode)?;
+                            }
+                            Ok(frame)
+                        })
+                    })
+                })
+            }
         };
         // Every body the proxy forwards, in either direction and over
         // either protocol, passes here: the one place trailer sections are
@@ -138,6 +155,7 @@ impl Body for ProxyBody {
             ProxyBody::App(b) => b.is_end_stream(),
             ProxyBody::Mesh(b) => b.is_end_stream(),
             ProxyBody::H1(b) => b.is_end_stream(),
+            ProxyBody::Checked(b, _) => b.is_end_stream(),
         }
     }
 
@@ -149,6 +167,7 @@ impl Body for ProxyBody {
             ProxyBody::App(b) => b.size_hint(),
             ProxyBody::Mesh(b) => b.size_hint(),
             ProxyBody::H1(b) => b.size_hint(),
+            ProxyBody::Checked(b, _) => b.size_hint(),
         }
     }
 }

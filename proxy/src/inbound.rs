@@ -279,7 +279,11 @@ impl Inbound {
         owned::strip_request(&mut parts.headers, found, step_up);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
-        let req = Request::from_parts(parts, ProxyBody::Stream(body));
+        let body = match mode {
+            Underscores::Allow => ProxyBody::Stream(body),
+            mode => ProxyBody::Checked(body, mode),
+        };
+        let req = Request::from_parts(parts, body);
         if let Some(r) = route.filter(|r| r.step_up) {
             let this = self.clone();
             return Either::Left(Box::pin(

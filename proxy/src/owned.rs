@@ -206,6 +206,29 @@ pub fn filter_trailers(t: &mut HeaderMap) {
     }
 }
 
+/// A trailer section under `headers_with_underscores`: names with `_` are
+/// removed (`drop`) or fail the body (`reject`: the request, already on
+/// its way, breaks off and the caller gets an error).
+pub fn underscores_in_trailers(t: &mut HeaderMap, mode: Underscores) -> Result<(), TrailerRefused> {
+    // Owned names in disguise are removed by `filter_trailers`, whatever
+    // the mode, as in header sections.
+    let doomed =
+        |k: &HeaderName| k.as_str().contains('_') && !not_in_trailers(k.as_str().as_bytes());
+    while let Some(name) = t.keys().find(|k| doomed(k)) {
+        if mode == Underscores::Reject {
+            return Err(TrailerRefused(name.as_str().to_owned()));
+        }
+        let name = name.clone();
+        t.remove(&name);
+    }
+    Ok(())
+}
+
+/// A trailer field refused by `headers_with_underscores = "reject"`.
+#[derive(Debug, thiserror::Error)]
+#[error("trailer field name {0:?} contains '_' (inbound.headers_with_underscores = \"reject\")")]
+pub struct TrailerRefused(String);
+
 /// Checks a request's header section before anything is forwarded:
 /// `Host` (at most one, agreeing with an absolute-form or HTTP/2
 /// authority), `Connection` (may not name framing, routing or owned

@@ -552,6 +552,18 @@ fn headers_with_underscores_drop_and_reject() {
                 assert_eq!(r.status, 200, "{r:?}");
                 assert_only_the_sidecars_fields(&r.body);
             }
+            // Trailer sections follow the same rule.
+            let req = "POST /plain HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nmy_trailer: 1\r\nx_forwarded_client_cert: forged\r\nok-trailer: 2\r\n\r\n";
+            let r = inbound_h1(&m, req).await;
+            if mode == "drop" {
+                assert_eq!(r.status, 200, "{r:?}");
+                assert_eq!(lines_naming(&r.body, "ok-trailer"), ["trailer ok-trailer: 2"], "{}", r.body);
+                assert!(lines_naming(&r.body, "my_trailer").is_empty(), "{}", r.body);
+                assert_only_the_sidecars_fields(&r.body);
+            } else {
+                assert!(r.status >= 400, "{r:?}");
+            }
+            assert!(lines_naming(&m.app.all(), "my_trailer").is_empty(), "{}", m.app.all());
             // HTTP/2 alike.
             let got = inbound_h2(&m, h2_request("/plain", &[("my_field", "1")], None)).await.unwrap();
             if mode == "drop" {
