@@ -988,6 +988,27 @@ mod tests {
             format!("{BASE}[outbound]\nlisten = \"127.0.0.1:1\"\nhandshake_timeout = \"10\"\n");
         let e = Config::parse(&to).unwrap_err().to_string();
         assert!(e.starts_with("outbound.handshake_timeout:"), "{e}");
+        let inbound = |extra: &str| {
+            format!("{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n{extra}\n")
+        };
+        let e = Config::parse(&inbound("headers_with_underscores = \"strip\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("inbound.headers_with_underscores:"), "{e}");
+        for (v, want) in [
+            ("", crate::owned::Underscores::Allow),
+            (
+                "headers_with_underscores = \"drop\"",
+                crate::owned::Underscores::Drop,
+            ),
+            (
+                "headers_with_underscores = \"reject\"",
+                crate::owned::Underscores::Reject,
+            ),
+        ] {
+            let c = Config::parse(&inbound(v)).unwrap();
+            assert_eq!(c.inbound.unwrap().headers_with_underscores, want, "{v}");
+        }
     }
 
     #[test]
