@@ -244,7 +244,7 @@ impl Inbound {
         let found = match owned::check_request(req.headers(), req.uri(), mode) {
             Ok(f) => f,
             Err(r) => {
-                if mode == Underscores::Reject && r.reason.contains("'_'") {
+                if r.underscore {
                     self.metrics.underscores(true, 1);
                 }
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), reason = %r.reason, "request refused: header fields");

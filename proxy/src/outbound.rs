@@ -593,9 +593,8 @@ impl Outbound {
             }
         };
         owned::strip_request(&mut parts.headers, found, false);
-        // Absolute-form and HTTP/2 carry the authority in the URI (which
-        // then replaces any Host sent, RFC 9112 section 3.2.2); origin-form
-        // in Host. The request goes on in HTTP/2 form, the app's authority
+        // Absolute-form and HTTP/2 carry the authority in the URI (a Host
+        // that disagrees was refused above); origin-form in Host. The request goes on in HTTP/2 form, the app's authority
         // as `:authority`, which is what the inbound reads.
         let authority = match parts.uri.authority() {
             Some(a) => Some(a.clone()),

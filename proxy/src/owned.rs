@@ -132,6 +132,8 @@ pub struct Refusal {
     pub status: StatusCode,
     /// For the log and the response body.
     pub reason: String,
+    /// Refused by `headers_with_underscores = "reject"` (counted).
+    pub underscore: bool,
 }
 
 impl Refusal {
@@ -139,6 +141,7 @@ impl Refusal {
         Refusal {
             status: StatusCode::BAD_REQUEST,
             reason: reason.into(),
+            underscore: false,
         }
     }
 }
@@ -251,10 +254,13 @@ pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Find
             f.owned = true;
         } else if n.contains(&b'_') {
             if mode == Underscores::Reject {
-                return Err(Refusal::bad(format!(
-                    "header name {:?} contains '_' (inbound.headers_with_underscores = \"reject\")",
-                    name.as_str()
-                )));
+                return Err(Refusal {
+                    underscore: true,
+                    ..Refusal::bad(format!(
+                        "header name {:?} contains '_' (inbound.headers_with_underscores = \"reject\")",
+                        name.as_str()
+                    ))
+                });
             }
             if mode == Underscores::Drop {
                 f.underscores += 1;
@@ -334,6 +340,7 @@ fn check_transfer_encoding<'a>(
                     "transfer coding {:?} is not supported (only chunked)",
                     String::from_utf8_lossy(coding)
                 ),
+                underscore: false,
             });
         }
     }
