@@ -181,6 +181,14 @@ pub fn is_owned(name: &[u8]) -> bool {
         || OWNED.iter().any(|o| same_name(name, o))
 }
 
+/// Whether `name`, which holds a `_`, equals once `_` is read as `-` a
+/// field whose value the proxy decides (framing, hop-by-hop): an app that
+/// maps both spellings to one variable would read the caller's instead.
+fn controlled_in_disguise(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && (HOP_BY_HOP.iter().any(|h| same_name(name, h)) || same_name(name, "content-length"))
+}
+
 /// Whether `name` is one of the step-up request fields, spelt exactly.
 fn is_stepup_request(name: &str) -> bool {
     STEPUP_REQUEST.contains(&name)
@@ -250,7 +258,7 @@ pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Find
             _ if !n.contains(&b'_') => continue,
             _ => {}
         }
-        if is_owned(n) {
+        if is_owned(n) || controlled_in_disguise(n) {
             f.owned = true;
         } else if n.contains(&b'_') {
             if mode == Underscores::Reject {
@@ -367,6 +375,8 @@ pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
         let n = k.as_str();
         if is_owned(n.as_bytes()) {
             !(keep_stepup && is_stepup_request(n))
+        } else if controlled_in_disguise(n.as_bytes()) {
+            true
         } else {
             drop_underscores && n.contains('_')
         }
@@ -570,6 +580,9 @@ mod tests {
             ("signature_input", "x"),
             ("my_field", "1"),
             ("accept", "*/*"),
+            ("transfer_encoding", "gzip"),
+            ("Content_Length", "5"),
+            ("proxy_authorization", "x"),
         ]);
         let f = check_request(&h, &uri, Underscores::Allow).unwrap();
         assert!(f.owned);
@@ -591,7 +604,7 @@ mod tests {
             400
         );
         // In reject mode an owned name in disguise is still just removed.
-        let h = map(&[("x_forwarded_client_cert", "1")]);
+        let h = map(&[("x_forwarded_client_cert", "1"), ("transfer_encoding", "x")]);
         assert!(check_request(&h, &uri, Underscores::Reject).unwrap().owned);
         let h = map(&[("host", "a"), ("accept", "*/*")]);
         assert!(check_request(&h, &uri, Underscores::Reject)

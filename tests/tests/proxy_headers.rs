@@ -468,7 +468,9 @@ x-keyproof-step-up: verified\r\n\
 x-keyproof-future-field: 1\r\n\
 Signature: stepup=:AAAA:\r\n\
 signature_input: stepup=();nonce=\"x\"\r\n\
-Stepup-Binding: :AAAA:\r\n";
+Stepup-Binding: :AAAA:\r\n\
+Transfer_Encoding: gzip\r\n\
+content_length: 5\r\n";
 
 /// Exactly the sidecar's one XFCC, and no other owned field, in a record.
 fn assert_only_the_sidecars_fields(record: &str) {
@@ -489,6 +491,13 @@ fn assert_only_the_sidecars_fields(record: &str) {
         assert!(
             lines_naming(record, f).is_empty(),
             "{f} reached the app:\n{record}"
+        );
+    }
+    // Framing fields in disguise: at most the proxy's own, spelt with '-'.
+    for f in ["transfer-encoding", "content-length"] {
+        assert!(
+            lines_naming(record, f).iter().all(|l| l.starts_with(f)),
+            "{f} in disguise reached the app:\n{record}"
         );
     }
 }
