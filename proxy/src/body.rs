@@ -30,6 +30,10 @@ pub enum ProxyBody {
     Mesh(crate::mesh::MeshBody),
     /// A request body from the outbound's own HTTP/1.1 server.
     H1(crate::h1_server::ServerBody),
+    /// A caller's request body on the inbound when
+    /// `headers_with_underscores` is `drop` or `reject`: its trailer
+    /// section is held to the same rule as its header section.
+    Checked(Incoming, crate::owned::Underscores),
 }
 
 impl ProxyBody {
@@ -107,14 +111,40 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
+        let polled = match self.get_mut() {
             ProxyBody::Stream(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Tee(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::App(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Mesh(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
-        }
+            ProxyBody::Checked(b, mode) => {
+                let mode = *mode;
+                boxed(Pin::new(b).poll_frame(cx)).map(|f| {
+                    f.map(|r| {
+                        r.and_then(|mut frame| {
+                            if let Some(t) = frame.trailers_mut() {
+                                crate::owned::underscores_in_trailers(t, mode)?;
+                            }
+                            Ok(frame)
+                        })
+                    })
+                })
+            }
+        };
+        // Every body the proxy forwards, in either direction and over
+        // either protocol, passes here: the one place trailer sections are
+        // cleaned of fields that may not follow the content.
+        polled.map(|f| {
+            f.map(|r| {
+                r.map(|mut frame| {
+                    if let Some(t) = frame.trailers_mut() {
+                        crate::owned::filter_trailers(t);
+                    }
+                    frame
+                })
+            })
+        })
     }
 
     fn is_end_stream(&self) -> bool {
@@ -125,6 +155,7 @@ impl Body for ProxyBody {
             ProxyBody::App(b) => b.is_end_stream(),
             ProxyBody::Mesh(b) => b.is_end_stream(),
             ProxyBody::H1(b) => b.is_end_stream(),
+            ProxyBody::Checked(b, _) => b.is_end_stream(),
         }
     }
 
@@ -136,6 +167,7 @@ impl Body for ProxyBody {
             ProxyBody::App(b) => b.size_hint(),
             ProxyBody::Mesh(b) => b.size_hint(),
             ProxyBody::H1(b) => b.size_hint(),
+            ProxyBody::Checked(b, _) => b.size_hint(),
         }
     }
 }
@@ -178,23 +210,15 @@ pub fn path_of(uri: &http::Uri) -> http::uri::PathAndQuery {
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
 
-static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
-
-/// Hop-by-hop headers (RFC 9110 section 7.6.1) that must not be forwarded;
-/// HTTP/2 also forbids them outright.
+/// Removes the hop-by-hop fields ([`crate::owned::HOP_BY_HOP`]) and the
+/// ones `Connection` names; HTTP/2 forbids them outright. `te: trailers`
+/// is the one exception kept (gRPC needs it). The caller has refused a
+/// `Connection` that names a field the proxy relies on
+/// ([`crate::owned::check_request`]).
 pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     // Most requests carry none: one pass over the few fields present is
-    // cheaper than a hashed lookup for each name below.
-    let hop = |k: &http::HeaderName| {
-        k == header::CONNECTION
-            || k == header::TRANSFER_ENCODING
-            || k == header::TE
-            || k == header::UPGRADE
-            || k == header::PROXY_AUTHORIZATION
-            || k == KEEP_ALIVE
-            || k == PROXY_CONNECTION
-    };
+    // cheaper than a hashed lookup for each name.
+    let hop = |k: &http::HeaderName| crate::owned::is_hop_by_hop(k.as_str().as_bytes());
     if !h.keys().any(hop) {
         return;
     }
@@ -206,22 +230,20 @@ pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|list| list.split(','))
             .map(|n| n.trim().to_ascii_lowercase())
-            .filter(|n| !n.is_empty())
+            .filter(|n| !n.is_empty() && n != "te")
             .collect();
-        h.remove(header::CONNECTION);
         for name in named {
             h.remove(name.as_str());
         }
     }
-    h.remove(&KEEP_ALIVE);
-    h.remove(&PROXY_CONNECTION);
-    h.remove(header::PROXY_AUTHORIZATION);
-    h.remove(header::UPGRADE);
-    h.remove(header::TRANSFER_ENCODING);
-    if let Some(te) = h.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            h.remove(header::TE);
+    let trailers_only = h
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in crate::owned::HOP_BY_HOP {
+        if name == "te" && trailers_only {
+            continue;
         }
+        h.remove(name);
     }
 }
 

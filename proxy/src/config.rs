@@ -107,6 +107,7 @@ struct RawInbound {
     app_connect_timeout: Option<String>,
     app_pool_idle_timeout: Option<String>,
     max_app_connections: Option<usize>,
+    headers_with_underscores: Option<String>,
     #[serde(default)]
     routes: Vec<RawRoute>,
     stepup: Option<RawInboundStepUp>,
@@ -385,6 +386,9 @@ pub struct InboundConfig {
     /// Connections to the app open at once (HTTP/1.1); requests beyond it
     /// wait up to `app_connect_timeout` for one, then get 503.
     pub max_app_connections: usize,
+    /// What happens to header names with `_` (sidecar-owned names in
+    /// disguise are always removed).
+    pub headers_with_underscores: crate::owned::Underscores,
     /// Connection limits.
     pub limits: Limits,
 }
@@ -624,6 +628,17 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         "inbound.path_normalization",
         raw.path_normalization.as_deref(),
     )?;
+    let headers_with_underscores = match raw.headers_with_underscores.as_deref() {
+        None | Some("allow") => crate::owned::Underscores::Allow,
+        Some("drop") => crate::owned::Underscores::Drop,
+        Some("reject") => crate::owned::Underscores::Reject,
+        Some(other) => {
+            return Err(invalid(
+                "inbound.headers_with_underscores",
+                format!("unknown action {other:?}; use \"allow\", \"drop\" or \"reject\""),
+            ))
+        }
+    };
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.into_iter().enumerate() {
         let key = format!("inbound.routes[{i}]");
@@ -716,6 +731,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         max_app_connections,
         routes,
         stepup,
+        headers_with_underscores,
         limits: limits(
             "inbound",
             &RawLimits {
@@ -1107,6 +1123,27 @@ mod tests {
             format!("{BASE}[outbound]\nlisten = \"127.0.0.1:1\"\nhandshake_timeout = \"10\"\n");
         let e = Config::parse(&to).unwrap_err().to_string();
         assert!(e.starts_with("outbound.handshake_timeout:"), "{e}");
+        let inbound = |extra: &str| {
+            format!("{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n{extra}\n")
+        };
+        let e = Config::parse(&inbound("headers_with_underscores = \"strip\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("inbound.headers_with_underscores:"), "{e}");
+        for (v, want) in [
+            ("", crate::owned::Underscores::Allow),
+            (
+                "headers_with_underscores = \"drop\"",
+                crate::owned::Underscores::Drop,
+            ),
+            (
+                "headers_with_underscores = \"reject\"",
+                crate::owned::Underscores::Reject,
+            ),
+        ] {
+            let c = Config::parse(&inbound(v)).unwrap();
+            assert_eq!(c.inbound.unwrap().headers_with_underscores, want, "{v}");
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@ use http::{Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use smallvec::SmallVec;
 
+use crate::owned::is_hop_by_hop;
+
 /// Most header fields in a response head or trailer section.
 const MAX_HEADERS: usize = 128;
 
@@ -65,6 +67,14 @@ pub enum H1Error {
     /// The method is not a valid token.
     #[error("malformed method")]
     Method,
+    /// A line of the head (or trailer section) ends in LF without CR
+    /// (RFC 9112 section 2.2 lets a recipient accept it; a proxy that did
+    /// would read a head differently from a strict peer).
+    #[error("bare LF in the message head")]
+    BareLf,
+    /// `Transfer-Encoding` names `chunked` more than once.
+    #[error("chunked applied more than once")]
+    ChunkedTwice,
 }
 
 impl H1Error {
@@ -191,6 +201,9 @@ pub fn parse_response_head(
         let Some(len) = head_len(parsed, buf.len(), max)? else {
             return Ok(None);
         };
+        if has_bare_lf(&buf[..len]) {
+            return Err(H1Error::BareLf);
+        }
         let code = resp.code.unwrap_or(0);
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Head(httparse::Error::Status))?;
@@ -210,15 +223,11 @@ pub fn parse_response_head(
         let at = locate(buf, resp.headers);
         // The field values become slices of the head, not copies; the
         // hop-by-hop ones are left out.
-        let mut headers = field_map(&buf.split_to(len).freeze(), &at, |name| {
-            HOP_BY_HOP
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-        })?;
+        let mut headers = field_map(&buf.split_to(len).freeze(), &at, is_hop_by_hop)?;
         for name in &hop.named {
             headers.remove(name.as_str());
         }
-        let (framing, keep_alive) = response_framing(method, status, version, &hop, &mut headers);
+        let (framing, keep_alive) = response_framing(method, status, version, &hop, &mut headers)?;
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -281,6 +290,9 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
     let Some(len) = head_len(parsed, buf.len(), max)? else {
         return Ok(None);
     };
+    if has_bare_lf(&buf[..len]) {
+        return Err(H1Error::BareLf);
+    }
     let version = if req.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -309,7 +321,18 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
         expect.is_some() && name.eq_ignore_ascii_case(b"expect")
     })?;
     let framing = if hop.transfer_encoding {
-        if !hop.chunked || hop.content_length.is_some() || version == Version::HTTP_10 {
+        // Only `chunked`, once, is forwarded faithfully: the proxy decodes
+        // and re-frames it. A coding before it would be decoded partly and
+        // its name dropped, so the app would read a compressed body as
+        // plain: refused (501), as by the inbound.
+        if hop.chunked_count > 1 {
+            return Err(H1Error::ChunkedTwice);
+        }
+        if !hop.chunked
+            || hop.other_coding
+            || hop.content_length.is_some()
+            || version == Version::HTTP_10
+        {
             return Err(H1Error::TransferEncoding);
         }
         Framing::Chunked
@@ -335,6 +358,28 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
         keep_alive,
         expect_continue: expect_continue && framing != Framing::Empty,
     }))
+}
+
+/// How the body after a complete request head `head` is framed, as far as
+/// a reader that only follows message boundaries needs to know (see
+/// `h1_guard`); `None` when the head is not one the server will accept.
+pub(crate) fn request_body_framing(head: &[u8]) -> Option<Framing> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, head, &mut fields)
+        .ok()?;
+    if !parsed.is_complete() {
+        return None;
+    }
+    let hop = HopByHop::scan(req.headers).ok()?;
+    if hop.transfer_encoding {
+        return hop.chunked.then_some(Framing::Chunked);
+    }
+    Some(match hop.content_length {
+        None | Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
 }
 
 /// How a response goes on the wire to a client, given the request it
@@ -394,11 +439,7 @@ pub fn write_response_head<D: AsRef<[u8]>>(
     dst.put_slice(b"\r\n");
     let mut has_date = false;
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH
-            || HOP_BY_HOP
-                .iter()
-                .any(|h| name.as_str().eq_ignore_ascii_case(h))
-        {
+        if name == header::CONTENT_LENGTH || is_hop_by_hop(name.as_str().as_bytes()) {
             continue;
         }
         has_date |= name == header::DATE;
@@ -449,17 +490,6 @@ pub enum Connection {
     KeepAlive,
 }
 
-/// Fields that describe one connection, not the message (RFC 9110 section
-/// 7.6.1), which a proxy does not pass on.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// What a response head's hop-by-hop and length fields say, read off the
 /// parsed fields directly (no map lookups per request).
 #[derive(Debug, Default)]
@@ -469,6 +499,9 @@ struct HopByHop {
     /// Transfer-Encoding is present; its last coding is chunked.
     transfer_encoding: bool,
     chunked: bool,
+    /// How often `chunked` is named, and whether another coding is.
+    chunked_count: u32,
+    other_coding: bool,
     /// The one Content-Length value, when present.
     content_length: Option<u64>,
     /// Further fields the Connection field names (rare).
@@ -495,6 +528,13 @@ impl HopByHop {
                     .rsplit(|b| *b == b',')
                     .next()
                     .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                for c in f.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if c.eq_ignore_ascii_case(b"chunked") {
+                        h.chunked_count += 1;
+                    } else if !c.is_empty() {
+                        h.other_coding = true;
+                    }
+                }
             } else if name.eq_ignore_ascii_case(b"connection") {
                 for token in f.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                     if token.eq_ignore_ascii_case(b"close") {
@@ -520,15 +560,20 @@ fn response_framing(
     version: Version,
     hop: &HopByHop,
     headers: &mut HeaderMap,
-) -> (Framing, bool) {
+) -> Result<(Framing, bool), H1Error> {
     let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
     if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return (Framing::Empty, keep_alive);
+        return Ok((Framing::Empty, keep_alive));
     }
     if hop.transfer_encoding {
+        if hop.other_coding || hop.chunked_count > 1 {
+            // Decoding the chunks and dropping the other coding's name would
+            // hand the caller a compressed body as plain: refused (502).
+            return Err(H1Error::TransferEncoding);
+        }
         let mut keep_alive = keep_alive;
         if hop.content_length.is_some() {
             // Both: Transfer-Encoding wins, and the connection is not
@@ -536,17 +581,30 @@ fn response_framing(
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
-        return if hop.chunked {
+        return Ok(if hop.chunked {
             (Framing::Chunked, keep_alive)
         } else {
             (Framing::UntilClose, false)
-        };
+        });
     }
-    match hop.content_length {
+    Ok(match hop.content_length {
         Some(0) => (Framing::Empty, keep_alive),
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::UntilClose, false),
+    })
+}
+
+/// Whether a line of `head` ends in a bare LF. One pass over bytes already
+/// in cache (the parser just read them).
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for &b in head {
+        if b == b'\n' && prev != b'\r' {
+            return true;
+        }
+        prev = b;
     }
+    false
 }
 
 /// A non-empty string of ASCII digits, without overflow.
@@ -696,6 +754,9 @@ impl ChunkedDecoder {
                 Chunk::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     let (len, at) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, _))) if has_bare_lf(&buf[..len]) => {
+                            return Err(H1Error::BareLf)
+                        }
                         Ok(httparse::Status::Complete((len, f))) => (len, locate(buf, f)),
                         Ok(httparse::Status::Partial) if buf.len() > self.max_trailers => {
                             return Err(H1Error::TooLarge(self.max_trailers))
@@ -917,20 +978,23 @@ mod tests {
             .unwrap();
         assert_eq!(r.framing, Framing::Empty);
         let r = head(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             Method::GET,
         )
         .unwrap()
         .unwrap();
         assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false));
         assert!(!r.parts.headers.contains_key(header::CONTENT_LENGTH));
-        let r = head(
+        // A coding the proxy would drop the name of, or chunked twice, is
+        // a bad response, not a body to pass on mislabelled.
+        for bad in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-            Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((r.framing, r.keep_alive), (Framing::UntilClose, false));
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(head(bad, Method::GET).is_err(), "{bad:?}");
+        }
         let r = head("HTTP/1.1 200 OK\r\n\r\n", Method::GET)
             .unwrap()
             .unwrap();
@@ -1051,6 +1115,20 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        assert!(matches!(
+            decode_all(b"0\r\nx: y\n\r\n", 1),
+            Err(H1Error::BareLf)
+        ));
+        for bad in [
+            "HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\n\n",
+            "HTTP/1.1 200 OK\r\nX: a\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(bad, Method::GET), Err(H1Error::BareLf)),
+                "{bad:?}"
+            );
+        }
         let long = format!("1;{}\r\n", "e".repeat(2000));
         assert!(decode_all(long.as_bytes(), 64).is_err());
     }
@@ -1076,7 +1154,7 @@ mod tests {
             .unwrap();
         assert_eq!((r.framing, r.keep_alive), (Framing::Length(5), true));
         assert_eq!(r.parts.uri, "/a?b");
-        let r = request("PUT http://x/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        let r = request("PUT http://x/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(r.framing, Framing::Chunked);
@@ -1103,6 +1181,22 @@ mod tests {
                 501,
             ),
             ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            ("GET / HTTP/1.1\nHost: x\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: x\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: x\r\nX: a\nY: b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: x\r\n\n", 400),
             ("POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n", 400),
             ("GET / HTTP/1.1\r\nExpect: later\r\n\r\n", 417),

@@ -24,6 +24,7 @@ use crate::config::{AppProtocol, InboundConfig};
 use crate::fut::map_in_place;
 use crate::identity::{self, IdentityStore, PeerIdentity};
 use crate::metrics::DirectionMetrics;
+use crate::owned::{self, Underscores};
 use crate::path;
 use crate::policy::{Decision, Policy};
 use crate::server::{self, Builders, ConnGuards, HandshakeGate, Proto, StreamGuard};
@@ -41,7 +42,6 @@ fn ready(resp: Response<ProxyBody>) -> Pending {
 }
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
-static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static("x-keyproof-step-up");
 
 /// Everything the inbound needs, shared by all its connections.
 pub struct Inbound {
@@ -278,12 +278,30 @@ impl Inbound {
                 "CONNECT is not supported\n",
             )));
         }
+        let mode = self.cfg.headers_with_underscores;
+        let found = match owned::check_request(req.headers(), req.uri(), mode) {
+            Ok(f) => f,
+            Err(r) => {
+                if r.underscore {
+                    self.metrics.underscores(true, 1);
+                }
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), reason = %r.reason, "request refused: header fields");
+                return Either::Left(Box::pin(async move {
+                    crate::body::discard(req.into_body()).await;
+                    text(r.status, format!("bad request: {}\n", r.reason))
+                }));
+            }
+        };
+        if found.underscores > 0 {
+            self.metrics
+                .underscores(false, u64::from(found.underscores));
+        }
         // Normalize first, then decide on, step up on and forward that one
         // path: an app resolving `/public/../admin` itself would otherwise
         // serve what the policy never saw.
         let mut req = req;
-        let mode = self.cfg.path_normalization;
-        match path::normalize_uri(req.method(), req.uri(), mode) {
+        let path_mode = self.cfg.path_normalization;
+        match path::normalize_uri(req.method(), req.uri(), path_mode) {
             Ok(None) => {}
             Ok(Some(uri)) => *req.uri_mut() = uri,
             Err(why) => {
@@ -298,7 +316,7 @@ impl Inbound {
                 }));
             }
         }
-        let matched = path::match_form(req.uri().path(), mode);
+        let matched = path::match_form(req.uri().path(), path_mode);
         let route = match self.policy.decide(req.method(), &matched, &conn.peer.id) {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
@@ -310,13 +328,18 @@ impl Inbound {
             }
         };
         let (mut parts, body) = req.into_parts();
-        // Identity headers from the network are never trusted: remove every
-        // copy before the proxy sets its own.
-        parts.headers.remove(&XFCC);
-        parts.headers.remove(&STEP_UP_VERIFIED);
+        // Sidecar-owned fields from the network are never trusted: every
+        // copy goes before the proxy sets its own. A step-up route's
+        // verifier consumes (and removes) the step-up request fields.
+        let step_up = route.as_ref().is_some_and(|r| r.step_up);
+        owned::strip_request(&mut parts.headers, found, step_up);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
-        let req = Request::from_parts(parts, ProxyBody::Stream(body));
+        let body = match mode {
+            Underscores::Allow => ProxyBody::Stream(body),
+            mode => ProxyBody::Checked(body, mode),
+        };
+        let req = Request::from_parts(parts, body);
         if let Some(r) = route.filter(|r| r.step_up) {
             let this = self.clone();
             return Either::Left(Box::pin(
@@ -409,7 +432,12 @@ impl Inbound {
         h1_caller: bool,
     ) -> Response<ProxyBody> {
         match sent {
-            Ok(resp) => resp,
+            Ok(mut resp) => {
+                // Only the sidecar speaks the StepUp scheme and sets its own
+                // fields; the inbound's own challenges are added after this.
+                owned::strip_response(resp.headers_mut());
+                resp
+            }
             Err(AppError::Unavailable(cause)) => {
                 tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
                 text(

@@ -270,8 +270,27 @@ async fn drive(
 }
 
 /// Streams a request body onto its HTTP/2 stream as the peer's flow-control
-/// window allows; resets the stream if the body fails.
+/// window allows. Every failure resets the stream: a body that fails, or a
+/// frame HTTP/2 refuses to carry (`send_*` returns an error and sends
+/// nothing), would otherwise leave the stream open for ever, the peer
+/// waiting for the rest of the request and the app for its response, and
+/// the stream counting against the connection's concurrency. The reset
+/// fails the response future, so the app is answered (502) at once.
 async fn pipe(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
+    if let Err(why) = pump(&mut body, &mut stream).await {
+        tracing::debug!(
+            reason = why,
+            "outbound request body not sent; resetting the stream"
+        );
+        stream.send_reset(h2::Reason::INTERNAL_ERROR);
+    }
+}
+
+/// [`pipe`]'s loop; `Err` says why the stream must be reset.
+async fn pump(
+    body: &mut ProxyBody,
+    stream: &mut h2::SendStream<Bytes>,
+) -> Result<(), &'static str> {
     loop {
         let frame = poll_fn(|cx| {
             // The peer may reset the stream (it answered already, or gave
@@ -279,35 +298,38 @@ async fn pipe(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
             if stream.poll_reset(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            Pin::new(&mut body).poll_frame(cx).map(Some)
+            Pin::new(&mut *body).poll_frame(cx).map(Some)
         })
         .await;
         let frame = match frame {
-            None => return,
+            None => return Ok(()),
             Some(None) => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
+                return stream
+                    .send_data(Bytes::new(), true)
+                    .map_err(|_| "end of stream refused");
             }
-            Some(Some(Err(_))) => {
-                stream.send_reset(h2::Reason::INTERNAL_ERROR);
-                return;
-            }
+            Some(Some(Err(_))) => return Err("the request body failed"),
             Some(Some(Ok(f))) => f,
         };
         let mut data = match frame.into_data() {
             Ok(d) => d,
             Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = stream.send_trailers(trailers);
-                }
-                return;
+                return match frame.into_trailers() {
+                    Ok(trailers) => stream
+                        .send_trailers(trailers)
+                        .map_err(|_| "trailers refused by HTTP/2"),
+                    Err(_) => stream
+                        .send_data(Bytes::new(), true)
+                        .map_err(|_| "end of stream refused"),
+                };
             }
         };
         let last = body.is_end_stream();
         if data.is_empty() {
             if last {
-                let _ = stream.send_data(data, true);
-                return;
+                return stream
+                    .send_data(data, true)
+                    .map_err(|_| "end of stream refused");
             }
             continue;
         }
@@ -315,18 +337,20 @@ async fn pipe(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
             stream.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
                 Some(Ok(n)) => n,
-                _ => return,
+                // Closed or reset by the peer: nothing more to send.
+                None => return Ok(()),
+                Some(Err(_)) => return Err("flow control failed"),
             };
             if granted == 0 {
                 continue;
             }
             let chunk = data.split_to(granted.min(data.len()));
-            if stream.send_data(chunk, last && data.is_empty()).is_err() {
-                return;
-            }
+            stream
+                .send_data(chunk, last && data.is_empty())
+                .map_err(|_| "data refused")?;
         }
         if last {
-            return;
+            return Ok(());
         }
     }
 }

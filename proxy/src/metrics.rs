@@ -59,6 +59,9 @@ pub struct DirectionMetrics {
     /// `keyproof_request_duration_seconds{direction}`.
     pub duration: Histogram,
     refused: [IntCounter; crate::path::REFUSAL_REASONS.len()],
+    /// `keyproof_headers_with_underscores_total{direction,action}`:
+    /// dropped, rejected.
+    underscores: [IntCounter; 2],
 }
 
 impl DirectionMetrics {
@@ -86,6 +89,12 @@ impl DirectionMetrics {
             .position(|g| *g == label)
             .unwrap_or(GROUP_LABELS.len() - 1);
         self.key_exchanges[i].inc();
+    }
+
+    /// Counts header fields with `_` in their name that were dropped
+    /// (`n` of them), or a request rejected for one.
+    pub fn underscores(&self, rejected: bool, n: u64) {
+        self.underscores[usize::from(rejected)].inc_by(n);
     }
 
     /// Counts a finished request by status class and records its duration.
@@ -173,6 +182,15 @@ impl Metrics {
             ]),
             &["direction"],
         )?;
+        let underscores = IntCounterVec::new(
+            Opts::new(
+                "keyproof_headers_with_underscores_total",
+                "Header fields with '_' in their name dropped, or requests rejected for one \
+                 (inbound.headers_with_underscores); owned fields in disguise are not counted.",
+            ),
+            &["direction", "action"],
+        )?;
+        registry.register(Box::new(underscores.clone()))?;
         let authz_denied = IntCounterVec::new(
             Opts::new(
                 "keyproof_authz_denied_total",
@@ -251,6 +269,8 @@ impl Metrics {
             duration: duration.with_label_values(&[d.as_str()]),
             refused: crate::path::REFUSAL_REASONS
                 .map(|r| refused.with_label_values(&[d.as_str(), r])),
+            underscores: ["dropped", "rejected"]
+                .map(|a| underscores.with_label_values(&[d.as_str(), a])),
         };
         Ok(Metrics {
             inbound: dir(Direction::Inbound),

@@ -45,6 +45,7 @@ use crate::identity::{self, IdentityStore};
 use crate::inbound::root_cause;
 use crate::mesh::{MeshSender, Start};
 use crate::metrics::DirectionMetrics;
+use crate::owned::{self, Underscores};
 use crate::server::{self, Builders, ConnGuards, Proto, StreamGuard};
 use crate::stepup::{
     tee, MeshConn, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, TeeHandle, Template,
@@ -608,9 +609,21 @@ impl Outbound {
                 return Either::Left(Box::pin(ready(text(StatusCode::BAD_REQUEST, msg))));
             }
         }
-        // Absolute-form and HTTP/2 carry the authority in the URI (which
-        // then replaces any Host sent, RFC 9112 section 3.2.2); origin-form
-        // in Host. The request goes on in HTTP/2 form, the app's authority
+        // The same header rules as the inbound's, so that the app learns of
+        // a malformed request here rather than from the peer; sidecar-owned
+        // fields the app sends are removed (the peer's inbound would remove
+        // them anyway, and the signer adds the step-up fields itself).
+        let found = match owned::check_request(&parts.headers, &parts.uri, Underscores::Allow) {
+            Ok(f) => f,
+            Err(r) => {
+                tracing::info!(method = %parts.method, reason = %r.reason, "outbound request refused: header fields");
+                let resp = text(r.status, format!("bad request: {}\n", r.reason));
+                return Either::Left(Box::pin(ready(resp)));
+            }
+        };
+        owned::strip_request(&mut parts.headers, found, false);
+        // Absolute-form and HTTP/2 carry the authority in the URI (a Host
+        // that disagrees was refused above); origin-form in Host. The request goes on in HTTP/2 form, the app's authority
         // as `:authority`, which is what the inbound reads.
         let authority = match parts.uri.authority() {
             Some(a) => Some(a.clone()),

@@ -16,7 +16,7 @@ use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -271,48 +271,130 @@ pub enum Proto {
     Detect,
 }
 
-/// The three server builders, configured once from the listener's limits.
+/// The server builders, configured once from the listener's limits.
 pub struct Builders {
-    http1: auto::Builder<TokioExecutor>,
+    /// HTTP/1: hyper's own builder, which can bound the request head to
+    /// exactly `max_header_bytes` (the auto builder only bounds its read
+    /// buffer, which a single large read overshoots).
+    strict_h1: hyper::server::conn::http1::Builder,
     h2: auto::Builder<TokioExecutor>,
-    detect: auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
 }
 
 impl Builders {
     /// Builders enforcing `limits`.
     pub fn new(limits: &Limits) -> Builders {
-        let make = |which: Proto| {
-            let mut b = auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(limits.max_header_bytes.max(8192))
-                .keep_alive(true);
-            b.http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                .max_concurrent_streams(limits.max_concurrent_streams)
-                .keep_alive_interval(Some(Duration::from_secs(60)))
-                .keep_alive_timeout(Duration::from_secs(20));
-            match which {
-                Proto::Http1 => b.http1_only(),
-                Proto::H2 => b.http2_only(),
-                Proto::Detect => b,
-            }
-        };
+        let mut h2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+        h2.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let mut strict_h1 = hyper::server::conn::http1::Builder::new();
+        strict_h1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // Room for a whole head of the limit plus what follows it in
+            // the same read; a head still incomplete beyond it is too large
+            // anyway.
+            .max_buf_size(limits.max_header_bytes.max(8192) + 16 * 1024)
+            .max_header_size(limits.max_header_bytes)
+            .max_headers(MAX_HEADERS)
+            .keep_alive(true);
         Builders {
-            http1: make(Proto::Http1),
-            h2: make(Proto::H2),
-            detect: make(Proto::Detect),
+            strict_h1,
+            h2,
+            header_read_timeout: limits.header_read_timeout,
+            max_header_bytes: limits.max_header_bytes,
         }
     }
+}
 
-    fn get(&self, p: Proto) -> &auto::Builder<TokioExecutor> {
-        match p {
-            Proto::Http1 => &self.http1,
-            Proto::H2 => &self.h2,
-            Proto::Detect => &self.detect,
+/// Most fields in an HTTP/1 request head, as the proxy's own parser allows.
+const MAX_HEADERS: usize = 128;
+
+/// The HTTP/2 client preface: a connection without ALPN that opens with it
+/// speaks HTTP/2 (prior knowledge).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads the first bytes of a connection that negotiated no protocol, as
+/// far as needed to tell the HTTP/2 preface from an HTTP/1 request.
+async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Vec<u8>)> {
+    let mut seen = [0u8; 24];
+    let mut n = 0;
+    while n < PREFACE.len() {
+        let mut rb = ReadBuf::new(&mut seen[n..]);
+        std::future::poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut rb)).await?;
+        let got = rb.filled().len();
+        if got == 0 {
+            break;
         }
+        n += got;
+        if seen[..n] != PREFACE[..n] {
+            return Ok((false, seen[..n].to_vec()));
+        }
+    }
+    Ok((n == PREFACE.len(), seen[..n].to_vec()))
+}
+
+/// A connection whose first bytes were read already: they are read again
+/// first.
+struct Rewind<I> {
+    pre: Vec<u8>,
+    at: usize,
+    inner: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.pre.len() {
+            let n = (self.pre.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.pre[at..at + n]);
+            self.at += n;
+            if self.at == self.pre.len() {
+                self.pre = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -340,10 +422,66 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let h2 = match proto {
+        Proto::H2 => true,
+        Proto::Http1 => false,
+        Proto::Detect => {
+            // Rare: only a client that offered no ALPN. The same limits
+            // apply whichever protocol it turns out to speak.
+            let mut io = io;
+            let first = tokio::select! {
+                r = sniff(&mut io) => r?,
+                _ = tokio::time::sleep(builders.header_read_timeout) => return Ok(()),
+                _ = stopped(&mut shutdown) => return Ok(()),
+            };
+            let (h2, pre) = first;
+            let io = Rewind {
+                pre,
+                at: 0,
+                inner: io,
+            };
+            return Box::pin(serve_as(builders, h2, io, activity, idle, svc, shutdown)).await;
+        }
+    };
+    serve_as(builders, h2, io, activity, idle, svc, shutdown).await
+}
+
+async fn serve_as<I, S, B>(
+    builders: &Builders,
+    h2: bool,
+    io: I,
+    activity: Arc<AtomicU64>,
+    idle: Duration,
+    svc: S,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     // Pinned here and lent to `drive`: passed by value, the connection's
     // state (most of what an idle connection costs) would be stored twice,
     // as `drive`'s argument and as its pinned local.
-    let conn = pin!(builders.get(proto).serve_connection(TokioIo::new(io), svc));
+    if h2 {
+        let conn = pin!(builders.h2.serve_connection(TokioIo::new(io), svc));
+        return drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            activity,
+            idle,
+            &mut shutdown,
+        )
+        .await;
+    }
+    let io = crate::h1_guard::StrictLines::new(io, builders.max_header_bytes);
+    let conn = pin!(builders.strict_h1.serve_connection(TokioIo::new(io), svc));
     drive(
         conn,
         |c| c.graceful_shutdown(),
@@ -352,6 +490,7 @@ where
         &mut shutdown,
     )
     .await
+    .map_err(Into::into)
 }
 
 /// Runs a connection's future until it ends. When the connection has been

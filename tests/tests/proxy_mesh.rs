@@ -89,7 +89,9 @@ fn origin_form_absolute_form_and_host_routing() {
         body.contains(&format!("URI=spiffe://{TD}/ns/default/sa/web")),
         "{body}"
     );
-    // Absolute-form, as HTTP_PROXY clients send.
+    // Absolute-form, as HTTP_PROXY clients send. A Host that disagrees
+    // with the target's authority is refused (RFC 9112 section 3.2.2 lets
+    // the target win; two parties could still read different hosts).
     let (code, body, _) = curl(&[
         "-x",
         &out,
@@ -97,6 +99,9 @@ fn origin_form_absolute_form_and_host_routing() {
         "Host: spoofed.example",
         "http://api.default.svc/via-proxy",
     ]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("disagrees"), "{body}");
+    let (code, body, _) = curl(&["-x", &out, "http://api.default.svc/via-proxy"]);
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("GET /via-proxy HTTP/1.1"), "{body}");
     assert!(body.contains("host: api.default.svc\n"), "{body}");

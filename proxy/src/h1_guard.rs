@@ -1,0 +1,253 @@
+//! Line endings on the inbound's HTTP/1.1 connections, which hyper parses.
+//!
+//! hyper (through httparse) accepts a bare LF as a line terminator, as RFC
+//! 9112 section 2.2 allows a recipient to. The sidecar refuses it on both
+//! listeners, so that no head is read one way here and another way by a
+//! strict peer. This wrapper follows the message boundaries of the bytes
+//! hyper reads (heads, `Content-Length` and chunked bodies, trailer
+//! sections) and, where a head, chunk line or trailer section holds a bare
+//! LF, turns that LF into a NUL byte: no HTTP/1 parser accepts NUL in a
+//! head, so hyper answers 400 and closes, as for any malformed head.
+//!
+//! Cost per request: one pass over the head's bytes (copied into a reused
+//! buffer only when a head spans reads) and one framing parse of it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::h1::{request_body_framing, Framing};
+
+/// Where in the message stream the next byte is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// A request head (leading empty lines included).
+    Head,
+    /// This many body bytes to pass.
+    Body(u64),
+    /// A chunk-size line.
+    ChunkLine,
+    /// Chunk data, then its CRLF.
+    ChunkData(u64),
+    /// The trailer section after the last chunk.
+    Trailers,
+    /// Something the guard cannot follow (hyper will refuse it): bytes
+    /// pass unchecked from here on.
+    Lost,
+}
+
+/// An HTTP/1.1 server connection whose heads may not hold a bare LF.
+pub struct StrictLines<I> {
+    inner: I,
+    at: At,
+    /// The current head (or line) so far, when it spans reads.
+    line: Vec<u8>,
+    /// The previous byte seen in a checked section.
+    prev: u8,
+    /// Heads longer than this are hyper's to refuse (431).
+    max: usize,
+}
+
+impl<I> StrictLines<I> {
+    /// Wraps a server connection whose heads hyper refuses above `max`.
+    pub fn new(inner: I, max: usize) -> StrictLines<I> {
+        StrictLines {
+            inner,
+            at: At::Head,
+            line: Vec::new(),
+            prev: 0,
+            max,
+        }
+    }
+
+    /// Follows `bytes` (just read), poisoning bare LFs in heads.
+    fn follow(&mut self, bytes: &mut [u8]) {
+        let mut i = 0;
+        while i < bytes.len() {
+            match self.at {
+                At::Lost => return,
+                At::Body(n) => {
+                    let take = usize::try_from(n)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len() - i);
+                    i += take;
+                    let left = n - take as u64;
+                    self.at = if left == 0 { At::Head } else { At::Body(left) };
+                }
+                At::ChunkData(n) => {
+                    // `n` counts the data and its CRLF.
+                    let take = usize::try_from(n)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len() - i);
+                    i += take;
+                    let left = n - take as u64;
+                    self.at = if left == 0 {
+                        At::ChunkLine
+                    } else {
+                        At::ChunkData(left)
+                    };
+                }
+                At::Head | At::ChunkLine | At::Trailers => {
+                    // Whole segments up to the next LF, not byte by byte.
+                    let rest = &bytes[i..];
+                    let Some(p) = rest.iter().position(|b| *b == b'\n') else {
+                        self.line.extend_from_slice(rest);
+                        self.prev = rest[rest.len() - 1];
+                        if self.line.len() > self.max.saturating_add(2) {
+                            self.at = At::Lost;
+                        }
+                        return;
+                    };
+                    let before = if p == 0 { self.prev } else { rest[p - 1] };
+                    if before != b'\r' {
+                        bytes[i + p] = 0;
+                        // hyper refuses the head; nothing after it matters.
+                        self.at = At::Lost;
+                        return;
+                    }
+                    self.line.extend_from_slice(&rest[..=p]);
+                    self.prev = b'\n';
+                    i += p + 1;
+                    if self.line.len() > self.max.saturating_add(2) {
+                        self.at = At::Lost;
+                        return;
+                    }
+                    self.line_end();
+                }
+            }
+        }
+    }
+
+    /// A line (CRLF) ended in a checked section.
+    fn line_end(&mut self) {
+        match self.at {
+            At::Head => {
+                if self.line == b"\r\n" {
+                    // An empty line before the request line.
+                    self.line.clear();
+                } else if self.line.ends_with(b"\r\n\r\n") {
+                    self.at = match request_body_framing(&self.line) {
+                        Some(Framing::Empty) => At::Head,
+                        Some(Framing::Length(n)) => At::Body(n),
+                        Some(Framing::Chunked) => At::ChunkLine,
+                        Some(Framing::UntilClose) | None => At::Lost,
+                    };
+                    self.line.clear();
+                }
+            }
+            At::ChunkLine => {
+                let digits = self
+                    .line
+                    .iter()
+                    .take_while(|b| b.is_ascii_hexdigit())
+                    .count();
+                let size = std::str::from_utf8(&self.line[..digits])
+                    .ok()
+                    .and_then(|h| u64::from_str_radix(h, 16).ok());
+                self.at = match size {
+                    Some(0) => At::Trailers,
+                    Some(n) => At::ChunkData(n.saturating_add(2)),
+                    None => At::Lost,
+                };
+                self.line.clear();
+            }
+            // The section ends at an empty line.
+            At::Trailers if self.line == b"\r\n" || self.line.ends_with(b"\r\n\r\n") => {
+                self.at = At::Head;
+                self.line.clear();
+            }
+            _ => {}
+        }
+        if self.line.capacity() > 4096 && self.line.is_empty() {
+            // A large head once does not keep its buffer.
+            self.line = Vec::new();
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for StrictLines<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && self.at != At::Lost {
+            let this = &mut *self;
+            this.follow(&mut buf.filled_mut()[before..]);
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for StrictLines<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `wire` in pieces of `step`; returns what hyper would read.
+    fn run(wire: &[u8], step: usize) -> Vec<u8> {
+        let mut g = StrictLines::new((), 1024);
+        let mut out = wire.to_vec();
+        for piece in out.chunks_mut(step) {
+            g.follow(piece);
+        }
+        out
+    }
+
+    #[test]
+    fn bare_lfs_in_heads_chunk_lines_and_trailers_are_poisoned_bodies_are_not() {
+        let ok: &[u8] = b"\r\nPOST /a HTTP/1.1\r\nContent-Length: 4\r\n\r\na\nb\nGET /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n\n\n\n\r\n0\r\nx: y\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
+        for step in [1, 2, 5, 7, ok.len()] {
+            assert_eq!(run(ok, step), ok, "step {step}");
+        }
+        for bad in [
+            &b"GET / HTTP/1.1\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET / HTTP/1.1\r\nA: b\nC: d\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\nx\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx: y\n\r\n",
+        ] {
+            for step in [1, 3, bad.len()] {
+                assert!(
+                    run(bad, step).contains(&0),
+                    "{:?} step {step}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,720 @@
+//! Header fields the sidecar owns, and what a peer may not do with fields.
+//!
+//! One place for every list the listeners apply, so that the inbound, the
+//! outbound, HTTP/1 and HTTP/2, header sections and trailer sections cannot
+//! drift apart:
+//!
+//! * [`OWNED`] and the `x-keyproof-` prefix: fields only the sidecar sets.
+//!   A copy from the network is removed, also when its name equals an owned
+//!   name once `_` is read as `-` (CGI, WSGI and many frameworks map
+//!   `X-Forwarded-Client-Cert` and `X_Forwarded_Client_Cert` to the same
+//!   variable, and the forged one may arrive first).
+//! * [`HOP_BY_HOP`]: fields describing one connection (RFC 9110 section
+//!   7.6.1), never forwarded.
+//! * [`NOT_IN_TRAILERS`]: fields whose meaning is needed before the content
+//!   (RFC 9110 section 6.5.1: framing, routing, authentication, request
+//!   modifiers, response controls, content format), removed from trailer
+//!   sections in every direction.
+//!
+//! Everything here runs per request, so each check is a single pass over
+//! the field names that allocates nothing unless a field must go.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+
+/// Fields only the sidecar sets. The step-up request fields are here too:
+/// on a step-up route the inbound's verifier consumes them, and nowhere
+/// else may a caller's signature reach the app.
+pub const OWNED: [&str; 5] = [
+    "x-forwarded-client-cert",
+    "signature",
+    "signature-input",
+    "stepup-binding",
+    // Set by the inbound on verified requests; listed although the prefix
+    // below covers it, so that the list reads as the contract it is.
+    "x-keyproof-step-up",
+];
+
+/// Every field under this prefix belongs to the sidecar (present and future).
+pub const OWNED_PREFIX: &str = "x-keyproof-";
+
+/// The step-up request fields (`../shared/design/step-up.md`), exactly as
+/// the verifier reads them.
+pub const STEPUP_REQUEST: [&str; 3] = ["signature", "signature-input", "stepup-binding"];
+
+/// Hop-by-hop fields (RFC 9110 section 7.6.1) plus the legacy ones clients
+/// still send; the one list both HTTP/1.1 codecs and the forwarders use.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Fields removed from every trailer section (RFC 9110 section 6.5.1), on
+/// top of the hop-by-hop and sidecar-owned ones.
+pub const NOT_IN_TRAILERS: [&str; 36] = [
+    // Framing and content format.
+    "content-length",
+    "content-encoding",
+    "content-type",
+    "content-range",
+    "trailer",
+    // Routing.
+    "host",
+    "location",
+    "retry-after",
+    "via",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    // Authentication and state.
+    "authorization",
+    "www-authenticate",
+    "authentication-info",
+    "proxy-authentication-info",
+    "cookie",
+    "set-cookie",
+    "accept-signature",
+    // Request modifiers and controls.
+    "expect",
+    "max-forwards",
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+    "cache-control",
+    "pragma",
+    // Response controls.
+    "age",
+    "expires",
+    "date",
+    "vary",
+    "warning",
+    "content-location",
+];
+
+/// What the inbound does with header names containing `_` that are not an
+/// owned name in disguise (those are always removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Underscores {
+    /// Forwarded as sent.
+    #[default]
+    Allow,
+    /// Removed (and counted).
+    Drop,
+    /// The request is refused with 400 (and counted).
+    Reject,
+}
+
+impl Underscores {
+    /// The configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Underscores::Allow => "allow",
+            Underscores::Drop => "drop",
+            Underscores::Reject => "reject",
+        }
+    }
+}
+
+/// Why a request is refused before it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 400, or 501 for a transfer coding the sidecar does not forward.
+    pub status: StatusCode,
+    /// For the log and the response body.
+    pub reason: String,
+    /// Refused by `headers_with_underscores = "reject"` (counted).
+    pub underscore: bool,
+}
+
+impl Refusal {
+    fn bad(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+            underscore: false,
+        }
+    }
+}
+
+/// What [`check_request`] found that [`strip_request`] must act on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Findings {
+    /// Some field is sidecar-owned (or one in disguise).
+    pub owned: bool,
+    /// Other fields with `_` in their name (to drop, per the mode).
+    pub underscores: u32,
+}
+
+impl Findings {
+    /// Whether the fields need no change.
+    pub fn is_clean(&self) -> bool {
+        !self.owned && self.underscores == 0
+    }
+}
+
+/// Whether `name` equals `canonical` (lowercase, with `-`), ignoring ASCII
+/// case and reading `_` as `-`.
+fn same_name(name: &[u8], canonical: &str) -> bool {
+    let c = canonical.as_bytes();
+    name.len() == c.len()
+        && name
+            .iter()
+            .zip(c)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+}
+
+/// Whether `name` is a sidecar-owned field, or one once `_` is read as `-`.
+pub fn is_owned(name: &[u8]) -> bool {
+    let p = OWNED_PREFIX.len();
+    (name.len() >= p && same_name(&name[..p], OWNED_PREFIX))
+        || OWNED.iter().any(|o| same_name(name, o))
+}
+
+/// Whether `name`, which holds a `_`, equals once `_` is read as `-` a
+/// field whose value the proxy decides (framing, hop-by-hop): an app that
+/// maps both spellings to one variable would read the caller's instead.
+fn controlled_in_disguise(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && (HOP_BY_HOP.iter().any(|h| same_name(name, h)) || same_name(name, "content-length"))
+}
+
+/// Whether `name` is one of the step-up request fields, spelt exactly.
+fn is_stepup_request(name: &str) -> bool {
+    STEPUP_REQUEST.contains(&name)
+}
+
+/// Whether `name` is a hop-by-hop field.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
+/// Whether `name` may not appear in a trailer section.
+pub fn not_in_trailers(name: &[u8]) -> bool {
+    is_owned(name)
+        || HOP_BY_HOP.iter().any(|h| same_name(name, h))
+        || NOT_IN_TRAILERS.iter().any(|h| same_name(name, h))
+}
+
+/// Removes from a trailer section every field [`not_in_trailers`] names.
+/// Allocation-free when there is nothing to remove.
+pub fn filter_trailers(t: &mut HeaderMap) {
+    while let Some(name) = t.keys().find(|k| not_in_trailers(k.as_str().as_bytes())) {
+        let name = name.clone();
+        t.remove(&name);
+    }
+}
+
+/// A trailer section under `headers_with_underscores`: names with `_` are
+/// removed (`drop`) or fail the body (`reject`: the request, already on
+/// its way, breaks off and the caller gets an error).
+pub fn underscores_in_trailers(t: &mut HeaderMap, mode: Underscores) -> Result<(), TrailerRefused> {
+    // Owned names in disguise are removed by `filter_trailers`, whatever
+    // the mode, as in header sections.
+    let doomed =
+        |k: &HeaderName| k.as_str().contains('_') && !not_in_trailers(k.as_str().as_bytes());
+    while let Some(name) = t.keys().find(|k| doomed(k)) {
+        if mode == Underscores::Reject {
+            return Err(TrailerRefused(name.as_str().to_owned()));
+        }
+        let name = name.clone();
+        t.remove(&name);
+    }
+    Ok(())
+}
+
+/// A trailer field refused by `headers_with_underscores = "reject"`.
+#[derive(Debug, thiserror::Error)]
+#[error("trailer field name {0:?} contains '_' (inbound.headers_with_underscores = \"reject\")")]
+pub struct TrailerRefused(String);
+
+/// Checks a request's header section before anything is forwarded:
+/// `Host` (at most one, agreeing with an absolute-form or HTTP/2
+/// authority), `Connection` (may not name framing, routing or owned
+/// fields), `Transfer-Encoding` (only one `chunked`, no other coding) and,
+/// in `reject` mode, names with `_`. Says what [`strip_request`] has to
+/// remove; one pass over the names when all is well.
+pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Findings, Refusal> {
+    let mut f = Findings::default();
+    let (mut hosts, mut connection, mut te, mut length) = (0u32, false, false, false);
+    for name in h.keys() {
+        let n = name.as_str().as_bytes();
+        // Cheap filters first: the names acted on start with one of these
+        // letters or hold an `_`.
+        match n.first() {
+            Some(b'x' | b's' | b'h' | b'c' | b't') => {}
+            _ if !n.contains(&b'_') => continue,
+            _ => {}
+        }
+        if is_owned(n) || controlled_in_disguise(n) {
+            f.owned = true;
+        } else if n.contains(&b'_') {
+            if mode == Underscores::Reject {
+                return Err(Refusal {
+                    underscore: true,
+                    ..Refusal::bad(format!(
+                        "header name {:?} contains '_' (inbound.headers_with_underscores = \"reject\")",
+                        name.as_str()
+                    ))
+                });
+            }
+            if mode == Underscores::Drop {
+                f.underscores += 1;
+            }
+        } else if *name == header::HOST {
+            hosts += 1;
+        } else if *name == header::CONNECTION {
+            connection = true;
+        } else if *name == header::TRANSFER_ENCODING {
+            te = true;
+        } else if *name == header::CONTENT_LENGTH {
+            length = true;
+        }
+    }
+    if hosts > 0 {
+        let mut all = h.get_all(header::HOST).iter();
+        let first = all.next();
+        if hosts > 1 || all.next().is_some() {
+            return Err(Refusal::bad("more than one Host field"));
+        }
+        if let (Some(a), Some(v)) = (uri.authority(), first) {
+            if !a.as_str().as_bytes().eq_ignore_ascii_case(v.as_bytes()) {
+                return Err(Refusal::bad(format!(
+                    "Host {:?} disagrees with the request target's authority {:?}",
+                    String::from_utf8_lossy(v.as_bytes()),
+                    a.as_str()
+                )));
+            }
+        }
+    }
+    if connection {
+        for token in h
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+        {
+            if token.starts_with(b":")
+                || token.eq_ignore_ascii_case(b"host")
+                || token.eq_ignore_ascii_case(b"content-length")
+                || token.eq_ignore_ascii_case(b"transfer-encoding")
+                || is_owned(token)
+            {
+                return Err(Refusal::bad(format!(
+                    "Connection may not name {:?}",
+                    String::from_utf8_lossy(token)
+                )));
+            }
+        }
+    }
+    if te {
+        check_transfer_encoding(h.get_all(header::TRANSFER_ENCODING).iter(), length)?;
+    }
+    Ok(f)
+}
+
+/// `Transfer-Encoding` as a proxy can forward it faithfully: exactly one
+/// `chunked` (which the proxy decodes and re-frames), and nothing else.
+/// A coding before `chunked` is refused with 501 rather than decoded
+/// partly and dropped: the app would read a compressed body as plain.
+fn check_transfer_encoding<'a>(
+    values: impl Iterator<Item = &'a HeaderValue>,
+    with_length: bool,
+) -> Result<(), Refusal> {
+    let mut chunked = 0;
+    for coding in values
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+    {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            chunked += 1;
+        } else {
+            return Err(Refusal {
+                status: StatusCode::NOT_IMPLEMENTED,
+                reason: format!(
+                    "transfer coding {:?} is not supported (only chunked)",
+                    String::from_utf8_lossy(coding)
+                ),
+                underscore: false,
+            });
+        }
+    }
+    if chunked != 1 {
+        return Err(Refusal::bad(
+            "Transfer-Encoding must name chunked exactly once",
+        ));
+    }
+    if with_length {
+        return Err(Refusal::bad("both Transfer-Encoding and Content-Length"));
+    }
+    Ok(())
+}
+
+/// Removes what [`check_request`] found: every owned field (but the exact
+/// step-up request fields when `keep_stepup`: the verifier consumes those)
+/// and, in `drop` mode, the other names with `_`.
+pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
+    if found.is_clean() {
+        return;
+    }
+    let drop_underscores = found.underscores > 0;
+    let doomed = |k: &HeaderName| {
+        let n = k.as_str();
+        if is_owned(n.as_bytes()) {
+            !(keep_stepup && is_stepup_request(n))
+        } else if controlled_in_disguise(n.as_bytes()) {
+            true
+        } else {
+            drop_underscores && n.contains('_')
+        }
+    };
+    while let Some(name) = h.keys().find(|k| doomed(k)) {
+        let name = name.clone();
+        h.remove(&name);
+    }
+}
+
+/// Removes from an app's response what only the sidecar may say: its own
+/// fields, `Accept-Signature`, and every `StepUp` challenge in
+/// `WWW-Authenticate` (other challenges are kept). A caller's sidecar signs
+/// StepUp challenges; one made by the app would make callers sign nonces of
+/// the app's choosing. One pass over the names when there is nothing to do.
+pub fn strip_response(h: &mut HeaderMap) {
+    let mut challenges = false;
+    let mut other = false;
+    for name in h.keys() {
+        let n = name.as_str().as_bytes();
+        match n.first() {
+            Some(b'x' | b'a' | b'w') => {}
+            _ if !n.contains(&b'_') => continue,
+            _ => {}
+        }
+        if *name == header::WWW_AUTHENTICATE {
+            challenges = true;
+        } else if same_name(n, "accept-signature") || response_owned(n) {
+            other = true;
+        }
+    }
+    if other {
+        while let Some(name) = h.keys().find(|k| {
+            same_name(k.as_str().as_bytes(), "accept-signature")
+                || response_owned(k.as_str().as_bytes())
+        }) {
+            let name = name.clone();
+            h.remove(&name);
+        }
+    }
+    if challenges
+        && h.get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|v| has_stepup_challenge(v.as_bytes()))
+    {
+        let kept: Vec<HeaderValue> = h
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(without_stepup)
+            .collect();
+        h.remove(header::WWW_AUTHENTICATE);
+        for v in kept {
+            h.append(header::WWW_AUTHENTICATE, v);
+        }
+    }
+}
+
+/// Owned fields that an app's response may not carry. `Signature` and
+/// `Signature-Input` are not among them: an app may sign its responses
+/// (RFC 9421), which is no concern of the step-up scheme.
+fn response_owned(n: &[u8]) -> bool {
+    let p = OWNED_PREFIX.len();
+    (n.len() >= p && same_name(&n[..p], OWNED_PREFIX))
+        || same_name(n, "x-forwarded-client-cert")
+        || same_name(n, "stepup-binding")
+}
+
+/// The elements of a `WWW-Authenticate` value: split at commas outside
+/// quoted strings.
+fn elements(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = v;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut quoted, mut escaped) = (false, false);
+        let mut end = rest.len();
+        for (i, &b) in rest.iter().enumerate() {
+            if escaped {
+                escaped = false;
+            } else if quoted && b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                quoted = !quoted;
+            } else if b == b',' && !quoted {
+                end = i;
+                break;
+            }
+        }
+        let el = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or(&[]);
+        Some(el.trim_ascii())
+    })
+}
+
+/// The auth-scheme an element starts, or `None` when the element is an
+/// auth-param continuing the previous challenge (`name=value`).
+fn scheme_of(el: &[u8]) -> Option<&[u8]> {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let len = el.iter().take_while(|b| tchar(b)).count();
+    if len == 0 {
+        return None;
+    }
+    match el[len..].trim_ascii_start().first() {
+        Some(b'=') => None,
+        _ => Some(&el[..len]),
+    }
+}
+
+fn has_stepup_challenge(v: &[u8]) -> bool {
+    elements(v).any(|el| scheme_of(el).is_some_and(|s| s.eq_ignore_ascii_case(b"stepup")))
+}
+
+/// The value with its StepUp challenges (and their parameters) removed;
+/// `None` when nothing is left.
+fn without_stepup(v: &HeaderValue) -> Option<HeaderValue> {
+    if !has_stepup_challenge(v.as_bytes()) {
+        return Some(v.clone());
+    }
+    let mut out = Vec::with_capacity(v.len());
+    let mut skipping = false;
+    for el in elements(v.as_bytes()) {
+        if el.is_empty() {
+            continue;
+        }
+        if let Some(s) = scheme_of(el) {
+            skipping = s.eq_ignore_ascii_case(b"stepup");
+        }
+        if skipping {
+            continue;
+        }
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(el);
+    }
+    if out.is_empty() {
+        return None;
+    }
+    HeaderValue::from_bytes(&out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in fields {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut n: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn owned_names_are_recognised_in_any_disguise() {
+        for n in [
+            "x-forwarded-client-cert",
+            "x_forwarded_client_cert",
+            "X_Forwarded-Client_Cert",
+            "x-keyproof-step-up",
+            "X_Keyproof_Step_Up",
+            "x-keyproof-anything-later",
+            "x_keyproof_",
+            "signature",
+            "Signature_Input",
+            "stepup_binding",
+        ] {
+            assert!(is_owned(n.as_bytes()), "{n}");
+        }
+        for n in [
+            "x-forwarded-client-certs",
+            "x-keyproof",
+            "x-forwarded-for",
+            "signatures",
+            "content-digest",
+        ] {
+            assert!(!is_owned(n.as_bytes()), "{n}");
+        }
+    }
+
+    #[test]
+    fn requests_lose_owned_fields_and_keep_the_rest() {
+        let uri: Uri = "/a".parse().unwrap();
+        let mut h = map(&[
+            ("host", "a"),
+            ("x_forwarded_client_cert", "By=forged"),
+            ("x-forwarded-client-cert", "By=forged"),
+            ("x-keyproof-step-up", "verified"),
+            ("x_keyproof_step_up", "verified"),
+            ("signature", "stepup=:AA==:"),
+            ("signature_input", "x"),
+            ("my_field", "1"),
+            ("accept", "*/*"),
+            ("transfer_encoding", "gzip"),
+            ("Content_Length", "5"),
+            ("proxy_authorization", "x"),
+        ]);
+        let f = check_request(&h, &uri, Underscores::Allow).unwrap();
+        assert!(f.owned);
+        let mut keep = h.clone();
+        strip_request(&mut h, f, false);
+        assert_eq!(names(&h), ["accept", "host", "my_field"]);
+        // On a step-up route the verifier gets the exact step-up fields.
+        strip_request(&mut keep, f, true);
+        assert_eq!(names(&keep), ["accept", "host", "my_field", "signature"]);
+        let mut h = map(&[("my_field", "1"), ("a", "b")]);
+        let f = check_request(&h, &uri, Underscores::Drop).unwrap();
+        strip_request(&mut h, f, false);
+        assert_eq!(names(&h), ["a"]);
+        let h = map(&[("my_field", "1")]);
+        assert_eq!(
+            check_request(&h, &uri, Underscores::Reject)
+                .unwrap_err()
+                .status,
+            400
+        );
+        // In reject mode an owned name in disguise is still just removed.
+        let h = map(&[("x_forwarded_client_cert", "1"), ("transfer_encoding", "x")]);
+        assert!(check_request(&h, &uri, Underscores::Reject).unwrap().owned);
+        let h = map(&[("host", "a"), ("accept", "*/*")]);
+        assert!(check_request(&h, &uri, Underscores::Reject)
+            .unwrap()
+            .is_clean());
+    }
+
+    #[test]
+    fn host_connection_and_transfer_encoding_shapes_are_refused() {
+        let origin: Uri = "/a".parse().unwrap();
+        let absolute: Uri = "http://app.example/a".parse().unwrap();
+        let status = |h: &[(&str, &str)], uri: &Uri| {
+            check_request(&map(h), uri, Underscores::Allow)
+                .map_or_else(|e| e.status.as_u16(), |_| 0)
+        };
+        assert_eq!(status(&[("host", "a"), ("host", "a")], &origin), 400);
+        assert_eq!(status(&[("host", "other")], &absolute), 400);
+        assert_eq!(status(&[("host", "APP.example")], &absolute), 0);
+        assert_eq!(status(&[("host", "a")], &origin), 0);
+        for named in [
+            "host",
+            "Content-Length",
+            "transfer-encoding",
+            "x-forwarded-client-cert",
+            "x_forwarded_client_cert",
+            "X-Keyproof-Step-Up",
+            "signature-input",
+            ":authority",
+        ] {
+            let v = format!("keep-alive, {named}");
+            assert_eq!(status(&[("connection", &v)], &origin), 400, "{named}");
+        }
+        assert_eq!(
+            status(&[("connection", "keep-alive, x-private, te")], &origin),
+            0
+        );
+        assert_eq!(status(&[("transfer-encoding", "chunked")], &origin), 0);
+        assert_eq!(
+            status(&[("transfer-encoding", "chunked, chunked")], &origin),
+            400
+        );
+        assert_eq!(
+            status(
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked")
+                ],
+                &origin
+            ),
+            400
+        );
+        assert_eq!(
+            status(&[("transfer-encoding", "gzip, chunked")], &origin),
+            501
+        );
+        assert_eq!(status(&[("transfer-encoding", "gzip")], &origin), 501);
+        assert_eq!(
+            status(
+                &[("transfer-encoding", "chunked"), ("content-length", "3")],
+                &origin
+            ),
+            400
+        );
+    }
+
+    #[test]
+    fn trailers_keep_only_what_may_follow_the_content() {
+        let mut t = map(&[
+            ("grpc-status", "0"),
+            ("x-forwarded-client-cert", "forged"),
+            ("x_forwarded_client_cert", "forged"),
+            ("x-keyproof-step-up", "verified"),
+            ("content-length", "5"),
+            ("host", "evil"),
+            ("transfer-encoding", "chunked"),
+            ("authorization", "Bearer x"),
+            ("te", "trailers"),
+            ("connection", "close"),
+            ("content_type", "text/evil"),
+            ("server-timing", "db;dur=5"),
+        ]);
+        filter_trailers(&mut t);
+        assert_eq!(names(&t), ["grpc-status", "server-timing"]);
+    }
+
+    #[test]
+    fn app_responses_lose_stepup_challenges_and_owned_fields() {
+        let mut h = map(&[
+            (
+                "www-authenticate",
+                "Basic realm=\"a, b\", StepUp error=\"stepup_required\", Bearer",
+            ),
+            ("www-authenticate", "stepup"),
+            ("www-authenticate", "Negotiate abc=="),
+            ("accept-signature", "stepup=(\"@method\");nonce=\"n\""),
+            ("accept_signature", "x"),
+            ("x-keyproof-step-up-error", "forged"),
+            ("signature", "app=:AA==:"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_response(&mut h);
+        let v: Vec<_> = h
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(v, ["Basic realm=\"a, b\", Bearer", "Negotiate abc=="]);
+        assert_eq!(names(&h), ["content-type", "signature", "www-authenticate"]);
+        let mut h = map(&[("www-authenticate", "StepUp error=\"x\", foo=\"b\"")]);
+        strip_response(&mut h);
+        assert!(h.is_empty());
+    }
+}
