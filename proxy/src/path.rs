@@ -136,6 +136,37 @@ fn check_raw(b: u8) -> Result<(), PathError> {
     }
 }
 
+/// Bytes that are normal wherever they stand (everything `check_raw`
+/// accepts but `/`), looked up in one load on the fast path.
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+                    | b':'
+                    | b'@'
+            );
+        i += 1;
+    }
+    t
+};
+
 fn hex_val(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -201,6 +232,10 @@ fn rewrite(path: &[u8], mode: Mode) -> Result<Option<String>, PathError> {
     let mut i = 0;
     while i < path.len() {
         let b = path[i];
+        if PLAIN[usize::from(b)] {
+            i += 1;
+            continue;
+        }
         if b == b'%' {
             let v = decode_at(path, i)?;
             let upper = |b: u8| !b.is_ascii_lowercase();
