@@ -84,9 +84,10 @@ fn verify_possession<P: PeerPolicy>(
 /// the *client's* list that it supports, so keyproof servers agree on
 /// X25519MLKEM768 with every client that prefers it, and never force it on
 /// a client that ranks it lower (that would cost a HelloRetryRequest round
-/// trip). The price is a larger ClientHello (the ML-KEM-768 share is 1,216
-/// bytes, the server's 1,120; the ClientHello no longer fits one
-/// 1,460-byte segment) and a little CPU: `benches/README.md` has figures.
+/// trip). The price is a larger handshake (the client's ML-KEM-768 share is
+/// 1,216 bytes, the server's 1,120: a ClientHello of about 1.4 KB instead of
+/// 0.25 KB, still one segment at a 1,460-byte MSS) and some CPU:
+/// `benches/README.md` has figures (`benches/kx-compare.sh`).
 pub fn kx_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
     use rustls::crypto::aws_lc_rs::kx_group;
     vec![
