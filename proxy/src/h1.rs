@@ -656,8 +656,13 @@ impl ChunkedDecoder {
         loop {
             match self.state {
                 Chunk::Size => {
-                    let Some(end) = find_crlf(buf) else {
-                        if buf.len() > MAX_CHUNK_LINE {
+                    // The limit holds however the line arrives: only its
+                    // first MAX_CHUNK_LINE bytes and CRLF are looked at, and
+                    // a line that long may still end (its CR can be the
+                    // last byte read).
+                    let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+                    let Some(end) = find_crlf(window) else {
+                        if buf.len() > MAX_CHUNK_LINE + 1 {
                             return Err(H1Error::Chunk);
                         }
                         return Ok(Decoded::NeedMore);
@@ -696,6 +701,16 @@ impl ChunkedDecoder {
                 Chunk::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     let (len, at) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, _))) if len > self.max_trailers => {
+                            return Err(H1Error::TooLarge(self.max_trailers))
+                        }
+                        // httparse takes a bare LF as a line end; CRLF only,
+                        // as for every line here (RFC 9112 section 2.2 lets
+                        // a recipient refuse a bare LF), so that no two
+                        // readers disagree on where the section ends.
+                        Ok(httparse::Status::Complete((len, _))) if has_bare_lf(&buf[..len]) => {
+                            return Err(H1Error::Chunk)
+                        }
                         Ok(httparse::Status::Complete((len, f))) => (len, locate(buf, f)),
                         Ok(httparse::Status::Partial) if buf.len() > self.max_trailers => {
                             return Err(H1Error::TooLarge(self.max_trailers))
@@ -845,6 +860,14 @@ impl BodyReader {
         self.state = ReadState::Done;
         Poll::Ready(Some(Err(e)))
     }
+}
+
+/// Whether a LF in `bytes` is not preceded by a CR.
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
@@ -1053,6 +1076,46 @@ mod tests {
         }
         let long = format!("1;{}\r\n", "e".repeat(2000));
         assert!(decode_all(long.as_bytes(), 64).is_err());
+    }
+
+    /// Found by the `chunked` fuzz target: the limits were checked only on
+    /// what a single read happened to hold, so a chunk-size line or trailer
+    /// section over the limit passed when it arrived in one read and was
+    /// refused when it trickled in.
+    #[test]
+    fn chunk_limits_hold_whatever_the_read_boundaries() {
+        let line = |ext: usize| format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(ext));
+        // "1;" plus the extension: MAX_CHUNK_LINE bytes exactly, then one more.
+        let (fits, over) = (line(MAX_CHUNK_LINE - 2), line(MAX_CHUNK_LINE - 1));
+        let trailer = |value: usize| format!("0\r\nx: {}\r\n\r\n", "v".repeat(value));
+        // The section is "x: " + value + CRLF + CRLF: 1024 bytes, then 1025.
+        let (t_fits, t_over) = (trailer(1024 - 7), trailer(1024 - 6));
+        for step in [1, 2, 5, 64, 4096] {
+            assert_eq!(decode_all(fits.as_bytes(), step).unwrap().0, b"x", "{step}");
+            assert!(decode_all(over.as_bytes(), step).is_err(), "{step}");
+            assert!(decode_all(t_fits.as_bytes(), step).unwrap().1.is_some());
+            assert!(decode_all(t_over.as_bytes(), step).is_err(), "{step}");
+        }
+    }
+
+    /// Found by the `chunked` fuzz target: httparse ends a trailer line at
+    /// a bare LF, against this module's CRLF-only rule.
+    #[test]
+    fn trailers_with_bare_lf_are_refused() {
+        for bad in [
+            &b"0\r\nx: y\n\n"[..],
+            b"0\r\nx: y\r\n\n",
+            b"0\r\nx: y\nz: w\r\n\r\n",
+            b"0\r\n\n",
+        ] {
+            for step in [1, bad.len()] {
+                assert!(
+                    decode_all(bad, step).is_err(),
+                    "{:?}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
     }
 
     #[test]
