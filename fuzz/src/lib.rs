@@ -166,7 +166,13 @@ pub fn reference_chunked(wire: &[u8], max_trailers: usize) -> Result<Body, RefEr
         if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
             return Err(RefError::Invalid);
         }
-        let value = line[colon + 1..].trim_ascii();
+        let mut value = &line[colon + 1..];
+        while let [b' ' | b'\t', rest @ ..] = value {
+            value = rest;
+        }
+        while let [rest @ .., b' ' | b'\t'] = value {
+            value = rest;
+        }
         if !value.iter().all(|b| is_field_byte(*b)) {
             return Err(RefError::Invalid);
         }
