@@ -266,10 +266,17 @@ pub struct RequestHead {
 /// `Ok(None)`: more bytes are needed. Empty lines before the request line
 /// are skipped (RFC 9112 section 2.2).
 pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, H1Error> {
-    let blank = buf
-        .iter()
-        .take_while(|b| **b == b'\r' || **b == b'\n')
-        .count();
+    // Empty lines only: a CR not followed by LF is a bare CR, which RFC
+    // 9112 section 2.2 makes invalid (httparse refuses it; skipping it here
+    // accepted "\rGET ...").
+    let mut blank = 0;
+    loop {
+        match buf[blank..] {
+            [b'\r', b'\n', ..] => blank += 2,
+            [b'\n', ..] => blank += 1,
+            _ => break,
+        }
+    }
     buf.advance(blank);
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -1174,6 +1181,13 @@ mod tests {
             let e = request(bad).map(|_| ()).expect_err(bad);
             assert_eq!(e.status().as_u16(), status, "{bad:?}: {e}");
         }
+        // Found by the h1_differential test: a bare CR before the request
+        // line was skipped as if it were an empty line.
+        for bad in ["\rGET / HTTP/1.1\r\n\r\n", "\r\n\rGET / HTTP/1.1\r\n\r\n"] {
+            assert_eq!(request(bad).unwrap_err().status().as_u16(), 400, "{bad:?}");
+        }
+        // A CRLF split between reads still waits for the LF.
+        assert!(request("\r\n\r").unwrap().is_none());
         let big = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(2000));
         assert_eq!(request(&big).unwrap_err().status().as_u16(), 431);
     }
