@@ -51,6 +51,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(!head.keep_alive);
     }
 
+    // Writing back may add two fields (framing, connection): past the
+    // parser's field count limit that is a different head.
+    if head.parts.headers.len() + 2 > keyproof_fuzz::MAX_TRAILER_FIELDS {
+        return;
+    }
     let again = keyproof_fuzz::write_response(&head);
     let mut again_buf = again.clone();
     let re = match parse_response_head(&mut again_buf, &method, usize::MAX) {

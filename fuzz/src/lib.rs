@@ -13,7 +13,7 @@ use keyproof_proxy::h1::{Framing, RequestHead, ResponseHead};
 /// The longest chunk-size line (extensions included, CRLF excluded) keyproof
 /// accepts; the reference decoder enforces the same limit.
 pub const MAX_CHUNK_LINE: usize = 1024;
-/// Most fields in a trailer section.
+/// Most fields in a head or trailer section (keyproof's `MAX_HEADERS`).
 pub const MAX_TRAILER_FIELDS: usize = 128;
 
 /// Read sizes drawn from `seed`: a small xorshift so that one control byte
