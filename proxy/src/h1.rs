@@ -543,6 +543,11 @@ fn response_framing(
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
+        if version == Version::HTTP_10 {
+            // RFC 9112 section 6.1: an HTTP/1.0 message with a transfer
+            // coding has faulty framing; read it, then close.
+            keep_alive = false;
+        }
         return if hop.chunked {
             (Framing::Chunked, keep_alive)
         } else {
@@ -987,6 +992,19 @@ mod tests {
         let mut names: Vec<_> = r.parts.headers.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    /// RFC 9112 section 6.1, found while writing the `response_head` fuzz
+    /// target's invariants (which now check it).
+    #[test]
+    fn an_http_10_response_with_a_transfer_coding_closes_the_connection() {
+        for raw in [
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            let r = head(raw, Method::GET).unwrap().unwrap();
+            assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false), "{raw:?}");
+        }
     }
 
     #[test]
