@@ -52,6 +52,14 @@ fuzz_target!(|data: &[u8]| {
         .parts
         .headers
         .contains_key(http::header::TRANSFER_ENCODING));
+    // RFC 9112 section 2.2: a bare CR is invalid.
+    let raw = &wire[..consumed];
+    assert!(
+        !raw.iter()
+            .enumerate()
+            .any(|(i, b)| *b == b'\r' && raw.get(i + 1) != Some(&b'\n')),
+        "bare CR accepted"
+    );
 
     let again = keyproof_fuzz::write_request(&head);
     let mut again_buf = again.clone();

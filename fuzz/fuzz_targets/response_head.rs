@@ -50,6 +50,25 @@ fuzz_target!(|data: &[u8]| {
     if head.framing == Framing::UntilClose {
         assert!(!head.keep_alive);
     }
+    let raw = &wire[..consumed];
+    // RFC 9112 section 6.1: an HTTP/1.0 message with a transfer coding has
+    // faulty framing, and the connection closes after it.
+    let te = raw
+        .windows(18)
+        .any(|w| w.eq_ignore_ascii_case(b"\ntransfer-encoding"));
+    if te && head.parts.version == http::Version::HTTP_10 {
+        assert!(
+            !head.keep_alive,
+            "HTTP/1.0 with a transfer coding kept alive"
+        );
+    }
+    // RFC 9112 section 2.2: a bare CR is invalid.
+    assert!(
+        !raw.iter()
+            .enumerate()
+            .any(|(i, b)| *b == b'\r' && raw.get(i + 1) != Some(&b'\n')),
+        "bare CR accepted"
+    );
 
     // Writing back may add two fields (framing, connection): past the
     // parser's field count limit that is a different head.
