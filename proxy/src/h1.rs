@@ -275,10 +275,17 @@ pub struct RequestHead {
 /// `Ok(None)`: more bytes are needed. Empty lines before the request line
 /// are skipped (RFC 9112 section 2.2).
 pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, H1Error> {
-    let blank = buf
-        .iter()
-        .take_while(|b| **b == b'\r' || **b == b'\n')
-        .count();
+    // Empty lines only: a CR not followed by LF is a bare CR, which RFC
+    // 9112 section 2.2 makes invalid (httparse refuses it; skipping it here
+    // accepted "\rGET ...").
+    let mut blank = 0;
+    loop {
+        match buf[blank..] {
+            [b'\r', b'\n', ..] => blank += 2,
+            [b'\n', ..] => blank += 1,
+            _ => break,
+        }
+    }
     buf.advance(blank);
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -581,6 +588,11 @@ fn response_framing(
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
+        if version == Version::HTTP_10 {
+            // RFC 9112 section 6.1: an HTTP/1.0 message with a transfer
+            // coding has faulty framing; read it, then close.
+            keep_alive = false;
+        }
         return Ok(if hop.chunked {
             (Framing::Chunked, keep_alive)
         } else {
@@ -714,8 +726,13 @@ impl ChunkedDecoder {
         loop {
             match self.state {
                 Chunk::Size => {
-                    let Some(end) = find_crlf(buf) else {
-                        if buf.len() > MAX_CHUNK_LINE {
+                    // The limit holds however the line arrives: only its
+                    // first MAX_CHUNK_LINE bytes and CRLF are looked at, and
+                    // a line that long may still end (its CR can be the
+                    // last byte read).
+                    let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+                    let Some(end) = find_crlf(window) else {
+                        if buf.len() > MAX_CHUNK_LINE + 1 {
                             return Err(H1Error::Chunk);
                         }
                         return Ok(Decoded::NeedMore);
@@ -754,6 +771,13 @@ impl ChunkedDecoder {
                 Chunk::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     let (len, at) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, _))) if len > self.max_trailers => {
+                            return Err(H1Error::TooLarge(self.max_trailers))
+                        }
+                        // httparse takes a bare LF as a line end; CRLF only,
+                        // as for every line here (RFC 9112 section 2.2 lets
+                        // a recipient refuse a bare LF), so that no two
+                        // readers disagree on where the section ends.
                         Ok(httparse::Status::Complete((len, _))) if has_bare_lf(&buf[..len]) => {
                             return Err(H1Error::BareLf)
                         }
@@ -1023,6 +1047,19 @@ mod tests {
         assert_eq!(names, ["content-length", "x-kept"]);
     }
 
+    /// RFC 9112 section 6.1, found while writing the `response_head` fuzz
+    /// target's invariants (which now check it).
+    #[test]
+    fn an_http_10_response_with_a_transfer_coding_closes_the_connection() {
+        for raw in [
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            let r = head(raw, Method::GET).unwrap().unwrap();
+            assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false), "{raw:?}");
+        }
+    }
+
     #[test]
     fn conflicting_or_bad_lengths_are_refused() {
         for bad in [
@@ -1133,6 +1170,46 @@ mod tests {
         assert!(decode_all(long.as_bytes(), 64).is_err());
     }
 
+    /// Found by the `chunked` fuzz target: the limits were checked only on
+    /// what a single read happened to hold, so a chunk-size line or trailer
+    /// section over the limit passed when it arrived in one read and was
+    /// refused when it trickled in.
+    #[test]
+    fn chunk_limits_hold_whatever_the_read_boundaries() {
+        let line = |ext: usize| format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(ext));
+        // "1;" plus the extension: MAX_CHUNK_LINE bytes exactly, then one more.
+        let (fits, over) = (line(MAX_CHUNK_LINE - 2), line(MAX_CHUNK_LINE - 1));
+        let trailer = |value: usize| format!("0\r\nx: {}\r\n\r\n", "v".repeat(value));
+        // The section is "x: " + value + CRLF + CRLF: 1024 bytes, then 1025.
+        let (t_fits, t_over) = (trailer(1024 - 7), trailer(1024 - 6));
+        for step in [1, 2, 5, 64, 4096] {
+            assert_eq!(decode_all(fits.as_bytes(), step).unwrap().0, b"x", "{step}");
+            assert!(decode_all(over.as_bytes(), step).is_err(), "{step}");
+            assert!(decode_all(t_fits.as_bytes(), step).unwrap().1.is_some());
+            assert!(decode_all(t_over.as_bytes(), step).is_err(), "{step}");
+        }
+    }
+
+    /// Found by the `chunked` fuzz target: httparse ends a trailer line at
+    /// a bare LF, against this module's CRLF-only rule.
+    #[test]
+    fn trailers_with_bare_lf_are_refused() {
+        for bad in [
+            &b"0\r\nx: y\n\n"[..],
+            b"0\r\nx: y\r\n\n",
+            b"0\r\nx: y\nz: w\r\n\r\n",
+            b"0\r\n\n",
+        ] {
+            for step in [1, bad.len()] {
+                assert!(
+                    decode_all(bad, step).is_err(),
+                    "{:?}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+    }
+
     #[test]
     fn chunk_lines_are_written_in_hex() {
         let mut out = BytesMut::new();
@@ -1205,6 +1282,13 @@ mod tests {
             let e = request(bad).map(|_| ()).expect_err(bad);
             assert_eq!(e.status().as_u16(), status, "{bad:?}: {e}");
         }
+        // Found by the h1_differential test: a bare CR before the request
+        // line was skipped as if it were an empty line.
+        for bad in ["\rGET / HTTP/1.1\r\n\r\n", "\r\n\rGET / HTTP/1.1\r\n\r\n"] {
+            assert_eq!(request(bad).unwrap_err().status().as_u16(), 400, "{bad:?}");
+        }
+        // A CRLF split between reads still waits for the LF.
+        assert!(request("\r\n\r").unwrap().is_none());
         let big = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(2000));
         assert_eq!(request(&big).unwrap_err().status().as_u16(), 431);
     }
