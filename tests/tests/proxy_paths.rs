@@ -286,7 +286,7 @@ fn deny_default_every_shape_over_http1_and_http2() {
     }
     // Absolute-form: its path is what is normalized, decided and sent.
     for (target, want) in [
-        ("http://x/admin", Want::Denied),
+        ("http://localhost/admin", Want::Denied),
         ("http://localhost/public/../admin", Want::Denied),
         ("http://localhost/public/%2e%2e/admin", Want::Denied),
         ("http://localhost/public/..%2fadmin", Want::Bad),
@@ -448,14 +448,22 @@ fn allow_trust_domain_default_keeps_admin_to_its_route() {
     }
     check(
         "h1 absolute",
-        s.h1(&rt, &s.other, "GET", "http://x/admin"),
+        s.h1(&rt, &s.other, "GET", "http://localhost/admin"),
         Want::Denied,
         &log,
     );
     check(
         "h1 absolute dots",
-        s.h1(&rt, &s.other, "GET", "http://x/y/../admin"),
+        s.h1(&rt, &s.other, "GET", "http://localhost/y/../admin"),
         Want::Denied,
+        &log,
+    );
+    // An absolute-form authority other than Host: no reader may pick the
+    // other one, so it is refused before any path decision.
+    check(
+        "h1 absolute, another authority",
+        s.h1(&rt, &s.other, "GET", "http://x/admin"),
+        Want::Bad,
         &log,
     );
     let access = s.nginx.access_log();
