@@ -26,6 +26,9 @@ const CRD_KINDS: &[&str] = &["PodMonitor"];
 const KNOWN_METRICS: &[&str] = &[
     "keyproof_tls_handshakes_total",
     "keyproof_tls_key_exchange_total",
+    "keyproof_tls_handshakes_shed_total",
+    "keyproof_http_requests_refused_total",
+    "keyproof_headers_with_underscores_total",
     "keyproof_connections_open",
     "keyproof_requests_total",
     "keyproof_request_duration_seconds",
@@ -441,6 +444,7 @@ fn every_alert_is_unit_tested_and_documented() {
         "KeyproofStepUpReplay",
         "KeyproofHandshakeFailures",
         "KeyproofHandshakePossessionFailed",
+        "KeyproofHandshakesShed",
         "KeyproofCertExpiringSoon",
         "KeyproofCertNotRenewed",
         "KeyproofIdentityRenewalErrors",
