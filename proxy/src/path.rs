@@ -338,15 +338,19 @@ pub fn normalize_uri(
     uri: &http::Uri,
     mode: Mode,
 ) -> Result<Option<http::Uri>, PathError> {
-    let path = uri.path();
-    if path == "*" {
+    if uri.path() == "*" {
         return if method == http::Method::OPTIONS {
             Ok(None)
         } else {
             Err(PathError::NotAbsolute)
         };
     }
-    let normal = match path {
+    // `Uri::path` reads an empty path as `/`, but what is forwarded is the
+    // target as written: `http://x?q` must go on as `/?q`, never as `?q`.
+    let raw = uri
+        .path_and_query()
+        .map_or("", |pq| pq.as_str().split('?').next().unwrap_or(""));
+    let normal = match raw {
         "" => Cow::Borrowed("/"),
         p => match normalize(p, mode)? {
             Cow::Borrowed(_) => return Ok(None),
@@ -522,6 +526,11 @@ mod tests {
         assert!(normalize_uri(&http::Method::OPTIONS, &u("*"), Mode::Strict)
             .unwrap()
             .is_none());
+        // Absolute-form without a path: the app gets `/`, query kept.
+        let out = normalize_uri(&get, &u("http://x?q=1"), Mode::Strict)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.path_and_query().map(|p| p.as_str()), Some("/?q=1"));
     }
 
     #[test]

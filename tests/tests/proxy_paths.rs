@@ -466,6 +466,14 @@ fn allow_trust_domain_default_keeps_admin_to_its_route() {
         Want::Bad,
         &log,
     );
+    // Absolute-form without a path: the app gets `/` and the query, never a
+    // request line with no path.
+    check(
+        "h1 absolute, no path",
+        s.h1(&rt, &s.other, "GET", "http://localhost?x=/admin"),
+        Want::NotFound,
+        &log,
+    );
     let access = s.nginx.access_log();
     assert!(
         !access

@@ -373,7 +373,7 @@ fn a_stalled_request_body_ends_with_408() {
         l.join().expect("legit")
     });
     assert_eq!(legit.0, 200);
-    assert!(legit.1 < Duration::from_secs(1), "legit took {:?}", legit.1);
+    assert!(legit.1 < Duration::from_secs(3), "legit took {:?}", legit.1);
 
     // Inbound, HTTP/2: the stream ends with 408.
     let h2cfg = client_tls(&w.pki, &w.web, b"h2");
@@ -441,7 +441,7 @@ fn a_stalled_request_body_ends_with_408() {
     );
     let (t, took) = meanwhile.join().unwrap();
     assert!(t.starts_with("HTTP/1.1 200"), "{t}");
-    assert!(took < Duration::from_secs(1), "meanwhile took {took:?}");
+    assert!(took < Duration::from_secs(3), "meanwhile took {took:?}");
 }
 
 /// An app that answers every request after 300 ms and records the most
@@ -684,7 +684,7 @@ fn trickled_heads_and_idle_keep_alive_are_bounded() {
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
     let (code, took) = w.legit(addr, "/meanwhile");
     assert_eq!(code, 200);
-    assert!(took < Duration::from_secs(1), "legit took {took:?}");
+    assert!(took < Duration::from_secs(3), "legit took {took:?}");
 }
 
 /// The inbound's stream limit (100) does not refuse a burst through the
