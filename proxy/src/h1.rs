@@ -606,17 +606,11 @@ fn response_framing(
     })
 }
 
-/// Whether a line of `head` ends in a bare LF. One pass over bytes already
-/// in cache (the parser just read them).
+/// Whether a line of `head` ends in a bare LF. A head has a few dozen
+/// LFs in a few hundred bytes: jumping from one to the next (memchr) costs
+/// a fraction of a byte-by-byte scan, on every request and response head.
 fn has_bare_lf(head: &[u8]) -> bool {
-    let mut prev = 0u8;
-    for &b in head {
-        if b == b'\n' && prev != b'\r' {
-            return true;
-        }
-        prev = b;
-    }
-    false
+    memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r')
 }
 
 /// A non-empty string of ASCII digits, without overflow.
