@@ -429,33 +429,7 @@ pub async fn mtls_http1(
     hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     [u8; 32],
 ) {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
-        .expect("chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
-    let mut roots = rustls::RootCertStore::empty();
-    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
-        roots.add(r.expect("root")).expect("add root");
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client cert");
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(inbound)
-        .await
-        .expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("mTLS handshake");
+    let tls = mtls_stream(inbound, pki, cert, b"http/1.1").await;
     let mut exporter = [0u8; 32];
     tls.get_ref()
         .1
@@ -477,8 +451,23 @@ pub async fn mtls_stream(
     cert: &Cert,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::ServerName;
+
+    let cfg = client_tls(pki, cert, alpn);
+    let tcp = tokio::net::TcpStream::connect(inbound)
+        .await
+        .expect("connect");
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("mTLS handshake")
+}
+
+/// A caller's TLS 1.3 configuration: `cert` as its client certificate, the
+/// PKI's bundle as roots, one ALPN protocol.
+pub fn client_tls(pki: &Pki, cert: &Cert, alpn: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
         .expect("chain")
@@ -497,13 +486,7 @@ pub async fn mtls_stream(
         .with_client_auth_cert(chain, key)
         .expect("client cert");
     cfg.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(inbound)
-        .await
-        .expect("connect");
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("mTLS handshake")
+    std::sync::Arc::new(cfg)
 }
 
 /// Sends `head` (a complete HTTP/1.1 request head, sent byte for byte) on

@@ -18,30 +18,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, Incoming};
 use keyproof_tests::free_port;
 use keyproof_tests::proxy_support::*;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-
-/// The caller's TLS configuration: its SVID, the trust bundle, one ALPN.
-fn client_tls(pki: &Pki, cert: &Cert, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.crt)
-        .expect("chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
-    let mut roots = rustls::RootCertStore::empty();
-    for r in CertificateDer::pem_file_iter(&pki.bundle).expect("bundle") {
-        roots.add(r.expect("root")).expect("add root");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client cert");
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(cfg)
-}
+use rustls_pki_types::ServerName;
 
 async fn mtls(
     addr: SocketAddr,
