@@ -15,7 +15,7 @@ cd "$repo" && cargo build-proxy
 "$bench/sidecars.sh" start backend "$work/certs" "$work/run" >/dev/null
 trap '"$bench/sidecars.sh" stop backend "$work/certs" "$work/run" >/dev/null 2>&1 || true' EXIT
 # Writes the two configs (and starts a pair, which is stopped at once).
-"$bench/sidecars.sh" start keyproof "$work/certs" "$work/run" >/dev/null
+KEYPROOF_PROXY=$bin "$bench/sidecars.sh" start keyproof "$work/certs" "$work/run" >/dev/null
 "$bench/sidecars.sh" stop keyproof "$work/certs" "$work/run" >/dev/null
 for side in in out; do
   valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/cg.$side" \
