@@ -466,7 +466,7 @@ async fn serve_as<I, S, B>(
     builders: &Builders,
     h2: bool,
     io: I,
-    activity: Arc<AtomicU64>,
+    activity: Activity,
     idle: Duration,
     svc: S,
     mut shutdown: watch::Receiver<bool>,

@@ -266,14 +266,10 @@ pub struct ProxyProc {
     pub log: PathBuf,
 }
 
-/// A minimal HTTP/1.0 GET; returns (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
+/// The status code (0 when there is none) and the body of a raw HTTP/1
+/// response read until the peer closed.
+fn status_and_body(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
     let status = text
         .split_whitespace()
         .nth(1)
@@ -283,7 +279,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .split_once("\r\n\r\n")
         .map(|x| x.1.to_owned())
         .unwrap_or_default();
-    Ok((status, body))
+    (status, body)
+}
+
+/// A minimal HTTP/1.0 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(status_and_body(&buf))
 }
 
 impl ProxyProc {
@@ -503,17 +509,7 @@ where
     let _ = io.flush().await;
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    status_and_body(&buf)
 }
 
 /// A fresh Ed25519 key pair for rcgen, serialized as PKCS#8 v1 (rcgen's
