@@ -1,4 +1,4 @@
-//! Path normalization cost per request (`keyproof_proxy::path`).
+//! Path normalization cost per request (`keyproof_proxy::http::path`).
 //!
 //! `normal/*`: paths already in normal form, the common case: one byte scan,
 //! no allocation. `abnormal/*`: paths that need rewriting (dot segments,
@@ -10,7 +10,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use keyproof_proxy::path::{normalize, normalize_uri, Mode};
+use keyproof_proxy::http::path::{normalize, normalize_uri, Mode};
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("path");

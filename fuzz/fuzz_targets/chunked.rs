@@ -9,7 +9,7 @@
 
 use bytes::BytesMut;
 use keyproof_fuzz::{fields, reference_chunked, RefError, Splits};
-use keyproof_proxy::h1::{ChunkedDecoder, Decoded};
+use keyproof_proxy::http::h1::{ChunkedDecoder, Decoded};
 use libfuzzer_sys::fuzz_target;
 
 /// What a decode came to: the body, or `None` for a refusal; `Err` when the

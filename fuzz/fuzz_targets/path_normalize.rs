@@ -9,7 +9,7 @@
 //! signed).
 #![no_main]
 
-use keyproof_proxy::path::{match_form, normalize, normalize_bytes, Mode};
+use keyproof_proxy::http::path::{match_form, normalize, normalize_bytes, Mode};
 use libfuzzer_sys::fuzz_target;
 
 fn is_unreserved(b: u8) -> bool {

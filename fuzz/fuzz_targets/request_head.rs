@@ -9,7 +9,7 @@
 
 use bytes::BytesMut;
 use keyproof_fuzz::fields;
-use keyproof_proxy::h1::{parse_request_head, Framing};
+use keyproof_proxy::http::h1::{parse_request_head, Framing};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -8,7 +8,7 @@
 
 use bytes::BytesMut;
 use keyproof_fuzz::{bodyless, fields, method_for, HOP_BY_HOP};
-use keyproof_proxy::h1::{parse_response_head, Framing};
+use keyproof_proxy::http::h1::{parse_response_head, Framing};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

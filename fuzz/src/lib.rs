@@ -8,7 +8,7 @@
 
 use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, Method, StatusCode, Version};
-use keyproof_proxy::h1::{Framing, RequestHead, ResponseHead};
+use keyproof_proxy::http::h1::{Framing, RequestHead, ResponseHead};
 
 /// The longest chunk-size line (extensions included, CRLF excluded) keyproof
 /// accepts; the reference decoder enforces the same limit.

@@ -11,8 +11,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::{text, ProxyBody};
-use crate::identity::IdentityStore;
+use crate::http::body::{text, ProxyBody};
+use crate::identity::store::IdentityStore;
 use crate::metrics::Metrics;
 
 /// What the admin endpoints report on.
@@ -35,7 +35,7 @@ impl AdminState {
         match req.uri().path() {
             "/metrics" => {
                 if let Some(id) = self.store.get() {
-                    self.metrics.identity_installed(&id);
+                    self.metrics.identity_installed(id.not_before, id.not_after);
                 }
                 let mut r =
                     Response::new(ProxyBody::Full(Some(Bytes::from(self.metrics.render()))));
@@ -97,7 +97,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
                     continue;
                 }
             },
-            _ = crate::server::stopped(&mut stop) => return,
+            _ = crate::http::server::stopped(&mut stop) => return,
         };
         let state = state.clone();
         tokio::spawn(async move {

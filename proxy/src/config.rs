@@ -10,7 +10,7 @@ use std::time::Duration;
 use keyproof_ca::IdPattern;
 use serde::Deserialize;
 
-pub use crate::path::Mode as PathMode;
+pub use crate::http::path::Mode as PathMode;
 
 /// A configuration problem, naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -388,7 +388,7 @@ pub struct InboundConfig {
     pub max_app_connections: usize,
     /// What happens to header names with `_` (sidecar-owned names in
     /// disguise are always removed).
-    pub headers_with_underscores: crate::owned::Underscores,
+    pub headers_with_underscores: crate::http::owned::Underscores,
     /// Connection limits.
     pub limits: Limits,
 }
@@ -583,7 +583,7 @@ fn path_mode(key: &str, v: Option<&str>) -> Result<PathMode, ConfigError> {
 /// normalization, which is also the merged form `keep-slashes` matches):
 /// `/admin/../x`, `//a` or `/%61` would never match what they seem to say.
 fn path_prefix(key: &str, prefix: &str) -> Result<(), ConfigError> {
-    match crate::path::normalize(prefix, PathMode::Strict) {
+    match crate::http::path::normalize(prefix, PathMode::Strict) {
         Ok(std::borrow::Cow::Borrowed(_)) => Ok(()),
         Ok(std::borrow::Cow::Owned(normal)) => Err(invalid(
             key,
@@ -629,9 +629,9 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         raw.path_normalization.as_deref(),
     )?;
     let headers_with_underscores = match raw.headers_with_underscores.as_deref() {
-        None | Some("allow") => crate::owned::Underscores::Allow,
-        Some("drop") => crate::owned::Underscores::Drop,
-        Some("reject") => crate::owned::Underscores::Reject,
+        None | Some("allow") => crate::http::owned::Underscores::Allow,
+        Some("drop") => crate::http::owned::Underscores::Drop,
+        Some("reject") => crate::http::owned::Underscores::Reject,
         Some(other) => {
             return Err(invalid(
                 "inbound.headers_with_underscores",
@@ -1131,14 +1131,14 @@ mod tests {
             .to_string();
         assert!(e.starts_with("inbound.headers_with_underscores:"), "{e}");
         for (v, want) in [
-            ("", crate::owned::Underscores::Allow),
+            ("", crate::http::owned::Underscores::Allow),
             (
                 "headers_with_underscores = \"drop\"",
-                crate::owned::Underscores::Drop,
+                crate::http::owned::Underscores::Drop,
             ),
             (
                 "headers_with_underscores = \"reject\"",
-                crate::owned::Underscores::Reject,
+                crate::http::owned::Underscores::Reject,
             ),
         ] {
             let c = Config::parse(&inbound(v)).unwrap();

@@ -72,8 +72,9 @@ fn real_main() -> anyhow::Result<()> {
             let invalid = || format!("invalid configuration {}", config.display());
             match &cfg.identity.source {
                 IdentitySource::Files(_) => {
-                    let id = keyproof_proxy::identity::Identity::load(&cfg.identity, &usages)
-                        .with_context(invalid)?;
+                    let id =
+                        keyproof_proxy::identity::store::Identity::load(&cfg.identity, &usages)
+                            .with_context(invalid)?;
                     keyproof_proxy::check_trust_domains(&cfg, &id).with_context(invalid)?;
                     print!("{}", cfg.explain());
                     println!("identity {} (serial {}), valid", id.id, id.serial);
@@ -81,7 +82,7 @@ fn real_main() -> anyhow::Result<()> {
                 IdentitySource::Ca(ca) => {
                     // The certificate exists only at run time; check what
                     // can be checked now: the bootstrap bundle and patterns.
-                    keyproof_proxy::ca_identity::bootstrap_trust(&cfg.identity, ca)
+                    keyproof_proxy::identity::renew::bootstrap_trust(&cfg.identity, ca)
                         .with_context(invalid)?;
                     keyproof_proxy::check_trust_domain_name(&cfg, ca.spiffe_id.trust_domain_name())
                         .with_context(invalid)?;

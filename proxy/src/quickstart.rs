@@ -17,7 +17,8 @@ use keyproof_ca::issue::IssueRequest;
 use keyproof_ca::keys::KeyType;
 use keyproof_ca::{Ca, SpiffeId, TrustDomain};
 
-use crate::{start, Config};
+use crate::config::Config;
+use crate::run::{shutdown_signal, start, Running, StartError};
 
 /// A quickstart failure.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +39,7 @@ pub enum QuickstartError {
     Config(#[from] crate::config::ConfigError),
     /// A sidecar failed to start.
     #[error("starting a sidecar: {0}")]
-    Start(#[from] crate::StartError),
+    Start(#[from] StartError),
     /// The demo app could not bind.
     #[error("demo app: {0}")]
     App(std::io::Error),
@@ -107,7 +108,10 @@ async fn demo_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
         .to_owned();
     // The inbound sidecar sets this header only after a step-up proof
     // verified (a copy sent by a caller is removed first).
-    let step_up = if req.headers().contains_key("x-keyproof-step-up") {
+    let step_up = if req
+        .headers()
+        .contains_key(&crate::http::owned::STEP_UP_VERIFIED)
+    {
         ", step-up verified"
     } else {
         ""
@@ -294,7 +298,7 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
     );
     if !once {
         println!("\nrunning until Ctrl-C");
-        crate::shutdown_signal().await;
+        shutdown_signal().await;
     }
     web.shutdown().await;
     api.shutdown().await;
@@ -312,12 +316,12 @@ fn request_error(e: impl std::fmt::Display) -> QuickstartError {
 /// bytes again on the same connection (401 `replay`). Returns the three
 /// statuses and the replay's `WWW-Authenticate`.
 async fn captured_replay(
-    web: &crate::Running,
+    web: &Running,
     in_addr: std::net::SocketAddr,
 ) -> Result<(StatusCode, StatusCode, StatusCode, String), QuickstartError> {
     let api = keyproof_ca::IdPattern::parse(&format!("spiffe://{TD}/ns/demo/sa/api"))
         .map_err(request_error)?;
-    let tls = crate::identity::client_config(&web.identity, api, &[b"http/1.1"])
+    let tls = crate::identity::store::client_config(&web.identity, api, &[b"http/1.1"])
         .map_err(request_error)?;
     let tcp = tokio::net::TcpStream::connect(in_addr)
         .await
@@ -336,7 +340,8 @@ async fn captured_replay(
         .await
         .map_err(request_error)?;
     tokio::spawn(conn);
-    let signer = crate::stepup::signer_for(&web.identity.current()).map_err(request_error)?;
+    let signer =
+        crate::outbound::signer::signer_for(&web.identity.current()).map_err(request_error)?;
     let build = |headers: &http::HeaderMap| {
         let mut b = Request::post("/admin/rotate")
             .header(http::header::HOST, "api.demo")

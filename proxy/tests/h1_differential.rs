@@ -12,7 +12,7 @@
 //! the colon, obs-fold) and as random bytes.
 
 use bytes::BytesMut;
-use keyproof_proxy::h1::{parse_request_head, Framing, H1Error, RequestHead};
+use keyproof_proxy::http::h1::{parse_request_head, Framing, H1Error, RequestHead};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

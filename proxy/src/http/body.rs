@@ -3,15 +3,27 @@
 //! small in-memory body for responses the proxy makes itself. An enum rather
 //! than a boxed trait object keeps the per-request path free of allocation.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
-use http::{header, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
+use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::mesh::BoxError;
+use crate::error::BoxError;
+use crate::http::app_client::AppBody;
+use crate::http::h1_server::ServerBody;
+use crate::http::mesh_client::MeshBody;
+use crate::http::owned::{self, Underscores};
+use crate::http::response;
+use crate::http::tee::TeeBody;
+
+/// A response still to come, boxed: for the rare paths of a listener
+/// (refusals, step-up, dialling), so that the common path's future, moved
+/// into place per request, is only as large as that path needs.
+pub type ResponseFuture<'a> = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send + 'a>>;
 
 /// A streamed or in-memory body.
 #[derive(Debug)]
@@ -22,24 +34,30 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A streamed peer body of which the outbound keeps a bounded copy, so
     /// a step-up challenge can be answered by replaying it.
-    Tee(crate::stepup::TeeBody),
+    Tee(TeeBody<RequestBody>),
     /// A response body from the app's HTTP/1.1 pool, which returns its
     /// connection to the pool when it ends.
-    App(crate::app::AppBody),
+    App(AppBody),
     /// A response body from an upstream sidecar's HTTP/2 mesh connection.
-    Mesh(crate::mesh::MeshBody),
+    Mesh(MeshBody),
     /// A request body from the outbound's own HTTP/1.1 server.
-    H1(crate::h1_server::ServerBody),
+    H1(ServerBody),
     /// A caller's request body on the inbound when
     /// `headers_with_underscores` is `drop` or `reject`: its trailer
     /// section is held to the same rule as its header section.
-    Checked(Incoming, crate::owned::Underscores),
+    Checked(Incoming, Underscores),
 }
 
 impl ProxyBody {
     /// An empty body.
     pub fn empty() -> ProxyBody {
         ProxyBody::Full(None)
+    }
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(b: Bytes) -> Self {
+        ProxyBody::Full(Some(b))
     }
 }
 
@@ -65,7 +83,7 @@ pub enum RequestBody {
     /// From hyper.
     Hyper(Incoming),
     /// From `h1_server`.
-    H1(crate::h1_server::ServerBody),
+    H1(ServerBody),
 }
 
 impl Body for RequestBody {
@@ -124,7 +142,7 @@ impl Body for ProxyBody {
                     f.map(|r| {
                         r.and_then(|mut frame| {
                             if let Some(t) = frame.trailers_mut() {
-                                crate::owned::underscores_in_trailers(t, mode)?;
+                                owned::underscores_in_trailers(t, mode)?;
                             }
                             Ok(frame)
                         })
@@ -139,7 +157,7 @@ impl Body for ProxyBody {
             f.map(|r| {
                 r.map(|mut frame| {
                     if let Some(t) = frame.trailers_mut() {
-                        crate::owned::filter_trailers(t);
+                        owned::filter_trailers(t);
                     }
                     frame
                 })
@@ -175,13 +193,7 @@ impl Body for ProxyBody {
 /// A plain-text response made by the proxy itself, e.g. a 403 naming the
 /// rule or a 503 naming why the app is unreachable.
 pub fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::Full(Some(msg.into())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+    response::text(status, msg)
 }
 
 /// `scheme://authority/path`, or a 400 response saying why that is not a
@@ -208,110 +220,4 @@ pub fn path_of(uri: &http::Uri) -> http::uri::PathAndQuery {
     uri.path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
-}
-
-/// Removes the hop-by-hop fields ([`crate::owned::HOP_BY_HOP`]) and the
-/// ones `Connection` names; HTTP/2 forbids them outright. `te: trailers`
-/// is the one exception kept (gRPC needs it). The caller has refused a
-/// `Connection` that names a field the proxy relies on
-/// ([`crate::owned::check_request`]).
-pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
-    // Most requests carry none: one pass over the few fields present is
-    // cheaper than a hashed lookup for each name.
-    let hop = |k: &http::HeaderName| crate::owned::is_hop_by_hop(k.as_str().as_bytes());
-    if !h.keys().any(hop) {
-        return;
-    }
-    if h.contains_key(header::CONNECTION) {
-        // Headers named in Connection are hop-by-hop too.
-        let named: Vec<String> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|list| list.split(','))
-            .map(|n| n.trim().to_ascii_lowercase())
-            .filter(|n| !n.is_empty() && n != "te")
-            .collect();
-        for name in named {
-            h.remove(name.as_str());
-        }
-    }
-    let trailers_only = h
-        .get(header::TE)
-        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in crate::owned::HOP_BY_HOP {
-        if name == "te" && trailers_only {
-            continue;
-        }
-        h.remove(name);
-    }
-}
-
-/// Reads and discards a small request body before the proxy answers a
-/// request itself (403, fail-closed step-up). Answering while the client is
-/// still sending makes HTTP/2 reset the stream and HTTP/1 close the
-/// connection, which some clients report as a transport error instead of
-/// showing the refusal. Bounded in size and time so it costs nothing to
-/// abuse.
-pub async fn discard<B>(body: B)
-where
-    B: Body + Unpin,
-{
-    use http_body_util::BodyExt;
-    const LIMIT: u64 = 64 * 1024;
-    let mut body = body;
-    if body.is_end_stream() {
-        return;
-    }
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
-        let mut seen = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Some(d) = frame.data_ref() {
-                seen += d.remaining() as u64;
-                if seen > LIMIT {
-                    break;
-                }
-            }
-        }
-    })
-    .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(fields: &[(&'static str, &'static str)]) -> http::HeaderMap {
-        let mut h = http::HeaderMap::new();
-        for (k, v) in fields {
-            h.append(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
-
-    #[test]
-    fn hop_by_hop_fields_and_the_ones_connection_names_are_stripped() {
-        let mut h = map(&[
-            ("host", "a"),
-            ("connection", "keep-alive, X-Private"),
-            ("x-private", "1"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-connection", "keep-alive"),
-            ("upgrade", "websocket"),
-            ("transfer-encoding", "chunked"),
-            ("te", "gzip"),
-            ("x-kept", "2"),
-        ]);
-        strip_hop_by_hop(&mut h);
-        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(names, ["host", "x-kept"]);
-        // `te: trailers` is the one TE value that goes on (gRPC needs it).
-        let mut h = map(&[("host", "a"), ("te", "trailers")]);
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2);
-        let mut h = map(&[("host", "a"), ("accept", "*/*")]);
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2);
-    }
 }

@@ -40,7 +40,19 @@ pub const OWNED_PREFIX: &str = "x-keyproof-";
 
 /// The step-up request fields (`../shared/design/step-up.md`), exactly as
 /// the verifier reads them.
-pub const STEPUP_REQUEST: [&str; 3] = ["signature", "signature-input", "stepup-binding"];
+pub const STEPUP_REQUEST: [&str; 3] = [OWNED[1], OWNED[2], OWNED[3]];
+
+/// `x-forwarded-client-cert`: the verified caller, as the inbound states it
+/// to the app.
+pub static XFCC: HeaderName = HeaderName::from_static(OWNED[0]);
+
+/// `x-keyproof-step-up: verified`: set by the inbound on a request whose
+/// step-up proof verified.
+pub static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static(OWNED[4]);
+
+/// `x-keyproof-step-up-error`: why the outbound passed a challenge on to the
+/// app unanswered.
+pub static STEP_UP_ERROR: HeaderName = HeaderName::from_static("x-keyproof-step-up-error");
 
 /// Hop-by-hop fields (RFC 9110 section 7.6.1) plus the legacy ones clients
 /// still send; the one list both HTTP/1.1 codecs and the forwarders use.
@@ -519,6 +531,43 @@ fn without_stepup(v: &HeaderValue) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&out).ok()
 }
 
+/// Removes the hop-by-hop fields ([`HOP_BY_HOP`]) and the
+/// ones `Connection` names; HTTP/2 forbids them outright. `te: trailers`
+/// is the one exception kept (gRPC needs it). The caller has refused a
+/// `Connection` that names a field the proxy relies on
+/// ([`check_request`]).
+pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    // Most requests carry none: one pass over the few fields present is
+    // cheaper than a hashed lookup for each name.
+    let hop = |k: &http::HeaderName| is_hop_by_hop(k.as_str().as_bytes());
+    if !h.keys().any(hop) {
+        return;
+    }
+    if h.contains_key(header::CONNECTION) {
+        // Headers named in Connection are hop-by-hop too.
+        let named: Vec<String> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|list| list.split(','))
+            .map(|n| n.trim().to_ascii_lowercase())
+            .filter(|n| !n.is_empty() && n != "te")
+            .collect();
+        for name in named {
+            h.remove(name.as_str());
+        }
+    }
+    let trailers_only = h
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP {
+        if name == "te" && trailers_only {
+            continue;
+        }
+        h.remove(name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -716,5 +765,57 @@ mod tests {
         let mut h = map(&[("www-authenticate", "StepUp error=\"x\", foo=\"b\"")]);
         strip_response(&mut h);
         assert!(h.is_empty());
+    }
+}
+#[cfg(test)]
+mod strip_tests {
+    #[test]
+    fn the_step_up_fields_are_the_ones_the_step_up_library_reads() {
+        use keyproof_stepup::headers;
+        assert_eq!(
+            super::STEPUP_REQUEST,
+            [
+                headers::SIGNATURE.as_str(),
+                headers::SIGNATURE_INPUT.as_str(),
+                headers::STEPUP_BINDING.as_str()
+            ]
+        );
+        assert!(super::is_owned(super::STEP_UP_ERROR.as_str().as_bytes()));
+    }
+
+    use super::*;
+
+    fn map(fields: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in fields {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_names_are_stripped() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-Private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("x-kept", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "x-kept"]);
+        // `te: trailers` is the one TE value that goes on (gRPC needs it).
+        let mut h = map(&[("host", "a"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        let mut h = map(&[("host", "a"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
     }
 }

@@ -13,9 +13,6 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::body::RequestBody;
-use crate::mesh::BoxError;
-
 #[derive(Debug, Default)]
 struct TeeState {
     chunks: Vec<Bytes>,
@@ -33,8 +30,8 @@ fn lock(m: &Mutex<TeeState>) -> MutexGuard<'_, TeeState> {
 /// The streaming half: forwards the request body frame by frame, keeping a
 /// copy.
 #[derive(Debug)]
-pub struct TeeBody {
-    inner: RequestBody,
+pub struct TeeBody<B> {
+    inner: B,
     state: Arc<Mutex<TeeState>>,
     limit: usize,
 }
@@ -56,7 +53,7 @@ pub enum Replay {
 
 /// Wraps `body` (which must not be at its end already; an empty body needs
 /// no copy) with a copy bounded by `limit`.
-pub fn tee(body: RequestBody, limit: usize) -> (TeeBody, TeeHandle) {
+pub fn tee<B>(body: B, limit: usize) -> (TeeBody<B>, TeeHandle) {
     let state = Arc::new(Mutex::new(TeeState::default()));
     (
         TeeBody {
@@ -93,14 +90,14 @@ impl TeeHandle {
     }
 }
 
-impl Body for TeeBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for TeeBody<B> {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

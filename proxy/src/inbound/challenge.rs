@@ -8,20 +8,20 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use keyproof_stepup::{
     strip_stepup_headers, unix_now, IssueError, Outcome, Peer, RequestView, StepUpConfig, Verifier,
 };
 
-use super::limited::{drain, read_limited, ReadError};
-use super::metrics::VerifierMetrics;
-use super::InboundConn;
-use crate::body::{text, ProxyBody};
 use crate::config::{InboundStepUpConfig, RouteConfig};
+use crate::http::body::{text, ProxyBody};
+use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
+use crate::inbound::conn::InboundConn;
+use crate::inbound::policy::Route;
 use crate::metrics::Metrics;
-use crate::policy::Route;
+use crate::metrics::VerifierMetrics;
 
-static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static("x-keyproof-step-up");
+use crate::http::owned::STEP_UP_VERIFIED;
 
 /// How often expired nonces are dropped from the table. Expired nonces are
 /// refused by their MAC'd expiry anyway; purging only returns their memory
@@ -128,7 +128,7 @@ impl InboundStepUp {
             // The peer's certificate key is neither P-256 nor Ed25519: it can
             // never produce a stepup-v1 signature, so a challenge would be a
             // lie. Refuse with the reason.
-            drain(&mut req.into_body(), self.max_body).await;
+            drain(&mut req.into_body(), self.max_body, STEPUP_DRAIN).await;
             tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = "unsupported_key", "step-up refused: the caller's key type cannot sign stepup-v1");
             return Err(no_store(text(
                 StatusCode::FORBIDDEN,
@@ -144,7 +144,7 @@ impl InboundStepUp {
             Err(outcome) => {
                 // Read what the caller sends (bounded) before answering, so a
                 // caller's sidecar has sent its whole body and can replay it.
-                drain(&mut body, self.max_body).await;
+                drain(&mut body, self.max_body, STEPUP_DRAIN).await;
                 return Err(self.refuse(peer, conn, route_id, has_content_type, outcome, now));
             }
         };
@@ -154,7 +154,7 @@ impl InboundStepUp {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body as u64) {
-            drain(&mut body, self.max_body).await;
+            drain(&mut body, self.max_body, STEPUP_DRAIN).await;
             return Err(self.too_large(conn, route_id));
         }
         let body = match read_limited(&mut body, self.max_body, Some(self.body_timeout)).await {
@@ -172,7 +172,7 @@ impl InboundStepUp {
                 return Err(r);
             }
             Err(ReadError::TooLarge) => {
-                drain(&mut body, self.max_body).await;
+                drain(&mut body, self.max_body, STEPUP_DRAIN).await;
                 return Err(self.too_large(conn, route_id));
             }
             Err(ReadError::Body(e)) => {

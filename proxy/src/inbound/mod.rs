@@ -2,46 +2,43 @@
 //! `x-forwarded-client-cert`, and forward to the app over pooled plaintext
 //! connections.
 
+pub mod challenge;
+pub mod conn;
+pub mod policy;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
-use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::app::{self, AppError};
-use crate::body::{absolute_uri, path_of, strip_hop_by_hop, text, ProxyBody};
 use crate::config::{AppProtocol, InboundConfig};
-use crate::fut::map_in_place;
-use crate::identity::{self, IdentityStore, PeerIdentity};
+use crate::http::app_client::{self, AppError};
+use crate::http::body::{absolute_uri, path_of, text, ProxyBody, ResponseFuture};
+use crate::http::limited;
+use crate::http::map_in_place::map_in_place;
+use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
+use crate::http::path;
+use crate::http::server::{self, Builders, Proto, StreamGuard};
+use crate::identity::store::{self as identity, IdentityStore, PeerIdentity};
+use crate::inbound::challenge::InboundStepUp;
+use crate::inbound::conn::InboundConn;
+use crate::inbound::policy::{Decision, Policy};
+use crate::listener::{ConnGuards, HandshakeGate};
 use crate::metrics::DirectionMetrics;
-use crate::owned::{self, Underscores};
-use crate::path;
-use crate::policy::{Decision, Policy};
-use crate::server::{self, Builders, ConnGuards, HandshakeGate, Proto, StreamGuard};
-use crate::stepup::{InboundConn, InboundStepUp};
 
-/// A response still to come, on one of the rare paths (refusals, step-up,
-/// an h2c app). Boxed: the common path, forwarding to the app over HTTP/1.1,
-/// is a concrete future, so that the future each request runs (which hyper
-/// moves into a task of its own per request) is only as large as that path
-/// needs, not as large as the largest path.
-type Pending = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
-
-fn ready(resp: Response<ProxyBody>) -> Pending {
+fn ready(resp: Response<ProxyBody>) -> ResponseFuture<'static> {
     Box::pin(std::future::ready(resp))
 }
-
-static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Everything the inbound needs, shared by all its connections.
 pub struct Inbound {
@@ -61,8 +58,8 @@ pub struct Inbound {
 }
 
 struct AppClient {
-    h1: Arc<app::H1Pool>,
-    h2: app::H2Conn,
+    h1: Arc<app_client::H1Pool>,
+    h2: app_client::H2cConn<ProxyBody>,
     authority: Authority,
     protocol: AppProtocol,
 }
@@ -78,7 +75,7 @@ pub enum InboundError {
     App(String),
     /// The step-up verifier could not be built.
     #[error(transparent)]
-    StepUp(#[from] crate::stepup::VerifierStartError),
+    StepUp(#[from] crate::inbound::challenge::VerifierStartError),
 }
 
 impl Inbound {
@@ -90,17 +87,17 @@ impl Inbound {
     ) -> Result<Arc<Inbound>, InboundError> {
         let tls = identity::server_config(&store)?;
         let policy = Policy::new(&cfg.routes, cfg.default_policy, metrics);
-        let h1 = app::H1Pool::new(
+        let h1 = app_client::H1Pool::new(
             &cfg.app,
             cfg.app_connect_timeout,
             cfg.app_pool_idle_timeout,
             cfg.limits.max_header_bytes,
-            app::H1Bounds {
+            app_client::H1Bounds {
                 max_connections: cfg.max_app_connections,
                 body_timeout: cfg.limits.body_timeout,
             },
         );
-        let h2 = app::H2Conn::new(&cfg.app, cfg.app_connect_timeout);
+        let h2 = app_client::H2cConn::new(&cfg.app, cfg.app_connect_timeout);
         let authority: Authority = cfg
             .app
             .parse()
@@ -191,46 +188,12 @@ impl Inbound {
             Some(b"http/1.1") => Proto::Http1,
             _ => Proto::Detect,
         };
-        let exporter = if self.need_exporter {
-            let mut out = [0u8; 32];
-            let ok = session
-                .export_keying_material(&mut out, b"EXPORTER-Channel-Binding", Some(b""))
-                .is_ok();
-            ok.then_some(out)
-        } else {
-            None
-        };
         let own = self.store.current();
-        let xfcc = format!(
-            "By={};Hash={};URI={}",
-            own.id,
-            hex::encode(peer.cert_sha256),
-            peer.id
-        );
-        let Ok(xfcc) = HeaderValue::from_str(&xfcc) else {
+        let Some(conn) = InboundConn::new(session, peer, remote, &own.id, self.need_exporter)
+        else {
             return;
         };
-        tracing::debug!(peer = %remote, peer_id = %peer.id, "inbound connection");
-        // The verifier's view of the caller, once per connection: the key
-        // from the verified leaf and this connection's channel binding.
-        let stepup = if self.need_exporter {
-            match keyproof_stepup::Peer::from_cert_der(&peer.leaf, exporter) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::info!(peer = %remote, peer_id = %peer.id, error = %e, "caller's key cannot sign stepup-v1; step-up routes will refuse it");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let conn = Arc::new(InboundConn {
-            peer,
-            remote,
-            exporter,
-            stepup,
-            xfcc,
-        });
+        let conn = Arc::new(conn);
         let this = self.clone();
         let activity: server::Activity = Arc::new(AtomicU64::new(0));
         let streams = activity.clone();
@@ -271,7 +234,8 @@ impl Inbound {
         self: &Arc<Self>,
         req: Request<Incoming>,
         conn: Arc<InboundConn>,
-    ) -> Either<Pending, impl Future<Output = Response<ProxyBody>> + Send + 'static> {
+    ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
+    {
         if req.method() == http::Method::CONNECT {
             return Either::Left(ready(text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -287,7 +251,7 @@ impl Inbound {
                 }
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), reason = %r.reason, "request refused: header fields");
                 return Either::Left(Box::pin(async move {
-                    crate::body::discard(req.into_body()).await;
+                    drain_refused(req.into_body()).await;
                     text(r.status, format!("bad request: {}\n", r.reason))
                 }));
             }
@@ -308,7 +272,7 @@ impl Inbound {
                 self.metrics.refused(why);
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), reason = why.reason(), "request refused: {why}");
                 return Either::Left(Box::pin(async move {
-                    crate::body::discard(req.into_body()).await;
+                    drain_refused(req.into_body()).await;
                     text(
                         StatusCode::BAD_REQUEST,
                         format!("bad request path: {why}\n"),
@@ -322,7 +286,7 @@ impl Inbound {
             Decision::Deny(msg) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
                 return Either::Left(Box::pin(async move {
-                    crate::body::discard(req.into_body()).await;
+                    drain_refused(req.into_body()).await;
                     text(StatusCode::FORBIDDEN, msg)
                 }));
             }
@@ -355,7 +319,7 @@ impl Inbound {
         self: &Arc<Self>,
         req: Request<ProxyBody>,
         conn: &InboundConn,
-        r: &crate::policy::Route,
+        r: &crate::inbound::policy::Route,
     ) -> Response<ProxyBody> {
         let (req, verified) = match self.stepup.verify(req, conn, r).await {
             Ok(v) => v,
@@ -369,7 +333,8 @@ impl Inbound {
     fn forward(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
-    ) -> Either<Pending, impl Future<Output = Response<ProxyBody>> + Send + 'static> {
+    ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
+    {
         let (mut parts, body) = req.into_parts();
         let use_h2 = match self.app.protocol {
             // gRPC needs HTTP/2 end to end (trailers, streams); anything else
@@ -468,17 +433,15 @@ impl Inbound {
     }
 }
 
-/// The innermost error's message (what actually went wrong).
-pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
+/// Reads what is left of a small body before a refusal is answered
+/// ([`limited::drain`] says why).
+async fn drain_refused(mut body: Incoming) {
+    let (limit, within) = limited::REFUSAL_DRAIN;
+    limited::drain(&mut body, limit, within).await;
 }
 
 /// Runs `f` on drop.
-pub(crate) fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {
         fn drop(&mut self) {

@@ -1,7 +1,8 @@
 //! Reading a request body with a bound: buffering one whose digest must be
 //! checked or signed, and draining one that is being refused so the client
-//! has sent it before the answer (answering mid-upload makes HTTP/1 clients
-//! fail with a broken pipe instead of showing the refusal).
+//! has sent it before the answer. Answering mid-upload makes HTTP/2 reset
+//! the stream and HTTP/1 clients fail with a broken pipe, which many report
+//! as a transport error instead of showing the refusal.
 
 use std::time::Duration;
 
@@ -9,14 +10,18 @@ use bytes::Bytes;
 use http_body::Body;
 use http_body_util::BodyExt;
 
-/// Upper bound on the time spent draining a body that will be refused: long
-/// enough for `max_body` on a slow link, short enough that a trickling
-/// caller cannot hold a task for long.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a step-up refusal drains a body of up to `max_body`: long
+/// enough for that on a slow link, short enough that a trickling caller
+/// cannot hold a task for long.
+pub const STEPUP_DRAIN: Duration = Duration::from_secs(5);
+
+/// What a refusal made before any body was wanted (403, a bad path) drains:
+/// a small body, briefly, so that it costs nothing to abuse.
+pub const REFUSAL_DRAIN: (usize, Duration) = (64 * 1024, Duration::from_millis(500));
 
 /// Why a body could not be buffered.
 #[derive(Debug)]
-pub(crate) enum ReadError {
+pub enum ReadError {
     /// More than the limit.
     TooLarge,
     /// The peer's stream failed.
@@ -28,7 +33,7 @@ pub(crate) enum ReadError {
 /// Reads a whole body, refusing more than `limit` bytes, and giving up when
 /// nothing comes for `stall` (when given). Request trailers are dropped
 /// (HTTP/1 clients never send them; gRPC sends none on requests).
-pub(crate) async fn read_limited<B>(
+pub async fn read_limited<B>(
     body: &mut B,
     limit: usize,
     stall: Option<Duration>,
@@ -86,16 +91,16 @@ where
 }
 
 /// Reads and drops up to `limit` more bytes of a body that is being
-/// refused, within [`DRAIN_TIMEOUT`]. A larger body is cut off: the
+/// refused, for at most `within`. A larger or slower body is cut off: the
 /// connection then closes, which bounds what a caller can make us read.
-pub(crate) async fn drain<B>(body: &mut B, limit: usize)
+pub async fn drain<B>(body: &mut B, limit: usize, within: Duration)
 where
     B: Body<Data = Bytes> + Unpin,
 {
     if body.is_end_stream() {
         return;
     }
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+    let _ = tokio::time::timeout(within, async {
         let mut seen = 0usize;
         while let Some(Ok(frame)) = body.frame().await {
             if let Some(d) = frame.data_ref() {

@@ -24,7 +24,7 @@ use http::{Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use smallvec::SmallVec;
 
-use crate::owned::is_hop_by_hop;
+use crate::http::owned::is_hop_by_hop;
 
 /// Most header fields in a response head or trailer section.
 const MAX_HEADERS: usize = 128;

@@ -16,74 +16,32 @@
 //! does not know the inbound's route ids; a path that shares a route with
 //! another but has no kept nonce of its own costs one challenge.
 
-use std::collections::HashSet;
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::uri::Authority;
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use keyproof_stepup::headers::ACCEPT_SIGNATURE;
 use keyproof_stepup::{
     is_stepup_challenge, strip_stepup_headers, unix_now, Challenge, RequestView, SignError, Signer,
 };
 
-use super::kept::KeptNonces;
-use super::limited::{drain, read_limited, ReadError};
-use super::metrics::{SignResult, SignerMetrics};
-use super::replay::Replay;
-use super::MeshConnInfo;
-use crate::body::{text, ProxyBody, RequestBody};
-use crate::identity::{Identity, IdentityStore};
-use crate::inbound::root_cause;
-use crate::metrics::Metrics;
-use crate::outbound::ForwardError;
+use crate::error::root_cause;
+use crate::http::body::{text, ProxyBody, RequestBody};
+use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
+use crate::http::mesh_client::MeshConnInfo;
+use crate::http::tee::Replay;
+use crate::identity::store::{Identity, IdentityStore};
+use crate::metrics::{Metrics, SignResult, SignerMetrics};
+use crate::outbound::kept::KeptNonces;
+use crate::outbound::upstream::{ForwardError, MeshLink};
 
-static STEP_UP_ERROR: HeaderName = HeaderName::from_static("x-keyproof-step-up-error");
+use crate::http::owned::STEP_UP_ERROR;
 
 /// Signers of earlier identities kept for connections made before a reload.
 const MAX_PREVIOUS_KEYS: usize = 3;
-/// Bound on paths remembered as needing step-up, per upstream.
-const MAX_STEPUP_PATHS: usize = 1024;
-
-/// The multiplexed connection to an upstream: a sender and the facts of
-/// the connection it sends on.
-pub type MeshConn = (crate::mesh::MeshSender, Arc<MeshConnInfo>);
-
-/// Paths of one upstream that answered with a step-up challenge. Requests to
-/// them are buffered (up to `max_body`) and sent on the h2 connection so they
-/// can be signed up front; every other request streams untouched.
-#[derive(Debug, Default)]
-pub struct StepUpPaths {
-    len: AtomicUsize,
-    set: RwLock<HashSet<String>>,
-}
-
-impl StepUpPaths {
-    /// True if `path` is known to need step-up. Lock-free while no path is
-    /// known, which is the hot path of every non-step-up upstream.
-    pub fn contains(&self, path: &str) -> bool {
-        if self.len.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        self.set
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(path)
-    }
-
-    /// Remembers `path` (bounded: beyond the bound, new paths keep working
-    /// through the replay path, only without the up-front signature).
-    pub fn learn(&self, path: &str) {
-        let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
-        if set.len() < MAX_STEPUP_PATHS && set.insert(path.to_owned()) {
-            self.len.store(set.len(), Ordering::Relaxed);
-        }
-    }
-}
 
 /// The request line and headers of a request to (re)send on the h2 connection.
 #[derive(Debug, Clone)]
@@ -305,20 +263,16 @@ impl OutboundStepUp {
     /// Sends a request to a path known to need step-up: buffers the body (up
     /// to `max_body`), signs up front when a nonce is kept for this
     /// connection and path, and answers a challenge once.
-    pub async fn send_known<C, F>(
+    pub async fn send_known(
         &self,
-        connect: C,
+        link: &MeshLink,
         template: Template,
         mut body: RequestBody,
-    ) -> Result<Response<ProxyBody>, ForwardError>
-    where
-        C: Fn() -> F,
-        F: Future<Output = Result<MeshConn, ForwardError>>,
-    {
+    ) -> Result<Response<ProxyBody>, ForwardError> {
         let body = match read_limited(&mut body, self.max_body, None).await {
             Ok(b) => b,
             Err(ReadError::TooLarge) => {
-                drain(&mut body, self.max_body).await;
+                drain(&mut body, self.max_body, STEPUP_DRAIN).await;
                 self.metrics.count(SignResult::BodyTooLarge);
                 return Ok(self.too_large());
             }
@@ -337,7 +291,7 @@ impl OutboundStepUp {
                 ))
             }
         };
-        let (resp, info) = match self.send_signed(&connect, &template, &body, None).await? {
+        let (resp, info) = match self.send_signed(link, &template, &body, None).await? {
             Ok(sent) => sent,
             // Unreachable without a challenge to answer; kept total.
             Err(r) => return Ok(text(StatusCode::BAD_GATEWAY, format!("{}\n", describe(r)))),
@@ -345,25 +299,21 @@ impl OutboundStepUp {
         if !is_stepup_challenge(resp.status(), resp.headers()) {
             return Ok(self.finish(resp, info.conn_id, template.path()));
         }
-        self.answer(&connect, resp, &template, body).await
+        self.answer(link, resp, &template, body).await
     }
 
     /// Answers a challenge received for a request sent on any connection:
     /// signs with the h2 connection's exporter and resends there, once.
     /// `replay` is the body as first sent.
-    pub async fn answer_replay<C, F>(
+    pub async fn answer_replay(
         &self,
-        connect: C,
+        link: &MeshLink,
         challenge: Response<ProxyBody>,
         template: &Template,
         replay: Replay,
-    ) -> Result<Response<ProxyBody>, ForwardError>
-    where
-        C: Fn() -> F,
-        F: Future<Output = Result<MeshConn, ForwardError>>,
-    {
+    ) -> Result<Response<ProxyBody>, ForwardError> {
         match replay {
-            Replay::Body(body) => self.answer(&connect, challenge, template, body).await,
+            Replay::Body(body) => self.answer(link, challenge, template, body).await,
             Replay::TooLarge => {
                 self.metrics.count(SignResult::BodyTooLarge);
                 Ok(self.too_large())
@@ -388,17 +338,13 @@ impl OutboundStepUp {
         )
     }
 
-    async fn answer<C, F>(
+    async fn answer(
         &self,
-        connect: &C,
+        link: &MeshLink,
         challenge: Response<ProxyBody>,
         template: &Template,
         body: Bytes,
-    ) -> Result<Response<ProxyBody>, ForwardError>
-    where
-        C: Fn() -> F,
-        F: Future<Output = Result<MeshConn, ForwardError>>,
-    {
+    ) -> Result<Response<ProxyBody>, ForwardError> {
         let ch = match Challenge::from_headers(challenge.headers()) {
             Ok(Some(c)) => c,
             _ => {
@@ -406,10 +352,7 @@ impl OutboundStepUp {
                 return Ok(pass(challenge, describe(SignResult::BadChallenge)));
             }
         };
-        let (resp, info) = match self
-            .send_signed(connect, template, &body, Some(&ch))
-            .await?
-        {
+        let (resp, info) = match self.send_signed(link, template, &body, Some(&ch)).await? {
             Ok(sent) => sent,
             Err(r) => {
                 tracing::warn!(
@@ -441,21 +384,17 @@ impl OutboundStepUp {
     /// request the connection refused before sending (it was closing) is
     /// signed again for a fresh connection, once. `Ok(Err(_))`: the
     /// challenge could not be answered.
-    async fn send_signed<C, F>(
+    async fn send_signed(
         &self,
-        connect: &C,
+        link: &MeshLink,
         template: &Template,
         body: &Bytes,
         challenge: Option<&Challenge>,
-    ) -> Result<Result<(Response<ProxyBody>, Arc<MeshConnInfo>), SignResult>, ForwardError>
-    where
-        C: Fn() -> F,
-        F: Future<Output = Result<MeshConn, ForwardError>>,
-    {
+    ) -> Result<Result<(Response<ProxyBody>, Arc<MeshConnInfo>), SignResult>, ForwardError> {
         let mut kept: Option<Challenge> = None;
         let mut retried = false;
         loop {
-            let (send, info) = connect().await?;
+            let (send, info) = link.sender().await?;
             let mut headers = template.headers.clone();
             match challenge {
                 Some(ch) => {
@@ -476,7 +415,7 @@ impl OutboundStepUp {
                 }
             }
             match send.try_send(template.request(headers, body)).await {
-                Ok(resp) => return Ok(Ok((resp, info))),
+                Ok(resp) => return Ok(Ok((resp.map(ProxyBody::Mesh), info))),
                 Err(e) => match e.unsent {
                     Some(_) if !retried => retried = true,
                     _ => return Err(ForwardError::Upstream(root_cause(&e.error))),

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::h1::{request_body_framing, Framing};
+use crate::http::h1::{request_body_framing, Framing};
 
 /// Where in the message stream the next byte is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,7 +183,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for StrictLines<I> {
     }
 }
 
-crate::server::delegate_write!(StrictLines);
+crate::http::io::delegate_write!(StrictLines);
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 //! plaintext HTTP/1.1 connections, and one multiplexed h2c connection for
 //! apps that need HTTP/2 (gRPC).
 //!
-//! The HTTP/1.1 side is the proxy's own client (wire format in [`crate::h1`])
+//! The HTTP/1.1 side is the proxy's own client (wire format in [`crate::http::h1`])
 //! rather than hyper's. hyper's runs each connection as a task fed through a
 //! channel, with an 8 KiB write buffer, a read buffer that grows to 16 KiB
 //! and about 19 KiB of channel blocks, all kept while the connection idles:
@@ -38,8 +38,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::body::ProxyBody;
-use crate::h1::{self, BodyError, BodyReader, Framing, H1Error};
+use crate::error::BoxError;
+use crate::http::h1::{self, BodyError, BodyReader, Framing, H1Error};
+use crate::http::traits::SendBody;
 
 /// Idle connections kept beyond this many are closed: enough for any burst
 /// a sidecar sees, small enough that a flood cannot pin file descriptors.
@@ -159,9 +160,9 @@ impl H1Pool {
     /// The head is encoded (and what of the body has arrived gathered)
     /// before the future exists; the future holds only what is left to
     /// send, which keeps it small (see `inbound::Pending`).
-    pub fn request(
+    pub fn request<B: SendBody>(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        req: Request<B>,
     ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -195,11 +196,11 @@ impl H1Pool {
 
     /// Sends the encoded request on an idle connection or a new one, with
     /// `slot` held until the connection is back in the pool or closed.
-    fn send(
+    fn send<B: SendBody>(
         self: &Arc<Self>,
         slot: OwnedSemaphorePermit,
         out: BytesMut,
-        sender: BodySender,
+        sender: BodySender<B>,
         method: Method,
     ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
         let (idle, pool) = (self.checkout(), self.clone());
@@ -256,11 +257,11 @@ impl H1Pool {
 
     /// One request whose head (and the start of its body) is in `out` and
     /// the rest still to come from `sender`, and its response head on `io`.
-    async fn exchange_streaming(
+    async fn exchange_streaming<B: SendBody>(
         self: &Arc<Self>,
         mut io: TcpStream,
         out: &[u8],
-        sender: BodySender,
+        sender: BodySender<B>,
         method: &Method,
     ) -> Result<Response<AppBody>, Exchange> {
         let mut buf = BytesMut::with_capacity(h1::SMALL_READ);
@@ -444,8 +445,8 @@ enum PumpError {
 }
 
 /// The request body on its way to the app, framed as its head declared.
-struct BodySender {
-    body: ProxyBody,
+struct BodySender<B> {
+    body: B,
     framing: Framing,
     sent: u64,
     done: bool,
@@ -453,10 +454,10 @@ struct BodySender {
     stall: Duration,
 }
 
-impl BodySender {
+impl<B: SendBody> BodySender<B> {
     /// `Content-Length` when the caller's body has a known size, chunked
     /// otherwise; no framing field for a bodyless GET and the like.
-    fn new(body: ProxyBody, method: &Method, stall: Duration) -> BodySender {
+    fn new(body: B, method: &Method, stall: Duration) -> BodySender<B> {
         let framing = if body.is_end_stream() {
             match *method {
                 Method::POST | Method::PUT | Method::PATCH => Framing::Length(0),
@@ -543,7 +544,7 @@ impl BodySender {
     /// after them (followed by [`Self::suffix`]).
     fn encode(
         &mut self,
-        frame: Option<Result<Frame<Bytes>, crate::mesh::BoxError>>,
+        frame: Option<Result<Frame<Bytes>, B::Error>>,
         out: &mut BytesMut,
     ) -> Result<Option<Bytes>, String> {
         let frame = match frame {
@@ -561,7 +562,10 @@ impl BodySender {
                     _ => Ok(None),
                 };
             }
-            Some(Err(e)) => return Err(format!("request body failed: {e}")),
+            Some(Err(e)) => {
+                let e: BoxError = e.into();
+                return Err(format!("request body failed: {e}"));
+            }
             Some(Ok(f)) => f,
         };
         match frame.into_data() {
@@ -742,17 +746,17 @@ impl std::fmt::Debug for H1Pool {
 /// Hand-rolled rather than a pooled client so that the caller's
 /// `:authority` reaches the app unchanged (a pool would put the app's
 /// address there).
-pub struct H2Conn {
+pub struct H2cConn<B> {
     addr: String,
     connect_timeout: Duration,
-    current: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    current: ArcSwapOption<http2::SendRequest<B>>,
     dialing: tokio::sync::Mutex<()>,
 }
 
-impl H2Conn {
+impl<B: SendBody> H2cConn<B> {
     /// A connection to `addr`, dialled on first use.
-    pub fn new(addr: &str, connect_timeout: Duration) -> H2Conn {
-        H2Conn {
+    pub fn new(addr: &str, connect_timeout: Duration) -> H2cConn<B> {
+        H2cConn {
             addr: addr.to_owned(),
             connect_timeout,
             current: ArcSwapOption::empty(),
@@ -761,14 +765,14 @@ impl H2Conn {
     }
 
     /// Sends `req` (HTTP/2 form) on the connection, dialling it if needed.
-    pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, AppError> {
+    pub async fn request(&self, req: Request<B>) -> Result<Response<Incoming>, AppError> {
         let mut send = self.sender().await.map_err(AppError::Unavailable)?;
         send.send_request(req)
             .await
-            .map_err(|e| AppError::Failed(crate::inbound::root_cause(&e)))
+            .map_err(|e| AppError::Failed(crate::error::root_cause(&e)))
     }
 
-    async fn sender(&self) -> Result<http2::SendRequest<ProxyBody>, String> {
+    async fn sender(&self) -> Result<http2::SendRequest<B>, String> {
         if let Some(s) = self.current.load().as_ref() {
             if !s.is_closed() {
                 return Ok((**s).clone());

@@ -135,19 +135,6 @@ impl MaterialError {
     }
 }
 
-/// Every `result` label of `keyproof_identity_reloads_total`.
-pub const RELOAD_RESULTS: [&str; 9] = [
-    "ok",
-    "unreadable",
-    "invalid",
-    "key_mismatch",
-    "expired",
-    "not_yet_valid",
-    "unknown_ca",
-    "foreign_trust_domain",
-    "id_changed",
-];
-
 /// Parses PEM material into the chain, the key and the bundle roots.
 pub fn parse_pem(
     cert_pem: &[u8],
@@ -466,7 +453,7 @@ impl IdentityStore {
     /// expiry, logs what is in use now and why (`why` says where it came
     /// from), and replaces the current one.
     pub fn install(&self, identity: Identity, metrics: &crate::metrics::Metrics, why: &str) {
-        metrics.identity_installed(&identity);
+        metrics.identity_installed(identity.not_before, identity.not_after);
         tracing::info!(
             spiffe_id = %identity.id,
             serial = %identity.serial,

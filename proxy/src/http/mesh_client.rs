@@ -20,7 +20,9 @@ use http::{header, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::body::ProxyBody;
+use keyproof_ca::SpiffeId;
+
+use crate::http::traits::SendBody;
 
 /// hyper's defaults, kept: room for large bodies without waiting on window
 /// updates.
@@ -30,9 +32,6 @@ const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 /// connection is closed (a peer gone without a FIN).
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A boxed error from the mesh connection or a body.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sending half of one HTTP/2 mesh connection; cheap to clone.
 #[derive(Clone)]
@@ -52,9 +51,9 @@ struct Shared {
 /// A request the connection refused before anything of it was sent (the
 /// connection was closing), handed back for a retry elsewhere; or why the
 /// exchange failed.
-pub struct TrySendError {
+pub struct TrySendError<B> {
     /// The request, if it was never sent.
-    pub unsent: Option<Request<ProxyBody>>,
+    pub unsent: Option<Request<B>>,
     /// What went wrong.
     pub error: h2::Error,
 }
@@ -95,10 +94,10 @@ impl MeshSender {
     /// for the response head. Takes the sender by value: each request gets
     /// its clone from the connection holder once, and this is where it is
     /// used up.
-    pub async fn try_send(
+    pub async fn try_send<B: SendBody>(
         self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, TrySendError> {
+        req: Request<B>,
+    ) -> Result<Response<MeshBody>, TrySendError<B>> {
         let MeshSender { send, shared } = self;
         let send = match send.ready().await {
             Ok(s) => s,
@@ -118,7 +117,10 @@ impl MeshSender {
                 unsent: None,
                 error,
             })?;
-        head.await
+        head.await.map_err(|error| TrySendError {
+            unsent: None,
+            error,
+        })
     }
 
     /// Sends `req` at once when the connection can open a stream without
@@ -126,7 +128,7 @@ impl MeshSender {
     /// awaits the response head, and is small, since it is moved into place
     /// per request. [`Start::Wait`] hands everything back for
     /// [`MeshSender::try_send`].
-    pub fn start(mut self, req: Request<ProxyBody>) -> Start {
+    pub fn start<B: SendBody>(mut self, req: Request<B>) -> Start<B> {
         // A fresh clone has no stream of its own pending, so readiness only
         // reflects the connection's state: no wake-up is needed from here.
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -152,7 +154,7 @@ impl MeshSender {
     /// Opens the stream on a ready sender: the head goes out now, a body
     /// still to come is pumped by a task of its own. The request is used up
     /// either way.
-    fn send_now(self, req: Request<ProxyBody>) -> Result<ResponseHead, h2::Error> {
+    fn send_now<B: SendBody>(self, req: Request<B>) -> Result<ResponseHead, h2::Error> {
         let MeshSender { mut send, shared } = self;
         let (mut parts, body) = req.into_parts();
         if let Some(len) = body.size_hint().exact() {
@@ -189,26 +191,23 @@ impl MeshSender {
 }
 
 /// What [`MeshSender::start`] did.
-pub enum Start {
+pub enum Start<B> {
     /// The request is on its way: await its response head.
     Sent(ResponseHead),
     /// The connection cannot open a stream yet: wait with `try_send`.
-    Wait(MeshSender, Request<ProxyBody>),
+    Wait(MeshSender, Request<B>),
     /// The connection refused the request (see [`TrySendError::unsent`]).
-    Failed(TrySendError),
+    Failed(TrySendError<B>),
 }
 
 /// The response head of a request sent on a mesh connection.
 pub struct ResponseHead(h2::client::ResponseFuture);
 
 impl Future for ResponseHead {
-    type Output = Result<Response<ProxyBody>, TrySendError>;
+    type Output = Result<Response<MeshBody>, h2::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let resp = ready!(Pin::new(&mut self.0).poll(cx)).map_err(|error| TrySendError {
-            unsent: None,
-            error,
-        })?;
+        let resp = ready!(Pin::new(&mut self.0).poll(cx))?;
         let (parts, recv) = resp.into_parts();
         let remaining = parts
             .headers
@@ -217,11 +216,11 @@ impl Future for ResponseHead {
             .and_then(|v| v.parse().ok());
         Poll::Ready(Ok(Response::from_parts(
             parts,
-            ProxyBody::Mesh(MeshBody {
+            MeshBody {
                 recv,
                 data_done: false,
                 remaining,
-            }),
+            },
         )))
     }
 }
@@ -276,7 +275,7 @@ async fn drive(
 /// waiting for the rest of the request and the app for its response, and
 /// the stream counting against the connection's concurrency. The reset
 /// fails the response future, so the app is answered (502) at once.
-async fn pipe(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
+async fn pipe<B: SendBody>(mut body: B, mut stream: h2::SendStream<Bytes>) {
     if let Err(why) = pump(&mut body, &mut stream).await {
         tracing::debug!(
             reason = why,
@@ -287,8 +286,8 @@ async fn pipe(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
 }
 
 /// [`pipe`]'s loop; `Err` says why the stream must be reset.
-async fn pump(
-    body: &mut ProxyBody,
+async fn pump<B: SendBody>(
+    body: &mut B,
     stream: &mut h2::SendStream<Bytes>,
 ) -> Result<(), &'static str> {
     loop {
@@ -405,3 +404,20 @@ impl Body for MeshBody {
         }
     }
 }
+
+/// Facts about one mesh connection, attached to every response received on
+/// it (`response.extensions().get::<Arc<MeshConnInfo>>()`; behind an `Arc`
+/// so that tagging every response costs a reference count, not a copy of
+/// the peer id).
+#[derive(Debug)]
+pub struct MeshConnInfo {
+    /// The verified server's SPIFFE ID.
+    pub peer_id: SpiffeId,
+    /// The 32-byte TLS exporter of the connection.
+    pub exporter: [u8; 32],
+    /// A process-unique connection number (for per-connection nonce reuse).
+    pub conn_id: u64,
+}
+
+/// A live mesh connection: its sender and what is known about it.
+pub type MeshConn = (MeshSender, Arc<MeshConnInfo>);

@@ -9,261 +9,44 @@
 //! upstream that only offers `http/1.1` gets a keep-alive pool instead (and
 //! gRPC to it is refused, as gRPC needs HTTP/2).
 
+pub mod kept;
+pub mod signer;
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use keyproof_ca::svid;
 use keyproof_stepup::is_stepup_challenge;
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
-use crate::body::{absolute_uri, path_of, strip_hop_by_hop, text, ProxyBody, RequestBody};
-use crate::config::{OutboundConfig, UpstreamConfig};
-use crate::fut::map_in_place;
-use crate::h1_server::{self, ServerLimits};
-use crate::identity::{self, IdentityStore};
-use crate::inbound::root_cause;
-use crate::mesh::{MeshSender, Start};
+use crate::config::OutboundConfig;
+use crate::error::root_cause;
+use crate::http::body::{absolute_uri, path_of, text, ProxyBody, RequestBody, ResponseFuture};
+use crate::http::h1_server::{self, ServerLimits};
+use crate::http::map_in_place::map_in_place;
+use crate::http::mesh_client::Start;
+use crate::http::owned::{self, strip_hop_by_hop, Underscores};
+use crate::http::server::{self, Builders, Proto, StreamGuard};
+use crate::http::tee::{tee, Replay, TeeHandle};
+use crate::identity::store::IdentityStore;
+use crate::listener::ConnGuards;
 use crate::metrics::DirectionMetrics;
-use crate::owned::{self, Underscores};
-use crate::server::{self, Builders, ConnGuards, Proto, StreamGuard};
-use crate::stepup::{
-    tee, MeshConn, MeshConnInfo, OutboundStepUp, Replay, StepUpPaths, TeeHandle, Template,
-};
+use crate::outbound::signer::{OutboundStepUp, Template};
+use crate::outbound::upstream::{send_h2, ConnectError, ForwardError, Upstream};
 
-static CONN_IDS: AtomicU64 = AtomicU64::new(1);
-
-/// A boxed per-request future, for the rare paths.
-type Pending<'a> = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send + 'a>>;
-
-/// Why a mesh connection could not be made; mapped to 502/504 with the
-/// reason in the body.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ConnectError {
-    /// TCP connect failed.
-    #[error("connect to {addr} failed: {msg}")]
-    Connect {
-        /// The upstream address.
-        addr: String,
-        /// The OS error.
-        msg: String,
-    },
-    /// TCP connect took too long.
-    #[error("connect to {addr} timed out after {after:?}")]
-    ConnectTimeout {
-        /// The upstream address.
-        addr: String,
-        /// The bound.
-        after: Duration,
-    },
-    /// The TLS handshake took too long.
-    #[error("TLS handshake with {addr} timed out after {after:?}")]
-    HandshakeTimeout {
-        /// The upstream address.
-        addr: String,
-        /// The bound.
-        after: Duration,
-    },
-    /// The server's identity is not the one configured.
-    #[error("{0}")]
-    IdentityMismatch(String),
-    /// The handshake failed otherwise.
-    #[error("TLS handshake with {addr} failed ({reason}): {msg}")]
-    Handshake {
-        /// The upstream address.
-        addr: String,
-        /// The metric label.
-        reason: &'static str,
-        /// Details.
-        msg: String,
-    },
-}
-
-impl ConnectError {
-    fn status(&self) -> StatusCode {
-        match self {
-            ConnectError::ConnectTimeout { .. } | ConnectError::HandshakeTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
-            _ => StatusCode::BAD_GATEWAY,
-        }
-    }
-}
-
-struct Dialer {
-    address: String,
-    tls: TlsConnector,
-    server_name: ServerName<'static>,
-    connect_timeout: Duration,
-    handshake_timeout: Duration,
-    metrics: DirectionMetrics,
-}
-
-impl Dialer {
-    async fn dial(&self) -> Result<MeshStream, ConnectError> {
-        let tcp =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.address))
-                .await
-            {
-                Err(_) => {
-                    return Err(ConnectError::ConnectTimeout {
-                        addr: self.address.clone(),
-                        after: self.connect_timeout,
-                    })
-                }
-                Ok(Err(e)) => {
-                    return Err(ConnectError::Connect {
-                        addr: self.address.clone(),
-                        msg: e.to_string(),
-                    })
-                }
-                Ok(Ok(t)) => t,
-            };
-        let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(
-            self.handshake_timeout,
-            self.tls.connect(self.server_name.clone(), tcp),
-        )
-        .await
-        {
-            Err(_) => {
-                self.metrics.handshake("timeout");
-                tracing::warn!(upstream = %self.address, reason = "timeout", "outbound TLS handshake failed");
-                return Err(ConnectError::HandshakeTimeout {
-                    addr: self.address.clone(),
-                    after: self.handshake_timeout,
-                });
-            }
-            Ok(Err(e)) => {
-                let f = identity::classify(&e);
-                self.metrics.handshake(f.reason);
-                tracing::warn!(upstream = %self.address, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "outbound TLS handshake failed");
-                return Err(if f.reason == "identity_mismatch" {
-                    ConnectError::IdentityMismatch(f.message)
-                } else {
-                    ConnectError::Handshake {
-                        addr: self.address.clone(),
-                        reason: f.reason,
-                        msg: f.message,
-                    }
-                });
-            }
-            Ok(Ok(t)) => t,
-        };
-        self.metrics.handshake("ok");
-        let (_, session) = tls.get_ref();
-        self.metrics
-            .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
-        let h2 = session.alpn_protocol() == Some(b"h2");
-        let mut exporter = [0u8; 32];
-        let _ =
-            session.export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", Some(b""));
-        let peer_id = session
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|leaf| svid::check_leaf_der(leaf).ok());
-        let Some(peer_id) = peer_id else {
-            return Err(ConnectError::Handshake {
-                addr: self.address.clone(),
-                reason: "bad_identity",
-                msg: "server certificate unreadable after verification".into(),
-            });
-        };
-        let open = self.metrics.connections_open.clone();
-        open.inc();
-        Ok(MeshStream {
-            tls,
-            h2,
-            info: Arc::new(MeshConnInfo {
-                peer_id,
-                exporter,
-                conn_id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
-            }),
-            open,
-        })
-    }
-}
-
-/// One mutual-TLS connection to an upstream sidecar.
-pub struct MeshStream {
-    tls: TlsStream<TcpStream>,
-    h2: bool,
-    info: Arc<MeshConnInfo>,
-    open: prometheus::IntGauge,
-}
-
-impl Drop for MeshStream {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
-
-impl AsyncRead for MeshStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for MeshStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
-    }
-}
-
-impl Connection for MeshStream {
-    fn connected(&self) -> Connected {
-        let c = Connected::new().extra(self.info.clone());
-        if self.h2 {
-            c.negotiated_h2()
-        } else {
-            c
-        }
-    }
-}
+pub use crate::outbound::upstream::OutboundError;
 
 /// Whether the client opens with the HTTP/2 connection preface (prior
 /// knowledge, as gRPC clients do), peeked so that either server reads the
@@ -293,114 +76,6 @@ fn host_key(a: &Authority) -> &str {
         .unwrap_or(h)
 }
 
-/// The pool's connector: every URI it is asked for maps to this upstream.
-#[derive(Clone)]
-struct MeshConnector(Arc<Dialer>);
-
-impl tower_service::Service<Uri> for MeshConnector {
-    type Response = TokioIo<MeshStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let d = self.0.clone();
-        Box::pin(async move { d.dial().await.map(TokioIo::new) })
-    }
-}
-
-/// One multiplexed HTTP/2 connection, re-dialled when it closes.
-struct H2Conn {
-    dialer: Arc<Dialer>,
-    current: ArcSwapOption<MeshConn>,
-    dialing: tokio::sync::Mutex<()>,
-    max_header_bytes: u32,
-}
-
-impl H2Conn {
-    /// The live connection's sender, dialling a new connection if there is
-    /// none. The dial (TCP, TLS and h2 handshakes) is boxed: inline, its
-    /// state would sit in every request's future, which is moved into place
-    /// per request.
-    async fn sender(&self) -> Result<MeshConn, ForwardError> {
-        if let Some(c) = self.current() {
-            return Ok(c);
-        }
-        Box::pin(self.redial()).await
-    }
-
-    /// The live connection's sender, if there is one.
-    fn current(&self) -> Option<MeshConn> {
-        let c = self.current.load();
-        let c = c.as_ref().filter(|c| !c.0.is_closed())?;
-        Some((c.0.clone(), c.1.clone()))
-    }
-
-    async fn redial(&self) -> Result<MeshConn, ForwardError> {
-        // One dial at a time; whoever waited re-checks first.
-        let _g = self.dialing.lock().await;
-        if let Some(c) = self.current() {
-            return Ok(c);
-        }
-        let stream = self.dialer.dial().await.map_err(ForwardError::Connect)?;
-        if !stream.h2 {
-            // The probe connection is dropped; the HTTP/1.1 pool takes over.
-            return Err(ForwardError::NotH2);
-        }
-        let info = stream.info.clone();
-        let send = MeshSender::handshake(stream, self.max_header_bytes)
-            .await
-            .map_err(|e| ForwardError::Upstream(e.to_string()))?;
-        self.current
-            .store(Some(Arc::new((send.clone(), info.clone()))));
-        Ok((send, info))
-    }
-}
-
-/// A failed forward.
-#[derive(Debug)]
-pub enum ForwardError {
-    /// Could not get a mesh connection.
-    Connect(ConnectError),
-    /// The upstream negotiated `http/1.1`, not `h2`.
-    NotH2,
-    /// The upstream failed after connecting.
-    Upstream(String),
-}
-
-struct Upstream {
-    cfg: UpstreamConfig,
-    pool_key: Authority,
-    h1: Client<MeshConnector, ProxyBody>,
-    h2: H2Conn,
-    /// Set once the upstream turned out not to offer `h2`.
-    h1_only: AtomicBool,
-    /// Paths of this upstream that demanded step-up: buffered, signed.
-    stepup_paths: StepUpPaths,
-}
-
-/// A failure to build the outbound.
-#[derive(Debug, thiserror::Error)]
-pub enum OutboundError {
-    /// rustls refused the configuration.
-    #[error("outbound TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
-    /// Registering the step-up metrics failed (a bug).
-    #[error("step-up metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    /// An address is not a valid authority.
-    #[error("{key}: {msg}")]
-    Address {
-        /// The configuration key.
-        key: String,
-        /// What is wrong.
-        msg: String,
-    },
-}
-
 /// Everything the outbound needs.
 pub struct Outbound {
     upstreams: Vec<Upstream>,
@@ -424,52 +99,7 @@ impl Outbound {
         let mut by_host = HashMap::new();
         let mut fallback = None;
         for (i, u) in cfg.upstreams.iter().enumerate() {
-            let host = u
-                .address
-                .rsplit_once(':')
-                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-                .unwrap_or(&u.address);
-            // Certificates are checked by SPIFFE ID, not by name; the name
-            // only feeds SNI, so an IP or odd host falls back to a fixed one.
-            let server_name = ServerName::try_from(host.to_owned())
-                .unwrap_or_else(|_| ServerName::try_from("keyproof.invalid").expect("static name"));
-            let mk = |alpn: &[&[u8]]| -> Result<Arc<Dialer>, rustls::Error> {
-                Ok(Arc::new(Dialer {
-                    address: u.address.clone(),
-                    tls: TlsConnector::from(Arc::new(identity::client_config(
-                        &store,
-                        u.identity.clone(),
-                        alpn,
-                    )?)),
-                    server_name: server_name.clone(),
-                    connect_timeout: cfg.connect_timeout,
-                    handshake_timeout: cfg.limits.handshake_timeout,
-                    metrics: metrics.outbound.clone(),
-                }))
-            };
-            let h1 = Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(cfg.pool_idle_timeout)
-                .set_host(false)
-                .build(MeshConnector(mk(&[b"http/1.1"])?));
-            let pool_key: Authority = u.address.parse().map_err(|e| OutboundError::Address {
-                key: format!("outbound.upstreams[{i}].address"),
-                msg: format!("{e}"),
-            })?;
-            upstreams.push(Upstream {
-                cfg: u.clone(),
-                pool_key,
-                h1,
-                h1_only: AtomicBool::new(false),
-                h2: H2Conn {
-                    dialer: mk(&[b"h2", b"http/1.1"])?,
-                    current: ArcSwapOption::empty(),
-                    dialing: tokio::sync::Mutex::new(()),
-                    max_header_bytes: u32::try_from(cfg.limits.max_header_bytes)
-                        .unwrap_or(u32::MAX),
-                },
-                stepup_paths: StepUpPaths::default(),
-            });
+            upstreams.push(Upstream::new(i, u, cfg, &store, metrics)?);
             if u.host == "*" {
                 fallback = Some(i);
             } else {
@@ -589,7 +219,7 @@ impl Outbound {
     fn forward(
         &self,
         req: Request<RequestBody>,
-    ) -> Either<Pending<'_>, impl Future<Output = Response<ProxyBody>> + Send + '_> {
+    ) -> Either<ResponseFuture<'_>, impl Future<Output = Response<ProxyBody>> + Send + '_> {
         if req.method() == http::Method::CONNECT {
             return Either::Left(Box::pin(ready(text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -599,7 +229,11 @@ impl Outbound {
         let (mut parts, body) = req.into_parts();
         // The path goes out (and is signed for step-up) in the form the
         // peer's inbound decides on, so its normalization is the identity.
-        match crate::path::normalize_uri(&parts.method, &parts.uri, self.cfg.path_normalization) {
+        match crate::http::path::normalize_uri(
+            &parts.method,
+            &parts.uri,
+            self.cfg.path_normalization,
+        ) {
             Ok(None) => {}
             Ok(Some(uri)) => parts.uri = uri,
             Err(why) => {
@@ -657,10 +291,7 @@ impl Outbound {
             // h2 connection, signed up front when a nonce is kept.
             let template = Template::new(parts.method, parts.uri, parts.version, parts.headers);
             return Either::Left(Box::pin(async move {
-                let sent = self
-                    .stepup
-                    .send_known(|| up.h2.sender(), template, body)
-                    .await;
+                let sent = self.stepup.send_known(&up.h2, template, body).await;
                 self.respond(up, sent)
             }));
         }
@@ -695,18 +326,19 @@ impl Outbound {
                 // future only awaits the response head.
                 return Either::Right(async move {
                     let sent = match response.await {
-                        Ok(mut resp) => {
+                        Ok(resp) => {
+                            let mut resp = resp.map(ProxyBody::Mesh);
                             resp.extensions_mut().insert(info);
                             Ok(resp)
                         }
-                        Err(e) => Err(ForwardError::Upstream(root_cause(&e.error))),
+                        Err(e) => Err(ForwardError::Upstream(root_cause(&e))),
                     };
                     self.after_send(up, sent, head, copy).await
                 });
             }
             Start::Wait(send, req) => {
                 return Either::Left(Box::pin(async move {
-                    let sent = send_h2(up, send, info, req).await;
+                    let sent = send_h2(&up.h2, send, info, req).await;
                     self.after_send(up, sent, head, copy).await
                 }));
             }
@@ -731,7 +363,7 @@ impl Outbound {
         req: Request<ProxyBody>,
         head: Template,
         copy: Option<TeeHandle>,
-    ) -> Pending<'a> {
+    ) -> ResponseFuture<'a> {
         Box::pin(async move {
             let sent = self.send(up, orig_h2, req).await;
             self.after_send(up, sent, head, copy).await
@@ -746,7 +378,7 @@ impl Outbound {
         sent: Result<Response<ProxyBody>, ForwardError>,
         head: Template,
         copy: Option<TeeHandle>,
-    ) -> Either<Ready<Response<ProxyBody>>, Pending<'a>> {
+    ) -> Either<Ready<Response<ProxyBody>>, ResponseFuture<'a>> {
         match sent {
             Ok(resp) if is_stepup_challenge(resp.status(), resp.headers()) => {
                 if up.h1_only.load(Ordering::Relaxed) {
@@ -758,10 +390,7 @@ impl Outbound {
                 up.stepup_paths.learn(head.path());
                 let replay = copy.map_or(Replay::Body(bytes::Bytes::new()), |c| c.replay());
                 Either::Right(Box::pin(async move {
-                    let sent = self
-                        .stepup
-                        .answer_replay(|| up.h2.sender(), resp, &head, replay)
-                        .await;
+                    let sent = self.stepup.answer_replay(&up.h2, resp, &head, replay).await;
                     self.respond(up, sent)
                 }))
             }
@@ -780,7 +409,7 @@ impl Outbound {
     ) -> Result<Response<ProxyBody>, ForwardError> {
         if orig_h2 || !up.h1_only.load(Ordering::Relaxed) {
             match up.h2.sender().await {
-                Ok((send, info)) => return send_h2(up, send, info, req).await,
+                Ok((send, info)) => return send_h2(&up.h2, send, info, req).await,
                 Err(ForwardError::NotH2) if !orig_h2 => {
                     tracing::info!(upstream = %up.cfg.address, "upstream does not offer h2; using an HTTP/1.1 pool");
                     up.h1_only.store(true, Ordering::Relaxed);
@@ -853,33 +482,6 @@ fn into_h1(
     parts.uri = absolute_uri(Scheme::HTTPS, pool_key.clone(), path)?;
     parts.version = Version::HTTP_11;
     Ok(Request::from_parts(parts, body))
-}
-
-/// Sends on the shared h2 connection. A request the connection could not
-/// even start (it was closing: GOAWAY after an idle close) comes back
-/// unsent and is retried once on a fresh connection.
-async fn send_h2(
-    up: &Upstream,
-    send: MeshSender,
-    info: Arc<MeshConnInfo>,
-    req: Request<ProxyBody>,
-) -> Result<Response<ProxyBody>, ForwardError> {
-    let (mut resp, info) = match send.try_send(req).await {
-        Ok(r) => (r, info),
-        Err(e) => match e.unsent {
-            Some(req) => {
-                let (send, info) = up.h2.sender().await?;
-                let r = send
-                    .try_send(req)
-                    .await
-                    .map_err(|e| ForwardError::Upstream(root_cause(&e.error)))?;
-                (r, info)
-            }
-            None => return Err(ForwardError::Upstream(root_cause(&e.error))),
-        },
-    };
-    resp.extensions_mut().insert(info);
-    Ok(resp)
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ use std::time::Duration;
 use keyproof_ca::{keys, Usage};
 use tokio::time::Instant;
 
-use crate::identity::{self, Identity, IdentityStore, MaterialError};
+use crate::identity::store::{self as identity, Identity, IdentityStore, MaterialError};
+use crate::identity::watch::FileWatch;
 use crate::metrics::Metrics;
-use crate::watch::FileWatch;
 
 /// How long inconsistent material is retried before it counts as rejected:
 /// long enough for a writer to finish updating the other files.

@@ -22,23 +22,8 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 
 use crate::config::{CaSourceConfig, IdentityConfig};
-use crate::identity::{Identity, IdentityError, IdentityStore, MaterialError};
+use crate::identity::store::{Identity, IdentityError, IdentityStore, MaterialError};
 use crate::metrics::Metrics;
-
-/// Every `result` label of `keyproof_identity_renewals_total`.
-pub const RENEWAL_RESULTS: [&str; 6] = [
-    "ok",
-    // The CA could not be reached (network, TLS, timeout).
-    "ca_unreachable",
-    // The CA answered with an error (token, rate limit, id mismatch...).
-    "ca_refused",
-    // The CA's answer was malformed.
-    "protocol",
-    // The issued certificate or bundle failed the proxy's own checks.
-    "invalid",
-    // The join token file could not be read (bootstrap only).
-    "token_unreadable",
-];
 
 /// The renewer's handler: installs identities into the store.
 pub struct CaIdentity {

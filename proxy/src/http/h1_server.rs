@@ -38,9 +38,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::body::{text, ProxyBody};
-use crate::h1::{self, BodyError, BodyReader, Connection, Framing, H1Error, RequestHead};
-use crate::server::PROGRESS;
+use crate::http::h1::{self, BodyError, BodyReader, Connection, Framing, H1Error, RequestHead};
+use crate::http::response::text;
+use crate::http::server::PROGRESS;
+use crate::http::traits::ResponseBody;
 
 /// Body bytes up to this size are copied next to the head (or the previous
 /// chunk) so that they go out in one write; larger ones are written as they
@@ -231,7 +232,7 @@ enum HeadEnd {
 /// Serves requests on `tcp` until the client closes, a response says
 /// `connection: close`, or `closing` is set (checked between requests: the
 /// caller sets it for idle and shutdown, then polls again).
-pub async fn serve<H, F>(
+pub async fn serve<H, F, B>(
     tcp: TcpStream,
     limits: ServerLimits,
     closing: &AtomicBool,
@@ -240,7 +241,8 @@ pub async fn serve<H, F>(
 ) -> io::Result<()>
 where
     H: FnMut(Request<ServerBody>) -> F,
-    F: Future<Output = Response<ProxyBody>>,
+    F: Future<Output = Response<B>>,
+    B: ResponseBody,
 {
     let (rd, mut wr) = tcp.into_split();
     let mut rd = Some(rd);
@@ -255,14 +257,14 @@ where
             Err(HeadEnd::Done) => return Ok(()),
             Err(HeadEnd::Io(e)) => return Err(e),
             Err(HeadEnd::Timeout) => {
-                let resp = text(
+                let resp: Response<B> = text(
                     StatusCode::REQUEST_TIMEOUT,
                     "request head not received in time\n",
                 );
                 return refuse(&mut wr, &mut out, resp, &activity).await;
             }
             Err(HeadEnd::Bad(e)) => {
-                let resp = text(e.status(), format!("bad request: {e}\n"));
+                let resp: Response<B> = text(e.status(), format!("bad request: {e}\n"));
                 return refuse(&mut wr, &mut out, resp, &activity).await;
             }
         };
@@ -358,7 +360,7 @@ where
 }
 
 /// The answer to a request whose body stalled.
-fn stalled(after: Duration) -> Response<ProxyBody> {
+fn stalled<B: ResponseBody>(after: Duration) -> Response<B> {
     text(
         StatusCode::REQUEST_TIMEOUT,
         format!("request body made no progress for {after:?}\n"),
@@ -433,10 +435,10 @@ async fn read_head(
 /// Writes the head in `out` and the body after it. `Ok(false)`: the body
 /// failed or did not match its declared length, and the connection must
 /// close without completing the message.
-async fn write_body(
+async fn write_body<B: ResponseBody>(
     wr: &mut OwnedWriteHalf,
     out: &mut BytesMut,
-    body: ProxyBody,
+    body: B,
     framing: Framing,
     activity: &AtomicU64,
 ) -> io::Result<bool> {
@@ -542,10 +544,10 @@ async fn flush(
 }
 
 /// Answers a request that could not be read, and closes.
-async fn refuse(
+async fn refuse<B: ResponseBody>(
     wr: &mut OwnedWriteHalf,
     out: &mut BytesMut,
-    resp: Response<ProxyBody>,
+    resp: Response<B>,
     activity: &AtomicU64,
 ) -> io::Result<()> {
     let (parts, body) = resp.into_parts();

@@ -2,13 +2,11 @@
 //! with backpressure, connection tracking for drain, and serving one HTTP
 //! connection with idle and shutdown handling.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -17,246 +15,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 use crate::config::Limits;
-
-/// Implements `AsyncWrite` for a read-side wrapper `$ty<I>` with a field
-/// `inner: I` by passing every write through: the wrappers here (a rewound
-/// preface, the bare-LF guard) only look at what is read.
-macro_rules! delegate_write {
-    ($ty:ident) => {
-        impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<I> {
-            fn poll_write(
-                mut self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                buf: &[u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-            }
-
-            fn poll_write_vectored(
-                mut self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                bufs: &[std::io::IoSlice<'_>],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-            }
-
-            fn is_write_vectored(&self) -> bool {
-                self.inner.is_write_vectored()
-            }
-
-            fn poll_flush(
-                mut self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-            }
-
-            fn poll_shutdown(
-                mut self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-            }
-        }
-    };
-}
-pub(crate) use delegate_write;
-
-/// Binds a listener with a deep backlog (excess clients wait there when
-/// `max_connections` is reached, rather than being refused).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(4096)
-}
+use crate::http::h1_guard::StrictLines;
+use crate::http::io::Rewind;
 
 /// Resolves once the shutdown flag is set (immediately if it already is).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send; drop it before returning.
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
-}
-
-/// Counts live connection tasks so that shutdown can wait for them.
-#[derive(Debug, Default)]
-pub struct Tracker {
-    live: AtomicUsize,
-    idle: Notify,
-}
-
-/// Held by a connection task; its drop marks the connection finished.
-#[derive(Debug)]
-pub struct TrackGuard(Arc<Tracker>);
-
-impl Tracker {
-    /// Registers a connection.
-    pub fn track(self: &Arc<Self>) -> TrackGuard {
-        self.live.fetch_add(1, Ordering::AcqRel);
-        TrackGuard(self.clone())
-    }
-
-    /// Resolves once no connection is live.
-    pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.live.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for TrackGuard {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-/// What a connection task holds for its whole life.
-#[derive(Debug)]
-pub struct ConnGuards {
-    _permit: OwnedSemaphorePermit,
-    _track: TrackGuard,
-}
-
-/// Accepts until shutdown. A permit is taken *before* `accept`, so at the
-/// connection limit the proxy simply stops accepting and the kernel backlog
-/// applies backpressure, instead of accepting and then dropping.
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    max_connections: usize,
-    tracker: Arc<Tracker>,
-    mut shutdown: watch::Receiver<bool>,
-    handler: F,
-) where
-    F: Fn(TcpStream, SocketAddr, ConnGuards) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let sem = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stopped(&mut shutdown) => return,
-        };
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stopped(&mut shutdown) => return,
-        };
-        match accepted {
-            Ok((tcp, remote)) => {
-                // Small request/response exchanges must not wait for Nagle.
-                let _ = tcp.set_nodelay(true);
-                let guards = ConnGuards {
-                    _permit: permit,
-                    _track: tracker.track(),
-                };
-                tokio::spawn(handler(tcp, remote, guards));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off briefly rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Bounds the TLS handshakes in progress on a listener. At the bound, the
-/// oldest pending handshake is closed to make room for the new one (and
-/// counted): a flood of connections that never finish their handshake then
-/// only displaces itself, and a caller whose handshake takes `d` is served
-/// unless `max` newer connections arrive within `d`. Waiting in the accept
-/// queue instead would put a prompt caller behind every stalled one, for up
-/// to `handshake_timeout` each.
-pub struct HandshakeGate {
-    max: usize,
-    pending: Mutex<Pending>,
-    shed: prometheus::IntCounter,
-}
-
-/// The pending handshakes, oldest first, each with the signal that evicts
-/// it; ids are handed out under the lock, so the queue stays sorted.
-#[derive(Default)]
-struct Pending {
-    next: u64,
-    queue: VecDeque<(u64, Arc<Notify>)>,
-}
-
-/// A place among the pending handshakes; dropped when the handshake ends.
-pub struct HandshakeSlot {
-    gate: Arc<HandshakeGate>,
-    id: u64,
-    evict: Arc<Notify>,
-}
-
-impl HandshakeGate {
-    /// A gate for `max` pending handshakes, counting evictions in `shed`.
-    pub fn new(max: usize, shed: prometheus::IntCounter) -> Arc<HandshakeGate> {
-        Arc::new(HandshakeGate {
-            max: max.max(1),
-            pending: Mutex::new(Pending::default()),
-            shed,
-        })
-    }
-
-    /// Registers a new handshake, evicting the oldest one at the bound.
-    pub fn admit(self: &Arc<Self>) -> HandshakeSlot {
-        let evict = Arc::new(Notify::new());
-        let mut g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let id = g.next;
-        g.next += 1;
-        if g.queue.len() >= self.max {
-            if let Some((_, oldest)) = g.queue.pop_front() {
-                // notify_one keeps a permit, so a handshake that is not
-                // waiting on it right now still sees it.
-                oldest.notify_one();
-                self.shed.inc();
-            }
-        }
-        g.queue.push_back((id, evict.clone()));
-        drop(g);
-        HandshakeSlot {
-            gate: self.clone(),
-            id,
-            evict,
-        }
-    }
-
-    /// Handshakes pending now.
-    pub fn pending(&self) -> usize {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queue
-            .len()
-    }
-}
-
-impl HandshakeSlot {
-    /// Resolves when a newer handshake took this one's place.
-    pub async fn evicted(&self) {
-        self.evict.notified().await
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut g = self.gate.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if let Ok(i) = g.queue.binary_search_by_key(&self.id, |e| e.0) {
-            g.queue.remove(i);
-        }
-    }
 }
 
 /// Added to a connection's activity word for each sign of progress that is
@@ -383,37 +151,6 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Vec<u8>)> 
     Ok((n == PREFACE.len(), seen[..n].to_vec()))
 }
 
-/// A connection whose first bytes were read already: they are read again
-/// first.
-struct Rewind<I> {
-    pre: Vec<u8>,
-    at: usize,
-    inner: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.at < self.pre.len() {
-            let n = (self.pre.len() - self.at).min(buf.remaining());
-            let at = self.at;
-            buf.put_slice(&self.pre[at..at + n]);
-            self.at += n;
-            if self.at == self.pre.len() {
-                self.pre = Vec::new();
-                self.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-delegate_write!(Rewind);
-
 /// Serves HTTP on one connection until the peer is done, the connection is
 /// idle for `idle` (no stream in flight, none started: the service counts
 /// its requests with [`StreamGuard`]), or shutdown starts. Idle and shutdown are both graceful:
@@ -451,11 +188,7 @@ where
                 _ = stopped(&mut shutdown) => return Ok(()),
             };
             let (h2, pre) = first;
-            let io = Rewind {
-                pre,
-                at: 0,
-                inner: io,
-            };
+            let io = Rewind::new(pre, io);
             return Box::pin(serve_as(builders, h2, io, activity, idle, svc, shutdown)).await;
         }
     };
@@ -496,7 +229,7 @@ where
         )
         .await;
     }
-    let io = crate::h1_guard::StrictLines::new(io, builders.max_header_bytes);
+    let io = StrictLines::new(io, builders.max_header_bytes);
     let conn = pin!(builders.strict_h1.serve_connection(TokioIo::new(io), svc));
     drive(
         conn,
@@ -666,34 +399,5 @@ mod tests {
             .await
             .expect("closed once idle")
             .expect("server task");
-    }
-
-    #[tokio::test]
-    async fn the_handshake_gate_sheds_the_oldest_pending_handshake() {
-        let shed = prometheus::IntCounter::new("shed", "shed").expect("counter");
-        let gate = HandshakeGate::new(2, shed.clone());
-        let a = gate.admit();
-        let b = gate.admit();
-        assert_eq!(gate.pending(), 2);
-        let c = gate.admit();
-        assert_eq!(gate.pending(), 2);
-        assert_eq!(shed.get(), 1);
-        tokio::time::timeout(Duration::from_millis(100), a.evicted())
-            .await
-            .expect("the oldest is told to go");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), b.evicted())
-                .await
-                .is_err(),
-            "a newer handshake was shed"
-        );
-        // A finished handshake leaves room: nobody else is shed.
-        drop(b);
-        let _d = gate.admit();
-        assert_eq!(shed.get(), 1);
-        drop(a);
-        assert_eq!(gate.pending(), 2);
-        drop(c);
-        assert_eq!(gate.pending(), 1);
     }
 }

@@ -1,6 +1,8 @@
-//! Nonces kept by the outbound from verified responses' `Accept-Signature`,
-//! per (mesh connection, request path), to sign the next request to that
-//! path up front (design §5: zero extra round trips in steady state).
+//! What the outbound remembers about step-up: the paths of each upstream
+//! that demanded it ([`StepUpPaths`]), and the nonces kept from verified
+//! responses' `Accept-Signature`, per (mesh connection, request path), to
+//! sign the next request to that path up front ([`KeptNonces`]: zero extra
+//! round trips in steady state, design §5).
 //!
 //! Each key holds a small FIFO pool rather than one nonce: with `c`
 //! concurrent requests to one path on one connection, every response brings
@@ -8,8 +10,9 @@
 //! Keeping only the latest would strand the others on the inbound, counted
 //! against its per-peer bound until they expire, and turn into 429s.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use keyproof_stepup::Challenge;
@@ -107,6 +110,41 @@ impl KeptNonces {
         }
         pool.push_back((ch, Instant::now()));
         k.len += 1;
+    }
+}
+
+/// Bound on paths remembered as needing step-up, per upstream.
+const MAX_STEPUP_PATHS: usize = 1024;
+
+/// Paths of one upstream that answered with a step-up challenge. Requests to
+/// them are buffered (up to `max_body`) and sent on the h2 connection so they
+/// can be signed up front; every other request streams untouched.
+#[derive(Debug, Default)]
+pub struct StepUpPaths {
+    len: AtomicUsize,
+    set: RwLock<HashSet<String>>,
+}
+
+impl StepUpPaths {
+    /// True if `path` is known to need step-up. Lock-free while no path is
+    /// known, which is the hot path of every non-step-up upstream.
+    pub fn contains(&self, path: &str) -> bool {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.set
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(path)
+    }
+
+    /// Remembers `path` (bounded: beyond the bound, new paths keep working
+    /// through the replay path, only without the up-front signature).
+    pub fn learn(&self, path: &str) {
+        let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
+        if set.len() < MAX_STEPUP_PATHS && set.insert(path.to_owned()) {
+            self.len.store(set.len(), Ordering::Relaxed);
+        }
     }
 }
 

@@ -1,0 +1,34 @@
+//! HTTP as the sidecar speaks it, generic over what it carries: nothing here
+//! knows of the inbound, the outbound, policy or step-up.
+//!
+//! * `h1.rs`: the HTTP/1.1 wire format (heads, chunked bodies), strict where
+//!   laxness allows smuggling; `h1_guard.rs`: the same strictness on the
+//!   connections hyper parses.
+//! * `h1_server.rs`: the outbound's HTTP/1.1 server; `server.rs`: serving a
+//!   connection with hyper (h2, and HTTP/1.1 on the inbound) with idle and
+//!   drain handling.
+//! * `app_client.rs`: the pool of plaintext connections to the local app;
+//!   `mesh_client.rs`: requests on an HTTP/2 mesh connection.
+//! * `body.rs`: `ProxyBody`, the one body type handed to hyper, made of the
+//!   body types above; `tee.rs`: a body streamed while a bounded copy is
+//!   kept; `limited.rs`: reading or draining a body with a bound.
+//! * `owned.rs`: header fields the sidecar owns, hop-by-hop and trailer
+//!   rules; `path.rs`: the path normalizer.
+//! * `traits.rs`, `response.rs`, `io.rs`, `map_in_place.rs`: small pieces
+//!   the others share.
+
+pub mod app_client;
+pub mod body;
+pub mod h1;
+pub mod h1_guard;
+pub mod h1_server;
+pub mod io;
+pub mod limited;
+pub mod map_in_place;
+pub mod mesh_client;
+pub mod owned;
+pub mod path;
+pub mod response;
+pub mod server;
+pub mod tee;
+pub mod traits;

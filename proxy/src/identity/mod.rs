@@ -1,0 +1,15 @@
+//! The workload's own identity: its certificate chain, key and trust bundle,
+//! and how they are kept current.
+//!
+//! * `store.rs`: the identity in use, checked as a whole before it is
+//!   installed, and the rustls configurations and verifiers that read it per
+//!   handshake (so that a swap needs no rebuild).
+//! * `reload.rs` with `watch.rs`: `[identity.files]`, re-read when the files
+//!   change (Kubernetes Secret volumes included).
+//! * `renew.rs`: `[identity.ca]`, bootstrapped and renewed from
+//!   `keyproof-ca serve`.
+
+pub mod reload;
+pub mod renew;
+pub mod store;
+pub mod watch;

@@ -1,0 +1,237 @@
+//! What the inbound and outbound listeners share below HTTP: binding, an
+//! accept loop with backpressure, connection tracking for drain, and the
+//! bound on TLS handshakes in progress.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::http::server::stopped;
+
+/// Binds a listener with a deep backlog (excess clients wait there when
+/// `max_connections` is reached, rather than being refused).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}
+
+/// Counts live connection tasks so that shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a connection task; its drop marks the connection finished.
+#[derive(Debug)]
+pub struct TrackGuard(Arc<Tracker>);
+
+impl Tracker {
+    /// Registers a connection.
+    pub fn track(self: &Arc<Self>) -> TrackGuard {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        TrackGuard(self.clone())
+    }
+
+    /// Resolves once no connection is live.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What a connection task holds for its whole life.
+#[derive(Debug)]
+pub struct ConnGuards {
+    _permit: OwnedSemaphorePermit,
+    _track: TrackGuard,
+}
+
+/// Accepts until shutdown. A permit is taken *before* `accept`, so at the
+/// connection limit the proxy simply stops accepting and the kernel backlog
+/// applies backpressure, instead of accepting and then dropping.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    tracker: Arc<Tracker>,
+    mut shutdown: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(TcpStream, SocketAddr, ConnGuards) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let sem = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopped(&mut shutdown) => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped(&mut shutdown) => return,
+        };
+        match accepted {
+            Ok((tcp, remote)) => {
+                // Small request/response exchanges must not wait for Nagle.
+                let _ = tcp.set_nodelay(true);
+                let guards = ConnGuards {
+                    _permit: permit,
+                    _track: tracker.track(),
+                };
+                tokio::spawn(handler(tcp, remote, guards));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Bounds the TLS handshakes in progress on a listener. At the bound, the
+/// oldest pending handshake is closed to make room for the new one (and
+/// counted): a flood of connections that never finish their handshake then
+/// only displaces itself, and a caller whose handshake takes `d` is served
+/// unless `max` newer connections arrive within `d`. Waiting in the accept
+/// queue instead would put a prompt caller behind every stalled one, for up
+/// to `handshake_timeout` each.
+pub struct HandshakeGate {
+    max: usize,
+    pending: Mutex<PendingHandshakes>,
+    shed: prometheus::IntCounter,
+}
+
+/// The pending handshakes, oldest first, each with the signal that evicts
+/// it; ids are handed out under the lock, so the queue stays sorted.
+#[derive(Default)]
+struct PendingHandshakes {
+    next: u64,
+    queue: VecDeque<(u64, Arc<Notify>)>,
+}
+
+/// A place among the pending handshakes; dropped when the handshake ends.
+pub struct HandshakeSlot {
+    gate: Arc<HandshakeGate>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl HandshakeGate {
+    /// A gate for `max` pending handshakes, counting evictions in `shed`.
+    pub fn new(max: usize, shed: prometheus::IntCounter) -> Arc<HandshakeGate> {
+        Arc::new(HandshakeGate {
+            max: max.max(1),
+            pending: Mutex::new(PendingHandshakes::default()),
+            shed,
+        })
+    }
+
+    /// Registers a new handshake, evicting the oldest one at the bound.
+    pub fn admit(self: &Arc<Self>) -> HandshakeSlot {
+        let evict = Arc::new(Notify::new());
+        let mut g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let id = g.next;
+        g.next += 1;
+        if g.queue.len() >= self.max {
+            if let Some((_, oldest)) = g.queue.pop_front() {
+                // notify_one keeps a permit, so a handshake that is not
+                // waiting on it right now still sees it.
+                oldest.notify_one();
+                self.shed.inc();
+            }
+        }
+        g.queue.push_back((id, evict.clone()));
+        drop(g);
+        HandshakeSlot {
+            gate: self.clone(),
+            id,
+            evict,
+        }
+    }
+
+    /// Handshakes pending now.
+    pub fn pending(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .len()
+    }
+}
+
+impl HandshakeSlot {
+    /// Resolves when a newer handshake took this one's place.
+    pub async fn evicted(&self) {
+        self.evict.notified().await
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut g = self.gate.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(i) = g.queue.binary_search_by_key(&self.id, |e| e.0) {
+            g.queue.remove(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_handshake_gate_sheds_the_oldest_pending_handshake() {
+        let shed = prometheus::IntCounter::new("shed", "shed").expect("counter");
+        let gate = HandshakeGate::new(2, shed.clone());
+        let a = gate.admit();
+        let b = gate.admit();
+        assert_eq!(gate.pending(), 2);
+        let c = gate.admit();
+        assert_eq!(gate.pending(), 2);
+        assert_eq!(shed.get(), 1);
+        tokio::time::timeout(Duration::from_millis(100), a.evicted())
+            .await
+            .expect("the oldest is told to go");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.evicted())
+                .await
+                .is_err(),
+            "a newer handshake was shed"
+        );
+        // A finished handshake leaves room: nobody else is shed.
+        drop(b);
+        let _d = gate.admit();
+        assert_eq!(shed.get(), 1);
+        drop(a);
+        assert_eq!(gate.pending(), 2);
+        drop(c);
+        assert_eq!(gate.pending(), 1);
+    }
+}

@@ -1,0 +1,413 @@
+//! The process: load the identity and start its reloader or renewer, bind
+//! the admin, inbound and outbound listeners, serve until a signal, drain.
+//! Also the checks that span sections of the configuration, the runtime and
+//! logging setup.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyproof_ca::Usage;
+
+use crate::config::{self, Config, IdentitySource};
+use crate::identity::reload;
+use crate::identity::renew;
+use crate::identity::store::{self as identity, Identity, IdentityStore};
+use crate::listener;
+use crate::{admin, inbound, metrics, outbound};
+
+/// Why the proxy could not start. Every variant names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity files are missing or unusable.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// A listener could not be bound.
+    #[error("{key}: cannot listen on {addr}")]
+    Bind {
+        /// The configuration key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A policy pattern names another trust domain.
+    #[error("{key}: {msg}")]
+    ForeignPattern {
+        /// The configuration key.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The inbound could not be built.
+    #[error(transparent)]
+    Inbound(#[from] inbound::InboundError),
+    /// The outbound could not be built.
+    #[error(transparent)]
+    Outbound(#[from] outbound::OutboundError),
+    /// Metric registration failed (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The async runtime could not be created.
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+fn pattern_trust_domain(p: &keyproof_ca::IdPattern) -> String {
+    match p {
+        keyproof_ca::IdPattern::Exact(id) => id.trust_domain_name().to_owned(),
+        keyproof_ca::IdPattern::Prefix(s) => s
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+            .to_owned(),
+    }
+}
+
+/// Refuses patterns that can never match: peers are only accepted from our
+/// own trust domain, so an `allow` or `identity` naming another one is a
+/// configuration mistake, better caught at startup than as a 403 or 502.
+pub fn check_trust_domains(cfg: &Config, identity: &Identity) -> Result<(), StartError> {
+    check_trust_domain_name(cfg, identity.id.trust_domain_name())
+}
+
+/// [`check_trust_domains`] against a trust domain name (`[identity.ca]`
+/// knows it from `spiffe_id` before any certificate is held).
+pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartError> {
+    let check = |key: String, p: &keyproof_ca::IdPattern| {
+        let td = pattern_trust_domain(p);
+        if td != ours {
+            return Err(StartError::ForeignPattern {
+                key,
+                msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted"),
+            });
+        }
+        Ok(())
+    };
+    if let Some(i) = &cfg.inbound {
+        for (r, route) in i.routes.iter().enumerate() {
+            for (a, p) in route.allow.iter().enumerate() {
+                check(format!("inbound.routes[{r}].allow[{a}]"), p)?;
+            }
+        }
+    }
+    if let Some(o) = &cfg.outbound {
+        for (u, up) in o.upstreams.iter().enumerate() {
+            check(format!("outbound.upstreams[{u}].identity"), &up.identity)?;
+        }
+    }
+    Ok(())
+}
+
+/// A started proxy: listeners bound, accepting.
+pub struct Running {
+    /// Bound inbound address.
+    pub inbound_addr: Option<SocketAddr>,
+    /// Bound outbound address.
+    pub outbound_addr: Option<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: Option<SocketAddr>,
+    /// The identity store (hot reload swaps its content).
+    pub identity: Arc<IdentityStore>,
+    /// Admin state (readiness, metrics).
+    pub admin: Arc<admin::AdminState>,
+    stop_accepting: tokio::sync::watch::Sender<bool>,
+    stop_admin: tokio::sync::watch::Sender<bool>,
+    tracker: Arc<listener::Tracker>,
+    grace: Duration,
+    /// The reloader (`[identity.files]`) or renewer (`[identity.ca]`).
+    identity_task: tokio::task::JoinHandle<()>,
+}
+
+/// Loads the identity (`[identity.files]`: before any port is bound, so a
+/// bad file fails fast) and starts its reloader or renewer, binds the admin
+/// listener, then (`[identity.ca]`: once the first certificate is held)
+/// binds the inbound and outbound and starts serving. Must run inside a
+/// Tokio runtime.
+///
+/// `[identity.ca]` delays binding the data listeners rather than binding
+/// them early and failing handshakes: until a certificate is held, callers
+/// get "connection refused", which every client treats as "not up yet" and
+/// retries safely, instead of TLS failures that look like a broken peer;
+/// `/ready` answers 503 meanwhile, so Kubernetes routes nothing here.
+pub async fn start(cfg: &Config) -> Result<Running, StartError> {
+    let metrics = metrics::Metrics::new()?;
+    let mut usages = Vec::new();
+    if cfg.inbound.is_some() {
+        usages.push(Usage::ServerAuth);
+    }
+    if cfg.outbound.is_some() {
+        usages.push(Usage::ClientAuth);
+    }
+    let (store, identity_task) = match &cfg.identity.source {
+        IdentitySource::Files(files) => {
+            let identity = Identity::load(&cfg.identity, &usages)?;
+            check_trust_domains(cfg, &identity)?;
+            metrics.identity_installed(identity.not_before, identity.not_after);
+            tracing::info!(spiffe_id = %identity.id, serial = %identity.serial, not_after = identity.not_after, "identity loaded");
+            let store = IdentityStore::new(identity);
+            let task = reload::Reloader::new(
+                reload::IdentityFiles {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                    bundle: cfg.identity.trust_bundle.clone(),
+                },
+                store.clone(),
+                metrics.clone(),
+                usages.clone(),
+            )
+            .spawn(cfg.identity.reload_interval);
+            (store, task)
+        }
+        IdentitySource::Ca(ca) => {
+            check_trust_domain_name(cfg, ca.spiffe_id.trust_domain_name())?;
+            let store = IdentityStore::empty();
+            let task = renew::start(
+                &cfg.identity,
+                ca,
+                store.clone(),
+                metrics.clone(),
+                usages.clone(),
+            )?;
+            (store, task)
+        }
+    };
+    // Stops the background task if start fails or is cancelled from here on.
+    let cancel_identity = AbortOnDrop(Some(identity_task.abort_handle()));
+
+    let bind = |key: &'static str, addr: SocketAddr| {
+        listener::bind(addr).map_err(|source| StartError::Bind { key, addr, source })
+    };
+    let admin_l = cfg
+        .admin
+        .as_ref()
+        .map(|c| bind("admin.listen", c.listen))
+        .transpose()?;
+    let (stop_admin, admin_rx) = tokio::sync::watch::channel(false);
+    let admin_state = Arc::new(admin::AdminState {
+        metrics: metrics.clone(),
+        store: store.clone(),
+        ready: false.into(),
+        draining: false.into(),
+    });
+    let mut admin_addr = None;
+    if let Some(l) = admin_l {
+        admin_addr = l.local_addr().ok();
+        tracing::info!(listen = %fmt_addr(admin_addr), "admin listening");
+        tokio::spawn(admin::serve(l, admin_state.clone(), admin_rx));
+    }
+    // Should start fail or be cancelled from here on, dropping `stop_admin`
+    // stops the admin listener.
+    if store.get().is_none() {
+        tracing::info!("waiting for the first certificate before binding the inbound and outbound");
+        store.wait_held().await;
+    }
+
+    let inbound = cfg
+        .inbound
+        .as_ref()
+        .map(|c| inbound::Inbound::new(c, store.clone(), &metrics))
+        .transpose()?;
+    let outbound = cfg
+        .outbound
+        .as_ref()
+        .map(|c| outbound::Outbound::new(c, store.clone(), &metrics))
+        .transpose()?;
+
+    let in_l = cfg
+        .inbound
+        .as_ref()
+        .map(|c| bind("inbound.listen", c.listen))
+        .transpose()?;
+    let out_l = cfg
+        .outbound
+        .as_ref()
+        .map(|c| bind("outbound.listen", c.listen))
+        .transpose()?;
+
+    let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
+    let tracker = Arc::new(listener::Tracker::default());
+
+    let mut running = Running {
+        inbound_addr: None,
+        outbound_addr: None,
+        admin_addr,
+        identity: store,
+        admin: admin_state.clone(),
+        stop_accepting,
+        stop_admin,
+        tracker: tracker.clone(),
+        grace: cfg.runtime.shutdown_grace,
+        identity_task,
+    };
+    cancel_identity.disarm();
+    if let (Some(l), Some(ib), Some(c)) = (in_l, inbound, cfg.inbound.as_ref()) {
+        running.inbound_addr = l.local_addr().ok();
+        tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
+        let rx = stop_rx.clone();
+        // Sockets: the authenticated connections plus the pending
+        // handshakes (the inbound bounds each on its own).
+        tokio::spawn(listener::accept_loop(
+            l,
+            c.limits.max_connections + c.limits.max_handshakes,
+            tracker.clone(),
+            stop_rx.clone(),
+            move |tcp, remote, guards| ib.clone().connection(tcp, remote, guards, rx.clone()),
+        ));
+    }
+    if let (Some(l), Some(ob), Some(c)) = (out_l, outbound, cfg.outbound.as_ref()) {
+        running.outbound_addr = l.local_addr().ok();
+        if !c.listen.ip().is_loopback() {
+            // The outbound is plaintext and acts with this workload's
+            // identity: anyone who can reach it can speak as us.
+            tracing::warn!(listen = %c.listen, "outbound.listen is not a loopback address; any host that can reach it can use this workload's identity");
+        }
+        tracing::info!(listen = %fmt_addr(running.outbound_addr), upstreams = c.upstreams.len(), "outbound listening");
+        let rx = stop_rx.clone();
+        tokio::spawn(listener::accept_loop(
+            l,
+            c.limits.max_connections,
+            tracker.clone(),
+            stop_rx.clone(),
+            move |tcp, remote, guards| ob.clone().connection(tcp, remote, guards, rx.clone()),
+        ));
+    }
+    admin_state.ready.store(true, Ordering::Release);
+    Ok(running)
+}
+
+/// Aborts a task when dropped, unless disarmed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Running {
+    /// Drains: `/ready` turns 503, listeners close, connections finish their
+    /// in-flight requests (up to the grace period), then the admin stops.
+    pub async fn shutdown(self) {
+        self.admin.draining.store(true, Ordering::Release);
+        let _ = self.stop_accepting.send(true);
+        tracing::info!(grace = ?self.grace, "draining");
+        if tokio::time::timeout(self.grace, self.tracker.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+        let _ = self.stop_admin.send(true);
+        self.identity_task.abort();
+    }
+}
+
+fn fmt_addr(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Builds the runtime `[runtime]` asks for (current-thread for one worker).
+pub fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, StartError> {
+    let mut b = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(worker_threads);
+        b
+    };
+    b.enable_all().build().map_err(StartError::Runtime)
+}
+
+/// `keyproof-proxy run`: start, serve until SIGTERM/SIGINT, drain, return.
+pub fn run(cfg: Config) -> Result<(), StartError> {
+    let rt = runtime(cfg.runtime.worker_threads)?;
+    rt.block_on(async {
+        // One signal listener for the whole life: `[identity.ca]` may wait
+        // for the CA in `start`, and a SIGTERM then must still stop us.
+        let mut stop = std::pin::pin!(shutdown_signal());
+        let running = tokio::select! {
+            r = start(&cfg) => r?,
+            _ = &mut stop => {
+                tracing::info!("stopped before the first certificate was obtained");
+                return Ok(());
+            }
+        };
+        stop.await;
+        running.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` (default `info`), text or JSON.
+pub fn init_logging(format: config::LogFormat) {
+    init_logging_with_default(format, "info")
+}
+
+/// Like [`init_logging`] with another default level (quickstart keeps its
+/// demo output readable with `warn`).
+///
+/// `RUST_LOG` takes a level and `target=level` directives, comma-separated
+/// (`warn,keyproof_proxy::inbound=debug`). That is `Targets` syntax, not
+/// `EnvFilter`'s: the span and regex filters of the latter bring a regex
+/// engine into every sidecar's resident code for a feature a sidecar's
+/// operators do not use. A value that does not parse is reported on stderr
+/// and the default is used.
+pub fn init_logging_with_default(format: config::LogFormat, default: &str) {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let parse = |s: &str| s.parse::<Targets>();
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => parse(&v).unwrap_or_else(|e| {
+            eprintln!("keyproof-proxy: RUST_LOG={v:?} is not valid ({e}); using {default:?}");
+            parse(default).unwrap_or_default()
+        }),
+        _ => parse(default).unwrap_or_default(),
+    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let _ = match format {
+        config::LogFormat::Text => tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .try_init(),
+        config::LogFormat::Json => tracing_subscriber::registry()
+            .with(fmt.json().with_filter(filter))
+            .try_init(),
+    };
+}
