@@ -6,21 +6,27 @@
 //! # A request's way through the modules
 //!
 //! ```text
-//!  caller's sidecar ──mTLS──▶ inbound/mod.rs   Inbound::connection: TLS handshake, the caller's SVID
-//!                             inbound/conn.rs  InboundConn: caller id, channel binding, XFCC value
-//!                             http/server.rs   serve: HTTP/1.1 or h2 on the connection, idle and drain
-//!                             inbound/mod.rs   Inbound::route: normalize the path, check header fields
-//!                             http/path.rs        normalize_uri
-//!                             http/owned.rs       check_request, strip_request
-//!                             inbound/policy.rs   Policy::decide: first matching route, its allow list
-//!                             inbound/challenge.rs InboundStepUp::check: verify the signature, or challenge
-//!                             http/app_client.rs  H1Pool::request / H2cConn::request ──▶ local app
+//! caller's sidecar ══ mutual TLS ══▶
+//!   inbound/mod.rs       Inbound::connection   TLS handshake; the caller's SVID checked
+//!   inbound/conn.rs      InboundConn::new      caller id, channel binding, XFCC value
+//!   http/server.rs       serve                 HTTP/1.1 or h2 on the connection; idle, drain
+//!   inbound/mod.rs       Inbound::route        per request:
+//!     http/path.rs         normalize_uri         one canonical path, or 400
+//!     http/owned.rs        check_request         header rules; sidecar-owned fields removed
+//!     inbound/policy.rs    Policy::decide        first matching route; is the caller allowed?
+//!     http/owned.rs        strip_hop_by_hop      and XFCC set to the verified caller
+//!     inbound/challenge.rs InboundStepUp::verify step-up routes: proof checked, nonce consumed,
+//!                                                or a challenge with a fresh nonce
+//!   inbound/mod.rs       Inbound::forward      to the app; the response cleaned on its way back
+//!   http/app_client.rs   H1Pool::request       ──▶ the local app (H2cConn for gRPC apps)
 //!
-//!  local app ──plaintext──▶ outbound/mod.rs    Outbound::connection (h1 via http/h1_server.rs, or h2)
-//!                             outbound/mod.rs    Outbound::forward: normalize, check fields, pick upstream
-//!                             outbound/upstream.rs MeshLink: the upstream's one h2 connection (dial, mTLS)
-//!                             outbound/signer.rs OutboundStepUp: sign up front, or answer a challenge
-//!                             http/mesh_client.rs MeshSender: the HTTP/2 stream ──mTLS──▶ peer's inbound
+//! local app ── plaintext ──▶
+//!   outbound/mod.rs      Outbound::connection  h2 prior knowledge, or http/h1_server.rs
+//!   outbound/mod.rs      Outbound::forward     path, header rules, the upstream for the host
+//!   outbound/upstream.rs MeshLink::sender      the upstream's one h2 connection (dial, mTLS)
+//!   outbound/signer.rs   OutboundStepUp        sign up front with a kept nonce, or answer
+//!                                              a challenge and resend
+//!   http/mesh_client.rs  MeshSender::start     the HTTP/2 stream ══▶ the peer's inbound
 //! ```
 //!
 //! Around the data path: `identity/` holds the workload's certificate and key
@@ -36,7 +42,8 @@
 //! `outbound/` or `identity/`; `inbound/` and `outbound/` never import each
 //! other; `metrics.rs`, `config.rs` and `error.rs` import no other part of
 //! the proxy but `http/`'s leaf modules. `tests/layout.rs` checks that no
-//! two modules import each other, directly or through others.
+//! two modules import each other, directly or through others, and that
+//! these layers hold.
 
 pub mod admin;
 pub mod config;

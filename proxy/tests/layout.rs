@@ -265,3 +265,98 @@ fn the_reader_of_paths_expands_groups() {
     let joined: Vec<String> = paths.iter().map(|p| p.join("::")).collect();
     assert_eq!(joined, ["a::b", "a::c::d", "a::c::E", "f::g"]);
 }
+
+/// The names of `keyproof_proxy` items that `layout/hot-functions.txt`
+/// mentions: each symbol's module path and the item in it. Legacy Rust
+/// mangling: `_ZN14keyproof_proxy4http4body...E` for a function, and
+/// `keyproof_proxy..http..body..ProxyBody` inside `$LT$...$GT$` for a type
+/// in an impl or a generic argument.
+fn hot_list_items() -> Vec<(Vec<String>, String)> {
+    let list = Path::new(env!("CARGO_MANIFEST_DIR")).join("layout/hot-functions.txt");
+    let text = std::fs::read_to_string(list).expect("read hot-functions.txt");
+    let mut out = Vec::new();
+    for sym in text.lines() {
+        if let Some(rest) = sym.strip_prefix("_ZN14keyproof_proxy") {
+            let mut segs = Vec::new();
+            let mut s = rest;
+            while let Some(n) = s.find(|c: char| !c.is_ascii_digit()).filter(|&n| n > 0) {
+                let Ok(len) = s[..n].parse::<usize>() else {
+                    break;
+                };
+                let Some(seg) = s.get(n..n + len) else { break };
+                segs.push(seg.to_owned());
+                s = &s[n + len..];
+            }
+            // The last segment is the hash; closures and shims are named by
+            // the function they are in.
+            segs.pop();
+            segs.retain(|s| !s.starts_with('_') && !s.starts_with('{'));
+            if let Some(item) = segs.pop() {
+                out.push((segs, item));
+            }
+        }
+        let mut s = sym;
+        while let Some(i) = s.find("keyproof_proxy..") {
+            let run: String = s[i + "keyproof_proxy..".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+                .collect();
+            s = &s[i + 1..];
+            let mut segs: Vec<String> = run.split("..").map(str::to_owned).collect();
+            if let Some(item) = segs.pop() {
+                out.push((segs, item));
+            }
+        }
+    }
+    out
+}
+
+/// `layout/hot-functions.txt` orders the release binary's hot code (see
+/// `layout/README.md`); the linker skips names it does not find, so a
+/// module moved or a function renamed silently loses that locality. Every
+/// `keyproof_proxy` item the list names must still exist where it says.
+/// After a failure here: `proxy/layout/profile.sh` regenerates the list.
+#[test]
+fn the_hot_function_list_names_items_that_exist() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mods = modules(&src);
+    let items = hot_list_items();
+    assert!(
+        items.len() > 50,
+        "only {} keyproof_proxy items in the list",
+        items.len()
+    );
+    let words = |file: &Path| -> BTreeSet<String> {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut stale = BTreeSet::new();
+    for (path, item) in &items {
+        let mut full = path.clone();
+        full.push(item.clone());
+        // The longest prefix that is a module; the segment after it (a
+        // type, trait or function) must be declared in that module's file.
+        // The crate root is lib.rs and, for the binary, main.rs.
+        let n = (0..=full.len())
+            .rev()
+            .find(|&n| mods.contains_key(&full[..n].join("::")))
+            .unwrap_or(0);
+        let Some(name) = full.get(n) else { continue };
+        let module = full[..n].join("::");
+        let mut known = words(&mods[&module]);
+        if module.is_empty() {
+            known.extend(words(&src.join("main.rs")));
+        }
+        if !known.contains(name) {
+            stale.insert(full.join("::"));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "layout/hot-functions.txt names items that no longer exist there \
+         (regenerate it with proxy/layout/profile.sh): {stale:#?}"
+    );
+}

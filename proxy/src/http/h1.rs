@@ -219,7 +219,7 @@ pub fn parse_response_head(
         } else {
             Version::HTTP_11
         };
-        let hop = HopByHop::scan(resp.headers)?;
+        let hop = FramingFields::scan(resp.headers)?;
         let at = locate(buf, resp.headers);
         // The field values become slices of the head, not copies; the
         // hop-by-hop ones are left out.
@@ -307,7 +307,7 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
     };
     let method =
         Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| H1Error::Method)?;
-    let hop = HopByHop::scan(req.headers)?;
+    let hop = FramingFields::scan(req.headers)?;
     let base = buf.as_ptr() as usize;
     let path = req.path.unwrap_or("");
     let target = (path.as_ptr() as usize - base, path.len());
@@ -379,7 +379,7 @@ pub(crate) fn request_body_framing(head: &[u8]) -> Option<Framing> {
     if !parsed.is_complete() {
         return None;
     }
-    let hop = HopByHop::scan(req.headers).ok()?;
+    let hop = FramingFields::scan(req.headers).ok()?;
     if hop.transfer_encoding {
         return hop.chunked.then_some(Framing::Chunked);
     }
@@ -497,10 +497,10 @@ pub enum Connection {
     KeepAlive,
 }
 
-/// What a response head's hop-by-hop and length fields say, read off the
+/// What a head's framing and connection fields say, read off the
 /// parsed fields directly (no map lookups per request).
 #[derive(Debug, Default)]
-struct HopByHop {
+struct FramingFields {
     close: bool,
     keep_alive: bool,
     /// Transfer-Encoding is present; its last coding is chunked.
@@ -515,9 +515,9 @@ struct HopByHop {
     named: Vec<String>,
 }
 
-impl HopByHop {
-    fn scan(fields: &[httparse::Header<'_>]) -> Result<HopByHop, H1Error> {
-        let mut h = HopByHop::default();
+impl FramingFields {
+    fn scan(fields: &[httparse::Header<'_>]) -> Result<FramingFields, H1Error> {
+        let mut h = FramingFields::default();
         for f in fields {
             let name = f.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
@@ -565,7 +565,7 @@ fn response_framing(
     method: &Method,
     status: StatusCode,
     version: Version,
-    hop: &HopByHop,
+    hop: &FramingFields,
     headers: &mut HeaderMap,
 ) -> Result<(Framing, bool), H1Error> {
     let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);

@@ -174,8 +174,11 @@ impl Dialer {
             .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
         let h2 = session.alpn_protocol() == Some(b"h2");
         let mut exporter = [0u8; 32];
-        let _ =
-            session.export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", Some(b""));
+        let _ = session.export_keying_material(
+            &mut exporter,
+            keyproof_stepup::EXPORTER_LABEL,
+            Some(b""),
+        );
         let peer_id = session
             .peer_certificates()
             .and_then(|c| c.first())
