@@ -28,7 +28,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use keyproof_ca::svid;
+use keyproof_identity::svid;
 use keyproof_stepup::is_stepup_challenge;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};

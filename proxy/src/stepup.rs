@@ -25,7 +25,7 @@ mod verifier;
 use std::net::SocketAddr;
 
 use http::HeaderValue;
-use keyproof_ca::SpiffeId;
+use keyproof_identity::SpiffeId;
 
 use crate::identity::PeerIdentity;
 
