@@ -8,8 +8,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keyproof_ca::ca::InitOptions;
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::keys::KeyType;
-use keyproof_ca::{csr, Ca, SpiffeId, TrustDomain};
+use keyproof_ca::{csr, Ca};
+use keyproof_identity::keys::KeyType;
+use keyproof_identity::{SpiffeId, TrustDomain};
 
 fn issue_from_csr(c: &mut Criterion) {
     let tmp = tempfile::tempdir().expect("tempdir");

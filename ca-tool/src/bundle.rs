@@ -5,12 +5,12 @@ use std::path::Path;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
+use keyproof_identity::keys::{self, KeyType};
 use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value};
 
 use crate::ca::{files, io_err, CaError, CaState};
 use crate::fsutil::{self, PUBLIC};
-use crate::keys::{self, KeyType};
 
 /// The JWK of one root certificate, with the certificate in `x5c`.
 fn jwk(root: &CertificateDer<'_>) -> Value {

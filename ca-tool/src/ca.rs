@@ -19,6 +19,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keyproof_identity::keys::{self, KeyError, KeyType};
+use keyproof_identity::spiffe::{SpiffeIdError, TrustDomain};
 use rcgen::PublicKeyData;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
@@ -31,8 +33,6 @@ use time::OffsetDateTime;
 use crate::bundle;
 use crate::csr::CsrError;
 use crate::fsutil::{self, PUBLIC, SECRET};
-use crate::keys::{self, KeyError, KeyType};
-use crate::spiffe::{SpiffeIdError, TrustDomain};
 
 /// File names inside a CA directory.
 pub mod files {

@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use keyproof_identity::verify::{SvidVerifier, TrustBundle, Usage};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
 use crate::ca::{self, files, Ca, CaError};
 use crate::ledger;
-use crate::verify::{SvidVerifier, TrustBundle, Usage};
 
 /// Severity of one finding; ordered so the worst decides the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -99,7 +99,7 @@ fn expiry_finding(
             format!(
                 "expires at {} (in {})",
                 ca::rfc3339(not_after),
-                crate::duration::format(remaining.unsigned_abs())
+                keyproof_identity::duration::format(remaining.unsigned_abs())
             ),
         );
     } else {
@@ -202,13 +202,14 @@ pub fn check_dir(dir: &Path, warn_before: Duration) -> Result<Report, CaError> {
 /// Checks one certificate file against a bundle: chain, SVID rules, expiry.
 pub fn check_cert(cert_pem: &[u8], bundle_pem: &[u8], warn_before: Duration) -> Report {
     let mut r = Report::default();
-    let certs: Vec<CertificateDer<'static>> = match crate::keys::certs_from_pem(cert_pem) {
-        Ok(c) => c,
-        Err(e) => {
-            r.push(Level::Bad, "certificate", e.to_string());
-            return r;
-        }
-    };
+    let certs: Vec<CertificateDer<'static>> =
+        match keyproof_identity::keys::certs_from_pem(cert_pem) {
+            Ok(c) => c,
+            Err(e) => {
+                r.push(Level::Bad, "certificate", e.to_string());
+                return r;
+            }
+        };
     let bundle = match TrustBundle::from_pem(bundle_pem) {
         Ok(b) => b,
         Err(e) => {
@@ -217,7 +218,7 @@ pub fn check_cert(cert_pem: &[u8], bundle_pem: &[u8], warn_before: Duration) -> 
         }
     };
     // The trust domain is whatever the leaf claims; the chain check decides.
-    let td = match crate::svid::check_leaf_der(&certs[0]) {
+    let td = match keyproof_identity::svid::check_leaf_der(&certs[0]) {
         Ok(id) => id.trust_domain(),
         Err(e) => {
             r.push(
@@ -235,7 +236,7 @@ pub fn check_cert(cert_pem: &[u8], bundle_pem: &[u8], warn_before: Duration) -> 
             "chain",
             format!("{} chains to the bundle", v.spiffe_id),
         ),
-        Err(crate::verify::VerifyError::Expired) => {}
+        Err(keyproof_identity::verify::VerifyError::Expired) => {}
         Err(e) => r.push(Level::Bad, "chain", e.to_string()),
     }
     let now = ca::now();

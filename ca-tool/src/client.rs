@@ -9,12 +9,11 @@ use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
+use keyproof_identity::keys;
+use keyproof_identity::spiffe::IdPattern;
+use keyproof_identity::tls::{Shared, SharedVerifier, SvidServerVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
-
-use crate::keys;
-use crate::spiffe::IdPattern;
-use crate::tls::{Shared, SharedVerifier, SvidServerVerifier};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE: usize = 256 * 1024;
@@ -110,14 +109,15 @@ impl CaClient {
     }
 
     fn tls_config(&self, identity: Option<Arc<CertifiedKey>>) -> rustls::ClientConfig {
-        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3 is supported by the aws-lc-rs provider")
-            .dangerous()
-            .with_custom_certificate_verifier(SvidServerVerifier::new(
-                Shared(self.verifier.clone()),
-                self.server_id.clone(),
-            ));
+        let builder =
+            rustls::ClientConfig::builder_with_provider(keyproof_identity::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3 is supported by the aws-lc-rs provider")
+                .dangerous()
+                .with_custom_certificate_verifier(SvidServerVerifier::new(
+                    Shared(self.verifier.clone()),
+                    self.server_id.clone(),
+                ));
         let mut cfg = match identity {
             Some(ck) => builder.with_client_cert_resolver(Arc::new(Presents(ck))),
             None => builder.with_no_client_auth(),

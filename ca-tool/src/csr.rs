@@ -3,13 +3,12 @@
 //! a CSR: the identity is the CA's decision, never the requester's.
 
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ED25519};
+use keyproof_identity::keys::KeyType;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateSigningRequestDer;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::{OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ED25519};
 use x509_parser::prelude::FromDer;
-
-use crate::keys::KeyType;
 
 /// Why a CSR was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

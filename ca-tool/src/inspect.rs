@@ -1,15 +1,15 @@
 //! `keyproof-ca inspect`: what a certificate file holds, which SVID rules it
 //! passes, and whether it chains to a bundle.
 
+use keyproof_identity::keys::{self, KeyType};
+use keyproof_identity::svid;
+use keyproof_identity::verify::{self, TrustBundle};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use crate::ca::rfc3339;
-use crate::keys::{self, KeyType};
-use crate::svid;
-use crate::verify::{self, TrustBundle};
 
 /// One certificate's report.
 #[derive(Debug, Serialize)]
@@ -182,7 +182,9 @@ pub fn render_text(r: &Report) -> String {
         out.push_str(&format!("  not before:  {}\n", c.not_before));
         out.push_str(&format!("  not after:   {}\n", c.not_after));
         let remaining = if c.remaining_secs > 0 {
-            crate::duration::format(std::time::Duration::from_secs(c.remaining_secs as u64))
+            keyproof_identity::duration::format(std::time::Duration::from_secs(
+                c.remaining_secs as u64,
+            ))
         } else {
             "EXPIRED".into()
         };

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use keyproof_identity::keys;
+use keyproof_identity::spiffe::SpiffeId;
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
     SanType,
@@ -11,9 +13,7 @@ use time::OffsetDateTime;
 
 use crate::ca::{self, Ca, CaError, BACKDATE};
 use crate::csr::SubjectKey;
-use crate::keys;
 use crate::ledger;
-use crate::spiffe::SpiffeId;
 
 /// What to issue.
 #[derive(Debug, Clone)]

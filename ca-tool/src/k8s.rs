@@ -2,8 +2,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-
-use crate::keys;
+use keyproof_identity::keys;
 
 /// Why the Secret could not be produced.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,9 @@ use keyproof_ca::ca::InitOptions;
 use keyproof_ca::csr::{self, SubjectKey};
 use keyproof_ca::fsutil::{self, PUBLIC, SECRET};
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::keys::KeyType;
-use keyproof_ca::{check, duration, inspect, k8s, rotate, Ca, SpiffeId, TrustDomain};
+use keyproof_ca::{check, inspect, k8s, rotate, Ca};
+use keyproof_identity::keys::KeyType;
+use keyproof_identity::{duration, SpiffeId, TrustDomain};
 
 fn human_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s)
@@ -264,7 +265,7 @@ fn init(a: InitArgs) -> Result<()> {
         ca.trust_domain(),
         a.dir.display(),
         key_type,
-        keyproof_ca::keys::fingerprint(ca.root())
+        keyproof_identity::keys::fingerprint(ca.root())
     );
     Ok(())
 }

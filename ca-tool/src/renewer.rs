@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keyproof_identity::keys::KeyType;
+use keyproof_identity::spiffe::SpiffeId;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
 use crate::client::{certified_key, new_key, CaClient, ClientError, IssuedSvid};
-use crate::keys::KeyType;
-use crate::spiffe::SpiffeId;
 
 /// First retry delay; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);

@@ -15,6 +15,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
+use keyproof_identity::keys;
 use time::OffsetDateTime;
 
 use crate::bundle;
@@ -23,7 +24,6 @@ use crate::ca::{
     CaError, NewCa, RotationStage,
 };
 use crate::check::Level;
-use crate::keys;
 use crate::ledger;
 
 fn archive(dir: &Path, name: &str) -> Result<(), CaError> {

@@ -26,6 +26,9 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use keyproof_identity::spiffe::SpiffeId;
+use keyproof_identity::tls::{Shared, SharedVerifier, SvidClientVerifier};
+use keyproof_identity::verify::{SvidVerifier, TrustBundle, VerifiedSvid};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
@@ -36,10 +39,7 @@ use crate::ca::{files, Ca, CaError};
 use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
-use crate::spiffe::SpiffeId;
-use crate::tls::{Shared, SharedVerifier, SvidClientVerifier};
 use crate::token::{TokenError, TokenStore};
-use crate::verify::{SvidVerifier, TrustBundle, VerifiedSvid};
 
 /// Largest accepted request body (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
@@ -498,8 +498,8 @@ impl Server {
 fn peer_svid(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Option<VerifiedSvid> {
     let (_, leaf) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
     Some(VerifiedSvid {
-        spiffe_id: crate::svid::spiffe_id_of(&leaf).ok()?,
-        spki_sha256: crate::keys::sha256(leaf.public_key().raw),
+        spiffe_id: keyproof_identity::svid::spiffe_id_of(&leaf).ok()?,
+        spki_sha256: keyproof_identity::keys::sha256(leaf.public_key().raw),
         not_after: leaf.validity().not_after.timestamp(),
     })
 }
@@ -561,7 +561,7 @@ pub async fn run(
     let own = Arc::new(OwnCert(ArcSwap::from_pointee(ck)));
     // Without resumption (see `server_config`) every renewal comes with
     // fresh proof of key possession.
-    let tls = crate::tls::server_config(
+    let tls = keyproof_identity::tls::server_config(
         SvidClientVerifier::new(Shared(verifier.clone()), false),
         own.clone(),
     )
@@ -643,7 +643,7 @@ pub async fn run(
                 spiffe_id = peer.as_ref().map(|p| p.spiffe_id.as_str()),
                 group = session
                     .negotiated_key_exchange_group()
-                    .map(|g| crate::tls::group_label(g.name())),
+                    .map(|g| keyproof_identity::tls::group_label(g.name())),
                 "TLS handshake"
             );
             let svc = hyper::service::service_fn(move |req| {

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use keyproof_identity::keys;
+use keyproof_identity::spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::{self, files, io_err, Ca, CaError};
 use crate::fsutil;
-use crate::keys;
-use crate::spiffe::SpiffeId;
 
 const PREFIX: &str = "kpt_";
 

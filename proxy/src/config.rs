@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keyproof_ca::IdPattern;
+use keyproof_identity::IdPattern;
 use serde::Deserialize;
 
 pub use crate::http::path::Mode as PathMode;
@@ -246,13 +246,13 @@ pub struct CaSourceConfig {
     /// `https://host:port` of `keyproof-ca serve`.
     pub url: String,
     /// The identity to obtain.
-    pub spiffe_id: keyproof_ca::SpiffeId,
+    pub spiffe_id: keyproof_identity::SpiffeId,
     /// The single-use join token for the first certificate.
     pub join_token_file: PathBuf,
     /// The CA server's SPIFFE ID (default `spiffe://<td>/keyproof-ca`).
     pub server_id: IdPattern,
     /// Key algorithm generated for each certificate.
-    pub key_type: keyproof_ca::keys::KeyType,
+    pub key_type: keyproof_identity::keys::KeyType,
     /// How often the bundle is fetched between renewals.
     pub bundle_refresh: Duration,
 }
@@ -456,7 +456,7 @@ pub struct RuntimeConfig {
 fn duration(key: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
-        Some(s) => keyproof_ca::duration::parse(s).map_err(|e| invalid(key, e)),
+        Some(s) => keyproof_identity::duration::parse(s).map_err(|e| invalid(key, e)),
     }
 }
 
@@ -796,7 +796,7 @@ fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
         )
     })?;
     host_port("identity.ca.url", authority)?;
-    let spiffe_id = keyproof_ca::SpiffeId::parse(&raw.spiffe_id).map_err(|e| {
+    let spiffe_id = keyproof_identity::SpiffeId::parse(&raw.spiffe_id).map_err(|e| {
         invalid(
             "identity.ca.spiffe_id",
             format!("invalid SPIFFE ID {:?}: {e}", raw.spiffe_id),
@@ -816,7 +816,7 @@ fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
         .map_err(|e| invalid("identity.ca.server_id", e))?,
     };
     let key_type = match raw.key_type.as_deref() {
-        None => keyproof_ca::keys::KeyType::EcdsaP256,
+        None => keyproof_identity::keys::KeyType::EcdsaP256,
         Some(k) => k.parse().map_err(|_| {
             invalid(
                 "identity.ca.key_type",

@@ -64,10 +64,10 @@ fn real_main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let mut usages = Vec::new();
             if cfg.inbound.is_some() {
-                usages.push(keyproof_ca::Usage::ServerAuth);
+                usages.push(keyproof_identity::Usage::ServerAuth);
             }
             if cfg.outbound.is_some() {
-                usages.push(keyproof_ca::Usage::ClientAuth);
+                usages.push(keyproof_identity::Usage::ClientAuth);
             }
             let invalid = || format!("invalid configuration {}", config.display());
             match &cfg.identity.source {

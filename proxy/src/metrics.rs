@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use keyproof_ca::tls::GROUP_LABELS;
+use keyproof_identity::tls::GROUP_LABELS;
 use keyproof_stepup::Outcome;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -118,7 +118,7 @@ impl DirectionMetrics {
 
     /// Counts the key-exchange group of a completed handshake.
     pub fn key_exchange(&self, group: Option<rustls::NamedGroup>) {
-        let label = group.map_or("other", keyproof_ca::tls::group_label);
+        let label = group.map_or("other", keyproof_identity::tls::group_label);
         let i = GROUP_LABELS
             .iter()
             .position(|g| *g == label)
@@ -328,7 +328,7 @@ impl Metrics {
             .sig_cache_sync
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let stats = keyproof_ca::sigcache::SigCache::global().stats();
+        let stats = keyproof_identity::sigcache::SigCache::global().stats();
         for (counter, total) in self.sig_cache.iter().zip([stats.hits, stats.misses]) {
             counter.inc_by(total.saturating_sub(counter.get()));
         }

@@ -14,8 +14,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyproof_ca::ca::InitOptions;
 use keyproof_ca::csr::SubjectKey;
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::keys::KeyType;
-use keyproof_ca::{Ca, SpiffeId, TrustDomain};
+use keyproof_ca::Ca;
+use keyproof_identity::keys::KeyType;
+use keyproof_identity::{SpiffeId, TrustDomain};
 
 use crate::config::Config;
 use crate::run::{shutdown_signal, start, Running, StartError};
@@ -319,7 +320,7 @@ async fn captured_replay(
     web: &Running,
     in_addr: std::net::SocketAddr,
 ) -> Result<(StatusCode, StatusCode, StatusCode, String), QuickstartError> {
-    let api = keyproof_ca::IdPattern::parse(&format!("spiffe://{TD}/ns/demo/sa/api"))
+    let api = keyproof_identity::IdPattern::parse(&format!("spiffe://{TD}/ns/demo/sa/api"))
         .map_err(request_error)?;
     let tls = crate::identity::store::client_config(&web.identity, api, &[b"http/1.1"])
         .map_err(request_error)?;

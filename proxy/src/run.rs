@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyproof_ca::Usage;
+use keyproof_identity::Usage;
 
 use crate::config::{self, Config, IdentitySource};
 use crate::identity::reload;
@@ -55,10 +55,10 @@ pub enum StartError {
     Runtime(std::io::Error),
 }
 
-fn pattern_trust_domain(p: &keyproof_ca::IdPattern) -> String {
+fn pattern_trust_domain(p: &keyproof_identity::IdPattern) -> String {
     match p {
-        keyproof_ca::IdPattern::Exact(id) => id.trust_domain_name().to_owned(),
-        keyproof_ca::IdPattern::Prefix(s) => s
+        keyproof_identity::IdPattern::Exact(id) => id.trust_domain_name().to_owned(),
+        keyproof_identity::IdPattern::Prefix(s) => s
             .strip_prefix("spiffe://")
             .and_then(|r| r.split('/').next())
             .unwrap_or_default()
@@ -76,7 +76,7 @@ pub fn check_trust_domains(cfg: &Config, identity: &Identity) -> Result<(), Star
 /// [`check_trust_domains`] against a trust domain name (`[identity.ca]`
 /// knows it from `spiffe_id` before any certificate is held).
 pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartError> {
-    let check = |key: String, p: &keyproof_ca::IdPattern| {
+    let check = |key: String, p: &keyproof_identity::IdPattern| {
         let td = pattern_trust_domain(p);
         if td != ours {
             return Err(StartError::ForeignPattern {

@@ -4,23 +4,17 @@
 
 use std::fmt;
 
-use aws_lc_rs::digest;
 use aws_lc_rs::signature::{ParsedPublicKey, ECDSA_P256_SHA256_FIXED, ED25519};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use keyproof_identity::keys::{self, KeyType};
 
 use crate::der;
 
-/// DER AlgorithmIdentifier of id-ecPublicKey with namedCurve prime256v1.
-const P256_ALG_ID: &[u8] = &[
-    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
-    0xce, 0x3d, 0x03, 0x01, 0x07,
-];
-/// DER AlgorithmIdentifier of id-Ed25519 (RFC 8410: parameters absent).
-const ED25519_ALG_ID: &[u8] = &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
-
-/// The signature algorithms stepup-v1 accepts. HMAC is deliberately absent:
-/// a shared secret cannot prove which workload signed.
+/// The signature algorithms stepup-v1 accepts: one per key type an
+/// X.509-SVID may hold ([`KeyType`], defined with the SVID rules), so a
+/// workload can sign with whatever key its certificate has. HMAC is
+/// deliberately absent: a shared secret cannot prove which workload signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Alg {
     /// `ecdsa-p256-sha256`, 64-byte `r || s` signatures (RFC 9421 §3.3.4).
@@ -48,14 +42,22 @@ impl Alg {
         }
     }
 
+    /// The algorithm that signs with a key of this type. Exhaustive on
+    /// purpose: a key type added to the SVID rules does not compile here
+    /// until step-up decides how it signs.
+    const fn of_key_type(key_type: KeyType) -> Alg {
+        match key_type {
+            KeyType::EcdsaP256 => Alg::EcdsaP256Sha256,
+            KeyType::Ed25519 => Alg::Ed25519,
+        }
+    }
+
     /// The algorithm fixed by a SubjectPublicKeyInfo.
     pub fn from_spki_der(spki_der: &[u8]) -> Result<Alg, KeyError> {
-        match der::spki_algorithm(spki_der) {
-            Some(P256_ALG_ID) => Ok(Alg::EcdsaP256Sha256),
-            Some(ED25519_ALG_ID) => Ok(Alg::Ed25519),
-            Some(_) => Err(KeyError::UnsupportedKey),
-            None => Err(KeyError::MalformedKey),
-        }
+        let alg_id = der::spki_algorithm(spki_der).ok_or(KeyError::MalformedKey)?;
+        KeyType::from_spki_algorithm_der(alg_id)
+            .map(Alg::of_key_type)
+            .ok_or(KeyError::UnsupportedKey)
     }
 
     /// Length in bytes of a valid signature (both are 64).
@@ -89,7 +91,7 @@ pub enum KeyError {
 
 /// `keyid`: base64url without padding of SHA-256 over the SPKI DER.
 pub fn keyid_for_spki(spki_der: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, spki_der))
+    URL_SAFE_NO_PAD.encode(keys::sha256(spki_der))
 }
 
 /// A peer's public key as the verifier needs it, built once per connection
@@ -127,8 +129,9 @@ impl PeerKey {
         };
         let key =
             ParsedPublicKey::new(verification, spki_der).map_err(|_| KeyError::MalformedKey)?;
-        let mut spki_sha256 = [0u8; 32];
-        spki_sha256.copy_from_slice(digest::digest(&digest::SHA256, spki_der).as_ref());
+        // The identity library's SPKI hash, the one `VerifiedSvid::spki_sha256`
+        // holds, so the proxy and step-up name a peer by the same bytes.
+        let spki_sha256 = keys::sha256(spki_der);
         Ok(PeerKey {
             alg,
             spki_sha256,

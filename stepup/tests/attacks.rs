@@ -1,4 +1,8 @@
-//! Every attack of issue 4, each refused with the design doc's result.
+//! The attacks step-up exists to stop (replay, nonce theft across routes,
+//! peers and connections, forgery, tampering after signing, algorithm
+//! substitution, malformed and oversized headers, channel-binding mismatch),
+//! each refused with the result the design doc gives it, so a regression
+//! shows which defence broke.
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -14,8 +14,9 @@ use http_body_util::{BodyExt, Full};
 use keyproof_ca::ca::InitOptions;
 use keyproof_ca::csr::SubjectKey;
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::keys::{self, KeyType};
-use keyproof_ca::{Ca, SpiffeId, TrustDomain};
+use keyproof_ca::Ca;
+use keyproof_identity::keys::{self, KeyType};
+use keyproof_identity::{SpiffeId, TrustDomain};
 
 /// A throwaway trust domain in a temp dir.
 pub struct Pki {

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use keyproof_ca::client::{certified_key, CaClient};
-use keyproof_ca::keys::KeyType;
 use keyproof_ca::renewer::{self, Event, Handler, NewIdentity, RenewerConfig};
-use keyproof_ca::verify::{SvidVerifier, TrustBundle};
-use keyproof_ca::{IdPattern, SpiffeId, TrustDomain};
+use keyproof_identity::keys::KeyType;
+use keyproof_identity::verify::{SvidVerifier, TrustBundle};
+use keyproof_identity::{IdPattern, SpiffeId, TrustDomain};
 use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
 use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
@@ -174,6 +174,6 @@ fn bootstraps_renews_and_recovers_from_an_outage() {
     let _server = serve(&ca, port);
     wait_for(before + 1, Duration::from_secs(10));
     let cert = rec.current().expect("an identity is held");
-    let id = keyproof_ca::svid::check_leaf_der(&cert.cert[0]).unwrap();
+    let id = keyproof_identity::svid::check_leaf_der(&cert.cert[0]).unwrap();
     assert_eq!(id.as_str(), WEB);
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use keyproof_ca::client::{certified_key, new_key, CaClient, ClientError};
-use keyproof_ca::keys::KeyType;
-use keyproof_ca::verify::{SvidVerifier, TrustBundle};
-use keyproof_ca::{IdPattern, TrustDomain};
+use keyproof_identity::keys::KeyType;
+use keyproof_identity::verify::{SvidVerifier, TrustBundle};
+use keyproof_identity::{IdPattern, TrustDomain};
 use keyproof_tests::proxy_support::{capture_client_hello, GROUP_X25519, GROUP_X25519MLKEM768};
 use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
 use serde_json::Value;
@@ -347,11 +347,11 @@ fn serve_follows_a_root_rotation_without_restart() {
     let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
     let svid = rt.block_on(c.bootstrap(&t, &k.csr_pem)).unwrap();
     let new_root = fs::read(ca.dir.join("root.crt")).unwrap();
-    let root = keyproof_ca::keys::certs_from_pem(&new_root)
+    let root = keyproof_identity::keys::certs_from_pem(&new_root)
         .unwrap()
         .remove(0);
     let tb = TrustBundle::new(vec![root]).unwrap();
-    keyproof_ca::verify::verify_path(
+    keyproof_identity::verify::verify_path(
         &tb,
         &svid.chain[0],
         &svid.chain[1..],
@@ -361,17 +361,18 @@ fn serve_follows_a_root_rotation_without_restart() {
     .expect("new SVIDs chain to the new root");
 }
 
-fn webpki_client_auth() -> keyproof_ca::verify::EkuUsage {
-    keyproof_ca::verify::EkuUsage::client_auth()
+fn webpki_client_auth() -> keyproof_identity::verify::EkuUsage {
+    keyproof_identity::verify::EkuUsage::client_auth()
 }
 
 /// A leaf for `key` under the CA directory's intermediate, otherwise a
 /// valid X.509-SVID for `id`: what the CA would never issue.
 fn craft(ca: &TestCa, name: &str, id: &str, key: rcgen::KeyPair) -> (PathBuf, PathBuf) {
-    let int_der =
-        keyproof_ca::keys::certs_from_pem(&fs::read(ca.dir.join("intermediate.crt")).unwrap())
-            .unwrap()
-            .remove(0);
+    let int_der = keyproof_identity::keys::certs_from_pem(
+        &fs::read(ca.dir.join("intermediate.crt")).unwrap(),
+    )
+    .unwrap()
+    .remove(0);
     let int_key =
         rcgen::KeyPair::from_pem(&fs::read_to_string(ca.dir.join("intermediate.key")).unwrap())
             .unwrap();
@@ -388,7 +389,8 @@ fn craft(ca: &TestCa, name: &str, id: &str, key: rcgen::KeyPair) -> (PathBuf, Pa
     );
     fs::write(
         &crt,
-        keyproof_ca::keys::cert_pem(leaf.der()) + &keyproof_ca::keys::cert_pem(&int_der),
+        keyproof_identity::keys::cert_pem(leaf.der())
+            + &keyproof_identity::keys::cert_pem(&int_der),
     )
     .unwrap();
     fs::write(&key_path, key.serialize_pem()).unwrap();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use keyproof_ca::keys;
+use keyproof_identity::keys;
 use keyproof_tests::proxy_support::*;
 use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
 use serde_json::Value;
@@ -197,7 +197,7 @@ fn late_handshake_client_leaf(out: SocketAddr) -> String {
 /// connection, so it alone would not handshake often.)
 struct Peer {
     key: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
-    trust: keyproof_ca::tls::SharedVerifier,
+    trust: keyproof_identity::tls::SharedVerifier,
     tls: tokio_rustls::TlsConnector,
 }
 
@@ -213,17 +213,17 @@ fn certified(crt: &Path, key: &Path) -> rustls::sign::CertifiedKey {
     keyproof_ca::client::certified_key(chain, &key).unwrap()
 }
 
-fn verifier(bundle: &Path) -> keyproof_ca::SvidVerifier {
-    keyproof_ca::SvidVerifier::new(
-        keyproof_ca::TrustDomain::parse(TD).unwrap(),
-        keyproof_ca::TrustBundle::from_pem(&std::fs::read(bundle).unwrap()).unwrap(),
+fn verifier(bundle: &Path) -> keyproof_identity::SvidVerifier {
+    keyproof_identity::SvidVerifier::new(
+        keyproof_identity::TrustDomain::parse(TD).unwrap(),
+        keyproof_identity::TrustBundle::from_pem(&std::fs::read(bundle).unwrap()).unwrap(),
     )
 }
 
 impl Peer {
     fn new(crt: &Path, key: &Path, bundle: &Path) -> Arc<Peer> {
         Arc::new_cyclic(|weak: &std::sync::Weak<Peer>| {
-            let trust: keyproof_ca::tls::SharedVerifier =
+            let trust: keyproof_identity::tls::SharedVerifier =
                 Arc::new(arc_swap::ArcSwap::from_pointee(verifier(bundle)));
             let resolver = Arc::new(WeakPeerCert(weak.clone()));
             let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -232,9 +232,9 @@ impl Peer {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(keyproof_ca::tls::SvidServerVerifier::new(
-                keyproof_ca::tls::Shared(trust.clone()),
-                keyproof_ca::IdPattern::parse(&format!("spiffe://{TD}{API}")).unwrap(),
+            .with_custom_certificate_verifier(keyproof_identity::tls::SvidServerVerifier::new(
+                keyproof_identity::tls::Shared(trust.clone()),
+                keyproof_identity::IdPattern::parse(&format!("spiffe://{TD}{API}")).unwrap(),
             ))
             .with_client_cert_resolver(resolver);
             cfg.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -801,7 +801,7 @@ fn interop_python_signs_for_the_inbound_and_verifies_the_outbound() {
     let mut captured = seen[0].clone();
     assert_eq!(captured["outcome"], "ok", "{captured}");
     let exporter = captured["exporter_b64"].as_str().unwrap().to_owned();
-    captured["cert_pem"] = json!(keyproof_ca::keys::cert_pem(&web.leaf));
+    captured["cert_pem"] = json!(keyproof_identity::keys::cert_pem(&web.leaf));
     let file = pki.path("captured.json");
     std::fs::write(&file, captured.to_string()).unwrap();
     let v = Command::new(&py)

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use keyproof_ca::{keys, SvidVerifier, TrustBundle, Usage};
+use keyproof_identity::{keys, SvidVerifier, TrustBundle, Usage};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -259,7 +259,7 @@ fn client_config(
     let chain = keys::certs_from_pem(&std::fs::read(&a.cert).context("--cert")?)?;
     let key = keys::private_key_from_pem(&std::fs::read(&a.key).context("--key")?)?;
     let bundle = TrustBundle::from_pem(&std::fs::read(&a.ca).context("--ca")?)?;
-    let td = keyproof_ca::svid::check_leaf_der(&chain[0])?.trust_domain();
+    let td = keyproof_identity::svid::check_leaf_der(&chain[0])?.trust_domain();
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if let Some(g) = group {
         provider.kx_groups = vec![g];

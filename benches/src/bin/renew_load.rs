@@ -19,8 +19,9 @@ use clap::Parser;
 use keyproof_ca::client::{certified_key, new_key, CaClient};
 use keyproof_ca::csr::SubjectKey;
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::verify::{SvidVerifier, TrustBundle};
-use keyproof_ca::{Ca, IdPattern, SpiffeId};
+use keyproof_ca::Ca;
+use keyproof_identity::verify::{SvidVerifier, TrustBundle};
+use keyproof_identity::{IdPattern, SpiffeId};
 use rustls::sign::CertifiedKey;
 
 #[derive(Parser)]

@@ -20,7 +20,7 @@ use http::{header, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use keyproof_ca::SpiffeId;
+use keyproof_identity::SpiffeId;
 
 use crate::http::traits::SendBody;
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyproof_ca::{keys, Usage};
+use keyproof_identity::{keys, Usage};
 use tokio::time::Instant;
 
 use crate::identity::store::{self as identity, Identity, IdentityStore, MaterialError};

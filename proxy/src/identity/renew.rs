@@ -16,8 +16,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use keyproof_ca::client::CaClient;
 use keyproof_ca::renewer::{self, Event, Handler, NewIdentity, RenewerConfig};
-use keyproof_ca::tls::SharedVerifier;
-use keyproof_ca::{SvidVerifier, TrustBundle, Usage};
+use keyproof_identity::tls::SharedVerifier;
+use keyproof_identity::{SvidVerifier, TrustBundle, Usage};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 

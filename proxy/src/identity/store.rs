@@ -18,8 +18,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use keyproof_ca::tls::{PeerPolicy, Refusal, SvidClientVerifier, SvidServerVerifier};
-use keyproof_ca::{keys, svid, IdPattern, SpiffeId, SvidVerifier, TrustBundle, Usage, VerifyError};
+use keyproof_identity::tls::{PeerPolicy, Refusal, SvidClientVerifier, SvidServerVerifier};
+use keyproof_identity::{
+    keys, svid, IdPattern, SpiffeId, SvidVerifier, TrustBundle, Usage, VerifyError,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, OtherError, SignatureScheme};
 use rustls_pki_types::PrivateKeyDer;
@@ -628,11 +630,11 @@ impl PeerPolicy for StorePolicy {
     }
 }
 
-/// The inbound server configuration ([`keyproof_ca::tls::server_config`]),
+/// The inbound server configuration ([`keyproof_identity::tls::server_config`]),
 /// presenting the current identity and requiring a client certificate.
 pub fn server_config(store: &Arc<IdentityStore>) -> Result<rustls::ServerConfig, rustls::Error> {
     // Client certificates are required: the inbound serves only verified callers.
-    keyproof_ca::tls::server_config(
+    keyproof_identity::tls::server_config(
         SvidClientVerifier::new(StorePolicy(store.clone()), true),
         Arc::new(CertResolver {
             store: store.clone(),
@@ -647,7 +649,7 @@ pub fn client_config(
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let verifier = SvidServerVerifier::new(StorePolicy(store.clone()), expected);
-    let mut cfg = rustls::ClientConfig::builder_with_provider(keyproof_ca::tls::provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(keyproof_identity::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use http::HeaderValue;
 
-use keyproof_ca::SpiffeId;
+use keyproof_identity::SpiffeId;
 
 use crate::identity::store::PeerIdentity;
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use keyproof_ca::{IdPattern, SpiffeId};
+use keyproof_identity::{IdPattern, SpiffeId};
 use prometheus::IntCounter;
 
 use crate::config::{DefaultPolicy, RouteConfig};

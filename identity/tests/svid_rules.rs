@@ -1,9 +1,9 @@
 //! Every X.509-SVID rule and every verifier outcome has a negative case here:
 //! certificates are crafted with rcgen to break exactly one rule each.
 
-use keyproof_ca::svid::{self, SvidError};
-use keyproof_ca::verify::{SvidVerifier, TrustBundle, Usage, VerifyError};
-use keyproof_ca::TrustDomain;
+use keyproof_identity::svid::{self, SvidError};
+use keyproof_identity::verify::{SvidVerifier, TrustBundle, Usage, VerifyError};
+use keyproof_identity::TrustDomain;
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -119,7 +119,7 @@ fn each_leaf_rule_has_its_own_error() {
     let p = leaf_params("spiffe://td.example/a//b");
     cases.push((
         p,
-        SvidError::InvalidSpiffeId(keyproof_ca::SpiffeIdError::EmptySegment),
+        SvidError::InvalidSpiffeId(keyproof_identity::SpiffeIdError::EmptySegment),
     ));
 
     let p = leaf_params("spiffe://td.example");

@@ -24,7 +24,10 @@ pub enum KeyError {
     Crypto(String),
 }
 
-/// The key algorithms keyproof issues and accepts for workloads.
+/// The key algorithms keyproof issues and accepts for workloads: the one
+/// list of what an X.509-SVID leaf may hold, shared by the CA (what it
+/// certifies), the SVID rules (what a peer may present) and step-up (what a
+/// workload signs with).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeyType {
@@ -34,7 +37,38 @@ pub enum KeyType {
     Ed25519,
 }
 
+/// DER AlgorithmIdentifier of id-ecPublicKey with namedCurve prime256v1.
+const P256_SPKI_ALGORITHM: &[u8] = &[
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+    0xce, 0x3d, 0x03, 0x01, 0x07,
+];
+/// DER AlgorithmIdentifier of id-Ed25519 (RFC 8410: parameters absent).
+const ED25519_SPKI_ALGORITHM: &[u8] = &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+
 impl KeyType {
+    /// Every key type, in a fixed order.
+    pub const ALL: [KeyType; 2] = [KeyType::EcdsaP256, KeyType::Ed25519];
+
+    /// The DER AlgorithmIdentifier (the whole TLV) that a
+    /// SubjectPublicKeyInfo of this type carries.
+    pub const fn spki_algorithm_der(self) -> &'static [u8] {
+        match self {
+            KeyType::EcdsaP256 => P256_SPKI_ALGORITHM,
+            KeyType::Ed25519 => ED25519_SPKI_ALGORITHM,
+        }
+    }
+
+    /// The key type whose SubjectPublicKeyInfo AlgorithmIdentifier is exactly
+    /// `der` (the whole TLV), for callers that walk DER themselves rather
+    /// than parse the certificate. The match is on bytes, so an encoding DER
+    /// does not allow (Ed25519 with explicit NULL parameters, an EC key with
+    /// explicit curve parameters) is no key type.
+    pub fn from_spki_algorithm_der(der: &[u8]) -> Option<KeyType> {
+        KeyType::ALL
+            .into_iter()
+            .find(|k| k.spki_algorithm_der() == der)
+    }
+
     /// The name used on the command line and in JSON.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -171,4 +205,26 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The byte-level definition (for DER walkers) and the parsed one
+    /// ([`KeyType::of_spki`]) must name the same key types.
+    #[test]
+    fn spki_algorithm_der_agrees_with_of_spki() {
+        use x509_parser::prelude::FromDer;
+        for kt in KeyType::ALL {
+            let kp = kt.generate().unwrap();
+            let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
+            let (_, parsed) = SubjectPublicKeyInfo::from_der(&spki).unwrap();
+            assert_eq!(KeyType::of_spki(&parsed).unwrap(), kt);
+            // SEQUENCE { AlgorithmIdentifier, BIT STRING }, short-form length.
+            let alg_id = &spki[2..2 + kt.spki_algorithm_der().len()];
+            assert_eq!(KeyType::from_spki_algorithm_der(alg_id), Some(kt));
+        }
+        assert_eq!(KeyType::from_spki_algorithm_der(&[0x30, 0x00]), None);
+    }
 }

@@ -198,7 +198,8 @@ pub fn leaf_violations(cert: &X509Certificate<'_>) -> Vec<SvidError> {
     }
     // Only the key types keyproof-ca issues: a workload presenting any other
     // key did not get its certificate from this trust domain's CA as a
-    // workload, and the step-up signer and verifier know only these two.
+    // workload, and step-up signs and verifies with exactly these (it takes
+    // them from the same `KeyType`).
     if let Err(e) = KeyType::of_spki(cert.public_key()) {
         errs.push(SvidError::UnsupportedKey(e.to_string()));
     }

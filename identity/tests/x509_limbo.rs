@@ -1,5 +1,5 @@
 //! x509-limbo path-validation cases through keyproof's chain verifier
-//! (`keyproof_ca::verify::verify_path`, the path-validation half of the
+//! (`keyproof_identity::verify::verify_path`, the path-validation half of the
 //! `SvidVerifier` the proxy uses for every peer).
 //!
 //! Skipped, because the verifier does not do what they test: peer-name
@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use keyproof_ca::keys::certs_from_pem;
-use keyproof_ca::verify::{verify_path, TrustBundle};
+use keyproof_identity::keys::certs_from_pem;
+use keyproof_identity::verify::{verify_path, TrustBundle};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::Value;
 
@@ -224,6 +224,6 @@ fn x509_limbo_chain_validation_agrees() {
     )
     .expect("leaf parses");
     let (_, parsed) = x509_parser::parse_x509_certificate(&leaf[0]).expect("leaf parses");
-    assert!(keyproof_ca::svid::leaf_violations(&parsed)
-        .contains(&keyproof_ca::svid::SvidError::LeafKeyCertSign));
+    assert!(keyproof_identity::svid::leaf_violations(&parsed)
+        .contains(&keyproof_identity::svid::SvidError::LeafKeyCertSign));
 }
