@@ -1,7 +1,7 @@
 //! Trust bundles: PEM, and the SPIFFE trust bundle format (a JWK set with one
 //! `x509-svid` key per root, `spiffe_sequence` and `spiffe_refresh_hint`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -9,8 +9,31 @@ use keyproof_identity::keys::{self, KeyType};
 use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value};
 
-use crate::ca::{files, io_err, CaError, CaState};
 use crate::fsutil::{self, PUBLIC};
+
+/// The bundle as PEM, in a CA directory and in what `serve` hands out.
+pub const PEM_FILE: &str = "bundle.pem";
+/// The bundle in the SPIFFE trust bundle format.
+pub const SPIFFE_FILE: &str = "bundle.spiffe.json";
+
+/// What the bundle document says besides its roots.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    /// `spiffe_sequence`: increases each time the bundle changes.
+    pub sequence: u64,
+    /// `spiffe_refresh_hint`, in seconds.
+    pub refresh_hint_secs: u64,
+}
+
+/// A bundle file could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct WriteError {
+    /// The file.
+    pub path: PathBuf,
+    /// The OS error.
+    pub source: std::io::Error,
+}
 
 /// The JWK of one root certificate, with the certificate in `x5c`.
 fn jwk(root: &CertificateDer<'_>) -> Value {
@@ -41,28 +64,26 @@ fn jwk(root: &CertificateDer<'_>) -> Value {
 }
 
 /// The SPIFFE trust bundle document.
-pub fn spiffe_json(state: &CaState, roots: &[CertificateDer<'_>]) -> String {
+pub fn spiffe_json(meta: Meta, roots: &[CertificateDer<'_>]) -> String {
     let doc = json!({
         "keys": roots.iter().map(jwk).collect::<Vec<_>>(),
-        "spiffe_sequence": state.spiffe_sequence,
-        "spiffe_refresh_hint": state.refresh_hint_secs,
+        "spiffe_sequence": meta.sequence,
+        "spiffe_refresh_hint": meta.refresh_hint_secs,
     });
     let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
     s.push('\n');
     s
 }
 
-/// Writes `bundle.pem` and `bundle.spiffe.json` into `dir`.
-pub(crate) fn write(
-    dir: &Path,
-    state: &CaState,
-    roots: &[CertificateDer<'_>],
-) -> Result<(), CaError> {
+/// Writes [`PEM_FILE`] and [`SPIFFE_FILE`] into `dir`.
+pub fn write(dir: &Path, meta: Meta, roots: &[CertificateDer<'_>]) -> Result<(), WriteError> {
+    let write = |name: &str, data: &[u8]| {
+        let path = dir.join(name);
+        fsutil::write_atomic(&path, data, PUBLIC).map_err(|source| WriteError { path, source })
+    };
     let pem: String = roots.iter().map(|c| keys::cert_pem(c)).collect();
-    let p = dir.join(files::BUNDLE_PEM);
-    fsutil::write_atomic(&p, pem.as_bytes(), PUBLIC).map_err(io_err(&p))?;
-    let j = dir.join(files::BUNDLE_JSON);
-    fsutil::write_atomic(&j, spiffe_json(state, roots).as_bytes(), PUBLIC).map_err(io_err(&j))
+    write(PEM_FILE, pem.as_bytes())?;
+    write(SPIFFE_FILE, spiffe_json(meta, roots).as_bytes())
 }
 
 /// Reads the roots out of a SPIFFE trust bundle document.

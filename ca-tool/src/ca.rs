@@ -41,8 +41,8 @@ pub mod files {
     pub const ROOT_KEY: &str = "root.key";
     pub const INT_CRT: &str = "intermediate.crt";
     pub const INT_KEY: &str = "intermediate.key";
-    pub const BUNDLE_PEM: &str = "bundle.pem";
-    pub const BUNDLE_JSON: &str = "bundle.spiffe.json";
+    pub const BUNDLE_PEM: &str = crate::bundle::PEM_FILE;
+    pub const BUNDLE_JSON: &str = crate::bundle::SPIFFE_FILE;
     pub const LEDGER: &str = "ledger.jsonl";
     pub const TOKENS: &str = "tokens.jsonl";
     pub const NEXT: &str = "next";
@@ -123,6 +123,25 @@ pub struct CaState {
     pub refresh_hint_secs: u64,
     #[serde(default)]
     pub rotation: RotationStage,
+}
+
+impl CaState {
+    /// What the bundle document publishes from the state.
+    pub fn bundle_meta(&self) -> bundle::Meta {
+        bundle::Meta {
+            sequence: self.spiffe_sequence,
+            refresh_hint_secs: self.refresh_hint_secs,
+        }
+    }
+}
+
+impl From<bundle::WriteError> for CaError {
+    fn from(e: bundle::WriteError) -> CaError {
+        CaError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Options for `init`.
@@ -319,7 +338,7 @@ impl Ca {
         write_pair(sdir, "root", &root)?;
         write_pair(sdir, "intermediate", &int)?;
         write_state(sdir, &state)?;
-        bundle::write(sdir, &state, std::slice::from_ref(&root.cert))?;
+        bundle::write(sdir, state.bundle_meta(), std::slice::from_ref(&root.cert))?;
         let ledger = sdir.join(files::LEDGER);
         fsutil::write_atomic(&ledger, b"", 0o600).map_err(io_err(&ledger))?;
         if dir.exists() {
@@ -457,7 +476,7 @@ impl Ca {
 
     /// The bundle as a SPIFFE trust bundle (JWK set).
     pub fn bundle_spiffe_json(&self) -> String {
-        bundle::spiffe_json(&self.state, &self.bundle)
+        bundle::spiffe_json(self.state.bundle_meta(), &self.bundle)
     }
 }
 

@@ -193,9 +193,7 @@ pub fn check_dir(dir: &Path, warn_before: Duration) -> Result<Report, CaError> {
             now,
         );
     }
-    for (level, msg) in crate::rotate::stage_report(&ca)? {
-        r.push(level, "rotation", msg);
-    }
+    r.push(Level::Ok, "rotation", crate::rotate::stage_report(&ca)?);
     Ok(r)
 }
 

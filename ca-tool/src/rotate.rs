@@ -23,7 +23,6 @@ use crate::ca::{
     self, files, first_cert, io_err, new_intermediate, new_root, write_pair, write_state, Ca,
     CaError, NewCa, RotationStage,
 };
-use crate::check::Level;
 use crate::ledger;
 
 fn archive(dir: &Path, name: &str) -> Result<(), CaError> {
@@ -93,7 +92,7 @@ pub fn prepare(dir: &Path, root_ttl: Duration, int_ttl: Duration) -> Result<Stri
     state.rotation = RotationStage::Prepared;
     let mut roots = ca.bundle().to_vec();
     roots.push(root.cert.clone());
-    bundle::write(dir, &state, &roots)?;
+    bundle::write(dir, state.bundle_meta(), &roots)?;
     write_state(dir, &state)?;
     Ok(format!(
         "prepared: the bundle now holds {} roots (spiffe_sequence {}); issuance stays on the old chain.\n\
@@ -186,7 +185,7 @@ pub fn finish(dir: &Path, force: bool) -> Result<String, CaError> {
     let mut state = ca.state().clone();
     state.spiffe_sequence += 1;
     state.rotation = RotationStage::Idle;
-    bundle::write(dir, &state, &roots)?;
+    bundle::write(dir, state.bundle_meta(), &roots)?;
     write_state(dir, &state)?;
     archive(dir, files::PREVIOUS_ROOT)?;
     let prev_path = dir.join(files::PREVIOUS_ROOT);
@@ -203,30 +202,22 @@ pub fn finish(dir: &Path, force: bool) -> Result<String, CaError> {
     ))
 }
 
-/// What `check` says about the rotation stage and what blocks the next step.
-pub fn stage_report(ca: &Ca) -> Result<Vec<(Level, String)>, CaError> {
+/// What `check` says about the rotation stage and what blocks the next step
+/// (informational lines: a rotation in progress is not a fault).
+pub fn stage_report(ca: &Ca) -> Result<String, CaError> {
     Ok(match ca.state().rotation {
-        RotationStage::Idle => vec![(
-            Level::Ok,
-            format!("idle, {} root(s) in the bundle", ca.bundle().len()),
-        )],
-        RotationStage::Prepared => vec![(
-            Level::Ok,
-            "prepared: the new root is in the bundle; next `rotate root activate` once every proxy has the new bundle".into(),
-        )],
+        RotationStage::Idle => format!("idle, {} root(s) in the bundle", ca.bundle().len()),
+        RotationStage::Prepared => "prepared: the new root is in the bundle; next `rotate root activate` once every proxy has the new bundle".into(),
         RotationStage::Activated => {
             let still = blocking(ca.dir())?;
             if still.is_empty() {
-                vec![(Level::Ok, "activated: nothing blocks `rotate root finish`".into())]
+                "activated: nothing blocks `rotate root finish`".into()
             } else {
                 let last = still.iter().map(|e| e.not_after.as_str()).max().unwrap_or_default();
-                vec![(
-                    Level::Ok,
-                    format!(
-                        "activated: `rotate root finish` is blocked by {} unexpired certificate(s) from the old root, the last expiring {last}",
-                        still.len()
-                    ),
-                )]
+                format!(
+                    "activated: `rotate root finish` is blocked by {} unexpired certificate(s) from the old root, the last expiring {last}",
+                    still.len()
+                )
             }
         }
     })

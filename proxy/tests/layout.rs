@@ -129,8 +129,12 @@ fn resolve(path: &[String], mods: &BTreeMap<String, PathBuf>) -> String {
 }
 
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mods = modules(&src);
+    graph_of(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))
+}
+
+/// The import graph of the crate whose sources are in `src`.
+fn graph_of(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mods = modules(src);
     let mut g = BTreeMap::new();
     for (m, path) in &mods {
         let deps: BTreeSet<String> = crate_paths(&code(path))
@@ -223,6 +227,18 @@ fn no_two_modules_import_each_other() {
         })
         .collect();
     assert!(found.is_empty(), "import cycles: {show:#?}");
+}
+
+/// The same rule for the workspace's other library crates.
+#[test]
+fn no_two_modules_of_the_other_crates_import_each_other() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for krate in ["identity", "ca-tool", "stepup"] {
+        let g = graph_of(&root.join(krate).join("src"));
+        assert!(g.len() > 5, "{krate}: found only {} modules", g.len());
+        let found = cycles(&g);
+        assert!(found.is_empty(), "{krate}: import cycles among {found:?}");
+    }
 }
 
 #[test]
