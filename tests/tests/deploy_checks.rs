@@ -3,7 +3,7 @@
 //! and unit tests), the Grafana dashboard, and the real-Prometheus test
 //! helper (`keyproof_tests::prometheus`).
 //!
-//! The external tools are installed by `.ci/run`. When `CI` is set a missing
+//! The external tools are installed by `./test.sh`. When `CI` is set a missing
 //! tool fails the test; locally the test prints a notice and passes.
 
 use std::path::{Path, PathBuf};
@@ -69,9 +69,9 @@ fn require(tool: &str) -> bool {
         return true;
     }
     if in_ci() {
-        panic!("{tool} is required when CI is set; .ci/run installs it");
+        panic!("{tool} is required when CI is set; ./test.sh installs it");
     }
-    eprintln!("NOTICE: {tool} is not installed; skipping this check (CI installs it via .ci/run)");
+    eprintln!("NOTICE: {tool} is not installed; skipping this check (./test.sh installs it)");
     false
 }
 
