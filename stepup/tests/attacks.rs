@@ -1,4 +1,6 @@
-//! Every attack of issue 4, each refused with the design doc's result.
+//! Every attack the step-up proof exists to stop (forgery, replay, a
+//! nonce moved to another peer, route or connection, tampering, downgrade,
+//! exhaustion), each refused with the design doc's result.
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

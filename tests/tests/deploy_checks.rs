@@ -22,7 +22,8 @@ const K8S_VERSION: &str = "1.30.0";
 const CRD_KINDS: &[&str] = &["PodMonitor"];
 
 /// Every metric name the rules and the dashboard may use: the proxy's
-/// contract (issues 3, 4, 5) plus the two gauges deploy/ asks for.
+/// contract (transport, step-up and rotation metrics) plus the two gauges
+/// deploy/ asks for.
 const KNOWN_METRICS: &[&str] = &[
     "keyproof_tls_handshakes_total",
     "keyproof_tls_key_exchange_total",
@@ -41,7 +42,8 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_stepup_nonces_outstanding",
     "keyproof_stepup_nonce_table_full_total",
     "keyproof_stepup_signatures_total",
-    // Not in the issues yet; the proxy must export them (deploy/README.md).
+    // Asked for by deploy/ itself (the capacity ratio and the renewal-age
+    // alert); the proxy must keep exporting them (deploy/README.md).
     "keyproof_stepup_nonce_capacity",
     "keyproof_identity_cert_issued_timestamp_seconds",
 ];
