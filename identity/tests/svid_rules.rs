@@ -245,7 +245,8 @@ fn only_p256_and_ed25519_leaf_keys_are_svids() {
 /// An RSA-2048 key pair (rcgen cannot generate RSA keys; aws-lc-rs can).
 fn rsa_key(alg: &'static rcgen::SignatureAlgorithm) -> KeyPair {
     let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-    let der = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&kp).unwrap();
+    let der =
+        aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der<'_>>::as_der(&kp).unwrap();
     let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_ref().to_vec());
     KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, alg).unwrap()
 }

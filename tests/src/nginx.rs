@@ -22,7 +22,7 @@ impl Nginx {
     pub fn start(server_body: &str) -> Nginx {
         assert!(
             crate::have("nginx"),
-            "nginx is not installed: `.ci/run` installs it (apt-get install nginx)"
+            "nginx is not installed: `./test.sh` installs it (apt-get install nginx)"
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let port = crate::free_port();

@@ -3,7 +3,7 @@
 //! and unit tests), the Grafana dashboard, and the real-Prometheus test
 //! helper (`keyproof_tests::prometheus`).
 //!
-//! The external tools are installed by `.ci/run`. When `CI` is set a missing
+//! The external tools are installed by `./test.sh`. When `CI` is set a missing
 //! tool fails the test; locally the test prints a notice and passes.
 
 use std::path::{Path, PathBuf};
@@ -22,7 +22,8 @@ const K8S_VERSION: &str = "1.30.0";
 const CRD_KINDS: &[&str] = &["PodMonitor"];
 
 /// Every metric name the rules and the dashboard may use: the proxy's
-/// contract (issues 3, 4, 5) plus the two gauges deploy/ asks for.
+/// contract (transport, step-up and rotation metrics) plus the two gauges
+/// deploy/ asks for.
 const KNOWN_METRICS: &[&str] = &[
     "keyproof_tls_handshakes_total",
     "keyproof_tls_key_exchange_total",
@@ -41,7 +42,8 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_stepup_nonces_outstanding",
     "keyproof_stepup_nonce_table_full_total",
     "keyproof_stepup_signatures_total",
-    // Not in the issues yet; the proxy must export them (deploy/README.md).
+    // Asked for by deploy/ itself (the capacity ratio and the renewal-age
+    // alert); the proxy must keep exporting them (deploy/README.md).
     "keyproof_stepup_nonce_capacity",
     "keyproof_identity_cert_issued_timestamp_seconds",
 ];
@@ -69,9 +71,9 @@ fn require(tool: &str) -> bool {
         return true;
     }
     if in_ci() {
-        panic!("{tool} is required when CI is set; .ci/run installs it");
+        panic!("{tool} is required when CI is set; ./test.sh installs it");
     }
-    eprintln!("NOTICE: {tool} is not installed; skipping this check (CI installs it via .ci/run)");
+    eprintln!("NOTICE: {tool} is not installed; skipping this check (./test.sh installs it)");
     false
 }
 

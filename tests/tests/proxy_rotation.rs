@@ -1,4 +1,4 @@
-//! Certificate rotation under load (issue 5): a sidecar pair carries
+//! Certificate rotation under load: a sidecar pair carries
 //! continuous traffic (keep-alive clients plus bursts of new connections)
 //! while leaves are replaced through a Kubernetes `..data` symlink swap, the
 //! root moves, and (`[identity.ca]`) a real `keyproof-ca serve` renews
