@@ -109,12 +109,12 @@ impl InboundConn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound::testing::{workload, TD};
+    use crate::inbound::testing::{id, workload, TD};
 
     #[test]
     fn xfcc_is_by_own_id_hash_of_the_callers_leaf_and_uri() {
         let web = workload("/ns/demo/sa/web");
-        let own = SpiffeId::parse(&format!("spiffe://{TD}/ns/demo/sa/api")).unwrap();
+        let own = id("/ns/demo/sa/api");
         let v = xfcc(&own, &web.peer()).unwrap();
         // The digest is of the caller's whole leaf certificate (DER), in
         // lower-case hex, as Envoy writes it.
@@ -141,7 +141,7 @@ mod tests {
         // Two certificates for one ID: the Hash tells them apart.
         let a = workload("/ns/demo/sa/web");
         let b = workload("/ns/demo/sa/web");
-        let own = SpiffeId::parse(&format!("spiffe://{TD}/ns/demo/sa/api")).unwrap();
+        let own = id("/ns/demo/sa/api");
         let (va, vb) = (
             xfcc(&own, &a.peer()).unwrap(),
             xfcc(&own, &b.peer()).unwrap(),
