@@ -336,3 +336,343 @@ async fn purge(verifier: Weak<Verifier>, gauge: prometheus::IntGauge) {
         gauge.set(i64::try_from(v.outstanding()).unwrap_or(i64::MAX));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::{HeaderMap, Method};
+    use http_body_util::BodyExt;
+    use keyproof_stepup::headers::{ACCEPT_SIGNATURE, SIGNATURE, SIGNATURE_INPUT, STEPUP_BINDING};
+    use keyproof_stepup::{is_stepup_challenge, Challenge, SignedHeaders, Signer};
+
+    use super::*;
+    use crate::inbound::policy::{Decision, Policy};
+    use crate::inbound::testing::{config, hyper_request, metric, workload, Workload};
+
+    /// The channel binding of the test connection.
+    const EXPORTER: [u8; 32] = [7; 32];
+    const ROUTE: &str = "/admin/rotate";
+
+    struct Setup {
+        stepup: InboundStepUp,
+        policy: Policy,
+        conn: InboundConn,
+        web: Workload,
+        metrics: Metrics,
+    }
+
+    /// The inbound of `api` with step-up routes `/admin/rotate` and
+    /// `/admin/keys` for `web`, and web's connection to it.
+    fn setup(max_body: u64) -> Setup {
+        let (api, web) = (workload("/ns/demo/sa/api"), workload("/ns/demo/sa/web"));
+        let cfg = config(&format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n\
+             [inbound.stepup]\nmax_body = {max_body}\n\
+             [[inbound.routes]]\npath_prefix = \"/admin/rotate\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\nstep_up = true\n\
+             [[inbound.routes]]\npath_prefix = \"/admin/keys\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\nstep_up = true\n"
+        ));
+        let cfg = cfg.inbound.expect("[inbound]");
+        let metrics = Metrics::new().unwrap();
+        let stepup =
+            InboundStepUp::new(&cfg.stepup, &cfg.routes, &metrics, cfg.limits.body_timeout)
+                .unwrap();
+        let policy = Policy::new(&cfg.routes, cfg.default_policy, &metrics);
+        let conn = InboundConn::for_tests(web.peer(), &api.id, Some(EXPORTER));
+        Setup {
+            stepup,
+            policy,
+            conn,
+            web,
+            metrics,
+        }
+    }
+
+    impl Setup {
+        fn route(&self, path: &str) -> Arc<Route> {
+            match self.policy.decide(&Method::POST, path, &self.web.id) {
+                Decision::Allow(Some(r)) => r.clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        async fn verify(
+            &self,
+            req: Request<ProxyBody>,
+        ) -> Result<(Request<ProxyBody>, Verified), Response<ProxyBody>> {
+            let route = self.route(req.uri().path());
+            self.stepup.verify(req, &self.conn, &route).await
+        }
+
+        /// A challenge, as the first (unsigned) request to `path` gets it.
+        async fn challenge(&self, path: &str) -> Challenge {
+            let resp = self
+                .verify(request(path, b"", HeaderMap::new()))
+                .await
+                .unwrap_err();
+            Challenge::from_headers(resp.headers()).unwrap().unwrap()
+        }
+
+        fn signer(&self) -> Signer {
+            Signer::from_pkcs8_and_cert(&self.web.pkcs8, self.web.leaf()).unwrap()
+        }
+
+        /// The four step-up fields for a request to `path` with `body` and
+        /// `headers`, signed as the outbound signs (over the request as it
+        /// travels, step-up fields removed first), bound to `exporter`.
+        fn sign_for(
+            &self,
+            ch: &Challenge,
+            path: &str,
+            body: &[u8],
+            headers: HeaderMap,
+            exporter: &[u8; 32],
+        ) -> SignedHeaders {
+            let (mut parts, _) = request(path, b"", headers).into_parts();
+            strip_stepup_headers(&mut parts.headers);
+            let view = RequestView::new(&parts.method, &parts.uri, &parts.headers);
+            self.signer()
+                .sign(ch, &view, body, exporter, unix_now())
+                .unwrap()
+        }
+
+        fn signed(&self, ch: &Challenge, path: &str, body: &'static [u8]) -> Request<ProxyBody> {
+            let signed = self.sign_for(ch, path, body, HeaderMap::new(), &EXPORTER);
+            let mut headers = HeaderMap::new();
+            signed.apply(&mut headers);
+            request(path, body, headers)
+        }
+
+        fn verifications(&self, result: &str) -> f64 {
+            metric(
+                &self.metrics,
+                &format!("keyproof_stepup_verifications_total{{result=\"{result}\"}}"),
+            )
+        }
+    }
+
+    /// A POST as an HTTP/2 caller's sidecar sends it: the authority in the
+    /// URI, a JSON body.
+    fn request(path: &str, body: &'static [u8], headers: HeaderMap) -> Request<ProxyBody> {
+        let mut req = Request::post(format!("https://api.demo{path}"))
+            .version(http::Version::HTTP_2)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(if body.is_empty() {
+                ProxyBody::empty()
+            } else {
+                ProxyBody::from(Bytes::from_static(body))
+            })
+            .unwrap();
+        req.headers_mut().extend(headers);
+        req
+    }
+
+    async fn body_text(resp: Response<ProxyBody>) -> String {
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    fn www_authenticate(resp: &Response<ProxyBody>) -> &str {
+        resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_without_proof_gets_a_challenge() {
+        let s = setup(1024);
+        let resp = s
+            .verify(request(ROUTE, b"{}", HeaderMap::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(is_stepup_challenge(resp.status(), resp.headers()));
+        assert_eq!(www_authenticate(&resp), "StepUp error=\"stepup_required\"");
+        assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+        let ch = Challenge::from_headers(resp.headers()).unwrap().unwrap();
+        assert_eq!(ch.tag, "stepup-v1");
+        assert_eq!(ch.keyid, s.signer().keyid());
+        assert_eq!(ch.alg, s.signer().alg().name());
+        // The request had a Content-Type, so it is among the components.
+        assert!(
+            ch.components.iter().any(|c| c == "content-type"),
+            "{:?}",
+            ch.components
+        );
+        assert!(body_text(resp)
+            .await
+            .contains("step-up required by route /admin/rotate (missing)"));
+        assert_eq!(s.verifications("missing"), 1.0);
+        assert_eq!(
+            metric(
+                &s.metrics,
+                "keyproof_stepup_challenges_total{route=\"/admin/rotate\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            metric(&s.metrics, "keyproof_stepup_nonces_outstanding"),
+            1.0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_signed_request_is_admitted_and_its_response_gets_the_next_nonce() {
+        let s = setup(1024);
+        let ch = s.challenge(ROUTE).await;
+        let (req, verified) = s
+            .verify(s.signed(&ch, ROUTE, b"{\"rotate\":1}"))
+            .await
+            .unwrap();
+        assert_eq!(s.verifications("ok"), 1.0);
+        // What the app gets: the body as sent, the verdict, no proof fields.
+        assert_eq!(req.headers()[&STEP_UP_VERIFIED], "verified");
+        for h in [SIGNATURE, SIGNATURE_INPUT, STEPUP_BINDING, ACCEPT_SIGNATURE] {
+            assert!(!req.headers().contains_key(&h), "{h} reached the app");
+        }
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"rotate\":1}");
+
+        let mut resp = text(StatusCode::OK, "rotated\n");
+        s.stepup
+            .on_response(&mut resp, &s.conn, &s.route(ROUTE), verified);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+        assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+        let next = Challenge::from_headers(resp.headers()).unwrap().unwrap();
+        assert_ne!(next.nonce, ch.nonce);
+        // The next nonce signs the next request up front: no challenge.
+        let (req, _) = s.verify(s.signed(&next, ROUTE, b"{}")).await.unwrap();
+        assert_eq!(req.headers()[&STEP_UP_VERIFIED], "verified");
+        assert_eq!(s.verifications("ok"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_nonce_is_refused_and_counted() {
+        let s = setup(1024);
+        let ch = s.challenge(ROUTE).await;
+        let signed = s.sign_for(&ch, ROUTE, b"{}", HeaderMap::new(), &EXPORTER);
+        let again = || {
+            let mut headers = HeaderMap::new();
+            signed.apply(&mut headers);
+            request(ROUTE, b"{}", headers)
+        };
+        assert!(s.verify(again()).await.is_ok());
+        let resp = s.verify(again()).await.unwrap_err();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(www_authenticate(&resp), "StepUp error=\"replay\"");
+        // With a fresh nonce to try again.
+        let fresh = Challenge::from_headers(resp.headers()).unwrap().unwrap();
+        assert_ne!(fresh.nonce, ch.nonce);
+        assert_eq!(s.verifications("replay"), 1.0);
+        assert_eq!(s.verifications("ok"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_nonce_is_bound_to_its_route() {
+        let s = setup(1024);
+        let ch = s.challenge("/admin/keys").await;
+        let resp = s.verify(s.signed(&ch, ROUTE, b"{}")).await.unwrap_err();
+        assert_eq!(www_authenticate(&resp), "StepUp error=\"bad_nonce\"");
+        assert_eq!(s.verifications("bad_nonce"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_signature_bound_to_another_connection_is_refused() {
+        let s = setup(1024);
+        let ch = s.challenge(ROUTE).await;
+        let signed = s.sign_for(&ch, ROUTE, b"{}", HeaderMap::new(), &[8; 32]);
+        let mut headers = HeaderMap::new();
+        signed.apply(&mut headers);
+        let resp = s.verify(request(ROUTE, b"{}", headers)).await.unwrap_err();
+        assert_eq!(www_authenticate(&resp), "StepUp error=\"binding_mismatch\"");
+        assert_eq!(s.verifications("binding_mismatch"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_body_other_than_the_signed_one_is_refused() {
+        let s = setup(1024);
+        let ch = s.challenge(ROUTE).await;
+        let signed = s.sign_for(&ch, ROUTE, b"{\"a\":1}", HeaderMap::new(), &EXPORTER);
+        let mut headers = HeaderMap::new();
+        signed.apply(&mut headers);
+        let resp = s
+            .verify(request(ROUTE, b"{\"a\":2}", headers))
+            .await
+            .unwrap_err();
+        assert_eq!(www_authenticate(&resp), "StepUp error=\"digest_mismatch\"");
+    }
+
+    #[tokio::test]
+    async fn a_declared_body_over_max_body_gets_413_and_leaves_the_nonce_unused() {
+        let s = setup(16);
+        let ch = s.challenge(ROUTE).await;
+        let big: &'static [u8] = b"{\"x\":\"0123456789abcdef\"}";
+        assert!(big.len() > 16);
+        let mut declared = HeaderMap::new();
+        declared.insert(header::CONTENT_LENGTH, HeaderValue::from(big.len()));
+        let signed = s.sign_for(&ch, ROUTE, big, declared.clone(), &EXPORTER);
+        let mut headers = declared;
+        signed.apply(&mut headers);
+        let resp = s.verify(request(ROUTE, big, headers)).await.unwrap_err();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+        assert!(body_text(resp)
+            .await
+            .contains("larger than 16 bytes (inbound.stepup.max_body)"));
+        // Not a verification: the same nonce still signs a small request.
+        for r in Outcome::ALL {
+            assert_eq!(
+                s.verifications(r.as_str()),
+                f64::from(r == Outcome::Missing),
+                "{r}"
+            );
+        }
+        assert!(s.verify(s.signed(&ch, ROUTE, b"{}")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_body_at_max_body_is_admitted() {
+        let s = setup(16);
+        let ch = s.challenge(ROUTE).await;
+        let exact: &'static [u8] = b"{\"x\":\"01234567\"}";
+        assert_eq!(exact.len(), 16);
+        assert!(s.verify(s.signed(&ch, ROUTE, exact)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_over_max_body_gets_413() {
+        let s = setup(16);
+        let ch = s.challenge(ROUTE).await;
+        // HTTP/1.1, chunked: no length known until the body is read.
+        let body = b"{\"x\":\"0123456789abcdef\"}";
+        let mut head = HeaderMap::new();
+        head.insert(header::HOST, HeaderValue::from_static("api.demo"));
+        let (mut parts, _) = Request::post(ROUTE)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(())
+            .unwrap()
+            .into_parts();
+        parts.headers.extend(head);
+        let view = RequestView::from_parts(&parts);
+        let signed = s
+            .signer()
+            .sign(&ch, &view, body, &EXPORTER, unix_now())
+            .unwrap();
+        signed.apply(&mut parts.headers);
+        let mut raw = format!("POST {ROUTE} HTTP/1.1\r\ntransfer-encoding: chunked\r\n");
+        for (name, value) in &parts.headers {
+            raw.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+        }
+        raw.push_str("\r\n");
+        for chunk in body.chunks(8) {
+            raw.push_str(&format!(
+                "{:x}\r\n{}\r\n",
+                chunk.len(),
+                std::str::from_utf8(chunk).unwrap()
+            ));
+        }
+        raw.push_str("0\r\n\r\n");
+        let (req, _client) = hyper_request(raw.as_bytes()).await;
+        let resp = s.verify(req.map(ProxyBody::Stream)).await.unwrap_err();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(s.verifications("ok"), 0.0);
+    }
+}

@@ -84,3 +84,70 @@ fn xfcc(own: &SpiffeId, peer: &PeerIdentity) -> Option<HeaderValue> {
     );
     HeaderValue::from_str(&v).ok()
 }
+
+#[cfg(test)]
+impl InboundConn {
+    /// What [`InboundConn::new`] derives from a handshake, given directly:
+    /// the step-up view exists when an exporter is given.
+    pub(crate) fn for_tests(
+        peer: PeerIdentity,
+        own: &SpiffeId,
+        exporter: Option<[u8; 32]>,
+    ) -> InboundConn {
+        let stepup =
+            exporter.and_then(|_| keyproof_stepup::Peer::from_cert_der(&peer.leaf, exporter).ok());
+        InboundConn {
+            xfcc: xfcc(own, &peer).expect("valid SPIFFE IDs make a header value"),
+            peer,
+            remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            exporter,
+            stepup,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::testing::{id, workload, TD};
+
+    #[test]
+    fn xfcc_is_by_own_id_hash_of_the_callers_leaf_and_uri() {
+        let web = workload("/ns/demo/sa/web");
+        let own = id("/ns/demo/sa/api");
+        let v = xfcc(&own, &web.peer()).unwrap();
+        // The digest is of the caller's whole leaf certificate (DER), in
+        // lower-case hex, as Envoy writes it.
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, web.leaf());
+        let want = format!(
+            "By=spiffe://{TD}/ns/demo/sa/api;Hash={};URI=spiffe://{TD}/ns/demo/sa/web",
+            hex::encode(digest.as_ref())
+        );
+        assert_eq!(v.to_str().unwrap(), want);
+        let hash = want
+            .split(';')
+            .nth(1)
+            .unwrap()
+            .strip_prefix("Hash=")
+            .unwrap();
+        assert_eq!(hash.len(), 64);
+        assert!(hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    }
+
+    #[test]
+    fn xfcc_differs_per_caller_certificate_not_only_per_id() {
+        // Two certificates for one ID: the Hash tells them apart.
+        let a = workload("/ns/demo/sa/web");
+        let b = workload("/ns/demo/sa/web");
+        let own = id("/ns/demo/sa/api");
+        let (va, vb) = (
+            xfcc(&own, &a.peer()).unwrap(),
+            xfcc(&own, &b.peer()).unwrap(),
+        );
+        assert_ne!(va, vb);
+        let uri = |v: &HeaderValue| v.to_str().unwrap().rsplit(';').next().unwrap().to_owned();
+        assert_eq!(uri(&va), uri(&vb));
+    }
+}

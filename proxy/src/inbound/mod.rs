@@ -452,3 +452,376 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     }
     Guard(Some(f))
 }
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Helpers shared by the unit tests of `inbound/` and `outbound/`: a
+    //! throwaway trust domain, workloads issued from it, the configuration
+    //! around them, metric readings, and requests with hyper's own body
+    //! type (which has no public constructor).
+
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use keyproof_ca::ca::InitOptions;
+    use keyproof_ca::csr::SubjectKey;
+    use keyproof_ca::issue::IssueRequest;
+    use keyproof_ca::keys::KeyType;
+    use keyproof_ca::{Ca, SpiffeId, TrustDomain, Usage};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::oneshot;
+
+    use crate::config::Config;
+    use crate::identity::store::{Identity, IdentityStore, PeerIdentity};
+    use crate::metrics::Metrics;
+
+    /// The test trust domain.
+    pub(crate) const TD: &str = "unit.keyproof.test";
+
+    /// One CA for the whole test binary. Its directory is removed right
+    /// after `init`: issuing (`Ca::sign`) works from memory and writes
+    /// nothing.
+    fn ca() -> &'static Ca {
+        static CA: OnceLock<Ca> = OnceLock::new();
+        CA.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            Ca::init(
+                &dir.path().join("ca"),
+                &InitOptions {
+                    trust_domain: TrustDomain::parse(TD).expect("trust domain"),
+                    key_type: KeyType::EcdsaP256,
+                    root_ttl: Duration::from_secs(24 * 3600),
+                    intermediate_ttl: Duration::from_secs(12 * 3600),
+                },
+            )
+            .expect("test CA")
+        })
+    }
+
+    /// `spiffe://unit.keyproof.test<path>`.
+    pub(crate) fn id(path: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://{TD}{path}")).expect("SPIFFE ID")
+    }
+
+    /// A workload's certificate chain and key, issued by the test CA.
+    pub(crate) struct Workload {
+        pub(crate) id: SpiffeId,
+        pub(crate) chain: Vec<CertificateDer<'static>>,
+        pub(crate) pkcs8: Vec<u8>,
+    }
+
+    /// A P-256 workload at `path` (e.g. `/ns/demo/sa/web`).
+    pub(crate) fn workload(path: &str) -> Workload {
+        workload_with(path, KeyType::EcdsaP256)
+    }
+
+    /// A workload at `path` with a key of type `kt`.
+    pub(crate) fn workload_with(path: &str, kt: KeyType) -> Workload {
+        let kp = kt.generate().expect("key");
+        let issued = ca()
+            .sign(
+                &IssueRequest {
+                    spiffe_id: id(path),
+                    key: SubjectKey::from_key_pair(&kp, kt),
+                    ttl: Duration::from_secs(3600),
+                    dns: vec![],
+                },
+                "keyproof-proxy unit tests",
+            )
+            .expect("issue");
+        Workload {
+            id: id(path),
+            chain: vec![issued.leaf, issued.intermediate],
+            pkcs8: kp.serialize_der(),
+        }
+    }
+
+    impl Workload {
+        pub(crate) fn leaf(&self) -> &CertificateDer<'static> {
+            &self.chain[0]
+        }
+
+        /// The identity as the proxy loads it, with the key as `key`.
+        pub(crate) fn identity_with_key(&self, key: PrivateKeyDer<'static>) -> Identity {
+            Identity::from_parts(
+                self.chain.clone(),
+                key,
+                ca().bundle().to_vec(),
+                &[Usage::ServerAuth, Usage::ClientAuth],
+                None,
+            )
+            .expect("identity")
+        }
+
+        pub(crate) fn identity(&self) -> Identity {
+            self.identity_with_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                self.pkcs8.clone(),
+            )))
+        }
+
+        pub(crate) fn store(&self) -> Arc<IdentityStore> {
+            IdentityStore::new(self.identity())
+        }
+
+        /// This workload as a verified caller, as the inbound sees it.
+        pub(crate) fn peer(&self) -> PeerIdentity {
+            PeerIdentity::from_certs(Some(&self.chain)).expect("peer identity")
+        }
+    }
+
+    /// A whole configuration: `rest` after an `[identity]` section whose
+    /// files are never read (identities come from [`Workload::store`]).
+    pub(crate) fn config(rest: &str) -> Config {
+        Config::parse(&format!(
+            "[identity]\ntrust_bundle = \"unused.crt\"\n[identity.files]\ncert = \"unused.crt\"\nkey = \"unused.key\"\n{rest}"
+        ))
+        .unwrap_or_else(|e| panic!("test configuration: {e}\n{rest}"))
+    }
+
+    /// The value of one series in the Prometheus text, e.g.
+    /// `keyproof_authz_denied_total{route="/admin"}`; 0 when absent.
+    pub(crate) fn metric(m: &Metrics, series: &str) -> f64 {
+        let text = String::from_utf8(m.render()).expect("metrics are text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+    }
+
+    /// A request as hyper's HTTP/1.1 server reads it from `raw`, with the
+    /// client's end of the stream: the request's body is read from it, so
+    /// keep it while the body matters.
+    pub(crate) async fn hyper_request(raw: &[u8]) -> (Request<Incoming>, DuplexStream) {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (tx, rx) = oneshot::channel();
+        let tx = Mutex::new(Some(tx));
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                if let Some(tx) = tx.lock().expect("lock").take() {
+                    let _ = tx.send(req);
+                }
+                // No response: the connection stays open for the body.
+                std::future::pending::<Result<Response<http_body_util::Empty<Bytes>>, Infallible>>()
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), svc)
+                .await;
+        });
+        client.write_all(raw).await.expect("write request");
+        (rx.await.expect("hyper parsed the request"), client)
+    }
+
+    /// An app on loopback that answers one request `200 ok` and hands over
+    /// the request head it read.
+    pub(crate) async fn one_request_app() -> (SocketAddr, oneshot::Receiver<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind app");
+        let addr = l.local_addr().expect("app address");
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tcp.read(&mut buf).await.expect("read head");
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            // Held until the proxy has read the response.
+            let _ = tcp.read(&mut buf).await;
+        });
+        (addr, rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+
+    use super::testing::{config, hyper_request, one_request_app, workload, Workload};
+    use super::Inbound;
+    use crate::http::body::ProxyBody;
+    use crate::inbound::conn::InboundConn;
+    use crate::metrics::Metrics;
+
+    const API: &str = "/ns/demo/sa/api";
+    const WEB: &str = "/ns/demo/sa/web";
+
+    /// An inbound for `api` with `rest` after `listen` and `app`.
+    fn inbound(api: &Workload, app: &str, rest: &str) -> (Arc<Inbound>, Metrics) {
+        let cfg = config(&format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n{rest}"
+        ));
+        let metrics = Metrics::new().expect("metrics");
+        let inbound = Inbound::new(
+            cfg.inbound.as_ref().expect("[inbound]"),
+            api.store(),
+            &metrics,
+        )
+        .expect("inbound");
+        (inbound, metrics)
+    }
+
+    fn conn(caller: &Workload, api: &Workload) -> Arc<InboundConn> {
+        Arc::new(InboundConn::for_tests(caller.peer(), &api.id, None))
+    }
+
+    async fn body_text(resp: http::Response<ProxyBody>) -> String {
+        let b = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    // Routes: `/admin` for ops only; everything else allowed in the trust
+    // domain.
+    const ADMIN_FOR_OPS: &str = "[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/ops/*\"]\n";
+
+    #[tokio::test]
+    async fn the_policy_decides_on_the_normalized_path() {
+        let (api, web) = (workload(API), workload(WEB));
+        // Never dialled: every request here is refused before the app.
+        let (inbound, metrics) = inbound(&api, "127.0.0.1:9", ADMIN_FOR_OPS);
+        for target in [
+            "/admin",
+            "/admin?x=1",
+            "/public/../admin/users",
+            "/%61dmin/users",
+            "/./admin",
+            "//admin",
+            "/admin//users",
+        ] {
+            let raw = format!("GET {target} HTTP/1.1\r\nhost: api\r\n\r\n");
+            let (req, _client) = hyper_request(raw.as_bytes()).await;
+            let resp = inbound.clone().request(req, conn(&web, &api)).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{target}");
+            let body = body_text(resp).await;
+            assert!(
+                body.contains("route /admin does not allow"),
+                "{target}: {body}"
+            );
+        }
+        assert_eq!(
+            super::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
+            7.0
+        );
+    }
+
+    #[tokio::test]
+    async fn with_keep_slashes_the_route_still_matches_the_merged_path() {
+        let (api, web) = (workload(API), workload(WEB));
+        let rest = format!("path_normalization = \"keep-slashes\"\n{ADMIN_FOR_OPS}");
+        let (inbound, _m) = inbound(&api, "127.0.0.1:9", &rest);
+        for target in ["//admin", "//admin//users", "/public/..//admin"] {
+            let raw = format!("GET {target} HTTP/1.1\r\nhost: api\r\n\r\n");
+            let (req, _client) = hyper_request(raw.as_bytes()).await;
+            let resp = inbound.clone().request(req, conn(&web, &api)).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{target}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_app_gets_the_normalized_path_and_the_sidecars_xfcc_only() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (app, head) = one_request_app().await;
+        let (inbound, _m) = inbound(&api, &app.to_string(), ADMIN_FOR_OPS);
+        let raw = b"GET /public/./a/../b?q=1 HTTP/1.1\r\nhost: api\r\nx-forwarded-client-cert: By=spiffe://evil;URI=spiffe://unit.keyproof.test/ns/ops/sa/root\r\n\r\n";
+        let (req, _client) = hyper_request(raw).await;
+        let c = conn(&web, &api);
+        let resp = inbound.clone().request(req, c.clone()).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_text(resp).await, "ok");
+        let head = head.await.expect("the app saw the request");
+        assert!(head.starts_with("GET /public/b?q=1 HTTP/1.1\r\n"), "{head}");
+        let xfcc: Vec<&str> = head
+            .lines()
+            .filter_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("x-forwarded-client-cert")
+                    .then(|| value.trim())
+            })
+            .collect();
+        assert_eq!(xfcc, [c.xfcc.to_str().expect("ascii")], "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_path_gets_400_before_the_policy() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (inbound, metrics) = inbound(&api, "127.0.0.1:9", ADMIN_FOR_OPS);
+        for target in ["/public/%2e%2e/%2e%2e/admin", "/admin%2fx", "/admin;x"] {
+            let raw = format!("GET {target} HTTP/1.1\r\nhost: api\r\n\r\n");
+            let (req, _client) = hyper_request(raw.as_bytes()).await;
+            let resp = inbound.clone().request(req, conn(&web, &api)).await;
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{target}");
+        }
+        assert_eq!(
+            super::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
+            0.0
+        );
+    }
+
+    // Sizes of the futures each request runs. Each is moved into place per
+    // request (the inbound's into the task hyper spawns per HTTP/2 stream,
+    // the outbound's into its HTTP/1.1 server's connection task), so bytes
+    // here are copied on every request; the rare paths (refusals, step-up,
+    // dialling, a full app pool) are boxed to keep them out. A rare path
+    // left inline, or an `async fn` layer that keeps its arguments, makes
+    // them grow, and these bounds fail. To see the sizes: the assertion
+    // messages (or `cargo test -p keyproof-proxy --lib future_size --
+    // --nocapture`), or the whole layout with `RUSTC_BOOTSTRAP=1 cargo rustc
+    // --release -p keyproof-proxy --lib -- -Zprint-type-sizes`. The bounds
+    // are the measured sizes rounded up to 64 bytes, plus some 10%.
+    //
+    // Measured: `Inbound::request` 680 bytes (it holds `H1Pool::request`'s),
+    // `H1Pool::request` with a `ProxyBody` 640 bytes; the same in the test
+    // profile and with the workspace crates at opt-level 3.
+    const INBOUND_REQUEST_MAX: usize = 768;
+    const APP_H1_REQUEST_MAX: usize = 704;
+
+    #[tokio::test]
+    async fn future_size_of_inbound_request_is_bounded() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (inbound, _m) = inbound(&api, "127.0.0.1:9", "");
+        let (req, _client) = hyper_request(b"GET /x HTTP/1.1\r\nhost: api\r\n\r\n").await;
+        // Constructed, never polled: the app is never dialled.
+        let fut = inbound.clone().request(req, conn(&web, &api));
+        let size = std::mem::size_of_val(&fut);
+        drop(fut);
+        println!("Inbound::request future: {size} bytes");
+        assert!(
+            size <= INBOUND_REQUEST_MAX,
+            "Inbound::request's future is {size} bytes, above its bound of {INBOUND_REQUEST_MAX}: is a rare path no longer boxed?"
+        );
+    }
+
+    #[tokio::test]
+    async fn future_size_of_the_app_pools_request_is_bounded() {
+        let api = workload(API);
+        let (inbound, _m) = inbound(&api, "127.0.0.1:9", "");
+        let req = Request::get("/x")
+            .body(ProxyBody::empty())
+            .expect("request");
+        let fut = inbound.app.h1.request(req);
+        let size = std::mem::size_of_val(&fut);
+        drop(fut);
+        println!("H1Pool::request future (ProxyBody): {size} bytes");
+        assert!(
+            size <= APP_H1_REQUEST_MAX,
+            "H1Pool::request's future is {size} bytes, above its bound of {APP_H1_REQUEST_MAX}: is a rare path no longer boxed?"
+        );
+    }
+}

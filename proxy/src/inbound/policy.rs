@@ -158,4 +158,235 @@ mod tests {
             Decision::Deny(_)
         ));
     }
+
+    fn route(prefix: &str, methods: &[http::Method], allow: &[&str]) -> RouteConfig {
+        RouteConfig {
+            path_prefix: prefix.into(),
+            methods: methods.to_vec(),
+            allow: allow.iter().map(|a| IdPattern::parse(a).unwrap()).collect(),
+            step_up: false,
+        }
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    /// The matched route's prefix, `Some("")` for an allow by default, or
+    /// `None` for a denial.
+    fn outcome(p: &Policy, method: http::Method, path: &str, peer: &str) -> Option<String> {
+        match p.decide(&method, path, &id(peer)) {
+            Decision::Allow(Some(r)) => Some(r.path_prefix.clone()),
+            Decision::Allow(None) => Some(String::new()),
+            Decision::Deny(_) => None,
+        }
+    }
+
+    const WEB: &str = "spiffe://td/ns/default/sa/web";
+    const OPS: &str = "spiffe://td/ns/ops/sa/x";
+
+    #[test]
+    fn the_first_matching_route_decides_even_when_a_later_one_is_more_specific() {
+        let m = Metrics::new().unwrap();
+        let routes = [
+            route("/api", &[], &[WEB]),
+            route("/api/admin", &[], &["spiffe://td/ns/ops/*"]),
+        ];
+        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        // Not the longest prefix: the first in the file.
+        assert_eq!(outcome(&p, http::Method::GET, "/api/admin", OPS), None);
+        assert_eq!(
+            outcome(&p, http::Method::GET, "/api/admin/x", WEB).as_deref(),
+            Some("/api")
+        );
+    }
+
+    #[test]
+    fn a_prefix_matches_on_segment_boundaries_only() {
+        let m = Metrics::new().unwrap();
+        let routes = [route("/admin", &[], &["spiffe://td/ns/ops/*"])];
+        let p = Policy::new(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        for path in ["/admin", "/admin/", "/admin/users", "/admin/users/1"] {
+            assert_eq!(outcome(&p, http::Method::GET, path, WEB), None, "{path}");
+            assert_eq!(
+                outcome(&p, http::Method::GET, path, OPS).as_deref(),
+                Some("/admin"),
+                "{path}"
+            );
+        }
+        // Other names that merely start with the prefix are not under it.
+        for path in [
+            "/administrator",
+            "/admin-panel",
+            "/admin.json",
+            "/Admin",
+            "/",
+        ] {
+            assert_eq!(
+                outcome(&p, http::Method::GET, path, WEB).as_deref(),
+                Some(""),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_prefix_ending_in_a_slash_does_not_cover_the_path_without_it() {
+        assert!(path_matches("/api/", "/api/"));
+        assert!(path_matches("/api/", "/api/v1"));
+        assert!(!path_matches("/api/", "/api"));
+        assert!(!path_matches("/api/", "/apiv1"));
+        assert!(path_matches("/", "/"));
+    }
+
+    #[test]
+    fn the_query_is_not_part_of_the_matched_path() {
+        // `decide` is given the path without its query (the inbound passes
+        // `uri.path()`): a path that still carried one would not match.
+        assert!(!path_matches("/admin", "/admin?q=1"));
+    }
+
+    #[test]
+    fn a_route_with_methods_matches_only_those() {
+        let m = Metrics::new().unwrap();
+        let routes = [route(
+            "/admin",
+            &[http::Method::POST, http::Method::DELETE],
+            &["spiffe://td/ns/ops/*"],
+        )];
+        let deny = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        assert_eq!(outcome(&deny, http::Method::POST, "/admin", WEB), None);
+        assert_eq!(outcome(&deny, http::Method::DELETE, "/admin/x", WEB), None);
+        assert_eq!(
+            outcome(&deny, http::Method::POST, "/admin", OPS).as_deref(),
+            Some("/admin")
+        );
+        // A GET is not this route's: the default decides, even for ops.
+        assert_eq!(outcome(&deny, http::Method::GET, "/admin", OPS), None);
+        match deny.decide(&http::Method::GET, "/admin", &id(OPS)) {
+            Decision::Deny(msg) => assert!(msg.contains("no route matches GET /admin"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        let allow = Policy::new(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        assert_eq!(
+            outcome(&allow, http::Method::GET, "/admin", WEB).as_deref(),
+            Some("")
+        );
+        assert_eq!(outcome(&allow, http::Method::POST, "/admin", WEB), None);
+    }
+
+    #[test]
+    fn the_default_policy_decides_unmatched_paths() {
+        let m = Metrics::new().unwrap();
+        let routes = [route("/admin", &[], &[WEB])];
+        let deny = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        match deny.decide(&http::Method::GET, "/other", &id(WEB)) {
+            Decision::Deny(msg) => assert_eq!(
+                msg,
+                "forbidden: no route matches GET /other and default_policy is deny\n"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let allow = Policy::new(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        assert!(matches!(
+            allow.decide(&http::Method::GET, "/other", &id(OPS)),
+            Decision::Allow(None)
+        ));
+        // No routes at all: the default alone.
+        let none = Policy::new(&[], DefaultPolicy::Deny, &m);
+        assert_eq!(outcome(&none, http::Method::GET, "/", WEB), None);
+        assert!(!none.any_step_up());
+    }
+
+    #[test]
+    fn allow_patterns_are_exact_ids_or_path_prefixes() {
+        let m = Metrics::new().unwrap();
+        let routes = [
+            route("/exact", &[], &[WEB]),
+            route("/ops", &[], &["spiffe://td/ns/ops/*"]),
+            route("/td", &[], &["spiffe://td/*"]),
+        ];
+        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        let allowed = |path: &str, peer: &str| outcome(&p, http::Method::GET, path, peer).is_some();
+        assert!(allowed("/exact", WEB));
+        for peer in [
+            "spiffe://td/ns/default/sa/web2",
+            "spiffe://td/ns/default/sa/web/x",
+            "spiffe://td/ns/default/sa",
+            "spiffe://other/ns/default/sa/web",
+        ] {
+            assert!(!allowed("/exact", peer), "{peer}");
+        }
+        assert!(allowed("/ops", "spiffe://td/ns/ops/sa/x"));
+        assert!(allowed("/ops", "spiffe://td/ns/ops/a/b/c"));
+        for peer in [
+            "spiffe://td/ns/ops",
+            "spiffe://td/ns/opsx/sa/x",
+            "spiffe://other/ns/ops/sa/x",
+        ] {
+            assert!(!allowed("/ops", peer), "{peer}");
+        }
+        assert!(allowed("/td", WEB));
+        assert!(!allowed("/td", "spiffe://other/ns/default/sa/web"));
+        assert!(!allowed("/td", "spiffe://tdx/ns/default/sa/web"));
+    }
+
+    #[test]
+    fn a_route_with_an_empty_allow_list_refuses_everyone() {
+        let m = Metrics::new().unwrap();
+        let p = Policy::new(
+            &[route("/closed", &[], &[])],
+            DefaultPolicy::AllowTrustDomain,
+            &m,
+        );
+        assert_eq!(outcome(&p, http::Method::GET, "/closed/x", WEB), None);
+    }
+
+    #[test]
+    fn refusals_are_counted_by_route_and_default() {
+        use crate::inbound::testing::metric;
+        let m = Metrics::new().unwrap();
+        let routes = [route("/a", &[], &[WEB]), route("/b", &[], &[WEB])];
+        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        let series = |r: &str| format!("keyproof_authz_denied_total{{route=\"{r}\"}}");
+        for _ in 0..2 {
+            let _ = p.decide(&http::Method::GET, "/a/x", &id(OPS));
+        }
+        let _ = p.decide(&http::Method::GET, "/b", &id(OPS));
+        let _ = p.decide(&http::Method::GET, "/c", &id(OPS));
+        let _ = p.decide(&http::Method::GET, "/a", &id(WEB));
+        assert_eq!(metric(&m, &series("/a")), 2.0);
+        assert_eq!(metric(&m, &series("/b")), 1.0);
+        assert_eq!(metric(&m, &series("default")), 1.0);
+        // Allowed requests count nowhere.
+        let _ = p.decide(&http::Method::GET, "/b/y", &id(WEB));
+        assert_eq!(metric(&m, &series("/b")), 1.0);
+    }
+
+    #[test]
+    fn the_denial_names_the_route_the_caller_and_the_method() {
+        let m = Metrics::new().unwrap();
+        let p = Policy::new(&[route("/a", &[], &[WEB])], DefaultPolicy::Deny, &m);
+        match p.decide(&http::Method::PUT, "/a/x", &id(OPS)) {
+            Decision::Deny(msg) => assert_eq!(
+                msg,
+                format!("forbidden: route /a does not allow {OPS} to PUT\n")
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn any_step_up_is_true_when_one_route_demands_it() {
+        let m = Metrics::new().unwrap();
+        let mut routes = vec![route("/a", &[], &[WEB]), route("/b", &[], &[WEB])];
+        assert!(!Policy::new(&routes, DefaultPolicy::Deny, &m).any_step_up());
+        routes[1].step_up = true;
+        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        assert!(p.any_step_up());
+        match p.decide(&http::Method::GET, "/b", &id(WEB)) {
+            Decision::Allow(Some(r)) => assert!(r.step_up),
+            other => panic!("{other:?}"),
+        }
+    }
 }

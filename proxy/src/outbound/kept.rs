@@ -185,4 +185,115 @@ mod tests {
         }
         assert_eq!(k.lock().len, MAX_PER_PATH);
     }
+
+    #[test]
+    fn a_full_path_pool_keeps_its_oldest_nonces() {
+        let k = KeptNonces::default();
+        for i in 0..MAX_PER_PATH + 5 {
+            k.keep(1, "/a", ch(&i.to_string()));
+        }
+        // The ones beyond the bound were dropped, not the first ones.
+        assert_eq!(k.take(1, "/a").map(|c| c.nonce), Some("0".into()));
+        // Another path on the same connection has a pool of its own.
+        k.keep(1, "/b", ch("b"));
+        assert_eq!(k.take(1, "/b").map(|c| c.nonce), Some("b".into()));
+    }
+
+    /// Puts `n` entries kept at `at` straight into the table.
+    fn keep_at(k: &KeptNonces, conn: u64, path: &str, n: usize, at: Instant) {
+        let mut inner = k.lock();
+        let pool = inner
+            .by_conn
+            .entry(conn)
+            .or_default()
+            .entry(path.to_owned())
+            .or_default();
+        for i in 0..n {
+            pool.push_back((ch(&format!("{path}-{i}")), at));
+        }
+        inner.len += n;
+    }
+
+    fn stale() -> Instant {
+        Instant::now()
+            .checked_sub(KEEP_FOR + Duration::from_secs(1))
+            .expect("the clock is past KEEP_FOR")
+    }
+
+    #[test]
+    fn an_expired_nonce_is_dropped_not_used() {
+        let k = KeptNonces::default();
+        keep_at(&k, 1, "/a", 2, stale());
+        k.keep(1, "/a", ch("fresh"));
+        assert_eq!(k.lock().len, 3);
+        assert_eq!(k.take(1, "/a").map(|c| c.nonce), Some("fresh".into()));
+        assert_eq!(k.lock().len, 0);
+        assert!(k.lock().by_conn.is_empty());
+    }
+
+    #[test]
+    fn only_expired_nonces_means_none() {
+        let k = KeptNonces::default();
+        keep_at(&k, 1, "/a", 3, stale());
+        assert_eq!(k.take(1, "/a"), None);
+        assert_eq!(k.lock().len, 0);
+        assert!(k.lock().by_conn.is_empty());
+    }
+
+    #[test]
+    fn the_whole_table_is_bounded() {
+        let k = KeptNonces::default();
+        // Fresh entries over many connections, up to the bound.
+        let conns = MAX_TOTAL / MAX_PER_PATH;
+        for c in 0..conns as u64 {
+            keep_at(&k, c, "/a", MAX_PER_PATH, Instant::now());
+        }
+        assert_eq!(k.lock().len, MAX_TOTAL);
+        k.keep(10_000, "/a", ch("over"));
+        assert_eq!(k.lock().len, MAX_TOTAL);
+        assert_eq!(k.take(10_000, "/a"), None);
+    }
+
+    #[test]
+    fn a_full_table_drops_its_expired_entries_to_make_room() {
+        let k = KeptNonces::default();
+        let conns = MAX_TOTAL / MAX_PER_PATH;
+        for c in 0..conns as u64 {
+            // Half the connections are long gone.
+            let at = if c % 2 == 0 { stale() } else { Instant::now() };
+            keep_at(&k, c, "/a", MAX_PER_PATH, at);
+        }
+        assert_eq!(k.lock().len, MAX_TOTAL);
+        k.keep(10_000, "/a", ch("new"));
+        assert_eq!(k.lock().len, MAX_TOTAL / 2 + 1);
+        assert!(!k.lock().by_conn.contains_key(&0));
+        assert_eq!(k.take(10_000, "/a").map(|c| c.nonce), Some("new".into()));
+    }
+
+    #[test]
+    fn step_up_paths_are_learned_exactly() {
+        let p = StepUpPaths::default();
+        assert!(!p.contains("/admin"));
+        p.learn("/admin");
+        p.learn("/admin");
+        assert!(p.contains("/admin"));
+        // Paths, not prefixes: each path of a route is learned on its own.
+        assert!(!p.contains("/admin/x"));
+        assert!(!p.contains("/Admin"));
+        assert_eq!(p.len.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn step_up_paths_are_bounded() {
+        let p = StepUpPaths::default();
+        for i in 0..MAX_STEPUP_PATHS + 10 {
+            p.learn(&format!("/p/{i}"));
+        }
+        assert_eq!(p.len.load(Ordering::Relaxed), MAX_STEPUP_PATHS);
+        assert!(p.contains("/p/0"));
+        assert!(p.contains(&format!("/p/{}", MAX_STEPUP_PATHS - 1)));
+        // Beyond the bound a path is not remembered (it still works, by
+        // replaying after each challenge).
+        assert!(!p.contains(&format!("/p/{MAX_STEPUP_PATHS}")));
+    }
 }

@@ -480,3 +480,216 @@ fn pass(mut resp: Response<ProxyBody>, why: &'static str) -> Response<ProxyBody>
         .insert(STEP_UP_ERROR.clone(), HeaderValue::from_static(why));
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use http::header::CONTENT_TYPE;
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    use keyproof_ca::keys::KeyType;
+    use keyproof_stepup::{PeerKey, StepUpConfig, Verifier};
+    use rustls_pki_types::{PrivateKeyDer, PrivateSec1KeyDer};
+
+    use super::*;
+    use crate::inbound::testing::{metric, workload, workload_with, Workload};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    http::HeaderName::from_static(n),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_http1_template_takes_its_authority_from_host() {
+        let t = Template::new(
+            Method::POST,
+            "https://10.0.0.1:15443/admin/rotate?x=1".parse().unwrap(),
+            Version::HTTP_11,
+            headers(&[("host", "API.demo:8080"), ("content-type", "text/plain")]),
+        );
+        assert_eq!(t.uri.to_string(), "https://API.demo:8080/admin/rotate?x=1");
+        assert_eq!(t.path(), "/admin/rotate");
+        assert!(!t.headers.contains_key(HOST));
+        assert_eq!(t.headers[CONTENT_TYPE], "text/plain");
+    }
+
+    #[test]
+    fn an_http1_template_with_an_unreadable_host_keeps_its_uri() {
+        let t = Template::new(
+            Method::GET,
+            "https://10.0.0.1:15443/a".parse().unwrap(),
+            Version::HTTP_11,
+            headers(&[("host", "not a host")]),
+        );
+        assert_eq!(t.uri.to_string(), "https://10.0.0.1:15443/a");
+        assert!(!t.headers.contains_key(HOST));
+    }
+
+    #[test]
+    fn an_http2_template_is_taken_as_it_is() {
+        // The outbound's own form: the app's authority already in the URI.
+        let t = Template::new(
+            Method::PUT,
+            "https://api.demo/a/b?c".parse().unwrap(),
+            Version::HTTP_2,
+            headers(&[("content-type", "application/json")]),
+        );
+        assert_eq!(t.uri.to_string(), "https://api.demo/a/b?c");
+        assert_eq!(t.path(), "/a/b");
+        assert_eq!(t.headers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_template_makes_http2_requests_with_the_given_fields_and_body() {
+        let t = Template::new(
+            Method::POST,
+            "https://api.demo/admin".parse().unwrap(),
+            Version::HTTP_2,
+            headers(&[("content-type", "application/json")]),
+        );
+        let req = t.request(headers(&[("x-a", "1")]), &Bytes::from_static(b"{}"));
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.uri(), "https://api.demo/admin");
+        assert_eq!(req.version(), Version::HTTP_2);
+        // The fields given, not the template's: the signed copy is sent.
+        assert_eq!(req.headers().len(), 1);
+        assert_eq!(req.headers()["x-a"], "1");
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{}");
+        let empty = t.request(HeaderMap::new(), &Bytes::new());
+        assert!(empty.body().is_end_stream());
+    }
+
+    fn hook(w: &Workload) -> (OutboundStepUp, Metrics) {
+        let metrics = Metrics::new().unwrap();
+        let hook = OutboundStepUp::new(1024, w.store(), &metrics).unwrap();
+        (hook, metrics)
+    }
+
+    fn info(exporter: [u8; 32]) -> MeshConnInfo {
+        MeshConnInfo {
+            peer_id: workload("/ns/demo/sa/api").id,
+            exporter,
+            conn_id: 1,
+        }
+    }
+
+    /// An inbound verifier's challenge for `w`'s key on the connection
+    /// with `exporter`.
+    fn challenge(
+        v: &Verifier,
+        w: &Workload,
+        exporter: [u8; 32],
+    ) -> (Challenge, keyproof_stepup::Peer) {
+        let peer = keyproof_stepup::Peer::from_cert_der(w.leaf(), Some(exporter)).unwrap();
+        let ch = v
+            .challenge(&peer, "/admin", true, None, unix_now())
+            .unwrap();
+        let ch = Challenge::parse(ch.accept_signature.to_str().unwrap())
+            .unwrap()
+            .unwrap();
+        (ch, peer)
+    }
+
+    #[test]
+    fn what_the_outbound_signs_over_a_template_verifies_at_the_inbound() {
+        let web = workload("/ns/demo/sa/web");
+        let (hook, metrics) = hook(&web);
+        let v = Verifier::new(StepUpConfig::default()).unwrap();
+        let exporter = [3; 32];
+        let (ch, peer) = challenge(&v, &web, exporter);
+        let t = Template::new(
+            Method::POST,
+            "https://api.demo/admin/rotate?now=1".parse().unwrap(),
+            Version::HTTP_2,
+            headers(&[("content-type", "application/json")]),
+        );
+        let mut signed = t.headers.clone();
+        hook.sign(&ch, &t, &mut signed, b"{}", &info(exporter))
+            .unwrap();
+        // The request as the inbound receives it over HTTP/2.
+        let req = t.request(signed, &Bytes::from_static(b"{}"));
+        let view = RequestView::new(req.method(), req.uri(), req.headers());
+        let pending = v.begin(&peer, "/admin", &view, unix_now()).unwrap();
+        assert_eq!(pending.finish(b"{}"), keyproof_stepup::Outcome::Ok);
+        assert_eq!(
+            metric(&metrics, "keyproof_stepup_signatures_total{result=\"ok\"}"),
+            1.0
+        );
+    }
+
+    #[test]
+    fn a_challenge_for_another_key_is_not_signed() {
+        let (web, other) = (workload("/ns/demo/sa/web"), workload("/ns/demo/sa/web"));
+        let (hook, metrics) = hook(&web);
+        let v = Verifier::new(StepUpConfig::default()).unwrap();
+        let (ch, _) = challenge(&v, &other, [3; 32]);
+        let t = Template::new(
+            Method::GET,
+            "https://api.demo/admin".parse().unwrap(),
+            Version::HTTP_2,
+            HeaderMap::new(),
+        );
+        let mut h = HeaderMap::new();
+        let r = hook.sign(&ch, &t, &mut h, b"", &info([3; 32]));
+        assert_eq!(r, Err(SignResult::KeyidMismatch));
+        assert!(h.is_empty());
+        assert_eq!(
+            metric(
+                &metrics,
+                "keyproof_stepup_signatures_total{result=\"keyid_mismatch\"}"
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn after_a_reload_the_new_key_signs_and_the_old_one_still_answers_for_old_connections() {
+        let (first, second) = (workload("/ns/demo/sa/web"), workload("/ns/demo/sa/web"));
+        let (hook, _m) = hook(&first);
+        let v = Verifier::new(StepUpConfig::default()).unwrap();
+        let (old_ch, _) = challenge(&v, &first, [3; 32]);
+        let old_keyid = hook.current_signer().unwrap().keyid().to_owned();
+        assert_eq!(old_keyid, old_ch.keyid);
+        hook.store.replace(second.identity());
+        let (new_ch, _) = challenge(&v, &second, [3; 32]);
+        assert_eq!(hook.current_signer().unwrap().keyid(), new_ch.keyid);
+        assert_ne!(new_ch.keyid, old_keyid);
+        assert_eq!(
+            hook.signer_for_challenge(&old_ch).unwrap().keyid(),
+            old_keyid
+        );
+        assert_eq!(
+            hook.signer_for_challenge(&new_ch).unwrap().keyid(),
+            new_ch.keyid
+        );
+    }
+
+    #[test]
+    fn signers_are_built_from_pkcs8_and_sec1_keys_with_the_leafs_keyid() {
+        use aws_lc_rs::encoding::AsDer;
+        use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let p256 = workload("/ns/demo/sa/web");
+        let ed = workload_with("/ns/demo/sa/ed", KeyType::Ed25519);
+        let keyid = |w: &Workload| PeerKey::from_cert_der(w.leaf()).unwrap().keyid().to_owned();
+        let s = signer_for(&p256.identity()).unwrap();
+        assert_eq!(s.keyid(), keyid(&p256));
+        let s = signer_for(&ed.identity()).unwrap();
+        assert_eq!(s.keyid(), keyid(&ed));
+        assert_eq!(s.alg().name(), "ed25519");
+        // The same P-256 key as SEC1 (`BEGIN EC PRIVATE KEY`).
+        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &p256.pkcs8).unwrap();
+        let sec1 = kp.private_key().as_der().unwrap();
+        let identity = p256.identity_with_key(PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(
+            sec1.as_ref().to_vec(),
+        )));
+        let s = signer_for(&identity).unwrap();
+        assert_eq!(s.keyid(), keyid(&p256));
+    }
+}
