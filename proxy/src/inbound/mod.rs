@@ -472,8 +472,9 @@ pub(crate) mod testing {
     use keyproof_ca::ca::InitOptions;
     use keyproof_ca::csr::SubjectKey;
     use keyproof_ca::issue::IssueRequest;
-    use keyproof_ca::keys::KeyType;
-    use keyproof_ca::{Ca, SpiffeId, TrustDomain, Usage};
+    use keyproof_ca::Ca;
+    use keyproof_identity::keys::KeyType;
+    use keyproof_identity::{SpiffeId, TrustDomain, Usage};
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::sync::oneshot;

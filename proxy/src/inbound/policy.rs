@@ -41,9 +41,10 @@ pub struct Policy {
     default_denied: IntCounter,
 }
 
-/// Segment-aware prefix match: `/admin` matches `/admin`, `/admin/x` and
-/// `/admin?q`, never `/administrator` (a plain string prefix would let a
-/// route's rule leak onto unrelated paths).
+/// Segment-aware prefix match: `/admin` matches `/admin` and `/admin/x`,
+/// never `/administrator` (a plain string prefix would let a route's rule
+/// leak onto unrelated paths). `path` is the normalized path without its
+/// query.
 fn path_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         None => false,

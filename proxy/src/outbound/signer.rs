@@ -486,7 +486,7 @@ mod tests {
     use http::header::CONTENT_TYPE;
     use http_body::Body as _;
     use http_body_util::BodyExt;
-    use keyproof_ca::keys::KeyType;
+    use keyproof_identity::keys::KeyType;
     use keyproof_stepup::{PeerKey, StepUpConfig, Verifier};
     use rustls_pki_types::{PrivateKeyDer, PrivateSec1KeyDer};
 
