@@ -571,3 +571,30 @@ impl SignerMetrics {
         }
     }
 }
+
+/// The value of one sample of `name` with exactly these labels in the
+/// exposition `text` (`None` when there is no such sample).
+#[cfg(test)]
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, got) = match series.split_once('{') {
+                Some((m, rest)) => {
+                    let mut got: Vec<String> = rest
+                        .strip_suffix('}')?
+                        .split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    got.sort();
+                    (m, got)
+                }
+                None => (series, Vec::new()),
+            };
+            (metric == name && got == want).then(|| value.parse().ok())?
+        })
+}
