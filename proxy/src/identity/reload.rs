@@ -215,7 +215,7 @@ mod tests {
     const SETTLE: Duration = Duration::from_millis(150);
 
     struct Setup {
-        pki: Pki,
+        pki: &'static Pki,
         _dir: tempfile::TempDir,
         files: IdentityFiles,
         store: Arc<IdentityStore>,
@@ -226,7 +226,7 @@ mod tests {
     impl Setup {
         /// Files holding an identity for API, and a store holding the same.
         fn new(settle_for: Duration) -> Setup {
-            let pki = Pki::new(TD);
+            let pki = Pki::shared(TD);
             let dir = tempfile::tempdir().expect("temp dir");
             let files = IdentityFiles {
                 cert: dir.path().join("tls.crt"),
@@ -358,7 +358,7 @@ mod tests {
                 write(&s.files, &Pki::new(TD).issue(API), &s.pki.bundle_pem());
             }),
             ("foreign_trust_domain", |s| {
-                let other = Pki::new("other.keyproof.test");
+                let other = Pki::shared("other.keyproof.test");
                 write(&s.files, &other.issue(API), &other.bundle_pem());
             }),
             ("id_changed", |s| {

@@ -254,7 +254,7 @@ mod tests {
 
     #[test]
     fn the_bootstrap_trust_is_the_bundle_file_for_the_trust_domain_of_the_id() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("bundle.pem"), pki.bundle_pem()).expect("bundle");
         let (identity, cfg) = ca_config(dir.path(), "https://ca.svc:8443");
@@ -302,13 +302,13 @@ mod tests {
 
     #[test]
     fn an_issued_identity_is_installed_and_the_ca_is_then_trusted_by_its_bundle() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let next_root = Pki::new(TD);
         let dir = tempfile::tempdir().expect("temp dir");
-        let (h, store, metrics) = handler(&pki, dir.path());
+        let (h, store, metrics) = handler(pki, dir.path());
         assert!(h.current().is_none());
         let bundle = [pki.roots(), next_root.roots()].concat();
-        h.install(new_identity(&pki, API, bundle.clone()))
+        h.install(new_identity(pki, API, bundle.clone()))
             .expect("installed");
         let held = store.current();
         assert_eq!(held.id, pki.id(API));
@@ -321,15 +321,15 @@ mod tests {
 
     #[test]
     fn an_issued_identity_that_fails_the_checks_is_refused_with_its_reason() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let dir = tempfile::tempdir().expect("temp dir");
-        let (h, store, _) = handler(&pki, dir.path());
+        let (h, store, _) = handler(pki, dir.path());
         let before = h.ca_trust.load_full();
-        let other = Pki::new("other.keyproof.test");
+        let other = Pki::shared("other.keyproof.test");
         for (id, want) in [
-            (new_identity(&pki, WEB, pki.roots()), "(id_changed)"),
+            (new_identity(pki, WEB, pki.roots()), "(id_changed)"),
             (
-                new_identity(&other, API, other.roots()),
+                new_identity(other, API, other.roots()),
                 "(foreign_trust_domain)",
             ),
             (
@@ -346,14 +346,14 @@ mod tests {
 
     #[test]
     fn a_refreshed_bundle_must_still_trust_our_certificate() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let next_root = Pki::new(TD);
         let dir = tempfile::tempdir().expect("temp dir");
-        let (h, store, _) = handler(&pki, dir.path());
+        let (h, store, _) = handler(pki, dir.path());
         let e = h.install_bundle(pki.roots()).unwrap_err();
         assert!(e.contains("no identity"), "{e}");
 
-        h.install(new_identity(&pki, API, pki.roots()))
+        h.install(new_identity(pki, API, pki.roots()))
             .expect("installed");
         let held = store.current();
         // Only the new root: our own leaf would not verify; kept as is.
@@ -384,9 +384,9 @@ mod tests {
 
     #[test]
     fn renewer_events_are_counted_under_the_renewal_results() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let dir = tempfile::tempdir().expect("temp dir");
-        let (h, _, metrics) = handler(&pki, dir.path());
+        let (h, _, metrics) = handler(pki, dir.path());
         for r in RENEWAL_RESULTS {
             assert_eq!(renewals(&metrics, r), 0.0, "{r} not exported at 0");
         }
@@ -421,7 +421,7 @@ mod tests {
     }
 
     async fn first_failure(dir: &Path, url: &str, want: &str) {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         std::fs::write(dir.join("bundle.pem"), pki.bundle_pem()).expect("bundle");
         let (identity, cfg) = ca_config(dir, url);
         let metrics = Metrics::new().expect("metrics");

@@ -697,7 +697,7 @@ impl PeerIdentity {
 /// one at a time.
 #[cfg(test)]
 pub(crate) mod test_pki {
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex, PoisonError};
     use std::time::Duration;
 
     use aws_lc_rs::signature::{
@@ -838,7 +838,6 @@ pub(crate) mod test_pki {
 
     /// A trust domain: root, intermediate, and what they issue.
     pub(crate) struct Pki {
-        _dir: tempfile::TempDir,
         pub(crate) ca: Ca,
         pub(crate) td: String,
         int_key: EcdsaKeyPair,
@@ -846,6 +845,21 @@ pub(crate) mod test_pki {
     }
 
     impl Pki {
+        /// One trust domain per name for the whole test run, for tests that
+        /// need *a* trust domain rather than a new one (creating one costs
+        /// tens of milliseconds).
+        pub(crate) fn shared(td: &str) -> &'static Pki {
+            static ALL: Mutex<Vec<&'static Pki>> = Mutex::new(Vec::new());
+            let mut all = ALL.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(p) = all.iter().find(|p| p.td == td) {
+                return p;
+            }
+            let p: &'static Pki = Box::leak(Box::new(Pki::new(td)));
+            all.push(p);
+            p
+        }
+
+        /// A new trust domain (its own root) named `td`.
         pub(crate) fn new(td: &str) -> Pki {
             let dir = tempfile::tempdir().expect("temp dir");
             let ca = Ca::init(
@@ -867,8 +881,9 @@ pub(crate) mod test_pki {
             let (_, parsed) =
                 x509_parser::parse_x509_certificate(ca.intermediate()).expect("intermediate");
             let int_subject = parsed.subject().as_raw().to_vec();
+            // `Ca::sign` works from memory: the directory can go now.
+            drop(dir);
             Pki {
-                _dir: dir,
                 ca,
                 td: td.to_owned(),
                 int_key,
@@ -1022,7 +1037,7 @@ mod tests {
 
     #[test]
     fn a_valid_chain_key_and_bundle_make_an_identity() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let s = pki.issue(API);
         let leaf = s.chain[0].clone();
         let digest = material_digest(&s.chain, &s.key, &pki.roots());
@@ -1059,7 +1074,7 @@ mod tests {
 
     #[test]
     fn identity_debug_never_shows_the_key() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let s = pki.issue(API);
         let key_hex = hex::encode(s.key.secret_der());
         let id = from_svid(s, pki.roots(), BOTH).expect("identity");
@@ -1071,7 +1086,7 @@ mod tests {
 
     #[test]
     fn a_key_that_does_not_match_the_leaf_is_key_mismatch() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let a = pki.issue(API);
         let b = pki.issue(API);
         let e = refused(Identity::from_parts(
@@ -1087,7 +1102,7 @@ mod tests {
 
     #[test]
     fn an_expired_leaf_is_refused_as_expired() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let leaf = Leaf {
             not_before: -7200,
             not_after: -3600,
@@ -1103,7 +1118,7 @@ mod tests {
 
     #[test]
     fn a_leaf_not_yet_valid_is_refused_as_not_yet_valid() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let leaf = Leaf {
             not_before: 3600,
             not_after: 7200,
@@ -1120,7 +1135,7 @@ mod tests {
     #[test]
     fn the_crafted_default_leaf_is_valid() {
         // The refusals above and below differ from this leaf in one field.
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let id = from_svid(pki.craft(API, Leaf::default()), pki.roots(), BOTH)
             .expect("crafted valid leaf");
         assert_eq!(id.id, pki.id(API));
@@ -1128,7 +1143,7 @@ mod tests {
 
     #[test]
     fn a_chain_to_another_root_is_unknown_ca() {
-        let ours = Pki::new(TD);
+        let ours = Pki::shared(TD);
         let theirs = Pki::new(TD);
         let e = refused(from_svid(theirs.issue(API), ours.roots(), BOTH));
         assert!(
@@ -1140,8 +1155,8 @@ mod tests {
 
     #[test]
     fn a_leaf_of_another_trust_domain_than_expected_is_foreign_trust_domain() {
-        let ours = Pki::new(TD);
-        let other = Pki::new("other.keyproof.test");
+        let ours = Pki::shared(TD);
+        let other = Pki::shared("other.keyproof.test");
         let s = other.issue(API);
         let e = refused(Identity::from_parts(
             s.chain,
@@ -1162,7 +1177,7 @@ mod tests {
 
     #[test]
     fn another_workload_of_the_trust_domain_is_id_changed() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let s = pki.issue(WEB);
         let e = refused(Identity::from_parts(
             s.chain,
@@ -1183,7 +1198,7 @@ mod tests {
 
     #[test]
     fn a_ca_certificate_as_leaf_is_refused_as_invalid() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let leaf = Leaf {
             ca: true,
             ..Leaf::default()
@@ -1203,12 +1218,12 @@ mod tests {
         // The X.509-SVID rules want serverAuth and clientAuth together (when
         // the extension is there), so a server-only leaf is refused even
         // where only the server usage is asked for.
-        let pki = Pki::new(TD);
-        for (eku, missing) in [
-            (&[SERVER_AUTH][..], SvidError::EkuNoClientAuth),
-            (&[CLIENT_AUTH][..], SvidError::EkuNoServerAuth),
-        ] {
-            let eku: &'static [&'static [u8]] = Box::leak(eku.to_vec().into_boxed_slice());
+        let pki = Pki::shared(TD);
+        let cases: [(&'static [&'static [u8]], SvidError); 2] = [
+            (&[SERVER_AUTH], SvidError::EkuNoClientAuth),
+            (&[CLIENT_AUTH], SvidError::EkuNoServerAuth),
+        ];
+        for (eku, missing) in cases {
             for usages in [&[Usage::ServerAuth][..], &[Usage::ClientAuth][..], BOTH] {
                 let leaf = Leaf {
                     eku: Some(eku),
@@ -1228,7 +1243,7 @@ mod tests {
 
     #[test]
     fn a_leaf_without_extended_key_usage_serves_both_usages() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let leaf = Leaf {
             eku: None,
             ..Leaf::default()
@@ -1238,7 +1253,7 @@ mod tests {
 
     #[test]
     fn a_leaf_whose_key_usage_lacks_digital_signature_is_refused() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let leaf = Leaf {
             key_usage: KEY_ENCIPHERMENT,
             ..Leaf::default()
@@ -1258,7 +1273,7 @@ mod tests {
 
     #[test]
     fn a_leaf_with_a_p384_key_is_refused() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let leaf = Leaf {
             p384: true,
             ..Leaf::default()
@@ -1273,7 +1288,7 @@ mod tests {
 
     #[test]
     fn an_empty_chain_or_bundle_is_invalid() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let s = pki.issue(API);
         let e = refused(Identity::from_parts(
             s.chain.clone(),
@@ -1297,7 +1312,7 @@ mod tests {
 
     #[test]
     fn parse_pem_says_which_part_is_unreadable() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let s = pki.issue(API);
         let (cert, key, bundle) = (s.chain_pem(), s.key_pem(), pki.bundle_pem());
         let (chain, k, roots) =
@@ -1370,7 +1385,7 @@ mod tests {
 
     #[test]
     fn load_reads_valid_files() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let dir = tempfile::tempdir().expect("temp dir");
         let s = pki.issue(API);
         write_files(dir.path(), &s.chain_pem(), &s.key_pem(), &pki.bundle_pem());
@@ -1381,7 +1396,7 @@ mod tests {
 
     #[test]
     fn load_names_the_configuration_key_of_each_problem() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let s = pki.issue(API);
         let other = pki.issue(API);
         let expired = pki.craft(
@@ -1489,7 +1504,7 @@ mod tests {
 
     #[test]
     fn replace_swaps_the_certificate_and_the_verifier_in_use() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let other = Pki::new(TD);
         let store = IdentityStore::new(pki.identity(API));
         let first = store.current();
@@ -1520,7 +1535,7 @@ mod tests {
 
     #[test]
     fn an_empty_store_presents_nothing_and_refuses_peers_as_protocol() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let store = IdentityStore::empty();
         assert!(store.get().is_none());
         assert!(resolver(&store).is_none());
@@ -1537,7 +1552,7 @@ mod tests {
 
     #[tokio::test]
     async fn wait_held_resolves_once_an_identity_is_installed() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let store = IdentityStore::empty();
         let waiter = tokio::spawn({
             let store = store.clone();
@@ -1566,7 +1581,7 @@ mod tests {
 
     #[test]
     fn peer_identity_from_certs_names_the_leaf() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let s = pki.issue(WEB);
         let p = PeerIdentity::from_certs(Some(&s.chain)).expect("peer");
         assert_eq!(p.id, pki.id(WEB));
@@ -1579,7 +1594,7 @@ mod tests {
 
     #[test]
     fn peer_identity_from_certs_is_none_without_a_usable_leaf() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         assert!(PeerIdentity::from_certs(None).is_none());
         assert!(PeerIdentity::from_certs(Some(&[])).is_none());
         let junk = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])];
@@ -1597,7 +1612,7 @@ mod tests {
 
     #[test]
     fn classify_maps_each_refusal_to_its_handshake_label() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let store = IdentityStore::new(pki.identity(API));
         let policy = StorePolicy(store);
         let leaf = pki.issue(WEB).chain.remove(0);
@@ -1760,7 +1775,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replaced_identity_is_presented_in_the_next_handshake() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let server = IdentityStore::new(pki.identity(API));
         let client = IdentityStore::new(pki.identity(WEB));
         let cfg = server_config(&server).expect("server config");
@@ -1784,7 +1799,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_verifiers_use_the_bundle_of_the_replaced_identity() {
-        let pki = Pki::new(TD);
+        let pki = Pki::shared(TD);
         let newer = Pki::new(TD);
         let server = IdentityStore::new(pki.identity(API));
         // The caller's certificate comes from a second root of the trust
@@ -1814,8 +1829,8 @@ mod tests {
 
     #[tokio::test]
     async fn handshake_failures_are_classified_by_what_the_peer_got_wrong() {
-        let pki = Pki::new(TD);
-        let other_td = Pki::new("other.keyproof.test");
+        let pki = Pki::shared(TD);
+        let other_td = Pki::shared("other.keyproof.test");
         let s = pki.issue(API);
         let server = IdentityStore::new(
             Identity::from_parts(
