@@ -111,3 +111,221 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::identity::store::test_pki::Pki;
+    use crate::metrics::sample;
+
+    const TD: &str = "admin.keyproof.test";
+    const API: &str = "/ns/demo/sa/api";
+
+    struct Admin {
+        addr: SocketAddr,
+        state: Arc<AdminState>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn start(store: Arc<IdentityStore>) -> Admin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(AdminState {
+            metrics: Metrics::new().expect("metrics"),
+            store,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        });
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, state.clone(), rx));
+        Admin {
+            addr,
+            state,
+            stop,
+            task,
+        }
+    }
+
+    struct Reply {
+        status: u16,
+        head: String,
+        body: String,
+    }
+
+    async fn request(addr: SocketAddr, method: &str, path: &str) -> Reply {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut raw))
+            .await
+            .expect("no response")
+            .expect("read");
+        let raw = String::from_utf8(raw).expect("UTF-8 response");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a head");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        Reply {
+            status,
+            head: head.to_ascii_lowercase(),
+            body: body.to_owned(),
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> Reply {
+        request(addr, "GET", path).await
+    }
+
+    #[tokio::test]
+    async fn ready_is_503_until_ready_and_again_while_draining() {
+        let pki = Pki::shared(TD);
+        let store = IdentityStore::empty();
+        let admin = start(store.clone()).await;
+        let r = get(admin.addr, "/ready").await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (503, "waiting for the first certificate\n")
+        );
+        // Marked ready before a certificate is held: still not ready.
+        admin.state.ready.store(true, Ordering::Release);
+        assert_eq!(get(admin.addr, "/ready").await.status, 503);
+        admin.state.ready.store(false, Ordering::Release);
+        store.replace(pki.identity(API));
+        let r = get(admin.addr, "/ready").await;
+        assert_eq!((r.status, r.body.as_str()), (503, "starting\n"));
+        admin.state.ready.store(true, Ordering::Release);
+        let r = get(admin.addr, "/ready").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+        admin.state.draining.store(true, Ordering::Release);
+        let r = get(admin.addr, "/ready").await;
+        assert_eq!((r.status, r.body.as_str()), (503, "draining\n"));
+        // Liveness is not readiness.
+        let r = get(admin.addr, "/live").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "live\n"));
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_prometheus_text_with_the_certificate_gauges() {
+        let pki = Pki::shared(TD);
+        let id = pki.identity(API);
+        let (not_before, not_after) = (id.not_before, id.not_after);
+        let admin = start(IdentityStore::new(id)).await;
+        admin.state.metrics.inbound.handshake("expired");
+        let r = get(admin.addr, "/metrics").await;
+        assert_eq!(r.status, 200);
+        assert!(
+            r.head
+                .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{}",
+            r.head
+        );
+        let value = |name: &str, labels: &[(&str, &str)]| sample(&r.body, name, labels);
+        assert_eq!(
+            value(
+                "keyproof_tls_handshakes_total",
+                &[("direction", "inbound"), ("result", "expired")]
+            ),
+            Some(1.0)
+        );
+        // The gauges follow the identity held at scrape time.
+        assert_eq!(
+            value("keyproof_identity_cert_expiry_timestamp_seconds", &[]),
+            Some(not_after as f64)
+        );
+        assert_eq!(
+            value("keyproof_identity_cert_issued_timestamp_seconds", &[]),
+            Some(not_before as f64)
+        );
+    }
+
+    #[tokio::test]
+    async fn identity_shows_the_certificate_in_use_or_503_before_one() {
+        let pki = Pki::shared(TD);
+        let store = IdentityStore::empty();
+        let admin = start(store.clone()).await;
+        let r = get(admin.addr, "/identity").await;
+        assert_eq!(r.status, 503);
+        assert!(
+            r.head.contains("content-type: application/json"),
+            "{}",
+            r.head
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        assert_eq!(json["error"], "no certificate held yet");
+
+        store.replace(pki.identity(API));
+        let held = store.current();
+        let r = get(admin.addr, "/identity").await;
+        assert_eq!(r.status, 200);
+        assert!(
+            r.head.contains("content-type: application/json"),
+            "{}",
+            r.head
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        assert_eq!(json, held.to_json());
+        assert_eq!(json["spiffe_id"], pki.id(API).as_str());
+        assert_eq!(json["serial"], held.serial.as_str());
+        assert_eq!(json["trust_domain"], TD);
+        assert_eq!(json["not_after_unix"], held.not_after);
+        assert_eq!(json["chain"].as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            json["trust_roots"][0]["sha256"],
+            keyproof_ca::keys::fingerprint(&pki.roots()[0])
+        );
+        // Nothing of the key.
+        assert!(
+            !r.body.to_ascii_lowercase().contains("private"),
+            "{}",
+            r.body
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404_and_other_methods_405() {
+        let pki = Pki::shared(TD);
+        let admin = start(IdentityStore::new(pki.identity(API))).await;
+        admin.state.ready.store(true, Ordering::Release);
+        for path in ["/", "/metricsx", "/ready/", "/identity/x"] {
+            let r = get(admin.addr, path).await;
+            assert_eq!(r.status, 404, "{path}");
+            assert_eq!(
+                r.body, "try /metrics, /ready, /live or /identity\n",
+                "{path}"
+            );
+        }
+        for method in ["POST", "PUT", "DELETE"] {
+            let r = request(admin.addr, method, "/ready").await;
+            assert_eq!((r.status, r.body.as_str()), (405, "use GET\n"), "{method}");
+        }
+        // HEAD is answered like GET, without a body.
+        let r = request(admin.addr, "HEAD", "/ready").await;
+        assert_eq!((r.status, r.body.as_str()), (200, ""));
+        // The query string is not part of the path.
+        assert_eq!(get(admin.addr, "/ready?verbose=1").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn the_stop_flag_ends_the_admin_listener() {
+        let admin = start(IdentityStore::empty()).await;
+        admin.stop.send(true).expect("listening");
+        tokio::time::timeout(Duration::from_secs(2), admin.task)
+            .await
+            .expect("admin listener did not stop")
+            .expect("task");
+        assert!(tokio::net::TcpStream::connect(admin.addr).await.is_err());
+    }
+}

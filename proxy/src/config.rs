@@ -1231,4 +1231,674 @@ mod tests {
         .to_string();
         assert!(e.contains("max_handshakes"), "{e}");
     }
+
+    // ---- every validation error names its key --------------------------
+
+    const IN: &str = "[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n";
+    const OUT: &str = "[outbound]\nlisten = \"127.0.0.1:3\"\n";
+
+    /// `[inbound]` with `extra` keys in it (and after it, tables).
+    fn inb(extra: &str) -> String {
+        format!("{BASE}{IN}{extra}")
+    }
+
+    /// `[outbound]` with `extra` keys in it (and after it, tables).
+    fn outb(extra: &str) -> String {
+        format!("{BASE}{OUT}{extra}")
+    }
+
+    /// File-based identity with `extra` keys in `[identity]`.
+    fn files_identity(extra: &str) -> String {
+        format!("[identity]\ntrust_bundle = \"ca.crt\"\n{extra}[identity.files]\ncert = \"c\"\nkey = \"k\"\n{OUT}")
+    }
+
+    /// `[identity.ca]` with `extra` keys in it.
+    fn ca(extra: &str) -> String {
+        format!("[identity]\ntrust_bundle = \"ca.crt\"\n[identity.ca]\nurl = \"https://ca.svc:8443\"\nspiffe_id = \"spiffe://td/ns/a/sa/b\"\njoin_token_file = \"t\"\n{extra}{OUT}")
+    }
+
+    fn route(extra: &str) -> String {
+        inb(&format!(
+            "[[inbound.routes]]\npath_prefix = \"/a\"\n{extra}"
+        ))
+    }
+
+    fn upstream(host: &str, address: &str, identity: &str) -> String {
+        format!("[[outbound.upstreams]]\nhost = \"{host}\"\naddress = \"{address}\"\nidentity = \"{identity}\"\n")
+    }
+
+    fn invalid_key(text: &str) -> (String, String) {
+        match Config::parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(ConfigError::Invalid { key, msg }) => (key, msg),
+            Err(other) => panic!("not a validation error ({other}):\n{text}"),
+        }
+    }
+
+    #[test]
+    fn every_validation_error_names_its_key() {
+        let id = "spiffe://td/ns/a/sa/b";
+        let mut cases: Vec<(String, String)> = [
+            // [identity]
+            (
+                BASE.replace("[identity.files]\ncert = \"c\"\nkey = \"k\"\n", "") + OUT,
+                "identity.files",
+            ),
+            (
+                ca("").replace(
+                    "[outbound]",
+                    "[identity.files]\ncert = \"c\"\nkey = \"k\"\n[outbound]",
+                ),
+                "identity.ca",
+            ),
+            (
+                files_identity("reload_interval = \"50ms\"\n"),
+                "identity.reload_interval",
+            ),
+            (
+                files_identity("reload_interval = \"soon\"\n"),
+                "identity.reload_interval",
+            ),
+            // [identity.ca]
+            (
+                ca("").replace("https://ca.svc:8443", "http://ca.svc:8443"),
+                "identity.ca.url",
+            ),
+            (
+                ca("").replace("https://ca.svc:8443", "https://ca.svc"),
+                "identity.ca.url",
+            ),
+            (
+                ca("").replace("https://ca.svc:8443", "https://ca_svc:8443"),
+                "identity.ca.url",
+            ),
+            (ca("").replace(id, "https://td/a"), "identity.ca.spiffe_id"),
+            (ca("server_id = \"ca\"\n"), "identity.ca.server_id"),
+            (ca("key_type = \"rsa\"\n"), "identity.ca.key_type"),
+            (
+                ca("bundle_refresh = \"500ms\"\n"),
+                "identity.ca.bundle_refresh",
+            ),
+            (
+                ca("bundle_refresh = \"often\"\n"),
+                "identity.ca.bundle_refresh",
+            ),
+            // nothing to do
+            (BASE.to_owned(), "inbound"),
+            // [inbound]
+            (inb("").replace("127.0.0.1:1", "nope"), "inbound.listen"),
+            (
+                inb("").replace("127.0.0.1:1", "localhost:1"),
+                "inbound.listen",
+            ),
+            (inb("").replace("127.0.0.1:2", "127.0.0.1"), "inbound.app"),
+            (inb("").replace("127.0.0.1:2", "app:0"), "inbound.app"),
+            (inb("").replace("127.0.0.1:2", "app:65536"), "inbound.app"),
+            (inb("").replace("127.0.0.1:2", "app_1:80"), "inbound.app"),
+            (inb("").replace("127.0.0.1:2", ":80"), "inbound.app"),
+            (
+                inb("").replace("127.0.0.1:2", "http://app:80"),
+                "inbound.app",
+            ),
+            (
+                inb("default_policy = \"allow\"\n"),
+                "inbound.default_policy",
+            ),
+            (inb("app_protocol = \"h3\"\n"), "inbound.app_protocol"),
+            (
+                inb("path_normalization = \"none\"\n"),
+                "inbound.path_normalization",
+            ),
+            (
+                inb("headers_with_underscores = \"strip\"\n"),
+                "inbound.headers_with_underscores",
+            ),
+            (
+                inb("max_app_connections = 0\n"),
+                "inbound.max_app_connections",
+            ),
+            (
+                inb("max_app_connections = 1048577\n"),
+                "inbound.max_app_connections",
+            ),
+            (
+                inb("app_connect_timeout = \"2\"\n"),
+                "inbound.app_connect_timeout",
+            ),
+            (
+                inb("app_pool_idle_timeout = \"4 s\"\n"),
+                "inbound.app_pool_idle_timeout",
+            ),
+            // [[inbound.routes]]
+            (
+                route("").replace("\"/a\"", "\"a\""),
+                "inbound.routes[0].path_prefix",
+            ),
+            (
+                route("[[inbound.routes]]\npath_prefix = \"/b/../c\"\n"),
+                "inbound.routes[1].path_prefix",
+            ),
+            (
+                route("methods = [\"GET\", \"GE T\"]\n"),
+                "inbound.routes[0].methods[1]",
+            ),
+            (route("methods = [\"\"]\n"), "inbound.routes[0].methods[0]"),
+            (
+                route("allow = [\"spiffe://td/x\", \"spiffe://td/y\", \"td/z\"]\n"),
+                "inbound.routes[0].allow[2]",
+            ),
+            // [inbound.stepup]
+            (
+                inb("[inbound.stepup]\nnonce_ttl = \"0s\"\n"),
+                "inbound.stepup.nonce_ttl",
+            ),
+            (
+                inb("[inbound.stepup]\nnonce_ttl = \"x\"\n"),
+                "inbound.stepup.nonce_ttl",
+            ),
+            (
+                inb("[inbound.stepup]\nmax_clock_skew = \"x\"\n"),
+                "inbound.stepup.max_clock_skew",
+            ),
+            (
+                inb("[inbound.stepup]\nmax_outstanding = 0\n"),
+                "inbound.stepup.max_outstanding",
+            ),
+            (
+                inb("[inbound.stepup]\nmax_outstanding_per_peer = 0\n"),
+                "inbound.stepup.max_outstanding_per_peer",
+            ),
+            (
+                inb("[inbound.stepup]\nmax_outstanding = 2\nmax_outstanding_per_peer = 3\n"),
+                "inbound.stepup.max_outstanding_per_peer",
+            ),
+            // [outbound]
+            (outb("").replace("127.0.0.1:3", "3"), "outbound.listen"),
+            (
+                outb("connect_timeout = \"5\"\n"),
+                "outbound.connect_timeout",
+            ),
+            (
+                outb("pool_idle_timeout = \"x\"\n"),
+                "outbound.pool_idle_timeout",
+            ),
+            (
+                outb("path_normalization = \"none\"\n"),
+                "outbound.path_normalization",
+            ),
+            // [[outbound.upstreams]]
+            (
+                outb(&upstream(" ", "api:443", id)),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&upstream("api/v1", "api:443", id)),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&(upstream("api", "api:443", id) + &upstream("API", "api:443", id))),
+                "outbound.upstreams[1].host",
+            ),
+            (
+                outb(&upstream("api", "api", id)),
+                "outbound.upstreams[0].address",
+            ),
+            (
+                outb(&upstream("api", "api:443", "api")),
+                "outbound.upstreams[0].identity",
+            ),
+            // [admin]
+            (
+                outb("[admin]\nlisten = \"localhost:9090\"\n"),
+                "admin.listen",
+            ),
+            // [runtime]
+            (
+                outb("[runtime]\nworker_threads = 0\n"),
+                "runtime.worker_threads",
+            ),
+            (
+                outb("[runtime]\nworker_threads = 1025\n"),
+                "runtime.worker_threads",
+            ),
+            (
+                outb("[runtime]\nlog_format = \"xml\"\n"),
+                "runtime.log_format",
+            ),
+            (
+                outb("[runtime]\nshutdown_grace = \"x\"\n"),
+                "runtime.shutdown_grace",
+            ),
+        ]
+        .into_iter()
+        .map(|(text, key): (String, &str)| (text, key.to_owned()))
+        .collect();
+
+        // The limits, in both directions.
+        for (dir, make) in [("inbound", inb as fn(&str) -> String), ("outbound", outb)] {
+            for (line, key) in [
+                ("max_header_bytes = 8191", "max_header_bytes"),
+                ("max_header_bytes = 16777217", "max_header_bytes"),
+                ("max_connections = 0", "max_connections"),
+                ("max_connections = 16777217", "max_connections"),
+                ("max_concurrent_streams = 0", "max_concurrent_streams"),
+                ("max_concurrent_streams = 10001", "max_concurrent_streams"),
+                ("handshake_timeout = \"0s\"", "handshake_timeout"),
+                ("handshake_timeout = \"10\"", "handshake_timeout"),
+                ("header_read_timeout = \"0ms\"", "header_read_timeout"),
+                ("idle_timeout = \"0s\"", "idle_timeout"),
+                ("idle_timeout = \"5 minutes\"", "idle_timeout"),
+                ("body_timeout = \"0s\"", "body_timeout"),
+            ] {
+                cases.push((make(&format!("{line}\n")), format!("{dir}.{key}")));
+            }
+        }
+        for (line, key) in [
+            ("max_handshakes = 0", "inbound.max_handshakes"),
+            ("max_handshakes = 1048577", "inbound.max_handshakes"),
+        ] {
+            cases.push((inb(&format!("{line}\n")), key.to_owned()));
+        }
+        for (text, want) in &cases {
+            let (key, msg) = invalid_key(text);
+            assert_eq!(&key, want, "{msg}\n{text}");
+            assert!(!msg.is_empty());
+            let shown = Config::parse(text).unwrap_err().to_string();
+            assert!(shown.starts_with(&format!("{want}: ")), "{shown}");
+        }
+    }
+
+    #[test]
+    #[ignore = "bug: [identity.ca] spiffe_id accepts a trust-domain ID without a path, which the CA never issues (bootstrap then fails forever as ca_refused)"]
+    fn a_ca_spiffe_id_without_a_workload_path_is_refused() {
+        let (key, msg) = invalid_key(&ca("").replace("spiffe://td/ns/a/sa/b", "spiffe://td"));
+        assert_eq!(key, "identity.ca.spiffe_id", "{msg}");
+    }
+
+    #[test]
+    fn the_limits_accept_their_bounds() {
+        for make in [inb as fn(&str) -> String, outb] {
+            for line in [
+                "max_header_bytes = 8192",
+                "max_header_bytes = 16777216",
+                "max_connections = 1",
+                "max_connections = 16777216",
+                "max_concurrent_streams = 1",
+                "max_concurrent_streams = 10000",
+                "idle_timeout = \"1ms\"",
+            ] {
+                let text = make(&format!("{line}\n"));
+                Config::parse(&text).unwrap_or_else(|e| panic!("{line}: {e}"));
+            }
+        }
+        for text in [
+            inb("max_handshakes = 1048576\nmax_app_connections = 1048576\n"),
+            inb("[inbound.stepup]\nmax_outstanding = 3\nmax_outstanding_per_peer = 3\n"),
+            inb("[inbound.stepup]\nmax_clock_skew = \"0s\"\n"),
+            files_identity("reload_interval = \"100ms\"\n"),
+            ca("bundle_refresh = \"1s\"\n"),
+            outb("[runtime]\nworker_threads = 1024\n"),
+        ] {
+            Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        }
+    }
+
+    fn parse_error(text: &str) -> String {
+        match Config::parse(text) {
+            Err(ConfigError::Parse(msg)) => msg,
+            Err(other) => panic!("not a parse error: {other}"),
+            Ok(_) => panic!("accepted:\n{text}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_in_every_table() {
+        let id = "spiffe://td/ns/a/sa/b";
+        for (text, unknown) in [
+            (format!("bogus_top = 1\n{BASE}{OUT}"), "bogus_top"),
+            (files_identity("bogus_identity = 1\n"), "bogus_identity"),
+            (format!("{BASE}bogus_files = 1\n{OUT}"), "bogus_files"),
+            (ca("bogus_ca = 1\n"), "bogus_ca"),
+            (inb("bogus_inbound = 1\n"), "bogus_inbound"),
+            (route("bogus_route = 1\n"), "bogus_route"),
+            (inb("[inbound.stepup]\nbogus_stepup = 1\n"), "bogus_stepup"),
+            (outb("bogus_outbound = 1\n"), "bogus_outbound"),
+            (
+                outb(&(upstream("api", "api:443", id) + "bogus_upstream = 1\n")),
+                "bogus_upstream",
+            ),
+            (
+                outb("[outbound.stepup]\nbogus_out_stepup = 1\n"),
+                "bogus_out_stepup",
+            ),
+            (
+                outb("[admin]\nlisten = \"127.0.0.1:9\"\nbogus_admin = 1\n"),
+                "bogus_admin",
+            ),
+            (outb("[runtime]\nbogus_runtime = 1\n"), "bogus_runtime"),
+            (outb("[bogus_table]\nx = 1\n"), "bogus_table"),
+            // Keys of the other direction are unknown here.
+            (outb("max_app_connections = 4\n"), "max_app_connections"),
+            (outb("[outbound.stepup]\nnonce_ttl = \"1s\"\n"), "nonce_ttl"),
+            (inb("connect_timeout = \"1s\"\n"), "connect_timeout"),
+        ] {
+            let msg = parse_error(&text);
+            assert!(msg.contains(unknown), "{unknown}: {msg}");
+            assert!(msg.contains("unknown"), "{unknown}: {msg}");
+        }
+    }
+
+    #[test]
+    fn missing_and_mistyped_keys_are_parse_errors_that_name_them() {
+        for (text, key) in [
+            (
+                format!("{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\n"),
+                "app",
+            ),
+            (
+                format!("[identity]\n[identity.files]\ncert = \"c\"\nkey = \"k\"\n{OUT}"),
+                "trust_bundle",
+            ),
+            (OUT.to_owned(), "identity"),
+            (outb("max_connections = \"10\"\n"), "max_connections"),
+            (route("step_up = \"yes\"\n"), "step_up"),
+            (inb("max_header_bytes = -1\n"), "max_header_bytes"),
+        ] {
+            let msg = parse_error(&text);
+            assert!(msg.contains(key), "{key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = Config::parse(&format!("{BASE}{IN}{OUT}")).expect("config");
+        assert_eq!(cfg.identity.trust_bundle, PathBuf::from("ca.crt"));
+        assert_eq!(cfg.identity.reload_interval, Duration::from_secs(10));
+        let IdentitySource::Files(f) = &cfg.identity.source else {
+            panic!("not files")
+        };
+        assert_eq!(
+            (f.cert.as_path(), f.key.as_path()),
+            (Path::new("c"), Path::new("k"))
+        );
+        assert!(cfg.admin.is_none());
+        assert_eq!(cfg.runtime.worker_threads, 1);
+        assert_eq!(cfg.runtime.log_format, LogFormat::Text);
+        assert_eq!(cfg.runtime.shutdown_grace, Duration::from_secs(30));
+
+        let i = cfg.inbound.expect("inbound");
+        assert_eq!(i.listen, "127.0.0.1:1".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(i.app, "127.0.0.1:2");
+        assert_eq!(i.default_policy, DefaultPolicy::AllowTrustDomain);
+        assert_eq!(i.app_protocol, AppProtocol::Auto);
+        assert_eq!(i.path_normalization, PathMode::Strict);
+        assert_eq!(i.app_connect_timeout, Duration::from_secs(2));
+        assert_eq!(i.app_pool_idle_timeout, Duration::from_secs(4));
+        assert_eq!(i.max_app_connections, 256);
+        assert_eq!(
+            i.headers_with_underscores,
+            crate::http::owned::Underscores::Allow
+        );
+        assert!(i.routes.is_empty());
+        let d = InboundStepUpConfig::default();
+        assert_eq!(i.stepup.nonce_ttl, Duration::from_secs(30));
+        assert_eq!(i.stepup.max_clock_skew, Duration::from_secs(60));
+        assert_eq!(i.stepup.max_body, 1 << 20);
+        assert_eq!(i.stepup.max_outstanding, 100_000);
+        assert_eq!(i.stepup.max_outstanding_per_peer, 64);
+        assert!(i.stepup.channel_binding);
+        assert_eq!(
+            (d.nonce_ttl, d.max_outstanding_per_peer),
+            (i.stepup.nonce_ttl, i.stepup.max_outstanding_per_peer)
+        );
+        let l = &i.limits;
+        assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(l.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(l.idle_timeout, Duration::from_secs(300));
+        assert_eq!(l.max_header_bytes, 64 * 1024);
+        assert_eq!(l.max_connections, 10_000);
+        assert_eq!(l.max_handshakes, 256);
+        assert_eq!(l.max_concurrent_streams, 100);
+        assert_eq!(l.body_timeout, Duration::from_secs(30));
+
+        let o = cfg.outbound.expect("outbound");
+        assert_eq!(o.listen, "127.0.0.1:3".parse::<SocketAddr>().expect("addr"));
+        assert!(o.upstreams.is_empty());
+        assert_eq!(o.connect_timeout, Duration::from_secs(5));
+        assert_eq!(o.pool_idle_timeout, Duration::from_secs(15));
+        assert_eq!(o.stepup_max_body, 1 << 20);
+        assert_eq!(o.path_normalization, PathMode::Strict);
+        let l = &o.limits;
+        assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+        // Longer than the app's own idle pools on the loopback side.
+        assert_eq!(l.header_read_timeout, Duration::from_secs(120));
+        assert_eq!(l.idle_timeout, Duration::from_secs(300));
+        assert_eq!(l.max_header_bytes, 64 * 1024);
+        assert_eq!(l.max_connections, 10_000);
+        assert_eq!(l.max_concurrent_streams, 100);
+        assert_eq!(l.body_timeout, Duration::from_secs(30));
+
+        // [inbound.stepup] present but empty: the same defaults.
+        let empty_stepup = Config::parse(&inb("[inbound.stepup]\n")).expect("config");
+        let s = empty_stepup.inbound.expect("inbound").stepup;
+        assert_eq!(
+            (
+                s.nonce_ttl,
+                s.max_clock_skew,
+                s.max_body,
+                s.max_outstanding,
+                s.max_outstanding_per_peer,
+                s.channel_binding
+            ),
+            (
+                d.nonce_ttl,
+                d.max_clock_skew,
+                d.max_body,
+                d.max_outstanding,
+                d.max_outstanding_per_peer,
+                d.channel_binding
+            )
+        );
+
+        let cfg = Config::parse(&ca("")).expect("config");
+        let IdentitySource::Ca(c) = cfg.identity.source else {
+            panic!("not ca")
+        };
+        assert_eq!(c.url, "https://ca.svc:8443");
+        assert_eq!(c.key_type, keyproof_ca::keys::KeyType::EcdsaP256);
+        assert_eq!(c.bundle_refresh, Duration::from_secs(300));
+        assert_eq!(c.server_id.to_string(), "spiffe://td/keyproof-ca");
+        assert_eq!(c.join_token_file, PathBuf::from("t"));
+    }
+
+    #[test]
+    fn values_are_normalized() {
+        let cfg = Config::parse(
+            &ca("key_type = \"ed25519\"\nserver_id = \"spiffe://td/ca/*\"\n")
+                .replace("https://ca.svc:8443", "https://ca.svc:8443/"),
+        )
+        .expect("config");
+        let IdentitySource::Ca(c) = cfg.identity.source else {
+            panic!("not ca")
+        };
+        assert_eq!(c.url, "https://ca.svc:8443");
+        assert_eq!(c.key_type, keyproof_ca::keys::KeyType::Ed25519);
+        assert_eq!(c.server_id.to_string(), "spiffe://td/ca/*");
+
+        let id = "spiffe://td/ns/a/sa/b";
+        let cfg = Config::parse(&outb(
+            &(upstream(" API.Demo ", "[::1]:443", id)
+                + &upstream("*", "10.0.0.1:443", "spiffe://td/ns/a/*")),
+        ))
+        .expect("config");
+        let o = cfg.outbound.expect("outbound");
+        assert_eq!(o.upstreams[0].host, "api.demo");
+        assert_eq!(o.upstreams[0].address, "[::1]:443");
+        assert_eq!(o.upstreams[0].identity.to_string(), id);
+        assert_eq!(o.upstreams[1].host, "*");
+
+        let cfg =
+            Config::parse(&route("methods = [\"get\", \"Post\", \"PURGE\"]\n")).expect("config");
+        let methods = &cfg.inbound.expect("inbound").routes[0].methods;
+        assert_eq!(
+            methods,
+            &[
+                http::Method::GET,
+                http::Method::POST,
+                http::Method::from_bytes(b"PURGE").expect("method")
+            ]
+        );
+
+        for (text, policy, proto) in [
+            (
+                inb("default_policy = \"deny\"\napp_protocol = \"http1\"\n"),
+                DefaultPolicy::Deny,
+                AppProtocol::Http1,
+            ),
+            (
+                inb("default_policy = \"allow-trust-domain\"\napp_protocol = \"h2\"\n"),
+                DefaultPolicy::AllowTrustDomain,
+                AppProtocol::H2,
+            ),
+            (
+                inb("app_protocol = \"auto\"\n"),
+                DefaultPolicy::AllowTrustDomain,
+                AppProtocol::Auto,
+            ),
+        ] {
+            let i = Config::parse(&text)
+                .expect("config")
+                .inbound
+                .expect("inbound");
+            assert_eq!((i.default_policy, i.app_protocol), (policy, proto));
+        }
+        let rt = Config::parse(&outb(
+            "[runtime]\nworker_threads = 4\nlog_format = \"json\"\n",
+        ))
+        .expect("config")
+        .runtime;
+        assert_eq!((rt.worker_threads, rt.log_format), (4, LogFormat::Json));
+        let admin = Config::parse(&outb("[admin]\nlisten = \"[::1]:9090\"\n"))
+            .expect("config")
+            .admin;
+        assert_eq!(
+            admin.expect("admin").listen,
+            "[::1]:9090".parse::<SocketAddr>().expect("addr")
+        );
+    }
+
+    #[test]
+    fn path_normalization_values_in_both_directions() {
+        for (value, mode) in [
+            ("strict", PathMode::Strict),
+            ("keep-slashes", PathMode::KeepSlashes),
+        ] {
+            let line = format!("path_normalization = \"{value}\"\n");
+            let cfg = Config::parse(&format!("{BASE}{IN}{line}{OUT}{line}")).expect("config");
+            assert_eq!(
+                cfg.inbound.expect("inbound").path_normalization,
+                mode,
+                "{value}"
+            );
+            assert_eq!(
+                cfg.outbound.expect("outbound").path_normalization,
+                mode,
+                "{value}"
+            );
+        }
+        // Names are exact: no other spelling, no case folding.
+        for value in [
+            "Strict",
+            "keep_slashes",
+            "keepslashes",
+            "",
+            "off",
+            "merge-slashes",
+        ] {
+            let line = format!("path_normalization = \"{value}\"\n");
+            let (key, msg) = invalid_key(&inb(&line));
+            assert_eq!(key, "inbound.path_normalization", "{value}");
+            assert!(msg.contains("\"strict\" or \"keep-slashes\""), "{msg}");
+            let (key, _) = invalid_key(&outb(&line));
+            assert_eq!(key, "outbound.path_normalization", "{value}");
+        }
+    }
+
+    #[test]
+    fn durations_take_units_and_combine_them() {
+        for (value, want) in [
+            ("250ms", Duration::from_millis(250)),
+            ("45s", Duration::from_secs(45)),
+            ("2m", Duration::from_secs(120)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1h", Duration::from_secs(3600)),
+            ("1d", Duration::from_secs(86_400)),
+            ("1w", Duration::from_secs(7 * 86_400)),
+            ("1s500ms", Duration::from_millis(1500)),
+            (" 5s ", Duration::from_secs(5)),
+        ] {
+            let cfg = Config::parse(&outb(&format!("[runtime]\nshutdown_grace = \"{value}\"\n")))
+                .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(cfg.runtime.shutdown_grace, want, "{value}");
+        }
+        // A zero grace is allowed (stop at once); zero timeouts are not.
+        let cfg = Config::parse(&outb("[runtime]\nshutdown_grace = \"0s\"\n")).expect("config");
+        assert_eq!(cfg.runtime.shutdown_grace, Duration::ZERO);
+        for (value, says) in [
+            ("30", "missing unit"),
+            ("30 s", "unknown unit"),
+            ("30sec", "unknown unit"),
+            ("1.5s", "unknown unit"),
+            ("", "empty"),
+            ("s", "expected a number"),
+            ("-1s", "expected a number"),
+            ("99999999999999999999s", "too large"),
+        ] {
+            let (key, msg) =
+                invalid_key(&outb(&format!("[runtime]\nshutdown_grace = \"{value}\"\n")));
+            assert_eq!(key, "runtime.shutdown_grace", "{value}");
+            assert!(msg.contains(says), "{value}: {msg}");
+        }
+        // A duration must be a string.
+        let msg = parse_error(&outb("[runtime]\nshutdown_grace = 30\n"));
+        assert!(msg.contains("shutdown_grace"), "{msg}");
+    }
+
+    #[test]
+    fn load_names_a_missing_file_and_parses_an_existing_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("proxy.toml");
+        match Config::load(&path) {
+            Err(ConfigError::Read { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&path, outb("")).expect("write");
+        let cfg = Config::load(&path).expect("load");
+        assert!(cfg.inbound.is_none() && cfg.outbound.is_some());
+    }
+
+    #[test]
+    fn explain_says_what_the_configuration_does() {
+        let text =
+            route("methods = [\"POST\"]\nallow = [\"spiffe://td/ns/ops/*\"]\nstep_up = true\n")
+                + &outb(&upstream("api", "api:443", "spiffe://td/ns/a/sa/api")).replace(BASE, "")
+                + "[admin]\nlisten = \"127.0.0.1:9090\"\n";
+        let e = Config::parse(&text).expect("config").explain();
+        for says in [
+            "identity: cert c key k trust bundle ca.crt",
+            "inbound: mutual TLS on 127.0.0.1:1 -> app 127.0.0.1:2 (default policy allow-trust-domain)",
+            "  route /a (POST): allow [spiffe://td/ns/ops/*], step-up required",
+            "outbound: plaintext on 127.0.0.1:3",
+            "  host api -> api:443 expecting spiffe://td/ns/a/sa/api",
+            "admin: http://127.0.0.1:9090/metrics",
+            "runtime: 1 worker thread(s)",
+        ] {
+            assert!(e.contains(says), "{says:?} not in:\n{e}");
+        }
+        let e = Config::parse(&ca("")).expect("config").explain();
+        assert!(
+            e.contains("identity: spiffe://td/ns/a/sa/b from the CA at https://ca.svc:8443 (server spiffe://td/keyproof-ca), ecdsa-p256 key in memory"),
+            "{e}"
+        );
+    }
 }

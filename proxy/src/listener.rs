@@ -205,6 +205,173 @@ impl Drop for HandshakeSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
+
+    /// What the handler hands back to the test: the connection and its
+    /// guards, so the test decides when the connection ends.
+    type Accepted = (TcpStream, ConnGuards);
+
+    struct Loop {
+        addr: SocketAddr,
+        tracker: Arc<Tracker>,
+        stop: watch::Sender<bool>,
+        accepted: mpsc::UnboundedReceiver<Accepted>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start_loop(max_connections: usize) -> Loop {
+        let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let tracker = Arc::new(Tracker::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let (tx, accepted) = mpsc::unbounded_channel::<Accepted>();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            max_connections,
+            tracker.clone(),
+            stop_rx,
+            move |tcp, _remote, guards| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((tcp, guards));
+                }
+            },
+        ));
+        Loop {
+            addr,
+            tracker,
+            stop,
+            accepted,
+            task,
+        }
+    }
+
+    const SOON: Duration = Duration::from_secs(2);
+    const A_WHILE: Duration = Duration::from_millis(150);
+
+    async fn next(l: &mut Loop) -> Accepted {
+        tokio::time::timeout(SOON, l.accepted.recv())
+            .await
+            .expect("no connection handed to the handler")
+            .expect("loop ended")
+    }
+
+    async fn none_within(l: &mut Loop, d: Duration) {
+        if let Ok(got) = tokio::time::timeout(d, l.accepted.recv()).await {
+            panic!("handler called: {:?}", got.map(|(t, _)| t.peer_addr()));
+        }
+    }
+
+    #[tokio::test]
+    async fn at_max_connections_the_loop_stops_accepting_until_one_ends() {
+        let mut l = start_loop(2);
+        let _c1 = TcpStream::connect(l.addr).await.expect("connect 1");
+        let first = next(&mut l).await;
+        // Requests and responses are small: no waiting for Nagle.
+        assert!(first.0.nodelay().expect("nodelay"));
+        let _c2 = TcpStream::connect(l.addr).await.expect("connect 2");
+        let second = next(&mut l).await;
+        // The third client's connect succeeds (the kernel backlog holds
+        // it) but the proxy does not take it.
+        let _c3 = TcpStream::connect(l.addr).await.expect("connect 3");
+        none_within(&mut l, A_WHILE).await;
+        drop(first);
+        let third = next(&mut l).await;
+        none_within(&mut l, Duration::from_millis(50)).await;
+        drop((second, third));
+        let _c4 = TcpStream::connect(l.addr).await.expect("connect 4");
+        next(&mut l).await;
+        l.task.abort();
+    }
+
+    #[tokio::test]
+    async fn the_tracker_counts_connections_until_their_guards_drop() {
+        let mut l = start_loop(10);
+        let _c1 = TcpStream::connect(l.addr).await.expect("connect");
+        let _c2 = TcpStream::connect(l.addr).await.expect("connect");
+        let a = next(&mut l).await;
+        let b = next(&mut l).await;
+        let tracker = l.tracker.clone();
+        let idle = tokio::spawn(async move { tracker.wait_idle().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!idle.is_finished(), "idle with two connections live");
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!idle.is_finished(), "idle with one connection live");
+        drop(b);
+        tokio::time::timeout(SOON, idle)
+            .await
+            .expect("not idle after the last guard dropped")
+            .expect("task");
+        l.task.abort();
+    }
+
+    #[tokio::test]
+    async fn wait_idle_returns_at_once_without_connections_and_waits_for_guards() {
+        let tracker = Arc::new(Tracker::default());
+        tokio::time::timeout(Duration::from_millis(50), tracker.wait_idle())
+            .await
+            .expect("no connection: idle");
+        let guards: Vec<TrackGuard> = (0..3).map(|_| tracker.track()).collect();
+        let waiter = tokio::spawn({
+            let tracker = tracker.clone();
+            async move { tracker.wait_idle().await }
+        });
+        for g in guards {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!waiter.is_finished());
+            drop(g);
+        }
+        tokio::time::timeout(SOON, waiter)
+            .await
+            .expect("idle")
+            .expect("task");
+        // Reusable: another round of connections, another wait.
+        let g = tracker.track();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), tracker.wait_idle())
+                .await
+                .is_err()
+        );
+        drop(g);
+        tracker.wait_idle().await;
+    }
+
+    #[tokio::test]
+    async fn the_stop_flag_ends_the_loop_while_it_waits_to_accept() {
+        let l = start_loop(4);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!l.task.is_finished());
+        l.stop.send(true).expect("loop listening");
+        tokio::time::timeout(SOON, l.task)
+            .await
+            .expect("loop did not stop")
+            .expect("task");
+        // The listener is closed with it.
+        assert!(TcpStream::connect(l.addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_stop_flag_ends_the_loop_at_the_connection_limit_and_connections_live_on() {
+        let mut l = start_loop(1);
+        let _c1 = TcpStream::connect(l.addr).await.expect("connect");
+        let held = next(&mut l).await;
+        l.stop.send(true).expect("loop listening");
+        tokio::time::timeout(SOON, &mut l.task)
+            .await
+            .expect("loop did not stop")
+            .expect("task");
+        // Drain waits for the connections still open.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), l.tracker.wait_idle())
+                .await
+                .is_err()
+        );
+        drop(held);
+        tokio::time::timeout(SOON, l.tracker.wait_idle())
+            .await
+            .expect("idle");
+    }
 
     #[tokio::test]
     async fn the_handshake_gate_sheds_the_oldest_pending_handshake() {

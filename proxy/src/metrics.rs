@@ -571,3 +571,316 @@ impl SignerMetrics {
         }
     }
 }
+
+/// The value of one sample of `name` with exactly these labels in the
+/// exposition `text` (`None` when there is no such sample).
+#[cfg(test)]
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, got) = match series.split_once('{') {
+                Some((m, rest)) => {
+                    let mut got: Vec<String> = rest
+                        .strip_suffix('}')?
+                        .split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    got.sort();
+                    (m, got)
+                }
+                None => (series, Vec::new()),
+            };
+            (metric == name && got == want).then(|| value.parse().ok())?
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::path::{PathError, REFUSAL_REASONS};
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).expect("UTF-8 exposition")
+    }
+
+    fn value(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sample(&text(m), name, labels).unwrap_or_else(|| panic!("{name} {labels:?} not exported"))
+    }
+
+    const DIRECTIONS: [&str; 2] = ["inbound", "outbound"];
+
+    #[test]
+    fn every_label_of_every_list_is_exported_at_zero_from_the_start() {
+        let m = Metrics::new().expect("metrics");
+        VerifierMetrics::register(&m, ["/admin"], 10).expect("verifier metrics");
+        SignerMetrics::register(&m).expect("signer metrics");
+        let t = text(&m);
+        let mut checked = 0;
+        let mut zero = |name: &str, labels: &[(&str, &str)]| {
+            assert_eq!(sample(&t, name, labels), Some(0.0), "{name} {labels:?}");
+            checked += 1;
+        };
+        for d in DIRECTIONS {
+            for r in HANDSHAKE_RESULTS {
+                zero(
+                    "keyproof_tls_handshakes_total",
+                    &[("direction", d), ("result", r)],
+                );
+            }
+            for r in REFUSAL_REASONS {
+                zero(
+                    "keyproof_http_requests_refused_total",
+                    &[("direction", d), ("reason", r)],
+                );
+            }
+            for g in GROUP_LABELS {
+                zero(
+                    "keyproof_tls_key_exchange_total",
+                    &[("direction", d), ("group", g)],
+                );
+            }
+            for c in CODES {
+                zero("keyproof_requests_total", &[("direction", d), ("code", c)]);
+            }
+            for a in ["dropped", "rejected"] {
+                zero(
+                    "keyproof_headers_with_underscores_total",
+                    &[("direction", d), ("action", a)],
+                );
+            }
+            zero("keyproof_connections_open", &[("direction", d)]);
+            zero("keyproof_tls_handshakes_shed_total", &[("direction", d)]);
+        }
+        for r in RELOAD_RESULTS {
+            zero("keyproof_identity_reloads_total", &[("result", r)]);
+        }
+        for r in RENEWAL_RESULTS {
+            zero("keyproof_identity_renewals_total", &[("result", r)]);
+        }
+        for o in Outcome::ALL {
+            zero(
+                "keyproof_stepup_verifications_total",
+                &[("result", o.as_str())],
+            );
+        }
+        for r in SignResult::ALL {
+            zero(
+                "keyproof_stepup_signatures_total",
+                &[("result", r.as_str())],
+            );
+        }
+        zero("keyproof_stepup_challenges_total", &[("route", "/admin")]);
+        zero("keyproof_stepup_nonces_outstanding", &[]);
+        zero("keyproof_stepup_nonce_table_full_total", &[]);
+        zero("keyproof_identity_cert_expiry_timestamp_seconds", &[]);
+        zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
+        assert_eq!(checked, 2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 6 + 11 + 10 + 5);
+        assert_eq!(
+            sample(&t, "keyproof_stepup_nonce_capacity", &[]),
+            Some(10.0)
+        );
+        assert!(t.contains("# TYPE keyproof_request_duration_seconds histogram"));
+    }
+
+    #[test]
+    fn label_lists_have_no_duplicates() {
+        fn unique(list: &[&str]) {
+            let set: std::collections::BTreeSet<_> = list.iter().collect();
+            assert_eq!(set.len(), list.len(), "{list:?}");
+        }
+        unique(&HANDSHAKE_RESULTS);
+        unique(&RELOAD_RESULTS);
+        unique(&RENEWAL_RESULTS);
+        unique(&REFUSAL_REASONS);
+        unique(&Outcome::ALL.map(Outcome::as_str));
+        unique(&SignResult::ALL.map(SignResult::as_str));
+        assert_eq!(HANDSHAKE_RESULTS[PROTOCOL], "protocol");
+    }
+
+    #[test]
+    fn a_handshake_result_outside_the_list_counts_as_protocol() {
+        let m = Metrics::new().expect("metrics");
+        let hs = |d: &str, r: &str| {
+            value(
+                &m,
+                "keyproof_tls_handshakes_total",
+                &[("direction", d), ("result", r)],
+            )
+        };
+        m.inbound.handshake("expired");
+        m.inbound.handshake("no_such_result");
+        m.outbound.handshake("ok");
+        assert_eq!(hs("inbound", "expired"), 1.0);
+        assert_eq!(hs("inbound", "protocol"), 1.0);
+        assert_eq!(hs("outbound", "ok"), 1.0);
+        assert_eq!(hs("outbound", "expired"), 0.0);
+        // No series for the unknown label was created.
+        assert!(!text(&m).contains("no_such_result"));
+    }
+
+    #[test]
+    fn counters_land_on_their_labels() {
+        let m = Metrics::new().expect("metrics");
+        m.inbound.refused(PathError::Semicolon);
+        m.outbound.refused(PathError::AboveRoot);
+        assert_eq!(
+            value(
+                &m,
+                "keyproof_http_requests_refused_total",
+                &[("direction", "inbound"), ("reason", "semicolon")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &m,
+                "keyproof_http_requests_refused_total",
+                &[("direction", "outbound"), ("reason", "above_root")]
+            ),
+            1.0
+        );
+        for (status, class) in [
+            (101, "1xx"),
+            (204, "2xx"),
+            (308, "3xx"),
+            (431, "4xx"),
+            (503, "5xx"),
+        ] {
+            m.direction(Direction::Outbound)
+                .request(http::StatusCode::from_u16(status).expect("status"), 0.01);
+            assert_eq!(
+                value(
+                    &m,
+                    "keyproof_requests_total",
+                    &[("direction", "outbound"), ("code", class)]
+                ),
+                1.0,
+                "{status}"
+            );
+        }
+        assert_eq!(
+            value(
+                &m,
+                "keyproof_request_duration_seconds_count",
+                &[("direction", "outbound")]
+            ),
+            5.0
+        );
+        m.inbound.underscores(false, 3);
+        m.inbound.underscores(true, 1);
+        let us = |a: &str| {
+            value(
+                &m,
+                "keyproof_headers_with_underscores_total",
+                &[("direction", "inbound"), ("action", a)],
+            )
+        };
+        assert_eq!((us("dropped"), us("rejected")), (3.0, 1.0));
+        m.inbound.key_exchange(Some(rustls::NamedGroup::X25519));
+        m.inbound.key_exchange(None);
+        let kx = |g: &str| {
+            value(
+                &m,
+                "keyproof_tls_key_exchange_total",
+                &[("direction", "inbound"), ("group", g)],
+            )
+        };
+        assert_eq!((kx("x25519"), kx("other")), (1.0, 1.0));
+        m.reload("expired");
+        m.renewal("ca_refused");
+        assert_eq!(
+            value(
+                &m,
+                "keyproof_identity_reloads_total",
+                &[("result", "expired")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &m,
+                "keyproof_identity_renewals_total",
+                &[("result", "ca_refused")]
+            ),
+            1.0
+        );
+        m.authz_denied("/admin").inc();
+        assert_eq!(
+            value(&m, "keyproof_authz_denied_total", &[("route", "/admin")]),
+            1.0
+        );
+        m.identity_installed(1_700_000_000, 1_700_086_400);
+        assert_eq!(
+            value(&m, "keyproof_identity_cert_issued_timestamp_seconds", &[]),
+            1_700_000_000.0
+        );
+        assert_eq!(
+            value(&m, "keyproof_identity_cert_expiry_timestamp_seconds", &[]),
+            1_700_086_400.0
+        );
+    }
+
+    #[test]
+    fn step_up_counters_land_on_their_labels() {
+        let m = Metrics::new().expect("metrics");
+        let v = VerifierMetrics::register(&m, ["/admin"], 4).expect("verifier metrics");
+        let s = SignerMetrics::register(&m).expect("signer metrics");
+        v.verification(Outcome::Replay);
+        v.challenge("/admin");
+        // A route registered late still counts (resolved on first use).
+        v.challenge("/late");
+        s.count(SignResult::BodyTooLarge);
+        let result = |name: &str, r: &str| value(&m, name, &[("result", r)]);
+        assert_eq!(result("keyproof_stepup_verifications_total", "replay"), 1.0);
+        assert_eq!(result("keyproof_stepup_verifications_total", "ok"), 0.0);
+        assert_eq!(
+            result("keyproof_stepup_signatures_total", "body_too_large"),
+            1.0
+        );
+        for route in ["/admin", "/late"] {
+            assert_eq!(
+                value(&m, "keyproof_stepup_challenges_total", &[("route", route)]),
+                1.0
+            );
+        }
+        // Registering twice in one registry is refused, not double-counted.
+        assert!(SignerMetrics::register(&m).is_err());
+    }
+
+    #[test]
+    fn sign_refusals_map_to_their_results() {
+        use keyproof_stepup::SignRefusal as R;
+        for (r, want) in [
+            (R::KeyidMismatch, "keyid_mismatch"),
+            (R::AlgMismatch, "alg_mismatch"),
+            (R::WrongTag, "wrong_tag"),
+            (R::UnexpectedComponents, "unexpected_components"),
+        ] {
+            assert_eq!(SignResult::from_refusal(r).as_str(), want);
+        }
+    }
+
+    #[test]
+    fn the_signature_cache_counters_follow_the_process_wide_cache() {
+        let m = Metrics::new().expect("metrics");
+        let before = keyproof_ca::sigcache::SigCache::global().stats();
+        // Loading an identity verifies its chain: a fresh one is a miss.
+        let pki = crate::identity::store::test_pki::Pki::shared("metrics.keyproof.test");
+        pki.identity("/ns/demo/sa/api");
+        let cache = |r: &str| {
+            value(
+                &m,
+                "keyproof_tls_chain_signature_cache_total",
+                &[("result", r)],
+            )
+        };
+        // Other tests use the cache concurrently: at least, never exactly.
+        assert!(cache("miss") > before.misses as f64);
+        assert!(cache("hit") >= before.hits as f64);
+    }
+}

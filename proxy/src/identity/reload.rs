@@ -96,6 +96,8 @@ pub struct Reloader {
     usages: Vec<Usage>,
     /// The last contents refused, so a bad Secret is counted once.
     rejected: Option<[u8; 32]>,
+    /// [`SETTLE_FOR`]; a field so that tests can wait less.
+    settle_for: Duration,
 }
 
 impl Reloader {
@@ -113,6 +115,7 @@ impl Reloader {
             metrics,
             usages,
             rejected: None,
+            settle_for: SETTLE_FOR,
         }
     }
 
@@ -137,7 +140,7 @@ impl Reloader {
     /// Looks at the files once: applies valid new material, retries
     /// inconsistent material for up to [`SETTLE_FOR`], counts the outcome.
     pub async fn check(&mut self) -> Outcome {
-        let deadline = Instant::now() + SETTLE_FOR;
+        let deadline = Instant::now() + self.settle_for;
         loop {
             let (digest, result) = match Snapshot::read(&self.files).await {
                 Ok(snap) => (snap.digest(), self.validate(&snap)),
@@ -195,5 +198,242 @@ impl Reloader {
         }
         let expected = current.as_ref().map(|c| &c.id);
         Identity::from_parts(chain, key, roots, &self.usages, expected).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::store::test_pki::{Leaf, Pki, Svid, BOTH};
+    use crate::metrics::{sample, RELOAD_RESULTS};
+
+    const TD: &str = "reload.keyproof.test";
+    const API: &str = "/ns/demo/sa/api";
+    const WEB: &str = "/ns/demo/sa/web";
+
+    /// Short enough for a test, long enough for a retry or two.
+    const SETTLE: Duration = Duration::from_millis(150);
+
+    struct Setup {
+        pki: &'static Pki,
+        _dir: tempfile::TempDir,
+        files: IdentityFiles,
+        store: Arc<IdentityStore>,
+        metrics: Metrics,
+        reloader: Reloader,
+    }
+
+    impl Setup {
+        /// Files holding an identity for API, and a store holding the same.
+        fn new(settle_for: Duration) -> Setup {
+            let pki = Pki::shared(TD);
+            let dir = tempfile::tempdir().expect("temp dir");
+            let files = IdentityFiles {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+                bundle: dir.path().join("ca.crt"),
+            };
+            let svid = pki.issue(API);
+            write(&files, &svid, &pki.bundle_pem());
+            let id = Identity::from_parts(svid.chain, svid.key, pki.roots(), BOTH, None)
+                .expect("identity");
+            let store = IdentityStore::new(id);
+            let metrics = Metrics::new().expect("metrics");
+            let mut reloader =
+                Reloader::new(files.clone(), store.clone(), metrics.clone(), BOTH.to_vec());
+            reloader.settle_for = settle_for;
+            Setup {
+                pki,
+                _dir: dir,
+                files,
+                store,
+                metrics,
+                reloader,
+            }
+        }
+
+        fn reloads(&self, result: &str) -> f64 {
+            let text = String::from_utf8(self.metrics.render()).expect("UTF-8");
+            sample(
+                &text,
+                "keyproof_identity_reloads_total",
+                &[("result", result)],
+            )
+            .expect("every reload result is exported")
+        }
+
+        fn counted(&self) -> Vec<(&'static str, f64)> {
+            RELOAD_RESULTS
+                .iter()
+                .map(|r| (*r, self.reloads(r)))
+                .filter(|(_, n)| *n != 0.0)
+                .collect()
+        }
+    }
+
+    fn write(files: &IdentityFiles, svid: &Svid, bundle: &str) {
+        std::fs::write(&files.cert, svid.chain_pem()).expect("write cert");
+        std::fs::write(&files.key, svid.key_pem()).expect("write key");
+        std::fs::write(&files.bundle, bundle).expect("write bundle");
+    }
+
+    #[tokio::test]
+    async fn unchanged_files_are_neither_applied_nor_counted() {
+        let mut s = Setup::new(SETTLE);
+        let serial = s.store.current().serial.clone();
+        assert_eq!(s.reloader.check().await, Outcome::Unchanged);
+        assert_eq!(s.store.current().serial, serial);
+        assert_eq!(s.counted(), []);
+    }
+
+    #[tokio::test]
+    async fn a_valid_new_certificate_and_key_are_swapped_in() {
+        let mut s = Setup::new(SETTLE);
+        let old = s.store.current();
+        let next = s.pki.issue(API);
+        write(&s.files, &next, &s.pki.bundle_pem());
+        assert_eq!(s.reloader.check().await, Outcome::Applied);
+        let now = s.store.current();
+        assert_eq!(now.certified.cert, next.chain);
+        assert_ne!(now.serial, old.serial);
+        assert_eq!(now.id, old.id);
+        assert_eq!(s.counted(), [("ok", 1.0)]);
+        assert_eq!(s.metrics.cert_expiry.get(), now.not_after as f64);
+        // Looking again finds nothing new.
+        assert_eq!(s.reloader.check().await, Outcome::Unchanged);
+        assert_eq!(s.counted(), [("ok", 1.0)]);
+    }
+
+    #[tokio::test]
+    async fn a_half_written_update_is_applied_once_the_key_catches_up() {
+        // The real settle time: the check must return as soon as the files
+        // are consistent, not after SETTLE_FOR.
+        let mut s = Setup::new(SETTLE_FOR);
+        let next = s.pki.issue(API);
+        std::fs::write(&s.files.cert, next.chain_pem()).expect("write cert");
+        let mut reloader = s.reloader;
+        let check = tokio::spawn(async move {
+            let outcome = reloader.check().await;
+            (reloader, outcome)
+        });
+        tokio::time::sleep(RETRY_EVERY * 3).await;
+        assert!(!check.is_finished(), "gave up on the half-written update");
+        std::fs::write(&s.files.key, next.key_pem()).expect("write key");
+        let (reloader, outcome) = tokio::time::timeout(SETTLE_FOR, check)
+            .await
+            .expect("not applied within SETTLE_FOR")
+            .expect("task");
+        s.reloader = reloader;
+        assert_eq!(outcome, Outcome::Applied);
+        assert_eq!(s.store.current().certified.cert, next.chain);
+        // The intermediate state was never counted as a refusal.
+        assert_eq!(s.counted(), [("ok", 1.0)]);
+    }
+
+    #[tokio::test]
+    async fn each_bad_update_is_rejected_with_its_label_once_and_the_old_identity_keeps_serving() {
+        type Break = fn(&Setup);
+        let cases: [(&str, Break); 8] = [
+            ("key_mismatch", |s| {
+                let other = s.pki.issue(API);
+                std::fs::write(&s.files.key, other.key_pem()).expect("write");
+            }),
+            ("expired", |s| {
+                let leaf = Leaf {
+                    not_before: -7200,
+                    not_after: -3600,
+                    ..Leaf::default()
+                };
+                write(&s.files, &s.pki.craft(API, leaf), &s.pki.bundle_pem());
+            }),
+            ("not_yet_valid", |s| {
+                let leaf = Leaf {
+                    not_before: 3600,
+                    not_after: 7200,
+                    ..Leaf::default()
+                };
+                write(&s.files, &s.pki.craft(API, leaf), &s.pki.bundle_pem());
+            }),
+            ("unknown_ca", |s| {
+                write(&s.files, &Pki::new(TD).issue(API), &s.pki.bundle_pem());
+            }),
+            ("foreign_trust_domain", |s| {
+                let other = Pki::shared("other.keyproof.test");
+                write(&s.files, &other.issue(API), &other.bundle_pem());
+            }),
+            ("id_changed", |s| {
+                write(&s.files, &s.pki.issue(WEB), &s.pki.bundle_pem());
+            }),
+            ("invalid", |s| {
+                std::fs::write(&s.files.cert, "not a certificate").expect("write");
+            }),
+            ("unreadable", |s| {
+                std::fs::remove_file(&s.files.key).expect("remove");
+            }),
+        ];
+        let mut runs = tokio::task::JoinSet::new();
+        for (label, break_files) in cases {
+            runs.spawn(async move {
+                let mut s = Setup::new(SETTLE);
+                let serving = s.store.current();
+                break_files(&s);
+                assert_eq!(s.reloader.check().await, Outcome::Rejected(label));
+                assert_eq!(s.counted(), [(label, 1.0)], "{label}");
+                assert!(Arc::ptr_eq(&s.store.current(), &serving), "{label}");
+                // The same contents again (a tick, an unrelated event): not
+                // counted twice, and no settle wait either.
+                assert_eq!(s.reloader.check().await, Outcome::Unchanged, "{label}");
+                assert_eq!(s.counted(), [(label, 1.0)], "{label}");
+                assert!(Arc::ptr_eq(&s.store.current(), &serving), "{label}");
+            });
+        }
+        // A failed case's panic is resumed here.
+        runs.join_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_changed_spiffe_id_is_refused_as_id_changed() {
+        let mut s = Setup::new(SETTLE);
+        write(&s.files, &s.pki.issue(WEB), &s.pki.bundle_pem());
+        assert_eq!(s.reloader.check().await, Outcome::Rejected("id_changed"));
+        assert_eq!(s.store.current().id, s.pki.id(API));
+    }
+
+    #[tokio::test]
+    async fn new_bad_contents_count_again_and_a_fix_is_applied() {
+        let mut s = Setup::new(SETTLE);
+        let mismatch = |s: &Setup| {
+            std::fs::write(&s.files.key, s.pki.issue(API).key_pem()).expect("write");
+        };
+        mismatch(&s);
+        assert_eq!(s.reloader.check().await, Outcome::Rejected("key_mismatch"));
+        // Other wrong contents are another rejection.
+        mismatch(&s);
+        assert_eq!(s.reloader.check().await, Outcome::Rejected("key_mismatch"));
+        assert_eq!(s.counted(), [("key_mismatch", 2.0)]);
+        let fixed = s.pki.issue(API);
+        write(&s.files, &fixed, &s.pki.bundle_pem());
+        assert_eq!(s.reloader.check().await, Outcome::Applied);
+        assert_eq!(s.store.current().certified.cert, fixed.chain);
+        assert_eq!(s.counted(), [("ok", 1.0), ("key_mismatch", 2.0)]);
+    }
+
+    #[tokio::test]
+    async fn the_watch_loop_applies_files_written_later() {
+        let s = Setup::new(SETTLE);
+        let store = s.store.clone();
+        let old = store.current();
+        let task = s.reloader.spawn(Duration::from_millis(100));
+        let next = s.pki.issue(API);
+        write(&s.files, &next, &s.pki.bundle_pem());
+        let applied = tokio::time::timeout(Duration::from_secs(5), async {
+            while Arc::ptr_eq(&store.current(), &old) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        task.abort();
+        applied.expect("the new identity was never applied");
+        assert_eq!(store.current().certified.cert, next.chain);
     }
 }

@@ -180,3 +180,289 @@ pub fn start(
         handler,
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use keyproof_ca::renewer::FailureKind;
+
+    use super::*;
+    use crate::config::{Config, IdentitySource};
+    use crate::identity::store::test_pki::{Pki, BOTH};
+    use crate::metrics::{sample, RENEWAL_RESULTS};
+
+    const TD: &str = "renew.keyproof.test";
+    const API: &str = "/ns/demo/sa/api";
+    const WEB: &str = "/ns/demo/sa/web";
+
+    /// `[identity.ca]` for API, with the bootstrap bundle and join token in
+    /// `dir` and the CA at `url`.
+    fn ca_config(dir: &Path, url: &str) -> (IdentityConfig, CaSourceConfig) {
+        let text = format!(
+            "[identity]\ntrust_bundle = {:?}\n[identity.ca]\nurl = \"{url}\"\nspiffe_id = \"spiffe://{TD}{API}\"\njoin_token_file = {:?}\n[outbound]\nlisten = \"127.0.0.1:1\"\n",
+            dir.join("bundle.pem"),
+            dir.join("token"),
+        );
+        let identity = Config::parse(&text).expect("config").identity;
+        let IdentitySource::Ca(ca) = identity.source.clone() else {
+            panic!("not [identity.ca]")
+        };
+        (identity, ca)
+    }
+
+    fn handler(pki: &Pki, dir: &Path) -> (CaIdentity, Arc<IdentityStore>, Metrics) {
+        std::fs::write(dir.join("bundle.pem"), pki.bundle_pem()).expect("bundle");
+        let (identity, cfg) = ca_config(dir, "https://127.0.0.1:1");
+        let store = IdentityStore::empty();
+        let metrics = Metrics::new().expect("metrics");
+        let ca_trust = bootstrap_trust(&identity, &cfg).expect("bootstrap trust");
+        (
+            CaIdentity {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                usages: BOTH.to_vec(),
+                cfg,
+                ca_trust,
+            },
+            store,
+            metrics,
+        )
+    }
+
+    fn new_identity(pki: &Pki, path: &str, bundle: Vec<CertificateDer<'static>>) -> NewIdentity {
+        let s = pki.issue(path);
+        NewIdentity {
+            chain: s.chain,
+            key: s.key,
+            bundle,
+            not_after: 0,
+        }
+    }
+
+    fn renewals(metrics: &Metrics, result: &str) -> f64 {
+        let text = String::from_utf8(metrics.render()).expect("UTF-8");
+        sample(
+            &text,
+            "keyproof_identity_renewals_total",
+            &[("result", result)],
+        )
+        .expect("every renewal result is exported")
+    }
+
+    #[test]
+    fn the_bootstrap_trust_is_the_bundle_file_for_the_trust_domain_of_the_id() {
+        let pki = Pki::shared(TD);
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("bundle.pem"), pki.bundle_pem()).expect("bundle");
+        let (identity, cfg) = ca_config(dir.path(), "https://ca.svc:8443");
+        let trust = bootstrap_trust(&identity, &cfg).expect("trust");
+        let v = trust.load();
+        assert_eq!(v.trust_domain().as_str(), TD);
+        assert_eq!(v.bundle().roots(), pki.roots().as_slice());
+    }
+
+    #[test]
+    fn a_bad_bootstrap_bundle_names_identity_trust_bundle() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (identity, cfg) = ca_config(dir.path(), "https://ca.svc:8443");
+        match bootstrap_trust(&identity, &cfg).unwrap_err() {
+            IdentityError::Read { key, path, .. } => {
+                assert_eq!(key, "identity.trust_bundle");
+                assert!(path.ends_with("bundle.pem"), "{path}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(dir.path().join("bundle.pem"), "not PEM").expect("write");
+        let e = bootstrap_trust(&identity, &cfg).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                IdentityError::Invalid {
+                    key: "identity.trust_bundle",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let metrics = Metrics::new().expect("metrics");
+        let e = start(
+            &identity,
+            &cfg,
+            IdentityStore::empty(),
+            metrics,
+            BOTH.to_vec(),
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(e.to_string().starts_with("identity.trust_bundle"), "{e}");
+    }
+
+    #[test]
+    fn an_issued_identity_is_installed_and_the_ca_is_then_trusted_by_its_bundle() {
+        let pki = Pki::shared(TD);
+        let next_root = Pki::new(TD);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (h, store, metrics) = handler(pki, dir.path());
+        assert!(h.current().is_none());
+        let bundle = [pki.roots(), next_root.roots()].concat();
+        h.install(new_identity(pki, API, bundle.clone()))
+            .expect("installed");
+        let held = store.current();
+        assert_eq!(held.id, pki.id(API));
+        assert!(Arc::ptr_eq(&h.current().expect("current"), &held.certified));
+        assert_eq!(h.ca_trust.load().bundle().roots(), bundle.as_slice());
+        assert_eq!(metrics.cert_expiry.get(), held.not_after as f64);
+        // Counting is the renewer's event's job, not install's.
+        assert_eq!(renewals(&metrics, "ok"), 0.0);
+    }
+
+    #[test]
+    fn an_issued_identity_that_fails_the_checks_is_refused_with_its_reason() {
+        let pki = Pki::shared(TD);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (h, store, _) = handler(pki, dir.path());
+        let before = h.ca_trust.load_full();
+        let other = Pki::shared("other.keyproof.test");
+        for (id, want) in [
+            (new_identity(pki, WEB, pki.roots()), "(id_changed)"),
+            (
+                new_identity(other, API, other.roots()),
+                "(foreign_trust_domain)",
+            ),
+            (
+                new_identity(&Pki::new(TD), API, pki.roots()),
+                "(unknown_ca)",
+            ),
+        ] {
+            let e = h.install(id).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+            assert!(store.get().is_none(), "{want}: installed anyway");
+            assert!(Arc::ptr_eq(&h.ca_trust.load_full(), &before), "{want}");
+        }
+    }
+
+    #[test]
+    fn a_refreshed_bundle_must_still_trust_our_certificate() {
+        let pki = Pki::shared(TD);
+        let next_root = Pki::new(TD);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (h, store, _) = handler(pki, dir.path());
+        let e = h.install_bundle(pki.roots()).unwrap_err();
+        assert!(e.contains("no identity"), "{e}");
+
+        h.install(new_identity(pki, API, pki.roots()))
+            .expect("installed");
+        let held = store.current();
+        // Only the new root: our own leaf would not verify; kept as is.
+        let e = h.install_bundle(next_root.roots()).unwrap_err();
+        assert!(e.contains("(unknown_ca)"), "{e}");
+        assert!(Arc::ptr_eq(&store.current(), &held));
+        assert_eq!(h.ca_trust.load().bundle().roots(), pki.roots().as_slice());
+
+        // Both roots: same certificate, wider trust, for peers and the CA.
+        let both = [pki.roots(), next_root.roots()].concat();
+        h.install_bundle(both.clone()).expect("bundle");
+        let now = store.current();
+        assert_eq!(now.certified.cert, held.certified.cert);
+        assert_eq!(now.verifier.bundle().roots(), both.as_slice());
+        assert_eq!(h.ca_trust.load().bundle().roots(), both.as_slice());
+    }
+
+    /// A compile-time check that `kinds` below lists every failure.
+    fn _every_failure_kind(k: FailureKind) {
+        match k {
+            FailureKind::CaUnreachable
+            | FailureKind::CaRefused
+            | FailureKind::Protocol
+            | FailureKind::TokenUnreadable
+            | FailureKind::Rejected => {}
+        }
+    }
+
+    #[test]
+    fn renewer_events_are_counted_under_the_renewal_results() {
+        let pki = Pki::shared(TD);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (h, _, metrics) = handler(pki, dir.path());
+        for r in RENEWAL_RESULTS {
+            assert_eq!(renewals(&metrics, r), 0.0, "{r} not exported at 0");
+        }
+        let kinds = [
+            FailureKind::CaUnreachable,
+            FailureKind::CaRefused,
+            FailureKind::Protocol,
+            FailureKind::TokenUnreadable,
+            FailureKind::Rejected,
+        ];
+        let mut labels = BTreeSet::from(["ok"]);
+        h.event(Event::Renewed {
+            how: "renew",
+            not_after: 0,
+        });
+        for kind in kinds {
+            h.event(Event::Failed {
+                how: "renew",
+                kind,
+                error: "test",
+                retry_in: Duration::from_secs(1),
+            });
+            labels.insert(kind.as_str());
+        }
+        h.event(Event::BundleUpdated { roots: 1 });
+        assert_eq!(labels, BTreeSet::from(RENEWAL_RESULTS));
+        for r in RENEWAL_RESULTS {
+            assert_eq!(renewals(&metrics, r), 1.0, "{r}");
+        }
+        // A refused issuance is counted as `invalid`.
+        assert_eq!(FailureKind::Rejected.as_str(), "invalid");
+    }
+
+    async fn first_failure(dir: &Path, url: &str, want: &str) {
+        let pki = Pki::shared(TD);
+        std::fs::write(dir.join("bundle.pem"), pki.bundle_pem()).expect("bundle");
+        let (identity, cfg) = ca_config(dir, url);
+        let metrics = Metrics::new().expect("metrics");
+        let store = IdentityStore::empty();
+        let task = start(
+            &identity,
+            &cfg,
+            store.clone(),
+            metrics.clone(),
+            BOTH.to_vec(),
+        )
+        .expect("started");
+        let counted = tokio::time::timeout(Duration::from_secs(5), async {
+            while renewals(&metrics, want) == 0.0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        task.abort();
+        counted.unwrap_or_else(|_| panic!("no {want} counted"));
+        assert!(store.get().is_none());
+        assert_eq!(renewals(&metrics, "ok"), 0.0);
+    }
+
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn a_bootstrap_without_its_join_token_is_token_unreadable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("https://127.0.0.1:{}", closed_port());
+        first_failure(dir.path(), &url, "token_unreadable").await;
+    }
+
+    #[tokio::test]
+    async fn a_bootstrap_with_no_ca_listening_is_ca_unreachable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("token"), "a-join-token\n").expect("token");
+        let url = format!("https://127.0.0.1:{}", closed_port());
+        first_failure(dir.path(), &url, "ca_unreachable").await;
+    }
+}

@@ -691,3 +691,1277 @@ impl PeerIdentity {
         })
     }
 }
+
+/// A throwaway trust domain for the identity tests. `keyproof_ca` issues the
+/// ordinary SVIDs; [`test_pki::Pki::craft`] hand-encodes the leaves the CA
+/// refuses to issue (expired, not yet valid, a CA, other key usages, other
+/// key types), signed by the same intermediate, so each rule can be broken
+/// one at a time.
+#[cfg(test)]
+pub(crate) mod test_pki {
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::Duration;
+
+    use aws_lc_rs::signature::{
+        EcdsaKeyPair, EcdsaSigningAlgorithm, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING,
+        ECDSA_P384_SHA384_ASN1_SIGNING,
+    };
+    use keyproof_ca::ca::InitOptions;
+    use keyproof_ca::csr::SubjectKey;
+    use keyproof_ca::issue::IssueRequest;
+    use keyproof_ca::keys::{self, KeyType};
+    use keyproof_ca::{Ca, SpiffeId, TrustDomain, Usage};
+    use rustls::sign::CertifiedKey;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::Identity;
+
+    /// Both directions, as a proxy with an inbound and an outbound asks.
+    pub(crate) const BOTH: &[Usage] = &[Usage::ServerAuth, Usage::ClientAuth];
+
+    /// serverAuth, as DER OID content.
+    pub(crate) const SERVER_AUTH: &[u8] = &[0x2b, 6, 1, 5, 5, 7, 3, 1];
+    /// clientAuth, as DER OID content.
+    pub(crate) const CLIENT_AUTH: &[u8] = &[0x2b, 6, 1, 5, 5, 7, 3, 2];
+
+    /// A certificate chain (leaf first) and its key.
+    pub(crate) struct Svid {
+        pub(crate) chain: Vec<CertificateDer<'static>>,
+        pub(crate) key: PrivateKeyDer<'static>,
+    }
+
+    impl Svid {
+        pub(crate) fn chain_pem(&self) -> String {
+            self.chain.iter().map(|c| keys::cert_pem(c)).collect()
+        }
+
+        pub(crate) fn key_pem(&self) -> String {
+            pem_block("PRIVATE KEY", self.key.secret_der())
+        }
+
+        /// For a TLS peer presenting this chain, whatever its validity.
+        pub(crate) fn certified(&self) -> Arc<CertifiedKey> {
+            let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&self.key)
+                .expect("signing key");
+            Arc::new(CertifiedKey::new(self.chain.clone(), signer))
+        }
+    }
+
+    fn pem_block(label: &str, der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out + &format!("-----END {label}-----\n")
+    }
+
+    /// What a crafted leaf looks like; [`Leaf::default`] is a valid SVID.
+    pub(crate) struct Leaf {
+        /// notBefore, seconds from now.
+        pub(crate) not_before: i64,
+        /// notAfter, seconds from now.
+        pub(crate) not_after: i64,
+        /// basicConstraints cA.
+        pub(crate) ca: bool,
+        /// keyUsage as a DER BIT STRING's (unused bits, first byte).
+        pub(crate) key_usage: (u8, u8),
+        /// extendedKeyUsage purposes; `None` leaves the extension out.
+        pub(crate) eku: Option<&'static [&'static [u8]]>,
+        /// A P-384 key (which no SVID may hold) instead of P-256.
+        pub(crate) p384: bool,
+    }
+
+    /// keyUsage digitalSignature.
+    pub(crate) const DIGITAL_SIGNATURE: (u8, u8) = (7, 0x80);
+    /// keyUsage keyEncipherment only.
+    pub(crate) const KEY_ENCIPHERMENT: (u8, u8) = (5, 0x20);
+
+    impl Default for Leaf {
+        fn default() -> Leaf {
+            Leaf {
+                not_before: -3600,
+                not_after: 3600,
+                ca: false,
+                key_usage: DIGITAL_SIGNATURE,
+                eku: Some(&[SERVER_AUTH, CLIENT_AUTH]),
+                p384: false,
+            }
+        }
+    }
+
+    fn der(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let n = body.len();
+        if n < 0x80 {
+            out.push(n as u8);
+        } else if n < 0x100 {
+            out.extend([0x81, n as u8]);
+        } else {
+            out.extend([0x82, (n >> 8) as u8, n as u8]);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn seq(parts: &[&[u8]]) -> Vec<u8> {
+        der(0x30, &parts.concat())
+    }
+
+    fn oid(content: &[u8]) -> Vec<u8> {
+        der(0x06, content)
+    }
+
+    fn utc_time(offset: i64) -> Vec<u8> {
+        let t = time::OffsetDateTime::now_utc() + time::Duration::seconds(offset);
+        let s = format!(
+            "{:02}{:02}{:02}{:02}{:02}{:02}Z",
+            t.year() % 100,
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+        der(0x17, s.as_bytes())
+    }
+
+    fn extension(id: &[u8], critical: bool, value: &[u8]) -> Vec<u8> {
+        let crit: &[u8] = if critical { &[0x01, 0x01, 0xff] } else { &[] };
+        seq(&[&oid(id), crit, &der(0x04, value)])
+    }
+
+    const ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 4, 3, 2];
+    const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 2, 1];
+    const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 3, 1, 7];
+    const P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+
+    /// A trust domain: root, intermediate, and what they issue.
+    pub(crate) struct Pki {
+        pub(crate) ca: Ca,
+        pub(crate) td: String,
+        int_key: EcdsaKeyPair,
+        int_subject: Vec<u8>,
+    }
+
+    impl Pki {
+        /// One trust domain per name for the whole test run, for tests that
+        /// need *a* trust domain rather than a new one (creating one costs
+        /// tens of milliseconds).
+        pub(crate) fn shared(td: &str) -> &'static Pki {
+            static ALL: Mutex<Vec<&'static Pki>> = Mutex::new(Vec::new());
+            let mut all = ALL.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(p) = all.iter().find(|p| p.td == td) {
+                return p;
+            }
+            let p: &'static Pki = Box::leak(Box::new(Pki::new(td)));
+            all.push(p);
+            p
+        }
+
+        /// A new trust domain (its own root) named `td`.
+        pub(crate) fn new(td: &str) -> Pki {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let ca = Ca::init(
+                &dir.path().join("ca"),
+                &InitOptions {
+                    trust_domain: TrustDomain::parse(td).expect("trust domain"),
+                    key_type: KeyType::EcdsaP256,
+                    root_ttl: Duration::from_secs(7 * 24 * 3600),
+                    intermediate_ttl: Duration::from_secs(2 * 24 * 3600),
+                },
+            )
+            .expect("CA");
+            let pem = std::fs::read(ca.dir().join(keyproof_ca::ca::files::INT_KEY))
+                .expect("intermediate key");
+            let int_der = keys::private_key_from_pem(&pem).expect("intermediate key PEM");
+            let int_key =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, int_der.secret_der())
+                    .expect("intermediate key is P-256 PKCS#8");
+            let (_, parsed) =
+                x509_parser::parse_x509_certificate(ca.intermediate()).expect("intermediate");
+            let int_subject = parsed.subject().as_raw().to_vec();
+            // `Ca::sign` works from memory: the directory can go now.
+            drop(dir);
+            Pki {
+                ca,
+                td: td.to_owned(),
+                int_key,
+                int_subject,
+            }
+        }
+
+        pub(crate) fn id(&self, path: &str) -> SpiffeId {
+            SpiffeId::parse(&format!("spiffe://{}{path}", self.td)).expect("SPIFFE ID")
+        }
+
+        pub(crate) fn roots(&self) -> Vec<CertificateDer<'static>> {
+            self.ca.bundle().to_vec()
+        }
+
+        pub(crate) fn bundle_pem(&self) -> String {
+            self.ca.bundle_pem()
+        }
+
+        /// An SVID for `path` as the CA issues it.
+        pub(crate) fn issue(&self, path: &str) -> Svid {
+            let kp = KeyType::EcdsaP256.generate().expect("key");
+            let issued = self
+                .ca
+                .sign(
+                    &IssueRequest {
+                        spiffe_id: self.id(path),
+                        key: SubjectKey::from_key_pair(&kp, KeyType::EcdsaP256),
+                        ttl: Duration::from_secs(3600),
+                        dns: Vec::new(),
+                    },
+                    "keyproof-proxy unit tests",
+                )
+                .expect("issue");
+            Svid {
+                chain: vec![issued.leaf, issued.intermediate],
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(kp.serialize_der())),
+            }
+        }
+
+        /// The identity for `path`, valid in both directions.
+        pub(crate) fn identity(&self, path: &str) -> Identity {
+            let s = self.issue(path);
+            Identity::from_parts(s.chain, s.key, self.roots(), BOTH, None).expect("identity")
+        }
+
+        /// A leaf for `path` shaped by `leaf`, signed by the intermediate.
+        pub(crate) fn craft(&self, path: &str, leaf: Leaf) -> Svid {
+            let (alg, curve): (&'static EcdsaSigningAlgorithm, &[u8]) = if leaf.p384 {
+                (&ECDSA_P384_SHA384_ASN1_SIGNING, P384)
+            } else {
+                (&ECDSA_P256_SHA256_ASN1_SIGNING, P256)
+            };
+            let subject_key = EcdsaKeyPair::generate(alg).expect("key");
+            let pkcs8 = subject_key.to_pkcs8v1().expect("PKCS#8");
+            let mut point = vec![0u8];
+            point.extend_from_slice(subject_key.public_key().as_ref());
+            let spki = seq(&[
+                &seq(&[&oid(EC_PUBLIC_KEY), &oid(curve)]),
+                &der(0x03, &point),
+            ]);
+            let mut serial = [0u8; 16];
+            aws_lc_rs::rand::fill(&mut serial[1..]).expect("random");
+            serial[0] = 0x01;
+            let sig_alg = seq(&[&oid(ECDSA_SHA256)]);
+            let subject = seq(&[&der(
+                0x31,
+                &seq(&[&oid(&[0x55, 4, 10]), &der(0x0c, b"keyproof")]),
+            )]);
+            let basic = if leaf.ca {
+                seq(&[&[0x01, 0x01, 0xff]])
+            } else {
+                seq(&[])
+            };
+            let uri = self.id(path).to_string();
+            let mut exts = vec![
+                extension(&[0x55, 29, 19], true, &basic),
+                extension(
+                    &[0x55, 29, 15],
+                    true,
+                    &der(0x03, &[leaf.key_usage.0, leaf.key_usage.1]),
+                ),
+                extension(&[0x55, 29, 17], true, &seq(&[&der(0x86, uri.as_bytes())])),
+            ];
+            if let Some(purposes) = leaf.eku {
+                let oids: Vec<Vec<u8>> = purposes.iter().map(|p| oid(p)).collect();
+                let refs: Vec<&[u8]> = oids.iter().map(Vec::as_slice).collect();
+                exts.push(extension(&[0x55, 29, 37], false, &seq(&refs)));
+            }
+            let ext_refs: Vec<&[u8]> = exts.iter().map(Vec::as_slice).collect();
+            let tbs = seq(&[
+                &[0xa0, 0x03, 0x02, 0x01, 0x02],
+                &der(0x02, &serial),
+                &sig_alg,
+                &self.int_subject,
+                &seq(&[&utc_time(leaf.not_before), &utc_time(leaf.not_after)]),
+                &subject,
+                &spki,
+                &der(0xa3, &seq(&ext_refs)),
+            ]);
+            let sig = self
+                .int_key
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), &tbs)
+                .expect("sign");
+            let mut bits = vec![0u8];
+            bits.extend_from_slice(sig.as_ref());
+            let cert = seq(&[&tbs, &sig_alg, &der(0x03, &bits)]);
+            Svid {
+                chain: vec![CertificateDer::from(cert), self.ca.intermediate().clone()],
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use keyproof_ca::svid::SvidError;
+    use rustls::client::ResolvesClientCert;
+    use rustls_pki_types::ServerName;
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::test_pki::{
+        Leaf, Pki, Svid, BOTH, CLIENT_AUTH, DIGITAL_SIGNATURE, KEY_ENCIPHERMENT, SERVER_AUTH,
+    };
+    use super::*;
+    use crate::config::FilesSourceConfig;
+    use crate::metrics::{HANDSHAKE_RESULTS, RELOAD_RESULTS};
+
+    const TD: &str = "store.keyproof.test";
+    const API: &str = "/ns/demo/sa/api";
+    const WEB: &str = "/ns/demo/sa/web";
+
+    fn refused(r: Result<Identity, MaterialError>) -> MaterialError {
+        match r {
+            Ok(i) => panic!("accepted {i:?}"),
+            Err(e) => e,
+        }
+    }
+
+    fn from_svid(
+        s: Svid,
+        roots: Vec<CertificateDer<'static>>,
+        usages: &[Usage],
+    ) -> Result<Identity, MaterialError> {
+        Identity::from_parts(s.chain, s.key, roots, usages, None)
+    }
+
+    #[test]
+    fn a_valid_chain_key_and_bundle_make_an_identity() {
+        let pki = Pki::shared(TD);
+        let s = pki.issue(API);
+        let leaf = s.chain[0].clone();
+        let digest = material_digest(&s.chain, &s.key, &pki.roots());
+        let id = from_svid(s, pki.roots(), BOTH).expect("valid identity");
+        assert_eq!(id.id, pki.id(API));
+        assert_eq!(id.material, digest);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).expect("leaf");
+        assert_eq!(id.serial, hex::encode(parsed.raw_serial()));
+        assert_eq!(id.not_after, parsed.validity().not_after.timestamp());
+        assert_eq!(id.not_before, parsed.validity().not_before.timestamp());
+        assert_eq!(id.chain.len(), 2);
+        assert_eq!(id.chain[0].sha256, keys::fingerprint(&leaf));
+        assert_eq!(id.roots.len(), 1);
+        assert_eq!(id.roots[0].sha256, keys::fingerprint(&pki.roots()[0]));
+        assert_eq!(id.verifier.trust_domain().as_str(), TD);
+
+        let json = id.to_json();
+        assert_eq!(json["spiffe_id"], pki.id(API).as_str());
+        assert_eq!(json["serial"], id.serial.as_str());
+        assert_eq!(json["trust_domain"], TD);
+        assert_eq!(json["not_after_unix"], id.not_after);
+        assert_eq!(json["chain"].as_array().map(Vec::len), Some(2));
+        assert_eq!(json["trust_roots"].as_array().map(Vec::len), Some(1));
+
+        // Each direction on its own is accepted too.
+        for usage in [Usage::ServerAuth, Usage::ClientAuth] {
+            from_svid(pki.issue(API), pki.roots(), &[usage]).expect("one usage");
+        }
+        // With the expected ID given, the same ID passes.
+        let s = pki.issue(API);
+        Identity::from_parts(s.chain, s.key, pki.roots(), BOTH, Some(&pki.id(API)))
+            .expect("same ID");
+    }
+
+    #[test]
+    fn identity_debug_never_shows_the_key() {
+        let pki = Pki::shared(TD);
+        let s = pki.issue(API);
+        let key_hex = hex::encode(s.key.secret_der());
+        let id = from_svid(s, pki.roots(), BOTH).expect("identity");
+        let shown = format!("{id:?}");
+        assert!(shown.contains(pki.id(API).as_str()), "{shown}");
+        assert!(!shown.contains("key_der"), "{shown}");
+        assert!(!shown.contains(&key_hex[..16]), "{shown}");
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_the_leaf_is_key_mismatch() {
+        let pki = Pki::shared(TD);
+        let a = pki.issue(API);
+        let b = pki.issue(API);
+        let e = refused(Identity::from_parts(
+            a.chain,
+            b.key,
+            pki.roots(),
+            BOTH,
+            None,
+        ));
+        assert!(matches!(e, MaterialError::KeyMismatch), "{e:?}");
+        assert_eq!(e.reason(), "key_mismatch");
+    }
+
+    #[test]
+    fn an_expired_leaf_is_refused_as_expired() {
+        let pki = Pki::shared(TD);
+        let leaf = Leaf {
+            not_before: -7200,
+            not_after: -3600,
+            ..Leaf::default()
+        };
+        let e = refused(from_svid(pki.craft(API, leaf), pki.roots(), BOTH));
+        assert!(
+            matches!(e, MaterialError::Verify(VerifyError::Expired)),
+            "{e:?}"
+        );
+        assert_eq!(e.reason(), "expired");
+    }
+
+    #[test]
+    fn a_leaf_not_yet_valid_is_refused_as_not_yet_valid() {
+        let pki = Pki::shared(TD);
+        let leaf = Leaf {
+            not_before: 3600,
+            not_after: 7200,
+            ..Leaf::default()
+        };
+        let e = refused(from_svid(pki.craft(API, leaf), pki.roots(), BOTH));
+        assert!(
+            matches!(e, MaterialError::Verify(VerifyError::NotYetValid)),
+            "{e:?}"
+        );
+        assert_eq!(e.reason(), "not_yet_valid");
+    }
+
+    #[test]
+    fn the_crafted_default_leaf_is_valid() {
+        // The refusals above and below differ from this leaf in one field.
+        let pki = Pki::shared(TD);
+        let id = from_svid(pki.craft(API, Leaf::default()), pki.roots(), BOTH)
+            .expect("crafted valid leaf");
+        assert_eq!(id.id, pki.id(API));
+    }
+
+    #[test]
+    fn a_chain_to_another_root_is_unknown_ca() {
+        let ours = Pki::shared(TD);
+        let theirs = Pki::new(TD);
+        let e = refused(from_svid(theirs.issue(API), ours.roots(), BOTH));
+        assert!(
+            matches!(e, MaterialError::Verify(VerifyError::UnknownIssuer)),
+            "{e:?}"
+        );
+        assert_eq!(e.reason(), "unknown_ca");
+    }
+
+    #[test]
+    fn a_leaf_of_another_trust_domain_than_expected_is_foreign_trust_domain() {
+        let ours = Pki::shared(TD);
+        let other = Pki::shared("other.keyproof.test");
+        let s = other.issue(API);
+        let e = refused(Identity::from_parts(
+            s.chain,
+            s.key,
+            other.roots(),
+            BOTH,
+            Some(&ours.id(API)),
+        ));
+        match &e {
+            MaterialError::ForeignTrustDomain { expected, got } => {
+                assert_eq!(expected, TD);
+                assert_eq!(got, other.id(API).as_str());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.reason(), "foreign_trust_domain");
+    }
+
+    #[test]
+    fn another_workload_of_the_trust_domain_is_id_changed() {
+        let pki = Pki::shared(TD);
+        let s = pki.issue(WEB);
+        let e = refused(Identity::from_parts(
+            s.chain,
+            s.key,
+            pki.roots(),
+            BOTH,
+            Some(&pki.id(API)),
+        ));
+        match &e {
+            MaterialError::IdChanged { expected, got } => {
+                assert_eq!(expected, pki.id(API).as_str());
+                assert_eq!(got, pki.id(WEB).as_str());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.reason(), "id_changed");
+    }
+
+    #[test]
+    fn a_ca_certificate_as_leaf_is_refused_as_invalid() {
+        let pki = Pki::shared(TD);
+        let leaf = Leaf {
+            ca: true,
+            ..Leaf::default()
+        };
+        let e = refused(from_svid(pki.craft(API, leaf), pki.roots(), BOTH));
+        match &e {
+            MaterialError::Cert(msg) => {
+                assert!(msg.contains(&SvidError::LeafIsCa.to_string()), "{msg}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.reason(), "invalid");
+    }
+
+    #[test]
+    fn a_leaf_without_both_tls_purposes_is_refused_whatever_usage_is_asked() {
+        // The X.509-SVID rules want serverAuth and clientAuth together (when
+        // the extension is there), so a server-only leaf is refused even
+        // where only the server usage is asked for.
+        let pki = Pki::shared(TD);
+        let cases: [(&'static [&'static [u8]], SvidError); 2] = [
+            (&[SERVER_AUTH], SvidError::EkuNoClientAuth),
+            (&[CLIENT_AUTH], SvidError::EkuNoServerAuth),
+        ];
+        for (eku, missing) in cases {
+            for usages in [&[Usage::ServerAuth][..], &[Usage::ClientAuth][..], BOTH] {
+                let leaf = Leaf {
+                    eku: Some(eku),
+                    ..Leaf::default()
+                };
+                let e = refused(from_svid(pki.craft(API, leaf), pki.roots(), usages));
+                match &e {
+                    MaterialError::Cert(msg) => {
+                        assert!(msg.contains(&missing.to_string()), "{usages:?}: {msg}")
+                    }
+                    other => panic!("{usages:?}: {other:?}"),
+                }
+                assert_eq!(e.reason(), "invalid");
+            }
+        }
+    }
+
+    #[test]
+    fn a_leaf_without_extended_key_usage_serves_both_usages() {
+        let pki = Pki::shared(TD);
+        let leaf = Leaf {
+            eku: None,
+            ..Leaf::default()
+        };
+        from_svid(pki.craft(API, leaf), pki.roots(), BOTH).expect("no EKU means any purpose");
+    }
+
+    #[test]
+    fn a_leaf_whose_key_usage_lacks_digital_signature_is_refused() {
+        let pki = Pki::shared(TD);
+        let leaf = Leaf {
+            key_usage: KEY_ENCIPHERMENT,
+            ..Leaf::default()
+        };
+        assert_ne!(KEY_ENCIPHERMENT, DIGITAL_SIGNATURE);
+        let e = refused(from_svid(pki.craft(API, leaf), pki.roots(), BOTH));
+        match &e {
+            MaterialError::Cert(msg) => {
+                assert!(
+                    msg.contains(&SvidError::NoDigitalSignature.to_string()),
+                    "{msg}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leaf_with_a_p384_key_is_refused() {
+        let pki = Pki::shared(TD);
+        let leaf = Leaf {
+            p384: true,
+            ..Leaf::default()
+        };
+        let e = refused(from_svid(pki.craft(API, leaf), pki.roots(), BOTH));
+        assert!(
+            matches!(&e, MaterialError::Cert(m) if m.contains("leaf key")),
+            "{e:?}"
+        );
+        assert_eq!(e.reason(), "invalid");
+    }
+
+    #[test]
+    fn an_empty_chain_or_bundle_is_invalid() {
+        let pki = Pki::shared(TD);
+        let s = pki.issue(API);
+        let e = refused(Identity::from_parts(
+            s.chain.clone(),
+            s.key.clone_key(),
+            Vec::new(),
+            BOTH,
+            None,
+        ));
+        assert!(matches!(e, MaterialError::Bundle(_)), "{e:?}");
+        assert_eq!(e.reason(), "invalid");
+        let e = refused(Identity::from_parts(
+            Vec::new(),
+            s.key,
+            pki.roots(),
+            BOTH,
+            None,
+        ));
+        assert!(matches!(e, MaterialError::Cert(_)), "{e:?}");
+        assert_eq!(e.reason(), "invalid");
+    }
+
+    #[test]
+    fn parse_pem_says_which_part_is_unreadable() {
+        let pki = Pki::shared(TD);
+        let s = pki.issue(API);
+        let (cert, key, bundle) = (s.chain_pem(), s.key_pem(), pki.bundle_pem());
+        let (chain, k, roots) =
+            parse_pem(cert.as_bytes(), key.as_bytes(), bundle.as_bytes()).expect("PEM");
+        assert_eq!(chain, s.chain);
+        assert_eq!(k.secret_der(), s.key.secret_der());
+        assert_eq!(roots, pki.roots());
+        let e = parse_pem(cert.as_bytes(), key.as_bytes(), b"junk").unwrap_err();
+        assert!(matches!(e, MaterialError::Bundle(_)), "{e:?}");
+        let e = parse_pem(b"junk", key.as_bytes(), bundle.as_bytes()).unwrap_err();
+        assert!(matches!(e, MaterialError::Cert(_)), "{e:?}");
+        let e = parse_pem(cert.as_bytes(), b"junk", bundle.as_bytes()).unwrap_err();
+        assert!(matches!(e, MaterialError::Key(_)), "{e:?}");
+    }
+
+    #[test]
+    fn every_material_error_reason_is_a_reload_result() {
+        let all = [
+            MaterialError::Unreadable("x".into()),
+            MaterialError::Bundle("x".into()),
+            MaterialError::Cert("x".into()),
+            MaterialError::Key("x".into()),
+            MaterialError::KeyMismatch,
+            MaterialError::ForeignTrustDomain {
+                expected: "a".into(),
+                got: "b".into(),
+            },
+            MaterialError::IdChanged {
+                expected: "a".into(),
+                got: "b".into(),
+            },
+            MaterialError::Verify(VerifyError::Expired),
+            MaterialError::Verify(VerifyError::NotYetValid),
+            MaterialError::Verify(VerifyError::UnknownIssuer),
+            MaterialError::Verify(VerifyError::ForeignTrustDomain {
+                expected: "a".into(),
+                got: "b".into(),
+            }),
+            MaterialError::Verify(VerifyError::Svid(SvidError::NoUriSan)),
+            MaterialError::Verify(VerifyError::BadChain("x".into())),
+            MaterialError::Verify(VerifyError::BadKeyUsage("x")),
+        ];
+        let reasons: BTreeSet<&str> = all.iter().map(MaterialError::reason).collect();
+        for r in &reasons {
+            assert!(RELOAD_RESULTS.contains(r), "{r} is not a reload result");
+        }
+        // Every refusal label of the metric is reachable.
+        let refusals: BTreeSet<&str> = RELOAD_RESULTS.into_iter().filter(|r| *r != "ok").collect();
+        assert_eq!(reasons, refusals);
+    }
+
+    fn files_config(dir: &Path, source: Option<IdentitySource>) -> IdentityConfig {
+        IdentityConfig {
+            trust_bundle: dir.join("bundle.pem"),
+            source: source.unwrap_or_else(|| {
+                IdentitySource::Files(FilesSourceConfig {
+                    cert: dir.join("tls.crt"),
+                    key: dir.join("tls.key"),
+                })
+            }),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+
+    fn write_files(dir: &Path, cert: &str, key: &str, bundle: &str) {
+        std::fs::write(dir.join("tls.crt"), cert).expect("write cert");
+        std::fs::write(dir.join("tls.key"), key).expect("write key");
+        std::fs::write(dir.join("bundle.pem"), bundle).expect("write bundle");
+    }
+
+    #[test]
+    fn load_reads_valid_files() {
+        let pki = Pki::shared(TD);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = pki.issue(API);
+        write_files(dir.path(), &s.chain_pem(), &s.key_pem(), &pki.bundle_pem());
+        let id = Identity::load(&files_config(dir.path(), None), BOTH).expect("load");
+        assert_eq!(id.id, pki.id(API));
+        assert_eq!(id.certified.cert, s.chain);
+    }
+
+    #[test]
+    fn load_names_the_configuration_key_of_each_problem() {
+        let pki = Pki::shared(TD);
+        let s = pki.issue(API);
+        let other = pki.issue(API);
+        let expired = pki.craft(
+            API,
+            Leaf {
+                not_before: -7200,
+                not_after: -3600,
+                ..Leaf::default()
+            },
+        );
+        let (cert, key, bundle) = (s.chain_pem(), s.key_pem(), pki.bundle_pem());
+        let other_key = other.key_pem();
+        let (expired_cert, expired_key) = (expired.chain_pem(), expired.key_pem());
+        // (files written, or None for "this one is missing"), key named, text in the message
+        let cases: [(&str, [Option<&str>; 3], &str, &str); 8] = [
+            (
+                "missing cert",
+                [None, Some(&key), Some(&bundle)],
+                "identity.files.cert",
+                "cannot read",
+            ),
+            (
+                "missing key",
+                [Some(&cert), None, Some(&bundle)],
+                "identity.files.key",
+                "cannot read",
+            ),
+            (
+                "missing bundle",
+                [Some(&cert), Some(&key), None],
+                "identity.trust_bundle",
+                "cannot read",
+            ),
+            (
+                "junk cert",
+                [Some("junk"), Some(&key), Some(&bundle)],
+                "identity.files.cert",
+                "certificate",
+            ),
+            (
+                "junk key",
+                [Some(&cert), Some("junk"), Some(&bundle)],
+                "identity.files.key",
+                "private key",
+            ),
+            (
+                "junk bundle",
+                [Some(&cert), Some(&key), Some("junk")],
+                "identity.trust_bundle",
+                "trust bundle",
+            ),
+            (
+                "key of another certificate",
+                [Some(&cert), Some(&other_key), Some(&bundle)],
+                "identity.files.key",
+                "does not match",
+            ),
+            (
+                "expired",
+                [Some(&expired_cert), Some(&expired_key), Some(&bundle)],
+                "identity.files.cert",
+                "does not verify against identity.trust_bundle: certificate has expired",
+            ),
+        ];
+        for (what, [c, k, b], want_key, says) in cases {
+            let dir = tempfile::tempdir().expect("temp dir");
+            for (name, content) in [("tls.crt", c), ("tls.key", k), ("bundle.pem", b)] {
+                if let Some(text) = content {
+                    std::fs::write(dir.path().join(name), text).expect("write");
+                }
+            }
+            let e = Identity::load(&files_config(dir.path(), None), BOTH).unwrap_err();
+            let key = match &e {
+                IdentityError::Read { key, .. } | IdentityError::Invalid { key, .. } => *key,
+            };
+            assert_eq!(key, want_key, "{what}: {e}");
+            assert!(e.to_string().starts_with(want_key), "{what}: {e}");
+            assert!(e.to_string().contains(says), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn load_refuses_a_configuration_without_identity_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = crate::Config::parse(
+            "[identity]\ntrust_bundle = \"b\"\n[identity.ca]\nurl = \"https://ca:1\"\nspiffe_id = \"spiffe://td/a\"\njoin_token_file = \"t\"\n[outbound]\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("config");
+        let cfg = files_config(dir.path(), Some(cfg.identity.source));
+        match Identity::load(&cfg, BOTH).unwrap_err() {
+            IdentityError::Invalid { key, .. } => assert_eq!(key, "identity.files"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn resolver(store: &Arc<IdentityStore>) -> Option<Arc<CertifiedKey>> {
+        ResolvesClientCert::resolve(
+            &CertResolver {
+                store: store.clone(),
+            },
+            &[],
+            &[],
+        )
+    }
+
+    #[test]
+    fn replace_swaps_the_certificate_and_the_verifier_in_use() {
+        let pki = Pki::shared(TD);
+        let other = Pki::new(TD);
+        let store = IdentityStore::new(pki.identity(API));
+        let first = store.current();
+        assert!(Arc::ptr_eq(
+            &resolver(&store).expect("a certificate"),
+            &first.certified
+        ));
+        let policy = StorePolicy(store.clone());
+        let roots = |p: &StorePolicy| p.with_verifier(|v| v.bundle().roots().to_vec());
+        assert_eq!(roots(&policy), Some(pki.roots()));
+
+        // The next identity trusts both roots.
+        let s = pki.issue(API);
+        let both_roots = [pki.roots(), other.roots()].concat();
+        let next = Identity::from_parts(s.chain, s.key, both_roots.clone(), BOTH, None)
+            .expect("next identity");
+        let next_cert = next.certified.clone();
+        store.replace(next);
+        assert!(Arc::ptr_eq(
+            &resolver(&store).expect("a certificate"),
+            &next_cert
+        ));
+        assert!(!Arc::ptr_eq(&next_cert, &first.certified));
+        assert_eq!(roots(&policy), Some(both_roots));
+        // Whoever held the old identity still has it, intact.
+        assert_eq!(first.roots.len(), 1);
+    }
+
+    #[test]
+    fn an_empty_store_presents_nothing_and_refuses_peers_as_protocol() {
+        let pki = Pki::shared(TD);
+        let store = IdentityStore::empty();
+        assert!(store.get().is_none());
+        assert!(resolver(&store).is_none());
+        let policy = StorePolicy(store.clone());
+        assert!(policy.with_verifier(|_| ()).is_none());
+        let leaf = pki.issue(WEB).chain.remove(0);
+        let f = classify(&io::Error::new(
+            io::ErrorKind::InvalidData,
+            policy.refuse(Refusal::NoIdentity, &leaf),
+        ));
+        assert_eq!(f.reason, "protocol");
+        assert_eq!(f.peer_id.as_deref(), Some(pki.id(WEB).as_str()));
+    }
+
+    #[tokio::test]
+    async fn wait_held_resolves_once_an_identity_is_installed() {
+        let pki = Pki::shared(TD);
+        let store = IdentityStore::empty();
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_held().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "resolved with nothing held");
+        let metrics = crate::metrics::Metrics::new().expect("metrics");
+        let id = pki.identity(API);
+        let not_after = id.not_after;
+        store.install(id, &metrics, "test");
+        tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("wait_held did not resolve")
+            .expect("task");
+        assert_eq!(store.current().id, pki.id(API));
+        assert_eq!(metrics.cert_expiry.get(), not_after as f64);
+        // A store created with an identity is held from the start.
+        tokio::time::timeout(
+            Duration::from_millis(100),
+            IdentityStore::new(pki.identity(API)).wait_held(),
+        )
+        .await
+        .expect("held from the start");
+    }
+
+    #[test]
+    fn peer_identity_from_certs_names_the_leaf() {
+        let pki = Pki::shared(TD);
+        let s = pki.issue(WEB);
+        let p = PeerIdentity::from_certs(Some(&s.chain)).expect("peer");
+        assert_eq!(p.id, pki.id(WEB));
+        assert_eq!(p.leaf, s.chain[0]);
+        assert_eq!(p.cert_sha256, keys::sha256(&s.chain[0]));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&s.chain[0]).expect("leaf");
+        assert_eq!(p.spki_sha256, keys::sha256(parsed.public_key().raw));
+        assert_ne!(p.spki_sha256, p.cert_sha256);
+    }
+
+    #[test]
+    fn peer_identity_from_certs_is_none_without_a_usable_leaf() {
+        let pki = Pki::shared(TD);
+        assert!(PeerIdentity::from_certs(None).is_none());
+        assert!(PeerIdentity::from_certs(Some(&[])).is_none());
+        let junk = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])];
+        assert!(PeerIdentity::from_certs(Some(&junk)).is_none());
+        // No verification happens here (the verifier has decided by then):
+        // a root's trust-domain ID is named like any other.
+        let root = pki.roots();
+        let got = PeerIdentity::from_certs(Some(&root)).map(|p| p.id.to_string());
+        assert_eq!(got.as_deref(), Some(format!("spiffe://{TD}").as_str()));
+    }
+
+    fn io_err(e: rustls::Error) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn classify_maps_each_refusal_to_its_handshake_label() {
+        let pki = Pki::shared(TD);
+        let store = IdentityStore::new(pki.identity(API));
+        let policy = StorePolicy(store);
+        let leaf = pki.issue(WEB).chain.remove(0);
+        let refusal = |why: Refusal| io_err(policy.refuse(why, &leaf));
+        let cases: Vec<(io::Error, &str)> = vec![
+            (refusal(Refusal::NoIdentity), "protocol"),
+            (
+                refusal(Refusal::Invalid(VerifyError::NoCertificate)),
+                "no_client_cert",
+            ),
+            (
+                refusal(Refusal::Invalid(VerifyError::UnknownIssuer)),
+                "unknown_ca",
+            ),
+            (refusal(Refusal::Invalid(VerifyError::Expired)), "expired"),
+            (
+                refusal(Refusal::Invalid(VerifyError::NotYetValid)),
+                "not_yet_valid",
+            ),
+            (
+                refusal(Refusal::Invalid(VerifyError::Svid(SvidError::NoUriSan))),
+                "bad_identity",
+            ),
+            (
+                refusal(Refusal::Invalid(VerifyError::ForeignTrustDomain {
+                    expected: "a".into(),
+                    got: "b".into(),
+                })),
+                "bad_identity",
+            ),
+            (
+                refusal(Refusal::Mismatch(keyproof_ca::tls::IdentityMismatch {
+                    expected: "a".into(),
+                    got: "b".into(),
+                })),
+                "identity_mismatch",
+            ),
+            (
+                refusal(Refusal::Possession(rustls::Error::InvalidCertificate(
+                    CertificateError::BadSignature,
+                ))),
+                "possession_failed",
+            ),
+            (
+                refusal(Refusal::Invalid(VerifyError::BadKeyUsage("x"))),
+                "bad_key_usage",
+            ),
+            (
+                refusal(Refusal::Invalid(VerifyError::Svid(SvidError::LeafIsCa))),
+                "bad_key_usage",
+            ),
+            (
+                refusal(Refusal::Invalid(VerifyError::Svid(
+                    SvidError::UnsupportedKey("x".into()),
+                ))),
+                "unsupported_key",
+            ),
+            (
+                io_err(rustls::Error::NoCertificatesPresented),
+                "no_client_cert",
+            ),
+            (
+                io_err(rustls::Error::InvalidCertificate(
+                    CertificateError::BadEncoding,
+                )),
+                "unknown_ca",
+            ),
+            (
+                io_err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(io::Error::other("not ours"))),
+                ))),
+                "protocol",
+            ),
+            (
+                io_err(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::BadCertificate,
+                )),
+                "protocol",
+            ),
+            (
+                io::Error::new(io::ErrorKind::UnexpectedEof, "eof"),
+                "protocol",
+            ),
+        ];
+        let mut seen = BTreeSet::new();
+        for (err, want) in &cases {
+            let f = classify(err);
+            assert_eq!(f.reason, *want, "{err}");
+            assert!(HANDSHAKE_RESULTS.contains(&f.reason), "{}", f.reason);
+            seen.insert(f.reason);
+        }
+        // Everything but success and the accept loop's own timeout comes
+        // from classify.
+        let expected: BTreeSet<&str> = HANDSHAKE_RESULTS
+            .into_iter()
+            .filter(|r| !matches!(*r, "ok" | "timeout"))
+            .collect();
+        assert_eq!(seen, expected);
+        // Our own refusals carry the caller's ID and the verifier's words.
+        let f = classify(&cases[3].0);
+        assert_eq!(f.peer_id.as_deref(), Some(pki.id(WEB).as_str()));
+        assert_eq!(f.message, VerifyError::Expired.to_string());
+    }
+
+    // ---- real handshakes over an in-memory stream --------------------------
+
+    #[derive(Debug)]
+    struct Present(Arc<CertifiedKey>);
+
+    impl ResolvesClientCert for Present {
+        fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+
+    struct Outcome {
+        /// The server's view: the caller, or why the handshake failed.
+        server: io::Result<Option<PeerIdentity>>,
+        /// The client's view: the server's leaf, or why it failed.
+        client: io::Result<CertificateDer<'static>>,
+    }
+
+    async fn handshake(server: rustls::ServerConfig, client: rustls::ClientConfig) -> Outcome {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = TlsAcceptor::from(Arc::new(server));
+        let connector = TlsConnector::from(Arc::new(client));
+        let name = ServerName::try_from("localhost").expect("name");
+        let serve = async {
+            let tls = acceptor.accept(s).await?;
+            Ok(PeerIdentity::from_certs(
+                tls.get_ref().1.peer_certificates(),
+            ))
+        };
+        let call = async {
+            let tls = connector.connect(name, c).await?;
+            let leaf = tls.get_ref().1.peer_certificates().map(|c| c[0].clone());
+            leaf.ok_or_else(|| io::Error::other("no server certificate"))
+        };
+        let (server, client) =
+            tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(serve, call) })
+                .await
+                .expect("handshake hung");
+        Outcome { server, client }
+    }
+
+    fn any_in(td: &str) -> IdPattern {
+        IdPattern::parse(&format!("spiffe://{td}/*")).expect("pattern")
+    }
+
+    /// A client presenting `svid` whatever it is, trusting `trust`'s bundle.
+    fn client_presenting(trust: &Arc<IdentityStore>, svid: &Svid) -> rustls::ClientConfig {
+        let mut cfg = client_config(trust, any_in(TD), &[b"h2"]).expect("client config");
+        cfg.client_auth_cert_resolver = Arc::new(Present(svid.certified()));
+        cfg
+    }
+
+    #[tokio::test]
+    async fn a_replaced_identity_is_presented_in_the_next_handshake() {
+        let pki = Pki::shared(TD);
+        let server = IdentityStore::new(pki.identity(API));
+        let client = IdentityStore::new(pki.identity(WEB));
+        let cfg = server_config(&server).expect("server config");
+        let ccfg = client_config(&client, any_in(TD), &[b"h2"]).expect("client config");
+        let first = handshake(cfg.clone(), ccfg.clone()).await;
+        let caller = first.server.expect("server side").expect("caller");
+        assert_eq!(caller.id, pki.id(WEB));
+        assert_eq!(
+            first.client.expect("client side"),
+            server.current().certified.cert[0]
+        );
+
+        let next = pki.identity(API);
+        let next_leaf = next.certified.cert[0].clone();
+        server.replace(next);
+        // Same rustls configurations: the swap needs no rebuild.
+        let second = handshake(cfg, ccfg).await;
+        assert_eq!(second.client.expect("client side"), next_leaf);
+        assert!(second.server.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_verifiers_use_the_bundle_of_the_replaced_identity() {
+        let pki = Pki::shared(TD);
+        let newer = Pki::new(TD);
+        let server = IdentityStore::new(pki.identity(API));
+        // The caller's certificate comes from a second root of the trust
+        // domain, which the server does not trust yet.
+        let s = newer.issue(WEB);
+        let both_roots = [pki.roots(), newer.roots()].concat();
+        let client = IdentityStore::new(
+            Identity::from_parts(s.chain, s.key, both_roots.clone(), BOTH, None).expect("client"),
+        );
+        let cfg = server_config(&server).expect("server config");
+        let ccfg = client_config(&client, any_in(TD), &[b"h2"]).expect("client config");
+        let before = handshake(cfg.clone(), ccfg.clone()).await;
+        let e = before
+            .server
+            .expect_err("caller of an untrusted root accepted");
+        let f = classify(&e);
+        assert_eq!(f.reason, "unknown_ca", "{}", f.message);
+        assert_eq!(f.peer_id.as_deref(), Some(newer.id(WEB).as_str()));
+
+        let s = pki.issue(API);
+        server
+            .replace(Identity::from_parts(s.chain, s.key, both_roots, BOTH, None).expect("server"));
+        let after = handshake(cfg, ccfg).await;
+        let caller = after.server.expect("server side").expect("caller");
+        assert_eq!(caller.id, newer.id(WEB));
+    }
+
+    #[tokio::test]
+    async fn handshake_failures_are_classified_by_what_the_peer_got_wrong() {
+        let pki = Pki::shared(TD);
+        let other_td = Pki::shared("other.keyproof.test");
+        let s = pki.issue(API);
+        let server = IdentityStore::new(
+            Identity::from_parts(
+                s.chain,
+                s.key,
+                [pki.roots(), other_td.roots()].concat(),
+                BOTH,
+                None,
+            )
+            .expect("server"),
+        );
+        let trust = IdentityStore::new(pki.identity(WEB));
+        let cfg = server_config(&server).expect("server config");
+        let valid = pki.issue(WEB);
+        let impostor = Svid {
+            chain: valid.chain.clone(),
+            key: pki.issue(WEB).key,
+        };
+        let cases: Vec<(&str, Svid, &str)> = vec![
+            (
+                "expired",
+                pki.craft(
+                    WEB,
+                    Leaf {
+                        not_before: -7200,
+                        not_after: -3600,
+                        ..Leaf::default()
+                    },
+                ),
+                "expired",
+            ),
+            (
+                "not yet valid",
+                pki.craft(
+                    WEB,
+                    Leaf {
+                        not_before: 3600,
+                        not_after: 7200,
+                        ..Leaf::default()
+                    },
+                ),
+                "not_yet_valid",
+            ),
+            (
+                "server-only EKU",
+                pki.craft(
+                    WEB,
+                    Leaf {
+                        eku: Some(&[SERVER_AUTH]),
+                        ..Leaf::default()
+                    },
+                ),
+                "bad_key_usage",
+            ),
+            (
+                "CA as leaf",
+                pki.craft(
+                    WEB,
+                    Leaf {
+                        ca: true,
+                        ..Leaf::default()
+                    },
+                ),
+                "bad_key_usage",
+            ),
+            (
+                "P-384 key",
+                pki.craft(
+                    WEB,
+                    Leaf {
+                        p384: true,
+                        ..Leaf::default()
+                    },
+                ),
+                "unsupported_key",
+            ),
+            ("another trust domain", other_td.issue(WEB), "bad_identity"),
+            ("unknown root", Pki::new(TD).issue(WEB), "unknown_ca"),
+            ("certificate without its key", impostor, "possession_failed"),
+        ];
+        for (what, svid, want) in cases {
+            let out = handshake(cfg.clone(), client_presenting(&trust, &svid)).await;
+            let e = match out.server {
+                Ok(_) => panic!("{what}: accepted"),
+                Err(e) => e,
+            };
+            let f = classify(&e);
+            assert_eq!(f.reason, want, "{what}: {}", f.message);
+        }
+
+        // The control: the same client with a valid certificate gets in.
+        let out = handshake(cfg.clone(), client_presenting(&trust, &valid)).await;
+        assert!(out.server.is_ok(), "{:?}", out.server.err());
+
+        // No client certificate at all.
+        let no_cert = rustls::ClientConfig::builder_with_provider(keyproof_ca::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(SvidServerVerifier::new(
+                StorePolicy(trust.clone()),
+                any_in(TD),
+            ))
+            .with_no_client_auth();
+        let out = handshake(cfg.clone(), no_cert).await;
+        assert_eq!(classify(&out.server.unwrap_err()).reason, "no_client_cert");
+
+        // The client expects another workload: its own side fails.
+        let wrong = client_config(
+            &trust,
+            IdPattern::parse(&format!("spiffe://{TD}/ns/x/sa/y")).expect("id"),
+            &[b"h2"],
+        )
+        .expect("client config");
+        let out = handshake(cfg.clone(), wrong).await;
+        let f = classify(&out.client.unwrap_err());
+        assert_eq!(f.reason, "identity_mismatch", "{}", f.message);
+        assert_eq!(f.peer_id.as_deref(), Some(pki.id(API).as_str()));
+
+        // Not TLS at all.
+        let (mut c, s) = tokio::io::duplex(4096);
+        tokio::io::AsyncWriteExt::write_all(&mut c, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let e = TlsAcceptor::from(Arc::new(cfg))
+            .accept(s)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(classify(&e).reason, "protocol");
+    }
+}

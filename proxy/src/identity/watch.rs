@@ -135,4 +135,62 @@ mod tests {
             .await
             .expect("a write to a watched file was not noticed");
     }
+
+    /// What the kubelet does to a Secret volume: the visible files are
+    /// symlinks through `..data`, and an update writes a new timestamped
+    /// directory and renames a fresh `..data` symlink over the old one. The
+    /// inode of `tls.crt` never changes, only the directory does.
+    #[tokio::test]
+    async fn a_kubernetes_data_symlink_swap_is_a_change() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        let v1 = root.join("..2024_01_01_00_00_00.000000001");
+        std::fs::create_dir(&v1).expect("mkdir");
+        std::fs::write(v1.join("tls.crt"), b"one").expect("write");
+        symlink(v1.file_name().expect("name"), root.join("..data")).expect("..data");
+        symlink("..data/tls.crt", root.join("tls.crt")).expect("tls.crt");
+        let file = root.join("tls.crt");
+        assert_eq!(std::fs::read(&file).expect("read"), b"one");
+        let mut watch = FileWatch::start(&[file.as_path()], Duration::from_secs(3600));
+
+        let v2 = root.join("..2024_01_01_00_01_00.000000002");
+        std::fs::create_dir(&v2).expect("mkdir");
+        std::fs::write(v2.join("tls.crt"), b"two").expect("write");
+        symlink(v2.file_name().expect("name"), root.join("..data_tmp")).expect("..data_tmp");
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+        std::fs::remove_dir_all(&v1).expect("old version");
+
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("the ..data swap was not noticed");
+        assert_eq!(std::fs::read(&file).expect("read"), b"two");
+    }
+
+    /// Where no event is delivered, the periodic tick still says "look".
+    #[tokio::test]
+    async fn the_interval_ticks_without_any_event() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("tls.crt");
+        std::fs::write(&file, b"one").expect("write");
+        let mut watch = FileWatch::start(&[file.as_path()], Duration::from_millis(100));
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(2), watch.changed())
+                .await
+                .expect("no tick");
+        }
+    }
+
+    /// A watch on a directory that does not exist fails, and is not fatal:
+    /// the periodic re-read goes on.
+    #[tokio::test]
+    async fn an_unwatchable_directory_still_ticks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("missing").join("tls.crt");
+        let mut watch = FileWatch::start(&[file.as_path()], Duration::from_millis(100));
+        assert!(watch._watcher.is_none());
+        tokio::time::timeout(Duration::from_secs(2), watch.changed())
+            .await
+            .expect("no tick");
+    }
 }
