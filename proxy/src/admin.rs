@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(json["chain"].as_array().map(Vec::len), Some(2));
         assert_eq!(
             json["trust_roots"][0]["sha256"],
-            keyproof_ca::keys::fingerprint(&pki.roots()[0])
+            keyproof_identity::keys::fingerprint(&pki.roots()[0])
         );
         // Nothing of the key.
         assert!(

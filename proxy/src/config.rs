@@ -802,6 +802,17 @@ fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
             format!("invalid SPIFFE ID {:?}: {e}", raw.spiffe_id),
         )
     })?;
+    if !spiffe_id.is_workload() {
+        // The CA signs only workload IDs; without this the sidecar would
+        // start and then fail its bootstrap for ever.
+        return Err(invalid(
+            "identity.ca.spiffe_id",
+            format!(
+                "{spiffe_id} names the trust domain, not a workload; the CA issues only IDs with a path, e.g. spiffe://{}/ns/NAMESPACE/sa/ACCOUNT",
+                spiffe_id.trust_domain_name()
+            ),
+        ));
+    }
     let server_id = match &raw.server_id {
         Some(s) => IdPattern::parse(s).map_err(|e| {
             invalid(
@@ -1509,7 +1520,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "bug: [identity.ca] spiffe_id accepts a trust-domain ID without a path, which the CA never issues (bootstrap then fails forever as ca_refused)"]
     fn a_ca_spiffe_id_without_a_workload_path_is_refused() {
         let (key, msg) = invalid_key(&ca("").replace("spiffe://td/ns/a/sa/b", "spiffe://td"));
         assert_eq!(key, "identity.ca.spiffe_id", "{msg}");
@@ -1705,7 +1715,7 @@ mod tests {
             panic!("not ca")
         };
         assert_eq!(c.url, "https://ca.svc:8443");
-        assert_eq!(c.key_type, keyproof_ca::keys::KeyType::EcdsaP256);
+        assert_eq!(c.key_type, keyproof_identity::keys::KeyType::EcdsaP256);
         assert_eq!(c.bundle_refresh, Duration::from_secs(300));
         assert_eq!(c.server_id.to_string(), "spiffe://td/keyproof-ca");
         assert_eq!(c.join_token_file, PathBuf::from("t"));
@@ -1722,7 +1732,7 @@ mod tests {
             panic!("not ca")
         };
         assert_eq!(c.url, "https://ca.svc:8443");
-        assert_eq!(c.key_type, keyproof_ca::keys::KeyType::Ed25519);
+        assert_eq!(c.key_type, keyproof_identity::keys::KeyType::Ed25519);
         assert_eq!(c.server_id.to_string(), "spiffe://td/ca/*");
 
         let id = "spiffe://td/ns/a/sa/b";

@@ -868,7 +868,7 @@ mod tests {
     #[test]
     fn the_signature_cache_counters_follow_the_process_wide_cache() {
         let m = Metrics::new().expect("metrics");
-        let before = keyproof_ca::sigcache::SigCache::global().stats();
+        let before = keyproof_identity::sigcache::SigCache::global().stats();
         // Loading an identity verifies its chain: a fresh one is a miss.
         let pki = crate::identity::store::test_pki::Pki::shared("metrics.keyproof.test");
         pki.identity("/ns/demo/sa/api");

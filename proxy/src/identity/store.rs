@@ -709,8 +709,9 @@ pub(crate) mod test_pki {
     use keyproof_ca::ca::InitOptions;
     use keyproof_ca::csr::SubjectKey;
     use keyproof_ca::issue::IssueRequest;
-    use keyproof_ca::keys::{self, KeyType};
-    use keyproof_ca::{Ca, SpiffeId, TrustDomain, Usage};
+    use keyproof_ca::Ca;
+    use keyproof_identity::keys::{self, KeyType};
+    use keyproof_identity::{SpiffeId, TrustDomain, Usage};
     use rustls::sign::CertifiedKey;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -1006,7 +1007,7 @@ mod tests {
     use std::collections::BTreeSet;
     use std::time::Duration;
 
-    use keyproof_ca::svid::SvidError;
+    use keyproof_identity::svid::SvidError;
     use rustls::client::ResolvesClientCert;
     use rustls_pki_types::ServerName;
     use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -1646,10 +1647,12 @@ mod tests {
                 "bad_identity",
             ),
             (
-                refusal(Refusal::Mismatch(keyproof_ca::tls::IdentityMismatch {
-                    expected: "a".into(),
-                    got: "b".into(),
-                })),
+                refusal(Refusal::Mismatch(
+                    keyproof_identity::tls::IdentityMismatch {
+                        expected: "a".into(),
+                        got: "b".into(),
+                    },
+                )),
                 "identity_mismatch",
             ),
             (
@@ -1928,15 +1931,16 @@ mod tests {
         assert!(out.server.is_ok(), "{:?}", out.server.err());
 
         // No client certificate at all.
-        let no_cert = rustls::ClientConfig::builder_with_provider(keyproof_ca::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .dangerous()
-            .with_custom_certificate_verifier(SvidServerVerifier::new(
-                StorePolicy(trust.clone()),
-                any_in(TD),
-            ))
-            .with_no_client_auth();
+        let no_cert =
+            rustls::ClientConfig::builder_with_provider(keyproof_identity::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .dangerous()
+                .with_custom_certificate_verifier(SvidServerVerifier::new(
+                    StorePolicy(trust.clone()),
+                    any_in(TD),
+                ))
+                .with_no_client_auth();
         let out = handshake(cfg.clone(), no_cert).await;
         assert_eq!(classify(&out.server.unwrap_err()).reason, "no_client_cert");
 
