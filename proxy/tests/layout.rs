@@ -303,10 +303,19 @@ fn hot_list_items() -> Vec<(Vec<String>, String)> {
                 segs.push(seg.to_owned());
                 s = &s[n + len..];
             }
-            // The last segment is the hash; closures and shims are named by
-            // the function they are in.
+            // The last segment is the hash. What follows a closure or an
+            // impl block (`{{closure}}`, `_<impl ...>`, derive output) is
+            // named by the code around it, so the path stops there; generic
+            // parameters (`Foo$LT$B$GT$`) are not part of the name.
             segs.pop();
-            segs.retain(|s| !s.starts_with('_') && !s.starts_with('{'));
+            if let Some(cut) = segs.iter().position(|s| s.starts_with('_') || s.starts_with('{')) {
+                segs.truncate(cut);
+            }
+            for seg in &mut segs {
+                if let Some(i) = seg.find('$') {
+                    seg.truncate(i);
+                }
+            }
             if let Some(item) = segs.pop() {
                 out.push((segs, item));
             }
