@@ -1287,7 +1287,7 @@ mod tests {
         let app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
         let pool = H1Pool::new(
             &app.addr,
-            Duration::from_millis(100),
+            Duration::from_millis(150),
             Duration::from_secs(10),
             1024,
             H1Bounds {

@@ -1045,20 +1045,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_body_that_keeps_progressing_is_not_stalled() {
-        let srv = server(limits(), open(), echo).await;
+        let patient = ServerLimits {
+            body_timeout: Duration::from_millis(150),
+            ..limits()
+        };
+        let srv = server(patient, open(), echo).await;
         let mut s = TcpStream::connect(srv.addr).await.unwrap();
-        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
+        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 6\r\n\r\n")
             .await
             .unwrap();
-        // 250 ms in all, more than body_timeout, but never 100 ms without
+        // 240 ms in all, more than body_timeout, but never 150 ms without
         // a byte.
-        for b in b"hello" {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for b in b"hello!" {
+            tokio::time::sleep(Duration::from_millis(40)).await;
             s.write_all(&[*b]).await.unwrap();
         }
         let mut buf = Vec::new();
         let r = response(&mut s, &mut buf, false).await.unwrap();
-        assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]));
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello!"[..]));
     }
 
     #[tokio::test]

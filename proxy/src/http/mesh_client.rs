@@ -663,22 +663,28 @@ mod tests {
     #[tokio::test]
     async fn a_body_the_peer_reset_is_no_longer_read() {
         // The server answers and resets the stream without reading the
-        // body, which would otherwise wait for ever.
-        let answer_and_reset = |_req: http::Request<RecvStream>,
-                                mut respond: SendResponse<Bytes>| async move {
-            let resp = http::Response::builder().status(413).body(()).unwrap();
-            let _ = respond.send_response(resp, true);
-            // After the client has the head: a reset queued with it would
-            // fail the response too.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            respond.send_reset(h2::Reason::NO_ERROR);
-        };
+        // body, which would otherwise wait for ever. The reset goes once
+        // the client has the head: queued with it, it would fail the
+        // response too.
+        let head_read = Arc::new(tokio::sync::Notify::new());
+        let go = head_read.clone();
+        let answer_and_reset =
+            move |_req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| {
+                let go = go.clone();
+                async move {
+                    let resp = http::Response::builder().status(413).body(()).unwrap();
+                    let _ = respond.send_response(resp, true);
+                    go.notified().await;
+                    respond.send_reset(h2::Reason::NO_ERROR);
+                }
+            };
         let (mesh, _stop) = connect(answer_and_reset).await;
         let (feed, body) = TestBody::channel(None);
         feed.send(data("start")).unwrap();
         let dropped = body.dropped.clone();
         let resp = send(&mesh, request(Method::POST, body)).await.ok().unwrap();
         assert_eq!(resp.status(), 413);
+        head_read.notify_one();
         let t = tokio::time::timeout(WAIT, async {
             while !dropped.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(5)).await;

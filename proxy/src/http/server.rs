@@ -693,7 +693,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_in_flight_or_progress_keeps_a_connection_from_idling() {
-        let idle = Duration::from_millis(30);
+        let idle = Duration::from_millis(100);
         let activity = Activity::default();
         let guard = StreamGuard::start(&activity);
         let mut conn = Parked::default();
@@ -705,7 +705,7 @@ mod tests {
             idle,
             &mut rx,
         ));
-        let early = tokio::time::timeout(idle * 5, driven.as_mut()).await;
+        let early = tokio::time::timeout(idle * 3, driven.as_mut()).await;
         assert!(early.is_err(), "closed with a stream in flight");
         drop(guard);
         // Progress alone (reads and writes of the outbound's HTTP/1.1
@@ -713,13 +713,13 @@ mod tests {
         let ticker = tokio::spawn({
             let activity = activity.clone();
             async move {
-                for _ in 0..15 {
+                for _ in 0..25 {
                     activity.fetch_add(PROGRESS, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         });
-        let early = tokio::time::timeout(Duration::from_millis(120), driven.as_mut()).await;
+        let early = tokio::time::timeout(Duration::from_millis(200), driven.as_mut()).await;
         assert!(early.is_err(), "closed while progress was made");
         ticker.await.unwrap();
         tokio::time::timeout(WAIT, driven)
