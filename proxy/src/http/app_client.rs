@@ -801,3 +801,654 @@ impl<B: SendBody> H2cConn<B> {
         Ok(send)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::http::traits::test_body::{data, trailers, TestBody};
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// What the fake app does with a request, decided from its head.
+    enum Reply {
+        /// Reads the body, writes these bytes, and waits for the next request.
+        Send(&'static str),
+        /// Reads the body, writes these bytes, and closes.
+        SendClose(&'static str),
+        /// Reads the body and closes without a byte of answer.
+        Close,
+        /// Writes these bytes at once, without reading the body, then reads
+        /// on until the client closes.
+        Early(&'static str),
+        /// Reads nothing more and never answers.
+        Hold,
+    }
+
+    /// A request as the app received it.
+    #[derive(Debug)]
+    struct Seen {
+        conn: usize,
+        head: String,
+        body: Vec<u8>,
+    }
+
+    struct App {
+        addr: String,
+        accepts: Arc<AtomicUsize>,
+        seen: mpsc::UnboundedReceiver<Seen>,
+        /// Per connection, when the client closed it.
+        closed: mpsc::UnboundedReceiver<usize>,
+    }
+
+    fn find(buf: &[u8], what: &[u8]) -> Option<usize> {
+        buf.windows(what.len()).position(|w| w == what)
+    }
+
+    async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// Reads a request head off `s`; `None` when the client closed.
+    async fn read_head_raw(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+        loop {
+            if let Some(p) = find(buf, b"\r\n\r\n") {
+                let head: Vec<u8> = buf.drain(..p + 4).collect();
+                return Some(String::from_utf8(head).expect("ascii head"));
+            }
+            if !fill(s, buf).await {
+                return None;
+            }
+        }
+    }
+
+    /// Reads the body the head announces, framing included as sent.
+    async fn read_body_raw(s: &mut TcpStream, buf: &mut Vec<u8>, head: &str) -> Vec<u8> {
+        let lower = head.to_ascii_lowercase();
+        let end = if let Some(l) = lower.split("content-length: ").nth(1) {
+            let n: usize = l.split("\r\n").next().unwrap().parse().unwrap();
+            while buf.len() < n && fill(s, buf).await {}
+            n.min(buf.len())
+        } else if lower.contains("transfer-encoding: chunked") {
+            loop {
+                // A complete chunked body ends with the last chunk and an
+                // empty line (the bodies sent here hold no "0\r\n" inside).
+                let last = find(buf, b"0\r\n").filter(|&p| p == 0 || buf[p - 1] == b'\n');
+                if let Some(end) =
+                    last.and_then(|p| find(&buf[p..], b"\r\n\r\n").map(|e| p + e + 4))
+                {
+                    break end;
+                }
+                if last.is_some_and(|p| &buf[p..] == b"0\r\n\r\n") {
+                    break buf.len();
+                }
+                if !fill(s, buf).await {
+                    break buf.len();
+                }
+            }
+        } else {
+            0
+        };
+        buf.drain(..end).collect()
+    }
+
+    async fn app(script: impl Fn(usize, usize, &str) -> Reply + Send + Sync + 'static) -> App {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let (closed_tx, closed) = mpsc::unbounded_channel();
+        let (count, script) = (accepts.clone(), Arc::new(script));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let conn = count.fetch_add(1, Ordering::SeqCst);
+                let (seen_tx, closed_tx, script) =
+                    (seen_tx.clone(), closed_tx.clone(), script.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut n = 0;
+                    while let Some(head) = read_head_raw(&mut s, &mut buf).await {
+                        let reply = script(conn, n, &head);
+                        n += 1;
+                        if let Reply::Early(bytes) = reply {
+                            let _ = s.write_all(bytes.as_bytes()).await;
+                            let _ = seen_tx.send(Seen {
+                                conn,
+                                head,
+                                body: Vec::new(),
+                            });
+                            while fill(&mut s, &mut buf).await {}
+                            break;
+                        }
+                        if let Reply::Hold = reply {
+                            let _ = seen_tx.send(Seen {
+                                conn,
+                                head,
+                                body: Vec::new(),
+                            });
+                            while fill(&mut s, &mut buf).await {}
+                            break;
+                        }
+                        let body = read_body_raw(&mut s, &mut buf, &head).await;
+                        let _ = seen_tx.send(Seen { conn, head, body });
+                        match reply {
+                            Reply::Send(bytes) => {
+                                let _ = s.write_all(bytes.as_bytes()).await;
+                            }
+                            Reply::SendClose(bytes) => {
+                                let _ = s.write_all(bytes.as_bytes()).await;
+                                return;
+                            }
+                            _ => return,
+                        }
+                    }
+                    let _ = closed_tx.send(conn);
+                });
+            }
+        });
+        App {
+            addr,
+            accepts,
+            seen,
+            closed,
+        }
+    }
+
+    fn always(bytes: &'static str) -> impl Fn(usize, usize, &str) -> Reply + Send + Sync {
+        move |_, _, _| Reply::Send(bytes)
+    }
+
+    fn pool_with(addr: &str, idle: Duration, bounds: H1Bounds) -> Arc<H1Pool> {
+        H1Pool::new(addr, Duration::from_secs(1), idle, 1024, bounds)
+    }
+
+    fn pool(addr: &str) -> Arc<H1Pool> {
+        pool_with(addr, Duration::from_secs(10), bounds())
+    }
+
+    fn bounds() -> H1Bounds {
+        H1Bounds {
+            max_connections: 8,
+            body_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn get(path: &str) -> Request<Empty<Bytes>> {
+        Request::get(path).body(Empty::new()).unwrap()
+    }
+
+    fn with_method(method: Method, path: &str) -> Request<Empty<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    async fn send<B: SendBody>(
+        pool: &Arc<H1Pool>,
+        req: Request<B>,
+    ) -> Result<Response<AppBody>, AppError> {
+        tokio::time::timeout(WAIT, pool.request(req))
+            .await
+            .expect("the request neither completed nor failed")
+    }
+
+    /// The body and trailers of a response.
+    async fn read(resp: Response<AppBody>) -> (Vec<u8>, Option<http::HeaderMap>) {
+        let c = tokio::time::timeout(WAIT, resp.into_body().collect())
+            .await
+            .expect("the body never ended")
+            .expect("the body failed");
+        let t = c.trailers().cloned();
+        (c.to_bytes().to_vec(), t)
+    }
+
+    #[tokio::test]
+    async fn a_content_length_response_is_read_and_its_connection_reused() {
+        let app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")).await;
+        let pool = pool(&app.addr);
+        for _ in 0..3 {
+            let resp = send(&pool, get("/")).await.unwrap();
+            assert_eq!(resp.body().size_hint().exact(), Some(5));
+            assert_eq!(read(resp).await.0, b"hello");
+        }
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_response_is_read_with_its_trailers() {
+        let app = app(always(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;e=1\r\nde\r\n0\r\ngrpc-status: 0\r\n\r\n",
+        ))
+        .await;
+        let pool = pool(&app.addr);
+        for _ in 0..2 {
+            let resp = send(&pool, get("/")).await.unwrap();
+            assert!(!resp.headers().contains_key(http::header::TRANSFER_ENCODING));
+            let (body, t) = read(resp).await;
+            assert_eq!(body, b"abcde");
+            assert_eq!(t.unwrap()["grpc-status"], "0");
+        }
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_without_framing_is_read_until_the_close_and_not_reused() {
+        let app = app(|_, _, _| Reply::SendClose("HTTP/1.1 200 OK\r\n\r\nuntil close")).await;
+        let pool = pool(&app.addr);
+        for _ in 0..2 {
+            let resp = send(&pool, get("/")).await.unwrap();
+            assert_eq!(read(resp).await.0, b"until close");
+        }
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_responses_have_no_body_and_keep_the_connection() {
+        let app = app(|_, n, _| {
+            Reply::Send(match n {
+                0 => "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                1 => "HTTP/1.1 204 No Content\r\n\r\n",
+                2 => "HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n",
+                _ => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            })
+        })
+        .await;
+        let pool = pool(&app.addr);
+        let resp = send(&pool, with_method(Method::HEAD, "/")).await.unwrap();
+        // The length the GET would have had stays for the caller.
+        assert_eq!(resp.headers()[http::header::CONTENT_LENGTH], "5");
+        assert!(resp.body().is_end_stream());
+        assert!(read(resp).await.0.is_empty());
+        for status in [204, 304] {
+            let resp = send(&pool, get("/")).await.unwrap();
+            assert_eq!(resp.status(), status);
+            assert!(read(resp).await.0.is_empty());
+        }
+        let resp = send(&pool, get("/")).await.unwrap();
+        assert_eq!(read(resp).await.0, b"ok");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped() {
+        let app = app(always(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+        ))
+        .await;
+        let pool = pool(&app.addr);
+        let resp = send(&pool, get("/")).await.unwrap();
+        assert_eq!(resp.status(), 201);
+        assert!(!resp.headers().contains_key("link"));
+        assert_eq!(read(resp).await.0, b"ok");
+    }
+
+    /// Answers the first request on the first connection, then closes
+    /// every connection at its next request without answering.
+    fn answers_once(conn: usize, n: usize, _head: &str) -> Reply {
+        if conn == 0 && n == 0 {
+            Reply::Send("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        } else if conn == 0 {
+            Reply::Close
+        } else {
+            Reply::Send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_on_a_pooled_connection_the_app_closed_goes_again_once() {
+        let app = app(answers_once).await;
+        let pool = pool(&app.addr);
+        send(&pool, get("/")).await.unwrap();
+        let resp = send(&pool, get("/"))
+            .await
+            .expect("retried on a new connection");
+        assert_eq!(read(resp).await.0, b"fresh");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_post_on_a_pooled_connection_the_app_closed_is_not_sent_again() {
+        let app = app(answers_once).await;
+        let pool = pool(&app.addr);
+        send(&pool, get("/")).await.unwrap();
+        let req = Request::post("/")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let e = send(&pool, req)
+            .await
+            .expect_err("a POST may have had effects");
+        assert!(matches!(e, AppError::Failed(_)), "{e:?}");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_retry_is_made_once_and_not_for_a_fresh_connection() {
+        // Every connection after the first closes unanswered: the retry
+        // fails as well, and is not retried again.
+        let app = app(|conn, n, _| {
+            if conn == 0 && n == 0 {
+                Reply::Send("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            } else {
+                Reply::Close
+            }
+        })
+        .await;
+        let pool = pool(&app.addr);
+        send(&pool, get("/")).await.unwrap();
+        let e = send(&pool, get("/")).await.expect_err("no answer");
+        assert!(matches!(e, AppError::Failed(_)), "{e:?}");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 2);
+        // Nothing pooled now: a new connection that closes is final.
+        let e = send(&pool, get("/")).await.expect_err("no answer");
+        assert!(matches!(e, AppError::Failed(_)), "{e:?}");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_past_idle_timeout_is_not_reused_and_is_reaped() {
+        let mut app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).await;
+        let pool = pool_with(&app.addr, Duration::from_millis(100), bounds());
+        send(&pool, get("/")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        send(&pool, get("/")).await.unwrap();
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 2);
+        // The first was dropped at checkout; the second is closed by the
+        // reaper (every 250 ms at the least) once stale.
+        let mut closed = Vec::new();
+        for _ in 0..2 {
+            let c = tokio::time::timeout(WAIT, app.closed.recv()).await;
+            closed.push(c.expect("an idle connection stayed open"));
+        }
+        closed.sort();
+        assert_eq!(closed, [Some(0), Some(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_stalled_past_body_timeout_fails_with_body_timeout() {
+        let app = app(|_, _, _| Reply::Hold).await;
+        let stall = Duration::from_millis(100);
+        let pool = pool_with(
+            &app.addr,
+            Duration::from_secs(10),
+            H1Bounds {
+                max_connections: 8,
+                body_timeout: stall,
+            },
+        );
+        let req = Request::post("/")
+            .body(TestBody::stalling(&["abc"], None))
+            .unwrap();
+        let e = send(&pool, req).await.expect_err("stalled");
+        assert!(matches!(e, AppError::BodyTimeout(d) if d == stall), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_response_head_larger_than_max_head_is_refused() {
+        let big: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nx: {}\r\nContent-Length: 0\r\n\r\n",
+                "a".repeat(2000)
+            )
+            .into_boxed_str(),
+        );
+        let app = app(always(big)).await;
+        let e = send(&pool(&app.addr), get("/"))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(&e, AppError::Failed(m) if m.contains("larger than 1024")),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_framed_by_their_known_size_or_chunked() {
+        let mut app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).await;
+        let pool = pool(&app.addr);
+        let mut seen = Vec::new();
+        let sized = Request::put("/a?q")
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap();
+        send(&pool, sized).await.unwrap();
+        let streamed = Request::post("/b")
+            .body(TestBody::steps(
+                vec![data("ab"), data("cd"), trailers(&[("x-t", "1")])],
+                None,
+            ))
+            .unwrap();
+        send(&pool, streamed).await.unwrap();
+        send(
+            &pool,
+            Request::post("/c").body(Empty::<Bytes>::new()).unwrap(),
+        )
+        .await
+        .unwrap();
+        send(&pool, get("/d")).await.unwrap();
+        for _ in 0..4 {
+            let s = app.seen.recv().await.unwrap();
+            assert_eq!(s.conn, 0, "one connection for all");
+            seen.push((s.head, String::from_utf8(s.body).unwrap()));
+        }
+        assert_eq!(seen[0].0, "PUT /a?q HTTP/1.1\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(seen[0].1, "hello");
+        assert_eq!(
+            seen[1].0,
+            "POST /b HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        assert_eq!(seen[1].1, "2\r\nab\r\n2\r\ncd\r\n0\r\nx-t: 1\r\n\r\n");
+        assert_eq!(seen[2].0, "POST /c HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(seen[3].0, "GET /d HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_breaks_its_declared_size_fails() {
+        let app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).await;
+        let pool = pool(&app.addr);
+        for (steps, hint, why) in [
+            (vec![data("abc")], 10, "ended after 3 of 10"),
+            (vec![data("abc")], 2, "longer than its 2"),
+        ] {
+            let req = Request::post("/")
+                .body(TestBody::steps(steps, Some(hint)))
+                .unwrap();
+            let e = send(&pool, req).await.expect_err(why);
+            assert!(
+                matches!(&e, AppError::Failed(m) if m.contains(why)),
+                "{e:?}"
+            );
+        }
+        let req = Request::post("/")
+            .body(TestBody::steps(vec![data("a"), Err("broken".into())], None))
+            .unwrap();
+        let e = send(&pool, req).await.expect_err("the body failed");
+        assert!(
+            matches!(&e, AppError::Failed(m) if m.contains("broken")),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_max_connections_wait_for_a_slot_up_to_the_connect_timeout() {
+        let app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
+        let pool = H1Pool::new(
+            &app.addr,
+            Duration::from_millis(150),
+            Duration::from_secs(10),
+            1024,
+            H1Bounds {
+                max_connections: 1,
+                body_timeout: Duration::from_secs(1),
+            },
+        );
+        // The slot is held until the response body ends (the first
+        // response's body is not read yet).
+        let held = send(&pool, get("/")).await.unwrap();
+        let e = send(&pool, get("/")).await.expect_err("no slot");
+        assert!(matches!(e, AppError::Unavailable(_)), "{e:?}");
+        // A waiting request gets the slot as soon as it is free.
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.request(get("/")).await.map(|r| r.status()) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read(held).await.0, b"ok");
+        assert_eq!(waiting.await.unwrap().unwrap(), 200);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_unavailable() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let e = send(&pool(&addr), get("/")).await.expect_err("refused");
+        assert!(matches!(e, AppError::Unavailable(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn an_app_that_answers_before_the_body_ends_is_answered_through() {
+        let app = app(|_, _, _| {
+            Reply::Early("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        })
+        .await;
+        let pool = pool(&app.addr);
+        let (feed, body) = TestBody::channel(None);
+        feed.send(data("start")).unwrap();
+        let resp = send(&pool, Request::post("/").body(body).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        assert_eq!(read(resp).await.0, b"big");
+        drop(feed);
+        // The connection still carried the rest of the body: not reused.
+        let resp = send(&pool, get("/")).await.unwrap();
+        assert_eq!(resp.status(), 413);
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_response_body_cut_short_fails_with_incomplete() {
+        let app =
+            app(|_, _, _| Reply::SendClose("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+                .await;
+        let pool = pool(&app.addr);
+        let resp = send(&pool, get("/")).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "abc");
+        let e = body.frame().await.unwrap().expect_err("cut short");
+        assert!(matches!(e, AppBodyError::Incomplete), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn connections_that_cannot_carry_another_response_are_not_reused() {
+        for first in [
+            // The app says so.
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            // HTTP/1.0 without keep-alive.
+            "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            // Bytes beyond the response.
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            let app = app(move |conn, _, _| {
+                Reply::Send(if conn == 0 {
+                    first
+                } else {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                })
+            })
+            .await;
+            let pool = pool(&app.addr);
+            for _ in 0..2 {
+                let resp = send(&pool, get("/")).await.unwrap();
+                assert_eq!(read(resp).await.0, b"ok", "{first:?}");
+            }
+            assert_eq!(app.accepts.load(Ordering::SeqCst), 2, "{first:?}");
+        }
+        // A body dropped before its end takes its connection with it.
+        let app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
+        let pool = pool(&app.addr);
+        drop(send(&pool, get("/")).await.unwrap());
+        let resp = send(&pool, get("/")).await.unwrap();
+        assert_eq!(read(resp).await.0, b"ok");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_101_or_malformed_response_fails_the_request() {
+        for bad in [
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
+            "NOT HTTP\r\n\r\n",
+        ] {
+            let app = app(always(bad)).await;
+            let e = send(&pool(&app.addr), get("/")).await.expect_err(bad);
+            assert!(matches!(e, AppError::Failed(_)), "{bad:?}: {e:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn h2c_passes_the_authority_and_redials_a_closed_connection() {
+        use hyper::server::conn::http2 as server;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let count = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                // Each connection serves one request, then goes away.
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let authority = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                        authority,
+                    ))))
+                });
+                let conn = server::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::spawn(async move {
+                    let mut conn = std::pin::pin!(conn);
+                    let _ = tokio::time::timeout(Duration::from_millis(50), conn.as_mut()).await;
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                });
+            }
+        });
+        let h2c: H2cConn<Empty<Bytes>> = H2cConn::new(&addr, Duration::from_secs(1));
+        for _ in 0..2 {
+            let req = Request::get("http://caller.example/x")
+                .body(Empty::new())
+                .unwrap();
+            let resp = tokio::time::timeout(WAIT, h2c.request(req))
+                .await
+                .unwrap()
+                .unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "caller.example");
+            // Past the server's 50 ms: the connection is closed.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    }
+}

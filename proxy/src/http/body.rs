@@ -221,3 +221,128 @@ pub fn path_of(uri: &http::Uri) -> http::uri::PathAndQuery {
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::http::h1::Framing;
+    use crate::http::tee::tee;
+
+    /// The request body hyper's HTTP/1.1 server makes of `wire` (a whole
+    /// request), kept readable while the test holds it.
+    async fn incoming(wire: &'static [u8]) -> Incoming {
+        let (mut cli, srv) = tokio::io::duplex(64 * 1024);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let _ = tx.send(req.into_body());
+                // Never answers: the body is read while the test holds it.
+                std::future::pending::<Result<Response<ProxyBody>, std::convert::Infallible>>()
+            });
+            let io = hyper_util::rt::TokioIo::new(srv);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+        cli.write_all(wire).await.unwrap();
+        // The client end stays open as long as the body may be read.
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            drop(cli);
+        });
+        rx.recv().await.expect("a request")
+    }
+
+    const CHUNKED: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\ngrpc-status: 0\r\ncontent-length: 5\r\nhost: evil\r\nx-forwarded-client-cert: forged\r\nx_forwarded_client_cert: forged\r\nauthorization: x\r\nmy_field: 1\r\n\r\n";
+
+    /// The trailer names the body ends with, sorted, and its data.
+    async fn collect(body: ProxyBody) -> Result<(Vec<u8>, Vec<String>), BoxError> {
+        let c = body.collect().await?;
+        let mut names: Vec<String> = c
+            .trailers()
+            .map(|t| t.keys().map(|k| k.as_str().to_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        Ok((c.to_bytes().to_vec(), names))
+    }
+
+    #[tokio::test]
+    async fn every_streamed_body_loses_the_trailer_fields_that_may_not_follow_content() {
+        let kept = ["grpc-status", "my_field"];
+        let (data, names) = collect(ProxyBody::Stream(incoming(CHUNKED).await))
+            .await
+            .unwrap();
+        assert_eq!(data, b"abc");
+        assert_eq!(names, kept);
+        let (body, _copy) = tee(RequestBody::Hyper(incoming(CHUNKED).await), 1024);
+        let (_, names) = collect(ProxyBody::Tee(body)).await.unwrap();
+        assert_eq!(names, kept);
+        let wire = &CHUNKED[CHUNKED.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        let h1 = ServerBody::from_wire(Framing::Chunked, wire);
+        let (data, names) = collect(ProxyBody::from(RequestBody::H1(h1))).await.unwrap();
+        assert_eq!(data, b"abc");
+        assert_eq!(names, kept);
+    }
+
+    #[tokio::test]
+    async fn checked_bodies_hold_trailers_to_the_underscore_rule() {
+        let body = ProxyBody::Checked(incoming(CHUNKED).await, Underscores::Reject);
+        let e = collect(body).await.expect_err("refused");
+        assert!(e.to_string().contains("my_field"), "{e}");
+        let body = ProxyBody::Checked(incoming(CHUNKED).await, Underscores::Drop);
+        let (data, names) = collect(body).await.unwrap();
+        assert_eq!(data, b"abc");
+        assert_eq!(names, ["grpc-status"]);
+        // An owned name in disguise is removed, not refused.
+        const DISGUISED: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx_forwarded_client_cert: forged\r\nx-t: 1\r\n\r\n";
+        let body = ProxyBody::Checked(incoming(DISGUISED).await, Underscores::Reject);
+        assert_eq!(collect(body).await.unwrap().1, ["x-t"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_body_yields_its_bytes_once() {
+        let mut body = ProxyBody::from(Bytes::from_static(b"hi"));
+        assert_eq!(body.size_hint().exact(), Some(2));
+        assert!(!body.is_end_stream());
+        let f = body.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "hi");
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+        let empty = ProxyBody::empty();
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+    }
+
+    #[test]
+    fn request_bodies_keep_their_kind_as_proxy_bodies() {
+        let h1 = ServerBody::from_wire(Framing::Empty, b"");
+        assert!(matches!(
+            ProxyBody::from(RequestBody::H1(h1)),
+            ProxyBody::H1(_)
+        ));
+    }
+
+    #[test]
+    fn responses_and_uris_made_here() {
+        let r = text(StatusCode::FORBIDDEN, "no\n");
+        assert_eq!(r.status(), 403);
+        assert_eq!(
+            r.headers()[http::header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(r.body().size_hint().exact(), Some(3));
+        let uri = absolute_uri(
+            "https".parse().unwrap(),
+            "a.example:8443".parse().unwrap(),
+            "/p?q".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(uri, "https://a.example:8443/p?q");
+        let authority_form: http::Uri = "a.example:443".parse().unwrap();
+        assert_eq!(path_of(&authority_form), "/");
+        assert_eq!(path_of(&uri), "/p?q");
+    }
+}

@@ -1355,4 +1355,159 @@ mod tests {
             Framing::Empty
         );
     }
+
+    /// What a reader made of a body fed in `pieces` (one read each; then
+    /// the connection closes): its data frames, its trailers, and how it
+    /// ended, with what is left in the buffer for the next message.
+    #[derive(Debug, Default)]
+    struct Read {
+        frames: Vec<Vec<u8>>,
+        trailers: Option<HeaderMap>,
+        error: Option<String>,
+        left: Vec<u8>,
+    }
+
+    fn read_body(framing: Framing, start: &[u8], pieces: &[&[u8]]) -> Read {
+        let mut reader = BodyReader::new(framing, 1024);
+        let mut buf = BytesMut::from(start);
+        let mut pieces = pieces.iter();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = Read::default();
+        loop {
+            let polled = reader.poll_frame(&mut buf, &mut cx, |_, buf| {
+                Poll::Ready(Ok(pieces.next().map_or(0, |p| {
+                    buf.extend_from_slice(p);
+                    p.len()
+                })))
+            });
+            match polled {
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(d) => out.frames.push(d.to_vec()),
+                    Err(f) => out.trailers = f.into_trailers().ok(),
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    out.error = Some(e.to_string());
+                    assert!(reader.is_done(), "a failed body is over");
+                    break;
+                }
+                Poll::Ready(None) => break,
+                Poll::Pending => unreachable!("reads are always ready here"),
+            }
+        }
+        out.left = buf.to_vec();
+        out
+    }
+
+    #[test]
+    fn a_length_body_ends_at_its_length_whatever_the_reads() {
+        let r = read_body(Framing::Length(5), b"he", &[b"l", b"loGET / HTTP/1.1"]);
+        assert_eq!(r.frames, [&b"he"[..], b"l", b"lo"]);
+        assert_eq!(r.left, b"GET / HTTP/1.1", "the next message is left alone");
+        assert!(r.error.is_none());
+        let r = read_body(Framing::Length(5), b"", &[b"abc"]);
+        assert_eq!(
+            r.error.as_deref(),
+            Some("the connection closed before the end of the body")
+        );
+        for empty in [Framing::Empty, Framing::Length(0)] {
+            let reader = BodyReader::new(empty, 1024);
+            assert!(reader.is_done());
+            assert_eq!(reader.size_hint().exact(), Some(0));
+            assert!(read_body(empty, b"next", &[]).frames.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_length_body_counts_down_its_size_hint() {
+        let mut reader = BodyReader::new(Framing::Length(5), 1024);
+        assert_eq!(reader.size_hint().exact(), Some(5));
+        let mut buf = BytesMut::from(&b"ab"[..]);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = reader.poll_frame(&mut buf, &mut cx, |_, _| Poll::Pending);
+        assert_eq!(reader.size_hint().exact(), Some(3));
+        // Nothing to read: pending, not an end.
+        let polled = reader.poll_frame(&mut buf, &mut cx, |_, _| Poll::Pending);
+        assert!(polled.is_pending());
+        assert!(BodyReader::new(Framing::Chunked, 1024)
+            .size_hint()
+            .exact()
+            .is_none());
+    }
+
+    #[test]
+    fn a_chunked_body_ends_at_its_last_chunk_and_fails_when_cut() {
+        let r = read_body(
+            Framing::Chunked,
+            b"2\r\nab",
+            &[b"\r\n1\r\nc\r\n0\r\nx-t: 1\r\n", b"\r\nNEXT"],
+        );
+        assert_eq!(r.frames.concat(), b"abc");
+        assert_eq!(r.trailers.unwrap()["x-t"], "1");
+        assert_eq!(r.left, b"NEXT");
+        let r = read_body(Framing::Chunked, b"", &[b"0\r\n\r\n"]);
+        assert!(r.frames.is_empty() && r.trailers.is_none() && r.error.is_none());
+        let r = read_body(Framing::Chunked, b"5\r\nab", &[]);
+        assert!(r.error.is_some());
+        let r = read_body(Framing::Chunked, b"zz\r\n", &[]);
+        assert_eq!(r.error.as_deref(), Some("malformed chunked body"));
+    }
+
+    #[test]
+    fn an_until_close_body_ends_at_the_close() {
+        let r = read_body(Framing::UntilClose, b"ab", &[b"cd", b"ef"]);
+        assert_eq!(r.frames.concat(), b"abcdef");
+        assert!(r.error.is_none());
+    }
+
+    #[test]
+    fn a_read_error_fails_the_body() {
+        let mut reader = BodyReader::new(Framing::Length(5), 1024);
+        let mut buf = BytesMut::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let polled = reader.poll_frame(&mut buf, &mut cx, |_, _| {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        });
+        assert!(matches!(polled, Poll::Ready(Some(Err(BodyError::Io(_))))));
+        assert!(reader.is_done());
+    }
+
+    #[test]
+    fn the_guard_follows_the_framing_the_server_reads() {
+        let framing = |h: &str| request_body_framing(h.as_bytes());
+        assert_eq!(framing("GET / HTTP/1.1\r\n\r\n"), Some(Framing::Empty));
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 7\r\n\r\n"),
+            Some(Framing::Length(7))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(Framing::Chunked)
+        );
+        for refused in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\n",
+        ] {
+            assert_eq!(framing(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_response_with_content_length_zero_has_no_body_and_keeps_the_connection() {
+        let r = head("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Empty, true));
+        let r = head(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Empty, true));
+    }
 }

@@ -607,3 +607,695 @@ fn http_date() -> [u8; 29] {
         date
     })
 }
+
+/// A body already wholly in `wire`, framed as `framing`, for the tests of
+/// the modules that carry a `ServerBody` (its connection is gone: a body
+/// that wants more than `wire` fails as cut short).
+#[cfg(test)]
+impl ServerBody {
+    pub(crate) fn from_wire(framing: Framing, wire: &[u8]) -> ServerBody {
+        let mut body = ServerBody::empty();
+        body.buf = BytesMut::from(wire);
+        body.reader = BodyReader::new(framing, 1024);
+        body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    use http::HeaderValue;
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncRead, AsyncReadExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::http::traits::test_body::{data, TestBody};
+
+    /// Longest any single wait in these tests may take before it fails.
+    const WAIT: Duration = Duration::from_secs(2);
+
+    fn limits() -> ServerLimits {
+        ServerLimits {
+            header_read_timeout: Duration::from_millis(100),
+            max_header_bytes: 1024,
+            body_timeout: Duration::from_millis(100),
+        }
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        activity: Arc<AtomicU64>,
+    }
+
+    /// Serves every connection to the returned address with `handler`.
+    async fn server<H, F, B>(limits: ServerLimits, closing: Arc<AtomicBool>, handler: H) -> Server
+    where
+        H: FnMut(Request<ServerBody>) -> F + Clone + Send + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: ResponseBody + Send + 'static,
+        B::Error: Send,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let activity = Arc::new(AtomicU64::new(0));
+        let a = activity.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let (closing, a, h) = (closing.clone(), a.clone(), handler.clone());
+                tokio::spawn(async move { serve(tcp, limits, &closing, a, h).await });
+            }
+        });
+        Server { addr, activity }
+    }
+
+    /// The request's body as the response's, its path and trailers in
+    /// `x-path` and `x-trailers`; 502 when the body failed.
+    async fn echo(req: Request<ServerBody>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        match body.collect().await {
+            Ok(c) => {
+                let trailers = c.trailers().map_or(String::new(), |t| {
+                    t.iter()
+                        .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+                        .collect::<Vec<_>>()
+                        .join(";")
+                });
+                let mut r = Response::new(Full::new(c.to_bytes()));
+                let h = r.headers_mut();
+                h.insert(
+                    "x-path",
+                    HeaderValue::from_str(&parts.uri.to_string()).unwrap(),
+                );
+                h.insert("x-trailers", HeaderValue::from_str(&trailers).unwrap());
+                r
+            }
+            Err(e) => text(StatusCode::BAD_GATEWAY, format!("body failed: {e}\n")),
+        }
+    }
+
+    /// Answers "ok" without reading the request body.
+    async fn ignore_body(_req: Request<ServerBody>) -> Response<Full<Bytes>> {
+        Response::new(Full::new(Bytes::from_static(b"ok")))
+    }
+
+    fn open() -> Arc<AtomicBool> {
+        Arc::default()
+    }
+
+    #[derive(Debug)]
+    struct Resp {
+        status: u16,
+        head: String,
+        body: Vec<u8>,
+        trailers: String,
+        /// The body ended as its framing says (not cut by a close).
+        complete: bool,
+    }
+
+    impl Resp {
+        fn field(&self, name: &str) -> Option<&str> {
+            self.head.lines().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then_some(v.trim())
+            })
+        }
+    }
+
+    fn find(buf: &[u8], what: &[u8]) -> Option<usize> {
+        buf.windows(what.len()).position(|w| w == what)
+    }
+
+    /// Reads more of the connection into `buf`; 0 at its end (or reset).
+    async fn read_more<R: AsyncRead + Unpin>(s: &mut R, buf: &mut Vec<u8>) -> usize {
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("the server neither answered nor closed")
+        {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                n
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Reads one response; `None` when the connection closed before one.
+    /// `bodyless`: it answers a HEAD.
+    async fn response<R: AsyncRead + Unpin>(
+        s: &mut R,
+        buf: &mut Vec<u8>,
+        bodyless: bool,
+    ) -> Option<Resp> {
+        let end = loop {
+            if let Some(p) = find(buf, b"\r\n\r\n") {
+                break p + 4;
+            }
+            if read_more(s, buf).await == 0 {
+                assert!(buf.is_empty(), "closed inside a head: {buf:?}");
+                return None;
+            }
+        };
+        let head = String::from_utf8(buf.drain(..end).collect()).expect("ascii head");
+        let status = head[9..12].parse().expect("status");
+        let mut r = Resp {
+            status,
+            head,
+            body: Vec::new(),
+            trailers: String::new(),
+            complete: true,
+        };
+        if bodyless || status < 200 || status == 204 || status == 304 {
+            return Some(r);
+        }
+        if r.field("transfer-encoding") == Some("chunked") {
+            loop {
+                let line = loop {
+                    if let Some(p) = find(buf, b"\r\n") {
+                        break p;
+                    }
+                    if read_more(s, buf).await == 0 {
+                        r.complete = false;
+                        return Some(r);
+                    }
+                };
+                let size = std::str::from_utf8(&buf[..line]).expect("chunk line");
+                let size = usize::from_str_radix(size, 16).expect("hex chunk size");
+                buf.drain(..line + 2);
+                if size == 0 {
+                    let end = loop {
+                        if buf.starts_with(b"\r\n") {
+                            break 2;
+                        }
+                        if let Some(p) = find(buf, b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        if read_more(s, buf).await == 0 {
+                            r.complete = false;
+                            return Some(r);
+                        }
+                    };
+                    let t: Vec<u8> = buf.drain(..end).collect();
+                    r.trailers = String::from_utf8(t).expect("ascii").trim().to_owned();
+                    return Some(r);
+                }
+                while buf.len() < size + 2 {
+                    if read_more(s, buf).await == 0 {
+                        r.body.append(buf);
+                        r.complete = false;
+                        return Some(r);
+                    }
+                }
+                r.body.extend(buf.drain(..size));
+                assert_eq!(buf.drain(..2).as_slice(), b"\r\n");
+            }
+        } else if let Some(n) = r.field("content-length") {
+            let n: usize = n.parse().expect("content-length");
+            while buf.len() < n {
+                if read_more(s, buf).await == 0 {
+                    r.body.append(buf);
+                    r.complete = false;
+                    return Some(r);
+                }
+            }
+            r.body = buf.drain(..n).collect();
+        } else {
+            while read_more(s, buf).await > 0 {}
+            r.body.append(buf);
+        }
+        Some(r)
+    }
+
+    async fn assert_closed<R: AsyncRead + Unpin>(s: &mut R, buf: &mut Vec<u8>) {
+        assert!(buf.is_empty(), "bytes after the last response: {buf:?}");
+        assert_eq!(read_more(s, buf).await, 0, "open: {buf:?}");
+    }
+
+    /// Sends `raw` on a new connection and reads one response.
+    async fn exchange(addr: SocketAddr, raw: &[u8]) -> (TcpStream, Vec<u8>, Resp) {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(raw).await.expect("write");
+        let mut buf = Vec::new();
+        let r = response(&mut s, &mut buf, false).await.expect("a response");
+        (s, buf, r)
+    }
+
+    #[tokio::test]
+    async fn a_request_head_slower_than_header_read_timeout_gets_408_and_close() {
+        let srv = server(limits(), open(), echo).await;
+        let start = Instant::now();
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.1\r\nHost: a\r\n").await;
+        assert_eq!(r.status, 408);
+        assert!(start.elapsed() >= limits().header_read_timeout);
+        assert_eq!(r.field("connection"), Some("close"));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn the_head_timer_runs_from_the_first_byte_of_a_head_not_between_requests() {
+        let srv = server(limits(), open(), echo).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let mut buf = Vec::new();
+        // Silence before the first byte, and between requests, is the
+        // caller's idle timeout to judge.
+        for path in ["/1", "/2"] {
+            tokio::time::sleep(limits().header_read_timeout * 2).await;
+            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let r = response(&mut s, &mut buf, false).await.unwrap();
+            assert_eq!((r.status, r.field("x-path")), (200, Some(path)));
+        }
+        // A head trickling in, each piece well within the timeout, is
+        // still timed as a whole.
+        let start = Instant::now();
+        let (mut rd, mut wr) = TcpStream::connect(srv.addr).await.unwrap().into_split();
+        let mut buf = Vec::new();
+        // Read while the pieces go out: writes after the server closed
+        // could reset the connection before the response is read.
+        tokio::spawn(async move {
+            for piece in [
+                "GET / HTTP/1.1\r\n",
+                "a: 1\r\n",
+                "b: 2\r\n",
+                "c: 3\r\n",
+                "d: 4\r\n",
+            ] {
+                if wr.write_all(piece.as_bytes()).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        });
+        let r = response(&mut rd, &mut buf, false).await.unwrap();
+        assert_eq!(r.status, 408);
+        assert!(start.elapsed() >= limits().header_read_timeout);
+    }
+
+    #[tokio::test]
+    async fn a_head_larger_than_max_header_bytes_gets_431_and_close() {
+        let srv = server(limits(), open(), echo).await;
+        let big = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(2000));
+        let (mut s, mut buf, r) = exchange(srv.addr, big.as_bytes()).await;
+        assert_eq!(r.status, 431);
+        assert_eq!(r.field("connection"), Some("close"));
+        assert_closed(&mut s, &mut buf).await;
+        // Within the byte limit but over the field count.
+        let many: String = (0..130).map(|i| format!("f{i}: v\r\n")).collect();
+        let wide = ServerLimits {
+            max_header_bytes: 8192,
+            ..limits()
+        };
+        let srv = server(wide, open(), echo).await;
+        let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let (_s, _buf, r) = exchange(srv.addr, req.as_bytes()).await;
+        assert_eq!(r.status, 431);
+        // A head just within the limit passes.
+        let fits = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(990));
+        assert!(fits.len() <= 1024);
+        let srv = server(limits(), open(), echo).await;
+        let (_s, _buf, r) = exchange(srv.addr, fits.as_bytes()).await;
+        assert_eq!(r.status, 200);
+    }
+
+    #[tokio::test]
+    async fn malformed_heads_are_refused_with_their_status_and_close() {
+        let srv = server(limits(), open(), echo).await;
+        for (raw, status) in [
+            (&b"GET / HTTP/1.1\nHost: a\r\n\r\n"[..], 400),
+            (b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400),
+            (b"G(T / HTTP/1.1\r\n\r\n", 400),
+            (b"GET / HTTP/9.9\r\n\r\n", 400),
+            (b"\rGET / HTTP/1.1\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                501,
+            ),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+            (b"GET / HTTP/1.1\r\nExpect: later\r\n\r\n", 417),
+        ] {
+            let (mut s, mut buf, r) = exchange(srv.addr, raw).await;
+            let what = String::from_utf8_lossy(raw);
+            assert_eq!(r.status, status, "{what:?}");
+            assert_eq!(r.field("connection"), Some("close"), "{what:?}");
+            assert!(r.field("date").is_some(), "{what:?}");
+            assert_closed(&mut s, &mut buf).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn content_length_and_chunked_bodies_reach_the_handler_exactly() {
+        let srv = server(limits(), open(), echo).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let mut buf = Vec::new();
+        // Large enough to take many reads.
+        let big: String = (0..100_000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let req = format!("POST /cl HTTP/1.1\r\nContent-Length: {}\r\n\r\n", big.len());
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(big.as_bytes()).await.unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.status, r.field("x-path")), (200, Some("/cl")));
+        assert!(r.body == big.as_bytes(), "content-length body differs");
+        // Chunked, with an extension and trailers, in pieces that split
+        // lines and data.
+        let wire = b"POST /ch HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-t: 1\r\nx-u: 2\r\n\r\n";
+        for piece in wire.chunks(7) {
+            s.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.status, r.field("x-path")), (200, Some("/ch")));
+        assert_eq!(r.body, b"hello world");
+        assert_eq!(r.field("x-trailers"), Some("x-t=1;x-u=2"));
+        // The connection carries on after both.
+        s.write_all(b"GET /after HTTP/1.1\r\n\r\n").await.unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.field("x-path"), r.body.len()), (Some("/after"), 0));
+        assert!(srv.activity.load(Ordering::Relaxed) >= PROGRESS);
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order() {
+        let slow_first = |req: Request<ServerBody>| async move {
+            if req.uri() == "/1" {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            echo(req).await
+        };
+        let srv = server(limits(), open(), slow_first).await;
+        let (mut s, mut buf, first) = exchange(
+            srv.addr,
+            b"GET /1 HTTP/1.1\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /3 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\nGET /4 HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let mut got = vec![(
+            first.field("x-path").unwrap().to_owned(),
+            first.body.clone(),
+        )];
+        while let Some(r) = response(&mut s, &mut buf, false).await {
+            got.push((r.field("x-path").unwrap().to_owned(), r.body));
+        }
+        let want: Vec<(String, Vec<u8>)> = [("/1", ""), ("/2", "abc"), ("/3", "z"), ("/4", "")]
+            .iter()
+            .map(|(p, b)| (p.to_string(), b.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+        let srv = server(limits(), open(), echo).await;
+        let (mut s, mut buf, r) = exchange(
+            srv.addr,
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 100);
+        s.write_all(b"hello").await.unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]));
+        // No body to wait for: no 100 either.
+        s.write_all(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+
+    #[tokio::test]
+    async fn a_body_stalled_past_body_timeout_gets_408_and_close() {
+        let srv = server(limits(), open(), echo).await;
+        let start = Instant::now();
+        let (mut s, mut buf, r) = exchange(
+            srv.addr,
+            b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc",
+        )
+        .await;
+        // Not the handler's 502: the client stalled.
+        assert_eq!(r.status, 408);
+        assert!(start.elapsed() >= limits().body_timeout);
+        assert_eq!(r.field("connection"), Some("close"));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn a_slow_body_that_keeps_progressing_is_not_stalled() {
+        let patient = ServerLimits {
+            body_timeout: Duration::from_millis(150),
+            ..limits()
+        };
+        let srv = server(patient, open(), echo).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 6\r\n\r\n")
+            .await
+            .unwrap();
+        // 240 ms in all, more than body_timeout, but never 150 ms without
+        // a byte.
+        for b in b"hello!" {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            s.write_all(&[*b]).await.unwrap();
+        }
+        let mut buf = Vec::new();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello!"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_left_unread_makes_the_response_say_connection_close() {
+        let srv = server(limits(), open(), ignore_body).await;
+        let (mut s, mut buf, r) = exchange(
+            srv.addr,
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /next HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]));
+        assert_eq!(r.field("connection"), Some("close"));
+        assert_closed(&mut s, &mut buf).await;
+        // A request without a body keeps the connection.
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert_eq!(r.field("connection"), None);
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(response(&mut s, &mut buf, false).await.unwrap().status, 200);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_after_the_response_gives_the_connection_back() {
+        // The handler answers at once and reads the body later, as the
+        // outbound does while a body streams to the mesh.
+        let later = |req: Request<ServerBody>| async move {
+            tokio::spawn(async move {
+                let _ = req.into_body().collect().await;
+            });
+            Response::new(Full::new(Bytes::from_static(b"early")))
+        };
+        let srv = server(limits(), open(), later).await;
+        let (mut s, mut buf, r) =
+            exchange(srv.addr, b"POST / HTTP/1.1\r\nContent-Length: 6\r\n\r\nabc").await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"early"[..]));
+        assert_eq!(r.field("connection"), None);
+        s.write_all(b"defGET /2 HTTP/1.1\r\n\r\n").await.unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"early"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_chunked_body_closes_the_connection_after_the_response() {
+        let srv = server(limits(), open(), echo).await;
+        let (mut s, mut buf, r) = exchange(
+            srv.addr,
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET / HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 502, "the handler's answer to the failed body");
+        assert_eq!(r.field("connection"), Some("close"));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn http_10_closes_unless_keep_alive_and_http_11_closes_on_request() {
+        let srv = server(limits(), open(), echo).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert_eq!((r.status, r.field("connection")), (200, Some("close")));
+        assert_closed(&mut s, &mut buf).await;
+
+        let (mut s, mut buf, r) = exchange(
+            srv.addr,
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.field("connection"), Some("keep-alive"));
+        s.write_all(b"GET /again HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!(r.field("x-path"), Some("/again"));
+
+        let (mut s, mut buf, r) =
+            exchange(srv.addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+        assert_eq!(r.field("connection"), Some("close"));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    /// A response whose body has no known length: chunked for HTTP/1.1,
+    /// until the close for HTTP/1.0.
+    async fn streamed(_req: Request<ServerBody>) -> Response<TestBody> {
+        Response::new(TestBody::steps(
+            vec![
+                data("str"),
+                data("eam"),
+                crate::http::traits::test_body::trailers(&[("grpc-status", "0")]),
+            ],
+            None,
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_response_of_unknown_length_is_chunked_or_closes_for_http_10() {
+        let srv = server(limits(), open(), streamed).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert_eq!(r.field("transfer-encoding"), Some("chunked"));
+        assert_eq!((&r.body[..], r.complete), (&b"stream"[..], true));
+        assert_eq!(r.trailers, "grpc-status: 0");
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(response(&mut s, &mut buf, false).await.is_some());
+
+        let (mut s, mut buf, r) = exchange(
+            srv.addr,
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.field("transfer-encoding"), None);
+        assert_eq!(r.field("content-length"), None);
+        assert_eq!(r.field("connection"), Some("close"));
+        assert_eq!(r.body, b"stream", "read until the close");
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_responses_carry_no_body() {
+        let by_path = |req: Request<ServerBody>| async move {
+            let status = match req.uri().path() {
+                "/204" => StatusCode::NO_CONTENT,
+                "/304" => StatusCode::NOT_MODIFIED,
+                _ => StatusCode::OK,
+            };
+            let mut r = Response::new(Full::new(Bytes::from_static(b"hello")));
+            *r.status_mut() = status;
+            r
+        };
+        let srv = server(limits(), open(), by_path).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"HEAD / HTTP/1.1\r\n\r\nGET /204 HTTP/1.1\r\n\r\nGET /304 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let r = response(&mut s, &mut buf, true).await.unwrap();
+        assert_eq!(r.status, 200);
+        for status in [204, 304] {
+            let r = response(&mut s, &mut buf, true).await.unwrap();
+            assert_eq!(r.status, status);
+            assert_eq!(r.field("content-length"), None);
+        }
+        // Had any of them carried "hello", it would be read as this head.
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_response_body_shorter_than_its_content_length_closes_without_completing() {
+        let short = |_req: Request<ServerBody>| async move {
+            let mut r = Response::new(TestBody::steps(vec![data("abc")], None));
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+            r
+        };
+        let srv = server(limits(), open(), short).await;
+        let (mut s, mut buf, r) =
+            exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n").await;
+        assert_eq!(r.field("content-length"), Some("10"));
+        assert_eq!((&r.body[..], r.complete), (&b"abc"[..], false));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn a_response_body_longer_than_its_content_length_is_cut_before_the_excess() {
+        let long = |_req: Request<ServerBody>| async move {
+            let mut r = Response::new(TestBody::steps(vec![data("hello")], None));
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+            r
+        };
+        let srv = server(limits(), open(), long).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert_eq!(r.field("content-length"), Some("2"));
+        assert_eq!((r.body.len(), r.complete), (0, false));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn a_response_body_that_fails_ends_without_a_last_chunk() {
+        let failing = |_req: Request<ServerBody>| async move {
+            Response::new(TestBody::steps(
+                vec![data("part"), Err("broken".to_owned())],
+                None,
+            ))
+        };
+        let srv = server(limits(), open(), failing).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert_eq!(r.field("transfer-encoding"), Some("chunked"));
+        assert_eq!((&r.body[..], r.complete), (&b"part"[..], false));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn connect_and_closing_end_the_connection_after_the_response() {
+        let closing = open();
+        let flag = closing.clone();
+        let handler = move |req: Request<ServerBody>| {
+            let flag = flag.clone();
+            async move {
+                if req.uri().path() == "/drain" {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                let mut r = Response::new(Full::new(Bytes::new()));
+                if req.method() == Method::CONNECT {
+                    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                }
+                r
+            }
+        };
+        let srv = server(limits(), closing, handler).await;
+        let (mut s, mut buf, r) =
+            exchange(srv.addr, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").await;
+        assert_eq!((r.status, r.field("connection")), (405, Some("close")));
+        assert_closed(&mut s, &mut buf).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET /drain HTTP/1.1\r\n\r\n").await;
+        assert_eq!((r.status, r.field("connection")), (200, Some("close")));
+        assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn a_date_is_added_only_when_the_response_has_none() {
+        let dated = |req: Request<ServerBody>| async move {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            if req.uri().path() == "/own" {
+                r.headers_mut()
+                    .insert(http::header::DATE, HeaderValue::from_static("D"));
+            }
+            r
+        };
+        let srv = server(limits(), open(), dated).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+        let date = r.field("date").expect("a date");
+        assert!(httpdate::parse_http_date(date).is_ok(), "{date:?}");
+        s.write_all(b"GET /own HTTP/1.1\r\n\r\n").await.unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!(r.head.matches("date:").count(), 1);
+        assert_eq!(r.field("date"), Some("D"));
+    }
+}

@@ -88,3 +88,29 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
 }
 
 delegate_write!(Rewind);
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_rewound_bytes_are_read_first_whatever_the_read_size() {
+        let (mut far, near) = tokio::io::duplex(1024);
+        far.write_all(b"def").await.unwrap();
+        let mut io = Rewind::new(b"abc".to_vec(), near);
+        let mut two = [0u8; 2];
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            let n = io.read(&mut two).await.unwrap();
+            got.extend_from_slice(&two[..n]);
+        }
+        assert_eq!(got, b"abcdef");
+        // Writes go straight through.
+        io.write_all(b"out").await.unwrap();
+        let mut back = [0u8; 3];
+        far.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"out");
+    }
+}

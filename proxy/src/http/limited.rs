@@ -164,3 +164,98 @@ mod stall_tests {
         assert_eq!(r.ok().as_deref(), Some(&b"abc"[..]));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+    use crate::http::traits::test_body::{data, trailers, TestBody};
+
+    /// How many frames `body` still has ready.
+    fn frames_left(body: &mut TestBody) -> usize {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut n = 0;
+        while let Poll::Ready(Some(_)) = std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_body_announced_larger_than_the_limit_is_refused_unread() {
+        let mut body = TestBody::steps(vec![data("0123456789")], Some(10));
+        let r = read_limited(&mut body, 5, None).await;
+        assert!(matches!(r, Err(ReadError::TooLarge)));
+        assert_eq!(frames_left(&mut body), 1, "nothing was read");
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_limit_is_refused_once_its_data_says_so() {
+        let mut body = TestBody::steps(vec![data("abc"), data("def")], None);
+        let r = read_limited(&mut body, 5, None).await;
+        assert!(matches!(r, Err(ReadError::TooLarge)));
+        let mut body = TestBody::steps(vec![data("abc"), data("de")], None);
+        let r = read_limited(&mut body, 5, None).await;
+        assert_eq!(
+            r.ok().as_deref(),
+            Some(&b"abcde"[..]),
+            "the limit itself fits"
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_are_joined_and_trailers_dropped() {
+        let steps = vec![
+            data("ab"),
+            data("cd"),
+            data("ef"),
+            trailers(&[("x-t", "1")]),
+        ];
+        let mut body = TestBody::steps(steps, None);
+        let r = read_limited(&mut body, 64, None).await;
+        assert_eq!(r.ok().as_deref(), Some(&b"abcdef"[..]));
+        // One frame: the same bytes, not a copy.
+        let frame = Bytes::from_static(b"one");
+        let mut body = TestBody::from(frame.clone());
+        let r = read_limited(&mut body, 64, None).await.ok().unwrap();
+        assert_eq!(r.as_ptr(), frame.as_ptr());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_is_a_body_error() {
+        let mut body = TestBody::steps(vec![data("ab"), Err("broken".into())], None);
+        let r = read_limited(&mut body, 64, None).await;
+        assert!(
+            matches!(&r, Err(ReadError::Body(m)) if m.contains("broken")),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_stops_past_its_limit() {
+        let steps = (0..10).map(|_| data("abcd")).collect();
+        let mut body = TestBody::steps(steps, None);
+        drain(&mut body, 10, Duration::from_secs(1)).await;
+        // 12 bytes seen is past 10: three frames read, seven left.
+        assert_eq!(frames_left(&mut body), 7);
+        let steps = (0..2).map(|_| data("abcd")).collect();
+        let mut body = TestBody::steps(steps, None);
+        drain(&mut body, 10, Duration::from_secs(1)).await;
+        assert!(
+            body.is_end_stream(),
+            "a body within the limit is read to its end"
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_stops_at_its_time_bound() {
+        let mut body = TestBody::stalling(&["ab"], None);
+        let within = Duration::from_millis(50);
+        let start = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), drain(&mut body, 1 << 20, within))
+            .await
+            .expect("drain waited past its bound");
+        assert!(start.elapsed() >= within);
+    }
+}

@@ -421,3 +421,335 @@ pub struct MeshConnInfo {
 
 /// A live mesh connection: its sender and what is known about it.
 pub type MeshConn = (MeshSender, Arc<MeshConnInfo>);
+
+#[cfg(test)]
+mod tests {
+    use h2::server::SendResponse;
+    use h2::RecvStream;
+    use http::HeaderMap;
+    use http_body_util::{BodyExt, Empty, Full};
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+    use crate::http::traits::test_body::{data, trailers, TestBody};
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// How the test ends the server's side of the connection.
+    enum Stop {
+        GoAway,
+        Drop,
+    }
+
+    /// What the server received on a stream.
+    #[derive(Debug)]
+    struct Got {
+        headers: HeaderMap,
+        body: Result<(Vec<u8>, Option<HeaderMap>), h2::Error>,
+    }
+
+    async fn read_all(body: &mut RecvStream) -> Result<(Vec<u8>, Option<HeaderMap>), h2::Error> {
+        let mut out = Vec::new();
+        while let Some(d) = body.data().await {
+            let d = d?;
+            let _ = body.flow_control().release_capacity(d.len());
+            out.extend_from_slice(&d);
+        }
+        Ok((out, body.trailers().await?))
+    }
+
+    /// A mesh connection to an `h2` server on an in-memory pipe, whose
+    /// streams `handler` answers.
+    async fn connect<F, Fut>(handler: F) -> (MeshSender, oneshot::Sender<Stop>)
+    where
+        F: Fn(http::Request<RecvStream>, SendResponse<Bytes>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (cli, srv) = tokio::io::duplex(1 << 20);
+        let (stop_tx, mut stop) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(srv).await.expect("server handshake");
+            loop {
+                tokio::select! {
+                    s = &mut stop => match s {
+                        Ok(Stop::GoAway) => {
+                            conn.graceful_shutdown();
+                            while let Some(Ok(_)) = conn.accept().await {}
+                            return;
+                        }
+                        Ok(Stop::Drop) | Err(_) => return,
+                    },
+                    r = conn.accept() => match r {
+                        Some(Ok((req, respond))) => {
+                            tokio::spawn(handler(req, respond));
+                        }
+                        _ => return,
+                    },
+                }
+            }
+        });
+        let sender = MeshSender::handshake(cli, 16 * 1024)
+            .await
+            .expect("client handshake");
+        (sender, stop_tx)
+    }
+
+    /// Reports what each stream carried on `got`, and answers "pong" with
+    /// `content-length` and a trailer.
+    fn recording(
+        got: mpsc::UnboundedSender<Got>,
+    ) -> impl Fn(
+        http::Request<RecvStream>,
+        SendResponse<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>
+           + Send
+           + 'static {
+        move |req, mut respond| {
+            let got = got.clone();
+            Box::pin(async move {
+                let (parts, mut body) = req.into_parts();
+                let body = read_all(&mut body).await;
+                let failed = body.is_err();
+                let _ = got.send(Got {
+                    headers: parts.headers,
+                    body,
+                });
+                if failed {
+                    return;
+                }
+                let resp = http::Response::builder()
+                    .header("content-length", "4")
+                    .body(())
+                    .unwrap();
+                let mut stream = respond.send_response(resp, false).unwrap();
+                stream
+                    .send_data(Bytes::from_static(b"pong"), false)
+                    .unwrap();
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", HeaderValue::from_static("0"));
+                stream.send_trailers(t).unwrap();
+            })
+        }
+    }
+
+    fn request<B>(method: Method, body: B) -> Request<B> {
+        Request::builder()
+            .method(method)
+            .uri("https://peer.example/path")
+            .body(body)
+            .unwrap()
+    }
+
+    async fn send<B: SendBody>(
+        s: &MeshSender,
+        req: Request<B>,
+    ) -> Result<Response<MeshBody>, TrySendError<B>> {
+        tokio::time::timeout(WAIT, s.clone().try_send(req))
+            .await
+            .expect("no response head")
+    }
+
+    #[tokio::test]
+    async fn data_and_trailers_go_both_ways() {
+        let (tx, mut got) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(recording(tx)).await;
+        let body = TestBody::steps(
+            vec![data("pi"), data("ng"), trailers(&[("x-req-trailer", "1")])],
+            None,
+        );
+        let resp = send(&mesh, request(Method::POST, body)).await.ok().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.body().size_hint().exact(), Some(4));
+        let c = resp.into_body().collect().await.unwrap();
+        assert_eq!(c.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(c.to_bytes(), "pong");
+        let g = got.recv().await.unwrap();
+        let (body, t) = g.body.unwrap();
+        assert_eq!(body, b"ping");
+        assert_eq!(t.unwrap()["x-req-trailer"], "1");
+    }
+
+    #[tokio::test]
+    async fn the_response_body_counts_down_its_content_length() {
+        let (tx, _got) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(recording(tx)).await;
+        let resp = send(&mesh, request(Method::GET, Empty::<Bytes>::new()))
+            .await
+            .ok()
+            .unwrap();
+        let mut body = resp.into_body();
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "pong");
+        assert_eq!(body.size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_known_body_size_is_announced_as_content_length() {
+        let (tx, mut got) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(recording(tx)).await;
+        let full = || Full::new(Bytes::from_static(b"hello"));
+        send(&mesh, request(Method::POST, full()))
+            .await
+            .ok()
+            .unwrap();
+        send(&mesh, request(Method::GET, Empty::<Bytes>::new()))
+            .await
+            .ok()
+            .unwrap();
+        send(&mesh, request(Method::POST, Empty::<Bytes>::new()))
+            .await
+            .ok()
+            .unwrap();
+        let stream = TestBody::steps(vec![data("abc")], None);
+        send(&mesh, request(Method::POST, stream))
+            .await
+            .ok()
+            .unwrap();
+        let mut own = request(Method::POST, full());
+        own.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        send(&mesh, own).await.ok().unwrap();
+        let mut lengths = Vec::new();
+        for _ in 0..5 {
+            let g = got.recv().await.unwrap();
+            let all: Vec<_> = g
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .cloned()
+                .collect();
+            lengths.push(all);
+        }
+        let want: [&[&str]; 5] = [&["5"], &[], &["0"], &[], &["5"]];
+        for (got, want) in lengths.iter().zip(want) {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_larger_than_the_peer_window_is_sent_whole() {
+        let (tx, mut got) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(recording(tx)).await;
+        let big = Bytes::from(vec![b'x'; 300_000]);
+        let body = TestBody::steps(vec![Ok(http_body::Frame::data(big)), data("end")], None);
+        send(&mesh, request(Method::POST, body)).await.ok().unwrap();
+        let (body, _) = got.recv().await.unwrap().body.unwrap();
+        assert_eq!(body.len(), 300_003);
+        assert!(body.ends_with(b"xend"));
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_fails_resets_the_stream() {
+        let (tx, mut got) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(recording(tx)).await;
+        let body = TestBody::steps(vec![data("part"), Err("broken".to_owned())], None);
+        let e = send(&mesh, request(Method::POST, body))
+            .await
+            .expect_err("reset");
+        assert!(e.unsent.is_none(), "the request was sent");
+        let g = tokio::time::timeout(WAIT, got.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let e = g.body.expect_err("the server saw the reset");
+        assert_eq!(e.reason(), Some(h2::Reason::INTERNAL_ERROR), "{e}");
+        assert!(
+            !mesh.is_closed(),
+            "a stream reset is not the connection's end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_the_peer_reset_is_no_longer_read() {
+        // The server answers and resets the stream without reading the
+        // body, which would otherwise wait for ever. The reset goes once
+        // the client has the head: queued with it, it would fail the
+        // response too.
+        let head_read = Arc::new(tokio::sync::Notify::new());
+        let go = head_read.clone();
+        let answer_and_reset =
+            move |_req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| {
+                let go = go.clone();
+                async move {
+                    let resp = http::Response::builder().status(413).body(()).unwrap();
+                    let _ = respond.send_response(resp, true);
+                    go.notified().await;
+                    respond.send_reset(h2::Reason::NO_ERROR);
+                }
+            };
+        let (mesh, _stop) = connect(answer_and_reset).await;
+        let (feed, body) = TestBody::channel(None);
+        feed.send(data("start")).unwrap();
+        let dropped = body.dropped.clone();
+        let resp = send(&mesh, request(Method::POST, body)).await.ok().unwrap();
+        assert_eq!(resp.status(), 413);
+        head_read.notify_one();
+        let t = tokio::time::timeout(WAIT, async {
+            while !dropped.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        t.await.expect("the body is still held after the reset");
+        drop(feed);
+    }
+
+    #[tokio::test]
+    async fn start_sends_at_once_on_a_ready_connection() {
+        let (tx, mut got) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(recording(tx)).await;
+        let req = request(Method::POST, Full::new(Bytes::from_static(b"now")));
+        let Start::Sent(head) = mesh.clone().start(req) else {
+            panic!("a fresh connection can open a stream");
+        };
+        let resp = tokio::time::timeout(WAIT, head).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(got.recv().await.unwrap().body.unwrap().0, b"now");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_request_fails_without_closing_the_connection() {
+        let (tx, _got) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(recording(tx)).await;
+        let mut req = request(Method::GET, Empty::<Bytes>::new());
+        // Connection-specific: HTTP/2 refuses to carry it.
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        match mesh.clone().start(req) {
+            Start::Failed(e) => assert!(e.unsent.is_none()),
+            _ => panic!("sent a connection-specific field"),
+        }
+        assert!(!mesh.is_closed());
+        let resp = send(&mesh, request(Method::GET, Empty::<Bytes>::new())).await;
+        assert_eq!(resp.ok().unwrap().status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_hands_the_request_back_unsent() {
+        for stop in [Stop::Drop, Stop::GoAway] {
+            let (tx, _got) = mpsc::unbounded_channel();
+            let (mesh, stopper) = connect(recording(tx)).await;
+            assert!(!mesh.is_closed());
+            let _ = stopper.send(stop);
+            tokio::time::timeout(WAIT, async {
+                while !mesh.is_closed() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the connection's end was not noticed");
+            let req = request(Method::POST, Full::new(Bytes::from_static(b"again")));
+            match mesh.clone().start(req) {
+                Start::Failed(e) => {
+                    let unsent = e.unsent.expect("handed back for a retry");
+                    assert_eq!(unsent.uri(), "https://peer.example/path");
+                }
+                Start::Sent(_) => panic!("sent on a closed connection"),
+                Start::Wait(..) => panic!("waits on a closed connection"),
+            }
+            let req = request(Method::GET, Empty::<Bytes>::new());
+            let e = send(&mesh, req).await.expect_err("closed");
+            assert!(e.unsent.is_some());
+        }
+    }
+}

@@ -818,4 +818,105 @@ mod strip_tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2);
     }
+
+    #[test]
+    fn trailer_names_with_underscores_follow_the_mode() {
+        let section = || {
+            map(&[
+                ("grpc-status", "0"),
+                ("my_field", "1"),
+                ("x_forwarded_client_cert", "forged"),
+            ])
+        };
+        // (`allow` never gets here: its bodies are not checked.)
+        let mut t = section();
+        underscores_in_trailers(&mut t, Underscores::Drop).unwrap();
+        // The owned name in disguise is left for `filter_trailers`.
+        let mut names: Vec<_> = t.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["grpc-status", "x_forwarded_client_cert"]);
+        let mut t = section();
+        let e = underscores_in_trailers(&mut t, Underscores::Reject).unwrap_err();
+        assert!(e.to_string().contains("\"my_field\""), "{e}");
+        let mut t = map(&[("x_forwarded_client_cert", "forged")]);
+        underscores_in_trailers(&mut t, Underscores::Reject).expect("removed, not refused");
+        filter_trailers(&mut t);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn hop_by_hop_and_framing_names_are_kept_out_of_trailers_in_any_spelling() {
+        for n in [
+            "Transfer-Encoding",
+            "transfer_encoding",
+            "Content_Length",
+            "TE",
+            "proxy_authorization",
+            "keep-alive",
+            "Set-Cookie",
+            "trailer",
+        ] {
+            assert!(not_in_trailers(n.as_bytes()), "{n}");
+        }
+        for n in ["grpc-status", "grpc-message", "server-timing", "x-custom"] {
+            assert!(!not_in_trailers(n.as_bytes()), "{n}");
+        }
+        assert!(is_hop_by_hop(b"Connection") && is_hop_by_hop(b"UPGRADE"));
+        // Hop-by-hop matching is exact: the disguised spelling is an
+        // ordinary field to a peer that does not map `_`.
+        assert!(!is_hop_by_hop(b"transfer_encoding"));
+    }
+
+    #[test]
+    fn the_underscore_mode_names_its_configuration_value_and_refusals_say_so() {
+        assert_eq!(Underscores::default(), Underscores::Allow);
+        for (m, name) in [
+            (Underscores::Allow, "allow"),
+            (Underscores::Drop, "drop"),
+            (Underscores::Reject, "reject"),
+        ] {
+            assert_eq!(m.as_str(), name);
+        }
+        let uri: Uri = "/".parse().unwrap();
+        let e = check_request(&map(&[("my_field", "1")]), &uri, Underscores::Reject).unwrap_err();
+        assert!(e.underscore);
+        let e = check_request(
+            &map(&[("host", "a"), ("host", "b")]),
+            &uri,
+            Underscores::Reject,
+        )
+        .unwrap_err();
+        assert!(!e.underscore);
+        let f = check_request(
+            &map(&[("my_field", "1"), ("b_c", "2")]),
+            &uri,
+            Underscores::Drop,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            Findings {
+                owned: false,
+                underscores: 2
+            }
+        );
+        assert!(!f.is_clean());
+        // In `allow` mode such names are nothing to act on.
+        let f = check_request(&map(&[("my_field", "1")]), &uri, Underscores::Allow).unwrap();
+        assert!(f.is_clean());
+    }
+
+    #[test]
+    fn te_trailers_survives_a_connection_field_that_names_te() {
+        let mut h = map(&[
+            ("connection", "te, X-A"),
+            ("te", "trailers"),
+            ("x-a", "1"),
+            ("host", "a"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "te"]);
+    }
 }

@@ -15,3 +15,22 @@ pub fn text<B: From<Bytes>>(status: StatusCode, msg: impl Into<Bytes>) -> Respon
     );
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body::Body;
+    use http_body_util::Full;
+
+    use super::*;
+
+    #[test]
+    fn a_text_response_has_its_status_type_and_body() {
+        let r: Response<Full<Bytes>> = text(StatusCode::REQUEST_TIMEOUT, "slow\n");
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(r.body().size_hint().exact(), Some(5));
+    }
+}

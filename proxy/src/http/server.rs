@@ -400,4 +400,347 @@ mod tests {
             .expect("closed once idle")
             .expect("server task");
     }
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// Serves `io` as `proto` with a service whose requests take `delay`
+    /// and answer "done"; the sender starts shutdown.
+    fn serve_pipe(
+        proto: Proto,
+        io: tokio::io::DuplexStream,
+        limits: Limits,
+        delay: Duration,
+    ) -> (
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<(), String>>,
+    ) {
+        let activity: Activity = Default::default();
+        let streams = activity.clone();
+        let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+            let g = StreamGuard::start(&streams);
+            async move {
+                tokio::time::sleep(delay).await;
+                drop(g);
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"done"),
+                )))
+            }
+        });
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let b = Builders::new(&limits);
+            serve(&b, proto, io, activity, limits.idle_timeout, svc, rx)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        (tx, task)
+    }
+
+    /// Everything the server sends until it closes.
+    async fn read_to_close(io: &mut tokio::io::DuplexStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, io.read_to_end(&mut out))
+            .await
+            .expect("the server did not close")
+            .expect("read");
+        String::from_utf8(out).expect("ascii")
+    }
+
+    async fn h2_get(io: tokio::io::DuplexStream) -> Result<http::StatusCode, h2::Error> {
+        let (send, conn) = h2::client::handshake(io).await?;
+        tokio::spawn(conn);
+        let mut send = send.ready().await?;
+        let req = http::Request::get("http://x/").body(()).expect("request");
+        let (resp, _) = send.send_request(req, true)?;
+        let resp = tokio::time::timeout(WAIT, resp)
+            .await
+            .expect("response in time")?;
+        Ok(resp.status())
+    }
+
+    #[tokio::test]
+    async fn serve_speaks_http1_h2_and_detects_either() {
+        use tokio::io::AsyncWriteExt;
+        for proto in [Proto::Http1, Proto::Detect] {
+            let (mut cli, srv) = tokio::io::duplex(64 * 1024);
+            let (_tx, task) = serve_pipe(proto, srv, limits(), Duration::ZERO);
+            // Split mid-method: detection reads what it needs, and hyper
+            // reads it again.
+            cli.write_all(b"GE").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            cli.write_all(b"T / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let got = read_to_close(&mut cli).await;
+            assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{proto:?}: {got:?}");
+            assert!(got.ends_with("done"), "{proto:?}: {got:?}");
+            task.await.unwrap().unwrap();
+        }
+        for proto in [Proto::H2, Proto::Detect] {
+            let (cli, srv) = tokio::io::duplex(64 * 1024);
+            let (_tx, _task) = serve_pipe(proto, srv, limits(), Duration::ZERO);
+            assert_eq!(h2_get(cli).await.unwrap(), 200, "{proto:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn detection_gives_up_on_a_silent_client_or_at_shutdown() {
+        let quick = Limits {
+            header_read_timeout: Duration::from_millis(100),
+            ..limits()
+        };
+        let (_cli, srv) = tokio::io::duplex(1024);
+        let start = Instant::now();
+        let (_tx, task) = serve_pipe(Proto::Detect, srv, quick.clone(), Duration::ZERO);
+        tokio::time::timeout(WAIT, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(start.elapsed() >= quick.header_read_timeout);
+        let (_cli, srv) = tokio::io::duplex(1024);
+        let (tx, task) = serve_pipe(Proto::Detect, srv, limits(), Duration::ZERO);
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_millis(500), task)
+            .await
+            .expect("shutdown did not end detection")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_is_closed_at_the_idle_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut cli, srv) = tokio::io::duplex(64 * 1024);
+        let start = Instant::now();
+        let (_tx, task) = serve_pipe(Proto::Http1, srv, limits(), Duration::ZERO);
+        cli.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_to_close(&mut cli).await;
+        assert!(got.ends_with("done"), "{got:?}");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let took = start.elapsed();
+        let idle = limits().idle_timeout;
+        assert!(took >= idle, "closed before the idle timeout: {took:?}");
+        // Well before the 1 s header_read_timeout: the idle watch closed it.
+        assert!(took < limits().header_read_timeout, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_an_http1_request_in_flight_complete_then_closes() {
+        use tokio::io::AsyncWriteExt;
+        let (mut cli, srv) = tokio::io::duplex(64 * 1024);
+        let (tx, task) = serve_pipe(Proto::Http1, srv, limits(), Duration::from_millis(150));
+        cli.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tx.send(true).unwrap();
+        let got = read_to_close(&mut cli).await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
+        assert!(got.ends_with("done"), "{got:?}");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_an_h2_stream_in_flight_complete_then_closes() {
+        let (cli, srv) = tokio::io::duplex(64 * 1024);
+        let (tx, task) = serve_pipe(Proto::H2, srv, limits(), Duration::from_millis(150));
+        let (send, conn) = h2::client::handshake(cli).await.unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let req = http::Request::get("http://x/").body(()).unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tx.send(true).unwrap();
+        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().data().await.unwrap().unwrap();
+        assert_eq!(body, "done");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn http1_heads_over_max_header_bytes_or_with_bare_lf_are_refused() {
+        use tokio::io::AsyncWriteExt;
+        let small = Limits {
+            max_header_bytes: 1024,
+            ..limits()
+        };
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nx: {}\r\n\r\n",
+            "a".repeat(1100)
+        );
+        for (raw, status) in [
+            (big.as_str(), "431"),
+            ("GET / HTTP/1.1\r\nHost: a\n\r\n", "400"),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                "200",
+            ),
+        ] {
+            let (mut cli, srv) = tokio::io::duplex(64 * 1024);
+            let (_tx, _task) = serve_pipe(Proto::Http1, srv, small.clone(), Duration::ZERO);
+            cli.write_all(raw.as_bytes()).await.unwrap();
+            let got = read_to_close(&mut cli).await;
+            assert!(
+                got.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{raw:?}: {got:?}"
+            );
+        }
+    }
+
+    /// A connection future that wakes itself on every poll, as a busy
+    /// connection does, and ends once asked to.
+    #[derive(Default)]
+    struct Spinner {
+        polls: u64,
+        graceful: u32,
+    }
+
+    impl Future for Spinner {
+        type Output = u64;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u64> {
+            self.polls += 1;
+            if self.graceful > 0 {
+                return Poll::Ready(self.polls);
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn drive_notices_shutdown_while_the_connection_wakes_itself_constantly() {
+        let mut conn = Spinner::default();
+        let (tx, mut rx) = watch::channel(false);
+        // From another thread: nothing in this runtime has to run for the
+        // shutdown to be signalled.
+        let signaller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            tx.send(true).unwrap();
+            tx
+        });
+        let polls = tokio::time::timeout(
+            WAIT,
+            drive(
+                Pin::new(&mut conn),
+                |c| c.get_mut().graceful += 1,
+                Activity::default(),
+                Duration::from_secs(60),
+                &mut rx,
+            ),
+        )
+        .await
+        .expect("drive never called graceful on a busy connection");
+        assert_eq!(conn.graceful, 1);
+        assert!(polls > 1);
+        drop(signaller.join());
+    }
+
+    #[tokio::test]
+    async fn drive_notices_idleness_while_the_connection_wakes_itself_constantly() {
+        let mut conn = Spinner::default();
+        let (_tx, mut rx) = watch::channel(false);
+        // Busy polling is not activity: only streams and progress are.
+        tokio::time::timeout(
+            WAIT,
+            drive(
+                Pin::new(&mut conn),
+                |c| c.get_mut().graceful += 1,
+                Activity::default(),
+                Duration::from_millis(30),
+                &mut rx,
+            ),
+        )
+        .await
+        .expect("drive never noticed idleness on a busy connection");
+        assert_eq!(conn.graceful, 1);
+    }
+
+    /// A connection future that waits until asked to end.
+    #[derive(Default)]
+    struct Parked {
+        graceful: bool,
+    }
+
+    impl Future for Parked {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+            if self.graceful {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_in_flight_or_progress_keeps_a_connection_from_idling() {
+        let idle = Duration::from_millis(100);
+        let activity = Activity::default();
+        let guard = StreamGuard::start(&activity);
+        let mut conn = Parked::default();
+        let (_tx, mut rx) = watch::channel(false);
+        let mut driven = pin!(drive(
+            Pin::new(&mut conn),
+            |c| c.get_mut().graceful = true,
+            activity.clone(),
+            idle,
+            &mut rx,
+        ));
+        let early = tokio::time::timeout(idle * 3, driven.as_mut()).await;
+        assert!(early.is_err(), "closed with a stream in flight");
+        drop(guard);
+        // Progress alone (reads and writes of the outbound's HTTP/1.1
+        // server) keeps it too.
+        let ticker = tokio::spawn({
+            let activity = activity.clone();
+            async move {
+                for _ in 0..25 {
+                    activity.fetch_add(PROGRESS, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        let early = tokio::time::timeout(Duration::from_millis(200), driven.as_mut()).await;
+        assert!(early.is_err(), "closed while progress was made");
+        ticker.await.unwrap();
+        tokio::time::timeout(WAIT, driven)
+            .await
+            .expect("not closed once idle");
+        assert_eq!(activity.load(Ordering::Relaxed) & 0xffff_ffff, 0);
+    }
+
+    #[tokio::test]
+    async fn stopped_resolves_at_once_when_shutdown_has_started() {
+        let (tx, mut rx) = watch::channel(true);
+        tokio::time::timeout(Duration::from_millis(100), stopped(&mut rx))
+            .await
+            .expect("already stopped");
+        tx.send(false).unwrap();
+        let mut rx2 = tx.subscribe();
+        let early = tokio::time::timeout(Duration::from_millis(20), stopped(&mut rx2)).await;
+        assert!(early.is_err());
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_millis(100), stopped(&mut rx2))
+            .await
+            .expect("stopped once set");
+    }
 }

@@ -134,3 +134,85 @@ impl<B: Body<Data = Bytes> + Unpin> Body for TeeBody<B> {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::http::traits::test_body::{data, trailers, TestBody};
+
+    /// Streams the whole of `body`, returning what passed.
+    async fn stream<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> Vec<u8>
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let mut out = Vec::new();
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f.unwrap().into_data() {
+                out.extend_from_slice(&d);
+            }
+        }
+        out
+    }
+
+    fn replayed(h: &TeeHandle) -> Option<Bytes> {
+        match h.replay() {
+            Replay::Body(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_within_the_limit_is_kept_whole() {
+        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 4);
+        assert_eq!(stream(&mut body).await, b"abcd");
+        assert_eq!(replayed(&copy).as_deref(), Some(&b"abcd"[..]));
+        // Trailers end the body and are not part of the copy.
+        let steps = vec![data("ab"), trailers(&[("x-t", "1")])];
+        let (mut body, copy) = tee(TestBody::steps(steps, None), 4);
+        stream(&mut body).await;
+        assert_eq!(replayed(&copy).as_deref(), Some(&b"ab"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_single_frame_is_kept_without_a_copy() {
+        let frame = Bytes::from_static(b"whole");
+        let (mut body, copy) = tee(TestBody::from(frame.clone()), 16);
+        stream(&mut body).await;
+        let kept = replayed(&copy).unwrap();
+        assert_eq!(kept.as_ptr(), frame.as_ptr());
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_streamed_but_not_kept() {
+        let (mut body, copy) = tee(TestBody::steps(vec![data("abc"), data("de")], None), 4);
+        assert_eq!(
+            stream(&mut body).await,
+            b"abcde",
+            "all of it still goes out"
+        );
+        assert!(matches!(copy.replay(), Replay::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn a_body_not_yet_streamed_to_its_end_is_incomplete() {
+        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 64);
+        let _ = body.frame().await;
+        assert!(matches!(copy.replay(), Replay::Incomplete));
+        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), Err("x".into())], None), 64);
+        let _ = body.frame().await;
+        assert!(body.frame().await.unwrap().is_err());
+        assert!(matches!(copy.replay(), Replay::Incomplete));
+    }
+
+    #[tokio::test]
+    async fn the_end_is_noted_with_the_last_frame_without_polling_again() {
+        // A sender stops polling once the body says it has ended.
+        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 64);
+        let _ = body.frame().await;
+        let _ = body.frame().await;
+        assert!(body.is_end_stream());
+        assert_eq!(replayed(&copy).as_deref(), Some(&b"abcd"[..]));
+    }
+}
