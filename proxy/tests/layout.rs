@@ -308,7 +308,10 @@ fn hot_list_items() -> Vec<(Vec<String>, String)> {
             // named by the code around it, so the path stops there; generic
             // parameters (`Foo$LT$B$GT$`) are not part of the name.
             segs.pop();
-            if let Some(cut) = segs.iter().position(|s| s.starts_with('_') || s.starts_with('{')) {
+            if let Some(cut) = segs
+                .iter()
+                .position(|s| s.starts_with('_') || s.starts_with('{'))
+            {
                 segs.truncate(cut);
             }
             for seg in &mut segs {
