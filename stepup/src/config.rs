@@ -1,4 +1,4 @@
-//! Verifier settings (`[inbound.stepup]`), with the defaults.
+//! Verifier settings (`[inbound.stepup]`), with the design document's defaults.
 
 use std::time::Duration;
 
