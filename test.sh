@@ -17,8 +17,8 @@
 # not installed here (it is not in Debian's archive): without it the
 # kustomize check is skipped, or fails when `CI` is set.
 #
-# Without any of this, `cargo test --workspace --lib --bins` runs the unit
-# tests, which need no external tool.
+# Without any of this, `cargo test --workspace --exclude keyproof-tests` runs
+# every crate's own tests, which need no external tool.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -67,7 +67,7 @@ if [ ${#missing_apt[@]} -gt 0 ] || $need_ci_venv || $need_interop_venv; then
         echo "  http-message-signatures and pyOpenSSL (venv /opt/keyproof-interop)"
       fi
       echo "Run ./test.sh once as root (later runs install nothing), or for the unit tests alone:"
-      echo "  cargo test --workspace --lib --bins"
+      echo "  cargo test --workspace --exclude keyproof-tests --locked"
     } >&2
     exit 1
   fi

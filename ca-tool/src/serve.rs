@@ -234,7 +234,9 @@ struct Server {
 fn own_cert(ca: &Ca, opts: &ServeOptions) -> Result<(CertifiedKey, Duration), CaError> {
     let id = match &opts.server_id {
         Some(id) => id.clone(),
-        None => SpiffeId::parse(&format!("{}/keyproof-ca", ca.trust_domain().id_string()))?,
+        None => SpiffeId::parse(&keyproof_identity::spiffe::ca_server_id(
+            ca.trust_domain().as_str(),
+        ))?,
     };
     let key = ca.key_type().generate()?;
     let ttl = Duration::from_secs(24 * 3600);

@@ -105,6 +105,12 @@ fn check_path(path: &str) -> Result<(), SpiffeIdError> {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TrustDomain(String);
 
+/// The SPIFFE ID `keyproof-ca serve` presents unless configured otherwise,
+/// and the one workloads expect of it: `spiffe://<trust domain>/keyproof-ca`.
+pub fn ca_server_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/keyproof-ca")
+}
+
 impl TrustDomain {
     /// Parses a bare trust domain name (`prod.example.com`) or a trust domain
     /// written as a SPIFFE ID with no path (`spiffe://prod.example.com`).

@@ -17,6 +17,21 @@ use rustls::{
 use crate::spiffe::IdPattern;
 use crate::verify::{SvidVerifier, Usage, VerifyError};
 
+/// The label of the TLS exporter that gives a connection's channel binding
+/// (RFC 9266, `tls-exporter`), with an empty context and 32 bytes.
+pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+
+/// The 32-byte channel binding of a TLS 1.3 connection whose handshake is
+/// done ([`CHANNEL_BINDING_LABEL`]); `None` when the connection cannot
+/// export keying material, which a caller must treat as a failure, never as
+/// a binding of zeros.
+pub fn channel_binding<D>(conn: &rustls::ConnectionCommon<D>) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, CHANNEL_BINDING_LABEL, Some(b""))
+        .ok()?;
+    Some(out)
+}
+
 /// The current verifier, swappable while connections use the old one.
 pub type SharedVerifier = Arc<ArcSwap<SvidVerifier>>;
 

@@ -820,9 +820,8 @@ fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
                 format!("invalid SPIFFE ID {s:?}: {e}"),
             )
         })?,
-        None => IdPattern::parse(&format!(
-            "spiffe://{}/keyproof-ca",
-            spiffe_id.trust_domain_name()
+        None => IdPattern::parse(&keyproof_identity::spiffe::ca_server_id(
+            spiffe_id.trust_domain_name(),
         ))
         .map_err(|e| invalid("identity.ca.server_id", e))?,
     };

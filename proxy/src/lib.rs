@@ -10,14 +10,18 @@
 //!   inbound/mod.rs       Inbound::connection   TLS handshake; the caller's SVID checked
 //!   inbound/conn.rs      InboundConn::new      caller id, channel binding, XFCC value
 //!   http/server.rs       serve                 HTTP/1.1 or h2 on the connection; idle, drain
-//!   inbound/mod.rs       Inbound::route        per request:
+//!   inbound/mod.rs       Inbound::admit        per request, in this order:
+//!     http/owned.rs        check_request         header rules (400/431)
 //!     http/path.rs         normalize_uri         one canonical path, or 400
-//!     http/owned.rs        check_request         header rules; sidecar-owned fields removed
 //!     inbound/policy.rs    Policy::decide        first matching route; is the caller allowed?
-//!     http/owned.rs        strip_hop_by_hop      and XFCC set to the verified caller
-//!     inbound/challenge.rs InboundStepUp::verify step-up routes: proof checked, nonce consumed,
-//!                                                or a challenge with a fresh nonce
-//!   inbound/mod.rs       Inbound::forward      to the app; the response cleaned on its way back
+//!     http/owned.rs        strip_request,        sidecar-owned and hop-by-hop fields removed,
+//!                          strip_hop_by_hop      XFCC set to the verified caller
+//!   inbound/mod.rs       Inbound::stepped_up   on step-up routes only:
+//!     inbound/challenge.rs InboundStepUp::verify proof checked and its nonce consumed
+//!                                                (keyproof_stepup::Pending::finish), or a
+//!                                                challenge with a fresh nonce
+//!   inbound/mod.rs       Inbound::forward      to the app; InboundStepUp::on_response puts
+//!                                                the next nonce on the answer
 //!   http/app_client.rs   H1Pool::request       ──▶ the local app (H2cConn for gRPC apps)
 //!
 //! local app ── plaintext ──▶
@@ -56,6 +60,8 @@ pub mod metrics;
 pub mod outbound;
 pub mod quickstart;
 pub mod run;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use config::Config;
 pub use run::{

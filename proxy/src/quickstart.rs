@@ -1,5 +1,7 @@
 //! `keyproof-proxy quickstart`: a throwaway trust domain, a demo app and two
-//! sidecars in one process, exercised with an allowed and a denied request.
+//! sidecars in one process, exercised with an allowed request, a denied one,
+//! a step-up route answered by the outbound's signer, and a replayed signed
+//! request that the inbound refuses.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use keyproof_identity::keys::KeyType;
 use keyproof_identity::{SpiffeId, TrustDomain};
 
 use crate::config::Config;
-use crate::run::{shutdown_signal, start, Running, StartError};
+use crate::run::{fmt_addr, shutdown_signal, start, Running, StartError};
 
 /// A quickstart failure.
 #[derive(Debug, thiserror::Error)]
@@ -332,11 +334,8 @@ async fn captured_replay(
         .connect(name, tcp)
         .await
         .map_err(request_error)?;
-    let mut exporter = [0u8; 32];
-    tls.get_ref()
-        .1
-        .export_keying_material(&mut exporter, keyproof_stepup::EXPORTER_LABEL, Some(b""))
-        .map_err(request_error)?;
+    let exporter = keyproof_identity::tls::channel_binding(tls.get_ref().1)
+        .ok_or_else(|| request_error("the connection gives no TLS exporter"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(request_error)?;
@@ -388,8 +387,4 @@ async fn captured_replay(
         .unwrap_or("")
         .to_owned();
     Ok((challenge.status, accepted.status, replayed.status, why))
-}
-
-fn fmt_addr(a: Option<std::net::SocketAddr>) -> String {
-    a.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
 }

@@ -13,7 +13,7 @@ use keyproof_identity::Usage;
 use crate::config::{self, Config, IdentitySource};
 use crate::identity::reload;
 use crate::identity::renew;
-use crate::identity::store::{self as identity, Identity, IdentityStore};
+use crate::identity::store::{self, Identity, IdentityStore};
 use crate::listener;
 use crate::{admin, inbound, metrics, outbound};
 
@@ -22,7 +22,7 @@ use crate::{admin, inbound, metrics, outbound};
 pub enum StartError {
     /// The identity files are missing or unusable.
     #[error(transparent)]
-    Identity(#[from] identity::IdentityError),
+    Identity(#[from] store::IdentityError),
     /// A listener could not be bound.
     #[error("{key}: cannot listen on {addr}")]
     Bind {
@@ -313,7 +313,8 @@ impl Running {
     }
 }
 
-fn fmt_addr(a: Option<SocketAddr>) -> String {
+/// A bound address for a log line, `-` when there is none.
+pub fn fmt_addr(a: Option<SocketAddr>) -> String {
     a.map_or_else(|| "-".to_owned(), |a| a.to_string())
 }
 

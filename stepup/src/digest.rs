@@ -1,17 +1,12 @@
 //! `Content-Digest` (RFC 9530) with `sha-256`, always present in stepup-v1,
 //! also for an empty body.
 
-use aws_lc_rs::digest;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use sfv::{BareItem, Dictionary, ListEntry};
 
-/// SHA-256 of `body`.
-pub fn sha256(body: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, body).as_ref());
-    out
-}
+/// SHA-256 of a body: the one hash function of the identity library.
+pub use keyproof_identity::keys::sha256;
 
 /// The `Content-Digest` header value for `body`: `sha-256=:<base64>:`.
 pub fn content_digest(body: &[u8]) -> String {

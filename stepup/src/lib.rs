@@ -47,8 +47,10 @@ pub const TAG: &str = "stepup-v1";
 /// `Accept-Signature`).
 pub const LABEL: &str = "stepup";
 /// The TLS exporter label of the channel binding (RFC 9266), empty context,
-/// 32 bytes. The proxy derives it once per connection.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+/// 32 bytes: defined with the TLS configurations in `keyproof-identity`
+/// (`tls::channel_binding` derives it), named here as part of the wire
+/// format. The proxy derives it once per connection.
+pub const EXPORTER_LABEL: &[u8] = keyproof_identity::tls::CHANNEL_BINDING_LABEL;
 /// Length of the channel binding value in bytes.
 pub const BINDING_LEN: usize = 32;
 

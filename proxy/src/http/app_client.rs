@@ -159,7 +159,7 @@ impl H1Pool {
     ///
     /// The head is encoded (and what of the body has arrived gathered)
     /// before the future exists; the future holds only what is left to
-    /// send, which keeps it small (see `inbound::Pending`).
+    /// send, which keeps it small (see `body::ResponseFuture`).
     pub fn request<B: SendBody>(
         self: &Arc<Self>,
         req: Request<B>,

@@ -33,7 +33,7 @@ pub enum ProxyBody {
     /// A complete body (or none, once taken).
     Full(Option<Bytes>),
     /// A streamed peer body of which the outbound keeps a bounded copy, so
-    /// a step-up challenge can be answered by replaying it.
+    /// a step-up challenge can be answered by resending it.
     Tee(TeeBody<RequestBody>),
     /// A response body from the app's HTTP/1.1 pool, which returns its
     /// connection to the pool when it ends.

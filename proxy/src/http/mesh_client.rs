@@ -154,7 +154,7 @@ impl MeshSender {
     /// Opens the stream on a ready sender: the head goes out now, a body
     /// still to come is pumped by a task of its own. The request is used up
     /// either way.
-    fn send_now<B: SendBody>(self, req: Request<B>) -> Result<ResponseHead, h2::Error> {
+    fn send_now<B: SendBody>(self, req: Request<B>) -> Result<ResponseHeadFuture, h2::Error> {
         let MeshSender { mut send, shared } = self;
         let (mut parts, body) = req.into_parts();
         if let Some(len) = body.size_hint().exact() {
@@ -186,14 +186,14 @@ impl MeshSender {
             // Only a request with a body still to send costs a task.
             tokio::spawn(pipe(body, stream));
         }
-        Ok(ResponseHead(response))
+        Ok(ResponseHeadFuture(response))
     }
 }
 
 /// What [`MeshSender::start`] did.
 pub enum Start<B> {
     /// The request is on its way: await its response head.
-    Sent(ResponseHead),
+    Sent(ResponseHeadFuture),
     /// The connection cannot open a stream yet: wait with `try_send`.
     Wait(MeshSender, Request<B>),
     /// The connection refused the request (see [`TrySendError::unsent`]).
@@ -201,9 +201,9 @@ pub enum Start<B> {
 }
 
 /// The response head of a request sent on a mesh connection.
-pub struct ResponseHead(h2::client::ResponseFuture);
+pub struct ResponseHeadFuture(h2::client::ResponseFuture);
 
-impl Future for ResponseHead {
+impl Future for ResponseHeadFuture {
     type Output = Result<Response<MeshBody>, h2::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

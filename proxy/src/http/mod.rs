@@ -1,5 +1,8 @@
-//! HTTP as the sidecar speaks it, generic over what it carries: nothing here
-//! knows of the inbound, the outbound, policy or step-up.
+//! HTTP as the sidecar speaks it, generic over what it carries. Nothing here
+//! imports the listeners, the policy or the identity: what they need of
+//! HTTP (the header fields the sidecar owns, a body kept for a resend, a
+//! bounded drain) is written here as an HTTP mechanism, and `inbound/` and
+//! `outbound/` decide when it applies.
 //!
 //! * `h1.rs`: the HTTP/1.1 wire format (heads, chunked bodies), strict where
 //!   laxness allows smuggling; `h1_guard.rs`: the same strictness on the

@@ -139,7 +139,7 @@ impl Underscores {
 
 /// Why a request is refused before it is forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub struct HeaderRefusal {
     /// 400, or 501 for a transfer coding the sidecar does not forward.
     pub status: StatusCode,
     /// For the log and the response body.
@@ -148,9 +148,9 @@ pub struct Refusal {
     pub underscore: bool,
 }
 
-impl Refusal {
-    fn bad(reason: impl Into<String>) -> Refusal {
-        Refusal {
+impl HeaderRefusal {
+    fn bad(reason: impl Into<String>) -> HeaderRefusal {
+        HeaderRefusal {
             status: StatusCode::BAD_REQUEST,
             reason: reason.into(),
             underscore: false,
@@ -258,7 +258,11 @@ pub struct TrailerRefused(String);
 /// fields), `Transfer-Encoding` (only one `chunked`, no other coding) and,
 /// in `reject` mode, names with `_`. Says what [`strip_request`] has to
 /// remove; one pass over the names when all is well.
-pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Findings, Refusal> {
+pub fn check_request(
+    h: &HeaderMap,
+    uri: &Uri,
+    mode: Underscores,
+) -> Result<Findings, HeaderRefusal> {
     let mut f = Findings::default();
     let (mut hosts, mut connection, mut te, mut length) = (0u32, false, false, false);
     for name in h.keys() {
@@ -274,9 +278,9 @@ pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Find
             f.owned = true;
         } else if n.contains(&b'_') {
             if mode == Underscores::Reject {
-                return Err(Refusal {
+                return Err(HeaderRefusal {
                     underscore: true,
-                    ..Refusal::bad(format!(
+                    ..HeaderRefusal::bad(format!(
                         "header name {:?} contains '_' (inbound.headers_with_underscores = \"reject\")",
                         name.as_str()
                     ))
@@ -299,11 +303,11 @@ pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Find
         let mut all = h.get_all(header::HOST).iter();
         let first = all.next();
         if hosts > 1 || all.next().is_some() {
-            return Err(Refusal::bad("more than one Host field"));
+            return Err(HeaderRefusal::bad("more than one Host field"));
         }
         if let (Some(a), Some(v)) = (uri.authority(), first) {
             if !a.as_str().as_bytes().eq_ignore_ascii_case(v.as_bytes()) {
-                return Err(Refusal::bad(format!(
+                return Err(HeaderRefusal::bad(format!(
                     "Host {:?} disagrees with the request target's authority {:?}",
                     String::from_utf8_lossy(v.as_bytes()),
                     a.as_str()
@@ -324,7 +328,7 @@ pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Find
                 || token.eq_ignore_ascii_case(b"transfer-encoding")
                 || is_owned(token)
             {
-                return Err(Refusal::bad(format!(
+                return Err(HeaderRefusal::bad(format!(
                     "Connection may not name {:?}",
                     String::from_utf8_lossy(token)
                 )));
@@ -344,7 +348,7 @@ pub fn check_request(h: &HeaderMap, uri: &Uri, mode: Underscores) -> Result<Find
 fn check_transfer_encoding<'a>(
     values: impl Iterator<Item = &'a HeaderValue>,
     with_length: bool,
-) -> Result<(), Refusal> {
+) -> Result<(), HeaderRefusal> {
     let mut chunked = 0;
     for coding in values
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
@@ -354,7 +358,7 @@ fn check_transfer_encoding<'a>(
         if coding.eq_ignore_ascii_case(b"chunked") {
             chunked += 1;
         } else {
-            return Err(Refusal {
+            return Err(HeaderRefusal {
                 status: StatusCode::NOT_IMPLEMENTED,
                 reason: format!(
                     "transfer coding {:?} is not supported (only chunked)",
@@ -365,12 +369,14 @@ fn check_transfer_encoding<'a>(
         }
     }
     if chunked != 1 {
-        return Err(Refusal::bad(
+        return Err(HeaderRefusal::bad(
             "Transfer-Encoding must name chunked exactly once",
         ));
     }
     if with_length {
-        return Err(Refusal::bad("both Transfer-Encoding and Content-Length"));
+        return Err(HeaderRefusal::bad(
+            "both Transfer-Encoding and Content-Length",
+        ));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! What the inbound and outbound listeners share: binding, an accept loop
-//! with backpressure, connection tracking for drain, and serving one HTTP
-//! connection with idle and shutdown handling.
+//! Serving one accepted connection with hyper (h2, and HTTP/1.1 behind the
+//! bare-LF guard), with idle and shutdown handling; `drive` gives the same
+//! handling to the sidecar's own HTTP/1.1 server. Binding, accepting and
+//! tracking connections is `listener.rs`.
 
 use std::future::Future;
 use std::io;

@@ -1,6 +1,6 @@
 //! A request body streamed to the upstream while a bounded copy is kept, so
 //! that a step-up challenge to a request on a path not yet known to need
-//! step-up can be answered by replaying the body.
+//! step-up can be answered by resending the body.
 //!
 //! The copy is a list of `Bytes` handles (reference counts, no memcpy) and
 //! stops at `[outbound.stepup] max_body`; beyond that the copy is dropped and
@@ -36,13 +36,13 @@ pub struct TeeBody<B> {
     limit: usize,
 }
 
-/// The keeping half: what can be replayed once the response is known.
+/// The keeping half: what can be resent once the response is known.
 #[derive(Debug)]
 pub struct TeeHandle(Arc<Mutex<TeeState>>);
 
-/// The body available for a replay.
+/// The body available for a resend.
 #[derive(Debug)]
-pub enum Replay {
+pub enum Resend {
     /// The whole body, as sent.
     Body(Bytes),
     /// The body was larger than the bound.
@@ -66,17 +66,17 @@ pub fn tee<B>(body: B, limit: usize) -> (TeeBody<B>, TeeHandle) {
 }
 
 impl TeeHandle {
-    /// The body for a replay.
-    pub fn replay(&self) -> Replay {
+    /// The body for a resend.
+    pub fn resend(&self) -> Resend {
         let mut s = lock(&self.0);
         if s.overflow {
-            return Replay::TooLarge;
+            return Resend::TooLarge;
         }
         if !s.complete {
-            return Replay::Incomplete;
+            return Resend::Incomplete;
         }
         let chunks = std::mem::take(&mut s.chunks);
-        Replay::Body(match chunks.len() {
+        Resend::Body(match chunks.len() {
             0 => Bytes::new(),
             1 => chunks.into_iter().next().unwrap_or_default(),
             _ => {
@@ -156,9 +156,9 @@ mod tests {
         out
     }
 
-    fn replayed(h: &TeeHandle) -> Option<Bytes> {
-        match h.replay() {
-            Replay::Body(b) => Some(b),
+    fn resent(h: &TeeHandle) -> Option<Bytes> {
+        match h.resend() {
+            Resend::Body(b) => Some(b),
             _ => None,
         }
     }
@@ -167,12 +167,12 @@ mod tests {
     async fn a_body_within_the_limit_is_kept_whole() {
         let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 4);
         assert_eq!(stream(&mut body).await, b"abcd");
-        assert_eq!(replayed(&copy).as_deref(), Some(&b"abcd"[..]));
+        assert_eq!(resent(&copy).as_deref(), Some(&b"abcd"[..]));
         // Trailers end the body and are not part of the copy.
         let steps = vec![data("ab"), trailers(&[("x-t", "1")])];
         let (mut body, copy) = tee(TestBody::steps(steps, None), 4);
         stream(&mut body).await;
-        assert_eq!(replayed(&copy).as_deref(), Some(&b"ab"[..]));
+        assert_eq!(resent(&copy).as_deref(), Some(&b"ab"[..]));
     }
 
     #[tokio::test]
@@ -180,7 +180,7 @@ mod tests {
         let frame = Bytes::from_static(b"whole");
         let (mut body, copy) = tee(TestBody::from(frame.clone()), 16);
         stream(&mut body).await;
-        let kept = replayed(&copy).unwrap();
+        let kept = resent(&copy).unwrap();
         assert_eq!(kept.as_ptr(), frame.as_ptr());
     }
 
@@ -192,18 +192,18 @@ mod tests {
             b"abcde",
             "all of it still goes out"
         );
-        assert!(matches!(copy.replay(), Replay::TooLarge));
+        assert!(matches!(copy.resend(), Resend::TooLarge));
     }
 
     #[tokio::test]
     async fn a_body_not_yet_streamed_to_its_end_is_incomplete() {
         let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 64);
         let _ = body.frame().await;
-        assert!(matches!(copy.replay(), Replay::Incomplete));
+        assert!(matches!(copy.resend(), Resend::Incomplete));
         let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), Err("x".into())], None), 64);
         let _ = body.frame().await;
         assert!(body.frame().await.unwrap().is_err());
-        assert!(matches!(copy.replay(), Replay::Incomplete));
+        assert!(matches!(copy.resend(), Resend::Incomplete));
     }
 
     #[tokio::test]
@@ -213,6 +213,6 @@ mod tests {
         let _ = body.frame().await;
         let _ = body.frame().await;
         assert!(body.is_end_stream());
-        assert_eq!(replayed(&copy).as_deref(), Some(&b"abcd"[..]));
+        assert_eq!(resent(&copy).as_deref(), Some(&b"abcd"[..]));
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use keyproof_identity::{keys, Usage};
 use tokio::time::Instant;
 
-use crate::identity::store::{self as identity, Identity, IdentityStore, MaterialError};
+use crate::identity::store::{self, Identity, IdentityStore, MaterialError};
 use crate::identity::watch::FileWatch;
 use crate::metrics::Metrics;
 
@@ -79,7 +79,7 @@ impl Snapshot {
 
 /// What one look at the files found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum ReloadOutcome {
     /// Same material as in use (or as already refused): nothing to do.
     Unchanged,
     /// New material validated and is now in use.
@@ -139,7 +139,7 @@ impl Reloader {
 
     /// Looks at the files once: applies valid new material, retries
     /// inconsistent material for up to [`SETTLE_FOR`], counts the outcome.
-    pub async fn check(&mut self) -> Outcome {
+    pub async fn check(&mut self) -> ReloadOutcome {
         let deadline = Instant::now() + self.settle_for;
         loop {
             let (digest, result) = match Snapshot::read(&self.files).await {
@@ -150,12 +150,12 @@ impl Reloader {
             let next = match result {
                 Ok(None) => {
                     self.rejected = None;
-                    return Outcome::Unchanged;
+                    return ReloadOutcome::Unchanged;
                 }
                 Ok(Some(next)) => next,
                 Err(e) => {
                     if self.rejected == Some(digest) {
-                        return Outcome::Unchanged;
+                        return ReloadOutcome::Unchanged;
                     }
                     if Instant::now() < deadline {
                         tokio::time::sleep(RETRY_EVERY).await;
@@ -173,14 +173,14 @@ impl Reloader {
                     // Looked at again on every change and tick, but the
                     // same bad contents (or error) are counted once.
                     self.rejected = Some(digest);
-                    return Outcome::Rejected(reason);
+                    return ReloadOutcome::Rejected(reason);
                 }
             };
             self.rejected = None;
             self.metrics.reload("ok");
             self.store
                 .install(next, &self.metrics, "identity files changed");
-            return Outcome::Applied;
+            return ReloadOutcome::Applied;
         }
     }
 
@@ -189,10 +189,10 @@ impl Reloader {
     /// is not reported as a refused reload).
     fn validate(&self, snap: &Snapshot) -> Result<Option<Identity>, MaterialError> {
         let current = self.store.get();
-        let (chain, key, roots) = identity::parse_pem(&snap.cert, &snap.key, &snap.bundle)?;
+        let (chain, key, roots) = store::parse_pem(&snap.cert, &snap.key, &snap.bundle)?;
         if current
             .as_ref()
-            .is_some_and(|c| c.material == identity::material_digest(&chain, &key, &roots))
+            .is_some_and(|c| c.material == store::material_digest(&chain, &key, &roots))
         {
             return Ok(None);
         }
@@ -281,7 +281,7 @@ mod tests {
     async fn unchanged_files_are_neither_applied_nor_counted() {
         let mut s = Setup::new(SETTLE);
         let serial = s.store.current().serial.clone();
-        assert_eq!(s.reloader.check().await, Outcome::Unchanged);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Unchanged);
         assert_eq!(s.store.current().serial, serial);
         assert_eq!(s.counted(), []);
     }
@@ -292,7 +292,7 @@ mod tests {
         let old = s.store.current();
         let next = s.pki.issue(API);
         write(&s.files, &next, &s.pki.bundle_pem());
-        assert_eq!(s.reloader.check().await, Outcome::Applied);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Applied);
         let now = s.store.current();
         assert_eq!(now.certified.cert, next.chain);
         assert_ne!(now.serial, old.serial);
@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(s.counted(), [("ok", 1.0)]);
         assert_eq!(s.metrics.cert_expiry.get(), now.not_after as f64);
         // Looking again finds nothing new.
-        assert_eq!(s.reloader.check().await, Outcome::Unchanged);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Unchanged);
         assert_eq!(s.counted(), [("ok", 1.0)]);
     }
 
@@ -324,7 +324,7 @@ mod tests {
             .expect("not applied within SETTLE_FOR")
             .expect("task");
         s.reloader = reloader;
-        assert_eq!(outcome, Outcome::Applied);
+        assert_eq!(outcome, ReloadOutcome::Applied);
         assert_eq!(s.store.current().certified.cert, next.chain);
         // The intermediate state was never counted as a refusal.
         assert_eq!(s.counted(), [("ok", 1.0)]);
@@ -377,12 +377,16 @@ mod tests {
                 let mut s = Setup::new(SETTLE);
                 let serving = s.store.current();
                 break_files(&s);
-                assert_eq!(s.reloader.check().await, Outcome::Rejected(label));
+                assert_eq!(s.reloader.check().await, ReloadOutcome::Rejected(label));
                 assert_eq!(s.counted(), [(label, 1.0)], "{label}");
                 assert!(Arc::ptr_eq(&s.store.current(), &serving), "{label}");
                 // The same contents again (a tick, an unrelated event): not
                 // counted twice, and no settle wait either.
-                assert_eq!(s.reloader.check().await, Outcome::Unchanged, "{label}");
+                assert_eq!(
+                    s.reloader.check().await,
+                    ReloadOutcome::Unchanged,
+                    "{label}"
+                );
                 assert_eq!(s.counted(), [(label, 1.0)], "{label}");
                 assert!(Arc::ptr_eq(&s.store.current(), &serving), "{label}");
             });
@@ -395,7 +399,10 @@ mod tests {
     async fn a_changed_spiffe_id_is_refused_as_id_changed() {
         let mut s = Setup::new(SETTLE);
         write(&s.files, &s.pki.issue(WEB), &s.pki.bundle_pem());
-        assert_eq!(s.reloader.check().await, Outcome::Rejected("id_changed"));
+        assert_eq!(
+            s.reloader.check().await,
+            ReloadOutcome::Rejected("id_changed")
+        );
         assert_eq!(s.store.current().id, s.pki.id(API));
     }
 
@@ -406,14 +413,20 @@ mod tests {
             std::fs::write(&s.files.key, s.pki.issue(API).key_pem()).expect("write");
         };
         mismatch(&s);
-        assert_eq!(s.reloader.check().await, Outcome::Rejected("key_mismatch"));
+        assert_eq!(
+            s.reloader.check().await,
+            ReloadOutcome::Rejected("key_mismatch")
+        );
         // Other wrong contents are another rejection.
         mismatch(&s);
-        assert_eq!(s.reloader.check().await, Outcome::Rejected("key_mismatch"));
+        assert_eq!(
+            s.reloader.check().await,
+            ReloadOutcome::Rejected("key_mismatch")
+        );
         assert_eq!(s.counted(), [("key_mismatch", 2.0)]);
         let fixed = s.pki.issue(API);
         write(&s.files, &fixed, &s.pki.bundle_pem());
-        assert_eq!(s.reloader.check().await, Outcome::Applied);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Applied);
         assert_eq!(s.store.current().certified.cert, fixed.chain);
         assert_eq!(s.counted(), [("ok", 1.0), ("key_mismatch", 2.0)]);
     }

@@ -6,7 +6,7 @@
 //! [`IdentityStore`] (empty only before an `[identity.ca]` bootstrap). rustls
 //! reaches it only through [`CertResolver`] (our certificate) and the two
 //! verifiers (the bundle), each of which loads the current value per
-//! handshake, so a reload or renewal is one [`IdentityStore::replace`]: new
+//! handshake, so a reload or renewal is one [`IdentityStore::install`]: new
 //! handshakes see the new material, established connections are untouched,
 //! and no rustls configuration has to be rebuilt. Both sources build the
 //! identity with [`Identity::from_parts`], so file and CA material pass the
@@ -444,8 +444,9 @@ impl IdentityStore {
             .expect("data listeners are bound only once an identity is held")
     }
 
-    /// Replaces the identity for every later handshake (hot reload,
-    /// renewal); established connections keep the one they negotiated.
+    /// Replaces the identity for every later handshake; established
+    /// connections keep the one they negotiated. Reloads and renewals go
+    /// through [`IdentityStore::install`], which also exports and logs it.
     pub fn replace(&self, identity: Identity) {
         self.current.store(Some(Arc::new(identity)));
         self.held.send_replace(true);

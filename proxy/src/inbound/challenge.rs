@@ -347,7 +347,7 @@ mod tests {
 
     use super::*;
     use crate::inbound::policy::{Decision, Policy};
-    use crate::inbound::testing::{config, hyper_request, metric, workload, Workload};
+    use crate::testing::{config, hyper_request, metric, workload, Workload};
 
     /// The channel binding of the test connection.
     const EXPORTER: [u8; 32] = [7; 32];

@@ -30,21 +30,17 @@ pub struct InboundConn {
 impl InboundConn {
     /// The facts of a connection whose handshake verified `peer`. The
     /// channel binding and the step-up view are derived only when some
-    /// route demands step-up (`stepup`). `None` when the XFCC value cannot
+    /// route demands step-up (`need_exporter`). `None` when the XFCC value cannot
     /// be a header value, which valid SPIFFE IDs never cause.
     pub fn new(
         session: &rustls::ServerConnection,
         peer: PeerIdentity,
         remote: SocketAddr,
         own: &SpiffeId,
-        stepup: bool,
+        need_exporter: bool,
     ) -> Option<InboundConn> {
-        let exporter = if stepup {
-            let mut out = [0u8; 32];
-            let ok = session
-                .export_keying_material(&mut out, keyproof_stepup::EXPORTER_LABEL, Some(b""))
-                .is_ok();
-            ok.then_some(out)
+        let exporter = if need_exporter {
+            keyproof_identity::tls::channel_binding(session)
         } else {
             None
         };
@@ -52,7 +48,7 @@ impl InboundConn {
         tracing::debug!(peer = %remote, peer_id = %peer.id, "inbound connection");
         // The verifier's view of the caller, once per connection: the key
         // from the verified leaf and this connection's channel binding.
-        let view = if stepup {
+        let view = if need_exporter {
             match keyproof_stepup::Peer::from_cert_der(&peer.leaf, exporter) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -109,7 +105,7 @@ impl InboundConn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound::testing::{id, workload, TD};
+    use crate::testing::{id, workload, TD};
 
     #[test]
     fn xfcc_is_by_own_id_hash_of_the_callers_leaf_and_uri() {

@@ -29,7 +29,7 @@ use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
 use crate::http::path;
 use crate::http::server::{self, Builders, Proto, StreamGuard};
-use crate::identity::store::{self as identity, IdentityStore, PeerIdentity};
+use crate::identity::store::{self, IdentityStore, PeerIdentity};
 use crate::inbound::challenge::InboundStepUp;
 use crate::inbound::conn::InboundConn;
 use crate::inbound::policy::{Decision, Policy};
@@ -85,7 +85,7 @@ impl Inbound {
         store: Arc<IdentityStore>,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Arc<Inbound>, InboundError> {
-        let tls = identity::server_config(&store)?;
+        let tls = store::server_config(&store)?;
         let policy = Policy::new(&cfg.routes, cfg.default_policy, metrics);
         let h1 = app_client::H1Pool::new(
             &cfg.app,
@@ -157,7 +157,7 @@ impl Inbound {
                 return;
             }
             Ok(Err(e)) => {
-                let f = identity::classify(&e);
+                let f = store::classify(&e);
                 self.metrics.handshake(f.reason);
                 tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
                 return;
@@ -223,14 +223,17 @@ impl Inbound {
         conn: Arc<InboundConn>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let start = Instant::now();
-        map_in_place(self.route(req, conn), move |resp| {
+        map_in_place(self.admit(req, conn), move |resp| {
             self.metrics
                 .request(resp.status(), start.elapsed().as_secs_f64());
             resp
         })
     }
 
-    fn route(
+    /// Everything between a request's arrival and its forward: header
+    /// rules, the canonical path, the route policy, the owned fields;
+    /// then step-up ([`Inbound::stepped_up`]) or straight to the app.
+    fn admit(
         self: &Arc<Self>,
         req: Request<Incoming>,
         conn: Arc<InboundConn>,
@@ -454,212 +457,17 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 }
 
 #[cfg(test)]
-pub(crate) mod testing {
-    //! Helpers shared by the unit tests of `inbound/` and `outbound/`: a
-    //! throwaway trust domain, workloads issued from it, the configuration
-    //! around them, metric readings, and requests with hyper's own body
-    //! type (which has no public constructor).
-
-    use std::convert::Infallible;
-    use std::net::SocketAddr;
-    use std::sync::{Arc, Mutex, OnceLock};
-    use std::time::Duration;
-
-    use bytes::Bytes;
-    use http::{Request, Response};
-    use hyper::body::Incoming;
-    use hyper_util::rt::TokioIo;
-    use keyproof_ca::ca::InitOptions;
-    use keyproof_ca::csr::SubjectKey;
-    use keyproof_ca::issue::IssueRequest;
-    use keyproof_ca::Ca;
-    use keyproof_identity::keys::KeyType;
-    use keyproof_identity::{SpiffeId, TrustDomain, Usage};
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-    use tokio::sync::oneshot;
-
-    use crate::config::Config;
-    use crate::identity::store::{Identity, IdentityStore, PeerIdentity};
-    use crate::metrics::Metrics;
-
-    /// The test trust domain.
-    pub(crate) const TD: &str = "unit.keyproof.test";
-
-    /// One CA for the whole test binary. Its directory is removed right
-    /// after `init`: issuing (`Ca::sign`) works from memory and writes
-    /// nothing.
-    fn ca() -> &'static Ca {
-        static CA: OnceLock<Ca> = OnceLock::new();
-        CA.get_or_init(|| {
-            let dir = tempfile::tempdir().expect("tempdir");
-            Ca::init(
-                &dir.path().join("ca"),
-                &InitOptions {
-                    trust_domain: TrustDomain::parse(TD).expect("trust domain"),
-                    key_type: KeyType::EcdsaP256,
-                    root_ttl: Duration::from_secs(24 * 3600),
-                    intermediate_ttl: Duration::from_secs(12 * 3600),
-                },
-            )
-            .expect("test CA")
-        })
-    }
-
-    /// `spiffe://unit.keyproof.test<path>`.
-    pub(crate) fn id(path: &str) -> SpiffeId {
-        SpiffeId::parse(&format!("spiffe://{TD}{path}")).expect("SPIFFE ID")
-    }
-
-    /// A workload's certificate chain and key, issued by the test CA.
-    pub(crate) struct Workload {
-        pub(crate) id: SpiffeId,
-        pub(crate) chain: Vec<CertificateDer<'static>>,
-        pub(crate) pkcs8: Vec<u8>,
-    }
-
-    /// A P-256 workload at `path` (e.g. `/ns/demo/sa/web`).
-    pub(crate) fn workload(path: &str) -> Workload {
-        workload_with(path, KeyType::EcdsaP256)
-    }
-
-    /// A workload at `path` with a key of type `kt`.
-    pub(crate) fn workload_with(path: &str, kt: KeyType) -> Workload {
-        let kp = kt.generate().expect("key");
-        let issued = ca()
-            .sign(
-                &IssueRequest {
-                    spiffe_id: id(path),
-                    key: SubjectKey::from_key_pair(&kp, kt),
-                    ttl: Duration::from_secs(3600),
-                    dns: vec![],
-                },
-                "keyproof-proxy unit tests",
-            )
-            .expect("issue");
-        Workload {
-            id: id(path),
-            chain: vec![issued.leaf, issued.intermediate],
-            pkcs8: kp.serialize_der(),
-        }
-    }
-
-    impl Workload {
-        pub(crate) fn leaf(&self) -> &CertificateDer<'static> {
-            &self.chain[0]
-        }
-
-        /// The identity as the proxy loads it, with the key as `key`.
-        pub(crate) fn identity_with_key(&self, key: PrivateKeyDer<'static>) -> Identity {
-            Identity::from_parts(
-                self.chain.clone(),
-                key,
-                ca().bundle().to_vec(),
-                &[Usage::ServerAuth, Usage::ClientAuth],
-                None,
-            )
-            .expect("identity")
-        }
-
-        pub(crate) fn identity(&self) -> Identity {
-            self.identity_with_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-                self.pkcs8.clone(),
-            )))
-        }
-
-        pub(crate) fn store(&self) -> Arc<IdentityStore> {
-            IdentityStore::new(self.identity())
-        }
-
-        /// This workload as a verified caller, as the inbound sees it.
-        pub(crate) fn peer(&self) -> PeerIdentity {
-            PeerIdentity::from_certs(Some(&self.chain)).expect("peer identity")
-        }
-    }
-
-    /// A whole configuration: `rest` after an `[identity]` section whose
-    /// files are never read (identities come from [`Workload::store`]).
-    pub(crate) fn config(rest: &str) -> Config {
-        Config::parse(&format!(
-            "[identity]\ntrust_bundle = \"unused.crt\"\n[identity.files]\ncert = \"unused.crt\"\nkey = \"unused.key\"\n{rest}"
-        ))
-        .unwrap_or_else(|e| panic!("test configuration: {e}\n{rest}"))
-    }
-
-    /// The value of one series in the Prometheus text, e.g.
-    /// `keyproof_authz_denied_total{route="/admin"}`; 0 when absent.
-    pub(crate) fn metric(m: &Metrics, series: &str) -> f64 {
-        let text = String::from_utf8(m.render()).expect("metrics are text");
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.trim().parse().expect("metric value"))
-    }
-
-    /// A request as hyper's HTTP/1.1 server reads it from `raw`, with the
-    /// client's end of the stream: the request's body is read from it, so
-    /// keep it while the body matters.
-    pub(crate) async fn hyper_request(raw: &[u8]) -> (Request<Incoming>, DuplexStream) {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let (tx, rx) = oneshot::channel();
-        let tx = Mutex::new(Some(tx));
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                if let Some(tx) = tx.lock().expect("lock").take() {
-                    let _ = tx.send(req);
-                }
-                // No response: the connection stays open for the body.
-                std::future::pending::<Result<Response<http_body_util::Empty<Bytes>>, Infallible>>()
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(server), svc)
-                .await;
-        });
-        client.write_all(raw).await.expect("write request");
-        (rx.await.expect("hyper parsed the request"), client)
-    }
-
-    /// An app on loopback that answers one request `200 ok` and hands over
-    /// the request head it read.
-    pub(crate) async fn one_request_app() -> (SocketAddr, oneshot::Receiver<String>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind app");
-        let addr = l.local_addr().expect("app address");
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let (mut tcp, _) = l.accept().await.expect("accept");
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = tcp.read(&mut buf).await.expect("read head");
-                if n == 0 {
-                    break;
-                }
-                head.extend_from_slice(&buf[..n]);
-            }
-            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
-            let _ = tcp
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await;
-            // Held until the proxy has read the response.
-            let _ = tcp.read(&mut buf).await;
-        });
-        (addr, rx)
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use http::{Request, StatusCode};
     use http_body_util::BodyExt;
 
-    use super::testing::{config, hyper_request, one_request_app, workload, Workload};
     use super::Inbound;
     use crate::http::body::ProxyBody;
     use crate::inbound::conn::InboundConn;
     use crate::metrics::Metrics;
+    use crate::testing::{config, hyper_request, one_request_app, workload, Workload};
 
     const API: &str = "/ns/demo/sa/api";
     const WEB: &str = "/ns/demo/sa/web";
@@ -717,7 +525,7 @@ mod tests {
             );
         }
         assert_eq!(
-            super::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
+            crate::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
             7.0
         );
     }
@@ -770,7 +578,7 @@ mod tests {
             assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{target}");
         }
         assert_eq!(
-            super::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
+            crate::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
             0.0
         );
     }

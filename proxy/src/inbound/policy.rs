@@ -345,7 +345,7 @@ mod tests {
 
     #[test]
     fn refusals_are_counted_by_route_and_default() {
-        use crate::inbound::testing::metric;
+        use crate::testing::metric;
         let m = Metrics::new().unwrap();
         let routes = [route("/a", &[], &[WEB]), route("/b", &[], &[WEB])];
         let p = Policy::new(&routes, DefaultPolicy::Deny, &m);

@@ -39,7 +39,7 @@ use crate::http::map_in_place::map_in_place;
 use crate::http::mesh_client::Start;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores};
 use crate::http::server::{self, Builders, Proto, StreamGuard};
-use crate::http::tee::{tee, Replay, TeeHandle};
+use crate::http::tee::{tee, Resend, TeeHandle};
 use crate::identity::store::IdentityStore;
 use crate::listener::ConnGuards;
 use crate::metrics::DirectionMetrics;
@@ -371,7 +371,7 @@ impl Outbound {
     }
 
     /// The response, unless it is a first step-up challenge, which is
-    /// answered by replaying the request signed (boxed: it is rare).
+    /// answered by resending the request signed (boxed: it is rare).
     fn after_send<'a>(
         &'a self,
         up: &'a Upstream,
@@ -388,9 +388,9 @@ impl Outbound {
                     return Either::Left(ready(resp));
                 }
                 up.stepup_paths.learn(head.path());
-                let replay = copy.map_or(Replay::Body(bytes::Bytes::new()), |c| c.replay());
+                let resend = copy.map_or(Resend::Body(bytes::Bytes::new()), |c| c.resend());
                 Either::Right(Box::pin(async move {
-                    let sent = self.stepup.answer_replay(&up.h2, resp, &head, replay).await;
+                    let sent = self.stepup.answer_resend(&up.h2, resp, &head, resend).await;
                     self.respond(up, sent)
                 }))
             }
@@ -493,8 +493,8 @@ mod tests {
 
     use super::{host_key, Outbound};
     use crate::http::body::RequestBody;
-    use crate::inbound::testing::{config, hyper_request, workload};
     use crate::metrics::Metrics;
+    use crate::testing::{config, hyper_request, workload};
 
     /// An outbound for `web` with `upstreams` (`host`, every one at an
     /// address nothing listens on: no test here dials).

@@ -32,7 +32,7 @@ use crate::error::root_cause;
 use crate::http::body::{text, ProxyBody, RequestBody};
 use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
 use crate::http::mesh_client::MeshConnInfo;
-use crate::http::tee::Replay;
+use crate::http::tee::Resend;
 use crate::identity::store::{Identity, IdentityStore};
 use crate::metrics::{Metrics, SignResult, SignerMetrics};
 use crate::outbound::kept::KeptNonces;
@@ -304,21 +304,21 @@ impl OutboundStepUp {
 
     /// Answers a challenge received for a request sent on any connection:
     /// signs with the h2 connection's exporter and resends there, once.
-    /// `replay` is the body as first sent.
-    pub async fn answer_replay(
+    /// `resend` is the body as first sent.
+    pub async fn answer_resend(
         &self,
         link: &MeshLink,
         challenge: Response<ProxyBody>,
         template: &Template,
-        replay: Replay,
+        resend: Resend,
     ) -> Result<Response<ProxyBody>, ForwardError> {
-        match replay {
-            Replay::Body(body) => self.answer(link, challenge, template, body).await,
-            Replay::TooLarge => {
+        match resend {
+            Resend::Body(body) => self.answer(link, challenge, template, body).await,
+            Resend::TooLarge => {
                 self.metrics.count(SignResult::BodyTooLarge);
                 Ok(self.too_large())
             }
-            Replay::Incomplete => {
+            Resend::Incomplete => {
                 self.metrics.count(SignResult::Error);
                 Ok(pass(
                     challenge,
@@ -491,7 +491,7 @@ mod tests {
     use rustls_pki_types::{PrivateKeyDer, PrivateSec1KeyDer};
 
     use super::*;
-    use crate::inbound::testing::{metric, workload, workload_with, Workload};
+    use crate::testing::{metric, workload, workload_with, Workload};
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs

@@ -28,7 +28,7 @@ use crate::config::{OutboundConfig, UpstreamConfig};
 use crate::error::root_cause;
 use crate::http::body::ProxyBody;
 use crate::http::mesh_client::{MeshConn, MeshConnInfo, MeshSender};
-use crate::identity::store::{self as identity, IdentityStore};
+use crate::identity::store::{self, IdentityStore};
 use crate::metrics::{DirectionMetrics, Metrics};
 use crate::outbound::kept::StepUpPaths;
 
@@ -153,7 +153,7 @@ impl Dialer {
                 });
             }
             Ok(Err(e)) => {
-                let f = identity::classify(&e);
+                let f = store::classify(&e);
                 self.metrics.handshake(f.reason);
                 tracing::warn!(upstream = %self.address, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "outbound TLS handshake failed");
                 return Err(if f.reason == "identity_mismatch" {
@@ -173,12 +173,15 @@ impl Dialer {
         self.metrics
             .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
         let h2 = session.alpn_protocol() == Some(b"h2");
-        let mut exporter = [0u8; 32];
-        let _ = session.export_keying_material(
-            &mut exporter,
-            keyproof_stepup::EXPORTER_LABEL,
-            Some(b""),
-        );
+        let Some(exporter) = keyproof_identity::tls::channel_binding(session) else {
+            // Signed requests bind to it: a binding of zeros would be one
+            // every connection shares.
+            return Err(ConnectError::Handshake {
+                addr: self.address.clone(),
+                reason: "protocol",
+                msg: "the connection gives no TLS exporter (channel binding)".into(),
+            });
+        };
         let peer_id = session
             .peer_certificates()
             .and_then(|c| c.first())
@@ -385,7 +388,7 @@ impl Upstream {
         let mk = |alpn: &[&[u8]]| -> Result<Arc<Dialer>, rustls::Error> {
             Ok(Arc::new(Dialer {
                 address: u.address.clone(),
-                tls: TlsConnector::from(Arc::new(identity::client_config(
+                tls: TlsConnector::from(Arc::new(store::client_config(
                     store,
                     u.identity.clone(),
                     alpn,
