@@ -450,3 +450,501 @@ pub async fn send_h2(
     resp.extensions_mut().insert(info);
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    use tokio::net::TcpListener;
+    use tokio::sync::{mpsc, oneshot};
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+    use crate::identity::store::test_pki::Pki;
+    use crate::testing::{config, metric, workload, Workload};
+
+    const WAIT: Duration = Duration::from_secs(2);
+    const API: &str = "spiffe://unit.keyproof.test/ns/demo/sa/api";
+
+    /// `[outbound]` with `extra` keys and one upstream, `api.demo`, at
+    /// `address` that must prove to be `identity`.
+    fn outbound_cfg(address: &str, identity: &str, extra: &str) -> OutboundConfig {
+        config(&format!(
+            "[outbound]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
+             [[outbound.upstreams]]\nhost = \"api.demo\"\naddress = \"{address}\"\nidentity = \"{identity}\"\n"
+        ))
+        .outbound
+        .expect("[outbound]")
+    }
+
+    /// The upstream of `cfg`, dialled as the `web` workload.
+    fn upstream(cfg: &OutboundConfig, metrics: &Metrics) -> Upstream {
+        let web = workload("/ns/demo/sa/web").store();
+        Upstream::new(0, &cfg.upstreams[0], cfg, &web, metrics).expect("upstream")
+    }
+
+    fn handshakes(m: &Metrics, result: &str) -> f64 {
+        metric(
+            m,
+            &format!("keyproof_tls_handshakes_total{{direction=\"outbound\",result=\"{result}\"}}"),
+        )
+    }
+
+    fn open_connections(m: &Metrics) -> f64 {
+        metric(m, "keyproof_connections_open{direction=\"outbound\"}")
+    }
+
+    /// Why dialling the upstream's h2 link failed (panics if it did not).
+    async fn dial_error(up: &Upstream) -> ConnectError {
+        match up.h2.sender().await {
+            Ok(_) => panic!("the dial succeeded"),
+            Err(ForwardError::Connect(e)) => e,
+            Err(ForwardError::NotH2) => panic!("NotH2, not a connect error"),
+            Err(ForwardError::Upstream(e)) => panic!("Upstream({e}), not a connect error"),
+        }
+    }
+
+    async fn sender(up: &Upstream) -> MeshConn {
+        match up.h2.sender().await {
+            Ok(c) => c,
+            Err(ForwardError::Connect(e)) => panic!("connect failed: {e}"),
+            Err(ForwardError::NotH2) => panic!("NotH2"),
+            Err(ForwardError::Upstream(e)) => panic!("upstream failed: {e}"),
+        }
+    }
+
+    /// Waits (bounded) until the link has noticed its connection closed.
+    async fn until_closed(link: &MeshLink) {
+        tokio::time::timeout(WAIT, async {
+            while link.current().is_some() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the link never saw its connection close");
+    }
+
+    /// How the test server treats the HTTP/2 connection it accepts.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// Answers every request `200`.
+        Answer,
+        /// Sends GOAWAY (last stream 0) right after the handshake and closes.
+        GoAwayAtOnce,
+        /// Resets every request's stream.
+        Reset,
+    }
+
+    /// One connection the test server completed a TLS handshake on. The
+    /// connection stays open while this is held (dropping it closes it).
+    struct Accepted {
+        exporter: [u8; 32],
+        alpn: Option<Vec<u8>>,
+        requests: Arc<AtomicUsize>,
+        /// Held only to be dropped.
+        _close: oneshot::Sender<()>,
+    }
+
+    /// A mutual-TLS server on loopback presenting `server`'s identity,
+    /// offering `alpn`; its `n`-th HTTP/2 connection is served as
+    /// `modes[n]` (the last mode for the rest).
+    async fn mesh_server(
+        server: &Workload,
+        alpn: &[&[u8]],
+        modes: Vec<Serve>,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<Accepted>) {
+        mesh_server_with(server.store(), alpn, modes).await
+    }
+
+    async fn mesh_server_with(
+        store: Arc<IdentityStore>,
+        alpn: &[&[u8]],
+        modes: Vec<Serve>,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<Accepted>) {
+        let mut tls = store::server_config(&store).expect("server config");
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("address");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    return;
+                };
+                let mode = modes[n.min(modes.len() - 1)];
+                n += 1;
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    // A refused client (the tests that expect one) ends here.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let session = tls.get_ref().1;
+                    let exporter = keyproof_identity::tls::channel_binding(session)
+                        .expect("server-side exporter");
+                    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+                    let h2 = alpn.as_deref() == Some(b"h2");
+                    let (_close, mut closed) = oneshot::channel();
+                    let requests = Arc::new(AtomicUsize::new(0));
+                    let _ = tx.send(Accepted {
+                        exporter,
+                        alpn,
+                        requests: requests.clone(),
+                        _close,
+                    });
+                    if !h2 {
+                        let _ = closed.await;
+                        return;
+                    }
+                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    if let Serve::GoAwayAtOnce = mode {
+                        conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                        while let Some(Ok(_)) = conn.accept().await {
+                            requests.fetch_add(1, Ordering::SeqCst);
+                        }
+                        return;
+                    }
+                    loop {
+                        tokio::select! {
+                            _ = &mut closed => return,
+                            r = conn.accept() => {
+                                let Some(Ok((_req, mut respond))) = r else { return };
+                                requests.fetch_add(1, Ordering::SeqCst);
+                                match mode {
+                                    Serve::Reset => respond.send_reset(h2::Reason::INTERNAL_ERROR),
+                                    _ => {
+                                        let _ = respond
+                                            .send_response(Response::new(()), true);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Accepted>) -> Accepted {
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("the server accepted no connection in time")
+            .expect("server gone")
+    }
+
+    fn get() -> Request<ProxyBody> {
+        Request::get("http://api.demo/x")
+            .body(ProxyBody::empty())
+            .expect("request")
+    }
+
+    #[test]
+    fn an_address_that_is_not_an_authority_is_refused_naming_its_key() {
+        let cfg = outbound_cfg("127.0.0.1:9", API, "");
+        let mut u = cfg.upstreams[0].clone();
+        u.address = "api demo:443".into();
+        let web = workload("/ns/demo/sa/web").store();
+        let m = Metrics::new().expect("metrics");
+        match Upstream::new(3, &u, &cfg, &web, &m) {
+            Err(OutboundError::Address { key, msg }) => {
+                assert_eq!(key, "outbound.upstreams[3].address");
+                assert!(!msg.is_empty());
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("accepted {:?}", u.address),
+        }
+    }
+
+    #[test]
+    fn every_address_the_configuration_accepts_makes_an_upstream() {
+        let m = Metrics::new().expect("metrics");
+        for a in [
+            "127.0.0.1:8443",
+            "[::1]:8443",
+            "api.demo:443",
+            "a-b.svc.cluster.local:1",
+            "localhost:65535",
+            "[fe80::1%2]:80",
+            "API.Demo:443",
+        ] {
+            let cfg = outbound_cfg(a, API, "");
+            let up = upstream(&cfg, &m);
+            assert_eq!(up.pool_key.as_str(), a);
+        }
+    }
+
+    #[test]
+    fn timeouts_are_504_and_every_other_connect_error_502() {
+        let addr = "10.0.0.1:443".to_owned();
+        let after = Duration::from_millis(100);
+        let cases = [
+            (
+                ConnectError::ConnectTimeout {
+                    addr: addr.clone(),
+                    after,
+                },
+                StatusCode::GATEWAY_TIMEOUT,
+            ),
+            (
+                ConnectError::HandshakeTimeout {
+                    addr: addr.clone(),
+                    after,
+                },
+                StatusCode::GATEWAY_TIMEOUT,
+            ),
+            (
+                ConnectError::Connect {
+                    addr: addr.clone(),
+                    msg: "refused".into(),
+                },
+                StatusCode::BAD_GATEWAY,
+            ),
+            (
+                ConnectError::IdentityMismatch("not api".into()),
+                StatusCode::BAD_GATEWAY,
+            ),
+            (
+                ConnectError::Handshake {
+                    addr,
+                    reason: "unknown_ca",
+                    msg: "bad".into(),
+                },
+                StatusCode::BAD_GATEWAY,
+            ),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status(), status, "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dialling_a_closed_port_is_a_connect_error() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("address").to_string();
+        drop(l);
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr, API, ""), &m);
+        match dial_error(&up).await {
+            ConnectError::Connect { addr: a, .. } => assert_eq!(a, addr),
+            e => panic!("wrong error: {e}"),
+        }
+        // No TLS handshake was tried.
+        assert_eq!(handshakes(&m, "timeout") + handshakes(&m, "protocol"), 0.0);
+        assert_eq!(open_connections(&m), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_never_speaks_tls_is_a_handshake_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("address").to_string();
+        tokio::spawn(async move {
+            // Accepts and holds every connection, silent.
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = l.accept().await {
+                held.push(tcp);
+            }
+        });
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(
+            &outbound_cfg(&addr, API, "handshake_timeout = \"150ms\""),
+            &m,
+        );
+        let start = Instant::now();
+        let e = dial_error(&up).await;
+        let took = start.elapsed();
+        match &e {
+            ConnectError::HandshakeTimeout { addr: a, after } => {
+                assert_eq!(a, &addr);
+                assert_eq!(*after, Duration::from_millis(150));
+            }
+            e => panic!("wrong error: {e}"),
+        }
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        // The bound is the configured one, not the default 10 s.
+        assert!(took >= Duration::from_millis(150), "{took:?}");
+        assert!(took < WAIT, "{took:?}");
+        assert_eq!(handshakes(&m, "timeout"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_server_with_another_spiffe_id_is_an_identity_mismatch() {
+        let db = workload("/ns/demo/sa/db");
+        let (addr, mut accepted) = mesh_server(&db, &[b"h2"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        match dial_error(&up).await {
+            ConnectError::IdentityMismatch(msg) => {
+                assert!(msg.contains("/ns/demo/sa/db"), "{msg}");
+            }
+            e => panic!("wrong error: {e}"),
+        }
+        assert_eq!(handshakes(&m, "identity_mismatch"), 1.0);
+        assert_eq!(handshakes(&m, "ok"), 0.0);
+        assert_eq!(open_connections(&m), 0.0);
+        // The server never saw a finished handshake.
+        assert!(accepted.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_server_of_another_trust_domain_is_refused() {
+        let other = Pki::shared("other.keyproof.test");
+        let store = IdentityStore::new(other.identity("/ns/demo/sa/api"));
+        let (addr, mut accepted) = mesh_server_with(store, &[b"h2"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        let e = dial_error(&up).await;
+        match &e {
+            ConnectError::Handshake { reason, .. } => assert_eq!(*reason, "unknown_ca", "{e}"),
+            e => panic!("wrong error: {e}"),
+        }
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(handshakes(&m, "unknown_ca"), 1.0);
+        assert_eq!(handshakes(&m, "ok"), 0.0);
+        assert!(accepted.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_h2_sender_carries_the_servers_id_and_exporter_and_is_reused_while_open() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) =
+            mesh_server(&api, &[b"h2", b"http/1.1"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+
+        let (_, info) = sender(&up).await;
+        let first = next(&mut accepted).await;
+        assert_eq!(first.alpn.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(info.peer_id, api.id);
+        assert_ne!(info.exporter, [0u8; 32]);
+        assert_eq!(info.exporter, first.exporter);
+        assert_eq!(handshakes(&m, "ok"), 1.0);
+        assert_eq!(open_connections(&m), 1.0);
+
+        let (_, again) = sender(&up).await;
+        assert_eq!(again.conn_id, info.conn_id);
+        assert_eq!(again.exporter, info.exporter);
+        assert_eq!(handshakes(&m, "ok"), 1.0, "a second connection was dialled");
+
+        // The server closes the connection: the next call dials anew.
+        drop(first);
+        until_closed(&up.h2).await;
+        let (_, fresh) = sender(&up).await;
+        let second = next(&mut accepted).await;
+        assert_ne!(fresh.conn_id, info.conn_id);
+        assert_eq!(fresh.exporter, second.exporter);
+        assert_ne!(fresh.exporter, info.exporter);
+        assert_eq!(fresh.peer_id, api.id);
+        assert_eq!(handshakes(&m, "ok"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn connection_ids_differ_across_upstreams() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let cfg = outbound_cfg(&addr.to_string(), API, "");
+        let (a, b) = (upstream(&cfg, &m), upstream(&cfg, &m));
+        let ((_, ia), (_, ib)) = (sender(&a).await, sender(&b).await);
+        assert_ne!(ia.conn_id, ib.conn_id);
+        assert_ne!(ia.exporter, ib.exporter);
+        assert_eq!(open_connections(&m), 2.0);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_offering_only_http1_is_not_h2_and_its_probe_is_closed() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) = mesh_server(&api, &[b"http/1.1"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        match up.h2.sender().await {
+            Err(ForwardError::NotH2) => {}
+            Err(e) => panic!("wrong error: {e:?}"),
+            Ok(_) => panic!("an h2 sender on an http/1.1 connection"),
+        }
+        let probe = next(&mut accepted).await;
+        assert_eq!(probe.alpn.as_deref(), Some(&b"http/1.1"[..]));
+        // The handshake itself succeeded; the probe connection is gone.
+        assert_eq!(handshakes(&m, "ok"), 1.0);
+        assert_eq!(open_connections(&m), 0.0);
+        assert!(up.h2.current().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_unsent_by_a_closing_connection_is_retried_once_on_a_fresh_one() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) =
+            mesh_server(&api, &[b"h2"], vec![Serve::GoAwayAtOnce, Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        let (send, info) = sender(&up).await;
+        let first = next(&mut accepted).await;
+        // The GOAWAY has arrived and the connection is over before the
+        // request is tried on it: the outcome does not depend on timing.
+        until_closed(&up.h2).await;
+        let resp = match send_h2(&up.h2, send, info.clone(), get()).await {
+            Ok(r) => r,
+            Err(e) => panic!("not retried: {e:?}"),
+        };
+        assert_eq!(resp.status(), StatusCode::OK);
+        let second = next(&mut accepted).await;
+        assert_eq!(first.requests.load(Ordering::SeqCst), 0);
+        assert_eq!(second.requests.load(Ordering::SeqCst), 1);
+        let used = resp
+            .extensions()
+            .get::<Arc<MeshConnInfo>>()
+            .expect("the connection's info on the response");
+        assert_ne!(used.conn_id, info.conn_id);
+        assert_eq!(used.exporter, second.exporter);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_upstream_reset_after_it_was_sent_is_not_retried() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Reset]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        let (send, info) = sender(&up).await;
+        let first = next(&mut accepted).await;
+        match send_h2(&up.h2, send, info, get()).await {
+            Err(ForwardError::Upstream(msg)) => assert!(!msg.is_empty()),
+            Err(e) => panic!("wrong error: {e:?}"),
+            Ok(r) => panic!("answered {}", r.status()),
+        }
+        assert_eq!(first.requests.load(Ordering::SeqCst), 1);
+        // Dials are counted as they finish, before any request goes out.
+        assert_eq!(handshakes(&m, "ok"), 1.0, "retried on a new connection");
+        assert!(accepted.try_recv().is_err(), "retried on a new connection");
+    }
+
+    #[tokio::test]
+    async fn a_request_the_fresh_connection_refuses_too_is_not_retried_again() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::GoAwayAtOnce]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        let (send, info) = sender(&up).await;
+        let first = next(&mut accepted).await;
+        until_closed(&up.h2).await;
+        match send_h2(&up.h2, send, info, get()).await {
+            Err(ForwardError::Upstream(msg)) => assert!(!msg.is_empty()),
+            Err(e) => panic!("wrong error: {e:?}"),
+            Ok(r) => panic!("answered {}", r.status()),
+        }
+        let second = next(&mut accepted).await;
+        assert_eq!(first.requests.load(Ordering::SeqCst), 0);
+        assert_eq!(second.requests.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            handshakes(&m, "ok"),
+            2.0,
+            "one retry, on one fresh connection"
+        );
+    }
+}
