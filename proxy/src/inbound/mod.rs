@@ -1,6 +1,11 @@
 //! The inbound side: terminate mutual TLS, authorize by route, set
 //! `x-forwarded-client-cert`, and forward to the app over pooled plaintext
 //! connections.
+//!
+//! Here: the listener (`Inbound::connection`: handshake, then HTTP) and the
+//! per-request path (`admit`, `stepped_up`, `forward`). `conn.rs` holds what
+//! is known of a caller's connection (its XFCC value, its channel binding),
+//! `policy.rs` the route policy, `challenge.rs` the step-up verification.
 
 pub mod challenge;
 pub mod conn;

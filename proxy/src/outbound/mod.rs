@@ -8,6 +8,12 @@
 //! markedly less CPU per request than a pool of HTTP/1.1 connections. An
 //! upstream that only offers `http/1.1` gets a keep-alive pool instead (and
 //! gRPC to it is refused, as gRPC needs HTTP/2).
+//!
+//! Here: the listener and the per-request `forward`. `upstream.rs` holds the
+//! upstream table's entries and their connections (`MeshLink`, the dialler);
+//! `signer.rs` answers step-up challenges and signs up front with the
+//! nonces `kept.rs` keeps. A request goes this module -> signer (step-up
+//! paths only) -> upstream -> `http::mesh_client`, and nothing calls back.
 
 pub mod kept;
 pub mod signer;
