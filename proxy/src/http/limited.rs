@@ -116,35 +116,12 @@ where
 
 #[cfg(test)]
 mod stall_tests {
-    use std::convert::Infallible;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use http_body::Frame;
-
     use super::*;
-
-    /// Sends `first`, then nothing, for ever.
-    struct Stalling(Option<Bytes>);
-
-    impl Body for Stalling {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            match self.0.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Poll::Pending,
-            }
-        }
-    }
+    use crate::http::traits::test_body::TestBody;
 
     #[tokio::test]
     async fn a_body_that_stops_coming_is_given_up_after_the_stall_bound() {
-        let mut body = Stalling(Some(Bytes::from_static(b"0123456789")));
+        let mut body = TestBody::stalling(&["0123456789"], None);
         let stall = Duration::from_millis(100);
         let start = std::time::Instant::now();
         let r = tokio::time::timeout(
