@@ -28,10 +28,38 @@ pub struct RenewerConfig {
     pub client: CaClient,
     pub spiffe_id: SpiffeId,
     pub key_type: KeyType,
-    /// Read at bootstrap time (a Kubernetes Secret may be mounted late).
-    pub join_token_file: PathBuf,
+    /// What proves the workload's claim when it holds no certificate.
+    pub bootstrap: Credential,
     /// How often to fetch `/v1/bundle` between renewals.
     pub bundle_refresh: Duration,
+}
+
+/// The bootstrap credential, read from its file at every bootstrap (a
+/// Kubernetes Secret may be mounted late; the kubelet refreshes a projected
+/// ServiceAccount token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A single-use join token (`keyproof-ca token create`).
+    JoinToken(PathBuf),
+    /// A projected Kubernetes ServiceAccount token (audience `keyproof-ca`).
+    ServiceAccountToken(PathBuf),
+}
+
+impl Credential {
+    /// The file it is read from.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Credential::JoinToken(p) | Credential::ServiceAccountToken(p) => p,
+        }
+    }
+
+    /// How logs name it.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Credential::JoinToken(_) => "join token file",
+            Credential::ServiceAccountToken(_) => "service account token file",
+        }
+    }
 }
 
 /// A newly issued identity for the caller to install.
@@ -156,14 +184,13 @@ async fn obtain(
             "renew",
         ),
         None => {
-            let token = tokio::fs::read_to_string(&cfg.join_token_file)
-                .await
-                .map_err(|e| {
-                    (
-                        FailureKind::TokenUnreadable,
-                        format!("join token file {}: {e}", cfg.join_token_file.display()),
-                    )
-                })?;
+            let path = cfg.bootstrap.path();
+            let token = tokio::fs::read_to_string(path).await.map_err(|e| {
+                (
+                    FailureKind::TokenUnreadable,
+                    format!("{} {}: {e}", cfg.bootstrap.describe(), path.display()),
+                )
+            })?;
             (
                 cfg.client
                     .bootstrap(token.trim(), &key.csr_pem)

@@ -6,6 +6,7 @@
 //! member's binaries are compiled before any test runs); `KEYPROOF_BIN_DIR`
 //! overrides where they are looked up.
 
+pub mod k8s;
 pub mod nginx;
 pub mod proxy_support;
 

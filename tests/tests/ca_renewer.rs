@@ -106,7 +106,7 @@ fn bootstraps_renews_and_recovers_from_an_outage() {
             client,
             spiffe_id: SpiffeId::parse(WEB).unwrap(),
             key_type: KeyType::EcdsaP256,
-            join_token_file: token_file,
+            bootstrap: renewer::Credential::JoinToken(token_file),
             bundle_refresh: Duration::from_secs(2),
         },
         handler,

@@ -174,7 +174,7 @@ pub fn start(
             client,
             spiffe_id: cfg.spiffe_id.clone(),
             key_type: cfg.key_type,
-            join_token_file: cfg.join_token_file.clone(),
+            bootstrap: renewer::Credential::JoinToken(cfg.join_token_file.clone()),
             bundle_refresh: cfg.bundle_refresh,
         },
         handler,
