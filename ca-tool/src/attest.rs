@@ -293,9 +293,19 @@ struct ReloadState {
     /// The stamp of the file last looked at; `None` when it could not be
     /// stat'ed (so a missing file is reported once, not every second).
     stamp: Option<FileStamp>,
-    /// SHA-256 of the content last read, so that a re-read of unchanged
-    /// content is not counted as a reload.
+    /// SHA-256 of the content of the keys in use, so that a re-read of
+    /// unchanged content is not counted as a reload.
     digest: [u8; 32],
+    /// The broken version last reported, so that each is counted and
+    /// logged once, not at every check.
+    failed: Option<Broken>,
+}
+
+/// A version of the JWKS file that could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broken {
+    Unreadable,
+    Content([u8; 32]),
 }
 
 /// Verifies ServiceAccount tokens against the cluster's JWKS.
@@ -339,6 +349,7 @@ impl SaAttestor {
             last_forced: None,
             stamp: Some(stamp),
             digest: sha256(&bytes),
+            failed: None,
         };
         Ok(SaAttestor {
             cfg,
@@ -450,23 +461,28 @@ impl SaAttestor {
         if stamp == state.stamp && !unknown_kid {
             return;
         }
-        let changed_stamp = stamp != state.stamp;
         state.stamp = stamp;
-        let outcome = read_jwks(path).and_then(|(stamp, bytes)| {
-            // The stamp of what was read, which may be newer than the one
-            // looked at: the next check compares with this.
-            state.stamp = Some(stamp);
-            let digest = sha256(&bytes);
-            if digest == state.digest {
-                return Ok(None);
+        let outcome = match read_jwks(path) {
+            Err(msg) => Err((Broken::Unreadable, msg)),
+            Ok((stamp, bytes)) => {
+                // The stamp of what was read, which may be newer than the
+                // one looked at: the next check compares with this.
+                state.stamp = Some(stamp);
+                let digest = sha256(&bytes);
+                if digest == state.digest {
+                    Ok(None)
+                } else {
+                    parse_jwks(&bytes)
+                        .map(|set| Some((digest, set)))
+                        .map_err(|msg| (Broken::Content(digest), msg))
+                }
             }
-            let set = parse_jwks(&bytes)?;
-            state.digest = digest;
-            Ok(Some(set))
-        });
+        };
         match outcome {
-            Ok(None) => {}
-            Ok(Some(set)) => {
+            Ok(None) => state.failed = None,
+            Ok(Some((digest, set))) => {
+                state.digest = digest;
+                state.failed = None;
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     path = %path.display(),
@@ -476,10 +492,9 @@ impl SaAttestor {
                 );
                 self.keys.store(Arc::new(set));
             }
-            // A forced re-read of a file already reported broken is not
-            // another failure.
-            Err(_) if !changed_stamp => {}
-            Err(msg) => {
+            Err((broken, _)) if state.failed == Some(broken) => {}
+            Err((broken, msg)) => {
+                state.failed = Some(broken);
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     path = %path.display(),
@@ -609,7 +624,10 @@ fn usable_key(v: Value) -> Result<VerifyingKey, String> {
             let n = b64("n", &p.n)?;
             let e = b64("e", &p.e)?;
             let n = strip_leading_zeros(&n);
-            let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+            let bits = match n.first() {
+                Some(top) => n.len() * 8 - top.leading_zeros() as usize,
+                None => 0,
+            };
             if !(2048..=8192).contains(&bits) {
                 return Err(format!("RSA modulus of {bits} bits (2048 to 8192)"));
             }
@@ -823,7 +841,7 @@ fn check_claims(
             if t.saturating_sub(leeway) > now {
                 return Err(malformed(format!(
                     "not yet valid: {name} is {} s ahead of this CA's clock, beyond the {leeway} s leeway",
-                    t - now
+                    t.saturating_sub(now)
                 )));
             }
         }
@@ -1554,6 +1572,21 @@ mod tests {
         assert!(c.att.verify(&t, NOW).is_ok());
         assert_eq!(c.att.status().reloads_failed, 3);
 
+        // The content in use again: neither a reload nor a failure; broken
+        // again afterwards, a new failure.
+        write(&path, &jwks_json(&[&k.p256]));
+        assert!(c.att.verify(&t, NOW).is_ok());
+        write(&path, "{\"keys\": [");
+        assert!(c.att.verify(&t, NOW).is_ok());
+        assert_eq!(
+            c.att.status(),
+            JwksStatus {
+                keys: 1,
+                reloads_ok: 0,
+                reloads_failed: 4
+            }
+        );
+
         // Back: a reload.
         write(&path, &jwks_json(&[&k.p256, &k.p384]));
         assert!(c.att.verify(&t, NOW).is_ok());
@@ -1562,7 +1595,7 @@ mod tests {
             JwksStatus {
                 keys: 2,
                 reloads_ok: 1,
-                reloads_failed: 3
+                reloads_failed: 4
             }
         );
     }
@@ -1591,6 +1624,7 @@ mod tests {
             json!({"kty": "foo", "kid": "foo"}),
             json!({"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"}),
             json!({"kty": "RSA", "kid": "small", "n": "AQAB", "e": "AQAB"}),
+            json!({"kty": "RSA", "kid": "empty", "n": "", "e": ""}),
             json!({"kty": "EC", "crv": "P-256", "kid": "off-curve", "x": URL_SAFE_NO_PAD.encode([1u8; 32]), "y": URL_SAFE_NO_PAD.encode([2u8; 32])}),
             json!(42),
         ];
