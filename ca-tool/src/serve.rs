@@ -68,7 +68,7 @@ use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
 use crate::metrics::{CaGauges, CaMetrics, IssuanceKind};
-use crate::token::{TokenError, TokenStore};
+use crate::token::{self, TokenError, TokenStore};
 
 /// Largest accepted request body (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
@@ -218,7 +218,7 @@ impl Call {
                     sub = self.sub.as_deref(),
                     claimed_sub = self.claimed_sub.as_deref(),
                     kind = self.kind.map(IssuanceKind::as_str),
-                    message = %e.message,
+                    detail = %e.message,
                     $msg
                 )
             };
@@ -737,6 +737,11 @@ impl Server {
         }
         .map_err(ca_error)?;
         let (token_id, id) = consumed.map_err(|e: TokenError| {
+            // A reused or expired token is one the CA issued: name it. An
+            // unknown one names nothing.
+            if e != TokenError::Invalid {
+                call.token_id = Some(token::id_of(token));
+            }
             ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
         })?;
         call.token_id = Some(token_id.clone());
