@@ -15,6 +15,7 @@ pub mod csr;
 pub mod fsutil;
 pub mod inspect;
 pub mod issue;
+pub mod jwks_sync;
 pub mod k8s;
 pub mod ledger;
 pub mod metrics;

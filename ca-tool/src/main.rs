@@ -11,7 +11,7 @@ use keyproof_ca::ca::InitOptions;
 use keyproof_ca::csr::{self, SubjectKey};
 use keyproof_ca::fsutil::{self, PUBLIC, SECRET};
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::{check, inspect, k8s, rotate, Ca};
+use keyproof_ca::{check, inspect, jwks_sync, k8s, rotate, Ca};
 use keyproof_identity::keys::KeyType;
 use keyproof_identity::{duration, SpiffeId, TrustDomain};
 
@@ -54,6 +54,37 @@ enum Command {
     /// Join tokens for bootstrapping workloads.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Keep the Kubernetes cluster's ServiceAccount token keys (its JWKS,
+    /// /openid/v1/jwks) in a file for `serve --k8s-jwks`.
+    #[command(name = "k8s-jwks")]
+    K8sJwks(K8sJwksArgs),
+}
+
+#[derive(Args)]
+struct K8sJwksArgs {
+    /// The JWKS file to keep current (replaced atomically, mode 0644, only
+    /// when the cluster's keys change).
+    #[arg(long)]
+    out: PathBuf,
+    /// Time between two fetches (failures are retried sooner, from 1s up).
+    #[arg(long, default_value = "60s", value_parser = human_duration)]
+    interval: Duration,
+    /// The API server, https://host[:port]; its certificate must name host.
+    #[arg(long, default_value = jwks_sync::DEFAULT_API_SERVER)]
+    api_server: String,
+    /// Bearer token for the API server, re-read for every fetch.
+    #[arg(long, default_value = jwks_sync::DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
+    /// PEM CA certificates for the API server: the only roots trusted.
+    #[arg(long, default_value = jwks_sync::DEFAULT_CA_FILE)]
+    ca_file: PathBuf,
+    /// Fetch once and exit: 0 when the file is current, 2 on any error
+    /// (the file is then left as it was).
+    #[arg(long)]
+    once: bool,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Args)]
@@ -383,6 +414,43 @@ fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+fn k8s_jwks(a: K8sJwksArgs) -> Result<()> {
+    if a.interval < Duration::from_secs(1) {
+        bail!("--interval must be at least 1s");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never into log files.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if a.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let opts = jwks_sync::SyncOptions {
+        out: a.out,
+        api_server: a.api_server,
+        token_file: a.token_file,
+        ca_file: a.ca_file,
+        interval: a.interval,
+    };
+    // One small request a minute: a single thread is plenty.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    if a.once {
+        let outcome = rt.block_on(jwks_sync::sync_once(&opts))?;
+        println!("{}", outcome.describe(&opts.out));
+    } else {
+        rt.block_on(jwks_sync::run(&opts, shutdown_signal()));
+    }
+    Ok(())
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -442,6 +510,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{yaml}");
         }
         Command::Serve(a) => serve(a)?,
+        Command::K8sJwks(a) => k8s_jwks(a)?,
         Command::Token(TokenCommand::Create {
             dir,
             spiffe_id,

@@ -1,7 +1,8 @@
 //! Checks of `deploy/`: Kubernetes manifests (kubernetes-validate --strict,
-//! kustomize builds, checkov), yamllint, Prometheus rules (promtool check
-//! and unit tests), the Grafana dashboard, and the real-Prometheus test
-//! helper (`keyproof_tests::prometheus`).
+//! kustomize builds, checkov, and their shape: the CA attests ServiceAccount
+//! tokens, the example workload needs no join token), yamllint, Prometheus
+//! rules (promtool check and unit tests), the Grafana dashboard, and the
+//! real-Prometheus test helper (`keyproof_tests::prometheus`).
 //!
 //! The external tools are installed by `./test.sh`. When `CI` is set a missing
 //! tool fails the test; locally the test prints a notice and passes.
@@ -22,8 +23,9 @@ const K8S_VERSION: &str = "1.30.0";
 const CRD_KINDS: &[&str] = &["PodMonitor"];
 
 /// Every metric name the rules and the dashboard may use: the proxy's
-/// contract (transport, step-up and rotation metrics) plus the two gauges
-/// deploy/ asks for.
+/// contract (transport, step-up, rotation and trust-bundle metrics), the
+/// CA's (`keyproof-ca serve --admin-listen`), plus the two gauges deploy/
+/// asks for.
 const KNOWN_METRICS: &[&str] = &[
     "keyproof_tls_handshakes_total",
     "keyproof_tls_key_exchange_total",
@@ -42,6 +44,20 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_stepup_nonces_outstanding",
     "keyproof_stepup_nonce_table_full_total",
     "keyproof_stepup_signatures_total",
+    "keyproof_trust_bundle_roots",
+    "keyproof_trust_bundle_root_expiry_timestamp_seconds",
+    "keyproof_trust_bundle_sequence",
+    "keyproof_build_info",
+    // keyproof-ca serve's /metrics.
+    "keyproof_ca_issuances_total",
+    "keyproof_ca_refusals_total",
+    "keyproof_ca_ledger_commit_seconds",
+    "keyproof_ca_certificate_expiry_timestamp_seconds",
+    "keyproof_ca_bundle_root_expiry_timestamp_seconds",
+    "keyproof_ca_bundle_sequence",
+    "keyproof_ca_rotation_stage",
+    "keyproof_ca_jwks_keys",
+    "keyproof_ca_jwks_reloads_total",
     // Asked for by deploy/ itself (the capacity ratio and the renewal-age
     // alert); the proxy must keep exporting them (deploy/README.md).
     "keyproof_stepup_nonce_capacity",
@@ -174,10 +190,16 @@ fn kustomizations_build_and_validate() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let dirs = kustomization_dirs();
-    assert!(
-        dirs.len() >= 3,
-        "expected base, example and example-join-token: {dirs:?}"
-    );
+    let names: Vec<String> = dirs
+        .iter()
+        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in ["base", "example", "example-join-token", "example-files"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no kustomization {want}: {dirs:?}"
+        );
+    }
     let mut rendered = Vec::new();
     for d in &dirs {
         let (ok, out, err) = exec(Command::new("kubectl").arg("kustomize").arg(d));
@@ -205,45 +227,105 @@ fn kustomizations_build_and_validate() {
                 out.contains("prometheus.io/scrape: \"true\""),
                 "{name}: scrape annotation missing"
             );
-        }
-        if name == "example" {
             assert!(
-                out.contains("[identity.files]") && out.contains("secretName: web-svid"),
-                "{out}"
+                !out.contains("\nkind: Secret\n"),
+                "{name}: Secrets are made by the operator, never committed"
             );
         }
-        if name == "example-join-token" {
-            assert!(
-                out.contains("[identity.ca]") && !out.contains("[identity.files]"),
-                "{out}"
-            );
-            assert!(
-                out.contains("secretName: web-join-token") && !out.contains("web-svid"),
-                "{out}"
-            );
-        }
-        if name == "base" {
-            for kind in [
-                "Namespace",
-                "ServiceAccount",
-                "PersistentVolumeClaim",
-                "Deployment",
-                "Service",
-                "CronJob",
-            ] {
+        match name.as_str() {
+            // Zero-touch: ServiceAccount attestation, three replicas, no
+            // join token and no Secret anywhere.
+            "example" => {
                 assert!(
-                    out.contains(&format!("kind: {kind}\n")),
-                    "base lacks a {kind}"
+                    out.contains("[identity.ca]")
+                        && out.contains("service_account_token_file = ")
+                        && !out.contains("join_token_file")
+                        && !out.contains("[identity.files]"),
+                    "{out}"
+                );
+                assert!(
+                    !out.contains("join-token") && !out.contains("secretName:"),
+                    "the example needs no Secret:\n{out}"
+                );
+                assert!(out.contains("\n  replicas: 3\n"), "{out}");
+                assert!(
+                    out.contains("audience: keyproof-ca") && out.contains("name: keyproof-bundle"),
+                    "{out}"
                 );
             }
-            assert!(
-                out.contains("type: Recreate") && out.contains("replicas: 1"),
-                "{out}"
-            );
-            assert!(
-                !out.contains("kind: Role") && !out.contains("kind: ClusterRole"),
-                "the CA needs no RBAC"
-            );
+            "example-join-token" => {
+                assert!(
+                    out.contains("[identity.ca]")
+                        && out.contains("join_token_file = ")
+                        && !out.contains("service_account_token_file")
+                        && !out.contains("[identity.files]"),
+                    "{out}"
+                );
+                assert!(
+                    out.contains("secretName: web-join-token")
+                        && !out.contains("web-svid")
+                        && !out.contains("serviceAccountToken:"),
+                    "{out}"
+                );
+                assert!(
+                    out.contains("\n  replicas: 1\n") && out.contains("type: Recreate"),
+                    "a single-use join token allows one replica:\n{out}"
+                );
+            }
+            "example-files" => {
+                assert!(
+                    out.contains("[identity.files]") && !out.contains("[identity.ca]"),
+                    "{out}"
+                );
+                assert!(
+                    out.contains("secretName: web-svid")
+                        && !out.contains("web-join-token")
+                        && !out.contains("serviceAccountToken:")
+                        && !out.contains("keyproof-bundle"),
+                    "{out}"
+                );
+            }
+            "base" => {
+                for kind in [
+                    "Namespace",
+                    "ServiceAccount",
+                    "ClusterRoleBinding",
+                    "ConfigMap",
+                    "PersistentVolumeClaim",
+                    "Deployment",
+                    "Service",
+                    "NetworkPolicy",
+                    "PodMonitor",
+                    "CronJob",
+                ] {
+                    assert!(
+                        out.contains(&format!("\nkind: {kind}\n")),
+                        "base lacks a {kind}"
+                    );
+                }
+                assert!(
+                    out.contains("type: Recreate") && out.contains("replicas: 1"),
+                    "{out}"
+                );
+                // One binding to a built-in role; no role of its own.
+                for kind in ["Role", "ClusterRole", "RoleBinding"] {
+                    assert!(
+                        !out.contains(&format!("\nkind: {kind}\n")),
+                        "the CA needs no {kind} of its own"
+                    );
+                }
+                assert!(
+                    out.contains("name: system:service-account-issuer-discovery"),
+                    "{out}"
+                );
+                // The issuer ConfigMap is generated (hashed) and referenced.
+                assert!(
+                    out.contains("name: keyproof-ca-k8s-")
+                        && out.contains("$(KEYPROOF_K8S_ISSUER)"),
+                    "{out}"
+                );
+            }
+            other => panic!("unexpected kustomization {other}: add its checks here"),
         }
     }
     kubernetes_validate(&rendered);
@@ -304,7 +386,11 @@ fn every_container_is_hardened_and_pinned() {
         "{dep}"
     );
     assert!(dep.contains("prometheus.io/port: \"15090\""), "{dep}");
-    for toml in ["example/proxy.toml", "example-join-token/proxy.toml"] {
+    for toml in [
+        "example/proxy.toml",
+        "example-join-token/proxy.toml",
+        "example-files/proxy.toml",
+    ] {
         let t = read(&deploy().join("kubernetes").join(toml));
         assert!(
             t.contains("[admin]\nlisten = \"0.0.0.0:15090\""),
@@ -551,7 +637,7 @@ fn rules_and_dashboard_use_contract_metric_names() {
         for n in &names {
             assert!(
                 KNOWN_METRICS.contains(&n.as_str()),
-                "{what} use {n}, which the proxy does not export"
+                "{what} use {n}, which neither the proxy nor the CA exports"
             );
         }
         assert!(names.len() >= 7, "{what}: only {names:?}");
@@ -657,11 +743,12 @@ fn containerfile_is_multistage_and_nonroot() {
     assert!(read(&deploy().join("README.md")).contains("not built in CI"));
 }
 
-/// The example's proxy config is accepted by the real `keyproof-proxy
-/// check-config` (unknown keys are startup errors), with the Secret's files
-/// replaced by a throwaway trust domain's.
-#[test]
-fn example_proxy_config_passes_check_config() {
+/// Runs the real `keyproof-proxy check-config` (unknown keys are startup
+/// errors) on `deploy/kubernetes/<variant>/proxy.toml`, with the pod's mounts
+/// replaced by a directory holding a throwaway trust domain's files: the
+/// Secret web-svid's (`svid/`), the keyproof-bundle ConfigMap's (`bundle/`),
+/// and the token volumes (`secrets/token/`, `secrets/join-token/`).
+fn check_config(variant: &str) {
     let dir = keyproof_tests::bin_dir();
     let built = ["keyproof-proxy", "keyproof-ca"]
         .iter()
@@ -676,12 +763,36 @@ fn example_proxy_config_passes_check_config() {
     let ca = keyproof_tests::TestCa::new("prod.example.com");
     let (cert, key) = ca.issue("web", "/ns/keyproof-example/sa/web", &[]);
     let mount = ca.path("mount");
-    std::fs::create_dir_all(&mount).unwrap();
-    std::fs::copy(&cert, mount.join("tls.crt")).unwrap();
-    std::fs::copy(&key, mount.join("tls.key")).unwrap();
-    std::fs::copy(ca.bundle(), mount.join("ca.crt")).unwrap();
-    let toml = read(&deploy().join("kubernetes/example/proxy.toml"))
+    let secrets = ca.path("secrets");
+    for d in [
+        mount.join("svid"),
+        mount.join("bundle"),
+        secrets.join("token"),
+        secrets.join("join-token"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy(&cert, mount.join("svid/tls.crt")).unwrap();
+    std::fs::copy(&key, mount.join("svid/tls.key")).unwrap();
+    std::fs::copy(ca.bundle(), mount.join("svid/ca.crt")).unwrap();
+    std::fs::copy(ca.bundle(), mount.join("bundle/bundle.pem")).unwrap();
+    let issuer = keyproof_tests::k8s::ClusterIssuer::new(
+        keyproof_tests::k8s::ISSUER,
+        jsonwebtoken::Algorithm::RS256,
+    );
+    let sa = keyproof_tests::k8s::SaToken::new("keyproof-example", "web");
+    std::fs::write(secrets.join("token/token"), issuer.token(&sa)).unwrap();
+    std::fs::write(secrets.join("join-token/token"), "kpt_example").unwrap();
+    let toml = read(&deploy().join("kubernetes").join(variant).join("proxy.toml"))
+        .replace(
+            "/var/run/secrets/keyproof/",
+            &format!("{}/", secrets.display()),
+        )
         .replace("/var/run/keyproof/", &format!("{}/", mount.display()));
+    assert!(
+        !toml.contains("/var/run/"),
+        "{variant}/proxy.toml reads a path the pod does not mount:\n{toml}"
+    );
     let cfg = ca.path("proxy.toml");
     std::fs::write(&cfg, toml).unwrap();
     let out = run(keyproof_tests::cmd("keyproof-proxy")
@@ -690,11 +801,387 @@ fn example_proxy_config_passes_check_config() {
         .arg(&cfg));
     assert!(
         out.status.success(),
-        "keyproof-proxy check-config rejects deploy/kubernetes/example/proxy.toml:\n{}{}",
+        "keyproof-proxy check-config rejects deploy/kubernetes/{variant}/proxy.toml:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The zero-touch example: `[identity.ca] service_account_token_file`.
+/// NOTE: this needs the proxy's `service_account_token_file` key (the
+/// proxy's ServiceAccount-attestation change); until that is in the tree
+/// `check-config` rejects the key and this test fails.
+#[test]
+fn example_proxy_config_passes_check_config() {
+    check_config("example");
+}
+
+#[test]
+fn example_join_token_proxy_config_passes_check_config() {
+    check_config("example-join-token");
+}
+
+#[test]
+fn example_files_proxy_config_passes_check_config() {
+    check_config("example-files");
+}
+
+/// The YAML documents in `path` as JSON, parsed by PyYAML (the parser
+/// yamllint and checkov use, so it is there wherever they are). None, after
+/// a notice, where no Python has it; a failure when `CI` is set.
+fn yaml_docs(path: &Path) -> Option<Vec<serde_json::Value>> {
+    const SCRIPT: &str = "import json, sys, yaml\n\
+        docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+        json.dump(docs, sys.stdout)";
+    for python in ["python3", "/opt/keyproof-ci/bin/python"] {
+        let Ok(out) = Command::new(python).args(["-c", SCRIPT]).arg(path).output() else {
+            continue;
+        };
+        if out.status.success() {
+            return Some(serde_json::from_slice(&out.stdout).expect("PyYAML output is JSON"));
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("No module named"),
+            "{} does not parse as YAML:\n{err}",
+            path.display()
+        );
+    }
+    if in_ci() {
+        panic!("python3 with PyYAML is required when CI is set (yamllint brings it)");
+    }
+    eprintln!("NOTICE: no python3 with PyYAML; skipping the manifest shape checks");
+    None
+}
+
+/// The one document of `kind` (named `name`, if given) in `docs`.
+fn object<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    let found: Vec<&serde_json::Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {kind} {name}");
+    found[0]
+}
+
+/// Every container of a pod spec, init containers first.
+fn containers(pod: &serde_json::Value) -> Vec<&serde_json::Value> {
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_array().into_iter().flatten())
+        .collect()
+}
+
+fn container<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    containers(pod)
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn volume<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// Where `c` mounts volume `name`, if it does.
+fn mount_path<'a>(c: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["mountPath"].as_str())
+}
+
+fn args(c: &serde_json::Value) -> Vec<&str> {
+    c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect()
+}
+
+/// The value after `flag` in an argument list.
+fn flag<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| *a == flag)
+        .and_then(|i| args.get(i + 1).copied())
+}
+
+/// The example workload gets its identity with no human step: three
+/// replicas, a projected ServiceAccount token for keyproof-ca that the proxy
+/// config reads, the trust bundle from a ConfigMap, no join token.
+#[test]
+fn example_workload_is_attested_by_its_service_account() {
+    let ex = deploy().join("kubernetes/example");
+    let Some(docs) = yaml_docs(&ex.join("deployment.yaml")) else {
+        return;
+    };
+    let dep = object(&docs, "Deployment", "web");
+    assert_eq!(
+        dep["spec"]["replicas"], 3,
+        "the example runs three replicas"
+    );
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["serviceAccountName"], "web");
+
+    // The projected token: audience keyproof-ca, short-lived.
+    let token = volume(pod, "sa-token");
+    let sources = token["projected"]["sources"].as_array().expect("projected");
+    assert_eq!(sources.len(), 1, "{token}");
+    let sat = &sources[0]["serviceAccountToken"];
+    assert_eq!(sat["audience"], "keyproof-ca", "{token}");
+    let exp = sat["expirationSeconds"]
+        .as_u64()
+        .expect("expirationSeconds");
+    assert!(
+        (600..=3600).contains(&exp),
+        "token lifetime {exp}s: at least the API server's minimum, at most an hour"
+    );
+    let sidecar = container(pod, "keyproof-proxy");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    let token_path = format!(
+        "{}/{}",
+        mount_path(sidecar, "sa-token").expect("the sidecar mounts the token"),
+        sat["path"].as_str().expect("path")
+    );
+    assert_eq!(token_path, "/var/run/secrets/keyproof/token/token");
+    assert_eq!(
+        mount_path(container(pod, "app"), "sa-token"),
+        None,
+        "only the sidecar holds the token"
+    );
+
+    // The bundle from the ConfigMap `keyproof-ca bundle` fills.
+    let bundle = volume(pod, "trust-bundle");
+    assert_eq!(bundle["configMap"]["name"], "keyproof-bundle");
+    let bundle_path = format!(
+        "{}/bundle.pem",
+        mount_path(sidecar, "trust-bundle").expect("the sidecar mounts the bundle")
+    );
+
+    // No Secret, no join token.
+    for v in pod["volumes"].as_array().unwrap() {
+        assert!(
+            v.get("secret").is_none(),
+            "the example mounts a Secret: {v}"
+        );
+    }
+    for f in ["deployment.yaml", "kustomization.yaml"] {
+        let text = read(&ex.join(f));
+        let code = text.lines().filter(|l| !l.trim_start().starts_with('#'));
+        for line in code {
+            assert!(
+                !line.contains("join"),
+                "example/{f} uses a join token: {line}"
+            );
+        }
+    }
+
+    // proxy.toml reads exactly what the pod mounts.
+    let toml = read(&ex.join("proxy.toml"));
+    assert!(
+        toml.contains(&format!("service_account_token_file = \"{token_path}\"")),
+        "{toml}"
+    );
+    assert!(
+        toml.contains(&format!("trust_bundle = \"{bundle_path}\"")),
+        "{toml}"
+    );
+    assert!(!toml.contains("join_token_file"), "{toml}");
+    assert!(
+        toml.contains("spiffe_id = \"spiffe://prod.example.com/ns/keyproof-example/sa/web\""),
+        "the id must be the ServiceAccount's: {toml}"
+    );
+
+    // The sidecar may reach the CA.
+    let np = read(&ex.join("networkpolicy.yaml"));
+    assert!(
+        np.contains("app.kubernetes.io/name: keyproof-ca\n      ports:\n        - port: 8443"),
+        "{np}"
+    );
+}
+
+/// The CA verifies ServiceAccount tokens against a JWKS its own sidecar
+/// keeps current, is probed and scraped on its admin port, and holds only
+/// the one RBAC binding that reading /openid/v1/jwks needs.
+#[test]
+fn ca_attests_service_accounts_and_exposes_its_admin_port() {
+    let base = deploy().join("kubernetes/base");
+    let Some(docs) = yaml_docs(&base.join("ca-deployment.yaml")) else {
+        return;
+    };
+    let dep = object(&docs, "Deployment", "keyproof-ca");
+    let tmpl = &dep["spec"]["template"];
+    let pod = &tmpl["spec"];
+    let ca = container(pod, "ca");
+    let a = args(ca);
+    assert_eq!(a.first(), Some(&"serve"));
+    let jwks = flag(&a, "--k8s-jwks").expect("serve --k8s-jwks");
+    assert_eq!(flag(&a, "--k8s-issuer"), Some("$(KEYPROOF_K8S_ISSUER)"));
+    assert_eq!(flag(&a, "--k8s-audience"), Some("keyproof-ca"));
+    assert_eq!(flag(&a, "--admin-listen"), Some("0.0.0.0:9090"));
+    let issuer_env = ca["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "KEYPROOF_K8S_ISSUER")
+        .expect("the issuer comes from the environment");
+    assert_eq!(
+        issuer_env["valueFrom"]["configMapKeyRef"]["name"],
+        "keyproof-ca-k8s"
+    );
+    assert_eq!(issuer_env["valueFrom"]["configMapKeyRef"]["key"], "issuer");
+    let kust = read(&base.join("kustomization.yaml"));
+    assert!(
+        kust.contains("- name: keyproof-ca-k8s") && kust.contains("- k8s-issuer.env"),
+        "{kust}"
+    );
+    assert!(read(&base.join("k8s-issuer.env")).contains("\nissuer=https://"));
+
+    // The JWKS: an emptyDir the CA reads and k8s-jwks writes, once before
+    // the CA starts (jwks-init) and for the pod's life (native sidecar).
+    let dir = mount_path(ca, "jwks").expect("the CA mounts the JWKS volume");
+    assert_eq!(jwks, format!("{dir}/jwks.json"));
+    assert!(volume(pod, "jwks").get("emptyDir").is_some());
+    for (name, native) in [("jwks-init", false), ("jwks-sync", true)] {
+        let c = container(pod, name);
+        let a = args(c);
+        assert_eq!(a.first(), Some(&"k8s-jwks"), "{name}");
+        assert_eq!(flag(&a, "--out"), Some(jwks), "{name}");
+        assert_eq!(a.contains(&"--once"), !native, "{name}");
+        assert_eq!(c["restartPolicy"] == "Always", native, "{name}");
+        assert_eq!(mount_path(c, "jwks"), Some(dir), "{name}");
+        // The API token, where k8s-jwks looks for it by default.
+        assert_eq!(
+            mount_path(c, "kube-api-access"),
+            Some("/var/run/secrets/kubernetes.io/serviceaccount"),
+            "{name}"
+        );
+    }
+    // Only the JWKS containers hold an API token, and only projected.
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    for c in containers(pod) {
+        if !c["name"].as_str().unwrap().starts_with("jwks-") {
+            assert_eq!(mount_path(c, "kube-api-access"), None, "{}", c["name"]);
+        }
+    }
+    let api = &volume(pod, "kube-api-access")["projected"]["sources"];
+    assert!(
+        api[0]["serviceAccountToken"]["audience"].is_null(),
+        "the API server's own audience"
+    );
+    assert!(api[0]["serviceAccountToken"]["expirationSeconds"].as_u64() <= Some(3600));
+    assert_eq!(api[1]["configMap"]["name"], "kube-root-ca.crt");
+
+    // Probes and metrics on the admin port.
+    let ports = ca["ports"].as_array().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["name"] == "admin" && p["containerPort"] == 9090),
+        "{ports:?}"
+    );
+    assert_eq!(ca["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(ca["livenessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(ca["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(ca["readinessProbe"]["httpGet"]["port"], "admin");
+    let ann = &tmpl["metadata"]["annotations"];
+    assert_eq!(ann["prometheus.io/scrape"], "true");
+    assert_eq!(ann["prometheus.io/port"], "9090");
+    let pm = yaml_docs(&base.join("ca-podmonitor.yaml")).unwrap();
+    let pm = object(&pm, "PodMonitor", "keyproof-ca");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "admin");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/metrics");
+
+    // RBAC: the built-in discovery role, bound to the CA's account.
+    let rbac = yaml_docs(&base.join("ca-rbac.yaml")).unwrap();
+    let crb = object(
+        &rbac,
+        "ClusterRoleBinding",
+        "keyproof-ca-service-account-issuer-discovery",
+    );
+    assert_eq!(crb["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(
+        crb["roleRef"]["name"],
+        "system:service-account-issuer-discovery"
+    );
+    assert_eq!(
+        crb["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "keyproof-ca", "namespace": "keyproof-system"}])
+    );
+    assert_eq!(pod["serviceAccountName"], "keyproof-ca");
+
+    // Network: sidecars reach 8443 from anywhere, Prometheus reaches 9090
+    // from the monitoring namespace, the JWKS sync reaches DNS and the API
+    // server.
+    let np = yaml_docs(&base.join("ca-networkpolicy.yaml")).unwrap();
+    let np = &object(&np, "NetworkPolicy", "keyproof-ca")["spec"];
+    let ingress = np["ingress"].as_array().unwrap();
+    let admits = |port: u64, from: serde_json::Value| {
+        ingress
+            .iter()
+            .any(|r| r["ports"][0]["port"] == port && r["from"][0] == from)
+    };
+    assert!(
+        admits(8443, serde_json::json!({"namespaceSelector": {}})),
+        "{np}"
+    );
+    assert!(
+        admits(
+            9090,
+            serde_json::json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}})
+        ),
+        "{np}"
+    );
+    let egress_ports: Vec<u64> = np["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["ports"].as_array().unwrap())
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    for p in [53, 443, 6443] {
+        assert!(egress_ports.contains(&p), "no egress to port {p}: {np}");
+    }
+}
+
+/// The alerts for the identity plane (CA and trust bundle). They live in
+/// deploy/prometheus/keyproof-rules.yaml, which the proxy/observability
+/// change writes: until it is in the tree this test fails.
+#[test]
+fn identity_plane_alerts_exist_and_have_runbooks() {
+    let rules_text = read(&rules());
+    let readme = read(&deploy().join("README.md"));
+    for alert in IDENTITY_PLANE_ALERTS {
+        assert!(
+            readme.contains(&format!("#### {alert}\n")),
+            "deploy/README.md has no runbook for {alert}"
+        );
+        assert!(
+            rules_text.contains(&format!("- alert: {alert}\n")),
+            "deploy/prometheus/keyproof-rules.yaml has no alert {alert}"
+        );
+    }
+}
+
+/// Alerts on the CA and on trust-bundle convergence, documented in
+/// deploy/README.md and the README's Operations section.
+const IDENTITY_PLANE_ALERTS: &[&str] = &[
+    "KeyproofTrustBundleDiverged",
+    "KeyproofTrustRootExpiringSoon",
+    "KeyproofCaDown",
+    "KeyproofCaServiceAccountRefusals",
+    "KeyproofCaCertificateExpiringSoon",
+    "KeyproofCaLedgerSlow",
+];
 
 #[test]
 fn readme_shows_the_cronjob_that_is_deployed() {
@@ -709,6 +1196,16 @@ fn readme_shows_the_cronjob_that_is_deployed() {
         "k8s-secret",
         "token create",
         "kubectl apply -k",
+        "/.well-known/openid-configuration",
+        "k8s-issuer.env",
+        "create configmap keyproof-bundle",
+        "deploy/kubernetes/example-join-token",
+        "deploy/kubernetes/example-files",
+        "system:service-account-issuer-discovery",
+        "TokenReview",
+        "keyproof_trust_bundle_sequence",
+        "keyproof_ca_rotation_stage",
+        "keyproof_ca_bundle_sequence",
         "rotate root prepare",
         "rotate root activate",
         "rotate root finish",
@@ -720,6 +1217,57 @@ fn readme_shows_the_cronjob_that_is_deployed() {
             readme.contains(step),
             "deploy/README.md does not mention {step}"
         );
+    }
+}
+
+/// The README's Kubernetes section deploys a workload with no join token
+/// and no human step after the CA is up, and names what to watch.
+#[test]
+fn root_readme_runs_the_zero_touch_path() {
+    let readme = read(&root().join("README.md"));
+    let start = readme
+        .find("## Run it on Kubernetes\n")
+        .expect("README has a Kubernetes section");
+    let end = readme[start..]
+        .find("\n## Development")
+        .map_or(readme.len(), |e| start + e);
+    let section = &readme[start..end];
+    // The steps, in order.
+    let mut at = 0;
+    for step in [
+        "keyproof-ca init",
+        "create secret generic keyproof-ca-seed",
+        "/.well-known/openid-configuration",
+        "kubectl apply -k deploy/kubernetes/base",
+        "create configmap keyproof-bundle",
+        "kubectl apply -k deploy/kubernetes/example\n",
+        "rollout status deploy/web",
+    ] {
+        let i = section[at..]
+            .find(step)
+            .unwrap_or_else(|| panic!("README step missing or out of order: {step}"));
+        at += i + step.len();
+    }
+    // Between applying the example and it being ready: nothing to do.
+    let deploy_step = section
+        .find("kubectl apply -k deploy/kubernetes/example\n")
+        .unwrap();
+    let bundle_step = section.find("create configmap keyproof-bundle").unwrap();
+    assert!(
+        !section[bundle_step..deploy_step].contains("token create"),
+        "the zero-touch path creates no join token"
+    );
+    for needle in [
+        "example-join-token",
+        "TokenReview",
+        "keyproof_trust_bundle_sequence",
+        "keyproof_ca_rotation_stage",
+        "keyproof_ca_bundle_sequence",
+    ] {
+        assert!(section.contains(needle), "README's section lacks {needle}");
+    }
+    for alert in IDENTITY_PLANE_ALERTS {
+        assert!(section.contains(alert), "README's Operations lacks {alert}");
     }
 }
 
