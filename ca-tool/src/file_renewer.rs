@@ -93,7 +93,7 @@ pub enum RenewError {
     ServerId { id: String, msg: String },
     #[error("--ca-url {url:?}: expected https://host:port")]
     BadUrl { url: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Ca(#[from] ClientError),
     #[error("the CA issued a certificate for {got}, but {want} asked for it")]
     WrongIdentity { got: String, want: String },
