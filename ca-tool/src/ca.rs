@@ -59,8 +59,10 @@ pub enum CaError {
         #[source]
         source: std::io::Error,
     },
-    #[error("refusing to initialise {}: it already exists and is not empty", .0.display())]
+    #[error("refusing to initialise {}: it already exists and is not empty (--dir must not exist, or be an empty directory)", .0.display())]
     AlreadyExists(PathBuf),
+    #[error("refusing to initialise {}: it exists and is not a directory (--dir must not exist, or be an empty directory)", .0.display())]
+    NotADirectory(PathBuf),
     #[error("{} is not a keyproof CA directory (no {})", .0.display(), files::STATE)]
     NotACa(PathBuf),
     #[error("{}: {msg}", path.display())]
@@ -299,16 +301,26 @@ pub struct Ca {
 }
 
 impl Ca {
-    /// Creates a new trust domain in `dir`.
+    /// Creates a new trust domain in `dir`, which must not exist or be an
+    /// empty directory (a mounted volume, say). Anything else is refused
+    /// untouched: an existing CA is never overwritten.
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<Ca, CaError> {
-        if dir.exists() {
-            let empty = fs::read_dir(dir).map_err(io_err(dir))?.next().is_none();
-            if !empty {
-                return Err(CaError::AlreadyExists(dir.to_owned()));
+        // Follows a symbolic link: a link to an empty directory is an empty
+        // directory.
+        let existing = match fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => return Err(CaError::NotADirectory(dir.to_owned())),
+            Ok(_) => {
+                let empty = fs::read_dir(dir).map_err(io_err(dir))?.next().is_none();
+                if !empty {
+                    return Err(CaError::AlreadyExists(dir.to_owned()));
+                }
+                true
             }
-        }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(dir)(e)),
+        };
         // Build everything in memory first, then write into a staging
-        // directory renamed into place, so a failure leaves nothing behind.
+        // directory moved into place, so a failure leaves nothing behind.
         let root = new_root(&opts.trust_domain, opts.key_type, opts.root_ttl)?;
         let int = new_intermediate(
             &opts.trust_domain,
@@ -324,15 +336,23 @@ impl Ca {
             refresh_hint_secs: 300,
             rotation: RotationStage::Idle,
         };
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
+        // An existing directory may be a mount point, which can be neither
+        // removed nor replaced: stage inside it and move the files out.
+        // Otherwise stage beside it and rename the whole directory.
+        let stage_in = if existing {
+            dir.to_owned()
+        } else {
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+            parent
         };
-        fs::create_dir_all(&parent).map_err(io_err(&parent))?;
         let staging = tempfile::Builder::new()
             .prefix(".keyproof-ca-init-")
-            .tempdir_in(&parent)
-            .map_err(io_err(&parent))?;
+            .tempdir_in(&stage_in)
+            .map_err(io_err(&stage_in))?;
         let sdir = staging.path();
         set_mode(sdir, 0o700)?;
         write_pair(sdir, "root", &root)?;
@@ -341,18 +361,20 @@ impl Ca {
         bundle::write(sdir, state.bundle_meta(), std::slice::from_ref(&root.cert))?;
         let ledger = sdir.join(files::LEDGER);
         fsutil::write_atomic(&ledger, b"", 0o600).map_err(io_err(&ledger))?;
-        if dir.exists() {
-            // An existing empty directory (e.g. a mounted volume): keep it.
-            fs::remove_dir(dir).map_err(io_err(dir))?;
+        if existing {
+            set_mode(dir, 0o700)?;
+            move_staged_files(sdir, dir)?;
+            staging.close().map_err(io_err(dir))?;
+        } else {
+            let staged = staging.keep();
+            fs::rename(&staged, dir).map_err(|e| {
+                let _ = fs::remove_dir_all(&staged);
+                CaError::Io {
+                    path: dir.to_owned(),
+                    source: e,
+                }
+            })?;
         }
-        let staged = staging.keep();
-        fs::rename(&staged, dir).map_err(|e| {
-            let _ = fs::remove_dir_all(&staged);
-            CaError::Io {
-                path: dir.to_owned(),
-                source: e,
-            }
-        })?;
         Ca::open(dir)
     }
 
@@ -488,6 +510,31 @@ pub(crate) fn write_state(dir: &Path, state: &CaState) -> Result<(), CaError> {
     })?;
     json.push(b'\n');
     fsutil::write_atomic(&path, &json, PUBLIC).map_err(io_err(&path))
+}
+
+/// Moves every file of `staged` into `dir`, `ca.json` last: until it is in
+/// place the directory is not a CA, so a failure half way never leaves
+/// something that opens as one. On failure the files already moved are
+/// removed again, leaving `dir` as empty as it was.
+fn move_staged_files(staged: &Path, dir: &Path) -> Result<(), CaError> {
+    let mut names: Vec<std::ffi::OsString> = fs::read_dir(staged)
+        .map_err(io_err(staged))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort_by_key(|n| n == files::STATE);
+    let mut moved = Vec::new();
+    for name in names {
+        let (src, dst) = (staged.join(&name), dir.join(&name));
+        if let Err(e) = fs::rename(&src, &dst) {
+            for m in &moved {
+                let _ = fs::remove_file(m);
+            }
+            return Err(io_err(&dst)(e));
+        }
+        moved.push(dst);
+    }
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), CaError> {

@@ -5,14 +5,15 @@
 //! expired.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keyproof_identity::keys;
 use keyproof_identity::verify::{SvidVerifier, TrustBundle, Usage};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
-use crate::ca::{self, files, Ca, CaError};
+use crate::ca::{self, files, first_cert, Ca, CaError};
 use crate::ledger;
 
 /// Severity of one finding; ordered so the worst decides the exit code.
@@ -71,12 +72,27 @@ impl Report {
     }
 }
 
+/// The warning window for one certificate: `warn_before` when the operator
+/// gave one, otherwise the last third of the certificate's own lifetime.
+///
+/// A fixed default cannot suit both a 10-year root and a 24-hour SVID: the
+/// SVID would warn from the moment it is issued. A certificate is expected to
+/// be renewed at two thirds of its life, so its last third is when a missing
+/// renewal deserves attention.
+pub fn window(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    warn_before: Option<Duration>,
+) -> Duration {
+    warn_before.unwrap_or_else(|| (not_after - not_before).unsigned_abs() / 3)
+}
+
 fn expiry_finding(
     r: &mut Report,
     what: &str,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
-    window: Duration,
+    warn_before: Option<Duration>,
     now: OffsetDateTime,
 ) {
     let remaining = not_after - now;
@@ -92,7 +108,7 @@ fn expiry_finding(
             what,
             format!("not valid until {}", ca::rfc3339(not_before)),
         );
-    } else if remaining.unsigned_abs() <= window {
+    } else if remaining.unsigned_abs() <= window(not_before, not_after, warn_before) {
         r.push(
             Level::Warn,
             what,
@@ -119,14 +135,169 @@ fn validity(der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime), String> {
     ))
 }
 
+/// A CA certificate the directory still holds (current, prepared or
+/// archived), found by its subject key identifier.
+struct KnownCa {
+    der: CertificateDer<'static>,
+    path: PathBuf,
+}
+
+fn subject_key_id(der: &[u8]) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    let ski = c
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                Some(hex::encode(k.0))
+            }
+            _ => None,
+        });
+    ski
+}
+
+/// Every intermediate certificate the CA directory holds, by subject key id:
+/// `intermediate.crt`, `next/intermediate.crt` and the copies `rotate`
+/// archives. Unreadable files are skipped: this only adds knowledge.
+fn known_intermediates(dir: &Path) -> HashMap<String, KnownCa> {
+    let mut paths = vec![
+        dir.join(files::INT_CRT),
+        dir.join(files::NEXT).join(files::INT_CRT),
+    ];
+    if let Ok(rd) = std::fs::read_dir(dir.join(files::ARCHIVE)) {
+        paths.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(files::INT_CRT))
+        }));
+    }
+    let mut out = HashMap::new();
+    for path in paths {
+        let Ok(der) = first_cert(&path) else { continue };
+        if let Some(ski) = subject_key_id(&der) {
+            out.entry(ski).or_insert(KnownCa { der, path });
+        }
+    }
+    out
+}
+
+/// Whether `cert` carries a valid signature by `issuer`'s key (the two key
+/// types keyproof issues with).
+fn signed_by(cert: &[u8], issuer: &[u8]) -> bool {
+    use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ED25519};
+    use x509_parser::oid_registry::{OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ED25519};
+    let (Ok((_, c)), Ok((_, i))) = (
+        x509_parser::parse_x509_certificate(cert),
+        x509_parser::parse_x509_certificate(issuer),
+    ) else {
+        return false;
+    };
+    let alg = &c.signature_algorithm.algorithm;
+    let key = i.public_key().subject_public_key.data.as_ref();
+    let verify = if *alg == OID_SIG_ECDSA_WITH_SHA256 {
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key)
+            .verify(c.tbs_certificate.as_ref(), c.signature_value.data.as_ref())
+    } else if *alg == OID_SIG_ED25519 {
+        UnparsedPublicKey::new(&ED25519, key)
+            .verify(c.tbs_certificate.as_ref(), c.signature_value.data.as_ref())
+    } else {
+        return false;
+    };
+    verify.is_ok()
+}
+
+/// Whether an identity's newest certificate still chains to the current
+/// bundle, from what the ledger recorded (the certificate itself is with
+/// the workload). Pushes a finding only when something is wrong or unknown.
+fn chain_finding(
+    r: &mut Report,
+    subject: &str,
+    e: &ledger::Entry,
+    bundle: &[CertificateDer<'static>],
+    intermediates: &HashMap<String, KnownCa>,
+    now: OffsetDateTime,
+) {
+    let roots: Vec<String> = bundle.iter().map(|b| keys::fingerprint(b)).collect();
+    if !e.root_sha256.is_empty() && !roots.contains(&e.root_sha256) {
+        r.push(
+            Level::Bad,
+            subject,
+            format!(
+                "issued under root {}, which is no longer in {}: the certificate no longer \
+                 chains to the trust bundle and every peer will refuse it (was `rotate root \
+                 finish --force` run before it was renewed?); renew or re-issue it now",
+                e.root_sha256,
+                files::BUNDLE_PEM
+            ),
+        );
+        return;
+    }
+    // The issuing intermediate, when the directory still holds it: it must
+    // be signed by a root of the bundle (and, when the ledger names the
+    // root, by that root) and must still be valid.
+    let int = (!e.issuer_key_id.is_empty())
+        .then(|| intermediates.get(&e.issuer_key_id))
+        .flatten();
+    let Some(int) = int else {
+        if e.root_sha256.is_empty() {
+            r.push(
+                Level::Warn,
+                subject,
+                "cannot tell which root it chains to: its ledger entry has no root_sha256 \
+                 (written by an older keyproof-ca) and its issuing intermediate is not in the \
+                 CA directory; check the workload's certificate with `check --cert`",
+            );
+        }
+        return;
+    };
+    let under = bundle
+        .iter()
+        .zip(&roots)
+        .find(|(root, _)| signed_by(&int.der, root))
+        .map(|(_, fp)| fp.clone());
+    match under {
+        None => r.push(
+            Level::Bad,
+            subject,
+            format!(
+                "its issuing intermediate {} ({}) is not signed by any root in {}: the \
+                 certificate no longer chains to the trust bundle; renew or re-issue it now",
+                keys::fingerprint(&int.der),
+                int.path.display(),
+                files::BUNDLE_PEM
+            ),
+        ),
+        Some(fp) if !e.root_sha256.is_empty() && fp != e.root_sha256 => r.push(
+            Level::Bad,
+            subject,
+            format!(
+                "the ledger says root {} but its issuing intermediate {} is signed by root {fp}",
+                e.root_sha256,
+                int.path.display()
+            ),
+        ),
+        Some(_) => match validity(&int.der) {
+            Ok((_, na)) if na <= now => r.push(
+                Level::Bad,
+                subject,
+                format!(
+                    "its issuing intermediate {} expired at {}",
+                    int.path.display(),
+                    ca::rfc3339(na)
+                ),
+            ),
+            _ => {}
+        },
+    }
+}
+
 /// Checks a CA directory: root, intermediate, every trusted root, the
-/// newest unexpired certificate of each identity in the ledger, and the
-/// rotation stage.
+/// newest unexpired certificate of each identity in the ledger (its expiry,
+/// and whether it still chains to the current bundle), and the rotation
+/// stage.
 ///
-/// A leaf is expected to be renewed at two thirds of its life, so for leaves
-/// the window is the smaller of `warn_before` and the last third of the
-/// leaf's lifetime: a 24 h SVID warns when renewal is overdue, not every day.
-pub fn check_dir(dir: &Path, warn_before: Duration) -> Result<Report, CaError> {
+/// Each certificate warns within `warn_before` of its expiry, or by default
+/// in the last third of its own lifetime (see [`window`]).
+pub fn check_dir(dir: &Path, warn_before: Option<Duration>) -> Result<Report, CaError> {
     let ca = Ca::open(dir)?;
     let now = ca::now();
     let mut r = Report::default();
@@ -176,29 +347,29 @@ pub fn check_dir(dir: &Path, warn_before: Duration) -> Result<Report, CaError> {
             continue;
         }
         let slot = newest.entry(e.spiffe_id.as_str()).or_insert((e, nb, na));
-        if na > slot.2 {
+        // Ledger order breaks ties: of two certificates expiring in the same
+        // second, the later line is the newer one.
+        if na >= slot.2 {
             *slot = (e, nb, na);
         }
     }
     let mut ids: Vec<_> = newest.into_iter().collect();
     ids.sort_by(|a, b| a.0.cmp(b.0));
+    let intermediates = known_intermediates(dir);
     for (id, (e, nb, na)) in ids {
-        let third = (na - nb).unsigned_abs() / 3;
-        expiry_finding(
-            &mut r,
-            &format!("{id} (serial {})", e.serial),
-            nb,
-            na,
-            warn_before.min(third),
-            now,
-        );
+        let subject = format!("{id} (serial {})", e.serial);
+        expiry_finding(&mut r, &subject, nb, na, warn_before, now);
+        chain_finding(&mut r, &subject, e, ca.bundle(), &intermediates, now);
     }
     r.push(Level::Ok, "rotation", crate::rotate::stage_report(&ca)?);
     Ok(r)
 }
 
 /// Checks one certificate file against a bundle: chain, SVID rules, expiry.
-pub fn check_cert(cert_pem: &[u8], bundle_pem: &[u8], warn_before: Duration) -> Report {
+///
+/// Each certificate of the chain warns within `warn_before` of its expiry,
+/// or by default in the last third of its own lifetime (see [`window`]).
+pub fn check_cert(cert_pem: &[u8], bundle_pem: &[u8], warn_before: Option<Duration>) -> Report {
     let mut r = Report::default();
     let certs: Vec<CertificateDer<'static>> =
         match keyproof_identity::keys::certs_from_pem(cert_pem) {

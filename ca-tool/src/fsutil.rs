@@ -46,3 +46,51 @@ pub fn append_line(path: &Path, line: &str, mode: u32) -> std::io::Result<()> {
     f.write_all(&buf)?;
     f.sync_data()
 }
+
+/// Data written and synced to a temporary file beside its destination, not
+/// yet visible there: lets a caller prepare several files before publishing
+/// any of them.
+pub struct Staged(tempfile::NamedTempFile);
+
+/// Writes `data` with `mode` to a temporary file in `path`'s directory.
+pub fn stage(path: &Path, data: &[u8], mode: u32) -> std::io::Result<Staged> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".keyproof-tmp-")
+        .tempfile_in(dir)?;
+    // Permissions before content: a secret is never readable by others, even briefly.
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    Ok(Staged(tmp))
+}
+
+impl Staged {
+    /// Publishes the file at `path` (which must be in the directory it was
+    /// staged in) by an atomic rename. With `replace` false an existing
+    /// file is never replaced: the rename fails with `AlreadyExists`, with
+    /// no window between checking and creating. Dropping a `Staged` without
+    /// committing removes the temporary file.
+    pub fn commit(self, path: &Path, replace: bool) -> std::io::Result<()> {
+        if replace {
+            self.0.persist(path).map_err(|e| e.error)?;
+        } else {
+            self.0.persist_noclobber(path).map_err(|e| e.error)?;
+        }
+        sync_parent(path)
+    }
+}
+
+/// Syncs the directory holding `path`, so a rename into it survives a crash.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir)?.sync_all()
+}

@@ -53,6 +53,16 @@ pub struct Report {
     pub chain: Option<String>,
 }
 
+impl Report {
+    /// Whether every certificate passes every SVID rule that applies to it
+    /// and, when a bundle was given, the chain is valid: `inspect` exits 2
+    /// otherwise, so a script can rely on its status.
+    pub fn passed(&self) -> bool {
+        self.certificates.iter().all(|c| c.svid_errors.is_empty())
+            && !matches!(self.chain.as_deref(), Some(c) if c != "valid")
+    }
+}
+
 fn sans(cert: &X509Certificate<'_>) -> (Vec<String>, Vec<String>) {
     let mut uris = Vec::new();
     let mut dns = Vec::new();

@@ -1,5 +1,6 @@
-//! Issuing X.509-SVIDs.
+//! Issuing X.509-SVIDs, and where `issue` may write them.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyproof_identity::keys;
@@ -154,6 +155,97 @@ impl Ca {
     }
 }
 
+/// Why `issue` refuses an output file.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The file exists and `--force` was not given.
+    #[error("--{flag} {}: already exists; pass --force to replace it", path.display())]
+    Exists { flag: &'static str, path: PathBuf },
+    /// The file is inside the CA directory (it could replace the CA's own
+    /// root, keys or ledger).
+    #[error(
+        "--{flag} {}: is inside the CA directory {}; keyproof-ca never writes issued files there, not even with --force",
+        path.display(),
+        ca_dir.display()
+    )]
+    InsideCa {
+        flag: &'static str,
+        path: PathBuf,
+        ca_dir: PathBuf,
+    },
+    /// `--key-out` and `--cert-out` name the same file.
+    #[error("--key-out and --cert-out must be different files")]
+    Same,
+    /// The path cannot be resolved (no such directory, not a file name...).
+    #[error("--{flag} {}: {source}", path.display())]
+    Io {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where an output file will be: its directory with every symbolic link and
+/// `..` resolved, joined with its file name.
+fn resolve_location(path: &Path) -> std::io::Result<PathBuf> {
+    let name = match path.file_name() {
+        Some(n) if !path.as_os_str().as_encoded_bytes().ends_with(b"/") => n,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a file name",
+            ))
+        }
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok(std::fs::canonicalize(parent)?.join(name))
+}
+
+/// Checks that `issue` may write `path` (given as `--flag`) for the CA in
+/// `ca_dir`, and returns the resolved location to write to.
+///
+/// Refused always: anything inside the CA directory, wherever the path
+/// leads through relative components or symbolic links (in its directory
+/// or as the file itself). Refused without `force`: an existing file (the
+/// write itself also refuses to replace one, see
+/// [`crate::fsutil::Staged::commit`], so nothing appearing in between is
+/// clobbered either).
+pub fn check_output(
+    ca_dir: &Path,
+    flag: &'static str,
+    path: &Path,
+    force: bool,
+) -> Result<PathBuf, OutputError> {
+    let io = |source| OutputError::Io {
+        flag,
+        path: path.to_owned(),
+        source,
+    };
+    let ca_dir = std::fs::canonicalize(ca_dir).map_err(io)?;
+    let location = resolve_location(path).map_err(io)?;
+    let inside = |p: &Path| p.starts_with(&ca_dir);
+    let exists = std::fs::symlink_metadata(&location).is_ok();
+    // An existing symbolic link is checked where it points as well.
+    let target = std::fs::canonicalize(&location).ok();
+    if inside(&location) || target.as_deref().is_some_and(inside) {
+        return Err(OutputError::InsideCa {
+            flag,
+            path: path.to_owned(),
+            ca_dir,
+        });
+    }
+    if exists && !force {
+        return Err(OutputError::Exists {
+            flag,
+            path: path.to_owned(),
+        });
+    }
+    Ok(location)
+}
+
 #[cfg(test)]
 mod tests {
     use super::valid_dns_name;
@@ -166,5 +258,55 @@ mod tests {
         assert!(!valid_dns_name("-a.b"));
         assert!(!valid_dns_name("a.*.b"));
         assert!(!valid_dns_name("a b"));
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::{check_output, OutputError};
+
+    #[test]
+    fn outputs_inside_the_ca_directory_are_refused_however_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        std::fs::write(ca.join("root.crt"), "root").unwrap();
+        std::fs::create_dir(tmp.path().join("out")).unwrap();
+        std::os::unix::fs::symlink(&ca, tmp.path().join("link-dir")).unwrap();
+        std::os::unix::fs::symlink(ca.join("root.crt"), tmp.path().join("out/link.crt")).unwrap();
+        for p in [
+            ca.join("root.crt"),
+            ca.join("new.crt"),
+            tmp.path().join("out/../ca/root.crt"),
+            tmp.path().join("link-dir/root.crt"),
+            tmp.path().join("out/link.crt"),
+        ] {
+            for force in [false, true] {
+                assert!(
+                    matches!(
+                        check_output(&ca, "cert-out", &p, force),
+                        Err(OutputError::InsideCa { .. })
+                    ),
+                    "{} force={force}",
+                    p.display()
+                );
+            }
+        }
+        let fresh = tmp.path().join("out/web.crt");
+        assert_eq!(
+            check_output(&ca, "cert-out", &fresh, false).unwrap(),
+            std::fs::canonicalize(tmp.path())
+                .unwrap()
+                .join("out/web.crt")
+        );
+        std::fs::write(&fresh, "x").unwrap();
+        let err = check_output(&ca, "cert-out", &fresh, false).unwrap_err();
+        assert!(matches!(err, OutputError::Exists { .. }));
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert!(check_output(&ca, "cert-out", &fresh, true).is_ok());
+        assert!(matches!(
+            check_output(&ca, "cert-out", &tmp.path().join("nope/web.crt"), false),
+            Err(OutputError::Io { .. })
+        ));
     }
 }

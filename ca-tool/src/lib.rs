@@ -12,6 +12,7 @@ pub mod ca;
 pub mod check;
 pub mod client;
 pub mod csr;
+pub mod file_renewer;
 pub mod fsutil;
 pub mod inspect;
 pub mod issue;

@@ -11,7 +11,7 @@ use keyproof_ca::ca::InitOptions;
 use keyproof_ca::csr::{self, SubjectKey};
 use keyproof_ca::fsutil::{self, PUBLIC, SECRET};
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::{check, inspect, jwks_sync, k8s, rotate, Ca};
+use keyproof_ca::{check, file_renewer, inspect, issue, jwks_sync, k8s, rotate, Ca};
 use keyproof_identity::keys::KeyType;
 use keyproof_identity::{duration, SpiffeId, TrustDomain};
 
@@ -32,14 +32,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a trust domain: a root, an intermediate and the trust bundle.
+    /// Create a trust domain: a root, an intermediate and the trust bundle,
+    /// in a directory that does not exist yet or is empty.
     Init(InitArgs),
     /// Issue an X.509-SVID from a CSR or with a newly generated key.
     Issue(IssueArgs),
-    /// Show what a certificate file holds and which SVID rules it passes.
+    /// Show what a certificate file holds and which SVID rules it passes;
+    /// exit 2 if a rule (or the chain, with --bundle) fails.
     Inspect(InspectArgs),
-    /// Exit 0 if all is well, 1 if something expires within the window, 2 if
-    /// something is invalid or expired.
+    /// Exit 0 if all is well, 1 if something expires within the warning
+    /// window, 2 if something is invalid, expired or no longer chains to the
+    /// bundle.
     Check(CheckArgs),
     /// Print the trust bundle.
     Bundle(BundleArgs),
@@ -51,6 +54,9 @@ enum Command {
     Rotate(RotateCommand),
     /// Serve renewals, bootstrap and the bundle over mutual TLS.
     Serve(ServeArgs),
+    /// Renew a certificate and key held in files from `keyproof-ca serve`,
+    /// once or as a daemon (for nginx, databases, [identity.files]).
+    Renew(RenewArgs),
     /// Join tokens for bootstrapping workloads.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -145,7 +151,8 @@ enum TokenCommand {
 
 #[derive(Args)]
 struct InitArgs {
-    /// CA directory to create (must not exist, or be empty).
+    /// CA directory to create: it must not exist, or be an empty directory
+    /// (an existing CA, any other file or a non-empty directory is refused).
     #[arg(long)]
     dir: PathBuf,
     /// Trust domain name, e.g. prod.example.com.
@@ -175,11 +182,16 @@ struct IssueArgs {
     #[arg(long, conflicts_with = "key_out", required_unless_present = "key_out")]
     csr: Option<PathBuf>,
     /// Generate a key of the CA's key type and write it here (mode 0600).
+    /// Never inside the CA directory.
     #[arg(long)]
     key_out: Option<PathBuf>,
-    /// Where to write the leaf followed by the intermediate (PEM).
+    /// Where to write the leaf followed by the intermediate (PEM). Never
+    /// inside the CA directory.
     #[arg(long)]
     cert_out: PathBuf,
+    /// Replace --cert-out and --key-out if they exist (refused otherwise).
+    #[arg(long)]
+    force: bool,
     /// Lifetime, capped at the intermediate's expiry.
     #[arg(long, default_value = "24h", value_parser = human_duration)]
     ttl: Duration,
@@ -191,6 +203,7 @@ struct IssueArgs {
 #[derive(Args)]
 struct InspectArgs {
     /// PEM file with one or more certificates (leaf first).
+    #[arg(value_name = "FILE")]
     file: PathBuf,
     /// Check the chain against this PEM bundle.
     #[arg(long)]
@@ -211,9 +224,43 @@ struct CheckArgs {
     /// ...against this PEM bundle.
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// Warn (exit 1) when something expires within this window.
-    #[arg(long, default_value = "720h", value_parser = human_duration)]
-    warn_before: Duration,
+    /// Warn (exit 1) when a certificate expires within this window; applies
+    /// to every certificate checked (roots, intermediate, issued
+    /// certificates, --cert chain) [default: the last third of each
+    /// certificate's own lifetime, when it is due for renewal].
+    #[arg(long, value_parser = human_duration)]
+    warn_before: Option<Duration>,
+}
+
+#[derive(Args)]
+struct RenewArgs {
+    /// Certificate chain PEM (leaf first), replaced by the renewed chain.
+    #[arg(long)]
+    cert: PathBuf,
+    /// Its private key PEM, replaced by a new key (mode 0600).
+    #[arg(long)]
+    key: PathBuf,
+    /// The CA server, https://host:port.
+    #[arg(long)]
+    ca_url: String,
+    /// Trust bundle PEM authenticating the CA server; rewritten when the
+    /// CA's bundle changes.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The CA server's SPIFFE ID [default: spiffe://<trust domain>/keyproof-ca].
+    #[arg(long)]
+    server_id: Option<String>,
+    /// Keep running: renew at two thirds of each certificate's life, retry
+    /// failures with backoff, stop on SIGTERM.
+    #[arg(long)]
+    daemon: bool,
+    /// Shell command run (sh -c) after each renewal or bundle update, e.g.
+    /// "nginx -s reload".
+    #[arg(long)]
+    exec: Option<String>,
+    /// Renew now even if the certificate is not yet at two thirds of its life.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -292,6 +339,7 @@ enum RootStep {
     },
 }
 
+/// Reads a file named by `--flag`; the error names the flag and the path.
 fn read(path: &Path, flag: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("--{flag} {}", path.display()))
 }
@@ -320,11 +368,19 @@ fn init(a: InitArgs) -> Result<()> {
 
 fn issue(a: IssueArgs) -> Result<()> {
     let spiffe_id = SpiffeId::parse(&a.spiffe_id).context("--spiffe-id")?;
-    if a.key_out.as_deref() == Some(a.cert_out.as_path()) {
-        bail!("--key-out and --cert-out must be different files");
-    }
     let ca = Ca::open(&a.dir)?;
-    let (key, key_pem) = match (&a.csr, &a.key_out) {
+    // Every output is checked before anything is signed, written or
+    // recorded: a refusal changes nothing.
+    let cert_out = issue::check_output(&a.dir, "cert-out", &a.cert_out, a.force)?;
+    let key_out = a
+        .key_out
+        .as_deref()
+        .map(|p| issue::check_output(&a.dir, "key-out", p, a.force))
+        .transpose()?;
+    if key_out.as_ref() == Some(&cert_out) {
+        return Err(issue::OutputError::Same.into());
+    }
+    let (key, key_pem) = match (&a.csr, &key_out) {
         (Some(path), _) => {
             let der = csr::decode(&read(path, "csr")?)
                 .with_context(|| format!("--csr {}", path.display()))?;
@@ -347,12 +403,43 @@ fn issue(a: IssueArgs) -> Result<()> {
     // Sign first (all checks), then write the outputs, then record: a
     // failure at any step leaves the ledger without a certificate nobody has.
     let issued = ca.sign(&req, "cli")?;
-    if let (Some(path), Some(pem)) = (&a.key_out, &key_pem) {
-        fsutil::write_atomic(path, pem.as_bytes(), SECRET)
-            .with_context(|| format!("--key-out {}", path.display()))?;
+    let flag_err = |flag: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::Error::from(issue::OutputError::Exists { flag, path })
+            } else {
+                anyhow::Error::from(issue::OutputError::Io { flag, path, source })
+            }
+        }
+    };
+    // Both files are staged before either is published, and without --force
+    // each is created only if still absent.
+    let key_staged = match (&key_out, &key_pem, a.key_out.as_deref()) {
+        (Some(path), Some(pem), Some(given)) => Some((
+            fsutil::stage(path, pem.as_bytes(), SECRET).map_err(flag_err("key-out", given))?,
+            path,
+            given,
+        )),
+        _ => None,
+    };
+    let cert_staged = fsutil::stage(&cert_out, issued.chain_pem().as_bytes(), PUBLIC)
+        .map_err(flag_err("cert-out", &a.cert_out))?;
+    let replace = a.force;
+    let mut key_written = None;
+    if let Some((staged, path, given)) = key_staged {
+        staged
+            .commit(path, replace)
+            .map_err(flag_err("key-out", given))?;
+        key_written = Some(path);
     }
-    fsutil::write_atomic(&a.cert_out, issued.chain_pem().as_bytes(), PUBLIC)
-        .with_context(|| format!("--cert-out {}", a.cert_out.display()))?;
+    if let Err(e) = cert_staged.commit(&cert_out, replace) {
+        // The key was created for a certificate that will not exist.
+        if let (Some(path), false) = (key_written, replace) {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(flag_err("cert-out", &a.cert_out)(e));
+    }
     ca.record(&issued)?;
     println!(
         "issued {} serial {} valid until {}",
@@ -361,19 +448,67 @@ fn issue(a: IssueArgs) -> Result<()> {
     Ok(())
 }
 
-fn serve(a: ServeArgs) -> Result<()> {
+fn inspect(a: InspectArgs) -> Result<ExitCode> {
+    // FILE is positional: errors name the file, not a flag.
+    let pem = std::fs::read(&a.file).with_context(|| a.file.display().to_string())?;
+    let bundle = a.bundle.as_ref().map(|b| read(b, "bundle")).transpose()?;
+    let report = inspect::inspect(&pem, bundle.as_deref())
+        .map_err(anyhow::Error::msg)
+        .with_context(|| a.file.display().to_string())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", inspect::render_text(&report));
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn renew(a: RenewArgs) -> Result<ExitCode> {
+    let opts = file_renewer::Options {
+        cert: a.cert,
+        key: a.key,
+        ca_url: a.ca_url,
+        bundle: a.bundle,
+        server_id: a.server_id,
+        exec: a.exec,
+        force: a.force,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    if a.daemon {
+        rt.block_on(file_renewer::daemon(&opts, shutdown_signal()))?;
+    } else {
+        let outcome = rt.block_on(file_renewer::once(&opts))?;
+        println!("{outcome}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr, `text` or `json`, filtered by `RUST_LOG` (default info).
+/// Colour codes are for a person at a terminal, never for log files.
+fn init_logging(format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if a.log_format == "json" {
-        builder.json().with_ansi(false).init();
+        .with_writer(std::io::stderr)
+        .with_ansi(format != "json" && std::io::stderr().is_terminal());
+    if format == "json" {
+        builder.json().init();
     } else {
-        // Colour codes are for people at a terminal, not for log files.
-        use std::io::IsTerminal;
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        builder.init();
     }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    init_logging(&a.log_format);
     let service_accounts = match (a.k8s_jwks, a.k8s_issuer) {
         (Some(jwks), Some(issuer)) => Some(keyproof_ca::attest::SaConfig {
             jwks,
@@ -418,18 +553,7 @@ fn k8s_jwks(a: K8sJwksArgs) -> Result<()> {
     if a.interval < Duration::from_secs(1) {
         bail!("--interval must be at least 1s");
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only for a person at a terminal, never into log files.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if a.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    init_logging(&a.log_format);
     let opts = jwks_sync::SyncOptions {
         out: a.out,
         api_server: a.api_server,
@@ -467,18 +591,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init(a) => init(a)?,
         Command::Issue(a) => issue(a)?,
-        Command::Inspect(a) => {
-            let pem = read(&a.file, "file")?;
-            let bundle = a.bundle.as_ref().map(|b| read(b, "bundle")).transpose()?;
-            let report = inspect::inspect(&pem, bundle.as_deref())
-                .map_err(anyhow::Error::msg)
-                .with_context(|| a.file.display().to_string())?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", inspect::render_text(&report));
-            }
-        }
+        Command::Inspect(a) => return inspect(a),
         Command::Check(a) => {
             let report = match (&a.dir, &a.cert, &a.bundle) {
                 (Some(dir), _, _) => check::check_dir(dir, a.warn_before)?,
@@ -511,6 +624,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve(a) => serve(a)?,
         Command::K8sJwks(a) => k8s_jwks(a)?,
+        Command::Renew(a) => return renew(a),
         Command::Token(TokenCommand::Create {
             dir,
             spiffe_id,
@@ -545,12 +659,19 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the error and its causes, outermost first.
-            let msg = e
-                .chain()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
+            // One line: the error and its causes, outermost first. Errors
+            // that already end with their cause's text (`path: os error`)
+            // would otherwise say it twice.
+            let mut msg = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if msg.ends_with(&cause) {
+                    continue;
+                }
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(&cause);
+            }
             eprintln!("keyproof-ca: error: {msg}");
             ExitCode::from(2)
         }

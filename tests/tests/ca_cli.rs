@@ -866,10 +866,10 @@ fn inspect_reports_every_rule_of_a_bad_certificate() {
                 "basicConstraints=CA:FALSE",
             ]),
     );
-    let v: Value = serde_json::from_str(&run_ok(
-        cmd("keyproof-ca").arg("inspect").arg(&crt).arg("--json"),
-    ))
-    .unwrap();
+    // A failing rule is exit 2, with the full report on stdout.
+    let out = keyproof_tests::run(cmd("keyproof-ca").arg("inspect").arg(&crt).arg("--json"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let c = &v["certificates"][0];
     let errors: Vec<&str> = c["svid_errors"]
         .as_array()
@@ -891,7 +891,584 @@ fn inspect_reports_every_rule_of_a_bad_certificate() {
     let passed: Vec<bool> = rules.iter().map(|r| r["pass"].as_bool().unwrap()).collect();
     assert_eq!(passed, [false, true, false, false, false, true, true]);
     assert_eq!(c["spiffe_id"], Value::Null);
-    let text = run_ok(cmd("keyproof-ca").arg("inspect").arg(&crt));
+    let out = keyproof_tests::run(cmd("keyproof-ca").arg("inspect").arg(&crt));
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FAIL  exactly one URI SAN"), "{text}");
     assert!(text.contains("pass  not a CA"), "{text}");
+}
+
+#[test]
+fn inspect_exit_codes_and_errors_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No SPIFFE ID at all: a rule fails, exit 2.
+    let crt = tmp.path().join("plain.crt");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=plain",
+                "-addext",
+                "subjectAltName=DNS:plain.example",
+            ])
+            .arg("-keyout")
+            .arg(tmp.path().join("plain.key"))
+            .arg("-out")
+            .arg(&crt),
+    );
+    let out = keyproof_tests::run(cmd("keyproof-ca").arg("inspect").arg(&crt));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
+
+    // A good SVID passes (0); against another CA's bundle its chain fails (2).
+    let ca = TestCa::new(TD);
+    let (cert, _) = ca.issue("web", "/ns/default/sa/web", &[]);
+    let code = |c: &mut Command| keyproof_tests::run(c).status.code();
+    assert_eq!(code(cmd("keyproof-ca").arg("inspect").arg(&cert)), Some(0));
+    let other = TestCa::new(TD);
+    assert_eq!(
+        code(
+            cmd("keyproof-ca")
+                .arg("inspect")
+                .arg(&cert)
+                .arg("--bundle")
+                .arg(other.bundle())
+        ),
+        Some(2)
+    );
+
+    // A missing file: the error names the file, and no flag that does not exist.
+    let err = run_err(
+        cmd("keyproof-ca")
+            .arg("inspect")
+            .arg(tmp.path().join("nope.crt")),
+    );
+    assert!(err.contains("nope.crt"), "{err}");
+    assert!(!err.contains("--file"), "{err}");
+    let err = run_err(
+        cmd("keyproof-ca")
+            .arg("inspect")
+            .arg(&cert)
+            .arg("--bundle")
+            .arg(tmp.path().join("nope.pem")),
+    );
+    assert!(
+        err.contains("--bundle") && err.contains("nope.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_dir_fails_for_an_identity_left_on_a_root_that_was_forced_out() {
+    let ca = TestCa::new(TD);
+    let (first, _) = ca.issue("first", "/ns/default/sa/first", &[]);
+    let rot = |args: &[&str]| {
+        run_ok(
+            cmd("keyproof-ca")
+                .arg("rotate")
+                .args(args)
+                .arg("--dir")
+                .arg(&ca.dir),
+        )
+    };
+    rot(&["root", "prepare"]);
+    rot(&["root", "activate"]);
+    ca.issue("second", "/ns/default/sa/second", &[]);
+    rot(&["root", "finish", "--force"]);
+
+    let out = keyproof_tests::run(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let fail: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fail.len(), 1, "{text}");
+    assert!(
+        fail[0].contains("spiffe://prod.example.com/ns/default/sa/first")
+            && fail[0].contains("no longer chains"),
+        "{text}"
+    );
+    // It names the root it was issued under: the one that left the bundle.
+    let root = ledger_lines(&ca)[0]["root_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(fail[0].contains(&root), "{text}");
+    assert!(!text.contains("FAIL spiffe://prod.example.com/ns/default/sa/second"));
+
+    // check --cert on the same certificate agrees.
+    let out = keyproof_tests::run(
+        cmd("keyproof-ca")
+            .args(["check", "--cert"])
+            .arg(&first)
+            .arg("--bundle")
+            .arg(ca.bundle()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("FAIL chain"), "{text}");
+
+    // Renewing the identity under the new root clears it.
+    ca.issue("first-again", "/ns/default/sa/first", &[]);
+    run_ok(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir));
+
+    // A ledger entry from before root_sha256 was recorded, whose issuing
+    // intermediate the directory no longer holds: a warning, not a pass.
+    let ca = TestCa::new(TD);
+    ca.issue("old", "/ns/default/sa/old", &[]);
+    let mut e = ledger_lines(&ca).remove(0);
+    e.as_object_mut().unwrap().remove("root_sha256");
+    e["issuer_key_id"] = Value::from("00");
+    fs::write(ca.dir.join("ledger.jsonl"), format!("{e}\n")).unwrap();
+    let out = keyproof_tests::run(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cannot tell which root"), "{text}");
+}
+
+#[test]
+fn warning_windows_follow_each_certificates_lifetime_unless_given() {
+    let ca = TestCa::new(TD);
+    let (cert, _) = ca.issue("web", "/ns/default/sa/web", &[]);
+    let check = |args: &[&str], target: &[std::ffi::OsString]| {
+        let out = keyproof_tests::run(cmd("keyproof-ca").arg("check").args(args).args(target));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let dir = ["--dir".into(), ca.dir.clone().into_os_string()];
+    let file = [
+        "--cert".into(),
+        cert.clone().into_os_string(),
+        "--bundle".into(),
+        ca.bundle().into_os_string(),
+    ];
+    // A fresh 24 h SVID, a 1-year intermediate, a 10-year root: nothing warns.
+    for target in [&dir[..], &file[..]] {
+        let (code, text) = check(&[], target);
+        assert_eq!(code, Some(0), "{text}");
+        assert!(!text.contains("WARN"), "{text}");
+    }
+    // --warn-before applies to every certificate, the issued one included.
+    for target in [&dir[..], &file[..]] {
+        let (code, text) = check(&["--warn-before", "48h"], target);
+        assert_eq!(code, Some(1), "{text}");
+        let warned: Vec<&str> = text.lines().filter(|l| l.starts_with("WARN")).collect();
+        assert_eq!(warned.len(), 1, "only the SVID expires within 48h: {text}");
+        assert!(
+            warned[0].contains("spiffe://") || warned[0].contains("certificate 0"),
+            "{text}"
+        );
+    }
+    let (code, text) = check(&["--warn-before", "1h"], &dir);
+    assert_eq!(code, Some(0), "{text}");
+    // The help says there is no fixed default.
+    let help = run_ok(cmd("keyproof-ca").args(["check", "--help"]));
+    assert!(help.contains("last third"), "{help}");
+    assert!(!help.contains("720h"), "{help}");
+}
+
+#[test]
+fn issue_never_overwrites_without_force_and_never_writes_into_the_ca() {
+    let ca = TestCa::new(TD);
+    let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
+    let (cert_before, key_before) = (fs::read(&cert).unwrap(), fs::read(&key).unwrap());
+    let id = "spiffe://prod.example.com/ns/default/sa/web";
+    let other = ca.path("other.pem").display().to_string();
+
+    // Existing --cert-out, existing --key-out: refused, nothing changes.
+    issue_fails(
+        &ca,
+        &[
+            "--spiffe-id",
+            id,
+            "--key-out",
+            &other,
+            "--cert-out",
+            cert.to_str().unwrap(),
+        ],
+        &format!(
+            "--cert-out {}: already exists; pass --force",
+            cert.display()
+        ),
+    );
+    issue_fails(
+        &ca,
+        &[
+            "--spiffe-id",
+            id,
+            "--key-out",
+            key.to_str().unwrap(),
+            "--cert-out",
+            &other,
+        ],
+        &format!("--key-out {}: already exists; pass --force", key.display()),
+    );
+    assert_eq!(fs::read(&cert).unwrap(), cert_before);
+    assert_eq!(fs::read(&key).unwrap(), key_before);
+
+    // --force replaces both and records the new certificate.
+    let lines = ledger_lines(&ca).len();
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["issue", "--force", "--spiffe-id", id, "--dir"])
+            .arg(&ca.dir)
+            .arg("--key-out")
+            .arg(&key)
+            .arg("--cert-out")
+            .arg(&cert),
+    );
+    assert_ne!(fs::read(&cert).unwrap(), cert_before);
+    assert_ne!(fs::read(&key).unwrap(), key_before);
+    assert_eq!(mode(&key), 0o600);
+    assert!(openssl_verify(&ca, &cert).status.success());
+    assert_eq!(ledger_lines(&ca).len(), lines + 1);
+
+    // Inside the CA directory: refused even with --force, however it is
+    // spelled (directly, through `..`, relative, through a symbolic link).
+    let root_before = fs::read(ca.dir.join("root.crt")).unwrap();
+    let ledger_before = fs::read(ca.dir.join("ledger.jsonl")).unwrap();
+    std::os::unix::fs::symlink(&ca.dir, ca.path("ca-link")).unwrap();
+    fs::create_dir(ca.path("out")).unwrap();
+    let via_dotdot = ca.path("out/../ca/root.crt");
+    let via_link = ca.path("ca-link").join("root.crt");
+    for out in [
+        ca.dir.join("root.crt"),
+        via_dotdot,
+        via_link,
+        ca.dir.join("new.crt"),
+    ] {
+        let err = run_err(
+            cmd("keyproof-ca")
+                .args(["issue", "--force", "--spiffe-id", id, "--dir"])
+                .arg(&ca.dir)
+                .arg("--key-out")
+                .arg(&other)
+                .arg("--cert-out")
+                .arg(&out),
+        );
+        assert!(
+            err.contains("--cert-out") && err.contains("inside the CA directory"),
+            "{err}"
+        );
+    }
+    let err = run_err(
+        cmd("keyproof-ca")
+            .current_dir(&ca.dir)
+            .args(["issue", "--force", "--spiffe-id", id, "--dir", "."])
+            .args(["--key-out", "root.key", "--cert-out"])
+            .arg(&other),
+    );
+    assert!(
+        err.contains("--key-out root.key") && err.contains("inside the CA directory"),
+        "{err}"
+    );
+    assert_eq!(fs::read(ca.dir.join("root.crt")).unwrap(), root_before);
+    assert_eq!(
+        fs::read(ca.dir.join("ledger.jsonl")).unwrap(),
+        ledger_before
+    );
+    assert!(!Path::new(&other).exists());
+    assert!(!ca.dir.join("new.crt").exists());
+    // A directory that does not exist is named with the flag.
+    let err = run_err(
+        cmd("keyproof-ca")
+            .args(["issue", "--spiffe-id", id, "--dir"])
+            .arg(&ca.dir)
+            .arg("--key-out")
+            .arg(&other)
+            .arg("--cert-out")
+            .arg(ca.path("missing/web.crt")),
+    );
+    assert!(
+        err.contains("--cert-out") && err.contains("missing/web.crt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn init_needs_a_missing_or_empty_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = |dir: &Path| {
+        keyproof_tests::run(
+            cmd("keyproof-ca")
+                .args(["init", "--trust-domain", TD, "--dir"])
+                .arg(dir),
+        )
+    };
+    // A non-empty directory that is not a CA: refused, untouched.
+    let full = tmp.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("notes.txt"), "mine").unwrap();
+    let out = init(&full);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists and is not empty"), "{err}");
+    assert_eq!(list_dir(&full), vec!["notes.txt".to_string()]);
+    // A file: refused, untouched.
+    let file = tmp.path().join("file");
+    fs::write(&file, "x").unwrap();
+    let out = init(&file);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a directory"), "{err}");
+    assert_eq!(fs::read(&file).unwrap(), b"x");
+    // An empty directory (say, a mounted volume): initialised in place.
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    assert!(init(&empty).status.success());
+    assert_eq!(mode(&empty), 0o700);
+    assert!(empty.join("ca.json").exists());
+    assert!(!list_dir(&empty).iter().any(|f| f.starts_with('.')));
+    run_ok(cmd("keyproof-ca").args(["check", "--dir"]).arg(&empty));
+    // The help says the same.
+    let help = run_ok(cmd("keyproof-ca").args(["init", "--help"]));
+    assert!(
+        help.contains("must not exist, or be an empty directory"),
+        "{help}"
+    );
+}
+
+/// A running `keyproof-ca serve`, killed on drop.
+struct Serve {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(ca: &TestCa, extra: &[&str]) -> Serve {
+    let port = free_port();
+    let mut c = cmd("keyproof-ca");
+    c.args(["serve", "--dir"])
+        .arg(&ca.dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(extra);
+    // Where serve has an admin listener, keep it off the shared default port.
+    if run_ok(cmd("keyproof-ca").args(["serve", "--help"])).contains("--admin-listen") {
+        c.arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", free_port()));
+    }
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start keyproof-ca serve");
+    keyproof_tests::wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
+    Serve {
+        child,
+        url: format!("https://127.0.0.1:{port}"),
+    }
+}
+
+fn inspect_json(cert: &Path) -> Value {
+    let out = keyproof_tests::run(cmd("keyproof-ca").arg("inspect").arg(cert).arg("--json"));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn renew_cmd(srv_url: &str, dir: &Path) -> Command {
+    let mut c = cmd("keyproof-ca");
+    c.arg("renew")
+        .arg("--cert")
+        .arg(dir.join("tls.crt"))
+        .arg("--key")
+        .arg(dir.join("tls.key"))
+        .arg("--bundle")
+        .arg(dir.join("ca.crt"))
+        .args(["--ca-url", srv_url]);
+    c
+}
+
+/// A workload directory holding tls.crt, tls.key and ca.crt, as an
+/// `[identity.files]` workload or nginx reads them.
+fn workload_dir(ca: &TestCa, ttl: &str) -> std::path::PathBuf {
+    let dir = ca.path("workload");
+    fs::create_dir(&dir).unwrap();
+    run_ok(
+        cmd("keyproof-ca")
+            .args([
+                "issue",
+                "--spiffe-id",
+                "spiffe://prod.example.com/ns/default/sa/web",
+            ])
+            .args(["--ttl", ttl, "--dir"])
+            .arg(&ca.dir)
+            .arg("--key-out")
+            .arg(dir.join("tls.key"))
+            .arg("--cert-out")
+            .arg(dir.join("tls.crt")),
+    );
+    fs::copy(ca.bundle(), dir.join("ca.crt")).unwrap();
+    dir
+}
+
+fn inode(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(p).unwrap().ino()
+}
+
+#[test]
+fn renew_once_replaces_the_pair_with_a_new_key_and_serial() {
+    let ca = TestCa::new(TD);
+    let srv = serve(&ca, &[]);
+    let dir = workload_dir(&ca, "1h");
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let (crt_before, key_before) = (fs::read(&crt).unwrap(), fs::read(&key).unwrap());
+    let serial_before = inspect_json(&crt)["certificates"][0]["serial"].clone();
+
+    // Not yet at two thirds of its life: nothing happens, exit 0.
+    let out = run_ok(&mut renew_cmd(&srv.url, &dir));
+    assert!(out.contains("not due"), "{out}");
+    assert_eq!(fs::read(&crt).unwrap(), crt_before);
+    assert_eq!(fs::read(&key).unwrap(), key_before);
+
+    let inodes = (inode(&crt), inode(&key));
+    let out = run_ok(renew_cmd(&srv.url, &dir).arg("--force"));
+    assert!(
+        out.contains("renewed spiffe://prod.example.com/ns/default/sa/web"),
+        "{out}"
+    );
+    let v = inspect_json(&crt);
+    let leaf = &v["certificates"][0];
+    assert_ne!(leaf["serial"], serial_before);
+    assert_eq!(
+        leaf["spiffe_id"],
+        "spiffe://prod.example.com/ns/default/sa/web"
+    );
+    assert_ne!(fs::read(&key).unwrap(), key_before, "a new key");
+    assert_eq!(mode(&key), 0o600);
+    // Replaced by rename (new files), nothing staged left behind.
+    assert_ne!((inode(&crt), inode(&key)), inodes);
+    assert_eq!(list_dir(&dir), ["ca.crt", "tls.crt", "tls.key"]);
+    // The new pair belongs together and chains to the bundle.
+    assert!(openssl_verify(&ca, &crt).status.success());
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["k8s-secret", "--name", "web", "--cert"])
+            .arg(&crt)
+            .arg("--key")
+            .arg(&key)
+            .arg("--bundle")
+            .arg(dir.join("ca.crt")),
+    );
+    // The CA recorded it as a renewal.
+    let last = ledger_lines(&ca).pop().unwrap();
+    assert_eq!(last["serial"], leaf["serial"]);
+    assert_eq!(
+        last["requester"],
+        "renew:spiffe://prod.example.com/ns/default/sa/web"
+    );
+
+    // The CA's bundle changed (root rotation prepared): the bundle file follows.
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["rotate", "root", "prepare", "--dir"])
+            .arg(&ca.dir),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    run_ok(renew_cmd(&srv.url, &dir).arg("--force"));
+    assert_eq!(
+        fs::read(dir.join("ca.crt")).unwrap(),
+        fs::read(ca.bundle()).unwrap()
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("ca.crt"))
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn renew_daemon_renews_at_two_thirds_of_life_and_runs_exec() {
+    let ca = TestCa::new(TD);
+    let srv = serve(&ca, &["--ttl", "6s"]);
+    let dir = workload_dir(&ca, "6s");
+    let hook = ca.path("hook.log");
+    let mut child = renew_cmd(&srv.url, &dir)
+        .arg("--daemon")
+        .arg("--exec")
+        .arg(format!("echo renewed >> '{}'", hook.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let renewals = || {
+        fs::read_to_string(&hook)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    while renewals() < 2 && start.elapsed() < Duration::from_secs(12) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let n = renewals();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(n >= 2, "{n} renewal(s) in {:?}:\n{log}", start.elapsed());
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("renew --daemon did not stop on SIGTERM:\n{log}")
+    });
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(log.matches("renewed spiffe://").count() >= 2, "{log}");
+    assert!(log.contains("stopping"), "{log}");
+    let renews = ledger_lines(&ca)
+        .iter()
+        .filter(|e| e["requester"].as_str().unwrap_or("").starts_with("renew:"))
+        .count();
+    assert!(renews >= 2, "{renews}");
+    // What is on disk is the newest pair, and valid.
+    assert!(openssl_verify(&ca, &dir.join("tls.crt")).status.success());
+    assert_eq!(mode(&dir.join("tls.key")), 0o600);
+}
+
+#[test]
+fn renew_refuses_an_expired_certificate_with_a_clear_message() {
+    let ca = TestCa::new(TD);
+    let dir = workload_dir(&ca, "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let before = fs::read(dir.join("tls.crt")).unwrap();
+    // Refused before the CA is contacted: none needs to be running.
+    let url = format!("https://127.0.0.1:{}", free_port());
+    for daemon in [false, true] {
+        let mut c = renew_cmd(&url, &dir);
+        if daemon {
+            c.arg("--daemon");
+        }
+        let err = run_err(&mut c);
+        assert!(
+            err.contains("--cert")
+                && err.contains("expired")
+                && err.contains("cannot be renewed")
+                && err.contains("keyproof-ca issue"),
+            "{err}"
+        );
+    }
+    assert_eq!(fs::read(dir.join("tls.crt")).unwrap(), before);
 }
