@@ -29,7 +29,8 @@ pub struct Entry {
     pub sha256: String,
     /// RFC 3339 time of issuance.
     pub issued_at: String,
-    /// Who asked: `cli`, `renew:<spiffe id>`, `bootstrap:<token id>`.
+    /// Who asked: `cli`, `renew:<spiffe id>`, `bootstrap:<token id>`,
+    /// `bootstrap:sa:system:serviceaccount:<ns>:<sa>/<pod name>`.
     #[serde(default)]
     pub requester: String,
 }

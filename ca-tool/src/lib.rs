@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod issue;
 pub mod k8s;
 pub mod ledger;
+pub mod metrics;
 pub mod renewer;
 pub mod rotate;
 pub mod serve;

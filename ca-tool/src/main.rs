@@ -76,10 +76,27 @@ struct ServeArgs {
     /// Issuances allowed per identity per minute (0: unlimited).
     #[arg(long, default_value_t = 30)]
     rate_limit: u32,
-    /// Log format.
+    /// Log format: text (colour only when stderr is a terminal) or JSON lines.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Plain-HTTP admin listener: GET /healthz, /ready and /metrics (Prometheus).
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    admin_listen: std::net::SocketAddr,
+    /// Accept Kubernetes ServiceAccount tokens for bootstrap, verified against
+    /// this JWKS (the cluster's /openid/v1/jwks; re-read when it changes).
+    #[arg(long, value_name = "FILE", requires = "k8s_issuer")]
+    k8s_jwks: Option<PathBuf>,
+    /// The `iss` of the cluster's ServiceAccount tokens (the API server's
+    /// --service-account-issuer).
+    #[arg(long, value_name = "URL", requires = "k8s_jwks")]
+    k8s_issuer: Option<String>,
+    /// The audience ServiceAccount tokens must name [default: keyproof-ca].
+    #[arg(long, value_name = "AUD", requires = "k8s_jwks")]
+    k8s_audience: Option<String>,
 }
+
+/// Clock skew allowed on ServiceAccount tokens' `exp`, `nbf` and `iat`.
+const SA_TOKEN_LEEWAY: Duration = Duration::from_secs(60);
 
 #[derive(Subcommand)]
 enum TokenCommand {
@@ -320,10 +337,22 @@ fn serve(a: ServeArgs) -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if a.log_format == "json" {
-        builder.json().init();
+        builder.json().with_ansi(false).init();
     } else {
-        builder.init();
+        // Colour codes are for people at a terminal, not for log files.
+        use std::io::IsTerminal;
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    let service_accounts = match (a.k8s_jwks, a.k8s_issuer) {
+        (Some(jwks), Some(issuer)) => Some(keyproof_ca::attest::SaConfig {
+            jwks,
+            issuer,
+            audience: a.k8s_audience.unwrap_or_else(|| "keyproof-ca".to_owned()),
+            leeway: SA_TOKEN_LEEWAY,
+        }),
+        // clap makes the two flags require each other.
+        _ => None,
+    };
     let opts = keyproof_ca::serve::ServeOptions {
         dir: a.dir,
         listen: a.listen,
@@ -336,6 +365,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         dns: a.dns,
         ttl: a.ttl,
         per_identity_per_minute: a.rate_limit,
+        admin_listen: a.admin_listen,
+        service_accounts,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,12 +1,35 @@
-//! `keyproof-ca serve`: the renewal API over mutual TLS.
+//! `keyproof-ca serve`: the renewal API over mutual TLS, and a plain-HTTP
+//! admin listener for probes and Prometheus.
+//!
+//! The API (`--listen`, TLS 1.3; `Server::handle` dispatches, one method
+//! per endpoint):
 //!
 //! - `POST /v1/renew`: the caller's current SVID (verified in the handshake)
 //!   names the identity; the body is a CSR; the answer is a new SVID for that
 //!   identity only.
-//! - `POST /v1/bootstrap`: `Authorization: Bearer <join token>` and a CSR; the
-//!   token is single-use, expiring and bound to one identity.
+//! - `POST /v1/bootstrap`: `Authorization: Bearer <credential>` and a CSR.
+//!   The credential is either a join token (`kpt_...`: single-use, expiring,
+//!   bound to one identity) or, with `--k8s-jwks`/`--k8s-issuer`, a projected
+//!   Kubernetes ServiceAccount token (a JWT, verified offline against the
+//!   cluster's JWKS by [`crate::attest`]; reusable within its lifetime, so a
+//!   restarted pod bootstraps again) for `spiffe://<td>/ns/<ns>/sa/<sa>`.
+//!   The ledger names the requester `bootstrap:<token id>` or
+//!   `bootstrap:sa:system:serviceaccount:<ns>:<sa>/<pod name>`.
 //! - `GET /v1/bundle`: the trust bundle, SPIFFE JSON when `Accept` asks for
 //!   JSON, PEM otherwise.
+//!
+//! Every error is JSON `{"error": code, "message": ...}` with a stable code
+//! ([`crate::metrics::API_CODES`] and the `sa_token_*` codes), counted in
+//! `keyproof_ca_refusals_total{code}` and logged (warn; error for 5xx) with
+//! the code, the peer's address and what is known of the caller: the client
+//! certificate's `spiffe_id`, the join token's `token_id`, the
+//! ServiceAccount `sub` (or the `claimed_sub` of a token that did not
+//! verify). Credentials themselves are never logged.
+//!
+//! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits):
+//! `GET /healthz` (200 while the process runs), `GET /ready` (503 when the CA
+//! directory cannot be loaded or the ledger is not writable), `GET /metrics`
+//! (the Prometheus text format; the list is in [`crate::metrics`]).
 //!
 //! The server picks up rotations by watching the CA directory (a cheap
 //! metadata check at most once a second), reissues its own certificate from
@@ -17,10 +40,13 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -29,23 +55,41 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keyproof_identity::spiffe::SpiffeId;
 use keyproof_identity::tls::{Shared, SharedVerifier, SvidClientVerifier};
 use keyproof_identity::verify::{SvidVerifier, TrustBundle, VerifiedSvid};
+use prometheus::Histogram;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::attest::{self, AttestError, SaAttestor, SaConfig};
 use crate::ca::{files, Ca, CaError};
 use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
-use crate::token::{TokenError, TokenStore};
+use crate::metrics::{CaGauges, CaMetrics, IssuanceKind};
+use crate::token::{self, TokenError, TokenStore};
 
 /// Largest accepted request body (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 4096;
+/// What every join token starts with (see [`crate::token`]).
+const JOIN_TOKEN_PREFIX: &str = "kpt_";
+
+/// The admin listener serves probes and scrapes: a few small requests, so
+/// its limits are tight and it never competes with the API for long.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A kept-alive admin connection is closed (gracefully) after this long; a
+/// scraper simply reconnects.
+const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+const ADMIN_MAX_CONNECTIONS: usize = 32;
+/// hyper's smallest read buffer; admin requests carry no body.
+const ADMIN_MAX_BUF: usize = 8192;
+/// How long the outcome of the last ledger commit stands for the ledger's
+/// health before `/ready` looks at the file itself.
+const LEDGER_STATUS_FRESH: Duration = Duration::from_secs(30);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -60,6 +104,11 @@ pub struct ServeOptions {
     pub ttl: Duration,
     /// Issuances allowed per identity per minute (0 = unlimited).
     pub per_identity_per_minute: u32,
+    /// The plain-HTTP admin listener (`/healthz`, `/ready`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    /// Kubernetes ServiceAccount attestation for bootstrap; `None`: join
+    /// tokens only, and a JWT is refused with `sa_token_not_accepted`.
+    pub service_accounts: Option<SaConfig>,
 }
 
 /// Startup failures.
@@ -72,23 +121,40 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("--admin-listen {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Attest(#[from] AttestError),
 }
 
-/// An API error: status, stable code, message.
-struct ApiError(StatusCode, &'static str, String);
+/// An API error answer: HTTP status, stable code, message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    /// The stable `error` code (also the `code` label of
+    /// `keyproof_ca_refusals_total`).
+    code: &'static str,
+    message: String,
+}
 
 impl ApiError {
-    fn response(self) -> Response<Full<Bytes>> {
-        let body = json!({"error": self.1, "message": self.2}).to_string();
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = self.0;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        if self.0 == StatusCode::TOO_MANY_REQUESTS {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn response(&self) -> Response<Full<Bytes>> {
+        let body = json!({"error": self.code, "message": self.message}).to_string();
+        let mut r = json_response(self.status, body);
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
         }
@@ -98,19 +164,78 @@ impl ApiError {
 
 fn ca_error(e: CaError) -> ApiError {
     match e {
-        CaError::Csr(c) => ApiError(StatusCode::BAD_REQUEST, c.code(), c.to_string()),
+        CaError::Csr(c) => ApiError::new(StatusCode::BAD_REQUEST, c.code(), c.to_string()),
         e @ (CaError::ForeignTrustDomain { .. }
         | CaError::NotAWorkloadId(_)
-        | CaError::SpiffeId(_)) => ApiError(StatusCode::FORBIDDEN, "id_not_allowed", e.to_string()),
-        e => {
-            tracing::error!(error = %e, "issuance failed");
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ca_unavailable",
-                e.to_string(),
-            )
+        | CaError::SpiffeId(_)) => {
+            ApiError::new(StatusCode::FORBIDDEN, "id_not_allowed", e.to_string())
+        }
+        e => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ca_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+/// One API request as far as it has shown who is calling: what its refusal
+/// is logged with, and which issuance kind its outcome counts as.
+struct Call {
+    peer: SocketAddr,
+    /// The client certificate's SPIFFE ID (verified in the handshake).
+    spiffe_id: Option<String>,
+    /// The join token's id (never the token).
+    token_id: Option<String>,
+    /// The verified ServiceAccount token's `sub`.
+    sub: Option<String>,
+    /// The `sub` a ServiceAccount token that did not verify claims.
+    claimed_sub: Option<String>,
+    /// Set by the issuing endpoints.
+    kind: Option<IssuanceKind>,
+}
+
+impl Call {
+    fn new(conn: &Conn) -> Call {
+        Call {
+            peer: conn.addr,
+            spiffe_id: conn.svid.as_ref().map(|s| s.spiffe_id.to_string()),
+            token_id: None,
+            sub: None,
+            claimed_sub: None,
+            kind: None,
         }
     }
+
+    fn log_refusal(&self, e: &ApiError) {
+        macro_rules! log_at {
+            ($level:ident, $msg:literal) => {
+                tracing::$level!(
+                    code = e.code,
+                    status = e.status.as_u16(),
+                    peer = %self.peer,
+                    spiffe_id = self.spiffe_id.as_deref(),
+                    token_id = self.token_id.as_deref(),
+                    sub = self.sub.as_deref(),
+                    claimed_sub = self.claimed_sub.as_deref(),
+                    kind = self.kind.map(IssuanceKind::as_str),
+                    detail = %e.message,
+                    $msg
+                )
+            };
+        }
+        if e.status.is_server_error() {
+            log_at!(error, "request failed");
+        } else {
+            log_at!(warn, "request refused");
+        }
+    }
+}
+
+/// A TLS connection's peer: its address and the SVID it presented.
+#[derive(Clone)]
+struct Conn {
+    addr: SocketAddr,
+    svid: Option<VerifiedSvid>,
 }
 
 /// The state reloaded when the CA directory changes.
@@ -135,16 +260,22 @@ fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
     .collect()
 }
 
+/// When the last ledger commit ended, and its error if it failed.
+type LedgerStatus = Arc<Mutex<Option<(Instant, Option<String>)>>>;
+
 /// Ledger writes with group commit.
 #[derive(Clone)]
 struct LedgerWriter {
     tx: mpsc::Sender<(ledger::Entry, oneshot::Sender<Result<(), String>>)>,
+    status: LedgerStatus,
 }
 
 impl LedgerWriter {
-    fn start(dir: PathBuf) -> LedgerWriter {
+    fn start(dir: PathBuf, commit_seconds: Histogram) -> LedgerWriter {
         let (tx, mut rx) =
             mpsc::channel::<(ledger::Entry, oneshot::Sender<Result<(), String>>)>(4096);
+        let status = LedgerStatus::default();
+        let last = status.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 // Let the tasks already runnable go first: under load some of
@@ -161,17 +292,21 @@ impl LedgerWriter {
                 }
                 let entries: Vec<ledger::Entry> = batch.iter().map(|(e, _)| e.clone()).collect();
                 let dir = dir.clone();
+                let started = Instant::now();
                 let result =
                     tokio::task::spawn_blocking(move || ledger::append_all(&dir, &entries))
                         .await
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()));
+                commit_seconds.observe(started.elapsed().as_secs_f64());
+                *last.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), result.clone().err()));
                 for (_, reply) in batch {
                     let _ = reply.send(result.clone());
                 }
             }
         });
-        LedgerWriter { tx }
+        LedgerWriter { tx, status }
     }
 
     async fn record(&self, e: ledger::Entry) -> Result<(), String> {
@@ -181,6 +316,32 @@ impl LedgerWriter {
             .await
             .map_err(|_| "ledger writer stopped".to_string())?;
         rx.await.map_err(|_| "ledger writer stopped".to_string())?
+    }
+
+    /// Whether the ledger can be appended to: the last commit's outcome while
+    /// it is recent, otherwise a look at the file (opened for append, never
+    /// written) or, before the first issuance, at the directory.
+    fn writable(&self, dir: &Path) -> Result<(), String> {
+        let last = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match last {
+            Some((at, None)) if at.elapsed() < LEDGER_STATUS_FRESH => return Ok(()),
+            Some((at, Some(e))) if at.elapsed() < LEDGER_STATUS_FRESH => {
+                return Err(format!("the last ledger commit failed: {e}"))
+            }
+            _ => {}
+        }
+        let path = dir.join(files::LEDGER);
+        match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => tempfile::tempfile_in(dir)
+                .map(drop)
+                .map_err(|e| format!("{} is not writable: {e}", dir.display())),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
     }
 }
 
@@ -222,16 +383,25 @@ impl ResolvesServerCert for OwnCert {
 struct Server {
     opts: ServeOptions,
     loaded: ArcSwap<Loaded>,
+    /// Why the changed CA directory cannot be loaded (the previous state
+    /// stays in use meanwhile); `None` when the loaded state is current.
+    reload_error: Mutex<Option<String>>,
     verifier: SharedVerifier,
     own: Arc<OwnCert>,
     own_renew_at: Mutex<Instant>,
+    /// `not_after` of the server's own certificate, seconds since the epoch.
+    own_expiry: AtomicI64,
     tokens: Mutex<TokenStore>,
+    attestor: Option<SaAttestor>,
     ledger: LedgerWriter,
     limiter: RateLimiter,
     last_check: Mutex<Instant>,
+    metrics: CaMetrics,
 }
 
-fn own_cert(ca: &Ca, opts: &ServeOptions) -> Result<(CertifiedKey, Duration), CaError> {
+/// A new certificate for the server itself, when to renew it, and its
+/// `not_after` (seconds since the epoch).
+fn own_cert(ca: &Ca, opts: &ServeOptions) -> Result<(CertifiedKey, Duration, i64), CaError> {
     let id = match &opts.server_id {
         Some(id) => id.clone(),
         None => SpiffeId::parse(&keyproof_identity::spiffe::ca_server_id(
@@ -249,6 +419,7 @@ fn own_cert(ca: &Ca, opts: &ServeOptions) -> Result<(CertifiedKey, Duration), Ca
         },
         "serve:self",
     )?;
+    let not_after = crate::ca::not_after_of(&issued.leaf)?.unix_timestamp();
     let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
         .map_err(|e| CaError::Rotation(e.to_string()))?;
     let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)
@@ -256,6 +427,7 @@ fn own_cert(ca: &Ca, opts: &ServeOptions) -> Result<(CertifiedKey, Duration), Ca
     Ok((
         CertifiedKey::new(vec![issued.leaf, issued.intermediate], signing),
         ttl * 2 / 3,
+        not_after,
     ))
 }
 
@@ -290,11 +462,14 @@ impl Server {
                     );
                     self.verifier.store(Arc::new(v));
                     self.loaded.store(Arc::new(Loaded { ca, stamp: current }));
+                    *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
                 // Mid-rotation files may be briefly inconsistent: keep the
                 // previous state and try again on the next request.
                 Err(e) => {
                     tracing::warn!(error = %e, "CA directory changed but could not be loaded; keeping the previous state");
+                    *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(e.to_string());
                     return;
                 }
             }
@@ -302,13 +477,41 @@ impl Server {
         let due = Instant::now() >= *self.own_renew_at.lock().unwrap_or_else(|p| p.into_inner());
         if changed || due {
             match own_cert(&self.loaded.load().ca, &self.opts) {
-                Ok((ck, renew_in)) => {
+                Ok((ck, renew_in, not_after)) => {
                     self.own.0.store(Arc::new(ck));
+                    self.own_expiry.store(not_after, Ordering::Relaxed);
                     *self.own_renew_at.lock().unwrap_or_else(|p| p.into_inner()) =
                         Instant::now() + renew_in;
                 }
                 Err(e) => tracing::error!(error = %e, "could not reissue the server certificate"),
             }
+            self.update_gauges();
+        }
+    }
+
+    /// Sets the CA and JWKS gauges from the loaded state.
+    fn update_gauges(&self) {
+        let loaded = self.loaded.load();
+        let ca = &loaded.ca;
+        let expiry = |der: &[u8]| {
+            crate::ca::not_after_of(der)
+                .map(|t| t.unix_timestamp())
+                .unwrap_or(0)
+        };
+        self.metrics.set_ca(&CaGauges {
+            root_expiry: expiry(ca.root()),
+            intermediate_expiry: expiry(ca.intermediate()),
+            server_expiry: self.own_expiry.load(Ordering::Relaxed),
+            bundle_roots: ca
+                .bundle()
+                .iter()
+                .map(|r| (keyproof_identity::keys::fingerprint(r), expiry(r)))
+                .collect(),
+            sequence: ca.state().spiffe_sequence,
+            stage: Some(ca.state().rotation),
+        });
+        if let Some(a) = &self.attestor {
+            self.metrics.set_jwks(a.status());
         }
     }
 
@@ -319,7 +522,7 @@ impl Server {
         requester: String,
     ) -> Result<Issued, ApiError> {
         if !self.limiter.allow(id.as_str()) {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
@@ -344,7 +547,7 @@ impl Server {
         self.ledger
             .record(issued.entry.clone())
             .await
-            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e))?;
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e))?;
         Ok(issued)
     }
 
@@ -362,45 +565,69 @@ impl Server {
         json_response(StatusCode::OK, body.to_string())
     }
 
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: Option<VerifiedSvid>,
-    ) -> Response<Full<Bytes>> {
+    /// One API request: read the body, dispatch to the endpoint, then count
+    /// and log the outcome.
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: Conn) -> Response<Full<Bytes>> {
         self.refresh();
+        let mut call = Call::new(&conn);
         let (parts, body) = req.into_parts();
         // Read the (bounded) body before answering anything: an answer sent
         // while the client is still sending resets the HTTP/2 stream.
-        let body = match Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return ApiError(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "bad_request",
-                    format!("request body: {e}"),
-                )
-                .response()
+        let result = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(body) => {
+                self.dispatch(&parts, &body.to_bytes(), &conn, &mut call)
+                    .await
             }
+            Err(e) => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_request",
+                format!("request body: {e}"),
+            )),
         };
+        match result {
+            Ok(r) => {
+                if let Some(kind) = call.kind {
+                    self.metrics.issuance(kind, r.status());
+                }
+                r
+            }
+            Err(e) => {
+                self.metrics.refusal(e.code);
+                if let Some(kind) = call.kind {
+                    self.metrics.issuance(kind, e.status);
+                }
+                call.log_refusal(&e);
+                e.response()
+            }
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        conn: &Conn,
+        call: &mut Call,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let path = parts.uri.path();
-        let result = match (&parts.method, path) {
-            (&Method::GET, "/v1/bundle") => Ok(self.bundle(&parts)),
-            (&Method::POST, "/v1/renew") => self.renew(&parts, &body, peer).await,
-            (&Method::POST, "/v1/bootstrap") => self.bootstrap(&parts, &body).await,
-            (_, "/v1/bundle" | "/v1/renew" | "/v1/bootstrap") => Err(ApiError(
+        match (&parts.method, path) {
+            (&Method::GET, "/v1/bundle") => Ok(self.bundle(parts)),
+            (&Method::POST, "/v1/renew") => self.renew(parts, body, conn, call).await,
+            (&Method::POST, "/v1/bootstrap") => self.bootstrap(parts, body, call).await,
+            (_, "/v1/bundle" | "/v1/renew" | "/v1/bootstrap") => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 format!("{} is not allowed on {path}", parts.method),
             )),
-            _ => Err(ApiError(
+            _ => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no endpoint {path}"),
             )),
-        };
-        result.unwrap_or_else(ApiError::response)
+        }
     }
 
+    /// `GET /v1/bundle`.
     fn bundle(&self, req: &http::request::Parts) -> Response<Full<Bytes>> {
         let wants_json = req
             .headers
@@ -420,27 +647,30 @@ impl Server {
         }
     }
 
+    /// `POST /v1/renew`.
     async fn renew(
         &self,
         req: &http::request::Parts,
         body: &[u8],
-        peer: Option<VerifiedSvid>,
+        conn: &Conn,
+        call: &mut Call,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let Some(peer) = peer else {
-            return Err(ApiError(
+        call.kind = Some(IssuanceKind::Renew);
+        let Some(peer) = &conn.svid else {
+            return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "client_certificate_required",
-                "renewal needs the caller's current SVID as its TLS client certificate".into(),
+                "renewal needs the caller's current SVID as its TLS client certificate",
             ));
         };
         if crate::ca::now().unix_timestamp() > peer.not_after {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "client_certificate_expired",
-                "the SVID this connection was opened with has expired; bootstrap again".into(),
+                "the SVID this connection was opened with has expired; bootstrap again",
             ));
         }
-        let id = peer.spiffe_id;
+        let id = peer.spiffe_id.clone();
         check_requested_id(req, &id)?;
         let key = parse_csr(body)?;
         let issued = self.issue(id.clone(), key, format!("renew:{id}")).await?;
@@ -448,39 +678,76 @@ impl Server {
         Ok(self.issued_response(&issued))
     }
 
+    /// `POST /v1/bootstrap`: routes the bearer credential by its shape.
     async fn bootstrap(
         &self,
         req: &http::request::Parts,
         body: &[u8],
+        call: &mut Call,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let token = req
+        let credential = req
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_token",
-                    "bootstrap needs `Authorization: Bearer <join token>`".into(),
-                )
-            })?;
+            .map(str::trim);
+        let is_jwt = credential.is_some_and(attest::looks_like_jwt);
+        call.kind = Some(if is_jwt {
+            IssuanceKind::BootstrapSa
+        } else {
+            IssuanceKind::BootstrapToken
+        });
+        let credential = credential.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "bootstrap needs `Authorization: Bearer <join token or ServiceAccount token>`",
+            )
+        })?;
         let wanted = requested_id(req)?;
-        // Check the CSR before spending the token: a bad CSR must not burn it.
+        // Check the CSR before the credential: a bad CSR must not burn a
+        // join token.
         let key = parse_csr(body)?;
+        if credential.starts_with(JOIN_TOKEN_PREFIX) {
+            self.bootstrap_join_token(credential, wanted, key, call)
+                .await
+        } else if is_jwt {
+            self.bootstrap_service_account(credential, wanted, key, call)
+                .await
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                TokenError::Invalid.code(),
+                "the bearer credential is neither a join token nor a ServiceAccount token",
+            ))
+        }
+    }
+
+    /// Bootstrap with a single-use join token.
+    async fn bootstrap_join_token(
+        &self,
+        token: &str,
+        wanted: Option<SpiffeId>,
+        key: SubjectKey,
+        call: &mut Call,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let consumed = {
             let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            tokens.consume(&self.opts.dir, &token, crate::ca::now())
+            tokens.consume(&self.opts.dir, token, crate::ca::now())
         }
         .map_err(ca_error)?;
         let (token_id, id) = consumed.map_err(|e: TokenError| {
-            tracing::warn!(error = %e, "bootstrap refused");
-            ApiError(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
+            // A reused or expired token is one the CA issued: name it. An
+            // unknown one names nothing.
+            if e != TokenError::Invalid {
+                call.token_id = Some(token::id_of(token));
+            }
+            ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
         })?;
+        call.token_id = Some(token_id.clone());
         if let Some(w) = wanted {
             if w != id {
-                return Err(ApiError(
+                return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "id_mismatch",
                     format!("the token is for {id}, not {w}"),
@@ -493,6 +760,117 @@ impl Server {
         tracing::info!(spiffe_id = %id, token = %token_id, "bootstrapped");
         Ok(self.issued_response(&issued))
     }
+
+    /// Bootstrap with a Kubernetes ServiceAccount token. The token stays
+    /// usable until it expires: a restarted pod presents it again.
+    async fn bootstrap_service_account(
+        &self,
+        token: &str,
+        wanted: Option<SpiffeId>,
+        key: SubjectKey,
+        call: &mut Call,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let Some(attestor) = &self.attestor else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "sa_token_not_accepted",
+                "this CA does not accept ServiceAccount tokens (it runs without --k8s-jwks)",
+            ));
+        };
+        call.claimed_sub = claimed_sub(token);
+        let claims = attestor
+            .verify(token, crate::ca::now().unix_timestamp())
+            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
+        let sub = format!(
+            "system:serviceaccount:{}:{}",
+            claims.namespace, claims.service_account
+        );
+        call.claimed_sub = None;
+        call.sub = Some(sub.clone());
+        let id = claims
+            .spiffe_id(self.loaded.load().ca.trust_domain())
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "sa_token_malformed",
+                    format!("no SPIFFE ID for {sub}: {e}"),
+                )
+            })?;
+        if let Some(w) = wanted {
+            if w != id {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "id_mismatch",
+                    format!("the ServiceAccount token is for {id}, not {w}"),
+                ));
+            }
+        }
+        let issued = self
+            .issue(
+                id.clone(),
+                key,
+                format!("bootstrap:sa:{sub}/{}", claims.pod_name),
+            )
+            .await?;
+        tracing::info!(spiffe_id = %id, sub = %sub, pod = %claims.pod_name, serial = %issued.entry.serial, "bootstrapped with a ServiceAccount token");
+        Ok(self.issued_response(&issued))
+    }
+
+    /// One admin request.
+    fn admin(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+        }
+        match req.uri().path() {
+            "/healthz" => text_response(StatusCode::OK, "ok\n".into()),
+            "/ready" => match self.readiness() {
+                Ok(()) => text_response(StatusCode::OK, "ready\n".into()),
+                Err(why) => {
+                    tracing::warn!(reason = %why, "not ready");
+                    text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
+                }
+            },
+            "/metrics" => {
+                self.refresh();
+                self.update_gauges();
+                let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            _ => text_response(
+                StatusCode::NOT_FOUND,
+                "try /healthz, /ready or /metrics\n".into(),
+            ),
+        }
+    }
+
+    /// Ready when the current CA directory is loaded and the ledger can be
+    /// appended to.
+    fn readiness(&self) -> Result<(), String> {
+        self.refresh();
+        if let Some(e) = self
+            .reload_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Err(format!("the CA directory cannot be loaded: {e}"));
+        }
+        self.ledger.writable(&self.opts.dir)
+    }
+}
+
+/// The `sub` an unverified JWT claims, for logs only: printable ASCII of a
+/// sane length, or nothing.
+fn claimed_sub(jwt: &str) -> Option<String> {
+    let payload = URL_SAFE_NO_PAD.decode(jwt.split('.').nth(1)?).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    let sub = v.get("sub")?.as_str()?;
+    (!sub.is_empty() && sub.len() <= 256 && sub.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| sub.to_owned())
 }
 
 /// Identity and expiry of a client certificate the handshake verified (the
@@ -516,6 +894,16 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
 /// An optional `?spiffe_id=` the caller asks for.
 fn requested_id(req: &http::request::Parts) -> Result<Option<SpiffeId>, ApiError> {
     let Some(q) = req.uri.query() else {
@@ -524,7 +912,7 @@ fn requested_id(req: &http::request::Parts) -> Result<Option<SpiffeId>, ApiError
     for pair in q.split('&') {
         if let Some(v) = pair.strip_prefix("spiffe_id=") {
             return SpiffeId::parse(v).map(Some).map_err(|e| {
-                ApiError(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     format!("spiffe_id: {e}"),
@@ -537,7 +925,7 @@ fn requested_id(req: &http::request::Parts) -> Result<Option<SpiffeId>, ApiError
 
 fn check_requested_id(req: &http::request::Parts, id: &SpiffeId) -> Result<(), ApiError> {
     match requested_id(req)? {
-        Some(w) if &w != id => Err(ApiError(
+        Some(w) if &w != id => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "id_mismatch",
             format!("a renewal is only for the caller's own identity {id}, not {w}"),
@@ -548,8 +936,49 @@ fn check_requested_id(req: &http::request::Parts, id: &SpiffeId) -> Result<(), A
 
 fn parse_csr(body: &[u8]) -> Result<SubjectKey, ApiError> {
     let der = csr::decode(body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
-    csr::verify(&der).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    csr::verify(&der).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+}
+
+/// Serves the admin endpoints for as long as the task runs.
+async fn serve_admin(listener: TcpListener, server: Arc<Server>) {
+    let permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // At the limit, close new connections rather than queue them: a
+        // probe that fails fast is better than one that hangs.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue;
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = server.admin(&req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .max_buf_size(ADMIN_MAX_BUF)
+                .serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(ADMIN_HEADER_TIMEOUT, conn).await;
+                }
+            }
+        });
+    }
 }
 
 /// Runs the server until `shutdown` resolves.
@@ -558,8 +987,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let ca = Ca::open(&opts.dir)?;
+    let attestor = opts
+        .service_accounts
+        .clone()
+        .map(SaAttestor::new)
+        .transpose()?;
     let verifier: SharedVerifier = Arc::new(ArcSwap::from_pointee(verifier_for(&ca)?));
-    let (ck, renew_in) = own_cert(&ca, &opts)?;
+    let (ck, renew_in, own_not_after) = own_cert(&ca, &opts)?;
     let own = Arc::new(OwnCert(ArcSwap::from_pointee(ck)));
     // Without resumption (see `server_config`) every renewal comes with
     // fresh proof of key possession.
@@ -569,36 +1003,53 @@ pub async fn run(
     )
     .map_err(|e| ServeError::Tls(e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind(opts.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: opts.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind {
+    let bind_err = |source| ServeError::Bind {
         addr: opts.listen,
         source,
-    })?;
-    tracing::info!(listen = %local, trust_domain = %ca.trust_domain(), "keyproof-ca serving");
+    };
+    let listener = TcpListener::bind(opts.listen).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let admin_err = |source| ServeError::AdminBind {
+        addr: opts.admin_listen,
+        source,
+    };
+    let admin = TcpListener::bind(opts.admin_listen)
+        .await
+        .map_err(admin_err)?;
+    let admin_local = admin.local_addr().map_err(admin_err)?;
+    tracing::info!(
+        listen = %local,
+        admin_listen = %admin_local,
+        trust_domain = %ca.trust_domain(),
+        service_account_issuer = attestor.as_ref().map(|a| a.config().issuer.as_str()),
+        "keyproof-ca serving"
+    );
     let mut tokens = TokenStore::default();
     tokens.refresh(&opts.dir)?;
+    let metrics = CaMetrics::new(attestor.is_some());
     let server = Arc::new(Server {
         loaded: ArcSwap::from_pointee(Loaded {
             stamp: stamp(&opts.dir),
             ca,
         }),
+        reload_error: Mutex::new(None),
         verifier,
         own,
         own_renew_at: Mutex::new(Instant::now() + renew_in),
+        own_expiry: AtomicI64::new(own_not_after),
         tokens: Mutex::new(tokens),
-        ledger: LedgerWriter::start(opts.dir.clone()),
+        attestor,
+        ledger: LedgerWriter::start(opts.dir.clone(), metrics.ledger_commit()),
         limiter: RateLimiter {
             per_minute: opts.per_identity_per_minute,
             windows: Mutex::new(HashMap::new()),
         },
         last_check: Mutex::new(Instant::now()),
+        metrics,
         opts,
     });
+    server.update_gauges();
+    let admin_task = tokio::spawn(serve_admin(admin, server.clone()));
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -639,10 +1090,13 @@ pub async fn run(
             // to refuse renewals once the SVID lapses on a long-lived
             // connection.
             let session = tls.get_ref().1;
-            let peer = session.peer_certificates().and_then(peer_svid);
+            let conn = Conn {
+                addr,
+                svid: session.peer_certificates().and_then(peer_svid),
+            };
             tracing::debug!(
                 peer = %addr,
-                spiffe_id = peer.as_ref().map(|p| p.spiffe_id.as_str()),
+                spiffe_id = conn.svid.as_ref().map(|p| p.spiffe_id.as_str()),
                 group = session
                     .negotiated_key_exchange_group()
                     .map(|g| keyproof_identity::tls::group_label(g.name())),
@@ -650,8 +1104,8 @@ pub async fn run(
             );
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
-                let peer = peer.clone();
-                async move { Ok::<_, Infallible>(server.handle(req, peer).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(server.handle(req, conn).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -668,5 +1122,6 @@ pub async fn run(
             }
         });
     }
+    admin_task.abort();
     Ok(())
 }

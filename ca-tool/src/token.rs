@@ -77,6 +77,12 @@ fn hash(token: &str) -> String {
     hex::encode(keys::sha256(token.as_bytes()))
 }
 
+/// The id a token is recorded (and logged) under: the first 16 hex digits of
+/// its SHA-256. Not secret, and never enough to use the token.
+pub fn id_of(token: &str) -> String {
+    hash(token.trim())[..16].to_owned()
+}
+
 /// Creates a token for `spiffe_id`, records its hash, and returns the token.
 pub fn create(ca: &Ca, spiffe_id: &SpiffeId, ttl: Duration) -> Result<(String, Record), CaError> {
     if !spiffe_id.is_member_of(ca.trust_domain()) {
@@ -94,7 +100,7 @@ pub fn create(ca: &Ca, spiffe_id: &SpiffeId, ttl: Duration) -> Result<(String, R
     let sha = hash(&token);
     let now = ca::now();
     let record = Record::Token {
-        id: sha[..16].to_owned(),
+        id: id_of(&token),
         sha256: sha,
         spiffe_id: spiffe_id.to_string(),
         expires_at: ca::rfc3339(now + ttl),

@@ -63,6 +63,9 @@ fn serve(ca: &TestCa, port: u16) -> Serve {
         .arg(&ca.dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        // Its own admin port: the default 9090 would collide across tests.
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -22,6 +22,10 @@ const WEB: &str = "spiffe://prod.example.com/ns/default/sa/web";
 struct Server {
     child: Child,
     port: u16,
+    /// The plain-HTTP admin listener.
+    admin: u16,
+    /// Where the server's stderr (its log) goes.
+    log: PathBuf,
 }
 
 impl Drop for Server {
@@ -31,23 +35,39 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 fn start(ca: &TestCa, extra: &[&str]) -> Server {
     start_on(ca, free_port(), extra)
 }
 
 fn start_on(ca: &TestCa, port: u16, extra: &[&str]) -> Server {
+    let admin = free_port();
+    let log = ca.path(&format!("serve-{port}.log"));
     let child = cmd("keyproof-ca")
         .args(["serve", "--dns", "localhost", "--dir"])
         .arg(&ca.dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin}"))
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .expect("start keyproof-ca serve");
     wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
-    Server { child, port }
+    wait_for_port(([127, 0, 0, 1], admin).into(), Duration::from_secs(20));
+    Server {
+        child,
+        port,
+        admin,
+        log,
+    }
 }
 
 fn client(ca: &TestCa, port: u16) -> CaClient {
@@ -484,4 +504,227 @@ fn ca_client_and_server_use_x25519mlkem768_and_the_server_refuses_foreign_keys()
         );
         assert_eq!(status, 0, "{name}: {body}");
     }
+}
+
+/// GET on the admin listener with curl: (status, body).
+fn admin_get(srv: &Server, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}{path}", srv.admin))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The value of the sample `series` (name and labels exactly as exported,
+/// e.g. `keyproof_ca_refusals_total{code="invalid_token"}`) in a scrape.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn scrape(srv: &Server) -> String {
+    let (status, body) = admin_get(srv, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[test]
+fn admin_listener_answers_health_and_metrics_that_follow_the_api() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let c = client(&ca, srv.port);
+    let rt = rt();
+
+    assert_eq!(admin_get(&srv, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(admin_get(&srv, "/ready"), (200, "ready\n".into()));
+    assert_eq!(admin_get(&srv, "/nothing").0, 404);
+
+    let m = scrape(&srv);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        sample(
+            &m,
+            &format!("keyproof_build_info{{binary=\"keyproof-ca\",version=\"{version}\"}}")
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // Known codes start at zero, so that alerts can take rate() of them.
+    for code in [
+        "invalid_token",
+        "token_reused",
+        "id_mismatch",
+        "sa_token_expired",
+    ] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("keyproof_ca_refusals_total{{code=\"{code}\"}}")
+            ),
+            Some(0.0),
+            "{code}: {m}"
+        );
+    }
+    assert_eq!(
+        sample(&m, "keyproof_ca_rotation_stage{stage=\"idle\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "keyproof_ca_rotation_stage{stage=\"prepared\"}"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&m, "keyproof_ca_bundle_sequence"), Some(1.0), "{m}");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    for cert in ["root", "intermediate", "server"] {
+        let exp = sample(
+            &m,
+            &format!("keyproof_ca_certificate_expiry_timestamp_seconds{{cert=\"{cert}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("{cert}: {m}"));
+        assert!(exp > now, "{cert} expires at {exp}");
+    }
+    let root = keyproof_identity::keys::certs_from_pem(&fs::read(ca.bundle()).unwrap())
+        .unwrap()
+        .remove(0);
+    let fp = keyproof_identity::keys::fingerprint(&root);
+    assert!(
+        sample(
+            &m,
+            &format!("keyproof_ca_bundle_root_expiry_timestamp_seconds{{fingerprint=\"{fp}\"}}")
+        )
+        .is_some_and(|e| e > now),
+        "{m}"
+    );
+    // No ServiceAccount attestation, no JWKS metrics.
+    assert!(!m.contains("keyproof_ca_jwks_keys"), "{m}");
+
+    // A refused bootstrap, a good one, a reused token and a renewal.
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    assert_eq!(
+        code(rt.block_on(c.bootstrap("kpt_nonsense", &k.csr_pem))),
+        "invalid_token"
+    );
+    let t = token(&ca, WEB, "1h");
+    let svid = rt.block_on(c.bootstrap(&t, &k.csr_pem)).expect("bootstrap");
+    assert_eq!(
+        code(rt.block_on(c.bootstrap(&t, &k.csr_pem))),
+        "token_reused"
+    );
+    let current = Arc::new(certified_key(svid.chain.clone(), &k.key_der).unwrap());
+    let k2 = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    rt.block_on(c.renew(current, &k2.csr_pem)).expect("renew");
+
+    let m = scrape(&srv);
+    for (series, want) in [
+        ("keyproof_ca_refusals_total{code=\"invalid_token\"}", 1.0),
+        ("keyproof_ca_refusals_total{code=\"token_reused\"}", 1.0),
+        ("keyproof_ca_refusals_total{code=\"id_mismatch\"}", 0.0),
+        (
+            "keyproof_ca_issuances_total{kind=\"bootstrap_token\",result=\"refused\"}",
+            2.0,
+        ),
+        (
+            "keyproof_ca_issuances_total{kind=\"bootstrap_token\",result=\"ok\"}",
+            1.0,
+        ),
+        (
+            "keyproof_ca_issuances_total{kind=\"renew\",result=\"ok\"}",
+            1.0,
+        ),
+        (
+            "keyproof_ca_issuances_total{kind=\"renew\",result=\"error\"}",
+            0.0,
+        ),
+        ("keyproof_ca_ledger_commit_seconds_count", 2.0),
+    ] {
+        assert_eq!(sample(&m, series), Some(want), "{series}: {m}");
+    }
+
+    // Every refusal is logged with its code, the peer and the caller, never
+    // the token; the log is a file, so no colour codes.
+    let log = srv.log();
+    assert!(!log.contains("\x1b["), "ANSI escape in a log file:\n{log}");
+    assert!(!log.contains(&t), "the token was logged:\n{log}");
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    assert_eq!(refusals.len(), 2, "{log}");
+    assert!(
+        refusals[0].contains("code=\"invalid_token\"")
+            || refusals[0].contains("code=invalid_token"),
+        "{log}"
+    );
+    assert!(
+        refusals.iter().all(|l| l.contains("peer=127.0.0.1:")),
+        "{log}"
+    );
+    let token_id = &fs::read_to_string(ca.dir.join("tokens.jsonl"))
+        .unwrap()
+        .lines()
+        .next()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .unwrap();
+    assert!(
+        refusals[1].contains("token_reused") && refusals[1].contains(token_id.as_str()),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("admin_listen=127.0.0.1:{}", srv.admin)),
+        "{log}"
+    );
+
+    // Not ready while the CA directory cannot be loaded; ready again once
+    // it can.
+    let state = ca.dir.join("ca.json");
+    let good = fs::read(&state).unwrap();
+    fs::write(&state, "not json").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, body) = admin_get(&srv, "/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot be loaded"), "{body}");
+    assert_eq!(admin_get(&srv, "/healthz").0, 200);
+    fs::write(&state, good).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(admin_get(&srv, "/ready"), (200, "ready\n".into()));
+}
+
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &["--log-format", "json"]);
+    let rt = rt();
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    assert_eq!(
+        code(rt.block_on(client(&ca, srv.port).bootstrap("kpt_nonsense", &k.csr_pem))),
+        "invalid_token"
+    );
+    // The refusal is logged before the answer is sent.
+    let log = srv.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 2, "{log}");
+    let refused = lines
+        .iter()
+        .find(|v| v["fields"]["code"] == "invalid_token")
+        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert_eq!(refused["level"], "WARN");
+    assert!(
+        refused["fields"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{refused}"
+    );
 }

@@ -872,6 +872,9 @@ fn serve(ca: &TestCa, port: u16) -> CaServer {
         .arg(&ca.dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        // Its own admin port: the default 9090 would collide across tests.
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()

@@ -1,0 +1,411 @@
+//! The metrics `keyproof-ca serve` exports on its admin listener
+//! (`GET /metrics`), in a registry of their own.
+//!
+//! Every metric and label value is defined here, so that what dashboards and
+//! alerts rely on is in one place:
+//!
+//! - `keyproof_ca_issuances_total{kind,result}`: API calls that ask for a
+//!   certificate; `kind` is `renew`, `bootstrap_token` or `bootstrap_sa`,
+//!   `result` is `ok`, `refused` (a 4xx answer) or `error` (a 5xx answer).
+//! - `keyproof_ca_refusals_total{code}`: every API error answer, by its
+//!   stable `error` code (every known code starts at 0).
+//! - `keyproof_ca_ledger_commit_seconds`: how long each group commit (one
+//!   write and fsync of `ledger.jsonl` for a batch of issuances) took.
+//! - `keyproof_ca_certificate_expiry_timestamp_seconds{cert}`: `not_after`
+//!   of the `root`, the `intermediate` and the server's own (`server`)
+//!   certificate.
+//! - `keyproof_ca_bundle_root_expiry_timestamp_seconds{fingerprint}`:
+//!   `not_after` of every root in the bundle, by hex SHA-256 of its DER.
+//! - `keyproof_ca_bundle_sequence`: the bundle's `spiffe_sequence`.
+//! - `keyproof_ca_rotation_stage{stage}`: 1 for the current root-rotation
+//!   stage (`idle`, `prepared`, `activated`), 0 for the others.
+//! - `keyproof_ca_jwks_keys`, `keyproof_ca_jwks_reloads_total{result}`:
+//!   usable keys in the cluster's JWKS and its re-reads (`ok`, `failed`);
+//!   only when ServiceAccount attestation is configured.
+//! - `keyproof_build_info{binary="keyproof-ca",version}`: 1.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::attest::{JwksStatus, SaTokenError};
+use crate::ca::RotationStage;
+
+/// Every `kind` of `keyproof_ca_issuances_total`.
+pub const ISSUANCE_KINDS: [&str; 3] = ["renew", "bootstrap_token", "bootstrap_sa"];
+
+/// Every `result` of `keyproof_ca_issuances_total`.
+pub const ISSUANCE_RESULTS: [&str; 3] = ["ok", "refused", "error"];
+
+/// Every API error code `serve` answers with besides the ServiceAccount
+/// token ones ([`SaTokenError::CODES`]); `keyproof_ca_refusals_total` starts
+/// each of them at 0 so that alerts can take `rate()` of a code never seen.
+pub const API_CODES: [&str; 18] = [
+    "bad_request",
+    "not_found",
+    "method_not_allowed",
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "token_reused",
+    "sa_token_not_accepted",
+    "id_mismatch",
+    "id_not_allowed",
+    "bad_csr",
+    "bad_csr_signature",
+    "csr_key_type_not_allowed",
+    "client_certificate_required",
+    "client_certificate_expired",
+    "rate_limited",
+    "ca_unavailable",
+    "ledger_unavailable",
+];
+
+/// Every `stage` of `keyproof_ca_rotation_stage`.
+pub const ROTATION_STAGES: [&str; 3] = ["idle", "prepared", "activated"];
+
+/// What kind of issuance an API call asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssuanceKind {
+    /// `POST /v1/renew` with the caller's current SVID.
+    Renew,
+    /// `POST /v1/bootstrap` with a join token (or no usable credential).
+    BootstrapToken,
+    /// `POST /v1/bootstrap` with a ServiceAccount token.
+    BootstrapSa,
+}
+
+impl IssuanceKind {
+    /// The `kind` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssuanceKind::Renew => "renew",
+            IssuanceKind::BootstrapToken => "bootstrap_token",
+            IssuanceKind::BootstrapSa => "bootstrap_sa",
+        }
+    }
+}
+
+/// What the certificate gauges show, read from the loaded CA.
+#[derive(Debug, Clone, Default)]
+pub struct CaGauges {
+    /// `not_after` of the root, seconds since the epoch.
+    pub root_expiry: i64,
+    /// `not_after` of the intermediate.
+    pub intermediate_expiry: i64,
+    /// `not_after` of the server's own certificate.
+    pub server_expiry: i64,
+    /// (hex SHA-256, `not_after`) of every root in the bundle.
+    pub bundle_roots: Vec<(String, i64)>,
+    /// The bundle's `spiffe_sequence`.
+    pub sequence: u64,
+    /// The root-rotation stage.
+    pub stage: Option<RotationStage>,
+}
+
+/// The CA server's metrics.
+pub struct CaMetrics {
+    registry: Registry,
+    issuances: IntCounterVec,
+    refusals: IntCounterVec,
+    ledger_commit: Histogram,
+    cert_expiry: IntGaugeVec,
+    bundle_root_expiry: IntGaugeVec,
+    bundle_sequence: IntGauge,
+    rotation_stage: IntGaugeVec,
+    jwks: Option<(IntGauge, IntCounterVec)>,
+}
+
+impl CaMetrics {
+    /// A new registry with every metric registered and every known label
+    /// set at 0. `with_jwks` adds the JWKS metrics (ServiceAccount
+    /// attestation configured).
+    pub fn new(with_jwks: bool) -> CaMetrics {
+        let registry = Registry::new();
+        let issuances = IntCounterVec::new(
+            Opts::new(
+                "keyproof_ca_issuances_total",
+                "Certificate requests by kind (renew, bootstrap_token, bootstrap_sa) and result (ok, refused: 4xx, error: 5xx)",
+            ),
+            &["kind", "result"],
+        )
+        .expect("valid metric");
+        for kind in ISSUANCE_KINDS {
+            for result in ISSUANCE_RESULTS {
+                issuances.with_label_values(&[kind, result]);
+            }
+        }
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "keyproof_ca_refusals_total",
+                "API error answers by their error code",
+            ),
+            &["code"],
+        )
+        .expect("valid metric");
+        for code in API_CODES.iter().chain(SaTokenError::CODES.iter()) {
+            refusals.with_label_values(&[code]);
+        }
+        let ledger_commit = Histogram::with_opts(
+            HistogramOpts::new(
+                "keyproof_ca_ledger_commit_seconds",
+                "Duration of each ledger group commit (one write and fsync per batch of issuances)",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid metric");
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_ca_certificate_expiry_timestamp_seconds",
+                "not_after of the CA's root, intermediate and the server's own certificate",
+            ),
+            &["cert"],
+        )
+        .expect("valid metric");
+        let bundle_root_expiry = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_ca_bundle_root_expiry_timestamp_seconds",
+                "not_after of each root in the trust bundle, by hex SHA-256 fingerprint",
+            ),
+            &["fingerprint"],
+        )
+        .expect("valid metric");
+        let bundle_sequence = IntGauge::new(
+            "keyproof_ca_bundle_sequence",
+            "spiffe_sequence of the trust bundle the CA serves",
+        )
+        .expect("valid metric");
+        let rotation_stage = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_ca_rotation_stage",
+                "1 for the current root rotation stage (idle, prepared, activated)",
+            ),
+            &["stage"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_build_info",
+                "keyproof build information; always 1",
+            ),
+            &["binary", "version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&["keyproof-ca", env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let jwks = with_jwks.then(|| {
+            let keys = IntGauge::new(
+                "keyproof_ca_jwks_keys",
+                "Usable keys in the cluster's JWKS for ServiceAccount tokens",
+            )
+            .expect("valid metric");
+            let reloads = IntCounterVec::new(
+                Opts::new(
+                    "keyproof_ca_jwks_reloads_total",
+                    "Re-reads of the cluster's JWKS after it changed, by result (ok, failed)",
+                ),
+                &["result"],
+            )
+            .expect("valid metric");
+            for r in ["ok", "failed"] {
+                reloads.with_label_values(&[r]);
+            }
+            (keys, reloads)
+        });
+        for c in [
+            Box::new(issuances.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refusals.clone()),
+            Box::new(ledger_commit.clone()),
+            Box::new(cert_expiry.clone()),
+            Box::new(bundle_root_expiry.clone()),
+            Box::new(bundle_sequence.clone()),
+            Box::new(rotation_stage.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        if let Some((keys, reloads)) = &jwks {
+            registry
+                .register(Box::new(keys.clone()))
+                .expect("unique metric");
+            registry
+                .register(Box::new(reloads.clone()))
+                .expect("unique metric");
+        }
+        CaMetrics {
+            registry,
+            issuances,
+            refusals,
+            ledger_commit,
+            cert_expiry,
+            bundle_root_expiry,
+            bundle_sequence,
+            rotation_stage,
+            jwks,
+        }
+    }
+
+    /// Counts an API error answer.
+    pub fn refusal(&self, code: &str) {
+        self.refusals.with_label_values(&[code]).inc();
+    }
+
+    /// Counts the outcome of a certificate request; `status` is the answer's.
+    pub fn issuance(&self, kind: IssuanceKind, status: http::StatusCode) {
+        let result = if status.is_success() {
+            "ok"
+        } else if status.is_server_error() {
+            "error"
+        } else {
+            "refused"
+        };
+        self.issuances
+            .with_label_values(&[kind.as_str(), result])
+            .inc();
+    }
+
+    /// A handle to the ledger commit histogram, for the ledger writer task.
+    pub fn ledger_commit(&self) -> Histogram {
+        self.ledger_commit.clone()
+    }
+
+    /// Sets the certificate, bundle and rotation gauges.
+    pub fn set_ca(&self, g: &CaGauges) {
+        for (cert, v) in [
+            ("root", g.root_expiry),
+            ("intermediate", g.intermediate_expiry),
+            ("server", g.server_expiry),
+        ] {
+            self.cert_expiry.with_label_values(&[cert]).set(v);
+        }
+        // A root that left the bundle must leave the metric too.
+        self.bundle_root_expiry.reset();
+        for (fp, not_after) in &g.bundle_roots {
+            self.bundle_root_expiry
+                .with_label_values(&[fp])
+                .set(*not_after);
+        }
+        self.bundle_sequence
+            .set(i64::try_from(g.sequence).unwrap_or(i64::MAX));
+        let current = g.stage.map(|s| match s {
+            RotationStage::Idle => "idle",
+            RotationStage::Prepared => "prepared",
+            RotationStage::Activated => "activated",
+        });
+        for stage in ROTATION_STAGES {
+            self.rotation_stage
+                .with_label_values(&[stage])
+                .set(i64::from(current == Some(stage)));
+        }
+    }
+
+    /// Sets the JWKS metrics from the attestor's counters.
+    pub fn set_jwks(&self, s: JwksStatus) {
+        let Some((keys, reloads)) = &self.jwks else {
+            return;
+        };
+        keys.set(i64::try_from(s.keys).unwrap_or(i64::MAX));
+        // The attestor counts; the counters follow its totals.
+        for (label, total) in [("ok", s.reloads_ok), ("failed", s.reloads_failed)] {
+            let c = reloads.with_label_values(&[label]);
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for metrics this registry accepted.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &CaMetrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn known_labels_start_at_zero_and_count() {
+        let m = CaMetrics::new(false);
+        let t = text(&m);
+        assert!(t.contains("keyproof_ca_refusals_total{code=\"invalid_token\"} 0"));
+        assert!(t.contains("keyproof_ca_refusals_total{code=\"sa_token_expired\"} 0"));
+        assert!(
+            t.contains("keyproof_ca_issuances_total{kind=\"bootstrap_sa\",result=\"refused\"} 0")
+        );
+        assert!(t.contains(&format!(
+            "keyproof_build_info{{binary=\"keyproof-ca\",version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(!t.contains("keyproof_ca_jwks_keys"));
+        m.refusal("invalid_token");
+        m.issuance(IssuanceKind::Renew, http::StatusCode::OK);
+        m.issuance(IssuanceKind::Renew, http::StatusCode::FORBIDDEN);
+        m.issuance(IssuanceKind::Renew, http::StatusCode::SERVICE_UNAVAILABLE);
+        m.ledger_commit().observe(0.002);
+        let t = text(&m);
+        assert!(t.contains("keyproof_ca_refusals_total{code=\"invalid_token\"} 1"));
+        for r in ["ok", "refused", "error"] {
+            assert!(t.contains(&format!(
+                "keyproof_ca_issuances_total{{kind=\"renew\",result=\"{r}\"}} 1"
+            )));
+        }
+        assert!(t.contains("keyproof_ca_ledger_commit_seconds_count 1"));
+    }
+
+    #[test]
+    fn gauges_follow_the_ca_and_the_jwks() {
+        let m = CaMetrics::new(true);
+        m.set_ca(&CaGauges {
+            root_expiry: 2000,
+            intermediate_expiry: 1500,
+            server_expiry: 1000,
+            bundle_roots: vec![("aa".into(), 2000), ("bb".into(), 3000)],
+            sequence: 2,
+            stage: Some(RotationStage::Prepared),
+        });
+        m.set_ca(&CaGauges {
+            root_expiry: 3000,
+            intermediate_expiry: 1500,
+            server_expiry: 1000,
+            bundle_roots: vec![("bb".into(), 3000)],
+            sequence: 3,
+            stage: Some(RotationStage::Idle),
+        });
+        let t = text(&m);
+        assert!(t.contains("keyproof_ca_certificate_expiry_timestamp_seconds{cert=\"root\"} 3000"));
+        assert!(
+            t.contains("keyproof_ca_bundle_root_expiry_timestamp_seconds{fingerprint=\"bb\"} 3000")
+        );
+        assert!(!t.contains("fingerprint=\"aa\""), "{t}");
+        assert!(t.contains("keyproof_ca_bundle_sequence 3"));
+        assert!(t.contains("keyproof_ca_rotation_stage{stage=\"idle\"} 1"));
+        assert!(t.contains("keyproof_ca_rotation_stage{stage=\"prepared\"} 0"));
+        m.set_jwks(JwksStatus {
+            keys: 2,
+            reloads_ok: 3,
+            reloads_failed: 1,
+        });
+        m.set_jwks(JwksStatus {
+            keys: 1,
+            reloads_ok: 4,
+            reloads_failed: 1,
+        });
+        let t = text(&m);
+        assert!(t.contains("keyproof_ca_jwks_keys 1"));
+        assert!(t.contains("keyproof_ca_jwks_reloads_total{result=\"ok\"} 4"));
+        assert!(t.contains("keyproof_ca_jwks_reloads_total{result=\"failed\"} 1"));
+    }
+}

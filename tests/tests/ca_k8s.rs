@@ -1,0 +1,420 @@
+//! `keyproof-ca serve --k8s-jwks/--k8s-issuer`: bootstrap with a projected
+//! Kubernetes ServiceAccount token, end to end. The real server binary over
+//! mutual TLS; tokens minted by a test issuer with the exact claim layout the
+//! API server writes (`keyproof_tests::k8s`), its JWKS written to a file as a
+//! sync job would.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::Algorithm;
+use keyproof_ca::client::{new_key, CaClient, ClientError};
+use keyproof_identity::keys::KeyType;
+use keyproof_identity::verify::{SvidVerifier, TrustBundle};
+use keyproof_identity::{IdPattern, TrustDomain};
+use keyproof_tests::k8s::{self, ClusterIssuer, SaToken};
+use keyproof_tests::{cmd, free_port, wait_for_port, TestCa};
+use serde_json::Value;
+
+const TD: &str = "prod.example.com";
+const WEB: &str = "spiffe://prod.example.com/ns/demo/sa/web";
+
+struct Server {
+    child: Child,
+    port: u16,
+    admin: u16,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `keyproof-ca serve` on free ports, its log in a file.
+fn start(ca: &TestCa, extra: &[&str]) -> Server {
+    let (port, admin) = (free_port(), free_port());
+    let log = ca.path(&format!("serve-{port}.log"));
+    let child = cmd("keyproof-ca")
+        .args(["serve", "--dns", "localhost", "--dir"])
+        .arg(&ca.dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin}"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start keyproof-ca serve");
+    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
+    wait_for_port(([127, 0, 0, 1], admin).into(), Duration::from_secs(20));
+    Server {
+        child,
+        port,
+        admin,
+        log,
+    }
+}
+
+/// A CA that accepts tokens of `issuer`, its JWKS at `jwks`.
+fn start_k8s(ca: &TestCa, issuer: &ClusterIssuer) -> (Server, PathBuf) {
+    let jwks = ca.path("jwks.json");
+    issuer.write_jwks(&jwks);
+    let srv = start(
+        ca,
+        &[
+            "--k8s-jwks",
+            jwks.to_str().unwrap(),
+            "--k8s-issuer",
+            k8s::ISSUER,
+        ],
+    );
+    (srv, jwks)
+}
+
+fn client(ca: &TestCa, port: u16) -> CaClient {
+    let bundle = TrustBundle::from_pem(&fs::read(ca.bundle()).unwrap()).unwrap();
+    let verifier = SvidVerifier::new(TrustDomain::parse(TD).unwrap(), bundle);
+    CaClient::new(
+        &format!("https://127.0.0.1:{port}"),
+        Arc::new(ArcSwap::from_pointee(verifier)),
+        IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
+    )
+    .unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn code(r: Result<impl Sized, ClientError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.code().map(str::to_owned).unwrap_or_else(|| e.to_string()),
+    }
+}
+
+/// Bootstraps with `token` and a new key; the API code, or `ok`.
+fn bootstrap(c: &CaClient, token: &str) -> String {
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    code(rt().block_on(c.bootstrap(token, &k.csr_pem)))
+}
+
+/// Retries `bootstrap` for up to ~3 s until it answers `want`; the last
+/// answer.
+fn bootstrap_until(c: &CaClient, token: &str, want: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let got = bootstrap(c, token);
+        if got == want || start.elapsed() > Duration::from_secs(3) {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn scrape(srv: &Server) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail"])
+        .arg(format!("http://127.0.0.1:{}/metrics", srv.admin))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of the sample `series` (name and labels as exported).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn refusals(metrics: &str, code: &str) -> Option<f64> {
+    sample(
+        metrics,
+        &format!("keyproof_ca_refusals_total{{code=\"{code}\"}}"),
+    )
+}
+
+/// `token` with its payload's namespace changed and its signature kept.
+fn tampered(token: &str) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    claims["kubernetes.io"]["namespace"] = "kube-system".into();
+    claims["sub"] = "system:serviceaccount:kube-system:web".into();
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+    format!("{}.{payload}.{}", parts[0], parts[2])
+}
+
+/// A bootstrap with curl, to ask for a particular `?spiffe_id=`: (status,
+/// error code).
+fn curl_bootstrap(ca: &TestCa, port: u16, token: &str, query: &str) -> (u16, String) {
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let csr = ca.path("curl.csr");
+    fs::write(&csr, &k.csr_pem).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(ca.bundle())
+        .args(["-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
+        .arg(format!("@{}", csr.display()))
+        .arg(format!("https://localhost:{port}/v1/bootstrap{query}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "ok".into());
+    (status.trim().parse().unwrap_or(0), code)
+}
+
+#[test]
+fn a_service_account_token_bootstraps_its_identity_and_bad_ones_are_refused_and_counted() {
+    let ca = TestCa::new(TD);
+    let issuer = ClusterIssuer::new(k8s::ISSUER, Algorithm::ES256);
+    let (srv, _jwks) = start_k8s(&ca, &issuer);
+    let c = client(&ca, srv.port);
+    let rt = rt();
+
+    // A projected token for demo/web: the identity is the ServiceAccount's.
+    let token = issuer.token(&SaToken::new("demo", "web"));
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let svid = rt
+        .block_on(c.bootstrap(&token, &k.csr_pem))
+        .expect("bootstrap");
+    assert_eq!(svid.spiffe_id, WEB);
+    assert_eq!(
+        keyproof_identity::svid::check_leaf_der(&svid.chain[0])
+            .unwrap()
+            .as_str(),
+        WEB
+    );
+    // The same token again (a restarted pod): still good.
+    assert_eq!(bootstrap(&c, &token), "ok");
+    // Asking for its own identity explicitly is fine too.
+    assert_eq!(
+        curl_bootstrap(&ca, srv.port, &token, &format!("?spiffe_id={WEB}")),
+        (200, "ok".into())
+    );
+
+    // Refusals, each with its code.
+    let mut wrong_aud = SaToken::new("demo", "web");
+    wrong_aud.audience = vec!["https://kubernetes.default.svc".into()];
+    let mut expired = SaToken::new("demo", "web");
+    expired.issued_at = k8s::now() - 2 * 3600;
+    expired.lifetime = 3600;
+    let stranger = ClusterIssuer::new(k8s::ISSUER, Algorithm::ES256);
+    let cases = [
+        (
+            "wrong audience",
+            issuer.token(&wrong_aud),
+            "sa_token_audience",
+        ),
+        ("expired", issuer.token(&expired), "sa_token_expired"),
+        (
+            "another issuer's key",
+            stranger.token(&SaToken::new("demo", "web")),
+            "sa_token_signature",
+        ),
+        ("tampered", tampered(&token), "sa_token_signature"),
+        (
+            "join-token-shaped garbage",
+            "kpt_garbage".into(),
+            "invalid_token",
+        ),
+        ("neither shape", "garbage".into(), "invalid_token"),
+    ];
+    for (what, t, want) in &cases {
+        assert_eq!(bootstrap(&c, t), *want, "{what}");
+    }
+    // A token for another namespace than the identity asked for.
+    let other = issuer.token(&SaToken::new("other", "web"));
+    assert_eq!(
+        curl_bootstrap(&ca, srv.port, &other, &format!("?spiffe_id={WEB}")),
+        (403, "id_mismatch".into())
+    );
+
+    // Counted.
+    let m = scrape(&srv);
+    for (code, n) in [
+        ("sa_token_audience", 1.0),
+        ("sa_token_expired", 1.0),
+        ("sa_token_signature", 2.0),
+        ("invalid_token", 2.0),
+        ("id_mismatch", 1.0),
+        ("sa_token_issuer", 0.0),
+        ("sa_token_malformed", 0.0),
+        ("sa_token_not_accepted", 0.0),
+    ] {
+        assert_eq!(refusals(&m, code), Some(n), "{code}: {m}");
+    }
+    for (series, n) in [
+        (
+            "keyproof_ca_issuances_total{kind=\"bootstrap_sa\",result=\"ok\"}",
+            3.0,
+        ),
+        (
+            "keyproof_ca_issuances_total{kind=\"bootstrap_sa\",result=\"refused\"}",
+            5.0,
+        ),
+        (
+            "keyproof_ca_issuances_total{kind=\"bootstrap_token\",result=\"refused\"}",
+            2.0,
+        ),
+        ("keyproof_ca_jwks_keys", 1.0),
+    ] {
+        assert_eq!(sample(&m, series), Some(n), "{series}: {m}");
+    }
+
+    // The ledger names the ServiceAccount and the pod.
+    let ledger = fs::read_to_string(ca.dir.join("ledger.jsonl")).unwrap();
+    let pod = SaToken::new("demo", "web").pod;
+    assert!(
+        ledger.contains(&format!(
+            "\"requester\":\"bootstrap:sa:system:serviceaccount:demo:web/{pod}\""
+        )),
+        "{ledger}"
+    );
+
+    // Logged with code, peer and the caller's sub; never a token.
+    let log = srv.log();
+    for (_, t, _) in &cases {
+        assert!(!log.contains(t.as_str()), "a token was logged:\n{log}");
+    }
+    assert!(!log.contains(&token), "a token was logged:\n{log}");
+    let expired_line = log
+        .lines()
+        .find(|l| l.contains("sa_token_expired"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        expired_line.contains("system:serviceaccount:demo:web")
+            && expired_line.contains("peer=127.0.0.1:"),
+        "{expired_line}"
+    );
+    let mismatch = log
+        .lines()
+        .find(|l| l.contains("id_mismatch"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        mismatch.contains("sub=\"system:serviceaccount:other:web\"")
+            || mismatch.contains("sub=system:serviceaccount:other:web"),
+        "{mismatch}"
+    );
+}
+
+#[test]
+fn a_ca_without_a_jwks_refuses_service_account_tokens() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let issuer = ClusterIssuer::new(k8s::ISSUER, Algorithm::ES256);
+    let token = issuer.token(&SaToken::new("demo", "web"));
+    assert_eq!(
+        bootstrap(&client(&ca, srv.port), &token),
+        "sa_token_not_accepted"
+    );
+    let m = scrape(&srv);
+    assert_eq!(refusals(&m, "sa_token_not_accepted"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "keyproof_ca_issuances_total{kind=\"bootstrap_sa\",result=\"refused\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn the_flags_are_checked_at_startup() {
+    let ca = TestCa::new(TD);
+    let err = keyproof_tests::run_err(
+        cmd("keyproof-ca")
+            .args(["serve", "--dir"])
+            .arg(&ca.dir)
+            .args(["--k8s-jwks", "/nonexistent/jwks.json"]),
+    );
+    assert!(err.contains("--k8s-issuer"), "{err}");
+    let err = keyproof_tests::run_err(
+        cmd("keyproof-ca")
+            .args(["serve", "--dir"])
+            .arg(&ca.dir)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--k8s-jwks", "/nonexistent/jwks.json"])
+            .args(["--k8s-issuer", k8s::ISSUER]),
+    );
+    assert!(err.contains("--k8s-jwks"), "{err}");
+    // The admin address taken: the error names the flag.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let err = keyproof_tests::run_err(
+        cmd("keyproof-ca")
+            .args(["serve", "--dir"])
+            .arg(&ca.dir)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-listen", &busy.local_addr().unwrap().to_string()]),
+    );
+    assert!(err.contains("--admin-listen"), "{err}");
+}
+
+#[test]
+fn jwks_rotation_while_serving_rs256_to_es256() {
+    let ca = TestCa::new(TD);
+    let mut issuer = ClusterIssuer::new(k8s::ISSUER, Algorithm::RS256);
+    let (srv, jwks) = start_k8s(&ca, &issuer);
+    let c = client(&ca, srv.port);
+
+    // RS256, as many API servers sign.
+    let old = issuer.token(&SaToken::new("demo", "web"));
+    assert_eq!(bootstrap(&c, &old), "ok");
+
+    // The cluster adds an ES256 key and signs with it: accepted without a
+    // restart once the JWKS file has it.
+    issuer.rotate(Algorithm::ES256);
+    issuer.write_jwks(&jwks);
+    let new = issuer.token(&SaToken::new("demo", "web"));
+    assert_eq!(bootstrap_until(&c, &new, "ok"), "ok");
+    assert_eq!(bootstrap(&c, &old), "ok", "both keys are published");
+
+    // The old key is retired: its tokens no longer verify.
+    issuer.retire_old_keys();
+    issuer.write_jwks(&jwks);
+    assert_eq!(
+        bootstrap_until(&c, &old, "sa_token_signature"),
+        "sa_token_signature"
+    );
+    assert_eq!(bootstrap(&c, &new), "ok");
+
+    let m = scrape(&srv);
+    assert_eq!(sample(&m, "keyproof_ca_jwks_keys"), Some(1.0), "{m}");
+    assert!(
+        sample(&m, "keyproof_ca_jwks_reloads_total{result=\"ok\"}").is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "keyproof_ca_jwks_reloads_total{result=\"failed\"}"),
+        Some(0.0),
+        "{m}"
+    );
+}
