@@ -294,6 +294,31 @@ fn a_service_account_sidecar_is_ready_after_every_restart_with_no_human_step() {
         );
     }
 
+    // A root rotation starts: the sidecar follows the CA's bundle, and its
+    // gauges show it converging (sequence 2, both roots).
+    keyproof_tests::run_ok(
+        cmd("keyproof-ca")
+            .args(["rotate", "root", "prepare", "--dir"])
+            .arg(&cluster.ca.dir),
+    );
+    wait_until(
+        "the sidecar to hold the CA's new bundle",
+        Duration::from_secs(15),
+        || {
+            let m = proxy.metrics();
+            sample(&m, "keyproof_trust_bundle_sequence") == Some(2.0)
+                && sample(&m, "keyproof_trust_bundle_roots") == Some(2.0)
+        },
+        || format!("{}\n{}", proxy.metrics(), proxy.log_text()),
+    );
+    let m = proxy.metrics();
+    let expiries = m
+        .lines()
+        .filter(|l| l.starts_with("keyproof_trust_bundle_root_expiry_timestamp_seconds{"))
+        .count();
+    assert_eq!(expiries, 2, "{m}");
+    assert_eq!(identity(admin)["trust_bundle_sequence"], 2);
+
     // The CA counted every ServiceAccount bootstrap.
     let m = server.metrics();
     let bootstraps = sample(
