@@ -1,5 +1,5 @@
-//! A client for `keyproof-ca serve`: bootstrap with a join token, renew with
-//! the current SVID, fetch the bundle. The server is authenticated as an
+//! A client for `keyproof-ca serve`: bootstrap with a join token or a
+//! ServiceAccount token, renew with the current SVID, fetch the bundle. The server is authenticated as an
 //! X.509-SVID of the trust domain; its DNS name is not used.
 
 use std::sync::Arc;
@@ -52,6 +52,40 @@ pub struct IssuedSvid {
     pub chain: Vec<CertificateDer<'static>>,
     pub bundle: Vec<CertificateDer<'static>>,
     pub spiffe_sequence: u64,
+}
+
+/// The trust bundle as `/v1/bundle` serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleDocument {
+    /// The roots.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The SPIFFE `spiffe_sequence` (None when the CA answered PEM only).
+    pub spiffe_sequence: Option<u64>,
+}
+
+impl BundleDocument {
+    /// Reads an answer of `/v1/bundle`: the SPIFFE JSON document asked for,
+    /// or PEM from a server that ignores `Accept` (no sequence then).
+    pub fn parse(body: &[u8]) -> Result<BundleDocument, ClientError> {
+        let bad = |e: String| ClientError::Protocol(format!("bundle: {e}"));
+        let text = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
+        if !text.trim_start().starts_with('{') {
+            let roots = keys::certs_from_pem(body).map_err(|e| bad(e.to_string()))?;
+            return Ok(BundleDocument {
+                roots,
+                spiffe_sequence: None,
+            });
+        }
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let roots = crate::bundle::roots_from_spiffe_json(text).map_err(bad)?;
+        if roots.is_empty() {
+            return Err(bad("no x509-svid root in the document".into()));
+        }
+        Ok(BundleDocument {
+            roots,
+            spiffe_sequence: v["spiffe_sequence"].as_u64(),
+        })
+    }
 }
 
 /// Presents one certificate as the TLS client identity.
@@ -206,11 +240,29 @@ impl CaClient {
 
     /// Exchanges a join token and a CSR for a first SVID.
     pub async fn bootstrap(&self, token: &str, csr_pem: &str) -> Result<IssuedSvid, ClientError> {
+        self.bootstrap_for(token, csr_pem, None).await
+    }
+
+    /// Exchanges a credential (a join token or a ServiceAccount token) and a
+    /// CSR for an SVID; with `spiffe_id`, the CA refuses (`id_mismatch`) a
+    /// credential for any other identity.
+    pub async fn bootstrap_for(
+        &self,
+        token: &str,
+        csr_pem: &str,
+        spiffe_id: Option<&str>,
+    ) -> Result<IssuedSvid, ClientError> {
+        // A SPIFFE ID is made of characters a query may hold as they are
+        // (RFC 3986 allows `:` and `/` there); the CA reads it unescaped.
+        let path = match spiffe_id {
+            Some(id) => format!("/v1/bootstrap?spiffe_id={id}"),
+            None => "/v1/bootstrap".to_owned(),
+        };
         let (status, body) = self
             .send(
                 None,
                 Method::POST,
-                "/v1/bootstrap",
+                &path,
                 &[
                     (header::AUTHORIZATION, format!("Bearer {}", token.trim())),
                     (header::CONTENT_TYPE, "application/pkcs10".into()),
@@ -248,6 +300,24 @@ impl CaClient {
             return Err(ClientError::Protocol(format!("bundle: {status}")));
         }
         keys::certs_from_pem(&body).map_err(|e| ClientError::Protocol(format!("bundle: {e}")))
+    }
+
+    /// The current trust bundle with its `spiffe_sequence`, asked for as
+    /// SPIFFE JSON (read as PEM if the server answers that instead).
+    pub async fn bundle_document(&self) -> Result<BundleDocument, ClientError> {
+        let (status, body) = self
+            .send(
+                None,
+                Method::GET,
+                "/v1/bundle",
+                &[(header::ACCEPT, "application/json".into())],
+                Bytes::new(),
+            )
+            .await?;
+        if !status.is_success() {
+            return Err(ClientError::Protocol(format!("bundle: {status}")));
+        }
+        BundleDocument::parse(&body)
     }
 }
 
@@ -351,4 +421,66 @@ pub fn certified_key(
         ClientError::Protocol(format!("issued certificate does not match the key: {e}"))
     })?;
     Ok(ck)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(name: &str) -> CertificateDer<'static> {
+        let kp = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.self_signed(&kp).expect("self-signed").der().clone()
+    }
+
+    #[test]
+    fn a_bundle_document_is_read_from_spiffe_json_with_its_sequence() {
+        let roots = vec![root("a"), root("b")];
+        let json = crate::bundle::spiffe_json(
+            crate::bundle::Meta {
+                sequence: 7,
+                refresh_hint_secs: 300,
+            },
+            &roots,
+        );
+        let doc = BundleDocument::parse(json.as_bytes()).expect("document");
+        assert_eq!(doc.roots, roots);
+        assert_eq!(doc.spiffe_sequence, Some(7));
+    }
+
+    #[test]
+    fn a_pem_bundle_has_no_sequence() {
+        let roots = vec![root("a")];
+        let pem: String = roots.iter().map(|c| keys::cert_pem(c)).collect();
+        let doc = BundleDocument::parse(pem.as_bytes()).expect("document");
+        assert_eq!(doc.roots, roots);
+        assert_eq!(doc.spiffe_sequence, None);
+    }
+
+    #[test]
+    fn a_bundle_document_without_roots_or_not_json_is_a_protocol_error() {
+        for body in [
+            &b"{\"keys\": [], \"spiffe_sequence\": 3}"[..],
+            b"{not json",
+            b"\xff\xfe",
+        ] {
+            let e = BundleDocument::parse(body).unwrap_err();
+            assert!(matches!(e, ClientError::Protocol(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_has_a_code() {
+        let refused = ClientError::Refused {
+            status: 401,
+            code: "client_certificate_expired".into(),
+            message: String::new(),
+        };
+        assert_eq!(refused.code(), Some("client_certificate_expired"));
+        assert_eq!(ClientError::Protocol("x".into()).code(), None);
+    }
 }

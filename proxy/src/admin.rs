@@ -25,6 +25,9 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Set when shutdown starts.
     pub draining: AtomicBool,
+    /// Where the identity comes from ([`crate::config::IdentityConfig::source_json`]),
+    /// shown on `/identity` whether or not a certificate is held yet.
+    pub source: serde_json::Value,
 }
 
 impl AdminState {
@@ -61,13 +64,16 @@ impl AdminState {
                 }
             }
             "/identity" => {
-                let (status, json) = match self.store.get() {
+                let (status, mut json) = match self.store.get() {
                     Some(id) => (StatusCode::OK, id.to_json()),
                     None => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         serde_json::json!({"error": "no certificate held yet"}),
                     ),
                 };
+                if !self.source.is_null() {
+                    json["source"] = self.source.clone();
+                }
                 let body = serde_json::to_vec_pretty(&json).unwrap_or_default();
                 let mut r = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
                 *r.status_mut() = status;
@@ -141,6 +147,7 @@ mod tests {
             store,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            source: serde_json::json!({"kind": "ca", "credential": "service_account_token_file"}),
         });
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(serve(listener, state.clone(), rx));
@@ -265,6 +272,8 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
         assert_eq!(json["error"], "no certificate held yet");
+        // Which credential the sidecar waits on, even before a certificate.
+        assert_eq!(json["source"], admin.state.source);
 
         store.replace(pki.identity(API));
         let held = store.current();
@@ -275,7 +284,12 @@ mod tests {
             "{}",
             r.head
         );
-        let json: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        let mut json: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        assert_eq!(
+            json["source"]["credential"], "service_account_token_file",
+            "{json}"
+        );
+        json.as_object_mut().expect("object").remove("source");
         assert_eq!(json, held.to_json());
         assert_eq!(json["spiffe_id"], pki.id(API).as_str());
         assert_eq!(json["serial"], held.serial.as_str());

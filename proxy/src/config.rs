@@ -10,6 +10,8 @@ use std::time::Duration;
 use keyproof_identity::IdPattern;
 use serde::Deserialize;
 
+pub use keyproof_ca::renewer::Credential;
+
 pub use crate::http::path::Mode as PathMode;
 
 /// A configuration problem, naming the key it is about.
@@ -70,7 +72,8 @@ struct RawIdentity {
 struct RawIdentityCa {
     url: String,
     spiffe_id: String,
-    join_token_file: PathBuf,
+    join_token_file: Option<PathBuf>,
+    service_account_token_file: Option<PathBuf>,
     server_id: Option<String>,
     key_type: Option<String>,
     bundle_refresh: Option<String>,
@@ -222,6 +225,29 @@ pub struct IdentityConfig {
     pub reload_interval: Duration,
 }
 
+impl IdentityConfig {
+    /// Where the identity comes from, for `/identity`: the files, or the CA
+    /// and which bootstrap credential file is presented to it (its path,
+    /// never its content).
+    pub fn source_json(&self) -> serde_json::Value {
+        match &self.source {
+            IdentitySource::Files(f) => serde_json::json!({
+                "kind": "files",
+                "cert": f.cert.display().to_string(),
+                "key": f.key.display().to_string(),
+                "trust_bundle": self.trust_bundle.display().to_string(),
+            }),
+            IdentitySource::Ca(c) => serde_json::json!({
+                "kind": "ca",
+                "url": c.url,
+                "server_id": c.server_id.to_string(),
+                "credential": c.credential_key(),
+                "credential_file": c.credential.path().display().to_string(),
+            }),
+        }
+    }
+}
+
 /// `[identity.files]` or `[identity.ca]` (exactly one).
 #[derive(Debug, Clone)]
 pub enum IdentitySource {
@@ -247,14 +273,28 @@ pub struct CaSourceConfig {
     pub url: String,
     /// The identity to obtain.
     pub spiffe_id: keyproof_identity::SpiffeId,
-    /// The single-use join token for the first certificate.
-    pub join_token_file: PathBuf,
+    /// What proves the workload's claim to the CA when it holds no
+    /// certificate (`join_token_file` or `service_account_token_file`),
+    /// read from its file at every bootstrap.
+    pub credential: Credential,
     /// The CA server's SPIFFE ID (default `spiffe://<td>/keyproof-ca`).
     pub server_id: IdPattern,
     /// Key algorithm generated for each certificate.
     pub key_type: keyproof_identity::keys::KeyType,
     /// How often the bundle is fetched between renewals.
     pub bundle_refresh: Duration,
+}
+
+impl CaSourceConfig {
+    /// The `[identity.ca]` key the credential was configured with, for
+    /// `check-config` and `/identity` (which name the file, never its
+    /// content).
+    pub fn credential_key(&self) -> &'static str {
+        match self.credential {
+            Credential::JoinToken(_) => "join_token_file",
+            Credential::ServiceAccountToken(_) => "service_account_token_file",
+        }
+    }
 }
 
 /// Per-listener connection limits.
@@ -842,14 +882,46 @@ fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
     if bundle_refresh < Duration::from_secs(1) {
         return Err(invalid("identity.ca.bundle_refresh", "must be at least 1s"));
     }
+    let credential = credential(raw.join_token_file, raw.service_account_token_file)?;
     Ok(CaSourceConfig {
         url,
         spiffe_id,
-        join_token_file: raw.join_token_file,
+        credential,
         server_id,
         key_type,
         bundle_refresh,
     })
+}
+
+/// Exactly one bootstrap credential: a join token for workloads outside
+/// Kubernetes, or the projected ServiceAccount token a pod is given.
+fn credential(
+    join_token_file: Option<PathBuf>,
+    service_account_token_file: Option<PathBuf>,
+) -> Result<Credential, ConfigError> {
+    const JOIN: &str = "identity.ca.join_token_file";
+    const SA: &str = "identity.ca.service_account_token_file";
+    let non_empty = |key: &str, p: PathBuf| {
+        if p.as_os_str().is_empty() {
+            Err(invalid(key, "must name a file"))
+        } else {
+            Ok(p)
+        }
+    };
+    match (join_token_file, service_account_token_file) {
+        (Some(_), Some(_)) => Err(invalid(
+            SA,
+            "cannot be combined with identity.ca.join_token_file; set exactly one \
+             (service_account_token_file in Kubernetes, join_token_file elsewhere)",
+        )),
+        (None, None) => Err(invalid(
+            "identity.ca",
+            "missing a bootstrap credential: set service_account_token_file (a projected \
+             Kubernetes ServiceAccount token) or join_token_file (a keyproof-ca join token)",
+        )),
+        (Some(p), None) => Ok(Credential::JoinToken(non_empty(JOIN, p)?)),
+        (None, Some(p)) => Ok(Credential::ServiceAccountToken(non_empty(SA, p)?)),
+    }
 }
 
 fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
@@ -1003,12 +1075,14 @@ impl Config {
             IdentitySource::Ca(c) => {
                 let _ = writeln!(
                     s,
-                    "identity: {} from the CA at {} (server {}), {} key in memory, bootstrap trust {}",
+                    "identity: {} from the CA at {} (server {}), {} key in memory, bootstrap trust {}, bootstrap credential {} {} (re-read at every bootstrap)",
                     c.spiffe_id,
                     c.url,
                     c.server_id,
                     c.key_type.as_str(),
-                    self.identity.trust_bundle.display()
+                    self.identity.trust_bundle.display(),
+                    c.credential_key(),
+                    c.credential.path().display()
                 );
             }
         }
@@ -1717,7 +1791,8 @@ mod tests {
         assert_eq!(c.key_type, keyproof_identity::keys::KeyType::EcdsaP256);
         assert_eq!(c.bundle_refresh, Duration::from_secs(300));
         assert_eq!(c.server_id.to_string(), "spiffe://td/keyproof-ca");
-        assert_eq!(c.join_token_file, PathBuf::from("t"));
+        assert_eq!(c.credential, Credential::JoinToken(PathBuf::from("t")));
+        assert_eq!(c.credential_key(), "join_token_file");
     }
 
     #[test]
@@ -1909,5 +1984,80 @@ mod tests {
             e.contains("identity: spiffe://td/ns/a/sa/b from the CA at https://ca.svc:8443 (server spiffe://td/keyproof-ca), ecdsa-p256 key in memory"),
             "{e}"
         );
+        assert!(e.contains("bootstrap credential join_token_file t "), "{e}");
+        let e = Config::parse(&sa_ca("")).expect("config").explain();
+        assert!(
+            e.contains("bootstrap credential service_account_token_file /var/run/secrets/tokens/keyproof (re-read at every bootstrap)"),
+            "{e}"
+        );
+    }
+
+    /// `[identity.ca]` bootstrapping with a ServiceAccount token, `extra`
+    /// keys in it.
+    fn sa_ca(extra: &str) -> String {
+        ca(extra).replace(
+            "join_token_file = \"t\"",
+            "service_account_token_file = \"/var/run/secrets/tokens/keyproof\"",
+        )
+    }
+
+    #[test]
+    fn a_service_account_token_file_is_the_bootstrap_credential() {
+        let cfg = Config::parse(&sa_ca("")).expect("config");
+        let source = cfg.identity.source_json();
+        assert_eq!(source["kind"], "ca");
+        assert_eq!(source["credential"], "service_account_token_file");
+        assert_eq!(
+            source["credential_file"],
+            "/var/run/secrets/tokens/keyproof"
+        );
+        let files = Config::parse(&files_identity("")).expect("config");
+        assert_eq!(files.identity.source_json()["kind"], "files");
+        let IdentitySource::Ca(c) = cfg.identity.source else {
+            panic!("not ca")
+        };
+        assert_eq!(
+            c.credential,
+            Credential::ServiceAccountToken(PathBuf::from("/var/run/secrets/tokens/keyproof"))
+        );
+        assert_eq!(c.credential_key(), "service_account_token_file");
+        assert_eq!(c.credential.describe(), "service account token file");
+    }
+
+    #[test]
+    fn exactly_one_bootstrap_credential_is_required() {
+        let both = ca("service_account_token_file = \"/var/run/secrets/tokens/keyproof\"\n");
+        let (key, msg) = invalid_key(&both);
+        assert_eq!(key, "identity.ca.service_account_token_file");
+        assert!(msg.contains("exactly one"), "{msg}");
+        assert!(msg.contains("join_token_file"), "{msg}");
+
+        let neither = ca("").replace("join_token_file = \"t\"\n", "");
+        let (key, msg) = invalid_key(&neither);
+        assert_eq!(key, "identity.ca");
+        assert!(
+            msg.contains("service_account_token_file") && msg.contains("join_token_file"),
+            "{msg}"
+        );
+
+        for (text, want) in [
+            (
+                ca("").replace("join_token_file = \"t\"", "join_token_file = \"\""),
+                "identity.ca.join_token_file",
+            ),
+            (
+                sa_ca("").replace("\"/var/run/secrets/tokens/keyproof\"", "\"\""),
+                "identity.ca.service_account_token_file",
+            ),
+        ] {
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, want, "{text}");
+            assert_eq!(msg, "must name a file");
+        }
+        // A typo is refused by name, not taken for a missing credential.
+        let msg = parse_error(
+            &sa_ca("").replace("service_account_token_file", "serviceaccount_token_file"),
+        );
+        assert!(msg.contains("serviceaccount_token_file"), "{msg}");
     }
 }

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use keyproof_identity::tls::GROUP_LABELS;
 use keyproof_stepup::Outcome;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every `result` label of `keyproof_identity_reloads_total`.
@@ -157,6 +157,31 @@ pub struct Metrics {
     renewals: IntCounterVec,
     sig_cache: [IntCounter; 2],
     sig_cache_sync: std::sync::Arc<std::sync::Mutex<()>>,
+    bundle: TrustBundleMetrics,
+}
+
+/// `keyproof_trust_bundle_*`: what the trust bundle in use holds, so that a
+/// root rotation can be followed converging across a fleet.
+#[derive(Clone)]
+struct TrustBundleMetrics {
+    roots: IntGauge,
+    root_expiry: GaugeVec,
+    /// No labels; a child exists only while the CA has stated a sequence,
+    /// so `[identity.files]` exports no series at all rather than a 0.
+    sequence: IntGaugeVec,
+    /// The fingerprints exported now, so that roots which left the bundle
+    /// lose their series (the lock also keeps two installs from
+    /// interleaving their updates).
+    exported: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// A root of the trust bundle in use, as exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRoot {
+    /// SHA-256 of the root's DER, hex (the `fingerprint` label).
+    pub fingerprint: String,
+    /// notAfter, seconds since the epoch.
+    pub not_after: i64,
 }
 
 const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -291,6 +316,40 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let bundle_roots = IntGauge::new(
+            "keyproof_trust_bundle_roots",
+            "Roots in the trust bundle in use (two while a root rotation is under way).",
+        )?;
+        let root_expiry = GaugeVec::new(
+            Opts::new(
+                "keyproof_trust_bundle_root_expiry_timestamp_seconds",
+                "notAfter of each root of the trust bundle in use, by fingerprint (hex \
+                 SHA-256 of the root's DER), seconds since the epoch.",
+            ),
+            &["fingerprint"],
+        )?;
+        let sequence = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_trust_bundle_sequence",
+                "spiffe_sequence of the trust bundle in use, as the CA states it \
+                 ([identity.ca] only); equal across a fleet once a rotation converged.",
+            ),
+            &[],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_build_info",
+                "Always 1; the binary and its version as labels.",
+            ),
+            &["binary", "version"],
+        )?;
+        build_info
+            .with_label_values(&["keyproof-proxy", env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(bundle_roots.clone()))?;
+        registry.register(Box::new(root_expiry.clone()))?;
+        registry.register(Box::new(sequence.clone()))?;
+        registry.register(Box::new(build_info))?;
         registry.register(Box::new(cert_issued.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(renewals.clone()))?;
@@ -318,6 +377,12 @@ impl Metrics {
             renewals,
             sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
             sig_cache_sync: Default::default(),
+            bundle: TrustBundleMetrics {
+                roots: bundle_roots,
+                root_expiry,
+                sequence,
+                exported: Default::default(),
+            },
         })
     }
 
@@ -349,6 +414,40 @@ impl Metrics {
     pub fn identity_installed(&self, not_before: i64, not_after: i64) {
         self.cert_expiry.set(not_after as f64);
         self.cert_issued.set(not_before as f64);
+    }
+
+    /// Sets the trust bundle gauges for the bundle now in use: its roots
+    /// (the series of roots no longer in it are removed) and, when the CA
+    /// stated one, its `spiffe_sequence`. Called when an identity or a
+    /// bundle is installed, never on the request path.
+    pub fn trust_bundle_installed(&self, roots: &[BundleRoot], sequence: Option<u64>) {
+        let b = &self.bundle;
+        let mut exported = b
+            .exported
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for gone in exported
+            .iter()
+            .filter(|f| !roots.iter().any(|r| &r.fingerprint == *f))
+        {
+            let _ = b.root_expiry.remove_label_values(&[gone]);
+        }
+        for r in roots {
+            b.root_expiry
+                .with_label_values(&[&r.fingerprint])
+                .set(r.not_after as f64);
+        }
+        *exported = roots.iter().map(|r| r.fingerprint.clone()).collect();
+        b.roots.set(i64::try_from(roots.len()).unwrap_or(i64::MAX));
+        match sequence {
+            Some(seq) => b
+                .sequence
+                .with_label_values(&[] as &[&str])
+                .set(i64::try_from(seq).unwrap_or(i64::MAX)),
+            None => {
+                let _ = b.sequence.remove_label_values(&[] as &[&str]);
+            }
+        }
     }
 
     /// Children for one direction.
@@ -679,7 +778,12 @@ mod tests {
         zero("keyproof_stepup_nonce_table_full_total", &[]);
         zero("keyproof_identity_cert_expiry_timestamp_seconds", &[]);
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
-        assert_eq!(checked, 2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 6 + 11 + 10 + 5);
+        zero("keyproof_trust_bundle_roots", &[]);
+        assert_eq!(checked, 2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 6 + 11 + 10 + 6);
+        // Nothing to say before a bundle is installed, and no sequence
+        // unless a CA states one.
+        assert!(!t.contains("keyproof_trust_bundle_root_expiry_timestamp_seconds{"));
+        assert!(!t.contains("\nkeyproof_trust_bundle_sequence"), "{t}");
         assert_eq!(
             sample(&t, "keyproof_stepup_nonce_capacity", &[]),
             Some(10.0)
@@ -823,6 +927,60 @@ mod tests {
             value(&m, "keyproof_identity_cert_expiry_timestamp_seconds", &[]),
             1_700_086_400.0
         );
+    }
+
+    #[test]
+    fn build_info_names_the_binary_and_its_version() {
+        let m = Metrics::new().expect("metrics");
+        assert_eq!(
+            value(
+                &m,
+                "keyproof_build_info",
+                &[
+                    ("binary", "keyproof-proxy"),
+                    ("version", env!("CARGO_PKG_VERSION"))
+                ]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn the_trust_bundle_gauges_follow_the_bundle_installed() {
+        let m = Metrics::new().expect("metrics");
+        let root = |fp: &str, not_after: i64| BundleRoot {
+            fingerprint: fp.to_owned(),
+            not_after,
+        };
+        let expiry = |m: &Metrics, fp: &str| {
+            sample(
+                &text(m),
+                "keyproof_trust_bundle_root_expiry_timestamp_seconds",
+                &[("fingerprint", fp)],
+            )
+        };
+        let sequence = |m: &Metrics| sample(&text(m), "keyproof_trust_bundle_sequence", &[]);
+        // A rotation: old root, then both, then the new one alone.
+        m.trust_bundle_installed(&[root("aa", 2_000_000_000)], Some(1));
+        assert_eq!(value(&m, "keyproof_trust_bundle_roots", &[]), 1.0);
+        assert_eq!(expiry(&m, "aa"), Some(2_000_000_000.0));
+        assert_eq!(sequence(&m), Some(1.0));
+        m.trust_bundle_installed(
+            &[root("aa", 2_000_000_000), root("bb", 2_100_000_000)],
+            Some(2),
+        );
+        assert_eq!(value(&m, "keyproof_trust_bundle_roots", &[]), 2.0);
+        assert_eq!(expiry(&m, "bb"), Some(2_100_000_000.0));
+        assert_eq!(sequence(&m), Some(2.0));
+        m.trust_bundle_installed(&[root("bb", 2_100_000_000)], Some(3));
+        assert_eq!(value(&m, "keyproof_trust_bundle_roots", &[]), 1.0);
+        assert_eq!(expiry(&m, "aa"), None, "a root that left keeps its series");
+        assert_eq!(expiry(&m, "bb"), Some(2_100_000_000.0));
+        assert_eq!(sequence(&m), Some(3.0));
+        // A source that states no sequence exports none.
+        m.trust_bundle_installed(&[root("bb", 2_100_000_000)], None);
+        assert_eq!(sequence(&m), None);
+        assert!(!text(&m).contains("keyproof_trust_bundle_sequence "));
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         IdentitySource::Files(files) => {
             let identity = Identity::load(&cfg.identity, &usages)?;
             check_trust_domains(cfg, &identity)?;
-            metrics.identity_installed(identity.not_before, identity.not_after);
+            identity.export(&metrics);
             tracing::info!(spiffe_id = %identity.id, serial = %identity.serial, not_after = identity.not_after, "identity loaded");
             let store = IdentityStore::new(identity);
             let task = reload::Reloader::new(
@@ -191,6 +191,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         store: store.clone(),
         ready: false.into(),
         draining: false.into(),
+        source: cfg.identity.source_json(),
     });
     let mut admin_addr = None;
     if let Some(l) = admin_l {

@@ -1,7 +1,8 @@
 //! A real Prometheus (the Debian package) scrapes a real sidecar pair with a
 //! 1 s interval and evaluates keyproof's alert rules. After a replayed
 //! step-up request and a refused handshake, its HTTP API must return the
-//! matching counter values, and the replay alert must be firing.
+//! matching counter values, and the replay alert must be firing; the trust
+//! bundle gauges reach it too, and the root-expiry rule sees the test root.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -193,6 +194,42 @@ fn prometheus_sees_the_replay_and_the_refused_handshake_and_fires_the_alert() {
     assert_eq!(firing, 1.0);
     assert!(prom
         .alert_firing("KeyproofStepUpReplay")
+        .expect("alerts API"));
+
+    // The trust bundle as Prometheus sees it: one root, the build, and no
+    // sequence (an [identity.files] sidecar has no CA to state one). The
+    // test root lives a day, which the root-expiry rule already sees.
+    let roots = prom
+        .wait_for_query(
+            "keyproof_trust_bundle_roots",
+            |v| v >= 1.0,
+            Duration::from_secs(30),
+        )
+        .expect("the trust bundle's roots");
+    assert_eq!(roots, 1.0);
+    let build = prom
+        .wait_for_query(
+            "keyproof_build_info{binary=\"keyproof-proxy\"}",
+            |v| v >= 1.0,
+            Duration::from_secs(30),
+        )
+        .expect("build_info");
+    assert_eq!(build, 1.0);
+    assert_eq!(
+        prom.query_value("keyproof_trust_bundle_sequence")
+            .expect("query"),
+        None
+    );
+    let pending = prom
+        .wait_for_query(
+            "ALERTS{alertname=\"KeyproofTrustRootExpiringSoon\",alertstate=\"pending\"}",
+            |v| v == 1.0,
+            Duration::from_secs(30),
+        )
+        .expect("a root expiring within 30 days is seen");
+    assert_eq!(pending, 1.0);
+    assert!(!prom
+        .alert_firing("KeyproofTrustBundleDiverged")
         .expect("alerts API"));
     drop(proxy);
 }

@@ -1,7 +1,9 @@
 //! `[identity.ca]`: the workload identity comes from `keyproof-ca serve`.
 //!
-//! [`keyproof_ca::renewer`] does the protocol (bootstrap with the join token,
-//! renewal at two thirds of the life with jitter, backoff, bundle refresh);
+//! [`keyproof_ca::renewer`] does the protocol (bootstrap with the join token
+//! or the ServiceAccount token, bootstrap again with the latter when the
+//! certificate lapsed, renewal at two thirds of the life with jitter,
+//! backoff, bundle refresh);
 //! this module is its [`Handler`]: it turns each issued chain, in-memory key
 //! and bundle into an [`Identity`] with the same checks as file-based
 //! material, swaps it into the [`IdentityStore`], keeps the verifier that
@@ -64,7 +66,8 @@ impl Handler for CaIdentity {
             &self.usages,
             Some(&self.cfg.spiffe_id),
         )
-        .map_err(|e| self.refuse(e))?;
+        .map_err(|e| self.refuse(e))?
+        .with_sequence(id.spiffe_sequence);
         self.trust_ca(&next);
         self.store
             .install(next, &self.metrics, "certificate issued by the CA");
@@ -72,6 +75,14 @@ impl Handler for CaIdentity {
     }
 
     fn install_bundle(&self, bundle: Vec<CertificateDer<'static>>) -> Result<(), String> {
+        self.install_bundle_with_sequence(bundle, None)
+    }
+
+    fn install_bundle_with_sequence(
+        &self,
+        bundle: Vec<CertificateDer<'static>>,
+        sequence: Option<u64>,
+    ) -> Result<(), String> {
         let current = self
             .store
             .get()
@@ -82,12 +93,11 @@ impl Handler for CaIdentity {
             tracing::warn!(result = e.reason(), error = %e, "refreshed trust bundle refused; keeping the current one");
             format!("bundle refused ({}): {e}", e.reason())
         })?;
+        // A CA answering PEM states no sequence: none is exported then,
+        // rather than the previous bundle's.
+        let next = next.with_sequence(sequence);
         self.trust_ca(&next);
-        tracing::info!(
-            trust_roots = next.roots.len(),
-            "trust bundle refreshed from the CA"
-        );
-        self.store.replace(next);
+        self.store.install_bundle(next, &self.metrics);
         Ok(())
     }
 
@@ -168,13 +178,19 @@ pub fn start(
         cfg: cfg.clone(),
         ca_trust,
     });
-    tracing::info!(url = %cfg.url, spiffe_id = %cfg.spiffe_id, "obtaining the identity from the CA");
+    tracing::info!(
+        url = %cfg.url,
+        spiffe_id = %cfg.spiffe_id,
+        credential = cfg.credential_key(),
+        credential_file = %cfg.credential.path().display(),
+        "obtaining the identity from the CA"
+    );
     Ok(tokio::spawn(renewer::run(
         RenewerConfig {
             client,
             spiffe_id: cfg.spiffe_id.clone(),
             key_type: cfg.key_type,
-            bootstrap: renewer::Credential::JoinToken(cfg.join_token_file.clone()),
+            bootstrap: cfg.credential.clone(),
             bundle_refresh: cfg.bundle_refresh,
         },
         handler,
@@ -239,6 +255,7 @@ mod tests {
             key: s.key,
             bundle,
             not_after: 0,
+            spiffe_sequence: Some(4),
         }
     }
 
@@ -315,6 +332,14 @@ mod tests {
         assert!(Arc::ptr_eq(&h.current().expect("current"), &held.certified));
         assert_eq!(h.ca_trust.load().bundle().roots(), bundle.as_slice());
         assert_eq!(metrics.cert_expiry.get(), held.not_after as f64);
+        // The bundle as the CA stated it, sequence included.
+        let text = String::from_utf8(metrics.render()).expect("UTF-8");
+        assert_eq!(sample(&text, "keyproof_trust_bundle_roots", &[]), Some(2.0));
+        assert_eq!(
+            sample(&text, "keyproof_trust_bundle_sequence", &[]),
+            Some(4.0)
+        );
+        assert_eq!(held.bundle_sequence, Some(4));
         // Counting is the renewer's event's job, not install's.
         assert_eq!(renewals(&metrics, "ok"), 0.0);
     }
@@ -364,11 +389,24 @@ mod tests {
 
         // Both roots: same certificate, wider trust, for peers and the CA.
         let both = [pki.roots(), next_root.roots()].concat();
-        h.install_bundle(both.clone()).expect("bundle");
+        h.install_bundle_with_sequence(both.clone(), Some(5))
+            .expect("bundle");
         let now = store.current();
         assert_eq!(now.certified.cert, held.certified.cert);
         assert_eq!(now.verifier.bundle().roots(), both.as_slice());
         assert_eq!(h.ca_trust.load().bundle().roots(), both.as_slice());
+        assert_eq!(now.bundle_sequence, Some(5));
+        let text = String::from_utf8(h.metrics.render()).expect("UTF-8");
+        assert_eq!(sample(&text, "keyproof_trust_bundle_roots", &[]), Some(2.0));
+        assert_eq!(
+            sample(&text, "keyproof_trust_bundle_sequence", &[]),
+            Some(5.0)
+        );
+        // Without a stated sequence (a CA answering PEM), none is exported.
+        h.install_bundle(both).expect("bundle");
+        assert_eq!(store.current().bundle_sequence, None);
+        let text = String::from_utf8(h.metrics.render()).expect("UTF-8");
+        assert_eq!(sample(&text, "keyproof_trust_bundle_sequence", &[]), None);
     }
 
     /// A compile-time check that `kinds` below lists every failure.

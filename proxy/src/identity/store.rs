@@ -202,6 +202,9 @@ pub struct RootInfo {
     pub sha256: String,
     /// notAfter, RFC 3339.
     pub not_after: String,
+    /// notAfter, seconds since the epoch, for the metrics.
+    #[serde(skip)]
+    pub not_after_unix: i64,
 }
 
 /// One loaded, verified identity.
@@ -222,6 +225,9 @@ pub struct Identity {
     pub roots: Vec<RootInfo>,
     /// The presented chain, for `/identity`.
     pub chain: Vec<ChainCertInfo>,
+    /// The bundle's `spiffe_sequence` as the CA stated it (None for
+    /// `[identity.files]`, whose bundle file carries none).
+    pub bundle_sequence: Option<u64>,
     /// [`material_digest`] of this identity, to tell a real change.
     pub material: [u8; 32],
     /// The workload key as loaded (PKCS#8, SEC1 or PKCS#1 DER), for the
@@ -298,10 +304,12 @@ impl Identity {
         for r in bundle.roots() {
             let (_, parsed) = x509_parser::parse_x509_certificate(r)
                 .map_err(|e| MaterialError::Bundle(format!("root does not parse: {e}")))?;
+            let not_after = parsed.validity().not_after.timestamp();
             root_info.push(RootInfo {
                 subject: parsed.subject().to_string(),
                 sha256: keys::fingerprint(r),
-                not_after: rfc3339(parsed.validity().not_after.timestamp()),
+                not_after: rfc3339(not_after),
+                not_after_unix: not_after,
             });
         }
         let leaf = chain
@@ -366,6 +374,7 @@ impl Identity {
             roots: root_info,
             chain: chain_info,
             material,
+            bundle_sequence: None,
         })
     }
 
@@ -386,9 +395,30 @@ impl Identity {
         )
     }
 
+    /// The same identity, its bundle stated by the CA as `spiffe_sequence`.
+    pub fn with_sequence(mut self, sequence: Option<u64>) -> Identity {
+        self.bundle_sequence = sequence;
+        self
+    }
+
+    /// Exports what is in use now: the certificate's validity and the trust
+    /// bundle's roots and sequence.
+    pub fn export(&self, metrics: &crate::metrics::Metrics) {
+        metrics.identity_installed(self.not_before, self.not_after);
+        let roots: Vec<crate::metrics::BundleRoot> = self
+            .roots
+            .iter()
+            .map(|r| crate::metrics::BundleRoot {
+                fingerprint: r.sha256.clone(),
+                not_after: r.not_after_unix,
+            })
+            .collect();
+        metrics.trust_bundle_installed(&roots, self.bundle_sequence);
+    }
+
     /// `/identity` as JSON.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "spiffe_id": self.id.as_str(),
             "serial": self.serial,
             "not_after": rfc3339(self.not_after),
@@ -398,7 +428,11 @@ impl Identity {
             "trust_domain": self.verifier.trust_domain().as_str(),
             "trust_roots": self.roots,
             "chain": self.chain,
-        })
+        });
+        if let Some(seq) = self.bundle_sequence {
+            json["trust_bundle_sequence"] = seq.into();
+        }
+        json
     }
 }
 
@@ -456,13 +490,26 @@ impl IdentityStore {
     /// expiry, logs what is in use now and why (`why` says where it came
     /// from), and replaces the current one.
     pub fn install(&self, identity: Identity, metrics: &crate::metrics::Metrics, why: &str) {
-        metrics.identity_installed(identity.not_before, identity.not_after);
+        identity.export(metrics);
         tracing::info!(
             spiffe_id = %identity.id,
             serial = %identity.serial,
             not_after = identity.not_after,
             trust_roots = identity.roots.len(),
+            trust_bundle_sequence = identity.bundle_sequence,
             "{why}; new identity in use for new handshakes"
+        );
+        self.replace(identity);
+    }
+
+    /// Puts the same certificate with a refreshed trust bundle in use:
+    /// exports the bundle, logs it, and replaces the current identity.
+    pub fn install_bundle(&self, identity: Identity, metrics: &crate::metrics::Metrics) {
+        identity.export(metrics);
+        tracing::info!(
+            trust_roots = identity.roots.len(),
+            trust_bundle_sequence = identity.bundle_sequence,
+            "trust bundle refreshed from the CA"
         );
         self.replace(identity);
     }
@@ -1504,6 +1551,67 @@ mod tests {
             &[],
             &[],
         )
+    }
+
+    #[test]
+    fn installing_exports_the_trust_bundle_and_drops_roots_that_left() {
+        let pki = Pki::shared(TD);
+        let next = Pki::new(TD);
+        let metrics = crate::metrics::Metrics::new().expect("metrics");
+        let text = || String::from_utf8(metrics.render()).expect("UTF-8");
+        let value =
+            |name: &str, labels: &[(&str, &str)]| crate::metrics::sample(&text(), name, labels);
+        let expiry = |root: &CertificateDer<'_>| {
+            value(
+                "keyproof_trust_bundle_root_expiry_timestamp_seconds",
+                &[("fingerprint", &keys::fingerprint(root))],
+            )
+        };
+        let not_after = |root: &CertificateDer<'_>| {
+            let (_, c) = x509_parser::parse_x509_certificate(root).expect("root");
+            c.validity().not_after.timestamp() as f64
+        };
+        let (old_root, new_root) = (pki.roots()[0].clone(), next.roots()[0].clone());
+
+        // From files: the roots, and no sequence.
+        let store = IdentityStore::empty();
+        store.install(pki.identity(API), &metrics, "test");
+        assert_eq!(value("keyproof_trust_bundle_roots", &[]), Some(1.0));
+        assert_eq!(expiry(&old_root), Some(not_after(&old_root)));
+        assert_eq!(value("keyproof_trust_bundle_sequence", &[]), None);
+        assert!(store
+            .current()
+            .to_json()
+            .get("trust_bundle_sequence")
+            .is_none());
+
+        // From the CA, mid-rotation: both roots and the CA's sequence.
+        let s = pki.issue(API);
+        let both = [pki.roots(), next.roots()].concat();
+        let id = Identity::from_parts(s.chain, s.key, both, BOTH, None)
+            .expect("identity")
+            .with_sequence(Some(2));
+        store.install(id, &metrics, "test");
+        assert_eq!(value("keyproof_trust_bundle_roots", &[]), Some(2.0));
+        assert_eq!(expiry(&new_root), Some(not_after(&new_root)));
+        assert_eq!(value("keyproof_trust_bundle_sequence", &[]), Some(2.0));
+        assert_eq!(store.current().to_json()["trust_bundle_sequence"], 2);
+
+        // A refreshed bundle with the new root only (the leaf is reissued
+        // under it first): the old root's series goes.
+        let s = next.issue(API);
+        let id = Identity::from_parts(s.chain, s.key, next.roots(), BOTH, None)
+            .expect("identity")
+            .with_sequence(Some(3));
+        store.install_bundle(id, &metrics);
+        assert_eq!(value("keyproof_trust_bundle_roots", &[]), Some(1.0));
+        assert_eq!(expiry(&old_root), None);
+        assert_eq!(expiry(&new_root), Some(not_after(&new_root)));
+        assert_eq!(value("keyproof_trust_bundle_sequence", &[]), Some(3.0));
+        assert!(Arc::ptr_eq(
+            &store.current().certified,
+            &store.get().expect("held").certified
+        ));
     }
 
     #[test]
