@@ -19,6 +19,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keyproof_identity::duration;
 use keyproof_identity::keys::{self, KeyError, KeyType};
 use keyproof_identity::spiffe::{SpiffeIdError, TrustDomain};
 use rcgen::PublicKeyData;
@@ -63,8 +64,16 @@ pub enum CaError {
     AlreadyExists(PathBuf),
     #[error("refusing to initialise {}: it exists and is not a directory (--dir must not exist, or be an empty directory)", .0.display())]
     NotADirectory(PathBuf),
-    #[error("{} is not a keyproof CA directory (no {})", .0.display(), files::STATE)]
+    #[error("--dir {}: not a keyproof CA directory (no {})", .0.display(), files::STATE)]
     NotACa(PathBuf),
+    #[error("--dir {}: no such directory", .0.display())]
+    NoSuchDirectory(PathBuf),
+    #[error("refusing to initialise {}: it is a symbolic link to {}, which does not exist (--dir must not exist, or be an empty directory)", dir.display(), target.display())]
+    DanglingLink { dir: PathBuf, target: PathBuf },
+    #[error("refusing to initialise {}: its parent directory {} does not exist; create it first (--dir is created, its parents are not)", dir.display(), parent.display())]
+    NoParent { dir: PathBuf, parent: PathBuf },
+    #[error("{0}")]
+    Lifetime(#[from] LifetimeError),
     #[error("{}: {msg}", path.display())]
     Corrupt { path: PathBuf, msg: String },
     #[error("invalid SPIFFE ID: {0}")]
@@ -158,6 +167,135 @@ pub struct InitOptions {
 /// Clock skew allowance: certificates are valid from five minutes ago.
 pub const BACKDATE: Duration = Duration::from_secs(300);
 
+/// What a lifetime is for. Every lifetime the CA is given (the command
+/// line's TTL flags and the library's options alike) is checked against
+/// [`Lifetime::check`]: one rule for all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// An issued X.509-SVID (`issue --ttl`, `serve --ttl`).
+    Svid,
+    /// A join token (`token create --ttl`).
+    JoinToken,
+    /// An intermediate (`--intermediate-ttl`, `rotate intermediate --ttl`).
+    Intermediate,
+    /// A root (`--root-ttl`).
+    Root,
+}
+
+/// The longest lifetime of anything: 100 years (of 365 days). Far inside
+/// what X.509 (year 9999) and the date arithmetic can represent, and far
+/// past anything sensible, so a typo such as `99999y` is refused instead of
+/// overflowing.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Why a lifetime is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifetimeError {
+    /// Below the kind's floor (for a certificate: born expired, or a CA that
+    /// expires before anything it issues is renewed).
+    #[error("{what} lifetime {given} is too short: it must be at least {min}")]
+    TooShort {
+        what: &'static str,
+        given: String,
+        min: String,
+    },
+    /// Above [`MAX_LIFETIME`].
+    #[error("{what} lifetime {given} is too long: it must be at most {max}")]
+    TooLong {
+        what: &'static str,
+        given: String,
+        max: String,
+    },
+    /// An intermediate asked to outlive its root.
+    #[error(
+        "the intermediate lifetime {intermediate} is longer than the root lifetime {root}: an \
+         intermediate cannot outlive its root"
+    )]
+    IntermediateOutlivesRoot { intermediate: String, root: String },
+    /// The root expires too soon to sign an intermediate of useful length.
+    #[error(
+        "the root expires at {root_not_after}, too soon for a new intermediate (it would be \
+         valid for less than {min}); move to a new root first (`rotate root prepare`)"
+    )]
+    RootExpiresTooSoon { root_not_after: String, min: String },
+    /// A date past what the calendar arithmetic can represent.
+    #[error("{what} lifetime {given} ends past the representable dates")]
+    Unrepresentable { what: &'static str, given: String },
+}
+
+impl Lifetime {
+    /// The shortest lifetime allowed: a second for SVIDs and tokens (they
+    /// are renewed continually), an hour for an intermediate and a day for a
+    /// root (a shorter CA expires before its operator can rotate it).
+    pub fn min(self) -> Duration {
+        match self {
+            Lifetime::Svid | Lifetime::JoinToken => Duration::from_secs(1),
+            Lifetime::Intermediate => Duration::from_secs(3600),
+            Lifetime::Root => Duration::from_secs(86_400),
+        }
+    }
+
+    /// The longest lifetime allowed ([`MAX_LIFETIME`] for every kind).
+    pub fn max(self) -> Duration {
+        MAX_LIFETIME
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Lifetime::Svid => "certificate",
+            Lifetime::JoinToken => "token",
+            Lifetime::Intermediate => "intermediate",
+            Lifetime::Root => "root",
+        }
+    }
+
+    /// Checks `d` against this kind's bounds.
+    pub fn check(self, d: Duration) -> Result<Duration, LifetimeError> {
+        if d < self.min() {
+            return Err(LifetimeError::TooShort {
+                what: self.what(),
+                given: duration::format(d),
+                min: duration::format(self.min()),
+            });
+        }
+        if d > self.max() {
+            return Err(LifetimeError::TooLong {
+                what: self.what(),
+                given: duration::format(d),
+                max: duration::format(self.max()),
+            });
+        }
+        Ok(d)
+    }
+
+    /// `start + d`, with `d` checked against this kind's bounds: an error,
+    /// never a panic, whatever `d` is.
+    pub fn end(self, start: OffsetDateTime, d: Duration) -> Result<OffsetDateTime, LifetimeError> {
+        self.check(d)?;
+        time::Duration::try_from(d)
+            .ok()
+            .and_then(|d| start.checked_add(d))
+            .ok_or_else(|| LifetimeError::Unrepresentable {
+                what: self.what(),
+                given: duration::format(d),
+            })
+    }
+}
+
+/// Checks a root and intermediate lifetime pair: each within its bounds,
+/// and the intermediate no longer than the root.
+pub fn check_ca_lifetimes(root: Duration, intermediate: Duration) -> Result<(), LifetimeError> {
+    Lifetime::Root.check(root)?;
+    Lifetime::Intermediate.check(intermediate)?;
+    if intermediate > root {
+        return Err(LifetimeError::IntermediateOutlivesRoot {
+            intermediate: duration::format(intermediate),
+            root: duration::format(root),
+        });
+    }
+    Ok(())
+}
+
 /// Now, truncated to whole seconds: X.509 times have no fractions, and the
 /// ledger should say exactly what the certificate says.
 pub(crate) fn now() -> OffsetDateTime {
@@ -230,9 +368,11 @@ pub(crate) struct NewCa {
 
 /// Generates a self-signed root (path length 1).
 pub(crate) fn new_root(td: &TrustDomain, kt: KeyType, ttl: Duration) -> Result<NewCa, CaError> {
-    let start = now() - BACKDATE;
+    let now = now();
+    let not_after = Lifetime::Root.end(now, ttl)?;
+    let start = now - BACKDATE;
     let key = kt.generate()?;
-    let params = ca_params(td, "root", &key, 1, start, start + BACKDATE + ttl)?;
+    let params = ca_params(td, "root", &key, 1, start, not_after)?;
     let cert = params.self_signed(&key)?;
     Ok(NewCa {
         cert: cert.der().clone(),
@@ -247,9 +387,18 @@ pub(crate) fn new_intermediate(
     ttl: Duration,
     root: &NewCa,
 ) -> Result<NewCa, CaError> {
-    let start = now() - BACKDATE;
+    let now = now();
     let root_not_after = not_after_of(&root.cert)?;
-    let not_after = (start + BACKDATE + ttl).min(root_not_after);
+    let not_after = Lifetime::Intermediate.end(now, ttl)?.min(root_not_after);
+    // Capped by a root about to expire, it would be born (nearly) expired.
+    if not_after - now < Lifetime::Intermediate.min() {
+        return Err(LifetimeError::RootExpiresTooSoon {
+            root_not_after: rfc3339(root_not_after),
+            min: duration::format(Lifetime::Intermediate.min()),
+        }
+        .into());
+    }
+    let start = now - BACKDATE;
     let key = kt.generate()?;
     let params = ca_params(td, "intermediate", &key, 0, start, not_after)?;
     let issuer = Issuer::from_ca_cert_der(&root.cert, &root.key)?;
@@ -305,6 +454,7 @@ impl Ca {
     /// empty directory (a mounted volume, say). Anything else is refused
     /// untouched: an existing CA is never overwritten.
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<Ca, CaError> {
+        check_ca_lifetimes(opts.root_ttl, opts.intermediate_ttl)?;
         // Follows a symbolic link: a link to an empty directory is an empty
         // directory.
         let existing = match fs::metadata(dir) {
@@ -316,9 +466,31 @@ impl Ca {
                 }
                 true
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A link to nowhere: the rename below could not replace it,
+                // and following it would create a directory elsewhere.
+                if let Ok(target) = fs::read_link(dir) {
+                    return Err(CaError::DanglingLink {
+                        dir: dir.to_owned(),
+                        target,
+                    });
+                }
+                false
+            }
             Err(e) => return Err(io_err(dir)(e)),
         };
+        // The directory is created, never its parents: a mistyped path
+        // would otherwise leave a CA (with its keys) somewhere unexpected.
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        if !existing && !parent.is_dir() {
+            return Err(CaError::NoParent {
+                dir: dir.to_owned(),
+                parent,
+            });
+        }
         // Build everything in memory first, then write into a staging
         // directory moved into place, so a failure leaves nothing behind.
         let root = new_root(&opts.trust_domain, opts.key_type, opts.root_ttl)?;
@@ -339,16 +511,7 @@ impl Ca {
         // An existing directory may be a mount point, which can be neither
         // removed nor replaced: stage inside it and move the files out.
         // Otherwise stage beside it and rename the whole directory.
-        let stage_in = if existing {
-            dir.to_owned()
-        } else {
-            let parent = match dir.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-                _ => PathBuf::from("."),
-            };
-            fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-            parent
-        };
+        let stage_in = if existing { dir.to_owned() } else { parent };
         let staging = tempfile::Builder::new()
             .prefix(".keyproof-ca-init-")
             .tempdir_in(&stage_in)
@@ -384,10 +547,7 @@ impl Ca {
             return Err(if dir.exists() {
                 CaError::NotACa(dir.to_owned())
             } else {
-                CaError::Io {
-                    path: dir.to_owned(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
-                }
+                CaError::NoSuchDirectory(dir.to_owned())
             });
         }
         let state_path = dir.join(files::STATE);
@@ -550,4 +710,133 @@ pub(crate) fn first_cert(path: &Path) -> Result<CertificateDer<'static>, CaError
             msg: e.to_string(),
         })
         .map(|mut v| v.swap_remove(0))
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::*;
+    use crate::csr::SubjectKey;
+    use crate::issue::IssueRequest;
+    use keyproof_identity::spiffe::SpiffeId;
+
+    const YEAR: u64 = 365 * 86_400;
+
+    fn opts(root: Duration, intermediate: Duration) -> InitOptions {
+        InitOptions {
+            trust_domain: TrustDomain::parse("lifetime.test").unwrap(),
+            key_type: KeyType::EcdsaP256,
+            root_ttl: root,
+            intermediate_ttl: intermediate,
+        }
+    }
+
+    #[test]
+    fn every_kind_has_a_floor_and_the_same_ceiling() {
+        for (kind, min) in [
+            (Lifetime::Svid, 1),
+            (Lifetime::JoinToken, 1),
+            (Lifetime::Intermediate, 3600),
+            (Lifetime::Root, 86_400),
+        ] {
+            let min = Duration::from_secs(min);
+            assert_eq!(kind.check(min), Ok(min));
+            assert!(matches!(
+                kind.check(min - Duration::from_millis(1)),
+                Err(LifetimeError::TooShort { .. })
+            ));
+            assert!(kind.check(Duration::ZERO).is_err());
+            assert_eq!(kind.check(MAX_LIFETIME), Ok(MAX_LIFETIME));
+            for huge in [
+                MAX_LIFETIME + Duration::from_secs(1),
+                Duration::from_secs(99_999 * YEAR),
+                Duration::MAX,
+            ] {
+                assert!(matches!(
+                    kind.check(huge),
+                    Err(LifetimeError::TooLong { .. })
+                ));
+                // Never a panic, whatever the start.
+                assert!(kind.end(now(), huge).is_err());
+                assert!(kind
+                    .end(
+                        OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT),
+                        MAX_LIFETIME
+                    )
+                    .is_err());
+            }
+        }
+        assert!(check_ca_lifetimes(Duration::from_secs(YEAR), Duration::from_secs(YEAR)).is_ok());
+        assert!(matches!(
+            check_ca_lifetimes(Duration::from_secs(86_400), Duration::from_secs(YEAR)),
+            Err(LifetimeError::IntermediateOutlivesRoot { .. })
+        ));
+    }
+
+    #[test]
+    fn the_library_refuses_bad_lifetimes_with_errors_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        for (root, int) in [
+            (Duration::ZERO, day),
+            (day, Duration::ZERO),
+            (Duration::from_secs(8000 * YEAR), day),
+            (day, Duration::MAX),
+            (day, Duration::from_secs(2 * 86_400)),
+        ] {
+            let dir = tmp.path().join("ca");
+            assert!(matches!(
+                Ca::init(&dir, &opts(root, int)),
+                Err(CaError::Lifetime(_))
+            ));
+            assert!(!dir.exists());
+        }
+        let dir = tmp.path().join("ca");
+        let ca = Ca::init(&dir, &opts(Duration::from_secs(YEAR), day)).unwrap();
+        let kp = KeyType::EcdsaP256.generate().unwrap();
+        for ttl in [
+            Duration::ZERO,
+            Duration::from_secs(99_999 * YEAR),
+            Duration::from_secs(9_999_999_999_999_999),
+            Duration::MAX,
+        ] {
+            let req = IssueRequest {
+                spiffe_id: SpiffeId::parse("spiffe://lifetime.test/a").unwrap(),
+                key: SubjectKey::from_key_pair(&kp, KeyType::EcdsaP256),
+                ttl,
+                dns: Vec::new(),
+            };
+            assert!(
+                matches!(ca.sign(&req, "test"), Err(CaError::Lifetime(_))),
+                "{ttl:?}"
+            );
+        }
+        let before = fs::read(dir.join(files::INT_CRT)).unwrap();
+        for ttl in [Duration::ZERO, Duration::from_secs(99_999 * YEAR)] {
+            assert!(matches!(
+                crate::rotate::intermediate(&dir, ttl),
+                Err(CaError::Lifetime(_))
+            ));
+            assert!(matches!(
+                crate::rotate::prepare(&dir, ttl, day),
+                Err(CaError::Lifetime(_))
+            ));
+        }
+        assert_eq!(fs::read(dir.join(files::INT_CRT)).unwrap(), before);
+        assert!(!dir.join(files::NEXT).exists());
+    }
+
+    #[test]
+    fn init_creates_the_directory_but_never_its_parents_or_through_a_dangling_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = opts(Duration::from_secs(YEAR), Duration::from_secs(86_400));
+        let deep = tmp.path().join("no/such/ca");
+        assert!(matches!(Ca::init(&deep, &o), Err(CaError::NoParent { .. })));
+        assert!(!tmp.path().join("no").exists());
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &link).unwrap();
+        let err = Ca::init(&link, &o).err().unwrap();
+        assert!(matches!(err, CaError::DanglingLink { .. }), "{err}");
+        assert!(err.to_string().contains("--dir"), "{err}");
+        assert!(!tmp.path().join("nowhere").exists());
+    }
 }

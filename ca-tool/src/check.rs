@@ -56,6 +56,26 @@ impl Report {
             .unwrap_or(0)
     }
 
+    /// Collapses the findings about one subject into one, at the worst
+    /// level: a FAIL replaces the `ok` of the same certificate instead of
+    /// contradicting it on the next line. Messages at that level are kept
+    /// (joined with "; "), milder ones dropped; subjects keep the order in
+    /// which they first appeared.
+    fn collapse(&mut self) {
+        let mut out: Vec<Finding> = Vec::new();
+        for f in self.findings.drain(..) {
+            match out.iter_mut().find(|o| o.subject == f.subject) {
+                None => out.push(f),
+                Some(o) if f.level > o.level => *o = f,
+                Some(o) if f.level == o.level && f.message != o.message => {
+                    o.message = format!("{}; {}", o.message, f.message);
+                }
+                Some(_) => {}
+            }
+        }
+        self.findings = out;
+    }
+
     /// One line per finding.
     pub fn render(&self) -> String {
         self.findings
@@ -301,24 +321,24 @@ pub fn check_dir(dir: &Path, warn_before: Option<Duration>) -> Result<Report, Ca
     let ca = Ca::open(dir)?;
     let now = ca::now();
     let mut r = Report::default();
+    // The issuing root is (normally) one of the bundle's roots: one line
+    // for it, naming both, rather than the same expiry twice.
     for (i, root) in ca.bundle().iter().enumerate() {
+        let subject = if root == ca.root() {
+            format!("bundle root {i} ({})", files::ROOT_CRT)
+        } else {
+            format!("bundle root {i}")
+        };
         match validity(root) {
-            Ok((nb, na)) => expiry_finding(
-                &mut r,
-                &format!("bundle root {i}"),
-                nb,
-                na,
-                warn_before,
-                now,
-            ),
-            Err(e) => r.push(Level::Bad, format!("bundle root {i}"), e),
+            Ok((nb, na)) => expiry_finding(&mut r, &subject, nb, na, warn_before, now),
+            Err(e) => r.push(Level::Bad, subject, e),
         }
     }
-    match validity(ca.root()) {
-        Ok((nb, na)) => expiry_finding(&mut r, files::ROOT_CRT, nb, na, warn_before, now),
-        Err(e) => r.push(Level::Bad, files::ROOT_CRT, e),
-    }
     if !ca.bundle().iter().any(|b| b == ca.root()) {
+        match validity(ca.root()) {
+            Ok((nb, na)) => expiry_finding(&mut r, files::ROOT_CRT, nb, na, warn_before, now),
+            Err(e) => r.push(Level::Bad, files::ROOT_CRT, e),
+        }
         r.push(
             Level::Bad,
             files::ROOT_CRT,
@@ -362,6 +382,7 @@ pub fn check_dir(dir: &Path, warn_before: Option<Duration>) -> Result<Report, Ca
         chain_finding(&mut r, &subject, e, ca.bundle(), &intermediates, now);
     }
     r.push(Level::Ok, "rotation", crate::rotate::stage_report(&ca)?);
+    r.collapse();
     Ok(r)
 }
 
@@ -422,5 +443,6 @@ pub fn check_cert(cert_pem: &[u8], bundle_pem: &[u8], warn_before: Option<Durati
             Err(e) => r.push(Level::Bad, format!("certificate {i}"), e),
         }
     }
+    r.collapse();
     r
 }

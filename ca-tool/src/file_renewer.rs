@@ -438,6 +438,10 @@ pub async fn once(opts: &Options) -> Result<Outcome, RenewError> {
         log(msg);
     }
     let held = load(opts)?;
+    // Every input is checked on every run, due or not: a cron job with a
+    // bad --bundle or --ca-url must fail the day it is set up, not months
+    // later when the certificate falls due.
+    let mut renewer = Renewer::new(opts, &held)?;
     check_unexpired(opts, &held)?;
     if !opts.force && now() < held.due() {
         return Ok(Outcome::NotDue {
@@ -447,7 +451,6 @@ pub async fn once(opts: &Options) -> Result<Outcome, RenewError> {
             not_after: held.not_after,
         });
     }
-    let mut renewer = Renewer::new(opts, &held)?;
     let renewed = renewer
         .renew(&held)
         .await

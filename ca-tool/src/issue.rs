@@ -12,7 +12,7 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use crate::ca::{self, Ca, CaError, BACKDATE};
+use crate::ca::{self, Ca, CaError, Lifetime, BACKDATE};
 use crate::csr::SubjectKey;
 use crate::ledger;
 
@@ -47,6 +47,19 @@ impl Issued {
     }
 }
 
+/// Checks a DNS name for a certificate's SAN: for `--dns` at argument
+/// parsing, so the error names the flag before anything is done.
+pub fn check_dns_name(name: &str) -> Result<String, String> {
+    if valid_dns_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "invalid DNS name {name:?}: expected labels of letters, digits and '-' separated by \
+             dots (a leading \"*.\" allowed), e.g. web.default.svc"
+        ))
+    }
+}
+
 fn valid_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
@@ -75,9 +88,7 @@ impl Ca {
         if !id.is_workload() {
             return Err(CaError::NotAWorkloadId(id.to_string()));
         }
-        if req.ttl < Duration::from_secs(1) {
-            return Err(CaError::BadTtl("must be at least 1s".into()));
-        }
+        Lifetime::Svid.check(req.ttl)?;
         for d in &req.dns {
             if !valid_dns_name(d) {
                 return Err(CaError::BadDnsName(d.clone()));
@@ -95,7 +106,9 @@ impl Ca {
             )));
         }
         let not_before = (now - BACKDATE).max(self.intermediate_not_before);
-        let not_after = (now + req.ttl).min(self.intermediate_not_after);
+        let not_after = Lifetime::Svid
+            .end(now, req.ttl)?
+            .min(self.intermediate_not_after);
 
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();

@@ -7,16 +7,83 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use keyproof_ca::ca::InitOptions;
+use keyproof_ca::ca::{check_ca_lifetimes, InitOptions, Lifetime, LifetimeError};
 use keyproof_ca::csr::{self, SubjectKey};
 use keyproof_ca::fsutil::{self, PUBLIC, SECRET};
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::{check, file_renewer, inspect, issue, jwks_sync, k8s, rotate, Ca};
-use keyproof_identity::keys::KeyType;
+use keyproof_ca::{check, file_renewer, inspect, issue, jwks_sync, k8s, rotate, Ca, CaError};
+use keyproof_identity::keys::{self, KeyType};
+use keyproof_identity::verify::TrustBundle;
 use keyproof_identity::{duration, SpiffeId, TrustDomain};
 
 fn human_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s)
+}
+
+/// A TTL flag's value: a human duration within the bounds of what it is the
+/// lifetime of ([`Lifetime`], the library's own rule), refused at argument
+/// parsing so the error names the flag and nothing has been written yet.
+fn lifetime(kind: Lifetime, s: &str) -> Result<Duration, String> {
+    kind.check(duration::parse(s)?).map_err(|e| e.to_string())
+}
+
+fn svid_ttl(s: &str) -> Result<Duration, String> {
+    lifetime(Lifetime::Svid, s)
+}
+
+fn token_ttl(s: &str) -> Result<Duration, String> {
+    lifetime(Lifetime::JoinToken, s)
+}
+
+fn intermediate_ttl(s: &str) -> Result<Duration, String> {
+    lifetime(Lifetime::Intermediate, s)
+}
+
+fn root_ttl(s: &str) -> Result<Duration, String> {
+    lifetime(Lifetime::Root, s)
+}
+
+/// A `--dns` value, checked at argument parsing.
+fn dns_name(s: &str) -> Result<String, String> {
+    issue::check_dns_name(s)
+}
+
+/// Refuses `--intermediate-ttl` longer than `--root-ttl` (each is already
+/// within its own bounds), before anything is written.
+fn check_ca_ttls(root: Duration, intermediate: Duration) -> Result<()> {
+    match check_ca_lifetimes(root, intermediate) {
+        Err(LifetimeError::IntermediateOutlivesRoot { .. }) => bail!(
+            "--intermediate-ttl {} is longer than --root-ttl {}: an intermediate cannot outlive \
+             its root",
+            duration::format(intermediate),
+            duration::format(root)
+        ),
+        r => Ok(r?),
+    }
+}
+
+/// Parses `--spiffe-id` and checks it is a workload ID of `ca`'s trust
+/// domain, so the refusal names the flag.
+fn workload_id(ca: &Ca, value: &str) -> Result<SpiffeId> {
+    let id = SpiffeId::parse(value).context("--spiffe-id")?;
+    if !id.is_member_of(ca.trust_domain()) {
+        bail!(
+            "--spiffe-id {id}: not in this CA's trust domain {}",
+            ca.trust_domain()
+        );
+    }
+    if !id.is_workload() {
+        bail!("--spiffe-id {id}: has no path; a workload ID needs one (e.g. /ns/default/sa/web)");
+    }
+    Ok(id)
+}
+
+/// Reads a PEM trust bundle named by `--bundle`; the error names the flag
+/// when it cannot be read or holds no usable root.
+fn read_bundle(path: &Path) -> Result<Vec<u8>> {
+    let pem = read(path, "bundle")?;
+    TrustBundle::from_pem(&pem).with_context(|| format!("--bundle {}", path.display()))?;
+    Ok(pem)
 }
 
 #[derive(Parser)]
@@ -105,10 +172,10 @@ struct ServeArgs {
     #[arg(long)]
     spiffe_id: Option<String>,
     /// DNS SAN for the server certificate (repeatable), e.g. the Service name.
-    #[arg(long)]
+    #[arg(long, value_parser = dns_name)]
     dns: Vec<String>,
-    /// Lifetime of the SVIDs it issues.
-    #[arg(long, default_value = "24h", value_parser = human_duration)]
+    /// Lifetime of the SVIDs it issues (1s to 100y).
+    #[arg(long, default_value = "24h", value_parser = svid_ttl)]
     ttl: Duration,
     /// Issuances allowed per identity per minute (0: unlimited).
     #[arg(long, default_value_t = 30)]
@@ -143,8 +210,8 @@ enum TokenCommand {
         dir: PathBuf,
         #[arg(long)]
         spiffe_id: String,
-        /// How long the token may be used.
-        #[arg(long, default_value = "1h", value_parser = human_duration)]
+        /// How long the token may be used (1s to 100y).
+        #[arg(long, default_value = "1h", value_parser = token_ttl)]
         ttl: Duration,
     },
 }
@@ -161,11 +228,11 @@ struct InitArgs {
     /// Key algorithm for the CA and for keys it generates.
     #[arg(long, default_value = "ecdsa-p256", value_parser = ["ecdsa-p256", "ed25519"])]
     key_type: String,
-    /// Root lifetime.
-    #[arg(long, default_value = "10y", value_parser = human_duration)]
+    /// Root lifetime (1d to 100y).
+    #[arg(long, default_value = "10y", value_parser = root_ttl)]
     root_ttl: Duration,
-    /// Intermediate lifetime (never past the root's).
-    #[arg(long, default_value = "1y", value_parser = human_duration)]
+    /// Intermediate lifetime (1h to 100y, and no longer than --root-ttl).
+    #[arg(long, default_value = "1y", value_parser = intermediate_ttl)]
     intermediate_ttl: Duration,
 }
 
@@ -192,11 +259,11 @@ struct IssueArgs {
     /// Replace --cert-out and --key-out if they exist (refused otherwise).
     #[arg(long)]
     force: bool,
-    /// Lifetime, capped at the intermediate's expiry.
-    #[arg(long, default_value = "24h", value_parser = human_duration)]
+    /// Lifetime (1s to 100y), capped at the intermediate's expiry.
+    #[arg(long, default_value = "24h", value_parser = svid_ttl)]
     ttl: Duration,
     /// Extra DNS SAN (repeatable).
-    #[arg(long)]
+    #[arg(long, value_parser = dns_name)]
     dns: Vec<String>,
 }
 
@@ -304,8 +371,9 @@ enum RotateCommand {
     Intermediate {
         #[arg(long)]
         dir: PathBuf,
-        /// Lifetime of the new intermediate.
-        #[arg(long, default_value = "1y", value_parser = human_duration)]
+        /// Lifetime of the new intermediate (1h to 100y), capped at the
+        /// root's expiry.
+        #[arg(long, default_value = "1y", value_parser = intermediate_ttl)]
         ttl: Duration,
     },
     /// Move to a new root: prepare, activate, finish.
@@ -319,9 +387,12 @@ enum RootStep {
     Prepare {
         #[arg(long)]
         dir: PathBuf,
-        #[arg(long, default_value = "10y", value_parser = human_duration)]
+        /// Lifetime of the new root (1d to 100y).
+        #[arg(long, default_value = "10y", value_parser = root_ttl)]
         root_ttl: Duration,
-        #[arg(long, default_value = "1y", value_parser = human_duration)]
+        /// Lifetime of the new intermediate (1h to 100y, and no longer than
+        /// --root-ttl).
+        #[arg(long, default_value = "1y", value_parser = intermediate_ttl)]
         intermediate_ttl: Duration,
     },
     /// Issue from the new chain.
@@ -347,6 +418,7 @@ fn read(path: &Path, flag: &str) -> Result<Vec<u8>> {
 fn init(a: InitArgs) -> Result<()> {
     let trust_domain = TrustDomain::parse(&a.trust_domain).context("--trust-domain")?;
     let key_type: KeyType = a.key_type.parse().map_err(anyhow::Error::msg)?;
+    check_ca_ttls(a.root_ttl, a.intermediate_ttl)?;
     let ca = Ca::init(
         &a.dir,
         &InitOptions {
@@ -355,7 +427,12 @@ fn init(a: InitArgs) -> Result<()> {
             root_ttl: a.root_ttl,
             intermediate_ttl: a.intermediate_ttl,
         },
-    )?;
+    )
+    .map_err(|e| match e {
+        // Whatever the file system refused is about --dir or beside it.
+        CaError::Io { .. } => anyhow::Error::from(e).context(format!("--dir {}", a.dir.display())),
+        e => e.into(),
+    })?;
     println!(
         "created trust domain {} in {} ({}); root sha256 {}",
         ca.trust_domain(),
@@ -367,8 +444,9 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 fn issue(a: IssueArgs) -> Result<()> {
-    let spiffe_id = SpiffeId::parse(&a.spiffe_id).context("--spiffe-id")?;
+    SpiffeId::parse(&a.spiffe_id).context("--spiffe-id")?;
     let ca = Ca::open(&a.dir)?;
+    let spiffe_id = workload_id(&ca, &a.spiffe_id)?;
     // Every output is checked before anything is signed, written or
     // recorded: a refusal changes nothing.
     let cert_out = issue::check_output(&a.dir, "cert-out", &a.cert_out, a.force)?;
@@ -451,7 +529,7 @@ fn issue(a: IssueArgs) -> Result<()> {
 fn inspect(a: InspectArgs) -> Result<ExitCode> {
     // FILE is positional: errors name the file, not a flag.
     let pem = std::fs::read(&a.file).with_context(|| a.file.display().to_string())?;
-    let bundle = a.bundle.as_ref().map(|b| read(b, "bundle")).transpose()?;
+    let bundle = a.bundle.as_deref().map(read_bundle).transpose()?;
     let report = inspect::inspect(&pem, bundle.as_deref())
         .map_err(anyhow::Error::msg)
         .with_context(|| a.file.display().to_string())?;
@@ -519,15 +597,22 @@ fn serve(a: ServeArgs) -> Result<()> {
         // clap makes the two flags require each other.
         _ => None,
     };
-    let opts = keyproof_ca::serve::ServeOptions {
-        dir: a.dir,
-        listen: a.listen,
-        server_id: a
+    // The CA and the server's own identity are checked here, so that the
+    // errors name their flags.
+    let server_id = {
+        let id = a
             .spiffe_id
             .as_deref()
             .map(SpiffeId::parse)
             .transpose()
-            .context("--spiffe-id")?,
+            .context("--spiffe-id")?;
+        let ca = Ca::open(&a.dir)?;
+        id.map(|id| workload_id(&ca, id.as_str())).transpose()?
+    };
+    let opts = keyproof_ca::serve::ServeOptions {
+        dir: a.dir,
+        listen: a.listen,
+        server_id,
         dns: a.dns,
         ttl: a.ttl,
         per_identity_per_minute: a.rate_limit,
@@ -595,11 +680,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check(a) => {
             let report = match (&a.dir, &a.cert, &a.bundle) {
                 (Some(dir), _, _) => check::check_dir(dir, a.warn_before)?,
-                (None, Some(cert), Some(bundle)) => check::check_cert(
-                    &read(cert, "cert")?,
-                    &read(bundle, "bundle")?,
-                    a.warn_before,
-                ),
+                (None, Some(cert), Some(bundle)) => {
+                    // Input that is not a certificate chain or a bundle at
+                    // all is a usage error naming its flag; what a chain
+                    // or bundle says is the report's.
+                    let pem = read(cert, "cert")?;
+                    keys::certs_from_pem(&pem)
+                        .with_context(|| format!("--cert {}", cert.display()))?;
+                    check::check_cert(&pem, &read_bundle(bundle)?, a.warn_before)
+                }
                 _ => bail!("use --dir, or --cert with --bundle"),
             };
             print!("{}", report.render());
@@ -630,8 +719,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             spiffe_id,
             ttl,
         }) => {
-            let id = SpiffeId::parse(&spiffe_id).context("--spiffe-id")?;
+            SpiffeId::parse(&spiffe_id).context("--spiffe-id")?;
             let ca = Ca::open(&dir)?;
+            let id = workload_id(&ca, &spiffe_id)?;
             let (token, record) = keyproof_ca::token::create(&ca, &id, ttl)?;
             eprintln!("{}", record.summary());
             println!("{token}");
@@ -645,7 +735,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     dir,
                     root_ttl,
                     intermediate_ttl,
-                } => rotate::prepare(&dir, root_ttl, intermediate_ttl)?,
+                } => {
+                    check_ca_ttls(root_ttl, intermediate_ttl)?;
+                    rotate::prepare(&dir, root_ttl, intermediate_ttl)?
+                }
                 RootStep::Activate { dir } => rotate::activate(&dir)?,
                 RootStep::Finish { dir, force } => rotate::finish(&dir, force)?,
             };

@@ -20,8 +20,8 @@ use time::OffsetDateTime;
 
 use crate::bundle;
 use crate::ca::{
-    self, files, first_cert, io_err, new_intermediate, new_root, write_pair, write_state, Ca,
-    CaError, NewCa, RotationStage,
+    self, check_ca_lifetimes, files, first_cert, io_err, new_intermediate, new_root, write_pair,
+    write_state, Ca, CaError, Lifetime, NewCa, RotationStage,
 };
 use crate::ledger;
 
@@ -64,6 +64,7 @@ fn require(ca: &Ca, stage: RotationStage, step: &str) -> Result<(), CaError> {
 
 /// A new intermediate under the current root; issuance uses it at once.
 pub fn intermediate(dir: &Path, ttl: Duration) -> Result<String, CaError> {
+    Lifetime::Intermediate.check(ttl)?;
     let ca = Ca::open(dir)?;
     let root = load_pair(dir, "root")?;
     let int = new_intermediate(ca.trust_domain(), ca.key_type(), ttl, &root)?;
@@ -79,6 +80,7 @@ pub fn intermediate(dir: &Path, ttl: Duration) -> Result<String, CaError> {
 
 /// Step 1: a new root and intermediate join the bundle.
 pub fn prepare(dir: &Path, root_ttl: Duration, int_ttl: Duration) -> Result<String, CaError> {
+    check_ca_lifetimes(root_ttl, int_ttl)?;
     let ca = Ca::open(dir)?;
     require(&ca, RotationStage::Idle, "prepare")?;
     let root = new_root(ca.trust_domain(), ca.key_type(), root_ttl)?;

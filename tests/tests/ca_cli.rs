@@ -342,10 +342,37 @@ fn bad_issue_input_gets_a_clear_error_and_writes_nothing() {
     );
 }
 
+/// Replaces the CA's intermediate certificate by one for the same key,
+/// signed by the same root, that expired an hour ago (no lifetime the CLI
+/// accepts makes one expire within a test).
+fn expire_intermediate(ca: &TestCa) {
+    use keyproof_identity::keys;
+    let key =
+        |f: &str| keys::key_pair_from_pem(&fs::read_to_string(ca.dir.join(f)).unwrap()).unwrap();
+    let root = keys::certs_from_pem(&fs::read(ca.dir.join("root.crt")).unwrap())
+        .unwrap()
+        .remove(0);
+    let issuer = rcgen::Issuer::from_ca_cert_der(&root, key("root.key")).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "expired intermediate");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(2);
+    p.not_after = now - time::Duration::hours(1);
+    p.use_authority_key_identifier_extension = true;
+    let cert = p.signed_by(&key("intermediate.key"), &issuer).unwrap();
+    fs::write(ca.dir.join("intermediate.crt"), cert.pem()).unwrap();
+}
+
 #[test]
 fn expired_intermediate_refuses_to_issue() {
-    let ca = TestCa::with_args(TD, &["--intermediate-ttl", "1s"]);
-    std::thread::sleep(Duration::from_millis(2100));
+    let ca = TestCa::new(TD);
+    expire_intermediate(&ca);
     let k = ca.path("k.pem");
     let c = ca.path("c.pem");
     issue_fails(
@@ -1000,6 +1027,23 @@ fn check_dir_fails_for_an_identity_left_on_a_root_that_was_forced_out() {
         .to_owned();
     assert!(fail[0].contains(&root), "{text}");
     assert!(!text.contains("FAIL spiffe://prod.example.com/ns/default/sa/second"));
+    // One line per certificate: the FAIL replaces its `ok`, and the issuing
+    // root is reported once, as the bundle root it is.
+    let subjects: Vec<&str> = text
+        .lines()
+        .map(|l| l[5..].split_once(": ").unwrap().0)
+        .collect();
+    let mut unique = subjects.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), subjects.len(), "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("/sa/first")),
+        "{text}"
+    );
+    assert!(text.contains("bundle root 0 (root.crt)"), "{text}");
 
     // check --cert on the same certificate agrees.
     let out = keyproof_tests::run(
@@ -1190,6 +1234,35 @@ fn issue_never_overwrites_without_force_and_never_writes_into_the_ca() {
         err.contains("--cert-out") && err.contains("missing/web.crt"),
         "{err}"
     );
+}
+
+#[test]
+fn init_creates_its_directory_but_not_missing_parents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = tmp.path().join("no/such/ca");
+    let err = run_err(
+        cmd("keyproof-ca")
+            .args(["init", "--trust-domain", TD, "--dir"])
+            .arg(&deep),
+    );
+    assert!(
+        err.contains("--dir") && err.contains("parent directory") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(list_dir(tmp.path()).is_empty());
+    // A symbolic link to nowhere is refused, not followed.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &link).unwrap();
+    let err = run_err(
+        cmd("keyproof-ca")
+            .args(["init", "--trust-domain", TD, "--dir"])
+            .arg(&link),
+    );
+    assert!(
+        err.contains("--dir") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(list_dir(tmp.path()), vec!["link".to_string()]);
 }
 
 #[test]
@@ -1471,4 +1544,335 @@ fn renew_refuses_an_expired_certificate_with_a_clear_message() {
         );
     }
     assert_eq!(fs::read(dir.join("tls.crt")).unwrap(), before);
+}
+
+/// Runs a command that must end by itself: a `serve` that wrongly started
+/// is killed after 30 s and fails the test.
+fn run_bounded(c: &mut Command) -> std::process::Output {
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not run {c:?}: {e}"));
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{c:?} did not exit:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Every file under `dir` with its contents, for "nothing was written".
+fn tree(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push((p.clone(), fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn every_bad_flag_value_is_refused_naming_the_flag_with_exit_2() {
+    let ca = TestCa::new(TD);
+    let (crt, key) = ca.issue("web", "/ns/default/sa/web", &[]);
+    let (_, other_key) = ca.issue("api", "/ns/default/sa/api", &[]);
+    let p = |name: &str| ca.path(name).to_str().unwrap().to_owned();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let junk = p("junk.pem");
+    fs::write(&junk, "not a certificate\n").unwrap();
+    let missing = p("missing.pem");
+    let dangling = p("dangling");
+    std::os::unix::fs::symlink(ca.path("nowhere"), &dangling).unwrap();
+    let (dir, bundle, crt, key, other_key) =
+        (s(&ca.dir), s(&ca.bundle()), s(&crt), s(&key), s(&other_key));
+    let inside = |f: &str| s(&ca.dir.join(f));
+    let id = format!("spiffe://{TD}/ns/default/sa/x");
+    let addr = || format!("127.0.0.1:{}", free_port());
+    let before = tree(&ca.dir);
+
+    // (subcommand, valid flags, the flag given a bad value, the bad value):
+    // the bad value replaces the flag's valid one, or is added.
+    type Row = (Vec<String>, Vec<(String, String)>, String, String);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut add = |sub: &[&str], base: &[(&str, &str)], bad: &[(&str, &str)]| {
+        for (flag, value) in bad {
+            rows.push((
+                sub.iter().map(|x| x.to_string()).collect(),
+                base.iter()
+                    .map(|(f, v)| (f.to_string(), v.to_string()))
+                    .collect(),
+                flag.to_string(),
+                value.to_string(),
+            ));
+        }
+    };
+    let ttls = |flag: &'static str| [(flag, "0s"), (flag, "99999y"), (flag, "soon")];
+
+    let new_ca = p("new-ca");
+    let init = [("--dir", new_ca.as_str()), ("--trust-domain", TD)];
+    add(
+        &["init"],
+        &init,
+        &[
+            ("--dir", &dangling),
+            ("--dir", &p("no/such/ca")),
+            ("--dir", &dir),
+            ("--dir", &junk),
+            ("--trust-domain", "Bad_TD!"),
+            ("--key-type", "rsa"),
+            // Shorter than the default --intermediate-ttl.
+            ("--root-ttl", "2d"),
+        ],
+    );
+    add(&["init"], &init, &ttls("--root-ttl"));
+    add(&["init"], &init, &ttls("--intermediate-ttl"));
+
+    let (new_key, new_crt) = (p("new.key"), p("new.crt"));
+    let issue = [
+        ("--dir", dir.as_str()),
+        ("--spiffe-id", id.as_str()),
+        ("--key-out", new_key.as_str()),
+        ("--cert-out", new_crt.as_str()),
+    ];
+    add(
+        &["issue"],
+        &issue,
+        &[
+            ("--dir", &missing),
+            ("--spiffe-id", "spiffe://other.org/ns/default/sa/x"),
+            ("--spiffe-id", "not-an-id"),
+            ("--spiffe-id", &format!("spiffe://{TD}")),
+            ("--key-out", &p("no/such/x.key")),
+            ("--key-out", &inside("x.key")),
+            ("--cert-out", &crt),
+            ("--cert-out", &inside("x.crt")),
+            ("--dns", "bad name"),
+            ("--dns", "-x.example"),
+        ],
+    );
+    add(&["issue"], &issue, &ttls("--ttl"));
+    let issue_csr = [
+        ("--dir", dir.as_str()),
+        ("--spiffe-id", id.as_str()),
+        ("--cert-out", new_crt.as_str()),
+    ];
+    add(
+        &["issue"],
+        &issue_csr,
+        &[("--csr", &missing), ("--csr", &junk)],
+    );
+
+    add(
+        &["inspect", &crt],
+        &[],
+        &[("--bundle", &missing), ("--bundle", &junk)],
+    );
+    add(
+        &["check"],
+        &[("--dir", &dir)],
+        &[("--dir", &missing), ("--warn-before", "soon")],
+    );
+    add(
+        &["check"],
+        &[("--cert", &crt), ("--bundle", &bundle)],
+        &[
+            ("--cert", &missing),
+            ("--cert", &junk),
+            ("--bundle", &missing),
+            ("--bundle", &junk),
+        ],
+    );
+    add(
+        &["bundle"],
+        &[("--dir", &dir)],
+        &[("--dir", &missing), ("--format", "der")],
+    );
+    add(
+        &["k8s-secret"],
+        &[
+            ("--name", "web"),
+            ("--cert", &crt),
+            ("--key", &key),
+            ("--bundle", &bundle),
+        ],
+        &[
+            ("--name", "Bad_Name"),
+            ("--namespace", "Bad_NS"),
+            ("--cert", &missing),
+            ("--cert", &junk),
+            ("--key", &junk),
+            ("--key", &other_key),
+            ("--bundle", &missing),
+            ("--bundle", &junk),
+        ],
+    );
+    let rot = [("--dir", dir.as_str())];
+    add(&["rotate", "intermediate"], &rot, &[("--dir", &missing)]);
+    add(&["rotate", "intermediate"], &rot, &ttls("--ttl"));
+    add(&["rotate", "root", "prepare"], &rot, &[("--dir", &missing)]);
+    add(&["rotate", "root", "prepare"], &rot, &ttls("--root-ttl"));
+    add(
+        &["rotate", "root", "prepare"],
+        &rot,
+        &ttls("--intermediate-ttl"),
+    );
+    add(
+        &["rotate", "root", "activate"],
+        &rot,
+        &[("--dir", &missing)],
+    );
+    add(&["rotate", "root", "finish"], &rot, &[("--dir", &missing)]);
+    let token = [("--dir", dir.as_str()), ("--spiffe-id", id.as_str())];
+    add(
+        &["token", "create"],
+        &token,
+        &[
+            ("--dir", &missing),
+            ("--spiffe-id", "spiffe://other.org/ns/default/sa/x"),
+            ("--spiffe-id", "not-an-id"),
+        ],
+    );
+    add(&["token", "create"], &token, &ttls("--ttl"));
+
+    let (listen, admin) = (addr(), addr());
+    let serve = [
+        ("--dir", dir.as_str()),
+        ("--listen", listen.as_str()),
+        ("--admin-listen", admin.as_str()),
+    ];
+    add(
+        &["serve"],
+        &serve,
+        &[
+            ("--dir", &missing),
+            ("--spiffe-id", "spiffe://other.org/keyproof-ca"),
+            ("--spiffe-id", "not-an-id"),
+            ("--dns", "bad name"),
+            ("--rate-limit", "lots"),
+            ("--log-format", "xml"),
+            ("--listen", "nowhere"),
+            ("--admin-listen", "nowhere"),
+        ],
+    );
+    add(&["serve"], &serve, &ttls("--ttl"));
+    let k8s = [
+        ("--dir", dir.as_str()),
+        ("--listen", listen.as_str()),
+        ("--admin-listen", admin.as_str()),
+        ("--k8s-jwks", missing.as_str()),
+        ("--k8s-issuer", "https://k8s.example"),
+    ];
+    add(
+        &["serve"],
+        &k8s,
+        &[
+            ("--k8s-jwks", &missing),
+            ("--k8s-issuer", "http://k8s.example"),
+            ("--k8s-audience", ""),
+        ],
+    );
+    // A certificate that is not due: every input is still checked.
+    let renew = [
+        ("--cert", crt.as_str()),
+        ("--key", key.as_str()),
+        ("--bundle", bundle.as_str()),
+        ("--ca-url", "https://127.0.0.1:1"),
+    ];
+    add(
+        &["renew"],
+        &renew,
+        &[
+            ("--cert", &missing),
+            ("--cert", &junk),
+            ("--key", &missing),
+            ("--key", &junk),
+            ("--key", &other_key),
+            ("--bundle", &missing),
+            ("--bundle", &junk),
+            ("--ca-url", "http://127.0.0.1:1"),
+            ("--ca-url", "127.0.0.1:1"),
+            ("--server-id", "not an id"),
+        ],
+    );
+    add(
+        &["k8s-jwks"],
+        &[("--out", &p("jwks.json")), ("--once", "")],
+        &[("--interval", "0s")],
+    );
+
+    let mut failures = Vec::new();
+    for (sub, base, flag, value) in &rows {
+        // `--flag=value`, so that a bad value starting with '-' is still
+        // the flag's value.
+        let bad = format!("{flag}={value}");
+        let mut args: Vec<String> = sub.clone();
+        for (f, v) in base.iter().filter(|(f, _)| f != flag) {
+            args.push(f.clone());
+            if !v.is_empty() {
+                args.push(v.clone());
+            }
+        }
+        args.push(bad);
+        let out = run_bounded(cmd("keyproof-ca").args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.code() != Some(2) || !err.contains(flag.as_str()) {
+            failures.push(format!(
+                "{args:?}: exit {:?}, stderr: {err}",
+                out.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Refused means untouched: the CA, and nothing created beside it.
+    assert!(tree(&ca.dir) == before, "the CA directory changed");
+    for f in ["new-ca", "no", "nowhere", "new.key", "new.crt"] {
+        assert!(!ca.path(f).exists(), "{f} was created");
+    }
+}
+
+#[test]
+fn lifetimes_at_their_bounds_are_accepted() {
+    // Root 1d..100y, intermediate 1h..100y (not past the root), SVIDs and
+    // tokens 1s..100y.
+    let ca = TestCa::with_args(TD, &["--root-ttl", "100y", "--intermediate-ttl", "1h"]);
+    ca.issue("short", "/ns/default/sa/short", &["--ttl", "1s"]);
+    ca.issue("long", "/ns/default/sa/long", &["--ttl", "100y"]);
+    let id = format!("spiffe://{TD}/ns/default/sa/t");
+    for ttl in ["1s", "100y"] {
+        run_ok(
+            cmd("keyproof-ca")
+                .args(["token", "create", "--spiffe-id", &id, "--ttl", ttl, "--dir"])
+                .arg(&ca.dir),
+        );
+    }
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["rotate", "intermediate", "--ttl", "100y", "--dir"])
+            .arg(&ca.dir),
+    );
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["rotate", "root", "prepare", "--root-ttl", "1d"])
+            .args(["--intermediate-ttl", "1d", "--dir"])
+            .arg(&ca.dir),
+    );
+    let small = TestCa::with_args(TD, &["--root-ttl", "1d", "--intermediate-ttl", "1d"]);
+    run_ok(cmd("keyproof-ca").args(["check", "--dir"]).arg(&small.dir));
 }
