@@ -943,17 +943,18 @@ fn is_uid(s: &str) -> bool {
 }
 
 /// Whether a bearer credential is shaped like a JWT (three base64url parts)
-/// rather than a join token (`kpt_...`).
+/// rather than a join token (`kpt_...`). The signature part may be empty:
+/// an unsecured JWT (`header.payload.`) is still a ServiceAccount-token
+/// attempt, and is refused as such (`sa_token_malformed`) rather than as a
+/// bad join token.
 pub fn looks_like_jwt(bearer: &str) -> bool {
     let mut parts = bearer.split('.');
-    let ok = |p: Option<&str>| {
-        p.is_some_and(|p| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+    let b64 = |p: &str| {
+        p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
-    ok(parts.next()) && ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+    let ok = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && b64(p));
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_some_and(b64) && parts.next().is_none()
 }
 
 #[cfg(test)]
@@ -1667,6 +1668,8 @@ mod tests {
         assert!(looks_like_jwt(&t));
         assert!(looks_like_jwt("a.b.c"));
         assert!(looks_like_jwt("eyJ-_.x.y"));
+        // Unsecured (no signature): still routed to ServiceAccount checks.
+        assert!(looks_like_jwt("a.b."));
         for s in [
             "",
             "kpt_0123456789abcdef",
@@ -1674,7 +1677,6 @@ mod tests {
             "a.b.c.d",
             "a..c",
             ".b.c",
-            "a.b.",
             "a.b=.c",
             "a.b+/.c",
             "a. b.c",

@@ -41,7 +41,7 @@ pub const ISSUANCE_RESULTS: [&str; 3] = ["ok", "refused", "error"];
 /// Every API error code `serve` answers with besides the ServiceAccount
 /// token ones ([`SaTokenError::CODES`]); `keyproof_ca_refusals_total` starts
 /// each of them at 0 so that alerts can take `rate()` of a code never seen.
-pub const API_CODES: [&str; 18] = [
+pub const API_CODES: [&str; 19] = [
     "bad_request",
     "not_found",
     "method_not_allowed",
@@ -60,6 +60,7 @@ pub const API_CODES: [&str; 18] = [
     "rate_limited",
     "ca_unavailable",
     "ledger_unavailable",
+    "request_header_too_large",
 ];
 
 /// Every `stage` of `keyproof_ca_rotation_stage`.

@@ -9,7 +9,8 @@
 //!   identity only.
 //! - `POST /v1/bootstrap`: `Authorization: Bearer <credential>` and a CSR.
 //!   The credential is either a join token (`kpt_...`: single-use, expiring,
-//!   bound to one identity) or, with `--k8s-jwks`/`--k8s-issuer`, a projected
+//!   bound to one identity, and spent only by an answer that carries the
+//!   certificate) or, with `--k8s-jwks`/`--k8s-issuer`, a projected
 //!   Kubernetes ServiceAccount token (a JWT, verified offline against the
 //!   cluster's JWKS by [`crate::attest`]; reusable within its lifetime, so a
 //!   restarted pod bootstraps again) for `spiffe://<td>/ns/<ns>/sa/<sa>`.
@@ -23,10 +24,14 @@
 //! `keyproof_ca_refusals_total{code}` and logged (warn; error for 5xx) with
 //! the code, the peer's address and what is known of the caller: the client
 //! certificate's `spiffe_id`, the join token's `token_id`, the
-//! ServiceAccount `sub` (or the `claimed_sub` of a token that did not
-//! verify). Credentials themselves are never logged.
+//! ServiceAccount `sub` (or the `claimed_sub` of a JWT that did not
+//! verify). Credentials themselves are never logged. A request head over
+//! 64 KiB never reaches [`Server::handle`]: hyper answers it (431 on
+//! HTTP/1.1, counted as `request_header_too_large`; a refused stream on
+//! HTTP/2).
 //!
-//! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits):
+//! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits, idle
+//! sockets evicted when it is full: see [`AdminSlots`]):
 //! `GET /healthz` (200 while the process runs), `GET /ready` (503 when the CA
 //! directory cannot be loaded or the ledger is not writable), `GET /metrics`
 //! (the Prometheus text format; the list is in [`crate::metrics`]).
@@ -40,7 +45,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -60,7 +65,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::attest::{self, AttestError, SaAttestor, SaConfig};
 use crate::ca::{files, Ca, CaError};
@@ -72,6 +77,11 @@ use crate::token::{self, TokenError, TokenStore};
 
 /// Largest accepted request body (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
+/// Largest request head (HTTP/1 read buffer, HTTP/2 header list). Well
+/// above [`attest::MAX_TOKEN_LEN`], so that an oversized credential reaches
+/// the API and is refused there with a code, counted and logged, instead of
+/// by the HTTP layer.
+const MAX_HEADERS: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 4096;
@@ -79,17 +89,24 @@ const MAX_CONNECTIONS: usize = 4096;
 const JOIN_TOKEN_PREFIX: &str = "kpt_";
 
 /// The admin listener serves probes and scrapes: a few small requests, so
-/// its limits are tight and it never competes with the API for long.
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// its limits are tight and it never competes with the API for long. A
+/// request head must arrive within this long of the connection opening or
+/// of the previous answer, which also bounds how long a kept-alive
+/// connection may sit idle (hyper runs this timer while it waits for the
+/// next request).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// A kept-alive admin connection is closed (gracefully) after this long; a
 /// scraper simply reconnects.
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-const ADMIN_MAX_CONNECTIONS: usize = 32;
+/// Open admin connections. At the limit a new connection evicts the oldest
+/// one that is waiting for a request (see [`AdminSlots`]), so idle or slow
+/// sockets cannot keep the kubelet's probes out.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// hyper's smallest read buffer; admin requests carry no body.
 const ADMIN_MAX_BUF: usize = 8192;
-/// How long the outcome of the last ledger commit stands for the ledger's
-/// health before `/ready` looks at the file itself.
-const LEDGER_STATUS_FRESH: Duration = Duration::from_secs(30);
+/// How long an observation of the ledger's health (a commit's outcome or a
+/// look at the file) stands before `/ready` looks at the file again.
+const LEDGER_RECHECK: Duration = Duration::from_secs(1);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -116,7 +133,7 @@ pub struct ServeOptions {
 pub enum ServeError {
     #[error("{0}")]
     Ca(#[from] CaError),
-    #[error("listen on {addr}: {source}")]
+    #[error("--listen {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -140,6 +157,8 @@ struct ApiError {
     /// `keyproof_ca_refusals_total`).
     code: &'static str,
     message: String,
+    /// The `Allow` header of a 405.
+    allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -148,7 +167,12 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            allow: None,
         }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
     fn response(&self) -> Response<Full<Bytes>> {
@@ -157,6 +181,10 @@ impl ApiError {
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+        }
+        if let Some(allow) = self.allow {
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
         }
         r
     }
@@ -260,7 +288,8 @@ fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
     .collect()
 }
 
-/// When the last ledger commit ended, and its error if it failed.
+/// The latest word on the ledger's health: when it was observed (a commit
+/// ended, or `/ready` looked at the file), and what was wrong if anything.
 type LedgerStatus = Arc<Mutex<Option<(Instant, Option<String>)>>>;
 
 /// Ledger writes with group commit.
@@ -299,8 +328,13 @@ impl LedgerWriter {
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()));
                 commit_seconds.observe(started.elapsed().as_secs_f64());
-                *last.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((Instant::now(), result.clone().err()));
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                    Instant::now(),
+                    result
+                        .clone()
+                        .err()
+                        .map(|e| format!("the last ledger commit failed: {e}")),
+                ));
                 for (_, reply) in batch {
                     let _ = reply.send(result.clone());
                 }
@@ -318,30 +352,29 @@ impl LedgerWriter {
         rx.await.map_err(|_| "ledger writer stopped".to_string())?
     }
 
-    /// Whether the ledger can be appended to: the last commit's outcome while
-    /// it is recent, otherwise a look at the file (opened for append, never
-    /// written) or, before the first issuance, at the directory.
+    /// Whether the ledger can be appended to: the latest observation while
+    /// it is under [`LEDGER_RECHECK`] old, otherwise a fresh look at the file
+    /// (opened for append, never written) or, before the first issuance, at
+    /// the directory. So a ledger that breaks right after a good commit, or
+    /// recovers after a failed one, shows within a second or so, and
+    /// frequent probes cost at most one look a second.
     fn writable(&self, dir: &Path) -> Result<(), String> {
-        let last = self
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match last {
-            Some((at, None)) if at.elapsed() < LEDGER_STATUS_FRESH => return Ok(()),
-            Some((at, Some(e))) if at.elapsed() < LEDGER_STATUS_FRESH => {
-                return Err(format!("the last ledger commit failed: {e}"))
+        let mut last = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, problem)) = &*last {
+            if at.elapsed() < LEDGER_RECHECK {
+                return problem.clone().map_or(Ok(()), Err);
             }
-            _ => {}
         }
         let path = dir.join(files::LEDGER);
-        match std::fs::OpenOptions::new().append(true).open(&path) {
-            Ok(_) => Ok(()),
+        let problem = match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(_) => None,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => tempfile::tempfile_in(dir)
-                .map(drop)
-                .map_err(|e| format!("{} is not writable: {e}", dir.display())),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
+                .err()
+                .map(|e| format!("{} is not writable: {e}", dir.display())),
+            Err(e) => Some(format!("{}: {e}", path.display())),
+        };
+        *last = Some((Instant::now(), problem.clone()));
+        problem.map_or(Ok(()), Err)
     }
 }
 
@@ -397,6 +430,42 @@ struct Server {
     limiter: RateLimiter,
     last_check: Mutex<Instant>,
     metrics: CaMetrics,
+    /// What `/ready` last answered (`None` before the first probe), so that
+    /// only a change is logged, not every probe.
+    was_ready: Mutex<Option<bool>>,
+}
+
+/// A join token a request in flight has reserved ([`TokenStore::reserve`]).
+/// Dropped without [`HeldToken::spend`] (a refusal, an error, or the client
+/// going away mid-request), it releases the token, which stays usable.
+struct HeldToken<'a> {
+    tokens: &'a Mutex<TokenStore>,
+    id: String,
+    spent: bool,
+}
+
+impl HeldToken<'_> {
+    /// Marks the token used, durably.
+    fn spend(mut self, dir: &Path) -> Result<(), CaError> {
+        let r = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commit(dir, &self.id, crate::ca::now());
+        self.spent = r.is_ok();
+        r
+    }
+}
+
+impl Drop for HeldToken<'_> {
+    fn drop(&mut self) {
+        if !self.spent {
+            self.tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(&self.id);
+        }
+    }
 }
 
 /// A new certificate for the server itself, when to renew it, and its
@@ -614,11 +683,14 @@ impl Server {
             (&Method::GET, "/v1/bundle") => Ok(self.bundle(parts)),
             (&Method::POST, "/v1/renew") => self.renew(parts, body, conn, call).await,
             (&Method::POST, "/v1/bootstrap") => self.bootstrap(parts, body, call).await,
-            (_, "/v1/bundle" | "/v1/renew" | "/v1/bootstrap") => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{} is not allowed on {path}", parts.method),
-            )),
+            (_, "/v1/bundle" | "/v1/renew" | "/v1/bootstrap") => Err(ApiError {
+                allow: Some(if path == "/v1/bundle" { "GET" } else { "POST" }),
+                ..ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{} is not allowed on {path}", parts.method),
+                )
+            }),
             _ => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -685,13 +757,9 @@ impl Server {
         body: &[u8],
         call: &mut Call,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let credential = req
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let is_jwt = credential.is_some_and(attest::looks_like_jwt);
+        let credential = bearer(req);
+        let is_join_token = credential.is_some_and(|c| c.starts_with(JOIN_TOKEN_PREFIX));
+        let is_jwt = !is_join_token && credential.is_some_and(attest::looks_like_jwt);
         call.kind = Some(if is_jwt {
             IssuanceKind::BootstrapSa
         } else {
@@ -704,15 +772,13 @@ impl Server {
                 "bootstrap needs `Authorization: Bearer <join token or ServiceAccount token>`",
             )
         })?;
-        let wanted = requested_id(req)?;
-        // Check the CSR before the credential: a bad CSR must not burn a
-        // join token.
-        let key = parse_csr(body)?;
-        if credential.starts_with(JOIN_TOKEN_PREFIX) {
-            self.bootstrap_join_token(credential, wanted, key, call)
-                .await
+        if is_join_token {
+            self.bootstrap_join_token(req, credential, body, call).await
         } else if is_jwt {
-            self.bootstrap_service_account(credential, wanted, key, call)
+            // Who the token claims to be, for the log of any refusal below
+            // (unverified; replaced by the verified `sub` once it is).
+            call.claimed_sub = claimed_sub(credential);
+            self.bootstrap_service_account(req, credential, body, call)
                 .await
         } else {
             Err(ApiError::new(
@@ -723,20 +789,30 @@ impl Server {
         }
     }
 
-    /// Bootstrap with a single-use join token.
+    /// Bootstrap with a single-use join token. The token is reserved first
+    /// (so concurrent uses get one certificate between them) and spent only
+    /// once the certificate is signed and in the ledger: a refusal or a
+    /// failure on the way (the query, the CSR, the rate limit, signing, the
+    /// ledger) leaves it usable.
+    ///
+    /// A crash after the ledger commit and before the token's `used` line is
+    /// written leaves a certificate in the ledger that was never delivered
+    /// and the token usable once more; the other order would spend a token on
+    /// a certificate that was never delivered, which the client cannot
+    /// recover from.
     async fn bootstrap_join_token(
         &self,
+        req: &http::request::Parts,
         token: &str,
-        wanted: Option<SpiffeId>,
-        key: SubjectKey,
+        body: &[u8],
         call: &mut Call,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let consumed = {
+        let reserved = {
             let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            tokens.consume(&self.opts.dir, token, crate::ca::now())
+            tokens.reserve(&self.opts.dir, token, crate::ca::now())
         }
         .map_err(ca_error)?;
-        let (token_id, id) = consumed.map_err(|e: TokenError| {
+        let (token_id, id) = reserved.map_err(|e: TokenError| {
             // A reused or expired token is one the CA issued: name it. An
             // unknown one names nothing.
             if e != TokenError::Invalid {
@@ -744,8 +820,13 @@ impl Server {
             }
             ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
         })?;
+        let held = HeldToken {
+            tokens: &self.tokens,
+            id: token_id.clone(),
+            spent: false,
+        };
         call.token_id = Some(token_id.clone());
-        if let Some(w) = wanted {
+        if let Some(w) = requested_id(req)? {
             if w != id {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -754,10 +835,20 @@ impl Server {
                 ));
             }
         }
+        let key = parse_csr(body)?;
         let issued = self
             .issue(id.clone(), key, format!("bootstrap:{token_id}"))
             .await?;
-        tracing::info!(spiffe_id = %id, token = %token_id, "bootstrapped");
+        held.spend(&self.opts.dir).map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ca_unavailable",
+                format!(
+                    "the join token could not be marked used, so the certificate is withheld: {e}"
+                ),
+            )
+        })?;
+        tracing::info!(spiffe_id = %id, token = %token_id, serial = %issued.entry.serial, "bootstrapped");
         Ok(self.issued_response(&issued))
     }
 
@@ -765,9 +856,9 @@ impl Server {
     /// usable until it expires: a restarted pod presents it again.
     async fn bootstrap_service_account(
         &self,
+        req: &http::request::Parts,
         token: &str,
-        wanted: Option<SpiffeId>,
-        key: SubjectKey,
+        body: &[u8],
         call: &mut Call,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let Some(attestor) = &self.attestor else {
@@ -777,7 +868,8 @@ impl Server {
                 "this CA does not accept ServiceAccount tokens (it runs without --k8s-jwks)",
             ));
         };
-        call.claimed_sub = claimed_sub(token);
+        let wanted = requested_id(req)?;
+        let key = parse_csr(body)?;
         let claims = attestor
             .verify(token, crate::ca::now().unix_timestamp())
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
@@ -819,17 +911,21 @@ impl Server {
     /// One admin request.
     fn admin(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+            let mut r = text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            return r;
         }
         match req.uri().path() {
             "/healthz" => text_response(StatusCode::OK, "ok\n".into()),
-            "/ready" => match self.readiness() {
-                Ok(()) => text_response(StatusCode::OK, "ready\n".into()),
-                Err(why) => {
-                    tracing::warn!(reason = %why, "not ready");
-                    text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
+            "/ready" => {
+                let ready = self.readiness();
+                self.note_readiness(&ready);
+                match ready {
+                    Ok(()) => text_response(StatusCode::OK, "ready\n".into()),
+                    Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                 }
-            },
+            }
             "/metrics" => {
                 self.refresh();
                 self.update_gauges();
@@ -845,6 +941,18 @@ impl Server {
                 "try /healthz, /ready or /metrics\n".into(),
             ),
         }
+    }
+
+    /// Logs a change of readiness (not every probe: a kubelet probes every
+    /// few seconds).
+    fn note_readiness(&self, ready: &Result<(), String>) {
+        let mut was = self.was_ready.lock().unwrap_or_else(|p| p.into_inner());
+        match (ready, *was) {
+            (Err(_), Some(false)) | (Ok(()), None | Some(true)) => {}
+            (Err(why), None | Some(true)) => tracing::warn!(reason = %why, "not ready"),
+            (Ok(()), Some(false)) => tracing::info!("ready again"),
+        }
+        *was = Some(ready.is_ok());
     }
 
     /// Ready when the current CA directory is loaded and the ledger can be
@@ -904,23 +1012,72 @@ fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-/// An optional `?spiffe_id=` the caller asks for.
+/// The credential of `Authorization: Bearer <credential>`. The scheme is
+/// case-insensitive (RFC 9110 section 11.1) and may be followed by any run
+/// of spaces and tabs; the credential is trimmed. `None` without the header,
+/// with another scheme, or with no credential.
+fn bearer(req: &http::request::Parts) -> Option<&str> {
+    const WS: [char; 2] = [' ', '\t'];
+    let value = req.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credential) = value.trim_matches(WS).split_once(WS)?;
+    let credential = credential.trim_matches(WS);
+    (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
+}
+
+/// Decodes one name or value of a form-encoded query (`+` is a space,
+/// `%XX` a byte), as Go's `url.Values` and Python's `urlencode` write it.
+fn form_decode(s: &str) -> Result<String, ApiError> {
+    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "the query has a malformed percent escape",
+                    ))
+                }
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| ApiError::bad_request("the query is not UTF-8"))
+}
+
+/// The `?spiffe_id=` the caller asks for, if any (form-encoded, see
+/// [`form_decode`]). It may be given once; any other parameter is refused,
+/// so that a misspelt or duplicated one never goes unnoticed and a caller
+/// never gets another identity than the one it meant to ask for.
 fn requested_id(req: &http::request::Parts) -> Result<Option<SpiffeId>, ApiError> {
     let Some(q) = req.uri.query() else {
         return Ok(None);
     };
-    for pair in q.split('&') {
-        if let Some(v) = pair.strip_prefix("spiffe_id=") {
-            return SpiffeId::parse(v).map(Some).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("spiffe_id: {e}"),
-                )
-            });
+    let mut wanted = None;
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = form_decode(name)?;
+        if name != "spiffe_id" {
+            let shown: String = name.chars().take(64).collect();
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {shown:?}; the only one is spiffe_id"
+            )));
         }
+        if wanted.is_some() {
+            return Err(ApiError::bad_request("spiffe_id is given more than once"));
+        }
+        let id = SpiffeId::parse(&form_decode(value)?)
+            .map_err(|e| ApiError::bad_request(format!("spiffe_id: {e}")))?;
+        wanted = Some(id);
     }
-    Ok(None)
+    Ok(wanted)
 }
 
 fn check_requested_id(req: &http::request::Parts, id: &SpiffeId) -> Result<(), ApiError> {
@@ -940,9 +1097,99 @@ fn parse_csr(body: &[u8]) -> Result<SubjectKey, ApiError> {
     csr::verify(&der).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
 }
 
+/// One open admin connection, as [`AdminSlots`] sees it.
+struct AdminConn {
+    /// When it opened or last began a request ([`AdminSlots::now`]).
+    last_active: AtomicU64,
+    /// Whether a complete request head has arrived on it.
+    requested: AtomicBool,
+    /// Closes the connection.
+    evict: Notify,
+}
+
+/// The admin listener's open connections. When all [`ADMIN_MAX_CONNECTIONS`]
+/// are taken, a new one evicts the oldest connection that has not sent a
+/// complete request yet, or failing that the one idle the longest: an
+/// unauthenticated client holding sockets open (idle, or sending a request
+/// head byte by byte) never locks out a probe, it only loses its own sockets.
+struct AdminSlots {
+    open: Mutex<HashMap<u64, Arc<AdminConn>>>,
+    next: AtomicU64,
+    epoch: Instant,
+}
+
+/// A connection's place in [`AdminSlots`], given up when dropped.
+struct AdminSlot {
+    slots: Arc<AdminSlots>,
+    id: u64,
+    conn: Arc<AdminConn>,
+}
+
+impl AdminSlots {
+    fn new() -> Arc<AdminSlots> {
+        Arc::new(AdminSlots {
+            open: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Microseconds since the listener started: a cheap, ordered stamp.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Takes a slot for a new connection, evicting another at the limit.
+    fn admit(self: &Arc<Self>) -> AdminSlot {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.len() >= ADMIN_MAX_CONNECTIONS {
+            let victim = open
+                .iter()
+                .min_by_key(|(id, c)| {
+                    (
+                        c.requested.load(Ordering::Relaxed),
+                        c.last_active.load(Ordering::Relaxed),
+                        // Ids grow with time: the older of a tie.
+                        **id,
+                    )
+                })
+                .map(|(id, _)| *id);
+            if let Some(conn) = victim.and_then(|id| open.remove(&id)) {
+                tracing::debug!(
+                    requested = conn.requested.load(Ordering::Relaxed),
+                    "admin connections at the limit; closing the oldest idle one"
+                );
+                conn.evict.notify_one();
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(AdminConn {
+            last_active: AtomicU64::new(self.now()),
+            requested: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        open.insert(id, conn.clone());
+        AdminSlot {
+            slots: self.clone(),
+            id,
+            conn,
+        }
+    }
+}
+
+impl Drop for AdminSlot {
+    fn drop(&mut self) {
+        self.slots
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// Serves the admin endpoints for as long as the task runs.
 async fn serve_admin(listener: TcpListener, server: Arc<Server>) {
-    let permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let slots = AdminSlots::new();
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -952,31 +1199,35 @@ async fn serve_admin(listener: TcpListener, server: Arc<Server>) {
                 continue;
             }
         };
-        // At the limit, close new connections rather than queue them: a
-        // probe that fails fast is better than one that hangs.
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            continue;
-        };
+        let slot = slots.admit();
         let server = server.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let conn = slot.conn.clone();
+            let slots = slot.slots.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                conn.requested.store(true, Ordering::Relaxed);
+                conn.last_active.store(slots.now(), Ordering::Relaxed);
                 let r = server.admin(&req);
                 async move { Ok::<_, Infallible>(r) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
+            // The header timeout also runs while a kept-alive connection
+            // waits for its next request, so it is the idle limit too.
+            let http = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .max_buf_size(ADMIN_MAX_BUF)
                 .serve_connection(TokioIo::new(tcp), svc);
-            tokio::pin!(conn);
+            tokio::pin!(http);
             tokio::select! {
-                _ = conn.as_mut() => {}
+                _ = http.as_mut() => {}
+                // Dropping the connection closes the socket.
+                _ = slot.conn.evict.notified() => {}
                 _ = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(ADMIN_HEADER_TIMEOUT, conn).await;
+                    http.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(ADMIN_HEADER_TIMEOUT, http).await;
                 }
             }
+            drop(slot);
         });
     }
 }
@@ -1046,6 +1297,7 @@ pub async fn run(
         },
         last_check: Mutex::new(Instant::now()),
         metrics,
+        was_ready: Mutex::new(None),
         opts,
     });
     server.update_gauges();
@@ -1102,26 +1354,164 @@ pub async fn run(
                     .map(|g| keyproof_identity::tls::group_label(g.name())),
                 "TLS handshake"
             );
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = {
                 let server = server.clone();
                 let conn = conn.clone();
-                async move { Ok::<_, Infallible>(server.handle(req, conn).await) }
-            });
+                hyper::service::service_fn(move |req| {
+                    let server = server.clone();
+                    let conn = conn.clone();
+                    async move { Ok::<_, Infallible>(server.handle(req, conn).await) }
+                })
+            };
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_BODY);
+                .max_buf_size(MAX_HEADERS);
             builder
                 .http2()
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(64);
+                .max_concurrent_streams(64)
+                .max_header_list_size(MAX_HEADERS as u32);
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-                tracing::debug!(peer = %addr, error = %e, "connection ended");
+                let too_large = e
+                    .downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_parse_too_large);
+                if too_large {
+                    // hyper answered 431 itself (the request never reached
+                    // `handle`); count and log it like any refusal.
+                    let refused = ApiError::new(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "request_header_too_large",
+                        format!("the request head is over {MAX_HEADERS} bytes"),
+                    );
+                    server.metrics.refusal(refused.code);
+                    Call::new(&conn).log_refusal(&refused);
+                } else {
+                    tracing::debug!(peer = %addr, error = %e, "connection ended");
+                }
             }
         });
     }
     admin_task.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, auth: Option<&str>) -> http::request::Parts {
+        let mut b = Request::builder().method(Method::POST).uri(uri);
+        if let Some(a) = auth {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_credential_trimmed() {
+        for (header, want) in [
+            ("Bearer a.b.c", Some("a.b.c")),
+            ("bearer a.b.c", Some("a.b.c")),
+            ("BEARER kpt_x", Some("kpt_x")),
+            ("Bearer\ta.b.c", Some("a.b.c")),
+            ("Bearer \t  a.b.c \t", Some("a.b.c")),
+            (" Bearer a.b.c", Some("a.b.c")),
+            ("Bearer", None),
+            ("Bearer   ", None),
+            ("Bearera.b.c", None),
+            ("Basic a.b.c", None),
+            ("Token a.b.c", None),
+        ] {
+            assert_eq!(
+                bearer(&parts("/v1/bootstrap", Some(header))),
+                want,
+                "{header:?}"
+            );
+        }
+        assert_eq!(bearer(&parts("/v1/bootstrap", None)), None);
+    }
+
+    fn wanted(query: &str) -> Result<Option<String>, &'static str> {
+        requested_id(&parts(&format!("/v1/bootstrap{query}"), None))
+            .map(|id| id.map(|i| i.to_string()))
+            .map_err(|e| e.code)
+    }
+
+    #[test]
+    fn the_requested_id_is_form_decoded_given_once_and_alone() {
+        let web = "spiffe://example.org/ns/default/sa/web";
+        assert_eq!(wanted(""), Ok(None));
+        assert_eq!(wanted("?"), Ok(None));
+        assert_eq!(wanted(&format!("?spiffe_id={web}")), Ok(Some(web.into())));
+        // As Go's url.Values and Python's urlencode send it.
+        assert_eq!(
+            wanted("?spiffe_id=spiffe%3A%2F%2Fexample.org%2Fns%2Fdefault%2Fsa%2Fweb"),
+            Ok(Some(web.into()))
+        );
+        assert_eq!(
+            wanted("?spiffe%5Fid=spiffe%3a%2f%2fexample.org%2Fx"),
+            Ok(Some("spiffe://example.org/x".into()))
+        );
+        for bad in [
+            // Repeated, in either order.
+            format!("?spiffe_id={web}&spiffe_id=spiffe://example.org/other"),
+            format!("?spiffe_id=spiffe://example.org/other&spiffe_id={web}"),
+            format!("?spiffe_id={web}&spiffe_id={web}"),
+            // Unknown or misspelt parameters.
+            format!("?x=1;spiffe_id={web}"),
+            format!("?spiffe-id={web}"),
+            format!("?spiffe_id={web}&x=1"),
+            // Malformed.
+            "?spiffe_id".into(),
+            "?spiffe_id=".into(),
+            "?spiffe_id=spiffe%3".into(),
+            "?spiffe_id=spiffe%zz".into(),
+            "?spiffe_id=spiffe%+1".into(),
+            "?spiffe_id=%FF".into(),
+            "?spiffe_id=spiffe://example.org/a+b".into(),
+        ] {
+            assert_eq!(wanted(&bad), Err("bad_request"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn at_the_limit_the_oldest_connection_without_a_request_is_evicted() {
+        let slots = AdminSlots::new();
+        let mut held: Vec<AdminSlot> = (0..ADMIN_MAX_CONNECTIONS).map(|_| slots.admit()).collect();
+        // The first one has served a request recently: it is kept.
+        held[0].conn.requested.store(true, Ordering::Relaxed);
+        held[0]
+            .conn
+            .last_active
+            .store(slots.now(), Ordering::Relaxed);
+        let newcomer = slots.admit();
+        assert_eq!(slots.open.lock().unwrap().len(), ADMIN_MAX_CONNECTIONS);
+        assert!(
+            !slots.open.lock().unwrap().contains_key(&held[1].id),
+            "the oldest idle one goes"
+        );
+        assert!(slots.open.lock().unwrap().contains_key(&held[0].id));
+        assert!(slots.open.lock().unwrap().contains_key(&newcomer.id));
+        // Once every other connection has made a request, the one idle the
+        // longest goes.
+        for s in &held[2..] {
+            s.conn.requested.store(true, Ordering::Relaxed);
+            s.conn
+                .last_active
+                .store(slots.now() + 10, Ordering::Relaxed);
+        }
+        newcomer.conn.requested.store(true, Ordering::Relaxed);
+        newcomer
+            .conn
+            .last_active
+            .store(slots.now() + 10, Ordering::Relaxed);
+        let _third = slots.admit();
+        assert!(!slots.open.lock().unwrap().contains_key(&held[0].id));
+        // A closed connection frees its slot.
+        let id = held.pop().unwrap().id;
+        assert!(!slots.open.lock().unwrap().contains_key(&id));
+    }
 }

@@ -130,6 +130,8 @@ struct Entry {
 pub struct TokenStore {
     by_hash: HashMap<String, Entry>,
     used: HashSet<String>,
+    /// Tokens a request in flight holds (see [`TokenStore::reserve`]).
+    reserved: HashSet<String>,
     /// Bytes of the file already read, so new lines are picked up cheaply.
     read_len: u64,
 }
@@ -145,7 +147,11 @@ impl TokenStore {
             Err(e) => return Err(io_err(&path)(e)),
         };
         if (text.len() as u64) < self.read_len {
+            // The file was replaced: read it again from the start, but keep
+            // the requests in flight holding their tokens.
+            let reserved = std::mem::take(&mut self.reserved);
             *self = TokenStore::default();
+            self.reserved = reserved;
         }
         let start = self.read_len as usize;
         // Only whole lines: a line being appended right now is read next time.
@@ -188,9 +194,14 @@ impl TokenStore {
         Ok(())
     }
 
-    /// Checks a presented token and, if good, marks it used (durably, before
-    /// returning) and returns (token id, SPIFFE ID).
-    pub fn consume(
+    /// Checks a presented token and, if good, reserves it for this caller
+    /// and returns (token id, SPIFFE ID). A reserved token is refused to
+    /// every other caller as [`TokenError::Reused`] until it is released
+    /// ([`TokenStore::release`]: the request was not answered with a
+    /// certificate, so the token stays usable) or spent
+    /// ([`TokenStore::commit`]). Reservations live in memory only: a crash
+    /// releases them.
+    pub fn reserve(
         &mut self,
         dir: &Path,
         presented: &str,
@@ -200,7 +211,7 @@ impl TokenStore {
         let Some(entry) = self.by_hash.get(&hash(presented.trim())) else {
             return Ok(Err(TokenError::Invalid));
         };
-        if self.used.contains(&entry.id) {
+        if self.used.contains(&entry.id) || self.reserved.contains(&entry.id) {
             return Ok(Err(TokenError::Reused));
         }
         let expires = OffsetDateTime::parse(
@@ -218,14 +229,131 @@ impl TokenStore {
             return Ok(Err(TokenError::Invalid));
         };
         let token_id = entry.id.clone();
+        self.reserved.insert(token_id.clone());
+        Ok(Ok((token_id, id)))
+    }
+
+    /// Marks a reserved token used, durably (the `used` line is on disk when
+    /// this returns). On error the token stays reserved; the caller releases
+    /// it.
+    pub fn commit(
+        &mut self,
+        dir: &Path,
+        token_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), CaError> {
         append(
             dir,
             &Record::Used {
-                id: token_id.clone(),
+                id: token_id.to_owned(),
                 used_at: ca::rfc3339(now),
             },
         )?;
-        self.used.insert(token_id.clone());
-        Ok(Ok((token_id, id)))
+        self.reserved.remove(token_id);
+        self.used.insert(token_id.to_owned());
+        Ok(())
+    }
+
+    /// Gives up a reservation without spending the token.
+    pub fn release(&mut self, token_id: &str) {
+        self.reserved.remove(token_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token for `id`, recorded in `dir` as `token create` would.
+    fn record(dir: &Path, token: &str, id: &str, ttl: Duration) {
+        let now = ca::now();
+        append(
+            dir,
+            &Record::Token {
+                id: id_of(token),
+                sha256: hash(token),
+                spiffe_id: id.into(),
+                expires_at: ca::rfc3339(now + ttl),
+                created_at: ca::rfc3339(now),
+            },
+        )
+        .unwrap();
+    }
+
+    const WEB: &str = "spiffe://example.org/ns/default/sa/web";
+
+    #[test]
+    fn a_reserved_token_is_refused_to_others_and_spent_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        record(d, "kpt_one", WEB, Duration::from_secs(3600));
+        let now = ca::now();
+        let mut store = TokenStore::default();
+        let (tid, id) = store.reserve(d, "kpt_one", now).unwrap().unwrap();
+        assert_eq!(id.as_str(), WEB);
+        assert_eq!(tid, id_of("kpt_one"));
+        // Held by a request in flight.
+        assert_eq!(
+            store.reserve(d, "kpt_one", now).unwrap(),
+            Err(TokenError::Reused)
+        );
+        // That request failed: the token is usable again, and nothing was
+        // written.
+        store.release(&tid);
+        assert!(!std::fs::read_to_string(d.join(files::TOKENS))
+            .unwrap()
+            .contains("\"used\""));
+        let (tid, _) = store.reserve(d, "kpt_one", now).unwrap().unwrap();
+        store.commit(d, &tid, now).unwrap();
+        assert_eq!(
+            store.reserve(d, "kpt_one", now).unwrap(),
+            Err(TokenError::Reused)
+        );
+        // Spent for good: a restarted server reads it from the file.
+        let mut fresh = TokenStore::default();
+        assert_eq!(
+            fresh.reserve(d, "kpt_one", now).unwrap(),
+            Err(TokenError::Reused)
+        );
+        assert_eq!(
+            fresh.reserve(d, "kpt_two", now).unwrap(),
+            Err(TokenError::Invalid)
+        );
+    }
+
+    #[test]
+    fn a_reservation_survives_the_file_being_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        record(d, "kpt_one", WEB, Duration::from_secs(3600));
+        record(d, "kpt_two", WEB, Duration::from_secs(3600));
+        let now = ca::now();
+        let mut store = TokenStore::default();
+        store.reserve(d, "kpt_two", now).unwrap().unwrap();
+        // Rewritten shorter (say, restored from a backup): re-read from the
+        // start, the reservation kept.
+        std::fs::remove_file(d.join(files::TOKENS)).unwrap();
+        record(d, "kpt_two", WEB, Duration::from_secs(3600));
+        assert_eq!(
+            store.reserve(d, "kpt_two", now).unwrap(),
+            Err(TokenError::Reused)
+        );
+        assert_eq!(
+            store.reserve(d, "kpt_one", now).unwrap(),
+            Err(TokenError::Invalid)
+        );
+    }
+
+    #[test]
+    fn an_expired_token_is_not_reserved() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        record(d, "kpt_one", WEB, Duration::from_secs(1));
+        let later = ca::now() + Duration::from_secs(2);
+        let mut store = TokenStore::default();
+        assert!(matches!(
+            store.reserve(d, "kpt_one", later).unwrap(),
+            Err(TokenError::Expired(_))
+        ));
     }
 }

@@ -169,6 +169,18 @@ fn tampered(token: &str) -> String {
 /// A bootstrap with curl, to ask for a particular `?spiffe_id=`: (status,
 /// error code).
 fn curl_bootstrap(ca: &TestCa, port: u16, token: &str, query: &str) -> (u16, String) {
+    curl_bootstrap_with(ca, port, &format!("Bearer {token}"), &[], query)
+}
+
+/// [`curl_bootstrap`] with the whole `Authorization` value and more curl
+/// arguments (e.g. `--http2`).
+fn curl_bootstrap_with(
+    ca: &TestCa,
+    port: u16,
+    authorization: &str,
+    args: &[&str],
+    query: &str,
+) -> (u16, String) {
     let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
     let csr = ca.path("curl.csr");
     fs::write(&csr, &k.csr_pem).unwrap();
@@ -176,9 +188,10 @@ fn curl_bootstrap(ca: &TestCa, port: u16, token: &str, query: &str) -> (u16, Str
         .args(["-sS", "--cacert"])
         .arg(ca.bundle())
         .args(["-w", "\n%{http_code}", "-H"])
-        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("Authorization: {authorization}"))
         .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
         .arg(format!("@{}", csr.display()))
+        .args(args)
         .arg(format!("https://localhost:{port}/v1/bootstrap{query}"))
         .output()
         .unwrap();
@@ -335,15 +348,152 @@ fn a_ca_without_a_jwks_refuses_service_account_tokens() {
         bootstrap(&client(&ca, srv.port), &token),
         "sa_token_not_accepted"
     );
+    // An unsecured JWT is a ServiceAccount token attempt too.
+    assert_eq!(
+        bootstrap(&client(&ca, srv.port), &unsecured("demo", "web")),
+        "sa_token_not_accepted"
+    );
     let m = scrape(&srv);
-    assert_eq!(refusals(&m, "sa_token_not_accepted"), Some(1.0), "{m}");
+    assert_eq!(refusals(&m, "sa_token_not_accepted"), Some(2.0), "{m}");
+    assert_eq!(refusals(&m, "invalid_token"), Some(0.0), "{m}");
     assert_eq!(
         sample(
             &m,
             "keyproof_ca_issuances_total{kind=\"bootstrap_sa\",result=\"refused\"}"
         ),
-        Some(1.0)
+        Some(2.0)
     );
+    // The log names who the token claims to be (unverified), never the token.
+    let log = srv.log();
+    assert!(!log.contains(&token), "{log}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("sa_token_not_accepted"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("claimed_sub=\"system:serviceaccount:demo:web\"")),
+        "{log}"
+    );
+}
+
+/// A JWT-shaped credential claiming `system:serviceaccount:<ns>:<sa>`, with
+/// `alg: none` and no signature.
+fn unsecured(ns: &str, sa: &str) -> String {
+    let part = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.",
+        part(serde_json::json!({"alg": "none", "typ": "JWT"})),
+        part(serde_json::json!({"sub": format!("system:serviceaccount:{ns}:{sa}")}))
+    )
+}
+
+/// A JWT-shaped credential of about `len` bytes (signature not valid).
+fn oversized(len: usize) -> String {
+    let part = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.{}",
+        part(serde_json::json!({"alg": "ES256"})),
+        part(serde_json::json!({"sub": "system:serviceaccount:demo:big"})),
+        "A".repeat(len)
+    )
+}
+
+#[test]
+fn odd_oversized_and_unsecured_service_account_tokens_are_answered_by_the_api() {
+    let ca = TestCa::new(TD);
+    let issuer = ClusterIssuer::new(k8s::ISSUER, Algorithm::ES256);
+    let (srv, _jwks) = start_k8s(&ca, &issuer);
+    let token = issuer.token(&SaToken::new("demo", "web"));
+
+    // The scheme in any case, then any spaces or tabs.
+    for auth in [
+        format!("bearer {token}"),
+        format!("BEARER\t{token}"),
+        format!("Bearer \t {token} "),
+    ] {
+        for proto in ["--http1.1", "--http2"] {
+            assert_eq!(
+                curl_bootstrap_with(&ca, srv.port, &auth, &[proto], ""),
+                (200, "ok".into()),
+                "{proto} {}",
+                &auth[..8]
+            );
+        }
+    }
+
+    // Over the token size limit but within the request head limit: the API
+    // refuses it, on either protocol.
+    let big = oversized(attest_max() + 4096);
+    for proto in ["--http1.1", "--http2"] {
+        assert_eq!(
+            curl_bootstrap_with(&ca, srv.port, &format!("Bearer {big}"), &[proto], ""),
+            (401, "sa_token_malformed".into()),
+            "{proto}"
+        );
+    }
+    // Unsecured.
+    assert_eq!(
+        curl_bootstrap_with(
+            &ca,
+            srv.port,
+            &format!("Bearer {}", unsecured("demo", "web")),
+            &[],
+            ""
+        ),
+        (401, "sa_token_malformed".into())
+    );
+    // Over the request head limit: the HTTP layer refuses it. On HTTP/1.1
+    // with 431, counted and logged; on HTTP/2 the stream is refused
+    // (REFUSED_STREAM, which the server cannot see to count).
+    let huge = oversized(80 * 1024);
+    let (status, _) =
+        curl_bootstrap_with(&ca, srv.port, &format!("Bearer {huge}"), &["--http1.1"], "");
+    assert_eq!(status, 431);
+    let (status, _) =
+        curl_bootstrap_with(&ca, srv.port, &format!("Bearer {huge}"), &["--http2"], "");
+    assert_ne!(status, 200);
+
+    let m = scrape(&srv);
+    assert_eq!(refusals(&m, "sa_token_malformed"), Some(3.0), "{m}");
+    assert_eq!(refusals(&m, "invalid_token"), Some(0.0), "{m}");
+    assert_eq!(refusals(&m, "request_header_too_large"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "keyproof_ca_issuances_total{kind=\"bootstrap_sa\",result=\"refused\"}"
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    let log = srv.log();
+    let malformed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("sa_token_malformed"))
+        .collect();
+    assert_eq!(malformed.len(), 3, "{log}");
+    assert!(
+        malformed[..2]
+            .iter()
+            .all(|l| l.contains("claimed_sub=\"system:serviceaccount:demo:big\"")),
+        "{log}"
+    );
+    assert!(
+        malformed[2].contains("claimed_sub=\"system:serviceaccount:demo:web\""),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("request_header_too_large") && l.contains("peer=127.0.0.1:")),
+        "{log}"
+    );
+    assert!(!log.contains(&big[..2000]), "a token was logged");
+}
+
+fn attest_max() -> usize {
+    keyproof_ca::attest::MAX_TOKEN_LEN
 }
 
 #[test]
@@ -376,6 +526,14 @@ fn the_flags_are_checked_at_startup() {
             .args(["--admin-listen", &busy.local_addr().unwrap().to_string()]),
     );
     assert!(err.contains("--admin-listen"), "{err}");
+    let err = keyproof_tests::run_err(
+        cmd("keyproof-ca")
+            .args(["serve", "--dir"])
+            .arg(&ca.dir)
+            .args(["--listen", &busy.local_addr().unwrap().to_string()])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())]),
+    );
+    assert!(err.contains("--listen"), "{err}");
 }
 
 #[test]

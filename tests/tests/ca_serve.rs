@@ -728,3 +728,301 @@ fn json_logs_are_one_object_a_line() {
         "{refused}"
     );
 }
+
+/// A bootstrap with curl: `args` add headers or pick the protocol; (status,
+/// error code or `ok`, response headers and body).
+fn curl_bootstrap(ca: &TestCa, port: u16, args: &[&str], query: &str) -> (u16, String, String) {
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let csr = ca.path(&format!("curl-{}.csr", free_port()));
+    fs::write(&csr, &k.csr_pem).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--cacert"])
+        .arg(ca.bundle())
+        .args(["-w", "\n%{http_code}"])
+        .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
+        .arg(format!("@{}", csr.display()))
+        .args(args)
+        .arg(format!("https://localhost:{port}/v1/bootstrap{query}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (response, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let code = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "ok".into());
+    let status = status.trim().parse().unwrap_or(0);
+    (
+        status,
+        code,
+        format!("{response}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+fn token_used(ca: &TestCa, token: &str) -> bool {
+    let id = keyproof_ca::token::id_of(token);
+    fs::read_to_string(ca.dir.join("tokens.jsonl"))
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("\"used\"") && l.contains(&id))
+}
+
+#[test]
+fn a_join_token_is_spent_only_on_a_certificate() {
+    let ca = TestCa::new(TD);
+    let rt = rt();
+    let (t1, t2, t3, t4) = (
+        token(&ca, WEB, "1h"),
+        token(&ca, WEB, "1h"),
+        token(&ca, WEB, "1h"),
+        token(&ca, WEB, "1h"),
+    );
+    {
+        // One issuance a minute: the second token is refused for the rate,
+        // and stays usable (not `token_reused`, not marked used).
+        let srv = start(&ca, &["--rate-limit", "1"]);
+        let c = client(&ca, srv.port);
+        let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+        assert_eq!(code(rt.block_on(c.bootstrap(&t1, &k.csr_pem))), "ok");
+        assert!(token_used(&ca, &t1));
+        for _ in 0..2 {
+            assert_eq!(
+                code(rt.block_on(c.bootstrap(&t2, &k.csr_pem))),
+                "rate_limited"
+            );
+        }
+        assert!(!token_used(&ca, &t2));
+    }
+    // A new rate window (a restarted server starts one): the token works.
+    let srv = start(&ca, &[]);
+    let c = client(&ca, srv.port);
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    assert_eq!(code(rt.block_on(c.bootstrap(&t2, &k.csr_pem))), "ok");
+    assert!(token_used(&ca, &t2));
+
+    // Asking for another identity is refused and does not spend it either.
+    let (status, err, body) = curl_bootstrap(
+        &ca,
+        srv.port,
+        &["-H", &format!("Authorization: Bearer {t3}")],
+        "?spiffe_id=spiffe://prod.example.com/ns/default/sa/other",
+    );
+    assert_eq!((status, err.as_str()), (403, "id_mismatch"), "{body}");
+    assert!(!token_used(&ca, &t3));
+    assert_eq!(code(rt.block_on(c.bootstrap(&t3, &k.csr_pem))), "ok");
+
+    // The ledger cannot be written: 503, and the token stays usable for
+    // when it can.
+    let ledger = ca.dir.join("ledger.jsonl");
+    let saved = ca.path("ledger.saved");
+    fs::rename(&ledger, &saved).unwrap();
+    fs::create_dir(&ledger).unwrap();
+    assert_eq!(
+        code(rt.block_on(c.bootstrap(&t4, &k.csr_pem))),
+        "ledger_unavailable"
+    );
+    assert!(!token_used(&ca, &t4));
+    fs::remove_dir(&ledger).unwrap();
+    fs::rename(&saved, &ledger).unwrap();
+    assert_eq!(code(rt.block_on(c.bootstrap(&t4, &k.csr_pem))), "ok");
+    let m = scrape(&srv);
+    assert_eq!(
+        sample(&m, "keyproof_ca_refusals_total{code=\"token_reused\"}"),
+        Some(0.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn one_join_token_used_concurrently_gives_one_certificate() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &["--rate-limit", "0"]);
+    let t = token(&ca, WEB, "1h");
+    // Every thread gets ready, then all send at once.
+    let start_line = std::sync::Barrier::new(20);
+    let mut codes: Vec<String> = Vec::new();
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for _ in 0..20 {
+            handles.push(s.spawn(|| {
+                let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+                let c = client(&ca, srv.port);
+                let rt = rt();
+                start_line.wait();
+                code(rt.block_on(c.bootstrap(&t, &k.csr_pem)))
+            }));
+        }
+        for h in handles {
+            codes.push(h.join().unwrap());
+        }
+    });
+    assert_eq!(codes.iter().filter(|c| *c == "ok").count(), 1, "{codes:?}");
+    assert!(
+        codes.iter().all(|c| c == "ok" || c == "token_reused"),
+        "{codes:?}"
+    );
+    let ledger = fs::read_to_string(ca.dir.join("ledger.jsonl")).unwrap();
+    assert_eq!(ledger.lines().count(), 1, "{ledger}");
+}
+
+#[test]
+fn the_bootstrap_request_is_read_leniently_where_it_is_safe_and_strictly_where_not() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let bearer = |scheme_and_space: &str| {
+        let t = token(&ca, WEB, "1h");
+        curl_bootstrap(
+            &ca,
+            srv.port,
+            &["-H", &format!("Authorization: {scheme_and_space}{t}  ")],
+            "",
+        )
+    };
+    // The scheme is case-insensitive, followed by any spaces or tabs.
+    for s in ["bearer ", "BEARER ", "Bearer\t", "Bearer \t  "] {
+        let (status, err, body) = bearer(s);
+        assert_eq!((status, err.as_str()), (200, "ok"), "{s:?}: {body}");
+    }
+    let (status, err, _) = bearer("Basic ");
+    assert_eq!((status, err.as_str()), (401, "missing_token"));
+
+    // The query is form-decoded; spiffe_id may be given once, and nothing
+    // else may be.
+    let q = |query: &str| {
+        let t = token(&ca, WEB, "1h");
+        let (status, err, body) = curl_bootstrap(
+            &ca,
+            srv.port,
+            &["-H", &format!("Authorization: Bearer {t}")],
+            query,
+        );
+        (status, err, body, t)
+    };
+    let (status, err, body, _) =
+        q("?spiffe_id=spiffe%3A%2F%2Fprod.example.com%2Fns%2Fdefault%2Fsa%2Fweb");
+    assert_eq!((status, err.as_str()), (200, "ok"), "{body}");
+    let other = "spiffe://prod.example.com/ns/default/sa/other";
+    for query in [
+        format!("?spiffe_id={WEB}&spiffe_id={other}"),
+        format!("?spiffe_id={other}&spiffe_id={WEB}"),
+        format!("?x=1;spiffe_id={other}"),
+        format!("?spiffe-id={other}"),
+    ] {
+        let (status, err, body, t) = q(&query);
+        assert_eq!(
+            (status, err.as_str()),
+            (400, "bad_request"),
+            "{query}: {body}"
+        );
+        assert!(!token_used(&ca, &t), "{query}");
+    }
+
+    // 405 names the allowed method.
+    let (status, body) = curl(&ca, srv.port, &["-i"], "/v1/bootstrap");
+    assert_eq!(status, 405, "{body}");
+    assert!(body.to_ascii_lowercase().contains("allow: post"), "{body}");
+}
+
+#[test]
+fn idle_or_slow_sockets_cannot_starve_the_admin_listener() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], srv.admin).into();
+    let probe = || {
+        let started = std::time::Instant::now();
+        let (status, body) = admin_get(&srv, "/healthz");
+        (status, body, started.elapsed())
+    };
+    // Idle sockets, then ones sending a request head a byte at a time.
+    let mut held: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    for s in held.iter_mut().take(32) {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        let (status, body, took) = probe();
+        assert_eq!(status, 200, "{body}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+    // Kept-alive connections that made a request and then sit idle.
+    let mut kept: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            s
+        })
+        .collect();
+    let (status, body, took) = probe();
+    assert_eq!(status, 200, "{body}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Idle ones are closed after the header timeout (2 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut closed = 0;
+    for s in kept.iter_mut().chain(held.iter_mut()) {
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut buf = [0u8; 512];
+        if matches!(s.read(&mut buf), Ok(0) | Err(_)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 128);
+
+    // HEAD works; other methods get 405 with Allow.
+    let out = Command::new("curl")
+        .args(["-sS", "-I", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}/healthz", srv.admin))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).ends_with("200"),
+        "{out:?}"
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "-X", "POST"])
+        .arg(format!("http://127.0.0.1:{}/healthz", srv.admin))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 405"), "{text}");
+    assert!(text.contains("allow: get, head"), "{text}");
+}
+
+#[test]
+fn ready_follows_the_ledger_within_a_second_and_logs_only_changes() {
+    let ca = TestCa::new(TD);
+    let srv = start(&ca, &[]);
+    let c = client(&ca, srv.port);
+    let t = token(&ca, WEB, "1h");
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    rt().block_on(c.bootstrap(&t, &k.csr_pem))
+        .expect("bootstrap");
+    assert_eq!(admin_get(&srv, "/ready").0, 200);
+    // Right after a good commit, the ledger breaks.
+    let ledger = ca.dir.join("ledger.jsonl");
+    let saved = ca.path("ledger.saved");
+    fs::rename(&ledger, &saved).unwrap();
+    fs::create_dir(&ledger).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    for _ in 0..3 {
+        let (status, body) = admin_get(&srv, "/ready");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("ledger.jsonl"), "{body}");
+    }
+    fs::remove_dir(&ledger).unwrap();
+    fs::rename(&saved, &ledger).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(admin_get(&srv, "/ready"), (200, "ready\n".into()));
+    let log = srv.log();
+    assert_eq!(log.matches("not ready").count(), 1, "{log}");
+    assert_eq!(log.matches("ready again").count(), 1, "{log}");
+}
