@@ -1237,6 +1237,11 @@ pub async fn run(
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    // main.rs checks --ttl too; a library caller gets the same refusal at
+    // startup rather than a 503 on every issuance.
+    crate::ca::Lifetime::Svid
+        .check(opts.ttl)
+        .map_err(CaError::from)?;
     let ca = Ca::open(&opts.dir)?;
     let attestor = opts
         .service_accounts

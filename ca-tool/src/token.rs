@@ -103,7 +103,7 @@ pub fn create(ca: &Ca, spiffe_id: &SpiffeId, ttl: Duration) -> Result<(String, R
         id: id_of(&token),
         sha256: sha,
         spiffe_id: spiffe_id.to_string(),
-        expires_at: ca::rfc3339(now + ttl),
+        expires_at: ca::rfc3339(ca::Lifetime::JoinToken.end(now, ttl)?),
         created_at: ca::rfc3339(now),
     };
     append(ca.dir(), &record)?;
