@@ -14,9 +14,18 @@
 //! - `keyproof_ca_certificate_expiry_timestamp_seconds{cert}`: `not_after`
 //!   of the `root`, the `intermediate` and the server's own (`server`)
 //!   certificate.
-//! - `keyproof_ca_bundle_root_expiry_timestamp_seconds{fingerprint}`:
+//! - `keyproof_ca_certificate_issued_timestamp_seconds{cert}`: `not_before`
+//!   of the `root` and the `intermediate`, so that an alert can measure how
+//!   much of their lifetime is left (the server certificate always lives
+//!   24 h).
+//! - `keyproof_ca_bundle_root_expiry_timestamp_seconds{fingerprint,trust_domain}`:
 //!   `not_after` of every root in the bundle, by hex SHA-256 of its DER.
-//! - `keyproof_ca_bundle_sequence`: the bundle's `spiffe_sequence`.
+//! - `keyproof_ca_bundle_sequence{trust_domain}`: the bundle's
+//!   `spiffe_sequence`. `trust_domain` is the bare name
+//!   (`prod.example.com`), as on the sidecars' `keyproof_trust_bundle_*`
+//!   metrics: sequences of different CAs are not comparable.
+//! - `keyproof_ca_ready`: 1 while `GET /ready` would answer 200 (CA loaded,
+//!   ledger writable), 0 otherwise; updated at every scrape.
 //! - `keyproof_ca_rotation_stage{stage}`: 1 for the current root-rotation
 //!   stage (`idle`, `prepared`, `activated`), 0 for the others.
 //! - `keyproof_ca_jwks_keys`, `keyproof_ca_jwks_reloads_total{result}`:
@@ -97,6 +106,12 @@ pub struct CaGauges {
     pub intermediate_expiry: i64,
     /// `not_after` of the server's own certificate.
     pub server_expiry: i64,
+    /// `not_before` of the root.
+    pub root_issued: i64,
+    /// `not_before` of the intermediate.
+    pub intermediate_issued: i64,
+    /// The CA's trust domain (bare name), the `trust_domain` label.
+    pub trust_domain: String,
     /// (hex SHA-256, `not_after`) of every root in the bundle.
     pub bundle_roots: Vec<(String, i64)>,
     /// The bundle's `spiffe_sequence`.
@@ -112,8 +127,10 @@ pub struct CaMetrics {
     refusals: IntCounterVec,
     ledger_commit: Histogram,
     cert_expiry: IntGaugeVec,
+    cert_issued: IntGaugeVec,
     bundle_root_expiry: IntGaugeVec,
-    bundle_sequence: IntGauge,
+    bundle_sequence: IntGaugeVec,
+    ready: IntGauge,
     rotation_stage: IntGaugeVec,
     jwks: Option<(IntGauge, IntCounterVec)>,
 }
@@ -166,17 +183,33 @@ impl CaMetrics {
             &["cert"],
         )
         .expect("valid metric");
+        let cert_issued = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_ca_certificate_issued_timestamp_seconds",
+                "not_before of the CA's root and intermediate certificate",
+            ),
+            &["cert"],
+        )
+        .expect("valid metric");
         let bundle_root_expiry = IntGaugeVec::new(
             Opts::new(
                 "keyproof_ca_bundle_root_expiry_timestamp_seconds",
                 "not_after of each root in the trust bundle, by hex SHA-256 fingerprint",
             ),
-            &["fingerprint"],
+            &["fingerprint", "trust_domain"],
         )
         .expect("valid metric");
-        let bundle_sequence = IntGauge::new(
-            "keyproof_ca_bundle_sequence",
-            "spiffe_sequence of the trust bundle the CA serves",
+        let bundle_sequence = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_ca_bundle_sequence",
+                "spiffe_sequence of the trust bundle the CA serves, by trust domain",
+            ),
+            &["trust_domain"],
+        )
+        .expect("valid metric");
+        let ready = IntGauge::new(
+            "keyproof_ca_ready",
+            "1 while the CA is ready (CA directory loaded, ledger writable): what GET /ready answers",
         )
         .expect("valid metric");
         let rotation_stage = IntGaugeVec::new(
@@ -222,8 +255,10 @@ impl CaMetrics {
             Box::new(refusals.clone()),
             Box::new(ledger_commit.clone()),
             Box::new(cert_expiry.clone()),
+            Box::new(cert_issued.clone()),
             Box::new(bundle_root_expiry.clone()),
             Box::new(bundle_sequence.clone()),
+            Box::new(ready.clone()),
             Box::new(rotation_stage.clone()),
             Box::new(build_info),
         ] {
@@ -243,8 +278,10 @@ impl CaMetrics {
             refusals,
             ledger_commit,
             cert_expiry,
+            cert_issued,
             bundle_root_expiry,
             bundle_sequence,
+            ready,
             rotation_stage,
             jwks,
         }
@@ -283,14 +320,24 @@ impl CaMetrics {
         ] {
             self.cert_expiry.with_label_values(&[cert]).set(v);
         }
+        for (cert, v) in [
+            ("root", g.root_issued),
+            ("intermediate", g.intermediate_issued),
+        ] {
+            self.cert_issued.with_label_values(&[cert]).set(v);
+        }
         // A root that left the bundle must leave the metric too.
         self.bundle_root_expiry.reset();
         for (fp, not_after) in &g.bundle_roots {
             self.bundle_root_expiry
-                .with_label_values(&[fp])
+                .with_label_values(&[fp, &g.trust_domain])
                 .set(*not_after);
         }
+        // One series only, even if the directory were swapped for another
+        // trust domain's.
+        self.bundle_sequence.reset();
         self.bundle_sequence
+            .with_label_values(&[&g.trust_domain])
             .set(i64::try_from(g.sequence).unwrap_or(i64::MAX));
         let current = g.stage.map(|s| match s {
             RotationStage::Idle => "idle",
@@ -302,6 +349,11 @@ impl CaMetrics {
                 .with_label_values(&[stage])
                 .set(i64::from(current == Some(stage)));
         }
+    }
+
+    /// Sets `keyproof_ca_ready` from what `/ready` would answer now.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     /// Sets the JWKS metrics from the attestor's counters.
@@ -373,6 +425,9 @@ mod tests {
             root_expiry: 2000,
             intermediate_expiry: 1500,
             server_expiry: 1000,
+            root_issued: 100,
+            intermediate_issued: 200,
+            trust_domain: "prod.example.com".into(),
             bundle_roots: vec![("aa".into(), 2000), ("bb".into(), 3000)],
             sequence: 2,
             stage: Some(RotationStage::Prepared),
@@ -381,17 +436,27 @@ mod tests {
             root_expiry: 3000,
             intermediate_expiry: 1500,
             server_expiry: 1000,
+            root_issued: 150,
+            intermediate_issued: 200,
+            trust_domain: "prod.example.com".into(),
             bundle_roots: vec![("bb".into(), 3000)],
             sequence: 3,
             stage: Some(RotationStage::Idle),
         });
         let t = text(&m);
         assert!(t.contains("keyproof_ca_certificate_expiry_timestamp_seconds{cert=\"root\"} 3000"));
-        assert!(
-            t.contains("keyproof_ca_bundle_root_expiry_timestamp_seconds{fingerprint=\"bb\"} 3000")
-        );
+        assert!(t.contains("keyproof_ca_certificate_issued_timestamp_seconds{cert=\"root\"} 150"));
+        assert!(t.contains(
+            "keyproof_ca_bundle_root_expiry_timestamp_seconds{fingerprint=\"bb\",trust_domain=\"prod.example.com\"} 3000"
+        ), "{t}");
         assert!(!t.contains("fingerprint=\"aa\""), "{t}");
-        assert!(t.contains("keyproof_ca_bundle_sequence 3"));
+        assert!(
+            t.contains("keyproof_ca_bundle_sequence{trust_domain=\"prod.example.com\"} 3"),
+            "{t}"
+        );
+        assert!(t.contains("keyproof_ca_ready 0"), "{t}");
+        m.set_ready(true);
+        assert!(text(&m).contains("keyproof_ca_ready 1"));
         assert!(t.contains("keyproof_ca_rotation_stage{stage=\"idle\"} 1"));
         assert!(t.contains("keyproof_ca_rotation_stage{stage=\"prepared\"} 0"));
         m.set_jwks(JwksStatus {

@@ -567,10 +567,18 @@ impl Server {
                 .map(|t| t.unix_timestamp())
                 .unwrap_or(0)
         };
+        let issued = |der: &[u8]| {
+            x509_parser::parse_x509_certificate(der)
+                .map(|(_, c)| c.validity().not_before.timestamp())
+                .unwrap_or(0)
+        };
         self.metrics.set_ca(&CaGauges {
             root_expiry: expiry(ca.root()),
             intermediate_expiry: expiry(ca.intermediate()),
             server_expiry: self.own_expiry.load(Ordering::Relaxed),
+            root_issued: issued(ca.root()),
+            intermediate_issued: issued(ca.intermediate()),
+            trust_domain: ca.trust_domain().as_str().to_owned(),
             bundle_roots: ca
                 .bundle()
                 .iter()
@@ -921,13 +929,18 @@ impl Server {
             "/ready" => {
                 let ready = self.readiness();
                 self.note_readiness(&ready);
+                self.metrics.set_ready(ready.is_ok());
                 match ready {
                     Ok(()) => text_response(StatusCode::OK, "ready\n".into()),
                     Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                 }
             }
             "/metrics" => {
-                self.refresh();
+                // The same answer /ready gives, so that an alert sees a CA
+                // that runs but cannot issue.
+                let ready = self.readiness();
+                self.note_readiness(&ready);
+                self.metrics.set_ready(ready.is_ok());
                 self.update_gauges();
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 r.headers_mut().insert(

@@ -577,7 +577,15 @@ fn admin_listener_answers_health_and_metrics_that_follow_the_api() {
         sample(&m, "keyproof_ca_rotation_stage{stage=\"prepared\"}"),
         Some(0.0)
     );
-    assert_eq!(sample(&m, "keyproof_ca_bundle_sequence"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            &format!("keyproof_ca_bundle_sequence{{trust_domain=\"{TD}\"}}")
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "keyproof_ca_ready"), Some(1.0), "{m}");
     let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
     for cert in ["root", "intermediate", "server"] {
         let exp = sample(
@@ -594,7 +602,9 @@ fn admin_listener_answers_health_and_metrics_that_follow_the_api() {
     assert!(
         sample(
             &m,
-            &format!("keyproof_ca_bundle_root_expiry_timestamp_seconds{{fingerprint=\"{fp}\"}}")
+            &format!(
+                "keyproof_ca_bundle_root_expiry_timestamp_seconds{{fingerprint=\"{fp}\",trust_domain=\"{TD}\"}}"
+            )
         )
         .is_some_and(|e| e > now),
         "{m}"

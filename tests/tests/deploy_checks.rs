@@ -53,6 +53,8 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_ca_refusals_total",
     "keyproof_ca_ledger_commit_seconds",
     "keyproof_ca_certificate_expiry_timestamp_seconds",
+    "keyproof_ca_certificate_issued_timestamp_seconds",
+    "keyproof_ca_ready",
     "keyproof_ca_bundle_root_expiry_timestamp_seconds",
     "keyproof_ca_bundle_sequence",
     "keyproof_ca_rotation_stage",
@@ -1170,6 +1172,23 @@ fn identity_plane_alerts_exist_and_have_runbooks() {
             "deploy/prometheus/keyproof-rules.yaml has no alert {alert}"
         );
     }
+    // Bundle sequences of different CAs are not comparable, and a CA with
+    // no scrape target at all is down too (promtool tests cover both).
+    for needle in [
+        "< on (trust_domain) group_left",
+        "max by (trust_domain) (keyproof_trust_bundle_sequence or keyproof_ca_bundle_sequence)",
+        "absent(up{job=~\".*keyproof-ca.*\"}",
+        "keyproof_ca_ready == 0",
+    ] {
+        assert!(
+            rules_text.contains(needle),
+            "deploy/prometheus/keyproof-rules.yaml lacks {needle}"
+        );
+    }
+    assert!(
+        !rules_text.contains("720h"),
+        "keyproof-ca check has no 720h window any more"
+    );
 }
 
 /// Alerts on the CA and on trust-bundle convergence, documented in
