@@ -1,9 +1,16 @@
 //! `ledger.jsonl`: one JSON line per issued certificate, appended and synced
 //! before the certificate is handed out. It is what `check` scans for
 //! expiring certificates and what `rotate root finish` consults.
+//! [`GroupWriter`] is how `serve` appends: with group commit, one fsync for
+//! every issuance that arrived while the previous fsync ran.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::Histogram;
+use tokio::sync::{mpsc, oneshot};
 
 use serde::{Deserialize, Serialize};
 
@@ -81,4 +88,100 @@ pub fn read_all(dir: &Path) -> Result<Vec<Entry>, CaError> {
         }
     }
     Ok(out)
+}
+
+/// How long an observation of the ledger's health (a commit's outcome or a
+/// look at the file) stands before `/ready` looks at the file again.
+const LEDGER_RECHECK: Duration = Duration::from_secs(1);
+
+/// The latest word on the ledger's health: when it was observed (a commit
+/// ended, or `/ready` looked at the file), and what was wrong if anything.
+type LedgerStatus = Arc<Mutex<Option<(Instant, Option<String>)>>>;
+
+/// Appends to the ledger from the server's tasks with group commit: one
+/// write and fsync covers every entry that arrived while the previous one
+/// ran. It also answers whether the ledger is writable, for `/ready`.
+#[derive(Clone)]
+pub struct GroupWriter {
+    tx: mpsc::Sender<(Entry, oneshot::Sender<Result<(), String>>)>,
+    status: LedgerStatus,
+}
+
+impl GroupWriter {
+    /// Starts the writer task (on the current tokio runtime).
+    pub fn start(dir: PathBuf, commit_seconds: Histogram) -> GroupWriter {
+        let (tx, mut rx) = mpsc::channel::<(Entry, oneshot::Sender<Result<(), String>>)>(4096);
+        let status = LedgerStatus::default();
+        let last = status.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                // Let the tasks already runnable go first: under load some of
+                // them are about to log an issuance too, and joining this
+                // batch saves them an fsync each. When idle this returns at
+                // once, so it adds no latency.
+                tokio::task::yield_now().await;
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                let entries: Vec<Entry> = batch.iter().map(|(e, _)| e.clone()).collect();
+                let dir = dir.clone();
+                let started = Instant::now();
+                let result = tokio::task::spawn_blocking(move || append_all(&dir, &entries))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                commit_seconds.observe(started.elapsed().as_secs_f64());
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                    Instant::now(),
+                    result
+                        .clone()
+                        .err()
+                        .map(|e| format!("the last ledger commit failed: {e}")),
+                ));
+                for (_, reply) in batch {
+                    let _ = reply.send(result.clone());
+                }
+            }
+        });
+        GroupWriter { tx, status }
+    }
+
+    /// Appends `e`; returns once it is on disk (or failed to get there).
+    pub async fn record(&self, e: Entry) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((e, tx))
+            .await
+            .map_err(|_| "ledger writer stopped".to_string())?;
+        rx.await.map_err(|_| "ledger writer stopped".to_string())?
+    }
+
+    /// Whether the ledger can be appended to: the latest observation while
+    /// it is under [`LEDGER_RECHECK`] old, otherwise a fresh look at the file
+    /// (opened for append, never written) or, before the first issuance, at
+    /// the directory. So a ledger that breaks right after a good commit, or
+    /// recovers after a failed one, shows within a second or so, and
+    /// frequent probes cost at most one look a second.
+    pub fn writable(&self, dir: &Path) -> Result<(), String> {
+        let mut last = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, problem)) = &*last {
+            if at.elapsed() < LEDGER_RECHECK {
+                return problem.clone().map_or(Ok(()), Err);
+            }
+        }
+        let path = dir.join(files::LEDGER);
+        let problem = match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => tempfile::tempfile_in(dir)
+                .err()
+                .map(|e| format!("{} is not writable: {e}", dir.display())),
+            Err(e) => Some(format!("{}: {e}", path.display())),
+        };
+        *last = Some((Instant::now(), problem.clone()));
+        problem.map_or(Ok(()), Err)
+    }
 }

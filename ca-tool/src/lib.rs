@@ -6,6 +6,7 @@
 //! key types) lives in `keyproof-identity`, which the proxy shares; this
 //! crate holds only what the CA and its protocol add.
 
+pub mod admin;
 pub mod attest;
 pub mod bundle;
 pub mod ca;

@@ -31,7 +31,7 @@
 //! HTTP/2).
 //!
 //! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits, idle
-//! sockets evicted when it is full: see [`AdminSlots`]):
+//! sockets evicted when it is full: see [`crate::admin`]):
 //! `GET /healthz` (200 while the process runs), `GET /ready` (503 when the CA
 //! directory cannot be loaded or the ledger is not writable), `GET /metrics`
 //! (the Prometheus text format; the list is in [`crate::metrics`]).
@@ -45,7 +45,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -60,12 +60,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keyproof_identity::spiffe::SpiffeId;
 use keyproof_identity::tls::{Shared, SharedVerifier, SvidClientVerifier};
 use keyproof_identity::verify::{SvidVerifier, TrustBundle, VerifiedSvid};
-use prometheus::Histogram;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::attest::{self, AttestError, SaAttestor, SaConfig};
 use crate::ca::{files, Ca, CaError};
@@ -87,26 +86,6 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 4096;
 /// What every join token starts with (see [`crate::token`]).
 const JOIN_TOKEN_PREFIX: &str = "kpt_";
-
-/// The admin listener serves probes and scrapes: a few small requests, so
-/// its limits are tight and it never competes with the API for long. A
-/// request head must arrive within this long of the connection opening or
-/// of the previous answer, which also bounds how long a kept-alive
-/// connection may sit idle (hyper runs this timer while it waits for the
-/// next request).
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
-/// A kept-alive admin connection is closed (gracefully) after this long; a
-/// scraper simply reconnects.
-const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-/// Open admin connections. At the limit a new connection evicts the oldest
-/// one that is waiting for a request (see [`AdminSlots`]), so idle or slow
-/// sockets cannot keep the kubelet's probes out.
-const ADMIN_MAX_CONNECTIONS: usize = 64;
-/// hyper's smallest read buffer; admin requests carry no body.
-const ADMIN_MAX_BUF: usize = 8192;
-/// How long an observation of the ledger's health (a commit's outcome or a
-/// look at the file) stands before `/ready` looks at the file again.
-const LEDGER_RECHECK: Duration = Duration::from_secs(1);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -288,96 +267,6 @@ fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
     .collect()
 }
 
-/// The latest word on the ledger's health: when it was observed (a commit
-/// ended, or `/ready` looked at the file), and what was wrong if anything.
-type LedgerStatus = Arc<Mutex<Option<(Instant, Option<String>)>>>;
-
-/// Ledger writes with group commit.
-#[derive(Clone)]
-struct LedgerWriter {
-    tx: mpsc::Sender<(ledger::Entry, oneshot::Sender<Result<(), String>>)>,
-    status: LedgerStatus,
-}
-
-impl LedgerWriter {
-    fn start(dir: PathBuf, commit_seconds: Histogram) -> LedgerWriter {
-        let (tx, mut rx) =
-            mpsc::channel::<(ledger::Entry, oneshot::Sender<Result<(), String>>)>(4096);
-        let status = LedgerStatus::default();
-        let last = status.clone();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                // Let the tasks already runnable go first: under load some of
-                // them are about to log an issuance too, and joining this
-                // batch saves them an fsync each. When idle this returns at
-                // once, so it adds no latency.
-                tokio::task::yield_now().await;
-                let mut batch = vec![first];
-                while batch.len() < 512 {
-                    match rx.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
-                    }
-                }
-                let entries: Vec<ledger::Entry> = batch.iter().map(|(e, _)| e.clone()).collect();
-                let dir = dir.clone();
-                let started = Instant::now();
-                let result =
-                    tokio::task::spawn_blocking(move || ledger::append_all(&dir, &entries))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
-                commit_seconds.observe(started.elapsed().as_secs_f64());
-                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((
-                    Instant::now(),
-                    result
-                        .clone()
-                        .err()
-                        .map(|e| format!("the last ledger commit failed: {e}")),
-                ));
-                for (_, reply) in batch {
-                    let _ = reply.send(result.clone());
-                }
-            }
-        });
-        LedgerWriter { tx, status }
-    }
-
-    async fn record(&self, e: ledger::Entry) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((e, tx))
-            .await
-            .map_err(|_| "ledger writer stopped".to_string())?;
-        rx.await.map_err(|_| "ledger writer stopped".to_string())?
-    }
-
-    /// Whether the ledger can be appended to: the latest observation while
-    /// it is under [`LEDGER_RECHECK`] old, otherwise a fresh look at the file
-    /// (opened for append, never written) or, before the first issuance, at
-    /// the directory. So a ledger that breaks right after a good commit, or
-    /// recovers after a failed one, shows within a second or so, and
-    /// frequent probes cost at most one look a second.
-    fn writable(&self, dir: &Path) -> Result<(), String> {
-        let mut last = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, problem)) = &*last {
-            if at.elapsed() < LEDGER_RECHECK {
-                return problem.clone().map_or(Ok(()), Err);
-            }
-        }
-        let path = dir.join(files::LEDGER);
-        let problem = match std::fs::OpenOptions::new().append(true).open(&path) {
-            Ok(_) => None,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => tempfile::tempfile_in(dir)
-                .err()
-                .map(|e| format!("{} is not writable: {e}", dir.display())),
-            Err(e) => Some(format!("{}: {e}", path.display())),
-        };
-        *last = Some((Instant::now(), problem.clone()));
-        problem.map_or(Ok(()), Err)
-    }
-}
-
 /// Fixed one-minute windows per identity.
 struct RateLimiter {
     per_minute: u32,
@@ -426,7 +315,7 @@ struct Server {
     own_expiry: AtomicI64,
     tokens: Mutex<TokenStore>,
     attestor: Option<SaAttestor>,
-    ledger: LedgerWriter,
+    ledger: ledger::GroupWriter,
     limiter: RateLimiter,
     last_check: Mutex<Instant>,
     metrics: CaMetrics,
@@ -1110,141 +999,6 @@ fn parse_csr(body: &[u8]) -> Result<SubjectKey, ApiError> {
     csr::verify(&der).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
 }
 
-/// One open admin connection, as [`AdminSlots`] sees it.
-struct AdminConn {
-    /// When it opened or last began a request ([`AdminSlots::now`]).
-    last_active: AtomicU64,
-    /// Whether a complete request head has arrived on it.
-    requested: AtomicBool,
-    /// Closes the connection.
-    evict: Notify,
-}
-
-/// The admin listener's open connections. When all [`ADMIN_MAX_CONNECTIONS`]
-/// are taken, a new one evicts the oldest connection that has not sent a
-/// complete request yet, or failing that the one idle the longest: an
-/// unauthenticated client holding sockets open (idle, or sending a request
-/// head byte by byte) never locks out a probe, it only loses its own sockets.
-struct AdminSlots {
-    open: Mutex<HashMap<u64, Arc<AdminConn>>>,
-    next: AtomicU64,
-    epoch: Instant,
-}
-
-/// A connection's place in [`AdminSlots`], given up when dropped.
-struct AdminSlot {
-    slots: Arc<AdminSlots>,
-    id: u64,
-    conn: Arc<AdminConn>,
-}
-
-impl AdminSlots {
-    fn new() -> Arc<AdminSlots> {
-        Arc::new(AdminSlots {
-            open: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(0),
-            epoch: Instant::now(),
-        })
-    }
-
-    /// Microseconds since the listener started: a cheap, ordered stamp.
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
-    }
-
-    /// Takes a slot for a new connection, evicting another at the limit.
-    fn admit(self: &Arc<Self>) -> AdminSlot {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.len() >= ADMIN_MAX_CONNECTIONS {
-            let victim = open
-                .iter()
-                .min_by_key(|(id, c)| {
-                    (
-                        c.requested.load(Ordering::Relaxed),
-                        c.last_active.load(Ordering::Relaxed),
-                        // Ids grow with time: the older of a tie.
-                        **id,
-                    )
-                })
-                .map(|(id, _)| *id);
-            if let Some(conn) = victim.and_then(|id| open.remove(&id)) {
-                tracing::debug!(
-                    requested = conn.requested.load(Ordering::Relaxed),
-                    "admin connections at the limit; closing the oldest idle one"
-                );
-                conn.evict.notify_one();
-            }
-        }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(AdminConn {
-            last_active: AtomicU64::new(self.now()),
-            requested: AtomicBool::new(false),
-            evict: Notify::new(),
-        });
-        open.insert(id, conn.clone());
-        AdminSlot {
-            slots: self.clone(),
-            id,
-            conn,
-        }
-    }
-}
-
-impl Drop for AdminSlot {
-    fn drop(&mut self) {
-        self.slots
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
-    }
-}
-
-/// Serves the admin endpoints for as long as the task runs.
-async fn serve_admin(listener: TcpListener, server: Arc<Server>) {
-    let slots = AdminSlots::new();
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let slot = slots.admit();
-        let server = server.clone();
-        tokio::spawn(async move {
-            let conn = slot.conn.clone();
-            let slots = slot.slots.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                conn.requested.store(true, Ordering::Relaxed);
-                conn.last_active.store(slots.now(), Ordering::Relaxed);
-                let r = server.admin(&req);
-                async move { Ok::<_, Infallible>(r) }
-            });
-            // The header timeout also runs while a kept-alive connection
-            // waits for its next request, so it is the idle limit too.
-            let http = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
-                .max_buf_size(ADMIN_MAX_BUF)
-                .serve_connection(TokioIo::new(tcp), svc);
-            tokio::pin!(http);
-            tokio::select! {
-                _ = http.as_mut() => {}
-                // Dropping the connection closes the socket.
-                _ = slot.conn.evict.notified() => {}
-                _ = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME) => {
-                    http.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(ADMIN_HEADER_TIMEOUT, http).await;
-                }
-            }
-            drop(slot);
-        });
-    }
-}
-
 /// Runs the server until `shutdown` resolves.
 pub async fn run(
     opts: ServeOptions,
@@ -1308,7 +1062,7 @@ pub async fn run(
         own_expiry: AtomicI64::new(own_not_after),
         tokens: Mutex::new(tokens),
         attestor,
-        ledger: LedgerWriter::start(opts.dir.clone(), metrics.ledger_commit()),
+        ledger: ledger::GroupWriter::start(opts.dir.clone(), metrics.ledger_commit()),
         limiter: RateLimiter {
             per_minute: opts.per_identity_per_minute,
             windows: Mutex::new(HashMap::new()),
@@ -1319,7 +1073,13 @@ pub async fn run(
         opts,
     });
     server.update_gauges();
-    let admin_task = tokio::spawn(serve_admin(admin, server.clone()));
+    let admin_task = tokio::spawn({
+        let server = server.clone();
+        crate::admin::serve(
+            admin,
+            Arc::new(move |req: &Request<Incoming>| server.admin(req)),
+        )
+    });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -1493,43 +1253,5 @@ mod tests {
         ] {
             assert_eq!(wanted(&bad), Err("bad_request"), "{bad}");
         }
-    }
-
-    #[test]
-    fn at_the_limit_the_oldest_connection_without_a_request_is_evicted() {
-        let slots = AdminSlots::new();
-        let mut held: Vec<AdminSlot> = (0..ADMIN_MAX_CONNECTIONS).map(|_| slots.admit()).collect();
-        // The first one has served a request recently: it is kept.
-        held[0].conn.requested.store(true, Ordering::Relaxed);
-        held[0]
-            .conn
-            .last_active
-            .store(slots.now(), Ordering::Relaxed);
-        let newcomer = slots.admit();
-        assert_eq!(slots.open.lock().unwrap().len(), ADMIN_MAX_CONNECTIONS);
-        assert!(
-            !slots.open.lock().unwrap().contains_key(&held[1].id),
-            "the oldest idle one goes"
-        );
-        assert!(slots.open.lock().unwrap().contains_key(&held[0].id));
-        assert!(slots.open.lock().unwrap().contains_key(&newcomer.id));
-        // Once every other connection has made a request, the one idle the
-        // longest goes.
-        for s in &held[2..] {
-            s.conn.requested.store(true, Ordering::Relaxed);
-            s.conn
-                .last_active
-                .store(slots.now() + 10, Ordering::Relaxed);
-        }
-        newcomer.conn.requested.store(true, Ordering::Relaxed);
-        newcomer
-            .conn
-            .last_active
-            .store(slots.now() + 10, Ordering::Relaxed);
-        let _third = slots.admit();
-        assert!(!slots.open.lock().unwrap().contains_key(&held[0].id));
-        // A closed connection frees its slot.
-        let id = held.pop().unwrap().id;
-        assert!(!slots.open.lock().unwrap().contains_key(&id));
     }
 }
