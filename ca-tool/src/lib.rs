@@ -8,6 +8,7 @@
 
 pub mod attest;
 pub mod bundle;
+pub mod bundle_publish;
 pub mod ca;
 pub mod check;
 pub mod client;
@@ -18,6 +19,7 @@ pub mod inspect;
 pub mod issue;
 pub mod jwks_sync;
 pub mod k8s;
+pub mod kube;
 pub mod ledger;
 pub mod metrics;
 pub mod renewer;
