@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod attest;
 pub mod bundle;
+pub mod bundle_publish;
 pub mod ca;
 pub mod check;
 pub mod client;
@@ -19,6 +20,7 @@ pub mod inspect;
 pub mod issue;
 pub mod jwks_sync;
 pub mod k8s;
+pub mod kube;
 pub mod ledger;
 pub mod metrics;
 pub mod renewer;

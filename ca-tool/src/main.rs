@@ -11,7 +11,9 @@ use keyproof_ca::ca::{check_ca_lifetimes, InitOptions, Lifetime, LifetimeError};
 use keyproof_ca::csr::{self, SubjectKey};
 use keyproof_ca::fsutil::{self, PUBLIC, SECRET};
 use keyproof_ca::issue::IssueRequest;
-use keyproof_ca::{check, file_renewer, inspect, issue, jwks_sync, k8s, rotate, Ca, CaError};
+use keyproof_ca::{
+    bundle_publish, check, file_renewer, inspect, issue, jwks_sync, k8s, rotate, Ca, CaError,
+};
 use keyproof_identity::keys::{self, KeyType};
 use keyproof_identity::verify::TrustBundle;
 use keyproof_identity::{duration, SpiffeId, TrustDomain};
@@ -131,6 +133,44 @@ enum Command {
     /// /openid/v1/jwks) in a file for `serve --k8s-jwks`.
     #[command(name = "k8s-jwks")]
     K8sJwks(K8sJwksArgs),
+    /// Publish the CA's trust bundle as a ConfigMap (key ca.crt) in every
+    /// namespace carrying a label, and keep it current.
+    #[command(name = "k8s-bundle")]
+    K8sBundle(K8sBundleArgs),
+}
+
+#[derive(Args)]
+struct K8sBundleArgs {
+    /// CA directory (only bundle.pem is read; nothing is written).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Name of the ConfigMap in each namespace.
+    #[arg(long, default_value = bundle_publish::DEFAULT_CONFIGMAP)]
+    configmap: String,
+    /// Kubernetes label selector for the namespaces that get the ConfigMap.
+    #[arg(long, default_value = bundle_publish::DEFAULT_NAMESPACE_SELECTOR)]
+    namespace_selector: String,
+    /// Time between two rounds: bundle.pem re-read, namespaces listed, the
+    /// ConfigMap applied where it is new or the bundle changed (failures are
+    /// retried sooner, from 1s up).
+    #[arg(long, default_value = "30s", value_parser = human_duration)]
+    interval: Duration,
+    /// The API server, https://host[:port]; its certificate must name host.
+    #[arg(long, default_value = jwks_sync::DEFAULT_API_SERVER)]
+    api_server: String,
+    /// Bearer token for the API server, re-read every round.
+    #[arg(long, default_value = jwks_sync::DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
+    /// PEM CA certificates for the API server: the only roots trusted.
+    #[arg(long, default_value = jwks_sync::DEFAULT_CA_FILE)]
+    ca_file: PathBuf,
+    /// Publish once and exit: 0 when every selected namespace holds the
+    /// current bundle, 2 on any error (nothing is ever deleted).
+    #[arg(long)]
+    once: bool,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Args)]
@@ -660,6 +700,38 @@ fn k8s_jwks(a: K8sJwksArgs) -> Result<()> {
     Ok(())
 }
 
+fn k8s_bundle(a: K8sBundleArgs) -> Result<()> {
+    if a.interval < Duration::from_secs(1) {
+        bail!("--interval must be at least 1s");
+    }
+    init_logging(&a.log_format);
+    let opts = bundle_publish::PublishOptions {
+        dir: a.dir,
+        configmap: a.configmap,
+        namespace_selector: a.namespace_selector,
+        api_server: a.api_server,
+        token_file: a.token_file,
+        ca_file: a.ca_file,
+        interval: a.interval,
+    };
+    let publisher = bundle_publish::Publisher::new(opts.clone())?;
+    // A few requests per round: a single thread is plenty.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    if a.once {
+        let report = rt.block_on(bundle_publish::publish_once(&opts))?;
+        println!(
+            "{}",
+            report.describe(&opts.configmap, &opts.namespace_selector)
+        );
+    } else {
+        rt.block_on(bundle_publish::run(publisher, shutdown_signal()));
+    }
+    Ok(())
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -713,6 +785,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve(a) => serve(a)?,
         Command::K8sJwks(a) => k8s_jwks(a)?,
+        Command::K8sBundle(a) => k8s_bundle(a)?,
         Command::Renew(a) => return renew(a),
         Command::Token(TokenCommand::Create {
             dir,

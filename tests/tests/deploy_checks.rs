@@ -196,7 +196,13 @@ fn kustomizations_build_and_validate() {
         .iter()
         .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    for want in ["base", "example", "example-join-token", "example-files"] {
+    for want in [
+        "base",
+        "example",
+        "example-join-token",
+        "example-files",
+        "monitoring",
+    ] {
         assert!(
             names.iter().any(|n| n == want),
             "no kustomization {want}: {dirs:?}"
@@ -221,9 +227,11 @@ fn kustomizations_build_and_validate() {
                 out.contains("name: web-keyproof-"),
                 "{name}: the proxy ConfigMap should carry a content hash:\n{out}"
             );
+            // PodMonitors live in ../monitoring: the example applies on a
+            // cluster without the Prometheus Operator's CRDs.
             assert!(
-                out.contains("kind: PodMonitor"),
-                "{name}: PodMonitor missing"
+                !out.contains("kind: PodMonitor"),
+                "{name}: a PodMonitor needs the Operator's CRD; keep it in monitoring/"
             );
             assert!(
                 out.contains("prometheus.io/scrape: \"true\""),
@@ -254,6 +262,8 @@ fn kustomizations_build_and_validate() {
                     out.contains("audience: keyproof-ca") && out.contains("name: keyproof-bundle"),
                     "{out}"
                 );
+                // The CA publishes the bundle into labelled namespaces.
+                assert!(out.contains("keyproof.io/mesh: enabled"), "{out}");
             }
             "example-join-token" => {
                 assert!(
@@ -297,8 +307,8 @@ fn kustomizations_build_and_validate() {
                     "Deployment",
                     "Service",
                     "NetworkPolicy",
-                    "PodMonitor",
                     "CronJob",
+                    "ClusterRole",
                 ] {
                     assert!(
                         out.contains(&format!("\nkind: {kind}\n")),
@@ -309,13 +319,25 @@ fn kustomizations_build_and_validate() {
                     out.contains("type: Recreate") && out.contains("replicas: 1"),
                     "{out}"
                 );
-                // One binding to a built-in role; no role of its own.
-                for kind in ["Role", "ClusterRole", "RoleBinding"] {
+                // Without the Operator's CRDs `kubectl apply -k` must work.
+                assert!(
+                    !out.contains("kind: PodMonitor"),
+                    "base: keep the PodMonitor in monitoring/"
+                );
+                // A binding to a built-in role, and the bundle publisher's
+                // one ClusterRole; no namespaced roles.
+                for kind in ["Role", "RoleBinding"] {
                     assert!(
                         !out.contains(&format!("\nkind: {kind}\n")),
-                        "the CA needs no {kind} of its own"
+                        "the CA needs no {kind}"
                     );
                 }
+                assert_eq!(out.matches("\nkind: ClusterRole\n").count(), 1, "{out}");
+                assert_eq!(
+                    out.matches("\nkind: ClusterRoleBinding\n").count(),
+                    2,
+                    "{out}"
+                );
                 assert!(
                     out.contains("name: system:service-account-issuer-discovery"),
                     "{out}"
@@ -324,6 +346,16 @@ fn kustomizations_build_and_validate() {
                 assert!(
                     out.contains("name: keyproof-ca-k8s-")
                         && out.contains("$(KEYPROOF_K8S_ISSUER)"),
+                    "{out}"
+                );
+            }
+            // Optional: the Prometheus Operator's PodMonitors, and nothing else.
+            "monitoring" => {
+                assert_eq!(out.matches("\nkind: PodMonitor\n").count(), 2, "{out}");
+                assert_eq!(out.matches("\nkind: ").count(), 2, "{out}");
+                assert!(
+                    out.contains("namespace: keyproof-system")
+                        && out.contains("namespace: keyproof-example"),
                     "{out}"
                 );
             }
@@ -380,7 +412,7 @@ fn every_container_is_hardened_and_pinned() {
     }
     // The PodMonitor scrapes the port the sidecar declares.
     let ex = deploy().join("kubernetes/example");
-    let pm = read(&ex.join("podmonitor.yaml"));
+    let pm = read(&deploy().join("kubernetes/monitoring/web-podmonitor.yaml"));
     let dep = read(&ex.join("deployment.yaml"));
     assert!(pm.contains("- port: admin"), "{pm}");
     assert!(
@@ -961,12 +993,23 @@ fn example_workload_is_attested_by_its_service_account() {
         "only the sidecar holds the token"
     );
 
-    // The bundle from the ConfigMap `keyproof-ca bundle` fills.
+    // The bundle from the ConfigMap the CA's bundle-publish sidecar keeps
+    // current in namespaces labelled keyproof.io/mesh=enabled (key ca.crt).
     let bundle = volume(pod, "trust-bundle");
     assert_eq!(bundle["configMap"]["name"], "keyproof-bundle");
+    assert_eq!(
+        bundle["configMap"]["items"],
+        serde_json::json!([{"key": "ca.crt", "path": "bundle.pem"}])
+    );
     let bundle_path = format!(
         "{}/bundle.pem",
         mount_path(sidecar, "trust-bundle").expect("the sidecar mounts the bundle")
+    );
+    let ns = yaml_docs(&ex.join("namespace.yaml")).unwrap();
+    assert_eq!(
+        object(&ns, "Namespace", "keyproof-example")["metadata"]["labels"]["keyproof.io/mesh"],
+        "enabled",
+        "without the label the CA does not publish the bundle there"
     );
 
     // No Secret, no join token.
@@ -1068,11 +1111,13 @@ fn ca_attests_service_accounts_and_exposes_its_admin_port() {
             "{name}"
         );
     }
-    // Only the JWKS containers hold an API token, and only projected.
+    // Only the JWKS and bundle containers hold an API token, and only
+    // projected.
     assert_eq!(pod["automountServiceAccountToken"], false);
     for c in containers(pod) {
-        if !c["name"].as_str().unwrap().starts_with("jwks-") {
-            assert_eq!(mount_path(c, "kube-api-access"), None, "{}", c["name"]);
+        let name = c["name"].as_str().unwrap();
+        if !name.starts_with("jwks-") && name != "bundle-publish" {
+            assert_eq!(mount_path(c, "kube-api-access"), None, "{name}");
         }
     }
     let api = &volume(pod, "kube-api-access")["projected"]["sources"];
@@ -1098,7 +1143,7 @@ fn ca_attests_service_accounts_and_exposes_its_admin_port() {
     let ann = &tmpl["metadata"]["annotations"];
     assert_eq!(ann["prometheus.io/scrape"], "true");
     assert_eq!(ann["prometheus.io/port"], "9090");
-    let pm = yaml_docs(&base.join("ca-podmonitor.yaml")).unwrap();
+    let pm = yaml_docs(&deploy().join("kubernetes/monitoring/ca-podmonitor.yaml")).unwrap();
     let pm = object(&pm, "PodMonitor", "keyproof-ca");
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "admin");
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/metrics");
@@ -1153,6 +1198,110 @@ fn ca_attests_service_accounts_and_exposes_its_admin_port() {
     for p in [53, 443, 6443] {
         assert!(egress_ports.contains(&p), "no egress to port {p}: {np}");
     }
+}
+
+/// The CA pod publishes the trust bundle into every labelled namespace: a
+/// native sidecar running `keyproof-ca k8s-bundle` on the CA directory
+/// (read-only), with a ClusterRole that can list namespaces and write only
+/// that ConfigMap, and the ConfigMap name and label the example uses.
+#[test]
+fn ca_publishes_the_trust_bundle_to_labelled_namespaces() {
+    let base = deploy().join("kubernetes/base");
+    let Some(docs) = yaml_docs(&base.join("ca-deployment.yaml")) else {
+        return;
+    };
+    let dep = object(&docs, "Deployment", "keyproof-ca");
+    let pod = &dep["spec"]["template"]["spec"];
+    let ca = container(pod, "ca");
+    let ca_dir = flag(&args(ca), "--dir").expect("serve --dir");
+    let state = mount_path(ca, "state").expect("the CA mounts its state");
+
+    let p = container(pod, "bundle-publish");
+    assert_eq!(p["restartPolicy"], "Always", "a native sidecar");
+    let a = args(p);
+    assert_eq!(a.first(), Some(&"k8s-bundle"));
+    assert_eq!(flag(&a, "--dir"), Some(ca_dir), "the CA's own directory");
+    assert!(!a.contains(&"--once"));
+    let configmap = flag(&a, "--configmap").unwrap_or("keyproof-bundle");
+    let selector = flag(&a, "--namespace-selector").unwrap_or("keyproof.io/mesh=enabled");
+    assert_eq!(configmap, "keyproof-bundle");
+    assert_eq!(selector, "keyproof.io/mesh=enabled");
+    let m = p["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "state")
+        .expect("bundle-publish mounts the CA directory");
+    assert_eq!(m["mountPath"], state);
+    assert_eq!(m["readOnly"], true, "it writes nothing to the CA directory");
+    assert_eq!(
+        mount_path(p, "kube-api-access"),
+        Some("/var/run/secrets/kubernetes.io/serviceaccount")
+    );
+    // It starts after the seed: the CA directory is there by then.
+    let init: Vec<&str> = pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let at = |n: &str| init.iter().position(|c| *c == n).unwrap();
+    assert!(at("seed") < at("bundle-publish"), "{init:?}");
+
+    // RBAC: namespaces read, ConfigMaps created anywhere but changed only
+    // under the published name; no delete, no Secrets.
+    let rbac = yaml_docs(&base.join("ca-rbac.yaml")).unwrap();
+    let role = object(&rbac, "ClusterRole", "keyproof-ca-bundle-publisher");
+    let rules = role["rules"].as_array().unwrap();
+    let mut verbs: Vec<String> = Vec::new();
+    for r in rules {
+        assert_eq!(r["apiGroups"], serde_json::json!([""]), "{r}");
+        let res = r["resources"][0].as_str().unwrap();
+        assert_eq!(r["resources"].as_array().unwrap().len(), 1, "{r}");
+        for v in r["verbs"].as_array().unwrap() {
+            let v = v.as_str().unwrap();
+            assert!(
+                !v.contains('*') && v != "delete" && v != "deletecollection",
+                "{r}"
+            );
+            verbs.push(format!("{res}/{v}"));
+        }
+        if res == "configmaps" && r["verbs"].as_array().unwrap().iter().any(|v| v == "patch") {
+            assert_eq!(r["resourceNames"], serde_json::json!([configmap]), "{r}");
+        }
+    }
+    verbs.sort();
+    assert_eq!(
+        verbs,
+        [
+            "configmaps/create",
+            "configmaps/get",
+            "configmaps/patch",
+            "configmaps/update",
+            "namespaces/get",
+            "namespaces/list",
+            "namespaces/watch",
+        ]
+    );
+    let crb = object(&rbac, "ClusterRoleBinding", "keyproof-ca-bundle-publisher");
+    assert_eq!(crb["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(crb["roleRef"]["name"], "keyproof-ca-bundle-publisher");
+    assert_eq!(
+        crb["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "keyproof-ca", "namespace": "keyproof-system"}])
+    );
+
+    // The example mounts that ConfigMap and its namespace carries the label.
+    let ex = deploy().join("kubernetes/example");
+    let wd = yaml_docs(&ex.join("deployment.yaml")).unwrap();
+    let web = &object(&wd, "Deployment", "web")["spec"]["template"]["spec"];
+    assert_eq!(volume(web, "trust-bundle")["configMap"]["name"], configmap);
+    let (key, value) = selector.split_once('=').unwrap();
+    let ns = yaml_docs(&ex.join("namespace.yaml")).unwrap();
+    assert_eq!(
+        object(&ns, "Namespace", "keyproof-example")["metadata"]["labels"][key],
+        value
+    );
 }
 
 /// The alerts for the identity plane (CA and trust bundle). They live in
@@ -1218,6 +1367,10 @@ fn readme_shows_the_cronjob_that_is_deployed() {
         "/.well-known/openid-configuration",
         "k8s-issuer.env",
         "create configmap keyproof-bundle",
+        "k8s-bundle",
+        "keyproof.io/mesh",
+        "keyproof-ca-bundle-publisher",
+        "deploy/kubernetes/monitoring",
         "deploy/kubernetes/example-join-token",
         "deploy/kubernetes/example-files",
         "system:service-account-issuer-discovery",
@@ -1258,7 +1411,7 @@ fn root_readme_runs_the_zero_touch_path() {
         "create secret generic keyproof-ca-seed",
         "/.well-known/openid-configuration",
         "kubectl apply -k deploy/kubernetes/base",
-        "create configmap keyproof-bundle",
+        "keyproof.io/mesh=enabled",
         "kubectl apply -k deploy/kubernetes/example\n",
         "rollout status deploy/web",
     ] {
@@ -1271,13 +1424,22 @@ fn root_readme_runs_the_zero_touch_path() {
     let deploy_step = section
         .find("kubectl apply -k deploy/kubernetes/example\n")
         .unwrap();
-    let bundle_step = section.find("create configmap keyproof-bundle").unwrap();
+    let base_step = section
+        .find("kubectl apply -k deploy/kubernetes/base")
+        .unwrap();
     assert!(
-        !section[bundle_step..deploy_step].contains("token create"),
+        !section[base_step..deploy_step].contains("token create"),
         "the zero-touch path creates no join token"
+    );
+    // The CA publishes the bundle: no ConfigMap made by hand on the way.
+    assert!(
+        !section[base_step..deploy_step].contains("create configmap"),
+        "the zero-touch path creates no ConfigMap by hand"
     );
     for needle in [
         "example-join-token",
+        "k8s-bundle",
+        "deploy/kubernetes/monitoring",
         "TokenReview",
         "keyproof_trust_bundle_sequence",
         "keyproof_ca_rotation_stage",

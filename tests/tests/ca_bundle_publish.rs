@@ -1,0 +1,779 @@
+//! `keyproof-ca k8s-bundle`: the real binary, publishing a real CA
+//! directory's trust bundle, against a real HTTPS server.
+//!
+//! The server here is a STAND-IN for the Kubernetes API server that RECORDS
+//! every request it gets: tokio-rustls and hyper with a certificate for DNS
+//! `localhost` from a test cluster CA (written to a file, as the kubelet
+//! writes `ca.crt`). It holds a few namespaces with labels and answers
+//! `GET /api/v1/namespaces?labelSelector=...` (equality selectors, in pages
+//! of two with `continue` tokens, as a real API server may), and stores the
+//! ConfigMaps sent with `PATCH /api/v1/namespaces/{ns}/configmaps/{name}`.
+//! Callers without the expected bearer token get a Kubernetes-style 401
+//! Status. It is no API server: it does not merge server-side apply
+//! patches, it keeps the last body sent, which is what the tests look at.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use keyproof_tests::{cmd, run, run_ok, TestCa};
+
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.stand-in-token.sig";
+const SELECTOR: &str = "keyproof.io/mesh=enabled";
+
+/// One request as the stand-in saw it.
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: Method,
+    path: String,
+    /// Query parameters, percent-decoded.
+    query: Vec<(String, String)>,
+    content_type: Option<String>,
+    authorization: Option<String>,
+    body: String,
+}
+
+impl Recorded {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the stand-in holds, changeable while it runs.
+#[derive(Default)]
+struct State {
+    /// The bearer token it accepts.
+    token: String,
+    /// Namespace -> (labels, terminating).
+    namespaces: BTreeMap<String, (BTreeMap<String, String>, bool)>,
+    /// (namespace, name) -> the last ConfigMap body applied.
+    configmaps: BTreeMap<(String, String), serde_json::Value>,
+    /// Namespaces whose ConfigMap writes are refused with this status.
+    refuse: HashMap<String, StatusCode>,
+    requests: Vec<Recorded>,
+}
+
+/// The stand-in for the API server (see the module comment).
+struct StandInApiServer {
+    port: u16,
+    state: Arc<Mutex<State>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+/// A test cluster CA: its certificate in PEM and an issuer for leaves.
+struct ClusterCa {
+    pem: String,
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+}
+
+impl ClusterCa {
+    fn new(name: &str) -> ClusterCa {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).expect("CA cert").pem();
+        ClusterCa { pem, params, key }
+    }
+
+    /// A serving certificate for DNS `localhost` only.
+    fn server_config(&self) -> rustls::ServerConfig {
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("server key");
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = p.signed_by(&key, &issuer).expect("server cert");
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config")
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8(out).expect("UTF-8 query")
+}
+
+fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// Equality-based selectors only (`k=v`, `k==v`, `k!=v`, `k`, `!k`),
+/// comma-separated: what the tests use.
+fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
+    selector.split(',').map(str::trim).all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            labels.get(k).map(String::as_str) != Some(v)
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            labels.get(k).map(String::as_str) == Some(v)
+        } else if let Some(k) = term.strip_prefix('!') {
+            !labels.contains_key(k)
+        } else {
+            labels.contains_key(term)
+        }
+    })
+}
+
+/// A Kubernetes `Status` object, as the API server sends with errors.
+fn status(code: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": reason.to_lowercase(), "reason": reason, "code": code.as_u16(),
+    });
+    json(code, body)
+}
+
+fn json(code: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The stand-in's answer to one request (after it was recorded).
+fn answer(state: &mut State, r: &Recorded) -> Response<Full<Bytes>> {
+    if r.authorization.as_deref() != Some(&format!("Bearer {}", state.token)) {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let segments: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
+    match (&r.method, segments.as_slice()) {
+        (&Method::GET, ["api", "v1", "namespaces"]) => {
+            let selector = r.param("labelSelector").unwrap_or("");
+            let matching: Vec<_> = state
+                .namespaces
+                .iter()
+                .filter(|(_, (labels, _))| selects(selector, labels))
+                .collect();
+            // Pages of two, whatever `limit` asks: a server may return fewer.
+            let start: usize = r.param("continue").map_or(0, |c| c.parse().unwrap());
+            let page = &matching[start.min(matching.len())..(start + 2).min(matching.len())];
+            let items: Vec<serde_json::Value> = page
+                .iter()
+                .map(|(name, (labels, terminating))| {
+                    serde_json::json!({
+                        "metadata": {"name": name, "labels": labels},
+                        "status": {"phase": if *terminating { "Terminating" } else { "Active" }},
+                    })
+                })
+                .collect();
+            let cont = if start + 2 < matching.len() {
+                (start + 2).to_string()
+            } else {
+                String::new()
+            };
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "kind": "NamespaceList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": "1", "continue": cont},
+                    "items": items,
+                }),
+            )
+        }
+        (&Method::PATCH, ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            if !state.namespaces.contains_key(*ns) {
+                return status(StatusCode::NOT_FOUND, "NotFound");
+            }
+            if let Some(code) = state.refuse.get(*ns) {
+                return status(*code, "Forbidden");
+            }
+            if r.content_type.as_deref() != Some("application/apply-patch+yaml") {
+                return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType");
+            }
+            let Ok(body) = serde_json::from_str::<serde_json::Value>(&r.body) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest");
+            };
+            let key = (ns.to_string(), name.to_string());
+            let created = !state.configmaps.contains_key(&key);
+            state.configmaps.insert(key, body.clone());
+            json(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                body,
+            )
+        }
+        _ => status(StatusCode::NOT_FOUND, "NotFound"),
+    }
+}
+
+impl StandInApiServer {
+    fn start(ca: &ClusterCa) -> StandInApiServer {
+        let state = Arc::new(Mutex::new(State {
+            token: TOKEN.to_owned(),
+            ..State::default()
+        }));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config()));
+        let state2 = state.clone();
+        rt.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, state) = (acceptor.clone(), state2.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let state = state.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await.map(|b| b.to_bytes());
+                                let header = |h: http::header::HeaderName| {
+                                    parts
+                                        .headers
+                                        .get(h)
+                                        .and_then(|v| v.to_str().ok())
+                                        .map(str::to_owned)
+                                };
+                                let rec = Recorded {
+                                    method: parts.method.clone(),
+                                    path: parts.uri.path().to_owned(),
+                                    query: parse_query(parts.uri.query()),
+                                    content_type: header(http::header::CONTENT_TYPE),
+                                    authorization: header(http::header::AUTHORIZATION),
+                                    body: String::from_utf8_lossy(&body.unwrap_or_default())
+                                        .into_owned(),
+                                };
+                                let mut s = state.lock().unwrap();
+                                let resp = answer(&mut s, &rec);
+                                s.requests.push(rec);
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        StandInApiServer {
+            port,
+            state,
+            _rt: rt,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    fn namespace(&self, name: &str, labels: &[(&str, &str)]) {
+        self.state.lock().unwrap().namespaces.insert(
+            name.to_owned(),
+            (
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                false,
+            ),
+        );
+    }
+
+    fn configmap(&self, ns: &str, name: &str) -> Option<serde_json::Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .configmaps
+            .get(&(ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// The namespaces holding ConfigMap `name`.
+    fn holders(&self, name: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .configmaps
+            .keys()
+            .filter(|(_, n)| n == name)
+            .map(|(ns, _)| ns.clone())
+            .collect()
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    fn patches(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == Method::PATCH)
+            .collect()
+    }
+
+    fn refuse(&self, ns: &str, code: Option<StatusCode>) {
+        let mut s = self.state.lock().unwrap();
+        match code {
+            Some(c) => s.refuse.insert(ns.to_owned(), c),
+            None => s.refuse.remove(ns),
+        };
+    }
+}
+
+/// A CA directory, the files the sidecar's volumes would hold, and the
+/// stand-in with a few namespaces: `web`, `payments` and `batch` labelled
+/// for the mesh, `legacy` without the label, `off` with another value,
+/// `gone` labelled but being deleted.
+struct Fixture {
+    ca: TestCa,
+    ca_file: PathBuf,
+    token_file: PathBuf,
+    server: StandInApiServer,
+    cluster_ca: ClusterCa,
+}
+
+const MESH: &[(&str, &str)] = &[("keyproof.io/mesh", "enabled")];
+
+impl Fixture {
+    fn new() -> Fixture {
+        let ca = TestCa::new("prod.example.com");
+        let cluster_ca = ClusterCa::new("stand-in cluster CA");
+        let ca_file = ca.path("cluster-ca.crt");
+        std::fs::write(&ca_file, &cluster_ca.pem).unwrap();
+        let token_file = ca.path("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let server = StandInApiServer::start(&cluster_ca);
+        for ns in ["web", "payments", "batch", "gone"] {
+            server.namespace(ns, MESH);
+        }
+        server.namespace("legacy", &[("team", "legacy")]);
+        server.namespace("off", &[("keyproof.io/mesh", "disabled")]);
+        server
+            .state
+            .lock()
+            .unwrap()
+            .namespaces
+            .get_mut("gone")
+            .unwrap()
+            .1 = true;
+        Fixture {
+            ca,
+            ca_file,
+            token_file,
+            server,
+            cluster_ca,
+        }
+    }
+
+    fn command(&self) -> std::process::Command {
+        let mut c = cmd("keyproof-ca");
+        c.arg("k8s-bundle")
+            .arg("--dir")
+            .arg(&self.ca.dir)
+            .args(["--api-server", &self.server.url()])
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .arg("--ca-file")
+            .arg(&self.ca_file);
+        c
+    }
+
+    /// `--once` with extra arguments; returns (exit code, stdout, stderr).
+    fn once(&self, extra: &[&str]) -> (i32, String, String) {
+        let out = run(self.command().arg("--once").args(extra));
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn bundle(&self) -> String {
+        std::fs::read_to_string(self.ca.bundle()).unwrap()
+    }
+
+    /// `ca.crt` of the keyproof-bundle ConfigMap in `ns`.
+    fn published(&self, ns: &str) -> Option<String> {
+        self.server
+            .configmap(ns, "keyproof-bundle")
+            .and_then(|c| c["data"]["ca.crt"].as_str().map(str::to_owned))
+    }
+
+    /// The publisher as it runs in the CA pod, every second.
+    fn daemon(&self) -> Daemon {
+        let log = self
+            .ca
+            .path(&format!("publish-{}.log", self.server.requests().len()));
+        let child = self
+            .command()
+            .args(["--interval", "1s"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn keyproof-ca k8s-bundle");
+        Daemon { child, log }
+    }
+}
+
+/// A running `k8s-bundle`, stopped when dropped.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `f` holds, up to `limit`; false if it never did.
+fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn sha256_hex(s: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn once_applies_the_configmap_to_labelled_namespaces_only() {
+    let fx = Fixture::new();
+    let (code, stdout, stderr) = fx.once(&[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("as ConfigMap keyproof-bundle in 3 of 3 namespaces: batch, payments, web"),
+        "{stdout}"
+    );
+    assert_eq!(
+        fx.server.holders("keyproof-bundle"),
+        ["batch", "payments", "web"],
+        "not in legacy (no label), off (another value) or gone (terminating)"
+    );
+    let bundle = fx.bundle();
+
+    // The namespace list: the selector, paged with `continue`.
+    let reqs = fx.server.requests();
+    let lists: Vec<&Recorded> = reqs.iter().filter(|r| r.method == Method::GET).collect();
+    assert_eq!(lists.len(), 2, "two pages of two: {lists:#?}");
+    for l in &lists {
+        assert_eq!(l.path, "/api/v1/namespaces");
+        assert_eq!(l.param("labelSelector"), Some(SELECTOR));
+    }
+    assert_eq!(lists[0].param("continue"), None);
+    assert_eq!(lists[1].param("continue"), Some("2"));
+
+    // Server-side apply, one per selected namespace, nothing else.
+    let patches = fx.server.patches();
+    assert_eq!(patches.len(), 3, "{patches:#?}");
+    assert!(
+        reqs.iter()
+            .all(|r| r.method == Method::GET || r.method == Method::PATCH),
+        "it never deletes, creates or replaces: {reqs:#?}"
+    );
+    for p in &patches {
+        assert_eq!(
+            p.authorization.as_deref(),
+            Some(&*format!("Bearer {TOKEN}"))
+        );
+        assert_eq!(
+            p.content_type.as_deref(),
+            Some("application/apply-patch+yaml")
+        );
+        assert_eq!(p.param("fieldManager"), Some("keyproof-ca"));
+        assert_eq!(p.param("force"), Some("true"));
+        let ns = p
+            .path
+            .strip_prefix("/api/v1/namespaces/")
+            .and_then(|r| r.strip_suffix("/configmaps/keyproof-bundle"))
+            .unwrap_or_else(|| panic!("unexpected path {}", p.path));
+        let body: serde_json::Value = serde_json::from_str(&p.body).expect("a JSON body");
+        assert_eq!(body["apiVersion"], "v1");
+        assert_eq!(body["kind"], "ConfigMap");
+        assert_eq!(body["metadata"]["name"], "keyproof-bundle");
+        assert_eq!(body["metadata"]["namespace"], ns);
+        assert_eq!(
+            body["metadata"]["labels"],
+            serde_json::json!({"app.kubernetes.io/managed-by": "keyproof-ca"})
+        );
+        assert_eq!(
+            body["metadata"]["annotations"]["keyproof.io/bundle-sha256"],
+            sha256_hex(&bundle)
+        );
+        assert_eq!(body["data"]["ca.crt"], bundle, "ca.crt is bundle.pem as is");
+        assert_eq!(body["data"]["bundle.pem"], bundle);
+        assert!(body.get("status").is_none() && body["metadata"].get("resourceVersion").is_none());
+    }
+
+    // Another selector and name.
+    let (code, stdout, stderr) = fx.once(&[
+        "--namespace-selector",
+        "keyproof.io/mesh=disabled",
+        "--configmap",
+        "mesh-roots",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(fx.server.holders("mesh-roots"), ["off"]);
+
+    // No namespace selected: nothing to do, and said so.
+    let (code, stdout, _) = fx.once(&["--namespace-selector", "nothing=here"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("no namespace matches nothing=here"),
+        "{stdout}"
+    );
+
+    // A name Kubernetes would refuse, before any request.
+    let before = fx.server.requests().len();
+    let (code, _, stderr) = fx.once(&["--configmap", "Keyproof_Bundle"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--configmap"), "{stderr}");
+    assert_eq!(fx.server.requests().len(), before);
+}
+
+#[test]
+fn the_running_publisher_follows_rotations_and_new_namespaces() {
+    let fx = Fixture::new();
+    let d = fx.daemon();
+    let v1 = fx.bundle();
+    assert!(
+        wait_for(Duration::from_secs(15), || ["web", "payments", "batch"]
+            .iter()
+            .all(|ns| fx.published(ns).as_deref() == Some(&*v1))),
+        "the first round did not publish:\n{}",
+        d.log()
+    );
+    // Unchanged bundle: the namespaces are listed again, nothing re-applied.
+    let patches = fx.server.patches().len();
+    let lists = fx.server.requests().len() - patches;
+    assert!(
+        wait_for(Duration::from_secs(10), || fx.server.requests().len()
+            - fx.server.patches().len()
+            >= lists + 4),
+        "the namespaces are not listed every interval:\n{}",
+        d.log()
+    );
+    assert_eq!(fx.server.patches().len(), patches, "re-applied for nothing");
+
+    // A namespace labelled later gets it within an interval.
+    fx.server.namespace("late", MESH);
+    assert!(
+        wait_for(Duration::from_secs(10), || fx.published("late").as_deref()
+            == Some(&*v1)),
+        "a new namespace did not get the bundle:\n{}",
+        d.log()
+    );
+
+    // A root rotation changes the bundle: republished everywhere.
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["rotate", "root", "prepare", "--dir"])
+            .arg(&fx.ca.dir),
+    );
+    let v2 = fx.bundle();
+    assert_ne!(v1, v2);
+    assert_eq!(v2.matches("BEGIN CERTIFICATE").count(), 2, "old + new root");
+    let changed = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(15), || [
+            "web", "payments", "batch", "late"
+        ]
+        .iter()
+        .all(|ns| fx.published(ns).as_deref() == Some(&*v2))),
+        "the rotated bundle was not republished:\n{}",
+        d.log()
+    );
+    // --interval 1s, plus a round and a process sharing two cores.
+    assert!(
+        changed.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        changed.elapsed()
+    );
+    assert_eq!(fx.server.holders("keyproof-bundle").len(), 4);
+    let log = d.log();
+    assert!(
+        log.contains("the CA's trust bundle changed; publishing it") && log.contains("2 roots"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("\u{1b}["),
+        "no colour codes in a log file:\n{log}"
+    );
+    assert!(fx
+        .server
+        .requests()
+        .iter()
+        .all(|r| r.method == Method::GET || r.method == Method::PATCH));
+}
+
+#[test]
+fn an_api_error_in_one_namespace_does_not_stop_the_others() {
+    let fx = Fixture::new();
+    fx.server.refuse("batch", Some(StatusCode::FORBIDDEN));
+    let (code, stdout, stderr) = fx.once(&[]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("not published in 1 of 3 namespaces: batch:")
+            && stderr.contains("answered 403")
+            && stderr.contains("keyproof-ca-bundle-publisher"),
+        "{stderr}"
+    );
+    // "batch" sorts first: the others were still done.
+    assert_eq!(fx.server.holders("keyproof-bundle"), ["payments", "web"]);
+
+    // The running publisher retries it, without re-applying the others,
+    // until it works.
+    let d = fx.daemon();
+    let tries = |ns: &str| {
+        fx.server
+            .patches()
+            .iter()
+            .filter(|p| p.path.contains(&format!("/namespaces/{ns}/")))
+            .count()
+    };
+    let (batch0, web0) = (tries("batch"), tries("web"));
+    assert!(
+        wait_for(Duration::from_secs(15), || tries("batch") >= batch0 + 3),
+        "no retries:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains("could not publish the trust bundle in this namespace; retrying"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(tries("web"), web0 + 1, "applied once by the new process");
+    fx.server.refuse("batch", None);
+    let v1 = fx.bundle();
+    assert!(
+        wait_for(Duration::from_secs(15), || fx.published("batch").as_deref()
+            == Some(&*v1)),
+        "no recovery:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("trust bundle publishing recovered"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_wrong_token_or_cluster_ca_fails_clearly() {
+    let fx = Fixture::new();
+    std::fs::write(&fx.token_file, "some-other-token").unwrap();
+    let (code, stdout, stderr) = fx.once(&[]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("answered 401 to GET /api/v1/namespaces")
+            && stderr.contains("did not accept the --token-file token"),
+        "{stderr}"
+    );
+    assert!(fx.server.patches().is_empty());
+    assert!(fx.server.holders("keyproof-bundle").is_empty());
+
+    // A missing token file names the flag, and nothing is sent.
+    std::fs::remove_file(&fx.token_file).unwrap();
+    let before = fx.server.requests().len();
+    let (code, _, stderr) = fx.once(&[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--token-file"), "{stderr}");
+    assert_eq!(fx.server.requests().len(), before);
+
+    // Another cluster's CA: the TLS error names --ca-file.
+    std::fs::write(&fx.token_file, TOKEN).unwrap();
+    std::fs::write(&fx.ca_file, ClusterCa::new("another cluster").pem).unwrap();
+    let (code, _, stderr) = fx.once(&[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("invalid peer certificate") && stderr.contains("--ca-file"),
+        "{stderr}"
+    );
+
+    // A CA directory without a bundle: nothing published, the file named.
+    std::fs::write(&fx.ca_file, &fx.cluster_ca.pem).unwrap();
+    let empty = fx.ca.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = run(cmd("keyproof-ca")
+        .args(["k8s-bundle", "--once", "--dir"])
+        .arg(&empty)
+        .args(["--api-server", &fx.server.url()])
+        .arg("--token-file")
+        .arg(&fx.token_file)
+        .arg("--ca-file")
+        .arg(&fx.ca_file));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains(&*Path::new(&empty).join("bundle.pem").to_string_lossy())
+            && stderr.contains("nothing published"),
+        "{stderr}"
+    );
+    assert!(fx.server.holders("keyproof-bundle").is_empty());
+}
