@@ -150,6 +150,15 @@ fn expiry_finding_from(
     overdue: Option<&str>,
 ) {
     let remaining = not_after - now;
+    let window = window(window_from, not_after, warn_before);
+    // A renewed certificate warns only once strictly inside its last third:
+    // the ledger's times are whole seconds, and a renewer keeping to its
+    // schedule may renew in the very second the last third starts.
+    let inside = if overdue.is_some() {
+        remaining.unsigned_abs() < window
+    } else {
+        remaining.unsigned_abs() <= window
+    };
     if remaining <= time::Duration::ZERO {
         r.push(
             Level::Bad,
@@ -162,7 +171,7 @@ fn expiry_finding_from(
             what,
             format!("not valid until {}", ca::rfc3339(not_before)),
         );
-    } else if remaining.unsigned_abs() <= window(window_from, not_after, warn_before) {
+    } else if inside {
         let mut msg = format!(
             "expires at {} (in {})",
             ca::rfc3339(not_after),
