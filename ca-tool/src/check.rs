@@ -107,6 +107,13 @@ pub fn window(
     warn_before.unwrap_or_else(|| (not_after - not_before).unsigned_abs() / 3)
 }
 
+/// What a warning adds for a certificate a renewer keeps fresh (a ledger
+/// entry measured from its issuance): renewers renew before the last third,
+/// so reaching it means renewal is overdue.
+const RENEWAL_OVERDUE: &str = "renewal is overdue: renewers renew before the last third of a \
+     certificate's life, so the workload stopped renewing (CA unreachable, credential refused) \
+     or was deleted";
+
 fn expiry_finding(
     r: &mut Report,
     what: &str,
@@ -115,7 +122,43 @@ fn expiry_finding(
     warn_before: Option<Duration>,
     now: OffsetDateTime,
 ) {
+    expiry_finding_from(
+        r,
+        what,
+        not_before,
+        not_before,
+        not_after,
+        warn_before,
+        now,
+        None,
+    )
+}
+
+/// [`expiry_finding`] with the default window measured from `window_from`
+/// (the issuance, for a ledger entry: notBefore is backdated for clock
+/// skew, while renewers count from receipt), and `overdue` appended to a
+/// warning.
+#[allow(clippy::too_many_arguments)]
+fn expiry_finding_from(
+    r: &mut Report,
+    what: &str,
+    not_before: OffsetDateTime,
+    window_from: OffsetDateTime,
+    not_after: OffsetDateTime,
+    warn_before: Option<Duration>,
+    now: OffsetDateTime,
+    overdue: Option<&str>,
+) {
     let remaining = not_after - now;
+    let window = window(window_from, not_after, warn_before);
+    // A renewed certificate warns only once strictly inside its last third:
+    // the ledger's times are whole seconds, and a renewer keeping to its
+    // schedule may renew in the very second the last third starts.
+    let inside = if overdue.is_some() {
+        remaining.unsigned_abs() < window
+    } else {
+        remaining.unsigned_abs() <= window
+    };
     if remaining <= time::Duration::ZERO {
         r.push(
             Level::Bad,
@@ -128,16 +171,16 @@ fn expiry_finding(
             what,
             format!("not valid until {}", ca::rfc3339(not_before)),
         );
-    } else if remaining.unsigned_abs() <= window(not_before, not_after, warn_before) {
-        r.push(
-            Level::Warn,
-            what,
-            format!(
-                "expires at {} (in {})",
-                ca::rfc3339(not_after),
-                keyproof_identity::duration::format(remaining.unsigned_abs())
-            ),
+    } else if inside {
+        let mut msg = format!(
+            "expires at {} (in {})",
+            ca::rfc3339(not_after),
+            keyproof_identity::duration::format(remaining.unsigned_abs())
         );
+        if let Some(overdue) = overdue {
+            msg = format!("{msg}; {overdue}");
+        }
+        r.push(Level::Warn, what, msg);
     } else {
         r.push(
             Level::Ok,
@@ -316,7 +359,10 @@ fn chain_finding(
 /// stage.
 ///
 /// Each certificate warns within `warn_before` of its expiry, or by default
-/// in the last third of its own lifetime (see [`window`]).
+/// in the last third of its own lifetime (see [`window`]); for a ledger
+/// entry that lifetime is counted from its issuance (`issued_at`), not from
+/// the backdated notBefore, so that a certificate whose renewer keeps to
+/// its schedule is never warned about.
 pub fn check_dir(dir: &Path, warn_before: Option<Duration>) -> Result<Report, CaError> {
     let ca = Ca::open(dir)?;
     let now = ca::now();
@@ -378,7 +424,24 @@ pub fn check_dir(dir: &Path, warn_before: Option<Duration>) -> Result<Report, Ca
     let intermediates = known_intermediates(dir);
     for (id, (e, nb, na)) in ids {
         let subject = format!("{id} (serial {})", e.serial);
-        expiry_finding(&mut r, &subject, nb, na, warn_before, now);
+        // The window of a renewed certificate runs from its issuance, as
+        // the renewer's schedule does; an entry without a usable time of
+        // issuance falls back to notBefore.
+        let issued =
+            OffsetDateTime::parse(&e.issued_at, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .filter(|t| *t >= nb && *t < na)
+                .unwrap_or(nb);
+        expiry_finding_from(
+            &mut r,
+            &subject,
+            nb,
+            issued,
+            na,
+            warn_before,
+            now,
+            warn_before.is_none().then_some(RENEWAL_OVERDUE),
+        );
         chain_finding(&mut r, &subject, e, ca.bundle(), &intermediates, now);
     }
     r.push(Level::Ok, "rotation", crate::rotate::stage_report(&ca)?);

@@ -25,6 +25,15 @@ pub enum ClientError {
     BadUrl(String),
     #[error("cannot reach the CA at {addr}: {msg}")]
     Unreachable { addr: String, msg: String },
+    /// The CA refused the client certificate presented, with a TLS alert
+    /// (it does not chain to a root the CA trusts any more, typically after
+    /// `rotate root finish --force`). Renewing with that certificate can
+    /// never succeed.
+    #[error(
+        "the CA at {addr} rejected our client certificate in the TLS handshake (alert {alert}): \
+         it no longer trusts the root the certificate chains to"
+    )]
+    ClientCertRejected { addr: String, alert: String },
     #[error("the CA refused: {status} {code}: {message}")]
     Refused {
         status: u16,
@@ -42,6 +51,56 @@ impl ClientError {
             ClientError::Refused { code, .. } => Some(code),
             _ => None,
         }
+    }
+}
+
+/// The TLS alert in `e` (or its sources) by which a server refused the
+/// client certificate presented. Alerts about anything else (and errors
+/// that are no alert) give None.
+fn client_cert_alert(e: &(dyn std::error::Error + 'static)) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription as A;
+    if let Some(rustls::Error::AlertReceived(a)) = e.downcast_ref::<rustls::Error>() {
+        return matches!(
+            a,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::CertificateRequired
+        )
+        .then_some(*a);
+    }
+    // io::Error's own source() skips the error it wraps; look at it too.
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        if let Some(a) = client_cert_alert(inner) {
+            return Some(a);
+        }
+    }
+    e.source().and_then(client_cert_alert)
+}
+
+/// Classifies a connection failure: a rejection of the client certificate
+/// (only when one was `presented`) or the CA being unreachable.
+fn connection_error(
+    addr: &str,
+    presented: bool,
+    e: &(dyn std::error::Error + 'static),
+    msg: String,
+) -> ClientError {
+    match client_cert_alert(e).filter(|_| presented) {
+        Some(alert) => ClientError::ClientCertRejected {
+            addr: addr.to_owned(),
+            alert: format!("{alert:?}"),
+        },
+        None => ClientError::Unreachable {
+            addr: addr.to_owned(),
+            msg,
+        },
     }
 }
 
@@ -170,6 +229,7 @@ impl CaClient {
             addr: self.authority.clone(),
             msg,
         };
+        let presented = identity.is_some();
         let fut = async {
             let tcp = tokio::net::TcpStream::connect(&self.authority)
                 .await
@@ -180,7 +240,9 @@ impl CaClient {
             let tls = tokio_rustls::TlsConnector::from(Arc::new(self.tls_config(identity)))
                 .connect(name, tcp)
                 .await
-                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+                .map_err(|e| {
+                    connection_error(&self.authority, presented, &e, format!("TLS: {e}"))
+                })?;
             let group = tls
                 .get_ref()
                 .1
@@ -194,6 +256,7 @@ impl CaClient {
                 sender,
                 authority: self.authority.clone(),
                 group,
+                presented,
             })
         };
         tokio::time::timeout(TIMEOUT, fut)
@@ -326,6 +389,10 @@ pub struct Session {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     authority: String,
     group: Option<rustls::NamedGroup>,
+    /// A client certificate was presented: in TLS 1.3 the server's
+    /// rejection of it arrives after the client's handshake is done, as an
+    /// alert on the first read.
+    presented: bool,
 }
 
 impl Session {
@@ -357,11 +424,9 @@ impl Session {
             .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let fut = async {
-            let resp = self
-                .sender
-                .send_request(req)
-                .await
-                .map_err(|e| broken(e.to_string()))?;
+            let resp = self.sender.send_request(req).await.map_err(|e| {
+                connection_error(&self.authority, self.presented, &e, e.to_string())
+            })?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_RESPONSE)
                 .collect()
@@ -470,6 +535,38 @@ mod tests {
         ] {
             let e = BundleDocument::parse(body).unwrap_err();
             assert!(matches!(e, ClientError::Protocol(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_alert_from_the_server_is_a_client_cert_rejection() {
+        use rustls::AlertDescription as A;
+        let wrapped = |a: A| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(a),
+            )
+        };
+        for a in [A::UnknownCA, A::BadCertificate, A::CertificateUnknown] {
+            let e = connection_error("ca:8443", true, &wrapped(a), "x".into());
+            assert!(
+                matches!(e, ClientError::ClientCertRejected { .. }),
+                "{a:?}: {e}"
+            );
+            assert!(e.to_string().contains(&format!("{a:?}")), "{e}");
+            // Without a certificate presented, it cannot be about ours.
+            let e = connection_error("ca:8443", false, &wrapped(a), "x".into());
+            assert!(matches!(e, ClientError::Unreachable { .. }), "{a:?}: {e}");
+        }
+        for other in [
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(A::HandshakeFailure),
+            ),
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+        ] {
+            let e = connection_error("ca:8443", true, &other, "x".into());
+            assert!(matches!(e, ClientError::Unreachable { .. }), "{e}");
         }
     }
 

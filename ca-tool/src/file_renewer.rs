@@ -38,7 +38,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::ca;
 use crate::client::{certified_key, new_key, CaClient, ClientError};
 use crate::fsutil::{self, PUBLIC, SECRET};
-use crate::renewer::renew_after;
+use crate::renewer::renew_after_from_now;
 
 /// First retry delay in daemon mode; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -582,7 +582,7 @@ pub async fn daemon<F: Future<Output = ()>>(opts: &Options, shutdown: F) -> Resu
         };
         match attempt {
             Ok(renewed) => {
-                let next = renew_after(renewed.not_after, now());
+                let next = renew_after_from_now(renewed.not_after);
                 log(format!(
                     "renewed {}: serial {} valid until {}; next renewal in {}",
                     renewed.spiffe_id,

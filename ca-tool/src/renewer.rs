@@ -1,14 +1,17 @@
 //! Keeps a workload's SVID fresh from `keyproof-ca serve`: bootstrap with a
-//! join token or a Kubernetes ServiceAccount token, then renew at two thirds
-//! of each certificate's remaining life (±10% jitter so a fleet does not
-//! renew in lockstep), retry with exponential backoff, and refresh the trust
-//! bundle (and its `spiffe_sequence`) in between.
+//! join token or a Kubernetes ServiceAccount token, then renew at 85% to 95%
+//! of two thirds of each certificate's remaining life (jitter so a fleet
+//! does not renew in lockstep, only downward so that every renewal happens
+//! before the last third that `keyproof-ca check` warns about), retry with
+//! exponential backoff, and refresh the trust bundle (and its
+//! `spiffe_sequence`) in between.
 //!
-//! A certificate that lapsed (the CA was down longer than its lifetime) can
-//! no longer be renewed. With a ServiceAccount token, which stays valid for
-//! many bootstraps, the renewer then bootstraps again by itself; a join token
-//! is single-use, so with one it keeps asking for a renewal and says that a
-//! new token is needed.
+//! A certificate that lapsed (the CA was down longer than its lifetime),
+//! that the CA rejects in the TLS handshake, or whose root left the CA's
+//! bundle (`rotate root finish --force`) can no longer be renewed. With a
+//! ServiceAccount token, which stays valid for many bootstraps, the renewer
+//! then bootstraps again by itself; a join token is single-use, so with one
+//! it keeps asking for a renewal and says (once) that a new token is needed.
 //!
 //! The key is generated in memory for every issuance and never written. The
 //! caller installs each new SVID through [`Handler::install`] (which may
@@ -104,10 +107,15 @@ pub enum FailureKind {
     CaRefused,
     /// The CA's answer was malformed or for the wrong identity.
     Protocol,
-    /// The join token file could not be read (bootstrap only).
+    /// The credential file could not be read, or does not hold exactly
+    /// one token (bootstrap only).
     TokenUnreadable,
     /// The handler refused the issued identity ([`Handler::install`]).
     Rejected,
+    /// The CA rejected the client certificate held in the TLS handshake
+    /// (its root is no longer trusted, typically after `rotate root finish
+    /// --force`).
+    ClientCertRejected,
 }
 
 impl FailureKind {
@@ -119,12 +127,14 @@ impl FailureKind {
             FailureKind::Protocol => "protocol",
             FailureKind::TokenUnreadable => "token_unreadable",
             FailureKind::Rejected => "invalid",
+            FailureKind::ClientCertRejected => "client_cert_rejected",
         }
     }
 
     fn of(e: &ClientError) -> FailureKind {
         match e {
             ClientError::Unreachable { .. } => FailureKind::CaUnreachable,
+            ClientError::ClientCertRejected { .. } => FailureKind::ClientCertRejected,
             ClientError::Refused { .. } => FailureKind::CaRefused,
             ClientError::BadUrl(_) | ClientError::Protocol(_) => FailureKind::Protocol,
         }
@@ -167,31 +177,60 @@ pub trait Handler: Send + Sync {
     }
     /// Counts and logs.
     fn event(&self, e: Event<'_>);
+    /// Whether the certificate held still chains to one of `roots` (a
+    /// bundle refreshed from the CA). False makes the renewer stop renewing
+    /// that certificate: the CA, which serves that bundle, no longer
+    /// trusts it either. By default true (cannot tell).
+    fn held_chains_to(&self, _roots: &[CertificateDer<'static>]) -> bool {
+        true
+    }
+    /// Called before every bootstrap attempt, so that the trust used to
+    /// reach the CA can be read again (a bootstrap bundle file updated
+    /// since the start). Does nothing by default.
+    fn before_bootstrap(&self) {}
 }
 
-/// A uniformly random factor in [0.9, 1.1].
+/// A uniformly random factor in [0.85, 0.95].
 fn jitter() -> f64 {
     let mut b = [0u8; 2];
     let _ = aws_lc_rs::rand::fill(&mut b);
-    0.9 + 0.2 * (u16::from_le_bytes(b) as f64 / u16::MAX as f64)
+    0.85 + 0.1 * (u16::from_le_bytes(b) as f64 / u16::MAX as f64)
 }
 
 /// When to renew a certificate received now that expires at `not_after`:
-/// two thirds of the remaining life, jittered. Measured from receipt, not
-/// from notBefore, because notBefore is backdated for clock skew.
+/// two thirds of the remaining life times a random factor in [0.85, 0.95].
+/// Measured from receipt, not from notBefore, because notBefore is
+/// backdated for clock skew. The jitter only goes down so that a renewal
+/// never reaches the last third of the life, where `keyproof-ca check`
+/// warns that renewal is overdue; the 5% to 15% left over is the margin for
+/// a slow answer or a retry.
 pub fn renew_after(not_after: i64, now: i64) -> Duration {
-    let remaining = (not_after - now).max(1) as f64;
-    Duration::from_secs_f64(remaining * 2.0 / 3.0 * jitter())
+    renew_in((not_after - now) as f64)
+}
+
+/// [`renew_after`] from the current time, to the sub-second: with a
+/// short-lived certificate, a clock truncated to whole seconds would eat
+/// most of the margin before the last third.
+pub fn renew_after_from_now(not_after: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    renew_in(not_after as f64 - now)
+}
+
+fn renew_in(remaining_secs: f64) -> Duration {
+    Duration::from_secs_f64(remaining_secs.max(1.0) * 2.0 / 3.0 * jitter())
 }
 
 /// The next retry: exponential backoff, but never more than a quarter of the
 /// held certificate's remaining life, so several attempts fit before it
-/// expires however short-lived it is.
+/// expires however short-lived it is; never less than [`MIN_BACKOFF`]
+/// either, so that a certificate about to lapse does not turn into a flood.
 fn retry_delay(backoff: Duration, held_until: Option<i64>, now: i64) -> Duration {
     match held_until {
         Some(until) if until > now => {
             let quarter = Duration::from_secs((until - now) as u64) / 4;
-            backoff.min(quarter.max(Duration::from_millis(200)))
+            backoff.min(quarter.max(MIN_BACKOFF))
         }
         _ => backoff,
     }
@@ -208,17 +247,23 @@ fn leaf_not_after(chain: &[CertificateDer<'_>]) -> Result<i64, ClientError> {
 
 /// How an attempt asks the CA for a certificate.
 enum Ask {
-    /// Present the credential (no certificate held, or the held one lapsed
-    /// and the credential is reusable).
+    /// Present the credential (no certificate held, or the held one can no
+    /// longer renew and the credential is reusable).
     Bootstrap,
     /// Authenticate with the certificate held.
     Renew(Arc<CertifiedKey>),
 }
 
 /// Whether to renew with `current` or bootstrap again: a lapsed certificate
-/// cannot authenticate a renewal, so with a reusable credential the renewer
-/// goes straight to a bootstrap instead of collecting a refusal first.
-fn ask_for(credential: &Credential, current: Option<Arc<CertifiedKey>>, now: i64) -> Ask {
+/// (or one the CA no longer trusts: `untrusted`) cannot authenticate a
+/// renewal, so with a reusable credential the renewer goes straight to a
+/// bootstrap instead of collecting a refusal first.
+fn ask_for(
+    credential: &Credential,
+    current: Option<Arc<CertifiedKey>>,
+    now: i64,
+    untrusted: bool,
+) -> Ask {
     match current {
         None => Ask::Bootstrap,
         Some(ck) => {
@@ -234,6 +279,8 @@ fn ask_for(credential: &Credential, current: Option<Arc<CertifiedKey>>, now: i64
                     credential.describe()
                 );
                 Ask::Bootstrap
+            } else if untrusted && credential.reusable() {
+                Ask::Bootstrap
             } else {
                 Ask::Renew(ck)
             }
@@ -241,69 +288,140 @@ fn ask_for(credential: &Credential, current: Option<Arc<CertifiedKey>>, now: i64
     }
 }
 
-/// After a failed renewal: whether to bootstrap at once instead (the CA
-/// said the held certificate can no longer renew, and the credential can be
-/// presented again). Says which way it goes.
-fn bootstrap_after_refusal(credential: &Credential, e: &ClientError) -> bool {
-    let Some(code) = e.code().filter(|c| RENEWAL_NEEDS_BOOTSTRAP.contains(c)) else {
+/// Why a failed renewal means the certificate held can never renew: the CA
+/// said so (an API code of [`RENEWAL_NEEDS_BOOTSTRAP`]) or rejected it in
+/// the TLS handshake. None for failures a retry may turn into a success.
+fn renewal_hopeless(e: &ClientError) -> Option<&str> {
+    match e {
+        ClientError::ClientCertRejected { .. } => Some("client_cert_rejected"),
+        _ => e.code().filter(|c| RENEWAL_NEEDS_BOOTSTRAP.contains(c)),
+    }
+}
+
+/// Says, once per certificate held (`warned` remembers), that a join token
+/// cannot recover an identity the CA no longer accepts.
+fn warn_join_token_spent(credential: &Credential, why: &str, warned: &mut bool) {
+    if *warned {
+        return;
+    }
+    *warned = true;
+    tracing::warn!(
+        why,
+        credential = credential.describe(),
+        "the identity held is no longer trusted by the CA ({why}) and a join token is \
+         single-use: a new join token (and a restart with it) is needed; retrying the renewal \
+         meanwhile"
+    );
+}
+
+/// After a failed renewal: whether to bootstrap at once instead (the held
+/// certificate can never renew, and the credential can be presented
+/// again). Says which way it goes; with a join token only once (`warned`).
+fn bootstrap_after_refusal(credential: &Credential, e: &ClientError, warned: &mut bool) -> bool {
+    let Some(why) = renewal_hopeless(e) else {
         return false;
     };
     if credential.reusable() {
         tracing::info!(
-            code,
+            why,
             credential = credential.describe(),
-            "the CA will not renew the certificate held; bootstrapping again with the {}",
+            "the CA will not renew the certificate held ({why}); bootstrapping again with the {}",
             credential.describe()
         );
         true
     } else {
-        tracing::warn!(
-            code,
-            credential = credential.describe(),
-            "the CA will not renew the certificate held, and a join token is single-use: \
-             a new join token (or a restart with a fresh one) is needed; retrying the renewal"
-        );
+        warn_join_token_spent(credential, why, warned);
         false
     }
 }
 
+/// The one token a credential file holds: surrounding whitespace and a
+/// final newline are dropped; an empty file or one with several non-empty
+/// lines is refused here rather than sent to the CA (which would answer
+/// `missing_token`, or choke on a header with a newline).
+fn one_token(text: &str) -> Result<&str, String> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    match (lines.next(), lines.count()) {
+        (None, _) => Err("empty".into()),
+        (Some(token), 0) => Ok(token),
+        (Some(_), more) => Err(format!(
+            "must hold one token, found {} non-empty lines",
+            more + 1
+        )),
+    }
+}
+
+/// A failed attempt: its kind, the error, and how it asked (`bootstrap` or
+/// `renew`).
+type Failure = (FailureKind, String, &'static str);
+
 async fn bootstrap(
     cfg: &RenewerConfig,
+    handler: &dyn Handler,
     csr_pem: &str,
-) -> Result<IssuedSvid, (FailureKind, String)> {
+) -> Result<IssuedSvid, Failure> {
+    handler.before_bootstrap();
     let path = cfg.bootstrap.path();
-    let token = tokio::fs::read_to_string(path).await.map_err(|e| {
+    let unreadable = |msg: String| {
         (
             FailureKind::TokenUnreadable,
-            format!("{} {}: {e}", cfg.bootstrap.describe(), path.display()),
+            format!("{} {}: {msg}", cfg.bootstrap.describe(), path.display()),
+            "bootstrap",
         )
-    })?;
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| unreadable(e.to_string()))?;
+    let token = one_token(&text).map_err(unreadable)?;
     // Names the identity wanted, so that a credential for another one
     // (another namespace's ServiceAccount, another workload's join token)
     // is refused by the CA (`id_mismatch`) instead of issued and dropped.
     cfg.client
-        .bootstrap_for(token.trim(), csr_pem, Some(cfg.spiffe_id.as_str()))
+        .bootstrap_for(token, csr_pem, Some(cfg.spiffe_id.as_str()))
         .await
-        .map_err(|e| (FailureKind::of(&e), e.to_string()))
+        .map_err(|e| (FailureKind::of(&e), e.to_string(), "bootstrap"))
+}
+
+/// What the renewer knows about the certificate held beyond its expiry.
+#[derive(Default)]
+struct HeldState {
+    /// The CA no longer trusts it (handshake rejection, or its root left
+    /// the CA's bundle): bootstrap instead of renewing, when possible.
+    untrusted: bool,
+    /// The join-token warning for it was logged.
+    warned: bool,
 }
 
 async fn obtain(
     cfg: &RenewerConfig,
+    handler: &dyn Handler,
     current: Option<Arc<CertifiedKey>>,
-) -> Result<(NewIdentity, &'static str), (FailureKind, String)> {
-    let failed = |e: ClientError| (FailureKind::of(&e), e.to_string());
-    let key = new_key(cfg.key_type, cfg.spiffe_id.as_str()).map_err(failed)?;
+    state: &mut HeldState,
+) -> Result<(NewIdentity, &'static str), Failure> {
+    let key = new_key(cfg.key_type, cfg.spiffe_id.as_str())
+        .map_err(|e| (FailureKind::of(&e), e.to_string(), "renew"))?;
     let now = crate::ca::now().unix_timestamp();
-    let (issued, how): (IssuedSvid, _) = match ask_for(&cfg.bootstrap, current, now) {
-        Ask::Renew(ck) => match cfg.client.renew(ck, &key.csr_pem).await {
-            Ok(issued) => (issued, "renew"),
-            Err(e) if bootstrap_after_refusal(&cfg.bootstrap, &e) => {
-                (bootstrap(cfg, &key.csr_pem).await?, "bootstrap")
-            }
-            Err(e) => return Err(failed(e)),
-        },
-        Ask::Bootstrap => (bootstrap(cfg, &key.csr_pem).await?, "bootstrap"),
-    };
+    let (issued, how): (IssuedSvid, _) =
+        match ask_for(&cfg.bootstrap, current, now, state.untrusted) {
+            Ask::Renew(ck) => match cfg.client.renew(ck, &key.csr_pem).await {
+                Ok(issued) => (issued, "renew"),
+                Err(e) if bootstrap_after_refusal(&cfg.bootstrap, &e, &mut state.warned) => {
+                    // Counted and logged as what it was before the bootstrap
+                    // that follows at once.
+                    handler.event(Event::Failed {
+                        how: "renew",
+                        kind: FailureKind::of(&e),
+                        error: &e.to_string(),
+                        retry_in: Duration::ZERO,
+                    });
+                    state.untrusted = true;
+                    (bootstrap(cfg, handler, &key.csr_pem).await?, "bootstrap")
+                }
+                Err(e) => return Err((FailureKind::of(&e), e.to_string(), "renew")),
+            },
+            Ask::Bootstrap => (bootstrap(cfg, handler, &key.csr_pem).await?, "bootstrap"),
+        };
+    let failed = |e: ClientError| (FailureKind::of(&e), e.to_string(), how);
     if issued.spiffe_id != cfg.spiffe_id.as_str() {
         return Err((
             FailureKind::Protocol,
@@ -311,6 +429,7 @@ async fn obtain(
                 "the CA issued {} but this workload is {}",
                 issued.spiffe_id, cfg.spiffe_id
             ),
+            how,
         ));
     }
     // Proves the chain matches the key before anyone installs it.
@@ -331,29 +450,29 @@ async fn obtain(
 
 /// Runs forever: obtains and renews the SVID, refreshing the bundle.
 pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
+    type Bundle = (Vec<CertificateDer<'static>>, Option<u64>);
     let mut backoff = MIN_BACKOFF;
     let mut renew_at = Instant::now();
-    let mut last_bundle: Option<(Vec<CertificateDer<'static>>, Option<u64>)> = None;
+    let mut last_bundle: Option<Bundle> = None;
+    // The last bundle the handler refused (or that no longer holds our
+    // root): not offered again, so that a refusal is logged once per
+    // bundle rather than at every refresh.
+    let mut refused_bundle: Option<Bundle> = None;
+    let mut state = HeldState::default();
     // Expiry of the certificate held, to keep retries inside its lifetime.
     let mut held_until: Option<i64> = None;
     loop {
         let now = Instant::now();
         if now >= renew_at {
             let current = handler.current();
-            // For the failure event; obtain may still switch to a bootstrap.
-            let how = if current.is_some() {
-                "renew"
-            } else {
-                "bootstrap"
-            };
-            let outcome = match obtain(&cfg, current).await {
+            let outcome = match obtain(&cfg, handler.as_ref(), current, &mut state).await {
                 Ok((id, how)) => {
                     let not_after = id.not_after;
                     let bundle = (id.bundle.clone(), id.spiffe_sequence);
                     handler
                         .install(id)
                         .map(|()| (how, not_after, bundle))
-                        .map_err(|e| (FailureKind::Rejected, e))
+                        .map_err(|e| (FailureKind::Rejected, e, how))
                 }
                 Err(e) => Err(e),
             };
@@ -361,12 +480,13 @@ pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
                 Ok((how, not_after, bundle)) => {
                     handler.event(Event::Renewed { how, not_after });
                     last_bundle = Some(bundle);
+                    refused_bundle = None;
+                    state = HeldState::default();
                     held_until = Some(not_after);
                     backoff = MIN_BACKOFF;
-                    let wall = crate::ca::now().unix_timestamp();
-                    renew_at = Instant::now() + renew_after(not_after, wall);
+                    renew_at = Instant::now() + renew_after_from_now(not_after);
                 }
-                Err((kind, error)) => {
+                Err((kind, error, how)) => {
                     let retry_in =
                         retry_delay(backoff, held_until, crate::ca::now().unix_timestamp());
                     handler.event(Event::Failed {
@@ -386,15 +506,45 @@ pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
         if Instant::now() < renew_at && handler.current().is_some() {
             if let Ok(doc) = cfg.client.bundle_document().await {
                 let fetched = (doc.roots, doc.spiffe_sequence);
-                if last_bundle.as_ref() != Some(&fetched) {
-                    let roots = fetched.0.len();
-                    if handler
-                        .install_bundle_with_sequence(fetched.0.clone(), fetched.1)
-                        .is_ok()
-                    {
-                        handler.event(Event::BundleUpdated { roots });
-                        last_bundle = Some(fetched);
+                if last_bundle.as_ref() == Some(&fetched)
+                    || refused_bundle.as_ref() == Some(&fetched)
+                {
+                    continue;
+                }
+                if !handler.held_chains_to(&fetched.0) {
+                    // The CA dropped the root our certificate chains to: it
+                    // will reject that certificate, and so will peers. A
+                    // renewal now lets the CA confirm it (a rejection in
+                    // the handshake), which leads to a bootstrap at once.
+                    refused_bundle = Some(fetched);
+                    if cfg.bootstrap.reusable() {
+                        tracing::info!(
+                            credential = cfg.bootstrap.describe(),
+                            "the CA's trust bundle no longer holds the root of the certificate \
+                             held; renewing now, and bootstrapping again with the {} if the CA \
+                             rejects it",
+                            cfg.bootstrap.describe()
+                        );
+                        renew_at = Instant::now();
+                        backoff = MIN_BACKOFF;
+                    } else {
+                        warn_join_token_spent(
+                            &cfg.bootstrap,
+                            "root_left_bundle",
+                            &mut state.warned,
+                        );
                     }
+                    continue;
+                }
+                let roots = fetched.0.len();
+                if handler
+                    .install_bundle_with_sequence(fetched.0.clone(), fetched.1)
+                    .is_ok()
+                {
+                    handler.event(Event::BundleUpdated { roots });
+                    last_bundle = Some(fetched);
+                } else {
+                    refused_bundle = Some(fetched);
                 }
             }
         }
@@ -406,11 +556,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renews_at_two_thirds_of_the_remaining_life_with_jitter() {
-        for _ in 0..1000 {
-            let d = renew_after(1_000 + 30, 1_000).as_secs_f64();
-            assert!((18.0..=22.0).contains(&d), "{d}");
+    fn renews_before_two_thirds_of_the_remaining_life_with_downward_jitter() {
+        let (mut lowest, mut highest) = (f64::MAX, 0.0f64);
+        for _ in 0..2000 {
+            let d = renew_after(1_000 + 300, 1_000).as_secs_f64();
+            // 200 s is two thirds; 85% to 95% of it.
+            assert!((170.0..=190.0).contains(&d), "{d}");
+            lowest = lowest.min(d);
+            highest = highest.max(d);
         }
+        // Spread over the range, not stuck at one end.
+        assert!(lowest < 175.0 && highest > 185.0, "{lowest}..{highest}");
         // Already expired: renew (almost) at once.
         assert!(renew_after(10, 1_000) < Duration::from_secs(1));
     }
@@ -447,13 +603,35 @@ mod tests {
         let now = 1_800_000_000;
         let renews = |a: Ask| matches!(a, Ask::Renew(_));
         for credential in [sa(), join()] {
-            assert!(!renews(ask_for(&credential, None, now)), "{credential:?}");
+            assert!(
+                !renews(ask_for(&credential, None, now, false)),
+                "{credential:?}"
+            );
             // Still valid: renew, whatever the credential.
-            assert!(renews(ask_for(&credential, Some(held(now + 60)), now)));
+            assert!(renews(ask_for(
+                &credential,
+                Some(held(now + 60)),
+                now,
+                false
+            )));
         }
-        assert!(!renews(ask_for(&sa(), Some(held(now - 1)), now)));
+        assert!(!renews(ask_for(&sa(), Some(held(now - 1)), now, false)));
         // A spent join token would only earn `token_reused`.
-        assert!(renews(ask_for(&join(), Some(held(now - 1)), now)));
+        assert!(renews(ask_for(&join(), Some(held(now - 1)), now, false)));
+        // Valid but no longer trusted by the CA: the same.
+        assert!(!renews(ask_for(&sa(), Some(held(now + 60)), now, true)));
+        assert!(renews(ask_for(&join(), Some(held(now + 60)), now, true)));
+    }
+
+    #[test]
+    fn a_credential_file_must_hold_exactly_one_token() {
+        assert_eq!(one_token("kpt_abc\n"), Ok("kpt_abc"));
+        assert_eq!(one_token("\r\n  kpt_abc \r\n\n"), Ok("kpt_abc"));
+        for empty in ["", "\n", "  \t\r\n \n"] {
+            assert_eq!(one_token(empty), Err("empty".into()), "{empty:?}");
+        }
+        let e = one_token("kpt_a\nkpt_b\n").unwrap_err();
+        assert!(e.contains("must hold one token"), "{e}");
     }
 
     #[test]
@@ -463,9 +641,20 @@ mod tests {
             code: code.into(),
             message: String::new(),
         };
-        for code in RENEWAL_NEEDS_BOOTSTRAP {
-            assert!(bootstrap_after_refusal(&sa(), &refused(code)), "{code}");
-            assert!(!bootstrap_after_refusal(&join(), &refused(code)), "{code}");
+        let rejected = ClientError::ClientCertRejected {
+            addr: "ca:8443".into(),
+            alert: "UnknownCA".into(),
+        };
+        let mut warned = false;
+        for e in RENEWAL_NEEDS_BOOTSTRAP
+            .map(refused)
+            .into_iter()
+            .chain([rejected])
+        {
+            assert!(bootstrap_after_refusal(&sa(), &e, &mut false), "{e}");
+            assert!(!bootstrap_after_refusal(&join(), &e, &mut warned), "{e}");
+            // Said once, not at every retry.
+            assert!(warned);
         }
         // Anything else is retried as a renewal: another bootstrap would
         // not fare better (rate limits, a CA in trouble, a bad CSR).
@@ -478,7 +667,7 @@ mod tests {
             },
             ClientError::Protocol("x".into()),
         ] {
-            assert!(!bootstrap_after_refusal(&sa(), &e), "{e}");
+            assert!(!bootstrap_after_refusal(&sa(), &e, &mut false), "{e}");
         }
     }
 
@@ -486,6 +675,8 @@ mod tests {
     fn retries_stay_inside_the_remaining_lifetime() {
         let s = Duration::from_secs;
         assert_eq!(retry_delay(s(30), Some(1_008), 1_000), s(2));
+        // Never faster than once a second, even about to lapse.
+        assert_eq!(retry_delay(s(30), Some(1_001), 1_000), s(1));
         assert_eq!(retry_delay(s(1), Some(2_000), 1_000), s(1));
         assert_eq!(retry_delay(s(8), None, 1_000), s(8));
         assert_eq!(retry_delay(s(8), Some(1_000), 1_000), s(8));

@@ -98,8 +98,10 @@ pub fn prepare(dir: &Path, root_ttl: Duration, int_ttl: Duration) -> Result<Stri
     write_state(dir, &state)?;
     Ok(format!(
         "prepared: the bundle now holds {} roots (spiffe_sequence {}); issuance stays on the old chain.\n\
-         Next: wait until every proxy has the new bundle (keyproof_identity_reloads_total, /identity), then `rotate root activate`.",
+         Next: wait until every proxy has the new bundle ([identity.ca] sidecars: keyproof_trust_bundle_sequence reaching {}; \
+         [identity.files] proxies: keyproof_identity_reloads_total; either: /identity), then `rotate root activate`.",
         roots.len(),
+        state.spiffe_sequence,
         state.spiffe_sequence
     ))
 }

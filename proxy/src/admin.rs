@@ -50,8 +50,21 @@ impl AdminState {
             }
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                let expired = self.store.get().filter(|id| id.not_after <= now);
                 if self.draining.load(Ordering::Acquire) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if let Some(id) = expired {
+                    // Peers refuse an expired certificate: taking no traffic
+                    // is honest until a new one is installed.
+                    let body = format!(
+                        "the certificate held (serial {}) expired at {}; waiting for a new one\n",
+                        id.serial,
+                        id.to_json()["not_after"].as_str().unwrap_or_default()
+                    );
+                    text(StatusCode::SERVICE_UNAVAILABLE, body)
                 } else if self.ready.load(Ordering::Acquire) && self.store.get().is_some() {
                     text(StatusCode::OK, "ready\n")
                 } else if self.store.get().is_none() {
@@ -222,6 +235,28 @@ mod tests {
         // Liveness is not readiness.
         let r = get(admin.addr, "/live").await;
         assert_eq!((r.status, r.body.as_str()), (200, "live\n"));
+    }
+
+    #[tokio::test]
+    async fn ready_is_503_while_the_certificate_held_has_expired() {
+        let pki = Pki::shared(TD);
+        let mut lapsed = pki.identity(API);
+        // As if the renewer had not replaced it in time.
+        lapsed.not_after = 1_000_000_000;
+        let store = IdentityStore::new(lapsed);
+        let admin = start(store.clone()).await;
+        admin.state.ready.store(true, Ordering::Release);
+        let r = get(admin.addr, "/ready").await;
+        assert_eq!(r.status, 503);
+        assert!(
+            r.body.contains("expired at 2001-09-09T01:46:40Z"),
+            "{}",
+            r.body
+        );
+        // The next install recovers it.
+        store.replace(pki.identity(API));
+        let r = get(admin.addr, "/ready").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
     }
 
     #[tokio::test]

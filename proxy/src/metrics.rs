@@ -29,7 +29,7 @@ pub const RELOAD_RESULTS: [&str; 9] = [
 ];
 
 /// Every `result` label of `keyproof_identity_renewals_total`.
-pub const RENEWAL_RESULTS: [&str; 6] = [
+pub const RENEWAL_RESULTS: [&str; 7] = [
     "ok",
     // The CA could not be reached (network, TLS, timeout).
     "ca_unreachable",
@@ -39,8 +39,12 @@ pub const RENEWAL_RESULTS: [&str; 6] = [
     "protocol",
     // The issued certificate or bundle failed the proxy's own checks.
     "invalid",
-    // The join token file could not be read (bootstrap only).
+    // The credential file could not be read, is empty or holds more than
+    // one token (bootstrap only).
     "token_unreadable",
+    // The CA rejected the client certificate in the TLS handshake (its
+    // root is no longer trusted); a ServiceAccount sidecar bootstraps again.
+    "client_cert_rejected",
 ];
 
 /// Every `result` label of `keyproof_tls_handshakes_total`.
@@ -161,18 +165,24 @@ pub struct Metrics {
 }
 
 /// `keyproof_trust_bundle_*`: what the trust bundle in use holds, so that a
-/// root rotation can be followed converging across a fleet.
+/// root rotation can be followed converging across a fleet. Every series
+/// carries the bare `trust_domain` name (e.g. `prod.example.com`), so that
+/// one Prometheus watching several trust domains compares each CA's
+/// sequence only with its own sidecars'.
 #[derive(Clone)]
 struct TrustBundleMetrics {
-    roots: IntGauge,
+    /// Label `trust_domain`; no series before a bundle is installed.
+    roots: IntGaugeVec,
+    /// Labels `trust_domain`, `fingerprint`.
     root_expiry: GaugeVec,
-    /// No labels; a child exists only while the CA has stated a sequence,
-    /// so `[identity.files]` exports no series at all rather than a 0.
+    /// Label `trust_domain`; a child exists only while the CA has stated a
+    /// sequence, so `[identity.files]` exports no series at all rather
+    /// than a 0.
     sequence: IntGaugeVec,
-    /// The fingerprints exported now, so that roots which left the bundle
-    /// lose their series (the lock also keeps two installs from
-    /// interleaving their updates).
-    exported: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The trust domain and fingerprints exported now, so that roots which
+    /// left the bundle lose their series (the lock also keeps two installs
+    /// from interleaving their updates).
+    exported: std::sync::Arc<std::sync::Mutex<(String, Vec<String>)>>,
 }
 
 /// A root of the trust bundle in use, as exported.
@@ -316,25 +326,30 @@ impl Metrics {
             ),
             &["result"],
         )?;
-        let bundle_roots = IntGauge::new(
-            "keyproof_trust_bundle_roots",
-            "Roots in the trust bundle in use (two while a root rotation is under way).",
+        let bundle_roots = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_trust_bundle_roots",
+                "Roots in the trust bundle in use (two while a root rotation is under way), \
+                 by trust domain.",
+            ),
+            &["trust_domain"],
         )?;
         let root_expiry = GaugeVec::new(
             Opts::new(
                 "keyproof_trust_bundle_root_expiry_timestamp_seconds",
-                "notAfter of each root of the trust bundle in use, by fingerprint (hex \
-                 SHA-256 of the root's DER), seconds since the epoch.",
+                "notAfter of each root of the trust bundle in use, by trust domain and \
+                 fingerprint (hex SHA-256 of the root's DER), seconds since the epoch.",
             ),
-            &["fingerprint"],
+            &["trust_domain", "fingerprint"],
         )?;
         let sequence = IntGaugeVec::new(
             Opts::new(
                 "keyproof_trust_bundle_sequence",
                 "spiffe_sequence of the trust bundle in use, as the CA states it \
-                 ([identity.ca] only); equal across a fleet once a rotation converged.",
+                 ([identity.ca] only), by trust domain; equal across a trust domain's \
+                 fleet once a rotation converged.",
             ),
-            &[],
+            &["trust_domain"],
         )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -416,36 +431,51 @@ impl Metrics {
         self.cert_issued.set(not_before as f64);
     }
 
-    /// Sets the trust bundle gauges for the bundle now in use: its roots
-    /// (the series of roots no longer in it are removed) and, when the CA
-    /// stated one, its `spiffe_sequence`. Called when an identity or a
-    /// bundle is installed, never on the request path.
-    pub fn trust_bundle_installed(&self, roots: &[BundleRoot], sequence: Option<u64>) {
+    /// Sets the trust bundle gauges for the bundle of `trust_domain` now in
+    /// use: its roots (the series of roots no longer in it are removed) and,
+    /// when the CA stated one, its `spiffe_sequence`. Called when an
+    /// identity or a bundle is installed, never on the request path.
+    pub fn trust_bundle_installed(
+        &self,
+        trust_domain: &str,
+        roots: &[BundleRoot],
+        sequence: Option<u64>,
+    ) {
         let b = &self.bundle;
         let mut exported = b
             .exported
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for gone in exported
+        let (old_td, old_roots) = &*exported;
+        for gone in old_roots
             .iter()
-            .filter(|f| !roots.iter().any(|r| &r.fingerprint == *f))
+            .filter(|f| old_td != trust_domain || !roots.iter().any(|r| &r.fingerprint == *f))
         {
-            let _ = b.root_expiry.remove_label_values(&[gone]);
+            let _ = b.root_expiry.remove_label_values(&[old_td, gone]);
+        }
+        if old_td != trust_domain && !old_td.is_empty() {
+            let _ = b.roots.remove_label_values(&[old_td]);
+            let _ = b.sequence.remove_label_values(&[old_td]);
         }
         for r in roots {
             b.root_expiry
-                .with_label_values(&[&r.fingerprint])
+                .with_label_values(&[trust_domain, &r.fingerprint])
                 .set(r.not_after as f64);
         }
-        *exported = roots.iter().map(|r| r.fingerprint.clone()).collect();
-        b.roots.set(i64::try_from(roots.len()).unwrap_or(i64::MAX));
+        *exported = (
+            trust_domain.to_owned(),
+            roots.iter().map(|r| r.fingerprint.clone()).collect(),
+        );
+        b.roots
+            .with_label_values(&[trust_domain])
+            .set(i64::try_from(roots.len()).unwrap_or(i64::MAX));
         match sequence {
             Some(seq) => b
                 .sequence
-                .with_label_values(&[] as &[&str])
+                .with_label_values(&[trust_domain])
                 .set(i64::try_from(seq).unwrap_or(i64::MAX)),
             None => {
-                let _ = b.sequence.remove_label_values(&[] as &[&str]);
+                let _ = b.sequence.remove_label_values(&[trust_domain]);
             }
         }
     }
@@ -778,10 +808,10 @@ mod tests {
         zero("keyproof_stepup_nonce_table_full_total", &[]);
         zero("keyproof_identity_cert_expiry_timestamp_seconds", &[]);
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
-        zero("keyproof_trust_bundle_roots", &[]);
-        assert_eq!(checked, 2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 6 + 11 + 10 + 6);
-        // Nothing to say before a bundle is installed, and no sequence
-        // unless a CA states one.
+        assert_eq!(checked, 2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 5);
+        // Nothing to say before a bundle is installed (not even its trust
+        // domain), and no sequence unless a CA states one.
+        assert!(!t.contains("\nkeyproof_trust_bundle_roots"), "{t}");
         assert!(!t.contains("keyproof_trust_bundle_root_expiry_timestamp_seconds{"));
         assert!(!t.contains("\nkeyproof_trust_bundle_sequence"), "{t}");
         assert_eq!(
@@ -947,40 +977,66 @@ mod tests {
 
     #[test]
     fn the_trust_bundle_gauges_follow_the_bundle_installed() {
+        const TD: &str = "prod.example.com";
         let m = Metrics::new().expect("metrics");
         let root = |fp: &str, not_after: i64| BundleRoot {
             fingerprint: fp.to_owned(),
             not_after,
         };
-        let expiry = |m: &Metrics, fp: &str| {
+        let expiry = |m: &Metrics, td: &str, fp: &str| {
             sample(
                 &text(m),
                 "keyproof_trust_bundle_root_expiry_timestamp_seconds",
-                &[("fingerprint", fp)],
+                &[("trust_domain", td), ("fingerprint", fp)],
             )
         };
-        let sequence = |m: &Metrics| sample(&text(m), "keyproof_trust_bundle_sequence", &[]);
+        let sequence = |m: &Metrics, td: &str| {
+            sample(
+                &text(m),
+                "keyproof_trust_bundle_sequence",
+                &[("trust_domain", td)],
+            )
+        };
+        let roots = |m: &Metrics, td: &str| {
+            sample(
+                &text(m),
+                "keyproof_trust_bundle_roots",
+                &[("trust_domain", td)],
+            )
+        };
         // A rotation: old root, then both, then the new one alone.
-        m.trust_bundle_installed(&[root("aa", 2_000_000_000)], Some(1));
-        assert_eq!(value(&m, "keyproof_trust_bundle_roots", &[]), 1.0);
-        assert_eq!(expiry(&m, "aa"), Some(2_000_000_000.0));
-        assert_eq!(sequence(&m), Some(1.0));
+        m.trust_bundle_installed(TD, &[root("aa", 2_000_000_000)], Some(1));
+        assert_eq!(roots(&m, TD), Some(1.0));
+        assert_eq!(expiry(&m, TD, "aa"), Some(2_000_000_000.0));
+        assert_eq!(sequence(&m, TD), Some(1.0));
         m.trust_bundle_installed(
+            TD,
             &[root("aa", 2_000_000_000), root("bb", 2_100_000_000)],
             Some(2),
         );
-        assert_eq!(value(&m, "keyproof_trust_bundle_roots", &[]), 2.0);
-        assert_eq!(expiry(&m, "bb"), Some(2_100_000_000.0));
-        assert_eq!(sequence(&m), Some(2.0));
-        m.trust_bundle_installed(&[root("bb", 2_100_000_000)], Some(3));
-        assert_eq!(value(&m, "keyproof_trust_bundle_roots", &[]), 1.0);
-        assert_eq!(expiry(&m, "aa"), None, "a root that left keeps its series");
-        assert_eq!(expiry(&m, "bb"), Some(2_100_000_000.0));
-        assert_eq!(sequence(&m), Some(3.0));
+        assert_eq!(roots(&m, TD), Some(2.0));
+        assert_eq!(expiry(&m, TD, "bb"), Some(2_100_000_000.0));
+        assert_eq!(sequence(&m, TD), Some(2.0));
+        m.trust_bundle_installed(TD, &[root("bb", 2_100_000_000)], Some(3));
+        assert_eq!(roots(&m, TD), Some(1.0));
+        assert_eq!(
+            expiry(&m, TD, "aa"),
+            None,
+            "a root that left keeps its series"
+        );
+        assert_eq!(expiry(&m, TD, "bb"), Some(2_100_000_000.0));
+        assert_eq!(sequence(&m, TD), Some(3.0));
         // A source that states no sequence exports none.
-        m.trust_bundle_installed(&[root("bb", 2_100_000_000)], None);
-        assert_eq!(sequence(&m), None);
-        assert!(!text(&m).contains("keyproof_trust_bundle_sequence "));
+        m.trust_bundle_installed(TD, &[root("bb", 2_100_000_000)], None);
+        assert_eq!(sequence(&m, TD), None);
+        assert!(!text(&m).contains("\nkeyproof_trust_bundle_sequence"));
+        // Another trust domain replaces every series of the first.
+        m.trust_bundle_installed("other.example.com", &[root("cc", 2_200_000_000)], Some(9));
+        let t = text(&m);
+        assert!(!t.contains("prod.example.com"), "{t}");
+        assert_eq!(roots(&m, "other.example.com"), Some(1.0));
+        assert_eq!(sequence(&m, "other.example.com"), Some(9.0));
+        assert_eq!(expiry(&m, "other.example.com", "cc"), Some(2_200_000_000.0));
     }
 
     #[test]

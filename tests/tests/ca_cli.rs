@@ -847,18 +847,88 @@ fn root_rotation_moves_in_three_steps() {
 #[test]
 fn check_dir_warns_when_a_renewal_is_overdue_until_superseded() {
     let ca = TestCa::new(TD);
-    let code = || {
-        keyproof_tests::run(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir))
-            .status
-            .code()
-    };
-    // 2 minutes left of a 7-minute life (5 minutes are backdating): inside
-    // the last third, so renewal is overdue.
+    let check = || keyproof_tests::run(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir));
+    let code = || check().status.code();
+    // Just issued: 2 minutes left of a 2-minute life counted from its
+    // issuance (notBefore is backdated 5 minutes for clock skew, which a
+    // renewer does not count): fine.
     ca.issue("short", "/ns/default/sa/web", &["--ttl", "2m"]);
-    assert_eq!(code(), Some(1));
+    assert_eq!(
+        code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check().stdout)
+    );
+    // As if it had been issued 5 minutes earlier and its workload had not
+    // renewed it since: 2 minutes left of 7, inside the last third.
+    let ledger = ca.dir.join("ledger.jsonl");
+    let lines: Vec<String> = ledger_lines(&ca)
+        .into_iter()
+        .map(|mut e| {
+            e["issued_at"] = e["not_before"].clone();
+            e.to_string()
+        })
+        .collect();
+    fs::write(&ledger, lines.join("\n") + "\n").unwrap();
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("renewal is overdue"), "{text}");
+    assert!(text.contains("stopped renewing"), "{text}");
     // A newer certificate for the same identity supersedes it.
     ca.issue("renewed", "/ns/default/sa/web", &["--ttl", "1h"]);
     assert_eq!(code(), Some(0));
+}
+
+#[test]
+fn check_dir_never_warns_about_a_certificate_its_renewer_keeps_fresh() {
+    // 15-second certificates renewed by `renew --daemon`: every renewal
+    // lands before the last third, so a check at any moment across two
+    // renewals is clean.
+    let ca = TestCa::new(TD);
+    let srv = serve(&ca, &["--ttl", "15s"]);
+    let dir = workload_dir(&ca, "15s");
+    let hook = ca.path("hook.log");
+    let mut child = renew_cmd(&srv.url, &dir)
+        .arg("--daemon")
+        .arg("--exec")
+        .arg(format!("echo renewed >> '{}'", hook.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let renewals = || {
+        fs::read_to_string(&hook)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    let mut checks = 0;
+    let mut failure = None;
+    // The first renewal comes at once (the issued certificate's notBefore
+    // is backdated); two more follow about 9.5 seconds apart.
+    while renewals() < 3 && start.elapsed() < Duration::from_secs(28) {
+        let out = keyproof_tests::run(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir));
+        checks += 1;
+        if out.status.code() != Some(0) {
+            failure = Some(format!(
+                "exit {:?} after {:?}:\n{}",
+                out.status.code(),
+                start.elapsed(),
+                String::from_utf8_lossy(&out.stdout)
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let n = renewals();
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Some(f) = failure {
+        panic!("check --dir warned about a certificate being renewed ({n} renewals): {f}");
+    }
+    assert!(n >= 3, "{n} renewal(s) in {:?}", start.elapsed());
+    assert!(checks >= 20, "{checks}");
 }
 
 #[test]

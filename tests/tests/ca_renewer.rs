@@ -180,3 +180,55 @@ fn bootstraps_renews_and_recovers_from_an_outage() {
     let id = keyproof_identity::svid::check_leaf_der(&cert.cert[0]).unwrap();
     assert_eq!(id.as_str(), WEB);
 }
+
+#[test]
+fn an_empty_or_multi_line_token_file_fails_locally_as_a_bootstrap() {
+    let ca = TestCa::new(TD);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (content, want) in [
+        ("", "empty"),
+        ("  \n\t\r\n", "empty"),
+        ("kpt_one\nkpt_two\n", "must hold one token"),
+    ] {
+        let token_file = ca.path("token");
+        std::fs::write(&token_file, content).unwrap();
+        // Nothing listens there: a token sent would fail as unreachable.
+        let client = CaClient::new(
+            &format!("https://127.0.0.1:{}", free_port()),
+            Arc::new(ArcSwap::from_pointee(SvidVerifier::new(
+                TrustDomain::parse(TD).unwrap(),
+                TrustBundle::from_pem(&std::fs::read(ca.bundle()).unwrap()).unwrap(),
+            ))),
+            IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
+        )
+        .unwrap();
+        let rec = Arc::new(Recorder::default());
+        let handler: Arc<dyn Handler> = rec.clone();
+        let task = rt.spawn(renewer::run(
+            RenewerConfig {
+                client,
+                spiffe_id: SpiffeId::parse(WEB).unwrap(),
+                key_type: KeyType::EcdsaP256,
+                bootstrap: renewer::Credential::JoinToken(token_file),
+                bundle_refresh: Duration::from_secs(2),
+            },
+            handler,
+        ));
+        let start = Instant::now();
+        while rec.log.lock().unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{content:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        task.abort();
+        let first = rec.log.lock().unwrap()[0].clone();
+        assert!(
+            first.starts_with("fail:bootstrap:join token file"),
+            "{first}"
+        );
+        assert!(first.contains(want), "{content:?}: {first}");
+    }
+}

@@ -196,12 +196,14 @@ fn prometheus_sees_the_replay_and_the_refused_handshake_and_fires_the_alert() {
         .alert_firing("KeyproofStepUpReplay")
         .expect("alerts API"));
 
-    // The trust bundle as Prometheus sees it: one root, the build, and no
+    // The trust bundle as Prometheus sees it (labelled with its trust
+    // domain, so that several trust domains can share a Prometheus): one
+    // root, the build, and no
     // sequence (an [identity.files] sidecar has no CA to state one). The
     // test root lives a day, which the root-expiry rule already sees.
     let roots = prom
         .wait_for_query(
-            "keyproof_trust_bundle_roots",
+            "keyproof_trust_bundle_roots{trust_domain=\"prod.example.com\"}",
             |v| v >= 1.0,
             Duration::from_secs(30),
         )

@@ -12,6 +12,11 @@
 //!   again by itself once the CA is back.
 //! - A sidecar holding a token for another namespace than its `spiffe_id`
 //!   stays unready and counts the CA's refusal.
+//! - After `rotate root finish --force` drops the root its certificate
+//!   chains to, a sidecar bootstraps again at once (the CA's rejection of
+//!   its certificate in the handshake is counted as `client_cert_rejected`).
+//! - A sidecar started with a stale bootstrap bundle file reaches the CA as
+//!   soon as the file is replaced, without a restart.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,14 +81,14 @@ struct CaServer {
 }
 
 impl CaServer {
-    /// Starts on `port` with 10-second SVIDs and no rate limit (the test
+    /// Starts on `port` with `ttl` SVIDs and no rate limit (the test
     /// bootstraps the same identity several times a minute).
-    fn start(ca: &TestCa, port: u16, jwks: &Path) -> CaServer {
+    fn start(ca: &TestCa, port: u16, jwks: &Path, ttl: &str) -> CaServer {
         let admin = addr();
         let log = ca.path(&format!("serve-{port}-{}.log", now()));
         let f = std::fs::File::create(&log).unwrap();
         let child = cmd("keyproof-ca")
-            .args(["serve", "--ttl", "10s", "--rate-limit", "0", "--dir"])
+            .args(["serve", "--ttl", ttl, "--rate-limit", "0", "--dir"])
             .arg(&ca.dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -140,8 +145,24 @@ impl Cluster {
         }
     }
 
+    /// The CA server, issuing 10-second SVIDs.
     fn serve(&self) -> CaServer {
-        CaServer::start(&self.ca, self.port, &self.jwks)
+        self.serve_ttl("10s")
+    }
+
+    fn serve_ttl(&self, ttl: &str) -> CaServer {
+        CaServer::start(&self.ca, self.port, &self.jwks, ttl)
+    }
+
+    /// `keyproof-ca rotate root <step>` (with `extra` arguments).
+    fn rotate(&self, step: &str, extra: &[&str]) -> String {
+        keyproof_tests::run_ok(
+            cmd("keyproof-ca")
+                .args(["rotate", "root", step])
+                .args(extra)
+                .arg("--dir")
+                .arg(&self.ca.dir),
+        )
     }
 
     /// Writes a fresh projected token for `ns`/`sa` of pod `pod` into
@@ -186,6 +207,24 @@ fn identity(admin: SocketAddr) -> Value {
         Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
         _ => Value::Null,
     }
+}
+
+/// The fingerprints of the roots `/identity` shows.
+fn trust_roots(id: &Value) -> Vec<String> {
+    id["trust_roots"]
+        .as_array()
+        .map(|roots| {
+            roots
+                .iter()
+                .filter_map(|r| r["sha256"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A trust-bundle series of the proxy, labelled with the trust domain.
+fn bundle_series(name: &str) -> String {
+    format!("keyproof_trust_bundle_{name}{{trust_domain=\"{TD}\"}}")
 }
 
 /// The SHA-256 (hex) of the first root in a PEM bundle.
@@ -241,16 +280,12 @@ fn a_service_account_sidecar_is_ready_after_every_restart_with_no_human_step() {
 
         // The trust bundle is exported, with the CA's sequence.
         let m = proxy.metrics();
-        assert_eq!(sample(&m, "keyproof_trust_bundle_roots"), Some(1.0), "{m}");
-        assert_eq!(
-            sample(&m, "keyproof_trust_bundle_sequence"),
-            Some(1.0),
-            "{m}"
-        );
+        assert_eq!(sample(&m, &bundle_series("roots")), Some(1.0), "{m}");
+        assert_eq!(sample(&m, &bundle_series("sequence")), Some(1.0), "{m}");
         let expiry = sample(
             &m,
             &format!(
-                "keyproof_trust_bundle_root_expiry_timestamp_seconds{{fingerprint=\"{root_fp}\"}}"
+                "keyproof_trust_bundle_root_expiry_timestamp_seconds{{fingerprint=\"{root_fp}\",trust_domain=\"{TD}\"}}"
             ),
         )
         .unwrap_or_else(|| panic!("no expiry for root {root_fp}:\n{m}"));
@@ -306,8 +341,8 @@ fn a_service_account_sidecar_is_ready_after_every_restart_with_no_human_step() {
         Duration::from_secs(15),
         || {
             let m = proxy.metrics();
-            sample(&m, "keyproof_trust_bundle_sequence") == Some(2.0)
-                && sample(&m, "keyproof_trust_bundle_roots") == Some(2.0)
+            sample(&m, &bundle_series("sequence")) == Some(2.0)
+                && sample(&m, &bundle_series("roots")) == Some(2.0)
         },
         || format!("{}\n{}", proxy.metrics(), proxy.log_text()),
     );
@@ -481,5 +516,173 @@ fn a_token_for_another_namespace_leaves_the_sidecar_unready_and_counted() {
     assert!(
         sample(&m, "keyproof_ca_refusals_total{code=\"id_mismatch\"}").is_some_and(|v| v >= 1.0),
         "{m}"
+    );
+}
+
+#[test]
+fn a_forced_root_rotation_makes_a_service_account_sidecar_bootstrap_again_at_once() {
+    let cluster = Cluster::new();
+    // Ten-minute certificates: no renewal is due during the test, so only
+    // the rotation can make the sidecar change its certificate.
+    let server = cluster.serve_ttl("10m");
+    let token_file = cluster.ca.path("token");
+    cluster.project_token(&token_file, NS, SA, "web-7c9d8f6b5-x2k4q");
+    let admin = addr();
+    let config = cluster.sidecar_toml("web", &web_id(), &token_file, admin);
+    let proxy = ProxyProc::start(cluster.ca.tmp.path(), "web", &config, admin);
+    let logs = || {
+        format!(
+            "--- proxy\n{}\n--- ca\n{}",
+            proxy.log_text(),
+            server.log_text()
+        )
+    };
+    let before = identity(admin);
+    let old_root = root_fingerprint(&cluster.ca.bundle());
+    let sequence = || sample(&proxy.metrics(), &bundle_series("sequence"));
+
+    // Prepared: the sidecar trusts both roots (and so still reaches the CA
+    // once the CA's own certificate moves to the new root).
+    cluster.rotate("prepare", &[]);
+    wait_until(
+        "the sidecar to hold the bundle with both roots",
+        Duration::from_secs(15),
+        || sequence() == Some(2.0),
+        logs,
+    );
+    cluster.rotate("activate", &[]);
+    // Finished by force while the sidecar's certificate (from the old
+    // root) has nine minutes left: the CA no longer accepts it.
+    cluster.rotate("finish", &["--force"]);
+    let new_root = root_fingerprint(&cluster.ca.bundle());
+    assert_ne!(new_root, old_root);
+    let started = Instant::now();
+    wait_until(
+        "the sidecar to bootstrap again under the new root",
+        Duration::from_secs(15),
+        || {
+            let id = identity(admin);
+            id["serial"] != before["serial"] && trust_roots(&id) == [new_root.clone()]
+        },
+        logs,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let after = identity(admin);
+    assert_eq!(after["spiffe_id"], web_id().as_str());
+    assert_eq!(after["trust_bundle_sequence"], 3, "{after}");
+    let m = proxy.metrics();
+    assert_eq!(sample(&m, &bundle_series("sequence")), Some(3.0), "{m}");
+    assert_eq!(sample(&m, &bundle_series("roots")), Some(1.0), "{m}");
+    assert!(
+        sample(
+            &m,
+            "keyproof_identity_renewals_total{result=\"client_cert_rejected\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}\n{}",
+        logs()
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "keyproof_identity_renewals_total{result=\"ca_unreachable\"}"
+        ),
+        Some(0.0),
+        "{m}\n{}",
+        logs()
+    );
+    assert_eq!(http_get(admin, "/ready").unwrap().0, 200);
+    // No flood: a few more refreshes later, the refused bundle was logged
+    // at most once.
+    std::thread::sleep(Duration::from_secs(3));
+    let refusals = proxy
+        .log_text()
+        .matches("refreshed trust bundle refused")
+        .count();
+    assert!(refusals <= 1, "{refusals} refusals logged\n{}", logs());
+}
+
+#[test]
+fn a_sidecar_started_with_a_stale_bootstrap_bundle_recovers_when_the_file_is_replaced() {
+    let cluster = Cluster::new();
+    let stale = std::fs::read(cluster.ca.bundle()).unwrap();
+    // The whole rotation happens before the CA server starts: it serves
+    // from the new root alone.
+    cluster.rotate("prepare", &[]);
+    cluster.rotate("activate", &[]);
+    cluster.rotate("finish", &["--force"]);
+    let server = cluster.serve();
+    let token_file = cluster.ca.path("token");
+    cluster.project_token(&token_file, NS, SA, "web-7c9d8f6b5-x2k4q");
+    let admin = addr();
+    let config_file = cluster.ca.path("web.toml");
+    std::fs::write(
+        &config_file,
+        cluster.sidecar_toml("web", &web_id(), &token_file, admin),
+    )
+    .unwrap();
+    // The ConfigMap was created before the rotation and never updated.
+    let bootstrap = cluster.ca.path("web-bootstrap.pem");
+    std::fs::write(&bootstrap, &stale).unwrap();
+    let log = cluster.ca.path("web.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let proxy = Unready {
+        child: Command::new(bin("keyproof-proxy"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config_file)
+            .env("RUST_LOG", "info")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn keyproof-proxy"),
+        log,
+    };
+    let logs = || {
+        format!(
+            "--- proxy\n{}\n--- ca\n{}",
+            std::fs::read_to_string(&proxy.log).unwrap_or_default(),
+            server.log_text()
+        )
+    };
+    let unreachable = || {
+        http_get(admin, "/metrics")
+            .ok()
+            .and_then(|(_, m)| {
+                sample(
+                    &m,
+                    "keyproof_identity_renewals_total{result=\"ca_unreachable\"}",
+                )
+            })
+            .unwrap_or(0.0)
+    };
+    wait_until(
+        "a bootstrap to fail on the stale bundle",
+        Duration::from_secs(20),
+        || unreachable() >= 1.0,
+        logs,
+    );
+    assert_eq!(http_get(admin, "/ready").unwrap().0, 503);
+    // The ConfigMap is updated (atomically, as the kubelet swaps it).
+    let tmp = cluster.ca.path("web-bootstrap.pem.tmp");
+    std::fs::copy(cluster.ca.bundle(), &tmp).unwrap();
+    std::fs::rename(&tmp, &bootstrap).unwrap();
+    wait_until(
+        "the sidecar to become ready without a restart",
+        Duration::from_secs(20),
+        || http_get(admin, "/ready").is_ok_and(|(status, _)| status == 200),
+        logs,
+    );
+    let id = identity(admin);
+    assert_eq!(id["spiffe_id"], web_id().as_str());
+    assert_eq!(
+        trust_roots(&id),
+        [root_fingerprint(&cluster.ca.bundle())],
+        "{id}"
     );
 }

@@ -11,7 +11,10 @@
 //!
 //! `[identity] trust_bundle` is only the bootstrap trust for reaching the CA;
 //! from the first issuance on, the bundle the CA hands out is authoritative
-//! (it arrives over a connection authenticated with the previous one).
+//! (it arrives over a connection authenticated with the previous one). The
+//! file is read again before every bootstrap and its roots added to that
+//! trust, so that replacing a stale file (or its ConfigMap) after a root
+//! rotation lets a sidecar reach the CA without a restart.
 
 use std::sync::Arc;
 
@@ -26,6 +29,8 @@ use rustls_pki_types::CertificateDer;
 use crate::config::{CaSourceConfig, IdentityConfig};
 use crate::identity::store::{Identity, IdentityError, IdentityStore, MaterialError};
 use crate::metrics::Metrics;
+use std::path::PathBuf;
+use std::sync::Mutex;
 
 /// The renewer's handler: installs identities into the store.
 pub struct CaIdentity {
@@ -35,11 +40,66 @@ pub struct CaIdentity {
     cfg: CaSourceConfig,
     /// Authenticates the CA server; follows the newest bundle.
     ca_trust: SharedVerifier,
+    /// `[identity] trust_bundle`, read again before every bootstrap.
+    bootstrap_bundle: PathBuf,
+    /// What the last read of it gave (its roots, or the error), so that
+    /// only a change is logged.
+    last_bootstrap_read: Mutex<Option<Result<Vec<CertificateDer<'static>>, String>>>,
 }
 
 impl CaIdentity {
     fn refuse(&self, e: MaterialError) -> String {
         format!("issued identity refused ({}): {e}", e.reason())
+    }
+
+    /// Re-reads the bootstrap bundle file and trusts its roots for the CA
+    /// server, in addition to the roots trusted now (the file may be older
+    /// than the CA's latest bundle, or newer). A file that cannot be read
+    /// or parsed changes nothing; each new outcome is logged once.
+    fn reread_bootstrap_bundle(&self) {
+        let read = std::fs::read(&self.bootstrap_bundle)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| TrustBundle::from_pem(&pem).map_err(|e| e.to_string()))
+            .map(|b| b.roots().to_vec());
+        {
+            let mut last = self
+                .last_bootstrap_read
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.as_ref() != Some(&read) {
+                match &read {
+                    Ok(roots) => tracing::info!(
+                        path = %self.bootstrap_bundle.display(),
+                        roots = roots.len(),
+                        "identity.trust_bundle read for the bootstrap"
+                    ),
+                    Err(error) => tracing::warn!(
+                        path = %self.bootstrap_bundle.display(),
+                        error,
+                        "identity.trust_bundle unusable for the bootstrap; keeping the trust held"
+                    ),
+                }
+                *last = Some(read.clone());
+            }
+        }
+        let Ok(file_roots) = read else { return };
+        let current = self.ca_trust.load_full();
+        let mut roots = current.bundle().roots().to_vec();
+        let before = roots.len();
+        for r in file_roots {
+            if !roots.contains(&r) {
+                roots.push(r);
+            }
+        }
+        if roots.len() == before {
+            return;
+        }
+        if let Ok(bundle) = TrustBundle::new(roots) {
+            self.ca_trust.store(Arc::new(SvidVerifier::new(
+                current.trust_domain().clone(),
+                bundle,
+            )));
+        }
     }
 
     fn trust_ca(&self, identity: &Identity) {
@@ -76,6 +136,48 @@ impl Handler for CaIdentity {
 
     fn install_bundle(&self, bundle: Vec<CertificateDer<'static>>) -> Result<(), String> {
         self.install_bundle_with_sequence(bundle, None)
+    }
+
+    fn held_chains_to(&self, roots: &[CertificateDer<'static>]) -> bool {
+        let Some(held) = self.store.get() else {
+            return true;
+        };
+        // A malformed bundle is the install's to refuse, with its reason.
+        let Ok(bundle) = TrustBundle::new(roots.to_vec()) else {
+            return true;
+        };
+        let verifier = SvidVerifier::new(held.id.trust_domain(), bundle);
+        // Checked at a time inside the leaf's validity: the question is the
+        // root, not whether the certificate has lapsed meanwhile.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let at = now.clamp(held.not_before, (held.not_after - 1).max(held.not_before));
+        let at = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(at).unwrap_or(0),
+        ));
+        let cert = &held.certified.cert;
+        let Some(usage) = self.usages.first() else {
+            return true;
+        };
+        match verifier.verify(&cert[0], &cert[1..], at, *usage) {
+            Ok(_) => true,
+            Err(e) => {
+                let chains = e.reason() != "unknown_ca";
+                if !chains {
+                    tracing::warn!(
+                        serial = %held.serial,
+                        error = %e,
+                        "the CA's trust bundle no longer holds the root of the certificate held"
+                    );
+                }
+                chains
+            }
+        }
+    }
+
+    fn before_bootstrap(&self) {
+        self.reread_bootstrap_bundle();
     }
 
     fn install_bundle_with_sequence(
@@ -177,6 +279,8 @@ pub fn start(
         usages,
         cfg: cfg.clone(),
         ca_trust,
+        bootstrap_bundle: identity.trust_bundle.clone(),
+        last_bootstrap_read: Mutex::new(None),
     });
     tracing::info!(
         url = %cfg.url,
@@ -242,6 +346,8 @@ mod tests {
                 usages: BOTH.to_vec(),
                 cfg,
                 ca_trust,
+                bootstrap_bundle: identity.trust_bundle.clone(),
+                last_bootstrap_read: Mutex::new(None),
             },
             store,
             metrics,
@@ -334,9 +440,20 @@ mod tests {
         assert_eq!(metrics.cert_expiry.get(), held.not_after as f64);
         // The bundle as the CA stated it, sequence included.
         let text = String::from_utf8(metrics.render()).expect("UTF-8");
-        assert_eq!(sample(&text, "keyproof_trust_bundle_roots", &[]), Some(2.0));
         assert_eq!(
-            sample(&text, "keyproof_trust_bundle_sequence", &[]),
+            sample(
+                &text,
+                "keyproof_trust_bundle_roots",
+                &[("trust_domain", TD)]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "keyproof_trust_bundle_sequence",
+                &[("trust_domain", TD)]
+            ),
             Some(4.0)
         );
         assert_eq!(held.bundle_sequence, Some(4));
@@ -397,16 +514,34 @@ mod tests {
         assert_eq!(h.ca_trust.load().bundle().roots(), both.as_slice());
         assert_eq!(now.bundle_sequence, Some(5));
         let text = String::from_utf8(h.metrics.render()).expect("UTF-8");
-        assert_eq!(sample(&text, "keyproof_trust_bundle_roots", &[]), Some(2.0));
         assert_eq!(
-            sample(&text, "keyproof_trust_bundle_sequence", &[]),
+            sample(
+                &text,
+                "keyproof_trust_bundle_roots",
+                &[("trust_domain", TD)]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "keyproof_trust_bundle_sequence",
+                &[("trust_domain", TD)]
+            ),
             Some(5.0)
         );
         // Without a stated sequence (a CA answering PEM), none is exported.
         h.install_bundle(both).expect("bundle");
         assert_eq!(store.current().bundle_sequence, None);
         let text = String::from_utf8(h.metrics.render()).expect("UTF-8");
-        assert_eq!(sample(&text, "keyproof_trust_bundle_sequence", &[]), None);
+        assert_eq!(
+            sample(
+                &text,
+                "keyproof_trust_bundle_sequence",
+                &[("trust_domain", TD)]
+            ),
+            None
+        );
     }
 
     /// A compile-time check that `kinds` below lists every failure.
@@ -416,7 +551,8 @@ mod tests {
             | FailureKind::CaRefused
             | FailureKind::Protocol
             | FailureKind::TokenUnreadable
-            | FailureKind::Rejected => {}
+            | FailureKind::Rejected
+            | FailureKind::ClientCertRejected => {}
         }
     }
 
@@ -434,6 +570,7 @@ mod tests {
             FailureKind::Protocol,
             FailureKind::TokenUnreadable,
             FailureKind::Rejected,
+            FailureKind::ClientCertRejected,
         ];
         let mut labels = BTreeSet::from(["ok"]);
         h.event(Event::Renewed {

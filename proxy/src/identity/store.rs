@@ -413,7 +413,11 @@ impl Identity {
                 not_after: r.not_after_unix,
             })
             .collect();
-        metrics.trust_bundle_installed(&roots, self.bundle_sequence);
+        metrics.trust_bundle_installed(
+            self.verifier.trust_domain().as_str(),
+            &roots,
+            self.bundle_sequence,
+        );
     }
 
     /// `/identity` as JSON.
@@ -1564,7 +1568,10 @@ mod tests {
         let expiry = |root: &CertificateDer<'_>| {
             value(
                 "keyproof_trust_bundle_root_expiry_timestamp_seconds",
-                &[("fingerprint", &keys::fingerprint(root))],
+                &[
+                    ("trust_domain", TD),
+                    ("fingerprint", &keys::fingerprint(root)),
+                ],
             )
         };
         let not_after = |root: &CertificateDer<'_>| {
@@ -1576,9 +1583,15 @@ mod tests {
         // From files: the roots, and no sequence.
         let store = IdentityStore::empty();
         store.install(pki.identity(API), &metrics, "test");
-        assert_eq!(value("keyproof_trust_bundle_roots", &[]), Some(1.0));
+        assert_eq!(
+            value("keyproof_trust_bundle_roots", &[("trust_domain", TD)]),
+            Some(1.0)
+        );
         assert_eq!(expiry(&old_root), Some(not_after(&old_root)));
-        assert_eq!(value("keyproof_trust_bundle_sequence", &[]), None);
+        assert_eq!(
+            value("keyproof_trust_bundle_sequence", &[("trust_domain", TD)]),
+            None
+        );
         assert!(store
             .current()
             .to_json()
@@ -1592,9 +1605,15 @@ mod tests {
             .expect("identity")
             .with_sequence(Some(2));
         store.install(id, &metrics, "test");
-        assert_eq!(value("keyproof_trust_bundle_roots", &[]), Some(2.0));
+        assert_eq!(
+            value("keyproof_trust_bundle_roots", &[("trust_domain", TD)]),
+            Some(2.0)
+        );
         assert_eq!(expiry(&new_root), Some(not_after(&new_root)));
-        assert_eq!(value("keyproof_trust_bundle_sequence", &[]), Some(2.0));
+        assert_eq!(
+            value("keyproof_trust_bundle_sequence", &[("trust_domain", TD)]),
+            Some(2.0)
+        );
         assert_eq!(store.current().to_json()["trust_bundle_sequence"], 2);
 
         // A refreshed bundle with the new root only (the leaf is reissued
@@ -1604,10 +1623,16 @@ mod tests {
             .expect("identity")
             .with_sequence(Some(3));
         store.install_bundle(id, &metrics);
-        assert_eq!(value("keyproof_trust_bundle_roots", &[]), Some(1.0));
+        assert_eq!(
+            value("keyproof_trust_bundle_roots", &[("trust_domain", TD)]),
+            Some(1.0)
+        );
         assert_eq!(expiry(&old_root), None);
         assert_eq!(expiry(&new_root), Some(not_after(&new_root)));
-        assert_eq!(value("keyproof_trust_bundle_sequence", &[]), Some(3.0));
+        assert_eq!(
+            value("keyproof_trust_bundle_sequence", &[("trust_domain", TD)]),
+            Some(3.0)
+        );
         assert!(Arc::ptr_eq(
             &store.current().certified,
             &store.get().expect("held").certified
