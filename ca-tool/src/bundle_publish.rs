@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use keyproof_identity::verify::TrustBundle;
 
-use crate::kube::{self, retry_delay, ApiRequest, ApiServer, Connection, KubeError};
+use crate::kube::{self, ApiRequest, ApiServer, Connection, KubeError, Rounds};
 
 /// The ConfigMap the example workloads mount.
 pub const DEFAULT_CONFIGMAP: &str = "keyproof-bundle";
@@ -479,8 +479,7 @@ pub async fn run(mut publisher: Publisher, shutdown: impl Future<Output = ()>) {
     let interval = publisher.opts.interval;
     let configmap = publisher.opts.configmap.clone();
     let selector = publisher.opts.namespace_selector.clone();
-    let mut failures: u32 = 0;
-    let mut first = true;
+    let mut rounds = Rounds::new(interval);
     let mut last_sha: Option<String> = None;
     loop {
         let result = tokio::select! {
@@ -508,7 +507,7 @@ pub async fn run(mut publisher: Publisher, shutdown: impl Future<Output = ()>) {
                     );
                 }
                 let msg = report.describe(&configmap, &selector);
-                if !report.applied.is_empty() || first {
+                if !report.applied.is_empty() || rounds.first() {
                     tracing::info!(
                         sha256 = %report.sha256,
                         namespaces = report.namespaces.len(),
@@ -530,20 +529,13 @@ pub async fn run(mut publisher: Publisher, shutdown: impl Future<Output = ()>) {
                 false
             }
         };
-        let delay = if ok {
-            if failures > 0 {
-                tracing::info!(failures, "trust bundle publishing recovered");
-            }
-            failures = 0;
-            interval
-        } else {
-            failures = failures.saturating_add(1);
-            retry_delay(failures, interval)
-        };
-        first = false;
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = tokio::time::sleep(delay) => {}
+        if ok && rounds.failures() > 0 {
+            let failures = rounds.failures();
+            tracing::info!(failures, "trust bundle publishing recovered");
+        }
+        let delay = rounds.end(ok);
+        if !Rounds::wait(delay, &mut shutdown).await {
+            return;
         }
     }
 }

@@ -25,7 +25,7 @@ use http::{Method, StatusCode};
 use jsonwebtoken::jwk::JwkSet;
 
 use crate::fsutil::{self, PUBLIC};
-use crate::kube::{self, ApiRequest, ApiServer, KubeError};
+use crate::kube::{self, ApiRequest, ApiServer, KubeError, Rounds};
 
 pub use crate::kube::{
     retry_delay, CONNECT_TIMEOUT, DEFAULT_API_SERVER, DEFAULT_CA_FILE, DEFAULT_TOKEN_FILE,
@@ -187,8 +187,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<Outcome, SyncError> {
 /// already written stays valid and the next attempt may succeed.
 pub async fn run(opts: &SyncOptions, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    let mut failures: u32 = 0;
-    let mut first = true;
+    let mut rounds = Rounds::new(opts.interval);
     loop {
         let result = tokio::select! {
             _ = &mut shutdown => return,
@@ -200,17 +199,17 @@ pub async fn run(opts: &SyncOptions, shutdown: impl Future<Output = ()>) {
                     Outcome::Written { keys } | Outcome::Unchanged { keys } => keys,
                 };
                 let msg = outcome.describe(&opts.out);
-                if matches!(outcome, Outcome::Written { .. }) || first || failures > 0 {
+                let failures = rounds.failures();
+                if matches!(outcome, Outcome::Written { .. }) || rounds.first() || failures > 0 {
                     tracing::info!(keys, path = %opts.out.display(), failures, "{msg}");
                 } else {
                     tracing::debug!(keys, path = %opts.out.display(), "{msg}");
                 }
-                failures = 0;
-                opts.interval
+                rounds.end(true)
             }
             Err(e) => {
-                failures = failures.saturating_add(1);
-                let delay = retry_delay(failures, opts.interval);
+                let delay = rounds.end(false);
+                let failures = rounds.failures();
                 tracing::warn!(
                     error = %e,
                     failures,
@@ -221,10 +220,8 @@ pub async fn run(opts: &SyncOptions, shutdown: impl Future<Output = ()>) {
                 delay
             }
         };
-        first = false;
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !Rounds::wait(delay, &mut shutdown).await {
+            return;
         }
     }
 }

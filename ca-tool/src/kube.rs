@@ -201,6 +201,63 @@ pub fn retry_delay(failures: u32, interval: Duration) -> Duration {
     FIRST_RETRY.saturating_mul(1 << shift).min(interval)
 }
 
+/// The schedule of a daemon that works in rounds (a sync, a publisher):
+/// the next round `interval` after one that worked, sooner after one that
+/// failed ([`retry_delay`]). It also remembers what the rounds' log lines
+/// depend on: whether this is the first round, and how many failed in a
+/// row before it.
+#[derive(Debug)]
+pub struct Rounds {
+    interval: Duration,
+    failures: u32,
+    first: bool,
+}
+
+impl Rounds {
+    /// Before the first round.
+    pub fn new(interval: Duration) -> Self {
+        Rounds {
+            interval,
+            failures: 0,
+            first: true,
+        }
+    }
+
+    /// True during the first round.
+    pub fn first(&self) -> bool {
+        self.first
+    }
+
+    /// Rounds that failed in a row: before this one until [`Rounds::end`],
+    /// then including it.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Ends a round that worked (`ok`) or failed; the delay before the next.
+    pub fn end(&mut self, ok: bool) -> Duration {
+        self.first = false;
+        if ok {
+            self.failures = 0;
+            self.interval
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            retry_delay(self.failures, self.interval)
+        }
+    }
+
+    /// Waits `delay`; false if `shutdown` completed first.
+    pub async fn wait(
+        delay: Duration,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> bool {
+        tokio::select! {
+            _ = shutdown => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
 /// Where the API server is and how to authenticate to it, as read from the
 /// files at one moment.
 #[derive(Debug, Clone)]

@@ -155,22 +155,12 @@ struct K8sBundleArgs {
     /// retried sooner, from 1s up).
     #[arg(long, default_value = "30s", value_parser = human_duration)]
     interval: Duration,
-    /// The API server, https://host[:port]; its certificate must name host.
-    #[arg(long, default_value = jwks_sync::DEFAULT_API_SERVER)]
-    api_server: String,
-    /// Bearer token for the API server, re-read every round.
-    #[arg(long, default_value = jwks_sync::DEFAULT_TOKEN_FILE)]
-    token_file: PathBuf,
-    /// PEM CA certificates for the API server: the only roots trusted.
-    #[arg(long, default_value = jwks_sync::DEFAULT_CA_FILE)]
-    ca_file: PathBuf,
+    #[command(flatten)]
+    api: ApiServerArgs,
     /// Publish once and exit: 0 when every selected namespace holds the
     /// current bundle, 2 on any error (nothing is ever deleted).
     #[arg(long)]
     once: bool,
-    /// Log format.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
 }
 
 #[derive(Args)]
@@ -182,19 +172,27 @@ struct K8sJwksArgs {
     /// Time between two fetches (failures are retried sooner, from 1s up).
     #[arg(long, default_value = "60s", value_parser = human_duration)]
     interval: Duration,
+    #[command(flatten)]
+    api: ApiServerArgs,
+    /// Fetch once and exit: 0 when the file is current, 2 on any error
+    /// (the file is then left as it was).
+    #[arg(long)]
+    once: bool,
+}
+
+/// How to reach the Kubernetes API server, and how to log: the same flags
+/// for every command that talks to it.
+#[derive(Args)]
+struct ApiServerArgs {
     /// The API server, https://host[:port]; its certificate must name host.
     #[arg(long, default_value = jwks_sync::DEFAULT_API_SERVER)]
     api_server: String,
-    /// Bearer token for the API server, re-read for every fetch.
+    /// Bearer token for the API server, re-read for every round of requests.
     #[arg(long, default_value = jwks_sync::DEFAULT_TOKEN_FILE)]
     token_file: PathBuf,
     /// PEM CA certificates for the API server: the only roots trusted.
     #[arg(long, default_value = jwks_sync::DEFAULT_CA_FILE)]
     ca_file: PathBuf,
-    /// Fetch once and exit: 0 when the file is current, 2 on any error
-    /// (the file is then left as it was).
-    #[arg(long)]
-    once: bool,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -678,12 +676,12 @@ fn k8s_jwks(a: K8sJwksArgs) -> Result<()> {
     if a.interval < Duration::from_secs(1) {
         bail!("--interval must be at least 1s");
     }
-    init_logging(&a.log_format);
+    init_logging(&a.api.log_format);
     let opts = jwks_sync::SyncOptions {
         out: a.out,
-        api_server: a.api_server,
-        token_file: a.token_file,
-        ca_file: a.ca_file,
+        api_server: a.api.api_server,
+        token_file: a.api.token_file,
+        ca_file: a.api.ca_file,
         interval: a.interval,
     };
     // One small request a minute: a single thread is plenty.
@@ -704,14 +702,14 @@ fn k8s_bundle(a: K8sBundleArgs) -> Result<()> {
     if a.interval < Duration::from_secs(1) {
         bail!("--interval must be at least 1s");
     }
-    init_logging(&a.log_format);
+    init_logging(&a.api.log_format);
     let opts = bundle_publish::PublishOptions {
         dir: a.dir,
         configmap: a.configmap,
         namespace_selector: a.namespace_selector,
-        api_server: a.api_server,
-        token_file: a.token_file,
-        ca_file: a.ca_file,
+        api_server: a.api.api_server,
+        token_file: a.api.token_file,
+        ca_file: a.api.ca_file,
         interval: a.interval,
     };
     let publisher = bundle_publish::Publisher::new(opts.clone())?;

@@ -6,7 +6,9 @@
 //! member's binaries are compiled before any test runs); `KEYPROOF_BIN_DIR`
 //! overrides where they are looked up.
 
+pub mod ca_server;
 pub mod k8s;
+pub mod kube_api;
 pub mod nginx;
 pub mod proxy_support;
 

@@ -1,146 +1,48 @@
 //! `keyproof-ca k8s-bundle`: the real binary, publishing a real CA
 //! directory's trust bundle, against a real HTTPS server.
 //!
-//! The server here is a STAND-IN for the Kubernetes API server that RECORDS
-//! every request it gets: tokio-rustls and hyper with a certificate for DNS
-//! `localhost` from a test cluster CA (written to a file, as the kubelet
-//! writes `ca.crt`). It holds a few namespaces with labels and answers
-//! `GET /api/v1/namespaces?labelSelector=...` (equality selectors, in pages
-//! of two with `continue` tokens, as a real API server may), and stores the
-//! ConfigMaps sent with `PATCH /api/v1/namespaces/{ns}/configmaps/{name}`.
-//! Callers without the expected bearer token get a Kubernetes-style 401
-//! Status. It is no API server: it does not merge server-side apply
-//! patches, it keeps the last body sent, which is what the tests look at.
+//! The server here is the STAND-IN for the Kubernetes API server that
+//! RECORDS every request it gets (`keyproof_tests::kube_api`: a certificate
+//! for DNS `localhost` from a test cluster CA written to a file, as the
+//! kubelet writes `ca.crt`, and a Kubernetes-style 401 Status to callers
+//! without the expected bearer token). It holds a few namespaces with labels
+//! and answers `GET /api/v1/namespaces?labelSelector=...` (equality
+//! selectors, in pages of two with `continue` tokens, as a real API server
+//! may), and stores the ConfigMaps sent with
+//! `PATCH /api/v1/namespaces/{ns}/configmaps/{name}`. It is no API server:
+//! it does not merge server-side apply patches, it keeps the last body
+//! sent, which is what the tests look at.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use keyproof_tests::kube_api::{
+    json, run_once, status, wait_for, ApiServer, ClusterCa, Daemon, Recorded, TOKEN,
+};
 use keyproof_tests::{cmd, run, run_ok, TestCa};
 
-const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.stand-in-token.sig";
 const SELECTOR: &str = "keyproof.io/mesh=enabled";
-
-/// One request as the stand-in saw it.
-#[derive(Debug, Clone)]
-struct Recorded {
-    method: Method,
-    path: String,
-    /// Query parameters, percent-decoded.
-    query: Vec<(String, String)>,
-    content_type: Option<String>,
-    authorization: Option<String>,
-    body: String,
-}
-
-impl Recorded {
-    fn param(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
 
 /// What the stand-in holds, changeable while it runs.
 #[derive(Default)]
 struct State {
-    /// The bearer token it accepts.
-    token: String,
     /// Namespace -> (labels, terminating).
     namespaces: BTreeMap<String, (BTreeMap<String, String>, bool)>,
     /// (namespace, name) -> the last ConfigMap body applied.
     configmaps: BTreeMap<(String, String), serde_json::Value>,
     /// Namespaces whose ConfigMap writes are refused with this status.
     refuse: HashMap<String, StatusCode>,
-    requests: Vec<Recorded>,
 }
 
 /// The stand-in for the API server (see the module comment).
 struct StandInApiServer {
-    port: u16,
+    api: ApiServer,
     state: Arc<Mutex<State>>,
-    _rt: tokio::runtime::Runtime,
-}
-
-/// A test cluster CA: its certificate in PEM and an issuer for leaves.
-struct ClusterCa {
-    pem: String,
-    params: rcgen::CertificateParams,
-    key: rcgen::KeyPair,
-}
-
-impl ClusterCa {
-    fn new(name: &str) -> ClusterCa {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let pem = params.self_signed(&key).expect("CA cert").pem();
-        ClusterCa { pem, params, key }
-    }
-
-    /// A serving certificate for DNS `localhost` only.
-    fn server_config(&self) -> rustls::ServerConfig {
-        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("server key");
-        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = p.signed_by(&key, &issuer).expect("server cert");
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .expect("server config")
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8(out).expect("UTF-8 query")
-}
-
-fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
-    q.unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
 }
 
 /// Equality-based selectors only (`k=v`, `k==v`, `k!=v`, `k`, `!k`),
@@ -159,30 +61,8 @@ fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
     })
 }
 
-/// A Kubernetes `Status` object, as the API server sends with errors.
-fn status(code: StatusCode, reason: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": reason.to_lowercase(), "reason": reason, "code": code.as_u16(),
-    });
-    json(code, body)
-}
-
-fn json(code: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-/// The stand-in's answer to one request (after it was recorded).
+/// The stand-in's answer to one request with the expected token.
 fn answer(state: &mut State, r: &Recorded) -> Response<Full<Bytes>> {
-    if r.authorization.as_deref() != Some(&format!("Bearer {}", state.token)) {
-        return status(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
     let segments: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
     match (&r.method, segments.as_slice()) {
         (&Method::GET, ["api", "v1", "namespaces"]) => {
@@ -249,71 +129,14 @@ fn answer(state: &mut State, r: &Recorded) -> Response<Full<Bytes>> {
 
 impl StandInApiServer {
     fn start(ca: &ClusterCa) -> StandInApiServer {
-        let state = Arc::new(Mutex::new(State {
-            token: TOKEN.to_owned(),
-            ..State::default()
-        }));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config()));
-        let state2 = state.clone();
-        rt.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, state) = (acceptor.clone(), state2.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let state = state.clone();
-                            async move {
-                                let (parts, body) = req.into_parts();
-                                let body = body.collect().await.map(|b| b.to_bytes());
-                                let header = |h: http::header::HeaderName| {
-                                    parts
-                                        .headers
-                                        .get(h)
-                                        .and_then(|v| v.to_str().ok())
-                                        .map(str::to_owned)
-                                };
-                                let rec = Recorded {
-                                    method: parts.method.clone(),
-                                    path: parts.uri.path().to_owned(),
-                                    query: parse_query(parts.uri.query()),
-                                    content_type: header(http::header::CONTENT_TYPE),
-                                    authorization: header(http::header::AUTHORIZATION),
-                                    body: String::from_utf8_lossy(&body.unwrap_or_default())
-                                        .into_owned(),
-                                };
-                                let mut s = state.lock().unwrap();
-                                let resp = answer(&mut s, &rec);
-                                s.requests.push(rec);
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
-        StandInApiServer {
-            port,
-            state,
-            _rt: rt,
-        }
+        let state = Arc::new(Mutex::new(State::default()));
+        let s = state.clone();
+        let api = ApiServer::start(ca, TOKEN, move |r| answer(&mut s.lock().unwrap(), r));
+        StandInApiServer { api, state }
     }
 
     fn url(&self) -> String {
-        format!("https://localhost:{}", self.port)
+        self.api.url()
     }
 
     fn namespace(&self, name: &str, labels: &[(&str, &str)]) {
@@ -351,7 +174,7 @@ impl StandInApiServer {
     }
 
     fn requests(&self) -> Vec<Recorded> {
-        self.state.lock().unwrap().requests.clone()
+        self.api.requests()
     }
 
     fn patches(&self) -> Vec<Recorded> {
@@ -388,8 +211,7 @@ impl Fixture {
     fn new() -> Fixture {
         let ca = TestCa::new("prod.example.com");
         let cluster_ca = ClusterCa::new("stand-in cluster CA");
-        let ca_file = ca.path("cluster-ca.crt");
-        std::fs::write(&ca_file, &cluster_ca.pem).unwrap();
+        let ca_file = cluster_ca.write(&ca.path("cluster-ca.crt"));
         let token_file = ca.path("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
         let server = StandInApiServer::start(&cluster_ca);
@@ -430,12 +252,7 @@ impl Fixture {
 
     /// `--once` with extra arguments; returns (exit code, stdout, stderr).
     fn once(&self, extra: &[&str]) -> (i32, String, String) {
-        let out = run(self.command().arg("--once").args(extra));
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        run_once(self.command().arg("--once").args(extra))
     }
 
     fn bundle(&self) -> String {
@@ -454,46 +271,8 @@ impl Fixture {
         let log = self
             .ca
             .path(&format!("publish-{}.log", self.server.requests().len()));
-        let child = self
-            .command()
-            .args(["--interval", "1s"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn keyproof-ca k8s-bundle");
-        Daemon { child, log }
+        Daemon::spawn(self.command().args(["--interval", "1s"]), log)
     }
-}
-
-/// A running `k8s-bundle`, stopped when dropped.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits until `f` holds, up to `limit`; false if it never did.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 fn sha256_hex(s: &str) -> String {

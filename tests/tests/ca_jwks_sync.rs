@@ -1,92 +1,33 @@
 //! `keyproof-ca k8s-jwks`: the real binary against a real HTTPS server.
 //!
-//! The server here is a STAND-IN for the Kubernetes API server's discovery
-//! endpoint `GET /openid/v1/jwks`: tokio-rustls and hyper with a certificate
-//! for DNS `localhost` from a test cluster CA (written to a file, as the
-//! kubelet writes `ca.crt`), serving the JWKS of a test token issuer
-//! (`keyproof_tests::k8s::ClusterIssuer`) to callers with the expected bearer
-//! token, and a Kubernetes-style 401 Status to anyone else.
+//! The server here is the STAND-IN for the Kubernetes API server
+//! (`keyproof_tests::kube_api`: a certificate for DNS `localhost` from a test
+//! cluster CA written to a file, as the kubelet writes `ca.crt`, and a
+//! Kubernetes-style 401 Status to callers without the expected bearer
+//! token), answering its discovery endpoint `GET /openid/v1/jwks` with the
+//! JWKS of a test token issuer (`keyproof_tests::k8s::ClusterIssuer`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use jsonwebtoken::Algorithm;
+use keyproof_tests::cmd;
 use keyproof_tests::k8s::{ClusterIssuer, ISSUER};
-use keyproof_tests::{cmd, run};
+use keyproof_tests::kube_api::{self, run_once, wait_for, ApiServer, ClusterCa, Daemon, TOKEN};
 
-/// What the stand-in answers, changeable while it runs.
+/// What the stand-in answers at `/openid/v1/jwks`, changeable while it runs.
 struct Answer {
     status: StatusCode,
     body: String,
-    /// The bearer token it accepts.
-    token: String,
 }
 
 /// The stand-in for the API server's `/openid/v1/jwks`.
 struct StandInApiServer {
-    port: u16,
+    api: ApiServer,
     answer: Arc<Mutex<Answer>>,
-    /// Requests that reached the handler (any path, any token).
-    hits: Arc<AtomicUsize>,
-    _rt: tokio::runtime::Runtime,
-}
-
-/// A test cluster CA: its certificate in PEM and an issuer for leaves.
-struct ClusterCa {
-    pem: String,
-    params: rcgen::CertificateParams,
-    key: rcgen::KeyPair,
-}
-
-impl ClusterCa {
-    fn new(name: &str) -> ClusterCa {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let pem = params.self_signed(&key).expect("CA cert").pem();
-        ClusterCa { pem, params, key }
-    }
-
-    fn write(&self, path: &Path) -> PathBuf {
-        std::fs::write(path, &self.pem).expect("write CA file");
-        path.to_owned()
-    }
-
-    /// A serving certificate for DNS `localhost` only (no IP SAN).
-    fn server_config(&self) -> rustls::ServerConfig {
-        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("server key");
-        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = p.signed_by(&key, &issuer).expect("server cert");
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .expect("server config")
-    }
 }
 
 impl StandInApiServer {
@@ -94,63 +35,24 @@ impl StandInApiServer {
         let answer = Arc::new(Mutex::new(Answer {
             status: StatusCode::OK,
             body,
-            token: token.to_owned(),
         }));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config()));
-        let (answer2, hits2) = (answer.clone(), hits.clone());
-        rt.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, answer, hits) = (acceptor.clone(), answer2.clone(), hits2.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            hits.fetch_add(1, Ordering::SeqCst);
-                            let a = answer.lock().unwrap();
-                            let auth = req
-                                .headers()
-                                .get(http::header::AUTHORIZATION)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("");
-                            let resp = if auth != format!("Bearer {}", a.token) {
-                                status(StatusCode::UNAUTHORIZED, "Unauthorized")
-                            } else if req.uri().path() != "/openid/v1/jwks" {
-                                status(StatusCode::NOT_FOUND, "NotFound")
-                            } else {
-                                let mut r = Response::new(Full::new(Bytes::from(a.body.clone())));
-                                *r.status_mut() = a.status;
-                                r
-                            };
-                            async move { Ok::<_, std::convert::Infallible>(resp) }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
-                });
+        let a = answer.clone();
+        let api = ApiServer::start(ca, token, move |req| {
+            if req.path != "/openid/v1/jwks" {
+                return kube_api::status(StatusCode::NOT_FOUND, "NotFound");
             }
+            let a = a.lock().unwrap();
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                a.body.clone(),
+            )));
+            *r.status_mut() = a.status;
+            r
         });
-        StandInApiServer {
-            port,
-            answer,
-            hits,
-            _rt: rt,
-        }
+        StandInApiServer { api, answer }
     }
 
     fn url(&self) -> String {
-        format!("https://localhost:{}", self.port)
+        self.api.url()
     }
 
     fn serve(&self, status: StatusCode, body: String) {
@@ -160,19 +62,8 @@ impl StandInApiServer {
     }
 
     fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
+        self.api.hits()
     }
-}
-
-/// A Kubernetes `Status` object, as the API server sends with errors.
-fn status(code: StatusCode, reason: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": reason.to_lowercase(), "reason": reason, "code": code.as_u16(),
-    });
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = code;
-    r
 }
 
 /// A throwaway directory with the token file, the CA file and room for the
@@ -186,8 +77,6 @@ struct Fixture {
     issuer: ClusterIssuer,
     server: StandInApiServer,
 }
-
-const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.stand-in-token.sig";
 
 impl Fixture {
     fn new() -> Fixture {
@@ -226,12 +115,7 @@ impl Fixture {
 
     /// `--once`; returns (exit code, stdout, stderr).
     fn once_with(&self, ca_file: &Path, api_server: &str) -> (i32, String, String) {
-        let out = run(self.command(ca_file, api_server).arg("--once"));
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        run_once(self.command(ca_file, api_server).arg("--once"))
     }
 
     fn once(&self) -> (i32, String, String) {
@@ -258,46 +142,12 @@ impl Fixture {
             .dir
             .path()
             .join(format!("sync-{}.log", self.server.hits()));
-        let child = self
-            .command(&self.ca_file, &self.server.url())
-            .args(["--interval", "1s"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn keyproof-ca k8s-jwks");
-        Daemon { child, log }
+        Daemon::spawn(
+            self.command(&self.ca_file, &self.server.url())
+                .args(["--interval", "1s"]),
+            log,
+        )
     }
-}
-
-/// A running `k8s-jwks`, stopped when dropped.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits until `f` holds, up to `limit`; false if it never did.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 #[test]
@@ -366,7 +216,7 @@ fn a_wrong_ca_file_fails_clearly_and_writes_nothing() {
     // The right CA but another name than the certificate's: webpki refuses.
     let (code, _, stderr) = fx.once_with(
         &fx.ca_file,
-        &format!("https://127.0.0.1:{}", fx.server.port),
+        &format!("https://127.0.0.1:{}", fx.server.api.port()),
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(
@@ -421,7 +271,7 @@ fn the_running_sync_follows_a_changed_jwks_and_token() {
 
     // The kubelet refreshes the projected token: the next fetch uses it.
     std::fs::write(&fx.token_file, "refreshed-token").unwrap();
-    fx.server.answer.lock().unwrap().token = "refreshed-token".into();
+    fx.server.api.set_token("refreshed-token");
     fx.issuer.retire_old_keys();
     let v3 = fx.issuer.jwks_json();
     fx.server.serve(StatusCode::OK, v3.clone());

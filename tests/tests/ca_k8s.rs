@@ -6,76 +6,26 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::Algorithm;
-use keyproof_ca::client::{new_key, CaClient, ClientError};
+use keyproof_ca::client::{new_key, CaClient};
 use keyproof_identity::keys::KeyType;
-use keyproof_identity::verify::{SvidVerifier, TrustBundle};
-use keyproof_identity::{IdPattern, TrustDomain};
+use keyproof_tests::ca_server::{self, client, code, rt, sample, CaServer};
 use keyproof_tests::k8s::{self, ClusterIssuer, SaToken};
-use keyproof_tests::{cmd, free_port, wait_for_port, TestCa};
+use keyproof_tests::{cmd, free_port, TestCa};
 use serde_json::Value;
 
 const TD: &str = "prod.example.com";
 const WEB: &str = "spiffe://prod.example.com/ns/demo/sa/web";
 
-struct Server {
-    child: Child,
-    port: u16,
-    admin: u16,
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// `keyproof-ca serve` on free ports, its log in a file.
-fn start(ca: &TestCa, extra: &[&str]) -> Server {
-    let (port, admin) = (free_port(), free_port());
-    let log = ca.path(&format!("serve-{port}.log"));
-    let child = cmd("keyproof-ca")
-        .args(["serve", "--dns", "localhost", "--dir"])
-        .arg(&ca.dir)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin}"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start keyproof-ca serve");
-    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
-    wait_for_port(([127, 0, 0, 1], admin).into(), Duration::from_secs(20));
-    Server {
-        child,
-        port,
-        admin,
-        log,
-    }
-}
-
 /// A CA that accepts tokens of `issuer`, its JWKS at `jwks`.
-fn start_k8s(ca: &TestCa, issuer: &ClusterIssuer) -> (Server, PathBuf) {
+fn start_k8s(ca: &TestCa, issuer: &ClusterIssuer) -> (CaServer, PathBuf) {
     let jwks = ca.path("jwks.json");
     issuer.write_jwks(&jwks);
-    let srv = start(
+    let srv = CaServer::start(
         ca,
         &[
             "--k8s-jwks",
@@ -85,31 +35,6 @@ fn start_k8s(ca: &TestCa, issuer: &ClusterIssuer) -> (Server, PathBuf) {
         ],
     );
     (srv, jwks)
-}
-
-fn client(ca: &TestCa, port: u16) -> CaClient {
-    let bundle = TrustBundle::from_pem(&fs::read(ca.bundle()).unwrap()).unwrap();
-    let verifier = SvidVerifier::new(TrustDomain::parse(TD).unwrap(), bundle);
-    CaClient::new(
-        &format!("https://127.0.0.1:{port}"),
-        Arc::new(ArcSwap::from_pointee(verifier)),
-        IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
-    )
-    .unwrap()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn code(r: Result<impl Sized, ClientError>) -> String {
-    match r {
-        Ok(_) => "ok".into(),
-        Err(e) => e.code().map(str::to_owned).unwrap_or_else(|| e.to_string()),
-    }
 }
 
 /// Bootstraps with `token` and a new key; the API code, or `ok`.
@@ -129,23 +54,6 @@ fn bootstrap_until(c: &CaClient, token: &str, want: &str) -> String {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn scrape(srv: &Server) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail"])
-        .arg(format!("http://127.0.0.1:{}/metrics", srv.admin))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The value of the sample `series` (name and labels as exported).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn refusals(metrics: &str, code: &str) -> Option<f64> {
@@ -182,26 +90,10 @@ fn curl_bootstrap_with(
     query: &str,
 ) -> (u16, String) {
     let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
-    let csr = ca.path("curl.csr");
-    fs::write(&csr, &k.csr_pem).unwrap();
-    let out = Command::new("curl")
-        .args(["-sS", "--cacert"])
-        .arg(ca.bundle())
-        .args(["-w", "\n%{http_code}", "-H"])
-        .arg(format!("Authorization: {authorization}"))
-        .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
-        .arg(format!("@{}", csr.display()))
-        .args(args)
-        .arg(format!("https://localhost:{port}/v1/bootstrap{query}"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    let code = serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "ok".into());
-    (status.trim().parse().unwrap_or(0), code)
+    let header = format!("Authorization: {authorization}");
+    let args = [&["-H", &*header], args].concat();
+    let (status, code, _) = ca_server::curl_bootstrap(ca, port, &k.csr_pem, &args, query);
+    (status, code)
 }
 
 #[test]
@@ -271,7 +163,7 @@ fn a_service_account_token_bootstraps_its_identity_and_bad_ones_are_refused_and_
     );
 
     // Counted.
-    let m = scrape(&srv);
+    let m = srv.scrape();
     for (code, n) in [
         ("sa_token_audience", 1.0),
         ("sa_token_expired", 1.0),
@@ -341,7 +233,7 @@ fn a_service_account_token_bootstraps_its_identity_and_bad_ones_are_refused_and_
 #[test]
 fn a_ca_without_a_jwks_refuses_service_account_tokens() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let issuer = ClusterIssuer::new(k8s::ISSUER, Algorithm::ES256);
     let token = issuer.token(&SaToken::new("demo", "web"));
     assert_eq!(
@@ -353,7 +245,7 @@ fn a_ca_without_a_jwks_refuses_service_account_tokens() {
         bootstrap(&client(&ca, srv.port), &unsecured("demo", "web")),
         "sa_token_not_accepted"
     );
-    let m = scrape(&srv);
+    let m = srv.scrape();
     assert_eq!(refusals(&m, "sa_token_not_accepted"), Some(2.0), "{m}");
     assert_eq!(refusals(&m, "invalid_token"), Some(0.0), "{m}");
     assert_eq!(
@@ -456,7 +348,7 @@ fn odd_oversized_and_unsecured_service_account_tokens_are_answered_by_the_api() 
         curl_bootstrap_with(&ca, srv.port, &format!("Bearer {huge}"), &["--http2"], "");
     assert_ne!(status, 200);
 
-    let m = scrape(&srv);
+    let m = srv.scrape();
     assert_eq!(refusals(&m, "sa_token_malformed"), Some(3.0), "{m}");
     assert_eq!(refusals(&m, "invalid_token"), Some(0.0), "{m}");
     assert_eq!(refusals(&m, "request_header_too_large"), Some(1.0), "{m}");
@@ -564,7 +456,7 @@ fn jwks_rotation_while_serving_rs256_to_es256() {
     );
     assert_eq!(bootstrap(&c, &new), "ok");
 
-    let m = scrape(&srv);
+    let m = srv.scrape();
     assert_eq!(sample(&m, "keyproof_ca_jwks_keys"), Some(1.0), "{m}");
     assert!(
         sample(&m, "keyproof_ca_jwks_reloads_total{result=\"ok\"}").is_some_and(|n| n >= 2.0),

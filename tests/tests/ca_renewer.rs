@@ -2,7 +2,7 @@
 //! `keyproof-ca serve`: bootstrap, renew short-lived SVIDs over and over, ride
 //! out a CA outage longer than the renewal interval, and recover.
 
-use std::process::{Child, Stdio};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,9 +10,9 @@ use arc_swap::ArcSwap;
 use keyproof_ca::client::{certified_key, CaClient};
 use keyproof_ca::renewer::{self, Event, Handler, NewIdentity, RenewerConfig};
 use keyproof_identity::keys::KeyType;
-use keyproof_identity::verify::{SvidVerifier, TrustBundle};
-use keyproof_identity::{IdPattern, SpiffeId, TrustDomain};
-use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
+use keyproof_identity::SpiffeId;
+use keyproof_tests::ca_server::{client, CaServer};
+use keyproof_tests::{cmd, free_port, run_ok, TestCa};
 use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 
@@ -47,31 +47,32 @@ impl Handler for Recorder {
     }
 }
 
-/// The server process, killed when dropped so no test leaves one behind.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `keyproof-ca serve` on `port` with 9-second SVIDs, killed when dropped
+/// so no test leaves one behind.
+fn serve(ca: &TestCa, port: u16) -> CaServer {
+    CaServer::start_on(ca, port, &["--ttl", "9s"])
 }
 
-fn serve(ca: &TestCa, port: u16) -> Serve {
-    let c = cmd("keyproof-ca")
-        .args(["serve", "--ttl", "9s", "--dir"])
-        .arg(&ca.dir)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        // Its own admin port: the default 9090 would collide across tests.
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
-    Serve(c)
+/// Runs the renewer on `rt` with `client`, bootstrapping with the join
+/// token in `token_file`; its events go to the returned recorder.
+fn spawn_renewer(
+    rt: &tokio::runtime::Runtime,
+    client: CaClient,
+    token_file: PathBuf,
+) -> (Arc<Recorder>, tokio::task::JoinHandle<()>) {
+    let rec = Arc::new(Recorder::default());
+    let handler: Arc<dyn Handler> = rec.clone();
+    let task = rt.spawn(renewer::run(
+        RenewerConfig {
+            client,
+            spiffe_id: SpiffeId::parse(WEB).unwrap(),
+            key_type: KeyType::EcdsaP256,
+            bootstrap: renewer::Credential::JoinToken(token_file),
+            bundle_refresh: Duration::from_secs(2),
+        },
+        handler,
+    ));
+    (rec, task)
 }
 
 #[test]
@@ -87,33 +88,12 @@ fn bootstraps_renews_and_recovers_from_an_outage() {
             .args(["--spiffe-id", WEB]),
     );
     std::fs::write(&token_file, token).unwrap();
-    let bundle = TrustBundle::from_pem(&std::fs::read(ca.bundle()).unwrap()).unwrap();
-    let client = CaClient::new(
-        &format!("https://127.0.0.1:{port}"),
-        Arc::new(ArcSwap::from_pointee(SvidVerifier::new(
-            TrustDomain::parse(TD).unwrap(),
-            bundle,
-        ))),
-        IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
-    )
-    .unwrap();
-    let rec = Arc::new(Recorder::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let handler: Arc<dyn Handler> = rec.clone();
-    rt.spawn(renewer::run(
-        RenewerConfig {
-            client,
-            spiffe_id: SpiffeId::parse(WEB).unwrap(),
-            key_type: KeyType::EcdsaP256,
-            bootstrap: renewer::Credential::JoinToken(token_file),
-            bundle_refresh: Duration::from_secs(2),
-        },
-        handler,
-    ));
+    let (rec, _task) = spawn_renewer(&rt, client(&ca, port), token_file);
     let oks = |rec: &Recorder| {
         rec.log
             .lock()
@@ -197,27 +177,7 @@ fn an_empty_or_multi_line_token_file_fails_locally_as_a_bootstrap() {
         let token_file = ca.path("token");
         std::fs::write(&token_file, content).unwrap();
         // Nothing listens there: a token sent would fail as unreachable.
-        let client = CaClient::new(
-            &format!("https://127.0.0.1:{}", free_port()),
-            Arc::new(ArcSwap::from_pointee(SvidVerifier::new(
-                TrustDomain::parse(TD).unwrap(),
-                TrustBundle::from_pem(&std::fs::read(ca.bundle()).unwrap()).unwrap(),
-            ))),
-            IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
-        )
-        .unwrap();
-        let rec = Arc::new(Recorder::default());
-        let handler: Arc<dyn Handler> = rec.clone();
-        let task = rt.spawn(renewer::run(
-            RenewerConfig {
-                client,
-                spiffe_id: SpiffeId::parse(WEB).unwrap(),
-                key_type: KeyType::EcdsaP256,
-                bootstrap: renewer::Credential::JoinToken(token_file),
-                bundle_refresh: Duration::from_secs(2),
-            },
-            handler,
-        ));
+        let (rec, task) = spawn_renewer(&rt, client(&ca, free_port()), token_file);
         let start = Instant::now();
         while rec.log.lock().unwrap().is_empty() {
             assert!(start.elapsed() < Duration::from_secs(10), "{content:?}");

@@ -3,83 +3,20 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use keyproof_ca::client::{certified_key, new_key, CaClient, ClientError};
+use keyproof_ca::client::{certified_key, new_key, ClientError};
 use keyproof_identity::keys::KeyType;
-use keyproof_identity::verify::{SvidVerifier, TrustBundle};
-use keyproof_identity::{IdPattern, TrustDomain};
+use keyproof_identity::verify::TrustBundle;
+use keyproof_tests::ca_server::{self, client, code, rt, sample, CaServer};
 use keyproof_tests::proxy_support::{capture_client_hello, GROUP_X25519, GROUP_X25519MLKEM768};
-use keyproof_tests::{cmd, free_port, run_ok, wait_for_port, TestCa};
+use keyproof_tests::{cmd, free_port, run_ok, TestCa};
 use serde_json::Value;
 
 const TD: &str = "prod.example.com";
 const WEB: &str = "spiffe://prod.example.com/ns/default/sa/web";
-
-struct Server {
-    child: Child,
-    port: u16,
-    /// The plain-HTTP admin listener.
-    admin: u16,
-    /// Where the server's stderr (its log) goes.
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn start(ca: &TestCa, extra: &[&str]) -> Server {
-    start_on(ca, free_port(), extra)
-}
-
-fn start_on(ca: &TestCa, port: u16, extra: &[&str]) -> Server {
-    let admin = free_port();
-    let log = ca.path(&format!("serve-{port}.log"));
-    let child = cmd("keyproof-ca")
-        .args(["serve", "--dns", "localhost", "--dir"])
-        .arg(&ca.dir)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin}"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start keyproof-ca serve");
-    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20));
-    wait_for_port(([127, 0, 0, 1], admin).into(), Duration::from_secs(20));
-    Server {
-        child,
-        port,
-        admin,
-        log,
-    }
-}
-
-fn client(ca: &TestCa, port: u16) -> CaClient {
-    let bundle = TrustBundle::from_pem(&fs::read(ca.bundle()).unwrap()).unwrap();
-    let verifier = SvidVerifier::new(TrustDomain::parse(TD).unwrap(), bundle);
-    CaClient::new(
-        &format!("https://127.0.0.1:{port}"),
-        Arc::new(ArcSwap::from_pointee(verifier)),
-        IdPattern::parse("spiffe://prod.example.com/keyproof-ca").unwrap(),
-    )
-    .unwrap()
-}
 
 fn token(ca: &TestCa, id: &str, ttl: &str) -> String {
     run_ok(
@@ -92,24 +29,10 @@ fn token(ca: &TestCa, id: &str, ttl: &str) -> String {
     .to_owned()
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn code(r: Result<impl Sized, ClientError>) -> String {
-    match r {
-        Ok(_) => "ok".into(),
-        Err(e) => e.code().map(str::to_owned).unwrap_or_else(|| e.to_string()),
-    }
-}
-
 #[test]
 fn bootstrap_then_renew_with_single_use_tokens() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let c = client(&ca, srv.port);
     let rt = rt();
     let t = token(&ca, WEB, "1h");
@@ -217,7 +140,7 @@ fn curl(ca: &TestCa, port: u16, args: &[&str], path: &str) -> (u16, String) {
 #[test]
 fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &["--rate-limit", "3"]);
+    let srv = CaServer::start(&ca, &["--rate-limit", "3"]);
     let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
     let csr = ca.path("new.csr");
     run_ok(
@@ -306,7 +229,7 @@ fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
 #[test]
 fn a_certificate_of_another_ca_cannot_renew() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let other = TestCa::new(TD);
     let (cert, key) = other.issue("web", "/ns/default/sa/web", &[]);
     let out = Command::new("curl")
@@ -334,7 +257,7 @@ fn unreachable_ca_is_a_clear_error_and_recovery_follows() {
     let err = rt.block_on(c.bootstrap(&t, &k.csr_pem)).unwrap_err();
     assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("cannot reach the CA"), "{err}");
-    let _srv = start_on(&ca, port, &[]);
+    let _srv = CaServer::start_on(&ca, port, &[]);
     let svid = rt
         .block_on(c.bootstrap(&t, &k.csr_pem))
         .expect("the CA is back");
@@ -344,7 +267,7 @@ fn unreachable_ca_is_a_clear_error_and_recovery_follows() {
 #[test]
 fn serve_follows_a_root_rotation_without_restart() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let rt = rt();
     let rot = |step: &str| {
         run_ok(
@@ -420,7 +343,7 @@ fn craft(ca: &TestCa, name: &str, id: &str, key: rcgen::KeyPair) -> (PathBuf, Pa
 #[test]
 fn ca_client_and_server_use_x25519mlkem768_and_the_server_refuses_foreign_keys() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let rt = rt();
 
     // The CA client (the proxy's [identity.ca] renewer uses it) offers
@@ -506,44 +429,18 @@ fn ca_client_and_server_use_x25519mlkem768_and_the_server_refuses_foreign_keys()
     }
 }
 
-/// GET on the admin listener with curl: (status, body).
-fn admin_get(srv: &Server, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-w", "\n%{http_code}"])
-        .arg(format!("http://127.0.0.1:{}{path}", srv.admin))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (status.trim().parse().unwrap_or(0), body.to_owned())
-}
-
-/// The value of the sample `series` (name and labels exactly as exported,
-/// e.g. `keyproof_ca_refusals_total{code="invalid_token"}`) in a scrape.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-fn scrape(srv: &Server) -> String {
-    let (status, body) = admin_get(srv, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 #[test]
 fn admin_listener_answers_health_and_metrics_that_follow_the_api() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let c = client(&ca, srv.port);
     let rt = rt();
 
-    assert_eq!(admin_get(&srv, "/healthz"), (200, "ok\n".into()));
-    assert_eq!(admin_get(&srv, "/ready"), (200, "ready\n".into()));
-    assert_eq!(admin_get(&srv, "/nothing").0, 404);
+    assert_eq!(srv.admin_get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(srv.admin_get("/ready"), (200, "ready\n".into()));
+    assert_eq!(srv.admin_get("/nothing").0, 404);
 
-    let m = scrape(&srv);
+    let m = srv.scrape();
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
         sample(
@@ -628,7 +525,7 @@ fn admin_listener_answers_health_and_metrics_that_follow_the_api() {
     let k2 = new_key(KeyType::EcdsaP256, WEB).unwrap();
     rt.block_on(c.renew(current, &k2.csr_pem)).expect("renew");
 
-    let m = scrape(&srv);
+    let m = srv.scrape();
     for (series, want) in [
         ("keyproof_ca_refusals_total{code=\"invalid_token\"}", 1.0),
         ("keyproof_ca_refusals_total{code=\"token_reused\"}", 1.0),
@@ -699,19 +596,19 @@ fn admin_listener_answers_health_and_metrics_that_follow_the_api() {
     let good = fs::read(&state).unwrap();
     fs::write(&state, "not json").unwrap();
     std::thread::sleep(Duration::from_millis(1100));
-    let (status, body) = admin_get(&srv, "/ready");
+    let (status, body) = srv.admin_get("/ready");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("cannot be loaded"), "{body}");
-    assert_eq!(admin_get(&srv, "/healthz").0, 200);
+    assert_eq!(srv.admin_get("/healthz").0, 200);
     fs::write(&state, good).unwrap();
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(admin_get(&srv, "/ready"), (200, "ready\n".into()));
+    assert_eq!(srv.admin_get("/ready"), (200, "ready\n".into()));
 }
 
 #[test]
 fn json_logs_are_one_object_a_line() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &["--log-format", "json"]);
+    let srv = CaServer::start(&ca, &["--log-format", "json"]);
     let rt = rt();
     let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
     assert_eq!(
@@ -739,38 +636,12 @@ fn json_logs_are_one_object_a_line() {
     );
 }
 
-/// A bootstrap with curl: `args` add headers or pick the protocol; (status,
-/// error code or `ok`, response headers and body).
+/// A bootstrap with curl and a new key for `WEB`: `args` add headers or
+/// pick the protocol; (status, error code or `ok`, response headers and
+/// body).
 fn curl_bootstrap(ca: &TestCa, port: u16, args: &[&str], query: &str) -> (u16, String, String) {
     let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
-    let csr = ca.path(&format!("curl-{}.csr", free_port()));
-    fs::write(&csr, &k.csr_pem).unwrap();
-    let out = Command::new("curl")
-        .args(["-sS", "-i", "--cacert"])
-        .arg(ca.bundle())
-        .args(["-w", "\n%{http_code}"])
-        .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
-        .arg(format!("@{}", csr.display()))
-        .args(args)
-        .arg(format!("https://localhost:{port}/v1/bootstrap{query}"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (response, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    let code = serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "ok".into());
-    let status = status.trim().parse().unwrap_or(0);
-    (
-        status,
-        code,
-        format!("{response}{}", String::from_utf8_lossy(&out.stderr)),
-    )
+    ca_server::curl_bootstrap(ca, port, &k.csr_pem, args, query)
 }
 
 fn token_used(ca: &TestCa, token: &str) -> bool {
@@ -794,7 +665,7 @@ fn a_join_token_is_spent_only_on_a_certificate() {
     {
         // One issuance a minute: the second token is refused for the rate,
         // and stays usable (not `token_reused`, not marked used).
-        let srv = start(&ca, &["--rate-limit", "1"]);
+        let srv = CaServer::start(&ca, &["--rate-limit", "1"]);
         let c = client(&ca, srv.port);
         let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
         assert_eq!(code(rt.block_on(c.bootstrap(&t1, &k.csr_pem))), "ok");
@@ -808,7 +679,7 @@ fn a_join_token_is_spent_only_on_a_certificate() {
         assert!(!token_used(&ca, &t2));
     }
     // A new rate window (a restarted server starts one): the token works.
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let c = client(&ca, srv.port);
     let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
     assert_eq!(code(rt.block_on(c.bootstrap(&t2, &k.csr_pem))), "ok");
@@ -839,7 +710,7 @@ fn a_join_token_is_spent_only_on_a_certificate() {
     fs::remove_dir(&ledger).unwrap();
     fs::rename(&saved, &ledger).unwrap();
     assert_eq!(code(rt.block_on(c.bootstrap(&t4, &k.csr_pem))), "ok");
-    let m = scrape(&srv);
+    let m = srv.scrape();
     assert_eq!(
         sample(&m, "keyproof_ca_refusals_total{code=\"token_reused\"}"),
         Some(0.0),
@@ -850,7 +721,7 @@ fn a_join_token_is_spent_only_on_a_certificate() {
 #[test]
 fn one_join_token_used_concurrently_gives_one_certificate() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &["--rate-limit", "0"]);
+    let srv = CaServer::start(&ca, &["--rate-limit", "0"]);
     let t = token(&ca, WEB, "1h");
     // Every thread gets ready, then all send at once.
     let start_line = std::sync::Barrier::new(20);
@@ -882,7 +753,7 @@ fn one_join_token_used_concurrently_gives_one_certificate() {
 #[test]
 fn the_bootstrap_request_is_read_leniently_where_it_is_safe_and_strictly_where_not() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let bearer = |scheme_and_space: &str| {
         let t = token(&ca, WEB, "1h");
         curl_bootstrap(
@@ -942,11 +813,11 @@ fn idle_or_slow_sockets_cannot_starve_the_admin_listener() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], srv.admin).into();
     let probe = || {
         let started = std::time::Instant::now();
-        let (status, body) = admin_get(&srv, "/healthz");
+        let (status, body) = srv.admin_get("/healthz");
         (status, body, started.elapsed())
     };
     // Idle sockets, then ones sending a request head a byte at a time.
@@ -1010,13 +881,13 @@ fn idle_or_slow_sockets_cannot_starve_the_admin_listener() {
 #[test]
 fn ready_follows_the_ledger_within_a_second_and_logs_only_changes() {
     let ca = TestCa::new(TD);
-    let srv = start(&ca, &[]);
+    let srv = CaServer::start(&ca, &[]);
     let c = client(&ca, srv.port);
     let t = token(&ca, WEB, "1h");
     let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
     rt().block_on(c.bootstrap(&t, &k.csr_pem))
         .expect("bootstrap");
-    assert_eq!(admin_get(&srv, "/ready").0, 200);
+    assert_eq!(srv.admin_get("/ready").0, 200);
     // Right after a good commit, the ledger breaks.
     let ledger = ca.dir.join("ledger.jsonl");
     let saved = ca.path("ledger.saved");
@@ -1024,14 +895,14 @@ fn ready_follows_the_ledger_within_a_second_and_logs_only_changes() {
     fs::create_dir(&ledger).unwrap();
     std::thread::sleep(Duration::from_millis(1100));
     for _ in 0..3 {
-        let (status, body) = admin_get(&srv, "/ready");
+        let (status, body) = srv.admin_get("/ready");
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("ledger.jsonl"), "{body}");
     }
     fs::remove_dir(&ledger).unwrap();
     fs::rename(&saved, &ledger).unwrap();
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(admin_get(&srv, "/ready"), (200, "ready\n".into()));
+    assert_eq!(srv.admin_get("/ready"), (200, "ready\n".into()));
     let log = srv.log();
     assert_eq!(log.matches("not ready").count(), 1, "{log}");
     assert_eq!(log.matches("ready again").count(), 1, "{log}");

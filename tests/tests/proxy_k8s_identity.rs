@@ -436,11 +436,58 @@ struct Unready {
     log: PathBuf,
 }
 
+impl Unready {
+    /// Starts the `web` sidecar of `cluster` with `config` (written to
+    /// `web.toml`), its output in `web.log`.
+    fn start(cluster: &Cluster, config: &str) -> Unready {
+        let config_file = cluster.ca.path("web.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let log = cluster.ca.path("web.log");
+        let f = std::fs::File::create(&log).unwrap();
+        Unready {
+            child: Command::new(bin("keyproof-proxy"))
+                .arg("run")
+                .arg("--config")
+                .arg(&config_file)
+                .env("RUST_LOG", "info")
+                .stdout(f.try_clone().unwrap())
+                .stderr(f)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn keyproof-proxy"),
+            log,
+        }
+    }
+
+    /// The sidecar's and the CA's logs, for a failure message.
+    fn logs(&self, server: &CaServer) -> String {
+        format!(
+            "--- proxy\n{}\n--- ca\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            server.log_text()
+        )
+    }
+}
+
 impl Drop for Unready {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `keyproof_identity_renewals_total{result="<result>"}` of the sidecar
+/// whose admin listener is `admin`; 0 while it does not answer.
+fn renewals(admin: SocketAddr, result: &str) -> f64 {
+    http_get(admin, "/metrics")
+        .ok()
+        .and_then(|(_, m)| {
+            sample(
+                &m,
+                &format!("keyproof_identity_renewals_total{{result=\"{result}\"}}"),
+            )
+        })
+        .unwrap_or(0.0)
 }
 
 #[test]
@@ -451,45 +498,10 @@ fn a_token_for_another_namespace_leaves_the_sidecar_unready_and_counted() {
     // The pod runs in `billing`, but its sidecar claims to be shop/web.
     cluster.project_token(&token_file, "billing", SA, "web-7c9d8f6b5-x2k4q");
     let admin = addr();
-    let config_file = cluster.ca.path("web.toml");
-    std::fs::write(
-        &config_file,
-        cluster.sidecar_toml("web", &web_id(), &token_file, admin),
-    )
-    .unwrap();
-    let log = cluster.ca.path("web.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let proxy = Unready {
-        child: Command::new(bin("keyproof-proxy"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config_file)
-            .env("RUST_LOG", "info")
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn keyproof-proxy"),
-        log,
-    };
-    let logs = || {
-        format!(
-            "--- proxy\n{}\n--- ca\n{}",
-            std::fs::read_to_string(&proxy.log).unwrap_or_default(),
-            server.log_text()
-        )
-    };
-    let refused = || {
-        http_get(admin, "/metrics")
-            .ok()
-            .and_then(|(_, m)| {
-                sample(
-                    &m,
-                    "keyproof_identity_renewals_total{result=\"ca_refused\"}",
-                )
-            })
-            .unwrap_or(0.0)
-    };
+    let config = cluster.sidecar_toml("web", &web_id(), &token_file, admin);
+    let proxy = Unready::start(&cluster, &config);
+    let logs = || proxy.logs(&server);
+    let refused = || renewals(admin, "ca_refused");
     wait_until(
         "the CA's refusal to be counted",
         Duration::from_secs(20),
@@ -619,48 +631,13 @@ fn a_sidecar_started_with_a_stale_bootstrap_bundle_recovers_when_the_file_is_rep
     let token_file = cluster.ca.path("token");
     cluster.project_token(&token_file, NS, SA, "web-7c9d8f6b5-x2k4q");
     let admin = addr();
-    let config_file = cluster.ca.path("web.toml");
-    std::fs::write(
-        &config_file,
-        cluster.sidecar_toml("web", &web_id(), &token_file, admin),
-    )
-    .unwrap();
+    let config = cluster.sidecar_toml("web", &web_id(), &token_file, admin);
     // The ConfigMap was created before the rotation and never updated.
     let bootstrap = cluster.ca.path("web-bootstrap.pem");
     std::fs::write(&bootstrap, &stale).unwrap();
-    let log = cluster.ca.path("web.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let proxy = Unready {
-        child: Command::new(bin("keyproof-proxy"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config_file)
-            .env("RUST_LOG", "info")
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn keyproof-proxy"),
-        log,
-    };
-    let logs = || {
-        format!(
-            "--- proxy\n{}\n--- ca\n{}",
-            std::fs::read_to_string(&proxy.log).unwrap_or_default(),
-            server.log_text()
-        )
-    };
-    let unreachable = || {
-        http_get(admin, "/metrics")
-            .ok()
-            .and_then(|(_, m)| {
-                sample(
-                    &m,
-                    "keyproof_identity_renewals_total{result=\"ca_unreachable\"}",
-                )
-            })
-            .unwrap_or(0.0)
-    };
+    let proxy = Unready::start(&cluster, &config);
+    let logs = || proxy.logs(&server);
+    let unreachable = || renewals(admin, "ca_unreachable");
     wait_until(
         "a bootstrap to fail on the stale bundle",
         Duration::from_secs(20),

@@ -365,6 +365,16 @@ mod tests {
         }
     }
 
+    /// The trust bundle gauges of `TD` in a scrape: (roots, sequence).
+    fn bundle_gauges(metrics: &Metrics) -> (Option<f64>, Option<f64>) {
+        let text = String::from_utf8(metrics.render()).expect("UTF-8");
+        let gauge = |name| sample(&text, name, &[("trust_domain", TD)]);
+        (
+            gauge("keyproof_trust_bundle_roots"),
+            gauge("keyproof_trust_bundle_sequence"),
+        )
+    }
+
     fn renewals(metrics: &Metrics, result: &str) -> f64 {
         let text = String::from_utf8(metrics.render()).expect("UTF-8");
         sample(
@@ -439,23 +449,7 @@ mod tests {
         assert_eq!(h.ca_trust.load().bundle().roots(), bundle.as_slice());
         assert_eq!(metrics.cert_expiry.get(), held.not_after as f64);
         // The bundle as the CA stated it, sequence included.
-        let text = String::from_utf8(metrics.render()).expect("UTF-8");
-        assert_eq!(
-            sample(
-                &text,
-                "keyproof_trust_bundle_roots",
-                &[("trust_domain", TD)]
-            ),
-            Some(2.0)
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "keyproof_trust_bundle_sequence",
-                &[("trust_domain", TD)]
-            ),
-            Some(4.0)
-        );
+        assert_eq!(bundle_gauges(&metrics), (Some(2.0), Some(4.0)));
         assert_eq!(held.bundle_sequence, Some(4));
         // Counting is the renewer's event's job, not install's.
         assert_eq!(renewals(&metrics, "ok"), 0.0);
@@ -513,35 +507,11 @@ mod tests {
         assert_eq!(now.verifier.bundle().roots(), both.as_slice());
         assert_eq!(h.ca_trust.load().bundle().roots(), both.as_slice());
         assert_eq!(now.bundle_sequence, Some(5));
-        let text = String::from_utf8(h.metrics.render()).expect("UTF-8");
-        assert_eq!(
-            sample(
-                &text,
-                "keyproof_trust_bundle_roots",
-                &[("trust_domain", TD)]
-            ),
-            Some(2.0)
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "keyproof_trust_bundle_sequence",
-                &[("trust_domain", TD)]
-            ),
-            Some(5.0)
-        );
+        assert_eq!(bundle_gauges(&h.metrics), (Some(2.0), Some(5.0)));
         // Without a stated sequence (a CA answering PEM), none is exported.
         h.install_bundle(both).expect("bundle");
         assert_eq!(store.current().bundle_sequence, None);
-        let text = String::from_utf8(h.metrics.render()).expect("UTF-8");
-        assert_eq!(
-            sample(
-                &text,
-                "keyproof_trust_bundle_sequence",
-                &[("trust_domain", TD)]
-            ),
-            None
-        );
+        assert_eq!(bundle_gauges(&h.metrics).1, None);
     }
 
     /// A compile-time check that `kinds` below lists every failure.
