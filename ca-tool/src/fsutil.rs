@@ -13,23 +13,10 @@ pub const SECRET: u32 = 0o600;
 /// Mode for public material (certificates, bundles).
 pub const PUBLIC: u32 = 0o644;
 
-/// Writes `data` to `path` atomically with `mode`.
+/// Writes `data` to `path` atomically with `mode`, and syncs the directory
+/// so the rename survives a crash.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".keyproof-tmp-")
-        .tempfile_in(dir)?;
-    // Permissions before content: a secret is never readable by others, even briefly.
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    stage(path, data, mode)?.commit(path, true)
 }
 
 /// Appends one line to a file, creating it with `mode` if needed, and syncs.
@@ -55,10 +42,7 @@ pub struct Staged(tempfile::NamedTempFile);
 /// Writes `data` with `mode` to a temporary file in `path`'s directory.
 pub fn stage(path: &Path, data: &[u8], mode: u32) -> std::io::Result<Staged> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let mut tmp = tempfile::Builder::new()
         .prefix(".keyproof-tmp-")
         .tempfile_in(dir)?;
@@ -88,9 +72,13 @@ impl Staged {
 
 /// Syncs the directory holding `path`, so a rename into it survives a crash.
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
-    let dir = match path.parent() {
+    fs::File::open(parent_dir(path))?.sync_all()
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    fs::File::open(dir)?.sync_all()
+    }
 }
