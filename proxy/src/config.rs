@@ -365,8 +365,146 @@ pub struct RouteConfig {
     pub methods: Vec<http::Method>,
     /// Callers allowed on this route.
     pub allow: Vec<IdPattern>,
-    /// Whether the route demands a per-request step-up proof.
-    pub step_up: bool,
+    /// When the route demands a per-request step-up proof.
+    pub step_up: StepUpMode,
+    /// `risk`: names of `[[inbound.risk_rules]]` evaluated on this route
+    /// (in order); empty unless `step_up = "risk"`.
+    pub risk: Vec<String>,
+}
+
+/// `step_up` of a route: `true`/`false` are `always`/`never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepUpMode {
+    /// No step-up; an app asking for one gets a 502.
+    #[default]
+    Never,
+    /// Every request proves possession.
+    Always,
+    /// The route's risk rules (and the app) decide per request.
+    Risk,
+}
+
+impl StepUpMode {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepUpMode::Never => "never",
+            StepUpMode::Always => "always",
+            StepUpMode::Risk => "risk",
+        }
+    }
+
+    /// Whether requests on the route may be stepped up at all.
+    pub fn any(self) -> bool {
+        self != StepUpMode::Never
+    }
+}
+
+/// What a firing risk rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RiskAction {
+    /// The request must carry a fresh step-up proof.
+    #[default]
+    Challenge,
+    /// The request is refused with 403 (for the rule's window, if it has one).
+    Deny,
+}
+
+/// The test a `header` rule applies to the request's values of the field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderTest {
+    /// A value is a number greater than this (a value that is not a number
+    /// counts as above: the safe direction).
+    Above(f64),
+    /// A value equals this exactly.
+    Equals(String),
+    /// A value equals one of these exactly.
+    OneOf(Vec<String>),
+    /// The field is present.
+    Present,
+}
+
+/// The single condition of one `[[inbound.risk_rules]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RiskCondition {
+    /// `new_peer`: the identity has not been served on this route within
+    /// the window.
+    NewPeer(Duration),
+    /// `rate_above = "N/window"`: more than `count` requests of the identity
+    /// on the route within `window`.
+    RateAbove {
+        /// N.
+        count: u32,
+        /// The window.
+        window: Duration,
+    },
+    /// `header` with `above`, `equals`, `one_of` or `present`.
+    Header {
+        /// The field (lowercase).
+        name: http::HeaderName,
+        /// The test.
+        test: HeaderTest,
+    },
+    /// `after_failure`: any refusal of the identity within the window.
+    AfterFailure(Duration),
+    /// `hours = "HH:MM-HH:MM"` (UTC, may wrap midnight); minutes since
+    /// midnight, start inclusive, end exclusive.
+    Hours {
+        /// Start minute of the day.
+        start: u16,
+        /// End minute of the day.
+        end: u16,
+    },
+    /// `failures_above = "N/window"`: more than `count` refusals of the
+    /// identity within `window`.
+    FailuresAbove {
+        /// N.
+        count: u32,
+        /// The window.
+        window: Duration,
+    },
+}
+
+/// One `[[inbound.risk_rules]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RiskRuleConfig {
+    /// Referenced by routes' `risk` lists.
+    pub name: String,
+    /// Exactly one condition.
+    pub condition: RiskCondition,
+    /// `challenge` (default) or `deny`.
+    pub action: RiskAction,
+}
+
+/// One `[[inbound.deny]]` entry: `spiffe_id` (a pattern) or `serial`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DenyEntry {
+    /// Callers whose SPIFFE ID matches.
+    Id(IdPattern),
+    /// The certificate with this serial number: lowercase hex, no colons,
+    /// no leading zeros.
+    Serial(String),
+}
+
+/// The inbound policy: inline in `[inbound]`, or `[inbound] policy_file`
+/// (re-read on change).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyConfig {
+    /// Routes, first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Risk rules by name.
+    pub risk_rules: Vec<RiskRuleConfig>,
+    /// Refused callers.
+    pub deny: Vec<DenyEntry>,
+}
+
+/// Where step-up audit records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    /// `audit_log = true`: standard output.
+    Stdout,
+    /// `audit_log = "/path"`: appended to this file (0600 when created).
+    File(PathBuf),
 }
 
 /// `[inbound.stepup]`, read now so configs validate; consumed by the
@@ -385,6 +523,11 @@ pub struct InboundStepUpConfig {
     pub max_outstanding_per_peer: usize,
     /// Whether signatures must cover the TLS exporter.
     pub channel_binding: bool,
+    /// Step-up audit records (JSON lines), if any.
+    pub audit_log: Option<AuditSink>,
+    /// Caller identities whose risk state is kept; beyond it the least
+    /// recently seen is forgotten (and counts as new again).
+    pub max_tracked_identities: usize,
 }
 
 impl Default for InboundStepUpConfig {
@@ -396,6 +539,8 @@ impl Default for InboundStepUpConfig {
             max_outstanding: 100_000,
             max_outstanding_per_peer: 64,
             channel_binding: true,
+            audit_log: None,
+            max_tracked_identities: 10_000,
         }
     }
 }
@@ -419,8 +564,11 @@ pub struct InboundConfig {
     /// apps close idle keep-alive connections too (Node.js after 5 s), and
     /// reusing one the app is closing fails the request.
     pub app_pool_idle_timeout: Duration,
-    /// Routes, first match wins.
-    pub routes: Vec<RouteConfig>,
+    /// Routes, risk rules and deny list, as read at startup (from
+    /// `policy_file` when set).
+    pub policy: PolicyConfig,
+    /// `[inbound] policy_file`: re-read on change.
+    pub policy_file: Option<PathBuf>,
     /// Step-up verifier settings.
     pub stepup: InboundStepUpConfig,
     /// Connections to the app open at once (HTTP/1.1); requests beyond it
@@ -710,7 +858,12 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             path_prefix: r.path_prefix,
             methods,
             allow,
-            step_up: r.step_up,
+            step_up: if r.step_up {
+                StepUpMode::Always
+            } else {
+                StepUpMode::Never
+            },
+            risk: Vec::new(),
         });
     }
     let mut stepup = InboundStepUpConfig::default();
@@ -769,7 +922,12 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             Duration::from_secs(4),
         )?,
         max_app_connections,
-        routes,
+        policy: PolicyConfig {
+            routes,
+            risk_rules: Vec::new(),
+            deny: Vec::new(),
+        },
+        policy_file: None,
         stepup,
         headers_with_underscores,
         limits: limits(
@@ -1094,7 +1252,7 @@ impl Config {
                 i.app,
                 i.default_policy.as_str()
             );
-            for r in &i.routes {
+            for r in &i.policy.routes {
                 let methods = if r.methods.is_empty() {
                     "any method".to_owned()
                 } else {
@@ -1114,7 +1272,11 @@ impl Config {
                     s,
                     "  route {} ({methods}): allow [{allow}]{}",
                     r.path_prefix,
-                    if r.step_up { ", step-up required" } else { "" }
+                    match r.step_up {
+                        StepUpMode::Never => "",
+                        StepUpMode::Always => ", step-up required",
+                        StepUpMode::Risk => ", step-up by risk",
+                    }
                 );
             }
         }
@@ -1263,8 +1425,8 @@ mod tests {
         );
         let cfg = Config::parse(&c).unwrap();
         let i = cfg.inbound.unwrap();
-        assert!(i.routes[0].step_up);
-        assert_eq!(i.routes[0].methods, vec![http::Method::POST]);
+        assert_eq!(i.policy.routes[0].step_up, StepUpMode::Always);
+        assert_eq!(i.policy.routes[0].methods, vec![http::Method::POST]);
         assert_eq!(i.stepup.nonce_ttl, Duration::from_secs(10));
         assert_eq!(cfg.outbound.unwrap().stepup_max_body, 5);
     }
@@ -1722,7 +1884,7 @@ mod tests {
             i.headers_with_underscores,
             crate::http::owned::Underscores::Allow
         );
-        assert!(i.routes.is_empty());
+        assert!(i.policy.routes.is_empty());
         let d = InboundStepUpConfig::default();
         assert_eq!(i.stepup.nonce_ttl, Duration::from_secs(30));
         assert_eq!(i.stepup.max_clock_skew, Duration::from_secs(60));
@@ -1823,7 +1985,7 @@ mod tests {
 
         let cfg =
             Config::parse(&route("methods = [\"get\", \"Post\", \"PURGE\"]\n")).expect("config");
-        let methods = &cfg.inbound.expect("inbound").routes[0].methods;
+        let methods = &cfg.inbound.expect("inbound").policy.routes[0].methods;
         assert_eq!(
             methods,
             &[

@@ -87,7 +87,7 @@ pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartErro
         Ok(())
     };
     if let Some(i) = &cfg.inbound {
-        for (r, route) in i.routes.iter().enumerate() {
+        for (r, route) in i.policy.routes.iter().enumerate() {
             for (a, p) in route.allow.iter().enumerate() {
                 check(format!("inbound.routes[{r}].allow[{a}]"), p)?;
             }

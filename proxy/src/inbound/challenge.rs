@@ -90,11 +90,11 @@ impl InboundStepUp {
             metrics,
             routes
                 .iter()
-                .filter(|r| r.step_up)
+                .filter(|r| r.step_up.any())
                 .map(|r| r.path_prefix.as_str()),
             config.max_outstanding,
         )?;
-        if routes.iter().any(|r| r.step_up) {
+        if routes.iter().any(|r| r.step_up.any()) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(purge(
                     Arc::downgrade(&verifier),
@@ -373,10 +373,15 @@ mod tests {
         ));
         let cfg = cfg.inbound.expect("[inbound]");
         let metrics = Metrics::new().unwrap();
-        let stepup =
-            InboundStepUp::new(&cfg.stepup, &cfg.routes, &metrics, cfg.limits.body_timeout)
-                .unwrap();
-        let policy = Policy::new(&cfg.routes, cfg.default_policy, &metrics);
+        let stepup = InboundStepUp::new(
+            &cfg.stepup,
+            &cfg.policy.routes,
+            &metrics,
+            cfg.limits.body_timeout,
+        )
+        .unwrap();
+        let table = crate::inbound::risk::RiskTable::new(100, &metrics).unwrap();
+        let policy = Policy::new(&cfg.policy, cfg.default_policy, &table, 0, &metrics).unwrap();
         let conn = InboundConn::for_tests(web.peer(), &api.id, Some(EXPORTER));
         Setup {
             stepup,
@@ -389,7 +394,7 @@ mod tests {
 
     impl Setup {
         fn route(&self, path: &str) -> Arc<Route> {
-            match self.policy.decide(&Method::POST, path, &self.web.id) {
+            match self.policy.decide(&Method::POST, path, &self.web.id, "") {
                 Decision::Allow(Some(r)) => r.clone(),
                 other => panic!("{other:?}"),
             }

@@ -10,6 +10,7 @@
 pub mod challenge;
 pub mod conn;
 pub mod policy;
+pub mod risk;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -78,6 +79,9 @@ pub enum InboundError {
     /// `inbound.app` is not a valid URI authority.
     #[error("inbound.app: {0}")]
     App(String),
+    /// Registering the policy's metrics failed (a bug).
+    #[error("inbound policy metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The step-up verifier could not be built.
     #[error(transparent)]
     StepUp(#[from] crate::inbound::challenge::VerifierStartError),
@@ -91,7 +95,9 @@ impl Inbound {
         metrics: &crate::metrics::Metrics,
     ) -> Result<Arc<Inbound>, InboundError> {
         let tls = store::server_config(&store)?;
-        let policy = Policy::new(&cfg.routes, cfg.default_policy, metrics);
+        let risk =
+            crate::inbound::risk::RiskTable::new(cfg.stepup.max_tracked_identities, metrics)?;
+        let policy = Policy::new(&cfg.policy, cfg.default_policy, &risk, 0, metrics)?;
         let h1 = app_client::H1Pool::new(
             &cfg.app,
             cfg.app_connect_timeout,
@@ -111,7 +117,12 @@ impl Inbound {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             need_exporter: policy.any_step_up(),
             policy,
-            stepup: InboundStepUp::new(&cfg.stepup, &cfg.routes, metrics, cfg.limits.body_timeout)?,
+            stepup: InboundStepUp::new(
+                &cfg.stepup,
+                &cfg.policy.routes,
+                metrics,
+                cfg.limits.body_timeout,
+            )?,
             app: AppClient {
                 h1,
                 h2,
@@ -289,7 +300,10 @@ impl Inbound {
             }
         }
         let matched = path::match_form(req.uri().path(), path_mode);
-        let route = match self.policy.decide(req.method(), &matched, &conn.peer.id) {
+        let route = match self
+            .policy
+            .decide(req.method(), &matched, &conn.peer.id, "")
+        {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
@@ -303,7 +317,7 @@ impl Inbound {
         // Sidecar-owned fields from the network are never trusted: every
         // copy goes before the proxy sets its own. A step-up route's
         // verifier consumes (and removes) the step-up request fields.
-        let step_up = route.as_ref().is_some_and(|r| r.step_up);
+        let step_up = route.as_ref().is_some_and(|r| r.step_up.any());
         owned::strip_request(&mut parts.headers, found, step_up);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
@@ -312,7 +326,7 @@ impl Inbound {
             mode => ProxyBody::Checked(body, mode),
         };
         let req = Request::from_parts(parts, body);
-        if let Some(r) = route.filter(|r| r.step_up) {
+        if let Some(r) = route.filter(|r| r.step_up.any()) {
             let this = self.clone();
             return Either::Left(Box::pin(
                 async move { this.stepped_up(req, &conn, &r).await },

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use keyproof_identity::{IdPattern, SpiffeId};
 use prometheus::IntCounter;
 
-use crate::config::{DefaultPolicy, RouteConfig};
+use crate::config::{DefaultPolicy, PolicyConfig, StepUpMode};
+use crate::inbound::risk::{RiskTable, RouteRisk};
 use crate::metrics::Metrics;
 
 /// One compiled route.
@@ -18,8 +19,10 @@ pub struct Route {
     pub methods: Vec<http::Method>,
     /// Allowed callers.
     pub allow: Vec<IdPattern>,
-    /// Whether each request needs a step-up proof.
-    pub step_up: bool,
+    /// When requests need a step-up proof.
+    pub step_up: StepUpMode,
+    /// The compiled risk rules of a `risk` route.
+    pub risk: Option<RouteRisk>,
     denied: IntCounter,
 }
 
@@ -53,34 +56,62 @@ fn path_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl Policy {
-    /// Compiles the configured routes.
-    pub fn new(routes: &[RouteConfig], default: DefaultPolicy, metrics: &Metrics) -> Policy {
-        Policy {
-            routes: routes
-                .iter()
-                .map(|r| {
-                    Arc::new(Route {
-                        path_prefix: r.path_prefix.clone(),
-                        methods: r.methods.clone(),
-                        allow: r.allow.clone(),
-                        step_up: r.step_up,
-                        denied: metrics.authz_denied(&r.path_prefix),
-                    })
-                })
-                .collect(),
+    /// Compiles a policy; `generation` changes with every load (risk state
+    /// per route starts again with a new one).
+    pub fn new(
+        cfg: &PolicyConfig,
+        default: DefaultPolicy,
+        table: &Arc<RiskTable>,
+        generation: u64,
+        metrics: &Metrics,
+    ) -> Result<Policy, prometheus::Error> {
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for (i, r) in cfg.routes.iter().enumerate() {
+            let risk = match r.step_up {
+                StepUpMode::Risk => Some(RouteRisk::new(
+                    table,
+                    generation,
+                    i,
+                    &r.path_prefix,
+                    &r.risk,
+                    &cfg.risk_rules,
+                    metrics,
+                )?),
+                _ => None,
+            };
+            routes.push(Arc::new(Route {
+                path_prefix: r.path_prefix.clone(),
+                methods: r.methods.clone(),
+                allow: r.allow.clone(),
+                step_up: r.step_up,
+                risk,
+                denied: metrics.authz_denied(&r.path_prefix),
+            }));
+        }
+        Ok(Policy {
+            routes,
             default,
             default_denied: metrics.authz_denied("default"),
-        }
+        })
     }
 
-    /// True when any route demands step-up (the exporter is then derived for
-    /// every connection).
+    /// True when any route may demand step-up (the exporter is then derived
+    /// for every connection).
     pub fn any_step_up(&self) -> bool {
-        self.routes.iter().any(|r| r.step_up)
+        self.routes.iter().any(|r| r.step_up.any())
     }
 
-    /// Decides one request and counts a refusal.
-    pub fn decide(&self, method: &http::Method, path: &str, peer: &SpiffeId) -> Decision<'_> {
+    /// Decides one request and counts a refusal. `serial` is the caller's
+    /// certificate serial (lowercase hex, no leading zeros), for the deny
+    /// list.
+    pub fn decide(
+        &self,
+        method: &http::Method,
+        path: &str,
+        peer: &SpiffeId,
+        serial: &str,
+    ) -> Decision<'_> {
+        let _ = serial;
         let hit = self.routes.iter().find(|r| {
             path_matches(&r.path_prefix, path)
                 && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
@@ -110,6 +141,16 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RouteConfig;
+
+    fn pol(routes: &[RouteConfig], default: DefaultPolicy, m: &Metrics) -> Policy {
+        let cfg = PolicyConfig {
+            routes: routes.to_vec(),
+            ..PolicyConfig::default()
+        };
+        let table = RiskTable::new(100, m).unwrap();
+        Policy::new(&cfg, default, &table, 0, m).unwrap()
+    }
 
     #[test]
     fn prefix_is_segment_aware() {
@@ -130,32 +171,34 @@ mod tests {
                 path_prefix: "/admin".into(),
                 methods: vec![http::Method::POST],
                 allow: vec![ops],
-                step_up: false,
+                step_up: StepUpMode::Never,
+                risk: vec![],
             },
             RouteConfig {
                 path_prefix: "/admin".into(),
                 methods: vec![],
                 allow: vec![web],
-                step_up: false,
+                step_up: StepUpMode::Never,
+                risk: vec![],
             },
         ];
-        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        let p = pol(&routes, DefaultPolicy::Deny, &m);
         let web_id = SpiffeId::parse("spiffe://td/ns/default/sa/web").unwrap();
         let ops_id = SpiffeId::parse("spiffe://td/ns/ops/sa/x").unwrap();
         assert!(matches!(
-            p.decide(&http::Method::POST, "/admin/x", &web_id),
+            p.decide(&http::Method::POST, "/admin/x", &web_id, ""),
             Decision::Deny(_)
         ));
         assert!(matches!(
-            p.decide(&http::Method::POST, "/admin/x", &ops_id),
+            p.decide(&http::Method::POST, "/admin/x", &ops_id, ""),
             Decision::Allow(Some(_))
         ));
         assert!(matches!(
-            p.decide(&http::Method::GET, "/admin", &web_id),
+            p.decide(&http::Method::GET, "/admin", &web_id, ""),
             Decision::Allow(Some(_))
         ));
         assert!(matches!(
-            p.decide(&http::Method::GET, "/other", &web_id),
+            p.decide(&http::Method::GET, "/other", &web_id, ""),
             Decision::Deny(_)
         ));
     }
@@ -165,7 +208,8 @@ mod tests {
             path_prefix: prefix.into(),
             methods: methods.to_vec(),
             allow: allow.iter().map(|a| IdPattern::parse(a).unwrap()).collect(),
-            step_up: false,
+            step_up: StepUpMode::Never,
+            risk: vec![],
         }
     }
 
@@ -176,7 +220,7 @@ mod tests {
     /// The matched route's prefix, `Some("")` for an allow by default, or
     /// `None` for a denial.
     fn outcome(p: &Policy, method: http::Method, path: &str, peer: &str) -> Option<String> {
-        match p.decide(&method, path, &id(peer)) {
+        match p.decide(&method, path, &id(peer), "") {
             Decision::Allow(Some(r)) => Some(r.path_prefix.clone()),
             Decision::Allow(None) => Some(String::new()),
             Decision::Deny(_) => None,
@@ -193,7 +237,7 @@ mod tests {
             route("/api", &[], &[WEB]),
             route("/api/admin", &[], &["spiffe://td/ns/ops/*"]),
         ];
-        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        let p = pol(&routes, DefaultPolicy::Deny, &m);
         // Not the longest prefix: the first in the file.
         assert_eq!(outcome(&p, http::Method::GET, "/api/admin", OPS), None);
         assert_eq!(
@@ -206,7 +250,7 @@ mod tests {
     fn a_prefix_matches_on_segment_boundaries_only() {
         let m = Metrics::new().unwrap();
         let routes = [route("/admin", &[], &["spiffe://td/ns/ops/*"])];
-        let p = Policy::new(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        let p = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
         for path in ["/admin", "/admin/", "/admin/users", "/admin/users/1"] {
             assert_eq!(outcome(&p, http::Method::GET, path, WEB), None, "{path}");
             assert_eq!(
@@ -255,7 +299,7 @@ mod tests {
             &[http::Method::POST, http::Method::DELETE],
             &["spiffe://td/ns/ops/*"],
         )];
-        let deny = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        let deny = pol(&routes, DefaultPolicy::Deny, &m);
         assert_eq!(outcome(&deny, http::Method::POST, "/admin", WEB), None);
         assert_eq!(outcome(&deny, http::Method::DELETE, "/admin/x", WEB), None);
         assert_eq!(
@@ -264,11 +308,11 @@ mod tests {
         );
         // A GET is not this route's: the default decides, even for ops.
         assert_eq!(outcome(&deny, http::Method::GET, "/admin", OPS), None);
-        match deny.decide(&http::Method::GET, "/admin", &id(OPS)) {
+        match deny.decide(&http::Method::GET, "/admin", &id(OPS), "") {
             Decision::Deny(msg) => assert!(msg.contains("no route matches GET /admin"), "{msg}"),
             other => panic!("{other:?}"),
         }
-        let allow = Policy::new(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        let allow = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
         assert_eq!(
             outcome(&allow, http::Method::GET, "/admin", WEB).as_deref(),
             Some("")
@@ -280,21 +324,21 @@ mod tests {
     fn the_default_policy_decides_unmatched_paths() {
         let m = Metrics::new().unwrap();
         let routes = [route("/admin", &[], &[WEB])];
-        let deny = Policy::new(&routes, DefaultPolicy::Deny, &m);
-        match deny.decide(&http::Method::GET, "/other", &id(WEB)) {
+        let deny = pol(&routes, DefaultPolicy::Deny, &m);
+        match deny.decide(&http::Method::GET, "/other", &id(WEB), "") {
             Decision::Deny(msg) => assert_eq!(
                 msg,
                 "forbidden: no route matches GET /other and default_policy is deny\n"
             ),
             other => panic!("{other:?}"),
         }
-        let allow = Policy::new(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        let allow = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
         assert!(matches!(
-            allow.decide(&http::Method::GET, "/other", &id(OPS)),
+            allow.decide(&http::Method::GET, "/other", &id(OPS), ""),
             Decision::Allow(None)
         ));
         // No routes at all: the default alone.
-        let none = Policy::new(&[], DefaultPolicy::Deny, &m);
+        let none = pol(&[], DefaultPolicy::Deny, &m);
         assert_eq!(outcome(&none, http::Method::GET, "/", WEB), None);
         assert!(!none.any_step_up());
     }
@@ -307,7 +351,7 @@ mod tests {
             route("/ops", &[], &["spiffe://td/ns/ops/*"]),
             route("/td", &[], &["spiffe://td/*"]),
         ];
-        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        let p = pol(&routes, DefaultPolicy::Deny, &m);
         let allowed = |path: &str, peer: &str| outcome(&p, http::Method::GET, path, peer).is_some();
         assert!(allowed("/exact", WEB));
         for peer in [
@@ -335,7 +379,7 @@ mod tests {
     #[test]
     fn a_route_with_an_empty_allow_list_refuses_everyone() {
         let m = Metrics::new().unwrap();
-        let p = Policy::new(
+        let p = pol(
             &[route("/closed", &[], &[])],
             DefaultPolicy::AllowTrustDomain,
             &m,
@@ -348,27 +392,27 @@ mod tests {
         use crate::testing::metric;
         let m = Metrics::new().unwrap();
         let routes = [route("/a", &[], &[WEB]), route("/b", &[], &[WEB])];
-        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        let p = pol(&routes, DefaultPolicy::Deny, &m);
         let series = |r: &str| format!("keyproof_authz_denied_total{{route=\"{r}\"}}");
         for _ in 0..2 {
-            let _ = p.decide(&http::Method::GET, "/a/x", &id(OPS));
+            let _ = p.decide(&http::Method::GET, "/a/x", &id(OPS), "");
         }
-        let _ = p.decide(&http::Method::GET, "/b", &id(OPS));
-        let _ = p.decide(&http::Method::GET, "/c", &id(OPS));
-        let _ = p.decide(&http::Method::GET, "/a", &id(WEB));
+        let _ = p.decide(&http::Method::GET, "/b", &id(OPS), "");
+        let _ = p.decide(&http::Method::GET, "/c", &id(OPS), "");
+        let _ = p.decide(&http::Method::GET, "/a", &id(WEB), "");
         assert_eq!(metric(&m, &series("/a")), 2.0);
         assert_eq!(metric(&m, &series("/b")), 1.0);
         assert_eq!(metric(&m, &series("default")), 1.0);
         // Allowed requests count nowhere.
-        let _ = p.decide(&http::Method::GET, "/b/y", &id(WEB));
+        let _ = p.decide(&http::Method::GET, "/b/y", &id(WEB), "");
         assert_eq!(metric(&m, &series("/b")), 1.0);
     }
 
     #[test]
     fn the_denial_names_the_route_the_caller_and_the_method() {
         let m = Metrics::new().unwrap();
-        let p = Policy::new(&[route("/a", &[], &[WEB])], DefaultPolicy::Deny, &m);
-        match p.decide(&http::Method::PUT, "/a/x", &id(OPS)) {
+        let p = pol(&[route("/a", &[], &[WEB])], DefaultPolicy::Deny, &m);
+        match p.decide(&http::Method::PUT, "/a/x", &id(OPS), "") {
             Decision::Deny(msg) => assert_eq!(
                 msg,
                 format!("forbidden: route /a does not allow {OPS} to PUT\n")
@@ -381,12 +425,12 @@ mod tests {
     fn any_step_up_is_true_when_one_route_demands_it() {
         let m = Metrics::new().unwrap();
         let mut routes = vec![route("/a", &[], &[WEB]), route("/b", &[], &[WEB])];
-        assert!(!Policy::new(&routes, DefaultPolicy::Deny, &m).any_step_up());
-        routes[1].step_up = true;
-        let p = Policy::new(&routes, DefaultPolicy::Deny, &m);
+        assert!(!pol(&routes, DefaultPolicy::Deny, &m).any_step_up());
+        routes[1].step_up = StepUpMode::Always;
+        let p = pol(&routes, DefaultPolicy::Deny, &m);
         assert!(p.any_step_up());
-        match p.decide(&http::Method::GET, "/b", &id(WEB)) {
-            Decision::Allow(Some(r)) => assert!(r.step_up),
+        match p.decide(&http::Method::GET, "/b", &id(WEB), "") {
+            Decision::Allow(Some(r)) => assert_eq!(r.step_up, StepUpMode::Always),
             other => panic!("{other:?}"),
         }
     }
