@@ -3,15 +3,26 @@
 # step-up, in interleaved rounds:
 #   wrk -> OUT sidecar (127.0.0.1:15001) -> mutual TLS 1.3 -> IN sidecar (127.0.0.1:15443) -> nginx (127.0.0.1:18080)
 # /su has `step_up = true`, /plain is the same route without it. Prints the
-# median req/s and p50/p99 per route, the ratios, and the round trips: the
-# requests that reached the inbound per wrk request (1.00 = no extra trip).
-# usage: benches/stepup-mesh.sh    env: ROUNDS (3), SECONDS_EACH (8), CONNS (32), ROUTES ("plain su"),
-#        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`). Needs wrk, nginx, openssl.
+# median req/s and p50/p99 per route and connection count, the ratios, and the
+# round trips: the requests that reached the inbound per wrk request (1.00 =
+# no extra trip). Each round also measures the crypto floor of one step-up
+# request with the workload key (stepup/examples/floor.rs: one signature and
+# one verification, the calls the sidecars make, CPU time per operation) and
+# the summary sets the step-up's extra CPU (both sidecars, su minus plain)
+# and its p50 cost at one connection against it.
+# usage: benches/stepup-mesh.sh
+#   env: ROUNDS (3), SECONDS_EACH (8), CONNS ("32 1": each count in every round), ROUTES ("plain su"),
+#        KEY (p256 | ed25519: the workload keys of both sidecars),
+#        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`),
+#        FLOOR (target/release/examples/floor, built here if absent). Needs wrk, nginx, openssl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
-rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns=${CONNS:-32} routes=${ROUTES:-plain su}
+floor=${FLOOR:-$repo/target/release/examples/floor}
+rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns_list=${CONNS:-32 1} routes=${ROUTES:-plain su} key=${KEY:-p256}
+case $key in p256|ed25519) ;; *) echo "KEY must be p256 or ed25519" >&2; exit 2;; esac
 "$repo/proxy/layout/check.sh" "$keyproof" || true
+[ -x "$floor" ] || (cd "$repo" && cargo build --release --locked -q -p keyproof-stepup --example floor)
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -19,6 +30,17 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 trap cleanup EXIT
 "$repo/../shared/bench/gen-certs.sh" "$work/certs" >/dev/null
 c=$work/certs
+if [ "$key" = ed25519 ]; then
+  # The same CA (P-256) certifies Ed25519 workload keys, with the same names.
+  for who in server client; do
+    openssl genpkey -algorithm ed25519 -out "$c/$who.key" 2>/dev/null
+    openssl req -new -key "$c/$who.key" -subj "/O=bench" -out "$c/$who.csr" 2>/dev/null
+    openssl x509 -req -in "$c/$who.csr" -CA "$c/ca.crt" -CAkey "$c/ca.key" -CAcreateserial -days 7 \
+      -extfile "$c/$who.ext" -out "$c/$who.crt" 2>/dev/null
+  done
+fi
+openssl x509 -in "$c/client.crt" -outform DER -out "$c/client.der"
+openssl pkcs8 -topk8 -nocrypt -in "$c/client.key" -outform DER -out "$c/client.pk8"
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 cat > "$work/backend.conf" <<C
 worker_processes 1; pid $work/backend.pid; error_log $work/backend.err; daemon on;
@@ -75,32 +97,51 @@ tck=$(getconf CLK_TCK)
 to_us() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) print v+0; else if (v ~ /ms$/) print v*1000; else if (v ~ /s$/) print v*1000000; else print v }'; }
 for route in $routes; do
   curl -sf -o /dev/null "http://127.0.0.1:15001/$route" || { echo "/$route through the hop failed; logs in $work" >&2; exit 1; }
-  wrk -t1 -c"$conns" -d1s "http://127.0.0.1:15001/$route" >/dev/null   # warm-up: connection, kept nonces
+  wrk -t1 -c32 -d1s "http://127.0.0.1:15001/$route" >/dev/null   # warm-up: connection, kept nonces
 done
-echo "round route rps p50_us p99_us trips errors in_cpu_us out_cpu_us" > "$work/rows"
+echo "round conns route rps p50_us p99_us trips errors in_cpu_us out_cpu_us" > "$work/rows"
+: > "$work/floor"
 for r in $(seq "$rounds"); do
-  for route in $routes; do
-    before=$(inbound_requests); ci0=$(cpu "${pids[0]}"); co0=$(cpu "${pids[1]}")
-    out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:15001/$route")
-    after=$(inbound_requests); ci1=$(cpu "${pids[0]}"); co1=$(cpu "${pids[1]}")
-    reqs=$(awk '/requests in/{print $1}' <<<"$out"); rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
-    p50=$(to_us "$(awk '$1=="50%"{print $2}' <<<"$out")"); p99=$(to_us "$(awk '$1=="99%"{print $2}' <<<"$out")")
-    errs=$( (grep -E 'Non-2xx|Socket errors' <<<"$out" || true) | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
-    trips=$(echo "scale=4; ($after-$before)/$reqs" | bc)
-    in_cpu=$(echo "scale=1; ($ci1-$ci0)*1000000/$tck/$reqs" | bc); out_cpu=$(echo "scale=1; ($co1-$co0)*1000000/$tck/$reqs" | bc)
-    echo "$r $route $rps $p50 $p99 $trips ${errs:-0} $in_cpu $out_cpu" >> "$work/rows"
+  for conns in $conns_list; do
+    for route in $routes; do
+      before=$(inbound_requests); ci0=$(cpu "${pids[0]}"); co0=$(cpu "${pids[1]}")
+      out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:15001/$route")
+      after=$(inbound_requests); ci1=$(cpu "${pids[0]}"); co1=$(cpu "${pids[1]}")
+      reqs=$(awk '/requests in/{print $1}' <<<"$out"); rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+      p50=$(to_us "$(awk '$1=="50%"{print $2}' <<<"$out")"); p99=$(to_us "$(awk '$1=="99%"{print $2}' <<<"$out")")
+      errs=$( (grep -E 'Non-2xx|Socket errors' <<<"$out" || true) | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
+      trips=$(echo "scale=4; ($after-$before)/$reqs" | bc)
+      in_cpu=$(echo "scale=1; ($ci1-$ci0)*1000000/$tck/$reqs" | bc); out_cpu=$(echo "scale=1; ($co1-$co0)*1000000/$tck/$reqs" | bc)
+      echo "$r $conns $route $rps $p50 $p99 $trips ${errs:-0} $in_cpu $out_cpu" >> "$work/rows"
+    done
   done
+  "$floor" "$c/client.der" "$c/client.pk8" >> "$work/floor"
 done
 curl -s http://127.0.0.1:15092/metrics | grep -E '^keyproof_stepup_(verifications_total\{result="(ok|missing|replay|bad_nonce|expired)"|challenges_total|nonce_table_full_total|nonces_outstanding)' || true
-python3 - "$work/rows" <<'PY'
+python3 - "$work/rows" "$work/floor" "$key" <<'PY'
 import sys, statistics as st
 rows=[l.split() for l in open(sys.argv[1]).read().splitlines()[1:]]
-med=lambda p,i: st.median(float(r[i]) for r in rows if r[1]==p)
-print(f"{'route':6} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'trips/req':>9} {'errors':>6} {'in cpu us/req':>13} {'out cpu us/req':>14}")
-for p in dict.fromkeys(r[1] for r in rows):
-    print(f"{p:6} {med(p,2):9.0f} {med(p,3):8.0f} {med(p,4):8.0f} {med(p,5):9.3f} {med(p,6):6.0f} {med(p,7):13.1f} {med(p,8):14.1f}")
-if {'plain','su'} - {r[1] for r in rows}: sys.exit(0)
-def ratio(i):
-    return st.median(float(a[i])/float(b[i]) for a in rows if a[1]=='su' for b in rows if b[1]=='plain' and b[0]==a[0])
-print(f"step-up / plain: throughput x{ratio(2):.2f}  p50 x{ratio(3):.2f}  p99 x{ratio(4):.2f}")
+floors=[dict(kv.split('=') for kv in l.split()[1:]) for l in open(sys.argv[2]).read().splitlines()]
+med=lambda xs: st.median(xs)
+fl={k: med(float(f[k]) for f in floors) for k in ('sign_us','verify_us','floor_us')}
+alg=floors[0]['alg'] if floors else sys.argv[3]
+print(f"crypto floor ({alg}, median of {len(floors)}): sign {fl['sign_us']:.1f} us + verify {fl['verify_us']:.1f} us = {fl['floor_us']:.1f} us")
+print(f"{'conns':>5} {'route':6} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'trips/req':>9} {'errors':>6} {'in cpu us/req':>13} {'out cpu us/req':>14}")
+for c in dict.fromkeys(r[1] for r in rows):
+    for p in dict.fromkeys(r[2] for r in rows if r[1]==c):
+        sel=[r for r in rows if r[1]==c and r[2]==p]
+        m=lambda i: med(float(r[i]) for r in sel)
+        print(f"{c:>5} {p:6} {m(3):9.0f} {m(4):8.0f} {m(5):8.0f} {m(6):9.3f} {m(7):6.0f} {m(8):13.1f} {m(9):14.1f}")
+for c in dict.fromkeys(r[1] for r in rows):
+    pairs=[(a,b) for a in rows if a[1]==c and a[2]=='su' for b in rows if b[1]==c and b[2]=='plain' and b[0]==a[0]]
+    if not pairs: continue
+    ratio=lambda i: med(float(a[i])/float(b[i]) for a,b in pairs)
+    diff=lambda f: med(f(a)-f(b) for a,b in pairs)
+    extra_in=diff(lambda r: float(r[8])); extra_out=diff(lambda r: float(r[9]))
+    extra=diff(lambda r: float(r[8])+float(r[9])); dp50=diff(lambda r: float(r[4]))
+    print(f"{c} conns, step-up / plain: throughput x{ratio(3):.2f}  p50 x{ratio(4):.2f}  p99 x{ratio(5):.2f}")
+    print(f"  extra CPU per step-up request: inbound {extra_in:.1f} + outbound {extra_out:.1f} = {extra:.1f} us"
+          f" = x{extra/fl['floor_us']:.2f} floor (target <= x1.2: {'met' if extra <= 1.2*fl['floor_us'] else 'NOT met'})")
+    print(f"  p50 step-up - plain: {dp50:.0f} us = x{dp50/fl['floor_us']:.2f} floor"
+          + (f" (target at one connection <= x1.5: {'met' if dp50 <= 1.5*fl['floor_us'] else 'NOT met'})" if c=='1' else ""))
 PY

@@ -142,6 +142,29 @@ fn bench(c: &mut Criterion) {
         let sig = fx.signer.sign_raw(&msg).expect("sign");
         b.iter(|| fx.peer.key().verify(black_box(&msg), black_box(&sig)))
     });
+    // The inbound's next nonce: issue, seal, `Accept-Signature` and the
+    // header values (the nonces are taken back untimed, in chunks).
+    c.bench_function("stepup/next_nonce/ecdsa-p256", |b| {
+        b.iter(|| {
+            fx.verifier
+                .challenge(&fx.peer, ROUTE, true, None, now)
+                .map(|c| c.accept_signature)
+        })
+    });
+    // The outbound reading a response's `Accept-Signature`.
+    c.bench_function("stepup/parse_challenge", |b| {
+        let ch = fx
+            .verifier
+            .challenge(&fx.peer, ROUTE, true, None, now)
+            .expect("challenge");
+        let mut headers = http::HeaderMap::new();
+        ch.apply_next(&mut headers);
+        b.iter(|| Challenge::from_headers(black_box(&headers)))
+    });
+    c.bench_function("stepup/raw_ecdsa_p256_sign", |b| {
+        let msg = [0x61u8; 300];
+        b.iter(|| fx.signer.sign_raw(black_box(&msg)))
+    });
     c.bench_function("stepup/sign/ecdsa-p256", |b| {
         let parts = request();
         let ch = fx

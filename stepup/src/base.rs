@@ -198,6 +198,50 @@ impl<'a> RequestView<'a> {
     }
 }
 
+impl RequestView<'_> {
+    /// Appends the value of `component` (as [`RequestView::component_value`]
+    /// gives it) to `out`, without an intermediate copy; false, with nothing
+    /// appended, if the request lacks it.
+    pub(crate) fn push_component_value(&self, component: Component, out: &mut Vec<u8>) -> bool {
+        match component {
+            Component::Method => out.extend_from_slice(self.method.as_bytes()),
+            Component::Authority => {
+                let Some(a) = self.authority else {
+                    return false;
+                };
+                let a = a.strip_suffix(":443").unwrap_or(a);
+                out.extend(a.bytes().map(|b| b.to_ascii_lowercase()));
+            }
+            Component::Path => out.extend_from_slice(self.path.as_bytes()),
+            Component::Query => {
+                out.push(b'?');
+                out.extend_from_slice(self.query.unwrap_or("").as_bytes());
+            }
+            Component::ContentType => {
+                return sf::push_field_value(self.headers, &CONTENT_TYPE, out)
+            }
+            Component::ContentDigest => {
+                return sf::push_field_value(self.headers, &crate::headers::CONTENT_DIGEST, out)
+            }
+            Component::StepupBinding => {
+                return sf::push_field_value(self.headers, &crate::headers::STEPUP_BINDING, out)
+            }
+        }
+        true
+    }
+}
+
+/// Appends the `"<id>": ` that starts a component's line of a signature base.
+pub(crate) fn push_line_start(out: &mut Vec<u8>, component: Component) {
+    // Component names need no escaping.
+    out.push(b'"');
+    out.extend_from_slice(component.name().as_bytes());
+    out.extend_from_slice(b"\": ");
+}
+
+/// The line that ends every signature base, before the parameters.
+pub(crate) const SIGNATURE_PARAMS_LINE: &[u8] = b"\"@signature-params\": ";
+
 /// Serialises a component identifier as an sf-string, e.g. `"@method"`.
 fn push_identifier(out: &mut Vec<u8>, name: &str) {
     out.push(b'"');
@@ -258,26 +302,6 @@ pub fn request_signature_base(req: &RequestView<'_>, member: &sfv::InnerList) ->
         values.push((name, req.component_value(name)?));
     }
     Some(signature_base(values, &params))
-}
-
-/// Builds the base for the components `names` (already validated) with the
-/// serialised `signature_params`. `None` if a component is missing.
-pub(crate) fn base_for_names(
-    req: &RequestView<'_>,
-    names: &[&str],
-    signature_params: &str,
-) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(512);
-    for name in names {
-        let value = req.component_value(name)?;
-        push_identifier(&mut out, name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&value);
-        out.push(b'\n');
-    }
-    out.extend_from_slice(b"\"@signature-params\": ");
-    out.extend_from_slice(signature_params.as_bytes());
-    Some(out)
 }
 
 #[cfg(test)]

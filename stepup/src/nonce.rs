@@ -95,11 +95,25 @@ impl NonceKey {
         peer_spki_sha256: &[u8; 32],
         route_id: &str,
     ) -> String {
+        let mut out = String::with_capacity(ENCODED_LEN);
+        self.seal_into(id, expires, peer_spki_sha256, route_id, &mut out);
+        out
+    }
+
+    /// [`NonceKey::seal`], appending the nonce to `out`.
+    pub fn seal_into(
+        &self,
+        id: &NonceId,
+        expires: u32,
+        peer_spki_sha256: &[u8; 32],
+        route_id: &str,
+        out: &mut String,
+    ) {
         let mut raw = [0u8; RAW_LEN];
         raw[..ID_LEN].copy_from_slice(id);
         raw[ID_LEN..ID_LEN + 4].copy_from_slice(&expires.to_be_bytes());
         raw[ID_LEN + 4..].copy_from_slice(&self.mac(id, expires, peer_spki_sha256, route_id));
-        URL_SAFE_NO_PAD.encode(raw)
+        URL_SAFE_NO_PAD.encode_string(raw, out);
     }
 
     /// Decodes `nonce` and checks its MAC for this peer and route (constant

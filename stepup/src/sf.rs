@@ -13,6 +13,8 @@ use sfv::visitor::{
 };
 use sfv::{BareItemFromInput, KeyRef, StringRef};
 
+use crate::sign::{Challenge, ChallengeError};
+
 /// Why a header could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FieldError {
@@ -23,42 +25,66 @@ pub(crate) enum FieldError {
 }
 
 /// All field lines of `name` combined with ", " (RFC 9110 §5.3), bounded by
-/// `max` bytes. `Ok(None)` if absent.
-pub(crate) fn combined(
-    headers: &HeaderMap,
+/// `max` bytes. `Ok(None)` if absent. A single field line (the usual case)
+/// is borrowed, not copied.
+pub(crate) fn combined<'h>(
+    headers: &'h HeaderMap,
     name: &HeaderName,
     max: usize,
-) -> Result<Option<String>, FieldError> {
-    let mut out: Option<String> = None;
-    for value in headers.get_all(name) {
-        let text = value.to_str().map_err(|_| FieldError::NotText)?;
-        let s = out.get_or_insert_with(String::new);
-        let extra = if s.is_empty() { 0 } else { 2 };
-        if s.len() + extra + text.len() > max {
+) -> Result<Option<Cow<'h, str>>, FieldError> {
+    let mut lines = headers.get_all(name).iter();
+    let Some(first) = lines.next() else {
+        return Ok(None);
+    };
+    let first = first.to_str().map_err(|_| FieldError::NotText)?;
+    if first.len() > max {
+        return Err(FieldError::TooLarge);
+    }
+    let Some(mut next) = lines.next() else {
+        return Ok(Some(Cow::Borrowed(first)));
+    };
+    let mut out = String::from(first);
+    loop {
+        let text = next.to_str().map_err(|_| FieldError::NotText)?;
+        // As before the single-line shortcut: an empty line so far adds no
+        // separator.
+        let extra = if out.is_empty() { 0 } else { 2 };
+        if out.len() + extra + text.len() > max {
             return Err(FieldError::TooLarge);
         }
-        if !s.is_empty() {
-            s.push_str(", ");
+        if !out.is_empty() {
+            out.push_str(", ");
         }
-        s.push_str(text);
+        out.push_str(text);
+        match lines.next() {
+            Some(v) => next = v,
+            None => return Ok(Some(Cow::Owned(out))),
+        }
     }
-    Ok(out)
 }
 
 /// Component value of a header field per RFC 9421 §2.1: each field line
 /// trimmed of leading/trailing whitespace, joined with ", ". Bytes, because a
 /// field value need not be UTF-8.
 pub(crate) fn field_value(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
+    let mut out = Vec::new();
+    push_field_value(headers, name, &mut out).then_some(out)
+}
+
+/// Appends the component value of a header field (as [`field_value`]) to
+/// `out`; false, with nothing appended, if the request has no such field.
+pub(crate) fn push_field_value(headers: &HeaderMap, name: &HeaderName, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    let mut present = false;
     for value in headers.get_all(name) {
-        let v = trim_ows(value.as_bytes());
-        let buf = out.get_or_insert_with(Vec::new);
-        if !buf.is_empty() {
-            buf.extend_from_slice(b", ");
+        // No separator while the value so far is empty (an empty first line).
+        if out.len() > start {
+            out.extend_from_slice(b", ");
         }
-        buf.extend_from_slice(v);
+        out.extend_from_slice(trim_ows(value.as_bytes()));
+        present = true;
     }
-    out
+    present
 }
 
 fn trim_ows(mut v: &[u8]) -> &[u8] {
@@ -109,6 +135,7 @@ pub(crate) struct SigInput<'de> {
 impl SigInput<'_> {
     /// `("c1" "c2" ...);p1=v1;...` exactly as RFC 9421 §2.3 serialises the
     /// received member (for the `@signature-params` line).
+    #[cfg(test)]
     pub(crate) fn serialize(&self) -> Option<std::string::String> {
         let mut ser = sfv::ListSerializer::new();
         {
@@ -124,6 +151,71 @@ impl SigInput<'_> {
         }
         ser.finish()
     }
+
+    /// Appends the member serialised as [`SigInput::serialize`] would, for
+    /// the two parameter types stepup-v1 has (integers and strings); `None`
+    /// for any other type, which the profile refuses anyway.
+    pub(crate) fn write_serialized(&self, out: &mut Vec<u8>) -> Option<()> {
+        out.push(b'(');
+        for (i, c) in self.components.iter().enumerate() {
+            if i > 0 {
+                out.push(b' ');
+            }
+            push_string(out, c.as_str());
+        }
+        out.push(b')');
+        for (key, value) in &self.params {
+            out.push(b';');
+            out.extend_from_slice(key.as_str().as_bytes());
+            out.push(b'=');
+            match value {
+                BareItemFromInput::Integer(i) => push_integer(out, i64::from(*i)),
+                BareItemFromInput::String(v) => push_string(out, v.as_str()),
+                _ => return None,
+            }
+        }
+        Some(())
+    }
+}
+
+/// Appends `s` as an sf-string (RFC 9651 §4.1.6). `s` holds only the
+/// characters an sf-string may (a parsed or checked string).
+pub(crate) fn push_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    // Without short-circuiting, so that the scan vectorises.
+    let escapes = s
+        .bytes()
+        .fold(false, |found, b| found | (b == b'"') | (b == b'\\'));
+    if escapes {
+        for b in s.bytes() {
+            if b == b'"' || b == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+    } else {
+        out.extend_from_slice(s.as_bytes());
+    }
+    out.push(b'"');
+}
+
+/// Appends `i` in decimal, as an sf-integer.
+pub(crate) fn push_integer(out: &mut Vec<u8>, i: i64) {
+    let mut digits = [0u8; 20];
+    let mut n = i.unsigned_abs();
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if i < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// What both dictionary visitors require: exactly one member, named
@@ -335,6 +427,285 @@ pub(crate) fn parse_signature(input: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+// ---------------------------------------------------------------------------
+// Single-pass readers for `Content-Digest`, `Stepup-Binding` and
+// `Accept-Signature`: the same syntax checks as a parsed `Dictionary` or
+// `Item` (the same parser runs), and the same meaning (RFC 9651: the last
+// of duplicate keys wins), without building the generic structures.
+// ---------------------------------------------------------------------------
+
+/// The `sha-256` member of a `Content-Digest` field: `None` if the field is
+/// not a dictionary, or its (last) `sha-256` member is not a 32-byte byte
+/// sequence. Other members and parameters are ignored (RFC 9530).
+pub(crate) fn parse_content_digest(input: &str) -> Option<[u8; 32]> {
+    sfv::Parser::new(input)
+        .parse_dictionary_with_visitor(DigestVisitor::default())
+        .ok()
+        .flatten()
+}
+
+#[derive(Default)]
+struct DigestVisitor {
+    sha256: Option<[u8; 32]>,
+}
+
+impl<'de> DictionaryVisitor<'de> for DigestVisitor {
+    type Out = Option<[u8; 32]>;
+    type Error = Infallible;
+
+    fn entry(&mut self, key: &'de KeyRef) -> Result<impl EntryVisitor<'de>, Self::Error> {
+        Ok(if key.as_str() == "sha-256" {
+            // A later `sha-256` replaces an earlier one, whatever it holds.
+            self.sha256 = None;
+            Some(self)
+        } else {
+            None
+        })
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(self.sha256)
+    }
+}
+
+impl<'de> EntryVisitor<'de> for &mut DigestVisitor {
+    type Error = Infallible;
+
+    fn item(self) -> Result<impl ItemVisitor<'de>, Self::Error> {
+        Ok(self)
+    }
+
+    fn inner_list(self) -> Result<impl InnerListVisitor<'de>, Self::Error> {
+        Ok(Ignored)
+    }
+}
+
+impl<'de> ItemVisitor<'de> for &mut DigestVisitor {
+    type Out = ();
+    type Error = Infallible;
+
+    fn bare_item(
+        self,
+        v: BareItemFromInput<'de>,
+    ) -> Result<impl ParameterVisitor<'de, Out = Self::Out>, Self::Error> {
+        if let BareItemFromInput::ByteSequence(b) = v {
+            self.sha256 = <[u8; 32]>::try_from(b.as_slice()).ok();
+        }
+        Ok(Ignored)
+    }
+}
+
+/// A `Stepup-Binding` field: a byte sequence without parameters.
+pub(crate) fn parse_binding(input: &str) -> Option<Vec<u8>> {
+    sfv::Parser::new(input)
+        .parse_item_with_visitor(BindingVisitor)
+        .ok()
+        .flatten()
+}
+
+struct BindingVisitor;
+
+impl<'de> ItemVisitor<'de> for BindingVisitor {
+    type Out = Option<Vec<u8>>;
+    type Error = Infallible;
+
+    fn bare_item(
+        self,
+        v: BareItemFromInput<'de>,
+    ) -> Result<impl ParameterVisitor<'de, Out = Self::Out>, Self::Error> {
+        Ok(BindingParams(match v {
+            BareItemFromInput::ByteSequence(b) => Some(b),
+            _ => None,
+        }))
+    }
+}
+
+struct BindingParams(Option<Vec<u8>>);
+
+impl<'de> ParameterVisitor<'de> for BindingParams {
+    type Out = Option<Vec<u8>>;
+    type Error = Infallible;
+
+    fn parameter(&mut self, _: &'de KeyRef, _: BareItemFromInput<'de>) -> Result<(), Self::Error> {
+        self.0 = None;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(self.0)
+    }
+}
+
+/// One string parameter of a challenge, as the last occurrence left it.
+#[derive(Default)]
+enum Param {
+    #[default]
+    Missing,
+    /// Present, but not a string.
+    Bad,
+    Value(std::string::String),
+}
+
+impl Param {
+    fn take(self, name: &'static str) -> Result<std::string::String, ChallengeError> {
+        match self {
+            Param::Value(s) => Ok(s),
+            Param::Missing | Param::Bad => Err(ChallengeError::MissingParam(name)),
+        }
+    }
+}
+
+/// The `stepup` member of an `Accept-Signature` dictionary, as read.
+#[derive(Default)]
+pub(crate) struct ChallengeVisitor {
+    found: bool,
+    bad_components: bool,
+    components: Vec<std::string::String>,
+    nonce: Param,
+    alg: Param,
+    keyid: Param,
+    tag: Param,
+}
+
+impl ChallengeVisitor {
+    fn into_challenge(self) -> Result<Option<Challenge>, ChallengeError> {
+        if !self.found {
+            return Ok(None);
+        }
+        if self.bad_components {
+            return Err(ChallengeError::Components);
+        }
+        Ok(Some(Challenge {
+            components: self.components,
+            nonce: self.nonce.take("nonce")?,
+            alg: self.alg.take("alg")?,
+            keyid: self.keyid.take("keyid")?,
+            tag: self.tag.take("tag")?,
+        }))
+    }
+}
+
+/// Parses an `Accept-Signature` value into its `stepup` member: the same
+/// results as reading it from a parsed `Dictionary` (syntax errors first,
+/// then the member's shape, then each parameter in turn).
+pub(crate) fn parse_challenge(input: &str) -> Result<Option<Challenge>, ChallengeError> {
+    sfv::Parser::new(input)
+        .parse_dictionary_with_visitor(ChallengeVisitor::default())
+        .map_err(|_| ChallengeError::Syntax)?
+        .into_challenge()
+}
+
+impl<'de> DictionaryVisitor<'de> for ChallengeVisitor {
+    type Out = ChallengeVisitor;
+    type Error = Infallible;
+
+    fn entry(&mut self, key: &'de KeyRef) -> Result<impl EntryVisitor<'de>, Self::Error> {
+        Ok(if key.as_str() == crate::LABEL {
+            // The last `stepup` member is the one that counts.
+            *self = ChallengeVisitor {
+                found: true,
+                ..ChallengeVisitor::default()
+            };
+            Some(self)
+        } else {
+            None
+        })
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(self)
+    }
+}
+
+impl<'de> EntryVisitor<'de> for &mut ChallengeVisitor {
+    type Error = Infallible;
+
+    fn item(self) -> Result<impl ItemVisitor<'de>, Self::Error> {
+        // A signature request is an inner list of component names.
+        self.bad_components = true;
+        Ok(Ignored)
+    }
+
+    fn inner_list(self) -> Result<impl InnerListVisitor<'de>, Self::Error> {
+        Ok(self)
+    }
+}
+
+impl<'de> InnerListVisitor<'de> for &mut ChallengeVisitor {
+    type Error = Infallible;
+
+    fn item(&mut self) -> Result<impl ItemVisitor<'de>, Self::Error> {
+        Ok(ChallengeComponent(self))
+    }
+
+    fn finish(self) -> Result<impl ParameterVisitor<'de>, Self::Error> {
+        Ok(ChallengeParams(self))
+    }
+}
+
+struct ChallengeComponent<'a>(&'a mut ChallengeVisitor);
+
+impl<'de> ItemVisitor<'de> for ChallengeComponent<'_> {
+    type Out = ();
+    type Error = Infallible;
+
+    fn bare_item(
+        self,
+        v: BareItemFromInput<'de>,
+    ) -> Result<impl ParameterVisitor<'de, Out = Self::Out>, Self::Error> {
+        match v {
+            BareItemFromInput::String(s) => self.0.components.push(s.as_str().to_owned()),
+            _ => self.0.bad_components = true,
+        }
+        Ok(self)
+    }
+}
+
+impl<'de> ParameterVisitor<'de> for ChallengeComponent<'_> {
+    type Out = ();
+    type Error = Infallible;
+
+    fn parameter(&mut self, _: &'de KeyRef, _: BareItemFromInput<'de>) -> Result<(), Self::Error> {
+        self.0.bad_components = true;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(())
+    }
+}
+
+struct ChallengeParams<'a>(&'a mut ChallengeVisitor);
+
+impl<'de> ParameterVisitor<'de> for ChallengeParams<'_> {
+    type Out = ();
+    type Error = Infallible;
+
+    fn parameter(
+        &mut self,
+        key: &'de KeyRef,
+        v: BareItemFromInput<'de>,
+    ) -> Result<(), Self::Error> {
+        let slot = match key.as_str() {
+            "nonce" => &mut self.0.nonce,
+            "alg" => &mut self.0.alg,
+            "keyid" => &mut self.0.keyid,
+            "tag" => &mut self.0.tag,
+            // Other parameters (`created`, future ones) are not read.
+            _ => return Ok(()),
+        };
+        *slot = match v {
+            BareItemFromInput::String(s) => Param::Value(s.as_str().to_owned()),
+            _ => Param::Bad,
+        };
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod visitor_tests {
     use super::*;
@@ -381,6 +752,197 @@ mod visitor_tests {
             "",
         ] {
             assert!(parse_signature(bad).is_none(), "{bad}");
+        }
+    }
+}
+
+/// The single-pass readers against the generic parsed structures they
+/// replace, on inputs that probe duplicates, types and parameters.
+#[cfg(test)]
+mod equivalence_tests {
+    use super::*;
+    use sfv::{BareItem, Dictionary, Item, ListEntry, Parser};
+
+    /// `Challenge::parse` as it was written over a parsed `Dictionary`.
+    fn challenge_by_dictionary(value: &str) -> Result<Option<Challenge>, ChallengeError> {
+        let dict: Dictionary = Parser::new(value)
+            .parse()
+            .map_err(|_| ChallengeError::Syntax)?;
+        let Some(entry) = dict.get(crate::LABEL) else {
+            return Ok(None);
+        };
+        let ListEntry::InnerList(member) = entry else {
+            return Err(ChallengeError::Components);
+        };
+        let mut components = Vec::new();
+        for item in &member.items {
+            let name = item
+                .bare_item
+                .as_string()
+                .ok_or(ChallengeError::Components)?;
+            if !item.params.is_empty() {
+                return Err(ChallengeError::Components);
+            }
+            components.push(name.as_str().to_owned());
+        }
+        let param = |k: &'static str| match member.params.get(k) {
+            Some(BareItem::String(s)) => Ok(s.as_str().to_owned()),
+            _ => Err(ChallengeError::MissingParam(k)),
+        };
+        Ok(Some(Challenge {
+            components,
+            nonce: param("nonce")?,
+            alg: param("alg")?,
+            keyid: param("keyid")?,
+            tag: param("tag")?,
+        }))
+    }
+
+    #[test]
+    fn challenges_read_as_from_a_dictionary() {
+        let ok = r#"stepup=("@method" "@path");created;nonce="n";alg="ed25519";keyid="k";tag="stepup-v1""#;
+        for input in [
+            ok,
+            "",
+            "stepup=(",
+            "other=(\"@method\")",
+            r#"stepup=("@method");nonce="n1";nonce="n2";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method");nonce=1;nonce="n2";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method");nonce="n";nonce=2;alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method");nonce="n";alg="a";keyid="k""#,
+            r#"stepup=("@method");alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method";x);nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup=(@method);nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup="x";nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup;nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("a"), stepup=("b");nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t", stepup=(1)"#,
+            r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t", stepup=?1"#,
+            r#"x=1, stepup=("a" "b");nonce="n";alg="a";keyid="k";tag="t";other=:AA==:, y"#,
+            r#"stepup=();nonce="";alg="";keyid="";tag="""#,
+            r#"stepup=("\"q\\");nonce="n\"";alg="a";keyid="k";tag="t""#,
+        ] {
+            assert_eq!(
+                parse_challenge(input),
+                challenge_by_dictionary(input),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_digests_read_as_from_a_dictionary() {
+        let member = |dict: &Dictionary| -> Option<[u8; 32]> { crate::digest::sha256_member(dict) };
+        let good = crate::digest::content_digest(b"x");
+        let other = crate::digest::content_digest(b"y");
+        for input in [
+            good.clone(),
+            format!("{good}, {other}"),
+            format!("{good}, sha-256=:AAAA:"),
+            format!("sha-256=:AAAA:, {good}"),
+            format!("{good}, sha-256=(:AAAA:)"),
+            format!("{good};p=1, sha-512=:AAAA:"),
+            format!("sha-512=:AAAA:, {good}"),
+            format!("{good}, sha-256"),
+            "sha-256=\"x\"".into(),
+            "sha-256=:AAAA:".into(),
+            "sha-256=:%:".into(),
+            String::new(),
+        ] {
+            let by_dict = Parser::new(&input)
+                .parse::<Dictionary>()
+                .ok()
+                .and_then(|d| member(&d));
+            assert_eq!(parse_content_digest(&input), by_dict, "{input}");
+        }
+    }
+
+    #[test]
+    fn bindings_read_as_from_an_item() {
+        for input in [
+            ":AAAA:",
+            ":AAAA:;x",
+            ":AAAA:;x=1;y",
+            "\"AAAA\"",
+            "1",
+            "",
+            ":AAAA:, :BB==:",
+        ] {
+            let by_item = Parser::new(input).parse::<Item>().ok().and_then(|item| {
+                item.params
+                    .is_empty()
+                    .then_some(())
+                    .and_then(|()| item.bare_item.as_byte_sequence().map(<[u8]>::to_vec))
+            });
+            assert_eq!(parse_binding(input), by_item, "{input}");
+        }
+    }
+
+    #[test]
+    fn signature_params_are_written_as_sfv_serialises_them() {
+        for input in [
+            r#"stepup=("@method" "@path");created=1;tag="t""#,
+            r#"stepup=( "@path"  "@method" ); tag="t";created=-15;nonce="a\"b\\c""#,
+            r#"stepup=();created=999999999999999"#,
+            r#"stepup=("x")"#,
+        ] {
+            let member = parse_signature_input(input).expect(input);
+            let mut out = Vec::new();
+            member.write_serialized(&mut out).expect(input);
+            assert_eq!(
+                std::str::from_utf8(&out).ok(),
+                member.serialize().as_deref(),
+                "{input}"
+            );
+        }
+        // Parameter types stepup-v1 does not have are not written.
+        let member = parse_signature_input(r#"stepup=("x");a=?1"#).expect("parses");
+        assert!(member.write_serialized(&mut Vec::new()).is_none());
+    }
+
+    #[test]
+    fn component_values_are_written_as_read() {
+        use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+        use http::{Method, Uri};
+
+        use crate::base::{Component, RequestView};
+        use crate::headers::{CONTENT_DIGEST, STEPUP_BINDING};
+
+        let mut h = HeaderMap::new();
+        h.append(CONTENT_TYPE, HeaderValue::from_static("  "));
+        h.append(CONTENT_TYPE, HeaderValue::from_static(" text/plain "));
+        h.append(CONTENT_TYPE, HeaderValue::from_static("\tcharset=x"));
+        h.append(
+            CONTENT_DIGEST,
+            HeaderValue::from_bytes(b"sha-256=:\xff:").unwrap(),
+        );
+        h.append(STEPUP_BINDING, HeaderValue::from_static(""));
+        h.append(HOST, HeaderValue::from_static("Host.Example:8443"));
+        let m = Method::from_bytes(b"pAtCh").unwrap();
+        for uri in ["https://API.Example:443/a/b?q=1&r", "/x", "/?", "*"] {
+            let uri: Uri = uri.parse().unwrap();
+            let view = RequestView::new(&m, &uri, &h);
+            let bare = HeaderMap::new();
+            let without = RequestView::new(&m, &uri, &bare);
+            for c in [
+                Component::Method,
+                Component::Authority,
+                Component::Path,
+                Component::Query,
+                Component::ContentType,
+                Component::ContentDigest,
+                Component::StepupBinding,
+            ] {
+                for v in [view, without] {
+                    let mut out = b"prefix".to_vec();
+                    let written = v.push_component_value(c, &mut out);
+                    let read = v.component_value(c.name());
+                    assert_eq!(written, read.is_some(), "{c:?} {uri}");
+                    let mut want = b"prefix".to_vec();
+                    want.extend_from_slice(read.as_deref().unwrap_or_default());
+                    assert_eq!(out, want, "{c:?} {uri}");
+                }
+            }
         }
     }
 }

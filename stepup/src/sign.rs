@@ -12,7 +12,6 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http::header::{HeaderValue, WWW_AUTHENTICATE};
 use http::{HeaderMap, StatusCode};
-use sfv::{BareItem, Dictionary, ListEntry, Parser};
 
 use crate::alg::{keyid_for_spki, Alg, KeyError};
 use crate::base::{self, Component, RequestView};
@@ -107,37 +106,7 @@ pub enum SignError {
 impl Challenge {
     /// Parses an `Accept-Signature` value. `Ok(None)` if it has no `stepup` member.
     pub fn parse(value: &str) -> Result<Option<Challenge>, ChallengeError> {
-        let dict: Dictionary = Parser::new(value)
-            .parse()
-            .map_err(|_| ChallengeError::Syntax)?;
-        let Some(entry) = dict.get(LABEL) else {
-            return Ok(None);
-        };
-        let ListEntry::InnerList(member) = entry else {
-            return Err(ChallengeError::Components);
-        };
-        let mut components = Vec::with_capacity(member.items.len());
-        for item in &member.items {
-            let name = item
-                .bare_item
-                .as_string()
-                .ok_or(ChallengeError::Components)?;
-            if !item.params.is_empty() {
-                return Err(ChallengeError::Components);
-            }
-            components.push(name.as_str().to_owned());
-        }
-        let param = |k: &'static str| match member.params.get(k) {
-            Some(BareItem::String(s)) => Ok(s.as_str().to_owned()),
-            _ => Err(ChallengeError::MissingParam(k)),
-        };
-        Ok(Some(Challenge {
-            components,
-            nonce: param("nonce")?,
-            alg: param("alg")?,
-            keyid: param("keyid")?,
-            tag: param("tag")?,
-        }))
+        crate::sf::parse_challenge(value)
     }
 
     /// The stepup challenge in a response's headers, if any.
@@ -303,58 +272,122 @@ impl Signer {
         now: u64,
     ) -> Result<SignedHeaders, SignError> {
         self.check(challenge)?;
-        let nonce = sfv::StringRef::from_str(&challenge.nonce).map_err(|_| SignError::Encoding)?;
-        let keyid = sfv::StringRef::from_str(&self.keyid).map_err(|_| SignError::Encoding)?;
-        let created = sfv::Integer::try_from(now).map_err(|_| SignError::Encoding)?;
-        let components = Component::required(req.has_content_type());
+        // The nonce is copied into a header: it must be a valid sf-string
+        // (the keyid is base64url, always valid).
+        sfv::StringRef::from_str(&challenge.nonce).map_err(|_| SignError::Encoding)?;
+        let created = i64::try_from(now)
+            .ok()
+            .filter(|n| *n <= MAX_SF_INTEGER)
+            .ok_or(SignError::Encoding)?;
+        let has_content_type = req.has_content_type();
 
-        let content_digest = digest::content_digest(body);
-        let mut binding = String::with_capacity(46);
+        let content_digest = if body.is_empty() {
+            EMPTY_CONTENT_DIGEST.to_owned()
+        } else {
+            digest::content_digest(body)
+        };
+        let mut binding = String::with_capacity(2 + BINDING_B64_LEN);
         binding.push(':');
-        binding.push_str(&STANDARD.encode(exporter));
+        STANDARD.encode_string(exporter, &mut binding);
         binding.push(':');
 
-        let mut ser = sfv::ListSerializer::new();
-        {
-            let mut inner = ser.inner_list();
-            for c in components {
-                let _ = inner.bare_item(sfv::string_ref(c.name()));
+        // `Signature-Input` is `stepup=` and the signature parameters, which
+        // the base's last line repeats: written once, borrowed for the base.
+        let mut input = Vec::with_capacity(INPUT_CAPACITY);
+        input.extend_from_slice(b"stepup=");
+        input.extend_from_slice(signature_params_start(has_content_type).as_bytes());
+        crate::sf::push_integer(&mut input, created);
+        input.extend_from_slice(b";nonce=");
+        crate::sf::push_string(&mut input, &challenge.nonce);
+        input.extend_from_slice(b";alg=\"");
+        input.extend_from_slice(self.alg.name().as_bytes());
+        input.extend_from_slice(b"\";keyid=\"");
+        input.extend_from_slice(self.keyid.as_bytes());
+        input.extend_from_slice(b"\";tag=\"");
+        input.extend_from_slice(TAG.as_bytes());
+        input.push(b'"');
+        let params = &input[LABEL.len() + 1..];
+
+        let mut base = Vec::with_capacity(BASE_CAPACITY + params.len());
+        for &c in Component::required(has_content_type) {
+            base::push_line_start(&mut base, c);
+            match c {
+                Component::ContentDigest => base.extend_from_slice(content_digest.as_bytes()),
+                Component::StepupBinding => base.extend_from_slice(binding.as_bytes()),
+                other => {
+                    if !req.push_component_value(other, &mut base) {
+                        return Err(SignError::NoAuthority);
+                    }
+                }
             }
-            let _ = inner
-                .finish()
-                .parameter(sfv::key_ref("created"), created)
-                .parameter(sfv::key_ref("nonce"), nonce)
-                .parameter(sfv::key_ref("alg"), sfv::string_ref(self.alg.name()))
-                .parameter(sfv::key_ref("keyid"), keyid)
-                .parameter(sfv::key_ref("tag"), sfv::string_ref(TAG));
+            base.push(b'\n');
         }
-        let params = ser.finish().ok_or(SignError::Encoding)?;
-
-        let mut values: Vec<(&str, Vec<u8>)> = Vec::with_capacity(components.len());
-        for c in components {
-            let v = match c {
-                Component::ContentDigest => content_digest.as_bytes().to_vec(),
-                Component::StepupBinding => binding.as_bytes().to_vec(),
-                other => req
-                    .component_value(other.name())
-                    .ok_or(SignError::NoAuthority)?
-                    .into_owned(),
-            };
-            values.push((c.name(), v));
-        }
-        let base = base::signature_base(values, &params);
+        base.extend_from_slice(base::SIGNATURE_PARAMS_LINE);
+        base.extend_from_slice(params);
         let sig = self.sign_raw(&base)?;
 
-        let mut sig_ser = sfv::DictSerializer::new();
-        let _ = sig_ser.bare_item(sfv::key_ref(LABEL), sig.as_slice());
-        let signature = sig_ser.finish().ok_or(SignError::Encoding)?;
+        let mut signature = String::with_capacity(LABEL.len() + 3 + SIGNATURE_B64_LEN);
+        signature.push_str(LABEL);
+        signature.push_str("=:");
+        STANDARD.encode_string(&sig, &mut signature);
+        signature.push(':');
 
         let hv = |s: String| HeaderValue::try_from(s).map_err(|_| SignError::Encoding);
+        let mut signature_input = HeaderValue::from_maybe_shared(bytes::Bytes::from(input))
+            .map_err(|_| SignError::Encoding)?;
+        let mut signature = hv(signature)?;
+        // Single-use values: never worth a place in an HPACK table, where
+        // each would push out fields that do repeat (RFC 7541 §7.1.3).
+        signature_input.set_sensitive(true);
+        signature.set_sensitive(true);
         Ok(SignedHeaders {
             content_digest: hv(content_digest)?,
             stepup_binding: hv(binding)?,
-            signature_input: hv(format!("{LABEL}={params}"))?,
-            signature: hv(signature)?,
+            signature_input,
+            signature,
         })
+    }
+}
+
+/// The largest sf-integer (RFC 9651 §3.3.1).
+const MAX_SF_INTEGER: i64 = 999_999_999_999_999;
+/// `Content-Digest` of an empty body (SHA-256 of nothing).
+const EMPTY_CONTENT_DIGEST: &str = "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:";
+/// Base64 of the 32-byte binding and of a 64-byte signature.
+const BINDING_B64_LEN: usize = 44;
+const SIGNATURE_B64_LEN: usize = 88;
+/// Room for `Signature-Input` and for a base's component lines.
+const INPUT_CAPACITY: usize = 320;
+const BASE_CAPACITY: usize = 320;
+
+/// The signature parameters up to `created`'s value: the component list in
+/// the design's order.
+const fn signature_params_start(has_content_type: bool) -> &'static str {
+    if has_content_type {
+        r#"("@method" "@authority" "@path" "@query" "content-type" "content-digest" "stepup-binding");created="#
+    } else {
+        r#"("@method" "@authority" "@path" "@query" "content-digest" "stepup-binding");created="#
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_strings_match_what_they_stand_for() {
+        assert_eq!(EMPTY_CONTENT_DIGEST, digest::content_digest(b""));
+        for has_content_type in [true, false] {
+            let names: Vec<String> = Component::required(has_content_type)
+                .iter()
+                .map(|c| format!("\"{}\"", c.name()))
+                .collect();
+            assert_eq!(
+                signature_params_start(has_content_type),
+                format!("({});created=", names.join(" "))
+            );
+        }
+        assert_eq!(STANDARD.encode([0u8; BINDING_LEN]).len(), BINDING_B64_LEN);
+        assert_eq!(STANDARD.encode([0u8; 64]).len(), SIGNATURE_B64_LEN);
     }
 }

@@ -7,7 +7,7 @@
 
 use http::header::{HeaderValue, CACHE_CONTROL};
 use http::HeaderMap;
-use sfv::{BareItemFromInput, Dictionary, Item, Parser};
+use sfv::BareItemFromInput;
 use subtle::ConstantTimeEq;
 
 use aws_lc_rs::rand::SystemRandom;
@@ -19,10 +19,10 @@ use crate::digest;
 use crate::headers::{
     ACCEPT_SIGNATURE, CONTENT_DIGEST, SIGNATURE, SIGNATURE_INPUT, STEPUP_BINDING,
 };
-use crate::nonce::{IssueError, NonceId, NonceKey, NonceTable};
+use crate::nonce::{IssueError, NonceId, NonceKey, NonceTable, ENCODED_LEN};
 use crate::outcome::Outcome;
 use crate::sf;
-use crate::{BINDING_LEN, LABEL, TAG};
+use crate::{BINDING_LEN, TAG};
 
 /// Largest accepted `Signature-Input` (all field lines). A genuine one is
 /// about 300 bytes.
@@ -33,6 +33,8 @@ pub const MAX_SIGNATURE_LEN: usize = 512;
 pub const MAX_CONTENT_DIGEST_LEN: usize = 1024;
 /// Largest accepted `Stepup-Binding` (a genuine one is 46 bytes).
 pub const MAX_BINDING_LEN: usize = 128;
+/// Room for a genuine signature base (about 450 bytes) without regrowing.
+const BASE_CAPACITY: usize = 640;
 
 /// What the verifier knows about one TLS connection, built once per
 /// connection: the peer's key (from its verified leaf certificate) and the
@@ -41,6 +43,9 @@ pub const MAX_BINDING_LEN: usize = 128;
 pub struct Peer {
     key: PeerKey,
     exporter: Option<[u8; BINDING_LEN]>,
+    /// What follows the nonce in every `Accept-Signature` for this peer:
+    /// `";alg="...";keyid="...";tag="stepup-v1"`, serialised once.
+    accept_suffix: String,
 }
 
 impl Peer {
@@ -48,7 +53,18 @@ impl Peer {
     /// empty context). `None` when the connection has no exporter (e.g. TLS
     /// 1.2): every binding check then fails if `channel_binding` is on.
     pub fn new(key: PeerKey, exporter: Option<[u8; BINDING_LEN]>) -> Peer {
-        Peer { key, exporter }
+        // The alg name, the keyid (base64url) and the tag are all plain
+        // sf-string characters: nothing to escape.
+        let accept_suffix = format!(
+            "\";alg=\"{}\";keyid=\"{}\";tag=\"{TAG}\"",
+            key.alg().name(),
+            key.keyid()
+        );
+        Peer {
+            key,
+            exporter,
+            accept_suffix,
+        }
     }
 
     /// From the peer's verified leaf certificate (DER) and the exporter.
@@ -177,17 +193,6 @@ fn parse_params<'a>(params: &'a [(&'a sfv::KeyRef, BareItemFromInput<'a>)]) -> O
     })
 }
 
-fn byte_sequence(item: &Item) -> Option<&[u8]> {
-    if !item.params.is_empty() {
-        return None;
-    }
-    item.bare_item.as_byte_sequence()
-}
-
-fn sf_string(s: &str) -> Result<&sfv::StringRef, IssueError> {
-    sfv::StringRef::from_str(s).map_err(|_| IssueError::Encoding)
-}
-
 impl Verifier {
     /// A verifier with a fresh random nonce key and an empty table.
     pub fn new(cfg: StepUpConfig) -> Result<Verifier, aws_lc_rs::error::Unspecified> {
@@ -227,11 +232,21 @@ impl Verifier {
 
     /// Issues and stores a nonce for this peer and route.
     pub fn issue_nonce(&self, peer: &Peer, route_id: &str, now: u64) -> Result<String, IssueError> {
+        let (id, expires) = self.issue(peer, now)?;
+        let mut nonce = String::with_capacity(ENCODED_LEN);
+        self.nonce_key
+            .seal_into(&id, expires, peer.key.spki_sha256(), route_id, &mut nonce);
+        Ok(nonce)
+    }
+
+    /// Stores a new nonce id for `peer`; returns it with its expiry.
+    fn issue(&self, peer: &Peer, now: u64) -> Result<(NonceId, u32), IssueError> {
         let expires =
             u32::try_from(now.saturating_add(self.cfg.nonce_ttl.as_secs())).unwrap_or(u32::MAX);
-        let spki = peer.key.spki_sha256();
-        let id = self.table.issue(&self.rng, spki, expires, now)?;
-        Ok(self.nonce_key.seal(&id, expires, spki, route_id))
+        let id = self
+            .table
+            .issue(&self.rng, peer.key.spki_sha256(), expires, now)?;
+        Ok((id, expires))
     }
 
     /// A challenge for the next request of this peer on this route: a fresh
@@ -250,17 +265,24 @@ impl Verifier {
         error: Option<Outcome>,
         now: u64,
     ) -> Result<ChallengeHeaders, IssueError> {
-        let nonce = self.issue_nonce(peer, route_id, now)?;
-        let accept =
-            accept_signature_value(&nonce, peer.key.alg(), peer.key.keyid(), has_content_type)?;
-        let reason = match error {
-            None | Some(Outcome::Missing) | Some(Outcome::Ok) => "stepup_required",
-            Some(o) => o.as_str(),
-        };
-        let www = format!("StepUp error=\"{reason}\"");
+        let (id, expires) = self.issue(peer, now)?;
+        // `Accept-Signature` written straight into its header value: the
+        // fixed start for this component set, the nonce (base64url, nothing
+        // to escape), the peer's serialised parameters.
+        let start = accept_signature_start(has_content_type);
+        let mut accept =
+            String::with_capacity(start.len() + ENCODED_LEN + peer.accept_suffix.len());
+        accept.push_str(start);
+        self.nonce_key
+            .seal_into(&id, expires, peer.key.spki_sha256(), route_id, &mut accept);
+        accept.push_str(&peer.accept_suffix);
+        let mut accept_signature =
+            HeaderValue::try_from(accept).map_err(|_| IssueError::Encoding)?;
+        // Single-use: never worth a place in an HPACK table (RFC 7541 §7.1.3).
+        accept_signature.set_sensitive(true);
         Ok(ChallengeHeaders {
-            www_authenticate: HeaderValue::try_from(www).map_err(|_| IssueError::Encoding)?,
-            accept_signature: HeaderValue::try_from(accept).map_err(|_| IssueError::Encoding)?,
+            www_authenticate: HeaderValue::from_static(www_authenticate(error)),
+            accept_signature,
             cache_control: HeaderValue::from_static("no-store"),
         })
     }
@@ -299,31 +321,40 @@ impl Verifier {
         };
         // Exactly one member, labelled `stepup`, in each signature field
         // (two members, or the same label twice, are malformed), parsed in
-        // one pass each; the digest and binding with the generic parser.
+        // one pass each, as are the digest and the binding.
         let member = sf::parse_signature_input(&input).ok_or(Outcome::Malformed)?;
         let sig = sf::parse_signature(&signature).ok_or(Outcome::Malformed)?;
-        let content_digest: Dictionary = Parser::new(&content_digest)
-            .parse()
-            .map_err(|_| Outcome::Malformed)?;
-        let binding: Item = Parser::new(&binding)
-            .parse()
-            .map_err(|_| Outcome::Malformed)?;
+        let expected_digest =
+            sf::parse_content_digest(&content_digest).ok_or(Outcome::Malformed)?;
+        let binding = sf::parse_binding(&binding).ok_or(Outcome::Malformed)?;
 
         // Step 2: tag, parameters, exactly the required components.
         let params = parse_params(&member.params).ok_or(Outcome::Malformed)?;
-        let names: Vec<&str> = member.components.iter().map(|c| c.as_str()).collect();
-        if !base::is_required_set(names.iter().copied(), req.has_content_type()) {
+        if !base::is_required_set(
+            member.components.iter().map(|c| c.as_str()),
+            req.has_content_type(),
+        ) {
             return Err(Outcome::Malformed);
         }
-        let expected_digest = digest::sha256_member(&content_digest).ok_or(Outcome::Malformed)?;
-        let binding = byte_sequence(&binding).ok_or(Outcome::Malformed)?;
         if binding.len() != BINDING_LEN {
             return Err(Outcome::Malformed);
         }
         // Every component must be resolvable (e.g. an authority must exist).
-        let signature_params = member.serialize().ok_or(Outcome::Malformed)?;
-        let base =
-            base::base_for_names(req, &names, &signature_params).ok_or(Outcome::Malformed)?;
+        // The base is written in one buffer: component lines in the order
+        // signed, then the received member re-serialised.
+        let mut base = Vec::with_capacity(BASE_CAPACITY);
+        for name in &member.components {
+            let component = Component::from_name(name.as_str()).ok_or(Outcome::Malformed)?;
+            base::push_line_start(&mut base, component);
+            if !req.push_component_value(component, &mut base) {
+                return Err(Outcome::Malformed);
+            }
+            base.push(b'\n');
+        }
+        base.extend_from_slice(base::SIGNATURE_PARAMS_LINE);
+        member
+            .write_serialized(&mut base)
+            .ok_or(Outcome::Malformed)?;
 
         // Step 3: the algorithm is the peer key's, never the request's choice.
         if Alg::from_name(params.alg) != Some(peer.key.alg()) {
@@ -352,7 +383,7 @@ impl Verifier {
             let matches = peer
                 .exporter
                 .as_ref()
-                .is_some_and(|e| bool::from(e.as_slice().ct_eq(binding)));
+                .is_some_and(|e| bool::from(e.as_slice().ct_eq(&binding)));
             if !matches {
                 return Err(Outcome::BindingMismatch);
             }
@@ -420,27 +451,108 @@ impl Pending<'_> {
     }
 }
 
-/// `Accept-Signature` for a nonce: the stepup member with the component list,
-/// `created` as a bare parameter (RFC 9421 §5.1: "add one"), nonce, alg, keyid, tag.
-fn accept_signature_value(
-    nonce: &str,
-    alg: Alg,
-    keyid: &str,
-    has_content_type: bool,
-) -> Result<String, IssueError> {
-    let mut ser = sfv::DictSerializer::new();
-    {
-        let mut inner = ser.inner_list(sfv::key_ref(LABEL));
-        for c in Component::required(has_content_type) {
-            let _ = inner.bare_item(sfv::string_ref(c.name()));
-        }
-        let _ = inner
-            .finish()
-            .parameter(sfv::key_ref("created"), true)
-            .parameter(sfv::key_ref("nonce"), sf_string(nonce)?)
-            .parameter(sfv::key_ref("alg"), sfv::string_ref(alg.name()))
-            .parameter(sfv::key_ref("keyid"), sf_string(keyid)?)
-            .parameter(sfv::key_ref("tag"), sfv::string_ref(TAG));
+/// The start of `Accept-Signature` up to the nonce's value: the stepup
+/// member with the component list and `created` as a bare parameter
+/// (RFC 9421 §5.1: "add one"). The rest is the nonce and the peer's
+/// `Peer::accept_suffix`.
+const fn accept_signature_start(has_content_type: bool) -> &'static str {
+    if has_content_type {
+        r#"stepup=("@method" "@authority" "@path" "@query" "content-type" "content-digest" "stepup-binding");created;nonce=""#
+    } else {
+        r#"stepup=("@method" "@authority" "@path" "@query" "content-digest" "stepup-binding");created;nonce=""#
     }
-    ser.finish().ok_or(IssueError::Encoding)
+}
+
+/// `WWW-Authenticate` of a challenge caused by `error` (`None`, `Missing`
+/// and `Ok` give `stepup_required`).
+const fn www_authenticate(error: Option<Outcome>) -> &'static str {
+    match error {
+        None | Some(Outcome::Missing) | Some(Outcome::Ok) => r#"StepUp error="stepup_required""#,
+        Some(Outcome::Malformed) => r#"StepUp error="malformed""#,
+        Some(Outcome::BadAlg) => r#"StepUp error="bad_alg""#,
+        Some(Outcome::KeyidMismatch) => r#"StepUp error="keyid_mismatch""#,
+        Some(Outcome::BadNonce) => r#"StepUp error="bad_nonce""#,
+        Some(Outcome::Expired) => r#"StepUp error="expired""#,
+        Some(Outcome::BindingMismatch) => r#"StepUp error="binding_mismatch""#,
+        Some(Outcome::DigestMismatch) => r#"StepUp error="digest_mismatch""#,
+        Some(Outcome::BadSignature) => r#"StepUp error="bad_signature""#,
+        Some(Outcome::Replay) => r#"StepUp error="replay""#,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LABEL;
+
+    /// `Accept-Signature` serialised by `sfv`, the way it was built before
+    /// it was written by hand.
+    fn accept_by_sfv(nonce: &str, alg: Alg, keyid: &str, has_content_type: bool) -> String {
+        let mut ser = sfv::DictSerializer::new();
+        {
+            let mut inner = ser.inner_list(sfv::key_ref(LABEL));
+            for c in Component::required(has_content_type) {
+                let _ = inner.bare_item(sfv::string_ref(c.name()));
+            }
+            let _ = inner
+                .finish()
+                .parameter(sfv::key_ref("created"), true)
+                .parameter(
+                    sfv::key_ref("nonce"),
+                    sfv::StringRef::from_str(nonce).unwrap(),
+                )
+                .parameter(sfv::key_ref("alg"), sfv::string_ref(alg.name()))
+                .parameter(
+                    sfv::key_ref("keyid"),
+                    sfv::StringRef::from_str(keyid).unwrap(),
+                )
+                .parameter(sfv::key_ref("tag"), sfv::string_ref(TAG));
+        }
+        ser.finish().unwrap()
+    }
+
+    #[test]
+    fn accept_signature_is_what_sfv_serialises() {
+        for key_type in keyproof_identity::keys::KeyType::ALL {
+            let kp = rcgen::KeyPair::generate_for(key_type.signature_algorithm()).unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["t.test".into()])
+                .unwrap()
+                .self_signed(&kp)
+                .unwrap();
+            let peer = Peer::from_cert_der(cert.der(), None).unwrap();
+            let v = Verifier::new(StepUpConfig::default()).unwrap();
+            for has_content_type in [true, false] {
+                let ch = v
+                    .challenge(&peer, "/r", has_content_type, None, 1000)
+                    .unwrap();
+                let got = ch.accept_signature.to_str().unwrap();
+                let parsed = crate::Challenge::parse(got).unwrap().unwrap();
+                assert_eq!(
+                    got,
+                    accept_by_sfv(
+                        &parsed.nonce,
+                        peer.key().alg(),
+                        peer.key().keyid(),
+                        has_content_type
+                    )
+                );
+                assert!(ch.accept_signature.is_sensitive());
+            }
+        }
+    }
+
+    #[test]
+    fn www_authenticate_names_the_outcome() {
+        assert_eq!(www_authenticate(None), "StepUp error=\"stepup_required\"");
+        for o in Outcome::ALL {
+            let want = match o {
+                Outcome::Ok | Outcome::Missing => "stepup_required".to_owned(),
+                o => o.as_str().to_owned(),
+            };
+            assert_eq!(
+                www_authenticate(Some(o)),
+                format!("StepUp error=\"{want}\"")
+            );
+        }
+    }
 }
