@@ -130,6 +130,9 @@ pub(crate) struct SigInput<'de> {
     pub components: Vec<Cow<'de, StringRef>>,
     /// Signature parameters, in order, no duplicate keys.
     pub params: Vec<(&'de KeyRef, BareItemFromInput<'de>)>,
+    /// The member as received (after `stepup=`), when it already is its
+    /// own serialisation: then it is the `@signature-params` value as is.
+    pub canonical: Option<&'de str>,
 }
 
 impl SigInput<'_> {
@@ -156,6 +159,10 @@ impl SigInput<'_> {
     /// the two parameter types stepup-v1 has (integers and strings); `None`
     /// for any other type, which the profile refuses anyway.
     pub(crate) fn write_serialized(&self, out: &mut Vec<u8>) -> Option<()> {
+        if let Some(raw) = self.canonical {
+            out.extend_from_slice(raw.as_bytes());
+            return Some(());
+        }
         out.push(b'(');
         for (i, c) in self.components.iter().enumerate() {
             if i > 0 {
@@ -350,10 +357,139 @@ impl<'de> ParameterVisitor<'de> for SignatureParams<'_, 'de> {
 /// `stepup`: an inner list of strings without parameters, and signature
 /// parameters without duplicates. `None` for anything else.
 pub(crate) fn parse_signature_input(input: &str) -> Option<SigInput<'_>> {
-    sfv::Parser::new(input)
-        .parse_dictionary_with_visitor(SigInputVisitor::default())
-        .ok()
-        .flatten()
+    canonical_signature_input(input).or_else(|| {
+        sfv::Parser::new(input)
+            .parse_dictionary_with_visitor(SigInputVisitor::default())
+            .ok()
+            .flatten()
+    })
+}
+
+/// The common case of [`parse_signature_input`] in one scan: a field that
+/// is exactly the serialisation of a single `stepup` member (RFC 9651
+/// §4.1), as signers write it: strings without escapes, integers without
+/// leading zeros, `key=value` parameters, no whitespace beyond the single
+/// spaces between components. Anything else, even if valid, is `None` and
+/// goes to the general parser, so both read every input they accept alike.
+fn canonical_signature_input(input: &str) -> Option<SigInput<'_>> {
+    let member = input.strip_prefix("stepup=")?;
+    let b = member.as_bytes();
+    let mut i = 1;
+    if b.first() != Some(&b'(') {
+        return None;
+    }
+    let mut components = Vec::with_capacity(8);
+    if b.get(i) == Some(&b')') {
+        i += 1;
+    } else {
+        loop {
+            let (s, next) = plain_string(member, i)?;
+            components.push(Cow::Borrowed(StringRef::from_str(s).ok()?));
+            match b.get(next)? {
+                b' ' => i = next + 1,
+                b')' => {
+                    i = next + 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    let mut params: Vec<(&KeyRef, BareItemFromInput<'_>)> = Vec::with_capacity(6);
+    while i < b.len() {
+        if b[i] != b';' {
+            return None;
+        }
+        let key_start = i + 1;
+        let key_end = key_start + member[key_start..].find('=')?;
+        let key = KeyRef::from_str(&member[key_start..key_end]).ok()?;
+        if params.iter().any(|(k, _)| *k == key) {
+            // Duplicates are the general parser's to refuse.
+            return None;
+        }
+        let value_start = key_end + 1;
+        let (value, next) = if b.get(value_start) == Some(&b'"') {
+            let (s, next) = plain_string(member, value_start)?;
+            (
+                BareItemFromInput::String(Cow::Borrowed(StringRef::from_str(s).ok()?)),
+                next,
+            )
+        } else {
+            let end = member[value_start..]
+                .find(';')
+                .map_or(b.len(), |n| value_start + n);
+            let text = &member[value_start..end];
+            (
+                BareItemFromInput::Integer(sfv::Integer::try_from(canonical_integer(text)?).ok()?),
+                end,
+            )
+        };
+        params.push((key, value));
+        i = next;
+    }
+    Some(SigInput {
+        components,
+        params,
+        canonical: Some(member),
+    })
+}
+
+/// The sf-string starting with the `"` at `at`, if it has no escapes: its
+/// contents and the index after its closing quote.
+fn plain_string(s: &str, at: usize) -> Option<(&str, usize)> {
+    let b = s.as_bytes();
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let start = at + 1;
+    let len = s[start..].find('"')?;
+    let contents = &s[start..start + len];
+    // An escape is left to the general parser; `StringRef::from_str` (by
+    // the caller) checks the characters.
+    if contents.contains('\\') {
+        return None;
+    }
+    Some((contents, start + len + 1))
+}
+
+/// An sf-integer written the one way it serialises: no `+`, no leading
+/// zeros, no `-0`, at most 15 digits.
+fn canonical_integer(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let d = digits.as_bytes();
+    let ok = !d.is_empty()
+        && d.len() <= 15
+        && d.iter().all(u8::is_ascii_digit)
+        && (d[0] != b'0' || d.len() == 1)
+        && !(digits == "0" && text.len() > 1);
+    if !ok {
+        return None;
+    }
+    let n: i64 = digits.parse().ok()?;
+    Some(if text.starts_with('-') { -n } else { n })
+}
+
+/// The base64 sfv decodes byte sequences with (RFC 9651 §4.2.7: padding
+/// optional, trailing bits ignored), for the shortcuts below to decode
+/// exactly as the general parser would.
+const SF_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// `prefix` + `:<base64>:` and nothing else: the decoded bytes. `None` for
+/// any other shape (the general parser then decides).
+fn plain_byte_sequence(input: &str, prefix: &str) -> Option<Vec<u8>> {
+    let b64 = input
+        .strip_prefix(prefix)?
+        .strip_prefix(':')?
+        .strip_suffix(':')?;
+    if b64.contains(':') {
+        return None;
+    }
+    base64::Engine::decode(&SF_BASE64, b64).ok()
 }
 
 #[derive(Default)]
@@ -421,6 +557,9 @@ impl<'de> ParameterVisitor<'de> for &mut SignatureVisitor {
 /// Parses a `Signature` value that must hold exactly one member, `stepup`:
 /// a byte sequence without parameters.
 pub(crate) fn parse_signature(input: &str) -> Option<Vec<u8>> {
+    if let Some(sig) = plain_byte_sequence(input, "stepup=") {
+        return Some(sig);
+    }
     sfv::Parser::new(input)
         .parse_dictionary_with_visitor(SignatureVisitor::default())
         .ok()
@@ -438,6 +577,9 @@ pub(crate) fn parse_signature(input: &str) -> Option<Vec<u8>> {
 /// not a dictionary, or its (last) `sha-256` member is not a 32-byte byte
 /// sequence. Other members and parameters are ignored (RFC 9530).
 pub(crate) fn parse_content_digest(input: &str) -> Option<[u8; 32]> {
+    if let Some(d) = plain_byte_sequence(input, "sha-256=") {
+        return <[u8; 32]>::try_from(d.as_slice()).ok();
+    }
     sfv::Parser::new(input)
         .parse_dictionary_with_visitor(DigestVisitor::default())
         .ok()
@@ -497,6 +639,9 @@ impl<'de> ItemVisitor<'de> for &mut DigestVisitor {
 
 /// A `Stepup-Binding` field: a byte sequence without parameters.
 pub(crate) fn parse_binding(input: &str) -> Option<Vec<u8>> {
+    if let Some(b) = plain_byte_sequence(input, "") {
+        return Some(b);
+    }
     sfv::Parser::new(input)
         .parse_item_with_visitor(BindingVisitor)
         .ok()
@@ -943,6 +1088,169 @@ mod equivalence_tests {
                     assert_eq!(out, want, "{c:?} {uri}");
                 }
             }
+        }
+    }
+}
+
+/// The one-scan shortcuts against the general parser, on mutations of
+/// genuine fields: whatever a shortcut accepts, the general parser reads the
+/// same way (same components, parameters, serialisation, bytes).
+#[cfg(test)]
+mod shortcut_tests {
+    use super::*;
+    use sfv::{Dictionary, Item, Parser};
+
+    /// The general path of `parse_signature_input`.
+    fn general(input: &str) -> Option<SigInput<'_>> {
+        sfv::Parser::new(input)
+            .parse_dictionary_with_visitor(SigInputVisitor::default())
+            .ok()
+            .flatten()
+    }
+
+    /// A small deterministic generator (xorshift), so failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const PIECES: &[&str] = &[
+        " ",
+        "  ",
+        "\t",
+        ";",
+        "=",
+        "\"",
+        "\\",
+        "(",
+        ")",
+        ",",
+        ":",
+        "-",
+        "0",
+        "00",
+        "-0",
+        "1",
+        "?1",
+        "1.5",
+        "a",
+        "A",
+        "*",
+        "created",
+        "nonce",
+        "stepup",
+        "x=1",
+        ";created",
+        ";created=1",
+        ";nonce=\"n\"",
+        ", other=1",
+        "\\\"",
+        "AAAA",
+        "==",
+        "+/",
+        "%",
+    ];
+
+    fn mutate(rng: &mut Rng, seed: &str) -> String {
+        let mut s = seed.to_owned();
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(s.len() + 1);
+            if !s.is_char_boundary(at) {
+                return s;
+            }
+            match rng.below(3) {
+                0 => s.insert_str(at, PIECES[rng.below(PIECES.len())]),
+                1 if at < s.len() => {
+                    let end = (at + 1 + rng.below(4)).min(s.len());
+                    s.replace_range(at..end, "");
+                }
+                _ => {
+                    let end = (at + rng.below(3)).min(s.len());
+                    s.replace_range(at..end, PIECES[rng.below(PIECES.len())]);
+                }
+            }
+        }
+        s
+    }
+
+    const INPUT: &str = r#"stepup=("@method" "@authority" "@path" "@query" "content-digest" "stepup-binding");created=1764000000;nonce="AbC-_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH";alg="ecdsa-p256-sha256";keyid="k-_Z";tag="stepup-v1""#;
+
+    /// A genuine field and short ones, where mutations reach every part.
+    const SEEDS: &[&str] = &[
+        INPUT,
+        r#"stepup=("a");created=1;expires=22"#,
+        r#"stepup=("a" "b");x=0;y="""#,
+        r#"stepup=();k="v""#,
+    ];
+
+    #[test]
+    fn signature_inputs_read_alike() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut accepted = 0;
+        for n in 0..80_000 {
+            let seed = SEEDS[n % SEEDS.len()];
+            let input = if n < SEEDS.len() {
+                seed.to_owned()
+            } else {
+                mutate(&mut rng, seed)
+            };
+            let Some(fast) = canonical_signature_input(&input) else {
+                continue;
+            };
+            accepted += 1;
+            let slow =
+                general(&input).unwrap_or_else(|| panic!("only the shortcut reads {input:?}"));
+            assert_eq!(fast.components, slow.components, "{input}");
+            assert_eq!(fast.params, slow.params, "{input}");
+            assert_eq!(fast.canonical, slow.serialize().as_deref(), "{input}");
+            let mut written = Vec::new();
+            slow.write_serialized(&mut written).unwrap();
+            assert_eq!(
+                fast.canonical.map(str::as_bytes),
+                Some(&written[..]),
+                "{input}"
+            );
+        }
+        // The generator must exercise the shortcut, not only the fallback.
+        assert!(accepted > 5_000, "{accepted}");
+    }
+
+    #[test]
+    fn byte_sequence_fields_read_alike() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let sig = format!("stepup=:{}:", "QUJD".repeat(22));
+        let digest = crate::digest::content_digest(b"{}");
+        let binding = format!(":{}=:", "A".repeat(43));
+        for n in 0..20_000 {
+            let pick = |s: &str, rng: &mut Rng| if n < 3 { s.to_owned() } else { mutate(rng, s) };
+            let s = pick(&sig, &mut rng);
+            let by_visitor = sfv::Parser::new(&s)
+                .parse_dictionary_with_visitor(SignatureVisitor::default())
+                .ok()
+                .flatten();
+            assert_eq!(parse_signature(&s), by_visitor, "{s}");
+            let d = pick(&digest, &mut rng);
+            let by_dict = Parser::new(&d)
+                .parse::<Dictionary>()
+                .ok()
+                .and_then(|dict| crate::digest::sha256_member(&dict));
+            assert_eq!(parse_content_digest(&d), by_dict, "{d}");
+            let b = pick(&binding, &mut rng);
+            let by_item = Parser::new(&b).parse::<Item>().ok().and_then(|item| {
+                item.params
+                    .is_empty()
+                    .then(|| item.bare_item.as_byte_sequence().map(<[u8]>::to_vec))
+                    .flatten()
+            });
+            assert_eq!(parse_binding(&b), by_item, "{b}");
         }
     }
 }

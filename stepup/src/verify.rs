@@ -110,6 +110,13 @@ impl ChallengeHeaders {
         headers.insert(ACCEPT_SIGNATURE, self.accept_signature.clone());
         headers.insert(CACHE_CONTROL, self.cache_control.clone());
     }
+
+    /// [`ChallengeHeaders::apply_next`], moving the values in: a clone of a
+    /// freshly built value costs an allocation.
+    pub fn into_next(self, headers: &mut HeaderMap) {
+        headers.insert(ACCEPT_SIGNATURE, self.accept_signature);
+        headers.insert(CACHE_CONTROL, self.cache_control);
+    }
 }
 
 /// Removes `Signature`, `Signature-Input`, `Stepup-Binding` and

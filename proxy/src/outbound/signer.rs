@@ -255,7 +255,7 @@ impl OutboundStepUp {
                 return Err(r);
             }
         };
-        signed.apply(headers);
+        signed.apply_into(headers);
         self.metrics.count(SignResult::Ok);
         Ok(())
     }
