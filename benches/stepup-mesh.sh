@@ -9,9 +9,14 @@
 # request with the workload key (stepup/examples/floor.rs: one signature and
 # one verification, the calls the sidecars make, CPU time per operation) and
 # the summary sets the step-up's extra CPU (both sidecars, su minus plain)
-# and its p50 cost at one connection against it.
+# and its p50 cost at one connection against it. With more than one
+# connection, /plain also runs paced to the rate /su reached in the round
+# ("plain@su": each connection waits 10 ms between requests, with as many
+# connections as that rate needs): a sidecar that serves fewer requests per
+# second batches less per wake-up and pays more per request, so su minus
+# plain@su is the step-up's own cost, without that effect.
 # usage: benches/stepup-mesh.sh
-#   env: ROUNDS (3), SECONDS_EACH (8), CONNS ("32 1": each count in every round), ROUTES ("plain su"),
+#   env: ROUNDS (3), SECONDS_EACH (8), CONNS ("32 1": each count in every round), ROUTES ("plain su"), PACED (1: plain@su runs),
 #        KEY (p256 | ed25519: the workload keys of both sidecars),
 #        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`),
 #        FLOOR (target/release/examples/floor, built here if absent). Needs wrk, nginx, openssl.
@@ -19,7 +24,7 @@ set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
 floor=${FLOOR:-$repo/target/release/examples/floor}
-rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns_list=${CONNS:-32 1} routes=${ROUTES:-plain su} key=${KEY:-p256}
+rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns_list=${CONNS:-32 1} routes=${ROUTES:-plain su} key=${KEY:-p256} paced=${PACED:-1}
 case $key in p256|ed25519) ;; *) echo "KEY must be p256 or ed25519" >&2; exit 2;; esac
 "$repo/proxy/layout/check.sh" "$keyproof" || true
 [ -x "$floor" ] || (cd "$repo" && cargo build --release --locked -q -p keyproof-stepup --example floor)
@@ -99,21 +104,38 @@ for route in $routes; do
   curl -sf -o /dev/null "http://127.0.0.1:15001/$route" || { echo "/$route through the hop failed; logs in $work" >&2; exit 1; }
   wrk -t1 -c32 -d1s "http://127.0.0.1:15001/$route" >/dev/null   # warm-up: connection, kept nonces
 done
+echo "function delay() return 10 end" > "$work/pace.lua"
 echo "round conns route rps p50_us p99_us trips errors in_cpu_us out_cpu_us" > "$work/rows"
 : > "$work/floor"
+# One wrk run: ROUND CONNS ROUTE LABEL [wrk options]; appends a row.
+measure() {
+  local r=$1 conns=$2 route=$3 label=$4; shift 4
+  before=$(inbound_requests); ci0=$(cpu "${pids[0]}"); co0=$(cpu "${pids[1]}")
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "$@" "http://127.0.0.1:15001/$route")
+  after=$(inbound_requests); ci1=$(cpu "${pids[0]}"); co1=$(cpu "${pids[1]}")
+  reqs=$(awk '/requests in/{print $1}' <<<"$out"); rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+  p50=$(to_us "$(awk '$1=="50%"{print $2}' <<<"$out")"); p99=$(to_us "$(awk '$1=="99%"{print $2}' <<<"$out")")
+  errs=$( (grep -E 'Non-2xx|Socket errors' <<<"$out" || true) | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
+  trips=$(echo "scale=4; ($after-$before)/$reqs" | bc)
+  in_cpu=$(echo "scale=1; ($ci1-$ci0)*1000000/$tck/$reqs" | bc); out_cpu=$(echo "scale=1; ($co1-$co0)*1000000/$tck/$reqs" | bc)
+  echo "$r $conns $label $rps $p50 $p99 $trips ${errs:-0} $in_cpu $out_cpu" >> "$work/rows"
+}
+# Field I (1-based) of the row of round R, connections C, route P.
+field() { awk -v r="$1" -v c="$2" -v p="$3" -v i="$4" '$1==r && $2==c && $3==p {print $i}' "$work/rows"; }
 for r in $(seq "$rounds"); do
   for conns in $conns_list; do
     for route in $routes; do
-      before=$(inbound_requests); ci0=$(cpu "${pids[0]}"); co0=$(cpu "${pids[1]}")
-      out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:15001/$route")
-      after=$(inbound_requests); ci1=$(cpu "${pids[0]}"); co1=$(cpu "${pids[1]}")
-      reqs=$(awk '/requests in/{print $1}' <<<"$out"); rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
-      p50=$(to_us "$(awk '$1=="50%"{print $2}' <<<"$out")"); p99=$(to_us "$(awk '$1=="99%"{print $2}' <<<"$out")")
-      errs=$( (grep -E 'Non-2xx|Socket errors' <<<"$out" || true) | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
-      trips=$(echo "scale=4; ($after-$before)/$reqs" | bc)
-      in_cpu=$(echo "scale=1; ($ci1-$ci0)*1000000/$tck/$reqs" | bc); out_cpu=$(echo "scale=1; ($co1-$co0)*1000000/$tck/$reqs" | bc)
-      echo "$r $conns $route $rps $p50 $p99 $trips ${errs:-0} $in_cpu $out_cpu" >> "$work/rows"
+      measure "$r" "$conns" "$route" "$route"
     done
+    su_rps=$(field "$r" "$conns" su 4); plain_p50=$(field "$r" "$conns" plain 5)
+    if [ "$paced" = 1 ] && [ "$conns" -gt 1 ] && [ -n "$su_rps" ] && [ -n "$plain_p50" ]; then
+      # As many connections as su's rate needs at 10 ms + plain's p50 each.
+      pc=$(awk -v rps="$su_rps" -v p50="$plain_p50" 'BEGIN { n = int(rps * (10000 + p50) / 1e6 + 0.999); print (n < 1 ? 1 : n) }')
+      measure "$r" "$pc" plain plain@su -s "$work/pace.lua"
+      # Filed under the connection count it is compared with.
+      awk -v r="$r" -v c="$conns" -v pc="$pc" '$1==r && $2==pc && $3=="plain@su" {$2=c} {print}' "$work/rows" > "$work/rows.tmp"
+      mv "$work/rows.tmp" "$work/rows"
+    fi
   done
   "$floor" "$c/client.der" "$c/client.pk8" >> "$work/floor"
 done
@@ -142,6 +164,12 @@ for c in dict.fromkeys(r[1] for r in rows):
     print(f"{c} conns, step-up / plain: throughput x{ratio(3):.2f}  p50 x{ratio(4):.2f}  p99 x{ratio(5):.2f}")
     print(f"  extra CPU per step-up request: inbound {extra_in:.1f} + outbound {extra_out:.1f} = {extra:.1f} us"
           f" = x{extra/fl['floor_us']:.2f} floor (target <= x1.2: {'met' if extra <= 1.2*fl['floor_us'] else 'NOT met'})")
+    paced=[(a,b) for a in rows if a[1]==c and a[2]=='su' for b in rows if b[1]==c and b[2]=='plain@su' and b[0]==a[0]]
+    if paced:
+        pd=lambda f: med(f(a)-f(b) for a,b in paced)
+        pe=pd(lambda r: float(r[8])+float(r[9]))
+        print(f"  against plain paced to the step-up rate ({med(float(b[3]) for a,b in paced):.0f} vs {med(float(a[3]) for a,b in paced):.0f} req/s):"
+              f" inbound {pd(lambda r: float(r[8])):.1f} + outbound {pd(lambda r: float(r[9])):.1f} = {pe:.1f} us = x{pe/fl['floor_us']:.2f} floor")
     print(f"  p50 step-up - plain: {dp50:.0f} us = x{dp50/fl['floor_us']:.2f} floor"
           + (f" (target at one connection <= x1.5: {'met' if dp50 <= 1.5*fl['floor_us'] else 'NOT met'})" if c=='1' else ""))
 PY
