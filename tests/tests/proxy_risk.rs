@@ -1336,3 +1336,34 @@ fn check_config_explains_the_effective_rules_and_names_bad_keys() {
     );
     assert!(err.contains("routes[0].allow[0]"), "{err}");
 }
+
+#[test]
+fn quickstart_shows_a_risk_triggered_and_an_app_requested_step_up() {
+    let out = keyproof_tests::run_ok(cmd("keyproof-proxy").args(["quickstart", "--once"]));
+    let line_after = |marker: &str| -> String {
+        let mut lines = out.lines().skip_while(|l| !l.contains(marker));
+        let head = lines
+            .next()
+            .unwrap_or_else(|| panic!("no {marker:?} in:\n{out}"));
+        format!("{head} {}", lines.next().unwrap_or_default())
+    };
+    let small = line_after("x-amount 50 ");
+    assert!(
+        small.contains("200 OK") && !small.contains("step-up verified"),
+        "{small}"
+    );
+    let big = line_after("x-amount 25000");
+    assert!(
+        big.contains("200 OK") && big.contains("step-up verified (reason big-transfer)"),
+        "{big}"
+    );
+    let asked = line_after("/payments/approve");
+    assert!(
+        asked.contains("200 OK") && asked.contains("step-up verified (reason app)"),
+        "{asked}"
+    );
+    assert!(
+        !out.contains("proof needed"),
+        "the app's request for proof leaked:\n{out}"
+    );
+}
