@@ -550,10 +550,10 @@ fn operator_serial(hex: &str) -> String {
 
 #[test]
 fn deny_list_refuses_by_spiffe_id_and_by_serial_and_counts() {
-    let pki_ops_serial = std::cell::RefCell::new(String::new());
+    let mut ops_serial = String::new();
     let mesh = Mesh::start(&[("ops", OPS)], |_, certs| {
         let serial = serial_hex(&certs[0].leaf);
-        *pki_ops_serial.borrow_mut() = serial.clone();
+        ops_serial = serial.clone();
         [
             rule("new-caller", "new_peer = \"1h\""),
             route("/plain", "false", &[]),
@@ -567,7 +567,6 @@ fn deny_list_refuses_by_spiffe_id_and_by_serial_and_counts() {
         ]
         .concat()
     });
-    let ops_serial = pki_ops_serial.into_inner();
     let thief = mesh.pki.issue("thief", "/ns/stolen/sa/thief");
     let ops = mesh.caller("ops").cert.clone();
     // The same identity, reissued: another serial, not denied.
@@ -814,7 +813,11 @@ fn policy_file_edited_under_load_takes_effect_with_zero_failed_requests() {
     let ok = mesh
         .inbound
         .wait_sample("keyproof_policy_reloads_total", &[("result", "ok")], 1.0);
-    assert_eq!(ok, 1.0, "policy not reloaded:\n{}", mesh.inbound.log_text());
+    assert!(
+        ok >= 1.0,
+        "policy not reloaded:\n{}",
+        mesh.inbound.log_text()
+    );
     // The new policy serves the load's requests, on connections made before
     // the reload.
     let took = eventually(Duration::from_secs(30), || {
@@ -893,7 +896,7 @@ fn bad_policy_file_is_refused_logged_and_the_old_one_keeps_serving() {
         &[("result", "failed")],
         1.0,
     );
-    assert_eq!(failed, 1.0, "{}", mesh.inbound.log_text());
+    assert!(failed >= 1.0, "{}", mesh.inbound.log_text());
     let log = mesh.inbound.log_text();
     assert!(
         log.lines()
@@ -904,12 +907,12 @@ fn bad_policy_file_is_refused_logged_and_the_old_one_keeps_serving() {
 
     // Not even TOML.
     write_policy(&policy, "[[routes]\npath_prefix = \n");
-    let failed = mesh.inbound.wait_sample(
+    let again = mesh.inbound.wait_sample(
         "keyproof_policy_reloads_total",
         &[("result", "failed")],
-        2.0,
+        failed + 1.0,
     );
-    assert_eq!(failed, 2.0, "{}", mesh.inbound.log_text());
+    assert!(again > failed, "{}", mesh.inbound.log_text());
     serving_the_old(&mesh);
     assert_eq!(reloads(&mesh, "ok"), 0.0);
 
@@ -918,11 +921,10 @@ fn bad_policy_file_is_refused_logged_and_the_old_one_keeps_serving() {
         &policy,
         &format!("[[routes]]\npath_prefix = \"/p\"\nallow = {both}\n"),
     );
-    assert_eq!(
-        mesh.inbound
-            .wait_sample("keyproof_policy_reloads_total", &[("result", "ok")], 1.0),
-        1.0
-    );
+    let ok = mesh
+        .inbound
+        .wait_sample("keyproof_policy_reloads_total", &[("result", "ok")], 1.0);
+    assert!(ok >= 1.0, "{}", mesh.inbound.log_text());
     plain(&mesh.ok("ops", "/p/x", &[]));
 }
 
