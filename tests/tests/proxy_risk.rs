@@ -466,7 +466,7 @@ fn after_a_refused_replay_the_identity_is_challenged() {
 fn lockout_refuses_with_403_for_the_window_and_counts() {
     let mesh = Mesh::start(&[("web", WEB), ("ops", OPS)], |_, _| {
         [
-            rule("lockout", "failures_above = \"2/3s\"\naction = \"deny\""),
+            rule("lockout", "failures_above = \"2/5s\"\naction = \"deny\""),
             route("/admin", "\"always\"", &[]),
             route("/vault", "\"risk\"", &["lockout"]),
         ]
@@ -486,7 +486,7 @@ fn lockout_refuses_with_403_for_the_window_and_counts() {
     failed_handshakes(&mesh, &web_expired, 4);
     plain(&mesh.ok("web", "/vault/2", &[]));
 
-    // Three refused replays: more than 2 within 3 s.
+    // Three refused replays: more than 2 within 5 s.
     replays(&mesh, &mesh.caller("web").cert, "/admin/rotate", 3);
     let before = mesh.app.seen_under("/vault").len();
     let (code, body) = mesh.call("web", "/vault/3", &[]);
