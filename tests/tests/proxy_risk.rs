@@ -1370,3 +1370,75 @@ fn quickstart_shows_a_risk_triggered_and_an_app_requested_step_up() {
         "the app's request for proof leaked:\n{out}"
     );
 }
+
+#[test]
+fn a_forgotten_caller_counts_as_new_again() {
+    let mesh = Mesh::start(&[("web", WEB), ("ops", OPS)], |_, _| {
+        [
+            "[inbound.stepup]\nmax_tracked_identities = 1\n".to_owned(),
+            rule("new-caller", "new_peer = \"1h\""),
+            route("/new", "\"risk\"", &["new-caller"]),
+        ]
+        .concat()
+    });
+    verified(&mesh.ok("web", "/new/1", &[]), "new-caller");
+    plain(&mesh.ok("web", "/new/2", &[]));
+    // Room for one caller: ops pushes web out...
+    verified(&mesh.ok("ops", "/new/1", &[]), "new-caller");
+    // ...so web is new again: challenged, never waved through.
+    verified(&mesh.ok("web", "/new/3", &[]), "new-caller");
+    assert_eq!(mesh.challenges("/new", "new-caller"), 3.0);
+    assert!(mesh.inbound.sample("keyproof_risk_evictions_total", &[]) >= 1.0);
+    assert_eq!(
+        mesh.inbound.sample("keyproof_risk_tracked_identities", &[]),
+        1.0
+    );
+}
+
+#[test]
+fn a_lockout_survives_a_policy_reload() {
+    let policy_text = |extra: &str| {
+        format!(
+            "[[risk_rules]]\nname = \"lockout\"\nfailures_above = \"2/1m\"\naction = \"deny\"\n\
+             [[routes]]\npath_prefix = \"/admin\"\nallow = [\"{ALL}\"]\nstep_up = \"always\"\n\
+             [[routes]]\npath_prefix = \"/vault\"\nallow = [\"{ALL}\"]\nstep_up = \"risk\"\nrisk = [\"lockout\"]\n{extra}"
+        )
+    };
+    let mut policy_path = None;
+    let mesh = Mesh::start(&[("web", WEB)], |pki, _| {
+        let p = pki.path("policy.toml");
+        std::fs::write(&p, policy_text("")).unwrap();
+        let line = format!("policy_file = {:?}\n", p.display().to_string());
+        policy_path = Some(p);
+        line
+    });
+    let policy = policy_path.unwrap();
+    plain(&mesh.ok("web", "/vault/1", &[]));
+    replays(&mesh, &mesh.caller("web").cert, "/admin/rotate", 3);
+    assert_eq!(mesh.call("web", "/vault/2", &[]).0, 403);
+
+    write_policy(
+        &policy,
+        &policy_text(&format!(
+            "[[routes]]\npath_prefix = \"/new\"\nallow = [\"{ALL}\"]\n"
+        )),
+    );
+    let ok = mesh
+        .inbound
+        .wait_sample("keyproof_policy_reloads_total", &[("result", "ok")], 1.0);
+    assert!(ok >= 1.0, "{}", mesh.inbound.log_text());
+    plain(&mesh.ok("web", "/new/1", &[]));
+    assert_eq!(
+        mesh.call("web", "/vault/3", &[]).0,
+        403,
+        "the reload lifted the lockout"
+    );
+    assert_eq!(
+        mesh.inbound.sample(
+            "keyproof_risk_denied_total",
+            &[("route", "/vault"), ("rule", "lockout")]
+        ),
+        2.0,
+        "both denials, counted across the reload"
+    );
+}
