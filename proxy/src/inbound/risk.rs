@@ -146,13 +146,5 @@ impl RouteRisk {
 
 /// Parses `"N/window"` (e.g. `"30/1m"`).
 pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let (n, w) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: expected N/window, like \"30/1m\""))?;
-    let n: u32 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: {n:?} is not a count"))?;
-    let w = keyproof_identity::duration::parse(w.trim()).map_err(|e| format!("{s:?}: {e}"))?;
-    Ok((n, w))
+    crate::config::parse_rate(s)
 }
