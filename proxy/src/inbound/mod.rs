@@ -5,10 +5,35 @@
 //! Here: the listener (`Inbound::connection`: handshake, then HTTP) and the
 //! per-request path (`admit`, `stepped_up`, `forward`). `conn.rs` holds what
 //! is known of a caller's connection (its XFCC value, its channel binding),
-//! `policy.rs` the route policy, `challenge.rs` the step-up verification.
+//! `policy.rs` the route policy and deny list, `risk.rs` the risk rules and
+//! the per-identity state they read, `challenge.rs` the step-up
+//! verification, `counted.rs` the body count of requests an app may still
+//! ask a proof of, `audit.rs` the audit records.
+//!
+//! Where a step-up is decided, per request:
+//! * `admit`: the policy (swapped whole on a `policy_file` change) refuses
+//!   a denied caller (403, a failure of that caller) or picks the route.
+//!   A request on a route without step-up goes straight to the app; should
+//!   the app ask for a proof (`x-keyproof-step-up: required`), the caller
+//!   gets a 502, never the app's response.
+//! * `stepped_up`, on an `always` route: the request must prove possession
+//!   (reason `always`), and its response carries the next nonce.
+//! * `stepped_up`, on a `risk` route: `RouteRisk::evaluate` refuses (a
+//!   `deny` rule), demands a proof (a `challenge` rule; the reason is its
+//!   name), or passes. A passing request with a presigned proof is verified
+//!   (reason `app`); one without goes to the app unverified
+//!   (`unverified`), its body counted, and if the app asks for a proof the
+//!   caller is challenged (reason `app`) or, for a body over `max_body`,
+//!   refused with 413.
+//! * A verified request reaches the app with `x-keyproof-step-up: verified`
+//!   and `x-keyproof-step-up-reason`; an app asking again gets the caller a
+//!   502. A request the app answered on a `risk` route marks the caller as
+//!   served there (`new_peer`).
 
+pub mod audit;
 pub mod challenge;
 pub mod conn;
+pub mod counted;
 pub mod policy;
 pub mod risk;
 
@@ -16,31 +41,35 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{AppProtocol, InboundConfig};
+use crate::config::{AppProtocol, InboundConfig, PolicyConfig, StepUpMode};
 use crate::http::app_client::{self, AppError};
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody, ResponseFuture};
-use crate::http::limited;
+use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
 use crate::http::path;
 use crate::http::server::{self, Builders, Proto, StreamGuard};
 use crate::identity::store::{self, IdentityStore, PeerIdentity};
-use crate::inbound::challenge::InboundStepUp;
+use crate::inbound::audit::Audit;
+use crate::inbound::challenge::{InboundStepUp, Reason, StepUpDeps};
 use crate::inbound::conn::InboundConn;
-use crate::inbound::policy::{Decision, Policy};
+use crate::inbound::counted::{counted, Counted};
+use crate::inbound::policy::{Decision, Policy, Route};
+use crate::inbound::risk::{Failure, Now, RiskTable, Verdict};
 use crate::listener::{ConnGuards, HandshakeGate};
-use crate::metrics::DirectionMetrics;
+use crate::metrics::{DirectionMetrics, Metrics};
 
 fn ready(resp: Response<ProxyBody>) -> ResponseFuture<'static> {
     Box::pin(std::future::ready(resp))
@@ -50,11 +79,20 @@ fn ready(resp: Response<ProxyBody>) -> ResponseFuture<'static> {
 pub struct Inbound {
     store: Arc<IdentityStore>,
     acceptor: TlsAcceptor,
-    policy: Policy,
+    /// The policy in use; a request keeps the route it matched even when a
+    /// new policy replaces this one meanwhile.
+    policy: ArcSwap<Policy>,
+    /// The generation of `policy`, held while a new one is built so that
+    /// two reloads never race.
+    generation: Mutex<u64>,
+    /// Per-identity risk state: outlives policy reloads.
+    risk: Arc<RiskTable>,
     stepup: InboundStepUp,
     need_exporter: bool,
     app: AppClient,
     metrics: DirectionMetrics,
+    /// For the policies built on reload.
+    all_metrics: Metrics,
     builders: Builders,
     /// Handshakes in progress (`max_handshakes`).
     gate: Arc<HandshakeGate>,
@@ -66,6 +104,9 @@ pub struct Inbound {
 struct AppClient {
     h1: Arc<app_client::H1Pool>,
     h2: app_client::H2cConn<ProxyBody>,
+    /// For requests whose body is counted on its way ([`counted`]); dialled
+    /// only if such a request goes to an HTTP/2 app.
+    h2_counted: app_client::H2cConn<Counted>,
     authority: Authority,
     protocol: AppProtocol,
 }
@@ -85,7 +126,16 @@ pub enum InboundError {
     /// The step-up verifier could not be built.
     #[error(transparent)]
     StepUp(#[from] crate::inbound::challenge::VerifierStartError),
+    /// `[inbound.stepup] audit_log` names a file that cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::inbound::audit::AuditOpenError),
 }
+
+/// Marks the 502 that [`Inbound::answer`] makes of an app's response asking
+/// for a step-up on a route that may have one: the step-up path decides
+/// what the caller gets instead.
+#[derive(Debug, Clone, Copy)]
+struct AppAsked;
 
 impl Inbound {
     /// Builds the inbound from its configuration.
@@ -95,9 +145,15 @@ impl Inbound {
         metrics: &crate::metrics::Metrics,
     ) -> Result<Arc<Inbound>, InboundError> {
         let tls = store::server_config(&store)?;
-        let risk =
-            crate::inbound::risk::RiskTable::new(cfg.stepup.max_tracked_identities, metrics)?;
+        let risk = RiskTable::new(cfg.stepup.max_tracked_identities, metrics)?;
         let policy = Policy::new(&cfg.policy, cfg.default_policy, &risk, 0, metrics)?;
+        let audit = cfg
+            .stepup
+            .audit_log
+            .as_ref()
+            .map(Audit::open)
+            .transpose()?
+            .map(Arc::new);
         let h1 = app_client::H1Pool::new(
             &cfg.app,
             cfg.app_connect_timeout,
@@ -109,27 +165,41 @@ impl Inbound {
             },
         );
         let h2 = app_client::H2cConn::new(&cfg.app, cfg.app_connect_timeout);
+        let h2_counted = app_client::H2cConn::new(&cfg.app, cfg.app_connect_timeout);
         let authority: Authority = cfg
             .app
             .parse()
             .map_err(|e| InboundError::App(format!("{e}")))?;
+        // A policy file may gain step-up routes later: every connection
+        // then has its channel binding ready.
+        let reloadable = cfg.policy_file.is_some();
+        metrics.policy_generation.set(0);
         Ok(Arc::new(Inbound {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
-            need_exporter: policy.any_step_up(),
-            policy,
+            need_exporter: reloadable || policy.any_step_up(),
+            policy: ArcSwap::from_pointee(policy),
+            generation: Mutex::new(0),
             stepup: InboundStepUp::new(
                 &cfg.stepup,
-                &cfg.policy.routes,
-                metrics,
-                cfg.limits.body_timeout,
+                StepUpDeps {
+                    policy: &cfg.policy,
+                    metrics,
+                    body_timeout: cfg.limits.body_timeout,
+                    risk: risk.clone(),
+                    audit,
+                    reloadable,
+                },
             )?,
+            risk,
             app: AppClient {
                 h1,
                 h2,
+                h2_counted,
                 authority,
                 protocol: cfg.app_protocol,
             },
             metrics: metrics.inbound.clone(),
+            all_metrics: metrics.clone(),
             builders: Builders::new(&cfg.limits),
             gate: HandshakeGate::new(
                 cfg.limits.max_handshakes,
@@ -139,6 +209,31 @@ impl Inbound {
             store,
             cfg: cfg.clone(),
         }))
+    }
+
+    /// Takes a new policy into use (a `policy_file` change): requests from
+    /// now on are decided by it, requests in flight keep their route. The
+    /// risk table's failures and lockouts carry over; per-route state starts
+    /// again. Returns the new policy's generation.
+    pub fn replace_policy(&self, cfg: &PolicyConfig) -> Result<u64, prometheus::Error> {
+        let mut generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let next = *generation + 1;
+        let policy = Policy::new(
+            cfg,
+            self.cfg.default_policy,
+            &self.risk,
+            next,
+            &self.all_metrics,
+        )?;
+        self.policy.store(Arc::new(policy));
+        *generation = next;
+        self.all_metrics
+            .policy_generation
+            .set(i64::try_from(next).unwrap_or(i64::MAX));
+        Ok(next)
     }
 
     /// Handles one accepted TCP connection: handshake (bounded), then HTTP.
@@ -176,6 +271,12 @@ impl Inbound {
                 let f = store::classify(&e);
                 self.metrics.handshake(f.reason);
                 tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
+                // A certificate naming an identity that failed (expired,
+                // no proof of possession...) raises that identity's risk.
+                if let Some(id) = f.peer_id.as_deref() {
+                    self.risk
+                        .record_failure(id, Failure::Handshake, Now::system());
+                }
                 return;
             }
             Ok(Ok(tls)) => tls,
@@ -300,13 +401,19 @@ impl Inbound {
             }
         }
         let matched = path::match_form(req.uri().path(), path_mode);
-        let route = match self
-            .policy
-            .decide(req.method(), &matched, &conn.peer.id, "")
-        {
+        // The guard of the policy in use lives for this statement only: the
+        // route is kept by its own reference.
+        let route = match self.policy.load().decide(
+            req.method(),
+            &matched,
+            &conn.peer.id,
+            &conn.peer.serial,
+        ) {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
+                self.risk
+                    .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
                 return Either::Left(Box::pin(async move {
                     drain_refused(req.into_body()).await;
                     text(StatusCode::FORBIDDEN, msg)
@@ -332,32 +439,135 @@ impl Inbound {
                 async move { this.stepped_up(req, &conn, &r).await },
             ));
         }
-        Either::Right(self.forward(req))
+        Either::Right(self.forward(req, false))
     }
 
-    /// A request on a step-up route: verified (or challenged), forwarded,
-    /// and its response given the next nonce.
+    /// A request on a step-up route: its reason to prove possession decided
+    /// (or not: see [`Inbound::unverified`]), verified (or challenged),
+    /// forwarded, and its response given the next nonce when the reason
+    /// asks for one.
     async fn stepped_up(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
         conn: &InboundConn,
-        r: &crate::inbound::policy::Route,
+        r: &Route,
     ) -> Response<ProxyBody> {
-        let (req, verified) = match self.stepup.verify(req, conn, r).await {
+        let reason = match (r.step_up, &r.risk) {
+            (StepUpMode::Risk, risk) => {
+                let verdict = risk.as_ref().map_or(Verdict::Pass, |k| {
+                    k.evaluate(&conn.peer.id, req.headers(), Now::system())
+                });
+                match verdict {
+                    Verdict::Deny(rule) => return self.risk_denied(req, conn, r, rule).await,
+                    Verdict::Challenge(rule) => Reason::Rule(rule),
+                    // A caller's sidecar signs up front with a nonce an
+                    // earlier answer gave it: such a proof is checked (a bad
+                    // one is refused and counted, as anywhere).
+                    Verdict::Pass if carries_proof(req.headers()) => Reason::App,
+                    Verdict::Pass => return self.unverified(req, conn, r).await,
+                }
+            }
+            _ => Reason::Always,
+        };
+        let (req, verified) = match self.stepup.verify(req, conn, r, &reason).await {
             Ok(v) => v,
             Err(resp) => return resp,
         };
-        let mut resp = self.forward(req).await;
-        self.stepup.on_response(&mut resp, conn, r, verified);
+        let mut resp = self.forward(req, true).await;
+        if resp.extensions().get::<AppAsked>().is_some() {
+            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, reason = reason.as_str(), "the app asked for a step-up proof of a request that carried one (x-keyproof-step-up: verified); answered 502");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "the app asked for a step-up proof of a request that was already verified\n",
+            );
+        }
+        if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
+            risk.served(&conn.peer.id, Now::system());
+        }
+        // The next nonce saves a round trip where the next request will
+        // need one: on `always` routes, and for an app that asked (it may
+        // well ask again). A rule's challenge is an exception to pay for.
+        if matches!(reason, Reason::Always | Reason::App) {
+            self.stepup.on_response(&mut resp, conn, r, verified);
+        }
         resp
     }
 
-    fn forward(
+    /// A request on a `risk` route where no rule fired and no proof came:
+    /// forwarded as it is, its body counted, and should the app ask for a
+    /// proof, the caller challenged (413 for a body over `max_body`: its
+    /// signed resend could not be checked).
+    async fn unverified(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
-    ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
-    {
+        conn: &InboundConn,
+        r: &Route,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        // A `Stepup-Binding` without a signature is no proof, and the app
+        // never sees step-up request fields.
+        keyproof_stepup::strip_stepup_headers(&mut parts.headers);
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let has_content_type = parts.headers.contains_key(header::CONTENT_TYPE);
+        let (body, tally) = counted(body);
+        let resp = self.forward_counted(Request::from_parts(parts, body)).await;
+        if resp.extensions().get::<AppAsked>().is_none() {
+            if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
+                risk.served(&conn.peer.id, Now::system());
+            }
+            return resp;
+        }
+        // The caller's sidecar resends the body it sent: it must have sent
+        // all of it first, and the verifier must be able to read it.
+        let max = self.stepup.max_body() as u64;
+        let total = tally.total(max, STEPUP_DRAIN).await;
+        if declared.is_some_and(|n| n > max) || total > max {
+            return self.stepup.app_asked_too_large(conn, r);
+        }
+        self.stepup.app_asked(conn, r, has_content_type)
+    }
+
+    /// A request refused by a `deny` risk rule (counted by the rule): 403,
+    /// audited, and not a failure of the caller (a lockout lasts its
+    /// window, however often the locked-out caller knocks).
+    async fn risk_denied(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        conn: &InboundConn,
+        r: &Route,
+        rule: Arc<str>,
+    ) -> Response<ProxyBody> {
+        tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, rule = %rule, "request refused by risk rule");
+        self.stepup.audit(
+            conn,
+            &r.path_prefix,
+            &Reason::Rule(rule.clone()),
+            audit::DENIED,
+            None,
+        );
+        let (limit, within) = limited::REFUSAL_DRAIN;
+        limited::drain(&mut req.into_body(), limit, within).await;
+        text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "forbidden: risk rule {rule} of route {} refuses {}\n",
+                r.path_prefix, conn.peer.id
+            ),
+        )
+    }
+
+    /// The app's form of a request: origin-form for HTTP/1.1 (with a Host),
+    /// absolute for HTTP/2. Says whether it goes over HTTP/2 and whether
+    /// the caller speaks HTTP/1.
+    #[inline]
+    fn to_app(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> Result<(bool, bool), Box<Response<ProxyBody>>> {
         let use_h2 = match self.app.protocol {
             // gRPC needs HTTP/2 end to end (trailers, streams); anything else
             // reaches the app as HTTP/1.1, which every app speaks, so a
@@ -381,7 +591,6 @@ impl Inbound {
             }
         }
         let path = path_of(&parts.uri);
-        let this = self.clone();
         // HTTP/2 has no Connection field: a stalled body ends its stream.
         let h1_caller = parts.version != Version::HTTP_2;
         if use_h2 {
@@ -390,24 +599,61 @@ impl Inbound {
                 Some(a) => a.clone(),
                 None => self.app.authority.clone(),
             };
-            parts.uri = match absolute_uri(Scheme::HTTP, authority, path) {
-                Ok(u) => u,
-                Err(resp) => return Either::Left(ready(*resp)),
-            };
+            parts.uri = absolute_uri(Scheme::HTTP, authority, path)?;
             parts.version = Version::HTTP_2;
-            let req = Request::from_parts(parts, body);
+        } else {
+            // HTTP/1.1 goes out in origin-form; Host carries the name.
+            parts.uri = Uri::from(path);
+            parts.version = Version::HTTP_11;
+        }
+        Ok((use_h2, h1_caller))
+    }
+
+    /// To the app. `may_step_up`: the route may have a step-up, so an app
+    /// asking for one is for the caller to decide on ([`AppAsked`]); else
+    /// that is a 502.
+    fn forward(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        may_step_up: bool,
+    ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
+    {
+        let (mut parts, body) = req.into_parts();
+        let (use_h2, h1_caller) = match self.to_app(&mut parts) {
+            Ok(how) => how,
+            Err(resp) => return Either::Left(ready(*resp)),
+        };
+        let this = self.clone();
+        let req = Request::from_parts(parts, body);
+        if use_h2 {
             return Either::Left(Box::pin(async move {
                 let sent = this.app.h2.request(req).await;
-                this.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller)
+                this.answer(
+                    sent.map(|r| r.map(ProxyBody::Stream)),
+                    h1_caller,
+                    may_step_up,
+                )
             }));
         }
-        // HTTP/1.1 goes out in origin-form; Host carries the name.
-        parts.uri = Uri::from(path);
-        parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
         Either::Right(map_in_place(self.app.h1.request(req), move |sent| {
-            this.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller)
+            this.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, may_step_up)
         }))
+    }
+
+    /// [`Inbound::forward`] for a request whose body is counted.
+    async fn forward_counted(self: &Arc<Self>, req: Request<Counted>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let (use_h2, h1_caller) = match self.to_app(&mut parts) {
+            Ok(how) => how,
+            Err(resp) => return *resp,
+        };
+        let req = Request::from_parts(parts, body);
+        if use_h2 {
+            let sent = self.app.h2_counted.request(req).await;
+            return self.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller, true);
+        }
+        let sent = self.app.h1.request(req).await;
+        self.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
     }
 
     /// The app's response, or a 503/502 saying why there is none (408 for
@@ -417,12 +663,15 @@ impl Inbound {
         &self,
         sent: Result<Response<ProxyBody>, AppError>,
         h1_caller: bool,
+        may_step_up: bool,
     ) -> Response<ProxyBody> {
         match sent {
             Ok(mut resp) => {
                 // Only the sidecar speaks the StepUp scheme and sets its own
                 // fields; the inbound's own challenges are added after this.
-                owned::strip_response(resp.headers_mut());
+                if owned::strip_response(resp.headers_mut()) {
+                    return self.app_asked(may_step_up);
+                }
                 resp
             }
             Err(AppError::Unavailable(cause)) => {
@@ -453,6 +702,39 @@ impl Inbound {
             }
         }
     }
+
+    /// The app answered `x-keyproof-step-up: required`; its response is
+    /// dropped, never passed on.
+    #[cold]
+    fn app_asked(&self, may_step_up: bool) -> Response<ProxyBody> {
+        if !may_step_up {
+            tracing::warn!(app = %self.cfg.app, "the app asked for a step-up proof (x-keyproof-step-up: required) of a request on a route without step-up; answered 502");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "the app asked for a step-up proof of a request on a route without step-up\n",
+            );
+        }
+        let mut resp = text(
+            StatusCode::BAD_GATEWAY,
+            "the app asked for a step-up proof\n",
+        );
+        resp.extensions_mut().insert(AppAsked);
+        resp
+    }
+}
+
+/// Whether a request carries a step-up proof attempt (a signature, or its
+/// input: one without the other is a malformed attempt, refused as such).
+fn carries_proof(h: &HeaderMap) -> bool {
+    h.contains_key(keyproof_stepup::headers::SIGNATURE)
+        || h.contains_key(keyproof_stepup::headers::SIGNATURE_INPUT)
+}
+
+/// Whether `resp` is the app's own answer rather than one the inbound made
+/// because there was none (503, 502, 408): the proxy's own are whole
+/// in-memory bodies, the app's stream from its connection.
+fn from_app(resp: &Response<ProxyBody>) -> bool {
+    matches!(resp.body(), ProxyBody::App(_) | ProxyBody::Stream(_))
 }
 
 /// Reads what is left of a small body before a refusal is answered
