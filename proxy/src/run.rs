@@ -548,3 +548,100 @@ pub fn init_logging_with_default(format: config::LogFormat, default: &str) {
             .try_init(),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::{config, metric, workload, TD};
+
+    const WEB_ONLY: &str =
+        "[[routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\n";
+    const OPS_ONLY: &str =
+        "[[routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/ops/*\"]\n";
+
+    /// Waits (up to 10 s) until `series` reads `want`.
+    async fn until(m: &metrics::Metrics, series: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metric(m, series) != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {}, not {want}",
+                metric(m, series)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_policy_file_is_taken_into_use_and_a_bad_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, WEB_ONLY).expect("write");
+        let api = workload("/ns/demo/sa/api");
+        let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
+        let mut cfg = cfg.inbound.expect("[inbound]");
+        cfg.policy = load_policy_file(&file).expect("policy file");
+        cfg.policy_file = Some(file.clone());
+        let m = metrics::Metrics::new().expect("metrics");
+        let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
+        let task = tokio::spawn(watch_policy(
+            ib.clone(),
+            file.clone(),
+            TD.to_owned(),
+            m.clone(),
+            Duration::from_millis(50),
+        ));
+        // Ticks with nothing changed reload nothing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
+            0.0
+        );
+
+        std::fs::write(&file, OPS_ONLY).expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"ok\"}", 1.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 1.0);
+
+        // Invalid, then a foreign trust domain: refused, counted, the
+        // policy in use stays.
+        std::fs::write(&file, "[[routes]]\npath_prefix = 3\n").expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"failed\"}", 1.0).await;
+        std::fs::write(
+            &file,
+            "[[routes]]\npath_prefix = \"/a\"\nallow = [\"spiffe://elsewhere.test/ns/x/sa/y\"]\n",
+        )
+        .expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"failed\"}", 2.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 1.0);
+
+        // The file back to a valid one: in use again.
+        std::fs::write(&file, WEB_ONLY).expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"ok\"}", 2.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 2.0);
+        task.abort();
+    }
+
+    #[test]
+    fn a_reloaded_policy_is_refused_for_a_foreign_pattern_naming_the_file_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(
+            &file,
+            format!("{WEB_ONLY}[[routes]]\npath_prefix = \"/b\"\nallow = [\"spiffe://{TD}/x\", \"spiffe://other.test/y\"]\n"),
+        )
+        .expect("write");
+        let policy = load_policy_file(&file).expect("parses");
+        let prefix = format!("{}: ", file.display());
+        let e = check_policy_trust_domain(&policy, &prefix, TD).unwrap_err();
+        assert_eq!(
+            e.to_string()
+                .split(':')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(":"),
+            format!("{}: routes[1].allow[1]", file.display())
+        );
+    }
+}

@@ -934,4 +934,517 @@ mod tests {
             "H1Pool::request's future is {size} bytes, above its bound of {APP_H1_REQUEST_MAX}: is a rare path no longer boxed?"
         );
     }
+
+    /// Step-up through the whole request path: real requests as hyper
+    /// reads them, a real app on loopback, the caller's proof made with its
+    /// key as its sidecar would.
+    mod step_up {
+        use std::convert::Infallible;
+        use std::net::SocketAddr;
+        use std::sync::{Arc, Mutex};
+
+        use bytes::Bytes;
+        use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Incoming;
+        use hyper_util::rt::TokioIo;
+        use keyproof_stepup::{unix_now, Challenge, RequestView, Signer};
+
+        use super::{body_text, inbound, API, WEB};
+        use crate::config::{AuditSink, StepUpMode};
+        use crate::http::body::ProxyBody;
+        use crate::inbound::conn::InboundConn;
+        use crate::inbound::Inbound;
+        use crate::metrics::Metrics;
+        use crate::testing::{config, hyper_request, metric, workload, Workload};
+
+        const EXPORTER: [u8; 32] = [9; 32];
+
+        /// What the app saw of one request.
+        #[derive(Debug, Clone)]
+        pub(super) struct Seen {
+            pub(super) headers: HeaderMap,
+            pub(super) body: Bytes,
+        }
+
+        impl Seen {
+            fn verified(&self) -> Option<(&str, &str)> {
+                let v = self.headers.get("x-keyproof-step-up")?.to_str().ok()?;
+                let r = self
+                    .headers
+                    .get("x-keyproof-step-up-reason")
+                    .map_or("", |r| r.to_str().unwrap_or("?"));
+                Some((v, r))
+            }
+        }
+
+        /// How the test app answers: status, extra fields, body.
+        type Answer = fn(&Seen) -> (u16, &'static [(&'static str, &'static str)], &'static str);
+
+        /// An HTTP/1.1 app on loopback answering every request with
+        /// `answer`, recording what it saw (the whole body read first).
+        pub(super) async fn app(answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind app");
+            let addr = l.local_addr().expect("app address");
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let log = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = l.accept().await {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let log = log.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await.map(|b| b.to_bytes());
+                                let seen = Seen {
+                                    headers: parts.headers,
+                                    body: body.unwrap_or_default(),
+                                };
+                                let (status, fields, text) = answer(&seen);
+                                log.lock().expect("lock").push(seen);
+                                let mut resp = Response::builder().status(status);
+                                for (k, v) in fields {
+                                    resp = resp.header(*k, *v);
+                                }
+                                Ok::<_, Infallible>(
+                                    resp.body(Full::new(Bytes::from_static(text.as_bytes())))
+                                        .expect("response"),
+                                )
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .await;
+                    });
+                }
+            });
+            (addr, seen)
+        }
+
+        /// Asks for the caller's proof unless the request carries one.
+        fn asks_unless_verified(
+            s: &Seen,
+        ) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+            match s.verified() {
+                Some(("verified", _)) => (200, &[], "paid"),
+                _ => (
+                    402,
+                    &[("x-keyproof-step-up", "required"), ("x-app", "secret")],
+                    "app's own refusal",
+                ),
+            }
+        }
+
+        /// Always asks.
+        fn always_asks(_: &Seen) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+            (200, &[("x-keyproof-step-up", "required")], "app's body")
+        }
+
+        /// Never asks.
+        fn never_asks(_: &Seen) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+            (200, &[], "ok")
+        }
+
+        /// A routes section: `/pay` for web with `step_up` (`true` or
+        /// `false`; a `risk` route is made from a `true` one by [`risk`]).
+        fn pay_route(step_up: bool) -> String {
+            format!(
+                "[[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\nstep_up = {step_up}\n"
+            )
+        }
+
+        /// The inbound with its routes as configured, the first made a
+        /// `risk` route without rules when `risk`; audit into `audit`.
+        fn inbound_with(
+            api: &Workload,
+            app: SocketAddr,
+            rest: &str,
+            risk: bool,
+            audit: Option<&std::path::Path>,
+        ) -> (Arc<Inbound>, Metrics) {
+            if !risk && audit.is_none() {
+                return inbound(api, &app.to_string(), rest);
+            }
+            let cfg = config(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n{rest}"
+            ));
+            let mut cfg = cfg.inbound.expect("[inbound]");
+            if risk {
+                cfg.policy.routes[0].step_up = StepUpMode::Risk;
+            }
+            cfg.stepup.audit_log = audit.map(|p| AuditSink::File(p.to_owned()));
+            let metrics = Metrics::new().expect("metrics");
+            let inbound = Inbound::new(&cfg, api.store(), &metrics).expect("inbound");
+            (inbound, metrics)
+        }
+
+        pub(super) fn conn(caller: &Workload, api: &Workload) -> Arc<InboundConn> {
+            Arc::new(InboundConn::for_tests(
+                caller.peer(),
+                &api.id,
+                Some(EXPORTER),
+            ))
+        }
+
+        /// A POST of `body` to `path` as HTTP/1.1 bytes, with `fields`.
+        fn post(path: &str, fields: &HeaderMap, body: &[u8]) -> Vec<u8> {
+            let mut raw = format!("POST {path} HTTP/1.1\r\ncontent-length: {}\r\n", body.len());
+            for (k, v) in fields {
+                raw.push_str(&format!("{k}: {}\r\n", v.to_str().expect("text")));
+            }
+            raw.push_str("\r\n");
+            let mut raw = raw.into_bytes();
+            raw.extend_from_slice(body);
+            raw
+        }
+
+        fn plain_fields() -> HeaderMap {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("api"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h
+        }
+
+        /// The fields of a POST signed by `web` for `ch`, as its sidecar
+        /// signs it.
+        fn signed_fields(web: &Workload, ch: &Challenge, path: &str, body: &[u8]) -> HeaderMap {
+            let mut h = plain_fields();
+            let uri: Uri = path.parse().expect("path");
+            let view = RequestView::new(&Method::POST, &uri, &h);
+            let signer = Signer::from_pkcs8_and_cert(&web.pkcs8, web.leaf()).expect("signer");
+            let signed = signer
+                .sign(ch, &view, body, &EXPORTER, unix_now())
+                .expect("sign");
+            signed.apply(&mut h);
+            h
+        }
+
+        async fn send(
+            inbound: &Arc<Inbound>,
+            conn: &Arc<InboundConn>,
+            raw: &[u8],
+        ) -> Response<ProxyBody> {
+            let (req, _client) = hyper_request(raw).await;
+            inbound.clone().request(req, conn.clone()).await
+        }
+
+        fn challenge_of(resp: &Response<ProxyBody>) -> Challenge {
+            Challenge::from_headers(resp.headers())
+                .expect("readable")
+                .expect("Accept-Signature")
+        }
+
+        fn challenges(m: &Metrics, reason: &str) -> f64 {
+            metric(
+                m,
+                &format!("keyproof_stepup_challenges_total{{reason=\"{reason}\",route=\"/pay\"}}"),
+            )
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_on_a_risk_route_gets_the_request_again_verified_with_reason_app() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(asks_unless_verified).await;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = dir.path().join("audit.log");
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(true), true, Some(&log));
+            let c = conn(&web, &api);
+            let body = b"{\"amount\":12}";
+
+            // Unverified: the app sees it, asks, and the caller is
+            // challenged from the inbound's table instead of seeing the
+            // app's answer.
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), body)).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                resp.headers()[header::WWW_AUTHENTICATE],
+                "StepUp error=\"stepup_required\""
+            );
+            assert!(!resp.headers().contains_key("x-app"));
+            assert!(!resp.headers().contains_key("x-keyproof-step-up"));
+            let ch = challenge_of(&resp);
+            assert!(body_text(resp).await.contains("(reason: app)"));
+            assert_eq!(challenges(&metrics, "app"), 1.0);
+            {
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen.len(), 1);
+                assert_eq!(seen[0].verified(), None);
+                assert_eq!(&seen[0].body[..], body);
+            }
+
+            // The signed resend reaches the app verified, reason `app`, and
+            // its answer carries the next nonce.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", body), body),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let next = challenge_of(&resp);
+            assert_ne!(next.nonce, ch.nonce);
+            assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+            assert_eq!(body_text(resp).await, "paid");
+            {
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen.len(), 2);
+                assert_eq!(seen[1].verified(), Some(("verified", "app")));
+                assert_eq!(&seen[1].body[..], body);
+                for f in ["signature", "signature-input", "stepup-binding"] {
+                    assert!(!seen[1].headers.contains_key(f), "{f} reached the app");
+                }
+            }
+
+            // Steady state: signed up front with that nonce, no round trip.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &next, "/pay", body), body),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(resp.headers().contains_key("accept-signature"));
+            assert_eq!(seen.lock().expect("lock").len(), 3);
+            assert_eq!(challenges(&metrics, "app"), 1.0);
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "keyproof_stepup_verifications_total{result=\"ok\"}"
+                ),
+                2.0
+            );
+
+            // A replay of a used proof is refused and counted, never passed.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", body), body),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                resp.headers()[header::WWW_AUTHENTICATE],
+                "StepUp error=\"replay\""
+            );
+            assert_eq!(seen.lock().expect("lock").len(), 3);
+
+            let audited: Vec<String> = std::fs::read_to_string(&log)
+                .expect("audit log")
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+                    assert_eq!(v["route"], "/pay");
+                    assert_eq!(v["peer"], web.id.as_str());
+                    format!(
+                        "{} {}",
+                        v["reason"].as_str().unwrap(),
+                        v["result"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert_eq!(
+                audited,
+                ["app challenged", "app ok", "app ok", "app replay"]
+            );
+        }
+
+        #[tokio::test]
+        async fn a_risk_route_forwards_a_request_the_app_does_not_ask_about_unchanged() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(never_asks).await;
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(true), true, None);
+            let c = conn(&web, &api);
+            // Forged verdicts from the caller never reach the app.
+            let mut fields = plain_fields();
+            fields.insert("x-keyproof-step-up", HeaderValue::from_static("verified"));
+            fields.insert(
+                "x_keyproof_step_up_reason",
+                HeaderValue::from_static("always"),
+            );
+            fields.insert("stepup-binding", HeaderValue::from_static(":AAAA:"));
+            let resp = send(&inbound, &c, &post("/pay", &fields, b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            // No nonce offered: nothing asked for one.
+            assert!(!resp.headers().contains_key("accept-signature"));
+            assert_eq!(body_text(resp).await, "ok");
+            let seen = seen.lock().expect("lock");
+            assert_eq!(seen[0].verified(), None);
+            let names: Vec<&str> = seen[0].headers.keys().map(|k| k.as_str()).collect();
+            assert!(
+                names
+                    .iter()
+                    .all(|n| !n.contains("keyproof") && *n != "stepup-binding"),
+                "{names:?}"
+            );
+            assert_eq!(challenges(&metrics, "app"), 0.0);
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "keyproof_stepup_verifications_total{result=\"missing\"}"
+                ),
+                0.0
+            );
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_about_a_body_over_max_body_gets_the_caller_a_413() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(asks_unless_verified).await;
+            let rest = format!("[inbound.stepup]\nmax_body = 16\n{}", pay_route(true));
+            let (inbound, metrics) = inbound_with(&api, addr, &rest, true, None);
+            let c = conn(&web, &api);
+            let big = b"{\"memo\":\"0123456789abcdef\"}";
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), big)).await;
+            assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+            assert!(body_text(resp)
+                .await
+                .contains("larger than 16 bytes (inbound.stepup.max_body)"));
+            assert_eq!(seen.lock().expect("lock").len(), 1, "the app saw it once");
+            assert_eq!(challenges(&metrics, "app"), 0.0);
+            // Chunked, no length declared: counted on its way.
+            let mut raw =
+                b"POST /pay HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for chunk in big.chunks(8) {
+                raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                raw.extend_from_slice(chunk);
+                raw.extend_from_slice(b"\r\n");
+            }
+            raw.extend_from_slice(b"0\r\n\r\n");
+            let resp = send(&inbound, &c, &raw).await;
+            assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            // At the bound, the challenge.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &plain_fields(), b"{\"a\":\"0123456\"}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_again_about_a_verified_request_gets_502() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(always_asks).await;
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(true), false, None);
+            let c = conn(&web, &api);
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(challenges(&metrics, "always"), 1.0);
+            assert!(seen.lock().expect("lock").is_empty(), "challenged first");
+            let ch = challenge_of(&resp);
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", b"{}"), b"{}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+            assert!(!resp.headers().contains_key("accept-signature"));
+            assert!(!resp.headers().contains_key("x-keyproof-step-up"));
+            let text = body_text(resp).await;
+            assert!(text.contains("already verified"), "{text}");
+            assert!(!text.contains("app's body"));
+            assert_eq!(
+                seen.lock().expect("lock")[0].verified(),
+                Some(("verified", "always"))
+            );
+        }
+
+        #[tokio::test]
+        async fn an_always_route_keeps_its_next_nonce_and_the_reason_always() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(never_asks).await;
+            let (inbound, _m) = inbound_with(&api, addr, &pay_route(true), false, None);
+            let c = conn(&web, &api);
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+            let ch = challenge_of(&resp);
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", b"{}"), b"{}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let next = challenge_of(&resp);
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &next, "/pay", b"{}"), b"{}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let seen = seen.lock().expect("lock");
+            assert_eq!(seen.len(), 2);
+            assert!(seen
+                .iter()
+                .all(|s| s.verified() == Some(("verified", "always"))));
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_on_a_route_without_step_up_gets_502_never_its_response() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(always_asks).await;
+            // `/pay` without step-up, and every other path by default.
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(false), false, None);
+            let c = conn(&web, &api);
+            for path in ["/pay", "/elsewhere"] {
+                let resp = send(&inbound, &c, &post(path, &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{path}");
+                assert!(!resp.headers().contains_key("x-keyproof-step-up"));
+                assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+                let text = body_text(resp).await;
+                assert!(text.contains("route without step-up"), "{path}: {text}");
+            }
+            assert_eq!(seen.lock().expect("lock").len(), 2);
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "keyproof_stepup_verifications_total{result=\"missing\"}"
+                ),
+                0.0
+            );
+        }
+
+        #[tokio::test]
+        async fn a_new_policy_decides_the_next_request() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(never_asks).await;
+            let (inbound, metrics) = inbound_with(&api, addr, "", false, None);
+            let c = conn(&web, &api);
+            let resp = send(&inbound, &c, &post("/admin", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let new = config(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{addr}\"\n{}",
+                super::ADMIN_FOR_OPS
+            ))
+            .inbound
+            .expect("[inbound]")
+            .policy;
+            assert_eq!(inbound.replace_policy(&new).expect("replace"), 1);
+            let resp = send(&inbound, &c, &post("/admin", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            assert_eq!(metric(&metrics, "keyproof_policy_generation"), 1.0);
+            assert_eq!(seen.lock().expect("lock").len(), 1);
+            // And a step-up route the startup policy did not have.
+            let pay = config(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{addr}\"\n{}",
+                pay_route(true)
+            ))
+            .inbound
+            .expect("[inbound]")
+            .policy;
+            assert_eq!(inbound.replace_policy(&pay).expect("replace"), 2);
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(challenges(&metrics, "always"), 1.0);
+        }
+    }
 }
