@@ -1114,7 +1114,17 @@ mod tests {
         /// The fields of a POST signed by `web` for `ch`, as its sidecar
         /// signs it.
         fn signed_fields(web: &Workload, ch: &Challenge, path: &str, body: &[u8]) -> HeaderMap {
-            let mut h = plain_fields();
+            signed_with(web, ch, path, body, plain_fields())
+        }
+
+        /// [`signed_fields`] over `h` (with its own fields).
+        fn signed_with(
+            web: &Workload,
+            ch: &Challenge,
+            path: &str,
+            body: &[u8],
+            mut h: HeaderMap,
+        ) -> HeaderMap {
             let uri: Uri = path.parse().expect("path");
             let view = RequestView::new(&Method::POST, &uri, &h);
             let signer = Signer::from_pkcs8_and_cert(&web.pkcs8, web.leaf()).expect("signer");
@@ -1445,6 +1455,306 @@ mod tests {
             let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
             assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
             assert_eq!(challenges(&metrics, "always"), 1.0);
+        }
+
+        /// The risk rules and the deny list as the inbound applies them,
+        /// configured as an operator writes them.
+        mod risk_rules {
+            use super::*;
+
+            /// `/pay` for web and ops, `step_up = "risk"` with `rules`
+            /// (names), the rules defined by `defs`; `extra` after.
+            fn risk_config(rules: &[&str], defs: &str, extra: &str) -> String {
+                let list: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+                format!(
+                    "[[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\", \"spiffe://unit.keyproof.test/ns/ops/*\"]\nstep_up = \"risk\"\nrisk = [{}]\n{extra}{defs}",
+                    list.join(", ")
+                )
+            }
+
+            const BIG: &str =
+                "[[inbound.risk_rules]]\nname = \"big\"\nheader = \"x-amount\"\nabove = 100\n";
+            const EVIL: &str = "[[inbound.risk_rules]]\nname = \"evil\"\nheader = \"x-evil\"\npresent = true\naction = \"deny\"\n";
+            const AFTER: &str =
+                "[[inbound.risk_rules]]\nname = \"after-refusal\"\nafter_failure = \"15m\"\n";
+            const NEW: &str = "[[inbound.risk_rules]]\nname = \"new-caller\"\nnew_peer = \"24h\"\n";
+            const LOCKOUT: &str = "[[inbound.risk_rules]]\nname = \"lockout\"\nfailures_above = \"2/15m\"\naction = \"deny\"\n";
+
+            fn with_amount(amount: &'static str) -> HeaderMap {
+                let mut h = plain_fields();
+                h.insert("x-amount", HeaderValue::from_static(amount));
+                h
+            }
+
+            /// A proof attempt that can only be refused (`malformed`: a
+            /// signature input without a signature).
+            fn malformed() -> HeaderMap {
+                let mut h = plain_fields();
+                h.insert(
+                    "signature-input",
+                    HeaderValue::from_static("stepup=(\"@method\");created=1"),
+                );
+                h
+            }
+
+            fn audited(log: &std::path::Path) -> Vec<String> {
+                std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(|l| {
+                        let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+                        format!(
+                            "{} {}",
+                            v["reason"].as_str().unwrap(),
+                            v["result"].as_str().unwrap()
+                        )
+                    })
+                    .collect()
+            }
+
+            #[tokio::test]
+            async fn a_firing_challenge_rule_is_the_reason_and_offers_no_next_nonce() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let (inbound, metrics) =
+                    inbound_with(&api, addr, &risk_config(&["big"], BIG, ""), false, None);
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/pay", &with_amount("5000"), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "big"), 1.0);
+                assert!(seen.lock().expect("lock").is_empty());
+                let ch = challenge_of(&resp);
+                let fields = signed_with(&web, &ch, "/pay", b"{}", with_amount("5000"));
+                let resp = send(&inbound, &c, &post("/pay", &fields, b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert!(!resp.headers().contains_key("accept-signature"));
+                // Below the threshold: no proof asked.
+                let resp = send(&inbound, &c, &post("/pay", &with_amount("5"), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen[0].verified(), Some(("verified", "big")));
+                assert_eq!(seen[1].verified(), None);
+            }
+
+            #[tokio::test]
+            async fn a_deny_rule_refuses_with_403_audited_and_counted_but_no_failure() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let dir = tempfile::tempdir().expect("tempdir");
+                let log = dir.path().join("audit.log");
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["evil", "after-refusal"], &format!("{EVIL}{AFTER}"), ""),
+                    false,
+                    Some(&log),
+                );
+                let c = conn(&web, &api);
+                let mut evil = plain_fields();
+                evil.insert("x-evil", HeaderValue::from_static("1"));
+                let resp = send(&inbound, &c, &post("/pay", &evil, b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                assert!(body_text(resp).await.contains("risk rule evil"));
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_risk_denied_total{route=\"/pay\",rule=\"evil\"}"
+                    ),
+                    1.0
+                );
+                // Not a failure: `after-refusal` does not fire next.
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(seen.lock().expect("lock").len(), 1);
+                assert_eq!(audited(&log), ["evil denied"]);
+            }
+
+            #[tokio::test]
+            async fn a_refused_proof_makes_the_callers_next_requests_challenged() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, _seen) = app(never_asks).await;
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["after-refusal"], AFTER, ""),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                let resp = send(&inbound, &c, &post("/pay", &malformed(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "after-refusal"), 1.0);
+                // Another caller is not concerned.
+                let ops = workload("/ns/ops/sa/x");
+                let resp = send(
+                    &inbound,
+                    &conn(&ops, &api),
+                    &post("/pay", &plain_fields(), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::OK);
+            }
+
+            #[tokio::test]
+            async fn a_policy_403_is_a_failure_of_the_caller() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, _seen) = app(never_asks).await;
+                let admin = "[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/ops/*\"]\n";
+                let (inbound, _m) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["after-refusal"], AFTER, admin),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/admin", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            }
+
+            #[tokio::test]
+            async fn a_new_caller_is_challenged_once_then_served_without() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(
+                        &["new-caller", "after-refusal"],
+                        &format!("{NEW}{AFTER}"),
+                        "",
+                    ),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "new-caller"), 1.0);
+                // Its signed resend is still "new" (not served yet): the
+                // reason stays the rule.
+                let ch = challenge_of(&resp);
+                let resp = send(
+                    &inbound,
+                    &c,
+                    &post("/pay", &signed_fields(&web, &ch, "/pay", b"{}"), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                // Served now; and the first challenge (no proof at all) was
+                // no failure, so `after-refusal` stays quiet.
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen[0].verified(), Some(("verified", "new-caller")));
+                assert_eq!(seen[1].verified(), None);
+            }
+
+            #[tokio::test]
+            async fn a_lockout_refuses_after_too_many_refused_proofs() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["lockout"], LOCKOUT, ""),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                for _ in 0..3 {
+                    let resp = send(&inbound, &c, &post("/pay", &malformed(), b"{}")).await;
+                    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                }
+                for _ in 0..2 {
+                    let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                }
+                assert!(seen.lock().expect("lock").is_empty());
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_risk_denied_total{route=\"/pay\",rule=\"lockout\"}"
+                    ),
+                    2.0
+                );
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_stepup_verifications_total{result=\"malformed\"}"
+                    ),
+                    3.0
+                );
+            }
+
+            #[tokio::test]
+            async fn the_deny_list_refuses_by_certificate_serial_in_any_spelling_and_by_id() {
+                let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
+                let (addr, seen) = app(never_asks).await;
+                // The serial as an operator copies it from openssl: upper
+                // case, colons, a leading zero byte.
+                let serial = web.peer().serial;
+                let padded = if serial.len() % 2 == 1 {
+                    format!("0{serial}")
+                } else {
+                    serial.clone()
+                };
+                let spelled: Vec<String> = hex::decode(format!("00{padded}"))
+                    .expect("hex")
+                    .iter()
+                    .map(|b| format!("{b:02X}"))
+                    .collect();
+                let deny = format!(
+                    "[[inbound.deny]]\nserial = \"{}\"\n[[inbound.deny]]\nspiffe_id = \"spiffe://unit.keyproof.test/ns/stolen/*\"\n",
+                    spelled.join(":")
+                );
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &format!("{}{deny}", pay_route(false)),
+                    false,
+                    None,
+                );
+                for path in ["/pay", "/elsewhere"] {
+                    let resp = send(
+                        &inbound,
+                        &conn(&web, &api),
+                        &post(path, &plain_fields(), b"{}"),
+                    )
+                    .await;
+                    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+                }
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        &format!("keyproof_deny_list_refused_total{{entry=\"serial:{serial}\"}}")
+                    ),
+                    2.0
+                );
+                let stolen = workload("/ns/stolen/sa/x");
+                let resp = send(
+                    &inbound,
+                    &conn(&stolen, &api),
+                    &post("/elsewhere", &plain_fields(), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                // Anyone else: as the routes say.
+                let resp = send(
+                    &inbound,
+                    &conn(&ops, &api),
+                    &post("/elsewhere", &plain_fields(), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(seen.lock().expect("lock").len(), 1);
+            }
         }
     }
 }
