@@ -83,6 +83,14 @@ impl Reason {
     }
 }
 
+/// A verification that did not pass: its outcome and, once its nonce was
+/// opened, the nonce's age in milliseconds (for the audit record).
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    outcome: Outcome,
+    nonce_age_ms: Option<u64>,
+}
+
 /// Proof that a request passed [`InboundStepUp::verify`]; needed by
 /// [`InboundStepUp::on_response`], so a next nonce is only ever attached to
 /// the response of a verified request.
@@ -259,8 +267,10 @@ impl InboundStepUp {
                     route_id,
                     reason,
                     has_content_type,
-                    (outcome, None),
-                    now,
+                    Refused {
+                        outcome,
+                        nonce_age_ms: None,
+                    },
                 ));
             }
         };
@@ -309,8 +319,10 @@ impl InboundStepUp {
                 route_id,
                 reason,
                 has_content_type,
-                (outcome, age),
-                now,
+                Refused {
+                    outcome,
+                    nonce_age_ms: age,
+                },
             ));
         }
         self.metrics.verification(Outcome::Ok);
@@ -359,8 +371,10 @@ impl InboundStepUp {
             route_id,
             &Reason::App,
             has_content_type,
-            (Outcome::Missing, None),
-            unix_now(),
+            Refused {
+                outcome: Outcome::Missing,
+                nonce_age_ms: None,
+            },
         )
     }
 
@@ -426,9 +440,7 @@ impl InboundStepUp {
 
     /// Counts, audits and logs a failed verification (a refused proof also
     /// raises the caller's risk) and answers with a challenge naming the
-    /// reason (or 503/429 when no nonce can be issued). `result` is the
-    /// outcome and, once the nonce was opened, its age in milliseconds.
-    #[allow(clippy::too_many_arguments)]
+    /// reason (or 503/429 when no nonce can be issued).
     fn refuse(
         &self,
         peer: &Peer,
@@ -436,8 +448,10 @@ impl InboundStepUp {
         route_id: &str,
         reason: &Reason,
         has_content_type: bool,
-        (outcome, nonce_age_ms): (Outcome, Option<u64>),
-        now: u64,
+        Refused {
+            outcome,
+            nonce_age_ms,
+        }: Refused,
     ) -> Response<ProxyBody> {
         self.metrics.verification(outcome);
         if outcome == Outcome::Missing {
@@ -455,7 +469,7 @@ impl InboundStepUp {
             route_id,
             has_content_type,
             Some(outcome),
-            now,
+            unix_now(),
         ) {
             Ok(ch) => {
                 self.metrics.challenge(route_id, reason.as_str());
