@@ -186,7 +186,7 @@ fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
     }
     assert!(m.contains("keyproof_stepup_nonce_capacity 100000"), "{m}");
     assert!(
-        m.contains("keyproof_stepup_challenges_total{route=\"/admin\"} 0"),
+        m.contains("keyproof_stepup_challenges_total{reason=\"always\",route=\"/admin\"} 0"),
         "{m}"
     );
 
@@ -209,7 +209,7 @@ fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
         assert_no_stepup_headers(&body);
     }
     assert_eq!(
-        inb.metric("keyproof_stepup_challenges_total{route=\"/admin\"}"),
+        inb.metric("keyproof_stepup_challenges_total{reason=\"always\",route=\"/admin\"}"),
         1.0,
         "steady state must not be re-challenged"
     );
@@ -315,7 +315,7 @@ fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
     }
     assert_eq!(stepup_metric(&inb, "ok"), 2.0);
     assert_eq!(
-        inb.metric("keyproof_stepup_challenges_total{route=\"/admin\"}"),
+        inb.metric("keyproof_stepup_challenges_total{reason=\"always\",route=\"/admin\"}"),
         1.0
     );
 }
@@ -506,7 +506,7 @@ fn attacks_against_the_real_inbound_are_refused_and_counted() {
     assert_eq!(stepup_metric(&inbound, "keyid_mismatch"), 1.0);
     assert_eq!(stepup_metric(&inbound, "bad_nonce"), 1.0);
     assert_eq!(
-        inbound.metric("keyproof_stepup_challenges_total{route=\"/ops\"}"),
+        inbound.metric("keyproof_stepup_challenges_total{reason=\"always\",route=\"/ops\"}"),
         0.0
     );
     assert_eq!(
