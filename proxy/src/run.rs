@@ -143,34 +143,6 @@ pub enum PolicyReloadError {
     Metrics(#[from] prometheus::Error),
 }
 
-// TODO: the risk rules' configuration brings `config::load_policy_file`;
-// once it is in, call it here and delete this stand-in, which reads the
-// file's `[[routes]]` as `[[inbound.routes]]` through the whole-file parser
-// (so its error keys read `inbound.routes[...]`).
-fn load_policy_file(path: &Path) -> Result<PolicyConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut inbound = String::new();
-    for line in text.lines() {
-        match line.trim_start().strip_prefix("[[") {
-            Some(rest) => {
-                inbound.push_str("[[inbound.");
-                inbound.push_str(rest);
-            }
-            None => inbound.push_str(line),
-        }
-        inbound.push('\n');
-    }
-    let whole = Config::parse(&format!(
-        "[identity]\ntrust_bundle = \"-\"\n[identity.files]\ncert = \"-\"\nkey = \"-\"\n\
-         [inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:1\"\n{inbound}"
-    ))
-    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
-    Ok(whole.inbound.map(|i| i.policy).unwrap_or_default())
-}
-
 /// Reads `path` and, if it is a valid policy whose routes allow only peers
 /// of trust domain `ours`, puts it in use. Returns its generation.
 pub fn reload_policy(
@@ -178,7 +150,7 @@ pub fn reload_policy(
     path: &Path,
     ours: &str,
 ) -> Result<u64, PolicyReloadError> {
-    let policy = load_policy_file(path)?;
+    let policy = config::load_policy_file(path)?;
     check_policy_trust_domain(&policy, &format!("{}: ", path.display()), ours)?;
     Ok(inbound.replace_policy(&policy)?)
 }
@@ -582,7 +554,7 @@ mod tests {
         let api = workload("/ns/demo/sa/api");
         let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
         let mut cfg = cfg.inbound.expect("[inbound]");
-        cfg.policy = load_policy_file(&file).expect("policy file");
+        cfg.policy = config::load_policy_file(&file).expect("policy file");
         cfg.policy_file = Some(file.clone());
         let m = metrics::Metrics::new().expect("metrics");
         let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
@@ -632,7 +604,7 @@ mod tests {
             format!("{WEB_ONLY}[[routes]]\npath_prefix = \"/b\"\nallow = [\"spiffe://{TD}/x\", \"spiffe://other.test/y\"]\n"),
         )
         .expect("write");
-        let policy = load_policy_file(&file).expect("parses");
+        let policy = config::load_policy_file(&file).expect("parses");
         let prefix = format!("{}: ", file.display());
         let e = check_policy_trust_domain(&policy, &prefix, TD).unwrap_err();
         assert_eq!(
