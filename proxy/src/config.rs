@@ -111,8 +111,10 @@ struct RawInbound {
     app_pool_idle_timeout: Option<String>,
     max_app_connections: Option<usize>,
     headers_with_underscores: Option<String>,
-    #[serde(default)]
-    routes: Vec<RawRoute>,
+    policy_file: Option<PathBuf>,
+    routes: Option<Vec<RawRoute>>,
+    risk_rules: Option<Vec<RawRiskRule>>,
+    deny: Option<Vec<RawDeny>>,
     stepup: Option<RawInboundStepUp>,
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
@@ -132,8 +134,44 @@ struct RawRoute {
     methods: Vec<String>,
     #[serde(default)]
     allow: Vec<String>,
-    #[serde(default)]
-    step_up: bool,
+    /// A mode name or a bool: read as a value so that a bad one is an
+    /// error naming its key rather than serde's untagged-enum message.
+    step_up: Option<toml::Value>,
+    risk: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRiskRule {
+    name: Option<String>,
+    new_peer: Option<String>,
+    rate_above: Option<String>,
+    header: Option<String>,
+    above: Option<toml::Value>,
+    equals: Option<String>,
+    one_of: Option<Vec<String>>,
+    present: Option<bool>,
+    after_failure: Option<String>,
+    hours: Option<String>,
+    failures_above: Option<String>,
+    action: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeny {
+    spiffe_id: Option<String>,
+    serial: Option<String>,
+}
+
+/// The policy keys, inline in `[inbound]` or at the top of
+/// `[inbound] policy_file`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    routes: Option<Vec<RawRoute>>,
+    risk_rules: Option<Vec<RawRiskRule>>,
+    deny: Option<Vec<RawDeny>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +183,8 @@ struct RawInboundStepUp {
     max_outstanding: Option<usize>,
     max_outstanding_per_peer: Option<usize>,
     channel_binding: Option<bool>,
+    audit_log: Option<toml::Value>,
+    max_tracked_identities: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -498,6 +538,102 @@ pub struct PolicyConfig {
     pub deny: Vec<DenyEntry>,
 }
 
+impl PolicyConfig {
+    /// Names of risk rules that no route lists (they do nothing; most
+    /// likely a route forgot one).
+    pub fn unused_risk_rules(&self) -> Vec<&str> {
+        self.risk_rules
+            .iter()
+            .filter(|r| !self.routes.iter().any(|route| route.risk.contains(&r.name)))
+            .map(|r| r.name.as_str())
+            .collect()
+    }
+
+    /// What a `risk` route's rules do, in words, for `check-config`:
+    /// `challenge when a (...) or b (...); deny when c (...)`.
+    pub fn explain_risk(&self, route: &RouteConfig) -> String {
+        let words = |action: RiskAction| {
+            route
+                .risk
+                .iter()
+                .filter_map(|n| self.risk_rules.iter().find(|r| &r.name == n))
+                .filter(|r| r.action == action)
+                .map(|r| format!("{} ({})", r.name, r.describe()))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        let mut parts = Vec::with_capacity(3);
+        let challenge = words(RiskAction::Challenge);
+        if !challenge.is_empty() {
+            parts.push(format!("challenge when {challenge}"));
+        }
+        let deny = words(RiskAction::Deny);
+        if !deny.is_empty() {
+            parts.push(format!("deny when {deny}"));
+        }
+        parts.push("challenge when the app answers x-keyproof-step-up: required".to_owned());
+        parts.join("; ")
+    }
+}
+
+impl RiskRuleConfig {
+    /// The condition in words (`more than 30 requests per 1m`).
+    pub fn describe(&self) -> String {
+        self.condition.describe()
+    }
+}
+
+impl RiskCondition {
+    /// The condition in words, for `check-config`.
+    pub fn describe(&self) -> String {
+        let hm = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+        match self {
+            RiskCondition::NewPeer(w) => {
+                format!("not served on this route within {}", format_duration(*w))
+            }
+            RiskCondition::RateAbove { count, window } => format!(
+                "more than {count} requests per {} by the caller on this route",
+                format_duration(*window)
+            ),
+            RiskCondition::Header { name, test } => match test {
+                HeaderTest::Above(n) => format!("header {name} above {n} or not a number"),
+                HeaderTest::Equals(v) => format!("header {name} is {v:?}"),
+                HeaderTest::OneOf(vs) => format!(
+                    "header {name} is one of {}",
+                    vs.iter()
+                        .map(|v| format!("{v:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                HeaderTest::Present => format!("header {name} present"),
+            },
+            RiskCondition::AfterFailure(w) => format!(
+                "a refused step-up, 403 or bad handshake of the caller within {}",
+                format_duration(*w)
+            ),
+            RiskCondition::Hours { start, end } => {
+                format!("between {} and {} UTC", hm(*start), hm(*end))
+            }
+            RiskCondition::FailuresAbove { count, window } => {
+                let w = format_duration(*window);
+                format!("more than {count} refusals of the caller within {w}, for {w}")
+            }
+        }
+    }
+}
+
+impl DenyEntry {
+    /// The entry as configured and as counted
+    /// (`keyproof_deny_list_refused_total{entry}`): the pattern, or
+    /// `serial:<hex>`.
+    pub fn label(&self) -> String {
+        match self {
+            DenyEntry::Id(p) => p.to_string(),
+            DenyEntry::Serial(s) => format!("serial:{s}"),
+        }
+    }
+}
+
 /// Where step-up audit records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditSink {
@@ -781,6 +917,543 @@ fn path_prefix(key: &str, prefix: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Upper bound of `[inbound.stepup] max_tracked_identities`: the risk table
+/// is kept in memory, a few hundred bytes per identity.
+const MAX_TRACKED_IDENTITIES: usize = 10_000_000;
+
+/// Upper bound of N in `rate_above = "N/window"`.
+const MAX_RATE: u32 = 1_000_000;
+
+/// Upper bound of N in `failures_above = "N/window"`: the last N+1 refusal
+/// times are kept per identity, so N bounds that memory.
+pub const MAX_FAILURES_ABOVE: u32 = 100;
+
+/// `[inbound.stepup] audit_log`: `true` (stdout), `false` (off) or a path.
+fn audit_log(v: Option<&toml::Value>) -> Result<Option<AuditSink>, ConfigError> {
+    const KEY: &str = "inbound.stepup.audit_log";
+    match v {
+        None | Some(toml::Value::Boolean(false)) => Ok(None),
+        Some(toml::Value::Boolean(true)) => Ok(Some(AuditSink::Stdout)),
+        Some(toml::Value::String(p)) if p.is_empty() => Err(invalid(KEY, "must name a file")),
+        Some(toml::Value::String(p)) => Ok(Some(AuditSink::File(PathBuf::from(p)))),
+        Some(other) => Err(invalid(
+            KEY,
+            format!(
+                "expected true (standard output), false or a file path, not {}",
+                other.type_str()
+            ),
+        )),
+    }
+}
+
+/// A route's `step_up`: a mode name, or `true`/`false` for
+/// `always`/`never`.
+fn step_up_mode(key: &str, v: Option<&toml::Value>) -> Result<StepUpMode, ConfigError> {
+    match v {
+        None | Some(toml::Value::Boolean(false)) => Ok(StepUpMode::Never),
+        Some(toml::Value::Boolean(true)) => Ok(StepUpMode::Always),
+        Some(toml::Value::String(s)) => match s.as_str() {
+            "never" => Ok(StepUpMode::Never),
+            "always" => Ok(StepUpMode::Always),
+            "risk" => Ok(StepUpMode::Risk),
+            other => Err(invalid(
+                key,
+                format!(
+                    "unknown mode {other:?}; use \"always\", \"never\", \"risk\", true or false"
+                ),
+            )),
+        },
+        Some(other) => Err(invalid(
+            key,
+            format!(
+                "expected \"always\", \"never\", \"risk\", true or false, not {}",
+                other.type_str()
+            ),
+        )),
+    }
+}
+
+/// Reads and validates a policy file (`[inbound] policy_file`): the keys
+/// `[[routes]]`, `[[risk_rules]]` and `[[deny]]` at its top level. Errors
+/// name the file and the key (`/etc/keyproof/policy.toml: routes[0].allow[1]`).
+pub fn load_policy_file(path: &Path) -> Result<PolicyConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let raw: RawPolicy = toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+    policy(&format!("{}: ", path.display()), raw)
+}
+
+/// Validates the policy keys; `prefix` starts every key named in an error
+/// (`inbound.` inline, the file path and `: ` in a policy file). The one
+/// validation for both places, so that a policy means the same wherever it
+/// is written.
+fn policy(prefix: &str, raw: RawPolicy) -> Result<PolicyConfig, ConfigError> {
+    let risk_rules = risk_rules(prefix, raw.risk_rules.unwrap_or_default())?;
+    let routes = routes(prefix, raw.routes.unwrap_or_default(), &risk_rules)?;
+    let deny = deny_list(prefix, raw.deny.unwrap_or_default())?;
+    let cfg = PolicyConfig {
+        routes,
+        risk_rules,
+        deny,
+    };
+    for name in cfg.unused_risk_rules() {
+        tracing::warn!(
+            rule = name,
+            "{prefix}risk_rules: rule {name:?} is used by no route"
+        );
+    }
+    Ok(cfg)
+}
+
+fn routes(
+    prefix: &str,
+    raw: Vec<RawRoute>,
+    rules: &[RiskRuleConfig],
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut routes = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = format!("{prefix}routes[{i}]");
+        path_prefix(&format!("{key}.path_prefix"), &r.path_prefix)?;
+        let mut methods = Vec::with_capacity(r.methods.len());
+        for (j, m) in r.methods.iter().enumerate() {
+            let upper = m.to_ascii_uppercase();
+            let method = http::Method::from_bytes(upper.as_bytes())
+                .ok()
+                .filter(|_| !upper.is_empty() && upper.bytes().all(|b| b.is_ascii_alphabetic()))
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{key}.methods[{j}]"),
+                        format!("invalid HTTP method {m:?}"),
+                    )
+                })?;
+            methods.push(method);
+        }
+        let mut allow = Vec::with_capacity(r.allow.len());
+        for (j, a) in r.allow.iter().enumerate() {
+            allow.push(IdPattern::parse(a).map_err(|e| {
+                invalid(
+                    format!("{key}.allow[{j}]"),
+                    format!("invalid SPIFFE ID {a:?}: {e}"),
+                )
+            })?);
+        }
+        let step_up = step_up_mode(&format!("{key}.step_up"), r.step_up.as_ref())?;
+        let risk = route_risk(&key, step_up, r.risk, rules)?;
+        routes.push(RouteConfig {
+            path_prefix: r.path_prefix,
+            methods,
+            allow,
+            step_up,
+            risk,
+        });
+    }
+    Ok(routes)
+}
+
+/// A route's `risk` list: only on `risk` routes, never empty there, names
+/// defined in `risk_rules`, each once.
+fn route_risk(
+    key: &str,
+    mode: StepUpMode,
+    names: Option<Vec<String>>,
+    rules: &[RiskRuleConfig],
+) -> Result<Vec<String>, ConfigError> {
+    let risk_key = format!("{key}.risk");
+    match (mode, names) {
+        (StepUpMode::Risk, None) => Err(invalid(
+            risk_key,
+            "missing: step_up = \"risk\" needs the rules that decide, e.g. risk = [\"new-caller\"]",
+        )),
+        (StepUpMode::Risk, Some(names)) if names.is_empty() => Err(invalid(
+            risk_key,
+            "is empty: step_up = \"risk\" needs at least one rule",
+        )),
+        (StepUpMode::Risk, Some(names)) => {
+            for (j, n) in names.iter().enumerate() {
+                let k = format!("{risk_key}[{j}]");
+                if !rules.iter().any(|r| &r.name == n) {
+                    let defined = rules
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(invalid(
+                        k,
+                        if defined.is_empty() {
+                            format!("unknown risk rule {n:?}: no risk_rules are defined")
+                        } else {
+                            format!("unknown risk rule {n:?}; defined: {defined}")
+                        },
+                    ));
+                }
+                if names[..j].contains(n) {
+                    return Err(invalid(k, format!("rule {n:?} is listed twice")));
+                }
+            }
+            Ok(names)
+        }
+        (other, Some(_)) => Err(invalid(
+            risk_key,
+            format!(
+                "only with step_up = \"risk\" (this route's step_up is {:?})",
+                other.as_str()
+            ),
+        )),
+        (_, None) => Ok(Vec::new()),
+    }
+}
+
+fn risk_rules(prefix: &str, raw: Vec<RawRiskRule>) -> Result<Vec<RiskRuleConfig>, ConfigError> {
+    let mut rules: Vec<RiskRuleConfig> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = format!("{prefix}risk_rules[{i}]");
+        let rule = risk_rule(&key, r)?;
+        if let Some(j) = rules.iter().position(|o| o.name == rule.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "duplicate rule name {:?} (also {prefix}risk_rules[{j}])",
+                    rule.name
+                ),
+            ));
+        }
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+/// A rule name: referenced by routes, a metric label and the
+/// `x-keyproof-step-up-reason` value, so it must not be one of the other
+/// reasons.
+fn rule_name(key: &str, name: Option<String>) -> Result<String, ConfigError> {
+    let k = format!("{key}.name");
+    let name = name.ok_or_else(|| invalid(&k, "missing: every rule has a name"))?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(invalid(
+            k,
+            format!("invalid name {name:?}: 1 to 64 of A-Z a-z 0-9 _ . -"),
+        ));
+    }
+    if name == "always" || name == "app" {
+        return Err(invalid(
+            k,
+            format!("{name:?} is reserved: it is the step-up reason of always routes and of app requests"),
+        ));
+    }
+    Ok(name)
+}
+
+fn risk_rule(key: &str, r: RawRiskRule) -> Result<RiskRuleConfig, ConfigError> {
+    let name = rule_name(key, r.name)?;
+    let action = match r.action.as_deref() {
+        None | Some("challenge") => RiskAction::Challenge,
+        Some("deny") => RiskAction::Deny,
+        Some(other) => {
+            return Err(invalid(
+                format!("{key}.action"),
+                format!("unknown action {other:?}; use \"challenge\" or \"deny\""),
+            ))
+        }
+    };
+    // The header tests belong to `header`; alone they are not a condition.
+    let tests = [
+        ("above", r.above.is_some()),
+        ("equals", r.equals.is_some()),
+        ("one_of", r.one_of.is_some()),
+        ("present", r.present.is_some()),
+    ];
+    let given: Vec<&str> = tests.iter().filter(|t| t.1).map(|t| t.0).collect();
+    if r.header.is_none() {
+        if let Some(t) = given.first() {
+            return Err(invalid(
+                format!("{key}.{t}"),
+                "only with header = \"FIELD\" (the field it tests)",
+            ));
+        }
+    }
+    let conditions = [
+        ("new_peer", r.new_peer.is_some()),
+        ("rate_above", r.rate_above.is_some()),
+        ("header", r.header.is_some()),
+        ("after_failure", r.after_failure.is_some()),
+        ("hours", r.hours.is_some()),
+        ("failures_above", r.failures_above.is_some()),
+    ];
+    let set: Vec<&str> = conditions.iter().filter(|c| c.1).map(|c| c.0).collect();
+    match set.as_slice() {
+        [] => {
+            return Err(invalid(
+                key,
+                "needs exactly one condition: new_peer, rate_above, header, after_failure, hours or failures_above",
+            ))
+        }
+        [_] => {}
+        [first, second, ..] => {
+            return Err(invalid(
+                format!("{key}.{second}"),
+                format!("cannot be combined with {first}: a rule has exactly one condition (write two rules)"),
+            ))
+        }
+    }
+    let window = |k: &str, v: &str| -> Result<Duration, ConfigError> {
+        let k = format!("{key}.{k}");
+        let d = keyproof_identity::duration::parse(v).map_err(|e| invalid(&k, e))?;
+        if d.is_zero() {
+            return Err(invalid(k, "must be greater than zero"));
+        }
+        Ok(d)
+    };
+    let condition = if let Some(v) = &r.new_peer {
+        if action == RiskAction::Deny {
+            // A caller becomes known only by being served on the route.
+            return Err(invalid(
+                format!("{key}.action"),
+                "new_peer with action = \"deny\" would refuse every caller for ever: a caller stops being new only once served",
+            ));
+        }
+        RiskCondition::NewPeer(window("new_peer", v)?)
+    } else if let Some(v) = &r.rate_above {
+        let (count, window) = rate(&format!("{key}.rate_above"), v, 1, MAX_RATE)?;
+        RiskCondition::RateAbove { count, window }
+    } else if let Some(h) = &r.header {
+        header_condition(
+            key,
+            h,
+            &given,
+            r.above.as_ref(),
+            r.equals,
+            r.one_of,
+            r.present,
+        )?
+    } else if let Some(v) = &r.after_failure {
+        RiskCondition::AfterFailure(window("after_failure", v)?)
+    } else if let Some(v) = &r.hours {
+        let (start, end) = parse_hours(v).map_err(|e| invalid(format!("{key}.hours"), e))?;
+        RiskCondition::Hours { start, end }
+    } else if let Some(v) = &r.failures_above {
+        let (count, window) = rate(&format!("{key}.failures_above"), v, 0, MAX_FAILURES_ABOVE)?;
+        RiskCondition::FailuresAbove { count, window }
+    } else {
+        // `set` has exactly one entry, one of the branches above.
+        return Err(invalid(key, "needs exactly one condition"));
+    };
+    Ok(RiskRuleConfig {
+        name,
+        condition,
+        action,
+    })
+}
+
+fn header_condition(
+    key: &str,
+    field: &str,
+    given: &[&str],
+    above: Option<&toml::Value>,
+    equals: Option<String>,
+    one_of: Option<Vec<String>>,
+    present: Option<bool>,
+) -> Result<RiskCondition, ConfigError> {
+    let name = http::HeaderName::from_bytes(field.as_bytes()).map_err(|_| {
+        invalid(
+            format!("{key}.header"),
+            format!("invalid header field name {field:?}"),
+        )
+    })?;
+    match given {
+        [] => {
+            return Err(invalid(
+                format!("{key}.header"),
+                "needs exactly one test: above, equals, one_of or present",
+            ))
+        }
+        [_] => {}
+        [first, second, ..] => {
+            return Err(invalid(
+                format!("{key}.{second}"),
+                format!("cannot be combined with {first}: a header rule has exactly one test"),
+            ))
+        }
+    }
+    let test = if let Some(v) = above {
+        let n = match v {
+            toml::Value::Integer(i) => *i as f64,
+            toml::Value::Float(f) if f.is_finite() => *f,
+            other => {
+                return Err(invalid(
+                    format!("{key}.above"),
+                    format!("expected a number, not {}", other.type_str()),
+                ))
+            }
+        };
+        HeaderTest::Above(n)
+    } else if let Some(v) = equals {
+        HeaderTest::Equals(v)
+    } else if let Some(v) = one_of {
+        if v.is_empty() {
+            return Err(invalid(format!("{key}.one_of"), "is empty"));
+        }
+        HeaderTest::OneOf(v)
+    } else {
+        if present != Some(true) {
+            return Err(invalid(
+                format!("{key}.present"),
+                "only present = true is a test (the rule fires when the field is there)",
+            ));
+        }
+        HeaderTest::Present
+    };
+    Ok(RiskCondition::Header { name, test })
+}
+
+/// `"N/window"` with `min <= N <= max` and a window above zero.
+fn rate(key: &str, v: &str, min: u32, max: u32) -> Result<(u32, Duration), ConfigError> {
+    let (n, w) = parse_rate(v).map_err(|e| invalid(key, e))?;
+    if !(min..=max).contains(&n) {
+        return Err(invalid(
+            key,
+            format!("{v:?}: the count must be between {min} and {max}"),
+        ));
+    }
+    if w.is_zero() {
+        return Err(invalid(
+            key,
+            format!("{v:?}: the window must be greater than zero"),
+        ));
+    }
+    Ok((n, w))
+}
+
+/// Parses `"N/window"` (e.g. `"30/1m"`).
+pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let (n, w) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected N/window, like \"30/1m\""))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: {n:?} is not a count"))?;
+    let w = keyproof_identity::duration::parse(w.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((n, w))
+}
+
+/// Parses `"HH:MM-HH:MM"` (UTC) into minutes since midnight.
+fn parse_hours(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?}: expected HH:MM-HH:MM (UTC), like \"22:00-06:00\"");
+    let minute = |t: &str| -> Option<u16> {
+        let (h, m) = t.trim().split_once(':')?;
+        if h.len() != 2 || m.len() != 2 {
+            return None;
+        }
+        let h: u16 = h.parse().ok().filter(|h| *h < 24)?;
+        let m: u16 = m.parse().ok().filter(|m| *m < 60)?;
+        Some(h * 60 + m)
+    };
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (start, end) = (minute(a).ok_or_else(bad)?, minute(b).ok_or_else(bad)?);
+    if start == end {
+        return Err(format!(
+            "{s:?}: start and end are the same minute; the window would be empty or the whole day"
+        ));
+    }
+    Ok((start, end))
+}
+
+fn deny_list(prefix: &str, raw: Vec<RawDeny>) -> Result<Vec<DenyEntry>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, d) in raw.into_iter().enumerate() {
+        let key = format!("{prefix}deny[{i}]");
+        let entry = match (d.spiffe_id, d.serial) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.serial"),
+                    "cannot be combined with spiffe_id: an entry has exactly one (write two entries)",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    key,
+                    "needs spiffe_id (an ID or a prefix ending in /*) or serial (a certificate serial number)",
+                ))
+            }
+            (Some(id), None) => DenyEntry::Id(IdPattern::parse(&id).map_err(|e| {
+                invalid(
+                    format!("{key}.spiffe_id"),
+                    format!("invalid SPIFFE ID {id:?}: {e}"),
+                )
+            })?),
+            (None, Some(serial)) => {
+                DenyEntry::Serial(normalize_serial(&serial).ok_or_else(|| {
+                    invalid(
+                        format!("{key}.serial"),
+                        format!("invalid serial {serial:?}: expected hex digits, colons optional, at most 20 bytes"),
+                    )
+                })?)
+            }
+        };
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// A certificate serial in the one form it is compared in: lowercase hex,
+/// no colons, no leading zeros (`"0"` for zero). `None` when `s` is not
+/// hex (colons aside) or longer than the 20 bytes RFC 5280 allows.
+pub fn normalize_serial(s: &str) -> Option<String> {
+    let s = s.trim();
+    if s.is_empty() || s.starts_with(':') || s.ends_with(':') || s.contains("::") {
+        return None;
+    }
+    let digits: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = digits.trim_start_matches('0');
+    if trimmed.len() > 40 {
+        return None;
+    }
+    Some(if trimmed.is_empty() {
+        "0".to_owned()
+    } else {
+        trimmed.to_owned()
+    })
+}
+
+/// A duration as it is written in configuration (`24h`, `15m`, `1m30s`,
+/// `7d`), for `check-config`.
+pub fn format_duration(d: Duration) -> String {
+    use std::fmt::Write;
+    let mut secs = d.as_secs();
+    let ms = d.subsec_millis();
+    let mut s = String::new();
+    // Days only from two on: "24h" reads better than "1d" in a window.
+    if secs >= 2 * 86_400 && secs.is_multiple_of(86_400) {
+        let _ = write!(s, "{}d", secs / 86_400);
+        return s;
+    }
+    for (unit, len) in [("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= len {
+            let _ = write!(s, "{}{unit}", secs / len);
+            secs %= len;
+        }
+    }
+    if ms > 0 || s.is_empty() {
+        let _ = write!(s, "{ms}ms");
+    }
+    s
+}
+
 fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
     let listen = socket_addr("inbound.listen", &raw.listen)?;
     let app = host_port("inbound.app", &raw.app)?;
@@ -827,45 +1500,42 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             ))
         }
     };
-    let mut routes = Vec::with_capacity(raw.routes.len());
-    for (i, r) in raw.routes.into_iter().enumerate() {
-        let key = format!("inbound.routes[{i}]");
-        path_prefix(&format!("{key}.path_prefix"), &r.path_prefix)?;
-        let mut methods = Vec::with_capacity(r.methods.len());
-        for (j, m) in r.methods.iter().enumerate() {
-            let upper = m.to_ascii_uppercase();
-            let method = http::Method::from_bytes(upper.as_bytes())
-                .ok()
-                .filter(|_| !upper.is_empty() && upper.bytes().all(|b| b.is_ascii_alphabetic()))
-                .ok_or_else(|| {
-                    invalid(
-                        format!("{key}.methods[{j}]"),
-                        format!("invalid HTTP method {m:?}"),
-                    )
-                })?;
-            methods.push(method);
+    let (policy, policy_file) = match raw.policy_file {
+        Some(file) => {
+            // One source of truth: a policy half inline and half in the
+            // file would change meaning with every reload of the file.
+            for (present, key) in [
+                (raw.routes.is_some(), "routes"),
+                (raw.risk_rules.is_some(), "risk_rules"),
+                (raw.deny.is_some(), "deny"),
+            ] {
+                if present {
+                    return Err(invalid(
+                        format!("inbound.{key}"),
+                        format!(
+                            "cannot be combined with inbound.policy_file ({}); move it into that file",
+                            file.display()
+                        ),
+                    ));
+                }
+            }
+            if file.as_os_str().is_empty() {
+                return Err(invalid("inbound.policy_file", "must name a file"));
+            }
+            (load_policy_file(&file)?, Some(file))
         }
-        let mut allow = Vec::with_capacity(r.allow.len());
-        for (j, a) in r.allow.iter().enumerate() {
-            allow.push(IdPattern::parse(a).map_err(|e| {
-                invalid(
-                    format!("{key}.allow[{j}]"),
-                    format!("invalid SPIFFE ID {a:?}: {e}"),
-                )
-            })?);
-        }
-        routes.push(RouteConfig {
-            path_prefix: r.path_prefix,
-            methods,
-            allow,
-            step_up: if r.step_up {
-                StepUpMode::Always
-            } else {
-                StepUpMode::Never
-            },
-            risk: Vec::new(),
-        });
-    }
+        None => (
+            policy(
+                "inbound.",
+                RawPolicy {
+                    routes: raw.routes,
+                    risk_rules: raw.risk_rules,
+                    deny: raw.deny,
+                },
+            )?,
+            None,
+        ),
+    };
     let mut stepup = InboundStepUpConfig::default();
     if let Some(s) = raw.stepup {
         stepup.nonce_ttl = duration(
@@ -904,6 +1574,16 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             ));
         }
         stepup.channel_binding = s.channel_binding.unwrap_or(true);
+        stepup.audit_log = audit_log(s.audit_log.as_ref())?;
+        stepup.max_tracked_identities = s
+            .max_tracked_identities
+            .unwrap_or(stepup.max_tracked_identities);
+        if !(1..=MAX_TRACKED_IDENTITIES).contains(&stepup.max_tracked_identities) {
+            return Err(invalid(
+                "inbound.stepup.max_tracked_identities",
+                format!("must be between 1 and {MAX_TRACKED_IDENTITIES}"),
+            ));
+        }
     }
     Ok(InboundConfig {
         listen,
@@ -922,12 +1602,8 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             Duration::from_secs(4),
         )?,
         max_app_connections,
-        policy: PolicyConfig {
-            routes,
-            risk_rules: Vec::new(),
-            deny: Vec::new(),
-        },
-        policy_file: None,
+        policy,
+        policy_file,
         stepup,
         headers_with_underscores,
         limits: limits(
@@ -1162,8 +1838,9 @@ impl Config {
         Self::parse(&text)
     }
 
-    /// Validates configuration text. Files it names are checked later, when
-    /// the identity is loaded.
+    /// Validates configuration text. `[inbound] policy_file` is read and
+    /// validated here (the policy is configuration); the other files it
+    /// names are checked later, when the identity is loaded.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         let identity = identity(raw.identity)?;
@@ -1252,6 +1929,16 @@ impl Config {
                 i.app,
                 i.default_policy.as_str()
             );
+            if let Some(f) = &i.policy_file {
+                let _ = writeln!(
+                    s,
+                    "  policy (routes, risk rules, deny list) from {} (re-read on change)",
+                    f.display()
+                );
+            }
+            for d in &i.policy.deny {
+                let _ = writeln!(s, "  deny {}: 403 on every path", d.label());
+            }
             for r in &i.policy.routes {
                 let methods = if r.methods.is_empty() {
                     "any method".to_owned()
@@ -1268,16 +1955,41 @@ impl Config {
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(", ");
+                let step_up = match r.step_up {
+                    StepUpMode::Never => String::new(),
+                    StepUpMode::Always => ", step-up required".to_owned(),
+                    StepUpMode::Risk => {
+                        format!(", step-up by risk: {}", i.policy.explain_risk(r))
+                    }
+                };
                 let _ = writeln!(
                     s,
-                    "  route {} ({methods}): allow [{allow}]{}",
-                    r.path_prefix,
-                    match r.step_up {
-                        StepUpMode::Never => "",
-                        StepUpMode::Always => ", step-up required",
-                        StepUpMode::Risk => ", step-up by risk",
-                    }
+                    "  route {} ({methods}): allow [{allow}]{step_up}",
+                    r.path_prefix
                 );
+            }
+            for name in i.policy.unused_risk_rules() {
+                let _ = writeln!(s, "  risk rule {name} is used by no route");
+            }
+            if i.policy
+                .routes
+                .iter()
+                .any(|r| r.step_up == StepUpMode::Risk)
+            {
+                let _ = writeln!(
+                    s,
+                    "  risk state for at most {} caller identities (least recently seen forgotten first; a forgotten caller is new again)",
+                    i.stepup.max_tracked_identities
+                );
+            }
+            match &i.stepup.audit_log {
+                None => {}
+                Some(AuditSink::Stdout) => {
+                    let _ = writeln!(s, "  step-up audit records to standard output");
+                }
+                Some(AuditSink::File(p)) => {
+                    let _ = writeln!(s, "  step-up audit records appended to {}", p.display());
+                }
             }
         }
         if let Some(o) = &self.outbound {
@@ -1806,6 +2518,14 @@ mod tests {
             (ca("bogus_ca = 1\n"), "bogus_ca"),
             (inb("bogus_inbound = 1\n"), "bogus_inbound"),
             (route("bogus_route = 1\n"), "bogus_route"),
+            (
+                inb("[[inbound.risk_rules]]\nname = \"x\"\nbogus_rule = 1\n"),
+                "bogus_rule",
+            ),
+            (
+                inb("[[inbound.deny]]\nserial = \"1\"\nbogus_deny = 1\n"),
+                "bogus_deny",
+            ),
             (inb("[inbound.stepup]\nbogus_stepup = 1\n"), "bogus_stepup"),
             (outb("bogus_outbound = 1\n"), "bogus_outbound"),
             (
@@ -1846,7 +2566,11 @@ mod tests {
             ),
             (OUT.to_owned(), "identity"),
             (outb("max_connections = \"10\"\n"), "max_connections"),
-            (route("step_up = \"yes\"\n"), "step_up"),
+            (route("allow = \"spiffe://td/x\"\n"), "allow"),
+            (
+                inb(&format!("{RULES}[[inbound.risk_rules]]\nnew_peer = 5\n")),
+                "new_peer",
+            ),
             (inb("max_header_bytes = -1\n"), "max_header_bytes"),
         ] {
             let msg = parse_error(&text);
@@ -2221,5 +2945,844 @@ mod tests {
             &sa_ca("").replace("service_account_token_file", "serviceaccount_token_file"),
         );
         assert!(msg.contains("serviceaccount_token_file"), "{msg}");
+    }
+
+    // ---- risk rules, deny list, policy file -----------------------------
+
+    /// Two rules every risk test can name.
+    const RULES: &str = "[[inbound.risk_rules]]\nname = \"new-caller\"\nnew_peer = \"24h\"\n[[inbound.risk_rules]]\nname = \"burst\"\nrate_above = \"30/1m\"\n";
+
+    /// A risk route listing `risk` and the two rules, plus `extra`.
+    fn risk_route(risk: &str, extra: &str) -> String {
+        inb(&format!(
+            "{RULES}{extra}[[inbound.routes]]\npath_prefix = \"/pay\"\nstep_up = \"risk\"\nrisk = {risk}\n"
+        ))
+    }
+
+    /// `[inbound]` with one `[[inbound.risk_rules]]` made of `body` (and
+    /// a name), used by no route.
+    fn rule(body: &str) -> String {
+        inb(&format!("[[inbound.risk_rules]]\nname = \"r\"\n{body}"))
+    }
+
+    fn one_rule(body: &str) -> RiskRuleConfig {
+        let cfg = Config::parse(&rule(body)).unwrap_or_else(|e| panic!("{body}: {e}"));
+        let mut rules = cfg.inbound.expect("inbound").policy.risk_rules;
+        assert_eq!(rules.len(), 1);
+        rules.remove(0)
+    }
+
+    #[test]
+    fn step_up_is_a_mode_name_or_a_bool() {
+        for (value, mode) in [
+            ("true", StepUpMode::Always),
+            ("false", StepUpMode::Never),
+            ("\"always\"", StepUpMode::Always),
+            ("\"never\"", StepUpMode::Never),
+        ] {
+            let cfg = Config::parse(&route(&format!("step_up = {value}\n"))).expect(value);
+            assert_eq!(cfg.inbound.expect("inbound").policy.routes[0].step_up, mode);
+        }
+        let cfg = Config::parse(&risk_route("[\"burst\", \"new-caller\"]", "")).expect("config");
+        let r = &cfg.inbound.expect("inbound").policy.routes[0];
+        assert_eq!(r.step_up, StepUpMode::Risk);
+        assert_eq!(r.risk, ["burst", "new-caller"]);
+        // Unset: never.
+        let cfg = Config::parse(&route("")).expect("config");
+        assert_eq!(
+            cfg.inbound.expect("inbound").policy.routes[0].step_up,
+            StepUpMode::Never
+        );
+        for (value, says) in [
+            ("\"yes\"", "unknown mode \"yes\""),
+            ("\"Risk\"", "unknown mode \"Risk\""),
+            ("1", "not integer"),
+            ("[\"risk\"]", "not array"),
+        ] {
+            let (key, msg) = invalid_key(&route(&format!("step_up = {value}\n")));
+            assert_eq!(key, "inbound.routes[0].step_up", "{value}");
+            assert!(msg.contains(says), "{value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_routes_risk_list_is_checked_against_the_rules() {
+        let cases = [
+            (risk_route("[]", ""), "inbound.routes[0].risk", "is empty"),
+            (
+                risk_route("[\"burst\"]", "").replace("risk = [\"burst\"]\n", ""),
+                "inbound.routes[0].risk",
+                "missing",
+            ),
+            (
+                risk_route("[\"burst\", \"nope\"]", ""),
+                "inbound.routes[0].risk[1]",
+                "unknown risk rule \"nope\"; defined: new-caller, burst",
+            ),
+            (
+                risk_route("[\"burst\", \"new-caller\", \"burst\"]", ""),
+                "inbound.routes[0].risk[2]",
+                "listed twice",
+            ),
+            (
+                risk_route("[\"burst\"]", "").replace("\"risk\"\nrisk", "\"always\"\nrisk"),
+                "inbound.routes[0].risk",
+                "only with step_up = \"risk\" (this route's step_up is \"always\")",
+            ),
+            (
+                route("risk = [\"x\"]\n"),
+                "inbound.routes[0].risk",
+                "only with step_up = \"risk\"",
+            ),
+            (
+                route("step_up = \"risk\"\nrisk = [\"x\"]\n"),
+                "inbound.routes[0].risk[0]",
+                "no risk_rules are defined",
+            ),
+        ];
+        for (text, want, says) in cases {
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, want, "{msg}\n{text}");
+            assert!(msg.contains(says), "{says:?} not in {msg:?}");
+        }
+        // The index is the route's own, after earlier valid routes.
+        let text = risk_route("[\"burst\"]", "")
+            + "[[inbound.routes]]\npath_prefix = \"/b\"\nstep_up = \"risk\"\nrisk = [\"new-caller\", \"x\"]\n";
+        assert_eq!(invalid_key(&text).0, "inbound.routes[1].risk[1]");
+    }
+
+    #[test]
+    fn each_condition_is_parsed() {
+        let h = |name: &str| http::HeaderName::from_bytes(name.as_bytes()).expect("name");
+        for (body, want) in [
+            (
+                "new_peer = \"24h\"",
+                RiskCondition::NewPeer(Duration::from_secs(86_400)),
+            ),
+            (
+                "rate_above = \"30/1m\"",
+                RiskCondition::RateAbove {
+                    count: 30,
+                    window: Duration::from_secs(60),
+                },
+            ),
+            (
+                "rate_above = \" 1 / 250ms \"",
+                RiskCondition::RateAbove {
+                    count: 1,
+                    window: Duration::from_millis(250),
+                },
+            ),
+            (
+                "header = \"X-Amount\"\nabove = 10000",
+                RiskCondition::Header {
+                    name: h("x-amount"),
+                    test: HeaderTest::Above(10_000.0),
+                },
+            ),
+            (
+                "header = \"x-amount\"\nabove = 99.5",
+                RiskCondition::Header {
+                    name: h("x-amount"),
+                    test: HeaderTest::Above(99.5),
+                },
+            ),
+            (
+                "header = \"x-kind\"\nequals = \"wire\"",
+                RiskCondition::Header {
+                    name: h("x-kind"),
+                    test: HeaderTest::Equals("wire".into()),
+                },
+            ),
+            (
+                "header = \"x-kind\"\none_of = [\"a\", \"b\"]",
+                RiskCondition::Header {
+                    name: h("x-kind"),
+                    test: HeaderTest::OneOf(vec!["a".into(), "b".into()]),
+                },
+            ),
+            (
+                "header = \"x-debug\"\npresent = true",
+                RiskCondition::Header {
+                    name: h("x-debug"),
+                    test: HeaderTest::Present,
+                },
+            ),
+            (
+                "after_failure = \"15m\"",
+                RiskCondition::AfterFailure(Duration::from_secs(900)),
+            ),
+            (
+                "hours = \"22:00-06:00\"",
+                RiskCondition::Hours {
+                    start: 22 * 60,
+                    end: 6 * 60,
+                },
+            ),
+            (
+                "hours = \"00:00-23:59\"",
+                RiskCondition::Hours {
+                    start: 0,
+                    end: 23 * 60 + 59,
+                },
+            ),
+            (
+                "failures_above = \"5/15m\"",
+                RiskCondition::FailuresAbove {
+                    count: 5,
+                    window: Duration::from_secs(900),
+                },
+            ),
+            (
+                "failures_above = \"0/1h\"",
+                RiskCondition::FailuresAbove {
+                    count: 0,
+                    window: Duration::from_secs(3600),
+                },
+            ),
+        ] {
+            let r = one_rule(&format!("{body}\n"));
+            assert_eq!(r.condition, want, "{body}");
+            assert_eq!(r.action, RiskAction::Challenge, "{body}");
+            assert_eq!(r.name, "r");
+        }
+        let r = one_rule("failures_above = \"5/15m\"\naction = \"deny\"\n");
+        assert_eq!(r.action, RiskAction::Deny);
+        let r = one_rule("rate_above = \"5/1s\"\naction = \"challenge\"\n");
+        assert_eq!(r.action, RiskAction::Challenge);
+    }
+
+    #[test]
+    fn every_risk_rule_error_names_its_key() {
+        let k = "inbound.risk_rules[0]";
+        for (body, want, says) in [
+            ("", k.to_owned(), "needs exactly one condition"),
+            (
+                "action = \"deny\"\n",
+                k.to_owned(),
+                "needs exactly one condition",
+            ),
+            (
+                "new_peer = \"1h\"\nrate_above = \"3/1m\"\n",
+                format!("{k}.rate_above"),
+                "cannot be combined with new_peer",
+            ),
+            (
+                "hours = \"22:00-06:00\"\nfailures_above = \"3/1m\"\nafter_failure = \"1m\"\n",
+                format!("{k}.hours"),
+                "cannot be combined with after_failure",
+            ),
+            (
+                "new_peer = \"1h\"\nheader = \"x\"\npresent = true\n",
+                format!("{k}.header"),
+                "cannot be combined with new_peer",
+            ),
+            // Header tests without a header.
+            ("above = 5\n", format!("{k}.above"), "only with header"),
+            (
+                "new_peer = \"1h\"\nequals = \"x\"\n",
+                format!("{k}.equals"),
+                "only with header",
+            ),
+            (
+                "one_of = [\"a\"]\n",
+                format!("{k}.one_of"),
+                "only with header",
+            ),
+            (
+                "present = true\n",
+                format!("{k}.present"),
+                "only with header",
+            ),
+            // A header with no test, or two.
+            (
+                "header = \"x\"\n",
+                format!("{k}.header"),
+                "needs exactly one test",
+            ),
+            (
+                "header = \"x\"\nabove = 1\nequals = \"2\"\n",
+                format!("{k}.equals"),
+                "cannot be combined with above",
+            ),
+            (
+                "header = \"x\"\none_of = [\"a\"]\npresent = true\n",
+                format!("{k}.present"),
+                "cannot be combined with one_of",
+            ),
+            (
+                "header = \"x y\"\npresent = true\n",
+                format!("{k}.header"),
+                "invalid header field name",
+            ),
+            (
+                "header = \"\"\npresent = true\n",
+                format!("{k}.header"),
+                "invalid header field name",
+            ),
+            (
+                "header = \"x\"\npresent = false\n",
+                format!("{k}.present"),
+                "only present = true",
+            ),
+            (
+                "header = \"x\"\none_of = []\n",
+                format!("{k}.one_of"),
+                "is empty",
+            ),
+            (
+                "header = \"x\"\nabove = \"5\"\n",
+                format!("{k}.above"),
+                "expected a number, not string",
+            ),
+            (
+                "header = \"x\"\nabove = nan\n",
+                format!("{k}.above"),
+                "expected a number",
+            ),
+            (
+                "header = \"x\"\nabove = inf\n",
+                format!("{k}.above"),
+                "expected a number",
+            ),
+            // Windows and rates.
+            (
+                "new_peer = \"0s\"\n",
+                format!("{k}.new_peer"),
+                "greater than zero",
+            ),
+            (
+                "new_peer = \"1 day\"\n",
+                format!("{k}.new_peer"),
+                "unknown unit",
+            ),
+            (
+                "after_failure = \"0ms\"\n",
+                format!("{k}.after_failure"),
+                "greater than zero",
+            ),
+            (
+                "after_failure = \"15\"\n",
+                format!("{k}.after_failure"),
+                "missing unit",
+            ),
+            (
+                "rate_above = \"0/1m\"\n",
+                format!("{k}.rate_above"),
+                "between 1 and 1000000",
+            ),
+            (
+                "rate_above = \"1000001/1m\"\n",
+                format!("{k}.rate_above"),
+                "between 1 and 1000000",
+            ),
+            (
+                "rate_above = \"30/0s\"\n",
+                format!("{k}.rate_above"),
+                "greater than zero",
+            ),
+            (
+                "rate_above = \"30\"\n",
+                format!("{k}.rate_above"),
+                "expected N/window",
+            ),
+            (
+                "rate_above = \"x/1m\"\n",
+                format!("{k}.rate_above"),
+                "is not a count",
+            ),
+            (
+                "rate_above = \"-1/1m\"\n",
+                format!("{k}.rate_above"),
+                "is not a count",
+            ),
+            (
+                "rate_above = \"3/1 m\"\n",
+                format!("{k}.rate_above"),
+                "unknown unit",
+            ),
+            (
+                "failures_above = \"101/1m\"\n",
+                format!("{k}.failures_above"),
+                "between 0 and 100",
+            ),
+            (
+                "failures_above = \"5/0s\"\n",
+                format!("{k}.failures_above"),
+                "greater than zero",
+            ),
+            (
+                "failures_above = \"5\"\n",
+                format!("{k}.failures_above"),
+                "expected N/window",
+            ),
+            // Hours.
+            (
+                "hours = \"22:00\"\n",
+                format!("{k}.hours"),
+                "expected HH:MM-HH:MM",
+            ),
+            (
+                "hours = \"22:00-24:00\"\n",
+                format!("{k}.hours"),
+                "expected HH:MM-HH:MM",
+            ),
+            (
+                "hours = \"22:60-06:00\"\n",
+                format!("{k}.hours"),
+                "expected HH:MM-HH:MM",
+            ),
+            (
+                "hours = \"9:00-17:00\"\n",
+                format!("{k}.hours"),
+                "expected HH:MM-HH:MM",
+            ),
+            (
+                "hours = \"22h-06h\"\n",
+                format!("{k}.hours"),
+                "expected HH:MM-HH:MM",
+            ),
+            (
+                "hours = \"08:00-08:00\"\n",
+                format!("{k}.hours"),
+                "the same minute",
+            ),
+            // Action.
+            (
+                "new_peer = \"1h\"\naction = \"block\"\n",
+                format!("{k}.action"),
+                "unknown action \"block\"",
+            ),
+            (
+                "new_peer = \"1h\"\naction = \"deny\"\n",
+                format!("{k}.action"),
+                "refuse every caller for ever",
+            ),
+        ] {
+            let (key, msg) = invalid_key(&rule(body));
+            assert_eq!(key, want, "{body}: {msg}");
+            assert!(msg.contains(says), "{body}: {says:?} not in {msg:?}");
+        }
+    }
+
+    #[test]
+    fn rule_names_are_unique_tokens_other_than_the_built_in_reasons() {
+        let k = "inbound.risk_rules[0].name";
+        for (name_line, says) in [
+            ("", "missing"),
+            ("name = \"\"\n", "invalid name"),
+            ("name = \"new caller\"\n", "invalid name"),
+            ("name = \"a/b\"\n", "invalid name"),
+            ("name = \"é\"\n", "invalid name"),
+            (&format!("name = \"{}\"\n", "a".repeat(65)), "invalid name"),
+            ("name = \"always\"\n", "reserved"),
+            ("name = \"app\"\n", "reserved"),
+        ] {
+            let text = inb(&format!(
+                "[[inbound.risk_rules]]\n{name_line}new_peer = \"1h\"\n"
+            ));
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, k, "{name_line}");
+            assert!(msg.contains(says), "{name_line}: {msg}");
+        }
+        for ok in ["a", "A.b_c-9", &"x".repeat(64), "apps", "Always"] {
+            let text = inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"{ok}\"\nnew_peer = \"1h\"\n"
+            ));
+            Config::parse(&text).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let (key, msg) = invalid_key(&inb(&format!(
+            "{RULES}[[inbound.risk_rules]]\nname = \"burst\"\nhours = \"01:00-02:00\"\n"
+        )));
+        assert_eq!(key, "inbound.risk_rules[2].name");
+        assert!(
+            msg.contains("duplicate rule name \"burst\" (also inbound.risk_rules[1])"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn deny_entries_are_one_id_pattern_or_one_serial() {
+        let deny = |body: &str| inb(&format!("[[inbound.deny]]\n{body}"));
+        let cfg = Config::parse(&(deny("spiffe_id = \"spiffe://td/ns/x/sa/stolen\"\n")
+            + "[[inbound.deny]]\nspiffe_id = \"spiffe://td/ns/bad/*\"\n[[inbound.deny]]\nserial = \"00:0A:1b:FF\"\n"))
+        .expect("config");
+        let d = cfg.inbound.expect("inbound").policy.deny;
+        assert_eq!(
+            d,
+            vec![
+                DenyEntry::Id(IdPattern::parse("spiffe://td/ns/x/sa/stolen").expect("id")),
+                DenyEntry::Id(IdPattern::parse("spiffe://td/ns/bad/*").expect("id")),
+                DenyEntry::Serial("a1bff".into()),
+            ]
+        );
+        assert_eq!(
+            d.iter().map(DenyEntry::label).collect::<Vec<_>>(),
+            [
+                "spiffe://td/ns/x/sa/stolen",
+                "spiffe://td/ns/bad/*",
+                "serial:a1bff"
+            ]
+        );
+        for (text, want, says) in [
+            (deny(""), "inbound.deny[0]", "needs spiffe_id"),
+            (
+                deny("spiffe_id = \"spiffe://td/a\"\nserial = \"01\"\n"),
+                "inbound.deny[0].serial",
+                "cannot be combined with spiffe_id",
+            ),
+            (
+                deny("spiffe_id = \"td/a\"\n"),
+                "inbound.deny[0].spiffe_id",
+                "invalid SPIFFE ID",
+            ),
+            (
+                deny("serial = \"0x12\"\n"),
+                "inbound.deny[0].serial",
+                "invalid serial",
+            ),
+            (
+                deny("serial = \"\"\n"),
+                "inbound.deny[0].serial",
+                "invalid serial",
+            ),
+            (
+                deny("serial = \"12::34\"\n"),
+                "inbound.deny[0].serial",
+                "invalid serial",
+            ),
+            (
+                deny("serial = \"1\"\n") + "[[inbound.deny]]\nserial = \"g1\"\n",
+                "inbound.deny[1].serial",
+                "invalid serial",
+            ),
+        ] {
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, want, "{msg}");
+            assert!(msg.contains(says), "{msg}");
+        }
+    }
+
+    #[test]
+    fn serials_are_normalized_to_lowercase_hex_without_leading_zeros() {
+        for (given, want) in [
+            ("0A:1B:2C", Some("a1b2c")),
+            ("0a1b2c", Some("a1b2c")),
+            ("A1B2C", Some("a1b2c")),
+            (" 00:00:01 ", Some("1")),
+            ("00", Some("0")),
+            ("0", Some("0")),
+            (&"ff".repeat(20), Some(&*"ff".repeat(20))),
+            (&format!("00{}", "ff".repeat(20)), Some(&*"ff".repeat(20))),
+            (&"ff".repeat(21), None),
+            ("", None),
+            (":", None),
+            (":0a", None),
+            ("0a:", None),
+            ("0a::1b", None),
+            ("0g", None),
+            ("0a-1b", None),
+            ("0a 1b", None),
+        ] {
+            assert_eq!(normalize_serial(given).as_deref(), want, "{given:?}");
+        }
+    }
+
+    #[test]
+    fn audit_log_and_max_tracked_identities() {
+        let stepup = |line: &str| {
+            Config::parse(&inb(&format!("[inbound.stepup]\n{line}\n")))
+                .map(|c| c.inbound.expect("inbound").stepup)
+        };
+        let d = stepup("").expect("default");
+        assert_eq!(d.audit_log, None);
+        assert_eq!(d.max_tracked_identities, 10_000);
+        assert_eq!(
+            stepup("audit_log = true").expect("true").audit_log,
+            Some(AuditSink::Stdout)
+        );
+        assert_eq!(stepup("audit_log = false").expect("false").audit_log, None);
+        assert_eq!(
+            stepup("audit_log = \"/var/log/keyproof/audit.jsonl\"")
+                .expect("path")
+                .audit_log,
+            Some(AuditSink::File(PathBuf::from(
+                "/var/log/keyproof/audit.jsonl"
+            )))
+        );
+        assert_eq!(
+            stepup("max_tracked_identities = 1")
+                .expect("1")
+                .max_tracked_identities,
+            1
+        );
+        for (line, want, says) in [
+            (
+                "audit_log = \"\"",
+                "inbound.stepup.audit_log",
+                "must name a file",
+            ),
+            ("audit_log = 1", "inbound.stepup.audit_log", "not integer"),
+            (
+                "audit_log = [\"a\"]",
+                "inbound.stepup.audit_log",
+                "not array",
+            ),
+            (
+                "max_tracked_identities = 0",
+                "inbound.stepup.max_tracked_identities",
+                "between 1 and 10000000",
+            ),
+            (
+                "max_tracked_identities = 10000001",
+                "inbound.stepup.max_tracked_identities",
+                "between 1 and 10000000",
+            ),
+        ] {
+            let (key, msg) = invalid_key(&inb(&format!("[inbound.stepup]\n{line}\n")));
+            assert_eq!(key, want, "{line}");
+            assert!(msg.contains(says), "{line}: {msg}");
+        }
+    }
+
+    const POLICY: &str = "[[risk_rules]]\nname = \"burst\"\nrate_above = \"3/1s\"\n[[routes]]\npath_prefix = \"/pay\"\nallow = [\"spiffe://td/ns/shop/*\"]\nstep_up = \"risk\"\nrisk = [\"burst\"]\n[[deny]]\nserial = \"0F\"\n";
+
+    fn write_policy(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("policy.toml");
+        std::fs::write(&p, text).expect("write policy");
+        p
+    }
+
+    #[test]
+    fn the_policy_file_holds_the_same_keys_at_its_top_level() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(dir.path(), POLICY);
+        let p = load_policy_file(&path).expect("policy");
+        assert_eq!(p.routes.len(), 1);
+        assert_eq!(p.routes[0].step_up, StepUpMode::Risk);
+        assert_eq!(p.routes[0].risk, ["burst"]);
+        assert_eq!(p.risk_rules[0].name, "burst");
+        assert_eq!(p.deny, [DenyEntry::Serial("f".into())]);
+
+        // Read at startup: the configuration holds its content.
+        let text = inb(&format!("policy_file = {:?}\n", path.display().to_string()));
+        let i = Config::parse(&text)
+            .expect("config")
+            .inbound
+            .expect("inbound");
+        assert_eq!(i.policy_file.as_deref(), Some(path.as_path()));
+        assert_eq!(i.policy.routes[0].path_prefix, "/pay");
+        assert_eq!(i.policy.deny.len(), 1);
+
+        // An empty file is an empty policy (the default decides).
+        std::fs::write(&path, "").expect("write");
+        let p = load_policy_file(&path).expect("empty policy");
+        assert!(p.routes.is_empty() && p.risk_rules.is_empty() && p.deny.is_empty());
+    }
+
+    #[test]
+    fn policy_file_errors_name_the_file_and_the_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let shown = dir.path().join("policy.toml").display().to_string();
+        for (text, want) in [
+            (
+                POLICY.replace("spiffe://td/ns/shop/*", "shop"),
+                "routes[0].allow[0]",
+            ),
+            (
+                POLICY.replace("[\"burst\"]", "[\"nope\"]"),
+                "routes[0].risk[0]",
+            ),
+            (POLICY.replace("3/1s", "3"), "risk_rules[0].rate_above"),
+            (POLICY.replace("0F", "zz"), "deny[0].serial"),
+            (
+                POLICY.replace("\"/pay\"", "\"pay\""),
+                "routes[0].path_prefix",
+            ),
+        ] {
+            let path = write_policy(dir.path(), &text);
+            match load_policy_file(&path) {
+                Err(ConfigError::Invalid { key, msg }) => {
+                    assert_eq!(key, format!("{shown}: {want}"), "{msg}");
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+            // The same through the main configuration.
+            let main = inb(&format!("policy_file = {shown:?}\n"));
+            let e = Config::parse(&main).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{shown}: {want}: ")), "{e}");
+        }
+        // Syntax errors and unknown keys name the file too.
+        for (text, says) in [
+            ("[[routes]\n", "policy.toml"),
+            ("[[routes]]\npath_prefix = \"/a\"\nbogus = 1\n", "bogus"),
+            ("[inbound]\n", "inbound"),
+            (
+                "[[routes]]\npath_prefix = \"/a\"\nstep_up = \"risk\"\nrisk = \"burst\"\n",
+                "risk",
+            ),
+        ] {
+            let path = write_policy(dir.path(), text);
+            match load_policy_file(&path) {
+                Err(ConfigError::Parse(msg)) => {
+                    assert!(msg.starts_with(&format!("{shown}: ")), "{msg}");
+                    assert!(msg.contains(says), "{says}: {msg}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let missing = dir.path().join("missing.toml");
+        match load_policy_file(&missing) {
+            Err(ConfigError::Read { path, .. }) => assert_eq!(path, missing),
+            other => panic!("{other:?}"),
+        }
+        match Config::parse(&inb(&format!(
+            "policy_file = {:?}\n",
+            missing.display().to_string()
+        ))) {
+            Err(ConfigError::Read { path, .. }) => assert_eq!(path, missing),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_inline_policy_key_beside_a_policy_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(dir.path(), POLICY);
+        let file = format!("policy_file = {:?}\n", path.display().to_string());
+        for (extra, want) in [
+            (
+                "[[inbound.routes]]\npath_prefix = \"/a\"\n",
+                "inbound.routes",
+            ),
+            ("routes = []\n", "inbound.routes"),
+            (
+                "[[inbound.risk_rules]]\nname = \"x\"\nnew_peer = \"1h\"\n",
+                "inbound.risk_rules",
+            ),
+            ("[[inbound.deny]]\nserial = \"1\"\n", "inbound.deny"),
+        ] {
+            let (key, msg) = invalid_key(&inb(&format!("{file}{extra}")));
+            assert_eq!(key, want, "{extra}");
+            assert!(
+                msg.contains("cannot be combined with inbound.policy_file"),
+                "{msg}"
+            );
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+        }
+        let (key, msg) = invalid_key(&inb("policy_file = \"\"\n"));
+        assert_eq!(
+            (key.as_str(), msg.as_str()),
+            ("inbound.policy_file", "must name a file")
+        );
+    }
+
+    #[test]
+    fn unused_rules_are_reported() {
+        let cfg = Config::parse(&risk_route("[\"burst\"]", "")).expect("config");
+        let i = cfg.inbound.as_ref().expect("inbound");
+        assert_eq!(i.policy.unused_risk_rules(), ["new-caller"]);
+        assert!(
+            cfg.explain()
+                .contains("  risk rule new-caller is used by no route\n"),
+            "{}",
+            cfg.explain()
+        );
+        let cfg = Config::parse(&risk_route("[\"burst\", \"new-caller\"]", "")).expect("config");
+        assert!(cfg
+            .inbound
+            .as_ref()
+            .expect("inbound")
+            .policy
+            .unused_risk_rules()
+            .is_empty());
+        assert!(!cfg.explain().contains("used by no route"));
+    }
+
+    #[test]
+    fn explain_says_what_each_risk_route_does() {
+        let extra = "[[inbound.risk_rules]]\nname = \"big\"\nheader = \"x-amount\"\nabove = 10000\n\
+            [[inbound.risk_rules]]\nname = \"kind\"\nheader = \"x-kind\"\none_of = [\"wire\", \"cash\"]\n\
+            [[inbound.risk_rules]]\nname = \"test\"\nheader = \"x-test\"\nequals = \"1\"\n\
+            [[inbound.risk_rules]]\nname = \"debug\"\nheader = \"x-debug\"\npresent = true\n\
+            [[inbound.risk_rules]]\nname = \"after-refusal\"\nafter_failure = \"15m\"\n\
+            [[inbound.risk_rules]]\nname = \"night\"\nhours = \"22:00-06:30\"\n\
+            [[inbound.risk_rules]]\nname = \"lockout\"\nfailures_above = \"5/15m\"\naction = \"deny\"\n\
+            [[inbound.risk_rules]]\nname = \"flood\"\nrate_above = \"100/1s\"\naction = \"deny\"\n\
+            [[inbound.deny]]\nspiffe_id = \"spiffe://td/ns/x/sa/stolen\"\n[[inbound.deny]]\nserial = \"0A:1B\"\n\
+            [inbound.stepup]\naudit_log = true\nmax_tracked_identities = 500\n";
+        let text = risk_route(
+            "[\"new-caller\", \"burst\", \"lockout\", \"big\", \"kind\", \"test\", \"debug\", \"after-refusal\", \"night\", \"flood\"]",
+            extra,
+        );
+        // [inbound.stepup] must come after the arrays of tables it splits.
+        let text = text.replace(
+            "[inbound.stepup]\naudit_log = true\nmax_tracked_identities = 500\n",
+            "",
+        ) + "[inbound.stepup]\naudit_log = true\nmax_tracked_identities = 500\n";
+        let e = Config::parse(&text).expect("config").explain();
+        let want_route = "  route /pay (any method): allow [], step-up by risk: \
+            challenge when new-caller (not served on this route within 24h) \
+            or burst (more than 30 requests per 1m by the caller on this route) \
+            or big (header x-amount above 10000 or not a number) \
+            or kind (header x-kind is one of \"wire\", \"cash\") \
+            or test (header x-test is \"1\") \
+            or debug (header x-debug present) \
+            or after-refusal (a refused step-up, 403 or bad handshake of the caller within 15m) \
+            or night (between 22:00 and 06:30 UTC); \
+            deny when lockout (more than 5 refusals of the caller within 15m, for 15m) \
+            or flood (more than 100 requests per 1s by the caller on this route); \
+            challenge when the app answers x-keyproof-step-up: required\n";
+        for says in [
+            want_route,
+            "  deny spiffe://td/ns/x/sa/stolen: 403 on every path\n",
+            "  deny serial:a1b: 403 on every path\n",
+            "  risk state for at most 500 caller identities",
+            "  step-up audit records to standard output\n",
+        ] {
+            assert!(e.contains(says), "{says:?} not in:\n{e}");
+        }
+        assert!(!e.contains("policy (routes"), "{e}");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(dir.path(), POLICY);
+        let e = Config::parse(&inb(&format!(
+            "policy_file = {:?}\n[inbound.stepup]\naudit_log = \"/var/log/a.jsonl\"\n",
+            path.display().to_string()
+        )))
+        .expect("config")
+        .explain();
+        for says in [
+            format!("  policy (routes, risk rules, deny list) from {} (re-read on change)\n", path.display()),
+            "  deny serial:f: 403 on every path\n".to_owned(),
+            "  route /pay (any method): allow [spiffe://td/ns/shop/*], step-up by risk: challenge when burst (more than 3 requests per 1s by the caller on this route); challenge when the app answers x-keyproof-step-up: required\n".to_owned(),
+            "  step-up audit records appended to /var/log/a.jsonl\n".to_owned(),
+        ] {
+            assert!(e.contains(&says), "{says:?} not in:\n{e}");
+        }
+        // No risk route: no word about risk state.
+        let e = Config::parse(&route("step_up = true\n"))
+            .expect("config")
+            .explain();
+        assert!(!e.contains("risk state"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_explained_as_they_are_written() {
+        for (d, want) in [
+            (Duration::from_secs(86_400), "24h"),
+            (Duration::from_secs(2 * 86_400), "2d"),
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_secs(900), "15m"),
+            (Duration::from_secs(60), "1m"),
+            (Duration::from_secs(90), "1m30s"),
+            (Duration::from_secs(3661), "1h1m1s"),
+            (Duration::from_millis(1500), "1s500ms"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::ZERO, "0ms"),
+        ] {
+            assert_eq!(format_duration(d), want);
+            assert_eq!(keyproof_identity::duration::parse(want).expect(want), d);
+        }
     }
 }

@@ -13,15 +13,29 @@
 //!   inbound/mod.rs       Inbound::admit        per request, in this order:
 //!     http/owned.rs        check_request         header rules (400/431)
 //!     http/path.rs         normalize_uri         one canonical path, or 400
-//!     inbound/policy.rs    Policy::decide        first matching route; is the caller allowed?
+//!     inbound/policy.rs    Policy::decide        the deny list (SPIFFE ID or certificate serial),
+//!                                                then the first matching route: is the caller
+//!                                                allowed? (a 403 is a failure of the caller)
 //!     http/owned.rs        strip_request,        sidecar-owned and hop-by-hop fields removed,
 //!                          strip_hop_by_hop      XFCC set to the verified caller
-//!   inbound/mod.rs       Inbound::stepped_up   on step-up routes only:
-//!     inbound/challenge.rs InboundStepUp::verify proof checked and its nonce consumed
-//!                                                (keyproof_stepup::Pending::finish), or a
-//!                                                challenge with a fresh nonce
-//!   inbound/mod.rs       Inbound::forward      to the app; InboundStepUp::on_response puts
-//!                                                the next nonce on the answer
+//!   inbound/mod.rs       Inbound::stepped_up   on step-up routes only; the step-up decision:
+//!     inbound/risk.rs      RouteRisk::evaluate   `risk` routes: a deny rule refuses (403), a
+//!                                                challenge rule demands a proof (its name is
+//!                                                the reason), or the request passes
+//!     inbound/challenge.rs InboundStepUp::verify `always` routes, a rule that fired, or a
+//!                                                presigned request: proof checked and its nonce
+//!                                                consumed (keyproof_stepup::Pending::finish), or
+//!                                                a challenge with a fresh nonce; audited
+//!                                                (inbound/audit.rs)
+//!   inbound/mod.rs       Inbound::unverified   `risk` route, nothing fired, no proof: to the app
+//!                                                with its body counted (inbound/counted.rs); if
+//!                                                the app answers `x-keyproof-step-up: required`,
+//!                                                the caller is challenged (or 413)
+//!   inbound/mod.rs       Inbound::forward      to the app (verified requests with
+//!                                                `x-keyproof-step-up: verified` and the reason);
+//!                                                an app asking where no proof can follow: 502;
+//!                                                InboundStepUp::on_response puts the next nonce
+//!                                                on the answer (`always`, or the app asked)
 //!   http/app_client.rs   H1Pool::request       ──▶ the local app (H2cConn for gRPC apps)
 //!
 //! local app ── plaintext ──▶
@@ -40,7 +54,9 @@
 //! connections for drain; `admin.rs` serves `/ready`, `/metrics` and
 //! `/identity`; `metrics.rs` defines every metric and its labels;
 //! `config.rs` parses and validates the TOML; `run.rs` starts and stops the
-//! process.
+//! process and watches `[inbound] policy_file` (`watch_policy`: a valid
+//! change replaces the inbound's policy whole, `Inbound::replace_policy`;
+//! the risk table in `inbound/risk.rs` outlives it).
 //!
 //! Dependencies point one way: `http/` knows nothing of `inbound/`,
 //! `outbound/` or `identity/`; `inbound/` and `outbound/` never import each

@@ -159,6 +159,10 @@ pub struct Metrics {
     pub cert_issued: Gauge,
     reloads: IntCounterVec,
     renewals: IntCounterVec,
+    policy_reloads: [IntCounter; 2],
+    /// `keyproof_policy_generation`: 0 for the policy read at startup, one
+    /// more for each file change taken into use.
+    pub policy_generation: IntGauge,
     sig_cache: [IntCounter; 2],
     sig_cache_sync: std::sync::Arc<std::sync::Mutex<()>>,
     bundle: TrustBundleMetrics,
@@ -309,6 +313,21 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let policy_reloads = IntCounterVec::new(
+            Opts::new(
+                "keyproof_policy_reloads_total",
+                "[inbound] policy_file changes seen, by result: ok (in use) or failed (refused; \
+                 the policy in use before keeps serving).",
+            ),
+            &["result"],
+        )?;
+        let policy_generation = IntGauge::new(
+            "keyproof_policy_generation",
+            "The inbound policy in use: 0 as read at startup, one more per policy_file \
+             change taken into use.",
+        )?;
+        registry.register(Box::new(policy_reloads.clone()))?;
+        registry.register(Box::new(policy_generation.clone()))?;
         // Every label at 0 from the start, so increase() sees the first event.
         for r in RELOAD_RESULTS {
             reloads.with_label_values(&[r]);
@@ -390,6 +409,8 @@ impl Metrics {
             cert_issued,
             reloads,
             renewals,
+            policy_reloads: ["ok", "failed"].map(|r| policy_reloads.with_label_values(&[r])),
+            policy_generation,
             sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
             sig_cache_sync: Default::default(),
             bundle: TrustBundleMetrics {
@@ -417,6 +438,12 @@ impl Metrics {
     /// Counts one `[identity.files]` reload outcome.
     pub fn reload(&self, result: &str) {
         self.reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Counts one `[inbound] policy_file` change: taken into use (`ok`) or
+    /// refused.
+    pub fn policy_reload(&self, ok: bool) {
+        self.policy_reloads[usize::from(!ok)].inc();
     }
 
     /// Counts one `[identity.ca]` issuance outcome.
@@ -513,7 +540,7 @@ impl Metrics {
     }
 }
 
-// Step-up: inbound `keyproof_stepup_challenges_total{route}`,
+// Step-up: inbound `keyproof_stepup_challenges_total{route, reason}`,
 // `keyproof_stepup_verifications_total{result}` (every design-doc result,
 // at 0 from the start so that `increase()` works from the first refusal),
 // `keyproof_stepup_nonces_outstanding`, `keyproof_stepup_nonce_table_full_total`
@@ -523,7 +550,8 @@ impl Metrics {
 /// Inbound (verifier) metrics.
 #[derive(Clone)]
 pub struct VerifierMetrics {
-    challenges: HashMap<String, IntCounter>,
+    /// Route, then reason: looked up with two `&str` without building a key.
+    challenges: HashMap<String, HashMap<String, IntCounter>>,
     challenges_vec: IntCounterVec,
     verifications: [IntCounter; Outcome::ALL.len()],
     /// `keyproof_stepup_nonces_outstanding`.
@@ -534,18 +562,24 @@ pub struct VerifierMetrics {
 
 impl VerifierMetrics {
     /// Registers the inbound step-up metrics; `routes` are the step-up
-    /// routes' ids (path prefixes), whose challenge counters start at 0.
-    pub fn register<'a>(
+    /// routes' ids (path prefixes), each with the reasons it can challenge
+    /// for (`always`; or `app` and its challenge rules' names), whose
+    /// challenge counters start at 0.
+    pub fn register<'a, R>(
         metrics: &Metrics,
-        routes: impl IntoIterator<Item = &'a str>,
+        routes: impl IntoIterator<Item = (&'a str, R)>,
         capacity: usize,
-    ) -> Result<VerifierMetrics, prometheus::Error> {
+    ) -> Result<VerifierMetrics, prometheus::Error>
+    where
+        R: IntoIterator<Item = &'a str>,
+    {
         let challenges_vec = IntCounterVec::new(
             Opts::new(
                 "keyproof_stepup_challenges_total",
-                "Step-up challenges (401 with a fresh nonce) issued, by route path_prefix.",
+                "Step-up challenges (401 with a fresh nonce) issued, by route path_prefix and \
+                 reason (always, app, or the name of the risk rule that fired).",
             ),
-            &["route"],
+            &["route", "reason"],
         )?;
         let verifications_vec = IntCounterVec::new(
             Opts::new(
@@ -572,10 +606,16 @@ impl VerifierMetrics {
         metrics.register(Box::new(outstanding.clone()))?;
         metrics.register(Box::new(table_full.clone()))?;
         metrics.register(Box::new(capacity_gauge))?;
-        let challenges = routes
-            .into_iter()
-            .map(|r| (r.to_owned(), challenges_vec.with_label_values(&[r])))
-            .collect();
+        let mut challenges: HashMap<String, HashMap<String, IntCounter>> = HashMap::new();
+        for (route, reasons) in routes {
+            let by_reason = challenges.entry(route.to_owned()).or_default();
+            for reason in reasons {
+                by_reason.insert(
+                    reason.to_owned(),
+                    challenges_vec.with_label_values(&[route, reason]),
+                );
+            }
+        }
         Ok(VerifierMetrics {
             challenges,
             challenges_vec,
@@ -593,12 +633,16 @@ impl VerifierMetrics {
         }
     }
 
-    /// Counts one challenge on `route`.
-    pub fn challenge(&self, route: &str) {
-        match self.challenges.get(route) {
+    /// Counts one challenge on `route` for `reason`.
+    pub fn challenge(&self, route: &str, reason: &str) {
+        match self.challenges.get(route).and_then(|r| r.get(reason)) {
             Some(c) => c.inc(),
-            // Only configured routes reach here; resolving late is a fallback.
-            None => self.challenges_vec.with_label_values(&[route]).inc(),
+            // Routes and rules of a policy loaded after startup; resolving
+            // late is a fallback.
+            None => self
+                .challenges_vec
+                .with_label_values(&[route, reason])
+                .inc(),
         }
     }
 }
@@ -746,7 +790,12 @@ mod tests {
     #[test]
     fn every_label_of_every_list_is_exported_at_zero_from_the_start() {
         let m = Metrics::new().expect("metrics");
-        VerifierMetrics::register(&m, ["/admin"], 10).expect("verifier metrics");
+        VerifierMetrics::register(
+            &m,
+            [("/admin", vec!["always"]), ("/pay", vec!["app", "burst"])],
+            10,
+        )
+        .expect("verifier metrics");
         SignerMetrics::register(&m).expect("signer metrics");
         let t = text(&m);
         let mut checked = 0;
@@ -803,12 +852,24 @@ mod tests {
                 &[("result", r.as_str())],
             );
         }
-        zero("keyproof_stepup_challenges_total", &[("route", "/admin")]);
+        for (route, reason) in [("/admin", "always"), ("/pay", "app"), ("/pay", "burst")] {
+            zero(
+                "keyproof_stepup_challenges_total",
+                &[("route", route), ("reason", reason)],
+            );
+        }
+        for r in ["ok", "failed"] {
+            zero("keyproof_policy_reloads_total", &[("result", r)]);
+        }
+        zero("keyproof_policy_generation", &[]);
         zero("keyproof_stepup_nonces_outstanding", &[]);
         zero("keyproof_stepup_nonce_table_full_total", &[]);
         zero("keyproof_identity_cert_expiry_timestamp_seconds", &[]);
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
-        assert_eq!(checked, 2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 5);
+        assert_eq!(
+            checked,
+            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 1 + 4
+        );
         // Nothing to say before a bundle is installed (not even its trust
         // domain), and no sequence unless a CA states one.
         assert!(!t.contains("\nkeyproof_trust_bundle_roots"), "{t}");
@@ -1042,12 +1103,15 @@ mod tests {
     #[test]
     fn step_up_counters_land_on_their_labels() {
         let m = Metrics::new().expect("metrics");
-        let v = VerifierMetrics::register(&m, ["/admin"], 4).expect("verifier metrics");
+        let v =
+            VerifierMetrics::register(&m, [("/admin", ["always"])], 4).expect("verifier metrics");
         let s = SignerMetrics::register(&m).expect("signer metrics");
         v.verification(Outcome::Replay);
-        v.challenge("/admin");
-        // A route registered late still counts (resolved on first use).
-        v.challenge("/late");
+        v.challenge("/admin", "always");
+        // A route or rule of a policy loaded later still counts (resolved
+        // on first use).
+        v.challenge("/late", "app");
+        v.challenge("/admin", "burst");
         s.count(SignResult::BodyTooLarge);
         let result = |name: &str, r: &str| value(&m, name, &[("result", r)]);
         assert_eq!(result("keyproof_stepup_verifications_total", "replay"), 1.0);
@@ -1056,12 +1120,31 @@ mod tests {
             result("keyproof_stepup_signatures_total", "body_too_large"),
             1.0
         );
-        for route in ["/admin", "/late"] {
+        for (route, reason) in [("/admin", "always"), ("/late", "app"), ("/admin", "burst")] {
             assert_eq!(
-                value(&m, "keyproof_stepup_challenges_total", &[("route", route)]),
+                value(
+                    &m,
+                    "keyproof_stepup_challenges_total",
+                    &[("route", route), ("reason", reason)]
+                ),
                 1.0
             );
         }
+        assert_eq!(
+            sample(
+                &text(&m),
+                "keyproof_stepup_challenges_total",
+                &[("route", "/late"), ("reason", "always")]
+            ),
+            None
+        );
+        m.policy_reload(true);
+        m.policy_reload(false);
+        m.policy_reload(false);
+        m.policy_generation.set(1);
+        let reloads = |r: &str| value(&m, "keyproof_policy_reloads_total", &[("result", r)]);
+        assert_eq!((reloads("ok"), reloads("failed")), (1.0, 2.0));
+        assert_eq!(value(&m, "keyproof_policy_generation", &[]), 1.0);
         // Registering twice in one registry is refused, not double-counted.
         assert!(SignerMetrics::register(&m).is_err());
     }

@@ -1,7 +1,8 @@
 //! `keyproof-proxy quickstart`: a throwaway trust domain, a demo app and two
 //! sidecars in one process, exercised with an allowed request, a denied one,
-//! a step-up route answered by the outbound's signer, and a replayed signed
-//! request that the inbound refuses.
+//! a step-up route answered by the outbound's signer, a step-up triggered by
+//! a risk rule, one the app asks for, and a replayed signed request that the
+//! inbound refuses.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,16 @@ pub enum QuickstartError {
     /// A demo request failed outright.
     #[error("demo request: {0}")]
     Request(String),
+    /// A demo request was answered, but not as the demo expects.
+    #[error("demo request {what}: expected {expected}, got {got:?}")]
+    Misanswered {
+        /// Which request.
+        what: &'static str,
+        /// What the answer should have said.
+        expected: &'static str,
+        /// The answer.
+        got: String,
+    },
     /// A demo request got an unexpected status.
     #[error("demo request {what}: expected {expected}, got {got}")]
     Unexpected {
@@ -101,6 +112,9 @@ fn issue(
     Ok((crt, key))
 }
 
+/// Why the inbound verified a request: `always`, `app` or a risk rule.
+const STEP_UP_REASON: &str = "x-keyproof-step-up-reason";
+
 async fn demo_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let caller = req
         .headers()
@@ -109,16 +123,31 @@ async fn demo_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
         .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("URI=")))
         .unwrap_or("unknown")
         .to_owned();
-    // The inbound sidecar sets this header only after a step-up proof
-    // verified (a copy sent by a caller is removed first).
-    let step_up = if req
+    // The inbound sidecar sets these fields only after a step-up proof
+    // verified (copies sent by a caller are removed first).
+    let verified = req
         .headers()
-        .contains_key(&crate::http::owned::STEP_UP_VERIFIED)
+        .contains_key(&crate::http::owned::STEP_UP_VERIFIED);
+    let step_up = match req
+        .headers()
+        .get(STEP_UP_REASON)
+        .and_then(|v| v.to_str().ok())
     {
-        ", step-up verified"
-    } else {
-        ""
+        Some(reason) if verified => format!(", step-up verified (reason {reason})"),
+        _ if verified => ", step-up verified".to_owned(),
+        _ => String::new(),
     };
+    // Approving a payment is a business event the app wants proven: it asks
+    // its sidecar, which challenges the caller and sends the request again,
+    // verified. The answer to the unverified request is discarded.
+    if req.uri().path().ends_with("/approve") && !verified {
+        let mut asked = Response::new(Full::new(Bytes::from_static(b"proof needed\n")));
+        asked.headers_mut().insert(
+            crate::http::owned::STEP_UP_VERIFIED.clone(),
+            http::HeaderValue::from_static("required"),
+        );
+        return Ok(asked);
+    }
     Ok(Response::new(Full::new(Bytes::from(format!(
         "hello from the demo app: {} {} called by {caller}{step_up}\n",
         req.method(),
@@ -173,7 +202,9 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
     let api_cfg = format!(
         "[identity]\ntrust_bundle = {bundle:?}\n[identity.files]\ncert = {api_crt:?}\nkey = {api_key:?}\n\
          [inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app_addr}\"\n\
+         [[inbound.risk_rules]]\nname = \"big-transfer\"\nheader = \"x-amount\"\nabove = 10000\n\
          [[inbound.routes]]\npath_prefix = \"/admin/rotate\"\nmethods = [\"POST\"]\nallow = [\"spiffe://{TD}/ns/demo/sa/web\"]\nstep_up = true\n\
+         [[inbound.routes]]\npath_prefix = \"/payments\"\nmethods = [\"POST\"]\nallow = [\"spiffe://{TD}/ns/demo/sa/web\"]\nstep_up = \"risk\"\nrisk = [\"big-transfer\"]\n\
          [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://{TD}/ns/ops/*\"]\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n"
     );
@@ -206,7 +237,7 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
     println!();
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let send = |method: http::Method, path: &'static str| {
+    let send_with = |method: http::Method, path: &'static str, amount: Option<&'static str>| {
         let client = client.clone();
         async move {
             let body = if method == http::Method::POST {
@@ -214,11 +245,15 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
             } else {
                 Bytes::new()
             };
-            let req = Request::builder()
+            let mut req = Request::builder()
                 .method(method)
                 .uri(format!("http://{out_addr}{path}"))
                 .header(http::header::HOST, "api.demo")
-                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(a) = amount {
+                req = req.header("x-amount", a);
+            }
+            let req = req
                 .body(Full::new(body))
                 .map_err(|e| QuickstartError::Request(e.to_string()))?;
             let resp = client
@@ -235,6 +270,7 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
             Ok::<_, QuickstartError>((status, body))
         }
     };
+    let send = |method: http::Method, path: &'static str| send_with(method, path, None);
     let (s, b) = send(http::Method::GET, "/hello").await?;
     println!(
         "1. web -> api GET /hello (allowed):        {s} {}",
@@ -271,9 +307,37 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
             got: s.as_u16(),
         });
     }
+    let (s, b) = send_with(http::Method::POST, "/payments/transfer", Some("50")).await?;
+    println!(
+        "4. web -> api POST /payments/transfer, x-amount 50 (no risk rule fires):\n   {s} {}",
+        b.trim()
+    );
+    expect_step_up("POST /payments/transfer (x-amount 50)", s, &b, None)?;
+    let (s, b) = send_with(http::Method::POST, "/payments/transfer", Some("25000")).await?;
+    println!(
+        "5. web -> api POST /payments/transfer, x-amount 25000 (risk rule big-transfer fires):\n   {s} {}",
+        b.trim()
+    );
+    expect_step_up(
+        "POST /payments/transfer (x-amount 25000)",
+        s,
+        &b,
+        Some("step-up verified (reason big-transfer)"),
+    )?;
+    let (s, b) = send(http::Method::POST, "/payments/approve").await?;
+    println!(
+        "6. web -> api POST /payments/approve (the app asks for proof of the approval):\n   {s} {}",
+        b.trim()
+    );
+    expect_step_up(
+        "POST /payments/approve",
+        s,
+        &b,
+        Some("step-up verified (reason app)"),
+    )?;
     let (first, signed, replayed, why) = captured_replay(&web, in_addr).await?;
     println!(
-        "4. a caller's own signed request, captured and replayed on its connection:\n   \
+        "7. a caller's own signed request, captured and replayed on its connection:\n   \
          unsigned {first}, signed {signed}, replayed {replayed} ({why})"
     );
     if replayed != StatusCode::UNAUTHORIZED || !why.contains("replay") {
@@ -309,6 +373,37 @@ async fn demo(tmp: &Path, once: bool) -> Result<(), QuickstartError> {
 }
 
 const DEMO_BODY: &[u8] = b"{\"rotate\":true}";
+
+/// Checks that a demo request got 200 and reached the app verified with
+/// `verified` in its answer (e.g. `step-up verified (reason app)`), or
+/// unverified when `verified` is `None`.
+fn expect_step_up(
+    what: &'static str,
+    status: StatusCode,
+    body: &str,
+    verified: Option<&'static str>,
+) -> Result<(), QuickstartError> {
+    if status != StatusCode::OK {
+        return Err(QuickstartError::Unexpected {
+            what,
+            expected: 200,
+            got: status.as_u16(),
+        });
+    }
+    let (ok, expected) = match verified {
+        Some(phrase) => (body.contains(phrase), phrase),
+        None => (!body.contains("step-up"), "no step-up"),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(QuickstartError::Misanswered {
+            what,
+            expected,
+            got: body.trim().to_owned(),
+        })
+    }
+}
 
 fn request_error(e: impl std::fmt::Display) -> QuickstartError {
     QuickstartError::Request(e.to_string())

@@ -1,19 +1,21 @@
 //! The process: load the identity and start its reloader or renewer, bind
-//! the admin, inbound and outbound listeners, serve until a signal, drain.
-//! Also the checks that span sections of the configuration, the runtime and
-//! logging setup.
+//! the admin, inbound and outbound listeners (and watch the inbound's
+//! `policy_file`), serve until a signal, drain. Also the checks that span
+//! sections of the configuration, the runtime and logging setup.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keyproof_identity::Usage;
 
-use crate::config::{self, Config, IdentitySource};
+use crate::config::{self, Config, ConfigError, IdentitySource, PolicyConfig};
 use crate::identity::reload;
 use crate::identity::renew;
 use crate::identity::store::{self, Identity, IdentityStore};
+use crate::identity::watch::FileWatch;
 use crate::listener;
 use crate::{admin, inbound, metrics, outbound};
 
@@ -87,11 +89,7 @@ pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartErro
         Ok(())
     };
     if let Some(i) = &cfg.inbound {
-        for (r, route) in i.policy.routes.iter().enumerate() {
-            for (a, p) in route.allow.iter().enumerate() {
-                check(format!("inbound.routes[{r}].allow[{a}]"), p)?;
-            }
-        }
+        check_policy_trust_domain(&i.policy, &policy_key_prefix(i), ours)?;
     }
     if let Some(o) = &cfg.outbound {
         for (u, up) in o.upstreams.iter().enumerate() {
@@ -99,6 +97,99 @@ pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartErro
         }
     }
     Ok(())
+}
+
+/// How the keys of the inbound policy are named in errors: `inbound.`
+/// inline, or the policy file's path.
+fn policy_key_prefix(i: &config::InboundConfig) -> String {
+    match &i.policy_file {
+        Some(p) => format!("{}: ", p.display()),
+        None => "inbound.".to_owned(),
+    }
+}
+
+/// [`check_trust_domains`] for a policy: every route's `allow` pattern must
+/// be in trust domain `ours`. Keys in errors start with `prefix`.
+fn check_policy_trust_domain(
+    policy: &PolicyConfig,
+    prefix: &str,
+    ours: &str,
+) -> Result<(), StartError> {
+    for (r, route) in policy.routes.iter().enumerate() {
+        for (a, p) in route.allow.iter().enumerate() {
+            let td = pattern_trust_domain(p);
+            if td != ours {
+                return Err(StartError::ForeignPattern {
+                    key: format!("{prefix}routes[{r}].allow[{a}]"),
+                    msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a changed policy file was refused (the policy in use keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyReloadError {
+    /// The file is unreadable or invalid (the error names the key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A route allows peers of another trust domain.
+    #[error(transparent)]
+    Check(#[from] StartError),
+    /// Registering the new policy's metrics failed (a bug).
+    #[error("policy metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Reads `path` and, if it is a valid policy whose routes allow only peers
+/// of trust domain `ours`, puts it in use. Returns its generation.
+pub fn reload_policy(
+    inbound: &inbound::Inbound,
+    path: &Path,
+    ours: &str,
+) -> Result<u64, PolicyReloadError> {
+    let policy = config::load_policy_file(path)?;
+    check_policy_trust_domain(&policy, &format!("{}: ", path.display()), ours)?;
+    Ok(inbound.replace_policy(&policy)?)
+}
+
+/// Watches `[inbound] policy_file` (the same watcher as the identity files:
+/// directory events and a periodic re-read every `interval`) and takes
+/// every change of its content into use; a file that is refused is logged
+/// with the key at fault and counted, and the policy in use keeps serving.
+pub async fn watch_policy(
+    inbound: Arc<inbound::Inbound>,
+    path: PathBuf,
+    ours: String,
+    metrics: metrics::Metrics,
+    interval: Duration,
+) {
+    let mut watch = FileWatch::start(&[path.as_path()], interval);
+    // As read at startup (near enough: an edit in between is seen at the
+    // next event or tick only if it changes the file again). Compared so
+    // that a tick or an unrelated event in the directory reloads nothing:
+    // a reload starts the per-route risk state afresh.
+    let mut seen = std::fs::read(&path).ok();
+    loop {
+        watch.changed().await;
+        let now = std::fs::read(&path).ok();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match reload_policy(&inbound, &path, &ours) {
+            Ok(generation) => {
+                metrics.policy_reload(true);
+                tracing::info!(policy_file = %path.display(), generation, "inbound policy reloaded");
+            }
+            Err(e) => {
+                metrics.policy_reload(false);
+                tracing::error!(policy_file = %path.display(), error = %e, "inbound policy file refused; the policy in use keeps serving");
+            }
+        }
+    }
 }
 
 /// A started proxy: listeners bound, accepting.
@@ -119,6 +210,8 @@ pub struct Running {
     grace: Duration,
     /// The reloader (`[identity.files]`) or renewer (`[identity.ca]`).
     identity_task: tokio::task::JoinHandle<()>,
+    /// The `[inbound] policy_file` watcher.
+    policy_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Loads the identity (`[identity.files]`: before any port is bound, so a
@@ -242,11 +335,22 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         tracker: tracker.clone(),
         grace: cfg.runtime.shutdown_grace,
         identity_task,
+        policy_task: None,
     };
     cancel_identity.disarm();
     if let (Some(l), Some(ib), Some(c)) = (in_l, inbound, cfg.inbound.as_ref()) {
         running.inbound_addr = l.local_addr().ok();
         tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
+        if let Some(path) = &c.policy_file {
+            let ours = running.identity.current().id.trust_domain_name().to_owned();
+            running.policy_task = Some(tokio::spawn(watch_policy(
+                ib.clone(),
+                path.clone(),
+                ours,
+                metrics.clone(),
+                cfg.identity.reload_interval,
+            )));
+        }
         let rx = stop_rx.clone();
         // Sockets: the authenticated connections plus the pending
         // handshakes (the inbound bounds each on its own).
@@ -311,6 +415,9 @@ impl Running {
         }
         let _ = self.stop_admin.send(true);
         self.identity_task.abort();
+        if let Some(t) = self.policy_task {
+            t.abort();
+        }
     }
 }
 
@@ -412,4 +519,101 @@ pub fn init_logging_with_default(format: config::LogFormat, default: &str) {
             .with(fmt.json().with_filter(filter))
             .try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::{config, metric, workload, TD};
+
+    const WEB_ONLY: &str =
+        "[[routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\n";
+    const OPS_ONLY: &str =
+        "[[routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/ops/*\"]\n";
+
+    /// Waits (up to 10 s) until `series` reads `want`.
+    async fn until(m: &metrics::Metrics, series: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metric(m, series) != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {}, not {want}",
+                metric(m, series)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_policy_file_is_taken_into_use_and_a_bad_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, WEB_ONLY).expect("write");
+        let api = workload("/ns/demo/sa/api");
+        let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
+        let mut cfg = cfg.inbound.expect("[inbound]");
+        cfg.policy = config::load_policy_file(&file).expect("policy file");
+        cfg.policy_file = Some(file.clone());
+        let m = metrics::Metrics::new().expect("metrics");
+        let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
+        let task = tokio::spawn(watch_policy(
+            ib.clone(),
+            file.clone(),
+            TD.to_owned(),
+            m.clone(),
+            Duration::from_millis(50),
+        ));
+        // Ticks with nothing changed reload nothing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
+            0.0
+        );
+
+        std::fs::write(&file, OPS_ONLY).expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"ok\"}", 1.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 1.0);
+
+        // Invalid, then a foreign trust domain: refused, counted, the
+        // policy in use stays.
+        std::fs::write(&file, "[[routes]]\npath_prefix = 3\n").expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"failed\"}", 1.0).await;
+        std::fs::write(
+            &file,
+            "[[routes]]\npath_prefix = \"/a\"\nallow = [\"spiffe://elsewhere.test/ns/x/sa/y\"]\n",
+        )
+        .expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"failed\"}", 2.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 1.0);
+
+        // The file back to a valid one: in use again.
+        std::fs::write(&file, WEB_ONLY).expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"ok\"}", 2.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 2.0);
+        task.abort();
+    }
+
+    #[test]
+    fn a_reloaded_policy_is_refused_for_a_foreign_pattern_naming_the_file_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(
+            &file,
+            format!("{WEB_ONLY}[[routes]]\npath_prefix = \"/b\"\nallow = [\"spiffe://{TD}/x\", \"spiffe://other.test/y\"]\n"),
+        )
+        .expect("write");
+        let policy = config::load_policy_file(&file).expect("parses");
+        let prefix = format!("{}: ", file.display());
+        let e = check_policy_trust_domain(&policy, &prefix, TD).unwrap_err();
+        assert_eq!(
+            e.to_string()
+                .split(':')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(":"),
+            format!("{}: routes[1].allow[1]", file.display())
+        );
+    }
 }

@@ -157,6 +157,7 @@ pub struct Pending<'v> {
     signature: Vec<u8>,
     digest: [u8; 32],
     nonce_id: NonceId,
+    nonce_expires: u32,
 }
 
 /// The signature parameters stepup-v1 reads, checked at step 2.
@@ -402,6 +403,7 @@ impl Verifier {
             signature: sig,
             digest: expected_digest,
             nonce_id: nonce.id,
+            nonce_expires: nonce.expires,
         })
     }
 
@@ -431,6 +433,14 @@ impl Pending<'_> {
     /// The signature base that will be verified (diagnostics, interop tests).
     pub fn signature_base(&self) -> &[u8] {
         &self.base
+    }
+
+    /// When the nonce was issued, Unix seconds (rounded down): its MAC'd
+    /// expiry less this verifier's `nonce_ttl`. For audit records (how long
+    /// a caller took to answer); never a freshness check, which `begin`
+    /// made on the expiry itself.
+    pub fn nonce_issued_at(&self) -> u64 {
+        u64::from(self.nonce_expires).saturating_sub(self.verifier.cfg.nonce_ttl.as_secs())
     }
 
     /// Steps 8-10 with the buffered body.

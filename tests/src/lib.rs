@@ -6,11 +6,14 @@
 //! member's binaries are compiled before any test runs); `KEYPROOF_BIN_DIR`
 //! overrides where they are looked up.
 
+pub mod asking_app;
 pub mod ca_server;
 pub mod k8s;
 pub mod kube_api;
+pub mod load;
 pub mod nginx;
 pub mod proxy_support;
+pub mod stepup_caller;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -353,6 +353,27 @@ impl ProxyProc {
             .unwrap_or(0.0)
     }
 
+    /// The sum of the samples of metric `name` whose labels include every
+    /// pair of `labels` (in any order); 0 when there is none. Unlike
+    /// [`ProxyProc::metric`] this does not depend on how the exposition
+    /// orders labels.
+    pub fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum_samples(&self.metrics(), name, labels)
+    }
+
+    /// Waits (up to 10 s) for [`ProxyProc::sample`] to reach at least
+    /// `min`; returns it.
+    pub fn wait_sample(&self, name: &str, labels: &[(&str, &str)], min: f64) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.sample(name, labels);
+            if v >= min || start.elapsed() > Duration::from_secs(10) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits (up to 5 s) for a sample to reach at least `min`; returns it.
     pub fn wait_metric(&self, sample: &str, min: f64) -> f64 {
         let start = Instant::now();
@@ -395,6 +416,133 @@ impl Drop for ProxyProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The label pairs of one exposition line's sample (`name{a="x",b="y"} v`),
+/// and its value; `None` for another metric or a comment.
+fn parse_sample<'l>(line: &'l str, name: &str) -> Option<(Vec<(&'l str, String)>, f64)> {
+    let rest = line.strip_prefix(name)?;
+    let (labels, value) = match rest.strip_prefix('{') {
+        Some(r) => {
+            let end = r.rfind('}')?;
+            (&r[..end], r[end + 1..].trim())
+        }
+        None if rest.starts_with(' ') => ("", rest.trim()),
+        None => return None,
+    };
+    let mut pairs = Vec::new();
+    let mut r = labels;
+    while !r.is_empty() {
+        let (k, v) = r.split_once("=\"")?;
+        let mut val = String::new();
+        let mut chars = v.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        val.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        pairs.push((k.trim_start_matches(','), val));
+        r = v[end? + 1..].trim_start_matches(',');
+    }
+    Some((pairs, value.parse().ok()?))
+}
+
+/// The sum of the samples of `name` in an exposition whose labels include
+/// every pair of `labels`.
+pub fn sum_samples(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter_map(|l| parse_sample(l, name))
+        .filter(|(pairs, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The serial number of a certificate (DER), as lowercase hex without
+/// leading zeros: the form `[[inbound.deny]] serial` is compared in.
+pub fn serial_hex(der: &[u8]) -> String {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
+    // OPTIONAL, serialNumber INTEGER, ... } ... }
+    fn header(b: &[u8]) -> (u8, usize, usize) {
+        let tag = b[0];
+        let (len, hl) = if b[1] < 0x80 {
+            (b[1] as usize, 2)
+        } else {
+            let n = (b[1] & 0x7f) as usize;
+            let len = b[2..2 + n]
+                .iter()
+                .fold(0usize, |a, x| (a << 8) | *x as usize);
+            (len, 2 + n)
+        };
+        (tag, hl, len)
+    }
+    let (_, hl, _) = header(der);
+    let tbs = &der[hl..];
+    let (_, hl, _) = header(tbs);
+    let mut rest = &tbs[hl..];
+    let (tag, hl, len) = header(rest);
+    if tag == 0xa0 {
+        rest = &rest[hl + len..];
+    }
+    let (tag, hl, len) = header(rest);
+    assert_eq!(tag, 0x02, "serialNumber is an INTEGER");
+    let hex: String = rest[hl..hl + len]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// curl straight to an inbound sidecar over mutual TLS as `cert` (the
+/// server name `localhost` resolved to the listener), with `args` before
+/// the URL of `path`: (status, body, curl exit code), status 0 when no
+/// HTTP response arrived.
+pub fn curl_mtls(
+    inbound: SocketAddr,
+    pki: &Pki,
+    cert: &Cert,
+    path: &str,
+    args: &[&str],
+) -> (u16, String, i32) {
+    let resolve = format!("localhost:{}:127.0.0.1", inbound.port());
+    let url = format!("https://localhost:{}{path}", inbound.port());
+    let (crt, key, ca) = (
+        cert.crt.display().to_string(),
+        cert.key.display().to_string(),
+        pki.bundle.display().to_string(),
+    );
+    let mut all = vec![
+        "--resolve",
+        &resolve,
+        "--cert",
+        &crt,
+        "--key",
+        &key,
+        "--cacert",
+        &ca,
+    ];
+    all.extend_from_slice(args);
+    all.push(&url);
+    curl(&all)
 }
 
 /// The `[identity]` section for a certificate.

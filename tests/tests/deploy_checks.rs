@@ -44,6 +44,12 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_stepup_nonces_outstanding",
     "keyproof_stepup_nonce_table_full_total",
     "keyproof_stepup_signatures_total",
+    "keyproof_risk_denied_total",
+    "keyproof_deny_list_refused_total",
+    "keyproof_policy_reloads_total",
+    "keyproof_risk_tracked_identities",
+    "keyproof_risk_evictions_total",
+    "keyproof_risk_untracked_total",
     "keyproof_trust_bundle_roots",
     "keyproof_trust_bundle_root_expiry_timestamp_seconds",
     "keyproof_trust_bundle_sequence",
@@ -572,6 +578,9 @@ fn every_alert_is_unit_tested_and_documented() {
         "KeyproofIdentityRenewalErrors",
         "KeyproofStepUpNonceTableFilling",
         "KeyproofStepUpNonceTableFull",
+        "KeyproofDenyListRefusals",
+        "KeyproofRiskDenials",
+        "KeyproofPolicyReloadFailed",
     ] {
         assert!(
             alerts.iter().any(|a| a == required),
@@ -719,6 +728,10 @@ fn grafana_dashboard_is_valid() {
         "keyproof_tls_key_exchange_total",
         "keyproof_stepup_verifications_total",
         "keyproof_stepup_nonces_outstanding",
+        "sum by (route, reason) (rate(keyproof_stepup_challenges_total",
+        "keyproof_risk_denied_total",
+        "keyproof_deny_list_refused_total",
+        "keyproof_policy_reloads_total",
         "keyproof_identity_cert_expiry_timestamp_seconds",
     ] {
         assert!(all.contains(needle), "the dashboard shows no {needle}");

@@ -13,19 +13,19 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keyproof_stepup::{unix_now, Challenge, Peer, RequestView, Signer, StepUpConfig, Verifier};
+use keyproof_stepup::{unix_now, Peer, RequestView, StepUpConfig, Verifier};
 use keyproof_tests::free_port;
 use keyproof_tests::proxy_support::*;
+use keyproof_tests::stepup_caller::Caller;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject;
 use serde_json::{json, Value};
 
 const TD: &str = "stepup.test";
 const AUTHORITY: &str = "api.default.svc";
-const BODY: &[u8] = b"{\"a\":1}";
 
 fn addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
@@ -186,7 +186,7 @@ fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
     }
     assert!(m.contains("keyproof_stepup_nonce_capacity 100000"), "{m}");
     assert!(
-        m.contains("keyproof_stepup_challenges_total{route=\"/admin\"} 0"),
+        m.contains("keyproof_stepup_challenges_total{reason=\"always\",route=\"/admin\"} 0"),
         "{m}"
     );
 
@@ -209,7 +209,7 @@ fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
         assert_no_stepup_headers(&body);
     }
     assert_eq!(
-        inb.metric("keyproof_stepup_challenges_total{route=\"/admin\"}"),
+        inb.metric("keyproof_stepup_challenges_total{reason=\"always\",route=\"/admin\"}"),
         1.0,
         "steady state must not be re-challenged"
     );
@@ -315,106 +315,15 @@ fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
     }
     assert_eq!(stepup_metric(&inb, "ok"), 2.0);
     assert_eq!(
-        inb.metric("keyproof_stepup_challenges_total{route=\"/admin\"}"),
+        inb.metric("keyproof_stepup_challenges_total{reason=\"always\",route=\"/admin\"}"),
         1.0
     );
 }
 
 // ---- a direct mTLS caller (the attacker's view) ---------------------------
 
-struct Caller {
-    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    exporter: [u8; 32],
-    signer: Arc<Signer>,
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-}
-
-impl Answer {
-    fn www(&self) -> String {
-        self.headers
-            .get(http::header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    }
-    fn challenge(&self) -> Challenge {
-        Challenge::from_headers(&self.headers)
-            .expect("Accept-Signature parses")
-            .expect("a stepup challenge")
-    }
-}
-
-fn signer_for(cert: &Cert) -> Arc<Signer> {
-    let key = match PrivateKeyDer::from_pem_file(&cert.key).expect("key") {
-        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
-        _ => panic!("test keys are PKCS#8"),
-    };
-    Arc::new(Signer::from_pkcs8_and_cert(&key, &cert.leaf).expect("signer"))
-}
-
 async fn caller(inbound: SocketAddr, pki: &Pki, cert: &Cert) -> Caller {
-    let (send, exporter) = mtls_http1(inbound, pki, cert).await;
-    Caller {
-        send,
-        exporter,
-        signer: signer_for(cert),
-    }
-}
-
-fn request(path: &str, headers: &HeaderMap) -> Request<Full<Bytes>> {
-    request_with(path, headers, Bytes::from_static(BODY))
-}
-
-fn request_with(path: &str, headers: &HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
-    let mut b = Request::builder()
-        .method(Method::POST)
-        .uri(path)
-        .header(http::header::HOST, AUTHORITY)
-        .header(http::header::CONTENT_TYPE, "application/json");
-    for (k, v) in headers {
-        b = b.header(k, v);
-    }
-    b.body(Full::new(body)).expect("request")
-}
-
-impl Caller {
-    async fn send(&mut self, path: &str, headers: &HeaderMap) -> Answer {
-        self.send_body(path, headers, Bytes::from_static(BODY))
-            .await
-    }
-
-    async fn send_body(&mut self, path: &str, headers: &HeaderMap, body: Bytes) -> Answer {
-        let resp = self
-            .send
-            .send_request(request_with(path, headers, body))
-            .await
-            .expect("request");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let _ = resp.into_body().collect().await;
-        Answer { status, headers }
-    }
-
-    /// The four step-up headers for `path`, signed for `ch` on this connection.
-    fn sign(&self, ch: &Challenge, path: &str) -> HeaderMap {
-        self.sign_body(ch, path, BODY)
-    }
-
-    fn sign_body(&self, ch: &Challenge, path: &str, body: &[u8]) -> HeaderMap {
-        let (parts, _) = request(path, &HeaderMap::new()).into_parts();
-        let view = RequestView::from_parts(&parts);
-        let signed = self
-            .signer
-            .sign(ch, &view, body, &self.exporter, unix_now())
-            .expect("sign");
-        let mut h = HeaderMap::new();
-        signed.apply(&mut h);
-        h
-    }
+    Caller::connect(inbound, pki, cert, AUTHORITY).await
 }
 
 #[test]
@@ -506,7 +415,7 @@ fn attacks_against_the_real_inbound_are_refused_and_counted() {
     assert_eq!(stepup_metric(&inbound, "keyid_mismatch"), 1.0);
     assert_eq!(stepup_metric(&inbound, "bad_nonce"), 1.0);
     assert_eq!(
-        inbound.metric("keyproof_stepup_challenges_total{route=\"/ops\"}"),
+        inbound.metric("keyproof_stepup_challenges_total{reason=\"always\",route=\"/ops\"}"),
         0.0
     );
     assert_eq!(

@@ -25,14 +25,15 @@ use http::{StatusCode, Uri};
 /// Fields only the sidecar sets. The step-up request fields are here too:
 /// on a step-up route the inbound's verifier consumes them, and nowhere
 /// else may a caller's signature reach the app.
-pub const OWNED: [&str; 5] = [
+pub const OWNED: [&str; 6] = [
     "x-forwarded-client-cert",
     "signature",
     "signature-input",
     "stepup-binding",
     // Set by the inbound on verified requests; listed although the prefix
-    // below covers it, so that the list reads as the contract it is.
+    // below covers them, so that the list reads as the contract it is.
     "x-keyproof-step-up",
+    "x-keyproof-step-up-reason",
 ];
 
 /// Every field under this prefix belongs to the sidecar (present and future).
@@ -47,8 +48,16 @@ pub const STEPUP_REQUEST: [&str; 3] = [OWNED[1], OWNED[2], OWNED[3]];
 pub static XFCC: HeaderName = HeaderName::from_static(OWNED[0]);
 
 /// `x-keyproof-step-up: verified`: set by the inbound on a request whose
-/// step-up proof verified.
+/// step-up proof verified. From the app, on a response, the same field
+/// says `required`: the app asks for the caller's proof of this request.
 pub static STEP_UP_VERIFIED: HeaderName = HeaderName::from_static(OWNED[4]);
+
+/// `x-keyproof-step-up-reason`: why a verified request had to prove
+/// possession (`always`, `app` or the name of the risk rule that fired).
+pub static STEP_UP_REASON: HeaderName = HeaderName::from_static(OWNED[5]);
+
+/// The value of [`STEP_UP_VERIFIED`] by which an app asks for a step-up.
+pub const STEP_UP_REQUIRED: &str = "required";
 
 /// `x-keyproof-step-up-error`: why the outbound passed a challenge on to the
 /// app unanswered.
@@ -410,9 +419,16 @@ pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
 /// `WWW-Authenticate` (other challenges are kept). A caller's sidecar signs
 /// StepUp challenges; one made by the app would make callers sign nonces of
 /// the app's choosing. One pass over the names when there is nothing to do.
-pub fn strip_response(h: &mut HeaderMap) {
+///
+/// Returns whether the app asked for the caller's step-up proof
+/// (`x-keyproof-step-up: required`, exactly that name): the field is
+/// removed like every owned one, and the inbound decides what the request
+/// becomes (the app's response is never passed on then).
+#[must_use = "an app asking for a step-up must not have its response passed on"]
+pub fn strip_response(h: &mut HeaderMap) -> bool {
     let mut challenges = false;
     let mut other = false;
+    let mut asked = false;
     for name in h.keys() {
         let n = name.as_str().as_bytes();
         match n.first() {
@@ -424,6 +440,15 @@ pub fn strip_response(h: &mut HeaderMap) {
             challenges = true;
         } else if same_name(n, "accept-signature") || response_owned(n) {
             other = true;
+            // Rare (only an app taking part in step-up sends it): the value
+            // is looked at only then.
+            if *name == STEP_UP_VERIFIED {
+                asked = h.get_all(name).iter().any(|v| {
+                    v.as_bytes()
+                        .trim_ascii()
+                        .eq_ignore_ascii_case(STEP_UP_REQUIRED.as_bytes())
+                });
+            }
         }
     }
     if other {
@@ -450,6 +475,7 @@ pub fn strip_response(h: &mut HeaderMap) {
             h.append(header::WWW_AUTHENTICATE, v);
         }
     }
+    asked
 }
 
 /// Owned fields that an app's response may not carry. `Signature` and
@@ -760,7 +786,7 @@ mod tests {
             ("signature", "app=:AA==:"),
             ("content-type", "text/plain"),
         ]);
-        strip_response(&mut h);
+        assert!(!strip_response(&mut h));
         let v: Vec<_> = h
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
@@ -769,8 +795,65 @@ mod tests {
         assert_eq!(v, ["Basic realm=\"a, b\", Bearer", "Negotiate abc=="]);
         assert_eq!(names(&h), ["content-type", "signature", "www-authenticate"]);
         let mut h = map(&[("www-authenticate", "StepUp error=\"x\", foo=\"b\"")]);
-        strip_response(&mut h);
+        assert!(!strip_response(&mut h));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn an_app_asking_for_a_step_up_is_noticed_and_its_field_removed() {
+        for asking in [
+            &[("x-keyproof-step-up", "required")][..],
+            &[("x-keyproof-step-up", " Required ")],
+            &[
+                ("x-keyproof-step-up", "verified"),
+                ("x-keyproof-step-up", "required"),
+            ],
+            &[
+                ("x-keyproof-step-up", "required"),
+                ("x-keyproof-step-up-reason", "app"),
+            ],
+        ] {
+            let mut h = map(asking);
+            h.append("content-type", HeaderValue::from_static("text/plain"));
+            assert!(strip_response(&mut h), "{asking:?}");
+            assert_eq!(names(&h), ["content-type"], "{asking:?}");
+        }
+        // Another value, or the name in disguise, is no request: removed
+        // all the same (only the sidecar says anything under the prefix).
+        for not_asking in [
+            &[("x-keyproof-step-up", "verified")][..],
+            &[("x-keyproof-step-up", "required-not")],
+            &[("x_keyproof_step_up", "required")],
+            &[("X-Keyproof-Step-Up-Reason", "required")],
+            &[("accept", "required")],
+        ] {
+            let mut h = map(not_asking);
+            assert!(!strip_response(&mut h), "{not_asking:?}");
+            assert!(
+                h.keys().all(|k| !k.as_str().contains("keyproof")),
+                "{not_asking:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_step_up_reason_is_owned_in_every_spelling_and_removed_from_requests() {
+        let uri: Uri = "/a".parse().unwrap();
+        for forged in [
+            "x-keyproof-step-up-reason",
+            "X-Keyproof-Step-Up-Reason",
+            "x_keyproof_step_up_reason",
+            "X_KEYPROOF-STEP_UP-REASON",
+        ] {
+            assert!(is_owned(forged.as_bytes()), "{forged}");
+            let mut h = map(&[("host", "a"), (forged, "app")]);
+            let f = check_request(&h, &uri, Underscores::Reject).unwrap();
+            assert!(f.owned, "{forged}");
+            // On a step-up route too: only the step-up request fields stay.
+            strip_request(&mut h, f, true);
+            assert_eq!(names(&h), ["host"], "{forged}");
+        }
+        assert_eq!(STEP_UP_REASON.as_str(), "x-keyproof-step-up-reason");
     }
 }
 #[cfg(test)]

@@ -725,6 +725,10 @@ pub struct PeerIdentity {
     pub spki_sha256: [u8; 32],
     /// The caller's leaf certificate, for the step-up verifier's public key.
     pub leaf: CertificateDer<'static>,
+    /// The leaf's serial number in lowercase hex without leading zeros, the
+    /// form `[[inbound.deny]] serial` entries are kept in (and audit
+    /// records name).
+    pub serial: String,
 }
 
 impl PeerIdentity {
@@ -739,8 +743,21 @@ impl PeerIdentity {
             id,
             cert_sha256: keys::sha256(leaf),
             spki_sha256: keys::sha256(parsed.public_key().raw),
+            serial: serial_hex(parsed.raw_serial()),
             leaf: leaf.clone(),
         })
+    }
+}
+
+/// A certificate serial (big-endian bytes, as DER holds them: a leading
+/// zero byte keeps a high bit from reading as a sign) in lowercase hex
+/// without leading zeros, so that every spelling of one number compares
+/// equal.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let hex = hex::encode(raw);
+    match hex.trim_start_matches('0') {
+        "" => "0".to_owned(),
+        s => s.to_owned(),
     }
 }
 
@@ -1727,6 +1744,22 @@ mod tests {
         let (_, parsed) = x509_parser::parse_x509_certificate(&s.chain[0]).expect("leaf");
         assert_eq!(p.spki_sha256, keys::sha256(parsed.public_key().raw));
         assert_ne!(p.spki_sha256, p.cert_sha256);
+        // The serial as the deny list keeps it: the same number as the
+        // identity's own (which is the raw DER hex), without leading zeros.
+        assert!(!p.serial.starts_with('0') && !p.serial.is_empty());
+        assert_eq!(
+            p.serial,
+            hex::encode(parsed.raw_serial()).trim_start_matches('0')
+        );
+    }
+
+    #[test]
+    fn serials_are_lowercase_hex_without_leading_zeros() {
+        assert_eq!(serial_hex(&[0x00, 0x8f, 0x0a]), "8f0a");
+        assert_eq!(serial_hex(&[0x0a, 0x1b]), "a1b");
+        assert_eq!(serial_hex(&[0x7f]), "7f");
+        assert_eq!(serial_hex(&[0x00]), "0");
+        assert_eq!(serial_hex(&[]), "0");
     }
 
     #[test]

@@ -1,9 +1,15 @@
 //! The inbound hook: one `keyproof_stepup::Verifier` per process, a
-//! challenge or a verification for every request on a `step_up` route.
+//! challenge or a verification for every request that must prove
+//! possession (on an `always` route; on a `risk` route when a rule fired,
+//! the caller presigned, or the app asked).
 //!
 //! The route id bound into each nonce is the route's `path_prefix`: the same
 //! string is given to `challenge` and `begin`, so a nonce issued on one route
 //! is `bad_nonce` on another.
+//!
+//! Every decision and verification here is counted, audited (when
+//! `[inbound.stepup] audit_log` is on) and, when it refuses a proof, recorded
+//! as a failure of the caller in the risk table.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,15 +19,16 @@ use keyproof_stepup::{
     strip_stepup_headers, unix_now, IssueError, Outcome, Peer, RequestView, StepUpConfig, Verifier,
 };
 
-use crate::config::{InboundStepUpConfig, RouteConfig};
+use crate::config::{InboundStepUpConfig, PolicyConfig, RiskAction, StepUpMode};
 use crate::http::body::{text, ProxyBody};
 use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
+use crate::http::owned::{STEP_UP_REASON, STEP_UP_VERIFIED};
+use crate::inbound::audit::{self, Audit, Record};
 use crate::inbound::conn::InboundConn;
 use crate::inbound::policy::Route;
+use crate::inbound::risk::{Failure, Now, RiskTable};
 use crate::metrics::Metrics;
 use crate::metrics::VerifierMetrics;
-
-use crate::http::owned::STEP_UP_VERIFIED;
 
 /// How often expired nonces are dropped from the table. Expired nonces are
 /// refused by their MAC'd expiry anyway; purging only returns their memory
@@ -39,6 +46,51 @@ pub enum VerifierStartError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// Why a request must prove possession: the value of
+/// `x-keyproof-step-up-reason`, the `reason` label of
+/// `keyproof_stepup_challenges_total` and of audit records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// The route is `always`.
+    Always,
+    /// The app asked (`x-keyproof-step-up: required`), or the caller
+    /// presigned a request on a `risk` route where no rule fired (its
+    /// sidecar kept the nonce of an earlier such answer).
+    App,
+    /// This risk rule of the route fired.
+    Rule(Arc<str>),
+}
+
+impl Reason {
+    /// The label value.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Reason::Always => "always",
+            Reason::App => "app",
+            Reason::Rule(name) => name,
+        }
+    }
+
+    fn header_value(&self) -> HeaderValue {
+        match self {
+            Reason::Always => HeaderValue::from_static("always"),
+            Reason::App => HeaderValue::from_static("app"),
+            // Rule names are tokens (`[A-Za-z0-9_.-]+`, checked at load).
+            Reason::Rule(name) => {
+                HeaderValue::from_str(name).unwrap_or_else(|_| HeaderValue::from_static("rule"))
+            }
+        }
+    }
+}
+
+/// A verification that did not pass: its outcome and, once its nonce was
+/// opened, the nonce's age in milliseconds (for the audit record).
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    outcome: Outcome,
+    nonce_age_ms: Option<u64>,
+}
+
 /// Proof that a request passed [`InboundStepUp::verify`]; needed by
 /// [`InboundStepUp::on_response`], so a next nonce is only ever attached to
 /// the response of a verified request.
@@ -54,6 +106,9 @@ pub struct InboundStepUp {
     max_body: usize,
     /// `[inbound] body_timeout`, for the body read whole to check its digest.
     body_timeout: Duration,
+    /// Refused proofs raise the caller's risk.
+    risk: Arc<RiskTable>,
+    audit: Option<Arc<Audit>>,
 }
 
 impl std::fmt::Debug for InboundStepUp {
@@ -64,15 +119,55 @@ impl std::fmt::Debug for InboundStepUp {
     }
 }
 
+/// What [`InboundStepUp::new`] needs besides `[inbound.stepup]`.
+pub struct StepUpDeps<'a> {
+    /// The policy at startup: its step-up routes' challenge counters start
+    /// at 0.
+    pub policy: &'a PolicyConfig,
+    /// The proxy's metrics.
+    pub metrics: &'a Metrics,
+    /// `[inbound] body_timeout`.
+    pub body_timeout: Duration,
+    /// The process's risk table (refusals are recorded there).
+    pub risk: Arc<RiskTable>,
+    /// Where audit records go, if anywhere.
+    pub audit: Option<Arc<Audit>>,
+    /// Whether the policy may change while running (`policy_file`): step-up
+    /// routes may appear later, so the purge task runs regardless.
+    pub reloadable: bool,
+}
+
+/// The reasons each step-up route of `policy` can challenge for: `always`;
+/// or `app` and the names of its `challenge` rules.
+fn challenge_reasons(policy: &PolicyConfig) -> Vec<(&str, Vec<&str>)> {
+    policy
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let reasons = match r.step_up {
+                StepUpMode::Never => return None,
+                StepUpMode::Always => vec!["always"],
+                StepUpMode::Risk => std::iter::once("app")
+                    .chain(r.risk.iter().map(String::as_str).filter(|name| {
+                        policy
+                            .risk_rules
+                            .iter()
+                            .any(|k| k.name == *name && k.action == RiskAction::Challenge)
+                    }))
+                    .collect(),
+            };
+            Some((r.path_prefix.as_str(), reasons))
+        })
+        .collect()
+}
+
 impl InboundStepUp {
     /// The verifier for `[inbound.stepup]`, its metrics (challenge counters
-    /// for every step-up route) and, when a runtime is present, the task that
-    /// purges expired nonces.
+    /// for every step-up route and reason) and, when a runtime is present,
+    /// the task that purges expired nonces.
     pub fn new(
         config: &InboundStepUpConfig,
-        routes: &[RouteConfig],
-        metrics: &Metrics,
-        body_timeout: Duration,
+        deps: StepUpDeps<'_>,
     ) -> Result<InboundStepUp, VerifierStartError> {
         let max_body = usize::try_from(config.max_body).unwrap_or(usize::MAX);
         let verifier = Arc::new(
@@ -86,15 +181,13 @@ impl InboundStepUp {
             })
             .map_err(|_| VerifierStartError::Rng)?,
         );
+        let reasons = challenge_reasons(deps.policy);
         let metrics = VerifierMetrics::register(
-            metrics,
-            routes
-                .iter()
-                .filter(|r| r.step_up.any())
-                .map(|r| r.path_prefix.as_str()),
+            deps.metrics,
+            reasons.iter().map(|(r, why)| (*r, why.iter().copied())),
             config.max_outstanding,
         )?;
-        if routes.iter().any(|r| r.step_up.any()) {
+        if deps.reloadable || !reasons.is_empty() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(purge(
                     Arc::downgrade(&verifier),
@@ -106,34 +199,57 @@ impl InboundStepUp {
             verifier,
             metrics,
             max_body,
-            body_timeout,
+            body_timeout: deps.body_timeout,
+            risk: deps.risk,
+            audit: deps.audit,
         })
     }
 
-    /// Checks one request on a step-up route (the route's `allow` has already
-    /// admitted the caller, and caller-sent identity headers are gone).
+    /// `[inbound.stepup] max_body`.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
+    /// Writes an audit record of `conn`'s caller on `route`, if audit is on.
+    pub fn audit(
+        &self,
+        conn: &InboundConn,
+        route: &str,
+        reason: &Reason,
+        result: &str,
+        nonce_age_ms: Option<u64>,
+    ) {
+        if let Some(a) = &self.audit {
+            a.record(&Record {
+                peer: conn.peer.id.as_str(),
+                serial: &conn.peer.serial,
+                route,
+                reason: reason.as_str(),
+                result,
+                nonce_age_ms,
+            });
+        }
+    }
+
+    /// Checks one request that must prove possession, for `reason` (the
+    /// route's `allow` has already admitted the caller, and caller-sent
+    /// identity headers are gone).
     ///
     /// `Ok` is the request to forward: step-up headers stripped,
-    /// `x-keyproof-step-up: verified` set, the body buffered as received.
-    /// `Err` is the answer instead: 401 with a fresh challenge, 413, or
-    /// 503/429 when no nonce can be issued.
+    /// `x-keyproof-step-up: verified` and `x-keyproof-step-up-reason` set,
+    /// the body buffered as received. `Err` is the answer instead: 401 with
+    /// a fresh challenge, 413, or 503/429 when no nonce can be issued.
     pub async fn verify(
         &self,
         req: Request<ProxyBody>,
         conn: &InboundConn,
         route: &Route,
+        reason: &Reason,
     ) -> Result<(Request<ProxyBody>, Verified), Response<ProxyBody>> {
         let route_id = route.path_prefix.as_str();
         let Some(peer) = conn.stepup.as_ref() else {
-            // The peer's certificate key is neither P-256 nor Ed25519: it can
-            // never produce a stepup-v1 signature, so a challenge would be a
-            // lie. Refuse with the reason.
             drain(&mut req.into_body(), self.max_body, STEPUP_DRAIN).await;
-            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = "unsupported_key", "step-up refused: the caller's key type cannot sign stepup-v1");
-            return Err(no_store(text(
-                StatusCode::FORBIDDEN,
-                format!("step-up required by route {route_id}, but the caller's certificate key is neither P-256 nor Ed25519\n"),
-            )));
+            return Err(self.unsupported_key(conn, route_id, reason));
         };
         let (mut parts, mut body) = req.into_parts();
         let now = unix_now();
@@ -145,7 +261,17 @@ impl InboundStepUp {
                 // Read what the caller sends (bounded) before answering, so a
                 // caller's sidecar has sent its whole body and can replay it.
                 drain(&mut body, self.max_body, STEPUP_DRAIN).await;
-                return Err(self.refuse(peer, conn, route_id, has_content_type, outcome, now));
+                return Err(self.refuse(
+                    peer,
+                    conn,
+                    route_id,
+                    reason,
+                    has_content_type,
+                    Refused {
+                        outcome,
+                        nonce_age_ms: None,
+                    },
+                ));
             }
         };
         let declared = parts
@@ -155,7 +281,7 @@ impl InboundStepUp {
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body as u64) {
             drain(&mut body, self.max_body, STEPUP_DRAIN).await;
-            return Err(self.too_large(conn, route_id));
+            return Err(self.too_large(conn, route_id, reason));
         }
         let body = match read_limited(&mut body, self.max_body, Some(self.body_timeout)).await {
             Ok(b) => b,
@@ -173,7 +299,7 @@ impl InboundStepUp {
             }
             Err(ReadError::TooLarge) => {
                 drain(&mut body, self.max_body, STEPUP_DRAIN).await;
-                return Err(self.too_large(conn, route_id));
+                return Err(self.too_large(conn, route_id, reason));
             }
             Err(ReadError::Body(e)) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, error = %e, "step-up: reading the request body failed");
@@ -183,21 +309,37 @@ impl InboundStepUp {
                 ));
             }
         };
+        let issued_ms = pending.nonce_issued_at().saturating_mul(1000);
         let outcome = pending.finish(&body);
+        let age = Some(audit::unix_millis().saturating_sub(issued_ms));
         if !outcome.is_ok() {
-            return Err(self.refuse(peer, conn, route_id, has_content_type, outcome, now));
+            return Err(self.refuse(
+                peer,
+                conn,
+                route_id,
+                reason,
+                has_content_type,
+                Refused {
+                    outcome,
+                    nonce_age_ms: age,
+                },
+            ));
         }
         self.metrics.verification(Outcome::Ok);
         self.metrics
             .outstanding
             .set(i64::try_from(self.verifier.outstanding()).unwrap_or(i64::MAX));
-        tracing::debug!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = "ok", "step-up verified");
+        tracing::debug!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = "ok", "step-up verified");
+        self.audit(conn, route_id, reason, audit::OK, age);
         strip_stepup_headers(&mut parts.headers);
         // Any copy from the network was removed before this hook ran.
         parts.headers.insert(
             STEP_UP_VERIFIED.clone(),
             HeaderValue::from_static("verified"),
         );
+        parts
+            .headers
+            .insert(STEP_UP_REASON.clone(), reason.header_value());
         let body = if body.is_empty() {
             ProxyBody::empty()
         } else {
@@ -207,6 +349,40 @@ impl InboundStepUp {
             Request::from_parts(parts, body),
             Verified { has_content_type },
         ))
+    }
+
+    /// The answer to a request forwarded without a proof whose app asked
+    /// for one: a challenge from this verifier's own nonce table (never a
+    /// nonce of the app's making), counted and audited as any request that
+    /// came without the proof it needed.
+    pub fn app_asked(
+        &self,
+        conn: &InboundConn,
+        route: &Route,
+        has_content_type: bool,
+    ) -> Response<ProxyBody> {
+        let route_id = route.path_prefix.as_str();
+        let Some(peer) = conn.stepup.as_ref() else {
+            return self.unsupported_key(conn, route_id, &Reason::App);
+        };
+        self.refuse(
+            peer,
+            conn,
+            route_id,
+            &Reason::App,
+            has_content_type,
+            Refused {
+                outcome: Outcome::Missing,
+                nonce_age_ms: None,
+            },
+        )
+    }
+
+    /// The answer to a request forwarded without a proof whose app asked
+    /// for one, when its body is larger than `max_body`: the signed resend
+    /// could not be checked, so no challenge.
+    pub fn app_asked_too_large(&self, conn: &InboundConn, route: &Route) -> Response<ProxyBody> {
+        self.too_large(conn, route.path_prefix.as_str(), &Reason::App)
     }
 
     /// Attaches a fresh `Accept-Signature` (and `Cache-Control: no-store`) to
@@ -245,38 +421,64 @@ impl InboundStepUp {
             .set(i64::try_from(self.verifier.outstanding()).unwrap_or(i64::MAX));
     }
 
-    /// Counts and logs a failed verification and answers with a challenge
-    /// naming the reason (or 503/429 when no nonce can be issued).
+    /// The peer's certificate key is neither P-256 nor Ed25519: it can never
+    /// produce a stepup-v1 signature, so a challenge would be a lie. Refuses
+    /// with the reason.
+    fn unsupported_key(
+        &self,
+        conn: &InboundConn,
+        route_id: &str,
+        reason: &Reason,
+    ) -> Response<ProxyBody> {
+        tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = "unsupported_key", "step-up refused: the caller's key type cannot sign stepup-v1");
+        self.audit(conn, route_id, reason, "unsupported_key", None);
+        no_store(text(
+            StatusCode::FORBIDDEN,
+            format!("step-up required by route {route_id}, but the caller's certificate key is neither P-256 nor Ed25519\n"),
+        ))
+    }
+
+    /// Counts, audits and logs a failed verification (a refused proof also
+    /// raises the caller's risk) and answers with a challenge naming the
+    /// reason (or 503/429 when no nonce can be issued).
     fn refuse(
         &self,
         peer: &Peer,
         conn: &InboundConn,
         route_id: &str,
+        reason: &Reason,
         has_content_type: bool,
-        outcome: Outcome,
-        now: u64,
+        Refused {
+            outcome,
+            nonce_age_ms,
+        }: Refused,
     ) -> Response<ProxyBody> {
         self.metrics.verification(outcome);
         if outcome == Outcome::Missing {
             // The normal first request of a caller: challenged, not an attack.
-            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), "step-up required: challenging");
+            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = outcome.as_str(), "step-up required: challenging");
+            self.audit(conn, route_id, reason, audit::CHALLENGED, None);
         } else {
-            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), "step-up verification refused");
+            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = outcome.as_str(), "step-up verification refused");
+            self.audit(conn, route_id, reason, outcome.as_str(), nonce_age_ms);
+            self.risk
+                .record_failure(conn.peer.id.as_str(), Failure::StepUp, Now::system());
         }
         let resp = match self.verifier.challenge(
             peer,
             route_id,
             has_content_type,
             Some(outcome),
-            now,
+            unix_now(),
         ) {
             Ok(ch) => {
-                self.metrics.challenge(route_id);
+                self.metrics.challenge(route_id, reason.as_str());
                 let mut resp = text(
                     StatusCode::UNAUTHORIZED,
                     format!(
-                        "step-up required by route {route_id} ({}): sign this request per stepup-v1 with the nonce in Accept-Signature\n",
-                        outcome.as_str()
+                        "step-up required by route {route_id} ({}): sign this request per stepup-v1 with the nonce in Accept-Signature (reason: {})\n",
+                        outcome.as_str(),
+                        reason.as_str()
                     ),
                 );
                 ch.apply_challenge(resp.headers_mut());
@@ -304,8 +506,14 @@ impl InboundStepUp {
         resp
     }
 
-    fn too_large(&self, conn: &InboundConn, route_id: &str) -> Response<ProxyBody> {
-        tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = "body_too_large", max_body = self.max_body, "step-up refused: body larger than inbound.stepup.max_body");
+    fn too_large(
+        &self,
+        conn: &InboundConn,
+        route_id: &str,
+        reason: &Reason,
+    ) -> Response<ProxyBody> {
+        tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = "body_too_large", max_body = self.max_body, "step-up refused: body larger than inbound.stepup.max_body");
+        self.audit(conn, route_id, reason, "body_too_large", None);
         // Not a verification outcome: the signature was never checked and
         // the nonce stays unused (it expires).
         no_store(text(
@@ -346,6 +554,7 @@ mod tests {
     use keyproof_stepup::{is_stepup_challenge, Challenge, SignedHeaders, Signer};
 
     use super::*;
+    use crate::config::{RiskCondition, RiskRuleConfig, RouteConfig};
     use crate::inbound::policy::{Decision, Policy};
     use crate::testing::{config, hyper_request, metric, workload, Workload};
 
@@ -359,11 +568,18 @@ mod tests {
         conn: InboundConn,
         web: Workload,
         metrics: Metrics,
+        /// The audit log, when on.
+        audit: Option<(tempfile::TempDir, std::path::PathBuf)>,
     }
 
     /// The inbound of `api` with step-up routes `/admin/rotate` and
     /// `/admin/keys` for `web`, and web's connection to it.
     fn setup(max_body: u64) -> Setup {
+        setup_with(max_body, false)
+    }
+
+    /// [`setup`], with the audit log in a file when `audit`.
+    fn setup_with(max_body: u64, audit: bool) -> Setup {
         let (api, web) = (workload("/ns/demo/sa/api"), workload("/ns/demo/sa/web"));
         let cfg = config(&format!(
             "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n\
@@ -373,14 +589,26 @@ mod tests {
         ));
         let cfg = cfg.inbound.expect("[inbound]");
         let metrics = Metrics::new().unwrap();
+        let table = crate::inbound::risk::RiskTable::new(100, &metrics).unwrap();
+        let audit = audit.then(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.log");
+            (dir, path)
+        });
         let stepup = InboundStepUp::new(
             &cfg.stepup,
-            &cfg.policy.routes,
-            &metrics,
-            cfg.limits.body_timeout,
+            StepUpDeps {
+                policy: &cfg.policy,
+                metrics: &metrics,
+                body_timeout: cfg.limits.body_timeout,
+                risk: table.clone(),
+                audit: audit.as_ref().map(|(_, path)| {
+                    Arc::new(Audit::open(&crate::config::AuditSink::File(path.clone())).unwrap())
+                }),
+                reloadable: false,
+            },
         )
         .unwrap();
-        let table = crate::inbound::risk::RiskTable::new(100, &metrics).unwrap();
         let policy = Policy::new(&cfg.policy, cfg.default_policy, &table, 0, &metrics).unwrap();
         let conn = InboundConn::for_tests(web.peer(), &api.id, Some(EXPORTER));
         Setup {
@@ -389,6 +617,7 @@ mod tests {
             conn,
             web,
             metrics,
+            audit,
         }
     }
 
@@ -404,8 +633,26 @@ mod tests {
             &self,
             req: Request<ProxyBody>,
         ) -> Result<(Request<ProxyBody>, Verified), Response<ProxyBody>> {
+            self.verify_for(req, &Reason::Always).await
+        }
+
+        async fn verify_for(
+            &self,
+            req: Request<ProxyBody>,
+            reason: &Reason,
+        ) -> Result<(Request<ProxyBody>, Verified), Response<ProxyBody>> {
             let route = self.route(req.uri().path());
-            self.stepup.verify(req, &self.conn, &route).await
+            self.stepup.verify(req, &self.conn, &route, reason).await
+        }
+
+        /// The audit records so far.
+        fn audited(&self) -> Vec<serde_json::Value> {
+            let (_, path) = self.audit.as_ref().expect("audit on");
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
         }
 
         /// A challenge, as the first (unsigned) request to `path` gets it.
@@ -508,7 +755,7 @@ mod tests {
         assert_eq!(
             metric(
                 &s.metrics,
-                "keyproof_stepup_challenges_total{route=\"/admin/rotate\"}"
+                "keyproof_stepup_challenges_total{reason=\"always\",route=\"/admin/rotate\"}"
             ),
             1.0
         );
@@ -527,8 +774,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.verifications("ok"), 1.0);
-        // What the app gets: the body as sent, the verdict, no proof fields.
+        // What the app gets: the body as sent, the verdict and its reason,
+        // no proof fields.
         assert_eq!(req.headers()[&STEP_UP_VERIFIED], "verified");
+        assert_eq!(req.headers()[&STEP_UP_REASON], "always");
         for h in [SIGNATURE, SIGNATURE_INPUT, STEPUP_BINDING, ACCEPT_SIGNATURE] {
             assert!(!req.headers().contains_key(&h), "{h} reached the app");
         }
@@ -679,5 +928,156 @@ mod tests {
         let resp = s.verify(req.map(ProxyBody::Stream)).await.unwrap_err();
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(s.verifications("ok"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn the_reason_reaches_the_app_and_labels_the_challenge() {
+        let s = setup(1024);
+        let burst = Reason::Rule(Arc::from("burst"));
+        let resp = s
+            .verify_for(request(ROUTE, b"{}", HeaderMap::new()), &burst)
+            .await
+            .unwrap_err();
+        assert!(body_text(resp).await.contains("(reason: burst)"));
+        let ch = s.challenge(ROUTE).await;
+        let (req, _) = s
+            .verify_for(s.signed(&ch, ROUTE, b"{}"), &burst)
+            .await
+            .unwrap();
+        assert_eq!(req.headers()[&STEP_UP_VERIFIED], "verified");
+        assert_eq!(req.headers()[&STEP_UP_REASON], "burst");
+        let challenges = |reason: &str| {
+            metric(
+                &s.metrics,
+                &format!(
+                    "keyproof_stepup_challenges_total{{reason=\"{reason}\",route=\"/admin/rotate\"}}"
+                ),
+            )
+        };
+        assert_eq!((challenges("burst"), challenges("always")), (1.0, 1.0));
+    }
+
+    #[tokio::test]
+    async fn each_decision_and_verification_is_audited_without_secrets() {
+        let s = setup_with(1024, true);
+        let ch = s.challenge(ROUTE).await;
+        let signed = s.sign_for(&ch, ROUTE, b"{}", HeaderMap::new(), &EXPORTER);
+        let again = || {
+            let mut headers = HeaderMap::new();
+            signed.apply(&mut headers);
+            request(ROUTE, b"{}", headers)
+        };
+        assert!(s.verify_for(again(), &Reason::App).await.is_ok());
+        assert!(s.verify_for(again(), &Reason::App).await.is_err());
+        let got = s.audited();
+        let results: Vec<(&str, &str)> = got
+            .iter()
+            .map(|l| (l["reason"].as_str().unwrap(), l["result"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            results,
+            [("always", "challenged"), ("app", "ok"), ("app", "replay")]
+        );
+        for l in &got {
+            assert_eq!(l["peer"], s.web.id.as_str());
+            assert_eq!(l["serial"], s.web.peer().serial.as_str());
+            assert_eq!(l["route"], ROUTE);
+        }
+        // The nonce's age, for verifications that opened one: issued this
+        // second or the one before (second precision), answered at once.
+        assert!(got[0].get("nonce_age_ms").is_none());
+        for l in &got[1..] {
+            let age = l["nonce_age_ms"].as_u64().expect("nonce_age_ms");
+            assert!(age < 5_000, "{age}");
+        }
+        // Never the nonce or the signature.
+        let (_, path) = s.audit.as_ref().unwrap();
+        let raw = std::fs::read_to_string(path).unwrap();
+        assert!(!raw.contains(&ch.nonce), "{raw}");
+        let mut h = HeaderMap::new();
+        signed.apply(&mut h);
+        let sig = h[SIGNATURE].to_str().unwrap();
+        let sig = sig.trim_start_matches("stepup=:").trim_end_matches(':');
+        assert!(!raw.contains(sig), "{raw}");
+    }
+
+    #[tokio::test]
+    async fn an_app_that_asked_gets_its_caller_challenged_from_our_table() {
+        let s = setup_with(16, true);
+        let route = s.route(ROUTE);
+        let resp = s.stepup.app_asked(&s.conn, &route, true);
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(www_authenticate(&resp), "StepUp error=\"stepup_required\"");
+        let ch = Challenge::from_headers(resp.headers()).unwrap().unwrap();
+        assert!(
+            ch.components.iter().any(|c| c == "content-type"),
+            "{:?}",
+            ch.components
+        );
+        // A nonce of this verifier, for this route: it signs the resend.
+        let (req, _) = s
+            .verify_for(s.signed(&ch, ROUTE, b"{}"), &Reason::App)
+            .await
+            .unwrap();
+        assert_eq!(req.headers()[&STEP_UP_REASON], "app");
+        assert_eq!(
+            metric(
+                &s.metrics,
+                "keyproof_stepup_challenges_total{reason=\"app\",route=\"/admin/rotate\"}"
+            ),
+            1.0
+        );
+        assert_eq!(s.verifications("missing"), 1.0);
+        let resp = s.stepup.app_asked_too_large(&s.conn, &route);
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+        let results: Vec<String> = s
+            .audited()
+            .iter()
+            .map(|l| format!("{} {}", l["reason"], l["result"]))
+            .collect();
+        assert_eq!(
+            results,
+            [
+                "\"app\" \"challenged\"",
+                "\"app\" \"ok\"",
+                "\"app\" \"body_too_large\""
+            ]
+        );
+    }
+
+    #[test]
+    fn challenge_counters_start_for_each_route_and_reason_it_can_challenge_for() {
+        let rule = |name: &str, action| RiskRuleConfig {
+            name: name.into(),
+            condition: RiskCondition::NewPeer(Duration::from_secs(60)),
+            action,
+        };
+        let route = |prefix: &str, step_up, risk: &[&str]| RouteConfig {
+            path_prefix: prefix.into(),
+            methods: vec![],
+            allow: vec![],
+            step_up,
+            risk: risk.iter().map(|r| r.to_string()).collect(),
+        };
+        let policy = PolicyConfig {
+            routes: vec![
+                route("/plain", StepUpMode::Never, &[]),
+                route("/admin", StepUpMode::Always, &[]),
+                route("/pay", StepUpMode::Risk, &["new-caller", "lockout"]),
+            ],
+            risk_rules: vec![
+                rule("new-caller", RiskAction::Challenge),
+                rule("lockout", RiskAction::Deny),
+            ],
+            deny: vec![],
+        };
+        assert_eq!(
+            challenge_reasons(&policy),
+            [
+                ("/admin", vec!["always"]),
+                ("/pay", vec!["app", "new-caller"])
+            ]
+        );
     }
 }

@@ -17,11 +17,12 @@ pub struct InboundConn {
     /// The caller's socket address.
     pub remote: SocketAddr,
     /// The 32-byte TLS exporter (`EXPORTER-Channel-Binding`, empty context);
-    /// derived only when some route demands step-up.
+    /// derived only when some route may demand step-up (with a
+    /// `policy_file`, any route may come to).
     pub exporter: Option<[u8; 32]>,
     /// The step-up verifier's view of the caller (key from the verified leaf,
-    /// this connection's exporter); `None` when no route demands step-up or
-    /// the caller's key type cannot sign stepup-v1.
+    /// this connection's exporter); `None` when no route may demand step-up
+    /// or the caller's key type cannot sign stepup-v1.
     pub stepup: Option<keyproof_stepup::Peer>,
     /// The `x-forwarded-client-cert` value for this caller.
     pub xfcc: HeaderValue,
@@ -30,7 +31,7 @@ pub struct InboundConn {
 impl InboundConn {
     /// The facts of a connection whose handshake verified `peer`. The
     /// channel binding and the step-up view are derived only when some
-    /// route demands step-up (`need_exporter`). `None` when the XFCC value cannot
+    /// route may demand step-up (`need_exporter`). `None` when the XFCC value cannot
     /// be a header value, which valid SPIFFE IDs never cause.
     pub fn new(
         session: &rustls::ServerConnection,

@@ -5,10 +5,35 @@
 //! Here: the listener (`Inbound::connection`: handshake, then HTTP) and the
 //! per-request path (`admit`, `stepped_up`, `forward`). `conn.rs` holds what
 //! is known of a caller's connection (its XFCC value, its channel binding),
-//! `policy.rs` the route policy, `challenge.rs` the step-up verification.
+//! `policy.rs` the route policy and deny list, `risk.rs` the risk rules and
+//! the per-identity state they read, `challenge.rs` the step-up
+//! verification, `counted.rs` the body count of requests an app may still
+//! ask a proof of, `audit.rs` the audit records.
+//!
+//! Where a step-up is decided, per request:
+//! * `admit`: the policy (swapped whole on a `policy_file` change) refuses
+//!   a denied caller (403, a failure of that caller) or picks the route.
+//!   A request on a route without step-up goes straight to the app; should
+//!   the app ask for a proof (`x-keyproof-step-up: required`), the caller
+//!   gets a 502, never the app's response.
+//! * `stepped_up`, on an `always` route: the request must prove possession
+//!   (reason `always`), and its response carries the next nonce.
+//! * `stepped_up`, on a `risk` route: `RouteRisk::evaluate` refuses (a
+//!   `deny` rule), demands a proof (a `challenge` rule; the reason is its
+//!   name), or passes. A passing request with a presigned proof is verified
+//!   (reason `app`); one without goes to the app unverified
+//!   (`unverified`), its body counted, and if the app asks for a proof the
+//!   caller is challenged (reason `app`) or, for a body over `max_body`,
+//!   refused with 413.
+//! * A verified request reaches the app with `x-keyproof-step-up: verified`
+//!   and `x-keyproof-step-up-reason`; an app asking again gets the caller a
+//!   502. A request the app answered on a `risk` route marks the caller as
+//!   served there (`new_peer`).
 
+pub mod audit;
 pub mod challenge;
 pub mod conn;
+pub mod counted;
 pub mod policy;
 pub mod risk;
 
@@ -16,31 +41,35 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{AppProtocol, InboundConfig};
+use crate::config::{AppProtocol, InboundConfig, PolicyConfig, StepUpMode};
 use crate::http::app_client::{self, AppError};
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody, ResponseFuture};
-use crate::http::limited;
+use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
 use crate::http::path;
 use crate::http::server::{self, Builders, Proto, StreamGuard};
 use crate::identity::store::{self, IdentityStore, PeerIdentity};
-use crate::inbound::challenge::InboundStepUp;
+use crate::inbound::audit::Audit;
+use crate::inbound::challenge::{InboundStepUp, Reason, StepUpDeps};
 use crate::inbound::conn::InboundConn;
-use crate::inbound::policy::{Decision, Policy};
+use crate::inbound::counted::{counted, Counted};
+use crate::inbound::policy::{Decision, Policy, Route};
+use crate::inbound::risk::{Failure, Now, RiskTable, Verdict};
 use crate::listener::{ConnGuards, HandshakeGate};
-use crate::metrics::DirectionMetrics;
+use crate::metrics::{DirectionMetrics, Metrics};
 
 fn ready(resp: Response<ProxyBody>) -> ResponseFuture<'static> {
     Box::pin(std::future::ready(resp))
@@ -50,11 +79,20 @@ fn ready(resp: Response<ProxyBody>) -> ResponseFuture<'static> {
 pub struct Inbound {
     store: Arc<IdentityStore>,
     acceptor: TlsAcceptor,
-    policy: Policy,
+    /// The policy in use; a request keeps the route it matched even when a
+    /// new policy replaces this one meanwhile.
+    policy: ArcSwap<Policy>,
+    /// The generation of `policy`, held while a new one is built so that
+    /// two reloads never race.
+    generation: Mutex<u64>,
+    /// Per-identity risk state: outlives policy reloads.
+    risk: Arc<RiskTable>,
     stepup: InboundStepUp,
     need_exporter: bool,
     app: AppClient,
     metrics: DirectionMetrics,
+    /// For the policies built on reload.
+    all_metrics: Metrics,
     builders: Builders,
     /// Handshakes in progress (`max_handshakes`).
     gate: Arc<HandshakeGate>,
@@ -66,6 +104,9 @@ pub struct Inbound {
 struct AppClient {
     h1: Arc<app_client::H1Pool>,
     h2: app_client::H2cConn<ProxyBody>,
+    /// For requests whose body is counted on its way ([`counted`]); dialled
+    /// only if such a request goes to an HTTP/2 app.
+    h2_counted: app_client::H2cConn<Counted>,
     authority: Authority,
     protocol: AppProtocol,
 }
@@ -85,7 +126,16 @@ pub enum InboundError {
     /// The step-up verifier could not be built.
     #[error(transparent)]
     StepUp(#[from] crate::inbound::challenge::VerifierStartError),
+    /// `[inbound.stepup] audit_log` names a file that cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::inbound::audit::AuditOpenError),
 }
+
+/// Marks the 502 that [`Inbound::answer`] makes of an app's response asking
+/// for a step-up on a route that may have one: the step-up path decides
+/// what the caller gets instead.
+#[derive(Debug, Clone, Copy)]
+struct AppAsked;
 
 impl Inbound {
     /// Builds the inbound from its configuration.
@@ -95,9 +145,15 @@ impl Inbound {
         metrics: &crate::metrics::Metrics,
     ) -> Result<Arc<Inbound>, InboundError> {
         let tls = store::server_config(&store)?;
-        let risk =
-            crate::inbound::risk::RiskTable::new(cfg.stepup.max_tracked_identities, metrics)?;
+        let risk = RiskTable::new(cfg.stepup.max_tracked_identities, metrics)?;
         let policy = Policy::new(&cfg.policy, cfg.default_policy, &risk, 0, metrics)?;
+        let audit = cfg
+            .stepup
+            .audit_log
+            .as_ref()
+            .map(Audit::open)
+            .transpose()?
+            .map(Arc::new);
         let h1 = app_client::H1Pool::new(
             &cfg.app,
             cfg.app_connect_timeout,
@@ -109,27 +165,41 @@ impl Inbound {
             },
         );
         let h2 = app_client::H2cConn::new(&cfg.app, cfg.app_connect_timeout);
+        let h2_counted = app_client::H2cConn::new(&cfg.app, cfg.app_connect_timeout);
         let authority: Authority = cfg
             .app
             .parse()
             .map_err(|e| InboundError::App(format!("{e}")))?;
+        // A policy file may gain step-up routes later: every connection
+        // then has its channel binding ready.
+        let reloadable = cfg.policy_file.is_some();
+        metrics.policy_generation.set(0);
         Ok(Arc::new(Inbound {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
-            need_exporter: policy.any_step_up(),
-            policy,
+            need_exporter: reloadable || policy.any_step_up(),
+            policy: ArcSwap::from_pointee(policy),
+            generation: Mutex::new(0),
             stepup: InboundStepUp::new(
                 &cfg.stepup,
-                &cfg.policy.routes,
-                metrics,
-                cfg.limits.body_timeout,
+                StepUpDeps {
+                    policy: &cfg.policy,
+                    metrics,
+                    body_timeout: cfg.limits.body_timeout,
+                    risk: risk.clone(),
+                    audit,
+                    reloadable,
+                },
             )?,
+            risk,
             app: AppClient {
                 h1,
                 h2,
+                h2_counted,
                 authority,
                 protocol: cfg.app_protocol,
             },
             metrics: metrics.inbound.clone(),
+            all_metrics: metrics.clone(),
             builders: Builders::new(&cfg.limits),
             gate: HandshakeGate::new(
                 cfg.limits.max_handshakes,
@@ -139,6 +209,31 @@ impl Inbound {
             store,
             cfg: cfg.clone(),
         }))
+    }
+
+    /// Takes a new policy into use (a `policy_file` change): requests from
+    /// now on are decided by it, requests in flight keep their route. The
+    /// risk table's failures and lockouts carry over; per-route state starts
+    /// again. Returns the new policy's generation.
+    pub fn replace_policy(&self, cfg: &PolicyConfig) -> Result<u64, prometheus::Error> {
+        let mut generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let next = *generation + 1;
+        let policy = Policy::new(
+            cfg,
+            self.cfg.default_policy,
+            &self.risk,
+            next,
+            &self.all_metrics,
+        )?;
+        self.policy.store(Arc::new(policy));
+        *generation = next;
+        self.all_metrics
+            .policy_generation
+            .set(i64::try_from(next).unwrap_or(i64::MAX));
+        Ok(next)
     }
 
     /// Handles one accepted TCP connection: handshake (bounded), then HTTP.
@@ -176,6 +271,12 @@ impl Inbound {
                 let f = store::classify(&e);
                 self.metrics.handshake(f.reason);
                 tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
+                // A certificate naming an identity that failed (expired,
+                // no proof of possession...) raises that identity's risk.
+                if let Some(id) = f.peer_id.as_deref() {
+                    self.risk
+                        .record_failure(id, Failure::Handshake, Now::system());
+                }
                 return;
             }
             Ok(Ok(tls)) => tls,
@@ -300,13 +401,19 @@ impl Inbound {
             }
         }
         let matched = path::match_form(req.uri().path(), path_mode);
-        let route = match self
-            .policy
-            .decide(req.method(), &matched, &conn.peer.id, "")
-        {
+        // The guard of the policy in use lives for this statement only: the
+        // route is kept by its own reference.
+        let route = match self.policy.load().decide(
+            req.method(),
+            &matched,
+            &conn.peer.id,
+            &conn.peer.serial,
+        ) {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
+                self.risk
+                    .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
                 return Either::Left(Box::pin(async move {
                     drain_refused(req.into_body()).await;
                     text(StatusCode::FORBIDDEN, msg)
@@ -332,32 +439,135 @@ impl Inbound {
                 async move { this.stepped_up(req, &conn, &r).await },
             ));
         }
-        Either::Right(self.forward(req))
+        Either::Right(self.forward(req, false))
     }
 
-    /// A request on a step-up route: verified (or challenged), forwarded,
-    /// and its response given the next nonce.
+    /// A request on a step-up route: its reason to prove possession decided
+    /// (or not: see [`Inbound::unverified`]), verified (or challenged),
+    /// forwarded, and its response given the next nonce when the reason
+    /// asks for one.
     async fn stepped_up(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
         conn: &InboundConn,
-        r: &crate::inbound::policy::Route,
+        r: &Route,
     ) -> Response<ProxyBody> {
-        let (req, verified) = match self.stepup.verify(req, conn, r).await {
+        let reason = match (r.step_up, &r.risk) {
+            (StepUpMode::Risk, risk) => {
+                let verdict = risk.as_ref().map_or(Verdict::Pass, |k| {
+                    k.evaluate(&conn.peer.id, req.headers(), Now::system())
+                });
+                match verdict {
+                    Verdict::Deny(rule) => return self.risk_denied(req, conn, r, rule).await,
+                    Verdict::Challenge(rule) => Reason::Rule(rule),
+                    // A caller's sidecar signs up front with a nonce an
+                    // earlier answer gave it: such a proof is checked (a bad
+                    // one is refused and counted, as anywhere).
+                    Verdict::Pass if carries_proof(req.headers()) => Reason::App,
+                    Verdict::Pass => return self.unverified(req, conn, r).await,
+                }
+            }
+            _ => Reason::Always,
+        };
+        let (req, verified) = match self.stepup.verify(req, conn, r, &reason).await {
             Ok(v) => v,
             Err(resp) => return resp,
         };
-        let mut resp = self.forward(req).await;
-        self.stepup.on_response(&mut resp, conn, r, verified);
+        let mut resp = self.forward(req, true).await;
+        if resp.extensions().get::<AppAsked>().is_some() {
+            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, reason = reason.as_str(), "the app asked for a step-up proof of a request that carried one (x-keyproof-step-up: verified); answered 502");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "the app asked for a step-up proof of a request that was already verified\n",
+            );
+        }
+        if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
+            risk.served(&conn.peer.id, Now::system());
+        }
+        // The next nonce saves a round trip where the next request will
+        // need one: on `always` routes, and for an app that asked (it may
+        // well ask again). A rule's challenge is an exception to pay for.
+        if matches!(reason, Reason::Always | Reason::App) {
+            self.stepup.on_response(&mut resp, conn, r, verified);
+        }
         resp
     }
 
-    fn forward(
+    /// A request on a `risk` route where no rule fired and no proof came:
+    /// forwarded as it is, its body counted, and should the app ask for a
+    /// proof, the caller challenged (413 for a body over `max_body`: its
+    /// signed resend could not be checked).
+    async fn unverified(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
-    ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
-    {
+        conn: &InboundConn,
+        r: &Route,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        // A `Stepup-Binding` without a signature is no proof, and the app
+        // never sees step-up request fields.
+        keyproof_stepup::strip_stepup_headers(&mut parts.headers);
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let has_content_type = parts.headers.contains_key(header::CONTENT_TYPE);
+        let (body, tally) = counted(body);
+        let resp = self.forward_counted(Request::from_parts(parts, body)).await;
+        if resp.extensions().get::<AppAsked>().is_none() {
+            if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
+                risk.served(&conn.peer.id, Now::system());
+            }
+            return resp;
+        }
+        // The caller's sidecar resends the body it sent: it must have sent
+        // all of it first, and the verifier must be able to read it.
+        let max = self.stepup.max_body() as u64;
+        let total = tally.total(max, STEPUP_DRAIN).await;
+        if declared.is_some_and(|n| n > max) || total > max {
+            return self.stepup.app_asked_too_large(conn, r);
+        }
+        self.stepup.app_asked(conn, r, has_content_type)
+    }
+
+    /// A request refused by a `deny` risk rule (counted by the rule): 403,
+    /// audited, and not a failure of the caller (a lockout lasts its
+    /// window, however often the locked-out caller knocks).
+    async fn risk_denied(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        conn: &InboundConn,
+        r: &Route,
+        rule: Arc<str>,
+    ) -> Response<ProxyBody> {
+        tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, rule = %rule, "request refused by risk rule");
+        self.stepup.audit(
+            conn,
+            &r.path_prefix,
+            &Reason::Rule(rule.clone()),
+            audit::DENIED,
+            None,
+        );
+        let (limit, within) = limited::REFUSAL_DRAIN;
+        limited::drain(&mut req.into_body(), limit, within).await;
+        text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "forbidden: risk rule {rule} of route {} refuses {}\n",
+                r.path_prefix, conn.peer.id
+            ),
+        )
+    }
+
+    /// The app's form of a request: origin-form for HTTP/1.1 (with a Host),
+    /// absolute for HTTP/2. Says whether it goes over HTTP/2 and whether
+    /// the caller speaks HTTP/1.
+    #[inline]
+    fn to_app(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> Result<(bool, bool), Box<Response<ProxyBody>>> {
         let use_h2 = match self.app.protocol {
             // gRPC needs HTTP/2 end to end (trailers, streams); anything else
             // reaches the app as HTTP/1.1, which every app speaks, so a
@@ -381,7 +591,6 @@ impl Inbound {
             }
         }
         let path = path_of(&parts.uri);
-        let this = self.clone();
         // HTTP/2 has no Connection field: a stalled body ends its stream.
         let h1_caller = parts.version != Version::HTTP_2;
         if use_h2 {
@@ -390,24 +599,61 @@ impl Inbound {
                 Some(a) => a.clone(),
                 None => self.app.authority.clone(),
             };
-            parts.uri = match absolute_uri(Scheme::HTTP, authority, path) {
-                Ok(u) => u,
-                Err(resp) => return Either::Left(ready(*resp)),
-            };
+            parts.uri = absolute_uri(Scheme::HTTP, authority, path)?;
             parts.version = Version::HTTP_2;
-            let req = Request::from_parts(parts, body);
+        } else {
+            // HTTP/1.1 goes out in origin-form; Host carries the name.
+            parts.uri = Uri::from(path);
+            parts.version = Version::HTTP_11;
+        }
+        Ok((use_h2, h1_caller))
+    }
+
+    /// To the app. `may_step_up`: the route may have a step-up, so an app
+    /// asking for one is for the caller to decide on ([`AppAsked`]); else
+    /// that is a 502.
+    fn forward(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        may_step_up: bool,
+    ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
+    {
+        let (mut parts, body) = req.into_parts();
+        let (use_h2, h1_caller) = match self.to_app(&mut parts) {
+            Ok(how) => how,
+            Err(resp) => return Either::Left(ready(*resp)),
+        };
+        let this = self.clone();
+        let req = Request::from_parts(parts, body);
+        if use_h2 {
             return Either::Left(Box::pin(async move {
                 let sent = this.app.h2.request(req).await;
-                this.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller)
+                this.answer(
+                    sent.map(|r| r.map(ProxyBody::Stream)),
+                    h1_caller,
+                    may_step_up,
+                )
             }));
         }
-        // HTTP/1.1 goes out in origin-form; Host carries the name.
-        parts.uri = Uri::from(path);
-        parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
         Either::Right(map_in_place(self.app.h1.request(req), move |sent| {
-            this.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller)
+            this.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, may_step_up)
         }))
+    }
+
+    /// [`Inbound::forward`] for a request whose body is counted.
+    async fn forward_counted(self: &Arc<Self>, req: Request<Counted>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let (use_h2, h1_caller) = match self.to_app(&mut parts) {
+            Ok(how) => how,
+            Err(resp) => return *resp,
+        };
+        let req = Request::from_parts(parts, body);
+        if use_h2 {
+            let sent = self.app.h2_counted.request(req).await;
+            return self.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller, true);
+        }
+        let sent = self.app.h1.request(req).await;
+        self.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
     }
 
     /// The app's response, or a 503/502 saying why there is none (408 for
@@ -417,12 +663,15 @@ impl Inbound {
         &self,
         sent: Result<Response<ProxyBody>, AppError>,
         h1_caller: bool,
+        may_step_up: bool,
     ) -> Response<ProxyBody> {
         match sent {
             Ok(mut resp) => {
                 // Only the sidecar speaks the StepUp scheme and sets its own
                 // fields; the inbound's own challenges are added after this.
-                owned::strip_response(resp.headers_mut());
+                if owned::strip_response(resp.headers_mut()) {
+                    return self.app_asked(may_step_up);
+                }
                 resp
             }
             Err(AppError::Unavailable(cause)) => {
@@ -453,6 +702,39 @@ impl Inbound {
             }
         }
     }
+
+    /// The app answered `x-keyproof-step-up: required`; its response is
+    /// dropped, never passed on.
+    #[cold]
+    fn app_asked(&self, may_step_up: bool) -> Response<ProxyBody> {
+        if !may_step_up {
+            tracing::warn!(app = %self.cfg.app, "the app asked for a step-up proof (x-keyproof-step-up: required) of a request on a route without step-up; answered 502");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "the app asked for a step-up proof of a request on a route without step-up\n",
+            );
+        }
+        let mut resp = text(
+            StatusCode::BAD_GATEWAY,
+            "the app asked for a step-up proof\n",
+        );
+        resp.extensions_mut().insert(AppAsked);
+        resp
+    }
+}
+
+/// Whether a request carries a step-up proof attempt (a signature, or its
+/// input: one without the other is a malformed attempt, refused as such).
+fn carries_proof(h: &HeaderMap) -> bool {
+    h.contains_key(keyproof_stepup::headers::SIGNATURE)
+        || h.contains_key(keyproof_stepup::headers::SIGNATURE_INPUT)
+}
+
+/// Whether `resp` is the app's own answer rather than one the inbound made
+/// because there was none (503, 502, 408): the proxy's own are whole
+/// in-memory bodies, the app's stream from its connection.
+fn from_app(resp: &Response<ProxyBody>) -> bool {
+    matches!(resp.body(), ProxyBody::App(_) | ProxyBody::Stream(_))
 }
 
 /// Reads what is left of a small body before a refusal is answered
@@ -651,5 +933,828 @@ mod tests {
             size <= APP_H1_REQUEST_MAX,
             "H1Pool::request's future is {size} bytes, above its bound of {APP_H1_REQUEST_MAX}: is a rare path no longer boxed?"
         );
+    }
+
+    /// Step-up through the whole request path: real requests as hyper
+    /// reads them, a real app on loopback, the caller's proof made with its
+    /// key as its sidecar would.
+    mod step_up {
+        use std::convert::Infallible;
+        use std::net::SocketAddr;
+        use std::sync::{Arc, Mutex};
+
+        use bytes::Bytes;
+        use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Incoming;
+        use hyper_util::rt::TokioIo;
+        use keyproof_stepup::{unix_now, Challenge, RequestView, Signer};
+
+        use super::{body_text, inbound, API, WEB};
+        use crate::config::{AuditSink, StepUpMode};
+        use crate::http::body::ProxyBody;
+        use crate::inbound::conn::InboundConn;
+        use crate::inbound::Inbound;
+        use crate::metrics::Metrics;
+        use crate::testing::{config, hyper_request, metric, workload, Workload};
+
+        const EXPORTER: [u8; 32] = [9; 32];
+
+        /// What the app saw of one request.
+        #[derive(Debug, Clone)]
+        pub(super) struct Seen {
+            pub(super) headers: HeaderMap,
+            pub(super) body: Bytes,
+        }
+
+        impl Seen {
+            fn verified(&self) -> Option<(&str, &str)> {
+                let v = self.headers.get("x-keyproof-step-up")?.to_str().ok()?;
+                let r = self
+                    .headers
+                    .get("x-keyproof-step-up-reason")
+                    .map_or("", |r| r.to_str().unwrap_or("?"));
+                Some((v, r))
+            }
+        }
+
+        /// How the test app answers: status, extra fields, body.
+        type Answer = fn(&Seen) -> (u16, &'static [(&'static str, &'static str)], &'static str);
+
+        /// An HTTP/1.1 app on loopback answering every request with
+        /// `answer`, recording what it saw (the whole body read first).
+        pub(super) async fn app(answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind app");
+            let addr = l.local_addr().expect("app address");
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let log = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = l.accept().await {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let log = log.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await.map(|b| b.to_bytes());
+                                let seen = Seen {
+                                    headers: parts.headers,
+                                    body: body.unwrap_or_default(),
+                                };
+                                let (status, fields, text) = answer(&seen);
+                                log.lock().expect("lock").push(seen);
+                                let mut resp = Response::builder().status(status);
+                                for (k, v) in fields {
+                                    resp = resp.header(*k, *v);
+                                }
+                                Ok::<_, Infallible>(
+                                    resp.body(Full::new(Bytes::from_static(text.as_bytes())))
+                                        .expect("response"),
+                                )
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .await;
+                    });
+                }
+            });
+            (addr, seen)
+        }
+
+        /// Asks for the caller's proof unless the request carries one.
+        fn asks_unless_verified(
+            s: &Seen,
+        ) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+            match s.verified() {
+                Some(("verified", _)) => (200, &[], "paid"),
+                _ => (
+                    402,
+                    &[("x-keyproof-step-up", "required"), ("x-app", "secret")],
+                    "app's own refusal",
+                ),
+            }
+        }
+
+        /// Always asks.
+        fn always_asks(_: &Seen) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+            (200, &[("x-keyproof-step-up", "required")], "app's body")
+        }
+
+        /// Never asks.
+        fn never_asks(_: &Seen) -> (u16, &'static [(&'static str, &'static str)], &'static str) {
+            (200, &[], "ok")
+        }
+
+        /// A routes section: `/pay` for web with `step_up` (`true` or
+        /// `false`; a `risk` route is made from a `true` one by [`risk`]).
+        fn pay_route(step_up: bool) -> String {
+            format!(
+                "[[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\nstep_up = {step_up}\n"
+            )
+        }
+
+        /// The inbound with its routes as configured, the first made a
+        /// `risk` route without rules when `risk`; audit into `audit`.
+        fn inbound_with(
+            api: &Workload,
+            app: SocketAddr,
+            rest: &str,
+            risk: bool,
+            audit: Option<&std::path::Path>,
+        ) -> (Arc<Inbound>, Metrics) {
+            if !risk && audit.is_none() {
+                return inbound(api, &app.to_string(), rest);
+            }
+            let cfg = config(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n{rest}"
+            ));
+            let mut cfg = cfg.inbound.expect("[inbound]");
+            if risk {
+                cfg.policy.routes[0].step_up = StepUpMode::Risk;
+            }
+            cfg.stepup.audit_log = audit.map(|p| AuditSink::File(p.to_owned()));
+            let metrics = Metrics::new().expect("metrics");
+            let inbound = Inbound::new(&cfg, api.store(), &metrics).expect("inbound");
+            (inbound, metrics)
+        }
+
+        pub(super) fn conn(caller: &Workload, api: &Workload) -> Arc<InboundConn> {
+            Arc::new(InboundConn::for_tests(
+                caller.peer(),
+                &api.id,
+                Some(EXPORTER),
+            ))
+        }
+
+        /// A POST of `body` to `path` as HTTP/1.1 bytes, with `fields`.
+        fn post(path: &str, fields: &HeaderMap, body: &[u8]) -> Vec<u8> {
+            let mut raw = format!("POST {path} HTTP/1.1\r\ncontent-length: {}\r\n", body.len());
+            for (k, v) in fields {
+                raw.push_str(&format!("{k}: {}\r\n", v.to_str().expect("text")));
+            }
+            raw.push_str("\r\n");
+            let mut raw = raw.into_bytes();
+            raw.extend_from_slice(body);
+            raw
+        }
+
+        fn plain_fields() -> HeaderMap {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("api"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h
+        }
+
+        /// The fields of a POST signed by `web` for `ch`, as its sidecar
+        /// signs it.
+        fn signed_fields(web: &Workload, ch: &Challenge, path: &str, body: &[u8]) -> HeaderMap {
+            signed_with(web, ch, path, body, plain_fields())
+        }
+
+        /// [`signed_fields`] over `h` (with its own fields).
+        fn signed_with(
+            web: &Workload,
+            ch: &Challenge,
+            path: &str,
+            body: &[u8],
+            mut h: HeaderMap,
+        ) -> HeaderMap {
+            let uri: Uri = path.parse().expect("path");
+            let view = RequestView::new(&Method::POST, &uri, &h);
+            let signer = Signer::from_pkcs8_and_cert(&web.pkcs8, web.leaf()).expect("signer");
+            let signed = signer
+                .sign(ch, &view, body, &EXPORTER, unix_now())
+                .expect("sign");
+            signed.apply(&mut h);
+            h
+        }
+
+        async fn send(
+            inbound: &Arc<Inbound>,
+            conn: &Arc<InboundConn>,
+            raw: &[u8],
+        ) -> Response<ProxyBody> {
+            let (req, _client) = hyper_request(raw).await;
+            inbound.clone().request(req, conn.clone()).await
+        }
+
+        fn challenge_of(resp: &Response<ProxyBody>) -> Challenge {
+            Challenge::from_headers(resp.headers())
+                .expect("readable")
+                .expect("Accept-Signature")
+        }
+
+        fn challenges(m: &Metrics, reason: &str) -> f64 {
+            metric(
+                m,
+                &format!("keyproof_stepup_challenges_total{{reason=\"{reason}\",route=\"/pay\"}}"),
+            )
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_on_a_risk_route_gets_the_request_again_verified_with_reason_app() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(asks_unless_verified).await;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = dir.path().join("audit.log");
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(true), true, Some(&log));
+            let c = conn(&web, &api);
+            let body = b"{\"amount\":12}";
+
+            // Unverified: the app sees it, asks, and the caller is
+            // challenged from the inbound's table instead of seeing the
+            // app's answer.
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), body)).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                resp.headers()[header::WWW_AUTHENTICATE],
+                "StepUp error=\"stepup_required\""
+            );
+            assert!(!resp.headers().contains_key("x-app"));
+            assert!(!resp.headers().contains_key("x-keyproof-step-up"));
+            let ch = challenge_of(&resp);
+            assert!(body_text(resp).await.contains("(reason: app)"));
+            assert_eq!(challenges(&metrics, "app"), 1.0);
+            {
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen.len(), 1);
+                assert_eq!(seen[0].verified(), None);
+                assert_eq!(&seen[0].body[..], body);
+            }
+
+            // The signed resend reaches the app verified, reason `app`, and
+            // its answer carries the next nonce.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", body), body),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let next = challenge_of(&resp);
+            assert_ne!(next.nonce, ch.nonce);
+            assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+            assert_eq!(body_text(resp).await, "paid");
+            {
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen.len(), 2);
+                assert_eq!(seen[1].verified(), Some(("verified", "app")));
+                assert_eq!(&seen[1].body[..], body);
+                for f in ["signature", "signature-input", "stepup-binding"] {
+                    assert!(!seen[1].headers.contains_key(f), "{f} reached the app");
+                }
+            }
+
+            // Steady state: signed up front with that nonce, no round trip.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &next, "/pay", body), body),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(resp.headers().contains_key("accept-signature"));
+            assert_eq!(seen.lock().expect("lock").len(), 3);
+            assert_eq!(challenges(&metrics, "app"), 1.0);
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "keyproof_stepup_verifications_total{result=\"ok\"}"
+                ),
+                2.0
+            );
+
+            // A replay of a used proof is refused and counted, never passed.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", body), body),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                resp.headers()[header::WWW_AUTHENTICATE],
+                "StepUp error=\"replay\""
+            );
+            assert_eq!(seen.lock().expect("lock").len(), 3);
+
+            let audited: Vec<String> = std::fs::read_to_string(&log)
+                .expect("audit log")
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+                    assert_eq!(v["route"], "/pay");
+                    assert_eq!(v["peer"], web.id.as_str());
+                    format!(
+                        "{} {}",
+                        v["reason"].as_str().unwrap(),
+                        v["result"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert_eq!(
+                audited,
+                ["app challenged", "app ok", "app ok", "app replay"]
+            );
+        }
+
+        #[tokio::test]
+        async fn a_risk_route_forwards_a_request_the_app_does_not_ask_about_unchanged() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(never_asks).await;
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(true), true, None);
+            let c = conn(&web, &api);
+            // Forged verdicts from the caller never reach the app.
+            let mut fields = plain_fields();
+            fields.insert("x-keyproof-step-up", HeaderValue::from_static("verified"));
+            fields.insert(
+                "x_keyproof_step_up_reason",
+                HeaderValue::from_static("always"),
+            );
+            fields.insert("stepup-binding", HeaderValue::from_static(":AAAA:"));
+            let resp = send(&inbound, &c, &post("/pay", &fields, b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            // No nonce offered: nothing asked for one.
+            assert!(!resp.headers().contains_key("accept-signature"));
+            assert_eq!(body_text(resp).await, "ok");
+            let seen = seen.lock().expect("lock");
+            assert_eq!(seen[0].verified(), None);
+            let names: Vec<&str> = seen[0].headers.keys().map(|k| k.as_str()).collect();
+            assert!(
+                names
+                    .iter()
+                    .all(|n| !n.contains("keyproof") && *n != "stepup-binding"),
+                "{names:?}"
+            );
+            assert_eq!(challenges(&metrics, "app"), 0.0);
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "keyproof_stepup_verifications_total{result=\"missing\"}"
+                ),
+                0.0
+            );
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_about_a_body_over_max_body_gets_the_caller_a_413() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(asks_unless_verified).await;
+            let rest = format!("[inbound.stepup]\nmax_body = 16\n{}", pay_route(true));
+            let (inbound, metrics) = inbound_with(&api, addr, &rest, true, None);
+            let c = conn(&web, &api);
+            let big = b"{\"memo\":\"0123456789abcdef\"}";
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), big)).await;
+            assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+            assert!(body_text(resp)
+                .await
+                .contains("larger than 16 bytes (inbound.stepup.max_body)"));
+            assert_eq!(seen.lock().expect("lock").len(), 1, "the app saw it once");
+            assert_eq!(challenges(&metrics, "app"), 0.0);
+            // Chunked, no length declared: counted on its way.
+            let mut raw =
+                b"POST /pay HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for chunk in big.chunks(8) {
+                raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                raw.extend_from_slice(chunk);
+                raw.extend_from_slice(b"\r\n");
+            }
+            raw.extend_from_slice(b"0\r\n\r\n");
+            let resp = send(&inbound, &c, &raw).await;
+            assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            // At the bound, the challenge.
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &plain_fields(), b"{\"a\":\"0123456\"}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_again_about_a_verified_request_gets_502() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(always_asks).await;
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(true), false, None);
+            let c = conn(&web, &api);
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(challenges(&metrics, "always"), 1.0);
+            assert!(seen.lock().expect("lock").is_empty(), "challenged first");
+            let ch = challenge_of(&resp);
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", b"{}"), b"{}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+            assert!(!resp.headers().contains_key("accept-signature"));
+            assert!(!resp.headers().contains_key("x-keyproof-step-up"));
+            let text = body_text(resp).await;
+            assert!(text.contains("already verified"), "{text}");
+            assert!(!text.contains("app's body"));
+            assert_eq!(
+                seen.lock().expect("lock")[0].verified(),
+                Some(("verified", "always"))
+            );
+        }
+
+        #[tokio::test]
+        async fn an_always_route_keeps_its_next_nonce_and_the_reason_always() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(never_asks).await;
+            let (inbound, _m) = inbound_with(&api, addr, &pay_route(true), false, None);
+            let c = conn(&web, &api);
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+            let ch = challenge_of(&resp);
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &ch, "/pay", b"{}"), b"{}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let next = challenge_of(&resp);
+            let resp = send(
+                &inbound,
+                &c,
+                &post("/pay", &signed_fields(&web, &next, "/pay", b"{}"), b"{}"),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let seen = seen.lock().expect("lock");
+            assert_eq!(seen.len(), 2);
+            assert!(seen
+                .iter()
+                .all(|s| s.verified() == Some(("verified", "always"))));
+        }
+
+        #[tokio::test]
+        async fn an_app_asking_on_a_route_without_step_up_gets_502_never_its_response() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(always_asks).await;
+            // `/pay` without step-up, and every other path by default.
+            let (inbound, metrics) = inbound_with(&api, addr, &pay_route(false), false, None);
+            let c = conn(&web, &api);
+            for path in ["/pay", "/elsewhere"] {
+                let resp = send(&inbound, &c, &post(path, &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{path}");
+                assert!(!resp.headers().contains_key("x-keyproof-step-up"));
+                assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE));
+                let text = body_text(resp).await;
+                assert!(text.contains("route without step-up"), "{path}: {text}");
+            }
+            assert_eq!(seen.lock().expect("lock").len(), 2);
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "keyproof_stepup_verifications_total{result=\"missing\"}"
+                ),
+                0.0
+            );
+        }
+
+        #[tokio::test]
+        async fn a_new_policy_decides_the_next_request() {
+            let (api, web) = (workload(API), workload(WEB));
+            let (addr, seen) = app(never_asks).await;
+            let (inbound, metrics) = inbound_with(&api, addr, "", false, None);
+            let c = conn(&web, &api);
+            let resp = send(&inbound, &c, &post("/admin", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let new = config(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{addr}\"\n{}",
+                super::ADMIN_FOR_OPS
+            ))
+            .inbound
+            .expect("[inbound]")
+            .policy;
+            assert_eq!(inbound.replace_policy(&new).expect("replace"), 1);
+            let resp = send(&inbound, &c, &post("/admin", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            assert_eq!(metric(&metrics, "keyproof_policy_generation"), 1.0);
+            assert_eq!(seen.lock().expect("lock").len(), 1);
+            // And a step-up route the startup policy did not have.
+            let pay = config(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{addr}\"\n{}",
+                pay_route(true)
+            ))
+            .inbound
+            .expect("[inbound]")
+            .policy;
+            assert_eq!(inbound.replace_policy(&pay).expect("replace"), 2);
+            let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(challenges(&metrics, "always"), 1.0);
+        }
+
+        /// The risk rules and the deny list as the inbound applies them,
+        /// configured as an operator writes them.
+        mod risk_rules {
+            use super::*;
+
+            /// `/pay` for web and ops, `step_up = "risk"` with `rules`
+            /// (names), the rules defined by `defs`; `extra` after.
+            fn risk_config(rules: &[&str], defs: &str, extra: &str) -> String {
+                let list: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+                format!(
+                    "[[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\", \"spiffe://unit.keyproof.test/ns/ops/*\"]\nstep_up = \"risk\"\nrisk = [{}]\n{extra}{defs}",
+                    list.join(", ")
+                )
+            }
+
+            const BIG: &str =
+                "[[inbound.risk_rules]]\nname = \"big\"\nheader = \"x-amount\"\nabove = 100\n";
+            const EVIL: &str = "[[inbound.risk_rules]]\nname = \"evil\"\nheader = \"x-evil\"\npresent = true\naction = \"deny\"\n";
+            const AFTER: &str =
+                "[[inbound.risk_rules]]\nname = \"after-refusal\"\nafter_failure = \"15m\"\n";
+            const NEW: &str = "[[inbound.risk_rules]]\nname = \"new-caller\"\nnew_peer = \"24h\"\n";
+            const LOCKOUT: &str = "[[inbound.risk_rules]]\nname = \"lockout\"\nfailures_above = \"2/15m\"\naction = \"deny\"\n";
+
+            fn with_amount(amount: &'static str) -> HeaderMap {
+                let mut h = plain_fields();
+                h.insert("x-amount", HeaderValue::from_static(amount));
+                h
+            }
+
+            /// A proof attempt that can only be refused (`malformed`: a
+            /// signature input without a signature).
+            fn malformed() -> HeaderMap {
+                let mut h = plain_fields();
+                h.insert(
+                    "signature-input",
+                    HeaderValue::from_static("stepup=(\"@method\");created=1"),
+                );
+                h
+            }
+
+            fn audited(log: &std::path::Path) -> Vec<String> {
+                std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(|l| {
+                        let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+                        format!(
+                            "{} {}",
+                            v["reason"].as_str().unwrap(),
+                            v["result"].as_str().unwrap()
+                        )
+                    })
+                    .collect()
+            }
+
+            #[tokio::test]
+            async fn a_firing_challenge_rule_is_the_reason_and_offers_no_next_nonce() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let (inbound, metrics) =
+                    inbound_with(&api, addr, &risk_config(&["big"], BIG, ""), false, None);
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/pay", &with_amount("5000"), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "big"), 1.0);
+                assert!(seen.lock().expect("lock").is_empty());
+                let ch = challenge_of(&resp);
+                let fields = signed_with(&web, &ch, "/pay", b"{}", with_amount("5000"));
+                let resp = send(&inbound, &c, &post("/pay", &fields, b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert!(!resp.headers().contains_key("accept-signature"));
+                // Below the threshold: no proof asked.
+                let resp = send(&inbound, &c, &post("/pay", &with_amount("5"), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen[0].verified(), Some(("verified", "big")));
+                assert_eq!(seen[1].verified(), None);
+            }
+
+            #[tokio::test]
+            async fn a_deny_rule_refuses_with_403_audited_and_counted_but_no_failure() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let dir = tempfile::tempdir().expect("tempdir");
+                let log = dir.path().join("audit.log");
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["evil", "after-refusal"], &format!("{EVIL}{AFTER}"), ""),
+                    false,
+                    Some(&log),
+                );
+                let c = conn(&web, &api);
+                let mut evil = plain_fields();
+                evil.insert("x-evil", HeaderValue::from_static("1"));
+                let resp = send(&inbound, &c, &post("/pay", &evil, b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                assert!(body_text(resp).await.contains("risk rule evil"));
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_risk_denied_total{route=\"/pay\",rule=\"evil\"}"
+                    ),
+                    1.0
+                );
+                // Not a failure: `after-refusal` does not fire next.
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(seen.lock().expect("lock").len(), 1);
+                assert_eq!(audited(&log), ["evil denied"]);
+            }
+
+            #[tokio::test]
+            async fn a_refused_proof_makes_the_callers_next_requests_challenged() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, _seen) = app(never_asks).await;
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["after-refusal"], AFTER, ""),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                let resp = send(&inbound, &c, &post("/pay", &malformed(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "after-refusal"), 1.0);
+                // Another caller is not concerned.
+                let ops = workload("/ns/ops/sa/x");
+                let resp = send(
+                    &inbound,
+                    &conn(&ops, &api),
+                    &post("/pay", &plain_fields(), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::OK);
+            }
+
+            #[tokio::test]
+            async fn a_policy_403_is_a_failure_of_the_caller() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, _seen) = app(never_asks).await;
+                let admin = "[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/ops/*\"]\n";
+                let (inbound, _m) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["after-refusal"], AFTER, admin),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/admin", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            }
+
+            #[tokio::test]
+            async fn a_new_caller_is_challenged_once_then_served_without() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(
+                        &["new-caller", "after-refusal"],
+                        &format!("{NEW}{AFTER}"),
+                        "",
+                    ),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "new-caller"), 1.0);
+                // Its signed resend is still "new" (not served yet): the
+                // reason stays the rule.
+                let ch = challenge_of(&resp);
+                let resp = send(
+                    &inbound,
+                    &c,
+                    &post("/pay", &signed_fields(&web, &ch, "/pay", b"{}"), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                // Served now; and the first challenge (no proof at all) was
+                // no failure, so `after-refusal` stays quiet.
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                let seen = seen.lock().expect("lock");
+                assert_eq!(seen[0].verified(), Some(("verified", "new-caller")));
+                assert_eq!(seen[1].verified(), None);
+            }
+
+            #[tokio::test]
+            async fn a_lockout_refuses_after_too_many_refused_proofs() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, seen) = app(never_asks).await;
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(&["lockout"], LOCKOUT, ""),
+                    false,
+                    None,
+                );
+                let c = conn(&web, &api);
+                for _ in 0..3 {
+                    let resp = send(&inbound, &c, &post("/pay", &malformed(), b"{}")).await;
+                    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                }
+                for _ in 0..2 {
+                    let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                }
+                assert!(seen.lock().expect("lock").is_empty());
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_risk_denied_total{route=\"/pay\",rule=\"lockout\"}"
+                    ),
+                    2.0
+                );
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_stepup_verifications_total{result=\"malformed\"}"
+                    ),
+                    3.0
+                );
+            }
+
+            #[tokio::test]
+            async fn the_deny_list_refuses_by_certificate_serial_in_any_spelling_and_by_id() {
+                let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
+                let (addr, seen) = app(never_asks).await;
+                // The serial as an operator copies it from openssl: upper
+                // case, colons, a leading zero byte.
+                let serial = web.peer().serial;
+                let padded = if serial.len() % 2 == 1 {
+                    format!("0{serial}")
+                } else {
+                    serial.clone()
+                };
+                let spelled: Vec<String> = hex::decode(format!("00{padded}"))
+                    .expect("hex")
+                    .iter()
+                    .map(|b| format!("{b:02X}"))
+                    .collect();
+                let deny = format!(
+                    "[[inbound.deny]]\nserial = \"{}\"\n[[inbound.deny]]\nspiffe_id = \"spiffe://unit.keyproof.test/ns/stolen/*\"\n",
+                    spelled.join(":")
+                );
+                let (inbound, metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &format!("{}{deny}", pay_route(false)),
+                    false,
+                    None,
+                );
+                for path in ["/pay", "/elsewhere"] {
+                    let resp = send(
+                        &inbound,
+                        &conn(&web, &api),
+                        &post(path, &plain_fields(), b"{}"),
+                    )
+                    .await;
+                    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+                }
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        &format!("keyproof_deny_list_refused_total{{entry=\"serial:{serial}\"}}")
+                    ),
+                    2.0
+                );
+                let stolen = workload("/ns/stolen/sa/x");
+                let resp = send(
+                    &inbound,
+                    &conn(&stolen, &api),
+                    &post("/elsewhere", &plain_fields(), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                // Anyone else: as the routes say.
+                let resp = send(
+                    &inbound,
+                    &conn(&ops, &api),
+                    &post("/elsewhere", &plain_fields(), b"{}"),
+                )
+                .await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(seen.lock().expect("lock").len(), 1);
+            }
+        }
     }
 }

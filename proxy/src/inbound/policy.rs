@@ -1,12 +1,13 @@
-//! Inbound route policy: the first route whose path prefix and methods match
-//! decides; its `allow` list must contain the caller.
+//! Inbound route policy: the deny list first, on every path; then the first
+//! route whose path prefix and methods match decides: its `allow` list must
+//! contain the caller.
 
 use std::sync::Arc;
 
 use keyproof_identity::{IdPattern, SpiffeId};
 use prometheus::IntCounter;
 
-use crate::config::{DefaultPolicy, PolicyConfig, StepUpMode};
+use crate::config::{DefaultPolicy, DenyEntry, PolicyConfig, StepUpMode};
 use crate::inbound::risk::{RiskTable, RouteRisk};
 use crate::metrics::Metrics;
 
@@ -35,6 +36,16 @@ pub enum Decision<'a> {
     Deny(String),
 }
 
+/// One compiled `[[inbound.deny]]` entry.
+#[derive(Debug)]
+struct Denied {
+    entry: DenyEntry,
+    /// The pattern, or `serial:<hex>`: the body and the metric label.
+    label: String,
+    /// `keyproof_deny_list_refused_total{entry}`.
+    refused: IntCounter,
+}
+
 /// The compiled policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -42,6 +53,16 @@ pub struct Policy {
     routes: Vec<Arc<Route>>,
     default: DefaultPolicy,
     default_denied: IntCounter,
+    deny: Vec<Denied>,
+}
+
+/// `serial` without leading zeros (`"0"` for zero), the form deny list
+/// serials are stored in; an empty serial stays empty (it matches none).
+fn trim_serial(serial: &str) -> &str {
+    match serial.trim_start_matches('0') {
+        "" if !serial.is_empty() => "0",
+        s => s,
+    }
 }
 
 /// Segment-aware prefix match: `/admin` matches `/admin` and `/admin/x`,
@@ -88,10 +109,23 @@ impl Policy {
                 denied: metrics.authz_denied(&r.path_prefix),
             }));
         }
+        let deny = cfg
+            .deny
+            .iter()
+            .map(|entry| {
+                let label = entry.label();
+                Denied {
+                    refused: table.deny_list_refused(&label),
+                    entry: entry.clone(),
+                    label,
+                }
+            })
+            .collect();
         Ok(Policy {
             routes,
             default,
             default_denied: metrics.authz_denied("default"),
+            deny,
         })
     }
 
@@ -102,8 +136,8 @@ impl Policy {
     }
 
     /// Decides one request and counts a refusal. `serial` is the caller's
-    /// certificate serial (lowercase hex, no leading zeros), for the deny
-    /// list.
+    /// certificate serial (hex, for the deny list; leading zeros and case
+    /// do not matter). The deny list is checked first, whatever the path.
     pub fn decide(
         &self,
         method: &http::Method,
@@ -111,7 +145,20 @@ impl Policy {
         peer: &SpiffeId,
         serial: &str,
     ) -> Decision<'_> {
-        let _ = serial;
+        if !self.deny.is_empty() {
+            let serial = trim_serial(serial);
+            let listed = self.deny.iter().find(|d| match &d.entry {
+                DenyEntry::Id(p) => p.matches(peer),
+                DenyEntry::Serial(s) => !serial.is_empty() && s.eq_ignore_ascii_case(serial),
+            });
+            if let Some(d) = listed {
+                d.refused.inc();
+                return Decision::Deny(format!(
+                    "forbidden: {peer} is refused by the deny list entry {}\n",
+                    d.label
+                ));
+            }
+        }
         let hit = self.routes.iter().find(|r| {
             path_matches(&r.path_prefix, path)
                 && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
@@ -148,7 +195,9 @@ mod tests {
             routes: routes.to_vec(),
             ..PolicyConfig::default()
         };
-        let table = RiskTable::new(100, m).unwrap();
+        // The table registers its metrics once per registry; these tests
+        // compile several policies against one registry.
+        let table = RiskTable::new(100, &Metrics::new().unwrap()).unwrap();
         Policy::new(&cfg, default, &table, 0, m).unwrap()
     }
 
@@ -418,6 +467,160 @@ mod tests {
                 format!("forbidden: route /a does not allow {OPS} to PUT\n")
             ),
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn deny_pol(
+        routes: &[RouteConfig],
+        deny: &[DenyEntry],
+        default: DefaultPolicy,
+        m: &Metrics,
+    ) -> Policy {
+        let cfg = PolicyConfig {
+            routes: routes.to_vec(),
+            deny: deny.to_vec(),
+            ..PolicyConfig::default()
+        };
+        let table = RiskTable::new(100, m).unwrap();
+        Policy::new(&cfg, default, &table, 0, m).unwrap()
+    }
+
+    #[test]
+    fn the_deny_list_refuses_before_any_route_on_every_path() {
+        use crate::testing::metric;
+        let m = Metrics::new().unwrap();
+        let stolen = "spiffe://td/ns/x/sa/stolen";
+        let deny = [
+            DenyEntry::Id(IdPattern::parse(stolen).unwrap()),
+            DenyEntry::Id(IdPattern::parse("spiffe://td/ns/bad/*").unwrap()),
+            DenyEntry::Serial("a1b".into()),
+        ];
+        let routes = [route("/open", &[], &["spiffe://td/*"])];
+        let p = deny_pol(&routes, &deny, DefaultPolicy::AllowTrustDomain, &m);
+        let refused = |peer: &str, serial: &str, path: &str| match p.decide(
+            &http::Method::GET,
+            path,
+            &id(peer),
+            serial,
+        ) {
+            Decision::Deny(body) => Some(body),
+            Decision::Allow(_) => None,
+        };
+        // A route that allows the whole trust domain, and the default.
+        for path in ["/open", "/open/x", "/elsewhere", "/"] {
+            assert_eq!(
+                refused(stolen, "1", path).as_deref(),
+                Some(&*format!(
+                    "forbidden: {stolen} is refused by the deny list entry {stolen}\n"
+                )),
+                "{path}"
+            );
+            assert_eq!(
+                refused("spiffe://td/ns/bad/sa/a", "1", path).as_deref(),
+                Some("forbidden: spiffe://td/ns/bad/sa/a is refused by the deny list entry spiffe://td/ns/bad/*\n"),
+            );
+            assert!(refused(WEB, "1", path).is_none(), "{path}");
+        }
+        // A serial: any peer presenting that certificate, whatever the
+        // case or leading zeros it is handed in with.
+        for serial in ["a1b", "A1B", "0a1b", "000A1b"] {
+            let body = refused(WEB, serial, "/open").expect(serial);
+            assert!(body.ends_with("deny list entry serial:a1b\n"), "{body}");
+        }
+        for serial in ["", "a1", "a1b0", "1a1b", "0"] {
+            assert!(refused(WEB, serial, "/open").is_none(), "{serial:?}");
+        }
+        // Not a prefix match: the pattern's own ID is not below it.
+        assert!(refused("spiffe://td/ns/bad", "1", "/open").is_none());
+        assert!(refused("spiffe://td/ns/x/sa/stolen2", "1", "/open").is_none());
+        let series = |e: &str| format!("keyproof_deny_list_refused_total{{entry=\"{e}\"}}");
+        assert_eq!(metric(&m, &series(stolen)), 4.0);
+        assert_eq!(metric(&m, &series("spiffe://td/ns/bad/*")), 4.0);
+        assert_eq!(metric(&m, &series("serial:a1b")), 4.0);
+        // Deny-list refusals are not route or default refusals.
+        assert_eq!(
+            metric(&m, "keyproof_authz_denied_total{route=\"/open\"}"),
+            0.0
+        );
+        assert_eq!(
+            metric(&m, "keyproof_authz_denied_total{route=\"default\"}"),
+            0.0
+        );
+    }
+
+    #[test]
+    fn risk_routes_carry_their_rules_and_share_the_table_across_reloads() {
+        use crate::config::{RiskAction, RiskCondition, RiskRuleConfig};
+        use crate::inbound::risk::{Failure, Now, Verdict};
+        let m = Metrics::new().unwrap();
+        let table = RiskTable::new(100, &m).unwrap();
+        let mut pay = route("/pay", &[], &[WEB]);
+        pay.step_up = StepUpMode::Risk;
+        pay.risk = vec!["lockout".into(), "new".into()];
+        let cfg = PolicyConfig {
+            routes: vec![route("/plain", &[], &[WEB]), pay],
+            risk_rules: vec![
+                RiskRuleConfig {
+                    name: "new".into(),
+                    condition: RiskCondition::NewPeer(std::time::Duration::from_secs(60)),
+                    action: RiskAction::Challenge,
+                },
+                RiskRuleConfig {
+                    name: "lockout".into(),
+                    condition: RiskCondition::FailuresAbove {
+                        count: 0,
+                        window: std::time::Duration::from_secs(60),
+                    },
+                    action: RiskAction::Deny,
+                },
+            ],
+            deny: vec![],
+        };
+        let p0 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 0, &m).unwrap();
+        assert!(p0.any_step_up());
+        let web = id(WEB);
+        let risk = |p: &Policy| match p.decide(&http::Method::GET, "/pay/x", &web, "1") {
+            Decision::Allow(Some(r)) => {
+                assert_eq!(r.step_up, StepUpMode::Risk);
+                r.risk.as_ref().expect("compiled rules").evaluate(
+                    &web,
+                    &http::HeaderMap::new(),
+                    Now(1000),
+                )
+            }
+            other => panic!("{other:?}"),
+        };
+        match p0.decide(&http::Method::GET, "/plain", &web, "1") {
+            Decision::Allow(Some(r)) => assert!(r.risk.is_none()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(risk(&p0), Verdict::Challenge("new".into()));
+        table.record_failure(WEB, Failure::StepUp, Now(1000));
+        assert_eq!(risk(&p0), Verdict::Deny("lockout".into()));
+        // A reload keeps the lockout.
+        let p1 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 1, &m).unwrap();
+        assert_eq!(risk(&p1), Verdict::Deny("lockout".into()));
+        assert_eq!(
+            crate::testing::metric(
+                &m,
+                "keyproof_risk_denied_total{route=\"/pay\",rule=\"lockout\"}"
+            ),
+            2.0
+        );
+    }
+
+    #[test]
+    fn a_serial_entry_for_zero_matches_only_zero() {
+        let m = Metrics::new().unwrap();
+        let p = deny_pol(
+            &[],
+            &[DenyEntry::Serial("0".into())],
+            DefaultPolicy::AllowTrustDomain,
+            &m,
+        );
+        for (serial, denied) in [("0", true), ("00", true), ("", false), ("10", false)] {
+            let d = p.decide(&http::Method::GET, "/", &id(WEB), serial);
+            assert_eq!(matches!(d, Decision::Deny(_)), denied, "{serial:?}");
         }
     }
 

@@ -1,16 +1,30 @@
 //! Risk rules: per request on a `step_up = "risk"` route, whether the caller
 //! must answer a fresh challenge, or is refused.
 //!
-//! SKELETON: the interface the inbound is written against; the engine
-//! (bounded per-identity state, rule evaluation) is filled in separately.
+//! The state behind the rules is one table of caller identities
+//! ([`RiskTable`]), bounded: when it is full the least recently seen
+//! identity is forgotten, preferring one with no live refusals and never
+//! one that is locked out. Forgetting is safe in one direction only, and
+//! that is the direction it goes: a forgotten caller is new again
+//! (`new_peer` fires), and a caller that cannot be tracked at all (every
+//! place held by a lockout) is treated as new, fast and recently refused.
+//!
+//! The table is split into shards (each a `Mutex`) so that requests of
+//! different callers rarely wait for each other; the bound is global and
+//! exact, the choice of whom to forget is made within the newcomer's shard
+//! (so it is the least recently seen of a few hundred, not of all).
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use keyproof_identity::SpiffeId;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
-use crate::config::{RiskAction, RiskRuleConfig};
+use crate::config::{HeaderTest, RiskAction, RiskCondition, RiskRuleConfig};
 use crate::metrics::Metrics;
 
 /// Wall-clock time of a request, in milliseconds since the Unix epoch
@@ -41,40 +55,452 @@ pub enum Failure {
     Handshake,
 }
 
+/// A shard holds about this many identities (fewer shards for a small
+/// table, so that a small bound is an exact least-recently-seen order).
+const SHARD_TARGET: usize = 512;
+/// At most this many shards.
+const MAX_SHARDS: usize = 64;
+/// End of a list in [`Shard`].
+const NIL: u32 = u32::MAX;
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The state stays consistent at every step a panic could interrupt.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A `failures_above` rule as the table applies it when a refusal is
+/// recorded (the lock starts at the refusal that crosses the threshold).
+#[derive(Debug)]
+struct FailRule {
+    name: Arc<str>,
+    count: u32,
+    window: u64,
+    generation: u64,
+}
+
+/// One route's state for one identity, in one policy generation.
+#[derive(Debug)]
+struct RouteState {
+    generation: u64,
+    route: u32,
+    /// When the caller was last served here (`new_peer`).
+    served: Option<u64>,
+    /// GCRA theoretical arrival time of each `rate_above` rule, in
+    /// milliseconds times the rule's N.
+    tat: Box<[u64]>,
+}
+
+/// What the table keeps of one caller identity.
+#[derive(Debug)]
+struct Ident {
+    key: Arc<str>,
+    /// The latest refusal of any kind (`after_failure`).
+    last_failure: Option<u64>,
+    /// Times of the latest refusals that count for `failures_above`
+    /// (not handshakes), oldest first; at most the longest N+1.
+    failures: VecDeque<u64>,
+    /// Lockouts: rule name and the end of its lock.
+    locks: Vec<(Arc<str>, u64)>,
+    routes: Vec<RouteState>,
+}
+
+impl Ident {
+    fn new(key: Arc<str>) -> Ident {
+        Ident {
+            key,
+            last_failure: None,
+            failures: VecDeque::new(),
+            locks: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    fn locked(&self, now: u64) -> bool {
+        self.locks.iter().any(|(_, until)| *until > now)
+    }
+
+    fn locked_by(&self, rule: &str, now: u64) -> bool {
+        self.locks
+            .iter()
+            .any(|(name, until)| &**name == rule && *until > now)
+    }
+
+    fn lock(&mut self, rule: &Arc<str>, until: u64) {
+        match self.locks.iter_mut().find(|(name, _)| name == rule) {
+            Some(l) => l.1 = until,
+            None => self.locks.push((rule.clone(), until)),
+        }
+    }
+
+    /// Whether a refusal is recent enough that a rule still sees it.
+    fn failing(&self, now: u64, horizon: u64) -> bool {
+        self.last_failure
+            .is_some_and(|f| now < f.saturating_add(horizon))
+    }
+
+    /// Refusals (not handshakes) within the `window` ending at `now`.
+    fn failures_within(&self, now: u64, window: u64) -> usize {
+        // Times are pushed in arrival order; threads may interleave a
+        // little, so count every entry rather than stop at the first old
+        // one.
+        self.failures
+            .iter()
+            .filter(|f| now.saturating_sub(**f) < window)
+            .count()
+    }
+
+    /// The index of this route's state, created (and states of older
+    /// policies dropped) when missing.
+    fn route_state(&mut self, generation: u64, route: u32, rates: usize) -> usize {
+        if let Some(i) = self
+            .routes
+            .iter()
+            .position(|r| r.generation == generation && r.route == route)
+        {
+            return i;
+        }
+        self.routes.retain(|r| r.generation >= generation);
+        self.routes.push(RouteState {
+            generation,
+            route,
+            served: None,
+            tat: vec![0; rates].into_boxed_slice(),
+        });
+        self.routes.len() - 1
+    }
+}
+
+#[derive(Debug)]
+struct Node {
+    /// Towards the most recently seen.
+    prev: u32,
+    /// Towards the least recently seen.
+    next: u32,
+    id: Ident,
+}
+
+/// Part of the table: identities by name, and their order of last use.
+#[derive(Debug)]
+struct Shard {
+    index: HashMap<Arc<str>, u32>,
+    nodes: Vec<Node>,
+    /// Most recently seen.
+    head: u32,
+    /// Least recently seen.
+    tail: u32,
+}
+
+impl Shard {
+    fn new() -> Shard {
+        Shard {
+            index: HashMap::new(),
+            nodes: Vec::new(),
+            head: NIL,
+            tail: NIL,
+        }
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (prev, next) = {
+            let n = &self.nodes[i as usize];
+            (n.prev, n.next)
+        };
+        match prev {
+            NIL => self.head = next,
+            p => self.nodes[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.nodes[n as usize].prev = prev,
+        }
+    }
+
+    fn push_front(&mut self, i: u32) {
+        let old = self.head;
+        {
+            let n = &mut self.nodes[i as usize];
+            n.prev = NIL;
+            n.next = old;
+        }
+        match old {
+            NIL => self.tail = i,
+            o => self.nodes[o as usize].prev = i,
+        }
+        self.head = i;
+    }
+
+    fn touch(&mut self, i: u32) {
+        if self.head != i {
+            self.unlink(i);
+            self.push_front(i);
+        }
+    }
+
+    /// Whom to forget: the least recently seen with no live refusal and no
+    /// lock; else the least recently seen without a lock; never a locked
+    /// one (forgetting it would lift its lockout).
+    fn victim(&self, now: u64, horizon: u64) -> Option<u32> {
+        let mut unlocked = None;
+        let mut i = self.tail;
+        while i != NIL {
+            let n = &self.nodes[i as usize];
+            if !n.id.locked(now) {
+                if !n.id.failing(now, horizon) {
+                    return Some(i);
+                }
+                unlocked.get_or_insert(i);
+            }
+            i = n.prev;
+        }
+        unlocked
+    }
+}
+
+/// The table's metrics (registered once: the table outlives reloads).
+#[derive(Debug)]
+struct TableMetrics {
+    tracked: IntGauge,
+    evictions: IntCounter,
+    untracked: IntCounter,
+    risk_denied: IntCounterVec,
+    deny_list: IntCounterVec,
+}
+
 /// The per-identity risk state of the whole process. It outlives policy
 /// reloads: failures and lockouts survive them; per-route state (when each
 /// caller was last served, request rates) starts again with a new policy,
 /// which only ever makes callers "new" again (challenged).
 pub struct RiskTable {
     max_identities: usize,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    /// Identities held, all shards (never above `max_identities`).
+    len: AtomicUsize,
+    /// The `failures_above` rules of the latest policy (and of earlier
+    /// ones until a later one registers).
+    fail_rules: Mutex<Vec<FailRule>>,
+    /// Refusal times kept per identity: the largest N+1 of any
+    /// `failures_above` rule seen.
+    ring_cap: AtomicUsize,
+    /// The longest window of any rule that looks at refusals: older ones
+    /// are no longer live. 0: no rule does, refusals are not recorded.
+    horizon: AtomicU64,
+    metrics: TableMetrics,
 }
 
 impl std::fmt::Debug for RiskTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RiskTable")
             .field("max_identities", &self.max_identities)
+            .field("shards", &self.shards.len())
+            .field("tracked", &self.tracked())
             .finish_non_exhaustive()
     }
 }
 
 impl RiskTable {
-    /// A table of at most `max_identities` callers; registers its metrics.
+    /// A table of at most `max_identities` callers; registers its metrics
+    /// (`keyproof_risk_tracked_identities`, `keyproof_risk_evictions_total`,
+    /// `keyproof_risk_untracked_total`, `keyproof_risk_denied_total` and
+    /// `keyproof_deny_list_refused_total`), so one table per registry.
     pub fn new(
         max_identities: usize,
         metrics: &Metrics,
     ) -> Result<Arc<RiskTable>, prometheus::Error> {
-        let _ = metrics;
-        Ok(Arc::new(RiskTable { max_identities }))
+        let max_identities = max_identities.max(1);
+        let tracked = IntGauge::new(
+            "keyproof_risk_tracked_identities",
+            "Caller identities whose risk state is kept ([inbound.stepup] max_tracked_identities bounds it).",
+        )?;
+        let evictions = IntCounter::new(
+            "keyproof_risk_evictions_total",
+            "Caller identities forgotten to make room for another (a forgotten caller is new again).",
+        )?;
+        let untracked = IntCounter::new(
+            "keyproof_risk_untracked_total",
+            "Risk evaluations and records of a caller that could not be tracked (every place held by a lockout); it counts as new.",
+        )?;
+        let risk_denied = IntCounterVec::new(
+            Opts::new(
+                "keyproof_risk_denied_total",
+                "Requests refused (403) by a risk rule with action deny, by route path_prefix and rule.",
+            ),
+            &["route", "rule"],
+        )?;
+        let deny_list = IntCounterVec::new(
+            Opts::new(
+                "keyproof_deny_list_refused_total",
+                "Requests refused (403) by the inbound deny list, by entry (SPIFFE ID pattern or serial:<hex>).",
+            ),
+            &["entry"],
+        )?;
+        metrics.register(Box::new(tracked.clone()))?;
+        metrics.register(Box::new(evictions.clone()))?;
+        metrics.register(Box::new(untracked.clone()))?;
+        metrics.register(Box::new(risk_denied.clone()))?;
+        metrics.register(Box::new(deny_list.clone()))?;
+        let shards = (max_identities / SHARD_TARGET).clamp(1, MAX_SHARDS);
+        Ok(Arc::new(RiskTable {
+            max_identities,
+            shards: (0..shards).map(|_| Mutex::new(Shard::new())).collect(),
+            hasher: RandomState::new(),
+            len: AtomicUsize::new(0),
+            fail_rules: Mutex::new(Vec::new()),
+            ring_cap: AtomicUsize::new(0),
+            horizon: AtomicU64::new(0),
+            metrics: TableMetrics {
+                tracked,
+                evictions,
+                untracked,
+                risk_denied,
+                deny_list,
+            },
+        }))
     }
 
     /// Records a refusal of `peer`.
     pub fn record_failure(&self, peer: &str, kind: Failure, now: Now) {
-        let _ = (peer, kind, now);
+        let horizon = self.horizon.load(Ordering::Relaxed);
+        if horizon == 0 {
+            // No rule looks at refusals.
+            return;
+        }
+        let now = now.0;
+        let cap = self.ring_cap.load(Ordering::Relaxed);
+        // Lock order: the rules, then a shard.
+        let rules = lock(&self.fail_rules);
+        self.with_ident(peer, now, |id| {
+            let Some(id) = id else { return };
+            id.last_failure = Some(id.last_failure.map_or(now, |f| f.max(now)));
+            if kind == Failure::Handshake {
+                return;
+            }
+            id.failures.push_back(now);
+            while id.failures.len() > cap
+                || id
+                    .failures
+                    .front()
+                    .is_some_and(|f| f.saturating_add(horizon) <= now)
+            {
+                id.failures.pop_front();
+            }
+            id.locks.retain(|(_, until)| *until > now);
+            for r in rules.iter() {
+                if !id.locked_by(&r.name, now)
+                    && id.failures_within(now, r.window) > r.count as usize
+                {
+                    id.lock(&r.name, now.saturating_add(r.window));
+                }
+            }
+        });
     }
 
     /// Identities currently tracked.
     pub fn tracked(&self) -> usize {
-        0
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// The configured bound.
+    pub fn max_identities(&self) -> usize {
+        self.max_identities
+    }
+
+    /// The child of `keyproof_deny_list_refused_total` for one deny list
+    /// entry (its label: the pattern or `serial:<hex>`). The counter lives
+    /// here because, like the table, it outlives policy reloads.
+    pub fn deny_list_refused(&self, entry: &str) -> IntCounter {
+        self.metrics.deny_list.with_label_values(&[entry])
+    }
+
+    /// Makes the table apply `rule` (of policy `generation`) to refusals as
+    /// they are recorded; rules of older policies are dropped.
+    fn register(&self, rule: &RiskRuleConfig, generation: u64) {
+        let (window, fail) = match rule.condition {
+            RiskCondition::AfterFailure(w) => (millis(w), None),
+            RiskCondition::FailuresAbove { count, window } => (millis(window), Some(count)),
+            _ => return,
+        };
+        self.horizon.fetch_max(window.max(1), Ordering::Relaxed);
+        let Some(count) = fail else { return };
+        let need = usize::try_from(count)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        self.ring_cap.fetch_max(need, Ordering::Relaxed);
+        let mut rules = lock(&self.fail_rules);
+        rules.retain(|r| r.generation >= generation && *r.name != *rule.name);
+        rules.push(FailRule {
+            name: Arc::from(rule.name.as_str()),
+            count,
+            window,
+            generation,
+        });
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<Shard> {
+        let i = if self.shards.len() == 1 {
+            0
+        } else {
+            // The remainder is below the shard count, which fits.
+            (self.hasher.hash_one(key) % self.shards.len() as u64) as usize
+        };
+        &self.shards[i]
+    }
+
+    /// Runs `f` on `key`'s state, admitting it (and forgetting another if
+    /// the table is full) when it is not tracked; `None` when it cannot be.
+    fn with_ident<R>(&self, key: &str, now: u64, f: impl FnOnce(Option<&mut Ident>) -> R) -> R {
+        let mut shard = lock(self.shard(key));
+        let i = match shard.index.get(key) {
+            Some(&i) => {
+                shard.touch(i);
+                Some(i)
+            }
+            None => self.admit(&mut shard, key, now),
+        };
+        match i {
+            Some(i) => f(Some(&mut shard.nodes[i as usize].id)),
+            None => {
+                self.metrics.untracked.inc();
+                f(None)
+            }
+        }
+    }
+
+    fn admit(&self, shard: &mut Shard, key: &str, now: u64) -> Option<u32> {
+        let room = self
+            .len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_identities).then_some(n + 1)
+            })
+            .is_ok();
+        let key: Arc<str> = Arc::from(key);
+        let i = if room {
+            let Some(i) = u32::try_from(shard.nodes.len()).ok().filter(|i| *i != NIL) else {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                return None;
+            };
+            shard.nodes.push(Node {
+                prev: NIL,
+                next: NIL,
+                id: Ident::new(key.clone()),
+            });
+            self.metrics.tracked.inc();
+            i
+        } else {
+            let i = shard.victim(now, self.horizon.load(Ordering::Relaxed))?;
+            shard.unlink(i);
+            let old = std::mem::replace(&mut shard.nodes[i as usize].id, Ident::new(key.clone()));
+            shard.index.remove(&old.key);
+            self.metrics.evictions.inc();
+            i
+        };
+        shard.index.insert(key, i);
+        shard.push_front(i);
+        Some(i)
     }
 }
 
@@ -89,16 +515,103 @@ pub enum Verdict {
     Deny(Arc<str>),
 }
 
+/// A rule compiled for evaluation: times in milliseconds.
+#[derive(Debug)]
+enum Test {
+    NewPeer(u64),
+    /// GCRA over time scaled by N: each request adds `window` to the
+    /// theoretical arrival time; more than `tolerance` ahead fires.
+    Rate {
+        slot: usize,
+        n: u64,
+        window: u64,
+        tolerance: u64,
+    },
+    Header {
+        name: HeaderName,
+        test: HeaderTest,
+    },
+    AfterFailure(u64),
+    Hours {
+        start: u16,
+        end: u16,
+    },
+    FailuresAbove {
+        count: u32,
+        window: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: Arc<str>,
+    action: RiskAction,
+    test: Test,
+    /// `keyproof_risk_denied_total{route, rule}`, for `deny` rules.
+    denied: Option<IntCounter>,
+    words: String,
+}
+
 /// One route's compiled risk rules (`risk = [...]`).
 pub struct RouteRisk {
-    rules: Vec<(Arc<str>, RiskAction)>,
+    table: Arc<RiskTable>,
+    generation: u64,
+    route: u32,
+    rules: Box<[Rule]>,
+    /// How many `rate_above` rules (each has a slot in the route state).
+    rates: usize,
+    /// Whether any rule needs the caller's state (else the table is not
+    /// touched at all).
+    stateful: bool,
+    /// Whether `new_peer` is listed (else `served` records nothing).
+    needs_served: bool,
 }
 
 impl std::fmt::Debug for RouteRisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RouteRisk")
-            .field("rules", &self.rules)
+            .field("generation", &self.generation)
+            .field("route", &self.route)
+            .field(
+                "rules",
+                &self.rules.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
+    }
+}
+
+/// Whether `now` falls in `[start, end)` minutes of the UTC day (wrapping
+/// midnight when `start > end`).
+fn in_hours(now: u64, start: u16, end: u16) -> bool {
+    // Below 1440, so it fits.
+    let minute = ((now / 60_000) % 1440) as u16;
+    if start < end {
+        (start..end).contains(&minute)
+    } else {
+        minute >= start || minute < end
+    }
+}
+
+/// Whether any of the request's values of `name` passes `test`.
+fn header_fires(headers: &HeaderMap, name: &HeaderName, test: &HeaderTest) -> bool {
+    let mut values = headers.get_all(name).iter();
+    match test {
+        HeaderTest::Present => headers.contains_key(name),
+        // A value that is not a number counts as above: whoever sends
+        // "10,000" or "1e9 " must not slip under the threshold.
+        HeaderTest::Above(limit) => values.any(|v| {
+            match std::str::from_utf8(v.as_bytes())
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+            {
+                Some(n) if !n.is_nan() => n > *limit,
+                _ => true,
+            }
+        }),
+        HeaderTest::Equals(want) => values.any(|v| v.as_bytes() == want.as_bytes()),
+        HeaderTest::OneOf(list) => {
+            values.any(|v| list.iter().any(|want| v.as_bytes() == want.as_bytes()))
+        }
     }
 }
 
@@ -115,13 +628,68 @@ impl RouteRisk {
         rules: &[RiskRuleConfig],
         metrics: &Metrics,
     ) -> Result<RouteRisk, prometheus::Error> {
-        let _ = (table, generation, route_index, route_id, metrics);
+        // The counters are the table's, registered once with it.
+        let _ = metrics;
+        let mut compiled = Vec::with_capacity(names.len());
+        let mut rates = 0;
+        for r in names
+            .iter()
+            .filter_map(|n| rules.iter().find(|r| &r.name == n))
+        {
+            table.register(r, generation);
+            let test = match &r.condition {
+                RiskCondition::NewPeer(w) => Test::NewPeer(millis(*w)),
+                RiskCondition::RateAbove { count, window } => {
+                    let n = u64::from((*count).max(1));
+                    let window = millis(*window).max(1);
+                    rates += 1;
+                    Test::Rate {
+                        slot: rates - 1,
+                        n,
+                        window,
+                        tolerance: window.saturating_mul(n - 1),
+                    }
+                }
+                RiskCondition::Header { name, test } => Test::Header {
+                    name: name.clone(),
+                    test: test.clone(),
+                },
+                RiskCondition::AfterFailure(w) => Test::AfterFailure(millis(*w)),
+                RiskCondition::Hours { start, end } => Test::Hours {
+                    start: *start,
+                    end: *end,
+                },
+                RiskCondition::FailuresAbove { count, window } => Test::FailuresAbove {
+                    count: *count,
+                    window: millis(*window),
+                },
+            };
+            let denied = (r.action == RiskAction::Deny).then(|| {
+                table
+                    .metrics
+                    .risk_denied
+                    .with_label_values(&[route_id, r.name.as_str()])
+            });
+            compiled.push(Rule {
+                name: Arc::from(r.name.as_str()),
+                action: r.action,
+                test,
+                denied,
+                words: r.describe(),
+            });
+        }
+        let stateful = compiled
+            .iter()
+            .any(|r| !matches!(r.test, Test::Header { .. } | Test::Hours { .. }));
+        let needs_served = compiled.iter().any(|r| matches!(r.test, Test::NewPeer(_)));
         Ok(RouteRisk {
-            rules: names
-                .iter()
-                .filter_map(|n| rules.iter().find(|r| &r.name == n))
-                .map(|r| (Arc::from(r.name.as_str()), r.action))
-                .collect(),
+            table: table.clone(),
+            generation,
+            route: u32::try_from(route_index).unwrap_or(u32::MAX),
+            rules: compiled.into_boxed_slice(),
+            rates,
+            stateful,
+            needs_served,
         })
     }
 
@@ -129,30 +697,879 @@ impl RouteRisk {
     /// `rate_above`). `deny` rules are checked first; a deny is counted
     /// (`keyproof_risk_denied_total{route, rule}`).
     pub fn evaluate(&self, peer: &SpiffeId, headers: &HeaderMap, now: Now) -> Verdict {
-        let _ = (peer, headers, now);
-        Verdict::Pass
+        let now = now.0;
+        // The first firing rule of each action, in listed order. Every rule
+        // is evaluated: each request counts towards every rate.
+        let mut deny = None;
+        let mut challenge = None;
+        let mut note = |i: usize, action: RiskAction| {
+            match action {
+                RiskAction::Deny => deny.get_or_insert(i),
+                RiskAction::Challenge => challenge.get_or_insert(i),
+            };
+        };
+        let stateless = |t: &Test| match t {
+            Test::Header { name, test } => Some(header_fires(headers, name, test)),
+            Test::Hours { start, end } => Some(in_hours(now, *start, *end)),
+            _ => None,
+        };
+        if self.stateful {
+            self.table.with_ident(peer.as_str(), now, |id| match id {
+                Some(id) => {
+                    let ri = id.route_state(self.generation, self.route, self.rates);
+                    for (i, r) in self.rules.iter().enumerate() {
+                        if self
+                            .fires(id, ri, &r.name, &r.test, now)
+                            .or_else(|| stateless(&r.test))
+                            .unwrap_or(false)
+                        {
+                            note(i, r.action);
+                        }
+                    }
+                }
+                None => {
+                    for (i, r) in self.rules.iter().enumerate() {
+                        let fired = match r.test {
+                            // Untracked: as new, fast and recently refused.
+                            Test::NewPeer(_) | Test::Rate { .. } | Test::AfterFailure(_) => true,
+                            // No refusal on record to lock it out with.
+                            Test::FailuresAbove { .. } => false,
+                            _ => stateless(&r.test).unwrap_or(false),
+                        };
+                        if fired {
+                            note(i, r.action);
+                        }
+                    }
+                }
+            });
+        } else {
+            for (i, r) in self.rules.iter().enumerate() {
+                if stateless(&r.test).unwrap_or(false) {
+                    note(i, r.action);
+                }
+            }
+        }
+        if let Some(i) = deny {
+            let r = &self.rules[i];
+            if let Some(c) = &r.denied {
+                c.inc();
+            }
+            return Verdict::Deny(r.name.clone());
+        }
+        match challenge {
+            Some(i) => Verdict::Challenge(self.rules[i].name.clone()),
+            None => Verdict::Pass,
+        }
+    }
+
+    /// A stateful rule's outcome for a tracked caller (`None` for the
+    /// stateless ones), updating its state.
+    fn fires(
+        &self,
+        id: &mut Ident,
+        ri: usize,
+        name: &Arc<str>,
+        test: &Test,
+        now: u64,
+    ) -> Option<bool> {
+        Some(match *test {
+            Test::NewPeer(w) => id.routes[ri]
+                .served
+                .is_none_or(|s| now.saturating_sub(s) >= w),
+            Test::Rate {
+                slot,
+                n,
+                window,
+                tolerance,
+            } => {
+                let t = now.saturating_mul(n);
+                let tat = &mut id.routes[ri].tat[slot];
+                let due = (*tat).max(t);
+                // Every attempt counts, a refused one too, but the debt is
+                // capped at one window: a caller who slows to the rate
+                // passes again after one interval.
+                *tat = due
+                    .saturating_add(window)
+                    .min(t.saturating_add(window.saturating_mul(n)));
+                due - t > tolerance
+            }
+            Test::AfterFailure(w) => id.last_failure.is_some_and(|f| now.saturating_sub(f) < w),
+            Test::FailuresAbove { count, window } => {
+                if id.locked_by(name, now) {
+                    true
+                } else if !id.failures.is_empty()
+                    && id.failures_within(now, window) > count as usize
+                {
+                    // Refusals recorded while no policy had this rule (or
+                    // while an earlier lock held): locked from now.
+                    id.lock(name, now.saturating_add(window));
+                    true
+                } else {
+                    false
+                }
+            }
+            Test::Header { .. } | Test::Hours { .. } => return None,
+        })
     }
 
     /// Records that `peer` was served on this route (`new_peer`).
     pub fn served(&self, peer: &SpiffeId, now: Now) {
-        let _ = (peer, now);
+        if !self.needs_served {
+            return;
+        }
+        self.table.with_ident(peer.as_str(), now.0, |id| {
+            if let Some(id) = id {
+                let ri = id.route_state(self.generation, self.route, self.rates);
+                id.routes[ri].served = Some(now.0);
+            }
+        });
     }
 
     /// A description of each rule for `check-config`.
     pub fn explain(&self) -> Vec<String> {
-        self.rules.iter().map(|(n, _)| n.to_string()).collect()
+        self.rules
+            .iter()
+            .map(|r| {
+                let action = match r.action {
+                    RiskAction::Challenge => "challenge",
+                    RiskAction::Deny => "deny",
+                };
+                format!("{action} when {} ({})", r.name, r.words)
+            })
+            .collect()
     }
 }
 
 /// Parses `"N/window"` (e.g. `"30/1m"`).
 pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let (n, w) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: expected N/window, like \"30/1m\""))?;
-    let n: u32 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: {n:?} is not a count"))?;
-    let w = keyproof_identity::duration::parse(w.trim()).map_err(|e| format!("{s:?}: {e}"))?;
-    Ok((n, w))
+    crate::config::parse_rate(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::metric;
+    use http::HeaderValue;
+
+    const SEC: u64 = 1000;
+    const MIN: u64 = 60 * SEC;
+    const HOUR: u64 = 60 * MIN;
+    /// 2026-01-01T00:00:00Z: a day boundary, so `hours` read plainly.
+    const T0: u64 = 1_767_225_600_000;
+
+    fn at(ms: u64) -> Now {
+        Now(T0 + ms)
+    }
+
+    fn rule(name: &str, condition: RiskCondition, action: RiskAction) -> RiskRuleConfig {
+        RiskRuleConfig {
+            name: name.into(),
+            condition,
+            action,
+        }
+    }
+
+    fn challenge(name: &str, condition: RiskCondition) -> RiskRuleConfig {
+        rule(name, condition, RiskAction::Challenge)
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// The rules every test can name.
+    fn rules() -> Vec<RiskRuleConfig> {
+        let h = |n: &str| HeaderName::from_bytes(n.as_bytes()).expect("name");
+        vec![
+            challenge("new", RiskCondition::NewPeer(secs(24 * 3600))),
+            challenge(
+                "burst",
+                RiskCondition::RateAbove {
+                    count: 3,
+                    window: secs(1),
+                },
+            ),
+            challenge(
+                "big",
+                RiskCondition::Header {
+                    name: h("x-amount"),
+                    test: HeaderTest::Above(10_000.0),
+                },
+            ),
+            challenge(
+                "kind",
+                RiskCondition::Header {
+                    name: h("x-kind"),
+                    test: HeaderTest::OneOf(vec!["wire".into(), "cash".into()]),
+                },
+            ),
+            challenge(
+                "test",
+                RiskCondition::Header {
+                    name: h("x-test"),
+                    test: HeaderTest::Equals("yes".into()),
+                },
+            ),
+            challenge(
+                "debug",
+                RiskCondition::Header {
+                    name: h("x-debug"),
+                    test: HeaderTest::Present,
+                },
+            ),
+            challenge("after", RiskCondition::AfterFailure(secs(15 * 60))),
+            challenge(
+                "night",
+                RiskCondition::Hours {
+                    start: 22 * 60,
+                    end: 6 * 60,
+                },
+            ),
+            challenge(
+                "office",
+                RiskCondition::Hours {
+                    start: 9 * 60,
+                    end: 17 * 60,
+                },
+            ),
+            rule(
+                "lockout",
+                RiskCondition::FailuresAbove {
+                    count: 5,
+                    window: secs(15 * 60),
+                },
+                RiskAction::Deny,
+            ),
+            rule(
+                "flood",
+                RiskCondition::RateAbove {
+                    count: 10,
+                    window: secs(1),
+                },
+                RiskAction::Deny,
+            ),
+        ]
+    }
+
+    struct Fx {
+        m: Metrics,
+        table: Arc<RiskTable>,
+        rules: Vec<RiskRuleConfig>,
+    }
+
+    fn fx(max: usize) -> Fx {
+        let m = Metrics::new().expect("metrics");
+        let table = RiskTable::new(max, &m).expect("table");
+        Fx {
+            m,
+            table,
+            rules: rules(),
+        }
+    }
+
+    impl Fx {
+        /// Route `index` of policy `generation` with the rules `names`.
+        fn route(&self, generation: u64, index: usize, names: &[&str]) -> RouteRisk {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            RouteRisk::new(
+                &self.table,
+                generation,
+                index,
+                &format!("/r{index}"),
+                &names,
+                &self.rules,
+                &self.m,
+            )
+            .expect("route")
+        }
+
+        fn metric(&self, series: &str) -> f64 {
+            metric(&self.m, series)
+        }
+    }
+
+    fn peer(n: usize) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://td/ns/a/sa/{n}")).expect("id")
+    }
+
+    fn none() -> HeaderMap {
+        HeaderMap::new()
+    }
+
+    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in fields {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_bytes(v.as_bytes()).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn ch(name: &str) -> Verdict {
+        Verdict::Challenge(Arc::from(name))
+    }
+
+    fn deny(name: &str) -> Verdict {
+        Verdict::Deny(Arc::from(name))
+    }
+
+    #[test]
+    fn a_new_caller_is_challenged_until_served_within_the_window() {
+        let f = fx(100);
+        let r = f.route(0, 0, &["new"]);
+        let p = peer(1);
+        assert_eq!(r.evaluate(&p, &none(), at(0)), ch("new"));
+        // Challenged again until served: a signed resend is still new.
+        assert_eq!(r.evaluate(&p, &none(), at(10)), ch("new"));
+        r.served(&p, at(20));
+        assert_eq!(r.evaluate(&p, &none(), at(30)), Verdict::Pass);
+        assert_eq!(
+            r.evaluate(&p, &none(), at(20 + 24 * HOUR - 1)),
+            Verdict::Pass
+        );
+        // Served again just now: the window restarts.
+        r.served(&p, at(20 + 24 * HOUR - 1));
+        assert_eq!(r.evaluate(&p, &none(), at(48 * HOUR - 1)), Verdict::Pass);
+        // A day without being served: new again.
+        assert_eq!(r.evaluate(&p, &none(), at(20 + 48 * HOUR)), ch("new"));
+        // Other callers are their own.
+        assert_eq!(r.evaluate(&peer(2), &none(), at(40)), ch("new"));
+    }
+
+    #[test]
+    fn served_counts_on_its_route_and_policy_generation_only() {
+        let f = fx(100);
+        let a = f.route(0, 0, &["new"]);
+        let b = f.route(0, 1, &["new"]);
+        let p = peer(1);
+        a.served(&p, at(0));
+        assert_eq!(a.evaluate(&p, &none(), at(1)), Verdict::Pass);
+        assert_eq!(b.evaluate(&p, &none(), at(1)), ch("new"));
+        // A reloaded policy starts the per-route state again.
+        let a1 = f.route(1, 0, &["new"]);
+        assert_eq!(a1.evaluate(&p, &none(), at(2)), ch("new"));
+        a1.served(&p, at(3));
+        assert_eq!(a1.evaluate(&p, &none(), at(4)), Verdict::Pass);
+        // A request still running on the old policy finds its state gone
+        // (new, the safe side), and does not disturb the new policy's.
+        assert_eq!(a.evaluate(&p, &none(), at(5)), ch("new"));
+        assert_eq!(a1.evaluate(&p, &none(), at(6)), Verdict::Pass);
+        // One identity, however many routes and generations.
+        assert_eq!(f.table.tracked(), 1);
+    }
+
+    #[test]
+    fn a_burst_of_n_passes_and_the_next_fires() {
+        let f = fx(100);
+        let r = f.route(0, 0, &["burst"]); // 3 per 1s
+        let p = peer(1);
+        for i in 0..3 {
+            assert_eq!(r.evaluate(&p, &none(), at(i)), Verdict::Pass, "{i}");
+        }
+        assert_eq!(r.evaluate(&p, &none(), at(3)), ch("burst"));
+        // Refilled at 1/3 s: not at 333 ms after the burst...
+        let r2 = f.route(0, 1, &["burst"]);
+        for _ in 0..3 {
+            assert_eq!(r2.evaluate(&p, &none(), at(0)), Verdict::Pass);
+        }
+        assert_eq!(r2.evaluate(&p, &none(), at(333)), ch("burst"));
+        // ...and that refused attempt counted: one more interval from it.
+        assert_eq!(r2.evaluate(&p, &none(), at(666)), ch("burst"));
+        assert_eq!(r2.evaluate(&p, &none(), at(1000)), Verdict::Pass);
+        assert_eq!(r2.evaluate(&p, &none(), at(1000)), ch("burst"));
+        // A caller at the rate passes for ever.
+        let r3 = f.route(0, 2, &["burst"]);
+        for i in 0..200 {
+            assert_eq!(r3.evaluate(&p, &none(), at(i * 334)), Verdict::Pass, "{i}");
+        }
+        // A little faster: once the burst allowance is spent, every
+        // request fires (each attempt counts, a challenged one too).
+        let r4 = f.route(0, 3, &["burst"]);
+        let fired: Vec<u64> = (0..200)
+            .filter(|i| r4.evaluate(&p, &none(), at(i * 300)) != Verdict::Pass)
+            .collect();
+        assert!(fired.len() > 150, "{fired:?}");
+        assert!(fired[0] >= 3, "{fired:?}");
+        assert!(
+            fired.windows(2).skip(20).all(|w| w[1] == w[0] + 1),
+            "{fired:?}"
+        );
+        // Rates are per caller.
+        assert_eq!(r.evaluate(&peer(2), &none(), at(3)), Verdict::Pass);
+    }
+
+    #[test]
+    fn hammering_keeps_the_rate_firing_and_a_pause_clears_it() {
+        let f = fx(100);
+        let r = f.route(0, 0, &["burst"]);
+        let p = peer(1);
+        for i in 0..100 {
+            let v = r.evaluate(&p, &none(), at(i * 10));
+            assert_eq!(v == Verdict::Pass, i < 3, "{i}");
+        }
+        // The debt is one window at most: a second after the last attempt
+        // the full burst is there again.
+        for i in 0..3 {
+            assert_eq!(r.evaluate(&p, &none(), at(990 + SEC + i)), Verdict::Pass);
+        }
+        assert_eq!(r.evaluate(&p, &none(), at(990 + SEC + 3)), ch("burst"));
+    }
+
+    #[test]
+    fn header_tests() {
+        let f = fx(100);
+        let p = peer(1);
+        let big = f.route(0, 0, &["big"]);
+        for (value, fires) in [
+            ("10000", false),
+            ("9999.99", false),
+            ("-5", false),
+            (" 12 ", false),
+            ("10000.01", true),
+            ("1e9", true),
+            ("inf", true),
+            ("NaN", true),
+            ("10,000", true),
+            ("", true),
+            ("0x10", true),
+            ("lots", true),
+        ] {
+            let v = big.evaluate(&p, &headers(&[("x-amount", value)]), at(0));
+            assert_eq!(v == ch("big"), fires, "{value:?}");
+        }
+        let bin = big.evaluate(
+            &p,
+            &{
+                let mut h = HeaderMap::new();
+                h.insert(
+                    "x-amount",
+                    HeaderValue::from_bytes(b"\xff1").expect("value"),
+                );
+                h
+            },
+            at(0),
+        );
+        assert_eq!(bin, ch("big"));
+        // Absent: nothing to compare.
+        assert_eq!(big.evaluate(&p, &none(), at(0)), Verdict::Pass);
+        // Any of several values firing fires.
+        let two = headers(&[("x-amount", "5"), ("x-amount", "50000")]);
+        assert_eq!(big.evaluate(&p, &two, at(0)), ch("big"));
+        let two = headers(&[("x-amount", "5"), ("x-amount", "6")]);
+        assert_eq!(big.evaluate(&p, &two, at(0)), Verdict::Pass);
+
+        let kind = f.route(0, 1, &["kind"]);
+        for (values, fires) in [
+            (&["wire"][..], true),
+            (&["cash"][..], true),
+            (&["card"][..], false),
+            (&["Wire"][..], false),
+            (&["wire, card"][..], false),
+            (&["card", "wire"][..], true),
+        ] {
+            let h: Vec<(&str, &str)> = values.iter().map(|v| ("x-kind", *v)).collect();
+            assert_eq!(
+                kind.evaluate(&p, &headers(&h), at(0)) == ch("kind"),
+                fires,
+                "{values:?}"
+            );
+        }
+        let test = f.route(0, 2, &["test"]);
+        assert_eq!(
+            test.evaluate(&p, &headers(&[("x-test", "yes")]), at(0)),
+            ch("test")
+        );
+        assert_eq!(
+            test.evaluate(&p, &headers(&[("x-test", "no")]), at(0)),
+            Verdict::Pass
+        );
+        let debug = f.route(0, 3, &["debug"]);
+        assert_eq!(
+            debug.evaluate(&p, &headers(&[("x-debug", "")]), at(0)),
+            ch("debug")
+        );
+        assert_eq!(
+            debug.evaluate(&p, &headers(&[("x-other", "1")]), at(0)),
+            Verdict::Pass
+        );
+        // Header-only routes keep no state.
+        assert_eq!(f.table.tracked(), 0);
+    }
+
+    #[test]
+    fn hours_are_utc_start_inclusive_end_exclusive_and_may_wrap() {
+        let f = fx(100);
+        let p = peer(1);
+        let night = f.route(0, 0, &["night"]); // 22:00-06:00
+        let office = f.route(0, 1, &["office"]); // 09:00-17:00
+        for (h, m, in_night, in_office) in [
+            (0, 0, true, false),
+            (5, 59, true, false),
+            (6, 0, false, false),
+            (8, 59, false, false),
+            (9, 0, false, true),
+            (12, 30, false, true),
+            (16, 59, false, true),
+            (17, 0, false, false),
+            (21, 59, false, false),
+            (22, 0, true, false),
+            (23, 59, true, false),
+        ] {
+            // On several days, to be sure only the time of day counts.
+            for day in [0, 1, 400] {
+                let t = at(day * 24 * HOUR + h * HOUR + m * MIN + 30 * SEC);
+                assert_eq!(
+                    night.evaluate(&p, &none(), t) == ch("night"),
+                    in_night,
+                    "{h}:{m}"
+                );
+                assert_eq!(
+                    office.evaluate(&p, &none(), t) == ch("office"),
+                    in_office,
+                    "{h}:{m}"
+                );
+            }
+        }
+        assert!(in_hours(0, 22 * 60, 6 * 60), "the epoch is midnight UTC");
+        assert_eq!(f.table.tracked(), 0);
+    }
+
+    #[test]
+    fn after_failure_sees_every_kind_of_refusal_within_its_window() {
+        for kind in [Failure::StepUp, Failure::Forbidden, Failure::Handshake] {
+            let f = fx(100);
+            let r = f.route(0, 0, &["after"]); // 15m
+            let p = peer(1);
+            assert_eq!(r.evaluate(&p, &none(), at(0)), Verdict::Pass);
+            f.table.record_failure(p.as_str(), kind, at(MIN));
+            assert_eq!(r.evaluate(&p, &none(), at(MIN)), ch("after"), "{kind:?}");
+            assert_eq!(
+                r.evaluate(&p, &none(), at(16 * MIN - 1)),
+                ch("after"),
+                "{kind:?}"
+            );
+            assert_eq!(
+                r.evaluate(&p, &none(), at(16 * MIN)),
+                Verdict::Pass,
+                "{kind:?}"
+            );
+            // Someone else's refusal is not this caller's.
+            f.table.record_failure(peer(2).as_str(), kind, at(17 * MIN));
+            assert_eq!(r.evaluate(&p, &none(), at(17 * MIN)), Verdict::Pass);
+            assert_eq!(r.evaluate(&peer(2), &none(), at(17 * MIN)), ch("after"));
+        }
+    }
+
+    #[test]
+    fn failures_above_locks_out_for_the_window_from_the_crossing() {
+        let f = fx(100);
+        let r = f.route(0, 0, &["lockout"]); // more than 5 within 15m: deny
+        let p = peer(1);
+        let series = "keyproof_risk_denied_total{route=\"/r0\",rule=\"lockout\"}";
+        assert_eq!(f.metric(series), 0.0, "exported from the start");
+        for i in 0..5 {
+            f.table
+                .record_failure(p.as_str(), Failure::StepUp, at(i * MIN));
+        }
+        assert_eq!(r.evaluate(&p, &none(), at(5 * MIN)), Verdict::Pass);
+        // Handshakes never count: a certificate is public.
+        for i in 0..10 {
+            f.table
+                .record_failure(p.as_str(), Failure::Handshake, at(5 * MIN + i));
+        }
+        assert_eq!(r.evaluate(&p, &none(), at(6 * MIN)), Verdict::Pass);
+        // The sixth refusal within 15 minutes of the first: locked.
+        f.table
+            .record_failure(p.as_str(), Failure::Forbidden, at(14 * MIN));
+        assert_eq!(r.evaluate(&p, &none(), at(14 * MIN)), deny("lockout"));
+        assert_eq!(f.metric(series), 1.0);
+        // For 15 minutes from that refusal, though the early ones age out.
+        assert_eq!(r.evaluate(&p, &none(), at(29 * MIN - 1)), deny("lockout"));
+        assert_eq!(r.evaluate(&p, &none(), at(29 * MIN)), Verdict::Pass);
+        assert_eq!(f.metric(series), 2.0);
+        // Another caller is untouched.
+        assert_eq!(r.evaluate(&peer(2), &none(), at(15 * MIN)), Verdict::Pass);
+    }
+
+    #[test]
+    fn failures_above_counts_a_sliding_window_exactly() {
+        let f = fx(100);
+        let r = f.route(0, 0, &["lockout"]);
+        let p = peer(1);
+        // Five at 0, then one each exactly a window later: never more
+        // than five within any 15 minutes.
+        for i in 0..5 {
+            f.table.record_failure(p.as_str(), Failure::StepUp, at(i));
+        }
+        for i in 0..5 {
+            f.table
+                .record_failure(p.as_str(), Failure::StepUp, at(15 * MIN + i));
+            assert_eq!(
+                r.evaluate(&p, &none(), at(15 * MIN + i)),
+                Verdict::Pass,
+                "{i}"
+            );
+        }
+        // One more within the window of the last five: six.
+        f.table
+            .record_failure(p.as_str(), Failure::StepUp, at(15 * MIN + 5));
+        assert_eq!(r.evaluate(&p, &none(), at(15 * MIN + 5)), deny("lockout"));
+    }
+
+    #[test]
+    fn a_lockout_survives_a_policy_reload_and_a_new_rule_sees_recorded_refusals() {
+        let mut f = fx(100);
+        let r0 = f.route(0, 0, &["lockout"]);
+        let p = peer(1);
+        for i in 0..6 {
+            f.table.record_failure(p.as_str(), Failure::StepUp, at(i));
+        }
+        assert_eq!(r0.evaluate(&p, &none(), at(10)), deny("lockout"));
+        // Generation 1: the same rule on another route index still locks.
+        let r1 = f.route(1, 3, &["lockout"]);
+        assert_eq!(r1.evaluate(&p, &none(), at(20)), deny("lockout"));
+        // A rule that did not exist when the refusals came: it counts them
+        // and locks from the moment it sees them.
+        f.rules.push(rule(
+            "strict",
+            RiskCondition::FailuresAbove {
+                count: 2,
+                window: secs(60 * 60),
+            },
+            RiskAction::Deny,
+        ));
+        let r2 = f.route(2, 0, &["strict"]);
+        assert_eq!(r2.evaluate(&p, &none(), at(10 * MIN)), deny("strict"));
+        assert_eq!(r2.evaluate(&p, &none(), at(70 * MIN - 1)), deny("strict"));
+        assert_eq!(r2.evaluate(&p, &none(), at(70 * MIN)), Verdict::Pass);
+    }
+
+    #[test]
+    fn deny_rules_come_first_and_the_first_listed_challenge_is_the_reason() {
+        let f = fx(100);
+        let p = peer(1);
+        let r = f.route(0, 0, &["debug", "new", "big", "lockout"]);
+        let h = headers(&[("x-debug", "1"), ("x-amount", "1e6")]);
+        assert_eq!(r.evaluate(&p, &h, at(0)), ch("debug"));
+        let r = f.route(0, 1, &["new", "debug", "big", "lockout"]);
+        assert_eq!(r.evaluate(&p, &h, at(0)), ch("new"));
+        for i in 0..6 {
+            f.table.record_failure(p.as_str(), Failure::StepUp, at(i));
+        }
+        // Listed last, it still decides.
+        assert_eq!(r.evaluate(&p, &h, at(10)), deny("lockout"));
+        // Of two deny rules, the first listed firing one.
+        let r = f.route(0, 2, &["flood", "lockout"]);
+        assert_eq!(r.evaluate(&p, &none(), at(20)), deny("lockout"));
+        for _ in 0..10 {
+            r.evaluate(&peer(2), &none(), at(30));
+        }
+        assert_eq!(r.evaluate(&peer(2), &none(), at(30)), deny("flood"));
+        assert_eq!(
+            f.metric("keyproof_risk_denied_total{route=\"/r2\",rule=\"flood\"}"),
+            1.0
+        );
+        // Every request counted towards the rates, a denied one too.
+        assert_eq!(r.evaluate(&peer(2), &none(), at(30)), deny("flood"));
+    }
+
+    #[test]
+    fn a_forgotten_caller_is_new_again() {
+        let f = fx(2);
+        let r = f.route(0, 0, &["new"]);
+        for n in [1, 2] {
+            r.evaluate(&peer(n), &none(), at(0));
+            r.served(&peer(n), at(0));
+        }
+        assert_eq!(f.table.tracked(), 2);
+        // 1 is seen again: 2 is now the least recently seen.
+        assert_eq!(r.evaluate(&peer(1), &none(), at(1)), Verdict::Pass);
+        assert_eq!(r.evaluate(&peer(3), &none(), at(2)), ch("new"));
+        assert_eq!(f.table.tracked(), 2);
+        assert_eq!(f.metric("keyproof_risk_evictions_total"), 1.0);
+        assert_eq!(f.metric("keyproof_risk_tracked_identities"), 2.0);
+        assert_eq!(r.evaluate(&peer(1), &none(), at(3)), Verdict::Pass);
+        // 2 was forgotten: challenged as new, though served within the day.
+        assert_eq!(r.evaluate(&peer(2), &none(), at(4)), ch("new"));
+        assert_eq!(f.metric("keyproof_risk_untracked_total"), 0.0);
+    }
+
+    #[test]
+    fn eviction_pressure_never_lifts_a_lockout() {
+        let f = fx(3);
+        let r = f.route(0, 0, &["lockout", "new", "after", "burst"]);
+        let locked = peer(0);
+        for i in 0..6 {
+            f.table
+                .record_failure(locked.as_str(), Failure::StepUp, at(i));
+        }
+        assert_eq!(r.evaluate(&locked, &none(), at(10)), deny("lockout"));
+        // Hundreds of other callers pass through, oldest first in line.
+        for n in 1..300 {
+            r.evaluate(&peer(n), &none(), at(20 + n as u64));
+            assert!(f.table.tracked() <= 3);
+        }
+        assert_eq!(r.evaluate(&locked, &none(), at(MIN)), deny("lockout"));
+        // Every place locked: a newcomer cannot be tracked, and is treated
+        // as new, fast and recently refused (never as locked out).
+        for n in [1000, 1001] {
+            for i in 0..6 {
+                f.table
+                    .record_failure(peer(n).as_str(), Failure::StepUp, at(MIN + i));
+            }
+        }
+        assert_eq!(
+            r.evaluate(&peer(1000), &none(), at(2 * MIN)),
+            deny("lockout")
+        );
+        assert_eq!(
+            r.evaluate(&peer(1001), &none(), at(2 * MIN)),
+            deny("lockout")
+        );
+        let before = f.metric("keyproof_risk_untracked_total");
+        let only_new = f.route(0, 1, &["new", "lockout"]);
+        let only_rate = f.route(0, 2, &["burst", "lockout"]);
+        let only_after = f.route(0, 3, &["after", "lockout"]);
+        let stranger = peer(5000);
+        only_new.served(&stranger, at(2 * MIN));
+        assert_eq!(
+            only_new.evaluate(&stranger, &none(), at(2 * MIN)),
+            ch("new")
+        );
+        assert_eq!(
+            only_rate.evaluate(&stranger, &none(), at(2 * MIN)),
+            ch("burst")
+        );
+        assert_eq!(
+            only_after.evaluate(&stranger, &none(), at(2 * MIN)),
+            ch("after")
+        );
+        assert_eq!(f.metric("keyproof_risk_untracked_total"), before + 4.0);
+        assert_eq!(f.table.tracked(), 3);
+        // Once the locks end, places free up again.
+        assert_eq!(r.evaluate(&locked, &none(), at(20 * MIN)), ch("new"));
+        assert_eq!(
+            only_new.evaluate(&stranger, &none(), at(20 * MIN)),
+            ch("new")
+        );
+        only_new.served(&stranger, at(20 * MIN));
+        assert_eq!(
+            only_new.evaluate(&stranger, &none(), at(20 * MIN)),
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn callers_with_live_refusals_are_forgotten_last() {
+        let f = fx(2);
+        let r = f.route(0, 0, &["after", "new"]);
+        let (failing, quiet) = (peer(1), peer(2));
+        f.table
+            .record_failure(failing.as_str(), Failure::Handshake, at(0));
+        r.evaluate(&quiet, &none(), at(1));
+        r.served(&quiet, at(1));
+        // The failing caller is the least recently seen, but the quiet one
+        // goes.
+        r.evaluate(&peer(3), &none(), at(2));
+        assert_eq!(r.evaluate(&failing, &none(), at(3)), ch("after"));
+        assert_eq!(r.evaluate(&quiet, &none(), at(4)), ch("new"));
+        // With only failing callers left, the least recently seen of them
+        // goes (a newcomer must still be tracked to be counted).
+        let f = fx(2);
+        let r = f.route(0, 0, &["after", "new"]);
+        for n in [1, 2] {
+            f.table
+                .record_failure(peer(n).as_str(), Failure::StepUp, at(n as u64));
+        }
+        r.evaluate(&peer(3), &none(), at(5));
+        assert_eq!(f.table.tracked(), 2);
+        assert_eq!(r.evaluate(&peer(2), &none(), at(6)), ch("after"));
+        r.served(&peer(2), at(6));
+        assert_eq!(r.evaluate(&peer(2), &none(), at(7)), ch("after"));
+        // 1 was forgotten: its refusal with it.
+        r.served(&peer(1), at(8));
+        assert_eq!(r.evaluate(&peer(1), &none(), at(9)), Verdict::Pass);
+        // ...and once refusals are older than every window, they are quiet.
+        let f = fx(2);
+        let r = f.route(0, 0, &["after", "new"]);
+        f.table
+            .record_failure(peer(1).as_str(), Failure::StepUp, at(0));
+        r.evaluate(&peer(2), &none(), at(16 * MIN));
+        r.evaluate(&peer(3), &none(), at(16 * MIN + 1));
+        // 1 (least recently seen, refusal no longer live) went, not 2.
+        r.served(&peer(2), at(16 * MIN + 2));
+        assert_eq!(
+            r.evaluate(&peer(2), &none(), at(16 * MIN + 3)),
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn the_bound_is_exact_across_shards_and_threads() {
+        let f = fx(5000);
+        assert!(f.table.shards.len() > 1);
+        let r = f.route(0, 0, &["new"]);
+        for n in 0..20_000 {
+            r.evaluate(&peer(n), &none(), at(n as u64));
+        }
+        assert_eq!(f.table.tracked(), 5000);
+        assert_eq!(f.metric("keyproof_risk_evictions_total"), 15_000.0);
+        assert_eq!(f.metric("keyproof_risk_tracked_identities"), 5000.0);
+
+        let f = fx(1000);
+        let r = Arc::new(f.route(0, 0, &["new", "burst"]));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for n in 0..3000 {
+                        let p = peer(t * 100_000 + n % 1500);
+                        r.evaluate(&p, &none(), at(n as u64));
+                        r.served(&p, at(n as u64));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(f.table.tracked(), 1000);
+        let held: usize = f.table.shards.iter().map(|s| lock(s).index.len()).sum();
+        assert_eq!(held, 1000);
+    }
+
+    #[test]
+    fn refusals_are_not_kept_when_no_rule_looks_at_them() {
+        let f = fx(100);
+        let _r = f.route(0, 0, &["new", "burst"]);
+        f.table
+            .record_failure("spiffe://td/x", Failure::StepUp, at(0));
+        assert_eq!(f.table.tracked(), 0);
+        let _r = f.route(1, 0, &["after"]);
+        f.table
+            .record_failure("spiffe://td/x", Failure::StepUp, at(0));
+        assert_eq!(f.table.tracked(), 1);
+    }
+
+    #[test]
+    fn explain_describes_each_rule() {
+        let f = fx(10);
+        let r = f.route(0, 0, &["new", "lockout"]);
+        assert_eq!(
+            r.explain(),
+            [
+                "challenge when new (not served on this route within 24h)",
+                "deny when lockout (more than 5 refusals of the caller within 15m, for 15m)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_second_table_on_one_registry_is_refused() {
+        let m = Metrics::new().expect("metrics");
+        RiskTable::new(1, &m).expect("first");
+        assert!(RiskTable::new(1, &m).is_err());
+    }
 }
