@@ -1,7 +1,10 @@
 //! Structured-field helpers on top of `sfv` (RFC 9651): header combination
-//! with size limits, and single-pass visitors for `Signature-Input` and
+//! with size limits; single-pass visitors for `Signature-Input` and
 //! `Signature` that see duplicate keys (a parsed `Dictionary` would silently
-//! keep only the last of two `stepup` members).
+//! keep only the last of two `stepup` members) and for `Content-Digest` and
+//! `Stepup-Binding`; and one-scan readers for fields written canonically
+//! (as signers and verifiers write them), which leave everything else to
+//! the visitors, so both read every field alike.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -12,8 +15,6 @@ use sfv::visitor::{
     DictionaryVisitor, EntryVisitor, Ignored, InnerListVisitor, ItemVisitor, ParameterVisitor,
 };
 use sfv::{BareItemFromInput, KeyRef, StringRef};
-
-use crate::sign::{Challenge, ChallengeError};
 
 /// Why a header could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,25 +98,6 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
     v
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn combines_and_bounds() {
-        let mut h = HeaderMap::new();
-        let n = HeaderName::from_static("x-a");
-        assert_eq!(combined(&h, &n, 10), Ok(None));
-        h.append(&n, "abc".parse().unwrap());
-        h.append(&n, "de".parse().unwrap());
-        assert_eq!(combined(&h, &n, 10), Ok(Some("abc, de".into())));
-        assert_eq!(combined(&h, &n, 6), Err(FieldError::TooLarge));
-        h.insert(&n, http::HeaderValue::from_bytes(b"  a\xff ").unwrap());
-        assert_eq!(combined(&h, &n, 10), Err(FieldError::NotText));
-        assert_eq!(field_value(&h, &n), Some(b"a\xff".to_vec()));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Single-pass readers for the two signature fields. One visitor pass both
 // validates the shape (exactly one member, `stepup`, right types, no duplicate
@@ -136,26 +118,8 @@ pub(crate) struct SigInput<'de> {
 }
 
 impl SigInput<'_> {
-    /// `("c1" "c2" ...);p1=v1;...` exactly as RFC 9421 §2.3 serialises the
-    /// received member (for the `@signature-params` line).
-    #[cfg(test)]
-    pub(crate) fn serialize(&self) -> Option<std::string::String> {
-        let mut ser = sfv::ListSerializer::new();
-        {
-            let mut inner = ser.inner_list();
-            for c in &self.components {
-                let _ = inner.bare_item(&**c);
-            }
-            let _ = inner.finish().parameters(
-                self.params
-                    .iter()
-                    .map(|(k, v)| (*k, sfv::RefBareItem::from(v))),
-            );
-        }
-        ser.finish()
-    }
-
-    /// Appends the member serialised as [`SigInput::serialize`] would, for
+    /// Appends the member serialised as `sfv` would (RFC 9421 §2.3: the
+    /// `@signature-params` value), for
     /// the two parameter types stepup-v1 has (integers and strings); `None`
     /// for any other type, which the profile refuses anyway.
     pub(crate) fn write_serialized(&self, out: &mut Vec<u8>) -> Option<()> {
@@ -395,17 +359,21 @@ fn canonical_signature_input(input: &str) -> Option<SigInput<'_>> {
 }
 
 /// A parameter value [`scan_member`] reads.
-enum Scalar<'a> {
+pub(crate) enum Scalar<'a> {
+    /// An sf-string.
     String(&'a StringRef),
+    /// An sf-integer.
     Integer(sfv::Integer),
     /// A bare key (`;created`).
     True,
 }
 
 /// An inner list member as [`scan_member`] reads it, borrowing the input.
-struct Scanned<'a> {
-    components: Vec<&'a StringRef>,
-    params: Vec<(&'a KeyRef, Scalar<'a>)>,
+pub(crate) struct Scanned<'a> {
+    /// The inner list's strings.
+    pub components: Vec<&'a StringRef>,
+    /// The parameters, in order, distinct keys.
+    pub params: Vec<(&'a KeyRef, Scalar<'a>)>,
 }
 
 /// Reads `member` if it is exactly the serialisation (RFC 9651 §4.1) of an
@@ -413,7 +381,7 @@ struct Scanned<'a> {
 /// it: strings without escapes, single spaces between them, integers
 /// without leading zeros, `;key` or `;key=value` parameters with distinct
 /// keys, nothing after. `None` for anything else, valid or not.
-fn scan_member(member: &str) -> Option<Scanned<'_>> {
+pub(crate) fn scan_member(member: &str) -> Option<Scanned<'_>> {
     let b = member.as_bytes();
     if b.first() != Some(&b'(') {
         return None;
@@ -716,206 +684,43 @@ impl<'de> ParameterVisitor<'de> for BindingParams {
     }
 }
 
-/// One string parameter of a challenge, as the last occurrence left it.
-#[derive(Default)]
-enum Param {
-    #[default]
-    Missing,
-    /// Present, but not a string.
-    Bad,
-    Value(std::string::String),
-}
-
-impl Param {
-    fn take(self, name: &'static str) -> Result<std::string::String, ChallengeError> {
-        match self {
-            Param::Value(s) => Ok(s),
-            Param::Missing | Param::Bad => Err(ChallengeError::MissingParam(name)),
+#[cfg(test)]
+impl SigInput<'_> {
+    /// `("c1" "c2" ...);p1=v1;...` exactly as RFC 9421 §2.3 serialises the
+    /// received member (for the `@signature-params` line).
+    pub(crate) fn serialize(&self) -> Option<std::string::String> {
+        let mut ser = sfv::ListSerializer::new();
+        {
+            let mut inner = ser.inner_list();
+            for c in &self.components {
+                let _ = inner.bare_item(&**c);
+            }
+            let _ = inner.finish().parameters(
+                self.params
+                    .iter()
+                    .map(|(k, v)| (*k, sfv::RefBareItem::from(v))),
+            );
         }
+        ser.finish()
     }
 }
 
-/// The `stepup` member of an `Accept-Signature` dictionary, as read.
-#[derive(Default)]
-pub(crate) struct ChallengeVisitor {
-    found: bool,
-    bad_components: bool,
-    components: Vec<std::string::String>,
-    nonce: Param,
-    alg: Param,
-    keyid: Param,
-    tag: Param,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl ChallengeVisitor {
-    fn into_challenge(self) -> Result<Option<Challenge>, ChallengeError> {
-        if !self.found {
-            return Ok(None);
-        }
-        if self.bad_components {
-            return Err(ChallengeError::Components);
-        }
-        Ok(Some(Challenge {
-            components: self.components,
-            nonce: self.nonce.take("nonce")?,
-            alg: self.alg.take("alg")?,
-            keyid: self.keyid.take("keyid")?,
-            tag: self.tag.take("tag")?,
-        }))
-    }
-}
-
-/// Parses an `Accept-Signature` value into its `stepup` member: the same
-/// results as reading it from a parsed `Dictionary` (syntax errors first,
-/// then the member's shape, then each parameter in turn).
-pub(crate) fn parse_challenge(input: &str) -> Result<Option<Challenge>, ChallengeError> {
-    if let Some(ch) = canonical_challenge(input) {
-        return ch;
-    }
-    sfv::Parser::new(input)
-        .parse_dictionary_with_visitor(ChallengeVisitor::default())
-        .map_err(|_| ChallengeError::Syntax)?
-        .into_challenge()
-}
-
-/// The common case of [`parse_challenge`] in one scan: a field that is
-/// exactly the serialisation of a single `stepup` member ([`scan_member`]),
-/// as verifiers write it. `None` for anything else (the general parser's).
-fn canonical_challenge(input: &str) -> Option<Result<Option<Challenge>, ChallengeError>> {
-    let scanned = scan_member(input.strip_prefix("stepup=")?)?;
-    let mut v = ChallengeVisitor {
-        found: true,
-        components: scanned
-            .components
-            .iter()
-            .map(|c| c.as_str().to_owned())
-            .collect(),
-        ..ChallengeVisitor::default()
-    };
-    for (key, value) in scanned.params {
-        let slot = match key.as_str() {
-            "nonce" => &mut v.nonce,
-            "alg" => &mut v.alg,
-            "keyid" => &mut v.keyid,
-            "tag" => &mut v.tag,
-            _ => continue,
-        };
-        *slot = match value {
-            Scalar::String(s) => Param::Value(s.as_str().to_owned()),
-            Scalar::Integer(_) | Scalar::True => Param::Bad,
-        };
-    }
-    Some(v.into_challenge())
-}
-
-impl<'de> DictionaryVisitor<'de> for ChallengeVisitor {
-    type Out = ChallengeVisitor;
-    type Error = Infallible;
-
-    fn entry(&mut self, key: &'de KeyRef) -> Result<impl EntryVisitor<'de>, Self::Error> {
-        Ok(if key.as_str() == crate::LABEL {
-            // The last `stepup` member is the one that counts.
-            *self = ChallengeVisitor {
-                found: true,
-                ..ChallengeVisitor::default()
-            };
-            Some(self)
-        } else {
-            None
-        })
-    }
-
-    fn finish(self) -> Result<Self::Out, Self::Error> {
-        Ok(self)
-    }
-}
-
-impl<'de> EntryVisitor<'de> for &mut ChallengeVisitor {
-    type Error = Infallible;
-
-    fn item(self) -> Result<impl ItemVisitor<'de>, Self::Error> {
-        // A signature request is an inner list of component names.
-        self.bad_components = true;
-        Ok(Ignored)
-    }
-
-    fn inner_list(self) -> Result<impl InnerListVisitor<'de>, Self::Error> {
-        Ok(self)
-    }
-}
-
-impl<'de> InnerListVisitor<'de> for &mut ChallengeVisitor {
-    type Error = Infallible;
-
-    fn item(&mut self) -> Result<impl ItemVisitor<'de>, Self::Error> {
-        Ok(ChallengeComponent(self))
-    }
-
-    fn finish(self) -> Result<impl ParameterVisitor<'de>, Self::Error> {
-        Ok(ChallengeParams(self))
-    }
-}
-
-struct ChallengeComponent<'a>(&'a mut ChallengeVisitor);
-
-impl<'de> ItemVisitor<'de> for ChallengeComponent<'_> {
-    type Out = ();
-    type Error = Infallible;
-
-    fn bare_item(
-        self,
-        v: BareItemFromInput<'de>,
-    ) -> Result<impl ParameterVisitor<'de, Out = Self::Out>, Self::Error> {
-        match v {
-            BareItemFromInput::String(s) => self.0.components.push(s.as_str().to_owned()),
-            _ => self.0.bad_components = true,
-        }
-        Ok(self)
-    }
-}
-
-impl<'de> ParameterVisitor<'de> for ChallengeComponent<'_> {
-    type Out = ();
-    type Error = Infallible;
-
-    fn parameter(&mut self, _: &'de KeyRef, _: BareItemFromInput<'de>) -> Result<(), Self::Error> {
-        self.0.bad_components = true;
-        Ok(())
-    }
-
-    fn finish(self) -> Result<Self::Out, Self::Error> {
-        Ok(())
-    }
-}
-
-struct ChallengeParams<'a>(&'a mut ChallengeVisitor);
-
-impl<'de> ParameterVisitor<'de> for ChallengeParams<'_> {
-    type Out = ();
-    type Error = Infallible;
-
-    fn parameter(
-        &mut self,
-        key: &'de KeyRef,
-        v: BareItemFromInput<'de>,
-    ) -> Result<(), Self::Error> {
-        let slot = match key.as_str() {
-            "nonce" => &mut self.0.nonce,
-            "alg" => &mut self.0.alg,
-            "keyid" => &mut self.0.keyid,
-            "tag" => &mut self.0.tag,
-            // Other parameters (`created`, future ones) are not read.
-            _ => return Ok(()),
-        };
-        *slot = match v {
-            BareItemFromInput::String(s) => Param::Value(s.as_str().to_owned()),
-            _ => Param::Bad,
-        };
-        Ok(())
-    }
-
-    fn finish(self) -> Result<Self::Out, Self::Error> {
-        Ok(())
+    #[test]
+    fn combines_and_bounds() {
+        let mut h = HeaderMap::new();
+        let n = HeaderName::from_static("x-a");
+        assert_eq!(combined(&h, &n, 10), Ok(None));
+        h.append(&n, "abc".parse().unwrap());
+        h.append(&n, "de".parse().unwrap());
+        assert_eq!(combined(&h, &n, 10), Ok(Some("abc, de".into())));
+        assert_eq!(combined(&h, &n, 6), Err(FieldError::TooLarge));
+        h.insert(&n, http::HeaderValue::from_bytes(b"  a\xff ").unwrap());
+        assert_eq!(combined(&h, &n, 10), Err(FieldError::NotText));
+        assert_eq!(field_value(&h, &n), Some(b"a\xff".to_vec()));
     }
 }
 
@@ -974,76 +779,7 @@ mod visitor_tests {
 #[cfg(test)]
 mod equivalence_tests {
     use super::*;
-    use sfv::{BareItem, Dictionary, Item, ListEntry, Parser};
-
-    /// `Challenge::parse` as it was written over a parsed `Dictionary`.
-    pub(super) fn challenge_by_dictionary(
-        value: &str,
-    ) -> Result<Option<Challenge>, ChallengeError> {
-        let dict: Dictionary = Parser::new(value)
-            .parse()
-            .map_err(|_| ChallengeError::Syntax)?;
-        let Some(entry) = dict.get(crate::LABEL) else {
-            return Ok(None);
-        };
-        let ListEntry::InnerList(member) = entry else {
-            return Err(ChallengeError::Components);
-        };
-        let mut components = Vec::new();
-        for item in &member.items {
-            let name = item
-                .bare_item
-                .as_string()
-                .ok_or(ChallengeError::Components)?;
-            if !item.params.is_empty() {
-                return Err(ChallengeError::Components);
-            }
-            components.push(name.as_str().to_owned());
-        }
-        let param = |k: &'static str| match member.params.get(k) {
-            Some(BareItem::String(s)) => Ok(s.as_str().to_owned()),
-            _ => Err(ChallengeError::MissingParam(k)),
-        };
-        Ok(Some(Challenge {
-            components,
-            nonce: param("nonce")?,
-            alg: param("alg")?,
-            keyid: param("keyid")?,
-            tag: param("tag")?,
-        }))
-    }
-
-    #[test]
-    fn challenges_read_as_from_a_dictionary() {
-        let ok = r#"stepup=("@method" "@path");created;nonce="n";alg="ed25519";keyid="k";tag="stepup-v1""#;
-        for input in [
-            ok,
-            "",
-            "stepup=(",
-            "other=(\"@method\")",
-            r#"stepup=("@method");nonce="n1";nonce="n2";alg="a";keyid="k";tag="t""#,
-            r#"stepup=("@method");nonce=1;nonce="n2";alg="a";keyid="k";tag="t""#,
-            r#"stepup=("@method");nonce="n";nonce=2;alg="a";keyid="k";tag="t""#,
-            r#"stepup=("@method");nonce="n";alg="a";keyid="k""#,
-            r#"stepup=("@method");alg="a";keyid="k";tag="t""#,
-            r#"stepup=("@method";x);nonce="n";alg="a";keyid="k";tag="t""#,
-            r#"stepup=(@method);nonce="n";alg="a";keyid="k";tag="t""#,
-            r#"stepup="x";nonce="n";alg="a";keyid="k";tag="t""#,
-            r#"stepup;nonce="n";alg="a";keyid="k";tag="t""#,
-            r#"stepup=("a"), stepup=("b");nonce="n";alg="a";keyid="k";tag="t""#,
-            r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t", stepup=(1)"#,
-            r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t", stepup=?1"#,
-            r#"x=1, stepup=("a" "b");nonce="n";alg="a";keyid="k";tag="t";other=:AA==:, y"#,
-            r#"stepup=();nonce="";alg="";keyid="";tag="""#,
-            r#"stepup=("\"q\\");nonce="n\"";alg="a";keyid="k";tag="t""#,
-        ] {
-            assert_eq!(
-                parse_challenge(input),
-                challenge_by_dictionary(input),
-                "{input}"
-            );
-        }
-    }
+    use sfv::{Dictionary, Item, Parser};
 
     #[test]
     fn content_digests_read_as_from_a_dictionary() {
@@ -1166,7 +902,7 @@ mod equivalence_tests {
 /// genuine fields: whatever a shortcut accepts, the general parser reads the
 /// same way (same components, parameters, serialisation, bytes).
 #[cfg(test)]
-mod shortcut_tests {
+pub(crate) mod shortcut_tests {
     use super::*;
     use sfv::{Dictionary, Item, Parser};
 
@@ -1179,7 +915,7 @@ mod shortcut_tests {
     }
 
     /// A small deterministic generator (xorshift), so failures reproduce.
-    struct Rng(u64);
+    pub(crate) struct Rng(pub(crate) u64);
     impl Rng {
         fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
@@ -1229,7 +965,9 @@ mod shortcut_tests {
         "%",
     ];
 
-    fn mutate(rng: &mut Rng, seed: &str) -> String {
+    /// `seed` with one to three random insertions, deletions or
+    /// replacements of structured-field syntax.
+    pub(crate) fn mutate(rng: &mut Rng, seed: &str) -> String {
         let mut s = seed.to_owned();
         for _ in 0..1 + rng.below(3) {
             let at = rng.below(s.len() + 1);
@@ -1295,33 +1033,6 @@ mod shortcut_tests {
         }
         // The generator must exercise the shortcut, not only the fallback.
         assert!(accepted > 5_000, "{accepted}");
-    }
-
-    const CHALLENGES: &[&str] = &[
-        r#"stepup=("@method" "@authority" "@path" "@query" "content-type" "content-digest" "stepup-binding");created;nonce="AbC-_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH";alg="ed25519";keyid="k-_Z";tag="stepup-v1""#,
-        r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t""#,
-        r#"stepup=();x;nonce=1;alg="a""#,
-    ];
-
-    #[test]
-    fn challenges_read_alike() {
-        let mut rng = Rng(0x1234_5678_9abc_def1);
-        let mut shortcut = 0;
-        for n in 0..60_000 {
-            let seed = CHALLENGES[n % CHALLENGES.len()];
-            let input = if n < CHALLENGES.len() {
-                seed.to_owned()
-            } else {
-                mutate(&mut rng, seed)
-            };
-            shortcut += usize::from(canonical_challenge(&input).is_some());
-            assert_eq!(
-                parse_challenge(&input),
-                super::equivalence_tests::challenge_by_dictionary(&input),
-                "{input}"
-            );
-        }
-        assert!(shortcut > 5_000, "{shortcut}");
     }
 
     #[test]

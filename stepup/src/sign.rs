@@ -1,6 +1,7 @@
 //! The outbound signer: reads a stepup challenge and signs a request with the
 //! workload key, refusing challenges that do not fit its key.
 
+use std::convert::Infallible;
 use std::fmt;
 
 use aws_lc_rs::encoding::AsDer;
@@ -12,6 +13,10 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http::header::{HeaderValue, WWW_AUTHENTICATE};
 use http::{HeaderMap, StatusCode};
+use sfv::visitor::{
+    DictionaryVisitor, EntryVisitor, Ignored, InnerListVisitor, ItemVisitor, ParameterVisitor,
+};
+use sfv::{BareItemFromInput, KeyRef};
 
 use crate::alg::{keyid_for_spki, Alg, KeyError};
 use crate::base::{self, Component, RequestView};
@@ -20,6 +25,7 @@ use crate::digest;
 use crate::headers::{
     ACCEPT_SIGNATURE, CONTENT_DIGEST, SIGNATURE, SIGNATURE_INPUT, STEPUP_BINDING,
 };
+use crate::sf;
 use crate::{BINDING_LEN, LABEL, TAG};
 
 /// Largest `Accept-Signature` the signer reads.
@@ -106,12 +112,12 @@ pub enum SignError {
 impl Challenge {
     /// Parses an `Accept-Signature` value. `Ok(None)` if it has no `stepup` member.
     pub fn parse(value: &str) -> Result<Option<Challenge>, ChallengeError> {
-        crate::sf::parse_challenge(value)
+        parse_challenge(value)
     }
 
     /// The stepup challenge in a response's headers, if any.
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Challenge>, ChallengeError> {
-        match crate::sf::combined(headers, &ACCEPT_SIGNATURE, MAX_ACCEPT_SIGNATURE_LEN) {
+        match sf::combined(headers, &ACCEPT_SIGNATURE, MAX_ACCEPT_SIGNATURE_LEN) {
             Ok(None) => Ok(None),
             Ok(Some(v)) => Challenge::parse(&v),
             Err(_) => Err(ChallengeError::Syntax),
@@ -303,9 +309,9 @@ impl Signer {
         let mut input = Vec::with_capacity(INPUT_CAPACITY);
         input.extend_from_slice(b"stepup=");
         input.extend_from_slice(signature_params_start(has_content_type).as_bytes());
-        crate::sf::push_integer(&mut input, created);
+        sf::push_integer(&mut input, created);
         input.extend_from_slice(b";nonce=");
-        crate::sf::push_string(&mut input, &challenge.nonce);
+        sf::push_string(&mut input, &challenge.nonce);
         input.extend_from_slice(b";alg=\"");
         input.extend_from_slice(self.alg.name().as_bytes());
         input.extend_from_slice(b"\";keyid=\"");
@@ -377,9 +383,316 @@ const fn signature_params_start(has_content_type: bool) -> &'static str {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Reading `Accept-Signature`: the same results as a parsed `Dictionary`
+// (RFC 9651: the last of duplicate keys wins), without building one.
+// ---------------------------------------------------------------------------
+
+/// One string parameter of a challenge, as the last occurrence left it.
+#[derive(Default)]
+enum Param {
+    #[default]
+    Missing,
+    /// Present, but not a string.
+    Bad,
+    Value(std::string::String),
+}
+
+impl Param {
+    fn take(self, name: &'static str) -> Result<std::string::String, ChallengeError> {
+        match self {
+            Param::Value(s) => Ok(s),
+            Param::Missing | Param::Bad => Err(ChallengeError::MissingParam(name)),
+        }
+    }
+}
+
+/// The `stepup` member of an `Accept-Signature` dictionary, as read.
+#[derive(Default)]
+struct ChallengeVisitor {
+    found: bool,
+    bad_components: bool,
+    components: Vec<std::string::String>,
+    nonce: Param,
+    alg: Param,
+    keyid: Param,
+    tag: Param,
+}
+
+impl ChallengeVisitor {
+    fn into_challenge(self) -> Result<Option<Challenge>, ChallengeError> {
+        if !self.found {
+            return Ok(None);
+        }
+        if self.bad_components {
+            return Err(ChallengeError::Components);
+        }
+        Ok(Some(Challenge {
+            components: self.components,
+            nonce: self.nonce.take("nonce")?,
+            alg: self.alg.take("alg")?,
+            keyid: self.keyid.take("keyid")?,
+            tag: self.tag.take("tag")?,
+        }))
+    }
+}
+
+/// Parses an `Accept-Signature` value into its `stepup` member: the same
+/// results as reading it from a parsed `Dictionary` (syntax errors first,
+/// then the member's shape, then each parameter in turn), in one visitor
+/// pass, or one scan when it is written canonically.
+fn parse_challenge(input: &str) -> Result<Option<Challenge>, ChallengeError> {
+    if let Some(ch) = canonical_challenge(input) {
+        return ch;
+    }
+    sfv::Parser::new(input)
+        .parse_dictionary_with_visitor(ChallengeVisitor::default())
+        .map_err(|_| ChallengeError::Syntax)?
+        .into_challenge()
+}
+
+/// The common case of [`parse_challenge`] in one scan: a field that is
+/// exactly the serialisation of a single `stepup` member ([`scan_member`]),
+/// as verifiers write it. `None` for anything else (the general parser's).
+fn canonical_challenge(input: &str) -> Option<Result<Option<Challenge>, ChallengeError>> {
+    let scanned = sf::scan_member(input.strip_prefix("stepup=")?)?;
+    let mut v = ChallengeVisitor {
+        found: true,
+        components: scanned
+            .components
+            .iter()
+            .map(|c| c.as_str().to_owned())
+            .collect(),
+        ..ChallengeVisitor::default()
+    };
+    for (key, value) in scanned.params {
+        let slot = match key.as_str() {
+            "nonce" => &mut v.nonce,
+            "alg" => &mut v.alg,
+            "keyid" => &mut v.keyid,
+            "tag" => &mut v.tag,
+            _ => continue,
+        };
+        *slot = match value {
+            sf::Scalar::String(s) => Param::Value(s.as_str().to_owned()),
+            sf::Scalar::Integer(_) | sf::Scalar::True => Param::Bad,
+        };
+    }
+    Some(v.into_challenge())
+}
+
+impl<'de> DictionaryVisitor<'de> for ChallengeVisitor {
+    type Out = ChallengeVisitor;
+    type Error = Infallible;
+
+    fn entry(&mut self, key: &'de KeyRef) -> Result<impl EntryVisitor<'de>, Self::Error> {
+        Ok(if key.as_str() == crate::LABEL {
+            // The last `stepup` member is the one that counts.
+            *self = ChallengeVisitor {
+                found: true,
+                ..ChallengeVisitor::default()
+            };
+            Some(self)
+        } else {
+            None
+        })
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(self)
+    }
+}
+
+impl<'de> EntryVisitor<'de> for &mut ChallengeVisitor {
+    type Error = Infallible;
+
+    fn item(self) -> Result<impl ItemVisitor<'de>, Self::Error> {
+        // A signature request is an inner list of component names.
+        self.bad_components = true;
+        Ok(Ignored)
+    }
+
+    fn inner_list(self) -> Result<impl InnerListVisitor<'de>, Self::Error> {
+        Ok(self)
+    }
+}
+
+impl<'de> InnerListVisitor<'de> for &mut ChallengeVisitor {
+    type Error = Infallible;
+
+    fn item(&mut self) -> Result<impl ItemVisitor<'de>, Self::Error> {
+        Ok(ChallengeComponent(self))
+    }
+
+    fn finish(self) -> Result<impl ParameterVisitor<'de>, Self::Error> {
+        Ok(ChallengeParams(self))
+    }
+}
+
+struct ChallengeComponent<'a>(&'a mut ChallengeVisitor);
+
+impl<'de> ItemVisitor<'de> for ChallengeComponent<'_> {
+    type Out = ();
+    type Error = Infallible;
+
+    fn bare_item(
+        self,
+        v: BareItemFromInput<'de>,
+    ) -> Result<impl ParameterVisitor<'de, Out = Self::Out>, Self::Error> {
+        match v {
+            BareItemFromInput::String(s) => self.0.components.push(s.as_str().to_owned()),
+            _ => self.0.bad_components = true,
+        }
+        Ok(self)
+    }
+}
+
+impl<'de> ParameterVisitor<'de> for ChallengeComponent<'_> {
+    type Out = ();
+    type Error = Infallible;
+
+    fn parameter(&mut self, _: &'de KeyRef, _: BareItemFromInput<'de>) -> Result<(), Self::Error> {
+        self.0.bad_components = true;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(())
+    }
+}
+
+struct ChallengeParams<'a>(&'a mut ChallengeVisitor);
+
+impl<'de> ParameterVisitor<'de> for ChallengeParams<'_> {
+    type Out = ();
+    type Error = Infallible;
+
+    fn parameter(
+        &mut self,
+        key: &'de KeyRef,
+        v: BareItemFromInput<'de>,
+    ) -> Result<(), Self::Error> {
+        let slot = match key.as_str() {
+            "nonce" => &mut self.0.nonce,
+            "alg" => &mut self.0.alg,
+            "keyid" => &mut self.0.keyid,
+            "tag" => &mut self.0.tag,
+            // Other parameters (`created`, future ones) are not read.
+            _ => return Ok(()),
+        };
+        *slot = match v {
+            BareItemFromInput::String(s) => Param::Value(s.as_str().to_owned()),
+            _ => Param::Bad,
+        };
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Self::Out, Self::Error> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use sfv::{BareItem, Dictionary, ListEntry, Parser};
+
+    use crate::sf::shortcut_tests::{mutate, Rng};
+
+    /// `Challenge::parse` as it was written over a parsed `Dictionary`.
+    fn challenge_by_dictionary(value: &str) -> Result<Option<Challenge>, ChallengeError> {
+        let dict: Dictionary = Parser::new(value)
+            .parse()
+            .map_err(|_| ChallengeError::Syntax)?;
+        let Some(entry) = dict.get(crate::LABEL) else {
+            return Ok(None);
+        };
+        let ListEntry::InnerList(member) = entry else {
+            return Err(ChallengeError::Components);
+        };
+        let mut components = Vec::new();
+        for item in &member.items {
+            let name = item
+                .bare_item
+                .as_string()
+                .ok_or(ChallengeError::Components)?;
+            if !item.params.is_empty() {
+                return Err(ChallengeError::Components);
+            }
+            components.push(name.as_str().to_owned());
+        }
+        let param = |k: &'static str| match member.params.get(k) {
+            Some(BareItem::String(s)) => Ok(s.as_str().to_owned()),
+            _ => Err(ChallengeError::MissingParam(k)),
+        };
+        Ok(Some(Challenge {
+            components,
+            nonce: param("nonce")?,
+            alg: param("alg")?,
+            keyid: param("keyid")?,
+            tag: param("tag")?,
+        }))
+    }
+
+    #[test]
+    fn challenges_read_as_from_a_dictionary() {
+        let ok = r#"stepup=("@method" "@path");created;nonce="n";alg="ed25519";keyid="k";tag="stepup-v1""#;
+        for input in [
+            ok,
+            "",
+            "stepup=(",
+            "other=(\"@method\")",
+            r#"stepup=("@method");nonce="n1";nonce="n2";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method");nonce=1;nonce="n2";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method");nonce="n";nonce=2;alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method");nonce="n";alg="a";keyid="k""#,
+            r#"stepup=("@method");alg="a";keyid="k";tag="t""#,
+            r#"stepup=("@method";x);nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup=(@method);nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup="x";nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup;nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("a"), stepup=("b");nonce="n";alg="a";keyid="k";tag="t""#,
+            r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t", stepup=(1)"#,
+            r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t", stepup=?1"#,
+            r#"x=1, stepup=("a" "b");nonce="n";alg="a";keyid="k";tag="t";other=:AA==:, y"#,
+            r#"stepup=();nonce="";alg="";keyid="";tag="""#,
+            r#"stepup=("\"q\\");nonce="n\"";alg="a";keyid="k";tag="t""#,
+        ] {
+            assert_eq!(
+                parse_challenge(input),
+                challenge_by_dictionary(input),
+                "{input}"
+            );
+        }
+    }
+
+    const CHALLENGES: &[&str] = &[
+        r#"stepup=("@method" "@authority" "@path" "@query" "content-type" "content-digest" "stepup-binding");created;nonce="AbC-_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH";alg="ed25519";keyid="k-_Z";tag="stepup-v1""#,
+        r#"stepup=("a");nonce="n";alg="a";keyid="k";tag="t""#,
+        r#"stepup=();x;nonce=1;alg="a""#,
+    ];
+
+    #[test]
+    fn challenges_read_alike() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut shortcut = 0;
+        for n in 0..60_000 {
+            let seed = CHALLENGES[n % CHALLENGES.len()];
+            let input = if n < CHALLENGES.len() {
+                seed.to_owned()
+            } else {
+                mutate(&mut rng, seed)
+            };
+            shortcut += usize::from(canonical_challenge(&input).is_some());
+            assert_eq!(
+                parse_challenge(&input),
+                challenge_by_dictionary(&input),
+                "{input}"
+            );
+        }
+        assert!(shortcut > 5_000, "{shortcut}");
+    }
 
     #[test]
     fn fixed_strings_match_what_they_stand_for() {
