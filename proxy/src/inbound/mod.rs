@@ -55,7 +55,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{AppProtocol, InboundConfig, PolicyConfig, StepUpMode};
 use crate::http::app_client::{self, AppError};
-use crate::http::body::{absolute_uri, path_of, text, ProxyBody, ResponseFuture};
+use crate::http::body::{absolute_uri, declared_length, path_of, text, ProxyBody, ResponseFuture};
 use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
@@ -151,7 +151,7 @@ impl Inbound {
             .stepup
             .audit_log
             .as_ref()
-            .map(Audit::open)
+            .map(|sink| Audit::open(sink, metrics))
             .transpose()?
             .map(Arc::new);
         let h1 = app_client::H1Pool::new(
@@ -228,6 +228,7 @@ impl Inbound {
             next,
             &self.all_metrics,
         )?;
+        self.stepup.policy_changed(cfg);
         self.policy.store(Arc::new(policy));
         *generation = next;
         self.all_metrics
@@ -271,9 +272,10 @@ impl Inbound {
                 let f = store::classify(&e);
                 self.metrics.handshake(f.reason);
                 tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
-                // A certificate naming an identity that failed (expired,
-                // no proof of possession...) raises that identity's risk.
-                if let Some(id) = f.peer_id.as_deref() {
+                // A certificate of ours whose holder failed (no proof of
+                // possession...) raises that identity's risk; one that did
+                // not chain to the bundle names whoever its maker wished.
+                if let Some(id) = f.verified_peer() {
                     self.risk
                         .record_failure(id, Failure::Handshake, Now::system());
                 }
@@ -467,7 +469,9 @@ impl Inbound {
                     Verdict::Pass => return self.unverified(req, conn, r).await,
                 }
             }
-            _ => Reason::Always,
+            (StepUpMode::Always, _) => Reason::Always,
+            // `admit` sends only step-up routes here.
+            (StepUpMode::Never, _) => return self.forward(req, false).await,
         };
         let (req, verified) = match self.stepup.verify(req, conn, r, &reason).await {
             Ok(v) => v,
@@ -481,9 +485,7 @@ impl Inbound {
                 "the app asked for a step-up proof of a request that was already verified\n",
             );
         }
-        if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
-            risk.served(&conn.peer.id, Now::system());
-        }
+        served(r, conn, &resp);
         // The next nonce saves a round trip where the next request will
         // need one: on `always` routes, and for an app that asked (it may
         // well ask again). A rule's challenge is an exception to pay for.
@@ -507,18 +509,12 @@ impl Inbound {
         // A `Stepup-Binding` without a signature is no proof, and the app
         // never sees step-up request fields.
         keyproof_stepup::strip_stepup_headers(&mut parts.headers);
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = declared_length(&parts.headers);
         let has_content_type = parts.headers.contains_key(header::CONTENT_TYPE);
         let (body, tally) = counted(body);
         let resp = self.forward_counted(Request::from_parts(parts, body)).await;
         if resp.extensions().get::<AppAsked>().is_none() {
-            if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
-                risk.served(&conn.peer.id, Now::system());
-            }
+            served(r, conn, &resp);
             return resp;
         }
         // The caller's sidecar resends the body it sent: it must have sent
@@ -549,8 +545,7 @@ impl Inbound {
             audit::DENIED,
             None,
         );
-        let (limit, within) = limited::REFUSAL_DRAIN;
-        limited::drain(&mut req.into_body(), limit, within).await;
+        drain_refused(req.into_body()).await;
         text(
             StatusCode::FORBIDDEN,
             format!(
@@ -739,9 +734,20 @@ fn from_app(resp: &Response<ProxyBody>) -> bool {
 
 /// Reads what is left of a small body before a refusal is answered
 /// ([`limited::drain`] says why).
-async fn drain_refused(mut body: Incoming) {
+async fn drain_refused<B>(mut body: B)
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
     let (limit, within) = limited::REFUSAL_DRAIN;
     limited::drain(&mut body, limit, within).await;
+}
+
+/// Marks the caller as served on a `risk` route (`new_peer`) once the app
+/// itself answered.
+fn served(r: &Route, conn: &InboundConn, resp: &Response<ProxyBody>) {
+    if let (Some(risk), true) = (&r.risk, from_app(resp)) {
+        risk.served(&conn.peer.id, Now::system());
+    }
 }
 
 /// Runs `f` on drop.
