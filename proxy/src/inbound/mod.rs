@@ -1503,7 +1503,8 @@ mod tests {
                 h
             }
 
-            fn audited(log: &std::path::Path) -> Vec<String> {
+            fn audited(inbound: &Inbound, log: &std::path::Path) -> Vec<String> {
+                inbound.stepup.flush_audit();
                 std::fs::read_to_string(log)
                     .unwrap_or_default()
                     .lines()
@@ -1572,7 +1573,7 @@ mod tests {
                 let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
                 assert_eq!(resp.status(), StatusCode::OK);
                 assert_eq!(seen.lock().expect("lock").len(), 1);
-                assert_eq!(audited(&log), ["evil denied"]);
+                assert_eq!(audited(&inbound, &log), ["evil denied"]);
             }
 
             #[tokio::test]
