@@ -796,7 +796,12 @@ impl PeerIdentity {
 /// X.509 allows (20 bytes), which no deny entry can name, keeps its plain
 /// hex.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let hex = hex::encode(raw);
+    // An empty serial (not valid DER) reads as zero, as an empty number.
+    let hex = if raw.is_empty() {
+        "0".to_owned()
+    } else {
+        hex::encode(raw)
+    };
     crate::config::normalize_serial(&hex).unwrap_or(hex)
 }
 
