@@ -988,8 +988,8 @@ pub fn load_policy_file(path: &Path) -> Result<PolicyConfig, ConfigError> {
 /// reloader, which parses the very bytes it compared with the last ones.
 /// `path` only names the file in errors.
 pub fn parse_policy(path: &Path, text: &str) -> Result<PolicyConfig, ConfigError> {
-    let raw: RawPolicy = toml::from_str(text)
-        .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+    let raw: RawPolicy =
+        toml::from_str(text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
     policy(&format!("{}: ", path.display()), raw)
 }
 

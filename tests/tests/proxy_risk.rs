@@ -232,31 +232,26 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A certificate for `path` that expired an hour ago: presenting it fails
-/// the handshake, which the inbound attributes to that identity.
+/// A certificate for `path` that expired an hour ago, from the trust
+/// domain's own CA: presenting it fails the handshake.
 fn expired(pki: &Pki, name: &str, path: &str) -> Cert {
     pki.craft(name, &[&id(path)], -7200, -3600)
 }
 
-/// Presents `cert` to the inbound `n` times (each handshake refused) and
-/// waits until all `n` are counted.
-fn failed_handshakes(mesh: &Mesh, cert: &Cert, n: usize) {
-    let sample = |m: &Mesh| {
-        m.inbound.sample(
-            "keyproof_tls_handshakes_total",
-            &[("direction", "inbound"), ("result", "expired")],
-        )
-    };
-    let before = sample(mesh);
+/// Presents `cert` to the inbound `n` times (each handshake refused for
+/// `result`) and waits until all `n` are counted.
+fn failed_handshakes(mesh: &Mesh, cert: &Cert, result: &str, n: usize) {
+    let labels = [("direction", "inbound"), ("result", result)];
+    let before = mesh
+        .inbound
+        .sample("keyproof_tls_handshakes_total", &labels);
     for _ in 0..n {
         let (code, _, _) = curl_mtls(mesh.in_addr, &mesh.pki, cert, "/x", &[]);
-        assert_eq!(code, 0, "an expired certificate was accepted");
+        assert_eq!(code, 0, "a {result} certificate was accepted");
     }
-    let after = mesh.inbound.wait_sample(
-        "keyproof_tls_handshakes_total",
-        &[("direction", "inbound"), ("result", "expired")],
-        before + n as f64,
-    );
+    let after =
+        mesh.inbound
+            .wait_sample("keyproof_tls_handshakes_total", &labels, before + n as f64);
     assert_eq!(after, before + n as f64, "{}", mesh.inbound.log_text());
 }
 
@@ -454,12 +449,36 @@ fn after_a_refused_replay_the_identity_is_challenged() {
     plain(&mesh.ok("ops", "/after/1", &[]));
     assert_eq!(mesh.challenges("/after", "after-refusal"), 2.0);
 
-    // A refused handshake of ops's identity (an expired certificate) counts
-    // as a refusal too.
+    assert_eq!(mesh.challenges("/after", "after-refusal"), 2.0);
+}
+
+#[test]
+fn a_certificate_that_does_not_chain_never_raises_the_risk_of_the_id_it_claims() {
+    let mesh = Mesh::start(&[("web", WEB), ("ops", OPS)], |_, _| {
+        [
+            rule("after-refusal", "after_failure = \"1m\""),
+            route("/admin", "\"always\"", &[]),
+            route("/after", "\"risk\"", &["after-refusal"]),
+        ]
+        .concat()
+    });
+    plain(&mesh.ok("ops", "/after/1", &[]));
+    // Anyone can make a CA of their own naming the trust domain and issue
+    // a certificate claiming ops's ID; refused at the handshake, it says
+    // nothing about ops.
+    let rogue = Pki::new(TD);
+    let claim = rogue.issue("ops-rogue", OPS);
+    failed_handshakes(&mesh, &claim, "unknown_ca", 3);
+    // Nor does an expired certificate: its dates are refused before its
+    // chain is checked, so it may be anyone's making too.
     let old = expired(&mesh.pki, "ops-expired", OPS);
-    failed_handshakes(&mesh, &old, 1);
-    verified(&mesh.ok("ops", "/after/2", &[]), "after-refusal");
-    assert_eq!(mesh.challenges("/after", "after-refusal"), 3.0);
+    failed_handshakes(&mesh, &old, "expired", 3);
+    plain(&mesh.ok("ops", "/after/2", &[]));
+    assert_eq!(mesh.challenges("/after", "after-refusal"), 0.0);
+    // The control: the rule is live, a refused replay of ops's makes it
+    // fire.
+    replays(&mesh, &mesh.caller("ops").cert, "/admin/rotate", 1);
+    verified(&mesh.ok("ops", "/after/3", &[]), "after-refusal");
 }
 
 #[test]
@@ -483,7 +502,7 @@ fn lockout_refuses_with_403_for_the_window_and_counts() {
     // Refused handshakes do not count towards a lockout: a certificate is
     // public, and anyone holding a copy could lock its owner out.
     let web_expired = expired(&mesh.pki, "web-expired", WEB);
-    failed_handshakes(&mesh, &web_expired, 4);
+    failed_handshakes(&mesh, &web_expired, "expired", 4);
     plain(&mesh.ok("web", "/vault/2", &[]));
 
     // Three refused replays: more than 2 within 5 s.

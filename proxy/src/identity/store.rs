@@ -2130,7 +2130,12 @@ mod tests {
                 "unsupported_key",
                 true,
             ),
-            ("another trust domain", other_td.issue(WEB), "bad_identity", true),
+            (
+                "another trust domain",
+                other_td.issue(WEB),
+                "bad_identity",
+                true,
+            ),
             ("unknown root", Pki::new(TD).issue(WEB), "unknown_ca", false),
             (
                 "certificate without its key",

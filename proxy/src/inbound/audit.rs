@@ -332,7 +332,9 @@ mod tests {
     fn records_written_at_once_never_interleave() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
-        let audit = std::sync::Arc::new(Audit::open(&AuditSink::File(path.clone()), &metrics()).expect("open"));
+        let audit = std::sync::Arc::new(
+            Audit::open(&AuditSink::File(path.clone()), &metrics()).expect("open"),
+        );
         let long = "x".repeat(3000);
         let threads: Vec<_> = (0..4)
             .map(|_| {

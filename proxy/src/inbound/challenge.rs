@@ -526,13 +526,9 @@ impl InboundStepUp {
                     .record_failure(conn.peer.id.as_str(), Failure::StepUp, Now::system());
             }
         }
-        let issued = self.verifier.challenge(
-            peer,
-            route_id,
-            has_content_type,
-            Some(outcome),
-            unix_now(),
-        );
+        let issued =
+            self.verifier
+                .challenge(peer, route_id, has_content_type, Some(outcome), unix_now());
         let resp = match issued {
             Ok(ch) => {
                 self.metrics.challenge(route_id, reason.as_str());
