@@ -800,6 +800,26 @@ mod tests {
         resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap()
     }
 
+    #[test]
+    fn only_refusals_a_well_behaved_caller_never_causes_are_held_against_it() {
+        let held = |outcome: Outcome, expired_meanwhile: bool| {
+            held_against_caller(&Refused {
+                outcome,
+                nonce_age_ms: None,
+                expired_meanwhile,
+            })
+        };
+        let benign: Vec<&str> = Outcome::ALL
+            .into_iter()
+            .filter(|o| !held(*o, false))
+            .map(Outcome::as_str)
+            .collect();
+        assert_eq!(benign, ["ok", "missing", "bad_nonce", "expired"]);
+        assert!(held(Outcome::Replay, false));
+        // A nonce purged while its body was read is an expiry.
+        assert!(!held(Outcome::Replay, true));
+    }
+
     #[tokio::test]
     async fn a_request_without_proof_gets_a_challenge() {
         let s = setup(1024);

@@ -1607,6 +1607,40 @@ mod tests {
             }
 
             #[tokio::test]
+            async fn a_proof_a_well_behaved_callers_sidecar_can_make_is_refused_but_no_failure() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, _seen) = app(never_asks).await;
+                let admin = "[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\nstep_up = true\n";
+                let cfg = risk_config(&["after-refusal"], AFTER, admin);
+                let (inbound, metrics) = inbound_with(&api, addr, &cfg, false, None);
+                // The nonce a caller's sidecar kept from this inbound's
+                // previous run (another nonce key): refused as bad_nonce.
+                let (earlier, _m) = inbound_with(&api, addr, &cfg, false, None);
+                let c = conn(&web, &api);
+                let resp = send(&earlier, &c, &post("/admin", &plain_fields(), b"{}")).await;
+                let kept = challenge_of(&resp);
+                let fields = signed_fields(&web, &kept, "/admin", b"{}");
+                let resp = send(&inbound, &c, &post("/admin", &fields, b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_stepup_verifications_total{result=\"bad_nonce\"}"
+                    ),
+                    1.0
+                );
+                // Not held against web: `after-refusal` stays quiet.
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                // The control: a malformed proof is.
+                let resp = send(&inbound, &c, &post("/admin", &malformed(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "after-refusal"), 1.0);
+            }
+
+            #[tokio::test]
             async fn a_policy_403_is_a_failure_of_the_caller() {
                 let (api, web) = (workload(API), workload(WEB));
                 let (addr, _seen) = app(never_asks).await;
