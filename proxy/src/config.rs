@@ -988,6 +988,14 @@ pub fn load_policy_file(path: &Path) -> Result<PolicyConfig, ConfigError> {
 /// reloader, which parses the very bytes it compared with the last ones.
 /// `path` only names the file in errors.
 pub fn parse_policy(path: &Path, text: &str) -> Result<PolicyConfig, ConfigError> {
+    // An empty file is what a truncate-then-write editor leaves between its
+    // two steps; taken as a policy it would lift every route and deny entry.
+    if text.trim().is_empty() {
+        return Err(ConfigError::Parse(format!(
+            "{}: the policy file is empty (an empty policy is written `routes = []`)",
+            path.display()
+        )));
+    }
     let raw: RawPolicy =
         toml::from_str(text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
     policy(&format!("{}: ", path.display()), raw)

@@ -189,6 +189,15 @@ pub async fn watch_policy(
         if seen.as_deref() == Some(now.as_slice()) {
             continue;
         }
+        // A file written in place (not renamed into place) may be seen half
+        // written, and a valid prefix of a policy is a valid policy with
+        // fewer deny entries: take only content that stays the same.
+        let Some(now) = settled(&path, now).await else {
+            continue;
+        };
+        if seen.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
         let result = match std::str::from_utf8(&now) {
             Ok(text) => reload_policy(&inbound, &path, text, &ours),
             Err(e) => Err(PolicyReloadError::Config(ConfigError::Parse(format!(
@@ -215,6 +224,28 @@ pub async fn watch_policy(
             }
         }
     }
+}
+
+/// How long a changed policy file must stay the same before it is read as
+/// a policy, and how many times it is looked at before the change is left
+/// to the next event or tick.
+const POLICY_SETTLE: Duration = Duration::from_millis(250);
+const POLICY_SETTLE_TRIES: usize = 20;
+
+/// `first` once a re-read after [`POLICY_SETTLE`] gives the same bytes;
+/// `None` if the file keeps changing (or cannot be read).
+async fn settled(path: &Path, first: Vec<u8>) -> Option<Vec<u8>> {
+    let mut last = first;
+    for _ in 0..POLICY_SETTLE_TRIES {
+        tokio::time::sleep(POLICY_SETTLE).await;
+        let again = tokio::fs::read(path).await.ok()?;
+        if again == last {
+            return Some(last);
+        }
+        last = again;
+    }
+    tracing::warn!(policy_file = %path.display(), "inbound policy file still changing after {:?}; looked at again at the next change", POLICY_SETTLE * POLICY_SETTLE_TRIES as u32);
+    None
 }
 
 /// The policy file as read when the proxy starts (before any wait for a
@@ -682,6 +713,46 @@ mod tests {
         std::fs::write(&file, WEB_ONLY).expect("write");
         until(&m, "keyproof_policy_reloads_total{result=\"ok\"}", 2.0).await;
         assert_eq!(metric(&m, "keyproof_policy_generation"), 2.0);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_policy_file_written_in_two_steps_is_taken_only_once_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        let deny = "[[deny]]\nspiffe_id = \"spiffe://unit.keyproof.test/ns/demo/sa/web\"\n";
+        std::fs::write(&file, format!("{OPS_ONLY}{deny}")).expect("write");
+        let api = workload("/ns/demo/sa/api");
+        let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
+        let mut cfg = cfg.inbound.expect("[inbound]");
+        cfg.policy = config::load_policy_file(&file).expect("policy file");
+        cfg.policy_file = Some(file.clone());
+        let m = metrics::Metrics::new().expect("metrics");
+        let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
+        let task = tokio::spawn(watch_policy(
+            ib.clone(),
+            file.clone(),
+            std::fs::read(&file).ok(),
+            TD.to_owned(),
+            m.clone(),
+            Duration::from_millis(20),
+        ));
+        // Truncated, then a valid prefix, then whole again, each step shorter
+        // than the settling time: no partial content is ever taken.
+        for step in ["", OPS_ONLY] {
+            std::fs::write(&file, step).expect("write");
+            tokio::time::sleep(POLICY_SETTLE / 3).await;
+        }
+        std::fs::write(&file, format!("{OPS_ONLY}{deny}")).expect("write");
+        tokio::time::sleep(POLICY_SETTLE * 4).await;
+        assert_eq!(
+            metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
+            0.0
+        );
+        // An empty file that stays empty is refused, not taken as "no policy".
+        std::fs::write(&file, "").expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"failed\"}", 1.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 0.0);
         task.abort();
     }
 

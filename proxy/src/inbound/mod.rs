@@ -342,9 +342,19 @@ impl Inbound {
         conn: Arc<InboundConn>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let start = Instant::now();
-        map_in_place(self.admit(req, conn), move |resp| {
+        let head = req.method() == http::Method::HEAD;
+        map_in_place(self.admit(req, conn), move |mut resp| {
             self.metrics
                 .request(resp.status(), start.elapsed().as_secs_f64());
+            if head {
+                // The sidecar's own answers (challenges, refusals) are whole
+                // bodies; on HEAD they must go without one (HTTP/2 calls a
+                // DATA frame on a HEAD stream a protocol error). The app's
+                // own response to HEAD has none already.
+                if let ProxyBody::Full(b) = resp.body_mut() {
+                    *b = None;
+                }
+            }
             resp
         })
     }
@@ -520,8 +530,13 @@ impl Inbound {
         // The caller's sidecar resends the body it sent: it must have sent
         // all of it first, and the verifier must be able to read it.
         let max = self.stepup.max_body() as u64;
+        // A declared length over the bound needs no wait for the rest of the
+        // body (hyper closes an HTTP/1 connection whose body is left unread).
+        if declared.is_some_and(|n| n > max) {
+            return self.stepup.app_asked_too_large(conn, r);
+        }
         let total = tally.total(max, STEPUP_DRAIN).await;
-        if declared.is_some_and(|n| n > max) || total > max {
+        if total > max {
             return self.stepup.app_asked_too_large(conn, r);
         }
         self.stepup.app_asked(conn, r, has_content_type)
@@ -835,6 +850,23 @@ mod tests {
             crate::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
             7.0
         );
+    }
+
+    #[tokio::test]
+    async fn the_sidecars_own_answer_to_head_has_no_body() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (inbound, _m) = inbound(&api, "127.0.0.1:9", ADMIN_FOR_OPS);
+        for (method, want) in [("HEAD", ""), ("GET", "route /admin does not allow")] {
+            let raw = format!("{method} /admin HTTP/1.1\r\nhost: api\r\n\r\n");
+            let (req, _client) = hyper_request(raw.as_bytes()).await;
+            let resp = inbound.clone().request(req, conn(&web, &api)).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{method}");
+            let body = body_text(resp).await;
+            assert!(
+                body.contains(want) && (want.is_empty() == body.is_empty()),
+                "{method}: {body:?}"
+            );
+        }
     }
 
     #[tokio::test]
