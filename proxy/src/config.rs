@@ -579,7 +579,15 @@ impl PolicyConfig {
 impl RiskRuleConfig {
     /// The condition in words (`more than 30 requests per 1m`).
     pub fn describe(&self) -> String {
-        self.condition.describe()
+        match self.condition {
+            // A deny never follows from a handshake: anyone holding a copy
+            // of a (public) certificate could lock its owner out.
+            RiskCondition::AfterFailure(w) if self.action == RiskAction::Deny => format!(
+                "a refused step-up or 403 of the caller within {} (bad handshakes do not count for a deny)",
+                format_duration(w)
+            ),
+            _ => self.condition.describe(),
+        }
     }
 }
 

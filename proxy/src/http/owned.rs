@@ -186,7 +186,7 @@ impl Findings {
 
 /// Whether `name` equals `canonical` (lowercase, with `-`), ignoring ASCII
 /// case and reading `_` as `-`.
-fn same_name(name: &[u8], canonical: &str) -> bool {
+pub(crate) fn same_name(name: &[u8], canonical: &str) -> bool {
     let c = canonical.as_bytes();
     name.len() == c.len()
         && name
