@@ -1054,7 +1054,10 @@ mod asking_tests {
         }
         // Two fields (two spellings, or the same name twice).
         for two in [
-            &[("x-keyproof-step-up", &b"verified"[..]), ("x-keyproof-step-up", b"ok")][..],
+            &[
+                ("x-keyproof-step-up", &b"verified"[..]),
+                ("x-keyproof-step-up", b"ok"),
+            ][..],
             &[("x_keyproof_step_up", b"x"), ("x-keyproof-step-up", b"")],
         ] {
             let mut h = response(two);

@@ -679,8 +679,7 @@ fn trim_ows(s: &[u8]) -> &[u8] {
 fn value_is(v: &[u8], want: &str) -> bool {
     let want = want.as_bytes();
     trim_ows(v).eq_ignore_ascii_case(want)
-        || v
-            .split(|b| *b == b',')
+        || v.split(|b| *b == b',')
             .any(|el| trim_ows(el).eq_ignore_ascii_case(want))
 }
 
@@ -784,9 +783,9 @@ fn header_fires(headers: &HeaderMap, rule: &HeaderRule) -> bool {
         // A value that is not one number counts as above: whoever sends
         // "10,000", "1e9" or "5, 50000" must not slip under the threshold,
         // however the app reads it.
-        HeaderMatch::Above(limit) => values.any(|v| {
-            Num::parse(v.as_bytes()).is_none_or(|n| n.above(limit.num()))
-        }),
+        HeaderMatch::Above(limit) => {
+            values.any(|v| Num::parse(v.as_bytes()).is_none_or(|n| n.above(limit.num())))
+        }
         HeaderMatch::Equals(want) => values.any(|v| value_is(v.as_bytes(), want)),
         HeaderMatch::OneOf(list) => {
             values.any(|v| list.iter().any(|want| value_is(v.as_bytes(), want)))
@@ -1616,10 +1615,7 @@ mod tests {
     #[test]
     fn handshake_failures_never_drive_a_deny() {
         // after_failure with action deny: only refusals of a key holder.
-        let (f, r) = with_rule(
-            RiskCondition::AfterFailure(secs(15 * 60)),
-            RiskAction::Deny,
-        );
+        let (f, r) = with_rule(RiskCondition::AfterFailure(secs(15 * 60)), RiskAction::Deny);
         let p = peer(1);
         for i in 0..20 {
             f.table
@@ -1638,7 +1634,8 @@ mod tests {
             RiskCondition::AfterFailure(secs(15 * 60)),
             RiskAction::Challenge,
         );
-        f.table.record_failure(p.as_str(), Failure::Handshake, at(0));
+        f.table
+            .record_failure(p.as_str(), Failure::Handshake, at(0));
         assert_eq!(r.evaluate(&p, &none(), at(MIN)), ch("extra"));
         // failures_above with action deny: any number of handshakes.
         let f = fx(100);
