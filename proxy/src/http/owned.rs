@@ -238,6 +238,19 @@ pub fn filter_trailers(t: &mut HeaderMap) {
     }
 }
 
+/// Removes from a trailer section every field named, in any spelling, by
+/// one of `names` (lowercase, `-` for `_`): on a route whose risk rules read
+/// request fields, such a field arriving after the content was never
+/// evaluated, and the app must not read it as if it had been.
+/// Allocation-free when there is nothing to remove.
+pub fn remove_named(t: &mut HeaderMap, names: &[Box<str>]) {
+    let named = |k: &HeaderName| names.iter().any(|n| same_name(k.as_str().as_bytes(), n));
+    while let Some(name) = t.keys().find(|k| named(k)) {
+        let name = name.clone();
+        t.remove(&name);
+    }
+}
+
 /// A trailer section under `headers_with_underscores`: names with `_` are
 /// removed (`drop`) or fail the body (`reject`: the request, already on
 /// its way, breaks off and the caller gets an error).

@@ -514,6 +514,12 @@ impl Inbound {
             .and_then(|v| v.parse::<u64>().ok());
         let has_content_type = parts.headers.contains_key(header::CONTENT_TYPE);
         let (body, tally) = counted(body);
+        // Trailer fields the rules would have read in the header section
+        // were never evaluated: they do not reach the app.
+        let body = match r.risk.as_ref().and_then(|k| k.header_fields()) {
+            Some(names) => body.without(names.clone()),
+            None => body,
+        };
         let resp = self.forward_counted(Request::from_parts(parts, body)).await;
         if resp.extensions().get::<AppAsked>().is_none() {
             if let (Some(risk), true) = (&r.risk, from_app(&resp)) {

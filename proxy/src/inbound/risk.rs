@@ -569,6 +569,9 @@ pub struct RouteRisk {
     stateful: bool,
     /// Whether `new_peer` is listed (else `served` records nothing).
     needs_served: bool,
+    /// The fields header rules read (lowercase, `-` for `_`); `None`
+    /// when no rule reads one.
+    header_fields: Option<Arc<[Box<str>]>>,
 }
 
 impl std::fmt::Debug for RouteRisk {
@@ -860,6 +863,13 @@ impl RouteRisk {
             .iter()
             .any(|r| !matches!(r.test, Test::Header(_) | Test::Hours { .. }));
         let needs_served = compiled.iter().any(|r| matches!(r.test, Test::NewPeer(_)));
+        let header_fields: Arc<[Box<str>]> = compiled
+            .iter()
+            .filter_map(|r| match &r.test {
+                Test::Header(h) => Some(h.name.clone()),
+                _ => None,
+            })
+            .collect();
         Ok(RouteRisk {
             table: table.clone(),
             generation,
@@ -868,6 +878,7 @@ impl RouteRisk {
             rates,
             stateful,
             needs_served,
+            header_fields: (!header_fields.is_empty()).then_some(header_fields),
         })
     }
 
@@ -1011,15 +1022,18 @@ impl RouteRisk {
     /// (in any spelling it matches): such a field may not arrive later,
     /// in a trailer section, unevaluated.
     pub fn reads_header(&self, name: &[u8]) -> bool {
-        self.rules.iter().any(|r| match &r.test {
-            Test::Header(h) => h.reads(name),
-            _ => false,
+        self.header_fields.as_deref().is_some_and(|fields| {
+            fields
+                .iter()
+                .any(|f| crate::http::owned::same_name(name, f))
         })
     }
 
-    /// Whether any rule of this route reads a request field.
-    pub fn reads_headers(&self) -> bool {
-        self.rules.iter().any(|r| matches!(r.test, Test::Header(_)))
+    /// The fields this route's header rules read (lowercase, `-` for
+    /// `_`; see [`crate::http::owned::remove_named`]), `None` when no rule
+    /// reads one.
+    pub fn header_fields(&self) -> Option<&Arc<[Box<str>]>> {
+        self.header_fields.as_ref()
     }
 
     /// A description of each rule for `check-config`.
