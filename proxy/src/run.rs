@@ -650,9 +650,9 @@ mod tests {
         );
         assert!(text.contains("other.test"), "{text}");
         // Inline: the key is under `inbound.`, and startup refuses it.
-        let cfg = Config::parse(&format!(
+        let cfg = Config::parse(
             "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.files]\ncert = \"c\"\nkey = \"k\"\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:1\"\n[[inbound.deny]]\nspiffe_id = \"spiffe://other.test/ns/x/sa/y\"\n"
-        ))
+        )
         .expect("config");
         let e = check_trust_domain_name(&cfg, TD).unwrap_err().to_string();
         assert!(e.contains("inbound.deny[0].spiffe_id"), "{e}");
