@@ -1044,13 +1044,13 @@ mod asking_tests {
             b"required",
             b"required, required",
             b"\"required\"",
-            b"required\x0b",
+            b"required\xff",
             b"REQUIRED",
             b"",
             b"verified",
             b"required-not",
             b"no",
-            b"\t",
+            b"required\t",
         ];
         for name in [
             "x-keyproof-step-up",
