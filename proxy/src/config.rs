@@ -579,7 +579,15 @@ impl PolicyConfig {
 impl RiskRuleConfig {
     /// The condition in words (`more than 30 requests per 1m`).
     pub fn describe(&self) -> String {
-        self.condition.describe()
+        match self.condition {
+            // A deny never follows from a handshake: anyone holding a copy
+            // of a (public) certificate could lock its owner out.
+            RiskCondition::AfterFailure(w) if self.action == RiskAction::Deny => format!(
+                "a refused step-up or 403 of the caller within {} (bad handshakes do not count for a deny)",
+                format_duration(w)
+            ),
+            _ => self.condition.describe(),
+        }
     }
 }
 
@@ -928,13 +936,23 @@ const MAX_RATE: u32 = 1_000_000;
 /// times are kept per identity, so N bounds that memory.
 pub const MAX_FAILURES_ABOVE: u32 = 100;
 
-/// `[inbound.stepup] audit_log`: `true` (stdout), `false` (off) or a path.
+const AUDIT_LOG_KEY: &str = "inbound.stepup.audit_log";
+
+/// `[inbound.stepup] audit_log`: `true`, `"-"` or `"stdout"` (standard
+/// output), `false` (off) or an absolute path.
 fn audit_log(v: Option<&toml::Value>) -> Result<Option<AuditSink>, ConfigError> {
-    const KEY: &str = "inbound.stepup.audit_log";
+    const KEY: &str = AUDIT_LOG_KEY;
     match v {
         None | Some(toml::Value::Boolean(false)) => Ok(None),
         Some(toml::Value::Boolean(true)) => Ok(Some(AuditSink::Stdout)),
+        Some(toml::Value::String(p)) if p == "-" || p == "stdout" => Ok(Some(AuditSink::Stdout)),
         Some(toml::Value::String(p)) if p.is_empty() => Err(invalid(KEY, "must name a file")),
+        // A relative path would depend on the directory the sidecar happens
+        // to be started in: the trail would go missing, not fail.
+        Some(toml::Value::String(p)) if !Path::new(p).is_absolute() => Err(invalid(
+            KEY,
+            format!("{p:?} must be an absolute path (or \"-\" for standard output)"),
+        )),
         Some(toml::Value::String(p)) => Ok(Some(AuditSink::File(PathBuf::from(p)))),
         Some(other) => Err(invalid(
             KEY,
@@ -942,6 +960,29 @@ fn audit_log(v: Option<&toml::Value>) -> Result<Option<AuditSink>, ConfigError> 
                 "expected true (standard output), false or a file path, not {}",
                 other.type_str()
             ),
+        )),
+    }
+}
+
+/// Whether an audit log file can be appended to where it is configured,
+/// without creating it: not a directory, in a directory that exists (so
+/// `check-config` catches what would otherwise fail only at startup).
+pub fn check_audit_path(p: &Path) -> Result<(), ConfigError> {
+    if p.is_dir() {
+        return Err(invalid(
+            AUDIT_LOG_KEY,
+            format!("{} is a directory, not a file", p.display()),
+        ));
+    }
+    match p.parent() {
+        Some(dir) if dir.is_dir() => Ok(()),
+        Some(dir) => Err(invalid(
+            AUDIT_LOG_KEY,
+            format!("directory {} does not exist", dir.display()),
+        )),
+        None => Err(invalid(
+            AUDIT_LOG_KEY,
+            format!("{} names no file", p.display()),
         )),
     }
 }
@@ -1282,6 +1323,12 @@ fn header_condition(
             format!("invalid header field name {field:?}"),
         )
     })?;
+    if let Some(why) = sidecar_field(name.as_str().as_bytes()) {
+        return Err(invalid(
+            format!("{key}.header"),
+            format!("{field:?} {why}: the rule would never see what the caller sent"),
+        ));
+    }
     match given {
         [] => {
             return Err(invalid(
@@ -1299,7 +1346,15 @@ fn header_condition(
     }
     let test = if let Some(v) = above {
         let n = match v {
-            toml::Value::Integer(i) => *i as f64,
+            // Beyond 2^53 an integer rounds, possibly up: a value between
+            // the two would slip under the threshold.
+            toml::Value::Integer(i) if i.unsigned_abs() <= 1 << 53 => *i as f64,
+            toml::Value::Integer(_) => {
+                return Err(invalid(
+                    format!("{key}.above"),
+                    "must be between -2^53 and 2^53",
+                ))
+            }
             toml::Value::Float(f) if f.is_finite() => *f,
             other => {
                 return Err(invalid(
@@ -1326,6 +1381,24 @@ fn header_condition(
         HeaderTest::Present
     };
     Ok(RiskCondition::Header { name, test })
+}
+
+/// Why a request field (in any spelling the listeners treat as one name)
+/// is no request attribute a rule can test: the sidecar removes it before
+/// anything else reads it, or sets it itself. `None` for the others.
+fn sidecar_field(name: &[u8]) -> Option<&'static str> {
+    use crate::http::owned::{is_owned, same_name, HOP_BY_HOP};
+    if is_owned(name) || same_name(name, "accept-signature") {
+        Some("is a field only the sidecar sets or consumes")
+    } else if HOP_BY_HOP
+        .iter()
+        .chain(&["trailer"])
+        .any(|h| same_name(name, h))
+    {
+        Some("is a hop-by-hop field the sidecar removes")
+    } else {
+        None
+    }
 }
 
 /// `"N/window"` with `min <= N <= max` and a window above zero.
@@ -1850,7 +1923,15 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text)
+        let cfg = Self::parse(&text)?;
+        if let Some(AuditSink::File(p)) = cfg
+            .inbound
+            .as_ref()
+            .and_then(|i| i.stepup.audit_log.as_ref())
+        {
+            check_audit_path(p)?;
+        }
+        Ok(cfg)
     }
 
     /// Validates configuration text. `[inbound] policy_file` is read and
@@ -3560,6 +3641,127 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_audit_log_is_standard_output_or_an_absolute_path() {
+        let stepup = |line: &str| {
+            Config::parse(&inb(&format!("[inbound.stepup]\n{line}\n")))
+                .map(|c| c.inbound.expect("inbound").stepup.audit_log)
+        };
+        for line in ["audit_log = \"-\"", "audit_log = \"stdout\""] {
+            assert_eq!(stepup(line).expect(line), Some(AuditSink::Stdout), "{line}");
+        }
+        for line in [
+            "audit_log = \"audit.jsonl\"",
+            "audit_log = \"./audit.jsonl\"",
+            "audit_log = \"logs/a\"",
+            "audit_log = \"Stdout\"",
+        ] {
+            match stepup(line) {
+                Err(ConfigError::Invalid { key, msg }) => {
+                    assert_eq!(key, "inbound.stepup.audit_log", "{line}");
+                    assert!(msg.contains("absolute path"), "{line}: {msg}");
+                }
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn loading_catches_an_audit_log_that_cannot_be_a_file_without_creating_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let load = |audit: &Path| {
+            let cfg = dir.path().join("keyproof.toml");
+            let text = inb(&format!(
+                "[inbound.stepup]\naudit_log = {:?}\n",
+                audit.display().to_string()
+            ));
+            std::fs::write(&cfg, text).expect("write");
+            Config::load(&cfg)
+        };
+        let missing = dir.path().join("no-such-dir").join("audit.jsonl");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).expect("mkdir");
+        for (bad, says) in [
+            (missing.clone(), "does not exist"),
+            (sub.clone(), "is a directory"),
+            (dir.path().join("keyproof.toml").join("a"), "does not exist"),
+        ] {
+            match load(&bad) {
+                Err(ConfigError::Invalid { key, msg }) => {
+                    assert_eq!(key, "inbound.stepup.audit_log", "{}", bad.display());
+                    assert!(msg.contains(says), "{}: {msg}", bad.display());
+                }
+                other => panic!("{}: {other:?}", bad.display()),
+            }
+        }
+        assert!(!missing.parent().expect("parent").exists());
+        let fresh = sub.join("audit.jsonl");
+        load(&fresh).expect("a new file in an existing directory");
+        assert!(!fresh.exists(), "checking creates nothing");
+        std::fs::write(&fresh, "").expect("write");
+        load(&fresh).expect("an existing file");
+    }
+
+    #[test]
+    fn header_rules_may_not_test_fields_the_sidecar_removes_or_sets() {
+        for field in [
+            "connection",
+            "Keep-Alive",
+            "proxy-connection",
+            "te",
+            "transfer-encoding",
+            "transfer_encoding",
+            "upgrade",
+            "trailer",
+            "proxy-authorization",
+            "x-forwarded-client-cert",
+            "X_Forwarded_Client_Cert",
+            "x-keyproof-step-up",
+            "x-keyproof-anything",
+            "signature",
+            "signature-input",
+            "stepup-binding",
+            "accept-signature",
+            "Accept_Signature",
+        ] {
+            let text = inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"r\"\nheader = {field:?}\npresent = true\n"
+            ));
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, "inbound.risk_rules[0].header", "{field}");
+            assert!(msg.contains("the rule would never see"), "{field}: {msg}");
+        }
+        for field in [
+            "host",
+            "x-amount",
+            "x_amount",
+            "content-length",
+            "signatures",
+        ] {
+            let text = inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"r\"\nheader = {field:?}\npresent = true\n"
+            ));
+            Config::parse(&text).unwrap_or_else(|e| panic!("{field}: {e}"));
+        }
+    }
+
+    #[test]
+    fn an_integer_threshold_must_be_exact_as_a_number() {
+        let rule = |n: &str| {
+            inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"r\"\nheader = \"x\"\nabove = {n}\n"
+            ))
+        };
+        for ok in ["9007199254740992", "-9007199254740992", "0", "-5"] {
+            Config::parse(&rule(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["9007199254740993", "-9223372036854775808"] {
+            let (key, msg) = invalid_key(&rule(bad));
+            assert_eq!(key, "inbound.risk_rules[0].above", "{bad}");
+            assert!(msg.contains("2^53"), "{bad}: {msg}");
+        }
+    }
+
     const POLICY: &str = "[[risk_rules]]\nname = \"burst\"\nrate_above = \"3/1s\"\n[[routes]]\npath_prefix = \"/pay\"\nallow = [\"spiffe://td/ns/shop/*\"]\nstep_up = \"risk\"\nrisk = [\"burst\"]\n[[deny]]\nserial = \"0F\"\n";
 
     fn write_policy(dir: &Path, text: &str) -> PathBuf {
@@ -3589,8 +3791,12 @@ mod tests {
         assert_eq!(i.policy.routes[0].path_prefix, "/pay");
         assert_eq!(i.policy.deny.len(), 1);
 
-        // An empty file is an empty policy (the default decides).
-        std::fs::write(&path, "").expect("write");
+        // An empty file is what a half-done write leaves: refused. An empty
+        // policy (the default decides) is written as one.
+        std::fs::write(&path, " \n").expect("write");
+        let e = load_policy_file(&path).expect_err("empty file").to_string();
+        assert!(e.contains("the policy file is empty"), "{e}");
+        std::fs::write(&path, "routes = []\n").expect("write");
         let p = load_policy_file(&path).expect("empty policy");
         assert!(p.routes.is_empty() && p.risk_rules.is_empty() && p.deny.is_empty());
     }

@@ -108,8 +108,8 @@ fn policy_key_prefix(i: &config::InboundConfig) -> String {
     }
 }
 
-/// [`check_trust_domains`] for a policy: every route's `allow` pattern must
-/// be in trust domain `ours`. Keys in errors start with `prefix`.
+/// [`check_trust_domains`] for a policy: every route's `allow` pattern and
+/// every deny list SPIFFE ID pattern must be in trust domain `ours`. Keys in errors start with `prefix`.
 fn check_policy_trust_domain(
     policy: &PolicyConfig,
     prefix: &str,
@@ -124,6 +124,20 @@ fn check_policy_trust_domain(
                     msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted"),
                 });
             }
+        }
+    }
+    // A deny entry that can never match looks like a lockout in force
+    // while it protects nothing.
+    for (d, entry) in policy.deny.iter().enumerate() {
+        let config::DenyEntry::Id(p) = entry else {
+            continue;
+        };
+        let td = pattern_trust_domain(p);
+        if td != ours {
+            return Err(StartError::ForeignPattern {
+                key: format!("{prefix}deny[{d}].spiffe_id"),
+                msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted, so this entry denies no one"),
+            });
         }
     }
     Ok(())
@@ -825,5 +839,43 @@ mod tests {
                 .join(":"),
             format!("{}: routes[1].allow[1]", file.display())
         );
+    }
+
+    #[test]
+    fn a_deny_entry_of_another_trust_domain_is_refused_naming_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(
+            &file,
+            format!("{WEB_ONLY}[[deny]]\nserial = \"0A\"\n[[deny]]\nspiffe_id = \"spiffe://{TD}/ns/x/sa/stolen\"\n[[deny]]\nspiffe_id = \"spiffe://other.test/ns/x/*\"\n"),
+        )
+        .expect("write");
+        let policy = config::load_policy_file(&file).expect("parses");
+        let prefix = format!("{}: ", file.display());
+        let e = check_policy_trust_domain(&policy, &prefix, TD).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("{}: deny[2].spiffe_id", file.display())),
+            "{text}"
+        );
+        assert!(text.contains("other.test"), "{text}");
+        // Inline: the key is under `inbound.`, and startup refuses it.
+        let cfg = Config::parse(
+            "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.files]\ncert = \"c\"\nkey = \"k\"\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:1\"\n[[inbound.deny]]\nspiffe_id = \"spiffe://other.test/ns/x/sa/y\"\n"
+        )
+        .expect("config");
+        let e = check_trust_domain_name(&cfg, TD).unwrap_err().to_string();
+        assert!(e.contains("inbound.deny[0].spiffe_id"), "{e}");
+        // Our own trust domain's entries pass.
+        let ours = config::load_policy_file(&{
+            std::fs::write(
+                &file,
+                format!("{WEB_ONLY}[[deny]]\nspiffe_id = \"spiffe://{TD}/ns/x/*\"\n"),
+            )
+            .expect("write");
+            file.clone()
+        })
+        .expect("parses");
+        check_policy_trust_domain(&ours, &prefix, TD).expect("own trust domain");
     }
 }

@@ -693,10 +693,13 @@ fn app_asking_for_proof_gets_the_request_again_verified() {
         assert!(!text.contains(ASKED), "{text}");
     }
 
-    // The app's own x-keyproof-step-up never reaches a caller.
-    for path in ["/plain/leak", "/orders/leak"] {
+    // The app's own x-keyproof-step-up never reaches a caller. Whatever
+    // its value, it is the app asking (fail closed): 502 where nothing can
+    // be asked for, or where the request came verified already; a caller
+    // without a sidecar is challenged.
+    for (path, direct) in [("/plain/leak", 502), ("/orders/leak", 401)] {
         let (code, text) = mesh.call("web", path, &["-D", "-"]);
-        assert_eq!(code, 200, "{text}");
+        assert_eq!(code, 502, "{text}");
         let head = text
             .split("\r\n\r\n")
             .next()
@@ -710,7 +713,7 @@ fn app_asking_for_proof_gets_the_request_again_verified() {
             path,
             &["-D", "-"],
         );
-        assert_eq!(code, 200, "{text}");
+        assert_eq!(code, direct, "{text}");
         let head = text
             .split("\r\n\r\n")
             .next()
@@ -1459,5 +1462,104 @@ fn a_lockout_survives_a_policy_reload() {
         ),
         2.0,
         "both denials, counted across the reload"
+    );
+}
+
+/// Sends `raw` (a whole HTTP/1.1 request, `Connection: close`) to `addr`
+/// and returns the status of the response.
+fn raw_call(addr: SocketAddr, raw: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+#[test]
+fn trailer_fields_read_by_header_rules_never_reach_the_app_unevaluated() {
+    let mesh = Mesh::start(&[("web", WEB)], |_, _| {
+        [
+            rule("big", "header = \"x-amount\"\nabove = 1000"),
+            route("/pay", "\"risk\"", &["big"]),
+            route("/open", "\"never\"", &[]),
+        ]
+        .concat()
+    });
+    let out = mesh.caller("web").out_addr;
+    let request = |path: &str| {
+        format!(
+            "POST http://{AUTHORITY}{path} HTTP/1.1\r\nhost: {AUTHORITY}\r\ntransfer-encoding: chunked\r\n\
+             trailer: x-amount, x-note\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\
+             x-amount: 99999\r\nX_Amount: 99999\r\nx-note: kept\r\n\r\n"
+        )
+    };
+    let trailers = |path: &str| -> Vec<(String, String)> {
+        let (code, text) = raw_call(out, &request(path));
+        assert_eq!(code, 200, "{path}: {text}\n{}", mesh.inbound.log_text());
+        let seen = mesh.app.seen_under(path);
+        assert_eq!(seen.len(), 1, "{path}: {seen:?}");
+        assert_eq!(seen[0].body_len, 3);
+        plain(&seen[0]);
+        seen[0].trailers.clone()
+    };
+    // Where no rule reads it, a trailer field goes on as sent (so the
+    // check below can fail).
+    let open = trailers("/open/t");
+    assert!(
+        open.iter().any(|(k, v)| k == "x-amount" && v == "99999"),
+        "{open:?}"
+    );
+    // On the route whose rule reads x-amount: neither spelling arrives
+    // unevaluated; other trailer fields do.
+    let pay = trailers("/pay/t");
+    assert!(
+        pay.iter()
+            .all(|(k, _)| !k.replace('_', "-").eq_ignore_ascii_case("x-amount")),
+        "{pay:?}"
+    );
+    assert!(
+        pay.iter().any(|(k, v)| k == "x-note" && v == "kept"),
+        "{pay:?}"
+    );
+    assert_eq!(mesh.challenges("/pay", "big"), 0.0);
+}
+
+#[test]
+fn an_app_asking_in_another_spelling_or_value_is_heard() {
+    let mesh = Mesh::start(&[("web", WEB)], |_, _| {
+        [
+            rule("big", "header = \"x-amount\"\nabove = 1000"),
+            route("/orders", "\"risk\"", &["big"]),
+            route("/plain", "\"never\"", &[]),
+        ]
+        .concat()
+    });
+    // `x_keyproof_step_up: "Required"`: the app asked; the caller's app
+    // sees the one 200 of the verified request.
+    let (code, text) = mesh.call("web", "/orders/odd", &["-D", "-"]);
+    assert_eq!(code, 200, "{text}\n{}", mesh.inbound.log_text());
+    let seen = mesh.app.seen_under("/orders/odd");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    plain(&seen[0]);
+    verified(&seen[1], "app");
+    assert!(
+        !text.to_ascii_lowercase().contains("keyproof_step_up"),
+        "{text}"
+    );
+    assert_eq!(mesh.challenges("/orders", "app"), 1.0);
+    // Where nothing can be asked for, such an answer is never passed on.
+    let (code, text) = mesh.call("web", "/plain/odd", &["-D", "-"]);
+    assert_eq!(code, 502, "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("keyproof_step_up"),
+        "{text}"
     );
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use keyproof_identity::SpiffeId;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
@@ -100,6 +100,9 @@ struct Ident {
     key: Arc<str>,
     /// The latest refusal of any kind (`after_failure`).
     last_failure: Option<u64>,
+    /// The latest refusal that is not a handshake (`after_failure` with
+    /// action deny: a copy of a certificate must not lock its owner out).
+    last_refusal: Option<u64>,
     /// Times of the latest refusals that count for `failures_above`
     /// (not handshakes), oldest first; at most the longest N+1.
     failures: VecDeque<u64>,
@@ -113,6 +116,7 @@ impl Ident {
         Ident {
             key,
             last_failure: None,
+            last_refusal: None,
             failures: VecDeque::new(),
             locks: Vec::new(),
             routes: Vec::new(),
@@ -379,6 +383,7 @@ impl RiskTable {
             if kind == Failure::Handshake {
                 return;
             }
+            id.last_refusal = Some(id.last_refusal.map_or(now, |f| f.max(now)));
             id.failures.push_back(now);
             while id.failures.len() > cap
                 || id
@@ -527,11 +532,10 @@ enum Test {
         window: u64,
         tolerance: u64,
     },
-    Header {
-        name: HeaderName,
-        test: HeaderTest,
-    },
+    Header(HeaderRule),
     AfterFailure(u64),
+    /// `after_failure` of a `deny` rule: handshakes do not count.
+    AfterRefusal(u64),
     Hours {
         start: u16,
         end: u16,
@@ -565,6 +569,9 @@ pub struct RouteRisk {
     stateful: bool,
     /// Whether `new_peer` is listed (else `served` records nothing).
     needs_served: bool,
+    /// The fields header rules read (lowercase, `-` for `_`); `None`
+    /// when no rule reads one.
+    header_fields: Option<Arc<[Box<str>]>>,
 }
 
 impl std::fmt::Debug for RouteRisk {
@@ -592,25 +599,199 @@ fn in_hours(now: u64, start: u16, end: u16) -> bool {
     }
 }
 
-/// Whether any of the request's values of `name` passes `test`.
-fn header_fires(headers: &HeaderMap, name: &HeaderName, test: &HeaderTest) -> bool {
-    let mut values = headers.get_all(name).iter();
-    match test {
-        HeaderTest::Present => headers.contains_key(name),
-        // A value that is not a number counts as above: whoever sends
-        // "10,000" or "1e9 " must not slip under the threshold.
-        HeaderTest::Above(limit) => values.any(|v| {
-            match std::str::from_utf8(v.as_bytes())
-                .ok()
-                .and_then(|s| s.trim().parse::<f64>().ok())
-            {
-                Some(n) if !n.is_nan() => n > *limit,
-                _ => true,
-            }
-        }),
-        HeaderTest::Equals(want) => values.any(|v| v.as_bytes() == want.as_bytes()),
-        HeaderTest::OneOf(list) => {
-            values.any(|v| list.iter().any(|want| v.as_bytes() == want.as_bytes()))
+/// A `header` rule as requests are matched against it. The field is read
+/// in every spelling the listeners treat as one name (any case, `_` for
+/// `-`: many app frameworks map both to one variable), and a field value is
+/// read as the list RFC 9110 makes of it (`US, KP` in one field is two
+/// values): whichever way the app reads it, the rule sees it too.
+#[derive(Debug)]
+struct HeaderRule {
+    /// Lowercase, `-` for `_`.
+    name: Box<str>,
+    /// The configured name, for the one lookup when no other spelling
+    /// exists.
+    exact: HeaderName,
+    /// Whether the name has a `-` (so `_` spellings exist).
+    spellings: bool,
+    test: HeaderMatch,
+}
+
+#[derive(Debug)]
+enum HeaderMatch {
+    Present,
+    Above(Limit),
+    /// ASCII case-insensitive.
+    Equals(Box<str>),
+    /// ASCII case-insensitive.
+    OneOf(Box<[Box<str>]>),
+}
+
+impl HeaderRule {
+    fn new(name: &HeaderName, test: &HeaderTest) -> HeaderRule {
+        let canonical = name.as_str().replace('_', "-");
+        HeaderRule {
+            spellings: canonical.contains('-'),
+            name: canonical.into_boxed_str(),
+            exact: name.clone(),
+            test: match test {
+                HeaderTest::Present => HeaderMatch::Present,
+                HeaderTest::Above(n) => HeaderMatch::Above(Limit::of(*n)),
+                HeaderTest::Equals(v) => HeaderMatch::Equals(v.as_str().into()),
+                HeaderTest::OneOf(vs) => {
+                    HeaderMatch::OneOf(vs.iter().map(|v| v.as_str().into()).collect())
+                }
+            },
+        }
+    }
+
+    /// Whether a request field named `name` is this rule's field.
+    fn reads(&self, name: &[u8]) -> bool {
+        crate::http::owned::same_name(name, &self.name)
+    }
+
+    /// The values of the rule's field in `h`, in every spelling.
+    fn values<'h>(&'h self, h: &'h HeaderMap) -> impl Iterator<Item = &'h HeaderValue> + 'h {
+        // Without a `-` the one spelling is the exact (lowercase) name:
+        // a hashed lookup rather than a pass over every field.
+        let (exact, any) = if self.spellings {
+            (None, Some(h.iter()))
+        } else {
+            (Some(h.get_all(&self.exact).iter()), None)
+        };
+        exact.into_iter().flatten().chain(
+            any.into_iter()
+                .flatten()
+                .filter(|(k, _)| self.reads(k.as_str().as_bytes()))
+                .map(|(_, v)| v),
+        )
+    }
+}
+
+/// `s` without leading and trailing optional whitespace (space, tab).
+fn trim_ows(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    let end = s.iter().rposition(|b| !matches!(b, b' ' | b'\t'));
+    match (start, end) {
+        (Some(a), Some(b)) => &s[a..=b],
+        _ => &[],
+    }
+}
+
+/// Whether `v` (one field value) or one of its list elements equals `want`,
+/// ignoring ASCII case.
+fn value_is(v: &[u8], want: &str) -> bool {
+    let want = want.as_bytes();
+    trim_ows(v).eq_ignore_ascii_case(want)
+        || v.split(|b| *b == b',')
+            .any(|el| trim_ows(el).eq_ignore_ascii_case(want))
+}
+
+/// A decimal number as text, normalized: `int` without leading zeros,
+/// `frac` without trailing zeros, zero never negative. Compared exactly:
+/// through `f64`, `10000.0000000000001` would round to 10000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Num<'a> {
+    negative: bool,
+    int: &'a [u8],
+    frac: &'a [u8],
+}
+
+impl<'a> Num<'a> {
+    /// `[+-]digits[.digits]` after trimming OWS; `None` for anything else
+    /// (exponents, `inf`, `NaN`, thousands separators, lists...).
+    fn parse(s: &'a [u8]) -> Option<Num<'a>> {
+        let s = trim_ows(s);
+        let (negative, s) = match s.first() {
+            Some(b'-') => (true, &s[1..]),
+            Some(b'+') => (false, &s[1..]),
+            _ => (false, s),
+        };
+        let (int, frac) = match s.iter().position(|b| *b == b'.') {
+            Some(dot) => (&s[..dot], &s[dot + 1..]),
+            None => (s, &b""[..]),
+        };
+        let digits = |d: &[u8]| !d.is_empty() && d.iter().all(u8::is_ascii_digit);
+        if !digits(int) || (s.len() > int.len() && !digits(frac)) {
+            return None;
+        }
+        let int = &int[int.iter().position(|b| *b != b'0').unwrap_or(int.len())..];
+        let frac = &frac[..frac.iter().rposition(|b| *b != b'0').map_or(0, |i| i + 1)];
+        Some(Num {
+            negative: negative && !(int.is_empty() && frac.is_empty()),
+            int,
+            frac,
+        })
+    }
+
+    fn above(self, limit: Num<'_>) -> bool {
+        use std::cmp::Ordering;
+        let magnitude = self
+            .int
+            .len()
+            .cmp(&limit.int.len())
+            .then_with(|| self.int.cmp(limit.int))
+            .then_with(|| self.frac.cmp(limit.frac));
+        match (self.negative, limit.negative) {
+            (false, true) => true,
+            (true, false) => false,
+            (false, false) => magnitude == Ordering::Greater,
+            (true, true) => magnitude == Ordering::Less,
+        }
+    }
+}
+
+/// An `above` threshold: the configured number as its shortest decimal
+/// text (what the operator wrote, for any number written with at most 17
+/// significant digits).
+#[derive(Debug)]
+struct Limit {
+    negative: bool,
+    int: Box<[u8]>,
+    frac: Box<[u8]>,
+}
+
+impl Limit {
+    fn of(n: f64) -> Limit {
+        // `Display` of a finite f64 is `-?digits(.digits)?`, never an
+        // exponent; the configuration refuses non-finite numbers.
+        let text = n.to_string();
+        let (negative, digits) = match text.strip_prefix('-') {
+            Some(d) => (true, d),
+            None => (false, text.as_str()),
+        };
+        let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+        let int = int.trim_start_matches('0');
+        let frac = frac.trim_end_matches('0');
+        Limit {
+            negative: negative && !(int.is_empty() && frac.is_empty()),
+            int: int.as_bytes().into(),
+            frac: frac.as_bytes().into(),
+        }
+    }
+
+    fn num(&self) -> Num<'_> {
+        Num {
+            negative: self.negative,
+            int: &self.int,
+            frac: &self.frac,
+        }
+    }
+}
+
+/// Whether any of the request's values of the rule's field passes its test.
+fn header_fires(headers: &HeaderMap, rule: &HeaderRule) -> bool {
+    let mut values = rule.values(headers);
+    match &rule.test {
+        HeaderMatch::Present => values.next().is_some(),
+        // A value that is not one number counts as above: whoever sends
+        // "10,000", "1e9" or "5, 50000" must not slip under the threshold,
+        // however the app reads it.
+        HeaderMatch::Above(limit) => {
+            values.any(|v| Num::parse(v.as_bytes()).is_none_or(|n| n.above(limit.num())))
+        }
+        HeaderMatch::Equals(want) => values.any(|v| value_is(v.as_bytes(), want)),
+        HeaderMatch::OneOf(list) => {
+            values.any(|v| list.iter().any(|want| value_is(v.as_bytes(), want)))
         }
     }
 }
@@ -650,10 +831,10 @@ impl RouteRisk {
                         tolerance: window.saturating_mul(n - 1),
                     }
                 }
-                RiskCondition::Header { name, test } => Test::Header {
-                    name: name.clone(),
-                    test: test.clone(),
-                },
+                RiskCondition::Header { name, test } => Test::Header(HeaderRule::new(name, test)),
+                RiskCondition::AfterFailure(w) if r.action == RiskAction::Deny => {
+                    Test::AfterRefusal(millis(*w))
+                }
                 RiskCondition::AfterFailure(w) => Test::AfterFailure(millis(*w)),
                 RiskCondition::Hours { start, end } => Test::Hours {
                     start: *start,
@@ -680,8 +861,15 @@ impl RouteRisk {
         }
         let stateful = compiled
             .iter()
-            .any(|r| !matches!(r.test, Test::Header { .. } | Test::Hours { .. }));
+            .any(|r| !matches!(r.test, Test::Header(_) | Test::Hours { .. }));
         let needs_served = compiled.iter().any(|r| matches!(r.test, Test::NewPeer(_)));
+        let header_fields: Arc<[Box<str>]> = compiled
+            .iter()
+            .filter_map(|r| match &r.test {
+                Test::Header(h) => Some(h.name.clone()),
+                _ => None,
+            })
+            .collect();
         Ok(RouteRisk {
             table: table.clone(),
             generation,
@@ -690,6 +878,7 @@ impl RouteRisk {
             rates,
             stateful,
             needs_served,
+            header_fields: (!header_fields.is_empty()).then_some(header_fields),
         })
     }
 
@@ -709,7 +898,7 @@ impl RouteRisk {
             };
         };
         let stateless = |t: &Test| match t {
-            Test::Header { name, test } => Some(header_fires(headers, name, test)),
+            Test::Header(h) => Some(header_fires(headers, h)),
             Test::Hours { start, end } => Some(in_hours(now, *start, *end)),
             _ => None,
         };
@@ -731,7 +920,10 @@ impl RouteRisk {
                     for (i, r) in self.rules.iter().enumerate() {
                         let fired = match r.test {
                             // Untracked: as new, fast and recently refused.
-                            Test::NewPeer(_) | Test::Rate { .. } | Test::AfterFailure(_) => true,
+                            Test::NewPeer(_)
+                            | Test::Rate { .. }
+                            | Test::AfterFailure(_)
+                            | Test::AfterRefusal(_) => true,
                             // No refusal on record to lock it out with.
                             Test::FailuresAbove { .. } => false,
                             _ => stateless(&r.test).unwrap_or(false),
@@ -794,6 +986,7 @@ impl RouteRisk {
                 due - t > tolerance
             }
             Test::AfterFailure(w) => id.last_failure.is_some_and(|f| now.saturating_sub(f) < w),
+            Test::AfterRefusal(w) => id.last_refusal.is_some_and(|f| now.saturating_sub(f) < w),
             Test::FailuresAbove { count, window } => {
                 if id.locked_by(name, now) {
                     true
@@ -808,7 +1001,7 @@ impl RouteRisk {
                     false
                 }
             }
-            Test::Header { .. } | Test::Hours { .. } => return None,
+            Test::Header(_) | Test::Hours { .. } => return None,
         })
     }
 
@@ -823,6 +1016,24 @@ impl RouteRisk {
                 id.routes[ri].served = Some(now.0);
             }
         });
+    }
+
+    /// Whether a rule of this route reads a request field named `name`
+    /// (in any spelling it matches): such a field may not arrive later,
+    /// in a trailer section, unevaluated.
+    pub fn reads_header(&self, name: &[u8]) -> bool {
+        self.header_fields.as_deref().is_some_and(|fields| {
+            fields
+                .iter()
+                .any(|f| crate::http::owned::same_name(name, f))
+        })
+    }
+
+    /// The fields this route's header rules read (lowercase, `-` for
+    /// `_`; see [`crate::http::owned::remove_named`]), `None` when no rule
+    /// reads one.
+    pub fn header_fields(&self) -> Option<&Arc<[Box<str>]>> {
+        self.header_fields.as_ref()
     }
 
     /// A description of each rule for `check-config`.
@@ -1165,8 +1376,8 @@ mod tests {
             (&["wire"][..], true),
             (&["cash"][..], true),
             (&["card"][..], false),
-            (&["Wire"][..], false),
-            (&["wire, card"][..], false),
+            (&["Wire"][..], true),
+            (&["wire, card"][..], true),
             (&["card", "wire"][..], true),
         ] {
             let h: Vec<(&str, &str)> = values.iter().map(|v| ("x-kind", *v)).collect();
@@ -1196,6 +1407,159 @@ mod tests {
         );
         // Header-only routes keep no state.
         assert_eq!(f.table.tracked(), 0);
+    }
+
+    /// A route with one extra rule (named `extra`), and `big`, `kind`,
+    /// `test` and `debug` of the fixture.
+    fn with_rule(condition: RiskCondition, action: RiskAction) -> (Fx, RouteRisk) {
+        let mut f = fx(100);
+        f.rules.push(rule("extra", condition, action));
+        let r = f.route(0, 0, &["extra", "big", "kind", "test", "debug"]);
+        (f, r)
+    }
+
+    #[test]
+    fn header_rules_read_the_field_in_every_spelling() {
+        let f = fx(100);
+        let p = peer(1);
+        let r = f.route(0, 0, &["big", "test", "debug"]);
+        for name in ["x-amount", "X-Amount", "x_amount", "X_AMOUNT"] {
+            let h = headers(&[(name, "20000")]);
+            assert_eq!(r.evaluate(&p, &h, at(0)), ch("big"), "{name}");
+        }
+        // An innocent copy in one spelling does not hide the other.
+        let h = headers(&[("x-amount", "5"), ("x_amount", "20000")]);
+        assert_eq!(r.evaluate(&p, &h, at(0)), ch("big"));
+        for name in ["x_test", "X-TEST"] {
+            let h = headers(&[(name, "yes")]);
+            assert_eq!(r.evaluate(&p, &h, at(0)), ch("test"), "{name}");
+        }
+        let h = headers(&[("x_debug", "")]);
+        assert_eq!(r.evaluate(&p, &h, at(0)), ch("debug"));
+        // Other names stay other names.
+        for name in ["x-amounts", "xamount", "x-amount-x"] {
+            let h = headers(&[(name, "20000")]);
+            assert_eq!(r.evaluate(&p, &h, at(0)), Verdict::Pass, "{name}");
+        }
+        // A rule configured with `_` reads the `-` spelling too.
+        let h = |n: &str| HeaderName::from_bytes(n.as_bytes()).expect("name");
+        let (_f, r) = with_rule(
+            RiskCondition::Header {
+                name: h("x_region"),
+                test: HeaderTest::Equals("kp".into()),
+            },
+            RiskAction::Challenge,
+        );
+        for name in ["x-region", "x_region", "X-Region"] {
+            let hs = headers(&[(name, "KP")]);
+            assert_eq!(r.evaluate(&p, &hs, at(0)), ch("extra"), "{name}");
+        }
+        // And a name without `-` is found by its one spelling.
+        let (_f, r) = with_rule(
+            RiskCondition::Header {
+                name: h("amount"),
+                test: HeaderTest::Present,
+            },
+            RiskAction::Challenge,
+        );
+        let hs = headers(&[("Amount", "1")]);
+        assert_eq!(r.evaluate(&p, &hs, at(0)), ch("extra"));
+        assert_eq!(r.evaluate(&p, &none(), at(0)), Verdict::Pass);
+        assert!(r.reads_header(b"AMOUNT") && !r.reads_header(b"amounts"));
+        assert!(r.reads_header(b"X_Amount") && r.reads_header(b"x-kind"));
+        assert!(!r.reads_header(b"x-other"));
+    }
+
+    #[test]
+    fn header_values_are_read_as_lists_without_whitespace_or_case() {
+        let f = fx(100);
+        let p = peer(1);
+        let r = f.route(0, 0, &["kind", "test"]);
+        for (name, value, fires) in [
+            ("x-kind", "card, wire", Some("kind")),
+            ("x-kind", "card,CASH", Some("kind")),
+            ("x-kind", "card,\twire\t", Some("kind")),
+            ("x-kind", " WIRE ", Some("kind")),
+            ("x-kind", "card, cheque", None),
+            ("x-kind", "wired", None),
+            ("x-test", "no, yes", Some("test")),
+            ("x-test", "YES", Some("test")),
+            ("x-test", "\tYes ", Some("test")),
+            ("x-test", "yess, no", None),
+        ] {
+            let v = r.evaluate(&p, &headers(&[(name, value)]), at(0));
+            assert_eq!(v, fires.map_or(Verdict::Pass, ch), "{name}: {value:?}");
+        }
+        // A configured value with a comma still matches the whole field.
+        let h = |n: &str| HeaderName::from_bytes(n.as_bytes()).expect("name");
+        let (_f, r) = with_rule(
+            RiskCondition::Header {
+                name: h("x-pair"),
+                test: HeaderTest::OneOf(vec!["a, b".into()]),
+            },
+            RiskAction::Challenge,
+        );
+        let v = r.evaluate(&p, &headers(&[("x-pair", " A, B ")]), at(0));
+        assert_eq!(v, ch("extra"));
+    }
+
+    #[test]
+    fn above_compares_decimals_exactly_and_anything_else_is_above() {
+        let f = fx(100);
+        let p = peer(1);
+        let big = f.route(0, 0, &["big"]); // above 10000
+        for (value, fires) in [
+            ("10000.0000000000001", true),
+            ("10000.0000000000000", false),
+            ("00010000", false),
+            ("+10000", false),
+            ("10001", true),
+            ("\t9999\t", false),
+            ("99999999999999999999999999", true),
+            ("-99999999999999999999999999", false),
+            ("-0", false),
+            ("-inf", true),
+            ("inf", true),
+            ("+inf", true),
+            ("NaN", true),
+            ("-NaN", true),
+            ("1e3", true),
+            (".5", true),
+            ("5.", true),
+            ("--5", true),
+            ("5, 6", true),
+            ("20,000", true),
+            ("1 000", true),
+        ] {
+            let v = big.evaluate(&p, &headers(&[("x-amount", value)]), at(0));
+            assert_eq!(v == ch("big"), fires, "{value:?}");
+        }
+        let h = |n: &str| HeaderName::from_bytes(n.as_bytes()).expect("name");
+        // Negative and fractional thresholds.
+        for (limit, value, fires) in [
+            (-5.0, "-4.9", true),
+            (-5.0, "-5", false),
+            (-5.0, "-5.0001", false),
+            (-5.0, "0", true),
+            (-5.0, "-0", true),
+            (0.1, "0.1000000000000000001", true),
+            (0.1, "0.1", false),
+            (0.1, "0.09", false),
+            (0.0, "-0.0", false),
+            (0.0, "0.000000001", true),
+            (1e21, "1000000000000000000000", false),
+            (1e21, "1000000000000000000000.5", true),
+        ] {
+            let (_f, r) = with_rule(
+                RiskCondition::Header {
+                    name: h("x-score"),
+                    test: HeaderTest::Above(limit),
+                },
+                RiskAction::Challenge,
+            );
+            let v = r.evaluate(&p, &headers(&[("x-score", value)]), at(0));
+            assert_eq!(v == ch("extra"), fires, "{value:?} above {limit}");
+        }
     }
 
     #[test]
@@ -1260,6 +1624,41 @@ mod tests {
             assert_eq!(r.evaluate(&p, &none(), at(17 * MIN)), Verdict::Pass);
             assert_eq!(r.evaluate(&peer(2), &none(), at(17 * MIN)), ch("after"));
         }
+    }
+
+    #[test]
+    fn handshake_failures_never_drive_a_deny() {
+        // after_failure with action deny: only refusals of a key holder.
+        let (f, r) = with_rule(RiskCondition::AfterFailure(secs(15 * 60)), RiskAction::Deny);
+        let p = peer(1);
+        for i in 0..20 {
+            f.table
+                .record_failure(p.as_str(), Failure::Handshake, at(i * SEC));
+        }
+        assert_eq!(r.evaluate(&p, &none(), at(MIN)), Verdict::Pass);
+        f.table.record_failure(p.as_str(), Failure::StepUp, at(MIN));
+        assert_eq!(r.evaluate(&p, &none(), at(MIN)), deny("extra"));
+        assert_eq!(r.evaluate(&p, &none(), at(16 * MIN)), Verdict::Pass);
+        // A handshake failure after it does not extend the window.
+        f.table
+            .record_failure(p.as_str(), Failure::Handshake, at(15 * MIN));
+        assert_eq!(r.evaluate(&p, &none(), at(16 * MIN)), Verdict::Pass);
+        // The same rule as a challenge still sees handshakes.
+        let (f, r) = with_rule(
+            RiskCondition::AfterFailure(secs(15 * 60)),
+            RiskAction::Challenge,
+        );
+        f.table
+            .record_failure(p.as_str(), Failure::Handshake, at(0));
+        assert_eq!(r.evaluate(&p, &none(), at(MIN)), ch("extra"));
+        // failures_above with action deny: any number of handshakes.
+        let f = fx(100);
+        let r = f.route(0, 0, &["lockout"]);
+        for i in 0..100 {
+            f.table
+                .record_failure(p.as_str(), Failure::Handshake, at(i));
+        }
+        assert_eq!(r.evaluate(&p, &none(), at(MIN)), Verdict::Pass);
     }
 
     #[test]
