@@ -7,7 +7,7 @@ use std::sync::Arc;
 use keyproof_identity::{IdPattern, SpiffeId};
 use prometheus::IntCounter;
 
-use crate::config::{DefaultPolicy, DenyEntry, PolicyConfig, StepUpMode};
+use crate::config::{without_leading_zeros, DefaultPolicy, DenyEntry, PolicyConfig, StepUpMode};
 use crate::inbound::risk::{RiskTable, RouteRisk};
 use crate::metrics::Metrics;
 
@@ -54,15 +54,6 @@ pub struct Policy {
     default: DefaultPolicy,
     default_denied: IntCounter,
     deny: Vec<Denied>,
-}
-
-/// `serial` without leading zeros (`"0"` for zero), the form deny list
-/// serials are stored in; an empty serial stays empty (it matches none).
-fn trim_serial(serial: &str) -> &str {
-    match serial.trim_start_matches('0') {
-        "" if !serial.is_empty() => "0",
-        s => s,
-    }
 }
 
 /// Segment-aware prefix match: `/admin` matches `/admin` and `/admin/x`,
@@ -146,7 +137,10 @@ impl Policy {
         serial: &str,
     ) -> Decision<'_> {
         if !self.deny.is_empty() {
-            let serial = trim_serial(serial);
+            // Deny list serials are normalized (`config::normalize_serial`);
+            // the caller's is compared in that form without allocating. An
+            // empty serial stays empty and matches none.
+            let serial = without_leading_zeros(serial);
             let listed = self.deny.iter().find(|d| match &d.entry {
                 DenyEntry::Id(p) => p.matches(peer),
                 DenyEntry::Serial(s) => !serial.is_empty() && s.eq_ignore_ascii_case(serial),
