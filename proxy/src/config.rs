@@ -3238,7 +3238,7 @@ mod tests {
                 "at most 366d",
             ),
             (
-                "rate_above = \"5/18446744073709551615s1ms\"\n",
+                "rate_above = \"5/18446744073709551615s1000ms\"\n",
                 format!("{k}.rate_above"),
                 "too large",
             ),
@@ -3721,7 +3721,8 @@ mod tests {
         )));
         assert_eq!(key, "inbound.policy_file");
         assert!(
-            msg.contains(&format!("cannot read {}: ", missing.display())) && msg.contains("No such file"),
+            msg.contains(&format!("cannot read {}: ", missing.display()))
+                && msg.contains("No such file"),
             "{msg}"
         );
     }
