@@ -1246,8 +1246,8 @@ mod tests {
             },
         ));
         let r = f.route(0, &["thirty"]);
-        let times: Vec<u64> = std::iter::repeat(30 * SEC)
-            .take(30)
+        let times: Vec<u64> = vec![30 * SEC; 30]
+            .into_iter()
             .chain((16..60).map(|k| k * 2 * SEC))
             .collect();
         let passed = passes(&r, &p, times);
