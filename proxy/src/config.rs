@@ -18,7 +18,7 @@ pub use crate::http::path::Mode as PathMode;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}")]
+    #[error("cannot read {path}: {source}")]
     Read {
         /// The configuration file.
         path: PathBuf,
@@ -577,7 +577,7 @@ impl PolicyConfig {
 }
 
 impl RiskRuleConfig {
-    /// The condition in words (`more than 30 requests per 1m`).
+    /// The condition in words (`more than 30 requests within any 1m ...`).
     pub fn describe(&self) -> String {
         match self.condition {
             // A deny never follows from a handshake: anyone holding a copy
@@ -600,7 +600,7 @@ impl RiskCondition {
                 format!("not served on this route within {}", format_duration(*w))
             }
             RiskCondition::RateAbove { count, window } => format!(
-                "more than {count} requests per {} by the caller on this route",
+                "more than {count} requests within any {} by the caller on this route",
                 format_duration(*window)
             ),
             RiskCondition::Header { name, test } => match test {
@@ -936,6 +936,12 @@ const MAX_RATE: u32 = 1_000_000;
 /// times are kept per identity, so N bounds that memory.
 pub const MAX_FAILURES_ABOVE: u32 = 100;
 
+/// Upper bound of every risk rule window (`new_peer`, `after_failure`, the
+/// windows of `rate_above` and `failures_above`): a year and a day covers
+/// any policy, and keeps the millisecond arithmetic of the risk state
+/// (window times a count) far from overflowing.
+pub const MAX_RISK_WINDOW: Duration = Duration::from_secs(366 * 86_400);
+
 const AUDIT_LOG_KEY: &str = "inbound.stepup.audit_log";
 
 /// `[inbound.stepup] audit_log`: `true`, `"-"` or `"stdout"` (standard
@@ -1265,6 +1271,9 @@ fn risk_rule(key: &str, r: RawRiskRule) -> Result<RiskRuleConfig, ConfigError> {
         if d.is_zero() {
             return Err(invalid(k, "must be greater than zero"));
         }
+        if d > MAX_RISK_WINDOW {
+            return Err(invalid(k, "must be at most 366d"));
+        }
         Ok(d)
     };
     let condition = if let Some(v) = &r.new_peer {
@@ -1416,6 +1425,12 @@ fn rate(key: &str, v: &str, min: u32, max: u32) -> Result<(u32, Duration), Confi
             format!("{v:?}: the window must be greater than zero"),
         ));
     }
+    if w > MAX_RISK_WINDOW {
+        return Err(invalid(
+            key,
+            format!("{v:?}: the window must be at most 366d"),
+        ));
+    }
     Ok((n, w))
 }
 
@@ -1507,15 +1522,21 @@ pub fn normalize_serial(s: &str) -> Option<String> {
     if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let trimmed = digits.trim_start_matches('0');
+    let trimmed = without_leading_zeros(&digits);
     if trimmed.len() > 40 {
         return None;
     }
-    Some(if trimmed.is_empty() {
-        "0".to_owned()
-    } else {
-        trimmed.to_owned()
-    })
+    Some(trimmed.to_owned())
+}
+
+/// `hex` without leading zeros (`"0"` for zero; an empty string stays
+/// empty): the zero rule of [`normalize_serial`], without allocating, for
+/// comparing a serial as it is handed in with a normalized one.
+pub(crate) fn without_leading_zeros(hex: &str) -> &str {
+    match hex.trim_start_matches('0') {
+        "" if !hex.is_empty() => "0",
+        s => s,
+    }
 }
 
 /// A duration as it is written in configuration (`24h`, `15m`, `1m30s`,
@@ -1610,7 +1631,13 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             if file.as_os_str().is_empty() {
                 return Err(invalid("inbound.policy_file", "must name a file"));
             }
-            (load_policy_file(&file)?, Some(file))
+            let policy = load_policy_file(&file).map_err(|e| match e {
+                // Which key named the file that could not be read: the
+                // operator's main configuration is what they will look at.
+                ConfigError::Read { .. } => invalid("inbound.policy_file", e),
+                other => other,
+            })?;
+            (policy, Some(file))
         }
         None => (
             policy(
@@ -3163,6 +3190,17 @@ mod tests {
                 },
             ),
             (
+                "new_peer = \"366d\"",
+                RiskCondition::NewPeer(Duration::from_secs(366 * 86_400)),
+            ),
+            (
+                "rate_above = \"1000000/366d\"",
+                RiskCondition::RateAbove {
+                    count: 1_000_000,
+                    window: Duration::from_secs(366 * 86_400),
+                },
+            ),
+            (
                 "rate_above = \" 1 / 250ms \"",
                 RiskCondition::RateAbove {
                     count: 1,
@@ -3272,6 +3310,38 @@ mod tests {
                 "new_peer = \"1h\"\nheader = \"x\"\npresent = true\n",
                 format!("{k}.header"),
                 "cannot be combined with new_peer",
+            ),
+            // Windows are bounded (a year and a day), and a sum of units
+            // past the largest duration is an error, not a panic.
+            (
+                "new_peer = \"18446744073709551615s1000ms\"\n",
+                format!("{k}.new_peer"),
+                "too large",
+            ),
+            (
+                "new_peer = \"367d\"\n",
+                format!("{k}.new_peer"),
+                "at most 366d",
+            ),
+            (
+                "after_failure = \"53w\"\n",
+                format!("{k}.after_failure"),
+                "at most 366d",
+            ),
+            (
+                "rate_above = \"1000000/18446744073709551615s\"\n",
+                format!("{k}.rate_above"),
+                "at most 366d",
+            ),
+            (
+                "rate_above = \"5/18446744073709551615s1000ms\"\n",
+                format!("{k}.rate_above"),
+                "too large",
+            ),
+            (
+                "failures_above = \"5/1y2d\"\n",
+                format!("{k}.failures_above"),
+                "at most 366d",
             ),
             // Header tests without a header.
             ("above = 5\n", format!("{k}.above"), "only with header"),
@@ -3854,16 +3924,28 @@ mod tests {
         }
         let missing = dir.path().join("missing.toml");
         match load_policy_file(&missing) {
-            Err(ConfigError::Read { path, .. }) => assert_eq!(path, missing),
+            Err(e @ ConfigError::Read { .. }) => {
+                let ConfigError::Read { path, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(path, &missing);
+                // The operating system's reason, not only the path.
+                let shown = e.to_string();
+                assert!(shown.contains(&missing.display().to_string()), "{shown}");
+                assert!(shown.contains("No such file"), "{shown}");
+            }
             other => panic!("{other:?}"),
         }
-        match Config::parse(&inb(&format!(
+        let (key, msg) = invalid_key(&inb(&format!(
             "policy_file = {:?}\n",
             missing.display().to_string()
-        ))) {
-            Err(ConfigError::Read { path, .. }) => assert_eq!(path, missing),
-            other => panic!("{other:?}"),
-        }
+        )));
+        assert_eq!(key, "inbound.policy_file");
+        assert!(
+            msg.contains(&format!("cannot read {}: ", missing.display()))
+                && msg.contains("No such file"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -3944,7 +4026,7 @@ mod tests {
         let e = Config::parse(&text).expect("config").explain();
         let want_route = "  route /pay (any method): allow [], step-up by risk: \
             challenge when new-caller (not served on this route within 24h) \
-            or burst (more than 30 requests per 1m by the caller on this route) \
+            or burst (more than 30 requests within any 1m by the caller on this route) \
             or big (header x-amount above 10000 or not a number) \
             or kind (header x-kind is one of \"wire\", \"cash\") \
             or test (header x-test is \"1\") \
@@ -3952,7 +4034,7 @@ mod tests {
             or after-refusal (a refused step-up, 403 or bad handshake of the caller within 15m) \
             or night (between 22:00 and 06:30 UTC); \
             deny when lockout (more than 5 refusals of the caller within 15m, for 15m) \
-            or flood (more than 100 requests per 1s by the caller on this route); \
+            or flood (more than 100 requests within any 1s by the caller on this route); \
             challenge when the app answers x-keyproof-step-up: required\n";
         for says in [
             want_route,
@@ -3976,7 +4058,7 @@ mod tests {
         for says in [
             format!("  policy (routes, risk rules, deny list) from {} (re-read on change)\n", path.display()),
             "  deny serial:f: 403 on every path\n".to_owned(),
-            "  route /pay (any method): allow [spiffe://td/ns/shop/*], step-up by risk: challenge when burst (more than 3 requests per 1s by the caller on this route); challenge when the app answers x-keyproof-step-up: required\n".to_owned(),
+            "  route /pay (any method): allow [spiffe://td/ns/shop/*], step-up by risk: challenge when burst (more than 3 requests within any 1s by the caller on this route); challenge when the app answers x-keyproof-step-up: required\n".to_owned(),
             "  step-up audit records appended to /var/log/a.jsonl\n".to_owned(),
         ] {
             assert!(e.contains(&says), "{says:?} not in:\n{e}");

@@ -213,8 +213,9 @@ impl Inbound {
 
     /// Takes a new policy into use (a `policy_file` change): requests from
     /// now on are decided by it, requests in flight keep their route. The
-    /// risk table's failures and lockouts carry over; per-route state starts
-    /// again. Returns the new policy's generation.
+    /// risk table's failures and lockouts carry over, and so does the
+    /// per-route state of every unchanged route (see `RouteRisk`'s
+    /// fingerprint). Returns the new policy's generation.
     pub fn replace_policy(&self, cfg: &PolicyConfig) -> Result<u64, prometheus::Error> {
         let mut generation = self
             .generation
