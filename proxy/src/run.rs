@@ -680,11 +680,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_changed_policy_file_is_taken_into_use_and_a_bad_one_refused() {
+    /// An inbound whose policy is `policy.toml` in a new directory, first
+    /// holding `text`, and its watcher (ticking every `tick`).
+    fn watched(
+        text: &str,
+        tick: Duration,
+    ) -> (
+        tempfile::TempDir,
+        metrics::Metrics,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("policy.toml");
-        std::fs::write(&file, WEB_ONLY).expect("write");
+        std::fs::write(&file, text).expect("write");
         let api = workload("/ns/demo/sa/api");
         let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
         let mut cfg = cfg.inbound.expect("[inbound]");
@@ -693,13 +701,20 @@ mod tests {
         let m = metrics::Metrics::new().expect("metrics");
         let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
         let task = tokio::spawn(watch_policy(
-            ib.clone(),
+            ib,
             file.clone(),
             std::fs::read(&file).ok(),
             TD.to_owned(),
             m.clone(),
-            Duration::from_millis(50),
+            tick,
         ));
+        (dir, m, task)
+    }
+
+    #[tokio::test]
+    async fn a_changed_policy_file_is_taken_into_use_and_a_bad_one_refused() {
+        let (dir, m, task) = watched(WEB_ONLY, Duration::from_millis(50));
+        let file = dir.path().join("policy.toml");
         // Ticks with nothing changed reload nothing.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
@@ -732,25 +747,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_policy_file_written_in_two_steps_is_taken_only_once_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("policy.toml");
         let deny = "[[deny]]\nspiffe_id = \"spiffe://unit.keyproof.test/ns/demo/sa/web\"\n";
-        std::fs::write(&file, format!("{OPS_ONLY}{deny}")).expect("write");
-        let api = workload("/ns/demo/sa/api");
-        let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
-        let mut cfg = cfg.inbound.expect("[inbound]");
-        cfg.policy = config::load_policy_file(&file).expect("policy file");
-        cfg.policy_file = Some(file.clone());
-        let m = metrics::Metrics::new().expect("metrics");
-        let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
-        let task = tokio::spawn(watch_policy(
-            ib.clone(),
-            file.clone(),
-            std::fs::read(&file).ok(),
-            TD.to_owned(),
-            m.clone(),
-            Duration::from_millis(20),
-        ));
+        let (dir, m, task) = watched(&format!("{OPS_ONLY}{deny}"), Duration::from_millis(20));
+        let file = dir.path().join("policy.toml");
         // Truncated, then a valid prefix, then whole again, each step shorter
         // than the settling time: no partial content is ever taken.
         for step in ["", OPS_ONLY] {
