@@ -836,7 +836,7 @@ mod tests {
         for not_asking in [
             &[("X-Keyproof-Step-Up-Reason", "required")][..],
             &[("x-keyproof-step-up-error", "required")],
-            &[("x-keyproof-step-upx", "required")],
+            &[("X-Keyproof-Step-Upx", "required")],
             &[("accept", "required")],
         ] {
             let mut h = map(not_asking);
