@@ -19,7 +19,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keyproof_identity::SpiffeId;
-use keyproof_proxy::config::{HeaderTest, RiskAction, RiskCondition, RiskRuleConfig};
+use keyproof_proxy::config::{
+    HeaderTest, RiskAction, RiskCondition, RiskRuleConfig, RouteConfig, StepUpMode,
+};
 use keyproof_proxy::inbound::risk::{Failure, Now, RiskTable, RouteRisk};
 use keyproof_proxy::metrics::Metrics;
 
@@ -105,9 +107,17 @@ fn rules() -> Vec<RiskRuleConfig> {
     ]
 }
 
-fn route(table: &Arc<RiskTable>, names: &[&str], m: &Metrics) -> RouteRisk {
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    RouteRisk::new(table, 0, 0, "/payments", &names, &rules(), m).expect("route")
+fn route(table: &Arc<RiskTable>, names: &[&str]) -> RouteRisk {
+    let cfg = RouteConfig {
+        path_prefix: "/payments".into(),
+        methods: Vec::new(),
+        allow: Vec::new(),
+        step_up: StepUpMode::Risk,
+        risk: names.iter().map(|n| n.to_string()).collect(),
+    };
+    let r = RouteRisk::new(table, &cfg, &rules());
+    table.apply([&r]);
+    r
 }
 
 fn ids(n: usize, tag: &str) -> Vec<SpiffeId> {
@@ -151,7 +161,7 @@ const ALL: [&str; 9] = [
 fn populated(n: usize) -> (Metrics, Arc<RiskTable>, RouteRisk, Vec<SpiffeId>) {
     let m = Metrics::new().expect("metrics");
     let table = RiskTable::new(n, &m).expect("table");
-    let r = route(&table, &ALL, &m);
+    let r = route(&table, &ALL);
     let ids = ids(n, "a");
     let headers = request();
     for (i, id) in ids.iter().enumerate() {
@@ -199,11 +209,7 @@ fn bench(c: &mut Criterion) {
     {
         let m = Metrics::new().expect("metrics");
         let table = RiskTable::new(10_000, &m).expect("table");
-        let r = route(
-            &table,
-            &["big-transfer", "wire", "test", "debug", "night"],
-            &m,
-        );
+        let r = route(&table, &["big-transfer", "wire", "test", "debug", "night"]);
         let id = &ids(1, "c")[0];
         g.bench_function("stateless", |b| {
             b.iter(|| black_box(r.evaluate(id, black_box(&headers), Now(T0))))

@@ -32,7 +32,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         rest = &rest[unit_len..];
         let secs: u64 = match unit {
             "ms" => {
-                total += Duration::from_millis(n);
+                total = total
+                    .checked_add(Duration::from_millis(n))
+                    .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
                 continue;
             }
             "s" => 1,
@@ -99,6 +101,16 @@ mod tests {
         assert!(parse("h").is_err());
         assert!(parse("5x").unwrap_err().contains("unknown unit"));
         assert!(parse("99999999999999999999y").is_err());
+        // Every unit is added with a check: a sum past the largest duration
+        // is an error, never a panic.
+        assert!(parse("18446744073709551615s1000ms")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse("18446744073709551615ms18446744073709551615s").is_err());
+        assert_eq!(
+            parse("18446744073709551615ms"),
+            Ok(Duration::from_millis(u64::MAX))
+        );
         assert_eq!(format(Duration::from_secs(93_600)), "1d2h");
     }
 }

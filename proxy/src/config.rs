@@ -18,7 +18,7 @@ pub use crate::http::path::Mode as PathMode;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}")]
+    #[error("cannot read {path}: {source}")]
     Read {
         /// The configuration file.
         path: PathBuf,
@@ -577,9 +577,17 @@ impl PolicyConfig {
 }
 
 impl RiskRuleConfig {
-    /// The condition in words (`more than 30 requests per 1m`).
+    /// The condition in words (`more than 30 requests within any 1m ...`).
     pub fn describe(&self) -> String {
-        self.condition.describe()
+        match self.condition {
+            // A deny never follows from a handshake: anyone holding a copy
+            // of a (public) certificate could lock its owner out.
+            RiskCondition::AfterFailure(w) if self.action == RiskAction::Deny => format!(
+                "a refused step-up or 403 of the caller within {} (bad handshakes do not count for a deny)",
+                format_duration(w)
+            ),
+            _ => self.condition.describe(),
+        }
     }
 }
 
@@ -592,7 +600,7 @@ impl RiskCondition {
                 format!("not served on this route within {}", format_duration(*w))
             }
             RiskCondition::RateAbove { count, window } => format!(
-                "more than {count} requests per {} by the caller on this route",
+                "more than {count} requests within any {} by the caller on this route",
                 format_duration(*window)
             ),
             RiskCondition::Header { name, test } => match test {
@@ -928,13 +936,29 @@ const MAX_RATE: u32 = 1_000_000;
 /// times are kept per identity, so N bounds that memory.
 pub const MAX_FAILURES_ABOVE: u32 = 100;
 
-/// `[inbound.stepup] audit_log`: `true` (stdout), `false` (off) or a path.
+/// Upper bound of every risk rule window (`new_peer`, `after_failure`, the
+/// windows of `rate_above` and `failures_above`): a year and a day covers
+/// any policy, and keeps the millisecond arithmetic of the risk state
+/// (window times a count) far from overflowing.
+pub const MAX_RISK_WINDOW: Duration = Duration::from_secs(366 * 86_400);
+
+const AUDIT_LOG_KEY: &str = "inbound.stepup.audit_log";
+
+/// `[inbound.stepup] audit_log`: `true`, `"-"` or `"stdout"` (standard
+/// output), `false` (off) or an absolute path.
 fn audit_log(v: Option<&toml::Value>) -> Result<Option<AuditSink>, ConfigError> {
-    const KEY: &str = "inbound.stepup.audit_log";
+    const KEY: &str = AUDIT_LOG_KEY;
     match v {
         None | Some(toml::Value::Boolean(false)) => Ok(None),
         Some(toml::Value::Boolean(true)) => Ok(Some(AuditSink::Stdout)),
+        Some(toml::Value::String(p)) if p == "-" || p == "stdout" => Ok(Some(AuditSink::Stdout)),
         Some(toml::Value::String(p)) if p.is_empty() => Err(invalid(KEY, "must name a file")),
+        // A relative path would depend on the directory the sidecar happens
+        // to be started in: the trail would go missing, not fail.
+        Some(toml::Value::String(p)) if !Path::new(p).is_absolute() => Err(invalid(
+            KEY,
+            format!("{p:?} must be an absolute path (or \"-\" for standard output)"),
+        )),
         Some(toml::Value::String(p)) => Ok(Some(AuditSink::File(PathBuf::from(p)))),
         Some(other) => Err(invalid(
             KEY,
@@ -942,6 +966,29 @@ fn audit_log(v: Option<&toml::Value>) -> Result<Option<AuditSink>, ConfigError> 
                 "expected true (standard output), false or a file path, not {}",
                 other.type_str()
             ),
+        )),
+    }
+}
+
+/// Whether an audit log file can be appended to where it is configured,
+/// without creating it: not a directory, in a directory that exists (so
+/// `check-config` catches what would otherwise fail only at startup).
+pub fn check_audit_path(p: &Path) -> Result<(), ConfigError> {
+    if p.is_dir() {
+        return Err(invalid(
+            AUDIT_LOG_KEY,
+            format!("{} is a directory, not a file", p.display()),
+        ));
+    }
+    match p.parent() {
+        Some(dir) if dir.is_dir() => Ok(()),
+        Some(dir) => Err(invalid(
+            AUDIT_LOG_KEY,
+            format!("directory {} does not exist", dir.display()),
+        )),
+        None => Err(invalid(
+            AUDIT_LOG_KEY,
+            format!("{} names no file", p.display()),
         )),
     }
 }
@@ -981,8 +1028,23 @@ pub fn load_policy_file(path: &Path) -> Result<PolicyConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let raw: RawPolicy = toml::from_str(&text)
-        .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+    parse_policy(path, &text)
+}
+
+/// A policy file's content, as [`load_policy_file`] reads it: for the
+/// reloader, which parses the very bytes it compared with the last ones.
+/// `path` only names the file in errors.
+pub fn parse_policy(path: &Path, text: &str) -> Result<PolicyConfig, ConfigError> {
+    // An empty file is what a truncate-then-write editor leaves between its
+    // two steps; taken as a policy it would lift every route and deny entry.
+    if text.trim().is_empty() {
+        return Err(ConfigError::Parse(format!(
+            "{}: the policy file is empty (an empty policy is written `routes = []`)",
+            path.display()
+        )));
+    }
+    let raw: RawPolicy =
+        toml::from_str(text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
     policy(&format!("{}: ", path.display()), raw)
 }
 
@@ -1209,6 +1271,9 @@ fn risk_rule(key: &str, r: RawRiskRule) -> Result<RiskRuleConfig, ConfigError> {
         if d.is_zero() {
             return Err(invalid(k, "must be greater than zero"));
         }
+        if d > MAX_RISK_WINDOW {
+            return Err(invalid(k, "must be at most 366d"));
+        }
         Ok(d)
     };
     let condition = if let Some(v) = &r.new_peer {
@@ -1267,6 +1332,12 @@ fn header_condition(
             format!("invalid header field name {field:?}"),
         )
     })?;
+    if let Some(why) = sidecar_field(name.as_str().as_bytes()) {
+        return Err(invalid(
+            format!("{key}.header"),
+            format!("{field:?} {why}: the rule would never see what the caller sent"),
+        ));
+    }
     match given {
         [] => {
             return Err(invalid(
@@ -1284,7 +1355,15 @@ fn header_condition(
     }
     let test = if let Some(v) = above {
         let n = match v {
-            toml::Value::Integer(i) => *i as f64,
+            // Beyond 2^53 an integer rounds, possibly up: a value between
+            // the two would slip under the threshold.
+            toml::Value::Integer(i) if i.unsigned_abs() <= 1 << 53 => *i as f64,
+            toml::Value::Integer(_) => {
+                return Err(invalid(
+                    format!("{key}.above"),
+                    "must be between -2^53 and 2^53",
+                ))
+            }
             toml::Value::Float(f) if f.is_finite() => *f,
             other => {
                 return Err(invalid(
@@ -1313,6 +1392,24 @@ fn header_condition(
     Ok(RiskCondition::Header { name, test })
 }
 
+/// Why a request field (in any spelling the listeners treat as one name)
+/// is no request attribute a rule can test: the sidecar removes it before
+/// anything else reads it, or sets it itself. `None` for the others.
+fn sidecar_field(name: &[u8]) -> Option<&'static str> {
+    use crate::http::owned::{is_owned, same_name, HOP_BY_HOP};
+    if is_owned(name) || same_name(name, "accept-signature") {
+        Some("is a field only the sidecar sets or consumes")
+    } else if HOP_BY_HOP
+        .iter()
+        .chain(&["trailer"])
+        .any(|h| same_name(name, h))
+    {
+        Some("is a hop-by-hop field the sidecar removes")
+    } else {
+        None
+    }
+}
+
 /// `"N/window"` with `min <= N <= max` and a window above zero.
 fn rate(key: &str, v: &str, min: u32, max: u32) -> Result<(u32, Duration), ConfigError> {
     let (n, w) = parse_rate(v).map_err(|e| invalid(key, e))?;
@@ -1326,6 +1423,12 @@ fn rate(key: &str, v: &str, min: u32, max: u32) -> Result<(u32, Duration), Confi
         return Err(invalid(
             key,
             format!("{v:?}: the window must be greater than zero"),
+        ));
+    }
+    if w > MAX_RISK_WINDOW {
+        return Err(invalid(
+            key,
+            format!("{v:?}: the window must be at most 366d"),
         ));
     }
     Ok((n, w))
@@ -1419,15 +1522,21 @@ pub fn normalize_serial(s: &str) -> Option<String> {
     if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let trimmed = digits.trim_start_matches('0');
+    let trimmed = without_leading_zeros(&digits);
     if trimmed.len() > 40 {
         return None;
     }
-    Some(if trimmed.is_empty() {
-        "0".to_owned()
-    } else {
-        trimmed.to_owned()
-    })
+    Some(trimmed.to_owned())
+}
+
+/// `hex` without leading zeros (`"0"` for zero; an empty string stays
+/// empty): the zero rule of [`normalize_serial`], without allocating, for
+/// comparing a serial as it is handed in with a normalized one.
+pub(crate) fn without_leading_zeros(hex: &str) -> &str {
+    match hex.trim_start_matches('0') {
+        "" if !hex.is_empty() => "0",
+        s => s,
+    }
 }
 
 /// A duration as it is written in configuration (`24h`, `15m`, `1m30s`,
@@ -1522,7 +1631,13 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             if file.as_os_str().is_empty() {
                 return Err(invalid("inbound.policy_file", "must name a file"));
             }
-            (load_policy_file(&file)?, Some(file))
+            let policy = load_policy_file(&file).map_err(|e| match e {
+                // Which key named the file that could not be read: the
+                // operator's main configuration is what they will look at.
+                ConfigError::Read { .. } => invalid("inbound.policy_file", e),
+                other => other,
+            })?;
+            (policy, Some(file))
         }
         None => (
             policy(
@@ -1835,7 +1950,15 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text)
+        let cfg = Self::parse(&text)?;
+        if let Some(AuditSink::File(p)) = cfg
+            .inbound
+            .as_ref()
+            .and_then(|i| i.stepup.audit_log.as_ref())
+        {
+            check_audit_path(p)?;
+        }
+        Ok(cfg)
     }
 
     /// Validates configuration text. `[inbound] policy_file` is read and
@@ -3067,6 +3190,17 @@ mod tests {
                 },
             ),
             (
+                "new_peer = \"366d\"",
+                RiskCondition::NewPeer(Duration::from_secs(366 * 86_400)),
+            ),
+            (
+                "rate_above = \"1000000/366d\"",
+                RiskCondition::RateAbove {
+                    count: 1_000_000,
+                    window: Duration::from_secs(366 * 86_400),
+                },
+            ),
+            (
                 "rate_above = \" 1 / 250ms \"",
                 RiskCondition::RateAbove {
                     count: 1,
@@ -3176,6 +3310,38 @@ mod tests {
                 "new_peer = \"1h\"\nheader = \"x\"\npresent = true\n",
                 format!("{k}.header"),
                 "cannot be combined with new_peer",
+            ),
+            // Windows are bounded (a year and a day), and a sum of units
+            // past the largest duration is an error, not a panic.
+            (
+                "new_peer = \"18446744073709551615s1000ms\"\n",
+                format!("{k}.new_peer"),
+                "too large",
+            ),
+            (
+                "new_peer = \"367d\"\n",
+                format!("{k}.new_peer"),
+                "at most 366d",
+            ),
+            (
+                "after_failure = \"53w\"\n",
+                format!("{k}.after_failure"),
+                "at most 366d",
+            ),
+            (
+                "rate_above = \"1000000/18446744073709551615s\"\n",
+                format!("{k}.rate_above"),
+                "at most 366d",
+            ),
+            (
+                "rate_above = \"5/18446744073709551615s1000ms\"\n",
+                format!("{k}.rate_above"),
+                "too large",
+            ),
+            (
+                "failures_above = \"5/1y2d\"\n",
+                format!("{k}.failures_above"),
+                "at most 366d",
             ),
             // Header tests without a header.
             ("above = 5\n", format!("{k}.above"), "only with header"),
@@ -3545,6 +3711,127 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_audit_log_is_standard_output_or_an_absolute_path() {
+        let stepup = |line: &str| {
+            Config::parse(&inb(&format!("[inbound.stepup]\n{line}\n")))
+                .map(|c| c.inbound.expect("inbound").stepup.audit_log)
+        };
+        for line in ["audit_log = \"-\"", "audit_log = \"stdout\""] {
+            assert_eq!(stepup(line).expect(line), Some(AuditSink::Stdout), "{line}");
+        }
+        for line in [
+            "audit_log = \"audit.jsonl\"",
+            "audit_log = \"./audit.jsonl\"",
+            "audit_log = \"logs/a\"",
+            "audit_log = \"Stdout\"",
+        ] {
+            match stepup(line) {
+                Err(ConfigError::Invalid { key, msg }) => {
+                    assert_eq!(key, "inbound.stepup.audit_log", "{line}");
+                    assert!(msg.contains("absolute path"), "{line}: {msg}");
+                }
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn loading_catches_an_audit_log_that_cannot_be_a_file_without_creating_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let load = |audit: &Path| {
+            let cfg = dir.path().join("keyproof.toml");
+            let text = inb(&format!(
+                "[inbound.stepup]\naudit_log = {:?}\n",
+                audit.display().to_string()
+            ));
+            std::fs::write(&cfg, text).expect("write");
+            Config::load(&cfg)
+        };
+        let missing = dir.path().join("no-such-dir").join("audit.jsonl");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).expect("mkdir");
+        for (bad, says) in [
+            (missing.clone(), "does not exist"),
+            (sub.clone(), "is a directory"),
+            (dir.path().join("keyproof.toml").join("a"), "does not exist"),
+        ] {
+            match load(&bad) {
+                Err(ConfigError::Invalid { key, msg }) => {
+                    assert_eq!(key, "inbound.stepup.audit_log", "{}", bad.display());
+                    assert!(msg.contains(says), "{}: {msg}", bad.display());
+                }
+                other => panic!("{}: {other:?}", bad.display()),
+            }
+        }
+        assert!(!missing.parent().expect("parent").exists());
+        let fresh = sub.join("audit.jsonl");
+        load(&fresh).expect("a new file in an existing directory");
+        assert!(!fresh.exists(), "checking creates nothing");
+        std::fs::write(&fresh, "").expect("write");
+        load(&fresh).expect("an existing file");
+    }
+
+    #[test]
+    fn header_rules_may_not_test_fields_the_sidecar_removes_or_sets() {
+        for field in [
+            "connection",
+            "Keep-Alive",
+            "proxy-connection",
+            "te",
+            "transfer-encoding",
+            "transfer_encoding",
+            "upgrade",
+            "trailer",
+            "proxy-authorization",
+            "x-forwarded-client-cert",
+            "X_Forwarded_Client_Cert",
+            "x-keyproof-step-up",
+            "x-keyproof-anything",
+            "signature",
+            "signature-input",
+            "stepup-binding",
+            "accept-signature",
+            "Accept_Signature",
+        ] {
+            let text = inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"r\"\nheader = {field:?}\npresent = true\n"
+            ));
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, "inbound.risk_rules[0].header", "{field}");
+            assert!(msg.contains("the rule would never see"), "{field}: {msg}");
+        }
+        for field in [
+            "host",
+            "x-amount",
+            "x_amount",
+            "content-length",
+            "signatures",
+        ] {
+            let text = inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"r\"\nheader = {field:?}\npresent = true\n"
+            ));
+            Config::parse(&text).unwrap_or_else(|e| panic!("{field}: {e}"));
+        }
+    }
+
+    #[test]
+    fn an_integer_threshold_must_be_exact_as_a_number() {
+        let rule = |n: &str| {
+            inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"r\"\nheader = \"x\"\nabove = {n}\n"
+            ))
+        };
+        for ok in ["9007199254740992", "-9007199254740992", "0", "-5"] {
+            Config::parse(&rule(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["9007199254740993", "-9223372036854775808"] {
+            let (key, msg) = invalid_key(&rule(bad));
+            assert_eq!(key, "inbound.risk_rules[0].above", "{bad}");
+            assert!(msg.contains("2^53"), "{bad}: {msg}");
+        }
+    }
+
     const POLICY: &str = "[[risk_rules]]\nname = \"burst\"\nrate_above = \"3/1s\"\n[[routes]]\npath_prefix = \"/pay\"\nallow = [\"spiffe://td/ns/shop/*\"]\nstep_up = \"risk\"\nrisk = [\"burst\"]\n[[deny]]\nserial = \"0F\"\n";
 
     fn write_policy(dir: &Path, text: &str) -> PathBuf {
@@ -3574,8 +3861,12 @@ mod tests {
         assert_eq!(i.policy.routes[0].path_prefix, "/pay");
         assert_eq!(i.policy.deny.len(), 1);
 
-        // An empty file is an empty policy (the default decides).
-        std::fs::write(&path, "").expect("write");
+        // An empty file is what a half-done write leaves: refused. An empty
+        // policy (the default decides) is written as one.
+        std::fs::write(&path, " \n").expect("write");
+        let e = load_policy_file(&path).expect_err("empty file").to_string();
+        assert!(e.contains("the policy file is empty"), "{e}");
+        std::fs::write(&path, "routes = []\n").expect("write");
         let p = load_policy_file(&path).expect("empty policy");
         assert!(p.routes.is_empty() && p.risk_rules.is_empty() && p.deny.is_empty());
     }
@@ -3633,16 +3924,28 @@ mod tests {
         }
         let missing = dir.path().join("missing.toml");
         match load_policy_file(&missing) {
-            Err(ConfigError::Read { path, .. }) => assert_eq!(path, missing),
+            Err(e @ ConfigError::Read { .. }) => {
+                let ConfigError::Read { path, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(path, &missing);
+                // The operating system's reason, not only the path.
+                let shown = e.to_string();
+                assert!(shown.contains(&missing.display().to_string()), "{shown}");
+                assert!(shown.contains("No such file"), "{shown}");
+            }
             other => panic!("{other:?}"),
         }
-        match Config::parse(&inb(&format!(
+        let (key, msg) = invalid_key(&inb(&format!(
             "policy_file = {:?}\n",
             missing.display().to_string()
-        ))) {
-            Err(ConfigError::Read { path, .. }) => assert_eq!(path, missing),
-            other => panic!("{other:?}"),
-        }
+        )));
+        assert_eq!(key, "inbound.policy_file");
+        assert!(
+            msg.contains(&format!("cannot read {}: ", missing.display()))
+                && msg.contains("No such file"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -3723,7 +4026,7 @@ mod tests {
         let e = Config::parse(&text).expect("config").explain();
         let want_route = "  route /pay (any method): allow [], step-up by risk: \
             challenge when new-caller (not served on this route within 24h) \
-            or burst (more than 30 requests per 1m by the caller on this route) \
+            or burst (more than 30 requests within any 1m by the caller on this route) \
             or big (header x-amount above 10000 or not a number) \
             or kind (header x-kind is one of \"wire\", \"cash\") \
             or test (header x-test is \"1\") \
@@ -3731,7 +4034,7 @@ mod tests {
             or after-refusal (a refused step-up, 403 or bad handshake of the caller within 15m) \
             or night (between 22:00 and 06:30 UTC); \
             deny when lockout (more than 5 refusals of the caller within 15m, for 15m) \
-            or flood (more than 100 requests per 1s by the caller on this route); \
+            or flood (more than 100 requests within any 1s by the caller on this route); \
             challenge when the app answers x-keyproof-step-up: required\n";
         for says in [
             want_route,
@@ -3755,7 +4058,7 @@ mod tests {
         for says in [
             format!("  policy (routes, risk rules, deny list) from {} (re-read on change)\n", path.display()),
             "  deny serial:f: 403 on every path\n".to_owned(),
-            "  route /pay (any method): allow [spiffe://td/ns/shop/*], step-up by risk: challenge when burst (more than 3 requests per 1s by the caller on this route); challenge when the app answers x-keyproof-step-up: required\n".to_owned(),
+            "  route /pay (any method): allow [spiffe://td/ns/shop/*], step-up by risk: challenge when burst (more than 3 requests within any 1s by the caller on this route); challenge when the app answers x-keyproof-step-up: required\n".to_owned(),
             "  step-up audit records appended to /var/log/a.jsonl\n".to_owned(),
         ] {
             assert!(e.contains(&says), "{says:?} not in:\n{e}");

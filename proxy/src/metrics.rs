@@ -163,6 +163,8 @@ pub struct Metrics {
     /// `keyproof_policy_generation`: 0 for the policy read at startup, one
     /// more for each file change taken into use.
     pub policy_generation: IntGauge,
+    /// `keyproof_audit_records_total` by result, in [`AUDIT_RESULTS`] order.
+    pub audit_records: [IntCounter; 3],
     sig_cache: [IntCounter; 2],
     sig_cache_sync: std::sync::Arc<std::sync::Mutex<()>>,
     bundle: TrustBundleMetrics,
@@ -197,6 +199,9 @@ pub struct BundleRoot {
     /// notAfter, seconds since the epoch.
     pub not_after: i64,
 }
+
+/// The `result` labels of `keyproof_audit_records_total`.
+pub const AUDIT_RESULTS: [&str; 3] = ["written", "dropped", "failed"];
 
 const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -328,6 +333,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(policy_generation.clone()))?;
+        let audit_records = IntCounterVec::new(
+            Opts::new(
+                "keyproof_audit_records_total",
+                "Step-up audit records ([inbound.stepup] audit_log), by result: written, \
+                 dropped (the writer fell behind) or failed (the write failed).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(audit_records.clone()))?;
         // Every label at 0 from the start, so increase() sees the first event.
         for r in RELOAD_RESULTS {
             reloads.with_label_values(&[r]);
@@ -411,6 +425,7 @@ impl Metrics {
             renewals,
             policy_reloads: ["ok", "failed"].map(|r| policy_reloads.with_label_values(&[r])),
             policy_generation,
+            audit_records: AUDIT_RESULTS.map(|r| audit_records.with_label_values(&[r])),
             sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
             sig_cache_sync: Default::default(),
             bundle: TrustBundleMetrics {
@@ -630,6 +645,23 @@ impl VerifierMetrics {
         // `ALL` lists every variant, so the position always exists.
         if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
             self.verifications[i].inc();
+        }
+    }
+
+    /// Starts the challenge counters of `routes` (as for [`register`]) at
+    /// 0 when they do not exist yet: for the routes and rules of a policy
+    /// taken into use after startup, so that `increase()` sees their first
+    /// challenge.
+    ///
+    /// [`register`]: VerifierMetrics::register
+    pub fn precreate<'a, R>(&self, routes: impl IntoIterator<Item = (&'a str, R)>)
+    where
+        R: IntoIterator<Item = &'a str>,
+    {
+        for (route, reasons) in routes {
+            for reason in reasons {
+                self.challenges_vec.with_label_values(&[route, reason]);
+            }
         }
     }
 
@@ -862,13 +894,16 @@ mod tests {
             zero("keyproof_policy_reloads_total", &[("result", r)]);
         }
         zero("keyproof_policy_generation", &[]);
+        for r in AUDIT_RESULTS {
+            zero("keyproof_audit_records_total", &[("result", r)]);
+        }
         zero("keyproof_stepup_nonces_outstanding", &[]);
         zero("keyproof_stepup_nonce_table_full_total", &[]);
         zero("keyproof_identity_cert_expiry_timestamp_seconds", &[]);
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
         assert_eq!(
             checked,
-            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 1 + 4
+            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 1 + 3 + 4
         );
         // Nothing to say before a bundle is installed (not even its trust
         // domain), and no sequence unless a CA states one.

@@ -108,8 +108,8 @@ fn policy_key_prefix(i: &config::InboundConfig) -> String {
     }
 }
 
-/// [`check_trust_domains`] for a policy: every route's `allow` pattern must
-/// be in trust domain `ours`. Keys in errors start with `prefix`.
+/// [`check_trust_domains`] for a policy: every route's `allow` pattern and
+/// every deny list SPIFFE ID pattern must be in trust domain `ours`. Keys in errors start with `prefix`.
 fn check_policy_trust_domain(
     policy: &PolicyConfig,
     prefix: &str,
@@ -124,6 +124,20 @@ fn check_policy_trust_domain(
                     msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted"),
                 });
             }
+        }
+    }
+    // A deny entry that can never match looks like a lockout in force
+    // while it protects nothing.
+    for (d, entry) in policy.deny.iter().enumerate() {
+        let config::DenyEntry::Id(p) = entry else {
+            continue;
+        };
+        let td = pattern_trust_domain(p);
+        if td != ours {
+            return Err(StartError::ForeignPattern {
+                key: format!("{prefix}deny[{d}].spiffe_id"),
+                msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted, so this entry denies no one"),
+            });
         }
     }
     Ok(())
@@ -143,14 +157,16 @@ pub enum PolicyReloadError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Reads `path` and, if it is a valid policy whose routes allow only peers
-/// of trust domain `ours`, puts it in use. Returns its generation.
+/// `text`, the content of policy file `path`: if it is a valid policy
+/// whose routes allow only peers of trust domain `ours`, it is put in use.
+/// Returns its generation.
 pub fn reload_policy(
     inbound: &inbound::Inbound,
     path: &Path,
+    text: &str,
     ours: &str,
 ) -> Result<u64, PolicyReloadError> {
-    let policy = config::load_policy_file(path)?;
+    let policy = config::parse_policy(path, text)?;
     check_policy_trust_domain(&policy, &format!("{}: ", path.display()), ours)?;
     Ok(inbound.replace_policy(&policy)?)
 }
@@ -159,35 +175,114 @@ pub fn reload_policy(
 /// directory events and a periodic re-read every `interval`) and takes
 /// every change of its content into use; a file that is refused is logged
 /// with the key at fault and counted, and the policy in use keeps serving.
+///
+/// `seen` is the content the policy in use was read from (`None`: not
+/// known, so the first readable content is a change). Only a change of
+/// content reloads: a tick or an unrelated event in the directory must
+/// not, as a reload starts the risk state of changed routes afresh.
 pub async fn watch_policy(
     inbound: Arc<inbound::Inbound>,
     path: PathBuf,
+    mut seen: Option<Vec<u8>>,
     ours: String,
     metrics: metrics::Metrics,
     interval: Duration,
 ) {
     let mut watch = FileWatch::start(&[path.as_path()], interval);
-    // As read at startup (near enough: an edit in between is seen at the
-    // next event or tick only if it changes the file again). Compared so
-    // that a tick or an unrelated event in the directory reloads nothing:
-    // a reload starts the per-route risk state afresh.
-    let mut seen = std::fs::read(&path).ok();
     loop {
         watch.changed().await;
-        let now = std::fs::read(&path).ok();
-        if now == seen {
+        let now = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                // Mid-replacement, or gone: the next event or tick looks
+                // again; nothing is decided on a read that failed.
+                tracing::debug!(policy_file = %path.display(), error = %e, "inbound policy file not readable now");
+                continue;
+            }
+        };
+        if seen.as_deref() == Some(now.as_slice()) {
             continue;
         }
-        seen = now;
-        match reload_policy(&inbound, &path, &ours) {
+        // A file written in place (not renamed into place) may be seen half
+        // written, and a valid prefix of a policy is a valid policy with
+        // fewer deny entries: take only content that stays the same.
+        let Some(now) = settled(&path, now).await else {
+            continue;
+        };
+        if seen.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
+        let result = match std::str::from_utf8(&now) {
+            Ok(text) => reload_policy(&inbound, &path, text, &ours),
+            Err(e) => Err(PolicyReloadError::Config(ConfigError::Parse(format!(
+                "{}: not UTF-8 text: {e}",
+                path.display()
+            )))),
+        };
+        match result {
             Ok(generation) => {
+                seen = Some(now);
                 metrics.policy_reload(true);
                 tracing::info!(policy_file = %path.display(), generation, "inbound policy reloaded");
             }
+            Err(PolicyReloadError::Metrics(e)) => {
+                // Not the file's fault: tried again at the next tick.
+                metrics.policy_reload(false);
+                tracing::error!(policy_file = %path.display(), error = %e, "inbound policy not taken into use (metrics); the policy in use keeps serving");
+            }
             Err(e) => {
+                // The content is at fault: refused once, not at every tick.
+                seen = Some(now);
                 metrics.policy_reload(false);
                 tracing::error!(policy_file = %path.display(), error = %e, "inbound policy file refused; the policy in use keeps serving");
             }
+        }
+    }
+}
+
+/// How long a changed policy file must stay the same before it is read as
+/// a policy, and how many times it is looked at before the change is left
+/// to the next event or tick.
+const POLICY_SETTLE: Duration = Duration::from_millis(250);
+const POLICY_SETTLE_TRIES: usize = 20;
+
+/// `first` once a re-read after [`POLICY_SETTLE`] gives the same bytes;
+/// `None` if the file keeps changing (or cannot be read).
+async fn settled(path: &Path, first: Vec<u8>) -> Option<Vec<u8>> {
+    let mut last = first;
+    for _ in 0..POLICY_SETTLE_TRIES {
+        tokio::time::sleep(POLICY_SETTLE).await;
+        let again = tokio::fs::read(path).await.ok()?;
+        if again == last {
+            return Some(last);
+        }
+        last = again;
+    }
+    tracing::warn!(policy_file = %path.display(), "inbound policy file still changing after {:?}; looked at again at the next change", POLICY_SETTLE * POLICY_SETTLE_TRIES as u32);
+    None
+}
+
+/// The policy file as read when the proxy starts (before any wait for a
+/// certificate, so an edit meanwhile is a change the watcher sees), parsed:
+/// the inbound starts with this content, which the watcher then compares
+/// with. `None` when it cannot be read or parsed now (the policy read with
+/// the configuration serves, and the watcher takes the next valid content).
+async fn policy_at_start(path: &Path) -> Option<(Vec<u8>, PolicyConfig)> {
+    let bytes = match tokio::fs::read(path).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(policy_file = %path.display(), error = %e, "inbound policy file unreadable at start; the policy read with the configuration serves");
+            return None;
+        }
+    };
+    let parsed = std::str::from_utf8(&bytes)
+        .map_err(|e| ConfigError::Parse(format!("{}: not UTF-8 text: {e}", path.display())))
+        .and_then(|text| config::parse_policy(path, text));
+    match parsed {
+        Ok(policy) => Some((bytes, policy)),
+        Err(e) => {
+            tracing::warn!(policy_file = %path.display(), error = %e, "inbound policy file changed since the configuration was read and is refused; the policy read with the configuration serves");
+            None
         }
     }
 }
@@ -211,7 +306,7 @@ pub struct Running {
     /// The reloader (`[identity.files]`) or renewer (`[identity.ca]`).
     identity_task: tokio::task::JoinHandle<()>,
     /// The `[inbound] policy_file` watcher.
-    policy_task: Option<tokio::task::JoinHandle<()>>,
+    policy_task: Option<tokio::task::AbortHandle>,
 }
 
 /// Loads the identity (`[identity.files]`: before any port is bound, so a
@@ -294,16 +389,44 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     }
     // Should start fail or be cancelled from here on, dropping `stop_admin`
     // stops the admin listener.
+    let policy_file = match cfg.inbound.as_ref().and_then(|c| c.policy_file.as_ref()) {
+        Some(path) => policy_at_start(path).await,
+        None => None,
+    };
     if store.get().is_none() {
         tracing::info!("waiting for the first certificate before binding the inbound and outbound");
         store.wait_held().await;
     }
 
-    let inbound = cfg
-        .inbound
-        .as_ref()
-        .map(|c| inbound::Inbound::new(c, store.clone(), &metrics))
-        .transpose()?;
+    // The policy file's content as read above, when it is valid for this
+    // trust domain; else the policy read with the configuration.
+    let ours = store.current().id.trust_domain_name().to_owned();
+    let (policy_seen, fresh) = match policy_file {
+        Some((bytes, policy)) => {
+            let prefix = cfg
+                .inbound
+                .as_ref()
+                .map(policy_key_prefix)
+                .unwrap_or_default();
+            match check_policy_trust_domain(&policy, &prefix, &ours) {
+                Ok(()) => (Some(bytes), Some(policy)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound policy file changed since the configuration was read and is refused; the policy read with the configuration serves");
+                    (None, None)
+                }
+            }
+        }
+        None => (None, None),
+    };
+    let inbound = match (cfg.inbound.as_ref(), fresh) {
+        (Some(c), Some(policy)) => {
+            let mut c = c.clone();
+            c.policy = policy;
+            Some(inbound::Inbound::new(&c, store.clone(), &metrics)?)
+        }
+        (Some(c), None) => Some(inbound::Inbound::new(c, store.clone(), &metrics)?),
+        (None, _) => None,
+    };
     let outbound = cfg
         .outbound
         .as_ref()
@@ -342,14 +465,25 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         running.inbound_addr = l.local_addr().ok();
         tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
         if let Some(path) = &c.policy_file {
-            let ours = running.identity.current().id.trust_domain_name().to_owned();
-            running.policy_task = Some(tokio::spawn(watch_policy(
+            let task = tokio::spawn(watch_policy(
                 ib.clone(),
                 path.clone(),
+                policy_seen,
                 ours,
                 metrics.clone(),
                 cfg.identity.reload_interval,
-            )));
+            ));
+            running.policy_task = Some(task.abort_handle());
+            // A watcher that panicked would leave the policy frozen
+            // without a word: said loudly (an abort at shutdown is not).
+            let path = path.clone();
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    if e.is_panic() {
+                        tracing::error!(policy_file = %path.display(), error = %e, "the inbound policy file watcher failed; policy_file changes are no longer taken into use");
+                    }
+                }
+            });
         }
         let rx = stop_rx.clone();
         // Sockets: the authenticated connections plus the pending
@@ -546,11 +680,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_changed_policy_file_is_taken_into_use_and_a_bad_one_refused() {
+    /// An inbound whose policy is `policy.toml` in a new directory, first
+    /// holding `text`, and its watcher (ticking every `tick`).
+    fn watched(
+        text: &str,
+        tick: Duration,
+    ) -> (
+        tempfile::TempDir,
+        metrics::Metrics,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("policy.toml");
-        std::fs::write(&file, WEB_ONLY).expect("write");
+        std::fs::write(&file, text).expect("write");
         let api = workload("/ns/demo/sa/api");
         let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
         let mut cfg = cfg.inbound.expect("[inbound]");
@@ -559,12 +701,20 @@ mod tests {
         let m = metrics::Metrics::new().expect("metrics");
         let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
         let task = tokio::spawn(watch_policy(
-            ib.clone(),
+            ib,
             file.clone(),
+            std::fs::read(&file).ok(),
             TD.to_owned(),
             m.clone(),
-            Duration::from_millis(50),
+            tick,
         ));
+        (dir, m, task)
+    }
+
+    #[tokio::test]
+    async fn a_changed_policy_file_is_taken_into_use_and_a_bad_one_refused() {
+        let (dir, m, task) = watched(WEB_ONLY, Duration::from_millis(50));
+        let file = dir.path().join("policy.toml");
         // Ticks with nothing changed reload nothing.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
@@ -595,6 +745,79 @@ mod tests {
         task.abort();
     }
 
+    #[tokio::test]
+    async fn a_policy_file_written_in_two_steps_is_taken_only_once_whole() {
+        let deny = "[[deny]]\nspiffe_id = \"spiffe://unit.keyproof.test/ns/demo/sa/web\"\n";
+        let (dir, m, task) = watched(&format!("{OPS_ONLY}{deny}"), Duration::from_millis(20));
+        let file = dir.path().join("policy.toml");
+        // Truncated, then a valid prefix, then whole again, each step shorter
+        // than the settling time: no partial content is ever taken.
+        for step in ["", OPS_ONLY] {
+            std::fs::write(&file, step).expect("write");
+            tokio::time::sleep(POLICY_SETTLE / 3).await;
+        }
+        std::fs::write(&file, format!("{OPS_ONLY}{deny}")).expect("write");
+        tokio::time::sleep(POLICY_SETTLE * 4).await;
+        assert_eq!(
+            metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
+            0.0
+        );
+        // An empty file that stays empty is refused, not taken as "no policy".
+        std::fs::write(&file, "").expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"failed\"}", 1.0).await;
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 0.0);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_edit_made_before_the_watcher_started_is_taken_into_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, WEB_ONLY).expect("write");
+        let api = workload("/ns/demo/sa/api");
+        let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
+        let mut cfg = cfg.inbound.expect("[inbound]");
+        let at_start = std::fs::read(&file).expect("read");
+        cfg.policy = config::load_policy_file(&file).expect("policy file");
+        cfg.policy_file = Some(file.clone());
+        let m = metrics::Metrics::new().expect("metrics");
+        let ib = inbound::Inbound::new(&cfg, api.store(), &m).expect("inbound");
+        // Edited while the proxy waited for its first certificate, say:
+        // the watcher, seeded with the content at start, sees the change
+        // at its first tick without another edit.
+        std::fs::write(&file, OPS_ONLY).expect("write");
+        let task = tokio::spawn(watch_policy(
+            ib.clone(),
+            file.clone(),
+            Some(at_start),
+            TD.to_owned(),
+            m.clone(),
+            Duration::from_millis(50),
+        ));
+        until(&m, "keyproof_policy_reloads_total{result=\"ok\"}", 1.0).await;
+        // And only once: later ticks see the same content.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
+            1.0
+        );
+        // A file gone for a while decides nothing; back, unchanged, it
+        // reloads nothing either.
+        std::fs::remove_file(&file).expect("remove");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&file, OPS_ONLY).expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
+            1.0
+        );
+        assert_eq!(
+            metric(&m, "keyproof_policy_reloads_total{result=\"failed\"}"),
+            0.0
+        );
+        task.abort();
+    }
+
     #[test]
     fn a_reloaded_policy_is_refused_for_a_foreign_pattern_naming_the_file_and_key() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -615,5 +838,43 @@ mod tests {
                 .join(":"),
             format!("{}: routes[1].allow[1]", file.display())
         );
+    }
+
+    #[test]
+    fn a_deny_entry_of_another_trust_domain_is_refused_naming_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(
+            &file,
+            format!("{WEB_ONLY}[[deny]]\nserial = \"0A\"\n[[deny]]\nspiffe_id = \"spiffe://{TD}/ns/x/sa/stolen\"\n[[deny]]\nspiffe_id = \"spiffe://other.test/ns/x/*\"\n"),
+        )
+        .expect("write");
+        let policy = config::load_policy_file(&file).expect("parses");
+        let prefix = format!("{}: ", file.display());
+        let e = check_policy_trust_domain(&policy, &prefix, TD).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("{}: deny[2].spiffe_id", file.display())),
+            "{text}"
+        );
+        assert!(text.contains("other.test"), "{text}");
+        // Inline: the key is under `inbound.`, and startup refuses it.
+        let cfg = Config::parse(
+            "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.files]\ncert = \"c\"\nkey = \"k\"\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:1\"\n[[inbound.deny]]\nspiffe_id = \"spiffe://other.test/ns/x/sa/y\"\n"
+        )
+        .expect("config");
+        let e = check_trust_domain_name(&cfg, TD).unwrap_err().to_string();
+        assert!(e.contains("inbound.deny[0].spiffe_id"), "{e}");
+        // Our own trust domain's entries pass.
+        let ours = config::load_policy_file(&{
+            std::fs::write(
+                &file,
+                format!("{WEB_ONLY}[[deny]]\nspiffe_id = \"spiffe://{TD}/ns/x/*\"\n"),
+            )
+            .expect("write");
+            file.clone()
+        })
+        .expect("parses");
+        check_policy_trust_domain(&ours, &prefix, TD).expect("own trust domain");
     }
 }

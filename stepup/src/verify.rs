@@ -443,6 +443,13 @@ impl Pending<'_> {
         u64::from(self.nonce_expires).saturating_sub(self.verifier.cfg.nonce_ttl.as_secs())
     }
 
+    /// When the nonce expires, Unix seconds: a nonce that expired while
+    /// its body was read may be purged before [`Pending::finish`] takes
+    /// it, which then reads as a replay; this tells the two apart.
+    pub fn nonce_expires_at(&self) -> u64 {
+        u64::from(self.nonce_expires)
+    }
+
     /// Steps 8-10 with the buffered body.
     pub fn finish(self, body: &[u8]) -> Outcome {
         let d = digest::sha256(body);

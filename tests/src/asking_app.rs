@@ -12,6 +12,9 @@
 //! - a path with a segment starting `leak` is answered 200 with an
 //!   `x-keyproof-step-up` field of the app's own, which must never reach the
 //!   caller;
+//! - a path with a segment starting `odd` is answered 200 with
+//!   `x_keyproof_step_up: "Required"` (another spelling, another value: the
+//!   sidecar must read it as asking) unless the request arrived verified;
 //! - anything else is answered 200.
 //!
 //! A `required` answer has status 409 and body [`ASKED`], so a test can see
@@ -47,6 +50,8 @@ pub struct Seen {
     pub body_len: usize,
     /// Whether the app answered `x-keyproof-step-up: required`.
     pub asked: bool,
+    /// The request's trailer fields, names lowercase.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Seen {
@@ -90,11 +95,25 @@ async fn answer(
     req: http::Request<hyper::body::Incoming>,
 ) -> Result<http::Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (body, trailers) = match body.collect().await {
+        Ok(b) => {
+            let trailers: Vec<(String, String)> = b
+                .trailers()
+                .map(|t| {
+                    t.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_owned(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (b.to_bytes(), trailers)
+        }
+        Err(_) => (Bytes::new(), Vec::new()),
+    };
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -121,6 +140,7 @@ async fn answer(
             headers,
             body_len: body.len(),
             asked,
+            trailers,
         });
         s.len()
     };
@@ -135,6 +155,9 @@ async fn answer(
     }
     if segment_starts(&path, "leak") {
         resp = resp.header(STEP_UP, "verified");
+    }
+    if segment_starts(&path, "odd") && !verified {
+        resp = resp.header("x_keyproof_step_up", "\"Required\"");
     }
     Ok(resp
         .body(Full::new(Bytes::from(format!("request #{n}\n{echo}"))))

@@ -232,31 +232,26 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A certificate for `path` that expired an hour ago: presenting it fails
-/// the handshake, which the inbound attributes to that identity.
+/// A certificate for `path` that expired an hour ago, from the trust
+/// domain's own CA: presenting it fails the handshake.
 fn expired(pki: &Pki, name: &str, path: &str) -> Cert {
     pki.craft(name, &[&id(path)], -7200, -3600)
 }
 
-/// Presents `cert` to the inbound `n` times (each handshake refused) and
-/// waits until all `n` are counted.
-fn failed_handshakes(mesh: &Mesh, cert: &Cert, n: usize) {
-    let sample = |m: &Mesh| {
-        m.inbound.sample(
-            "keyproof_tls_handshakes_total",
-            &[("direction", "inbound"), ("result", "expired")],
-        )
-    };
-    let before = sample(mesh);
+/// Presents `cert` to the inbound `n` times (each handshake refused for
+/// `result`) and waits until all `n` are counted.
+fn failed_handshakes(mesh: &Mesh, cert: &Cert, result: &str, n: usize) {
+    let labels = [("direction", "inbound"), ("result", result)];
+    let before = mesh
+        .inbound
+        .sample("keyproof_tls_handshakes_total", &labels);
     for _ in 0..n {
         let (code, _, _) = curl_mtls(mesh.in_addr, &mesh.pki, cert, "/x", &[]);
-        assert_eq!(code, 0, "an expired certificate was accepted");
+        assert_eq!(code, 0, "a {result} certificate was accepted");
     }
-    let after = mesh.inbound.wait_sample(
-        "keyproof_tls_handshakes_total",
-        &[("direction", "inbound"), ("result", "expired")],
-        before + n as f64,
-    );
+    let after =
+        mesh.inbound
+            .wait_sample("keyproof_tls_handshakes_total", &labels, before + n as f64);
     assert_eq!(after, before + n as f64, "{}", mesh.inbound.log_text());
 }
 
@@ -454,12 +449,36 @@ fn after_a_refused_replay_the_identity_is_challenged() {
     plain(&mesh.ok("ops", "/after/1", &[]));
     assert_eq!(mesh.challenges("/after", "after-refusal"), 2.0);
 
-    // A refused handshake of ops's identity (an expired certificate) counts
-    // as a refusal too.
+    assert_eq!(mesh.challenges("/after", "after-refusal"), 2.0);
+}
+
+#[test]
+fn a_certificate_that_does_not_chain_never_raises_the_risk_of_the_id_it_claims() {
+    let mesh = Mesh::start(&[("web", WEB), ("ops", OPS)], |_, _| {
+        [
+            rule("after-refusal", "after_failure = \"1m\""),
+            route("/admin", "\"always\"", &[]),
+            route("/after", "\"risk\"", &["after-refusal"]),
+        ]
+        .concat()
+    });
+    plain(&mesh.ok("ops", "/after/1", &[]));
+    // Anyone can make a CA of their own naming the trust domain and issue
+    // a certificate claiming ops's ID; refused at the handshake, it says
+    // nothing about ops.
+    let rogue = Pki::new(TD);
+    let claim = rogue.issue("ops-rogue", OPS);
+    failed_handshakes(&mesh, &claim, "unknown_ca", 3);
+    // Nor does an expired certificate: its dates are refused before its
+    // chain is checked, so it may be anyone's making too.
     let old = expired(&mesh.pki, "ops-expired", OPS);
-    failed_handshakes(&mesh, &old, 1);
-    verified(&mesh.ok("ops", "/after/2", &[]), "after-refusal");
-    assert_eq!(mesh.challenges("/after", "after-refusal"), 3.0);
+    failed_handshakes(&mesh, &old, "expired", 3);
+    plain(&mesh.ok("ops", "/after/2", &[]));
+    assert_eq!(mesh.challenges("/after", "after-refusal"), 0.0);
+    // The control: the rule is live, a refused replay of ops's makes it
+    // fire.
+    replays(&mesh, &mesh.caller("ops").cert, "/admin/rotate", 1);
+    verified(&mesh.ok("ops", "/after/3", &[]), "after-refusal");
 }
 
 #[test]
@@ -483,7 +502,7 @@ fn lockout_refuses_with_403_for_the_window_and_counts() {
     // Refused handshakes do not count towards a lockout: a certificate is
     // public, and anyone holding a copy could lock its owner out.
     let web_expired = expired(&mesh.pki, "web-expired", WEB);
-    failed_handshakes(&mesh, &web_expired, 4);
+    failed_handshakes(&mesh, &web_expired, "expired", 4);
     plain(&mesh.ok("web", "/vault/2", &[]));
 
     // Three refused replays: more than 2 within 5 s.
@@ -674,10 +693,13 @@ fn app_asking_for_proof_gets_the_request_again_verified() {
         assert!(!text.contains(ASKED), "{text}");
     }
 
-    // The app's own x-keyproof-step-up never reaches a caller.
-    for path in ["/plain/leak", "/orders/leak"] {
+    // The app's own x-keyproof-step-up never reaches a caller. Whatever
+    // its value, it is the app asking (fail closed): 502 where nothing can
+    // be asked for, or where the request came verified already; a caller
+    // without a sidecar is challenged.
+    for (path, direct) in [("/plain/leak", 502), ("/orders/leak", 401)] {
         let (code, text) = mesh.call("web", path, &["-D", "-"]);
-        assert_eq!(code, 200, "{text}");
+        assert_eq!(code, 502, "{text}");
         let head = text
             .split("\r\n\r\n")
             .next()
@@ -691,7 +713,7 @@ fn app_asking_for_proof_gets_the_request_again_verified() {
             path,
             &["-D", "-"],
         );
-        assert_eq!(code, 200, "{text}");
+        assert_eq!(code, direct, "{text}");
         let head = text
             .split("\r\n\r\n")
             .next()
@@ -1440,5 +1462,104 @@ fn a_lockout_survives_a_policy_reload() {
         ),
         2.0,
         "both denials, counted across the reload"
+    );
+}
+
+/// Sends `raw` (a whole HTTP/1.1 request, `Connection: close`) to `addr`
+/// and returns the status of the response.
+fn raw_call(addr: SocketAddr, raw: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+#[test]
+fn trailer_fields_read_by_header_rules_never_reach_the_app_unevaluated() {
+    let mesh = Mesh::start(&[("web", WEB)], |_, _| {
+        [
+            rule("big", "header = \"x-amount\"\nabove = 1000"),
+            route("/pay", "\"risk\"", &["big"]),
+            route("/open", "\"never\"", &[]),
+        ]
+        .concat()
+    });
+    let out = mesh.caller("web").out_addr;
+    let request = |path: &str| {
+        format!(
+            "POST http://{AUTHORITY}{path} HTTP/1.1\r\nhost: {AUTHORITY}\r\ntransfer-encoding: chunked\r\n\
+             trailer: x-amount, x-note\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\
+             x-amount: 99999\r\nX_Amount: 99999\r\nx-note: kept\r\n\r\n"
+        )
+    };
+    let trailers = |path: &str| -> Vec<(String, String)> {
+        let (code, text) = raw_call(out, &request(path));
+        assert_eq!(code, 200, "{path}: {text}\n{}", mesh.inbound.log_text());
+        let seen = mesh.app.seen_under(path);
+        assert_eq!(seen.len(), 1, "{path}: {seen:?}");
+        assert_eq!(seen[0].body_len, 3);
+        plain(&seen[0]);
+        seen[0].trailers.clone()
+    };
+    // Where no rule reads it, a trailer field goes on as sent (so the
+    // check below can fail).
+    let open = trailers("/open/t");
+    assert!(
+        open.iter().any(|(k, v)| k == "x-amount" && v == "99999"),
+        "{open:?}"
+    );
+    // On the route whose rule reads x-amount: neither spelling arrives
+    // unevaluated; other trailer fields do.
+    let pay = trailers("/pay/t");
+    assert!(
+        pay.iter()
+            .all(|(k, _)| !k.replace('_', "-").eq_ignore_ascii_case("x-amount")),
+        "{pay:?}"
+    );
+    assert!(
+        pay.iter().any(|(k, v)| k == "x-note" && v == "kept"),
+        "{pay:?}"
+    );
+    assert_eq!(mesh.challenges("/pay", "big"), 0.0);
+}
+
+#[test]
+fn an_app_asking_in_another_spelling_or_value_is_heard() {
+    let mesh = Mesh::start(&[("web", WEB)], |_, _| {
+        [
+            rule("big", "header = \"x-amount\"\nabove = 1000"),
+            route("/orders", "\"risk\"", &["big"]),
+            route("/plain", "\"never\"", &[]),
+        ]
+        .concat()
+    });
+    // `x_keyproof_step_up: "Required"`: the app asked; the caller's app
+    // sees the one 200 of the verified request.
+    let (code, text) = mesh.call("web", "/orders/odd", &["-D", "-"]);
+    assert_eq!(code, 200, "{text}\n{}", mesh.inbound.log_text());
+    let seen = mesh.app.seen_under("/orders/odd");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    plain(&seen[0]);
+    verified(&seen[1], "app");
+    assert!(
+        !text.to_ascii_lowercase().contains("keyproof_step_up"),
+        "{text}"
+    );
+    assert_eq!(mesh.challenges("/orders", "app"), 1.0);
+    // Where nothing can be asked for, such an answer is never passed on.
+    let (code, text) = mesh.call("web", "/plain/odd", &["-D", "-"]);
+    assert_eq!(code, 502, "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("keyproof_step_up"),
+        "{text}"
     );
 }

@@ -190,6 +190,16 @@ impl Body for ProxyBody {
     }
 }
 
+/// The body length a request declares (`Content-Length`), when it
+/// declares a readable one: lets a body over a bound be refused before it
+/// is read.
+pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// A plain-text response made by the proxy itself, e.g. a 403 naming the
 /// rule or a 503 naming why the app is unreachable.
 pub fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<ProxyBody> {

@@ -186,7 +186,7 @@ impl Findings {
 
 /// Whether `name` equals `canonical` (lowercase, with `-`), ignoring ASCII
 /// case and reading `_` as `-`.
-fn same_name(name: &[u8], canonical: &str) -> bool {
+pub(crate) fn same_name(name: &[u8], canonical: &str) -> bool {
     let c = canonical.as_bytes();
     name.len() == c.len()
         && name
@@ -233,6 +233,19 @@ pub fn not_in_trailers(name: &[u8]) -> bool {
 /// Allocation-free when there is nothing to remove.
 pub fn filter_trailers(t: &mut HeaderMap) {
     while let Some(name) = t.keys().find(|k| not_in_trailers(k.as_str().as_bytes())) {
+        let name = name.clone();
+        t.remove(&name);
+    }
+}
+
+/// Removes from a trailer section every field named, in any spelling, by
+/// one of `names` (lowercase, `-` for `_`): on a route whose risk rules read
+/// request fields, such a field arriving after the content was never
+/// evaluated, and the app must not read it as if it had been.
+/// Allocation-free when there is nothing to remove.
+pub fn remove_named(t: &mut HeaderMap, names: &[Box<str>]) {
+    let named = |k: &HeaderName| names.iter().any(|n| same_name(k.as_str().as_bytes(), n));
+    while let Some(name) = t.keys().find(|k| named(k)) {
         let name = name.clone();
         t.remove(&name);
     }
@@ -420,10 +433,12 @@ pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
 /// StepUp challenges; one made by the app would make callers sign nonces of
 /// the app's choosing. One pass over the names when there is nothing to do.
 ///
-/// Returns whether the app asked for the caller's step-up proof
-/// (`x-keyproof-step-up: required`, exactly that name): the field is
-/// removed like every owned one, and the inbound decides what the request
-/// becomes (the app's response is never passed on then).
+/// Returns whether the app asked for the caller's step-up proof: any
+/// `x-keyproof-step-up` field (any case, `_` for `-`), whatever its value,
+/// counts, since only `required` has a meaning there and a response must
+/// never pass on when the app may have meant it. The field is removed like
+/// every owned one, and the inbound decides what the request becomes (the
+/// app's response is never passed on then).
 #[must_use = "an app asking for a step-up must not have its response passed on"]
 pub fn strip_response(h: &mut HeaderMap) -> bool {
     let mut challenges = false;
@@ -440,14 +455,12 @@ pub fn strip_response(h: &mut HeaderMap) -> bool {
             challenges = true;
         } else if same_name(n, "accept-signature") || response_owned(n) {
             other = true;
-            // Rare (only an app taking part in step-up sends it): the value
-            // is looked at only then.
-            if *name == STEP_UP_VERIFIED {
-                asked = h.get_all(name).iter().any(|v| {
-                    v.as_bytes()
-                        .trim_ascii()
-                        .eq_ignore_ascii_case(STEP_UP_REQUIRED.as_bytes())
-                });
+            // Fail closed: the field in any spelling the listeners treat
+            // as the same name, whatever its value (a list, quoted, odd
+            // case, empty), is the app asking. Reading it more strictly
+            // than the app's framework wrote it would pass its response on.
+            if same_name(n, OWNED[4]) {
+                asked = true;
             }
         }
     }
@@ -818,13 +831,12 @@ mod tests {
             assert!(strip_response(&mut h), "{asking:?}");
             assert_eq!(names(&h), ["content-type"], "{asking:?}");
         }
-        // Another value, or the name in disguise, is no request: removed
-        // all the same (only the sidecar says anything under the prefix).
+        // Another field, whatever its value, is no request: removed all
+        // the same (only the sidecar says anything under the prefix).
         for not_asking in [
-            &[("x-keyproof-step-up", "verified")][..],
-            &[("x-keyproof-step-up", "required-not")],
-            &[("x_keyproof_step_up", "required")],
-            &[("X-Keyproof-Step-Up-Reason", "required")],
+            &[("X-Keyproof-Step-Up-Reason", "required")][..],
+            &[("x-keyproof-step-up-error", "required")],
+            &[("X-Keyproof-Step-Upx", "required")],
             &[("accept", "required")],
         ] {
             let mut h = map(not_asking);
@@ -1007,5 +1019,67 @@ mod strip_tests {
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["host", "te"]);
+    }
+}
+
+#[cfg(test)]
+mod asking_tests {
+    use super::*;
+
+    fn response(fields: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in fields {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        h.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h
+    }
+
+    #[test]
+    fn the_step_up_field_in_any_spelling_and_with_any_value_is_the_app_asking() {
+        let values: [&[u8]; 10] = [
+            b"required",
+            b"required, required",
+            b"\"required\"",
+            b"required\xff",
+            b"REQUIRED",
+            b"",
+            b"verified",
+            b"required-not",
+            b"no",
+            b"required\t",
+        ];
+        for name in [
+            "x-keyproof-step-up",
+            "X-Keyproof-Step-Up",
+            "x_keyproof_step_up",
+            "X_KEYPROOF-STEP_UP",
+        ] {
+            for v in values {
+                let mut h = response(&[(name, v)]);
+                assert!(strip_response(&mut h), "{name}: {v:?}");
+                assert_eq!(h.len(), 1, "{name}: {v:?}");
+                assert!(h.contains_key(header::CONTENT_TYPE));
+            }
+        }
+        // Two fields (two spellings, or the same name twice).
+        for two in [
+            &[
+                ("x-keyproof-step-up", &b"verified"[..]),
+                ("x-keyproof-step-up", b"ok"),
+            ][..],
+            &[("x_keyproof_step_up", b"x"), ("x-keyproof-step-up", b"")],
+        ] {
+            let mut h = response(two);
+            assert!(strip_response(&mut h), "{two:?}");
+            assert_eq!(h.len(), 1, "{two:?}");
+        }
+        // No step-up field: nothing asked, nothing removed.
+        let mut h = response(&[("x-keyproof-step-up-reason", b"required")]);
+        assert!(!strip_response(&mut h));
+        assert_eq!(h.len(), 1);
     }
 }

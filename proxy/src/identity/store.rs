@@ -536,6 +536,10 @@ pub struct PeerRejected {
     pub message: String,
     /// The peer's SPIFFE ID, when its certificate named one.
     pub peer_id: Option<String>,
+    /// Whether the certificate chained to the trust bundle before it was
+    /// refused: only then does `peer_id` name who is at the other end
+    /// (anyone can make a certificate claiming any ID).
+    pub chain_verified: bool,
 }
 
 impl fmt::Display for PeerRejected {
@@ -546,7 +550,12 @@ impl fmt::Display for PeerRejected {
 
 impl std::error::Error for PeerRejected {}
 
-fn reject(reason: &'static str, message: String, leaf: &CertificateDer<'_>) -> rustls::Error {
+fn reject(
+    reason: &'static str,
+    message: String,
+    leaf: &CertificateDer<'_>,
+    chain_verified: bool,
+) -> rustls::Error {
     let peer_id = x509_parser::parse_x509_certificate(leaf)
         .ok()
         .and_then(|(_, c)| svid::spiffe_id_of(&c).ok())
@@ -556,12 +565,21 @@ fn reject(reason: &'static str, message: String, leaf: &CertificateDer<'_>) -> r
             reason,
             message,
             peer_id,
+            chain_verified,
         },
     ))))
 }
 
 fn verify_error(e: VerifyError, leaf: &CertificateDer<'_>) -> rustls::Error {
-    reject(e.reason(), e.to_string(), leaf)
+    // The SVID rules and the trust domain are checked after the path
+    // validated; every other refusal (an expired or not-yet-valid leaf
+    // included: webpki checks the dates before any signature) may come from
+    // a certificate nobody of ours signed.
+    let chained = matches!(
+        e,
+        VerifyError::Svid(_) | VerifyError::ForeignTrustDomain { .. }
+    );
+    reject(e.reason(), e.to_string(), leaf, chained)
 }
 
 /// A failed TLS handshake, classified for metrics and logs.
@@ -571,8 +589,20 @@ pub struct HandshakeFailure {
     pub reason: &'static str,
     /// Human explanation.
     pub message: String,
-    /// The peer's SPIFFE ID when known.
+    /// The SPIFFE ID the peer's certificate claims, when it claims one (for
+    /// logs: see [`HandshakeFailure::verified_peer`]).
     pub peer_id: Option<String>,
+    /// Whether the certificate chained to the trust bundle.
+    pub chain_verified: bool,
+}
+
+impl HandshakeFailure {
+    /// The peer's SPIFFE ID when its certificate chained to the trust
+    /// bundle (e.g. one presented without proof of its key): only such a
+    /// refusal may be held against that identity.
+    pub fn verified_peer(&self) -> Option<&str> {
+        self.peer_id.as_deref().filter(|_| self.chain_verified)
+    }
 }
 
 /// Classifies the error of a failed handshake.
@@ -587,11 +617,13 @@ pub fn classify(err: &io::Error) -> HandshakeFailure {
                     reason: p.reason,
                     message: p.message.clone(),
                     peer_id: p.peer_id.clone(),
+                    chain_verified: p.chain_verified,
                 },
                 None => HandshakeFailure {
                     reason: "protocol",
                     message: inner.to_string(),
                     peer_id: None,
+                    chain_verified: false,
                 },
             }
         }
@@ -599,21 +631,25 @@ pub fn classify(err: &io::Error) -> HandshakeFailure {
             reason: "no_client_cert",
             message: "peer sent no client certificate".into(),
             peer_id: None,
+            chain_verified: false,
         },
         Some(rustls::Error::InvalidCertificate(e)) => HandshakeFailure {
             reason: "unknown_ca",
             message: format!("invalid certificate: {e:?}"),
             peer_id: None,
+            chain_verified: false,
         },
         Some(other) => HandshakeFailure {
             reason: "protocol",
             message: other.to_string(),
             peer_id: None,
+            chain_verified: false,
         },
         None => HandshakeFailure {
             reason: "protocol",
             message: err.to_string(),
             peer_id: None,
+            chain_verified: false,
         },
     }
 }
@@ -667,9 +703,11 @@ impl PeerPolicy for StorePolicy {
 
     fn refuse(&self, why: Refusal, end_entity: &CertificateDer<'_>) -> rustls::Error {
         match why {
-            Refusal::NoIdentity => reject("protocol", "no identity held yet".into(), end_entity),
+            Refusal::NoIdentity => {
+                reject("protocol", "no identity held yet".into(), end_entity, false)
+            }
             Refusal::Invalid(e) => verify_error(e, end_entity),
-            Refusal::Mismatch(m) => reject("identity_mismatch", m.to_string(), end_entity),
+            Refusal::Mismatch(m) => reject("identity_mismatch", m.to_string(), end_entity, true),
             // The certificate passed every check, so whoever holds it has
             // a certificate of ours without its key (a copied certificate,
             // or a broken client): named, as a security event.
@@ -677,6 +715,7 @@ impl PeerPolicy for StorePolicy {
                 "possession_failed",
                 format!("certificate presented without proof of its key (CertificateVerify: {e})"),
                 end_entity,
+                true,
             ),
         }
     }
@@ -753,12 +792,17 @@ impl PeerIdentity {
 /// zero byte keeps a high bit from reading as a sign) in lowercase hex
 /// without leading zeros, so that every spelling of one number compares
 /// equal.
+/// The one spelling is `config::normalize_serial`'s; a serial longer than
+/// X.509 allows (20 bytes), which no deny entry can name, keeps its plain
+/// hex.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let hex = hex::encode(raw);
-    match hex.trim_start_matches('0') {
-        "" => "0".to_owned(),
-        s => s.to_owned(),
-    }
+    // An empty serial (not valid DER) reads as zero, as an empty number.
+    let hex = if raw.is_empty() {
+        "0".to_owned()
+    } else {
+        hex::encode(raw)
+    };
+    crate::config::normalize_serial(&hex).unwrap_or(hex)
 }
 
 /// A throwaway trust domain for the identity tests. `keyproof_ca` issues the
@@ -2021,7 +2065,9 @@ mod tests {
             chain: valid.chain.clone(),
             key: pki.issue(WEB).key,
         };
-        let cases: Vec<(&str, Svid, &str)> = vec![
+        // Whether the refusal may be held against the ID the certificate
+        // claims: only once the certificate chained to the bundle.
+        let cases: Vec<(&str, Svid, &str, bool)> = vec![
             (
                 "expired",
                 pki.craft(
@@ -2033,6 +2079,7 @@ mod tests {
                     },
                 ),
                 "expired",
+                false,
             ),
             (
                 "not yet valid",
@@ -2045,6 +2092,7 @@ mod tests {
                     },
                 ),
                 "not_yet_valid",
+                false,
             ),
             (
                 "server-only EKU",
@@ -2056,6 +2104,7 @@ mod tests {
                     },
                 ),
                 "bad_key_usage",
+                false,
             ),
             (
                 "CA as leaf",
@@ -2067,6 +2116,7 @@ mod tests {
                     },
                 ),
                 "bad_key_usage",
+                false,
             ),
             (
                 "P-384 key",
@@ -2078,12 +2128,23 @@ mod tests {
                     },
                 ),
                 "unsupported_key",
+                true,
             ),
-            ("another trust domain", other_td.issue(WEB), "bad_identity"),
-            ("unknown root", Pki::new(TD).issue(WEB), "unknown_ca"),
-            ("certificate without its key", impostor, "possession_failed"),
+            (
+                "another trust domain",
+                other_td.issue(WEB),
+                "bad_identity",
+                true,
+            ),
+            ("unknown root", Pki::new(TD).issue(WEB), "unknown_ca", false),
+            (
+                "certificate without its key",
+                impostor,
+                "possession_failed",
+                true,
+            ),
         ];
-        for (what, svid, want) in cases {
+        for (what, svid, want, chained) in cases {
             let out = handshake(cfg.clone(), client_presenting(&trust, &svid)).await;
             let e = match out.server {
                 Ok(_) => panic!("{what}: accepted"),
@@ -2091,6 +2152,9 @@ mod tests {
             };
             let f = classify(&e);
             assert_eq!(f.reason, want, "{what}: {}", f.message);
+            assert!(f.peer_id.is_some(), "{what}: the claimed ID is logged");
+            assert_eq!(f.chain_verified, chained, "{what}");
+            assert_eq!(f.verified_peer().is_some(), chained, "{what}");
         }
 
         // The control: the same client with a valid certificate gets in.

@@ -9,31 +9,41 @@
 //! took to answer it. Never a signature, a nonce or a key: the log must not
 //! become something worth stealing.
 //!
-//! Each line goes out in one write under a lock, so that concurrent records
-//! never interleave; a file is opened for appending only and created
-//! readable by its owner alone.
+//! Records are encoded on the request's task and handed over a bounded
+//! channel to one writer thread, which writes each line whole and flushes
+//! it: a slow disk or a blocked stdout never stalls a tokio worker. When
+//! the writer falls [`QUEUE`] lines behind, new records are dropped and
+//! counted (`keyproof_audit_records_total{result="dropped"}`), as are
+//! failed writes (`failed`): the audit trail is not a reason to refuse
+//! service, but its gaps are visible. A file is opened for appending only
+//! and created readable by its owner alone.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 
+use prometheus::IntCounter;
 use serde::Serialize;
 
 use crate::config::AuditSink;
+use crate::metrics::Metrics;
 
 /// `result` of a decision to challenge (a request without a proof that must
-/// carry one).
+/// carry one, answered with a challenge).
 pub const CHALLENGED: &str = "challenged";
 /// `result` of a refusal by a risk rule with action `deny`.
 pub const DENIED: &str = "denied";
 /// `result` of a verified request.
 pub const OK: &str = "ok";
 
+/// Lines the writer may fall behind by before records are dropped.
+pub const QUEUE: usize = 4096;
+
 /// Why the audit log could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("inbound.stepup.audit_log: cannot open {path} for appending")]
 pub struct AuditOpenError {
-    /// The file.
+    /// The file (`-` for standard output).
     pub path: PathBuf,
     /// The OS error.
     #[source]
@@ -51,8 +61,9 @@ pub struct Record<'a> {
     pub route: &'a str,
     /// `always`, `app`, or the risk rule's name.
     pub reason: &'a str,
-    /// [`CHALLENGED`], [`DENIED`], [`OK`] or the verification outcome that
-    /// refused the request (`replay`, `bad_signature`, ...).
+    /// [`CHALLENGED`], [`DENIED`], [`OK`], the verification outcome that
+    /// refused the request (`replay`, `bad_signature`, ...), or why no
+    /// challenge could be issued (`table_full`, ...).
     pub result: &'a str,
     /// For a verification whose nonce was opened: milliseconds from the
     /// nonce's issue (second precision) to the verification.
@@ -72,47 +83,81 @@ struct Line<'a> {
     nonce_age_ms: Option<u64>,
 }
 
-enum Sink {
-    Stdout,
-    File {
-        path: PathBuf,
-        file: Mutex<std::fs::File>,
-    },
+/// What the writer thread is handed.
+enum Job {
+    Line(Vec<u8>),
+    /// Answered once every line queued before it is written.
+    Flush(SyncSender<()>),
 }
 
-/// Where the records go.
+/// `keyproof_audit_records_total`'s children the writer counts.
+#[derive(Clone)]
+struct Counts {
+    written: IntCounter,
+    failed: IntCounter,
+}
+
+/// Where the records go: the queue to the writer thread, which ends when
+/// this is dropped (after writing what was queued).
 pub struct Audit {
-    sink: Sink,
+    queue: SyncSender<Job>,
+    sink: String,
+    dropped: IntCounter,
 }
 
 impl std::fmt::Debug for Audit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.sink {
-            Sink::Stdout => f.write_str("Audit(stdout)"),
-            Sink::File { path, .. } => write!(f, "Audit({})", path.display()),
-        }
+        write!(f, "Audit({})", self.sink)
     }
 }
 
 impl Audit {
-    /// Opens the sink: standard output, or the file for appending (created
-    /// with mode 0600; an existing file keeps its mode and content).
-    pub fn open(sink: &AuditSink) -> Result<Audit, AuditOpenError> {
-        let sink = match sink {
-            AuditSink::Stdout => Sink::Stdout,
-            AuditSink::File(path) => Sink::File {
-                file: Mutex::new(open_append(path).map_err(|source| AuditOpenError {
+    /// Opens the sink (standard output, or the file for appending: created
+    /// with mode 0600; an existing file keeps its mode and content) and
+    /// starts its writer thread.
+    pub fn open(sink: &AuditSink, metrics: &Metrics) -> Result<Audit, AuditOpenError> {
+        let (out, name): (Box<dyn Write + Send>, String) = match sink {
+            AuditSink::Stdout => (Box::new(std::io::stdout()), "stdout".to_owned()),
+            AuditSink::File(path) => (
+                Box::new(open_append(path).map_err(|source| AuditOpenError {
                     path: path.clone(),
                     source,
                 })?),
-                path: path.clone(),
-            },
+                path.display().to_string(),
+            ),
         };
-        Ok(Audit { sink })
+        Audit::start(out, name, metrics, QUEUE).map_err(|(name, source)| AuditOpenError {
+            path: PathBuf::from(name),
+            source,
+        })
     }
 
-    /// Writes one record, stamped now. A failed write is logged and the
-    /// request goes on: the audit trail is not a reason to refuse service.
+    /// The writer thread on `out`, with room for `queue` lines.
+    fn start(
+        out: Box<dyn Write + Send>,
+        name: String,
+        metrics: &Metrics,
+        queue: usize,
+    ) -> Result<Audit, (String, std::io::Error)> {
+        let [written, dropped, failed] = metrics.audit_records.clone();
+        let counts = Counts { written, failed };
+        let (tx, jobs) = mpsc::sync_channel(queue);
+        let thread_sink = name.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("keyproof-audit".into())
+            .spawn(move || write_lines(jobs, out, &thread_sink, &counts))
+        {
+            return Err((name, e));
+        }
+        Ok(Audit {
+            queue: tx,
+            sink: name,
+            dropped,
+        })
+    }
+
+    /// Queues one record, stamped now, for the writer. Never blocks: with
+    /// the writer [`QUEUE`] lines behind, the record is dropped and counted.
     pub fn record(&self, r: &Record<'_>) {
         let time = now_rfc3339();
         let line = Line {
@@ -132,17 +177,44 @@ impl Audit {
             }
         };
         bytes.push(b'\n');
-        let written = match &self.sink {
-            // Stdout is line-buffered: a whole line written at once goes
-            // out in one write, and its lock keeps lines whole.
-            Sink::Stdout => std::io::stdout().lock().write_all(&bytes),
-            Sink::File { file, .. } => file
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .write_all(&bytes),
-        };
-        if let Err(e) = written {
-            tracing::warn!(sink = ?self, error = %e, "step-up audit record not written");
+        match self.queue.try_send(Job::Line(bytes)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.inc();
+                tracing::debug!(sink = %self.sink, "step-up audit record dropped: the writer is behind");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+                tracing::warn!(sink = %self.sink, "step-up audit record dropped: the writer is gone");
+            }
+        }
+    }
+
+    /// Waits (blocking) until every record queued before this call is
+    /// written: for shutdown and tests.
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.queue.send(Job::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+/// The writer thread: each line in one write, flushed, so a reader (or a
+/// crash) never sees half a record.
+fn write_lines(jobs: Receiver<Job>, mut out: Box<dyn Write + Send>, sink: &str, counts: &Counts) {
+    for job in jobs {
+        match job {
+            Job::Line(bytes) => match out.write_all(&bytes).and_then(|()| out.flush()) {
+                Ok(()) => counts.written.inc(),
+                Err(e) => {
+                    counts.failed.inc();
+                    tracing::warn!(sink, error = %e, "step-up audit record not written");
+                }
+            },
+            Job::Flush(done) => {
+                let _ = done.send(());
+            }
         }
     }
 }
@@ -173,17 +245,14 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
-/// Milliseconds since the Unix epoch (for nonce ages).
-pub fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::metric;
+
+    fn metrics() -> Metrics {
+        Metrics::new().expect("metrics")
+    }
 
     fn lines(path: &Path) -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)
@@ -206,7 +275,7 @@ mod tests {
     fn each_record_is_one_json_line_with_its_fields_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
-        let audit = Audit::open(&AuditSink::File(path.clone())).expect("open");
+        let audit = Audit::open(&AuditSink::File(path.clone()), &metrics()).expect("open");
         audit.record(&RECORD);
         audit.record(&Record {
             reason: "app",
@@ -214,6 +283,7 @@ mod tests {
             nonce_age_ms: Some(1234),
             ..RECORD
         });
+        audit.flush();
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.ends_with('\n'));
@@ -246,15 +316,15 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
-        Audit::open(&AuditSink::File(path.clone()))
-            .expect("open")
-            .record(&RECORD);
+        let first = Audit::open(&AuditSink::File(path.clone()), &metrics()).expect("open");
+        first.record(&RECORD);
+        first.flush();
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A restart appends: what was recorded stays.
-        Audit::open(&AuditSink::File(path.clone()))
-            .expect("open again")
-            .record(&RECORD);
+        let again = Audit::open(&AuditSink::File(path.clone()), &metrics()).expect("open again");
+        again.record(&RECORD);
+        again.flush();
         assert_eq!(lines(&path).len(), 2);
     }
 
@@ -262,7 +332,9 @@ mod tests {
     fn records_written_at_once_never_interleave() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
-        let audit = std::sync::Arc::new(Audit::open(&AuditSink::File(path.clone())).expect("open"));
+        let audit = std::sync::Arc::new(
+            Audit::open(&AuditSink::File(path.clone()), &metrics()).expect("open"),
+        );
         let long = "x".repeat(3000);
         let threads: Vec<_> = (0..4)
             .map(|_| {
@@ -280,6 +352,7 @@ mod tests {
         for t in threads {
             t.join().expect("writer");
         }
+        audit.flush();
         let got = lines(&path);
         assert_eq!(got.len(), 200);
         assert!(got.iter().all(|l| l["peer"] == long.as_str()));
@@ -289,9 +362,98 @@ mod tests {
     fn an_unwritable_path_is_an_error_naming_the_key_and_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("no-such-dir").join("audit.log");
-        let e = Audit::open(&AuditSink::File(path.clone())).unwrap_err();
+        let e = Audit::open(&AuditSink::File(path.clone()), &metrics()).unwrap_err();
         let msg = e.to_string();
         assert!(msg.starts_with("inbound.stepup.audit_log: "), "{msg}");
         assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    /// A writer that waits for `gate` before its first write, then writes
+    /// into `into` (or fails, when `into` is `None`).
+    struct Slow {
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+        into: Option<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>,
+    }
+
+    impl Write for Slow {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+            match &self.into {
+                Some(v) => {
+                    v.lock().expect("lock").extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+                None => Err(std::io::Error::other("disk full")),
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_writer_never_blocks_the_caller_and_drops_are_counted() {
+        let m = metrics();
+        let (open, gate) = std::sync::mpsc::channel();
+        let into = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = Slow {
+            gate: Some(gate),
+            into: Some(into.clone()),
+        };
+        let audit = Audit::start(Box::new(out), "slow".into(), &m, 4).expect("start");
+        let start = std::time::Instant::now();
+        for i in 0..20u64 {
+            audit.record(&Record {
+                nonce_age_ms: Some(i),
+                ..RECORD
+            });
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        open.send(()).expect("open the gate");
+        audit.flush();
+        let text = String::from_utf8(into.lock().expect("lock").clone()).expect("utf-8");
+        let ages: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+                v["nonce_age_ms"].as_u64().expect("age")
+            })
+            .collect();
+        // The first went to the (stalled) writer, four waited in the
+        // queue, the rest were dropped; what was written kept its order.
+        assert!((4..=6).contains(&ages.len()), "{ages:?}");
+        assert!(ages.windows(2).all(|w| w[0] < w[1]), "{ages:?}");
+        let count = |r: &str| {
+            metric(
+                &m,
+                &format!("keyproof_audit_records_total{{result=\"{r}\"}}"),
+            )
+        };
+        assert_eq!(count("written"), ages.len() as f64);
+        assert_eq!(count("dropped"), (20 - ages.len()) as f64);
+        assert_eq!(count("failed"), 0.0);
+    }
+
+    #[test]
+    fn a_failed_write_is_counted_and_the_next_is_tried() {
+        let m = metrics();
+        let out = Slow {
+            gate: None,
+            into: None,
+        };
+        let audit = Audit::start(Box::new(out), "broken".into(), &m, QUEUE).expect("start");
+        audit.record(&RECORD);
+        audit.record(&RECORD);
+        audit.flush();
+        assert_eq!(
+            metric(&m, "keyproof_audit_records_total{result=\"failed\"}"),
+            2.0
+        );
+        assert_eq!(
+            metric(&m, "keyproof_audit_records_total{result=\"written\"}"),
+            0.0
+        );
     }
 }

@@ -20,7 +20,7 @@ use keyproof_stepup::{
 };
 
 use crate::config::{InboundStepUpConfig, PolicyConfig, RiskAction, StepUpMode};
-use crate::http::body::{text, ProxyBody};
+use crate::http::body::{declared_length, text, ProxyBody};
 use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
 use crate::http::owned::{STEP_UP_REASON, STEP_UP_VERIFIED};
 use crate::inbound::audit::{self, Audit, Record};
@@ -89,6 +89,48 @@ impl Reason {
 struct Refused {
     outcome: Outcome,
     nonce_age_ms: Option<u64>,
+    /// The nonce's expiry passed between opening it and taking it.
+    expired_meanwhile: bool,
+}
+
+/// Whether a refused proof counts against its caller (a failure in the
+/// risk table: `after_failure`, `failures_above`). Only what a caller's
+/// sidecar doing its job never produces does; refusals it does produce
+/// would otherwise let an inbound restart or a slow client lock callers
+/// out:
+/// * `expired`: a kept nonce outlived its life before the next request, or
+///   the clocks are apart;
+/// * `bad_nonce`: the nonce was issued by an earlier run of this inbound
+///   (the nonce key is per process), or for the caller's previous
+///   certificate key (a renewal between the nonce and its use);
+/// * `replay` of a nonce that expired while its body was read (the purge
+///   dropped it): an expiry, not a reuse;
+/// * `missing`: the normal first request.
+///
+/// Everything else counts: a replay, a bad signature, a body or channel
+/// binding other than the signed one, another key's signature, a
+/// malformed proof or one with the wrong algorithm.
+fn held_against_caller(refused: &Refused) -> bool {
+    match refused.outcome {
+        Outcome::Ok | Outcome::Missing | Outcome::Expired | Outcome::BadNonce => false,
+        Outcome::Replay => !refused.expired_meanwhile,
+        Outcome::Malformed
+        | Outcome::BadAlg
+        | Outcome::KeyidMismatch
+        | Outcome::BindingMismatch
+        | Outcome::DigestMismatch
+        | Outcome::BadSignature => true,
+    }
+}
+
+/// The audit `result` of a request that should have been challenged when
+/// no nonce could be issued.
+fn not_issued(e: &IssueError) -> &'static str {
+    match e {
+        IssueError::GlobalFull { .. } => "table_full",
+        IssueError::PeerFull { .. } => "peer_full",
+        IssueError::Rng | IssueError::Encoding => "not_issued",
+    }
 }
 
 /// Proof that a request passed [`InboundStepUp::verify`]; needed by
@@ -205,9 +247,24 @@ impl InboundStepUp {
         })
     }
 
+    /// Starts the challenge counters of a policy taken into use after
+    /// startup (its new routes and rules) at 0.
+    pub fn policy_changed(&self, policy: &PolicyConfig) {
+        let reasons = challenge_reasons(policy);
+        self.metrics
+            .precreate(reasons.iter().map(|(r, why)| (*r, why.iter().copied())));
+    }
+
     /// `[inbound.stepup] max_body`.
     pub fn max_body(&self) -> usize {
         self.max_body
+    }
+
+    /// Waits until every audit record made so far is written.
+    pub fn flush_audit(&self) {
+        if let Some(a) = &self.audit {
+            a.flush();
+        }
     }
 
     /// Writes an audit record of `conn`'s caller on `route`, if audit is on.
@@ -270,15 +327,12 @@ impl InboundStepUp {
                     Refused {
                         outcome,
                         nonce_age_ms: None,
+                        expired_meanwhile: false,
                     },
                 ));
             }
         };
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = declared_length(&parts.headers);
         if declared.is_some_and(|n| n > self.max_body as u64) {
             drain(&mut body, self.max_body, STEPUP_DRAIN).await;
             return Err(self.too_large(conn, route_id, reason));
@@ -310,8 +364,9 @@ impl InboundStepUp {
             }
         };
         let issued_ms = pending.nonce_issued_at().saturating_mul(1000);
+        let expires = pending.nonce_expires_at();
         let outcome = pending.finish(&body);
-        let age = Some(audit::unix_millis().saturating_sub(issued_ms));
+        let age = Some(Now::system().0.saturating_sub(issued_ms));
         if !outcome.is_ok() {
             return Err(self.refuse(
                 peer,
@@ -322,6 +377,9 @@ impl InboundStepUp {
                 Refused {
                     outcome,
                     nonce_age_ms: age,
+                    // The body took longer than the nonce's life: the purge
+                    // may have dropped it, which reads as a replay.
+                    expired_meanwhile: expires < unix_now(),
                 },
             ));
         }
@@ -374,6 +432,7 @@ impl InboundStepUp {
             Refused {
                 outcome: Outcome::Missing,
                 nonce_age_ms: None,
+                expired_meanwhile: false,
             },
         )
     }
@@ -438,9 +497,10 @@ impl InboundStepUp {
         ))
     }
 
-    /// Counts, audits and logs a failed verification (a refused proof also
-    /// raises the caller's risk) and answers with a challenge naming the
-    /// reason (or 503/429 when no nonce can be issued).
+    /// Counts, audits and logs a failed verification (a refused proof may
+    /// also raise the caller's risk: [`held_against_caller`]) and answers
+    /// with a challenge naming the reason (or 503/429 when no nonce can be
+    /// issued).
     fn refuse(
         &self,
         peer: &Peer,
@@ -448,31 +508,36 @@ impl InboundStepUp {
         route_id: &str,
         reason: &Reason,
         has_content_type: bool,
-        Refused {
-            outcome,
-            nonce_age_ms,
-        }: Refused,
+        refused: Refused,
     ) -> Response<ProxyBody> {
+        let outcome = refused.outcome;
         self.metrics.verification(outcome);
-        if outcome == Outcome::Missing {
-            // The normal first request of a caller: challenged, not an attack.
-            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = outcome.as_str(), "step-up required: challenging");
-            self.audit(conn, route_id, reason, audit::CHALLENGED, None);
-        } else {
+        if outcome != Outcome::Missing {
             tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = outcome.as_str(), "step-up verification refused");
-            self.audit(conn, route_id, reason, outcome.as_str(), nonce_age_ms);
-            self.risk
-                .record_failure(conn.peer.id.as_str(), Failure::StepUp, Now::system());
+            self.audit(
+                conn,
+                route_id,
+                reason,
+                outcome.as_str(),
+                refused.nonce_age_ms,
+            );
+            if held_against_caller(&refused) {
+                self.risk
+                    .record_failure(conn.peer.id.as_str(), Failure::StepUp, Now::system());
+            }
         }
-        let resp = match self.verifier.challenge(
-            peer,
-            route_id,
-            has_content_type,
-            Some(outcome),
-            unix_now(),
-        ) {
+        let issued =
+            self.verifier
+                .challenge(peer, route_id, has_content_type, Some(outcome), unix_now());
+        let resp = match issued {
             Ok(ch) => {
                 self.metrics.challenge(route_id, reason.as_str());
+                if outcome == Outcome::Missing {
+                    // The normal first request of a caller: challenged, not
+                    // an attack.
+                    tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = outcome.as_str(), "step-up required: challenging");
+                    self.audit(conn, route_id, reason, audit::CHALLENGED, None);
+                }
                 let mut resp = text(
                     StatusCode::UNAUTHORIZED,
                     format!(
@@ -492,6 +557,10 @@ impl InboundStepUp {
                     self.metrics.table_full.inc();
                 }
                 tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), error = %e, "step-up challenge not issued");
+                if outcome == Outcome::Missing {
+                    // What the caller got: no challenge.
+                    self.audit(conn, route_id, reason, not_issued(&e), None);
+                }
                 let mut resp = no_store(text(e.http_status(), format!("{e}\n")));
                 if let Some(secs) = e.retry_after_secs() {
                     resp.headers_mut()
@@ -603,7 +672,10 @@ mod tests {
                 body_timeout: cfg.limits.body_timeout,
                 risk: table.clone(),
                 audit: audit.as_ref().map(|(_, path)| {
-                    Arc::new(Audit::open(&crate::config::AuditSink::File(path.clone())).unwrap())
+                    Arc::new(
+                        Audit::open(&crate::config::AuditSink::File(path.clone()), &metrics)
+                            .unwrap(),
+                    )
                 }),
                 reloadable: false,
             },
@@ -648,6 +720,7 @@ mod tests {
         /// The audit records so far.
         fn audited(&self) -> Vec<serde_json::Value> {
             let (_, path) = self.audit.as_ref().expect("audit on");
+            self.stepup.flush_audit();
             std::fs::read_to_string(path)
                 .unwrap_or_default()
                 .lines()
@@ -725,6 +798,26 @@ mod tests {
 
     fn www_authenticate(resp: &Response<ProxyBody>) -> &str {
         resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap()
+    }
+
+    #[test]
+    fn only_refusals_a_well_behaved_caller_never_causes_are_held_against_it() {
+        let held = |outcome: Outcome, expired_meanwhile: bool| {
+            held_against_caller(&Refused {
+                outcome,
+                nonce_age_ms: None,
+                expired_meanwhile,
+            })
+        };
+        let benign: Vec<&str> = Outcome::ALL
+            .into_iter()
+            .filter(|o| !held(*o, false))
+            .map(Outcome::as_str)
+            .collect();
+        assert_eq!(benign, ["ok", "missing", "bad_nonce", "expired"]);
+        assert!(held(Outcome::Replay, false));
+        // A nonce purged while its body was read is an expiry.
+        assert!(!held(Outcome::Replay, true));
     }
 
     #[tokio::test]

@@ -40,6 +40,8 @@ pub struct Tally {
 pub struct Counted {
     inner: Option<ProxyBody>,
     tally: Arc<Tally>,
+    /// Fields removed from the trailer section (see [`Counted::without`]).
+    unread: Option<Arc<[Box<str>]>>,
 }
 
 /// Wraps `body`; the tally says how much of it went through.
@@ -52,9 +54,20 @@ pub fn counted(body: ProxyBody) -> (Counted, Arc<Tally>) {
         Counted {
             inner: Some(body),
             tally: tally.clone(),
+            unread: None,
         },
         tally,
     )
+}
+
+impl Counted {
+    /// The body with the fields `names` (lowercase, `-` for `_`) removed
+    /// from its trailer section in any spelling: the fields risk rules read
+    /// in the header section, which must not reach the app unevaluated.
+    pub fn without(mut self, names: Arc<[Box<str>]>) -> Counted {
+        self.unread = Some(names);
+        self
+    }
 }
 
 impl Tally {
@@ -118,7 +131,12 @@ impl Body for Counted {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut *inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(names)) = (&mut polled, &this.unread) {
+            if let Some(t) = frame.trailers_mut() {
+                crate::http::owned::remove_named(t, names);
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
@@ -168,6 +186,7 @@ mod tests {
 
     use super::*;
     use crate::testing::hyper_request;
+    use http::HeaderMap;
 
     /// A chunked HTTP/1.1 body as hyper delivers it, one frame per chunk;
     /// unfinished (no last chunk) unless `end`. Keep the stream while the
@@ -213,6 +232,27 @@ mod tests {
         drop(b);
         let total = tally.total(4, Duration::from_secs(5)).await;
         assert_eq!(total, 8, "read up to the first frame past the limit");
+    }
+
+    #[tokio::test]
+    async fn fields_read_by_header_rules_are_removed_from_the_trailers() {
+        let raw = "POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n\
+            3\r\nabc\r\n0\r\nx-amount: 99999\r\nX_Amount: 99999\r\nx-kind: wire\r\n\
+            grpc-status: 0\r\n\r\n";
+        let (req, _client) = hyper_request(raw.as_bytes()).await;
+        let (b, tally) = counted(ProxyBody::Stream(req.into_body()));
+        let names: Arc<[Box<str>]> = Arc::from(vec!["x-amount".into(), "x-kind".into()]);
+        let got = b.without(names).collect().await.expect("body");
+        let trailers = got.trailers().cloned().expect("trailers");
+        assert_eq!(&got.to_bytes()[..], b"abc");
+        let names: Vec<_> = trailers.keys().map(|k| k.as_str().to_owned()).collect();
+        assert_eq!(names, ["grpc-status"]);
+        assert_eq!(tally.seen(), 3);
+        // Without names, the trailers go on as they came.
+        let (req, _client) = hyper_request(raw.as_bytes()).await;
+        let (b, _) = counted(ProxyBody::Stream(req.into_body()));
+        let got = b.collect().await.expect("body");
+        assert_eq!(got.trailers().map(HeaderMap::len), Some(4));
     }
 
     #[tokio::test]

@@ -55,7 +55,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{AppProtocol, InboundConfig, PolicyConfig, StepUpMode};
 use crate::http::app_client::{self, AppError};
-use crate::http::body::{absolute_uri, path_of, text, ProxyBody, ResponseFuture};
+use crate::http::body::{absolute_uri, declared_length, path_of, text, ProxyBody, ResponseFuture};
 use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
@@ -151,7 +151,7 @@ impl Inbound {
             .stepup
             .audit_log
             .as_ref()
-            .map(Audit::open)
+            .map(|sink| Audit::open(sink, metrics))
             .transpose()?
             .map(Arc::new);
         let h1 = app_client::H1Pool::new(
@@ -213,8 +213,9 @@ impl Inbound {
 
     /// Takes a new policy into use (a `policy_file` change): requests from
     /// now on are decided by it, requests in flight keep their route. The
-    /// risk table's failures and lockouts carry over; per-route state starts
-    /// again. Returns the new policy's generation.
+    /// risk table's failures and lockouts carry over, and so does the
+    /// per-route state of every unchanged route (see `RouteRisk`'s
+    /// fingerprint). Returns the new policy's generation.
     pub fn replace_policy(&self, cfg: &PolicyConfig) -> Result<u64, prometheus::Error> {
         let mut generation = self
             .generation
@@ -228,6 +229,7 @@ impl Inbound {
             next,
             &self.all_metrics,
         )?;
+        self.stepup.policy_changed(cfg);
         self.policy.store(Arc::new(policy));
         *generation = next;
         self.all_metrics
@@ -271,9 +273,10 @@ impl Inbound {
                 let f = store::classify(&e);
                 self.metrics.handshake(f.reason);
                 tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
-                // A certificate naming an identity that failed (expired,
-                // no proof of possession...) raises that identity's risk.
-                if let Some(id) = f.peer_id.as_deref() {
+                // A certificate of ours whose holder failed (no proof of
+                // possession...) raises that identity's risk; one that did
+                // not chain to the bundle names whoever its maker wished.
+                if let Some(id) = f.verified_peer() {
                     self.risk
                         .record_failure(id, Failure::Handshake, Now::system());
                 }
@@ -340,9 +343,19 @@ impl Inbound {
         conn: Arc<InboundConn>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let start = Instant::now();
-        map_in_place(self.admit(req, conn), move |resp| {
+        let head = req.method() == http::Method::HEAD;
+        map_in_place(self.admit(req, conn), move |mut resp| {
             self.metrics
                 .request(resp.status(), start.elapsed().as_secs_f64());
+            if head {
+                // The sidecar's own answers (challenges, refusals) are whole
+                // bodies; on HEAD they must go without one (HTTP/2 calls a
+                // DATA frame on a HEAD stream a protocol error). The app's
+                // own response to HEAD has none already.
+                if let ProxyBody::Full(b) = resp.body_mut() {
+                    *b = None;
+                }
+            }
             resp
         })
     }
@@ -467,7 +480,9 @@ impl Inbound {
                     Verdict::Pass => return self.unverified(req, conn, r).await,
                 }
             }
-            _ => Reason::Always,
+            (StepUpMode::Always, _) => Reason::Always,
+            // `admit` sends only step-up routes here.
+            (StepUpMode::Never, _) => return self.forward(req, false).await,
         };
         let (req, verified) = match self.stepup.verify(req, conn, r, &reason).await {
             Ok(v) => v,
@@ -481,9 +496,7 @@ impl Inbound {
                 "the app asked for a step-up proof of a request that was already verified\n",
             );
         }
-        if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
-            risk.served(&conn.peer.id, Now::system());
-        }
+        served(r, conn, &resp);
         // The next nonce saves a round trip where the next request will
         // need one: on `always` routes, and for an app that asked (it may
         // well ask again). A rule's challenge is an exception to pay for.
@@ -507,25 +520,30 @@ impl Inbound {
         // A `Stepup-Binding` without a signature is no proof, and the app
         // never sees step-up request fields.
         keyproof_stepup::strip_stepup_headers(&mut parts.headers);
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = declared_length(&parts.headers);
         let has_content_type = parts.headers.contains_key(header::CONTENT_TYPE);
         let (body, tally) = counted(body);
+        // Trailer fields the rules would have read in the header section
+        // were never evaluated: they do not reach the app.
+        let body = match r.risk.as_ref().and_then(|k| k.header_fields()) {
+            Some(names) => body.without(names.clone()),
+            None => body,
+        };
         let resp = self.forward_counted(Request::from_parts(parts, body)).await;
         if resp.extensions().get::<AppAsked>().is_none() {
-            if let (Some(risk), true) = (&r.risk, from_app(&resp)) {
-                risk.served(&conn.peer.id, Now::system());
-            }
+            served(r, conn, &resp);
             return resp;
         }
         // The caller's sidecar resends the body it sent: it must have sent
         // all of it first, and the verifier must be able to read it.
         let max = self.stepup.max_body() as u64;
+        // A declared length over the bound needs no wait for the rest of the
+        // body (hyper closes an HTTP/1 connection whose body is left unread).
+        if declared.is_some_and(|n| n > max) {
+            return self.stepup.app_asked_too_large(conn, r);
+        }
         let total = tally.total(max, STEPUP_DRAIN).await;
-        if declared.is_some_and(|n| n > max) || total > max {
+        if total > max {
             return self.stepup.app_asked_too_large(conn, r);
         }
         self.stepup.app_asked(conn, r, has_content_type)
@@ -549,8 +567,7 @@ impl Inbound {
             audit::DENIED,
             None,
         );
-        let (limit, within) = limited::REFUSAL_DRAIN;
-        limited::drain(&mut req.into_body(), limit, within).await;
+        drain_refused(req.into_body()).await;
         text(
             StatusCode::FORBIDDEN,
             format!(
@@ -739,9 +756,20 @@ fn from_app(resp: &Response<ProxyBody>) -> bool {
 
 /// Reads what is left of a small body before a refusal is answered
 /// ([`limited::drain`] says why).
-async fn drain_refused(mut body: Incoming) {
+async fn drain_refused<B>(mut body: B)
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
     let (limit, within) = limited::REFUSAL_DRAIN;
     limited::drain(&mut body, limit, within).await;
+}
+
+/// Marks the caller as served on a `risk` route (`new_peer`) once the app
+/// itself answered.
+fn served(r: &Route, conn: &InboundConn, resp: &Response<ProxyBody>) {
+    if let (Some(risk), true) = (&r.risk, from_app(resp)) {
+        risk.served(&conn.peer.id, Now::system());
+    }
 }
 
 /// Runs `f` on drop.
@@ -829,6 +857,23 @@ mod tests {
             crate::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
             7.0
         );
+    }
+
+    #[tokio::test]
+    async fn the_sidecars_own_answer_to_head_has_no_body() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (inbound, _m) = inbound(&api, "127.0.0.1:9", ADMIN_FOR_OPS);
+        for (method, want) in [("HEAD", ""), ("GET", "route /admin does not allow")] {
+            let raw = format!("{method} /admin HTTP/1.1\r\nhost: api\r\n\r\n");
+            let (req, _client) = hyper_request(raw.as_bytes()).await;
+            let resp = inbound.clone().request(req, conn(&web, &api)).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{method}");
+            let body = body_text(resp).await;
+            assert!(
+                body.contains(want) && (want.is_empty() == body.is_empty()),
+                "{method}: {body:?}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -1244,6 +1289,7 @@ mod tests {
             );
             assert_eq!(seen.lock().expect("lock").len(), 3);
 
+            inbound.stepup.flush_audit();
             let audited: Vec<String> = std::fs::read_to_string(&log)
                 .expect("audit log")
                 .lines()
@@ -1497,7 +1543,8 @@ mod tests {
                 h
             }
 
-            fn audited(log: &std::path::Path) -> Vec<String> {
+            fn audited(inbound: &Inbound, log: &std::path::Path) -> Vec<String> {
+                inbound.stepup.flush_audit();
                 std::fs::read_to_string(log)
                     .unwrap_or_default()
                     .lines()
@@ -1566,7 +1613,7 @@ mod tests {
                 let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
                 assert_eq!(resp.status(), StatusCode::OK);
                 assert_eq!(seen.lock().expect("lock").len(), 1);
-                assert_eq!(audited(&log), ["evil denied"]);
+                assert_eq!(audited(&inbound, &log), ["evil denied"]);
             }
 
             #[tokio::test]
@@ -1597,6 +1644,40 @@ mod tests {
                 )
                 .await;
                 assert_eq!(resp.status(), StatusCode::OK);
+            }
+
+            #[tokio::test]
+            async fn a_proof_a_well_behaved_callers_sidecar_can_make_is_refused_but_no_failure() {
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, _seen) = app(never_asks).await;
+                let admin = "[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\nstep_up = true\n";
+                let cfg = risk_config(&["after-refusal"], AFTER, admin);
+                let (inbound, metrics) = inbound_with(&api, addr, &cfg, false, None);
+                // The nonce a caller's sidecar kept from this inbound's
+                // previous run (another nonce key): refused as bad_nonce.
+                let (earlier, _m) = inbound_with(&api, addr, &cfg, false, None);
+                let c = conn(&web, &api);
+                let resp = send(&earlier, &c, &post("/admin", &plain_fields(), b"{}")).await;
+                let kept = challenge_of(&resp);
+                let fields = signed_fields(&web, &kept, "/admin", b"{}");
+                let resp = send(&inbound, &c, &post("/admin", &fields, b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(
+                    metric(
+                        &metrics,
+                        "keyproof_stepup_verifications_total{result=\"bad_nonce\"}"
+                    ),
+                    1.0
+                );
+                // Not held against web: `after-refusal` stays quiet.
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                // The control: a malformed proof is.
+                let resp = send(&inbound, &c, &post("/admin", &malformed(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                let resp = send(&inbound, &c, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(challenges(&metrics, "after-refusal"), 1.0);
             }
 
             #[tokio::test]

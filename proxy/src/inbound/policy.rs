@@ -7,7 +7,7 @@ use std::sync::Arc;
 use keyproof_identity::{IdPattern, SpiffeId};
 use prometheus::IntCounter;
 
-use crate::config::{DefaultPolicy, DenyEntry, PolicyConfig, StepUpMode};
+use crate::config::{without_leading_zeros, DefaultPolicy, DenyEntry, PolicyConfig, StepUpMode};
 use crate::inbound::risk::{RiskTable, RouteRisk};
 use crate::metrics::Metrics;
 
@@ -56,15 +56,6 @@ pub struct Policy {
     deny: Vec<Denied>,
 }
 
-/// `serial` without leading zeros (`"0"` for zero), the form deny list
-/// serials are stored in; an empty serial stays empty (it matches none).
-fn trim_serial(serial: &str) -> &str {
-    match serial.trim_start_matches('0') {
-        "" if !serial.is_empty() => "0",
-        s => s,
-    }
-}
-
 /// Segment-aware prefix match: `/admin` matches `/admin` and `/admin/x`,
 /// never `/administrator` (a plain string prefix would let a route's rule
 /// leak onto unrelated paths). `path` is the normalized path without its
@@ -77,27 +68,22 @@ fn path_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl Policy {
-    /// Compiles a policy; `generation` changes with every load (risk state
-    /// per route starts again with a new one).
+    /// Compiles a policy, and makes `table` apply its risk routes (per-route
+    /// state of a route the reload leaves unchanged carries over; that of a
+    /// changed or removed route starts again). `generation` numbers the
+    /// loads (for the `keyproof_policy_generation` gauge; the table does not
+    /// need it).
     pub fn new(
         cfg: &PolicyConfig,
         default: DefaultPolicy,
         table: &Arc<RiskTable>,
-        generation: u64,
+        _generation: u64,
         metrics: &Metrics,
     ) -> Result<Policy, prometheus::Error> {
         let mut routes = Vec::with_capacity(cfg.routes.len());
-        for (i, r) in cfg.routes.iter().enumerate() {
+        for r in &cfg.routes {
             let risk = match r.step_up {
-                StepUpMode::Risk => Some(RouteRisk::new(
-                    table,
-                    generation,
-                    i,
-                    &r.path_prefix,
-                    &r.risk,
-                    &cfg.risk_rules,
-                    metrics,
-                )?),
+                StepUpMode::Risk => Some(RouteRisk::new(table, r, &cfg.risk_rules)),
                 _ => None,
             };
             routes.push(Arc::new(Route {
@@ -121,6 +107,9 @@ impl Policy {
                 }
             })
             .collect();
+        // Only now that nothing can fail: a policy that is not built must
+        // not change what the table records.
+        table.apply(routes.iter().filter_map(|r| r.risk.as_ref()));
         Ok(Policy {
             routes,
             default,
@@ -146,7 +135,10 @@ impl Policy {
         serial: &str,
     ) -> Decision<'_> {
         if !self.deny.is_empty() {
-            let serial = trim_serial(serial);
+            // Deny list serials are normalized (`config::normalize_serial`);
+            // the caller's is compared in that form without allocating. An
+            // empty serial stays empty and matches none.
+            let serial = without_leading_zeros(serial);
             let listed = self.deny.iter().find(|d| match &d.entry {
                 DenyEntry::Id(p) => p.matches(peer),
                 DenyEntry::Serial(s) => !serial.is_empty() && s.eq_ignore_ascii_case(serial),
@@ -607,6 +599,95 @@ mod tests {
             ),
             2.0
         );
+    }
+
+    #[test]
+    fn a_reload_that_only_adds_a_deny_entry_keeps_every_callers_risk_state() {
+        use crate::config::{RiskAction, RiskCondition, RiskRuleConfig};
+        use crate::inbound::risk::{Now, Verdict};
+        use std::time::Duration;
+        let m = Metrics::new().unwrap();
+        let table = RiskTable::new(100, &m).unwrap();
+        let mut pay = route("/pay", &[], &[WEB, OPS]);
+        pay.step_up = StepUpMode::Risk;
+        pay.risk = vec!["new".into(), "burst".into()];
+        let rules = vec![
+            RiskRuleConfig {
+                name: "new".into(),
+                condition: RiskCondition::NewPeer(Duration::from_secs(3600)),
+                action: RiskAction::Challenge,
+            },
+            RiskRuleConfig {
+                name: "burst".into(),
+                condition: RiskCondition::RateAbove {
+                    count: 3,
+                    window: Duration::from_secs(60),
+                },
+                action: RiskAction::Challenge,
+            },
+        ];
+        let mut cfg = PolicyConfig {
+            routes: vec![pay],
+            risk_rules: rules.clone(),
+            deny: vec![],
+        };
+        let web = id(WEB);
+        let eval = |p: &Policy, t: u64| match p.decide(&http::Method::POST, "/pay", &web, "1") {
+            Decision::Allow(Some(r)) => {
+                r.risk
+                    .as_ref()
+                    .expect("rules")
+                    .evaluate(&web, &http::HeaderMap::new(), Now(t))
+            }
+            other => panic!("{other:?}"),
+        };
+        let p0 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 0, &m).unwrap();
+        assert_eq!(eval(&p0, 1000), Verdict::Challenge("new".into()));
+        match p0.decide(&http::Method::POST, "/pay", &web, "1") {
+            Decision::Allow(Some(r)) => r.risk.as_ref().expect("rules").served(&web, Now(1000)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(eval(&p0, 1001), Verdict::Pass);
+        // During an incident: a stolen identity is denied, nothing else
+        // changes.
+        cfg.deny = vec![DenyEntry::Id(IdPattern::parse(OPS).unwrap())];
+        let p1 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 1, &m).unwrap();
+        assert!(matches!(
+            p1.decide(&http::Method::POST, "/pay", &id(OPS), "1"),
+            Decision::Deny(_)
+        ));
+        // Still served (not new), and the third request of the minute is
+        // the third...
+        assert_eq!(eval(&p1, 1002), Verdict::Pass);
+        // ...and widening the route's allow list changes nothing either:
+        // the fourth fires.
+        cfg.routes[0]
+            .allow
+            .push(IdPattern::parse("spiffe://td/ns/new/*").unwrap());
+        let p1 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 1, &m).unwrap();
+        assert_eq!(eval(&p1, 1003), Verdict::Challenge("burst".into()));
+        // Changing the route's rules (a stricter rate) starts it again.
+        cfg.risk_rules[1].condition = RiskCondition::RateAbove {
+            count: 2,
+            window: Duration::from_secs(60),
+        };
+        let p2 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 2, &m).unwrap();
+        assert_eq!(eval(&p2, 1004), Verdict::Challenge("new".into()));
+        // So does moving it (another path prefix is another route).
+        cfg.risk_rules = rules;
+        cfg.routes[0].path_prefix = "/pay/v2".into();
+        let p3 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 3, &m).unwrap();
+        match p3.decide(&http::Method::POST, "/pay/v2", &web, "1") {
+            Decision::Allow(Some(r)) => assert_eq!(
+                r.risk
+                    .as_ref()
+                    .expect("rules")
+                    .evaluate(&web, &http::HeaderMap::new(), Now(1005)),
+                Verdict::Challenge("new".into())
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(table.tracked(), 1);
     }
 
     #[test]
