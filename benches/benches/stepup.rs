@@ -6,6 +6,11 @@
 //! request each iteration (signing and nonce issuing are in the untimed
 //! setup). Target: < 60 µs on one core.
 //!
+//! Beside it, the other pieces of a step-up request: steps 1-7 alone, a
+//! replay, the inbound's next nonce, the outbound reading it, and the raw
+//! ECDSA signature and verification (the crypto floor) against the whole
+//! outbound signature.
+//!
 //! `cargo bench -p keyproof-benches --bench stepup -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
