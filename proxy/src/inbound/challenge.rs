@@ -462,7 +462,7 @@ impl InboundStepUp {
             .verifier
             .challenge(peer, route_id, verified.has_content_type, None, unix_now())
         {
-            Ok(ch) => ch.apply_next(resp.headers_mut()),
+            Ok(ch) => ch.into_next(resp.headers_mut()),
             Err(e) => {
                 // The response itself succeeded; the next request will simply
                 // be challenged (and refused with 503/429 if still full).
