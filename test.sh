@@ -5,7 +5,8 @@
 #   ./test.sh
 #
 # On a fresh Debian machine with only the Rust toolchain, run it as root: it
-# installs openssl, curl, prometheus (with promtool), yamllint and nginx from
+# installs openssl, curl, prometheus (with promtool), yamllint, nginx, and for
+# the transparent-mesh tests iptables, iproute2, tcpdump, PostgreSQL and stunnel, from
 # apt; checkov and kubernetes-validate in a venv at /opt/keyproof-ci (linked
 # into /usr/local/bin); http-message-signatures and pyOpenSSL in a venv at
 # /opt/keyproof-interop (the independent RFC 9421 implementation the step-up
@@ -26,7 +27,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Everything that needs installing is collected first, so that a run without
 # root can say in one message what is missing instead of failing half-way.
-apt_pkgs=(openssl curl prometheus yamllint nginx)
+apt_pkgs=(openssl curl prometheus yamllint nginx iptables iproute2 tcpdump postgresql postgresql-client stunnel4)
 missing_apt=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing_apt+=("$p"); done
 # Only for a machine that has less than the CI image: the venvs below need

@@ -73,6 +73,7 @@ pub mod identity;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
+pub mod original_dst;
 pub mod outbound;
 pub mod quickstart;
 pub mod run;

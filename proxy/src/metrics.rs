@@ -168,6 +168,53 @@ pub struct Metrics {
     sig_cache: [IntCounter; 2],
     sig_cache_sync: std::sync::Arc<std::sync::Mutex<()>>,
     bundle: TrustBundleMetrics,
+    /// Opaque TCP carried over the mesh.
+    pub tcp: TcpMetrics,
+}
+
+/// Results of `keyproof_tcp_connections_total`, one child each per
+/// direction, created at startup so that dashboards see zeros:
+/// - `ok`: the tunnel was set up (outbound: the peer accepted the CONNECT;
+///   inbound: the app accepted the connection);
+/// - `denied`: no `[[inbound.tcp]]` rule for the port, or the caller is not
+///   allowed by it (inbound), or the peer refused the tunnel (outbound);
+/// - `unmeshed_denied`: an outbound destination outside the mesh with
+///   `unmeshed = "deny"`;
+/// - `passthrough`: an outbound destination outside the mesh, connected to
+///   directly without TLS;
+/// - `failed`: the mesh connection, the CONNECT or the app connection
+///   failed.
+pub const TCP_RESULTS: [&str; 5] = ["ok", "denied", "unmeshed_denied", "passthrough", "failed"];
+
+/// `keyproof_tcp_*`: opaque TCP connections over the mesh (HTTP/2 CONNECT
+/// streams), by direction.
+#[derive(Clone)]
+pub struct TcpMetrics {
+    connections: IntCounterVec,
+    bytes: IntCounterVec,
+}
+
+impl TcpMetrics {
+    /// Counts one TCP connection's outcome; `result` is one of
+    /// [`TCP_RESULTS`].
+    pub fn connection(&self, direction: Direction, result: &'static str) {
+        debug_assert!(TCP_RESULTS.contains(&result), "unknown TCP result {result}");
+        self.connections
+            .with_label_values(&[direction.as_str(), result])
+            .inc();
+    }
+
+    /// Adds the bytes a finished (or failed) tunnel carried: from the
+    /// connecting client towards the server, and back.
+    pub fn bytes(&self, direction: Direction, client_to_server: u64, server_to_client: u64) {
+        let d = direction.as_str();
+        self.bytes
+            .with_label_values(&[d, "client_to_server"])
+            .inc_by(client_to_server);
+        self.bytes
+            .with_label_values(&[d, "server_to_client"])
+            .inc_by(server_to_client);
+    }
 }
 
 /// `keyproof_trust_bundle_*`: what the trust bundle in use holds, so that a
@@ -402,6 +449,30 @@ impl Metrics {
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(renewals.clone()))?;
         registry.register(Box::new(sig_cache.clone()))?;
+        let tcp_connections = IntCounterVec::new(
+            Opts::new(
+                "keyproof_tcp_connections_total",
+                "Opaque TCP connections carried over the mesh, by direction and result (ok, denied, unmeshed_denied, passthrough, failed).",
+            ),
+            &["direction", "result"],
+        )?;
+        let tcp_bytes = IntCounterVec::new(
+            Opts::new(
+                "keyproof_tcp_bytes_total",
+                "Bytes carried by opaque TCP connections, by direction and way (client_to_server, server_to_client).",
+            ),
+            &["direction", "way"],
+        )?;
+        for d in [Direction::Inbound, Direction::Outbound] {
+            for r in TCP_RESULTS {
+                tcp_connections.with_label_values(&[d.as_str(), r]);
+            }
+            for w in ["client_to_server", "server_to_client"] {
+                tcp_bytes.with_label_values(&[d.as_str(), w]);
+            }
+        }
+        registry.register(Box::new(tcp_connections.clone()))?;
+        registry.register(Box::new(tcp_bytes.clone()))?;
         let dir = |d: Direction| DirectionMetrics {
             handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
             key_exchanges: GROUP_LABELS.map(|g| key_exchanges.with_label_values(&[d.as_str(), g])),
@@ -433,6 +504,10 @@ impl Metrics {
                 root_expiry,
                 sequence,
                 exported: Default::default(),
+            },
+            tcp: TcpMetrics {
+                connections: tcp_connections,
+                bytes: tcp_bytes,
             },
         })
     }
