@@ -76,6 +76,7 @@ pub mod metrics;
 pub mod original_dst;
 pub mod outbound;
 pub mod quickstart;
+pub mod redirect;
 pub mod run;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -1,4 +1,5 @@
-//! `keyproof-proxy` command line: `run`, `check-config`, `quickstart`.
+//! `keyproof-proxy` command line: `run`, `check-config`, `quickstart`,
+//! `redirect`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyproof_proxy::config::{Config, IdentitySource, LogFormat};
+use keyproof_proxy::redirect::{self, InboundPorts, Outcome};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +40,73 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Install (or remove) the iptables rules that send this network
+    /// namespace's TCP through the sidecar (transparent mode; IPv4 only).
+    Redirect(RedirectArgs),
+}
+
+#[derive(clap::Args)]
+struct RedirectArgs {
+    /// The sidecar's uid: its own connections are never redirected.
+    #[arg(long, default_value_t = 2102)]
+    proxy_uid: u32,
+    /// Inbound ports to intercept: `all`, or a comma-separated list.
+    #[arg(long, default_value = "all", value_parser = inbound_ports)]
+    inbound_ports: InboundPorts,
+    /// Inbound ports never intercepted (comma-separated).
+    #[arg(long, default_value = "", value_parser = exclude_inbound_ports)]
+    exclude_inbound_ports: Ports,
+    /// Outbound destination ports never intercepted (comma-separated).
+    #[arg(long, default_value = "", value_parser = exclude_outbound_ports)]
+    exclude_outbound_ports: Ports,
+    /// Outbound destination IPv4 networks never intercepted
+    /// (comma-separated CIDRs or addresses).
+    #[arg(long, default_value = "", value_parser = exclude_cidrs)]
+    exclude_cidrs: Cidrs,
+    /// The outbound listener's port (127.0.0.1).
+    #[arg(long, default_value_t = 15001, value_parser = port)]
+    outbound_port: u16,
+    /// The inbound listener's port.
+    #[arg(long, default_value_t = 15443, value_parser = port)]
+    inbound_port: u16,
+    /// The admin listener's port (probes and scrapes reach it directly).
+    #[arg(long, default_value_t = 15090, value_parser = port)]
+    admin_port: u16,
+    /// Print the iptables-restore input instead of applying it.
+    #[arg(long)]
+    dry_run: bool,
+    /// Delete the rules this command installs (a no-op when there are none).
+    #[arg(long)]
+    remove: bool,
+}
+
+// Newtypes: clap treats a bare `Vec<_>` field as a repeated argument, and
+// these are one comma-separated value each.
+#[derive(Clone)]
+struct Ports(Vec<u16>);
+#[derive(Clone)]
+struct Cidrs(Vec<ipnet::Ipv4Net>);
+
+fn inbound_ports(s: &str) -> Result<InboundPorts, String> {
+    redirect::parse_inbound_ports(s).map_err(|e| e.to_string())
+}
+fn exclude_inbound_ports(s: &str) -> Result<Ports, String> {
+    redirect::parse_ports("--exclude-inbound-ports", s)
+        .map(Ports)
+        .map_err(|e| e.to_string())
+}
+fn exclude_outbound_ports(s: &str) -> Result<Ports, String> {
+    redirect::parse_ports("--exclude-outbound-ports", s)
+        .map(Ports)
+        .map_err(|e| e.to_string())
+}
+fn exclude_cidrs(s: &str) -> Result<Cidrs, String> {
+    redirect::parse_cidrs(s)
+        .map(Cidrs)
+        .map_err(|e| e.to_string())
+}
+fn port(s: &str) -> Result<u16, String> {
+    redirect::parse_port("port", s).map_err(|_| "expected a number from 1 to 65535".to_owned())
 }
 
 fn main() -> ExitCode {
@@ -102,5 +171,47 @@ fn real_main() -> anyhow::Result<()> {
             rt.block_on(keyproof_proxy::quickstart::run(once))?;
             Ok(())
         }
+        Cmd::Redirect(args) => redirect_cmd(args),
     }
+}
+
+fn redirect_cmd(a: RedirectArgs) -> anyhow::Result<()> {
+    let opts = redirect::Options {
+        proxy_uid: a.proxy_uid,
+        inbound_ports: a.inbound_ports,
+        exclude_inbound_ports: a.exclude_inbound_ports.0,
+        exclude_outbound_ports: a.exclude_outbound_ports.0,
+        exclude_cidrs: a.exclude_cidrs.0,
+        outbound_port: a.outbound_port,
+        inbound_port: a.inbound_port,
+        admin_port: a.admin_port,
+    };
+    // Validated even for --remove, so a typo is never silently ignored.
+    let rules = redirect::rules(&opts)?;
+    if a.dry_run {
+        let script = if a.remove {
+            redirect::remove_script(&redirect::installed_state()).unwrap_or_default()
+        } else {
+            redirect::install_script(&rules, &Default::default())
+        };
+        print!("{script}");
+        return Ok(());
+    }
+    let outcome = if a.remove {
+        redirect::remove()?
+    } else {
+        redirect::install(&opts)?
+    };
+    let what = match outcome {
+        Outcome::Installed => "installed",
+        Outcome::Replaced => "replaced the rules already installed",
+        Outcome::Removed => "removed",
+        Outcome::NothingToRemove => "nothing to remove: none of our chains is",
+    };
+    println!(
+        "redirect: {what} ({}, {} in the nat table, IPv4)",
+        redirect::INBOUND_CHAIN,
+        redirect::OUTPUT_CHAIN
+    );
+    Ok(())
 }

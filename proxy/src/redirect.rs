@@ -1,0 +1,803 @@
+//! `keyproof-proxy redirect`: the `iptables` rules that send a pod's TCP
+//! through its sidecar (transparent mode), installed in and removed from the
+//! current network namespace.
+//!
+//! The rules are data first: [`rules`] is a pure function from [`Options`]
+//! to the rule specs, so what is installed can be read, tested and printed
+//! (`--dry-run`) without touching the kernel. Applying them goes through
+//! `iptables-restore --noflush` in one transaction, so a pod never sees half
+//! a rule set.
+//!
+//! Everything lives in the `nat` table, in two chains of our own
+//! ([`INBOUND_CHAIN`], [`OUTPUT_CHAIN`]) reached by one jump each from
+//! `PREROUTING` and `OUTPUT`. Installing declares (and so empties) our
+//! chains, refills them and adds a jump only where it is missing: running
+//! it twice leaves one copy. Removing deletes our jumps and chains and
+//! nothing else: the namespace is as it was before.
+//!
+//! IPv4 only: IPv6 TCP is not intercepted (the listeners bind IPv4
+//! addresses); see docs/transparent.md.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+
+/// Our chain for connections arriving at the pod (jumped to from
+/// `PREROUTING`).
+pub const INBOUND_CHAIN: &str = "KEYPROOF_INBOUND";
+/// Our chain for connections the pod's processes make (jumped to from
+/// `OUTPUT`).
+pub const OUTPUT_CHAIN: &str = "KEYPROOF_OUTPUT";
+
+/// The table everything is installed in.
+const TABLE: &str = "nat";
+
+/// The jumps into our chains: (built-in chain, our chain).
+const JUMPS: [(&str, &str); 2] = [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN)];
+
+/// Loopback: never redirected, so the proxy's own local legs (inbound to
+/// the app, an app calling the outbound listener explicitly) stay direct.
+const LOOPBACK: &str = "127.0.0.0/8";
+
+/// Why the rules could not be built or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// A port that is not a number from 1 to 65535.
+    #[error("{flag}: invalid port {value:?}: expected a number from 1 to 65535")]
+    InvalidPort {
+        /// The flag it was given to.
+        flag: &'static str,
+        /// The offending item.
+        value: String,
+    },
+    /// An empty list where at least one item is needed.
+    #[error("{flag}: empty list: {hint}")]
+    EmptyList {
+        /// The flag it was given to.
+        flag: &'static str,
+        /// What to give instead.
+        hint: &'static str,
+    },
+    /// Not an IPv4 network or address.
+    #[error(
+        "--exclude-cidrs: invalid CIDR {value:?}: expected an IPv4 network such as 10.0.0.0/8 \
+         or an address such as 10.1.2.3"
+    )]
+    InvalidCidr {
+        /// The offending item.
+        value: String,
+    },
+    /// An IPv6 network: only IPv4 is intercepted, so excluding one would
+    /// suggest a protection that does not exist.
+    #[error(
+        "--exclude-cidrs: {value:?} is IPv6; redirect intercepts IPv4 only (IPv6 traffic is \
+         not redirected at all, see docs/transparent.md)"
+    )]
+    Ipv6Cidr {
+        /// The offending item.
+        value: String,
+    },
+    /// Two of the proxy's own ports are the same.
+    #[error("{a} and {b} are both {port}: the proxy's listeners need distinct ports")]
+    PortClash {
+        /// One flag.
+        a: &'static str,
+        /// The other flag.
+        b: &'static str,
+        /// The shared port.
+        port: u16,
+    },
+    /// The program is not installed (or not on `PATH`).
+    #[error(
+        "{program} not found: redirect needs iptables (nf_tables or legacy backend) on PATH in \
+         the container that runs it"
+    )]
+    Missing {
+        /// The program.
+        program: &'static str,
+    },
+    /// The kernel refused: not root, or no `CAP_NET_ADMIN`.
+    #[error(
+        "{program}: not permitted to change the network namespace's rules: run as root with \
+         CAP_NET_ADMIN and CAP_NET_RAW (an init container with capabilities add [NET_ADMIN, \
+         NET_RAW]): {stderr}"
+    )]
+    NotPermitted {
+        /// The program.
+        program: &'static str,
+        /// What it said.
+        stderr: String,
+    },
+    /// The program ran and failed for another reason.
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed {
+        /// The program.
+        program: &'static str,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it said.
+        stderr: String,
+    },
+    /// The program could not be started or talked to.
+    #[error("{program}: {source}")]
+    Io {
+        /// The program.
+        program: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which destination ports of connections arriving at the pod go to the
+/// inbound listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundPorts {
+    /// Every TCP port (but the exclusions).
+    All,
+    /// These ports only (sorted, no duplicates).
+    List(Vec<u16>),
+}
+
+/// What to install; the defaults are the deploy/ examples' ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// The uid the sidecar runs as: its connections are never redirected
+    /// (they would loop back into its own outbound listener).
+    pub proxy_uid: u32,
+    /// Ports intercepted inbound.
+    pub inbound_ports: InboundPorts,
+    /// Ports never intercepted inbound (e.g. a health port the kubelet
+    /// probes in plaintext).
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Destination ports never intercepted outbound.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Destination networks never intercepted outbound.
+    pub exclude_cidrs: Vec<Ipv4Net>,
+    /// The outbound listener's port (on 127.0.0.1).
+    pub outbound_port: u16,
+    /// The inbound listener's port.
+    pub inbound_port: u16,
+    /// The admin listener's port: probes and scrapes reach it directly.
+    pub admin_port: u16,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            proxy_uid: 2102,
+            inbound_ports: InboundPorts::All,
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            outbound_port: 15001,
+            inbound_port: 15443,
+            admin_port: 15090,
+        }
+    }
+}
+
+/// One rule: appended (`-A`) to `chain` with the `iptables` arguments in
+/// `spec`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The chain it is appended to.
+    pub chain: &'static str,
+    /// The match and target arguments, e.g. `["-p", "tcp", "-j", "RETURN"]`.
+    pub spec: Vec<String>,
+}
+
+impl Rule {
+    fn new(chain: &'static str, spec: &[&str]) -> Rule {
+        Rule {
+            chain,
+            spec: spec.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "-A {} {}", self.chain, self.spec.join(" "))
+    }
+}
+
+/// Parses a port: a number from 1 to 65535.
+pub fn parse_port(flag: &'static str, s: &str) -> Result<u16, RedirectError> {
+    let t = s.trim();
+    match t.parse::<u16>() {
+        Ok(p) if p != 0 && !t.starts_with('+') => Ok(p),
+        _ => Err(RedirectError::InvalidPort {
+            flag,
+            value: t.to_owned(),
+        }),
+    }
+}
+
+/// Parses a comma-separated port list (empty: none), sorted, duplicates
+/// dropped.
+pub fn parse_ports(flag: &'static str, s: &str) -> Result<Vec<u16>, RedirectError> {
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        if item.trim().is_empty() && s.trim().is_empty() {
+            continue;
+        }
+        out.push(parse_port(flag, item)?);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Parses `--inbound-ports`: `all`, or a non-empty port list.
+pub fn parse_inbound_ports(s: &str) -> Result<InboundPorts, RedirectError> {
+    const FLAG: &str = "--inbound-ports";
+    if s.trim().eq_ignore_ascii_case("all") || s.trim() == "*" {
+        return Ok(InboundPorts::All);
+    }
+    let ports = parse_ports(FLAG, s)?;
+    if ports.is_empty() {
+        return Err(RedirectError::EmptyList {
+            flag: FLAG,
+            hint: "give `all` or the ports the pod's containers listen on, e.g. 8080,5432",
+        });
+    }
+    Ok(InboundPorts::List(ports))
+}
+
+/// Parses a comma-separated list of IPv4 networks or addresses (an address
+/// is its /32), in their canonical form (host bits cleared).
+pub fn parse_cidrs(s: &str) -> Result<Vec<Ipv4Net>, RedirectError> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim) {
+        if item.is_empty() && s.trim().is_empty() {
+            continue;
+        }
+        let net = if let Ok(net) = item.parse::<Ipv4Net>() {
+            net.trunc()
+        } else if let Ok(addr) = item.parse::<std::net::Ipv4Addr>() {
+            Ipv4Net::from(addr)
+        } else if item.parse::<ipnet::Ipv6Net>().is_ok()
+            || item.parse::<std::net::Ipv6Addr>().is_ok()
+        {
+            return Err(RedirectError::Ipv6Cidr {
+                value: item.to_owned(),
+            });
+        } else {
+            return Err(RedirectError::InvalidCidr {
+                value: item.to_owned(),
+            });
+        };
+        if !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    Ok(out)
+}
+
+/// The rules of our two chains, in order: for each chain the exclusions
+/// (`RETURN`) first, then the `REDIRECT`s. A pure function of `opts`.
+pub fn rules(opts: &Options) -> Result<Vec<Rule>, RedirectError> {
+    for (a, pa, b, pb) in [
+        (
+            "--outbound-port",
+            opts.outbound_port,
+            "--inbound-port",
+            opts.inbound_port,
+        ),
+        (
+            "--outbound-port",
+            opts.outbound_port,
+            "--admin-port",
+            opts.admin_port,
+        ),
+        (
+            "--inbound-port",
+            opts.inbound_port,
+            "--admin-port",
+            opts.admin_port,
+        ),
+    ] {
+        if pa == pb {
+            return Err(RedirectError::PortClash { a, b, port: pa });
+        }
+    }
+    for (flag, p) in [
+        ("--outbound-port", opts.outbound_port),
+        ("--inbound-port", opts.inbound_port),
+        ("--admin-port", opts.admin_port),
+    ] {
+        if p == 0 {
+            return Err(RedirectError::InvalidPort {
+                flag,
+                value: "0".to_owned(),
+            });
+        }
+    }
+    let mut out = Vec::new();
+
+    // Inbound. Connections from the pod to itself arrive on lo; they are
+    // the proxy's own legs or the app talking to itself, never a peer.
+    let inbound_port = opts.inbound_port.to_string();
+    out.push(Rule::new(INBOUND_CHAIN, &["-i", "lo", "-j", "RETURN"]));
+    // The listener's own port (explicit-mode peers), the admin port
+    // (kubelet probes, scrapes: plaintext by design) and the exclusions.
+    let mut keep = vec![opts.inbound_port, opts.admin_port];
+    keep.extend(&opts.exclude_inbound_ports);
+    dedup_in_order(&mut keep);
+    for p in &keep {
+        let p = p.to_string();
+        out.push(Rule::new(
+            INBOUND_CHAIN,
+            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
+        ));
+    }
+    match &opts.inbound_ports {
+        InboundPorts::All => out.push(Rule::new(
+            INBOUND_CHAIN,
+            &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &inbound_port],
+        )),
+        InboundPorts::List(ports) => {
+            for p in ports.iter().filter(|p| !keep.contains(p)) {
+                let p = p.to_string();
+                out.push(Rule::new(
+                    INBOUND_CHAIN,
+                    &[
+                        "-p",
+                        "tcp",
+                        "--dport",
+                        &p,
+                        "-j",
+                        "REDIRECT",
+                        "--to-ports",
+                        &inbound_port,
+                    ],
+                ));
+            }
+        }
+    }
+
+    // Outbound. The proxy's own connections first: they must leave as they
+    // are, or the outbound would dial itself forever.
+    let uid = opts.proxy_uid.to_string();
+    out.push(Rule::new(
+        OUTPUT_CHAIN,
+        &["-m", "owner", "--uid-owner", &uid, "-j", "RETURN"],
+    ));
+    out.push(Rule::new(OUTPUT_CHAIN, &["-o", "lo", "-j", "RETURN"]));
+    out.push(Rule::new(OUTPUT_CHAIN, &["-d", LOOPBACK, "-j", "RETURN"]));
+    for net in &opts.exclude_cidrs {
+        let net = net.to_string();
+        out.push(Rule::new(OUTPUT_CHAIN, &["-d", &net, "-j", "RETURN"]));
+    }
+    for p in &opts.exclude_outbound_ports {
+        let p = p.to_string();
+        out.push(Rule::new(
+            OUTPUT_CHAIN,
+            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
+        ));
+    }
+    let outbound_port = opts.outbound_port.to_string();
+    out.push(Rule::new(
+        OUTPUT_CHAIN,
+        &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &outbound_port],
+    ));
+    Ok(out)
+}
+
+fn dedup_in_order(v: &mut Vec<u16>) {
+    let mut seen = Vec::with_capacity(v.len());
+    v.retain(|p| {
+        let new = !seen.contains(p);
+        seen.push(*p);
+        new
+    });
+}
+
+/// The jump from a built-in chain into ours, as `iptables -S` prints it.
+fn jump_line(builtin: &str, ours: &str) -> String {
+    format!("-A {builtin} -p tcp -j {ours}")
+}
+
+/// What of ours is in the `nat` table now, read from `iptables -t nat -S`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatState {
+    /// Our chains that exist.
+    pub chains: Vec<&'static str>,
+    /// Every rule in a built-in chain that jumps to one of ours, as printed
+    /// (`-A OUTPUT -p tcp -j KEYPROOF_OUTPUT`), duplicates included.
+    pub jumps: Vec<String>,
+}
+
+impl NatState {
+    /// Parses `iptables -t nat -S` output.
+    pub fn parse(listing: &str) -> NatState {
+        let mut st = NatState::default();
+        for line in listing.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix("-N ") {
+                for ours in [INBOUND_CHAIN, OUTPUT_CHAIN] {
+                    if name.trim() == ours {
+                        st.chains.push(ours);
+                    }
+                }
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                let chain = rest.split_whitespace().next().unwrap_or("");
+                let ours = [INBOUND_CHAIN, OUTPUT_CHAIN].contains(&chain);
+                let target = rest.split_whitespace().skip_while(|w| *w != "-j").nth(1);
+                if !ours && target.is_some_and(|t| t == INBOUND_CHAIN || t == OUTPUT_CHAIN) {
+                    st.jumps.push(line.to_owned());
+                }
+            }
+        }
+        st
+    }
+
+    /// True when nothing of ours is installed.
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.jumps.is_empty()
+    }
+}
+
+/// The `iptables-restore --noflush` input that brings the table from
+/// `state` to exactly `rules` plus one jump per chain: our chains are
+/// declared (which empties them), refilled, and the jumps fixed up (a
+/// missing one inserted first in its built-in chain, any other jump into
+/// our chains deleted).
+pub fn install_script(rules: &[Rule], state: &NatState) -> String {
+    let mut s = format!("*{TABLE}\n");
+    for ours in [INBOUND_CHAIN, OUTPUT_CHAIN] {
+        let _ = writeln!(s, ":{ours} - [0:0]");
+    }
+    for r in rules {
+        let _ = writeln!(s, "{r}");
+    }
+    for (builtin, ours) in JUMPS {
+        let want = jump_line(builtin, ours);
+        let mut kept = false;
+        for j in state
+            .jumps
+            .iter()
+            .filter(|j| j.ends_with(&format!(" {ours}")))
+        {
+            if *j == want && !kept {
+                kept = true;
+            } else if let Some(spec) = j.strip_prefix("-A ") {
+                let _ = writeln!(s, "-D {spec}");
+            }
+        }
+        if !kept {
+            let _ = writeln!(s, "-I {builtin} 1 -p tcp -j {ours}");
+        }
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The `iptables-restore --noflush` input that deletes everything of ours
+/// in `state`; `None` when there is nothing to delete.
+pub fn remove_script(state: &NatState) -> Option<String> {
+    if state.is_empty() {
+        return None;
+    }
+    let mut s = format!("*{TABLE}\n");
+    for j in &state.jumps {
+        if let Some(spec) = j.strip_prefix("-A ") {
+            let _ = writeln!(s, "-D {spec}");
+        }
+    }
+    for ours in &state.chains {
+        let _ = writeln!(s, "-F {ours}\n-X {ours}");
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+/// The state after a complete install: what `--remove --dry-run` shows.
+pub fn installed_state() -> NatState {
+    NatState {
+        chains: vec![INBOUND_CHAIN, OUTPUT_CHAIN],
+        jumps: JUMPS.iter().map(|(b, o)| jump_line(b, o)).collect(),
+    }
+}
+
+/// What [`install`] or [`remove`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rules installed where none were.
+    Installed,
+    /// Rules were there already and were replaced by the requested set.
+    Replaced,
+    /// Our rules were deleted.
+    Removed,
+    /// `--remove` with nothing installed.
+    NothingToRemove,
+}
+
+/// Installs `opts`' rules in the current network namespace, replacing any
+/// earlier set of ours in one transaction.
+pub fn install(opts: &Options) -> Result<Outcome, RedirectError> {
+    let rules = rules(opts)?;
+    let state = read_state()?;
+    restore(&install_script(&rules, &state))?;
+    Ok(if state.is_empty() {
+        Outcome::Installed
+    } else {
+        Outcome::Replaced
+    })
+}
+
+/// Removes our rules from the current network namespace; a no-op when none
+/// are installed.
+pub fn remove() -> Result<Outcome, RedirectError> {
+    let state = read_state()?;
+    match remove_script(&state) {
+        None => Ok(Outcome::NothingToRemove),
+        Some(script) => {
+            restore(&script)?;
+            Ok(Outcome::Removed)
+        }
+    }
+}
+
+const IPTABLES: &str = "iptables";
+const IPTABLES_RESTORE: &str = "iptables-restore";
+
+fn read_state() -> Result<NatState, RedirectError> {
+    let out = Command::new(IPTABLES)
+        .args(["-w", "-t", TABLE, "-S"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| spawn_error(IPTABLES, e))?;
+    check(IPTABLES, out.status, &out.stderr)?;
+    Ok(NatState::parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn restore(script: &str) -> Result<(), RedirectError> {
+    let mut child = Command::new(IPTABLES_RESTORE)
+        .args(["-w", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| spawn_error(IPTABLES_RESTORE, e))?;
+    let io = |source| RedirectError::Io {
+        program: IPTABLES_RESTORE,
+        source,
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A refusal can close stdin early; the exit status tells why.
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(io)?;
+    check(IPTABLES_RESTORE, out.status, &out.stderr)
+}
+
+fn spawn_error(program: &'static str, e: std::io::Error) -> RedirectError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        RedirectError::Missing { program }
+    } else {
+        RedirectError::Io { program, source: e }
+    }
+}
+
+fn check(
+    program: &'static str,
+    status: std::process::ExitStatus,
+    stderr: &[u8],
+) -> Result<(), RedirectError> {
+    if status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(stderr).trim().to_owned();
+    let lower = stderr.to_ascii_lowercase();
+    if lower.contains("permission denied")
+        || lower.contains("operation not permitted")
+        || lower.contains("must be root")
+    {
+        return Err(RedirectError::NotPermitted { program, stderr });
+    }
+    Err(RedirectError::Failed {
+        program,
+        status,
+        stderr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(rules: &[Rule]) -> Vec<String> {
+        rules.iter().map(Rule::to_string).collect()
+    }
+
+    #[test]
+    fn default_rules() {
+        let r = rules(&Options::default()).unwrap();
+        assert_eq!(
+            lines(&r),
+            [
+                "-A KEYPROOF_INBOUND -i lo -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --dport 15443 -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --dport 15090 -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp -j REDIRECT --to-ports 15443",
+                "-A KEYPROOF_OUTPUT -m owner --uid-owner 2102 -j RETURN",
+                "-A KEYPROOF_OUTPUT -o lo -j RETURN",
+                "-A KEYPROOF_OUTPUT -d 127.0.0.0/8 -j RETURN",
+                "-A KEYPROOF_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+            ]
+        );
+    }
+
+    #[test]
+    fn exclusions_uid_and_port_lists() {
+        let opts = Options {
+            proxy_uid: 1337,
+            inbound_ports: parse_inbound_ports("8080, 5432,9000,15090,8080").unwrap(),
+            exclude_inbound_ports: parse_ports("--exclude-inbound-ports", "9000").unwrap(),
+            exclude_outbound_ports: parse_ports("--exclude-outbound-ports", "53,443").unwrap(),
+            exclude_cidrs: parse_cidrs("10.96.0.1/12,169.254.169.254").unwrap(),
+            outbound_port: 16001,
+            inbound_port: 16443,
+            admin_port: 16090,
+        };
+        assert_eq!(
+            lines(&rules(&opts).unwrap()),
+            [
+                "-A KEYPROOF_INBOUND -i lo -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --dport 16443 -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --dport 16090 -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --dport 9000 -j RETURN",
+                // Sorted, deduplicated, the excluded 9000 left out; 15090 is
+                // not the admin port here, so it is intercepted.
+                "-A KEYPROOF_INBOUND -p tcp --dport 5432 -j REDIRECT --to-ports 16443",
+                "-A KEYPROOF_INBOUND -p tcp --dport 8080 -j REDIRECT --to-ports 16443",
+                "-A KEYPROOF_INBOUND -p tcp --dport 15090 -j REDIRECT --to-ports 16443",
+                "-A KEYPROOF_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                "-A KEYPROOF_OUTPUT -o lo -j RETURN",
+                "-A KEYPROOF_OUTPUT -d 127.0.0.0/8 -j RETURN",
+                // Host bits cleared; an address is its /32.
+                "-A KEYPROOF_OUTPUT -d 10.96.0.0/12 -j RETURN",
+                "-A KEYPROOF_OUTPUT -d 169.254.169.254/32 -j RETURN",
+                "-A KEYPROOF_OUTPUT -p tcp --dport 53 -j RETURN",
+                "-A KEYPROOF_OUTPUT -p tcp --dport 443 -j RETURN",
+                "-A KEYPROOF_OUTPUT -p tcp -j REDIRECT --to-ports 16001",
+            ]
+        );
+    }
+
+    #[test]
+    fn listed_proxy_ports_are_never_redirected_inbound() {
+        let opts = Options {
+            inbound_ports: InboundPorts::List(vec![15443, 15090]),
+            ..Options::default()
+        };
+        let r = lines(&rules(&opts).unwrap());
+        assert!(
+            !r.iter().any(|l| l.contains("REDIRECT --to-ports 15443")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn bad_ports_are_refused_with_the_flag_and_value() {
+        for bad in ["0", "65536", "http", "-1", "+80", "80,,81", "80-90"] {
+            let e = parse_ports("--exclude-outbound-ports", bad).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("--exclude-outbound-ports: invalid port")
+                    && msg.contains("1 to 65535"),
+                "{bad}: {msg}"
+            );
+        }
+        assert_eq!(parse_ports("--x", "").unwrap(), Vec::<u16>::new());
+        assert_eq!(parse_ports("--x", " 443 , 80 ").unwrap(), vec![80, 443]);
+        let e = parse_inbound_ports("").unwrap_err().to_string();
+        assert!(e.contains("--inbound-ports: empty list"), "{e}");
+        assert_eq!(parse_inbound_ports("ALL").unwrap(), InboundPorts::All);
+        let e = parse_inbound_ports("8080,x").unwrap_err().to_string();
+        assert!(e.contains("invalid port \"x\""), "{e}");
+    }
+
+    #[test]
+    fn bad_cidrs_are_refused_and_ipv6_is_named() {
+        for bad in ["10.0.0.0/33", "10.0.0", "example.com", "10.0.0.0/8,", "/8"] {
+            let e = parse_cidrs(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid CIDR"), "{bad}: {e}");
+        }
+        for v6 in ["fd00::/8", "::1"] {
+            let e = parse_cidrs(v6).unwrap_err().to_string();
+            assert!(
+                e.contains("is IPv6") && e.contains("IPv4 only"),
+                "{v6}: {e}"
+            );
+        }
+        assert!(parse_cidrs("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn clashing_listener_ports_are_refused() {
+        let opts = Options {
+            admin_port: 15443,
+            ..Options::default()
+        };
+        let e = rules(&opts).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--inbound-port and --admin-port are both 15443: the proxy's listeners need distinct ports"
+        );
+        let opts = Options {
+            outbound_port: 0,
+            ..Options::default()
+        };
+        assert!(rules(&opts)
+            .unwrap_err()
+            .to_string()
+            .contains("--outbound-port"));
+    }
+
+    #[test]
+    fn state_is_read_from_iptables_s() {
+        let listing = "-P PREROUTING ACCEPT\n-P OUTPUT ACCEPT\n-N KEYPROOF_INBOUND\n-N OTHER\n\
+            -A PREROUTING -p tcp -j KEYPROOF_INBOUND\n-A OUTPUT -d 10.0.0.0/8 -j OTHER\n\
+            -A OUTPUT -p tcp -j KEYPROOF_OUTPUT\n-A OUTPUT -p tcp -j KEYPROOF_OUTPUT\n\
+            -A KEYPROOF_INBOUND -p tcp -j REDIRECT --to-ports 15443\n";
+        let st = NatState::parse(listing);
+        assert_eq!(st.chains, [INBOUND_CHAIN]);
+        assert_eq!(
+            st.jumps,
+            [
+                "-A PREROUTING -p tcp -j KEYPROOF_INBOUND",
+                "-A OUTPUT -p tcp -j KEYPROOF_OUTPUT",
+                "-A OUTPUT -p tcp -j KEYPROOF_OUTPUT",
+            ]
+        );
+        assert!(NatState::parse("-P OUTPUT ACCEPT\n").is_empty());
+    }
+
+    #[test]
+    fn install_adds_missing_jumps_and_drops_extra_ones() {
+        let r = rules(&Options::default()).unwrap();
+        let fresh = install_script(&r, &NatState::default());
+        assert!(fresh.starts_with("*nat\n:KEYPROOF_INBOUND - [0:0]\n:KEYPROOF_OUTPUT - [0:0]\n"));
+        assert!(fresh.ends_with(
+            "-I PREROUTING 1 -p tcp -j KEYPROOF_INBOUND\n-I OUTPUT 1 -p tcp -j KEYPROOF_OUTPUT\nCOMMIT\n"
+        ));
+        assert_eq!(fresh.matches("-A KEYPROOF_").count(), r.len());
+        // Installed already: no new jump.
+        let again = install_script(&r, &installed_state());
+        assert!(!again.contains("-I ") && !again.contains("-D "), "{again}");
+        // Two copies of one jump and a stray one: one copy left.
+        let messy = NatState {
+            chains: vec![OUTPUT_CHAIN],
+            jumps: vec![
+                "-A OUTPUT -p tcp -j KEYPROOF_OUTPUT".into(),
+                "-A OUTPUT -p tcp -j KEYPROOF_OUTPUT".into(),
+                "-A OUTPUT -d 10.0.0.0/8 -j KEYPROOF_OUTPUT".into(),
+            ],
+        };
+        let s = install_script(&r, &messy);
+        assert!(s.contains("-D OUTPUT -p tcp -j KEYPROOF_OUTPUT\n"), "{s}");
+        assert!(
+            s.contains("-D OUTPUT -d 10.0.0.0/8 -j KEYPROOF_OUTPUT\n"),
+            "{s}"
+        );
+        assert!(!s.contains("-I OUTPUT"), "{s}");
+        assert!(
+            s.contains("-I PREROUTING 1 -p tcp -j KEYPROOF_INBOUND\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn remove_deletes_only_ours_and_nothing_when_absent() {
+        assert_eq!(remove_script(&NatState::default()), None);
+        assert_eq!(
+            remove_script(&installed_state()).unwrap(),
+            "*nat\n-D PREROUTING -p tcp -j KEYPROOF_INBOUND\n-D OUTPUT -p tcp -j KEYPROOF_OUTPUT\n\
+             -F KEYPROOF_INBOUND\n-X KEYPROOF_INBOUND\n-F KEYPROOF_OUTPUT\n-X KEYPROOF_OUTPUT\nCOMMIT\n"
+        );
+    }
+}
