@@ -207,6 +207,7 @@ fn kustomizations_build_and_validate() {
         "example",
         "example-join-token",
         "example-files",
+        "example-transparent",
         "monitoring",
     ] {
         assert!(
@@ -221,7 +222,7 @@ fn kustomizations_build_and_validate() {
         let name = d.file_name().unwrap().to_string_lossy().into_owned();
         let f = tmp.path().join(format!("{name}.yaml"));
         std::fs::write(&f, &out).unwrap();
-        rendered.push(f);
+        rendered.push(f.clone());
 
         // The rendered objects, not only the source files, keep their shape.
         if name.starts_with("example") {
@@ -355,6 +356,7 @@ fn kustomizations_build_and_validate() {
                     "{out}"
                 );
             }
+            "example-transparent" => transparent_shape(&f, &out),
             // Optional: the Prometheus Operator's PodMonitors, and nothing else.
             "monitoring" => {
                 assert_eq!(out.matches("\nkind: PodMonitor\n").count(), 2, "{out}");
@@ -444,6 +446,43 @@ fn checkov_has_no_failed_checks() {
     if !require("checkov") {
         return;
     }
+    let passed = checkov_clean(&deploy().join("kubernetes"));
+    assert!(
+        passed > 100,
+        "checkov ran suspiciously few checks ({passed})"
+    );
+}
+
+/// checkov on the rendered example-transparent overlay: its init container
+/// exists only in the kustomization's patches, which checkov's kubernetes
+/// framework does not apply.
+#[test]
+fn checkov_has_no_failed_checks_on_the_transparent_example() {
+    if !require("checkov") || !require("kubectl") {
+        return;
+    }
+    // Not a dot-directory (tempfile's default): checkov skips those.
+    let tmp = tempfile::Builder::new()
+        .prefix("kp-checkov-")
+        .tempdir()
+        .expect("tempdir");
+    let (ok, out, err) = exec(
+        Command::new("kubectl")
+            .arg("kustomize")
+            .arg(deploy().join("kubernetes/example-transparent")),
+    );
+    assert!(ok, "kubectl kustomize example-transparent failed:\n{err}");
+    std::fs::write(tmp.path().join("example-transparent.yaml"), out).unwrap();
+    let passed = checkov_clean(tmp.path());
+    assert!(
+        passed > 50,
+        "checkov ran suspiciously few checks ({passed})"
+    );
+}
+
+/// Runs checkov on `dir`; asserts no failed check, no parsing error and a
+/// written reason for every skipped check; returns the passed count.
+fn checkov_clean(dir: &Path) -> u64 {
     let (_, out, err) = exec(
         Command::new("checkov")
             .args([
@@ -455,7 +494,7 @@ fn checkov_has_no_failed_checks() {
                 "json",
                 "-d",
             ])
-            .arg(deploy().join("kubernetes")),
+            .arg(dir),
     );
     let v: serde_json::Value = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("checkov output is not JSON ({e}):\n{out}\n{err}"));
@@ -501,10 +540,7 @@ fn checkov_has_no_failed_checks() {
             );
         }
     }
-    assert!(
-        passed > 100,
-        "checkov ran suspiciously few checks ({passed}):\n{out}"
-    );
+    passed
 }
 
 #[test]
@@ -959,6 +995,99 @@ fn flag<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
     args.iter()
         .position(|a| *a == flag)
         .and_then(|i| args.get(i + 1).copied())
+}
+
+/// The transparent example (rendered): the redirect init container runs
+/// first, as root with NET_ADMIN and NET_RAW only; the sidecar runs as the
+/// uid the rules exempt; the app has no HTTP_PROXY; the namespace admits
+/// the capabilities; the Service and NetworkPolicy carry the app's port.
+fn transparent_shape(rendered: &Path, out: &str) {
+    let Some(docs) = yaml_docs(rendered) else {
+        return;
+    };
+    let dep = object(&docs, "Deployment", "web");
+    let pod = &dep["spec"]["template"]["spec"];
+    let init: Vec<&str> = pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(init, ["keyproof-redirect", "keyproof-proxy"], "{out}");
+    let redirect = container(pod, "keyproof-redirect");
+    let sc = &redirect["securityContext"];
+    assert_eq!(sc["runAsUser"], 0, "iptables needs root");
+    assert_eq!(
+        sc["capabilities"],
+        serde_json::json!({"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]})
+    );
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(
+        redirect.get("restartPolicy").is_none(),
+        "a plain init container: runs once"
+    );
+    let a = args(redirect);
+    assert_eq!(a.first(), Some(&"redirect"));
+    let uid = a
+        .iter()
+        .find_map(|x| x.strip_prefix("--proxy-uid="))
+        .expect("--proxy-uid");
+    let sidecar = container(pod, "keyproof-proxy");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["securityContext"]["runAsUser"].to_string(), uid);
+    assert_eq!(sidecar["securityContext"]["runAsNonRoot"], true);
+    let pod_uid = pod["securityContext"]["runAsUser"].to_string();
+    assert_ne!(pod_uid, uid, "the app must not share the exempt uid");
+    for c in containers(pod) {
+        let sc = &c["securityContext"];
+        if c["name"] != "keyproof-redirect" {
+            assert!(
+                sc["capabilities"].get("add").is_none() && sc["runAsUser"] != 0,
+                "only the redirect init container is privileged: {c}"
+            );
+        }
+    }
+    let app = container(pod, "app");
+    assert!(
+        !app.to_string().contains("HTTP_PROXY"),
+        "the app is unmodified: {app}"
+    );
+    let ns = object(&docs, "Namespace", "keyproof-example");
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+        "restricted and baseline refuse NET_ADMIN"
+    );
+    let svc = object(&docs, "Service", "web");
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 8080),
+        "{svc}"
+    );
+    let np = object(&docs, "NetworkPolicy", "web");
+    assert!(
+        np["spec"]["ingress"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 8080),
+        "{np}"
+    );
+    for needle in [
+        "[[inbound.tcp]]",
+        "[[outbound.upstreams]]",
+        "host = \"*.{namespace}.svc.cluster.local\"",
+        "identity = \"spiffe://prod.example.com/ns/{namespace}/sa/*\"",
+        "listen = \"127.0.0.1:15001\"",
+        "listen = \"0.0.0.0:15443\"",
+    ] {
+        assert!(out.contains(needle), "example-transparent lacks {needle}");
+    }
 }
 
 /// The example workload gets its identity with no human step: three
