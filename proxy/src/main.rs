@@ -213,5 +213,15 @@ fn redirect_cmd(a: RedirectArgs) -> anyhow::Result<()> {
         redirect::INBOUND_CHAIN,
         redirect::OUTPUT_CHAIN
     );
+    if !a.remove {
+        let v6 = redirect::current_global_ipv6_addresses();
+        if !v6.is_empty() {
+            eprintln!(
+                "redirect: warning: IPv6 TCP is not intercepted, and this namespace has IPv6 \
+                 addresses ({}): connections over them bypass the sidecar",
+                v6.join(", ")
+            );
+        }
+    }
     Ok(())
 }

@@ -541,6 +541,35 @@ pub fn remove() -> Result<Outcome, RedirectError> {
     }
 }
 
+/// The namespace's global-scope IPv6 addresses as `address%interface`,
+/// read from `/proc/net/if_inet6` text: the traffic `redirect` does not
+/// intercept. Link-local and loopback addresses carry no pod traffic.
+pub fn global_ipv6_addresses(if_inet6: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in if_inet6.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [hex, _index, _prefix, scope, _flags, dev] = f[..] else {
+            continue;
+        };
+        if scope != "00" || hex.len() != 32 {
+            continue;
+        }
+        let Ok(bits) = u128::from_str_radix(hex, 16) else {
+            continue;
+        };
+        out.push(format!("{}%{dev}", std::net::Ipv6Addr::from(bits)));
+    }
+    out
+}
+
+/// [`global_ipv6_addresses`] of the current network namespace; empty where
+/// the kernel has no IPv6.
+pub fn current_global_ipv6_addresses() -> Vec<String> {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|t| global_ipv6_addresses(&t))
+        .unwrap_or_default()
+}
+
 const IPTABLES: &str = "iptables";
 const IPTABLES_RESTORE: &str = "iptables-restore";
 
@@ -736,6 +765,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--outbound-port"));
+    }
+
+    #[test]
+    fn global_ipv6_addresses_are_found() {
+        let t = "fe80000000000000c08457fffe97f2e4 02 40 20 c0       e1\n\
+                 00000000000000000000000000000001 01 80 10 80       lo\n\
+                 fd000000000000000000000000000001 03 40 00 82       eth0\n\
+                 garbage\n";
+        assert_eq!(global_ipv6_addresses(t), ["fd00::1%eth0"]);
+        assert!(global_ipv6_addresses("").is_empty());
     }
 
     #[test]

@@ -332,6 +332,27 @@ fn app_connections_are_redirected_and_the_proxys_are_not() {
     ]);
     let _peer_listeners = peer.listeners(&[("0.0.0.0", 80, "PEER")]);
 
+    // IPv6 is not intercepted: said when the pod has an address to use.
+    pod.exec_ok(&[
+        "ip",
+        "addr",
+        "add",
+        "fd00:250::1/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let out = run(&mut pod.redirect(&["--proxy-uid", "4242"]));
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && warning.contains("IPv6 TCP is not intercepted")
+            && warning.contains("fd00:250::1%eth0"),
+        "{warning}"
+    );
+    pod.exec_ok(&["ip", "addr", "del", "fd00:250::1/64", "dev", "eth0"]);
+    run_ok(&mut pod.redirect(&["--remove"]));
+
     // Without rules everything goes where it was sent.
     assert_eq!(
         pod.connect_as(APP_UID, "10.250.0.2", 80),
