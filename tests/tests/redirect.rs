@@ -490,6 +490,36 @@ fn bad_flags_and_missing_rights_give_clear_errors() {
         err.contains("not permitted") && err.contains("CAP_NET_ADMIN"),
         "{err}"
     );
+    // Root without CAP_NET_ADMIN (what an init container without the
+    // capability gets): refused the same way.
+    let err = run_err(&mut ns.cmd(&[
+        "setpriv",
+        "--bounding-set",
+        "-all,+net_raw",
+        "--inh-caps",
+        "-all",
+        p.to_str().unwrap(),
+        "redirect",
+    ]));
+    assert!(
+        err.contains("not permitted") && err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
+    // CAP_NET_ADMIN alone suffices with the nf_tables backend (the legacy
+    // one also needs CAP_NET_RAW).
+    if run_ok(&mut ns.cmd(&["iptables", "-V"])).contains("nf_tables") {
+        let out = run_ok(&mut ns.cmd(&[
+            "setpriv",
+            "--bounding-set",
+            "-all,+net_admin",
+            "--inh-caps",
+            "-all",
+            p.to_str().unwrap(),
+            "redirect",
+        ]));
+        assert!(out.contains("installed"), "{out}");
+        run_ok(&mut ns.redirect(&["--remove"]));
+    }
     // Without iptables: named.
     let err = run_err(&mut ns.cmd(&["env", "PATH=/nonexistent", p.to_str().unwrap(), "redirect"]));
     assert!(err.contains("iptables not found"), "{err}");
