@@ -48,29 +48,29 @@ enum Cmd {
 #[derive(clap::Args)]
 struct RedirectArgs {
     /// The sidecar's uid: its own connections are never redirected.
-    #[arg(long, default_value_t = 2102)]
+    #[arg(long, value_name = "UID", default_value_t = 2102)]
     proxy_uid: u32,
     /// Inbound ports to intercept: `all`, or a comma-separated list.
-    #[arg(long, default_value = "all", value_parser = inbound_ports)]
+    #[arg(long, value_name = "all|PORTS", default_value = "all", value_parser = inbound_ports)]
     inbound_ports: InboundPorts,
     /// Inbound ports never intercepted (comma-separated).
-    #[arg(long, default_value = "", value_parser = exclude_inbound_ports)]
+    #[arg(long, value_name = "PORTS", default_value = "", value_parser = exclude_inbound_ports)]
     exclude_inbound_ports: Ports,
     /// Outbound destination ports never intercepted (comma-separated).
-    #[arg(long, default_value = "", value_parser = exclude_outbound_ports)]
+    #[arg(long, value_name = "PORTS", default_value = "", value_parser = exclude_outbound_ports)]
     exclude_outbound_ports: Ports,
     /// Outbound destination IPv4 networks never intercepted
     /// (comma-separated CIDRs or addresses).
-    #[arg(long, default_value = "", value_parser = exclude_cidrs)]
+    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = exclude_cidrs)]
     exclude_cidrs: Cidrs,
     /// The outbound listener's port (127.0.0.1).
-    #[arg(long, default_value_t = 15001, value_parser = port)]
+    #[arg(long, value_name = "PORT", default_value_t = 15001, value_parser = port)]
     outbound_port: u16,
     /// The inbound listener's port.
-    #[arg(long, default_value_t = 15443, value_parser = port)]
+    #[arg(long, value_name = "PORT", default_value_t = 15443, value_parser = port)]
     inbound_port: u16,
     /// The admin listener's port (probes and scrapes reach it directly).
-    #[arg(long, default_value_t = 15090, value_parser = port)]
+    #[arg(long, value_name = "PORT", default_value_t = 15090, value_parser = port)]
     admin_port: u16,
     /// Print the iptables-restore input instead of applying it.
     #[arg(long)]
