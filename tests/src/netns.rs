@@ -9,7 +9,7 @@
 //! still inside a namespace is killed (daemons like `pg_ctl`'s postmaster
 //! too, not only our children), then the namespace is deleted. Namespaces
 //! left by a test process that no longer exists (killed before its drop ran)
-//! are swept when the next [`Pods`] is made.
+//! are swept when the next [`Pods::create`].
 //!
 //! Also here: running commands in a pod (as root or as an unprivileged uid),
 //! nginx and PostgreSQL listening on a pod's address, and tcpdump on a pod's
@@ -338,7 +338,7 @@ impl Pods {
     /// Creates the node namespace with a bridge and pods A (10.77.0.1),
     /// B (10.77.0.2) and C (10.77.0.3), each with a veth on the bridge and
     /// `lo` up; checks A reaches B and C.
-    pub fn new() -> Pods {
+    pub fn create() -> Pods {
         static N: AtomicU32 = AtomicU32::new(0);
         sweep_stale();
         let base = format!(
