@@ -6,10 +6,10 @@
 //! Namespace names carry the test process's pid and a per-process counter
 //! (`kp-<pid>-<n>-a`), so parallel tests and parallel test binaries never
 //! share one. Everything is removed on drop, panics included: every process
-//! still inside a namespace is killed (daemons like `pg_ctl`'s postmaster
-//! too, not only our children), then the namespace is deleted. Namespaces
-//! left by a test process that no longer exists (killed before its drop ran)
-//! are swept when the next [`Pods::create`].
+//! still inside a namespace is killed (a postmaster's backends and anything
+//! else that forked, not only our children), then the namespace is deleted.
+//! Namespaces left by a test process that no longer exists (killed before
+//! its drop ran) are swept by the next [`Pods::create`].
 //!
 //! Also here: running commands in a pod (as root or as an unprivileged uid),
 //! nginx and PostgreSQL listening on a pod's address, and tcpdump on a pod's
