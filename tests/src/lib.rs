@@ -11,6 +11,7 @@ pub mod ca_server;
 pub mod k8s;
 pub mod kube_api;
 pub mod load;
+pub mod netns;
 pub mod nginx;
 pub mod proxy_support;
 pub mod stepup_caller;
