@@ -613,6 +613,7 @@ mod tests {
                 },
             ],
             deny: vec![],
+            tcp: vec![],
         };
         let p0 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 0, &m).unwrap();
         assert!(p0.any_step_up());
@@ -676,6 +677,7 @@ mod tests {
             routes: vec![pay],
             risk_rules: rules.clone(),
             deny: vec![],
+            tcp: vec![],
         };
         let web = id(WEB);
         let eval = |p: &Policy, t: u64| match p.decide(&http::Method::POST, "/pay", &web, "1") {

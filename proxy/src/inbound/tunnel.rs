@@ -228,3 +228,407 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<'_, T> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The real inbound over real mutual TLS, an h2 client opening tunnels.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Method, Request, StatusCode};
+    use keyproof_identity::IdPattern;
+    use rustls_pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{oneshot, watch};
+    use tokio_rustls::TlsConnector;
+
+    use crate::identity::store;
+    use crate::inbound::Inbound;
+    use crate::listener::{self, Tracker};
+    use crate::metrics::Metrics;
+    use crate::testing::{config, metric, workload, Workload, TD};
+
+    const API: &str = "/ns/demo/sa/api";
+    const WEB: &str = "/ns/demo/sa/web";
+
+    /// The inbound of `api` configured with `rest`, listening on loopback
+    /// with the real accept loop; its address, its metrics and the
+    /// shutdown flag (kept alive by the caller).
+    async fn serve(
+        api: &Workload,
+        rest: &str,
+    ) -> (std::net::SocketAddr, Metrics, watch::Sender<bool>) {
+        let cfg = config(&format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n{rest}"
+        ));
+        let metrics = Metrics::new().expect("metrics");
+        let inbound = Inbound::new(
+            cfg.inbound.as_ref().expect("[inbound]"),
+            api.store(),
+            &metrics,
+        )
+        .expect("inbound");
+        let l = listener::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = l.local_addr().expect("address");
+        let (tx, rx) = watch::channel(false);
+        let stop = rx.clone();
+        tokio::spawn(listener::accept_loop(
+            l,
+            64,
+            Arc::new(Tracker::default()),
+            rx,
+            move |tcp, remote, guards| {
+                inbound
+                    .clone()
+                    .connection(tcp, remote, guards, stop.clone())
+            },
+        ));
+        (addr, metrics, tx)
+    }
+
+    /// An HTTP/2 connection to the inbound over mutual TLS, as `caller`.
+    async fn client(
+        caller: &Workload,
+        addr: std::net::SocketAddr,
+    ) -> h2::client::SendRequest<Bytes> {
+        let store = caller.store();
+        let any = IdPattern::parse(&format!("spiffe://{TD}/*")).expect("pattern");
+        let cfg = store::client_config(&store, any, &[b"h2"]).expect("client config");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tls = TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("api.test").expect("name"), tcp)
+            .await
+            .expect("mutual TLS handshake");
+        let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send
+    }
+
+    /// The answer to a CONNECT to `127.0.0.1:<port>`: its status, and the
+    /// stream both ways (a 200) or the body text (anything else).
+    async fn connect(
+        send: &mut h2::client::SendRequest<Bytes>,
+        port: u16,
+    ) -> (
+        StatusCode,
+        Result<(h2::SendStream<Bytes>, h2::RecvStream), String>,
+    ) {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("127.0.0.1:{port}"))
+            .body(())
+            .expect("request");
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, stream) = ready.send_request(req, false).expect("send CONNECT");
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("answer in time")
+            .expect("answer, not a reset");
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if status == StatusCode::OK {
+            return (status, Ok((stream, body)));
+        }
+        let text = read_all(&mut body).await;
+        (status, Err(String::from_utf8_lossy(&text).into_owned()))
+    }
+
+    /// Everything until END_STREAM.
+    async fn read_all(body: &mut h2::RecvStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data, not a reset");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        out
+    }
+
+    /// An app on loopback that echoes what it reads and, once the caller has
+    /// ended its side, writes `bye` and closes.
+    async fn echo_app() -> (u16, oneshot::Receiver<u64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("app address").port();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = tcp.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                tcp.write_all(&buf[..n]).await.expect("echo");
+            }
+            tcp.write_all(b"bye").await.expect("bye");
+            tcp.shutdown().await.expect("shutdown");
+            let _ = tx.send(total);
+        });
+        (port, rx)
+    }
+
+    /// A port nothing listens on.
+    async fn closed_port() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("address").port()
+    }
+
+    fn tcp_rule(port: u16, allow: &str) -> String {
+        format!("[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{allow}\"]\n")
+    }
+
+    fn tcp(m: &Metrics, result: &str) -> f64 {
+        metric(
+            m,
+            &format!("keyproof_tcp_connections_total{{direction=\"inbound\",result=\"{result}\"}}"),
+        )
+    }
+
+    /// The bytes counted once the tunnel ended (counted when its pump
+    /// returns, which may be just after the client saw the end).
+    async fn bytes(m: &Metrics, want: (f64, f64)) -> (f64, f64) {
+        let get = || {
+            (
+                metric(
+                    m,
+                    "keyproof_tcp_bytes_total{direction=\"inbound\",way=\"client_to_server\"}",
+                ),
+                metric(
+                    m,
+                    "keyproof_tcp_bytes_total{direction=\"inbound\",way=\"server_to_client\"}",
+                ),
+            )
+        };
+        for _ in 0..100 {
+            if get() == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        get()
+    }
+
+    #[tokio::test]
+    async fn an_allowed_tunnel_carries_bytes_both_ways_and_a_half_close() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, "/ns/demo/*")).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"hello"), false)
+            .expect("send");
+        let first = rx.data().await.expect("echo").expect("data");
+        let _ = rx.flow_control().release_capacity(first.len());
+        assert_eq!(&first[..], b"hello");
+        // Our side ends; the app's keeps going: it sees EOF, then answers.
+        tx.send_data(Bytes::from_static(b" world"), true)
+            .expect("send and end");
+        let rest = tokio::time::timeout(Duration::from_secs(5), read_all(&mut rx))
+            .await
+            .expect("the app's end in time");
+        assert_eq!(&rest[..], b" worldbye");
+        assert_eq!(app_read.await.expect("the app saw EOF"), 11);
+        assert_eq!(tcp(&m, "ok"), 1.0);
+        assert_eq!(tcp(&m, "denied") + tcp(&m, "failed"), 0.0);
+        assert_eq!(bytes(&m, (11.0, 14.0)).await, (11.0, 14.0));
+    }
+
+    #[tokio::test]
+    async fn a_multi_megabyte_transfer_goes_through_whole() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        const SIZE: usize = 8 << 20;
+        let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        let data = Bytes::from(data);
+        // h2 queues what it cannot send yet and sends it as the windows
+        // open: the reading below is what lets the echo go on.
+        for chunk in data.chunks(1 << 20) {
+            tx.send_data(data.slice_ref(chunk), false).expect("send");
+        }
+        tx.send_data(Bytes::new(), true).expect("end");
+        let got = tokio::time::timeout(Duration::from_secs(30), read_all(&mut rx))
+            .await
+            .expect("the transfer in time");
+        assert_eq!(got.len(), SIZE + 3);
+        assert!(
+            got[..SIZE] == data[..],
+            "the echo differs from what was sent"
+        );
+        assert_eq!(&got[SIZE..], b"bye");
+        assert_eq!(app_read.await.expect("the app saw EOF"), SIZE as u64);
+        let n = SIZE as f64;
+        assert_eq!(bytes(&m, (n, n + 3.0)).await, (n, n + 3.0));
+        assert_eq!(tcp(&m, "ok"), 1.0);
+    }
+
+    /// A listener that must never see a connection; resolves to whether
+    /// one came within `wait`.
+    async fn never_connected(wait: Duration) -> (u16, tokio::task::JoinHandle<bool>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        let h = tokio::spawn(async move { tokio::time::timeout(wait, l.accept()).await.is_ok() });
+        (port, h)
+    }
+
+    #[tokio::test]
+    async fn a_port_without_a_rule_is_refused_and_never_connected() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let other = closed_port().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(other, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let body = body.err().expect("a refusal");
+        assert!(
+            body.contains(&format!("no tcp rule for port {port}")),
+            "{body}"
+        );
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert_eq!(tcp(&m, "ok"), 0.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_the_rule_does_not_allow_is_refused() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, "/ns/ops/*")).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let body = body.err().expect("a refusal");
+        assert!(
+            body.contains(&format!(
+                "tcp rule for port {port} does not allow spiffe://{TD}{WEB}"
+            )),
+            "{body}"
+        );
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_deny_list_refuses_a_tunnel_the_rule_allows() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let rest = format!(
+            "{}[[inbound.deny]]\nspiffe_id = \"spiffe://{TD}{WEB}\"\n",
+            tcp_rule(port, WEB)
+        );
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body.err().expect("a refusal").contains("deny list"));
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_app_port_refusing_the_connection_gets_502_counted_failed() {
+        let (api, web) = (workload(API), workload(WEB));
+        let port = closed_port().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+        assert_eq!(tcp(&m, "failed"), 1.0);
+        assert_eq!(tcp(&m, "ok") + tcp(&m, "denied"), 0.0);
+        // The connection is still good for the next stream.
+        let (status, _) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(tcp(&m, "failed"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+        let (api, web) = (workload(API), workload(WEB));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        let app = tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            let mut buf = [0u8; 16];
+            // A reset or an EOF: either way the tunnel is gone.
+            let _ = tcp.read(&mut buf).await;
+        });
+        let rest = format!("idle_timeout = \"300ms\"\n{}", tcp_rule(port, WEB));
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_tx, mut rx) = stream.expect("a tunnel");
+        let start = std::time::Instant::now();
+        // The end: END_STREAM (maybe on an empty DATA frame) or a reset.
+        let end = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match rx.data().await {
+                    Some(Ok(d)) if d.is_empty() => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the idle tunnel was closed");
+        assert!(
+            !matches!(end, Some(Ok(_))),
+            "data on an idle tunnel: {end:?}"
+        );
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        tokio::time::timeout(Duration::from_secs(3), app)
+            .await
+            .expect("the app's connection was closed")
+            .expect("app task");
+        assert_eq!(tcp(&m, "ok"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn connect_over_http1_gets_405() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (inbound, _m) = {
+            let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
+            let metrics = Metrics::new().expect("metrics");
+            let i = Inbound::new(
+                cfg.inbound.as_ref().expect("[inbound]"),
+                api.store(),
+                &metrics,
+            )
+            .expect("inbound");
+            (i, metrics)
+        };
+        let (req, _client) = crate::testing::hyper_request(
+            b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nhost: 127.0.0.1:22\r\n\r\n",
+        )
+        .await;
+        let conn = Arc::new(crate::inbound::conn::InboundConn::for_tests(
+            web.peer(),
+            &api.id,
+            None,
+        ));
+        let resp = inbound.request(req, conn).await;
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+}
