@@ -4056,6 +4056,75 @@ mod tests {
     }
 
     #[test]
+    fn tcp_rules_are_validated_inline_and_in_a_policy_file_naming_the_key() {
+        let ok = "[[inbound.tcp]]\nport = 5432\nallow = [\"spiffe://td/ns/shop/*\"]\n[[inbound.tcp]]\nport = 6379\nallow = [\"spiffe://td/ns/a/sa/b\", \"spiffe://td/ns/c/*\"]\n";
+        let cfg = Config::parse(&inb(ok)).expect("config");
+        let i = cfg.inbound.as_ref().expect("inbound");
+        assert_eq!(i.policy.tcp.len(), 2);
+        assert_eq!(i.policy.tcp[0].port, 5432);
+        assert_eq!(i.policy.tcp[1].allow.len(), 2);
+        let shown = cfg.explain();
+        assert!(
+            shown.contains(
+                "tcp port 5432 (HTTP/2 CONNECT -> 127.0.0.1:5432): allow [spiffe://td/ns/shop/*]"
+            ),
+            "{shown}"
+        );
+        let rule =
+            |port: &str, allow: &str| format!("[[inbound.tcp]]\nport = {port}\nallow = {allow}\n");
+        let good = rule("1", "[\"spiffe://td/ns/a/*\"]");
+        for (extra, want) in [
+            (rule("0", "[\"spiffe://td/ns/a/*\"]"), "inbound.tcp[0].port"),
+            (
+                rule("65536", "[\"spiffe://td/ns/a/*\"]"),
+                "inbound.tcp[0].port",
+            ),
+            (
+                rule("-1", "[\"spiffe://td/ns/a/*\"]"),
+                "inbound.tcp[0].port",
+            ),
+            (rule("22", "[]"), "inbound.tcp[0].allow"),
+            (
+                format!("{good}{}", rule("2", "[\"spiffe://td/ns/a/*\", \"shop\"]")),
+                "inbound.tcp[1].allow[1]",
+            ),
+            (format!("{good}{good}"), "inbound.tcp[1].port"),
+        ] {
+            let (key, msg) = invalid_key(&inb(&extra));
+            assert_eq!(key, want, "{extra}: {msg}");
+        }
+        let (_, msg) = invalid_key(&inb(&format!("{good}{good}")));
+        assert!(msg.contains("already the port of inbound.tcp[0]"), "{msg}");
+        // A missing allow list is the same error as an empty one.
+        let (key, _) = invalid_key(&inb("[[inbound.tcp]]\nport = 5\n"));
+        assert_eq!(key, "inbound.tcp[0].allow");
+
+        // In a policy file: top-level [[tcp]], errors naming the file.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(
+            dir.path(),
+            "[[tcp]]\nport = 5432\nallow = [\"spiffe://td/ns/shop/*\"]\n",
+        );
+        let p = load_policy_file(&path).expect("policy");
+        assert_eq!(p.tcp[0].port, 5432);
+        let path = write_policy(dir.path(), "[[tcp]]\nport = 5432\nallow = [\"shop\"]\n");
+        match load_policy_file(&path) {
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, format!("{}: tcp[0].allow[0]", path.display()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Never half inline, half in the file.
+        let file = format!("policy_file = {:?}\n", path.display().to_string());
+        let (key, msg) = invalid_key(&inb(&format!("{file}{good}")));
+        assert_eq!(key, "inbound.tcp");
+        assert!(
+            msg.contains("cannot be combined with inbound.policy_file"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn unused_rules_are_reported() {
         let cfg = Config::parse(&risk_route("[\"burst\"]", "")).expect("config");
         let i = cfg.inbound.as_ref().expect("inbound");

@@ -859,6 +859,55 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_redirected_connection_goes_to_its_original_port_on_loopback() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (app, head) = one_request_app().await;
+        // `[inbound] app` is elsewhere: only the original port leads to
+        // this app.
+        let (inbound, _m) = inbound(&api, "127.0.0.1:9", ADMIN_FOR_OPS);
+        let mut c = InboundConn::for_tests(web.peer(), &api.id, None);
+        c.app = Some(inbound.port_app(app.port()));
+        let c = Arc::new(c);
+        let (req, _client) = hyper_request(b"GET /x HTTP/1.1\r\nhost: api:8080\r\n\r\n").await;
+        let resp = inbound.clone().request(req, c.clone()).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let head = head.await.expect("the app on the original port saw it");
+        assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains(c.xfcc.to_str().expect("ascii")),
+            "no XFCC: {head}"
+        );
+        // The route policy applies as on the explicit path.
+        let (req, _client) = hyper_request(b"GET /admin HTTP/1.1\r\nhost: api\r\n\r\n").await;
+        let resp = inbound.clone().request(req, c).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn per_port_app_clients_are_shared_and_bounded() {
+        let api = workload(API);
+        let (inbound, _m) = inbound(&api, "127.0.0.1:8080", "");
+        // `[inbound] app`'s own port on loopback: its pool.
+        assert!(Arc::ptr_eq(&inbound.port_app(8080), &inbound.app));
+        let a = inbound.port_app(5000);
+        assert!(Arc::ptr_eq(&a, &inbound.port_app(5000)));
+        assert_eq!(a.addr(), "127.0.0.1:5000");
+        drop(a);
+        for port in 1..=(super::app::MAX_APP_PORTS as u16 + 10) {
+            let _ = inbound.port_app(port);
+        }
+        assert!(inbound.ports.len() <= super::app::MAX_APP_PORTS);
+        // Held by connections at the bound: still served, not kept.
+        let held: Vec<_> = (20000..20000 + super::app::MAX_APP_PORTS as u16)
+            .map(|p| inbound.port_app(p))
+            .collect();
+        let extra = inbound.port_app(30000);
+        assert_eq!(extra.addr(), "127.0.0.1:30000");
+        assert_eq!(inbound.ports.len(), super::app::MAX_APP_PORTS);
+        drop(held);
+    }
+
     // Sizes of the futures each request runs. Each is moved into place per
     // request (the inbound's into the task hyper spawns per HTTP/2 stream,
     // the outbound's into its HTTP/1.1 server's connection task), so bytes

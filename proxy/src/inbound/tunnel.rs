@@ -261,6 +261,20 @@ mod tests {
         api: &Workload,
         rest: &str,
     ) -> (std::net::SocketAddr, Metrics, watch::Sender<bool>) {
+        let (addr, m, stop, _) = serve_inbound(api, rest).await;
+        (addr, m, stop)
+    }
+
+    /// [`serve`], with the inbound itself.
+    async fn serve_inbound(
+        api: &Workload,
+        rest: &str,
+    ) -> (
+        std::net::SocketAddr,
+        Metrics,
+        watch::Sender<bool>,
+        Arc<Inbound>,
+    ) {
         let cfg = config(&format!(
             "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n{rest}"
         ));
@@ -275,6 +289,7 @@ mod tests {
         let addr = l.local_addr().expect("address");
         let (tx, rx) = watch::channel(false);
         let stop = rx.clone();
+        let kept = inbound.clone();
         tokio::spawn(listener::accept_loop(
             l,
             64,
@@ -286,7 +301,7 @@ mod tests {
                     .connection(tcp, remote, guards, stop.clone())
             },
         ));
-        (addr, metrics, tx)
+        (addr, metrics, tx, kept)
     }
 
     /// An HTTP/2 connection to the inbound over mutual TLS, as `caller`.
@@ -603,6 +618,33 @@ mod tests {
             .expect("the app's connection was closed")
             .expect("app task");
         assert_eq!(tcp(&m, "ok"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_policy_opens_and_closes_ports() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, m, _stop, inbound) = serve_inbound(&api, "").await;
+        let mut h2 = client(&web, addr).await;
+        let (status, _) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let file = format!("[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
+        let policy =
+            crate::config::parse_policy(std::path::Path::new("p.toml"), &file).expect("policy");
+        inbound.replace_policy(&policy).expect("replace");
+        // The same connection: the policy in use decides each stream.
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"x"), true).expect("send");
+        assert_eq!(read_all(&mut rx).await, b"xbye");
+        assert_eq!(app_read.await.expect("app"), 1);
+        let empty = crate::config::parse_policy(std::path::Path::new("p.toml"), "routes = []\n")
+            .expect("policy");
+        inbound.replace_policy(&empty).expect("replace");
+        let (status, _) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!((tcp(&m, "denied"), tcp(&m, "ok")), (2.0, 1.0));
     }
 
     #[tokio::test]
