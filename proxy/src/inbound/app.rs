@@ -241,7 +241,7 @@ impl AppClients {
 
     /// How many clients are kept.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn kept(&self) -> usize {
         self.by_port.lock().map_or(0, |m| m.len())
     }
 }

@@ -897,14 +897,14 @@ mod tests {
         for port in 1..=(super::app::MAX_APP_PORTS as u16 + 10) {
             let _ = inbound.port_app(port);
         }
-        assert!(inbound.ports.len() <= super::app::MAX_APP_PORTS);
+        assert!(inbound.ports.kept() <= super::app::MAX_APP_PORTS);
         // Held by connections at the bound: still served, not kept.
         let held: Vec<_> = (20000..20000 + super::app::MAX_APP_PORTS as u16)
             .map(|p| inbound.port_app(p))
             .collect();
         let extra = inbound.port_app(30000);
         assert_eq!(extra.addr(), "127.0.0.1:30000");
-        assert_eq!(inbound.ports.len(), super::app::MAX_APP_PORTS);
+        assert_eq!(inbound.ports.kept(), super::app::MAX_APP_PORTS);
         drop(held);
     }
 

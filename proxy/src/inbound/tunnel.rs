@@ -508,7 +508,7 @@ mod tests {
         let mut h2 = client(&web, addr).await;
         let (status, body) = connect(&mut h2, port).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
-        let body = body.err().expect("a refusal");
+        let body = body.expect_err("a refusal");
         assert!(
             body.contains(&format!("no tcp rule for port {port}")),
             "{body}"
@@ -529,7 +529,7 @@ mod tests {
         let mut h2 = client(&web, addr).await;
         let (status, body) = connect(&mut h2, port).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
-        let body = body.err().expect("a refusal");
+        let body = body.expect_err("a refusal");
         assert!(
             body.contains(&format!(
                 "tcp rule for port {port} does not allow spiffe://{TD}{WEB}"
@@ -555,7 +555,7 @@ mod tests {
         let mut h2 = client(&web, addr).await;
         let (status, body) = connect(&mut h2, port).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
-        assert!(body.err().expect("a refusal").contains("deny list"));
+        assert!(body.expect_err("a refusal").contains("deny list"));
         assert_eq!(tcp(&m, "denied"), 1.0);
         assert!(
             !seen.await.expect("listener task"),
