@@ -648,6 +648,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tunnel_keeps_flowing_while_the_listener_drains() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, _m, stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        // SIGTERM: the connection is asked to finish (GOAWAY); the tunnel
+        // in flight keeps its stream until it ends or the process does.
+        stop.send(true).expect("stop");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tx.send_data(Bytes::from_static(b"after"), true)
+            .expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), read_all(&mut rx))
+            .await
+            .expect("in time");
+        assert_eq!(got, b"afterbye");
+        assert_eq!(app_read.await.expect("app"), 5);
+    }
+
+    #[tokio::test]
     async fn connect_over_http1_gets_405() {
         let (api, web) = (workload(API), workload(WEB));
         let (inbound, _m) = {
