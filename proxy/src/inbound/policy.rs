@@ -216,11 +216,6 @@ impl Policy {
             )),
         }
     }
-
-    /// Whether any `tcp` rule exists.
-    pub fn any_tcp(&self) -> bool {
-        !self.tcp.is_empty()
-    }
 }
 
 #[cfg(test)]

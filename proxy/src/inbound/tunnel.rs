@@ -8,10 +8,18 @@
 //! when it did not answer within `app_connect_timeout`. Half-close is
 //! carried: the caller's END_STREAM shuts down the app connection's write
 //! side only, and the app's FIN ends the stream's send side only; each
-//! direction keeps flowing until its own end. An error on either side (a
-//! reset stream, a reset app connection) closes both: the app connection
-//! is reset (`SO_LINGER` 0), and the stream is ended. A tunnel with no byte
-//! either way for the listener's `idle_timeout` is closed the same way.
+//! direction keeps flowing until its own end. An error on either side
+//! closes both: the app connection is reset (`SO_LINGER` 0), and the stream
+//! ends (END_STREAM, then RST_STREAM CANCEL: hyper's upgraded stream offers
+//! no other way). A caller's RST_STREAM is an error unless its reason is
+//! NO_ERROR or CANCEL, which hyper reads as an orderly end: a caller whose
+//! own TCP peer reset sends CONNECT_ERROR (RFC 9113 section 8.5). A tunnel
+//! with no byte either way for the listener's `idle_timeout` is closed as on
+//! an error. Each tunnel is one HTTP/2 stream for its whole life (the
+//! listener's `max_concurrent_streams` bounds them per connection) and
+//! counts as a request in flight, so the connection is never idle while it
+//! lasts; on shutdown the connection sends GOAWAY and its tunnels go on
+//! until they end or the grace period does.
 
 use std::io;
 use std::net::SocketAddr;
@@ -126,24 +134,26 @@ impl Tunnels {
             io: client,
             tally: &tally,
         };
+        // `None`: idle.
         let ended = tokio::select! {
-            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, PUMP_BUFFER, PUMP_BUFFER) => r.map(|_| "done"),
-            () = idle(&tally, self.idle) => Ok("idle"),
+            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, PUMP_BUFFER, PUMP_BUFFER) => Some(r),
+            () = idle(&tally, self.idle) => None,
         };
         let (up, down) = tally.get();
         self.metrics.bytes(Direction::Inbound, up, down);
         match ended {
-            Ok(how) => {
-                if how == "idle" {
-                    // Abandoned halfway: the app must not take it for an
-                    // orderly end.
-                    reset(&app);
-                }
-                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, ended = how, client_to_server = up, server_to_client = down, "tunnel closed");
+            Some(Ok(_)) => {
+                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, client_to_server = up, server_to_client = down, "tunnel closed");
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 reset(&app);
                 tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, client_to_server = up, server_to_client = down, "tunnel failed");
+            }
+            None => {
+                // Abandoned halfway: the app must not take it for an
+                // orderly end.
+                reset(&app);
+                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, idle = ?self.idle, client_to_server = up, server_to_client = down, "tunnel closed: idle");
             }
         }
     }
@@ -667,6 +677,68 @@ mod tests {
             .expect("in time");
         assert_eq!(got, b"afterbye");
         assert_eq!(app_read.await.expect("app"), 5);
+    }
+
+    #[tokio::test]
+    async fn a_reset_stream_resets_the_app_connection() {
+        let (api, web) = (workload(API), workload(WEB));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        let app = tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            let mut buf = [0u8; 16];
+            let n = tcp.read(&mut buf).await.expect("first bytes");
+            assert_eq!(&buf[..n], b"x");
+            tcp.read(&mut buf).await.map(|n| n.to_string())
+        });
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, _rx) = stream.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"x"), false).expect("send");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // What a caller's sidecar sends when its own TCP peer reset
+        // (RFC 9113 section 8.5).
+        tx.send_reset(h2::Reason::CONNECT_ERROR);
+        let seen = tokio::time::timeout(Duration::from_secs(3), app)
+            .await
+            .expect("the app's connection ended")
+            .expect("app task");
+        let e = seen.expect_err("a reset, not an orderly end");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(tcp(&m, "ok"), 1.0);
+        assert_eq!(bytes(&m, (1.0, 0.0)).await, (1.0, 0.0));
+    }
+
+    #[tokio::test]
+    async fn a_reset_app_connection_resets_the_stream() {
+        let (api, web) = (workload(API), workload(WEB));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            tcp.write_all(b"hi").await.expect("write");
+            let mut buf = [0u8; 1];
+            let _ = tcp.read(&mut buf).await;
+            // Closed with a reset.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        });
+        let (addr, _m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        let hi = rx.data().await.expect("data").expect("data");
+        assert_eq!(&hi[..], b"hi");
+        tx.send_data(Bytes::from_static(b"!"), false).expect("send");
+        let reason = tokio::time::timeout(
+            Duration::from_secs(3),
+            std::future::poll_fn(|cx| tx.poll_reset(cx)),
+        )
+        .await
+        .expect("the stream was reset");
+        assert!(reason.is_ok(), "{reason:?}");
     }
 
     #[tokio::test]
