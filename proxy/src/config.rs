@@ -115,6 +115,7 @@ struct RawInbound {
     routes: Option<Vec<RawRoute>>,
     risk_rules: Option<Vec<RawRiskRule>>,
     deny: Option<Vec<RawDeny>>,
+    tcp: Option<Vec<RawTcp>>,
     stepup: Option<RawInboundStepUp>,
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
@@ -164,6 +165,14 @@ struct RawDeny {
     serial: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcp {
+    port: i64,
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
 /// The policy keys, inline in `[inbound]` or at the top of
 /// `[inbound] policy_file`.
 #[derive(Debug, Deserialize, Default)]
@@ -172,6 +181,7 @@ struct RawPolicy {
     routes: Option<Vec<RawRoute>>,
     risk_rules: Option<Vec<RawRiskRule>>,
     deny: Option<Vec<RawDeny>>,
+    tcp: Option<Vec<RawTcp>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -536,6 +546,18 @@ pub struct PolicyConfig {
     pub risk_rules: Vec<RiskRuleConfig>,
     /// Refused callers.
     pub deny: Vec<DenyEntry>,
+    /// Local ports open to opaque TCP tunnels (HTTP/2 CONNECT), and who
+    /// may open them; a port without an entry is never tunnelled to.
+    pub tcp: Vec<TcpRuleConfig>,
+}
+
+/// One `[[inbound.tcp]]` entry (`[[tcp]]` in a policy file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpRuleConfig {
+    /// The local port (`127.0.0.1:<port>`) a tunnel may reach.
+    pub port: u16,
+    /// Callers allowed to open a tunnel to it (never empty).
+    pub allow: Vec<IdPattern>,
 }
 
 impl PolicyConfig {
@@ -1021,7 +1043,7 @@ fn step_up_mode(key: &str, v: Option<&toml::Value>) -> Result<StepUpMode, Config
 }
 
 /// Reads and validates a policy file (`[inbound] policy_file`): the keys
-/// `[[routes]]`, `[[risk_rules]]` and `[[deny]]` at its top level. Errors
+/// `[[routes]]`, `[[risk_rules]]`, `[[deny]]` and `[[tcp]]` at its top level. Errors
 /// name the file and the key (`/etc/keyproof/policy.toml: routes[0].allow[1]`).
 pub fn load_policy_file(path: &Path) -> Result<PolicyConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1056,10 +1078,12 @@ fn policy(prefix: &str, raw: RawPolicy) -> Result<PolicyConfig, ConfigError> {
     let risk_rules = risk_rules(prefix, raw.risk_rules.unwrap_or_default())?;
     let routes = routes(prefix, raw.routes.unwrap_or_default(), &risk_rules)?;
     let deny = deny_list(prefix, raw.deny.unwrap_or_default())?;
+    let tcp = tcp_rules(prefix, raw.tcp.unwrap_or_default())?;
     let cfg = PolicyConfig {
         routes,
         risk_rules,
         deny,
+        tcp,
     };
     for name in cfg.unused_risk_rules() {
         tracing::warn!(
@@ -1506,6 +1530,42 @@ fn deny_list(prefix: &str, raw: Vec<RawDeny>) -> Result<Vec<DenyEntry>, ConfigEr
     Ok(out)
 }
 
+/// The `tcp` entries: a port each (1-65535, once across entries), with a
+/// non-empty `allow` list of ID patterns as routes have.
+fn tcp_rules(prefix: &str, raw: Vec<RawTcp>) -> Result<Vec<TcpRuleConfig>, ConfigError> {
+    let mut out: Vec<TcpRuleConfig> = Vec::with_capacity(raw.len());
+    for (i, t) in raw.into_iter().enumerate() {
+        let key = format!("{prefix}tcp[{i}]");
+        let port = u16::try_from(t.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid(format!("{key}.port"), "must be between 1 and 65535"))?;
+        if let Some(j) = out.iter().position(|r| r.port == port) {
+            return Err(invalid(
+                format!("{key}.port"),
+                format!("port {port} is already the port of {prefix}tcp[{j}]; one entry per port"),
+            ));
+        }
+        if t.allow.is_empty() {
+            return Err(invalid(
+                format!("{key}.allow"),
+                "must list at least one caller (an ID or a prefix ending in /*); without a rule no tunnel reaches the port",
+            ));
+        }
+        let mut allow = Vec::with_capacity(t.allow.len());
+        for (j, a) in t.allow.iter().enumerate() {
+            allow.push(IdPattern::parse(a).map_err(|e| {
+                invalid(
+                    format!("{key}.allow[{j}]"),
+                    format!("invalid SPIFFE ID {a:?}: {e}"),
+                )
+            })?);
+        }
+        out.push(TcpRuleConfig { port, allow });
+    }
+    Ok(out)
+}
+
 /// A certificate serial in the one form it is compared in: lowercase hex,
 /// no colons, no leading zeros (`"0"` for zero). `None` when `s` is not
 /// hex (colons aside) or longer than the 20 bytes RFC 5280 allows.
@@ -1617,6 +1677,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
                 (raw.routes.is_some(), "routes"),
                 (raw.risk_rules.is_some(), "risk_rules"),
                 (raw.deny.is_some(), "deny"),
+                (raw.tcp.is_some(), "tcp"),
             ] {
                 if present {
                     return Err(invalid(
@@ -1646,6 +1707,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
                     routes: raw.routes,
                     risk_rules: raw.risk_rules,
                     deny: raw.deny,
+                    tcp: raw.tcp,
                 },
             )?,
             None,
@@ -2061,6 +2123,19 @@ impl Config {
             }
             for d in &i.policy.deny {
                 let _ = writeln!(s, "  deny {}: 403 on every path", d.label());
+            }
+            for t in &i.policy.tcp {
+                let allow = t
+                    .allow
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let _ = writeln!(
+                    s,
+                    "  tcp port {} (HTTP/2 CONNECT -> 127.0.0.1:{}): allow [{allow}]",
+                    t.port, t.port
+                );
             }
             for r in &i.policy.routes {
                 let methods = if r.methods.is_empty() {
@@ -3977,6 +4052,75 @@ mod tests {
         assert_eq!(
             (key.as_str(), msg.as_str()),
             ("inbound.policy_file", "must name a file")
+        );
+    }
+
+    #[test]
+    fn tcp_rules_are_validated_inline_and_in_a_policy_file_naming_the_key() {
+        let ok = "[[inbound.tcp]]\nport = 5432\nallow = [\"spiffe://td/ns/shop/*\"]\n[[inbound.tcp]]\nport = 6379\nallow = [\"spiffe://td/ns/a/sa/b\", \"spiffe://td/ns/c/*\"]\n";
+        let cfg = Config::parse(&inb(ok)).expect("config");
+        let i = cfg.inbound.as_ref().expect("inbound");
+        assert_eq!(i.policy.tcp.len(), 2);
+        assert_eq!(i.policy.tcp[0].port, 5432);
+        assert_eq!(i.policy.tcp[1].allow.len(), 2);
+        let shown = cfg.explain();
+        assert!(
+            shown.contains(
+                "tcp port 5432 (HTTP/2 CONNECT -> 127.0.0.1:5432): allow [spiffe://td/ns/shop/*]"
+            ),
+            "{shown}"
+        );
+        let rule =
+            |port: &str, allow: &str| format!("[[inbound.tcp]]\nport = {port}\nallow = {allow}\n");
+        let good = rule("1", "[\"spiffe://td/ns/a/*\"]");
+        for (extra, want) in [
+            (rule("0", "[\"spiffe://td/ns/a/*\"]"), "inbound.tcp[0].port"),
+            (
+                rule("65536", "[\"spiffe://td/ns/a/*\"]"),
+                "inbound.tcp[0].port",
+            ),
+            (
+                rule("-1", "[\"spiffe://td/ns/a/*\"]"),
+                "inbound.tcp[0].port",
+            ),
+            (rule("22", "[]"), "inbound.tcp[0].allow"),
+            (
+                format!("{good}{}", rule("2", "[\"spiffe://td/ns/a/*\", \"shop\"]")),
+                "inbound.tcp[1].allow[1]",
+            ),
+            (format!("{good}{good}"), "inbound.tcp[1].port"),
+        ] {
+            let (key, msg) = invalid_key(&inb(&extra));
+            assert_eq!(key, want, "{extra}: {msg}");
+        }
+        let (_, msg) = invalid_key(&inb(&format!("{good}{good}")));
+        assert!(msg.contains("already the port of inbound.tcp[0]"), "{msg}");
+        // A missing allow list is the same error as an empty one.
+        let (key, _) = invalid_key(&inb("[[inbound.tcp]]\nport = 5\n"));
+        assert_eq!(key, "inbound.tcp[0].allow");
+
+        // In a policy file: top-level [[tcp]], errors naming the file.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(
+            dir.path(),
+            "[[tcp]]\nport = 5432\nallow = [\"spiffe://td/ns/shop/*\"]\n",
+        );
+        let p = load_policy_file(&path).expect("policy");
+        assert_eq!(p.tcp[0].port, 5432);
+        let path = write_policy(dir.path(), "[[tcp]]\nport = 5432\nallow = [\"shop\"]\n");
+        match load_policy_file(&path) {
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, format!("{}: tcp[0].allow[0]", path.display()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Never half inline, half in the file.
+        let file = format!("policy_file = {:?}\n", path.display().to_string());
+        let (key, msg) = invalid_key(&inb(&format!("{file}{good}")));
+        assert_eq!(key, "inbound.tcp");
+        assert!(
+            msg.contains("cannot be combined with inbound.policy_file"),
+            "{msg}"
         );
     }
 

@@ -1164,6 +1164,7 @@ mod tests {
                 rule("lockout", RiskAction::Deny),
             ],
             deny: vec![],
+            tcp: vec![],
         };
         assert_eq!(
             challenge_reasons(&policy),

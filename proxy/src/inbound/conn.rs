@@ -2,12 +2,15 @@
 //! the handshake and shared by every request on it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::HeaderValue;
 
 use keyproof_identity::SpiffeId;
 
+use crate::http::server::Activity;
 use crate::identity::store::PeerIdentity;
+use crate::inbound::app::AppClient;
 
 /// Per-connection facts on the inbound.
 #[derive(Debug)]
@@ -26,6 +29,12 @@ pub struct InboundConn {
     pub stepup: Option<keyproof_stepup::Peer>,
     /// The `x-forwarded-client-cert` value for this caller.
     pub xfcc: HeaderValue,
+    /// Where a redirected connection's requests go (`127.0.0.1:<original
+    /// port>`); `None`: `[inbound] app`.
+    pub app: Option<Arc<AppClient>>,
+    /// The connection's activity word: a tunnel holds a stream of it for
+    /// its whole life, so that the connection carrying it is not idle.
+    pub activity: Activity,
 }
 
 impl InboundConn {
@@ -39,6 +48,8 @@ impl InboundConn {
         remote: SocketAddr,
         own: &SpiffeId,
         need_exporter: bool,
+        app: Option<Arc<AppClient>>,
+        activity: Activity,
     ) -> Option<InboundConn> {
         let exporter = if need_exporter {
             keyproof_identity::tls::channel_binding(session)
@@ -66,6 +77,8 @@ impl InboundConn {
             exporter,
             stepup: view,
             xfcc,
+            app,
+            activity,
         })
     }
 }
@@ -99,6 +112,8 @@ impl InboundConn {
             remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
             exporter,
             stepup,
+            app: None,
+            activity: Activity::default(),
         }
     }
 }

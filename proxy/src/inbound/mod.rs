@@ -30,12 +30,14 @@
 //!   502. A request the app answered on a `risk` route marks the caller as
 //!   served there (`new_peer`).
 
+pub mod app;
 pub mod audit;
 pub mod challenge;
 pub mod conn;
 pub mod counted;
 pub mod policy;
 pub mod risk;
+pub mod tunnel;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -46,28 +48,28 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use futures_util::future::Either;
-use http::uri::{Authority, Scheme};
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{AppProtocol, InboundConfig, PolicyConfig, StepUpMode};
-use crate::http::app_client::{self, AppError};
-use crate::http::body::{absolute_uri, declared_length, path_of, text, ProxyBody, ResponseFuture};
+use crate::config::{InboundConfig, PolicyConfig, StepUpMode};
+use crate::http::body::{declared_length, text, ProxyBody, ResponseFuture};
 use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
 use crate::http::path;
 use crate::http::server::{self, Builders, Proto, StreamGuard};
 use crate::identity::store::{self, IdentityStore, PeerIdentity};
+use crate::inbound::app::{AppAsked, AppClient, AppClients};
 use crate::inbound::audit::Audit;
 use crate::inbound::challenge::{InboundStepUp, Reason, StepUpDeps};
 use crate::inbound::conn::InboundConn;
 use crate::inbound::counted::{counted, Counted};
-use crate::inbound::policy::{Decision, Policy, Route};
+use crate::inbound::policy::{Decision, Policy, Route, TcpDecision};
 use crate::inbound::risk::{Failure, Now, RiskTable, Verdict};
+use crate::inbound::tunnel::{Caller, Tunnels};
 use crate::listener::{ConnGuards, HandshakeGate};
 use crate::metrics::{DirectionMetrics, Metrics};
 
@@ -89,7 +91,11 @@ pub struct Inbound {
     risk: Arc<RiskTable>,
     stepup: InboundStepUp,
     need_exporter: bool,
-    app: AppClient,
+    /// `[inbound] app`: connections made to the inbound's own port.
+    app: Arc<AppClient>,
+    /// `127.0.0.1:<port>`: redirected connections, by original port.
+    ports: AppClients,
+    tunnels: Tunnels,
     metrics: DirectionMetrics,
     /// For the policies built on reload.
     all_metrics: Metrics,
@@ -101,16 +107,6 @@ pub struct Inbound {
     cfg: InboundConfig,
 }
 
-struct AppClient {
-    h1: Arc<app_client::H1Pool>,
-    h2: app_client::H2cConn<ProxyBody>,
-    /// For requests whose body is counted on its way ([`counted`]); dialled
-    /// only if such a request goes to an HTTP/2 app.
-    h2_counted: app_client::H2cConn<Counted>,
-    authority: Authority,
-    protocol: AppProtocol,
-}
-
 /// A failure to build the inbound.
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -118,8 +114,8 @@ pub enum InboundError {
     #[error("inbound TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     /// `inbound.app` is not a valid URI authority.
-    #[error("inbound.app: {0}")]
-    App(String),
+    #[error(transparent)]
+    App(#[from] crate::inbound::app::BadAddress),
     /// Registering the policy's metrics failed (a bug).
     #[error("inbound policy metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -130,12 +126,6 @@ pub enum InboundError {
     #[error(transparent)]
     Audit(#[from] crate::inbound::audit::AuditOpenError),
 }
-
-/// Marks the 502 that [`Inbound::answer`] makes of an app's response asking
-/// for a step-up on a route that may have one: the step-up path decides
-/// what the caller gets instead.
-#[derive(Debug, Clone, Copy)]
-struct AppAsked;
 
 impl Inbound {
     /// Builds the inbound from its configuration.
@@ -154,22 +144,7 @@ impl Inbound {
             .map(|sink| Audit::open(sink, metrics))
             .transpose()?
             .map(Arc::new);
-        let h1 = app_client::H1Pool::new(
-            &cfg.app,
-            cfg.app_connect_timeout,
-            cfg.app_pool_idle_timeout,
-            cfg.limits.max_header_bytes,
-            app_client::H1Bounds {
-                max_connections: cfg.max_app_connections,
-                body_timeout: cfg.limits.body_timeout,
-            },
-        );
-        let h2 = app_client::H2cConn::new(&cfg.app, cfg.app_connect_timeout);
-        let h2_counted = app_client::H2cConn::new(&cfg.app, cfg.app_connect_timeout);
-        let authority: Authority = cfg
-            .app
-            .parse()
-            .map_err(|e| InboundError::App(format!("{e}")))?;
+        let app = Arc::new(AppClient::new(&cfg.app, cfg)?);
         // A policy file may gain step-up routes later: every connection
         // then has its channel binding ready.
         let reloadable = cfg.policy_file.is_some();
@@ -191,12 +166,12 @@ impl Inbound {
                 },
             )?,
             risk,
-            app: AppClient {
-                h1,
-                h2,
-                h2_counted,
-                authority,
-                protocol: cfg.app_protocol,
+            app,
+            ports: AppClients::default(),
+            tunnels: Tunnels {
+                connect_timeout: cfg.app_connect_timeout,
+                idle: cfg.limits.idle_timeout,
+                metrics: metrics.tcp.clone(),
             },
             metrics: metrics.inbound.clone(),
             all_metrics: metrics.clone(),
@@ -247,6 +222,8 @@ impl Inbound {
         shutdown: watch::Receiver<bool>,
     ) {
         let _guards = guards;
+        // Before any read: where iptables meant this connection to go.
+        let redirected = crate::original_dst::redirected(&tcp);
         let open = self.metrics.connections_open.clone();
         open.inc();
         let _open = scopeguard(move || open.dec());
@@ -309,13 +286,21 @@ impl Inbound {
             _ => Proto::Detect,
         };
         let own = self.store.current();
-        let Some(conn) = InboundConn::new(session, peer, remote, &own.id, self.need_exporter)
-        else {
+        let app = redirected.map(|dst| self.port_app(dst.port()));
+        let activity: server::Activity = Arc::new(AtomicU64::new(0));
+        let Some(conn) = InboundConn::new(
+            session,
+            peer,
+            remote,
+            &own.id,
+            self.need_exporter,
+            app,
+            activity.clone(),
+        ) else {
             return;
         };
         let conn = Arc::new(conn);
         let this = self.clone();
-        let activity: server::Activity = Arc::new(AtomicU64::new(0));
         let streams = activity.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let stream = StreamGuard::start(&streams);
@@ -330,6 +315,18 @@ impl Inbound {
         {
             tracing::debug!(peer = %remote, error = %e, "inbound connection ended with an error");
         }
+    }
+
+    /// The app of a connection redirected to local `port`: `[inbound] app`
+    /// itself when that is `127.0.0.1:<port>` (its pool is shared), else
+    /// the port's own client.
+    fn port_app(&self, port: u16) -> Arc<AppClient> {
+        if let Some(a) = self.app.addr().strip_prefix("127.0.0.1:") {
+            if a.parse::<u16>() == Ok(port) {
+                return self.app.clone();
+            }
+        }
+        self.ports.get(port, &self.cfg)
     }
 
     /// One request, start to response. Built without `async fn`s: the
@@ -370,10 +367,7 @@ impl Inbound {
     ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
     {
         if req.method() == http::Method::CONNECT {
-            return Either::Left(ready(text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is not supported\n",
-            )));
+            return Either::Left(self.tunnel(req, &conn));
         }
         let mode = self.cfg.headers_with_underscores;
         let found = match owned::check_request(req.headers(), req.uri(), mode) {
@@ -452,7 +446,51 @@ impl Inbound {
                 async move { this.stepped_up(req, &conn, &r).await },
             ));
         }
-        Either::Right(self.forward(req, false))
+        Either::Right(self.forward(req, self.app_of(&conn), false))
+    }
+
+    /// A CONNECT: over HTTP/2, an opaque TCP tunnel to the authority's
+    /// port, if the deny list and that port's `tcp` rule allow the caller;
+    /// over HTTP/1.1, 405 (tunnels travel as HTTP/2 streams only).
+    #[cold]
+    fn tunnel(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: &InboundConn,
+    ) -> ResponseFuture<'static> {
+        if req.version() != http::Version::HTTP_2 {
+            return ready(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is supported over HTTP/2 only\n",
+            ));
+        }
+        let Some(port) = tunnel::port_of(&req) else {
+            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, authority = ?req.uri().authority().map(|a| a.as_str()), "tunnel refused: CONNECT without a port");
+            return ready(text(
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs an authority of the form host:port\n",
+            ));
+        };
+        let decision = self
+            .policy
+            .load()
+            .decide_tcp(port, &conn.peer.id, &conn.peer.serial);
+        if let TcpDecision::Deny(msg) = decision {
+            self.tunnels
+                .metrics
+                .connection(crate::metrics::Direction::Inbound, "denied");
+            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, port, "tunnel refused by policy");
+            self.risk
+                .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
+            return ready(text(StatusCode::FORBIDDEN, msg));
+        }
+        let caller = Caller {
+            id: conn.peer.id.to_string(),
+            remote: conn.remote,
+        };
+        let stream = StreamGuard::start(&conn.activity);
+        let this = self.clone();
+        Box::pin(async move { this.tunnels.open(req, port, caller, stream).await })
     }
 
     /// A request on a step-up route: its reason to prove possession decided
@@ -482,13 +520,13 @@ impl Inbound {
             }
             (StepUpMode::Always, _) => Reason::Always,
             // `admit` sends only step-up routes here.
-            (StepUpMode::Never, _) => return self.forward(req, false).await,
+            (StepUpMode::Never, _) => return self.forward(req, self.app_of(conn), false).await,
         };
         let (req, verified) = match self.stepup.verify(req, conn, r, &reason).await {
             Ok(v) => v,
             Err(resp) => return resp,
         };
-        let mut resp = self.forward(req, true).await;
+        let mut resp = self.forward(req, self.app_of(conn), true).await;
         if resp.extensions().get::<AppAsked>().is_some() {
             tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, reason = reason.as_str(), "the app asked for a step-up proof of a request that carried one (x-keyproof-step-up: verified); answered 502");
             return text(
@@ -529,7 +567,7 @@ impl Inbound {
             Some(names) => body.without(names.clone()),
             None => body,
         };
-        let resp = self.forward_counted(Request::from_parts(parts, body)).await;
+        let resp = Self::forward_counted(Request::from_parts(parts, body), self.app_of(conn)).await;
         if resp.extensions().get::<AppAsked>().is_none() {
             served(r, conn, &resp);
             return resp;
@@ -577,166 +615,58 @@ impl Inbound {
         )
     }
 
-    /// The app's form of a request: origin-form for HTTP/1.1 (with a Host),
-    /// absolute for HTTP/2. Says whether it goes over HTTP/2 and whether
-    /// the caller speaks HTTP/1.
-    #[inline]
-    fn to_app(
-        &self,
-        parts: &mut http::request::Parts,
-    ) -> Result<(bool, bool), Box<Response<ProxyBody>>> {
-        let use_h2 = match self.app.protocol {
-            // gRPC needs HTTP/2 end to end (trailers, streams); anything else
-            // reaches the app as HTTP/1.1, which every app speaks, so a
-            // browser or curl negotiating h2 works against HTTP/1-only apps.
-            AppProtocol::Auto => {
-                parts.version == Version::HTTP_2
-                    && parts
-                        .headers
-                        .get(header::CONTENT_TYPE)
-                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-            }
-            AppProtocol::Http1 => false,
-            AppProtocol::H2 => true,
-        };
-        if !use_h2 && !parts.headers.contains_key(header::HOST) {
-            // An HTTP/2 caller's :authority becomes the app's Host.
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-        }
-        let path = path_of(&parts.uri);
-        // HTTP/2 has no Connection field: a stalled body ends its stream.
-        let h1_caller = parts.version != Version::HTTP_2;
-        if use_h2 {
-            // HTTP/2 keeps the caller's :authority.
-            let authority = match parts.uri.authority() {
-                Some(a) => a.clone(),
-                None => self.app.authority.clone(),
-            };
-            parts.uri = absolute_uri(Scheme::HTTP, authority, path)?;
-            parts.version = Version::HTTP_2;
-        } else {
-            // HTTP/1.1 goes out in origin-form; Host carries the name.
-            parts.uri = Uri::from(path);
-            parts.version = Version::HTTP_11;
-        }
-        Ok((use_h2, h1_caller))
-    }
-
-    /// To the app. `may_step_up`: the route may have a step-up, so an app
     /// asking for one is for the caller to decide on ([`AppAsked`]); else
     /// that is a 502.
     fn forward(
-        self: &Arc<Self>,
+        &self,
         req: Request<ProxyBody>,
+        app: &Arc<AppClient>,
         may_step_up: bool,
     ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
     {
         let (mut parts, body) = req.into_parts();
-        let (use_h2, h1_caller) = match self.to_app(&mut parts) {
+        let (use_h2, h1_caller) = match app.to_app(&mut parts) {
             Ok(how) => how,
             Err(resp) => return Either::Left(ready(*resp)),
         };
-        let this = self.clone();
+        let app = app.clone();
         let req = Request::from_parts(parts, body);
         if use_h2 {
             return Either::Left(Box::pin(async move {
-                let sent = this.app.h2.request(req).await;
-                this.answer(
+                let sent = app.h2.request(req).await;
+                app.answer(
                     sent.map(|r| r.map(ProxyBody::Stream)),
                     h1_caller,
                     may_step_up,
                 )
             }));
         }
-        Either::Right(map_in_place(self.app.h1.request(req), move |sent| {
-            this.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, may_step_up)
+        Either::Right(map_in_place(app.h1.request(req), move |sent| {
+            app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, may_step_up)
         }))
     }
 
     /// [`Inbound::forward`] for a request whose body is counted.
-    async fn forward_counted(self: &Arc<Self>, req: Request<Counted>) -> Response<ProxyBody> {
+    async fn forward_counted(req: Request<Counted>, app: &AppClient) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
-        let (use_h2, h1_caller) = match self.to_app(&mut parts) {
+        let (use_h2, h1_caller) = match app.to_app(&mut parts) {
             Ok(how) => how,
             Err(resp) => return *resp,
         };
         let req = Request::from_parts(parts, body);
         if use_h2 {
-            let sent = self.app.h2_counted.request(req).await;
-            return self.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller, true);
+            let sent = app.h2_counted.request(req).await;
+            return app.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller, true);
         }
-        let sent = self.app.h1.request(req).await;
-        self.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
+        let sent = app.h1.request(req).await;
+        app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
     }
 
-    /// The app's response, or a 503/502 saying why there is none (408 for
-    /// a request body that stalled, closing an HTTP/1 caller's connection:
-    /// the rest of that body is still on the wire).
-    fn answer(
-        &self,
-        sent: Result<Response<ProxyBody>, AppError>,
-        h1_caller: bool,
-        may_step_up: bool,
-    ) -> Response<ProxyBody> {
-        match sent {
-            Ok(mut resp) => {
-                // Only the sidecar speaks the StepUp scheme and sets its own
-                // fields; the inbound's own challenges are added after this.
-                if owned::strip_response(resp.headers_mut()) {
-                    return self.app_asked(may_step_up);
-                }
-                resp
-            }
-            Err(AppError::Unavailable(cause)) => {
-                tracing::warn!(app = %self.cfg.app, error = %cause, "app unavailable");
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("app unavailable: {}: {cause}\n", self.cfg.app),
-                )
-            }
-            Err(AppError::BodyTimeout(after)) => {
-                tracing::info!(app = %self.cfg.app, "request body stalled for {after:?}; closing");
-                let mut r = text(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("request body made no progress for {after:?}\n"),
-                );
-                if h1_caller {
-                    r.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                r
-            }
-            Err(AppError::Failed(cause)) => {
-                tracing::warn!(app = %self.cfg.app, error = %cause, "app request failed");
-                text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("app request failed: {}: {cause}\n", self.cfg.app),
-                )
-            }
-        }
-    }
-
-    /// The app answered `x-keyproof-step-up: required`; its response is
-    /// dropped, never passed on.
-    #[cold]
-    fn app_asked(&self, may_step_up: bool) -> Response<ProxyBody> {
-        if !may_step_up {
-            tracing::warn!(app = %self.cfg.app, "the app asked for a step-up proof (x-keyproof-step-up: required) of a request on a route without step-up; answered 502");
-            return text(
-                StatusCode::BAD_GATEWAY,
-                "the app asked for a step-up proof of a request on a route without step-up\n",
-            );
-        }
-        let mut resp = text(
-            StatusCode::BAD_GATEWAY,
-            "the app asked for a step-up proof\n",
-        );
-        resp.extensions_mut().insert(AppAsked);
-        resp
+    /// The app a connection's requests go to: `[inbound] app`, or for a
+    /// redirected connection `127.0.0.1:<original port>`.
+    #[inline]
+    fn app_of<'a>(&'a self, conn: &'a InboundConn) -> &'a Arc<AppClient> {
+        conn.app.as_ref().unwrap_or(&self.app)
     }
 }
 
@@ -927,6 +857,55 @@ mod tests {
             crate::testing::metric(&metrics, "keyproof_authz_denied_total{route=\"/admin\"}"),
             0.0
         );
+    }
+
+    #[tokio::test]
+    async fn a_redirected_connection_goes_to_its_original_port_on_loopback() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (app, head) = one_request_app().await;
+        // `[inbound] app` is elsewhere: only the original port leads to
+        // this app.
+        let (inbound, _m) = inbound(&api, "127.0.0.1:9", ADMIN_FOR_OPS);
+        let mut c = InboundConn::for_tests(web.peer(), &api.id, None);
+        c.app = Some(inbound.port_app(app.port()));
+        let c = Arc::new(c);
+        let (req, _client) = hyper_request(b"GET /x HTTP/1.1\r\nhost: api:8080\r\n\r\n").await;
+        let resp = inbound.clone().request(req, c.clone()).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let head = head.await.expect("the app on the original port saw it");
+        assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains(c.xfcc.to_str().expect("ascii")),
+            "no XFCC: {head}"
+        );
+        // The route policy applies as on the explicit path.
+        let (req, _client) = hyper_request(b"GET /admin HTTP/1.1\r\nhost: api\r\n\r\n").await;
+        let resp = inbound.clone().request(req, c).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn per_port_app_clients_are_shared_and_bounded() {
+        let api = workload(API);
+        let (inbound, _m) = inbound(&api, "127.0.0.1:8080", "");
+        // `[inbound] app`'s own port on loopback: its pool.
+        assert!(Arc::ptr_eq(&inbound.port_app(8080), &inbound.app));
+        let a = inbound.port_app(5000);
+        assert!(Arc::ptr_eq(&a, &inbound.port_app(5000)));
+        assert_eq!(a.addr(), "127.0.0.1:5000");
+        drop(a);
+        for port in 1..=(super::app::MAX_APP_PORTS as u16 + 10) {
+            let _ = inbound.port_app(port);
+        }
+        assert!(inbound.ports.kept() <= super::app::MAX_APP_PORTS);
+        // Held by connections at the bound: still served, not kept.
+        let held: Vec<_> = (20000..20000 + super::app::MAX_APP_PORTS as u16)
+            .map(|p| inbound.port_app(p))
+            .collect();
+        let extra = inbound.port_app(30000);
+        assert_eq!(extra.addr(), "127.0.0.1:30000");
+        assert_eq!(inbound.ports.kept(), super::app::MAX_APP_PORTS);
+        drop(held);
     }
 
     // Sizes of the futures each request runs. Each is moved into place per

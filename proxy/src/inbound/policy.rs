@@ -1,6 +1,7 @@
 //! Inbound route policy: the deny list first, on every path; then the first
 //! route whose path prefix and methods match decides: its `allow` list must
-//! contain the caller.
+//! contain the caller. Opaque TCP tunnels (HTTP/2 CONNECT) are decided the
+//! same way, by port: the deny list, then the port's `tcp` rule.
 
 use std::sync::Arc;
 
@@ -36,6 +37,15 @@ pub enum Decision<'a> {
     Deny(String),
 }
 
+/// The outcome for one tunnel (HTTP/2 CONNECT).
+#[derive(Debug, PartialEq, Eq)]
+pub enum TcpDecision {
+    /// Connect the local port.
+    Allow,
+    /// Refuse with 403; the body says why.
+    Deny(String),
+}
+
 /// One compiled `[[inbound.deny]]` entry.
 #[derive(Debug)]
 struct Denied {
@@ -54,6 +64,9 @@ pub struct Policy {
     default: DefaultPolicy,
     default_denied: IntCounter,
     deny: Vec<Denied>,
+    /// `[[inbound.tcp]]`: port and who may tunnel to it; few entries, so a
+    /// scan beats a map.
+    tcp: Vec<(u16, Vec<IdPattern>)>,
 }
 
 /// Segment-aware prefix match: `/admin` matches `/admin` and `/admin/x`,
@@ -115,6 +128,7 @@ impl Policy {
             default,
             default_denied: metrics.authz_denied("default"),
             deny,
+            tcp: cfg.tcp.iter().map(|t| (t.port, t.allow.clone())).collect(),
         })
     }
 
@@ -134,22 +148,8 @@ impl Policy {
         peer: &SpiffeId,
         serial: &str,
     ) -> Decision<'_> {
-        if !self.deny.is_empty() {
-            // Deny list serials are normalized (`config::normalize_serial`);
-            // the caller's is compared in that form without allocating. An
-            // empty serial stays empty and matches none.
-            let serial = without_leading_zeros(serial);
-            let listed = self.deny.iter().find(|d| match &d.entry {
-                DenyEntry::Id(p) => p.matches(peer),
-                DenyEntry::Serial(s) => !serial.is_empty() && s.eq_ignore_ascii_case(serial),
-            });
-            if let Some(d) = listed {
-                d.refused.inc();
-                return Decision::Deny(format!(
-                    "forbidden: {peer} is refused by the deny list entry {}\n",
-                    d.label
-                ));
-            }
+        if let Some(msg) = self.deny_listed(peer, serial) {
+            return Decision::Deny(msg);
         }
         let hit = self.routes.iter().find(|r| {
             path_matches(&r.path_prefix, path)
@@ -173,6 +173,47 @@ impl Policy {
                     ))
                 }
             },
+        }
+    }
+}
+
+impl Policy {
+    /// The deny list's refusal of the caller, counted, if an entry lists it.
+    #[inline]
+    fn deny_listed(&self, peer: &SpiffeId, serial: &str) -> Option<String> {
+        if self.deny.is_empty() {
+            return None;
+        }
+        // Deny list serials are normalized (`config::normalize_serial`);
+        // the caller's is compared in that form without allocating. An
+        // empty serial stays empty and matches none.
+        let serial = without_leading_zeros(serial);
+        let d = self.deny.iter().find(|d| match &d.entry {
+            DenyEntry::Id(p) => p.matches(peer),
+            DenyEntry::Serial(s) => !serial.is_empty() && s.eq_ignore_ascii_case(serial),
+        })?;
+        d.refused.inc();
+        Some(format!(
+            "forbidden: {peer} is refused by the deny list entry {}\n",
+            d.label
+        ))
+    }
+
+    /// Decides a tunnel to local `port`: the deny list first, then the
+    /// port's `tcp` rule, which must exist and allow the caller (there is
+    /// no default for tunnels).
+    pub fn decide_tcp(&self, port: u16, peer: &SpiffeId, serial: &str) -> TcpDecision {
+        if let Some(msg) = self.deny_listed(peer, serial) {
+            return TcpDecision::Deny(msg);
+        }
+        match self.tcp.iter().find(|(p, _)| *p == port) {
+            None => TcpDecision::Deny(format!(
+                "forbidden: no tcp rule for port {port}: tunnels to it are refused\n"
+            )),
+            Some((_, allow)) if allow.iter().any(|p| p.matches(peer)) => TcpDecision::Allow,
+            Some(_) => TcpDecision::Deny(format!(
+                "forbidden: the tcp rule for port {port} does not allow {peer}\n"
+            )),
         }
     }
 }
@@ -567,6 +608,7 @@ mod tests {
                 },
             ],
             deny: vec![],
+            tcp: vec![],
         };
         let p0 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 0, &m).unwrap();
         assert!(p0.any_step_up());
@@ -630,6 +672,7 @@ mod tests {
             routes: vec![pay],
             risk_rules: rules.clone(),
             deny: vec![],
+            tcp: vec![],
         };
         let web = id(WEB);
         let eval = |p: &Policy, t: u64| match p.decide(&http::Method::POST, "/pay", &web, "1") {

@@ -1,0 +1,770 @@
+//! Opaque TCP over the mesh, inbound end: an HTTP/2 CONNECT stream from a
+//! peer's outbound, already authorized by its port (`[[inbound.tcp]]`),
+//! becomes a connection to `127.0.0.1:<port>`, and bytes are pumped both
+//! ways until both sides are done.
+//!
+//! What the caller sees: `200` once the app accepted the connection (the
+//! stream then carries the bytes), `502` when the app refused it, `504`
+//! when it did not answer within `app_connect_timeout`. Half-close is
+//! carried: the caller's END_STREAM shuts down the app connection's write
+//! side only, and the app's FIN ends the stream's send side only; each
+//! direction keeps flowing until its own end. An error on either side
+//! closes both: the app connection is reset (`SO_LINGER` 0), and the stream
+//! ends (END_STREAM, then RST_STREAM CANCEL: hyper's upgraded stream offers
+//! no other way). A caller's RST_STREAM is an error unless its reason is
+//! NO_ERROR or CANCEL, which hyper reads as an orderly end: a caller whose
+//! own TCP peer reset sends CONNECT_ERROR (RFC 9113 section 8.5). A tunnel
+//! with no byte either way for the listener's `idle_timeout` is closed as on
+//! an error. Each tunnel is one HTTP/2 stream for its whole life (the
+//! listener's `max_concurrent_streams` bounds them per connection) and
+//! counts as a request in flight, so the connection is never idle while it
+//! lasts; on shutdown the connection sends GOAWAY and its tunnels go on
+//! until they end or the grace period does.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::http::body::{text, ProxyBody};
+use crate::http::server::StreamGuard;
+use crate::metrics::{Direction, TcpMetrics};
+
+/// Bytes read from one side before they are written to the other, each
+/// way: large enough for bulk transfers at full speed, small enough that a
+/// tunnel's buffers stay a bounded cost.
+const PUMP_BUFFER: usize = 64 * 1024;
+
+/// What every tunnel of a listener shares.
+#[derive(Clone)]
+pub struct Tunnels {
+    /// Bound on connecting to the local port.
+    pub connect_timeout: Duration,
+    /// A tunnel with no byte either way for this long is closed.
+    pub idle: Duration,
+    /// `keyproof_tcp_*`.
+    pub metrics: TcpMetrics,
+}
+
+/// Who opened a tunnel, for the log.
+pub struct Caller {
+    /// The verified SPIFFE ID.
+    pub id: String,
+    /// Its socket address.
+    pub remote: SocketAddr,
+}
+
+/// The port of a CONNECT request's authority (`host:port`); `None` when
+/// it names no port (or port 0).
+pub fn port_of(req: &Request<Incoming>) -> Option<u16> {
+    req.uri()
+        .authority()
+        .and_then(|a| a.port_u16())
+        .filter(|p| *p != 0)
+}
+
+impl Tunnels {
+    /// Connects `127.0.0.1:<port>` for an authorized CONNECT `req` and
+    /// answers it: 200 and the pump started (it holds `stream` for its
+    /// whole life, so that the connection carrying it is not idle), or
+    /// 502/504 and nothing started.
+    pub async fn open(
+        &self,
+        req: Request<Incoming>,
+        port: u16,
+        caller: Caller,
+        stream: StreamGuard,
+    ) -> Response<ProxyBody> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                self.metrics.connection(Direction::Inbound, "failed");
+                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, "tunnel refused: the app did not accept the connection");
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("tunnel: connecting {addr}: {e}\n"),
+                );
+            }
+            Err(_) => {
+                self.metrics.connection(Direction::Inbound, "failed");
+                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, port, "tunnel refused: the app did not accept the connection within {:?}", self.connect_timeout);
+                return text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "tunnel: connecting {addr}: no answer within {:?}\n",
+                        self.connect_timeout
+                    ),
+                );
+            }
+        };
+        let _ = app.set_nodelay(true);
+        self.metrics.connection(Direction::Inbound, "ok");
+        tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, "tunnel open");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _stream = stream;
+            // Resolves once hyper has sent the 200 below.
+            match hyper::upgrade::on(req).await {
+                Ok(up) => this.pump(TokioIo::new(up), app, &caller, port).await,
+                Err(e) => {
+                    tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, "tunnel closed before it was set up");
+                }
+            }
+        });
+        Response::new(ProxyBody::empty())
+    }
+
+    /// Pumps bytes both ways until both directions ended, one side failed,
+    /// or the tunnel stayed idle; then counts its bytes.
+    async fn pump<C>(&self, client: C, mut app: TcpStream, caller: &Caller, port: u16)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let tally = Tally::default();
+        let mut client = Counting {
+            io: client,
+            tally: &tally,
+        };
+        // `None`: idle.
+        let ended = tokio::select! {
+            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, PUMP_BUFFER, PUMP_BUFFER) => Some(r),
+            () = idle(&tally, self.idle) => None,
+        };
+        let (up, down) = tally.get();
+        self.metrics.bytes(Direction::Inbound, up, down);
+        match ended {
+            Some(Ok(_)) => {
+                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, client_to_server = up, server_to_client = down, "tunnel closed");
+            }
+            Some(Err(e)) => {
+                reset(&app);
+                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, client_to_server = up, server_to_client = down, "tunnel failed");
+            }
+            None => {
+                // Abandoned halfway: the app must not take it for an
+                // orderly end.
+                reset(&app);
+                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, idle = ?self.idle, client_to_server = up, server_to_client = down, "tunnel closed: idle");
+            }
+        }
+    }
+}
+
+/// Makes the app connection's close a reset (RST, not FIN).
+fn reset(app: &TcpStream) {
+    let _ = socket2::SockRef::from(app).set_linger(Some(Duration::ZERO));
+}
+
+/// Resolves once a whole `period` passed without a byte either way (so
+/// between one and two periods after the last byte).
+async fn idle(tally: &Tally, period: Duration) {
+    let mut seen = tally.get();
+    loop {
+        tokio::time::sleep(period).await;
+        let now = tally.get();
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
+/// Bytes a tunnel carried: from the caller to the app, and back.
+#[derive(Default)]
+struct Tally {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Tally {
+    fn get(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The caller's side of the tunnel, counting what is read from it (towards
+/// the app) and written to it (from the app).
+struct Counting<'a, T> {
+    io: T,
+    tally: &'a Tally,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counting<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.tally.up.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.tally.down.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The real inbound over real mutual TLS, an h2 client opening tunnels.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Method, Request, StatusCode};
+    use keyproof_identity::IdPattern;
+    use rustls_pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{oneshot, watch};
+    use tokio_rustls::TlsConnector;
+
+    use crate::identity::store;
+    use crate::inbound::Inbound;
+    use crate::listener::{self, Tracker};
+    use crate::metrics::Metrics;
+    use crate::testing::{config, metric, workload, Workload, TD};
+
+    const API: &str = "/ns/demo/sa/api";
+    const WEB: &str = "/ns/demo/sa/web";
+
+    /// The inbound of `api` configured with `rest`, listening on loopback
+    /// with the real accept loop; its address, its metrics and the
+    /// shutdown flag (kept alive by the caller).
+    async fn serve(
+        api: &Workload,
+        rest: &str,
+    ) -> (std::net::SocketAddr, Metrics, watch::Sender<bool>) {
+        let (addr, m, stop, _) = serve_inbound(api, rest).await;
+        (addr, m, stop)
+    }
+
+    /// [`serve`], with the inbound itself.
+    async fn serve_inbound(
+        api: &Workload,
+        rest: &str,
+    ) -> (
+        std::net::SocketAddr,
+        Metrics,
+        watch::Sender<bool>,
+        Arc<Inbound>,
+    ) {
+        let cfg = config(&format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n{rest}"
+        ));
+        let metrics = Metrics::new().expect("metrics");
+        let inbound = Inbound::new(
+            cfg.inbound.as_ref().expect("[inbound]"),
+            api.store(),
+            &metrics,
+        )
+        .expect("inbound");
+        let l = listener::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = l.local_addr().expect("address");
+        let (tx, rx) = watch::channel(false);
+        let stop = rx.clone();
+        let kept = inbound.clone();
+        tokio::spawn(listener::accept_loop(
+            l,
+            64,
+            Arc::new(Tracker::default()),
+            rx,
+            move |tcp, remote, guards| {
+                inbound
+                    .clone()
+                    .connection(tcp, remote, guards, stop.clone())
+            },
+        ));
+        (addr, metrics, tx, kept)
+    }
+
+    /// An HTTP/2 connection to the inbound over mutual TLS, as `caller`.
+    async fn client(
+        caller: &Workload,
+        addr: std::net::SocketAddr,
+    ) -> h2::client::SendRequest<Bytes> {
+        let store = caller.store();
+        let any = IdPattern::parse(&format!("spiffe://{TD}/*")).expect("pattern");
+        let cfg = store::client_config(&store, any, &[b"h2"]).expect("client config");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tls = TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("api.test").expect("name"), tcp)
+            .await
+            .expect("mutual TLS handshake");
+        let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send
+    }
+
+    /// The answer to a CONNECT to `127.0.0.1:<port>`: its status, and the
+    /// stream both ways (a 200) or the body text (anything else).
+    async fn connect(
+        send: &mut h2::client::SendRequest<Bytes>,
+        port: u16,
+    ) -> (
+        StatusCode,
+        Result<(h2::SendStream<Bytes>, h2::RecvStream), String>,
+    ) {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("127.0.0.1:{port}"))
+            .body(())
+            .expect("request");
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, stream) = ready.send_request(req, false).expect("send CONNECT");
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("answer in time")
+            .expect("answer, not a reset");
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if status == StatusCode::OK {
+            return (status, Ok((stream, body)));
+        }
+        let text = read_all(&mut body).await;
+        (status, Err(String::from_utf8_lossy(&text).into_owned()))
+    }
+
+    /// Everything until END_STREAM.
+    async fn read_all(body: &mut h2::RecvStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data, not a reset");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        out
+    }
+
+    /// An app on loopback that echoes what it reads and, once the caller has
+    /// ended its side, writes `bye` and closes.
+    async fn echo_app() -> (u16, oneshot::Receiver<u64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("app address").port();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = tcp.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                tcp.write_all(&buf[..n]).await.expect("echo");
+            }
+            tcp.write_all(b"bye").await.expect("bye");
+            tcp.shutdown().await.expect("shutdown");
+            let _ = tx.send(total);
+        });
+        (port, rx)
+    }
+
+    /// A port nothing listens on.
+    async fn closed_port() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("address").port()
+    }
+
+    fn tcp_rule(port: u16, allow: &str) -> String {
+        format!("[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{allow}\"]\n")
+    }
+
+    fn tcp(m: &Metrics, result: &str) -> f64 {
+        metric(
+            m,
+            &format!("keyproof_tcp_connections_total{{direction=\"inbound\",result=\"{result}\"}}"),
+        )
+    }
+
+    /// The bytes counted once the tunnel ended (counted when its pump
+    /// returns, which may be just after the client saw the end).
+    async fn bytes(m: &Metrics, want: (f64, f64)) -> (f64, f64) {
+        let get = || {
+            (
+                metric(
+                    m,
+                    "keyproof_tcp_bytes_total{direction=\"inbound\",way=\"client_to_server\"}",
+                ),
+                metric(
+                    m,
+                    "keyproof_tcp_bytes_total{direction=\"inbound\",way=\"server_to_client\"}",
+                ),
+            )
+        };
+        for _ in 0..100 {
+            if get() == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        get()
+    }
+
+    #[tokio::test]
+    async fn an_allowed_tunnel_carries_bytes_both_ways_and_a_half_close() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, "/ns/demo/*")).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"hello"), false)
+            .expect("send");
+        let first = rx.data().await.expect("echo").expect("data");
+        let _ = rx.flow_control().release_capacity(first.len());
+        assert_eq!(&first[..], b"hello");
+        // Our side ends; the app's keeps going: it sees EOF, then answers.
+        tx.send_data(Bytes::from_static(b" world"), true)
+            .expect("send and end");
+        let rest = tokio::time::timeout(Duration::from_secs(5), read_all(&mut rx))
+            .await
+            .expect("the app's end in time");
+        assert_eq!(&rest[..], b" worldbye");
+        assert_eq!(app_read.await.expect("the app saw EOF"), 11);
+        assert_eq!(tcp(&m, "ok"), 1.0);
+        assert_eq!(tcp(&m, "denied") + tcp(&m, "failed"), 0.0);
+        assert_eq!(bytes(&m, (11.0, 14.0)).await, (11.0, 14.0));
+    }
+
+    #[tokio::test]
+    async fn a_multi_megabyte_transfer_goes_through_whole() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        const SIZE: usize = 8 << 20;
+        let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        let data = Bytes::from(data);
+        // h2 queues what it cannot send yet and sends it as the windows
+        // open: the reading below is what lets the echo go on.
+        for chunk in data.chunks(1 << 20) {
+            tx.send_data(data.slice_ref(chunk), false).expect("send");
+        }
+        tx.send_data(Bytes::new(), true).expect("end");
+        let got = tokio::time::timeout(Duration::from_secs(30), read_all(&mut rx))
+            .await
+            .expect("the transfer in time");
+        assert_eq!(got.len(), SIZE + 3);
+        assert!(
+            got[..SIZE] == data[..],
+            "the echo differs from what was sent"
+        );
+        assert_eq!(&got[SIZE..], b"bye");
+        assert_eq!(app_read.await.expect("the app saw EOF"), SIZE as u64);
+        let n = SIZE as f64;
+        assert_eq!(bytes(&m, (n, n + 3.0)).await, (n, n + 3.0));
+        assert_eq!(tcp(&m, "ok"), 1.0);
+    }
+
+    /// A listener that must never see a connection; resolves to whether
+    /// one came within `wait`.
+    async fn never_connected(wait: Duration) -> (u16, tokio::task::JoinHandle<bool>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        let h = tokio::spawn(async move { tokio::time::timeout(wait, l.accept()).await.is_ok() });
+        (port, h)
+    }
+
+    #[tokio::test]
+    async fn a_port_without_a_rule_is_refused_and_never_connected() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let other = closed_port().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(other, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let body = body.expect_err("a refusal");
+        assert!(
+            body.contains(&format!("no tcp rule for port {port}")),
+            "{body}"
+        );
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert_eq!(tcp(&m, "ok"), 0.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_the_rule_does_not_allow_is_refused() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, "/ns/ops/*")).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let body = body.expect_err("a refusal");
+        assert!(
+            body.contains(&format!(
+                "tcp rule for port {port} does not allow spiffe://{TD}{WEB}"
+            )),
+            "{body}"
+        );
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_deny_list_refuses_a_tunnel_the_rule_allows() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let rest = format!(
+            "{}[[inbound.deny]]\nspiffe_id = \"spiffe://{TD}{WEB}\"\n",
+            tcp_rule(port, WEB)
+        );
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body.expect_err("a refusal").contains("deny list"));
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_app_port_refusing_the_connection_gets_502_counted_failed() {
+        let (api, web) = (workload(API), workload(WEB));
+        let port = closed_port().await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+        assert_eq!(tcp(&m, "failed"), 1.0);
+        assert_eq!(tcp(&m, "ok") + tcp(&m, "denied"), 0.0);
+        // The connection is still good for the next stream.
+        let (status, _) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(tcp(&m, "failed"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+        let (api, web) = (workload(API), workload(WEB));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        let app = tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            let mut buf = [0u8; 16];
+            // A reset or an EOF: either way the tunnel is gone.
+            let _ = tcp.read(&mut buf).await;
+        });
+        let rest = format!("idle_timeout = \"300ms\"\n{}", tcp_rule(port, WEB));
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_tx, mut rx) = stream.expect("a tunnel");
+        let start = std::time::Instant::now();
+        // The end: END_STREAM (maybe on an empty DATA frame) or a reset.
+        let end = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match rx.data().await {
+                    Some(Ok(d)) if d.is_empty() => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the idle tunnel was closed");
+        assert!(
+            !matches!(end, Some(Ok(_))),
+            "data on an idle tunnel: {end:?}"
+        );
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        tokio::time::timeout(Duration::from_secs(3), app)
+            .await
+            .expect("the app's connection was closed")
+            .expect("app task");
+        assert_eq!(tcp(&m, "ok"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_policy_opens_and_closes_ports() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, m, _stop, inbound) = serve_inbound(&api, "").await;
+        let mut h2 = client(&web, addr).await;
+        let (status, _) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let file = format!("[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
+        let policy =
+            crate::config::parse_policy(std::path::Path::new("p.toml"), &file).expect("policy");
+        inbound.replace_policy(&policy).expect("replace");
+        // The same connection: the policy in use decides each stream.
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"x"), true).expect("send");
+        assert_eq!(read_all(&mut rx).await, b"xbye");
+        assert_eq!(app_read.await.expect("app"), 1);
+        let empty = crate::config::parse_policy(std::path::Path::new("p.toml"), "routes = []\n")
+            .expect("policy");
+        inbound.replace_policy(&empty).expect("replace");
+        let (status, _) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!((tcp(&m, "denied"), tcp(&m, "ok")), (2.0, 1.0));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_keeps_flowing_while_the_listener_drains() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let (addr, _m, stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        // SIGTERM: the connection is asked to finish (GOAWAY); the tunnel
+        // in flight keeps its stream until it ends or the process does.
+        stop.send(true).expect("stop");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tx.send_data(Bytes::from_static(b"after"), true)
+            .expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), read_all(&mut rx))
+            .await
+            .expect("in time");
+        assert_eq!(got, b"afterbye");
+        assert_eq!(app_read.await.expect("app"), 5);
+    }
+
+    #[tokio::test]
+    async fn a_reset_stream_resets_the_app_connection() {
+        let (api, web) = (workload(API), workload(WEB));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        let app = tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            let mut buf = [0u8; 16];
+            let n = tcp.read(&mut buf).await.expect("first bytes");
+            assert_eq!(&buf[..n], b"x");
+            tcp.read(&mut buf).await.map(|n| n.to_string())
+        });
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, _rx) = stream.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"x"), false).expect("send");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // What a caller's sidecar sends when its own TCP peer reset
+        // (RFC 9113 section 8.5).
+        tx.send_reset(h2::Reason::CONNECT_ERROR);
+        let seen = tokio::time::timeout(Duration::from_secs(3), app)
+            .await
+            .expect("the app's connection ended")
+            .expect("app task");
+        let e = seen.expect_err("a reset, not an orderly end");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(tcp(&m, "ok"), 1.0);
+        assert_eq!(bytes(&m, (1.0, 0.0)).await, (1.0, 0.0));
+    }
+
+    #[tokio::test]
+    async fn a_reset_app_connection_resets_the_stream() {
+        let (api, web) = (workload(API), workload(WEB));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.expect("accept");
+            tcp.write_all(b"hi").await.expect("write");
+            let mut buf = [0u8; 1];
+            let _ = tcp.read(&mut buf).await;
+            // Closed with a reset.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        });
+        let (addr, _m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        let hi = rx.data().await.expect("data").expect("data");
+        assert_eq!(&hi[..], b"hi");
+        tx.send_data(Bytes::from_static(b"!"), false).expect("send");
+        let reason = tokio::time::timeout(
+            Duration::from_secs(3),
+            std::future::poll_fn(|cx| tx.poll_reset(cx)),
+        )
+        .await
+        .expect("the stream was reset");
+        assert!(reason.is_ok(), "{reason:?}");
+    }
+
+    #[tokio::test]
+    async fn connect_over_http1_gets_405() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (inbound, _m) = {
+            let cfg = config("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n");
+            let metrics = Metrics::new().expect("metrics");
+            let i = Inbound::new(
+                cfg.inbound.as_ref().expect("[inbound]"),
+                api.store(),
+                &metrics,
+            )
+            .expect("inbound");
+            (i, metrics)
+        };
+        let (req, _client) = crate::testing::hyper_request(
+            b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nhost: 127.0.0.1:22\r\n\r\n",
+        )
+        .await;
+        let conn = Arc::new(crate::inbound::conn::InboundConn::for_tests(
+            web.peer(),
+            &api.id,
+            None,
+        ));
+        let resp = inbound.request(req, conn).await;
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

@@ -1,0 +1,216 @@
+//! Opaque TCP tunnels through the real inbound binary: an HTTP/2 CONNECT
+//! over mutual TLS reaches a local port its `[[inbound.tcp]]` rule opens,
+//! a port without one is refused, curl's CONNECT over HTTP/1.1 gets 405,
+//! and `check-config` says what is open to whom.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keyproof_tests::proxy_support::*;
+use keyproof_tests::{cmd, free_port, run_ok};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TD: &str = "prod.test";
+
+/// What the caller sends through the tunnel: HTTP/1.1, which the app sees
+/// as it was sent.
+const REQ: &[u8] = b"GET /through HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n";
+
+struct Setup {
+    pki: Pki,
+    app: EchoApp,
+    proxy: ProxyProc,
+    inbound: SocketAddr,
+    web: Cert,
+}
+
+/// An inbound for `api` with `rules` (TOML after `[inbound]`), the echo app
+/// on a loopback port of its own.
+fn setup(rules: impl Fn(u16) -> String) -> Setup {
+    let pki = Pki::new(TD);
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let port = free_port();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = format!(
+        "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"127.0.0.1:9\"\n{}\n[admin]\nlisten = \"{admin}\"\n",
+        identity_toml(&pki.bundle, &server),
+        rules(app.addr.port())
+    );
+    let proxy = ProxyProc::start(pki.tmp.path(), "inbound", &cfg, admin);
+    Setup {
+        pki,
+        app,
+        proxy,
+        inbound: format!("127.0.0.1:{port}").parse().unwrap(),
+        web,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// CONNECT `127.0.0.1:<port>` over HTTP/2 as `cert`; on 200, sends `send`
+/// through the tunnel and reads until the far side ends.
+/// (status, what came back or the refusal's body).
+async fn tunnel(s: &Setup, cert: &Cert, port: u16, send: &[u8]) -> (u16, String) {
+    let tls = mtls_stream(s.inbound, &s.pki, cert, b"h2").await;
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("127.0.0.1:{port}"))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("an answer");
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        return (status, String::from_utf8_lossy(&body).into_owned());
+    }
+    let up = hyper::upgrade::on(resp).await.expect("upgraded");
+    let mut io = TokioIo::new(up);
+    // Our side stays open: hyper's HTTP/1 server (the app) drops a
+    // connection whose read side ends before it has answered.
+    io.write_all(send).await.expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), io.read_to_end(&mut got))
+        .await
+        .expect("the far side's end in time")
+        .expect("read");
+    // Then ours, which ends the tunnel; the connection's task (run only
+    // while this runtime is) sends it.
+    io.shutdown().await.expect("end our side");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    (status, String::from_utf8_lossy(&got).into_owned())
+}
+
+fn tcp_metric(s: &Setup, result: &str) -> f64 {
+    s.proxy.metric(&format!(
+        "keyproof_tcp_connections_total{{direction=\"inbound\",result=\"{result}\"}}"
+    ))
+}
+
+#[test]
+fn a_tunnel_reaches_the_port_its_rule_opens_and_only_that() {
+    let s = setup(|port| {
+        format!("[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://{TD}/ns/default/sa/web\"]\n")
+    });
+    let rt = rt();
+    // HTTP/1.1 inside the tunnel: the app sees bytes, not a proxied request.
+    let (status, got) = rt.block_on(tunnel(&s, &s.web, s.app.addr.port(), REQ));
+    assert_eq!(status, 200, "{got}\n{}", s.proxy.log_text());
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("GET /through"), "{got}");
+    // Nothing added on the way: no XFCC inside an opaque tunnel.
+    assert!(!got.contains("x-forwarded-client-cert"), "{got}");
+    assert_eq!(tcp_metric(&s, "ok"), 1.0);
+    let up = s.proxy.wait_metric(
+        "keyproof_tcp_bytes_total{direction=\"inbound\",way=\"client_to_server\"}",
+        1.0,
+    );
+    assert_eq!(up, REQ.len() as f64);
+    let down = s
+        .proxy
+        .metric("keyproof_tcp_bytes_total{direction=\"inbound\",way=\"server_to_client\"}");
+    assert_eq!(down, got.len() as f64);
+
+    // Another identity: not in the rule.
+    let ops = s.pki.issue("ops", "/ns/ops/sa/x");
+    let (status, body) = rt.block_on(tunnel(&s, &ops, s.app.addr.port(), b""));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("does not allow"), "{body}");
+    // Another port: no rule.
+    let (status, body) = rt.block_on(tunnel(&s, &s.web, free_port(), b""));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no tcp rule"), "{body}");
+    assert_eq!(tcp_metric(&s, "denied"), 2.0);
+    let log = s.proxy.log_text();
+    assert!(
+        log.contains("tunnel refused by policy") && log.contains("spiffe://prod.test/ns/ops/sa/x"),
+        "{log}"
+    );
+}
+
+#[test]
+fn curls_connect_over_http1_gets_405() {
+    let s = setup(|port| {
+        format!("[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://{TD}/ns/default/sa/web\"]\n")
+    });
+    let proxy = format!("https://localhost:{}", s.inbound.port());
+    let target = format!("http://127.0.0.1:{}/", s.app.addr.port());
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "15",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+        ])
+        .args(["--proxytunnel", "--proxy", &proxy])
+        .arg("--proxy-cacert")
+        .arg(&s.pki.bundle)
+        .arg("--proxy-cert")
+        .arg(&s.web.crt)
+        .arg("--proxy-key")
+        .arg(&s.web.key)
+        .arg(&target)
+        .output()
+        .expect("run curl");
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        code.trim(),
+        "405",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.proxy.log_text()
+    );
+    assert_eq!(tcp_metric(&s, "ok") + tcp_metric(&s, "denied"), 0.0);
+}
+
+#[test]
+fn check_config_lists_the_open_ports_and_who_may_tunnel() {
+    let pki = Pki::new(TD);
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let policy = pki.path("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("[[tcp]]\nport = 5432\nallow = [\"spiffe://{TD}/ns/shop/*\"]\n"),
+    )
+    .unwrap();
+    let cfg = pki.path("inbound.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}[inbound]\nlisten = \"127.0.0.1:15443\"\napp = \"127.0.0.1:8080\"\npolicy_file = {:?}\n",
+            identity_toml(&pki.bundle, &server),
+            policy.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = run_ok(
+        cmd("keyproof-proxy")
+            .arg("check-config")
+            .arg("--config")
+            .arg(&cfg),
+    );
+    assert!(
+        out.contains(&format!(
+            "tcp port 5432 (HTTP/2 CONNECT -> 127.0.0.1:5432): allow [spiffe://{TD}/ns/shop/*]"
+        )),
+        "{out}"
+    );
+}
