@@ -93,7 +93,7 @@ pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartErro
     }
     if let Some(o) = &cfg.outbound {
         for (u, up) in o.upstreams.iter().enumerate() {
-            check(format!("outbound.upstreams[{u}].identity"), &up.identity)?;
+            check(format!("outbound.upstreams[{u}].identity"), &up.identity.fixed)?;
         }
     }
     Ok(())

@@ -190,6 +190,184 @@ impl MeshSender {
     }
 }
 
+impl MeshSender {
+    /// Opens an HTTP/2 `CONNECT` tunnel to `authority` (`ip:port`) on this
+    /// connection and waits for the peer's answer: a 2xx opens the tunnel,
+    /// anything else is [`TunnelError::Refused`].
+    pub async fn connect(self, authority: &str) -> Result<Tunnel, TunnelError> {
+        let MeshSender { send, shared } = self;
+        let mut send = send.ready().await.map_err(|e| {
+            shared.closed.store(true, Ordering::Relaxed);
+            TunnelError::H2(e)
+        })?;
+        let uri = http::Uri::builder()
+            .authority(authority)
+            .build()
+            .map_err(|_| TunnelError::Authority(authority.to_owned()))?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(uri)
+            .body(())
+            .map_err(|_| TunnelError::Authority(authority.to_owned()))?;
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        let (response, stream) = send.send_request(req, false).map_err(|e| {
+            if e.is_go_away() || e.is_io() {
+                shared.closed.store(true, Ordering::Relaxed);
+            }
+            TunnelError::H2(e)
+        })?;
+        let resp = response.await.map_err(TunnelError::H2)?;
+        if !resp.status().is_success() {
+            return Err(TunnelError::Refused(resp.status()));
+        }
+        Ok(Tunnel {
+            send: stream,
+            recv: resp.into_body(),
+        })
+    }
+}
+
+/// Why a `CONNECT` tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The authority is not `host:port`.
+    #[error("invalid tunnel authority {0:?}")]
+    Authority(String),
+    /// The HTTP/2 exchange failed.
+    #[error("HTTP/2: {0}")]
+    H2(h2::Error),
+    /// The peer answered with this status instead of opening the tunnel.
+    #[error("the peer refused the tunnel with status {0}")]
+    Refused(http::StatusCode),
+}
+
+/// An open `CONNECT` stream, to be pumped to and from a TCP connection.
+pub struct Tunnel {
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+}
+
+/// What a pumped tunnel carried, and how it ended.
+#[derive(Debug)]
+pub struct TunnelEnd {
+    /// Bytes read from the local side and sent on the stream.
+    pub sent: u64,
+    /// Bytes received on the stream and written to the local side.
+    pub received: u64,
+    /// `None` when both ways ended cleanly (FIN / END_STREAM); else why
+    /// the stream was reset and the local side closed.
+    pub error: Option<String>,
+}
+
+/// Largest chunk read from the local side at once: the stream's send
+/// window bounds it further.
+const TUNNEL_CHUNK: usize = 64 * 1024;
+
+impl Tunnel {
+    /// Pumps bytes both ways until both have ended. The local side is read
+    /// only when the peer's flow-control window has room, and the window
+    /// for received data is given back only once that data is written
+    /// locally, so neither way buffers more than a window. A FIN on one
+    /// side ends that way only (END_STREAM, or `shutdown()` of `wr`); an
+    /// error or a reset on either side resets the stream and ends both.
+    pub async fn pump<R, W>(self, mut rd: R, mut wr: W) -> TunnelEnd
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let Tunnel { mut send, mut recv } = self;
+        let mut sent = 0u64;
+        let mut received = 0u64;
+        let up = tunnel_up(&mut rd, &mut send, &mut sent);
+        let down = tunnel_down(&mut recv, &mut wr, &mut received);
+        let result = tokio::try_join!(up, down);
+        let error = match result {
+            Ok(_) => None,
+            Err(why) => {
+                send.send_reset(h2::Reason::CANCEL);
+                Some(why)
+            }
+        };
+        TunnelEnd {
+            sent,
+            received,
+            error,
+        }
+    }
+}
+
+/// Local side to stream, under the peer's flow control.
+async fn tunnel_up<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    send: &mut h2::SendStream<Bytes>,
+    sent: &mut u64,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        send.reserve_capacity(TUNNEL_CHUNK);
+        let room = poll_fn(|cx| {
+            // A reset from the peer ends the wait for window.
+            if let Poll::Ready(r) = send.poll_reset(cx) {
+                return Poll::Ready(Err(match r {
+                    Ok(reason) => format!("the peer reset the tunnel ({reason})"),
+                    Err(e) => e.to_string(),
+                }));
+            }
+            match send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n)),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e.to_string())),
+                Poll::Ready(None) => Poll::Ready(Err("the tunnel stream closed".to_owned())),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        if room == 0 {
+            continue;
+        }
+        buf.reserve(room);
+        let n = {
+            let mut limited = (&mut *rd).take(room as u64);
+            limited
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| format!("reading the local side: {e}"))?
+        };
+        if n == 0 {
+            // FIN: this way is over; the other keeps flowing.
+            send.reserve_capacity(0);
+            return send
+                .send_data(Bytes::new(), true)
+                .map_err(|e| format!("end of stream refused: {e}"));
+        }
+        *sent += n as u64;
+        send.send_data(buf.split().freeze(), false)
+            .map_err(|e| format!("data refused: {e}"))?;
+    }
+}
+
+/// Stream to local side; window given back once written.
+async fn tunnel_down<W: AsyncWrite + Unpin>(
+    recv: &mut h2::RecvStream,
+    wr: &mut W,
+    received: &mut u64,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(|e| format!("the tunnel stream failed: {e}"))?;
+        let n = data.len();
+        wr.write_all(&data)
+            .await
+            .map_err(|e| format!("writing the local side: {e}"))?;
+        *received += n as u64;
+        let _ = recv.flow_control().release_capacity(n);
+    }
+    // END_STREAM: the peer is done sending; the local side gets a FIN.
+    wr.shutdown()
+        .await
+        .map_err(|e| format!("closing the local side: {e}"))
+}
+
 /// What [`MeshSender::start`] did.
 pub enum Start<B> {
     /// The request is on its way: await its response head.

@@ -479,10 +479,20 @@ mod tests {
         .expect("[outbound]")
     }
 
+    /// The first upstream rule of `cfg` as a concrete upstream.
+    fn first(cfg: &OutboundConfig) -> UpstreamConfig {
+        let r = &cfg.upstreams[0];
+        UpstreamConfig {
+            host: r.host.as_ref().map(ToString::to_string).unwrap_or_default(),
+            address: r.address.clone().expect("address"),
+            identity: r.identity.fixed.clone(),
+        }
+    }
+
     /// The upstream of `cfg`, dialled as the `web` workload.
     fn upstream(cfg: &OutboundConfig, metrics: &Metrics) -> Upstream {
         let web = workload("/ns/demo/sa/web").store();
-        Upstream::new(0, &cfg.upstreams[0], cfg, &web, metrics).expect("upstream")
+        Upstream::new(0, &first(cfg), cfg, &web, metrics).expect("upstream")
     }
 
     fn handshakes(m: &Metrics, result: &str) -> f64 {
@@ -649,7 +659,7 @@ mod tests {
     #[test]
     fn an_address_that_is_not_an_authority_is_refused_naming_its_key() {
         let cfg = outbound_cfg("127.0.0.1:9", API, "");
-        let mut u = cfg.upstreams[0].clone();
+        let mut u = first(&cfg);
         u.address = "api demo:443".into();
         let web = workload("/ns/demo/sa/web").store();
         let m = Metrics::new().expect("metrics");
