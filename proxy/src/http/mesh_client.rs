@@ -306,7 +306,13 @@ async fn tunnel_up<R: AsyncRead + Unpin>(
     let mut buf = bytes::BytesMut::new();
     loop {
         send.reserve_capacity(TUNNEL_CHUNK);
-        let room = poll_fn(|cx| {
+        // h2 wakes `poll_capacity` only when capacity grows: window left
+        // over from the last read is used as it is.
+        let left = send.capacity();
+        let room = if left > 0 {
+            left
+        } else {
+            poll_fn(|cx| {
             // A reset from the peer ends the wait for window.
             if let Poll::Ready(r) = send.poll_reset(cx) {
                 return Poll::Ready(Err(match r {
@@ -320,8 +326,9 @@ async fn tunnel_up<R: AsyncRead + Unpin>(
                 Poll::Ready(None) => Poll::Ready(Err("the tunnel stream closed".to_owned())),
                 Poll::Pending => Poll::Pending,
             }
-        })
-        .await?;
+            })
+            .await?
+        };
         if room == 0 {
             continue;
         }
@@ -929,5 +936,184 @@ mod tests {
             let e = send(&mesh, req).await.expect_err("closed");
             assert!(e.unsent.is_some());
         }
+    }
+
+    /// A `CONNECT` handler: answers `status`; on 200 echoes the stream
+    /// under flow control (window given back only once echoed) and ends
+    /// its side when the client ends its own.
+    fn echo_tunnel(
+        status: u16,
+        authority: mpsc::UnboundedSender<String>,
+    ) -> impl Fn(
+        http::Request<RecvStream>,
+        SendResponse<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>
+           + Send
+           + 'static {
+        move |req, mut respond| {
+            let authority = authority.clone();
+            Box::pin(async move {
+                assert_eq!(req.method(), Method::CONNECT);
+                assert!(req.uri().scheme().is_none() && req.uri().path_and_query().is_none());
+                let _ = authority.send(req.uri().to_string());
+                let resp = http::Response::builder().status(status).body(()).unwrap();
+                let mut send = respond.send_response(resp, status != 200).unwrap();
+                if status != 200 {
+                    return;
+                }
+                let mut body = req.into_body();
+                while let Some(d) = body.data().await {
+                    let Ok(mut d) = d else { return };
+                    let n = d.len();
+                    while !d.is_empty() {
+                        send.reserve_capacity(d.len());
+                        let Some(Ok(room)) = poll_fn(|cx| send.poll_capacity(cx)).await else {
+                            return;
+                        };
+                        let chunk = d.split_to(room.min(d.len()));
+                        if send.send_data(chunk, false).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = body.flow_control().release_capacity(n);
+                }
+                let _ = send.send_data(Bytes::new(), true);
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_carries_bytes_and_a_half_close_keeps_the_other_way() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tx, mut authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(200, tx)).await;
+        let tunnel = tokio::time::timeout(WAIT, mesh.clone().connect("10.1.2.3:5432"))
+            .await
+            .unwrap()
+            .expect("tunnel");
+        assert_eq!(authority.recv().await.unwrap(), "10.1.2.3:5432");
+        let (mut app, local) = tokio::io::duplex(4096);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        app.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        // The app's FIN ends its way only: what the peer still sends arrives.
+        app.write_all(b" world").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, app.read_to_end(&mut rest))
+            .await
+            .expect("the peer's END_STREAM never reached the app as a FIN")
+            .unwrap();
+        assert_eq!(rest, b" world");
+        let end = tokio::time::timeout(WAIT, pump).await.unwrap().unwrap();
+        assert_eq!((end.sent, end.received), (11, 11));
+        assert!(end.error.is_none(), "{:?}", end.error);
+        assert!(!mesh.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_refused_tunnel_reports_the_status() {
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(403, tx)).await;
+        match tokio::time::timeout(WAIT, mesh.clone().connect("10.1.2.3:5432"))
+            .await
+            .unwrap()
+        {
+            Err(TunnelError::Refused(s)) => assert_eq!(s, 403),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("tunnel opened"),
+        }
+        assert!(matches!(
+            mesh.clone().connect("no port here/").await,
+            Err(TunnelError::Authority(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn megabytes_cross_a_tunnel_both_ways_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SIZE: usize = 8 * 1024 * 1024;
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(200, tx)).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (app, local) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let (mut app_rd, mut app_wr) = tokio::io::split(app);
+        let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        let expect = data.clone();
+        let writer = tokio::spawn(async move {
+            app_wr.write_all(&data).await.unwrap();
+            app_wr.shutdown().await.unwrap();
+        });
+        let mut got = Vec::with_capacity(SIZE);
+        tokio::time::timeout(Duration::from_secs(30), app_rd.read_to_end(&mut got))
+            .await
+            .expect("the transfer stalled")
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), SIZE);
+        assert!(got == expect, "the bytes differ");
+        let end = pump.await.unwrap();
+        assert_eq!((end.sent, end.received), (SIZE as u64, SIZE as u64));
+    }
+
+    #[tokio::test]
+    async fn an_app_that_stops_reading_stops_the_tunnel_reading_it() {
+        // The app writes but never reads: the echo fills the windows, and
+        // from then on the tunnel must stop reading the app instead of
+        // buffering what it writes.
+        use tokio::io::AsyncWriteExt;
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(200, tx)).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (app, local) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let (_app_rd, mut app_wr) = tokio::io::split(app);
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), app_wr.write_all(&chunk)).await {
+                Ok(r) => {
+                    r.unwrap();
+                    written += chunk.len();
+                    assert!(written <= 64 * 1024 * 1024, "no backpressure after {written} bytes");
+                }
+                Err(_) => break,
+            }
+        }
+        // Windows (2 MiB the client's, 64 KiB the server's) and the pipes'
+        // buffers: a few MiB at most, never the whole stream.
+        assert!(written < 8 * 1024 * 1024, "{written} bytes taken in");
+        assert!(written > 64 * 1024, "stalled at once: {written}");
+        pump.abort();
+    }
+
+    #[tokio::test]
+    async fn a_peer_reset_ends_the_tunnel_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let reset = |req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| async move {
+            let resp = http::Response::builder().status(200).body(()).unwrap();
+            let _send = respond.send_response(resp, false).unwrap();
+            let mut body = req.into_body();
+            let _ = body.data().await;
+            respond.send_reset(h2::Reason::CONNECT_ERROR);
+        };
+        let (mesh, _stop) = connect(reset).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (mut app, local) = tokio::io::duplex(4096);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        app.write_all(b"x").await.unwrap();
+        let end = tokio::time::timeout(WAIT, pump).await.expect("the reset was not seen").unwrap();
+        assert!(end.error.is_some());
+        let mut rest = Vec::new();
+        // The tunnel's end of the pipe is gone: the app sees the end.
+        let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut rest)).await.expect("still open");
+        assert!(!mesh.is_closed(), "a stream reset is not the connection's end");
     }
 }
