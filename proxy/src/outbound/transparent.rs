@@ -220,3 +220,173 @@ fn reset(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::metrics::Metrics;
+    use crate::outbound::upstream::tests::{mesh_server, Serve};
+    use crate::outbound::Outbound;
+    use crate::testing::{config, metric, workload};
+
+    const WAIT: Duration = Duration::from_secs(5);
+    const API: &str = "spiffe://unit.keyproof.test/ns/demo/sa/api";
+
+    fn outbound(toml: &str) -> (Arc<Outbound>, Metrics) {
+        let cfg = config(&format!(
+            "[outbound]\nlisten = \"127.0.0.1:0\"\ndetect_timeout = \"100ms\"\n{toml}"
+        ));
+        let m = Metrics::new().unwrap();
+        let o = Outbound::new(
+            cfg.outbound.as_ref().unwrap(),
+            workload("/ns/demo/sa/web").store(),
+            &m,
+        )
+        .unwrap();
+        (o, m)
+    }
+
+    fn tcp_result(m: &Metrics, result: &str) -> f64 {
+        metric(
+            m,
+            &format!("keyproof_tcp_connections_total{{direction=\"outbound\",result=\"{result}\"}}"),
+        )
+    }
+
+    /// A client connection whose server side the outbound handles as if
+    /// redirected from `dst`.
+    async fn redirected(o: &Arc<Outbound>, dst: std::net::SocketAddr) -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (s, remote) = s.unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let o = o.clone();
+        tokio::spawn(async move {
+            let _tx = _tx;
+            o.transparent(s, remote, dst, rx).await;
+        });
+        c.unwrap()
+    }
+
+    /// A plain TCP echo server; counts its connections.
+    async fn echo_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        (addr, n)
+    }
+
+    async fn exchange(c: &mut TcpStream, send: &[u8]) -> Vec<u8> {
+        c.write_all(send).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("no end")
+            .unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn opaque_tcp_to_a_meshed_destination_is_tunnelled_with_connect() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, mesh).await;
+        // Not HTTP: tunnelled at once, without waiting for detect_timeout.
+        assert_eq!(exchange(&mut c, b"\x00\x00\x00\x08hello").await, b"\x00\x00\x00\x08hello");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(tcp_result(&m, "ok"), 1.0);
+        let bytes = |way: &str| {
+            metric(&m, &format!("keyproof_tcp_bytes_total{{direction=\"outbound\",way=\"{way}\"}}"))
+        };
+        assert_eq!((bytes("client_to_server"), bytes("server_to_client")), (9.0, 9.0));
+        // A server-first protocol (the client says nothing) is TCP too.
+        let mut c = redirected(&o, mesh).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(exchange(&mut c, b"late").await, b"late");
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_identity_fails_the_tunnel() {
+        let db = workload("/ns/demo/sa/db");
+        let (mesh, _accepted) = mesh_server(&db, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "opaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n",
+            mesh.port()
+        ));
+        let mut c = redirected(&o, mesh).await;
+        let _ = c.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got)).await.expect("not closed");
+        assert!(got.is_empty());
+        assert_eq!(tcp_result(&m, "failed"), 1.0);
+        assert_eq!(tcp_result(&m, "ok"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn http_on_a_redirected_connection_goes_to_the_original_destination_over_mtls() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, _m) = outbound(&format!(
+            "[[outbound.upstreams]]\nhost = \"*.{{ns}}.svc\"\ncidr = \"127.0.0.0/8\"\nidentity = \"spiffe://unit.keyproof.test/ns/{{ns}}/sa/api\"\n"
+        ));
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(&mut c, b"GET /x HTTP/1.1\r\nHost: web.demo.svc\r\nConnection: close\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        drop(accepted);
+        // The identity filled from another namespace is not the server's.
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(&mut c, b"GET /x HTTP/1.1\r\nHost: web.shop.svc\r\nConnection: close\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn unmeshed_destinations_are_passed_through_or_refused() {
+        let (plain, conns) = echo_server().await;
+        let rule = format!("[[outbound.upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"{API}\"\n");
+        let (o, m) = outbound(&rule);
+        let mut c = redirected(&o, plain).await;
+        assert_eq!(exchange(&mut c, b"\x16\x03\x01hi").await, b"\x16\x03\x01hi");
+        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+
+        let (o, m) = outbound(&format!("unmeshed = \"deny\"\n{rule}"));
+        let mut c = redirected(&o, plain).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got)).await.expect("not closed");
+        assert!(got.is_empty());
+        assert_eq!(tcp_result(&m, "unmeshed_denied"), 1.0);
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1, "denied, yet connected");
+    }
+
+    #[tokio::test]
+    async fn an_http_host_no_rule_takes_is_passed_through_whole() {
+        let (plain, _conns) = echo_server().await;
+        let (o, m) = outbound(&format!(
+            "[[outbound.upstreams]]\nhost = \"api.demo\"\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, plain).await;
+        let req = b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n";
+        assert_eq!(exchange(&mut c, req).await, req);
+        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+}
