@@ -2083,11 +2083,7 @@ fn host_pattern(key: &str, raw: &str) -> Result<HostPattern, ConfigError> {
     let mut labels = Vec::new();
     for l in rest.split('.') {
         if let Some(name) = l.strip_prefix('{').and_then(|l| l.strip_suffix('}')) {
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                 return Err(bad("a placeholder is {name}, name in [a-z0-9_]"));
             }
             if labels
@@ -2176,12 +2172,15 @@ fn upstream_rules(prefix: &str, raw: Vec<RawUpstream>) -> Result<Vec<UpstreamRul
             .cidr
             .as_deref()
             .map(|c| {
-                c.trim().parse::<ipnet::IpNet>().map(|n| n.trunc()).map_err(|e| {
-                    invalid(
-                        format!("{key}.cidr"),
-                        format!("invalid CIDR {c:?}: {e}; expected e.g. \"10.0.0.0/8\""),
-                    )
-                })
+                c.trim()
+                    .parse::<ipnet::IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|e| {
+                        invalid(
+                            format!("{key}.cidr"),
+                            format!("invalid CIDR {c:?}: {e}; expected e.g. \"10.0.0.0/8\""),
+                        )
+                    })
             })
             .transpose()?;
         let port = u
@@ -2210,7 +2209,9 @@ fn upstream_rules(prefix: &str, raw: Vec<RawUpstream>) -> Result<Vec<UpstreamRul
             .any(|o| o.host == host && o.cidr == cidr && o.port == port)
         {
             let (k, what) = match &host {
-                Some(h) if cidr.is_none() && port.is_none() => ("host", format!("host {:?}", h.to_string())),
+                Some(h) if cidr.is_none() && port.is_none() => {
+                    ("host", format!("host {:?}", h.to_string()))
+                }
                 _ if port.is_some() => ("port", "rule (same host, cidr and port)".to_owned()),
                 _ => ("cidr", "rule (same host, cidr and port)".to_owned()),
             };
@@ -2259,8 +2260,12 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
             if file.as_os_str().is_empty() {
                 return Err(invalid("outbound.upstreams_file", "must name a file"));
             }
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| invalid("outbound.upstreams_file", format!("cannot read {}: {e}", file.display())))?;
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                invalid(
+                    "outbound.upstreams_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
             parse_upstreams(file, &text)?
         }
         None => upstream_rules("outbound.upstreams", raw.upstreams)?,
@@ -4501,5 +4506,156 @@ mod tests {
             assert_eq!(format_duration(d), want);
             assert_eq!(keyproof_identity::duration::parse(want).expect(want), d);
         }
+    }
+
+    #[test]
+    fn upstream_rule_errors_name_their_key() {
+        let id = "identity = \"spiffe://td/ns/a/sa/b\"\n";
+        let rule = |fields: &str| format!("[[outbound.upstreams]]\n{fields}{id}");
+        let ok = rule("host = \"api\"\naddress = \"api:443\"\n");
+        let cases = [
+            (
+                outb(&(ok.clone() + &rule("cidr = \"10.0.0.0/33\"\n"))),
+                "outbound.upstreams[1].cidr",
+            ),
+            (
+                outb(&rule("cidr = \"ten\"\n")),
+                "outbound.upstreams[0].cidr",
+            ),
+            (outb(&rule("port = 0\n")), "outbound.upstreams[0].port"),
+            (outb(&rule("port = 65536\n")), "outbound.upstreams[0].port"),
+            (outb(&rule("address = \"a:1\"\n")), "outbound.upstreams[0]"),
+            (
+                outb(&rule("host = \"a.*.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"{x}-y.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"{x}.{x}.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"{}.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"a..b\"\n").replace("a..b", "*.a..b")),
+                "outbound.upstreams[0].host",
+            ),
+            (outb(&(ok.clone() + &ok)), "outbound.upstreams[1].host"),
+            (
+                outb(&(rule("port = 5432\n") + &rule("port = 5432\n"))),
+                "outbound.upstreams[1].port",
+            ),
+            (outb("unmeshed = \"drop\"\n"), "outbound.unmeshed"),
+            (
+                outb("opaque_ports = [5432, 0]\n"),
+                "outbound.opaque_ports[1]",
+            ),
+            (outb("detect_timeout = \"0s\"\n"), "outbound.detect_timeout"),
+            (
+                outb("detect_timeout = \"soon\"\n"),
+                "outbound.detect_timeout",
+            ),
+            (
+                outb(&format!("upstreams_file = \"/nonexistent/u.toml\"\n{ok}")),
+                "outbound.upstreams",
+            ),
+            (
+                outb("upstreams_file = \"/nonexistent/u.toml\"\n"),
+                "outbound.upstreams_file",
+            ),
+        ];
+        for (text, key) in cases {
+            let (got, msg) = invalid_key(&text);
+            assert_eq!(got, key, "{msg}\n{text}");
+        }
+        // Placeholders in the identity must be captured by the host.
+        for (host, identity) in [
+            ("*.svc", "spiffe://td/ns/{ns}/sa/*"),
+            ("{svc}.{ns}", "spiffe://td/ns/{other}/sa/*"),
+            ("", "spiffe://td/ns/{ns}/sa/*"),
+            ("{ns}.svc", "spiffe://td/ns/{ns/sa/*"),
+            ("{ns}.svc", "spiffe://td/ns/ns}/sa/*"),
+        ] {
+            let h = if host.is_empty() {
+                "port = 80\n".to_owned()
+            } else {
+                format!("host = \"{host}\"\n")
+            };
+            let text = outb(&format!(
+                "[[outbound.upstreams]]\n{h}identity = \"{identity}\"\n"
+            ));
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, "outbound.upstreams[0].identity", "{msg}");
+        }
+    }
+
+    #[test]
+    fn upstream_rules_parse_and_are_explained() {
+        let text = outb(
+            "detect_timeout = \"250ms\"\nopaque_ports = [5432, 6379, 5432]\nunmeshed = \"deny\"\n\
+             [[outbound.upstreams]]\nhost = \"*.{namespace}.svc.cluster.local\"\nidentity = \"spiffe://td/ns/{namespace}/sa/*\"\n\
+             [[outbound.upstreams]]\ncidr = \"10.1.2.3/8\"\nport = 5432\naddress = \"10.9.9.9:15443\"\nidentity = \"spiffe://td/ns/db/sa/pg\"\n\
+             [[outbound.upstreams]]\nhost = \"API.demo\"\naddress = \"api:443\"\nidentity = \"spiffe://td/ns/a/sa/api\"\n",
+        );
+        let cfg = Config::parse(&text).expect("config");
+        let o = cfg.outbound.as_ref().expect("outbound");
+        assert_eq!(o.detect_timeout, Duration::from_millis(250));
+        assert_eq!(o.opaque_ports, [5432, 6379]);
+        assert_eq!(o.unmeshed, Unmeshed::Deny);
+        let r = &o.upstreams;
+        assert_eq!(
+            r[0].host.as_ref().unwrap().to_string(),
+            "*.{namespace}.svc.cluster.local"
+        );
+        assert!(r[0].identity.has_placeholders());
+        assert_eq!(r[1].cidr.unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(r[1].port, Some(5432));
+        assert_eq!(r[2].exact_host(), Some("api.demo"));
+        let e = cfg.explain();
+        for want in [
+            "host *.{namespace}.svc.cluster.local -> the original destination expecting spiffe://td/ns/{namespace}/sa/*",
+            "destination in 10.0.0.0/8 and destination port 5432 -> 10.9.9.9:15443 expecting spiffe://td/ns/db/sa/pg (opaque TCP and HTTP)",
+            "host api.demo -> api:443 expecting spiffe://td/ns/a/sa/api",
+            "protocol detected within 250ms, ports 5432, 6379 always opaque TCP; destinations no rule matches are refused",
+        ] {
+            assert!(e.contains(want), "{want:?} not in:\n{e}");
+        }
+        // Defaults: every existing configuration keeps its meaning.
+        let o = Config::parse(&outb("")).unwrap().outbound.unwrap();
+        assert_eq!(o.unmeshed, Unmeshed::Passthrough);
+        assert_eq!(o.detect_timeout, Duration::from_millis(300));
+        assert!(o.opaque_ports.is_empty() && o.upstreams_file.is_none());
+    }
+
+    #[test]
+    fn an_upstreams_file_holds_the_rules_and_names_itself_in_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("upstreams.toml");
+        std::fs::write(
+            &path,
+            "[[upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"spiffe://td/ns/a/*\"\n",
+        )
+        .unwrap();
+        let text = outb(&format!(
+            "upstreams_file = {:?}\n",
+            path.display().to_string()
+        ));
+        let o = Config::parse(&text).expect("config").outbound.unwrap();
+        assert_eq!(o.upstreams.len(), 1);
+        assert_eq!(o.upstreams_file.as_deref(), Some(path.as_path()));
+        std::fs::write(
+            &path,
+            "[[upstreams]]\nport = 99999\nidentity = \"spiffe://td/ns/a/*\"\n",
+        )
+        .unwrap();
+        let (key, _) = invalid_key(&text);
+        assert_eq!(key, format!("{}: upstreams[0].port", path.display()));
+        assert!(parse_upstreams(&path, " \n").is_err());
+        assert_eq!(parse_upstreams(&path, "upstreams = []\n").unwrap().len(), 0);
     }
 }

@@ -313,19 +313,19 @@ async fn tunnel_up<R: AsyncRead + Unpin>(
             left
         } else {
             poll_fn(|cx| {
-            // A reset from the peer ends the wait for window.
-            if let Poll::Ready(r) = send.poll_reset(cx) {
-                return Poll::Ready(Err(match r {
-                    Ok(reason) => format!("the peer reset the tunnel ({reason})"),
-                    Err(e) => e.to_string(),
-                }));
-            }
-            match send.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n)),
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e.to_string())),
-                Poll::Ready(None) => Poll::Ready(Err("the tunnel stream closed".to_owned())),
-                Poll::Pending => Poll::Pending,
-            }
+                // A reset from the peer ends the wait for window.
+                if let Poll::Ready(r) = send.poll_reset(cx) {
+                    return Poll::Ready(Err(match r {
+                        Ok(reason) => format!("the peer reset the tunnel ({reason})"),
+                        Err(e) => e.to_string(),
+                    }));
+                }
+                match send.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n)),
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e.to_string())),
+                    Poll::Ready(None) => Poll::Ready(Err("the tunnel stream closed".to_owned())),
+                    Poll::Pending => Poll::Pending,
+                }
             })
             .await?
         };
@@ -1081,7 +1081,10 @@ mod tests {
                 Ok(r) => {
                     r.unwrap();
                     written += chunk.len();
-                    assert!(written <= 64 * 1024 * 1024, "no backpressure after {written} bytes");
+                    assert!(
+                        written <= 64 * 1024 * 1024,
+                        "no backpressure after {written} bytes"
+                    );
                 }
                 Err(_) => break,
             }
@@ -1109,11 +1112,19 @@ mod tests {
         let (rd, wr) = tokio::io::split(local);
         let pump = tokio::spawn(tunnel.pump(rd, wr));
         app.write_all(b"x").await.unwrap();
-        let end = tokio::time::timeout(WAIT, pump).await.expect("the reset was not seen").unwrap();
+        let end = tokio::time::timeout(WAIT, pump)
+            .await
+            .expect("the reset was not seen")
+            .unwrap();
         assert!(end.error.is_some());
         let mut rest = Vec::new();
         // The tunnel's end of the pipe is gone: the app sees the end.
-        let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut rest)).await.expect("still open");
-        assert!(!mesh.is_closed(), "a stream reset is not the connection's end");
+        let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut rest))
+            .await
+            .expect("still open");
+        assert!(
+            !mesh.is_closed(),
+            "a stream reset is not the connection's end"
+        );
     }
 }

@@ -204,9 +204,18 @@ mod tests {
     #[test]
     fn the_host_comes_from_the_head() {
         let h = |b: &[u8]| host_of(b);
-        assert_eq!(h(b"GET / HTTP/1.1\r\nHost: API.demo:8080\r\n\r\n"), Some(Some("API.demo".into())));
-        assert_eq!(h(b"GET http://b.c:1/x HTTP/1.1\r\nHost: a\r\n\r\n"), Some(Some("b.c".into())));
-        assert_eq!(h(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"), Some(Some("::1".into())));
+        assert_eq!(
+            h(b"GET / HTTP/1.1\r\nHost: API.demo:8080\r\n\r\n"),
+            Some(Some("API.demo".into()))
+        );
+        assert_eq!(
+            h(b"GET http://b.c:1/x HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Some(Some("b.c".into()))
+        );
+        assert_eq!(
+            h(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
+            Some(Some("::1".into()))
+        );
         assert_eq!(h(b"GET / HTTP/1.0\r\n\r\n"), Some(None));
         assert_eq!(h(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), Some(None));
         assert_eq!(h(b"GET / HTTP/1.1\r\nHost: api"), None);
@@ -223,7 +232,9 @@ mod tests {
         assert_eq!(p, Protocol::Tcp);
         assert!(t.elapsed() >= Duration::from_millis(100));
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         let host = peek_host(&s, Duration::from_secs(2), 1024).await;

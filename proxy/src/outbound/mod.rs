@@ -54,8 +54,8 @@ use crate::identity::store::IdentityStore;
 use crate::listener::ConnGuards;
 use crate::metrics::{DirectionMetrics, Metrics};
 use crate::outbound::rules::{Captures, RuleSet};
-use crate::outbound::transparent::Route;
 use crate::outbound::signer::{OutboundStepUp, Template};
+use crate::outbound::transparent::Route;
 use crate::outbound::upstream::{send_h2, ConnectError, ForwardError, Upstream};
 
 pub use crate::outbound::upstream::OutboundError;
@@ -113,21 +113,28 @@ impl Table {
     ) -> Result<Table, OutboundError> {
         let mut fixed = Vec::with_capacity(rules.len());
         for (i, r) in rules.iter().enumerate() {
-            let Some(address) = r.address.as_ref().filter(|_| !r.identity.has_placeholders())
+            let Some(address) = r
+                .address
+                .as_ref()
+                .filter(|_| !r.identity.has_placeholders())
             else {
                 fixed.push(None);
                 continue;
             };
             let kept = old.and_then(|t| {
-                t.fixed.iter().flatten().find(|u| {
-                    &u.cfg.address == address && u.cfg.identity == r.identity.fixed
-                })
+                t.fixed
+                    .iter()
+                    .flatten()
+                    .find(|u| &u.cfg.address == address && u.cfg.identity == r.identity.fixed)
             });
             let up = match kept {
                 Some(u) => u.clone(),
                 None => {
                     let u = UpstreamConfig {
-                        host: r.host.as_ref().map_or_else(|| address.clone(), ToString::to_string),
+                        host: r
+                            .host
+                            .as_ref()
+                            .map_or_else(|| address.clone(), ToString::to_string),
                         address: address.clone(),
                         identity: r.identity.fixed.clone(),
                     };

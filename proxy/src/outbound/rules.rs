@@ -229,11 +229,13 @@ impl RuleSet {
                 return Some((i, Captures::default()));
             }
         }
-        c.0.iter().copied().find_map(|i| match (&self.rules[i].host, host) {
-            (None, _) => Some((i, Captures::default())),
-            (Some(HostPattern::Exact(_)), _) | (Some(_), None) => None,
-            (Some(p), Some(h)) => match_host(p, h).map(|caps| (i, caps)),
-        })
+        c.0.iter()
+            .copied()
+            .find_map(|i| match (&self.rules[i].host, host) {
+                (None, _) => Some((i, Captures::default())),
+                (Some(HostPattern::Exact(_)), _) | (Some(_), None) => None,
+                (Some(p), Some(h)) => match_host(p, h).map(|caps| (i, caps)),
+            })
     }
 }
 
@@ -244,9 +246,7 @@ mod tests {
     use crate::testing::config;
 
     fn rules(entries: &str) -> RuleSet {
-        let cfg: Config = config(&format!(
-            "[outbound]\nlisten = \"127.0.0.1:0\"\n{entries}"
-        ));
+        let cfg: Config = config(&format!("[outbound]\nlisten = \"127.0.0.1:0\"\n{entries}"));
         RuleSet::new(cfg.outbound.expect("outbound").upstreams)
     }
 
@@ -324,8 +324,12 @@ mod tests {
     fn explicit_requests_use_exact_hosts_first_then_patterns_in_order() {
         let set = rules(
             &[
-                rule(&format!("host = \"*.demo\"\naddress = \"127.0.0.1:1\"\n{ID}")),
-                rule(&format!("host = \"api.demo\"\naddress = \"127.0.0.1:2\"\n{ID}")),
+                rule(&format!(
+                    "host = \"*.demo\"\naddress = \"127.0.0.1:1\"\n{ID}"
+                )),
+                rule(&format!(
+                    "host = \"api.demo\"\naddress = \"127.0.0.1:2\"\n{ID}"
+                )),
                 rule(&format!("host = \"*\"\naddress = \"127.0.0.1:3\"\n{ID}")),
                 rule(&format!("host = \"db.other\"\nport = 5432\n{ID}")),
                 rule(&format!("cidr = \"10.0.0.0/8\"\n{ID}")),
@@ -346,7 +350,9 @@ mod tests {
         let set = rules(
             &[
                 rule(&format!("cidr = \"10.1.0.0/16\"\nport = 5432\n{ID}")),
-                rule(&format!("host = \"*.{{ns}}.svc\"\ncidr = \"10.0.0.0/8\"\n{ID}")),
+                rule(&format!(
+                    "host = \"*.{{ns}}.svc\"\ncidr = \"10.0.0.0/8\"\n{ID}"
+                )),
                 rule(&format!("cidr = \"10.0.0.0/8\"\n{ID}")),
                 rule(&format!("host = \"api.demo\"\n{ID}")),
             ]

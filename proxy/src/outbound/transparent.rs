@@ -186,7 +186,8 @@ impl Outbound {
                     tracing::info!(%dst, "destination outside the mesh: passed through in plain TCP");
                 }
                 let connect = TcpStream::connect(dst);
-                let mut server = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
+                let mut server = match tokio::time::timeout(self.cfg.connect_timeout, connect).await
+                {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tcp_metrics.connection(Direction::Outbound, "failed");
@@ -254,7 +255,9 @@ mod tests {
     fn tcp_result(m: &Metrics, result: &str) -> f64 {
         metric(
             m,
-            &format!("keyproof_tcp_connections_total{{direction=\"outbound\",result=\"{result}\"}}"),
+            &format!(
+                "keyproof_tcp_connections_total{{direction=\"outbound\",result=\"{result}\"}}"
+            ),
         )
     }
 
@@ -311,13 +314,22 @@ mod tests {
         ));
         let mut c = redirected(&o, mesh).await;
         // Not HTTP: tunnelled at once, without waiting for detect_timeout.
-        assert_eq!(exchange(&mut c, b"\x00\x00\x00\x08hello").await, b"\x00\x00\x00\x08hello");
+        assert_eq!(
+            exchange(&mut c, b"\x00\x00\x00\x08hello").await,
+            b"\x00\x00\x00\x08hello"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(tcp_result(&m, "ok"), 1.0);
         let bytes = |way: &str| {
-            metric(&m, &format!("keyproof_tcp_bytes_total{{direction=\"outbound\",way=\"{way}\"}}"))
+            metric(
+                &m,
+                &format!("keyproof_tcp_bytes_total{{direction=\"outbound\",way=\"{way}\"}}"),
+            )
         };
-        assert_eq!((bytes("client_to_server"), bytes("server_to_client")), (9.0, 9.0));
+        assert_eq!(
+            (bytes("client_to_server"), bytes("server_to_client")),
+            (9.0, 9.0)
+        );
         // A server-first protocol (the client says nothing) is TCP too.
         let mut c = redirected(&o, mesh).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -335,7 +347,9 @@ mod tests {
         let mut c = redirected(&o, mesh).await;
         let _ = c.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
         let mut got = Vec::new();
-        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got)).await.expect("not closed");
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("not closed");
         assert!(got.is_empty());
         assert_eq!(tcp_result(&m, "failed"), 1.0);
         assert_eq!(tcp_result(&m, "ok"), 0.0);
@@ -349,13 +363,21 @@ mod tests {
             "[[outbound.upstreams]]\nhost = \"*.{{ns}}.svc\"\ncidr = \"127.0.0.0/8\"\nidentity = \"spiffe://unit.keyproof.test/ns/{{ns}}/sa/api\"\n"
         ));
         let mut c = redirected(&o, mesh).await;
-        let got = exchange(&mut c, b"GET /x HTTP/1.1\r\nHost: web.demo.svc\r\nConnection: close\r\n\r\n").await;
+        let got = exchange(
+            &mut c,
+            b"GET /x HTTP/1.1\r\nHost: web.demo.svc\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         drop(accepted);
         // The identity filled from another namespace is not the server's.
         let mut c = redirected(&o, mesh).await;
-        let got = exchange(&mut c, b"GET /x HTTP/1.1\r\nHost: web.shop.svc\r\nConnection: close\r\n\r\n").await;
+        let got = exchange(
+            &mut c,
+            b"GET /x HTTP/1.1\r\nHost: web.shop.svc\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 502"), "{text}");
     }
@@ -372,10 +394,16 @@ mod tests {
         let (o, m) = outbound(&format!("unmeshed = \"deny\"\n{rule}"));
         let mut c = redirected(&o, plain).await;
         let mut got = Vec::new();
-        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got)).await.expect("not closed");
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("not closed");
         assert!(got.is_empty());
         assert_eq!(tcp_result(&m, "unmeshed_denied"), 1.0);
-        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1, "denied, yet connected");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "denied, yet connected"
+        );
     }
 
     #[tokio::test]

@@ -650,7 +650,10 @@ pub(crate) mod tests {
     }
 
     /// Opens a `CONNECT` tunnel and echoes what it carries.
-    async fn echo(req: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<bytes::Bytes>) {
+    async fn echo(
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+    ) {
         let Ok(mut send) = respond.send_response(Response::new(()), false) else {
             return;
         };
@@ -659,8 +662,7 @@ pub(crate) mod tests {
             let n = d.len();
             while !d.is_empty() {
                 send.reserve_capacity(d.len());
-                let Some(Ok(room)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await
-                else {
+                let Some(Ok(room)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else {
                     return;
                 };
                 let chunk = d.split_to(room.min(d.len()));
