@@ -359,9 +359,9 @@ mod tests {
     async fn http_on_a_redirected_connection_goes_to_the_original_destination_over_mtls() {
         let api = workload("/ns/demo/sa/api");
         let (mesh, accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
-        let (o, _m) = outbound(&format!(
-            "[[outbound.upstreams]]\nhost = \"*.{{ns}}.svc\"\ncidr = \"127.0.0.0/8\"\nidentity = \"spiffe://unit.keyproof.test/ns/{{ns}}/sa/api\"\n"
-        ));
+        let (o, _m) = outbound(
+            "[[outbound.upstreams]]\nhost = \"*.{ns}.svc\"\ncidr = \"127.0.0.0/8\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/api\"\n",
+        );
         let mut c = redirected(&o, mesh).await;
         let got = exchange(
             &mut c,
