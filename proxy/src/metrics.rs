@@ -996,7 +996,7 @@ mod tests {
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
         assert_eq!(
             checked,
-            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 1 + 3 + 4
+            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 4
         );
         // Nothing to say before a bundle is installed (not even its trust
         // domain), and no sequence unless a CA states one.

@@ -9,6 +9,12 @@
 //! upstream that only offers `http/1.1` gets a keep-alive pool instead (and
 //! gRPC to it is refused, as gRPC needs HTTP/2).
 //!
+//! Connections `iptables` redirected here (transparent mode) are told
+//! apart at accept by their original destination: `transparent.rs` picks
+//! their rules (`rules.rs`, `table.rs`) and protocol (`detect.rs`), and
+//! tunnels opaque TCP over HTTP/2 `CONNECT`; their HTTP comes back to the
+//! same per-request path as explicit requests, routed by destination.
+//!
 //! Here: the listener and the per-request `forward`. `upstream.rs` holds the
 //! upstream table's entries and their connections (`MeshLink`, the dialler);
 //! `signer.rs` answers step-up challenges and signs up front with the
@@ -19,6 +25,7 @@ pub mod detect;
 pub mod kept;
 pub mod rules;
 pub mod signer;
+pub mod table;
 pub mod transparent;
 pub mod upstream;
 
@@ -53,9 +60,9 @@ use crate::http::tee::{tee, Resend, TeeHandle};
 use crate::identity::store::IdentityStore;
 use crate::listener::ConnGuards;
 use crate::metrics::{DirectionMetrics, Metrics};
-use crate::outbound::rules::{Captures, RuleSet};
+use crate::outbound::rules::Captures;
 use crate::outbound::signer::{OutboundStepUp, Template};
-use crate::outbound::transparent::Route;
+use crate::outbound::table::{Route, Table};
 use crate::outbound::upstream::{send_h2, ConnectError, ForwardError, Upstream};
 
 pub use crate::outbound::upstream::OutboundError;
@@ -91,69 +98,6 @@ fn host_key(a: &Authority) -> &str {
 /// Most upstreams made on demand (per dial address and identity) kept at
 /// once; beyond it, idle ones are dropped first.
 const MAX_ON_DEMAND: usize = 4096;
-
-/// The upstream rules in use and the upstreams built with them: one per
-/// rule that names its address and a fixed identity (the explicit table of
-/// before rules had patterns).
-pub struct Table {
-    rules: RuleSet,
-    fixed: Vec<Option<Arc<Upstream>>>,
-}
-
-impl Table {
-    /// Builds the upstreams of the rules that name a fixed address and
-    /// identity; those of `old` with the same address and identity are
-    /// kept, with their connections.
-    fn build(
-        rules: Vec<UpstreamRule>,
-        cfg: &OutboundConfig,
-        store: &Arc<IdentityStore>,
-        metrics: &Metrics,
-        old: Option<&Table>,
-    ) -> Result<Table, OutboundError> {
-        let mut fixed = Vec::with_capacity(rules.len());
-        for (i, r) in rules.iter().enumerate() {
-            let Some(address) = r
-                .address
-                .as_ref()
-                .filter(|_| !r.identity.has_placeholders())
-            else {
-                fixed.push(None);
-                continue;
-            };
-            let kept = old.and_then(|t| {
-                t.fixed
-                    .iter()
-                    .flatten()
-                    .find(|u| &u.cfg.address == address && u.cfg.identity == r.identity.fixed)
-            });
-            let up = match kept {
-                Some(u) => u.clone(),
-                None => {
-                    let u = UpstreamConfig {
-                        host: r
-                            .host
-                            .as_ref()
-                            .map_or_else(|| address.clone(), ToString::to_string),
-                        address: address.clone(),
-                        identity: r.identity.fixed.clone(),
-                    };
-                    Arc::new(Upstream::new(i, &u, cfg, store, metrics)?)
-                }
-            };
-            fixed.push(Some(up));
-        }
-        Ok(Table {
-            rules: RuleSet::new(rules),
-            fixed,
-        })
-    }
-
-    /// The rules.
-    pub fn rules(&self) -> &RuleSet {
-        &self.rules
-    }
-}
 
 /// Why no upstream takes a request.
 enum Miss {
@@ -334,18 +278,18 @@ impl Outbound {
         match route {
             None => {
                 let t = self.table.load();
-                let (i, caps) = t.rules.explicit(host).ok_or(Miss::NoRule)?;
-                if let Some(up) = &t.fixed[i] {
+                let (i, caps) = t.rules().explicit(host).ok_or(Miss::NoRule)?;
+                if let Some(up) = t.fixed(i) {
                     return Ok(up.clone());
                 }
-                let rule = t.rules.get(i);
+                let rule = t.rules().get(i);
                 let addr = rule.address.as_deref().ok_or(Miss::NoAddress)?;
                 self.upstream(rule, addr, &caps)
             }
             Some(r) => {
                 let (i, caps) = r
                     .table
-                    .rules
+                    .rules()
                     .for_host(&r.candidates, Some(host))
                     .ok_or(Miss::NoRule)?;
                 self.upstream_of_rule(&r.table, i, &caps, r.dst)
@@ -361,10 +305,10 @@ impl Outbound {
         caps: &Captures,
         dst: SocketAddr,
     ) -> Result<Arc<Upstream>, Miss> {
-        if let Some(up) = &table.fixed[i] {
+        if let Some(up) = table.fixed(i) {
             return Ok(up.clone());
         }
-        let rule = table.rules.get(i);
+        let rule = table.rules().get(i);
         match rule.address.as_deref() {
             Some(a) => self.upstream(rule, a, caps),
             None => self.upstream(rule, &dst.to_string(), caps),

@@ -15,19 +15,12 @@ use tokio::sync::watch;
 use crate::config::Unmeshed;
 use crate::metrics::Direction;
 use crate::outbound::detect::{self, Protocol};
-use crate::outbound::rules::{Candidates, Captures};
-use crate::outbound::{Outbound, Table};
+use crate::outbound::rules::Captures;
+use crate::outbound::table::{Route, Table};
+use crate::outbound::Outbound;
 
 /// Destinations remembered for "logged once" (beyond it, logged again).
 const MAX_LOGGED_DESTINATIONS: usize = 1024;
-
-/// What a redirected HTTP connection routes by: the rules as they were
-/// when it was accepted, its candidates, its original destination.
-pub struct Route {
-    pub(super) table: Arc<Table>,
-    pub(super) candidates: Candidates,
-    pub(super) dst: SocketAddr,
-}
 
 impl Outbound {
     /// Handles one redirected connection to `dst`.
