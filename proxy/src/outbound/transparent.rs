@@ -410,4 +410,171 @@ mod tests {
         assert_eq!(exchange(&mut c, req).await, req);
         assert_eq!(tcp_result(&m, "passthrough"), 1.0);
     }
+
+    /// Runs `cmd` (a program and its arguments); its failure message.
+    fn run(cmd: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", cmd.join(" ")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {}",
+                cmd.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// A network namespace, deleted when dropped (a failed test too).
+    struct Netns(String);
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = run(&["ip", "netns", "del", &self.0]);
+        }
+    }
+
+    const NETNS_PORT: &str = "KEYPROOF_TEST_OUTBOUND_PORT";
+
+    /// Real `iptables` redirection: in a namespace of its own (root only;
+    /// skipped elsewhere unless `CI` is set), connections to
+    /// 10.250.0.2:8080 and 10.250.0.3:8080 are redirected to an outbound
+    /// listener, which must read their original destinations. The checks
+    /// run in [`in_netns`], this test binary re-run inside the namespace.
+    #[test]
+    fn redirected_connections_are_routed_by_their_original_destination() {
+        let ci = std::env::var_os("CI").is_some();
+        let root = std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false);
+        if !root || run(&["ip", "netns", "list"]).is_err() {
+            assert!(!ci, "CI: this test needs root and iproute2");
+            eprintln!("skipped: needs root, iproute2 and iptables");
+            return;
+        }
+        let name = format!("kp-ob-{}", std::process::id());
+        run(&["ip", "netns", "add", &name]).expect("netns");
+        let ns = Netns(name);
+        let port = (20000 + std::process::id() % 20000).to_string();
+        let exec = |cmd: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", &ns.0];
+            all.extend_from_slice(cmd);
+            run(&all)
+        };
+        exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+        // A route for the destinations; the rule redirects them anyway.
+        exec(&["ip", "addr", "add", "10.250.0.1/24", "dev", "lo"]).unwrap();
+        exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.250.0.2,10.250.0.3",
+            "--dport",
+            "8080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ])
+        .unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(exe)
+            .args([
+                "--exact",
+                "outbound::transparent::tests::in_netns",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(NETNS_PORT, &port)
+            .output()
+            .expect("run in the namespace");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "in the namespace:\n{text}");
+        assert!(
+            text.contains("1 passed"),
+            "the inner test did not run:\n{text}"
+        );
+    }
+
+    /// The inside of the test above (ignored when run on its own).
+    #[tokio::test]
+    #[ignore = "run inside a network namespace by redirected_connections_are_routed_by_their_original_destination"]
+    async fn in_netns() {
+        let port: u16 = std::env::var(NETNS_PORT).expect("port").parse().unwrap();
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "unmeshed = \"deny\"\n[[outbound.upstreams]]\ncidr = \"10.250.0.2/32\"\nport = 8080\naddress = \"{mesh}\"\nidentity = \"{API}\"\n"
+        ));
+        let l = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let ob = o.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, remote)) = l.accept().await {
+                let dst = crate::original_dst::redirected(&tcp);
+                record.lock().unwrap().push(dst);
+                match dst {
+                    Some(dst) => {
+                        tokio::spawn(ob.clone().transparent(tcp, remote, dst, rx.clone()));
+                    }
+                    None => drop(tcp),
+                }
+            }
+        });
+        // Opaque TCP through the CONNECT tunnel.
+        let mut c = TcpStream::connect("10.250.0.2:8080").await.unwrap();
+        assert_eq!(exchange(&mut c, b"\x00\x01tcp").await, b"\x00\x01tcp");
+        // HTTP to the same destination, on the same mesh connection.
+        let mut c = TcpStream::connect("10.250.0.2:8080").await.unwrap();
+        let got = exchange(
+            &mut c,
+            b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        // No rule for 10.250.0.3: refused.
+        let mut c = TcpStream::connect("10.250.0.3:8080").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+            .await
+            .expect("not closed");
+        assert!(rest.is_empty());
+        // Made to the listener itself: not redirected.
+        drop(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = seen.lock().unwrap().clone();
+        let d = |s: &str| Some(s.parse().unwrap());
+        assert_eq!(
+            seen,
+            [
+                d("10.250.0.2:8080"),
+                d("10.250.0.2:8080"),
+                d("10.250.0.3:8080"),
+                None
+            ]
+        );
+        assert_eq!(tcp_result(&m, "ok"), 1.0);
+        assert_eq!(tcp_result(&m, "unmeshed_denied"), 1.0);
+        assert_eq!(tcp_result(&m, "passthrough"), 0.0);
+    }
 }
