@@ -214,14 +214,28 @@ struct RawOutbound {
     max_connections: Option<usize>,
     max_concurrent_streams: Option<u32>,
     body_timeout: Option<String>,
+    detect_timeout: Option<String>,
+    opaque_ports: Option<Vec<i64>>,
+    unmeshed: Option<String>,
+    upstreams_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
-    host: String,
-    address: String,
+    host: Option<String>,
+    cidr: Option<String>,
+    port: Option<i64>,
+    address: Option<String>,
     identity: String,
+}
+
+/// `[outbound] upstreams_file`: `[[upstreams]]` at its top level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamsFile {
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -747,10 +761,13 @@ pub struct InboundConfig {
     pub limits: Limits,
 }
 
-/// One `[[outbound.upstreams]]` entry.
+/// A concrete upstream: one peer sidecar to dial and the identity it must
+/// prove. Built from a rule (for a rule with placeholders or without
+/// `address`, per destination when a connection needs it).
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Request host (lowercase), or `*`.
+    /// What the upstream is for, in logs: the rule's host pattern (`*`,
+    /// an exact name), or the dialled address for one made on demand.
     pub host: String,
     /// The peer sidecar's inbound, `host:port`.
     pub address: String,
@@ -758,13 +775,185 @@ pub struct UpstreamConfig {
     pub identity: IdPattern,
 }
 
+/// The host condition of an upstream rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// `*`: every host.
+    Any,
+    /// Exactly this name or IP literal (lowercase, IPv6 without brackets).
+    Exact(String),
+    /// Labels matched from the right end of the host, each a literal or a
+    /// placeholder capturing one DNS label; `any_prefix` (a leading `*.`)
+    /// requires one or more further labels before them.
+    Labels {
+        /// Whether the pattern starts with `*.`.
+        any_prefix: bool,
+        /// The labels after it, left to right.
+        labels: Vec<HostLabel>,
+    },
+}
+
+/// One label of a [`HostPattern::Labels`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostLabel {
+    /// This label (lowercase).
+    Literal(String),
+    /// `{name}`: any one DNS label, captured as `name`.
+    Capture(String),
+}
+
+impl HostPattern {
+    /// The placeholders the pattern captures.
+    pub fn captures(&self) -> impl Iterator<Item = &str> {
+        let labels = match self {
+            HostPattern::Labels { labels, .. } => labels.as_slice(),
+            _ => &[],
+        };
+        labels.iter().filter_map(|l| match l {
+            HostLabel::Capture(n) => Some(n.as_str()),
+            HostLabel::Literal(_) => None,
+        })
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Any => f.write_str("*"),
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Labels { any_prefix, labels } => {
+                if *any_prefix {
+                    f.write_str("*")?;
+                }
+                for (i, l) in labels.iter().enumerate() {
+                    if i > 0 || *any_prefix {
+                        f.write_str(".")?;
+                    }
+                    match l {
+                        HostLabel::Literal(s) => f.write_str(s)?,
+                        HostLabel::Capture(n) => write!(f, "{{{n}}}")?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One piece of an [`IdentityTemplate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    /// Text as written.
+    Literal(String),
+    /// `{name}`: the label the host pattern captured as `name`.
+    Placeholder(String),
+}
+
+/// An upstream rule's `identity`: a SPIFFE ID pattern that may use the
+/// host pattern's placeholders.
+#[derive(Debug, Clone)]
+pub struct IdentityTemplate {
+    /// As written.
+    pub text: String,
+    /// Its pieces.
+    pub parts: Vec<TemplatePart>,
+    /// The pattern when the template has no placeholder; else the pattern
+    /// with every placeholder filled with `x` (for the trust-domain check).
+    pub fixed: IdPattern,
+}
+
+impl IdentityTemplate {
+    /// Whether the template uses placeholders.
+    pub fn has_placeholders(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, TemplatePart::Placeholder(_)))
+    }
+}
+
+/// What the outbound does with a redirected connection no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmeshed {
+    /// Connect to the original destination directly, in plain TCP.
+    Passthrough,
+    /// Close the connection.
+    Deny,
+}
+
+/// One `[[outbound.upstreams]]` (or `upstreams_file` `[[upstreams]]`)
+/// entry: which requests and redirected connections it takes, where they
+/// go and who must answer.
+#[derive(Debug, Clone)]
+pub struct UpstreamRule {
+    /// Request host condition.
+    pub host: Option<HostPattern>,
+    /// Original destination IP condition.
+    pub cidr: Option<ipnet::IpNet>,
+    /// Original destination port condition.
+    pub port: Option<u16>,
+    /// Where to dial (default: the original destination).
+    pub address: Option<String>,
+    /// Who the peer must prove to be.
+    pub identity: IdentityTemplate,
+}
+
+impl UpstreamRule {
+    /// The rule's exact host when it is looked up by hash: an exact host
+    /// and no destination condition.
+    pub fn exact_host(&self) -> Option<&str> {
+        match (&self.host, self.cidr, self.port) {
+            (Some(HostPattern::Exact(h)), None, None) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The rule in words, for `check-config`.
+    pub fn describe(&self) -> String {
+        let mut when = Vec::new();
+        match &self.host {
+            Some(HostPattern::Any) => when.push("any host".to_owned()),
+            Some(h) => when.push(format!("host {h}")),
+            None => {}
+        }
+        if let Some(c) = self.cidr {
+            when.push(format!("destination in {c}"));
+        }
+        if let Some(p) = self.port {
+            when.push(format!("destination port {p}"));
+        }
+        let to = match &self.address {
+            Some(a) => a.clone(),
+            None => "the original destination".to_owned(),
+        };
+        let mut s = format!(
+            "{} -> {to} expecting {}",
+            when.join(" and "),
+            self.identity.text
+        );
+        if self.host.is_none() {
+            s.push_str(" (opaque TCP and HTTP)");
+        } else if self.cidr.is_none() && self.port.is_none() && self.address.is_none() {
+            s.push_str(" (redirected connections only: no address for explicit requests)");
+        }
+        s
+    }
+}
+
 /// `[outbound]`.
 #[derive(Debug, Clone)]
 pub struct OutboundConfig {
     /// Plaintext listener for the local app (loopback).
     pub listen: SocketAddr,
-    /// Host-based upstream table.
-    pub upstreams: Vec<UpstreamConfig>,
+    /// The upstream rules, in file order (from `upstreams_file` when set).
+    pub upstreams: Vec<UpstreamRule>,
+    /// `upstreams_file`: re-read on change.
+    pub upstreams_file: Option<PathBuf>,
+    /// No client bytes within this on a redirected connection: TCP.
+    pub detect_timeout: Duration,
+    /// Redirected connections to these ports are TCP, never sniffed.
+    pub opaque_ports: Vec<u16>,
+    /// Redirected destinations no rule matches.
+    pub unmeshed: Unmeshed,
     /// TCP connect bound (then 504).
     pub connect_timeout: Duration,
     /// Idle pooled mesh connections are closed after this; kept below the
@@ -1935,40 +2124,252 @@ fn credential(
     }
 }
 
-fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
-    let listen = socket_addr("outbound.listen", &raw.listen)?;
-    let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
-    for (i, u) in raw.upstreams.into_iter().enumerate() {
-        let key = format!("outbound.upstreams[{i}]");
-        let host = u.host.trim().to_ascii_lowercase();
-        if host.is_empty() || host.contains(['/', ' ']) {
+/// Parses a host condition: `*`, an exact name, or labels with `*.` in
+/// front and `{placeholder}` labels.
+fn host_pattern(key: &str, raw: &str) -> Result<HostPattern, ConfigError> {
+    let host = raw.trim().to_ascii_lowercase();
+    let bad = |why: &str| invalid(key, format!("invalid host {raw:?}: {why}"));
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err(bad("not a host name or pattern"));
+    }
+    if host == "*" {
+        return Ok(HostPattern::Any);
+    }
+    if !host.contains(['*', '{', '}']) {
+        return Ok(HostPattern::Exact(host));
+    }
+    let (any_prefix, rest) = match host.strip_prefix("*.") {
+        Some(r) => (true, r),
+        None => (false, host.as_str()),
+    };
+    let mut labels = Vec::new();
+    for l in rest.split('.') {
+        if let Some(name) = l.strip_prefix('{').and_then(|l| l.strip_suffix('}')) {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(bad("a placeholder is {name}, name in [a-z0-9_]"));
+            }
+            if labels
+                .iter()
+                .any(|x| matches!(x, HostLabel::Capture(n) if n == name))
+            {
+                return Err(bad(&format!("placeholder {{{name}}} appears twice")));
+            }
+            labels.push(HostLabel::Capture(name.to_owned()));
+        } else if l.is_empty() || l.contains(['*', '{', '}']) {
+            return Err(bad(
+                "\"*\" only as the first label, and a placeholder is a whole label",
+            ));
+        } else {
+            labels.push(HostLabel::Literal(l.to_owned()));
+        }
+    }
+    Ok(HostPattern::Labels { any_prefix, labels })
+}
+
+/// Parses an identity that may use `{placeholders}`; each must be one the
+/// host pattern captures.
+fn identity_template(
+    key: &str,
+    raw: &str,
+    host: Option<&HostPattern>,
+) -> Result<IdentityTemplate, ConfigError> {
+    let mut parts = Vec::new();
+    let mut rest = raw;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(TemplatePart::Literal(rest[..open].to_owned()));
+        }
+        let Some(close) = rest[open..].find('}') else {
+            return Err(invalid(key, format!("unclosed placeholder in {raw:?}")));
+        };
+        let name = &rest[open + 1..open + close];
+        let captured = host.is_some_and(|h| h.captures().any(|c| c == name));
+        if !captured {
             return Err(invalid(
-                format!("{key}.host"),
-                format!("invalid host {:?}", u.host),
+                key,
+                format!(
+                    "placeholder {{{name}}} in {raw:?} is not captured by the host pattern \
+                     (a host like \"*.{{{name}}}.svc.cluster.local\" captures it)"
+                ),
             ));
         }
-        if upstreams.iter().any(|o| o.host == host) {
+        parts.push(TemplatePart::Placeholder(name.to_owned()));
+        rest = &rest[open + close + 1..];
+    }
+    if rest.contains('}') {
+        return Err(invalid(key, format!("unmatched \"}}\" in {raw:?}")));
+    }
+    if !rest.is_empty() {
+        parts.push(TemplatePart::Literal(rest.to_owned()));
+    }
+    let sample: String = parts
+        .iter()
+        .map(|p| match p {
+            TemplatePart::Literal(s) => s.as_str(),
+            TemplatePart::Placeholder(_) => "x",
+        })
+        .collect();
+    let fixed = IdPattern::parse(&sample)
+        .map_err(|e| invalid(key, format!("invalid SPIFFE ID {raw:?}: {e}")))?;
+    Ok(IdentityTemplate {
+        text: raw.to_owned(),
+        parts,
+        fixed,
+    })
+}
+
+/// Validates upstream rules; `prefix` starts every key named in an error
+/// (`outbound.upstreams` inline, the file path and `: upstreams` in an
+/// upstreams file).
+fn upstream_rules(prefix: &str, raw: Vec<RawUpstream>) -> Result<Vec<UpstreamRule>, ConfigError> {
+    let mut rules: Vec<UpstreamRule> = Vec::with_capacity(raw.len());
+    for (i, u) in raw.into_iter().enumerate() {
+        let key = format!("{prefix}[{i}]");
+        let host = u
+            .host
+            .as_deref()
+            .map(|h| host_pattern(&format!("{key}.host"), h))
+            .transpose()?;
+        let cidr = u
+            .cidr
+            .as_deref()
+            .map(|c| {
+                c.trim()
+                    .parse::<ipnet::IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|e| {
+                        invalid(
+                            format!("{key}.cidr"),
+                            format!("invalid CIDR {c:?}: {e}; expected e.g. \"10.0.0.0/8\""),
+                        )
+                    })
+            })
+            .transpose()?;
+        let port = u
+            .port
+            .map(|p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| invalid(format!("{key}.port"), "must be in 1..65535"))
+            })
+            .transpose()?;
+        if host.is_none() && cidr.is_none() && port.is_none() {
             return Err(invalid(
-                format!("{key}.host"),
-                format!("duplicate host {host:?}"),
+                key,
+                "a rule needs at least one of host, cidr and port",
             ));
         }
-        let address = host_port(&format!("{key}.address"), &u.address)?;
-        let identity = IdPattern::parse(&u.identity).map_err(|e| {
-            invalid(
-                format!("{key}.identity"),
-                format!("invalid SPIFFE ID {:?}: {e}", u.identity),
-            )
-        })?;
-        upstreams.push(UpstreamConfig {
+        let address = u
+            .address
+            .as_deref()
+            .map(|a| host_port(&format!("{key}.address"), a))
+            .transpose()?;
+        let identity = identity_template(&format!("{key}.identity"), &u.identity, host.as_ref())?;
+        if rules
+            .iter()
+            .any(|o| o.host == host && o.cidr == cidr && o.port == port)
+        {
+            let (k, what) = match &host {
+                Some(h) if cidr.is_none() && port.is_none() => {
+                    ("host", format!("host {:?}", h.to_string()))
+                }
+                _ if port.is_some() => ("port", "rule (same host, cidr and port)".to_owned()),
+                _ => ("cidr", "rule (same host, cidr and port)".to_owned()),
+            };
+            return Err(invalid(format!("{key}.{k}"), format!("duplicate {what}")));
+        }
+        rules.push(UpstreamRule {
             host,
+            cidr,
+            port,
             address,
             identity,
         });
     }
+    Ok(rules)
+}
+
+/// Reads and validates an upstreams file (`[outbound] upstreams_file`):
+/// `[[upstreams]]` at its top level. Errors name the file and the key
+/// (`/etc/keyproof/upstreams.toml: upstreams[2].cidr`).
+pub fn parse_upstreams(path: &Path, text: &str) -> Result<Vec<UpstreamRule>, ConfigError> {
+    if text.trim().is_empty() {
+        // What a truncate-then-write editor leaves between its two steps.
+        return Err(ConfigError::Parse(format!(
+            "{}: the upstreams file is empty (no upstreams is written `upstreams = []`)",
+            path.display()
+        )));
+    }
+    let raw: RawUpstreamsFile =
+        toml::from_str(text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+    upstream_rules(&format!("{}: upstreams", path.display()), raw.upstreams)
+}
+
+fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
+    let listen = socket_addr("outbound.listen", &raw.listen)?;
+    let upstreams = match &raw.upstreams_file {
+        Some(file) => {
+            if !raw.upstreams.is_empty() {
+                return Err(invalid(
+                    "outbound.upstreams",
+                    format!(
+                        "cannot be combined with outbound.upstreams_file ({}); move them into that file",
+                        file.display()
+                    ),
+                ));
+            }
+            if file.as_os_str().is_empty() {
+                return Err(invalid("outbound.upstreams_file", "must name a file"));
+            }
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                invalid(
+                    "outbound.upstreams_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            parse_upstreams(file, &text)?
+        }
+        None => upstream_rules("outbound.upstreams", raw.upstreams)?,
+    };
+    let mut opaque_ports: Vec<u16> = Vec::new();
+    for (i, p) in raw.opaque_ports.unwrap_or_default().into_iter().enumerate() {
+        let p = u16::try_from(p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid(format!("outbound.opaque_ports[{i}]"), "must be in 1..65535"))?;
+        if !opaque_ports.contains(&p) {
+            opaque_ports.push(p);
+        }
+    }
+    let unmeshed = match raw.unmeshed.as_deref() {
+        None | Some("passthrough") => Unmeshed::Passthrough,
+        Some("deny") => Unmeshed::Deny,
+        Some(other) => {
+            return Err(invalid(
+                "outbound.unmeshed",
+                format!("unknown value {other:?}; use \"passthrough\" or \"deny\""),
+            ))
+        }
+    };
+    let detect_timeout = duration(
+        "outbound.detect_timeout",
+        raw.detect_timeout.as_ref(),
+        Duration::from_millis(300),
+    )?;
+    if detect_timeout.is_zero() || detect_timeout > Duration::from_secs(60) {
+        return Err(invalid(
+            "outbound.detect_timeout",
+            "must be more than 0 and at most 60s",
+        ));
+    }
     Ok(OutboundConfig {
         listen,
         upstreams,
+        upstreams_file: raw.upstreams_file,
+        detect_timeout,
+        opaque_ports,
+        unmeshed,
         connect_timeout: duration(
             "outbound.connect_timeout",
             raw.connect_timeout.as_ref(),
@@ -2192,13 +2593,31 @@ impl Config {
         }
         if let Some(o) = &self.outbound {
             let _ = writeln!(s, "outbound: plaintext on {}", o.listen);
-            for u in &o.upstreams {
+            if let Some(f) = &o.upstreams_file {
                 let _ = writeln!(
                     s,
-                    "  host {} -> {} expecting {}",
-                    u.host, u.address, u.identity
+                    "  upstream rules from {} (re-read on change)",
+                    f.display()
                 );
             }
+            for u in &o.upstreams {
+                let _ = writeln!(s, "  {}", u.describe());
+            }
+            let _ = writeln!(
+                s,
+                "  redirected connections: protocol detected within {:?}{}; destinations no rule matches are {}",
+                o.detect_timeout,
+                if o.opaque_ports.is_empty() {
+                    String::new()
+                } else {
+                    let ports: Vec<String> = o.opaque_ports.iter().map(u16::to_string).collect();
+                    format!(", ports {} always opaque TCP", ports.join(", "))
+                },
+                match o.unmeshed {
+                    Unmeshed::Passthrough => "passed through in plain TCP",
+                    Unmeshed::Deny => "refused",
+                }
+            );
         }
         if let Some(a) = &self.admin {
             let _ = writeln!(s, "admin: http://{}/metrics", a.listen);
@@ -2900,10 +3319,10 @@ mod tests {
         ))
         .expect("config");
         let o = cfg.outbound.expect("outbound");
-        assert_eq!(o.upstreams[0].host, "api.demo");
-        assert_eq!(o.upstreams[0].address, "[::1]:443");
-        assert_eq!(o.upstreams[0].identity.to_string(), id);
-        assert_eq!(o.upstreams[1].host, "*");
+        assert_eq!(o.upstreams[0].exact_host(), Some("api.demo"));
+        assert_eq!(o.upstreams[0].address.as_deref(), Some("[::1]:443"));
+        assert_eq!(o.upstreams[0].identity.fixed.to_string(), id);
+        assert_eq!(o.upstreams[1].host, Some(HostPattern::Any));
 
         let cfg =
             Config::parse(&route("methods = [\"get\", \"Post\", \"PURGE\"]\n")).expect("config");
@@ -4231,5 +4650,156 @@ mod tests {
             assert_eq!(format_duration(d), want);
             assert_eq!(keyproof_identity::duration::parse(want).expect(want), d);
         }
+    }
+
+    #[test]
+    fn upstream_rule_errors_name_their_key() {
+        let id = "identity = \"spiffe://td/ns/a/sa/b\"\n";
+        let rule = |fields: &str| format!("[[outbound.upstreams]]\n{fields}{id}");
+        let ok = rule("host = \"api\"\naddress = \"api:443\"\n");
+        let cases = [
+            (
+                outb(&(ok.clone() + &rule("cidr = \"10.0.0.0/33\"\n"))),
+                "outbound.upstreams[1].cidr",
+            ),
+            (
+                outb(&rule("cidr = \"ten\"\n")),
+                "outbound.upstreams[0].cidr",
+            ),
+            (outb(&rule("port = 0\n")), "outbound.upstreams[0].port"),
+            (outb(&rule("port = 65536\n")), "outbound.upstreams[0].port"),
+            (outb(&rule("address = \"a:1\"\n")), "outbound.upstreams[0]"),
+            (
+                outb(&rule("host = \"a.*.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"{x}-y.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"{x}.{x}.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"{}.b\"\n")),
+                "outbound.upstreams[0].host",
+            ),
+            (
+                outb(&rule("host = \"a..b\"\n").replace("a..b", "*.a..b")),
+                "outbound.upstreams[0].host",
+            ),
+            (outb(&(ok.clone() + &ok)), "outbound.upstreams[1].host"),
+            (
+                outb(&(rule("port = 5432\n") + &rule("port = 5432\n"))),
+                "outbound.upstreams[1].port",
+            ),
+            (outb("unmeshed = \"drop\"\n"), "outbound.unmeshed"),
+            (
+                outb("opaque_ports = [5432, 0]\n"),
+                "outbound.opaque_ports[1]",
+            ),
+            (outb("detect_timeout = \"0s\"\n"), "outbound.detect_timeout"),
+            (
+                outb("detect_timeout = \"soon\"\n"),
+                "outbound.detect_timeout",
+            ),
+            (
+                outb(&format!("upstreams_file = \"/nonexistent/u.toml\"\n{ok}")),
+                "outbound.upstreams",
+            ),
+            (
+                outb("upstreams_file = \"/nonexistent/u.toml\"\n"),
+                "outbound.upstreams_file",
+            ),
+        ];
+        for (text, key) in cases {
+            let (got, msg) = invalid_key(&text);
+            assert_eq!(got, key, "{msg}\n{text}");
+        }
+        // Placeholders in the identity must be captured by the host.
+        for (host, identity) in [
+            ("*.svc", "spiffe://td/ns/{ns}/sa/*"),
+            ("{svc}.{ns}", "spiffe://td/ns/{other}/sa/*"),
+            ("", "spiffe://td/ns/{ns}/sa/*"),
+            ("{ns}.svc", "spiffe://td/ns/{ns/sa/*"),
+            ("{ns}.svc", "spiffe://td/ns/ns}/sa/*"),
+        ] {
+            let h = if host.is_empty() {
+                "port = 80\n".to_owned()
+            } else {
+                format!("host = \"{host}\"\n")
+            };
+            let text = outb(&format!(
+                "[[outbound.upstreams]]\n{h}identity = \"{identity}\"\n"
+            ));
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, "outbound.upstreams[0].identity", "{msg}");
+        }
+    }
+
+    #[test]
+    fn upstream_rules_parse_and_are_explained() {
+        let text = outb(
+            "detect_timeout = \"250ms\"\nopaque_ports = [5432, 6379, 5432]\nunmeshed = \"deny\"\n\
+             [[outbound.upstreams]]\nhost = \"*.{namespace}.svc.cluster.local\"\nidentity = \"spiffe://td/ns/{namespace}/sa/*\"\n\
+             [[outbound.upstreams]]\ncidr = \"10.1.2.3/8\"\nport = 5432\naddress = \"10.9.9.9:15443\"\nidentity = \"spiffe://td/ns/db/sa/pg\"\n\
+             [[outbound.upstreams]]\nhost = \"API.demo\"\naddress = \"api:443\"\nidentity = \"spiffe://td/ns/a/sa/api\"\n",
+        );
+        let cfg = Config::parse(&text).expect("config");
+        let o = cfg.outbound.as_ref().expect("outbound");
+        assert_eq!(o.detect_timeout, Duration::from_millis(250));
+        assert_eq!(o.opaque_ports, [5432, 6379]);
+        assert_eq!(o.unmeshed, Unmeshed::Deny);
+        let r = &o.upstreams;
+        assert_eq!(
+            r[0].host.as_ref().unwrap().to_string(),
+            "*.{namespace}.svc.cluster.local"
+        );
+        assert!(r[0].identity.has_placeholders());
+        assert_eq!(r[1].cidr.unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(r[1].port, Some(5432));
+        assert_eq!(r[2].exact_host(), Some("api.demo"));
+        let e = cfg.explain();
+        for want in [
+            "host *.{namespace}.svc.cluster.local -> the original destination expecting spiffe://td/ns/{namespace}/sa/*",
+            "destination in 10.0.0.0/8 and destination port 5432 -> 10.9.9.9:15443 expecting spiffe://td/ns/db/sa/pg (opaque TCP and HTTP)",
+            "host api.demo -> api:443 expecting spiffe://td/ns/a/sa/api",
+            "protocol detected within 250ms, ports 5432, 6379 always opaque TCP; destinations no rule matches are refused",
+        ] {
+            assert!(e.contains(want), "{want:?} not in:\n{e}");
+        }
+        // Defaults: every existing configuration keeps its meaning.
+        let o = Config::parse(&outb("")).unwrap().outbound.unwrap();
+        assert_eq!(o.unmeshed, Unmeshed::Passthrough);
+        assert_eq!(o.detect_timeout, Duration::from_millis(300));
+        assert!(o.opaque_ports.is_empty() && o.upstreams_file.is_none());
+    }
+
+    #[test]
+    fn an_upstreams_file_holds_the_rules_and_names_itself_in_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("upstreams.toml");
+        std::fs::write(
+            &path,
+            "[[upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"spiffe://td/ns/a/*\"\n",
+        )
+        .unwrap();
+        let text = outb(&format!(
+            "upstreams_file = {:?}\n",
+            path.display().to_string()
+        ));
+        let o = Config::parse(&text).expect("config").outbound.unwrap();
+        assert_eq!(o.upstreams.len(), 1);
+        assert_eq!(o.upstreams_file.as_deref(), Some(path.as_path()));
+        std::fs::write(
+            &path,
+            "[[upstreams]]\nport = 99999\nidentity = \"spiffe://td/ns/a/*\"\n",
+        )
+        .unwrap();
+        let (key, _) = invalid_key(&text);
+        assert_eq!(key, format!("{}: upstreams[0].port", path.display()));
+        assert!(parse_upstreams(&path, " \n").is_err());
+        assert_eq!(parse_upstreams(&path, "upstreams = []\n").unwrap().len(), 0);
     }
 }

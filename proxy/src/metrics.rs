@@ -160,6 +160,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     renewals: IntCounterVec,
     policy_reloads: [IntCounter; 2],
+    upstream_reloads: [IntCounter; 2],
     /// `keyproof_policy_generation`: 0 for the policy read at startup, one
     /// more for each file change taken into use.
     pub policy_generation: IntGauge,
@@ -379,6 +380,15 @@ impl Metrics {
              change taken into use.",
         )?;
         registry.register(Box::new(policy_reloads.clone()))?;
+        let upstream_reloads = IntCounterVec::new(
+            Opts::new(
+                "keyproof_upstream_reloads_total",
+                "[outbound] upstreams_file changes seen, by result: ok (in use) or failed \
+                 (refused; the upstream rules in use before keep serving).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(upstream_reloads.clone()))?;
         registry.register(Box::new(policy_generation.clone()))?;
         let audit_records = IntCounterVec::new(
             Opts::new(
@@ -495,6 +505,7 @@ impl Metrics {
             reloads,
             renewals,
             policy_reloads: ["ok", "failed"].map(|r| policy_reloads.with_label_values(&[r])),
+            upstream_reloads: ["ok", "failed"].map(|r| upstream_reloads.with_label_values(&[r])),
             policy_generation,
             audit_records: AUDIT_RESULTS.map(|r| audit_records.with_label_values(&[r])),
             sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
@@ -534,6 +545,12 @@ impl Metrics {
     /// refused.
     pub fn policy_reload(&self, ok: bool) {
         self.policy_reloads[usize::from(!ok)].inc();
+    }
+
+    /// Counts one `[outbound] upstreams_file` change: taken into use
+    /// (`ok`) or refused.
+    pub fn upstream_reload(&self, ok: bool) {
+        self.upstream_reloads[usize::from(!ok)].inc();
     }
 
     /// Counts one `[identity.ca]` issuance outcome.
@@ -967,6 +984,7 @@ mod tests {
         }
         for r in ["ok", "failed"] {
             zero("keyproof_policy_reloads_total", &[("result", r)]);
+            zero("keyproof_upstream_reloads_total", &[("result", r)]);
         }
         zero("keyproof_policy_generation", &[]);
         for r in AUDIT_RESULTS {
@@ -978,7 +996,7 @@ mod tests {
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
         assert_eq!(
             checked,
-            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 1 + 3 + 4
+            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 4
         );
         // Nothing to say before a bundle is installed (not even its trust
         // domain), and no sequence unless a CA states one.

@@ -78,25 +78,140 @@ pub fn check_trust_domains(cfg: &Config, identity: &Identity) -> Result<(), Star
 /// [`check_trust_domains`] against a trust domain name (`[identity.ca]`
 /// knows it from `spiffe_id` before any certificate is held).
 pub fn check_trust_domain_name(cfg: &Config, ours: &str) -> Result<(), StartError> {
-    let check = |key: String, p: &keyproof_identity::IdPattern| {
-        let td = pattern_trust_domain(p);
-        if td != ours {
-            return Err(StartError::ForeignPattern {
-                key,
-                msg: format!("{p} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted"),
-            });
-        }
-        Ok(())
-    };
     if let Some(i) = &cfg.inbound {
         check_policy_trust_domain(&i.policy, &policy_key_prefix(i), ours)?;
     }
     if let Some(o) = &cfg.outbound {
-        for (u, up) in o.upstreams.iter().enumerate() {
-            check(format!("outbound.upstreams[{u}].identity"), &up.identity)?;
+        let prefix = match &o.upstreams_file {
+            Some(f) => format!("{}: upstreams", f.display()),
+            None => "outbound.upstreams".to_owned(),
+        };
+        check_rules_trust_domain(&o.upstreams, &prefix, ours)?;
+    }
+    Ok(())
+}
+
+/// Refuses upstream rules whose identity is of another trust domain;
+/// `prefix` starts the key named (`outbound.upstreams`, or the file's path
+/// and `: upstreams`).
+fn check_rules_trust_domain(
+    rules: &[config::UpstreamRule],
+    prefix: &str,
+    ours: &str,
+) -> Result<(), StartError> {
+    for (u, up) in rules.iter().enumerate() {
+        let td = pattern_trust_domain(&up.identity.fixed);
+        if td != ours {
+            return Err(StartError::ForeignPattern {
+                key: format!("{prefix}[{u}].identity"),
+                msg: format!(
+                    "{} is in trust domain {td}, but this workload's is {ours}; peers of other trust domains are never accepted",
+                    up.identity.text
+                ),
+            });
         }
     }
     Ok(())
+}
+
+/// Why a changed upstreams file was not taken into use.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamsReloadError {
+    /// The file is not valid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A rule expects a peer of another trust domain.
+    #[error(transparent)]
+    Check(#[from] StartError),
+    /// The upstreams could not be built.
+    #[error(transparent)]
+    Build(#[from] outbound::OutboundError),
+}
+
+/// `text`, the content of upstreams file `path`: if its rules are valid
+/// and expect peers of trust domain `ours` only, they are put in use.
+/// Returns how many rules it has.
+pub fn reload_upstreams(
+    outbound: &outbound::Outbound,
+    path: &Path,
+    text: &str,
+    ours: &str,
+) -> Result<usize, UpstreamsReloadError> {
+    let rules = config::parse_upstreams(path, text)?;
+    check_rules_trust_domain(&rules, &format!("{}: upstreams", path.display()), ours)?;
+    let n = rules.len();
+    outbound.replace_rules(rules)?;
+    Ok(n)
+}
+
+/// Watches `[outbound] upstreams_file` as [`watch_policy`] watches the
+/// policy file: every change of content is taken into use, a file that is
+/// refused is logged and counted (`keyproof_upstream_reloads_total`), and
+/// the rules in use keep serving. Connections in flight keep their
+/// upstream.
+pub async fn watch_upstreams(
+    outbound: Arc<outbound::Outbound>,
+    path: PathBuf,
+    mut seen: Option<Vec<u8>>,
+    ours: String,
+    metrics: metrics::Metrics,
+    interval: Duration,
+) {
+    let mut watch = FileWatch::start(&[path.as_path()], interval);
+    loop {
+        watch.changed().await;
+        let now = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(upstreams_file = %path.display(), error = %e, "upstreams file not readable now");
+                continue;
+            }
+        };
+        if seen.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
+        // A prefix of a rule list is a valid rule list: take only content
+        // that stays the same.
+        let Some(now) = settled(&path, now).await else {
+            continue;
+        };
+        if seen.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
+        let result = match std::str::from_utf8(&now) {
+            Ok(text) => reload_upstreams(&outbound, &path, text, &ours),
+            Err(e) => Err(UpstreamsReloadError::Config(ConfigError::Parse(format!(
+                "{}: not UTF-8 text: {e}",
+                path.display()
+            )))),
+        };
+        seen = Some(now);
+        match result {
+            Ok(rules) => {
+                metrics.upstream_reload(true);
+                tracing::info!(upstreams_file = %path.display(), rules, "upstream rules reloaded");
+            }
+            Err(e) => {
+                metrics.upstream_reload(false);
+                tracing::error!(upstreams_file = %path.display(), error = %e, "upstreams file refused; the upstream rules in use keep serving");
+            }
+        }
+    }
+}
+
+/// The upstreams file as read when the proxy starts, parsed; `None` when
+/// it cannot be read or parsed now (the rules read with the configuration
+/// serve, and the watcher takes the next valid content).
+async fn upstreams_at_start(path: &Path) -> Option<(Vec<u8>, Vec<config::UpstreamRule>)> {
+    let bytes = tokio::fs::read(path).await.ok()?;
+    let text = std::str::from_utf8(&bytes).ok()?;
+    match config::parse_upstreams(path, text) {
+        Ok(rules) => Some((bytes, rules)),
+        Err(e) => {
+            tracing::warn!(upstreams_file = %path.display(), error = %e, "upstreams file changed since the configuration was read and is refused; the rules read with the configuration serve");
+            None
+        }
+    }
 }
 
 /// How the keys of the inbound policy are named in errors: `inbound.`
@@ -258,7 +373,7 @@ async fn settled(path: &Path, first: Vec<u8>) -> Option<Vec<u8>> {
         }
         last = again;
     }
-    tracing::warn!(policy_file = %path.display(), "inbound policy file still changing after {:?}; looked at again at the next change", POLICY_SETTLE * POLICY_SETTLE_TRIES as u32);
+    tracing::warn!(file = %path.display(), "file still changing after {:?}; looked at again at the next change", POLICY_SETTLE * POLICY_SETTLE_TRIES as u32);
     None
 }
 
@@ -307,6 +422,8 @@ pub struct Running {
     identity_task: tokio::task::JoinHandle<()>,
     /// The `[inbound] policy_file` watcher.
     policy_task: Option<tokio::task::AbortHandle>,
+    /// The `[outbound] upstreams_file` watcher.
+    upstreams_task: Option<tokio::task::AbortHandle>,
 }
 
 /// Loads the identity (`[identity.files]`: before any port is bound, so a
@@ -427,11 +544,28 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         (Some(c), None) => Some(inbound::Inbound::new(c, store.clone(), &metrics)?),
         (None, _) => None,
     };
-    let outbound = cfg
-        .outbound
-        .as_ref()
-        .map(|c| outbound::Outbound::new(c, store.clone(), &metrics))
-        .transpose()?;
+    let mut upstreams_seen = None;
+    let outbound = match cfg.outbound.as_ref() {
+        Some(c) => {
+            let mut c = c.clone();
+            if let Some(path) = &c.upstreams_file {
+                if let Some((bytes, rules)) = upstreams_at_start(path).await {
+                    let prefix = format!("{}: upstreams", path.display());
+                    match check_rules_trust_domain(&rules, &prefix, &ours) {
+                        Ok(()) => {
+                            c.upstreams = rules;
+                            upstreams_seen = Some(bytes);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upstreams file changed since the configuration was read and is refused; the rules read with the configuration serve");
+                        }
+                    }
+                }
+            }
+            Some(outbound::Outbound::new(&c, store.clone(), &metrics)?)
+        }
+        None => None,
+    };
 
     let in_l = cfg
         .inbound
@@ -459,6 +593,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         grace: cfg.runtime.shutdown_grace,
         identity_task,
         policy_task: None,
+        upstreams_task: None,
     };
     cancel_identity.disarm();
     if let (Some(l), Some(ib), Some(c)) = (in_l, inbound, cfg.inbound.as_ref()) {
@@ -469,7 +604,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
                 ib.clone(),
                 path.clone(),
                 policy_seen,
-                ours,
+                ours.clone(),
                 metrics.clone(),
                 cfg.identity.reload_interval,
             ));
@@ -504,6 +639,25 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             tracing::warn!(listen = %c.listen, "outbound.listen is not a loopback address; any host that can reach it can use this workload's identity");
         }
         tracing::info!(listen = %fmt_addr(running.outbound_addr), upstreams = c.upstreams.len(), "outbound listening");
+        if let Some(path) = &c.upstreams_file {
+            let task = tokio::spawn(watch_upstreams(
+                ob.clone(),
+                path.clone(),
+                upstreams_seen,
+                ours.clone(),
+                metrics.clone(),
+                cfg.identity.reload_interval,
+            ));
+            running.upstreams_task = Some(task.abort_handle());
+            let path = path.clone();
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    if e.is_panic() {
+                        tracing::error!(upstreams_file = %path.display(), error = %e, "the upstreams file watcher failed; upstreams_file changes are no longer taken into use");
+                    }
+                }
+            });
+        }
         let rx = stop_rx.clone();
         tokio::spawn(listener::accept_loop(
             l,
@@ -550,6 +704,9 @@ impl Running {
         let _ = self.stop_admin.send(true);
         self.identity_task.abort();
         if let Some(t) = self.policy_task {
+            t.abort();
+        }
+        if let Some(t) = self.upstreams_task {
             t.abort();
         }
     }
@@ -876,5 +1033,61 @@ mod tests {
         })
         .expect("parses");
         check_policy_trust_domain(&ours, &prefix, TD).expect("own trust domain");
+    }
+
+    #[tokio::test]
+    async fn a_changed_upstreams_file_is_taken_into_use_and_a_bad_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("upstreams.toml");
+        let one =
+            format!("[[upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"spiffe://{TD}/ns/a/*\"\n");
+        std::fs::write(&file, &one).unwrap();
+        let cfg = config(&format!(
+            "[outbound]\nlisten = \"127.0.0.1:0\"\nupstreams_file = {:?}\n",
+            file.display().to_string()
+        ));
+        let m = metrics::Metrics::new().expect("metrics");
+        let ob = outbound::Outbound::new(
+            cfg.outbound.as_ref().unwrap(),
+            workload("/ns/demo/sa/web").store(),
+            &m,
+        )
+        .expect("outbound");
+        let task = tokio::spawn(watch_upstreams(
+            ob.clone(),
+            file.clone(),
+            Some(one.clone().into_bytes()),
+            TD.to_owned(),
+            m.clone(),
+            Duration::from_millis(50),
+        ));
+        let rules = |ob: &outbound::Outbound| ob.rules().rules().rules().len();
+        assert_eq!(rules(&ob), 1);
+        let two =
+            format!("{one}[[upstreams]]\nport = 5432\nidentity = \"spiffe://{TD}/ns/db/sa/pg\"\n");
+        std::fs::write(&file, &two).unwrap();
+        until(&m, "keyproof_upstream_reloads_total{result=\"ok\"}", 1.0).await;
+        assert_eq!(rules(&ob), 2);
+        // A foreign trust domain, then a syntax error: refused, the rules stay.
+        std::fs::write(&file, two.replace(TD, "other.test")).unwrap();
+        until(
+            &m,
+            "keyproof_upstream_reloads_total{result=\"failed\"}",
+            1.0,
+        )
+        .await;
+        std::fs::write(&file, "[[upstreams]]\nport = \"x\"\n").unwrap();
+        until(
+            &m,
+            "keyproof_upstream_reloads_total{result=\"failed\"}",
+            2.0,
+        )
+        .await;
+        assert_eq!(rules(&ob), 2);
+        assert_eq!(
+            metric(&m, "keyproof_upstream_reloads_total{result=\"ok\"}"),
+            1.0
+        );
+        task.abort();
     }
 }

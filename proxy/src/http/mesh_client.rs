@@ -190,6 +190,191 @@ impl MeshSender {
     }
 }
 
+impl MeshSender {
+    /// Opens an HTTP/2 `CONNECT` tunnel to `authority` (`ip:port`) on this
+    /// connection and waits for the peer's answer: a 2xx opens the tunnel,
+    /// anything else is [`TunnelError::Refused`].
+    pub async fn connect(self, authority: &str) -> Result<Tunnel, TunnelError> {
+        let MeshSender { send, shared } = self;
+        let mut send = send.ready().await.map_err(|e| {
+            shared.closed.store(true, Ordering::Relaxed);
+            TunnelError::H2(e)
+        })?;
+        let uri = http::Uri::builder()
+            .authority(authority)
+            .build()
+            .map_err(|_| TunnelError::Authority(authority.to_owned()))?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(uri)
+            .body(())
+            .map_err(|_| TunnelError::Authority(authority.to_owned()))?;
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        let (response, stream) = send.send_request(req, false).map_err(|e| {
+            if e.is_go_away() || e.is_io() {
+                shared.closed.store(true, Ordering::Relaxed);
+            }
+            TunnelError::H2(e)
+        })?;
+        let resp = response.await.map_err(TunnelError::H2)?;
+        if !resp.status().is_success() {
+            return Err(TunnelError::Refused(resp.status()));
+        }
+        Ok(Tunnel {
+            send: stream,
+            recv: resp.into_body(),
+        })
+    }
+}
+
+/// Why a `CONNECT` tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The authority is not `host:port`.
+    #[error("invalid tunnel authority {0:?}")]
+    Authority(String),
+    /// The HTTP/2 exchange failed.
+    #[error("HTTP/2: {0}")]
+    H2(h2::Error),
+    /// The peer answered with this status instead of opening the tunnel.
+    #[error("the peer refused the tunnel with status {0}")]
+    Refused(http::StatusCode),
+}
+
+/// An open `CONNECT` stream, to be pumped to and from a TCP connection.
+pub struct Tunnel {
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+}
+
+/// What a pumped tunnel carried, and how it ended.
+#[derive(Debug)]
+pub struct TunnelEnd {
+    /// Bytes read from the local side and sent on the stream.
+    pub sent: u64,
+    /// Bytes received on the stream and written to the local side.
+    pub received: u64,
+    /// `None` when both ways ended cleanly (FIN / END_STREAM); else why
+    /// the stream was reset and the local side closed.
+    pub error: Option<String>,
+}
+
+/// Largest chunk read from the local side at once: the stream's send
+/// window bounds it further.
+const TUNNEL_CHUNK: usize = 64 * 1024;
+
+impl Tunnel {
+    /// Pumps bytes both ways until both have ended. The local side is read
+    /// only when the peer's flow-control window has room, and the window
+    /// for received data is given back only once that data is written
+    /// locally, so neither way buffers more than a window. A FIN on one
+    /// side ends that way only (END_STREAM, or `shutdown()` of `wr`); an
+    /// error or a reset on either side resets the stream and ends both.
+    pub async fn pump<R, W>(self, mut rd: R, mut wr: W) -> TunnelEnd
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let Tunnel { mut send, mut recv } = self;
+        let mut sent = 0u64;
+        let mut received = 0u64;
+        let up = tunnel_up(&mut rd, &mut send, &mut sent);
+        let down = tunnel_down(&mut recv, &mut wr, &mut received);
+        let result = tokio::try_join!(up, down);
+        let error = match result {
+            Ok(_) => None,
+            Err(why) => {
+                send.send_reset(h2::Reason::CANCEL);
+                Some(why)
+            }
+        };
+        TunnelEnd {
+            sent,
+            received,
+            error,
+        }
+    }
+}
+
+/// Local side to stream, under the peer's flow control.
+async fn tunnel_up<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    send: &mut h2::SendStream<Bytes>,
+    sent: &mut u64,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        send.reserve_capacity(TUNNEL_CHUNK);
+        // h2 wakes `poll_capacity` only when capacity grows: window left
+        // over from the last read is used as it is.
+        let left = send.capacity();
+        let room = if left > 0 {
+            left
+        } else {
+            poll_fn(|cx| {
+                // A reset from the peer ends the wait for window.
+                if let Poll::Ready(r) = send.poll_reset(cx) {
+                    return Poll::Ready(Err(match r {
+                        Ok(reason) => format!("the peer reset the tunnel ({reason})"),
+                        Err(e) => e.to_string(),
+                    }));
+                }
+                match send.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n)),
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e.to_string())),
+                    Poll::Ready(None) => Poll::Ready(Err("the tunnel stream closed".to_owned())),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?
+        };
+        if room == 0 {
+            continue;
+        }
+        buf.reserve(room);
+        let n = {
+            let mut limited = (&mut *rd).take(room as u64);
+            limited
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| format!("reading the local side: {e}"))?
+        };
+        if n == 0 {
+            // FIN: this way is over; the other keeps flowing.
+            send.reserve_capacity(0);
+            return send
+                .send_data(Bytes::new(), true)
+                .map_err(|e| format!("end of stream refused: {e}"));
+        }
+        *sent += n as u64;
+        send.send_data(buf.split().freeze(), false)
+            .map_err(|e| format!("data refused: {e}"))?;
+    }
+}
+
+/// Stream to local side; window given back once written.
+async fn tunnel_down<W: AsyncWrite + Unpin>(
+    recv: &mut h2::RecvStream,
+    wr: &mut W,
+    received: &mut u64,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(|e| format!("the tunnel stream failed: {e}"))?;
+        let n = data.len();
+        wr.write_all(&data)
+            .await
+            .map_err(|e| format!("writing the local side: {e}"))?;
+        *received += n as u64;
+        let _ = recv.flow_control().release_capacity(n);
+    }
+    // END_STREAM: the peer is done sending; the local side gets a FIN.
+    wr.shutdown()
+        .await
+        .map_err(|e| format!("closing the local side: {e}"))
+}
+
 /// What [`MeshSender::start`] did.
 pub enum Start<B> {
     /// The request is on its way: await its response head.
@@ -751,5 +936,192 @@ mod tests {
             let e = send(&mesh, req).await.expect_err("closed");
             assert!(e.unsent.is_some());
         }
+    }
+
+    /// A `CONNECT` handler: answers `status`; on 200 echoes the stream
+    /// under flow control (window given back only once echoed) and ends
+    /// its side when the client ends its own.
+    fn echo_tunnel(
+        status: u16,
+        authority: mpsc::UnboundedSender<String>,
+    ) -> impl Fn(
+        http::Request<RecvStream>,
+        SendResponse<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>
+           + Send
+           + 'static {
+        move |req, mut respond| {
+            let authority = authority.clone();
+            Box::pin(async move {
+                assert_eq!(req.method(), Method::CONNECT);
+                assert!(req.uri().scheme().is_none() && req.uri().path_and_query().is_none());
+                let _ = authority.send(req.uri().to_string());
+                let resp = http::Response::builder().status(status).body(()).unwrap();
+                let mut send = respond.send_response(resp, status != 200).unwrap();
+                if status != 200 {
+                    return;
+                }
+                let mut body = req.into_body();
+                while let Some(d) = body.data().await {
+                    let Ok(mut d) = d else { return };
+                    let n = d.len();
+                    while !d.is_empty() {
+                        send.reserve_capacity(d.len());
+                        let Some(Ok(room)) = poll_fn(|cx| send.poll_capacity(cx)).await else {
+                            return;
+                        };
+                        let chunk = d.split_to(room.min(d.len()));
+                        if send.send_data(chunk, false).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = body.flow_control().release_capacity(n);
+                }
+                let _ = send.send_data(Bytes::new(), true);
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_carries_bytes_and_a_half_close_keeps_the_other_way() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tx, mut authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(200, tx)).await;
+        let tunnel = tokio::time::timeout(WAIT, mesh.clone().connect("10.1.2.3:5432"))
+            .await
+            .unwrap()
+            .expect("tunnel");
+        assert_eq!(authority.recv().await.unwrap(), "10.1.2.3:5432");
+        let (mut app, local) = tokio::io::duplex(4096);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        app.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        // The app's FIN ends its way only: what the peer still sends arrives.
+        app.write_all(b" world").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, app.read_to_end(&mut rest))
+            .await
+            .expect("the peer's END_STREAM never reached the app as a FIN")
+            .unwrap();
+        assert_eq!(rest, b" world");
+        let end = tokio::time::timeout(WAIT, pump).await.unwrap().unwrap();
+        assert_eq!((end.sent, end.received), (11, 11));
+        assert!(end.error.is_none(), "{:?}", end.error);
+        assert!(!mesh.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_refused_tunnel_reports_the_status() {
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(403, tx)).await;
+        match tokio::time::timeout(WAIT, mesh.clone().connect("10.1.2.3:5432"))
+            .await
+            .unwrap()
+        {
+            Err(TunnelError::Refused(s)) => assert_eq!(s, 403),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("tunnel opened"),
+        }
+        assert!(matches!(
+            mesh.clone().connect("no port here/").await,
+            Err(TunnelError::Authority(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn megabytes_cross_a_tunnel_both_ways_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SIZE: usize = 8 * 1024 * 1024;
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(200, tx)).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (app, local) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let (mut app_rd, mut app_wr) = tokio::io::split(app);
+        let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        let expect = data.clone();
+        let writer = tokio::spawn(async move {
+            app_wr.write_all(&data).await.unwrap();
+            app_wr.shutdown().await.unwrap();
+        });
+        let mut got = Vec::with_capacity(SIZE);
+        tokio::time::timeout(Duration::from_secs(30), app_rd.read_to_end(&mut got))
+            .await
+            .expect("the transfer stalled")
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), SIZE);
+        assert!(got == expect, "the bytes differ");
+        let end = pump.await.unwrap();
+        assert_eq!((end.sent, end.received), (SIZE as u64, SIZE as u64));
+    }
+
+    #[tokio::test]
+    async fn an_app_that_stops_reading_stops_the_tunnel_reading_it() {
+        // The app writes but never reads: the echo fills the windows, and
+        // from then on the tunnel must stop reading the app instead of
+        // buffering what it writes.
+        use tokio::io::AsyncWriteExt;
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(200, tx)).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (app, local) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let (_app_rd, mut app_wr) = tokio::io::split(app);
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        while let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(500), app_wr.write_all(&chunk)).await
+        {
+            r.unwrap();
+            written += chunk.len();
+            assert!(
+                written <= 64 * 1024 * 1024,
+                "no backpressure after {written} bytes"
+            );
+        }
+        // Windows (2 MiB the client's, 64 KiB the server's) and the pipes'
+        // buffers: a few MiB at most, never the whole stream.
+        assert!(written < 8 * 1024 * 1024, "{written} bytes taken in");
+        assert!(written > 64 * 1024, "stalled at once: {written}");
+        pump.abort();
+    }
+
+    #[tokio::test]
+    async fn a_peer_reset_ends_the_tunnel_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let reset = |req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| async move {
+            let resp = http::Response::builder().status(200).body(()).unwrap();
+            let _send = respond.send_response(resp, false).unwrap();
+            let mut body = req.into_body();
+            let _ = body.data().await;
+            respond.send_reset(h2::Reason::CONNECT_ERROR);
+        };
+        let (mesh, _stop) = connect(reset).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (mut app, local) = tokio::io::duplex(4096);
+        let (rd, wr) = tokio::io::split(local);
+        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        app.write_all(b"x").await.unwrap();
+        let end = tokio::time::timeout(WAIT, pump)
+            .await
+            .expect("the reset was not seen")
+            .unwrap();
+        assert!(end.error.is_some());
+        let mut rest = Vec::new();
+        // The tunnel's end of the pipe is gone: the app sees the end.
+        let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut rest))
+            .await
+            .expect("still open");
+        assert!(
+            !mesh.is_closed(),
+            "a stream reset is not the connection's end"
+        );
     }
 }

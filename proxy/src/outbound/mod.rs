@@ -9,14 +9,24 @@
 //! upstream that only offers `http/1.1` gets a keep-alive pool instead (and
 //! gRPC to it is refused, as gRPC needs HTTP/2).
 //!
+//! Connections `iptables` redirected here (transparent mode) are told
+//! apart at accept by their original destination: `transparent.rs` picks
+//! their rules (`rules.rs`, `table.rs`) and protocol (`detect.rs`), and
+//! tunnels opaque TCP over HTTP/2 `CONNECT`; their HTTP comes back to the
+//! same per-request path as explicit requests, routed by destination.
+//!
 //! Here: the listener and the per-request `forward`. `upstream.rs` holds the
 //! upstream table's entries and their connections (`MeshLink`, the dialler);
 //! `signer.rs` answers step-up challenges and signs up front with the
 //! nonces `kept.rs` keeps. A request goes this module -> signer (step-up
 //! paths only) -> upstream -> `http::mesh_client`, and nothing calls back.
 
+pub mod detect;
 pub mod kept;
+pub mod rules;
 pub mod signer;
+pub mod table;
+pub mod transparent;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -29,6 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -37,7 +48,7 @@ use keyproof_stepup::is_stepup_challenge;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::OutboundConfig;
+use crate::config::{OutboundConfig, UpstreamConfig, UpstreamRule};
 use crate::error::root_cause;
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody, RequestBody, ResponseFuture};
 use crate::http::h1_server::{self, ServerLimits};
@@ -48,8 +59,10 @@ use crate::http::server::{self, Builders, Proto, StreamGuard};
 use crate::http::tee::{tee, Resend, TeeHandle};
 use crate::identity::store::IdentityStore;
 use crate::listener::ConnGuards;
-use crate::metrics::DirectionMetrics;
+use crate::metrics::{DirectionMetrics, Metrics};
+use crate::outbound::rules::Captures;
 use crate::outbound::signer::{OutboundStepUp, Template};
+use crate::outbound::table::{Route, Table};
 use crate::outbound::upstream::{send_h2, ConnectError, ForwardError, Upstream};
 
 pub use crate::outbound::upstream::OutboundError;
@@ -82,16 +95,29 @@ fn host_key(a: &Authority) -> &str {
         .unwrap_or(h)
 }
 
+/// Most upstreams made on demand (per dial address and identity) kept at
+/// once; beyond it, idle ones are dropped first.
+const MAX_ON_DEMAND: usize = 4096;
+
+/// Why no upstream takes a request.
+enum Miss {
+    NoRule,
+    NoAddress,
+    Build(String),
+}
+
 /// Everything the outbound needs.
 pub struct Outbound {
-    upstreams: Vec<Upstream>,
-    by_host: HashMap<String, usize>,
-    fallback: Option<usize>,
+    table: ArcSwap<Table>,
+    on_demand: std::sync::Mutex<HashMap<(String, String), Arc<Upstream>>>,
+    store: Arc<IdentityStore>,
+    all_metrics: Metrics,
     stepup: OutboundStepUp,
     metrics: DirectionMetrics,
     builders: Builders,
     h1_limits: ServerLimits,
     cfg: OutboundConfig,
+    unmeshed_seen: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Outbound {
@@ -101,21 +127,12 @@ impl Outbound {
         store: Arc<IdentityStore>,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Arc<Outbound>, OutboundError> {
-        let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
-        let mut by_host = HashMap::new();
-        let mut fallback = None;
-        for (i, u) in cfg.upstreams.iter().enumerate() {
-            upstreams.push(Upstream::new(i, u, cfg, &store, metrics)?);
-            if u.host == "*" {
-                fallback = Some(i);
-            } else {
-                by_host.insert(u.host.clone(), i);
-            }
-        }
+        let table = Table::build(cfg.upstreams.clone(), cfg, &store, metrics, None)?;
         Ok(Arc::new(Outbound {
-            upstreams,
-            by_host,
-            fallback,
+            table: ArcSwap::from_pointee(table),
+            on_demand: std::sync::Mutex::default(),
+            store: store.clone(),
+            all_metrics: metrics.clone(),
             stepup: OutboundStepUp::new(cfg.stepup_max_body, store.clone(), metrics)?,
             metrics: metrics.outbound.clone(),
             builders: Builders::new(&cfg.limits),
@@ -125,7 +142,24 @@ impl Outbound {
                 body_timeout: cfg.limits.body_timeout,
             },
             cfg: cfg.clone(),
+            unmeshed_seen: std::sync::Mutex::default(),
         }))
+    }
+
+    /// Puts new upstream rules in use (an `upstreams_file` change).
+    /// Upstreams whose address and identity are unchanged keep their
+    /// connections; requests and tunnels in flight keep the upstream they
+    /// started with.
+    pub fn replace_rules(&self, rules: Vec<UpstreamRule>) -> Result<(), OutboundError> {
+        let old = self.table.load_full();
+        let table = Table::build(rules, &self.cfg, &self.store, &self.all_metrics, Some(&old))?;
+        self.table.store(Arc::new(table));
+        Ok(())
+    }
+
+    /// The rules in use.
+    pub fn rules(&self) -> Arc<Table> {
+        self.table.load_full()
     }
 
     /// Handles one accepted plaintext connection from the app: HTTP/2 with
@@ -139,57 +173,80 @@ impl Outbound {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let _guards = guards;
-        let activity = Arc::new(AtomicU64::new(0));
+        if let Some(dst) = crate::original_dst::redirected(&tcp) {
+            return self.transparent(tcp, remote, dst, shutdown).await;
+        }
         let idle = self.cfg.limits.idle_timeout;
         let h2 = tokio::select! {
             r = sniff_h2(&tcp) => r,
             _ = server::stopped(&mut shutdown) => return,
             _ = tokio::time::sleep(idle) => return,
         };
-        let result = match h2 {
-            Ok(true) => {
-                let this = self.clone();
-                let streams = activity.clone();
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let this = this.clone();
-                    let stream = StreamGuard::start(&streams);
-                    async move {
-                        let resp = this.request(req.map(RequestBody::Hyper)).await;
-                        drop(stream);
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                server::serve(
-                    &self.builders,
-                    Proto::H2,
-                    tcp,
-                    activity,
-                    idle,
-                    svc,
-                    shutdown,
-                )
-                .await
+        match h2 {
+            Ok(h2) => self.serve_http(tcp, remote, h2, None, shutdown).await,
+            Err(e) => {
+                tracing::debug!(peer = %remote, error = %e, "outbound connection ended with an error");
             }
-            Ok(false) => {
-                let closing = AtomicBool::new(false);
-                let conn = pin!(h1_server::serve(
-                    tcp,
-                    self.h1_limits,
-                    &closing,
-                    activity.clone(),
-                    |req| self.request(req.map(RequestBody::H1))
-                ));
-                server::drive(
-                    conn,
-                    |_| closing.store(true, Ordering::Relaxed),
-                    activity,
-                    idle,
-                    &mut shutdown,
-                )
-                .await
-                .map_err(Into::into)
-            }
-            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Serves HTTP on an app connection: HTTP/2 with prior knowledge
+    /// (gRPC) with hyper's server, HTTP/1 with the sidecar's own
+    /// (`h1_server.rs`). `route`: the connection was redirected.
+    async fn serve_http(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        h2: bool,
+        route: Option<Arc<Route>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let activity = Arc::new(AtomicU64::new(0));
+        let idle = self.cfg.limits.idle_timeout;
+        let result = if h2 {
+            let this = self.clone();
+            let streams = activity.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let this = this.clone();
+                let route = route.clone();
+                let stream = StreamGuard::start(&streams);
+                async move {
+                    let resp = this
+                        .request(req.map(RequestBody::Hyper), route.as_deref())
+                        .await;
+                    drop(stream);
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            server::serve(
+                &self.builders,
+                Proto::H2,
+                tcp,
+                activity,
+                idle,
+                svc,
+                shutdown,
+            )
+            .await
+        } else {
+            let closing = AtomicBool::new(false);
+            let route = route.as_deref();
+            let conn = pin!(h1_server::serve(
+                tcp,
+                self.h1_limits,
+                &closing,
+                activity.clone(),
+                |req| self.request(req.map(RequestBody::H1), route)
+            ));
+            server::drive(
+                conn,
+                |_| closing.store(true, Ordering::Relaxed),
+                activity,
+                idle,
+                &mut shutdown,
+            )
+            .await
+            .map_err(Into::into)
         };
         if let Err(e) = result {
             tracing::debug!(peer = %remote, error = %e, "outbound connection ended with an error");
@@ -204,27 +261,113 @@ impl Outbound {
     fn request(
         &self,
         req: Request<RequestBody>,
+        route: Option<&Route>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
         let start = Instant::now();
-        map_in_place(self.forward(req), move |resp| {
+        map_in_place(self.forward(req, route), move |resp| {
             self.metrics
                 .request(resp.status(), start.elapsed().as_secs_f64());
             resp
         })
     }
 
-    fn upstream_for(&self, host: &str) -> Option<&Upstream> {
-        let i = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.by_host.get(&host.to_ascii_lowercase())
-        } else {
-            self.by_host.get(host)
+    /// The upstream a request for `host` goes to: by the table in use for
+    /// an explicit request, by the connection's candidates for one on a
+    /// redirected connection.
+    fn upstream_for(&self, host: &str, route: Option<&Route>) -> Result<Arc<Upstream>, Miss> {
+        match route {
+            None => {
+                let t = self.table.load();
+                let (i, caps) = t.rules().explicit(host).ok_or(Miss::NoRule)?;
+                if let Some(up) = t.fixed(i) {
+                    return Ok(up.clone());
+                }
+                let rule = t.rules().get(i);
+                let addr = rule.address.as_deref().ok_or(Miss::NoAddress)?;
+                self.upstream(rule, addr, &caps)
+            }
+            Some(r) => {
+                let (i, caps) = r
+                    .table
+                    .rules()
+                    .for_host(&r.candidates, Some(host))
+                    .ok_or(Miss::NoRule)?;
+                self.upstream_of_rule(&r.table, i, &caps, r.dst)
+            }
+        }
+    }
+
+    /// The upstream rule `i` of `table` dials for destination `dst`.
+    fn upstream_of_rule(
+        &self,
+        table: &Table,
+        i: usize,
+        caps: &Captures,
+        dst: SocketAddr,
+    ) -> Result<Arc<Upstream>, Miss> {
+        if let Some(up) = table.fixed(i) {
+            return Ok(up.clone());
+        }
+        let rule = table.rules().get(i);
+        match rule.address.as_deref() {
+            Some(a) => self.upstream(rule, a, caps),
+            None => self.upstream(rule, &dst.to_string(), caps),
+        }
+    }
+
+    /// The upstream for `address` and the identity `rule` names with
+    /// `caps`, made on demand and kept for the next connection.
+    fn upstream(
+        &self,
+        rule: &UpstreamRule,
+        address: &str,
+        caps: &Captures,
+    ) -> Result<Arc<Upstream>, Miss> {
+        let identity = rules::fill(&rule.identity, caps).map_err(|e| Miss::Build(e.to_string()))?;
+        let key = (address.to_owned(), identity.to_string());
+        let mut cache = self
+            .on_demand
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(up) = cache.get(&key) {
+            return Ok(up.clone());
+        }
+        let cfg = UpstreamConfig {
+            host: rule
+                .host
+                .as_ref()
+                .map_or_else(|| address.to_owned(), ToString::to_string),
+            address: address.to_owned(),
+            identity,
         };
-        i.or(self.fallback.as_ref()).map(|i| &self.upstreams[*i])
+        let up = Upstream::new(0, &cfg, &self.cfg, &self.store, &self.all_metrics)
+            .map(Arc::new)
+            .map_err(|e| Miss::Build(e.to_string()))?;
+        if cache.len() >= MAX_ON_DEMAND {
+            // Idle first: only the cache holds them.
+            let idle: Vec<_> = cache
+                .iter()
+                .filter(|(_, u)| Arc::strong_count(u) == 1)
+                .map(|(k, _)| k.clone())
+                .take(cache.len() / 8 + 1)
+                .collect();
+            if idle.is_empty() {
+                if let Some(k) = cache.keys().next().cloned() {
+                    cache.remove(&k);
+                }
+            }
+            for k in idle {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(key, up.clone());
+        Ok(up)
     }
 
     fn forward(
         &self,
         req: Request<RequestBody>,
+        route: Option<&Route>,
     ) -> Either<ResponseFuture<'_>, impl Future<Output = Response<ProxyBody>> + Send + '_> {
         if req.method() == http::Method::CONNECT {
             return Either::Left(Box::pin(ready(text(
@@ -279,9 +422,18 @@ impl Outbound {
             ))));
         };
         let host = host_key(&authority);
-        let Some(up) = self.upstream_for(host) else {
-            let msg = format!("no upstream for host {host}\n");
-            return Either::Left(Box::pin(ready(text(StatusCode::BAD_GATEWAY, msg))));
+        let up = match self.upstream_for(host, route) {
+            Ok(up) => up,
+            Err(miss) => {
+                let msg = match miss {
+                    Miss::NoRule => format!("no upstream for host {host}\n"),
+                    Miss::NoAddress => format!(
+                        "no address for host {host}: its upstream rule dials the original destination, which only redirected connections have\n"
+                    ),
+                    Miss::Build(e) => format!("upstream for host {host}: {e}\n"),
+                };
+                return Either::Left(Box::pin(ready(text(StatusCode::BAD_GATEWAY, msg))));
+            }
         };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
@@ -298,7 +450,7 @@ impl Outbound {
             let template = Template::new(parts.method, parts.uri, parts.version, parts.headers);
             return Either::Left(Box::pin(async move {
                 let sent = self.stepup.send_known(&up.h2, template, body).await;
-                self.respond(up, sent)
+                self.respond(&up, sent)
             }));
         }
         // Every other request streams. Its head and a bounded copy of its
@@ -339,13 +491,13 @@ impl Outbound {
                         }
                         Err(e) => Err(ForwardError::Upstream(root_cause(&e))),
                     };
-                    self.after_send(up, sent, head, copy).await
+                    self.after_send(&up, sent, head, copy).await
                 });
             }
             Start::Wait(send, req) => {
                 return Either::Left(Box::pin(async move {
                     let sent = send_h2(&up.h2, send, info, req).await;
-                    self.after_send(up, sent, head, copy).await
+                    self.after_send(&up, sent, head, copy).await
                 }));
             }
             Start::Failed(e) => match e.unsent {
@@ -353,7 +505,7 @@ impl Outbound {
                 Some(req) => req,
                 None => {
                     let sent = Err(ForwardError::Upstream(root_cause(&e.error)));
-                    return Either::Left(Box::pin(ready(self.respond(up, sent))));
+                    return Either::Left(Box::pin(ready(self.respond(&up, sent))));
                 }
             },
         };
@@ -364,15 +516,15 @@ impl Outbound {
     /// upstream without h2: dial, or use the HTTP/1.1 pool.
     fn send_slow<'a>(
         &'a self,
-        up: &'a Upstream,
+        up: Arc<Upstream>,
         orig_h2: bool,
         req: Request<ProxyBody>,
         head: Template,
         copy: Option<TeeHandle>,
     ) -> ResponseFuture<'a> {
         Box::pin(async move {
-            let sent = self.send(up, orig_h2, req).await;
-            self.after_send(up, sent, head, copy).await
+            let sent = self.send(&up, orig_h2, req).await;
+            self.after_send(&up, sent, head, copy).await
         })
     }
 
@@ -525,7 +677,9 @@ mod tests {
     /// to, as `forward` picks it.
     fn upstream_of(o: &Outbound, authority: &str) -> Option<String> {
         let a = authority.parse().unwrap();
-        o.upstream_for(host_key(&a)).map(|u| u.cfg.host.clone())
+        o.upstream_for(host_key(&a), None)
+            .ok()
+            .map(|u| u.cfg.host.clone())
     }
 
     #[tokio::test]
@@ -578,7 +732,7 @@ mod tests {
         let o = outbound(&["api.demo"]);
         let raw = b"GET /x HTTP/1.1\r\nhost: Other.Demo:8080\r\n\r\n";
         let (req, _client) = hyper_request(raw).await;
-        let resp = o.request(req.map(RequestBody::Hyper)).await;
+        let resp = o.request(req.map(RequestBody::Hyper), None).await;
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"no upstream for host Other.Demo\n");
@@ -606,7 +760,7 @@ mod tests {
         let (req, _client) = hyper_request(b"GET /x HTTP/1.1\r\nhost: api.demo\r\n\r\n").await;
         // Constructed, never polled: nothing is dialled.
         let req: Request<RequestBody> = req.map(RequestBody::Hyper);
-        let fut = o.request(req);
+        let fut = o.request(req, None);
         let size = std::mem::size_of_val(&fut);
         drop(fut);
         println!("Outbound::request future: {size} bytes");

@@ -452,7 +452,7 @@ pub async fn send_h2(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
@@ -479,10 +479,20 @@ mod tests {
         .expect("[outbound]")
     }
 
+    /// The first upstream rule of `cfg` as a concrete upstream.
+    fn first(cfg: &OutboundConfig) -> UpstreamConfig {
+        let r = &cfg.upstreams[0];
+        UpstreamConfig {
+            host: r.host.as_ref().map(ToString::to_string).unwrap_or_default(),
+            address: r.address.clone().expect("address"),
+            identity: r.identity.fixed.clone(),
+        }
+    }
+
     /// The upstream of `cfg`, dialled as the `web` workload.
     fn upstream(cfg: &OutboundConfig, metrics: &Metrics) -> Upstream {
         let web = workload("/ns/demo/sa/web").store();
-        Upstream::new(0, &cfg.upstreams[0], cfg, &web, metrics).expect("upstream")
+        Upstream::new(0, &first(cfg), cfg, &web, metrics).expect("upstream")
     }
 
     fn handshakes(m: &Metrics, result: &str) -> f64 {
@@ -528,21 +538,24 @@ mod tests {
 
     /// How the test server treats the HTTP/2 connection it accepts.
     #[derive(Clone, Copy)]
-    enum Serve {
+    pub(crate) enum Serve {
         /// Answers every request `200`.
         Answer,
         /// Sends GOAWAY (last stream 0) right after the handshake and closes.
         GoAwayAtOnce,
         /// Resets every request's stream.
         Reset,
+        /// Opens every `CONNECT` tunnel and echoes it; answers other
+        /// requests `200`.
+        Connect,
     }
 
     /// One connection the test server completed a TLS handshake on. The
     /// connection stays open while this is held (dropping it closes it).
-    struct Accepted {
+    pub(crate) struct Accepted {
         exporter: [u8; 32],
         alpn: Option<Vec<u8>>,
-        requests: Arc<AtomicUsize>,
+        pub(crate) requests: Arc<AtomicUsize>,
         /// Held only to be dropped.
         _close: oneshot::Sender<()>,
     }
@@ -550,7 +563,7 @@ mod tests {
     /// A mutual-TLS server on loopback presenting `server`'s identity,
     /// offering `alpn`; its `n`-th HTTP/2 connection is served as
     /// `modes[n]` (the last mode for the rest).
-    async fn mesh_server(
+    pub(crate) async fn mesh_server(
         server: &Workload,
         alpn: &[&[u8]],
         modes: Vec<Serve>,
@@ -615,9 +628,12 @@ mod tests {
                         tokio::select! {
                             _ = &mut closed => return,
                             r = conn.accept() => {
-                                let Some(Ok((_req, mut respond))) = r else { return };
+                                let Some(Ok((req, mut respond))) = r else { return };
                                 requests.fetch_add(1, Ordering::SeqCst);
                                 match mode {
+                                    Serve::Connect if req.method() == http::Method::CONNECT => {
+                                        tokio::spawn(echo(req, respond));
+                                    }
                                     Serve::Reset => respond.send_reset(h2::Reason::INTERNAL_ERROR),
                                     _ => {
                                         let _ = respond
@@ -631,6 +647,32 @@ mod tests {
             }
         });
         (addr, rx)
+    }
+
+    /// Opens a `CONNECT` tunnel and echoes what it carries.
+    async fn echo(
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+    ) {
+        let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+            return;
+        };
+        let mut body = req.into_body();
+        while let Some(Ok(mut d)) = body.data().await {
+            let n = d.len();
+            while !d.is_empty() {
+                send.reserve_capacity(d.len());
+                let Some(Ok(room)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else {
+                    return;
+                };
+                let chunk = d.split_to(room.min(d.len()));
+                if send.send_data(chunk, false).is_err() {
+                    return;
+                }
+            }
+            let _ = body.flow_control().release_capacity(n);
+        }
+        let _ = send.send_data(bytes::Bytes::new(), true);
     }
 
     async fn next(rx: &mut mpsc::UnboundedReceiver<Accepted>) -> Accepted {
@@ -649,7 +691,7 @@ mod tests {
     #[test]
     fn an_address_that_is_not_an_authority_is_refused_naming_its_key() {
         let cfg = outbound_cfg("127.0.0.1:9", API, "");
-        let mut u = cfg.upstreams[0].clone();
+        let mut u = first(&cfg);
         u.address = "api demo:443".into();
         let web = workload("/ns/demo/sa/web").store();
         let m = Metrics::new().expect("metrics");

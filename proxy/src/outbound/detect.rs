@@ -1,0 +1,247 @@
+//! What a redirected connection speaks, told from its first bytes without
+//! consuming them: the HTTP/2 preface, an HTTP/1.x request line, or else
+//! opaque TCP (including server-first protocols, which send nothing).
+
+use std::io;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest method accepted in a request line.
+const MAX_METHOD: usize = 20;
+
+/// The protocol of a redirected connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/2 with prior knowledge.
+    H2,
+    /// HTTP/1.x.
+    Http1,
+    /// Anything else.
+    Tcp,
+}
+
+/// The protocol `b` (the first bytes, however many) shows, or `None` while
+/// they could still begin either HTTP form.
+pub fn classify(b: &[u8]) -> Option<Protocol> {
+    if b.is_empty() {
+        return None;
+    }
+    if b.len() < PREFACE.len() && PREFACE.starts_with(b) {
+        return None;
+    }
+    if b.starts_with(PREFACE) {
+        return Some(Protocol::H2);
+    }
+    request_line(b)
+}
+
+/// `METHOD SP target SP HTTP/1.d CRLF`, checked as far as `b` goes.
+fn request_line(b: &[u8]) -> Option<Protocol> {
+    const TCP: Option<Protocol> = Some(Protocol::Tcp);
+    let line_end = b.iter().position(|&c| c == b'\n');
+    let line = match line_end {
+        Some(i) => &b[..i],
+        None => b,
+    };
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.splitn(3, |&c| c == b' ');
+    let method = parts.next().unwrap_or_default();
+    if method.len() > MAX_METHOD || !method.iter().all(|c| c.is_ascii_uppercase()) {
+        return TCP;
+    }
+    let Some(target) = parts.next() else {
+        // Still in the method.
+        return if line_end.is_some() || method.is_empty() && !b.is_empty() {
+            TCP
+        } else {
+            None
+        };
+    };
+    if method.is_empty() || !target.iter().all(|&c| c > 0x20 && c < 0x7f) {
+        return TCP;
+    }
+    let Some(version) = parts.next() else {
+        return if line_end.is_some() { TCP } else { None };
+    };
+    if target.is_empty() {
+        return TCP;
+    }
+    const V: &[u8] = b"HTTP/1.";
+    let ok_so_far = if version.len() <= V.len() {
+        V.starts_with(version)
+    } else {
+        version.starts_with(V) && version.len() == V.len() + 1 && version[V.len()].is_ascii_digit()
+    };
+    match (ok_so_far, line_end.is_some()) {
+        (false, _) => TCP,
+        (true, true) if version.len() == V.len() + 1 => Some(Protocol::Http1),
+        (true, true) => TCP,
+        (true, false) => None,
+    }
+}
+
+/// Peeks at `tcp` until its first bytes tell the protocol: nothing within
+/// `timeout`, an end of stream, or `max` bytes without a decision is TCP.
+pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Result<Protocol> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; max.clamp(PREFACE.len(), 16 * 1024)];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Err(_) => return Ok(Protocol::Tcp),
+            Ok(r) => r?,
+        };
+        if n == 0 {
+            return Ok(Protocol::Tcp);
+        }
+        match classify(&buf[..n]) {
+            Some(p) => return Ok(p),
+            None if n == buf.len() => return Ok(Protocol::Tcp),
+            None => {
+                // Part of a line so far: peek returns at once while those
+                // bytes are unread, so look again shortly.
+                if Instant::now() >= deadline {
+                    return Ok(Protocol::Tcp);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
+/// The Host of the first HTTP/1 request on `tcp` (its authority for an
+/// absolute-form target), peeked without consuming: `None` when the head
+/// does not arrive whole within `timeout` and `max` bytes, or has no host.
+pub async fn peek_host(tcp: &TcpStream, timeout: Duration, max: usize) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; max.max(64)];
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(found) = host_of(&buf[..n]) {
+            return found;
+        }
+        if n == buf.len() || Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `Some(host)` once `head` holds a whole request head; `None` while partial.
+fn host_of(head: &[u8]) -> Option<Option<String>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => Some(None),
+        Ok(httparse::Status::Complete(_)) => {
+            let from_target = req
+                .path
+                .and_then(|p| p.parse::<http::Uri>().ok())
+                .and_then(|u| u.authority().map(|a| a.host().to_owned()));
+            let from_header = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .and_then(|v| v.trim().parse::<http::uri::Authority>().ok())
+                .map(|a| a.host().to_owned());
+            let host = from_target.or(from_header).map(|h| {
+                h.strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .map_or(h.clone(), str::to_owned)
+            });
+            Some(host)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_classify() {
+        use Protocol::*;
+        let cases: &[(&[u8], Option<Protocol>)] = &[
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Some(H2)),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0", Some(H2)),
+            (b"PRI * HTTP/2", None),
+            (b"GET / HTTP/1.1\r\n", Some(Http1)),
+            (b"POST /x?y HTTP/1.0\n", Some(Http1)),
+            (b"GET http://a.b/ HTTP/1.1\r\nHost: a\r\n", Some(Http1)),
+            (b"GE", None),
+            (b"GET /", None),
+            (b"GET / HTTP/1", None),
+            (b"GET / HTTP/1.1", None),
+            (b"GET / HTTP/2.0\r\n", Some(Tcp)),
+            (b"GET / HTTP/1.11\r\n", Some(Tcp)),
+            (b"GET  HTTP/1.1\r\n", Some(Tcp)),
+            (b"get / HTTP/1.1\r\n", Some(Tcp)),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Some(Tcp)),
+            (b"\x16\x03\x01\x02\x00", Some(Tcp)),
+            (b"SSH-2.0-OpenSSH\r\n", Some(Tcp)),
+            (b"PING\r\n", Some(Tcp)),
+            (b"*1\r\n$4\r\nPING\r\n", Some(Tcp)),
+            (b"GET\r\n", Some(Tcp)),
+            (b"GET /\r\n", Some(Tcp)),
+            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", Some(Tcp)),
+            (b"GET /\x01 HTTP/1.1\r\n", Some(Tcp)),
+        ];
+        for (b, want) in cases {
+            assert_eq!(classify(b), *want, "{:?}", String::from_utf8_lossy(b));
+        }
+    }
+
+    #[test]
+    fn the_host_comes_from_the_head() {
+        let h = |b: &[u8]| host_of(b);
+        assert_eq!(
+            h(b"GET / HTTP/1.1\r\nHost: API.demo:8080\r\n\r\n"),
+            Some(Some("API.demo".into()))
+        );
+        assert_eq!(
+            h(b"GET http://b.c:1/x HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Some(Some("b.c".into()))
+        );
+        assert_eq!(
+            h(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
+            Some(Some("::1".into()))
+        );
+        assert_eq!(h(b"GET / HTTP/1.0\r\n\r\n"), Some(None));
+        assert_eq!(h(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), Some(None));
+        assert_eq!(h(b"GET / HTTP/1.1\r\nHost: api"), None);
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_tcp_after_the_timeout_and_nothing_is_consumed() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut c, (s, _)) = (c.unwrap(), s.unwrap());
+        let t = std::time::Instant::now();
+        let p = detect(&s, Duration::from_millis(100), 1024).await.unwrap();
+        assert_eq!(p, Protocol::Tcp);
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
+        assert_eq!(p, Protocol::Http1);
+        let host = peek_host(&s, Duration::from_secs(2), 1024).await;
+        assert_eq!(host.as_deref(), Some("x"));
+        let mut s = s;
+        let mut all = [0u8; 4];
+        s.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all, b"GET ");
+    }
+}

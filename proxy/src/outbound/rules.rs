@@ -1,0 +1,393 @@
+//! Which upstream rule takes a request or a redirected connection: pure
+//! matching over the parsed rules, no I/O.
+//!
+//! Exact-host rules without a destination condition are found by hash;
+//! every other rule is tried in file order, first match wins. A
+//! placeholder captures exactly one DNS label (`[a-z0-9-]`, lowercased),
+//! so whatever a client writes in its Host can never add `/`, `*` or
+//! another path segment to the identity it fills.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use keyproof_identity::IdPattern;
+
+use crate::config::{HostLabel, HostPattern, IdentityTemplate, TemplatePart, UpstreamRule};
+
+/// The labels a host pattern captured, by placeholder name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Captures(Vec<(String, String)>);
+
+impl Captures {
+    /// The label captured as `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Whether `label` is one DNS label a placeholder may capture: non-empty,
+/// at most 63 bytes of `[a-z0-9-]` (already lowercased).
+fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Matches `host` (any case; an IPv6 literal without brackets) against
+/// `pattern`; the captures on a match.
+pub fn match_host(pattern: &HostPattern, host: &str) -> Option<Captures> {
+    match pattern {
+        HostPattern::Any => Some(Captures::default()),
+        HostPattern::Exact(h) => h.eq_ignore_ascii_case(host).then(Captures::default),
+        HostPattern::Labels { any_prefix, labels } => {
+            let host = host.to_ascii_lowercase();
+            let host = host.strip_suffix('.').unwrap_or(&host);
+            let got: Vec<&str> = host.split('.').collect();
+            let extra = got.len().checked_sub(labels.len())?;
+            if (*any_prefix && extra == 0) || (!*any_prefix && extra != 0) {
+                return None;
+            }
+            if *any_prefix && !got[..extra].iter().all(|l| !l.is_empty()) {
+                return None;
+            }
+            let mut caps = Captures::default();
+            for (want, got) in labels.iter().zip(&got[extra..]) {
+                match want {
+                    HostLabel::Literal(l) => {
+                        if l != got {
+                            return None;
+                        }
+                    }
+                    HostLabel::Capture(name) => {
+                        if !is_dns_label(got) {
+                            return None;
+                        }
+                        caps.0.push((name.clone(), (*got).to_owned()));
+                    }
+                }
+            }
+            Some(caps)
+        }
+    }
+}
+
+/// Why an identity could not be filled in.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    /// A placeholder the host pattern did not capture (the configuration
+    /// refuses such templates, so this is a bug).
+    #[error("placeholder {{{0}}} was not captured")]
+    Missing(String),
+    /// The filled-in text is not a SPIFFE ID pattern.
+    #[error("identity {text:?} is not a SPIFFE ID pattern: {msg}")]
+    Invalid {
+        /// The filled-in text.
+        text: String,
+        /// Why.
+        msg: String,
+    },
+}
+
+/// The identity `template` names for `caps`.
+pub fn fill(template: &IdentityTemplate, caps: &Captures) -> Result<IdPattern, FillError> {
+    if !template.has_placeholders() {
+        return Ok(template.fixed.clone());
+    }
+    let mut text = String::with_capacity(template.text.len());
+    for p in &template.parts {
+        match p {
+            TemplatePart::Literal(s) => text.push_str(s),
+            TemplatePart::Placeholder(n) => {
+                let v = caps.get(n).ok_or_else(|| FillError::Missing(n.clone()))?;
+                // Labels are `[a-z0-9-]`: checked again here, as this is
+                // what keeps a client's Host out of the pattern's syntax.
+                if !is_dns_label(v) {
+                    return Err(FillError::Missing(n.clone()));
+                }
+                text.push_str(v);
+            }
+        }
+    }
+    IdPattern::parse(&text).map_err(|e| FillError::Invalid {
+        msg: e.to_string(),
+        text,
+    })
+}
+
+/// Whether the destination conditions of `rule` hold for `dst`.
+pub fn dest_holds(rule: &UpstreamRule, dst: SocketAddr) -> bool {
+    rule.port.is_none_or(|p| p == dst.port())
+        && rule.cidr.is_none_or(|c| {
+            let ip = match dst.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            c.contains(&ip)
+        })
+}
+
+/// The upstream rules, ready to match.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    rules: Vec<UpstreamRule>,
+    exact: HashMap<String, usize>,
+}
+
+/// The rules a redirected connection may use: those whose destination
+/// conditions hold for its original destination (indices, file order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Candidates(Vec<usize>);
+
+impl Candidates {
+    /// No rule can take the destination: it is outside the mesh.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl RuleSet {
+    /// Indexes `rules` (validated by the configuration).
+    pub fn new(rules: Vec<UpstreamRule>) -> RuleSet {
+        let mut exact = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            if let Some(h) = r.exact_host() {
+                exact.entry(h.to_owned()).or_insert(i);
+            }
+        }
+        RuleSet { rules, exact }
+    }
+
+    /// The rules, in file order.
+    pub fn rules(&self) -> &[UpstreamRule] {
+        &self.rules
+    }
+
+    /// The rule at `i`.
+    pub fn get(&self, i: usize) -> &UpstreamRule {
+        &self.rules[i]
+    }
+
+    fn exact(&self, host: &str) -> Option<usize> {
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.exact.get(&host.to_ascii_lowercase()).copied()
+        } else {
+            self.exact.get(host).copied()
+        }
+    }
+
+    /// The rule an explicit (not redirected) request for `host` uses: an
+    /// exact host first, then host patterns in file order. Rules with a
+    /// destination condition never match, as there is no destination.
+    pub fn explicit(&self, host: &str) -> Option<(usize, Captures)> {
+        if let Some(i) = self.exact(host) {
+            return Some((i, Captures::default()));
+        }
+        self.rules.iter().enumerate().find_map(|(i, r)| {
+            if r.cidr.is_some() || r.port.is_some() || r.exact_host().is_some() {
+                return None;
+            }
+            let caps = match_host(r.host.as_ref()?, host)?;
+            Some((i, caps))
+        })
+    }
+
+    /// The rules whose destination conditions hold for `dst` (a rule with
+    /// only a host condition holds for every destination).
+    pub fn candidates(&self, dst: SocketAddr) -> Candidates {
+        Candidates(
+            self.rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| dest_holds(r, dst))
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
+    /// The rule opaque TCP to the destination uses: the first candidate
+    /// without a host condition (TCP has no host to match).
+    pub fn for_tcp(&self, c: &Candidates) -> Option<usize> {
+        c.0.iter().copied().find(|&i| self.rules[i].host.is_none())
+    }
+
+    /// The rule an HTTP request with `host` on a redirected connection
+    /// uses, among the connection's candidates: an exact host first, then
+    /// in file order (a candidate without host condition takes any host).
+    pub fn for_host(&self, c: &Candidates, host: Option<&str>) -> Option<(usize, Captures)> {
+        if let Some(host) = host {
+            let exact = c.0.iter().copied().find(|&i| {
+                matches!(&self.rules[i].host, Some(HostPattern::Exact(h)) if h.eq_ignore_ascii_case(host))
+            });
+            if let Some(i) = exact {
+                return Some((i, Captures::default()));
+            }
+        }
+        c.0.iter()
+            .copied()
+            .find_map(|i| match (&self.rules[i].host, host) {
+                (None, _) => Some((i, Captures::default())),
+                (Some(HostPattern::Exact(_)), _) | (Some(_), None) => None,
+                (Some(p), Some(h)) => match_host(p, h).map(|caps| (i, caps)),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::testing::config;
+
+    fn rules(entries: &str) -> RuleSet {
+        let cfg: Config = config(&format!("[outbound]\nlisten = \"127.0.0.1:0\"\n{entries}"));
+        RuleSet::new(cfg.outbound.expect("outbound").upstreams)
+    }
+
+    fn rule(fields: &str) -> String {
+        format!("[[outbound.upstreams]]\n{fields}\n")
+    }
+
+    const ID: &str = "identity = \"spiffe://unit.keyproof.test/ns/demo/sa/api\"";
+
+    fn pat(p: &str) -> HostPattern {
+        let set = rules(&rule(&format!("host = \"{p}\"\n{ID}")));
+        set.get(0).host.clone().expect("host")
+    }
+
+    #[test]
+    fn host_patterns_match_whole_labels_from_the_right() {
+        let p = pat("*.{namespace}.svc.cluster.local");
+        let caps = match_host(&p, "api.shop.svc.cluster.local").expect("match");
+        assert_eq!(caps.get("namespace"), Some("shop"));
+        let caps = match_host(&p, "API.Shop.SVC.cluster.local").expect("any case");
+        assert_eq!(caps.get("namespace"), Some("shop"));
+        assert!(match_host(&p, "a.b.shop.svc.cluster.local").is_some());
+        for no in [
+            "shop.svc.cluster.local",
+            "api.shop.svc.cluster.local.evil",
+            "api.shop.svc.cluster",
+            ".shop.svc.cluster.local",
+            "api..svc.cluster.local",
+            "",
+        ] {
+            assert_eq!(match_host(&p, no), None, "{no:?}");
+        }
+        let suffix = pat("*.example.com");
+        assert!(match_host(&suffix, "a.example.com").is_some());
+        assert!(match_host(&suffix, "a.b.example.com").is_some());
+        assert!(match_host(&suffix, "example.com").is_none());
+        assert!(match_host(&suffix, "aexample.com").is_none());
+        let anchored = pat("{svc}.demo");
+        assert!(match_host(&anchored, "api.demo").is_some());
+        assert!(match_host(&anchored, "x.api.demo").is_none());
+        assert!(match_host(&pat("*"), "anything").is_some());
+        assert!(match_host(&pat("Api.Demo"), "API.demo").is_some());
+    }
+
+    #[test]
+    fn a_capture_is_one_dns_label_so_a_host_cannot_inject_into_the_identity() {
+        let p = pat("{ns}.svc");
+        for evil in [
+            "a/b.svc",
+            "*.svc",
+            "a*.svc",
+            "a_b.svc",
+            "a%2f.svc",
+            "a:b.svc",
+            "{x}.svc",
+            "\u{e9}.svc",
+        ] {
+            assert_eq!(match_host(&p, evil), None, "{evil:?}");
+        }
+        let long = format!("{}.svc", "a".repeat(64));
+        assert_eq!(match_host(&p, &long), None);
+        let set = rules(&rule(
+            "host = \"{ns}.svc\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\"",
+        ));
+        let caps = match_host(set.get(0).host.as_ref().unwrap(), "Shop-2.svc").unwrap();
+        let id = fill(&set.get(0).identity, &caps).expect("filled");
+        assert_eq!(id.to_string(), "spiffe://unit.keyproof.test/ns/shop-2/sa/*");
+        // A capture that somehow holds more than a label is refused.
+        let bad = Captures(vec![("ns".into(), "a/b".into())]);
+        assert!(fill(&set.get(0).identity, &bad).is_err());
+        assert!(fill(&set.get(0).identity, &Captures::default()).is_err());
+    }
+
+    #[test]
+    fn explicit_requests_use_exact_hosts_first_then_patterns_in_order() {
+        let set = rules(
+            &[
+                rule(&format!(
+                    "host = \"*.demo\"\naddress = \"127.0.0.1:1\"\n{ID}"
+                )),
+                rule(&format!(
+                    "host = \"api.demo\"\naddress = \"127.0.0.1:2\"\n{ID}"
+                )),
+                rule(&format!("host = \"*\"\naddress = \"127.0.0.1:3\"\n{ID}")),
+                rule(&format!("host = \"db.other\"\nport = 5432\n{ID}")),
+                rule(&format!("cidr = \"10.0.0.0/8\"\n{ID}")),
+            ]
+            .concat(),
+        );
+        assert_eq!(set.explicit("API.demo").map(|m| m.0), Some(1));
+        assert_eq!(set.explicit("web.demo").map(|m| m.0), Some(0));
+        assert_eq!(set.explicit("other").map(|m| m.0), Some(2));
+        // A rule with a destination condition never takes an explicit request.
+        assert_eq!(set.explicit("db.other").map(|m| m.0), Some(2));
+        let no_star = rules(&rule(&format!("host = \"db\"\nport = 5432\n{ID}")));
+        assert_eq!(no_star.explicit("db"), None);
+    }
+
+    #[test]
+    fn redirected_destinations_pick_candidates_by_cidr_and_port() {
+        let set = rules(
+            &[
+                rule(&format!("cidr = \"10.1.0.0/16\"\nport = 5432\n{ID}")),
+                rule(&format!(
+                    "host = \"*.{{ns}}.svc\"\ncidr = \"10.0.0.0/8\"\n{ID}"
+                )),
+                rule(&format!("cidr = \"10.0.0.0/8\"\n{ID}")),
+                rule(&format!("host = \"api.demo\"\n{ID}")),
+            ]
+            .concat(),
+        );
+        let d = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let c = set.candidates(d("10.1.2.3:5432"));
+        assert_eq!(c, Candidates(vec![0, 1, 2, 3]));
+        assert_eq!(set.for_tcp(&c), Some(0));
+        let c = set.candidates(d("10.2.0.1:80"));
+        assert_eq!(c, Candidates(vec![1, 2, 3]));
+        assert_eq!(set.for_tcp(&c), Some(2));
+        // HTTP: exact host first, then file order; no host condition takes any.
+        assert_eq!(set.for_host(&c, Some("api.demo")).map(|m| m.0), Some(3));
+        let (i, caps) = set.for_host(&c, Some("web.shop.svc")).unwrap();
+        assert_eq!((i, caps.get("ns")), (1, Some("shop")));
+        assert_eq!(set.for_host(&c, Some("example.com")).map(|m| m.0), Some(2));
+        assert_eq!(set.for_host(&c, None).map(|m| m.0), Some(2));
+        // Outside every CIDR: only the host-only rule is a candidate.
+        let c = set.candidates(d("192.168.1.1:80"));
+        assert_eq!(c, Candidates(vec![3]));
+        assert_eq!(set.for_tcp(&c), None);
+        assert_eq!(set.for_host(&c, Some("example.com")), None);
+        assert_eq!(set.for_host(&c, Some("API.DEMO")).map(|m| m.0), Some(3));
+        // IPv4-mapped IPv6 destinations match IPv4 CIDRs.
+        assert!(!set.candidates(d("[::ffff:10.0.0.1]:5432")).is_empty());
+        let none = rules(&rule(&format!("cidr = \"10.0.0.0/8\"\n{ID}")));
+        assert!(none.candidates(d("11.0.0.1:80")).is_empty());
+    }
+
+    #[test]
+    fn a_port_rule_holds_only_for_its_port() {
+        let set = rules(&rule(&format!("port = 6379\n{ID}")));
+        let d = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(set.for_tcp(&set.candidates(d("1.2.3.4:6379"))), Some(0));
+        assert!(set.candidates(d("1.2.3.4:6380")).is_empty());
+    }
+}

@@ -1,0 +1,580 @@
+//! Connections `iptables` redirected to the outbound listener: the
+//! original destination picks the candidate rules, the first bytes the
+//! protocol; HTTP then goes the explicit request path to the rule's
+//! upstream, opaque TCP through an HTTP/2 `CONNECT` tunnel on the same
+//! mesh connection, and destinations outside the mesh are passed through
+//! in plain TCP or refused (`[outbound] unmeshed`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::Unmeshed;
+use crate::metrics::Direction;
+use crate::outbound::detect::{self, Protocol};
+use crate::outbound::rules::Captures;
+use crate::outbound::table::{Route, Table};
+use crate::outbound::Outbound;
+
+/// Destinations remembered for "logged once" (beyond it, logged again).
+const MAX_LOGGED_DESTINATIONS: usize = 1024;
+
+impl Outbound {
+    /// Handles one redirected connection to `dst`.
+    pub(super) async fn transparent(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        dst: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let table = self.rules();
+        let candidates = table.rules().candidates(dst);
+        if candidates.is_empty() {
+            return self.unmeshed(tcp, dst).await;
+        }
+        let protocol = if self.cfg.opaque_ports.contains(&dst.port()) {
+            Protocol::Tcp
+        } else {
+            let sniff = detect::detect(
+                &tcp,
+                self.cfg.detect_timeout,
+                self.cfg.limits.max_header_bytes,
+            );
+            tokio::select! {
+                r = sniff => match r {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(peer = %remote, %dst, error = %e, "redirected connection failed before its protocol was known");
+                        return;
+                    }
+                },
+                _ = crate::http::server::stopped(&mut shutdown) => return,
+            }
+        };
+        match protocol {
+            Protocol::Tcp => match table.rules().for_tcp(&candidates) {
+                Some(i) => self.tunnel(tcp, dst, &table, i).await,
+                None => self.unmeshed(tcp, dst).await,
+            },
+            Protocol::Http1 => {
+                let host = detect::peek_host(
+                    &tcp,
+                    self.cfg.limits.header_read_timeout,
+                    self.cfg.limits.max_header_bytes,
+                )
+                .await;
+                if table
+                    .rules()
+                    .for_host(&candidates, host.as_deref())
+                    .is_none()
+                {
+                    // Nothing was consumed: a passthrough sends it all.
+                    return self.unmeshed(tcp, dst).await;
+                }
+                let route = Arc::new(Route {
+                    table,
+                    candidates,
+                    dst,
+                });
+                self.serve_http(tcp, remote, false, Some(route), shutdown)
+                    .await;
+            }
+            Protocol::H2 => {
+                let route = Arc::new(Route {
+                    table,
+                    candidates,
+                    dst,
+                });
+                self.serve_http(tcp, remote, true, Some(route), shutdown)
+                    .await;
+            }
+        }
+    }
+
+    /// Opaque TCP to `dst` through rule `i`'s upstream.
+    async fn tunnel(&self, mut tcp: TcpStream, dst: SocketAddr, table: &Table, i: usize) {
+        let tcp_metrics = &self.all_metrics.tcp;
+        let up = match self.upstream_of_rule(table, i, &Captures::default(), dst) {
+            Ok(up) => up,
+            Err(_) => {
+                tcp_metrics.connection(Direction::Outbound, "failed");
+                tracing::warn!(%dst, "no upstream could be made for a TCP tunnel");
+                return reset(tcp);
+            }
+        };
+        let authority = dst.to_string();
+        let mut tunnel = None;
+        // Once more on a fresh connection if the one in hand was closing.
+        for _ in 0..2 {
+            let send = match up.h2.sender().await {
+                Ok((send, _)) => send,
+                Err(e) => {
+                    tcp_metrics.connection(Direction::Outbound, "failed");
+                    tracing::warn!(upstream = %up.cfg.address, %dst, error = ?e, "TCP tunnel: no mesh connection");
+                    return reset(tcp);
+                }
+            };
+            let closed = send.clone();
+            match send.connect(&authority).await {
+                Ok(t) => {
+                    tunnel = Some(t);
+                    break;
+                }
+                Err(crate::http::mesh_client::TunnelError::Refused(status)) => {
+                    tcp_metrics.connection(Direction::Outbound, "denied");
+                    tracing::info!(upstream = %up.cfg.address, %dst, %status, "TCP tunnel refused by the peer");
+                    return reset(tcp);
+                }
+                Err(e) if closed.is_closed() => {
+                    tracing::debug!(upstream = %up.cfg.address, %dst, error = %e, "TCP tunnel: mesh connection closing; trying a fresh one");
+                }
+                Err(e) => {
+                    tcp_metrics.connection(Direction::Outbound, "failed");
+                    tracing::warn!(upstream = %up.cfg.address, %dst, error = %e, "TCP tunnel failed");
+                    return reset(tcp);
+                }
+            }
+        }
+        let Some(tunnel) = tunnel else {
+            tcp_metrics.connection(Direction::Outbound, "failed");
+            return reset(tcp);
+        };
+        tcp_metrics.connection(Direction::Outbound, "ok");
+        let (rd, wr) = tcp.split();
+        let end = tunnel.pump(rd, wr).await;
+        tcp_metrics.bytes(Direction::Outbound, end.sent, end.received);
+        if let Some(why) = end.error {
+            tracing::debug!(%dst, error = %why, "TCP tunnel reset");
+            reset(tcp);
+        }
+    }
+
+    /// A destination outside the mesh: spliced in plain TCP, or refused.
+    async fn unmeshed(&self, mut tcp: TcpStream, dst: SocketAddr) {
+        let first = {
+            let mut seen = self
+                .unmeshed_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() >= MAX_LOGGED_DESTINATIONS {
+                seen.clear();
+            }
+            seen.insert(dst)
+        };
+        let tcp_metrics = &self.all_metrics.tcp;
+        match self.cfg.unmeshed {
+            Unmeshed::Deny => {
+                tcp_metrics.connection(Direction::Outbound, "unmeshed_denied");
+                if first {
+                    tracing::info!(%dst, "destination outside the mesh refused (outbound.unmeshed = \"deny\")");
+                }
+                reset(tcp);
+            }
+            Unmeshed::Passthrough => {
+                if first {
+                    tracing::info!(%dst, "destination outside the mesh: passed through in plain TCP");
+                }
+                let connect = TcpStream::connect(dst);
+                let mut server = match tokio::time::timeout(self.cfg.connect_timeout, connect).await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tcp_metrics.connection(Direction::Outbound, "failed");
+                        tracing::debug!(%dst, error = %e, "passthrough connect failed");
+                        return reset(tcp);
+                    }
+                    Err(_) => {
+                        tcp_metrics.connection(Direction::Outbound, "failed");
+                        tracing::debug!(%dst, "passthrough connect timed out");
+                        return reset(tcp);
+                    }
+                };
+                tcp_metrics.connection(Direction::Outbound, "passthrough");
+                let _ = server.set_nodelay(true);
+                let (up, down) = match tokio::io::copy_bidirectional(&mut tcp, &mut server).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::debug!(%dst, error = %e, "passthrough ended with an error");
+                        (0, 0)
+                    }
+                };
+                tcp_metrics.bytes(Direction::Outbound, up, down);
+            }
+        }
+    }
+}
+
+/// Closes `tcp` with a reset, so that the app sees the failure as a
+/// refused or broken connection rather than a clean end of data.
+fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::metrics::Metrics;
+    use crate::outbound::upstream::tests::{mesh_server, Serve};
+    use crate::outbound::Outbound;
+    use crate::testing::{config, metric, workload};
+
+    const WAIT: Duration = Duration::from_secs(5);
+    const API: &str = "spiffe://unit.keyproof.test/ns/demo/sa/api";
+
+    fn outbound(toml: &str) -> (Arc<Outbound>, Metrics) {
+        let cfg = config(&format!(
+            "[outbound]\nlisten = \"127.0.0.1:0\"\ndetect_timeout = \"100ms\"\n{toml}"
+        ));
+        let m = Metrics::new().unwrap();
+        let o = Outbound::new(
+            cfg.outbound.as_ref().unwrap(),
+            workload("/ns/demo/sa/web").store(),
+            &m,
+        )
+        .unwrap();
+        (o, m)
+    }
+
+    fn tcp_result(m: &Metrics, result: &str) -> f64 {
+        metric(
+            m,
+            &format!(
+                "keyproof_tcp_connections_total{{direction=\"outbound\",result=\"{result}\"}}"
+            ),
+        )
+    }
+
+    /// A client connection whose server side the outbound handles as if
+    /// redirected from `dst`.
+    async fn redirected(o: &Arc<Outbound>, dst: std::net::SocketAddr) -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (s, remote) = s.unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let o = o.clone();
+        tokio::spawn(async move {
+            let _tx = _tx;
+            o.transparent(s, remote, dst, rx).await;
+        });
+        c.unwrap()
+    }
+
+    /// A plain TCP echo server; counts its connections.
+    async fn echo_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        (addr, n)
+    }
+
+    async fn exchange(c: &mut TcpStream, send: &[u8]) -> Vec<u8> {
+        c.write_all(send).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("no end")
+            .unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn opaque_tcp_to_a_meshed_destination_is_tunnelled_with_connect() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, mesh).await;
+        // Not HTTP: tunnelled at once, without waiting for detect_timeout.
+        assert_eq!(
+            exchange(&mut c, b"\x00\x00\x00\x08hello").await,
+            b"\x00\x00\x00\x08hello"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(tcp_result(&m, "ok"), 1.0);
+        let bytes = |way: &str| {
+            metric(
+                &m,
+                &format!("keyproof_tcp_bytes_total{{direction=\"outbound\",way=\"{way}\"}}"),
+            )
+        };
+        assert_eq!(
+            (bytes("client_to_server"), bytes("server_to_client")),
+            (9.0, 9.0)
+        );
+        // A server-first protocol (the client says nothing) is TCP too.
+        let mut c = redirected(&o, mesh).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(exchange(&mut c, b"late").await, b"late");
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_identity_fails_the_tunnel() {
+        let db = workload("/ns/demo/sa/db");
+        let (mesh, _accepted) = mesh_server(&db, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "opaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n",
+            mesh.port()
+        ));
+        let mut c = redirected(&o, mesh).await;
+        let _ = c.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("not closed");
+        assert!(got.is_empty());
+        assert_eq!(tcp_result(&m, "failed"), 1.0);
+        assert_eq!(tcp_result(&m, "ok"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn http_on_a_redirected_connection_goes_to_the_original_destination_over_mtls() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, _m) = outbound(
+            "[[outbound.upstreams]]\nhost = \"*.{ns}.svc\"\ncidr = \"127.0.0.0/8\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/api\"\n",
+        );
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(
+            &mut c,
+            b"GET /x HTTP/1.1\r\nHost: web.demo.svc\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        drop(accepted);
+        // The identity filled from another namespace is not the server's.
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(
+            &mut c,
+            b"GET /x HTTP/1.1\r\nHost: web.shop.svc\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn unmeshed_destinations_are_passed_through_or_refused() {
+        let (plain, conns) = echo_server().await;
+        let rule = format!("[[outbound.upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"{API}\"\n");
+        let (o, m) = outbound(&rule);
+        let mut c = redirected(&o, plain).await;
+        assert_eq!(exchange(&mut c, b"\x16\x03\x01hi").await, b"\x16\x03\x01hi");
+        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+
+        let (o, m) = outbound(&format!("unmeshed = \"deny\"\n{rule}"));
+        let mut c = redirected(&o, plain).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("not closed");
+        assert!(got.is_empty());
+        assert_eq!(tcp_result(&m, "unmeshed_denied"), 1.0);
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "denied, yet connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http_host_no_rule_takes_is_passed_through_whole() {
+        let (plain, _conns) = echo_server().await;
+        let (o, m) = outbound(&format!(
+            "[[outbound.upstreams]]\nhost = \"api.demo\"\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, plain).await;
+        let req = b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n";
+        assert_eq!(exchange(&mut c, req).await, req);
+        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+
+    /// Runs `cmd` (a program and its arguments); its failure message.
+    fn run(cmd: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", cmd.join(" ")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {}",
+                cmd.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// A network namespace, deleted when dropped (a failed test too).
+    struct Netns(String);
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = run(&["ip", "netns", "del", &self.0]);
+        }
+    }
+
+    const NETNS_PORT: &str = "KEYPROOF_TEST_OUTBOUND_PORT";
+
+    /// Real `iptables` redirection: in a namespace of its own (root only;
+    /// skipped elsewhere unless `CI` is set), connections to
+    /// 10.250.0.2:8080 and 10.250.0.3:8080 are redirected to an outbound
+    /// listener, which must read their original destinations. The checks
+    /// run in [`in_netns`], this test binary re-run inside the namespace.
+    #[test]
+    fn redirected_connections_are_routed_by_their_original_destination() {
+        let ci = std::env::var_os("CI").is_some();
+        let root = std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false);
+        if !root || run(&["ip", "netns", "list"]).is_err() {
+            assert!(!ci, "CI: this test needs root and iproute2");
+            eprintln!("skipped: needs root, iproute2 and iptables");
+            return;
+        }
+        let name = format!("kp-ob-{}", std::process::id());
+        run(&["ip", "netns", "add", &name]).expect("netns");
+        let ns = Netns(name);
+        let port = (20000 + std::process::id() % 20000).to_string();
+        let exec = |cmd: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", &ns.0];
+            all.extend_from_slice(cmd);
+            run(&all)
+        };
+        exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+        // A route for the destinations; the rule redirects them anyway.
+        exec(&["ip", "addr", "add", "10.250.0.1/24", "dev", "lo"]).unwrap();
+        exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.250.0.2,10.250.0.3",
+            "--dport",
+            "8080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ])
+        .unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(exe)
+            .args([
+                "--exact",
+                "outbound::transparent::tests::in_netns",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(NETNS_PORT, &port)
+            .output()
+            .expect("run in the namespace");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "in the namespace:\n{text}");
+        assert!(
+            text.contains("1 passed"),
+            "the inner test did not run:\n{text}"
+        );
+    }
+
+    /// The inside of the test above (ignored when run on its own).
+    #[tokio::test]
+    #[ignore = "run inside a network namespace by redirected_connections_are_routed_by_their_original_destination"]
+    async fn in_netns() {
+        let port: u16 = std::env::var(NETNS_PORT).expect("port").parse().unwrap();
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "unmeshed = \"deny\"\n[[outbound.upstreams]]\ncidr = \"10.250.0.2/32\"\nport = 8080\naddress = \"{mesh}\"\nidentity = \"{API}\"\n"
+        ));
+        let l = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let ob = o.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, remote)) = l.accept().await {
+                let dst = crate::original_dst::redirected(&tcp);
+                record.lock().unwrap().push(dst);
+                match dst {
+                    Some(dst) => {
+                        tokio::spawn(ob.clone().transparent(tcp, remote, dst, rx.clone()));
+                    }
+                    None => drop(tcp),
+                }
+            }
+        });
+        // Opaque TCP through the CONNECT tunnel.
+        let mut c = TcpStream::connect("10.250.0.2:8080").await.unwrap();
+        assert_eq!(exchange(&mut c, b"\x00\x01tcp").await, b"\x00\x01tcp");
+        // HTTP to the same destination, on the same mesh connection.
+        let mut c = TcpStream::connect("10.250.0.2:8080").await.unwrap();
+        let got = exchange(
+            &mut c,
+            b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        // No rule for 10.250.0.3: refused.
+        let mut c = TcpStream::connect("10.250.0.3:8080").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+            .await
+            .expect("not closed");
+        assert!(rest.is_empty());
+        // Made to the listener itself: not redirected.
+        drop(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = seen.lock().unwrap().clone();
+        let d = |s: &str| Some(s.parse().unwrap());
+        assert_eq!(
+            seen,
+            [
+                d("10.250.0.2:8080"),
+                d("10.250.0.2:8080"),
+                d("10.250.0.3:8080"),
+                None
+            ]
+        );
+        assert_eq!(tcp_result(&m, "ok"), 1.0);
+        assert_eq!(tcp_result(&m, "unmeshed_denied"), 1.0);
+        assert_eq!(tcp_result(&m, "passthrough"), 0.0);
+    }
+}
