@@ -908,7 +908,6 @@ fn example_join_token_proxy_config_passes_check_config() {
 /// host pattern and CIDR. Checked to pass against the inbound and outbound
 /// changes merged together; ignored only until they are in this tree.
 #[test]
-#[ignore = "needs the [[inbound.tcp]] and [[outbound.upstreams]] cidr keys in the config parser"]
 fn example_transparent_proxy_config_passes_check_config() {
     check_config("example-transparent");
 }
