@@ -214,6 +214,9 @@ fn redirect_cmd(a: RedirectArgs) -> anyhow::Result<()> {
         redirect::OUTPUT_CHAIN
     );
     if !a.remove {
+        for w in redirect::warnings(&opts) {
+            eprintln!("redirect: warning: {w}");
+        }
         let v6 = redirect::current_global_ipv6_addresses();
         if !v6.is_empty() {
             eprintln!(

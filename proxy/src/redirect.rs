@@ -387,6 +387,37 @@ pub fn rules(opts: &Options) -> Result<Vec<Rule>, RedirectError> {
     Ok(out)
 }
 
+/// Options that are valid but switch interception off where the operator
+/// probably meant it on: `redirect` installs them and prints these.
+pub fn warnings(opts: &Options) -> Vec<String> {
+    let mut w = Vec::new();
+    if opts.proxy_uid == 0 {
+        w.push(
+            "--proxy-uid 0: every process running as root in this namespace bypasses the outbound interception"
+                .to_owned(),
+        );
+    }
+    if let Some(net) = opts.exclude_cidrs.iter().find(|n| n.prefix_len() == 0) {
+        w.push(format!(
+            "--exclude-cidrs {net} excludes every destination: no outbound connection is intercepted"
+        ));
+    }
+    if let InboundPorts::List(ports) = &opts.inbound_ports {
+        let exempt = |p: &u16| {
+            *p == opts.inbound_port
+                || *p == opts.admin_port
+                || opts.exclude_inbound_ports.contains(p)
+        };
+        if ports.iter().all(exempt) {
+            w.push(
+                "--inbound-ports lists only exempt ports (the inbound, admin or excluded ones): no inbound connection is intercepted"
+                    .to_owned(),
+            );
+        }
+    }
+    w
+}
+
 fn dedup_in_order(v: &mut Vec<u16>) {
     let mut seen = Vec::with_capacity(v.len());
     v.retain(|p| {
@@ -453,23 +484,17 @@ pub fn install_script(rules: &[Rule], state: &NatState) -> String {
     for r in rules {
         let _ = writeln!(s, "{r}");
     }
+    // Every jump into our chains is deleted and ours inserted first again,
+    // in the same transaction: a rule someone inserted above it since (a
+    // RETURN, an ACCEPT) would otherwise take traffic past the sidecar, and
+    // the table is never seen without the jump.
+    for j in &state.jumps {
+        if let Some(spec) = j.strip_prefix("-A ") {
+            let _ = writeln!(s, "-D {spec}");
+        }
+    }
     for (builtin, ours) in JUMPS {
-        let want = jump_line(builtin, ours);
-        let mut kept = false;
-        for j in state
-            .jumps
-            .iter()
-            .filter(|j| j.ends_with(&format!(" {ours}")))
-        {
-            if *j == want && !kept {
-                kept = true;
-            } else if let Some(spec) = j.strip_prefix("-A ") {
-                let _ = writeln!(s, "-D {spec}");
-            }
-        }
-        if !kept {
-            let _ = writeln!(s, "-I {builtin} 1 -p tcp -j {ours}");
-        }
+        let _ = writeln!(s, "-I {builtin} 1 -p tcp -j {ours}");
     }
     s.push_str("COMMIT\n");
     s
@@ -805,9 +830,14 @@ mod tests {
             "-I PREROUTING 1 -p tcp -j KEYPROOF_INBOUND\n-I OUTPUT 1 -p tcp -j KEYPROOF_OUTPUT\nCOMMIT\n"
         ));
         assert_eq!(fresh.matches("-A KEYPROOF_").count(), r.len());
-        // Installed already: no new jump.
+        // Installed already: each jump moved back to first place in one
+        // transaction (a rule inserted above it since would bypass it).
         let again = install_script(&r, &installed_state());
-        assert!(!again.contains("-I ") && !again.contains("-D "), "{again}");
+        assert_eq!(again.matches("-D ").count(), 2, "{again}");
+        assert!(again.ends_with(
+            "-D PREROUTING -p tcp -j KEYPROOF_INBOUND\n-D OUTPUT -p tcp -j KEYPROOF_OUTPUT\n\
+             -I PREROUTING 1 -p tcp -j KEYPROOF_INBOUND\n-I OUTPUT 1 -p tcp -j KEYPROOF_OUTPUT\nCOMMIT\n"
+        ), "{again}");
         // Two copies of one jump and a stray one: one copy left.
         let messy = NatState {
             chains: vec![OUTPUT_CHAIN],
@@ -823,11 +853,44 @@ mod tests {
             s.contains("-D OUTPUT -d 10.0.0.0/8 -j KEYPROOF_OUTPUT\n"),
             "{s}"
         );
-        assert!(!s.contains("-I OUTPUT"), "{s}");
+        assert_eq!(s.matches("-D OUTPUT").count(), 3, "{s}");
+        assert_eq!(
+            s.matches("-I OUTPUT 1 -p tcp -j KEYPROOF_OUTPUT\n").count(),
+            1,
+            "{s}"
+        );
         assert!(
             s.contains("-I PREROUTING 1 -p tcp -j KEYPROOF_INBOUND\n"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn options_that_switch_interception_off_are_warned_about() {
+        assert!(warnings(&Options::default()).is_empty());
+        let o = Options {
+            proxy_uid: 0,
+            exclude_cidrs: parse_cidrs("10.0.0.0/8,0.0.0.0/0").unwrap(),
+            inbound_ports: parse_inbound_ports("15443,15090,9000").unwrap(),
+            exclude_inbound_ports: vec![9000],
+            ..Options::default()
+        };
+        let w = warnings(&o);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].starts_with("--proxy-uid 0"), "{w:?}");
+        assert!(
+            w[1].contains("0.0.0.0/0 excludes every destination"),
+            "{w:?}"
+        );
+        assert!(
+            w[2].contains("no inbound connection is intercepted"),
+            "{w:?}"
+        );
+        let some = Options {
+            inbound_ports: parse_inbound_ports("8080,15443").unwrap(),
+            ..Options::default()
+        };
+        assert!(warnings(&some).is_empty());
     }
 
     #[test]
