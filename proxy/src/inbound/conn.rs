@@ -32,6 +32,9 @@ pub struct InboundConn {
     /// Where a redirected connection's requests go (`127.0.0.1:<original
     /// port>`); `None`: `[inbound] app`.
     pub app: Option<Arc<AppClient>>,
+    /// A redirected connection whose original port takes no HTTP: every
+    /// request on it but CONNECT is refused (403).
+    pub refusal: Option<PortRefusal>,
     /// The connection's activity word: a tunnel holds a stream of it for
     /// its whole life, so that the connection carrying it is not idle.
     pub activity: Activity,
@@ -49,6 +52,7 @@ impl InboundConn {
         own: &SpiffeId,
         need_exporter: bool,
         app: Option<Arc<AppClient>>,
+        refusal: Option<PortRefusal>,
         activity: Activity,
     ) -> Option<InboundConn> {
         let exporter = if need_exporter {
@@ -78,8 +82,38 @@ impl InboundConn {
             stepup: view,
             xfcc,
             app,
+            refusal,
             activity,
         })
+    }
+}
+
+/// Why a redirected connection's original port takes no HTTP request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortRefusal {
+    /// A listen port of this proxy (inbound, outbound, admin): forwarding
+    /// to it would let a caller act as this workload.
+    Own(u16),
+    /// Not in `[inbound] http_ports`: a loopback-only service, or a port
+    /// reachable by tunnel only.
+    NotHttp(u16),
+}
+
+impl PortRefusal {
+    /// The original port.
+    pub fn port(self) -> u16 {
+        match self {
+            PortRefusal::Own(p) | PortRefusal::NotHttp(p) => p,
+        }
+    }
+}
+
+impl std::fmt::Display for PortRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortRefusal::Own(p) => write!(f, "port {p} is a port of this workload's sidecar"),
+            PortRefusal::NotHttp(p) => write!(f, "port {p} is not an HTTP port of this workload"),
+        }
     }
 }
 
@@ -113,6 +147,7 @@ impl InboundConn {
             exporter,
             stepup,
             app: None,
+            refusal: None,
             activity: Activity::default(),
         }
     }
