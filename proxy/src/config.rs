@@ -2943,6 +2943,7 @@ mod tests {
 
     const IN: &str = "[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n";
     const OUT: &str = "[outbound]\nlisten = \"127.0.0.1:3\"\n";
+    const OUT_15001: &str = "[outbound]\nlisten = \"127.0.0.1:15001\"\n";
 
     /// `[inbound]` with `extra` keys in it (and after it, tables).
     fn inb(extra: &str) -> String {
@@ -4604,6 +4605,120 @@ mod tests {
             (key.as_str(), msg.as_str()),
             ("inbound.policy_file", "must name a file")
         );
+    }
+
+    #[test]
+    fn http_ports_default_to_the_app_port_and_are_validated() {
+        let c = Config::parse(&inb("")).expect("valid");
+        let i = c.inbound.as_ref().expect("inbound");
+        assert_eq!(i.http_ports, vec![2]);
+        assert_eq!((i.max_tunnels, i.max_tunnels_per_peer), (4096, 256));
+        let explain = c.explain();
+        assert!(explain.contains("http_ports [2]"), "{explain}");
+        let c = Config::parse(&inb("http_ports = [8080, 9000, 8080]
+"))
+        .expect("valid");
+        assert_eq!(c.inbound.expect("inbound").http_ports, vec![8080, 9000]);
+        let c = Config::parse(&inb("http_ports = []
+"))
+        .expect("valid: tunnels only");
+        assert!(c.inbound.expect("inbound").http_ports.is_empty());
+        for (extra, want) in [
+            (
+                "http_ports = [0]
+",
+                "inbound.http_ports[0]",
+            ),
+            (
+                "http_ports = [80, 65536]
+",
+                "inbound.http_ports[1]",
+            ),
+            (
+                "http_ports = [-1]
+",
+                "inbound.http_ports[0]",
+            ),
+            (
+                "max_tunnels = 0
+",
+                "inbound.max_tunnels",
+            ),
+            (
+                "max_tunnels_per_peer = 0
+",
+                "inbound.max_tunnels_per_peer",
+            ),
+            (
+                "max_tunnels = 10
+max_tunnels_per_peer = 11
+",
+                "inbound.max_tunnels_per_peer",
+            ),
+        ] {
+            assert_eq!(invalid_key(&inb(extra)).0, want, "{extra}");
+        }
+        let c = Config::parse(&inb("max_tunnels = 10
+"))
+        .expect("valid");
+        let i = c.inbound.expect("inbound");
+        assert_eq!((i.max_tunnels, i.max_tunnels_per_peer), (10, 10));
+    }
+
+    #[test]
+    fn the_proxys_own_ports_are_never_http_ports_nor_tunnel_targets() {
+        let base = format!(
+            "{BASE}[inbound]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:8080\"\n{{}}\n{OUT_15001}[admin]\nlisten = \"0.0.0.0:15090\"\n"
+        );
+        let cfg = |extra: &str| base.replace("{}", extra);
+        let c = Config::parse(&cfg("")).expect("valid");
+        let i = c.inbound.expect("inbound");
+        assert_eq!(i.own_ports, vec![15443, 15001, 15090]);
+        assert_eq!(i.http_ports, vec![8080]);
+        for own in [15443, 15001, 15090] {
+            let (key, msg) = invalid_key(&cfg(&format!(
+                "[[inbound.tcp]]\nport = {own}\nallow = [\"spiffe://td/*\"]\n"
+            )));
+            assert_eq!(key, "inbound.tcp[0].port");
+            assert!(msg.contains("listen port of this proxy"), "{msg}");
+            let (key, _) = invalid_key(&cfg(&format!("http_ports = [8080, {own}]\n")));
+            assert_eq!(key, "inbound.http_ports");
+        }
+        // In a policy file, the error names the file and its key.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(
+            dir.path(),
+            "[[tcp]]\nport = 15001\nallow = [\"spiffe://td/*\"]\n",
+        );
+        let (key, _) = invalid_key(&cfg(&format!(
+            "policy_file = {:?}\n",
+            path.display().to_string()
+        )));
+        assert_eq!(key, format!("{}: tcp[0].port", path.display()));
+    }
+
+    #[test]
+    fn a_port_is_either_http_or_tcp() {
+        let rule =
+            |port: u16| format!("[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://td/*\"]\n");
+        // The default http_ports: the app's port (2).
+        let (key, msg) = invalid_key(&inb(&rule(2)));
+        assert_eq!(key, "inbound.tcp[0].port");
+        assert!(msg.contains("also in inbound.http_ports"), "{msg}");
+        let (key, _) = invalid_key(&inb(&format!("http_ports = [5432]\n{}", rule(5432))));
+        assert_eq!(key, "inbound.tcp[0].port");
+        // Not an HTTP port: fine.
+        Config::parse(&inb(&format!("http_ports = [8080]\n{}", rule(2)))).expect("valid");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(
+            dir.path(),
+            "[[tcp]]\nport = 2\nallow = [\"spiffe://td/*\"]\n",
+        );
+        let (key, _) = invalid_key(&inb(&format!(
+            "policy_file = {:?}\n",
+            path.display().to_string()
+        )));
+        assert_eq!(key, format!("{}: tcp[0].port", path.display()));
     }
 
     #[test]

@@ -827,7 +827,7 @@ mod tests {
 
     use super::Inbound;
     use crate::http::body::ProxyBody;
-    use crate::inbound::conn::InboundConn;
+    use crate::inbound::conn::{InboundConn, PortRefusal};
     use crate::metrics::Metrics;
     use crate::testing::{config, hyper_request, one_request_app, workload, Workload};
 
@@ -985,6 +985,146 @@ mod tests {
         let (req, _client) = hyper_request(b"GET /admin HTTP/1.1\r\nhost: api\r\n\r\n").await;
         let resp = inbound.clone().request(req, c).await;
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+
+    /// A listener that must never see a connection; whether one came
+    /// within `wait`.
+    async fn never_connected(wait: std::time::Duration) -> (u16, tokio::task::JoinHandle<bool>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("address").port();
+        let h = tokio::spawn(async move { tokio::time::timeout(wait, l.accept()).await.is_ok() });
+        (port, h)
+    }
+
+    /// A connection of `caller` as `Inbound::connection` makes it for one
+    /// redirected from local `port`.
+    fn redirected(
+        inbound: &Inbound,
+        caller: &Workload,
+        api: &Workload,
+        port: u16,
+    ) -> Arc<InboundConn> {
+        let mut c = InboundConn::for_tests(caller.peer(), &api.id, None);
+        match inbound.redirected_to(port) {
+            Ok(app) => c.app = Some(app),
+            Err(why) => c.refusal = Some(why),
+        }
+        Arc::new(c)
+    }
+
+    #[tokio::test]
+    async fn redirected_http_reaches_only_the_http_ports() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (app, head) = one_request_app().await;
+        // A loopback-only service (pprof, an agent) on another port.
+        let (private, seen) = never_connected(std::time::Duration::from_millis(500)).await;
+        let (inbound, m) = inbound(
+            &api,
+            "127.0.0.1:9",
+            &format!("http_ports = [{}]\n", app.port()),
+        );
+        let c = redirected(&inbound, &web, &api, private);
+        for req in [
+            &b"GET /debug/pprof HTTP/1.1\r\nhost: api\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\nhost: api\r\ncontent-length: 11\r\n\r\nflush_all\r\n"[..],
+        ] {
+            let (req, _client) = hyper_request(req).await;
+            let resp = inbound.clone().request(req, c.clone()).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            let body = body_text(resp).await;
+            assert!(
+                body.contains(&format!(
+                    "port {private} is not an HTTP port of this workload"
+                )),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            crate::testing::metric(&m, "keyproof_authz_denied_total{route=\"not_http_port\"}"),
+            2.0
+        );
+        assert!(
+            !seen.await.expect("listener task"),
+            "the private port was connected"
+        );
+        // The HTTP port is served as before.
+        let c = redirected(&inbound, &web, &api, app.port());
+        let (req, _client) = hyper_request(b"GET /x HTTP/1.1\r\nhost: api\r\n\r\n").await;
+        let resp = inbound.clone().request(req, c).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(head.await.expect("app").starts_with("GET /x "));
+    }
+
+    #[tokio::test]
+    async fn by_default_the_app_port_alone_takes_redirected_http() {
+        let api = workload(API);
+        let (inbound, _m) = inbound(&api, "127.0.0.1:8080", "");
+        assert!(Arc::ptr_eq(
+            &inbound.redirected_to(8080).expect("the app port"),
+            &inbound.app
+        ));
+        for port in [6060, 8200, 5432, 1] {
+            assert_eq!(
+                inbound.redirected_to(port).err(),
+                Some(PortRefusal::NotHttp(port))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tcp_rule_port_takes_no_plain_http_even_from_an_allowed_caller() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(std::time::Duration::from_millis(500)).await;
+        let (inbound, _m) = inbound(
+            &api,
+            "127.0.0.1:9",
+            &format!(
+                "[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://unit.keyproof.test{WEB}\"]\n"
+            ),
+        );
+        let c = redirected(&inbound, &web, &api, port);
+        let (req, _client) = hyper_request(
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 18\r\n\r\nset k 0 0 1\r\nx\r\n\r\n",
+        )
+        .await;
+        let resp = inbound.clone().request(req, c).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert!(!seen.await.expect("listener task"), "the tcp port got HTTP");
+    }
+
+    #[tokio::test]
+    async fn the_proxys_own_listeners_are_never_forwarded_to() {
+        let (api, web) = (workload(API), workload(WEB));
+        // Configured ports nothing listens on: the refusal comes first.
+        let cfg = config(
+            "[inbound]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:9\"\n\
+             [outbound]\nlisten = \"127.0.0.1:15001\"\n[admin]\nlisten = \"127.0.0.1:15090\"\n",
+        );
+        let m = Metrics::new().expect("metrics");
+        let inbound = Inbound::new(cfg.inbound.as_ref().expect("[inbound]"), api.store(), &m)
+            .expect("inbound");
+        for port in [15001, 15090, 15443] {
+            assert_eq!(
+                inbound.redirected_to(port).err(),
+                Some(PortRefusal::Own(port))
+            );
+            let c = redirected(&inbound, &web, &api, port);
+            let (req, _client) =
+                hyper_request(b"GET /x HTTP/1.1\r\nhost: pay.internal\r\n\r\n").await;
+            let resp = inbound.clone().request(req, c).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            let body = body_text(resp).await;
+            assert!(
+                body.contains(&format!("port {port} is a port of this workload's sidecar")),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            crate::testing::metric(&m, "keyproof_authz_denied_total{route=\"own_port\"}"),
+            3.0
+        );
     }
 
     #[tokio::test]
