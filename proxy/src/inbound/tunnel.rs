@@ -887,6 +887,210 @@ mod tests {
         assert!(reason.is_ok(), "{reason:?}");
     }
 
+    /// [`connect`] with the `:authority` given as is.
+    async fn connect_to(
+        send: &mut h2::client::SendRequest<Bytes>,
+        authority: &str,
+    ) -> (StatusCode, String) {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .expect("request");
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, _stream) = ready.send_request(req, false).expect("send CONNECT");
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("answer in time")
+            .expect("answer, not a reset");
+        let status = resp.status();
+        let text = read_all(&mut resp.into_body()).await;
+        (status, String::from_utf8_lossy(&text).into_owned())
+    }
+
+    #[test]
+    fn connect_ports_are_parsed_strictly() {
+        use super::{parse_port, BadAuthority};
+        for (a, want) in [
+            ("x:5432", Ok(5432)),
+            ("127.0.0.1:1", Ok(1)),
+            ("[::1]:65535", Ok(65535)),
+            ("x:+5432", Err(BadAuthority::BadPort)),
+            ("x:-1", Err(BadAuthority::BadPort)),
+            ("x:05432", Err(BadAuthority::BadPort)),
+            ("x:00000000000000025432", Err(BadAuthority::BadPort)),
+            ("x:0", Err(BadAuthority::BadPort)),
+            ("x:65536", Err(BadAuthority::BadPort)),
+            ("x:99999", Err(BadAuthority::BadPort)),
+            ("x:123456", Err(BadAuthority::BadPort)),
+            ("x:0x6338", Err(BadAuthority::BadPort)),
+            ("x:5432 ", Err(BadAuthority::BadPort)),
+            ("x:\u{0665}", Err(BadAuthority::BadPort)),
+            ("u@x:5432", Err(BadAuthority::UserInfo)),
+            ("user:pw@x:5432", Err(BadAuthority::UserInfo)),
+            ("x", Err(BadAuthority::NoPort)),
+            ("x:", Err(BadAuthority::NoPort)),
+            ("[::1]", Err(BadAuthority::BadPort)),
+        ] {
+            assert_eq!(parse_port(Some(a)), want, "{a:?}");
+        }
+        assert_eq!(parse_port(None), Err(BadAuthority::NoPort));
+    }
+
+    #[tokio::test]
+    async fn non_canonical_connect_authorities_get_400_and_never_connect() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_secs(1)).await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let forms = [
+            format!("x:+{port}"),
+            format!("x:0{port}"),
+            format!("x:00000000000000{port}"),
+            format!("u@x:{port}"),
+            format!("user:pw@x:{port}"),
+            "x:0".to_owned(),
+            "x:65536".to_owned(),
+        ];
+        for a in &forms {
+            let (status, body) = connect_to(&mut h2, a).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{a}: {body}");
+        }
+        assert_eq!(tcp(&m, "denied"), forms.len() as f64);
+        assert_eq!(tcp(&m, "ok"), 0.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_to_a_port_of_the_sidecar_is_refused() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let rest = format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body
+            .expect_err("a refusal")
+            .contains(&format!("port {port} is a port of this workload's sidecar")),);
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the sidecar's port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_naming_an_http_port_or_an_own_port_is_refused() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (admin, _) = never_connected(Duration::from_millis(10)).await;
+        let rest = format!("http_ports = [8080]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+        let (addr, _m, _stop, inbound) = serve_inbound(&api, &rest).await;
+        for port in [8080, admin] {
+            let file = format!("[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
+            let policy = crate::config::parse_policy(std::path::Path::new("p.toml"), &file)
+                .expect("valid on its own");
+            let e = inbound.replace_policy(&policy).expect_err("refused");
+            assert!(e.to_string().contains("tcp[0].port"), "{e}");
+        }
+        // Still the startup policy: no tunnel anywhere.
+        let mut h2 = client(&web, addr).await;
+        let (status, _) = connect(&mut h2, 8080).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    /// An app on loopback that takes any number of connections, echoes
+    /// each until EOF then closes it; the number accepted so far.
+    async fn counting_echo_app() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("app address").port();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tcp.read(&mut buf).await {
+                        if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = tcp.shutdown().await;
+                });
+            }
+        });
+        (port, n)
+    }
+
+    #[tokio::test]
+    async fn max_tunnels_bounds_the_open_tunnels_of_the_pod() {
+        let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
+        let (port, accepted) = counting_echo_app().await;
+        let rest = format!(
+            "max_tunnels = 2\nmax_tunnels_per_peer = 2\n{}",
+            tcp_rule(port, "/ns/*")
+        );
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (s1, t1) = connect(&mut h2, port).await;
+        let (s2, _t2) = connect(&mut h2, port).await;
+        assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+        // Any caller, any connection: the bound is the pod's.
+        let mut other = client(&ops, addr).await;
+        let (status, body) = connect(&mut other, port).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.expect_err("a refusal").contains("max_tunnels"));
+        assert_eq!(tcp(&m, "limited"), 1.0);
+        assert_eq!(tcp(&m, "ok"), 2.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // One ends: its place is free again.
+        let (mut tx, mut rx) = t1.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"x"), true).expect("end");
+        assert_eq!(read_all(&mut rx).await, b"x");
+        let mut freed = false;
+        for _ in 0..100 {
+            let (status, _) = connect(&mut other, port).await;
+            if status == StatusCode::OK {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(freed, "the ended tunnel's place was never given back");
+    }
+
+    #[tokio::test]
+    async fn max_tunnels_per_peer_bounds_one_caller_only() {
+        let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
+        let (port, accepted) = counting_echo_app().await;
+        let rest = format!(
+            "max_tunnels = 10\nmax_tunnels_per_peer = 1\n{}",
+            tcp_rule(port, "/ns/*")
+        );
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, _t1) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        // A second connection of the same identity counts as the same caller.
+        let mut again = client(&web, addr).await;
+        let (status, body) = connect(&mut again, port).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body
+            .expect_err("a refusal")
+            .contains("max_tunnels_per_peer"));
+        assert_eq!(tcp(&m, "limited"), 1.0);
+        let mut other = client(&ops, addr).await;
+        let (status, _t2) = connect(&mut other, port).await;
+        assert_eq!(status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn connect_over_http1_gets_405() {
         let (api, web) = (workload(API), workload(WEB));
