@@ -43,7 +43,9 @@ pub struct InboundConn {
 impl InboundConn {
     /// The facts of a connection whose handshake verified `peer`. The
     /// channel binding and the step-up view are derived only when some
-    /// route may demand step-up (`need_exporter`). `None` when the XFCC value cannot
+    /// route may demand step-up (`need_exporter`). `redirected`: for a
+    /// connection iptables redirected, where its original port's HTTP goes
+    /// or why it goes nowhere. `None` when the XFCC value cannot
     /// be a header value, which valid SPIFFE IDs never cause.
     pub fn new(
         session: &rustls::ServerConnection,
@@ -51,10 +53,14 @@ impl InboundConn {
         remote: SocketAddr,
         own: &SpiffeId,
         need_exporter: bool,
-        app: Option<Arc<AppClient>>,
-        refusal: Option<PortRefusal>,
+        redirected: Option<Result<Arc<AppClient>, PortRefusal>>,
         activity: Activity,
     ) -> Option<InboundConn> {
+        let (app, refusal) = match redirected {
+            None => (None, None),
+            Some(Ok(app)) => (Some(app), None),
+            Some(Err(why)) => (None, Some(why)),
+        };
         let exporter = if need_exporter {
             keyproof_identity::tls::channel_binding(session)
         } else {

@@ -322,11 +322,7 @@ impl Inbound {
             _ => Proto::Detect,
         };
         let own = self.store.current();
-        let (app, refusal) = match redirected.map(|dst| self.redirected_to(dst.port())) {
-            None => (None, None),
-            Some(Ok(app)) => (Some(app), None),
-            Some(Err(r)) => (None, Some(r)),
-        };
+        let target = redirected.map(|dst| self.redirected_to(dst.port()));
         let activity: server::Activity = Arc::new(AtomicU64::new(0));
         let Some(conn) = InboundConn::new(
             session,
@@ -334,8 +330,7 @@ impl Inbound {
             remote,
             &own.id,
             self.need_exporter,
-            app,
-            refusal,
+            target,
             activity.clone(),
         ) else {
             return;
