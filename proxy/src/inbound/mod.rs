@@ -123,15 +123,6 @@ pub enum PolicyError {
     Metrics(#[from] prometheus::Error),
 }
 
-impl From<PolicyError> for crate::run::PolicyReloadError {
-    fn from(e: PolicyError) -> Self {
-        match e {
-            PolicyError::Ports(e) => crate::run::PolicyReloadError::Config(e),
-            PolicyError::Metrics(e) => crate::run::PolicyReloadError::Metrics(e),
-        }
-    }
-}
-
 /// A failure to build the inbound.
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
