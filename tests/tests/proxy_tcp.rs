@@ -9,8 +9,9 @@ use std::process::Command;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use keyproof_tests::netns::{can_run, PodNginx, Pods, Sidecar};
 use keyproof_tests::proxy_support::*;
-use keyproof_tests::{cmd, free_port, run_ok};
+use keyproof_tests::{bin, cmd, free_port, run, run_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TD: &str = "prod.test";
@@ -355,4 +356,89 @@ fn a_tcp_rule_on_an_http_port_or_a_sidecar_port_is_a_startup_error() {
             .arg(&cfg),
     );
     assert!(out.contains("http_ports [8080, 9000]"), "{out}");
+}
+
+/// With real iptables redirection in a pod: a peer's HTTP to a port of the
+/// pod that is not in `http_ports` (a service meant to stay local, or a
+/// port with a tcp rule) is refused by the inbound and never reaches the
+/// service; an HTTP port is still forwarded. Needs root (CI runs as root):
+/// without it the test prints a notice and passes, unless `CI` is set.
+#[test]
+fn in_a_pod_redirected_http_reaches_only_the_http_ports() {
+    if !can_run(&["nginx", "curl", "setpriv", "iptables"]) {
+        return;
+    }
+    let pods = Pods::create();
+    let (a, b) = (&pods.a, &pods.b);
+    let pki = Pki::new(TD);
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let api = pki.issue("api", "/ns/default/sa/api");
+    // The service on 6060 stands for one bound to loopback only (a debug
+    // endpoint): the inbound is what could expose it.
+    let debug = PodNginx::start(&pods, b, 6060);
+    let side = Sidecar::start(
+        &pods,
+        b,
+        "b",
+        &format!(
+            "{}[inbound]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:8080\"\n\
+             [[inbound.tcp]]\nport = 5432\nallow = [\"spiffe://{TD}/ns/default/sa/web\"]\n\
+             [admin]\nlisten = \"0.0.0.0:15090\"\n",
+            identity_toml(&pki.bundle, &api)
+        ),
+        15090,
+    );
+    run_ok(
+        b.cmd(bin("keyproof-proxy"))
+            .args(["redirect", "--proxy-uid", "0"]),
+    );
+    // A peer with a certificate of the trust domain, dialling B's ports
+    // with mutual TLS as a peer sidecar would.
+    let get = |port: u16, path: &str| -> (u16, String) {
+        let out = run(a
+            .cmd("curl")
+            .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+            .arg("--cacert")
+            .arg(&pki.bundle)
+            .arg("--cert")
+            .arg(&web.crt)
+            .arg("--key")
+            .arg(&web.key)
+            .arg("--connect-to")
+            .arg(format!("localhost:{port}:{}:{port}", b.ip))
+            .arg(format!("https://localhost:{port}{path}")));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    };
+    let (code, body) = get(6060, "/debug/pprof");
+    assert_eq!(code, 403, "{body}\n{}", side.log_text());
+    assert!(
+        body.contains("port 6060 is not an HTTP port of this workload"),
+        "{body}"
+    );
+    // A port with a tcp rule takes tunnels only, even from the caller the
+    // rule allows.
+    let (code, body) = get(5432, "/");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("port 5432 is not an HTTP port"), "{body}");
+    // The app port is forwarded (nothing listens there: 502 from the
+    // inbound, after the policy let it through).
+    let (code, body) = get(8080, "/");
+    assert!(code == 502 || code == 503, "{code} {body}");
+    assert_eq!(
+        side.sample("keyproof_authz_denied_total", &[("route", "not_http_port")]),
+        2.0
+    );
+    assert!(
+        debug.access_log().trim().is_empty(),
+        "the local-only service was reached: {}",
+        debug.access_log()
+    );
+    let log = side.log_text();
+    assert!(
+        log.contains("not an HTTP port") && log.contains("spiffe://prod.test/ns/default/sa/web"),
+        "{log}"
+    );
+    run_ok(b.cmd(bin("keyproof-proxy")).args(["redirect", "--remove"]));
 }
