@@ -116,6 +116,9 @@ struct RawInbound {
     risk_rules: Option<Vec<RawRiskRule>>,
     deny: Option<Vec<RawDeny>>,
     tcp: Option<Vec<RawTcp>>,
+    http_ports: Option<Vec<i64>>,
+    max_tunnels: Option<usize>,
+    max_tunnels_per_peer: Option<usize>,
     stepup: Option<RawInboundStepUp>,
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
@@ -759,6 +762,18 @@ pub struct InboundConfig {
     pub headers_with_underscores: crate::http::owned::Underscores,
     /// Connection limits.
     pub limits: Limits,
+    /// `[inbound] http_ports`: the local ports a redirected connection's
+    /// HTTP may be forwarded to (`127.0.0.1:<port>`); default the port of
+    /// `app`. Never one of `own_ports`, never a `tcp` rule's port.
+    pub http_ports: Vec<u16>,
+    /// The listen ports of this proxy's own listeners (inbound, outbound,
+    /// admin), filled in by [`Config::parse`]: nothing is ever forwarded or
+    /// tunnelled to them.
+    pub own_ports: Vec<u16>,
+    /// Tunnels open at once, pod-wide (beyond: 503).
+    pub max_tunnels: usize,
+    /// Tunnels open at once per verified SPIFFE ID (beyond: 503).
+    pub max_tunnels_per_peer: usize,
 }
 
 /// A concrete upstream: one peer sidecar to dial and the identity it must
@@ -1902,6 +1917,43 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             None,
         ),
     };
+    let http_ports = match raw.http_ports {
+        Some(list) => {
+            let mut out: Vec<u16> = Vec::with_capacity(list.len());
+            for (i, p) in list.into_iter().enumerate() {
+                let port = u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+                    invalid(
+                        format!("inbound.http_ports[{i}]"),
+                        "must be between 1 and 65535",
+                    )
+                })?;
+                if !out.contains(&port) {
+                    out.push(port);
+                }
+            }
+            out
+        }
+        None => app_port(&app).into_iter().collect(),
+    };
+    let policy_prefix = match &policy_file {
+        Some(f) => format!("{}: ", f.display()),
+        None => "inbound.".to_owned(),
+    };
+    check_tcp_ports(&policy_prefix, &policy, &http_ports, &[])?;
+    let max_tunnels = raw.max_tunnels.unwrap_or(4096);
+    if max_tunnels == 0 || max_tunnels > (1 << 20) {
+        return Err(invalid(
+            "inbound.max_tunnels",
+            "must be between 1 and 1048576",
+        ));
+    }
+    let max_tunnels_per_peer = raw.max_tunnels_per_peer.unwrap_or(256.min(max_tunnels));
+    if max_tunnels_per_peer == 0 || max_tunnels_per_peer > max_tunnels {
+        return Err(invalid(
+            "inbound.max_tunnels_per_peer",
+            "must be between 1 and max_tunnels",
+        ));
+    }
     let mut stepup = InboundStepUpConfig::default();
     if let Some(s) = raw.stepup {
         stepup.nonce_ttl = duration(
@@ -1986,7 +2038,51 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             },
             Duration::from_secs(30),
         )?,
+        http_ports,
+        own_ports: Vec::new(),
+        max_tunnels,
+        max_tunnels_per_peer,
     })
+}
+
+/// The port of `[inbound] app` (`host:port`, IPv6 hosts bracketed).
+fn app_port(app: &str) -> Option<u16> {
+    app.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+}
+
+/// A policy's `tcp` ports against the ports that can never be tunnel
+/// targets: `http_ports` (a port is either HTTP or TCP, so that plain HTTP
+/// can never reach a port a `tcp` rule guards) and `own_ports` (the
+/// proxy's listeners). `prefix` starts the key named in the error, as in
+/// [`policy`]. Also used on a policy file reload, against the ports of the
+/// configuration in use.
+pub fn check_tcp_ports(
+    prefix: &str,
+    policy: &PolicyConfig,
+    http_ports: &[u16],
+    own_ports: &[u16],
+) -> Result<(), ConfigError> {
+    for (i, t) in policy.tcp.iter().enumerate() {
+        if own_ports.contains(&t.port) {
+            return Err(invalid(
+                format!("{prefix}tcp[{i}].port"),
+                format!(
+                    "port {} is a listen port of this proxy (inbound, outbound or admin); it is never a tunnel target",
+                    t.port
+                ),
+            ));
+        }
+        if http_ports.contains(&t.port) {
+            return Err(invalid(
+                format!("{prefix}tcp[{i}].port"),
+                format!(
+                    "port {} is also in inbound.http_ports; a port is either HTTP or TCP (tunnels only), so remove it from one of them",
+                    t.port
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
@@ -2442,6 +2538,27 @@ impl Config {
             .admin
             .map(|a| socket_addr("admin.listen", &a.listen).map(|listen| AdminConfig { listen }))
             .transpose()?;
+        let mut inbound = inbound;
+        if let Some(i) = inbound.as_mut() {
+            let mut own = vec![i.listen.port()];
+            own.extend(outbound.as_ref().map(|o| o.listen.port()));
+            own.extend(admin.as_ref().map(|a| a.listen.port()));
+            // Port 0 (an ephemeral port, tests) is never an original port.
+            own.retain(|p| *p != 0);
+            own.dedup();
+            if let Some(p) = i.http_ports.iter().find(|p| own.contains(p)) {
+                return Err(invalid(
+                    "inbound.http_ports",
+                    format!("port {p} is a listen port of this proxy (inbound, outbound or admin); nothing is ever forwarded to it"),
+                ));
+            }
+            let prefix = match &i.policy_file {
+                Some(f) => format!("{}: ", f.display()),
+                None => "inbound.".to_owned(),
+            };
+            check_tcp_ports(&prefix, &i.policy, &[], &own)?;
+            i.own_ports = own;
+        }
         let worker_threads = raw.runtime.worker_threads.unwrap_or(1);
         if worker_threads == 0 || worker_threads > 1024 {
             return Err(invalid(
@@ -2514,6 +2631,21 @@ impl Config {
                 i.listen,
                 i.app,
                 i.default_policy.as_str()
+            );
+            let http = i
+                .http_ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                s,
+                "  http_ports [{http}]: a redirected connection's HTTP goes to 127.0.0.1:<port> for these ports only (403 for any other)"
+            );
+            let _ = writeln!(
+                s,
+                "  tunnels: at most {} open, {} per caller (503 beyond)",
+                i.max_tunnels, i.max_tunnels_per_peer
             );
             if let Some(f) = &i.policy_file {
                 let _ = writeln!(
@@ -2811,6 +2943,7 @@ mod tests {
 
     const IN: &str = "[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n";
     const OUT: &str = "[outbound]\nlisten = \"127.0.0.1:3\"\n";
+    const OUT_15001: &str = "[outbound]\nlisten = \"127.0.0.1:15001\"\n";
 
     /// `[inbound]` with `extra` keys in it (and after it, tables).
     fn inb(extra: &str) -> String {
@@ -4472,6 +4605,120 @@ mod tests {
             (key.as_str(), msg.as_str()),
             ("inbound.policy_file", "must name a file")
         );
+    }
+
+    #[test]
+    fn http_ports_default_to_the_app_port_and_are_validated() {
+        let c = Config::parse(&inb("")).expect("valid");
+        let i = c.inbound.as_ref().expect("inbound");
+        assert_eq!(i.http_ports, vec![2]);
+        assert_eq!((i.max_tunnels, i.max_tunnels_per_peer), (4096, 256));
+        let explain = c.explain();
+        assert!(explain.contains("http_ports [2]"), "{explain}");
+        let c = Config::parse(&inb("http_ports = [8080, 9000, 8080]
+"))
+        .expect("valid");
+        assert_eq!(c.inbound.expect("inbound").http_ports, vec![8080, 9000]);
+        let c = Config::parse(&inb("http_ports = []
+"))
+        .expect("valid: tunnels only");
+        assert!(c.inbound.expect("inbound").http_ports.is_empty());
+        for (extra, want) in [
+            (
+                "http_ports = [0]
+",
+                "inbound.http_ports[0]",
+            ),
+            (
+                "http_ports = [80, 65536]
+",
+                "inbound.http_ports[1]",
+            ),
+            (
+                "http_ports = [-1]
+",
+                "inbound.http_ports[0]",
+            ),
+            (
+                "max_tunnels = 0
+",
+                "inbound.max_tunnels",
+            ),
+            (
+                "max_tunnels_per_peer = 0
+",
+                "inbound.max_tunnels_per_peer",
+            ),
+            (
+                "max_tunnels = 10
+max_tunnels_per_peer = 11
+",
+                "inbound.max_tunnels_per_peer",
+            ),
+        ] {
+            assert_eq!(invalid_key(&inb(extra)).0, want, "{extra}");
+        }
+        let c = Config::parse(&inb("max_tunnels = 10
+"))
+        .expect("valid");
+        let i = c.inbound.expect("inbound");
+        assert_eq!((i.max_tunnels, i.max_tunnels_per_peer), (10, 10));
+    }
+
+    #[test]
+    fn the_proxys_own_ports_are_never_http_ports_nor_tunnel_targets() {
+        let base = format!(
+            "{BASE}[inbound]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:8080\"\n{{}}\n{OUT_15001}[admin]\nlisten = \"0.0.0.0:15090\"\n"
+        );
+        let cfg = |extra: &str| base.replace("{}", extra);
+        let c = Config::parse(&cfg("")).expect("valid");
+        let i = c.inbound.expect("inbound");
+        assert_eq!(i.own_ports, vec![15443, 15001, 15090]);
+        assert_eq!(i.http_ports, vec![8080]);
+        for own in [15443, 15001, 15090] {
+            let (key, msg) = invalid_key(&cfg(&format!(
+                "[[inbound.tcp]]\nport = {own}\nallow = [\"spiffe://td/*\"]\n"
+            )));
+            assert_eq!(key, "inbound.tcp[0].port");
+            assert!(msg.contains("listen port of this proxy"), "{msg}");
+            let (key, _) = invalid_key(&cfg(&format!("http_ports = [8080, {own}]\n")));
+            assert_eq!(key, "inbound.http_ports");
+        }
+        // In a policy file, the error names the file and its key.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(
+            dir.path(),
+            "[[tcp]]\nport = 15001\nallow = [\"spiffe://td/*\"]\n",
+        );
+        let (key, _) = invalid_key(&cfg(&format!(
+            "policy_file = {:?}\n",
+            path.display().to_string()
+        )));
+        assert_eq!(key, format!("{}: tcp[0].port", path.display()));
+    }
+
+    #[test]
+    fn a_port_is_either_http_or_tcp() {
+        let rule =
+            |port: u16| format!("[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://td/*\"]\n");
+        // The default http_ports: the app's port (2).
+        let (key, msg) = invalid_key(&inb(&rule(2)));
+        assert_eq!(key, "inbound.tcp[0].port");
+        assert!(msg.contains("also in inbound.http_ports"), "{msg}");
+        let (key, _) = invalid_key(&inb(&format!("http_ports = [5432]\n{}", rule(5432))));
+        assert_eq!(key, "inbound.tcp[0].port");
+        // Not an HTTP port: fine.
+        Config::parse(&inb(&format!("http_ports = [8080]\n{}", rule(2)))).expect("valid");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_policy(
+            dir.path(),
+            "[[tcp]]\nport = 2\nallow = [\"spiffe://td/*\"]\n",
+        );
+        let (key, _) = invalid_key(&inb(&format!(
+            "policy_file = {:?}\n",
+            path.display().to_string()
+        )));
+        assert_eq!(key, format!("{}: tcp[0].port", path.display()));
     }
 
     #[test]

@@ -184,8 +184,17 @@ pub struct Metrics {
 /// - `passthrough`: an outbound destination outside the mesh, connected to
 ///   directly without TLS;
 /// - `failed`: the mesh connection, the CONNECT or the app connection
-///   failed.
-pub const TCP_RESULTS: [&str; 5] = ["ok", "denied", "unmeshed_denied", "passthrough", "failed"];
+///   failed;
+/// - `limited`: an inbound tunnel refused (503) because `[inbound]
+///   max_tunnels` or `max_tunnels_per_peer` tunnels were open already.
+pub const TCP_RESULTS: [&str; 6] = [
+    "ok",
+    "denied",
+    "unmeshed_denied",
+    "passthrough",
+    "failed",
+    "limited",
+];
 
 /// `keyproof_tcp_*`: opaque TCP connections over the mesh (HTTP/2 CONNECT
 /// streams), by direction.
@@ -462,7 +471,7 @@ impl Metrics {
         let tcp_connections = IntCounterVec::new(
             Opts::new(
                 "keyproof_tcp_connections_total",
-                "Opaque TCP connections carried over the mesh, by direction and result (ok, denied, unmeshed_denied, passthrough, failed).",
+                "Opaque TCP connections carried over the mesh, by direction and result (ok, denied, unmeshed_denied, passthrough, failed, limited).",
             ),
             &["direction", "result"],
         )?;

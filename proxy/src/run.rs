@@ -283,7 +283,10 @@ pub fn reload_policy(
 ) -> Result<u64, PolicyReloadError> {
     let policy = config::parse_policy(path, text)?;
     check_policy_trust_domain(&policy, &format!("{}: ", path.display()), ours)?;
-    Ok(inbound.replace_policy(&policy)?)
+    inbound.replace_policy(&policy).map_err(|e| match e {
+        inbound::PolicyError::Ports(e) => PolicyReloadError::Config(e),
+        inbound::PolicyError::Metrics(e) => PolicyReloadError::Metrics(e),
+    })
 }
 
 /// Watches `[inbound] policy_file` (the same watcher as the identity files:

@@ -32,6 +32,9 @@ pub struct InboundConn {
     /// Where a redirected connection's requests go (`127.0.0.1:<original
     /// port>`); `None`: `[inbound] app`.
     pub app: Option<Arc<AppClient>>,
+    /// A redirected connection whose original port takes no HTTP: every
+    /// request on it but CONNECT is refused (403).
+    pub refusal: Option<PortRefusal>,
     /// The connection's activity word: a tunnel holds a stream of it for
     /// its whole life, so that the connection carrying it is not idle.
     pub activity: Activity,
@@ -40,7 +43,9 @@ pub struct InboundConn {
 impl InboundConn {
     /// The facts of a connection whose handshake verified `peer`. The
     /// channel binding and the step-up view are derived only when some
-    /// route may demand step-up (`need_exporter`). `None` when the XFCC value cannot
+    /// route may demand step-up (`need_exporter`). `redirected`: for a
+    /// connection iptables redirected, where its original port's HTTP goes
+    /// or why it goes nowhere. `None` when the XFCC value cannot
     /// be a header value, which valid SPIFFE IDs never cause.
     pub fn new(
         session: &rustls::ServerConnection,
@@ -48,9 +53,14 @@ impl InboundConn {
         remote: SocketAddr,
         own: &SpiffeId,
         need_exporter: bool,
-        app: Option<Arc<AppClient>>,
+        redirected: Option<Result<Arc<AppClient>, PortRefusal>>,
         activity: Activity,
     ) -> Option<InboundConn> {
+        let (app, refusal) = match redirected {
+            None => (None, None),
+            Some(Ok(app)) => (Some(app), None),
+            Some(Err(why)) => (None, Some(why)),
+        };
         let exporter = if need_exporter {
             keyproof_identity::tls::channel_binding(session)
         } else {
@@ -78,8 +88,38 @@ impl InboundConn {
             stepup: view,
             xfcc,
             app,
+            refusal,
             activity,
         })
+    }
+}
+
+/// Why a redirected connection's original port takes no HTTP request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortRefusal {
+    /// A listen port of this proxy (inbound, outbound, admin): forwarding
+    /// to it would let a caller act as this workload.
+    Own(u16),
+    /// Not in `[inbound] http_ports`: a loopback-only service, or a port
+    /// reachable by tunnel only.
+    NotHttp(u16),
+}
+
+impl PortRefusal {
+    /// The original port.
+    pub fn port(self) -> u16 {
+        match self {
+            PortRefusal::Own(p) | PortRefusal::NotHttp(p) => p,
+        }
+    }
+}
+
+impl std::fmt::Display for PortRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortRefusal::Own(p) => write!(f, "port {p} is a port of this workload's sidecar"),
+            PortRefusal::NotHttp(p) => write!(f, "port {p} is not an HTTP port of this workload"),
+        }
     }
 }
 
@@ -113,6 +153,7 @@ impl InboundConn {
             exporter,
             stepup,
             app: None,
+            refusal: None,
             activity: Activity::default(),
         }
     }

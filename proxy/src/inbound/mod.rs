@@ -65,11 +65,11 @@ use crate::identity::store::{self, IdentityStore, PeerIdentity};
 use crate::inbound::app::{AppAsked, AppClient, AppClients};
 use crate::inbound::audit::Audit;
 use crate::inbound::challenge::{InboundStepUp, Reason, StepUpDeps};
-use crate::inbound::conn::InboundConn;
+use crate::inbound::conn::{InboundConn, PortRefusal};
 use crate::inbound::counted::{counted, Counted};
 use crate::inbound::policy::{Decision, Policy, Route, TcpDecision};
 use crate::inbound::risk::{Failure, Now, RiskTable, Verdict};
-use crate::inbound::tunnel::{Caller, Tunnels};
+use crate::inbound::tunnel::{Caller, TunnelLimits, Tunnels};
 use crate::listener::{ConnGuards, HandshakeGate};
 use crate::metrics::{DirectionMetrics, Metrics};
 
@@ -104,7 +104,23 @@ pub struct Inbound {
     gate: Arc<HandshakeGate>,
     /// Connections past their handshake (`max_connections`).
     established: Arc<tokio::sync::Semaphore>,
+    /// `keyproof_authz_denied_total{route="own_port"}` and
+    /// `{route="not_http_port"}`: HTTP on a redirected connection refused
+    /// for its original port.
+    port_denied: [prometheus::IntCounter; 2],
     cfg: InboundConfig,
+}
+
+/// A new policy that was not taken into use.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A `tcp` rule names a port that can never be a tunnel target here
+    /// (one of `http_ports`, or a listen port of this proxy).
+    #[error(transparent)]
+    Ports(#[from] crate::config::ConfigError),
+    /// Registering the policy's metrics failed (a bug).
+    #[error("policy metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// A failure to build the inbound.
@@ -172,7 +188,12 @@ impl Inbound {
                 connect_timeout: cfg.app_connect_timeout,
                 idle: cfg.limits.idle_timeout,
                 metrics: metrics.tcp.clone(),
+                limits: TunnelLimits::new(cfg.max_tunnels, cfg.max_tunnels_per_peer),
             },
+            port_denied: [
+                metrics.authz_denied("own_port"),
+                metrics.authz_denied("not_http_port"),
+            ],
             metrics: metrics.inbound.clone(),
             all_metrics: metrics.clone(),
             builders: Builders::new(&cfg.limits),
@@ -191,7 +212,13 @@ impl Inbound {
     /// risk table's failures and lockouts carry over, and so does the
     /// per-route state of every unchanged route (see `RouteRisk`'s
     /// fingerprint). Returns the new policy's generation.
-    pub fn replace_policy(&self, cfg: &PolicyConfig) -> Result<u64, prometheus::Error> {
+    pub fn replace_policy(&self, cfg: &PolicyConfig) -> Result<u64, PolicyError> {
+        // The ports a tunnel may never reach do not change with the file.
+        let prefix = match &self.cfg.policy_file {
+            Some(f) => format!("{}: ", f.display()),
+            None => String::new(),
+        };
+        crate::config::check_tcp_ports(&prefix, cfg, &self.cfg.http_ports, &self.cfg.own_ports)?;
         let mut generation = self
             .generation
             .lock()
@@ -286,7 +313,7 @@ impl Inbound {
             _ => Proto::Detect,
         };
         let own = self.store.current();
-        let app = redirected.map(|dst| self.port_app(dst.port()));
+        let target = redirected.map(|dst| self.redirected_to(dst.port()));
         let activity: server::Activity = Arc::new(AtomicU64::new(0));
         let Some(conn) = InboundConn::new(
             session,
@@ -294,7 +321,7 @@ impl Inbound {
             remote,
             &own.id,
             self.need_exporter,
-            app,
+            target,
             activity.clone(),
         ) else {
             return;
@@ -315,6 +342,20 @@ impl Inbound {
         {
             tracing::debug!(peer = %remote, error = %e, "inbound connection ended with an error");
         }
+    }
+
+    /// Where the HTTP of a connection redirected from local `port` goes, or
+    /// why it goes nowhere: never to one of the proxy's own listeners, and
+    /// only to a port of `[inbound] http_ports` (a loopback-only service on
+    /// any other port stays local; a `tcp` rule's port takes tunnels only).
+    fn redirected_to(&self, port: u16) -> Result<Arc<AppClient>, PortRefusal> {
+        if self.cfg.own_ports.contains(&port) {
+            return Err(PortRefusal::Own(port));
+        }
+        if !self.cfg.http_ports.contains(&port) {
+            return Err(PortRefusal::NotHttp(port));
+        }
+        Ok(self.port_app(port))
     }
 
     /// The app of a connection redirected to local `port`: `[inbound] app`
@@ -368,6 +409,9 @@ impl Inbound {
     {
         if req.method() == http::Method::CONNECT {
             return Either::Left(self.tunnel(req, &conn));
+        }
+        if let Some(why) = conn.refusal {
+            return Either::Left(self.port_refused(req, &conn, why));
         }
         let mode = self.cfg.headers_with_underscores;
         let found = match owned::check_request(req.headers(), req.uri(), mode) {
@@ -464,13 +508,27 @@ impl Inbound {
                 "CONNECT is supported over HTTP/2 only\n",
             ));
         }
-        let Some(port) = tunnel::port_of(&req) else {
-            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, authority = ?req.uri().authority().map(|a| a.as_str()), "tunnel refused: CONNECT without a port");
-            return ready(text(
-                StatusCode::BAD_REQUEST,
-                "CONNECT needs an authority of the form host:port\n",
-            ));
+        let port = match tunnel::port_of(&req) {
+            Ok(p) => p,
+            Err(e) => {
+                // Counted, so that a scan shows in the metric.
+                self.tunnels
+                    .metrics
+                    .connection(crate::metrics::Direction::Inbound, "denied");
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, authority = ?req.uri().authority().map(|a| a.as_str()), reason = %e, "tunnel refused: bad CONNECT authority");
+                return ready(text(StatusCode::BAD_REQUEST, format!("{e}\n")));
+            }
         };
+        if self.cfg.own_ports.contains(&port) {
+            self.tunnels
+                .metrics
+                .connection(crate::metrics::Direction::Inbound, "denied");
+            tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, port, "tunnel refused: the port is a listen port of this sidecar");
+            return ready(text(
+                StatusCode::FORBIDDEN,
+                format!("port {port} is a port of this workload's sidecar; it is never a tunnel target\n"),
+            ));
+        }
         let decision = self
             .policy
             .load()
@@ -484,13 +542,44 @@ impl Inbound {
                 .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
             return ready(text(StatusCode::FORBIDDEN, msg));
         }
+        let permit = match self.tunnels.limits.acquire(conn.peer.id.as_str()) {
+            Ok(p) => p,
+            Err(limit) => {
+                self.tunnels
+                    .metrics
+                    .connection(crate::metrics::Direction::Inbound, "limited");
+                tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, port, "tunnel refused: {limit}");
+                return ready(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("tunnel refused: {limit}\n"),
+                ));
+            }
+        };
         let caller = Caller {
             id: conn.peer.id.to_string(),
             remote: conn.remote,
         };
         let stream = StreamGuard::start(&conn.activity);
         let this = self.clone();
-        Box::pin(async move { this.tunnels.open(req, port, caller, stream).await })
+        Box::pin(async move { this.tunnels.open(req, port, caller, stream, permit).await })
+    }
+
+    /// A request other than CONNECT on a redirected connection whose
+    /// original port takes no HTTP: 403, counted, and never forwarded.
+    #[cold]
+    fn port_refused(
+        &self,
+        req: Request<Incoming>,
+        conn: &InboundConn,
+        why: PortRefusal,
+    ) -> ResponseFuture<'static> {
+        let i = usize::from(matches!(why, PortRefusal::NotHttp(_)));
+        self.port_denied[i].inc();
+        tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, port = why.port(), method = %req.method(), "request refused: {why}");
+        Box::pin(async move {
+            drain_refused(req.into_body()).await;
+            text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n"))
+        })
     }
 
     /// A request on a step-up route: its reason to prove possession decided
@@ -724,7 +813,7 @@ mod tests {
 
     use super::Inbound;
     use crate::http::body::ProxyBody;
-    use crate::inbound::conn::InboundConn;
+    use crate::inbound::conn::{InboundConn, PortRefusal};
     use crate::metrics::Metrics;
     use crate::testing::{config, hyper_request, one_request_app, workload, Workload};
 
@@ -882,6 +971,146 @@ mod tests {
         let (req, _client) = hyper_request(b"GET /admin HTTP/1.1\r\nhost: api\r\n\r\n").await;
         let resp = inbound.clone().request(req, c).await;
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+
+    /// A listener that must never see a connection; whether one came
+    /// within `wait`.
+    async fn never_connected(wait: std::time::Duration) -> (u16, tokio::task::JoinHandle<bool>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("address").port();
+        let h = tokio::spawn(async move { tokio::time::timeout(wait, l.accept()).await.is_ok() });
+        (port, h)
+    }
+
+    /// A connection of `caller` as `Inbound::connection` makes it for one
+    /// redirected from local `port`.
+    fn redirected(
+        inbound: &Inbound,
+        caller: &Workload,
+        api: &Workload,
+        port: u16,
+    ) -> Arc<InboundConn> {
+        let mut c = InboundConn::for_tests(caller.peer(), &api.id, None);
+        match inbound.redirected_to(port) {
+            Ok(app) => c.app = Some(app),
+            Err(why) => c.refusal = Some(why),
+        }
+        Arc::new(c)
+    }
+
+    #[tokio::test]
+    async fn redirected_http_reaches_only_the_http_ports() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (app, head) = one_request_app().await;
+        // A loopback-only service (pprof, an agent) on another port.
+        let (private, seen) = never_connected(std::time::Duration::from_millis(500)).await;
+        let (inbound, m) = inbound(
+            &api,
+            "127.0.0.1:9",
+            &format!("http_ports = [{}]\n", app.port()),
+        );
+        let c = redirected(&inbound, &web, &api, private);
+        for req in [
+            &b"GET /debug/pprof HTTP/1.1\r\nhost: api\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\nhost: api\r\ncontent-length: 11\r\n\r\nflush_all\r\n"[..],
+        ] {
+            let (req, _client) = hyper_request(req).await;
+            let resp = inbound.clone().request(req, c.clone()).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            let body = body_text(resp).await;
+            assert!(
+                body.contains(&format!(
+                    "port {private} is not an HTTP port of this workload"
+                )),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            crate::testing::metric(&m, "keyproof_authz_denied_total{route=\"not_http_port\"}"),
+            2.0
+        );
+        assert!(
+            !seen.await.expect("listener task"),
+            "the private port was connected"
+        );
+        // The HTTP port is served as before.
+        let c = redirected(&inbound, &web, &api, app.port());
+        let (req, _client) = hyper_request(b"GET /x HTTP/1.1\r\nhost: api\r\n\r\n").await;
+        let resp = inbound.clone().request(req, c).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(head.await.expect("app").starts_with("GET /x "));
+    }
+
+    #[tokio::test]
+    async fn by_default_the_app_port_alone_takes_redirected_http() {
+        let api = workload(API);
+        let (inbound, _m) = inbound(&api, "127.0.0.1:8080", "");
+        assert!(Arc::ptr_eq(
+            &inbound.redirected_to(8080).expect("the app port"),
+            &inbound.app
+        ));
+        for port in [6060, 8200, 5432, 1] {
+            assert_eq!(
+                inbound.redirected_to(port).err(),
+                Some(PortRefusal::NotHttp(port))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tcp_rule_port_takes_no_plain_http_even_from_an_allowed_caller() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(std::time::Duration::from_millis(500)).await;
+        let (inbound, _m) = inbound(
+            &api,
+            "127.0.0.1:9",
+            &format!(
+                "[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://unit.keyproof.test{WEB}\"]\n"
+            ),
+        );
+        let c = redirected(&inbound, &web, &api, port);
+        let (req, _client) = hyper_request(
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 18\r\n\r\nset k 0 0 1\r\nx\r\n\r\n",
+        )
+        .await;
+        let resp = inbound.clone().request(req, c).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert!(!seen.await.expect("listener task"), "the tcp port got HTTP");
+    }
+
+    #[tokio::test]
+    async fn the_proxys_own_listeners_are_never_forwarded_to() {
+        let (api, web) = (workload(API), workload(WEB));
+        // Configured ports nothing listens on: the refusal comes first.
+        let cfg = config(
+            "[inbound]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:9\"\n\
+             [outbound]\nlisten = \"127.0.0.1:15001\"\n[admin]\nlisten = \"127.0.0.1:15090\"\n",
+        );
+        let m = Metrics::new().expect("metrics");
+        let inbound = Inbound::new(cfg.inbound.as_ref().expect("[inbound]"), api.store(), &m)
+            .expect("inbound");
+        for port in [15001, 15090, 15443] {
+            assert_eq!(
+                inbound.redirected_to(port).err(),
+                Some(PortRefusal::Own(port))
+            );
+            let c = redirected(&inbound, &web, &api, port);
+            let (req, _client) =
+                hyper_request(b"GET /x HTTP/1.1\r\nhost: pay.internal\r\n\r\n").await;
+            let resp = inbound.clone().request(req, c).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            let body = body_text(resp).await;
+            assert!(
+                body.contains(&format!("port {port} is a port of this workload's sidecar")),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            crate::testing::metric(&m, "keyproof_authz_denied_total{route=\"own_port\"}"),
+            3.0
+        );
     }
 
     #[tokio::test]

@@ -3,28 +3,52 @@
 //! becomes a connection to `127.0.0.1:<port>`, and bytes are pumped both
 //! ways until both sides are done.
 //!
+//! The authority must be `host:port` with a canonical port (1 to 5 ASCII
+//! digits, no sign, no leading zero, 1-65535) and no userinfo; anything
+//! else gets 400 (RFC 9113 section 8.5). The host part is not used: the
+//! tunnel always goes to this pod's loopback, and the authorization is by
+//! port.
+//!
 //! What the caller sees: `200` once the app accepted the connection (the
 //! stream then carries the bytes), `502` when the app refused it, `504`
-//! when it did not answer within `app_connect_timeout`. Half-close is
-//! carried: the caller's END_STREAM shuts down the app connection's write
-//! side only, and the app's FIN ends the stream's send side only; each
-//! direction keeps flowing until its own end. An error on either side
-//! closes both: the app connection is reset (`SO_LINGER` 0), and the stream
-//! ends (END_STREAM, then RST_STREAM CANCEL: hyper's upgraded stream offers
-//! no other way). A caller's RST_STREAM is an error unless its reason is
-//! NO_ERROR or CANCEL, which hyper reads as an orderly end: a caller whose
-//! own TCP peer reset sends CONNECT_ERROR (RFC 9113 section 8.5). A tunnel
-//! with no byte either way for the listener's `idle_timeout` is closed as on
-//! an error. Each tunnel is one HTTP/2 stream for its whole life (the
-//! listener's `max_concurrent_streams` bounds them per connection) and
-//! counts as a request in flight, so the connection is never idle while it
-//! lasts; on shutdown the connection sends GOAWAY and its tunnels go on
-//! until they end or the grace period does.
+//! when it did not answer within `app_connect_timeout`, `503` when
+//! `[inbound] max_tunnels` tunnels are open already, or
+//! `max_tunnels_per_peer` of the caller's own (counted `limited`; the app
+//! is never connected).
+//!
+//! What is carried, and what is not:
+//! * Half-close is carried: the caller's END_STREAM shuts down the app
+//!   connection's write side only, and the app's FIN ends the stream's send
+//!   side only (END_STREAM); each direction keeps flowing until its own
+//!   end.
+//! * Caller to app: a RST_STREAM with any reason but NO_ERROR or CANCEL
+//!   (CONNECT_ERROR, which a caller whose own TCP peer reset sends per RFC
+//!   9113 section 8.5, PROTOCOL_ERROR...), a reset or close of the mesh
+//!   connection, or a GOAWAY ending the stream reach the app as a TCP reset
+//!   (`SO_LINGER` 0). RST_STREAM NO_ERROR and CANCEL are **not** carried as
+//!   resets: hyper reads them as an orderly end, so the app sees a FIN.
+//! * App to caller: a reset of the app connection is **not** carried as a
+//!   reset. hyper's upgraded stream has no way to reset a stream, so the
+//!   caller sees END_STREAM (possibly on an empty DATA frame) followed by
+//!   RST_STREAM NO_ERROR, which RFC 9113 reads as a complete response: an
+//!   app crash looks like an orderly end to the caller.
+//! * Idle: a tunnel with no byte either way for the listener's
+//!   `idle_timeout` is closed, the app connection with a reset, the stream
+//!   as above (END_STREAM, then RST_STREAM NO_ERROR).
+//!
+//! Each tunnel is one HTTP/2 stream for its whole life (the listener's
+//! `max_concurrent_streams` bounds them per connection, `max_tunnels` and
+//! `max_tunnels_per_peer` across connections) and counts as a request in
+//! flight, so the connection is never idle while it lasts; on shutdown the
+//! connection sends GOAWAY and its tunnels go on until they end or the
+//! grace period does.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,9 +63,10 @@ use crate::http::server::StreamGuard;
 use crate::metrics::{Direction, TcpMetrics};
 
 /// Bytes read from one side before they are written to the other, each
-/// way: large enough for bulk transfers at full speed, small enough that a
-/// tunnel's buffers stay a bounded cost.
-const PUMP_BUFFER: usize = 64 * 1024;
+/// way: the pump allocates both up front, so with `max_tunnels` open this
+/// is most of their memory (32 KiB a tunnel); 16 KiB still fills a
+/// loopback connection at full speed.
+const PUMP_BUFFER: usize = 16 * 1024;
 
 /// What every tunnel of a listener shares.
 #[derive(Clone)]
@@ -52,6 +77,98 @@ pub struct Tunnels {
     pub idle: Duration,
     /// `keyproof_tcp_*`.
     pub metrics: TcpMetrics,
+    /// Tunnels open, pod-wide and per caller.
+    pub limits: Arc<TunnelLimits>,
+}
+
+/// The bound on open tunnels: `max_tunnels` in all, `max_tunnels_per_peer`
+/// per verified SPIFFE ID, so that one caller can neither exhaust the
+/// pod's file descriptors and memory nor starve the other callers.
+pub struct TunnelLimits {
+    max: usize,
+    per_peer: usize,
+    open: Mutex<OpenTunnels>,
+}
+
+#[derive(Default)]
+struct OpenTunnels {
+    total: usize,
+    /// Only callers with a tunnel open: an entry goes with its last one.
+    by_peer: HashMap<String, usize>,
+}
+
+/// Which limit refused a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    /// `max_tunnels`.
+    Total(usize),
+    /// `max_tunnels_per_peer`.
+    PerPeer(usize),
+}
+
+impl std::fmt::Display for Limited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limited::Total(n) => write!(f, "{n} tunnels are open on this workload (max_tunnels)"),
+            Limited::PerPeer(n) => write!(
+                f,
+                "{n} tunnels of this caller are open on this workload (max_tunnels_per_peer)"
+            ),
+        }
+    }
+}
+
+/// One open tunnel's place in [`TunnelLimits`], given back on drop.
+pub struct TunnelPermit {
+    limits: Arc<TunnelLimits>,
+    peer: String,
+}
+
+impl TunnelLimits {
+    /// At most `max` tunnels, `per_peer` of them per caller.
+    pub fn new(max: usize, per_peer: usize) -> Arc<TunnelLimits> {
+        Arc::new(TunnelLimits {
+            max,
+            per_peer,
+            open: Mutex::new(OpenTunnels::default()),
+        })
+    }
+
+    /// A place for one more tunnel of `peer`, or which limit it is at.
+    pub fn acquire(self: &Arc<Self>, peer: &str) -> Result<TunnelPermit, Limited> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.total >= self.max {
+            return Err(Limited::Total(self.max));
+        }
+        let mine = open.by_peer.get(peer).copied().unwrap_or(0);
+        if mine >= self.per_peer {
+            return Err(Limited::PerPeer(self.per_peer));
+        }
+        open.total += 1;
+        *open.by_peer.entry(peer.to_owned()).or_insert(0) += 1;
+        Ok(TunnelPermit {
+            limits: self.clone(),
+            peer: peer.to_owned(),
+        })
+    }
+
+    /// Tunnels open now (all callers).
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+impl Drop for TunnelPermit {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Who opened a tunnel, for the log.
@@ -62,13 +179,40 @@ pub struct Caller {
     pub remote: SocketAddr,
 }
 
-/// The port of a CONNECT request's authority (`host:port`); `None` when
-/// it names no port (or port 0).
-pub fn port_of(req: &Request<Incoming>) -> Option<u16> {
-    req.uri()
-        .authority()
-        .and_then(|a| a.port_u16())
-        .filter(|p| *p != 0)
+/// Why a CONNECT's authority was refused (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadAuthority {
+    /// No authority, or no `:port` in it.
+    #[error("CONNECT needs an authority of the form host:port")]
+    NoPort,
+    /// `user@host:port`: RFC 9113 section 8.5 allows host and port only.
+    #[error("a CONNECT authority carries no userinfo (host:port only)")]
+    UserInfo,
+    /// Not 1 to 5 ASCII digits without a leading zero, or out of 1-65535.
+    #[error("the CONNECT port must be 1-65535 in decimal digits, without sign or leading zero")]
+    BadPort,
+}
+
+/// The port of a CONNECT request's authority (`host:port`), strictly:
+/// a canonical decimal port and no userinfo, so that one port has one
+/// spelling (the same as the rules and the `redirect` flags accept).
+pub fn port_of(req: &Request<Incoming>) -> Result<u16, BadAuthority> {
+    parse_port(req.uri().authority().map(|a| a.as_str()))
+}
+
+fn parse_port(authority: Option<&str>) -> Result<u16, BadAuthority> {
+    let a = authority.ok_or(BadAuthority::NoPort)?;
+    if a.contains('@') {
+        return Err(BadAuthority::UserInfo);
+    }
+    let (_, port) = a.rsplit_once(':').ok_or(BadAuthority::NoPort)?;
+    if port.is_empty() {
+        return Err(BadAuthority::NoPort);
+    }
+    if port.len() > 5 || port.starts_with('0') || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(BadAuthority::BadPort);
+    }
+    port.parse::<u16>().map_err(|_| BadAuthority::BadPort)
 }
 
 impl Tunnels {
@@ -82,6 +226,7 @@ impl Tunnels {
         port: u16,
         caller: Caller,
         stream: StreamGuard,
+        permit: TunnelPermit,
     ) -> Response<ProxyBody> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
@@ -112,6 +257,7 @@ impl Tunnels {
         let this = self.clone();
         tokio::spawn(async move {
             let _stream = stream;
+            let _permit = permit;
             // Resolves once hyper has sent the 200 below.
             match hyper::upgrade::on(req).await {
                 Ok(up) => this.pump(TokioIo::new(up), app, &caller, port).await,
@@ -739,6 +885,210 @@ mod tests {
         .await
         .expect("the stream was reset");
         assert!(reason.is_ok(), "{reason:?}");
+    }
+
+    /// [`connect`] with the `:authority` given as is.
+    async fn connect_to(
+        send: &mut h2::client::SendRequest<Bytes>,
+        authority: &str,
+    ) -> (StatusCode, String) {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .expect("request");
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, _stream) = ready.send_request(req, false).expect("send CONNECT");
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("answer in time")
+            .expect("answer, not a reset");
+        let status = resp.status();
+        let text = read_all(&mut resp.into_body()).await;
+        (status, String::from_utf8_lossy(&text).into_owned())
+    }
+
+    #[test]
+    fn connect_ports_are_parsed_strictly() {
+        use super::{parse_port, BadAuthority};
+        for (a, want) in [
+            ("x:5432", Ok(5432)),
+            ("127.0.0.1:1", Ok(1)),
+            ("[::1]:65535", Ok(65535)),
+            ("x:+5432", Err(BadAuthority::BadPort)),
+            ("x:-1", Err(BadAuthority::BadPort)),
+            ("x:05432", Err(BadAuthority::BadPort)),
+            ("x:00000000000000025432", Err(BadAuthority::BadPort)),
+            ("x:0", Err(BadAuthority::BadPort)),
+            ("x:65536", Err(BadAuthority::BadPort)),
+            ("x:99999", Err(BadAuthority::BadPort)),
+            ("x:123456", Err(BadAuthority::BadPort)),
+            ("x:0x6338", Err(BadAuthority::BadPort)),
+            ("x:5432 ", Err(BadAuthority::BadPort)),
+            ("x:\u{0665}", Err(BadAuthority::BadPort)),
+            ("u@x:5432", Err(BadAuthority::UserInfo)),
+            ("user:pw@x:5432", Err(BadAuthority::UserInfo)),
+            ("x", Err(BadAuthority::NoPort)),
+            ("x:", Err(BadAuthority::NoPort)),
+            ("[::1]", Err(BadAuthority::BadPort)),
+        ] {
+            assert_eq!(parse_port(Some(a)), want, "{a:?}");
+        }
+        assert_eq!(parse_port(None), Err(BadAuthority::NoPort));
+    }
+
+    #[tokio::test]
+    async fn non_canonical_connect_authorities_get_400_and_never_connect() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_secs(1)).await;
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = client(&web, addr).await;
+        let forms = [
+            format!("x:+{port}"),
+            format!("x:0{port}"),
+            format!("x:00000000000000{port}"),
+            format!("u@x:{port}"),
+            format!("user:pw@x:{port}"),
+            "x:0".to_owned(),
+            "x:65536".to_owned(),
+        ];
+        for a in &forms {
+            let (status, body) = connect_to(&mut h2, a).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{a}: {body}");
+        }
+        assert_eq!(tcp(&m, "denied"), forms.len() as f64);
+        assert_eq!(tcp(&m, "ok"), 0.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_to_a_port_of_the_sidecar_is_refused() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, seen) = never_connected(Duration::from_millis(500)).await;
+        let rest = format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, body) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body
+            .expect_err("a refusal")
+            .contains(&format!("port {port} is a port of this workload's sidecar")),);
+        assert_eq!(tcp(&m, "denied"), 1.0);
+        assert!(
+            !seen.await.expect("listener task"),
+            "the sidecar's port was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_naming_an_http_port_or_an_own_port_is_refused() {
+        let (api, web) = (workload(API), workload(WEB));
+        let (admin, _) = never_connected(Duration::from_millis(10)).await;
+        let rest = format!("http_ports = [8080]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+        let (addr, _m, _stop, inbound) = serve_inbound(&api, &rest).await;
+        for port in [8080, admin] {
+            let file = format!("[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
+            let policy = crate::config::parse_policy(std::path::Path::new("p.toml"), &file)
+                .expect("valid on its own");
+            let e = inbound.replace_policy(&policy).expect_err("refused");
+            assert!(e.to_string().contains("tcp[0].port"), "{e}");
+        }
+        // Still the startup policy: no tunnel anywhere.
+        let mut h2 = client(&web, addr).await;
+        let (status, _) = connect(&mut h2, 8080).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    /// An app on loopback that takes any number of connections, echoes
+    /// each until EOF then closes it; the number accepted so far.
+    async fn counting_echo_app() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("app address").port();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tcp.read(&mut buf).await {
+                        if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = tcp.shutdown().await;
+                });
+            }
+        });
+        (port, n)
+    }
+
+    #[tokio::test]
+    async fn max_tunnels_bounds_the_open_tunnels_of_the_pod() {
+        let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
+        let (port, accepted) = counting_echo_app().await;
+        let rest = format!(
+            "max_tunnels = 2\nmax_tunnels_per_peer = 2\n{}",
+            tcp_rule(port, "/ns/*")
+        );
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (s1, t1) = connect(&mut h2, port).await;
+        let (s2, _t2) = connect(&mut h2, port).await;
+        assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+        // Any caller, any connection: the bound is the pod's.
+        let mut other = client(&ops, addr).await;
+        let (status, body) = connect(&mut other, port).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.expect_err("a refusal").contains("max_tunnels"));
+        assert_eq!(tcp(&m, "limited"), 1.0);
+        assert_eq!(tcp(&m, "ok"), 2.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // One ends: its place is free again.
+        let (mut tx, mut rx) = t1.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"x"), true).expect("end");
+        assert_eq!(read_all(&mut rx).await, b"x");
+        let mut freed = false;
+        for _ in 0..100 {
+            let (status, _) = connect(&mut other, port).await;
+            if status == StatusCode::OK {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(freed, "the ended tunnel's place was never given back");
+    }
+
+    #[tokio::test]
+    async fn max_tunnels_per_peer_bounds_one_caller_only() {
+        let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
+        let (port, accepted) = counting_echo_app().await;
+        let rest = format!(
+            "max_tunnels = 10\nmax_tunnels_per_peer = 1\n{}",
+            tcp_rule(port, "/ns/*")
+        );
+        let (addr, m, _stop) = serve(&api, &rest).await;
+        let mut h2 = client(&web, addr).await;
+        let (status, _t1) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        // A second connection of the same identity counts as the same caller.
+        let mut again = client(&web, addr).await;
+        let (status, body) = connect(&mut again, port).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body
+            .expect_err("a refusal")
+            .contains("max_tunnels_per_peer"));
+        assert_eq!(tcp(&m, "limited"), 1.0);
+        let mut other = client(&ops, addr).await;
+        let (status, _t2) = connect(&mut other, port).await;
+        assert_eq!(status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
