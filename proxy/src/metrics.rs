@@ -330,7 +330,7 @@ impl Metrics {
         let authz_denied = IntCounterVec::new(
             Opts::new(
                 "keyproof_authz_denied_total",
-                "Inbound requests refused by route policy, by route path_prefix (or default).",
+                "Inbound requests refused by route policy, by route path_prefix (or default; own_port and not_http_port for redirected connections to a port of the sidecar itself or not in http_ports).",
             ),
             &["route"],
         )?;
