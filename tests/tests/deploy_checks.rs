@@ -1568,7 +1568,7 @@ fn root_readme_runs_the_zero_touch_path() {
         "/.well-known/openid-configuration",
         "kubectl apply -k deploy/kubernetes/base",
         "keyproof.io/mesh=enabled",
-        "kubectl apply -k deploy/kubernetes/example\n",
+        "kubectl apply -k deploy/kubernetes/example-transparent\n",
         "rollout status deploy/web",
     ] {
         let i = section[at..]
@@ -1578,7 +1578,7 @@ fn root_readme_runs_the_zero_touch_path() {
     }
     // Between applying the example and it being ready: nothing to do.
     let deploy_step = section
-        .find("kubectl apply -k deploy/kubernetes/example\n")
+        .find("kubectl apply -k deploy/kubernetes/example-transparent\n")
         .unwrap();
     let base_step = section
         .find("kubectl apply -k deploy/kubernetes/base")
