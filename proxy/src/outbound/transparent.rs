@@ -61,17 +61,31 @@ impl Outbound {
                 None => self.unmeshed(tcp, dst).await,
             },
             Protocol::Http1 => {
-                let host = detect::peek_host(
+                let peek = detect::peek_host(
                     &tcp,
                     self.cfg.limits.header_read_timeout,
                     self.cfg.limits.max_header_bytes,
-                )
-                .await;
-                if table
-                    .rules()
-                    .for_host(&candidates, host.as_deref())
-                    .is_none()
-                {
+                );
+                let head = tokio::select! {
+                    h = peek => h,
+                    _ = crate::http::server::stopped(&mut shutdown) => return,
+                };
+                let host = match &head {
+                    detect::Head::Complete(host) => host.as_deref(),
+                    detect::Head::Unreadable => None,
+                };
+                if table.rules().for_host(&candidates, host).is_none() {
+                    if head == detect::Head::Unreadable {
+                        // Its Host unknown, this HTTP may be bound for a
+                        // meshed name: passed through, it would cross the
+                        // network in plain text. A host-less rule would
+                        // have taken it (its server answers the bad head).
+                        self.all_metrics
+                            .tcp
+                            .connection(Direction::Outbound, "failed");
+                        tracing::info!(peer = %remote, %dst, "HTTP request head unreadable (too large, too many fields, malformed or too slow): refused rather than passed through in plain text");
+                        return reset(tcp);
+                    }
                     // Nothing was consumed: a passthrough sends it all.
                     return self.unmeshed(tcp, dst).await;
                 }
@@ -409,6 +423,110 @@ mod tests {
         let req = b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n";
         assert_eq!(exchange(&mut c, req).await, req);
         assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+
+    /// A plain TCP server that records everything it receives and answers
+    /// nothing.
+    async fn recording_server() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        record.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A request head with `fields` fields (Host last, after a secret).
+    fn head_with(fields: usize, host: &str) -> Vec<u8> {
+        let mut s = String::from("GET / HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n");
+        for i in 2..fields {
+            s += &format!("X-F{i}: v\r\n");
+        }
+        (s + &format!("Host: {host}\r\nConnection: close\r\n\r\n")).into_bytes()
+    }
+
+    #[tokio::test]
+    async fn http_whose_host_cannot_be_read_is_never_sent_in_plain_text() {
+        // The rule names hosts only: a head the peek cannot read must not
+        // pass through, since its Host may well be meshed.
+        let (plain, seen) = recording_server().await;
+        let rule = "[[outbound.upstreams]]\nhost = \"*.{ns}.svc\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/api\"\n";
+        let (o, m) = outbound(&format!(
+            "header_read_timeout = \"300ms\"\nmax_header_bytes = 8192\n{rule}"
+        ));
+        let refused = |req: Vec<u8>| {
+            let o = o.clone();
+            async move {
+                let mut c = redirected(&o, plain).await;
+                let _ = c.write_all(&req).await;
+                let mut got = Vec::new();
+                let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+                    .await
+                    .expect("not closed");
+                assert!(got.is_empty());
+            }
+        };
+        // More fields than the HTTP/1 server takes.
+        refused(head_with(130, "web.demo.svc")).await;
+        // Larger than max_header_bytes.
+        let mut big = head_with(4, "web.demo.svc");
+        big.splice(
+            16..16,
+            b"X-Big: "
+                .iter()
+                .chain(&[b'a'; 9000])
+                .chain(b"\r\n")
+                .copied(),
+        );
+        refused(big).await;
+        // Malformed.
+        refused(b"GET / HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nBad Field\r\n\r\n".to_vec())
+            .await;
+        // Too slow: the head never ends.
+        refused(b"GET / HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n".to_vec()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !String::from_utf8_lossy(&seen.lock().unwrap()).contains("s3cret"),
+            "a request head went out in plain text"
+        );
+        assert_eq!(tcp_result(&m, "passthrough"), 0.0);
+        assert_eq!(tcp_result(&m, "failed"), 4.0);
+
+        // As many fields as the HTTP/1 server takes: meshed by its Host.
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(&mut c, &head_with(120, "web.demo.svc")).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_head_goes_to_a_host_less_rule() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(&mut c, &head_with(130, "web.demo.svc")).await;
+        let text = String::from_utf8_lossy(&got);
+        // The outbound's own HTTP/1 server refuses the head.
+        assert!(text.starts_with("HTTP/1.1 4"), "{text}");
+        assert_eq!(tcp_result(&m, "passthrough"), 0.0);
     }
 
     /// Runs `cmd` (a program and its arguments); its failure message.
