@@ -4,15 +4,37 @@
 //! upstream, opaque TCP through an HTTP/2 `CONNECT` tunnel on the same
 //! mesh connection, and destinations outside the mesh are passed through
 //! in plain TCP or refused (`[outbound] unmeshed`).
+//!
+//! An HTTP/1 connection whose first head cannot be read (too large, too
+//! many fields, malformed, or too slow) is refused and counted `failed`,
+//! unless a host-less rule takes it: passed through, it would cross the
+//! network in plain text although its Host may be meshed.
+//!
+//! Resets in a tunnel: an app that resets (or any local error) resets the
+//! stream with `CONNECT_ERROR`, which the peer's inbound turns into a reset
+//! of its app connection; a stream the peer resets resets the app's socket
+//! (`SO_LINGER` 0), noticed even while the app is silent. Known limitation:
+//! when the peer's app resets, the inbound today sends END_STREAM and only
+//! then RST_STREAM (hyper's upgraded stream has no bare reset), so the app
+//! here first reads a clean end of data (FIN), and sees the reset only on
+//! its next write. A tunnel or passthrough with no byte either way for the
+//! listener's `idle_timeout` is closed (the stream cancelled, the app's
+//! connection closed without a reset).
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Unmeshed;
+use crate::http::mesh_client::idle_watch;
 use crate::metrics::Direction;
 use crate::outbound::detect::{self, Protocol};
 use crate::outbound::rules::Captures;
@@ -159,11 +181,15 @@ impl Outbound {
         };
         tcp_metrics.connection(Direction::Outbound, "ok");
         let (rd, wr) = tcp.split();
-        let end = tunnel.pump(rd, wr).await;
+        let end = tunnel.pump(rd, wr, self.cfg.limits.idle_timeout).await;
         tcp_metrics.bytes(Direction::Outbound, end.sent, end.received);
         if let Some(why) = end.error {
+            // A reset on the mesh side reaches the app as a reset, not as a
+            // clean end it could take for complete data.
             tracing::debug!(%dst, error = %why, "TCP tunnel reset");
             reset(tcp);
+        } else if end.idle {
+            tracing::debug!(%dst, "TCP tunnel idle: closed");
         }
     }
 
@@ -209,16 +235,75 @@ impl Outbound {
                 };
                 tcp_metrics.connection(Direction::Outbound, "passthrough");
                 let _ = server.set_nodelay(true);
-                let (up, down) = match tokio::io::copy_bidirectional(&mut tcp, &mut server).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::debug!(%dst, error = %e, "passthrough ended with an error");
-                        (0, 0)
-                    }
+                let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+                let mut app = Counted {
+                    io: &mut tcp,
+                    read: &up,
                 };
-                tcp_metrics.bytes(Direction::Outbound, up, down);
+                let mut peer = Counted {
+                    io: &mut server,
+                    read: &down,
+                };
+                let idle = self.cfg.limits.idle_timeout;
+                let outcome = tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut app, &mut peer) => Some(r),
+                    () = idle_watch(idle, &up, &down) => None,
+                };
+                tcp_metrics.bytes(Direction::Outbound, up.into_inner(), down.into_inner());
+                match outcome {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        // One side failed or reset: the other must not
+                        // take the end for a clean one.
+                        tracing::debug!(%dst, error = %e, "passthrough ended with an error");
+                        reset(tcp);
+                        reset(server);
+                    }
+                    None => tracing::debug!(%dst, "passthrough idle: closed"),
+                }
             }
         }
+    }
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<'a> {
+    io: &'a mut TcpStream,
+    read: &'a AtomicU64,
+}
+
+impl AsyncRead for Counted<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let n = buf.filled().len() - before;
+            this.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Counted<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -527,6 +612,36 @@ mod tests {
         // The outbound's own HTTP/1 server refuses the head.
         assert!(text.starts_with("HTTP/1.1 4"), "{text}");
         assert_eq!(tcp_result(&m, "passthrough"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_passthrough_is_closed_and_its_bytes_counted() {
+        let (plain, _conns) = echo_server().await;
+        let (o, m) = outbound(&format!(
+            "idle_timeout = \"200ms\"\n[[outbound.upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, plain).await;
+        c.write_all(b"\x16\x03\x01hi").await.unwrap();
+        let mut echo = [0u8; 5];
+        c.read_exact(&mut echo).await.unwrap();
+        // Silent from here, both ways: closed after the idle timeout.
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+            .await
+            .expect("an idle passthrough stays open")
+            .unwrap();
+        assert!(rest.is_empty());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let bytes = |way: &str| {
+            metric(
+                &m,
+                &format!("keyproof_tcp_bytes_total{{direction=\"outbound\",way=\"{way}\"}}"),
+            )
+        };
+        assert_eq!(
+            (bytes("client_to_server"), bytes("server_to_client")),
+            (5.0, 5.0)
+        );
     }
 
     /// Runs `cmd` (a program and its arguments); its failure message.
