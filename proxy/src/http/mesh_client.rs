@@ -10,7 +10,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -46,6 +46,9 @@ struct Shared {
     /// tell whether the connection is in use (a count, not a clock read per
     /// request).
     sent: AtomicU64,
+    /// Tunnels open on the connection: each holds a stream for its whole
+    /// life.
+    tunnels: AtomicUsize,
 }
 
 /// A request the connection refused before anything of it was sent (the
@@ -79,6 +82,7 @@ impl MeshSender {
         let shared = Arc::new(Shared {
             closed: AtomicBool::new(false),
             sent: AtomicU64::new(0),
+            tunnels: AtomicUsize::new(0),
         });
         let ping = conn.ping_pong();
         tokio::spawn(drive(conn, ping, shared.clone()));
@@ -88,6 +92,20 @@ impl MeshSender {
     /// Whether the connection has ended (new requests need a new one).
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Relaxed)
+    }
+
+    /// Whether one more tunnel fits: tunnels may take three quarters of the
+    /// peer's concurrent streams, the rest stays for requests. Beyond it, a
+    /// new `CONNECT` would wait in h2's queue until another tunnel ends,
+    /// which may be never.
+    pub fn has_tunnel_room(&self) -> bool {
+        let max = self.send.current_max_send_streams();
+        self.shared.tunnels.load(Ordering::Relaxed) < max - max / 4
+    }
+
+    /// Whether `self` and `other` send on the same connection.
+    pub fn same_connection(&self, other: &MeshSender) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Sends `req` (HTTP/2 form: scheme and authority in the URI) and waits
@@ -210,6 +228,7 @@ impl MeshSender {
             .body(())
             .map_err(|_| TunnelError::Authority(authority.to_owned()))?;
         shared.sent.fetch_add(1, Ordering::Relaxed);
+        let slot = TunnelSlot::take(&shared);
         let (response, stream) = send.send_request(req, false).map_err(|e| {
             if e.is_go_away() || e.is_io() {
                 shared.closed.store(true, Ordering::Relaxed);
@@ -223,6 +242,7 @@ impl MeshSender {
         Ok(Tunnel {
             send: stream,
             recv: resp.into_body(),
+            _slot: slot,
         })
     }
 }
@@ -241,10 +261,36 @@ pub enum TunnelError {
     Refused(http::StatusCode),
 }
 
+impl TunnelError {
+    /// Whether the peer refused the stream before processing it
+    /// (`REFUSED_STREAM`: at its stream limit, or going away): always
+    /// safe to retry on another connection.
+    pub fn is_refused_stream(&self) -> bool {
+        matches!(self, TunnelError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
+}
+
+/// A tunnel's count on its connection, for as long as it lives.
+struct TunnelSlot(Arc<Shared>);
+
+impl TunnelSlot {
+    fn take(shared: &Arc<Shared>) -> TunnelSlot {
+        shared.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelSlot(shared.clone())
+    }
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An open `CONNECT` stream, to be pumped to and from a TCP connection.
 pub struct Tunnel {
     send: h2::SendStream<Bytes>,
     recv: h2::RecvStream,
+    _slot: TunnelSlot,
 }
 
 /// What a pumped tunnel carried, and how it ended.
@@ -288,7 +334,11 @@ impl Tunnel {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let Tunnel { mut send, mut recv } = self;
+        let Tunnel {
+            mut send,
+            mut recv,
+            _slot,
+        } = self;
         let sent = AtomicU64::new(0);
         let received = AtomicU64::new(0);
         let up = tunnel_up(&mut rd, &mut send, &sent);

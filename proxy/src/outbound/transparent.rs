@@ -144,9 +144,11 @@ impl Outbound {
         };
         let authority = dst.to_string();
         let mut tunnel = None;
-        // Once more on a fresh connection if the one in hand was closing.
+        let mut refused_by = None;
+        // Once more on another connection if the one in hand was closing
+        // or refused the stream.
         for _ in 0..2 {
-            let send = match up.h2.sender().await {
+            let send = match up.h2.tunnel_sender(refused_by.as_ref()).await {
                 Ok((send, _)) => send,
                 Err(e) => {
                     tcp_metrics.connection(Direction::Outbound, "failed");
@@ -154,29 +156,43 @@ impl Outbound {
                     return reset(tcp);
                 }
             };
-            let closed = send.clone();
-            match send.connect(&authority).await {
-                Ok(t) => {
+            let this = send.clone();
+            // The peer answers once its app accepted or refused (bounded by
+            // its own app_connect_timeout): a peer that never does must not
+            // hold the app for ever.
+            let answer = tokio::time::timeout(self.cfg.connect_timeout, send.connect(&authority));
+            match answer.await {
+                Ok(Ok(t)) => {
                     tunnel = Some(t);
                     break;
                 }
-                Err(crate::http::mesh_client::TunnelError::Refused(status)) => {
+                Ok(Err(crate::http::mesh_client::TunnelError::Refused(status))) => {
                     tcp_metrics.connection(Direction::Outbound, "denied");
                     tracing::info!(upstream = %up.cfg.address, %dst, %status, "TCP tunnel refused by the peer");
                     return reset(tcp);
                 }
-                Err(e) if closed.is_closed() => {
+                Ok(Err(e)) if e.is_refused_stream() => {
+                    tracing::info!(upstream = %up.cfg.address, %dst, "TCP tunnel: the mesh connection refused the stream (at the peer's stream limit?); trying another connection");
+                    refused_by = Some(this);
+                }
+                Ok(Err(e)) if this.is_closed() => {
                     tracing::debug!(upstream = %up.cfg.address, %dst, error = %e, "TCP tunnel: mesh connection closing; trying a fresh one");
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tcp_metrics.connection(Direction::Outbound, "failed");
                     tracing::warn!(upstream = %up.cfg.address, %dst, error = %e, "TCP tunnel failed");
+                    return reset(tcp);
+                }
+                Err(_) => {
+                    tcp_metrics.connection(Direction::Outbound, "failed");
+                    tracing::warn!(upstream = %up.cfg.address, %dst, timeout = ?self.cfg.connect_timeout, "TCP tunnel: the peer did not answer the CONNECT in time");
                     return reset(tcp);
                 }
             }
         }
         let Some(tunnel) = tunnel else {
             tcp_metrics.connection(Direction::Outbound, "failed");
+            tracing::warn!(upstream = %up.cfg.address, %dst, "TCP tunnel: no connection to the peer would take the stream");
             return reset(tcp);
         };
         tcp_metrics.connection(Direction::Outbound, "ok");
@@ -642,6 +658,67 @@ mod tests {
             (bytes("client_to_server"), bytes("server_to_client")),
             (5.0, 5.0)
         );
+    }
+
+    #[tokio::test]
+    async fn tunnels_beyond_the_peers_stream_limit_go_on_another_connection() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::ConnectMax(4)]).await;
+        let (o, m) = outbound(&format!(
+            "opaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n",
+            mesh.port()
+        ));
+        // Long-lived tunnels, all open at once: more than one connection
+        // takes.
+        let mut open = Vec::new();
+        for i in 0..7u8 {
+            let mut c = redirected(&o, mesh).await;
+            c.write_all(&[i]).await.unwrap();
+            let mut b = [0u8; 1];
+            tokio::time::timeout(WAIT, c.read_exact(&mut b))
+                .await
+                .expect("a tunnel beyond the stream limit never opened")
+                .unwrap();
+            assert_eq!(b, [i]);
+            open.push(c);
+        }
+        assert_eq!(tcp_result(&m, "ok"), 7.0);
+        let mut conns = Vec::new();
+        while let Ok(a) = accepted.try_recv() {
+            conns.push(a);
+        }
+        assert!(conns.len() >= 2, "{} connections", conns.len());
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_retried_on_another_connection() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) =
+            mesh_server(&api, &[b"h2"], vec![Serve::Refuse, Serve::Connect]).await;
+        let (o, m) = outbound(&format!(
+            "opaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n",
+            mesh.port()
+        ));
+        let mut c = redirected(&o, mesh).await;
+        assert_eq!(exchange(&mut c, b"again").await, b"again");
+        assert_eq!(tcp_result(&m, "ok"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_connect_the_peer_never_answers_fails_in_time() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Silent]).await;
+        let (o, m) = outbound(&format!(
+            "connect_timeout = \"300ms\"\nopaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n",
+            mesh.port()
+        ));
+        let mut c = redirected(&o, mesh).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("the app waits for ever");
+        assert!(got.is_empty());
+        assert_eq!(tcp_result(&m, "failed"), 1.0);
     }
 
     /// Runs `cmd` (a program and its arguments); its failure message.
