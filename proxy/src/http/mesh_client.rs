@@ -326,9 +326,9 @@ impl Tunnel {
     /// `shutdown()` of `wr`). An error on the local side (a reset app)
     /// resets the stream with `CONNECT_ERROR` (RFC 9113 §8.5), which the
     /// peer carries on as a reset of its own TCP side. A reset from the
-    /// peer is noticed even while the local side is silent, and ends the
-    /// pump with an error, for the caller to reset the local side; except
-    /// `NO_ERROR`, the peer asking for no more data once its side ended.
+    /// peer, whatever its reason, is noticed even while the local side is
+    /// silent, and ends the pump with an error, for the caller to reset the
+    /// local side. Once both ways ended cleanly, nothing is watched.
     pub async fn pump<R, W>(self, mut rd: R, mut wr: W, idle: Duration) -> TunnelEnd
     where
         R: AsyncRead + Unpin,
@@ -382,11 +382,13 @@ pub(crate) async fn idle_watch(idle: Duration, sent: &AtomicU64, received: &Atom
     }
 }
 
-/// How `tunnel_up` ends on a reset from the peer.
+/// How `tunnel_up` ends on a reset from the peer: with an error whatever
+/// the reason, `NO_ERROR` included. The local side still sending, the
+/// peer will take none of it: over TCP, a close with data still arriving
+/// is answered with a reset too. (The inbound sends END_STREAM then
+/// RST_STREAM `NO_ERROR` or `CANCEL` when its app resets.)
 fn peer_reset(r: Result<h2::Reason, h2::Error>) -> Result<(), String> {
     match r {
-        // The peer wants no more data: this way is over, without failure.
-        Ok(h2::Reason::NO_ERROR) => Ok(()),
         Ok(reason) => Err(format!("the peer reset the tunnel ({reason})")),
         Err(e) => Err(e.to_string()),
     }
@@ -1331,30 +1333,33 @@ mod tests {
         // What the inbound sends when its app resets: END_STREAM, then
         // RST_STREAM. The app here keeps its side open and says nothing.
         use tokio::io::AsyncReadExt;
-        let end_then_reset = |_req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| async move {
-            let resp = http::Response::builder().status(200).body(()).unwrap();
-            let mut send = respond.send_response(resp, false).unwrap();
-            let _ = send.send_data(Bytes::from_static(b"rows"), true);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            send.send_reset(h2::Reason::CANCEL);
-            std::future::pending::<()>().await;
-        };
-        let (mesh, _stop) = connect(end_then_reset).await;
-        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
-        let (mut app, local) = tokio::io::duplex(4096);
-        let (rd, wr) = tokio::io::split(local);
-        let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
-        let mut got = Vec::new();
-        tokio::time::timeout(WAIT, app.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, b"rows");
-        let end = tokio::time::timeout(WAIT, pump)
-            .await
-            .expect("the reset went unnoticed")
-            .unwrap();
-        assert!(end.error.is_some(), "{end:?}");
+        for reason in [h2::Reason::CANCEL, h2::Reason::NO_ERROR] {
+            let end_then_reset =
+                move |_req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| async move {
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    let mut send = respond.send_response(resp, false).unwrap();
+                    let _ = send.send_data(Bytes::from_static(b"rows"), true);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    send.send_reset(reason);
+                    std::future::pending::<()>().await;
+                };
+            let (mesh, _stop) = connect(end_then_reset).await;
+            let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+            let (mut app, local) = tokio::io::duplex(4096);
+            let (rd, wr) = tokio::io::split(local);
+            let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
+            let mut got = Vec::new();
+            tokio::time::timeout(WAIT, app.read_to_end(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, b"rows");
+            let end = tokio::time::timeout(WAIT, pump)
+                .await
+                .expect("the reset went unnoticed")
+                .unwrap();
+            assert!(end.error.is_some(), "{reason:?}: {end:?}");
+        }
     }
 
     #[tokio::test]
