@@ -10,7 +10,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -46,6 +46,9 @@ struct Shared {
     /// tell whether the connection is in use (a count, not a clock read per
     /// request).
     sent: AtomicU64,
+    /// Tunnels open on the connection: each holds a stream for its whole
+    /// life.
+    tunnels: AtomicUsize,
 }
 
 /// A request the connection refused before anything of it was sent (the
@@ -79,6 +82,7 @@ impl MeshSender {
         let shared = Arc::new(Shared {
             closed: AtomicBool::new(false),
             sent: AtomicU64::new(0),
+            tunnels: AtomicUsize::new(0),
         });
         let ping = conn.ping_pong();
         tokio::spawn(drive(conn, ping, shared.clone()));
@@ -88,6 +92,20 @@ impl MeshSender {
     /// Whether the connection has ended (new requests need a new one).
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Relaxed)
+    }
+
+    /// Whether one more tunnel fits: tunnels may take three quarters of the
+    /// peer's concurrent streams, the rest stays for requests. Beyond it, a
+    /// new `CONNECT` would wait in h2's queue until another tunnel ends,
+    /// which may be never.
+    pub fn has_tunnel_room(&self) -> bool {
+        let max = self.send.current_max_send_streams();
+        self.shared.tunnels.load(Ordering::Relaxed) < max - max / 4
+    }
+
+    /// Whether `self` and `other` send on the same connection.
+    pub fn same_connection(&self, other: &MeshSender) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Sends `req` (HTTP/2 form: scheme and authority in the URI) and waits
@@ -210,6 +228,7 @@ impl MeshSender {
             .body(())
             .map_err(|_| TunnelError::Authority(authority.to_owned()))?;
         shared.sent.fetch_add(1, Ordering::Relaxed);
+        let slot = TunnelSlot::take(&shared);
         let (response, stream) = send.send_request(req, false).map_err(|e| {
             if e.is_go_away() || e.is_io() {
                 shared.closed.store(true, Ordering::Relaxed);
@@ -223,6 +242,7 @@ impl MeshSender {
         Ok(Tunnel {
             send: stream,
             recv: resp.into_body(),
+            _slot: slot,
         })
     }
 }
@@ -241,10 +261,36 @@ pub enum TunnelError {
     Refused(http::StatusCode),
 }
 
+impl TunnelError {
+    /// Whether the peer refused the stream before processing it
+    /// (`REFUSED_STREAM`: at its stream limit, or going away): always
+    /// safe to retry on another connection.
+    pub fn is_refused_stream(&self) -> bool {
+        matches!(self, TunnelError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
+}
+
+/// A tunnel's count on its connection, for as long as it lives.
+struct TunnelSlot(Arc<Shared>);
+
+impl TunnelSlot {
+    fn take(shared: &Arc<Shared>) -> TunnelSlot {
+        shared.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelSlot(shared.clone())
+    }
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An open `CONNECT` stream, to be pumped to and from a TCP connection.
 pub struct Tunnel {
     send: h2::SendStream<Bytes>,
     recv: h2::RecvStream,
+    _slot: TunnelSlot,
 }
 
 /// What a pumped tunnel carried, and how it ended.
@@ -254,45 +300,97 @@ pub struct TunnelEnd {
     pub sent: u64,
     /// Bytes received on the stream and written to the local side.
     pub received: u64,
-    /// `None` when both ways ended cleanly (FIN / END_STREAM); else why
-    /// the stream was reset and the local side closed.
+    /// `None` when both ways ended cleanly (FIN / END_STREAM) or the tunnel
+    /// sat idle (see `idle`); else why the stream was reset, and the local
+    /// side must be reset too.
     pub error: Option<String>,
+    /// Nothing crossed the tunnel for the idle timeout: the stream was
+    /// cancelled, and the local side is closed without a reset.
+    pub idle: bool,
 }
 
-/// Largest chunk read from the local side at once: the stream's send
-/// window bounds it further.
+/// Largest chunk read from the local side at once.
 const TUNNEL_CHUNK: usize = 64 * 1024;
 
 impl Tunnel {
-    /// Pumps bytes both ways until both have ended. The local side is read
-    /// only when the peer's flow-control window has room, and the window
-    /// for received data is given back only once that data is written
-    /// locally, so neither way buffers more than a window. A FIN on one
-    /// side ends that way only (END_STREAM, or `shutdown()` of `wr`); an
-    /// error or a reset on either side resets the stream and ends both.
-    pub async fn pump<R, W>(self, mut rd: R, mut wr: W) -> TunnelEnd
+    /// Pumps bytes both ways until both have ended, or nothing crossed for
+    /// `idle` (closed then between `idle` and twice it).
+    ///
+    /// Backpressure: the local side is read a chunk at a time, and send
+    /// window is asked for only for the bytes read, so an idle tunnel holds
+    /// none of the connection's window; the window for received data is
+    /// given back only once that data is written locally. Neither way
+    /// buffers more than a chunk or a window.
+    ///
+    /// Ends: a FIN on one side ends that way only (END_STREAM, or
+    /// `shutdown()` of `wr`). An error on the local side (a reset app)
+    /// resets the stream with `CONNECT_ERROR` (RFC 9113 §8.5), which the
+    /// peer carries on as a reset of its own TCP side. A reset from the
+    /// peer, whatever its reason, is noticed even while the local side is
+    /// silent, and ends the pump with an error, for the caller to reset the
+    /// local side. Once both ways ended cleanly, nothing is watched.
+    pub async fn pump<R, W>(self, mut rd: R, mut wr: W, idle: Duration) -> TunnelEnd
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let Tunnel { mut send, mut recv } = self;
-        let mut sent = 0u64;
-        let mut received = 0u64;
-        let up = tunnel_up(&mut rd, &mut send, &mut sent);
-        let down = tunnel_down(&mut recv, &mut wr, &mut received);
-        let result = tokio::try_join!(up, down);
-        let error = match result {
-            Ok(_) => None,
-            Err(why) => {
+        let Tunnel {
+            mut send,
+            mut recv,
+            _slot,
+        } = self;
+        let sent = AtomicU64::new(0);
+        let received = AtomicU64::new(0);
+        let up = tunnel_up(&mut rd, &mut send, &sent);
+        let down = tunnel_down(&mut recv, &mut wr, &received);
+        let both = async { tokio::try_join!(up, down) };
+        let result = tokio::select! {
+            r = both => r.map(|_| ()).map_err(Some),
+            () = idle_watch(idle, &sent, &received) => Err(None),
+        };
+        let (error, idle) = match result {
+            Ok(()) => (None, false),
+            Err(Some(why)) => {
+                send.send_reset(h2::Reason::CONNECT_ERROR);
+                (Some(why), false)
+            }
+            Err(None) => {
+                // Our own abandonment, not a failure of either side.
                 send.send_reset(h2::Reason::CANCEL);
-                Some(why)
+                (None, true)
             }
         };
         TunnelEnd {
-            sent,
-            received,
+            sent: sent.into_inner(),
+            received: received.into_inner(),
             error,
+            idle,
         }
+    }
+}
+
+/// Returns once neither count moved for `idle` (checked every `idle`).
+pub(crate) async fn idle_watch(idle: Duration, sent: &AtomicU64, received: &AtomicU64) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(idle).await;
+        let now = sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
+        if last == Some(now) {
+            return;
+        }
+        last = Some(now);
+    }
+}
+
+/// How `tunnel_up` ends on a reset from the peer: with an error whatever
+/// the reason, `NO_ERROR` included. The local side still sending, the
+/// peer will take none of it: over TCP, a close with data still arriving
+/// is answered with a reset too. (The inbound sends END_STREAM then
+/// RST_STREAM `NO_ERROR` or `CANCEL` when its app resets.)
+fn peer_reset(r: Result<h2::Reason, h2::Error>) -> Result<(), String> {
+    match r {
+        Ok(reason) => Err(format!("the peer reset the tunnel ({reason})")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -300,45 +398,20 @@ impl Tunnel {
 async fn tunnel_up<R: AsyncRead + Unpin>(
     rd: &mut R,
     send: &mut h2::SendStream<Bytes>,
-    sent: &mut u64,
+    sent: &AtomicU64,
 ) -> Result<(), String> {
     use tokio::io::AsyncReadExt;
     let mut buf = bytes::BytesMut::new();
     loop {
-        send.reserve_capacity(TUNNEL_CHUNK);
-        // h2 wakes `poll_capacity` only when capacity grows: window left
-        // over from the last read is used as it is.
-        let left = send.capacity();
-        let room = if left > 0 {
-            left
-        } else {
-            poll_fn(|cx| {
-                // A reset from the peer ends the wait for window.
-                if let Poll::Ready(r) = send.poll_reset(cx) {
-                    return Poll::Ready(Err(match r {
-                        Ok(reason) => format!("the peer reset the tunnel ({reason})"),
-                        Err(e) => e.to_string(),
-                    }));
-                }
-                match send.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(n))) => Poll::Ready(Ok(n)),
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e.to_string())),
-                    Poll::Ready(None) => Poll::Ready(Err("the tunnel stream closed".to_owned())),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await?
-        };
-        if room == 0 {
-            continue;
-        }
-        buf.reserve(room);
-        let n = {
-            let mut limited = (&mut *rd).take(room as u64);
-            limited
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| format!("reading the local side: {e}"))?
+        buf.reserve(TUNNEL_CHUNK);
+        // Read first, watching for a reset meanwhile: window is reserved
+        // only for bytes in hand, so a silent app pins none of the
+        // connection window other streams need.
+        let mut limited = (&mut *rd).take(TUNNEL_CHUNK as u64);
+        let read = limited.read_buf(&mut buf);
+        let n = tokio::select! {
+            r = read => r.map_err(|e| format!("reading the local side: {e}"))?,
+            r = poll_fn(|cx| send.poll_reset(cx)) => return peer_reset(r),
         };
         if n == 0 {
             // FIN: this way is over; the other keeps flowing.
@@ -347,9 +420,40 @@ async fn tunnel_up<R: AsyncRead + Unpin>(
                 .send_data(Bytes::new(), true)
                 .map_err(|e| format!("end of stream refused: {e}"));
         }
-        *sent += n as u64;
-        send.send_data(buf.split().freeze(), false)
-            .map_err(|e| format!("data refused: {e}"))?;
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            // h2 wakes `poll_capacity` only when capacity grows: window
+            // already assigned is used as it is.
+            let room = match send.capacity() {
+                0 => {
+                    let wait = poll_fn(|cx| {
+                        if let Poll::Ready(r) = send.poll_reset(cx) {
+                            return Poll::Ready(Err(r));
+                        }
+                        send.poll_capacity(cx).map(Ok)
+                    });
+                    match wait.await {
+                        Err(r) => return peer_reset(r),
+                        Ok(Some(Ok(n))) => n,
+                        Ok(Some(Err(e))) => return Err(e.to_string()),
+                        Ok(None) => return Err("the tunnel stream closed".to_owned()),
+                    }
+                }
+                n => n,
+            };
+            if room == 0 {
+                continue;
+            }
+            let chunk = data.split_to(room.min(data.len()));
+            let len = chunk.len() as u64;
+            send.send_data(chunk, false)
+                .map_err(|e| format!("data refused: {e}"))?;
+            sent.fetch_add(len, Ordering::Relaxed);
+        }
+        // Nothing is buffered beyond what was sent: give back any window
+        // assigned on top.
+        send.reserve_capacity(0);
     }
 }
 
@@ -357,7 +461,7 @@ async fn tunnel_up<R: AsyncRead + Unpin>(
 async fn tunnel_down<W: AsyncWrite + Unpin>(
     recv: &mut h2::RecvStream,
     wr: &mut W,
-    received: &mut u64,
+    received: &AtomicU64,
 ) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
     while let Some(data) = recv.data().await {
@@ -366,7 +470,7 @@ async fn tunnel_down<W: AsyncWrite + Unpin>(
         wr.write_all(&data)
             .await
             .map_err(|e| format!("writing the local side: {e}"))?;
-        *received += n as u64;
+        received.fetch_add(n as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(n);
     }
     // END_STREAM: the peer is done sending; the local side gets a FIN.
@@ -619,6 +723,8 @@ mod tests {
     use crate::http::traits::test_body::{data, trailers, TestBody};
 
     const WAIT: Duration = Duration::from_secs(2);
+    /// An idle timeout no test reaches unless it means to.
+    const IDLE: Duration = Duration::from_secs(60);
 
     /// How the test ends the server's side of the connection.
     enum Stop {
@@ -994,7 +1100,7 @@ mod tests {
         assert_eq!(authority.recv().await.unwrap(), "10.1.2.3:5432");
         let (mut app, local) = tokio::io::duplex(4096);
         let (rd, wr) = tokio::io::split(local);
-        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
         app.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
         app.read_exact(&mut got).await.unwrap();
@@ -1041,7 +1147,7 @@ mod tests {
         let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
         let (app, local) = tokio::io::duplex(64 * 1024);
         let (rd, wr) = tokio::io::split(local);
-        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
         let (mut app_rd, mut app_wr) = tokio::io::split(app);
         let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
         let expect = data.clone();
@@ -1072,7 +1178,7 @@ mod tests {
         let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
         let (app, local) = tokio::io::duplex(64 * 1024);
         let (rd, wr) = tokio::io::split(local);
-        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
         let (_app_rd, mut app_wr) = tokio::io::split(app);
         let chunk = vec![7u8; 64 * 1024];
         let mut written = 0usize;
@@ -1107,7 +1213,7 @@ mod tests {
         let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
         let (mut app, local) = tokio::io::duplex(4096);
         let (rd, wr) = tokio::io::split(local);
-        let pump = tokio::spawn(tunnel.pump(rd, wr));
+        let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
         app.write_all(b"x").await.unwrap();
         let end = tokio::time::timeout(WAIT, pump)
             .await
@@ -1123,5 +1229,152 @@ mod tests {
             !mesh.is_closed(),
             "a stream reset is not the connection's end"
         );
+    }
+    /// A connected TCP pair: (the app's end, the tunnel's end).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (c, s) = tokio::join!(
+            tokio::net::TcpStream::connect(l.local_addr().unwrap()),
+            l.accept()
+        );
+        (c.unwrap(), s.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn idle_tunnels_hold_none_of_the_connection_window() {
+        // h2's default windows (64 KiB for the connection) on the server:
+        // a silent tunnel that reserved window before reading its app
+        // would leave the busy one none.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(echo_tunnel(200, tx)).await;
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+            let (app, local) = tokio::io::duplex(4096);
+            let (rd, wr) = tokio::io::split(local);
+            idle.push((app, tokio::spawn(tunnel.pump(rd, wr, IDLE))));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (app, local) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(local);
+        let _pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
+        let (mut app_rd, mut app_wr) = tokio::io::split(app);
+        const SIZE: usize = 1024 * 1024;
+        let writer = tokio::spawn(async move {
+            app_wr.write_all(&vec![5u8; SIZE]).await.unwrap();
+            app_wr.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), app_rd.read_to_end(&mut got))
+            .await
+            .expect("the busy tunnel stalled behind idle ones")
+            .unwrap();
+        assert_eq!(got.len(), SIZE);
+        writer.await.unwrap();
+        drop(idle);
+    }
+
+    /// A `CONNECT` handler that opens the tunnel and reports how the
+    /// client's side of the stream ended: `None` cleanly, else the reset's
+    /// reason.
+    fn reset_seen(
+        seen: mpsc::UnboundedSender<Option<h2::Reason>>,
+    ) -> impl Fn(
+        http::Request<RecvStream>,
+        SendResponse<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>
+           + Send
+           + 'static {
+        move |req, mut respond| {
+            let seen = seen.clone();
+            Box::pin(async move {
+                let resp = http::Response::builder().status(200).body(()).unwrap();
+                let _send = respond.send_response(resp, false).unwrap();
+                let mut body = req.into_body();
+                let end = loop {
+                    match body.data().await {
+                        None => break None,
+                        Some(Ok(d)) => {
+                            let _ = body.flow_control().release_capacity(d.len());
+                        }
+                        Some(Err(e)) => break Some(e.reason().unwrap_or(h2::Reason::NO_ERROR)),
+                    }
+                };
+                let _ = seen.send(end);
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_app_reset_resets_the_stream_with_connect_error() {
+        use tokio::io::AsyncWriteExt;
+        let (tx, mut seen) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(reset_seen(tx)).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (mut app, local) = tcp_pair().await;
+        let (rd, wr) = local.into_split();
+        let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
+        app.write_all(b"partial upload").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        socket2::SockRef::from(&app)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(app);
+        let end = tokio::time::timeout(WAIT, pump).await.unwrap().unwrap();
+        assert!(end.error.is_some(), "{end:?}");
+        let reason = tokio::time::timeout(WAIT, seen.recv()).await.unwrap();
+        assert_eq!(reason, Some(Some(h2::Reason::CONNECT_ERROR)));
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_the_peer_ended_is_noticed_while_the_app_is_silent() {
+        // What the inbound sends when its app resets: END_STREAM, then
+        // RST_STREAM. The app here keeps its side open and says nothing.
+        use tokio::io::AsyncReadExt;
+        for reason in [h2::Reason::CANCEL, h2::Reason::NO_ERROR] {
+            let end_then_reset =
+                move |_req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| async move {
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    let mut send = respond.send_response(resp, false).unwrap();
+                    let _ = send.send_data(Bytes::from_static(b"rows"), true);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    send.send_reset(reason);
+                    std::future::pending::<()>().await;
+                };
+            let (mesh, _stop) = connect(end_then_reset).await;
+            let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+            let (mut app, local) = tokio::io::duplex(4096);
+            let (rd, wr) = tokio::io::split(local);
+            let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
+            let mut got = Vec::new();
+            tokio::time::timeout(WAIT, app.read_to_end(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, b"rows");
+            let end = tokio::time::timeout(WAIT, pump)
+                .await
+                .expect("the reset went unnoticed")
+                .unwrap();
+            assert!(end.error.is_some(), "{reason:?}: {end:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_tunnel_is_cancelled() {
+        let (tx, mut seen) = mpsc::unbounded_channel();
+        let (mesh, _stop) = connect(reset_seen(tx)).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (_app, local) = tokio::io::duplex(4096);
+        let (rd, wr) = tokio::io::split(local);
+        let idle = Duration::from_millis(100);
+        let end = tokio::time::timeout(WAIT, tunnel.pump(rd, wr, idle))
+            .await
+            .expect("not closed when idle");
+        assert!(end.idle && end.error.is_none(), "{end:?}");
+        let reason = tokio::time::timeout(WAIT, seen.recv()).await.unwrap();
+        assert_eq!(reason, Some(Some(h2::Reason::CANCEL)));
     }
 }

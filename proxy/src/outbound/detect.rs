@@ -11,6 +11,9 @@ use tokio::time::Instant;
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest method accepted in a request line.
 const MAX_METHOD: usize = 20;
+/// Most fields in a request head, as the proxy's own HTTP/1 server allows:
+/// a head it would serve must never be unreadable here.
+const MAX_HEADERS: usize = 128;
 
 /// The protocol of a redirected connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +52,13 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut parts = line.splitn(3, |&c| c == b' ');
     let method = parts.next().unwrap_or_default();
-    if method.len() > MAX_METHOD || !method.iter().all(|c| c.is_ascii_uppercase()) {
+    // Methods are tokens: upper-case letters here, and `-` after the first
+    // (`M-SEARCH`, `VERSION-CONTROL`).
+    let token = method
+        .iter()
+        .enumerate()
+        .all(|(i, &c)| c.is_ascii_uppercase() || i > 0 && c == b'-');
+    if method.len() > MAX_METHOD || !token {
         return TCP;
     }
     let Some(target) = parts.next() else {
@@ -84,12 +93,18 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
 }
 
 /// Peeks at `tcp` until its first bytes tell the protocol: nothing within
-/// `timeout`, an end of stream, or `max` bytes without a decision is TCP.
+/// `timeout`, an end of stream, or bytes that cannot begin HTTP are TCP.
+/// A beginning of HTTP still partial at `timeout`, or filling `max` bytes
+/// (a long request line), is HTTP/1: taken for TCP, it could be passed
+/// through in plain text.
 pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Result<Protocol> {
     let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; max.clamp(PREFACE.len(), 16 * 1024)];
+    let mut buf = vec![0u8; max.max(PREFACE.len())];
+    let mut backoff = Backoff::default();
+    let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Err(_) if seen > 0 => return Ok(Protocol::Http1),
             Err(_) => return Ok(Protocol::Tcp),
             Ok(r) => r?,
         };
@@ -98,50 +113,83 @@ pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Resul
         }
         match classify(&buf[..n]) {
             Some(p) => return Ok(p),
-            None if n == buf.len() => return Ok(Protocol::Tcp),
+            None if n == buf.len() => return Ok(Protocol::Http1),
             None => {
-                // Part of a line so far: peek returns at once while those
-                // bytes are unread, so look again shortly.
                 if Instant::now() >= deadline {
-                    return Ok(Protocol::Tcp);
+                    return Ok(Protocol::Http1);
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                seen = n;
+                backoff.wait(n, deadline).await;
             }
         }
     }
 }
 
-/// The Host of the first HTTP/1 request on `tcp` (its authority for an
-/// absolute-form target), peeked without consuming: `None` when the head
-/// does not arrive whole within `timeout` and `max` bytes, or has no host.
-pub async fn peek_host(tcp: &TcpStream, timeout: Duration, max: usize) -> Option<String> {
+/// Waits between peeks: `peek` returns at once while unread bytes sit in
+/// the socket, so a client sending a head slowly is looked at again after
+/// a delay that doubles (up to a bound) while nothing new arrives.
+#[derive(Default)]
+struct Backoff {
+    last: usize,
+    delay: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(1);
+    const MAX: Duration = Duration::from_millis(100);
+
+    async fn wait(&mut self, seen: usize, deadline: Instant) {
+        self.delay = if seen > self.last || self.delay.is_zero() {
+            Self::FIRST
+        } else {
+            (self.delay * 2).min(Self::MAX)
+        };
+        self.last = seen;
+        tokio::time::sleep_until((Instant::now() + self.delay).min(deadline)).await;
+    }
+}
+
+/// What the peeked head of the first HTTP/1 request shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Head {
+    /// A whole head, with its host (its authority for an absolute-form
+    /// target) if it names one.
+    Complete(Option<String>),
+    /// No whole head could be read: it did not arrive within the timeout
+    /// or `max` bytes, had too many fields, was malformed, or the client
+    /// closed first.
+    Unreadable,
+}
+
+/// The head of the first HTTP/1 request on `tcp`, peeked without
+/// consuming.
+pub async fn peek_host(tcp: &TcpStream, timeout: Duration, max: usize) -> Head {
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; max.max(64)];
+    let mut backoff = Backoff::default();
     loop {
-        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Head::Unreadable,
+        };
         if let Some(found) = host_of(&buf[..n]) {
             return found;
         }
         if n == buf.len() || Instant::now() >= deadline {
-            return None;
+            return Head::Unreadable;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        backoff.wait(n, deadline).await;
     }
 }
 
-/// `Some(host)` once `head` holds a whole request head; `None` while partial.
-fn host_of(head: &[u8]) -> Option<Option<String>> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+/// What `head` shows once it holds a whole request head (or cannot become
+/// one); `None` while partial.
+fn host_of(head: &[u8]) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
         Ok(httparse::Status::Partial) => None,
-        Err(_) => Some(None),
+        Err(_) => Some(Head::Unreadable),
         Ok(httparse::Status::Complete(_)) => {
             let from_target = req
                 .path
@@ -159,7 +207,7 @@ fn host_of(head: &[u8]) -> Option<Option<String>> {
                     .and_then(|h| h.strip_suffix(']'))
                     .map_or(h.clone(), str::to_owned)
             });
-            Some(host)
+            Some(Head::Complete(host))
         }
     }
 }
@@ -195,6 +243,9 @@ mod tests {
             (b"GET /\r\n", Some(Tcp)),
             (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", Some(Tcp)),
             (b"GET /\x01 HTTP/1.1\r\n", Some(Tcp)),
+            (b"M-SEARCH * HTTP/1.1\r\n", Some(Http1)),
+            (b"VERSION-CONTROL /r HTTP/1.1\r\n", Some(Http1)),
+            (b"-GET / HTTP/1.1\r\n", Some(Tcp)),
         ];
         for (b, want) in cases {
             assert_eq!(classify(b), *want, "{:?}", String::from_utf8_lossy(b));
@@ -204,21 +255,54 @@ mod tests {
     #[test]
     fn the_host_comes_from_the_head() {
         let h = |b: &[u8]| host_of(b);
+        let host = |s: &str| Some(Head::Complete(Some(s.into())));
         assert_eq!(
             h(b"GET / HTTP/1.1\r\nHost: API.demo:8080\r\n\r\n"),
-            Some(Some("API.demo".into()))
+            host("API.demo")
         );
         assert_eq!(
             h(b"GET http://b.c:1/x HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Some(Some("b.c".into()))
+            host("b.c")
         );
+        assert_eq!(h(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"), host("::1"));
+        assert_eq!(h(b"GET / HTTP/1.0\r\n\r\n"), Some(Head::Complete(None)));
         assert_eq!(
-            h(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
-            Some(Some("::1".into()))
+            h(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
+            Some(Head::Complete(None))
         );
-        assert_eq!(h(b"GET / HTTP/1.0\r\n\r\n"), Some(None));
-        assert_eq!(h(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), Some(None));
         assert_eq!(h(b"GET / HTTP/1.1\r\nHost: api"), None);
+        assert_eq!(
+            h(b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n"),
+            Some(Head::Unreadable)
+        );
+        // As many fields as the HTTP/1 server takes, and one more.
+        let head = |fields: usize| {
+            let mut s = String::from("GET / HTTP/1.1\r\n");
+            for i in 1..fields {
+                s += &format!("X-F{i}: v\r\n");
+            }
+            s + "Host: a\r\n\r\n"
+        };
+        assert_eq!(h(head(128).as_bytes()), host("a"));
+        assert_eq!(h(head(129).as_bytes()), Some(Head::Unreadable));
+    }
+
+    #[tokio::test]
+    async fn a_partial_request_line_at_the_timeout_is_http() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut c, (s, _)) = (c.unwrap(), s.unwrap());
+        c.write_all(b"GET /a-long-path").await.unwrap();
+        let p = detect(&s, Duration::from_millis(100), 1024).await.unwrap();
+        assert_eq!(p, Protocol::Http1);
+        // A request line longer than the peek buffer.
+        c.write_all(&[b'x'; 2048]).await.unwrap();
+        let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
+        assert_eq!(p, Protocol::Http1);
+        let head = peek_host(&s, Duration::from_millis(100), 1024).await;
+        assert_eq!(head, Head::Unreadable);
     }
 
     #[tokio::test]
@@ -237,8 +321,8 @@ mod tests {
             .unwrap();
         let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
         assert_eq!(p, Protocol::Http1);
-        let host = peek_host(&s, Duration::from_secs(2), 1024).await;
-        assert_eq!(host.as_deref(), Some("x"));
+        let head = peek_host(&s, Duration::from_secs(2), 1024).await;
+        assert_eq!(head, Head::Complete(Some("x".into())));
         let mut s = s;
         let mut all = [0u8; 4];
         s.read_exact(&mut all).await.unwrap();

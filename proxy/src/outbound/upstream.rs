@@ -308,7 +308,20 @@ impl MeshLink {
         if let Some(c) = self.current() {
             return Ok(c);
         }
-        Box::pin(self.redial()).await
+        Box::pin(self.redial(|_| true)).await
+    }
+
+    /// A connection with room for one more tunnel, and other than
+    /// `not` (one that refused a stream): the live one if it qualifies,
+    /// else a new one that becomes the live one. The one it replaces
+    /// serves its streams until they end, then closes.
+    pub async fn tunnel_sender(&self, not: Option<&MeshSender>) -> Result<MeshConn, ForwardError> {
+        let usable =
+            |c: &MeshConn| c.0.has_tunnel_room() && not.is_none_or(|n| !c.0.same_connection(n));
+        if let Some(c) = self.current().filter(usable) {
+            return Ok(c);
+        }
+        Box::pin(self.redial(usable)).await
     }
 
     /// The live connection's sender, if there is one.
@@ -318,10 +331,10 @@ impl MeshLink {
         Some((c.0.clone(), c.1.clone()))
     }
 
-    async fn redial(&self) -> Result<MeshConn, ForwardError> {
+    async fn redial(&self, usable: impl Fn(&MeshConn) -> bool) -> Result<MeshConn, ForwardError> {
         // One dial at a time; whoever waited re-checks first.
         let _g = self.dialing.lock().await;
-        if let Some(c) = self.current() {
+        if let Some(c) = self.current().filter(|c| usable(c)) {
             return Ok(c);
         }
         let stream = self.dialer.dial().await.map_err(ForwardError::Connect)?;
@@ -548,6 +561,12 @@ pub(crate) mod tests {
         /// Opens every `CONNECT` tunnel and echoes it; answers other
         /// requests `200`.
         Connect,
+        /// As `Connect`, with at most this many concurrent streams.
+        ConnectMax(u32),
+        /// Refuses every stream (`REFUSED_STREAM`).
+        Refuse,
+        /// Never answers.
+        Silent,
     }
 
     /// One connection the test server completed a TLS handshake on. The
@@ -614,7 +633,11 @@ pub(crate) mod tests {
                         let _ = closed.await;
                         return;
                     }
-                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    let mut server = h2::server::Builder::new();
+                    if let Serve::ConnectMax(n) = mode {
+                        server.max_concurrent_streams(n);
+                    }
+                    let Ok(mut conn) = server.handshake(tls).await else {
                         return;
                     };
                     if let Serve::GoAwayAtOnce = mode {
@@ -631,10 +654,19 @@ pub(crate) mod tests {
                                 let Some(Ok((req, mut respond))) = r else { return };
                                 requests.fetch_add(1, Ordering::SeqCst);
                                 match mode {
-                                    Serve::Connect if req.method() == http::Method::CONNECT => {
+                                    Serve::Connect | Serve::ConnectMax(_)
+                                        if req.method() == http::Method::CONNECT =>
+                                    {
                                         tokio::spawn(echo(req, respond));
                                     }
                                     Serve::Reset => respond.send_reset(h2::Reason::INTERNAL_ERROR),
+                                    Serve::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                                    Serve::Silent => {
+                                        tokio::spawn(async move {
+                                            let _held = (req, respond);
+                                            std::future::pending::<()>().await;
+                                        });
+                                    }
                                     _ => {
                                         let _ = respond
                                             .send_response(Response::new(()), true);
