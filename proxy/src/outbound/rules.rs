@@ -211,6 +211,15 @@ impl RuleSet {
         )
     }
 
+    /// Whether a rule names the destination itself (a `cidr` or `port`
+    /// condition holds for it): then it is in the mesh, and traffic to it no
+    /// rule takes is refused, never passed through in plain text. A rule
+    /// with only a host condition says nothing about destinations.
+    pub fn claims_destination(&self, c: &Candidates) -> bool {
+        c.0.iter()
+            .any(|&i| self.rules[i].cidr.is_some() || self.rules[i].port.is_some())
+    }
+
     /// The rule opaque TCP to the destination uses: the first candidate
     /// without a host condition (TCP has no host to match).
     pub fn for_tcp(&self, c: &Candidates) -> Option<usize> {

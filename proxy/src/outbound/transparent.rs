@@ -5,6 +5,12 @@
 //! mesh connection, and destinations outside the mesh are passed through
 //! in plain TCP or refused (`[outbound] unmeshed`).
 //!
+//! Plain text leaves only for destinations outside the mesh: when a rule
+//! with a `cidr` or `port` condition holds for the destination, HTTP whose
+//! Host no rule takes gets 502 per request and opaque TCP that only host
+//! rules cover is refused (counted `failed`); only a destination no such
+//! rule names follows `[outbound] unmeshed`.
+//!
 //! An HTTP/1 connection whose first head cannot be read (too large, too
 //! many fields, malformed, or too slow) is refused and counted `failed`,
 //! unless a host-less rule takes it: passed through, it would cross the
@@ -81,6 +87,15 @@ impl Outbound {
         match protocol {
             Protocol::Tcp => match table.rules().for_tcp(&candidates) {
                 Some(i) => self.tunnel(tcp, dst, &table, i).await,
+                None if table.rules().claims_destination(&candidates) => {
+                    // A meshed destination whose rules all need a Host:
+                    // opaque TCP has none, and plain text is not an option.
+                    self.all_metrics
+                        .tcp
+                        .connection(Direction::Outbound, "failed");
+                    tracing::info!(peer = %remote, %dst, "opaque TCP to a meshed destination that only host rules cover: refused rather than passed through in plain text");
+                    reset(tcp)
+                }
                 None => self.unmeshed(tcp, dst).await,
             },
             Protocol::Http1 => {
@@ -109,8 +124,14 @@ impl Outbound {
                         tracing::info!(peer = %remote, %dst, "HTTP request head unreadable (too large, too many fields, malformed or too slow): refused rather than passed through in plain text");
                         return reset(tcp);
                     }
-                    // Nothing was consumed: a passthrough sends it all.
-                    return self.unmeshed(tcp, dst).await;
+                    if !table.rules().claims_destination(&candidates) {
+                        // Nothing was consumed: a passthrough sends it all.
+                        return self.unmeshed(tcp, dst).await;
+                    }
+                    // A meshed destination (a cidr or port rule holds) and
+                    // a Host no rule takes (a typo, a bare IP): served, so
+                    // that the app gets the 502 "no upstream for host" of
+                    // each request, never sent in plain text.
                 }
                 let route = Arc::new(Route {
                     table,
@@ -516,15 +537,55 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_http_host_no_rule_takes_is_passed_through_whole() {
+    async fn an_http_host_no_rule_takes_is_passed_through_whole_outside_the_mesh() {
+        // Only a host rule: it says nothing about this destination.
         let (plain, _conns) = echo_server().await;
         let (o, m) = outbound(&format!(
-            "[[outbound.upstreams]]\nhost = \"api.demo\"\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+            "[[outbound.upstreams]]\nhost = \"api.demo\"\nidentity = \"{API}\"\n"
         ));
         let mut c = redirected(&o, plain).await;
         let req = b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n";
         assert_eq!(exchange(&mut c, req).await, req);
         assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_meshed_destination_never_gets_plain_text_for_an_unmatched_host_or_tcp() {
+        // The cidr rule puts the destination in the mesh, but takes only
+        // api.demo: another Host gets a 502 from the outbound, and opaque
+        // TCP (no Host at all) is refused; the server sees nothing.
+        let (plain, seen) = recording_server().await;
+        let (o, m) = outbound(&format!(
+            "[[outbound.upstreams]]\nhost = \"api.demo\"\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, plain).await;
+        c.write_all(
+            b"GET / HTTP/1.1\r\nHost: typo.example\r\nAuthorization: Bearer s3cret\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut got = vec![0u8; 512];
+        let n = tokio::time::timeout(WAIT, c.read(&mut got))
+            .await
+            .expect("answered")
+            .unwrap();
+        let got = String::from_utf8_lossy(&got[..n]).into_owned();
+        assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+        assert!(got.contains("no upstream for host"), "{got}");
+        let mut t = redirected(&o, plain).await;
+        let _ = t.write_all(b"\x16\x03\x01opaque").await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, t.read_to_end(&mut rest))
+            .await
+            .expect("closed");
+        assert!(rest.is_empty());
+        assert_eq!(tcp_result(&m, "passthrough"), 0.0);
+        assert_eq!(tcp_result(&m, "failed"), 1.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "plain text reached the server"
+        );
     }
 
     /// A plain TCP server that records everything it receives and answers
