@@ -159,32 +159,10 @@ pub async fn watch_upstreams(
 ) {
     let mut watch = FileWatch::start(&[path.as_path()], interval);
     loop {
-        watch.changed().await;
-        let now = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::debug!(upstreams_file = %path.display(), error = %e, "upstreams file not readable now");
-                continue;
-            }
-        };
-        if seen.as_deref() == Some(now.as_slice()) {
-            continue;
-        }
-        // A prefix of a rule list is a valid rule list: take only content
-        // that stays the same.
-        let Some(now) = settled(&path, now).await else {
-            continue;
-        };
-        if seen.as_deref() == Some(now.as_slice()) {
-            continue;
-        }
-        let result = match std::str::from_utf8(&now) {
-            Ok(text) => reload_upstreams(&outbound, &path, text, &ours),
-            Err(e) => Err(UpstreamsReloadError::Config(ConfigError::Parse(format!(
-                "{}: not UTF-8 text: {e}",
-                path.display()
-            )))),
-        };
+        let now = changed_content(&mut watch, &path, seen.as_deref()).await;
+        let result = utf8(&path, &now)
+            .map_err(UpstreamsReloadError::Config)
+            .and_then(|text| reload_upstreams(&outbound, &path, text, &ours));
         seen = Some(now);
         match result {
             Ok(rules) => {
@@ -308,35 +286,10 @@ pub async fn watch_policy(
 ) {
     let mut watch = FileWatch::start(&[path.as_path()], interval);
     loop {
-        watch.changed().await;
-        let now = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) => {
-                // Mid-replacement, or gone: the next event or tick looks
-                // again; nothing is decided on a read that failed.
-                tracing::debug!(policy_file = %path.display(), error = %e, "inbound policy file not readable now");
-                continue;
-            }
-        };
-        if seen.as_deref() == Some(now.as_slice()) {
-            continue;
-        }
-        // A file written in place (not renamed into place) may be seen half
-        // written, and a valid prefix of a policy is a valid policy with
-        // fewer deny entries: take only content that stays the same.
-        let Some(now) = settled(&path, now).await else {
-            continue;
-        };
-        if seen.as_deref() == Some(now.as_slice()) {
-            continue;
-        }
-        let result = match std::str::from_utf8(&now) {
-            Ok(text) => reload_policy(&inbound, &path, text, &ours),
-            Err(e) => Err(PolicyReloadError::Config(ConfigError::Parse(format!(
-                "{}: not UTF-8 text: {e}",
-                path.display()
-            )))),
-        };
+        let now = changed_content(&mut watch, &path, seen.as_deref()).await;
+        let result = utf8(&path, &now)
+            .map_err(PolicyReloadError::Config)
+            .and_then(|text| reload_policy(&inbound, &path, text, &ours));
         match result {
             Ok(generation) => {
                 seen = Some(now);
@@ -356,6 +309,40 @@ pub async fn watch_policy(
             }
         }
     }
+}
+
+/// The next content of the watched file `path` that differs from `seen`
+/// and has stopped changing. A file written in place (not renamed into
+/// place) may be seen half written, and a valid prefix of a policy or a
+/// rule list is a valid one with fewer entries: only content that stays
+/// the same is returned ([`settled`]). A read that fails (mid-replacement,
+/// or gone) decides nothing: the next event or tick looks again.
+async fn changed_content(watch: &mut FileWatch, path: &Path, seen: Option<&[u8]>) -> Vec<u8> {
+    loop {
+        watch.changed().await;
+        let now = match tokio::fs::read(path).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(file = %path.display(), error = %e, "watched file not readable now");
+                continue;
+            }
+        };
+        if seen == Some(now.as_slice()) {
+            continue;
+        }
+        let Some(now) = settled(path, now).await else {
+            continue;
+        };
+        if seen != Some(now.as_slice()) {
+            return now;
+        }
+    }
+}
+
+/// A watched file's content as text, or the error naming it.
+fn utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, ConfigError> {
+    std::str::from_utf8(bytes)
+        .map_err(|e| ConfigError::Parse(format!("{}: not UTF-8 text: {e}", path.display())))
 }
 
 /// How long a changed policy file must stay the same before it is read as
