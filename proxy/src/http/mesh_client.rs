@@ -341,11 +341,9 @@ impl Tunnel {
         } = self;
         let sent = AtomicU64::new(0);
         let received = AtomicU64::new(0);
-        let up = tunnel_up(&mut rd, &mut send, &sent);
-        let down = tunnel_down(&mut recv, &mut wr, &received);
-        let both = async { tokio::try_join!(up, down) };
+        let both = both_ways(&mut rd, &mut wr, &mut send, &mut recv, &sent, &received);
         let result = tokio::select! {
-            r = both => r.map(|_| ()).map_err(Some),
+            r = both => r.map_err(Some),
             () = idle_watch(idle, &sent, &received) => Err(None),
         };
         let (error, idle) = match result {
@@ -367,6 +365,66 @@ impl Tunnel {
             idle,
         }
     }
+}
+
+/// How long the end of the peer's data waits for a reset that may follow
+/// it before it reaches the local side as a FIN (see [`both_ways`]).
+const FIN_GRACE: Duration = Duration::from_millis(100);
+
+/// Both ways of a tunnel, until both ended (or one failed).
+///
+/// The peer's END_STREAM becomes a FIN for the local side, but not at
+/// once while the local side is still sending: when the peer's app
+/// resets, its inbound (hyper's upgraded stream, which has no bare reset)
+/// sends END_STREAM and RST_STREAM right after it. Passed on at once,
+/// the END_STREAM would show the app here a clean end of a truncated
+/// stream before the reset; held for [`FIN_GRACE`], the reset arrives
+/// first and the app gets only the reset. A peer that ends cleanly
+/// delays its FIN by that much, once per tunnel.
+async fn both_ways<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    send: &mut h2::SendStream<Bytes>,
+    recv: &mut h2::RecvStream,
+    sent: &AtomicU64,
+    received: &AtomicU64,
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut up = std::pin::pin!(tunnel_up(rd, send, sent));
+    let mut up_done = false;
+    {
+        let mut down = std::pin::pin!(tunnel_down(recv, &mut *wr, received));
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    r?;
+                    up_done = true;
+                }
+                r = &mut down => {
+                    r?;
+                    break;
+                }
+            }
+        }
+    }
+    if !up_done {
+        if let Ok(r) = tokio::time::timeout(FIN_GRACE, &mut up).await {
+            r?;
+            up_done = true;
+        }
+    }
+    // END_STREAM: the peer is done sending; the local side gets a FIN.
+    wr.shutdown()
+        .await
+        .map_err(|e| format!("closing the local side: {e}"))?;
+    if !up_done {
+        up.await?;
+    }
+    Ok(())
 }
 
 /// Returns once neither count moved for `idle` (checked every `idle`).
@@ -457,7 +515,8 @@ async fn tunnel_up<R: AsyncRead + Unpin>(
     }
 }
 
-/// Stream to local side; window given back once written.
+/// Stream to local side, until the peer's END_STREAM (the FIN is
+/// [`both_ways`]'s); window given back once written.
 async fn tunnel_down<W: AsyncWrite + Unpin>(
     recv: &mut h2::RecvStream,
     wr: &mut W,
@@ -473,10 +532,7 @@ async fn tunnel_down<W: AsyncWrite + Unpin>(
         received.fetch_add(n as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(n);
     }
-    // END_STREAM: the peer is done sending; the local side gets a FIN.
-    wr.shutdown()
-        .await
-        .map_err(|e| format!("closing the local side: {e}"))
+    Ok(())
 }
 
 /// What [`MeshSender::start`] did.
@@ -1347,6 +1403,11 @@ mod tests {
             let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
             let (mut app, local) = tokio::io::duplex(4096);
             let (rd, wr) = tokio::io::split(local);
+            let fin = Arc::new(AtomicBool::new(false));
+            let wr = FinSeen {
+                io: wr,
+                fin: fin.clone(),
+            };
             let pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
             let mut got = Vec::new();
             tokio::time::timeout(WAIT, app.read_to_end(&mut got))
@@ -1359,7 +1420,74 @@ mod tests {
                 .expect("the reset went unnoticed")
                 .unwrap();
             assert!(end.error.is_some(), "{reason:?}: {end:?}");
+            // The END_STREAM came 20 ms before the reset: within the
+            // grace, so the app was never shown a clean end.
+            assert!(
+                !fin.load(Ordering::SeqCst),
+                "{reason:?}: FIN before the reset"
+            );
         }
+    }
+
+    /// A writer that records whether it was shut down (a FIN).
+    struct FinSeen<W> {
+        io: W,
+        fin: Arc<AtomicBool>,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for FinSeen<W> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.fin.store(true, Ordering::SeqCst);
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_clean_end_from_the_peer_still_reaches_the_app_as_a_fin() {
+        // No reset follows: the FIN comes after the grace, and the app
+        // here can still send afterwards (half-close).
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let end_only = |_req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| async move {
+            let resp = http::Response::builder().status(200).body(()).unwrap();
+            let mut send = respond.send_response(resp, false).unwrap();
+            let _ = send.send_data(Bytes::from_static(b"bye"), true);
+            std::future::pending::<()>().await;
+        };
+        let (mesh, _stop) = connect(end_only).await;
+        let tunnel = mesh.clone().connect("10.1.2.3:5432").await.expect("tunnel");
+        let (mut app, local) = tokio::io::duplex(4096);
+        let (rd, wr) = tokio::io::split(local);
+        let fin = Arc::new(AtomicBool::new(false));
+        let wr = FinSeen {
+            io: wr,
+            fin: fin.clone(),
+        };
+        let _pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
+        let mut got = [0u8; 3];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"bye");
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, app.read_to_end(&mut rest))
+            .await
+            .expect("no FIN after a clean end")
+            .unwrap();
+        assert!(rest.is_empty() && fin.load(Ordering::SeqCst));
+        app.write_all(b"still here")
+            .await
+            .expect("half-close: this way stays open");
     }
 
     #[tokio::test]

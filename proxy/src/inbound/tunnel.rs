@@ -27,11 +27,15 @@
 //!   connection, or a GOAWAY ending the stream reach the app as a TCP reset
 //!   (`SO_LINGER` 0). RST_STREAM NO_ERROR and CANCEL are **not** carried as
 //!   resets: hyper reads them as an orderly end, so the app sees a FIN.
-//! * App to caller: a reset of the app connection is **not** carried as a
-//!   reset. hyper's upgraded stream has no way to reset a stream, so the
-//!   caller sees END_STREAM (possibly on an empty DATA frame) followed by
-//!   RST_STREAM NO_ERROR, which RFC 9113 reads as a complete response: an
-//!   app crash looks like an orderly end to the caller.
+//! * App to caller: hyper's upgraded stream has no way to reset a stream,
+//!   so a reset of the app connection reaches the caller as END_STREAM
+//!   (possibly on an empty DATA frame) followed at once by RST_STREAM
+//!   NO_ERROR, which RFC 9113 reads as a complete response. keyproof's
+//!   outbound holds the FIN for an END_STREAM up to 100 ms while its app
+//!   still sends, and turns the reset into a TCP reset of its app
+//!   (`both_ways` in `http/mesh_client.rs`); once the caller's side has
+//!   ended, the stream is closed by the END_STREAM and the reset is lost,
+//!   and another HTTP/2 client sees an orderly end.
 //! * Idle: a tunnel with no byte either way for the listener's
 //!   `idle_timeout` is closed, the app connection with a reset, the stream
 //!   as above (END_STREAM, then RST_STREAM NO_ERROR).
