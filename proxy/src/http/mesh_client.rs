@@ -369,7 +369,7 @@ impl Tunnel {
 
 /// How long the end of the peer's data waits for a reset that may follow
 /// it before it reaches the local side as a FIN (see [`both_ways`]).
-const FIN_GRACE: Duration = Duration::from_millis(100);
+const FIN_GRACE: Duration = Duration::from_millis(20);
 
 /// Both ways of a tunnel, until both ended (or one failed).
 ///
@@ -379,8 +379,10 @@ const FIN_GRACE: Duration = Duration::from_millis(100);
 /// sends END_STREAM and RST_STREAM right after it. Passed on at once,
 /// the END_STREAM would show the app here a clean end of a truncated
 /// stream before the reset; held for [`FIN_GRACE`], the reset arrives
-/// first and the app gets only the reset. A peer that ends cleanly
-/// delays its FIN by that much, once per tunnel.
+/// first and the app gets only the reset (the two frames leave the
+/// inbound together). A peer that ends first and cleanly delays its FIN
+/// by that much, once per tunnel: short, as a bulk download that ends at
+/// the server's close pays it in full.
 async fn both_ways<R, W>(
     rd: &mut R,
     wr: &mut W,
@@ -1395,7 +1397,7 @@ mod tests {
                     let resp = http::Response::builder().status(200).body(()).unwrap();
                     let mut send = respond.send_response(resp, false).unwrap();
                     let _ = send.send_data(Bytes::from_static(b"rows"), true);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                     send.send_reset(reason);
                     std::future::pending::<()>().await;
                 };
@@ -1420,7 +1422,7 @@ mod tests {
                 .expect("the reset went unnoticed")
                 .unwrap();
             assert!(end.error.is_some(), "{reason:?}: {end:?}");
-            // The END_STREAM came 20 ms before the reset: within the
+            // The END_STREAM came 5 ms before the reset: within the
             // grace, so the app was never shown a clean end.
             assert!(
                 !fin.load(Ordering::SeqCst),

@@ -31,7 +31,7 @@
 //!   so a reset of the app connection reaches the caller as END_STREAM
 //!   (possibly on an empty DATA frame) followed at once by RST_STREAM
 //!   NO_ERROR, which RFC 9113 reads as a complete response. keyproof's
-//!   outbound holds the FIN for an END_STREAM up to 100 ms while its app
+//!   outbound holds the FIN for an END_STREAM up to 20 ms while its app
 //!   still sends, and turns the reset into a TCP reset of its app
 //!   (`both_ways` in `http/mesh_client.rs`); once the caller's side has
 //!   ended, the stream is closed by the END_STREAM and the reset is lost,

@@ -23,7 +23,7 @@
 //! app resets, its inbound sends END_STREAM and only then RST_STREAM
 //! (hyper's upgraded stream has no bare reset; the reason seen is
 //! `NO_ERROR` or `CANCEL`): while the app here still sends, the FIN for an
-//! END_STREAM waits up to 100 ms for such a reset, so the app gets the
+//! END_STREAM waits up to 20 ms for such a reset, so the app gets the
 //! reset alone. Left open: once the app here has ended its side, the
 //! stream closes at the peer's END_STREAM and a reset cannot follow, so a
 //! far reset after that reads as a clean end. A tunnel or passthrough with no byte either way for the
