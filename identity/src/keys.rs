@@ -153,6 +153,55 @@ impl FromStr for KeyType {
     }
 }
 
+/// A private key held outside this process, in a PKCS#11 token
+/// ([`crate::pkcs11::Pkcs11Key`]): it signs, and never reveals itself. The
+/// step-up signer and the proxy's identity take keys through this trait, so
+/// they need not know where a key lives.
+pub trait ExternalKey: Send + Sync + fmt::Debug {
+    /// The key's type.
+    fn key_type(&self) -> KeyType;
+    /// The public key as a DER SubjectPublicKeyInfo.
+    fn spki_der(&self) -> &[u8];
+    /// ECDSA `r || s` over SHA-256 of `msg`, or an Ed25519 signature of
+    /// `msg` (the formats of [`KeyType::signature_algorithm`] before any
+    /// DER wrapping).
+    fn sign_raw(&self, msg: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Where the key lives, as `/identity` and the metrics name it
+    /// (`pkcs11`).
+    fn location(&self) -> &'static str;
+}
+
+/// An ECDSA `r || s` signature (two big-endian integers of `half` bytes
+/// each) as the DER `ECDSA-Sig-Value` that TLS and X.509 carry.
+pub fn ecdsa_raw_to_der(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.is_empty() || raw.len() % 2 != 0 || raw.len() > 2 * 66 {
+        return None;
+    }
+    let (r, s) = raw.split_at(raw.len() / 2);
+    fn integer(out: &mut Vec<u8>, v: &[u8]) {
+        let start = v.iter().position(|b| *b != 0).unwrap_or(v.len() - 1);
+        let v = &v[start..];
+        let pad = v[0] & 0x80 != 0;
+        out.push(0x02);
+        out.push((v.len() + usize::from(pad)) as u8);
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(v);
+    }
+    let mut body = Vec::with_capacity(raw.len() + 6);
+    integer(&mut body, r);
+    integer(&mut body, s);
+    let mut out = Vec::with_capacity(body.len() + 3);
+    out.push(0x30);
+    if body.len() >= 0x80 {
+        out.push(0x81);
+    }
+    out.push(body.len() as u8);
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
@@ -226,5 +275,32 @@ mod tests {
             assert_eq!(KeyType::from_spki_algorithm_der(alg_id), Some(kt));
         }
         assert_eq!(KeyType::from_spki_algorithm_der(&[0x30, 0x00]), None);
+    }
+
+    /// The DER form must verify where aws-lc-rs' own ASN.1 signatures do,
+    /// including the leading-zero and high-bit cases (checked over many
+    /// random signatures, so both occur).
+    #[test]
+    fn ecdsa_raw_to_der_verifies() {
+        use aws_lc_rs::signature::{
+            EcdsaKeyPair, KeyPair as _, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+            ECDSA_P256_SHA256_FIXED_SIGNING,
+        };
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, kp.public_key().as_ref());
+        for i in 0..200u32 {
+            let msg = i.to_be_bytes();
+            let raw = kp.sign(&rng, &msg).unwrap();
+            let der = ecdsa_raw_to_der(raw.as_ref()).unwrap();
+            public.verify(&msg, &der).unwrap();
+        }
+        assert_eq!(ecdsa_raw_to_der(&[]), None);
+        assert_eq!(ecdsa_raw_to_der(&[1, 2, 3]), None);
+        // All-zero halves still encode as one zero byte each.
+        assert_eq!(
+            ecdsa_raw_to_der(&[0; 4]).unwrap(),
+            [0x30, 6, 2, 1, 0, 2, 1, 0]
+        );
     }
 }

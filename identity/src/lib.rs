@@ -8,6 +8,7 @@
 //!   and the certificate verifiers that run [`verify`] in the handshake.
 //! * [`sigcache`]: the memo of certificate-signature verifications.
 //! * [`keys`]: the key types an SVID may hold, PEM helpers and fingerprints.
+//! * [`pkcs11`]: keys held in a PKCS#11 token, signing without being read.
 //! * [`duration`]: human durations (`24h`, `90d`) for flags and configuration.
 //!
 //! The CA (`keyproof-ca`), the proxy and the step-up protocol all take these
@@ -16,6 +17,7 @@
 
 pub mod duration;
 pub mod keys;
+pub mod pkcs11;
 pub mod sigcache;
 pub mod spiffe;
 pub mod svid;

@@ -170,6 +170,8 @@ impl SignedHeaders {
 enum KeyKind {
     Ecdsa(EcdsaKeyPair),
     Ed25519(Ed25519KeyPair),
+    /// A key in a token: signs through it, never read.
+    External(std::sync::Arc<dyn keyproof_identity::keys::ExternalKey>),
 }
 
 /// The outbound signer: the workload's private key and its key id.
@@ -217,6 +219,27 @@ impl Signer {
             key,
             alg,
             keyid: keyid_for_spki(&spki),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// From a key held outside the process (a PKCS#11 token) and the
+    /// workload certificate (DER); checks that they belong together, as
+    /// [`Signer::from_pkcs8_and_cert`] does.
+    pub fn from_external_and_cert(
+        key: std::sync::Arc<dyn keyproof_identity::keys::ExternalKey>,
+        cert_der: &[u8],
+    ) -> Result<Signer, KeyError> {
+        let alg = Alg::from_spki_der(key.spki_der())?;
+        let keyid = keyid_for_spki(key.spki_der());
+        let spki = der::cert_spki(cert_der).ok_or(KeyError::MalformedCertificate)?;
+        if keyid_for_spki(spki) != keyid {
+            return Err(KeyError::KeyCertMismatch);
+        }
+        Ok(Signer {
+            key: KeyKind::External(key),
+            alg,
+            keyid,
             rng: SystemRandom::new(),
         })
     }
@@ -269,6 +292,7 @@ impl Signer {
                 .map(|s| s.as_ref().to_vec())
                 .map_err(|_| SignError::Crypto),
             KeyKind::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
+            KeyKind::External(k) => k.sign_raw(message).map_err(|_| SignError::Crypto),
         }
     }
 
