@@ -223,11 +223,28 @@ struct State {
     /// Set while the token is open; `None` after a failure.
     open: Option<Open>,
     /// Sessions not in use now.
-    idle: Vec<Session>,
+    idle: Vec<Pooled>,
     /// Bumped on every reset: a session taken before it is not returned.
     generation: u64,
     /// When the last failure happened and what it was.
     failed: Option<(Instant, Pkcs11Error)>,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            open.module.close(std::mem::take(&mut self.idle));
+        }
+    }
+}
+
+/// A session and the module epoch it was opened in. Sessions never close
+/// themselves on drop: after a re-initialisation their handle numbers are
+/// handed out again, and closing a stale one would close someone else's
+/// new session. [`Module::close`] closes only sessions of the current epoch.
+struct Pooled {
+    session: Session,
+    epoch: u64,
 }
 
 #[derive(Clone)]
@@ -244,6 +261,8 @@ struct Module {
     path: PathBuf,
     ctx: Pkcs11,
     gate: RwLock<()>,
+    /// Bumped by every re-initialisation (under `gate` held exclusively).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Module {
@@ -258,6 +277,7 @@ impl Module {
     /// those keys reopen on their next operation.
     fn reinitialize(&self) -> Result<(), Pkcs11Error> {
         let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         let _ = self.ctx.clone().finalize();
         match self.ctx.initialize(init_args()) {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
@@ -265,10 +285,30 @@ impl Module {
         }
     }
 
-    /// Closes sessions with the module held shared (see `gate`).
-    fn close(&self, sessions: Vec<Session>) {
+    /// Opens a session (logged in if the token is) in the current epoch;
+    /// the caller holds `gate` shared.
+    fn session(&self, slot: Slot, rw: bool) -> Result<Pooled, CkError> {
+        let session = if rw {
+            self.ctx.open_rw_session_no_drop(slot)
+        } else {
+            self.ctx.open_ro_session_no_drop(slot)
+        }?;
+        Ok(Pooled {
+            session,
+            epoch: self.epoch.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Closes sessions of the current epoch, with `gate` held shared; those
+    /// of an earlier epoch died with it and are only forgotten.
+    fn close(&self, sessions: Vec<Pooled>) {
         let _shared = self.shared();
-        drop(sessions);
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        for p in sessions {
+            if p.epoch == epoch {
+                let _ = p.session.close();
+            }
+        }
     }
 }
 
@@ -332,6 +372,7 @@ fn module(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
         path: path.to_owned(),
         ctx,
         gate: RwLock::new(()),
+        epoch: Default::default(),
     });
     map.insert(path.to_owned(), m.clone());
     Ok(m)
@@ -397,16 +438,24 @@ impl TokenSpec {
         }
     }
 
-    /// Opens the token and finds the key: `(module, slot, key, session,
-    /// key type, spki)`. When that fails for any reason but the PIN, the
-    /// module is re-initialised and it is tried once more: a token that was
-    /// added, or removed and put back, is only seen by a fresh module.
+    /// Opens the token and finds the key: `(open, session, key type,
+    /// spki)`. When the token is missing or an operation fails, the module
+    /// is re-initialised and it is tried once more: a token that was added,
+    /// or removed and put back, is only seen by a fresh module. A missing
+    /// key does that only when `known` (the key was there before: a stale
+    /// token shows no objects), never for a first open or a generation,
+    /// which would cut every other key of the module off for nothing.
     #[allow(clippy::type_complexity)]
-    fn open_key(&self, label: &str) -> Result<(Open, Session, KeyType, Vec<u8>), Pkcs11Error> {
+    fn open_key(
+        &self,
+        label: &str,
+        known: bool,
+    ) -> Result<(Open, Pooled, KeyType, Vec<u8>), Pkcs11Error> {
         let m = module(&self.module)?;
         match self.open_key_on(&m, label) {
             Ok(r) => Ok(r),
             Err(e @ (Pkcs11Error::Login { .. } | Pkcs11Error::PinFile { .. })) => Err(e),
+            Err(e @ (Pkcs11Error::NoKey { .. } | Pkcs11Error::BadKey { .. })) if !known => Err(e),
             Err(_) => {
                 m.reinitialize()?;
                 self.open_key_on(&m, label)
@@ -419,7 +468,7 @@ impl TokenSpec {
         &self,
         m: &Arc<Module>,
         label: &str,
-    ) -> Result<(Open, Session, KeyType, Vec<u8>), Pkcs11Error> {
+    ) -> Result<(Open, Pooled, KeyType, Vec<u8>), Pkcs11Error> {
         let _shared = m.shared();
         let slot = self
             .find_slot(&m.ctx)?
@@ -428,8 +477,14 @@ impl TokenSpec {
                 module: self.module.display().to_string(),
                 present,
             })?;
-        let session = self.login(&m.ctx, slot, false)?;
-        let (key, kt, spki) = self.find_key(&session, label)?;
+        let session = self.login(m, slot, false)?;
+        let (key, kt, spki) = match self.find_key(&session.session, label) {
+            Ok(found) => found,
+            Err(e) => {
+                let _ = session.session.close();
+                return Err(e);
+            }
+        };
         let open = Open {
             module: m.clone(),
             slot,
@@ -461,21 +516,27 @@ impl TokenSpec {
         }))
     }
 
-    /// A session on the token, logged in as the user.
-    fn login(&self, ctx: &Pkcs11, slot: Slot, rw: bool) -> Result<Session, Pkcs11Error> {
-        let session = if rw {
-            ctx.open_rw_session(slot)
-        } else {
-            ctx.open_ro_session(slot)
-        }
-        .map_err(|e| self.op_err("C_OpenSession", &e))?;
-        let pin = read_pin(&self.pin_file)?;
-        match session.login(UserType::User, Some(&pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(e) => Err(Pkcs11Error::Login {
-                token: self.token_label.clone(),
-                msg: rv(&e),
-            }),
+    /// A session on the token, logged in as the user; the caller holds the
+    /// module's gate shared.
+    fn login(&self, m: &Module, slot: Slot, rw: bool) -> Result<Pooled, Pkcs11Error> {
+        let p = m
+            .session(slot, rw)
+            .map_err(|e| self.op_err("C_OpenSession", &e))?;
+        let result = read_pin(&self.pin_file).and_then(|pin| {
+            match p.session.login(UserType::User, Some(&pin)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+                Err(e) => Err(Pkcs11Error::Login {
+                    token: self.token_label.clone(),
+                    msg: rv(&e),
+                }),
+            }
+        });
+        match result {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                let _ = p.session.close();
+                Err(e)
+            }
         }
     }
 
@@ -579,11 +640,12 @@ impl Pkcs11Key {
     /// Opens the private key labelled `key_label` (and its public key, same
     /// label) in the token of `spec`.
     pub fn open(spec: &TokenSpec, key_label: &str) -> Result<Pkcs11Key, Pkcs11Error> {
-        let (open, session, key_type, spki) = spec.open_key(key_label)?;
+        let (open, session, key_type, spki) = spec.open_key(key_label, false)?;
         let state = State {
             open: Some(open),
             idle: vec![session],
-            ..State::default()
+            generation: 0,
+            failed: None,
         };
         let k = Pkcs11Key {
             inner: Arc::new(Inner {
@@ -613,12 +675,13 @@ impl Pkcs11Key {
     ) -> Result<Pkcs11Key, Pkcs11Error> {
         // Open first: it finds the token (re-enumerating if needed) and
         // tells a taken label apart from a missing one.
-        let (m, slot) = match spec.open_key(key_label) {
-            Ok(_) => {
+        let (m, slot) = match spec.open_key(key_label, false) {
+            Ok((open, session, _, _)) => {
+                open.module.close(vec![session]);
                 return Err(Pkcs11Error::KeyExists {
                     token: spec.token_label.clone(),
                     label: key_label.to_owned(),
-                })
+                });
             }
             Err(Pkcs11Error::NoKey { .. }) => {
                 let m = module(&spec.module)?;
@@ -634,8 +697,10 @@ impl Pkcs11Key {
             Err(e) => return Err(e),
         };
         let shared = m.shared();
-        let session = spec.login(&m.ctx, slot, true)?;
-        if !spec.private_keys(&session, key_label)?.is_empty() {
+        let pooled = spec.login(&m, slot, true)?;
+        let session = &pooled.session;
+        if !spec.private_keys(session, key_label)?.is_empty() {
+            let _ = pooled.session.close();
             return Err(Pkcs11Error::KeyExists {
                 token: spec.token_label.clone(),
                 label: key_label.to_owned(),
@@ -672,8 +737,8 @@ impl Pkcs11Key {
                     )
                 }),
         };
+        let _ = pooled.session.close();
         generated.map_err(|e| spec.op_err("C_GenerateKeyPair", &e))?;
-        drop(session);
         drop(shared);
         Pkcs11Key::open(spec, key_label)
     }
@@ -780,9 +845,9 @@ impl Pkcs11Key {
     /// another key reinitialised the module) earns one retry after a reopen.
     fn sign_once(&self, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
         let (session, open, generation, fresh) = self.checkout()?;
-        match self.sign_on(&session, &open, msg) {
+        match self.sign_on(&session.session, &open, msg) {
             Ok(sig) => {
-                self.checkin(session, generation);
+                self.checkin(&open, session, generation);
                 Ok(sig)
             }
             Err(e) => {
@@ -794,11 +859,17 @@ impl Pkcs11Key {
                 // Not marked failed: the retry below reopens at once.
                 self.reset(generation, None);
                 let (session, open, generation, _) = self.checkout()?;
-                let sig = self.sign_on(&session, &open, msg).inspect_err(|e| {
-                    self.reset(generation, Some(e));
-                })?;
-                self.checkin(session, generation);
-                Ok(sig)
+                match self.sign_on(&session.session, &open, msg) {
+                    Ok(sig) => {
+                        self.checkin(&open, session, generation);
+                        Ok(sig)
+                    }
+                    Err(e) => {
+                        open.module.close(vec![session]);
+                        self.reset(generation, Some(&e));
+                        Err(e)
+                    }
+                }
             }
         }
     }
@@ -832,7 +903,7 @@ impl Pkcs11Key {
 
     /// A session to sign on: `(session, open, generation, fresh)`, where
     /// `fresh` says the token was (re)opened just now.
-    fn checkout(&self) -> Result<(Session, Open, u64, bool), Pkcs11Error> {
+    fn checkout(&self) -> Result<(Pooled, Open, u64, bool), Pkcs11Error> {
         let mut st = lock(&self.inner.state);
         let mut fresh = false;
         if st.open.is_none() {
@@ -872,17 +943,20 @@ impl Pkcs11Key {
         // the same slot is logged in already.
         let s = {
             let _shared = open.module.shared();
-            open.module.ctx.open_ro_session(open.slot)
+            open.module.session(open.slot, false)
         }
         .map_err(|e| self.inner.spec.op_err("C_OpenSession", &e))?;
         Ok((s, open, generation, fresh))
     }
 
-    fn checkin(&self, session: Session, generation: u64) {
+    fn checkin(&self, open: &Open, session: Pooled, generation: u64) {
         let mut st = lock(&self.inner.state);
         if st.generation == generation && st.open.is_some() && st.idle.len() < MAX_IDLE_SESSIONS {
             st.idle.push(session);
+            return;
         }
+        drop(st);
+        open.module.close(vec![session]);
     }
 
     /// Forgets the open token after a failure (unless a later reset or
@@ -904,10 +978,11 @@ impl Pkcs11Key {
     }
 
     /// Opens the token and finds the key again; it must be the same key.
-    fn reopen(&self) -> Result<(Open, Session), Pkcs11Error> {
+    fn reopen(&self) -> Result<(Open, Pooled), Pkcs11Error> {
         let spec = &self.inner.spec;
-        let (open, session, _, spki) = spec.open_key(&self.inner.label)?;
+        let (open, session, _, spki) = spec.open_key(&self.inner.label, true)?;
         if spki != self.inner.spki {
+            open.module.close(vec![session]);
             return Err(Pkcs11Error::BadKey {
                 token: spec.token_label.clone(),
                 label: self.inner.label.clone(),
@@ -1063,7 +1138,9 @@ mod tests {
 
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
     const PIN: &str = "5678";
-    const TOKENS: [&str; 5] = ["t-files", "t-gen", "t-errors", "t-remove", "t-rcgen"];
+    const TOKENS: [&str; 6] = [
+        "t-files", "t-gen", "t-errors", "t-remove", "t-rcgen", "t-stress",
+    ];
 
     struct Hsm {
         dir: PathBuf,
@@ -1295,21 +1372,7 @@ mod tests {
         key.probe().unwrap();
         assert!(key.is_available());
         // Find this token's directory (SoftHSM2 names it by serial).
-        let tokens = h.dir.join("tokens");
-        let token_dir = std::fs::read_dir(&tokens)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| {
-                std::fs::read_dir(p).unwrap().any(|f| {
-                    let f = f.unwrap().path();
-                    f.ends_with("token.object")
-                        && std::fs::read(&f)
-                            .unwrap()
-                            .windows(8)
-                            .any(|w| w == b"t-remove")
-                })
-            })
-            .expect("token directory");
+        let token_dir = token_dir(h, "t-remove");
         let away = h.dir.join("removed");
         std::fs::rename(&token_dir, &away).unwrap();
         let e = key.probe().unwrap_err();
@@ -1325,5 +1388,67 @@ mod tests {
         assert!(seen.contains(&OpResult::Failed), "{seen:?}");
         assert!(seen.contains(&OpResult::Unavailable), "{seen:?}");
         assert_eq!(seen.last(), Some(&OpResult::Ok));
+    }
+
+    /// The directory SoftHSM2 keeps `label`'s token in (named by serial).
+    fn token_dir(h: &Hsm, label: &str) -> PathBuf {
+        std::fs::read_dir(h.dir.join("tokens"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                std::fs::read(p.join("token.object"))
+                    .map(|b| b.windows(label.len()).any(|w| w == label.as_bytes()))
+                    .unwrap_or(false)
+            })
+            .expect("token directory")
+    }
+
+    /// Signers on several threads while the token goes away and comes back
+    /// twice: every signature is either valid or an error (never a crash or
+    /// a wrong signature), and the key works afterwards.
+    #[test]
+    fn concurrent_signers_survive_removal_and_reinitialisation() {
+        let Some(h) = hsm() else { return };
+        let s = spec(h, "t-stress");
+        let key = Pkcs11Key::generate(&s, "k", KeyType::EcdsaP256).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..4)
+            .map(|i| {
+                let key = key.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0u32, 0u32);
+                    while !stop.load(Ordering::Relaxed) {
+                        let msg = format!("worker {i} {ok} {failed}");
+                        match key.sign_raw(msg.as_bytes()) {
+                            Ok(sig) => {
+                                verify(&key, msg.as_bytes(), &sig);
+                                ok += 1;
+                            }
+                            Err(_) => failed += 1,
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        let dir = token_dir(h, "t-stress");
+        let away = h.dir.join("stress-away");
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(200));
+            std::fs::rename(&dir, &away).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::rename(&away, &dir).unwrap();
+            std::thread::sleep(REOPEN_INTERVAL + Duration::from_millis(300));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut total_ok = 0;
+        for w in workers {
+            let (ok, _) = w.join().unwrap();
+            total_ok += ok;
+        }
+        assert!(total_ok > 0);
+        key.probe().unwrap();
+        assert!(key.is_available());
     }
 }
