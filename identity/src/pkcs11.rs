@@ -526,7 +526,10 @@ impl TokenSpec {
             if label == self.token_label {
                 return Ok(Ok(slot));
             }
-            present.push(label);
+            // An uninitialised token (SoftHSM2's free slot) has no label.
+            if info.token_initialized() && !label.is_empty() {
+                present.push(label);
+            }
         }
         Ok(Err(if present.is_empty() {
             "none".to_owned()
