@@ -612,6 +612,62 @@ mod tests {
             );
         }
 
+        #[tokio::test]
+        async fn a_new_certificate_for_the_token_key_is_reloaded_and_one_for_another_key_refused() {
+            use crate::identity::reload::{IdentityFiles, ReloadOutcome, Reloader};
+            use crate::identity::store::IdentityStore;
+            let dir = tempfile::tempdir().expect("temp dir");
+            let Some(p) = token("kp-reload", dir.path()) else {
+                return;
+            };
+            let pki = Pki::shared(TD);
+            let key =
+                Pkcs11Key::generate(&spec(&p), &p.key_label, KeyType::EcdsaP256).expect("generate");
+            let write_chain = |chain: &[rustls_pki_types::CertificateDer<'_>]| {
+                let pem: String = chain
+                    .iter()
+                    .map(|c| keyproof_identity::keys::cert_pem(c))
+                    .collect();
+                std::fs::write(dir.path().join("tls.crt"), pem).expect("cert");
+            };
+            let csr = keyproof_ca::client::token_csr(&key, pki.id(API).as_str()).expect("CSR");
+            write_chain(&pki.issue_for_csr(API, &csr));
+            std::fs::write(dir.path().join("bundle.pem"), pki.bundle_pem()).expect("bundle");
+            let cfg = files_config(dir.path(), &p);
+            let token = TokenKey::open(&p, None).expect("token");
+            let id = Identity::load_with(&cfg, Some(token.clone()), BOTH).expect("identity");
+            let serial = id.serial.clone();
+            let store = IdentityStore::new(id);
+            let metrics = crate::metrics::Metrics::new().expect("metrics");
+            let mut reloader = Reloader::new(
+                IdentityFiles {
+                    cert: dir.path().join("tls.crt"),
+                    key: None,
+                    bundle: dir.path().join("bundle.pem"),
+                },
+                store.clone(),
+                metrics,
+                BOTH.to_vec(),
+            )
+            .with_token(Some(token));
+            assert_eq!(reloader.check().await, ReloadOutcome::Unchanged);
+            // A renewed certificate for the same token key.
+            let csr = keyproof_ca::client::token_csr(&key, pki.id(API).as_str()).expect("CSR");
+            write_chain(&pki.issue_for_csr(API, &csr));
+            assert_eq!(reloader.check().await, ReloadOutcome::Applied);
+            assert_ne!(store.current().serial, serial);
+            assert_eq!(store.current().key.location(), KeyLocation::Pkcs11);
+            // A certificate for a key that is not the token's: refused
+            // (after the settle time), the token identity keeps serving.
+            let applied = store.current().serial.clone();
+            write_chain(&pki.issue(API).chain);
+            assert_eq!(
+                reloader.check().await,
+                ReloadOutcome::Rejected("key_mismatch")
+            );
+            assert_eq!(store.current().serial, applied);
+        }
+
         #[test]
         fn token_problems_at_startup_name_the_pkcs11_key_and_never_the_pin() {
             let dir = tempfile::tempdir().expect("temp dir");
