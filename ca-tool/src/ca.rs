@@ -524,16 +524,27 @@ fn resolved(path: &Path) -> Option<PathBuf> {
 /// in an existing directory, and not there yet (a key is never replaced).
 pub(crate) fn check_offline_key_path(dir: &Path, flag: &str, path: &Path) -> Result<(), CaError> {
     let bad = |why: &str| CaError::KeyAccess(format!("--{flag} {}: {why}", path.display()));
-    let target = resolved(path).ok_or_else(|| {
-        bad("its directory does not exist (the offline key is created, its directory is not)")
-    })?;
-    let ca_dir = resolved(dir).unwrap_or_else(|| dir.to_owned());
-    if target.starts_with(&ca_dir) {
-        return Err(bad(&format!(
+    let inside = |ca_dir: &Path| {
+        bad(&format!(
             "is inside the CA directory {}; an offline root key must live elsewhere (another \
              machine, removable media)",
             ca_dir.display()
-        )));
+        ))
+    };
+    // Spelled inside (before anything is resolved: the directory may not
+    // exist yet)...
+    if let (Ok(p), Ok(d)) = (std::path::absolute(path), std::path::absolute(dir)) {
+        if p.starts_with(&d) {
+            return Err(inside(dir));
+        }
+    }
+    let target = resolved(path).ok_or_else(|| {
+        bad("its directory does not exist (the offline key is created, its directory is not)")
+    })?;
+    // ...or leading inside through links and `..`.
+    let ca_dir = resolved(dir).unwrap_or_else(|| dir.to_owned());
+    if target.starts_with(&ca_dir) {
+        return Err(inside(&ca_dir));
     }
     if fs::symlink_metadata(path).is_ok() {
         return Err(bad("already exists; keyproof-ca never replaces a key file"));
@@ -1159,5 +1170,273 @@ mod lifetime_tests {
         assert!(matches!(err, CaError::DanglingLink { .. }), "{err}");
         assert!(err.to_string().contains("--dir"), "{err}");
         assert!(!tmp.path().join("nowhere").exists());
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use crate::cakey::OfflineRef;
+    use crate::csr::SubjectKey;
+    use crate::issue::IssueRequest;
+    use crate::rotate;
+    use keyproof_identity::spiffe::SpiffeId;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn opts() -> InitOptions {
+        InitOptions {
+            trust_domain: TrustDomain::parse("keys.test").unwrap(),
+            key_type: KeyType::EcdsaP256,
+            root_ttl: 365 * DAY,
+            intermediate_ttl: 30 * DAY,
+        }
+    }
+
+    fn offline(path: &Path) -> InitKeys {
+        InitKeys {
+            intermediate: KeyHome::Dir,
+            root: KeyHome::Offline(path.to_owned()),
+        }
+    }
+
+    fn access(root_key: Option<&Path>) -> KeyAccess {
+        KeyAccess {
+            root_key: root_key.map(Path::to_path_buf),
+            ..KeyAccess::default()
+        }
+    }
+
+    fn issue(ca: &Ca) {
+        let kp = KeyType::EcdsaP256.generate().unwrap();
+        let req = IssueRequest {
+            spiffe_id: SpiffeId::parse("spiffe://keys.test/web").unwrap(),
+            key: SubjectKey::from_key_pair(&kp, KeyType::EcdsaP256),
+            ttl: DAY,
+            dns: Vec::new(),
+        };
+        ca.issue(&req, "test").unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_file_ca_writes_ca_json_as_before_and_an_old_one_still_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        Ca::init(&dir, &opts()).unwrap();
+        let json = fs::read_to_string(dir.join(files::STATE)).unwrap();
+        assert!(!json.contains("\"keys\""), "{json}");
+        assert!(dir.join(files::ROOT_KEY).exists());
+        // A ca.json from before `rotation` and `keys` existed.
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().remove("rotation");
+        fs::write(dir.join(files::STATE), v.to_string()).unwrap();
+        let ca = Ca::open(&dir).unwrap();
+        assert!(ca.state().keys.is_default());
+        assert_eq!(ca.intermediate_key().unwrap().kind(), "file");
+        issue(&ca);
+        // Unknown members are still refused.
+        v["keys"] = serde_json::json!({"root": {"hsm": {}}});
+        fs::write(dir.join(files::STATE), v.to_string()).unwrap();
+        assert!(matches!(Ca::open(&dir), Err(CaError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_offline_root_is_written_outside_the_directory_and_needed_only_to_rotate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let root_key = tmp.path().join("root.key");
+        let ca = Ca::init_with(&dir, &opts(), &offline(&root_key)).unwrap();
+        assert!(!dir.join(files::ROOT_KEY).exists());
+        assert!(dir.join(files::INT_KEY).exists());
+        assert_eq!(mode(&root_key), 0o600);
+        assert_eq!(
+            ca.state().keys.root,
+            KeyLocation::Offline(OfflineRef {
+                written_to: root_key.clone()
+            })
+        );
+        // Issuing never needs the root.
+        issue(&ca);
+        // Rotating the intermediate does, and says how to give it.
+        let err = rotate::intermediate(&dir, DAY, &access(None)).unwrap_err();
+        assert!(matches!(err, CaError::RootKeyOffline(_)), "{err}");
+        assert!(err.to_string().contains("--root-key FILE"), "{err}");
+        assert!(err.to_string().contains("root.key"), "{err}");
+        // Not any key: the root's.
+        let other = tmp.path().join("other.key");
+        fs::write(
+            &other,
+            KeyType::EcdsaP256.generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let err = rotate::intermediate(&dir, DAY, &access(Some(&other))).unwrap_err();
+        assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
+        let err =
+            rotate::intermediate(&dir, DAY, &access(Some(&tmp.path().join("nope")))).unwrap_err();
+        assert!(err.to_string().contains("--root-key"), "{err}");
+        let before = fs::read(dir.join(files::INT_CRT)).unwrap();
+        rotate::intermediate(&dir, DAY, &access(Some(&root_key))).unwrap();
+        assert_ne!(fs::read(dir.join(files::INT_CRT)).unwrap(), before);
+        issue(&Ca::open(&dir).unwrap());
+        assert!(!dir.join(files::ROOT_KEY).exists());
+    }
+
+    #[test]
+    fn a_root_rotation_keeps_an_offline_root_offline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let root_key = tmp.path().join("root.key");
+        Ca::init_with(&dir, &opts(), &offline(&root_key)).unwrap();
+        let err = rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), None).unwrap_err();
+        assert!(matches!(err, CaError::RootKeyOffline(_)), "{err}");
+        assert!(err.to_string().contains("--root-key-out"), "{err}");
+        for inside in [dir.join("next.key"), dir.join("next/root.key")] {
+            let err = rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&inside))
+                .unwrap_err();
+            assert!(err.to_string().contains("inside the CA directory"), "{err}");
+        }
+        let err =
+            rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&root_key)).unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert!(!dir.join(files::NEXT).exists());
+        let new_key = tmp.path().join("root-2.key");
+        rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&new_key)).unwrap();
+        assert_eq!(mode(&new_key), 0o600);
+        assert!(!dir.join(files::NEXT).join(files::ROOT_KEY).exists());
+        rotate::activate(&dir, &access(None)).unwrap();
+        rotate::finish(&dir, true).unwrap();
+        let ca = Ca::open(&dir).unwrap();
+        assert!(!dir.join(files::ROOT_KEY).exists());
+        assert!(
+            matches!(&ca.state().keys.root, KeyLocation::Offline(o) if o.written_to == new_key)
+        );
+        assert!(ca.state().keys.next_root.is_file());
+        issue(&ca);
+        // The old root key no longer signs intermediates; the new one does.
+        assert!(matches!(
+            rotate::intermediate(&dir, DAY, &access(Some(&root_key))),
+            Err(CaError::KeyMismatch { .. })
+        ));
+        rotate::intermediate(&dir, DAY, &access(Some(&new_key))).unwrap();
+    }
+
+    #[test]
+    fn a_root_in_the_directory_can_move_offline_at_a_root_rotation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        Ca::init(&dir, &opts()).unwrap();
+        let new_key = tmp.path().join("root-2.key");
+        rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&new_key)).unwrap();
+        rotate::activate(&dir, &access(None)).unwrap();
+        // The old root's key is archived, not left looking current.
+        assert!(!dir.join(files::ROOT_KEY).exists());
+        let archived = fs::read_dir(dir.join(files::ARCHIVE))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with("-root.key"));
+        assert!(archived);
+        let err = rotate::intermediate(&dir, DAY, &access(None)).unwrap_err();
+        assert!(err.to_string().contains("--root-key FILE"), "{err}");
+        rotate::intermediate(&dir, DAY, &access(Some(&new_key))).unwrap();
+    }
+
+    #[test]
+    fn root_key_out_is_refused_inside_the_directory_or_over_a_file_and_nothing_is_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let existing = tmp.path().join("exists.key");
+        fs::write(&existing, "x").unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        fs::create_dir(&dir).unwrap();
+        fs::create_dir(tmp.path().join("x")).unwrap();
+        for (path, why) in [
+            (dir.join("root.key"), "inside the CA directory"),
+            (link.join("root.key"), "inside the CA directory"),
+            (
+                tmp.path().join("x/../ca/root.key"),
+                "inside the CA directory",
+            ),
+            (existing.clone(), "already exists"),
+            (tmp.path().join("no/such/root.key"), "does not exist"),
+        ] {
+            let err = Ca::init_with(&dir, &opts(), &offline(&path)).err().unwrap();
+            assert!(err.to_string().contains("--root-key-out"), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+            assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        }
+        assert_eq!(fs::read(&existing).unwrap(), b"x");
+        // A directory that does not exist yet is inside all the same.
+        let fresh = tmp.path().join("fresh");
+        let err = Ca::init_with(&fresh, &opts(), &offline(&fresh.join("root.key")))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("inside the CA directory"), "{err}");
+        assert!(!fresh.exists());
+        // The intermediate is never offline.
+        let err = Ca::init_with(
+            &fresh,
+            &opts(),
+            &InitKeys {
+                intermediate: KeyHome::Offline(tmp.path().join("i.key")),
+                root: KeyHome::Dir,
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, CaError::KeyAccess(_)), "{err}");
+        assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn a_root_key_missing_from_the_directory_is_named_and_a_token_root_refuses_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        Ca::init(&dir, &opts()).unwrap();
+        let moved = tmp.path().join("moved.key");
+        fs::rename(dir.join(files::ROOT_KEY), &moved).unwrap();
+        let err = rotate::intermediate(&dir, DAY, &access(None)).unwrap_err();
+        assert!(matches!(err, CaError::RootKeyOffline(_)), "{err}");
+        rotate::intermediate(&dir, DAY, &access(Some(&moved))).unwrap();
+        let report = crate::check::check_dir(&dir, None, &access(None)).unwrap();
+        let text = report.render();
+        assert_eq!(report.exit_code(), 0, "{text}");
+        assert!(
+            text.contains(
+                "ok   intermediate key: file intermediate.key in the CA directory: signs"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("ok   root key: not in the CA directory"),
+            "{text}"
+        );
+        // A root recorded in a token takes no --root-key (and the token is
+        // not even tried).
+        let mut state = Ca::open(&dir).unwrap().state().clone();
+        state.keys.root = KeyLocation::Pkcs11(crate::cakey::TokenKeyRef {
+            module: "/nonexistent/module.so".into(),
+            token_label: "t".into(),
+            pin_file: "/nonexistent/pin".into(),
+            label: "keyproof-root-000000000000".into(),
+        });
+        write_state(&dir, &state).unwrap();
+        let err = rotate::intermediate(&dir, DAY, &access(Some(&moved))).unwrap_err();
+        assert!(matches!(err, CaError::KeyAccess(_)), "{err}");
+        assert!(err.to_string().contains("PKCS#11 token"), "{err}");
+        let err = rotate::prepare(
+            &dir,
+            365 * DAY,
+            30 * DAY,
+            &access(None),
+            Some(&tmp.path().join("n.key")),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--root-key-out"), "{err}");
     }
 }
