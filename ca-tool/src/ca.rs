@@ -523,6 +523,9 @@ fn resolved(path: &Path) -> Option<PathBuf> {
 /// the CA in `dir` (which need not exist yet): outside the CA directory,
 /// in an existing directory, and not there yet (a key is never replaced).
 pub(crate) fn check_offline_key_path(dir: &Path, flag: &str, path: &Path) -> Result<(), CaError> {
+    if is_stdout(path) {
+        return Ok(());
+    }
     let bad = |why: &str| CaError::KeyAccess(format!("--{flag} {}: {why}", path.display()));
     let inside = |ca_dir: &Path| {
         bad(&format!(
@@ -552,7 +555,14 @@ pub(crate) fn check_offline_key_path(dir: &Path, flag: &str, path: &Path) -> Res
     Ok(())
 }
 
-/// Writes an offline key to `path` (mode 0600), never replacing a file.
+/// `-` as an offline key path: the key goes to standard output (for a CA
+/// run through `kubectl exec`, whose image has no shell to copy a file out).
+pub fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Writes an offline key to `path` (mode 0600), never replacing a file, or
+/// as PEM to standard output for `-`.
 pub(crate) fn write_offline_key(flag: &str, path: &Path, key: &CaKey) -> Result<(), CaError> {
     let CaKey::File(k) = key else {
         return Err(CaError::KeyAccess(format!(
@@ -560,6 +570,14 @@ pub(crate) fn write_offline_key(flag: &str, path: &Path, key: &CaKey) -> Result<
         )));
     };
     let err = |e: std::io::Error| CaError::KeyAccess(format!("--{flag} {}: {e}", path.display()));
+    if is_stdout(path) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        return out
+            .write_all(k.serialize_pem().as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(err);
+    }
     fsutil::stage(path, k.serialize_pem().as_bytes(), SECRET)
         .and_then(|s| s.commit(path, false))
         .map_err(err)
