@@ -128,6 +128,29 @@ pub enum CaError {
     /// The CA was opened without its signing key ([`Ca::open_public`]).
     #[error("the CA was opened without its signing key")]
     NoSigningKey,
+    /// A step failed after generating keys in a token, which keeps them.
+    #[error("{error} (keys generated in the token for this step are left there unused: {keys})")]
+    LeftInToken { error: Box<CaError>, keys: String },
+}
+
+/// Names the token keys a failed step generated (a token keeps every key it
+/// is given; the operator may delete them).
+pub(crate) fn left_in_token(error: CaError, made: &[&KeyLocation]) -> CaError {
+    let keys: Vec<String> = made
+        .iter()
+        .filter_map(|l| match l {
+            KeyLocation::Pkcs11(t) => Some(t.uri()),
+            _ => None,
+        })
+        .collect();
+    if keys.is_empty() {
+        error
+    } else {
+        CaError::LeftInToken {
+            error: Box::new(error),
+            keys: keys.join(", "),
+        }
+    }
 }
 
 /// Turns rcgen's error for a failed remote key into the token's own error.
@@ -756,7 +779,8 @@ impl Ca {
             &root.cert,
             &root.key,
             &keys.intermediate,
-        )?;
+        )
+        .map_err(|e| left_in_token(e, &[&root.location]))?;
         let state = CaState {
             version: 1,
             trust_domain: opts.trust_domain.to_string(),
@@ -770,9 +794,11 @@ impl Ca {
                 ..CaKeys::default()
             },
         };
+        let made = [&root.location, &int.location];
         let offline = match &keys.root {
             KeyHome::Offline(path) => {
-                write_offline_key("root-key-out", path, &root.key)?;
+                write_offline_key("root-key-out", path, &root.key)
+                    .map_err(|e| left_in_token(e, &made))?;
                 Some(path.clone())
             }
             _ => None,
@@ -780,9 +806,11 @@ impl Ca {
         let written = Ca::write_new(dir, existing, parent, &state, &root, &int);
         if let (Err(_), Some(path)) = (&written, &offline) {
             // The key of a CA that does not exist.
-            let _ = fs::remove_file(path);
+            if !is_stdout(path) {
+                let _ = fs::remove_file(path);
+            }
         }
-        written?;
+        written.map_err(|e| left_in_token(e, &made))?;
         Ca::open(dir)
     }
 

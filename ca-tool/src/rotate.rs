@@ -20,9 +20,9 @@ use time::OffsetDateTime;
 
 use crate::bundle;
 use crate::ca::{
-    self, check_ca_lifetimes, check_offline_key_path, files, first_cert, io_err, new_intermediate,
-    new_root, open_key, write_offline_key, write_pair, write_state, Ca, CaError, Lifetime,
-    RotationStage,
+    self, check_ca_lifetimes, check_offline_key_path, files, first_cert, io_err, left_in_token,
+    new_intermediate, new_root, open_key, write_offline_key, write_pair, write_state, Ca, CaError,
+    Lifetime, RotationStage,
 };
 use crate::cakey::{KeyAccess, KeyHome, KeyLocation};
 use crate::fsutil::{self, PUBLIC};
@@ -123,14 +123,18 @@ pub fn intermediate(dir: &Path, ttl: Duration, access: &KeyAccess) -> Result<Str
         &home,
     )?;
     let old = ca.state().keys.intermediate.clone();
-    archive(dir, files::INT_CRT)?;
-    archive_key(dir, "intermediate", &old)?;
-    write_pair(dir, "intermediate", &int)?;
-    if int.location != old {
-        let mut state = ca.state().clone();
-        state.keys.intermediate = int.location.clone();
-        write_state(dir, &state)?;
-    }
+    let install = || -> Result<(), CaError> {
+        archive(dir, files::INT_CRT)?;
+        archive_key(dir, "intermediate", &old)?;
+        write_pair(dir, "intermediate", &int)?;
+        if int.location != old {
+            let mut state = ca.state().clone();
+            state.keys.intermediate = int.location.clone();
+            write_state(dir, &state)?;
+        }
+        Ok(())
+    };
+    install().map_err(|e| left_in_token(e, &[&int.location]))?;
     Ok(format!(
         "new intermediate {} valid until {} (key: {}); the bundle is unchanged",
         keys::fingerprint(&int.cert),
@@ -188,14 +192,8 @@ pub fn prepare(
         &root.cert,
         &root.key,
         &int_home,
-    )?;
-    if let KeyHome::Offline(path) = &root_home {
-        write_offline_key("root-key-out", path, &root.key)?;
-    }
-    let next = dir.join(files::NEXT);
-    fs::create_dir_all(&next).map_err(io_err(&next))?;
-    write_pair(&next, "root", &root)?;
-    write_pair(&next, "intermediate", &int)?;
+    )
+    .map_err(|e| left_in_token(e, &[&root.location]))?;
     let mut state = ca.state().clone();
     state.spiffe_sequence += 1;
     state.rotation = RotationStage::Prepared;
@@ -203,8 +201,18 @@ pub fn prepare(
     state.keys.next_intermediate = int.location.clone();
     let mut roots = ca.bundle().to_vec();
     roots.push(root.cert.clone());
-    bundle::write(dir, state.bundle_meta(), &roots)?;
-    write_state(dir, &state)?;
+    let install = || -> Result<(), CaError> {
+        if let KeyHome::Offline(path) = &root_home {
+            write_offline_key("root-key-out", path, &root.key)?;
+        }
+        let next = dir.join(files::NEXT);
+        fs::create_dir_all(&next).map_err(io_err(&next))?;
+        write_pair(&next, "root", &root)?;
+        write_pair(&next, "intermediate", &int)?;
+        bundle::write(dir, state.bundle_meta(), &roots)?;
+        write_state(dir, &state)
+    };
+    install().map_err(|e| left_in_token(e, &[&root.location, &int.location]))?;
     Ok(format!(
         "prepared: the bundle now holds {} roots (spiffe_sequence {}); issuance stays on the old chain.\n\
          New root key: {}; new intermediate key: {}.\n\
