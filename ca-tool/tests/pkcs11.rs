@@ -351,3 +351,109 @@ fn the_token_flags_go_together() {
     assert_eq!(out.status.code(), Some(2));
     assert!(!d.exists());
 }
+
+/// `GET path` on the admin listener: (status, body).
+fn admin_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+/// Kills the server when the test ends, however it ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_is_unready_while_its_token_is_gone_and_recovers_without_a_restart() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let hsm = Hsm::new();
+    let pin = hsm.token("ca", "5678");
+    let dir = hsm.path("ca");
+    let d = dir.to_str().unwrap();
+    hsm.ok(&[
+        "init",
+        "--dir",
+        d,
+        "--trust-domain",
+        "hsm.test",
+        "--pkcs11-module",
+        MODULE,
+        "--pkcs11-token",
+        "ca",
+        "--pin-file",
+        pin.to_str().unwrap(),
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyproof-ca"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env("RUST_LOG", "info")
+        .args(["serve", "--dir", d, "--listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let server = Server(child);
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let admin = loop {
+        let line = lines.next().expect("serve exited before serving").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(a) = v["fields"]["admin_listen"].as_str() {
+            break a.to_owned();
+        }
+    };
+    // Keep reading the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    assert_eq!(admin_get(&admin, "/ready").0, 200);
+    let wait_for = |want: u16| {
+        let start = Instant::now();
+        loop {
+            let (status, body) = admin_get(&admin, "/ready");
+            if status == want {
+                return body;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "/ready stayed {status}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    // The token goes away: the periodic probe notices.
+    let tokens = hsm.path("tokens");
+    let away = hsm.path("tokens.away");
+    std::fs::rename(&tokens, &away).unwrap();
+    std::fs::create_dir(&tokens).unwrap();
+    let body = wait_for(503);
+    assert!(body.contains("intermediate key"), "{body}");
+    let (_, metrics) = admin_get(&admin, "/metrics");
+    assert!(metrics.contains("keyproof_ca_ready 0"), "{metrics}");
+    assert!(
+        !metrics.contains("keyproof_ca_key_operations_total{result=\"failed\"} 0"),
+        "{metrics}"
+    );
+    // Back: ready again, same process.
+    std::fs::remove_dir(&tokens).unwrap();
+    std::fs::rename(&away, &tokens).unwrap();
+    wait_for(200);
+    drop(server);
+}
