@@ -910,8 +910,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::from(report.exit_code() as u8));
         }
         Command::Bundle(a) => {
-            // The bundle is public: no key is opened.
-            let ca = Ca::open_public(&a.dir)?;
+            // Opens the CA as `issue` does (a missing or unreadable
+            // intermediate key is an error here too), though only the
+            // public bundle is printed.
+            let ca = Ca::open(&a.dir)?;
             match a.format {
                 BundleFormat::Pem => print!("{}", ca.bundle_pem()),
                 BundleFormat::Spiffe => print!("{}", ca.bundle_spiffe_json()),
