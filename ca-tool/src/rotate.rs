@@ -10,6 +10,16 @@
 //! 2. `activate`: issuance moves to the new chain; bundle unchanged.
 //! 3. `finish`: bundle = new root only; refused while the ledger holds
 //!    unexpired certificates from the old root (unless forced).
+//!
+//! Keys (see [`crate::cakey`]): a new key is made where the one it replaces
+//! lives: in the directory, or in the same token under a new label. An
+//! offline root's successor goes to the file `prepare` is given
+//! (`--root-key-out`), and `rotate intermediate` takes an offline root from
+//! `--root-key`. Only `rotate intermediate` needs the current root key;
+//! `prepare` needs none of the current keys (the new root signs the new
+//! intermediate), `activate` checks the prepared intermediate key signs,
+//! `finish` needs no key. Retired keys in a token stay there, named in a
+//! note in `archive/`.
 
 use std::fs;
 use std::path::Path;
