@@ -38,14 +38,28 @@ use crate::cakey::{KeyAccess, KeyHome, KeyLocation};
 use crate::fsutil::{self, PUBLIC};
 use crate::ledger;
 
+/// A name in `archive/` for `name` that nothing has taken: prefixed with the
+/// time in nanoseconds (not [`ca::now`], which is whole seconds: two steps
+/// in the same second must not overwrite each other's archive).
+fn archive_path(dir: &Path, name: &str) -> Result<std::path::PathBuf, CaError> {
+    let adir = dir.join(files::ARCHIVE);
+    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
+    let mut t = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    loop {
+        let dst = adir.join(format!("{t}-{name}"));
+        if fs::symlink_metadata(&dst).is_err() {
+            return Ok(dst);
+        }
+        t += 1;
+    }
+}
+
 fn archive(dir: &Path, name: &str) -> Result<(), CaError> {
     let src = dir.join(name);
     if !src.exists() {
         return Ok(());
     }
-    let adir = dir.join(files::ARCHIVE);
-    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
-    let dst = adir.join(format!("{}-{name}", ca::now().unix_timestamp_nanos()));
+    let dst = archive_path(dir, name)?;
     fs::copy(&src, &dst).map_err(io_err(&dst))?;
     Ok(())
 }
@@ -71,13 +85,7 @@ fn archive_key(dir: &Path, stem: &str, loc: &KeyLocation) -> Result<(), CaError>
             o.written_to.display()
         ),
     };
-    let adir = dir.join(files::ARCHIVE);
-    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
-    let path = adir.join(format!(
-        "{}-{stem}.key.{}.json",
-        ca::now().unix_timestamp_nanos(),
-        loc.kind()
-    ));
+    let path = archive_path(dir, &format!("{stem}.key.{}.json", loc.kind()))?;
     let body = serde_json::json!({
         "key": stem,
         "location": loc,
