@@ -108,6 +108,10 @@ enum Command {
     Init(InitArgs),
     /// Issue an X.509-SVID from a CSR or with a newly generated key.
     Issue(IssueArgs),
+    /// Make a certificate signing request with a key held in a PKCS#11
+    /// token (generating the key there with --generate), for `issue --csr`:
+    /// the key never leaves the token.
+    Csr(CsrArgs),
     /// Show what a certificate file holds and which SVID rules it passes;
     /// exit 2 if a rule (or the chain, with --bundle) fails.
     Inspect(InspectArgs),
@@ -358,6 +362,36 @@ struct IssueArgs {
     dns: Vec<String>,
     #[command(flatten)]
     pin: PinArgs,
+}
+
+#[derive(Args)]
+struct CsrArgs {
+    /// The SPIFFE ID the request names (the CA certifies the ID it is told
+    /// with `issue --spiffe-id`; this one is informational).
+    #[arg(long)]
+    spiffe_id: String,
+    /// Path of the PKCS#11 module (.so).
+    #[arg(long, value_name = "MODULE")]
+    pkcs11_module: PathBuf,
+    /// Label of the token holding the key.
+    #[arg(long, value_name = "LABEL")]
+    pkcs11_token: String,
+    /// File holding the token's user PIN.
+    #[arg(long, value_name = "FILE")]
+    pin_file: PathBuf,
+    /// CKA_LABEL of the key pair (`[identity.pkcs11] key_label`).
+    #[arg(long, value_name = "LABEL")]
+    key_label: String,
+    /// Generate the key pair in the token when no key has this label
+    /// (sensitive, not extractable).
+    #[arg(long)]
+    generate: bool,
+    /// Key type for --generate.
+    #[arg(long, default_value = "ecdsa-p256", requires = "generate")]
+    key_type: KeyType,
+    /// Where to write the PEM request (`-`: standard output).
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -614,6 +648,37 @@ fn init(a: InitArgs) -> Result<()> {
     } else {
         println!("{msg}");
     }
+    Ok(())
+}
+
+fn make_csr(a: CsrArgs) -> Result<()> {
+    use keyproof_identity::pkcs11::Pkcs11Key;
+    SpiffeId::parse(&a.spiffe_id).context("--spiffe-id")?;
+    let spec = TokenSpec {
+        module: a.pkcs11_module,
+        token_label: a.pkcs11_token,
+        pin_file: a.pin_file,
+    };
+    let (key, generated) = if a.generate {
+        Pkcs11Key::open_or_generate(&spec, &a.key_label, a.key_type)?
+    } else {
+        (Pkcs11Key::open(&spec, &a.key_label)?, false)
+    };
+    let pem = keyproof_ca::client::token_csr(&key, &a.spiffe_id)?;
+    if a.out.as_os_str() == "-" {
+        print!("{pem}");
+    } else {
+        fsutil::write_atomic(&a.out, pem.as_bytes(), PUBLIC)
+            .with_context(|| format!("--out {}", a.out.display()))?;
+    }
+    eprintln!(
+        "{} key {} ({}); request for {} written to {}",
+        if generated { "generated" } else { "used" },
+        key.uri(),
+        key.key_type(),
+        a.spiffe_id,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -933,6 +998,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::K8sJwks(a) => k8s_jwks(a)?,
         Command::K8sBundle(a) => k8s_bundle(a)?,
         Command::Renew(a) => return renew(a),
+        Command::Csr(a) => make_csr(a)?,
         Command::Token(TokenCommand::Create {
             dir,
             spiffe_id,

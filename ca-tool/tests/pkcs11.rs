@@ -457,3 +457,80 @@ fn serve_is_unready_while_its_token_is_gone_and_recovers_without_a_restart() {
     wait_for(200);
     drop(server);
 }
+
+/// `csr` makes a request signed in the token (generating the key there),
+/// `issue --csr` certifies it: the way to a certificate file for
+/// `[identity.files]` with `[identity.pkcs11]`, no key file on the way.
+#[test]
+fn csr_from_a_token_key_is_issued_for_that_key() {
+    let hsm = Hsm::new();
+    let pin = hsm.token("workload", "1111");
+    let pin = pin.to_str().unwrap();
+    let dir = hsm.path("ca");
+    let d = dir.to_str().unwrap();
+    hsm.ok(&["init", "--dir", d, "--trust-domain", "csr.test"]);
+    let token = [
+        "--pkcs11-module",
+        MODULE,
+        "--pkcs11-token",
+        "workload",
+        "--pin-file",
+        pin,
+        "--key-label",
+        "web",
+    ];
+    let id = "spiffe://csr.test/ns/a/sa/web";
+    // Without --generate a missing key is an error naming the label.
+    let out = hsm.ca(&[&["csr", "--spiffe-id", id][..], &token[..]].concat());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"web\""),
+        "{out:?}"
+    );
+    let csr = hsm.path("web.csr");
+    let csr = csr.to_str().unwrap();
+    hsm.ok(&[
+        &["csr", "--spiffe-id", id, "--generate", "--out", csr][..],
+        &token[..],
+    ]
+    .concat());
+    let cert = hsm.path("web.crt");
+    let cert = cert.to_str().unwrap();
+    hsm.ok(&[
+        "issue",
+        "--dir",
+        d,
+        "--spiffe-id",
+        id,
+        "--csr",
+        csr,
+        "--cert-out",
+        cert,
+    ]);
+    // Again without --generate: the same key, so the same public key.
+    let again = hsm.ok(&[&["csr", "--spiffe-id", id][..], &token[..]].concat());
+    let pem = std::fs::read_to_string(csr).unwrap();
+    let pk = |csr_pem: &str| {
+        let der = keyproof_identity::keys::certs_from_pem(
+            csr_pem
+                .replace("CERTIFICATE REQUEST", "CERTIFICATE")
+                .as_bytes(),
+        )
+        .unwrap()[0]
+            .to_vec();
+        use x509_parser::prelude::FromDer;
+        let (_, req) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
+        req.certification_request_info.subject_pki.raw.to_vec()
+    };
+    assert_eq!(pk(&pem), pk(&again));
+    let chain = keyproof_identity::keys::certs_from_pem(&std::fs::read(cert).unwrap()).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert_eq!(leaf.public_key().raw, pk(&pem).as_slice());
+    // The CA's own keys are files here; the workload's is nowhere on disk.
+    let stray: Vec<_> = key_files(&hsm.path(""))
+        .into_iter()
+        .filter(|p| !p.starts_with(&dir))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
