@@ -64,10 +64,7 @@ impl TokenKeyRef {
 
     /// The RFC 7512 URI of the private key.
     pub fn uri(&self) -> String {
-        format!(
-            "pkcs11:token={};object={};type=private",
-            self.token_label, self.label
-        )
+        keyproof_identity::pkcs11::key_uri(&self.token_label, &self.label)
     }
 }
 

@@ -150,6 +150,15 @@ pub enum Pkcs11Error {
         /// The return value.
         msg: String,
     },
+    /// Every session this key may open is in use and none came back in
+    /// time: load, not a token failure.
+    #[error("PKCS#11 token {token:?}: all {max} sessions stayed busy")]
+    Busy {
+        /// The token label.
+        token: String,
+        /// The session limit.
+        max: usize,
+    },
     /// The token failed recently and the next attempt to reopen it is not
     /// due yet ([`REOPEN_INTERVAL`]).
     #[error("PKCS#11 token {token:?} is unavailable since its last failure ({last}); retrying")]
@@ -175,6 +184,7 @@ impl Pkcs11Error {
             Pkcs11Error::KeyExists { .. } => "key_exists",
             Pkcs11Error::BadKey { .. } => "bad_key",
             Pkcs11Error::Operation { .. } => "operation",
+            Pkcs11Error::Busy { .. } => "busy",
             Pkcs11Error::Unavailable { .. } => "unavailable",
         }
     }
@@ -223,6 +233,8 @@ struct Inner {
     available: AtomicBool,
     observer: RwLock<Option<Observer>>,
     state: Mutex<State>,
+    /// Signalled when a session goes back to the pool.
+    returned: std::sync::Condvar,
 }
 
 /// What a (re)open establishes, and the pool of sessions on it.
@@ -236,6 +248,14 @@ struct State {
     generation: u64,
     /// When the last failure happened and what it was.
     failed: Option<(Instant, Pkcs11Error)>,
+    /// Sessions open now (idle or in use), bounded by [`MAX_SESSIONS`].
+    sessions: usize,
+    /// A reopen is under way (outside the lock); others fail fast.
+    reopening: bool,
+    /// SHA-256 of a PIN the token refused: never offered again, so that a
+    /// wrong PIN file cannot lock the token by retries; a changed file is
+    /// tried at once.
+    refused_pin: Option<[u8; 32]>,
 }
 
 impl Drop for State {
@@ -258,6 +278,8 @@ struct Pooled {
 #[derive(Clone)]
 struct Open {
     module: Arc<Module>,
+    /// The module epoch the slot and key handles belong to.
+    epoch: u64,
     slot: Slot,
     key: ObjectHandle,
 }
@@ -323,6 +345,11 @@ impl Module {
 /// Sessions kept open for reuse; more are opened under load and closed
 /// when returned to a full pool.
 const MAX_IDLE_SESSIONS: usize = 8;
+/// Sessions open at once per key: tokens allow few (a TPM a handful, a
+/// smart card one or two), and past this a signer waits for one.
+const MAX_SESSIONS: usize = 16;
+/// How long a signer waits for a session before it gives up (`busy`).
+const SESSION_WAIT: Duration = Duration::from_secs(2);
 
 impl fmt::Debug for Pkcs11Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -378,6 +405,11 @@ fn module(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
     if cfg!(target_feature = "crt-static") {
         return Err(module_err(path, STATIC_BUILD));
     }
+    // One entry per library, however its path is spelled (Debian's
+    // libsofthsm2.so is a symbolic link): two entries would initialise one
+    // library twice and finalise it under each other.
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let path = canonical.as_path();
     let mut map = lock(modules());
     if let Some(m) = map.get(path) {
         return Ok(m.clone());
@@ -440,12 +472,51 @@ fn read_pin(path: &Path) -> Result<AuthPin, Pkcs11Error> {
         path: path.display().to_string(),
         msg,
     };
-    let raw = std::fs::read_to_string(path).map_err(|e| pin_err(e.to_string()))?;
+    let raw = read_small(path).map_err(|e| pin_err(e.to_string()))?;
+    let raw = String::from_utf8(raw).map_err(|_| pin_err("not UTF-8".into()))?;
     let pin = raw.trim_end_matches(['\n', '\r']);
     if pin.is_empty() {
         return Err(pin_err("empty".into()));
     }
     Ok(AuthPin::from(pin.to_owned()))
+}
+
+/// A PIN file's content, refusing more than [`MAX_PIN_FILE`] bytes (a
+/// device or a wrong path must not be read forever).
+fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_PIN_FILE + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_PIN_FILE {
+        return Err(std::io::Error::other(format!(
+            "longer than {MAX_PIN_FILE} bytes: not a PIN file"
+        )));
+    }
+    Ok(buf)
+}
+
+/// The longest PIN file read.
+const MAX_PIN_FILE: u64 = 1024;
+
+/// SHA-256 of the PIN file's content as it would be offered, or `None`
+/// when it cannot be read.
+fn pin_digest(path: &Path) -> Option<[u8; 32]> {
+    let raw = read_small(path).ok()?;
+    let mut end = raw.len();
+    while end > 0 && matches!(raw[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    Some(sha256(&raw[..end]))
+}
+
+/// The outcome of one signature attempt.
+enum Attempt {
+    Signed(Vec<u8>),
+    /// The session or handles predate a re-initialisation of the module.
+    Stale,
+    Failed(Pkcs11Error),
 }
 
 impl TokenSpec {
@@ -506,6 +577,7 @@ impl TokenSpec {
         };
         let open = Open {
             module: m.clone(),
+            epoch: m.epoch.load(Ordering::Relaxed),
             slot,
             key,
         };
@@ -547,10 +619,25 @@ impl TokenSpec {
         let result = read_pin(&self.pin_file).and_then(|pin| {
             match p.session.login(UserType::User, Some(&pin)) {
                 Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-                Err(e) => Err(Pkcs11Error::Login {
+                // The PIN itself was refused: `Login`, which is never
+                // retried with the same PIN.
+                Err(
+                    e @ CkError::Pkcs11(
+                        RvError::PinIncorrect
+                        | RvError::PinLocked
+                        | RvError::PinExpired
+                        | RvError::PinLenRange
+                        | RvError::PinInvalid
+                        | RvError::UserPinNotInitialized,
+                        _,
+                    ),
+                ) => Err(Pkcs11Error::Login {
                     token: self.token_label.clone(),
                     msg: rv(&e),
                 }),
+                // A device fault at login (token removed, session gone)
+                // is an operation failure, which reopens.
+                Err(e) => Err(self.op_err("C_Login", &e)),
             }
         });
         match result {
@@ -599,6 +686,28 @@ impl TokenSpec {
             [one] => *one,
             many => return Err(bad(format!("{} private keys share this label", many.len()))),
         };
+        // A key that could be copied out of the token is not what a
+        // `pkcs11` location promises: refused, not reported as such.
+        let guard = session
+            .get_attributes(key, &[AttributeType::Sensitive, AttributeType::Extractable])
+            .map_err(|e| self.op_err("C_GetAttributeValue", &e))?;
+        for a in guard {
+            match a {
+                Attribute::Sensitive(false) => {
+                    return Err(bad(
+                        "the private key is not CKA_SENSITIVE: the token would reveal it".into(),
+                    ))
+                }
+                Attribute::Extractable(true) => {
+                    return Err(bad(
+                        "the private key is CKA_EXTRACTABLE: it could be copied out of the token \
+                         (wrapped); make it with CKA_EXTRACTABLE false"
+                            .into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
         let publics = session
             .find_objects(&[
                 Attribute::Class(ObjectClass::PUBLIC_KEY),
@@ -668,6 +777,9 @@ impl Pkcs11Key {
             idle: vec![session],
             generation: 0,
             failed: None,
+            sessions: 1,
+            reopening: false,
+            refused_pin: None,
         };
         let k = Pkcs11Key {
             inner: Arc::new(Inner {
@@ -678,6 +790,7 @@ impl Pkcs11Key {
                 available: AtomicBool::new(true),
                 observer: RwLock::new(None),
                 state: Mutex::new(state),
+                returned: std::sync::Condvar::new(),
             }),
         };
         // Prove the key signs now, so a key that cannot (no CKA_SIGN, a
@@ -707,6 +820,7 @@ impl Pkcs11Key {
             }
             Err(Pkcs11Error::NoKey { .. }) => {
                 let m = module(&spec.module)?;
+                let _shared = m.shared();
                 let slot = spec
                     .find_slot(&m.ctx)?
                     .map_err(|present| Pkcs11Error::NoToken {
@@ -714,6 +828,7 @@ impl Pkcs11Key {
                         module: spec.module.display().to_string(),
                         present,
                     })?;
+                drop(_shared);
                 (m, slot)
             }
             Err(e) => return Err(e),
@@ -721,8 +836,10 @@ impl Pkcs11Key {
         let shared = m.shared();
         let pooled = spec.login(&m, slot, true)?;
         let session = &pooled.session;
-        if !spec.private_keys(session, key_label)?.is_empty() {
+        let taken = spec.private_keys(session, key_label);
+        if !matches!(&taken, Ok(k) if k.is_empty()) {
             let _ = pooled.session.close();
+            taken?;
             return Err(Pkcs11Error::KeyExists {
                 token: spec.token_label.clone(),
                 label: key_label.to_owned(),
@@ -804,11 +921,7 @@ impl Pkcs11Key {
     /// An RFC 7512 URI naming the key (`pkcs11:token=...;object=...`), for
     /// logs and `/identity`.
     pub fn uri(&self) -> String {
-        format!(
-            "pkcs11:token={};object={};type=private",
-            pct(&self.inner.spec.token_label),
-            pct(&self.inner.label)
-        )
+        key_uri(&self.inner.spec.token_label, &self.inner.label)
     }
 
     /// Sets the observer told the result of every private-key operation
@@ -854,6 +967,8 @@ impl Pkcs11Key {
                 self.observe(OpResult::Ok);
             }
             Err(Pkcs11Error::Unavailable { .. }) => self.observe(OpResult::Unavailable),
+            // Load, not the token: counted, readiness unchanged.
+            Err(Pkcs11Error::Busy { .. }) => self.observe(OpResult::Failed),
             Err(_) => {
                 self.inner.available.store(false, Ordering::Relaxed);
                 self.observe(OpResult::Failed);
@@ -863,122 +978,204 @@ impl Pkcs11Key {
     }
 
     /// One signature: on a pooled session if the token is open, after a
-    /// reopen otherwise; a failure on a pooled session (which may be stale:
-    /// another key reinitialised the module) earns one retry after a reopen.
+    /// reopen otherwise. A session from before a re-initialisation of the
+    /// module (by another key) is stale and is retried on a fresh one
+    /// without counting as a failure; a failure on a pooled session earns
+    /// one retry after a reopen (the token may have been re-enumerated).
     fn sign_once(&self, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
-        let (session, open, generation, fresh) = self.checkout()?;
-        match self.sign_on(&session.session, &open, msg) {
-            Ok(sig) => {
-                self.checkin(&open, session, generation);
-                Ok(sig)
-            }
-            Err(e) => {
-                open.module.close(vec![session]);
-                if fresh {
-                    self.reset(generation, Some(&e));
-                    return Err(e);
+        let mut retried = false;
+        for _ in 0..4 {
+            let (session, open, generation, fresh) = self.checkout()?;
+            match self.sign_on(&session, &open, msg) {
+                Attempt::Signed(sig) => {
+                    self.checkin(&open, session, generation);
+                    return Ok(sig);
                 }
-                // Not marked failed: the retry below reopens at once.
-                self.reset(generation, None);
-                let (session, open, generation, _) = self.checkout()?;
-                match self.sign_on(&session.session, &open, msg) {
-                    Ok(sig) => {
-                        self.checkin(&open, session, generation);
-                        Ok(sig)
-                    }
-                    Err(e) => {
-                        open.module.close(vec![session]);
+                Attempt::Stale => {
+                    self.discard(&open, vec![session]);
+                    self.reset(generation, None);
+                }
+                Attempt::Failed(e) => {
+                    self.discard(&open, vec![session]);
+                    if fresh || retried {
                         self.reset(generation, Some(&e));
-                        Err(e)
+                        return Err(e);
                     }
+                    retried = true;
+                    // Not marked failed: the retry reopens at once.
+                    self.reset(generation, None);
                 }
             }
         }
+        Err(Pkcs11Error::Unavailable {
+            token: self.inner.spec.token_label.clone(),
+            last: "the module was re-initialised under every attempt".into(),
+        })
     }
 
-    fn sign_on(&self, session: &Session, open: &Open, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
+    /// Signs on `session`, with the module held shared so that it cannot be
+    /// re-initialised meanwhile; handles from an earlier epoch are never
+    /// used (their numbers may name another session or object now).
+    fn sign_on(&self, session: &Pooled, open: &Open, msg: &[u8]) -> Attempt {
         let _shared = open.module.shared();
+        let epoch = open.module.epoch.load(Ordering::Relaxed);
+        if session.epoch != epoch || open.epoch != epoch {
+            return Attempt::Stale;
+        }
         let r = match self.inner.key_type {
-            KeyType::EcdsaP256 => session.sign(&Mechanism::Ecdsa, open.key, &sha256(msg)),
-            KeyType::Ed25519 => session.sign(
+            KeyType::EcdsaP256 => session
+                .session
+                .sign(&Mechanism::Ecdsa, open.key, &sha256(msg)),
+            KeyType::Ed25519 => session.session.sign(
                 &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
                 open.key,
                 msg,
             ),
         };
-        let sig = r.map_err(|e| self.inner.spec.op_err("C_Sign", &e))?;
-        let want = match self.inner.key_type {
-            KeyType::EcdsaP256 | KeyType::Ed25519 => 64,
+        let sig = match r {
+            Ok(sig) => sig,
+            Err(e) => return Attempt::Failed(self.inner.spec.op_err("C_Sign", &e)),
         };
-        if sig.len() != want {
-            return Err(Pkcs11Error::BadKey {
+        if sig.len() != 64 {
+            return Attempt::Failed(Pkcs11Error::BadKey {
                 token: self.inner.spec.token_label.clone(),
                 label: self.inner.label.clone(),
                 msg: format!(
-                    "the token returned a {}-byte signature, expected {want}",
+                    "the token returned a {}-byte signature, expected 64",
                     sig.len()
                 ),
             });
         }
-        Ok(sig)
+        Attempt::Signed(sig)
+    }
+
+    fn unavailable(&self, last: impl fmt::Display) -> Pkcs11Error {
+        Pkcs11Error::Unavailable {
+            token: self.inner.spec.token_label.clone(),
+            last: last.to_string(),
+        }
     }
 
     /// A session to sign on: `(session, open, generation, fresh)`, where
-    /// `fresh` says the token was (re)opened just now.
+    /// `fresh` says the token was (re)opened just now. The reopen runs
+    /// outside the lock; signers arriving meanwhile fail fast rather than
+    /// queue behind it.
     fn checkout(&self) -> Result<(Pooled, Open, u64, bool), Pkcs11Error> {
         let mut st = lock(&self.inner.state);
         let mut fresh = false;
         if st.open.is_none() {
+            if st.reopening {
+                return Err(self.unavailable("the token is being reopened"));
+            }
             if let Some((at, last)) = &st.failed {
                 if at.elapsed() < REOPEN_INTERVAL {
-                    return Err(Pkcs11Error::Unavailable {
-                        token: self.inner.spec.token_label.clone(),
-                        last: last.to_string(),
-                    });
+                    return Err(self.unavailable(last));
                 }
             }
-            match self.reopen() {
+            if let Some(refused) = st.refused_pin {
+                if pin_digest(&self.inner.spec.pin_file) == Some(refused) {
+                    let e = self.unavailable(
+                        "the token refused the PIN in the PIN file; it is not offered again \
+                         until the file changes",
+                    );
+                    st.failed = Some((Instant::now(), e.clone()));
+                    return Err(e);
+                }
+            }
+            st.reopening = true;
+            drop(st);
+            let reopened = self.reopen();
+            st = lock(&self.inner.state);
+            st.reopening = false;
+            match reopened {
                 Ok((open, session)) => {
                     st.open = Some(open);
                     st.idle.push(session);
+                    st.sessions += 1;
                     st.failed = None;
+                    st.refused_pin = None;
                     fresh = true;
                 }
                 Err(e) => {
+                    if let Pkcs11Error::Login { .. } = e {
+                        st.refused_pin = pin_digest(&self.inner.spec.pin_file);
+                    }
                     st.failed = Some((Instant::now(), e.clone()));
                     return Err(e);
                 }
             }
         }
-        let Some(open) = st.open.clone() else {
-            return Err(Pkcs11Error::Unavailable {
-                token: self.inner.spec.token_label.clone(),
-                last: "closed".into(),
-            });
-        };
-        let generation = st.generation;
-        if let Some(s) = st.idle.pop() {
-            return Ok((s, open, generation, fresh));
+        let deadline = Instant::now() + SESSION_WAIT;
+        loop {
+            let Some(open) = st.open.clone() else {
+                return Err(self.unavailable("closed after a failure"));
+            };
+            let generation = st.generation;
+            if let Some(s) = st.idle.pop() {
+                return Ok((s, open, generation, fresh));
+            }
+            if st.sessions < MAX_SESSIONS {
+                st.sessions += 1;
+                drop(st);
+                // Logged-in state is per token, not per session: a new
+                // session on the same slot is logged in already.
+                let opened = {
+                    let _shared = open.module.shared();
+                    open.module.session(open.slot, false)
+                };
+                return match opened {
+                    Ok(s) => Ok((s, open, generation, fresh)),
+                    Err(e) => {
+                        self.release(1);
+                        Err(self.inner.spec.op_err("C_OpenSession", &e))
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Pkcs11Error::Busy {
+                    token: self.inner.spec.token_label.clone(),
+                    max: MAX_SESSIONS,
+                });
+            }
+            st = self
+                .inner
+                .returned
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
+    }
+
+    /// Gives `n` session slots back (sessions closed or forgotten).
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut st = lock(&self.inner.state);
+        st.sessions = st.sessions.saturating_sub(n);
         drop(st);
-        // Logged-in state is per token, not per session: a new session on
-        // the same slot is logged in already.
-        let s = {
-            let _shared = open.module.shared();
-            open.module.session(open.slot, false)
-        }
-        .map_err(|e| self.inner.spec.op_err("C_OpenSession", &e))?;
-        Ok((s, open, generation, fresh))
+        self.inner.returned.notify_all();
+    }
+
+    /// Closes sessions (those of an earlier epoch are only forgotten) and
+    /// gives their slots back.
+    fn discard(&self, open: &Open, sessions: Vec<Pooled>) {
+        let n = sessions.len();
+        open.module.close(sessions);
+        self.release(n);
     }
 
     fn checkin(&self, open: &Open, session: Pooled, generation: u64) {
         let mut st = lock(&self.inner.state);
         if st.generation == generation && st.open.is_some() && st.idle.len() < MAX_IDLE_SESSIONS {
             st.idle.push(session);
+            drop(st);
+            self.inner.returned.notify_one();
             return;
         }
         drop(st);
-        open.module.close(vec![session]);
+        self.discard(open, vec![session]);
     }
 
     /// Forgets the open token after a failure (unless a later reset or
@@ -995,7 +1192,7 @@ impl Pkcs11Key {
         st.failed = failure.map(|e| (Instant::now(), e.clone()));
         drop(st);
         if let Some(open) = open {
-            open.module.close(idle);
+            self.discard(&open, idle);
         }
     }
 
@@ -1044,6 +1241,16 @@ fn public_template(params: &[u8], label: &Attribute, id: &[u8]) -> Vec<Attribute
         label.clone(),
         Attribute::Id(id.to_vec()),
     ]
+}
+
+/// The RFC 7512 URI of the private key labelled `key_label` in the token
+/// labelled `token_label`: the one spelling every binary logs and shows.
+pub fn key_uri(token_label: &str, key_label: &str) -> String {
+    format!(
+        "pkcs11:token={};object={};type=private",
+        pct(token_label),
+        pct(key_label)
+    )
 }
 
 /// Percent-encodes what RFC 7512 does not allow bare in a path attribute.
@@ -1160,8 +1367,8 @@ mod tests {
 
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
     const PIN: &str = "5678";
-    const TOKENS: [&str; 6] = [
-        "t-files", "t-gen", "t-errors", "t-remove", "t-rcgen", "t-stress",
+    const TOKENS: [&str; 8] = [
+        "t-files", "t-gen", "t-errors", "t-remove", "t-rcgen", "t-stress", "t-other", "t-pin",
     ];
 
     struct Hsm {
@@ -1439,10 +1646,19 @@ mod tests {
         let Some(h) = hsm() else { return };
         let s = spec(h, "t-stress");
         let key = Pkcs11Key::generate(&s, "k", KeyType::EcdsaP256).unwrap();
+        // A second key of the same module, on a token that stays: every
+        // re-initialisation the first key's reopen does renumbers its
+        // sessions and objects, and it must never sign with a stale handle
+        // (which could name the other key now).
+        let other = Pkcs11Key::generate(&spec(h, "t-other"), "k", KeyType::EcdsaP256).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..4)
             .map(|i| {
-                let key = key.clone();
+                let key = if i % 2 == 0 {
+                    key.clone()
+                } else {
+                    other.clone()
+                };
                 let stop = stop.clone();
                 std::thread::spawn(move || {
                     let (mut ok, mut failed) = (0u32, 0u32);
@@ -1476,6 +1692,38 @@ mod tests {
             total_ok += ok;
         }
         assert!(total_ok > 0);
+        key.probe().unwrap();
+        other.probe().unwrap();
+        assert!(key.is_available() && other.is_available());
+    }
+
+    /// A PIN the token refused is not offered again (a token locks after a
+    /// few wrong PINs), and a corrected PIN file is used at once.
+    #[test]
+    fn a_refused_pin_is_not_retried_until_the_file_changes() {
+        let Some(h) = hsm() else { return };
+        let pin_file = h.dir.join("t-pin.pin");
+        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        let s = TokenSpec {
+            pin_file: pin_file.clone(),
+            ..spec(h, "t-pin")
+        };
+        let key = Pkcs11Key::generate(&s, "k", KeyType::EcdsaP256).unwrap();
+        let dir = token_dir(h, "t-pin");
+        let away = h.dir.join("t-pin-away");
+        std::fs::rename(&dir, &away).unwrap();
+        key.probe().unwrap_err();
+        std::fs::write(&pin_file, "0000\n").unwrap();
+        std::fs::rename(&away, &dir).unwrap();
+        std::thread::sleep(REOPEN_INTERVAL + Duration::from_millis(100));
+        let e = key.probe().unwrap_err();
+        assert_eq!(e.reason(), "login", "{e}");
+        std::thread::sleep(REOPEN_INTERVAL + Duration::from_millis(100));
+        let e = key.probe().unwrap_err();
+        assert_eq!(e.reason(), "unavailable", "{e}");
+        assert!(e.to_string().contains("until the file changes"), "{e}");
+        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        std::thread::sleep(REOPEN_INTERVAL + Duration::from_millis(100));
         key.probe().unwrap();
         assert!(key.is_available());
     }
