@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use keyproof_identity::duration;
 use keyproof_identity::keys::{self, KeyError, KeyType};
+use keyproof_identity::pkcs11::Pkcs11Error;
 use keyproof_identity::spiffe::{SpiffeIdError, TrustDomain};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyUsagePurpose,
@@ -155,11 +156,19 @@ pub(crate) fn left_in_token(error: CaError, made: &[&KeyLocation]) -> CaError {
 
 /// Turns rcgen's error for a failed remote key into the token's own error.
 pub(crate) fn signing_error(e: rcgen::Error, what: &'static str, key: &CaKey) -> CaError {
-    match (&e, key.pkcs11(), key.last_error()) {
-        (rcgen::Error::RemoteKeyError, Some(k), Some(source)) => CaError::SigningKey {
+    match (&e, key.pkcs11()) {
+        // Any remote-key failure of a token key is the token's, even when a
+        // concurrent signature cleared the error it left behind: the refusal
+        // must read `signing_key_unavailable`, not a generic CA failure.
+        (rcgen::Error::RemoteKeyError, Some(k)) => CaError::SigningKey {
             what,
             uri: k.uri(),
-            source,
+            source: key
+                .last_error()
+                .unwrap_or_else(|| Pkcs11Error::Unavailable {
+                    token: k.spec().token_label.clone(),
+                    last: "the token failed to sign".into(),
+                }),
         },
         _ => CaError::Rcgen(e),
     }
