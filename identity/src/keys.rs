@@ -174,7 +174,7 @@ pub trait ExternalKey: Send + Sync + fmt::Debug {
 /// An ECDSA `r || s` signature (two big-endian integers of `half` bytes
 /// each) as the DER `ECDSA-Sig-Value` that TLS and X.509 carry.
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.is_empty() || raw.len() % 2 != 0 || raw.len() > 2 * 66 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) || raw.len() > 2 * 66 {
         return None;
     }
     let (r, s) = raw.split_at(raw.len() / 2);

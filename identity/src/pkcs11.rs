@@ -31,12 +31,25 @@
 //! gives that. The rustls adapter ([`Pkcs11Key::rustls_signing_key`]) and
 //! the rcgen one (`impl rcgen::SigningKey`) use the DER form.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
-use crate::keys::{ExternalKey, KeyError, KeyType};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use rustls::pki_types::SubjectPublicKeyInfoDer;
+use rustls::{SignatureAlgorithm, SignatureScheme};
+
+use crate::keys::{ecdsa_raw_to_der, sha256, ExternalKey, KeyError, KeyType};
 
 /// How long a key that failed waits before it tries to open its token again.
 pub const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
@@ -196,8 +209,112 @@ struct Inner {
     spec: TokenSpec,
     label: String,
     key_type: KeyType,
+    /// The public key as read when the key was first opened; a reopen that
+    /// finds another key under the label is refused.
     spki: Vec<u8>,
+    available: AtomicBool,
+    observer: RwLock<Option<Observer>>,
+    state: Mutex<State>,
 }
+
+/// What a (re)open establishes, and the pool of sessions on it.
+#[derive(Default)]
+struct State {
+    /// Set while the token is open; `None` after a failure.
+    open: Option<Open>,
+    /// Sessions not in use now.
+    idle: Vec<Pooled>,
+    /// Bumped on every reset: a session taken before it is not returned.
+    generation: u64,
+    /// When the last failure happened and what it was.
+    failed: Option<(Instant, Pkcs11Error)>,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            open.module.close(std::mem::take(&mut self.idle));
+        }
+    }
+}
+
+/// A session and the module epoch it was opened in. Sessions never close
+/// themselves on drop: after a re-initialisation their handle numbers are
+/// handed out again, and closing a stale one would close someone else's
+/// new session. [`Module::close`] closes only sessions of the current epoch.
+struct Pooled {
+    session: Session,
+    epoch: u64,
+}
+
+#[derive(Clone)]
+struct Open {
+    module: Arc<Module>,
+    slot: Slot,
+    key: ObjectHandle,
+}
+
+/// A loaded module. Every call into it holds `gate` shared; re-initialising
+/// it (`C_Finalize` + `C_Initialize`) holds it exclusively, because a module
+/// finalised under a thread that is inside `C_Sign` may crash the process.
+struct Module {
+    path: PathBuf,
+    ctx: Pkcs11,
+    gate: RwLock<()>,
+    /// Bumped by every re-initialisation (under `gate` held exclusively).
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Module {
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Finalises and initialises the module again, so that it enumerates
+    /// its tokens afresh (SoftHSM2 and most modules read their slot list at
+    /// `C_Initialize`, and a token that went away stays broken in the old
+    /// one). Every session of every key of this module is gone afterwards;
+    /// those keys reopen on their next operation.
+    fn reinitialize(&self) -> Result<(), Pkcs11Error> {
+        let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        let _ = self.ctx.clone().finalize();
+        match self.ctx.initialize(init_args()) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+            Err(e) => Err(module_err(&self.path, format!("C_Initialize: {}", rv(&e)))),
+        }
+    }
+
+    /// Opens a session (logged in if the token is) in the current epoch;
+    /// the caller holds `gate` shared.
+    fn session(&self, slot: Slot, rw: bool) -> Result<Pooled, CkError> {
+        let session = if rw {
+            self.ctx.open_rw_session_no_drop(slot)
+        } else {
+            self.ctx.open_ro_session_no_drop(slot)
+        }?;
+        Ok(Pooled {
+            session,
+            epoch: self.epoch.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Closes sessions of the current epoch, with `gate` held shared; those
+    /// of an earlier epoch died with it and are only forgotten.
+    fn close(&self, sessions: Vec<Pooled>) {
+        let _shared = self.shared();
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        for p in sessions {
+            if p.epoch == epoch {
+                let _ = p.session.close();
+            }
+        }
+    }
+}
+
+/// Sessions kept open for reuse; more are opened under load and closed
+/// when returned to a full pool.
+const MAX_IDLE_SESSIONS: usize = 8;
 
 impl fmt::Debug for Pkcs11Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -208,14 +325,344 @@ impl fmt::Debug for Pkcs11Key {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves the pool consistent
+    // enough: the worst case is a session that is dropped (closed).
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One PKCS#11 context per module path for the whole process: a module may
+/// be initialised only once, and the CA opens two keys of one module.
+fn modules() -> &'static Mutex<HashMap<PathBuf, Arc<Module>>> {
+    static MODULES: std::sync::OnceLock<Mutex<HashMap<PathBuf, Arc<Module>>>> =
+        std::sync::OnceLock::new();
+    MODULES.get_or_init(Default::default)
+}
+
+fn init_args() -> CInitializeArgs {
+    CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)
+}
+
+fn rv(e: &CkError) -> String {
+    match e {
+        CkError::Pkcs11(rv, _) => format!("{rv:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn module_err(module: &Path, e: impl fmt::Display) -> Pkcs11Error {
+    Pkcs11Error::Module {
+        module: module.display().to_string(),
+        msg: e.to_string(),
+    }
+}
+
+/// The module at `path`, loaded and initialised on first use.
+fn module(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
+    let mut map = lock(modules());
+    if let Some(m) = map.get(path) {
+        return Ok(m.clone());
+    }
+    let ctx = Pkcs11::new(path).map_err(|e| module_err(path, e))?;
+    match ctx.initialize(init_args()) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(module_err(path, format!("C_Initialize: {}", rv(&e)))),
+    }
+    let m = Arc::new(Module {
+        path: path.to_owned(),
+        ctx,
+        gate: RwLock::new(()),
+        epoch: Default::default(),
+    });
+    map.insert(path.to_owned(), m.clone());
+    Ok(m)
+}
+
+/// DER OID of prime256v1 (CKA_EC_PARAMS of a P-256 key).
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// DER OID id-Ed25519 (RFC 8410), CKA_EC_PARAMS of an Ed25519 key.
+const ED25519_OID_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+/// PrintableString "edwards25519", the older CKA_EC_PARAMS of Ed25519 keys
+/// (PKCS#11 3.0 allows both; pkcs11-tool writes this one).
+const ED25519_NAME_PARAMS: &[u8] = b"\x13\x0cedwards25519";
+
+fn spki_for(kt: KeyType, point: &[u8]) -> Vec<u8> {
+    let alg = kt.spki_algorithm_der();
+    let inner_len = alg.len() + 3 + point.len();
+    let mut out = Vec::with_capacity(inner_len + 2);
+    out.push(0x30);
+    out.push(inner_len as u8);
+    out.extend_from_slice(alg);
+    out.push(0x03);
+    out.push((point.len() + 1) as u8);
+    out.push(0x00);
+    out.extend_from_slice(point);
+    out
+}
+
+/// The raw public key from CKA_EC_POINT, which tokens give either as the
+/// DER OCTET STRING PKCS#11 specifies or bare.
+fn ec_point(kt: KeyType, attr: &[u8]) -> Option<&[u8]> {
+    let want = match kt {
+        KeyType::EcdsaP256 => 65,
+        KeyType::Ed25519 => 32,
+    };
+    if attr.len() == want + 2 && attr[0] == 0x04 && usize::from(attr[1]) == want {
+        return Some(&attr[2..]);
+    }
+    if attr.len() == want && (kt == KeyType::Ed25519 || attr[0] == 0x04) {
+        return Some(attr);
+    }
+    None
+}
+
+fn read_pin(path: &Path) -> Result<AuthPin, Pkcs11Error> {
+    let pin_err = |msg: String| Pkcs11Error::PinFile {
+        path: path.display().to_string(),
+        msg,
+    };
+    let raw = std::fs::read_to_string(path).map_err(|e| pin_err(e.to_string()))?;
+    let pin = raw.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        return Err(pin_err("empty".into()));
+    }
+    Ok(AuthPin::from(pin.to_owned()))
+}
+
+impl TokenSpec {
+    fn op_err(&self, op: &'static str, e: &CkError) -> Pkcs11Error {
+        Pkcs11Error::Operation {
+            token: self.token_label.clone(),
+            op,
+            msg: rv(e),
+        }
+    }
+
+    /// Opens the token and finds the key: `(open, session, key type,
+    /// spki)`. When the token is missing or an operation fails, the module
+    /// is re-initialised and it is tried once more: a token that was added,
+    /// or removed and put back, is only seen by a fresh module. A missing
+    /// key does that only when `known` (the key was there before: a stale
+    /// token shows no objects), never for a first open or a generation,
+    /// which would cut every other key of the module off for nothing.
+    #[allow(clippy::type_complexity)]
+    fn open_key(
+        &self,
+        label: &str,
+        known: bool,
+    ) -> Result<(Open, Pooled, KeyType, Vec<u8>), Pkcs11Error> {
+        let m = module(&self.module)?;
+        match self.open_key_on(&m, label) {
+            Ok(r) => Ok(r),
+            Err(e @ (Pkcs11Error::Login { .. } | Pkcs11Error::PinFile { .. })) => Err(e),
+            Err(e @ (Pkcs11Error::NoKey { .. } | Pkcs11Error::BadKey { .. })) if !known => Err(e),
+            Err(_) => {
+                m.reinitialize()?;
+                self.open_key_on(&m, label)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn open_key_on(
+        &self,
+        m: &Arc<Module>,
+        label: &str,
+    ) -> Result<(Open, Pooled, KeyType, Vec<u8>), Pkcs11Error> {
+        let _shared = m.shared();
+        let slot = self
+            .find_slot(&m.ctx)?
+            .map_err(|present| Pkcs11Error::NoToken {
+                token: self.token_label.clone(),
+                module: self.module.display().to_string(),
+                present,
+            })?;
+        let session = self.login(m, slot, false)?;
+        let (key, kt, spki) = match self.find_key(&session.session, label) {
+            Ok(found) => found,
+            Err(e) => {
+                let _ = session.session.close();
+                return Err(e);
+            }
+        };
+        let open = Open {
+            module: m.clone(),
+            slot,
+            key,
+        };
+        Ok((open, session, kt, spki))
+    }
+
+    /// The slot holding the token, or the labels that are present.
+    fn find_slot(&self, ctx: &Pkcs11) -> Result<Result<Slot, String>, Pkcs11Error> {
+        let slots = ctx
+            .get_slots_with_token()
+            .map_err(|e| self.op_err("C_GetSlotList", &e))?;
+        let mut present = Vec::new();
+        for slot in slots {
+            let Ok(info) = ctx.get_token_info(slot) else {
+                continue;
+            };
+            let label = info.label().trim_end().to_owned();
+            if label == self.token_label {
+                return Ok(Ok(slot));
+            }
+            present.push(label);
+        }
+        Ok(Err(if present.is_empty() {
+            "none".to_owned()
+        } else {
+            present.join(", ")
+        }))
+    }
+
+    /// A session on the token, logged in as the user; the caller holds the
+    /// module's gate shared.
+    fn login(&self, m: &Module, slot: Slot, rw: bool) -> Result<Pooled, Pkcs11Error> {
+        let p = m
+            .session(slot, rw)
+            .map_err(|e| self.op_err("C_OpenSession", &e))?;
+        let result = read_pin(&self.pin_file).and_then(|pin| {
+            match p.session.login(UserType::User, Some(&pin)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+                Err(e) => Err(Pkcs11Error::Login {
+                    token: self.token_label.clone(),
+                    msg: rv(&e),
+                }),
+            }
+        });
+        match result {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                let _ = p.session.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// The private key objects labelled `label`.
+    fn private_keys(
+        &self,
+        session: &Session,
+        label: &str,
+    ) -> Result<Vec<ObjectHandle>, Pkcs11Error> {
+        session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| self.op_err("C_FindObjects", &e))
+    }
+
+    /// Finds the private key and reads its type and public key (from the
+    /// public key object of the same label).
+    fn find_key(
+        &self,
+        session: &Session,
+        label: &str,
+    ) -> Result<(ObjectHandle, KeyType, Vec<u8>), Pkcs11Error> {
+        let bad = |msg: String| Pkcs11Error::BadKey {
+            token: self.token_label.clone(),
+            label: label.to_owned(),
+            msg,
+        };
+        let keys = self.private_keys(session, label)?;
+        let key = match keys.as_slice() {
+            [] => {
+                return Err(Pkcs11Error::NoKey {
+                    token: self.token_label.clone(),
+                    label: label.to_owned(),
+                })
+            }
+            [one] => *one,
+            many => return Err(bad(format!("{} private keys share this label", many.len()))),
+        };
+        let publics = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| self.op_err("C_FindObjects", &e))?;
+        let [public] = publics.as_slice() else {
+            return Err(bad(format!(
+                "needs exactly one public key object with the same label, found {}",
+                publics.len()
+            )));
+        };
+        let attrs = session
+            .get_attributes(
+                *public,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::EcParams,
+                    AttributeType::EcPoint,
+                ],
+            )
+            .map_err(|e| self.op_err("C_GetAttributeValue", &e))?;
+        let (mut ck_type, mut params, mut point) = (None, None, None);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(t) => ck_type = Some(t),
+                Attribute::EcParams(p) => params = Some(p),
+                Attribute::EcPoint(p) => point = Some(p),
+                _ => {}
+            }
+        }
+        let params = params.unwrap_or_default();
+        let kt = match ck_type {
+            Some(t) if t == CkKeyType::EC && params == P256_PARAMS => KeyType::EcdsaP256,
+            Some(t)
+                if t == CkKeyType::EC_EDWARDS
+                    && (params == ED25519_OID_PARAMS || params == ED25519_NAME_PARAMS) =>
+            {
+                KeyType::Ed25519
+            }
+            Some(t) => {
+                return Err(bad(format!(
+                    "unsupported key ({t} with parameters {}); keyproof uses ecdsa-p256 or ed25519",
+                    hex::encode(&params)
+                )))
+            }
+            None => return Err(bad("the public key has no CKA_KEY_TYPE".into())),
+        };
+        let point = point.unwrap_or_default();
+        let raw = ec_point(kt, &point).ok_or_else(|| {
+            bad(format!(
+                "CKA_EC_POINT of {} bytes is not a {kt} public key",
+                point.len()
+            ))
+        })?;
+        Ok((key, kt, spki_for(kt, raw)))
+    }
+}
+
 impl Pkcs11Key {
     /// Opens the private key labelled `key_label` (and its public key, same
     /// label) in the token of `spec`.
     pub fn open(spec: &TokenSpec, key_label: &str) -> Result<Pkcs11Key, Pkcs11Error> {
-        Err(Pkcs11Error::NoKey {
-            token: spec.token_label.clone(),
-            label: key_label.to_owned(),
-        })
+        let (open, session, key_type, spki) = spec.open_key(key_label, false)?;
+        let state = State {
+            open: Some(open),
+            idle: vec![session],
+            generation: 0,
+            failed: None,
+        };
+        let k = Pkcs11Key {
+            inner: Arc::new(Inner {
+                spec: spec.clone(),
+                label: key_label.to_owned(),
+                key_type,
+                spki,
+                available: AtomicBool::new(true),
+                observer: RwLock::new(None),
+                state: Mutex::new(state),
+            }),
+        };
+        // Prove the key signs now, so a key that cannot (no CKA_SIGN, a
+        // mechanism the token lacks) is a startup error, not a failed
+        // handshake later.
+        k.sign_raw(b"keyproof pkcs11 open")?;
+        Ok(k)
     }
 
     /// Generates a new key pair of type `kt` in the token, labelled
@@ -226,7 +673,73 @@ impl Pkcs11Key {
         key_label: &str,
         kt: KeyType,
     ) -> Result<Pkcs11Key, Pkcs11Error> {
-        let _ = kt;
+        // Open first: it finds the token (re-enumerating if needed) and
+        // tells a taken label apart from a missing one.
+        let (m, slot) = match spec.open_key(key_label, false) {
+            Ok((open, session, _, _)) => {
+                open.module.close(vec![session]);
+                return Err(Pkcs11Error::KeyExists {
+                    token: spec.token_label.clone(),
+                    label: key_label.to_owned(),
+                });
+            }
+            Err(Pkcs11Error::NoKey { .. }) => {
+                let m = module(&spec.module)?;
+                let slot = spec
+                    .find_slot(&m.ctx)?
+                    .map_err(|present| Pkcs11Error::NoToken {
+                        token: spec.token_label.clone(),
+                        module: spec.module.display().to_string(),
+                        present,
+                    })?;
+                (m, slot)
+            }
+            Err(e) => return Err(e),
+        };
+        let shared = m.shared();
+        let pooled = spec.login(&m, slot, true)?;
+        let session = &pooled.session;
+        if !spec.private_keys(session, key_label)?.is_empty() {
+            let _ = pooled.session.close();
+            return Err(Pkcs11Error::KeyExists {
+                token: spec.token_label.clone(),
+                label: key_label.to_owned(),
+            });
+        }
+        let id = sha256(key_label.as_bytes())[..8].to_vec();
+        let label = Attribute::Label(key_label.as_bytes().to_vec());
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            label.clone(),
+            Attribute::Id(id.clone()),
+        ];
+        let generated = match kt {
+            KeyType::EcdsaP256 => session.generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &public_template(P256_PARAMS, &label, &id),
+                &private,
+            ),
+            KeyType::Ed25519 => session
+                .generate_key_pair(
+                    &Mechanism::EccEdwardsKeyPairGen,
+                    &public_template(ED25519_OID_PARAMS, &label, &id),
+                    &private,
+                )
+                .or_else(|_| {
+                    session.generate_key_pair(
+                        &Mechanism::EccEdwardsKeyPairGen,
+                        &public_template(ED25519_NAME_PARAMS, &label, &id),
+                        &private,
+                    )
+                }),
+        };
+        let _ = pooled.session.close();
+        generated.map_err(|e| spec.op_err("C_GenerateKeyPair", &e))?;
+        drop(shared);
         Pkcs11Key::open(spec, key_label)
     }
 
@@ -256,24 +769,39 @@ impl Pkcs11Key {
         &self.inner.label
     }
 
+    /// The key's type.
+    pub fn key_type(&self) -> KeyType {
+        self.inner.key_type
+    }
+
+    /// The public key, a DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.inner.spki
+    }
+
     /// An RFC 7512 URI naming the key (`pkcs11:token=...;object=...`), for
     /// logs and `/identity`.
     pub fn uri(&self) -> String {
         format!(
             "pkcs11:token={};object={};type=private",
-            self.inner.spec.token_label, self.inner.label
+            pct(&self.inner.spec.token_label),
+            pct(&self.inner.label)
         )
     }
 
     /// Sets the observer told the result of every private-key operation
     /// (replacing any earlier one).
     pub fn on_operation(&self, observer: Observer) {
-        let _ = observer;
+        *self
+            .inner
+            .observer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(observer);
     }
 
     /// Whether the last operation succeeded (or none failed yet).
     pub fn is_available(&self) -> bool {
-        false
+        self.inner.available.load(Ordering::Relaxed)
     }
 
     /// Signs a fixed message: tells whether the token works now (and
@@ -282,37 +810,284 @@ impl Pkcs11Key {
         self.sign_raw(b"keyproof pkcs11 probe").map(|_| ())
     }
 
+    fn observe(&self, r: OpResult) {
+        let obs = self
+            .inner
+            .observer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(obs) = obs {
+            obs(r);
+        }
+    }
+
     /// ECDSA `r || s` over SHA-256 of `msg`, or an Ed25519 signature of
     /// `msg`.
     pub fn sign_raw(&self, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
-        let _ = msg;
-        Err(Pkcs11Error::Unavailable {
-            token: self.inner.spec.token_label.clone(),
-            last: "not implemented".into(),
-        })
+        let r = self.sign_once(msg);
+        match &r {
+            Ok(_) => {
+                self.inner.available.store(true, Ordering::Relaxed);
+                self.observe(OpResult::Ok);
+            }
+            Err(Pkcs11Error::Unavailable { .. }) => self.observe(OpResult::Unavailable),
+            Err(_) => {
+                self.inner.available.store(false, Ordering::Relaxed);
+                self.observe(OpResult::Failed);
+            }
+        }
+        r
+    }
+
+    /// One signature: on a pooled session if the token is open, after a
+    /// reopen otherwise; a failure on a pooled session (which may be stale:
+    /// another key reinitialised the module) earns one retry after a reopen.
+    fn sign_once(&self, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
+        let (session, open, generation, fresh) = self.checkout()?;
+        match self.sign_on(&session.session, &open, msg) {
+            Ok(sig) => {
+                self.checkin(&open, session, generation);
+                Ok(sig)
+            }
+            Err(e) => {
+                open.module.close(vec![session]);
+                if fresh {
+                    self.reset(generation, Some(&e));
+                    return Err(e);
+                }
+                // Not marked failed: the retry below reopens at once.
+                self.reset(generation, None);
+                let (session, open, generation, _) = self.checkout()?;
+                match self.sign_on(&session.session, &open, msg) {
+                    Ok(sig) => {
+                        self.checkin(&open, session, generation);
+                        Ok(sig)
+                    }
+                    Err(e) => {
+                        open.module.close(vec![session]);
+                        self.reset(generation, Some(&e));
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn sign_on(&self, session: &Session, open: &Open, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
+        let _shared = open.module.shared();
+        let r = match self.inner.key_type {
+            KeyType::EcdsaP256 => session.sign(&Mechanism::Ecdsa, open.key, &sha256(msg)),
+            KeyType::Ed25519 => session.sign(
+                &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                open.key,
+                msg,
+            ),
+        };
+        let sig = r.map_err(|e| self.inner.spec.op_err("C_Sign", &e))?;
+        let want = match self.inner.key_type {
+            KeyType::EcdsaP256 | KeyType::Ed25519 => 64,
+        };
+        if sig.len() != want {
+            return Err(Pkcs11Error::BadKey {
+                token: self.inner.spec.token_label.clone(),
+                label: self.inner.label.clone(),
+                msg: format!(
+                    "the token returned a {}-byte signature, expected {want}",
+                    sig.len()
+                ),
+            });
+        }
+        Ok(sig)
+    }
+
+    /// A session to sign on: `(session, open, generation, fresh)`, where
+    /// `fresh` says the token was (re)opened just now.
+    fn checkout(&self) -> Result<(Pooled, Open, u64, bool), Pkcs11Error> {
+        let mut st = lock(&self.inner.state);
+        let mut fresh = false;
+        if st.open.is_none() {
+            if let Some((at, last)) = &st.failed {
+                if at.elapsed() < REOPEN_INTERVAL {
+                    return Err(Pkcs11Error::Unavailable {
+                        token: self.inner.spec.token_label.clone(),
+                        last: last.to_string(),
+                    });
+                }
+            }
+            match self.reopen() {
+                Ok((open, session)) => {
+                    st.open = Some(open);
+                    st.idle.push(session);
+                    st.failed = None;
+                    fresh = true;
+                }
+                Err(e) => {
+                    st.failed = Some((Instant::now(), e.clone()));
+                    return Err(e);
+                }
+            }
+        }
+        let Some(open) = st.open.clone() else {
+            return Err(Pkcs11Error::Unavailable {
+                token: self.inner.spec.token_label.clone(),
+                last: "closed".into(),
+            });
+        };
+        let generation = st.generation;
+        if let Some(s) = st.idle.pop() {
+            return Ok((s, open, generation, fresh));
+        }
+        drop(st);
+        // Logged-in state is per token, not per session: a new session on
+        // the same slot is logged in already.
+        let s = {
+            let _shared = open.module.shared();
+            open.module.session(open.slot, false)
+        }
+        .map_err(|e| self.inner.spec.op_err("C_OpenSession", &e))?;
+        Ok((s, open, generation, fresh))
+    }
+
+    fn checkin(&self, open: &Open, session: Pooled, generation: u64) {
+        let mut st = lock(&self.inner.state);
+        if st.generation == generation && st.open.is_some() && st.idle.len() < MAX_IDLE_SESSIONS {
+            st.idle.push(session);
+            return;
+        }
+        drop(st);
+        open.module.close(vec![session]);
+    }
+
+    /// Forgets the open token after a failure (unless a later reset or
+    /// reopen already did), closing the pooled sessions. With `failure`,
+    /// the next reopen waits for [`REOPEN_INTERVAL`].
+    fn reset(&self, generation: u64, failure: Option<&Pkcs11Error>) {
+        let mut st = lock(&self.inner.state);
+        if st.generation != generation {
+            return;
+        }
+        st.generation += 1;
+        let open = st.open.take();
+        let idle = std::mem::take(&mut st.idle);
+        st.failed = failure.map(|e| (Instant::now(), e.clone()));
+        drop(st);
+        if let Some(open) = open {
+            open.module.close(idle);
+        }
+    }
+
+    /// Opens the token and finds the key again; it must be the same key.
+    fn reopen(&self) -> Result<(Open, Pooled), Pkcs11Error> {
+        let spec = &self.inner.spec;
+        let (open, session, _, spki) = spec.open_key(&self.inner.label, true)?;
+        if spki != self.inner.spki {
+            open.module.close(vec![session]);
+            return Err(Pkcs11Error::BadKey {
+                token: spec.token_label.clone(),
+                label: self.inner.label.clone(),
+                msg: "the key under this label is no longer the one opened at startup".into(),
+            });
+        }
+        Ok((open, session))
     }
 
     /// As [`Pkcs11Key::sign_raw`], ECDSA as a DER `ECDSA-Sig-Value` (the
     /// form TLS 1.3 CertificateVerify and X.509 signatures carry).
     pub fn sign_der(&self, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
-        self.sign_raw(msg)
+        let raw = self.sign_raw(msg)?;
+        match self.inner.key_type {
+            KeyType::Ed25519 => Ok(raw),
+            KeyType::EcdsaP256 => ecdsa_raw_to_der(&raw).ok_or_else(|| Pkcs11Error::BadKey {
+                token: self.inner.spec.token_label.clone(),
+                label: self.inner.label.clone(),
+                msg: "malformed ECDSA signature".into(),
+            }),
+        }
     }
 
     /// The key as rustls signs with it (TLS 1.3 CertificateVerify). A
     /// failed signature fails the handshake.
     pub fn rustls_signing_key(&self) -> Arc<dyn rustls::sign::SigningKey> {
-        unimplemented_signing_key()
+        Arc::new(TlsKey(self.clone()))
     }
 }
 
-fn unimplemented_signing_key() -> Arc<dyn rustls::sign::SigningKey> {
-    let kp = KeyType::EcdsaP256.generate().ok();
-    let der = kp
-        .map(|k| rustls_pki_types::PrivateKeyDer::try_from(k.serialize_der()).ok())
-        .and_then(|d| d);
-    match der.and_then(|d| rustls::crypto::aws_lc_rs::sign::any_supported_type(&d).ok()) {
-        Some(k) => k,
-        None => panic!("skeleton"),
+fn public_template(params: &[u8], label: &Attribute, id: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::EcParams(params.to_vec()),
+        label.clone(),
+        Attribute::Id(id.to_vec()),
+    ]
+}
+
+/// Percent-encodes what RFC 7512 does not allow bare in a path attribute.
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:[]@!$'()*+,=&".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// rustls' view of a token key.
+#[derive(Debug)]
+struct TlsKey(Pkcs11Key);
+
+impl TlsKey {
+    fn scheme(&self) -> SignatureScheme {
+        match self.0.inner.key_type {
+            KeyType::EcdsaP256 => SignatureScheme::ECDSA_NISTP256_SHA256,
+            KeyType::Ed25519 => SignatureScheme::ED25519,
+        }
+    }
+}
+
+impl rustls::sign::SigningKey for TlsKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+        let scheme = self.scheme();
+        offered.contains(&scheme).then(|| {
+            Box::new(TlsSigner {
+                key: self.0.clone(),
+                scheme,
+            }) as Box<dyn rustls::sign::Signer>
+        })
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(self.0.inner.spki.as_slice()))
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        match self.0.inner.key_type {
+            KeyType::EcdsaP256 => SignatureAlgorithm::ECDSA,
+            KeyType::Ed25519 => SignatureAlgorithm::ED25519,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TlsSigner {
+    key: Pkcs11Key,
+    scheme: SignatureScheme,
+}
+
+impl rustls::sign::Signer for TlsSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.key
+            .sign_der(message)
+            .map_err(|e| rustls::Error::General(e.to_string()))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.scheme
     }
 }
 
@@ -350,5 +1125,330 @@ impl rcgen::PublicKeyData for Pkcs11Key {
 impl rcgen::SigningKey for Pkcs11Key {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         self.sign_der(msg).map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+/// Against a real SoftHSM2 (Debian `softhsm2`, installed by `test.sh`); the
+/// tests say so and pass when it is not installed and `CI` is unset.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::sync::OnceLock;
+
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    const PIN: &str = "5678";
+    const TOKENS: [&str; 6] = [
+        "t-files", "t-gen", "t-errors", "t-remove", "t-rcgen", "t-stress",
+    ];
+
+    struct Hsm {
+        dir: PathBuf,
+        pin_file: PathBuf,
+    }
+
+    /// One SoftHSM2 configuration for the test process (the module reads
+    /// `SOFTHSM2_CONF` once), with a token per test, made before any test
+    /// initialises the module.
+    fn hsm() -> Option<&'static Hsm> {
+        static HSM: OnceLock<Option<Hsm>> = OnceLock::new();
+        HSM.get_or_init(|| {
+            if !Path::new(MODULE).exists() {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "{MODULE} missing: install softhsm2 (test.sh does)"
+                );
+                eprintln!("SKIP: {MODULE} is not installed");
+                return None;
+            }
+            let dir = std::env::temp_dir().join(format!("keyproof-pkcs11-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("tokens")).unwrap();
+            let conf = dir.join("softhsm2.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                    dir.join("tokens").display()
+                ),
+            )
+            .unwrap();
+            // Set before the module is loaded by any test (all go through
+            // this function first); the tests never read it concurrently.
+            std::env::set_var("SOFTHSM2_CONF", &conf);
+            for t in TOKENS {
+                let out = Command::new("softhsm2-util")
+                    .args([
+                        "--init-token",
+                        "--free",
+                        "--label",
+                        t,
+                        "--so-pin",
+                        "1234",
+                        "--pin",
+                        PIN,
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let pin_file = dir.join("pin");
+            std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+            Some(Hsm { dir, pin_file })
+        })
+        .as_ref()
+    }
+
+    fn spec(h: &Hsm, token: &str) -> TokenSpec {
+        TokenSpec {
+            module: PathBuf::from(MODULE),
+            token_label: token.into(),
+            pin_file: h.pin_file.clone(),
+        }
+    }
+
+    fn verify(key: &Pkcs11Key, msg: &[u8], raw: &[u8]) {
+        use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED, ED25519};
+        let point = rcgen::PublicKeyData::der_bytes(key);
+        match key.key_type() {
+            KeyType::EcdsaP256 => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+                .verify(msg, raw)
+                .unwrap(),
+            KeyType::Ed25519 => UnparsedPublicKey::new(&ED25519, point)
+                .verify(msg, raw)
+                .unwrap(),
+        }
+    }
+
+    #[test]
+    fn opens_a_key_made_by_pkcs11_tool_and_signs() {
+        let Some(h) = hsm() else { return };
+        let out = Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                MODULE,
+                "--token-label",
+                "t-files",
+                "--login",
+                "--pin",
+                PIN,
+            ])
+            .args([
+                "--keypairgen",
+                "--key-type",
+                "EC:prime256v1",
+                "--label",
+                "workload",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = Pkcs11Key::open(&spec(h, "t-files"), "workload").unwrap();
+        assert_eq!(key.key_type(), KeyType::EcdsaP256);
+        let sig = key.sign_raw(b"hello").unwrap();
+        verify(&key, b"hello", &sig);
+        assert_eq!(
+            key.uri(),
+            "pkcs11:token=t-files;object=workload;type=private"
+        );
+    }
+
+    #[test]
+    fn generates_keys_that_sign_and_refuses_a_taken_label() {
+        let Some(h) = hsm() else { return };
+        let s = spec(h, "t-gen");
+        for (label, kt) in [("p256", KeyType::EcdsaP256), ("ed", KeyType::Ed25519)] {
+            let (key, generated) = Pkcs11Key::open_or_generate(&s, label, kt).unwrap();
+            assert!(generated);
+            assert_eq!(key.key_type(), kt);
+            let sig = key.sign_raw(b"msg").unwrap();
+            verify(&key, b"msg", &sig);
+            let (again, generated) = Pkcs11Key::open_or_generate(&s, label, kt).unwrap();
+            assert!(!generated);
+            assert_eq!(again.spki_der(), key.spki_der());
+            let e = Pkcs11Key::generate(&s, label, kt).unwrap_err();
+            assert_eq!(e.reason(), "key_exists", "{e}");
+        }
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong_and_never_the_pin() {
+        let Some(h) = hsm() else { return };
+        let s = spec(h, "t-errors");
+        Pkcs11Key::generate(&s, "k", KeyType::EcdsaP256).unwrap();
+        let e = Pkcs11Key::open(&s, "other").unwrap_err();
+        assert_eq!(e.reason(), "no_key", "{e}");
+        assert!(e.to_string().contains("\"other\""), "{e}");
+        let e = Pkcs11Key::open(&spec(h, "absent"), "k").unwrap_err();
+        assert_eq!(e.reason(), "no_token", "{e}");
+        assert!(
+            e.to_string().contains("t-errors"),
+            "lists present tokens: {e}"
+        );
+        let wrong = h.dir.join("wrong-pin");
+        std::fs::write(&wrong, "0000\n").unwrap();
+        let e = Pkcs11Key::open(
+            &TokenSpec {
+                pin_file: wrong,
+                ..s.clone()
+            },
+            "k",
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "login", "{e}");
+        assert!(
+            !e.to_string().contains("0000") && !e.to_string().contains(PIN),
+            "{e}"
+        );
+        let e = Pkcs11Key::open(
+            &TokenSpec {
+                pin_file: h.dir.join("nope"),
+                ..s.clone()
+            },
+            "k",
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "pin_file", "{e}");
+        let e = Pkcs11Key::open(
+            &TokenSpec {
+                module: "/nonexistent/libp11.so".into(),
+                ..s
+            },
+            "k",
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "module", "{e}");
+    }
+
+    /// rcgen signs a certificate through the token; rustls accepts the pair.
+    #[test]
+    fn rcgen_and_rustls_sign_through_the_token() {
+        let Some(h) = hsm() else { return };
+        let s = spec(h, "t-rcgen");
+        for (label, kt) in [("p256", KeyType::EcdsaP256), ("ed", KeyType::Ed25519)] {
+            let key = Pkcs11Key::generate(&s, label, kt).unwrap();
+            let params = rcgen::CertificateParams::new(vec!["a.example".into()]).unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+            assert_eq!(parsed.public_key().raw, key.spki_der());
+            let ck =
+                rustls::sign::CertifiedKey::new(vec![cert.der().clone()], key.rustls_signing_key());
+            ck.keys_match().unwrap();
+            let scheme = match kt {
+                KeyType::EcdsaP256 => SignatureScheme::ECDSA_NISTP256_SHA256,
+                KeyType::Ed25519 => SignatureScheme::ED25519,
+            };
+            let signer = ck.key.choose_scheme(&[scheme]).unwrap();
+            let sig = signer.sign(b"tls").unwrap();
+            use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ED25519};
+            let alg: &dyn aws_lc_rs::signature::VerificationAlgorithm = match kt {
+                KeyType::EcdsaP256 => &ECDSA_P256_SHA256_ASN1,
+                KeyType::Ed25519 => &ED25519,
+            };
+            UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(&key))
+                .verify(b"tls", &sig)
+                .unwrap();
+        }
+    }
+
+    /// A token whose files vanish fails closed, is reported unavailable,
+    /// and is used again once it is back, without reopening by hand.
+    #[test]
+    fn a_removed_token_fails_closed_and_recovers() {
+        let Some(h) = hsm() else { return };
+        let s = spec(h, "t-remove");
+        let key = Pkcs11Key::generate(&s, "k", KeyType::EcdsaP256).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        key.on_operation(Arc::new(move |r| lock(&seen2).push(r)));
+        key.probe().unwrap();
+        assert!(key.is_available());
+        // Find this token's directory (SoftHSM2 names it by serial).
+        let token_dir = token_dir(h, "t-remove");
+        let away = h.dir.join("removed");
+        std::fs::rename(&token_dir, &away).unwrap();
+        let e = key.probe().unwrap_err();
+        assert!(!key.is_available(), "{e}");
+        let e2 = key.probe().unwrap_err();
+        assert_eq!(e2.reason(), "unavailable", "{e2}");
+        std::fs::rename(&away, &token_dir).unwrap();
+        std::thread::sleep(REOPEN_INTERVAL + Duration::from_millis(100));
+        key.probe().unwrap();
+        assert!(key.is_available());
+        let seen = lock(&seen).clone();
+        assert_eq!(seen.first(), Some(&OpResult::Ok));
+        assert!(seen.contains(&OpResult::Failed), "{seen:?}");
+        assert!(seen.contains(&OpResult::Unavailable), "{seen:?}");
+        assert_eq!(seen.last(), Some(&OpResult::Ok));
+    }
+
+    /// The directory SoftHSM2 keeps `label`'s token in (named by serial).
+    fn token_dir(h: &Hsm, label: &str) -> PathBuf {
+        std::fs::read_dir(h.dir.join("tokens"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                std::fs::read(p.join("token.object"))
+                    .map(|b| b.windows(label.len()).any(|w| w == label.as_bytes()))
+                    .unwrap_or(false)
+            })
+            .expect("token directory")
+    }
+
+    /// Signers on several threads while the token goes away and comes back
+    /// twice: every signature is either valid or an error (never a crash or
+    /// a wrong signature), and the key works afterwards.
+    #[test]
+    fn concurrent_signers_survive_removal_and_reinitialisation() {
+        let Some(h) = hsm() else { return };
+        let s = spec(h, "t-stress");
+        let key = Pkcs11Key::generate(&s, "k", KeyType::EcdsaP256).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..4)
+            .map(|i| {
+                let key = key.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0u32, 0u32);
+                    while !stop.load(Ordering::Relaxed) {
+                        let msg = format!("worker {i} {ok} {failed}");
+                        match key.sign_raw(msg.as_bytes()) {
+                            Ok(sig) => {
+                                verify(&key, msg.as_bytes(), &sig);
+                                ok += 1;
+                            }
+                            Err(_) => failed += 1,
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        let dir = token_dir(h, "t-stress");
+        let away = h.dir.join("stress-away");
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(200));
+            std::fs::rename(&dir, &away).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::rename(&away, &dir).unwrap();
+            std::thread::sleep(REOPEN_INTERVAL + Duration::from_millis(300));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut total_ok = 0;
+        for w in workers {
+            let (ok, _) = w.join().unwrap();
+            total_ok += ok;
+        }
+        assert!(total_ok > 0);
+        key.probe().unwrap();
+        assert!(key.is_available());
     }
 }
