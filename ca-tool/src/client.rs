@@ -10,6 +10,7 @@ use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use keyproof_identity::keys;
+use keyproof_identity::pkcs11::Pkcs11Key;
 use keyproof_identity::spiffe::IdPattern;
 use keyproof_identity::tls::{Shared, SharedVerifier, SvidServerVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -474,18 +475,117 @@ pub fn new_key(key_type: keys::KeyType, spiffe_id: &str) -> Result<NewKey, Clien
     Ok(NewKey { csr_pem, key_der })
 }
 
-/// Builds a rustls certified key from an issued chain and its private key.
-pub fn certified_key(
+/// The workload key a certificate is requested for and then used with:
+/// generated in process memory for one issuance, or held in a PKCS#11 token
+/// and reused for every issuance (the token never hands it out, so a new
+/// one per renewal would only fill the token).
+#[derive(Debug)]
+pub enum IssuedKey {
+    /// A key generated in memory ([`new_key`]); never written anywhere.
+    Memory(PrivateKeyDer<'static>),
+    /// A key in a PKCS#11 token; every signature is made by the token.
+    Pkcs11(Pkcs11Key),
+}
+
+impl IssuedKey {
+    /// A copy of the handle (the in-memory key's bytes are copied; the
+    /// token key is shared).
+    pub fn clone_key(&self) -> IssuedKey {
+        match self {
+            IssuedKey::Memory(k) => IssuedKey::Memory(k.clone_key()),
+            IssuedKey::Pkcs11(k) => IssuedKey::Pkcs11(k.clone()),
+        }
+    }
+}
+
+/// A private key rustls can sign TLS handshakes with, wherever it lives.
+pub trait TlsKey {
+    /// The key as rustls signs with it.
+    fn tls_signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, ClientError>;
+    /// The DER SubjectPublicKeyInfo, when known without asking rustls
+    /// (keys outside the process: rustls cannot always tell it).
+    fn spki_der(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+impl TlsKey for PrivateKeyDer<'_> {
+    fn tls_signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, ClientError> {
+        rustls::crypto::aws_lc_rs::sign::any_supported_type(self)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+impl TlsKey for Pkcs11Key {
+    fn tls_signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, ClientError> {
+        Ok(self.rustls_signing_key())
+    }
+    fn spki_der(&self) -> Option<&[u8]> {
+        Some(keys::ExternalKey::spki_der(self))
+    }
+}
+
+impl TlsKey for IssuedKey {
+    fn tls_signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, ClientError> {
+        match self {
+            IssuedKey::Memory(k) => k.tls_signing_key(),
+            IssuedKey::Pkcs11(k) => k.tls_signing_key(),
+        }
+    }
+    fn spki_der(&self) -> Option<&[u8]> {
+        match self {
+            IssuedKey::Memory(k) => k.spki_der(),
+            IssuedKey::Pkcs11(k) => TlsKey::spki_der(k),
+        }
+    }
+}
+
+/// The DER SubjectPublicKeyInfo of a certificate (None when it does not
+/// parse).
+pub fn cert_spki(cert: &[u8]) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+/// Builds a rustls certified key from an issued chain and its private key
+/// (in memory or in a token).
+pub fn certified_key<K: TlsKey + ?Sized>(
     chain: Vec<CertificateDer<'static>>,
-    key: &PrivateKeyDer<'_>,
+    key: &K,
 ) -> Result<CertifiedKey, ClientError> {
-    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(key)
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let signing = key.tls_signing_key()?;
     let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match().map_err(|e| {
-        ClientError::Protocol(format!("issued certificate does not match the key: {e}"))
-    })?;
+    match key.spki_der() {
+        // A key outside the process is compared by its public key, which
+        // does not depend on what its rustls adapter can report.
+        Some(spki) => {
+            let leaf = ck
+                .cert
+                .first()
+                .ok_or_else(|| ClientError::Protocol("empty chain".into()))?;
+            if cert_spki(leaf).as_deref() != Some(spki) {
+                return Err(ClientError::Protocol(
+                    "issued certificate does not match the key: public keys differ".into(),
+                ));
+            }
+        }
+        None => ck.keys_match().map_err(|e| {
+            ClientError::Protocol(format!("issued certificate does not match the key: {e}"))
+        })?,
+    }
     Ok(ck)
+}
+
+/// A CSR for the token key `key`, signed in the token. Blocking (one
+/// PKCS#11 signature): call it from a blocking thread.
+pub fn token_csr(key: &Pkcs11Key, spiffe_id: &str) -> Result<String, ClientError> {
+    crate::csr::build_pem(key, spiffe_id).map_err(|e| match e {
+        rcgen::Error::RemoteKeyError => ClientError::Protocol(format!(
+            "the CSR could not be signed by {}: the token refused or is unavailable",
+            key.uri()
+        )),
+        other => ClientError::Protocol(other.to_string()),
+    })
 }
 
 #[cfg(test)]

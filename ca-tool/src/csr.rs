@@ -109,7 +109,7 @@ pub fn verify(der: &[u8]) -> Result<SubjectKey, CsrError> {
 
 /// Builds a PEM CSR for `key` (used by the proxy and the tests; the subject
 /// and SANs are informational only).
-pub fn build_pem(key: &rcgen::KeyPair, spiffe_id: &str) -> Result<String, rcgen::Error> {
+pub fn build_pem<K: rcgen::SigningKey>(key: &K, spiffe_id: &str) -> Result<String, rcgen::Error> {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     if let Ok(uri) = spiffe_id.try_into() {

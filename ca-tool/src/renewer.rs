@@ -13,7 +13,11 @@
 //! then bootstraps again by itself; a join token is single-use, so with one
 //! it keeps asking for a renewal and says (once) that a new token is needed.
 //!
-//! The key is generated in memory for every issuance and never written. The
+//! The key is generated in memory for every issuance and never written, or
+//! (with [`run_with_key`] and [`KeySource::Pkcs11`]) it is one key held in a
+//! PKCS#11 token, which signs every CSR and is reused for every issuance:
+//! the token never hands it out, and a fresh key per renewal would only
+//! fill the token with keys nobody can delete safely. The
 //! caller installs each new SVID through [`Handler::install`] (which may
 //! refuse it) and keeps serving on the previous one until it does.
 
@@ -22,11 +26,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyproof_identity::keys::KeyType;
+use keyproof_identity::pkcs11::Pkcs11Key;
 use keyproof_identity::spiffe::SpiffeId;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 
-use crate::client::{certified_key, new_key, CaClient, ClientError, IssuedSvid};
+use crate::client::{
+    certified_key, new_key, token_csr, CaClient, ClientError, IssuedKey, IssuedSvid,
+};
 
 /// First retry delay; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -80,10 +87,24 @@ impl Credential {
     }
 }
 
+/// Where the key of each issuance comes from.
+#[derive(Debug, Clone, Default)]
+pub enum KeySource {
+    /// A fresh key generated in memory for every issuance
+    /// ([`RenewerConfig::key_type`]).
+    #[default]
+    Fresh,
+    /// One key in a PKCS#11 token, which signs every CSR; reused for every
+    /// issuance. [`RenewerConfig::key_type`] is not used (the key has its
+    /// own type).
+    Pkcs11(Pkcs11Key),
+}
+
 /// A newly issued identity for the caller to install.
 pub struct NewIdentity {
     pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+    /// The key the chain certifies: in memory, or the token key.
+    pub key: IssuedKey,
     pub bundle: Vec<CertificateDer<'static>>,
     /// When the leaf expires (seconds since the epoch).
     pub not_after: i64,
@@ -112,6 +133,9 @@ pub enum FailureKind {
     TokenUnreadable,
     /// The handler refused the issued identity ([`Handler::install`]).
     Rejected,
+    /// The workload key could not sign the CSR (its PKCS#11 token is
+    /// unavailable or refused).
+    KeyUnavailable,
     /// The CA rejected the client certificate held in the TLS handshake
     /// (its root is no longer trusted, typically after `rotate root finish
     /// --force`).
@@ -127,6 +151,7 @@ impl FailureKind {
             FailureKind::Protocol => "protocol",
             FailureKind::TokenUnreadable => "token_unreadable",
             FailureKind::Rejected => "invalid",
+            FailureKind::KeyUnavailable => "key_unavailable",
             FailureKind::ClientCertRejected => "client_cert_rejected",
         }
     }
@@ -392,14 +417,64 @@ struct HeldState {
     warned: bool,
 }
 
+/// The key of one issuance and the CSR made with it.
+struct Keyed {
+    csr_pem: String,
+    key: IssuedKey,
+}
+
+/// The key of this issuance and its CSR: a new key in memory, or the token
+/// key (the CSR signed in the token, on a blocking thread: a PKCS#11
+/// signature is a blocking call, and a slow token must not stall the
+/// runtime's workers).
+async fn key_for_issuance(
+    cfg: &RenewerConfig,
+    source: &KeySource,
+    how: &'static str,
+) -> Result<Keyed, Failure> {
+    match source {
+        KeySource::Fresh => {
+            let k = new_key(cfg.key_type, cfg.spiffe_id.as_str())
+                .map_err(|e| (FailureKind::of(&e), e.to_string(), how))?;
+            Ok(Keyed {
+                csr_pem: k.csr_pem,
+                key: IssuedKey::Memory(k.key_der),
+            })
+        }
+        KeySource::Pkcs11(token_key) => {
+            let k = token_key.clone();
+            let id = cfg.spiffe_id.to_string();
+            let csr_pem = tokio::task::spawn_blocking(move || token_csr(&k, &id))
+                .await
+                .map_err(|e| {
+                    (
+                        FailureKind::KeyUnavailable,
+                        format!("CSR signing task: {e}"),
+                        how,
+                    )
+                })?
+                .map_err(|e| (FailureKind::KeyUnavailable, e.to_string(), how))?;
+            Ok(Keyed {
+                csr_pem,
+                key: IssuedKey::Pkcs11(token_key.clone()),
+            })
+        }
+    }
+}
+
 async fn obtain(
     cfg: &RenewerConfig,
+    source: &KeySource,
     handler: &dyn Handler,
     current: Option<Arc<CertifiedKey>>,
     state: &mut HeldState,
 ) -> Result<(NewIdentity, &'static str), Failure> {
-    let key = new_key(cfg.key_type, cfg.spiffe_id.as_str())
-        .map_err(|e| (FailureKind::of(&e), e.to_string(), "renew"))?;
+    let how = if current.is_some() {
+        "renew"
+    } else {
+        "bootstrap"
+    };
+    let key = key_for_issuance(cfg, source, how).await?;
     let now = crate::ca::now().unix_timestamp();
     let (issued, how): (IssuedSvid, _) =
         match ask_for(&cfg.bootstrap, current, now, state.untrusted) {
@@ -433,13 +508,13 @@ async fn obtain(
         ));
     }
     // Proves the chain matches the key before anyone installs it.
-    certified_key(issued.chain.clone(), &key.key_der).map_err(failed)?;
+    certified_key(issued.chain.clone(), &key.key).map_err(failed)?;
     let not_after = leaf_not_after(&issued.chain).map_err(failed)?;
     Ok((
         NewIdentity {
             not_after,
             chain: issued.chain,
-            key: key.key_der,
+            key: key.key,
             bundle: issued.bundle,
             // Sequences start at 1; 0 is what a CA that does not say gives.
             spiffe_sequence: (issued.spiffe_sequence > 0).then_some(issued.spiffe_sequence),
@@ -448,8 +523,15 @@ async fn obtain(
     ))
 }
 
-/// Runs forever: obtains and renews the SVID, refreshing the bundle.
+/// Runs forever: obtains and renews the SVID, refreshing the bundle; a new
+/// key in memory for every issuance.
 pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
+    run_with_key(cfg, KeySource::Fresh, handler).await
+}
+
+/// As [`run`], with the key of every issuance from `source` (a PKCS#11
+/// token key is reused for every issuance).
+pub async fn run_with_key(cfg: RenewerConfig, source: KeySource, handler: Arc<dyn Handler>) {
     type Bundle = (Vec<CertificateDer<'static>>, Option<u64>);
     let mut backoff = MIN_BACKOFF;
     let mut renew_at = Instant::now();
@@ -465,7 +547,7 @@ pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
         let now = Instant::now();
         if now >= renew_at {
             let current = handler.current();
-            let outcome = match obtain(&cfg, handler.as_ref(), current, &mut state).await {
+            let outcome = match obtain(&cfg, &source, handler.as_ref(), current, &mut state).await {
                 Ok((id, how)) => {
                     let not_after = id.not_after;
                     let bundle = (id.bundle.clone(), id.spiffe_sequence);
@@ -554,6 +636,7 @@ pub async fn run(cfg: RenewerConfig, handler: Arc<dyn Handler>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::PrivateKeyDer;
 
     #[test]
     fn renews_before_two_thirds_of_the_remaining_life_with_downward_jitter() {

@@ -56,6 +56,13 @@ impl AdminState {
                 let expired = self.store.get().filter(|id| id.not_after <= now);
                 if self.draining.load(Ordering::Acquire) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if let Some(why) = self.store.get().and_then(|id| id.key.unavailable()) {
+                    // A token that went away: every handshake needing our
+                    // signature fails until it is back (the probe notices).
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("identity key unavailable: {why}\n"),
+                    )
                 } else if let Some(id) = expired {
                     // Peers refuse an expired certificate: taking no traffic
                     // is honest until a new one is installed.

@@ -64,7 +64,17 @@ struct RawIdentity {
     trust_bundle: PathBuf,
     files: Option<RawIdentityFiles>,
     ca: Option<RawIdentityCa>,
+    pkcs11: Option<RawIdentityPkcs11>,
     reload_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentityPkcs11 {
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    key_label: Option<String>,
+    pin_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,7 +93,7 @@ struct RawIdentityCa {
 #[serde(deny_unknown_fields)]
 struct RawIdentityFiles {
     cert: PathBuf,
-    key: PathBuf,
+    key: Option<PathBuf>,
 }
 
 /// The limit keys shared by `[inbound]` and `[outbound]` (serde's `flatten`
@@ -290,6 +300,63 @@ pub struct IdentityConfig {
     /// `[identity] reload_interval`: how often the files are re-read even
     /// without a change notification (file systems without inotify).
     pub reload_interval: Duration,
+    /// `[identity.pkcs11]`: the workload key is in a PKCS#11 token (with
+    /// `[identity.files]`, instead of `identity.files.key`; with
+    /// `[identity.ca]`, instead of a key in memory).
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// `[identity.pkcs11]`: where the workload key lives when a token holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Config {
+    /// `module`: path of the PKCS#11 module (`.so`).
+    pub module: PathBuf,
+    /// `token_label`: the token's label.
+    pub token_label: String,
+    /// `key_label`: the `CKA_LABEL` of the key pair.
+    pub key_label: String,
+    /// `pin_file`: the file holding the user PIN (its path only; the PIN is
+    /// read when the token is opened and never kept in the configuration).
+    pub pin_file: PathBuf,
+}
+
+impl Pkcs11Config {
+    /// The token to open.
+    pub fn token_spec(&self) -> keyproof_identity::pkcs11::TokenSpec {
+        keyproof_identity::pkcs11::TokenSpec {
+            module: self.module.clone(),
+            token_label: self.token_label.clone(),
+            pin_file: self.pin_file.clone(),
+        }
+    }
+
+    /// The RFC 7512 URI of the key (as [`keyproof_identity::pkcs11::Pkcs11Key::uri`]
+    /// names it), for `check-config` and `/identity`.
+    pub fn uri(&self) -> String {
+        format!(
+            "pkcs11:token={};object={};type=private",
+            self.token_label, self.key_label
+        )
+    }
+
+    /// Where the key lives, in words.
+    fn describe(&self) -> String {
+        format!(
+            "{} (module {}, PIN from {})",
+            self.uri(),
+            self.module.display(),
+            self.pin_file.display()
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "module": self.module.display().to_string(),
+            "token_label": self.token_label,
+            "key_label": self.key_label,
+            "pin_file": self.pin_file.display().to_string(),
+        })
+    }
 }
 
 impl IdentityConfig {
@@ -297,13 +364,18 @@ impl IdentityConfig {
     /// and which bootstrap credential file is presented to it (its path,
     /// never its content).
     pub fn source_json(&self) -> serde_json::Value {
-        match &self.source {
-            IdentitySource::Files(f) => serde_json::json!({
-                "kind": "files",
-                "cert": f.cert.display().to_string(),
-                "key": f.key.display().to_string(),
-                "trust_bundle": self.trust_bundle.display().to_string(),
-            }),
+        let mut json = match &self.source {
+            IdentitySource::Files(f) => {
+                let mut j = serde_json::json!({
+                    "kind": "files",
+                    "cert": f.cert.display().to_string(),
+                    "trust_bundle": self.trust_bundle.display().to_string(),
+                });
+                if let Some(key) = &f.key {
+                    j["key"] = key.display().to_string().into();
+                }
+                j
+            }
             IdentitySource::Ca(c) => serde_json::json!({
                 "kind": "ca",
                 "url": c.url,
@@ -311,6 +383,20 @@ impl IdentityConfig {
                 "credential": c.credential_key(),
                 "credential_file": c.credential.path().display().to_string(),
             }),
+        };
+        if let Some(p) = &self.pkcs11 {
+            json["pkcs11"] = p.json();
+        }
+        json
+    }
+
+    /// Where the workload key lives: `file`, `memory` or `pkcs11` (the
+    /// `location` of `/identity` and `keyproof_identity_key_location`).
+    pub fn key_location(&self) -> &'static str {
+        match (&self.pkcs11, &self.source) {
+            (Some(_), _) => "pkcs11",
+            (None, IdentitySource::Files(_)) => "file",
+            (None, IdentitySource::Ca(_)) => "memory",
         }
     }
 }
@@ -329,8 +415,9 @@ pub enum IdentitySource {
 pub struct FilesSourceConfig {
     /// Leaf then intermediates, PEM.
     pub cert: PathBuf,
-    /// The workload private key, PEM.
-    pub key: PathBuf,
+    /// The workload private key, PEM; None when `[identity.pkcs11]` holds
+    /// it.
+    pub key: Option<PathBuf>,
 }
 
 /// `[identity.ca]`.
@@ -2099,12 +2186,30 @@ fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
                 "missing: set identity.files.cert and identity.files.key, or [identity.ca]",
             ))
         }
-        (Some(f), None) => IdentitySource::Files(FilesSourceConfig {
-            cert: f.cert,
-            key: f.key,
-        }),
+        (Some(f), None) => {
+            match (&f.key, &raw.pkcs11) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "identity.files.key",
+                        "must be absent when [identity.pkcs11] holds the key; remove one",
+                    ))
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        "identity.files.key",
+                        "missing: set identity.files.key, or hold the key in a token with [identity.pkcs11]",
+                    ))
+                }
+                _ => {}
+            }
+            IdentitySource::Files(FilesSourceConfig {
+                cert: f.cert,
+                key: f.key,
+            })
+        }
         (None, Some(c)) => IdentitySource::Ca(ca_source(c)?),
     };
+    let pkcs11 = raw.pkcs11.map(pkcs11_source).transpose()?;
     let reload_interval = duration(
         "identity.reload_interval",
         raw.reload_interval.as_ref(),
@@ -2120,6 +2225,38 @@ fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
         trust_bundle: raw.trust_bundle,
         source,
         reload_interval,
+        pkcs11,
+    })
+}
+
+/// `[identity.pkcs11]`: every key required and non-empty (a missing one is
+/// named, rather than serde's generic "missing field").
+fn pkcs11_source(raw: RawIdentityPkcs11) -> Result<Pkcs11Config, ConfigError> {
+    fn path(key: &'static str, v: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
+        match v {
+            Some(p) if !p.as_os_str().is_empty() => Ok(p),
+            Some(_) => Err(invalid(key, "must not be empty")),
+            None => Err(invalid(key, "missing (required in [identity.pkcs11])")),
+        }
+    }
+    fn label(key: &'static str, v: Option<String>) -> Result<String, ConfigError> {
+        match v {
+            Some(l) if l.is_empty() => Err(invalid(key, "must not be empty")),
+            // The label goes into a PKCS#11 URI: refuse what would make it
+            // ambiguous (';' separates attributes) or unprintable.
+            Some(l) if l.chars().any(|c| c == ';' || c.is_control()) => Err(invalid(
+                key,
+                format!("{l:?} must not contain ';' or control characters"),
+            )),
+            Some(l) => Ok(l),
+            None => Err(invalid(key, "missing (required in [identity.pkcs11])")),
+        }
+    }
+    Ok(Pkcs11Config {
+        module: path("identity.pkcs11.module", raw.module)?,
+        token_label: label("identity.pkcs11.token_label", raw.token_label)?,
+        key_label: label("identity.pkcs11.key_label", raw.key_label)?,
+        pin_file: path("identity.pkcs11.pin_file", raw.pin_file)?,
     })
 }
 
@@ -2601,23 +2738,39 @@ impl Config {
         let mut s = String::new();
         match &self.identity.source {
             IdentitySource::Files(f) => {
+                let key = match (&f.key, &self.identity.pkcs11) {
+                    (_, Some(p)) => format!(
+                        "key in the PKCS#11 token: {} (never leaves the token)",
+                        p.describe()
+                    ),
+                    (Some(k), None) => format!("key {}", k.display()),
+                    (None, None) => "no key".into(),
+                };
                 let _ = writeln!(
                     s,
-                    "identity: cert {} key {} trust bundle {} (reloaded on change, re-read every {:?})",
+                    "identity: cert {} {} trust bundle {} (reloaded on change, re-read every {:?})",
                     f.cert.display(),
-                    f.key.display(),
+                    key,
                     self.identity.trust_bundle.display(),
                     self.identity.reload_interval
                 );
             }
             IdentitySource::Ca(c) => {
+                let key = match &self.identity.pkcs11 {
+                    Some(p) => format!(
+                        "key in the PKCS#11 token: {} ({} generated there if absent, reused for every renewal, never leaves the token)",
+                        p.describe(),
+                        c.key_type.as_str()
+                    ),
+                    None => format!("{} key in memory", c.key_type.as_str()),
+                };
                 let _ = writeln!(
                     s,
-                    "identity: {} from the CA at {} (server {}), {} key in memory, bootstrap trust {}, bootstrap credential {} {} (re-read at every bootstrap)",
+                    "identity: {} from the CA at {} (server {}), {}, bootstrap trust {}, bootstrap credential {} {} (re-read at every bootstrap)",
                     c.spiffe_id,
                     c.url,
                     c.server_id,
-                    c.key_type.as_str(),
+                    key,
                     self.identity.trust_bundle.display(),
                     c.credential_key(),
                     c.credential.path().display()
@@ -2877,6 +3030,119 @@ mod tests {
         let bad_kt = ca.replace("join_token_file", "key_type = \"rsa\"\njoin_token_file");
         let e = Config::parse(&bad_kt).unwrap_err().to_string();
         assert!(e.starts_with("identity.ca.key_type: "), "{e}");
+    }
+
+    const PKCS11: &str = "[identity.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"keyproof\"\nkey_label = \"workload\"\npin_file = \"/run/pin\"\n";
+
+    #[test]
+    fn pkcs11_holds_the_key_with_files_or_with_the_ca() {
+        let files = format!(
+            "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.files]\ncert = \"c\"\n{PKCS11}{OUT}"
+        );
+        let cfg = Config::parse(&files).expect("files + pkcs11");
+        let p = cfg.identity.pkcs11.as_ref().expect("pkcs11");
+        assert_eq!(p.module, PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(
+            (p.token_label.as_str(), p.key_label.as_str()),
+            ("keyproof", "workload")
+        );
+        assert_eq!(p.pin_file, PathBuf::from("/run/pin"));
+        assert_eq!(
+            p.uri(),
+            "pkcs11:token=keyproof;object=workload;type=private"
+        );
+        assert_eq!(cfg.identity.key_location(), "pkcs11");
+        let IdentitySource::Files(f) = &cfg.identity.source else {
+            panic!("not files")
+        };
+        assert_eq!(f.key, None);
+        let e = cfg.explain();
+        assert!(
+            e.contains(
+                "key in the PKCS#11 token: pkcs11:token=keyproof;object=workload;type=private"
+            ),
+            "{e}"
+        );
+        assert!(!e.contains("key in memory"), "{e}");
+        let src = cfg.identity.source_json();
+        assert_eq!(src["pkcs11"]["key_label"], "workload");
+        assert!(src.get("key").is_none(), "{src}");
+
+        let ca = format!(
+            "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.ca]\nurl = \"https://ca.svc:8443\"\nspiffe_id = \"spiffe://td/ns/a/sa/b\"\njoin_token_file = \"t\"\n{PKCS11}{OUT}"
+        );
+        let cfg = Config::parse(&ca).expect("ca + pkcs11");
+        assert_eq!(cfg.identity.key_location(), "pkcs11");
+        let e = cfg.explain();
+        assert!(e.contains("generated there if absent"), "{e}");
+        assert!(!e.contains("key in memory"), "{e}");
+
+        // Without a token: where the key lives as before.
+        let cfg = Config::parse(&format!("{BASE}{OUT}")).expect("files");
+        assert_eq!(cfg.identity.key_location(), "file");
+        assert!(cfg.identity.pkcs11.is_none());
+        let cfg = Config::parse(&ca.replace(PKCS11, "")).expect("ca");
+        assert_eq!(cfg.identity.key_location(), "memory");
+    }
+
+    #[test]
+    fn pkcs11_errors_name_the_key() {
+        let with = |files_key: bool, pkcs11: &str| {
+            let key = if files_key { "key = \"k\"\n" } else { "" };
+            let text = format!(
+                "[identity]\ntrust_bundle = \"ca.crt\"\n[identity.files]\ncert = \"c\"\n{key}{pkcs11}{OUT}"
+            );
+            Config::parse(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let cases: [(bool, String, &str); 10] = [
+            (true, PKCS11.to_owned(), "identity.files.key: "),
+            (false, String::new(), "identity.files.key: "),
+            (
+                false,
+                PKCS11.replace("module = \"/usr/lib/softhsm/libsofthsm2.so\"\n", ""),
+                "identity.pkcs11.module: ",
+            ),
+            (
+                false,
+                PKCS11.replace("token_label = \"keyproof\"\n", ""),
+                "identity.pkcs11.token_label: ",
+            ),
+            (
+                false,
+                PKCS11.replace("key_label = \"workload\"\n", ""),
+                "identity.pkcs11.key_label: ",
+            ),
+            (
+                false,
+                PKCS11.replace("pin_file = \"/run/pin\"\n", ""),
+                "identity.pkcs11.pin_file: ",
+            ),
+            (
+                false,
+                PKCS11.replace("\"keyproof\"", "\"\""),
+                "identity.pkcs11.token_label: ",
+            ),
+            (
+                false,
+                PKCS11.replace("\"workload\"", "\"a;b\""),
+                "identity.pkcs11.key_label: ",
+            ),
+            (
+                false,
+                PKCS11.replace("\"/run/pin\"", "\"\""),
+                "identity.pkcs11.pin_file: ",
+            ),
+            (false, format!("{PKCS11}pin = \"1234\"\n"), "pin"),
+        ];
+        for (files_key, pkcs11, want) in cases {
+            let e = with(files_key, &pkcs11).expect_err(&pkcs11);
+            assert!(e.contains(want), "{pkcs11}: {e}");
+        }
+        // An unknown key is refused, not ignored (a PIN inline must not be
+        // silently accepted and then unused).
+        let e = with(false, &format!("{PKCS11}pin = \"1234\"\n")).unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(with(false, PKCS11).is_ok());
     }
 
     #[test]
@@ -3337,8 +3603,8 @@ mod tests {
             panic!("not files")
         };
         assert_eq!(
-            (f.cert.as_path(), f.key.as_path()),
-            (Path::new("c"), Path::new("k"))
+            (f.cert.as_path(), f.key.as_deref()),
+            (Path::new("c"), Some(Path::new("k")))
         );
         assert!(cfg.admin.is_none());
         assert_eq!(cfg.runtime.worker_threads, 1);

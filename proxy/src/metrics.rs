@@ -29,7 +29,7 @@ pub const RELOAD_RESULTS: [&str; 9] = [
 ];
 
 /// Every `result` label of `keyproof_identity_renewals_total`.
-pub const RENEWAL_RESULTS: [&str; 7] = [
+pub const RENEWAL_RESULTS: [&str; 8] = [
     "ok",
     // The CA could not be reached (network, TLS, timeout).
     "ca_unreachable",
@@ -45,7 +45,18 @@ pub const RENEWAL_RESULTS: [&str; 7] = [
     // The CA rejected the client certificate in the TLS handshake (its
     // root is no longer trusted); a ServiceAccount sidecar bootstraps again.
     "client_cert_rejected",
+    // The PKCS#11 token holding the workload key could not sign the CSR.
+    "key_unavailable",
 ];
+
+/// Every `location` label of `keyproof_identity_key_location`: where the
+/// workload key lives.
+pub const KEY_LOCATIONS: [&str; 3] = ["file", "memory", "pkcs11"];
+
+/// Every `result` label of `keyproof_identity_key_operations_total`: the
+/// token signed, failed (or could not be reopened), or was not asked
+/// because it failed less than a second ago.
+pub const KEY_OPERATION_RESULTS: [&str; 3] = ["ok", "failed", "unavailable"];
 
 /// Every `result` label of `keyproof_tls_handshakes_total`.
 pub const HANDSHAKE_RESULTS: [&str; 12] = [
@@ -159,6 +170,11 @@ pub struct Metrics {
     pub cert_issued: Gauge,
     reloads: IntCounterVec,
     renewals: IntCounterVec,
+    /// `keyproof_identity_key_location`, one child per [`KEY_LOCATIONS`].
+    key_location: [IntGauge; 3],
+    /// `keyproof_identity_key_operations_total`, one child per
+    /// [`KEY_OPERATION_RESULTS`].
+    key_operations: [IntCounter; 3],
     policy_reloads: [IntCounter; 2],
     upstream_reloads: [IntCounter; 2],
     /// `keyproof_policy_generation`: 0 for the policy read at startup, one
@@ -375,6 +391,25 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let key_location = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_identity_key_location",
+                "Where the workload private key lives: 1 for the location in use (file, memory \
+                 or pkcs11), 0 for the others.",
+            ),
+            &["location"],
+        )?;
+        let key_operations = IntCounterVec::new(
+            Opts::new(
+                "keyproof_identity_key_operations_total",
+                "Private-key operations of a PKCS#11 workload key (handshake signatures, \
+                 step-up signatures, CSRs, probes), by result: ok, failed, or unavailable (not \
+                 attempted: the token failed less than a second ago).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(key_location.clone()))?;
+        registry.register(Box::new(key_operations.clone()))?;
         let policy_reloads = IntCounterVec::new(
             Opts::new(
                 "keyproof_policy_reloads_total",
@@ -513,6 +548,8 @@ impl Metrics {
             cert_issued,
             reloads,
             renewals,
+            key_location: KEY_LOCATIONS.map(|l| key_location.with_label_values(&[l])),
+            key_operations: KEY_OPERATION_RESULTS.map(|r| key_operations.with_label_values(&[r])),
             policy_reloads: ["ok", "failed"].map(|r| policy_reloads.with_label_values(&[r])),
             upstream_reloads: ["ok", "failed"].map(|r| upstream_reloads.with_label_values(&[r])),
             policy_generation,
@@ -560,6 +597,24 @@ impl Metrics {
     /// (`ok`) or refused.
     pub fn upstream_reload(&self, ok: bool) {
         self.upstream_reloads[usize::from(!ok)].inc();
+    }
+
+    /// Sets `keyproof_identity_key_location`: 1 for `location` (one of
+    /// [`KEY_LOCATIONS`]), 0 for the others.
+    pub fn key_location(&self, location: &str) {
+        for (l, g) in KEY_LOCATIONS.iter().zip(&self.key_location) {
+            g.set(i64::from(*l == location));
+        }
+    }
+
+    /// Counts one private-key operation of a token key (`result` one of
+    /// [`KEY_OPERATION_RESULTS`]; anything else counts as `failed`).
+    pub fn key_operation(&self, result: &str) {
+        let i = KEY_OPERATION_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(1);
+        self.key_operations[i].inc();
     }
 
     /// Counts one `[identity.ca]` issuance outcome.
@@ -921,6 +976,37 @@ mod tests {
     const DIRECTIONS: [&str; 2] = ["inbound", "outbound"];
 
     #[test]
+    fn the_key_location_is_one_for_the_location_in_use_and_operations_count_by_result() {
+        let m = Metrics::new().expect("metrics");
+        m.key_location("pkcs11");
+        m.key_operation("ok");
+        m.key_operation("ok");
+        m.key_operation("failed");
+        m.key_operation("bogus");
+        let t = text(&m);
+        let loc = |l| sample(&t, "keyproof_identity_key_location", &[("location", l)]);
+        assert_eq!(
+            (loc("file"), loc("memory"), loc("pkcs11")),
+            (Some(0.0), Some(0.0), Some(1.0))
+        );
+        let ops = |r| {
+            sample(
+                &t,
+                "keyproof_identity_key_operations_total",
+                &[("result", r)],
+            )
+        };
+        assert_eq!(
+            (ops("ok"), ops("failed"), ops("unavailable")),
+            (Some(2.0), Some(2.0), Some(0.0))
+        );
+        m.key_location("file");
+        let t = text(&m);
+        let loc = |l| sample(&t, "keyproof_identity_key_location", &[("location", l)]);
+        assert_eq!((loc("file"), loc("pkcs11")), (Some(1.0), Some(0.0)));
+    }
+
+    #[test]
     fn every_label_of_every_list_is_exported_at_zero_from_the_start() {
         let m = Metrics::new().expect("metrics");
         VerifierMetrics::register(
@@ -973,6 +1059,13 @@ mod tests {
         for r in RENEWAL_RESULTS {
             zero("keyproof_identity_renewals_total", &[("result", r)]);
         }
+        // Where the key lives is set at start; before, no location is 1.
+        for l in KEY_LOCATIONS {
+            zero("keyproof_identity_key_location", &[("location", l)]);
+        }
+        for r in KEY_OPERATION_RESULTS {
+            zero("keyproof_identity_key_operations_total", &[("result", r)]);
+        }
         for o in Outcome::ALL {
             zero(
                 "keyproof_stepup_verifications_total",
@@ -1005,7 +1098,7 @@ mod tests {
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
         assert_eq!(
             checked,
-            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 7 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 4
+            2 * (12 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 4
         );
         // Nothing to say before a bundle is installed (not even its trust
         // domain), and no sequence unless a CA states one.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use keyproof_identity::Usage;
 
 use crate::config::{self, Config, ConfigError, IdentitySource, PolicyConfig};
+use crate::identity::key::TokenKey;
 use crate::identity::reload;
 use crate::identity::renew;
 use crate::identity::store::{self, Identity, IdentityStore};
@@ -410,6 +411,8 @@ pub struct Running {
     grace: Duration,
     /// The reloader (`[identity.files]`) or renewer (`[identity.ca]`).
     identity_task: tokio::task::JoinHandle<()>,
+    /// The probe of a PKCS#11 workload key (`[identity.pkcs11]`).
+    key_probe_task: Option<tokio::task::AbortHandle>,
     /// The `[inbound] policy_file` watcher.
     policy_task: Option<tokio::task::AbortHandle>,
     /// The `[outbound] upstreams_file` watcher.
@@ -436,9 +439,31 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     if cfg.outbound.is_some() {
         usages.push(Usage::ClientAuth);
     }
+    metrics.key_location(cfg.identity.key_location());
+    // The token is opened (and the key generated, for [identity.ca]) before
+    // anything else, on a blocking thread: logging in to a token is a
+    // blocking call, and may be slow.
+    let token = match &cfg.identity.pkcs11 {
+        Some(p) => {
+            let p = p.clone();
+            let generate = match &cfg.identity.source {
+                IdentitySource::Ca(c) => Some(c.key_type),
+                IdentitySource::Files(_) => None,
+            };
+            let t = tokio::task::spawn_blocking(move || TokenKey::open(&p, generate))
+                .await
+                .map_err(|e| store::IdentityError::Invalid {
+                    key: "identity.pkcs11",
+                    msg: format!("opening the token: {e}"),
+                })??;
+            t.observe(&metrics);
+            Some(t)
+        }
+        None => None,
+    };
     let (store, identity_task) = match &cfg.identity.source {
         IdentitySource::Files(files) => {
-            let identity = Identity::load(&cfg.identity, &usages)?;
+            let identity = Identity::load_with(&cfg.identity, token.clone(), &usages)?;
             check_trust_domains(cfg, &identity)?;
             identity.export(&metrics);
             tracing::info!(spiffe_id = %identity.id, serial = %identity.serial, not_after = identity.not_after, "identity loaded");
@@ -453,6 +478,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
                 metrics.clone(),
                 usages.clone(),
             )
+            .with_token(token.clone())
             .spawn(cfg.identity.reload_interval);
             (store, task)
         }
@@ -465,12 +491,15 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
                 store.clone(),
                 metrics.clone(),
                 usages.clone(),
+                token.clone(),
             )?;
             (store, task)
         }
     };
     // Stops the background task if start fails or is cancelled from here on.
     let cancel_identity = AbortOnDrop(Some(identity_task.abort_handle()));
+    let key_probe_task = token.as_ref().map(|t| t.spawn_probe().abort_handle());
+    let cancel_probe = AbortOnDrop(key_probe_task.clone());
 
     let bind = |key: &'static str, addr: SocketAddr| {
         listener::bind(addr).map_err(|source| StartError::Bind { key, addr, source })
@@ -582,10 +611,12 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         tracker: tracker.clone(),
         grace: cfg.runtime.shutdown_grace,
         identity_task,
+        key_probe_task,
         policy_task: None,
         upstreams_task: None,
     };
     cancel_identity.disarm();
+    cancel_probe.disarm();
     if let (Some(l), Some(ib), Some(c)) = (in_l, inbound, cfg.inbound.as_ref()) {
         running.inbound_addr = l.local_addr().ok();
         tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
@@ -693,6 +724,9 @@ impl Running {
         }
         let _ = self.stop_admin.send(true);
         self.identity_task.abort();
+        if let Some(t) = self.key_probe_task {
+            t.abort();
+        }
         if let Some(t) = self.policy_task {
             t.abort();
         }

@@ -6,9 +6,12 @@
 //!   handshake (so that a swap needs no rebuild).
 //! * `reload.rs` with `watch.rs`: `[identity.files]`, re-read when the files
 //!   change (Kubernetes Secret volumes included).
+//! * `key.rs`: the workload key, in a file, in memory or in a PKCS#11
+//!   token, and the probe that notices a token going away and coming back.
 //! * `renew.rs`: `[identity.ca]`, bootstrapped and renewed from
 //!   `keyproof-ca serve`.
 
+pub mod key;
 pub mod reload;
 pub mod renew;
 pub mod store;

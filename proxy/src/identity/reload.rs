@@ -18,6 +18,7 @@ use std::time::Duration;
 use keyproof_identity::{keys, Usage};
 use tokio::time::Instant;
 
+use crate::identity::key::{TokenKey, WorkloadKey};
 use crate::identity::store::{self, Identity, IdentityStore, MaterialError};
 use crate::identity::watch::FileWatch;
 use crate::metrics::Metrics;
@@ -33,16 +34,17 @@ const RETRY_EVERY: Duration = Duration::from_millis(100);
 pub struct IdentityFiles {
     /// Leaf then intermediates, PEM.
     pub cert: PathBuf,
-    /// The workload key, PEM.
-    pub key: PathBuf,
+    /// The workload key, PEM; None when it is in a PKCS#11 token (the
+    /// certificate must then keep certifying the token key).
+    pub key: Option<PathBuf>,
     /// The trust bundle, PEM.
     pub bundle: PathBuf,
 }
 
-/// One read of the three files.
+/// One read of the files.
 struct Snapshot {
     cert: Vec<u8>,
-    key: Vec<u8>,
+    key: Option<Vec<u8>>,
     bundle: Vec<u8>,
 }
 
@@ -58,7 +60,10 @@ impl Snapshot {
         };
         Ok(Snapshot {
             cert: read(&files.cert).await?,
-            key: read(&files.key).await?,
+            key: match &files.key {
+                Some(k) => Some(read(k).await?),
+                None => None,
+            },
             bundle: read(&files.bundle).await?,
         })
     }
@@ -67,7 +72,12 @@ impl Snapshot {
     /// Hashed in place, so no extra copy of the key is made.
     fn digest(&self) -> [u8; 32] {
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        for part in [&self.cert, &self.key, &self.bundle] {
+        let empty = Vec::new();
+        for part in [
+            &self.cert,
+            self.key.as_ref().unwrap_or(&empty),
+            &self.bundle,
+        ] {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part);
         }
@@ -94,6 +104,9 @@ pub struct Reloader {
     store: Arc<IdentityStore>,
     metrics: Metrics,
     usages: Vec<Usage>,
+    /// The token key, when `[identity.pkcs11]` holds the key (the files
+    /// then hold only the certificate and the bundle).
+    token: Option<Arc<TokenKey>>,
     /// The last contents refused, so a bad Secret is counted once.
     rejected: Option<[u8; 32]>,
     /// [`SETTLE_FOR`]; a field so that tests can wait less.
@@ -114,20 +127,31 @@ impl Reloader {
             store,
             metrics,
             usages,
+            token: None,
             rejected: None,
             settle_for: SETTLE_FOR,
         }
+    }
+
+    /// The key is `token`, not a file: every certificate read must certify
+    /// it.
+    pub fn with_token(mut self, token: Option<Arc<TokenKey>>) -> Reloader {
+        self.token = token;
+        self
     }
 
     /// Starts watching: checks after every change notice and every
     /// `interval`, until the returned task is aborted.
     pub fn spawn(mut self, interval: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let paths = [
-                self.files.cert.clone(),
+            let paths: Vec<PathBuf> = [
+                Some(self.files.cert.clone()),
                 self.files.key.clone(),
-                self.files.bundle.clone(),
-            ];
+                Some(self.files.bundle.clone()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
             let mut watch = FileWatch::start(&refs, interval);
             loop {
@@ -189,7 +213,21 @@ impl Reloader {
     /// is not reported as a refused reload).
     fn validate(&self, snap: &Snapshot) -> Result<Option<Identity>, MaterialError> {
         let current = self.store.get();
-        let (chain, key, roots) = store::parse_pem(&snap.cert, &snap.key, &snap.bundle)?;
+        let (chain, key, roots) = match (&self.token, &snap.key) {
+            (Some(token), _) => {
+                let (chain, roots) = store::parse_cert_and_bundle(&snap.cert, &snap.bundle)?;
+                (chain, WorkloadKey::Pkcs11(token.clone()), roots)
+            }
+            (None, Some(key_pem)) => {
+                let (chain, key, roots) = store::parse_pem(&snap.cert, key_pem, &snap.bundle)?;
+                (chain, WorkloadKey::file(key), roots)
+            }
+            (None, None) => {
+                return Err(MaterialError::Key(
+                    "no key file and no token key configured".into(),
+                ))
+            }
+        };
         if current
             .as_ref()
             .is_some_and(|c| c.material == store::material_digest(&chain, &key, &roots))
@@ -230,7 +268,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("temp dir");
             let files = IdentityFiles {
                 cert: dir.path().join("tls.crt"),
-                key: dir.path().join("tls.key"),
+                key: Some(dir.path().join("tls.key")),
                 bundle: dir.path().join("ca.crt"),
             };
             let svid = pki.issue(API);
@@ -273,7 +311,7 @@ mod tests {
 
     fn write(files: &IdentityFiles, svid: &Svid, bundle: &str) {
         std::fs::write(&files.cert, svid.chain_pem()).expect("write cert");
-        std::fs::write(&files.key, svid.key_pem()).expect("write key");
+        std::fs::write(files.key.as_ref().expect("key file"), svid.key_pem()).expect("write key");
         std::fs::write(&files.bundle, bundle).expect("write bundle");
     }
 
@@ -318,7 +356,7 @@ mod tests {
         });
         tokio::time::sleep(RETRY_EVERY * 3).await;
         assert!(!check.is_finished(), "gave up on the half-written update");
-        std::fs::write(&s.files.key, next.key_pem()).expect("write key");
+        std::fs::write(s.files.key.as_ref().expect("key file"), next.key_pem()).expect("write key");
         let (reloader, outcome) = tokio::time::timeout(SETTLE_FOR, check)
             .await
             .expect("not applied within SETTLE_FOR")
@@ -336,7 +374,8 @@ mod tests {
         let cases: [(&str, Break); 8] = [
             ("key_mismatch", |s| {
                 let other = s.pki.issue(API);
-                std::fs::write(&s.files.key, other.key_pem()).expect("write");
+                std::fs::write(s.files.key.as_ref().expect("key file"), other.key_pem())
+                    .expect("write");
             }),
             ("expired", |s| {
                 let leaf = Leaf {
@@ -368,7 +407,7 @@ mod tests {
                 std::fs::write(&s.files.cert, "not a certificate").expect("write");
             }),
             ("unreadable", |s| {
-                std::fs::remove_file(&s.files.key).expect("remove");
+                std::fs::remove_file(s.files.key.as_ref().expect("key file")).expect("remove");
             }),
         ];
         let mut runs = tokio::task::JoinSet::new();
@@ -410,7 +449,11 @@ mod tests {
     async fn new_bad_contents_count_again_and_a_fix_is_applied() {
         let mut s = Setup::new(SETTLE);
         let mismatch = |s: &Setup| {
-            std::fs::write(&s.files.key, s.pki.issue(API).key_pem()).expect("write");
+            std::fs::write(
+                s.files.key.as_ref().expect("key file"),
+                s.pki.issue(API).key_pem(),
+            )
+            .expect("write");
         };
         mismatch(&s);
         assert_eq!(

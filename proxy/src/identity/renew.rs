@@ -19,14 +19,15 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use keyproof_ca::client::CaClient;
-use keyproof_ca::renewer::{self, Event, Handler, NewIdentity, RenewerConfig};
+use keyproof_ca::client::{CaClient, IssuedKey};
+use keyproof_ca::renewer::{self, Event, Handler, KeySource, NewIdentity, RenewerConfig};
 use keyproof_identity::tls::SharedVerifier;
 use keyproof_identity::{SvidVerifier, TrustBundle, Usage};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 
 use crate::config::{CaSourceConfig, IdentityConfig};
+use crate::identity::key::{TokenKey, WorkloadKey};
 use crate::identity::store::{Identity, IdentityError, IdentityStore, MaterialError};
 use crate::metrics::Metrics;
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ pub struct CaIdentity {
     /// What the last read of it gave (its roots, or the error), so that
     /// only a change is logged.
     last_bootstrap_read: Mutex<Option<Result<Vec<CertificateDer<'static>>, String>>>,
+    /// The token key every certificate is requested for, with
+    /// `[identity.pkcs11]` (None: a new key in memory each time).
+    token: Option<Arc<TokenKey>>,
 }
 
 impl CaIdentity {
@@ -119,9 +123,18 @@ impl Handler for CaIdentity {
     }
 
     fn install(&self, id: NewIdentity) -> Result<(), String> {
+        let key = match id.key {
+            IssuedKey::Memory(der) => WorkloadKey::memory(der),
+            // The same token key as held: shares what the proxy tracks
+            // about it (its last failure, its observer).
+            IssuedKey::Pkcs11(k) => match &self.token {
+                Some(t) if t.key().uri() == k.uri() => WorkloadKey::Pkcs11(t.clone()),
+                _ => WorkloadKey::Pkcs11(Arc::new(TokenKey::new(k))),
+            },
+        };
         let next = Identity::from_parts(
             id.chain,
-            id.key,
+            key,
             id.bundle,
             &self.usages,
             Some(&self.cfg.spiffe_id),
@@ -258,13 +271,16 @@ pub fn bootstrap_trust(
 }
 
 /// Builds the CA client from the bootstrap bundle and starts the renewer,
-/// which installs every identity into `store`. Errors name the key.
+/// which installs every identity into `store`; with `token`, every
+/// certificate is requested for that key (CSR signed in the token).
+/// Errors name the key.
 pub fn start(
     identity: &IdentityConfig,
     cfg: &CaSourceConfig,
     store: Arc<IdentityStore>,
     metrics: Metrics,
     usages: Vec<Usage>,
+    token: Option<Arc<TokenKey>>,
 ) -> Result<tokio::task::JoinHandle<()>, IdentityError> {
     let ca_trust = bootstrap_trust(identity, cfg)?;
     let client = CaClient::new(&cfg.url, ca_trust.clone(), cfg.server_id.clone()).map_err(|e| {
@@ -281,15 +297,21 @@ pub fn start(
         ca_trust,
         bootstrap_bundle: identity.trust_bundle.clone(),
         last_bootstrap_read: Mutex::new(None),
+        token: token.clone(),
     });
+    let source = match &token {
+        Some(t) => KeySource::Pkcs11(t.key().clone()),
+        None => KeySource::Fresh,
+    };
     tracing::info!(
         url = %cfg.url,
         spiffe_id = %cfg.spiffe_id,
         credential = cfg.credential_key(),
         credential_file = %cfg.credential.path().display(),
+        key = %token.as_ref().map_or_else(|| "memory".to_owned(), |t| t.key().uri()),
         "obtaining the identity from the CA"
     );
-    Ok(tokio::spawn(renewer::run(
+    Ok(tokio::spawn(renewer::run_with_key(
         RenewerConfig {
             client,
             spiffe_id: cfg.spiffe_id.clone(),
@@ -297,6 +319,7 @@ pub fn start(
             bootstrap: cfg.credential.clone(),
             bundle_refresh: cfg.bundle_refresh,
         },
+        source,
         handler,
     )))
 }
@@ -348,6 +371,7 @@ mod tests {
                 ca_trust,
                 bootstrap_bundle: identity.trust_bundle.clone(),
                 last_bootstrap_read: Mutex::new(None),
+                token: None,
             },
             store,
             metrics,
@@ -358,7 +382,7 @@ mod tests {
         let s = pki.issue(path);
         NewIdentity {
             chain: s.chain,
-            key: s.key,
+            key: IssuedKey::Memory(s.key),
             bundle,
             not_after: 0,
             spiffe_sequence: Some(4),
@@ -427,6 +451,7 @@ mod tests {
             IdentityStore::empty(),
             metrics,
             BOTH.to_vec(),
+            None,
         )
         .map(|_| ())
         .unwrap_err();
@@ -522,7 +547,8 @@ mod tests {
             | FailureKind::Protocol
             | FailureKind::TokenUnreadable
             | FailureKind::Rejected
-            | FailureKind::ClientCertRejected => {}
+            | FailureKind::ClientCertRejected
+            | FailureKind::KeyUnavailable => {}
         }
     }
 
@@ -541,6 +567,7 @@ mod tests {
             FailureKind::TokenUnreadable,
             FailureKind::Rejected,
             FailureKind::ClientCertRejected,
+            FailureKind::KeyUnavailable,
         ];
         let mut labels = BTreeSet::from(["ok"]);
         h.event(Event::Renewed {
@@ -577,6 +604,7 @@ mod tests {
             store.clone(),
             metrics.clone(),
             BOTH.to_vec(),
+            None,
         )
         .expect("started");
         let counted = tokio::time::timeout(Duration::from_secs(5), async {

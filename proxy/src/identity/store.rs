@@ -28,6 +28,7 @@ use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::config::{IdentityConfig, IdentitySource};
+use crate::identity::key::{TokenKey, WorkloadKey};
 
 /// Why the identity could not be loaded; names the configuration key.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +138,19 @@ impl MaterialError {
     }
 }
 
+/// Parses PEM material into the chain and the bundle roots (the key is in
+/// a token).
+pub fn parse_cert_and_bundle(
+    cert_pem: &[u8],
+    bundle_pem: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), MaterialError> {
+    let roots =
+        keys::certs_from_pem(bundle_pem).map_err(|e| MaterialError::Bundle(e.to_string()))?;
+    let chain = keys::certs_from_pem(cert_pem)
+        .map_err(|e| MaterialError::Cert(format!("certificate: {e}")))?;
+    Ok((chain, roots))
+}
+
 /// Parses PEM material into the chain, the key and the bundle roots.
 pub fn parse_pem(
     cert_pem: &[u8],
@@ -160,10 +174,11 @@ pub fn parse_pem(
 }
 
 /// A digest of exactly this chain, key and bundle: equal digests mean
-/// nothing changed. Hashed in place, so no extra copy of the key is made.
+/// nothing changed. Hashed in place, so no extra copy of the key is made;
+/// a token key is digested by its public key and URI.
 pub fn material_digest(
     chain: &[CertificateDer<'_>],
-    key: &PrivateKeyDer<'_>,
+    key: &WorkloadKey,
     roots: &[CertificateDer<'_>],
 ) -> [u8; 32] {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
@@ -174,7 +189,7 @@ pub fn material_digest(
     part(b"chain");
     chain.iter().for_each(|c| part(c));
     part(b"key");
-    part(key.secret_der());
+    key.digest_parts(&mut part);
     part(b"roots");
     roots.iter().for_each(|r| part(r));
     let mut out = [0u8; 32];
@@ -230,10 +245,10 @@ pub struct Identity {
     pub bundle_sequence: Option<u64>,
     /// [`material_digest`] of this identity, to tell a real change.
     pub material: [u8; 32],
-    /// The workload key as loaded (PKCS#8, SEC1 or PKCS#1 DER), for the
-    /// step-up signer; swapped with the rest of the identity on reload.
-    /// Never logged: `Debug` for `Identity` omits it.
-    pub key_der: rustls_pki_types::PrivateKeyDer<'static>,
+    /// The workload key (in a file, in memory or in a PKCS#11 token), for
+    /// the step-up signer and `/identity`; swapped with the rest of the
+    /// identity on reload. Never logged: `Debug` for `Identity` omits it.
+    pub key: WorkloadKey,
 }
 
 impl fmt::Debug for Identity {
@@ -262,10 +277,29 @@ impl Identity {
     /// a usable identity: the key matches the leaf, and the leaf is a valid
     /// X.509-SVID chaining to the bundle for the directions in `usages`.
     /// Errors name the configuration key.
+    ///
+    /// With `[identity.pkcs11]` the key is opened in its token (blocking:
+    /// the token is logged in to) and must be the one the leaf certifies;
+    /// [`Identity::key`] then holds it, for the reloader and the probe.
     pub fn load(cfg: &IdentityConfig, usages: &[Usage]) -> Result<Identity, IdentityError> {
+        let token = match &cfg.pkcs11 {
+            Some(p) => Some(TokenKey::open(p, None)?),
+            None => None,
+        };
+        Identity::load_with(cfg, token, usages)
+    }
+
+    /// [`Identity::load`] with the token key already open (None: the key
+    /// is `identity.files.key`).
+    pub fn load_with(
+        cfg: &IdentityConfig,
+        token: Option<Arc<TokenKey>>,
+        usages: &[Usage],
+    ) -> Result<Identity, IdentityError> {
         const BUNDLE: &str = "identity.trust_bundle";
         const CERT: &str = "identity.files.cert";
         const KEY: &str = "identity.files.key";
+        const LABEL: &str = "identity.pkcs11.key_label";
         let IdentitySource::Files(files) = &cfg.source else {
             return Err(invalid(
                 "identity.files",
@@ -274,13 +308,30 @@ impl Identity {
         };
         let bundle_pem = read(BUNDLE, &cfg.trust_bundle)?;
         let cert_pem = read(CERT, &files.cert)?;
-        let key_pem = read(KEY, &files.key)?;
-        let (chain, key, roots) =
-            parse_pem(&cert_pem, &key_pem, &bundle_pem).map_err(|e| invalid(e.files_key(), e))?;
+        let (chain, key, roots) = match (token, &files.key) {
+            (Some(token), _) => {
+                let (chain, roots) = parse_cert_and_bundle(&cert_pem, &bundle_pem)
+                    .map_err(|e| invalid(e.files_key(), e))?;
+                (chain, WorkloadKey::Pkcs11(token), roots)
+            }
+            (None, Some(key_path)) => {
+                let key_pem = read(KEY, key_path)?;
+                let (chain, key, roots) = parse_pem(&cert_pem, &key_pem, &bundle_pem)
+                    .map_err(|e| invalid(e.files_key(), e))?;
+                (chain, WorkloadKey::file(key), roots)
+            }
+            (None, None) => return Err(invalid(KEY, "missing")),
+        };
+        let in_token = key.token().is_some();
         Identity::from_parts(chain, key, roots, usages, None).map_err(|e| match e {
             MaterialError::Verify(v) => {
                 invalid(CERT, format!("does not verify against {BUNDLE}: {v}"))
             }
+            MaterialError::KeyMismatch if in_token => invalid(
+                LABEL,
+                format!("the key in the token is not the one {CERT} certifies"),
+            ),
+            MaterialError::Key(msg) if in_token => invalid(LABEL, msg),
             other => invalid(other.files_key(), other),
         })
     }
@@ -293,12 +344,13 @@ impl Identity {
     /// every usage (which also rejects expired and not-yet-valid leaves).
     pub fn from_parts(
         chain: Vec<CertificateDer<'static>>,
-        key_der: PrivateKeyDer<'static>,
+        key: impl Into<WorkloadKey>,
         roots: Vec<CertificateDer<'static>>,
         usages: &[Usage],
         expected: Option<&SpiffeId>,
     ) -> Result<Identity, MaterialError> {
-        let material = material_digest(&chain, &key_der, &roots);
+        let key: WorkloadKey = key.into();
+        let material = material_digest(&chain, &key, &roots);
         let bundle = TrustBundle::new(roots).map_err(|e| MaterialError::Bundle(e.to_string()))?;
         let mut root_info = Vec::with_capacity(bundle.roots().len());
         for r in bundle.roots() {
@@ -332,7 +384,8 @@ impl Identity {
                 });
             }
         }
-        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
+        let signing = key
+            .rustls_signing_key()
             .map_err(|e| MaterialError::Key(format!("unsupported private key: {e}")))?;
         let mut chain_info = Vec::with_capacity(chain.len());
         for c in &chain {
@@ -352,9 +405,18 @@ impl Identity {
         let certified = CertifiedKey::new(chain, signing);
         // Before the chain: "certificate replaced before its key" is the
         // common half-written state, and deserves its own label.
-        certified
-            .keys_match()
-            .map_err(|_| MaterialError::KeyMismatch)?;
+        match key.spki_der() {
+            // A token key is compared by the public key read from the
+            // token, whatever its rustls adapter can report.
+            Some(spki) => {
+                if parsed.tbs_certificate.subject_pki.raw != spki {
+                    return Err(MaterialError::KeyMismatch);
+                }
+            }
+            None => certified
+                .keys_match()
+                .map_err(|_| MaterialError::KeyMismatch)?,
+        }
         let verifier = SvidVerifier::new(id.trust_domain(), bundle);
         let now = UnixTime::now();
         for usage in usages {
@@ -364,7 +426,7 @@ impl Identity {
             not_after = v.not_after;
         }
         Ok(Identity {
-            key_der,
+            key,
             id,
             certified: Arc::new(certified),
             verifier,
@@ -388,7 +450,7 @@ impl Identity {
     ) -> Result<Identity, MaterialError> {
         Identity::from_parts(
             self.certified.cert.clone(),
-            self.key_der.clone_key(),
+            self.key.clone_key(),
             roots,
             usages,
             Some(&self.id),
@@ -432,6 +494,7 @@ impl Identity {
             "trust_domain": self.verifier.trust_domain().as_str(),
             "trust_roots": self.roots,
             "chain": self.chain,
+            "key": self.key.to_json(),
         });
         if let Some(seq) = self.bundle_sequence {
             json["trust_bundle_sequence"] = seq.into();
@@ -1156,7 +1219,11 @@ mod tests {
         let pki = Pki::shared(TD);
         let s = pki.issue(API);
         let leaf = s.chain[0].clone();
-        let digest = material_digest(&s.chain, &s.key, &pki.roots());
+        let digest = material_digest(
+            &s.chain,
+            &WorkloadKey::from(s.key.clone_key()),
+            &pki.roots(),
+        );
         let id = from_svid(s, pki.roots(), BOTH).expect("valid identity");
         assert_eq!(id.id, pki.id(API));
         assert_eq!(id.material, digest);
@@ -1486,10 +1553,11 @@ mod tests {
             source: source.unwrap_or_else(|| {
                 IdentitySource::Files(FilesSourceConfig {
                     cert: dir.join("tls.crt"),
-                    key: dir.join("tls.key"),
+                    key: Some(dir.join("tls.key")),
                 })
             }),
             reload_interval: Duration::from_secs(10),
+            pkcs11: None,
         }
     }
 

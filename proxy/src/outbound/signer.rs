@@ -124,16 +124,28 @@ impl std::fmt::Debug for OutboundStepUp {
     }
 }
 
-/// Builds a signer from the identity's key and leaf. The key is loaded as
-/// PKCS#8 or SEC1 (converted to PKCS#8; P-256 only) and must match the leaf.
+/// Builds a signer from the identity's key and leaf. A key in memory is
+/// loaded as PKCS#8 or SEC1 (converted to PKCS#8; P-256 only); a token key
+/// signs in its token. Either must match the leaf.
 pub fn signer_for(identity: &Identity) -> Result<Arc<Signer>, String> {
+    use crate::identity::key::WorkloadKey;
     use rustls_pki_types::PrivateKeyDer;
     let leaf = identity
         .certified
         .cert
         .first()
         .ok_or("the identity has no certificate")?;
-    let pkcs8: Vec<u8> = match &identity.key_der {
+    let key_der = match &identity.key {
+        WorkloadKey::InProcess { der, .. } => der,
+        WorkloadKey::Pkcs11(token) => {
+            let external: Arc<dyn keyproof_identity::keys::ExternalKey> =
+                Arc::new(token.key().clone());
+            return Signer::from_external_and_cert(external, leaf)
+                .map(Arc::new)
+                .map_err(|e| format!("the token key cannot sign stepup-v1: {e}"));
+        }
+    };
+    let pkcs8: Vec<u8> = match key_der {
         PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
         PrivateKeyDer::Sec1(k) => {
             use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
