@@ -5,6 +5,10 @@
 //!   ca.json                 trust domain, key type, bundle sequence, rotation stage
 //!   root.crt   root.key     the root that issuance currently chains to
 //!   intermediate.crt/.key   the issuing intermediate
+//!                           (a `.key` only for keys kept here: a key in a
+//!                           PKCS#11 token or an offline root has none, and
+//!                           ca.json's `keys` says where it is; see
+//!                           [`crate::cakey`])
 //!   bundle.pem              every trusted root (more than one during a root move)
 //!   bundle.spiffe.json      the same as a SPIFFE trust bundle
 //!   ledger.jsonl            one line per issued certificate
@@ -22,16 +26,16 @@ use std::time::Duration;
 use keyproof_identity::duration;
 use keyproof_identity::keys::{self, KeyError, KeyType};
 use keyproof_identity::spiffe::{SpiffeIdError, TrustDomain};
-use rcgen::PublicKeyData;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyUsagePurpose,
+    SanType,
 };
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::bundle;
+use crate::cakey::{self, CaKey, CaKeyError, CaKeys, KeyAccess, KeyHome, KeyLocation, NewKey};
 use crate::csr::CsrError;
 use crate::fsutil::{self, PUBLIC, SECRET};
 
@@ -98,6 +102,44 @@ pub enum CaError {
     Rcgen(#[from] rcgen::Error),
     #[error("{0}")]
     Rotation(String),
+    #[error("{0}")]
+    KeyStore(#[from] CaKeyError),
+    /// The root key is needed and is not reachable from here.
+    #[error("{0}")]
+    RootKeyOffline(String),
+    /// A key flag that does not fit where the key is.
+    #[error("{0}")]
+    KeyAccess(String),
+    /// A key that is not the key of its certificate.
+    #[error("the {what} ({location}) is not the key of {}", cert.display())]
+    KeyMismatch {
+        what: &'static str,
+        location: String,
+        cert: PathBuf,
+    },
+    /// A token key failed to sign.
+    #[error("the {what} ({uri}) cannot sign: {source}")]
+    SigningKey {
+        what: &'static str,
+        uri: String,
+        #[source]
+        source: keyproof_identity::pkcs11::Pkcs11Error,
+    },
+    /// The CA was opened without its signing key ([`Ca::open_public`]).
+    #[error("the CA was opened without its signing key")]
+    NoSigningKey,
+}
+
+/// Turns rcgen's error for a failed remote key into the token's own error.
+pub(crate) fn signing_error(e: rcgen::Error, what: &'static str, key: &CaKey) -> CaError {
+    match (&e, key.pkcs11(), key.last_error()) {
+        (rcgen::Error::RemoteKeyError, Some(k), Some(source)) => CaError::SigningKey {
+            what,
+            uri: k.uri(),
+            source,
+        },
+        _ => CaError::Rcgen(e),
+    }
 }
 
 /// Attaches a path to an I/O error.
@@ -134,6 +176,10 @@ pub struct CaState {
     pub refresh_hint_secs: u64,
     #[serde(default)]
     pub rotation: RotationStage,
+    /// Where each key lives; left out when every key is a file in the
+    /// directory (as before keys could be anywhere else).
+    #[serde(default, skip_serializing_if = "CaKeys::is_default")]
+    pub keys: CaKeys,
 }
 
 impl CaState {
@@ -328,13 +374,13 @@ pub(crate) fn random_serial() -> rcgen::SerialNumber {
     rcgen::SerialNumber::from_slice(&bytes)
 }
 
-/// Names a CA certificate by its key, so two generations of a root or an
-/// intermediate never share a subject (path building and operators alike
-/// tell them apart).
-fn ca_dn(td: &TrustDomain, what: &str, key: &KeyPair) -> DistinguishedName {
+/// Names a CA certificate by its key's kid (a hash of the public key, or
+/// for a token key the random id in its label: see [`crate::cakey`]), so
+/// two generations of a root or an intermediate never share a subject (path
+/// building and operators alike tell them apart).
+fn ca_dn(td: &TrustDomain, what: &str, kid: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "keyproof");
-    let kid = hex::encode(&keys::sha256(key.public_key_raw())[..6]);
     dn.push(DnType::CommonName, format!("{} {what} {kid}", td.as_str()));
     dn
 }
@@ -343,13 +389,13 @@ fn ca_dn(td: &TrustDomain, what: &str, key: &KeyPair) -> DistinguishedName {
 fn ca_params(
     td: &TrustDomain,
     what: &str,
-    key: &KeyPair,
+    kid: &str,
     path_len: u8,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
-    p.distinguished_name = ca_dn(td, what, key);
+    p.distinguished_name = ca_dn(td, what, kid);
     p.serial_number = Some(random_serial());
     p.not_before = not_before;
     p.not_after = not_after;
@@ -363,32 +409,44 @@ fn ca_params(
 /// A freshly generated root or intermediate.
 pub(crate) struct NewCa {
     pub cert: CertificateDer<'static>,
-    pub key: KeyPair,
+    pub key: CaKey,
+    pub location: KeyLocation,
 }
 
-/// Generates a self-signed root (path length 1).
-pub(crate) fn new_root(td: &TrustDomain, kt: KeyType, ttl: Duration) -> Result<NewCa, CaError> {
+/// Generates a self-signed root (path length 1) with a new key at `home`.
+pub(crate) fn new_root(
+    td: &TrustDomain,
+    kt: KeyType,
+    ttl: Duration,
+    home: &KeyHome,
+) -> Result<NewCa, CaError> {
     let now = now();
     let not_after = Lifetime::Root.end(now, ttl)?;
     let start = now - BACKDATE;
-    let key = kt.generate()?;
-    let params = ca_params(td, "root", &key, 1, start, not_after)?;
-    let cert = params.self_signed(&key)?;
+    let NewKey { key, kid, location } = cakey::generate(home, "root", kt)?;
+    let params = ca_params(td, "root", &kid, 1, start, not_after)?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| signing_error(e, "new root key", &key))?;
     Ok(NewCa {
         cert: cert.der().clone(),
         key,
+        location,
     })
 }
 
-/// Generates an intermediate (path length 0) under `root`, never outliving it.
+/// Generates an intermediate (path length 0) with a new key at `home`,
+/// signed by `root_key` under `root_cert`, never outliving it.
 pub(crate) fn new_intermediate(
     td: &TrustDomain,
     kt: KeyType,
     ttl: Duration,
-    root: &NewCa,
+    root_cert: &CertificateDer<'static>,
+    root_key: &CaKey,
+    home: &KeyHome,
 ) -> Result<NewCa, CaError> {
     let now = now();
-    let root_not_after = not_after_of(&root.cert)?;
+    let root_not_after = not_after_of(root_cert)?;
     let not_after = Lifetime::Intermediate.end(now, ttl)?.min(root_not_after);
     // Capped by a root about to expire, it would be born (nearly) expired.
     if not_after - now < Lifetime::Intermediate.min() {
@@ -398,14 +456,26 @@ pub(crate) fn new_intermediate(
         }
         .into());
     }
+    // The root must be able to sign before a key is made for nothing in a
+    // token (which keeps every key it is given).
+    if let Some(k) = root_key.pkcs11() {
+        k.probe().map_err(|source| CaError::SigningKey {
+            what: "root key",
+            uri: k.uri(),
+            source,
+        })?;
+    }
     let start = now - BACKDATE;
-    let key = kt.generate()?;
-    let params = ca_params(td, "intermediate", &key, 0, start, not_after)?;
-    let issuer = Issuer::from_ca_cert_der(&root.cert, &root.key)?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let NewKey { key, kid, location } = cakey::generate(home, "intermediate", kt)?;
+    let params = ca_params(td, "intermediate", &kid, 0, start, not_after)?;
+    let issuer = Issuer::from_ca_cert_der(root_cert, root_key)?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| signing_error(e, "root key", root_key))?;
     Ok(NewCa {
         cert: cert.der().clone(),
         key,
+        location,
     })
 }
 
@@ -417,11 +487,15 @@ pub(crate) fn not_after_of(der: &[u8]) -> Result<OffsetDateTime, CaError> {
     Ok(c.validity().not_after.to_datetime())
 }
 
-/// Writes a key (0600) and its certificate into `dir` under `stem`.
+/// Writes a certificate into `dir` under `stem`, and its key (0600) when
+/// the key is kept in the directory (a token key has no file; an offline
+/// one is written by [`write_offline_key`]).
 pub(crate) fn write_pair(dir: &Path, stem: &str, ca: &NewCa) -> Result<(), CaError> {
-    let key_path = dir.join(format!("{stem}.key"));
-    fsutil::write_atomic(&key_path, ca.key.serialize_pem().as_bytes(), SECRET)
-        .map_err(io_err(&key_path))?;
+    if let (KeyLocation::File, CaKey::File(k)) = (&ca.location, &ca.key) {
+        let key_path = dir.join(format!("{stem}.key"));
+        fsutil::write_atomic(&key_path, k.serialize_pem().as_bytes(), SECRET)
+            .map_err(io_err(&key_path))?;
+    }
     let crt_path = dir.join(format!("{stem}.crt"));
     fsutil::write_atomic(&crt_path, keys::cert_pem(&ca.cert).as_bytes(), PUBLIC)
         .map_err(io_err(&crt_path))?;
@@ -432,7 +506,150 @@ fn read(path: &Path) -> Result<Vec<u8>, CaError> {
     fs::read(path).map_err(io_err(path))
 }
 
-/// An opened CA directory, ready to issue.
+/// `path` with its directory resolved (links, `..`), for comparing places.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = fs::canonicalize(path) {
+        return Some(p);
+    }
+    let name = path.file_name()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some(fs::canonicalize(parent).ok()?.join(name))
+}
+
+/// Checks that an offline key file named by `--{flag}` may be created for
+/// the CA in `dir` (which need not exist yet): outside the CA directory,
+/// in an existing directory, and not there yet (a key is never replaced).
+pub(crate) fn check_offline_key_path(dir: &Path, flag: &str, path: &Path) -> Result<(), CaError> {
+    let bad = |why: &str| CaError::KeyAccess(format!("--{flag} {}: {why}", path.display()));
+    let inside = |ca_dir: &Path| {
+        bad(&format!(
+            "is inside the CA directory {}; an offline root key must live elsewhere (another \
+             machine, removable media)",
+            ca_dir.display()
+        ))
+    };
+    // Spelled inside (before anything is resolved: the directory may not
+    // exist yet)...
+    if let (Ok(p), Ok(d)) = (std::path::absolute(path), std::path::absolute(dir)) {
+        if p.starts_with(&d) {
+            return Err(inside(dir));
+        }
+    }
+    let target = resolved(path).ok_or_else(|| {
+        bad("its directory does not exist (the offline key is created, its directory is not)")
+    })?;
+    // ...or leading inside through links and `..`.
+    let ca_dir = resolved(dir).unwrap_or_else(|| dir.to_owned());
+    if target.starts_with(&ca_dir) {
+        return Err(inside(&ca_dir));
+    }
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(bad("already exists; keyproof-ca never replaces a key file"));
+    }
+    Ok(())
+}
+
+/// Writes an offline key to `path` (mode 0600), never replacing a file.
+pub(crate) fn write_offline_key(flag: &str, path: &Path, key: &CaKey) -> Result<(), CaError> {
+    let CaKey::File(k) = key else {
+        return Err(CaError::KeyAccess(format!(
+            "--{flag}: only a key generated in memory can be written to a file"
+        )));
+    };
+    let err = |e: std::io::Error| CaError::KeyAccess(format!("--{flag} {}: {e}", path.display()));
+    fsutil::stage(path, k.serialize_pem().as_bytes(), SECRET)
+        .and_then(|s| s.commit(path, false))
+        .map_err(err)
+}
+
+/// Reads a PEM key file named by `--{flag}` (or in the CA directory).
+pub(crate) fn read_key_file(path: &Path) -> Result<CaKey, CaError> {
+    let pem = String::from_utf8(read(path)?).map_err(|_| CaError::Corrupt {
+        path: path.to_owned(),
+        msg: "not UTF-8 PEM".into(),
+    })?;
+    keys::key_pair_from_pem(&pem)
+        .map(CaKey::File)
+        .map_err(|e| CaError::Corrupt {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        })
+}
+
+/// Checks that `key` is the key of the certificate `cert` (read from
+/// `cert_path`).
+pub(crate) fn check_key_matches(
+    what: &'static str,
+    location: String,
+    key: &CaKey,
+    cert: &[u8],
+    cert_path: &Path,
+) -> Result<(), CaError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CaError::Corrupt {
+        path: cert_path.to_owned(),
+        msg: e.to_string(),
+    })?;
+    if parsed.public_key().raw != key.spki().as_slice() {
+        return Err(CaError::KeyMismatch {
+            what,
+            location,
+            cert: cert_path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Opens the key of `<stem>.crt` in `dir` from where `loc` says it is, and
+/// checks that it is the certificate's key. `pin` overrides a token's PIN
+/// file. An offline key cannot be opened here (see [`Ca::root_key`]).
+pub(crate) fn open_key(
+    dir: &Path,
+    stem: &str,
+    what: &'static str,
+    loc: &KeyLocation,
+    pin: Option<&Path>,
+) -> Result<CaKey, CaError> {
+    let key = match loc {
+        KeyLocation::File => read_key_file(&dir.join(format!("{stem}.key")))?,
+        KeyLocation::Pkcs11(r) => cakey::open_token_key(r, pin, what)?,
+        KeyLocation::Offline(_) => {
+            return Err(CaError::RootKeyOffline(format!(
+                "the {what} is offline ({}): pass --root-key FILE",
+                loc.describe(stem)
+            )))
+        }
+    };
+    let cert_path = dir.join(format!("{stem}.crt"));
+    let cert = first_cert(&cert_path)?;
+    check_key_matches(what, loc.describe(stem), &key, &cert, &cert_path)?;
+    Ok(key)
+}
+
+/// Where `init` puts the root and intermediate keys.
+#[derive(Debug, Clone)]
+pub struct InitKeys {
+    /// The intermediate key: [`KeyHome::Dir`] or [`KeyHome::Token`].
+    pub intermediate: KeyHome,
+    /// The root key: the directory, a token (the intermediate's or another
+    /// one), or an offline file (outside the directory, created 0600).
+    pub root: KeyHome,
+}
+
+impl Default for InitKeys {
+    /// Both keys as files in the directory, as always.
+    fn default() -> InitKeys {
+        InitKeys {
+            intermediate: KeyHome::Dir,
+            root: KeyHome::Dir,
+        }
+    }
+}
+
+/// An opened CA directory, ready to issue (or, opened with
+/// [`Ca::open_public`], only to be read).
 pub struct Ca {
     dir: PathBuf,
     state: CaState,
@@ -441,7 +658,8 @@ pub struct Ca {
     intermediate: CertificateDer<'static>,
     pub(crate) intermediate_not_before: OffsetDateTime,
     pub(crate) intermediate_not_after: OffsetDateTime,
-    pub(crate) issuer: Issuer<'static, KeyPair>,
+    /// The intermediate and its key; `None` when opened without keys.
+    issuer: Option<Issuer<'static, CaKey>>,
     /// Hex SKI of the intermediate (the ledger's issuer key id).
     pub(crate) issuer_key_id: String,
     /// SHA-256 of the root DER, to know which root a ledger entry chains to.
@@ -452,9 +670,24 @@ pub struct Ca {
 impl Ca {
     /// Creates a new trust domain in `dir`, which must not exist or be an
     /// empty directory (a mounted volume, say). Anything else is refused
-    /// untouched: an existing CA is never overwritten.
+    /// untouched: an existing CA is never overwritten. Both keys are files
+    /// in `dir` ([`Ca::init_with`] puts them elsewhere).
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<Ca, CaError> {
+        Ca::init_with(dir, opts, &InitKeys::default())
+    }
+
+    /// [`Ca::init`] with the keys where `keys` says. Every check is made
+    /// before any key is generated; an offline root key file is created
+    /// before the directory is and removed again if the directory cannot
+    /// be made. Keys generated in a token stay there if a later step fails
+    /// (the error names them).
+    pub fn init_with(dir: &Path, opts: &InitOptions, keys: &InitKeys) -> Result<Ca, CaError> {
         check_ca_lifetimes(opts.root_ttl, opts.intermediate_ttl)?;
+        if let KeyHome::Offline(_) = keys.intermediate {
+            return Err(CaError::KeyAccess(
+                "the intermediate key cannot be offline: `serve` and `issue` sign with it".into(),
+            ));
+        }
         // Follows a symbolic link: a link to an empty directory is an empty
         // directory.
         let existing = match fs::metadata(dir) {
@@ -491,14 +724,20 @@ impl Ca {
                 parent,
             });
         }
-        // Build everything in memory first, then write into a staging
-        // directory moved into place, so a failure leaves nothing behind.
-        let root = new_root(&opts.trust_domain, opts.key_type, opts.root_ttl)?;
+        if let KeyHome::Offline(path) = &keys.root {
+            check_offline_key_path(dir, "root-key-out", path)?;
+        }
+        // Build everything in memory (or in the token) first, then write
+        // into a staging directory moved into place, so a failure leaves
+        // nothing behind in the file system.
+        let root = new_root(&opts.trust_domain, opts.key_type, opts.root_ttl, &keys.root)?;
         let int = new_intermediate(
             &opts.trust_domain,
             opts.key_type,
             opts.intermediate_ttl,
-            &root,
+            &root.cert,
+            &root.key,
+            &keys.intermediate,
         )?;
         let state = CaState {
             version: 1,
@@ -507,7 +746,37 @@ impl Ca {
             spiffe_sequence: 1,
             refresh_hint_secs: 300,
             rotation: RotationStage::Idle,
+            keys: CaKeys {
+                root: root.location.clone(),
+                intermediate: int.location.clone(),
+                ..CaKeys::default()
+            },
         };
+        let offline = match &keys.root {
+            KeyHome::Offline(path) => {
+                write_offline_key("root-key-out", path, &root.key)?;
+                Some(path.clone())
+            }
+            _ => None,
+        };
+        let written = Ca::write_new(dir, existing, parent, &state, &root, &int);
+        if let (Err(_), Some(path)) = (&written, &offline) {
+            // The key of a CA that does not exist.
+            let _ = fs::remove_file(path);
+        }
+        written?;
+        Ca::open(dir)
+    }
+
+    /// Writes a new CA's files into `dir` through a staging directory.
+    fn write_new(
+        dir: &Path,
+        existing: bool,
+        parent: PathBuf,
+        state: &CaState,
+        root: &NewCa,
+        int: &NewCa,
+    ) -> Result<(), CaError> {
         // An existing directory may be a mount point, which can be neither
         // removed nor replaced: stage inside it and move the files out.
         // Otherwise stage beside it and rename the whole directory.
@@ -518,9 +787,9 @@ impl Ca {
             .map_err(io_err(&stage_in))?;
         let sdir = staging.path();
         set_mode(sdir, 0o700)?;
-        write_pair(sdir, "root", &root)?;
-        write_pair(sdir, "intermediate", &int)?;
-        write_state(sdir, &state)?;
+        write_pair(sdir, "root", root)?;
+        write_pair(sdir, "intermediate", int)?;
+        write_state(sdir, state)?;
         bundle::write(sdir, state.bundle_meta(), std::slice::from_ref(&root.cert))?;
         let ledger = sdir.join(files::LEDGER);
         fsutil::write_atomic(&ledger, b"", 0o600).map_err(io_err(&ledger))?;
@@ -538,11 +807,33 @@ impl Ca {
                 }
             })?;
         }
-        Ca::open(dir)
+        Ok(())
     }
 
-    /// Opens an existing CA directory.
+    /// Opens an existing CA directory with its intermediate key, from where
+    /// `ca.json` says it is.
     pub fn open(dir: &Path) -> Result<Ca, CaError> {
+        Ca::open_with(dir, &KeyAccess::default())
+    }
+
+    /// [`Ca::open`], reaching token keys as `access` says (`--pin-file`).
+    /// The root key is never opened here.
+    pub fn open_with(dir: &Path, access: &KeyAccess) -> Result<Ca, CaError> {
+        let mut ca = Ca::open_public(dir)?;
+        let key = open_key(
+            dir,
+            "intermediate",
+            "intermediate key",
+            &ca.state.keys.intermediate,
+            access.intermediate_pin(),
+        )?;
+        ca.issuer = Some(Issuer::from_ca_cert_der(&ca.intermediate, key)?);
+        Ok(ca)
+    }
+
+    /// Opens an existing CA directory without any key: enough to read its
+    /// state, certificates and bundle (`bundle`, `check`), not to sign.
+    pub fn open_public(dir: &Path) -> Result<Ca, CaError> {
         if !dir.is_dir() {
             return Err(if dir.exists() {
                 CaError::NotACa(dir.to_owned())
@@ -563,27 +854,11 @@ impl Ca {
         let root = first_cert(&dir.join(files::ROOT_CRT))?;
         let int_path = dir.join(files::INT_CRT);
         let intermediate = first_cert(&int_path)?;
-        let int_key_path = dir.join(files::INT_KEY);
-        let int_key_pem =
-            String::from_utf8(read(&int_key_path)?).map_err(|_| CaError::Corrupt {
-                path: int_key_path.clone(),
-                msg: "not UTF-8 PEM".into(),
-            })?;
-        let int_key = keys::key_pair_from_pem(&int_key_pem).map_err(|e| CaError::Corrupt {
-            path: int_key_path.clone(),
-            msg: e.to_string(),
-        })?;
         let (_, parsed) =
             x509_parser::parse_x509_certificate(&intermediate).map_err(|e| CaError::Corrupt {
                 path: int_path.clone(),
                 msg: e.to_string(),
             })?;
-        if parsed.public_key().raw != int_key.subject_public_key_info().as_slice() {
-            return Err(CaError::Corrupt {
-                path: int_key_path,
-                msg: "key does not match intermediate.crt".into(),
-            });
-        }
         let issuer_key_id = parsed
             .iter_extensions()
             .find_map(|e| match e.parsed_extension() {
@@ -595,7 +870,6 @@ impl Ca {
             .unwrap_or_default();
         let intermediate_not_before = parsed.validity().not_before.to_datetime();
         let intermediate_not_after = parsed.validity().not_after.to_datetime();
-        let issuer = Issuer::from_ca_cert_der(&intermediate, int_key)?;
         let bundle_path = dir.join(files::BUNDLE_PEM);
         let bundle = keys::certs_from_pem(&read(&bundle_path)?).map_err(|e| CaError::Corrupt {
             path: bundle_path,
@@ -610,10 +884,68 @@ impl Ca {
             intermediate,
             intermediate_not_before,
             intermediate_not_after,
-            issuer,
+            issuer: None,
             issuer_key_id,
             bundle,
         })
+    }
+
+    /// The intermediate and its key, to sign with.
+    pub(crate) fn issuer(&self) -> Result<&Issuer<'static, CaKey>, CaError> {
+        self.issuer.as_ref().ok_or(CaError::NoSigningKey)
+    }
+
+    /// The intermediate's key, when opened with it.
+    pub fn intermediate_key(&self) -> Option<&CaKey> {
+        self.issuer.as_ref().map(|i| i.key())
+    }
+
+    /// Opens the root key (of `root.crt`) for `rotate intermediate`: from the
+    /// directory, its token, or the offline file `access.root_key`
+    /// (`--root-key`). Refuses clearly when it is not reachable.
+    pub fn root_key(&self, access: &KeyAccess) -> Result<CaKey, CaError> {
+        let loc = &self.state.keys.root;
+        let cert_path = self.dir.join(files::ROOT_CRT);
+        match (loc, &access.root_key) {
+            (KeyLocation::Pkcs11(r), Some(_)) => Err(CaError::KeyAccess(format!(
+                "--root-key: the root key is in a PKCS#11 token ({}), not in a file",
+                r.uri()
+            ))),
+            (KeyLocation::Pkcs11(r), None) => {
+                let pin = access.root_pin(r, &self.state.keys.intermediate);
+                open_key(&self.dir, "root", "root key", loc, pin)
+            }
+            (KeyLocation::File | KeyLocation::Offline(_), Some(path)) => {
+                let key = read_key_file(path).map_err(|e| match e {
+                    CaError::Io { source, .. } => {
+                        CaError::KeyAccess(format!("--root-key {}: {source}", path.display()))
+                    }
+                    e => e,
+                })?;
+                check_key_matches(
+                    "root key",
+                    format!("--root-key {}", path.display()),
+                    &key,
+                    &self.root,
+                    &cert_path,
+                )?;
+                Ok(key)
+            }
+            (KeyLocation::Offline(o), None) => Err(CaError::RootKeyOffline(format!(
+                "the root key is offline (it was written to {}): pass --root-key FILE",
+                o.written_to.display()
+            ))),
+            (KeyLocation::File, None) => {
+                let path = self.dir.join(files::ROOT_KEY);
+                if !path.exists() {
+                    return Err(CaError::RootKeyOffline(format!(
+                        "the root key is not in the CA directory (no {}): pass --root-key FILE",
+                        files::ROOT_KEY
+                    )));
+                }
+                open_key(&self.dir, "root", "root key", loc, None)
+            }
+        }
     }
 
     /// The CA directory.
@@ -813,11 +1145,11 @@ mod lifetime_tests {
         let before = fs::read(dir.join(files::INT_CRT)).unwrap();
         for ttl in [Duration::ZERO, Duration::from_secs(99_999 * YEAR)] {
             assert!(matches!(
-                crate::rotate::intermediate(&dir, ttl),
+                crate::rotate::intermediate(&dir, ttl, &KeyAccess::default()),
                 Err(CaError::Lifetime(_))
             ));
             assert!(matches!(
-                crate::rotate::prepare(&dir, ttl, day),
+                crate::rotate::prepare(&dir, ttl, day, &KeyAccess::default(), None),
                 Err(CaError::Lifetime(_))
             ));
         }
@@ -838,5 +1170,273 @@ mod lifetime_tests {
         assert!(matches!(err, CaError::DanglingLink { .. }), "{err}");
         assert!(err.to_string().contains("--dir"), "{err}");
         assert!(!tmp.path().join("nowhere").exists());
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use crate::cakey::OfflineRef;
+    use crate::csr::SubjectKey;
+    use crate::issue::IssueRequest;
+    use crate::rotate;
+    use keyproof_identity::spiffe::SpiffeId;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn opts() -> InitOptions {
+        InitOptions {
+            trust_domain: TrustDomain::parse("keys.test").unwrap(),
+            key_type: KeyType::EcdsaP256,
+            root_ttl: 365 * DAY,
+            intermediate_ttl: 30 * DAY,
+        }
+    }
+
+    fn offline(path: &Path) -> InitKeys {
+        InitKeys {
+            intermediate: KeyHome::Dir,
+            root: KeyHome::Offline(path.to_owned()),
+        }
+    }
+
+    fn access(root_key: Option<&Path>) -> KeyAccess {
+        KeyAccess {
+            root_key: root_key.map(Path::to_path_buf),
+            ..KeyAccess::default()
+        }
+    }
+
+    fn issue(ca: &Ca) {
+        let kp = KeyType::EcdsaP256.generate().unwrap();
+        let req = IssueRequest {
+            spiffe_id: SpiffeId::parse("spiffe://keys.test/web").unwrap(),
+            key: SubjectKey::from_key_pair(&kp, KeyType::EcdsaP256),
+            ttl: DAY,
+            dns: Vec::new(),
+        };
+        ca.issue(&req, "test").unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_file_ca_writes_ca_json_as_before_and_an_old_one_still_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        Ca::init(&dir, &opts()).unwrap();
+        let json = fs::read_to_string(dir.join(files::STATE)).unwrap();
+        assert!(!json.contains("\"keys\""), "{json}");
+        assert!(dir.join(files::ROOT_KEY).exists());
+        // A ca.json from before `rotation` and `keys` existed.
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().remove("rotation");
+        fs::write(dir.join(files::STATE), v.to_string()).unwrap();
+        let ca = Ca::open(&dir).unwrap();
+        assert!(ca.state().keys.is_default());
+        assert_eq!(ca.intermediate_key().unwrap().kind(), "file");
+        issue(&ca);
+        // Unknown members are still refused.
+        v["keys"] = serde_json::json!({"root": {"hsm": {}}});
+        fs::write(dir.join(files::STATE), v.to_string()).unwrap();
+        assert!(matches!(Ca::open(&dir), Err(CaError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_offline_root_is_written_outside_the_directory_and_needed_only_to_rotate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let root_key = tmp.path().join("root.key");
+        let ca = Ca::init_with(&dir, &opts(), &offline(&root_key)).unwrap();
+        assert!(!dir.join(files::ROOT_KEY).exists());
+        assert!(dir.join(files::INT_KEY).exists());
+        assert_eq!(mode(&root_key), 0o600);
+        assert_eq!(
+            ca.state().keys.root,
+            KeyLocation::Offline(OfflineRef {
+                written_to: root_key.clone()
+            })
+        );
+        // Issuing never needs the root.
+        issue(&ca);
+        // Rotating the intermediate does, and says how to give it.
+        let err = rotate::intermediate(&dir, DAY, &access(None)).unwrap_err();
+        assert!(matches!(err, CaError::RootKeyOffline(_)), "{err}");
+        assert!(err.to_string().contains("--root-key FILE"), "{err}");
+        assert!(err.to_string().contains("root.key"), "{err}");
+        // Not any key: the root's.
+        let other = tmp.path().join("other.key");
+        fs::write(
+            &other,
+            KeyType::EcdsaP256.generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let err = rotate::intermediate(&dir, DAY, &access(Some(&other))).unwrap_err();
+        assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
+        let err =
+            rotate::intermediate(&dir, DAY, &access(Some(&tmp.path().join("nope")))).unwrap_err();
+        assert!(err.to_string().contains("--root-key"), "{err}");
+        let before = fs::read(dir.join(files::INT_CRT)).unwrap();
+        rotate::intermediate(&dir, DAY, &access(Some(&root_key))).unwrap();
+        assert_ne!(fs::read(dir.join(files::INT_CRT)).unwrap(), before);
+        issue(&Ca::open(&dir).unwrap());
+        assert!(!dir.join(files::ROOT_KEY).exists());
+    }
+
+    #[test]
+    fn a_root_rotation_keeps_an_offline_root_offline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let root_key = tmp.path().join("root.key");
+        Ca::init_with(&dir, &opts(), &offline(&root_key)).unwrap();
+        let err = rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), None).unwrap_err();
+        assert!(matches!(err, CaError::RootKeyOffline(_)), "{err}");
+        assert!(err.to_string().contains("--root-key-out"), "{err}");
+        for inside in [dir.join("next.key"), dir.join("next/root.key")] {
+            let err = rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&inside))
+                .unwrap_err();
+            assert!(err.to_string().contains("inside the CA directory"), "{err}");
+        }
+        let err =
+            rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&root_key)).unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert!(!dir.join(files::NEXT).exists());
+        let new_key = tmp.path().join("root-2.key");
+        rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&new_key)).unwrap();
+        assert_eq!(mode(&new_key), 0o600);
+        assert!(!dir.join(files::NEXT).join(files::ROOT_KEY).exists());
+        rotate::activate(&dir, &access(None)).unwrap();
+        rotate::finish(&dir, true).unwrap();
+        let ca = Ca::open(&dir).unwrap();
+        assert!(!dir.join(files::ROOT_KEY).exists());
+        assert!(
+            matches!(&ca.state().keys.root, KeyLocation::Offline(o) if o.written_to == new_key)
+        );
+        assert!(ca.state().keys.next_root.is_file());
+        issue(&ca);
+        // The old root key no longer signs intermediates; the new one does.
+        assert!(matches!(
+            rotate::intermediate(&dir, DAY, &access(Some(&root_key))),
+            Err(CaError::KeyMismatch { .. })
+        ));
+        rotate::intermediate(&dir, DAY, &access(Some(&new_key))).unwrap();
+    }
+
+    #[test]
+    fn a_root_in_the_directory_can_move_offline_at_a_root_rotation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        Ca::init(&dir, &opts()).unwrap();
+        let new_key = tmp.path().join("root-2.key");
+        rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), Some(&new_key)).unwrap();
+        rotate::activate(&dir, &access(None)).unwrap();
+        // The old root's key is archived, not left looking current.
+        assert!(!dir.join(files::ROOT_KEY).exists());
+        let archived = fs::read_dir(dir.join(files::ARCHIVE))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with("-root.key"));
+        assert!(archived);
+        let err = rotate::intermediate(&dir, DAY, &access(None)).unwrap_err();
+        assert!(err.to_string().contains("--root-key FILE"), "{err}");
+        rotate::intermediate(&dir, DAY, &access(Some(&new_key))).unwrap();
+    }
+
+    #[test]
+    fn root_key_out_is_refused_inside_the_directory_or_over_a_file_and_nothing_is_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let existing = tmp.path().join("exists.key");
+        fs::write(&existing, "x").unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        fs::create_dir(&dir).unwrap();
+        fs::create_dir(tmp.path().join("x")).unwrap();
+        for (path, why) in [
+            (dir.join("root.key"), "inside the CA directory"),
+            (link.join("root.key"), "inside the CA directory"),
+            (
+                tmp.path().join("x/../ca/root.key"),
+                "inside the CA directory",
+            ),
+            (existing.clone(), "already exists"),
+            (tmp.path().join("no/such/root.key"), "does not exist"),
+        ] {
+            let err = Ca::init_with(&dir, &opts(), &offline(&path)).err().unwrap();
+            assert!(err.to_string().contains("--root-key-out"), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+            assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        }
+        assert_eq!(fs::read(&existing).unwrap(), b"x");
+        // A directory that does not exist yet is inside all the same.
+        let fresh = tmp.path().join("fresh");
+        let err = Ca::init_with(&fresh, &opts(), &offline(&fresh.join("root.key")))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("inside the CA directory"), "{err}");
+        assert!(!fresh.exists());
+        // The intermediate is never offline.
+        let err = Ca::init_with(
+            &fresh,
+            &opts(),
+            &InitKeys {
+                intermediate: KeyHome::Offline(tmp.path().join("i.key")),
+                root: KeyHome::Dir,
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, CaError::KeyAccess(_)), "{err}");
+        assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn a_root_key_missing_from_the_directory_is_named_and_a_token_root_refuses_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        Ca::init(&dir, &opts()).unwrap();
+        let moved = tmp.path().join("moved.key");
+        fs::rename(dir.join(files::ROOT_KEY), &moved).unwrap();
+        let err = rotate::intermediate(&dir, DAY, &access(None)).unwrap_err();
+        assert!(matches!(err, CaError::RootKeyOffline(_)), "{err}");
+        rotate::intermediate(&dir, DAY, &access(Some(&moved))).unwrap();
+        let report = crate::check::check_dir(&dir, None, &access(None)).unwrap();
+        let text = report.render();
+        assert_eq!(report.exit_code(), 0, "{text}");
+        assert!(
+            text.contains(
+                "ok   intermediate key: file intermediate.key in the CA directory: signs"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("ok   root key: not in the CA directory"),
+            "{text}"
+        );
+        // A root recorded in a token takes no --root-key (and the token is
+        // not even tried).
+        let mut state = Ca::open(&dir).unwrap().state().clone();
+        state.keys.root = KeyLocation::Pkcs11(crate::cakey::TokenKeyRef {
+            module: "/nonexistent/module.so".into(),
+            token_label: "t".into(),
+            pin_file: "/nonexistent/pin".into(),
+            label: "keyproof-root-000000000000".into(),
+        });
+        write_state(&dir, &state).unwrap();
+        let err = rotate::intermediate(&dir, DAY, &access(Some(&moved))).unwrap_err();
+        assert!(matches!(err, CaError::KeyAccess(_)), "{err}");
+        assert!(err.to_string().contains("PKCS#11 token"), "{err}");
+        let err = rotate::prepare(
+            &dir,
+            365 * DAY,
+            30 * DAY,
+            &access(None),
+            Some(&tmp.path().join("n.key")),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--root-key-out"), "{err}");
     }
 }

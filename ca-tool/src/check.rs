@@ -13,7 +13,8 @@ use keyproof_identity::verify::{SvidVerifier, TrustBundle, Usage};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
-use crate::ca::{self, files, first_cert, Ca, CaError};
+use crate::ca::{self, files, first_cert, Ca, CaError, RotationStage};
+use crate::cakey::{CaKeyError, KeyAccess, KeyLocation};
 use crate::ledger;
 
 /// Severity of one finding; ordered so the worst decides the exit code.
@@ -363,8 +364,20 @@ fn chain_finding(
 /// entry that lifetime is counted from its issuance (`issued_at`), not from
 /// the backdated notBefore, so that a certificate whose renewer keeps to
 /// its schedule is never warned about.
-pub fn check_dir(dir: &Path, warn_before: Option<Duration>) -> Result<Report, CaError> {
-    let ca = Ca::open(dir)?;
+///
+/// It also says where each key lives and whether it signs (a probe
+/// signature): the intermediate's key must, or the CA cannot issue (FAIL);
+/// a root key in the directory or a token must too, except a root whose
+/// token is not present here, or an offline file, which are reported as
+/// offline without being tried.
+pub fn check_dir(
+    dir: &Path,
+    warn_before: Option<Duration>,
+    access: &KeyAccess,
+) -> Result<Report, CaError> {
+    // Opened without keys: a key that fails is a finding, not the end of
+    // the report.
+    let ca = Ca::open_public(dir)?;
     let now = ca::now();
     let mut r = Report::default();
     // The issuing root is (normally) one of the bundle's roots: one line
@@ -444,9 +457,106 @@ pub fn check_dir(dir: &Path, warn_before: Option<Duration>) -> Result<Report, Ca
         );
         chain_finding(&mut r, &subject, e, ca.bundle(), &intermediates, now);
     }
+    key_findings(&mut r, &ca, access);
     r.push(Level::Ok, "rotation", crate::rotate::stage_report(&ca)?);
     r.collapse();
     Ok(r)
+}
+
+/// One finding per CA key: where it lives, and that it signs.
+fn key_findings(r: &mut Report, ca: &Ca, access: &KeyAccess) {
+    let keys = &ca.state().keys;
+    let dir = ca.dir();
+    let mut one = |subject: &str,
+                   kdir: &Path,
+                   stem: &str,
+                   what: &'static str,
+                   loc: &KeyLocation,
+                   pin: Option<&Path>,
+                   may_be_offline: bool| {
+        let place = loc.describe(stem);
+        match loc {
+            KeyLocation::Offline(_) => {
+                r.push(Level::Ok, subject, format!("{place}; not checked here"));
+                return;
+            }
+            KeyLocation::File if may_be_offline && !kdir.join(format!("{stem}.key")).exists() => {
+                r.push(
+                    Level::Ok,
+                    subject,
+                    format!(
+                        "not in the CA directory (no {stem}.key): offline; `rotate \
+                         intermediate` needs --root-key FILE"
+                    ),
+                );
+                return;
+            }
+            _ => {}
+        }
+        match ca::open_key(kdir, stem, what, loc, pin) {
+            Ok(key) => match key.probe() {
+                Ok(()) => r.push(Level::Ok, subject, format!("{place}: signs")),
+                Err(e) => r.push(Level::Bad, subject, format!("{place}: does not sign: {e}")),
+            },
+            // A root in a token that is not plugged in here is an offline
+            // root, as intended.
+            Err(CaError::KeyStore(CaKeyError::Pkcs11 { source, .. }))
+                if may_be_offline && matches!(source.reason(), "no_token" | "module") =>
+            {
+                r.push(
+                    Level::Ok,
+                    subject,
+                    format!(
+                        "{place}: the token is not present here (an offline root); not checked"
+                    ),
+                );
+            }
+            Err(e) => r.push(Level::Bad, subject, e.to_string()),
+        }
+    };
+    one(
+        "intermediate key",
+        dir,
+        "intermediate",
+        "intermediate key",
+        &keys.intermediate,
+        access.intermediate_pin(),
+        false,
+    );
+    let root_pin = |loc: &KeyLocation| match loc {
+        KeyLocation::Pkcs11(t) => access.root_pin(t, &keys.intermediate),
+        _ => None,
+    };
+    one(
+        "root key",
+        dir,
+        "root",
+        "root key",
+        &keys.root,
+        root_pin(&keys.root),
+        true,
+    );
+    if ca.state().rotation == RotationStage::Prepared {
+        let next = dir.join(files::NEXT);
+        one(
+            "prepared intermediate key",
+            &next,
+            "intermediate",
+            "prepared intermediate key",
+            &keys.next_intermediate,
+            access.intermediate_pin(),
+            false,
+        );
+        one(
+            "prepared root key",
+            &next,
+            "root",
+            "prepared root key",
+            &keys.next_root,
+            root_pin(&keys.next_root),
+            true,
+        );
+    }
 }
 
 /// Checks one certificate file against a bundle: chain, SVID rules, expiry.

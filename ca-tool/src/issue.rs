@@ -131,7 +131,12 @@ impl Ca {
             p.subject_alt_names
                 .push(SanType::DnsName(d.as_str().try_into()?));
         }
-        let leaf = p.signed_by(&req.key, &self.issuer)?.der().clone();
+        let issuer = self.issuer()?;
+        let leaf = p
+            .signed_by(&req.key, issuer)
+            .map_err(|e| ca::signing_error(e, "intermediate key", issuer.key()))?
+            .der()
+            .clone();
         let entry = ledger::Entry {
             serial: ca::serial_hex(&serial.to_bytes()),
             spiffe_id: id.to_string(),

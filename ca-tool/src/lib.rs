@@ -11,6 +11,7 @@ pub mod attest;
 pub mod bundle;
 pub mod bundle_publish;
 pub mod ca;
+pub mod cakey;
 pub mod check;
 pub mod client;
 pub mod csr;

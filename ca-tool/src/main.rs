@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use keyproof_ca::ca::{check_ca_lifetimes, InitOptions, Lifetime, LifetimeError};
+use keyproof_ca::ca::{check_ca_lifetimes, InitKeys, InitOptions, Lifetime, LifetimeError};
+use keyproof_ca::cakey::{KeyAccess, KeyHome};
 use keyproof_ca::csr::{self, SubjectKey};
 use keyproof_ca::fsutil::{self, PUBLIC, SECRET};
 use keyproof_ca::issue::IssueRequest;
@@ -15,6 +16,7 @@ use keyproof_ca::{
     bundle_publish, check, file_renewer, inspect, issue, jwks_sync, k8s, rotate, Ca, CaError,
 };
 use keyproof_identity::keys::{self, KeyType};
+use keyproof_identity::pkcs11::TokenSpec;
 use keyproof_identity::verify::TrustBundle;
 use keyproof_identity::{duration, SpiffeId, TrustDomain};
 
@@ -235,6 +237,8 @@ struct ServeArgs {
     /// The audience ServiceAccount tokens must name [default: keyproof-ca].
     #[arg(long, value_name = "AUD", requires = "k8s_jwks")]
     k8s_audience: Option<String>,
+    #[command(flatten)]
+    pin: PinArgs,
 }
 
 /// Clock skew allowed on ServiceAccount tokens' `exp`, `nbf` and `iat`.
@@ -272,6 +276,54 @@ struct InitArgs {
     /// Intermediate lifetime (1h to 100y, and no longer than --root-ttl).
     #[arg(long, default_value = "1y", value_parser = intermediate_ttl)]
     intermediate_ttl: Duration,
+    /// Generate the CA keys in a PKCS#11 token instead of files: the
+    /// module (.so). With --pkcs11-token and --pin-file; no *.key file is
+    /// written.
+    #[arg(long, value_name = "MODULE", requires_all = ["pkcs11_token", "pin_file"])]
+    pkcs11_module: Option<PathBuf>,
+    /// Label of the token the keys are generated in (labels
+    /// keyproof-root-<kid>, keyproof-intermediate-<kid>).
+    #[arg(long, value_name = "LABEL", requires_all = ["pkcs11_module", "pin_file"])]
+    pkcs11_token: Option<String>,
+    /// File holding the token's user PIN (recorded in ca.json; later
+    /// commands take --pin-file to use another path).
+    #[arg(long, value_name = "FILE", requires_all = ["pkcs11_module", "pkcs11_token"])]
+    pin_file: Option<PathBuf>,
+    /// Keep the root key in this other token (same module) instead: an
+    /// offline root, needed only by `rotate`.
+    #[arg(
+        long,
+        value_name = "LABEL",
+        requires = "pkcs11_module",
+        conflicts_with = "root_key_out"
+    )]
+    root_pkcs11_token: Option<String>,
+    /// PIN file for --root-pkcs11-token [default: --pin-file].
+    #[arg(long, value_name = "FILE", requires = "root_pkcs11_token")]
+    root_pin_file: Option<PathBuf>,
+    /// Write the root key to this file (mode 0600, outside --dir, never
+    /// replacing a file) instead of --dir/root.key: an offline root, needed
+    /// only by `rotate` (`rotate intermediate --root-key FILE`).
+    #[arg(long, value_name = "FILE")]
+    root_key_out: Option<PathBuf>,
+}
+
+/// `--pin-file` for commands that sign with a token key.
+#[derive(Args)]
+struct PinArgs {
+    /// PIN file for the CA's PKCS#11 token, instead of the one ca.json
+    /// records.
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+}
+
+impl PinArgs {
+    fn access(&self) -> KeyAccess {
+        KeyAccess {
+            pin_file: self.pin_file.clone(),
+            ..KeyAccess::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -303,6 +355,8 @@ struct IssueArgs {
     /// Extra DNS SAN (repeatable).
     #[arg(long, value_parser = dns_name)]
     dns: Vec<String>,
+    #[command(flatten)]
+    pin: PinArgs,
 }
 
 #[derive(Args)]
@@ -335,6 +389,13 @@ struct CheckArgs {
     /// certificate's own lifetime, when it is due for renewal].
     #[arg(long, value_parser = human_duration)]
     warn_before: Option<Duration>,
+    /// PIN file for the CA's PKCS#11 token (with --dir), instead of the one
+    /// ca.json records.
+    #[arg(long, value_name = "FILE", requires = "dir")]
+    pin_file: Option<PathBuf>,
+    /// PIN file for a root key in its own token (with --dir).
+    #[arg(long, value_name = "FILE", requires = "dir")]
+    root_pin_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -413,6 +474,11 @@ enum RotateCommand {
         /// root's expiry.
         #[arg(long, default_value = "1y", value_parser = intermediate_ttl)]
         ttl: Duration,
+        #[command(flatten)]
+        keys: RootKeyArgs,
+        /// The offline root key file (for a CA made with --root-key-out).
+        #[arg(long, value_name = "FILE", conflicts_with = "root_pin_file")]
+        root_key: Option<PathBuf>,
     },
     /// Move to a new root: prepare, activate, finish.
     #[command(subcommand)]
@@ -432,11 +498,21 @@ enum RootStep {
         /// --root-ttl).
         #[arg(long, default_value = "1y", value_parser = intermediate_ttl)]
         intermediate_ttl: Duration,
+        #[command(flatten)]
+        keys: RootKeyArgs,
+        /// Write the new root key to this file (0600, outside --dir): needed
+        /// when the current root is offline, refused when it is in a token
+        /// (the new one is made in the same token). For a root in --dir,
+        /// it moves the new root offline.
+        #[arg(long, value_name = "FILE", conflicts_with = "root_pin_file")]
+        root_key_out: Option<PathBuf>,
     },
     /// Issue from the new chain.
     Activate {
         #[arg(long)]
         dir: PathBuf,
+        #[command(flatten)]
+        pin: PinArgs,
     },
     /// Remove the old root from the bundle.
     Finish {
@@ -448,6 +524,29 @@ enum RootStep {
     },
 }
 
+/// PIN files for the tokens of a command that may use the root key.
+#[derive(Args)]
+struct RootKeyArgs {
+    /// PIN file for the CA's PKCS#11 token (the root's too when it shares
+    /// the token), instead of the one ca.json records.
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+    /// PIN file for a root key in its own token, instead of the one
+    /// ca.json records.
+    #[arg(long, value_name = "FILE")]
+    root_pin_file: Option<PathBuf>,
+}
+
+impl RootKeyArgs {
+    fn access(&self, root_key: Option<PathBuf>) -> KeyAccess {
+        KeyAccess {
+            pin_file: self.pin_file.clone(),
+            root_pin_file: self.root_pin_file.clone(),
+            root_key,
+        }
+    }
+}
+
 /// Reads a file named by `--flag`; the error names the flag and the path.
 fn read(path: &Path, flag: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("--{flag} {}", path.display()))
@@ -457,7 +556,29 @@ fn init(a: InitArgs) -> Result<()> {
     let trust_domain = TrustDomain::parse(&a.trust_domain).context("--trust-domain")?;
     let key_type: KeyType = a.key_type.parse().map_err(anyhow::Error::msg)?;
     check_ca_ttls(a.root_ttl, a.intermediate_ttl)?;
-    let ca = Ca::init(
+    // clap makes the three token flags go together.
+    let token = match (&a.pkcs11_module, &a.pkcs11_token, &a.pin_file) {
+        (Some(module), Some(token), Some(pin)) => Some(TokenSpec {
+            module: module.clone(),
+            token_label: token.clone(),
+            pin_file: pin.clone(),
+        }),
+        _ => None,
+    };
+    let intermediate = token.clone().map_or(KeyHome::Dir, KeyHome::Token);
+    let root = match (&a.root_pkcs11_token, &a.root_key_out, &token) {
+        (Some(label), _, Some(t)) => KeyHome::Token(TokenSpec {
+            module: t.module.clone(),
+            token_label: label.clone(),
+            pin_file: a
+                .root_pin_file
+                .clone()
+                .unwrap_or_else(|| t.pin_file.clone()),
+        }),
+        (_, Some(path), _) => KeyHome::Offline(path.clone()),
+        _ => intermediate.clone(),
+    };
+    let ca = Ca::init_with(
         &a.dir,
         &InitOptions {
             trust_domain,
@@ -465,6 +586,7 @@ fn init(a: InitArgs) -> Result<()> {
             root_ttl: a.root_ttl,
             intermediate_ttl: a.intermediate_ttl,
         },
+        &InitKeys { intermediate, root },
     )
     .map_err(|e| match e {
         // Whatever the file system refused is about --dir or beside it.
@@ -478,12 +600,18 @@ fn init(a: InitArgs) -> Result<()> {
         key_type,
         keyproof_identity::keys::fingerprint(ca.root())
     );
+    let locs = &ca.state().keys;
+    println!("root key: {}", locs.root.describe("root"));
+    println!(
+        "intermediate key: {}",
+        locs.intermediate.describe("intermediate")
+    );
     Ok(())
 }
 
 fn issue(a: IssueArgs) -> Result<()> {
     SpiffeId::parse(&a.spiffe_id).context("--spiffe-id")?;
-    let ca = Ca::open(&a.dir)?;
+    let ca = Ca::open_with(&a.dir, &a.pin.access())?;
     let spiffe_id = workload_id(&ca, &a.spiffe_id)?;
     // Every output is checked before anything is signed, written or
     // recorded: a refusal changes nothing.
@@ -644,7 +772,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             .map(SpiffeId::parse)
             .transpose()
             .context("--spiffe-id")?;
-        let ca = Ca::open(&a.dir)?;
+        let ca = Ca::open_public(&a.dir)?;
         id.map(|id| workload_id(&ca, id.as_str())).transpose()?
     };
     let opts = keyproof_ca::serve::ServeOptions {
@@ -656,6 +784,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         per_identity_per_minute: a.rate_limit,
         admin_listen: a.admin_listen,
         service_accounts,
+        pin_file: a.pin.pin_file,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -749,7 +878,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => return inspect(a),
         Command::Check(a) => {
             let report = match (&a.dir, &a.cert, &a.bundle) {
-                (Some(dir), _, _) => check::check_dir(dir, a.warn_before)?,
+                (Some(dir), _, _) => check::check_dir(
+                    dir,
+                    a.warn_before,
+                    &KeyAccess {
+                        pin_file: a.pin_file.clone(),
+                        root_pin_file: a.root_pin_file.clone(),
+                        root_key: None,
+                    },
+                )?,
                 (None, Some(cert), Some(bundle)) => {
                     // Input that is not a certificate chain or a bundle at
                     // all is a usage error naming its flag; what a chain
@@ -765,7 +902,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::from(report.exit_code() as u8));
         }
         Command::Bundle(a) => {
-            let ca = Ca::open(&a.dir)?;
+            // The bundle is public: no key is opened.
+            let ca = Ca::open_public(&a.dir)?;
             match a.format {
                 BundleFormat::Pem => print!("{}", ca.bundle_pem()),
                 BundleFormat::Spiffe => print!("{}", ca.bundle_spiffe_json()),
@@ -791,26 +929,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ttl,
         }) => {
             SpiffeId::parse(&spiffe_id).context("--spiffe-id")?;
-            let ca = Ca::open(&dir)?;
+            let ca = Ca::open_public(&dir)?;
             let id = workload_id(&ca, &spiffe_id)?;
             let (token, record) = keyproof_ca::token::create(&ca, &id, ttl)?;
             eprintln!("{}", record.summary());
             println!("{token}");
         }
-        Command::Rotate(RotateCommand::Intermediate { dir, ttl }) => {
-            println!("{}", rotate::intermediate(&dir, ttl)?)
-        }
+        Command::Rotate(RotateCommand::Intermediate {
+            dir,
+            ttl,
+            keys,
+            root_key,
+        }) => println!(
+            "{}",
+            rotate::intermediate(&dir, ttl, &keys.access(root_key))?
+        ),
         Command::Rotate(RotateCommand::Root(step)) => {
             let msg = match step {
                 RootStep::Prepare {
                     dir,
                     root_ttl,
                     intermediate_ttl,
+                    keys,
+                    root_key_out,
                 } => {
                     check_ca_ttls(root_ttl, intermediate_ttl)?;
-                    rotate::prepare(&dir, root_ttl, intermediate_ttl)?
+                    rotate::prepare(
+                        &dir,
+                        root_ttl,
+                        intermediate_ttl,
+                        &keys.access(None),
+                        root_key_out.as_deref(),
+                    )?
                 }
-                RootStep::Activate { dir } => rotate::activate(&dir)?,
+                RootStep::Activate { dir, pin } => rotate::activate(&dir, &pin.access())?,
                 RootStep::Finish { dir, force } => rotate::finish(&dir, force)?,
             };
             println!("{msg}");

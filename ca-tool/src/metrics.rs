@@ -24,13 +24,17 @@
 //!   `spiffe_sequence`. `trust_domain` is the bare name
 //!   (`prod.example.com`), as on the sidecars' `keyproof_trust_bundle_*`
 //!   metrics: sequences of different CAs are not comparable.
-//! - `keyproof_ca_ready`: 1 while `GET /ready` would answer 200 (CA loaded,
+//! - `keyproof_ca_ready`: 1 while `GET /ready` would answer 200 (CA loaded, its key signing,
 //!   ledger writable), 0 otherwise; updated at every scrape.
 //! - `keyproof_ca_rotation_stage{stage}`: 1 for the current root-rotation
 //!   stage (`idle`, `prepared`, `activated`), 0 for the others.
 //! - `keyproof_ca_jwks_keys`, `keyproof_ca_jwks_reloads_total{result}`:
 //!   usable keys in the cluster's JWKS and its re-reads (`ok`, `failed`);
 //!   only when ServiceAccount attestation is configured.
+//! - `keyproof_ca_key_operations_total{result}`: signatures (issuances,
+//!   the server's own certificate, probes) by the intermediate's key when it
+//!   is in a PKCS#11 token: `ok`, `failed` (the token was asked and
+//!   failed), `unavailable` (not asked: it failed under a second ago).
 //! - `keyproof_build_info{binary="keyproof-ca",version}`: 1.
 
 use prometheus::{
@@ -50,7 +54,7 @@ pub const ISSUANCE_RESULTS: [&str; 3] = ["ok", "refused", "error"];
 /// Every API error code `serve` answers with besides the ServiceAccount
 /// token ones ([`SaTokenError::CODES`]); `keyproof_ca_refusals_total` starts
 /// each of them at 0 so that alerts can take `rate()` of a code never seen.
-pub const API_CODES: [&str; 19] = [
+pub const API_CODES: [&str; 20] = [
     "bad_request",
     "not_found",
     "method_not_allowed",
@@ -69,6 +73,7 @@ pub const API_CODES: [&str; 19] = [
     "rate_limited",
     "ca_unavailable",
     "ledger_unavailable",
+    "signing_key_unavailable",
     "request_header_too_large",
 ];
 
@@ -133,6 +138,7 @@ pub struct CaMetrics {
     ready: IntGauge,
     rotation_stage: IntGaugeVec,
     jwks: Option<(IntGauge, IntCounterVec)>,
+    key_operations: IntCounterVec,
 }
 
 impl CaMetrics {
@@ -250,8 +256,20 @@ impl CaMetrics {
             }
             (keys, reloads)
         });
+        let key_operations = IntCounterVec::new(
+            Opts::new(
+                "keyproof_ca_key_operations_total",
+                "Signatures by the intermediate's PKCS#11 token key, by result (ok, failed, unavailable)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in ["ok", "failed", "unavailable"] {
+            key_operations.with_label_values(&[r]);
+        }
         for c in [
             Box::new(issuances.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(key_operations.clone()),
             Box::new(refusals.clone()),
             Box::new(ledger_commit.clone()),
             Box::new(cert_expiry.clone()),
@@ -284,7 +302,14 @@ impl CaMetrics {
             ready,
             rotation_stage,
             jwks,
+            key_operations,
         }
+    }
+
+    /// The `keyproof_ca_key_operations_total` counter, for the key's
+    /// observer.
+    pub fn key_operations(&self) -> IntCounterVec {
+        self.key_operations.clone()
     }
 
     /// Counts an API error answer.

@@ -20,9 +20,12 @@ use time::OffsetDateTime;
 
 use crate::bundle;
 use crate::ca::{
-    self, check_ca_lifetimes, files, first_cert, io_err, new_intermediate, new_root, write_pair,
-    write_state, Ca, CaError, Lifetime, NewCa, RotationStage,
+    self, check_ca_lifetimes, check_offline_key_path, files, first_cert, io_err, new_intermediate,
+    new_root, open_key, write_offline_key, write_pair, write_state, Ca, CaError, Lifetime,
+    RotationStage,
 };
+use crate::cakey::{KeyAccess, KeyHome, KeyLocation};
+use crate::fsutil::{self, PUBLIC};
 use crate::ledger;
 
 fn archive(dir: &Path, name: &str) -> Result<(), CaError> {
@@ -37,15 +40,43 @@ fn archive(dir: &Path, name: &str) -> Result<(), CaError> {
     Ok(())
 }
 
-fn load_pair(dir: &Path, stem: &str) -> Result<NewCa, CaError> {
-    let cert = first_cert(&dir.join(format!("{stem}.crt")))?;
-    let key_path = dir.join(format!("{stem}.key"));
-    let pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-    let key = keys::key_pair_from_pem(&pem).map_err(|e| CaError::Corrupt {
-        path: key_path,
-        msg: e.to_string(),
-    })?;
-    Ok(NewCa { cert, key })
+/// Archives a key that stops being used: a file in the directory is copied
+/// to `archive/` as before; a key kept elsewhere (a token, an offline file)
+/// is left where it is, and a note in `archive/` says where, so that the
+/// operator can destroy it once nothing needs it. keyproof never deletes
+/// token objects.
+fn archive_key(dir: &Path, stem: &str, loc: &KeyLocation) -> Result<(), CaError> {
+    let note = match loc {
+        KeyLocation::File => return archive(dir, &format!("{stem}.key")),
+        KeyLocation::Pkcs11(t) => format!(
+            "left in the token; once nothing needs it, delete it, e.g. `pkcs11-tool --module {} \
+             --token-label {} --login --delete-object --type privkey --label {}` (and the \
+             public key: --type pubkey)",
+            t.module.display(),
+            t.token_label,
+            t.label
+        ),
+        KeyLocation::Offline(o) => format!(
+            "an offline file (written to {}); destroy it once nothing needs it",
+            o.written_to.display()
+        ),
+    };
+    let adir = dir.join(files::ARCHIVE);
+    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
+    let path = adir.join(format!(
+        "{}-{stem}.key.{}.json",
+        ca::now().unix_timestamp_nanos(),
+        loc.kind()
+    ));
+    let body = serde_json::json!({
+        "key": stem,
+        "location": loc,
+        "retired_at": ca::rfc3339(ca::now()),
+        "note": note,
+    });
+    let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    text.push(b'\n');
+    fsutil::write_atomic(&path, &text, PUBLIC).map_err(io_err(&path))
 }
 
 fn require(ca: &Ca, stage: RotationStage, step: &str) -> Result<(), CaError> {
@@ -62,29 +93,105 @@ fn require(ca: &Ca, stage: RotationStage, step: &str) -> Result<(), CaError> {
     Ok(())
 }
 
+/// Where the next intermediate key goes: beside the current one.
+fn intermediate_home(ca: &Ca, access: &KeyAccess) -> Result<KeyHome, CaError> {
+    KeyHome::same_as(&ca.state().keys.intermediate, access.intermediate_pin()).ok_or_else(|| {
+        CaError::Corrupt {
+            path: ca.dir().join(files::STATE),
+            msg: "the intermediate key cannot be offline".into(),
+        }
+    })
+}
+
 /// A new intermediate under the current root; issuance uses it at once.
-pub fn intermediate(dir: &Path, ttl: Duration) -> Result<String, CaError> {
+/// The root key comes from where `ca.json` says (the directory or its
+/// token) or, for an offline root, from `access.root_key` (`--root-key`).
+/// The new key is made where the current one is (the same token).
+pub fn intermediate(dir: &Path, ttl: Duration, access: &KeyAccess) -> Result<String, CaError> {
     Lifetime::Intermediate.check(ttl)?;
-    let ca = Ca::open(dir)?;
-    let root = load_pair(dir, "root")?;
-    let int = new_intermediate(ca.trust_domain(), ca.key_type(), ttl, &root)?;
+    // The current intermediate key is not needed (it may be the reason for
+    // the rotation): only where it lives.
+    let ca = Ca::open_public(dir)?;
+    let root_key = ca.root_key(access)?;
+    let home = intermediate_home(&ca, access)?;
+    let int = new_intermediate(
+        ca.trust_domain(),
+        ca.key_type(),
+        ttl,
+        ca.root(),
+        &root_key,
+        &home,
+    )?;
+    let old = ca.state().keys.intermediate.clone();
     archive(dir, files::INT_CRT)?;
-    archive(dir, files::INT_KEY)?;
+    archive_key(dir, "intermediate", &old)?;
     write_pair(dir, "intermediate", &int)?;
+    if int.location != old {
+        let mut state = ca.state().clone();
+        state.keys.intermediate = int.location.clone();
+        write_state(dir, &state)?;
+    }
     Ok(format!(
-        "new intermediate {} valid until {}; the bundle is unchanged",
+        "new intermediate {} valid until {} (key: {}); the bundle is unchanged",
         keys::fingerprint(&int.cert),
-        ca::rfc3339(ca::not_after_of(&int.cert)?)
+        ca::rfc3339(ca::not_after_of(&int.cert)?),
+        int.location.describe("intermediate"),
     ))
 }
 
-/// Step 1: a new root and intermediate join the bundle.
-pub fn prepare(dir: &Path, root_ttl: Duration, int_ttl: Duration) -> Result<String, CaError> {
+/// Step 1: a new root and intermediate join the bundle. The new keys are
+/// made where the current ones are (the same tokens, or the directory); a
+/// new offline root key is written to `root_key_out` (`--root-key-out`),
+/// which an offline root requires and a root in a token refuses. A root in
+/// the directory moves offline when `root_key_out` is given.
+pub fn prepare(
+    dir: &Path,
+    root_ttl: Duration,
+    int_ttl: Duration,
+    access: &KeyAccess,
+    root_key_out: Option<&Path>,
+) -> Result<String, CaError> {
     check_ca_lifetimes(root_ttl, int_ttl)?;
-    let ca = Ca::open(dir)?;
+    let ca = Ca::open_public(dir)?;
     require(&ca, RotationStage::Idle, "prepare")?;
-    let root = new_root(ca.trust_domain(), ca.key_type(), root_ttl)?;
-    let int = new_intermediate(ca.trust_domain(), ca.key_type(), int_ttl, &root)?;
+    let locs = &ca.state().keys;
+    let root_home = match (&locs.root, root_key_out) {
+        (KeyLocation::Pkcs11(r), Some(_)) => {
+            return Err(CaError::KeyAccess(format!(
+                "--root-key-out: the root key is in a PKCS#11 token ({}); the new root key is \
+                 generated in the same token",
+                r.uri()
+            )))
+        }
+        (_, Some(path)) => {
+            check_offline_key_path(dir, "root-key-out", path)?;
+            KeyHome::Offline(path.to_owned())
+        }
+        (KeyLocation::Offline(o), None) => {
+            return Err(CaError::RootKeyOffline(format!(
+                "the root key is offline (written to {}): pass --root-key-out FILE for the new \
+                 root's key, outside the CA directory",
+                o.written_to.display()
+            )))
+        }
+        (KeyLocation::File, None) => KeyHome::Dir,
+        (KeyLocation::Pkcs11(r), None) => {
+            KeyHome::Token(r.spec(access.root_pin(r, &locs.intermediate)))
+        }
+    };
+    let int_home = intermediate_home(&ca, access)?;
+    let root = new_root(ca.trust_domain(), ca.key_type(), root_ttl, &root_home)?;
+    let int = new_intermediate(
+        ca.trust_domain(),
+        ca.key_type(),
+        int_ttl,
+        &root.cert,
+        &root.key,
+        &int_home,
+    )?;
+    if let KeyHome::Offline(path) = &root_home {
+        write_offline_key("root-key-out", path, &root.key)?;
+    }
     let next = dir.join(files::NEXT);
     fs::create_dir_all(&next).map_err(io_err(&next))?;
     write_pair(&next, "root", &root)?;
@@ -92,54 +199,86 @@ pub fn prepare(dir: &Path, root_ttl: Duration, int_ttl: Duration) -> Result<Stri
     let mut state = ca.state().clone();
     state.spiffe_sequence += 1;
     state.rotation = RotationStage::Prepared;
+    state.keys.next_root = root.location.clone();
+    state.keys.next_intermediate = int.location.clone();
     let mut roots = ca.bundle().to_vec();
     roots.push(root.cert.clone());
     bundle::write(dir, state.bundle_meta(), &roots)?;
     write_state(dir, &state)?;
     Ok(format!(
         "prepared: the bundle now holds {} roots (spiffe_sequence {}); issuance stays on the old chain.\n\
+         New root key: {}; new intermediate key: {}.\n\
          Next: wait until every proxy has the new bundle ([identity.ca] sidecars: keyproof_trust_bundle_sequence reaching {}; \
          [identity.files] proxies: keyproof_identity_reloads_total; either: /identity), then `rotate root activate`.",
         roots.len(),
         state.spiffe_sequence,
+        root.location.describe("root"),
+        int.location.describe("intermediate"),
         state.spiffe_sequence
     ))
 }
 
-/// Step 2: issuance moves to the prepared chain.
-pub fn activate(dir: &Path) -> Result<String, CaError> {
-    let ca = Ca::open(dir)?;
+/// Step 2: issuance moves to the prepared chain. The prepared intermediate
+/// key must open, match its certificate and sign, or nothing changes.
+pub fn activate(dir: &Path, access: &KeyAccess) -> Result<String, CaError> {
+    let ca = Ca::open_public(dir)?;
     require(&ca, RotationStage::Prepared, "activate")?;
     let next = dir.join(files::NEXT);
-    let new = load_pair(&next, "root")?;
-    load_pair(&next, "intermediate")?;
+    let locs = ca.state().keys.clone();
+    let int_key = open_key(
+        &next,
+        "intermediate",
+        "prepared intermediate key",
+        &locs.next_intermediate,
+        access.intermediate_pin(),
+    )?;
+    if let Err(e) = int_key.probe() {
+        return Err(CaError::Rotation(format!(
+            "cannot activate: the prepared intermediate key ({}) does not sign: {e}",
+            locs.next_intermediate.describe("intermediate")
+        )));
+    }
+    // The new root key is not needed to issue; a file one must be there to
+    // be moved into place.
+    if locs.next_root.is_file() {
+        open_key(&next, "root", "prepared root key", &locs.next_root, None)?;
+    }
+    let new = first_cert(&next.join(files::ROOT_CRT))?;
     let prev = dir.join(files::PREVIOUS_ROOT);
     fs::copy(dir.join(files::ROOT_CRT), &prev).map_err(io_err(&prev))?;
-    for f in [
-        files::ROOT_CRT,
-        files::ROOT_KEY,
-        files::INT_CRT,
-        files::INT_KEY,
-    ] {
-        archive(dir, f)?;
+    archive(dir, files::ROOT_CRT)?;
+    archive(dir, files::INT_CRT)?;
+    archive_key(dir, "root", &locs.root)?;
+    archive_key(dir, "intermediate", &locs.intermediate)?;
+    for f in [files::ROOT_KEY, files::INT_KEY] {
+        let src = next.join(f);
+        if src.exists() {
+            fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
+        } else {
+            // The new key lives elsewhere: the old file (archived above)
+            // must not look like the current key.
+            let old = dir.join(f);
+            if old.exists() {
+                fs::remove_file(&old).map_err(io_err(&old))?;
+            }
+        }
     }
-    for f in [
-        files::ROOT_KEY,
-        files::ROOT_CRT,
-        files::INT_KEY,
-        files::INT_CRT,
-    ] {
+    for f in [files::ROOT_CRT, files::INT_CRT] {
         let src = next.join(f);
         fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
     }
     fs::remove_dir(&next).map_err(io_err(&next))?;
     let mut state = ca.state().clone();
     state.rotation = RotationStage::Activated;
+    state.keys.root = locs.next_root;
+    state.keys.intermediate = locs.next_intermediate;
+    state.keys.next_root = KeyLocation::File;
+    state.keys.next_intermediate = KeyLocation::File;
     write_state(dir, &state)?;
     Ok(format!(
         "activated: new certificates chain to root {}.\n\
          Next: once every certificate from the old root has been renewed or has expired, `rotate root finish`.",
-        keys::fingerprint(&new.cert)
+        keys::fingerprint(&new)
     ))
 }
 
@@ -161,7 +300,8 @@ fn blocking(dir: &Path) -> Result<Vec<ledger::Entry>, CaError> {
 
 /// Step 3: the old root leaves the bundle.
 pub fn finish(dir: &Path, force: bool) -> Result<String, CaError> {
-    let ca = Ca::open(dir)?;
+    // No key is needed to take a root out of the bundle.
+    let ca = Ca::open_public(dir)?;
     require(&ca, RotationStage::Activated, "finish")?;
     let still = blocking(dir)?;
     if !still.is_empty() && !force {

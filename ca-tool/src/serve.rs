@@ -33,8 +33,17 @@
 //! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits, idle
 //! sockets evicted when it is full: see [`crate::admin`]):
 //! `GET /healthz` (200 while the process runs), `GET /ready` (503 when the CA
-//! directory cannot be loaded or the ledger is not writable), `GET /metrics`
-//! (the Prometheus text format; the list is in [`crate::metrics`]).
+//! directory cannot be loaded, the ledger is not writable, or the
+//! intermediate's key is in a PKCS#11 token that does not sign right now),
+//! `GET /metrics` (the Prometheus text format; the list is in
+//! [`crate::metrics`]).
+//!
+//! The server signs with the intermediate key only, from wherever `ca.json`
+//! says it is (see [`crate::cakey`]); it never opens the root key. A token
+//! key that fails makes issuance answer 503 `signing_key_unavailable`
+//! (counted like any refusal) and `/ready` 503 until the key signs again:
+//! a probe every [`KEY_PROBE_INTERVAL`] (every second while it fails, and
+//! at each `/ready` then) notices loss and recovery without a restart.
 //!
 //! The server picks up rotations by watching the CA directory (a cheap
 //! metadata check at most once a second), reissues its own certificate from
@@ -68,6 +77,7 @@ use tokio::sync::Semaphore;
 
 use crate::attest::{self, AttestError, SaAttestor, SaConfig};
 use crate::ca::{files, Ca, CaError};
+use crate::cakey::KeyAccess;
 use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
@@ -84,6 +94,9 @@ const MAX_HEADERS: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 4096;
+/// How often the intermediate's token key is probed while it works (every
+/// second while it does not).
+const KEY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// What every join token starts with (see [`crate::token`]).
 const JOIN_TOKEN_PREFIX: &str = "kpt_";
 
@@ -105,6 +118,19 @@ pub struct ServeOptions {
     /// Kubernetes ServiceAccount attestation for bootstrap; `None`: join
     /// tokens only, and a JWT is refused with `sa_token_not_accepted`.
     pub service_accounts: Option<SaConfig>,
+    /// `--pin-file`: the PIN file for the intermediate's token key,
+    /// instead of the one `ca.json` records.
+    pub pin_file: Option<PathBuf>,
+}
+
+impl ServeOptions {
+    /// How the server reaches its key: the intermediate's only.
+    fn key_access(&self) -> KeyAccess {
+        KeyAccess {
+            pin_file: self.pin_file.clone(),
+            ..KeyAccess::default()
+        }
+    }
 }
 
 /// Startup failures.
@@ -171,6 +197,11 @@ impl ApiError {
 
 fn ca_error(e: CaError) -> ApiError {
     match e {
+        e @ CaError::SigningKey { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "signing_key_unavailable",
+            e.to_string(),
+        ),
         CaError::Csr(c) => ApiError::new(StatusCode::BAD_REQUEST, c.code(), c.to_string()),
         e @ (CaError::ForeignTrustDomain { .. }
         | CaError::NotAWorkloadId(_)
@@ -412,8 +443,11 @@ impl Server {
         let current = stamp(dir);
         let changed = current != self.loaded.load().stamp;
         if changed {
-            match Ca::open(dir).and_then(|ca| Ok((verifier_for(&ca)?, ca))) {
+            match Ca::open_with(dir, &self.opts.key_access())
+                .and_then(|ca| Ok((verifier_for(&ca)?, ca)))
+            {
                 Ok((v, ca)) => {
+                    watch_key(&ca, &self.metrics);
                     tracing::info!(
                         sequence = ca.state().spiffe_sequence,
                         "CA directory changed; reloaded"
@@ -869,7 +903,50 @@ impl Server {
         {
             return Err(format!("the CA directory cannot be loaded: {e}"));
         }
+        self.key_ready()?;
         self.ledger.writable(&self.opts.dir)
+    }
+
+    /// Whether the intermediate's key signs: always for a key in memory;
+    /// for a token key, while its last operation succeeded, and after a
+    /// failure once a probe (which reopens the token when due) succeeds.
+    fn key_ready(&self) -> Result<(), String> {
+        let loaded = self.loaded.load();
+        let Some(key) = loaded.ca.intermediate_key() else {
+            return Err("the CA has no signing key loaded".into());
+        };
+        if key.is_available() {
+            return Ok(());
+        }
+        let uri = key.pkcs11().map(|k| k.uri()).unwrap_or_default();
+        key.probe()
+            .map_err(|e| format!("the intermediate key ({uri}) is unavailable: {e}"))
+    }
+
+    /// Probes the intermediate's token key, logging a change.
+    fn probe_key(&self) -> bool {
+        let loaded = self.loaded.load();
+        let Some(key) = loaded.ca.intermediate_key() else {
+            return true;
+        };
+        if key.pkcs11().is_none() {
+            return true;
+        }
+        let was = key.is_available();
+        match key.probe() {
+            Ok(()) => {
+                if !was {
+                    tracing::info!("the intermediate's token key signs again");
+                }
+                true
+            }
+            Err(e) => {
+                if was {
+                    tracing::error!(error = %e, "the intermediate's token key stopped signing");
+                }
+                false
+            }
+        }
     }
 }
 
@@ -1009,7 +1086,7 @@ pub async fn run(
     crate::ca::Lifetime::Svid
         .check(opts.ttl)
         .map_err(CaError::from)?;
-    let ca = Ca::open(&opts.dir)?;
+    let ca = Ca::open_with(&opts.dir, &opts.key_access())?;
     let attestor = opts
         .service_accounts
         .clone()
@@ -1050,6 +1127,10 @@ pub async fn run(
     let mut tokens = TokenStore::default();
     tokens.refresh(&opts.dir)?;
     let metrics = CaMetrics::new(attestor.is_some());
+    watch_key(&ca, &metrics);
+    if let Some(k) = ca.intermediate_key().and_then(|k| k.pkcs11()) {
+        tracing::info!(key = %k.uri(), "the intermediate key is in a PKCS#11 token");
+    }
     let server = Arc::new(Server {
         loaded: ArcSwap::from_pointee(Loaded {
             stamp: stamp(&opts.dir),
@@ -1079,6 +1160,25 @@ pub async fn run(
             admin,
             Arc::new(move |req: &Request<Incoming>| server.admin(req)),
         )
+    });
+    // PKCS#11 calls block: probes run on the blocking pool.
+    let probe_task = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let mut wait = KEY_PROBE_INTERVAL;
+            loop {
+                tokio::time::sleep(wait).await;
+                let s = server.clone();
+                let ok = tokio::task::spawn_blocking(move || s.probe_key())
+                    .await
+                    .unwrap_or(false);
+                wait = if ok {
+                    KEY_PROBE_INTERVAL
+                } else {
+                    Duration::from_secs(1)
+                };
+            }
+        }
     });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
@@ -1173,7 +1273,19 @@ pub async fn run(
         });
     }
     admin_task.abort();
+    probe_task.abort();
     Ok(())
+}
+
+/// Counts every operation of the intermediate's token key in
+/// `keyproof_ca_key_operations_total`.
+fn watch_key(ca: &Ca, metrics: &CaMetrics) {
+    if let Some(k) = ca.intermediate_key().and_then(|k| k.pkcs11()) {
+        let counter = metrics.key_operations();
+        k.on_operation(Arc::new(move |r| {
+            counter.with_label_values(&[r.as_str()]).inc();
+        }));
+    }
 }
 
 #[cfg(test)]
