@@ -226,7 +226,8 @@ impl SoftHsm {
         }
     }
 
-    /// The public key (DER SPKI) labelled `label` in `token`, or `None`
+    /// The public key (DER SPKI, whatever form `pkcs11-tool` writes it in)
+    /// labelled `label` in `token`, or `None`
     /// when the token holds no such public key.
     pub fn public_key(&self, token: &Token, label: &str) -> Option<Vec<u8>> {
         let out = self.path(&format!("pub-{}.der", crate::free_port()));
@@ -236,13 +237,22 @@ impl SoftHsm {
             .arg(&out)
             .output()
             .expect("run pkcs11-tool --read-object");
-        let der = fs::read(&out).ok();
+        let bytes = fs::read(&out).ok();
         let _ = fs::remove_file(&out);
-        if st.status.success() {
-            der
-        } else {
-            None
+        if !st.status.success() {
+            return None;
         }
+        // OpenSC writes EC keys as DER but EdDSA keys as PEM.
+        bytes.map(|b| match std::str::from_utf8(&b) {
+            Ok(text) if text.starts_with("-----BEGIN") => {
+                use base64::Engine;
+                let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .expect("PEM public key")
+            }
+            _ => b,
+        })
     }
 
     /// The objects in `token` as (class, label) pairs, e.g.

@@ -771,8 +771,17 @@ fn a_removed_token_fails_closed_and_the_sidecar_recovers_without_restart() {
     );
     let (code, body, _) = curl_mtls(in_addr, &pki, &peer, "/after", &[]);
     assert_eq!(code, 200, "{body}\n{}", logs());
-    let (code, body) = get_via(out_addr, LATE, "/after");
-    assert_eq!(code, 200, "{body}\n{}", logs());
+    // The outbound may hold its failed dial against LATE for a moment.
+    let mut last = (0, String::new());
+    wait_until(
+        "a new mesh connection after the token is back",
+        Duration::from_secs(5),
+        || {
+            last = get_via(out_addr, LATE, "/after");
+            last.0 == 200
+        },
+    );
+    assert!(xfcc(&last.1).contains(&pki.id(WEB)), "{}", last.1);
     assert_eq!(inb.pid(), pid);
     assert!(
         std::path::Path::new(&format!("/proc/{pid}")).exists(),
@@ -780,4 +789,122 @@ fn a_removed_token_fails_closed_and_the_sidecar_recovers_without_restart() {
     );
     assert!(key_ops(&inb, "ok") > ok_before, "{}", inb.metrics());
     assert_key_location(&inb, "pkcs11", Some(&uri("api-token", "api")));
+}
+
+/// `[identity]` from `keyproof-ca serve` with a join token for `path`, the
+/// key (type `key_type`) in `token` under `key_label`.
+fn ca_token_identity(
+    ca: &TestCa,
+    port: u16,
+    path: &str,
+    key_type: &str,
+    token: &str,
+    key_label: &str,
+    pin: &Path,
+) -> String {
+    let join = run_ok(
+        cmd("keyproof-ca")
+            .args(["token", "create", "--dir"])
+            .arg(&ca.dir)
+            .args(["--spiffe-id", &format!("spiffe://{TD}{path}")]),
+    );
+    let join_file = ca.path(&format!("{key_label}.join"));
+    std::fs::write(&join_file, join).unwrap();
+    let bootstrap = ca.path(&format!("{key_label}-bootstrap.pem"));
+    std::fs::copy(ca.bundle(), &bootstrap).unwrap();
+    format!(
+        "[identity]\ntrust_bundle = {bootstrap:?}\n[identity.ca]\nurl = \"https://127.0.0.1:{port}\"\n\
+         spiffe_id = \"spiffe://{TD}{path}\"\njoin_token_file = {join_file:?}\nkey_type = {key_type:?}\n{}",
+        pkcs11_toml(token, key_label, pin)
+    )
+}
+
+#[test]
+fn ed25519_token_keys_carry_handshakes_and_step_up() {
+    let Some(hsm) = SoftHsm::new("ed25519_token_keys") else {
+        return;
+    };
+    let ca = TestCa::with_args(TD, &["--key-type", "ed25519"]);
+    let server = CaServer::start(&ca, &["--rate-limit", "0"]);
+    let token = hsm.init_token("mesh-token", "7777-mesh");
+    let pin = hsm.pin_file("mesh.pin", &token.pin);
+    let (conf_k, conf_v) = hsm.env();
+    let env = [(conf_k, conf_v.as_path())];
+    let app = EchoApp::start();
+    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+    let web = format!("spiffe://{TD}{WEB}");
+    let inb = ProxyProc::start_env(
+        ca.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n\
+             [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{web}\"]\nstep_up = true\n\
+             [[inbound.routes]]\npath_prefix = \"/plain\"\nallow = [\"{web}\"]\n\
+             [admin]\nlisten = \"{in_admin}\"\n",
+            ca_token_identity(&ca, server.port, API, "ed25519", "mesh-token", "api", &pin),
+            app.addr
+        ),
+        in_admin,
+        &env,
+    );
+    let out = ProxyProc::start_env(
+        ca.tmp.path(),
+        "out",
+        &outbound_toml(
+            TD,
+            &ca_token_identity(&ca, server.port, WEB, "ed25519", "mesh-token", "web", &pin),
+            out_addr,
+            in_addr,
+            out_admin,
+        ),
+        out_admin,
+        &env,
+    );
+    let logs = || {
+        format!(
+            "--- in\n{}\n--- out\n{}\n--- serve\n{}",
+            inb.log_text(),
+            out.log_text(),
+            server.log()
+        )
+    };
+    // Both keys were generated in the token, as Ed25519 keys.
+    let mut keys = hsm.private_keys(&token);
+    keys.sort();
+    assert_eq!(keys, vec!["api".to_owned(), "web".to_owned()], "{}", logs());
+    for label in ["api", "web"] {
+        let spki = hsm.public_key(&token, label).expect("public key");
+        // id-Ed25519 (1.3.101.112): 06 03 2b 65 70.
+        assert!(
+            spki.windows(5).any(|w| w == [0x06, 0x03, 0x2b, 0x65, 0x70]),
+            "{label} is not an Ed25519 key: {spki:02x?}"
+        );
+    }
+    let (code, body) = get_via(out_addr, AUTHORITY, "/plain");
+    assert_eq!(code, 200, "{body}\n{}", logs());
+    let before = key_ops(&out, "ok");
+    for i in 0..3 {
+        let (code, body, _) = curl(&[
+            "-x",
+            &format!("http://{out_addr}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{\"a\":1}",
+            &format!("http://{AUTHORITY}/admin/x"),
+        ]);
+        assert_eq!(code, 200, "step-up {i}: {body}\n{}", logs());
+    }
+    assert!(key_ops(&out, "ok") - before >= 3.0, "{}", out.metrics());
+    assert!(
+        inb.sample("keyproof_stepup_verifications_total", &[("result", "ok")]) >= 3.0,
+        "{}",
+        inb.metrics()
+    );
+    for p in [&inb, &out] {
+        assert_eq!(key_ops(p, "failed"), 0.0, "{}", p.metrics());
+        assert_no_pin(p, &["7777-mesh"]);
+    }
+    assert_key_location(&inb, "pkcs11", Some(&uri("mesh-token", "api")));
+    assert_key_location(&out, "pkcs11", Some(&uri("mesh-token", "web")));
 }
