@@ -598,3 +598,101 @@ fn an_offline_root_in_another_token_is_needed_only_to_rotate() {
     openssl_verify(&ca, &leaf1).expect("leaf of the rotated intermediate");
     no_key_files(&ca, "after rotation");
 }
+
+#[test]
+fn ca_serve_fails_closed_while_its_token_is_away_and_recovers() {
+    let Some(hsm) = SoftHsm::new("ca_serve_fails_closed") else {
+        return;
+    };
+    let token = hsm.init_token("ca-token", "5656-ca");
+    let pin = hsm.pin_file("ca.pin", &token.pin);
+    let pin_s = pin.display().to_string();
+    let ca = init(
+        &hsm,
+        &[
+            "--pkcs11-module",
+            softhsm::MODULE,
+            "--pkcs11-token",
+            "ca-token",
+            "--pin-file",
+            &pin_s,
+        ],
+    );
+    let server = CaServer::start_env(
+        &ca,
+        free_port(),
+        &["--rate-limit", "0"],
+        &[(hsm.env().0, hsm.env().1.as_path())],
+    );
+    let join = |path: &str| {
+        run_ok(
+            cmd("keyproof-ca")
+                .args(["token", "create", "--dir"])
+                .arg(&ca.dir)
+                .args(["--spiffe-id", &format!("spiffe://{TD}{path}")]),
+        )
+        .trim()
+        .to_owned()
+    };
+    let bootstrap = |path: &str, token: &str| {
+        let id = format!("spiffe://{TD}{path}");
+        let k = keyproof_ca::client::new_key(keyproof_identity::keys::KeyType::EcdsaP256, &id)
+            .expect("key");
+        keyproof_tests::ca_server::curl_bootstrap(
+            &ca,
+            server.port,
+            &k.csr_pem,
+            &["-H", &format!("Authorization: Bearer {token}")],
+            "",
+        )
+    };
+    let ready = || server.admin_get("/ready").0;
+    let ops = |result: &str| {
+        keyproof_tests::ca_server::sample(
+            &server.scrape(),
+            &format!("keyproof_ca_key_operations_total{{result=\"{result}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    };
+    assert_eq!(ready(), 200, "{}", server.log());
+    let (status, code, body) = bootstrap(WEB, &join(WEB));
+    assert_eq!(
+        (status, code.as_str()),
+        (200, "ok"),
+        "{body}\n{}",
+        server.log()
+    );
+    assert!(ops("ok") >= 1.0, "{}", server.scrape());
+
+    let away = hsm.remove_token("ca-token");
+    let kept = join(API);
+    let (status, code, body) = bootstrap(API, &kept);
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "signing_key_unavailable"),
+        "issuing without the token: {body}\n{}",
+        server.log()
+    );
+    wait_until(
+        "/ready 503 without the token",
+        Duration::from_secs(5),
+        || ready() == 503,
+    );
+    assert!(ops("failed") >= 1.0, "{}", server.scrape());
+
+    away.put_back();
+    wait_until(
+        "/ready 200 with the token back",
+        Duration::from_secs(8),
+        || ready() == 200,
+    );
+    // The refused bootstrap did not spend its join token.
+    let (status, code, body) = bootstrap(API, &kept);
+    assert_eq!(
+        (status, code.as_str()),
+        (200, "ok"),
+        "{body}\n{}",
+        server.log()
+    );
+    assert!(!server.log().contains("5656-ca"), "the PIN is in the log");
+}

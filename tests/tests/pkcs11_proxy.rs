@@ -908,3 +908,94 @@ fn ed25519_token_keys_carry_handshakes_and_step_up() {
     assert_key_location(&inb, "pkcs11", Some(&uri("mesh-token", "api")));
     assert_key_location(&out, "pkcs11", Some(&uri("mesh-token", "web")));
 }
+
+#[test]
+fn a_removed_token_stops_step_up_signatures_on_an_open_connection_and_recovers() {
+    let Some(hsm) = SoftHsm::new("a_removed_token_stops_step_up") else {
+        return;
+    };
+    let pki = Pki::new(TD);
+    let token = hsm.init_token("web-token", "8181-web");
+    let key = hsm.keygen(&token, "web", "EC:prime256v1");
+    let cert = softhsm::certify(&hsm, &pki, "web", WEB, &key);
+    let pin = hsm.pin_file("web.pin", &token.pin);
+    let (conf_k, conf_v) = hsm.env();
+    let server = pki.issue("api", API);
+    let app = EchoApp::start();
+    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+    let web = pki.id(WEB);
+    let inb = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n\
+             [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{web}\"]\nstep_up = true\n\
+             [[inbound.routes]]\npath_prefix = \"/plain\"\nallow = [\"{web}\"]\n\
+             [admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr
+        ),
+        in_admin,
+    );
+    let out = ProxyProc::start_env(
+        pki.tmp.path(),
+        "out",
+        &outbound_toml(
+            TD,
+            &files_token_identity(&pki, &cert, &token, "web", &pin),
+            out_addr,
+            in_addr,
+            out_admin,
+        ),
+        out_admin,
+        &[(conf_k, conf_v.as_path())],
+    );
+    let logs = || format!("--- in\n{}\n--- out\n{}", inb.log_text(), out.log_text());
+    let post = || {
+        let (code, body, _) = curl(&[
+            "-x",
+            &format!("http://{out_addr}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{\"a\":1}",
+            &format!("http://{AUTHORITY}/admin/x"),
+        ]);
+        (code, body)
+    };
+    assert_eq!(post().0, 200, "{}", logs());
+    let verified = || inb.sample("keyproof_stepup_verifications_total", &[("result", "ok")]);
+    let v_before = verified();
+
+    let away = hsm.remove_token("web-token");
+    // The mesh connection is open (no handshake needed), but every step-up
+    // request needs a signature the token cannot make now: none reaches the
+    // app, and nothing unsigned is let through.
+    for i in 0..3 {
+        let (code, body) = post();
+        assert_ne!(
+            code,
+            200,
+            "step-up {i} without the token: {body}\n{}",
+            logs()
+        );
+        assert!(!body.starts_with("POST /admin"), "reached the app: {body}");
+    }
+    // The plain route on the open connection needs no signature.
+    let (code, body) = get_via(out_addr, AUTHORITY, "/plain");
+    assert_eq!(code, 200, "{body}\n{}", logs());
+    assert_eq!(verified(), v_before, "{}", inb.metrics());
+    wait_until("the outbound's /ready 503", Duration::from_secs(5), || {
+        matches!(http_get(out_admin, "/ready"), Ok((503, _)))
+    });
+    assert!(key_ops(&out, "failed") >= 1.0, "{}", out.metrics());
+
+    away.put_back();
+    wait_until("the outbound's /ready 200", Duration::from_secs(8), || {
+        matches!(http_get(out_admin, "/ready"), Ok((200, _)))
+    });
+    let (code, body) = post();
+    assert_eq!(code, 200, "{body}\n{}", logs());
+    assert!(verified() > v_before, "{}", inb.metrics());
+    assert_no_pin(&out, &["8181-web"]);
+}
