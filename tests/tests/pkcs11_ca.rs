@@ -226,7 +226,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     }
     assert!(!ca_json.contains("7777-ca"), "the PIN is in ca.json");
     // `check` says where each key lives and that it signs.
-    let checked = run_ok(&mut ca_cmd(&hsm, &["check"]).args(dir_args(&ca.dir)));
+    let checked = run_ok(ca_cmd(&hsm, &["check"]).args(dir_args(&ca.dir)));
     check_names_token_keys(&checked, &roots0[0], &ints0[0]);
 
     // Issue through the token; the leaf verifies with openssl.
@@ -304,7 +304,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     through("bootstrapped", &client0);
 
     // A full root rotation with every key in the token.
-    run_ok(&mut ca_cmd(&hsm, &["rotate", "root", "prepare"]).args(dir_args(&ca.dir)));
+    run_ok(ca_cmd(&hsm, &["rotate", "root", "prepare"]).args(dir_args(&ca.dir)));
     let roots1 = labels(&hsm, &token, "keyproof-root-");
     assert_eq!(
         roots1.len(),
@@ -318,7 +318,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
         || roots(in_admin) == 2 && roots(out_admin) == 2,
     );
     through("prepared", &client0);
-    run_ok(&mut ca_cmd(&hsm, &["rotate", "root", "activate"]).args(dir_args(&ca.dir)));
+    run_ok(ca_cmd(&hsm, &["rotate", "root", "activate"]).args(dir_args(&ca.dir)));
     assert_eq!(
         labels(&hsm, &token, "keyproof-intermediate-").len(),
         2,
@@ -335,7 +335,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     let client1 = issue(&hsm, &ca, "client1", "/ns/default/sa/peer");
     openssl_verify(&ca, &client1.0).expect("a leaf of the new root");
     through("activated", &client1);
-    run_ok(&mut ca_cmd(&hsm, &["rotate", "root", "finish", "--force"]).args(dir_args(&ca.dir)));
+    run_ok(ca_cmd(&hsm, &["rotate", "root", "finish", "--force"]).args(dir_args(&ca.dir)));
     wait_until(
         "both sidecars to drop the old root",
         Duration::from_secs(10),
@@ -349,7 +349,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
 
     // An intermediate rotation: a new key in the token, serve follows.
     let ints2 = labels(&hsm, &token, "keyproof-intermediate-");
-    run_ok(&mut ca_cmd(&hsm, &["rotate", "intermediate"]).args(dir_args(&ca.dir)));
+    run_ok(ca_cmd(&hsm, &["rotate", "intermediate"]).args(dir_args(&ca.dir)));
     let ints3 = labels(&hsm, &token, "keyproof-intermediate-");
     assert_eq!(ints3.len(), 3, "{ints3:?}");
     let int3 = sha_of_first_cert(&ca.dir.join("intermediate.crt"));
@@ -365,7 +365,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     assert_eq!(sent, 10);
     // `check` fails now (the first leaf was left on the old root by
     // `finish --force`) but still reports the keys in the token.
-    let check = run(&mut ca_cmd(&hsm, &["check"]).args(dir_args(&ca.dir)));
+    let check = run(ca_cmd(&hsm, &["check"]).args(dir_args(&ca.dir)));
     let checked = String::from_utf8_lossy(&check.stdout).into_owned();
     let (root_now, int_now) = (
         labels(&hsm, &token, "keyproof-root-")
@@ -586,13 +586,13 @@ fn an_offline_root_in_another_token_is_needed_only_to_rotate() {
     let away = hsm.remove_token("root-token");
     let (leaf, _) = issue(&hsm, &ca, "leaf0", WEB);
     openssl_verify(&ca, &leaf).expect("issued without the root token");
-    let err = run_err(&mut ca_cmd(&hsm, &["rotate", "intermediate"]).args(dir_args(&ca.dir)));
+    let err = run_err(ca_cmd(&hsm, &["rotate", "intermediate"]).args(dir_args(&ca.dir)));
     assert!(
         err.contains("root-token"),
         "the error does not name the root's token: {err}"
     );
     away.put_back();
-    run_ok(&mut ca_cmd(&hsm, &["rotate", "intermediate"]).args(dir_args(&ca.dir)));
+    run_ok(ca_cmd(&hsm, &["rotate", "intermediate"]).args(dir_args(&ca.dir)));
     assert_eq!(labels(&hsm, &online, "keyproof-intermediate-").len(), 2);
     let (leaf1, _) = issue(&hsm, &ca, "leaf1", WEB);
     openssl_verify(&ca, &leaf1).expect("leaf of the rotated intermediate");
