@@ -762,8 +762,22 @@ fn a_removed_token_fails_closed_and_the_sidecar_recovers_without_restart() {
     );
     assert_no_pin(&inb, &["6666-api"]);
 
+    // The token comes back while the PIN file holds a wrong PIN (it is
+    // re-read at every reopen): still unavailable, login refused.
+    std::fs::write(&pin, "0000-wrong\n").unwrap();
     removed.put_back();
-    // The probe (1 s while unavailable) notices the token is back.
+    let failed = key_ops(&inb, "failed");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        let (code, body) = http_get(in_admin, "/ready").unwrap();
+        assert_eq!(code, 503, "ready with a wrong PIN: {body}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(curl_mtls(in_addr, &pki, &peer, "/wrong-pin", &[]).0, 200);
+    assert!(key_ops(&inb, "failed") > failed, "{}", inb.metrics());
+    assert_no_pin(&inb, &["6666-api", "0000-wrong"]);
+    // The right PIN back: the probe (1 s while unavailable) recovers.
+    std::fs::write(&pin, "6666-api\n").unwrap();
     wait_until(
         "/ready 200 after the token is back",
         Duration::from_secs(8),
