@@ -17,10 +17,12 @@
 # made. Production keys are generated in the token and never leave it;
 # importing is for this comparison only.
 #
-# Prints per round and the median: handshakes/s (and p50) per pair, step-up
-# and plain req/s (and p50) per pair, the token/file ratios, and the token
-# sidecars' keyproof_identity_key_operations_total (all `ok`: the signatures
-# were the token's).
+# Prints per round and the median: handshakes/s (p50, and the IN sidecar's
+# CPU per handshake) per pair, step-up and plain req/s (p50, and both
+# sidecars' CPU per request) per pair, the token/file ratios and the extra
+# CPU per operation, and the token sidecars'
+# keyproof_identity_key_operations_total (all `ok`: the signatures were the
+# token's).
 #
 # usage: benches/pkcs11.sh
 #   env: ROUNDS (3), SECONDS_EACH (6), CONC (32: handshake_load clients),
@@ -143,24 +145,37 @@ location() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^keyproof_identity_ke
 echo "file pair:  IN $(location 15092); OUT $(location 15091)"
 echo "token pair: IN $(location 16092); OUT $(location 16091)"
 
+cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }   # utime+stime, clock ticks
+tck=$(getconf CLK_TCK)
+# pids: file IN, file OUT, token IN, token OUT.
+in_pid() { if [ "$1" = file ]; then echo "${pids[0]}"; else echo "${pids[2]}"; fi; }
+out_pid() { if [ "$1" = file ]; then echo "${pids[1]}"; else echo "${pids[3]}"; fi; }
 to_us() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) print v+0; else if (v ~ /ms$/) print v*1000; else if (v ~ /s$/) print v*1000000; else print v }'; }
-echo "round kind test rate p50_us errors" > "$work/rows"
+echo "round kind test rate p50_us errors cpu_us" > "$work/rows"
+# CPU per operation is steadier than the rate on a busy machine: the
+# handshakes' IN sidecar, the requests' two sidecars, in microseconds.
 hs() { # ROUND KIND PORT
-  local out; out=$("$hl" --target "127.0.0.1:$3" --cert "$work/client.crt" --key "$work/client.key" \
+  local ip c0 c1 out n rate p50 errs
+  ip=$(in_pid "$2"); c0=$(cpu "$ip")
+  out=$("$hl" --target "127.0.0.1:$3" --cert "$work/client.crt" --key "$work/client.key" \
     --ca "$work/bundle.pem" --concurrency "$conc" --seconds "$secs" --threads 1 2>&1)
-  local rate p50 errs
+  c1=$(cpu "$ip")
+  n=$(grep -oE '[0-9]+ handshakes,' <<<"$out" | awk '{print $1}')
   rate=$(grep -oE '[0-9]+ handshakes/s' <<<"$out" | awk '{print $1}')
   p50=$(grep -oE 'p50 [0-9.]+ ms' <<<"$out" | awk '{print $2*1000}')
   errs=$(grep -oE 'errors [0-9]+' <<<"$out" | awk '{print $2}')
-  echo "$1 $2 handshakes ${rate:-0} ${p50:-0} ${errs:-?}" >> "$work/rows"
+  echo "$1 $2 handshakes ${rate:-0} ${p50:-0} ${errs:-?} $(echo "scale=1; ($c1-$c0)*1000000/$tck/${n:-1}" | bc)" >> "$work/rows"
 }
 rq() { # ROUND KIND PORT ROUTE
-  local out; out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$3/$4")
-  local rate p50 errs
+  local ip op i0 o0 i1 o1 out n rate p50 errs
+  ip=$(in_pid "$2"); op=$(out_pid "$2"); i0=$(cpu "$ip"); o0=$(cpu "$op")
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$3/$4")
+  i1=$(cpu "$ip"); o1=$(cpu "$op")
+  n=$(awk '/requests in/{print $1}' <<<"$out")
   rate=$(awk '/Requests\/sec/{print $2}' <<<"$out")
   p50=$(to_us "$(awk '$1=="50%"{print $2}' <<<"$out")")
   errs=$( (grep -E 'Non-2xx|Socket errors' <<<"$out" || true) | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
-  echo "$1 $2 $4 ${rate:-0} ${p50:-0} ${errs:-0}" >> "$work/rows"
+  echo "$1 $2 $4 ${rate:-0} ${p50:-0} ${errs:-0} $(echo "scale=1; ($i1-$i0+$o1-$o0)*1000000/$tck/${n:-1}" | bc)" >> "$work/rows"
 }
 for r in $(seq "$rounds"); do
   # Alternate which pair goes first, so that drift falls on both.
@@ -177,13 +192,15 @@ python3 - "$work/rows" "$conc" "$conns" "$secs" <<'PY'
 import sys, statistics as st
 rows=[l.split() for l in open(sys.argv[1]).read().splitlines()[1:]]
 conc, conns, secs = sys.argv[2:5]
-print(f"\n{'round':>5} {'test':10} {'kind':5} {'rate/s':>9} {'p50 us':>8} {'errors':>6}")
+print(f"\n{'round':>5} {'test':10} {'kind':5} {'rate/s':>9} {'p50 us':>8} {'errors':>6} {'cpu us/op':>9}")
 for r in rows:
-    print(f"{r[0]:>5} {r[2]:10} {r[1]:5} {float(r[3]):9.0f} {float(r[4]):8.0f} {r[5]:>6}")
-print(f"\nmedians ({len(set(r[0] for r in rows))} rounds of {secs} s; handshakes: {conc} clients, a new full mutual-TLS handshake each; requests: wrk, {conns} connections)")
-print(f"{'test':10} {'file/s':>9} {'token/s':>9} {'token/file':>10} {'p50 file':>9} {'p50 token':>9}")
+    print(f"{r[0]:>5} {r[2]:10} {r[1]:5} {float(r[3]):9.0f} {float(r[4]):8.0f} {r[5]:>6} {float(r[6]):9.1f}")
+print(f"\nmedians ({len(set(r[0] for r in rows))} rounds of {secs} s; handshakes: {conc} clients, a new full mutual-TLS handshake each,"
+      f" CPU of the IN sidecar; requests: wrk, {conns} connections, CPU of both sidecars)")
+print(f"{'test':10} {'file/s':>9} {'token/s':>9} {'token/file':>10} {'p50 file':>9} {'p50 token':>9} {'cpu file':>9} {'cpu token':>9} {'extra cpu':>9}")
 for t in dict.fromkeys(r[2] for r in rows):
     m=lambda k,i: st.median(float(r[i]) for r in rows if r[2]==t and r[1]==k)
     f, k = m('file',3), m('token',3)
-    print(f"{t:10} {f:9.0f} {k:9.0f} {k/f if f else 0:10.2f} {m('file',4):8.0f}us {m('token',4):8.0f}us")
+    print(f"{t:10} {f:9.0f} {k:9.0f} {k/f if f else 0:10.2f} {m('file',4):7.0f}us {m('token',4):7.0f}us"
+          f" {m('file',6):7.1f}us {m('token',6):7.1f}us {m('token',6)-m('file',6):+7.1f}us")
 PY
