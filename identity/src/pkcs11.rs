@@ -22,6 +22,14 @@
 //! needs a signature fails) and report readiness from `is_available`; a
 //! periodic [`Pkcs11Key::probe`] notices recovery without traffic.
 //!
+//! # Static executables
+//!
+//! A module is a shared library loaded with `dlopen`. The release builds
+//! `cargo build-proxy` and `cargo build-ca` link glibc in statically, and a
+//! module loaded into such a process runs against a second copy of libc
+//! (SoftHSM2 crashes there). Those builds refuse to load a module, naming
+//! the dynamically linked build to use instead.
+//!
 //! # Signature formats
 //!
 //! [`Pkcs11Key::sign_raw`] gives what the token gives: ECDSA `r || s` (64
@@ -357,8 +365,19 @@ fn module_err(module: &Path, e: impl fmt::Display) -> Pkcs11Error {
     }
 }
 
+/// Why a static executable refuses to load a module.
+const STATIC_BUILD: &str = "this executable is statically linked (`cargo build-proxy`, \
+    `cargo build-ca`), and a PKCS#11 module (a shared library with its own libc) cannot be \
+    loaded into it safely; use the dynamically linked build (`cargo build --release`, or the \
+    container image's `pkcs11` target)";
+
 /// The module at `path`, loaded and initialised on first use.
 fn module(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
+    // glibc linked in statically can dlopen a library, but the library then
+    // runs against a second libc: SoftHSM2 crashes in it (seen here).
+    if cfg!(target_feature = "crt-static") {
+        return Err(module_err(path, STATIC_BUILD));
+    }
     let mut map = lock(modules());
     if let Some(m) = map.get(path) {
         return Ok(m.clone());
@@ -507,7 +526,10 @@ impl TokenSpec {
             if label == self.token_label {
                 return Ok(Ok(slot));
             }
-            present.push(label);
+            // An uninitialised token (SoftHSM2's free slot) has no label.
+            if info.token_initialized() && !label.is_empty() {
+                present.push(label);
+            }
         }
         Ok(Err(if present.is_empty() {
             "none".to_owned()
@@ -1153,6 +1175,12 @@ mod tests {
     fn hsm() -> Option<&'static Hsm> {
         static HSM: OnceLock<Option<Hsm>> = OnceLock::new();
         HSM.get_or_init(|| {
+            if cfg!(target_feature = "crt-static") {
+                let e = module(Path::new(MODULE)).err().expect("refused");
+                assert!(e.to_string().contains("statically linked"), "{e}");
+                eprintln!("SKIP: a static build refuses PKCS#11 modules");
+                return None;
+            }
             if !Path::new(MODULE).exists() {
                 assert!(
                     std::env::var_os("CI").is_none(),
