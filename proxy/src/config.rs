@@ -333,9 +333,23 @@ impl Pkcs11Config {
     /// The RFC 7512 URI of the key (as [`keyproof_identity::pkcs11::Pkcs11Key::uri`]
     /// names it), for `check-config` and `/identity`.
     pub fn uri(&self) -> String {
+        // The same percent-encoding as the token key's own URI (RFC 7512
+        // pchar, unreserved kept), so both name the key alike.
+        fn pct(s: &str) -> String {
+            let mut out = String::with_capacity(s.len());
+            for b in s.bytes() {
+                if b.is_ascii_alphanumeric() || b"-._~:[]@!$'()*+,=&".contains(&b) {
+                    out.push(char::from(b));
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            out
+        }
         format!(
             "pkcs11:token={};object={};type=private",
-            self.token_label, self.key_label
+            pct(&self.token_label),
+            pct(&self.key_label)
         )
     }
 

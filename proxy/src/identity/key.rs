@@ -34,6 +34,11 @@ pub const PROBE_WHILE_DOWN: Duration = Duration::from_secs(1);
 /// noticed within this).
 pub const PROBE_WHILE_UP: Duration = Duration::from_secs(10);
 
+/// How many times a token missing at startup is looked for again.
+const START_RETRIES: u32 = 5;
+/// Pause between those looks.
+const START_RETRY_EVERY: Duration = Duration::from_millis(200);
+
 /// Where the workload key lives: the `location` of `/identity` and of
 /// `keyproof_identity_key_location`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +106,35 @@ impl TokenKey {
         generate: Option<KeyType>,
     ) -> Result<Arc<TokenKey>, IdentityError> {
         let spec = cfg.token_spec();
-        let opened = match generate {
-            Some(kt) => Pkcs11Key::open_or_generate(&spec, &cfg.key_label, kt).map(|(k, new)| {
+        let mut opened = TokenKey::open_once(cfg, &spec, generate);
+        // A token another process is writing at this moment (SoftHSM2 with
+        // two sidecars starting together) can be missing from the slot
+        // list for an instant; so can one whose daemon is still starting.
+        // A few short retries before "no such token" is final.
+        for _ in 0..START_RETRIES {
+            match &opened {
+                Err(e) if e.reason() == "no_token" => {
+                    std::thread::sleep(START_RETRY_EVERY);
+                    opened = TokenKey::open_once(cfg, &spec, generate);
+                }
+                _ => break,
+            }
+        }
+        let key = opened.map_err(|e| IdentityError::Invalid {
+            key: pkcs11_config_key(&e),
+            msg: e.to_string(),
+        })?;
+        tracing::info!(uri = %key.uri(), key_type = %key.key_type(), "workload key opened in the PKCS#11 token");
+        Ok(Arc::new(TokenKey::new(key)))
+    }
+
+    fn open_once(
+        cfg: &Pkcs11Config,
+        spec: &keyproof_identity::pkcs11::TokenSpec,
+        generate: Option<KeyType>,
+    ) -> Result<Pkcs11Key, Pkcs11Error> {
+        match generate {
+            Some(kt) => Pkcs11Key::open_or_generate(spec, &cfg.key_label, kt).map(|(k, new)| {
                 if new {
                     tracing::info!(
                         uri = %k.uri(),
@@ -112,14 +144,8 @@ impl TokenKey {
                 }
                 k
             }),
-            None => Pkcs11Key::open(&spec, &cfg.key_label),
-        };
-        let key = opened.map_err(|e| IdentityError::Invalid {
-            key: pkcs11_config_key(&e),
-            msg: e.to_string(),
-        })?;
-        tracing::info!(uri = %key.uri(), key_type = %key.key_type(), "workload key opened in the PKCS#11 token");
-        Ok(Arc::new(TokenKey::new(key)))
+            None => Pkcs11Key::open(spec, &cfg.key_label),
+        }
     }
 
     /// Tracks `key` (already opened).
@@ -431,5 +457,284 @@ mod tests {
         assert!(!shown.contains(&secret[..16]), "{shown}");
         assert!(mem.rustls_signing_key().is_ok());
         assert!(mem.spki_der().is_none() && mem.token().is_none());
+    }
+
+    /// In-process tests against a real SoftHSM2 token. `SOFTHSM2_CONF` is
+    /// set once for the process (a per-process token directory); each test
+    /// makes its own token, so they can run in parallel.
+    mod softhsm {
+        use std::path::{Path, PathBuf};
+        use std::process::Command;
+        use std::sync::OnceLock;
+
+        use keyproof_identity::keys::KeyType;
+        use keyproof_identity::pkcs11::{Pkcs11Key, TokenSpec};
+
+        use crate::config::{FilesSourceConfig, IdentityConfig, IdentitySource, Pkcs11Config};
+        use crate::identity::key::{KeyLocation, TokenKey};
+        use crate::identity::store::test_pki::{Pki, BOTH};
+        use crate::identity::store::{Identity, IdentityError};
+
+        const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+        const TD: &str = "pkcs11.keyproof.test";
+        const API: &str = "/ns/demo/sa/api";
+
+        /// The per-process SoftHSM2 configuration, or None when SoftHSM2 is
+        /// not installed (the test is then skipped, loudly).
+        fn conf() -> Option<&'static Path> {
+            static CONF: OnceLock<Option<PathBuf>> = OnceLock::new();
+            CONF.get_or_init(|| {
+                if !Path::new(MODULE).exists() {
+                    eprintln!("SoftHSM2 not installed ({MODULE}); skipping");
+                    return None;
+                }
+                let dir = tempfile::tempdir().expect("temp dir").keep();
+                std::fs::create_dir_all(dir.join("tokens")).expect("token dir");
+                let conf = dir.join("softhsm2.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                        dir.join("tokens").display()
+                    ),
+                )
+                .expect("conf");
+                // Set once, before any test of this module touches the
+                // module, and never changed: every test reads the same.
+                std::env::set_var("SOFTHSM2_CONF", &conf);
+                Some(conf)
+            })
+            .as_deref()
+        }
+
+        /// A fresh token labelled `label` (PIN 5678) and a PIN file for it.
+        fn token(label: &str, dir: &Path) -> Option<Pkcs11Config> {
+            let conf = conf()?;
+            let out = Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", conf)
+                .args(["--init-token", "--free", "--label", label])
+                .args(["--so-pin", "1234", "--pin", "5678"])
+                .output()
+                .expect("softhsm2-util");
+            assert!(out.status.success(), "{out:?}");
+            let pin = dir.join("pin");
+            std::fs::write(&pin, "5678\n").expect("pin");
+            Some(Pkcs11Config {
+                module: MODULE.into(),
+                token_label: label.into(),
+                key_label: "workload".into(),
+                pin_file: pin,
+            })
+        }
+
+        fn spec(p: &Pkcs11Config) -> TokenSpec {
+            p.token_spec()
+        }
+
+        fn files_config(dir: &Path, p: &Pkcs11Config) -> IdentityConfig {
+            IdentityConfig {
+                trust_bundle: dir.join("bundle.pem"),
+                source: IdentitySource::Files(FilesSourceConfig {
+                    cert: dir.join("tls.crt"),
+                    key: None,
+                }),
+                reload_interval: std::time::Duration::from_secs(10),
+                pkcs11: Some(p.clone()),
+            }
+        }
+
+        fn key_of(e: &IdentityError) -> &'static str {
+            match e {
+                IdentityError::Read { key, .. } | IdentityError::Invalid { key, .. } => key,
+            }
+        }
+
+        #[test]
+        fn a_certificate_file_with_the_key_in_a_token_is_an_identity_that_signs_in_the_token() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let Some(p) = token("kp-files", dir.path()) else {
+                return;
+            };
+            let pki = Pki::shared(TD);
+            let key =
+                Pkcs11Key::generate(&spec(&p), &p.key_label, KeyType::EcdsaP256).expect("generate");
+            let csr = keyproof_ca::client::token_csr(&key, pki.id(API).as_str()).expect("CSR");
+            let chain = pki.issue_for_csr(API, &csr);
+            let pem: String = chain
+                .iter()
+                .map(|c| keyproof_identity::keys::cert_pem(c))
+                .collect();
+            std::fs::write(dir.path().join("tls.crt"), pem).expect("cert");
+            std::fs::write(dir.path().join("bundle.pem"), pki.bundle_pem()).expect("bundle");
+            let cfg = files_config(dir.path(), &p);
+
+            let id = Identity::load(&cfg, BOTH).expect("identity");
+            assert_eq!(id.key.location(), KeyLocation::Pkcs11);
+            let json = id.to_json();
+            assert_eq!(json["key"]["location"], "pkcs11");
+            assert_eq!(json["key"]["available"], true);
+            assert_eq!(
+                json["key"]["uri"],
+                "pkcs11:token=kp-files;object=workload;type=private"
+            );
+            // Step-up signs through the token, with the certificate's keyid.
+            let signer = crate::outbound::signer::signer_for(&id).expect("signer");
+            assert!(!signer.keyid().is_empty());
+            // rustls signs through the token.
+            let signing = id
+                .certified
+                .key
+                .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256]);
+            let sig = signing
+                .expect("scheme")
+                .sign(b"handshake transcript")
+                .expect("signature");
+            assert!(!sig.is_empty());
+            // The same token key digests the same (a reload of the same
+            // files is no change).
+            let again = Identity::load(&cfg, BOTH).expect("identity");
+            assert_eq!(again.material, id.material);
+
+            // A certificate for another key: refused, naming the key label.
+            let other = pki.issue(API);
+            let pem: String = other
+                .chain
+                .iter()
+                .map(|c| keyproof_identity::keys::cert_pem(c))
+                .collect();
+            std::fs::write(dir.path().join("tls.crt"), pem).expect("cert");
+            let e = Identity::load(&cfg, BOTH).unwrap_err();
+            assert_eq!(key_of(&e), "identity.pkcs11.key_label", "{e}");
+            assert!(
+                e.to_string()
+                    .contains("not the one identity.files.cert certifies"),
+                "{e}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_new_certificate_for_the_token_key_is_reloaded_and_one_for_another_key_refused() {
+            use crate::identity::reload::{IdentityFiles, ReloadOutcome, Reloader};
+            use crate::identity::store::IdentityStore;
+            let dir = tempfile::tempdir().expect("temp dir");
+            let Some(p) = token("kp-reload", dir.path()) else {
+                return;
+            };
+            let pki = Pki::shared(TD);
+            let key =
+                Pkcs11Key::generate(&spec(&p), &p.key_label, KeyType::EcdsaP256).expect("generate");
+            let write_chain = |chain: &[rustls_pki_types::CertificateDer<'_>]| {
+                let pem: String = chain
+                    .iter()
+                    .map(|c| keyproof_identity::keys::cert_pem(c))
+                    .collect();
+                std::fs::write(dir.path().join("tls.crt"), pem).expect("cert");
+            };
+            let csr = keyproof_ca::client::token_csr(&key, pki.id(API).as_str()).expect("CSR");
+            write_chain(&pki.issue_for_csr(API, &csr));
+            std::fs::write(dir.path().join("bundle.pem"), pki.bundle_pem()).expect("bundle");
+            let cfg = files_config(dir.path(), &p);
+            let token = TokenKey::open(&p, None).expect("token");
+            let id = Identity::load_with(&cfg, Some(token.clone()), BOTH).expect("identity");
+            let serial = id.serial.clone();
+            let store = IdentityStore::new(id);
+            let metrics = crate::metrics::Metrics::new().expect("metrics");
+            let mut reloader = Reloader::new(
+                IdentityFiles {
+                    cert: dir.path().join("tls.crt"),
+                    key: None,
+                    bundle: dir.path().join("bundle.pem"),
+                },
+                store.clone(),
+                metrics,
+                BOTH.to_vec(),
+            )
+            .with_token(Some(token));
+            assert_eq!(reloader.check().await, ReloadOutcome::Unchanged);
+            // A renewed certificate for the same token key.
+            let csr = keyproof_ca::client::token_csr(&key, pki.id(API).as_str()).expect("CSR");
+            write_chain(&pki.issue_for_csr(API, &csr));
+            assert_eq!(reloader.check().await, ReloadOutcome::Applied);
+            assert_ne!(store.current().serial, serial);
+            assert_eq!(store.current().key.location(), KeyLocation::Pkcs11);
+            // A certificate for a key that is not the token's: refused
+            // (after the settle time), the token identity keeps serving.
+            let applied = store.current().serial.clone();
+            write_chain(&pki.issue(API).chain);
+            assert_eq!(
+                reloader.check().await,
+                ReloadOutcome::Rejected("key_mismatch")
+            );
+            assert_eq!(store.current().serial, applied);
+        }
+
+        #[test]
+        fn token_problems_at_startup_name_the_pkcs11_key_and_never_the_pin() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let Some(p) = token("kp-errors", dir.path()) else {
+                return;
+            };
+            Pkcs11Key::generate(&spec(&p), "present", KeyType::EcdsaP256).expect("generate");
+            let wrong_pin = dir.path().join("wrong-pin");
+            std::fs::write(&wrong_pin, "0000\n").expect("pin");
+            let cases = [
+                (
+                    Pkcs11Config {
+                        module: "/nonexistent/libpkcs11.so".into(),
+                        ..p.clone()
+                    },
+                    "identity.pkcs11.module",
+                ),
+                (
+                    Pkcs11Config {
+                        token_label: "no-such-token".into(),
+                        ..p.clone()
+                    },
+                    "identity.pkcs11.token_label",
+                ),
+                (
+                    Pkcs11Config {
+                        pin_file: dir.path().join("missing-pin"),
+                        ..p.clone()
+                    },
+                    "identity.pkcs11.pin_file",
+                ),
+                (
+                    Pkcs11Config {
+                        pin_file: wrong_pin,
+                        key_label: "present".into(),
+                        ..p.clone()
+                    },
+                    "identity.pkcs11.pin_file",
+                ),
+                (
+                    Pkcs11Config {
+                        key_label: "absent".into(),
+                        ..p.clone()
+                    },
+                    "identity.pkcs11.key_label",
+                ),
+            ];
+            for (cfg, want) in cases {
+                let e = TokenKey::open(&cfg, None).unwrap_err();
+                assert_eq!(key_of(&e), want, "{e}");
+                let shown = format!("{e} {e:?}");
+                assert!(
+                    !shown.contains("5678") && !shown.contains("0000"),
+                    "{shown}"
+                );
+            }
+            // With [identity.ca], an absent key is generated, then reused.
+            let ca = Pkcs11Config {
+                key_label: "made-here".into(),
+                ..p.clone()
+            };
+            let made = TokenKey::open(&ca, Some(KeyType::EcdsaP256)).expect("generated");
+            let again = TokenKey::open(&ca, Some(KeyType::EcdsaP256)).expect("reopened");
+            assert_eq!(
+                keyproof_identity::keys::ExternalKey::spki_der(made.key()),
+                keyproof_identity::keys::ExternalKey::spki_der(again.key())
+            );
+        }
     }
 }

@@ -1103,6 +1103,30 @@ pub(crate) mod test_pki {
             }
         }
 
+        /// A chain for `path` certifying the key of `csr_pem` (a key the
+        /// test does not hold: one in a PKCS#11 token).
+        pub(crate) fn issue_for_csr(
+            &self,
+            path: &str,
+            csr_pem: &str,
+        ) -> Vec<CertificateDer<'static>> {
+            let der = keyproof_ca::csr::decode(csr_pem.as_bytes()).expect("CSR");
+            let key = keyproof_ca::csr::verify(&der).expect("CSR verifies");
+            let issued = self
+                .ca
+                .sign(
+                    &IssueRequest {
+                        spiffe_id: self.id(path),
+                        key,
+                        ttl: Duration::from_secs(3600),
+                        dns: Vec::new(),
+                    },
+                    "keyproof-proxy unit tests",
+                )
+                .expect("issue");
+            vec![issued.leaf, issued.intermediate]
+        }
+
         /// The identity for `path`, valid in both directions.
         pub(crate) fn identity(&self, path: &str) -> Identity {
             let s = self.issue(path);
