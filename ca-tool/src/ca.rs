@@ -128,6 +128,29 @@ pub enum CaError {
     /// The CA was opened without its signing key ([`Ca::open_public`]).
     #[error("the CA was opened without its signing key")]
     NoSigningKey,
+    /// A step failed after generating keys in a token, which keeps them.
+    #[error("{error} (keys generated in the token for this step are left there unused: {keys})")]
+    LeftInToken { error: Box<CaError>, keys: String },
+}
+
+/// Names the token keys a failed step generated (a token keeps every key it
+/// is given; the operator may delete them).
+pub(crate) fn left_in_token(error: CaError, made: &[&KeyLocation]) -> CaError {
+    let keys: Vec<String> = made
+        .iter()
+        .filter_map(|l| match l {
+            KeyLocation::Pkcs11(t) => Some(t.uri()),
+            _ => None,
+        })
+        .collect();
+    if keys.is_empty() {
+        error
+    } else {
+        CaError::LeftInToken {
+            error: Box::new(error),
+            keys: keys.join(", "),
+        }
+    }
 }
 
 /// Turns rcgen's error for a failed remote key into the token's own error.
@@ -523,6 +546,9 @@ fn resolved(path: &Path) -> Option<PathBuf> {
 /// the CA in `dir` (which need not exist yet): outside the CA directory,
 /// in an existing directory, and not there yet (a key is never replaced).
 pub(crate) fn check_offline_key_path(dir: &Path, flag: &str, path: &Path) -> Result<(), CaError> {
+    if is_stdout(path) {
+        return Ok(());
+    }
     let bad = |why: &str| CaError::KeyAccess(format!("--{flag} {}: {why}", path.display()));
     let inside = |ca_dir: &Path| {
         bad(&format!(
@@ -552,7 +578,14 @@ pub(crate) fn check_offline_key_path(dir: &Path, flag: &str, path: &Path) -> Res
     Ok(())
 }
 
-/// Writes an offline key to `path` (mode 0600), never replacing a file.
+/// `-` as an offline key path: the key goes to standard output (for a CA
+/// run through `kubectl exec`, whose image has no shell to copy a file out).
+pub fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Writes an offline key to `path` (mode 0600), never replacing a file, or
+/// as PEM to standard output for `-`.
 pub(crate) fn write_offline_key(flag: &str, path: &Path, key: &CaKey) -> Result<(), CaError> {
     let CaKey::File(k) = key else {
         return Err(CaError::KeyAccess(format!(
@@ -560,6 +593,14 @@ pub(crate) fn write_offline_key(flag: &str, path: &Path, key: &CaKey) -> Result<
         )));
     };
     let err = |e: std::io::Error| CaError::KeyAccess(format!("--{flag} {}: {e}", path.display()));
+    if is_stdout(path) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        return out
+            .write_all(k.serialize_pem().as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(err);
+    }
     fsutil::stage(path, k.serialize_pem().as_bytes(), SECRET)
         .and_then(|s| s.commit(path, false))
         .map_err(err)
@@ -738,7 +779,8 @@ impl Ca {
             &root.cert,
             &root.key,
             &keys.intermediate,
-        )?;
+        )
+        .map_err(|e| left_in_token(e, &[&root.location]))?;
         let state = CaState {
             version: 1,
             trust_domain: opts.trust_domain.to_string(),
@@ -752,9 +794,11 @@ impl Ca {
                 ..CaKeys::default()
             },
         };
+        let made = [&root.location, &int.location];
         let offline = match &keys.root {
             KeyHome::Offline(path) => {
-                write_offline_key("root-key-out", path, &root.key)?;
+                write_offline_key("root-key-out", path, &root.key)
+                    .map_err(|e| left_in_token(e, &made))?;
                 Some(path.clone())
             }
             _ => None,
@@ -762,9 +806,11 @@ impl Ca {
         let written = Ca::write_new(dir, existing, parent, &state, &root, &int);
         if let (Err(_), Some(path)) = (&written, &offline) {
             // The key of a CA that does not exist.
-            let _ = fs::remove_file(path);
+            if !is_stdout(path) {
+                let _ = fs::remove_file(path);
+            }
         }
-        written?;
+        written.map_err(|e| left_in_token(e, &made))?;
         Ca::open(dir)
     }
 

@@ -75,9 +75,9 @@ impl TokenKeyRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OfflineRef {
-    /// Where the key was written (on the machine that ran the command).
-    /// Only a reminder for error messages: it is never read unless given
-    /// again with `--root-key`.
+    /// Where the key was written (on the machine that ran the command), or
+    /// `(standard output)`. Only a reminder for error messages: it is never
+    /// read unless given again with `--root-key`.
     pub written_to: PathBuf,
 }
 
@@ -387,6 +387,11 @@ pub(crate) fn generate(home: &KeyHome, what: &str, kt: KeyType) -> Result<NewKey
             );
             let kid = key.public_kid();
             let location = match home {
+                KeyHome::Offline(p) if crate::ca::is_stdout(p) => {
+                    KeyLocation::Offline(OfflineRef {
+                        written_to: "(standard output)".into(),
+                    })
+                }
                 KeyHome::Offline(p) => KeyLocation::Offline(OfflineRef {
                     written_to: std::path::absolute(p).unwrap_or_else(|_| p.clone()),
                 }),

@@ -302,8 +302,9 @@ struct InitArgs {
     #[arg(long, value_name = "FILE", requires = "root_pkcs11_token")]
     root_pin_file: Option<PathBuf>,
     /// Write the root key to this file (mode 0600, outside --dir, never
-    /// replacing a file) instead of --dir/root.key: an offline root, needed
-    /// only by `rotate` (`rotate intermediate --root-key FILE`).
+    /// replacing a file; `-`: standard output) instead of --dir/root.key: an
+    /// offline root, needed only by `rotate` (`rotate intermediate
+    /// --root-key FILE`).
     #[arg(long, value_name = "FILE")]
     root_key_out: Option<PathBuf>,
 }
@@ -500,7 +501,8 @@ enum RootStep {
         intermediate_ttl: Duration,
         #[command(flatten)]
         keys: RootKeyArgs,
-        /// Write the new root key to this file (0600, outside --dir): needed
+        /// Write the new root key to this file (0600, outside --dir; `-`:
+        /// standard output, the messages then go to stderr): needed
         /// when the current root is offline, refused when it is in a token
         /// (the new one is made in the same token). For a root in --dir,
         /// it moves the new root offline.
@@ -593,19 +595,25 @@ fn init(a: InitArgs) -> Result<()> {
         CaError::Io { .. } => anyhow::Error::from(e).context(format!("--dir {}", a.dir.display())),
         e => e.into(),
     })?;
-    println!(
-        "created trust domain {} in {} ({}); root sha256 {}",
+    let locs = &ca.state().keys;
+    let msg = format!(
+        "created trust domain {} in {} ({}); root sha256 {}\nroot key: {}\nintermediate key: {}",
         ca.trust_domain(),
         a.dir.display(),
         key_type,
-        keyproof_identity::keys::fingerprint(ca.root())
+        keyproof_identity::keys::fingerprint(ca.root()),
+        locs.root.describe("root"),
+        locs.intermediate.describe("intermediate"),
     );
-    let locs = &ca.state().keys;
-    println!("root key: {}", locs.root.describe("root"));
-    println!(
-        "intermediate key: {}",
-        locs.intermediate.describe("intermediate")
-    );
+    // Standard output carries the root key with `--root-key-out -`.
+    if a.root_key_out
+        .as_deref()
+        .is_some_and(keyproof_ca::ca::is_stdout)
+    {
+        eprintln!("{msg}");
+    } else {
+        println!("{msg}");
+    }
     Ok(())
 }
 
@@ -902,8 +910,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::from(report.exit_code() as u8));
         }
         Command::Bundle(a) => {
-            // The bundle is public: no key is opened.
-            let ca = Ca::open_public(&a.dir)?;
+            // Opens the CA as `issue` does (a missing or unreadable
+            // intermediate key is an error here too), though only the
+            // public bundle is printed.
+            let ca = Ca::open(&a.dir)?;
             match a.format {
                 BundleFormat::Pem => print!("{}", ca.bundle_pem()),
                 BundleFormat::Spiffe => print!("{}", ca.bundle_spiffe_json()),
@@ -954,13 +964,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     root_key_out,
                 } => {
                     check_ca_ttls(root_ttl, intermediate_ttl)?;
-                    rotate::prepare(
+                    let msg = rotate::prepare(
                         &dir,
                         root_ttl,
                         intermediate_ttl,
                         &keys.access(None),
                         root_key_out.as_deref(),
-                    )?
+                    )?;
+                    // Standard output carries the new root key.
+                    if root_key_out
+                        .as_deref()
+                        .is_some_and(keyproof_ca::ca::is_stdout)
+                    {
+                        eprintln!("{msg}");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    msg
                 }
                 RootStep::Activate { dir, pin } => rotate::activate(&dir, &pin.access())?,
                 RootStep::Finish { dir, force } => rotate::finish(&dir, force)?,

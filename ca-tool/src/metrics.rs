@@ -24,8 +24,9 @@
 //!   `spiffe_sequence`. `trust_domain` is the bare name
 //!   (`prod.example.com`), as on the sidecars' `keyproof_trust_bundle_*`
 //!   metrics: sequences of different CAs are not comparable.
-//! - `keyproof_ca_ready`: 1 while `GET /ready` would answer 200 (CA loaded, its key signing,
-//!   ledger writable), 0 otherwise; updated at every scrape.
+//! - `keyproof_ca_ready`: 1 while `GET /ready` would answer 200 (CA loaded,
+//!   its intermediate key signing, ledger writable), 0 otherwise; updated at
+//!   every scrape.
 //! - `keyproof_ca_rotation_stage{stage}`: 1 for the current root-rotation
 //!   stage (`idle`, `prepared`, `activated`), 0 for the others.
 //! - `keyproof_ca_jwks_keys`, `keyproof_ca_jwks_reloads_total{result}`:
@@ -215,7 +216,7 @@ impl CaMetrics {
         .expect("valid metric");
         let ready = IntGauge::new(
             "keyproof_ca_ready",
-            "1 while the CA is ready (CA directory loaded, ledger writable): what GET /ready answers",
+            "1 while the CA is ready (CA directory loaded, its key signing, ledger writable): what GET /ready answers",
         )
         .expect("valid metric");
         let rotation_stage = IntGaugeVec::new(

@@ -10,6 +10,16 @@
 //! 2. `activate`: issuance moves to the new chain; bundle unchanged.
 //! 3. `finish`: bundle = new root only; refused while the ledger holds
 //!    unexpired certificates from the old root (unless forced).
+//!
+//! Keys (see [`crate::cakey`]): a new key is made where the one it replaces
+//! lives: in the directory, or in the same token under a new label. An
+//! offline root's successor goes to the file `prepare` is given
+//! (`--root-key-out`), and `rotate intermediate` takes an offline root from
+//! `--root-key`. Only `rotate intermediate` needs the current root key;
+//! `prepare` needs none of the current keys (the new root signs the new
+//! intermediate), `activate` checks the prepared intermediate key signs,
+//! `finish` needs no key. Retired keys in a token stay there, named in a
+//! note in `archive/`.
 
 use std::fs;
 use std::path::Path;
@@ -20,22 +30,36 @@ use time::OffsetDateTime;
 
 use crate::bundle;
 use crate::ca::{
-    self, check_ca_lifetimes, check_offline_key_path, files, first_cert, io_err, new_intermediate,
-    new_root, open_key, write_offline_key, write_pair, write_state, Ca, CaError, Lifetime,
-    RotationStage,
+    self, check_ca_lifetimes, check_offline_key_path, files, first_cert, io_err, left_in_token,
+    new_intermediate, new_root, open_key, write_offline_key, write_pair, write_state, Ca, CaError,
+    Lifetime, RotationStage,
 };
 use crate::cakey::{KeyAccess, KeyHome, KeyLocation};
 use crate::fsutil::{self, PUBLIC};
 use crate::ledger;
+
+/// A name in `archive/` for `name` that nothing has taken: prefixed with the
+/// time in nanoseconds (not [`ca::now`], which is whole seconds: two steps
+/// in the same second must not overwrite each other's archive).
+fn archive_path(dir: &Path, name: &str) -> Result<std::path::PathBuf, CaError> {
+    let adir = dir.join(files::ARCHIVE);
+    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
+    let mut t = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    loop {
+        let dst = adir.join(format!("{t}-{name}"));
+        if fs::symlink_metadata(&dst).is_err() {
+            return Ok(dst);
+        }
+        t += 1;
+    }
+}
 
 fn archive(dir: &Path, name: &str) -> Result<(), CaError> {
     let src = dir.join(name);
     if !src.exists() {
         return Ok(());
     }
-    let adir = dir.join(files::ARCHIVE);
-    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
-    let dst = adir.join(format!("{}-{name}", ca::now().unix_timestamp_nanos()));
+    let dst = archive_path(dir, name)?;
     fs::copy(&src, &dst).map_err(io_err(&dst))?;
     Ok(())
 }
@@ -61,13 +85,7 @@ fn archive_key(dir: &Path, stem: &str, loc: &KeyLocation) -> Result<(), CaError>
             o.written_to.display()
         ),
     };
-    let adir = dir.join(files::ARCHIVE);
-    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
-    let path = adir.join(format!(
-        "{}-{stem}.key.{}.json",
-        ca::now().unix_timestamp_nanos(),
-        loc.kind()
-    ));
+    let path = archive_path(dir, &format!("{stem}.key.{}.json", loc.kind()))?;
     let body = serde_json::json!({
         "key": stem,
         "location": loc,
@@ -123,14 +141,18 @@ pub fn intermediate(dir: &Path, ttl: Duration, access: &KeyAccess) -> Result<Str
         &home,
     )?;
     let old = ca.state().keys.intermediate.clone();
-    archive(dir, files::INT_CRT)?;
-    archive_key(dir, "intermediate", &old)?;
-    write_pair(dir, "intermediate", &int)?;
-    if int.location != old {
-        let mut state = ca.state().clone();
-        state.keys.intermediate = int.location.clone();
-        write_state(dir, &state)?;
-    }
+    let install = || -> Result<(), CaError> {
+        archive(dir, files::INT_CRT)?;
+        archive_key(dir, "intermediate", &old)?;
+        write_pair(dir, "intermediate", &int)?;
+        if int.location != old {
+            let mut state = ca.state().clone();
+            state.keys.intermediate = int.location.clone();
+            write_state(dir, &state)?;
+        }
+        Ok(())
+    };
+    install().map_err(|e| left_in_token(e, &[&int.location]))?;
     Ok(format!(
         "new intermediate {} valid until {} (key: {}); the bundle is unchanged",
         keys::fingerprint(&int.cert),
@@ -188,14 +210,8 @@ pub fn prepare(
         &root.cert,
         &root.key,
         &int_home,
-    )?;
-    if let KeyHome::Offline(path) = &root_home {
-        write_offline_key("root-key-out", path, &root.key)?;
-    }
-    let next = dir.join(files::NEXT);
-    fs::create_dir_all(&next).map_err(io_err(&next))?;
-    write_pair(&next, "root", &root)?;
-    write_pair(&next, "intermediate", &int)?;
+    )
+    .map_err(|e| left_in_token(e, &[&root.location]))?;
     let mut state = ca.state().clone();
     state.spiffe_sequence += 1;
     state.rotation = RotationStage::Prepared;
@@ -203,8 +219,18 @@ pub fn prepare(
     state.keys.next_intermediate = int.location.clone();
     let mut roots = ca.bundle().to_vec();
     roots.push(root.cert.clone());
-    bundle::write(dir, state.bundle_meta(), &roots)?;
-    write_state(dir, &state)?;
+    let install = || -> Result<(), CaError> {
+        if let KeyHome::Offline(path) = &root_home {
+            write_offline_key("root-key-out", path, &root.key)?;
+        }
+        let next = dir.join(files::NEXT);
+        fs::create_dir_all(&next).map_err(io_err(&next))?;
+        write_pair(&next, "root", &root)?;
+        write_pair(&next, "intermediate", &int)?;
+        bundle::write(dir, state.bundle_meta(), &roots)?;
+        write_state(dir, &state)
+    };
+    install().map_err(|e| left_in_token(e, &[&root.location, &int.location]))?;
     Ok(format!(
         "prepared: the bundle now holds {} roots (spiffe_sequence {}); issuance stays on the old chain.\n\
          New root key: {}; new intermediate key: {}.\n\

@@ -1092,6 +1092,9 @@ pub async fn run(
         .clone()
         .map(SaAttestor::new)
         .transpose()?;
+    let metrics = CaMetrics::new(attestor.is_some());
+    // Before the first signature, so that it is counted too.
+    watch_key(&ca, &metrics);
     let verifier: SharedVerifier = Arc::new(ArcSwap::from_pointee(verifier_for(&ca)?));
     let (ck, renew_in, own_not_after) = own_cert(&ca, &opts)?;
     let own = Arc::new(OwnCert(ArcSwap::from_pointee(ck)));
@@ -1126,8 +1129,6 @@ pub async fn run(
     );
     let mut tokens = TokenStore::default();
     tokens.refresh(&opts.dir)?;
-    let metrics = CaMetrics::new(attestor.is_some());
-    watch_key(&ca, &metrics);
     if let Some(k) = ca.intermediate_key().and_then(|k| k.pkcs11()) {
         tracing::info!(key = %k.uri(), "the intermediate key is in a PKCS#11 token");
     }
