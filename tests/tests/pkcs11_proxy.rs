@@ -506,6 +506,46 @@ fn ca_identity_generates_the_key_in_the_token_and_renews_with_it() {
         inb.metrics(),
         logs()
     );
+
+    // The token is away when the next renewal is due: the CSR cannot be
+    // signed, the renewal fails as `key_unavailable`, and the sidecar does
+    // not fall back to a key of its own. Back before the certificate
+    // lapses (10 s, renewed at about 7 s, retried after 1 s), the retry
+    // renews with the token key.
+    let away = hsm.remove_token("api-token");
+    let unavailable = || {
+        inb.sample(
+            "keyproof_identity_renewals_total",
+            &[("result", "key_unavailable")],
+        )
+    };
+    wait_until(
+        "a renewal refused for want of the key",
+        Duration::from_secs(12),
+        || unavailable() >= 1.0,
+    );
+    assert_eq!(
+        http_get(in_admin, "/ready").map(|r| r.0).ok(),
+        Some(503),
+        "ready while the token is away"
+    );
+    let before = renewed();
+    away.put_back();
+    wait_until(
+        "a renewal once the token is back",
+        Duration::from_secs(8),
+        || renewed() > before,
+    );
+    wait_until("/ready 200", Duration::from_secs(5), || {
+        matches!(http_get(in_admin, "/ready"), Ok((200, _)))
+    });
+    assert_key_location(&inb, "pkcs11", Some(&uri("api-token", "api")));
+    assert_eq!(
+        presented_pubkey(in_addr, &c_crt, &c_key),
+        token_pub,
+        "after the outage the certificate is not for the token key"
+    );
+    assert_eq!(hsm.private_keys(&token), vec!["api".to_owned()]);
     assert_no_pin(&inb, &["4444-api"]);
     // No key file next to the config: only the CA's own (a file CA here)
     // and the test client's.
