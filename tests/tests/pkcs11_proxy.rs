@@ -961,6 +961,10 @@ fn ed25519_token_keys_carry_handshakes_and_step_up() {
     }
     assert_key_location(&inb, "pkcs11", Some(&uri("mesh-token", "api")));
     assert_key_location(&out, "pkcs11", Some(&uri("mesh-token", "web")));
+    for admin in [in_admin, out_admin] {
+        let id = identity(admin);
+        assert_eq!(id["key"]["key_type"].as_str(), Some("ed25519"), "{id}");
+    }
 }
 
 #[test]
