@@ -1057,3 +1057,52 @@ fn a_removed_token_stops_step_up_signatures_on_an_open_connection_and_recovers()
     assert!(verified() > v_before, "{}", inb.metrics());
     assert_no_pin(&out, &["8181-web"]);
 }
+
+#[test]
+fn a_token_lost_without_traffic_is_noticed_by_the_probe() {
+    let Some(hsm) = SoftHsm::new("a_token_lost_without_traffic") else {
+        return;
+    };
+    let pki = Pki::new(TD);
+    let token = hsm.init_token("api-token", "9191-api");
+    let key = hsm.keygen(&token, "api", "EC:prime256v1");
+    let cert = softhsm::certify(&hsm, &pki, "api", API, &key);
+    let pin = hsm.pin_file("api.pin", &token.pin);
+    let (conf_k, conf_v) = hsm.env();
+    let app = EchoApp::start();
+    let (in_addr, in_admin) = (addr(), addr());
+    let inb = ProxyProc::start_env(
+        pki.tmp.path(),
+        "in",
+        &inbound_toml(
+            &files_token_identity(&pki, &cert, &token, "api", &pin),
+            in_addr,
+            app.addr,
+            in_admin,
+        ),
+        in_admin,
+        &[(conf_k, conf_v.as_path())],
+    );
+    let away = hsm.remove_token("api-token");
+    // No handshake asks for a signature: the probe (every 10 s while the
+    // key works) is what notices.
+    wait_until("/ready 503 from the probe", Duration::from_secs(13), || {
+        matches!(http_get(in_admin, "/ready"), Ok((503, _)))
+    });
+    assert!(key_ops(&inb, "failed") >= 1.0, "{}", inb.metrics());
+    assert_eq!(
+        identity(in_admin)["key"]["available"].as_bool(),
+        Some(false)
+    );
+    away.put_back();
+    wait_until("/ready 200 from the probe", Duration::from_secs(5), || {
+        matches!(http_get(in_admin, "/ready"), Ok((200, _)))
+    });
+    let peer = pki.issue("peer", "/ns/default/sa/peer");
+    assert_eq!(
+        curl_mtls(in_addr, &pki, &peer, "/after", &[]).0,
+        200,
+        "{}",
+        inb.log_text()
+    );
+}
