@@ -1042,6 +1042,14 @@ fn a_removed_token_stops_step_up_signatures_on_an_open_connection_and_recovers()
     // The plain route on the open connection needs no signature.
     let (code, body) = get_via(out_addr, AUTHORITY, "/plain");
     assert_eq!(code, 200, "{body}\n{}", logs());
+    // A new mesh connection needs the outbound's client CertificateVerify.
+    let (code, body) = get_via(out_addr, LATE, "/plain");
+    assert_ne!(
+        code,
+        200,
+        "a new connection without the client's token: {body}\n{}",
+        logs()
+    );
     assert_eq!(verified(), v_before, "{}", inb.metrics());
     wait_until("the outbound's /ready 503", Duration::from_secs(5), || {
         matches!(http_get(out_admin, "/ready"), Ok((503, _)))
@@ -1055,6 +1063,11 @@ fn a_removed_token_stops_step_up_signatures_on_an_open_connection_and_recovers()
     let (code, body) = post();
     assert_eq!(code, 200, "{body}\n{}", logs());
     assert!(verified() > v_before, "{}", inb.metrics());
+    wait_until(
+        "a new mesh connection once the token is back",
+        Duration::from_secs(5),
+        || get_via(out_addr, LATE, "/plain").0 == 200,
+    );
     assert_no_pin(&out, &["8181-web"]);
 }
 
