@@ -28,6 +28,12 @@ pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// The Security Officer PIN of every test token (only token set-up uses it).
 const SO_PIN: &str = "5o-pin-1234";
 
+/// A number unique in this process, for scratch file names.
+fn unique() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One SoftHSM2 installation: a configuration file and a token directory.
 pub struct SoftHsm {
     tmp: tempfile::TempDir,
@@ -230,7 +236,7 @@ impl SoftHsm {
     /// labelled `label` in `token`, or `None`
     /// when the token holds no such public key.
     pub fn public_key(&self, token: &Token, label: &str) -> Option<Vec<u8>> {
-        let out = self.path(&format!("pub-{}.der", crate::free_port()));
+        let out = self.path(&format!("pub-{}.der", unique()));
         let st = self
             .pkcs11_tool(token)
             .args(["--read-object", "--type", "pubkey", "--label", label, "-o"])
@@ -335,7 +341,7 @@ impl SoftHsm {
     /// by `pkcs11-tool` (SoftHSM2 has `CKM_ECDSA` only: the digest is made
     /// here).
     pub fn sign_der(&self, key: &TokenKey, msg: &[u8]) -> Vec<u8> {
-        let n = crate::free_port();
+        let n = unique();
         let (input, output) = (
             self.path(&format!("tbs-{n}")),
             self.path(&format!("sig-{n}")),
