@@ -5,16 +5,18 @@
 #   ./test.sh
 #
 # On a fresh Debian machine with only the Rust toolchain, run it as root: it
-# installs openssl, curl, prometheus (with promtool), yamllint, nginx, and for
-# the transparent-mesh tests iptables, iproute2, tcpdump, PostgreSQL and stunnel, from
-# apt; checkov and kubernetes-validate in a venv at /opt/keyproof-ci (linked
+# installs openssl, curl, prometheus (with promtool), yamllint, nginx, for
+# the transparent-mesh tests iptables, iproute2, tcpdump, PostgreSQL and stunnel,
+# and for the PKCS#11 tests SoftHSM2 and OpenSC's pkcs11-tool (softhsm2,
+# opensc), from apt; checkov and kubernetes-validate in a venv at /opt/keyproof-ci (linked
 # into /usr/local/bin); http-message-signatures and pyOpenSSL in a venv at
 # /opt/keyproof-interop (the independent RFC 9421 implementation the step-up
 # interop tests sign and verify with); and cargo-fuzz. Whatever is already
 # there is left alone, so later runs install nothing and need no root.
 #
 # With `CI` set, a deploy/ check whose tool is missing fails instead of
-# printing a notice and skipping (tests/tests/deploy_checks.rs). kubectl is
+# printing a notice and skipping (tests/tests/deploy_checks.rs), and so do
+# the PKCS#11 tests without SoftHSM2 (tests/tests/pkcs11_*.rs). kubectl is
 # not installed here (it is not in Debian's archive): without it the
 # kustomize check is skipped, or fails when `CI` is set.
 #
@@ -27,7 +29,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Everything that needs installing is collected first, so that a run without
 # root can say in one message what is missing instead of failing half-way.
-apt_pkgs=(openssl curl prometheus yamllint nginx iptables iproute2 tcpdump postgresql postgresql-client stunnel4)
+apt_pkgs=(openssl curl prometheus yamllint nginx iptables iproute2 tcpdump postgresql postgresql-client stunnel4 softhsm2 opensc)
 missing_apt=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing_apt+=("$p"); done
 # Only for a machine that has less than the CI image: the venvs below need

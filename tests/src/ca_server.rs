@@ -37,6 +37,17 @@ impl CaServer {
 
     /// [`CaServer::start`] with the API on `port`.
     pub fn start_on(ca: &TestCa, port: u16, extra: &[&str]) -> CaServer {
+        Self::start_env(ca, port, extra, &[])
+    }
+
+    /// [`CaServer::start_on`] with extra environment variables for the
+    /// child (e.g. `SOFTHSM2_CONF` for a CA whose keys are in a token).
+    pub fn start_env(
+        ca: &TestCa,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &std::path::Path)],
+    ) -> CaServer {
         let admin = free_port();
         let log = ca.path(&format!("serve-{port}.log"));
         let child = cmd("keyproof-ca")
@@ -47,6 +58,7 @@ impl CaServer {
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin}"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()

@@ -14,6 +14,7 @@ pub mod load;
 pub mod netns;
 pub mod nginx;
 pub mod proxy_support;
+pub mod softhsm;
 pub mod stepup_caller;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

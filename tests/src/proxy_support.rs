@@ -296,6 +296,18 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
 impl ProxyProc {
     /// Writes `config` into `dir` and starts the proxy; waits for `/ready`.
     pub fn start(dir: &Path, name: &str, config: &str, admin: SocketAddr) -> ProxyProc {
+        Self::start_env(dir, name, config, admin, &[])
+    }
+
+    /// [`ProxyProc::start`] with extra environment variables for the child
+    /// (e.g. `SOFTHSM2_CONF` for a PKCS#11 module).
+    pub fn start_env(
+        dir: &Path,
+        name: &str,
+        config: &str,
+        admin: SocketAddr,
+        env: &[(&str, &Path)],
+    ) -> ProxyProc {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).expect("write config");
         let log = dir.join(format!("{name}.log"));
@@ -305,6 +317,7 @@ impl ProxyProc {
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(f.try_clone().expect("dup"))
             .stderr(f)
             .stdin(Stdio::null())
