@@ -27,7 +27,10 @@
 # usage: benches/pkcs11.sh
 #   env: ROUNDS (3), SECONDS_EACH (6), CONC (32: handshake_load clients),
 #        CONNS (32: wrk connections),
-#        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, `cargo build-proxy`),
+#        KEYPROOF_PROXY (target/release/keyproof-proxy, `cargo build --release -p keyproof-proxy`:
+#                        the dynamically linked build, because the static
+#                        `cargo build-proxy` refuses to load a PKCS#11 module;
+#                        both pairs run this same binary),
 #        HANDSHAKE_LOAD (target/x86_64-unknown-linux-gnu/release/handshake_load, else
 #                        target/release/handshake_load; built with
 #                        `cargo build --release -p keyproof-benches --bin handshake_load`),
@@ -36,7 +39,7 @@
 #   Needs softhsm2, opensc (pkcs11-tool), wrk, nginx, openssl, curl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
-keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
+keyproof=${KEYPROOF_PROXY:-$repo/target/release/keyproof-proxy}
 hl=${HANDSHAKE_LOAD:-$repo/target/x86_64-unknown-linux-gnu/release/handshake_load}
 [ -x "$hl" ] || hl=$repo/target/release/handshake_load
 ca=${CA:-$repo/target/debug/keyproof-ca}

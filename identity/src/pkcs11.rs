@@ -120,6 +120,16 @@ pub enum Pkcs11Error {
         /// The key label.
         label: String,
     },
+    /// Several private keys share the label: which one is meant is unknown.
+    #[error("PKCS#11 token {token:?}: {count} private keys are labelled {label:?}")]
+    Duplicate {
+        /// The token label.
+        token: String,
+        /// The key label.
+        label: String,
+        /// How many.
+        count: usize,
+    },
     /// A key with this label already exists (generation refuses to shadow it).
     #[error("PKCS#11 token {token:?}: a key labelled {label:?} already exists")]
     KeyExists {
@@ -182,7 +192,7 @@ impl Pkcs11Error {
             Pkcs11Error::Login { .. } => "login",
             Pkcs11Error::NoKey { .. } => "no_key",
             Pkcs11Error::KeyExists { .. } => "key_exists",
-            Pkcs11Error::BadKey { .. } => "bad_key",
+            Pkcs11Error::BadKey { .. } | Pkcs11Error::Duplicate { .. } => "bad_key",
             Pkcs11Error::Operation { .. } => "operation",
             Pkcs11Error::Busy { .. } => "busy",
             Pkcs11Error::Unavailable { .. } => "unavailable",
@@ -230,6 +240,8 @@ struct Inner {
     /// The public key as read when the key was first opened; a reopen that
     /// finds another key under the label is refused.
     spki: Vec<u8>,
+    /// The private key's CKA_ID, which a reopen looks for (empty: none).
+    id: Vec<u8>,
     available: AtomicBool,
     observer: RwLock<Option<Observer>>,
     state: Mutex<State>,
@@ -348,6 +360,9 @@ const MAX_IDLE_SESSIONS: usize = 8;
 /// Sessions open at once per key: tokens allow few (a TPM a handful, a
 /// smart card one or two), and past this a signer waits for one.
 const MAX_SESSIONS: usize = 16;
+/// How long a generator waits before it opens the key it settles on, so
+/// that generators racing on one label agree (see [`Pkcs11Key::generate`]).
+const GENERATION_SETTLE: Duration = Duration::from_millis(300);
 /// How long a signer waits for a session before it gives up (`busy`).
 const SESSION_WAIT: Duration = Duration::from_secs(2);
 
@@ -511,6 +526,47 @@ fn pin_digest(path: &Path) -> Option<[u8; 32]> {
     Some(sha256(&raw[..end]))
 }
 
+/// Whether `sig` (the raw form [`Pkcs11Key::sign_raw`] gives) is a
+/// signature of `msg` by the public key `spki`.
+fn verifies(kt: KeyType, spki: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED, ED25519};
+    let point = spki
+        .get(2 + kt.spki_algorithm_der().len() + 3..)
+        .unwrap_or_default();
+    match kt {
+        KeyType::EcdsaP256 => {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point).verify(msg, sig)
+        }
+        KeyType::Ed25519 => UnparsedPublicKey::new(&ED25519, point).verify(msg, sig),
+    }
+    .is_ok()
+}
+
+/// What `open` and every reopen sign and verify: the private key must be
+/// the pair of the public key read (a private key swapped under the label
+/// would otherwise sign every handshake wrongly while reported healthy).
+const PROOF: &[u8] = b"keyproof pkcs11 key proof";
+
+/// Which private key a label names when several share it.
+enum Pick {
+    /// Exactly one, or it is an error ([`Pkcs11Error::Duplicate`]).
+    Unique,
+    /// The one with the lowest CKA_ID: what racing generators agree on.
+    Lowest,
+    /// The one with this CKA_ID (the key opened before; empty: `Unique`).
+    Id(Vec<u8>),
+}
+
+/// A key found in an open token.
+struct Found {
+    open: Open,
+    session: Pooled,
+    key_type: KeyType,
+    spki: Vec<u8>,
+    /// The private key's CKA_ID (empty when it has none).
+    id: Vec<u8>,
+}
+
 /// The outcome of one signature attempt.
 enum Attempt {
     Signed(Vec<u8>),
@@ -535,30 +591,24 @@ impl TokenSpec {
     /// key does that only when `known` (the key was there before: a stale
     /// token shows no objects), never for a first open or a generation,
     /// which would cut every other key of the module off for nothing.
-    #[allow(clippy::type_complexity)]
-    fn open_key(
-        &self,
-        label: &str,
-        known: bool,
-    ) -> Result<(Open, Pooled, KeyType, Vec<u8>), Pkcs11Error> {
+    fn open_key(&self, label: &str, known: bool, pick: &Pick) -> Result<Found, Pkcs11Error> {
         let m = module(&self.module)?;
-        match self.open_key_on(&m, label) {
+        match self.open_key_on(&m, label, pick) {
             Ok(r) => Ok(r),
             Err(e @ (Pkcs11Error::Login { .. } | Pkcs11Error::PinFile { .. })) => Err(e),
-            Err(e @ (Pkcs11Error::NoKey { .. } | Pkcs11Error::BadKey { .. })) if !known => Err(e),
+            Err(
+                e @ (Pkcs11Error::NoKey { .. }
+                | Pkcs11Error::BadKey { .. }
+                | Pkcs11Error::Duplicate { .. }),
+            ) if !known => Err(e),
             Err(_) => {
                 m.reinitialize()?;
-                self.open_key_on(&m, label)
+                self.open_key_on(&m, label, pick)
             }
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn open_key_on(
-        &self,
-        m: &Arc<Module>,
-        label: &str,
-    ) -> Result<(Open, Pooled, KeyType, Vec<u8>), Pkcs11Error> {
+    fn open_key_on(&self, m: &Arc<Module>, label: &str, pick: &Pick) -> Result<Found, Pkcs11Error> {
         let _shared = m.shared();
         let slot = self
             .find_slot(&m.ctx)?
@@ -568,7 +618,7 @@ impl TokenSpec {
                 present,
             })?;
         let session = self.login(m, slot, false)?;
-        let (key, kt, spki) = match self.find_key(&session.session, label) {
+        let (key, kt, spki, id) = match self.find_key(&session.session, label, pick) {
             Ok(found) => found,
             Err(e) => {
                 let _ = session.session.close();
@@ -581,7 +631,13 @@ impl TokenSpec {
             slot,
             key,
         };
-        Ok((open, session, kt, spki))
+        Ok(Found {
+            open,
+            session,
+            key_type: kt,
+            spki,
+            id,
+        })
     }
 
     /// The slot holding the token, or the labels that are present.
@@ -649,6 +705,50 @@ impl TokenSpec {
         }
     }
 
+    /// Whether another private key labelled `label` has a lower CKA_ID than
+    /// ours (`id`): the rule every generator applies after generating.
+    fn lost_generation_race(
+        &self,
+        session: &Session,
+        label: &str,
+        id: &[u8],
+    ) -> Result<bool, Pkcs11Error> {
+        for k in self.private_keys(session, label)? {
+            // Destroyed meanwhile by another generator: not a contender.
+            let Ok(attrs) = session.get_attributes(k, &[AttributeType::Id]) else {
+                continue;
+            };
+            for a in attrs {
+                if let Attribute::Id(other) = a {
+                    if other.as_slice() < id {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Destroys the key pair with CKA_ID `id` in the token `key` is open
+    /// in (best effort: a failure leaves an unused key behind).
+    fn destroy_by_id(&self, key: &Pkcs11Key, id: &[u8]) {
+        let st = lock(&key.inner.state);
+        let Some(open) = st.open.clone() else {
+            return;
+        };
+        drop(st);
+        let _shared = open.module.shared();
+        let Ok(p) = open.module.session(open.slot, true) else {
+            return;
+        };
+        if let Ok(objects) = p.session.find_objects(&[Attribute::Id(id.to_vec())]) {
+            for o in objects {
+                let _ = p.session.destroy_object(o);
+            }
+        }
+        let _ = p.session.close();
+    }
+
     /// The private key objects labelled `label`.
     fn private_keys(
         &self,
@@ -665,17 +765,43 @@ impl TokenSpec {
 
     /// Finds the private key and reads its type and public key (from the
     /// public key object of the same label).
+    #[allow(clippy::type_complexity)]
     fn find_key(
         &self,
         session: &Session,
         label: &str,
-    ) -> Result<(ObjectHandle, KeyType, Vec<u8>), Pkcs11Error> {
+        pick: &Pick,
+    ) -> Result<(ObjectHandle, KeyType, Vec<u8>, Vec<u8>), Pkcs11Error> {
         let bad = |msg: String| Pkcs11Error::BadKey {
             token: self.token_label.clone(),
             label: label.to_owned(),
             msg,
         };
-        let keys = self.private_keys(session, label)?;
+        // Each candidate with its CKA_ID (an object destroyed meanwhile by
+        // a racing generator is skipped).
+        let mut keys: Vec<(ObjectHandle, Vec<u8>)> = Vec::new();
+        for k in self.private_keys(session, label)? {
+            let Ok(attrs) = session.get_attributes(k, &[AttributeType::Id]) else {
+                continue;
+            };
+            let id = attrs
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Id(v) => Some(v),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            keys.push((k, id));
+        }
+        if let Pick::Id(want) = pick {
+            if !want.is_empty() {
+                keys.retain(|(_, id)| id == want);
+            }
+        }
+        if keys.len() > 1 && matches!(pick, Pick::Lowest) {
+            keys.sort_by(|a, b| a.1.cmp(&b.1));
+            keys.truncate(1);
+        }
         let key = match keys.as_slice() {
             [] => {
                 return Err(Pkcs11Error::NoKey {
@@ -683,16 +809,31 @@ impl TokenSpec {
                     label: label.to_owned(),
                 })
             }
-            [one] => *one,
-            many => return Err(bad(format!("{} private keys share this label", many.len()))),
+            [(one, _)] => *one,
+            many => {
+                return Err(Pkcs11Error::Duplicate {
+                    token: self.token_label.clone(),
+                    label: label.to_owned(),
+                    count: many.len(),
+                })
+            }
         };
         // A key that could be copied out of the token is not what a
         // `pkcs11` location promises: refused, not reported as such.
         let guard = session
-            .get_attributes(key, &[AttributeType::Sensitive, AttributeType::Extractable])
+            .get_attributes(
+                key,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Id,
+                ],
+            )
             .map_err(|e| self.op_err("C_GetAttributeValue", &e))?;
+        let mut id = Vec::new();
         for a in guard {
             match a {
+                Attribute::Id(v) => id = v,
                 Attribute::Sensitive(false) => {
                     return Err(bad(
                         "the private key is not CKA_SENSITIVE: the token would reveal it".into(),
@@ -708,12 +849,33 @@ impl TokenSpec {
                 _ => {}
             }
         }
-        let publics = session
-            .find_objects(&[
+        // The public half: by the private key's CKA_ID (the pairing PKCS#11
+        // tools keep, and the only one where the two labels differ), else
+        // by the label. Whichever is found, `open` proves with a signature
+        // that it is the private key's pair.
+        let find = |attrs: &[Attribute]| {
+            session
+                .find_objects(attrs)
+                .map_err(|e| self.op_err("C_FindObjects", &e))
+        };
+        let private_id = id.clone();
+        let mut publics = Vec::new();
+        if !id.is_empty() {
+            publics = find(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Id(id.clone()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])?;
+            if publics.is_empty() {
+                publics = find(&[Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(id)])?;
+            }
+        }
+        if publics.is_empty() {
+            publics = find(&[
                 Attribute::Class(ObjectClass::PUBLIC_KEY),
                 Attribute::Label(label.as_bytes().to_vec()),
-            ])
-            .map_err(|e| self.op_err("C_FindObjects", &e))?;
+            ])?;
+        }
         let [public] = publics.as_slice() else {
             return Err(bad(format!(
                 "needs exactly one public key object with the same label, found {}",
@@ -763,7 +925,7 @@ impl TokenSpec {
                 point.len()
             ))
         })?;
-        Ok((key, kt, spki_for(kt, raw)))
+        Ok((key, kt, spki_for(kt, raw), private_id))
     }
 }
 
@@ -771,7 +933,17 @@ impl Pkcs11Key {
     /// Opens the private key labelled `key_label` (and its public key, same
     /// label) in the token of `spec`.
     pub fn open(spec: &TokenSpec, key_label: &str) -> Result<Pkcs11Key, Pkcs11Error> {
-        let (open, session, key_type, spki) = spec.open_key(key_label, false)?;
+        Pkcs11Key::open_with(spec, key_label, &Pick::Unique)
+    }
+
+    fn open_with(spec: &TokenSpec, key_label: &str, pick: &Pick) -> Result<Pkcs11Key, Pkcs11Error> {
+        let Found {
+            open,
+            session,
+            key_type,
+            spki,
+            id,
+        } = spec.open_key(key_label, false, pick)?;
         let state = State {
             open: Some(open),
             idle: vec![session],
@@ -787,22 +959,43 @@ impl Pkcs11Key {
                 label: key_label.to_owned(),
                 key_type,
                 spki,
+                id,
                 available: AtomicBool::new(true),
                 observer: RwLock::new(None),
                 state: Mutex::new(state),
                 returned: std::sync::Condvar::new(),
             }),
         };
-        // Prove the key signs now, so a key that cannot (no CKA_SIGN, a
-        // mechanism the token lacks) is a startup error, not a failed
-        // handshake later.
-        k.sign_raw(b"keyproof pkcs11 open")?;
+        // Prove the key signs now, and is the pair of the public key read,
+        // so a key that cannot (no CKA_SIGN, a mechanism the token lacks)
+        // or a mismatched pair is a startup error, not a failed handshake
+        // later.
+        let bad = |msg: String| Pkcs11Error::BadKey {
+            token: spec.token_label.clone(),
+            label: key_label.to_owned(),
+            msg,
+        };
+        let sig = k.sign_raw(PROOF).map_err(|e| match e {
+            Pkcs11Error::Operation { msg, .. } => bad(format!("cannot sign: {msg}")),
+            other => other,
+        })?;
+        if !verifies(k.inner.key_type, &k.inner.spki, PROOF, &sig) {
+            return Err(bad(
+                "the private key is not the pair of the public key object found for it".into(),
+            ));
+        }
         Ok(k)
     }
 
     /// Generates a new key pair of type `kt` in the token, labelled
     /// `key_label`: private key sensitive, not extractable, token object.
     /// Refuses ([`Pkcs11Error::KeyExists`]) when the label is taken.
+    ///
+    /// Two processes may generate under one label at once (an old and a
+    /// new pod of a rollout, sidecars sharing a network HSM). Each key gets
+    /// a random CKA_ID; after generating, a process that sees a key with a
+    /// lower CKA_ID destroys its own, and every generator opens, after a
+    /// short settle, the key with the lowest CKA_ID: they end on one key.
     pub fn generate(
         spec: &TokenSpec,
         key_label: &str,
@@ -810,9 +1003,9 @@ impl Pkcs11Key {
     ) -> Result<Pkcs11Key, Pkcs11Error> {
         // Open first: it finds the token (re-enumerating if needed) and
         // tells a taken label apart from a missing one.
-        let (m, slot) = match spec.open_key(key_label, false) {
-            Ok((open, session, _, _)) => {
-                open.module.close(vec![session]);
+        let (m, slot) = match spec.open_key(key_label, false, &Pick::Lowest) {
+            Ok(found) => {
+                found.open.module.close(vec![found.session]);
                 return Err(Pkcs11Error::KeyExists {
                     token: spec.token_label.clone(),
                     label: key_label.to_owned(),
@@ -845,7 +1038,15 @@ impl Pkcs11Key {
                 label: key_label.to_owned(),
             });
         }
-        let id = sha256(key_label.as_bytes())[..8].to_vec();
+        // A random CKA_ID: two processes generating under one label at once
+        // (an old and a new pod in a rollout) tell their keys apart by it,
+        // and all agree to keep the one with the lowest.
+        let mut id = vec![0u8; 16];
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| Pkcs11Error::Operation {
+            token: spec.token_label.clone(),
+            op: "random",
+            msg: "no randomness for CKA_ID".into(),
+        })?;
         let label = Attribute::Label(key_label.as_bytes().to_vec());
         let private = [
             Attribute::Token(true),
@@ -876,10 +1077,33 @@ impl Pkcs11Key {
                     )
                 }),
         };
+        let generated = match generated {
+            Ok(handles) => handles,
+            Err(e) => {
+                let _ = pooled.session.close();
+                return Err(spec.op_err("C_GenerateKeyPair", &e));
+            }
+        };
+        let lost = spec.lost_generation_race(session, key_label, &id);
+        if let Ok(true) = lost {
+            // Another process generated under this label at the same time
+            // and its key wins: ours goes, and theirs is opened below.
+            let _ = session.destroy_object(generated.1);
+            let _ = session.destroy_object(generated.0);
+        }
         let _ = pooled.session.close();
-        generated.map_err(|e| spec.op_err("C_GenerateKeyPair", &e))?;
+        lost?;
         drop(shared);
-        Pkcs11Key::open(spec, key_label)
+        // Generators that started together all see each other's keys by
+        // now, and all open the lowest: one key for every one of them.
+        std::thread::sleep(GENERATION_SETTLE);
+        let key = Pkcs11Key::open_with(spec, key_label, &Pick::Lowest)?;
+        if key.inner.id != id {
+            // Another generator's key won after ours was checked: ours is
+            // garbage now (best effort; a leftover is never picked).
+            spec.destroy_by_id(&key, &id);
+        }
+        Ok(key)
     }
 
     /// [`Pkcs11Key::open`], or [`Pkcs11Key::generate`] when no key has this
@@ -889,11 +1113,28 @@ impl Pkcs11Key {
         key_label: &str,
         kt: KeyType,
     ) -> Result<(Pkcs11Key, bool), Pkcs11Error> {
-        match Pkcs11Key::open(spec, key_label) {
+        match Pkcs11Key::open_with(spec, key_label, &Pick::Lowest) {
             Ok(k) => Ok((k, false)),
-            Err(Pkcs11Error::NoKey { .. }) => {
-                Pkcs11Key::generate(spec, key_label, kt).map(|k| (k, true))
-            }
+            Err(Pkcs11Error::NoKey { .. }) => match Pkcs11Key::generate(spec, key_label, kt) {
+                Ok(k) => Ok((k, true)),
+                // Another process generated it in between: use that one.
+                Err(Pkcs11Error::KeyExists { .. } | Pkcs11Error::Duplicate { .. }) => {
+                    Pkcs11Key::open_with(spec, key_label, &Pick::Lowest).map(|k| (k, false))
+                }
+                // A token busy with another generator may refuse one
+                // (SoftHSM2 does): that one's key, or one more try.
+                Err(Pkcs11Error::Operation { .. }) => {
+                    std::thread::sleep(GENERATION_SETTLE);
+                    match Pkcs11Key::open_with(spec, key_label, &Pick::Lowest) {
+                        Ok(k) => Ok((k, false)),
+                        Err(Pkcs11Error::NoKey { .. }) => {
+                            Pkcs11Key::generate(spec, key_label, kt).map(|k| (k, true))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         }
     }
@@ -1199,16 +1440,43 @@ impl Pkcs11Key {
     /// Opens the token and finds the key again; it must be the same key.
     fn reopen(&self) -> Result<(Open, Pooled), Pkcs11Error> {
         let spec = &self.inner.spec;
-        let (open, session, _, spki) = spec.open_key(&self.inner.label, true)?;
+        let Found {
+            open,
+            session,
+            spki,
+            ..
+        } = spec.open_key(&self.inner.label, true, &Pick::Id(self.inner.id.clone()))?;
+        let bad = |msg: &str| Pkcs11Error::BadKey {
+            token: spec.token_label.clone(),
+            label: self.inner.label.clone(),
+            msg: msg.into(),
+        };
         if spki != self.inner.spki {
             open.module.close(vec![session]);
-            return Err(Pkcs11Error::BadKey {
-                token: spec.token_label.clone(),
-                label: self.inner.label.clone(),
-                msg: "the key under this label is no longer the one opened at startup".into(),
-            });
+            return Err(bad(
+                "the key under this label is no longer the one opened at startup",
+            ));
         }
-        Ok((open, session))
+        match self.sign_on(&session, &open, PROOF) {
+            Attempt::Signed(sig) if verifies(self.inner.key_type, &spki, PROOF, &sig) => {
+                Ok((open, session))
+            }
+            Attempt::Signed(_) => {
+                open.module.close(vec![session]);
+                Err(bad(
+                    "the private key under this label is no longer the pair of the one opened \
+                     at startup",
+                ))
+            }
+            Attempt::Stale => {
+                open.module.close(vec![session]);
+                Err(bad("the module was re-initialised while reopening"))
+            }
+            Attempt::Failed(e) => {
+                open.module.close(vec![session]);
+                Err(e)
+            }
+        }
     }
 
     /// As [`Pkcs11Key::sign_raw`], ECDSA as a DER `ECDSA-Sig-Value` (the
@@ -1367,8 +1635,9 @@ mod tests {
 
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
     const PIN: &str = "5678";
-    const TOKENS: [&str; 8] = [
+    const TOKENS: [&str; 10] = [
         "t-files", "t-gen", "t-errors", "t-remove", "t-rcgen", "t-stress", "t-other", "t-pin",
+        "t-swap", "t-race",
     ];
 
     struct Hsm {
@@ -1726,5 +1995,81 @@ mod tests {
         std::thread::sleep(REOPEN_INTERVAL + Duration::from_millis(100));
         key.probe().unwrap();
         assert!(key.is_available());
+    }
+
+    /// A private key swapped under the label (public object left behind)
+    /// is refused at open: it would sign every handshake wrongly.
+    #[test]
+    fn a_private_key_that_is_not_the_public_keys_pair_is_refused() {
+        let Some(h) = hsm() else { return };
+        let tool = |args: &[&str]| {
+            let out = Command::new("pkcs11-tool")
+                .args([
+                    "--module",
+                    MODULE,
+                    "--token-label",
+                    "t-swap",
+                    "--login",
+                    "--pin",
+                    PIN,
+                ])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        tool(&[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "sw",
+        ]);
+        tool(&["--delete-object", "--type", "privkey", "--label", "sw"]);
+        let other = KeyType::EcdsaP256.generate().unwrap();
+        let p8 = h.dir.join("other.p8");
+        std::fs::write(&p8, other.serialize_der()).unwrap();
+        tool(&[
+            "--write-object",
+            p8.to_str().unwrap(),
+            "--type",
+            "privkey",
+            "--label",
+            "sw",
+            "--usage-sign",
+        ]);
+        let e = Pkcs11Key::open(&spec(h, "t-swap"), "sw").unwrap_err();
+        assert_eq!(e.reason(), "bad_key", "{e}");
+        assert!(e.to_string().contains("not the pair"), "{e}");
+    }
+
+    /// Generators racing on one label end with one key, which all of them
+    /// open.
+    #[test]
+    fn concurrent_generation_under_one_label_keeps_one_key() {
+        let Some(h) = hsm() else { return };
+        let s = spec(h, "t-race");
+        // Collected first: all four run at once.
+        #[allow(clippy::needless_collect)]
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    Pkcs11Key::open_or_generate(&s, "shared", KeyType::EcdsaP256)
+                        .map(|(k, _)| k.spki_der().to_vec())
+                })
+            })
+            .collect();
+        let spkis: Vec<_> = workers
+            .into_iter()
+            .map(|w| w.join().unwrap().unwrap())
+            .collect();
+        assert!(spkis.windows(2).all(|w| w[0] == w[1]));
+        let key = Pkcs11Key::open(&s, "shared").unwrap();
+        assert_eq!(key.spki_der(), spkis[0].as_slice());
     }
 }
