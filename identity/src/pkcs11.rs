@@ -1534,6 +1534,20 @@ fn pct(s: &str) -> String {
     out
 }
 
+/// What a TLS handshake fails with when our own token key could not sign
+/// its CertificateVerify: carried in `rustls::Error::Other`, so that the
+/// refusal is told apart from a peer's fault.
+#[derive(Debug)]
+pub struct OwnKeyFailed(pub Pkcs11Error);
+
+impl fmt::Display for OwnKeyFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "our private key could not sign: {}", self.0)
+    }
+}
+
+impl std::error::Error for OwnKeyFailed {}
+
 /// rustls' view of a token key.
 #[derive(Debug)]
 struct TlsKey(Pkcs11Key);
@@ -1580,7 +1594,7 @@ impl rustls::sign::Signer for TlsSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         self.key
             .sign_der(message)
-            .map_err(|e| rustls::Error::General(e.to_string()))
+            .map_err(|e| rustls::Error::Other(rustls::OtherError(Arc::new(OwnKeyFailed(e)))))
     }
 
     fn scheme(&self) -> SignatureScheme {

@@ -702,6 +702,18 @@ pub fn classify(err: &io::Error) -> HandshakeFailure {
             peer_id: None,
             chain_verified: false,
         },
+        Some(rustls::Error::Other(OtherError(inner)))
+            if inner
+                .downcast_ref::<keyproof_identity::pkcs11::OwnKeyFailed>()
+                .is_some() =>
+        {
+            HandshakeFailure {
+                reason: "key_unavailable",
+                message: inner.to_string(),
+                peer_id: None,
+                chain_verified: false,
+            }
+        }
         Some(other) => HandshakeFailure {
             reason: "protocol",
             message: other.to_string(),
@@ -2003,6 +2015,18 @@ mod tests {
             (
                 io::Error::new(io::ErrorKind::UnexpectedEof, "eof"),
                 "protocol",
+            ),
+            // Our own token key could not sign: ours, not the peer's.
+            (
+                io_err(rustls::Error::Other(OtherError(Arc::new(
+                    keyproof_identity::pkcs11::OwnKeyFailed(
+                        keyproof_identity::pkcs11::Pkcs11Error::Unavailable {
+                            token: "t".into(),
+                            last: "removed".into(),
+                        },
+                    ),
+                )))),
+                "key_unavailable",
             ),
         ];
         let mut seen = BTreeSet::new();

@@ -73,6 +73,39 @@ use crate::inbound::tunnel::{Caller, TunnelLimits, Tunnels};
 use crate::listener::{ConnGuards, HandshakeGate};
 use crate::metrics::{DirectionMetrics, Metrics};
 
+/// Throttles the log line for handshakes our own key could not sign.
+static OWN_KEY_LOG: LogEvery = LogEvery::new(10);
+
+/// "At most once every N seconds", lock-free: for a log line that would
+/// otherwise repeat once per connection during an outage.
+struct LogEvery {
+    secs: u64,
+    last: AtomicU64,
+}
+
+impl LogEvery {
+    const fn new(secs: u64) -> LogEvery {
+        LogEvery {
+            secs,
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to log now (and if so, not again for `secs`).
+    fn due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Relaxed);
+        now >= last.saturating_add(self.secs)
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
 fn ready(resp: Response<ProxyBody>) -> ResponseFuture<'static> {
     Box::pin(std::future::ready(resp))
 }
@@ -276,7 +309,13 @@ impl Inbound {
             Ok(Err(e)) => {
                 let f = store::classify(&e);
                 self.metrics.handshake(f.reason);
-                tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
+                if f.reason != "key_unavailable" {
+                    tracing::warn!(peer = %remote, reason = f.reason, peer_id = f.peer_id.as_deref(), error = %f.message, "inbound TLS handshake refused");
+                } else if OWN_KEY_LOG.due() {
+                    // One line per outage window, not one per handshake: the
+                    // token is ours, `/ready` and the metrics say the rest.
+                    tracing::warn!(reason = f.reason, error = %f.message, "inbound TLS handshakes refused: our key's token cannot sign (logged at most every 10 s)");
+                }
                 // A certificate of ours whose holder failed (no proof of
                 // possession...) raises that identity's risk; one that did
                 // not chain to the bundle names whoever its maker wished.
