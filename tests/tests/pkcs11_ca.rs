@@ -314,7 +314,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     no_key_files(&ca, "after prepare");
     wait_until(
         "both sidecars to trust both roots",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || roots(in_admin) == 2 && roots(out_admin) == 2,
     );
     through("prepared", &client0);
@@ -329,7 +329,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     let on_new = |admin| identity(admin)["chain"][1]["sha256"].as_str() == Some(new_int.as_str());
     wait_until(
         "both sidecars to renew on the new chain",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || on_new(in_admin) && on_new(out_admin),
     );
     let client1 = issue(&hsm, &ca, "client1", "/ns/default/sa/peer");
@@ -338,7 +338,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     run_ok(ca_cmd(&hsm, &["rotate", "root", "finish", "--force"]).args(dir_args(&ca.dir)));
     wait_until(
         "both sidecars to drop the old root",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || roots(in_admin) == 1 && roots(out_admin) == 1,
     );
     through("finished", &client1);
@@ -357,7 +357,7 @@ fn a_ca_in_a_token_issues_serves_and_rotates_with_no_key_file() {
     openssl_verify(&ca, &client2.0).expect("a leaf of the rotated intermediate");
     wait_until(
         "a renewal from the rotated intermediate",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || identity(in_admin)["chain"][1]["sha256"].as_str() == Some(int3.as_str()),
     );
     through("intermediate-rotated", &client2);
