@@ -610,13 +610,7 @@ impl TokenSpec {
 
     fn open_key_on(&self, m: &Arc<Module>, label: &str, pick: &Pick) -> Result<Found, Pkcs11Error> {
         let _shared = m.shared();
-        let slot = self
-            .find_slot(&m.ctx)?
-            .map_err(|present| Pkcs11Error::NoToken {
-                token: self.token_label.clone(),
-                module: self.module.display().to_string(),
-                present,
-            })?;
+        let slot = self.slot(&m.ctx)?;
         let session = self.login(m, slot, false)?;
         let (key, kt, spki, id) = match self.find_key(&session.session, label, pick) {
             Ok(found) => found,
@@ -638,6 +632,17 @@ impl TokenSpec {
             spki,
             id,
         })
+    }
+
+    /// The slot holding the token ([`Pkcs11Error::NoToken`] listing the
+    /// labels present otherwise); the caller holds the module's gate shared.
+    fn slot(&self, ctx: &Pkcs11) -> Result<Slot, Pkcs11Error> {
+        self.find_slot(ctx)?
+            .map_err(|present| Pkcs11Error::NoToken {
+                token: self.token_label.clone(),
+                module: self.module.display().to_string(),
+                present,
+            })
     }
 
     /// The slot holding the token, or the labels that are present.
@@ -1013,15 +1018,9 @@ impl Pkcs11Key {
             }
             Err(Pkcs11Error::NoKey { .. }) => {
                 let m = module(&spec.module)?;
-                let _shared = m.shared();
-                let slot = spec
-                    .find_slot(&m.ctx)?
-                    .map_err(|present| Pkcs11Error::NoToken {
-                        token: spec.token_label.clone(),
-                        module: spec.module.display().to_string(),
-                        present,
-                    })?;
-                drop(_shared);
+                let shared = m.shared();
+                let slot = spec.slot(&m.ctx)?;
+                drop(shared);
                 (m, slot)
             }
             Err(e) => return Err(e),
