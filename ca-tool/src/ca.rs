@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::bundle;
+pub use crate::cakey::is_stdout;
 use crate::cakey::{self, CaKey, CaKeyError, CaKeys, KeyAccess, KeyHome, KeyLocation, NewKey};
 use crate::csr::CsrError;
 use crate::fsutil::{self, PUBLIC, SECRET};
@@ -585,12 +586,6 @@ pub(crate) fn check_offline_key_path(dir: &Path, flag: &str, path: &Path) -> Res
         return Err(bad("already exists; keyproof-ca never replaces a key file"));
     }
     Ok(())
-}
-
-/// `-` as an offline key path: the key goes to standard output (for a CA
-/// run through `kubectl exec`, whose image has no shell to copy a file out).
-pub fn is_stdout(path: &Path) -> bool {
-    path.as_os_str() == "-"
 }
 
 /// Writes an offline key to `path` (mode 0600), never replacing a file, or

@@ -384,11 +384,9 @@ pub(crate) fn generate(home: &KeyHome, what: &str, kt: KeyType) -> Result<NewKey
             );
             let kid = key.public_kid();
             let location = match home {
-                KeyHome::Offline(p) if crate::ca::is_stdout(p) => {
-                    KeyLocation::Offline(OfflineRef {
-                        written_to: "(standard output)".into(),
-                    })
-                }
+                KeyHome::Offline(p) if is_stdout(p) => KeyLocation::Offline(OfflineRef {
+                    written_to: "(standard output)".into(),
+                }),
                 KeyHome::Offline(p) => KeyLocation::Offline(OfflineRef {
                     written_to: std::path::absolute(p).unwrap_or_else(|_| p.clone()),
                 }),
@@ -460,6 +458,12 @@ pub(crate) fn open_token_key(
             what: what.to_owned(),
             source,
         })
+}
+
+/// `-` as an offline key path: the key goes to standard output (for a CA
+/// run through `kubectl exec`, whose image has no shell to copy a file out).
+pub fn is_stdout(path: &std::path::Path) -> bool {
+    path.as_os_str() == "-"
 }
 
 #[cfg(test)]

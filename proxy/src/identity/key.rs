@@ -24,7 +24,7 @@ use keyproof_identity::pkcs11::{OpResult, Pkcs11Error, Pkcs11Key};
 use rustls_pki_types::PrivateKeyDer;
 
 use crate::config::Pkcs11Config;
-use crate::identity::store::IdentityError;
+use crate::identity::error::IdentityError;
 use crate::metrics::Metrics;
 
 /// How often an unavailable token key is probed (its recovery is noticed

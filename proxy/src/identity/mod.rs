@@ -6,11 +6,13 @@
 //!   handshake (so that a swap needs no rebuild).
 //! * `reload.rs` with `watch.rs`: `[identity.files]`, re-read when the files
 //!   change (Kubernetes Secret volumes included).
+//! * `error.rs`: why the identity could not be loaded, naming the key.
 //! * `key.rs`: the workload key, in a file, in memory or in a PKCS#11
 //!   token, and the probe that notices a token going away and coming back.
 //! * `renew.rs`: `[identity.ca]`, bootstrapped and renewed from
 //!   `keyproof-ca serve`.
 
+pub mod error;
 pub mod key;
 pub mod reload;
 pub mod renew;

@@ -30,28 +30,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use crate::config::{IdentityConfig, IdentitySource};
 use crate::identity::key::{TokenKey, WorkloadKey};
 
-/// Why the identity could not be loaded; names the configuration key.
-#[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
-    /// A file could not be read.
-    #[error("{key}: cannot read {path}")]
-    Read {
-        /// The configuration key naming the file.
-        key: &'static str,
-        /// The path.
-        path: String,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// The material is unusable.
-    #[error("{key}: {msg}")]
-    Invalid {
-        /// The configuration key naming the file.
-        key: &'static str,
-        /// What is wrong.
-        msg: String,
-    },
-}
+pub use crate::identity::error::IdentityError;
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
     std::fs::read(path).map_err(|source| IdentityError::Read {
