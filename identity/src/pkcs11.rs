@@ -496,10 +496,16 @@ fn read_pin(path: &Path) -> Result<AuthPin, Pkcs11Error> {
     Ok(AuthPin::from(pin.to_owned()))
 }
 
-/// A PIN file's content, refusing more than [`MAX_PIN_FILE`] bytes (a
-/// device or a wrong path must not be read forever).
+/// A PIN file's content: a regular file of at most [`MAX_PIN_FILE`] bytes
+/// (a device, a FIFO or a wrong path must not be read forever).
 fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    // Only a regular file (a Secret volume's symbolic link to one counts):
+    // opening a FIFO would block the thread that needs a signature until
+    // someone writes to it, and a device never ends.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     let mut buf = Vec::new();
     std::fs::File::open(path)?
         .take(MAX_PIN_FILE + 1)
@@ -1834,6 +1840,22 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.reason(), "pin_file", "{e}");
+        // Not regular files: refused at once, never read (or waited on).
+        let fifo = h.dir.join("pin-fifo");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        for odd in [fifo, PathBuf::from("/dev/zero"), h.dir.clone()] {
+            let e = Pkcs11Key::open(
+                &TokenSpec {
+                    pin_file: odd.clone(),
+                    ..s.clone()
+                },
+                "k",
+            )
+            .unwrap_err();
+            assert_eq!(e.reason(), "pin_file", "{}: {e}", odd.display());
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
         let e = Pkcs11Key::open(
             &TokenSpec {
                 module: "/nonexistent/libp11.so".into(),
