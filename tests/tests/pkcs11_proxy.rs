@@ -275,43 +275,82 @@ fn files_identity_with_token_keys_carries_the_mesh_and_says_where_the_key_lives(
     assert!(said.contains("pkcs11"), "check-config: {said}");
 }
 
+/// A sidecar pair for step-up: the caller's (OUT) key is `web` in the
+/// SoftHSM2 token `web-token` (PIN `pin`), with its certificate from a file;
+/// the callee's (IN) key is a file. IN routes `/admin` with step-up and
+/// `/plain` without, both for the caller.
+struct StepUpPair {
+    // Dropped in this order: the sidecars before the app and the token.
+    inb: ProxyProc,
+    out: ProxyProc,
+    out_addr: SocketAddr,
+    out_admin: SocketAddr,
+    web: String,
+    _app: EchoApp,
+    _pki: Pki,
+    hsm: SoftHsm,
+}
+
+impl StepUpPair {
+    fn start(name: &str, pin: &str) -> Option<StepUpPair> {
+        let hsm = SoftHsm::new(name)?;
+        let pki = Pki::new(TD);
+        let token = hsm.init_token("web-token", pin);
+        let key = hsm.keygen(&token, "web", "EC:prime256v1");
+        let cert = softhsm::certify(&hsm, &pki, "web", WEB, &key);
+        let pin = hsm.pin_file("web.pin", &token.pin);
+        let (conf_k, conf_v) = hsm.env();
+        let server = pki.issue("api", API);
+        let app = EchoApp::start();
+        let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+        let web = pki.id(WEB);
+        let in_cfg = format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n\
+             [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{web}\"]\nstep_up = true\n\
+             [[inbound.routes]]\npath_prefix = \"/plain\"\nallow = [\"{web}\"]\n\
+             [admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr
+        );
+        let inb = ProxyProc::start(pki.tmp.path(), "in", &in_cfg, in_admin);
+        let out = ProxyProc::start_env(
+            pki.tmp.path(),
+            "out",
+            &outbound_toml(
+                TD,
+                &files_token_identity(&pki, &cert, &token, "web", &pin),
+                out_addr,
+                in_addr,
+                out_admin,
+            ),
+            out_admin,
+            &[(conf_k, conf_v.as_path())],
+        );
+        Some(StepUpPair {
+            inb,
+            out,
+            out_addr,
+            out_admin,
+            web,
+            _app: app,
+            _pki: pki,
+            hsm,
+        })
+    }
+}
+
 #[test]
 fn step_up_through_the_mesh_is_signed_in_the_token() {
-    let Some(hsm) = SoftHsm::new("step_up_through_the_mesh") else {
+    let Some(pair) = StepUpPair::start("step_up_through_the_mesh", "3333-web") else {
         return;
     };
-    let pki = Pki::new(TD);
-    let token = hsm.init_token("web-token", "3333-web");
-    let key = hsm.keygen(&token, "web", "EC:prime256v1");
-    let cert = softhsm::certify(&hsm, &pki, "web", WEB, &key);
-    let pin = hsm.pin_file("web.pin", &token.pin);
-    let (conf_k, conf_v) = hsm.env();
-    let server = pki.issue("api", API);
-    let app = EchoApp::start();
-    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
-    let web = pki.id(WEB);
-    let in_cfg = format!(
-        "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n\
-         [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{web}\"]\nstep_up = true\n\
-         [[inbound.routes]]\npath_prefix = \"/plain\"\nallow = [\"{web}\"]\n\
-         [admin]\nlisten = \"{in_admin}\"\n",
-        identity_toml(&pki.bundle, &server),
-        app.addr
-    );
-    let inb = ProxyProc::start(pki.tmp.path(), "in", &in_cfg, in_admin);
-    let out = ProxyProc::start_env(
-        pki.tmp.path(),
-        "out",
-        &outbound_toml(
-            TD,
-            &files_token_identity(&pki, &cert, &token, "web", &pin),
-            out_addr,
-            in_addr,
-            out_admin,
-        ),
-        out_admin,
-        &[(conf_k, conf_v.as_path())],
-    );
+    let StepUpPair {
+        inb,
+        out,
+        out_addr,
+        ref web,
+        ..
+    } = pair;
     let logs = || format!("--- in\n{}\n--- out\n{}", inb.log_text(), out.log_text());
     // The mesh connection first (its handshake signs once), then only step-up.
     let (code, body) = get_via(out_addr, AUTHORITY, "/plain");
@@ -969,45 +1008,17 @@ fn ed25519_token_keys_carry_handshakes_and_step_up() {
 
 #[test]
 fn a_removed_token_stops_step_up_signatures_on_an_open_connection_and_recovers() {
-    let Some(hsm) = SoftHsm::new("a_removed_token_stops_step_up") else {
+    let Some(pair) = StepUpPair::start("a_removed_token_stops_step_up", "8181-web") else {
         return;
     };
-    let pki = Pki::new(TD);
-    let token = hsm.init_token("web-token", "8181-web");
-    let key = hsm.keygen(&token, "web", "EC:prime256v1");
-    let cert = softhsm::certify(&hsm, &pki, "web", WEB, &key);
-    let pin = hsm.pin_file("web.pin", &token.pin);
-    let (conf_k, conf_v) = hsm.env();
-    let server = pki.issue("api", API);
-    let app = EchoApp::start();
-    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
-    let web = pki.id(WEB);
-    let inb = ProxyProc::start(
-        pki.tmp.path(),
-        "in",
-        &format!(
-            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n\
-             [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{web}\"]\nstep_up = true\n\
-             [[inbound.routes]]\npath_prefix = \"/plain\"\nallow = [\"{web}\"]\n\
-             [admin]\nlisten = \"{in_admin}\"\n",
-            identity_toml(&pki.bundle, &server),
-            app.addr
-        ),
-        in_admin,
-    );
-    let out = ProxyProc::start_env(
-        pki.tmp.path(),
-        "out",
-        &outbound_toml(
-            TD,
-            &files_token_identity(&pki, &cert, &token, "web", &pin),
-            out_addr,
-            in_addr,
-            out_admin,
-        ),
+    let StepUpPair {
+        ref hsm,
+        inb,
+        out,
+        out_addr,
         out_admin,
-        &[(conf_k, conf_v.as_path())],
-    );
+        ..
+    } = pair;
     let logs = || format!("--- in\n{}\n--- out\n{}", inb.log_text(), out.log_text());
     let post = || {
         let (code, body, _) = curl(&[
