@@ -127,6 +127,9 @@ pub enum CaError {
         #[source]
         source: keyproof_identity::pkcs11::Pkcs11Error,
     },
+    /// The PostgreSQL store ([`crate::store`]).
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
     /// The CA was opened without its signing key ([`Ca::open_public`]).
     #[error("the CA was opened without its signing key")]
     NoSigningKey,

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod renewer;
 pub mod rotate;
 pub mod serve;
+pub mod store;
 pub mod token;
 
 pub use ca::{Ca, CaError};

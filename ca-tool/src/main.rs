@@ -858,6 +858,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         admin_listen: a.admin_listen,
         service_accounts,
         pin_file: a.pin.pin_file,
+        store: keyproof_ca::store::StoreSpec::Dir,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -121,6 +121,9 @@ pub struct ServeOptions {
     /// `--pin-file`: the PIN file for the intermediate's token key,
     /// instead of the one `ca.json` records.
     pub pin_file: Option<PathBuf>,
+    /// Where the state lives: [`StoreSpec::Dir`] is `dir`; with PostgreSQL
+    /// `dir` is the key directory (see [`crate::store`]).
+    pub store: crate::store::StoreSpec,
 }
 
 impl ServeOptions {
