@@ -618,3 +618,160 @@ fn replicas_follow_a_rotation_and_the_ledger_refuses_a_serial_twice() {
         store.ping().await.unwrap();
     });
 }
+
+#[test]
+fn tls_to_the_database_follows_sslmode() {
+    let Some(pg) = Pg::shared() else { return };
+    let db = pg.new_db("tls");
+    let root = pg.tls_root();
+    let other = tempfile::tempdir().unwrap();
+    // A CA that did not sign the server's certificate.
+    let wrong = other.path().join("wrong.pem");
+    std::fs::write(
+        &wrong,
+        rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .unwrap()
+            .cert
+            .pem(),
+    )
+    .unwrap();
+    // `tlsonly` is refused without TLS (pg_hba), so success means TLS.
+    let url = |host: &str, q: &str| {
+        format!(
+            "postgres://tlsonly:pw-tls-secret@{host}:{}/{db}?{q}",
+            pg.port
+        )
+    };
+    let root = p(&root);
+    let schema = |u: String| run(&["migrate", "--schema-only", "--store", &u]);
+    let good = [
+        url("127.0.0.1", "sslmode=require"),
+        url("127.0.0.1", "sslmode=prefer"),
+        url(
+            "127.0.0.1",
+            &format!("sslmode=verify-ca&sslrootcert={root}"),
+        ),
+        url(
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={root}"),
+        ),
+    ];
+    for u in good {
+        let o = schema(u.clone());
+        assert!(o.ok, "{u}: {}", o.stderr);
+        no_password(&o);
+    }
+    let bad = [
+        (url("127.0.0.1", "sslmode=disable"), "unreachable"),
+        // The certificate names localhost, not 127.0.0.1.
+        (
+            url(
+                "127.0.0.1",
+                &format!("sslmode=verify-full&sslrootcert={root}"),
+            ),
+            "certificate not valid for name",
+        ),
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={}", p(&wrong)),
+            ),
+            "UnknownIssuer",
+        ),
+        // libpq: require with a root file verifies the chain.
+        (
+            url(
+                "localhost",
+                &format!("sslmode=require&sslrootcert={}", p(&wrong)),
+            ),
+            "UnknownIssuer",
+        ),
+    ];
+    for (u, want) in bad {
+        let o = schema(u.clone());
+        assert!(!o.ok, "{u}: succeeded");
+        assert!(
+            o.stderr.contains(want) && o.stderr.contains("unreachable"),
+            "{u}: {}",
+            o.stderr
+        );
+        no_password(&o);
+    }
+}
+
+#[test]
+fn a_failed_checkin_writes_nothing_and_puts_the_keys_back() {
+    let Some(pg) = Pg::shared() else { return };
+    let (db, url, tmp, keys) = store_ca(&pg, "undo");
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    ok(&[
+        "issue",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--spiffe-id",
+        &id,
+        "--key-out",
+        p(&tmp.path().join("w.key")),
+        "--cert-out",
+        p(&tmp.path().join("w.crt")),
+    ]);
+    let key_before = std::fs::read(keys.join("intermediate.key")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = PgStore::connect(&url, false).await.unwrap();
+        // A command that changed a key and a document, and appended a
+        // ledger line the database refuses (its serial is there already).
+        let ws = store.checkout(&keys, false).await.unwrap();
+        std::fs::write(ws.path().join("intermediate.key"), b"changed").unwrap();
+        std::fs::write(ws.path().join("new.key"), b"new").unwrap();
+        std::fs::write(ws.path().join("note.txt"), b"doc").unwrap();
+        let ledger = ws.path().join("ledger.jsonl");
+        let line = std::fs::read_to_string(&ledger).unwrap();
+        std::fs::write(&ledger, format!("{line}{line}")).unwrap();
+        let err = store.checkin(&keys, ws).await.unwrap_err().to_string();
+        assert!(err.contains("ledger"), "{err}");
+        assert_eq!(
+            std::fs::read(keys.join("intermediate.key")).unwrap(),
+            key_before
+        );
+        assert!(!keys.join("new.key").exists());
+        assert_eq!(
+            pg.sql(
+                &db,
+                "SELECT count(*) FROM ca_documents WHERE name = 'note.txt'"
+            ),
+            "0"
+        );
+        assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "1");
+
+        // Two writers without the lock: the second one conflicts, before
+        // touching a key.
+        let a = store.checkout(&keys, false).await.unwrap();
+        let b = store.checkout(&keys, false).await.unwrap();
+        std::fs::write(a.path().join("note.txt"), b"a").unwrap();
+        std::fs::write(b.path().join("note.txt"), b"b").unwrap();
+        std::fs::write(b.path().join("intermediate.key"), b"b").unwrap();
+        store.checkin(&keys, a).await.unwrap();
+        let err = store.checkin(&keys, b).await.unwrap_err().to_string();
+        assert!(
+            err.contains("changed while this command ran (generation 1, now 2)"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(keys.join("intermediate.key")).unwrap(),
+            key_before
+        );
+        assert_eq!(
+            pg.sql(
+                &db,
+                "SELECT convert_from(body, 'UTF8') FROM ca_documents WHERE name = 'note.txt'"
+            ),
+            "a"
+        );
+    });
+}

@@ -1,7 +1,9 @@
 //! A throwaway PostgreSQL cluster on loopback for the store's tests:
 //! `initdb` into a temporary directory and `postgres` in the foreground,
 //! both as the `postgres` user when the tests run as root (PostgreSQL
-//! refuses to run as root), trust authentication, a free port. Tests share
+//! refuses to run as root), trust authentication, a free port, TLS with a
+//! certificate for `localhost` from a CA of its own ([`Pg::tls_root`]);
+//! the role `tlsonly` may connect only over TLS. Tests share
 //! one cluster while any of them holds it ([`Pg::shared`]); it is stopped
 //! and removed when the last one lets go.
 
@@ -124,6 +126,34 @@ impl Pg {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // TLS: a CA of our own, a server certificate for localhost only.
+        let (cert_pem, key_pem, ca_pem) = tls_material();
+        let chown = |path: &Path| {
+            if let Some((uid, gid)) = ids {
+                let _ = Command::new("chown")
+                    .arg(format!("{uid}:{gid}"))
+                    .arg(path)
+                    .status();
+            }
+        };
+        std::fs::write(dir.path().join("server.crt"), cert_pem).expect("server.crt");
+        let key_path = dir.path().join("server.key");
+        std::fs::write(&key_path, key_pem).expect("server.key");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server.key");
+        }
+        chown(&dir.path().join("server.crt"));
+        chown(&key_path);
+        std::fs::write(dir.path().join("root.pem"), ca_pem).expect("root.pem");
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!("hostnossl all tlsonly 0.0.0.0/0 reject\nhostnossl all tlsonly ::/0 reject\n{rules}"),
+        )
+        .expect("write pg_hba.conf");
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log file");
         if let Some((uid, gid)) = ids {
@@ -143,6 +173,15 @@ impl Pg {
             ])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "max_connections=200", "-c", "shared_buffers=16MB"])
+            .args(["-c", "ssl=on"])
+            .args([
+                "-c",
+                &format!("ssl_cert_file={}", dir.path().join("server.crt").display()),
+            ])
+            .args([
+                "-c",
+                &format!("ssl_key_file={}", dir.path().join("server.key").display()),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -174,7 +213,14 @@ impl Pg {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        pg.sql("postgres", "CREATE ROLE tlsonly LOGIN SUPERUSER");
         Some(pg)
+    }
+
+    /// The CA certificate (PEM) that signs the server's certificate, for
+    /// `sslrootcert`.
+    pub fn tls_root(&self) -> PathBuf {
+        self._dir.path().join("root.pem")
     }
 
     /// The server's log so far.
@@ -257,4 +303,28 @@ impl Drop for Pg {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// (server certificate, its key, the CA certificate), PEM: the server's
+/// certificate names `localhost` only, so `verify-full` to 127.0.0.1 fails.
+fn tls_material() -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "keyproof test database CA");
+    ca.distinguished_name = dn;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().expect("key");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &issuer)
+        .expect("server certificate");
+    (leaf_cert.pem(), leaf_key.serialize_pem(), ca_cert.pem())
 }
