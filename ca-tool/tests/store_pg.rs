@@ -215,6 +215,20 @@ fn the_whole_life_of_a_ca_in_the_store() {
     ]);
     assert!(err.contains("--key-out"), "{err}");
 
+    // k8s-secret takes the store's bundle.
+    let yaml = ok(&[
+        "k8s-secret",
+        "--name",
+        "w",
+        "--cert",
+        p(&crt),
+        "--key",
+        p(&tmp.path().join("w.key")),
+        "--store",
+        &url,
+    ]);
+    assert!(yaml.contains("ca.crt"), "{yaml}");
+
     // check and bundle read the store.
     let o = run(&["check", "--store", &url, "--dir", p(&keys)]);
     assert_eq!(o.code, 0, "check: {}{}", o.stdout, o.stderr);
@@ -774,4 +788,78 @@ fn a_failed_checkin_writes_nothing_and_puts_the_keys_back() {
             "a"
         );
     });
+}
+
+#[test]
+fn an_offline_root_stays_out_of_the_key_directory() {
+    let Some(pg) = Pg::shared() else { return };
+    let db = pg.new_db("offline");
+    let url = pg.url(&db);
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = tmp.path().join("keys");
+    let err = fails(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&keys.join("root-offline.key")),
+    ]);
+    assert!(err.contains("inside the key directory"), "{err}");
+    let root = tmp.path().join("root-offline.key");
+    ok(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&root),
+    ]);
+    assert!(root.is_file() && !keys.join("root.key").exists());
+    assert!(keys.join("intermediate.key").is_file());
+    let err = fails(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    assert!(err.contains("--root-key"), "{err}");
+    ok(&[
+        "rotate",
+        "intermediate",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key",
+        p(&root),
+    ]);
+    assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "2");
+    let new_root = tmp.path().join("root2.key");
+    let err = fails(&[
+        "rotate",
+        "root",
+        "prepare",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&keys.join("next-root.key")),
+    ]);
+    assert!(err.contains("inside the key directory"), "{err}");
+    ok(&[
+        "rotate",
+        "root",
+        "prepare",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&new_root),
+    ]);
+    assert!(new_root.is_file() && !keys.join("next/root.key").exists());
+    assert!(keys.join("next/intermediate.key").is_file());
 }
