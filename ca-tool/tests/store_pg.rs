@@ -562,6 +562,7 @@ fn replicas_follow_a_rotation_and_the_ledger_refuses_a_serial_twice() {
             .expect("the feed reads the generation")
             .unwrap();
         let mut ws = store.checkout(&keys, false).await.unwrap();
+        assert_eq!(mode(ws.path()), 0o700, "the workspace holds key copies");
         let int_crt = ws.path().join("intermediate.crt");
         let before = std::fs::read(&int_crt).unwrap();
         assert!(

@@ -122,7 +122,13 @@ impl PgStore {
         let parsed = tls::parse(url)?;
         let mut config = parsed.config;
         config.connect_timeout(CONNECT_TIMEOUT);
-        config.keepalives_idle(Duration::from_secs(30));
+        // A database host that vanishes (no RST) is noticed in seconds,
+        // not after the kernel's 15 minutes: unacknowledged data or
+        // keepalives fail the connection, and the query with it.
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(10));
         let options = match config.get_options() {
             Some(o) => format!("{o} -c statement_timeout={STATEMENT_TIMEOUT}"),
             None => format!("-c statement_timeout={STATEMENT_TIMEOUT}"),
@@ -384,8 +390,10 @@ impl PgStore {
         tx.commit().await.map_err(|e| self.err(e))?;
         drop(c);
 
+        // 0700: it holds copies of the key files.
         let dir = tempfile::Builder::new()
             .prefix("keyproof-ca-ws")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .map_err(|source| StoreError::Io {
                 path: std::env::temp_dir(),
