@@ -864,3 +864,58 @@ fn an_offline_root_stays_out_of_the_key_directory() {
     assert!(new_root.is_file() && !keys.join("next/root.key").exists());
     assert!(keys.join("next/intermediate.key").is_file());
 }
+
+#[test]
+fn a_database_down_is_unreachable_and_the_store_recovers_by_itself() {
+    let Some(mut pg) = Pg::private() else { return };
+    let (db, url, _tmp, keys) = store_ca(&pg, "down");
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    let token = ok(&[
+        "token",
+        "create",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--spiffe-id",
+        &id,
+    ]);
+    let sha = sha256_hex(token.trim());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(PgStore::connect(&url, true)).unwrap();
+    let mut rx = rt.block_on(async { store.watch() });
+    rt.block_on(store.ping()).unwrap();
+
+    pg.stop();
+    use keyproof_ca::store::StoreError;
+    for e in [
+        rt.block_on(store.ping()).unwrap_err(),
+        rt.block_on(store.token_take(&sha, "r")).unwrap_err(),
+        rt.block_on(store.generation()).unwrap_err(),
+    ] {
+        assert!(matches!(e, StoreError::Unreachable { .. }), "{e:?}");
+        assert!(!e.to_string().contains("-secret"), "{e}");
+    }
+    let err = fails(&["check", "--store", &url, "--dir", p(&keys)]);
+    assert!(err.contains("is unreachable"), "{err}");
+
+    // Back: the same store object works again, and so does the feed.
+    pg.restart();
+    rt.block_on(async {
+        // Connections the server closed are not handed out again.
+        store.ping().await.expect("ping after the restart");
+        assert!(store.token_take(&sha, "r").await.unwrap().is_ok());
+    });
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|g| *g == 2))
+            .await
+            .expect("the feed follows after the restart")
+            .unwrap();
+    });
+    assert_eq!(pg.sql(&db, "SELECT used_by FROM join_tokens"), "r");
+}

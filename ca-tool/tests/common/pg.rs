@@ -16,11 +16,15 @@ use std::time::{Duration, Instant};
 
 /// A running cluster.
 pub struct Pg {
-    child: Child,
+    child: Option<Child>,
     /// Removed on drop (after the server stopped).
     _dir: tempfile::TempDir,
     pub port: u16,
     bin: PathBuf,
+    /// The postmaster's arguments, for [`Pg::restart`].
+    args: Vec<String>,
+    /// uid/gid the server runs as (None: as ourselves).
+    ids: Option<(u32, u32)>,
 }
 
 fn bin_dir() -> Option<PathBuf> {
@@ -162,44 +166,78 @@ impl Pg {
                 .arg(dir.path().join("postgres.log"))
                 .status();
         }
-        let child = as_pg(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", &format!("port={port}")])
-            .args([
-                "-c",
-                &format!("unix_socket_directories={}", dir.path().display()),
-            ])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "max_connections=200", "-c", "shared_buffers=16MB"])
-            .args(["-c", "ssl=on"])
-            .args([
-                "-c",
-                &format!("ssl_cert_file={}", dir.path().join("server.crt").display()),
-            ])
-            .args([
-                "-c",
-                &format!("ssl_key_file={}", dir.path().join("server.key").display()),
-            ])
+        let d = dir.path();
+        let args: Vec<String> = [
+            "-D".to_owned(),
+            data.display().to_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-c".into(),
+            format!("port={port}"),
+            "-c".into(),
+            format!("unix_socket_directories={}", d.display()),
+            "-c".into(),
+            "fsync=off".into(),
+            "-c".into(),
+            "synchronous_commit=off".into(),
+            "-c".into(),
+            "max_connections=200".into(),
+            "-c".into(),
+            "shared_buffers=16MB".into(),
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            format!("ssl_cert_file={}", d.join("server.crt").display()),
+            "-c".into(),
+            format!("ssl_key_file={}", d.join("server.key").display()),
+        ]
+        .into();
+        drop(log);
+        let mut pg = Pg {
+            child: None,
+            _dir: dir,
+            port,
+            bin,
+            args,
+            ids,
+        };
+        pg.restart();
+        pg.sql("postgres", "CREATE ROLE tlsonly LOGIN SUPERUSER");
+        Some(pg)
+    }
+
+    /// A cluster of this test's own (not shared), to stop and restart.
+    pub fn private() -> Option<Pg> {
+        Pg::start()
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "postgres is running");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self._dir.path().join("postgres.log"))
+            .expect("log file");
+        let mut c = Command::new(self.bin.join("postgres"));
+        if let Some((uid, gid)) = self.ids {
+            c.uid(uid).gid(gid);
+        }
+        let child = c
+            .args(&self.args)
+            .current_dir(self._dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start postgres");
-        let mut pg = Pg {
-            child,
-            _dir: dir,
-            port,
-            bin,
-        };
+        self.child = Some(child);
         let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = pg.child.try_wait() {
-                panic!("postgres exited ({status}):\n{}", pg.log());
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("postgres exited ({status}):\n{}", self.log());
             }
-            let ready = Command::new(pg.bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q"])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -209,12 +247,29 @@ impl Pg {
             assert!(
                 start.elapsed() < Duration::from_secs(60),
                 "postgres never became ready:\n{}",
-                pg.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        pg.sql("postgres", "CREATE ROLE tlsonly LOGIN SUPERUSER");
-        Some(pg)
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// The CA certificate (PEM) that signs the server's certificate, for
@@ -289,19 +344,7 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        // Fast shutdown (SIGINT), then wait; SIGKILL if it lingers.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
