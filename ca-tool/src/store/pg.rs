@@ -345,9 +345,10 @@ impl PgStore {
     }
 
     /// A workspace with the current documents, the key files of `key_dir`
-    /// (`*.key`, `next/*.key`) and the live ledger (entries not yet
-    /// expired) as `ledger.jsonl`. `exclusive` holds the advisory lock until
-    /// [`PgStore::checkin`] or drop.
+    /// (`*.key`, `next/*.key`), the live ledger (entries not yet expired)
+    /// as `ledger.jsonl` and the unexpired join tokens as `tokens.jsonl`.
+    /// `exclusive` holds the advisory lock until [`PgStore::checkin`] or
+    /// drop.
     pub async fn checkout(&self, key_dir: &Path, exclusive: bool) -> Result<Workspace, StoreError> {
         let lock = if exclusive {
             let (client, conn) = self.dedicated().await?;
@@ -374,8 +375,9 @@ impl PgStore {
         let (generation, docs) = self.read_docs(&tx).await?;
         let token_rows = tx
             .query(
+                // Expired tokens are of no use to any command.
                 "SELECT id, sha256, spiffe_id, expires_at, created_at, used_at FROM join_tokens \
-                 ORDER BY created_at, id",
+                 WHERE expires_at > now() ORDER BY created_at, id",
                 &[],
             )
             .await
