@@ -919,3 +919,51 @@ fn a_database_down_is_unreachable_and_the_store_recovers_by_itself() {
     });
     assert_eq!(pg.sql(&db, "SELECT used_by FROM join_tokens"), "r");
 }
+
+#[test]
+fn a_password_is_used_and_never_printed() {
+    let Some(pg) = Pg::shared() else { return };
+    let db = pg.new_db("password");
+    let url = |pw: &str| {
+        format!(
+            "postgres://pwuser:{pw}@127.0.0.1:{}/{db}?sslmode=disable",
+            pg.port
+        )
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = tmp.path().join("keys");
+    let wrong = url("wrong-secret");
+    let o = run(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &wrong,
+        "--dir",
+        p(&keys),
+    ]);
+    assert!(!o.ok);
+    assert!(
+        o.stderr.contains("is unreachable") && o.stderr.contains("password authentication failed"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("pwuser:***@"), "{}", o.stderr);
+    no_password(&o);
+    assert!(!keys.exists(), "nothing written");
+    let right = url(pg::PWUSER_PASSWORD);
+    let o = run(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &right,
+        "--dir",
+        p(&keys),
+    ]);
+    assert!(o.ok, "{}", o.stderr);
+    no_password(&o);
+    let o = run(&["check", "--store", &right, "--dir", p(&keys)]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    no_password(&o);
+}
