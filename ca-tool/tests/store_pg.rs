@@ -967,3 +967,33 @@ fn a_password_is_used_and_never_printed() {
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     no_password(&o);
 }
+
+#[test]
+fn rotations_started_together_take_turns() {
+    let Some(pg) = Pg::shared() else { return };
+    let (db, url, _tmp, keys) = store_ca(&pg, "turns");
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, keys) = (url.clone(), keys.clone());
+            std::thread::spawn(move || {
+                run(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)])
+            })
+        })
+        .collect();
+    for t in threads {
+        let o = t.join().unwrap();
+        assert!(o.ok, "{}", o.stderr);
+    }
+    // Each one saw the previous one's result: three new generations, and
+    // the intermediate in the store is the one whose key is in --dir.
+    assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "4");
+    let o = run(&["check", "--store", &url, "--dir", p(&keys)]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(
+        pg.sql(
+            &db,
+            "SELECT count(*) FROM ca_documents WHERE name LIKE 'archive/%intermediate.crt'"
+        ),
+        "3"
+    );
+}
