@@ -972,11 +972,31 @@ fn a_password_is_used_and_never_printed() {
 fn rotations_started_together_take_turns() {
     let Some(pg) = Pg::shared() else { return };
     let (db, url, _tmp, keys) = store_ca(&pg, "turns");
-    let threads: Vec<_> = (0..3)
-        .map(|_| {
-            let (url, keys) = (url.clone(), keys.clone());
+    // Issues run meanwhile: each sees a certificate and its key together,
+    // never a new key beside the old certificate.
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    let threads: Vec<_> = (0..9)
+        .map(|i| {
+            let (url, keys, id) = (url.clone(), keys.clone(), id.clone());
+            let out = _tmp.path().to_owned();
             std::thread::spawn(move || {
-                run(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)])
+                if i % 3 == 0 {
+                    run(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)])
+                } else {
+                    run(&[
+                        "issue",
+                        "--store",
+                        &url,
+                        "--dir",
+                        p(&keys),
+                        "--spiffe-id",
+                        &id,
+                        "--key-out",
+                        p(&out.join(format!("{i}.key"))),
+                        "--cert-out",
+                        p(&out.join(format!("{i}.crt"))),
+                    ])
+                }
             })
         })
         .collect();
@@ -984,6 +1004,7 @@ fn rotations_started_together_take_turns() {
         let o = t.join().unwrap();
         assert!(o.ok, "{}", o.stderr);
     }
+    assert_eq!(pg.sql(&db, "SELECT count(*) FROM ledger"), "6");
     // Each one saw the previous one's result: three new generations, and
     // the intermediate in the store is the one whose key is in --dir.
     assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "4");

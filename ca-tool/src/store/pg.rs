@@ -365,14 +365,26 @@ impl PgStore {
             None
         };
         let mut c = self.client().await?;
+        // Without the lock, a shared hold of it for the reads: a rotation
+        // running now writes its keys into `key_dir` before it commits its
+        // documents, so documents and keys are only read together once it
+        // is done (and none starts until they are read). Read committed:
+        // each read sees what committed before it, not a snapshot taken
+        // before the wait.
         let tx = c
             .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
             .read_only(true)
             .start()
             .await
             .map_err(|e| self.err(e))?;
+        if !exclusive {
+            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&CA_LOCK])
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         let (generation, docs) = self.read_docs(&tx).await?;
+        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
         let token_rows = tx
             .query(
                 // Expired tokens are of no use to any command.
@@ -404,7 +416,6 @@ impl PgStore {
         for (name, body) in &docs {
             workspace::write(dir.path(), name, body)?;
         }
-        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
         for (name, body) in &keys {
             workspace::write(dir.path(), name, body)?;
         }
