@@ -285,6 +285,10 @@ impl PgStore {
         )
         .await
         .map_err(|e| self.err(e))?;
+        // `CREATE TABLE IF NOT EXISTS` would log a NOTICE on every start.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(|e| self.err(e))?;
         tx.batch_execute(schema::BOOTSTRAP)
             .await
             .map_err(|e| self.err(e))?;
@@ -840,15 +844,18 @@ impl PgStore {
         }
         let why = c
             .query_opt(
-                "SELECT used_at IS NOT NULL, expires_at FROM join_tokens WHERE sha256 = $1",
+                "SELECT used_at IS NOT NULL, expires_at, expires_at <= now() \
+                 FROM join_tokens WHERE sha256 = $1",
                 &[&sha256],
             )
             .await
             .map_err(|e| self.err(e))?;
         Ok(Err(match why {
             None => TokenError::Invalid,
-            Some(r) if r.get::<_, bool>(0) => TokenError::Reused,
-            Some(r) => TokenError::Expired(ca::rfc3339(r.get(1))),
+            Some(r) if r.get::<_, bool>(2) => TokenError::Expired(ca::rfc3339(r.get(1))),
+            // Used, or taken by another request and given back between the
+            // two statements: either way not this caller's to take now.
+            Some(_) => TokenError::Reused,
         }))
     }
 
