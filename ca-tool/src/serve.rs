@@ -464,7 +464,8 @@ impl StoreLink {
     fn status(&self) -> Result<(), String> {
         match &*self.problem.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
-            Some(why) => Err(format!("the CA's database is unreachable: {why}")),
+            // `why` names the database (its URL, password masked).
+            Some(why) => Err(format!("the CA's store cannot be used: {why}")),
         }
     }
 
