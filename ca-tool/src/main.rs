@@ -161,7 +161,12 @@ struct StoreArgs {
     /// (libpq URL; sslmode disable, prefer, require, verify-ca or verify-full).
     /// --dir then is the KEY DIRECTORY: private keys never go into the
     /// database.
-    #[arg(long, value_name = "URL", env = "KEYPROOF_CA_STORE", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "KEYPROOF_CA_STORE",
+        hide_env_values = true
+    )]
     store: Option<String>,
 }
 
@@ -1327,7 +1332,8 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     let masked = keyproof_ca::store::mask_password(&url);
     let rt = runtime()?;
     if a.schema_only {
-        rt.block_on(PgStore::connect(&url, true)).map_err(store_err)?;
+        rt.block_on(PgStore::connect(&url, true))
+            .map_err(store_err)?;
         println!(
             "the schema of {masked} is at version {}",
             keyproof_ca::store::schema::VERSION
