@@ -55,8 +55,10 @@ fn free_port() -> u16 {
 }
 
 /// A PostgreSQL cluster of its own: `initdb` into a temporary directory,
-/// trust authentication, loopback only, the socket in that directory.
-/// Stopped (immediately) and removed on drop.
+/// trust authentication, loopback only, the socket in that directory;
+/// run by `pg_ctl` so that a test can stop and start it (the shared
+/// cluster of `common/pg.rs` cannot go down under one test). Stopped
+/// (immediately) and removed on drop.
 struct Pg {
     tmp: tempfile::TempDir,
     bin: PathBuf,
@@ -67,7 +69,9 @@ struct Pg {
 }
 
 impl Pg {
-    fn start() -> Pg {
+    /// `None` (after a notice) when PostgreSQL is not installed and `CI` is
+    /// not set, as in `store_pg.rs`; with `CI` set that fails the test.
+    fn start() -> Option<Pg> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .into_iter()
@@ -75,8 +79,17 @@ impl Pg {
             .filter_map(|e| e.ok())
             .map(|e| e.path().join("bin"))
             .filter(|b| b.join("initdb").exists())
-            .max()
-            .expect("PostgreSQL missing: install postgresql (test.sh does)");
+            .max();
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PostgreSQL is not installed (apt-get install -y postgresql) and CI is set"
+            );
+            eprintln!(
+                "NOTICE: PostgreSQL is not installed; skipping (apt-get install -y postgresql)"
+            );
+            return None;
+        };
         let tmp = tempfile::tempdir().expect("tempdir");
         let id = |flag: &str, user: &str| -> u32 {
             ok(Command::new("id").args([flag, user]))
@@ -114,7 +127,7 @@ impl Pg {
         ));
         std::fs::write(&conf, c).expect("write postgresql.conf");
         pg.up();
-        pg
+        Some(pg)
     }
 
     fn cmd(&self, prog: &str) -> Command {
@@ -179,8 +192,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new() -> Setup {
-        let pg = Pg::start();
+    fn new() -> Option<Setup> {
+        let pg = Pg::start()?;
         let tmp = tempfile::tempdir().expect("tempdir");
         let s = Setup { pg, tmp };
         ok(s.state_cmd("init").args(["--trust-domain", TD]));
@@ -192,7 +205,7 @@ impl Setup {
             .arg(s.path("w.crt")));
         let bundle = ok(&mut s.state_cmd("bundle"));
         std::fs::write(s.path("bundle.pem"), bundle).expect("bundle");
-        s
+        Some(s)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -395,7 +408,7 @@ fn wait_for_new_intermediate(s: &Setup, r: &Replica, old: &[u8]) -> (Vec<u8>, Du
 
 #[test]
 fn a_rotation_committed_to_the_store_reaches_both_replicas() {
-    let s = Setup::new();
+    let Some(s) = Setup::new() else { return };
     let a = s.replica("a");
     let b = s.replica("b");
     let old = s.renew(&a).expect("renew from a");
@@ -423,7 +436,7 @@ fn a_rotation_committed_to_the_store_reaches_both_replicas() {
 
 #[test]
 fn one_join_token_sent_to_both_replicas_at_once_gives_one_certificate() {
-    let s = Setup::new();
+    let Some(s) = Setup::new() else { return };
     let a = s.replica("a");
     let b = s.replica("b");
     let (ca_a, ca_b) = (s.client(&a), s.client(&b));
@@ -453,8 +466,8 @@ fn one_join_token_sent_to_both_replicas_at_once_gives_one_certificate() {
             )
         });
         let results = [ra, rb];
-        let issued: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
-        assert_eq!(issued.len(), 1, "round {round}: {results:?}");
+        let issued = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(issued, 1, "round {round}: {results:?}");
         let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
         assert!(
             matches!(refused, ClientError::Refused { status: 401, code, .. } if code == "token_reused"),
@@ -479,7 +492,7 @@ fn one_join_token_sent_to_both_replicas_at_once_gives_one_certificate() {
 
 #[test]
 fn without_the_database_issuance_is_refused_and_counted_and_it_recovers_without_restart() {
-    let s = Setup::new();
+    let Some(s) = Setup::new() else { return };
     let mut a = s.replica("a");
     let mut b = s.replica("b");
     for r in [&a, &b] {
