@@ -13,7 +13,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -226,8 +226,9 @@ impl Setup {
         c
     }
 
+    /// A replica with the setup's key directory.
     fn replica(&self, name: &str) -> Replica {
-        Replica::start(self, name)
+        Replica::start(self, name, &self.keys())
     }
 
     /// Renews the workload's SVID from `r`; on success, the intermediate
@@ -279,10 +280,13 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(s: &Setup, name: &str) -> Replica {
+    fn start(s: &Setup, name: &str, key_dir: &Path) -> Replica {
         let log = s.path(&format!("{name}.log"));
-        let child = s
-            .state_cmd("serve")
+        let child = ca()
+            .arg("serve")
+            .args(["--store", &s.pg.url()])
+            .arg("--dir")
+            .arg(key_dir)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--rate-limit", "0"])
             .env("RUST_LOG", "info")
@@ -559,4 +563,41 @@ fn without_the_database_issuance_is_refused_and_counted_and_it_recovers_without_
         assert_eq!(r.metric("keyproof_ca_store_up"), 1.0);
     }
     assert!(a.running() && b.running(), "no replica was restarted");
+}
+
+/// Keys reach the replicas' key directory on their own schedule (a
+/// Kubernetes Secret volume updates within a minute or so): until the new
+/// intermediate's key is there the replicas keep serving the previous
+/// state and say so on `/ready`; once it is, they pick it up without a
+/// notification and without a restart.
+#[test]
+fn a_key_reaching_the_key_directory_after_the_rotation_is_picked_up() {
+    let Some(s) = Setup::new() else { return };
+    // The replicas' own copy of the keys, as a mounted Secret would be.
+    let mounted = s.path("mounted");
+    std::fs::create_dir(&mounted).unwrap();
+    for k in ["intermediate.key", "root.key"] {
+        std::fs::copy(s.keys().join(k), mounted.join(k)).unwrap();
+    }
+    let mut a = Replica::start(&s, "a", &mounted);
+    let old = s.renew(&a).expect("renew");
+
+    ok(&mut s.state_cmd("rotate intermediate"));
+    let why = a.wait_ready(503);
+    assert!(why.contains("cannot be loaded"), "{why}");
+    assert_eq!(
+        s.renew(&a).expect("renew from the previous state"),
+        old,
+        "the previous intermediate serves until its successor's key is there"
+    );
+
+    // The Secret update: the new key arrives (atomically, as the kubelet
+    // swaps the volume's files).
+    let tmp = mounted.join(".intermediate.key.new");
+    std::fs::copy(s.keys().join("intermediate.key"), &tmp).unwrap();
+    std::fs::rename(&tmp, mounted.join("intermediate.key")).unwrap();
+    let (new, _) = wait_for_new_intermediate(&s, &a, &old);
+    assert_ne!(new, old);
+    a.wait_ready(200);
+    assert!(a.running());
 }
