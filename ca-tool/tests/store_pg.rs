@@ -215,6 +215,20 @@ fn the_whole_life_of_a_ca_in_the_store() {
     ]);
     assert!(err.contains("--key-out"), "{err}");
 
+    // k8s-secret takes the store's bundle.
+    let yaml = ok(&[
+        "k8s-secret",
+        "--name",
+        "w",
+        "--cert",
+        p(&crt),
+        "--key",
+        p(&tmp.path().join("w.key")),
+        "--store",
+        &url,
+    ]);
+    assert!(yaml.contains("ca.crt"), "{yaml}");
+
     // check and bundle read the store.
     let o = run(&["check", "--store", &url, "--dir", p(&keys)]);
     assert_eq!(o.code, 0, "check: {}{}", o.stdout, o.stderr);
@@ -548,6 +562,7 @@ fn replicas_follow_a_rotation_and_the_ledger_refuses_a_serial_twice() {
             .expect("the feed reads the generation")
             .unwrap();
         let mut ws = store.checkout(&keys, false).await.unwrap();
+        assert_eq!(mode(ws.path()), 0o700, "the workspace holds key copies");
         let int_crt = ws.path().join("intermediate.crt");
         let before = std::fs::read(&int_crt).unwrap();
         assert!(
@@ -617,4 +632,389 @@ fn replicas_follow_a_rotation_and_the_ledger_refuses_a_serial_twice() {
         assert_eq!(pg.sql(&db, "SELECT count(*) FROM ledger"), "2");
         store.ping().await.unwrap();
     });
+}
+
+#[test]
+fn tls_to_the_database_follows_sslmode() {
+    let Some(pg) = Pg::shared() else { return };
+    let db = pg.new_db("tls");
+    let root = pg.tls_root();
+    let other = tempfile::tempdir().unwrap();
+    // A CA that did not sign the server's certificate.
+    let wrong = other.path().join("wrong.pem");
+    std::fs::write(
+        &wrong,
+        rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .unwrap()
+            .cert
+            .pem(),
+    )
+    .unwrap();
+    // `tlsonly` is refused without TLS (pg_hba), so success means TLS.
+    let url = |host: &str, q: &str| {
+        format!(
+            "postgres://tlsonly:pw-tls-secret@{host}:{}/{db}?{q}",
+            pg.port
+        )
+    };
+    let root = p(&root);
+    let schema = |u: String| run(&["migrate", "--schema-only", "--store", &u]);
+    let good = [
+        url("127.0.0.1", "sslmode=require"),
+        url("127.0.0.1", "sslmode=prefer"),
+        url(
+            "127.0.0.1",
+            &format!("sslmode=verify-ca&sslrootcert={root}"),
+        ),
+        url(
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={root}"),
+        ),
+    ];
+    for u in good {
+        let o = schema(u.clone());
+        assert!(o.ok, "{u}: {}", o.stderr);
+        no_password(&o);
+    }
+    let bad = [
+        (url("127.0.0.1", "sslmode=disable"), "unreachable"),
+        // The certificate names localhost, not 127.0.0.1.
+        (
+            url(
+                "127.0.0.1",
+                &format!("sslmode=verify-full&sslrootcert={root}"),
+            ),
+            "certificate not valid for name",
+        ),
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={}", p(&wrong)),
+            ),
+            "UnknownIssuer",
+        ),
+        // libpq: require with a root file verifies the chain.
+        (
+            url(
+                "localhost",
+                &format!("sslmode=require&sslrootcert={}", p(&wrong)),
+            ),
+            "UnknownIssuer",
+        ),
+    ];
+    for (u, want) in bad {
+        let o = schema(u.clone());
+        assert!(!o.ok, "{u}: succeeded");
+        assert!(
+            o.stderr.contains(want) && o.stderr.contains("unreachable"),
+            "{u}: {}",
+            o.stderr
+        );
+        no_password(&o);
+    }
+}
+
+#[test]
+fn a_failed_checkin_writes_nothing_and_puts_the_keys_back() {
+    let Some(pg) = Pg::shared() else { return };
+    let (db, url, tmp, keys) = store_ca(&pg, "undo");
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    ok(&[
+        "issue",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--spiffe-id",
+        &id,
+        "--key-out",
+        p(&tmp.path().join("w.key")),
+        "--cert-out",
+        p(&tmp.path().join("w.crt")),
+    ]);
+    let key_before = std::fs::read(keys.join("intermediate.key")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = PgStore::connect(&url, false).await.unwrap();
+        // A command that changed a key and a document, and appended a
+        // ledger line the database refuses (its serial is there already).
+        let ws = store.checkout(&keys, false).await.unwrap();
+        std::fs::write(ws.path().join("intermediate.key"), b"changed").unwrap();
+        std::fs::write(ws.path().join("new.key"), b"new").unwrap();
+        std::fs::write(ws.path().join("note.txt"), b"doc").unwrap();
+        let ledger = ws.path().join("ledger.jsonl");
+        let line = std::fs::read_to_string(&ledger).unwrap();
+        std::fs::write(&ledger, format!("{line}{line}")).unwrap();
+        let err = store.checkin(&keys, ws).await.unwrap_err().to_string();
+        assert!(err.contains("ledger"), "{err}");
+        assert_eq!(
+            std::fs::read(keys.join("intermediate.key")).unwrap(),
+            key_before
+        );
+        assert!(!keys.join("new.key").exists());
+        assert_eq!(
+            pg.sql(
+                &db,
+                "SELECT count(*) FROM ca_documents WHERE name = 'note.txt'"
+            ),
+            "0"
+        );
+        assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "1");
+
+        // Two writers without the lock: the second one conflicts, before
+        // touching a key.
+        let a = store.checkout(&keys, false).await.unwrap();
+        let b = store.checkout(&keys, false).await.unwrap();
+        std::fs::write(a.path().join("note.txt"), b"a").unwrap();
+        std::fs::write(b.path().join("note.txt"), b"b").unwrap();
+        std::fs::write(b.path().join("intermediate.key"), b"b").unwrap();
+        store.checkin(&keys, a).await.unwrap();
+        let err = store.checkin(&keys, b).await.unwrap_err().to_string();
+        assert!(
+            err.contains("changed while this command ran (generation 1, now 2)"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(keys.join("intermediate.key")).unwrap(),
+            key_before
+        );
+        assert_eq!(
+            pg.sql(
+                &db,
+                "SELECT convert_from(body, 'UTF8') FROM ca_documents WHERE name = 'note.txt'"
+            ),
+            "a"
+        );
+    });
+}
+
+#[test]
+fn an_offline_root_stays_out_of_the_key_directory() {
+    let Some(pg) = Pg::shared() else { return };
+    let db = pg.new_db("offline");
+    let url = pg.url(&db);
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = tmp.path().join("keys");
+    let err = fails(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&keys.join("root-offline.key")),
+    ]);
+    assert!(err.contains("inside the key directory"), "{err}");
+    let root = tmp.path().join("root-offline.key");
+    ok(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&root),
+    ]);
+    assert!(root.is_file() && !keys.join("root.key").exists());
+    assert!(keys.join("intermediate.key").is_file());
+    let err = fails(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    assert!(err.contains("--root-key"), "{err}");
+    ok(&[
+        "rotate",
+        "intermediate",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key",
+        p(&root),
+    ]);
+    assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "2");
+    let new_root = tmp.path().join("root2.key");
+    let err = fails(&[
+        "rotate",
+        "root",
+        "prepare",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&keys.join("next-root.key")),
+    ]);
+    assert!(err.contains("inside the key directory"), "{err}");
+    ok(&[
+        "rotate",
+        "root",
+        "prepare",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--root-key-out",
+        p(&new_root),
+    ]);
+    assert!(new_root.is_file() && !keys.join("next/root.key").exists());
+    assert!(keys.join("next/intermediate.key").is_file());
+}
+
+#[test]
+fn a_database_down_is_unreachable_and_the_store_recovers_by_itself() {
+    let Some(mut pg) = Pg::private() else { return };
+    let (db, url, _tmp, keys) = store_ca(&pg, "down");
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    let token = ok(&[
+        "token",
+        "create",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--spiffe-id",
+        &id,
+    ]);
+    let sha = sha256_hex(token.trim());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(PgStore::connect(&url, true)).unwrap();
+    let mut rx = rt.block_on(async { store.watch() });
+    rt.block_on(store.ping()).unwrap();
+
+    pg.stop();
+    use keyproof_ca::store::StoreError;
+    for e in [
+        rt.block_on(store.ping()).unwrap_err(),
+        rt.block_on(store.token_take(&sha, "r")).unwrap_err(),
+        rt.block_on(store.generation()).unwrap_err(),
+    ] {
+        assert!(matches!(e, StoreError::Unreachable { .. }), "{e:?}");
+        assert!(!e.to_string().contains("-secret"), "{e}");
+    }
+    let err = fails(&["check", "--store", &url, "--dir", p(&keys)]);
+    assert!(err.contains("is unreachable"), "{err}");
+
+    // Back: the same store object works again, and so does the feed.
+    pg.restart();
+    rt.block_on(async {
+        // Connections the server closed are not handed out again.
+        store.ping().await.expect("ping after the restart");
+        assert!(store.token_take(&sha, "r").await.unwrap().is_ok());
+    });
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|g| *g == 2))
+            .await
+            .expect("the feed follows after the restart")
+            .unwrap();
+    });
+    assert_eq!(pg.sql(&db, "SELECT used_by FROM join_tokens"), "r");
+}
+
+#[test]
+fn a_password_is_used_and_never_printed() {
+    let Some(pg) = Pg::shared() else { return };
+    let db = pg.new_db("password");
+    let url = |pw: &str| {
+        format!(
+            "postgres://pwuser:{pw}@127.0.0.1:{}/{db}?sslmode=disable",
+            pg.port
+        )
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = tmp.path().join("keys");
+    let wrong = url("wrong-secret");
+    let o = run(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &wrong,
+        "--dir",
+        p(&keys),
+    ]);
+    assert!(!o.ok);
+    assert!(
+        o.stderr.contains("is unreachable") && o.stderr.contains("password authentication failed"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("pwuser:***@"), "{}", o.stderr);
+    no_password(&o);
+    assert!(!keys.exists(), "nothing written");
+    let right = url(pg::PWUSER_PASSWORD);
+    let o = run(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &right,
+        "--dir",
+        p(&keys),
+    ]);
+    assert!(o.ok, "{}", o.stderr);
+    no_password(&o);
+    let o = run(&["check", "--store", &right, "--dir", p(&keys)]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    no_password(&o);
+}
+
+#[test]
+fn rotations_started_together_take_turns() {
+    let Some(pg) = Pg::shared() else { return };
+    let (db, url, _tmp, keys) = store_ca(&pg, "turns");
+    // Issues run meanwhile: each sees a certificate and its key together,
+    // never a new key beside the old certificate.
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    let threads: Vec<_> = (0..9)
+        .map(|i| {
+            let (url, keys, id) = (url.clone(), keys.clone(), id.clone());
+            let out = _tmp.path().to_owned();
+            std::thread::spawn(move || {
+                if i % 3 == 0 {
+                    run(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)])
+                } else {
+                    run(&[
+                        "issue",
+                        "--store",
+                        &url,
+                        "--dir",
+                        p(&keys),
+                        "--spiffe-id",
+                        &id,
+                        "--key-out",
+                        p(&out.join(format!("{i}.key"))),
+                        "--cert-out",
+                        p(&out.join(format!("{i}.crt"))),
+                    ])
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let o = t.join().unwrap();
+        assert!(o.ok, "{}", o.stderr);
+    }
+    assert_eq!(pg.sql(&db, "SELECT count(*) FROM ledger"), "6");
+    // Each one saw the previous one's result: three new generations, and
+    // the intermediate in the store is the one whose key is in --dir.
+    assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "4");
+    let o = run(&["check", "--store", &url, "--dir", p(&keys)]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(
+        pg.sql(
+            &db,
+            "SELECT count(*) FROM ca_documents WHERE name LIKE 'archive/%intermediate.crt'"
+        ),
+        "3"
+    );
 }

@@ -122,7 +122,13 @@ impl PgStore {
         let parsed = tls::parse(url)?;
         let mut config = parsed.config;
         config.connect_timeout(CONNECT_TIMEOUT);
-        config.keepalives_idle(Duration::from_secs(30));
+        // A database host that vanishes (no RST) is noticed in seconds,
+        // not after the kernel's 15 minutes: unacknowledged data or
+        // keepalives fail the connection, and the query with it.
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(10));
         let options = match config.get_options() {
             Some(o) => format!("{o} -c statement_timeout={STATEMENT_TIMEOUT}"),
             None => format!("-c statement_timeout={STATEMENT_TIMEOUT}"),
@@ -339,9 +345,10 @@ impl PgStore {
     }
 
     /// A workspace with the current documents, the key files of `key_dir`
-    /// (`*.key`, `next/*.key`) and the live ledger (entries not yet
-    /// expired) as `ledger.jsonl`. `exclusive` holds the advisory lock until
-    /// [`PgStore::checkin`] or drop.
+    /// (`*.key`, `next/*.key`), the live ledger (entries not yet expired)
+    /// as `ledger.jsonl` and the unexpired join tokens as `tokens.jsonl`.
+    /// `exclusive` holds the advisory lock until [`PgStore::checkin`] or
+    /// drop.
     pub async fn checkout(&self, key_dir: &Path, exclusive: bool) -> Result<Workspace, StoreError> {
         let lock = if exclusive {
             let (client, conn) = self.dedicated().await?;
@@ -358,18 +365,31 @@ impl PgStore {
             None
         };
         let mut c = self.client().await?;
+        // Without the lock, a shared hold of it for the reads: a rotation
+        // running now writes its keys into `key_dir` before it commits its
+        // documents, so documents and keys are only read together once it
+        // is done (and none starts until they are read). Read committed:
+        // each read sees what committed before it, not a snapshot taken
+        // before the wait.
         let tx = c
             .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
             .read_only(true)
             .start()
             .await
             .map_err(|e| self.err(e))?;
+        if !exclusive {
+            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&CA_LOCK])
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         let (generation, docs) = self.read_docs(&tx).await?;
+        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
         let token_rows = tx
             .query(
+                // Expired tokens are of no use to any command.
                 "SELECT id, sha256, spiffe_id, expires_at, created_at, used_at FROM join_tokens \
-                 ORDER BY created_at, id",
+                 WHERE expires_at > now() ORDER BY created_at, id",
                 &[],
             )
             .await
@@ -384,8 +404,10 @@ impl PgStore {
         tx.commit().await.map_err(|e| self.err(e))?;
         drop(c);
 
+        // 0700: it holds copies of the key files.
         let dir = tempfile::Builder::new()
             .prefix("keyproof-ca-ws")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .map_err(|source| StoreError::Io {
                 path: std::env::temp_dir(),
@@ -394,7 +416,6 @@ impl PgStore {
         for (name, body) in &docs {
             workspace::write(dir.path(), name, body)?;
         }
-        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
         for (name, body) in &keys {
             workspace::write(dir.path(), name, body)?;
         }
