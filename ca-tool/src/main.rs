@@ -441,9 +441,11 @@ struct RenewArgs {
     /// Its private key PEM, replaced by a new key (mode 0600).
     #[arg(long)]
     key: PathBuf,
-    /// The CA server, https://host:port.
-    #[arg(long)]
-    ca_url: String,
+    /// The CA server, https://host:port; repeat for several replicas, tried
+    /// in order with failover (a name resolving to several addresses counts
+    /// as several).
+    #[arg(long, required = true)]
+    ca_url: Vec<String>,
     /// Trust bundle PEM authenticating the CA server; rewritten when the
     /// CA's bundle changes.
     #[arg(long)]
@@ -788,7 +790,7 @@ fn renew(a: RenewArgs) -> Result<ExitCode> {
     let opts = file_renewer::Options {
         cert: a.cert,
         key: a.key,
-        ca_url: a.ca_url,
+        ca_urls: a.ca_url,
         bundle: a.bundle,
         server_id: a.server_id,
         exec: a.exec,
