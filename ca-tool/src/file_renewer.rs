@@ -57,7 +57,7 @@ pub struct Options {
     pub key: PathBuf,
     /// `https://host:port` of `keyproof-ca serve`: one, or several replicas
     /// tried in order with failover (starting from the last that answered).
-    pub ca_urls: Vec<String>,
+    pub ca_url: Vec<String>,
     /// Bundle PEM authenticating the CA; rewritten when the CA's changes.
     pub bundle: PathBuf,
     /// The CA server's SPIFFE ID; `spiffe://<td>/keyproof-ca` when unset.
@@ -335,7 +335,7 @@ impl<'a> Renewer<'a> {
             id: id.clone(),
             msg: e.to_string(),
         })?;
-        let client = CaClient::with_urls(&opts.ca_urls, verifier.clone(), pattern)
+        let client = CaClient::with_urls(&opts.ca_url, verifier.clone(), pattern)
             .map_err(|e| match e {
                 ClientError::BadUrl(url) => RenewError::BadUrl { url },
                 other => RenewError::Ca(other),

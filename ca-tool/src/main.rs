@@ -790,7 +790,7 @@ fn renew(a: RenewArgs) -> Result<ExitCode> {
     let opts = file_renewer::Options {
         cert: a.cert,
         key: a.key,
-        ca_urls: a.ca_url,
+        ca_url: a.ca_url,
         bundle: a.bundle,
         server_id: a.server_id,
         exec: a.exec,
