@@ -570,18 +570,15 @@ impl CaClient {
         &self,
         op: &'static str,
         identity: Option<Arc<CertifiedKey>>,
-        method: Method,
-        path: &str,
-        headers: &[(header::HeaderName, String)],
-        body: Bytes,
+        req: Call<'_>,
         read: impl Fn(StatusCode, &[u8], &Endpoint) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         self.each(op, |ep, t| {
-            let (identity, method, body) = (identity.clone(), method.clone(), body.clone());
+            let (identity, method, body) = (identity.clone(), req.method.clone(), req.body.clone());
             let read = &read;
             async move {
                 let mut session = self.connect_to(ep, identity, t).await?;
-                let (status, answer) = session.send(method, path, headers, body).await?;
+                let (status, answer) = session.send(method, req.path, req.headers, body).await?;
                 read(status, &answer, &session.endpoint)
             }
         })
@@ -645,13 +642,15 @@ impl CaClient {
         self.call(
             "bootstrap",
             None,
-            Method::POST,
-            &path,
-            &[
-                (header::AUTHORIZATION, format!("Bearer {}", token.trim())),
-                (header::CONTENT_TYPE, "application/pkcs10".into()),
-            ],
-            Bytes::from(csr_pem.to_owned()),
+            Call {
+                method: Method::POST,
+                path: &path,
+                headers: &[
+                    (header::AUTHORIZATION, format!("Bearer {}", token.trim())),
+                    (header::CONTENT_TYPE, "application/pkcs10".into()),
+                ],
+                body: Bytes::from(csr_pem.to_owned()),
+            },
             Self::issued,
         )
         .await
@@ -666,10 +665,12 @@ impl CaClient {
         self.call(
             "renew",
             Some(current),
-            Method::POST,
-            "/v1/renew",
-            &[(header::CONTENT_TYPE, "application/pkcs10".into())],
-            Bytes::from(csr_pem.to_owned()),
+            Call {
+                method: Method::POST,
+                path: "/v1/renew",
+                headers: &[(header::CONTENT_TYPE, "application/pkcs10".into())],
+                body: Bytes::from(csr_pem.to_owned()),
+            },
             Self::issued,
         )
         .await
@@ -680,10 +681,12 @@ impl CaClient {
         self.call(
             "bundle",
             None,
-            Method::GET,
-            "/v1/bundle",
-            &[],
-            Bytes::new(),
+            Call {
+                method: Method::GET,
+                path: "/v1/bundle",
+                headers: &[],
+                body: Bytes::new(),
+            },
             |status, body, _| {
                 bundle_status(status)?;
                 keys::certs_from_pem(body)
@@ -699,10 +702,12 @@ impl CaClient {
         self.call(
             "bundle",
             None,
-            Method::GET,
-            "/v1/bundle",
-            &[(header::ACCEPT, "application/json".into())],
-            Bytes::new(),
+            Call {
+                method: Method::GET,
+                path: "/v1/bundle",
+                headers: &[(header::ACCEPT, "application/json".into())],
+                body: Bytes::new(),
+            },
             |status, body, _| {
                 bundle_status(status)?;
                 BundleDocument::parse(body)
@@ -710,6 +715,14 @@ impl CaClient {
         )
         .await
     }
+}
+
+/// One API request, sent to each endpoint in turn.
+struct Call<'a> {
+    method: Method,
+    path: &'a str,
+    headers: &'a [(header::HeaderName, String)],
+    body: Bytes,
 }
 
 /// A server error whose body is not the CA's JSON (a proxy in front).
