@@ -9,6 +9,7 @@
 //! - A list whose first URLs are dead (a closed port, a listener that never
 //!   answers TLS) bootstraps through the next one.
 //! - Every URL dead: the error names each URL tried.
+//! - A name resolving to several addresses is one endpoint per address.
 //! - A refusal (4xx) is the CA's answer: no failover.
 
 use std::net::SocketAddr;
@@ -403,4 +404,48 @@ fn a_refusal_is_the_answer_and_does_not_fail_over() {
         .block_on(client.bootstrap_for(&good, &key.csr_pem, Some(&id)))
         .unwrap();
     assert_eq!(issued.endpoint.unwrap().url, url(a.port));
+}
+
+#[test]
+fn a_name_resolving_to_several_addresses_is_one_endpoint_per_address() {
+    use std::net::ToSocketAddrs;
+    let ca = TestCa::new(TD);
+    // Listening on 127.0.0.1 only: when `localhost` also resolves to ::1
+    // (as /etc/hosts usually has it), that address is refused and the call
+    // fails over to the next address of the same name.
+    let server = serve(&ca, free_port());
+    let name = format!("https://localhost:{}", server.port);
+    let addrs: Vec<SocketAddr> = ("localhost", server.port)
+        .to_socket_addrs()
+        .unwrap()
+        .collect();
+    let verifier = {
+        use keyproof_identity::verify::{SvidVerifier, TrustBundle};
+        let bundle = TrustBundle::from_pem(&std::fs::read(ca.bundle()).unwrap()).unwrap();
+        std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(SvidVerifier::new(
+            keyproof_identity::TrustDomain::parse(TD).unwrap(),
+            bundle,
+        )))
+    };
+    let client = CaClient::with_urls(
+        &[name.clone()],
+        verifier,
+        keyproof_identity::IdPattern::parse(&format!("spiffe://{TD}/keyproof-ca")).unwrap(),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let roots = rt().block_on(client.bundle()).unwrap();
+        assert!(!roots.is_empty());
+        let ep = client.last_endpoint().unwrap();
+        assert_eq!(ep.url, name);
+        assert_eq!(
+            ep.addr,
+            SocketAddr::from(([127, 0, 0, 1], server.port)),
+            "{addrs:?}"
+        );
+        assert_eq!(
+            ep.to_string(),
+            format!("{name} (127.0.0.1:{})", server.port)
+        );
+    }
 }
