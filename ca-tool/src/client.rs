@@ -337,6 +337,7 @@ pub struct CaClient {
     last_good: Arc<std::sync::Mutex<Option<Endpoint>>>,
     observer: Option<Arc<dyn EndpointObserver>>,
     connect_timeout: Duration,
+    answer_timeout: Duration,
 }
 
 impl CaClient {
@@ -371,6 +372,7 @@ impl CaClient {
             last_good: Arc::default(),
             observer: None,
             connect_timeout: FAILOVER_CONNECT_TIMEOUT,
+            answer_timeout: TIMEOUT,
         })
     }
 
@@ -385,6 +387,15 @@ impl CaClient {
     /// the full request timeout).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// The time allowed for an answer once connected (10 s by default).
+    /// The renewer shortens it for a short-lived certificate, so that a
+    /// replica that accepts connections but does not answer cannot use up
+    /// the certificate's remaining life before the next endpoint is tried.
+    pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
+        self.answer_timeout = timeout;
         self
     }
 
@@ -542,6 +553,7 @@ impl CaClient {
             tokio::spawn(conn);
             Ok(Session {
                 sender,
+                answer_timeout: self.answer_timeout,
                 label: label.clone(),
                 endpoint: ep.clone(),
                 group,
@@ -749,6 +761,7 @@ fn bundle_status(status: StatusCode) -> Result<(), ClientError> {
 /// A kept-alive connection to the CA.
 pub struct Session {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    answer_timeout: Duration,
     /// How errors name the endpoint.
     label: String,
     endpoint: Endpoint,
@@ -805,9 +818,10 @@ impl Session {
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(TIMEOUT, fut)
+        let limit = self.answer_timeout;
+        tokio::time::timeout(limit, fut)
             .await
-            .map_err(|_| broken(format!("no answer within {TIMEOUT:?}")))?
+            .map_err(|_| broken(format!("no answer within {limit:?}")))?
     }
 
     /// Renews on this connection (its client certificate names the identity).
