@@ -3,7 +3,8 @@
 //! directory (the directory store; PostgreSQL is the same for the client).
 //!
 //! - A sidecar pair renewing 10 s SVIDs from `url = [A, B]` under steady
-//!   traffic while A is killed, restarted, and then B killed: no failed
+//!   traffic while A is killed (its address then blackholed: connections
+//!   accepted, TLS never answered), restarted, and then B killed: no failed
 //!   renewal, no failed request, and the renewals while A was down came
 //!   from B (then from A while B was).
 //! - A list whose first URLs are dead (a closed port, a listener that never
@@ -202,13 +203,16 @@ fn sidecars_renew_through_the_other_replica_while_one_is_killed_and_no_request_f
     };
     renewed_from(&urls[0], "both replicas up");
 
-    // A goes away: renewals continue from B.
+    // A goes away, and its address turns into a blackhole (connections
+    // accepted, TLS never answered): renewals continue from B.
     drop(a.take());
+    let blackhole = std::net::TcpListener::bind(("127.0.0.1", port_a)).unwrap();
     renewed_from(&urls[1], "A killed");
     let b_issued_while_a_down: Vec<String> =
         proxies.iter().map(|(_, admin)| issued_by(*admin)).collect();
 
     // A is back; the sidecars stay on B, which still answers.
+    drop(blackhole);
     a = Some(serve(&ca, port_a));
     renewed_from(&urls[1], "A restarted");
 
