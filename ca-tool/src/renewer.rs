@@ -32,7 +32,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 
 use crate::client::{
-    certified_key, new_key, token_csr, CaClient, ClientError, IssuedKey, IssuedSvid,
+    certified_key, new_key, token_csr, CaClient, ClientError, Endpoint, IssuedKey, IssuedSvid,
 };
 
 /// First retry delay; doubles up to [`MAX_BACKOFF`].
@@ -111,6 +111,8 @@ pub struct NewIdentity {
     /// The bundle's `spiffe_sequence` as the CA stated it with the issuance
     /// (None from a CA that does not say).
     pub spiffe_sequence: Option<u64>,
+    /// The CA endpoint (replica) that issued it.
+    pub ca_endpoint: Option<Endpoint>,
 }
 
 /// The API error codes of a renewal that no retry can turn into a success:
@@ -162,6 +164,11 @@ impl FailureKind {
             ClientError::ClientCertRejected { .. } => FailureKind::ClientCertRejected,
             ClientError::Refused { .. } => FailureKind::CaRefused,
             ClientError::BadUrl(_) | ClientError::Protocol(_) => FailureKind::Protocol,
+            // Named after the last endpoint's failure: only unreachable
+            // endpoints and server errors fail over.
+            ClientError::AllFailed(tried) => tried
+                .last()
+                .map_or(FailureKind::CaUnreachable, |a| FailureKind::of(&a.error)),
         }
     }
 }
@@ -169,8 +176,13 @@ impl FailureKind {
 /// What happened, for metrics and logs.
 #[derive(Debug)]
 pub enum Event<'a> {
-    /// An SVID was issued and installed (`bootstrap` or `renew`).
-    Renewed { how: &'static str, not_after: i64 },
+    /// An SVID was issued and installed (`bootstrap` or `renew`) by the
+    /// CA endpoint `endpoint`.
+    Renewed {
+        how: &'static str,
+        not_after: i64,
+        endpoint: Option<&'a Endpoint>,
+    },
     /// Issuance failed; the current identity keeps serving.
     Failed {
         how: &'static str,
@@ -220,6 +232,21 @@ fn jitter() -> f64 {
     let mut b = [0u8; 2];
     let _ = aws_lc_rs::rand::fill(&mut b);
     0.85 + 0.1 * (u16::from_le_bytes(b) as f64 / u16::MAX as f64)
+}
+
+/// The time one CA endpoint is given to answer an issuance while a
+/// certificate valid until `held_until` is held: a third of its remaining
+/// life, between 2 s and 10 s, so that with a short-lived certificate a
+/// replica that accepts connections and never answers leaves time to fail
+/// over to the next one before the certificate lapses.
+fn answer_timeout(held_until: Option<i64>, now: i64) -> Duration {
+    const MAX: Duration = Duration::from_secs(10);
+    match held_until {
+        Some(until) if until > now => {
+            (Duration::from_secs((until - now) as u64) / 3).clamp(Duration::from_secs(2), MAX)
+        }
+        _ => MAX,
+    }
 }
 
 /// When to renew a certificate received now that expires at `not_after`:
@@ -476,9 +503,17 @@ async fn obtain(
     };
     let key = key_for_issuance(cfg, source, how).await?;
     let now = crate::ca::now().unix_timestamp();
+    let held_until = current
+        .as_ref()
+        .and_then(|ck| ck.cert.first())
+        .and_then(|leaf| leaf_not_after(std::slice::from_ref(leaf)).ok());
+    let client = cfg
+        .client
+        .clone()
+        .with_answer_timeout(answer_timeout(held_until, now));
     let (issued, how): (IssuedSvid, _) =
         match ask_for(&cfg.bootstrap, current, now, state.untrusted) {
-            Ask::Renew(ck) => match cfg.client.renew(ck, &key.csr_pem).await {
+            Ask::Renew(ck) => match client.renew(ck, &key.csr_pem).await {
                 Ok(issued) => (issued, "renew"),
                 Err(e) if bootstrap_after_refusal(&cfg.bootstrap, &e, &mut state.warned) => {
                     // Counted and logged as what it was before the bootstrap
@@ -518,6 +553,7 @@ async fn obtain(
             bundle: issued.bundle,
             // Sequences start at 1; 0 is what a CA that does not say gives.
             spiffe_sequence: (issued.spiffe_sequence > 0).then_some(issued.spiffe_sequence),
+            ca_endpoint: issued.endpoint,
         },
         how,
     ))
@@ -551,16 +587,21 @@ pub async fn run_with_key(cfg: RenewerConfig, source: KeySource, handler: Arc<dy
                 Ok((id, how)) => {
                     let not_after = id.not_after;
                     let bundle = (id.bundle.clone(), id.spiffe_sequence);
+                    let endpoint = id.ca_endpoint.clone();
                     handler
                         .install(id)
-                        .map(|()| (how, not_after, bundle))
+                        .map(|()| (how, not_after, bundle, endpoint))
                         .map_err(|e| (FailureKind::Rejected, e, how))
                 }
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok((how, not_after, bundle)) => {
-                    handler.event(Event::Renewed { how, not_after });
+                Ok((how, not_after, bundle, endpoint)) => {
+                    handler.event(Event::Renewed {
+                        how,
+                        not_after,
+                        endpoint: endpoint.as_ref(),
+                    });
                     last_bundle = Some(bundle);
                     refused_bundle = None;
                     state = HeldState::default();
@@ -752,6 +793,17 @@ mod tests {
         ] {
             assert!(!bootstrap_after_refusal(&sa(), &e, &mut false), "{e}");
         }
+    }
+
+    #[test]
+    fn a_short_lived_certificate_gives_each_endpoint_less_time_to_answer() {
+        let s = Duration::from_secs;
+        assert_eq!(answer_timeout(None, 1_000), s(10));
+        assert_eq!(answer_timeout(Some(1_000 + 24 * 3600), 1_000), s(10));
+        assert_eq!(answer_timeout(Some(1_009), 1_000), s(3));
+        assert_eq!(answer_timeout(Some(1_004), 1_000), s(2));
+        // Lapsed: renewing cannot be in a hurry any more.
+        assert_eq!(answer_timeout(Some(990), 1_000), s(10));
     }
 
     #[test]
