@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use keyproof_identity::SpiffeId;
 
+use crate::http::server::MAX_FRAME_SIZE;
 use crate::http::traits::SendBody;
 
 /// hyper's defaults, kept: room for large bodies without waiting on window
@@ -72,6 +73,7 @@ impl MeshSender {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_header_list_size(max_header_bytes)
+            .max_frame_size(MAX_FRAME_SIZE)
             // Until the peer's SETTINGS arrive, assume the inbound's default
             // stream limit: a burst at connection setup then queues here
             // instead of being refused (REFUSED_STREAM) beyond the limit.
@@ -309,8 +311,11 @@ pub struct TunnelEnd {
     pub idle: bool,
 }
 
-/// Largest chunk read from the local side at once.
-const TUNNEL_CHUNK: usize = 64 * 1024;
+/// Largest chunk read from the local side at once: one DATA frame (the
+/// inbound takes frames up to [`MAX_FRAME_SIZE`]) whose 9-byte head and
+/// payload fill exactly two 16 KiB TLS records; a round 32 KiB would spill
+/// 9 bytes into a record of their own.
+const TUNNEL_CHUNK: usize = 2 * 16 * 1024 - 9;
 
 impl Tunnel {
     /// Pumps bytes both ways until both have ended, or nothing crossed for

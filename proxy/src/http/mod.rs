@@ -17,6 +17,8 @@
 //!   kept; `limited.rs`: reading or draining a body with a bound.
 //! * `owned.rs`: header fields the sidecar owns, hop-by-hop and trailer
 //!   rules; `path.rs`: the path normalizer.
+//! * `read_ahead.rs`: a mesh connection's socket read in large chunks
+//!   under TLS.
 //! * `traits.rs`, `response.rs`, `io.rs`, `map_in_place.rs`: small pieces
 //!   the others share.
 
@@ -31,6 +33,7 @@ pub mod map_in_place;
 pub mod mesh_client;
 pub mod owned;
 pub mod path;
+pub mod read_ahead;
 pub mod response;
 pub mod server;
 pub mod tee;

@@ -60,6 +60,7 @@ use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
 use crate::http::path;
+use crate::http::read_ahead::ReadAhead;
 use crate::http::server::{self, Builders, Proto, StreamGuard};
 use crate::identity::store::{self, IdentityStore, PeerIdentity};
 use crate::inbound::app::{AppAsked, AppClient, AppClients};
@@ -290,8 +291,10 @@ impl Inbound {
         // The handshake holds a place among the pending ones, not a
         // connection slot: see `HandshakeGate`.
         let slot = self.gate.admit();
-        let handshake =
-            tokio::time::timeout(self.cfg.limits.handshake_timeout, self.acceptor.accept(tcp));
+        let handshake = tokio::time::timeout(
+            self.cfg.limits.handshake_timeout,
+            self.acceptor.accept(ReadAhead::new(tcp)),
+        );
         let tls = tokio::select! {
             r = handshake => r,
             _ = slot.evicted() => {

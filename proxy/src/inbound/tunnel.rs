@@ -66,11 +66,19 @@ use crate::http::body::{text, ProxyBody};
 use crate::http::server::StreamGuard;
 use crate::metrics::{Direction, TcpMetrics};
 
-/// Bytes read from one side before they are written to the other, each
-/// way: the pump allocates both up front, so with `max_tunnels` open this
-/// is most of their memory (32 KiB a tunnel); 16 KiB still fills a
-/// loopback connection at full speed.
+/// Bytes read from the caller's stream before they are written to the
+/// app: the pump allocates both ways' buffers up front, so with
+/// `max_tunnels` open they are most of their memory (48 KiB a tunnel);
+/// 16 KiB still fills a loopback connection at full speed.
 const PUMP_BUFFER: usize = 16 * 1024;
+
+/// Bytes read from the app at once, towards the caller: one HTTP/2 DATA
+/// frame (up to [`MAX_FRAME_SIZE`](crate::http::server::MAX_FRAME_SIZE)
+/// from keyproof's outbound), whose 9-byte head and payload fill exactly
+/// two 16 KiB TLS records. A 16 KiB read became a frame of 16 KiB and 9
+/// bytes, two records (one of 9 bytes) and a `writev` of its own; this one
+/// is two full records in one.
+const APP_READ: usize = 2 * 16 * 1024 - 9;
 
 /// What every tunnel of a listener shares.
 #[derive(Clone)]
@@ -286,7 +294,7 @@ impl Tunnels {
         };
         // `None`: idle.
         let ended = tokio::select! {
-            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, PUMP_BUFFER, PUMP_BUFFER) => Some(r),
+            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, PUMP_BUFFER, APP_READ) => Some(r),
             () = idle(&tally, self.idle) => None,
         };
         let (up, down) = tally.get();
@@ -805,6 +813,122 @@ mod tests {
         let (status, _) = connect(&mut h2, port).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert_eq!((tcp(&m, "denied"), tcp(&m, "ok")), (2.0, 1.0));
+    }
+
+    /// [`client`] taking DATA frames up to the proxy's own bound, as
+    /// keyproof's outbound does.
+    async fn large_frame_client(
+        caller: &Workload,
+        addr: std::net::SocketAddr,
+    ) -> h2::client::SendRequest<Bytes> {
+        let store = caller.store();
+        let any = IdPattern::parse(&format!("spiffe://{TD}/*")).expect("pattern");
+        let cfg = store::client_config(&store, any, &[b"h2"]).expect("client config");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tls = TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("api.test").expect("name"), tcp)
+            .await
+            .expect("mutual TLS handshake");
+        let (send, conn) = h2::client::Builder::new()
+            .max_frame_size(crate::http::server::MAX_FRAME_SIZE)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send
+    }
+
+    /// The `i`th byte of a test stream: a pattern that shows a lost,
+    /// repeated or reordered chunk.
+    fn pattern(i: usize) -> u8 {
+        (i % 251) as u8
+    }
+
+    #[tokio::test]
+    async fn megabytes_cross_in_large_frames_to_a_slow_reader_and_both_ends_half_close() {
+        const DOWN: usize = 6 * 1024 * 1024;
+        const UP: usize = 3 * 1024 * 1024 + 5;
+        let (api, web) = (workload(API), workload(WEB));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let port = l.local_addr().expect("app address").port();
+        // The app sends DOWN bytes and its FIN first, then reads the
+        // caller's bytes to their end: each way ends on its own.
+        let app = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.expect("accept");
+            let (mut rd, mut wr) = tcp.into_split();
+            let writer = tokio::spawn(async move {
+                let all: Vec<u8> = (0..DOWN).map(pattern).collect();
+                for c in all.chunks(1 << 20) {
+                    wr.write_all(c).await.expect("app write");
+                }
+                wr.shutdown().await.expect("app FIN");
+            });
+            let mut got = Vec::new();
+            rd.read_to_end(&mut got).await.expect("app read");
+            writer.await.expect("writer");
+            got
+        });
+        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+        let mut h2 = large_frame_client(&web, addr).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        // A slow reader: nothing read for a while, so the app's side is
+        // held back by flow control, not buffered without bound.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut down = Vec::with_capacity(DOWN);
+        let mut largest = 0;
+        while let Some(chunk) = rx.data().await {
+            let chunk = chunk.expect("data, not a reset");
+            largest = largest.max(chunk.len());
+            let _ = rx.flow_control().release_capacity(chunk.len());
+            down.extend_from_slice(&chunk);
+            if down.len() < DOWN / 2 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        assert_eq!(
+            down.len(),
+            DOWN,
+            "the app's FIN ended the stream early or late"
+        );
+        assert!(
+            down.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+            "bytes changed on the way"
+        );
+        assert!(
+            largest > 16 * 1024 && largest <= crate::http::server::MAX_FRAME_SIZE as usize,
+            "frames of {largest} bytes"
+        );
+        // The app's way has ended; the caller's still flows, in frames the
+        // inbound takes up to its bound.
+        let up: Vec<u8> = (0..UP).map(pattern).collect();
+        let mut left = Bytes::from(up);
+        while !left.is_empty() {
+            tx.reserve_capacity(left.len().min(2 * 16 * 1024 - 9));
+            let room = std::future::poll_fn(|cx| tx.poll_capacity(cx))
+                .await
+                .expect("capacity")
+                .expect("stream open");
+            let chunk = left.split_to(room.min(left.len()));
+            tx.send_data(chunk, false).expect("send");
+        }
+        tx.send_data(Bytes::new(), true).expect("END_STREAM");
+        let got = tokio::time::timeout(Duration::from_secs(10), app)
+            .await
+            .expect("the app saw the caller's end")
+            .expect("app task");
+        assert_eq!(got.len(), UP);
+        assert!(
+            got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+            "bytes changed on the way"
+        );
+        assert_eq!(
+            bytes(&m, (UP as f64, DOWN as f64)).await,
+            (UP as f64, DOWN as f64)
+        );
     }
 
     #[tokio::test]

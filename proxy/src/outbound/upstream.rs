@@ -28,6 +28,7 @@ use crate::config::{OutboundConfig, UpstreamConfig};
 use crate::error::root_cause;
 use crate::http::body::ProxyBody;
 use crate::http::mesh_client::{MeshConn, MeshConnInfo, MeshSender};
+use crate::http::read_ahead::ReadAhead;
 use crate::identity::store::{self, IdentityStore};
 use crate::metrics::{DirectionMetrics, Metrics};
 use crate::outbound::kept::StepUpPaths;
@@ -140,7 +141,8 @@ impl Dialer {
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(
             self.handshake_timeout,
-            self.tls.connect(self.server_name.clone(), tcp),
+            self.tls
+                .connect(self.server_name.clone(), ReadAhead::new(tcp)),
         )
         .await
         {
@@ -210,7 +212,7 @@ impl Dialer {
 
 /// One mutual-TLS connection to an upstream sidecar.
 pub struct MeshStream {
-    tls: TlsStream<TcpStream>,
+    tls: TlsStream<ReadAhead<TcpStream>>,
     h2: bool,
     info: Arc<MeshConnInfo>,
     open: prometheus::IntGauge,
