@@ -428,10 +428,23 @@ fn ca_ha_shape(out: &str, rendered: bool) {
         "{out}"
     );
     // Keys: a read-only Secret volume; the workspace: an emptyDir on /tmp.
+    // (kustomize sorts keys: mountPath, name, readOnly.)
+    let key_mounts: Vec<&str> = out
+        .match_indices("mountPath: /var/run/keyproof-ca/keys\n")
+        .map(|(i, _)| out[i..].lines().take(3).collect::<Vec<_>>().join("\n"))
+        .map(|m| {
+            if m.contains("readOnly: true") {
+                "ro"
+            } else {
+                "rw"
+            }
+        })
+        .collect();
     assert!(
         out.contains("secretName: keyproof-ca-keys")
-            && out.contains("mountPath: /var/run/keyproof-ca/keys\n              readOnly: true"),
-        "{out}"
+            && !key_mounts.is_empty()
+            && key_mounts.iter().all(|m| *m == "ro"),
+        "the key Secret must be mounted read-only everywhere ({key_mounts:?}):\n{out}"
     );
     assert!(
         out.contains("mountPath: /tmp") && out.contains("emptyDir:"),
