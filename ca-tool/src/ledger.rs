@@ -1,8 +1,9 @@
 //! `ledger.jsonl`: one JSON line per issued certificate, appended and synced
 //! before the certificate is handed out. It is what `check` scans for
 //! expiring certificates and what `rotate root finish` consults.
-//! [`GroupWriter`] is how `serve` appends: with group commit, one fsync for
-//! every issuance that arrived while the previous fsync ran.
+//! [`GroupWriter`] is how `serve` appends: with group commit, one fsync (or,
+//! on PostgreSQL, one transaction: see [`Sink`]) for every issuance that
+//! arrived while the previous one ran.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -98,6 +99,43 @@ const LEDGER_RECHECK: Duration = Duration::from_secs(1);
 /// ended, or `/ready` looked at the file), and what was wrong if anything.
 type LedgerStatus = Arc<Mutex<Option<(Instant, Option<String>)>>>;
 
+/// Where [`GroupWriter`] appends.
+#[derive(Clone)]
+pub enum Sink {
+    /// `ledger.jsonl` in this CA directory.
+    Dir(PathBuf),
+    /// The `ledger` table of the PostgreSQL store, one transaction per
+    /// batch ([`crate::store::PgStore::ledger_append`]); `failed` counts
+    /// the batches that could not be written (the server's
+    /// `keyproof_ca_store_errors_total{op="ledger_append"}`).
+    Postgres {
+        db: Arc<crate::store::PgStore>,
+        failed: prometheus::IntCounter,
+    },
+}
+
+impl Sink {
+    /// Appends `entries` in one write and fsync, or one transaction.
+    async fn append(&self, entries: Vec<Entry>) -> Result<(), String> {
+        match self {
+            Sink::Dir(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || append_all(&dir, &entries))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+            Sink::Postgres { db, failed } => {
+                let r = db.ledger_append(&entries).await.map_err(|e| e.to_string());
+                if r.is_err() {
+                    failed.inc();
+                }
+                r
+            }
+        }
+    }
+}
+
 /// Appends to the ledger from the server's tasks with group commit: one
 /// write and fsync covers every entry that arrived while the previous one
 /// ran. It also answers whether the ledger is writable, for `/ready`.
@@ -109,7 +147,7 @@ pub struct GroupWriter {
 
 impl GroupWriter {
     /// Starts the writer task (on the current tokio runtime).
-    pub fn start(dir: PathBuf, commit_seconds: Histogram) -> GroupWriter {
+    pub fn start(sink: Sink, commit_seconds: Histogram) -> GroupWriter {
         let (tx, mut rx) = mpsc::channel::<(Entry, oneshot::Sender<Result<(), String>>)>(4096);
         let status = LedgerStatus::default();
         let last = status.clone();
@@ -128,12 +166,8 @@ impl GroupWriter {
                     }
                 }
                 let entries: Vec<Entry> = batch.iter().map(|(e, _)| e.clone()).collect();
-                let dir = dir.clone();
                 let started = Instant::now();
-                let result = tokio::task::spawn_blocking(move || append_all(&dir, &entries))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let result = sink.append(entries).await;
                 commit_seconds.observe(started.elapsed().as_secs_f64());
                 *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((
                     Instant::now(),

@@ -12,8 +12,10 @@ use keyproof_ca::cakey::{KeyAccess, KeyHome};
 use keyproof_ca::csr::{self, SubjectKey};
 use keyproof_ca::fsutil::{self, PUBLIC, SECRET};
 use keyproof_ca::issue::IssueRequest;
+use keyproof_ca::store::{Checkout, PgStore, Store, StoreError, StoreSpec};
 use keyproof_ca::{
-    bundle_publish, check, file_renewer, inspect, issue, jwks_sync, k8s, rotate, Ca, CaError,
+    bundle_publish, check, file_renewer, inspect, issue, jwks_sync, k8s, ledger, rotate, Ca,
+    CaError,
 };
 use keyproof_identity::keys::{self, KeyType};
 use keyproof_identity::pkcs11::TokenSpec;
@@ -143,6 +145,57 @@ enum Command {
     /// namespace carrying a label, and keep it current.
     #[command(name = "k8s-bundle")]
     K8sBundle(K8sBundleArgs),
+    /// Move a CA directory's state (documents, join tokens, the ledger)
+    /// into an empty PostgreSQL store; the key files stay in the directory.
+    Migrate(MigrateArgs),
+    /// The issuance ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+/// `--store`, for every command that reads or writes CA state.
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// Keep the CA's state in PostgreSQL instead of in --dir:
+    /// postgres://USER:PASSWORD@HOST[:PORT]/DB[?sslmode=verify-full&sslrootcert=FILE]
+    /// (libpq URL; sslmode disable, prefer, require, verify-ca or verify-full).
+    /// --dir then is the KEY DIRECTORY: private keys never go into the
+    /// database.
+    #[arg(long, value_name = "URL", env = "KEYPROOF_CA_STORE", hide_env_values = true)]
+    store: Option<String>,
+}
+
+impl StoreArgs {
+    fn spec(&self) -> Result<StoreSpec> {
+        Ok(StoreSpec::parse(self.store.as_deref())?)
+    }
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// The CA directory to move (only read; it keeps the key files, which
+    /// every `serve --store` replica then needs as its --dir).
+    #[arg(long, required_unless_present = "schema_only")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Only bring the database schema up to date (what `serve` does at
+    /// start), moving nothing.
+    #[arg(long)]
+    schema_only: bool,
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Print every ledger entry as JSON lines (the format of ledger.jsonl),
+    /// in issuance order.
+    Export {
+        /// CA directory (without --store).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Args)]
@@ -206,9 +259,12 @@ struct ApiServerArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// CA directory.
+    /// CA directory; with --store, the key directory (every replica needs
+    /// the same key files, e.g. a Secret mounted here).
     #[arg(long)]
     dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8443")]
     listen: std::net::SocketAddr,
@@ -252,8 +308,11 @@ const SA_TOKEN_LEEWAY: Duration = Duration::from_secs(60);
 enum TokenCommand {
     /// Create a single-use join token bound to one SPIFFE ID; prints it once.
     Create {
+        /// CA directory; with --store, the key directory.
         #[arg(long)]
         dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         #[arg(long)]
         spiffe_id: String,
         /// How long the token may be used (1s to 100y).
@@ -266,8 +325,12 @@ enum TokenCommand {
 struct InitArgs {
     /// CA directory to create: it must not exist, or be an empty directory
     /// (an existing CA, any other file or a non-empty directory is refused).
+    /// With --store, the key directory the key files go to (created 0700
+    /// if missing; it must not hold a CA's keys already).
     #[arg(long)]
     dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Trust domain name, e.g. prod.example.com.
     #[arg(long)]
     trust_domain: String,
@@ -333,9 +396,11 @@ impl PinArgs {
 
 #[derive(Args)]
 struct IssueArgs {
-    /// CA directory.
+    /// CA directory; with --store, the key directory.
     #[arg(long)]
     dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// The workload's SPIFFE ID; must be in the CA's trust domain.
     #[arg(long)]
     spiffe_id: String,
@@ -409,9 +474,12 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// Check a CA directory: roots, intermediate, the ledger, rotation stage.
+    /// Check a CA directory: roots, intermediate, the ledger, rotation stage
+    /// (with --store: the CA in the store, --dir being the key directory).
     #[arg(long, conflicts_with_all = ["cert", "bundle"], required_unless_present = "cert")]
     dir: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Check one certificate chain (PEM, leaf first)...
     #[arg(long, requires = "bundle")]
     cert: Option<PathBuf>,
@@ -472,9 +540,11 @@ enum BundleFormat {
 
 #[derive(Args)]
 struct BundleArgs {
-    /// CA directory.
+    /// CA directory; with --store, the key directory.
     #[arg(long)]
     dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Output format.
     #[arg(long, value_enum, default_value = "pem")]
     format: BundleFormat,
@@ -494,17 +564,23 @@ struct K8sSecretArgs {
     /// Private key PEM.
     #[arg(long)]
     key: PathBuf,
-    /// Trust bundle PEM (becomes ca.crt).
-    #[arg(long)]
-    bundle: PathBuf,
+    /// Trust bundle PEM (becomes ca.crt) [default with --store: the
+    /// store's bundle].
+    #[arg(long, required_unless_present = "store")]
+    bundle: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Subcommand)]
 enum RotateCommand {
     /// Replace the intermediate under the current root; the bundle does not change.
     Intermediate {
+        /// CA directory; with --store, the key directory.
         #[arg(long)]
         dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Lifetime of the new intermediate (1h to 100y), capped at the
         /// root's expiry.
         #[arg(long, default_value = "1y", value_parser = intermediate_ttl)]
@@ -524,8 +600,11 @@ enum RotateCommand {
 enum RootStep {
     /// Create the new root and intermediate; the bundle becomes old + new.
     Prepare {
+        /// CA directory; with --store, the key directory.
         #[arg(long)]
         dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Lifetime of the new root (1d to 100y).
         #[arg(long, default_value = "10y", value_parser = root_ttl)]
         root_ttl: Duration,
@@ -545,15 +624,21 @@ enum RootStep {
     },
     /// Issue from the new chain.
     Activate {
+        /// CA directory; with --store, the key directory.
         #[arg(long)]
         dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         #[command(flatten)]
         pin: PinArgs,
     },
     /// Remove the old root from the bundle.
     Finish {
+        /// CA directory; with --store, the key directory.
         #[arg(long)]
         dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Finish even though unexpired certificates still chain to the old root.
         #[arg(long)]
         force: bool,
@@ -588,6 +673,103 @@ fn read(path: &Path, flag: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("--{flag} {}", path.display()))
 }
 
+/// What a command does with the CA state (see [`with_state`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads only: nothing is written back.
+    Read,
+    /// Appends tokens or ledger entries.
+    Append,
+    /// Changes documents: holds the store's lock from checkout to checkin.
+    Exclusive,
+    /// `init`: exclusive, into a store that holds no CA, schema migrated.
+    Init,
+    /// `serve`'s look at the CA before it starts: read, schema migrated.
+    Serve,
+}
+
+/// A store error as the command line shows it: naming `--store` (the URL
+/// inside is shown with its password masked).
+fn store_err(e: StoreError) -> anyhow::Error {
+    match e {
+        StoreError::BadUrl { .. } => e.into(),
+        e => anyhow::Error::from(e).context("--store"),
+    }
+}
+
+/// A single-threaded runtime for a one-shot command's database work.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
+}
+
+/// Runs `f` on the CA directory: `dir` itself without `--store`; with it,
+/// a workspace checked out of PostgreSQL (`dir` being the key directory)
+/// and checked back in when `f` succeeds (a failure writes nothing).
+fn with_state<T>(
+    store: &StoreArgs,
+    dir: &Path,
+    access: Access,
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let spec = store.spec()?;
+    if spec == StoreSpec::Dir {
+        return f(dir);
+    }
+    let rt = runtime()?;
+    let migrate = matches!(access, Access::Init | Access::Serve);
+    let exclusive = matches!(access, Access::Init | Access::Exclusive);
+    let opened = rt
+        .block_on(Store::open(&spec, dir, migrate))
+        .map_err(store_err)?;
+    let co = rt.block_on(opened.checkout(exclusive)).map_err(store_err)?;
+    if let Checkout::Workspace(ws) = &co {
+        match (access, ws.trust_domain()) {
+            (Access::Init, Some(td)) => return Err(store_err(StoreError::AlreadyHoldsCa(td))),
+            (Access::Init, None) => {}
+            (_, None) => return Err(store_err(StoreError::NoCa)),
+            _ => {}
+        }
+    }
+    let ws = co.path().to_owned();
+    let out = f(&ws).map_err(|e| in_store(e, &ws))?;
+    if matches!(access, Access::Append | Access::Exclusive | Access::Init) {
+        rt.block_on(opened.checkin(co)).map_err(store_err)?;
+    }
+    Ok(out)
+}
+
+/// An error of the directory code run on a workspace: the workspace's
+/// temporary path means nothing to the operator, so it reads `[store]`.
+fn in_store(e: anyhow::Error, ws: &Path) -> anyhow::Error {
+    let ws = ws.display().to_string();
+    let mut msg = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if msg.ends_with(&cause) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&cause);
+    }
+    anyhow::Error::msg(msg.replace(&ws, "[store]"))
+}
+
+/// Where a command's CA lives, for messages.
+fn describe_state(store: &StoreArgs, dir: &Path) -> Result<String> {
+    Ok(match store.spec()? {
+        StoreSpec::Dir => dir.display().to_string(),
+        StoreSpec::Postgres(url) => format!(
+            "{} (keys in {})",
+            keyproof_ca::store::mask_password(&url),
+            dir.display()
+        ),
+    })
+}
+
 fn init(a: InitArgs) -> Result<()> {
     let trust_domain = TrustDomain::parse(&a.trust_domain).context("--trust-domain")?;
     let key_type: KeyType = a.key_type.parse().map_err(anyhow::Error::msg)?;
@@ -614,31 +796,51 @@ fn init(a: InitArgs) -> Result<()> {
         (_, Some(path), _) => KeyHome::Offline(path.clone()),
         _ => intermediate.clone(),
     };
-    let ca = Ca::init_with(
-        &a.dir,
-        &InitOptions {
-            trust_domain,
-            key_type,
-            root_ttl: a.root_ttl,
-            intermediate_ttl: a.intermediate_ttl,
-        },
-        &InitKeys { intermediate, root },
-    )
-    .map_err(|e| match e {
-        // Whatever the file system refused is about --dir or beside it.
-        CaError::Io { .. } => anyhow::Error::from(e).context(format!("--dir {}", a.dir.display())),
-        e => e.into(),
-    })?;
-    let locs = &ca.state().keys;
-    let msg = format!(
-        "created trust domain {} in {} ({}); root sha256 {}\nroot key: {}\nintermediate key: {}",
-        ca.trust_domain(),
-        a.dir.display(),
+    let is_store = a.store.spec()? != StoreSpec::Dir;
+    if is_store {
+        // The key directory receives the keys at checkin: refuse one that
+        // holds a CA's keys before anything is generated.
+        if a.dir.exists() && !a.dir.is_dir() {
+            bail!("--dir {}: not a directory", a.dir.display());
+        }
+        for f in ["root.key", "intermediate.key", "next"] {
+            if a.dir.join(f).exists() {
+                bail!(
+                    "--dir {}: already holds a CA's keys ({f}); refusing to overwrite them \
+                     (with --store, --dir is the key directory)",
+                    a.dir.display()
+                );
+            }
+        }
+    }
+    let where_ = describe_state(&a.store, &a.dir)?;
+    let dir = a.dir.clone();
+    let opts = InitOptions {
+        trust_domain,
         key_type,
-        keyproof_identity::keys::fingerprint(ca.root()),
-        locs.root.describe("root"),
-        locs.intermediate.describe("intermediate"),
-    );
+        root_ttl: a.root_ttl,
+        intermediate_ttl: a.intermediate_ttl,
+    };
+    let keys = InitKeys { intermediate, root };
+    let msg = with_state(&a.store, &a.dir, Access::Init, |ca_dir| {
+        let ca = Ca::init_with(ca_dir, &opts, &keys).map_err(|e| match e {
+            // Whatever the file system refused is about --dir or beside it.
+            CaError::Io { .. } if !is_store => {
+                anyhow::Error::from(e).context(format!("--dir {}", dir.display()))
+            }
+            e => e.into(),
+        })?;
+        let locs = &ca.state().keys;
+        Ok(format!(
+            "created trust domain {} in {} ({}); root sha256 {}\nroot key: {}\nintermediate key: {}",
+            ca.trust_domain(),
+            where_,
+            key_type,
+            keyproof_identity::keys::fingerprint(ca.root()),
+            locs.root.describe("root"),
+            locs.intermediate.describe("intermediate"),
+        ))
+    })?;
     // Standard output carries the root key with `--root-key-out -`.
     if a.root_key_out
         .as_deref()
@@ -684,15 +886,32 @@ fn make_csr(a: CsrArgs) -> Result<()> {
 
 fn issue(a: IssueArgs) -> Result<()> {
     SpiffeId::parse(&a.spiffe_id).context("--spiffe-id")?;
-    let ca = Ca::open_with(&a.dir, &a.pin.access())?;
+    let store = a.store.clone();
+    let key_dir = a.dir.clone();
+    let msg = with_state(&store, &key_dir, Access::Append, |dir| issue_in(dir, a))?;
+    println!("{msg}");
+    Ok(())
+}
+
+/// `issue` on the CA directory `dir` (`a.dir` itself, or a workspace with
+/// `a.dir` as the key directory).
+fn issue_in(dir: &Path, a: IssueArgs) -> Result<String> {
+    let ca = Ca::open_with(dir, &a.pin.access())?;
     let spiffe_id = workload_id(&ca, &a.spiffe_id)?;
     // Every output is checked before anything is signed, written or
-    // recorded: a refusal changes nothing.
-    let cert_out = issue::check_output(&a.dir, "cert-out", &a.cert_out, a.force)?;
+    // recorded: a refusal changes nothing. Outputs never go into the CA
+    // directory, nor into the key directory of a store.
+    let check_output = |flag: &'static str, p: &Path| -> Result<PathBuf> {
+        if dir != a.dir && a.dir.exists() {
+            issue::check_output(&a.dir, flag, p, a.force)?;
+        }
+        Ok(issue::check_output(dir, flag, p, a.force)?)
+    };
+    let cert_out = check_output("cert-out", &a.cert_out)?;
     let key_out = a
         .key_out
         .as_deref()
-        .map(|p| issue::check_output(&a.dir, "key-out", p, a.force))
+        .map(|p| check_output("key-out", p))
         .transpose()?;
     if key_out.as_ref() == Some(&cert_out) {
         return Err(issue::OutputError::Same.into());
@@ -758,11 +977,10 @@ fn issue(a: IssueArgs) -> Result<()> {
         return Err(flag_err("cert-out", &a.cert_out)(e));
     }
     ca.record(&issued)?;
-    println!(
+    Ok(format!(
         "issued {} serial {} valid until {}",
         issued.entry.spiffe_id, issued.entry.serial, issued.entry.not_after
-    );
-    Ok(())
+    ))
 }
 
 fn inspect(a: InspectArgs) -> Result<ExitCode> {
@@ -845,9 +1063,16 @@ fn serve(a: ServeArgs) -> Result<()> {
             .map(SpiffeId::parse)
             .transpose()
             .context("--spiffe-id")?;
-        let ca = Ca::open_public(&a.dir)?;
-        id.map(|id| workload_id(&ca, id.as_str())).transpose()?
+        match id {
+            None => None,
+            // With --store the CA is read from the store (whose schema is
+            // brought up to date, as the server does).
+            Some(id) => Some(with_state(&a.store, &a.dir, Access::Serve, |dir| {
+                workload_id(&Ca::open_public(dir)?, id.as_str())
+            })?),
+        }
     };
+    let store = a.store.spec()?;
     let opts = keyproof_ca::serve::ServeOptions {
         dir: a.dir,
         listen: a.listen,
@@ -858,7 +1083,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         admin_listen: a.admin_listen,
         service_accounts,
         pin_file: a.pin.pin_file,
-        store: keyproof_ca::store::StoreSpec::Dir,
+        store,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -952,15 +1177,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => return inspect(a),
         Command::Check(a) => {
             let report = match (&a.dir, &a.cert, &a.bundle) {
-                (Some(dir), _, _) => check::check_dir(
-                    dir,
-                    a.warn_before,
-                    &KeyAccess {
-                        pin_file: a.pin_file.clone(),
-                        root_pin_file: a.root_pin_file.clone(),
-                        root_key: None,
-                    },
-                )?,
+                (Some(dir), _, _) => with_state(&a.store, dir, Access::Read, |dir| {
+                    Ok(check::check_dir(
+                        dir,
+                        a.warn_before,
+                        &KeyAccess {
+                            pin_file: a.pin_file.clone(),
+                            root_pin_file: a.root_pin_file.clone(),
+                            root_key: None,
+                        },
+                    )?)
+                })?,
                 (None, Some(cert), Some(bundle)) => {
                     // Input that is not a certificate chain or a bundle at
                     // all is a usage error naming its flag; what a chain
@@ -979,19 +1206,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Opens the CA as `issue` does (a missing or unreadable
             // intermediate key is an error here too), though only the
             // public bundle is printed.
-            let ca = Ca::open(&a.dir)?;
-            match a.format {
-                BundleFormat::Pem => print!("{}", ca.bundle_pem()),
-                BundleFormat::Spiffe => print!("{}", ca.bundle_spiffe_json()),
-            }
+            let out = with_state(&a.store, &a.dir, Access::Read, |dir| {
+                let ca = Ca::open(dir)?;
+                Ok(match a.format {
+                    BundleFormat::Pem => ca.bundle_pem(),
+                    BundleFormat::Spiffe => ca.bundle_spiffe_json(),
+                })
+            })?;
+            print!("{out}");
         }
         Command::K8sSecret(a) => {
+            let bundle = match &a.bundle {
+                Some(b) => read(b, "bundle")?,
+                None => {
+                    // The store's bundle; no key is needed for it.
+                    let no_keys = tempfile::tempdir().context("temporary directory")?;
+                    with_state(&a.store, no_keys.path(), Access::Read, |dir| {
+                        let path = dir.join(keyproof_ca::ca::files::BUNDLE_PEM);
+                        std::fs::read(&path).with_context(|| path.display().to_string())
+                    })?
+                }
+            };
             let yaml = k8s::secret_yaml(
                 &a.name,
                 a.namespace.as_deref(),
                 &read(&a.cert, "cert")?,
                 &read(&a.key, "key")?,
-                &read(&a.bundle, "bundle")?,
+                &bundle,
             )?;
             print!("{yaml}");
         }
@@ -1000,44 +1241,57 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::K8sBundle(a) => k8s_bundle(a)?,
         Command::Renew(a) => return renew(a),
         Command::Csr(a) => make_csr(a)?,
+        Command::Migrate(a) => migrate(a)?,
+        Command::Ledger(LedgerCommand::Export { dir, store }) => ledger_export(dir, store)?,
         Command::Token(TokenCommand::Create {
             dir,
+            store,
             spiffe_id,
             ttl,
         }) => {
             SpiffeId::parse(&spiffe_id).context("--spiffe-id")?;
-            let ca = Ca::open_public(&dir)?;
-            let id = workload_id(&ca, &spiffe_id)?;
-            let (token, record) = keyproof_ca::token::create(&ca, &id, ttl)?;
+            // The token is printed only once it is recorded (in the store:
+            // committed), so a printed token always works.
+            let (token, record) = with_state(&store, &dir, Access::Append, |dir| {
+                let ca = Ca::open_public(dir)?;
+                let id = workload_id(&ca, &spiffe_id)?;
+                Ok(keyproof_ca::token::create(&ca, &id, ttl)?)
+            })?;
             eprintln!("{}", record.summary());
             println!("{token}");
         }
         Command::Rotate(RotateCommand::Intermediate {
             dir,
+            store,
             ttl,
             keys,
             root_key,
-        }) => println!(
-            "{}",
-            rotate::intermediate(&dir, ttl, &keys.access(root_key))?
-        ),
+        }) => {
+            let msg = with_state(&store, &dir, Access::Exclusive, |dir| {
+                Ok(rotate::intermediate(dir, ttl, &keys.access(root_key))?)
+            })?;
+            println!("{msg}");
+        }
         Command::Rotate(RotateCommand::Root(step)) => {
             let msg = match step {
                 RootStep::Prepare {
                     dir,
+                    store,
                     root_ttl,
                     intermediate_ttl,
                     keys,
                     root_key_out,
                 } => {
                     check_ca_ttls(root_ttl, intermediate_ttl)?;
-                    let msg = rotate::prepare(
-                        &dir,
-                        root_ttl,
-                        intermediate_ttl,
-                        &keys.access(None),
-                        root_key_out.as_deref(),
-                    )?;
+                    let msg = with_state(&store, &dir, Access::Exclusive, |dir| {
+                        Ok(rotate::prepare(
+                            dir,
+                            root_ttl,
+                            intermediate_ttl,
+                            &keys.access(None),
+                            root_key_out.as_deref(),
+                        )?)
+                    })?;
                     // Standard output carries the new root key.
                     if root_key_out
                         .as_deref()
@@ -1048,13 +1302,104 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     msg
                 }
-                RootStep::Activate { dir, pin } => rotate::activate(&dir, &pin.access())?,
-                RootStep::Finish { dir, force } => rotate::finish(&dir, force)?,
+                RootStep::Activate { dir, store, pin } => {
+                    with_state(&store, &dir, Access::Exclusive, |dir| {
+                        Ok(rotate::activate(dir, &pin.access())?)
+                    })?
+                }
+                RootStep::Finish { dir, store, force } => {
+                    with_state(&store, &dir, Access::Exclusive, |dir| {
+                        Ok(rotate::finish(dir, force)?)
+                    })?
+                }
             };
             println!("{msg}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `keyproof-ca migrate`.
+fn migrate(a: MigrateArgs) -> Result<()> {
+    let StoreSpec::Postgres(url) = a.store.spec()? else {
+        bail!("--store URL is required (or KEYPROOF_CA_STORE): the PostgreSQL database to move the CA into");
+    };
+    let masked = keyproof_ca::store::mask_password(&url);
+    let rt = runtime()?;
+    if a.schema_only {
+        rt.block_on(PgStore::connect(&url, true)).map_err(store_err)?;
+        println!(
+            "the schema of {masked} is at version {}",
+            keyproof_ca::store::schema::VERSION
+        );
+        return Ok(());
+    }
+    // clap requires --dir without --schema-only.
+    let Some(dir) = a.dir else {
+        bail!("--dir is required");
+    };
+    // A readable CA, or an error naming --dir, before the database is touched.
+    Ca::open_public(&dir)?;
+    let report = rt
+        .block_on(async {
+            let db = PgStore::connect(&url, true).await?;
+            db.import_dir(&dir).await
+        })
+        .map_err(store_err)?;
+    println!(
+        "moved {} documents, {} join tokens ({} used) and {} ledger entries from {} into {masked}",
+        report.documents,
+        report.tokens,
+        report.used_tokens,
+        report.ledger_entries,
+        dir.display()
+    );
+    if report.key_files.is_empty() {
+        println!(
+            "no key file in {}: the keys are where ca.json says (a PKCS#11 token); run commands \
+             with --store and an empty --dir",
+            dir.display()
+        );
+    } else {
+        println!(
+            "key files staying in {} (never in the database; every replica needs them in its \
+             --dir, e.g. as a Secret): {}",
+            dir.display(),
+            report.key_files.join(", ")
+        );
+    }
+    println!(
+        "from now on use --store with --dir {} (the key directory); the directory's other \
+         files are no longer the CA's state",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// `keyproof-ca ledger export`.
+fn ledger_export(dir: Option<PathBuf>, store: StoreArgs) -> Result<()> {
+    match (store.spec()?, dir) {
+        (StoreSpec::Postgres(url), _) => {
+            let rt = runtime()?;
+            rt.block_on(async {
+                let db = PgStore::connect(&url, false).await?;
+                let mut out = std::io::stdout();
+                db.ledger_export(&mut out).await
+            })
+            .map_err(store_err)?;
+        }
+        (StoreSpec::Dir, Some(dir)) => {
+            Ca::open_public(&dir)?;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for e in ledger::read_all(&dir)? {
+                writeln!(out, "{}", serde_json::to_string(&e)?)?;
+            }
+            out.flush()?;
+        }
+        (StoreSpec::Dir, None) => bail!("use --dir DIR, or --store URL"),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -10,7 +10,8 @@
 //! - `keyproof_ca_refusals_total{code}`: every API error answer, by its
 //!   stable `error` code (every known code starts at 0).
 //! - `keyproof_ca_ledger_commit_seconds`: how long each group commit (one
-//!   write and fsync of `ledger.jsonl` for a batch of issuances) took.
+//!   write and fsync of `ledger.jsonl`, or one PostgreSQL transaction, for
+//!   a batch of issuances) took.
 //! - `keyproof_ca_certificate_expiry_timestamp_seconds{cert}`: `not_after`
 //!   of the `root`, the `intermediate` and the server's own (`server`)
 //!   certificate.
@@ -25,7 +26,8 @@
 //!   (`prod.example.com`), as on the sidecars' `keyproof_trust_bundle_*`
 //!   metrics: sequences of different CAs are not comparable.
 //! - `keyproof_ca_ready`: 1 while `GET /ready` would answer 200 (CA loaded,
-//!   its intermediate key signing, ledger writable), 0 otherwise; updated at
+//!   its intermediate key signing, ledger writable: with `--store`, the
+//!   database reachable), 0 otherwise; updated at
 //!   every scrape.
 //! - `keyproof_ca_rotation_stage{stage}`: 1 for the current root-rotation
 //!   stage (`idle`, `prepared`, `activated`), 0 for the others.
@@ -36,6 +38,13 @@
 //!   the server's own certificate, probes) by the intermediate's key when it
 //!   is in a PKCS#11 token: `ok`, `failed` (the token was asked and
 //!   failed), `unavailable` (not asked: it failed under a second ago).
+//! - `keyproof_ca_store_up`, `keyproof_ca_store_errors_total{op}`,
+//!   `keyproof_ca_store_generation`: only with `--store` (PostgreSQL).
+//!   `store_up` is 1 while the database answers (the last ping, at most a
+//!   second old, or the last statement succeeded), 0 otherwise; `errors`
+//!   counts failed store operations by `op` ([`STORE_OPS`]);
+//!   `generation` is the generation of the CA documents the replica
+//!   serves, so that replicas lagging behind a rotation show.
 //! - `keyproof_build_info{binary="keyproof-ca",version}`: 1.
 
 use prometheus::{
@@ -55,7 +64,7 @@ pub const ISSUANCE_RESULTS: [&str; 3] = ["ok", "refused", "error"];
 /// Every API error code `serve` answers with besides the ServiceAccount
 /// token ones ([`SaTokenError::CODES`]); `keyproof_ca_refusals_total` starts
 /// each of them at 0 so that alerts can take `rate()` of a code never seen.
-pub const API_CODES: [&str; 20] = [
+pub const API_CODES: [&str; 21] = [
     "bad_request",
     "not_found",
     "method_not_allowed",
@@ -76,6 +85,17 @@ pub const API_CODES: [&str; 20] = [
     "ledger_unavailable",
     "signing_key_unavailable",
     "request_header_too_large",
+    "store_unavailable",
+];
+
+/// Every `op` of `keyproof_ca_store_errors_total`: the store operations
+/// `serve` performs.
+pub const STORE_OPS: [&str; 5] = [
+    "ping",
+    "refresh",
+    "token_take",
+    "token_give_back",
+    "ledger_append",
 ];
 
 /// Every `stage` of `keyproof_ca_rotation_stage`.
@@ -140,6 +160,14 @@ pub struct CaMetrics {
     rotation_stage: IntGaugeVec,
     jwks: Option<(IntGauge, IntCounterVec)>,
     key_operations: IntCounterVec,
+    store: Option<StoreMetrics>,
+}
+
+/// The PostgreSQL store's metrics (see the module doc).
+struct StoreMetrics {
+    up: IntGauge,
+    errors: IntCounterVec,
+    generation: IntGauge,
 }
 
 impl CaMetrics {
@@ -147,6 +175,12 @@ impl CaMetrics {
     /// set at 0. `with_jwks` adds the JWKS metrics (ServiceAccount
     /// attestation configured).
     pub fn new(with_jwks: bool) -> CaMetrics {
+        CaMetrics::with(with_jwks, false)
+    }
+
+    /// [`CaMetrics::new`], with the store metrics when `with_store`
+    /// (`serve --store`).
+    pub fn with(with_jwks: bool, with_store: bool) -> CaMetrics {
         let registry = Registry::new();
         let issuances = IntCounterVec::new(
             Opts::new(
@@ -291,6 +325,41 @@ impl CaMetrics {
                 .register(Box::new(reloads.clone()))
                 .expect("unique metric");
         }
+        let store = with_store.then(|| {
+            let up = IntGauge::new(
+                "keyproof_ca_store_up",
+                "1 while the CA's PostgreSQL store answers (last ping at most a second old, or the last statement succeeded)",
+            )
+            .expect("valid metric");
+            let errors = IntCounterVec::new(
+                Opts::new(
+                    "keyproof_ca_store_errors_total",
+                    "Failed operations on the CA's PostgreSQL store, by operation",
+                ),
+                &["op"],
+            )
+            .expect("valid metric");
+            for op in STORE_OPS {
+                errors.with_label_values(&[op]);
+            }
+            let generation = IntGauge::new(
+                "keyproof_ca_store_generation",
+                "Generation of the CA documents this replica serves",
+            )
+            .expect("valid metric");
+            for c in [
+                Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(errors.clone()),
+                Box::new(generation.clone()),
+            ] {
+                registry.register(c).expect("unique metric");
+            }
+            StoreMetrics {
+                up,
+                errors,
+                generation,
+            }
+        });
         CaMetrics {
             registry,
             issuances,
@@ -304,6 +373,39 @@ impl CaMetrics {
             rotation_stage,
             jwks,
             key_operations,
+            store,
+        }
+    }
+
+    /// Sets `keyproof_ca_store_up`.
+    pub fn set_store_up(&self, up: bool) {
+        if let Some(s) = &self.store {
+            s.up.set(i64::from(up));
+        }
+    }
+
+    /// Counts a failed store operation (`op` is one of [`STORE_OPS`]).
+    pub fn store_error(&self, op: &str) {
+        if let Some(s) = &self.store {
+            s.errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    /// The `keyproof_ca_store_errors_total{op}` counter, for the ledger
+    /// writer (a detached counter without a store).
+    pub fn store_error_counter(&self, op: &str) -> prometheus::IntCounter {
+        match &self.store {
+            Some(s) => s.errors.with_label_values(&[op]),
+            None => {
+                prometheus::IntCounter::new("detached", "not registered").expect("valid metric")
+            }
+        }
+    }
+
+    /// Sets `keyproof_ca_store_generation`.
+    pub fn set_store_generation(&self, generation: i64) {
+        if let Some(s) = &self.store {
+            s.generation.set(generation);
         }
     }
 
@@ -442,6 +544,23 @@ mod tests {
             )));
         }
         assert!(t.contains("keyproof_ca_ledger_commit_seconds_count 1"));
+        assert!(!t.contains("keyproof_ca_store_"), "{t}");
+    }
+
+    #[test]
+    fn store_metrics_only_with_a_store() {
+        let m = CaMetrics::with(false, true);
+        let t = text(&m);
+        assert!(t.contains("keyproof_ca_store_up 0"), "{t}");
+        assert!(t.contains("keyproof_ca_store_errors_total{op=\"ledger_append\"} 0"));
+        assert!(t.contains("keyproof_ca_refusals_total{code=\"store_unavailable\"} 0"));
+        m.set_store_up(true);
+        m.store_error("ping");
+        m.set_store_generation(7);
+        let t = text(&m);
+        assert!(t.contains("keyproof_ca_store_up 1"), "{t}");
+        assert!(t.contains("keyproof_ca_store_errors_total{op=\"ping\"} 1"));
+        assert!(t.contains("keyproof_ca_store_generation 7"));
     }
 
     #[test]

@@ -33,8 +33,9 @@
 //! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits, idle
 //! sockets evicted when it is full: see [`crate::admin`]):
 //! `GET /healthz` (200 while the process runs), `GET /ready` (503 when the CA
-//! directory cannot be loaded, the ledger is not writable, or the
-//! intermediate's key is in a PKCS#11 token that does not sign right now),
+//! directory cannot be loaded, the ledger is not writable, the store's
+//! database does not answer, or the intermediate's key is in a PKCS#11
+//! token that does not sign right now),
 //! `GET /metrics` (the Prometheus text format; the list is in
 //! [`crate::metrics`]).
 //!
@@ -49,12 +50,38 @@
 //! metadata check at most once a second), reissues its own certificate from
 //! the current chain, and appends to the ledger with group commit: one fsync
 //! covers every issuance that arrived while the previous one ran.
+//!
+//! With `--store postgres://...` (see [`crate::store`]) several replicas
+//! share one CA, and `--dir` is the key directory:
+//!
+//! - At start the schema is migrated (under an advisory lock) and a
+//!   read-only workspace is checked out: the documents, the key files of
+//!   `--dir`. The server runs on it as on a CA directory. A task follows
+//!   the documents' generation (`LISTEN keyproof_ca`, and a poll every
+//!   second that also notices key files changed in `--dir`, e.g. a
+//!   Kubernetes Secret update), rewrites what changed into the workspace
+//!   and reloads at once: a rotation committed to the store is served by
+//!   every replica within about a second.
+//! - A join token is taken by one atomic `UPDATE` (exactly one replica
+//!   gets it; the others answer `token_reused`) that records this replica
+//!   as `used_by`: `<hostname>:<pid>`, which in Kubernetes is the pod's
+//!   name, so there is no `--replica` flag. A request that ends without the
+//!   certificate gives the token back.
+//! - The group writer appends each batch of ledger entries in one
+//!   transaction before any of its certificates is handed out.
+//! - The database unreachable: issuance (and a token's take) answers 503
+//!   `store_unavailable`, counted like any refusal and in
+//!   `keyproof_ca_store_errors_total{op}`, and nothing is handed out;
+//!   `/ready` answers 503 with the reason (a ping a second, in the
+//!   background, so probes never wait on the database);
+//!   `GET /v1/bundle` is still served from memory. The pool reconnects by
+//!   itself: no restart when the database is back.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -82,6 +109,8 @@ use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
 use crate::metrics::{CaGauges, CaMetrics, IssuanceKind};
+use crate::store::pg::TakenToken;
+use crate::store::{PgStore, Store, StoreError, StoreSpec, Workspace};
 use crate::token::{self, TokenError, TokenStore};
 
 /// Largest accepted request body (a CSR is well under 2 KiB).
@@ -99,6 +128,11 @@ const MAX_CONNECTIONS: usize = 4096;
 const KEY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// What every join token starts with (see [`crate::token`]).
 const JOIN_TOKEN_PREFIX: &str = "kpt_";
+/// How often the workspace is brought up to date from the store even
+/// without a notification, and the database pinged for `/ready`.
+const STORE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may take before the database counts as unreachable.
+const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -155,6 +189,8 @@ pub enum ServeError {
     Tls(String),
     #[error("{0}")]
     Attest(#[from] AttestError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
 }
 
 /// An API error answer: HTTP status, stable code, message.
@@ -196,6 +232,15 @@ impl ApiError {
         }
         r
     }
+}
+
+/// A store operation a request needed failed: nothing was handed out.
+fn store_unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!("the CA's database cannot be used right now, so no certificate is issued: {e}"),
+    )
 }
 
 fn ca_error(e: CaError) -> ApiError {
@@ -338,6 +383,17 @@ impl ResolvesServerCert for OwnCert {
 
 struct Server {
     opts: ServeOptions,
+    /// The CA directory served: `opts.dir`, or with a store the workspace
+    /// checked out of it (kept up to date by [`follow_store`]).
+    dir: PathBuf,
+    /// The PostgreSQL store, with `--store`.
+    store: Option<Arc<StoreLink>>,
+    /// Set while [`follow_store`] rewrites the workspace, so that a request
+    /// does not reload it half-written (the task reloads when it is done).
+    refreshing: AtomicBool,
+    /// Held while the CA is reloaded, so that two reloads (a request's and
+    /// the store follower's) never store their results out of order.
+    reloading: Mutex<()>,
     loaded: ArcSwap<Loaded>,
     /// Why the changed CA directory cannot be loaded (the previous state
     /// stays in use meanwhile); `None` when the loaded state is current.
@@ -352,41 +408,172 @@ struct Server {
     ledger: ledger::GroupWriter,
     limiter: RateLimiter,
     last_check: Mutex<Instant>,
-    metrics: CaMetrics,
+    metrics: Arc<CaMetrics>,
     /// What `/ready` last answered (`None` before the first probe), so that
     /// only a change is logged, not every probe.
     was_ready: Mutex<Option<bool>>,
 }
 
-/// A join token a request in flight has reserved ([`TokenStore::reserve`]).
-/// Dropped without [`HeldToken::spend`] (a refusal, an error, or the client
-/// going away mid-request), it releases the token, which stays usable.
-struct HeldToken<'a> {
-    tokens: &'a Mutex<TokenStore>,
-    id: String,
-    spent: bool,
+/// The PostgreSQL store as the server uses it: the connection pool, the
+/// name this replica marks the tokens it takes with, and the latest word
+/// on the database's health (what `/ready` and `keyproof_ca_store_up`
+/// say).
+struct StoreLink {
+    db: Arc<PgStore>,
+    /// `used_by` of the join tokens this replica takes: `<hostname>:<pid>`.
+    replica: String,
+    /// What was wrong at the last operation or ping, if anything.
+    problem: Mutex<Option<String>>,
+    metrics: Arc<CaMetrics>,
+}
+
+impl StoreLink {
+    /// An operation or a ping succeeded: the database answers.
+    fn answered(&self) {
+        let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+        if p.take().is_some() {
+            tracing::info!(store = self.db.url(), "the CA's database answers again");
+        }
+        self.metrics.set_store_up(true);
+    }
+
+    /// `op` failed: counted; when the database itself is the problem (not
+    /// the key directory or a row), the store is down until something
+    /// succeeds again.
+    fn failed(&self, op: &'static str, e: &StoreError) {
+        self.metrics.store_error(op);
+        if matches!(e, StoreError::Unreachable { .. } | StoreError::Db(_)) {
+            self.down(e.to_string());
+        } else {
+            tracing::warn!(op, error = %e, "store operation failed");
+        }
+    }
+
+    /// The database failed (the message is already counted where it arose).
+    fn down(&self, why: String) {
+        let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+        if p.is_none() {
+            tracing::error!(store = self.db.url(), error = %why, "the CA's database is unreachable; issuance is refused until it answers");
+        }
+        *p = Some(why);
+        self.metrics.set_store_up(false);
+    }
+
+    /// For `/ready`: the latest word, at most [`STORE_INTERVAL`] old plus a
+    /// ping's timeout (the pinger in [`run`] refreshes it).
+    fn status(&self) -> Result<(), String> {
+        match &*self.problem.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(why) => Err(format!("the CA's database is unreachable: {why}")),
+        }
+    }
+
+    /// Makes a taken join token usable again, in the background (the
+    /// request that took it is over), retrying for a few minutes while
+    /// the database is down.
+    fn give_back(self: &Arc<Self>, t: TakenToken) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(token_id = %t.id, "no runtime to give the join token back; it stays used");
+            return;
+        };
+        let link = self.clone();
+        rt.spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            for attempt in 0..10 {
+                match link.db.token_give_back(&t).await {
+                    Ok(()) => {
+                        tracing::debug!(token_id = %t.id, "join token given back");
+                        return;
+                    }
+                    Err(e) => {
+                        link.failed("token_give_back", &e);
+                        if attempt == 0 {
+                            tracing::warn!(token_id = %t.id, error = %e, "could not give the join token back yet; retrying");
+                        }
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            tracing::error!(token_id = %t.id, "could not give the join token back; it stays used (create a new one)");
+        });
+    }
+}
+
+/// The name this replica marks the join tokens it takes with (`used_by`):
+/// `<hostname>:<pid>` (in Kubernetes the hostname is the pod's name).
+fn replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// The SHA-256 (hex) a join token is stored under: as [`crate::token`]
+/// hashes it, of the trimmed token.
+fn token_sha256(token: &str) -> String {
+    hex::encode(keyproof_identity::keys::sha256(token.trim().as_bytes()))
+}
+
+/// A join token a request in flight holds. Dropped without
+/// [`HeldToken::spend`] (a refusal, an error, or the client going away
+/// mid-request), it is released and stays usable.
+enum HeldToken<'a> {
+    /// Reserved in the directory's [`TokenStore`] ([`TokenStore::reserve`]);
+    /// spending writes its `used` line.
+    File {
+        tokens: &'a Mutex<TokenStore>,
+        id: String,
+        spent: bool,
+    },
+    /// Taken in PostgreSQL ([`PgStore::token_take`]): already marked used
+    /// there, so spending is nothing more; released, it is given back.
+    Store {
+        link: Arc<StoreLink>,
+        taken: Option<TakenToken>,
+    },
 }
 
 impl HeldToken<'_> {
     /// Marks the token used, durably.
     fn spend(mut self, dir: &Path) -> Result<(), CaError> {
-        let r = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .commit(dir, &self.id, crate::ca::now());
-        self.spent = r.is_ok();
-        r
+        match &mut self {
+            HeldToken::File {
+                tokens, id, spent, ..
+            } => {
+                let r = tokens.lock().unwrap_or_else(|p| p.into_inner()).commit(
+                    dir,
+                    id,
+                    crate::ca::now(),
+                );
+                *spent = r.is_ok();
+                r
+            }
+            HeldToken::Store { taken, .. } => {
+                *taken = None;
+                Ok(())
+            }
+        }
     }
 }
 
 impl Drop for HeldToken<'_> {
     fn drop(&mut self) {
-        if !self.spent {
-            self.tokens
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .release(&self.id);
+        match self {
+            HeldToken::File {
+                tokens,
+                id,
+                spent: false,
+            } => tokens.lock().unwrap_or_else(|p| p.into_inner()).release(id),
+            HeldToken::File { spent: true, .. } => {}
+            HeldToken::Store { link, taken } => {
+                if let Some(t) = taken.take() {
+                    link.give_back(t);
+                }
+            }
         }
     }
 }
@@ -432,9 +619,14 @@ fn verifier_for(ca: &Ca) -> Result<SvidVerifier, CaError> {
 }
 
 impl Server {
-    /// Reloads the CA when its files changed, and reissues the server's own
-    /// certificate when the chain changed or it is due.
+    /// At most once a second: [`Server::reload`] if the CA's files changed
+    /// or the server's certificate is due.
     fn refresh(&self) {
+        if self.refreshing.load(Ordering::Acquire) {
+            // The store follower is rewriting the workspace and reloads
+            // when it is done.
+            return;
+        }
         {
             let mut last = self.last_check.lock().unwrap_or_else(|p| p.into_inner());
             if last.elapsed() < Duration::from_secs(1) {
@@ -442,9 +634,17 @@ impl Server {
             }
             *last = Instant::now();
         }
-        let dir = &self.opts.dir;
+        self.reload(false);
+    }
+
+    /// Reloads the CA when its files changed (or, with `force`, anyway: the
+    /// store follower rewrote the workspace, keys included), and reissues
+    /// the server's own certificate when the chain changed or it is due.
+    fn reload(&self, force: bool) {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = &self.dir;
         let current = stamp(dir);
-        let changed = current != self.loaded.load().stamp;
+        let changed = force || current != self.loaded.load().stamp;
         if changed {
             match Ca::open_with(dir, &self.opts.key_access())
                 .and_then(|ca| Ok((verifier_for(&ca)?, ca)))
@@ -547,10 +747,16 @@ impl Server {
                 &requester,
             )
             .map_err(ca_error)?;
-        self.ledger
-            .record(issued.entry.clone())
-            .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e))?;
+        if let Err(e) = self.ledger.record(issued.entry.clone()).await {
+            return Err(match &self.store {
+                // The writer counted the failed batch.
+                Some(link) => {
+                    link.down(format!("the ledger could not be written: {e}"));
+                    store_unavailable(format!("the ledger could not be written: {e}"))
+                }
+                None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e),
+            });
+        }
         Ok(issued)
     }
 
@@ -734,6 +940,13 @@ impl Server {
     /// and the token usable once more; the other order would spend a token on
     /// a certificate that was never delivered, which the client cannot
     /// recover from.
+    ///
+    /// With a store, taking the token is the atomic `UPDATE` that marks it
+    /// used ([`PgStore::token_take`]), the reservation and the spending in
+    /// one; a request that ends without the certificate gives it back
+    /// ([`PgStore::token_give_back`], retried in the background while the
+    /// database is down). A replica that dies between the two leaves the
+    /// token used without a certificate: create a new one.
     async fn bootstrap_join_token(
         &self,
         req: &http::request::Parts,
@@ -741,23 +954,54 @@ impl Server {
         body: &[u8],
         call: &mut Call,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let reserved = {
-            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            tokens.reserve(&self.opts.dir, token, crate::ca::now())
-        }
-        .map_err(ca_error)?;
-        let (token_id, id) = reserved.map_err(|e: TokenError| {
+        let refused = |e: TokenError, call: &mut Call| {
             // A reused or expired token is one the CA issued: name it. An
             // unknown one names nothing.
             if e != TokenError::Invalid {
                 call.token_id = Some(token::id_of(token));
             }
             ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
-        })?;
-        let held = HeldToken {
-            tokens: &self.tokens,
-            id: token_id.clone(),
-            spent: false,
+        };
+        let (held, token_id, id) = match &self.store {
+            None => {
+                let reserved = {
+                    let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+                    tokens.reserve(&self.dir, token, crate::ca::now())
+                }
+                .map_err(ca_error)?;
+                let (token_id, id) = reserved.map_err(|e| refused(e, call))?;
+                let held = HeldToken::File {
+                    tokens: &self.tokens,
+                    id: token_id.clone(),
+                    spent: false,
+                };
+                (held, token_id, id)
+            }
+            Some(link) => {
+                // One UPDATE across every replica: of two requests with the
+                // same token, only one gets it.
+                let taken = match link
+                    .db
+                    .token_take(&token_sha256(token), &link.replica)
+                    .await
+                {
+                    Ok(t) => {
+                        link.answered();
+                        t
+                    }
+                    Err(e) => {
+                        link.failed("token_take", &e);
+                        return Err(store_unavailable(e));
+                    }
+                };
+                let t = taken.map_err(|e| refused(e, call))?;
+                let (token_id, id) = (t.id.clone(), t.spiffe_id.clone());
+                let held = HeldToken::Store {
+                    link: link.clone(),
+                    taken: Some(t),
+                };
+                (held, token_id, id)
+            }
         };
         call.token_id = Some(token_id.clone());
         if let Some(w) = requested_id(req)? {
@@ -773,7 +1017,7 @@ impl Server {
         let issued = self
             .issue(id.clone(), key, format!("bootstrap:{token_id}"))
             .await?;
-        held.spend(&self.opts.dir).map_err(|e| {
+        held.spend(&self.dir).map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ca_unavailable",
@@ -894,8 +1138,8 @@ impl Server {
         *was = Some(ready.is_ok());
     }
 
-    /// Ready when the current CA directory is loaded and the ledger can be
-    /// appended to.
+    /// Ready when the current CA directory is loaded, its key signs and
+    /// the ledger can be appended to (with a store: the database answers).
     fn readiness(&self) -> Result<(), String> {
         self.refresh();
         if let Some(e) = self
@@ -907,7 +1151,10 @@ impl Server {
             return Err(format!("the CA directory cannot be loaded: {e}"));
         }
         self.key_ready()?;
-        self.ledger.writable(&self.opts.dir)
+        match &self.store {
+            Some(link) => link.status(),
+            None => self.ledger.writable(&self.dir),
+        }
     }
 
     /// Whether the intermediate's key signs: always for a key in memory;
@@ -1089,13 +1336,44 @@ pub async fn run(
     crate::ca::Lifetime::Svid
         .check(opts.ttl)
         .map_err(CaError::from)?;
-    let ca = Ca::open_with(&opts.dir, &opts.key_access())?;
+    // With a store, the server runs on a workspace checked out of it (the
+    // documents, and the keys from --dir); `follow_store` keeps it current.
+    let (dir, db, workspace) = match &opts.store {
+        StoreSpec::Dir => (opts.dir.clone(), None, None),
+        spec @ StoreSpec::Postgres(_) => {
+            let Store::Postgres { db, .. } = Store::open(spec, &opts.dir, true).await? else {
+                unreachable!("a postgres:// spec opens PostgreSQL");
+            };
+            let ws = db.checkout(&opts.dir, false).await?;
+            tracing::info!(
+                store = db.url(),
+                schema_version = crate::store::schema::VERSION,
+                generation = ws.generation(),
+                key_dir = %opts.dir.display(),
+                "CA store connected, schema up to date"
+            );
+            (ws.path().to_owned(), Some(db), Some(ws))
+        }
+    };
+    let ca = Ca::open_with(&dir, &opts.key_access())?;
     let attestor = opts
         .service_accounts
         .clone()
         .map(SaAttestor::new)
         .transpose()?;
-    let metrics = CaMetrics::new(attestor.is_some());
+    let metrics = Arc::new(CaMetrics::with(attestor.is_some(), db.is_some()));
+    let store = db.map(|db| {
+        metrics.set_store_up(true);
+        Arc::new(StoreLink {
+            db,
+            replica: replica_name(),
+            problem: Mutex::new(None),
+            metrics: metrics.clone(),
+        })
+    });
+    if let Some(ws) = &workspace {
+        metrics.set_store_generation(ws.generation());
+    }
     // Before the first signature, so that it is counted too.
     watch_key(&ca, &metrics);
     let verifier: SharedVerifier = Arc::new(ArcSwap::from_pointee(verifier_for(&ca)?));
@@ -1131,15 +1409,28 @@ pub async fn run(
         "keyproof-ca serving"
     );
     let mut tokens = TokenStore::default();
-    tokens.refresh(&opts.dir)?;
+    if store.is_none() {
+        tokens.refresh(&dir)?;
+    }
     if let Some(k) = ca.intermediate_key().and_then(|k| k.pkcs11()) {
         tracing::info!(key = %k.uri(), "the intermediate key is in a PKCS#11 token");
     }
+    let sink = match &store {
+        None => ledger::Sink::Dir(dir.clone()),
+        Some(link) => ledger::Sink::Postgres {
+            db: link.db.clone(),
+            failed: metrics.store_error_counter("ledger_append"),
+        },
+    };
     let server = Arc::new(Server {
         loaded: ArcSwap::from_pointee(Loaded {
-            stamp: stamp(&opts.dir),
+            stamp: stamp(&dir),
             ca,
         }),
+        dir,
+        store: store.clone(),
+        refreshing: AtomicBool::new(false),
+        reloading: Mutex::new(()),
         reload_error: Mutex::new(None),
         verifier,
         own,
@@ -1147,7 +1438,7 @@ pub async fn run(
         own_expiry: AtomicI64::new(own_not_after),
         tokens: Mutex::new(tokens),
         attestor,
-        ledger: ledger::GroupWriter::start(opts.dir.clone(), metrics.ledger_commit()),
+        ledger: ledger::GroupWriter::start(sink, metrics.ledger_commit()),
         limiter: RateLimiter {
             per_minute: opts.per_identity_per_minute,
             windows: Mutex::new(HashMap::new()),
@@ -1184,6 +1475,18 @@ pub async fn run(
             }
         }
     });
+    let store_tasks = match (&store, workspace) {
+        (Some(link), Some(ws)) => vec![
+            tokio::spawn(follow_store(
+                server.clone(),
+                link.clone(),
+                server.opts.dir.clone(),
+                ws,
+            )),
+            tokio::spawn(ping_store(link.clone())),
+        ],
+        _ => Vec::new(),
+    };
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -1278,7 +1581,86 @@ pub async fn run(
     }
     admin_task.abort();
     probe_task.abort();
+    for t in store_tasks {
+        t.abort();
+    }
     Ok(())
+}
+
+/// Keeps the workspace `ws` (the directory `server` serves) up to date with
+/// the store: at every generation change `PgStore::watch` reports, and at
+/// least every [`STORE_INTERVAL`] (key files in `key_dir` may change
+/// without one: a Kubernetes Secret update). Whatever changed is reloaded
+/// at once, not at the next request, so that a rotation committed to the
+/// store is served within about a second.
+async fn follow_store(
+    server: Arc<Server>,
+    link: Arc<StoreLink>,
+    key_dir: PathBuf,
+    mut ws: Workspace,
+) {
+    let mut changes = link.db.watch();
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    // The watcher is gone: poll.
+                    tokio::time::sleep(STORE_INTERVAL).await;
+                }
+            }
+            _ = tokio::time::sleep(STORE_INTERVAL) => {}
+        }
+        server.refreshing.store(true, Ordering::Release);
+        let r = link.db.refresh(&key_dir, &mut ws).await;
+        server.refreshing.store(false, Ordering::Release);
+        match r {
+            Ok(changed) => {
+                link.answered();
+                if last_error.take().is_some() {
+                    tracing::info!("the workspace is up to date with the store again");
+                }
+                if changed {
+                    server.metrics.set_store_generation(ws.generation());
+                    tracing::info!(
+                        generation = ws.generation(),
+                        "the CA store changed; reloading"
+                    );
+                    // Opening the CA reads files (and may open a token).
+                    let s = server.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.reload(true)).await;
+                }
+            }
+            Err(e) => {
+                link.failed("refresh", &e);
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!(error = %msg, "could not bring the workspace up to date with the store; serving the previous state");
+                }
+                last_error = Some(msg);
+            }
+        }
+    }
+}
+
+/// Pings the database every [`STORE_INTERVAL`] for `/ready` and
+/// `keyproof_ca_store_up`, so that a probe never waits on the database and
+/// the database sees at most one ping a second from a replica.
+async fn ping_store(link: Arc<StoreLink>) {
+    loop {
+        tokio::time::sleep(STORE_INTERVAL).await;
+        match tokio::time::timeout(STORE_PING_TIMEOUT, link.db.ping()).await {
+            Ok(Ok(())) => link.answered(),
+            Ok(Err(e)) => link.failed("ping", &e),
+            Err(_) => {
+                link.metrics.store_error("ping");
+                link.down(format!(
+                    "no answer to a ping within {}s",
+                    STORE_PING_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    }
 }
 
 /// Counts every operation of the intermediate's token key in

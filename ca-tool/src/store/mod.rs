@@ -24,6 +24,7 @@
 
 pub mod pg;
 pub mod schema;
+pub mod tls;
 pub mod workspace;
 
 use std::path::{Path, PathBuf};

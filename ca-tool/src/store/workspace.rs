@@ -1,8 +1,15 @@
 //! A private temporary directory laid out like a CA directory, for running
-//! a command against PostgreSQL (see [`super`]).
+//! a command against PostgreSQL (see [`super`]), and the file-level work of
+//! moving the layout in and out of it: which files are documents and which
+//! are keys, scanning, and writing them atomically.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Component, Path};
+
+use crate::ca::files;
+use crate::fsutil::{self, PUBLIC, SECRET};
+
+use super::StoreError;
 
 /// A checked-out copy of the state. Dropped without checkin, nothing is
 /// written anywhere (and the advisory lock, if held, is released).
@@ -18,6 +25,9 @@ pub struct Workspace {
     /// was written by the command.
     pub(crate) ledger_len: u64,
     pub(crate) tokens_len: u64,
+    /// The connection holding the advisory lock of an exclusive checkout
+    /// (closing it releases the lock).
+    pub(crate) lock: Option<super::pg::LockConn>,
 }
 
 impl Workspace {
@@ -29,5 +39,186 @@ impl Workspace {
     /// The generation checked out.
     pub fn generation(&self) -> i64 {
         self.generation
+    }
+
+    /// The trust domain of the CA checked out (from `ca.json`), `None` when
+    /// the store holds no CA yet.
+    pub fn trust_domain(&self) -> Option<String> {
+        let body = self.docs.get(files::STATE)?;
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        Some(
+            v.get("trust_domain")
+                .and_then(|t| t.as_str())
+                .unwrap_or("?")
+                .to_owned(),
+        )
+    }
+}
+
+/// What a file of the layout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A private key: stays in the key directory, never in the database.
+    Key,
+    /// `ledger.jsonl`: the `ledger` table.
+    Ledger,
+    /// `tokens.jsonl`: the `join_tokens` table.
+    Tokens,
+    /// Anything else: a row of `ca_documents`.
+    Document,
+}
+
+/// Classifies a relative path of the layout.
+pub(crate) fn kind(rel: &str) -> Kind {
+    if rel.ends_with(".key") {
+        Kind::Key
+    } else if rel == files::LEDGER {
+        Kind::Ledger
+    } else if rel == files::TOKENS {
+        Kind::Tokens
+    } else {
+        Kind::Document
+    }
+}
+
+/// A relative path safe to join under a directory: no `..`, not absolute,
+/// not empty (names come from the database).
+pub(crate) fn check_rel(rel: &str) -> Result<(), StoreError> {
+    let p = Path::new(rel);
+    let ok = !rel.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt {
+            what: "document name",
+            msg: format!("{rel:?} is not a relative path inside the CA directory"),
+        })
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Every regular file under `root` (recursively, symbolic links and
+/// dot-files such as staged temporaries skipped) whose kind passes `keep`,
+/// by relative path. A missing `root` holds nothing.
+pub(crate) fn scan(
+    root: &Path,
+    keep: impl Fn(Kind) -> bool,
+) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let dir = if rel_dir.is_empty() {
+            root.to_owned()
+        } else {
+            root.join(&rel_dir)
+        };
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && rel_dir.is_empty() => {
+                return Ok(out)
+            }
+            Err(e) => return Err(io(&dir)(e)),
+        };
+        for ent in rd {
+            let ent = ent.map_err(io(&dir))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue;
+            }
+            let rel = if rel_dir.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel_dir}/{name}")
+            };
+            let ft = ent.file_type().map_err(io(&ent.path()))?;
+            if ft.is_dir() {
+                stack.push(rel);
+            } else if ft.is_file() && keep(kind(&rel)) {
+                let path = ent.path();
+                out.insert(rel, std::fs::read(&path).map_err(io(&path))?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `rel` under `root` atomically (keys 0600, others 0644), creating
+/// missing parent directories 0700.
+pub(crate) fn write(root: &Path, rel: &str, data: &[u8]) -> Result<(), StoreError> {
+    check_rel(rel)?;
+    let path = root.join(rel);
+    if let Some(parent) = path.parent() {
+        create_dir_private(parent)?;
+    }
+    let mode = if kind(rel) == Kind::Key { SECRET } else { PUBLIC };
+    fsutil::write_atomic(&path, data, mode).map_err(io(&path))
+}
+
+/// Removes `rel` under `root`, and the directories it leaves empty (up to
+/// `root`). A file already gone is fine.
+pub(crate) fn remove(root: &Path, rel: &str) -> Result<(), StoreError> {
+    check_rel(rel)?;
+    let path = root.join(rel);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&path)(e)),
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+pub(crate) fn create_dir_private(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        assert_eq!(kind("intermediate.key"), Kind::Key);
+        assert_eq!(kind("next/root.key"), Kind::Key);
+        assert_eq!(kind("archive/1-root.key"), Kind::Key);
+        assert_eq!(kind("ledger.jsonl"), Kind::Ledger);
+        assert_eq!(kind("tokens.jsonl"), Kind::Tokens);
+        assert_eq!(kind("next/root.crt"), Kind::Document);
+        assert!(check_rel("../x").is_err() && check_rel("/x").is_err() && check_rel("").is_err());
+        assert!(check_rel("archive/1-root.crt").is_ok());
+    }
+
+    #[test]
+    fn scan_write_remove() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "next/root.key", b"k").unwrap();
+        write(d.path(), "ca.json", b"{}").unwrap();
+        std::fs::write(d.path().join(".tmp1"), b"x").unwrap();
+        let keys = scan(d.path(), |k| k == Kind::Key).unwrap();
+        assert_eq!(keys.keys().collect::<Vec<_>>(), ["next/root.key"]);
+        let all = scan(d.path(), |_| true).unwrap();
+        assert_eq!(all.len(), 2);
+        remove(d.path(), "next/root.key").unwrap();
+        assert!(!d.path().join("next").exists());
+        assert!(scan(&d.path().join("none"), |_| true).unwrap().is_empty());
     }
 }
