@@ -55,8 +55,9 @@ pub struct Options {
     pub cert: PathBuf,
     /// Private key PEM, replaced on renewal.
     pub key: PathBuf,
-    /// `https://host:port` of `keyproof-ca serve`.
-    pub ca_url: String,
+    /// `https://host:port` of `keyproof-ca serve`: one, or several replicas
+    /// tried in order with failover (starting from the last that answered).
+    pub ca_url: Vec<String>,
     /// Bundle PEM authenticating the CA; rewritten when the CA's changes.
     pub bundle: PathBuf,
     /// The CA server's SPIFFE ID; `spiffe://<td>/keyproof-ca` when unset.
@@ -294,6 +295,17 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> RenewError + '_ {
     }
 }
 
+/// Logs each failover to the next CA endpoint.
+struct LogFailover;
+
+impl crate::client::EndpointObserver for LogFailover {
+    fn failed_over(&self, op: &'static str, from: &str, error: &ClientError) {
+        log(format!(
+            "{op}: {from} failed ({error}); trying the next CA endpoint"
+        ));
+    }
+}
+
 /// Talks to the CA for one pair of files.
 struct Renewer<'a> {
     opts: &'a Options,
@@ -323,13 +335,12 @@ impl<'a> Renewer<'a> {
             id: id.clone(),
             msg: e.to_string(),
         })?;
-        let client =
-            CaClient::new(&opts.ca_url, verifier.clone(), pattern).map_err(|e| match e {
-                ClientError::BadUrl(_) => RenewError::BadUrl {
-                    url: opts.ca_url.clone(),
-                },
+        let client = CaClient::with_urls(&opts.ca_url, verifier.clone(), pattern)
+            .map_err(|e| match e {
+                ClientError::BadUrl(url) => RenewError::BadUrl { url },
                 other => RenewError::Ca(other),
-            })?;
+            })?
+            .with_observer(Arc::new(LogFailover));
         Ok(Renewer {
             opts,
             client,

@@ -509,9 +509,11 @@ struct RenewArgs {
     /// Its private key PEM, replaced by a new key (mode 0600).
     #[arg(long)]
     key: PathBuf,
-    /// The CA server, https://host:port.
-    #[arg(long)]
-    ca_url: String,
+    /// The CA server, https://host:port; repeat for several replicas, tried
+    /// in order with failover (a name resolving to several addresses counts
+    /// as several).
+    #[arg(long, required = true)]
+    ca_url: Vec<String>,
     /// Trust bundle PEM authenticating the CA server; rewritten when the
     /// CA's bundle changes.
     #[arg(long)]

@@ -32,7 +32,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 
 use crate::client::{
-    certified_key, new_key, token_csr, CaClient, ClientError, IssuedKey, IssuedSvid,
+    certified_key, new_key, token_csr, CaClient, ClientError, Endpoint, IssuedKey, IssuedSvid,
 };
 
 /// First retry delay; doubles up to [`MAX_BACKOFF`].
@@ -111,6 +111,8 @@ pub struct NewIdentity {
     /// The bundle's `spiffe_sequence` as the CA stated it with the issuance
     /// (None from a CA that does not say).
     pub spiffe_sequence: Option<u64>,
+    /// The CA endpoint (replica) that issued it.
+    pub ca_endpoint: Option<Endpoint>,
 }
 
 /// The API error codes of a renewal that no retry can turn into a success:
@@ -162,6 +164,11 @@ impl FailureKind {
             ClientError::ClientCertRejected { .. } => FailureKind::ClientCertRejected,
             ClientError::Refused { .. } => FailureKind::CaRefused,
             ClientError::BadUrl(_) | ClientError::Protocol(_) => FailureKind::Protocol,
+            // Named after the last endpoint's failure: only unreachable
+            // endpoints and server errors fail over.
+            ClientError::AllFailed(tried) => tried
+                .last()
+                .map_or(FailureKind::CaUnreachable, |a| FailureKind::of(&a.error)),
         }
     }
 }
@@ -169,8 +176,13 @@ impl FailureKind {
 /// What happened, for metrics and logs.
 #[derive(Debug)]
 pub enum Event<'a> {
-    /// An SVID was issued and installed (`bootstrap` or `renew`).
-    Renewed { how: &'static str, not_after: i64 },
+    /// An SVID was issued and installed (`bootstrap` or `renew`) by the
+    /// CA endpoint `endpoint`.
+    Renewed {
+        how: &'static str,
+        not_after: i64,
+        endpoint: Option<&'a Endpoint>,
+    },
     /// Issuance failed; the current identity keeps serving.
     Failed {
         how: &'static str,
@@ -518,6 +530,7 @@ async fn obtain(
             bundle: issued.bundle,
             // Sequences start at 1; 0 is what a CA that does not say gives.
             spiffe_sequence: (issued.spiffe_sequence > 0).then_some(issued.spiffe_sequence),
+            ca_endpoint: issued.endpoint,
         },
         how,
     ))
@@ -551,16 +564,21 @@ pub async fn run_with_key(cfg: RenewerConfig, source: KeySource, handler: Arc<dy
                 Ok((id, how)) => {
                     let not_after = id.not_after;
                     let bundle = (id.bundle.clone(), id.spiffe_sequence);
+                    let endpoint = id.ca_endpoint.clone();
                     handler
                         .install(id)
-                        .map(|()| (how, not_after, bundle))
+                        .map(|()| (how, not_after, bundle, endpoint))
                         .map_err(|e| (FailureKind::Rejected, e, how))
                 }
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok((how, not_after, bundle)) => {
-                    handler.event(Event::Renewed { how, not_after });
+                Ok((how, not_after, bundle, endpoint)) => {
+                    handler.event(Event::Renewed {
+                        how,
+                        not_after,
+                        endpoint: endpoint.as_ref(),
+                    });
                     last_bundle = Some(bundle);
                     refused_bundle = None;
                     state = HeldState::default();

@@ -80,7 +80,10 @@ struct RawIdentityPkcs11 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIdentityCa {
-    url: String,
+    /// One URL or a list: read as a value so that a wrong type is an error
+    /// naming the key.
+    #[serde(alias = "urls")]
+    url: toml::Value,
     spiffe_id: String,
     join_token_file: Option<PathBuf>,
     service_account_token_file: Option<PathBuf>,
@@ -375,7 +378,7 @@ impl IdentityConfig {
             }
             IdentitySource::Ca(c) => serde_json::json!({
                 "kind": "ca",
-                "url": c.url,
+                "urls": c.urls,
                 "server_id": c.server_id.to_string(),
                 "credential": c.credential_key(),
                 "credential_file": c.credential.path().display().to_string(),
@@ -420,8 +423,10 @@ pub struct FilesSourceConfig {
 /// `[identity.ca]`.
 #[derive(Debug, Clone)]
 pub struct CaSourceConfig {
-    /// `https://host:port` of `keyproof-ca serve`.
-    pub url: String,
+    /// `https://host:port` of `keyproof-ca serve`: one, or several replicas
+    /// tried in order with failover (a name resolving to several addresses,
+    /// a Kubernetes headless Service, counts as several).
+    pub urls: Vec<String>,
     /// The identity to obtain.
     pub spiffe_id: keyproof_identity::SpiffeId,
     /// What proves the workload's claim to the CA when it holds no
@@ -437,6 +442,17 @@ pub struct CaSourceConfig {
 }
 
 impl CaSourceConfig {
+    /// The URLs for humans: the one URL, or the list with how it is used.
+    pub fn describe_urls(&self) -> String {
+        match self.urls.as_slice() {
+            [one] => one.clone(),
+            several => format!(
+                "{} (tried in order with failover, from the last that answered)",
+                several.join(", ")
+            ),
+        }
+    }
+
     /// The `[identity.ca]` key the credential was configured with, for
     /// `check-config` and `/identity` (which name the file, never its
     /// content).
@@ -2257,15 +2273,40 @@ fn pkcs11_source(raw: RawIdentityPkcs11) -> Result<Pkcs11Config, ConfigError> {
     })
 }
 
+/// `identity.ca.url`: one URL or a non-empty list of distinct ones, each
+/// `https://HOST:PORT`.
+fn ca_urls(raw: &toml::Value) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "identity.ca.url";
+    let listed: Vec<&toml::Value> = match raw {
+        toml::Value::Array(a) if a.is_empty() => {
+            return Err(invalid(KEY, "the list is empty; give at least one URL"))
+        }
+        toml::Value::Array(a) => a.iter().collect(),
+        one => vec![one],
+    };
+    let mut urls: Vec<String> = Vec::with_capacity(listed.len());
+    for v in listed {
+        let Some(given) = v.as_str() else {
+            return Err(invalid(
+                KEY,
+                format!("{v} is not a string; expected \"https://HOST:PORT\" or a list of them"),
+            ));
+        };
+        let url = given.trim_end_matches('/').to_owned();
+        let authority = url
+            .strip_prefix("https://")
+            .ok_or_else(|| invalid(KEY, format!("{given:?} must be https://HOST:PORT")))?;
+        host_port(KEY, authority)?;
+        if urls.contains(&url) {
+            return Err(invalid(KEY, format!("{given:?} is listed twice")));
+        }
+        urls.push(url);
+    }
+    Ok(urls)
+}
+
 fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
-    let url = raw.url.trim_end_matches('/').to_owned();
-    let authority = url.strip_prefix("https://").ok_or_else(|| {
-        invalid(
-            "identity.ca.url",
-            format!("{:?} must be https://HOST:PORT", raw.url),
-        )
-    })?;
-    host_port("identity.ca.url", authority)?;
+    let urls = ca_urls(&raw.url)?;
     let spiffe_id = keyproof_identity::SpiffeId::parse(&raw.spiffe_id).map_err(|e| {
         invalid(
             "identity.ca.spiffe_id",
@@ -2314,7 +2355,7 @@ fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
     }
     let credential = credential(raw.join_token_file, raw.service_account_token_file)?;
     Ok(CaSourceConfig {
-        url,
+        urls,
         spiffe_id,
         credential,
         server_id,
@@ -2765,7 +2806,7 @@ impl Config {
                     s,
                     "identity: {} from the CA at {} (server {}), {}, bootstrap trust {}, bootstrap credential {} {} (re-read at every bootstrap)",
                     c.spiffe_id,
-                    c.url,
+                    c.describe_urls(),
                     c.server_id,
                     key,
                     self.identity.trust_bundle.display(),
@@ -3027,6 +3068,57 @@ mod tests {
         let bad_kt = ca.replace("join_token_file", "key_type = \"rsa\"\njoin_token_file");
         let e = Config::parse(&bad_kt).unwrap_err().to_string();
         assert!(e.starts_with("identity.ca.key_type: "), "{e}");
+    }
+
+    #[test]
+    fn identity_ca_url_takes_one_url_or_a_list() {
+        let ca = |url: &str| {
+            format!("[identity]\ntrust_bundle = \"ca.crt\"\n[identity.ca]\n{url}\nspiffe_id = \"spiffe://td/ns/a/sa/b\"\njoin_token_file = \"t\"\n[outbound]\nlisten = \"127.0.0.1:1\"\n")
+        };
+        let urls = |text: &str| match Config::parse(text).expect("config").identity.source {
+            IdentitySource::Ca(c) => c.urls,
+            IdentitySource::Files(_) => panic!("not ca"),
+        };
+        assert_eq!(
+            urls(&ca("url = \"https://ca.svc:8443/\"")),
+            ["https://ca.svc:8443"]
+        );
+        let two = ["https://ca-0.ca:8443", "https://10.0.0.7:8443"];
+        for key in ["url", "urls"] {
+            let text = ca(&format!(
+                "{key} = [\"https://ca-0.ca:8443\", \"https://10.0.0.7:8443/\"]"
+            ));
+            assert_eq!(urls(&text), two, "{key}");
+        }
+        let cfg = Config::parse(&ca("url = [\"https://a:1\", \"https://b:2\"]")).expect("config");
+        assert_eq!(
+            cfg.identity.source_json()["urls"],
+            serde_json::json!(["https://a:1", "https://b:2"])
+        );
+        assert!(
+            cfg.explain()
+                .contains("from the CA at https://a:1, https://b:2 (tried in order with failover"),
+            "{}",
+            cfg.explain()
+        );
+        for (bad, says) in [
+            ("url = []", "empty"),
+            ("url = 8443", "not a string"),
+            ("url = [\"https://a:1\", 2]", "not a string"),
+            (
+                "url = [\"https://a:1\", \"http://b:2\"]",
+                "https://HOST:PORT",
+            ),
+            ("url = [\"https://a:1\", \"https://b\"]", "HOST:PORT"),
+            ("url = [\"https://a:1\", \"https://a:1/\"]", "listed twice"),
+        ] {
+            let (key, msg) = invalid_key(&ca(bad));
+            assert_eq!(key, "identity.ca.url", "{bad}: {msg}");
+            assert!(msg.contains(says), "{bad}: {msg}");
+        }
+        // Both spellings at once is one key given twice.
+        let e = Config::parse(&ca("url = \"https://a:1\"\nurls = [\"https://b:2\"]")).unwrap_err();
+        assert!(e.to_string().contains("url"), "{e}");
     }
 
     const PKCS11: &str = "[identity.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"keyproof\"\nkey_label = \"workload\"\npin_file = \"/run/pin\"\n";

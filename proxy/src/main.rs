@@ -158,7 +158,8 @@ fn real_main() -> anyhow::Result<()> {
                     print!("{}", cfg.explain());
                     println!(
                         "identity {} will be obtained from {} at startup",
-                        ca.spiffe_id, ca.url
+                        ca.spiffe_id,
+                        ca.describe_urls()
                     );
                 }
             }

@@ -28,6 +28,9 @@ pub const RELOAD_RESULTS: [&str; 9] = [
     "id_changed",
 ];
 
+/// Every `op` label of `keyproof_identity_ca_failovers_total`.
+pub const CA_FAILOVER_OPS: [&str; 3] = ["bootstrap", "renew", "bundle"];
+
 /// Every `result` label of `keyproof_identity_renewals_total`.
 pub const RENEWAL_RESULTS: [&str; 8] = [
     "ok",
@@ -172,6 +175,8 @@ pub struct Metrics {
     pub cert_issued: Gauge,
     reloads: IntCounterVec,
     renewals: IntCounterVec,
+    ca_failovers: IntCounterVec,
+    ca_endpoint: IntGaugeVec,
     /// `keyproof_identity_key_location`, one child per [`KEY_LOCATIONS`].
     key_location: [IntGauge; 3],
     /// `keyproof_identity_key_operations_total`, one child per
@@ -393,6 +398,28 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let ca_failovers = IntCounterVec::new(
+            Opts::new(
+                "keyproof_identity_ca_failovers_total",
+                "[identity.ca] calls that moved on to the next CA endpoint because one could \
+                 not be reached or answered a server error (5xx), by op: bootstrap, renew or \
+                 bundle. A failover that then succeeded is no failed renewal.",
+            ),
+            &["op"],
+        )?;
+        let ca_endpoint = IntGaugeVec::new(
+            Opts::new(
+                "keyproof_identity_ca_endpoint",
+                "1 for the [identity.ca] endpoint (configured URL, and the address it resolved \
+                 to) that issued the certificate in use; one series at a time.",
+            ),
+            &["url", "address"],
+        )?;
+        registry.register(Box::new(ca_failovers.clone()))?;
+        registry.register(Box::new(ca_endpoint.clone()))?;
+        for op in CA_FAILOVER_OPS {
+            ca_failovers.with_label_values(&[op]);
+        }
         let key_location = IntGaugeVec::new(
             Opts::new(
                 "keyproof_identity_key_location",
@@ -550,6 +577,8 @@ impl Metrics {
             cert_issued,
             reloads,
             renewals,
+            ca_failovers,
+            ca_endpoint,
             key_location: KEY_LOCATIONS.map(|l| key_location.with_label_values(&[l])),
             key_operations: KEY_OPERATION_RESULTS.map(|r| key_operations.with_label_values(&[r])),
             policy_reloads: ["ok", "failed"].map(|r| policy_reloads.with_label_values(&[r])),
@@ -617,6 +646,19 @@ impl Metrics {
             .position(|r| *r == result)
             .unwrap_or(1);
         self.key_operations[i].inc();
+    }
+
+    /// Counts one `[identity.ca]` failover to the next CA endpoint (`op`
+    /// one of [`CA_FAILOVER_OPS`]).
+    pub fn ca_failover(&self, op: &str) {
+        self.ca_failovers.with_label_values(&[op]).inc();
+    }
+
+    /// Sets `keyproof_identity_ca_endpoint` to the endpoint that issued the
+    /// certificate in use.
+    pub fn ca_endpoint(&self, url: &str, address: &str) {
+        self.ca_endpoint.reset();
+        self.ca_endpoint.with_label_values(&[url, address]).set(1);
     }
 
     /// Counts one `[identity.ca]` issuance outcome.

@@ -15,11 +15,19 @@
 //! file is read again before every bootstrap and its roots added to that
 //! trust, so that replacing a stale file (or its ConfigMap) after a root
 //! rotation lets a sidecar reach the CA without a restart.
+//!
+//! `identity.ca.url` may list several CA replicas (and a name may resolve to
+//! several addresses, a headless Service): the client tries them in order
+//! from the last that answered, failing over on unreachable endpoints and
+//! server errors, never on a refusal. Each failover is counted
+//! (`keyproof_identity_ca_failovers_total{op}`) and logged; the endpoint
+//! that issued the certificate in use is on `/identity` (`ca_endpoint`) and
+//! in `keyproof_identity_ca_endpoint{url,address}`.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use keyproof_ca::client::{CaClient, IssuedKey};
+use keyproof_ca::client::{CaClient, ClientError, EndpointObserver, IssuedKey};
 use keyproof_ca::renewer::{self, Event, Handler, KeySource, NewIdentity, RenewerConfig};
 use keyproof_identity::tls::SharedVerifier;
 use keyproof_identity::{SvidVerifier, TrustBundle, Usage};
@@ -117,6 +125,23 @@ impl CaIdentity {
     }
 }
 
+/// Counts and logs each failover to the next CA endpoint.
+struct FailoverMetrics {
+    metrics: Metrics,
+}
+
+impl EndpointObserver for FailoverMetrics {
+    fn failed_over(&self, op: &'static str, from: &str, error: &ClientError) {
+        self.metrics.ca_failover(op);
+        tracing::warn!(
+            op,
+            endpoint = from,
+            %error,
+            "CA endpoint failed; trying the next one"
+        );
+    }
+}
+
 impl Handler for CaIdentity {
     fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.store.get().map(|i| i.certified.clone())
@@ -140,7 +165,11 @@ impl Handler for CaIdentity {
             Some(&self.cfg.spiffe_id),
         )
         .map_err(|e| self.refuse(e))?
-        .with_sequence(id.spiffe_sequence);
+        .with_sequence(id.spiffe_sequence)
+        .with_ca_endpoint(id.ca_endpoint.clone());
+        if let Some(ep) = &id.ca_endpoint {
+            self.metrics.ca_endpoint(&ep.url, &ep.addr.to_string());
+        }
         self.trust_ca(&next);
         self.store
             .install(next, &self.metrics, "certificate issued by the CA");
@@ -218,9 +247,14 @@ impl Handler for CaIdentity {
 
     fn event(&self, e: Event<'_>) {
         match e {
-            Event::Renewed { how, not_after } => {
+            Event::Renewed {
+                how,
+                not_after,
+                endpoint,
+            } => {
                 self.metrics.renewal("ok");
-                tracing::debug!(how, not_after, "identity renewed");
+                let endpoint = endpoint.map(|e| e.to_string());
+                tracing::debug!(how, not_after, endpoint, "identity renewed");
             }
             Event::Failed {
                 how,
@@ -237,7 +271,7 @@ impl Handler for CaIdentity {
                     error,
                     retry_in = ?retry_in,
                     current_not_after = ?held,
-                    url = %self.cfg.url,
+                    urls = %self.cfg.urls.join(", "),
                     "could not obtain a certificate from the CA; retrying"
                 );
             }
@@ -283,12 +317,14 @@ pub fn start(
     token: Option<Arc<TokenKey>>,
 ) -> Result<tokio::task::JoinHandle<()>, IdentityError> {
     let ca_trust = bootstrap_trust(identity, cfg)?;
-    let client = CaClient::new(&cfg.url, ca_trust.clone(), cfg.server_id.clone()).map_err(|e| {
-        IdentityError::Invalid {
+    let client = CaClient::with_urls(&cfg.urls, ca_trust.clone(), cfg.server_id.clone())
+        .map_err(|e| IdentityError::Invalid {
             key: "identity.ca.url",
             msg: e.to_string(),
-        }
-    })?;
+        })?
+        .with_observer(Arc::new(FailoverMetrics {
+            metrics: metrics.clone(),
+        }));
     let handler = Arc::new(CaIdentity {
         store,
         metrics,
@@ -304,7 +340,7 @@ pub fn start(
         None => KeySource::Fresh,
     };
     tracing::info!(
-        url = %cfg.url,
+        urls = %cfg.urls.join(", "),
         spiffe_id = %cfg.spiffe_id,
         credential = cfg.credential_key(),
         credential_file = %cfg.credential.path().display(),
@@ -386,6 +422,7 @@ mod tests {
             bundle,
             not_after: 0,
             spiffe_sequence: Some(4),
+            ca_endpoint: None,
         }
     }
 
@@ -573,6 +610,7 @@ mod tests {
         h.event(Event::Renewed {
             how: "renew",
             not_after: 0,
+            endpoint: None,
         });
         for kind in kinds {
             h.event(Event::Failed {

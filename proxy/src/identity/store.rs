@@ -222,6 +222,9 @@ pub struct Identity {
     /// The bundle's `spiffe_sequence` as the CA stated it (None for
     /// `[identity.files]`, whose bundle file carries none).
     pub bundle_sequence: Option<u64>,
+    /// The CA endpoint (replica) that issued the certificate, with
+    /// `[identity.ca]` (None for `[identity.files]`).
+    pub ca_endpoint: Option<keyproof_ca::client::Endpoint>,
     /// [`material_digest`] of this identity, to tell a real change.
     pub material: [u8; 32],
     /// The workload key (in a file, in memory or in a PKCS#11 token), for
@@ -416,6 +419,7 @@ impl Identity {
             chain: chain_info,
             material,
             bundle_sequence: None,
+            ca_endpoint: None,
         })
     }
 
@@ -427,13 +431,23 @@ impl Identity {
         roots: Vec<CertificateDer<'static>>,
         usages: &[Usage],
     ) -> Result<Identity, MaterialError> {
-        Identity::from_parts(
+        let mut next = Identity::from_parts(
             self.certified.cert.clone(),
             self.key.clone_key(),
             roots,
             usages,
             Some(&self.id),
-        )
+        )?;
+        // The same certificate, from the same endpoint.
+        next.ca_endpoint = self.ca_endpoint.clone();
+        Ok(next)
+    }
+
+    /// The same identity, its certificate issued by the CA endpoint
+    /// `endpoint`.
+    pub fn with_ca_endpoint(mut self, endpoint: Option<keyproof_ca::client::Endpoint>) -> Identity {
+        self.ca_endpoint = endpoint;
+        self
     }
 
     /// The same identity, its bundle stated by the CA as `spiffe_sequence`.
@@ -477,6 +491,12 @@ impl Identity {
         });
         if let Some(seq) = self.bundle_sequence {
             json["trust_bundle_sequence"] = seq.into();
+        }
+        if let Some(ep) = &self.ca_endpoint {
+            json["ca_endpoint"] = serde_json::json!({
+                "url": ep.url,
+                "address": ep.addr.to_string(),
+            });
         }
         json
     }
