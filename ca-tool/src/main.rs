@@ -161,7 +161,12 @@ struct StoreArgs {
     /// (libpq URL; sslmode disable, prefer, require, verify-ca or verify-full).
     /// --dir then is the KEY DIRECTORY: private keys never go into the
     /// database.
-    #[arg(long, value_name = "URL", env = "KEYPROOF_CA_STORE", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "KEYPROOF_CA_STORE",
+        hide_env_values = true
+    )]
     store: Option<String>,
 }
 
@@ -760,6 +765,27 @@ fn in_store(e: anyhow::Error, ws: &Path) -> anyhow::Error {
     anyhow::Error::msg(msg.replace(&ws, "[store]"))
 }
 
+/// With `--store`, `--dir` is the key directory every replica holds: an
+/// offline root key written into it would not be offline.
+fn offline_key_outside(store: &StoreArgs, dir: &Path, out: Option<&Path>) -> Result<()> {
+    let Some(out) = out else { return Ok(()) };
+    if store.spec()? == StoreSpec::Dir || keyproof_ca::ca::is_stdout(out) {
+        return Ok(());
+    }
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| abs(p));
+    let parent = abs(out).parent().map(canon).unwrap_or_else(|| abs(out));
+    if abs(out).starts_with(abs(dir)) || parent.starts_with(canon(dir)) {
+        bail!(
+            "--root-key-out {}: is inside the key directory --dir {}; an offline root key must \
+             live elsewhere (another machine, removable media)",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Where a command's CA lives, for messages.
 fn describe_state(store: &StoreArgs, dir: &Path) -> Result<String> {
     Ok(match store.spec()? {
@@ -799,6 +825,7 @@ fn init(a: InitArgs) -> Result<()> {
         _ => intermediate.clone(),
     };
     let is_store = a.store.spec()? != StoreSpec::Dir;
+    offline_key_outside(&a.store, &a.dir, a.root_key_out.as_deref())?;
     if is_store {
         // The key directory receives the keys at checkin: refuse one that
         // holds a CA's keys before anything is generated.
@@ -890,9 +917,33 @@ fn issue(a: IssueArgs) -> Result<()> {
     SpiffeId::parse(&a.spiffe_id).context("--spiffe-id")?;
     let store = a.store.clone();
     let key_dir = a.dir.clone();
-    let msg = with_state(&store, &key_dir, Access::Append, |dir| issue_in(dir, a))?;
-    println!("{msg}");
-    Ok(())
+    let outputs: Vec<PathBuf> = [Some(a.cert_out.clone()), a.key_out.clone()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut written = false;
+    let result = with_state(&store, &key_dir, Access::Append, |dir| {
+        let msg = issue_in(dir, a)?;
+        written = true;
+        Ok(msg)
+    });
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            Ok(())
+        }
+        Err(e) => {
+            // With --store the ledger entry is committed after the files
+            // are written: if that failed, no certificate may be out there
+            // that the ledger does not know.
+            if written {
+                for p in &outputs {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            Err(e)
+        }
+    }
 }
 
 /// `issue` on the CA directory `dir` (`a.dir` itself, or a workspace with
@@ -1285,6 +1336,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     root_key_out,
                 } => {
                     check_ca_ttls(root_ttl, intermediate_ttl)?;
+                    offline_key_outside(&store, &dir, root_key_out.as_deref())?;
                     let msg = with_state(&store, &dir, Access::Exclusive, |dir| {
                         Ok(rotate::prepare(
                             dir,
@@ -1329,7 +1381,8 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     let masked = keyproof_ca::store::mask_password(&url);
     let rt = runtime()?;
     if a.schema_only {
-        rt.block_on(PgStore::connect(&url, true)).map_err(store_err)?;
+        rt.block_on(PgStore::connect(&url, true))
+            .map_err(store_err)?;
         println!(
             "the schema of {masked} is at version {}",
             keyproof_ca::store::schema::VERSION

@@ -13,8 +13,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use keyproof_identity::spiffe::SpiffeId;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Socket, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -122,7 +122,13 @@ impl PgStore {
         let parsed = tls::parse(url)?;
         let mut config = parsed.config;
         config.connect_timeout(CONNECT_TIMEOUT);
-        config.keepalives_idle(Duration::from_secs(30));
+        // A database host that vanishes (no RST) is noticed in seconds,
+        // not after the kernel's 15 minutes: unacknowledged data or
+        // keepalives fail the connection, and the query with it.
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(10));
         let options = match config.get_options() {
             Some(o) => format!("{o} -c statement_timeout={STATEMENT_TIMEOUT}"),
             None => format!("-c statement_timeout={STATEMENT_TIMEOUT}"),
@@ -219,7 +225,10 @@ impl PgStore {
     ) -> Result<
         (
             tokio_postgres::Client,
-            tokio_postgres::Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>,
+            tokio_postgres::Connection<
+                Socket,
+                <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream,
+            >,
         ),
         StoreError,
     > {
@@ -229,10 +238,7 @@ impl PgStore {
             .map_err(|e| self.err(e))
     }
 
-    async fn schema_version(
-        &self,
-        c: &Transaction<'_>,
-    ) -> Result<i32, StoreError> {
+    async fn schema_version(&self, c: &Transaction<'_>) -> Result<i32, StoreError> {
         let row = c
             .query_one("SELECT to_regclass('keyproof_schema') IS NOT NULL", &[])
             .await
@@ -273,9 +279,12 @@ impl PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| self.err(e))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&schema::MIGRATION_LOCK])
-            .await
-            .map_err(|e| self.err(e))?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&schema::MIGRATION_LOCK],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
         tx.batch_execute(schema::BOOTSTRAP)
             .await
             .map_err(|e| self.err(e))?;
@@ -350,7 +359,7 @@ impl PgStore {
                 .execute("SELECT pg_advisory_lock($1)", &[&CA_LOCK])
                 .await
                 .map_err(|e| self.err(e))?;
-            Some(lock)
+            Some(Box::new(lock))
         } else {
             None
         };
@@ -381,8 +390,10 @@ impl PgStore {
         tx.commit().await.map_err(|e| self.err(e))?;
         drop(c);
 
+        // 0700: it holds copies of the key files.
         let dir = tempfile::Builder::new()
             .prefix("keyproof-ca-ws")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .map_err(|source| StoreError::Io {
                 path: std::env::temp_dir(),
@@ -498,10 +509,16 @@ impl PgStore {
             .keys()
             .filter(|n| !now_keys.contains_key(*n))
             .collect();
-        let new_tokens: Vec<token::Record> =
-            new_lines(&ws.path().join(files::TOKENS), ws.tokens_len, "token record")?;
-        let new_entries: Vec<ledger::Entry> =
-            new_lines(&ws.path().join(files::LEDGER), ws.ledger_len, "ledger entry")?;
+        let new_tokens: Vec<token::Record> = new_lines(
+            &ws.path().join(files::TOKENS),
+            ws.tokens_len,
+            "token record",
+        )?;
+        let new_entries: Vec<ledger::Entry> = new_lines(
+            &ws.path().join(files::LEDGER),
+            ws.ledger_len,
+            "ledger entry",
+        )?;
         let docs_changed = !upserts.is_empty() || !deletes.is_empty();
         if !docs_changed
             && key_writes.is_empty()
@@ -564,7 +581,10 @@ impl PgStore {
             }
         }
         if let Some(lock) = ws.lock.take() {
-            let _ = lock.client.simple_query("SELECT pg_advisory_unlock_all()").await;
+            let _ = lock
+                .client
+                .simple_query("SELECT pg_advisory_unlock_all()")
+                .await;
         }
         result
     }
@@ -704,7 +724,7 @@ impl PgStore {
         tx.execute(
             "INSERT INTO ledger (serial, spiffe_id, not_before, not_after, issuer_key_id, \
              root_sha256, sha256, issued_at, requester) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+             SELECT a, b, c, d, e, f, g, h, i FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
              $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[]) \
              WITH ORDINALITY AS t(a, b, c, d, e, f, g, h, i, n) ORDER BY n",
             &params,
@@ -900,7 +920,9 @@ impl PgStore {
             return Err(StoreError::AlreadyHoldsCa(trust_domain_of(body)));
         }
         if !existing.is_empty() {
-            return Err(StoreError::AlreadyHoldsCa("unknown: documents without ca.json".into()));
+            return Err(StoreError::AlreadyHoldsCa(
+                "unknown: documents without ca.json".into(),
+            ));
         }
         for (name, body) in &docs {
             tx.execute(
@@ -1029,7 +1051,8 @@ fn new_lines<T: serde::de::DeserializeOwned>(
 
 /// The change feed: `LISTEN` on a connection of its own, the generation
 /// read on every notification and every [`POLL`]; reconnects after any
-/// error, a second later.
+/// error, a second later. Runs until the store is dropped (which aborts
+/// it), whether or not anyone watches at the moment.
 async fn follow(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
@@ -1047,9 +1070,6 @@ async fn follow(
         });
     };
     loop {
-        if tx.is_closed() {
-            return;
-        }
         match config.connect(tls.clone()).await {
             Err(e) => tracing::debug!(store = %url, "change feed: connect: {}", error_text(&e)),
             Ok((client, mut conn)) => {
@@ -1080,11 +1100,10 @@ async fn follow(
                             n = nrx.recv() => if n.is_none() { break },
                             _ = tick.tick() => {}
                         }
-                        if tx.is_closed() {
-                            driver.abort();
-                            return;
-                        }
-                        match client.query_one("SELECT generation FROM ca_meta", &[]).await {
+                        match client
+                            .query_one("SELECT generation FROM ca_meta", &[])
+                            .await
+                        {
                             Ok(r) => set(r.get(0)),
                             Err(e) => {
                                 tracing::debug!(store = %url, "change feed: {}", error_text(&e));

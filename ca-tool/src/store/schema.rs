@@ -1,7 +1,10 @@
-//! Versioned schema migrations. Each entry is applied once, in order, in
-//! its own transaction, and recorded in `keyproof_schema`; `serve` applies
-//! missing ones (under an advisory lock) and every command refuses a
-//! database whose version is newer than [`VERSION`].
+//! Versioned schema migrations. Each entry is applied once, in order, and
+//! recorded in `keyproof_schema`; `serve`, `init` and `migrate` apply the
+//! missing ones, all in one transaction under `pg_advisory_xact_lock`
+//! (replicas starting together apply each once, and a failed migration
+//! leaves the schema as it was). Every command refuses a database whose
+//! version is newer than [`VERSION`]; commands that do not migrate also
+//! refuse an older one.
 
 /// The schema version this binary writes.
 pub const VERSION: i32 = 1;

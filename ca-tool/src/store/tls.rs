@@ -165,8 +165,7 @@ fn read_roots(url: &str, path: &std::path::Path) -> Result<rustls::RootCertStore
         .map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert =
-            cert.map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
+        let cert = cert.map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
         roots
             .add(cert)
             .map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
@@ -297,23 +296,38 @@ mod tests {
     #[test]
     fn ssl_parameters_are_taken_out() {
         let u = parse("postgres://ca:pw@db:5433/k?sslmode=require&application_name=x").unwrap();
-        assert_eq!(u.config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert_eq!(
+            u.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
         assert_eq!(u.config.get_application_name(), Some("x"));
-        assert_eq!(u.masked, "postgres://ca:***@db:5433/k?sslmode=require&application_name=x");
+        assert_eq!(
+            u.masked,
+            "postgres://ca:***@db:5433/k?sslmode=require&application_name=x"
+        );
     }
 
     #[test]
     fn verify_modes_need_a_root_file() {
-        let e = parse("postgres://ca:pw@db/k?sslmode=verify-full").err().unwrap().to_string();
+        let e = parse("postgres://ca:pw@db/k?sslmode=verify-full")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("sslrootcert") && !e.contains("pw@"), "{e}");
         let e = parse("postgres://ca:pw@db/k?sslmode=verify-ca&sslrootcert=%2Fnone")
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("sslrootcert /none"), "{e}");
-        let e = parse("postgres://ca:pw@db/k?sslmode=bogus").err().unwrap().to_string();
+        let e = parse("postgres://ca:pw@db/k?sslmode=bogus")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("sslmode=bogus"), "{e}");
-        let e = parse("postgres://ca:pw@db/k?frobnicate=1").err().unwrap().to_string();
+        let e = parse("postgres://ca:pw@db/k?frobnicate=1")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("--store") && !e.contains(":pw"), "{e}");
     }
 }

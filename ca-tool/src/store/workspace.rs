@@ -27,7 +27,7 @@ pub struct Workspace {
     pub(crate) tokens_len: u64,
     /// The connection holding the advisory lock of an exclusive checkout
     /// (closing it releases the lock).
-    pub(crate) lock: Option<super::pg::LockConn>,
+    pub(crate) lock: Option<Box<super::pg::LockConn>>,
 }
 
 impl Workspace {
@@ -157,7 +157,11 @@ pub(crate) fn write(root: &Path, rel: &str, data: &[u8]) -> Result<(), StoreErro
     if let Some(parent) = path.parent() {
         create_dir_private(parent)?;
     }
-    let mode = if kind(rel) == Kind::Key { SECRET } else { PUBLIC };
+    let mode = if kind(rel) == Kind::Key {
+        SECRET
+    } else {
+        PUBLIC
+    };
     fsutil::write_atomic(&path, data, mode).map_err(io(&path))
 }
 
