@@ -70,12 +70,17 @@
 //! - The group writer appends each batch of ledger entries in one
 //!   transaction before any of its certificates is handed out.
 //! - The database unreachable: issuance (and a token's take) answers 503
-//!   `store_unavailable`, counted like any refusal and in
-//!   `keyproof_ca_store_errors_total{op}`, and nothing is handed out;
-//!   `/ready` answers 503 with the reason (a ping a second, in the
-//!   background, so probes never wait on the database);
-//!   `GET /v1/bundle` is still served from memory. The pool reconnects by
-//!   itself: no restart when the database is back.
+//!   `store_unavailable`, counted like any refusal, and nothing is handed
+//!   out. The failed operation is counted in
+//!   `keyproof_ca_store_errors_total{op}`; from then until a ping (one a
+//!   second, in the background, so probes never wait on the database)
+//!   gets an answer, requests that need the database are refused at once,
+//!   without trying it, so that clients fail over to another replica
+//!   without waiting for a connect timeout. `/ready` answers 503 with the
+//!   reason meanwhile; `GET /v1/bundle` is still served from memory. The
+//!   pool reconnects by itself: no restart when the database is back.
+//! - A replica needs the database to start (the documents are there): it
+//!   exits with the error otherwise, and its supervisor restarts it.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -464,7 +469,19 @@ impl StoreLink {
     fn status(&self) -> Result<(), String> {
         match &*self.problem.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
-            Some(why) => Err(format!("the CA's database is unreachable: {why}")),
+            // `why` names the database (its URL, password masked).
+            Some(why) => Err(format!("the CA's store cannot be used: {why}")),
+        }
+    }
+
+    /// Refuses a request that needs the database at once while it is known
+    /// not to answer (until the next ping, at most [`STORE_INTERVAL`] away,
+    /// finds it back): nothing is signed in vain, and the client fails
+    /// over to another replica now instead of after a connect timeout.
+    fn usable(&self) -> Result<(), ApiError> {
+        match &*self.problem.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(why) => Err(store_unavailable(why)),
         }
     }
 
@@ -734,6 +751,9 @@ impl Server {
                 ),
             ));
         }
+        if let Some(link) = &self.store {
+            link.usable()?;
+        }
         let loaded = self.loaded.load();
         let issued = loaded
             .ca
@@ -978,6 +998,7 @@ impl Server {
                 (held, token_id, id)
             }
             Some(link) => {
+                link.usable()?;
                 // One UPDATE across every replica: of two requests with the
                 // same token, only one gets it.
                 let taken = match link
@@ -1617,11 +1638,11 @@ async fn follow_store(
         match r {
             Ok(changed) => {
                 link.answered();
+                server.metrics.set_store_generation(ws.generation());
                 if last_error.take().is_some() {
                     tracing::info!("the workspace is up to date with the store again");
                 }
                 if changed {
-                    server.metrics.set_store_generation(ws.generation());
                     tracing::info!(
                         generation = ws.generation(),
                         "the CA store changed; reloading"
