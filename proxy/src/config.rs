@@ -3778,7 +3778,7 @@ mod tests {
         let IdentitySource::Ca(c) = cfg.identity.source else {
             panic!("not ca")
         };
-        assert_eq!(c.url, "https://ca.svc:8443");
+        assert_eq!(c.urls, ["https://ca.svc:8443"]);
         assert_eq!(c.key_type, keyproof_identity::keys::KeyType::EcdsaP256);
         assert_eq!(c.bundle_refresh, Duration::from_secs(300));
         assert_eq!(c.server_id.to_string(), "spiffe://td/keyproof-ca");
@@ -3796,7 +3796,7 @@ mod tests {
         let IdentitySource::Ca(c) = cfg.identity.source else {
             panic!("not ca")
         };
-        assert_eq!(c.url, "https://ca.svc:8443");
+        assert_eq!(c.urls, ["https://ca.svc:8443"]);
         assert_eq!(c.key_type, keyproof_identity::keys::KeyType::Ed25519);
         assert_eq!(c.server_id.to_string(), "spiffe://td/ca/*");
 
