@@ -438,6 +438,10 @@ fn sidecars_renew_through_a_replica_killed_and_restarted_without_a_failure() {
         let (ok, bad) = renewals(p);
         assert!(ok >= 4.0, "{ok} renewals\n{}", p.metrics());
         assert!(bad.is_empty(), "failed renewals: {bad:?}\n{}", logs(&a, &b));
+        // Each sidecar moved off a (killed) and later off b (killed): the
+        // failovers were counted, not failures.
+        let failovers = sum_samples(&p.metrics(), "keyproof_identity_ca_failovers_total", &[]);
+        assert!(failovers >= 2.0, "{failovers} failovers\n{}", p.metrics());
     }
     // Every certificate issued is in the ledger once.
     let ledger = ha.ledger();
