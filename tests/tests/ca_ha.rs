@@ -594,19 +594,29 @@ fn the_database_down_for_10s_under_renewal_load_loses_and_doubles_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     // Four workloads, each renewing in a loop, alternating replicas, a new
     // connection for every request.
+    // Every workload bootstraps before the load starts (a bootstrap that
+    // met the outage would have nothing to renew with).
+    let rt0 = rt();
     let workers: Vec<_> = (0..4)
         .map(|i| {
             let id = format!("spiffe://{TD}/ns/load/sa/w{i}");
             let token = ha.token(&id);
+            let k = new_key(KeyType::EcdsaP256, &id).unwrap();
+            let svid = rt0
+                .block_on(client_for(&bundle, ports[i % 2]).bootstrap(&token, &k.csr_pem))
+                .expect("bootstrap");
+            seen.lock().unwrap().certs.push(leaf_ids(&svid));
+            let first = Arc::new(certified_key(svid.chain, &k.key_der).unwrap());
+            (id, first)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, first))| {
             let (bundle, seen, stop) = (bundle.clone(), seen.clone(), stop.clone());
             std::thread::spawn(move || {
                 let rt = rt();
-                let k = new_key(KeyType::EcdsaP256, &id).unwrap();
-                let svid = rt
-                    .block_on(client_for(&bundle, ports[i % 2]).bootstrap(&token, &k.csr_pem))
-                    .expect("bootstrap");
-                seen.lock().unwrap().certs.push(leaf_ids(&svid));
-                let mut current = Arc::new(certified_key(svid.chain, &k.key_der).unwrap());
+                let mut current = first;
                 let mut n = i;
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
