@@ -441,7 +441,7 @@ fn ca_ha_shape(out: &str, rendered: bool) {
         })
         .collect();
     assert!(
-        out.contains("secretName: keyproof-ca-keys")
+        (out.contains("secretName: keyproof-ca-keys") || out.contains("name: keyproof-ca-keys"))
             && !key_mounts.is_empty()
             && key_mounts.iter().all(|m| *m == "ro"),
         "the key Secret must be mounted read-only everywhere ({key_mounts:?}):\n{out}"
