@@ -919,3 +919,102 @@ fn a_database_down_is_unreachable_and_the_store_recovers_by_itself() {
     });
     assert_eq!(pg.sql(&db, "SELECT used_by FROM join_tokens"), "r");
 }
+
+#[test]
+fn a_password_is_used_and_never_printed() {
+    let Some(pg) = Pg::shared() else { return };
+    let db = pg.new_db("password");
+    let url = |pw: &str| {
+        format!(
+            "postgres://pwuser:{pw}@127.0.0.1:{}/{db}?sslmode=disable",
+            pg.port
+        )
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = tmp.path().join("keys");
+    let wrong = url("wrong-secret");
+    let o = run(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &wrong,
+        "--dir",
+        p(&keys),
+    ]);
+    assert!(!o.ok);
+    assert!(
+        o.stderr.contains("is unreachable") && o.stderr.contains("password authentication failed"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("pwuser:***@"), "{}", o.stderr);
+    no_password(&o);
+    assert!(!keys.exists(), "nothing written");
+    let right = url(pg::PWUSER_PASSWORD);
+    let o = run(&[
+        "init",
+        "--trust-domain",
+        TD,
+        "--store",
+        &right,
+        "--dir",
+        p(&keys),
+    ]);
+    assert!(o.ok, "{}", o.stderr);
+    no_password(&o);
+    let o = run(&["check", "--store", &right, "--dir", p(&keys)]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    no_password(&o);
+}
+
+#[test]
+fn rotations_started_together_take_turns() {
+    let Some(pg) = Pg::shared() else { return };
+    let (db, url, _tmp, keys) = store_ca(&pg, "turns");
+    // Issues run meanwhile: each sees a certificate and its key together,
+    // never a new key beside the old certificate.
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    let threads: Vec<_> = (0..9)
+        .map(|i| {
+            let (url, keys, id) = (url.clone(), keys.clone(), id.clone());
+            let out = _tmp.path().to_owned();
+            std::thread::spawn(move || {
+                if i % 3 == 0 {
+                    run(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)])
+                } else {
+                    run(&[
+                        "issue",
+                        "--store",
+                        &url,
+                        "--dir",
+                        p(&keys),
+                        "--spiffe-id",
+                        &id,
+                        "--key-out",
+                        p(&out.join(format!("{i}.key"))),
+                        "--cert-out",
+                        p(&out.join(format!("{i}.crt"))),
+                    ])
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let o = t.join().unwrap();
+        assert!(o.ok, "{}", o.stderr);
+    }
+    assert_eq!(pg.sql(&db, "SELECT count(*) FROM ledger"), "6");
+    // Each one saw the previous one's result: three new generations, and
+    // the intermediate in the store is the one whose key is in --dir.
+    assert_eq!(pg.sql(&db, "SELECT generation FROM ca_meta"), "4");
+    let o = run(&["check", "--store", &url, "--dir", p(&keys)]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(
+        pg.sql(
+            &db,
+            "SELECT count(*) FROM ca_documents WHERE name LIKE 'archive/%intermediate.crt'"
+        ),
+        "3"
+    );
+}

@@ -103,17 +103,20 @@ impl StoreSpec {
     }
 }
 
-/// `url` with any password replaced by `***`, for messages and logs.
+/// `url` with any password replaced by `***`, for messages and logs. Errs
+/// on the side of masking: everything between the first `:` after the
+/// scheme and the last `@` before the query goes, even if the password
+/// holds a raw `/` or `@` (which a URL should have percent-encoded).
 pub fn mask_password(url: &str) -> String {
     // scheme://user:password@host...
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, tail) = match rest.find(['/', '?']) {
+    let (head, tail) = match rest.find(['?', '#']) {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
     };
-    match authority.rsplit_once('@') {
+    match head.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
             Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
             None => url.to_owned(),
@@ -203,6 +206,11 @@ mod tests {
             "postgres://ca@db/keyproof"
         );
         assert_eq!(mask_password("postgres://db/k"), "postgres://db/k");
+        // Characters a password should have encoded still do not leak it.
+        assert_eq!(
+            mask_password("postgres://ca:pa/ss@w@db/k?x=1"),
+            "postgres://ca:***@db/k?x=1"
+        );
     }
 
     #[test]

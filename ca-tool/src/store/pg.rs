@@ -285,6 +285,10 @@ impl PgStore {
         )
         .await
         .map_err(|e| self.err(e))?;
+        // `CREATE TABLE IF NOT EXISTS` would log a NOTICE on every start.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(|e| self.err(e))?;
         tx.batch_execute(schema::BOOTSTRAP)
             .await
             .map_err(|e| self.err(e))?;
@@ -345,9 +349,10 @@ impl PgStore {
     }
 
     /// A workspace with the current documents, the key files of `key_dir`
-    /// (`*.key`, `next/*.key`) and the live ledger (entries not yet
-    /// expired) as `ledger.jsonl`. `exclusive` holds the advisory lock until
-    /// [`PgStore::checkin`] or drop.
+    /// (`*.key`, `next/*.key`), the live ledger (entries not yet expired)
+    /// as `ledger.jsonl` and the unexpired join tokens as `tokens.jsonl`.
+    /// `exclusive` holds the advisory lock until [`PgStore::checkin`] or
+    /// drop.
     pub async fn checkout(&self, key_dir: &Path, exclusive: bool) -> Result<Workspace, StoreError> {
         let lock = if exclusive {
             let (client, conn) = self.dedicated().await?;
@@ -364,18 +369,31 @@ impl PgStore {
             None
         };
         let mut c = self.client().await?;
+        // Without the lock, a shared hold of it for the reads: a rotation
+        // running now writes its keys into `key_dir` before it commits its
+        // documents, so documents and keys are only read together once it
+        // is done (and none starts until they are read). Read committed:
+        // each read sees what committed before it, not a snapshot taken
+        // before the wait.
         let tx = c
             .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
             .read_only(true)
             .start()
             .await
             .map_err(|e| self.err(e))?;
+        if !exclusive {
+            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&CA_LOCK])
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         let (generation, docs) = self.read_docs(&tx).await?;
+        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
         let token_rows = tx
             .query(
+                // Expired tokens are of no use to any command.
                 "SELECT id, sha256, spiffe_id, expires_at, created_at, used_at FROM join_tokens \
-                 ORDER BY created_at, id",
+                 WHERE expires_at > now() ORDER BY created_at, id",
                 &[],
             )
             .await
@@ -402,7 +420,6 @@ impl PgStore {
         for (name, body) in &docs {
             workspace::write(dir.path(), name, body)?;
         }
-        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
         for (name, body) in &keys {
             workspace::write(dir.path(), name, body)?;
         }
@@ -827,15 +844,18 @@ impl PgStore {
         }
         let why = c
             .query_opt(
-                "SELECT used_at IS NOT NULL, expires_at FROM join_tokens WHERE sha256 = $1",
+                "SELECT used_at IS NOT NULL, expires_at, expires_at <= now() \
+                 FROM join_tokens WHERE sha256 = $1",
                 &[&sha256],
             )
             .await
             .map_err(|e| self.err(e))?;
         Ok(Err(match why {
             None => TokenError::Invalid,
-            Some(r) if r.get::<_, bool>(0) => TokenError::Reused,
-            Some(r) => TokenError::Expired(ca::rfc3339(r.get(1))),
+            Some(r) if r.get::<_, bool>(2) => TokenError::Expired(ca::rfc3339(r.get(1))),
+            // Used, or taken by another request and given back between the
+            // two statements: either way not this caller's to take now.
+            Some(_) => TokenError::Reused,
         }))
     }
 

@@ -3,7 +3,8 @@
 //! both as the `postgres` user when the tests run as root (PostgreSQL
 //! refuses to run as root), trust authentication, a free port, TLS with a
 //! certificate for `localhost` from a CA of its own ([`Pg::tls_root`]);
-//! the role `tlsonly` may connect only over TLS. Tests share
+//! the role `tlsonly` may connect only over TLS, the role `pwuser` only
+//! with its password ([`PWUSER_PASSWORD`]). Tests share
 //! one cluster while any of them holds it ([`Pg::shared`]); it is stopped
 //! and removed when the last one lets go.
 
@@ -64,6 +65,10 @@ fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+/// The password of the role `pwuser`, which authenticates with
+/// scram-sha-256 (every other role is trusted).
+pub const PWUSER_PASSWORD: &str = "right-secret";
 
 static SHARED: Mutex<Weak<Pg>> = Mutex::new(Weak::new());
 static DBS: AtomicUsize = AtomicUsize::new(0);
@@ -155,7 +160,10 @@ impl Pg {
         let rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
         std::fs::write(
             &hba,
-            format!("hostnossl all tlsonly 0.0.0.0/0 reject\nhostnossl all tlsonly ::/0 reject\n{rules}"),
+            format!(
+                "hostnossl all tlsonly 0.0.0.0/0 reject\nhostnossl all tlsonly ::/0 reject\n\
+                 host all pwuser 0.0.0.0/0 scram-sha-256\n{rules}"
+            ),
         )
         .expect("write pg_hba.conf");
         let port = free_port();
@@ -203,6 +211,10 @@ impl Pg {
         };
         pg.restart();
         pg.sql("postgres", "CREATE ROLE tlsonly LOGIN SUPERUSER");
+        pg.sql(
+            "postgres",
+            &format!("CREATE ROLE pwuser LOGIN SUPERUSER PASSWORD '{PWUSER_PASSWORD}'"),
+        );
         Some(pg)
     }
 
