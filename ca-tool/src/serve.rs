@@ -577,6 +577,23 @@ impl HeldToken<'_> {
     }
 }
 
+impl HeldToken<'_> {
+    /// Releases the token now (a refusal is about to be answered): a token
+    /// taken in the store is given back before this returns, or, if the
+    /// database does not answer, in the background as on drop.
+    async fn release(mut self) {
+        if let HeldToken::Store { link, taken } = &mut self {
+            if let Some(t) = taken.take() {
+                if let Err(e) = link.db.token_give_back(&t).await {
+                    link.failed("token_give_back", &e);
+                    link.give_back(t);
+                }
+            }
+        }
+        // A file reservation is released by drop.
+    }
+}
+
 impl Drop for HeldToken<'_> {
     fn drop(&mut self) {
         match self {
@@ -1025,19 +1042,30 @@ impl Server {
             }
         };
         call.token_id = Some(token_id.clone());
-        if let Some(w) = requested_id(req)? {
-            if w != id {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "id_mismatch",
-                    format!("the token is for {id}, not {w}"),
-                ));
+        let issued = async {
+            if let Some(w) = requested_id(req)? {
+                if w != id {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "id_mismatch",
+                        format!("the token is for {id}, not {w}"),
+                    ));
+                }
             }
+            let key = parse_csr(body)?;
+            self.issue(id.clone(), key, format!("bootstrap:{token_id}"))
+                .await
         }
-        let key = parse_csr(body)?;
-        let issued = self
-            .issue(id.clone(), key, format!("bootstrap:{token_id}"))
-            .await?;
+        .await;
+        let issued = match issued {
+            Ok(i) => i,
+            Err(e) => {
+                // Usable again before the refusal is answered, so that
+                // the client may retry at once.
+                held.release().await;
+                return Err(e);
+            }
+        };
         held.spend(&self.dir).map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -478,6 +478,30 @@ fn one_join_token_sent_to_both_replicas_at_once_gives_one_certificate() {
             "round {round}: {refused:?}"
         );
     }
+    // A request refused after the token was taken gives it back before
+    // the refusal is answered: the client may use it at once, on either
+    // replica, and only once.
+    let out = ok(s.state_cmd("token create").args(["--spiffe-id", &id]));
+    let token = out
+        .split_whitespace()
+        .find(|w| w.starts_with("kpt_"))
+        .unwrap()
+        .to_owned();
+    token_ids.push(keyproof_ca::token::id_of(&token));
+    let k = client::new_key(KeyType::EcdsaP256, &id).unwrap();
+    let other = format!("spiffe://{TD}/someone-else");
+    rt.block_on(async {
+        let e = ca_a
+            .bootstrap_for(&token, &k.csr_pem, Some(&other))
+            .await
+            .expect_err("another identity");
+        assert_eq!(e.code(), Some("id_mismatch"), "{e:?}");
+        ca_b.bootstrap(&token, &k.csr_pem)
+            .await
+            .expect("the token was given back");
+        let e = ca_a.bootstrap(&token, &k.csr_pem).await.expect_err("spent");
+        assert_eq!(e.code(), Some("token_reused"), "{e:?}");
+    });
     // The ledger holds each bootstrap once.
     let ledger = ok(&mut s.state_cmd("ledger export"));
     for t in &token_ids {
@@ -491,7 +515,7 @@ fn one_join_token_sent_to_both_replicas_at_once_gives_one_certificate() {
         .iter()
         .map(|r| r.metric("keyproof_ca_issuances_total{kind=\"bootstrap_token\",result=\"ok\"}"))
         .sum();
-    assert_eq!(used, 10.0);
+    assert_eq!(used, 11.0);
 }
 
 #[test]
