@@ -337,6 +337,7 @@ pub struct CaClient {
     last_good: Arc<std::sync::Mutex<Option<Endpoint>>>,
     observer: Option<Arc<dyn EndpointObserver>>,
     connect_timeout: Duration,
+    answer_timeout: Duration,
 }
 
 impl CaClient {
@@ -371,6 +372,7 @@ impl CaClient {
             last_good: Arc::default(),
             observer: None,
             connect_timeout: FAILOVER_CONNECT_TIMEOUT,
+            answer_timeout: TIMEOUT,
         })
     }
 
@@ -385,6 +387,15 @@ impl CaClient {
     /// the full request timeout).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// The time allowed for an answer once connected (10 s by default).
+    /// The renewer shortens it for a short-lived certificate, so that a
+    /// replica that accepts connections but does not answer cannot use up
+    /// the certificate's remaining life before the next endpoint is tried.
+    pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
+        self.answer_timeout = timeout;
         self
     }
 
@@ -542,6 +553,7 @@ impl CaClient {
             tokio::spawn(conn);
             Ok(Session {
                 sender,
+                answer_timeout: self.answer_timeout,
                 label: label.clone(),
                 endpoint: ep.clone(),
                 group,
@@ -570,18 +582,15 @@ impl CaClient {
         &self,
         op: &'static str,
         identity: Option<Arc<CertifiedKey>>,
-        method: Method,
-        path: &str,
-        headers: &[(header::HeaderName, String)],
-        body: Bytes,
+        req: Call<'_>,
         read: impl Fn(StatusCode, &[u8], &Endpoint) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         self.each(op, |ep, t| {
-            let (identity, method, body) = (identity.clone(), method.clone(), body.clone());
+            let (identity, method, body) = (identity.clone(), req.method.clone(), req.body.clone());
             let read = &read;
             async move {
                 let mut session = self.connect_to(ep, identity, t).await?;
-                let (status, answer) = session.send(method, path, headers, body).await?;
+                let (status, answer) = session.send(method, req.path, req.headers, body).await?;
                 read(status, &answer, &session.endpoint)
             }
         })
@@ -645,13 +654,15 @@ impl CaClient {
         self.call(
             "bootstrap",
             None,
-            Method::POST,
-            &path,
-            &[
-                (header::AUTHORIZATION, format!("Bearer {}", token.trim())),
-                (header::CONTENT_TYPE, "application/pkcs10".into()),
-            ],
-            Bytes::from(csr_pem.to_owned()),
+            Call {
+                method: Method::POST,
+                path: &path,
+                headers: &[
+                    (header::AUTHORIZATION, format!("Bearer {}", token.trim())),
+                    (header::CONTENT_TYPE, "application/pkcs10".into()),
+                ],
+                body: Bytes::from(csr_pem.to_owned()),
+            },
             Self::issued,
         )
         .await
@@ -666,10 +677,12 @@ impl CaClient {
         self.call(
             "renew",
             Some(current),
-            Method::POST,
-            "/v1/renew",
-            &[(header::CONTENT_TYPE, "application/pkcs10".into())],
-            Bytes::from(csr_pem.to_owned()),
+            Call {
+                method: Method::POST,
+                path: "/v1/renew",
+                headers: &[(header::CONTENT_TYPE, "application/pkcs10".into())],
+                body: Bytes::from(csr_pem.to_owned()),
+            },
             Self::issued,
         )
         .await
@@ -680,10 +693,12 @@ impl CaClient {
         self.call(
             "bundle",
             None,
-            Method::GET,
-            "/v1/bundle",
-            &[],
-            Bytes::new(),
+            Call {
+                method: Method::GET,
+                path: "/v1/bundle",
+                headers: &[],
+                body: Bytes::new(),
+            },
             |status, body, _| {
                 bundle_status(status)?;
                 keys::certs_from_pem(body)
@@ -699,10 +714,12 @@ impl CaClient {
         self.call(
             "bundle",
             None,
-            Method::GET,
-            "/v1/bundle",
-            &[(header::ACCEPT, "application/json".into())],
-            Bytes::new(),
+            Call {
+                method: Method::GET,
+                path: "/v1/bundle",
+                headers: &[(header::ACCEPT, "application/json".into())],
+                body: Bytes::new(),
+            },
             |status, body, _| {
                 bundle_status(status)?;
                 BundleDocument::parse(body)
@@ -710,6 +727,14 @@ impl CaClient {
         )
         .await
     }
+}
+
+/// One API request, sent to each endpoint in turn.
+struct Call<'a> {
+    method: Method,
+    path: &'a str,
+    headers: &'a [(header::HeaderName, String)],
+    body: Bytes,
 }
 
 /// A server error whose body is not the CA's JSON (a proxy in front).
@@ -736,6 +761,7 @@ fn bundle_status(status: StatusCode) -> Result<(), ClientError> {
 /// A kept-alive connection to the CA.
 pub struct Session {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    answer_timeout: Duration,
     /// How errors name the endpoint.
     label: String,
     endpoint: Endpoint,
@@ -792,9 +818,10 @@ impl Session {
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(TIMEOUT, fut)
+        let limit = self.answer_timeout;
+        tokio::time::timeout(limit, fut)
             .await
-            .map_err(|_| broken(format!("no answer within {TIMEOUT:?}")))?
+            .map_err(|_| broken(format!("no answer within {limit:?}")))?
     }
 
     /// Renews on this connection (its client certificate names the identity).

@@ -234,6 +234,21 @@ fn jitter() -> f64 {
     0.85 + 0.1 * (u16::from_le_bytes(b) as f64 / u16::MAX as f64)
 }
 
+/// The time one CA endpoint is given to answer an issuance while a
+/// certificate valid until `held_until` is held: a third of its remaining
+/// life, between 2 s and 10 s, so that with a short-lived certificate a
+/// replica that accepts connections and never answers leaves time to fail
+/// over to the next one before the certificate lapses.
+fn answer_timeout(held_until: Option<i64>, now: i64) -> Duration {
+    const MAX: Duration = Duration::from_secs(10);
+    match held_until {
+        Some(until) if until > now => {
+            (Duration::from_secs((until - now) as u64) / 3).clamp(Duration::from_secs(2), MAX)
+        }
+        _ => MAX,
+    }
+}
+
 /// When to renew a certificate received now that expires at `not_after`:
 /// two thirds of the remaining life times a random factor in [0.85, 0.95].
 /// Measured from receipt, not from notBefore, because notBefore is
@@ -488,9 +503,17 @@ async fn obtain(
     };
     let key = key_for_issuance(cfg, source, how).await?;
     let now = crate::ca::now().unix_timestamp();
+    let held_until = current
+        .as_ref()
+        .and_then(|ck| ck.cert.first())
+        .and_then(|leaf| leaf_not_after(std::slice::from_ref(leaf)).ok());
+    let client = cfg
+        .client
+        .clone()
+        .with_answer_timeout(answer_timeout(held_until, now));
     let (issued, how): (IssuedSvid, _) =
         match ask_for(&cfg.bootstrap, current, now, state.untrusted) {
-            Ask::Renew(ck) => match cfg.client.renew(ck, &key.csr_pem).await {
+            Ask::Renew(ck) => match client.renew(ck, &key.csr_pem).await {
                 Ok(issued) => (issued, "renew"),
                 Err(e) if bootstrap_after_refusal(&cfg.bootstrap, &e, &mut state.warned) => {
                     // Counted and logged as what it was before the bootstrap
@@ -770,6 +793,17 @@ mod tests {
         ] {
             assert!(!bootstrap_after_refusal(&sa(), &e, &mut false), "{e}");
         }
+    }
+
+    #[test]
+    fn a_short_lived_certificate_gives_each_endpoint_less_time_to_answer() {
+        let s = Duration::from_secs;
+        assert_eq!(answer_timeout(None, 1_000), s(10));
+        assert_eq!(answer_timeout(Some(1_000 + 24 * 3600), 1_000), s(10));
+        assert_eq!(answer_timeout(Some(1_009), 1_000), s(3));
+        assert_eq!(answer_timeout(Some(1_004), 1_000), s(2));
+        // Lapsed: renewing cannot be in a hurry any more.
+        assert_eq!(answer_timeout(Some(990), 1_000), s(10));
     }
 
     #[test]

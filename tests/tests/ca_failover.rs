@@ -3,12 +3,14 @@
 //! directory (the directory store; PostgreSQL is the same for the client).
 //!
 //! - A sidecar pair renewing 10 s SVIDs from `url = [A, B]` under steady
-//!   traffic while A is killed, restarted, and then B killed: no failed
+//!   traffic while A is killed (its address then blackholed: connections
+//!   accepted, TLS never answered), restarted, and then B killed: no failed
 //!   renewal, no failed request, and the renewals while A was down came
 //!   from B (then from A while B was).
 //! - A list whose first URLs are dead (a closed port, a listener that never
 //!   answers TLS) bootstraps through the next one.
 //! - Every URL dead: the error names each URL tried.
+//! - A name resolving to several addresses is one endpoint per address.
 //! - A refusal (4xx) is the CA's answer: no failover.
 
 use std::net::SocketAddr;
@@ -201,13 +203,16 @@ fn sidecars_renew_through_the_other_replica_while_one_is_killed_and_no_request_f
     };
     renewed_from(&urls[0], "both replicas up");
 
-    // A goes away: renewals continue from B.
+    // A goes away, and its address turns into a blackhole (connections
+    // accepted, TLS never answered): renewals continue from B.
     drop(a.take());
+    let blackhole = std::net::TcpListener::bind(("127.0.0.1", port_a)).unwrap();
     renewed_from(&urls[1], "A killed");
     let b_issued_while_a_down: Vec<String> =
         proxies.iter().map(|(_, admin)| issued_by(*admin)).collect();
 
     // A is back; the sidecars stay on B, which still answers.
+    drop(blackhole);
     a = Some(serve(&ca, port_a));
     renewed_from(&urls[1], "A restarted");
 
@@ -403,4 +408,48 @@ fn a_refusal_is_the_answer_and_does_not_fail_over() {
         .block_on(client.bootstrap_for(&good, &key.csr_pem, Some(&id)))
         .unwrap();
     assert_eq!(issued.endpoint.unwrap().url, url(a.port));
+}
+
+#[test]
+fn a_name_resolving_to_several_addresses_is_one_endpoint_per_address() {
+    use std::net::ToSocketAddrs;
+    let ca = TestCa::new(TD);
+    // Listening on 127.0.0.1 only: when `localhost` also resolves to ::1
+    // (as /etc/hosts usually has it), that address is refused and the call
+    // fails over to the next address of the same name.
+    let server = serve(&ca, free_port());
+    let name = format!("https://localhost:{}", server.port);
+    let addrs: Vec<SocketAddr> = ("localhost", server.port)
+        .to_socket_addrs()
+        .unwrap()
+        .collect();
+    let verifier = {
+        use keyproof_identity::verify::{SvidVerifier, TrustBundle};
+        let bundle = TrustBundle::from_pem(&std::fs::read(ca.bundle()).unwrap()).unwrap();
+        std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(SvidVerifier::new(
+            keyproof_identity::TrustDomain::parse(TD).unwrap(),
+            bundle,
+        )))
+    };
+    let client = CaClient::with_urls(
+        &[name.clone()],
+        verifier,
+        keyproof_identity::IdPattern::parse(&format!("spiffe://{TD}/keyproof-ca")).unwrap(),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let roots = rt().block_on(client.bundle()).unwrap();
+        assert!(!roots.is_empty());
+        let ep = client.last_endpoint().unwrap();
+        assert_eq!(ep.url, name);
+        assert_eq!(
+            ep.addr,
+            SocketAddr::from(([127, 0, 0, 1], server.port)),
+            "{addrs:?}"
+        );
+        assert_eq!(
+            ep.to_string(),
+            format!("{name} (127.0.0.1:{})", server.port)
+        );
+    }
 }
