@@ -29,7 +29,7 @@
 # PostgreSQL (the postmaster and its backends).
 #
 # usage: benches/ca-store.sh
-#   env: ROUNDS (2), SECONDS_EACH (8), CONC (32: renew-load workers),
+#   env: ROUNDS (3), SECONDS_EACH (8), CONC (32: renew-load workers),
 #        CA (target/release/keyproof-ca), RENEW_LOAD (target/release/renew-load);
 #        build both with
 #          cargo build --release --locked -p keyproof-ca -p keyproof-benches --bin keyproof-ca --bin renew-load
@@ -39,7 +39,7 @@ here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 ca=${CA:-$repo/target/release/keyproof-ca}
 rl=${RENEW_LOAD:-$repo/target/release/renew-load}
 pg_bin=${PG_BIN:-/usr/lib/postgresql/15/bin}
-rounds=${ROUNDS:-2} secs=${SECONDS_EACH:-8} conc=${CONC:-32}
+rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conc=${CONC:-32}
 for t in "$ca" "$rl" "$pg_bin/initdb" "$pg_bin/pg_ctl"; do
   [ -x "$t" ] || { echo "missing $t (see the usage at the top of $0)" >&2; exit 2; }
 done
@@ -145,10 +145,16 @@ run() { # setup name, renew-load --dir, server pids (comma list), addrs...
 
 echo "keyproof-ca renewals, new connection each: $conc workers, ${secs}s per run, $rounds rounds"
 echo "commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'); $(nproc) cores; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+setups=(dir pg1 pg2)
 for round in $(seq "$rounds"); do
-  run dir "$work/ca" "$dir_pid" "127.0.0.1:$dir_port"
-  run pg1 "$work/keys" "$a_pid" "127.0.0.1:$a_port"
-  run pg2 "$work/keys" "$a_pid,$b_pid" "127.0.0.1:$a_port" "127.0.0.1:$b_port"
+  # The order rotates from round to round, so no setup always runs first.
+  for k in 0 1 2; do
+    case ${setups[$(((k + round - 1) % 3))]} in
+      dir) run dir "$work/ca" "$dir_pid" "127.0.0.1:$dir_port" ;;
+      pg1) run pg1 "$work/keys" "$a_pid" "127.0.0.1:$a_port" ;;
+      pg2) run pg2 "$work/keys" "$a_pid,$b_pid" "127.0.0.1:$a_port" "127.0.0.1:$b_port" ;;
+    esac
+  done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "median of $rounds rounds:"
