@@ -432,7 +432,7 @@ fn a_name_resolving_to_several_addresses_is_one_endpoint_per_address() {
         )))
     };
     let client = CaClient::with_urls(
-        &[name.clone()],
+        std::slice::from_ref(&name),
         verifier,
         keyproof_identity::IdPattern::parse(&format!("spiffe://{TD}/keyproof-ca")).unwrap(),
     )
