@@ -13,6 +13,7 @@ pub mod kube_api;
 pub mod load;
 pub mod netns;
 pub mod nginx;
+pub mod postgres;
 pub mod proxy_support;
 pub mod softhsm;
 pub mod stepup_caller;

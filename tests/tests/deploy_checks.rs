@@ -209,6 +209,7 @@ fn kustomizations_build_and_validate() {
         "example-files",
         "example-transparent",
         "monitoring",
+        "ca-ha",
     ] {
         assert!(
             names.iter().any(|n| n == want),
@@ -357,6 +358,7 @@ fn kustomizations_build_and_validate() {
                 );
             }
             "example-transparent" => transparent_shape(&f, &out),
+            "ca-ha" => ca_ha_shape(&out, true),
             // Optional: the Prometheus Operator's PodMonitors, and nothing else.
             "monitoring" => {
                 assert_eq!(out.matches("\nkind: PodMonitor\n").count(), 2, "{out}");
@@ -371,6 +373,117 @@ fn kustomizations_build_and_validate() {
         }
     }
     kubernetes_validate(&rendered);
+}
+
+/// The HA variant of the CA (rendered): three replicas on PostgreSQL, a
+/// budget that keeps two, spread over nodes, the database URL from a
+/// Secret, the keys from a read-only Secret volume, no PVC. `rendered`:
+/// kustomize's output (which holds the generated issuer ConfigMap).
+fn ca_ha_shape(out: &str, rendered: bool) {
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "NetworkPolicy",
+        "CronJob",
+    ] {
+        if kind == "ConfigMap" && !rendered {
+            continue;
+        }
+        assert!(
+            out.contains(&format!("\nkind: {kind}\n")),
+            "ca-ha lacks a {kind}"
+        );
+    }
+    assert!(
+        !out.contains("kind: PersistentVolumeClaim") && !out.contains("persistentVolumeClaim:"),
+        "ca-ha keeps its state in PostgreSQL, not on a volume:\n{out}"
+    );
+    assert!(
+        !out.contains("\nkind: Secret\n"),
+        "Secrets are made by the operator, never committed"
+    );
+    assert!(
+        out.contains("\n  replicas: 3\n") && out.contains("type: RollingUpdate"),
+        "{out}"
+    );
+    assert!(out.contains("minAvailable: 2"), "{out}");
+    assert!(
+        out.contains("podAntiAffinity:")
+            && out.contains("topologySpreadConstraints:")
+            && out.contains("topologyKey: kubernetes.io/hostname"),
+        "{out}"
+    );
+    // The URL from a Secret through the environment, never on the command
+    // line (it carries the password).
+    assert!(
+        out.contains("name: KEYPROOF_CA_STORE")
+            && out.contains("name: keyproof-ca-store")
+            && !out.contains("postgres://")
+            && !out.contains("- --store"),
+        "{out}"
+    );
+    // Keys: a read-only Secret volume; the workspace: an emptyDir on /tmp.
+    // (kustomize sorts keys: mountPath, name, readOnly.)
+    let key_mounts: Vec<&str> = out
+        .match_indices("mountPath: /var/run/keyproof-ca/keys\n")
+        .map(|(i, _)| out[i..].lines().take(3).collect::<Vec<_>>().join("\n"))
+        .map(|m| {
+            if m.contains("readOnly: true") {
+                "ro"
+            } else {
+                "rw"
+            }
+        })
+        .collect();
+    assert!(
+        (out.contains("secretName: keyproof-ca-keys") || out.contains("name: keyproof-ca-keys"))
+            && !key_mounts.is_empty()
+            && key_mounts.iter().all(|m| *m == "ro"),
+        "the key Secret must be mounted read-only everywhere ({key_mounts:?}):\n{out}"
+    );
+    assert!(
+        out.contains("mountPath: /tmp") && out.contains("emptyDir:"),
+        "{out}"
+    );
+    assert!(out.contains("path: /ready"), "{out}");
+}
+
+#[test]
+fn ca_ha_variant_has_its_shape_in_the_sources() {
+    // The same shape without kubectl: the source files are what kustomize
+    // renders, less the namespace and labels it adds.
+    let dir = deploy().join("kubernetes/ca-ha");
+    let mut all = String::new();
+    for f in files_under(&dir, &["yaml"]) {
+        if f.file_name().and_then(|n| n.to_str()) == Some("kustomization.yaml") {
+            continue;
+        }
+        all.push_str("\n---\n");
+        // Comments may show a URL's shape; the objects must not hold one.
+        for l in read(&f)
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+        {
+            all.push_str(l);
+            all.push('\n');
+        }
+    }
+    ca_ha_shape(&all, false);
+    let k = read(&dir.join("kustomization.yaml"));
+    for f in files_under(&dir, &["yaml"]) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if name != "kustomization.yaml" {
+            assert!(
+                k.contains(&format!("- {name}")),
+                "kustomization.yaml omits {name}"
+            );
+        }
+    }
 }
 
 #[test]

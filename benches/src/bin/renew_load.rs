@@ -8,6 +8,9 @@
 //! keyproof-ca serve --dir /tmp/bca --listen 127.0.0.1:8443 --rate-limit 0 &
 //! renew-load --dir /tmp/bca --addr 127.0.0.1:8443 --seconds 10 [--new-connection]
 //! ```
+//!
+//! `--addr` may be repeated (several replicas of one CA, e.g. on
+//! PostgreSQL): worker `i` renews at address `i mod N`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,9 +36,10 @@ struct Args {
     /// The CA directory the server uses (the tool issues its client SVIDs from it).
     #[arg(long)]
     dir: std::path::PathBuf,
-    /// Server address.
+    /// Server address; repeat it for several replicas (workers are spread
+    /// over them round-robin).
     #[arg(long, default_value = "127.0.0.1:8443")]
-    addr: String,
+    addr: Vec<String>,
     /// Concurrent workers.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -66,11 +70,12 @@ async fn run(args: Args) -> Result<()> {
         ca.trust_domain().clone(),
         bundle,
     )));
-    let client = CaClient::new(
-        &format!("https://{}", args.addr),
-        verifier,
-        IdPattern::parse(&format!("{}/*", ca.trust_domain().id_string()))?,
-    )?;
+    let server_id = IdPattern::parse(&format!("{}/*", ca.trust_domain().id_string()))?;
+    let clients = args
+        .addr
+        .iter()
+        .map(|a| CaClient::new(&format!("https://{a}"), verifier.clone(), server_id.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
@@ -103,7 +108,8 @@ async fn run(args: Args) -> Result<()> {
         let csr = next.csr_pem;
         let next_key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&next.key_der)
             .map_err(anyhow::Error::msg)?;
-        let (client, done, failed) = (client.clone(), done.clone(), failed.clone());
+        let client = clients[i % clients.len()].clone();
+        let (done, failed) = (done.clone(), failed.clone());
         let new_connection = args.new_connection;
         tasks.push(tokio::spawn(async move {
             let mut identity = identity;
@@ -152,12 +158,13 @@ async fn run(args: Args) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let ok = done.load(Ordering::Relaxed);
     println!(
-        "mode={} concurrency={} seconds={secs:.1} renewals={ok} errors={} renewals_per_sec={:.0}",
+        "mode={} replicas={} concurrency={} seconds={secs:.1} renewals={ok} errors={} renewals_per_sec={:.0}",
         if args.new_connection {
             "new-connection"
         } else {
             "keep-alive"
         },
+        args.addr.len(),
         args.concurrency,
         failed.load(Ordering::Relaxed),
         ok as f64 / secs
