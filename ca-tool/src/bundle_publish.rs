@@ -69,6 +69,9 @@ pub const RESYNC: Duration = Duration::from_secs(600);
 pub struct PublishOptions {
     /// The CA directory (`bundle.pem` is read from it, nothing written).
     pub dir: PathBuf,
+    /// With `--store`: `bundle.pem` is read from PostgreSQL instead (HA
+    /// replicas have no CA directory).
+    pub store: Option<StoreSource>,
     /// The ConfigMap's name.
     pub configmap: String,
     /// Label selector for the namespaces, e.g. `keyproof.io/mesh=enabled`.
@@ -81,6 +84,16 @@ pub struct PublishOptions {
     pub ca_file: PathBuf,
     /// Time between two cycles while all is well.
     pub interval: Duration,
+}
+
+/// The PostgreSQL store the bundle is read from (see [`crate::store`]).
+#[derive(Clone)]
+pub struct StoreSource(pub std::sync::Arc<crate::store::PgStore>);
+
+impl std::fmt::Debug for StoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreSource({})", self.0.url())
+    }
 }
 
 /// Why a cycle (or a namespace) failed. What is already published stays.
@@ -149,6 +162,37 @@ pub fn read_bundle(dir: &Path) -> Result<Bundle, PublishError> {
         )));
     }
     let bytes = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+    check_bundle(path, bytes)
+}
+
+/// Reads the store's `bundle.pem` document and checks it as [`read_bundle`]
+/// does.
+pub async fn read_store_bundle(store: &StoreSource) -> Result<Bundle, PublishError> {
+    let path = PathBuf::from(format!("{} bundle.pem", store.0.url()));
+    let err = |msg: String| PublishError::Bundle {
+        path: path.clone(),
+        msg,
+    };
+    let bytes = store
+        .0
+        .document("bundle.pem")
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("the store holds no CA".into()))?;
+    if bytes.len() > MAX_BUNDLE_BYTES {
+        return Err(err(format!(
+            "larger than {MAX_BUNDLE_BYTES} bytes: not a trust bundle"
+        )));
+    }
+    check_bundle(path, bytes)
+}
+
+/// Checks that `bytes` (read from `path`) is a trust bundle.
+fn check_bundle(path: PathBuf, bytes: Vec<u8>) -> Result<Bundle, PublishError> {
+    let err = |msg: String| PublishError::Bundle {
+        path: path.clone(),
+        msg,
+    };
     let bundle = TrustBundle::from_pem(&bytes).map_err(|e| err(e.to_string()))?;
     let pem = String::from_utf8(bytes).map_err(|_| err("not UTF-8".into()))?;
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pem.as_bytes());
@@ -411,7 +455,10 @@ impl Publisher {
     /// `Err` when nothing could be done (the bundle, the API server, the
     /// list); per-namespace failures are in the report.
     pub async fn cycle(&mut self) -> Result<Report, PublishError> {
-        let bundle = read_bundle(&self.opts.dir)?;
+        let bundle = match &self.opts.store {
+            Some(store) => read_store_bundle(store).await?,
+            None => read_bundle(&self.opts.dir)?,
+        };
         let api = ApiServer::load(
             &self.opts.api_server,
             &self.opts.token_file,
@@ -597,6 +644,7 @@ mod tests {
     fn an_empty_selector_is_refused() {
         let opts = PublishOptions {
             dir: "/nonexistent".into(),
+            store: None,
             configmap: DEFAULT_CONFIGMAP.into(),
             namespace_selector: " ".into(),
             api_server: kube::DEFAULT_API_SERVER.into(),

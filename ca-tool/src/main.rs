@@ -205,9 +205,19 @@ enum LedgerCommand {
 
 #[derive(Args)]
 struct K8sBundleArgs {
-    /// CA directory (only bundle.pem is read; nothing is written).
-    #[arg(long)]
-    dir: PathBuf,
+    /// CA directory (only bundle.pem is read; nothing is written). Not
+    /// needed with --store.
+    #[arg(long, required_unless_present = "store")]
+    dir: Option<PathBuf>,
+    /// Read the bundle from the CA's PostgreSQL store instead (HA
+    /// replicas have no CA directory); see `serve --store`.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "KEYPROOF_CA_STORE",
+        hide_env_values = true
+    )]
+    store: Option<String>,
     /// Name of the ConfigMap in each namespace.
     #[arg(long, default_value = bundle_publish::DEFAULT_CONFIGMAP)]
     configmap: String,
@@ -1184,8 +1194,21 @@ fn k8s_bundle(a: K8sBundleArgs) -> Result<()> {
         bail!("--interval must be at least 1s");
     }
     init_logging(&a.api.log_format);
+    // A few requests per round: a single thread is plenty.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let store = match StoreSpec::parse(a.store.as_deref())? {
+        StoreSpec::Dir => None,
+        StoreSpec::Postgres(url) => Some(bundle_publish::StoreSource(std::sync::Arc::new(
+            rt.block_on(keyproof_ca::store::PgStore::connect(&url, false))
+                .context("--store")?,
+        ))),
+    };
     let opts = bundle_publish::PublishOptions {
-        dir: a.dir,
+        dir: a.dir.unwrap_or_default(),
+        store,
         configmap: a.configmap,
         namespace_selector: a.namespace_selector,
         api_server: a.api.api_server,
@@ -1194,11 +1217,6 @@ fn k8s_bundle(a: K8sBundleArgs) -> Result<()> {
         interval: a.interval,
     };
     let publisher = bundle_publish::Publisher::new(opts.clone())?;
-    // A few requests per round: a single thread is plenty.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
     if a.once {
         let report = rt.block_on(bundle_publish::publish_once(&opts))?;
         println!(

@@ -44,7 +44,11 @@
 //!   second old, or the last statement succeeded), 0 otherwise; `errors`
 //!   counts failed store operations by `op` ([`STORE_OPS`]);
 //!   `generation` is the generation of the CA documents the replica
-//!   serves, so that replicas lagging behind a rotation show.
+//!   serves, so that replicas lagging behind a rotation show;
+//!   `keyproof_ca_store_state_current` is 0 while the replica keeps
+//!   serving its previous state because the store's latest cannot be
+//!   loaded yet (typically: a rotated file key has not reached its key
+//!   directory), 1 otherwise.
 //! - `keyproof_build_info{binary="keyproof-ca",version}`: 1.
 
 use prometheus::{
@@ -168,6 +172,7 @@ struct StoreMetrics {
     up: IntGauge,
     errors: IntCounterVec,
     generation: IntGauge,
+    current: IntGauge,
 }
 
 impl CaMetrics {
@@ -347,10 +352,17 @@ impl CaMetrics {
                 "Generation of the CA documents this replica serves",
             )
             .expect("valid metric");
+            let current = IntGauge::new(
+                "keyproof_ca_store_state_current",
+                "1 while this replica serves the store's latest CA state, 0 while it keeps serving the previous one because the latest cannot be loaded yet",
+            )
+            .expect("valid metric");
+            current.set(1);
             for c in [
                 Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
                 Box::new(errors.clone()),
                 Box::new(generation.clone()),
+                Box::new(current.clone()),
             ] {
                 registry.register(c).expect("unique metric");
             }
@@ -358,6 +370,7 @@ impl CaMetrics {
                 up,
                 errors,
                 generation,
+                current,
             }
         });
         CaMetrics {
@@ -399,6 +412,13 @@ impl CaMetrics {
             None => {
                 prometheus::IntCounter::new("detached", "not registered").expect("valid metric")
             }
+        }
+    }
+
+    /// Sets `keyproof_ca_store_state_current`.
+    pub fn set_store_state_current(&self, current: bool) {
+        if let Some(s) = &self.store {
+            s.current.set(i64::from(current));
         }
     }
 

@@ -692,6 +692,7 @@ impl Server {
                     self.verifier.store(Arc::new(v));
                     self.loaded.store(Arc::new(Loaded { ca, stamp: current }));
                     *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.metrics.set_store_state_current(true);
                 }
                 // Mid-rotation files may be briefly inconsistent: keep the
                 // previous state and try again on the next request.
@@ -699,6 +700,7 @@ impl Server {
                     tracing::warn!(error = %e, "CA directory changed but could not be loaded; keeping the previous state");
                     *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(e.to_string());
+                    self.metrics.set_store_state_current(false);
                     return;
                 }
             }
@@ -1197,7 +1199,18 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            return Err(format!("the CA directory cannot be loaded: {e}"));
+            // With a store, every replica waits for the same thing (a
+            // rotated key reaching the key directory from a Secret): were
+            // they all unready meanwhile, the Service would have no
+            // endpoint, although each still issues from its previous,
+            // valid chain. So a replica with a valid previous state stays
+            // ready, and says it lags in `keyproof_ca_store_state_current`
+            // and its log.
+            let previous_valid =
+                self.loaded.load().ca.intermediate_not_after > crate::ca::now();
+            if self.store.is_none() || !previous_valid {
+                return Err(format!("the CA directory cannot be loaded: {e}"));
+            }
         }
         self.key_ready()?;
         match &self.store {

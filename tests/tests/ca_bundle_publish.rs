@@ -556,3 +556,53 @@ fn a_wrong_token_or_cluster_ca_fails_clearly() {
     );
     assert!(fx.server.holders("keyproof-bundle").is_empty());
 }
+
+/// HA replicas have no CA directory: with `--store` the publisher reads the
+/// bundle from PostgreSQL, and follows a root rotation made there.
+#[test]
+fn with_a_store_the_bundle_comes_from_postgresql() {
+    let Some(pg) = keyproof_tests::postgres::Postgres::start() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let url = pg.url("publish");
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["migrate", "--store", &url, "--dir"])
+            .arg(&fx.ca.dir),
+    );
+    let publish = |fx: &Fixture| {
+        let mut c = cmd("keyproof-ca");
+        c.args(["k8s-bundle", "--once", "--store", &url])
+            .args(["--api-server", &fx.server.url()])
+            .arg("--token-file")
+            .arg(&fx.token_file)
+            .arg("--ca-file")
+            .arg(&fx.ca_file);
+        let (code, stdout, stderr) = run_once(&mut c);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+    };
+    publish(&fx);
+    assert_eq!(fx.published("web").as_deref(), Some(fx.bundle().as_str()));
+
+    // A root rotation in the store (the directory no longer counts).
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["rotate", "root", "prepare", "--store", &url, "--dir"])
+            .arg(&fx.ca.dir),
+    );
+    let in_store = run_ok(
+        cmd("keyproof-ca")
+            .args(["bundle", "--store", &url, "--dir"])
+            .arg(&fx.ca.dir),
+    );
+    assert_ne!(in_store, fx.bundle(), "the directory's bundle.pem is stale");
+    publish(&fx);
+    let published = fx.published("web").expect("published");
+    assert_eq!(published.matches("BEGIN CERTIFICATE").count(), 2);
+    assert_eq!(
+        published.trim(),
+        in_store.trim(),
+        "the store's bundle, not the directory's"
+    );
+}

@@ -412,6 +412,14 @@ fn ca_ha_shape(out: &str, rendered: bool) {
         "{out}"
     );
     assert!(out.contains("minAvailable: 2"), "{out}");
+    // The ConfigMaps follow the bundle in the database: every replica runs
+    // bundle-publish with the store's URL from the Secret, and may publish.
+    assert!(
+        out.contains("name: bundle-publish")
+            && out.contains("- k8s-bundle")
+            && out.contains("name: keyproof-ca-bundle-publisher"),
+        "ca-ha publishes the bundle ConfigMaps:\n{out}"
+    );
     assert!(
         out.contains("podAntiAffinity:")
             && out.contains("topologySpreadConstraints:")

@@ -318,6 +318,17 @@ impl PgStore {
         Ok(())
     }
 
+    /// One document (`bundle.pem`, `ca.json`, ...) as it is now, if the
+    /// store holds it: for readers that need nothing else (`k8s-bundle`).
+    pub async fn document(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT body FROM ca_documents WHERE name = $1", &[&name])
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// The documents' generation (0: no CA yet).
     pub async fn generation(&self) -> Result<i64, StoreError> {
         let c = self.client().await?;
