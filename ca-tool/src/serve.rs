@@ -1206,8 +1206,7 @@ impl Server {
             // valid chain. So a replica with a valid previous state stays
             // ready, and says it lags in `keyproof_ca_store_state_current`
             // and its log.
-            let previous_valid =
-                self.loaded.load().ca.intermediate_not_after > crate::ca::now();
+            let previous_valid = self.loaded.load().ca.intermediate_not_after > crate::ca::now();
             if self.store.is_none() || !previous_valid {
                 return Err(format!("the CA directory cannot be loaded: {e}"));
             }

@@ -617,7 +617,11 @@ fn a_key_reaching_the_key_directory_after_the_rotation_is_picked_up() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(a.admin_get("/ready").0, 200, "a lagging replica stays ready");
+    assert_eq!(
+        a.admin_get("/ready").0,
+        200,
+        "a lagging replica stays ready"
+    );
     assert_eq!(
         s.renew(&a).expect("renew from the previous state"),
         old,

@@ -419,9 +419,11 @@ impl PgStore {
         tx.commit().await.map_err(|e| self.err(e))?;
         drop(c);
 
-        // 0700: it holds copies of the key files.
+        // 0700: it holds copies of the key files. Named for this process,
+        // so that the next one can remove it if this one is killed.
+        workspace::sweep_stale(&std::env::temp_dir());
         let dir = tempfile::Builder::new()
-            .prefix("keyproof-ca-ws")
+            .prefix(&workspace::prefix_for(std::process::id()))
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .map_err(|source| StoreError::Io {

@@ -195,6 +195,54 @@ pub(crate) fn create_dir_private(dir: &Path) -> Result<(), StoreError> {
         .map_err(io(dir))
 }
 
+/// The name prefix of workspaces made by process `pid`.
+pub(crate) fn prefix_for(pid: u32) -> String {
+    format!("{WORKSPACE_PREFIX}{pid}-")
+}
+
+const WORKSPACE_PREFIX: &str = "keyproof-ca-ws-";
+
+/// Once per process, before its first workspace: removes workspaces in
+/// `tmp` left by processes that are gone (killed before they could clean
+/// up: the workspaces hold copies of key files). A workspace is stale when
+/// no process has its pid, or when its pid is this process's own: in a
+/// container the restarted CA often gets the pid of the one before it, and
+/// this process has made none yet. Only directories this user owns are
+/// touched; errors are ignored (another process may be sweeping too).
+pub(crate) fn sweep_stale(tmp: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| sweep(tmp));
+}
+
+fn sweep(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    // Our own uid: the owner of our /proc entry.
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let own_pid = std::process::id();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(WORKSPACE_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(meta) = e.path().symlink_metadata() else {
+            continue;
+        };
+        if !meta.is_dir() || Some(meta.uid()) != me {
+            continue;
+        }
+        let gone = !Path::new(&format!("/proc/{pid}")).exists();
+        if gone || pid == own_pid {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +272,22 @@ mod tests {
         remove(d.path(), "next/root.key").unwrap();
         assert!(!d.path().join("next").exists());
         assert!(scan(&d.path().join("none"), |_| true).unwrap().is_empty());
+    }
+
+    #[test]
+    fn workspaces_of_gone_processes_are_swept_and_live_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        // No process has pid u32::MAX - 1 (pid_max is at most 2^22).
+        let gone = tmp.path().join(format!("{}abc", prefix_for(u32::MAX - 1)));
+        let live = tmp.path().join(format!("{}abc", prefix_for(1)));
+        let other = tmp.path().join("keyproof-ca-wsx");
+        for d in [&gone, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("intermediate.key"), "k").unwrap();
+        }
+        sweep(tmp.path());
+        assert!(!gone.exists(), "a dead process's workspace is removed");
+        assert!(live.exists(), "pid 1 is alive: its workspace stays");
+        assert!(other.exists(), "not a workspace name: left alone");
     }
 }
