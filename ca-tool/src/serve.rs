@@ -240,11 +240,16 @@ impl ApiError {
 }
 
 /// A store operation a request needed failed: nothing was handed out.
+/// The answer names no database (host, port, user): any client, even one
+/// refused later, would learn them. The reason is in the log and on
+/// `/ready` (the admin port).
 fn store_unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::debug!(error = %e, "refused: store unavailable");
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
-        format!("the CA's database cannot be used right now, so no certificate is issued: {e}"),
+        "the CA's database cannot be used right now, so no certificate is issued; \
+         try another replica, or again shortly",
     )
 }
 

@@ -103,11 +103,28 @@ impl StoreSpec {
     }
 }
 
-/// `url` with any password replaced by `***`, for messages and logs. Errs
-/// on the side of masking: everything between the first `:` after the
+/// `url` with any password replaced by `***`, for messages and logs: the
+/// one in the user information (`user:password@`) and a `password`
+/// query parameter (libpq takes both).
+pub fn mask_password(url: &str) -> String {
+    let masked = mask_userinfo(url);
+    let Some((head, query)) = masked.split_once('?') else {
+        return masked;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{head}?{}", query.join("&"))
+}
+
+/// Errs on the side of masking: everything between the first `:` after the
 /// scheme and the last `@` before the query goes, even if the password
 /// holds a raw `/` or `@` (which a URL should have percent-encoded).
-pub fn mask_password(url: &str) -> String {
+fn mask_userinfo(url: &str) -> String {
     // scheme://user:password@host...
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
@@ -206,6 +223,14 @@ mod tests {
             "postgres://ca@db/keyproof"
         );
         assert_eq!(mask_password("postgres://db/k"), "postgres://db/k");
+        assert_eq!(
+            mask_password("postgres://ca@db/k?sslmode=require&password=LEAK&x=1"),
+            "postgres://ca@db/k?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            mask_password("postgres:///k?user=ca&PASSWORD=LEAK&host=/run"),
+            "postgres:///k?user=ca&PASSWORD=***&host=/run"
+        );
         // Characters a password should have encoded still do not leak it.
         assert_eq!(
             mask_password("postgres://ca:pa/ss@w@db/k?x=1"),

@@ -439,17 +439,17 @@ impl PgStore {
         let mut tokens = String::new();
         let mut used = String::new();
         for r in &token_rows {
-            let id: String = r.get(0);
+            let (id, sha256, spiffe_id, expires_at, created_at, used_at) = token_of(r)?;
             let line = |rec: &token::Record| serde_json::to_string(rec).unwrap_or_default();
             tokens.push_str(&line(&token::Record::Token {
                 id: id.clone(),
-                sha256: r.get(1),
-                spiffe_id: r.get(2),
-                expires_at: ca::rfc3339(r.get(3)),
-                created_at: ca::rfc3339(r.get(4)),
+                sha256,
+                spiffe_id,
+                expires_at: ca::rfc3339(expires_at),
+                created_at: ca::rfc3339(created_at),
             }));
             tokens.push('\n');
-            if let Some(at) = r.get::<_, Option<OffsetDateTime>>(5) {
+            if let Some(at) = used_at {
                 used.push_str(&line(&token::Record::Used {
                     id,
                     used_at: ca::rfc3339(at),
@@ -460,7 +460,7 @@ impl PgStore {
         tokens.push_str(&used);
         let mut ledger_text = String::new();
         for r in &ledger_rows {
-            ledger_text.push_str(&entry_line(&entry_of(r))?);
+            ledger_text.push_str(&entry_line(&entry_of(r)?)?);
             ledger_text.push('\n');
         }
         let secret = |name: &str, text: &str| -> Result<(), StoreError> {
@@ -865,7 +865,11 @@ impl PgStore {
             .map_err(|e| self.err(e))?;
         Ok(Err(match why {
             None => TokenError::Invalid,
-            Some(r) if r.get::<_, bool>(2) => TokenError::Expired(ca::rfc3339(r.get(1))),
+            Some(r) if r.get::<_, bool>(2) => TokenError::Expired(
+                r.try_get::<_, OffsetDateTime>(1)
+                    .map(ca::rfc3339)
+                    .unwrap_or_else(|_| "an unrepresentable time".into()),
+            ),
             // Used, or taken by another request and given back between the
             // two statements: either way not this caller's to take now.
             Some(_) => TokenError::Reused,
@@ -915,7 +919,7 @@ impl PgStore {
             source,
         };
         for r in &rows {
-            writeln!(out, "{}", entry_line(&entry_of(r))?).map_err(io)?;
+            writeln!(out, "{}", entry_line(&entry_of(r)?)?).map_err(io)?;
         }
         out.flush().map_err(io)?;
         Ok(rows.len() as u64)
@@ -1001,18 +1005,63 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 const LEDGER_SELECT: &str = "SELECT serial, spiffe_id, not_before, not_after, issuer_key_id, \
                              root_sha256, sha256, issued_at, requester FROM ledger";
 
-fn entry_of(r: &tokio_postgres::Row) -> ledger::Entry {
-    ledger::Entry {
-        serial: r.get(0),
-        spiffe_id: r.get(1),
-        not_before: ca::rfc3339(r.get(2)),
-        not_after: ca::rfc3339(r.get(3)),
-        issuer_key_id: r.get(4),
-        root_sha256: r.get(5),
-        sha256: r.get(6),
-        issued_at: ca::rfc3339(r.get(7)),
-        requester: r.get(8),
-    }
+/// A `join_tokens` row (id, sha256, spiffe_id, expires_at, created_at,
+/// used_at); a row that does not convert is an error, never a panic.
+type TokenRow = (
+    String,
+    String,
+    String,
+    OffsetDateTime,
+    OffsetDateTime,
+    Option<OffsetDateTime>,
+);
+
+fn token_of(r: &tokio_postgres::Row) -> Result<TokenRow, StoreError> {
+    let bad = |e: tokio_postgres::Error| StoreError::Corrupt {
+        what: "join token",
+        msg: format!(
+            "token {}: {e}",
+            r.try_get::<_, String>(0).unwrap_or_else(|_| "?".into())
+        ),
+    };
+    Ok((
+        r.try_get(0).map_err(bad)?,
+        r.try_get(1).map_err(bad)?,
+        r.try_get(2).map_err(bad)?,
+        r.try_get(3).map_err(bad)?,
+        r.try_get(4).map_err(bad)?,
+        r.try_get(5).map_err(bad)?,
+    ))
+}
+
+/// A ledger row as the directory's entry. A row that does not convert (a
+/// timestamp out of range such as `infinity`, a NULL) is an error naming
+/// its serial, never a panic: the ledger is read by every replica's start.
+fn entry_of(r: &tokio_postgres::Row) -> Result<ledger::Entry, StoreError> {
+    let serial: String = r.try_get(0).unwrap_or_else(|_| "?".into());
+    let bad = |column: &str, e: tokio_postgres::Error| StoreError::Corrupt {
+        what: "ledger entry",
+        msg: format!("serial {serial}: {column}: {e}"),
+    };
+    let text = |i: usize, column: &str| -> Result<String, StoreError> {
+        r.try_get::<_, String>(i).map_err(|e| bad(column, e))
+    };
+    let time = |i: usize, column: &str| -> Result<String, StoreError> {
+        r.try_get::<_, OffsetDateTime>(i)
+            .map(ca::rfc3339)
+            .map_err(|e| bad(column, e))
+    };
+    Ok(ledger::Entry {
+        serial: text(0, "serial")?,
+        spiffe_id: text(1, "spiffe_id")?,
+        not_before: time(2, "not_before")?,
+        not_after: time(3, "not_after")?,
+        issuer_key_id: text(4, "issuer_key_id")?,
+        root_sha256: text(5, "root_sha256")?,
+        sha256: text(6, "sha256")?,
+        issued_at: time(7, "issued_at")?,
+        requester: text(8, "requester")?,
+    })
 }
 
 fn entry_line(e: &ledger::Entry) -> Result<String, StoreError> {

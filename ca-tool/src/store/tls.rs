@@ -160,8 +160,39 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Largest `sslrootcert` read: a CA bundle, even a public one, is well
+/// under this.
+const MAX_ROOTS_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads a regular file of at most [`MAX_ROOTS_BYTES`]: a FIFO would block
+/// the connect forever and a device (`/dev/zero`) fill the memory. The
+/// file is opened non-blocking so that a FIFO is refused, not waited on.
+fn read_limited(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_ROOTS_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_ROOTS_BYTES} bytes: not a CA bundle"
+        )));
+    }
+    let mut out = Vec::new();
+    f.take(MAX_ROOTS_BYTES + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_ROOTS_BYTES {
+        return Err(std::io::Error::other("grew while read"));
+    }
+    Ok(out)
+}
+
 fn read_roots(url: &str, path: &std::path::Path) -> Result<rustls::RootCertStore, StoreError> {
-    let pem = std::fs::read(path)
+    let pem = read_limited(path)
         .map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -329,5 +360,25 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("--store") && !e.contains(":pw"), "{e}");
+    }
+
+    #[test]
+    fn sslrootcert_must_be_a_small_regular_file() {
+        let e = read_limited(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        // Refused at once, never waited on.
+        let e = read_limited(&fifo).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'a'; (MAX_ROOTS_BYTES + 1) as usize]).unwrap();
+        let e = read_limited(&big).unwrap_err();
+        assert!(e.to_string().contains("not a CA bundle"), "{e}");
     }
 }
