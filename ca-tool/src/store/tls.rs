@@ -192,8 +192,8 @@ fn read_limited(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 }
 
 fn read_roots(url: &str, path: &std::path::Path) -> Result<rustls::RootCertStore, StoreError> {
-    let pem = read_limited(path)
-        .map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
+    let pem =
+        read_limited(path).map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| bad(url, format!("sslrootcert {}: {e}", path.display())))?;
