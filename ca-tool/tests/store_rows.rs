@@ -4,6 +4,7 @@
 //! starts, so a panic there would keep the whole CA down.
 
 #[path = "common/pg.rs"]
+#[allow(dead_code)] // the helpers other test files use
 mod pg;
 
 use std::process::Command;
