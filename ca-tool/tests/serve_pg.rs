@@ -720,3 +720,56 @@ fn a_bootstrap_whose_client_gives_up_during_the_ledger_commit_keeps_the_token_us
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Waits until `r`'s metric `name` is `want`.
+fn wait_metric(r: &Replica, name: &str, want: f64) {
+    let start = Instant::now();
+    loop {
+        let v = r.metric(name);
+        if v == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{name} still {v}, not {want}:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_replica_that_cannot_follow_the_store_says_so_and_stays_ready() {
+    let Some(s) = Setup::new() else { return };
+    let a = s.replica("a");
+    a.wait_ready(200);
+    wait_metric(&a, "keyproof_ca_store_state_current", 1.0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sql = |q: &'static str| {
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&s.pg.url(), tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            c.batch_execute(q).await.expect(q);
+        })
+    };
+    // A document row no replica can write into its workspace.
+    sql(
+        "BEGIN; INSERT INTO ca_documents (name, body) VALUES ('../escape', 'x'); \
+         UPDATE ca_meta SET generation = generation + 1; COMMIT",
+    );
+    wait_metric(&a, "keyproof_ca_store_state_current", 0.0);
+    assert!(a.metric("keyproof_ca_store_errors_total{op=\"refresh\"}") >= 1.0);
+    // It still issues from its valid chain, so it stays ready.
+    a.wait_ready(200);
+    s.renew(&a).expect("renew from the previous state");
+    // Repaired: current again.
+    sql("BEGIN; DELETE FROM ca_documents WHERE name = '../escape'; \
+         UPDATE ca_meta SET generation = generation + 1; COMMIT");
+    wait_metric(&a, "keyproof_ca_store_state_current", 1.0);
+    a.wait_ready(200);
+}
