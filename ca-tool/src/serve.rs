@@ -65,13 +65,23 @@
 //! - A join token is taken by one atomic `UPDATE` (exactly one replica
 //!   gets it; the others answer `token_reused`) that records this replica
 //!   as `used_by`: `<hostname>:<pid>`, which in Kubernetes is the pod's
-//!   name, so there is no `--replica` flag. A request that ends without the
-//!   certificate gives the token back.
+//!   name, so there is no `--replica` flag. A request that ends before its
+//!   certificate was submitted to the ledger gives the token back; after
+//!   that, only if the ledger writer answers that the append failed. A
+//!   client that goes away, or a commit not answered in time, leaves the
+//!   token used: the ledger row may still commit, and a ledger row without
+//!   a delivered certificate is harmless where two certificates for one
+//!   token are not (the same holds for a CA directory's tokens, whose
+//!   `used` line is then written).
 //! - The group writer appends each batch of ledger entries in one
 //!   transaction before any of its certificates is handed out.
 //! - The database unreachable: issuance (and a token's take) answers 503
 //!   `store_unavailable`, counted like any refusal, and nothing is handed
-//!   out. The failed operation is counted in
+//!   out. A request waits at most [`STORE_OP_TIMEOUT`] on each store
+//!   operation (a database that does not answer at all, e.g. stopped, is
+//!   not bounded by `statement_timeout`); a certificate whose ledger commit
+//!   timed out is withheld even if the commit lands later. The failed
+//!   operation is counted in
 //!   `keyproof_ca_store_errors_total{op}`; from then until a ping (one a
 //!   second, in the background, so probes never wait on the database)
 //!   gets an answer, requests that need the database are refused at once,
@@ -79,6 +89,14 @@
 //!   without waiting for a connect timeout. `/ready` answers 503 with the
 //!   reason meanwhile; `GET /v1/bundle` is still served from memory. The
 //!   pool reconnects by itself: no restart when the database is back.
+//! - A replica that cannot follow the store (each refresh fails, e.g. a
+//!   document row that cannot be used, or times out after
+//!   [`STORE_REFRESH_TIMEOUT`]) keeps serving its previous state and stays
+//!   ready while that chain is valid (the database may answer pings, and
+//!   the replica still issues from a valid chain); it counts
+//!   `keyproof_ca_store_errors_total{op="refresh"}` and shows
+//!   `keyproof_ca_store_state_current` 0 until a refresh, and the reload
+//!   it brings, succeed.
 //! - A replica needs the database to start (the documents are there): it
 //!   exits with the error otherwise, and its supervisor restarts it.
 
@@ -138,6 +156,14 @@ const JOIN_TOKEN_PREFIX: &str = "kpt_";
 const STORE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a ping may take before the database counts as unreachable.
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request waits on one store operation (a token's take or
+/// give-back, its ledger commit) before it answers 503
+/// `store_unavailable`: `statement_timeout` is enforced by the server, so
+/// it does nothing for a database that does not answer at all.
+const STORE_OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the store follower waits on one refresh (it only reads from the
+/// database before it writes files, so giving up is safe).
+const STORE_REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -237,6 +263,14 @@ impl ApiError {
         }
         r
     }
+}
+
+/// Why [`Server::record`] did not record a certificate.
+enum Recorded {
+    /// The ledger writer said the append failed: nothing was written.
+    Failed(ApiError),
+    /// No answer in time: the entry may still be committed.
+    Unknown(ApiError),
 }
 
 /// A store operation a request needed failed: nothing was handed out.
@@ -459,6 +493,15 @@ impl StoreLink {
         }
     }
 
+    /// `op` got no answer within [`STORE_OP_TIMEOUT`]: counted, the store is
+    /// down until a ping answers, and the request is refused.
+    fn timed_out(&self, op: &'static str) -> ApiError {
+        self.metrics.store_error(op);
+        let why = format!("no answer to {op} within {}s", STORE_OP_TIMEOUT.as_secs());
+        self.down(why.clone());
+        store_unavailable(why)
+    }
+
     /// The database failed (the message is already counted where it arose).
     fn down(&self, why: String) {
         let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
@@ -502,15 +545,21 @@ impl StoreLink {
         rt.spawn(async move {
             let mut wait = Duration::from_secs(1);
             for attempt in 0..10 {
-                match link.db.token_give_back(&t).await {
-                    Ok(()) => {
+                match tokio::time::timeout(STORE_OP_TIMEOUT, link.db.token_give_back(&t)).await {
+                    Ok(Ok(())) => {
                         tracing::debug!(token_id = %t.id, "join token given back");
                         return;
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         link.failed("token_give_back", &e);
                         if attempt == 0 {
                             tracing::warn!(token_id = %t.id, error = %e, "could not give the join token back yet; retrying");
+                        }
+                    }
+                    Err(_) => {
+                        let _ = link.timed_out("token_give_back");
+                        if attempt == 0 {
+                            tracing::warn!(token_id = %t.id, "no answer giving the join token back yet; retrying");
                         }
                     }
                 }
@@ -542,24 +591,44 @@ fn token_sha256(token: &str) -> String {
 
 /// A join token a request in flight holds. Dropped without
 /// [`HeldToken::spend`] (a refusal, an error, or the client going away
-/// mid-request), it is released and stays usable.
+/// mid-request) before its certificate was submitted to the ledger
+/// ([`HeldToken::submitted`]), it is released and stays usable. Once
+/// submitted, only [`HeldToken::release`] after the ledger writer said the
+/// append failed gives it back: dropped (the client went away) or timed
+/// out, the ledger row may still commit, so the token stays used (a ledger
+/// row without a delivered certificate is harmless; two certificates for
+/// one token are not).
 enum HeldToken<'a> {
     /// Reserved in the directory's [`TokenStore`] ([`TokenStore::reserve`]);
     /// spending writes its `used` line.
     File {
         tokens: &'a Mutex<TokenStore>,
+        /// Where its `used` line goes.
+        dir: &'a Path,
         id: String,
         spent: bool,
+        submitted: bool,
     },
     /// Taken in PostgreSQL ([`PgStore::token_take`]): already marked used
     /// there, so spending is nothing more; released, it is given back.
     Store {
         link: Arc<StoreLink>,
         taken: Option<TakenToken>,
+        submitted: bool,
     },
 }
 
 impl HeldToken<'_> {
+    /// Its certificate is about to be submitted to the ledger: from now on
+    /// a drop leaves the token used.
+    fn submitted(&mut self) {
+        match self {
+            HeldToken::File { submitted, .. } | HeldToken::Store { submitted, .. } => {
+                *submitted = true
+            }
+        }
+    }
+
     /// Marks the token used, durably.
     fn spend(mut self, dir: &Path) -> Result<(), CaError> {
         match &mut self {
@@ -583,19 +652,71 @@ impl HeldToken<'_> {
 }
 
 impl HeldToken<'_> {
-    /// Releases the token now (a refusal is about to be answered): a token
-    /// taken in the store is given back before this returns, or, if the
-    /// database does not answer, in the background as on drop.
-    async fn release(mut self) {
-        if let HeldToken::Store { link, taken } = &mut self {
-            if let Some(t) = taken.take() {
-                if let Err(e) = link.db.token_give_back(&t).await {
-                    link.failed("token_give_back", &e);
-                    link.give_back(t);
+    /// The outcome of the ledger append is unknown: the token is kept used
+    /// (for the directory: its `used` line is written).
+    fn keep_used_on_drop(&mut self) {
+        match self {
+            HeldToken::File {
+                tokens,
+                dir,
+                id,
+                spent,
+                ..
+            } => {
+                if *spent {
+                    return;
+                }
+                let r = tokens.lock().unwrap_or_else(|p| p.into_inner()).commit(
+                    dir,
+                    id,
+                    crate::ca::now(),
+                );
+                *spent = r.is_ok();
+                match r {
+                    Ok(()) => {
+                        tracing::warn!(token_id = %id, "the request ended before its ledger commit was known; the join token is spent")
+                    }
+                    Err(e) => {
+                        tracing::error!(token_id = %id, error = %e, "a certificate for this join token may be in the ledger, but the token could not be marked used")
+                    }
+                }
+            }
+            HeldToken::Store { taken, .. } => {
+                if let Some(t) = taken.take() {
+                    tracing::warn!(token_id = %t.id, "the request ended before its ledger commit was known; the join token stays used");
                 }
             }
         }
-        // A file reservation is released by drop.
+    }
+}
+
+impl HeldToken<'_> {
+    /// Releases the token now (a refusal is about to be answered): a token
+    /// taken in the store is given back before this returns, or, if the
+    /// database does not answer, in the background. Only for a token
+    /// whose certificate was not submitted to the ledger, or whose ledger
+    /// append the writer said failed.
+    async fn release(mut self) {
+        match &mut self {
+            HeldToken::Store { link, taken, .. } => {
+                if let Some(t) = taken.take() {
+                    match tokio::time::timeout(STORE_OP_TIMEOUT, link.db.token_give_back(&t)).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            link.failed("token_give_back", &e);
+                            link.give_back(t);
+                        }
+                        Err(_) => {
+                            let _ = link.timed_out("token_give_back");
+                            link.give_back(t);
+                        }
+                    }
+                }
+            }
+            // The reservation is released by drop.
+            HeldToken::File { submitted, .. } => *submitted = false,
+        }
     }
 }
 
@@ -603,12 +724,19 @@ impl Drop for HeldToken<'_> {
     fn drop(&mut self) {
         match self {
             HeldToken::File {
+                submitted: true, ..
+            }
+            | HeldToken::Store {
+                submitted: true, ..
+            } => self.keep_used_on_drop(),
+            HeldToken::File {
                 tokens,
                 id,
                 spent: false,
+                ..
             } => tokens.lock().unwrap_or_else(|p| p.into_inner()).release(id),
             HeldToken::File { spent: true, .. } => {}
-            HeldToken::Store { link, taken } => {
+            HeldToken::Store { link, taken, .. } => {
                 if let Some(t) = taken.take() {
                     link.give_back(t);
                 }
@@ -759,12 +887,24 @@ impl Server {
         }
     }
 
+    /// Signs and records: the certificate may be handed out once this
+    /// returns it.
     async fn issue(
         &self,
         id: SpiffeId,
         key: SubjectKey,
         requester: String,
     ) -> Result<Issued, ApiError> {
+        let issued = self.sign(id, key, requester)?;
+        match self.record(&issued).await {
+            Ok(()) => Ok(issued),
+            Err(Recorded::Failed(e) | Recorded::Unknown(e)) => Err(e),
+        }
+    }
+
+    /// Signs a certificate, which must not be handed out before
+    /// [`Server::record`] says it is in the ledger.
+    fn sign(&self, id: SpiffeId, key: SubjectKey, requester: String) -> Result<Issued, ApiError> {
         if !self.limiter.allow(id.as_str()) {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -791,17 +931,32 @@ impl Server {
                 &requester,
             )
             .map_err(ca_error)?;
-        if let Err(e) = self.ledger.record(issued.entry.clone()).await {
-            return Err(match &self.store {
+        Ok(issued)
+    }
+
+    /// Appends `issued` to the ledger; with a store, waits at most
+    /// [`STORE_OP_TIMEOUT`] for the commit.
+    async fn record(&self, issued: &Issued) -> Result<(), Recorded> {
+        let commit = self.ledger.record(issued.entry.clone());
+        let r = match &self.store {
+            Some(link) => match tokio::time::timeout(STORE_OP_TIMEOUT, commit).await {
+                Ok(r) => r,
+                // The batch may still commit: the certificate is withheld
+                // all the same.
+                Err(_) => return Err(Recorded::Unknown(link.timed_out("ledger_append"))),
+            },
+            None => commit.await,
+        };
+        r.map_err(|e| {
+            Recorded::Failed(match &self.store {
                 // The writer counted the failed batch.
                 Some(link) => {
                     link.down(format!("the ledger could not be written: {e}"));
                     store_unavailable(format!("the ledger could not be written: {e}"))
                 }
                 None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e),
-            });
-        }
-        Ok(issued)
+            })
+        })
     }
 
     fn issued_response(&self, issued: &Issued) -> Response<Full<Bytes>> {
@@ -1016,8 +1171,10 @@ impl Server {
                 let (token_id, id) = reserved.map_err(|e| refused(e, call))?;
                 let held = HeldToken::File {
                     tokens: &self.tokens,
+                    dir: &self.dir,
                     id: token_id.clone(),
                     spent: false,
+                    submitted: false,
                 };
                 (held, token_id, id)
             }
@@ -1025,25 +1182,30 @@ impl Server {
                 link.usable()?;
                 // One UPDATE across every replica: of two requests with the
                 // same token, only one gets it.
-                let taken = match link
-                    .db
-                    .token_take(&token_sha256(token), &link.replica)
-                    .await
+                // A take that times out may still commit later: the token
+                // is then used without a certificate (create a new one).
+                let taken = match tokio::time::timeout(
+                    STORE_OP_TIMEOUT,
+                    link.db.token_take(&token_sha256(token), &link.replica),
+                )
+                .await
                 {
-                    Ok(t) => {
+                    Ok(Ok(t)) => {
                         link.answered();
                         t
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         link.failed("token_take", &e);
                         return Err(store_unavailable(e));
                     }
+                    Err(_) => return Err(link.timed_out("token_take")),
                 };
                 let t = taken.map_err(|e| refused(e, call))?;
                 let (token_id, id) = (t.id.clone(), t.spiffe_id.clone());
                 let held = HeldToken::Store {
                     link: link.clone(),
                     taken: Some(t),
+                    submitted: false,
                 };
                 (held, token_id, id)
             }
@@ -1060,8 +1222,7 @@ impl Server {
                 }
             }
             let key = parse_csr(body)?;
-            self.issue(id.clone(), key, format!("bootstrap:{token_id}"))
-                .await
+            self.sign(id.clone(), key, format!("bootstrap:{token_id}"))
         }
         .await;
         let issued = match issued {
@@ -1073,6 +1234,24 @@ impl Server {
                 return Err(e);
             }
         };
+        // From here the ledger may hold a certificate for this token: if
+        // this request is dropped (the client went away) the token stays
+        // used, so that a retry cannot get a second certificate.
+        let mut held = held;
+        held.submitted();
+        match self.record(&issued).await {
+            Ok(()) => {}
+            // Nothing was written: the token may be used again.
+            Err(Recorded::Failed(e)) => {
+                held.release().await;
+                return Err(e);
+            }
+            // It may yet be written: the token stays used.
+            Err(Recorded::Unknown(e)) => {
+                drop(held);
+                return Err(e);
+            }
+        }
         held.spend(&self.dir).map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1678,7 +1857,22 @@ async fn follow_store(
             _ = tokio::time::sleep(STORE_INTERVAL) => {}
         }
         server.refreshing.store(true, Ordering::Release);
-        let r = link.db.refresh(&key_dir, &mut ws).await;
+        // A database that does not answer must not wedge the follower:
+        // `refresh` only reads from it before it writes files, so giving up
+        // leaves the workspace as it was.
+        let r =
+            match tokio::time::timeout(STORE_REFRESH_TIMEOUT, link.db.refresh(&key_dir, &mut ws))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Unreachable {
+                    url: link.db.url().to_owned(),
+                    msg: format!(
+                        "no answer to a refresh within {}s",
+                        STORE_REFRESH_TIMEOUT.as_secs()
+                    ),
+                }),
+            };
         server.refreshing.store(false, Ordering::Release);
         match r {
             Ok(changed) => {
@@ -1695,9 +1889,21 @@ async fn follow_store(
                     // Opening the CA reads files (and may open a token).
                     let s = server.clone();
                     let _ = tokio::task::spawn_blocking(move || s.reload(true)).await;
+                } else if server
+                    .reload_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_none()
+                {
+                    // Up to date, and what it holds is loaded (a failed
+                    // reload keeps the gauge at 0 until one succeeds).
+                    server.metrics.set_store_state_current(true);
                 }
             }
             Err(e) => {
+                // The replica keeps serving what it has, which may be
+                // behind the store: show it.
+                server.metrics.set_store_state_current(false);
                 link.failed("refresh", &e);
                 let msg = e.to_string();
                 if last_error.as_ref() != Some(&msg) {

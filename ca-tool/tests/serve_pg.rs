@@ -639,3 +639,137 @@ fn a_key_reaching_the_key_directory_after_the_rotation_is_picked_up() {
     assert_eq!(a.metric("keyproof_ca_store_state_current"), 1.0);
     assert!(a.running());
 }
+
+/// Waits until `r`'s log contains `what`.
+fn wait_log(r: &Replica, what: &str) {
+    let start = Instant::now();
+    while !r.log_text().contains(what) {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "no {what:?} in the log:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_bootstrap_whose_client_gives_up_during_the_ledger_commit_keeps_the_token_used() {
+    let Some(s) = Setup::new() else { return };
+    let a = s.replica("a");
+    let b = s.replica("b");
+    let (ca_a, ca_b) = (s.client(&a), s.client(&b));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = format!("spiffe://{TD}/joined");
+    let out = ok(s.state_cmd("token create").args(["--spiffe-id", &id]));
+    let token = out
+        .split_whitespace()
+        .find(|w| w.starts_with("kpt_"))
+        .unwrap_or_else(|| panic!("no token in {out}"))
+        .to_owned();
+    let token_id = keyproof_ca::token::id_of(&token);
+    let k = client::new_key(KeyType::EcdsaP256, &id).unwrap();
+    rt.block_on(async {
+        // Another session holds the ledger: every append queues behind it.
+        let (locker, conn) = tokio_postgres::connect(&s.pg.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        locker
+            .batch_execute("BEGIN; LOCK TABLE ledger IN EXCLUSIVE MODE")
+            .await
+            .expect("lock the ledger");
+        // The client gives up while its ledger row is queued.
+        let gave_up =
+            tokio::time::timeout(Duration::from_secs(2), ca_a.bootstrap(&token, &k.csr_pem)).await;
+        assert!(
+            gave_up.is_err(),
+            "answered under a locked ledger: {gave_up:?}"
+        );
+        // Whether the server saw the client go or its own deadline passed,
+        // the token stays used.
+        wait_log(&a, "the join token stays used");
+        // A renewal on the same replica is refused with the store's code
+        // instead of hanging (the replica marked the store down, or its
+        // ledger commit times out).
+        let e = s.renew(&a).expect_err("no renewal under a locked ledger");
+        assert!(e.contains("store_unavailable"), "{e}");
+        // The queued row commits now.
+        locker.batch_execute("COMMIT").await.expect("unlock");
+        let e = ca_b
+            .bootstrap(&token, &k.csr_pem)
+            .await
+            .expect_err("the token was spent by the first bootstrap");
+        assert_eq!(e.code(), Some("token_reused"), "{e:?}");
+    });
+    let ledger = ok(&mut s.state_cmd("ledger export"));
+    let rows = ledger
+        .lines()
+        .filter(|l| l.contains(&format!("\"bootstrap:{token_id}\"")))
+        .count();
+    assert!(rows <= 1, "token {token_id}:\n{ledger}");
+    // The replica recovers once the database answers again.
+    a.wait_ready(200);
+    let start = Instant::now();
+    while let Err(e) = s.renew(&a) {
+        assert!(start.elapsed() < PATIENCE, "no renewal after the lock: {e}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `r`'s metric `name` is `want`.
+fn wait_metric(r: &Replica, name: &str, want: f64) {
+    let start = Instant::now();
+    loop {
+        let v = r.metric(name);
+        if v == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{name} still {v}, not {want}:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_replica_that_cannot_follow_the_store_says_so_and_stays_ready() {
+    let Some(s) = Setup::new() else { return };
+    let a = s.replica("a");
+    a.wait_ready(200);
+    wait_metric(&a, "keyproof_ca_store_state_current", 1.0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sql = |q: &'static str| {
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&s.pg.url(), tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            c.batch_execute(q).await.expect(q);
+        })
+    };
+    // A document row no replica can write into its workspace.
+    sql(
+        "BEGIN; INSERT INTO ca_documents (name, body) VALUES ('../escape', 'x'); \
+         UPDATE ca_meta SET generation = generation + 1; COMMIT",
+    );
+    wait_metric(&a, "keyproof_ca_store_state_current", 0.0);
+    assert!(a.metric("keyproof_ca_store_errors_total{op=\"refresh\"}") >= 1.0);
+    // It still issues from its valid chain, so it stays ready.
+    a.wait_ready(200);
+    s.renew(&a).expect("renew from the previous state");
+    // Repaired: current again.
+    sql("BEGIN; DELETE FROM ca_documents WHERE name = '../escape'; \
+         UPDATE ca_meta SET generation = generation + 1; COMMIT");
+    wait_metric(&a, "keyproof_ca_store_state_current", 1.0);
+    a.wait_ready(200);
+}
