@@ -639,3 +639,39 @@ fn a_key_reaching_the_key_directory_after_the_rotation_is_picked_up() {
     assert_eq!(a.metric("keyproof_ca_store_state_current"), 1.0);
     assert!(a.running());
 }
+
+#[test]
+fn a_replica_restarting_after_a_rotation_killed_before_its_commit_serves_the_stored_chain() {
+    let Some(s) = Setup::new() else { return };
+    let stored = keys::certs_from_pem(&std::fs::read(s.path("w.crt")).expect("chain"))
+        .expect("chain PEM")[1]
+        .to_vec();
+    // What `rotate intermediate --store` leaves when killed while its
+    // transaction stalls: the old key archived, a new one in its place, the
+    // store's documents unchanged.
+    let keys_dir = s.keys();
+    std::fs::create_dir_all(keys_dir.join("archive")).unwrap();
+    std::fs::copy(
+        keys_dir.join("intermediate.key"),
+        keys_dir.join("archive/20261204T171500Z-intermediate.key"),
+    )
+    .unwrap();
+    let other = s.path("other");
+    ok(ca()
+        .args(["init", "--trust-domain", TD, "--dir"])
+        .arg(&other));
+    std::fs::copy(
+        other.join("intermediate.key"),
+        keys_dir.join("intermediate.key"),
+    )
+    .unwrap();
+
+    ok(&mut s.state_cmd("check"));
+    let mut a = s.replica("a");
+    assert_eq!(
+        s.renew(&a).expect("renew"),
+        stored,
+        "the replica issues from the chain the store holds"
+    );
+    assert!(a.running());
+}

@@ -1018,3 +1018,112 @@ fn rotations_started_together_take_turns() {
         "3"
     );
 }
+
+#[test]
+fn documents_named_like_keys_never_reach_a_key_file() {
+    let Some(pg) = Pg::shared() else { return };
+    let (db, url, _tmp, keys) = store_ca(&pg, "keydocs");
+    let int_key = std::fs::read(keys.join("intermediate.key")).unwrap();
+    pg.sql(
+        &db,
+        "INSERT INTO ca_documents (name, body) VALUES ('next/evil.key', 'evil'), \
+         ('intermediate.key', 'evil'), ('archive/1-ROOT.KEY', 'evil')",
+    );
+    // One-shot commands run, and write no planted key anywhere.
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    assert!(!keys.join("next/evil.key").exists());
+    assert!(!keys.join("archive/1-ROOT.KEY").exists());
+    let now_key = std::fs::read(keys.join("intermediate.key")).unwrap();
+    assert_ne!(now_key, b"evil");
+    assert_ne!(now_key, int_key, "the rotation made a new key");
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = PgStore::connect(&url, false).await.unwrap();
+        let ws = store.checkout(&keys, true).await.unwrap();
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            now_key
+        );
+        assert!(!ws.path().join("next/evil.key").exists());
+        assert!(ws.path().join("root.key").exists(), "one-shot: root key");
+        drop(ws);
+
+        // serve's workspace: no root keys, and a refresh of a generation
+        // holding a planted key leaves its keys alone.
+        let mut ws = store.checkout_serve(&keys).await.unwrap();
+        assert!(!ws.path().join("root.key").exists());
+        pg.sql(
+            &db,
+            "UPDATE ca_documents SET body = 'evil2' WHERE name = 'intermediate.key'; \
+             INSERT INTO ca_documents (name, body) VALUES ('root.key', 'evil'); \
+             UPDATE ca_meta SET generation = generation + 1",
+        );
+        store.refresh(&keys, &mut ws).await.unwrap();
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            now_key
+        );
+        assert!(!ws.path().join("root.key").exists());
+        assert!(!ws.path().join("next/evil.key").exists());
+    });
+}
+
+#[test]
+fn a_key_directory_ahead_of_the_store_resolves_keys_by_content() {
+    let Some(pg) = Pg::shared() else { return };
+    let (_db, url, tmp, keys) = store_ca(&pg, "ahead");
+    let old_key = std::fs::read(keys.join("intermediate.key")).unwrap();
+    // A rotation killed between its key write and its commit: the old key
+    // archived, a new one (here another CA's) in its place.
+    std::fs::create_dir_all(keys.join("archive")).unwrap();
+    std::fs::write(
+        keys.join("archive/20261204T171500Z-intermediate.key"),
+        &old_key,
+    )
+    .unwrap();
+    let other = tmp.path().join("other");
+    ok(&["init", "--trust-domain", TD, "--dir", p(&other)]);
+    std::fs::copy(
+        other.join("intermediate.key"),
+        keys.join("intermediate.key"),
+    )
+    .unwrap();
+
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    ok(&[
+        "issue",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--spiffe-id",
+        &id,
+        "--key-out",
+        p(&tmp.path().join("w.key")),
+        "--cert-out",
+        p(&tmp.path().join("w.crt")),
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = PgStore::connect(&url, false).await.unwrap();
+        let ws = store.checkout(&keys, false).await.unwrap();
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            old_key,
+            "the workspace holds the stored certificate's key"
+        );
+    });
+    // Running the rotation again completes it.
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+}

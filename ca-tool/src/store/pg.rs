@@ -364,7 +364,25 @@ impl PgStore {
     /// as `ledger.jsonl` and the unexpired join tokens as `tokens.jsonl`.
     /// `exclusive` holds the advisory lock until [`PgStore::checkin`] or
     /// drop.
+    ///
+    /// Keys are resolved by content (see [`workspace::resolve_keys`]): each
+    /// certificate gets the key file of the key directory that is its key.
     pub async fn checkout(&self, key_dir: &Path, exclusive: bool) -> Result<Workspace, StoreError> {
+        self.checkout_as(key_dir, exclusive, false).await
+    }
+
+    /// `serve`'s read-only workspace: as [`PgStore::checkout`] without the
+    /// lock, and without the root keys (`serve` never signs with them).
+    pub async fn checkout_serve(&self, key_dir: &Path) -> Result<Workspace, StoreError> {
+        self.checkout_as(key_dir, false, true).await
+    }
+
+    async fn checkout_as(
+        &self,
+        key_dir: &Path,
+        exclusive: bool,
+        read_only: bool,
+    ) -> Result<Workspace, StoreError> {
         let lock = if exclusive {
             let (client, conn) = self.dedicated().await?;
             let task = tokio::spawn(async move {
@@ -399,7 +417,8 @@ impl PgStore {
                 .map_err(|e| self.err(e))?;
         }
         let (generation, docs) = self.read_docs(&tx).await?;
-        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
+        let dir_keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
+        let keys = workspace::resolve_keys(&docs, &dir_keys, read_only);
         let token_rows = tx
             .query(
                 // Expired tokens are of no use to any command.
@@ -483,6 +502,7 @@ impl PgStore {
             generation,
             docs,
             keys,
+            dir_keys,
             ledger_len: ledger_text.len() as u64,
             tokens_len: tokens.len() as u64,
             lock,
@@ -506,6 +526,16 @@ impl PgStore {
         {
             let name: String = r.get(0);
             workspace::check_rel(&name)?;
+            // Keys never live in the database: a row named like one is
+            // corrupt (or planted) and must not reach a key file.
+            if workspace::kind(&name) == Kind::Key {
+                tracing::warn!(
+                    document = %name,
+                    "corrupt document in the store: a key name; ignored (keys never live in the \
+                     database)"
+                );
+                continue;
+            }
             docs.insert(name, r.get(1));
         }
         Ok((generation, docs))
@@ -801,16 +831,22 @@ impl PgStore {
             ws.docs = docs;
             ws.generation = generation;
         }
-        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
-        if keys != ws.keys {
+        let dir_keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
+        if changed || dir_keys != ws.dir_keys {
+            // The documents or the key directory moved: resolve again (a
+            // key that matches no certificate yet is picked up later).
+            ws.dir_keys = dir_keys;
+            let keys = workspace::resolve_keys(&ws.docs, &ws.dir_keys, true);
             for (name, body) in keys.iter().filter(|(n, b)| ws.keys.get(*n) != Some(*b)) {
                 workspace::write(ws.path(), name, body)?;
             }
             for name in ws.keys.keys().filter(|n| !keys.contains_key(*n)) {
                 workspace::remove(ws.path(), name)?;
             }
+            if keys != ws.keys {
+                changed = true;
+            }
             ws.keys = keys;
-            changed = true;
         }
         Ok(changed)
     }

@@ -21,6 +21,8 @@ pub struct Workspace {
     pub(crate) docs: BTreeMap<String, Vec<u8>>,
     /// Key files as checked out, by relative path.
     pub(crate) keys: BTreeMap<String, Vec<u8>>,
+    /// The key directory's key files as last read (before resolution).
+    pub(crate) dir_keys: BTreeMap<String, Vec<u8>>,
     /// Bytes of `ledger.jsonl` and `tokens.jsonl` at checkout: what follows
     /// was written by the command.
     pub(crate) ledger_len: u64,
@@ -68,9 +70,10 @@ pub(crate) enum Kind {
     Document,
 }
 
-/// Classifies a relative path of the layout.
+/// Classifies a relative path of the layout. Any name ending in `.key`, in
+/// any case, is a key: such a name never comes from the database.
 pub(crate) fn kind(rel: &str) -> Kind {
-    if rel.ends_with(".key") {
+    if rel.to_ascii_lowercase().ends_with(".key") {
         Kind::Key
     } else if rel == files::LEDGER {
         Kind::Ledger
@@ -79,6 +82,83 @@ pub(crate) fn kind(rel: &str) -> Kind {
     } else {
         Kind::Document
     }
+}
+
+/// The key files to put in a workspace, from the documents and the key
+/// files of the key directory (`dir_keys`), resolved by content: for each
+/// certificate of the layout whose key is a file (`ca.json` says), if the
+/// key file of the same name is not that certificate's key, the key file of
+/// the key directory that is (in `archive/`, `next/`, anywhere) is put
+/// under the expected name. So a key directory one step ahead of the
+/// documents (a rotation killed between its key write and its commit; a
+/// Secret updated before or after the documents) still yields a workspace
+/// whose keys match its certificates. `serve` (`read_only`) gets no root
+/// keys: it never signs with them.
+pub(crate) fn resolve_keys(
+    docs: &BTreeMap<String, Vec<u8>>,
+    dir_keys: &BTreeMap<String, Vec<u8>>,
+    read_only: bool,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut keys = dir_keys.clone();
+    if read_only {
+        keys.retain(|n, _| n != files::ROOT_KEY && n != "next/root.key");
+    }
+    let Some(locs) = docs
+        .get(files::STATE)
+        .and_then(|b| serde_json::from_slice::<crate::ca::CaState>(b).ok())
+        .map(|s| s.keys)
+    else {
+        return keys;
+    };
+    let mut spkis: Option<Vec<(&String, Vec<u8>)>> = None;
+    let stems = [
+        ("root", &locs.root, !read_only),
+        ("intermediate", &locs.intermediate, true),
+        ("next/root", &locs.next_root, !read_only),
+        ("next/intermediate", &locs.next_intermediate, true),
+    ];
+    for (stem, loc, wanted) in stems {
+        if !wanted || !loc.is_file() {
+            continue;
+        }
+        let Some(cert_spki) = docs.get(&format!("{stem}.crt")).and_then(|b| cert_spki(b)) else {
+            continue;
+        };
+        let name = format!("{stem}.key");
+        if keys.get(&name).and_then(|k| key_spki(k)).as_ref() == Some(&cert_spki) {
+            continue;
+        }
+        let spkis = spkis.get_or_insert_with(|| {
+            dir_keys
+                .iter()
+                .filter_map(|(n, b)| Some((n, key_spki(b)?)))
+                .collect()
+        });
+        if let Some((from, _)) = spkis.iter().find(|(_, s)| *s == cert_spki) {
+            tracing::warn!(
+                "the key directory's {name} is not the key of {stem}.crt; using {from}, which is"
+            );
+            keys.insert(name, dir_keys[*from].clone());
+        }
+    }
+    keys
+}
+
+/// The SubjectPublicKeyInfo of the first certificate of a PEM document.
+fn cert_spki(pem: &[u8]) -> Option<Vec<u8>> {
+    let der = keyproof_identity::keys::certs_from_pem(pem)
+        .ok()?
+        .into_iter()
+        .next()?;
+    let (_, c) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(c.public_key().raw.to_vec())
+}
+
+/// The SubjectPublicKeyInfo of a PEM key file.
+fn key_spki(pem: &[u8]) -> Option<Vec<u8>> {
+    let pem = std::str::from_utf8(pem).ok()?;
+    let kp = keyproof_identity::keys::key_pair_from_pem(pem).ok()?;
+    Some(crate::cakey::CaKey::File(kp).spki())
 }
 
 /// A relative path safe to join under a directory: no `..`, not absolute,
