@@ -1127,3 +1127,64 @@ fn a_key_directory_ahead_of_the_store_resolves_keys_by_content() {
     ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
     ok(&["check", "--store", &url, "--dir", p(&keys)]);
 }
+
+#[test]
+fn serve_falls_back_to_the_previous_intermediate_until_its_successors_key_arrives() {
+    let Some(pg) = Pg::shared() else { return };
+    let (_db, url, tmp, keys) = store_ca(&pg, "fallback");
+    // A replica's mounted Secret, a rotation behind.
+    let mounted = tmp.path().join("mounted");
+    std::fs::create_dir(&mounted).unwrap();
+    std::fs::copy(
+        keys.join("intermediate.key"),
+        mounted.join("intermediate.key"),
+    )
+    .unwrap();
+    std::fs::copy(keys.join("root.key"), mounted.join("root.key")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(PgStore::connect(&url, false)).unwrap();
+    let before = rt.block_on(store.checkout(&keys, false)).unwrap();
+    let old_crt = std::fs::read(before.path().join("intermediate.crt")).unwrap();
+    drop(before);
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    // One-shot commands fail on the lagging key directory, as before.
+    let o = run(&["check", "--store", &url, "--dir", p(&mounted)]);
+    let all = format!("{}{}", o.stdout, o.stderr);
+    assert!(!o.ok && all.contains("intermediate"), "{all}");
+    rt.block_on(async {
+        let mut ws = store.checkout_serve(&mounted).await.unwrap();
+        assert!(ws.fallback(), "serve runs on the previous intermediate");
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.crt")).unwrap(),
+            old_crt
+        );
+        assert!(!ws.path().join("root.key").exists());
+        // A one-shot command's workspace does not fall back.
+        let one = store.checkout(&mounted, false).await.unwrap();
+        assert!(!one.fallback());
+        assert_ne!(
+            std::fs::read(one.path().join("intermediate.crt")).unwrap(),
+            old_crt
+        );
+        drop(one);
+        // The key arrives: the stored intermediate is back.
+        std::fs::copy(
+            keys.join("intermediate.key"),
+            mounted.join("intermediate.key"),
+        )
+        .unwrap();
+        assert!(store.refresh(&mounted, &mut ws).await.unwrap());
+        assert!(!ws.fallback());
+        assert_ne!(
+            std::fs::read(ws.path().join("intermediate.crt")).unwrap(),
+            old_crt
+        );
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            std::fs::read(keys.join("intermediate.key")).unwrap()
+        );
+    });
+}

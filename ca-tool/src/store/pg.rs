@@ -373,6 +373,9 @@ impl PgStore {
 
     /// `serve`'s read-only workspace: as [`PgStore::checkout`] without the
     /// lock, and without the root keys (`serve` never signs with them).
+    /// When the current intermediate's key is not in `key_dir` yet, it runs
+    /// on the previous intermediate ([`Workspace::fallback`] says so, here
+    /// and after each [`PgStore::refresh`]): the replica lags, and starts.
     pub async fn checkout_serve(&self, key_dir: &Path) -> Result<Workspace, StoreError> {
         self.checkout_as(key_dir, false, true).await
     }
@@ -418,7 +421,7 @@ impl PgStore {
         }
         let (generation, docs) = self.read_docs(&tx).await?;
         let dir_keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
-        let keys = workspace::resolve_keys(&docs, &dir_keys, read_only);
+        let (keys, fallback) = workspace::resolve_keys(&docs, &dir_keys, read_only);
         let token_rows = tx
             .query(
                 // Expired tokens are of no use to any command.
@@ -452,7 +455,7 @@ impl PgStore {
         for (name, body) in &docs {
             workspace::write(dir.path(), name, body)?;
         }
-        for (name, body) in &keys {
+        for (name, body) in fallback.iter().chain(&keys) {
             workspace::write(dir.path(), name, body)?;
         }
         let mut tokens = String::new();
@@ -503,6 +506,8 @@ impl PgStore {
             docs,
             keys,
             dir_keys,
+            fallback,
+            serve: read_only,
             ledger_len: ledger_text.len() as u64,
             tokens_len: tokens.len() as u64,
             lock,
@@ -836,7 +841,21 @@ impl PgStore {
             // The documents or the key directory moved: resolve again (a
             // key that matches no certificate yet is picked up later).
             ws.dir_keys = dir_keys;
-            let keys = workspace::resolve_keys(&ws.docs, &ws.dir_keys, true);
+            let (keys, fallback) = workspace::resolve_keys(&ws.docs, &ws.dir_keys, ws.serve);
+            // Documents in or out of the fallback: what it puts, or the
+            // stored document back.
+            let names: std::collections::BTreeSet<&String> =
+                fallback.keys().chain(ws.fallback.keys()).collect();
+            for name in names {
+                match fallback.get(name).or_else(|| ws.docs.get(name)) {
+                    Some(body) => workspace::write(ws.path(), name, body)?,
+                    None => workspace::remove(ws.path(), name)?,
+                }
+            }
+            if fallback != ws.fallback {
+                changed = true;
+            }
+            ws.fallback = fallback;
             for (name, body) in keys.iter().filter(|(n, b)| ws.keys.get(*n) != Some(*b)) {
                 workspace::write(ws.path(), name, body)?;
             }
