@@ -1589,7 +1589,10 @@ pub async fn run(
             let Store::Postgres { db, .. } = Store::open(spec, &opts.dir, true).await? else {
                 unreachable!("a postgres:// spec opens PostgreSQL");
             };
-            let ws = db.checkout(&opts.dir, false).await?;
+            // Read-only, no root key, and, while the current
+            // intermediate's key has not reached --dir, the previous
+            // intermediate (see `PgStore::checkout_serve`).
+            let ws = db.checkout_serve(&opts.dir).await?;
             tracing::info!(
                 store = db.url(),
                 schema_version = crate::store::schema::VERSION,
@@ -1720,6 +1723,9 @@ pub async fn run(
             }
         }
     });
+    if ws_falls_back(&workspace) {
+        server.metrics.set_store_state_current(false);
+    }
     let store_tasks = match (&store, workspace) {
         (Some(link), Some(ws)) => vec![
             tokio::spawn(follow_store(
@@ -1838,6 +1844,12 @@ pub async fn run(
 /// without one: a Kubernetes Secret update). Whatever changed is reloaded
 /// at once, not at the next request, so that a rotation committed to the
 /// store is served within about a second.
+/// Whether the served workspace holds the previous intermediate because
+/// the current one's key has not reached the key directory yet.
+fn ws_falls_back(ws: &Option<Workspace>) -> bool {
+    ws.as_ref().is_some_and(Workspace::fallback)
+}
+
 async fn follow_store(
     server: Arc<Server>,
     link: Arc<StoreLink>,
@@ -1889,11 +1901,16 @@ async fn follow_store(
                     // Opening the CA reads files (and may open a token).
                     let s = server.clone();
                     let _ = tokio::task::spawn_blocking(move || s.reload(true)).await;
-                } else if server
-                    .reload_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_none()
+                    if ws.fallback() {
+                        // Serving the previous intermediate on purpose.
+                        server.metrics.set_store_state_current(false);
+                    }
+                } else if !ws.fallback()
+                    && server
+                        .reload_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_none()
                 {
                     // Up to date, and what it holds is loaded (a failed
                     // reload keeps the gauge at 0 until one succeeds).

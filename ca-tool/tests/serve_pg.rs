@@ -773,3 +773,82 @@ fn a_replica_that_cannot_follow_the_store_says_so_and_stays_ready() {
     wait_metric(&a, "keyproof_ca_store_state_current", 1.0);
     a.wait_ready(200);
 }
+
+#[test]
+fn a_replica_restarting_after_a_rotation_killed_before_its_commit_serves_the_stored_chain() {
+    let Some(s) = Setup::new() else { return };
+    let stored = keys::certs_from_pem(&std::fs::read(s.path("w.crt")).expect("chain"))
+        .expect("chain PEM")[1]
+        .to_vec();
+    // What `rotate intermediate --store` leaves when killed while its
+    // transaction stalls: the old key archived, a new one in its place, the
+    // store's documents unchanged.
+    let keys_dir = s.keys();
+    std::fs::create_dir_all(keys_dir.join("archive")).unwrap();
+    std::fs::copy(
+        keys_dir.join("intermediate.key"),
+        keys_dir.join("archive/20261204T171500Z-intermediate.key"),
+    )
+    .unwrap();
+    let other = s.path("other");
+    ok(ca()
+        .args(["init", "--trust-domain", TD, "--dir"])
+        .arg(&other));
+    std::fs::copy(
+        other.join("intermediate.key"),
+        keys_dir.join("intermediate.key"),
+    )
+    .unwrap();
+
+    ok(&mut s.state_cmd("check"));
+    let mut a = s.replica("a");
+    assert_eq!(
+        s.renew(&a).expect("renew"),
+        stored,
+        "the replica issues from the chain the store holds"
+    );
+    assert!(a.running());
+}
+
+#[test]
+fn a_replica_starting_before_the_new_key_reaches_it_serves_the_previous_chain() {
+    let Some(s) = Setup::new() else { return };
+    // The replicas' own copy of the keys, as a mounted Secret would be.
+    let mounted = s.path("mounted");
+    std::fs::create_dir(&mounted).unwrap();
+    for k in ["intermediate.key", "root.key"] {
+        std::fs::copy(s.keys().join(k), mounted.join(k)).unwrap();
+    }
+    let old = keys::certs_from_pem(&std::fs::read(s.path("w.crt")).expect("chain"))
+        .expect("chain PEM")[1]
+        .to_vec();
+    ok(&mut s.state_cmd("rotate intermediate"));
+    // A replica (re)starting now: the store has the new intermediate, the
+    // Secret not yet its key.
+    let mut b = Replica::start(&s, "b", &mounted);
+    assert_eq!(
+        s.renew(&b).expect("renew from the previous chain"),
+        old,
+        "the previous intermediate serves until its successor's key is there"
+    );
+    assert!(b.running());
+    assert_eq!(b.metric("keyproof_ca_store_state_current"), 0.0, "it lags");
+    // One-shot commands do not fall back.
+    let out = ca()
+        .arg("check")
+        .args(["--store", &s.pg.url()])
+        .arg("--dir")
+        .arg(&mounted)
+        .output()
+        .expect("run check");
+    assert!(!out.status.success(), "check passed on a lagging key dir");
+
+    // The Secret update reaches the replica: it moves to the new chain.
+    let tmp = mounted.join(".intermediate.key.new");
+    std::fs::copy(s.keys().join("intermediate.key"), &tmp).unwrap();
+    std::fs::rename(&tmp, mounted.join("intermediate.key")).unwrap();
+    let (new, _) = wait_for_new_intermediate(&s, &b, &old);
+    assert_ne!(new, old);
+    assert!(b.running());
+    assert_eq!(b.metric("keyproof_ca_store_state_current"), 1.0);
+}

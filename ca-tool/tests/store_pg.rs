@@ -1018,3 +1018,173 @@ fn rotations_started_together_take_turns() {
         "3"
     );
 }
+
+#[test]
+fn documents_named_like_keys_never_reach_a_key_file() {
+    let Some(pg) = Pg::shared() else { return };
+    let (db, url, _tmp, keys) = store_ca(&pg, "keydocs");
+    let int_key = std::fs::read(keys.join("intermediate.key")).unwrap();
+    pg.sql(
+        &db,
+        "INSERT INTO ca_documents (name, body) VALUES ('next/evil.key', 'evil'), \
+         ('intermediate.key', 'evil'), ('archive/1-ROOT.KEY', 'evil')",
+    );
+    // One-shot commands run, and write no planted key anywhere.
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    assert!(!keys.join("next/evil.key").exists());
+    assert!(!keys.join("archive/1-ROOT.KEY").exists());
+    let now_key = std::fs::read(keys.join("intermediate.key")).unwrap();
+    assert_ne!(now_key, b"evil");
+    assert_ne!(now_key, int_key, "the rotation made a new key");
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = PgStore::connect(&url, false).await.unwrap();
+        let ws = store.checkout(&keys, true).await.unwrap();
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            now_key
+        );
+        assert!(!ws.path().join("next/evil.key").exists());
+        assert!(ws.path().join("root.key").exists(), "one-shot: root key");
+        drop(ws);
+
+        // serve's workspace: no root keys, and a refresh of a generation
+        // holding a planted key leaves its keys alone.
+        let mut ws = store.checkout_serve(&keys).await.unwrap();
+        assert!(!ws.path().join("root.key").exists());
+        pg.sql(
+            &db,
+            "UPDATE ca_documents SET body = 'evil2' WHERE name = 'intermediate.key'; \
+             INSERT INTO ca_documents (name, body) VALUES ('root.key', 'evil'); \
+             UPDATE ca_meta SET generation = generation + 1",
+        );
+        store.refresh(&keys, &mut ws).await.unwrap();
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            now_key
+        );
+        assert!(!ws.path().join("root.key").exists());
+        assert!(!ws.path().join("next/evil.key").exists());
+    });
+}
+
+#[test]
+fn a_key_directory_ahead_of_the_store_resolves_keys_by_content() {
+    let Some(pg) = Pg::shared() else { return };
+    let (_db, url, tmp, keys) = store_ca(&pg, "ahead");
+    let old_key = std::fs::read(keys.join("intermediate.key")).unwrap();
+    // A rotation killed between its key write and its commit: the old key
+    // archived, a new one (here another CA's) in its place.
+    std::fs::create_dir_all(keys.join("archive")).unwrap();
+    std::fs::write(
+        keys.join("archive/20261204T171500Z-intermediate.key"),
+        &old_key,
+    )
+    .unwrap();
+    let other = tmp.path().join("other");
+    ok(&["init", "--trust-domain", TD, "--dir", p(&other)]);
+    std::fs::copy(
+        other.join("intermediate.key"),
+        keys.join("intermediate.key"),
+    )
+    .unwrap();
+
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    ok(&[
+        "issue",
+        "--store",
+        &url,
+        "--dir",
+        p(&keys),
+        "--spiffe-id",
+        &id,
+        "--key-out",
+        p(&tmp.path().join("w.key")),
+        "--cert-out",
+        p(&tmp.path().join("w.crt")),
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = PgStore::connect(&url, false).await.unwrap();
+        let ws = store.checkout(&keys, false).await.unwrap();
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            old_key,
+            "the workspace holds the stored certificate's key"
+        );
+    });
+    // Running the rotation again completes it.
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    ok(&["check", "--store", &url, "--dir", p(&keys)]);
+}
+
+#[test]
+fn serve_falls_back_to_the_previous_intermediate_until_its_successors_key_arrives() {
+    let Some(pg) = Pg::shared() else { return };
+    let (_db, url, tmp, keys) = store_ca(&pg, "fallback");
+    // A replica's mounted Secret, a rotation behind.
+    let mounted = tmp.path().join("mounted");
+    std::fs::create_dir(&mounted).unwrap();
+    std::fs::copy(
+        keys.join("intermediate.key"),
+        mounted.join("intermediate.key"),
+    )
+    .unwrap();
+    std::fs::copy(keys.join("root.key"), mounted.join("root.key")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(PgStore::connect(&url, false)).unwrap();
+    let before = rt.block_on(store.checkout(&keys, false)).unwrap();
+    let old_crt = std::fs::read(before.path().join("intermediate.crt")).unwrap();
+    drop(before);
+    ok(&["rotate", "intermediate", "--store", &url, "--dir", p(&keys)]);
+    // One-shot commands fail on the lagging key directory, as before.
+    let o = run(&["check", "--store", &url, "--dir", p(&mounted)]);
+    let all = format!("{}{}", o.stdout, o.stderr);
+    assert!(!o.ok && all.contains("intermediate"), "{all}");
+    rt.block_on(async {
+        let mut ws = store.checkout_serve(&mounted).await.unwrap();
+        assert!(ws.fallback(), "serve runs on the previous intermediate");
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.crt")).unwrap(),
+            old_crt
+        );
+        assert!(!ws.path().join("root.key").exists());
+        // A one-shot command's workspace does not fall back.
+        let one = store.checkout(&mounted, false).await.unwrap();
+        assert!(!one.fallback());
+        assert_ne!(
+            std::fs::read(one.path().join("intermediate.crt")).unwrap(),
+            old_crt
+        );
+        drop(one);
+        // The key arrives: the stored intermediate is back.
+        std::fs::copy(
+            keys.join("intermediate.key"),
+            mounted.join("intermediate.key"),
+        )
+        .unwrap();
+        assert!(store.refresh(&mounted, &mut ws).await.unwrap());
+        assert!(!ws.fallback());
+        assert_ne!(
+            std::fs::read(ws.path().join("intermediate.crt")).unwrap(),
+            old_crt
+        );
+        assert_eq!(
+            std::fs::read(ws.path().join("intermediate.key")).unwrap(),
+            std::fs::read(keys.join("intermediate.key")).unwrap()
+        );
+    });
+}

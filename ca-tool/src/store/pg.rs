@@ -364,7 +364,28 @@ impl PgStore {
     /// as `ledger.jsonl` and the unexpired join tokens as `tokens.jsonl`.
     /// `exclusive` holds the advisory lock until [`PgStore::checkin`] or
     /// drop.
+    ///
+    /// Keys are resolved by content (see [`workspace::resolve_keys`]): each
+    /// certificate gets the key file of the key directory that is its key.
     pub async fn checkout(&self, key_dir: &Path, exclusive: bool) -> Result<Workspace, StoreError> {
+        self.checkout_as(key_dir, exclusive, false).await
+    }
+
+    /// `serve`'s read-only workspace: as [`PgStore::checkout`] without the
+    /// lock, and without the root keys (`serve` never signs with them).
+    /// When the current intermediate's key is not in `key_dir` yet, it runs
+    /// on the previous intermediate ([`Workspace::fallback`] says so, here
+    /// and after each [`PgStore::refresh`]): the replica lags, and starts.
+    pub async fn checkout_serve(&self, key_dir: &Path) -> Result<Workspace, StoreError> {
+        self.checkout_as(key_dir, false, true).await
+    }
+
+    async fn checkout_as(
+        &self,
+        key_dir: &Path,
+        exclusive: bool,
+        read_only: bool,
+    ) -> Result<Workspace, StoreError> {
         let lock = if exclusive {
             let (client, conn) = self.dedicated().await?;
             let task = tokio::spawn(async move {
@@ -399,7 +420,8 @@ impl PgStore {
                 .map_err(|e| self.err(e))?;
         }
         let (generation, docs) = self.read_docs(&tx).await?;
-        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
+        let dir_keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
+        let (keys, fallback) = workspace::resolve_keys(&docs, &dir_keys, read_only);
         let token_rows = tx
             .query(
                 // Expired tokens are of no use to any command.
@@ -433,7 +455,7 @@ impl PgStore {
         for (name, body) in &docs {
             workspace::write(dir.path(), name, body)?;
         }
-        for (name, body) in &keys {
+        for (name, body) in fallback.iter().chain(&keys) {
             workspace::write(dir.path(), name, body)?;
         }
         let mut tokens = String::new();
@@ -483,6 +505,9 @@ impl PgStore {
             generation,
             docs,
             keys,
+            dir_keys,
+            fallback,
+            serve: read_only,
             ledger_len: ledger_text.len() as u64,
             tokens_len: tokens.len() as u64,
             lock,
@@ -506,6 +531,16 @@ impl PgStore {
         {
             let name: String = r.get(0);
             workspace::check_rel(&name)?;
+            // Keys never live in the database: a row named like one is
+            // corrupt (or planted) and must not reach a key file.
+            if workspace::kind(&name) == Kind::Key {
+                tracing::warn!(
+                    document = %name,
+                    "corrupt document in the store: a key name; ignored (keys never live in the \
+                     database)"
+                );
+                continue;
+            }
             docs.insert(name, r.get(1));
         }
         Ok((generation, docs))
@@ -801,16 +836,36 @@ impl PgStore {
             ws.docs = docs;
             ws.generation = generation;
         }
-        let keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
-        if keys != ws.keys {
+        let dir_keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
+        if changed || dir_keys != ws.dir_keys {
+            // The documents or the key directory moved: resolve again (a
+            // key that matches no certificate yet is picked up later).
+            ws.dir_keys = dir_keys;
+            let (keys, fallback) = workspace::resolve_keys(&ws.docs, &ws.dir_keys, ws.serve);
+            // Documents in or out of the fallback: what it puts, or the
+            // stored document back.
+            let names: std::collections::BTreeSet<&String> =
+                fallback.keys().chain(ws.fallback.keys()).collect();
+            for name in names {
+                match fallback.get(name).or_else(|| ws.docs.get(name)) {
+                    Some(body) => workspace::write(ws.path(), name, body)?,
+                    None => workspace::remove(ws.path(), name)?,
+                }
+            }
+            if fallback != ws.fallback {
+                changed = true;
+            }
+            ws.fallback = fallback;
             for (name, body) in keys.iter().filter(|(n, b)| ws.keys.get(*n) != Some(*b)) {
                 workspace::write(ws.path(), name, body)?;
             }
             for name in ws.keys.keys().filter(|n| !keys.contains_key(*n)) {
                 workspace::remove(ws.path(), name)?;
             }
+            if keys != ws.keys {
+                changed = true;
+            }
             ws.keys = keys;
-            changed = true;
         }
         Ok(changed)
     }

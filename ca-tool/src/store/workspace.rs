@@ -21,6 +21,14 @@ pub struct Workspace {
     pub(crate) docs: BTreeMap<String, Vec<u8>>,
     /// Key files as checked out, by relative path.
     pub(crate) keys: BTreeMap<String, Vec<u8>>,
+    /// The key directory's key files as last read (before resolution).
+    pub(crate) dir_keys: BTreeMap<String, Vec<u8>>,
+    /// Documents put in the workspace over the stored ones: `serve`
+    /// running on the previous intermediate (see [`resolve_keys`]).
+    pub(crate) fallback: BTreeMap<String, Vec<u8>>,
+    /// Checked out by [`super::PgStore::checkout_serve`]: no root keys, and
+    /// [`resolve_keys`] may fall back to the previous intermediate.
+    pub(crate) serve: bool,
     /// Bytes of `ledger.jsonl` and `tokens.jsonl` at checkout: what follows
     /// was written by the command.
     pub(crate) ledger_len: u64,
@@ -39,6 +47,13 @@ impl Workspace {
     /// The generation checked out.
     pub fn generation(&self) -> i64 {
         self.generation
+    }
+
+    /// Whether this (`serve`) workspace runs on the previous intermediate
+    /// because the current one's key is not in the key directory yet: the
+    /// replica lags the store.
+    pub fn fallback(&self) -> bool {
+        !self.fallback.is_empty()
     }
 
     /// The trust domain of the CA checked out (from `ca.json`), `None` when
@@ -68,9 +83,10 @@ pub(crate) enum Kind {
     Document,
 }
 
-/// Classifies a relative path of the layout.
+/// Classifies a relative path of the layout. Any name ending in `.key`, in
+/// any case, is a key: such a name never comes from the database.
 pub(crate) fn kind(rel: &str) -> Kind {
-    if rel.ends_with(".key") {
+    if rel.to_ascii_lowercase().ends_with(".key") {
         Kind::Key
     } else if rel == files::LEDGER {
         Kind::Ledger
@@ -79,6 +95,162 @@ pub(crate) fn kind(rel: &str) -> Kind {
     } else {
         Kind::Document
     }
+}
+
+/// The key files to put in a workspace, from the documents and the key
+/// files of the key directory (`dir_keys`), resolved by content: for each
+/// certificate of the layout whose key is a file (`ca.json` says), if the
+/// key file of the same name is not that certificate's key, the key file of
+/// the key directory that is (in `archive/`, `next/`, anywhere) is put
+/// under the expected name. So a key directory one step ahead of the
+/// documents (a rotation killed between its key write and its commit; a
+/// Secret updated before or after the documents) still yields a workspace
+/// whose keys match its certificates. `serve` (`read_only`) gets no root
+/// keys: it never signs with them.
+///
+/// For `serve` only, when no key file is the key of `intermediate.crt`
+/// (its key has not reached this replica yet), the second map holds the
+/// documents to put over the stored ones so that it serves the previous,
+/// still valid chain: the newest archived intermediate certificate that
+/// is unexpired, signed by the current `root.crt`, and whose key is here.
+/// One-shot commands never fall back: they fail as before.
+#[allow(clippy::type_complexity)]
+pub(crate) fn resolve_keys(
+    docs: &BTreeMap<String, Vec<u8>>,
+    dir_keys: &BTreeMap<String, Vec<u8>>,
+    read_only: bool,
+) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>) {
+    let mut keys = dir_keys.clone();
+    let mut over = BTreeMap::new();
+    if read_only {
+        keys.retain(|n, _| n != files::ROOT_KEY && n != "next/root.key");
+    }
+    let Some(locs) = docs
+        .get(files::STATE)
+        .and_then(|b| serde_json::from_slice::<crate::ca::CaState>(b).ok())
+        .map(|s| s.keys)
+    else {
+        return (keys, over);
+    };
+    let mut spkis: Option<Vec<(&String, Vec<u8>)>> = None;
+    let stems = [
+        ("root", &locs.root, !read_only),
+        ("intermediate", &locs.intermediate, true),
+        ("next/root", &locs.next_root, !read_only),
+        ("next/intermediate", &locs.next_intermediate, true),
+    ];
+    for (stem, loc, wanted) in stems {
+        if !wanted || !loc.is_file() {
+            continue;
+        }
+        let Some(cert_spki) = docs.get(&format!("{stem}.crt")).and_then(|b| cert_spki(b)) else {
+            continue;
+        };
+        let name = format!("{stem}.key");
+        if keys.get(&name).and_then(|k| key_spki(k)).as_ref() == Some(&cert_spki) {
+            continue;
+        }
+        let spkis = spkis.get_or_insert_with(|| {
+            dir_keys
+                .iter()
+                .filter_map(|(n, b)| Some((n, key_spki(b)?)))
+                .collect()
+        });
+        if let Some((from, _)) = spkis.iter().find(|(_, s)| *s == cert_spki) {
+            tracing::warn!(
+                "the key directory's {name} is not the key of {stem}.crt; using {from}, which is"
+            );
+            keys.insert(name, dir_keys[*from].clone());
+        } else if read_only && stem == "intermediate" {
+            if let Some((crt, key)) = previous_intermediate(docs, spkis, dir_keys) {
+                tracing::warn!(
+                    archived = %crt,
+                    "no file of the key directory is the key of intermediate.crt (yet): serving \
+                     the previous intermediate, {crt}, until it arrives"
+                );
+                over.insert(files::INT_CRT.to_owned(), docs[crt].clone());
+                keys.insert(name, key);
+            }
+        }
+    }
+    (keys, over)
+}
+
+/// The newest archived intermediate certificate (name, its key) that is
+/// unexpired, signed by the current `root.crt`, and whose key is in the
+/// key directory.
+fn previous_intermediate<'a>(
+    docs: &'a BTreeMap<String, Vec<u8>>,
+    spkis: &[(&String, Vec<u8>)],
+    dir_keys: &BTreeMap<String, Vec<u8>>,
+) -> Option<(&'a String, Vec<u8>)> {
+    let root_der = first_der(docs.get(files::ROOT_CRT)?)?;
+    let (_, root) = x509_parser::parse_x509_certificate(&root_der).ok()?;
+    // Archive names start with a fixed-width time: newest last.
+    for (name, body) in docs.iter().rev() {
+        if !(name.starts_with("archive/") && name.ends_with("-intermediate.crt")) {
+            continue;
+        }
+        let Some(der) = first_der(body) else { continue };
+        let Ok((_, c)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        if !c.validity().is_valid() || !signed_by(&c, &root) {
+            continue;
+        }
+        let spki = c.public_key().raw;
+        if let Some((from, _)) = spkis.iter().find(|(_, s)| s.as_slice() == spki) {
+            return Some((name, dir_keys[*from].clone()));
+        }
+    }
+    None
+}
+
+fn first_der(pem: &[u8]) -> Option<Vec<u8>> {
+    keyproof_identity::keys::certs_from_pem(pem)
+        .ok()?
+        .into_iter()
+        .next()
+        .map(|c| c.to_vec())
+}
+
+/// Whether `cert` is signed by `issuer`'s key (the key types keyproof
+/// makes: ECDSA P-256 with SHA-256, Ed25519).
+fn signed_by(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    issuer: &x509_parser::certificate::X509Certificate<'_>,
+) -> bool {
+    use aws_lc_rs::signature;
+    if cert.issuer() != issuer.subject() {
+        return false;
+    }
+    let alg: &'static dyn signature::VerificationAlgorithm =
+        match cert.signature_algorithm.algorithm.to_id_string().as_str() {
+            "1.2.840.10045.4.3.2" => &signature::ECDSA_P256_SHA256_ASN1,
+            "1.3.101.112" => &signature::ED25519,
+            _ => return false,
+        };
+    let pk: &[u8] = &issuer.public_key().subject_public_key.data;
+    signature::UnparsedPublicKey::new(alg, pk)
+        .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+        .is_ok()
+}
+
+/// The SubjectPublicKeyInfo of the first certificate of a PEM document.
+fn cert_spki(pem: &[u8]) -> Option<Vec<u8>> {
+    let der = keyproof_identity::keys::certs_from_pem(pem)
+        .ok()?
+        .into_iter()
+        .next()?;
+    let (_, c) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(c.public_key().raw.to_vec())
+}
+
+/// The SubjectPublicKeyInfo of a PEM key file.
+fn key_spki(pem: &[u8]) -> Option<Vec<u8>> {
+    let pem = std::str::from_utf8(pem).ok()?;
+    let kp = keyproof_identity::keys::key_pair_from_pem(pem).ok()?;
+    Some(crate::cakey::CaKey::File(kp).spki())
 }
 
 /// A relative path safe to join under a directory: no `..`, not absolute,
@@ -252,6 +424,7 @@ mod tests {
         assert_eq!(kind("intermediate.key"), Kind::Key);
         assert_eq!(kind("next/root.key"), Kind::Key);
         assert_eq!(kind("archive/1-root.key"), Kind::Key);
+        assert_eq!(kind("next/EVIL.Key"), Kind::Key, "any case");
         assert_eq!(kind("ledger.jsonl"), Kind::Ledger);
         assert_eq!(kind("tokens.jsonl"), Kind::Tokens);
         assert_eq!(kind("next/root.crt"), Kind::Document);
