@@ -378,6 +378,8 @@ impl IdentityConfig {
             }
             IdentitySource::Ca(c) => serde_json::json!({
                 "kind": "ca",
+                // `url` as before (the first); `urls` the whole list.
+                "url": c.urls.first(),
                 "urls": c.urls,
                 "server_id": c.server_id.to_string(),
                 "credential": c.credential_key(),
