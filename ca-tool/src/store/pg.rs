@@ -604,8 +604,11 @@ impl PgStore {
             }
         }
 
-        // Keys first: a document naming a key that is not there yet would
-        // break every replica; a key nothing names yet is harmless.
+        // New keys first: a document naming a key that is not there yet
+        // would break every replica; a key nothing names yet is harmless.
+        // Removals last, once the documents no longer name those keys: a
+        // process killed in between leaves an unused key, never a missing
+        // one.
         let mut undo: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         let keys_result = (|| {
             if !key_writes.is_empty() {
@@ -614,10 +617,6 @@ impl PgStore {
             for (name, body) in &key_writes {
                 undo.push(((*name).clone(), read_opt(&key_dir.join(name))?));
                 workspace::write(key_dir, name, body)?;
-            }
-            for name in &key_removes {
-                undo.push(((*name).clone(), read_opt(&key_dir.join(name))?));
-                workspace::remove(key_dir, name)?;
             }
             Ok::<(), StoreError>(())
         })();
@@ -643,6 +642,12 @@ impl PgStore {
                     Some(b) => workspace::write(key_dir, &name, &b),
                     None => workspace::remove(key_dir, &name),
                 };
+            }
+        } else {
+            for name in &key_removes {
+                if let Err(e) = workspace::remove(key_dir, name) {
+                    tracing::warn!(key = %name, error = %e, "committed, but an unused key file could not be removed from the key directory");
+                }
             }
         }
         if let Some(lock) = ws.lock.take() {
