@@ -477,6 +477,15 @@ mod tests {
         caller: &Workload,
         addr: std::net::SocketAddr,
     ) -> h2::client::SendRequest<Bytes> {
+        client_with(caller, addr, h2::client::Builder::new()).await
+    }
+
+    /// [`client`] with the HTTP/2 settings of `builder`.
+    async fn client_with(
+        caller: &Workload,
+        addr: std::net::SocketAddr,
+        builder: h2::client::Builder,
+    ) -> h2::client::SendRequest<Bytes> {
         let store = caller.store();
         let any = IdPattern::parse(&format!("spiffe://{TD}/*")).expect("pattern");
         let cfg = store::client_config(&store, any, &[b"h2"]).expect("client config");
@@ -485,7 +494,10 @@ mod tests {
             .connect(ServerName::try_from("api.test").expect("name"), tcp)
             .await
             .expect("mutual TLS handshake");
-        let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+        let (send, conn) = builder
+            .handshake::<_, Bytes>(tls)
+            .await
+            .expect("h2 handshake");
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -821,23 +833,9 @@ mod tests {
         caller: &Workload,
         addr: std::net::SocketAddr,
     ) -> h2::client::SendRequest<Bytes> {
-        let store = caller.store();
-        let any = IdPattern::parse(&format!("spiffe://{TD}/*")).expect("pattern");
-        let cfg = store::client_config(&store, any, &[b"h2"]).expect("client config");
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let tls = TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::try_from("api.test").expect("name"), tcp)
-            .await
-            .expect("mutual TLS handshake");
-        let (send, conn) = h2::client::Builder::new()
-            .max_frame_size(crate::http::server::MAX_FRAME_SIZE)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        send
+        let mut builder = h2::client::Builder::new();
+        builder.max_frame_size(crate::http::server::MAX_FRAME_SIZE);
+        client_with(caller, addr, builder).await
     }
 
     /// The `i`th byte of a test stream: a pattern that shows a lost,
