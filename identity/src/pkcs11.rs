@@ -1443,18 +1443,44 @@ impl Pkcs11Key {
     }
 
     /// Opens the token and finds the key again; it must be the same key.
+    /// Another key of the same module may re-initialise it meanwhile (its
+    /// own token went away): that says nothing about this key, so the
+    /// reopen starts over, a few times.
     fn reopen(&self) -> Result<(Open, Pooled), Pkcs11Error> {
+        let mut tries = 0;
+        loop {
+            match self.reopen_once() {
+                Err(Reopen::Stale) if tries < 3 => tries += 1,
+                Err(Reopen::Stale) => {
+                    return Err(Pkcs11Error::BadKey {
+                        token: self.inner.spec.token_label.clone(),
+                        label: self.inner.label.clone(),
+                        msg: "the module was re-initialised while reopening, four times over"
+                            .into(),
+                    })
+                }
+                Err(Reopen::Failed(e)) => return Err(e),
+                Ok(found) => return Ok(found),
+            }
+        }
+    }
+
+    fn reopen_once(&self) -> Result<(Open, Pooled), Reopen> {
         let spec = &self.inner.spec;
         let Found {
             open,
             session,
             spki,
             ..
-        } = spec.open_key(&self.inner.label, true, &Pick::Id(self.inner.id.clone()))?;
-        let bad = |msg: &str| Pkcs11Error::BadKey {
-            token: spec.token_label.clone(),
-            label: self.inner.label.clone(),
-            msg: msg.into(),
+        } = spec
+            .open_key(&self.inner.label, true, &Pick::Id(self.inner.id.clone()))
+            .map_err(Reopen::Failed)?;
+        let bad = |msg: &str| {
+            Reopen::Failed(Pkcs11Error::BadKey {
+                token: spec.token_label.clone(),
+                label: self.inner.label.clone(),
+                msg: msg.into(),
+            })
         };
         if spki != self.inner.spki {
             open.module.close(vec![session]);
@@ -1475,15 +1501,26 @@ impl Pkcs11Key {
             }
             Attempt::Stale => {
                 open.module.close(vec![session]);
-                Err(bad("the module was re-initialised while reopening"))
+                Err(Reopen::Stale)
             }
             Attempt::Failed(e) => {
                 open.module.close(vec![session]);
-                Err(e)
+                Err(Reopen::Failed(e))
             }
         }
     }
+}
 
+/// Why one attempt at [`Pkcs11Key::reopen`] failed.
+enum Reopen {
+    /// The module was re-initialised between opening and the proof
+    /// signature: try again.
+    Stale,
+    /// Anything else.
+    Failed(Pkcs11Error),
+}
+
+impl Pkcs11Key {
     /// As [`Pkcs11Key::sign_raw`], ECDSA as a DER `ECDSA-Sig-Value` (the
     /// form TLS 1.3 CertificateVerify and X.509 signatures carry).
     pub fn sign_der(&self, msg: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {

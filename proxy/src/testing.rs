@@ -141,7 +141,7 @@ pub(crate) fn metric(m: &Metrics, series: &str) -> f64 {
 /// A request as hyper's HTTP/1.1 server reads it from `raw`, with the
 /// client's end of the stream: the request's body is read from it, so
 /// keep it while the body matters.
-pub(crate) async fn hyper_request(raw: &[u8]) -> (Request<Incoming>, DuplexStream) {
+pub(crate) async fn hyper_request<B: From<Incoming>>(raw: &[u8]) -> (Request<B>, DuplexStream) {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let (tx, rx) = oneshot::channel();
     let tx = Mutex::new(Some(tx));
@@ -158,7 +158,8 @@ pub(crate) async fn hyper_request(raw: &[u8]) -> (Request<Incoming>, DuplexStrea
             .await;
     });
     client.write_all(raw).await.expect("write request");
-    (rx.await.expect("hyper parsed the request"), client)
+    let req: Request<Incoming> = rx.await.expect("hyper parsed the request");
+    (req.map(B::from), client)
 }
 
 /// An app on loopback that answers one request `200 ok` and hands over

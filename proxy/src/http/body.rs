@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use crate::error::BoxError;
 use crate::http::app_client::AppBody;
 use crate::http::h1_server::ServerBody;
-use crate::http::mesh_client::MeshBody;
+use crate::http::h2_stream::MeshBody;
 use crate::http::owned::{self, Underscores};
 use crate::http::response;
 use crate::http::tee::TeeBody;
@@ -45,7 +45,7 @@ pub enum ProxyBody {
     /// A caller's request body on the inbound when
     /// `headers_with_underscores` is `drop` or `reject`: its trailer
     /// section is held to the same rule as its header section.
-    Checked(Incoming, Underscores),
+    Checked(RequestBody, Underscores),
 }
 
 impl ProxyBody {
@@ -72,18 +72,33 @@ impl From<RequestBody> for ProxyBody {
         match b {
             RequestBody::Hyper(b) => ProxyBody::Stream(b),
             RequestBody::H1(b) => ProxyBody::H1(b),
+            RequestBody::H2(b) => ProxyBody::Mesh(b),
         }
     }
 }
 
-/// A request body as the outbound receives it: from hyper's HTTP/2 server
-/// (gRPC, prior knowledge) or from its own HTTP/1.1 server.
+/// A request body as a listener receives it: from hyper's HTTP/1.1 server,
+/// from the outbound's own HTTP/1.1 server, or on an HTTP/2 stream.
 #[derive(Debug)]
 pub enum RequestBody {
-    /// From hyper.
+    /// From hyper (HTTP/1.1).
     Hyper(Incoming),
     /// From `h1_server`.
     H1(ServerBody),
+    /// From `h2_server`.
+    H2(MeshBody),
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(b: Incoming) -> Self {
+        RequestBody::Hyper(b)
+    }
+}
+
+impl From<MeshBody> for RequestBody {
+    fn from(b: MeshBody) -> Self {
+        RequestBody::H2(b)
+    }
 }
 
 impl Body for RequestBody {
@@ -97,6 +112,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Hyper(b) => boxed(Pin::new(b).poll_frame(cx)),
             RequestBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
+            RequestBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
         }
     }
 
@@ -104,6 +120,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Hyper(b) => b.is_end_stream(),
             RequestBody::H1(b) => b.is_end_stream(),
+            RequestBody::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -111,6 +128,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Hyper(b) => b.size_hint(),
             RequestBody::H1(b) => b.size_hint(),
+            RequestBody::H2(b) => b.size_hint(),
         }
     }
 }
@@ -299,16 +317,25 @@ mod tests {
 
     #[tokio::test]
     async fn checked_bodies_hold_trailers_to_the_underscore_rule() {
-        let body = ProxyBody::Checked(incoming(CHUNKED).await, Underscores::Reject);
+        let body = ProxyBody::Checked(
+            RequestBody::Hyper(incoming(CHUNKED).await),
+            Underscores::Reject,
+        );
         let e = collect(body).await.expect_err("refused");
         assert!(e.to_string().contains("my_field"), "{e}");
-        let body = ProxyBody::Checked(incoming(CHUNKED).await, Underscores::Drop);
+        let body = ProxyBody::Checked(
+            RequestBody::Hyper(incoming(CHUNKED).await),
+            Underscores::Drop,
+        );
         let (data, names) = collect(body).await.unwrap();
         assert_eq!(data, b"abc");
         assert_eq!(names, ["grpc-status"]);
         // An owned name in disguise is removed, not refused.
         const DISGUISED: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx_forwarded_client_cert: forged\r\nx-t: 1\r\n\r\n";
-        let body = ProxyBody::Checked(incoming(DISGUISED).await, Underscores::Reject);
+        let body = ProxyBody::Checked(
+            RequestBody::Hyper(incoming(DISGUISED).await),
+            Underscores::Reject,
+        );
         assert_eq!(collect(body).await.unwrap().1, ["x-t"]);
     }
 

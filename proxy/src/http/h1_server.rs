@@ -28,7 +28,7 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::http::h1::{self, BodyError, BodyReader, Connection, Framing, H1Error, RequestHead};
-use crate::http::response::text;
+use crate::http::response::{http_date, text};
 use crate::http::server::PROGRESS;
 use crate::http::traits::ResponseBody;
 
@@ -582,30 +582,6 @@ async fn linger(io: &mut OwnedReadHalf) {
         }
     })
     .await;
-}
-
-/// The `Date` value for responses that carry none (RFC 9110 section
-/// 6.6.1), formatted once a second per thread.
-fn http_date() -> [u8; 29] {
-    thread_local! {
-        static CACHED: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((0, [0; 29])) };
-    }
-    let now = SystemTime::now();
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    CACHED.with(|c| {
-        let (at, date) = c.get();
-        if at == secs && date[0] != 0 {
-            return date;
-        }
-        let mut date = [0u8; 29];
-        let s = httpdate::fmt_http_date(now);
-        let n = s.len().min(29);
-        date[..n].copy_from_slice(&s.as_bytes()[..n]);
-        c.set((secs, date));
-        date
-    })
 }
 
 /// A body already wholly in `wire`, framed as `framing`, for the tests of

@@ -8,7 +8,7 @@
 //! response; only a request whose body is still streaming gets a task, to
 //! pump it under HTTP/2 flow control.
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,12 +17,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use keyproof_identity::SpiffeId;
 
-use crate::http::server::MAX_FRAME_SIZE;
+use crate::http::h2_stream::{pipe, pump_tunnel, MeshBody, TunnelEnd, MAX_FRAME_SIZE};
 use crate::http::traits::SendBody;
 
 /// hyper's defaults, kept: room for large bodies without waiting on window
@@ -295,252 +294,27 @@ pub struct Tunnel {
     _slot: TunnelSlot,
 }
 
-/// What a pumped tunnel carried, and how it ended.
-#[derive(Debug)]
-pub struct TunnelEnd {
-    /// Bytes read from the local side and sent on the stream.
-    pub sent: u64,
-    /// Bytes received on the stream and written to the local side.
-    pub received: u64,
-    /// `None` when both ways ended cleanly (FIN / END_STREAM) or the tunnel
-    /// sat idle (see `idle`); else why the stream was reset, and the local
-    /// side must be reset too.
-    pub error: Option<String>,
-    /// Nothing crossed the tunnel for the idle timeout: the stream was
-    /// cancelled, and the local side is closed without a reset.
-    pub idle: bool,
-}
-
-/// Largest chunk read from the local side at once: one DATA frame (the
-/// inbound takes frames up to [`MAX_FRAME_SIZE`]) whose 9-byte head and
-/// payload fill exactly two 16 KiB TLS records; a round 32 KiB would spill
-/// 9 bytes into a record of their own.
-const TUNNEL_CHUNK: usize = 2 * 16 * 1024 - 9;
-
 impl Tunnel {
     /// Pumps bytes both ways until both have ended, or nothing crossed for
-    /// `idle` (closed then between `idle` and twice it).
-    ///
-    /// Backpressure: the local side is read a chunk at a time, and send
-    /// window is asked for only for the bytes read, so an idle tunnel holds
-    /// none of the connection's window; the window for received data is
-    /// given back only once that data is written locally. Neither way
-    /// buffers more than a chunk or a window.
-    ///
-    /// Ends: a FIN on one side ends that way only (END_STREAM, or
-    /// `shutdown()` of `wr`). An error on the local side (a reset app)
-    /// resets the stream with `CONNECT_ERROR` (RFC 9113 §8.5), which the
-    /// peer carries on as a reset of its own TCP side. A reset from the
-    /// peer, whatever its reason, is noticed even while the local side is
-    /// silent, and ends the pump with an error, for the caller to reset the
-    /// local side. Once both ways ended cleanly, nothing is watched.
-    pub async fn pump<R, W>(self, mut rd: R, mut wr: W, idle: Duration) -> TunnelEnd
+    /// `idle`: [`pump_tunnel`], holding the peer's END_STREAM for
+    /// [`FIN_GRACE`] while the local side still sends.
+    pub async fn pump<R, W>(self, rd: R, wr: W, idle: Duration) -> TunnelEnd
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let Tunnel {
-            mut send,
-            mut recv,
-            _slot,
-        } = self;
-        let sent = AtomicU64::new(0);
-        let received = AtomicU64::new(0);
-        let both = both_ways(&mut rd, &mut wr, &mut send, &mut recv, &sent, &received);
-        let result = tokio::select! {
-            r = both => r.map_err(Some),
-            () = idle_watch(idle, &sent, &received) => Err(None),
-        };
-        let (error, idle) = match result {
-            Ok(()) => (None, false),
-            Err(Some(why)) => {
-                send.send_reset(h2::Reason::CONNECT_ERROR);
-                (Some(why), false)
-            }
-            Err(None) => {
-                // Our own abandonment, not a failure of either side.
-                send.send_reset(h2::Reason::CANCEL);
-                (None, true)
-            }
-        };
-        TunnelEnd {
-            sent: sent.into_inner(),
-            received: received.into_inner(),
-            error,
-            idle,
-        }
+        let Tunnel { send, recv, _slot } = self;
+        pump_tunnel(send, recv, rd, wr, idle, FIN_GRACE).await
     }
 }
 
 /// How long the end of the peer's data waits for a reset that may follow
-/// it before it reaches the local side as a FIN (see [`both_ways`]).
+/// it before it reaches the local side as a FIN. An inbound that answers
+/// an app's reset with END_STREAM then RST_STREAM (one on hyper's upgraded
+/// stream, which has no bare reset) would otherwise show the app here a
+/// clean end of a truncated stream before the reset. keyproof's own
+/// inbound resets bare; the grace stays for peers that do not.
 const FIN_GRACE: Duration = Duration::from_millis(20);
-
-/// Both ways of a tunnel, until both ended (or one failed).
-///
-/// The peer's END_STREAM becomes a FIN for the local side, but not at
-/// once while the local side is still sending: when the peer's app
-/// resets, its inbound (hyper's upgraded stream, which has no bare reset)
-/// sends END_STREAM and RST_STREAM right after it. Passed on at once,
-/// the END_STREAM would show the app here a clean end of a truncated
-/// stream before the reset; held for [`FIN_GRACE`], the reset arrives
-/// first and the app gets only the reset (the two frames leave the
-/// inbound together). A peer that ends first and cleanly delays its FIN
-/// by that much, once per tunnel: short, as a bulk download that ends at
-/// the server's close pays it in full.
-async fn both_ways<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    send: &mut h2::SendStream<Bytes>,
-    recv: &mut h2::RecvStream,
-    sent: &AtomicU64,
-    received: &AtomicU64,
-) -> Result<(), String>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncWriteExt;
-    let mut up = std::pin::pin!(tunnel_up(rd, send, sent));
-    let mut up_done = false;
-    {
-        let mut down = std::pin::pin!(tunnel_down(recv, &mut *wr, received));
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => {
-                    r?;
-                    up_done = true;
-                }
-                r = &mut down => {
-                    r?;
-                    break;
-                }
-            }
-        }
-    }
-    if !up_done {
-        if let Ok(r) = tokio::time::timeout(FIN_GRACE, &mut up).await {
-            r?;
-            up_done = true;
-        }
-    }
-    // END_STREAM: the peer is done sending; the local side gets a FIN.
-    wr.shutdown()
-        .await
-        .map_err(|e| format!("closing the local side: {e}"))?;
-    if !up_done {
-        up.await?;
-    }
-    Ok(())
-}
-
-/// Returns once neither count moved for `idle` (checked every `idle`).
-pub(crate) async fn idle_watch(idle: Duration, sent: &AtomicU64, received: &AtomicU64) {
-    let mut last = None;
-    loop {
-        tokio::time::sleep(idle).await;
-        let now = sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
-        if last == Some(now) {
-            return;
-        }
-        last = Some(now);
-    }
-}
-
-/// How `tunnel_up` ends on a reset from the peer: with an error whatever
-/// the reason, `NO_ERROR` included. The local side still sending, the
-/// peer will take none of it: over TCP, a close with data still arriving
-/// is answered with a reset too. (The inbound sends END_STREAM then
-/// RST_STREAM `NO_ERROR` or `CANCEL` when its app resets.)
-fn peer_reset(r: Result<h2::Reason, h2::Error>) -> Result<(), String> {
-    match r {
-        Ok(reason) => Err(format!("the peer reset the tunnel ({reason})")),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Local side to stream, under the peer's flow control.
-async fn tunnel_up<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    send: &mut h2::SendStream<Bytes>,
-    sent: &AtomicU64,
-) -> Result<(), String> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        buf.reserve(TUNNEL_CHUNK);
-        // Read first, watching for a reset meanwhile: window is reserved
-        // only for bytes in hand, so a silent app pins none of the
-        // connection window other streams need.
-        let mut limited = (&mut *rd).take(TUNNEL_CHUNK as u64);
-        let read = limited.read_buf(&mut buf);
-        let n = tokio::select! {
-            r = read => r.map_err(|e| format!("reading the local side: {e}"))?,
-            r = poll_fn(|cx| send.poll_reset(cx)) => return peer_reset(r),
-        };
-        if n == 0 {
-            // FIN: this way is over; the other keeps flowing.
-            send.reserve_capacity(0);
-            return send
-                .send_data(Bytes::new(), true)
-                .map_err(|e| format!("end of stream refused: {e}"));
-        }
-        let mut data = buf.split().freeze();
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            // h2 wakes `poll_capacity` only when capacity grows: window
-            // already assigned is used as it is.
-            let room = match send.capacity() {
-                0 => {
-                    let wait = poll_fn(|cx| {
-                        if let Poll::Ready(r) = send.poll_reset(cx) {
-                            return Poll::Ready(Err(r));
-                        }
-                        send.poll_capacity(cx).map(Ok)
-                    });
-                    match wait.await {
-                        Err(r) => return peer_reset(r),
-                        Ok(Some(Ok(n))) => n,
-                        Ok(Some(Err(e))) => return Err(e.to_string()),
-                        Ok(None) => return Err("the tunnel stream closed".to_owned()),
-                    }
-                }
-                n => n,
-            };
-            if room == 0 {
-                continue;
-            }
-            let chunk = data.split_to(room.min(data.len()));
-            let len = chunk.len() as u64;
-            send.send_data(chunk, false)
-                .map_err(|e| format!("data refused: {e}"))?;
-            sent.fetch_add(len, Ordering::Relaxed);
-        }
-        // Nothing is buffered beyond what was sent: give back any window
-        // assigned on top.
-        send.reserve_capacity(0);
-    }
-}
-
-/// Stream to local side, until the peer's END_STREAM (the FIN is
-/// [`both_ways`]'s); window given back once written.
-async fn tunnel_down<W: AsyncWrite + Unpin>(
-    recv: &mut h2::RecvStream,
-    wr: &mut W,
-    received: &AtomicU64,
-) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
-    while let Some(data) = recv.data().await {
-        let data = data.map_err(|e| format!("the tunnel stream failed: {e}"))?;
-        let n = data.len();
-        wr.write_all(&data)
-            .await
-            .map_err(|e| format!("writing the local side: {e}"))?;
-        received.fetch_add(n as u64, Ordering::Relaxed);
-        let _ = recv.flow_control().release_capacity(n);
-    }
-    Ok(())
-}
 
 /// What [`MeshSender::start`] did.
 pub enum Start<B> {
@@ -561,19 +335,8 @@ impl Future for ResponseHeadFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let resp = ready!(Pin::new(&mut self.0).poll(cx))?;
         let (parts, recv) = resp.into_parts();
-        let remaining = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        Poll::Ready(Ok(Response::from_parts(
-            parts,
-            MeshBody {
-                recv,
-                data_done: false,
-                remaining,
-            },
-        )))
+        let body = MeshBody::new(recv, &parts.headers);
+        Poll::Ready(Ok(Response::from_parts(parts, body)))
     }
 }
 
@@ -620,143 +383,6 @@ async fn drive(
     }
 }
 
-/// Streams a request body onto its HTTP/2 stream as the peer's flow-control
-/// window allows. Every failure resets the stream: a body that fails, or a
-/// frame HTTP/2 refuses to carry (`send_*` returns an error and sends
-/// nothing), would otherwise leave the stream open for ever, the peer
-/// waiting for the rest of the request and the app for its response, and
-/// the stream counting against the connection's concurrency. The reset
-/// fails the response future, so the app is answered (502) at once.
-async fn pipe<B: SendBody>(mut body: B, mut stream: h2::SendStream<Bytes>) {
-    if let Err(why) = pump(&mut body, &mut stream).await {
-        tracing::debug!(
-            reason = why,
-            "outbound request body not sent; resetting the stream"
-        );
-        stream.send_reset(h2::Reason::INTERNAL_ERROR);
-    }
-}
-
-/// [`pipe`]'s loop; `Err` says why the stream must be reset.
-async fn pump<B: SendBody>(
-    body: &mut B,
-    stream: &mut h2::SendStream<Bytes>,
-) -> Result<(), &'static str> {
-    loop {
-        let frame = poll_fn(|cx| {
-            // The peer may reset the stream (it answered already, or gave
-            // up): stop reading the body then.
-            if stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Pin::new(&mut *body).poll_frame(cx).map(Some)
-        })
-        .await;
-        let frame = match frame {
-            None => return Ok(()),
-            Some(None) => {
-                return stream
-                    .send_data(Bytes::new(), true)
-                    .map_err(|_| "end of stream refused");
-            }
-            Some(Some(Err(_))) => return Err("the request body failed"),
-            Some(Some(Ok(f))) => f,
-        };
-        let mut data = match frame.into_data() {
-            Ok(d) => d,
-            Err(frame) => {
-                return match frame.into_trailers() {
-                    Ok(trailers) => stream
-                        .send_trailers(trailers)
-                        .map_err(|_| "trailers refused by HTTP/2"),
-                    Err(_) => stream
-                        .send_data(Bytes::new(), true)
-                        .map_err(|_| "end of stream refused"),
-                };
-            }
-        };
-        let last = body.is_end_stream();
-        if data.is_empty() {
-            if last {
-                return stream
-                    .send_data(data, true)
-                    .map_err(|_| "end of stream refused");
-            }
-            continue;
-        }
-        while !data.is_empty() {
-            stream.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                // Closed or reset by the peer: nothing more to send.
-                None => return Ok(()),
-                Some(Err(_)) => return Err("flow control failed"),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            stream
-                .send_data(chunk, last && data.is_empty())
-                .map_err(|_| "data refused")?;
-        }
-        if last {
-            return Ok(());
-        }
-    }
-}
-
-/// A response body received on a mesh stream: data as it arrives (its
-/// flow-control window given back as it is passed on), then trailers.
-#[derive(Debug)]
-pub struct MeshBody {
-    recv: h2::RecvStream,
-    data_done: bool,
-    /// The bytes left by `content-length`, when it was sent.
-    remaining: Option<u64>,
-}
-
-impl Body for MeshBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = self.get_mut();
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(r) = &mut this.remaining {
-                        *r = r.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => this.data_done = true,
-            }
-        }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
-
 /// Facts about one mesh connection, attached to every response received on
 /// it (`response.extensions().get::<Arc<MeshConnInfo>>()`; behind an `Arc`
 /// so that tagging every response costs a reference count, not a copy of
@@ -776,9 +402,12 @@ pub type MeshConn = (MeshSender, Arc<MeshConnInfo>);
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
     use h2::server::SendResponse;
     use h2::RecvStream;
     use http::HeaderMap;
+    use http_body::Body;
     use http_body_util::{BodyExt, Empty, Full};
     use tokio::sync::{mpsc, oneshot};
 

@@ -7,11 +7,14 @@
 //! * `h1.rs`: the HTTP/1.1 wire format (heads, chunked bodies), strict where
 //!   laxness allows smuggling; `h1_guard.rs`: the same strictness on the
 //!   connections hyper parses.
-//! * `h1_server.rs`: the outbound's HTTP/1.1 server; `server.rs`: serving a
-//!   connection with hyper (h2, and HTTP/1.1 on the inbound) with idle and
+//! * `h1_server.rs`: the outbound's HTTP/1.1 server; `h2_server.rs`: the
+//!   HTTP/2 server of both listeners, on the h2 crate, handing `CONNECT`
+//!   streams to their tunnels whole; `server.rs`: serving a connection
+//!   (HTTP/2 there, HTTP/1.1 on the inbound with hyper) with idle and
 //!   drain handling.
 //! * `app_client.rs`: the pool of plaintext connections to the local app;
-//!   `mesh_client.rs`: requests on an HTTP/2 mesh connection.
+//!   `mesh_client.rs`: requests on an HTTP/2 mesh connection;
+//!   `h2_stream.rs`: one HTTP/2 stream's body or tunnel, for both.
 //! * `body.rs`: `ProxyBody`, the one body type handed to hyper, made of the
 //!   body types above; `tee.rs`: a body streamed while a bounded copy is
 //!   kept; `limited.rs`: reading or draining a body with a bound.
@@ -27,6 +30,8 @@ pub mod body;
 pub mod h1;
 pub mod h1_guard;
 pub mod h1_server;
+pub mod h2_server;
+pub mod h2_stream;
 pub mod io;
 pub mod limited;
 pub mod map_in_place;

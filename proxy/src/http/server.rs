@@ -1,8 +1,9 @@
-//! Serving one accepted connection with hyper (h2, and HTTP/1.1 behind the
-//! bare-LF guard), with idle and shutdown handling; `drive` gives the same
-//! handling to the sidecar's own HTTP/1.1 server. Binding, accepting and
-//! tracking connections is `listener.rs`.
+//! Serving one accepted connection: HTTP/2 on `h2_server.rs`, HTTP/1.1 on
+//! hyper behind the bare-LF guard, both with idle and shutdown handling;
+//! `drive` gives the same handling to the sidecar's own HTTP/1.1 server.
+//! Binding, accepting and tracking connections is `listener.rs`.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
@@ -13,14 +14,18 @@ use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::config::Limits;
+use crate::error::BoxError;
 use crate::http::h1_guard::StrictLines;
+use crate::http::h2_server;
+use crate::http::h2_stream::MeshBody;
 use crate::http::io::Rewind;
+use crate::http::map_in_place::map_in_place;
+use crate::http::traits::SendBody;
 
 /// Resolves once the shutdown flag is set (immediately if it already is).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -73,16 +78,6 @@ async fn idle_watch(activity: Activity, idle: Duration) {
     }
 }
 
-/// The largest HTTP/2 DATA frame this proxy takes (`SETTINGS_MAX_FRAME_SIZE`,
-/// its servers and its mesh client alike). HTTP/2's default, 16 KiB, makes
-/// a bulk transfer through a tunnel one frame, one TLS write and one
-/// `writev` per 16 KiB at the sender; at 32 KiB a frame is two TLS records
-/// written at once. TLS records stay 16 KiB: the frame size changes only
-/// how much goes down to TLS at a time. (64 KiB halved the writes again,
-/// but the receiver's frame buffers then came and went in fresh pages:
-/// page faults cost more than the writes saved.)
-pub const MAX_FRAME_SIZE: u32 = 32 * 1024;
-
 /// Which server builder a connection gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
@@ -97,10 +92,9 @@ pub enum Proto {
 /// The server builders, configured once from the listener's limits.
 pub struct Builders {
     /// HTTP/1: hyper's own builder, which can bound the request head to
-    /// exactly `max_header_bytes` (the auto builder only bounds its read
-    /// buffer, which a single large read overshoots).
+    /// exactly `max_header_bytes`.
     strict_h1: hyper::server::conn::http1::Builder,
-    h2: auto::Builder<TokioExecutor>,
+    h2: h2_server::Settings,
     header_read_timeout: Duration,
     max_header_bytes: usize,
 }
@@ -108,14 +102,12 @@ pub struct Builders {
 impl Builders {
     /// Builders enforcing `limits`.
     pub fn new(limits: &Limits) -> Builders {
-        let mut h2 = auto::Builder::new(TokioExecutor::new()).http2_only();
-        h2.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .keep_alive_interval(Some(Duration::from_secs(60)))
-            .keep_alive_timeout(Duration::from_secs(20));
+        let h2 = h2_server::Settings {
+            max_header_list_size: u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+            max_concurrent_streams: limits.max_concurrent_streams,
+            keep_alive_interval: Duration::from_secs(60),
+            keep_alive_timeout: Duration::from_secs(20),
+        };
         let mut strict_h1 = hyper::server::conn::http1::Builder::new();
         strict_h1
             .timer(TokioTimer::new())
@@ -167,7 +159,7 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Vec<u8>)> 
 /// idle for `idle` (no stream in flight, none started: the service counts
 /// its requests with [`StreamGuard`]), or shutdown starts. Idle and shutdown are both graceful:
 /// an in-flight request still completes.
-pub async fn serve<I, S, B>(
+pub async fn serve<I, S, R, F, B>(
     builders: &Builders,
     proto: Proto,
     io: I,
@@ -175,17 +167,13 @@ pub async fn serve<I, S, B>(
     idle: Duration,
     svc: S,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Fn(http::Request<R>) -> F + Send + 'static,
+    R: From<Incoming> + From<MeshBody> + Send + 'static,
+    F: Future<Output = http::Response<B>> + Send + 'static,
+    B: SendBody,
 {
     let h2 = match proto {
         Proto::H2 => true,
@@ -207,7 +195,7 @@ where
     serve_as(builders, h2, io, activity, idle, svc, shutdown).await
 }
 
-async fn serve_as<I, S, B>(
+async fn serve_as<I, S, R, F, B>(
     builders: &Builders,
     h2: bool,
     io: I,
@@ -215,23 +203,19 @@ async fn serve_as<I, S, B>(
     idle: Duration,
     svc: S,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Fn(http::Request<R>) -> F + Send + 'static,
+    R: From<Incoming> + From<MeshBody> + Send + 'static,
+    F: Future<Output = http::Response<B>> + Send + 'static,
+    B: SendBody,
 {
     // Pinned here and lent to `drive`: passed by value, the connection's
     // state (most of what an idle connection costs) would be stored twice,
     // as `drive`'s argument and as its pinned local.
     if h2 {
-        let conn = pin!(builders.h2.serve_connection(TokioIo::new(io), svc));
+        let conn = pin!(h2_server::Connection::new(&builders.h2, io, svc));
         return drive(
             conn,
             |c| c.graceful_shutdown(),
@@ -242,6 +226,9 @@ where
         .await;
     }
     let io = StrictLines::new(io, builders.max_header_bytes);
+    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        map_in_place(svc(req.map(R::from)), Ok::<_, Infallible>)
+    });
     let conn = pin!(builders.strict_h1.serve_connection(TokioIo::new(io), svc));
     drive(
         conn,
@@ -318,13 +305,30 @@ impl Wake for AuxWake {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
     use std::time::Instant;
 
     use bytes::Bytes;
     use http_body_util::Empty;
 
     use super::*;
+
+    /// What the test services take: either protocol's request body.
+    enum Body {
+        H1(#[allow(dead_code)] Incoming),
+        H2(#[allow(dead_code)] MeshBody),
+    }
+
+    impl From<Incoming> for Body {
+        fn from(b: Incoming) -> Self {
+            Body::H1(b)
+        }
+    }
+
+    impl From<MeshBody> for Body {
+        fn from(b: MeshBody) -> Self {
+            Body::H2(b)
+        }
+    }
 
     fn limits() -> Limits {
         Limits {
@@ -348,14 +352,14 @@ mod tests {
     ) -> tokio::task::JoinHandle<()> {
         let activity: Activity = Default::default();
         let streams = activity.clone();
-        let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+        let svc = move |_req: http::Request<Body>| {
             let g = StreamGuard::start(&streams);
             async move {
                 tokio::time::sleep(delay).await;
                 drop(g);
-                Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
+                http::Response::new(Empty::<Bytes>::new())
             }
-        });
+        };
         tokio::spawn(async move {
             let b = Builders::new(&limits());
             let (_tx, rx) = watch::channel(false);
@@ -428,16 +432,14 @@ mod tests {
     ) {
         let activity: Activity = Default::default();
         let streams = activity.clone();
-        let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+        let svc = move |_req: http::Request<Body>| {
             let g = StreamGuard::start(&streams);
             async move {
                 tokio::time::sleep(delay).await;
                 drop(g);
-                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
-                    Bytes::from_static(b"done"),
-                )))
+                http::Response::new(http_body_util::Full::new(Bytes::from_static(b"done")))
             }
-        });
+        };
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let b = Builders::new(&limits);

@@ -39,7 +39,6 @@ pub mod policy;
 pub mod risk;
 pub mod tunnel;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -49,13 +48,12 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::{header, HeaderMap, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{InboundConfig, PolicyConfig, StepUpMode};
-use crate::http::body::{declared_length, text, ProxyBody, ResponseFuture};
+use crate::http::body::{declared_length, text, ProxyBody, RequestBody, ResponseFuture};
 use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
@@ -371,13 +369,13 @@ impl Inbound {
         let conn = Arc::new(conn);
         let this = self.clone();
         let streams = activity.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let svc = move |req: Request<RequestBody>| {
             let stream = StreamGuard::start(&streams);
             map_in_place(this.clone().request(req, conn.clone()), move |resp| {
                 drop(stream);
-                Ok::<_, Infallible>(resp)
+                resp
             })
-        });
+        };
         let idle = self.cfg.limits.idle_timeout;
         if let Err(e) =
             server::serve(&self.builders, proto, tls, activity, idle, svc, shutdown).await
@@ -419,7 +417,7 @@ impl Inbound {
     /// request).
     fn request(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: Arc<InboundConn>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let start = Instant::now();
@@ -445,7 +443,7 @@ impl Inbound {
     /// then step-up ([`Inbound::stepped_up`]) or straight to the app.
     fn admit(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: Arc<InboundConn>,
     ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
     {
@@ -522,7 +520,7 @@ impl Inbound {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
         let body = match mode {
-            Underscores::Allow => ProxyBody::Stream(body),
+            Underscores::Allow => ProxyBody::from(body),
             mode => ProxyBody::Checked(body, mode),
         };
         let req = Request::from_parts(parts, body);
@@ -541,7 +539,7 @@ impl Inbound {
     #[cold]
     fn tunnel(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &InboundConn,
     ) -> ResponseFuture<'static> {
         if req.version() != http::Version::HTTP_2 {
@@ -611,7 +609,7 @@ impl Inbound {
     #[cold]
     fn port_refused(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &InboundConn,
         why: PortRefusal,
     ) -> ResponseFuture<'static> {

@@ -21,24 +21,20 @@
 //!   connection's write side only, and the app's FIN ends the stream's send
 //!   side only (END_STREAM); each direction keeps flowing until its own
 //!   end.
-//! * Caller to app: a RST_STREAM with any reason but NO_ERROR or CANCEL
-//!   (CONNECT_ERROR, which a caller whose own TCP peer reset sends per RFC
-//!   9113 section 8.5, PROTOCOL_ERROR...), a reset or close of the mesh
-//!   connection, or a GOAWAY ending the stream reach the app as a TCP reset
-//!   (`SO_LINGER` 0). RST_STREAM NO_ERROR and CANCEL are **not** carried as
-//!   resets: hyper reads them as an orderly end, so the app sees a FIN.
-//! * App to caller: hyper's upgraded stream has no way to reset a stream,
-//!   so a reset of the app connection reaches the caller as END_STREAM
-//!   (possibly on an empty DATA frame) followed at once by RST_STREAM
-//!   NO_ERROR, which RFC 9113 reads as a complete response. keyproof's
-//!   outbound holds the FIN for an END_STREAM up to 20 ms while its app
-//!   still sends, and turns the reset into a TCP reset of its app
-//!   (`both_ways` in `http/mesh_client.rs`); once the caller's side has
-//!   ended, the stream is closed by the END_STREAM and the reset is lost,
-//!   and another HTTP/2 client sees an orderly end.
+//! * Caller to app: a RST_STREAM of any reason (CONNECT_ERROR, which a
+//!   caller whose own TCP peer reset sends per RFC 9113 section 8.5,
+//!   CANCEL, NO_ERROR...), a reset or close of the mesh connection, or a
+//!   GOAWAY ending the stream reach the app as a TCP reset (`SO_LINGER` 0).
+//! * App to caller: a reset of the app connection, or any error reading or
+//!   writing it, resets the stream with CONNECT_ERROR, which keyproof's
+//!   outbound carries on as a TCP reset of its own app.
 //! * Idle: a tunnel with no byte either way for the listener's
 //!   `idle_timeout` is closed, the app connection with a reset, the stream
-//!   as above (END_STREAM, then RST_STREAM NO_ERROR).
+//!   with RST_STREAM CANCEL.
+//!
+//! The stream's frames are written to the app's socket, and the app's
+//! reads sent as frames, by one task per tunnel with no copy in between
+//! (`http/h2_stream.rs`, which the outbound's end uses as well).
 //!
 //! Each tunnel is one HTTP/2 stream for its whole life (the listener's
 //! `max_concurrent_streams` bounds them per connection, `max_tunnels` and
@@ -48,37 +44,19 @@
 //! grace period does.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::http::body::{text, ProxyBody};
+use crate::http::body::{text, ProxyBody, RequestBody};
+use crate::http::h2_server::Handoff;
+use crate::http::h2_stream::pump_tunnel;
 use crate::http::server::StreamGuard;
 use crate::metrics::{Direction, TcpMetrics};
-
-/// Bytes read from the caller's stream before they are written to the
-/// app: the pump allocates both ways' buffers up front, so with
-/// `max_tunnels` open they are most of their memory (48 KiB a tunnel);
-/// 16 KiB still fills a loopback connection at full speed.
-const PUMP_BUFFER: usize = 16 * 1024;
-
-/// Bytes read from the app at once, towards the caller: one HTTP/2 DATA
-/// frame (up to [`MAX_FRAME_SIZE`](crate::http::server::MAX_FRAME_SIZE)
-/// from keyproof's outbound), whose 9-byte head and payload fill exactly
-/// two 16 KiB TLS records. A 16 KiB read became a frame of 16 KiB and 9
-/// bytes, two records (one of 9 bytes) and a `writev` of its own; this one
-/// is two full records in one.
-const APP_READ: usize = 2 * 16 * 1024 - 9;
 
 /// What every tunnel of a listener shares.
 #[derive(Clone)]
@@ -208,7 +186,7 @@ pub enum BadAuthority {
 /// The port of a CONNECT request's authority (`host:port`), strictly:
 /// a canonical decimal port and no userinfo, so that one port has one
 /// spelling (the same as the rules and the `redirect` flags accept).
-pub fn port_of(req: &Request<Incoming>) -> Result<u16, BadAuthority> {
+pub fn port_of<B>(req: &Request<B>) -> Result<u16, BadAuthority> {
     parse_port(req.uri().authority().map(|a| a.as_str()))
 }
 
@@ -234,12 +212,20 @@ impl Tunnels {
     /// 502/504 and nothing started.
     pub async fn open(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         port: u16,
         caller: Caller,
         stream: StreamGuard,
         permit: TunnelPermit,
     ) -> Response<ProxyBody> {
+        let RequestBody::H2(body) = req.into_body() else {
+            // `Inbound::tunnel` answers CONNECT over HTTP/1.1 with 405.
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is supported over HTTP/2 only\n",
+            );
+        };
+        let recv = body.into_recv();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -267,52 +253,73 @@ impl Tunnels {
         self.metrics.connection(Direction::Inbound, "ok");
         tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, "tunnel open");
         let this = self.clone();
-        tokio::spawn(async move {
-            let _stream = stream;
-            let _permit = permit;
-            // Resolves once hyper has sent the 200 below.
-            match hyper::upgrade::on(req).await {
-                Ok(up) => this.pump(TokioIo::new(up), app, &caller, port).await,
-                Err(e) => {
-                    tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, "tunnel closed before it was set up");
+        let mut resp = Response::new(ProxyBody::empty());
+        // Runs once the 200 is sent. Dropped unrun if the stream or its
+        // connection ends first: the permit and the stream's count go
+        // back, and the app's connection is reset, as for any tunnel the
+        // caller abandons.
+        let unstarted = Unstarted {
+            app: Some(app),
+            caller,
+            port,
+        };
+        resp.extensions_mut().insert(Handoff::new(move |send| {
+            tokio::spawn(async move {
+                let _stream = stream;
+                let _permit = permit;
+                let mut unstarted = unstarted;
+                if let Some(app) = unstarted.app.take() {
+                    this.pump(send, recv, app, &unstarted.caller, port).await;
                 }
-            }
-        });
-        Response::new(ProxyBody::empty())
+            });
+        }));
+        resp
     }
 
     /// Pumps bytes both ways until both directions ended, one side failed,
     /// or the tunnel stayed idle; then counts its bytes.
-    async fn pump<C>(&self, client: C, mut app: TcpStream, caller: &Caller, port: u16)
-    where
-        C: AsyncRead + AsyncWrite + Unpin,
-    {
-        let tally = Tally::default();
-        let mut client = Counting {
-            io: client,
-            tally: &tally,
-        };
-        // `None`: idle.
-        let ended = tokio::select! {
-            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, PUMP_BUFFER, APP_READ) => Some(r),
-            () = idle(&tally, self.idle) => None,
-        };
-        let (up, down) = tally.get();
+    async fn pump(
+        &self,
+        send: h2::SendStream<Bytes>,
+        recv: h2::RecvStream,
+        mut app: TcpStream,
+        caller: &Caller,
+        port: u16,
+    ) {
+        let (rd, wr) = app.split();
+        // No grace for the caller's END_STREAM: a keyproof outbound resets
+        // bare, without an END_STREAM before it.
+        let end = pump_tunnel(send, recv, rd, wr, self.idle, Duration::ZERO).await;
+        let (up, down) = (end.received, end.sent);
         self.metrics.bytes(Direction::Inbound, up, down);
-        match ended {
-            Some(Ok(_)) => {
-                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, client_to_server = up, server_to_client = down, "tunnel closed");
-            }
-            Some(Err(e)) => {
-                reset(&app);
-                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, client_to_server = up, server_to_client = down, "tunnel failed");
-            }
-            None => {
-                // Abandoned halfway: the app must not take it for an
-                // orderly end.
-                reset(&app);
-                tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, idle = ?self.idle, client_to_server = up, server_to_client = down, "tunnel closed: idle");
-            }
+        if end.error.is_some() || end.idle {
+            // Failed or abandoned halfway: the app must not take it for an
+            // orderly end.
+            reset(&app);
+        }
+        if let Some(e) = end.error {
+            tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, client_to_server = up, server_to_client = down, "tunnel failed");
+        } else if end.idle {
+            tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, idle = ?self.idle, client_to_server = up, server_to_client = down, "tunnel closed: idle");
+        } else {
+            tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, client_to_server = up, server_to_client = down, "tunnel closed");
+        }
+    }
+}
+
+/// The app connection of a tunnel whose 200 is not sent yet: reset if it
+/// never is.
+struct Unstarted {
+    app: Option<TcpStream>,
+    caller: Caller,
+    port: u16,
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some(app) = self.app.take() {
+            reset(&app);
+            tracing::debug!(peer = %self.caller.remote, peer_id = %self.caller.id, port = self.port, "tunnel closed before it was set up");
         }
     }
 }
@@ -320,81 +327,6 @@ impl Tunnels {
 /// Makes the app connection's close a reset (RST, not FIN).
 fn reset(app: &TcpStream) {
     let _ = socket2::SockRef::from(app).set_linger(Some(Duration::ZERO));
-}
-
-/// Resolves once a whole `period` passed without a byte either way (so
-/// between one and two periods after the last byte).
-async fn idle(tally: &Tally, period: Duration) {
-    let mut seen = tally.get();
-    loop {
-        tokio::time::sleep(period).await;
-        let now = tally.get();
-        if now == seen {
-            return;
-        }
-        seen = now;
-    }
-}
-
-/// Bytes a tunnel carried: from the caller to the app, and back.
-#[derive(Default)]
-struct Tally {
-    up: AtomicU64,
-    down: AtomicU64,
-}
-
-impl Tally {
-    fn get(&self) -> (u64, u64) {
-        (
-            self.up.load(Ordering::Relaxed),
-            self.down.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// The caller's side of the tunnel, counting what is read from it (towards
-/// the app) and written to it (from the app).
-struct Counting<'a, T> {
-    io: T,
-    tally: &'a Tally,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counting<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.tally.up.fetch_add(n, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.tally.down.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
@@ -767,8 +699,7 @@ mod tests {
         let app = tokio::spawn(async move {
             let (mut tcp, _) = l.accept().await.expect("accept");
             let mut buf = [0u8; 16];
-            // A reset or an EOF: either way the tunnel is gone.
-            let _ = tcp.read(&mut buf).await;
+            tcp.read(&mut buf).await
         });
         let rest = format!("idle_timeout = \"300ms\"\n{}", tcp_rule(port, WEB));
         let (addr, m, _stop) = serve(&api, &rest).await;
@@ -777,26 +708,22 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let (_tx, mut rx) = stream.expect("a tunnel");
         let start = std::time::Instant::now();
-        // The end: END_STREAM (maybe on an empty DATA frame) or a reset.
-        let end = tokio::time::timeout(Duration::from_secs(3), async {
-            loop {
-                match rx.data().await {
-                    Some(Ok(d)) if d.is_empty() => continue,
-                    other => return other,
-                }
-            }
-        })
-        .await
-        .expect("the idle tunnel was closed");
-        assert!(
-            !matches!(end, Some(Ok(_))),
-            "data on an idle tunnel: {end:?}"
-        );
+        // The end: a reset (CANCEL), never an END_STREAM.
+        let end = tokio::time::timeout(Duration::from_secs(3), rx.data())
+            .await
+            .expect("the idle tunnel was closed");
+        let Some(Err(e)) = end else {
+            panic!("the idle tunnel ended without a reset: {end:?}");
+        };
+        assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
         assert!(start.elapsed() >= Duration::from_millis(300));
-        tokio::time::timeout(Duration::from_secs(3), app)
+        let read = tokio::time::timeout(Duration::from_secs(3), app)
             .await
             .expect("the app's connection was closed")
             .expect("app task");
+        // Abandoned halfway: the app sees a reset, not an orderly end.
+        let err = read.expect_err("the app read an orderly end");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
         assert_eq!(tcp(&m, "ok"), 1.0);
     }
 
@@ -834,7 +761,7 @@ mod tests {
         addr: std::net::SocketAddr,
     ) -> h2::client::SendRequest<Bytes> {
         let mut builder = h2::client::Builder::new();
-        builder.max_frame_size(crate::http::server::MAX_FRAME_SIZE);
+        builder.max_frame_size(crate::http::h2_stream::MAX_FRAME_SIZE);
         client_with(caller, addr, builder).await
     }
 
@@ -897,7 +824,7 @@ mod tests {
             "bytes changed on the way"
         );
         assert!(
-            largest > 16 * 1024 && largest <= crate::http::server::MAX_FRAME_SIZE as usize,
+            largest > 16 * 1024 && largest <= crate::http::h2_stream::MAX_FRAME_SIZE as usize,
             "frames of {largest} bytes"
         );
         // The app's way has ended; the caller's still flows, in frames the
@@ -953,34 +880,45 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_stream_resets_the_app_connection() {
-        let (api, web) = (workload(API), workload(WEB));
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
-        let port = l.local_addr().expect("address").port();
-        let app = tokio::spawn(async move {
-            let (mut tcp, _) = l.accept().await.expect("accept");
-            let mut buf = [0u8; 16];
-            let n = tcp.read(&mut buf).await.expect("first bytes");
-            assert_eq!(&buf[..n], b"x");
-            tcp.read(&mut buf).await.map(|n| n.to_string())
-        });
-        let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
-        let mut h2 = client(&web, addr).await;
-        let (status, stream) = connect(&mut h2, port).await;
-        assert_eq!(status, StatusCode::OK);
-        let (mut tx, _rx) = stream.expect("a tunnel");
-        tx.send_data(Bytes::from_static(b"x"), false).expect("send");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // What a caller's sidecar sends when its own TCP peer reset
-        // (RFC 9113 section 8.5).
-        tx.send_reset(h2::Reason::CONNECT_ERROR);
-        let seen = tokio::time::timeout(Duration::from_secs(3), app)
-            .await
-            .expect("the app's connection ended")
-            .expect("app task");
-        let e = seen.expect_err("a reset, not an orderly end");
-        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
-        assert_eq!(tcp(&m, "ok"), 1.0);
-        assert_eq!(bytes(&m, (1.0, 0.0)).await, (1.0, 0.0));
+        // CONNECT_ERROR is what a caller's sidecar sends when its own TCP
+        // peer reset (RFC 9113 section 8.5); any other reason abandons the
+        // tunnel just the same.
+        for reason in [
+            h2::Reason::CONNECT_ERROR,
+            h2::Reason::CANCEL,
+            h2::Reason::NO_ERROR,
+        ] {
+            let (api, web) = (workload(API), workload(WEB));
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+            let port = l.local_addr().expect("address").port();
+            let app = tokio::spawn(async move {
+                let (mut tcp, _) = l.accept().await.expect("accept");
+                let mut buf = [0u8; 16];
+                let n = tcp.read(&mut buf).await.expect("first bytes");
+                assert_eq!(&buf[..n], b"x");
+                tcp.read(&mut buf).await.map(|n| n.to_string())
+            });
+            let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
+            let mut h2 = client(&web, addr).await;
+            let (status, stream) = connect(&mut h2, port).await;
+            assert_eq!(status, StatusCode::OK);
+            let (mut tx, _rx) = stream.expect("a tunnel");
+            tx.send_data(Bytes::from_static(b"x"), false).expect("send");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send_reset(reason);
+            let seen = tokio::time::timeout(Duration::from_secs(3), app)
+                .await
+                .expect("the app's connection ended")
+                .expect("app task");
+            let e = seen.expect_err("a reset, not an orderly end");
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "{reason:?}: {e}"
+            );
+            assert_eq!(tcp(&m, "ok"), 1.0);
+            assert_eq!(bytes(&m, (1.0, 0.0)).await, (1.0, 0.0));
+        }
     }
 
     #[tokio::test]
@@ -1010,7 +948,14 @@ mod tests {
         )
         .await
         .expect("the stream was reset");
-        assert!(reason.is_ok(), "{reason:?}");
+        // RFC 9113 section 8.5: a bare CONNECT_ERROR, with no END_STREAM
+        // before it that would pass for a complete response.
+        assert_eq!(reason.expect("a reset"), h2::Reason::CONNECT_ERROR);
+        let end = rx.data().await;
+        assert!(
+            matches!(end, Some(Err(_))),
+            "the stream ended cleanly: {end:?}"
+        );
     }
 
     /// [`connect`] with the `:authority` given as is.
@@ -1242,5 +1187,29 @@ mod tests {
         ));
         let resp = inbound.request(req, conn).await;
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_never_set_up_resets_its_app_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let addr = l.local_addr().expect("address");
+        let (ours, theirs) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut app, _) = theirs.expect("accept");
+        let unstarted = super::Unstarted {
+            app: Some(ours.expect("connect")),
+            caller: super::Caller {
+                id: WEB.to_owned(),
+                remote: addr,
+            },
+            port: addr.port(),
+        };
+        // What happens to the handoff when the stream ends before its 200.
+        drop(unstarted);
+        let mut buf = [0u8; 8];
+        let e = app
+            .read(&mut buf)
+            .await
+            .expect_err("a reset, not an orderly end");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     }
 }

@@ -30,7 +30,6 @@ pub mod transparent;
 pub mod upstream;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::io;
 use std::net::SocketAddr;
@@ -43,7 +42,7 @@ use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 use keyproof_stepup::is_stepup_challenge;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -206,18 +205,16 @@ impl Outbound {
         let result = if h2 {
             let this = self.clone();
             let streams = activity.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let svc = move |req: Request<RequestBody>| {
                 let this = this.clone();
                 let route = route.clone();
                 let stream = StreamGuard::start(&streams);
                 async move {
-                    let resp = this
-                        .request(req.map(RequestBody::Hyper), route.as_deref())
-                        .await;
+                    let resp = this.request(req, route.as_deref()).await;
                     drop(stream);
-                    Ok::<_, Infallible>(resp)
+                    resp
                 }
-            });
+            };
             server::serve(
                 &self.builders,
                 Proto::H2,

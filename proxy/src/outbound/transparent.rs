@@ -19,16 +19,14 @@
 //! Resets in a tunnel: an app that resets (or any local error) resets the
 //! stream with `CONNECT_ERROR`, which the peer's inbound turns into a reset
 //! of its app connection; a stream the peer resets resets the app's socket
-//! (`SO_LINGER` 0), noticed even while the app is silent. When the peer's
-//! app resets, its inbound sends END_STREAM and only then RST_STREAM
-//! (hyper's upgraded stream has no bare reset; the reason seen is
-//! `NO_ERROR` or `CANCEL`): while the app here still sends, the FIN for an
-//! END_STREAM waits up to 20 ms for such a reset, so the app gets the
-//! reset alone. Left open: once the app here has ended its side, the
-//! stream closes at the peer's END_STREAM and a reset cannot follow, so a
-//! far reset after that reads as a clean end. A tunnel or passthrough with no byte either way for the
-//! listener's `idle_timeout` is closed (the stream cancelled, the app's
-//! connection closed without a reset).
+//! (`SO_LINGER` 0), noticed even while the app is silent, also after the
+//! app here has ended its side. A peer inbound of an earlier version
+//! (hyper's upgraded stream, which has no bare reset) sends END_STREAM
+//! before RST_STREAM `NO_ERROR` or `CANCEL` when its app resets: while the
+//! app here still sends, the FIN for an END_STREAM waits up to 20 ms for
+//! such a reset, so the app gets the reset alone. A tunnel or passthrough
+//! with no byte either way for the listener's `idle_timeout` is closed
+//! (the stream cancelled, the app's connection closed without a reset).
 
 use std::io;
 use std::net::SocketAddr;
@@ -43,7 +41,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Unmeshed;
-use crate::http::mesh_client::idle_watch;
+use crate::http::h2_stream::idle_watch;
 use crate::metrics::Direction;
 use crate::outbound::detect::{self, Protocol};
 use crate::outbound::rules::Captures;
