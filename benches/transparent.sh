@@ -19,12 +19,13 @@
 # hop and the stunnel rows run; the rest print "not run".
 # usage: sudo benches/transparent.sh   (root: namespaces and iptables)
 #   env: ROUNDS (3), SECONDS_EACH (8), CONNS (32: wrk connections), CLIENTS (8: pgbench clients), BULK_MB (400),
+#        WORKERS (1: each sidecar's runtime.worker_threads),
 #        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`),
 #        KEEP (1: leave the work directory). Needs ip, iptables, wrk, nginx, stunnel4, postgresql-15, pgbench, python3, openssl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
-rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns=${CONNS:-32} clients=${CLIENTS:-8} bulk_mb=${BULK_MB:-400}
+rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} workers=${WORKERS:-1} conns=${CONNS:-32} clients=${CLIENTS:-8} bulk_mb=${BULK_MB:-400}
 pgbin=/usr/lib/postgresql/15/bin
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, iptables)" >&2; exit 2; }
 for t in ip iptables wrk nginx stunnel4 pgbench python3 openssl "$pgbin/initdb"; do
@@ -127,14 +128,14 @@ identity() { printf '[identity]\ntrust_bundle = "%s"\n[identity.files]\ncert = "
   printf '[[inbound.routes]]\npath_prefix = "/"\nallow = ["%s"]\n' "$client_id"
   if [ $transparent = 1 ]; then
     printf '[[inbound.tcp]]\nport = %s\nallow = ["%s"]\n' 5001 "$client_id" 5432 "$client_id"; fi
-  printf '[outbound]\nlisten = "127.0.0.1:15001"\n[admin]\nlisten = "0.0.0.0:15090"\n[runtime]\nworker_threads = 1\n'
+  printf '[outbound]\nlisten = "127.0.0.1:15001"\n[admin]\nlisten = "0.0.0.0:15090"\n[runtime]\nworker_threads = %s\n' "$workers"
 } > "$work/b.toml"
 { identity client
   printf '[outbound]\nlisten = "127.0.0.1:15001"\n'
   [ $transparent = 1 ] && printf 'opaque_ports = [5001, 5432]\n'
   printf '[[outbound.upstreams]]\nhost = "b.bench"\naddress = "%s:15443"\nidentity = "spiffe://bench.local/ns/default/sa/server"\n' "$b_ip"
   [ $transparent = 1 ] && printf '[[outbound.upstreams]]\ncidr = "%s"\nidentity = "spiffe://bench.local/*"\n' "$subnet"
-  printf '[inbound]\nlisten = "0.0.0.0:15443"\napp = "127.0.0.1:8080"\n[admin]\nlisten = "0.0.0.0:15090"\n[runtime]\nworker_threads = 1\n'
+  printf '[inbound]\nlisten = "0.0.0.0:15443"\napp = "127.0.0.1:8080"\n[admin]\nlisten = "0.0.0.0:15090"\n[runtime]\nworker_threads = %s\n' "$workers"
 } > "$work/a.toml"
 # Not through inA/inB: `ip netns exec` and env exec, so $! is the proxy's own pid (for /proc CPU).
 ip netns exec "$B" env RUST_LOG=warn "$keyproof" run --config "$work/b.toml" > "$work/b.log" 2>&1 & kp_b=$!
