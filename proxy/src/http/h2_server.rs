@@ -104,8 +104,8 @@ enum State<I> {
     Serving(h2::server::Connection<I, Bytes>),
 }
 
-/// PINGs on a timer: `Idle` waits for the next one to be due, `Waiting`
-/// for its PONG.
+/// PINGs on a timer: while no PING is out (`waiting` false) the timer says
+/// when the next is due; while one is, it bounds the wait for its PONG.
 struct KeepAlive {
     interval: Duration,
     timeout: Duration,
@@ -183,18 +183,17 @@ where
                 tracing::debug!("HTTP/2 connection: no PONG in time; closing");
                 conn.abrupt_shutdown(h2::Reason::NO_ERROR);
             }
-            return match ready!(conn.poll_accept(cx)) {
+            match ready!(conn.poll_accept(cx)) {
                 Some(Ok((req, respond))) => {
-                    let method = Kind::of(req.method());
+                    let kind = Kind::of(req.method());
                     let (parts, recv) = req.into_parts();
                     let body = MeshBody::new(recv, &parts.headers);
                     let fut = (me.svc)(Request::from_parts(parts, R::from(body)));
-                    tokio::spawn(respond_with(fut, respond, method));
-                    continue;
+                    tokio::spawn(respond_with(fut, respond, kind));
                 }
-                Some(Err(e)) => Poll::Ready(Err(e.into())),
-                None => Poll::Ready(Ok(())),
-            };
+                Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                None => return Poll::Ready(Ok(())),
+            }
         }
     }
 }

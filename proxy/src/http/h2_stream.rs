@@ -38,7 +38,8 @@ pub struct TunnelEnd {
     /// side must be reset too.
     pub error: Option<String>,
     /// Nothing crossed the tunnel for the idle timeout: the stream was
-    /// cancelled, and the local side is closed without a reset.
+    /// cancelled (`CANCEL`); whether the local side is reset or closed is
+    /// the caller's choice.
     pub idle: bool,
 }
 
