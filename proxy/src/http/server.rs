@@ -311,24 +311,7 @@ mod tests {
     use http_body_util::Empty;
 
     use super::*;
-
-    /// What the test services take: either protocol's request body.
-    enum Body {
-        H1(#[allow(dead_code)] Incoming),
-        H2(#[allow(dead_code)] MeshBody),
-    }
-
-    impl From<Incoming> for Body {
-        fn from(b: Incoming) -> Self {
-            Body::H1(b)
-        }
-    }
-
-    impl From<MeshBody> for Body {
-        fn from(b: MeshBody) -> Self {
-            Body::H2(b)
-        }
-    }
+    use crate::http::body::RequestBody;
 
     fn limits() -> Limits {
         Limits {
@@ -352,7 +335,7 @@ mod tests {
     ) -> tokio::task::JoinHandle<()> {
         let activity: Activity = Default::default();
         let streams = activity.clone();
-        let svc = move |_req: http::Request<Body>| {
+        let svc = move |_req: http::Request<RequestBody>| {
             let g = StreamGuard::start(&streams);
             async move {
                 tokio::time::sleep(delay).await;
@@ -432,7 +415,7 @@ mod tests {
     ) {
         let activity: Activity = Default::default();
         let streams = activity.clone();
-        let svc = move |_req: http::Request<Body>| {
+        let svc = move |_req: http::Request<RequestBody>| {
             let g = StreamGuard::start(&streams);
             async move {
                 tokio::time::sleep(delay).await;
