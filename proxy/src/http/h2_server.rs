@@ -35,10 +35,11 @@ use crate::http::owned;
 use crate::http::response::http_date;
 use crate::http::traits::SendBody;
 
-/// Flow-control windows a caller may fill before it waits: hyper's server
-/// defaults, kept.
+/// Flow-control windows a caller may fill before it waits: a stream's is
+/// hyper's server default; the connection's outlasts
+/// [`h2_stream::STALLED_STREAMS`] streams whose apps stopped reading.
 const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONN_WINDOW: u32 = 1024 * 1024;
+const CONN_WINDOW: u32 = STREAM_WINDOW * h2_stream::STALLED_STREAMS;
 /// At most this much of a response is buffered per stream beyond what the
 /// caller's window lets out (hyper's default).
 const MAX_SEND_BUFFER: usize = 400 * 1024;

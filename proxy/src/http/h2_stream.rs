@@ -26,6 +26,17 @@ use crate::http::traits::SendBody;
 /// page faults cost more than the writes saved.)
 pub const MAX_FRAME_SIZE: u32 = 32 * 1024;
 
+/// A connection's receive window is this many of its streams' windows.
+///
+/// Received data holds window, the stream's and the connection's, until
+/// whoever reads the stream takes it: a tunnel or body whose app stops
+/// reading ends up holding its stream's whole window of the connection's.
+/// With the two windows equal, one such stream stopped every other stream
+/// on the connection, every tunnel and request between the two pods. With
+/// this ratio it takes this many stalled streams at once; the cost is that
+/// the peer may have that much more buffered here while apps do not read.
+pub const STALLED_STREAMS: u32 = 16;
+
 /// What a pumped tunnel carried, and how it ended.
 #[derive(Debug)]
 pub struct TunnelEnd {

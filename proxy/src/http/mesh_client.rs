@@ -21,13 +21,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use keyproof_identity::SpiffeId;
 
-use crate::http::h2_stream::{pipe, pump_tunnel, MeshBody, TunnelEnd, MAX_FRAME_SIZE};
+use crate::http::h2_stream::{
+    pipe, pump_tunnel, MeshBody, TunnelEnd, MAX_FRAME_SIZE, STALLED_STREAMS,
+};
 use crate::http::traits::SendBody;
 
-/// hyper's defaults, kept: room for large bodies without waiting on window
-/// updates.
+/// A stream's window is hyper's default, room for large bodies without
+/// waiting on window updates; the connection's outlasts
+/// [`STALLED_STREAMS`] streams whose apps stopped reading.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+const CONN_WINDOW: u32 = STREAM_WINDOW * STALLED_STREAMS;
 /// While requests flow, a PING this often; no PONG in `PING_TIMEOUT` and the
 /// connection is closed (a peer gone without a FIN).
 const PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -889,6 +892,62 @@ mod tests {
         assert!(written < 8 * 1024 * 1024, "{written} bytes taken in");
         assert!(written > 64 * 1024, "stalled at once: {written}");
         pump.abort();
+    }
+
+    #[tokio::test]
+    async fn tunnels_whose_apps_stop_reading_do_not_stall_the_connection() {
+        // Tunnels to "flood" get 16 MiB from the peer, which their apps
+        // never read: each holds its stream's window of the connection's.
+        // A tunnel to "echo" must still carry bytes.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const STALLED: usize = 4;
+        let (tx, _authority) = mpsc::unbounded_channel();
+        let echo = echo_tunnel(200, tx);
+        let handler = move |req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>| {
+            if req.uri().host() != Some("flood") {
+                return echo(req, respond);
+            }
+            Box::pin(async move {
+                let resp = http::Response::builder().status(200).body(()).unwrap();
+                let mut send = respond.send_response(resp, false).unwrap();
+                let mut left = 16usize << 20;
+                while left > 0 {
+                    send.reserve_capacity(left.min(1 << 20));
+                    let Some(Ok(room)) = poll_fn(|cx| send.poll_capacity(cx)).await else {
+                        return;
+                    };
+                    let n = room.min(left);
+                    if send.send_data(Bytes::from(vec![7u8; n]), false).is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _keep = req;
+            }) as Pin<Box<dyn Future<Output = ()> + Send>>
+        };
+        let (mesh, _stop) = connect(handler).await;
+        let mut stalled = Vec::new();
+        for _ in 0..STALLED {
+            let tunnel = mesh.clone().connect("flood:1").await.expect("tunnel");
+            let (app, local) = tokio::io::duplex(4096);
+            let (rd, wr) = tokio::io::split(local);
+            stalled.push((tokio::spawn(tunnel.pump(rd, wr, IDLE)), app));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let tunnel = mesh.clone().connect("echo:1").await.expect("tunnel");
+        let (mut app, local) = tokio::io::duplex(4096);
+        let (rd, wr) = tokio::io::split(local);
+        let _pump = tokio::spawn(tunnel.pump(rd, wr, IDLE));
+        app.write_all(b"still flowing").await.unwrap();
+        let mut got = [0u8; 13];
+        tokio::time::timeout(WAIT, app.read_exact(&mut got))
+            .await
+            .expect("the echo in time: the stalled tunnels hold the connection window")
+            .unwrap();
+        assert_eq!(&got, b"still flowing");
+        for (pump, _app) in stalled {
+            pump.abort();
+        }
     }
 
     #[tokio::test]

@@ -1097,6 +1097,76 @@ mod tests {
         (port, n)
     }
 
+    /// An app that accepts and never reads, with a small receive buffer:
+    /// a tunnel to it stalls as soon as the buffers between fill.
+    async fn stalled_app() -> (u16, oneshot::Sender<()>) {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        sock.bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let port = sock.local_addr().expect("address").port();
+        let l = sock.listen(8).expect("listen");
+        let (done, held) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.expect("accept");
+            let _ = held.await;
+            drop(tcp);
+        });
+        (port, done)
+    }
+
+    #[tokio::test]
+    async fn tunnels_whose_apps_stop_reading_do_not_stall_the_connection() {
+        // Each stalled tunnel holds its stream's window of received data
+        // until its app reads; the connection's window must outlast many
+        // of them, or one slow app stops every tunnel and request on the
+        // mesh connection between the two pods.
+        const STALLED: usize = 4;
+        let (api, web) = (workload(API), workload(WEB));
+        let (port, app_read) = echo_app().await;
+        let mut stalled = Vec::new();
+        let mut rules = tcp_rule(port, WEB);
+        for _ in 0..STALLED {
+            let (p, hold) = stalled_app().await;
+            rules.push_str(&tcp_rule(p, WEB));
+            stalled.push((p, hold));
+        }
+        let (addr, _m, _stop) = serve(&api, &rules).await;
+        let mut h2 = client_with(
+            &web,
+            addr,
+            h2::client::Builder::new()
+                .initial_window_size(8 << 20)
+                .initial_connection_window_size(64 << 20)
+                .clone(),
+        )
+        .await;
+        let mut held = Vec::new();
+        for (p, hold) in stalled {
+            let (status, stream) = connect(&mut h2, p).await;
+            assert_eq!(status, StatusCode::OK);
+            let (mut tx, rx) = stream.expect("a tunnel");
+            // More than the stream's window and every buffer after it.
+            tx.reserve_capacity(16 << 20);
+            tx.send_data(Bytes::from(vec![7u8; 16 << 20]), false)
+                .expect("queue");
+            held.push((tx, rx, hold));
+        }
+        // Let the stalled streams take all the window they can.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, stream) = connect(&mut h2, port).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut tx, mut rx) = stream.expect("a tunnel");
+        tx.send_data(Bytes::from_static(b"still flowing"), true)
+            .expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), read_all(&mut rx))
+            .await
+            .expect("the other tunnel's echo in time: the stalled ones hold the connection window");
+        assert_eq!(&got[..], b"still flowingbye");
+        assert_eq!(app_read.await.expect("the app saw EOF"), 13);
+        drop(held);
+    }
+
     #[tokio::test]
     async fn max_tunnels_bounds_the_open_tunnels_of_the_pod() {
         let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
