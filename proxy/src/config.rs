@@ -1668,6 +1668,17 @@ fn header_condition(
             format!("{field:?} {why}: the rule would never see what the caller sent"),
         ));
     }
+    if crate::http::owned::same_name(name.as_str().as_bytes(), "content-length") {
+        // A chunked HTTP/1.1 body, or an HTTP/2 one, has no length field:
+        // a caller would slip under such a rule by leaving it out.
+        return Err(invalid(
+            format!("{key}.header"),
+            format!(
+                "{field:?} is the body's framing, which a caller may leave out (chunked, HTTP/2): \
+                 the rule could be walked around"
+            ),
+        ));
+    }
     match given {
         [] => {
             return Err(invalid(
@@ -1769,10 +1780,12 @@ pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
     let (n, w) = s
         .split_once('/')
         .ok_or_else(|| format!("{s:?}: expected N/window, like \"30/1m\""))?;
-    let n: u32 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: {n:?} is not a count"))?;
+    let n = n.trim();
+    // Digits only: `parse` would also take a sign ("+5").
+    let n: u32 = Some(n)
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("{s:?}: {n:?} is not a count"))?;
     let w = keyproof_identity::duration::parse(w.trim()).map_err(|e| format!("{s:?}: {e}"))?;
     Ok((n, w))
 }
@@ -1782,7 +1795,8 @@ fn parse_hours(s: &str) -> Result<(u16, u16), String> {
     let bad = || format!("{s:?}: expected HH:MM-HH:MM (UTC), like \"22:00-06:00\"");
     let minute = |t: &str| -> Option<u16> {
         let (h, m) = t.trim().split_once(':')?;
-        if h.len() != 2 || m.len() != 2 {
+        let two_digits = |t: &str| t.len() == 2 && t.bytes().all(|b| b.is_ascii_digit());
+        if !two_digits(h) || !two_digits(m) {
             return None;
         }
         let h: u16 = h.parse().ok().filter(|h| *h < 24)?;
@@ -4493,6 +4507,26 @@ mod tests {
                 "expected HH:MM-HH:MM",
             ),
             (
+                "hours = \"+1:00-03:00\"\n",
+                format!("{k}.hours"),
+                "expected HH:MM-HH:MM",
+            ),
+            (
+                "hours = \"01:+5-03:00\"\n",
+                format!("{k}.hours"),
+                "expected HH:MM-HH:MM",
+            ),
+            (
+                "rate_above = \"+5/10s\"\n",
+                format!("{k}.rate_above"),
+                "is not a count",
+            ),
+            (
+                "failures_above = \"-0/10s\"\n",
+                format!("{k}.failures_above"),
+                "is not a count",
+            ),
+            (
                 "hours = \"08:00-08:00\"\n",
                 format!("{k}.hours"),
                 "the same minute",
@@ -4785,17 +4819,21 @@ mod tests {
             assert_eq!(key, "inbound.risk_rules[0].header", "{field}");
             assert!(msg.contains("the rule would never see"), "{field}: {msg}");
         }
-        for field in [
-            "host",
-            "x-amount",
-            "x_amount",
-            "content-length",
-            "signatures",
-        ] {
+        for field in ["host", "x-amount", "x_amount", "signatures"] {
             let text = inb(&format!(
                 "[[inbound.risk_rules]]\nname = \"r\"\nheader = {field:?}\npresent = true\n"
             ));
             Config::parse(&text).unwrap_or_else(|e| panic!("{field}: {e}"));
+        }
+        // A chunked or HTTP/2 body has no length field: leaving it out
+        // would walk around the rule.
+        for field in ["content-length", "Content_Length"] {
+            let text = inb(&format!(
+                "[[inbound.risk_rules]]\nname = \"r\"\nheader = {field:?}\nabove = 1000\n"
+            ));
+            let (key, msg) = invalid_key(&text);
+            assert_eq!(key, "inbound.risk_rules[0].header", "{field}");
+            assert!(msg.contains("framing"), "{field}: {msg}");
         }
     }
 

@@ -159,8 +159,18 @@ pub async fn watch_upstreams(
     interval: Duration,
 ) {
     let mut watch = FileWatch::start(&[path.as_path()], interval);
+    let mut unreadable = 0;
     loop {
-        let now = changed_content(&mut watch, &path, seen.as_deref()).await;
+        let now = match changed_content(&mut watch, &path, seen.as_deref(), &mut unreadable).await {
+            Look::Content(now) => now,
+            Look::Gone(e) => {
+                // Once per disappearance: the operator removed or broke
+                // the file, and nothing else would say so.
+                metrics.upstream_reload(false);
+                tracing::error!(upstreams_file = %path.display(), error = %e, "upstreams file unreadable (removed?); the upstream rules in use keep serving");
+                continue;
+            }
+        };
         let result = utf8(&path, &now)
             .map_err(UpstreamsReloadError::Config)
             .and_then(|text| reload_upstreams(&outbound, &path, text, &ours));
@@ -286,8 +296,18 @@ pub async fn watch_policy(
     interval: Duration,
 ) {
     let mut watch = FileWatch::start(&[path.as_path()], interval);
+    let mut unreadable = 0;
     loop {
-        let now = changed_content(&mut watch, &path, seen.as_deref()).await;
+        let now = match changed_content(&mut watch, &path, seen.as_deref(), &mut unreadable).await {
+            Look::Content(now) => now,
+            Look::Gone(e) => {
+                // Once per disappearance: the operator removed or broke
+                // the file, and nothing else would say so.
+                metrics.policy_reload(false);
+                tracing::error!(policy_file = %path.display(), error = %e, "inbound policy file unreadable (removed?); the policy in use keeps serving");
+                continue;
+            }
+        };
         let result = utf8(&path, &now)
             .map_err(PolicyReloadError::Config)
             .and_then(|text| reload_policy(&inbound, &path, text, &ours));
@@ -317,17 +337,31 @@ pub async fn watch_policy(
 /// place) may be seen half written, and a valid prefix of a policy or a
 /// rule list is a valid one with fewer entries: only content that stays
 /// the same is returned ([`settled`]). A read that fails (mid-replacement,
-/// or gone) decides nothing: the next event or tick looks again.
-async fn changed_content(watch: &mut FileWatch, path: &Path, seen: Option<&[u8]>) -> Vec<u8> {
+/// or gone) decides nothing: the next event or tick looks again; a file
+/// still unreadable at the next look is reported as [`Look::Gone`], once
+/// until it is readable again (`failed` counts the looks that failed in a
+/// row, across calls).
+async fn changed_content(
+    watch: &mut FileWatch,
+    path: &Path,
+    seen: Option<&[u8]>,
+    failed: &mut u32,
+) -> Look {
     loop {
         watch.changed().await;
         let now = match tokio::fs::read(path).await {
             Ok(b) => b,
             Err(e) => {
+                // The first failure may be a replacement in progress.
+                *failed = failed.saturating_add(1);
                 tracing::debug!(file = %path.display(), error = %e, "watched file not readable now");
+                if *failed == 2 {
+                    return Look::Gone(e);
+                }
                 continue;
             }
         };
+        *failed = 0;
         if seen == Some(now.as_slice()) {
             continue;
         }
@@ -335,9 +369,17 @@ async fn changed_content(watch: &mut FileWatch, path: &Path, seen: Option<&[u8]>
             continue;
         };
         if seen != Some(now.as_slice()) {
-            return now;
+            return Look::Content(now);
         }
     }
+}
+
+/// What a look at a watched file found.
+enum Look {
+    /// New content, settled.
+    Content(Vec<u8>),
+    /// The file could not be read twice in a row.
+    Gone(std::io::Error),
 }
 
 /// A watched file's content as text, or the error naming it.
@@ -927,6 +969,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_removed_policy_file_is_counted_once_and_the_policy_keeps_serving() {
+        let (dir, m, task) = watched(WEB_ONLY, Duration::from_millis(20));
+        let file = dir.path().join("policy.toml");
+        std::fs::remove_file(&file).expect("remove");
+        let failed = "keyproof_policy_reloads_total{result=\"failed\"}";
+        until(&m, failed, 1.0).await;
+        // Still gone many ticks later: reported once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metric(&m, failed), 1.0);
+        assert_eq!(metric(&m, "keyproof_policy_generation"), 0.0);
+        // Back, changed: taken into use; gone again: reported again.
+        std::fs::write(&file, OPS_ONLY).expect("write");
+        until(&m, "keyproof_policy_reloads_total{result=\"ok\"}", 1.0).await;
+        std::fs::remove_file(&file).expect("remove");
+        until(&m, failed, 2.0).await;
+        task.abort();
+    }
+
+    #[tokio::test]
     async fn a_policy_file_written_in_two_steps_is_taken_only_once_whole() {
         let deny = "[[deny]]\nspiffe_id = \"spiffe://unit.keyproof.test/ns/demo/sa/web\"\n";
         let (dir, m, task) = watched(&format!("{OPS_ONLY}{deny}"), Duration::from_millis(20));
@@ -982,8 +1043,8 @@ mod tests {
             metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
             1.0
         );
-        // A file gone for a while decides nothing; back, unchanged, it
-        // reloads nothing either.
+        // A file gone for a while changes no policy (and is reported, once);
+        // back, unchanged, it reloads nothing either.
         std::fs::remove_file(&file).expect("remove");
         tokio::time::sleep(Duration::from_millis(200)).await;
         std::fs::write(&file, OPS_ONLY).expect("write");
@@ -994,7 +1055,7 @@ mod tests {
         );
         assert_eq!(
             metric(&m, "keyproof_policy_reloads_total{result=\"failed\"}"),
-            0.0
+            1.0
         );
         task.abort();
     }

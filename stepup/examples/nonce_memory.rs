@@ -61,7 +61,7 @@ fn main() {
     let mut peer = [0u8; 32];
     for i in 0..n {
         peer[..8].copy_from_slice(&((i % peers) as u64).to_le_bytes());
-        if let Err(e) = table.issue(&rng, &peer, u32::MAX, 1) {
+        if let Err(e) = table.issue(&rng, &peer, u32::MAX, 1, 1000) {
             eprintln!("issue {i} failed: {e}");
             std::process::exit(1);
         }

@@ -213,11 +213,14 @@ impl Hasher for IdHasher {
     }
 }
 
-/// One outstanding nonce: 8 bytes of value beside its 16-byte key, no heap.
+/// One outstanding nonce: 12 bytes of value beside its 16-byte key, no heap.
 #[derive(Clone, Copy)]
 struct Entry {
     expires: u32,
     peer: u32,
+    /// Milliseconds from issue to `expires` (the expiry has whole
+    /// seconds): when it was issued, for the audit's nonce age.
+    lead_ms: u32,
 }
 
 type Shard = HashMap<NonceId, Entry, BuildHasherDefault<IdHasher>>;
@@ -367,16 +370,21 @@ impl NonceTable {
         Ok(idx)
     }
 
-    /// Issues a new random id for `peer`, expiring at `expires`, and stores
-    /// it. When a bound is reached, expired entries are purged (at most once
-    /// a second) and the issue retried once; live nonces are never evicted.
+    /// Issues a new random id for `peer`, expiring at `expires` (Unix
+    /// seconds), and stores it with its time of issue, `issued_ms` (Unix
+    /// milliseconds). When a bound is reached, expired entries are purged
+    /// (at most once a second, by `now`, Unix seconds) and the issue
+    /// retried once; live nonces are never evicted.
     pub fn issue(
         &self,
         rng: &dyn SecureRandom,
         peer: &[u8; 32],
         expires: u32,
         now: u64,
+        issued_ms: u64,
     ) -> Result<NonceId, IssueError> {
+        let lead_ms = u32::try_from((u64::from(expires) * 1000).saturating_sub(issued_ms))
+            .unwrap_or(u32::MAX);
         let idx = match self.reserve(peer) {
             Ok(idx) => idx,
             Err(e @ (IssueError::Rng | IssueError::Encoding)) => return Err(e),
@@ -406,10 +414,20 @@ impl NonceTable {
             // A 128-bit collision is practically impossible, but never
             // overwrite (that would silently drop a live nonce).
             if let std::collections::hash_map::Entry::Vacant(v) = shard.entry(id) {
-                v.insert(Entry { expires, peer: idx });
+                v.insert(Entry {
+                    expires,
+                    peer: idx,
+                    lead_ms,
+                });
                 return Ok(id);
             }
         }
+    }
+
+    /// When `id` was issued (Unix milliseconds), while it is outstanding.
+    pub fn issued_ms(&self, id: &NonceId) -> Option<u64> {
+        let e = *lock(self.shard(id)).get(id)?;
+        Some((u64::from(e.expires) * 1000).saturating_sub(u64::from(e.lead_ms)))
     }
 
     /// Atomically removes `id`. True if it was outstanding (the caller may
@@ -498,28 +516,42 @@ mod tests {
     fn bounds_fail_closed_and_release() {
         let rng = SystemRandom::new();
         let t = NonceTable::new(3, 2, 30);
-        let a1 = t.issue(&rng, &PEER_A, 100, 10).unwrap();
-        let _a2 = t.issue(&rng, &PEER_A, 100, 10).unwrap();
+        let a1 = t.issue(&rng, &PEER_A, 100, 10, 10000).unwrap();
+        let _a2 = t.issue(&rng, &PEER_A, 100, 10, 10000).unwrap();
         assert!(matches!(
-            t.issue(&rng, &PEER_A, 100, 10),
+            t.issue(&rng, &PEER_A, 100, 10, 10000),
             Err(IssueError::PeerFull { .. })
         ));
-        let _b1 = t.issue(&rng, &PEER_B, 100, 10).unwrap();
+        let _b1 = t.issue(&rng, &PEER_B, 100, 10, 10000).unwrap();
         assert!(matches!(
-            t.issue(&rng, &PEER_B, 100, 10),
+            t.issue(&rng, &PEER_B, 100, 10, 10000),
             Err(IssueError::GlobalFull { .. })
         ));
         assert_eq!(t.len(), 3);
         assert!(t.take(&a1));
         assert!(!t.take(&a1));
         assert_eq!(t.len(), 2);
-        t.issue(&rng, &PEER_A, 100, 10).unwrap();
+        t.issue(&rng, &PEER_A, 100, 10, 10000).unwrap();
         // Nothing expired yet (expires 100, now 50): still full, nothing evicted.
-        assert!(t.issue(&rng, &PEER_B, 100, 50).is_err());
+        assert!(t.issue(&rng, &PEER_B, 100, 50, 50000).is_err());
         assert_eq!(t.len(), 3);
         // After expiry the full table purges and issues again.
-        t.issue(&rng, &PEER_B, 300, 200).unwrap();
+        t.issue(&rng, &PEER_B, 300, 200, 200000).unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(lock(&t.peers).index.len(), 1);
+    }
+
+    #[test]
+    fn the_time_of_issue_is_kept_to_the_millisecond_while_outstanding() {
+        let rng = SystemRandom::new();
+        let t = NonceTable::new(10, 10, 30);
+        // Issued at 70.940 s, expiring at 100 s: the expiry alone says 70.
+        let id = t.issue(&rng, &PEER_A, 100, 70, 70_940).unwrap();
+        assert_eq!(t.issued_ms(&id), Some(70_940));
+        assert!(t.take(&id));
+        assert_eq!(t.issued_ms(&id), None);
+        // A time after the expiry (a clock step) reads as issued at it.
+        let id = t.issue(&rng, &PEER_A, 100, 70, 100_500).unwrap();
+        assert_eq!(t.issued_ms(&id), Some(100_000));
     }
 }

@@ -251,9 +251,14 @@ impl Verifier {
     fn issue(&self, peer: &Peer, now: u64) -> Result<(NonceId, u32), IssueError> {
         let expires =
             u32::try_from(now.saturating_add(self.cfg.nonce_ttl.as_secs())).unwrap_or(u32::MAX);
+        // The expiry has whole seconds; the audit's nonce age wants the
+        // time of issue itself (never a freshness check).
+        let issued_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let id = self
             .table
-            .issue(&self.rng, peer.key.spki_sha256(), expires, now)?;
+            .issue(&self.rng, peer.key.spki_sha256(), expires, now, issued_ms)?;
         Ok((id, expires))
     }
 
@@ -441,6 +446,13 @@ impl Pending<'_> {
     /// made on the expiry itself.
     pub fn nonce_issued_at(&self) -> u64 {
         u64::from(self.nonce_expires).saturating_sub(self.verifier.cfg.nonce_ttl.as_secs())
+    }
+
+    /// When the nonce was issued, Unix milliseconds from the system clock,
+    /// while it is still outstanding (not yet used, not purged). For audit
+    /// records.
+    pub fn nonce_issued_ms(&self) -> Option<u64> {
+        self.verifier.table.issued_ms(&self.nonce_id)
     }
 
     /// When the nonce expires, Unix seconds: a nonce that expired while

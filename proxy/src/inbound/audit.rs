@@ -237,17 +237,34 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// Now in RFC 3339, UTC, to the millisecond.
+/// Now in RFC 3339, UTC, to the millisecond, always three digits of it
+/// (`...T12:00:00.200Z`): lines of one width sort by time as text.
 fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    let now = now.replace_millisecond(now.millisecond()).unwrap_or(now);
-    now.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| now.unix_timestamp().to_string())
+    rfc3339_millis(time::OffsetDateTime::now_utc())
+}
+
+fn rfc3339_millis(t: time::OffsetDateTime) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(FORMAT)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_always_have_three_digits_of_milliseconds() {
+        let t = time::macros::datetime!(2026-12-04 21:41:42.2 UTC);
+        assert_eq!(rfc3339_millis(t), "2026-12-04T21:41:42.200Z");
+        let t = time::macros::datetime!(2026-12-04 21:41:42 UTC);
+        assert_eq!(rfc3339_millis(t), "2026-12-04T21:41:42.000Z");
+        let t = time::macros::datetime!(2026-12-04 21:41:42.123_999 +01:00);
+        assert_eq!(rfc3339_millis(t), "2026-12-04T20:41:42.123Z");
+    }
     use crate::testing::metric;
 
     fn metrics() -> Metrics {

@@ -363,7 +363,11 @@ impl InboundStepUp {
                 ));
             }
         };
-        let issued_ms = pending.nonce_issued_at().saturating_mul(1000);
+        // To the millisecond while the nonce is outstanding; a used one
+        // (a replay) is known to the second, by its expiry.
+        let issued_ms = pending
+            .nonce_issued_ms()
+            .unwrap_or_else(|| pending.nonce_issued_at().saturating_mul(1000));
         let expires = pending.nonce_expires_at();
         let outcome = pending.finish(&body);
         let age = Some(Now::system().0.saturating_sub(issued_ms));

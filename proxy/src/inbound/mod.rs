@@ -67,7 +67,7 @@ use crate::inbound::challenge::{InboundStepUp, Reason, StepUpDeps};
 use crate::inbound::conn::{InboundConn, PortRefusal};
 use crate::inbound::counted::{counted, Counted};
 use crate::inbound::policy::{Decision, Policy, Route, TcpDecision};
-use crate::inbound::risk::{Failure, Now, RiskTable, Verdict};
+use crate::inbound::risk::{Failure, Fields, Now, RiskTable, Verdict};
 use crate::inbound::tunnel::{Caller, TunnelLimits, Tunnels};
 use crate::listener::{ConnGuards, HandshakeGate};
 use crate::metrics::{DirectionMetrics, Metrics};
@@ -635,7 +635,7 @@ impl Inbound {
         let reason = match (r.step_up, &r.risk) {
             (StepUpMode::Risk, risk) => {
                 let verdict = risk.as_ref().map_or(Verdict::Pass, |k| {
-                    k.evaluate(&conn.peer.id, req.headers(), Now::system())
+                    k.evaluate(&conn.peer.id, Fields::of(&req), Now::system())
                 });
                 match verdict {
                     Verdict::Deny(rule) => return self.risk_denied(req, conn, r, rule).await,

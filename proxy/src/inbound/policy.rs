@@ -709,13 +709,14 @@ mod tests {
             .push(IdPattern::parse("spiffe://td/ns/new/*").unwrap());
         let p1 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 1, &m).unwrap();
         assert_eq!(eval(&p1, 1003), Verdict::Challenge("burst".into()));
-        // Changing the route's rules (a stricter rate) starts it again.
+        // Changing the route's rules (a stricter rate) keeps what the
+        // route knew of the caller: not new, and its requests still count.
         cfg.risk_rules[1].condition = RiskCondition::RateAbove {
             count: 2,
             window: Duration::from_secs(60),
         };
         let p2 = Policy::new(&cfg, DefaultPolicy::Deny, &table, 2, &m).unwrap();
-        assert_eq!(eval(&p2, 1004), Verdict::Challenge("new".into()));
+        assert_eq!(eval(&p2, 1004), Verdict::Challenge("burst".into()));
         // So does moving it (another path prefix is another route).
         cfg.risk_rules = rules;
         cfg.routes[0].path_prefix = "/pay/v2".into();
