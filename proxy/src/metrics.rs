@@ -208,15 +208,19 @@ pub struct Metrics {
 ///   directly without TLS;
 /// - `failed`: the mesh connection, the CONNECT or the app connection
 ///   failed;
-/// - `limited`: an inbound tunnel refused (503) because `[inbound]
-///   max_tunnels` or `max_tunnels_per_peer` tunnels were open already.
-pub const TCP_RESULTS: [&str; 6] = [
+/// - `limited`: a tunnel refused (503) because `[inbound] max_tunnels` or
+///   `max_tunnels_per_peer` tunnels were open already (inbound: refused
+///   here; outbound: the peer answered so);
+/// - `loop`: a redirected connection that was the outbound's own dial (the
+///   sidecar's uid is not the one `redirect --proxy-uid` exempts), refused.
+pub const TCP_RESULTS: [&str; 7] = [
     "ok",
     "denied",
     "unmeshed_denied",
     "passthrough",
     "failed",
     "limited",
+    "loop",
 ];
 
 /// `keyproof_tcp_*`: opaque TCP connections over the mesh (HTTP/2 CONNECT
@@ -535,7 +539,7 @@ impl Metrics {
         let tcp_connections = IntCounterVec::new(
             Opts::new(
                 "keyproof_tcp_connections_total",
-                "Opaque TCP connections carried over the mesh, by direction and result (ok, denied, unmeshed_denied, passthrough, failed, limited).",
+                "Opaque TCP connections carried over the mesh, by direction and result (ok, denied, unmeshed_denied, passthrough, failed, limited, loop).",
             ),
             &["direction", "result"],
         )?;

@@ -44,8 +44,8 @@ const LOOPBACK: &str = "127.0.0.0/8";
 /// Why the rules could not be built or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    /// A port that is not a number from 1 to 65535.
-    #[error("{flag}: invalid port {value:?}: expected a number from 1 to 65535")]
+    /// A port that is not a number from 1 to 65535 (digits, no leading zero).
+    #[error("{flag}: invalid port {value:?}: expected a number from 1 to 65535, without a sign or leading zeros")]
     InvalidPort {
         /// The flag it was given to.
         flag: &'static str,
@@ -204,11 +204,13 @@ impl std::fmt::Display for Rule {
     }
 }
 
-/// Parses a port: a number from 1 to 65535.
+/// Parses a port: a number from 1 to 65535 in its one spelling (digits,
+/// no leading zero), as the inbound's CONNECT authorities must be.
 pub fn parse_port(flag: &'static str, s: &str) -> Result<u16, RedirectError> {
     let t = s.trim();
+    let canonical = !t.starts_with('0') && t.bytes().all(|b| b.is_ascii_digit());
     match t.parse::<u16>() {
-        Ok(p) if p != 0 && !t.starts_with('+') => Ok(p),
+        Ok(p) if p != 0 && canonical => Ok(p),
         _ => Err(RedirectError::InvalidPort {
             flag,
             value: t.to_owned(),
@@ -737,7 +739,9 @@ mod tests {
 
     #[test]
     fn bad_ports_are_refused_with_the_flag_and_value() {
-        for bad in ["0", "65536", "http", "-1", "+80", "80,,81", "80-90"] {
+        for bad in [
+            "0", "65536", "http", "-1", "+80", "080", "00443", "80,,81", "80-90",
+        ] {
             let e = parse_ports("--exclude-outbound-ports", bad).unwrap_err();
             let msg = e.to_string();
             assert!(

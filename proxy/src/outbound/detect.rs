@@ -99,7 +99,8 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
 /// through in plain text.
 pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Result<Protocol> {
     let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; max.max(PREFACE.len())];
+    let max = max.max(PREFACE.len());
+    let mut buf = peek_buffer(max);
     let mut backoff = Backoff::default();
     let mut seen = 0;
     loop {
@@ -113,6 +114,7 @@ pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Resul
         }
         match classify(&buf[..n]) {
             Some(p) => return Ok(p),
+            None if n == buf.len() && grow(&mut buf, max) => continue,
             None if n == buf.len() => return Ok(Protocol::Http1),
             None => {
                 if Instant::now() >= deadline {
@@ -123,6 +125,24 @@ pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Resul
             }
         }
     }
+}
+
+/// A peek buffer's first size: a request line and most request heads fit.
+/// Every connection being detected holds one, so it grows (doubling, up to
+/// the limit) only while the bytes waiting fill it.
+const FIRST_PEEK: usize = 2048;
+
+fn peek_buffer(max: usize) -> Vec<u8> {
+    vec![0u8; FIRST_PEEK.min(max)]
+}
+
+/// Doubles `buf` up to `max` bytes; false when it is `max` already.
+fn grow(buf: &mut Vec<u8>, max: usize) -> bool {
+    if buf.len() >= max {
+        return false;
+    }
+    buf.resize((buf.len() * 2).min(max), 0);
+    true
 }
 
 /// Waits between peeks: `peek` returns at once while unread bytes sit in
@@ -162,10 +182,11 @@ pub enum Head {
 }
 
 /// The head of the first HTTP/1 request on `tcp`, peeked without
-/// consuming.
-pub async fn peek_host(tcp: &TcpStream, timeout: Duration, max: usize) -> Head {
-    let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; max.max(64)];
+/// consuming, by `deadline` (the connection's: its head must arrive
+/// within the header read timeout of its accept, detection included).
+pub async fn peek_host(tcp: &TcpStream, deadline: Instant, max: usize) -> Head {
+    let max = max.max(64);
+    let mut buf = peek_buffer(max);
     let mut backoff = Backoff::default();
     loop {
         let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
@@ -174,6 +195,9 @@ pub async fn peek_host(tcp: &TcpStream, timeout: Duration, max: usize) -> Head {
         };
         if let Some(found) = host_of(&buf[..n]) {
             return found;
+        }
+        if n == buf.len() && grow(&mut buf, max) {
+            continue;
         }
         if n == buf.len() || Instant::now() >= deadline {
             return Head::Unreadable;
@@ -301,8 +325,27 @@ mod tests {
         c.write_all(&[b'x'; 2048]).await.unwrap();
         let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
         assert_eq!(p, Protocol::Http1);
-        let head = peek_host(&s, Duration::from_millis(100), 1024).await;
+        let head = peek_host(&s, Instant::now() + Duration::from_millis(100), 1024).await;
         assert_eq!(head, Head::Unreadable);
+    }
+
+    #[tokio::test]
+    async fn a_head_larger_than_the_first_peek_is_read_whole() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut c, (s, _)) = (c.unwrap(), s.unwrap());
+        let mut head = format!("GET /{} HTTP/1.1\r\n", "p".repeat(3 * FIRST_PEEK));
+        for i in 0..40 {
+            head += &format!("X-F{i}: {}\r\n", "v".repeat(200));
+        }
+        head += "Host: big.example\r\n\r\n";
+        c.write_all(head.as_bytes()).await.unwrap();
+        let p = detect(&s, Duration::from_secs(2), 64 * 1024).await.unwrap();
+        assert_eq!(p, Protocol::Http1);
+        let got = peek_host(&s, Instant::now() + Duration::from_secs(2), 64 * 1024).await;
+        assert_eq!(got, Head::Complete(Some("big.example".into())));
     }
 
     #[tokio::test]
@@ -321,7 +364,7 @@ mod tests {
             .unwrap();
         let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
         assert_eq!(p, Protocol::Http1);
-        let head = peek_host(&s, Duration::from_secs(2), 1024).await;
+        let head = peek_host(&s, Instant::now() + Duration::from_secs(2), 1024).await;
         assert_eq!(head, Head::Complete(Some("x".into())));
         let mut s = s;
         let mut all = [0u8; 4];

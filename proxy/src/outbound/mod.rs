@@ -23,6 +23,7 @@
 
 pub mod detect;
 pub mod kept;
+pub mod own_ports;
 pub mod rules;
 pub mod signer;
 pub mod table;
@@ -117,6 +118,9 @@ pub struct Outbound {
     h1_limits: ServerLimits,
     cfg: OutboundConfig,
     unmeshed_seen: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Whether a redirected connection from the outbound's own dial (a
+    /// loop) has been logged at error level yet.
+    loop_logged: std::sync::atomic::AtomicBool,
 }
 
 impl Outbound {
@@ -142,6 +146,7 @@ impl Outbound {
             },
             cfg: cfg.clone(),
             unmeshed_seen: std::sync::Mutex::default(),
+            loop_logged: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -182,7 +187,7 @@ impl Outbound {
             _ = tokio::time::sleep(idle) => return,
         };
         match h2 {
-            Ok(h2) => self.serve_http(tcp, remote, h2, None, shutdown).await,
+            Ok(h2) => self.serve_http(tcp, remote, h2, None, None, shutdown).await,
             Err(e) => {
                 tracing::debug!(peer = %remote, error = %e, "outbound connection ended with an error");
             }
@@ -192,12 +197,14 @@ impl Outbound {
     /// Serves HTTP on an app connection: HTTP/2 with prior knowledge
     /// (gRPC) with hyper's server, HTTP/1 with the sidecar's own
     /// (`h1_server.rs`). `route`: the connection was redirected.
+    /// `head_by`: its first (and last) HTTP/1 head is due by then.
     async fn serve_http(
         self: Arc<Self>,
         tcp: TcpStream,
         remote: SocketAddr,
         h2: bool,
         route: Option<Arc<Route>>,
+        head_by: Option<tokio::time::Instant>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let activity = Arc::new(AtomicU64::new(0));
@@ -228,9 +235,17 @@ impl Outbound {
         } else {
             let closing = AtomicBool::new(false);
             let route = route.as_deref();
+            let mut limits = self.h1_limits;
+            if let Some(by) = head_by {
+                // Only for a connection whose first head could not be
+                // read: it ends after that head's answer.
+                limits.header_read_timeout = by
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(1));
+            }
             let conn = pin!(h1_server::serve(
                 tcp,
-                self.h1_limits,
+                limits,
                 &closing,
                 activity.clone(),
                 |req| self.request(req.map(RequestBody::H1), route)
@@ -284,12 +299,22 @@ impl Outbound {
                 self.upstream(rule, addr, &caps)
             }
             Some(r) => {
-                let (i, caps) = r
-                    .table
+                // The rules in use now, as for an explicit request: a reload
+                // applies to the next request of a connection already open
+                // (an HTTP/2 or keep-alive connection may live for hours).
+                let t = self.table.load();
+                let fresh;
+                let candidates = if Arc::ptr_eq(&t, &r.table) {
+                    &r.candidates
+                } else {
+                    fresh = t.rules().candidates(r.dst);
+                    &fresh
+                };
+                let (i, caps) = t
                     .rules()
-                    .for_host(&r.candidates, Some(host))
+                    .for_host(candidates, Some(host))
                     .ok_or(Miss::NoRule)?;
-                self.upstream_of_rule(&r.table, i, &caps, r.dst)
+                self.upstream_of_rule(&t, i, &caps, r.dst)
             }
         }
     }

@@ -10,12 +10,14 @@ use crate::metrics::Metrics;
 use crate::outbound::rules::{Candidates, RuleSet};
 use crate::outbound::upstream::{OutboundError, Upstream};
 
-/// What a redirected HTTP connection routes by: the rules as they were
-/// when it was accepted, its candidates, its original destination.
+/// What a redirected HTTP connection routes by: its original destination,
+/// and the rules whose destination conditions hold for it in the table in
+/// use when it was accepted (each request routes by the table in use
+/// then, and finds the candidates again after a reload).
 pub struct Route {
     /// The rules in use when the connection was accepted.
     pub table: Arc<Table>,
-    /// The rules whose destination conditions hold.
+    /// The rules of `table` whose destination conditions hold.
     pub candidates: Candidates,
     /// The original destination.
     pub dst: SocketAddr,

@@ -44,9 +44,17 @@ use crate::config::Unmeshed;
 use crate::http::h2_stream::idle_watch;
 use crate::metrics::Direction;
 use crate::outbound::detect::{self, Protocol};
+use crate::outbound::own_ports;
 use crate::outbound::rules::Captures;
 use crate::outbound::table::{Route, Table};
 use crate::outbound::Outbound;
+
+/// The process's (effective) uid, for the loop's log line: the owner of
+/// `/proc/self`.
+fn current_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
 
 /// Destinations remembered for "logged once" (beyond it, logged again).
 const MAX_LOGGED_DESTINATIONS: usize = 1024;
@@ -60,6 +68,20 @@ impl Outbound {
         dst: SocketAddr,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        // The first request head must arrive within the header read
+        // timeout of the accept, detection and peeking included.
+        let head_by = tokio::time::Instant::now() + self.cfg.limits.header_read_timeout;
+        if own_ports::is_own(remote) {
+            // Served, it would dial again and come back again, until the
+            // process runs out of file descriptors.
+            self.all_metrics.tcp.connection(Direction::Outbound, "loop");
+            if !self.loop_logged.swap(true, Ordering::Relaxed) {
+                tracing::error!(peer = %remote, %dst, uid = ?current_uid(), "a redirected connection is the sidecar's own: its uid is not the one `keyproof-proxy redirect --proxy-uid` exempts; refused (counted result=\"loop\", logged once)");
+            } else {
+                tracing::debug!(peer = %remote, %dst, "own connection redirected back: refused");
+            }
+            return reset(tcp);
+        }
         let table = self.rules();
         let candidates = table.rules().candidates(dst);
         if candidates.is_empty() {
@@ -99,11 +121,7 @@ impl Outbound {
                 None => self.unmeshed(tcp, dst).await,
             },
             Protocol::Http1 => {
-                let peek = detect::peek_host(
-                    &tcp,
-                    self.cfg.limits.header_read_timeout,
-                    self.cfg.limits.max_header_bytes,
-                );
+                let peek = detect::peek_host(&tcp, head_by, self.cfg.limits.max_header_bytes);
                 let head = tokio::select! {
                     h = peek => h,
                     _ = crate::http::server::stopped(&mut shutdown) => return,
@@ -138,7 +156,11 @@ impl Outbound {
                     candidates,
                     dst,
                 });
-                self.serve_http(tcp, remote, false, Some(route), shutdown)
+                // An unreadable head (slow, too large, malformed) is the
+                // connection's last: its server answers it within what is
+                // left of the head's time, not a whole timeout more.
+                let head_by = (head == detect::Head::Unreadable).then_some(head_by);
+                self.serve_http(tcp, remote, false, Some(route), head_by, shutdown)
                     .await;
             }
             Protocol::H2 => {
@@ -147,7 +169,7 @@ impl Outbound {
                     candidates,
                     dst,
                 });
-                self.serve_http(tcp, remote, true, Some(route), shutdown)
+                self.serve_http(tcp, remote, true, Some(route), None, shutdown)
                     .await;
             }
         }
@@ -189,7 +211,9 @@ impl Outbound {
                     break;
                 }
                 Ok(Err(crate::http::mesh_client::TunnelError::Refused(status))) => {
-                    tcp_metrics.connection(Direction::Outbound, "denied");
+                    // 503: the peer's tunnel limits, not its policy.
+                    let result = if status == 503 { "limited" } else { "denied" };
+                    tcp_metrics.connection(Direction::Outbound, result);
                     tracing::info!(upstream = %up.cfg.address, %dst, %status, "TCP tunnel refused by the peer");
                     return reset(tcp);
                 }
@@ -256,21 +280,21 @@ impl Outbound {
                 if first {
                     tracing::info!(%dst, "destination outside the mesh: passed through in plain TCP");
                 }
-                let connect = TcpStream::connect(dst);
-                let mut server = match tokio::time::timeout(self.cfg.connect_timeout, connect).await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tcp_metrics.connection(Direction::Outbound, "failed");
-                        tracing::debug!(%dst, error = %e, "passthrough connect failed");
-                        return reset(tcp);
-                    }
-                    Err(_) => {
-                        tcp_metrics.connection(Direction::Outbound, "failed");
-                        tracing::debug!(%dst, "passthrough connect timed out");
-                        return reset(tcp);
-                    }
-                };
+                let connect = own_ports::connect(dst);
+                let (mut server, _own) =
+                    match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tcp_metrics.connection(Direction::Outbound, "failed");
+                            tracing::debug!(%dst, error = %e, "passthrough connect failed");
+                            return reset(tcp);
+                        }
+                        Err(_) => {
+                            tcp_metrics.connection(Direction::Outbound, "failed");
+                            tracing::debug!(%dst, "passthrough connect timed out");
+                            return reset(tcp);
+                        }
+                    };
                 tcp_metrics.connection(Direction::Outbound, "passthrough");
                 let _ = server.set_nodelay(true);
                 let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -512,6 +536,102 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 502"), "{text}");
     }
 
+    /// One HTTP/1.1 response read from a keep-alive connection: its head
+    /// (and a `Content-Length` body, read and dropped).
+    async fn response_head(c: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = tokio::time::timeout(WAIT, c.read(&mut chunk))
+                .await
+                .expect("a response in time")
+                .unwrap();
+            assert!(n > 0, "closed before a response: {buf:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = buf.len() - head_end;
+        while body < length {
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            body += n;
+        }
+        head
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_to_the_next_request_of_an_open_connection() {
+        // Revoking or tightening a rule must reach long-lived app
+        // connections too, not only new ones.
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let rule = |id: &str| {
+            format!("[[upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"spiffe://unit.keyproof.test/ns/demo/sa/{id}\"\n")
+        };
+        let (o, _m) = outbound(&rule("api").replace("[[upstreams]]", "[[outbound.upstreams]]"));
+        let mut c = redirected(&o, mesh).await;
+        let get = b"GET /x HTTP/1.1\r\nHost: web.demo.svc\r\n\r\n";
+        c.write_all(get).await.unwrap();
+        let head = response_head(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // The expected identity changes: the server's is no longer it.
+        let path = std::path::Path::new("upstreams.toml");
+        o.replace_rules(crate::config::parse_upstreams(path, &rule("other")).unwrap())
+            .unwrap();
+        c.write_all(get).await.unwrap();
+        let head = response_head(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+        // And back: the same connection is served again.
+        o.replace_rules(crate::config::parse_upstreams(path, &rule("api")).unwrap())
+            .unwrap();
+        c.write_all(get).await.unwrap();
+        let head = response_head(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn the_sidecars_own_dial_redirected_back_is_refused_not_dialled_again() {
+        // As with `redirect --proxy-uid` naming another uid than the
+        // sidecar's: every connection to the listener, the sidecar's own
+        // passthrough dial included, is handled as redirected to it.
+        let (o, m) = outbound("unmeshed = \"passthrough\"\n");
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        {
+            let (o, accepted) = (o.clone(), accepted.clone());
+            tokio::spawn(async move {
+                while let Ok((s, remote)) = l.accept().await {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::spawn(o.clone().transparent(s, remote, addr, rx.clone()));
+                }
+            });
+        }
+        let mut app = TcpStream::connect(addr).await.unwrap();
+        app.write_all(b"hello").await.unwrap();
+        let mut rest = Vec::new();
+        // The app's connection ends (reset), it does not hang.
+        let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut rest))
+            .await
+            .expect("the looped connection never ended");
+        assert_eq!(tcp_result(&m, "loop"), 1.0);
+        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn unmeshed_destinations_are_passed_through_or_refused() {
         let (plain, conns) = echo_server().await;
@@ -693,6 +813,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_slow_first_head_gets_one_header_read_timeout_in_all() {
+        // Detection, the peek for its Host and the HTTP/1 server each wait
+        // for the same head: together no longer than the timeout, which
+        // runs from the accept (each on its own made it up to three).
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+        let (o, _m) = outbound(&format!(
+            "header_read_timeout = \"1s\"\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let start = std::time::Instant::now();
+        let mut c = redirected(&o, mesh).await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: web.demo.svc\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_millis(1800),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn an_idle_passthrough_is_closed_and_its_bytes_counted() {
         let (plain, _conns) = echo_server().await;
         let (o, m) = outbound(&format!(
@@ -792,10 +941,22 @@ mod tests {
         tokio::sync::watch::Sender<bool>,
         Metrics,
     ) {
+        real_inbound_with(port, "").await
+    }
+
+    /// [`real_inbound`] with more `[inbound]` keys.
+    async fn real_inbound_with(
+        port: u16,
+        extra: &str,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::watch::Sender<bool>,
+        Metrics,
+    ) {
         use crate::inbound::Inbound;
         use crate::listener::{self, Tracker};
         let cfg = config(&format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\n"
+            "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n{extra}[[inbound.tcp]]\nport = {port}\nallow = [\"spiffe://unit.keyproof.test/ns/demo/sa/web\"]\n"
         ));
         let m = Metrics::new().unwrap();
         let api = workload("/ns/demo/sa/api");
@@ -858,6 +1019,44 @@ mod tests {
             .expect("B's app never saw the end");
         let e = end.expect_err("B's app saw a clean end of an upload A's app abandoned");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_peers_tunnel_limit_is_counted_limited_not_denied() {
+        let (apps, app_addr) = app_server().await;
+        let (inbound, _stop, im) = real_inbound_with(app_addr.port(), "max_tunnels = 1\n").await;
+        let (o, m) = outbound(&format!(
+            "opaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\naddress = \"{inbound}\"\nidentity = \"{API}\"\n",
+            app_addr.port()
+        ));
+        let mut first = redirected(&o, app_addr).await;
+        first.write_all(b"x").await.unwrap();
+        let _held = tokio::time::timeout(WAIT, apps.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        // Counted once the peer's 200 is back, just after its app accepted.
+        for _ in 0..250 {
+            if tcp_result(&m, "ok") == 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tcp_result(&m, "ok"), 1.0);
+        let mut second = redirected(&o, app_addr).await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, second.read_to_end(&mut rest))
+            .await
+            .expect("the refused tunnel's app connection never ended");
+        assert_eq!(tcp_result(&m, "limited"), 1.0);
+        assert_eq!(tcp_result(&m, "denied"), 0.0);
+        assert_eq!(
+            metric(
+                &im,
+                "keyproof_tcp_connections_total{direction=\"inbound\",result=\"limited\"}"
+            ),
+            1.0
+        );
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ use crate::http::read_ahead::ReadAhead;
 use crate::identity::store::{self, IdentityStore};
 use crate::metrics::{DirectionMetrics, Metrics};
 use crate::outbound::kept::StepUpPaths;
+use crate::outbound::own_ports;
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -120,24 +121,26 @@ struct Dialer {
 
 impl Dialer {
     async fn dial(&self) -> Result<MeshStream, ConnectError> {
-        let tcp =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.address))
-                .await
-            {
-                Err(_) => {
-                    return Err(ConnectError::ConnectTimeout {
-                        addr: self.address.clone(),
-                        after: self.connect_timeout,
-                    })
-                }
-                Ok(Err(e)) => {
-                    return Err(ConnectError::Connect {
-                        addr: self.address.clone(),
-                        msg: e.to_string(),
-                    })
-                }
-                Ok(Ok(t)) => t,
-            };
+        let (tcp, own) = match tokio::time::timeout(
+            self.connect_timeout,
+            own_ports::connect_host(&self.address),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(ConnectError::ConnectTimeout {
+                    addr: self.address.clone(),
+                    after: self.connect_timeout,
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(ConnectError::Connect {
+                    addr: self.address.clone(),
+                    msg: e.to_string(),
+                })
+            }
+            Ok(Ok(t)) => t,
+        };
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(
             self.handshake_timeout,
@@ -199,6 +202,7 @@ impl Dialer {
         open.inc();
         Ok(MeshStream {
             tls,
+            _own: own,
             h2,
             info: Arc::new(MeshConnInfo {
                 peer_id,
@@ -213,6 +217,8 @@ impl Dialer {
 /// One mutual-TLS connection to an upstream sidecar.
 pub struct MeshStream {
     tls: TlsStream<ReadAhead<TcpStream>>,
+    /// Its local port, known as the outbound's own while it is open.
+    _own: own_ports::OwnPort,
     h2: bool,
     info: Arc<MeshConnInfo>,
     open: prometheus::IntGauge,
