@@ -76,7 +76,7 @@ impl Outbound {
             // process runs out of file descriptors.
             self.all_metrics.tcp.connection(Direction::Outbound, "loop");
             if !self.loop_logged.swap(true, Ordering::Relaxed) {
-                tracing::error!(peer = %remote, %dst, uid = ?current_uid(), "a redirected connection is the sidecar's own: its uid is not the one `keyproof-proxy redirect --proxy-uid` exempts; refused (counted result=\"loop\", logged once)");
+                tracing::error!(peer = %remote, %dst, uid = %current_uid().map_or_else(|| "unknown".to_owned(), |u| u.to_string()), "a redirected connection is the sidecar's own: its uid is not the one `keyproof-proxy redirect --proxy-uid` exempts; refused (counted result=\"loop\", logged once)");
             } else {
                 tracing::debug!(peer = %remote, %dst, "own connection redirected back: refused");
             }
