@@ -1046,7 +1046,7 @@ mod tests {
         // A file gone for a while changes no policy (and is reported, once);
         // back, unchanged, it reloads nothing either.
         std::fs::remove_file(&file).expect("remove");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until(&m, "keyproof_policy_reloads_total{result=\"failed\"}", 1.0).await;
         std::fs::write(&file, OPS_ONLY).expect("write");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(

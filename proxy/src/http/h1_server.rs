@@ -58,6 +58,11 @@ const LINGER_BYTES: usize = 256 * 1024;
 pub struct ServerLimits {
     /// From the first byte of a request head to its end.
     pub header_read_timeout: Duration,
+    /// When set, the connection's first request head is due by then
+    /// instead (its bytes were waited for already, e.g. peeked at by a
+    /// redirected connection's detection); later heads get
+    /// `header_read_timeout`.
+    pub first_head_by: Option<tokio::time::Instant>,
     /// Largest request head (and chunked trailer section).
     pub max_header_bytes: usize,
     /// A request body with nothing to read for this long fails; the
@@ -234,7 +239,7 @@ enum HeadEnd {
 /// caller sets it for idle and shutdown, then polls again).
 pub async fn serve<H, F, B>(
     tcp: TcpStream,
-    limits: ServerLimits,
+    mut limits: ServerLimits,
     closing: &AtomicBool,
     activity: Arc<AtomicU64>,
     mut handler: H,
@@ -253,7 +258,10 @@ where
             return Ok(());
         };
         let head = match read_head(io, &mut buf, limits, closing, &activity).await {
-            Ok(head) => head,
+            Ok(head) => {
+                limits.first_head_by = None;
+                head
+            }
             Err(HeadEnd::Done) => return Ok(()),
             Err(HeadEnd::Io(e)) => return Err(e),
             Err(HeadEnd::Timeout) => {
@@ -403,7 +411,10 @@ async fn read_head(
                 Err(e) => return Err(HeadEnd::Bad(e)),
             }
             if deadline.is_none() && !buf.is_empty() {
-                deadline = Some(Box::pin(tokio::time::sleep(limits.header_read_timeout)));
+                deadline = Some(Box::pin(match limits.first_head_by {
+                    Some(by) => tokio::time::sleep_until(by),
+                    None => tokio::time::sleep(limits.header_read_timeout),
+                }));
             }
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -616,6 +627,7 @@ mod tests {
     fn limits() -> ServerLimits {
         ServerLimits {
             header_read_timeout: Duration::from_millis(100),
+            first_head_by: None,
             max_header_bytes: 1024,
             body_timeout: Duration::from_millis(100),
         }
@@ -828,6 +840,34 @@ mod tests {
         assert!(start.elapsed() >= limits().header_read_timeout);
         assert_eq!(r.field("connection"), Some("close"));
         assert_closed(&mut s, &mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn first_head_by_bounds_the_first_head_only() {
+        // The first head is due by the instant given (its bytes were waited
+        // for elsewhere already); a later head gets the whole timeout.
+        let mut l = limits();
+        l.header_read_timeout = Duration::from_millis(400);
+        let first_by = tokio::time::Instant::now() + Duration::from_millis(100);
+        l.first_head_by = Some(first_by);
+        let srv = server(l, open(), echo).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET / HTTP/1.1\r\nHost: a\r\n").await;
+        assert_eq!(r.status, 408);
+        assert!(tokio::time::Instant::now() >= first_by);
+        assert_closed(&mut s, &mut buf).await;
+        // Served in time, the next head has the full timeout: a piece 200
+        // ms after the first is still in time.
+        let first_by = tokio::time::Instant::now() + Duration::from_millis(100);
+        l.first_head_by = Some(first_by);
+        let srv = server(l, open(), echo).await;
+        let (mut s, mut buf, r) = exchange(srv.addr, b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(r.status, 200);
+        tokio::time::sleep_until(first_by).await;
+        s.write_all(b"GET /2 HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(b"Host: a\r\n\r\n").await.unwrap();
+        let r = response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!((r.status, r.field("x-path")), (200, Some("/2")));
     }
 
     #[tokio::test]

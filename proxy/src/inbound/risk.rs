@@ -10,7 +10,8 @@
 //! and its `rate_above` rules fire until a window has passed since callers
 //! were last forgotten (its requests were lost with it); a caller that
 //! cannot be tracked at all (no place could be freed) is treated as new,
-//! fast and recently refused.
+//! fast and recently refused. What is not known raises a challenge, never
+//! a denial: assumed rates and refusals fire `challenge` rules only.
 //!
 //! The table is split into shards (each a `Mutex`) so that requests of
 //! different callers rarely wait for each other; the bound is global and
@@ -123,8 +124,8 @@ const SUBS: u64 = 8;
 /// estimated from two fixed ones, weighting the earlier one by how much of
 /// it is still covered, let a burst at the end of one fixed window and
 /// another early in the next pass at nearly twice the rate). A request up
-/// to one sub-window older than the window may still count: the error is
-/// only ever a challenge.
+/// to one sub-window older than the window may still count (sub-windows
+/// are rounded up to a millisecond): the error is only ever a challenge.
 #[derive(Debug, Clone, Copy, Default)]
 struct Window {
     /// The sub-window being counted (time / sub-window length).
@@ -1123,7 +1124,7 @@ impl RouteRisk {
                     let ri = id.route_state(self, &self.table.applied, now);
                     for (i, r) in self.rules.iter().enumerate() {
                         if self
-                            .fires(id, ri, &r.name, &r.test, now)
+                            .fires(id, ri, r, now)
                             .or_else(|| stateless(&r.test))
                             .unwrap_or(false)
                         {
@@ -1134,11 +1135,15 @@ impl RouteRisk {
                 None => {
                     for (i, r) in self.rules.iter().enumerate() {
                         let fired = match r.test {
-                            // Untracked: as new, fast and recently refused.
-                            Test::NewPeer(_)
-                            | Test::Rate { .. }
-                            | Test::AfterFailure(_)
-                            | Test::AfterRefusal(_) => true,
+                            // Untracked: as new, fast and recently refused;
+                            // but what is not known can raise a challenge,
+                            // never a denial (a `deny` rule on the rate or
+                            // on refusals would lock out every newcomer
+                            // while the table is full). New it is, though.
+                            Test::NewPeer(_) => true,
+                            Test::Rate { .. } | Test::AfterFailure(_) | Test::AfterRefusal(_) => {
+                                r.action == RiskAction::Challenge
+                            }
                             // No refusal on record to lock it out with.
                             Test::FailuresAbove { .. } => false,
                             _ => stateless(&r.test).unwrap_or(false),
@@ -1171,23 +1176,20 @@ impl RouteRisk {
 
     /// A stateful rule's outcome for a tracked caller (`None` for the
     /// stateless ones), updating its state.
-    fn fires(
-        &self,
-        id: &mut Ident,
-        ri: usize,
-        name: &Arc<str>,
-        test: &Test,
-        now: u64,
-    ) -> Option<bool> {
-        Some(match *test {
+    fn fires(&self, id: &mut Ident, ri: usize, rule: &Rule, now: u64) -> Option<bool> {
+        let name = &rule.name;
+        Some(match rule.test {
             Test::NewPeer(w) => id.routes[ri]
                 .served
                 .is_none_or(|s| now.saturating_sub(s) >= w),
             Test::Rate { slot, n, window } => {
                 let over = id.routes[ri].rates[slot].count(now, n, window);
-                over || id
-                    .forgotten_before
-                    .is_some_and(|f| now < f.saturating_add(window))
+                // Requests it may have made before it was forgotten can
+                // raise a challenge, never a denial: they are not known.
+                over || rule.action == RiskAction::Challenge
+                    && id
+                        .forgotten_before
+                        .is_some_and(|f| now < f.saturating_add(window))
             }
             Test::AfterFailure(w) => id.last_failure.is_some_and(|f| now.saturating_sub(f) < w),
             Test::AfterRefusal(w) => id.last_refusal.is_some_and(|f| now.saturating_sub(f) < w),
@@ -2292,6 +2294,11 @@ mod tests {
         assert_eq!(r.evaluate(&p, &none(), at(7)), ch("burst"));
         // A window after the last caller was forgotten, it is itself again.
         assert_eq!(r.evaluate(&p, &none(), at(1100)), Verdict::Pass);
+        // What is not known raises a challenge, never a denial: a deny rule
+        // on the rate leaves a newcomer after an eviction alone.
+        let flood = f.route(1, &["flood"]);
+        assert_eq!(flood.evaluate(&peer(9), &none(), at(1200)), Verdict::Pass);
+        assert_eq!(f.metric("keyproof_risk_evictions_total"), 3.0);
     }
 
     #[test]
@@ -2346,6 +2353,12 @@ mod tests {
         );
         assert_eq!(f.metric("keyproof_risk_untracked_total"), before + 4.0);
         assert_eq!(f.table.tracked(), 3);
+        // Untracked, it is not refused by a deny rule on what is not known.
+        let only_flood = f.route(4, &["flood", "lockout"]);
+        assert_eq!(
+            only_flood.evaluate(&stranger, &none(), at(2 * MIN)),
+            Verdict::Pass
+        );
         // Once the locks end, places free up again.
         assert_eq!(r.evaluate(&locked, &none(), at(20 * MIN)), ch("new"));
         assert_eq!(

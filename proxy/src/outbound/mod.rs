@@ -141,6 +141,7 @@ impl Outbound {
             builders: Builders::new(&cfg.limits),
             h1_limits: ServerLimits {
                 header_read_timeout: cfg.limits.header_read_timeout,
+                first_head_by: None,
                 max_header_bytes: cfg.limits.max_header_bytes,
                 body_timeout: cfg.limits.body_timeout,
             },
@@ -197,7 +198,8 @@ impl Outbound {
     /// Serves HTTP on an app connection: HTTP/2 with prior knowledge
     /// (gRPC) with hyper's server, HTTP/1 with the sidecar's own
     /// (`h1_server.rs`). `route`: the connection was redirected.
-    /// `head_by`: its first (and last) HTTP/1 head is due by then.
+    /// `head_by`: its first HTTP/1 head is due by then (a redirected
+    /// connection's, counted from its accept).
     async fn serve_http(
         self: Arc<Self>,
         tcp: TcpStream,
@@ -236,13 +238,7 @@ impl Outbound {
             let closing = AtomicBool::new(false);
             let route = route.as_deref();
             let mut limits = self.h1_limits;
-            if let Some(by) = head_by {
-                // Only for a connection whose first head could not be
-                // read: it ends after that head's answer.
-                limits.header_read_timeout = by
-                    .saturating_duration_since(tokio::time::Instant::now())
-                    .max(Duration::from_millis(1));
-            }
+            limits.first_head_by = head_by;
             let conn = pin!(h1_server::serve(
                 tcp,
                 limits,
@@ -303,16 +299,10 @@ impl Outbound {
                 // applies to the next request of a connection already open
                 // (an HTTP/2 or keep-alive connection may live for hours).
                 let t = self.table.load();
-                let fresh;
-                let candidates = if Arc::ptr_eq(&t, &r.table) {
-                    &r.candidates
-                } else {
-                    fresh = t.rules().candidates(r.dst);
-                    &fresh
-                };
+                let found = r.candidates(&t);
                 let (i, caps) = t
                     .rules()
-                    .for_host(candidates, Some(host))
+                    .for_host(&found.candidates, Some(host))
                     .ok_or(Miss::NoRule)?;
                 self.upstream_of_rule(&t, i, &caps, r.dst)
             }

@@ -2,7 +2,9 @@
 //! and what a redirected connection routes its requests by.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
 
 use crate::config::{OutboundConfig, UpstreamConfig, UpstreamRule};
 use crate::identity::store::IdentityStore;
@@ -11,16 +13,53 @@ use crate::outbound::rules::{Candidates, RuleSet};
 use crate::outbound::upstream::{OutboundError, Upstream};
 
 /// What a redirected HTTP connection routes by: its original destination,
-/// and the rules whose destination conditions hold for it in the table in
-/// use when it was accepted (each request routes by the table in use
-/// then, and finds the candidates again after a reload).
+/// and the rules whose destination conditions hold for it, found again
+/// when a request comes after a reload (each request routes by the table
+/// in use then).
 pub struct Route {
-    /// The rules in use when the connection was accepted.
-    pub table: Arc<Table>,
-    /// The rules of `table` whose destination conditions hold.
-    pub candidates: Candidates,
     /// The original destination.
     pub dst: SocketAddr,
+    cached: ArcSwap<Cached>,
+}
+
+/// A table's candidates for a route's destination.
+pub struct Cached {
+    /// Weak: a connection open across reloads keeps no old table (nor its
+    /// upstreams' connections) alive.
+    table: Weak<Table>,
+    /// The rules of `table` whose destination conditions hold.
+    pub candidates: Candidates,
+}
+
+impl Route {
+    /// The route of a connection to `dst`, whose `candidates` were found
+    /// in `table`.
+    pub fn new(table: &Arc<Table>, candidates: Candidates, dst: SocketAddr) -> Route {
+        Route {
+            dst,
+            cached: ArcSwap::from_pointee(Cached {
+                table: Arc::downgrade(table),
+                candidates,
+            }),
+        }
+    }
+
+    /// The candidates of `table` for this route's destination: those
+    /// found last, or found now when `table` is another one.
+    pub fn candidates(&self, table: &Arc<Table>) -> Arc<Cached> {
+        let c = self.cached.load_full();
+        // The weak reference keeps the old table's allocation: a new table
+        // never shares its address while it is held.
+        if std::ptr::eq(c.table.as_ptr(), Arc::as_ptr(table)) {
+            return c;
+        }
+        let fresh = Arc::new(Cached {
+            table: Arc::downgrade(table),
+            candidates: table.rules().candidates(self.dst),
+        });
+        self.cached.store(fresh.clone());
+        fresh
+    }
 }
 
 /// The upstream rules in use and the upstreams built with them: one per

@@ -217,8 +217,8 @@ impl Dialer {
 /// One mutual-TLS connection to an upstream sidecar.
 pub struct MeshStream {
     tls: TlsStream<ReadAhead<TcpStream>>,
-    /// Its local port, known as the outbound's own while it is open.
-    _own: own_ports::OwnPort,
+    /// Known as the outbound's own while it is open.
+    _own: own_ports::OwnConn,
     h2: bool,
     info: Arc<MeshConnInfo>,
     open: prometheus::IntGauge,
