@@ -23,9 +23,9 @@ const K8S_VERSION: &str = "1.30.0";
 const CRD_KINDS: &[&str] = &["PodMonitor"];
 
 /// Every metric name the rules and the dashboard may use: the proxy's
-/// contract (transport, step-up, rotation and trust-bundle metrics), the
-/// CA's (`keyproof-ca serve --admin-listen`), plus the two gauges deploy/
-/// asks for.
+/// contract (transport, step-up, TCP tunnel, rotation and trust-bundle
+/// metrics), the CA's (`keyproof-ca serve --admin-listen`), plus the two
+/// gauges deploy/ asks for.
 const KNOWN_METRICS: &[&str] = &[
     "keyproof_tls_handshakes_total",
     "keyproof_tls_key_exchange_total",
@@ -50,6 +50,8 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_risk_tracked_identities",
     "keyproof_risk_evictions_total",
     "keyproof_risk_untracked_total",
+    "keyproof_tcp_connections_total",
+    "keyproof_tcp_bytes_total",
     "keyproof_trust_bundle_roots",
     "keyproof_trust_bundle_root_expiry_timestamp_seconds",
     "keyproof_trust_bundle_sequence",
