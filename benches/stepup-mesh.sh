@@ -15,9 +15,12 @@
 # connections as that rate needs): a sidecar that serves fewer requests per
 # second batches less per wake-up and pays more per request, so su minus
 # plain@su is the step-up's own cost, without that effect.
+# Placements (PLACEMENTS, every round runs each): "shared", every process on
+# any vCPU; "pods", the caller's pod (wrk, OUT) on cpu 0 and the callee's
+# (IN, nginx) on cpu 1, as two pods on two nodes (taskset).
 # usage: benches/stepup-mesh.sh
 #   env: ROUNDS (3), SECONDS_EACH (8), CONNS ("32 1": each count in every round), ROUTES ("plain su"), PACED (1: plain@su runs),
-#        KEY (p256 | ed25519: the workload keys of both sidecars),
+#        KEY (p256 | ed25519: the workload keys of both sidecars), PLACEMENTS ("shared pods"; "pods" needs 2 CPUs),
 #        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`),
 #        FLOOR (target/release/examples/floor, built here if absent). Needs wrk, nginx, openssl.
 set -euo pipefail
@@ -25,6 +28,11 @@ here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
 floor=${FLOOR:-$repo/target/release/examples/floor}
 rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} conns_list=${CONNS:-32 1} routes=${ROUTES:-plain su} key=${KEY:-p256} paced=${PACED:-1}
+placements=${PLACEMENTS:-shared pods}
+for pl in $placements; do
+  case $pl in shared) ;; pods) [ "$(nproc)" -ge 2 ] || { echo "PLACEMENTS: pods needs 2 CPUs" >&2; exit 2; };;
+    *) echo "PLACEMENTS: unknown placement $pl (shared, pods)" >&2; exit 2;; esac
+done
 case $key in p256|ed25519) ;; *) echo "KEY must be p256 or ed25519" >&2; exit 2;; esac
 "$repo/proxy/layout/check.sh" "$keyproof" || true
 [ -x "$floor" ] || (cd "$repo" && cargo build --release --locked -q -p keyproof-stepup --example floor)
@@ -105,24 +113,36 @@ for route in $routes; do
   wrk -t1 -c32 -d1s "http://127.0.0.1:15001/$route" >/dev/null   # warm-up: connection, kept nonces
 done
 echo "function delay() return 10 end" > "$work/pace.lua"
-echo "round conns route rps p50_us p99_us trips errors in_cpu_us out_cpu_us" > "$work/rows"
+for pl in $placements; do echo "round conns route rps p50_us p99_us trips errors in_cpu_us out_cpu_us" > "$work/rows.$pl"; done
+# place PLACEMENT: pins (every thread of) the callee's pod, IN and nginx, and the caller's OUT; wrk
+# is started pinned through $caller.
+caller=()
+place() {
+  local all="0-$(($(nproc) - 1))" callee_cpu caller_cpu ng
+  if [ "$1" = pods ]; then callee_cpu=1 caller_cpu=0; caller=(taskset -c 0); else callee_cpu=$all caller_cpu=$all; caller=(); fi
+  ng=$(cat "$work/backend.pid")
+  for p in "${pids[0]}" "$ng" $(pgrep -P "$ng"); do taskset -a -cp "$callee_cpu" "$p" >/dev/null; done
+  taskset -a -cp "$caller_cpu" "${pids[1]}" >/dev/null
+}
 : > "$work/floor"
 # One wrk run: ROUND CONNS ROUTE LABEL [wrk options]; appends a row.
 measure() {
   local r=$1 conns=$2 route=$3 label=$4; shift 4
   before=$(inbound_requests); ci0=$(cpu "${pids[0]}"); co0=$(cpu "${pids[1]}")
-  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "$@" "http://127.0.0.1:15001/$route")
+  out=$("${caller[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "$@" "http://127.0.0.1:15001/$route")
   after=$(inbound_requests); ci1=$(cpu "${pids[0]}"); co1=$(cpu "${pids[1]}")
   reqs=$(awk '/requests in/{print $1}' <<<"$out"); rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
   p50=$(to_us "$(awk '$1=="50%"{print $2}' <<<"$out")"); p99=$(to_us "$(awk '$1=="99%"{print $2}' <<<"$out")")
   errs=$( (grep -E 'Non-2xx|Socket errors' <<<"$out" || true) | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
   trips=$(echo "scale=4; ($after-$before)/$reqs" | bc)
   in_cpu=$(echo "scale=1; ($ci1-$ci0)*1000000/$tck/$reqs" | bc); out_cpu=$(echo "scale=1; ($co1-$co0)*1000000/$tck/$reqs" | bc)
-  echo "$r $conns $label $rps $p50 $p99 $trips ${errs:-0} $in_cpu $out_cpu" >> "$work/rows"
+  echo "$r $conns $label $rps $p50 $p99 $trips ${errs:-0} $in_cpu $out_cpu" >> "$work/rows.$pl"
 }
 # Field I (1-based) of the row of round R, connections C, route P.
-field() { awk -v r="$1" -v c="$2" -v p="$3" -v i="$4" '$1==r && $2==c && $3==p {print $i}' "$work/rows"; }
+field() { awk -v r="$1" -v c="$2" -v p="$3" -v i="$4" '$1==r && $2==c && $3==p {print $i}' "$work/rows.$pl"; }
 for r in $(seq "$rounds"); do
+ for pl in $placements; do
+  place "$pl"
   for conns in $conns_list; do
     for route in $routes; do
       measure "$r" "$conns" "$route" "$route"
@@ -133,14 +153,18 @@ for r in $(seq "$rounds"); do
       pc=$(awk -v rps="$su_rps" -v p50="$plain_p50" 'BEGIN { n = int(rps * (10000 + p50) / 1e6 + 0.999); print (n < 1 ? 1 : n) }')
       measure "$r" "$pc" plain plain@su -s "$work/pace.lua"
       # Filed under the connection count it is compared with.
-      awk -v r="$r" -v c="$conns" -v pc="$pc" '$1==r && $2==pc && $3=="plain@su" {$2=c} {print}' "$work/rows" > "$work/rows.tmp"
-      mv "$work/rows.tmp" "$work/rows"
+      awk -v r="$r" -v c="$conns" -v pc="$pc" '$1==r && $2==pc && $3=="plain@su" {$2=c} {print}' "$work/rows.$pl" > "$work/rows.tmp"
+      mv "$work/rows.tmp" "$work/rows.$pl"
     fi
   done
+ done
+ place shared
   "$floor" "$c/client.der" "$c/client.pk8" >> "$work/floor"
 done
 curl -s http://127.0.0.1:15092/metrics | grep -E '^keyproof_stepup_(verifications_total\{result="(ok|missing|replay|bad_nonce|expired)"|challenges_total|nonce_table_full_total|nonces_outstanding)' || true
-python3 - "$work/rows" "$work/floor" "$key" <<'PY'
+for pl in $placements; do
+echo "== placement: $pl"
+python3 - "$work/rows.$pl" "$work/floor" "$key" <<'PY'
 import sys, statistics as st
 rows=[l.split() for l in open(sys.argv[1]).read().splitlines()[1:]]
 floors=[dict(kv.split('=') for kv in l.split()[1:]) for l in open(sys.argv[2]).read().splitlines()]
@@ -173,3 +197,4 @@ for c in dict.fromkeys(r[1] for r in rows):
     print(f"  p50 step-up - plain: {dp50:.0f} us = x{dp50/fl['floor_us']:.2f} floor"
           + (f" (target at one connection <= x1.5: {'met' if dp50 <= 1.5*fl['floor_us'] else 'NOT met'})" if c=='1' else ""))
 PY
+done

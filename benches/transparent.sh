@@ -15,19 +15,28 @@
 #   keyproof  the client dials B's own address (10.77.0.2:5001 / :5432): redirected, HTTP/2 CONNECT tunnel
 #   stunnel   the client dials A's stunnel (127.0.0.1:25001 / :25432)
 #   target: keyproof throughput >= 1.2x stunnel's, CPU per byte (per transaction) <= 0.8x
+# Placements (PLACEMENTS, each round runs every load in each):
+#   shared  every process free to run on every vCPU: two pods sharing one node's CPUs
+#   pods    each pod's processes on a vCPU of their own (A: cpu 0, B: cpu 1), as two pods on two nodes;
+#           the clients in A too. Set with taskset on every process of each namespace between placements.
 # Before the transparent features are in the binary (no `redirect` subcommand), only the explicit HTTP
 # hop and the stunnel rows run; the rest print "not run".
 # usage: sudo benches/transparent.sh   (root: namespaces and iptables)
 #   env: ROUNDS (3), SECONDS_EACH (8), CONNS (32: wrk connections), CLIENTS (8: pgbench clients), BULK_MB (400),
 #        WORKERS (1: each sidecar's runtime.worker_threads), KINDS ("http bulk rr": which loads run),
+#        PLACEMENTS ("shared pods": see above; "pods" needs 2 CPUs),
 #        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`),
 #        KEEP (1: leave the work directory). Needs ip, iptables, wrk, nginx, stunnel4, postgresql-15, pgbench, python3, openssl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
 rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} workers=${WORKERS:-1} conns=${CONNS:-32} clients=${CLIENTS:-8} bulk_mb=${BULK_MB:-400}
-kinds=${KINDS:-http bulk rr}
+kinds=${KINDS:-http bulk rr} placements=${PLACEMENTS:-shared pods}
 pgbin=/usr/lib/postgresql/15/bin
+for pl in $placements; do
+  case $pl in shared) ;; pods) [ "$(nproc)" -ge 2 ] || { echo "PLACEMENTS: pods needs 2 CPUs" >&2; exit 2; };;
+    *) echo "PLACEMENTS: unknown placement $pl (shared, pods)" >&2; exit 2;; esac
+done
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, iptables)" >&2; exit 2; }
 for t in ip iptables wrk nginx stunnel4 pgbench python3 openssl "$pgbin/initdb"; do
   command -v "$t" >/dev/null || { echo "missing: $t (./test.sh installs it)" >&2; exit 2; }
@@ -54,7 +63,10 @@ cleanup() {
 trap cleanup EXIT
 inA() { ip netns exec "$A" "$@"; }
 inB() { ip netns exec "$B" "$@"; }
-app() { local ns=$1; shift; ip netns exec "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups -- env HOME=/tmp "$@"; }
+# The CPUs a namespace's processes are pinned to in the placement being run (none: any).
+declare -A pinned=()
+app() { local ns=$1; shift; local pin=(); [ -n "${pinned[$ns]:-}" ] && pin=(taskset -c "${pinned[$ns]}")
+  "${pin[@]}" ip netns exec "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups -- env HOME=/tmp "$@"; }
 ip netns add "$node"; ip -n "$node" link set lo up
 ip -n "$node" link add br0 type bridge; ip -n "$node" link set br0 up
 for p in a b; do
@@ -192,7 +204,16 @@ if [ $transparent = 1 ]; then
   app "$A" curl -sf -o /dev/null "http://$b_ip:8080/" || { echo "intercepted hop failed; logs in $work" >&2; KEEP=1; exit 1; }
   paths_http="explicit intercepted"; paths_tcp="keyproof stunnel"
 fi
-echo "kind round path rate p50_us p99_us errors cpu_a_us cpu_b_us units" > "$work/rows"
+# place PLACEMENT: (re)pins every process (every thread) of both pods; later clients through `app`.
+place() {
+  local all ns pid
+  all="0-$(($(nproc) - 1))"
+  if [ "$1" = pods ]; then pinned=([$A]=0 [$B]=1); else pinned=(); fi
+  for ns in "$A" "$B"; do
+    for pid in $(ip netns pids "$ns"); do taskset -a -cp "${pinned[$ns]:-$all}" "$pid" >/dev/null 2>&1 || true; done
+  done
+}
+for pl in $placements; do echo "kind round path rate p50_us p99_us errors cpu_a_us cpu_b_us units" > "$work/rows.$pl"; done
 # http ROUND PATH
 http() {
   local url=http://127.0.0.1:15001/ hdr=(-H "Host: b.bench")
@@ -204,7 +225,7 @@ http() {
   reqs=$(awk '/requests in/{print $1}' <<<"$out"); rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
   p50=$(to_us "$(awk '$1=="50%"{print $2}' <<<"$out")"); p99=$(to_us "$(awk '$1=="99%"{print $2}' <<<"$out")")
   errs=$( (grep -E 'Non-2xx|Socket errors' <<<"$out" || true) | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
-  echo "http $1 $2 $rps $p50 $p99 ${errs:-0} $(echo "scale=2; ($a1-$a0)*1000000/$tck/$reqs" | bc) $(echo "scale=2; ($b1-$b0)*1000000/$tck/$reqs" | bc) req" >> "$work/rows"
+  echo "http $1 $2 $rps $p50 $p99 ${errs:-0} $(echo "scale=2; ($a1-$a0)*1000000/$tck/$reqs" | bc) $(echo "scale=2; ($b1-$b0)*1000000/$tck/$reqs" | bc) req" >> "$work/rows.$pl"
 }
 # tunnel_pids PATH: the two processes carrying the TCP path.
 tunnel_pids() { if [ "$1" = keyproof ]; then echo "$kp_a $kp_b"; else echo "$st_a $st_b"; fi; }
@@ -217,7 +238,7 @@ bulk() {
   read -r got t <<<"$(app "$A" python3 "$work/sink.py" "${dst[@]}")"
   a1=$(cpu "$pa"); b1=$(cpu "$pb")
   [ "$got" -eq $((bulk_mb << 20)) ] || { echo "bulk over $2: $got bytes, expected $((bulk_mb << 20)); logs in $work" >&2; KEEP=1; exit 1; }
-  echo "bulk $1 $2 $(echo "scale=1; $got/1048576/$t" | bc) 0 0 0 $(echo "scale=3; ($a1-$a0)*1000000000/$tck/$got" | bc) $(echo "scale=3; ($b1-$b0)*1000000000/$tck/$got" | bc) byte" >> "$work/rows"
+  echo "bulk $1 $2 $(echo "scale=1; $got/1048576/$t" | bc) 0 0 0 $(echo "scale=3; ($a1-$a0)*1000000000/$tck/$got" | bc) $(echo "scale=3; ($b1-$b0)*1000000000/$tck/$got" | bc) byte" >> "$work/rows.$pl"
 }
 # rr ROUND PATH: pgbench -S transactions/s and CPU us per transaction.
 rr() {
@@ -228,25 +249,31 @@ rr() {
   out=$(app "$A" env PGSSLMODE=disable pgbench -n -S -c "$clients" -j 2 -T "$secs" -h "${dst[0]}" -p "${dst[1]}" -U postgres postgres 2>&1)
   a1=$(cpu "$pa"); b1=$(cpu "$pb"); m1=$(machine)
   # Whether the machine's CPUs were the limit: a hop that leaves them idle is waiting, not working.
-  echo "rr $1 $2: machine busy $(awk -v a="$m0" -v b="$m1" 'BEGIN{split(a,x);split(b,y); printf "%.0f%%", 100*(1-(y[2]-x[2])/(y[1]-x[1]))}')" >&2
+  echo "rr $1 $2 ($pl): machine busy $(awk -v a="$m0" -v b="$m1" 'BEGIN{split(a,x);split(b,y); printf "%.0f%%", 100*(1-(y[2]-x[2])/(y[1]-x[1]))}')" >&2
   tps=$(awk -F'= ' '/^tps/{split($2,x," "); print x[1]}' <<<"$out" | head -1)
   n=$(awk -F': ' '/number of transactions actually processed/{split($2,x,"/"); print x[1]}' <<<"$out")
   lat=$(awk -F'= ' '/latency average/{split($2,x," "); print x[1]*1000}' <<<"$out")
   [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "pgbench over $2 failed:"$'\n'"$out" >&2; KEEP=1; exit 1; }
-  echo "rr $1 $2 $tps $lat 0 0 $(echo "scale=2; ($a1-$a0)*1000000/$tck/$n" | bc) $(echo "scale=2; ($b1-$b0)*1000000/$tck/$n" | bc) tx" >> "$work/rows"
+  echo "rr $1 $2 $tps $lat 0 0 $(echo "scale=2; ($a1-$a0)*1000000/$tck/$n" | bc) $(echo "scale=2; ($b1-$b0)*1000000/$tck/$n" | bc) tx" >> "$work/rows.$pl"
 }
 app "$A" wrk -t1 -c"$conns" -d1s -H 'Host: b.bench' http://127.0.0.1:15001/ >/dev/null   # warm-up
 for r in $(seq "$rounds"); do
-  for kind in $kinds; do
-    if [ "$kind" = http ]; then ps=$paths_http; else ps=$paths_tcp; fi
-    for p in $ps; do "$kind" "$r" "$p"; done
+  for pl in $placements; do
+    place "$pl"
+    for kind in $kinds; do
+      if [ "$kind" = http ]; then ps=$paths_http; else ps=$paths_tcp; fi
+      for p in $ps; do "$kind" "$r" "$p"; done
+    done
   done
 done
+place shared
 if [ $transparent = 1 ]; then
   inB curl -s --noproxy '*' http://127.0.0.1:15090/metrics | grep -E '^keyproof_tcp_(connections|bytes)_total' || true
   inA curl -s --noproxy '*' http://127.0.0.1:15090/metrics | grep -E '^keyproof_tcp_(connections|bytes)_total' || true
 fi
-python3 - "$work/rows" <<'PY'
+for pl in $placements; do
+echo "== placement: $pl"
+python3 - "$work/rows.$pl" <<'PY'
 import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1]).read().splitlines()[1:]]
 med = st.median
@@ -277,3 +304,4 @@ ratio("rr", "keyproof", "stunnel", 1.2, 0.8, "transaction")
 if sel("http", "explicit") and not sel("http", "intercepted"):
     print("not run: intercepted HTTP, keyproof TCP tunnel (the binary has no `redirect` subcommand)")
 PY
+done
