@@ -54,9 +54,10 @@
 //! connections for drain; `admin.rs` serves `/ready`, `/metrics` and
 //! `/identity`; `metrics.rs` defines every metric and its labels;
 //! `config.rs` parses and validates the TOML; `run.rs` starts and stops the
-//! process and watches `[inbound] policy_file` (`watch_policy`: a valid
-//! change replaces the inbound's policy whole, `Inbound::replace_policy`;
-//! the risk table in `inbound/risk.rs` outlives it).
+//! process and watches `[inbound] policy_file` and `[outbound]
+//! upstreams_file` with `watched.rs` (`watch_policy`: a valid change
+//! replaces the inbound's policy whole, `Inbound::replace_policy`; the risk
+//! table in `inbound/risk.rs` outlives it).
 //!
 //! Dependencies point one way: `http/` knows nothing of `inbound/`,
 //! `outbound/` or `identity/`; `inbound/` and `outbound/` never import each
@@ -80,6 +81,7 @@ pub mod redirect;
 pub mod run;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod watched;
 
 pub use config::Config;
 pub use run::{

@@ -16,9 +16,8 @@ use crate::identity::key::TokenKey;
 use crate::identity::reload;
 use crate::identity::renew;
 use crate::identity::store::{self, Identity, IdentityStore};
-use crate::identity::watch::FileWatch;
 use crate::listener;
-use crate::{admin, inbound, metrics, outbound};
+use crate::{admin, inbound, metrics, outbound, watched};
 
 /// Why the proxy could not start. Every variant names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -145,47 +144,35 @@ pub fn reload_upstreams(
     Ok(n)
 }
 
-/// Watches `[outbound] upstreams_file` as [`watch_policy`] watches the
-/// policy file: every change of content is taken into use, a file that is
-/// refused is logged and counted (`keyproof_upstream_reloads_total`), and
-/// the rules in use keep serving. Connections in flight keep their
-/// upstream.
+/// How the logs name `[outbound] upstreams_file`.
+const UPSTREAMS_FILE: watched::Names = watched::Names {
+    file: "upstreams file",
+    taken: "upstream rules reloaded",
+    kept: "the upstream rules in use keep serving",
+    key: "upstreams_file",
+};
+
+/// Watches `[outbound] upstreams_file` ([`watched::watch`]): every change
+/// of content is taken into use; a file that is refused is logged and
+/// counted (`keyproof_upstream_reloads_total`), and the rules in use keep
+/// serving. Each request routes by the rules in use when it comes.
 pub async fn watch_upstreams(
     outbound: Arc<outbound::Outbound>,
     path: PathBuf,
-    mut seen: Option<Vec<u8>>,
+    seen: Option<Vec<u8>>,
     ours: String,
     metrics: metrics::Metrics,
     interval: Duration,
 ) {
-    let mut watch = FileWatch::start(&[path.as_path()], interval);
-    let mut unreadable = 0;
-    loop {
-        let now = match changed_content(&mut watch, &path, seen.as_deref(), &mut unreadable).await {
-            Look::Content(now) => now,
-            Look::Gone(e) => {
-                // Once per disappearance: the operator removed or broke
-                // the file, and nothing else would say so.
-                metrics.upstream_reload(false);
-                tracing::error!(upstreams_file = %path.display(), error = %e, "upstreams file unreadable (removed?); the upstream rules in use keep serving");
-                continue;
-            }
-        };
-        let result = utf8(&path, &now)
-            .map_err(UpstreamsReloadError::Config)
-            .and_then(|text| reload_upstreams(&outbound, &path, text, &ours));
-        seen = Some(now);
-        match result {
-            Ok(rules) => {
-                metrics.upstream_reload(true);
-                tracing::info!(upstreams_file = %path.display(), rules, "upstream rules reloaded");
-            }
-            Err(e) => {
-                metrics.upstream_reload(false);
-                tracing::error!(upstreams_file = %path.display(), error = %e, "upstreams file refused; the upstream rules in use keep serving");
-            }
+    let take = |text: &str| match reload_upstreams(&outbound, &path, text, &ours) {
+        Ok(rules) => Ok(format!("{rules} rules")),
+        Err(UpstreamsReloadError::Build(outbound::OutboundError::Metrics(e))) => {
+            Err(watched::Refused::Retry(format!("step-up metrics: {e}")))
         }
-    }
+        Err(e) => Err(watched::Refused::Content(e.to_string())),
+    };
+    let counted = |ok| metrics.upstream_reload(ok);
+    watched::watch(path.clone(), seen, interval, UPSTREAMS_FILE, take, counted).await;
 }
 
 /// The upstreams file as read when the proxy starts, parsed; `None` when
@@ -278,136 +265,38 @@ pub fn reload_policy(
     })
 }
 
-/// Watches `[inbound] policy_file` (the same watcher as the identity files:
-/// directory events and a periodic re-read every `interval`) and takes
-/// every change of its content into use; a file that is refused is logged
-/// with the key at fault and counted, and the policy in use keeps serving.
+/// How the logs name `[inbound] policy_file`.
+const POLICY_FILE: watched::Names = watched::Names {
+    file: "inbound policy file",
+    taken: "inbound policy reloaded",
+    kept: "the policy in use keeps serving",
+    key: "policy_file",
+};
+
+/// Watches `[inbound] policy_file` ([`watched::watch`]) and takes every
+/// change of its content into use; a file that is refused is logged with
+/// the key at fault and counted (`keyproof_policy_reloads_total`), and the
+/// policy in use keeps serving.
 ///
 /// `seen` is the content the policy in use was read from (`None`: not
-/// known, so the first readable content is a change). Only a change of
-/// content reloads: a tick or an unrelated event in the directory must
-/// not, as a reload starts the risk state of changed routes afresh.
+/// known, so the first readable content is a change).
 pub async fn watch_policy(
     inbound: Arc<inbound::Inbound>,
     path: PathBuf,
-    mut seen: Option<Vec<u8>>,
+    seen: Option<Vec<u8>>,
     ours: String,
     metrics: metrics::Metrics,
     interval: Duration,
 ) {
-    let mut watch = FileWatch::start(&[path.as_path()], interval);
-    let mut unreadable = 0;
-    loop {
-        let now = match changed_content(&mut watch, &path, seen.as_deref(), &mut unreadable).await {
-            Look::Content(now) => now,
-            Look::Gone(e) => {
-                // Once per disappearance: the operator removed or broke
-                // the file, and nothing else would say so.
-                metrics.policy_reload(false);
-                tracing::error!(policy_file = %path.display(), error = %e, "inbound policy file unreadable (removed?); the policy in use keeps serving");
-                continue;
-            }
-        };
-        let result = utf8(&path, &now)
-            .map_err(PolicyReloadError::Config)
-            .and_then(|text| reload_policy(&inbound, &path, text, &ours));
-        match result {
-            Ok(generation) => {
-                seen = Some(now);
-                metrics.policy_reload(true);
-                tracing::info!(policy_file = %path.display(), generation, "inbound policy reloaded");
-            }
-            Err(PolicyReloadError::Metrics(e)) => {
-                // Not the file's fault: tried again at the next tick.
-                metrics.policy_reload(false);
-                tracing::error!(policy_file = %path.display(), error = %e, "inbound policy not taken into use (metrics); the policy in use keeps serving");
-            }
-            Err(e) => {
-                // The content is at fault: refused once, not at every tick.
-                seen = Some(now);
-                metrics.policy_reload(false);
-                tracing::error!(policy_file = %path.display(), error = %e, "inbound policy file refused; the policy in use keeps serving");
-            }
+    let take = |text: &str| match reload_policy(&inbound, &path, text, &ours) {
+        Ok(generation) => Ok(format!("generation {generation}")),
+        Err(PolicyReloadError::Metrics(e)) => {
+            Err(watched::Refused::Retry(format!("policy metrics: {e}")))
         }
-    }
-}
-
-/// The next content of the watched file `path` that differs from `seen`
-/// and has stopped changing. A file written in place (not renamed into
-/// place) may be seen half written, and a valid prefix of a policy or a
-/// rule list is a valid one with fewer entries: only content that stays
-/// the same is returned ([`settled`]). A read that fails (mid-replacement,
-/// or gone) decides nothing: the next event or tick looks again; a file
-/// still unreadable at the next look is reported as [`Look::Gone`], once
-/// until it is readable again (`failed` counts the looks that failed in a
-/// row, across calls).
-async fn changed_content(
-    watch: &mut FileWatch,
-    path: &Path,
-    seen: Option<&[u8]>,
-    failed: &mut u32,
-) -> Look {
-    loop {
-        watch.changed().await;
-        let now = match tokio::fs::read(path).await {
-            Ok(b) => b,
-            Err(e) => {
-                // The first failure may be a replacement in progress.
-                *failed = failed.saturating_add(1);
-                tracing::debug!(file = %path.display(), error = %e, "watched file not readable now");
-                if *failed == 2 {
-                    return Look::Gone(e);
-                }
-                continue;
-            }
-        };
-        *failed = 0;
-        if seen == Some(now.as_slice()) {
-            continue;
-        }
-        let Some(now) = settled(path, now).await else {
-            continue;
-        };
-        if seen != Some(now.as_slice()) {
-            return Look::Content(now);
-        }
-    }
-}
-
-/// What a look at a watched file found.
-enum Look {
-    /// New content, settled.
-    Content(Vec<u8>),
-    /// The file could not be read twice in a row.
-    Gone(std::io::Error),
-}
-
-/// A watched file's content as text, or the error naming it.
-fn utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, ConfigError> {
-    std::str::from_utf8(bytes)
-        .map_err(|e| ConfigError::Parse(format!("{}: not UTF-8 text: {e}", path.display())))
-}
-
-/// How long a changed policy file must stay the same before it is read as
-/// a policy, and how many times it is looked at before the change is left
-/// to the next event or tick.
-const POLICY_SETTLE: Duration = Duration::from_millis(250);
-const POLICY_SETTLE_TRIES: usize = 20;
-
-/// `first` once a re-read after [`POLICY_SETTLE`] gives the same bytes;
-/// `None` if the file keeps changing (or cannot be read).
-async fn settled(path: &Path, first: Vec<u8>) -> Option<Vec<u8>> {
-    let mut last = first;
-    for _ in 0..POLICY_SETTLE_TRIES {
-        tokio::time::sleep(POLICY_SETTLE).await;
-        let again = tokio::fs::read(path).await.ok()?;
-        if again == last {
-            return Some(last);
-        }
-        last = again;
-    }
-    tracing::warn!(file = %path.display(), "file still changing after {:?}; looked at again at the next change", POLICY_SETTLE * POLICY_SETTLE_TRIES as u32);
-    None
+        Err(e) => Err(watched::Refused::Content(e.to_string())),
+    };
+    let counted = |ok| metrics.policy_reload(ok);
+    watched::watch(path.clone(), seen, interval, POLICY_FILE, take, counted).await;
 }
 
 /// The policy file as read when the proxy starts (before any wait for a
@@ -663,25 +552,15 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         running.inbound_addr = l.local_addr().ok();
         tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
         if let Some(path) = &c.policy_file {
-            let task = tokio::spawn(watch_policy(
+            let watcher = watch_policy(
                 ib.clone(),
                 path.clone(),
                 policy_seen,
                 ours.clone(),
                 metrics.clone(),
                 cfg.identity.reload_interval,
-            ));
-            running.policy_task = Some(task.abort_handle());
-            // A watcher that panicked would leave the policy frozen
-            // without a word: said loudly (an abort at shutdown is not).
-            let path = path.clone();
-            tokio::spawn(async move {
-                if let Err(e) = task.await {
-                    if e.is_panic() {
-                        tracing::error!(policy_file = %path.display(), error = %e, "the inbound policy file watcher failed; policy_file changes are no longer taken into use");
-                    }
-                }
-            });
+            );
+            running.policy_task = Some(watched::spawn(watcher, path, POLICY_FILE));
         }
         let rx = stop_rx.clone();
         // Sockets: the authenticated connections plus the pending
@@ -703,23 +582,15 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         }
         tracing::info!(listen = %fmt_addr(running.outbound_addr), upstreams = c.upstreams.len(), "outbound listening");
         if let Some(path) = &c.upstreams_file {
-            let task = tokio::spawn(watch_upstreams(
+            let watcher = watch_upstreams(
                 ob.clone(),
                 path.clone(),
                 upstreams_seen,
                 ours.clone(),
                 metrics.clone(),
                 cfg.identity.reload_interval,
-            ));
-            running.upstreams_task = Some(task.abort_handle());
-            let path = path.clone();
-            tokio::spawn(async move {
-                if let Err(e) = task.await {
-                    if e.is_panic() {
-                        tracing::error!(upstreams_file = %path.display(), error = %e, "the upstreams file watcher failed; upstreams_file changes are no longer taken into use");
-                    }
-                }
-            });
+            );
+            running.upstreams_task = Some(watched::spawn(watcher, path, UPSTREAMS_FILE));
         }
         let rx = stop_rx.clone();
         tokio::spawn(listener::accept_loop(
@@ -996,10 +867,10 @@ mod tests {
         // than the settling time: no partial content is ever taken.
         for step in ["", OPS_ONLY] {
             std::fs::write(&file, step).expect("write");
-            tokio::time::sleep(POLICY_SETTLE / 3).await;
+            tokio::time::sleep(watched::SETTLE / 3).await;
         }
         std::fs::write(&file, format!("{OPS_ONLY}{deny}")).expect("write");
-        tokio::time::sleep(POLICY_SETTLE * 4).await;
+        tokio::time::sleep(watched::SETTLE * 4).await;
         assert_eq!(
             metric(&m, "keyproof_policy_reloads_total{result=\"ok\"}"),
             0.0
