@@ -16,7 +16,9 @@
 //! counted (`keyproof_audit_records_total{result="dropped"}`), as are
 //! failed writes (`failed`): the audit trail is not a reason to refuse
 //! service, but its gaps are visible. A file is opened for appending only
-//! and created readable by its owner alone.
+//! and created readable by its owner alone, and reopened when rotation
+//! renames or removes it (each record looks whether its path still names
+//! the open file), so that no record goes to a file nobody will read.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -119,7 +121,7 @@ impl Audit {
         let (out, name): (Box<dyn Write + Send>, String) = match sink {
             AuditSink::Stdout => (Box::new(std::io::stdout()), "stdout".to_owned()),
             AuditSink::File(path) => (
-                Box::new(open_append(path).map_err(|source| AuditOpenError {
+                Box::new(AuditFile::open(path).map_err(|source| AuditOpenError {
                     path: path.clone(),
                     source,
                 })?),
@@ -217,6 +219,71 @@ fn write_lines(jobs: Receiver<Job>, mut out: Box<dyn Write + Send>, sink: &str, 
             }
         }
     }
+}
+
+/// The audit file, reopened (created anew) when its path no longer names
+/// the file open: log rotation renamed or removed it. Looked at before each
+/// record, never within one, so a record is never split across two files.
+struct AuditFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Device and inode of `file`.
+    id: (u64, u64),
+    /// The next write starts a record.
+    at_record: bool,
+}
+
+impl AuditFile {
+    fn open(path: &Path) -> std::io::Result<AuditFile> {
+        let file = open_append(path)?;
+        Ok(AuditFile {
+            path: path.to_owned(),
+            id: file_id(&file.metadata()?),
+            file,
+            at_record: true,
+        })
+    }
+
+    /// Reopens the path if it names another file now, or none.
+    fn follow(&mut self) -> std::io::Result<()> {
+        match std::fs::metadata(&self.path) {
+            Ok(m) if file_id(&m) == self.id => Ok(()),
+            _ => {
+                let file = open_append(&self.path)?;
+                self.id = file_id(&file.metadata()?);
+                self.file = file;
+                tracing::info!(file = %self.path.display(), "step-up audit log renamed or removed (rotated?): reopened");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Write for AuditFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.at_record {
+            self.follow()?;
+            self.at_record = false;
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // `write_lines` flushes after each record.
+        self.at_record = true;
+        self.file.flush()
+    }
+}
+
+#[cfg(unix)]
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> (u64, u64) {
+    (0, 0)
 }
 
 #[cfg(unix)]
@@ -343,6 +410,36 @@ mod tests {
         again.record(&RECORD);
         again.flush();
         assert_eq!(lines(&path).len(), 2);
+    }
+
+    #[test]
+    fn a_rotated_file_is_reopened_and_no_record_is_lost() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let m = metrics();
+        let audit = Audit::open(&AuditSink::File(path.clone()), &m).expect("open");
+        audit.record(&RECORD);
+        audit.flush();
+        // Renamed away (logrotate's default): the next record starts a new
+        // file at the path; the old one keeps what it had.
+        let rotated = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &rotated).expect("rename");
+        audit.record(&RECORD);
+        audit.record(&RECORD);
+        audit.flush();
+        assert_eq!(lines(&rotated).len(), 1);
+        assert_eq!(lines(&path).len(), 2);
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Removed: the same, rather than writing into a deleted file.
+        std::fs::remove_file(&path).expect("remove");
+        audit.record(&RECORD);
+        audit.flush();
+        assert_eq!(lines(&path).len(), 1);
+        let written =
+            crate::testing::metric(&m, "keyproof_audit_records_total{result=\"written\"}");
+        assert_eq!(written, 4.0);
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl Policy {
         }
         let hit = self.routes.iter().find(|r| {
             path_matches(&r.path_prefix, path)
-                && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+                && (r.methods.is_empty() || r.methods.iter().any(|m| covers(m, method)))
         });
         match hit {
             Some(r) if r.allow.iter().any(|p| p.matches(peer)) => Decision::Allow(Some(r)),
@@ -175,6 +175,18 @@ impl Policy {
             },
         }
     }
+}
+
+/// Whether a route listing `listed` covers a request with `method` as the
+/// app will read it: apps commonly read methods without regard to case
+/// (`post` is POST to them, though HTTP's methods are case-sensitive) and
+/// serve HEAD with GET's handler. Matched any narrower, such a request
+/// would walk past the route, its allow list and its step-up, to the same
+/// handler.
+fn covers(listed: &http::Method, method: &http::Method) -> bool {
+    let m = method.as_str();
+    m.eq_ignore_ascii_case(listed.as_str())
+        || (listed == http::Method::GET && m.eq_ignore_ascii_case("HEAD"))
 }
 
 impl Policy {
@@ -371,6 +383,45 @@ mod tests {
         // `decide` is given the path without its query (the inbound passes
         // `uri.path()`): a path that still carried one would not match.
         assert!(!path_matches("/admin", "/admin?q=1"));
+    }
+
+    #[test]
+    fn a_method_in_another_case_or_head_for_get_does_not_walk_past_its_route() {
+        // Frameworks read `post` as POST and answer HEAD with the GET
+        // handler: the route that covers those handlers must decide.
+        let m = Metrics::new().unwrap();
+        let routes = [
+            route("/admin", &[http::Method::POST], &["spiffe://td/ns/ops/*"]),
+            route("/report", &[http::Method::GET], &["spiffe://td/ns/ops/*"]),
+        ];
+        let allow = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        let method = |s: &str| http::Method::from_bytes(s.as_bytes()).unwrap();
+        for (meth, path) in [
+            ("post", "/admin"),
+            ("pOST", "/admin"),
+            ("get", "/report"),
+            ("HEAD", "/report"),
+            ("head", "/report"),
+        ] {
+            match allow.decide(&method(meth), path, &id(WEB), "") {
+                Decision::Deny(msg) => assert!(msg.contains("does not allow"), "{meth}: {msg}"),
+                other => panic!("{meth} {path}: {other:?}"),
+            }
+            assert_eq!(
+                outcome(&allow, method(meth), path, OPS).as_deref(),
+                Some(path),
+                "{meth}"
+            );
+        }
+        // HEAD is not POST, nor GET another method.
+        assert_eq!(
+            outcome(&allow, http::Method::HEAD, "/admin", WEB).as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            outcome(&allow, http::Method::OPTIONS, "/report", WEB).as_deref(),
+            Some("")
+        );
     }
 
     #[test]

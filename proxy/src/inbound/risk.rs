@@ -250,9 +250,14 @@ impl Ident {
         }
     }
 
-    /// Whether a refusal is recent enough that a rule still sees it.
+    /// Whether a refusal of the caller itself (a step-up refused, a 403:
+    /// it held its key) is recent enough that a rule still sees it; such
+    /// a caller is never forgotten. A failed handshake does not count:
+    /// anyone can present any identity's certificate, and would otherwise
+    /// keep identities in the table at will, until it is full and every
+    /// other caller goes untracked.
     fn failing(&self, now: u64, horizon: u64) -> bool {
-        self.last_failure
+        self.last_refusal
             .is_some_and(|f| now < f.saturating_add(horizon))
     }
 
@@ -831,18 +836,25 @@ enum HeaderMatch {
 impl HeaderRule {
     fn new(name: &HeaderName, test: &HeaderTest) -> HeaderRule {
         let canonical = name.as_str().replace('_', "-");
+        let host = canonical == "host";
+        // A host is compared as a host: the configured one as well.
+        let want = |v: &str| -> Box<str> {
+            if host {
+                String::from_utf8_lossy(host_part(v.as_bytes())).into()
+            } else {
+                v.into()
+            }
+        };
         HeaderRule {
             spellings: canonical.contains('-'),
-            host: canonical == "host",
+            host,
             name: canonical.into_boxed_str(),
             exact: name.clone(),
             test: match test {
                 HeaderTest::Present => HeaderMatch::Present,
                 HeaderTest::Above(n) => HeaderMatch::Above(Limit::of(*n)),
-                HeaderTest::Equals(v) => HeaderMatch::Equals(v.as_str().into()),
-                HeaderTest::OneOf(vs) => {
-                    HeaderMatch::OneOf(vs.iter().map(|v| v.as_str().into()).collect())
-                }
+                HeaderTest::Equals(v) => HeaderMatch::Equals(want(v)),
+                HeaderTest::OneOf(vs) => HeaderMatch::OneOf(vs.iter().map(|v| want(v)).collect()),
             },
         }
     }
@@ -886,6 +898,40 @@ fn trim_ows(s: &[u8]) -> &[u8] {
         (Some(a), Some(b)) => &s[a..=b],
         _ => &[],
     }
+}
+
+/// The host of a `Host` value or an authority, as virtual hosts are told
+/// apart: without userinfo, port or a final dot (`admin.internal.:443` is
+/// `admin.internal`); an IPv6 literal keeps its brackets.
+fn host_part(v: &[u8]) -> &[u8] {
+    let v = trim_ows(v);
+    let v = v
+        .iter()
+        .rposition(|b| *b == b'@')
+        .map_or(v, |at| &v[at + 1..]);
+    let host = if v.first() == Some(&b'[') {
+        v.iter()
+            .position(|b| *b == b']')
+            .map_or(v, |end| &v[..=end])
+    } else {
+        match v.iter().rposition(|b| *b == b':') {
+            Some(colon) if v[colon + 1..].iter().all(u8::is_ascii_digit) => &v[..colon],
+            _ => v,
+        }
+    };
+    host.strip_suffix(b".").unwrap_or(host)
+}
+
+/// Whether `v` (one field value) or one of its list elements equals `want`,
+/// ignoring ASCII case; for the `Host` field (`host`), as hosts.
+fn value_matches(v: &[u8], want: &str, host: bool) -> bool {
+    if !host {
+        return value_is(v, want);
+    }
+    let want = want.as_bytes();
+    host_part(v).eq_ignore_ascii_case(want)
+        || v.split(|b| *b == b',')
+            .any(|el| host_part(el).eq_ignore_ascii_case(want))
 }
 
 /// Whether `v` (one field value) or one of its list elements equals `want`,
@@ -1000,8 +1046,10 @@ fn header_fires(fields: Fields<'_>, rule: &HeaderRule) -> bool {
         HeaderMatch::Above(limit) => {
             values.any(|v| Num::parse(v).is_none_or(|n| n.above(limit.num())))
         }
-        HeaderMatch::Equals(want) => values.any(|v| value_is(v, want)),
-        HeaderMatch::OneOf(list) => values.any(|v| list.iter().any(|want| value_is(v, want))),
+        HeaderMatch::Equals(want) => values.any(|v| value_matches(v, want, rule.host)),
+        HeaderMatch::OneOf(list) => {
+            values.any(|v| list.iter().any(|want| value_matches(v, want, rule.host)))
+        }
     }
 }
 
@@ -1129,27 +1177,44 @@ impl RouteRisk {
                             .unwrap_or(false)
                         {
                             note(i, r.action);
+                        } else if let Test::Rate { window, .. } = r.test {
+                            // Requests it may have made before it was
+                            // forgotten are not known: a challenge, never
+                            // a denial, whatever the rule's action.
+                            if id
+                                .forgotten_before
+                                .is_some_and(|f| now < f.saturating_add(window))
+                            {
+                                note(i, RiskAction::Challenge);
+                            }
                         }
                     }
                 }
                 None => {
+                    // Untracked (the table is full of callers it may not
+                    // forget): a caller with no history counts as new, and
+                    // is challenged. Each rule that reads history fires as
+                    // a challenge, never a denial: a `deny` rule on the
+                    // rate or on refusals would otherwise lock out every
+                    // newcomer while the table is full. A `new_peer` rule,
+                    // if listed, is the reason: that is what it is.
                     for (i, r) in self.rules.iter().enumerate() {
-                        let fired = match r.test {
-                            // Untracked: as new, fast and recently refused;
-                            // but what is not known can raise a challenge,
-                            // never a denial (a `deny` rule on the rate or
-                            // on refusals would lock out every newcomer
-                            // while the table is full). New it is, though.
-                            Test::NewPeer(_) => true,
-                            Test::Rate { .. } | Test::AfterFailure(_) | Test::AfterRefusal(_) => {
-                                r.action == RiskAction::Challenge
+                        if matches!(r.test, Test::NewPeer(_)) {
+                            note(i, RiskAction::Challenge);
+                        }
+                    }
+                    for (i, r) in self.rules.iter().enumerate() {
+                        match r.test {
+                            Test::NewPeer(_)
+                            | Test::Rate { .. }
+                            | Test::AfterFailure(_)
+                            | Test::AfterRefusal(_)
+                            | Test::FailuresAbove { .. } => note(i, RiskAction::Challenge),
+                            _ => {
+                                if stateless(&r.test).unwrap_or(false) {
+                                    note(i, r.action);
+                                }
                             }
-                            // No refusal on record to lock it out with.
-                            Test::FailuresAbove { .. } => false,
-                            _ => stateless(&r.test).unwrap_or(false),
-                        };
-                        if fired {
-                            note(i, r.action);
                         }
                     }
                 }
@@ -1182,15 +1247,7 @@ impl RouteRisk {
             Test::NewPeer(w) => id.routes[ri]
                 .served
                 .is_none_or(|s| now.saturating_sub(s) >= w),
-            Test::Rate { slot, n, window } => {
-                let over = id.routes[ri].rates[slot].count(now, n, window);
-                // Requests it may have made before it was forgotten can
-                // raise a challenge, never a denial: they are not known.
-                over || rule.action == RiskAction::Challenge
-                    && id
-                        .forgotten_before
-                        .is_some_and(|f| now < f.saturating_add(window))
-            }
+            Test::Rate { slot, n, window } => id.routes[ri].rates[slot].count(now, n, window),
             Test::AfterFailure(w) => id.last_failure.is_some_and(|f| now.saturating_sub(f) < w),
             Test::AfterRefusal(w) => id.last_refusal.is_some_and(|f| now.saturating_sub(f) < w),
             Test::FailuresAbove { count, window } => {
@@ -1801,6 +1858,58 @@ mod tests {
     }
 
     #[test]
+    fn a_host_rule_sees_the_host_whatever_port_or_final_dot_it_comes_with() {
+        // Virtual hosts are told apart without the port or a final dot:
+        // `admin.internal.:443` reaches the app's admin.internal.
+        let mut f = fx(100);
+        f.rules.push(challenge(
+            "admin",
+            RiskCondition::Header {
+                name: HeaderName::from_static("host"),
+                test: HeaderTest::OneOf(vec!["admin.internal".into(), "[::1]".into()]),
+            },
+        ));
+        let r = f.route(0, &["admin"]);
+        let p = peer(1);
+        let no_fields = none();
+        for a in [
+            "admin.internal",
+            "ADMIN.internal",
+            "admin.internal.",
+            "admin.internal:31443",
+            "admin.internal:80",
+            "admin.internal.:443",
+            "admin.internal:",
+            "user@admin.internal:8080",
+            "[::1]:443",
+        ] {
+            let by_authority = Fields {
+                headers: &no_fields,
+                authority: Some(a),
+            };
+            assert_eq!(r.evaluate(&p, by_authority, at(0)), ch("admin"), "{a}");
+            let host = headers(&[("host", a)]);
+            assert_eq!(r.evaluate(&p, &host, at(0)), ch("admin"), "Host: {a}");
+        }
+        for a in ["admin.internal.evil", "xadmin.internal", "admin", "[::2]"] {
+            let host = headers(&[("host", a)]);
+            assert_eq!(r.evaluate(&p, &host, at(0)), Verdict::Pass, "{a}");
+        }
+        // Configured with a port or a final dot, the rule means the host.
+        let mut g = fx(100);
+        g.rules.push(challenge(
+            "dotted",
+            RiskCondition::Header {
+                name: HeaderName::from_static("host"),
+                test: HeaderTest::Equals("Admin.Internal.:443".into()),
+            },
+        ));
+        let dotted = g.route(0, &["dotted"]);
+        let host = headers(&[("host", "admin.internal")]);
+        assert_eq!(dotted.evaluate(&p, &host, at(0)), ch("dotted"));
+    }
+
+    #[test]
     fn header_tests() {
         let f = fx(100);
         let p = peer(1);
@@ -2295,9 +2404,9 @@ mod tests {
         // A window after the last caller was forgotten, it is itself again.
         assert_eq!(r.evaluate(&p, &none(), at(1100)), Verdict::Pass);
         // What is not known raises a challenge, never a denial: a deny rule
-        // on the rate leaves a newcomer after an eviction alone.
+        // on the rate challenges a newcomer after an eviction.
         let flood = f.route(1, &["flood"]);
-        assert_eq!(flood.evaluate(&peer(9), &none(), at(1200)), Verdict::Pass);
+        assert_eq!(flood.evaluate(&peer(9), &none(), at(1200)), ch("flood"));
         assert_eq!(f.metric("keyproof_risk_evictions_total"), 3.0);
     }
 
@@ -2353,11 +2462,12 @@ mod tests {
         );
         assert_eq!(f.metric("keyproof_risk_untracked_total"), before + 4.0);
         assert_eq!(f.table.tracked(), 3);
-        // Untracked, it is not refused by a deny rule on what is not known.
+        // Untracked, a deny rule on what is not known challenges it, and
+        // never refuses it.
         let only_flood = f.route(4, &["flood", "lockout"]);
         assert_eq!(
             only_flood.evaluate(&stranger, &none(), at(2 * MIN)),
-            Verdict::Pass
+            ch("flood")
         );
         // Once the locks end, places free up again.
         assert_eq!(r.evaluate(&locked, &none(), at(20 * MIN)), ch("new"));
@@ -2373,13 +2483,42 @@ mod tests {
     }
 
     #[test]
+    fn failed_handshakes_never_keep_callers_in_the_table() {
+        // Anyone can present any identity's certificate: handshakes failed
+        // with the certificates of callers the table holds must not make
+        // them callers it may not forget, or a full table of them would
+        // leave every other caller untracked, out of reach of deny rules.
+        let f = fx(2);
+        let r = f.route(0, &["after", "new", "flood"]);
+        for n in [1, 2] {
+            r.evaluate(&peer(n), &none(), at(n as u64));
+            r.served(&peer(n), at(n as u64));
+        }
+        for n in [1, 2] {
+            f.table
+                .record_failure(peer(n).as_str(), Failure::Handshake, at(3));
+        }
+        // Each still has its failure on record...
+        assert_eq!(r.evaluate(&peer(2), &none(), at(4)), ch("after"));
+        // ...but a caller that holds its key takes a place, and deny rules
+        // then count it.
+        let real = peer(3);
+        for t in 5..20 {
+            r.evaluate(&real, &none(), at(t));
+        }
+        assert_eq!(f.metric("keyproof_risk_untracked_total"), 0.0);
+        assert_eq!(f.metric("keyproof_risk_evictions_total"), 1.0);
+        assert_eq!(r.evaluate(&real, &none(), at(20)), deny("flood"));
+    }
+
+    #[test]
     fn callers_with_live_refusals_are_never_forgotten() {
         let f = fx(2);
         let r = f.route(0, &["after", "new"]);
         let (failing, quiet) = (peer(1), peer(2));
         r.evaluate(&failing, &none(), at(0));
         f.table
-            .record_failure(failing.as_str(), Failure::Handshake, at(0));
+            .record_failure(failing.as_str(), Failure::StepUp, at(0));
         r.evaluate(&quiet, &none(), at(1));
         r.served(&quiet, at(1));
         // The failing caller is the least recently seen, but the quiet one
@@ -2388,7 +2527,7 @@ mod tests {
         assert_eq!(r.evaluate(&failing, &none(), at(3)), ch("after"));
         assert_eq!(r.evaluate(&quiet, &none(), at(4)), ch("new"));
         // With only failing callers left, none goes: the newcomer is not
-        // tracked (it counts as new, fast and recently refused), and both
+        // tracked (it counts as new, and is challenged as such), and both
         // keep their refusals.
         let f = fx(2);
         let r = f.route(0, &["after", "new"]);
@@ -2397,7 +2536,7 @@ mod tests {
                 .record_failure(peer(n).as_str(), Failure::StepUp, at(n as u64));
         }
         let untracked = f.metric("keyproof_risk_untracked_total");
-        assert_eq!(r.evaluate(&peer(3), &none(), at(5)), ch("after"));
+        assert_eq!(r.evaluate(&peer(3), &none(), at(5)), ch("new"));
         assert_eq!(f.metric("keyproof_risk_untracked_total"), untracked + 1.0);
         assert_eq!(f.table.tracked(), 2);
         for n in [1, 2] {

@@ -206,33 +206,74 @@ pub async fn peek_host(tcp: &TcpStream, deadline: Instant, max: usize) -> Head {
     }
 }
 
+/// A request head as far as routing it needs: where it ends, the host it
+/// names, and whether the connection may stop being HTTP after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadFacts {
+    /// The head's length, its final empty line included.
+    pub len: usize,
+    /// Its host (its authority for an absolute-form target), if it names one.
+    pub host: Option<String>,
+    /// A `CONNECT` or a request offering an `Upgrade`: if the server takes
+    /// it, what follows on the connection is not HTTP.
+    pub switches: bool,
+}
+
+/// What the start of a buffer holds of a request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadParse {
+    /// Not a whole head yet.
+    Partial,
+    /// Not a head the sidecar reads (malformed, or too many fields).
+    Bad,
+    /// A whole head.
+    Whole(HeadFacts),
+}
+
+/// What the start of `buf` holds of a request head.
+pub fn head_facts(buf: &[u8]) -> HeadParse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Partial) => return HeadParse::Partial,
+        Err(_) => return HeadParse::Bad,
+        Ok(httparse::Status::Complete(len)) => len,
+    };
+    let from_target = req
+        .path
+        .and_then(|p| p.parse::<http::Uri>().ok())
+        .and_then(|u| u.authority().map(|a| a.host().to_owned()));
+    let from_header = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().parse::<http::uri::Authority>().ok())
+        .map(|a| a.host().to_owned());
+    let host = from_target.or(from_header).map(|h| {
+        h.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .map_or(h.clone(), str::to_owned)
+    });
+    let switches = req.method == Some("CONNECT")
+        || req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    HeadParse::Whole(HeadFacts {
+        len,
+        host,
+        switches,
+    })
+}
+
 /// What `head` shows once it holds a whole request head (or cannot become
 /// one); `None` while partial.
 fn host_of(head: &[u8]) -> Option<Head> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Partial) => None,
-        Err(_) => Some(Head::Unreadable),
-        Ok(httparse::Status::Complete(_)) => {
-            let from_target = req
-                .path
-                .and_then(|p| p.parse::<http::Uri>().ok())
-                .and_then(|u| u.authority().map(|a| a.host().to_owned()));
-            let from_header = req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("host"))
-                .and_then(|h| std::str::from_utf8(h.value).ok())
-                .and_then(|v| v.trim().parse::<http::uri::Authority>().ok())
-                .map(|a| a.host().to_owned());
-            let host = from_target.or(from_header).map(|h| {
-                h.strip_prefix('[')
-                    .and_then(|h| h.strip_suffix(']'))
-                    .map_or(h.clone(), str::to_owned)
-            });
-            Some(Head::Complete(host))
-        }
+    match head_facts(head) {
+        HeadParse::Partial => None,
+        HeadParse::Bad => Some(Head::Unreadable),
+        HeadParse::Whole(facts) => Some(Head::Complete(facts.host)),
     }
 }
 

@@ -22,6 +22,7 @@
 //! paths only) -> upstream -> `http::mesh_client`, and nothing calls back.
 
 pub mod detect;
+pub mod host_guard;
 pub mod kept;
 pub mod own_ports;
 pub mod rules;
@@ -95,6 +96,33 @@ fn host_key(a: &Authority) -> &str {
         .unwrap_or(h)
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with
+/// `upgrade` among its `Connection` options), unless it only offers h2c:
+/// a client offering h2c goes on in HTTP/1.1 when the offer is dropped, as
+/// a hop-by-hop field is.
+fn upgrade_asked(h: &http::HeaderMap) -> Option<String> {
+    let tokens = |name: header::HeaderName| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+    };
+    if !tokens(header::CONNECTION)
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case("upgrade"))
+    {
+        return None;
+    }
+    let offered = tokens(header::UPGRADE);
+    if offered.is_empty() || offered.iter().all(|p| p.eq_ignore_ascii_case("h2c")) {
+        return None;
+    }
+    Some(offered.join(", "))
+}
+
 /// Most upstreams made on demand (per dial address and identity) kept at
 /// once; beyond it, idle ones are dropped first.
 const MAX_ON_DEMAND: usize = 4096;
@@ -102,6 +130,12 @@ const MAX_ON_DEMAND: usize = 4096;
 /// Why no upstream takes a request.
 enum Miss {
     NoRule,
+    /// No rule takes the host, on a redirected connection to a destination
+    /// no `cidr` or `port` rule names: outside the mesh, but the connection
+    /// serves mesh requests (HTTP/2 without TLS, or an HTTP/1 connection
+    /// whose first request was a meshed host's), so it cannot be passed
+    /// through.
+    OutsideMesh(SocketAddr),
     NoAddress,
     Build(String),
 }
@@ -303,7 +337,13 @@ impl Outbound {
                 let (i, caps) = t
                     .rules()
                     .for_host(&found.candidates, Some(host))
-                    .ok_or(Miss::NoRule)?;
+                    .ok_or_else(|| {
+                        if t.rules().claims_destination(&found.candidates) {
+                            Miss::NoRule
+                        } else {
+                            Miss::OutsideMesh(r.dst)
+                        }
+                    })?;
                 self.upstream_of_rule(&t, i, &caps, r.dst)
             }
         }
@@ -387,6 +427,16 @@ impl Outbound {
                 "CONNECT tunnels are not supported: send plain http:// requests and the sidecar adds mutual TLS\n",
             ))));
         }
+        if let Some(protocol) = upgrade_asked(req.headers()) {
+            // Dropped as hop-by-hop, the offer would reach the app as a
+            // plain request, which it answers with a puzzling 426 or 400:
+            // said here, with what to do instead.
+            tracing::info!(method = %req.method(), path = req.uri().path(), %protocol, "outbound request refused: HTTP/1.1 Upgrade is not carried over the mesh");
+            return Either::Left(Box::pin(ready(text(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("HTTP/1.1 Upgrade to {protocol} is not carried over the mesh: list the port in [outbound] opaque_ports (and in an [[inbound.tcp]] rule of the peer) to tunnel the whole connection as TCP\n"),
+            ))));
+        }
         let (mut parts, body) = req.into_parts();
         // The path goes out (and is signed for step-up) in the form the
         // peer's inbound decides on, so its normalization is the identity.
@@ -439,6 +489,9 @@ impl Outbound {
             Err(miss) => {
                 let msg = match miss {
                     Miss::NoRule => format!("no upstream for host {host}\n"),
+                    Miss::OutsideMesh(dst) => format!(
+                        "no upstream for host {host}: {dst} is outside the mesh, and this connection carries mesh requests (HTTP/2 without TLS, or HTTP/1 whose first request went to the mesh); HTTP/1 on a connection of its own is passed through, and any connection to a port in [outbound] opaque_ports\n"
+                    ),
                     Miss::NoAddress => format!(
                         "no address for host {host}: its upstream rule dials the original destination, which only redirected connections have\n"
                     ),
@@ -748,6 +801,30 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"no upstream for host Other.Demo\n");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_is_refused_saying_what_to_do_and_an_h2c_offer_dropped() {
+        let o = outbound(&["api.demo"]);
+        let ws = b"GET /chat HTTP/1.1\r\nhost: api.demo\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let (req, _client) = hyper_request(ws).await;
+        let resp = o.request(req.map(RequestBody::Hyper), None).await;
+        assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("Upgrade to websocket"), "{body}");
+        assert!(body.contains("opaque_ports"), "{body}");
+        // An h2c offer, or an Upgrade field without the Connection option,
+        // is no request to switch: it goes on (here to the upstream, which
+        // does not answer, so a 502 from dialling it).
+        for raw in [
+            &b"GET / HTTP/1.1\r\nhost: api.demo\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nhost: api.demo\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let (req, _client) = hyper_request(raw).await;
+            let resp = o.request(req.map(RequestBody::Hyper), None).await;
+            assert_ne!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+        }
     }
 
     // The bound on the future every outbound request runs, moved into place

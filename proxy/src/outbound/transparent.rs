@@ -11,6 +11,11 @@
 //! rules cover is refused (counted `failed`); only a destination no such
 //! rule names follows `[outbound] unmeshed`.
 //!
+//! An HTTP/1 connection passed through because no rule takes its first
+//! request's Host is still read as it goes (`host_guard.rs`): a later
+//! request that a rule takes, or that cannot be read, resets it rather than
+//! leave in plain text.
+//!
 //! An HTTP/1 connection whose first head cannot be read (too large, too
 //! many fields, malformed, or too slow) is refused and counted `failed`,
 //! unless a host-less rule takes it: passed through, it would cross the
@@ -44,6 +49,7 @@ use crate::config::Unmeshed;
 use crate::http::h2_stream::idle_watch;
 use crate::metrics::Direction;
 use crate::outbound::detect::{self, Protocol};
+use crate::outbound::host_guard::{HostGuard, Stopped};
 use crate::outbound::own_ports;
 use crate::outbound::rules::Captures;
 use crate::outbound::table::{Route, Table};
@@ -85,7 +91,7 @@ impl Outbound {
         let table = self.rules();
         let candidates = table.rules().candidates(dst);
         if candidates.is_empty() {
-            return self.unmeshed(tcp, dst).await;
+            return self.unmeshed(tcp, dst, false).await;
         }
         let protocol = if self.cfg.opaque_ports.contains(&dst.port()) {
             Protocol::Tcp
@@ -118,7 +124,7 @@ impl Outbound {
                     tracing::info!(peer = %remote, %dst, "opaque TCP to a meshed destination that only host rules cover: refused rather than passed through in plain text");
                     reset(tcp)
                 }
-                None => self.unmeshed(tcp, dst).await,
+                None => self.unmeshed(tcp, dst, false).await,
             },
             Protocol::Http1 => {
                 let peek = detect::peek_host(&tcp, head_by, self.cfg.limits.max_header_bytes);
@@ -143,8 +149,10 @@ impl Outbound {
                         return reset(tcp);
                     }
                     if !table.rules().claims_destination(&candidates) {
-                        // Nothing was consumed: a passthrough sends it all.
-                        return self.unmeshed(tcp, dst).await;
+                        // Nothing was consumed: a passthrough sends it all,
+                        // and judges each later request by its own Host.
+                        drop(table);
+                        return self.unmeshed(tcp, dst, true).await;
                     }
                     // A meshed destination (a cidr or port rule holds) and
                     // a Host no rule takes (a typo, a bare IP): served, so
@@ -251,7 +259,10 @@ impl Outbound {
     }
 
     /// A destination outside the mesh: spliced in plain TCP, or refused.
-    async fn unmeshed(&self, mut tcp: TcpStream, dst: SocketAddr) {
+    /// `http1`: the connection is HTTP/1 whose first request no rule took;
+    /// each later request must not be one a rule takes either
+    /// ([`HostGuard`]), by the rules in use when it comes.
+    async fn unmeshed(&self, mut tcp: TcpStream, dst: SocketAddr, http1: bool) {
         let first = {
             let mut seen = self
                 .unmeshed_seen
@@ -293,7 +304,7 @@ impl Outbound {
                 tcp_metrics.connection(Direction::Outbound, "passthrough");
                 let _ = server.set_nodelay(true);
                 let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-                let mut app = Counted {
+                let app = Counted {
                     io: &mut tcp,
                     read: &up,
                 };
@@ -302,13 +313,28 @@ impl Outbound {
                     read: &down,
                 };
                 let idle = self.cfg.limits.idle_timeout;
-                let outcome = tokio::select! {
-                    r = tokio::io::copy_bidirectional(&mut app, &mut peer) => Some(r),
-                    () = idle_watch(idle, &up, &down) => None,
+                let outcome = if http1 {
+                    let may_pass = |host: Option<&str>| {
+                        let table = self.rules();
+                        let rules = table.rules();
+                        let c = rules.candidates(dst);
+                        !rules.claims_destination(&c) && rules.for_host(&c, host).is_none()
+                    };
+                    let max = self.cfg.limits.max_header_bytes;
+                    let mut app = HostGuard::new(app, max, may_pass);
+                    splice(&mut app, &mut peer, idle, &up, &down).await
+                } else {
+                    let mut app = app;
+                    splice(&mut app, &mut peer, idle, &up, &down).await
                 };
                 tcp_metrics.bytes(Direction::Outbound, up.into_inner(), down.into_inner());
                 match outcome {
                     Some(Ok(_)) => {}
+                    Some(Err(e)) if Stopped::of(&e).is_some() => {
+                        tracing::info!(%dst, error = %e, "passthrough stopped");
+                        reset(tcp);
+                        reset(server);
+                    }
                     Some(Err(e)) => {
                         // One side failed or reset: the other must not
                         // take the end for a clean one.
@@ -320,6 +346,24 @@ impl Outbound {
                 }
             }
         }
+    }
+}
+
+/// Copies both ways between `app` and `peer` until both ended (`Some`), or
+/// nothing crossed for `idle` (`None`); `up` and `down` count the bytes.
+async fn splice<A>(
+    app: &mut A,
+    peer: &mut Counted<'_>,
+    idle: Duration,
+    up: &AtomicU64,
+    down: &AtomicU64,
+) -> Option<io::Result<(u64, u64)>>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(app, peer) => Some(r),
+        () = idle_watch(idle, up, down) => None,
     }
 }
 
@@ -662,6 +706,75 @@ mod tests {
         let req = b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n";
         assert_eq!(exchange(&mut c, req).await, req);
         assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_later_request_for_a_meshed_host_never_leaves_a_passed_through_connection() {
+        // The first request's Host is outside the mesh, so the connection
+        // is passed through; its next request names a meshed service and
+        // must not follow in plain text, secret and all: the connection is
+        // reset instead (a fresh one routes it to the mesh).
+        let (plain, seen) = recording_server().await;
+        let (o, m) = outbound(
+            "[[outbound.upstreams]]\nhost = \"*.{ns}.svc\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/api\"\n",
+        );
+        let mut c = redirected(&o, plain).await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n")
+            .await
+            .unwrap();
+        let got = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        tokio::time::timeout(WAIT, async {
+            while !got().contains("example.org") {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the first request passed through");
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: api.db.svc\r\nAuthorization: Bearer s3cret\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+            .await
+            .expect("closed");
+        assert!(end.is_err(), "reset, not a clean end: {end:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !got().contains("s3cret"),
+            "the meshed request went out in plain text"
+        );
+        assert!(!got().contains("api.db.svc"));
+        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn h2_without_tls_outside_the_mesh_says_why_it_is_not_passed_through() {
+        // HTTP/2 is served whatever its first authority: an authority no
+        // rule takes gets a 502 that says what passes instead, and the
+        // destination sees nothing.
+        let (plain, seen) = recording_server().await;
+        let (o, _m) = outbound(&format!(
+            "[[outbound.upstreams]]\nhost = \"api.demo\"\nidentity = \"{API}\"\n"
+        ));
+        let c = redirected(&o, plain).await;
+        let (mut send, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://example.org/").body(()).unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(WAIT, resp)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(resp.status(), 502);
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        while let Some(d) = body.data().await {
+            text.extend_from_slice(&d.unwrap());
+        }
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains("is outside the mesh"), "{text}");
+        assert!(text.contains("opaque_ports"), "{text}");
+        assert!(seen.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
