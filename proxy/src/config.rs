@@ -1647,6 +1647,22 @@ fn risk_rule(key: &str, r: RawRiskRule) -> Result<RiskRuleConfig, ConfigError> {
     })
 }
 
+/// A value a `header = "host"` rule compares with must be a host (an
+/// authority: its port and a final dot are ignored, as for the request's):
+/// an IPv6 literal in brackets, for one.
+fn host_value(name: &http::HeaderName, key: &str, v: &str) -> Result<(), ConfigError> {
+    if name != http::header::HOST {
+        return Ok(());
+    }
+    match v.parse::<http::uri::Authority>() {
+        Ok(a) if !v.contains('@') && crate::http::owned::plain_host(a.host()).is_some() => Ok(()),
+        _ => Err(invalid(
+            key.to_owned(),
+            format!("{v:?} is not a host (an IPv6 address goes in brackets: \"[::1]\")"),
+        )),
+    }
+}
+
 fn header_condition(
     key: &str,
     field: &str,
@@ -1715,10 +1731,14 @@ fn header_condition(
         };
         HeaderTest::Above(n)
     } else if let Some(v) = equals {
+        host_value(&name, &format!("{key}.equals"), &v)?;
         HeaderTest::Equals(v)
     } else if let Some(v) = one_of {
         if v.is_empty() {
             return Err(invalid(format!("{key}.one_of"), "is empty"));
+        }
+        for (i, x) in v.iter().enumerate() {
+            host_value(&name, &format!("{key}.one_of[{i}]"), x)?;
         }
         HeaderTest::OneOf(v)
     } else {
@@ -4393,6 +4413,16 @@ mod tests {
                 "header = \"x\"\none_of = []\n",
                 format!("{k}.one_of"),
                 "is empty",
+            ),
+            (
+                "header = \"host\"\none_of = [\"a.b\", \"::1\"]\n",
+                format!("{k}.one_of[1]"),
+                "is not a host",
+            ),
+            (
+                "header = \"Host\"\nequals = \"a,b\"\n",
+                format!("{k}.equals"),
+                "is not a host",
             ),
             (
                 "header = \"x\"\nabove = \"5\"\n",

@@ -68,7 +68,7 @@ pub async fn watch<T, C>(
                 // Once per disappearance: the operator removed or broke
                 // the file, and nothing else would say so.
                 counted(false);
-                tracing::error!(file = %path.display(), error = %e, "{} unreadable (removed?); {}", names.file, names.kept);
+                tracing::error!(file = %path.display(), key = names.key, error = %e, "{} unreadable (removed?); {}", names.file, names.kept);
                 continue;
             }
         };
@@ -83,16 +83,16 @@ pub async fn watch<T, C>(
             Ok(what) => {
                 seen = Some(now);
                 counted(true);
-                tracing::info!(file = %path.display(), "{} ({what})", names.taken);
+                tracing::info!(file = %path.display(), key = names.key, "{} ({what})", names.taken);
             }
             Err(Refused::Retry(e)) => {
                 counted(false);
-                tracing::error!(file = %path.display(), error = %e, "{} not taken into use; {}; tried again at the next change or tick", names.file, names.kept);
+                tracing::error!(file = %path.display(), key = names.key, error = %e, "{} not taken into use; {}; tried again at the next change or tick", names.file, names.kept);
             }
             Err(Refused::Content(e)) => {
                 seen = Some(now);
                 counted(false);
-                tracing::error!(file = %path.display(), error = %e, "{} refused; {}", names.file, names.kept);
+                tracing::error!(file = %path.display(), key = names.key, error = %e, "{} refused; {}", names.file, names.kept);
             }
         }
     }
@@ -111,7 +111,7 @@ where
     tokio::spawn(async move {
         if let Err(e) = task.await {
             if e.is_panic() {
-                tracing::error!(file = %path.display(), error = %e, "the {} watcher failed; {} changes are no longer taken into use", names.file, names.key);
+                tracing::error!(file = %path.display(), key = names.key, error = %e, "the {} watcher failed; {} changes are no longer taken into use", names.file, names.key);
             }
         }
     });

@@ -280,6 +280,36 @@ pub struct TrailerRefused(String);
 /// fields), `Transfer-Encoding` (only one `chunked`, no other coding) and,
 /// in `reject` mode, names with `_`. Says what [`strip_request`] has to
 /// remove; one pass over the names when all is well.
+/// A host as routing rules and risk rules match it: without the brackets
+/// of an IPv6 literal or a final dot. `None` for a host that is no DNS name
+/// or address (`a,b`, `a..`, `a!b`): servers read such hosts each in a way
+/// of its own, so no rule can be said to take or not take one.
+pub fn plain_host(host: &str) -> Option<&str> {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok().then_some(v6);
+    }
+    let h = host.strip_suffix('.').unwrap_or(host);
+    let ok = !h.is_empty()
+        && !h.starts_with('.')
+        && !h.ends_with('.')
+        && !h.contains("..")
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    ok.then_some(h)
+}
+
+/// Fields by which frameworks' method-override middleware runs another
+/// method than the request's (Werkzeug, Express, Laravel, ASP.NET...): a
+/// route restricted to some methods would be walked past by a POST that
+/// asks for DELETE. Refused in any spelling, `_` for `-` included (a CGI
+/// or WSGI app reads both as one). A `_method` form field, the other way
+/// such middleware reads, is in the body, which the sidecar does not read.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 pub fn check_request(
     h: &HeaderMap,
     uri: &Uri,
@@ -298,6 +328,11 @@ pub fn check_request(
         }
         if is_owned(n) || controlled_in_disguise(n) {
             f.owned = true;
+        } else if METHOD_OVERRIDES.iter().any(|o| same_name(n, o)) {
+            return Err(HeaderRefusal::bad(format!(
+                "{:?} is not accepted: routes are decided by the request's method, which an override would change behind them; send the method itself",
+                name.as_str()
+            )));
         } else if n.contains(&b'_') {
             if mode == Underscores::Reject {
                 return Err(HeaderRefusal {
@@ -659,6 +694,33 @@ mod tests {
         ] {
             assert!(!is_owned(n.as_bytes()), "{n}");
         }
+    }
+
+    #[test]
+    fn method_override_fields_are_refused_in_any_spelling() {
+        let uri: Uri = "/admin".parse().unwrap();
+        for n in [
+            "x-http-method-override",
+            "X-HTTP-Method-Override",
+            "x_http_method_override",
+            "x-http-method",
+            "x-method-override",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                http::HeaderValue::from_static("DELETE"),
+            );
+            let e = check_request(&h, &uri, Underscores::Allow).unwrap_err();
+            assert_eq!(e.status, http::StatusCode::BAD_REQUEST, "{n}");
+            assert!(e.reason.contains("not accepted"), "{n}: {}", e.reason);
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-http-method-overrides",
+            http::HeaderValue::from_static("x"),
+        );
+        assert!(check_request(&h, &uri, Underscores::Allow).is_ok());
     }
 
     #[test]

@@ -265,7 +265,13 @@ impl Write for AuditFile {
             self.follow()?;
             self.at_record = false;
         }
-        self.file.write(buf)
+        let written = self.file.write(buf);
+        if written.is_err() {
+            // The record failed (and is counted so): the next one starts
+            // afresh, rotation looked at.
+            self.at_record = true;
+        }
+        written
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -286,6 +292,9 @@ fn file_id(_: &std::fs::Metadata) -> (u64, u64) {
     (0, 0)
 }
 
+/// Opens `path` for appending, created 0600. Never through a symbolic
+/// link: whoever can write the log's directory could otherwise point the
+/// records (reopened at each rotation) into any file the proxy may write.
 #[cfg(unix)]
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -293,6 +302,7 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
         .append(true)
         .create(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
 }
 
@@ -413,6 +423,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn a_rotated_file_is_reopened_and_no_record_is_lost() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -440,6 +451,17 @@ mod tests {
         let written =
             crate::testing::metric(&m, "keyproof_audit_records_total{result=\"written\"}");
         assert_eq!(written, 4.0);
+        // A symbolic link put at the path is never followed: the record is
+        // not written (and counted so) rather than sent into its target.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"").expect("victim");
+        std::fs::remove_file(&path).expect("remove");
+        std::os::unix::fs::symlink(&victim, &path).expect("symlink");
+        audit.record(&RECORD);
+        audit.flush();
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"");
+        let failed = crate::testing::metric(&m, "keyproof_audit_records_total{result=\"failed\"}");
+        assert_eq!(failed, 1.0);
     }
 
     #[test]

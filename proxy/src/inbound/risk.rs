@@ -409,7 +409,9 @@ impl Shard {
     /// the first with no live refusal and no lock. Never one with either:
     /// forgetting a lock would lift it, and forgetting refusals would wave
     /// the caller past `after_failure` and give it `failures_above` tries
-    /// afresh. The others looked at move to the front, so that a tail of
+    /// afresh. Failed handshakes alone do not keep a caller ([`Ident::failing`]):
+    /// forgetting them lifts an `after_failure` challenge early, the price
+    /// of a table strangers cannot fill. The others looked at move to the front, so that a tail of
     /// locked or failing callers does not make every search fail; when
     /// none qualifies, the newcomer goes untracked (and is challenged).
     fn victim(&mut self, now: u64, horizon: u64) -> Option<u32> {
@@ -914,10 +916,11 @@ fn host_part(v: &[u8]) -> &[u8] {
             .position(|b| *b == b']')
             .map_or(v, |end| &v[..=end])
     } else {
-        match v.iter().rposition(|b| *b == b':') {
-            Some(colon) if v[colon + 1..].iter().all(u8::is_ascii_digit) => &v[..colon],
-            _ => v,
-        }
+        // Whatever follows the first colon is the port, valid or not:
+        // `admin.internal:x` is admin.internal to nginx and most frameworks.
+        v.iter()
+            .position(|b| *b == b':')
+            .map_or(v, |colon| trim_ows(&v[..colon]))
     };
     host.strip_suffix(b".").unwrap_or(host)
 }
@@ -1179,11 +1182,15 @@ impl RouteRisk {
                             note(i, r.action);
                         } else if let Test::Rate { window, .. } = r.test {
                             // Requests it may have made before it was
-                            // forgotten are not known: a challenge, never
-                            // a denial, whatever the rule's action.
-                            if id
-                                .forgotten_before
-                                .is_some_and(|f| now < f.saturating_add(window))
+                            // forgotten are not known: they raise a
+                            // challenge rule. Not a denial: every caller
+                            // admitted after any eviction is such a one (the
+                            // table does not keep whom it forgot), and a
+                            // deny rule on the rate would refuse newcomers.
+                            if r.action == RiskAction::Challenge
+                                && id
+                                    .forgotten_before
+                                    .is_some_and(|f| now < f.saturating_add(window))
                             {
                                 note(i, RiskAction::Challenge);
                             }
@@ -1891,6 +1898,15 @@ mod tests {
             let host = headers(&[("host", a)]);
             assert_eq!(r.evaluate(&p, &host, at(0)), ch("admin"), "Host: {a}");
         }
+        for a in [
+            "admin.internal:x",
+            "admin.internal.:abc",
+            "admin.internal:80:80",
+            "admin.internal :443",
+        ] {
+            let host = headers(&[("host", a)]);
+            assert_eq!(r.evaluate(&p, &host, at(0)), ch("admin"), "Host: {a}");
+        }
         for a in ["admin.internal.evil", "xadmin.internal", "admin", "[::2]"] {
             let host = headers(&[("host", a)]);
             assert_eq!(r.evaluate(&p, &host, at(0)), Verdict::Pass, "{a}");
@@ -2403,10 +2419,11 @@ mod tests {
         assert_eq!(r.evaluate(&p, &none(), at(7)), ch("burst"));
         // A window after the last caller was forgotten, it is itself again.
         assert_eq!(r.evaluate(&p, &none(), at(1100)), Verdict::Pass);
-        // What is not known raises a challenge, never a denial: a deny rule
-        // on the rate challenges a newcomer after an eviction.
+        // A deny rule on the rate acts on what the table counted: a
+        // newcomer after an eviction (the table cannot tell it from a
+        // forgotten caller) is not refused, nor challenged by it.
         let flood = f.route(1, &["flood"]);
-        assert_eq!(flood.evaluate(&peer(9), &none(), at(1200)), ch("flood"));
+        assert_eq!(flood.evaluate(&peer(9), &none(), at(1200)), Verdict::Pass);
         assert_eq!(f.metric("keyproof_risk_evictions_total"), 3.0);
     }
 
@@ -2426,8 +2443,9 @@ mod tests {
             assert!(f.table.tracked() <= 3);
         }
         assert_eq!(r.evaluate(&locked, &none(), at(MIN)), deny("lockout"));
-        // Every place locked: a newcomer cannot be tracked, and is treated
-        // as new, fast and recently refused (never as locked out).
+        // Every place locked: a newcomer cannot be tracked; it counts as
+        // new, and every rule that reads history challenges it (none
+        // refuses it: it is not locked out).
         for n in [1000, 1001] {
             for i in 0..6 {
                 f.table

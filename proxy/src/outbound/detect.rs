@@ -5,16 +5,16 @@
 use std::io;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::http::h1::{parse_request_head, Framing};
+use crate::http::owned::plain_host;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest method accepted in a request line.
 const MAX_METHOD: usize = 20;
-/// Most fields in a request head, as the proxy's own HTTP/1 server allows:
-/// a head it would serve must never be unreadable here.
-const MAX_HEADERS: usize = 128;
-
 /// The protocol of a redirected connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -172,9 +172,9 @@ impl Backoff {
 /// What the peeked head of the first HTTP/1 request shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Head {
-    /// A whole head, with its host (its authority for an absolute-form
-    /// target) if it names one.
-    Complete(Option<String>),
+    /// A whole head, with the hosts it names ([`HeadFacts::hosts`]: the
+    /// first is the one it is routed by).
+    Complete(Vec<String>),
     /// No whole head could be read: it did not arrive within the timeout
     /// or `max` bytes, had too many fields, was malformed, or the client
     /// closed first.
@@ -193,7 +193,7 @@ pub async fn peek_host(tcp: &TcpStream, deadline: Instant, max: usize) -> Head {
             Ok(Ok(n)) if n > 0 => n,
             _ => return Head::Unreadable,
         };
-        if let Some(found) = host_of(&buf[..n]) {
+        if let Some(found) = host_of(&buf[..n], max) {
             return found;
         }
         if n == buf.len() && grow(&mut buf, max) {
@@ -206,16 +206,21 @@ pub async fn peek_host(tcp: &TcpStream, deadline: Instant, max: usize) -> Head {
     }
 }
 
-/// A request head as far as routing it needs: where it ends, the host it
-/// names, and whether the connection may stop being HTTP after it.
+/// A request head as far as routing it needs: where it ends, the hosts it
+/// names, how its body is framed, and whether the connection may stop
+/// being HTTP after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeadFacts {
-    /// The head's length, its final empty line included.
+    /// The head's length, leading empty lines and its final one included.
     pub len: usize,
-    /// Its host (its authority for an absolute-form target), if it names one.
-    pub host: Option<String>,
-    /// A `CONNECT` or a request offering an `Upgrade`: if the server takes
-    /// it, what follows on the connection is not HTTP.
+    /// The hosts it names: its target's authority (absolute form) first,
+    /// then its Host field's; either may be what a server routes by.
+    pub hosts: Vec<String>,
+    /// How the body that follows is delimited.
+    pub framing: Framing,
+    /// A `CONNECT`, or an HTTP/1.1 request asking to switch protocols
+    /// (`Upgrade`, with `upgrade` among its `Connection` options): if the
+    /// server takes it, what follows on the connection is not HTTP.
     pub switches: bool,
 }
 
@@ -224,56 +229,81 @@ pub struct HeadFacts {
 pub enum HeadParse {
     /// Not a whole head yet.
     Partial,
-    /// Not a head the sidecar reads (malformed, or too many fields).
+    /// Not a head the sidecar reads: malformed, larger than the limit, too
+    /// many fields, framing a server could read another way (bare LF,
+    /// `Content-Length` with `Transfer-Encoding`...), or a host that does
+    /// not parse or comes twice.
     Bad,
     /// A whole head.
     Whole(HeadFacts),
 }
 
-/// What the start of `buf` holds of a request head.
-pub fn head_facts(buf: &[u8]) -> HeadParse {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Partial) => return HeadParse::Partial,
+/// What the start of `buf` holds of a request head up to `max` bytes, read
+/// as strictly as the sidecar's own HTTP/1 server reads one: two readers
+/// must never disagree on where a request ends or whom it is for.
+pub fn head_facts(buf: &[u8], max: usize) -> HeadParse {
+    let mut rest = BytesMut::from(buf);
+    let head = match parse_request_head(&mut rest, max) {
+        Ok(None) => return HeadParse::Partial,
         Err(_) => return HeadParse::Bad,
-        Ok(httparse::Status::Complete(len)) => len,
+        Ok(Some(head)) => head,
     };
-    let from_target = req
-        .path
-        .and_then(|p| p.parse::<http::Uri>().ok())
-        .and_then(|u| u.authority().map(|a| a.host().to_owned()));
-    let from_header = req
+    let len = buf.len() - rest.len();
+    let parts = &head.parts;
+    let mut hosts = Vec::with_capacity(2);
+    if let Some(a) = parts.uri.authority() {
+        let Some(h) = bare_host(a) else {
+            return HeadParse::Bad;
+        };
+        hosts.push(h);
+    }
+    let mut fields = parts.headers.get_all(http::header::HOST).iter();
+    match (fields.next(), fields.next()) {
+        (Some(_), Some(_)) => return HeadParse::Bad,
+        (Some(v), None) => match http::uri::Authority::try_from(v.as_bytes())
+            .ok()
+            .and_then(|a| bare_host(&a))
+        {
+            Some(h) => hosts.push(h),
+            None => return HeadParse::Bad,
+        },
+        _ => {}
+    }
+    let connection_upgrade = parts
         .headers
+        .get_all(http::header::CONNECTION)
         .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .and_then(|v| v.trim().parse::<http::uri::Authority>().ok())
-        .map(|a| a.host().to_owned());
-    let host = from_target.or(from_header).map(|h| {
-        h.strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .map_or(h.clone(), str::to_owned)
-    });
-    let switches = req.method == Some("CONNECT")
-        || req
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let switches = parts.method == http::Method::CONNECT
+        || (parts.version == http::Version::HTTP_11
+            && connection_upgrade
+            && parts.headers.contains_key(http::header::UPGRADE));
     HeadParse::Whole(HeadFacts {
         len,
-        host,
+        hosts,
+        framing: head.framing,
         switches,
     })
 }
 
+/// An authority's host as rules match it ([`plain_host`]); `None` for one
+/// with userinfo or that is no DNS name or address.
+fn bare_host(a: &http::uri::Authority) -> Option<String> {
+    if a.as_str().contains('@') {
+        return None;
+    }
+    plain_host(a.host()).map(str::to_owned)
+}
+
 /// What `head` shows once it holds a whole request head (or cannot become
 /// one); `None` while partial.
-fn host_of(head: &[u8]) -> Option<Head> {
-    match head_facts(head) {
+fn host_of(head: &[u8], max: usize) -> Option<Head> {
+    match head_facts(head, max) {
         HeadParse::Partial => None,
         HeadParse::Bad => Some(Head::Unreadable),
-        HeadParse::Whole(facts) => Some(Head::Complete(facts.host)),
+        HeadParse::Whole(facts) => Some(Head::Complete(facts.hosts)),
     }
 }
 
@@ -318,28 +348,50 @@ mod tests {
     }
 
     #[test]
-    fn the_host_comes_from_the_head() {
-        let h = |b: &[u8]| host_of(b);
-        let host = |s: &str| Some(Head::Complete(Some(s.into())));
+    fn the_hosts_come_from_the_head() {
+        let h = |b: &[u8]| host_of(b, 64 * 1024);
+        let hosts = |hs: &[&str]| Some(Head::Complete(hs.iter().map(|s| s.to_string()).collect()));
         assert_eq!(
             h(b"GET / HTTP/1.1\r\nHost: API.demo:8080\r\n\r\n"),
-            host("API.demo")
+            hosts(&["API.demo"])
         );
+        // The target's authority first (what the server routes by), then
+        // the Host field's: both are judged.
         assert_eq!(
             h(b"GET http://b.c:1/x HTTP/1.1\r\nHost: a\r\n\r\n"),
-            host("b.c")
+            hosts(&["b.c", "a"])
         );
-        assert_eq!(h(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"), host("::1"));
-        assert_eq!(h(b"GET / HTTP/1.0\r\n\r\n"), Some(Head::Complete(None)));
         assert_eq!(
-            h(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
-            Some(Head::Complete(None))
+            h(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
+            hosts(&["::1"])
+        );
+        assert_eq!(h(b"GET / HTTP/1.0\r\n\r\n"), hosts(&[]));
+        // A final dot is the same name.
+        assert_eq!(
+            h(b"GET / HTTP/1.1\r\nHost: api.demo.:80\r\n\r\n"),
+            hosts(&["api.demo"])
         );
         assert_eq!(h(b"GET / HTTP/1.1\r\nHost: api"), None);
-        assert_eq!(
-            h(b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n"),
-            Some(Head::Unreadable)
-        );
+        // Unreadable: a host that does not parse, two Host fields, a target
+        // that does not parse, a malformed field, framing two readers could
+        // read apart, a bare LF.
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: meshed.example:1:2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: meshed.example\r\n\r\n",
+            b"GET http://meshed.example/a<b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: meshed.example,example.org\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: meshed.example..\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: u@meshed.example\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [zz]\r\n\r\n",
+        ] {
+            assert_eq!(h(bad), Some(Head::Unreadable), "{}", String::from_utf8_lossy(bad));
+        }
         // As many fields as the HTTP/1 server takes, and one more.
         let head = |fields: usize| {
             let mut s = String::from("GET / HTTP/1.1\r\n");
@@ -348,8 +400,26 @@ mod tests {
             }
             s + "Host: a\r\n\r\n"
         };
-        assert_eq!(h(head(128).as_bytes()), host("a"));
+        assert_eq!(h(head(128).as_bytes()), hosts(&["a"]));
         assert_eq!(h(head(129).as_bytes()), Some(Head::Unreadable));
+    }
+
+    #[test]
+    fn only_a_real_request_to_switch_protocols_switches() {
+        let switches = |b: &[u8]| match head_facts(b, 8192) {
+            HeadParse::Whole(f) => f.switches,
+            other => panic!("{other:?}"),
+        };
+        assert!(switches(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n"));
+        assert!(switches(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"));
+        // An Upgrade field without the Connection option, or in HTTP/1.0,
+        // asks for nothing: the server goes on reading HTTP.
+        assert!(!switches(
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\n"
+        ));
+        assert!(!switches(
+            b"GET / HTTP/1.0\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"
+        ));
     }
 
     #[tokio::test]
@@ -386,7 +456,7 @@ mod tests {
         let p = detect(&s, Duration::from_secs(2), 64 * 1024).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         let got = peek_host(&s, Instant::now() + Duration::from_secs(2), 64 * 1024).await;
-        assert_eq!(got, Head::Complete(Some("big.example".into())));
+        assert_eq!(got, Head::Complete(vec!["big.example".into()]));
     }
 
     #[tokio::test]
@@ -406,7 +476,7 @@ mod tests {
         let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         let head = peek_host(&s, Instant::now() + Duration::from_secs(2), 1024).await;
-        assert_eq!(head, Head::Complete(Some("x".into())));
+        assert_eq!(head, Head::Complete(vec!["x".into()]));
         let mut s = s;
         let mut all = [0u8; 4];
         s.read_exact(&mut all).await.unwrap();

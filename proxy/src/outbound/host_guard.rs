@@ -11,9 +11,16 @@
 //! that cannot be read, fails the read instead, and the connection is
 //! reset. A partial head at the app's end of stream is never sent.
 //!
-//! After a `CONNECT` or a request offering an `Upgrade`, the connection may
-//! stop being HTTP (a WebSocket, say): its bytes then pass unread, to the
-//! same destination the passed-through first request went to.
+//! After a `CONNECT` or an HTTP/1.1 request to switch protocols (`Upgrade`
+//! with the `Connection` option) the server may or may not switch, and the
+//! guard does not read responses. The client waits for the answer, and its
+//! next bytes tell: a TLS record (after `CONNECT`), a WebSocket frame or
+//! the HTTP/2 preface (after `Upgrade`) mean the server switched, and the
+//! bytes pass unread from there, to the destination the passed-through
+//! first request went to; anything that may start an HTTP/1 request (a
+//! token character, an empty line) means it declined, and the request is
+//! judged as any other. No HTTP/1 server reads a request from bytes that
+//! start otherwise.
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +29,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::http::h1::{request_body_framing, ChunkedDecoder, Decoded, Framing};
+use crate::http::h1::{ChunkedDecoder, Decoded, Framing};
 use crate::outbound::detect::{head_facts, HeadParse};
 
 /// Where in the request stream the next byte is.
@@ -33,8 +40,20 @@ enum At {
     Body(u64),
     /// A chunked body, its framing and trailers included.
     Chunked(ChunkedDecoder),
+    /// After a request to switch protocols, which the server may have
+    /// taken or declined: the client's next bytes tell (see `judge`).
+    Switching,
     /// No longer HTTP: everything passes.
     Opaque,
+}
+
+/// What a client sends first after `Upgrade: h2c` was taken.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether an HTTP/1 request may start with `b` (a method's token
+/// character, or the empty lines and whitespace servers skip).
+fn may_start_http1(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~\r\n \t".contains(&b)
 }
 
 /// Why a passed-through connection was stopped.
@@ -57,7 +76,7 @@ impl Stopped {
 }
 
 /// An app connection whose request heads are judged by `may_pass` (given
-/// each head's host) before any byte of them is read through.
+/// the hosts each names) before any byte of them is read through.
 pub struct HostGuard<I, F> {
     inner: I,
     may_pass: F,
@@ -71,11 +90,14 @@ pub struct HostGuard<I, F> {
     /// Why the bytes after `ready` may not pass: the read fails once
     /// `ready` is handed out.
     stopped: Option<Stopped>,
+    /// How much of a head in progress was searched for its end: a head
+    /// that arrives a byte at a time is parsed once, not at every byte.
+    searched: usize,
 }
 
 impl<I, F> HostGuard<I, F>
 where
-    F: FnMut(Option<&str>) -> bool,
+    F: FnMut(&[String]) -> bool,
 {
     /// Guards `inner`, whose heads may be up to `max_head` bytes.
     pub fn new(inner: I, max_head: usize, may_pass: F) -> HostGuard<I, F> {
@@ -87,6 +109,7 @@ where
             ready: BytesMut::new(),
             max_head,
             stopped: None,
+            searched: 0,
         }
     }
 
@@ -97,28 +120,24 @@ where
                 return Ok(());
             }
             match &mut self.at {
-                At::Head => match head_facts(&self.pending) {
-                    HeadParse::Partial if self.pending.len() > self.max_head => {
-                        return Err(Stopped::Unreadable)
-                    }
+                At::Head => match self.head() {
                     HeadParse::Partial => return Ok(()),
                     HeadParse::Bad => return Err(Stopped::Unreadable),
                     HeadParse::Whole(facts) => {
-                        if facts.len > self.max_head {
-                            return Err(Stopped::Unreadable);
+                        if !(self.may_pass)(&facts.hosts) {
+                            let named = if facts.hosts.is_empty() {
+                                "no host".to_owned()
+                            } else {
+                                facts.hosts.join(", ")
+                            };
+                            return Err(Stopped::Meshed(named));
                         }
-                        if !(self.may_pass)(facts.host.as_deref()) {
-                            return Err(Stopped::Meshed(
-                                facts.host.unwrap_or_else(|| "no host".to_owned()),
-                            ));
-                        }
-                        let framing = request_body_framing(&self.pending[..facts.len])
-                            .ok_or(Stopped::Unreadable)?;
                         self.release(facts.len);
+                        self.searched = 0;
                         self.at = if facts.switches {
-                            At::Opaque
+                            At::Switching
                         } else {
-                            match framing {
+                            match facts.framing {
                                 Framing::Length(n) => At::Body(n),
                                 Framing::Chunked => At::Chunked(ChunkedDecoder::new(self.max_head)),
                                 Framing::Empty | Framing::UntilClose => At::Head,
@@ -162,12 +181,42 @@ where
                         return Ok(());
                     }
                 }
+                At::Switching => {
+                    let n = self.pending.len().min(H2_PREFACE.len());
+                    if self.pending[..n] == H2_PREFACE[..n] {
+                        if n < H2_PREFACE.len() {
+                            return Ok(());
+                        }
+                        self.at = At::Opaque;
+                    } else if may_start_http1(self.pending[0]) {
+                        self.at = At::Head;
+                    } else {
+                        self.at = At::Opaque;
+                    }
+                }
                 At::Opaque => {
                     let n = self.pending.len();
                     self.release(n);
                 }
             }
         }
+    }
+
+    /// The head at the start of `pending`, parsed only once its end (an
+    /// empty line) may be there.
+    fn head(&mut self) -> HeadParse {
+        let from = self.searched.saturating_sub(3);
+        let ended = self.pending[from..]
+            .windows(2)
+            .any(|w| w == b"\n\n" || w == b"\n\r");
+        self.searched = self.pending.len();
+        if !ended {
+            if self.pending.len() > self.max_head {
+                return HeadParse::Bad;
+            }
+            return HeadParse::Partial;
+        }
+        head_facts(&self.pending, self.max_head)
     }
 
     /// Hands out the first `n` pending bytes.
@@ -184,7 +233,7 @@ where
 impl<I, F> AsyncRead for HostGuard<I, F>
 where
     I: AsyncRead + Unpin,
-    F: FnMut(Option<&str>) -> bool + Unpin,
+    F: FnMut(&[String]) -> bool + Unpin,
 {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -267,8 +316,10 @@ mod tests {
     /// taking `meshed.example`, and how the read ended.
     async fn through(writes: &[&[u8]]) -> (Vec<u8>, Option<String>) {
         let app = Writes(writes.iter().map(|w| w.to_vec()).collect());
-        let mut g = HostGuard::new(app, 1024, |h: Option<&str>| {
-            !h.is_some_and(|h| h.eq_ignore_ascii_case("meshed.example"))
+        let mut g = HostGuard::new(app, 1024, |hosts: &[String]| {
+            !hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case("meshed.example"))
         });
         let mut out = Vec::new();
         let mut buf = [0u8; 7];
@@ -344,6 +395,16 @@ mod tests {
             ]
             .concat(),
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            // Framing a server could read another way than the guard: the
+            // smuggling shapes (CL.TE, TE twice, TE in HTTP/1.0, bare LF).
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 80\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\nContent-Length: 50\r\n\r\n",
+            // Hosts that hide one: two Host fields, one that does not parse.
+            b"GET / HTTP/1.1\r\nHost: example.org\r\nHost: meshed.example\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: meshed.example:1:2\r\n\r\n",
+            b"GET http://meshed.example/a<b HTTP/1.1\r\nHost: example.org\r\n\r\n",
         ];
         for b in bad {
             let (out, stop) = through(&[FIRST, b]).await;
@@ -363,11 +424,54 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn after_an_upgrade_the_bytes_pass_unread() {
+    async fn after_a_switch_the_clients_next_bytes_say_whether_it_happened() {
         let up = b"GET /ws HTTP/1.1\r\nHost: example.org\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        // Taken: WebSocket frames pass unread, whatever they hold.
         let frames = b"\x81\x05hello GET / HTTP/1.1\r\nHost: meshed.example\r\n\r\n";
         let (out, stop) = through(&[up, frames]).await;
         assert_eq!(stop, None);
         assert_eq!(out, [&up[..], &frames[..]].concat());
+        // Declined (the server answered 426 and reads on): the next request
+        // is judged, also after empty lines, split or pipelined.
+        let after_blank_lines: &[u8] = b"\r\n\r\nGET / HTTP/1.1\r\nHost: meshed.example\r\n\r\n";
+        for next in [MESHED, after_blank_lines] {
+            let (out, stop) = through(&[up, next]).await;
+            assert_eq!(out, up);
+            assert!(stop.is_some());
+            let (out, stop) = through(&[&[&up[..], next].concat()]).await;
+            assert_eq!(out, up);
+            assert!(stop.is_some());
+        }
+        // A CONNECT taken: TLS passes; declined: the next request is judged.
+        let connect = b"CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n";
+        let hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        let (out, stop) = through(&[connect, hello]).await;
+        assert_eq!((out, stop), ([&connect[..], &hello[..]].concat(), None));
+        let (out, stop) = through(&[connect, MESHED]).await;
+        assert_eq!(out, connect);
+        assert!(stop.is_some());
+        // h2c taken: the preface, then frames, pass, even a byte at a time.
+        let h2c = b"GET / HTTP/1.1\r\nHost: example.org\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+        let after = [H2_PREFACE, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"].concat();
+        let mut writes: Vec<&[u8]> = vec![h2c];
+        writes.extend(after.chunks(1));
+        let (out, stop) = through(&writes).await;
+        assert_eq!(stop, None);
+        assert_eq!(out, [&h2c[..], &after[..]].concat());
+        // An Upgrade field without the Connection option asks for nothing:
+        // the server reads on as HTTP, and so does the guard.
+        let offer = b"GET / HTTP/1.1\r\nHost: example.org\r\nUpgrade: x\r\n\r\n";
+        let (out, stop) = through(&[offer, MESHED]).await;
+        assert_eq!(out, offer);
+        assert!(stop.is_some());
+        // A target and a Host that disagree: either may be what the server
+        // routes by, so a meshed one in either stops it.
+        let (out, stop) = through(&[
+            FIRST,
+            b"GET http://example.org/ HTTP/1.1\r\nHost: meshed.example\r\n\r\n",
+        ])
+        .await;
+        assert_eq!(out, FIRST);
+        assert!(stop.is_some());
     }
 }

@@ -427,7 +427,10 @@ impl Outbound {
                 "CONNECT tunnels are not supported: send plain http:// requests and the sidecar adds mutual TLS\n",
             ))));
         }
-        if let Some(protocol) = upgrade_asked(req.headers()) {
+        let upgrade = (req.version() == http::Version::HTTP_11)
+            .then(|| upgrade_asked(req.headers()))
+            .flatten();
+        if let Some(protocol) = upgrade {
             // Dropped as hop-by-hop, the offer would reach the app as a
             // plain request, which it answers with a puzzling 426 or 400:
             // said here, with what to do instead.

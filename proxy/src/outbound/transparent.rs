@@ -51,7 +51,7 @@ use crate::metrics::Direction;
 use crate::outbound::detect::{self, Protocol};
 use crate::outbound::host_guard::{HostGuard, Stopped};
 use crate::outbound::own_ports;
-use crate::outbound::rules::Captures;
+use crate::outbound::rules::{Candidates, Captures, RuleSet};
 use crate::outbound::table::{Route, Table};
 use crate::outbound::Outbound;
 
@@ -132,10 +132,13 @@ impl Outbound {
                     h = peek => h,
                     _ = crate::http::server::stopped(&mut shutdown) => return,
                 };
-                let host = match &head {
-                    detect::Head::Complete(host) => host.as_deref(),
-                    detect::Head::Unreadable => None,
+                let hosts: &[String] = match &head {
+                    detect::Head::Complete(hosts) => hosts,
+                    detect::Head::Unreadable => &[],
                 };
+                // Routed by its first host (the target's authority, else
+                // Host), as the server that takes it reads it.
+                let host = hosts.first().map(String::as_str);
                 if table.rules().for_host(&candidates, host).is_none() {
                     if head == detect::Head::Unreadable {
                         // Its Host unknown, this HTTP may be bound for a
@@ -148,9 +151,11 @@ impl Outbound {
                         tracing::info!(peer = %remote, %dst, "HTTP request head unreadable (too large, too many fields, malformed or too slow): refused rather than passed through in plain text");
                         return reset(tcp);
                     }
-                    if !table.rules().claims_destination(&candidates) {
+                    if !table.rules().claims_destination(&candidates)
+                        && unmeshed_hosts(table.rules(), &candidates, hosts)
+                    {
                         // Nothing was consumed: a passthrough sends it all,
-                        // and judges each later request by its own Host.
+                        // and judges each later request by its own hosts.
                         drop(table);
                         return self.unmeshed(tcp, dst, true).await;
                     }
@@ -314,11 +319,11 @@ impl Outbound {
                 };
                 let idle = self.cfg.limits.idle_timeout;
                 let outcome = if http1 {
-                    let may_pass = |host: Option<&str>| {
+                    let may_pass = |hosts: &[String]| {
                         let table = self.rules();
                         let rules = table.rules();
                         let c = rules.candidates(dst);
-                        !rules.claims_destination(&c) && rules.for_host(&c, host).is_none()
+                        !rules.claims_destination(&c) && unmeshed_hosts(rules, &c, hosts)
                     };
                     let max = self.cfg.limits.max_header_bytes;
                     let mut app = HostGuard::new(app, max, may_pass);
@@ -347,6 +352,15 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Whether no rule among `c` takes any of `hosts` (none: a request without
+/// a host): a request naming them may go out in plain text.
+fn unmeshed_hosts(rules: &RuleSet, c: &Candidates, hosts: &[String]) -> bool {
+    if hosts.is_empty() {
+        return rules.for_host(c, None).is_none();
+    }
+    hosts.iter().all(|h| rules.for_host(c, Some(h)).is_none())
 }
 
 /// Copies both ways between `app` and `peer` until both ended (`Some`), or
