@@ -101,6 +101,10 @@ fn host_key(a: &Authority) -> &str {
 /// a client offering h2c goes on in HTTP/1.1 when the offer is dropped, as
 /// a hop-by-hop field is.
 fn upgrade_asked(h: &http::HeaderMap) -> Option<String> {
+    if !h.contains_key(header::UPGRADE) {
+        // Nearly every request: one hashed lookup.
+        return None;
+    }
     let tokens = |name: header::HeaderName| {
         h.get_all(name)
             .iter()
@@ -427,9 +431,11 @@ impl Outbound {
                 "CONNECT tunnels are not supported: send plain http:// requests and the sidecar adds mutual TLS\n",
             ))));
         }
-        let upgrade = (req.version() == http::Version::HTTP_11)
-            .then(|| upgrade_asked(req.headers()))
-            .flatten();
+        let upgrade = if req.version() == http::Version::HTTP_11 {
+            upgrade_asked(req.headers())
+        } else {
+            None
+        };
         if let Some(protocol) = upgrade {
             // Dropped as hop-by-hop, the offer would reach the app as a
             // plain request, which it answers with a puzzling 426 or 400:
