@@ -336,3 +336,124 @@ fn transparent_mesh_between_pods() {
     let last = nginx.access_log();
     assert!(last.ends_with(&format!("{} 200 /\n", a.ip)), "{last}");
 }
+
+/// A plain HTTP/1.1 server outside the mesh (pod C): answers every request
+/// 200 on a kept connection, and writes every byte it receives to a file.
+const RECORDING_SERVER: &str = r#"
+import socket, sys, threading
+port, log = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port)); s.listen(16)
+def serve(c):
+    buf = b""
+    while True:
+        d = c.recv(65536)
+        if not d:
+            return
+        with open(log, "ab") as f:
+            f.write(d)
+        buf += d
+        while b"\r\n\r\n" in buf:
+            _, buf = buf.split(b"\r\n\r\n", 1)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// An app in A: one connection to ADDR PORT, each argument a request sent
+/// after the previous one's response; prints each response's status line,
+/// or how the connection ended.
+const KEEPALIVE_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+c = socket.create_connection((host, port), timeout=5)
+for req in sys.argv[3:]:
+    try:
+        c.sendall(req.encode().decode("unicode_escape").encode("latin-1"))
+        got = c.recv(4096)
+        print(got.split(b"\r\n")[0].decode() if got else "closed")
+    except OSError as e:
+        print("error", e.errno)
+"#;
+
+#[test]
+fn a_passed_through_connection_never_carries_a_meshed_request() {
+    if !can_run(&["python3", "setpriv", "bash"]) {
+        return;
+    }
+    let pods = Pods::create();
+    let (a, c) = (&pods.a, &pods.c);
+    let pki = Pki::new(TD);
+    let cert_a = pki.issue("a", "/ns/shop/sa/client");
+    // C has no sidecar and no rule names its address: outside the mesh.
+    let log = pods.path("plain.log");
+    let mut server = c.cmd("/usr/bin/python3");
+    server.args(["-c", RECORDING_SERVER, "8080"]).arg(&log);
+    let _plain = c.spawn(server, &pods.path("plain.out"));
+    assert!(c.wait_port(c.addr(HTTP), Duration::from_secs(10)));
+    // A meshes Kubernetes service names only.
+    let side_a = Sidecar::start(
+        &pods,
+        a,
+        "a",
+        &sidecar_config(
+            &identity_toml(&pki.bundle, &cert_a),
+            "",
+            &format!(
+                "[[outbound.upstreams]]\nhost = \"*.{{namespace}}.svc.cluster.local\"\n\
+                 identity = \"spiffe://{TD}/ns/{{namespace}}/sa/*\"\n"
+            ),
+        ),
+        ADMIN,
+    );
+    redirect(a, &["--proxy-uid", "0"]);
+    let client = |requests: &[&str]| {
+        let mut cmd = a.cmd_app("/usr/bin/python3");
+        cmd.args(["-c", KEEPALIVE_CLIENT, &c.ip.to_string(), "8080"]);
+        cmd.args(requests);
+        run(&mut cmd)
+    };
+    let plain = r"GET /plain HTTP/1.1\r\nHost: example.org\r\n\r\n";
+    let meshed = r"GET /meshed HTTP/1.1\r\nHost: api.db.svc.cluster.local\r\nAuthorization: Bearer s3cret-1\r\n\r\n";
+    // A WebSocket handshake the server declines (it answers 200 and reads
+    // on), then the meshed request: still judged.
+    let declined = r"GET /ws HTTP/1.1\r\nHost: example.org\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let smuggled = r"POST /cl-te HTTP/1.1\r\nHost: example.org\r\nTransfer-Encoding: chunked\r\nContent-Length: 70\r\n\r\n0\r\n\r\nGET /m HTTP/1.1\r\nHost: api.db.svc.cluster.local\r\nX-S: s3cret-2\r\n\r\n";
+    for (requests, first) in [
+        (vec![plain, meshed], "HTTP/1.1 200 OK"),
+        (vec![declined, meshed], "HTTP/1.1 200 OK"),
+        (vec![plain, smuggled], "HTTP/1.1 200 OK"),
+    ] {
+        let out = client(&requests);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.first().copied(),
+            Some(first),
+            "{text}\n{}\n--- sidecar A:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            side_a.log_text()
+        );
+        assert!(
+            lines.get(1).is_some_and(|l| *l != "HTTP/1.1 200 OK"),
+            "the second request was answered: {text}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(seen.contains("/plain") && seen.contains("/ws"), "{seen}");
+    assert!(
+        !seen.contains("s3cret") && !seen.contains("api.db"),
+        "a meshed request reached the plain server:\n{seen}"
+    );
+    assert!(
+        side_a.sample(
+            "keyproof_tcp_connections_total",
+            &[("direction", "outbound"), ("result", "passthrough")]
+        ) >= 3.0,
+        "{}",
+        side_a.admin("/metrics").1
+    );
+    redirect(a, &["--remove"]);
+}
