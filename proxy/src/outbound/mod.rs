@@ -88,12 +88,14 @@ async fn sniff_h2(tcp: &TcpStream) -> io::Result<bool> {
 }
 
 /// The host of an authority as upstreams are keyed: an IPv6 literal
-/// without its brackets.
+/// without its brackets, a name without its final dot (`api.demo.` is the
+/// fully qualified `api.demo`, as transparent routing reads it too).
 fn host_key(a: &Authority) -> &str {
     let h = a.host();
-    h.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(h)
+    match h.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6,
+        None => h.strip_suffix('.').unwrap_or(h),
+    }
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with
@@ -765,6 +767,8 @@ mod tests {
             "api.demo:80",
             "api.demo:8443",
             "API.DEMO:1",
+            "api.demo.",
+            "Api.Demo.:8443",
         ] {
             assert_eq!(upstream_of(&o, a).as_deref(), Some("api.demo"), "{a}");
         }
@@ -875,5 +879,7 @@ mod tests {
         assert_eq!(key("api.default.svc:8080"), "api.default.svc");
         assert_eq!(key("[::1]:80"), "::1");
         assert_eq!(key("127.0.0.1:15001"), "127.0.0.1");
+        assert_eq!(key("api.default.svc."), "api.default.svc");
+        assert_eq!(key("api.default.svc.:8080"), "api.default.svc");
     }
 }
