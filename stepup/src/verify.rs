@@ -440,14 +440,6 @@ impl Pending<'_> {
         &self.base
     }
 
-    /// When the nonce was issued, Unix seconds (rounded down): its MAC'd
-    /// expiry less this verifier's `nonce_ttl`. For audit records (how long
-    /// a caller took to answer); never a freshness check, which `begin`
-    /// made on the expiry itself.
-    pub fn nonce_issued_at(&self) -> u64 {
-        u64::from(self.nonce_expires).saturating_sub(self.verifier.cfg.nonce_ttl.as_secs())
-    }
-
     /// When the nonce was issued, Unix milliseconds from the system clock,
     /// while it is still outstanding (not yet used, not purged). For audit
     /// records.

@@ -280,6 +280,16 @@ pub struct TrailerRefused(String);
 /// fields), `Transfer-Encoding` (only one `chunked`, no other coding) and,
 /// in `reject` mode, names with `_`. Says what [`strip_request`] has to
 /// remove; one pass over the names when all is well.
+/// The elements of the comma-separated list fields `name` of `h`, trimmed,
+/// empty ones left out (RFC 9110 section 5.6.1).
+pub fn list_elements(h: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &[u8]> {
+    h.get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 /// A host as routing rules and risk rules match it: without the brackets
 /// of an IPv6 literal or a final dot. `None` for a host that is no DNS name
 /// or address (`a,b`, `a..`, `a!b`): servers read such hosts each in a way

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::http::h1::{parse_request_head, Framing};
-use crate::http::owned::plain_host;
+use crate::http::owned::{list_elements, plain_host};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest method accepted in a request line.
@@ -269,13 +269,8 @@ pub fn head_facts(buf: &[u8], max: usize) -> HeadParse {
         },
         _ => {}
     }
-    let connection_upgrade = parts
-        .headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let connection_upgrade = list_elements(&parts.headers, http::header::CONNECTION)
+        .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
     let switches = parts.method == http::Method::CONNECT
         || (parts.version == http::Version::HTTP_11
             && connection_upgrade

@@ -107,23 +107,13 @@ fn upgrade_asked(h: &http::HeaderMap) -> Option<String> {
         // Nearly every request: one hashed lookup.
         return None;
     }
-    let tokens = |name: header::HeaderName| {
-        h.get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-    };
-    if !tokens(header::CONNECTION)
-        .iter()
-        .any(|t| t.eq_ignore_ascii_case("upgrade"))
-    {
+    if !owned::list_elements(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"upgrade")) {
         return None;
     }
-    let offered = tokens(header::UPGRADE);
-    if offered.is_empty() || offered.iter().all(|p| p.eq_ignore_ascii_case("h2c")) {
+    let offered: Vec<_> = owned::list_elements(h, header::UPGRADE)
+        .map(String::from_utf8_lossy)
+        .collect();
+    if offered.iter().all(|p| p.eq_ignore_ascii_case("h2c")) {
         return None;
     }
     Some(offered.join(", "))
