@@ -9,9 +9,10 @@
 # the transparent-mesh tests iptables, iproute2, tcpdump, PostgreSQL and stunnel,
 # and for the PKCS#11 tests SoftHSM2 and OpenSC's pkcs11-tool (softhsm2,
 # opensc), from apt; checkov and kubernetes-validate in a venv at /opt/keyproof-ci (linked
-# into /usr/local/bin); http-message-signatures and pyOpenSSL in a venv at
-# /opt/keyproof-interop (the independent RFC 9421 implementation the step-up
-# interop tests sign and verify with); and cargo-fuzz. Whatever is already
+# into /usr/local/bin); http-message-signatures, pyOpenSSL and websockets in
+# a venv at /opt/keyproof-interop (the independent RFC 9421 implementation the
+# step-up interop tests sign and verify with, and the WebSocket client and
+# server of the WebSocket tests); and cargo-fuzz. Whatever is already
 # there is left alone, so later runs install nothing and need no root.
 #
 # With `CI` set, a deploy/ check whose tool is missing fails instead of
@@ -49,10 +50,11 @@ if ! command -v checkov >/dev/null 2>&1 || ! command -v kubernetes-validate >/de
   need_ci_venv=true
 fi
 
-# Step-up interop: an independent RFC 9421 implementation (Python), in its
+# Step-up interop: an independent RFC 9421 implementation (Python), and a
+# real WebSocket client and server (tests/tests/proxy_websocket.rs), in their
 # own venv so the image's Python packages stay as they are.
 need_interop_venv=false
-if [ ! -x /opt/keyproof-interop/bin/python ] || ! /opt/keyproof-interop/bin/python -c 'import http_message_signatures, OpenSSL' 2>/dev/null; then
+if [ ! -x /opt/keyproof-interop/bin/python ] || ! /opt/keyproof-interop/bin/python -c 'import http_message_signatures, OpenSSL, websockets' 2>/dev/null; then
   need_interop_venv=true
 fi
 
@@ -67,7 +69,7 @@ if [ ${#missing_apt[@]} -gt 0 ] || $need_ci_venv || $need_interop_venv; then
         echo "  checkov and kubernetes-validate (venv /opt/keyproof-ci, linked into /usr/local/bin)"
       fi
       if $need_interop_venv; then
-        echo "  http-message-signatures and pyOpenSSL (venv /opt/keyproof-interop)"
+        echo "  http-message-signatures, pyOpenSSL and websockets (venv /opt/keyproof-interop)"
       fi
       echo "Run ./test.sh once as root (later runs install nothing), or for the unit tests alone:"
       echo "  cargo test --workspace --exclude keyproof-tests --locked"
@@ -89,7 +91,7 @@ if [ ${#missing_apt[@]} -gt 0 ] || $need_ci_venv || $need_interop_venv; then
   fi
   if $need_interop_venv; then
     python3 -m venv /opt/keyproof-interop
-    /opt/keyproof-interop/bin/pip install -q --disable-pip-version-check 'http-message-signatures==3.0.0' 'pyOpenSSL'
+    /opt/keyproof-interop/bin/pip install -q --disable-pip-version-check 'http-message-signatures==3.0.0' 'pyOpenSSL' 'websockets==15.0.1'
   fi
 fi
 # The interop tests fail rather than skip when KEYPROOF_INTEROP is set.

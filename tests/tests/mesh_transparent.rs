@@ -166,6 +166,18 @@ fn transparent_mesh_between_pods() {
     let id_a = pki.id("/ns/shop/sa/client");
     let nginx = PodNginx::start(&pods, b, HTTP);
     let pg = PodPostgres::start(&pods, b, PG);
+    // A WebSocket app in B (the `websockets` library), where it is
+    // installed (test.sh installs it; KEYPROOF_INTEROP makes it a must).
+    let ws_app = ws_python().map(|py| {
+        let mut server = b.cmd(py);
+        server
+            .arg(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ws.py"))
+            .args(["server", &WS.to_string()]);
+        let app = b.spawn(server, &pods.path("ws.out"));
+        let local = std::net::SocketAddr::from(([127, 0, 0, 1], WS));
+        assert!(b.wait_port(local, Duration::from_secs(10)));
+        app
+    });
 
     // B: every route and the PostgreSQL port admit A only; /su demands
     // step-up.
@@ -176,7 +188,8 @@ fn transparent_mesh_between_pods() {
         &sidecar_config(
             &identity_toml(&pki.bundle, &cert_b),
             &format!(
-                "[[inbound.routes]]\npath_prefix = \"/su\"\nallow = [\"{id_a}\"]\nstep_up = true\n\
+                "http_ports = [{HTTP}, {WS}]\n\
+                 [[inbound.routes]]\npath_prefix = \"/su\"\nallow = [\"{id_a}\"]\nstep_up = true\n\
                  [[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"{id_a}\"]\n\
                  [[inbound.tcp]]\nport = {PG}\nallow = [\"{id_a}\"]\n"
             ),
@@ -243,11 +256,50 @@ fn transparent_mesh_between_pods() {
     let big = "select count(*) from generate_series(1, 200000)";
     assert_eq!(psql(a, b.addr(PG), big).as_deref(), Ok("200000"));
     a_conns += 1;
+    // A WebSocket from an unmodified client: switched at B's app, its
+    // messages carried both ways, A's identity in the app's XFCC.
+    if ws_app.is_some() {
+        let mut client = a.cmd_app("/usr/bin/python3");
+        client.args(["-c", WS_CLIENT, &b.ip.to_string(), &WS.to_string()]);
+        let out = run(&mut client);
+        a_conns += 1;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.first().copied(),
+            Some("HTTP/1.1 101 Switching Protocols"),
+            "{text}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        );
+        assert_eq!(lines.get(1).copied(), Some("accept-ok"), "{text}");
+        let seen: serde_json::Value = serde_json::from_str(lines[2]).expect("the app's JSON");
+        assert_eq!(seen["path"], "/ws/chat", "{text}");
+        assert!(
+            seen["xfcc"]
+                .as_str()
+                .is_some_and(|x| x.contains(&format!("URI={id_a}"))),
+            "{text}"
+        );
+        assert_eq!(
+            lines.get(3).copied(),
+            Some("echo: hello through the mesh"),
+            "{text}"
+        );
+        assert_eq!(lines.get(4).copied(), Some("close: 1000"), "{text}");
+    }
     let text = cap.stop();
     // The sidecar dialled B's address and port itself (B redirected it).
     assert!(text.contains(&format!("{}.{HTTP}", b.ip)), "{text}");
     assert!(text.contains(&format!("{}.{PG}", b.ip)), "{text}");
-    for plain in [REQUEST_LINE, "xfcc=", "select 1", "generate_series"] {
+    for plain in [
+        REQUEST_LINE,
+        "xfcc=",
+        "select 1",
+        "generate_series",
+        "GET /ws/chat",
+        "URI=spiffe",
+    ] {
         assert!(
             !text.contains(plain),
             "{plain:?} crossed between the pods in clear:\n{text}"
@@ -336,6 +388,75 @@ fn transparent_mesh_between_pods() {
     let last = nginx.access_log();
     assert!(last.ends_with(&format!("{} 200 /\n", a.ip)), "{last}");
 }
+
+/// The WebSocket app's port in B.
+const WS: u16 = 8081;
+
+/// The venv's Python with `websockets` (root only: it lives under root's
+/// home), or `None` unless `KEYPROOF_INTEROP` says it must be there.
+fn ws_python() -> Option<String> {
+    let py = std::env::var("KEYPROOF_PYTHON").ok()?;
+    let ok = Command::new(&py)
+        .args(["-c", "import websockets"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var_os("KEYPROOF_INTEROP").is_some() {
+        panic!("KEYPROOF_INTEROP is set but {py} lacks websockets");
+    }
+    ok.then_some(py)
+}
+
+/// An unmodified WebSocket client in A (the standard library only, as the
+/// unprivileged uid): the handshake to ADDR PORT /ws/chat, the app's first
+/// message (its JSON), one text message and its echo, then the close
+/// handshake. Prints the status line, whether the accept key is right, the
+/// JSON, `echo: TEXT` and `close: CODE`.
+const WS_CLIENT: &str = r#"
+import base64, hashlib, os, socket, struct, sys
+host, port = sys.argv[1], int(sys.argv[2])
+c = socket.create_connection((host, port), timeout=10)
+key = base64.b64encode(os.urandom(16)).decode()
+c.sendall(("GET /ws/chat HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\n"
+           "Upgrade: websocket\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+           % (host, port, key)).encode())
+buf = b""
+while b"\r\n\r\n" not in buf:
+    d = c.recv(4096)
+    if not d:
+        print("closed: " + repr(buf)); sys.exit(0)
+    buf += d
+head, buf = buf.split(b"\r\n\r\n", 1)
+print(head.split(b"\r\n")[0].decode())
+accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+print("accept-ok" if accept in head else "accept-bad")
+def need(n):
+    global buf
+    while len(buf) < n:
+        d = c.recv(65536)
+        if not d:
+            raise SystemExit("closed inside a frame")
+        buf += d
+    out, buf = buf[:n], buf[n:]
+    return out
+def frame():
+    b0, b1 = need(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", need(2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", need(8))[0]
+    return b0 & 0x0F, need(n)
+def send(op, payload):
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    c.sendall(bytes([0x80 | op, 0x80 | len(payload)]) + mask + masked)
+print(frame()[1].decode())
+send(1, b"hello through the mesh")
+print("echo: " + frame()[1].decode())
+send(8, struct.pack("!H", 1000))
+op, payload = frame()
+print("close: %d" % struct.unpack("!H", payload[:2])[0] if op == 8 else "no close frame")
+"#;
 
 /// A plain HTTP/1.1 server outside the mesh (pod C): answers every request
 /// 200 on a kept connection, and writes every byte it receives to a file.

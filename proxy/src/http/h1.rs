@@ -188,6 +188,26 @@ pub fn parse_response_head(
     method: &Method,
     max: usize,
 ) -> Result<Option<ResponseHead>, H1Error> {
+    response_head(buf, method, max, false)
+}
+
+/// [`parse_response_head`] for the answer to a request that asked to
+/// switch protocols (`Connection: upgrade`): a `101` is a head too, with
+/// no body (`Framing::Empty`) and no keep-alive, and what follows it in
+/// `buf` is the new protocol's.
+pub fn parse_upgrade_response_head(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<ResponseHead>, H1Error> {
+    response_head(buf, &Method::GET, max, true)
+}
+
+fn response_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    max: usize,
+    switching: bool,
+) -> Result<Option<ResponseHead>, H1Error> {
     loop {
         // Left uninitialised: zeroing 128 fields (4 KiB) per response would
         // cost more than parsing a typical head.
@@ -207,18 +227,33 @@ pub fn parse_response_head(
         let code = resp.code.unwrap_or(0);
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Head(httparse::Error::Status))?;
-        if status == StatusCode::SWITCHING_PROTOCOLS {
+        if status == StatusCode::SWITCHING_PROTOCOLS && !switching {
             return Err(H1Error::Upgrade);
-        }
-        if status.is_informational() {
-            buf.advance(len);
-            continue;
         }
         let version = if resp.version == Some(0) {
             Version::HTTP_10
         } else {
             Version::HTTP_11
         };
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // No framing to read: the connection is the new protocol's
+            // from the end of this head.
+            let at = locate(buf, resp.headers);
+            let headers = field_map(&buf.split_to(len).freeze(), &at, is_hop_by_hop)?;
+            let mut parts = http::Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = version;
+            parts.headers = headers;
+            return Ok(Some(ResponseHead {
+                parts,
+                framing: Framing::Empty,
+                keep_alive: false,
+            }));
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
         let hop = FramingFields::scan(resp.headers)?;
         let at = locate(buf, resp.headers);
         // The field values become slices of the head, not copies; the
@@ -445,8 +480,11 @@ pub fn write_response_head<D: AsRef<[u8]>>(
     );
     dst.put_slice(b"\r\n");
     let mut has_date = false;
+    let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || is_hop_by_hop(name.as_str().as_bytes()) {
+        if name == header::CONTENT_LENGTH
+            || (is_hop_by_hop(name.as_str().as_bytes()) && !(switching && name == header::UPGRADE))
+        {
             continue;
         }
         has_date |= name == header::DATE;
@@ -482,6 +520,7 @@ pub fn write_response_head<D: AsRef<[u8]>>(
         Connection::Default => {}
         Connection::Close => dst.put_slice(b"connection: close\r\n"),
         Connection::KeepAlive => dst.put_slice(b"connection: keep-alive\r\n"),
+        Connection::Upgrade => dst.put_slice(b"connection: upgrade\r\n"),
     }
     dst.put_slice(b"\r\n");
 }
@@ -495,6 +534,9 @@ pub enum Connection {
     Close,
     /// An HTTP/1.0 client's keep-alive is honoured.
     KeepAlive,
+    /// A `101`: the connection switches to the protocol its `Upgrade`
+    /// field names (the one hop-by-hop field such a head keeps).
+    Upgrade,
 }
 
 /// What a head's framing and connection fields say, read off the
@@ -1366,6 +1408,48 @@ mod tests {
         assert_eq!(
             frame(Method::GET, Version::HTTP_11, &resp(304, &[]), None),
             Framing::Empty
+        );
+    }
+
+    #[test]
+    fn a_101_is_a_head_only_where_a_switch_was_asked_for() {
+        let wire = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n\x81\x02hi";
+        let mut buf = BytesMut::from(&wire[..]);
+        let head = parse_upgrade_response_head(&mut buf, 1024)
+            .unwrap()
+            .expect("whole");
+        assert_eq!(head.parts.status, 101);
+        assert_eq!(head.framing, Framing::Empty);
+        assert!(!head.keep_alive);
+        assert_eq!(head.parts.headers["sec-websocket-accept"], "x");
+        // Hop-by-hop fields are left out, as from any head.
+        assert!(!head.parts.headers.contains_key("upgrade"));
+        // What follows is the new protocol's, untouched.
+        assert_eq!(&buf[..], b"\x81\x02hi");
+        // Elsewhere a 101 is refused, and other 1xx are skipped here too.
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(matches!(
+            parse_response_head(&mut buf, &Method::GET, 1024),
+            Err(H1Error::Upgrade)
+        ));
+        let mut buf = BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n"[..]);
+        let head = parse_upgrade_response_head(&mut buf, 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.parts.status, 426);
+        // Written, a 101 keeps its Upgrade field and says so in Connection.
+        let mut out = BytesMut::new();
+        let mut r = http::Response::new(());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut()
+            .insert(header::DATE, HeaderValue::from_static("D"));
+        let p = r.into_parts().0;
+        write_response_head(&p, Framing::Empty, Connection::Upgrade, || b"N", &mut out);
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\ndate: D\r\nconnection: upgrade\r\n\r\n"
         );
     }
 

@@ -39,6 +39,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::http::h1::{self, BodyError, BodyReader, Connection, Framing, H1Error, RequestHead};
+use crate::http::io::Rewind;
+use crate::http::owned;
 use crate::http::response::{http_date, text};
 use crate::http::server::PROGRESS;
 use crate::http::traits::ResponseBody;
@@ -222,6 +224,66 @@ impl Body for ServerBody {
     }
 }
 
+/// The client's connection after the server answered `101 Switching
+/// Protocols`: what it sent after its request head, then the socket.
+pub struct Upgraded {
+    /// Bytes from the client, in the new protocol.
+    pub read: Rewind<OwnedReadHalf>,
+    /// Bytes to the client.
+    pub write: OwnedWriteHalf,
+}
+
+/// In the extensions of a request that asks to switch protocols (an
+/// HTTP/1.1 `GET` without a body, with `upgrade` among its `Connection`
+/// options and an `Upgrade` field): only such a request may be answered
+/// `101`, and only with a [`SwitchTo`].
+#[derive(Clone, Copy, Debug)]
+pub struct MaySwitch;
+
+/// What runs the connection once its `101` head is written.
+type Switched = Box<dyn FnOnce(Upgraded) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Put on a `101` answer: once the head is written, the connection goes to
+/// the closure, whose future the connection's task then runs to its end
+/// (so that the connection still counts against the listener's limits
+/// while it lasts). A `101` without it becomes a 502.
+#[derive(Clone)]
+pub struct SwitchTo(Arc<std::sync::Mutex<Option<Switched>>>);
+
+impl SwitchTo {
+    /// A handoff to `f`.
+    pub fn new<F, Fut>(f: F) -> SwitchTo
+    where
+        F: FnOnce(Upgraded) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let f: Switched = Box::new(move |io| Box::pin(f(io)));
+        SwitchTo(Arc::new(std::sync::Mutex::new(Some(f))))
+    }
+
+    fn take(&self) -> Option<Switched> {
+        self.0.lock().ok().and_then(|mut f| f.take())
+    }
+}
+
+impl std::fmt::Debug for SwitchTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SwitchTo")
+    }
+}
+
+/// Whether a request head asks to switch protocols, and could (no body:
+/// the new protocol's bytes would follow one whose end the server must
+/// find first).
+fn may_switch(parts: &http::request::Parts, framing: Framing) -> bool {
+    parts.headers.contains_key(http::header::UPGRADE)
+        && framing == Framing::Empty
+        && parts.method == Method::GET
+        && parts.version == Version::HTTP_11
+        && owned::list_elements(&parts.headers, http::header::CONNECTION)
+            .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+}
+
 /// Why reading a request head stopped.
 enum HeadEnd {
     /// The client closed between requests, or the connection is closing.
@@ -277,11 +339,15 @@ where
             }
         };
         let RequestHead {
-            parts,
+            mut parts,
             framing,
             keep_alive,
             expect_continue,
         } = head;
+        let may = may_switch(&parts, framing);
+        if may {
+            parts.extensions.insert(MaySwitch);
+        }
         let (method, version) = (parts.method.clone(), parts.version);
         if expect_continue {
             wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
@@ -326,6 +392,36 @@ where
                 Err(oneshot::error::TryRecvError::Empty) => {}
                 // The body failed: its framing, so the connection's, is lost.
                 Err(oneshot::error::TryRecvError::Closed) => (home, close) = (None, true),
+            }
+        }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let to = resp
+                .extensions_mut()
+                .remove::<SwitchTo>()
+                .and_then(|s| s.take());
+            // The request had no body: the read half is here.
+            match (to.filter(|_| may), rd.take()) {
+                (Some(to), Some(read)) => {
+                    let (rparts, _) = resp.into_parts();
+                    h1::write_response_head(
+                        &rparts,
+                        Framing::Empty,
+                        Connection::Upgrade,
+                        http_date,
+                        &mut out,
+                    );
+                    flush(&mut wr, &mut out, &activity).await?;
+                    let read = Rewind::new(buf.to_vec(), read);
+                    to(Upgraded { read, write: wr }).await;
+                    return Ok(());
+                }
+                (_, read) => {
+                    rd = read;
+                    resp = text(
+                        StatusCode::BAD_GATEWAY,
+                        "101 Switching Protocols answered to a request that did not ask to switch\n",
+                    );
+                }
             }
         }
         let (rparts, rbody) = resp.into_parts();
@@ -829,6 +925,84 @@ mod tests {
         let mut buf = Vec::new();
         let r = response(&mut s, &mut buf, false).await.expect("a response");
         (s, buf, r)
+    }
+
+    /// Answers a request that may switch with 101 and echoes the switched
+    /// connection's bytes in upper case; any other request with 101 too
+    /// (which the server must not pass on), and a 101 without a handoff
+    /// for `/bare`.
+    async fn switcher(req: Request<ServerBody>) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(http::header::UPGRADE, HeaderValue::from_static("shout"));
+        if req.extensions().get::<MaySwitch>().is_none() {
+            // Not asked: a handoff is there, but must not be used.
+            r.extensions_mut().insert(SwitchTo::new(|_| async {}));
+            return r;
+        }
+        if req.uri().path() == "/bare" {
+            return r;
+        }
+        r.extensions_mut()
+            .insert(SwitchTo::new(|mut io| async move {
+                let mut buf = [0u8; 64];
+                loop {
+                    match io.read.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let up = buf[..n].to_ascii_uppercase();
+                            if io.write.write_all(&up).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }));
+        r
+    }
+
+    #[tokio::test]
+    async fn a_101_hands_the_connection_over_with_what_followed_the_head() {
+        let srv = server(limits(), open(), switcher).await;
+        // The client's first bytes of the new protocol come in the same
+        // write as the head: they are the switched connection's.
+        let raw = b"GET /s HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: shout\r\n\r\nearly";
+        let (mut s, mut buf, r) = exchange(srv.addr, raw).await;
+        assert_eq!(r.status, 101, "{r:?}");
+        assert_eq!(r.field("connection"), Some("upgrade"));
+        assert_eq!(r.field("upgrade"), Some("shout"));
+        while buf.len() < 5 {
+            assert!(read_more(&mut s, &mut buf).await > 0);
+        }
+        assert_eq!(&buf[..], b"EARLY");
+        s.write_all(b"later").await.unwrap();
+        buf.clear();
+        while buf.len() < 5 {
+            assert!(read_more(&mut s, &mut buf).await > 0);
+        }
+        assert_eq!(&buf[..], b"LATER");
+    }
+
+    #[tokio::test]
+    async fn only_a_bodiless_http11_get_asking_to_switch_may_be_answered_101() {
+        let srv = server(limits(), open(), switcher).await;
+        for raw in [
+            // No Connection option, a body, another method, HTTP/1.0.
+            &b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: shout\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: shout\r\nContent-Length: 2\r\n\r\nhi",
+            b"OPTIONS / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: shout\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: shout\r\n\r\n",
+            // Asked, but the handler's 101 hands the connection to nobody.
+            b"GET /bare HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: shout\r\n\r\n",
+        ] {
+            let (_s, _buf, r) = exchange(srv.addr, raw).await;
+            assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(raw));
+            assert!(
+                String::from_utf8_lossy(&r.body).contains("did not ask to switch"),
+                "{r:?}"
+            );
+        }
     }
 
     #[tokio::test]

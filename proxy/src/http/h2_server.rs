@@ -126,6 +126,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             .max_concurrent_streams(settings.max_concurrent_streams)
             .max_send_buffer_size(MAX_SEND_BUFFER)
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+            // RFC 8441: a protocol switch (WebSocket) arrives as a
+            // `CONNECT` with `:protocol`, and is answered as a tunnel.
+            .enable_connect_protocol()
             .handshake(io);
         Connection {
             state: State::Handshaking(handshake),

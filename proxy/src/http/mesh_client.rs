@@ -251,6 +251,71 @@ impl MeshSender {
     }
 }
 
+/// The peer's SETTINGS, which say whether it takes extended `CONNECT`,
+/// arrive one round trip after a connection is dialled: a request to
+/// switch protocols on a fresh connection waits this long for them.
+const SETTINGS_WAIT: Duration = Duration::from_millis(500);
+
+/// What became of a request to switch protocols.
+pub enum Switched {
+    /// A 2xx: the stream carries the new protocol from here. The head's
+    /// fields (say, `sec-websocket-accept`) are the app's answer.
+    Open(http::response::Parts, Tunnel),
+    /// Anything else: an HTTP answer, to be passed on as one.
+    Answered(Response<MeshBody>),
+}
+
+impl MeshSender {
+    /// Sends `req` as an extended `CONNECT` (RFC 8441) for `protocol`
+    /// (`websocket`, say): `req`'s method becomes `CONNECT` and its path
+    /// stays, so that the peer's policy decides on it as on any request.
+    pub async fn switch_protocol(
+        self,
+        mut req: Request<()>,
+        protocol: &str,
+    ) -> Result<Switched, TunnelError> {
+        let MeshSender { send, shared } = self;
+        let mut send = send.ready().await.map_err(|e| {
+            shared.closed.store(true, Ordering::Relaxed);
+            TunnelError::H2(e)
+        })?;
+        let deadline = tokio::time::Instant::now() + SETTINGS_WAIT;
+        while !send.is_extended_connect_protocol_enabled() {
+            if tokio::time::Instant::now() >= deadline || shared.closed.load(Ordering::Relaxed) {
+                return Err(TunnelError::NoExtendedConnect);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        *req.method_mut() = Method::CONNECT;
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from(protocol));
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        let slot = TunnelSlot::take(&shared);
+        let (response, stream) = send.send_request(req, false).map_err(|e| {
+            if e.is_go_away() || e.is_io() {
+                shared.closed.store(true, Ordering::Relaxed);
+            }
+            TunnelError::H2(e)
+        })?;
+        let resp = response.await.map_err(TunnelError::H2)?;
+        let (parts, recv) = resp.into_parts();
+        if !parts.status.is_success() {
+            // The stream's sending half goes with `stream`: a reset once
+            // the answer has been read, as for any request given up on.
+            let body = MeshBody::new(recv, &parts.headers);
+            return Ok(Switched::Answered(Response::from_parts(parts, body)));
+        }
+        Ok(Switched::Open(
+            parts,
+            Tunnel {
+                send: stream,
+                recv,
+                _slot: slot,
+            },
+        ))
+    }
+}
+
 /// Why a `CONNECT` tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -263,6 +328,12 @@ pub enum TunnelError {
     /// The peer answered with this status instead of opening the tunnel.
     #[error("the peer refused the tunnel with status {0}")]
     Refused(http::StatusCode),
+    /// The peer does not take extended `CONNECT` (RFC 8441), so no
+    /// protocol switch can be carried to it.
+    #[error(
+        "the peer does not accept extended CONNECT (RFC 8441 SETTINGS_ENABLE_CONNECT_PROTOCOL)"
+    )]
+    NoExtendedConnect,
 }
 
 impl TunnelError {

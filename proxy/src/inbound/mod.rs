@@ -8,7 +8,9 @@
 //! `policy.rs` the route policy and deny list, `risk.rs` the risk rules and
 //! the per-identity state they read, `challenge.rs` the step-up
 //! verification, `counted.rs` the body count of requests an app may still
-//! ask a proof of, `audit.rs` the audit records.
+//! ask a proof of, `audit.rs` the audit records; `tunnel.rs` opaque TCP
+//! (`CONNECT`), `upgrade.rs` a protocol switch such as WebSocket (extended
+//! `CONNECT`, decided on as the `GET` it stands for).
 //!
 //! Where a step-up is decided, per request:
 //! * `admit`: the policy (swapped whole on a `policy_file` change) refuses
@@ -38,6 +40,7 @@ pub mod counted;
 pub mod policy;
 pub mod risk;
 pub mod tunnel;
+pub mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -447,8 +450,24 @@ impl Inbound {
         conn: Arc<InboundConn>,
     ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
     {
+        let mut req = req;
+        let mut switching = None;
         if req.method() == http::Method::CONNECT {
-            return Either::Left(self.tunnel(req, &conn));
+            match upgrade::protocol_of(&req) {
+                None => return Either::Left(self.tunnel(req, &conn)),
+                Some(Ok(p)) => {
+                    // RFC 8441: the GET that asked to switch, decided on
+                    // as that GET.
+                    *req.method_mut() = http::Method::GET;
+                    switching = Some(p);
+                }
+                Some(Err(())) => {
+                    return Either::Left(ready(text(
+                        StatusCode::BAD_REQUEST,
+                        "bad request: :protocol is not a token\n",
+                    )))
+                }
+            }
         }
         if let Some(why) = conn.refusal {
             return Either::Left(self.port_refused(req, &conn, why));
@@ -474,7 +493,6 @@ impl Inbound {
         // Normalize first, then decide on, step up on and forward that one
         // path: an app resolving `/public/../admin` itself would otherwise
         // serve what the policy never saw.
-        let mut req = req;
         let path_mode = self.cfg.path_normalization;
         match path::normalize_uri(req.method(), req.uri(), path_mode) {
             Ok(None) => {}
@@ -519,6 +537,9 @@ impl Inbound {
         owned::strip_request(&mut parts.headers, found, step_up);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
+        if let Some(protocol) = switching {
+            return Either::Left(self.switch(parts, body, &conn, route.as_deref(), protocol));
+        }
         let body = match mode {
             Underscores::Allow => ProxyBody::from(body),
             mode => ProxyBody::Checked(body, mode),
@@ -602,6 +623,63 @@ impl Inbound {
         let stream = StreamGuard::start(&conn.activity);
         let this = self.clone();
         Box::pin(async move { this.tunnels.open(req, port, caller, stream, permit).await })
+    }
+
+    /// A protocol switch the policy allowed (see `upgrade.rs`): refused on
+    /// step-up routes (501) and beyond the tunnel limits (503, counted
+    /// `limited`), else sent to the app.
+    #[cold]
+    fn switch(
+        self: &Arc<Self>,
+        parts: http::request::Parts,
+        body: RequestBody,
+        conn: &Arc<InboundConn>,
+        route: Option<&Route>,
+        protocol: String,
+    ) -> ResponseFuture<'static> {
+        if let Some(r) = route.filter(|r| r.step_up.any()) {
+            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, %protocol, "protocol switch refused: the route has step-up");
+            return ready(text(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("a switch to {protocol} is not carried on route {} : a step-up proof covers one request and its body, which a switched connection does not have\n", r.path_prefix),
+            ));
+        }
+        let RequestBody::H2(body) = body else {
+            // Extended CONNECT exists in HTTP/2 only.
+            return ready(text(StatusCode::BAD_REQUEST, "bad request\n"));
+        };
+        let permit = match self.tunnels.limits.acquire(conn.peer.id.as_str()) {
+            Ok(p) => p,
+            Err(limit) => {
+                self.tunnels
+                    .metrics
+                    .connection(crate::metrics::Direction::Inbound, "limited");
+                tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, %protocol, "protocol switch refused: {limit}");
+                return ready(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{protocol} switch refused: {limit}\n"),
+                ));
+            }
+        };
+        let sw = upgrade::Switch {
+            app: self.app_of(conn).addr().to_owned(),
+            protocol,
+            caller: Caller {
+                id: conn.peer.id.to_string(),
+                remote: conn.remote,
+            },
+            answer_timeout: self
+                .cfg
+                .app_connect_timeout
+                .max(self.cfg.limits.header_read_timeout),
+            max_header_bytes: self.cfg.limits.max_header_bytes,
+        };
+        let held = tunnel::Held {
+            stream: StreamGuard::start(&conn.activity),
+            permit,
+        };
+        let this = self.clone();
+        Box::pin(async move { upgrade::switch(&this.tunnels, parts, body, sw, held).await })
     }
 
     /// A request other than CONNECT on a redirected connection whose

@@ -55,6 +55,7 @@ use tokio::net::TcpStream;
 use crate::http::body::{text, ProxyBody, RequestBody};
 use crate::http::h2_server::Handoff;
 use crate::http::h2_stream::pump_tunnel;
+use crate::http::io::Rewind;
 use crate::http::server::StreamGuard;
 use crate::metrics::{Direction, TcpMetrics};
 
@@ -161,6 +162,15 @@ impl Drop for TunnelPermit {
     }
 }
 
+/// What a tunnel holds for its whole life: its stream's count on the
+/// connection (which is then never idle) and its place in the limits.
+pub struct Held {
+    /// The stream in flight.
+    pub stream: StreamGuard,
+    /// The place in `max_tunnels` and `max_tunnels_per_peer`.
+    pub permit: TunnelPermit,
+}
+
 /// Who opened a tunnel, for the log.
 pub struct Caller {
     /// The verified SPIFFE ID.
@@ -227,66 +237,103 @@ impl Tunnels {
         };
         let recv = body.into_recv();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let app = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
+        let app = match self.connect_app(addr, &caller).await {
+            Ok(tcp) => tcp,
+            Err(resp) => {
                 self.metrics.connection(Direction::Inbound, "failed");
-                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, "tunnel refused: the app did not accept the connection");
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("tunnel: connecting {addr}: {e}\n"),
-                );
-            }
-            Err(_) => {
-                self.metrics.connection(Direction::Inbound, "failed");
-                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, port, "tunnel refused: the app did not accept the connection within {:?}", self.connect_timeout);
-                return text(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "tunnel: connecting {addr}: no answer within {:?}\n",
-                        self.connect_timeout
-                    ),
-                );
+                return *resp;
             }
         };
-        let _ = app.set_nodelay(true);
         self.metrics.connection(Direction::Inbound, "ok");
         tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, "tunnel open");
-        let this = self.clone();
         let mut resp = Response::new(ProxyBody::empty());
-        // Runs once the 200 is sent. Dropped unrun if the stream or its
-        // connection ends first: the permit and the stream's count go
-        // back, and the app's connection is reset, as for any tunnel the
-        // caller abandons.
+        let held = Held { stream, permit };
+        resp.extensions_mut()
+            .insert(self.handoff(recv, app, Vec::new(), caller, port, held));
+        resp
+    }
+
+    /// What takes over the stream (`recv`: its receiving half, the
+    /// request's body) once its 2xx is sent: the pump, on a task of its
+    /// own. Dropped unrun if the stream or its connection ends first: what
+    /// it held goes back, and the app's connection is reset, as for any
+    /// tunnel the caller abandons.
+    pub fn handoff(
+        &self,
+        recv: h2::RecvStream,
+        app: TcpStream,
+        pre: Vec<u8>,
+        caller: Caller,
+        port: u16,
+        held: Held,
+    ) -> Handoff {
+        let this = self.clone();
         let unstarted = Unstarted {
             app: Some(app),
             caller,
             port,
         };
-        resp.extensions_mut().insert(Handoff::new(move |send| {
+        Handoff::new(move |send| {
             tokio::spawn(async move {
-                let _stream = stream;
-                let _permit = permit;
+                let _held = held;
                 let mut unstarted = unstarted;
                 if let Some(app) = unstarted.app.take() {
-                    this.pump(send, recv, app, &unstarted.caller, port).await;
+                    this.pump(send, recv, app, pre, &unstarted.caller, port)
+                        .await;
                 }
             });
-        }));
-        resp
+        })
+    }
+
+    /// Connects the app at `addr` within `connect_timeout`, or answers why
+    /// not (502 refused, 504 no answer), logged.
+    pub async fn connect_app<A>(
+        &self,
+        addr: A,
+        caller: &Caller,
+    ) -> Result<TcpStream, Box<Response<ProxyBody>>>
+    where
+        A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
+    {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, %addr, error = %e, "tunnel refused: the app did not accept the connection");
+                Err(Box::new(text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("tunnel: connecting {addr}: {e}\n"),
+                )))
+            }
+            Err(_) => {
+                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, %addr, "tunnel refused: the app did not accept the connection within {:?}", self.connect_timeout);
+                Err(Box::new(text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "tunnel: connecting {addr}: no answer within {:?}\n",
+                        self.connect_timeout
+                    ),
+                )))
+            }
+        }
     }
 
     /// Pumps bytes both ways until both directions ended, one side failed,
-    /// or the tunnel stayed idle; then counts its bytes.
+    /// or the tunnel stayed idle; then counts its bytes. `pre`: bytes the
+    /// app sent already (after an upgrade's `101`), passed on first.
     async fn pump(
         &self,
         send: h2::SendStream<Bytes>,
         recv: h2::RecvStream,
         mut app: TcpStream,
+        pre: Vec<u8>,
         caller: &Caller,
         port: u16,
     ) {
         let (rd, wr) = app.split();
+        let rd = Rewind::new(pre, rd);
         // No grace for the caller's END_STREAM: a keyproof outbound resets
         // bare, without an END_STREAM before it.
         let end = pump_tunnel(send, recv, rd, wr, self.idle, Duration::ZERO).await;

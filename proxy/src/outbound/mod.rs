@@ -18,7 +18,8 @@
 //! Here: the listener and the per-request `forward`. `upstream.rs` holds the
 //! upstream table's entries and their connections (`MeshLink`, the dialler);
 //! `signer.rs` answers step-up challenges and signs up front with the
-//! nonces `kept.rs` keeps. A request goes this module -> signer (step-up
+//! nonces `kept.rs` keeps; `upgrade.rs` carries an HTTP/1.1 `Upgrade`
+//! (WebSocket) as an extended `CONNECT`. A request goes this module -> signer (step-up
 //! paths only) -> upstream -> `http::mesh_client`, and nothing calls back.
 
 pub mod detect;
@@ -29,6 +30,7 @@ pub mod rules;
 pub mod signer;
 pub mod table;
 pub mod transparent;
+pub mod upgrade;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -428,15 +430,21 @@ impl Outbound {
         } else {
             None
         };
+        let mut switching = None;
         if let Some(protocol) = upgrade {
-            // Dropped as hop-by-hop, the offer would reach the app as a
-            // plain request, which it answers with a puzzling 426 or 400:
-            // said here, with what to do instead.
-            tracing::info!(method = %req.method(), path = req.uri().path(), %protocol, "outbound request refused: HTTP/1.1 Upgrade is not carried over the mesh");
-            return Either::Left(Box::pin(ready(text(
-                StatusCode::NOT_IMPLEMENTED,
-                format!("HTTP/1.1 Upgrade to {protocol} is not carried over the mesh: list the port in [outbound] opaque_ports (and in an [[inbound.tcp]] rule of the peer) to tunnel the whole connection as TCP\n"),
-            ))));
+            match upgrade::carried(&req, &protocol) {
+                Ok(()) => switching = Some(protocol),
+                Err(why) => {
+                    // Dropped as hop-by-hop, the offer would reach the app as
+                    // a plain request, which it answers with a puzzling 426
+                    // or 400: said here, with what to do instead.
+                    tracing::info!(method = %req.method(), path = req.uri().path(), %protocol, "outbound request refused: {why}");
+                    return Either::Left(Box::pin(ready(text(
+                        StatusCode::NOT_IMPLEMENTED,
+                        format!("HTTP/1.1 Upgrade to {protocol} is not carried over the mesh: {why}; list the port in [outbound] opaque_ports (and in an [[inbound.tcp]] rule of the peer) to tunnel the whole connection as TCP\n"),
+                    ))));
+                }
+            }
         }
         let (mut parts, body) = req.into_parts();
         // The path goes out (and is signed for step-up) in the form the
@@ -510,6 +518,10 @@ impl Outbound {
             Err(resp) => return Either::Left(Box::pin(ready(*resp))),
         };
         parts.version = Version::HTTP_2;
+        if let Some(protocol) = switching {
+            drop(body);
+            return Either::Left(Box::pin(self.switch(up, parts, protocol)));
+        }
         if up.stepup_paths.contains(parts.uri.path()) && !up.h1_only.load(Ordering::Relaxed) {
             // A path that demanded step-up before: buffered and sent on the
             // h2 connection, signed up front when a nonce is kept.

@@ -1,0 +1,124 @@
+//! A protocol switch (WebSocket) over the mesh, outbound end.
+//!
+//! An app's HTTP/1.1 request to switch protocols (`GET`, `Connection:
+//! upgrade`, `Upgrade: websocket`) goes to the peer as an extended
+//! `CONNECT` (RFC 8441) on the mesh connection: `:protocol` names the
+//! protocol, the path and the end-to-end fields (`sec-websocket-key`,
+//! `sec-websocket-version`...) are the request's own, so the peer's
+//! inbound decides on it as on the `GET` it stands for and hands its app
+//! the same `Upgrade` request (`inbound/upgrade.rs`). The peer's 2xx
+//! becomes the app's `101` with the far app's fields, and the connection is
+//! then a tunnel, pumped as an opaque TCP tunnel is (half-close, resets,
+//! idle timeout, backpressure). Any other answer is passed on as it is.
+//!
+//! What is carried: one protocol per request (the one the app offers), on
+//! a `GET` without a body, to a peer that speaks HTTP/2 and takes extended
+//! `CONNECT` (keyproof's inbound does). Anything else gets 501 and what to
+//! do instead, before anything is sent.
+
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+
+use crate::http::body::{text, ProxyBody};
+use crate::http::h1_server::{MaySwitch, SwitchTo};
+use crate::http::mesh_client::Switched;
+use crate::http::owned;
+use crate::metrics::Direction;
+use crate::outbound::upstream::Upstream;
+use crate::outbound::Outbound;
+
+/// Whether `req` is a switch the mesh can carry to `protocol`, or why not.
+pub fn carried<B>(req: &Request<B>, protocol: &str) -> Result<(), &'static str> {
+    if protocol.contains(',') {
+        return Err("more than one protocol is offered, and the mesh carries one");
+    }
+    // Only the HTTP/1.1 server's requests that may switch say so: a GET
+    // without a body.
+    match req.extensions().get::<MaySwitch>() {
+        Some(MaySwitch) => Ok(()),
+        None => Err("only a GET without a body can switch protocols"),
+    }
+}
+
+impl Outbound {
+    /// Sends the switch to `up` and answers the app: `101` and the tunnel,
+    /// pumped by the app connection's task once the head is written, or
+    /// the peer's answer, or a 502/504 saying why there is none.
+    pub(super) async fn switch(
+        &self,
+        up: Arc<Upstream>,
+        parts: http::request::Parts,
+        protocol: String,
+    ) -> Response<ProxyBody> {
+        if up.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "HTTP/1.1 Upgrade to {protocol} is not carried: upstream {} does not offer HTTP/2\n",
+                    up.cfg.address
+                ),
+            );
+        }
+        let sender = match up.h2.tunnel_sender(None).await {
+            Ok((send, _)) => send,
+            Err(e) => return self.respond(&up, Err(e)),
+        };
+        // The peer answers once its app has (bounded at the peer); this
+        // bounds a peer that never does.
+        let wait = self.cfg.connect_timeout + self.cfg.limits.header_read_timeout;
+        let req = Request::from_parts(parts, ());
+        let answer = tokio::time::timeout(wait, sender.switch_protocol(req, &protocol)).await;
+        let (head, tunnel) = match answer {
+            Ok(Ok(Switched::Open(head, tunnel))) => (head, tunnel),
+            Ok(Ok(Switched::Answered(resp))) => return resp.map(ProxyBody::Mesh),
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %up.cfg.address, %protocol, error = %e, "protocol switch failed");
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "upstream {}: {protocol} switch failed: {e}\n",
+                        up.cfg.address
+                    ),
+                );
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no answer within {wait:?}");
+                return text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "upstream {}: no answer to the {protocol} switch within {wait:?}\n",
+                        up.cfg.address
+                    ),
+                );
+            }
+        };
+        let Ok(upgrade) = HeaderValue::from_str(&protocol) else {
+            return text(StatusCode::BAD_REQUEST, "bad Upgrade field\n");
+        };
+        let idle = self.cfg.limits.idle_timeout;
+        let tcp = self.all_metrics.tcp.clone();
+        // Dropped unrun (the app's connection ended before the 101 went
+        // out): the tunnel goes with it, which resets the stream.
+        let to = SwitchTo::new(move |mut io| async move {
+            let end = tunnel.pump(&mut io.read, &mut io.write, idle).await;
+            tcp.bytes(Direction::Outbound, end.sent, end.received);
+            if let Some(why) = end.error {
+                // A reset on the mesh side reaches the app as a reset, not
+                // as a clean end it could take for complete data.
+                tracing::debug!(error = %why, "switched connection reset");
+                let _ = socket2::SockRef::from(io.write.as_ref())
+                    .set_linger(Some(std::time::Duration::ZERO));
+            }
+        });
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *resp.headers_mut() = head.headers;
+        // As the peer's inbound left them: no sidecar-owned field passes.
+        let _ = owned::strip_response(resp.headers_mut());
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+        resp.headers_mut().insert(header::UPGRADE, upgrade);
+        resp.extensions_mut().insert(to);
+        resp
+    }
+}
