@@ -47,6 +47,12 @@
 //!   http/mesh_client.rs  MeshSender::start     the HTTP/2 stream ══▶ the peer's inbound
 //! ```
 //!
+//! Besides requests, the mesh carries two kinds of tunnel, each an HTTP/2
+//! `CONNECT` stream: opaque TCP (`outbound/transparent.rs` ->
+//! `inbound/tunnel.rs`, authorized by port) and a protocol switch such as
+//! WebSocket (`outbound/upgrade.rs` -> `inbound/upgrade.rs`, an extended
+//! `CONNECT` that `Inbound::admit` decides on as the `GET` it stands for).
+//!
 //! Around the data path: `identity/` holds the workload's certificate and key
 //! ([`identity::store`]) and keeps them current from files
 //! ([`identity::reload`], [`identity::watch`]) or from the CA

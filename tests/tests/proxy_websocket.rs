@@ -214,3 +214,232 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
     }
     drop(m.app);
 }
+
+// ---- the inbound alone, under a caller's own extended CONNECT ---------------
+
+/// A raw HTTP/1.1 app: records each request head; `/silent` is never
+/// answered, `/deny` is declined with 403 and a body, anything else is
+/// switched (101) and echoed from then on, what followed the head included.
+struct RawApp {
+    addr: SocketAddr,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn raw_app() -> RawApp {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                seen.lock().unwrap().push(head.clone());
+                if head.starts_with("GET /silent") {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    return;
+                }
+                if head.starts_with("GET /deny") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 6\r\n\r\nno way")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: from-the-app\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&buf[end..]).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    RawApp { addr, heads }
+}
+
+/// An extended CONNECT for `protocol` on `path`, with `fields`, from hyper's
+/// own HTTP/2 client: (status, the app's answer fields, and on 200 what
+/// came back for `send` before the far side ended; else the body).
+async fn switch(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    protocol: &'static str,
+    path: &str,
+    fields: &[(&str, &str)],
+    payload: &[u8],
+) -> (u16, http::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://api.default.svc{path}"))
+        .extension(hyper::ext::Protocol::from_static(protocol))
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    for (k, v) in fields {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(http_body_util::Empty::new()).unwrap())
+        .await
+        .expect("an answer");
+    let (status, fields) = (resp.status().as_u16(), resp.headers().clone());
+    if status != 200 {
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        return (status, fields, String::from_utf8_lossy(&body).into_owned());
+    }
+    let up = hyper::upgrade::on(resp).await.expect("upgraded");
+    let mut io = hyper_util::rt::TokioIo::new(up);
+    io.write_all(payload).await.expect("write");
+    io.shutdown().await.expect("our end");
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), io.read_to_end(&mut got))
+        .await
+        .expect("the far side's end in time")
+        .expect("read");
+    (status, fields, String::from_utf8_lossy(&got).into_owned())
+}
+
+#[test]
+fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = rt.block_on(raw_app());
+    let pki = Pki::new(TD);
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web_cert = pki.issue("web", "/ns/default/sa/web");
+    let web = pki.id("/ns/default/sa/web");
+    let (in_addr, in_admin) = (addr(), addr());
+    let inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\ndefault_policy = \"deny\"\n\
+             max_tunnels_per_peer = 2\napp_connect_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n\
+             [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://{TD}/ns/ops/sa/admin\"]\n\
+             [[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"{web}\"]\n\
+             [admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr
+        ),
+        in_admin,
+    );
+    rt.block_on(async {
+        let tls = mtls_stream(in_addr, &pki, &web_cert, b"h2").await;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        // Switched: the app gets the GET it expects, with the sidecar's XFCC
+        // only, none of the caller's owned fields, the canonical path, and
+        // the bytes that follow; its fields come back on the 200.
+        let (status, fields, got) = switch(
+            &mut send,
+            "websocket",
+            "/chat/./a//b",
+            &[
+                ("x-forwarded-client-cert", "By=forged;URI=spiffe://evil"),
+                ("x-keyproof-step-up", "verified"),
+                ("sec-websocket-protocol", "chat"),
+            ],
+            b"frames",
+        )
+        .await;
+        assert_eq!(status, 200, "{got}\n{}", inbound.log_text());
+        assert_eq!(fields["sec-websocket-accept"], "from-the-app");
+        assert_eq!(got, "frames");
+        let head = app.heads.lock().unwrap().last().cloned().unwrap();
+        let lower = head.to_ascii_lowercase();
+        assert!(head.starts_with("GET /chat/a/b HTTP/1.1\r\n"), "{head}");
+        for f in [
+            "connection: upgrade\r\n",
+            "upgrade: websocket\r\n",
+            "host: api.default.svc\r\n",
+            "sec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n",
+            "sec-websocket-protocol: chat\r\n",
+        ] {
+            assert!(lower.contains(f), "{f:?} missing: {head}");
+        }
+        assert!(lower.contains(&format!("uri={web}")), "{head}");
+        assert!(
+            !lower.contains("forged") && !lower.contains("x-keyproof-step-up"),
+            "{head}"
+        );
+        assert_eq!(
+            lower.matches("x-forwarded-client-cert").count(),
+            1,
+            "{head}"
+        );
+
+        let heads = || app.heads.lock().unwrap().len();
+        let before = heads();
+        // Refused before the app is dialled: the policy (any path shape)...
+        for path in ["/admin/x", "/chat/../admin/x", "/%61dmin/x"] {
+            let (status, _, body) = switch(&mut send, "websocket", path, &[], b"").await;
+            assert_eq!(status, 403, "{path}: {body}");
+        }
+        // ... and a :protocol that is no token.
+        let (status, _, body) = switch(&mut send, "web socket", "/chat", &[], b"").await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(heads(), before, "the app saw a refused switch");
+
+        // The app's refusal, as it gave it.
+        let (status, _, body) = switch(&mut send, "websocket", "/deny", &[], b"").await;
+        assert_eq!((status, body.as_str()), (403, "no way"));
+        // An app that never answers: 504 in time.
+        let start = std::time::Instant::now();
+        let (status, _, body) = switch(&mut send, "websocket", "/silent", &[], b"").await;
+        assert_eq!(status, 504, "{body}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+
+        // Switched connections hold tunnel places: a third at once is 503.
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("https://api.default.svc/chat")
+                .extension(hyper::ext::Protocol::from_static("websocket"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            open.push(hyper::upgrade::on(resp).await.unwrap());
+        }
+        let (status, _, body) = switch(&mut send, "websocket", "/chat", &[], b"").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("max_tunnels_per_peer"), "{body}");
+        drop(open);
+        // Places come back when the switched connections end.
+        let mut ok = false;
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let (status, _, _) = switch(&mut send, "websocket", "/chat", &[], b"x").await;
+            if status == 200 {
+                ok = true;
+                break;
+            }
+        }
+        assert!(ok, "tunnel places never came back");
+    });
+    let limited =
+        inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"limited\"}");
+    assert!(limited >= 1.0, "{limited}");
+}
