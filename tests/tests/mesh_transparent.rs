@@ -273,7 +273,9 @@ fn transparent_mesh_between_pods() {
             logs()
         );
         assert_eq!(lines.get(1).copied(), Some("accept-ok"), "{text}");
-        let seen: serde_json::Value = serde_json::from_str(lines[2]).expect("the app's JSON");
+        let seen: serde_json::Value =
+            serde_json::from_str(lines.get(2).copied().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("the app's JSON: {e}\n{text}"));
         assert_eq!(seen["path"], "/ws/chat", "{text}");
         assert!(
             seen["xfcc"]
@@ -392,10 +394,11 @@ fn transparent_mesh_between_pods() {
 /// The WebSocket app's port in B.
 const WS: u16 = 8081;
 
-/// The venv's Python with `websockets` (root only: it lives under root's
-/// home), or `None` unless `KEYPROOF_INTEROP` says it must be there.
+/// The venv's Python with `websockets` (root only: the venv's interpreter
+/// is the image's pyenv one, under root's home), or `None` unless
+/// `KEYPROOF_INTEROP` says it must be there.
 fn ws_python() -> Option<String> {
-    let py = std::env::var("KEYPROOF_PYTHON").ok()?;
+    let py = std::env::var("KEYPROOF_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&py)
         .args(["-c", "import websockets"])
         .output()

@@ -156,6 +156,56 @@ impl Mesh {
     }
 }
 
+/// A WebSocket handshake written byte for byte to the outbound, with
+/// `extra` header lines, then one masked text frame: (the status line, and
+/// on 101 the echo of that frame's payload).
+fn raw_ws(out: SocketAddr, path: &str, extra: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(out).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: api.default.svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    if !status.contains(" 101 ") {
+        return (status, Vec::new());
+    }
+    let frame = |s: &mut std::net::TcpStream| {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).unwrap();
+        let mut n = usize::from(b[1] & 0x7f);
+        if n == 126 {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).unwrap();
+            n = usize::from(u16::from_be_bytes(l));
+        }
+        let mut p = vec![0u8; n];
+        s.read_exact(&mut p).unwrap();
+        p
+    };
+    // The app's first message (what it saw), then the echo.
+    frame(&mut s);
+    let mask = [1u8, 2, 3, 4];
+    let mut out = vec![0x81, 0x80 | 4];
+    out.extend_from_slice(&mask);
+    out.extend(b"ping".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&out).unwrap();
+    (status, frame(&mut s))
+}
+
 #[test]
 fn a_websocket_crosses_the_mesh_under_the_route_policy() {
     let Some(py) = python() else { return };
@@ -194,6 +244,21 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
     assert_eq!(r["status"], 404, "{r}");
     assert_eq!(r["body"], "no such socket here\n", "{r}");
 
+    // Clients that frame the handshake in their own ways: a zero length
+    // (the stream must not be held to it), a field the client's
+    // Connection names (hop-by-hop, not passed on).
+    for extra in [
+        "Content-Length: 0\r\n",
+        "Connection: x-trace\r\nX-Trace: 1\r\n",
+    ] {
+        let (status, echo) = raw_ws(m.out_addr, "/chat/raw", extra);
+        assert_eq!(status, "HTTP/1.1 101 Switching Protocols", "{extra}");
+        assert_eq!(echo, b"ping", "{extra}");
+    }
+    // Offers the mesh cannot carry: 501, saying why.
+    let (status, _) = raw_ws(m.out_addr, "/chat/raw", "Upgrade: other\r\n");
+    assert!(status.starts_with("HTTP/1.1 501"), "{status}");
+
     // Several sockets at once, each its own stream.
     let both: Vec<_> = (0..3)
         .map(|_| {
@@ -218,8 +283,9 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
 // ---- the inbound alone, under a caller's own extended CONNECT ---------------
 
 /// A raw HTTP/1.1 app: records each request head; `/silent` is never
-/// answered, `/deny` is declined with 403 and a body, anything else is
-/// switched (101) and echoed from then on, what followed the head included.
+/// answered, `/deny` is declined with 403 and a body, `/plain` answered 200
+/// as if `Upgrade` were not there, anything else is switched (101) and
+/// echoed from then on, what followed the head included.
 struct RawApp {
     addr: SocketAddr,
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -250,6 +316,12 @@ async fn raw_app() -> RawApp {
                 seen.lock().unwrap().push(head.clone());
                 if head.starts_with("GET /silent") {
                     tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    return;
+                }
+                if head.starts_with("GET /plain") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
                     return;
                 }
                 if head.starts_with("GET /deny") {
@@ -391,19 +463,36 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
 
         let heads = || app.heads.lock().unwrap().len();
         let before = heads();
-        // Refused before the app is dialled: the policy (any path shape)...
+        // Refused before the app is dialled, at once (the stream, which
+        // never ends, is not drained first): the policy, any path shape...
         for path in ["/admin/x", "/chat/../admin/x", "/%61dmin/x"] {
+            let start = std::time::Instant::now();
             let (status, _, body) = switch(&mut send, "websocket", path, &[], b"").await;
             assert_eq!(status, 403, "{path}: {body}");
+            assert!(start.elapsed() < std::time::Duration::from_millis(400));
         }
+        // ... a length on the stream that is to carry the tunnel...
+        let (status, _, body) = switch(
+            &mut send,
+            "websocket",
+            "/chat",
+            &[("content-length", "0")],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
         // ... and a :protocol that is no token.
         let (status, _, body) = switch(&mut send, "web socket", "/chat", &[], b"").await;
         assert_eq!(status, 400, "{body}");
         assert_eq!(heads(), before, "the app saw a refused switch");
 
-        // The app's refusal, as it gave it.
+        // The app's refusal, as it gave it; an app that ignores Upgrade
+        // and answers 200 did not switch: 502.
         let (status, _, body) = switch(&mut send, "websocket", "/deny", &[], b"").await;
         assert_eq!((status, body.as_str()), (403, "no way"));
+        let (status, _, body) = switch(&mut send, "websocket", "/plain", &[], b"").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("without switching"), "{body}");
         // An app that never answers: 504 in time.
         let start = std::time::Instant::now();
         let (status, _, body) = switch(&mut send, "websocket", "/silent", &[], b"").await;

@@ -73,6 +73,7 @@ impl From<RequestBody> for ProxyBody {
             RequestBody::Hyper(b) => ProxyBody::Stream(b),
             RequestBody::H1(b) => ProxyBody::H1(b),
             RequestBody::H2(b) => ProxyBody::Mesh(b),
+            RequestBody::Empty => ProxyBody::empty(),
         }
     }
 }
@@ -87,6 +88,9 @@ pub enum RequestBody {
     H1(ServerBody),
     /// From `h2_server`.
     H2(MeshBody),
+    /// None: the request of a protocol switch, whose stream is kept aside
+    /// for the tunnel it may become.
+    Empty,
 }
 
 impl From<Incoming> for RequestBody {
@@ -113,6 +117,7 @@ impl Body for RequestBody {
             RequestBody::Hyper(b) => boxed(Pin::new(b).poll_frame(cx)),
             RequestBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
             RequestBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
+            RequestBody::Empty => Poll::Ready(None),
         }
     }
 
@@ -121,6 +126,7 @@ impl Body for RequestBody {
             RequestBody::Hyper(b) => b.is_end_stream(),
             RequestBody::H1(b) => b.is_end_stream(),
             RequestBody::H2(b) => b.is_end_stream(),
+            RequestBody::Empty => true,
         }
     }
 
@@ -129,6 +135,7 @@ impl Body for RequestBody {
             RequestBody::Hyper(b) => b.size_hint(),
             RequestBody::H1(b) => b.size_hint(),
             RequestBody::H2(b) => b.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

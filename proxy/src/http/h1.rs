@@ -237,9 +237,16 @@ fn response_head(
         };
         if status == StatusCode::SWITCHING_PROTOCOLS {
             // No framing to read: the connection is the new protocol's
-            // from the end of this head.
+            // from the end of this head. HTTP/1.0 has no switching.
+            if version == Version::HTTP_10 {
+                return Err(H1Error::Upgrade);
+            }
+            let hop = FramingFields::scan(resp.headers)?;
             let at = locate(buf, resp.headers);
-            let headers = field_map(&buf.split_to(len).freeze(), &at, is_hop_by_hop)?;
+            let mut headers = field_map(&buf.split_to(len).freeze(), &at, is_hop_by_hop)?;
+            for name in &hop.named {
+                headers.remove(name.as_str());
+            }
             let mut parts = http::Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;

@@ -394,6 +394,13 @@ where
                 Err(oneshot::error::TryRecvError::Closed) => (home, close) = (None, true),
             }
         }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && closing.load(Ordering::Relaxed) {
+            // Draining: no new connection-long tunnel starts now.
+            resp = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the sidecar is shutting down; switch protocols on a new connection\n",
+            );
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let to = resp
                 .extensions_mut()

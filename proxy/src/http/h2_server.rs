@@ -60,6 +60,11 @@ pub struct Settings {
     pub keep_alive_interval: Duration,
     /// See `keep_alive_interval`.
     pub keep_alive_timeout: Duration,
+    /// `SETTINGS_ENABLE_CONNECT_PROTOCOL` (RFC 8441): callers may switch
+    /// protocols (WebSocket) with an extended `CONNECT`. Only a listener
+    /// that carries such switches may say so: a client told it may would
+    /// not fall back to HTTP/1.1's `Upgrade`.
+    pub extended_connect: bool,
 }
 
 /// Put on a 2xx response to a `CONNECT` request: once the response head is
@@ -118,7 +123,13 @@ struct KeepAlive {
 impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
     /// Starts the handshake on `io`.
     pub fn new(settings: &Settings, io: I, svc: S) -> Connection<I, S, R> {
-        let handshake = h2::server::Builder::new()
+        let mut builder = h2::server::Builder::new();
+        if settings.extended_connect {
+            // RFC 8441: a protocol switch (WebSocket) arrives as a
+            // `CONNECT` with `:protocol`, and is answered as a tunnel.
+            builder.enable_connect_protocol();
+        }
+        let handshake = builder
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
@@ -126,9 +137,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             .max_concurrent_streams(settings.max_concurrent_streams)
             .max_send_buffer_size(MAX_SEND_BUFFER)
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-            // RFC 8441: a protocol switch (WebSocket) arrives as a
-            // `CONNECT` with `:protocol`, and is answered as a tunnel.
-            .enable_connect_protocol()
             .handshake(io);
         Connection {
             state: State::Handshaking(handshake),
@@ -363,6 +371,31 @@ mod tests {
             max_concurrent_streams: 4,
             keep_alive_interval: Duration::from_secs(60),
             keep_alive_timeout: Duration::from_secs(20),
+            extended_connect: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_server_that_carries_switches_offers_extended_connect() {
+        for offered in [false, true] {
+            let s = Settings {
+                extended_connect: offered,
+                ..settings()
+            };
+            let (send, _server) = pair(s, |_req: Request<MeshBody>| async {
+                Response::new(Empty::<Bytes>::new())
+            })
+            .await;
+            // The server's SETTINGS arrive with the first exchange.
+            let mut send = send.ready().await.expect("ready");
+            let (resp, _) = send
+                .send_request(Request::get("http://x/").body(()).unwrap(), true)
+                .expect("send");
+            tokio::time::timeout(WAIT, resp)
+                .await
+                .expect("in time")
+                .expect("answer");
+            assert_eq!(send.is_extended_connect_protocol_enabled(), offered);
         }
     }
 

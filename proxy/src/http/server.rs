@@ -100,13 +100,15 @@ pub struct Builders {
 }
 
 impl Builders {
-    /// Builders enforcing `limits`.
-    pub fn new(limits: &Limits) -> Builders {
+    /// Builders enforcing `limits`; `extended_connect`: HTTP/2 callers
+    /// may switch protocols (see [`h2_server::Settings`]).
+    pub fn new(limits: &Limits, extended_connect: bool) -> Builders {
         let h2 = h2_server::Settings {
             max_header_list_size: u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
             max_concurrent_streams: limits.max_concurrent_streams,
             keep_alive_interval: Duration::from_secs(60),
             keep_alive_timeout: Duration::from_secs(20),
+            extended_connect,
         };
         let mut strict_h1 = hyper::server::conn::http1::Builder::new();
         strict_h1
@@ -344,7 +346,7 @@ mod tests {
             }
         };
         tokio::spawn(async move {
-            let b = Builders::new(&limits());
+            let b = Builders::new(&limits(), false);
             let (_tx, rx) = watch::channel(false);
             let _ = serve(&b, Proto::H2, io, activity, idle, svc, rx).await;
         })
@@ -425,7 +427,7 @@ mod tests {
         };
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let b = Builders::new(&limits);
+            let b = Builders::new(&limits, false);
             serve(&b, proto, io, activity, limits.idle_timeout, svc, rx)
                 .await
                 .map_err(|e| e.to_string())

@@ -57,6 +57,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{InboundConfig, PolicyConfig, StepUpMode};
 use crate::http::body::{declared_length, text, ProxyBody, RequestBody, ResponseFuture};
+use crate::http::h2_stream::MeshBody;
 use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores, XFCC};
@@ -231,7 +232,7 @@ impl Inbound {
             ],
             metrics: metrics.inbound.clone(),
             all_metrics: metrics.clone(),
-            builders: Builders::new(&cfg.limits),
+            builders: Builders::new(&cfg.limits, true),
             gate: HandshakeGate::new(
                 cfg.limits.max_handshakes,
                 metrics.inbound.handshakes_shed.clone(),
@@ -457,9 +458,26 @@ impl Inbound {
                 None => return Either::Left(self.tunnel(req, &conn)),
                 Some(Ok(p)) => {
                     // RFC 8441: the GET that asked to switch, decided on
-                    // as that GET.
-                    *req.method_mut() = http::Method::GET;
-                    switching = Some(p);
+                    // as that GET. Its stream is kept aside for the tunnel
+                    // it may become: a refusal must not wait for its end.
+                    let (mut parts, body) = req.into_parts();
+                    let RequestBody::H2(stream) = body else {
+                        return Either::Left(ready(text(
+                            StatusCode::BAD_REQUEST,
+                            "bad request: extended CONNECT is HTTP/2's\n",
+                        )));
+                    };
+                    if parts.headers.contains_key(header::CONTENT_LENGTH) {
+                        // The stream would be held to that length, and the
+                        // tunnel's first bytes would break it.
+                        return Either::Left(ready(text(
+                            StatusCode::BAD_REQUEST,
+                            "bad request: a protocol switch has no content-length\n",
+                        )));
+                    }
+                    parts.method = http::Method::GET;
+                    req = Request::from_parts(parts, RequestBody::Empty);
+                    switching = Some((p, stream));
                 }
                 Some(Err(())) => {
                     return Either::Left(ready(text(
@@ -537,8 +555,8 @@ impl Inbound {
         owned::strip_request(&mut parts.headers, found, step_up);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
-        if let Some(protocol) = switching {
-            return Either::Left(self.switch(parts, body, &conn, route.as_deref(), protocol));
+        if let Some((protocol, stream)) = switching {
+            return Either::Left(self.switch(parts, stream, &conn, route.as_deref(), protocol));
         }
         let body = match mode {
             Underscores::Allow => ProxyBody::from(body),
@@ -632,7 +650,7 @@ impl Inbound {
     fn switch(
         self: &Arc<Self>,
         parts: http::request::Parts,
-        body: RequestBody,
+        stream: MeshBody,
         conn: &Arc<InboundConn>,
         route: Option<&Route>,
         protocol: String,
@@ -641,13 +659,9 @@ impl Inbound {
             tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, %protocol, "protocol switch refused: the route has step-up");
             return ready(text(
                 StatusCode::NOT_IMPLEMENTED,
-                format!("a switch to {protocol} is not carried on route {} : a step-up proof covers one request and its body, which a switched connection does not have\n", r.path_prefix),
+                format!("a switch to {protocol} is not carried on route {}: a step-up proof covers one request and its body, which a switched connection does not have\n", r.path_prefix),
             ));
         }
-        let RequestBody::H2(body) = body else {
-            // Extended CONNECT exists in HTTP/2 only.
-            return ready(text(StatusCode::BAD_REQUEST, "bad request\n"));
-        };
         let permit = match self.tunnels.limits.acquire(conn.peer.id.as_str()) {
             Ok(p) => p,
             Err(limit) => {
@@ -679,7 +693,7 @@ impl Inbound {
             permit,
         };
         let this = self.clone();
-        Box::pin(async move { upgrade::switch(&this.tunnels, parts, body, sw, held).await })
+        Box::pin(async move { upgrade::switch(&this.tunnels, parts, stream, sw, held).await })
     }
 
     /// A request other than CONNECT on a redirected connection whose

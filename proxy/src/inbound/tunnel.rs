@@ -301,14 +301,14 @@ impl Tunnels {
                 Ok(tcp)
             }
             Ok(Err(e)) => {
-                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, %addr, error = %e, "tunnel refused: the app did not accept the connection");
+                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, app = %addr, error = %e, "the app did not accept the connection");
                 Err(Box::new(text(
                     StatusCode::BAD_GATEWAY,
                     format!("tunnel: connecting {addr}: {e}\n"),
                 )))
             }
             Err(_) => {
-                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, %addr, "tunnel refused: the app did not accept the connection within {:?}", self.connect_timeout);
+                tracing::warn!(peer = %caller.remote, peer_id = %caller.id, app = %addr, "the app did not accept the connection within {:?}", self.connect_timeout);
                 Err(Box::new(text(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(

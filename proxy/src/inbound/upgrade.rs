@@ -12,8 +12,14 @@
 //!   `sec-websocket-accept` among them), pumped as a `CONNECT` tunnel is
 //!   (`tunnel.rs`: half-close, resets, idle timeout, backpressure), and
 //!   held against `max_tunnels` and `max_tunnels_per_peer`;
+//! * a 2xx is no switch (an app that ignored `Upgrade`): 502;
 //! * any other answer is passed on as an HTTP response (its body bounded
 //!   by [`MAX_REFUSAL_BODY`]), and the app connection is closed.
+//!
+//! `answer_timeout` bounds the app's whole answer. Switched connections are
+//! counted with the tunnels (`keyproof_tcp_connections_total`: `ok`, or
+//! `failed` when the app could not be reached or did not switch; their
+//! bytes in `keyproof_tcp_bytes_total`).
 //!
 //! Routes with step-up do not carry switches: a proof covers a request and
 //! its body, and a switched connection has neither end (501, said why).
@@ -32,6 +38,7 @@ use crate::http::h1::{self, BodyReader, Framing};
 use crate::http::h2_stream::MeshBody;
 use crate::http::owned;
 use crate::inbound::tunnel::{Caller, Held, Tunnels};
+use crate::metrics::Direction;
 
 /// The largest body of an app's answer other than `101` that is passed on;
 /// a larger one becomes a 502 (such answers are short refusals).
@@ -73,9 +80,14 @@ pub async fn switch(
     sw: Switch,
     held: Held,
 ) -> Response<ProxyBody> {
+    // One budget for the app's whole answer, head and (declined) body.
+    let deadline = tokio::time::Instant::now() + sw.answer_timeout;
     let mut app = match tunnels.connect_app(sw.app.as_str(), &sw.caller).await {
         Ok(tcp) => tcp,
-        Err(resp) => return *resp,
+        Err(resp) => {
+            tunnels.metrics.connection(Direction::Inbound, "failed");
+            return *resp;
+        }
     };
     let mut headers = parts.headers;
     if !headers.contains_key(header::HOST) {
@@ -95,7 +107,7 @@ pub async fn switch(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = BytesMut::new();
     h1::write_request_head(&Method::GET, path, &headers, Framing::Empty, &mut out);
-    let answer = tokio::time::timeout(sw.answer_timeout, async {
+    let answer = tokio::time::timeout_at(deadline, async {
         app.write_all(&out).await?;
         read_answer(&mut app, sw.max_header_bytes).await
     })
@@ -103,6 +115,7 @@ pub async fn switch(
     let (head, buf) = match answer {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
+            tunnels.metrics.connection(Direction::Inbound, "failed");
             tracing::warn!(peer = %sw.caller.remote, peer_id = %sw.caller.id, app = %sw.app, protocol = %sw.protocol, error = %e, "protocol switch failed: no answer from the app");
             return text(
                 StatusCode::BAD_GATEWAY,
@@ -110,6 +123,7 @@ pub async fn switch(
             );
         }
         Err(_) => {
+            tunnels.metrics.connection(Direction::Inbound, "failed");
             tracing::warn!(peer = %sw.caller.remote, peer_id = %sw.caller.id, app = %sw.app, protocol = %sw.protocol, "protocol switch failed: the app did not answer within {:?}", sw.answer_timeout);
             return text(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -120,9 +134,23 @@ pub async fn switch(
             );
         }
     };
-    if head.parts.status != StatusCode::SWITCHING_PROTOCOLS {
+    let status = head.parts.status;
+    if status.is_success() {
+        // RFC 9110 section 7.8 lets a server ignore `Upgrade`; a 2xx to
+        // the CONNECT would then say the tunnel is open when it is not.
+        tunnels.metrics.connection(Direction::Inbound, "failed");
+        tracing::info!(peer = %sw.caller.remote, peer_id = %sw.caller.id, app = %sw.app, protocol = %sw.protocol, %status, "protocol switch failed: the app answered without switching");
+        return text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "{} switch: the app at {} answered {status} without switching protocols\n",
+                sw.protocol, sw.app
+            ),
+        );
+    }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
         // The app declined (a 400, 403, 426...): its answer, as it gave it.
-        return declined(app, head, buf, &sw).await;
+        return declined(app, head, buf, &sw, deadline).await;
     }
     let mut headers = head.parts.headers;
     if owned::strip_response(&mut headers) {
@@ -134,6 +162,7 @@ pub async fn switch(
             "the app asked for a step-up proof of a protocol switch\n",
         );
     }
+    tunnels.metrics.connection(Direction::Inbound, "ok");
     tracing::debug!(peer = %sw.caller.remote, peer_id = %sw.caller.id, app = %sw.app, protocol = %sw.protocol, "protocol switched");
     let mut resp = Response::new(ProxyBody::empty());
     *resp.headers_mut() = headers;
@@ -189,12 +218,13 @@ async fn declined(
     head: h1::ResponseHead,
     mut buf: BytesMut,
     sw: &Switch,
+    deadline: tokio::time::Instant,
 ) -> Response<ProxyBody> {
     let status = head.parts.status;
     tracing::info!(peer = %sw.caller.remote, peer_id = %sw.caller.id, app = %sw.app, protocol = %sw.protocol, %status, "protocol switch declined by the app");
     let mut reader = BodyReader::new(head.framing, sw.max_header_bytes);
     let mut body = BytesMut::new();
-    let read = tokio::time::timeout(sw.answer_timeout, async {
+    let read = tokio::time::timeout_at(deadline, async {
         loop {
             let frame = poll_fn(|cx| {
                 reader.poll_frame(&mut buf, cx, |cx, b| {

@@ -170,7 +170,7 @@ impl Outbound {
             all_metrics: metrics.clone(),
             stepup: OutboundStepUp::new(cfg.stepup_max_body, store.clone(), metrics)?,
             metrics: metrics.outbound.clone(),
-            builders: Builders::new(&cfg.limits),
+            builders: Builders::new(&cfg.limits, false),
             h1_limits: ServerLimits {
                 header_read_timeout: cfg.limits.header_read_timeout,
                 first_head_by: None,

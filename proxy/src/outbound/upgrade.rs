@@ -22,10 +22,10 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 
 use crate::http::body::{text, ProxyBody};
 use crate::http::h1_server::{MaySwitch, SwitchTo};
-use crate::http::mesh_client::Switched;
+use crate::http::mesh_client::{Switched, TunnelError};
 use crate::http::owned;
 use crate::metrics::Direction;
-use crate::outbound::upstream::Upstream;
+use crate::outbound::upstream::{ForwardError, Upstream};
 use crate::outbound::Outbound;
 
 /// Whether `req` is a switch the mesh can carry to `protocol`, or why not.
@@ -51,28 +51,63 @@ impl Outbound {
         parts: http::request::Parts,
         protocol: String,
     ) -> Response<ProxyBody> {
-        if up.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
-            return text(
+        let tcp = &self.all_metrics.tcp;
+        let not_carried = |why: &str| {
+            tracing::info!(upstream = %up.cfg.address, %protocol, "protocol switch not carried: {why}");
+            text(
                 StatusCode::NOT_IMPLEMENTED,
                 format!(
-                    "HTTP/1.1 Upgrade to {protocol} is not carried: upstream {} does not offer HTTP/2\n",
+                    "HTTP/1.1 Upgrade to {protocol} is not carried: upstream {} {why}\n",
                     up.cfg.address
                 ),
-            );
-        }
-        let sender = match up.h2.tunnel_sender(None).await {
-            Ok((send, _)) => send,
-            Err(e) => return self.respond(&up, Err(e)),
+            )
         };
+        if up.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return not_carried("does not offer HTTP/2");
+        }
+        let mut parts = parts;
+        // A body-less GET may still say `content-length: 0`: on the CONNECT
+        // it would hold the stream to no data at all.
+        parts.headers.remove(header::CONTENT_LENGTH);
         // The peer answers once its app has (bounded at the peer); this
         // bounds a peer that never does.
-        let wait = self.cfg.connect_timeout + self.cfg.limits.header_read_timeout;
-        let req = Request::from_parts(parts, ());
-        let answer = tokio::time::timeout(wait, sender.switch_protocol(req, &protocol)).await;
+        let wait = self.cfg.connect_timeout + 2 * self.cfg.limits.header_read_timeout;
+        let mut refused_by = None;
+        let mut answer = None;
+        // Once more on another connection if the one in hand was closing
+        // or refused the stream, as for a TCP tunnel.
+        for _ in 0..2 {
+            let sender = match up.h2.tunnel_sender(refused_by.as_ref()).await {
+                Ok((send, _)) => send,
+                Err(ForwardError::NotH2) => return not_carried("does not offer HTTP/2"),
+                Err(e) => {
+                    tcp.connection(Direction::Outbound, "failed");
+                    return self.respond(&up, Err(e));
+                }
+            };
+            let this = sender.clone();
+            let req = Request::from_parts(parts.clone(), ());
+            match tokio::time::timeout(wait, sender.switch_protocol(req, &protocol)).await {
+                Ok(Err(e)) if e.is_refused_stream() => refused_by = Some(this),
+                Ok(Err(TunnelError::H2(_))) if this.is_closed() => {}
+                a => {
+                    answer = Some(a);
+                    break;
+                }
+            }
+        }
         let (head, tunnel) = match answer {
-            Ok(Ok(Switched::Open(head, tunnel))) => (head, tunnel),
-            Ok(Ok(Switched::Answered(resp))) => return resp.map(ProxyBody::Mesh),
-            Ok(Err(e)) => {
+            Some(Ok(Ok(Switched::Open(head, tunnel)))) => (head, tunnel),
+            Some(Ok(Ok(Switched::Answered(mut resp)))) => {
+                // As the 101's: no sidecar-owned field passes.
+                let _ = owned::strip_response(resp.headers_mut());
+                return resp.map(ProxyBody::Mesh);
+            }
+            Some(Ok(Err(TunnelError::NoExtendedConnect))) => {
+                return not_carried("does not take extended CONNECT (RFC 8441)");
+            }
+            Some(Ok(Err(e))) => {
+                tcp.connection(Direction::Outbound, "failed");
                 tracing::warn!(upstream = %up.cfg.address, %protocol, error = %e, "protocol switch failed");
                 return text(
                     StatusCode::BAD_GATEWAY,
@@ -82,7 +117,8 @@ impl Outbound {
                     ),
                 );
             }
-            Err(_) => {
+            Some(Err(_)) => {
+                tcp.connection(Direction::Outbound, "failed");
                 tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no answer within {wait:?}");
                 return text(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -92,12 +128,24 @@ impl Outbound {
                     ),
                 );
             }
+            None => {
+                tcp.connection(Direction::Outbound, "failed");
+                tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no connection to the peer would take the stream");
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "upstream {}: no connection would take the {protocol} switch\n",
+                        up.cfg.address
+                    ),
+                );
+            }
         };
         let Ok(upgrade) = HeaderValue::from_str(&protocol) else {
             return text(StatusCode::BAD_REQUEST, "bad Upgrade field\n");
         };
+        tcp.connection(Direction::Outbound, "ok");
         let idle = self.cfg.limits.idle_timeout;
-        let tcp = self.all_metrics.tcp.clone();
+        let tcp = tcp.clone();
         // Dropped unrun (the app's connection ended before the 101 went
         // out): the tunnel goes with it, which resets the stream.
         let to = SwitchTo::new(move |mut io| async move {
