@@ -212,8 +212,11 @@ pub struct Metrics {
 ///   `max_tunnels_per_peer` tunnels were open already (inbound: refused
 ///   here; outbound: the peer answered so);
 /// - `loop`: a redirected connection that was the outbound's own dial (the
-///   sidecar's uid is not the one `redirect --proxy-uid` exempts), refused.
-pub const TCP_RESULTS: [&str; 7] = [
+///   sidecar's uid is not the one `redirect --proxy-uid` exempts), refused;
+/// - `revoked`: an open tunnel or switched connection that a policy change
+///   (`policy_file`: a deny-list entry, a narrowed `allow`) no longer
+///   allows, reset (inbound).
+pub const TCP_RESULTS: [&str; 8] = [
     "ok",
     "denied",
     "unmeshed_denied",
@@ -221,6 +224,7 @@ pub const TCP_RESULTS: [&str; 7] = [
     "failed",
     "limited",
     "loop",
+    "revoked",
 ];
 
 /// `keyproof_tcp_*`: opaque TCP connections over the mesh (HTTP/2 CONNECT

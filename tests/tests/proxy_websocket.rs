@@ -284,8 +284,9 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
 
 /// A raw HTTP/1.1 app: records each request head; `/silent` is never
 /// answered, `/deny` is declined with 403 and a body, `/plain` answered 200
-/// as if `Upgrade` were not there, anything else is switched (101) and
-/// echoed from then on, what followed the head included.
+/// as if `Upgrade` were not there, `/reset` switched, sent `partial`, then
+/// reset; anything else is switched (101) and echoed from then on, what
+/// followed the head included.
 struct RawApp {
     addr: SocketAddr,
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -316,6 +317,16 @@ async fn raw_app() -> RawApp {
                 seen.lock().unwrap().push(head.clone());
                 if head.starts_with("GET /silent") {
                     tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    return;
+                }
+                if head.starts_with("GET /reset") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\npartial")
+                        .await;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    // A zero linger never blocks: the close is a reset.
+                    #[allow(deprecated)]
+                    let _ = s.set_linger(Some(std::time::Duration::ZERO));
                     return;
                 }
                 if head.starts_with("GET /plain") {
@@ -481,9 +492,14 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
         )
         .await;
         assert_eq!(status, 400, "{body}");
-        // ... and a :protocol that is no token.
+        // ... a :protocol that is no token, or one the sidecar does not
+        // carry: h2c would hand the app requests no route decided on.
         let (status, _, body) = switch(&mut send, "web socket", "/chat", &[], b"").await;
         assert_eq!(status, 400, "{body}");
+        for other in ["h2c", "H2C", "TLS/1.2", "websocket2"] {
+            let (status, _, body) = switch(&mut send, other, "/chat", &[], b"").await;
+            assert_eq!(status, 501, "{other}: {body}");
+        }
         assert_eq!(heads(), before, "the app saw a refused switch");
 
         // The app's refusal, as it gave it; an app that ignores Upgrade
@@ -531,4 +547,161 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
     let limited =
         inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"limited\"}");
     assert!(limited >= 1.0, "{limited}");
+}
+
+#[test]
+fn a_policy_change_cuts_the_tunnels_and_sockets_it_no_longer_allows() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (app, tcp_app) = rt.block_on(async { (raw_app().await, raw_app().await) });
+    let pki = Pki::new(TD);
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web_cert = pki.issue("web", "/ns/default/sa/web");
+    let web = pki.id("/ns/default/sa/web");
+    let port = tcp_app.addr.port();
+    let v1 = format!(
+        "[[routes]]\npath_prefix = \"/\"\nallow = [\"{web}\"]\n\
+         [[tcp]]\nport = {port}\nallow = [\"{web}\"]\n"
+    );
+    let policy = pki.path("policy.toml");
+    std::fs::write(&policy, &v1).unwrap();
+    let (in_addr, in_admin) = (addr(), addr());
+    let inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\npolicy_file = {:?}\n\
+             [admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr,
+            policy.display().to_string()
+        ),
+        in_admin,
+    );
+    rt.block_on(async {
+        let tls = mtls_stream(in_addr, &pki, &web_cert, b"h2").await;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        // A switched connection and an opaque TCP tunnel, both open and
+        // carrying bytes.
+        let mut open = Vec::new();
+        for (uri, protocol) in [
+            ("https://api.default.svc/chat".to_owned(), Some("websocket")),
+            (format!("127.0.0.1:{port}"), None),
+        ] {
+            let mut req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(uri);
+            if let Some(p) = protocol {
+                req = req.extension(hyper::ext::Protocol::from_static(p));
+            }
+            let resp = send
+                .send_request(
+                    req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{}", inbound.log_text());
+            let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+            // The TCP app reads a head first, then switches and echoes.
+            io.write_all(b"GET /t HTTP/1.1\r\n\r\nhello").await.unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"hello") {
+                let mut b = [0u8; 256];
+                let n = io.read(&mut b).await.unwrap();
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&b[..n]);
+            }
+            open.push(io);
+        }
+        // Incident: web goes on the deny list.
+        let tmp = policy.with_extension("tmp");
+        std::fs::write(&tmp, format!("{v1}[[deny]]\nspiffe_id = \"{web}\"\n")).unwrap();
+        std::fs::rename(&tmp, &policy).unwrap();
+        // Both are cut (a reset, not a clean end) within the reload.
+        for mut io in open {
+            let mut b = [0u8; 64];
+            let end = tokio::time::timeout(std::time::Duration::from_secs(10), io.read(&mut b))
+                .await
+                .expect("cut in time");
+            assert!(end.is_err(), "a clean end instead of a reset: {end:?}");
+        }
+        // And a new switch is refused.
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("https://api.default.svc/chat")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        assert_eq!(send.send_request(req).await.unwrap().status(), 403);
+    });
+    assert_eq!(
+        inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"revoked\"}"),
+        2.0
+    );
+}
+
+#[test]
+fn an_apps_reset_reaches_the_client_through_the_mesh_as_a_reset() {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = rt.block_on(raw_app());
+    let pki = Pki::new(TD);
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let client = pki.issue("client", "/ns/default/sa/web");
+    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+    let _inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n[admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr
+        ),
+        in_admin,
+    );
+    let _outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
+             [admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&pki.bundle, &client)
+        ),
+        out_admin,
+    );
+    let mut s = std::net::TcpStream::connect(out_addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"GET /reset HTTP/1.1\r\nHost: api.default.svc\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let end = loop {
+        let mut b = [0u8; 1024];
+        match s.read(&mut b) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 101 "), "{got}");
+    assert!(got.ends_with("partial"), "{got}");
+    // A clean end would pass the truncated stream off as complete.
+    let e = end.expect_err("a clean end instead of a reset");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
 }

@@ -4,7 +4,7 @@
 //! from a TCP connection. The outbound's mesh client (`mesh_client.rs`)
 //! and the sidecar's HTTP/2 server (`h2_server.rs`) both use these.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
@@ -52,6 +52,9 @@ pub struct TunnelEnd {
     /// cancelled (`CANCEL`); whether the local side is reset or closed is
     /// the caller's choice.
     pub idle: bool,
+    /// The caller's `stop` ended it: the stream was reset
+    /// (`CONNECT_ERROR`), and the local side must be reset too.
+    pub stopped: bool,
 }
 
 /// Largest chunk read from the local side at once: one DATA frame (the
@@ -80,7 +83,8 @@ const TUNNEL_CHUNK: usize = 2 * 16 * 1024 - 9;
 ///
 /// `fin_grace`: how long the peer's END_STREAM waits, while the local side
 /// still sends, for a reset that may follow it (see [`both_ways`]); zero
-/// passes it on at once.
+/// passes it on at once. `stop`: when it resolves, the tunnel is cut
+/// (a reset both ways), whatever it is doing.
 pub async fn pump_tunnel<R, W>(
     mut send: h2::SendStream<Bytes>,
     mut recv: h2::RecvStream,
@@ -88,6 +92,7 @@ pub async fn pump_tunnel<R, W>(
     mut wr: W,
     idle: Duration,
     fin_grace: Duration,
+    stop: impl Future<Output = ()>,
 ) -> TunnelEnd
 where
     R: AsyncRead + Unpin,
@@ -98,9 +103,14 @@ where
     let both = both_ways(
         &mut rd, &mut wr, &mut send, &mut recv, &sent, &received, fin_grace,
     );
+    let mut stopped = false;
     let result = tokio::select! {
         r = both => r.map_err(Some),
         () = idle_watch(idle, &sent, &received) => Err(None),
+        () = stop => {
+            stopped = true;
+            Err(Some("stopped".to_owned()))
+        }
     };
     let (error, idle) = match result {
         Ok(()) => (None, false),
@@ -119,6 +129,7 @@ where
         received: received.into_inner(),
         error,
         idle,
+        stopped,
     }
 }
 

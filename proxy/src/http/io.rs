@@ -64,6 +64,13 @@ impl<I> Rewind<I> {
     pub fn new(pre: Vec<u8>, inner: I) -> Rewind<I> {
         Rewind { pre, at: 0, inner }
     }
+
+    /// The connection, and whatever of `pre` was not read.
+    pub fn into_inner(self) -> (I, Vec<u8>) {
+        let Rewind { mut pre, at, inner } = self;
+        pre.drain(..at);
+        (inner, pre)
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {

@@ -378,7 +378,7 @@ impl Tunnel {
         W: AsyncWrite + Unpin,
     {
         let Tunnel { send, recv, _slot } = self;
-        pump_tunnel(send, recv, rd, wr, idle, FIN_GRACE).await
+        pump_tunnel(send, recv, rd, wr, idle, FIN_GRACE, std::future::pending()).await
     }
 }
 

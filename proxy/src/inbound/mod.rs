@@ -72,7 +72,7 @@ use crate::inbound::conn::{InboundConn, PortRefusal};
 use crate::inbound::counted::{counted, Counted};
 use crate::inbound::policy::{Decision, Policy, Route, TcpDecision};
 use crate::inbound::risk::{Failure, Fields, Now, RiskTable, Verdict};
-use crate::inbound::tunnel::{Caller, TunnelLimits, Tunnels};
+use crate::inbound::tunnel::{Caller, Grant, TunnelLimits, TunnelPermit, Tunnels};
 use crate::listener::{ConnGuards, HandshakeGate};
 use crate::metrics::{DirectionMetrics, Metrics};
 
@@ -268,8 +268,22 @@ impl Inbound {
             &self.all_metrics,
         )?;
         self.stepup.policy_changed(cfg);
-        self.policy.store(Arc::new(policy));
+        let policy = Arc::new(policy);
+        self.policy.store(policy.clone());
         *generation = next;
+        // Tunnels and switched connections live on past the request that
+        // opened them: those the new policy refuses (a caller just put on
+        // the deny list, say) are cut now.
+        let cut = self
+            .tunnels
+            .limits
+            .revoke(|peer, serial, grant| policy.still_allows(grant, peer, serial));
+        if cut > 0 {
+            tracing::info!(
+                tunnels = cut,
+                "policy change: open tunnels it no longer allows are closed"
+            );
+        }
         self.all_metrics
             .policy_generation
             .set(i64::try_from(next).unwrap_or(i64::MAX));
@@ -479,11 +493,9 @@ impl Inbound {
                     req = Request::from_parts(parts, RequestBody::Empty);
                     switching = Some((p, stream));
                 }
-                Some(Err(())) => {
-                    return Either::Left(ready(text(
-                        StatusCode::BAD_REQUEST,
-                        "bad request: :protocol is not a token\n",
-                    )))
+                Some(Err((status, why))) => {
+                    tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, path = req.uri().path(), %status, "protocol switch refused: {}", why.trim_end());
+                    return Either::Left(ready(text(status, why)));
                 }
             }
         }
@@ -547,6 +559,8 @@ impl Inbound {
                 }));
             }
         };
+        // What a switch is allowed as, for a policy change to decide on.
+        let switch_path = switching.as_ref().map(|_| matched.into_owned());
         let (mut parts, body) = req.into_parts();
         // Sidecar-owned fields from the network are never trusted: every
         // copy goes before the proxy sets its own. A step-up route's
@@ -555,8 +569,15 @@ impl Inbound {
         owned::strip_request(&mut parts.headers, found, step_up);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
-        if let Some((protocol, stream)) = switching {
-            return Either::Left(self.switch(parts, stream, &conn, route.as_deref(), protocol));
+        if let (Some((protocol, stream)), Some(path)) = (switching, switch_path) {
+            return Either::Left(self.switch(
+                parts,
+                stream,
+                &conn,
+                route.as_deref(),
+                protocol,
+                path,
+            ));
         }
         let body = match mode {
             Underscores::Allow => ProxyBody::from(body),
@@ -608,10 +629,8 @@ impl Inbound {
                 format!("port {port} is a port of this workload's sidecar; it is never a tunnel target\n"),
             ));
         }
-        let decision = self
-            .policy
-            .load()
-            .decide_tcp(port, &conn.peer.id, &conn.peer.serial);
+        let policy = self.policy.load_full();
+        let decision = policy.decide_tcp(port, &conn.peer.id, &conn.peer.serial);
         if let TcpDecision::Deny(msg) = decision {
             self.tunnels
                 .metrics
@@ -621,18 +640,9 @@ impl Inbound {
                 .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
             return ready(text(StatusCode::FORBIDDEN, msg));
         }
-        let permit = match self.tunnels.limits.acquire(conn.peer.id.as_str()) {
+        let permit = match self.hold(conn, Grant::Tcp(port), Some(&policy)) {
             Ok(p) => p,
-            Err(limit) => {
-                self.tunnels
-                    .metrics
-                    .connection(crate::metrics::Direction::Inbound, "limited");
-                tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, port, "tunnel refused: {limit}");
-                return ready(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("tunnel refused: {limit}\n"),
-                ));
-            }
+            Err(resp) => return ready(*resp),
         };
         let caller = Caller {
             id: conn.peer.id.to_string(),
@@ -653,7 +663,8 @@ impl Inbound {
         stream: MeshBody,
         conn: &Arc<InboundConn>,
         route: Option<&Route>,
-        protocol: String,
+        protocol: &'static str,
+        path: String,
     ) -> ResponseFuture<'static> {
         if let Some(r) = route.filter(|r| r.step_up.any()) {
             tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, %protocol, "protocol switch refused: the route has step-up");
@@ -662,18 +673,11 @@ impl Inbound {
                 format!("a switch to {protocol} is not carried on route {}: a step-up proof covers one request and its body, which a switched connection does not have\n", r.path_prefix),
             ));
         }
-        let permit = match self.tunnels.limits.acquire(conn.peer.id.as_str()) {
+        // `admit` decided with the policy of its moment, which may have
+        // been swapped since: decided again.
+        let permit = match self.hold(conn, Grant::Switch(path), None) {
             Ok(p) => p,
-            Err(limit) => {
-                self.tunnels
-                    .metrics
-                    .connection(crate::metrics::Direction::Inbound, "limited");
-                tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, %protocol, "protocol switch refused: {limit}");
-                return ready(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{protocol} switch refused: {limit}\n"),
-                ));
-            }
+            Err(resp) => return ready(*resp),
         };
         let sw = upgrade::Switch {
             app: self.app_of(conn).addr().to_owned(),
@@ -694,6 +698,46 @@ impl Inbound {
         };
         let this = self.clone();
         Box::pin(async move { upgrade::switch(&this.tunnels, parts, stream, sw, held).await })
+    }
+
+    /// A place among the open tunnels for `grant`, or the refusal (503 at
+    /// the limits, counted `limited`). A tunnel is decided on again when
+    /// the policy changes (`replace_policy`), but only once it holds its
+    /// place: one decided under a policy swapped out before then
+    /// (`decided`, or `None` for "not known") is decided on again here,
+    /// 403 if the policy now in use refuses it.
+    fn hold(
+        &self,
+        conn: &InboundConn,
+        grant: Grant,
+        decided: Option<&Arc<Policy>>,
+    ) -> Result<TunnelPermit, Box<Response<ProxyBody>>> {
+        let (id, serial) = (&conn.peer.id, conn.peer.serial.as_str());
+        let permit = match self.tunnels.limits.acquire(id, serial, grant.clone()) {
+            Ok(p) => p,
+            Err(limit) => {
+                self.tunnels
+                    .metrics
+                    .connection(crate::metrics::Direction::Inbound, "limited");
+                tracing::warn!(peer = %conn.remote, peer_id = %id, ?grant, "tunnel refused: {limit}");
+                return Err(Box::new(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("tunnel refused: {limit}\n"),
+                )));
+            }
+        };
+        let now = self.policy.load();
+        if decided.is_none_or(|d| !Arc::ptr_eq(d, &now)) && !now.still_allows(&grant, id, serial) {
+            self.tunnels
+                .metrics
+                .connection(crate::metrics::Direction::Inbound, "denied");
+            tracing::info!(peer = %conn.remote, peer_id = %id, ?grant, "tunnel refused by the policy now in use");
+            return Err(Box::new(text(
+                StatusCode::FORBIDDEN,
+                "forbidden: the policy in use refuses this caller here\n",
+            )));
+        }
+        Ok(permit)
     }
 
     /// A request other than CONNECT on a redirected connection whose

@@ -10,6 +10,7 @@ use prometheus::IntCounter;
 
 use crate::config::{without_leading_zeros, DefaultPolicy, DenyEntry, PolicyConfig, StepUpMode};
 use crate::inbound::risk::{RiskTable, RouteRisk};
+use crate::inbound::tunnel::Grant;
 use crate::metrics::Metrics;
 
 /// One compiled route.
@@ -209,6 +210,19 @@ impl Policy {
             "forbidden: {peer} is refused by the deny list entry {}\n",
             d.label
         ))
+    }
+
+    /// Whether an open tunnel or switched connection, allowed as `grant`,
+    /// is still allowed: the deny list, the port's `tcp` rule, or the
+    /// path's route (a switch never rides a step-up route).
+    pub fn still_allows(&self, grant: &Grant, peer: &SpiffeId, serial: &str) -> bool {
+        match grant {
+            Grant::Tcp(port) => self.decide_tcp(*port, peer, serial) == TcpDecision::Allow,
+            Grant::Switch(path) => match self.decide(&http::Method::GET, path, peer, serial) {
+                Decision::Allow(r) => r.is_none_or(|r| !r.step_up.any()),
+                Decision::Deny(_) => false,
+            },
+        }
     }
 
     /// Decides a tunnel to local `port`: the deny list first, then the

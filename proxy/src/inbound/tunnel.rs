@@ -31,6 +31,11 @@
 //! * Idle: a tunnel with no byte either way for the listener's
 //!   `idle_timeout` is closed, the app connection with a reset, the stream
 //!   with RST_STREAM CANCEL.
+//! * Revoked: a tunnel is allowed once, but lives on; each open one is
+//!   registered with what allowed it ([`Grant`]: the port, or a switch's
+//!   path) and decided on again when the policy changes
+//!   (`Inbound::replace_policy`). One the new policy refuses is reset both
+//!   ways (the stream with CONNECT_ERROR), counted `revoked`.
 //!
 //! The stream's frames are written to the app's socket, and the app's
 //! reads sent as frames, by one task per tunnel with no copy in between
@@ -50,7 +55,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use keyproof_identity::SpiffeId;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::body::{text, ProxyBody, RequestBody};
 use crate::http::h2_server::Handoff;
@@ -86,6 +93,27 @@ struct OpenTunnels {
     total: usize,
     /// Only callers with a tunnel open: an entry goes with its last one.
     by_peer: HashMap<String, usize>,
+    /// Every open tunnel, for a policy change to decide on again.
+    open: HashMap<u64, Open>,
+    next: u64,
+}
+
+/// An open tunnel as the policy allowed it.
+struct Open {
+    peer: SpiffeId,
+    serial: String,
+    grant: Grant,
+    stop: CancellationToken,
+}
+
+/// What a tunnel was allowed as: decided on again when the policy changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// Opaque TCP to this local port (`[[inbound.tcp]]`).
+    Tcp(u16),
+    /// A protocol switch on this path (its form routes match), a `GET` for
+    /// the routes.
+    Switch(String),
 }
 
 /// Which limit refused a tunnel.
@@ -113,6 +141,15 @@ impl std::fmt::Display for Limited {
 pub struct TunnelPermit {
     limits: Arc<TunnelLimits>,
     peer: String,
+    id: u64,
+    stop: CancellationToken,
+}
+
+impl TunnelPermit {
+    /// Resolves when a policy change no longer allows the tunnel.
+    pub fn revoked(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.stop.cancelled()
+    }
 }
 
 impl TunnelLimits {
@@ -125,21 +162,41 @@ impl TunnelLimits {
         })
     }
 
-    /// A place for one more tunnel of `peer`, or which limit it is at.
-    pub fn acquire(self: &Arc<Self>, peer: &str) -> Result<TunnelPermit, Limited> {
+    /// A place for one more tunnel of `peer` (whose certificate has
+    /// `serial`), allowed as `grant`; or which limit it is at.
+    pub fn acquire(
+        self: &Arc<Self>,
+        peer: &SpiffeId,
+        serial: &str,
+        grant: Grant,
+    ) -> Result<TunnelPermit, Limited> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.total >= self.max {
             return Err(Limited::Total(self.max));
         }
-        let mine = open.by_peer.get(peer).copied().unwrap_or(0);
+        let mine = open.by_peer.get(peer.as_str()).copied().unwrap_or(0);
         if mine >= self.per_peer {
             return Err(Limited::PerPeer(self.per_peer));
         }
         open.total += 1;
-        *open.by_peer.entry(peer.to_owned()).or_insert(0) += 1;
+        *open.by_peer.entry(peer.to_string()).or_insert(0) += 1;
+        let id = open.next;
+        open.next += 1;
+        let stop = CancellationToken::new();
+        open.open.insert(
+            id,
+            Open {
+                peer: peer.clone(),
+                serial: serial.to_owned(),
+                grant,
+                stop: stop.clone(),
+            },
+        );
         Ok(TunnelPermit {
             limits: self.clone(),
-            peer: peer.to_owned(),
+            peer: peer.to_string(),
+            id,
+            stop,
         })
     }
 
@@ -147,12 +204,27 @@ impl TunnelLimits {
     pub fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).total
     }
+
+    /// Stops every open tunnel that `allowed` (the policy now in use) no
+    /// longer allows; returns how many.
+    pub fn revoke(&self, allowed: impl Fn(&SpiffeId, &str, &Grant) -> bool) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for t in open.open.values() {
+            if !t.stop.is_cancelled() && !allowed(&t.peer, &t.serial, &t.grant) {
+                t.stop.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 impl Drop for TunnelPermit {
     fn drop(&mut self) {
         let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
         open.total = open.total.saturating_sub(1);
+        open.open.remove(&self.id);
         if let Some(n) = open.by_peer.get_mut(&self.peer) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -275,10 +347,10 @@ impl Tunnels {
         };
         Handoff::new(move |send| {
             tokio::spawn(async move {
-                let _held = held;
                 let mut unstarted = unstarted;
                 if let Some(app) = unstarted.app.take() {
-                    this.pump(send, recv, app, pre, &unstarted.caller, port)
+                    let streams = (send, recv);
+                    this.pump(streams, app, pre, &unstarted.caller, port, &held)
                         .await;
                 }
             });
@@ -325,18 +397,19 @@ impl Tunnels {
     /// app sent already (after an upgrade's `101`), passed on first.
     async fn pump(
         &self,
-        send: h2::SendStream<Bytes>,
-        recv: h2::RecvStream,
+        (send, recv): (h2::SendStream<Bytes>, h2::RecvStream),
         mut app: TcpStream,
         pre: Vec<u8>,
         caller: &Caller,
         port: u16,
+        held: &Held,
     ) {
         let (rd, wr) = app.split();
         let rd = Rewind::new(pre, rd);
         // No grace for the caller's END_STREAM: a keyproof outbound resets
         // bare, without an END_STREAM before it.
-        let end = pump_tunnel(send, recv, rd, wr, self.idle, Duration::ZERO).await;
+        let stop = held.permit.revoked();
+        let end = pump_tunnel(send, recv, rd, wr, self.idle, Duration::ZERO, stop).await;
         let (up, down) = (end.received, end.sent);
         self.metrics.bytes(Direction::Inbound, up, down);
         if end.error.is_some() || end.idle {
@@ -344,7 +417,10 @@ impl Tunnels {
             // orderly end.
             reset(&app);
         }
-        if let Some(e) = end.error {
+        if end.stopped {
+            self.metrics.connection(Direction::Inbound, "revoked");
+            tracing::info!(peer = %caller.remote, peer_id = %caller.id, port, client_to_server = up, server_to_client = down, "tunnel closed: the policy no longer allows it");
+        } else if let Some(e) = end.error {
             tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, error = %e, client_to_server = up, server_to_client = down, "tunnel failed");
         } else if end.idle {
             tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, idle = ?self.idle, client_to_server = up, server_to_client = down, "tunnel closed: idle");
@@ -385,13 +461,14 @@ mod tests {
 
     use bytes::Bytes;
     use http::{Method, Request, StatusCode};
-    use keyproof_identity::IdPattern;
+    use keyproof_identity::{IdPattern, SpiffeId};
     use rustls_pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::{oneshot, watch};
     use tokio_rustls::TlsConnector;
 
+    use super::{Grant, TunnelLimits, TunnelPermit};
     use crate::identity::store;
     use crate::inbound::Inbound;
     use crate::listener::{self, Tracker};
@@ -587,6 +664,33 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         get()
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_stops_only_the_tunnels_it_no_longer_allows() {
+        let limits = TunnelLimits::new(10, 10);
+        let web: SpiffeId = "spiffe://t.test/ns/a/sa/web".parse().unwrap();
+        let ops: SpiffeId = "spiffe://t.test/ns/a/sa/ops".parse().unwrap();
+        let a = limits.acquire(&web, "0a", Grant::Tcp(5432)).unwrap();
+        let b = limits
+            .acquire(&web, "0a", Grant::Switch("/chat".into()))
+            .unwrap();
+        let c = limits.acquire(&ops, "0b", Grant::Tcp(5432)).unwrap();
+        // The new policy refuses web's switches and nothing else.
+        let cut = limits.revoke(|peer, _, g| !(peer == &web && matches!(g, Grant::Switch(_))));
+        assert_eq!(cut, 1);
+        async fn soon(p: &TunnelPermit) -> bool {
+            tokio::time::timeout(Duration::from_millis(50), p.revoked())
+                .await
+                .is_ok()
+        }
+        assert!(soon(&b).await);
+        assert!(!soon(&a).await && !soon(&c).await);
+        // Counted once; a permit given back leaves nothing to decide on.
+        assert_eq!(limits.revoke(|_, _, _| false), 2);
+        drop((a, b, c));
+        assert_eq!(limits.open(), 0);
+        assert_eq!(limits.revoke(|_, _, _| false), 0);
     }
 
     #[tokio::test]

@@ -21,7 +21,8 @@
 //! `failed` when the app could not be reached or did not switch; their
 //! bytes in `keyproof_tcp_bytes_total`).
 //!
-//! Routes with step-up do not carry switches: a proof covers a request and
+//! Only WebSocket is carried ([`CARRIED`]; another `:protocol` gets 501),
+//! and routes with step-up carry no switch: a proof covers a request and
 //! its body, and a switched connection has neither end (501, said why).
 
 use std::future::poll_fn;
@@ -44,15 +45,38 @@ use crate::metrics::Direction;
 /// a larger one becomes a 502 (such answers are short refusals).
 pub const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
-/// The protocol an extended `CONNECT` asks for (`:protocol`), if it is
-/// one: a token, as `Upgrade` takes it.
-pub fn protocol_of<B>(req: &http::Request<B>) -> Option<Result<String, ()>> {
+/// The one protocol a switch carries. The switched connection's bytes
+/// reach the app unread: a protocol the app speaks HTTP in (`h2c`) or
+/// wraps other traffic in (`TLS/1.2`) would carry requests that no route,
+/// deny list or XFCC of this sidecar ever decided on. WebSocket hands them
+/// to the app's handler for the path the policy allowed.
+pub const CARRIED: &str = "websocket";
+
+/// Whether an extended `CONNECT` asks to switch (`:protocol`), and then
+/// to [`CARRIED`] (`Ok`) or to what this sidecar refuses (`Err`: the
+/// status and why).
+pub fn protocol_of<B>(
+    req: &http::Request<B>,
+) -> Option<Result<&'static str, (StatusCode, String)>> {
     let p = req.extensions().get::<h2::ext::Protocol>()?;
     let s = p.as_str();
+    if s.eq_ignore_ascii_case(CARRIED) {
+        return Some(Ok(CARRIED));
+    }
     let token = !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
-    Some(if token { Ok(s.to_owned()) } else { Err(()) })
+    Some(Err(if token {
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            format!("a switch to {s} is not carried: only {CARRIED} is\n"),
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            "bad request: :protocol is not a token\n".to_owned(),
+        )
+    }))
 }
 
 /// What a switch needs besides the request.
@@ -60,7 +84,7 @@ pub struct Switch {
     /// The app's address (`127.0.0.1:<port>` or `[inbound] app`).
     pub app: String,
     /// The protocol asked for.
-    pub protocol: String,
+    pub protocol: &'static str,
     /// Who asked.
     pub caller: Caller,
     /// How long the app may take to answer the request.
@@ -100,10 +124,7 @@ pub async fn switch(
         }
     }
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    let Ok(upgrade) = HeaderValue::from_str(&sw.protocol) else {
-        return text(StatusCode::BAD_REQUEST, "bad :protocol\n");
-    };
-    headers.insert(header::UPGRADE, upgrade);
+    headers.insert(header::UPGRADE, HeaderValue::from_static(sw.protocol));
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = BytesMut::new();
     h1::write_request_head(&Method::GET, path, &headers, Framing::Empty, &mut out);

@@ -11,10 +11,10 @@
 //! then a tunnel, pumped as an opaque TCP tunnel is (half-close, resets,
 //! idle timeout, backpressure). Any other answer is passed on as it is.
 //!
-//! What is carried: one protocol per request (the one the app offers), on
-//! a `GET` without a body, to a peer that speaks HTTP/2 and takes extended
-//! `CONNECT` (keyproof's inbound does). Anything else gets 501 and what to
-//! do instead, before anything is sent.
+//! What is carried: WebSocket, offered alone, on a `GET` without a body, to
+//! a peer that speaks HTTP/2 and takes extended `CONNECT` (keyproof's
+//! inbound does). Anything else gets 501 and what to do instead, before
+//! anything is sent.
 
 use std::sync::Arc;
 
@@ -32,6 +32,11 @@ use crate::outbound::Outbound;
 pub fn carried<B>(req: &Request<B>, protocol: &str) -> Result<(), &'static str> {
     if protocol.contains(',') {
         return Err("more than one protocol is offered, and the mesh carries one");
+    }
+    if !protocol.eq_ignore_ascii_case("websocket") {
+        // The peer's inbound carries WebSocket only (`inbound/upgrade.rs`
+        // says why).
+        return Err("only websocket is carried");
     }
     // Only the HTTP/1.1 server's requests that may switch say so: a GET
     // without a body.
@@ -79,7 +84,12 @@ impl Outbound {
         for _ in 0..2 {
             let sender = match up.h2.tunnel_sender(refused_by.as_ref()).await {
                 Ok((send, _)) => send,
-                Err(ForwardError::NotH2) => return not_carried("does not offer HTTP/2"),
+                Err(ForwardError::NotH2) => {
+                    // As a request would: the upstream gets its HTTP/1.1
+                    // pool, and no more dials for h2.
+                    up.h1_only.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return not_carried("does not offer HTTP/2");
+                }
                 Err(e) => {
                     tcp.connection(Direction::Outbound, "failed");
                     return self.respond(&up, Err(e));
@@ -153,10 +163,15 @@ impl Outbound {
             tcp.bytes(Direction::Outbound, end.sent, end.received);
             if let Some(why) = end.error {
                 // A reset on the mesh side reaches the app as a reset, not
-                // as a clean end it could take for complete data.
+                // as a clean end it could take for complete data: the
+                // halves go back together first, since dropping a write
+                // half alone sends a FIN.
                 tracing::debug!(error = %why, "switched connection reset");
-                let _ = socket2::SockRef::from(io.write.as_ref())
-                    .set_linger(Some(std::time::Duration::ZERO));
+                let (read, _) = io.read.into_inner();
+                if let Ok(tcp) = read.reunite(io.write) {
+                    let _ =
+                        socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+                }
             }
         });
         let mut resp = Response::new(ProxyBody::empty());
