@@ -213,9 +213,9 @@ pub struct Metrics {
 ///   here; outbound: the peer answered so);
 /// - `loop`: a redirected connection that was the outbound's own dial (the
 ///   sidecar's uid is not the one `redirect --proxy-uid` exempts), refused;
-/// - `revoked`: an open tunnel or switched connection that a policy change
+/// - `revoked`: a tunnel or switched connection that a policy change
 ///   (`policy_file`: a deny-list entry, a narrowed `allow`) no longer
-///   allows, reset (inbound).
+///   allows: reset if open, 403 if still being set up (inbound).
 pub const TCP_RESULTS: [&str; 8] = [
     "ok",
     "denied",

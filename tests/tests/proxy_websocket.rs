@@ -286,7 +286,7 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
 /// answered, `/deny` is declined with 403 and a body, `/plain` answered 200
 /// as if `Upgrade` were not there, `/reset` switched, sent `partial`, then
 /// reset; anything else is switched (101) and echoed from then on, what
-/// followed the head included.
+/// followed the head included (`/slow` 1.5 s late).
 struct RawApp {
     addr: SocketAddr,
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -315,6 +315,9 @@ async fn raw_app() -> RawApp {
                 };
                 let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                 seen.lock().unwrap().push(head.clone());
+                if head.starts_with("GET /slow") {
+                    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                }
                 if head.starts_with("GET /silent") {
                     tokio::time::sleep(std::time::Duration::from_secs(30)).await;
                     return;
@@ -623,6 +626,19 @@ fn a_policy_change_cuts_the_tunnels_and_sockets_it_no_longer_allows() {
             }
             open.push(io);
         }
+        // A switch still being set up when the policy changes: the app
+        // takes its time to answer.
+        let mut late = send.clone();
+        let setting_up = tokio::spawn(async move {
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("https://api.default.svc/slow")
+                .extension(hyper::ext::Protocol::from_static("websocket"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            late.send_request(req).await.unwrap().status()
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         // Incident: web goes on the deny list.
         let tmp = policy.with_extension("tmp");
         std::fs::write(&tmp, format!("{v1}[[deny]]\nspiffe_id = \"{web}\"\n")).unwrap();
@@ -635,6 +651,8 @@ fn a_policy_change_cuts_the_tunnels_and_sockets_it_no_longer_allows() {
                 .expect("cut in time");
             assert!(end.is_err(), "a clean end instead of a reset: {end:?}");
         }
+        // The one being set up is refused, not opened for a moment.
+        assert_eq!(setting_up.await.unwrap(), 403);
         // And a new switch is refused.
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
@@ -646,7 +664,7 @@ fn a_policy_change_cuts_the_tunnels_and_sockets_it_no_longer_allows() {
     });
     assert_eq!(
         inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"revoked\"}"),
-        2.0
+        3.0
     );
 }
 

@@ -105,12 +105,15 @@ where
     );
     let mut stopped = false;
     let result = tokio::select! {
-        r = both => r.map_err(Some),
-        () = idle_watch(idle, &sent, &received) => Err(None),
+        // A stop is looked at first: once it has come, not a byte more
+        // crosses.
+        biased;
         () = stop => {
             stopped = true;
             Err(Some("stopped".to_owned()))
         }
+        r = both => r.map_err(Some),
+        () = idle_watch(idle, &sent, &received) => Err(None),
     };
     let (error, idle) = match result {
         Ok(()) => (None, false),

@@ -728,9 +728,13 @@ impl Inbound {
         };
         let now = self.policy.load();
         if decided.is_none_or(|d| !Arc::ptr_eq(d, &now)) && !now.still_allows(&grant, id, serial) {
-            self.tunnels
-                .metrics
-                .connection(crate::metrics::Direction::Inbound, "denied");
+            if matches!(grant, Grant::Tcp(_)) {
+                // As the policy's refusal of a tunnel is (a switch's is a
+                // request's).
+                self.tunnels
+                    .metrics
+                    .connection(crate::metrics::Direction::Inbound, "denied");
+            }
             tracing::info!(peer = %conn.remote, peer_id = %id, ?grant, "tunnel refused by the policy now in use");
             return Err(Box::new(text(
                 StatusCode::FORBIDDEN,

@@ -150,6 +150,12 @@ impl TunnelPermit {
     pub fn revoked(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.stop.cancelled()
     }
+
+    /// Whether a policy change no longer allows the tunnel: checked once
+    /// more before its 200, after the waits of setting it up.
+    pub fn is_revoked(&self) -> bool {
+        self.stop.is_cancelled()
+    }
 }
 
 impl TunnelLimits {
@@ -316,6 +322,11 @@ impl Tunnels {
                 return *resp;
             }
         };
+        if permit.is_revoked() {
+            // The policy changed while the app was dialled.
+            reset(&app);
+            return self.revoked_before_open(&caller);
+        }
         self.metrics.connection(Direction::Inbound, "ok");
         tracing::debug!(peer = %caller.remote, peer_id = %caller.id, port, "tunnel open");
         let mut resp = Response::new(ProxyBody::empty());
@@ -355,6 +366,17 @@ impl Tunnels {
                 }
             });
         })
+    }
+
+    /// The answer to a tunnel whose place a policy change revoked before
+    /// its 200 went out (its app connection, if any, reset by the caller).
+    pub fn revoked_before_open(&self, caller: &Caller) -> Response<ProxyBody> {
+        self.metrics.connection(Direction::Inbound, "revoked");
+        tracing::info!(peer = %caller.remote, peer_id = %caller.id, "tunnel refused: the policy changed while it was set up, and no longer allows it");
+        text(
+            StatusCode::FORBIDDEN,
+            "forbidden: the policy in use refuses this caller here\n",
+        )
     }
 
     /// Connects the app at `addr` within `connect_timeout`, or answers why
@@ -448,7 +470,7 @@ impl Drop for Unstarted {
 }
 
 /// Makes the app connection's close a reset (RST, not FIN).
-fn reset(app: &TcpStream) {
+pub fn reset(app: &TcpStream) {
     let _ = socket2::SockRef::from(app).set_linger(Some(Duration::ZERO));
 }
 

@@ -38,7 +38,7 @@ use crate::http::body::{text, ProxyBody};
 use crate::http::h1::{self, BodyReader, Framing};
 use crate::http::h2_stream::MeshBody;
 use crate::http::owned;
-use crate::inbound::tunnel::{Caller, Held, Tunnels};
+use crate::inbound::tunnel::{self, Caller, Held, Tunnels};
 use crate::metrics::Direction;
 
 /// The largest body of an app's answer other than `101` that is passed on;
@@ -182,6 +182,11 @@ pub async fn switch(
             StatusCode::BAD_GATEWAY,
             "the app asked for a step-up proof of a protocol switch\n",
         );
+    }
+    if held.permit.is_revoked() {
+        // The policy changed while the app answered: nothing crosses.
+        tunnel::reset(&app);
+        return tunnels.revoked_before_open(&sw.caller);
     }
     tunnels.metrics.connection(Direction::Inbound, "ok");
     tracing::debug!(peer = %sw.caller.remote, peer_id = %sw.caller.id, app = %sw.app, protocol = %sw.protocol, "protocol switched");
