@@ -187,6 +187,9 @@ pub struct Metrics {
     /// `keyproof_policy_generation`: 0 for the policy read at startup, one
     /// more for each file change taken into use.
     pub policy_generation: IntGauge,
+    /// `keyproof_policy_closed_connections_total`: inbound connections
+    /// closed because a policy change put their caller on the deny list.
+    pub policy_closed: IntCounter,
     /// `keyproof_audit_records_total` by result, in [`AUDIT_RESULTS`] order.
     pub audit_records: [IntCounter; 3],
     sig_cache: [IntCounter; 2],
@@ -471,6 +474,12 @@ impl Metrics {
         )?;
         registry.register(Box::new(upstream_reloads.clone()))?;
         registry.register(Box::new(policy_generation.clone()))?;
+        let policy_closed = IntCounter::new(
+            "keyproof_policy_closed_connections_total",
+            "Inbound connections closed, with all they carried (streams, tunnels), because a \
+             policy_file change put their caller on the deny list.",
+        )?;
+        registry.register(Box::new(policy_closed.clone()))?;
         let audit_records = IntCounterVec::new(
             Opts::new(
                 "keyproof_audit_records_total",
@@ -592,6 +601,7 @@ impl Metrics {
             policy_reloads: ["ok", "failed"].map(|r| policy_reloads.with_label_values(&[r])),
             upstream_reloads: ["ok", "failed"].map(|r| upstream_reloads.with_label_values(&[r])),
             policy_generation,
+            policy_closed,
             audit_records: AUDIT_RESULTS.map(|r| audit_records.with_label_values(&[r])),
             sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
             sig_cache_sync: Default::default(),

@@ -285,7 +285,8 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
 /// A raw HTTP/1.1 app: records each request head; `/silent` is never
 /// answered, `/deny` is declined with 403 and a body, `/plain` answered 200
 /// as if `Upgrade` were not there, `/reset` switched, sent `partial`, then
-/// reset; anything else is switched (101) and echoed from then on, what
+/// reset, `/stream` (not an upgrade) answered 200 with a body that never
+/// ends; anything else is switched (101) and echoed from then on, what
 /// followed the head included (`/slow` 1.5 s late).
 struct RawApp {
     addr: SocketAddr,
@@ -330,6 +331,15 @@ async fn raw_app() -> RawApp {
                     // A zero linger never blocks: the close is a reset.
                     #[allow(deprecated)]
                     let _ = s.set_linger(Some(std::time::Duration::ZERO));
+                    return;
+                }
+                if head.starts_with("GET /stream") && !head.contains("upgrade") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await;
+                    while s.write_all(b"5\r\nhello\r\n").await.is_ok() {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
                     return;
                 }
                 if head.starts_with("GET /plain") {
@@ -553,7 +563,7 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
 }
 
 #[test]
-fn a_policy_change_cuts_the_tunnels_and_sockets_it_no_longer_allows() {
+fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -639,10 +649,16 @@ fn a_policy_change_cuts_the_tunnels_and_sockets_it_no_longer_allows() {
             late.send_request(req).await.unwrap().status()
         });
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        // Incident: web goes on the deny list.
-        let tmp = policy.with_extension("tmp");
-        std::fs::write(&tmp, format!("{v1}[[deny]]\nspiffe_id = \"{web}\"\n")).unwrap();
-        std::fs::rename(&tmp, &policy).unwrap();
+        // web is no longer allowed: the route and the tcp rule now name
+        // ops only.
+        let ops = pki.id("/ns/ops/sa/admin");
+        write_policy(
+            &policy,
+            &format!(
+                "[[routes]]\npath_prefix = \"/\"\nallow = [\"{ops}\"]\n\
+                 [[tcp]]\nport = {port}\nallow = [\"{ops}\"]\n"
+            ),
+        );
         // Both are cut (a reset, not a clean end) within the reload.
         for mut io in open {
             let mut b = [0u8; 64];
@@ -661,11 +677,55 @@ fn a_policy_change_cuts_the_tunnels_and_sockets_it_no_longer_allows() {
             .body(http_body_util::Empty::new())
             .unwrap();
         assert_eq!(send.send_request(req).await.unwrap().status(), 403);
+
+        // web allowed again, and on a response that streams for ever...
+        write_policy(&policy, &v1);
+        let mut body = None;
+        for _ in 0..100 {
+            let req = http::Request::get("https://api.default.svc/stream")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            if resp.status() == 200 {
+                body = Some(resp.into_body());
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let mut body = body.expect("web allowed again");
+        use http_body_util::BodyExt;
+        assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+        // ... until web goes on the deny list: its connection closes with
+        // all it carries.
+        write_policy(&policy, &format!("{v1}[[deny]]\nspiffe_id = \"{web}\"\n"));
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream outlived the deny list");
+        let req = http::Request::get("https://api.default.svc/chat")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        assert!(
+            send.send_request(req).await.is_err(),
+            "the connection is still open"
+        );
     });
     assert_eq!(
         inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"revoked\"}"),
         3.0
     );
+    assert_eq!(
+        inbound.metric("keyproof_policy_closed_connections_total"),
+        1.0
+    );
+}
+
+/// Writes a policy file as operators should: whole, renamed into place.
+fn write_policy(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 #[test]

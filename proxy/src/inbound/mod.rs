@@ -10,7 +10,8 @@
 //! verification, `counted.rs` the body count of requests an app may still
 //! ask a proof of, `audit.rs` the audit records; `tunnel.rs` opaque TCP
 //! (`CONNECT`), `upgrade.rs` a protocol switch such as WebSocket (extended
-//! `CONNECT`, decided on as the `GET` it stands for).
+//! `CONNECT`, decided on as the `GET` it stands for); `callers.rs` the open
+//! connections, which a deny-list change closes.
 //!
 //! Where a step-up is decided, per request:
 //! * `admit`: the policy (swapped whole on a `policy_file` change) refuses
@@ -34,6 +35,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod callers;
 pub mod challenge;
 pub mod conn;
 pub mod counted;
@@ -132,6 +134,8 @@ pub struct Inbound {
     /// `127.0.0.1:<port>`: redirected connections, by original port.
     ports: AppClients,
     tunnels: Tunnels,
+    /// Open caller connections, for a deny-list change to close.
+    callers: Arc<callers::Callers>,
     metrics: DirectionMetrics,
     /// For the policies built on reload.
     all_metrics: Metrics,
@@ -220,6 +224,7 @@ impl Inbound {
             risk,
             app,
             ports: AppClients::default(),
+            callers: Arc::default(),
             tunnels: Tunnels {
                 connect_timeout: cfg.app_connect_timeout,
                 idle: cfg.limits.idle_timeout,
@@ -282,6 +287,18 @@ impl Inbound {
             tracing::info!(
                 tunnels = cut,
                 "policy change: open tunnels it no longer allows are closed"
+            );
+        }
+        // And what a deny-listed caller's connections still carry (a
+        // streaming response) goes with them.
+        let closed = self
+            .callers
+            .close(|peer, serial| policy.denies(peer, serial));
+        if closed > 0 {
+            self.all_metrics.policy_closed.inc_by(closed as u64);
+            tracing::info!(
+                connections = closed,
+                "policy change: the connections of callers the deny list now names are closed"
             );
         }
         self.all_metrics
@@ -371,6 +388,7 @@ impl Inbound {
             _ => Proto::Detect,
         };
         let own = self.store.current();
+        let registered = self.callers.register(&peer.id, &peer.serial);
         let target = redirected.map(|dst| self.redirected_to(dst.port()));
         let activity: server::Activity = Arc::new(AtomicU64::new(0));
         let Some(conn) = InboundConn::new(
@@ -395,9 +413,15 @@ impl Inbound {
             })
         };
         let idle = self.cfg.limits.idle_timeout;
-        if let Err(e) =
-            server::serve(&self.builders, proto, tls, activity, idle, svc, shutdown).await
-        {
+        let served = server::serve(&self.builders, proto, tls, activity, idle, svc, shutdown);
+        let result = tokio::select! {
+            r = served => r,
+            () = registered.closed() => {
+                tracing::info!(peer = %remote, "inbound connection closed: the deny list now names its caller");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(peer = %remote, error = %e, "inbound connection ended with an error");
         }
     }

@@ -191,6 +191,16 @@ fn covers(listed: &http::Method, method: &http::Method) -> bool {
 }
 
 impl Policy {
+    /// Whether the deny list names the caller (not counted: no request
+    /// was refused).
+    pub fn denies(&self, peer: &SpiffeId, serial: &str) -> bool {
+        let serial = without_leading_zeros(serial);
+        self.deny.iter().any(|d| match &d.entry {
+            DenyEntry::Id(p) => p.matches(peer),
+            DenyEntry::Serial(s) => !serial.is_empty() && s.eq_ignore_ascii_case(serial),
+        })
+    }
+
     /// The deny list's refusal of the caller, counted, if an entry lists it.
     #[inline]
     fn deny_listed(&self, peer: &SpiffeId, serial: &str) -> Option<String> {
