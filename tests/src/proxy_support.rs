@@ -758,3 +758,32 @@ fn parse_client_hello(b: &[u8]) -> HelloKx {
     }
     out
 }
+
+/// The Python that `test.sh` installs the interop packages into
+/// (`KEYPROOF_PYTHON`, else `python3`), if it can import `modules` (a
+/// comma-separated list); `None` (the test skips, saying so) unless
+/// `KEYPROOF_INTEROP` is set, which makes their absence a failure.
+pub fn interop_python(modules: &str) -> Option<String> {
+    let py = std::env::var("KEYPROOF_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(py);
+    }
+    if std::env::var_os("KEYPROOF_INTEROP").is_some() {
+        panic!("KEYPROOF_INTEROP is set but {py} cannot import {modules}");
+    }
+    eprintln!("skipping: {py} cannot import {modules} (set KEYPROOF_PYTHON)");
+    None
+}
+
+/// Writes a file the way an operator's tooling should when a process
+/// watches it: whole, then renamed over the old one, so the watcher never
+/// reads half of it.
+pub fn write_renamed(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}

@@ -395,18 +395,9 @@ fn transparent_mesh_between_pods() {
 const WS: u16 = 8081;
 
 /// The venv's Python with `websockets` (root only: the venv's interpreter
-/// is the image's pyenv one, under root's home), or `None` unless
-/// `KEYPROOF_INTEROP` says it must be there.
+/// is the image's pyenv one, under root's home).
 fn ws_python() -> Option<String> {
-    let py = std::env::var("KEYPROOF_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import websockets"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok && std::env::var_os("KEYPROOF_INTEROP").is_some() {
-        panic!("KEYPROOF_INTEROP is set but {py} lacks websockets");
-    }
-    ok.then_some(py)
+    keyproof_tests::proxy_support::interop_python("websockets")
 }
 
 /// An unmodified WebSocket client in A (the standard library only, as the

@@ -789,14 +789,6 @@ fn caller_sent_step_up_fields_never_reach_the_app() {
     plain(&mesh.ok("web", "/plain/x", &forged));
 }
 
-/// Writes a policy file the way an operator's tooling should: a complete
-/// new file renamed over the old one, so the watcher never reads half.
-fn write_policy(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 fn reloads(mesh: &Mesh, result: &str) -> f64 {
     mesh.inbound
         .sample("keyproof_policy_reloads_total", &[("result", result)])
@@ -825,7 +817,7 @@ fn policy_file_edited_under_load_takes_effect_with_zero_failed_requests() {
     );
 
     // Incident: require a proof on /p and lock ops out.
-    write_policy(
+    write_renamed(
         &policy,
         &format!(
             "{v1}step_up = \"always\"\n[[deny]]\nspiffe_id = \"{}\"\n",
@@ -909,7 +901,7 @@ fn bad_policy_file_is_refused_logged_and_the_old_one_keeps_serving() {
     serving_the_old(&mesh);
 
     // Would admit ops, if it were valid: it names a rule that does not exist.
-    write_policy(
+    write_renamed(
         &policy,
         &format!("[[routes]]\npath_prefix = \"/p\"\nallow = {both}\nstep_up = \"risk\"\nrisk = [\"nope\"]\n"),
     );
@@ -928,7 +920,7 @@ fn bad_policy_file_is_refused_logged_and_the_old_one_keeps_serving() {
     serving_the_old(&mesh);
 
     // Not even TOML.
-    write_policy(&policy, "[[routes]\npath_prefix = \n");
+    write_renamed(&policy, "[[routes]\npath_prefix = \n");
     let again = mesh.inbound.wait_sample(
         "keyproof_policy_reloads_total",
         &[("result", "failed")],
@@ -939,7 +931,7 @@ fn bad_policy_file_is_refused_logged_and_the_old_one_keeps_serving() {
     assert_eq!(reloads(&mesh, "ok"), 0.0);
 
     // A good file after bad ones is taken.
-    write_policy(
+    write_renamed(
         &policy,
         &format!("[[routes]]\npath_prefix = \"/p\"\nallow = {both}\n"),
     );
@@ -1442,7 +1434,7 @@ fn a_lockout_survives_a_policy_reload() {
     replays(&mesh, &mesh.caller("web").cert, "/admin/rotate", 3);
     assert_eq!(mesh.call("web", "/vault/2", &[]).0, 403);
 
-    write_policy(
+    write_renamed(
         &policy,
         &policy_text(&format!(
             "[[routes]]\npath_prefix = \"/new\"\nallow = [\"{ALL}\"]\n"

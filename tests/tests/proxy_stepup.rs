@@ -450,22 +450,7 @@ fn attacks_against_the_real_inbound_are_refused_and_counted() {
 // ---- interop with an independent RFC 9421 implementation -------------------
 
 fn python() -> Option<String> {
-    let py = std::env::var("KEYPROOF_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import http_message_signatures, OpenSSL, http_sf"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ok {
-        return Some(py);
-    }
-    if std::env::var_os("KEYPROOF_INTEROP").is_some() {
-        panic!("KEYPROOF_INTEROP is set but {py} lacks http-message-signatures / pyOpenSSL");
-    }
-    eprintln!(
-        "skipping interop: {py} lacks http-message-signatures / pyOpenSSL (set KEYPROOF_PYTHON)"
-    );
-    None
+    interop_python("http_message_signatures, OpenSSL, http_sf")
 }
 
 /// A TLS server standing in for an inbound sidecar: it challenges with the

@@ -4,7 +4,6 @@
 //! serving.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use keyproof_tests::free_port;
@@ -14,14 +13,6 @@ const TD: &str = "reload.test";
 
 fn addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
-/// The file's content, replaced in one step (a rename), as a
-/// ConfigMap update does.
-fn write_rules(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 fn rule(host: &str, address: SocketAddr) -> String {
@@ -93,7 +84,7 @@ fn a_changed_upstreams_file_routes_without_a_restart_and_a_broken_one_is_refused
     assert_eq!(status(out_addr, "b.test"), 502, "{}", log());
 
     // b.test added: taken into use without a restart.
-    write_rules(
+    write_renamed(
         &file,
         &format!("{}{}", rule("a.test", in_addr), rule("b.test", in_addr)),
     );
@@ -104,7 +95,7 @@ fn a_changed_upstreams_file_routes_without_a_restart_and_a_broken_one_is_refused
 
     // A rule of another trust domain: refused, named, counted; both hosts
     // still served by the rules in use.
-    write_rules(
+    write_renamed(
         &file,
         "[[upstreams]]\nhost = \"a.test\"\naddress = \"127.0.0.1:9\"\nidentity = \"spiffe://elsewhere.test/ns/x/sa/y\"\n",
     );
@@ -124,7 +115,7 @@ fn a_changed_upstreams_file_routes_without_a_restart_and_a_broken_one_is_refused
     assert_eq!(status(out_addr, "b.test"), 200, "{}", log());
 
     // Not TOML at all: refused again, still serving.
-    write_rules(&file, "[[upstreams]\nhost = ");
+    write_renamed(&file, "[[upstreams]\nhost = ");
     let again = outbound.wait_sample(
         "keyproof_upstream_reloads_total",
         &[("result", "failed")],
@@ -134,7 +125,7 @@ fn a_changed_upstreams_file_routes_without_a_restart_and_a_broken_one_is_refused
     assert_eq!(status(out_addr, "b.test"), 200, "{}", log());
 
     // A good file after bad ones: b.test gone, a.test kept.
-    write_rules(&file, &rule("a.test", in_addr));
+    write_renamed(&file, &rule("a.test", in_addr));
     wait_status(out_addr, "b.test", 502, log);
     assert_eq!(status(out_addr, "a.test"), 200, "{}", log());
 }

@@ -25,20 +25,7 @@ fn script() -> std::path::PathBuf {
 /// The venv's Python with `websockets`, or `None` (skipped) unless
 /// `KEYPROOF_INTEROP` says it must be there (`test.sh` installs it).
 fn python() -> Option<String> {
-    let py = std::env::var("KEYPROOF_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import websockets"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ok {
-        return Some(py);
-    }
-    if std::env::var_os("KEYPROOF_INTEROP").is_some() {
-        panic!("KEYPROOF_INTEROP is set but {py} lacks websockets");
-    }
-    eprintln!("skipping: {py} lacks websockets (set KEYPROOF_PYTHON)");
-    None
+    interop_python("websockets")
 }
 
 /// The WebSocket app, killed on drop.
@@ -73,6 +60,37 @@ impl Drop for WsApp {
     }
 }
 
+/// A sidecar pair: api's inbound before `app`, with `inbound_extra` in
+/// `[inbound]`, and web's outbound routing `api.default.svc` to it. The
+/// outbound's listen address last.
+fn pair(pki: &Pki, app: SocketAddr, inbound_extra: &str) -> (ProxyProc, ProxyProc, SocketAddr) {
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let client = pki.issue("client", "/ns/default/sa/web");
+    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+    let inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{app}\"\n{inbound_extra}\
+             [admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+        ),
+        in_admin,
+    );
+    let outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
+             [admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&pki.bundle, &client)
+        ),
+        out_admin,
+    );
+    (inbound, outbound, out_addr)
+}
+
 struct Mesh {
     pki: Pki,
     app: WsApp,
@@ -89,36 +107,18 @@ fn mesh(py: String) -> Mesh {
     let pki = Pki::new(TD);
     let closes = pki.tmp.path().join("closes");
     let app = WsApp::start(&py, &closes);
-    let server = pki.issue("server", "/ns/default/sa/api");
-    let client = pki.issue("client", "/ns/default/sa/web");
     let web = pki.id("/ns/default/sa/web");
     let ops = pki.id("/ns/ops/sa/admin");
-    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
-    let inbound = ProxyProc::start(
-        pki.tmp.path(),
-        "in",
+    let (inbound, outbound, out_addr) = pair(
+        &pki,
+        app.addr,
         &format!(
-            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\ndefault_policy = \"deny\"\n\
+            "default_policy = \"deny\"\n\
              [[inbound.routes]]\npath_prefix = \"/chat\"\nallow = [\"{web}\"]\n\
              [[inbound.routes]]\npath_prefix = \"/reject\"\nallow = [\"{web}\"]\n\
              [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{ops}\"]\n\
-             [[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"{web}\"]\nstep_up = true\n\
-             [admin]\nlisten = \"{in_admin}\"\n",
-            identity_toml(&pki.bundle, &server),
-            app.addr
+             [[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"{web}\"]\nstep_up = true\n"
         ),
-        in_admin,
-    );
-    let outbound = ProxyProc::start(
-        pki.tmp.path(),
-        "out",
-        &format!(
-            "{}[outbound]\nlisten = \"{out_addr}\"\n\
-             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
-             [admin]\nlisten = \"{out_admin}\"\n",
-            identity_toml(&pki.bundle, &client)
-        ),
-        out_admin,
     );
     Mesh {
         pki,
@@ -367,11 +367,41 @@ async fn raw_app() -> RawApp {
     RawApp { addr, heads }
 }
 
+type H2Send = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An HTTP/2 connection to the inbound at `to` as `cert`, hyper's own
+/// client.
+async fn h2_caller(to: SocketAddr, pki: &Pki, cert: &Cert) -> H2Send {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tls = mtls_stream(to, pki, cert, b"h2").await;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// A `CONNECT` to `target`: extended (a switch to `protocol`, `target` a
+/// URI) or plain (`None`, `target` an authority).
+fn connect_req(
+    target: &str,
+    protocol: Option<&'static str>,
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target);
+    if let Some(p) = protocol {
+        req = req.extension(hyper::ext::Protocol::from_static(p));
+    }
+    req.body(http_body_util::Empty::new()).expect("request")
+}
+
 /// An extended CONNECT for `protocol` on `path`, with `fields`, from hyper's
 /// own HTTP/2 client: (status, the app's answer fields, and on 200 what
 /// came back for `send` before the far side ended; else the body).
 async fn switch(
-    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    send: &mut H2Send,
     protocol: &'static str,
     path: &str,
     fields: &[(&str, &str)],
@@ -411,7 +441,6 @@ async fn switch(
 
 #[test]
 fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -438,12 +467,7 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
         in_admin,
     );
     rt.block_on(async {
-        let tls = mtls_stream(in_addr, &pki, &web_cert, b"h2").await;
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
+        let mut send = h2_caller(in_addr, &pki, &web_cert).await;
         // Switched: the app gets the GET it expects, with the sidecar's XFCC
         // only, none of the caller's owned fields, the canonical path, and
         // the bytes that follow; its fields come back on the 200.
@@ -531,12 +555,7 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
         // Switched connections hold tunnel places: a third at once is 503.
         let mut open = Vec::new();
         for _ in 0..2 {
-            let req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri("https://api.default.svc/chat")
-                .extension(hyper::ext::Protocol::from_static("websocket"))
-                .body(http_body_util::Empty::new())
-                .unwrap();
+            let req = connect_req("https://api.default.svc/chat", Some("websocket"));
             let resp = send.send_request(req).await.unwrap();
             assert_eq!(resp.status(), 200);
             open.push(hyper::upgrade::on(resp).await.unwrap());
@@ -564,7 +583,7 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
 
 #[test]
 fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -597,12 +616,7 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
         in_admin,
     );
     rt.block_on(async {
-        let tls = mtls_stream(in_addr, &pki, &web_cert, b"h2").await;
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
+        let mut send = h2_caller(in_addr, &pki, &web_cert).await;
         // A switched connection and an opaque TCP tunnel, both open and
         // carrying bytes.
         let mut open = Vec::new();
@@ -610,17 +624,8 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
             ("https://api.default.svc/chat".to_owned(), Some("websocket")),
             (format!("127.0.0.1:{port}"), None),
         ] {
-            let mut req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri(uri);
-            if let Some(p) = protocol {
-                req = req.extension(hyper::ext::Protocol::from_static(p));
-            }
             let resp = send
-                .send_request(
-                    req.body(http_body_util::Empty::<bytes::Bytes>::new())
-                        .unwrap(),
-                )
+                .send_request(connect_req(&uri, protocol))
                 .await
                 .unwrap();
             assert_eq!(resp.status(), 200, "{}", inbound.log_text());
@@ -640,19 +645,14 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
         // takes its time to answer.
         let mut late = send.clone();
         let setting_up = tokio::spawn(async move {
-            let req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri("https://api.default.svc/slow")
-                .extension(hyper::ext::Protocol::from_static("websocket"))
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
+            let req = connect_req("https://api.default.svc/slow", Some("websocket"));
             late.send_request(req).await.unwrap().status()
         });
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         // web is no longer allowed: the route and the tcp rule now name
         // ops only.
         let ops = pki.id("/ns/ops/sa/admin");
-        write_policy(
+        write_renamed(
             &policy,
             &format!(
                 "[[routes]]\npath_prefix = \"/\"\nallow = [\"{ops}\"]\n\
@@ -670,16 +670,11 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
         // The one being set up is refused, not opened for a moment.
         assert_eq!(setting_up.await.unwrap(), 403);
         // And a new switch is refused.
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("https://api.default.svc/chat")
-            .extension(hyper::ext::Protocol::from_static("websocket"))
-            .body(http_body_util::Empty::new())
-            .unwrap();
+        let req = connect_req("https://api.default.svc/chat", Some("websocket"));
         assert_eq!(send.send_request(req).await.unwrap().status(), 403);
 
         // web allowed again, and on a response that streams for ever...
-        write_policy(&policy, &v1);
+        write_renamed(&policy, &v1);
         let mut body = None;
         for _ in 0..100 {
             let req = http::Request::get("https://api.default.svc/stream")
@@ -697,7 +692,7 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
         assert!(body.frame().await.is_some_and(|f| f.is_ok()));
         // ... until web goes on the deny list: its connection closes with
         // all it carries.
-        write_policy(&policy, &format!("{v1}[[deny]]\nspiffe_id = \"{web}\"\n"));
+        write_renamed(&policy, &format!("{v1}[[deny]]\nspiffe_id = \"{web}\"\n"));
         let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             while let Some(Ok(_)) = body.frame().await {}
         })
@@ -721,13 +716,6 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
     );
 }
 
-/// Writes a policy file as operators should: whole, renamed into place.
-fn write_policy(path: &std::path::Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 #[test]
 fn an_apps_reset_reaches_the_client_through_the_mesh_as_a_reset() {
     use std::io::{Read, Write};
@@ -738,30 +726,7 @@ fn an_apps_reset_reaches_the_client_through_the_mesh_as_a_reset() {
         .unwrap();
     let app = rt.block_on(raw_app());
     let pki = Pki::new(TD);
-    let server = pki.issue("server", "/ns/default/sa/api");
-    let client = pki.issue("client", "/ns/default/sa/web");
-    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
-    let _inbound = ProxyProc::start(
-        pki.tmp.path(),
-        "in",
-        &format!(
-            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n[admin]\nlisten = \"{in_admin}\"\n",
-            identity_toml(&pki.bundle, &server),
-            app.addr
-        ),
-        in_admin,
-    );
-    let _outbound = ProxyProc::start(
-        pki.tmp.path(),
-        "out",
-        &format!(
-            "{}[outbound]\nlisten = \"{out_addr}\"\n\
-             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
-             [admin]\nlisten = \"{out_admin}\"\n",
-            identity_toml(&pki.bundle, &client)
-        ),
-        out_admin,
-    );
+    let (_inbound, _outbound, out_addr) = pair(&pki, app.addr, "");
     let mut s = std::net::TcpStream::connect(out_addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();

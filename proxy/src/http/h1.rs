@@ -227,37 +227,17 @@ fn response_head(
         let code = resp.code.unwrap_or(0);
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Head(httparse::Error::Status))?;
-        if status == StatusCode::SWITCHING_PROTOCOLS && !switching {
-            return Err(H1Error::Upgrade);
-        }
         let version = if resp.version == Some(0) {
             Version::HTTP_10
         } else {
             Version::HTTP_11
         };
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            // No framing to read: the connection is the new protocol's
-            // from the end of this head. HTTP/1.0 has no switching.
-            if version == Version::HTTP_10 {
-                return Err(H1Error::Upgrade);
-            }
-            let hop = FramingFields::scan(resp.headers)?;
-            let at = locate(buf, resp.headers);
-            let mut headers = field_map(&buf.split_to(len).freeze(), &at, is_hop_by_hop)?;
-            for name in &hop.named {
-                headers.remove(name.as_str());
-            }
-            let mut parts = http::Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = version;
-            parts.headers = headers;
-            return Ok(Some(ResponseHead {
-                parts,
-                framing: Framing::Empty,
-                keep_alive: false,
-            }));
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        // A switch no one asked for, or in HTTP/1.0 (which has none).
+        if switched && (!switching || version == Version::HTTP_10) {
+            return Err(H1Error::Upgrade);
         }
-        if status.is_informational() {
+        if status.is_informational() && !switched {
             buf.advance(len);
             continue;
         }
@@ -269,7 +249,13 @@ fn response_head(
         for name in &hop.named {
             headers.remove(name.as_str());
         }
-        let (framing, keep_alive) = response_framing(method, status, version, &hop, &mut headers)?;
+        // After a 101 there is no body to frame: the connection is the new
+        // protocol's from the end of the head.
+        let (framing, keep_alive) = if switched {
+            (Framing::Empty, false)
+        } else {
+            response_framing(method, status, version, &hop, &mut headers)?
+        };
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;

@@ -218,10 +218,7 @@ impl MeshSender {
     /// anything else is [`TunnelError::Refused`].
     pub async fn connect(self, authority: &str) -> Result<Tunnel, TunnelError> {
         let MeshSender { send, shared } = self;
-        let mut send = send.ready().await.map_err(|e| {
-            shared.closed.store(true, Ordering::Relaxed);
-            TunnelError::H2(e)
-        })?;
+        let mut send = ready(send, &shared).await?;
         let uri = http::Uri::builder()
             .authority(authority)
             .build()
@@ -231,24 +228,48 @@ impl MeshSender {
             .uri(uri)
             .body(())
             .map_err(|_| TunnelError::Authority(authority.to_owned()))?;
-        shared.sent.fetch_add(1, Ordering::Relaxed);
-        let slot = TunnelSlot::take(&shared);
-        let (response, stream) = send.send_request(req, false).map_err(|e| {
-            if e.is_go_away() || e.is_io() {
-                shared.closed.store(true, Ordering::Relaxed);
-            }
-            TunnelError::H2(e)
-        })?;
-        let resp = response.await.map_err(TunnelError::H2)?;
+        let (resp, tunnel) = open(&mut send, &shared, req).await?;
         if !resp.status().is_success() {
             return Err(TunnelError::Refused(resp.status()));
         }
-        Ok(Tunnel {
-            send: stream,
-            recv: resp.into_body(),
-            _slot: slot,
-        })
+        Ok(tunnel)
     }
+}
+
+/// A sender that can open a stream now; a connection that cannot is done
+/// with.
+async fn ready(
+    send: h2::client::SendRequest<Bytes>,
+    shared: &Shared,
+) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+    send.ready().await.map_err(|e| {
+        shared.closed.store(true, Ordering::Relaxed);
+        TunnelError::H2(e)
+    })
+}
+
+/// Sends a `CONNECT` head and waits for the answer: its head, and the
+/// stream as a tunnel (the answer's body is the tunnel's receiving half).
+async fn open(
+    send: &mut h2::client::SendRequest<Bytes>,
+    shared: &Arc<Shared>,
+    req: Request<()>,
+) -> Result<(Response<()>, Tunnel), TunnelError> {
+    shared.sent.fetch_add(1, Ordering::Relaxed);
+    let slot = TunnelSlot::take(shared);
+    let (response, stream) = send.send_request(req, false).map_err(|e| {
+        if e.is_go_away() || e.is_io() {
+            shared.closed.store(true, Ordering::Relaxed);
+        }
+        TunnelError::H2(e)
+    })?;
+    let (head, recv) = response.await.map_err(TunnelError::H2)?.into_parts();
+    let tunnel = Tunnel {
+        send: stream,
+        recv,
+        _slot: slot,
+    };
+    Ok((Response::from_parts(head, ()), tunnel))
 }
 
 /// The peer's SETTINGS, which say whether it takes extended `CONNECT`,
@@ -275,10 +296,7 @@ impl MeshSender {
         protocol: &str,
     ) -> Result<Switched, TunnelError> {
         let MeshSender { send, shared } = self;
-        let mut send = send.ready().await.map_err(|e| {
-            shared.closed.store(true, Ordering::Relaxed);
-            TunnelError::H2(e)
-        })?;
+        let mut send = ready(send, &shared).await?;
         let deadline = tokio::time::Instant::now() + SETTINGS_WAIT;
         while !send.is_extended_connect_protocol_enabled() {
             if tokio::time::Instant::now() >= deadline || shared.closed.load(Ordering::Relaxed) {
@@ -289,30 +307,15 @@ impl MeshSender {
         *req.method_mut() = Method::CONNECT;
         req.extensions_mut()
             .insert(h2::ext::Protocol::from(protocol));
-        shared.sent.fetch_add(1, Ordering::Relaxed);
-        let slot = TunnelSlot::take(&shared);
-        let (response, stream) = send.send_request(req, false).map_err(|e| {
-            if e.is_go_away() || e.is_io() {
-                shared.closed.store(true, Ordering::Relaxed);
-            }
-            TunnelError::H2(e)
-        })?;
-        let resp = response.await.map_err(TunnelError::H2)?;
-        let (parts, recv) = resp.into_parts();
+        let (resp, tunnel) = open(&mut send, &shared, req).await?;
+        let (parts, ()) = resp.into_parts();
         if !parts.status.is_success() {
-            // The stream's sending half goes with `stream`: a reset once
+            // The stream's sending half goes with the tunnel: a reset once
             // the answer has been read, as for any request given up on.
-            let body = MeshBody::new(recv, &parts.headers);
+            let body = MeshBody::new(tunnel.recv, &parts.headers);
             return Ok(Switched::Answered(Response::from_parts(parts, body)));
         }
-        Ok(Switched::Open(
-            parts,
-            Tunnel {
-                send: stream,
-                recv,
-                _slot: slot,
-            },
-        ))
+        Ok(Switched::Open(parts, tunnel))
     }
 }
 
