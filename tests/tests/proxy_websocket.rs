@@ -705,6 +705,25 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
             send.send_request(req).await.is_err(),
             "the connection is still open"
         );
+        // A new connection of the deny-listed caller gets the deny list's
+        // 403, then ends: a denied caller holds no connection place.
+        let mut again = h2_caller(in_addr, &pki, &web_cert).await;
+        let get = || {
+            http::Request::get("https://api.default.svc/chat")
+                .body(http_body_util::Empty::new())
+                .unwrap()
+        };
+        let resp = again.send_request(get()).await.expect("an answer");
+        assert_eq!(resp.status(), 403);
+        let mut ended = false;
+        for _ in 0..50 {
+            if again.send_request(get()).await.is_err() {
+                ended = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(ended, "a deny-listed caller's connection stays open");
     });
     assert_eq!(
         inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"revoked\"}"),

@@ -10,6 +10,12 @@
 //! every connection of a caller the new deny list names is closed outright,
 //! with whatever it carries.
 //!
+//! A caller already on the deny list when it connects is not cut at once:
+//! its requests get the deny list's 403, as the contract says, and the first
+//! such refusal drains the connection (`InboundConn::drain`: the 403 goes
+//! out, then the connection ends), so that no denied caller holds a
+//! connection place for longer than a request.
+//!
 //! A registration is one lock and one map entry per connection, taken once
 //! its handshake has named the caller; it goes when the connection does.
 

@@ -38,6 +38,9 @@ pub struct InboundConn {
     /// The connection's activity word: a tunnel holds a stream of it for
     /// its whole life, so that the connection carrying it is not idle.
     pub activity: Activity,
+    /// Cancelled to end the connection gracefully once what is in flight
+    /// is answered (a caller the deny list names).
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
 impl InboundConn {
@@ -90,6 +93,7 @@ impl InboundConn {
             app,
             refusal,
             activity,
+            drain: Default::default(),
         })
     }
 }
@@ -155,6 +159,7 @@ impl InboundConn {
             app: None,
             refusal: None,
             activity: Activity::default(),
+            drain: Default::default(),
         }
     }
 }

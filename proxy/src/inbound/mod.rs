@@ -402,6 +402,7 @@ impl Inbound {
         ) else {
             return;
         };
+        let drain = conn.drain.clone();
         let conn = Arc::new(conn);
         let this = self.clone();
         let streams = activity.clone();
@@ -413,11 +414,27 @@ impl Inbound {
             })
         };
         let idle = self.cfg.limits.idle_timeout;
-        let served = server::serve(&self.builders, proto, tls, activity, idle, svc, shutdown);
+        // The connection stops gracefully on shutdown, or once a request
+        // found its caller on the deny list (its 403 goes out first); it is
+        // cut at once when a policy change deny-lists its caller.
+        let (stop_tx, stop) = watch::channel(false);
+        let mut global = shutdown;
+        let stopping = async move {
+            tokio::select! {
+                _ = server::stopped(&mut global) => {}
+                () = drain.cancelled() => {}
+            }
+            let _ = stop_tx.send(true);
+            // The sender must outlive the connection: dropping it would
+            // read as a stop too, which it already is.
+            std::future::pending::<()>().await;
+        };
+        let served = server::serve(&self.builders, proto, tls, activity, idle, svc, stop);
         let result = tokio::select! {
             r = served => r,
+            () = stopping => Ok(()),
             () = registered.closed() => {
-                tracing::info!(peer = %remote, "inbound connection closed: the deny list now names its caller");
+                tracing::debug!(peer = %remote, "inbound connection closed: the deny list now names its caller");
                 Ok(())
             }
         };
@@ -577,6 +594,7 @@ impl Inbound {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
                 self.risk
                     .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
+                self.drain_if_deny_listed(&conn);
                 return Either::Left(Box::pin(async move {
                     drain_refused(req.into_body()).await;
                     text(StatusCode::FORBIDDEN, msg)
@@ -656,6 +674,7 @@ impl Inbound {
         let policy = self.policy.load_full();
         let decision = policy.decide_tcp(port, &conn.peer.id, &conn.peer.serial);
         if let TcpDecision::Deny(msg) = decision {
+            self.drain_if_deny_listed(conn);
             self.tunnels
                 .metrics
                 .connection(crate::metrics::Direction::Inbound, "denied");
@@ -722,6 +741,17 @@ impl Inbound {
         };
         let this = self.clone();
         Box::pin(async move { upgrade::switch(&this.tunnels, parts, stream, sw, held).await })
+    }
+
+    /// Ends a refused caller's connection once what is in flight is
+    /// answered, if the deny list names it: a denied caller keeps no
+    /// connection (and no `max_connections` place) for longer than a
+    /// request.
+    #[cold]
+    fn drain_if_deny_listed(&self, conn: &InboundConn) {
+        if self.policy.load().denies(&conn.peer.id, &conn.peer.serial) {
+            conn.drain.cancel();
+        }
     }
 
     /// A place among the open tunnels for `grant`, or the refusal (503 at
