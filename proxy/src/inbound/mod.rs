@@ -420,11 +420,18 @@ impl Inbound {
         let (stop_tx, stop) = watch::channel(false);
         let mut global = shutdown;
         let stopping = async move {
-            tokio::select! {
-                _ = server::stopped(&mut global) => {}
-                () = drain.cancelled() => {}
-            }
+            let denied = tokio::select! {
+                _ = server::stopped(&mut global) => false,
+                () = drain.cancelled() => true,
+            };
             let _ = stop_tx.send(true);
+            if denied {
+                // A graceful end waits on the caller (HTTP/2 waits for a
+                // PING's answer before its last GOAWAY): a denied caller
+                // gets a bounded one, then the connection is cut.
+                tokio::time::sleep(DENIED_GRACE).await;
+                return;
+            }
             // The sender must outlive the connection: dropping it would
             // read as a stop too, which it already is.
             std::future::pending::<()>().await;
@@ -1006,6 +1013,11 @@ fn carries_proof(h: &HeaderMap) -> bool {
 fn from_app(resp: &Response<ProxyBody>) -> bool {
     matches!(resp.body(), ProxyBody::App(_) | ProxyBody::Stream(_))
 }
+
+/// How long the connection of a caller the deny list names may take to
+/// end gracefully after its first refusal: longer than a refused body's
+/// drain (`limited::REFUSAL_DRAIN`), so that its 403 goes out first.
+const DENIED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reads what is left of a small body before a refusal is answered
 /// ([`limited::drain`] says why).
