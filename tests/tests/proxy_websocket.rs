@@ -767,3 +767,102 @@ fn an_apps_reset_reaches_the_client_through_the_mesh_as_a_reset() {
     let e = end.expect_err("a clean end instead of a reset");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
 }
+
+/// One HTTP/2 `GET` of `path`, written frame by frame: the preface, empty
+/// SETTINGS, and a HEADERS frame whose fields are HPACK literals (no
+/// Huffman, no indexing). Nothing else is ever sent: no SETTINGS ack, no
+/// PING answer.
+fn bare_h2_get(path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (k, v) in [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":path", path),
+        (":authority", "api.default.svc"),
+    ] {
+        block.push(0x00);
+        block.push(k.len() as u8);
+        block.extend_from_slice(k.as_bytes());
+        block.push(v.len() as u8);
+        block.extend_from_slice(v.as_bytes());
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let len = block.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    // HEADERS, END_STREAM | END_HEADERS, stream 1.
+    out.extend_from_slice(&[1, 0x5, 0, 0, 0, 1]);
+    out.extend_from_slice(&block);
+    out
+}
+
+#[test]
+fn a_denied_caller_that_will_not_end_gracefully_is_cut_and_frees_its_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = rt.block_on(raw_app());
+    let pki = Pki::new(TD);
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let (web_cert, ops_cert) = (
+        pki.issue("web", "/ns/default/sa/web"),
+        pki.issue("ops", "/ns/ops/sa/admin"),
+    );
+    let (web, ops) = (pki.id("/ns/default/sa/web"), pki.id("/ns/ops/sa/admin"));
+    let (in_addr, in_admin) = (addr(), addr());
+    let _inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\nmax_connections = 1\n\
+             [[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"{web}\", \"{ops}\"]\n\
+             [[inbound.deny]]\nspiffe_id = \"{web}\"\n\
+             [admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr
+        ),
+        in_admin,
+    );
+    rt.block_on(async {
+        // web, on the deny list, takes the only connection place and never
+        // answers the PING a graceful HTTP/2 end waits for.
+        let mut tls = mtls_stream(in_addr, &pki, &web_cert, b"h2").await;
+        tls.write_all(&bare_h2_get("/stream")).await.unwrap();
+        let start = std::time::Instant::now();
+        let mut seen = Vec::new();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(8), async {
+            let mut b = [0u8; 4096];
+            loop {
+                match tls.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the denied caller's connection was never cut");
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        // Its 403 went out first (the refusal's body names the deny list).
+        let text = String::from_utf8_lossy(&seen);
+        assert!(
+            text.contains("deny list"),
+            "no refusal before the cut: {text:?}"
+        );
+        // The place is free: an allowed caller is served.
+        let mut ops_send = h2_caller(in_addr, &pki, &ops_cert).await;
+        let req = http::Request::get("https://api.default.svc/plain")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            ops_send.send_request(req),
+        )
+        .await
+        .expect("ops waited for a place")
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+    });
+}
