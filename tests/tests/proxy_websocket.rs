@@ -60,23 +60,41 @@ impl Drop for WsApp {
     }
 }
 
-/// A sidecar pair: api's inbound before `app`, with `inbound_extra` in
-/// `[inbound]`, and web's outbound routing `api.default.svc` to it. The
-/// outbound's listen address last.
-fn pair(pki: &Pki, app: SocketAddr, inbound_extra: &str) -> (ProxyProc, ProxyProc, SocketAddr) {
+/// api's inbound before `app`, with `extra` (lines ending in a newline)
+/// after the `[inbound]` keys it sets; its listen address second.
+fn inbound_alone(pki: &Pki, app: SocketAddr, extra: &str) -> (ProxyProc, SocketAddr) {
     let server = pki.issue("server", "/ns/default/sa/api");
-    let client = pki.issue("client", "/ns/default/sa/web");
-    let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
+    let (in_addr, in_admin) = (addr(), addr());
     let inbound = ProxyProc::start(
         pki.tmp.path(),
         "in",
         &format!(
-            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{app}\"\n{inbound_extra}\
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{app}\"\n{extra}\
              [admin]\nlisten = \"{in_admin}\"\n",
             identity_toml(&pki.bundle, &server),
         ),
         in_admin,
     );
+    (inbound, in_addr)
+}
+
+/// A multi-threaded runtime of `workers` threads for a test's clients and
+/// raw apps.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A sidecar pair: api's inbound before `app`, with `inbound_extra` in
+/// `[inbound]`, and web's outbound routing `api.default.svc` to it. The
+/// outbound's listen address last.
+fn pair(pki: &Pki, app: SocketAddr, inbound_extra: &str) -> (ProxyProc, ProxyProc, SocketAddr) {
+    let (inbound, in_addr) = inbound_alone(pki, app, inbound_extra);
+    let client = pki.issue("client", "/ns/default/sa/web");
+    let (out_addr, out_admin) = (addr(), addr());
     let outbound = ProxyProc::start(
         pki.tmp.path(),
         "out",
@@ -441,30 +459,20 @@ async fn switch(
 
 #[test]
 fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(2);
     let app = rt.block_on(raw_app());
     let pki = Pki::new(TD);
-    let server = pki.issue("server", "/ns/default/sa/api");
     let web_cert = pki.issue("web", "/ns/default/sa/web");
     let web = pki.id("/ns/default/sa/web");
-    let (in_addr, in_admin) = (addr(), addr());
-    let inbound = ProxyProc::start(
-        pki.tmp.path(),
-        "in",
+    let (inbound, in_addr) = inbound_alone(
+        &pki,
+        app.addr,
         &format!(
-            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\ndefault_policy = \"deny\"\n\
+            "default_policy = \"deny\"\n\
              max_tunnels_per_peer = 2\napp_connect_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n\
              [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"spiffe://{TD}/ns/ops/sa/admin\"]\n\
-             [[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"{web}\"]\n\
-             [admin]\nlisten = \"{in_admin}\"\n",
-            identity_toml(&pki.bundle, &server),
-            app.addr
+             [[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"{web}\"]\n"
         ),
-        in_admin,
     );
     rt.block_on(async {
         let mut send = h2_caller(in_addr, &pki, &web_cert).await;
@@ -585,14 +593,9 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
 fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows() {
     use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(2);
     let (app, tcp_app) = rt.block_on(async { (raw_app().await, raw_app().await) });
     let pki = Pki::new(TD);
-    let server = pki.issue("server", "/ns/default/sa/api");
     let web_cert = pki.issue("web", "/ns/default/sa/web");
     let web = pki.id("/ns/default/sa/web");
     let port = tcp_app.addr.port();
@@ -602,18 +605,10 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
     );
     let policy = pki.path("policy.toml");
     std::fs::write(&policy, &v1).unwrap();
-    let (in_addr, in_admin) = (addr(), addr());
-    let inbound = ProxyProc::start(
-        pki.tmp.path(),
-        "in",
-        &format!(
-            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\npolicy_file = {:?}\n\
-             [admin]\nlisten = \"{in_admin}\"\n",
-            identity_toml(&pki.bundle, &server),
-            app.addr,
-            policy.display().to_string()
-        ),
-        in_admin,
+    let (inbound, in_addr) = inbound_alone(
+        &pki,
+        app.addr,
+        &format!("policy_file = {:?}\n", policy.display().to_string()),
     );
     rt.block_on(async {
         let mut send = h2_caller(in_addr, &pki, &web_cert).await;
@@ -738,11 +733,7 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
 #[test]
 fn an_apps_reset_reaches_the_client_through_the_mesh_as_a_reset() {
     use std::io::{Read, Write};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(1);
     let app = rt.block_on(raw_app());
     let pki = Pki::new(TD);
     let (_inbound, _outbound, out_addr) = pair(&pki, app.addr, "");
@@ -799,32 +790,22 @@ fn bare_h2_get(path: &str) -> Vec<u8> {
 #[test]
 fn a_denied_caller_that_will_not_end_gracefully_is_cut_and_frees_its_place() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(2);
     let app = rt.block_on(raw_app());
     let pki = Pki::new(TD);
-    let server = pki.issue("server", "/ns/default/sa/api");
     let (web_cert, ops_cert) = (
         pki.issue("web", "/ns/default/sa/web"),
         pki.issue("ops", "/ns/ops/sa/admin"),
     );
     let (web, ops) = (pki.id("/ns/default/sa/web"), pki.id("/ns/ops/sa/admin"));
-    let (in_addr, in_admin) = (addr(), addr());
-    let _inbound = ProxyProc::start(
-        pki.tmp.path(),
-        "in",
+    let (_inbound, in_addr) = inbound_alone(
+        &pki,
+        app.addr,
         &format!(
-            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\nmax_connections = 1\n\
+            "max_connections = 1\n\
              [[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"{web}\", \"{ops}\"]\n\
-             [[inbound.deny]]\nspiffe_id = \"{web}\"\n\
-             [admin]\nlisten = \"{in_admin}\"\n",
-            identity_toml(&pki.bundle, &server),
-            app.addr
+             [[inbound.deny]]\nspiffe_id = \"{web}\"\n"
         ),
-        in_admin,
     );
     rt.block_on(async {
         // web, on the deny list, takes the only connection place and never
