@@ -14,7 +14,10 @@ tests/tests/proxy_websocket.rs.
         JSON, sends MESSAGES text messages and one 1 MiB binary message,
         checks each echo and closes with code 1000. Prints one JSON line:
         {"seen": ..., "echoed": N, "big": true} or, if the handshake was
-        refused, {"status": CODE, "body": TEXT}.
+        refused, {"status": CODE, "body": TEXT}. With WS_VIA_PROXY set, it
+        connects as an app told HTTP_PROXY=http://127.0.0.1:OUT_PORT does:
+        through a CONNECT tunnel to HOST, which the library asks for (a
+        refused tunnel prints {"proxy_status": CODE}).
 """
 
 import asyncio
@@ -24,7 +27,7 @@ import sys
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidProxyStatus, InvalidStatus
 
 
 async def server(port):
@@ -57,13 +60,19 @@ async def server(port):
 
 
 async def client(out_port, host, path, messages):
+    if os.environ.get("WS_VIA_PROXY"):
+        # The library's own proxy support, as an app configured by its
+        # environment gets it.
+        os.environ["HTTP_PROXY"] = f"http://127.0.0.1:{out_port}"
+        where = {}
+    else:
+        where = {"host": "127.0.0.1", "port": out_port, "proxy": None}
     try:
         async with connect(
             f"ws://{host}{path}",
-            host="127.0.0.1",
-            port=out_port,
             max_size=None,
             open_timeout=10,
+            **where,
         ) as ws:
             seen = json.loads(await asyncio.wait_for(ws.recv(), 10))
             echoed = 0
@@ -80,6 +89,9 @@ async def client(out_port, host, path, messages):
     except InvalidStatus as e:
         body = e.response.body.decode(errors="replace") if e.response.body else ""
         print(json.dumps({"status": e.response.status_code, "body": body}))
+    except InvalidProxyStatus as e:
+        # The proxy refused the tunnel.
+        print(json.dumps({"proxy_status": e.response.status_code}))
 
 
 def main():

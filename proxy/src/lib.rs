@@ -52,6 +52,9 @@
 //! `inbound/tunnel.rs`, authorized by port) and a protocol switch such as
 //! WebSocket (`outbound/upgrade.rs` -> `inbound/upgrade.rs`, an extended
 //! `CONNECT` that `Inbound::admit` decides on as the `GET` it stands for).
+//! An app's own `CONNECT` to the outbound (a WebSocket client behind
+//! `HTTP_PROXY`) is no tunnel to the peer: `outbound/connect.rs` serves the
+//! HTTP inside it as if sent to the listener.
 //!
 //! Around the data path: `identity/` holds the workload's certificate and key
 //! ([`identity::store`]) and keeps them current from files

@@ -152,17 +152,38 @@ fn mesh(py: String) -> Mesh {
 impl Mesh {
     /// Runs the client on `path` of `api.default.svc`.
     fn client(&self, path: &str, messages: usize) -> Value {
-        let out = Command::new(&self.py)
-            .arg(script())
-            .args([
-                "client",
-                &self.out_addr.port().to_string(),
-                "api.default.svc",
-                path,
-                &messages.to_string(),
-            ])
-            .output()
-            .expect("ws client");
+        self.run_client("api.default.svc", path, messages, false)
+    }
+
+    /// Runs the client on `path` of `host` as an app with `HTTP_PROXY` set
+    /// to the outbound: the library asks for a `CONNECT` tunnel.
+    fn client_via_proxy(&self, host: &str, path: &str, messages: usize) -> Value {
+        self.run_client(host, path, messages, true)
+    }
+
+    fn run_client(&self, host: &str, path: &str, messages: usize, via_proxy: bool) -> Value {
+        let mut cmd = Command::new(&self.py);
+        cmd.arg(script()).args([
+            "client",
+            &self.out_addr.port().to_string(),
+            host,
+            path,
+            &messages.to_string(),
+        ]);
+        for var in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        if via_proxy {
+            cmd.env("WS_VIA_PROXY", "1");
+        }
+        let out = cmd.output().expect("ws client");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -294,6 +315,92 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
         let out = t.join().unwrap();
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["echoed"], 20, "{r}");
+    }
+    drop(m.app);
+}
+
+/// Writes `head` to the outbound, reads the answer's status line and what
+/// follows it up to the end of its head; then, if it was a 200, writes
+/// `inner` and reads what comes back until the connection closes or 2 s
+/// pass: (status line, what came back inside).
+fn tunnel_exchange(out: SocketAddr, head: &str, inner: &[u8]) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(out).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            _ => break,
+        }
+    }
+    let got = String::from_utf8_lossy(&got).into_owned();
+    let status = got.lines().next().unwrap_or_default().to_owned();
+    let mut back = Vec::new();
+    if status.starts_with("HTTP/1.1 200") {
+        s.write_all(inner).unwrap();
+        let _ = s.read_to_end(&mut back);
+    }
+    (status, String::from_utf8_lossy(&back).into_owned())
+}
+
+#[test]
+fn a_websocket_client_behind_http_proxy_gets_its_tunnel_served_as_the_mesh_serves_http() {
+    let Some(py) = python() else { return };
+    let m = mesh(py);
+    let web = m.pki.id("/ns/default/sa/web");
+
+    // `websockets` with HTTP_PROXY sends `CONNECT api.default.svc:80`;
+    // inside, its handshake crosses the mesh as any other: canonical path,
+    // XFCC, messages both ways.
+    let r = m.client_via_proxy("api.default.svc", "/chat/./room", 3);
+    assert_eq!(r["echoed"], 3, "{r}");
+    assert_eq!(r["big"], true, "{r}");
+    assert_eq!(r["seen"]["path"], "/chat/room", "{r}");
+    let xfcc = r["seen"]["xfcc"].as_str().unwrap_or_default();
+    assert!(xfcc.contains(&format!("URI={web}")), "{r}");
+    // The tunnel is no way around the route policy.
+    let r = m.client_via_proxy("api.default.svc", "/admin/socket", 1);
+    assert_eq!(r["status"], 403, "{r}");
+    // A host no rule takes gets no tunnel.
+    let r = m.client_via_proxy("elsewhere.example", "/chat", 1);
+    assert_eq!(r["proxy_status"], 502, "{r}");
+
+    let connect = "CONNECT api.default.svc:80 HTTP/1.1\r\nHost: api.default.svc:80\r\n\r\n";
+    // What the tunnel carries is read as HTTP, request by request: an
+    // owned field is removed and a refused path refused, as outside it.
+    let (status, back) = tunnel_exchange(
+        m.out_addr,
+        connect,
+        b"GET /admin/x HTTP/1.1\r\nHost: api.default.svc\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(back.starts_with("HTTP/1.1 403"), "{back}");
+    // TLS of the app's own is not passed to the peer: 400, closed.
+    let hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03";
+    let (status, back) = tunnel_exchange(m.out_addr, connect, hello);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(back.starts_with("HTTP/1.1 400"), "{back}");
+    // No tunnel in a tunnel.
+    let (_, back) = tunnel_exchange(m.out_addr, connect, connect.as_bytes());
+    assert!(back.starts_with("HTTP/1.1 405"), "{back}");
+    // An HTTP/1.0 client's CONNECT is served too; one with content, or
+    // without a port, is not.
+    let (status, _) = tunnel_exchange(
+        m.out_addr,
+        "CONNECT api.default.svc:80 HTTP/1.0\r\n\r\n",
+        b"",
+    );
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    for bad in [
+        "CONNECT api.default.svc:80 HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        "CONNECT api.default.svc HTTP/1.1\r\n\r\n",
+    ] {
+        let (status, _) = tunnel_exchange(m.out_addr, bad, b"");
+        assert!(status.starts_with("HTTP/1.1 400"), "{bad:?}: {status}");
     }
     drop(m.app);
 }

@@ -235,18 +235,20 @@ pub struct Upgraded {
 
 /// In the extensions of a request that asks to switch protocols (an
 /// HTTP/1.1 `GET` without a body, with `upgrade` among its `Connection`
-/// options and an `Upgrade` field): only such a request may be answered
-/// `101`, and only with a [`SwitchTo`].
+/// options and an `Upgrade` field) or for a tunnel (a `CONNECT` without a
+/// body): only such a request may be answered `101` (a `CONNECT`, 2xx),
+/// and only with a [`SwitchTo`].
 #[derive(Clone, Copy, Debug)]
 pub struct MaySwitch;
 
 /// What runs the connection once its `101` head is written.
 type Switched = Box<dyn FnOnce(Upgraded) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// Put on a `101` answer: once the head is written, the connection goes to
-/// the closure, whose future the connection's task then runs to its end
-/// (so that the connection still counts against the listener's limits
-/// while it lasts). A `101` without it becomes a 502.
+/// Put on a `101` answer (or a `CONNECT`'s 2xx): once the head is
+/// written, the connection goes to the closure, whose future the
+/// connection's task then runs to its end (so that the connection still
+/// counts against the listener's limits while it lasts). A `101`, or a
+/// `CONNECT`'s 2xx, without it becomes a 502.
 #[derive(Clone)]
 pub struct SwitchTo(Arc<std::sync::Mutex<Option<Switched>>>);
 
@@ -272,16 +274,35 @@ impl std::fmt::Debug for SwitchTo {
     }
 }
 
-/// Whether a request head asks to switch protocols, and could (no body:
-/// the new protocol's bytes would follow one whose end the server must
-/// find first).
+/// Whether a request head asks to switch protocols or for a tunnel, and
+/// could (no body: the new protocol's bytes would follow one whose end the
+/// server must find first).
 fn may_switch(parts: &http::request::Parts, framing: Framing) -> bool {
+    if framing != Framing::Empty {
+        return false;
+    }
+    if parts.method == Method::CONNECT {
+        // HTTP/1.0 clients send it too (RFC 9112 §3.2.3: authority-form).
+        return true;
+    }
     parts.headers.contains_key(http::header::UPGRADE)
-        && framing == Framing::Empty
         && parts.method == Method::GET
         && parts.version == Version::HTTP_11
         && owned::list_elements(&parts.headers, http::header::CONNECTION)
             .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+}
+
+/// How a response switches the connection over, if it does: a `101`, or
+/// a 2xx to a `CONNECT` (RFC 9110 §9.3.6: the tunnel starts after its
+/// head, which has no framing fields).
+fn switch_of(method: &Method, status: StatusCode) -> Option<Connection> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        Some(Connection::Upgrade)
+    } else if *method == Method::CONNECT && status.is_success() {
+        Some(Connection::Default)
+    } else {
+        None
+    }
 }
 
 /// Why reading a request head stopped.
@@ -369,7 +390,7 @@ where
             (body, Some(rx))
         };
         let mut resp = handler(Request::from_parts(parts, body)).await;
-        // A CONNECT is refused by the handler; what follows it on the wire
+        // A CONNECT that did not switch was refused; what follows it on the wire
         // would be tunnel bytes, not a request.
         let mut close = !keep_alive || method == Method::CONNECT;
         // A body that is back already (read whole, or dropped unread) is
@@ -394,14 +415,14 @@ where
                 Err(oneshot::error::TryRecvError::Closed) => (home, close) = (None, true),
             }
         }
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && closing.load(Ordering::Relaxed) {
+        if switch_of(&method, resp.status()).is_some() && closing.load(Ordering::Relaxed) {
             // Draining: no new connection-long tunnel starts now.
             resp = text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the sidecar is shutting down; switch protocols on a new connection\n",
             );
         }
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(connection) = switch_of(&method, resp.status()) {
             let to = resp
                 .extensions_mut()
                 .remove::<SwitchTo>()
@@ -409,11 +430,13 @@ where
             // The request had no body: the read half is here.
             match (to.filter(|_| may), rd.take()) {
                 (Some(to), Some(read)) => {
-                    let (rparts, _) = resp.into_parts();
+                    let (mut rparts, _) = resp.into_parts();
+                    // A tunnel's 2xx has no framing (RFC 9110 §9.3.6).
+                    rparts.headers.remove(http::header::CONTENT_LENGTH);
                     h1::write_response_head(
                         &rparts,
                         Framing::Empty,
-                        Connection::Upgrade,
+                        connection,
                         http_date,
                         &mut out,
                     );
@@ -426,7 +449,7 @@ where
                     rd = read;
                     resp = text(
                         StatusCode::BAD_GATEWAY,
-                        "101 Switching Protocols answered to a request that did not ask to switch\n",
+                        "a switch of protocols (101, or a CONNECT's 2xx) answered to a request that could not switch\n",
                     );
                 }
             }
@@ -934,15 +957,22 @@ mod tests {
         (s, buf, r)
     }
 
-    /// Answers a request that may switch with 101 and echoes the switched
-    /// connection's bytes in upper case; any other request with 101 too
+    /// Answers a request that may switch with 101 (a `CONNECT` with 200)
+    /// and echoes the switched connection's bytes in upper case; any other
+    /// request with 101 (200) too
     /// (which the server must not pass on), and a 101 without a handoff
     /// for `/bare`.
     async fn switcher(req: Request<ServerBody>) -> Response<Full<Bytes>> {
         let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut()
-            .insert(http::header::UPGRADE, HeaderValue::from_static("shout"));
+        if req.method() == Method::CONNECT {
+            // A tunnel's answer is a 2xx; a length must not go out.
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        } else {
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert(http::header::UPGRADE, HeaderValue::from_static("shout"));
+        }
         if req.extensions().get::<MaySwitch>().is_none() {
             // Not asked: a handoff is there, but must not be used.
             r.extensions_mut().insert(SwitchTo::new(|_| async {}));
@@ -1006,10 +1036,45 @@ mod tests {
             let (_s, _buf, r) = exchange(srv.addr, raw).await;
             assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(raw));
             assert!(
-                String::from_utf8_lossy(&r.body).contains("did not ask to switch"),
+                String::from_utf8_lossy(&r.body).contains("could not switch"),
                 "{r:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_connects_2xx_hands_the_connection_over_without_framing_fields() {
+        let srv = server(limits(), open(), switcher).await;
+        // HTTP/1.1 and HTTP/1.0, with the tunnel's first bytes in the same
+        // write as the head.
+        for head in [
+            &b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nearly"[..],
+            b"CONNECT a:443 HTTP/1.0\r\n\r\nearly",
+        ] {
+            // Read by hand: a 2xx without framing fields is, to a client
+            // that did not send CONNECT, a body up to the close.
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            s.write_all(head).await.unwrap();
+            let mut buf = Vec::new();
+            while find(&buf, b"EARLY").is_none() {
+                assert!(read_more(&mut s, &mut buf).await > 0);
+            }
+            let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+            let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+            for field in ["content-length", "transfer-encoding", "connection"] {
+                assert!(!head.contains(field), "{field}: {head}");
+            }
+            assert_eq!(rest, "early");
+        }
+        // With content, a CONNECT cannot switch (where would the tunnel
+        // start?): the handler's 200 becomes a 502.
+        let (_s, _buf, r) = exchange(
+            srv.addr,
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        .await;
+        assert_eq!(r.status, 502);
     }
 
     #[tokio::test]

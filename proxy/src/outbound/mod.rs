@@ -19,9 +19,11 @@
 //! upstream table's entries and their connections (`MeshLink`, the dialler);
 //! `signer.rs` answers step-up challenges and signs up front with the
 //! nonces `kept.rs` keeps; `upgrade.rs` carries an HTTP/1.1 `Upgrade`
-//! (WebSocket) as an extended `CONNECT`. A request goes this module -> signer (step-up
+//! (WebSocket) as an extended `CONNECT`; `connect.rs` serves the HTTP in an
+//! app's `CONNECT` tunnel to a meshed host. A request goes this module -> signer (step-up
 //! paths only) -> upstream -> `http::mesh_client`, and nothing calls back.
 
+mod connect;
 pub mod detect;
 pub mod host_guard;
 pub mod kept;
@@ -125,6 +127,16 @@ fn upgrade_asked(h: &http::HeaderMap) -> Option<String> {
 /// once; beyond it, idle ones are dropped first.
 const MAX_ON_DEMAND: usize = 4096;
 
+/// How an app connection came to be served.
+enum Via {
+    /// Accepted on the listener: the app chose the sidecar.
+    Listener,
+    /// Inside an app's `CONNECT` tunnel (`connect.rs`).
+    Tunnel,
+    /// Redirected by `iptables`, with the rules its destination picks.
+    Redirected(Arc<Route>),
+}
+
 /// Why no upstream takes a request.
 enum Miss {
     NoRule,
@@ -136,6 +148,22 @@ enum Miss {
     OutsideMesh(SocketAddr),
     NoAddress,
     Build(String),
+}
+
+impl Miss {
+    /// The body of the 502 for a request for `host`.
+    fn explain(&self, host: &str) -> String {
+        match self {
+            Miss::NoRule => format!("no upstream for host {host}\n"),
+            Miss::OutsideMesh(dst) => format!(
+                "no upstream for host {host}: {dst} is outside the mesh, and this connection carries mesh requests (HTTP/2 without TLS, or HTTP/1 whose first request went to the mesh); HTTP/1 on a connection of its own is passed through, and any connection to a port in [outbound] opaque_ports\n"
+            ),
+            Miss::NoAddress => format!(
+                "no address for host {host}: its upstream rule dials the original destination, which only redirected connections have\n"
+            ),
+            Miss::Build(e) => format!("upstream for host {host}: {e}\n"),
+        }
+    }
 }
 
 /// Everything the outbound needs.
@@ -207,12 +235,24 @@ impl Outbound {
         tcp: TcpStream,
         remote: SocketAddr,
         guards: ConnGuards,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
         let _guards = guards;
         if let Some(dst) = crate::original_dst::redirected(&tcp) {
             return self.transparent(tcp, remote, dst, shutdown).await;
         }
+        self.serve_app(tcp, remote, false, shutdown).await;
+    }
+
+    /// Serves an explicit app connection, or the inside of an app's
+    /// `CONNECT` tunnel (`tunneled`), in the HTTP version it opens with.
+    async fn serve_app(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        tunneled: bool,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let idle = self.cfg.limits.idle_timeout;
         let h2 = tokio::select! {
             r = sniff_h2(&tcp) => r,
@@ -220,7 +260,10 @@ impl Outbound {
             _ = tokio::time::sleep(idle) => return,
         };
         match h2 {
-            Ok(h2) => self.serve_http(tcp, remote, h2, None, None, shutdown).await,
+            Ok(h2) => {
+                let via = if tunneled { Via::Tunnel } else { Via::Listener };
+                self.serve_http(tcp, remote, h2, via, None, shutdown).await;
+            }
             Err(e) => {
                 tracing::debug!(peer = %remote, error = %e, "outbound connection ended with an error");
             }
@@ -229,7 +272,7 @@ impl Outbound {
 
     /// Serves HTTP on an app connection: HTTP/2 with prior knowledge
     /// (gRPC) with hyper's server, HTTP/1 with the sidecar's own
-    /// (`h1_server.rs`). `route`: the connection was redirected.
+    /// (`h1_server.rs`). `via`: how the connection came.
     /// `head_by`: its first HTTP/1 head is due by then (a redirected
     /// connection's, counted from its accept).
     async fn serve_http(
@@ -237,10 +280,15 @@ impl Outbound {
         tcp: TcpStream,
         remote: SocketAddr,
         h2: bool,
-        route: Option<Arc<Route>>,
+        via: Via,
         head_by: Option<tokio::time::Instant>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let (route, tunnels) = match via {
+            Via::Listener => (None, Some(shutdown.clone())),
+            Via::Tunnel => (None, None),
+            Via::Redirected(route) => (Some(route), None),
+        };
         let activity = Arc::new(AtomicU64::new(0));
         let idle = self.cfg.limits.idle_timeout;
         let result = if h2 {
@@ -276,7 +324,14 @@ impl Outbound {
                 limits,
                 &closing,
                 activity.clone(),
-                |req| self.request(req.map(RequestBody::H1), route)
+                |req| match &tunnels {
+                    // An explicit app's tunnel (only there: one in a
+                    // tunnel, or on a redirected connection, is 405).
+                    Some(shutdown) if req.method() == http::Method::CONNECT => {
+                        Either::Left(ready(self.connect(&req, remote, shutdown.clone())))
+                    }
+                    _ => Either::Right(self.request(req.map(RequestBody::H1), route)),
+                }
             ));
             server::drive(
                 conn,
@@ -422,7 +477,7 @@ impl Outbound {
         if req.method() == http::Method::CONNECT {
             return Either::Left(Box::pin(ready(text(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT tunnels are not supported: send plain http:// requests and the sidecar adds mutual TLS\n",
+                "CONNECT is taken only in HTTP/1 from an app that uses the sidecar as its HTTP proxy, and not inside a tunnel: send plain http:// requests and the sidecar adds mutual TLS\n",
             ))));
         }
         let upgrade = if req.version() == http::Version::HTTP_11 {
@@ -496,16 +551,7 @@ impl Outbound {
         let up = match self.upstream_for(host, route) {
             Ok(up) => up,
             Err(miss) => {
-                let msg = match miss {
-                    Miss::NoRule => format!("no upstream for host {host}\n"),
-                    Miss::OutsideMesh(dst) => format!(
-                        "no upstream for host {host}: {dst} is outside the mesh, and this connection carries mesh requests (HTTP/2 without TLS, or HTTP/1 whose first request went to the mesh); HTTP/1 on a connection of its own is passed through, and any connection to a port in [outbound] opaque_ports\n"
-                    ),
-                    Miss::NoAddress => format!(
-                        "no address for host {host}: its upstream rule dials the original destination, which only redirected connections have\n"
-                    ),
-                    Miss::Build(e) => format!("upstream for host {host}: {e}\n"),
-                };
+                let msg = miss.explain(host);
                 return Either::Left(Box::pin(ready(text(StatusCode::BAD_GATEWAY, msg))));
             }
         };

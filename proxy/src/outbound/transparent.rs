@@ -53,7 +53,7 @@ use crate::outbound::host_guard::{HostGuard, Stopped};
 use crate::outbound::own_ports;
 use crate::outbound::rules::{Candidates, Captures, RuleSet};
 use crate::outbound::table::{Route, Table};
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Via};
 
 /// The process's (effective) uid, for the loop's log line: the owner of
 /// `/proc/self`.
@@ -170,14 +170,21 @@ impl Outbound {
                 // The server gives the first head what is left of its
                 // time (a slow one was waited for already), not a whole
                 // timeout more.
-                self.serve_http(tcp, remote, false, Some(route), Some(head_by), shutdown)
-                    .await;
+                self.serve_http(
+                    tcp,
+                    remote,
+                    false,
+                    Via::Redirected(route),
+                    Some(head_by),
+                    shutdown,
+                )
+                .await;
             }
             Protocol::H2 => {
                 let route = Arc::new(Route::new(&table, candidates, dst));
                 // Not held for the connection's life: a reload frees it.
                 drop(table);
-                self.serve_http(tcp, remote, true, Some(route), None, shutdown)
+                self.serve_http(tcp, remote, true, Via::Redirected(route), None, shutdown)
                     .await;
             }
         }
