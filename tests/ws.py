@@ -3,9 +3,12 @@ tests/tests/proxy_websocket.rs.
 
     ws.py server PORT
         An app on 127.0.0.1:PORT. On a connection it first sends what it saw
-        of the handshake as JSON (path, host, x-forwarded-client-cert), then
+        of the handshake as JSON (path, host, x-forwarded-client-cert, the
+        x-keyproof-step-up fields), then
         echoes every message; the close code it got is appended to the file
-        named by WS_CLOSES, if set. A path under /reject is declined with 404.
+        named by WS_CLOSES, if set. A path under /reject is declined with 404;
+        one under /ask asks for a step-up proof (x-keyproof-step-up:
+        required) unless the handshake carries x-keyproof-step-up: verified.
         Prints "ready" once it listens.
 
     ws.py client OUT_PORT HOST PATH [MESSAGES]
@@ -37,6 +40,8 @@ async def server(port):
             "path": req.path,
             "host": req.headers.get("Host"),
             "xfcc": req.headers.get("x-forwarded-client-cert"),
+            "stepup": req.headers.get("x-keyproof-step-up"),
+            "stepup_reason": req.headers.get("x-keyproof-step-up-reason"),
         }
         await ws.send(json.dumps(seen))
         try:
@@ -52,6 +57,11 @@ async def server(port):
     def process_request(conn, request):
         if request.path.startswith("/reject"):
             return conn.respond(404, "no such socket here\n")
+        if request.path.startswith("/ask") and request.headers.get("x-keyproof-step-up") != "verified":
+            # A proof of this one event, from the caller's sidecar.
+            resp = conn.respond(409, "prove it\n")
+            resp.headers["x-keyproof-step-up"] = "required"
+            return resp
         return None
 
     async with serve(handler, "127.0.0.1", port, process_request=process_request, max_size=None):

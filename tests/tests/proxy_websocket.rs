@@ -120,7 +120,8 @@ struct Mesh {
 }
 
 /// A pair whose inbound admits web on `/chat` and `/reject`, refuses it on
-/// `/admin` (ops only), and demands step-up on `/pay`.
+/// `/admin` (ops only), demands step-up on `/pay`, and decides by risk on
+/// `/ask` (a rule no client here fires: the app asks).
 fn mesh(py: String) -> Mesh {
     let pki = Pki::new(TD);
     let closes = pki.tmp.path().join("closes");
@@ -135,7 +136,9 @@ fn mesh(py: String) -> Mesh {
              [[inbound.routes]]\npath_prefix = \"/chat\"\nallow = [\"{web}\"]\n\
              [[inbound.routes]]\npath_prefix = \"/reject\"\nallow = [\"{web}\"]\n\
              [[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{ops}\"]\n\
-             [[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"{web}\"]\nstep_up = true\n"
+             [[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"{web}\"]\nstep_up = true\n\
+             [[inbound.routes]]\npath_prefix = \"/ask\"\nallow = [\"{web}\"]\nstep_up = \"risk\"\nrisk = [\"flagged\"]\n\
+             [[inbound.risk_rules]]\nname = \"flagged\"\nheader = \"x-flagged\"\npresent = true\n"
         ),
     );
     Mesh {
@@ -274,10 +277,33 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
     assert_eq!(r["status"], 403, "{r}");
     let r = m.client("/chat/../admin/socket", 1);
     assert_eq!(r["status"], 403, "{r}");
-    // A step-up route does not carry switches, and says so.
-    let r = m.client("/pay/socket", 1);
-    assert_eq!(r["status"], 501, "{r}");
-    assert!(r["body"].as_str().unwrap().contains("step-up"), "{r}");
+    // On a step-up route the switch is proven: the caller's sidecar
+    // answers the challenge by signing the extended CONNECT, and the app
+    // learns it was. Unsigned switches carry no such field.
+    assert_eq!(r_stepup(&m.client("/chat/plain", 1)), (None, None));
+    for _ in 0..2 {
+        let r = m.client("/pay/socket", 2);
+        assert_eq!(r["echoed"], 2, "{r}");
+        assert_eq!(
+            r_stepup(&r),
+            (Some("verified".into()), Some("always".into())),
+            "{r}"
+        );
+    }
+    // On a risk route where no rule fires, the app may ask for a proof of
+    // the switch: its answer is discarded, the caller's sidecar proves it,
+    // and the app gets the handshake again, verified, reason `app`.
+    let r = m.client("/ask/socket", 1);
+    assert_eq!(r["echoed"], 1, "{r}");
+    assert_eq!(
+        r_stepup(&r),
+        (Some("verified".into()), Some("app".into())),
+        "{r}"
+    );
+    let signed = m
+        .outbound
+        .metric("keyproof_stepup_signatures_total{result=\"ok\"}");
+    assert_eq!(signed, 3.0, "one signature per proven switch");
     // The app's own refusal reaches the client as it gave it.
     let r = m.client("/reject/here", 1);
     assert_eq!(r["status"], 404, "{r}");
@@ -317,6 +343,12 @@ fn a_websocket_crosses_the_mesh_under_the_route_policy() {
         assert_eq!(r["echoed"], 20, "{r}");
     }
     drop(m.app);
+}
+
+/// The `x-keyproof-step-up` fields the app saw on a client's handshake.
+fn r_stepup(r: &Value) -> (Option<String>, Option<String>) {
+    let field = |k: &str| r["seen"][k].as_str().map(str::to_owned);
+    (field("stepup"), field("stepup_reason"))
 }
 
 /// Writes `head` to the outbound, reads the answer's status line and what
@@ -694,6 +726,124 @@ fn the_inbound_decides_on_an_extended_connect_as_the_get_it_stands_for() {
     let limited =
         inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"limited\"}");
     assert!(limited >= 1.0, "{limited}");
+}
+
+/// The step-up fields `signer` makes for an extended CONNECT (as `method`)
+/// to `path` of api.default.svc, for `ch` on the connection `exporter`
+/// names, with no body.
+fn signed_switch(
+    signer: &keyproof_stepup::Signer,
+    ch: &keyproof_stepup::Challenge,
+    method: http::Method,
+    path: &str,
+    exporter: &[u8; 32],
+) -> Vec<(String, String)> {
+    let uri: http::Uri = format!("https://api.default.svc{path}").parse().unwrap();
+    let mut h = http::HeaderMap::new();
+    let view = keyproof_stepup::RequestView::new(&method, &uri, &h);
+    let signed = signer
+        .sign(ch, &view, b"", exporter, keyproof_stepup::unix_now())
+        .expect("signed");
+    signed.apply_into(&mut h);
+    h.iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_switch_on_a_step_up_route_is_proven_over_the_connect_as_sent_and_never_replayed() {
+    use keyproof_stepup::Challenge;
+    use keyproof_tests::stepup_caller::signer_for;
+    let rt = runtime(2);
+    let app = rt.block_on(raw_app());
+    let pki = Pki::new(TD);
+    let web_cert = pki.issue("web", "/ns/default/sa/web");
+    let web = pki.id("/ns/default/sa/web");
+    let (inbound, in_addr) = inbound_alone(
+        &pki,
+        app.addr,
+        &format!(
+            "default_policy = \"deny\"\n\
+             [[inbound.routes]]\npath_prefix = \"/pay\"\nallow = [\"{web}\"]\nstep_up = true\n"
+        ),
+    );
+    let signer = signer_for(&web_cert);
+    rt.block_on(async {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let tls = mtls_stream(in_addr, &pki, &web_cert, b"h2").await;
+        let mut exporter = [0u8; 32];
+        tls.get_ref()
+            .1
+            .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let heads = || app.heads.lock().unwrap().len();
+
+        // Unsigned: a challenge, and the app never hears of it.
+        let (status, fields, body) = switch(&mut send, "websocket", "/pay/ws", &[], b"").await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(heads(), 0);
+        let ch = Challenge::from_headers(&fields)
+            .unwrap()
+            .expect("a challenge");
+
+        // Signed over what travels (CONNECT, :authority, :path, no body):
+        // switched, and the app learns it was proven, without the proof.
+        let proof = signed_switch(&signer, &ch, http::Method::CONNECT, "/pay/ws", &exporter);
+        let refs: Vec<(&str, &str)> = proof
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (status, _, got) = switch(&mut send, "websocket", "/pay/ws", &refs, b"frames").await;
+        assert_eq!(status, 200, "{got}\n{}", inbound.log_text());
+        assert_eq!(got, "frames");
+        let head = app
+            .heads
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap()
+            .to_ascii_lowercase();
+        assert!(head.starts_with("get /pay/ws http/1.1\r\n"), "{head}");
+        assert!(head.contains("x-keyproof-step-up: verified\r\n"), "{head}");
+        assert!(
+            head.contains("x-keyproof-step-up-reason: always\r\n"),
+            "{head}"
+        );
+        for f in ["signature", "signature-input", "stepup-binding"] {
+            assert!(!head.contains(&format!("\n{f}:")), "{f}: {head}");
+        }
+
+        // The same proof again: a replay, refused; the app sees nothing.
+        let before = heads();
+        let (status, fields, _) = switch(&mut send, "websocket", "/pay/ws", &refs, b"").await;
+        assert_eq!(status, 401);
+        let www = fields[http::header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(www.contains("replay"), "{www}");
+        // Signed as the GET the app is handed, not the CONNECT sent: no.
+        let ch = Challenge::from_headers(&fields)
+            .unwrap()
+            .expect("a fresh challenge");
+        let as_get = signed_switch(&signer, &ch, http::Method::GET, "/pay/ws", &exporter);
+        let refs: Vec<(&str, &str)> = as_get
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (status, fields, _) = switch(&mut send, "websocket", "/pay/ws", &refs, b"").await;
+        assert_eq!(status, 401);
+        let www = fields[http::header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(www.contains("bad_signature"), "{www}");
+        assert_eq!(heads(), before, "the app saw a refused switch");
+    });
+    assert_eq!(
+        inbound.metric("keyproof_stepup_verifications_total{result=\"replay\"}"),
+        1.0
+    );
 }
 
 #[test]

@@ -619,14 +619,7 @@ impl Inbound {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
         if let (Some((protocol, stream)), Some(path)) = (switching, switch_path) {
-            return Either::Left(self.switch(
-                parts,
-                stream,
-                &conn,
-                route.as_deref(),
-                protocol,
-                path,
-            ));
+            return Either::Left(self.switch(parts, stream, &conn, route, protocol, path));
         }
         let body = match mode {
             Underscores::Allow => ProxyBody::from(body),
@@ -703,51 +696,106 @@ impl Inbound {
         Box::pin(async move { this.tunnels.open(req, port, caller, stream, permit).await })
     }
 
-    /// A protocol switch the policy allowed (see `upgrade.rs`): refused on
-    /// step-up routes (501) and beyond the tunnel limits (503, counted
-    /// `limited`), else sent to the app.
+    /// A protocol switch the policy allowed (see `upgrade.rs`): on a
+    /// step-up route, proven first (the extended `CONNECT` as sent, with no
+    /// body: see [`Inbound::prove_switch`]); refused beyond the tunnel
+    /// limits (503, counted `limited`); else sent to the app.
     #[cold]
     fn switch(
         self: &Arc<Self>,
         parts: http::request::Parts,
         stream: MeshBody,
         conn: &Arc<InboundConn>,
-        route: Option<&Route>,
+        route: Option<Arc<Route>>,
         protocol: &'static str,
         path: String,
     ) -> ResponseFuture<'static> {
-        if let Some(r) = route.filter(|r| r.step_up.any()) {
-            tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, %protocol, "protocol switch refused: the route has step-up");
-            return ready(text(
-                StatusCode::NOT_IMPLEMENTED,
-                format!("a switch to {protocol} is not carried on route {}: a step-up proof covers one request and its body, which a switched connection does not have\n", r.path_prefix),
-            ));
-        }
-        // `admit` decided with the policy of its moment, which may have
-        // been swapped since: decided again.
-        let permit = match self.hold(conn, Grant::Switch(path), None) {
-            Ok(p) => p,
-            Err(resp) => return ready(*resp),
-        };
-        let sw = upgrade::Switch {
-            app: self.app_of(conn).addr().to_owned(),
-            protocol,
-            caller: Caller {
-                id: conn.peer.id.to_string(),
-                remote: conn.remote,
-            },
-            answer_timeout: self
-                .cfg
-                .app_connect_timeout
-                .max(self.cfg.limits.header_read_timeout),
-            max_header_bytes: self.cfg.limits.max_header_bytes,
-        };
-        let held = tunnel::Held {
-            stream: StreamGuard::start(&conn.activity),
-            permit,
-        };
         let this = self.clone();
-        Box::pin(async move { upgrade::switch(&this.tunnels, parts, stream, sw, held).await })
+        let conn = conn.clone();
+        Box::pin(async move {
+            let route = route.filter(|r| r.step_up.any());
+            let (parts, proven) = match &route {
+                Some(r) => match this.prove_switch(parts, &conn, r).await {
+                    Ok(p) => p,
+                    Err(resp) => return resp,
+                },
+                None => (parts, false),
+            };
+            // `admit` decided with the policy of its moment, which may
+            // have been swapped since: decided again.
+            let grant = Grant::Switch { path, proven };
+            let permit = match this.hold(&conn, grant, None) {
+                Ok(p) => p,
+                Err(resp) => return *resp,
+            };
+            let sw = upgrade::Switch {
+                app: this.app_of(&conn).addr().to_owned(),
+                protocol,
+                caller: Caller {
+                    id: conn.peer.id.to_string(),
+                    remote: conn.remote,
+                },
+                answer_timeout: this
+                    .cfg
+                    .app_connect_timeout
+                    .max(this.cfg.limits.header_read_timeout),
+                max_header_bytes: this.cfg.limits.max_header_bytes,
+            };
+            let held = tunnel::Held {
+                stream: StreamGuard::start(&conn.activity),
+                permit,
+            };
+            let resp = upgrade::switch(&this.tunnels, parts, stream, sw, held).await;
+            let asked = resp.extensions().get::<AppAsked>().is_some();
+            match &route {
+                Some(r) if asked && !proven => {
+                    // A switch let through unproven on a `risk` route: the
+                    // caller proves it, as a request's caller would.
+                    this.stepup.app_asked(&conn, r, false)
+                }
+                _ if asked => {
+                    tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, proven, "the app asked for a step-up proof (x-keyproof-step-up: required) of a protocol switch where none can follow (a route without step-up, or a switch proven already); answered 502");
+                    resp
+                }
+                Some(r) if resp.status().is_success() => {
+                    if let Some(risk) = &r.risk {
+                        risk.served(&conn.peer.id, Now::system());
+                    }
+                    resp
+                }
+                _ => resp,
+            }
+        })
+    }
+
+    /// A switch on a step-up route: its need for a proof decided as a
+    /// request's ([`need`]), then the proof checked. What is signed is the
+    /// request as it travels: `CONNECT` (RFC 9421 `@method`), its `:path`
+    /// and `:authority`, and an empty body. `Ok`: the request to hand the
+    /// app (its `x-keyproof-step-up` fields set when proven), and whether
+    /// it was.
+    async fn prove_switch(
+        self: &Arc<Self>,
+        mut parts: http::request::Parts,
+        conn: &InboundConn,
+        r: &Route,
+    ) -> Result<(http::request::Parts, bool), Response<ProxyBody>> {
+        parts.method = http::Method::CONNECT;
+        let req = Request::from_parts(parts, ProxyBody::empty());
+        let reason = match need(&req, conn, r) {
+            Need::Proof(reason) => reason,
+            Need::Denied(rule) => return Err(self.risk_denied(req, conn, r, rule).await),
+            Need::Nothing => {
+                let (mut parts, _) = req.into_parts();
+                keyproof_stepup::strip_stepup_headers(&mut parts.headers);
+                parts.method = http::Method::GET;
+                return Ok((parts, false));
+            }
+        };
+        let (req, _) = self.stepup.verify(req, conn, r, &reason).await?;
+        let (mut parts, _) = req.into_parts();
+        parts.method = http::Method::GET;
+        Ok((parts, true))
     }
 
     /// Ends a refused caller's connection once what is in flight is
@@ -833,24 +881,14 @@ impl Inbound {
         conn: &InboundConn,
         r: &Route,
     ) -> Response<ProxyBody> {
-        let reason = match (r.step_up, &r.risk) {
-            (StepUpMode::Risk, risk) => {
-                let verdict = risk.as_ref().map_or(Verdict::Pass, |k| {
-                    k.evaluate(&conn.peer.id, Fields::of(&req), Now::system())
-                });
-                match verdict {
-                    Verdict::Deny(rule) => return self.risk_denied(req, conn, r, rule).await,
-                    Verdict::Challenge(rule) => Reason::Rule(rule),
-                    // A caller's sidecar signs up front with a nonce an
-                    // earlier answer gave it: such a proof is checked (a bad
-                    // one is refused and counted, as anywhere).
-                    Verdict::Pass if carries_proof(req.headers()) => Reason::App,
-                    Verdict::Pass => return self.unverified(req, conn, r).await,
-                }
+        let reason = match need(&req, conn, r) {
+            Need::Proof(reason) => reason,
+            Need::Denied(rule) => return self.risk_denied(req, conn, r, rule).await,
+            Need::Nothing if r.step_up == StepUpMode::Risk => {
+                return self.unverified(req, conn, r).await
             }
-            (StepUpMode::Always, _) => Reason::Always,
             // `admit` sends only step-up routes here.
-            (StepUpMode::Never, _) => return self.forward(req, self.app_of(conn), false).await,
+            Need::Nothing => return self.forward(req, self.app_of(conn), false).await,
         };
         let (req, verified) = match self.stepup.verify(req, conn, r, &reason).await {
             Ok(v) => v,
@@ -1002,6 +1040,40 @@ impl Inbound {
 
 /// Whether a request carries a step-up proof attempt (a signature, or its
 /// input: one without the other is a malformed attempt, refused as such).
+/// What a request on route `r` must show before it goes on.
+enum Need {
+    /// A step-up proof, for this reason.
+    Proof(Reason),
+    /// Nothing (the route has no step-up, or no risk rule fired and no
+    /// proof came).
+    Nothing,
+    /// Nothing will do: this `deny` risk rule fired.
+    Denied(Arc<str>),
+}
+
+/// Decides [`Need`] for `req` on `r`: `always` routes need a proof, `risk`
+/// routes when a rule fires (or the caller brings one anyway).
+fn need<B>(req: &Request<B>, conn: &InboundConn, r: &Route) -> Need {
+    match (r.step_up, &r.risk) {
+        (StepUpMode::Risk, risk) => {
+            let verdict = risk.as_ref().map_or(Verdict::Pass, |k| {
+                k.evaluate(&conn.peer.id, Fields::of(req), Now::system())
+            });
+            match verdict {
+                Verdict::Deny(rule) => Need::Denied(rule),
+                Verdict::Challenge(rule) => Need::Proof(Reason::Rule(rule)),
+                // A caller's sidecar signs up front with a nonce an earlier
+                // answer gave it: such a proof is checked (a bad one is
+                // refused and counted, as anywhere).
+                Verdict::Pass if carries_proof(req.headers()) => Need::Proof(Reason::App),
+                Verdict::Pass => Need::Nothing,
+            }
+        }
+        (StepUpMode::Always, _) => Need::Proof(Reason::Always),
+        (StepUpMode::Never, _) => Need::Nothing,
+    }
+}
+
 fn carries_proof(h: &HeaderMap) -> bool {
     h.contains_key(keyproof_stepup::headers::SIGNATURE)
         || h.contains_key(keyproof_stepup::headers::SIGNATURE_INPUT)

@@ -224,14 +224,20 @@ impl Policy {
 
     /// Whether an open tunnel or switched connection, allowed as `grant`,
     /// is still allowed: the deny list, the port's `tcp` rule, or the
-    /// path's route (a switch never rides a step-up route).
+    /// path's route. An unproven switch does not ride a route that demands
+    /// a proof of every request (`always`); on a `risk` route the rules
+    /// decided when it was made, as they decide each request once.
     pub fn still_allows(&self, grant: &Grant, peer: &SpiffeId, serial: &str) -> bool {
         match grant {
             Grant::Tcp(port) => self.decide_tcp(*port, peer, serial) == TcpDecision::Allow,
-            Grant::Switch(path) => match self.decide(&http::Method::GET, path, peer, serial) {
-                Decision::Allow(r) => r.is_none_or(|r| !r.step_up.any()),
-                Decision::Deny(_) => false,
-            },
+            Grant::Switch { path, proven } => {
+                match self.decide(&http::Method::GET, path, peer, serial) {
+                    Decision::Allow(r) => {
+                        *proven || r.is_none_or(|r| r.step_up != StepUpMode::Always)
+                    }
+                    Decision::Deny(_) => false,
+                }
+            }
         }
     }
 
@@ -362,6 +368,39 @@ mod tests {
             outcome(&p, http::Method::GET, "/api/admin/x", WEB).as_deref(),
             Some("/api")
         );
+    }
+
+    #[test]
+    fn an_open_switch_stays_on_a_step_up_route_only_if_proven_or_the_route_decides_by_risk() {
+        let m = Metrics::new().unwrap();
+        let with = |mode| {
+            let mut r = route("/ws", &[], &[WEB]);
+            r.step_up = mode;
+            pol(&[r], DefaultPolicy::Deny, &m)
+        };
+        let web = id(WEB);
+        let switch = |proven| Grant::Switch {
+            path: "/ws/chat".into(),
+            proven,
+        };
+        for (mode, unproven) in [
+            (StepUpMode::Never, true),
+            // A route that now demands a proof of everything: unproven
+            // switches go, proven ones stay.
+            (StepUpMode::Always, false),
+            // Its rules decided once, when the switch was made.
+            (StepUpMode::Risk, true),
+        ] {
+            let p = with(mode);
+            assert_eq!(
+                p.still_allows(&switch(false), &web, "01"),
+                unproven,
+                "{mode:?}"
+            );
+            assert!(p.still_allows(&switch(true), &web, "01"), "{mode:?}");
+            // Another caller: never.
+            assert!(!p.still_allows(&switch(true), &id(OPS), "02"), "{mode:?}");
+        }
     }
 
     #[test]

@@ -112,8 +112,14 @@ pub enum Grant {
     /// Opaque TCP to this local port (`[[inbound.tcp]]`).
     Tcp(u16),
     /// A protocol switch on this path (its form routes match), a `GET` for
-    /// the routes.
-    Switch(String),
+    /// the routes; `proven` by a step-up proof.
+    Switch {
+        /// The path, as routes match it.
+        path: String,
+        /// A step-up proof came with it: it may ride a route that demands
+        /// one (`always`).
+        proven: bool,
+    },
 }
 
 /// Which limit refused a tunnel.
@@ -695,11 +701,18 @@ mod tests {
         let ops: SpiffeId = "spiffe://t.test/ns/a/sa/ops".parse().unwrap();
         let a = limits.acquire(&web, "0a", Grant::Tcp(5432)).unwrap();
         let b = limits
-            .acquire(&web, "0a", Grant::Switch("/chat".into()))
+            .acquire(
+                &web,
+                "0a",
+                Grant::Switch {
+                    path: "/chat".into(),
+                    proven: false,
+                },
+            )
             .unwrap();
         let c = limits.acquire(&ops, "0b", Grant::Tcp(5432)).unwrap();
         // The new policy refuses web's switches and nothing else.
-        let cut = limits.revoke(|peer, _, g| !(peer == &web && matches!(g, Grant::Switch(_))));
+        let cut = limits.revoke(|peer, _, g| !(peer == &web && matches!(g, Grant::Switch { .. })));
         assert_eq!(cut, 1);
         async fn soon(p: &TunnelPermit) -> bool {
             tokio::time::timeout(Duration::from_millis(50), p.revoked())

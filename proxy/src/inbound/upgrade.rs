@@ -21,9 +21,12 @@
 //! `failed` when the app could not be reached or did not switch; their
 //! bytes in `keyproof_tcp_bytes_total`).
 //!
-//! Only WebSocket is carried ([`CARRIED`]; another `:protocol` gets 501),
-//! and routes with step-up carry no switch: a proof covers a request and
-//! its body, and a switched connection has neither end (501, said why).
+//! Only WebSocket is carried ([`CARRIED`]; another `:protocol` gets 501).
+//! On a step-up route the switch is proven before the app is asked
+//! (`Inbound::prove_switch`): the caller's sidecar signs the extended
+//! `CONNECT` as it travels, with an empty body. An app that asks for a
+//! proof of a switch (`x-keyproof-step-up: required` on its answer) gets
+//! one, as for a request, where none came yet.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -38,6 +41,7 @@ use crate::http::body::{text, ProxyBody};
 use crate::http::h1::{self, BodyReader, Framing};
 use crate::http::h2_stream::MeshBody;
 use crate::http::owned;
+use crate::inbound::app::AppAsked;
 use crate::inbound::tunnel::{self, Caller, Held, Tunnels};
 use crate::metrics::Direction;
 
@@ -51,6 +55,18 @@ pub const MAX_REFUSAL_BODY: usize = 64 * 1024;
 /// deny list or XFCC of this sidecar ever decided on. WebSocket hands them
 /// to the app's handler for the path the policy allowed.
 pub const CARRIED: &str = "websocket";
+
+/// The app asked for a step-up proof of the switch (`x-keyproof-step-up`
+/// on its answer, which is never passed on): a 502 marked [`AppAsked`],
+/// which the inbound turns into a challenge where a proof can follow.
+fn app_asked() -> Response<ProxyBody> {
+    let mut resp = text(
+        StatusCode::BAD_GATEWAY,
+        "the app asked for a step-up proof of a protocol switch\n",
+    );
+    resp.extensions_mut().insert(AppAsked);
+    resp
+}
 
 /// Whether an extended `CONNECT` asks to switch (`:protocol`), and then
 /// to [`CARRIED`] (`Ok`) or to what this sidecar refuses (`Err`: the
@@ -175,13 +191,7 @@ pub async fn switch(
     }
     let mut headers = head.parts.headers;
     if owned::strip_response(&mut headers) {
-        // A proof of a connection, on a route without step-up: as for any
-        // request there, the app's answer is not passed on.
-        tracing::warn!(peer = %sw.caller.remote, peer_id = %sw.caller.id, app = %sw.app, "the app asked for a step-up proof (x-keyproof-step-up: required) of a protocol switch; answered 502");
-        return text(
-            StatusCode::BAD_GATEWAY,
-            "the app asked for a step-up proof of a protocol switch\n",
-        );
+        return app_asked();
     }
     if held.permit.is_revoked() {
         // The policy changed while the app answered: nothing crosses.
@@ -285,10 +295,7 @@ async fn declined(
     }
     let mut parts = head.parts;
     if owned::strip_response(&mut parts.headers) {
-        return text(
-            StatusCode::BAD_GATEWAY,
-            "the app asked for a step-up proof of a protocol switch\n",
-        );
+        return app_asked();
     }
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, ProxyBody::from(Bytes::from(body)))

@@ -340,6 +340,55 @@ impl OutboundStepUp {
         }
     }
 
+    /// The challenge a protocol switch was answered with, to sign for;
+    /// `Err`: why it cannot be answered, for [`pass`].
+    pub fn switch_challenge(
+        &self,
+        answer: &Response<ProxyBody>,
+    ) -> Result<Challenge, &'static str> {
+        match Challenge::from_headers(answer.headers()) {
+            Ok(Some(c)) => Ok(c),
+            _ => {
+                self.metrics.count(SignResult::BadChallenge);
+                Err(describe(SignResult::BadChallenge))
+            }
+        }
+    }
+
+    /// Signs a protocol switch for `ch` on the connection `info`: the
+    /// extended `CONNECT` as the peer's inbound receives it (`@method`
+    /// `CONNECT`, the request's `:authority` and `:path`), with no body.
+    /// `Err`: why it was not signed, for [`pass`].
+    pub fn sign_switch(
+        &self,
+        ch: &Challenge,
+        parts: &mut http::request::Parts,
+        info: &MeshConnInfo,
+    ) -> Result<(), &'static str> {
+        let template = Template {
+            method: Method::CONNECT,
+            uri: parts.uri.clone(),
+            headers: HeaderMap::new(),
+        };
+        self.sign(ch, &template, &mut parts.headers, b"", info)
+            .map_err(|r| {
+                tracing::warn!(
+                    path = parts.uri.path(),
+                    result = r.as_str(),
+                    "step-up challenge to a protocol switch not answered"
+                );
+                describe(r)
+            })
+    }
+
+    /// The answer to a signed switch that is a challenge again: passed on,
+    /// counted as a refusal of the signed request.
+    pub fn switch_rejected(&self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        self.metrics.count(SignResult::Rejected);
+        tracing::warn!("step-up: the upstream refused our signed protocol switch");
+        pass(resp, describe(SignResult::Rejected))
+    }
+
     /// Passes a challenge that cannot be answered because the upstream has
     /// no h2 connection (signing needs to know the connection beforehand).
     pub fn pass_unanswerable(&self, challenge: Response<ProxyBody>) -> Response<ProxyBody> {
@@ -487,7 +536,7 @@ fn describe(r: SignResult) -> &'static str {
 
 /// Passes a challenge the sidecar did not (or could not) answer to the app,
 /// saying why.
-fn pass(mut resp: Response<ProxyBody>, why: &'static str) -> Response<ProxyBody> {
+pub fn pass(mut resp: Response<ProxyBody>, why: &'static str) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert(STEP_UP_ERROR.clone(), HeaderValue::from_static(why));
     resp

@@ -15,16 +15,23 @@
 //! a peer that speaks HTTP/2 and takes extended `CONNECT` (keyproof's
 //! inbound does). Anything else gets 501 and what to do instead, before
 //! anything is sent.
+//!
+//! On a peer's step-up route the switch is challenged like a request: the
+//! extended `CONNECT` is signed as it travels (`CONNECT`, its `:authority`
+//! and `:path`, an empty body) for the challenge's nonce and the connection
+//! it goes on, and sent again, once (`signer.rs`, `sign_switch`).
 
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
+use keyproof_stepup::{is_stepup_challenge, Challenge};
 
 use crate::http::body::{text, ProxyBody};
 use crate::http::h1_server::{MaySwitch, SwitchTo};
 use crate::http::mesh_client::{Switched, TunnelError};
 use crate::http::owned;
 use crate::metrics::Direction;
+use crate::outbound::signer;
 use crate::outbound::upstream::{ForwardError, Upstream};
 use crate::outbound::Outbound;
 
@@ -77,77 +84,106 @@ impl Outbound {
         // The peer answers once its app has (bounded at the peer); this
         // bounds a peer that never does.
         let wait = self.cfg.connect_timeout + 2 * self.cfg.limits.header_read_timeout;
-        let mut refused_by = None;
-        let mut answer = None;
-        // Once more on another connection if the one in hand was closing
-        // or refused the stream, as for a TCP tunnel.
-        for _ in 0..2 {
-            let sender = match up.h2.tunnel_sender(refused_by.as_ref()).await {
-                Ok((send, _)) => send,
-                Err(ForwardError::NotH2) => {
-                    // As a request would: the upstream gets its HTTP/1.1
-                    // pool, and no more dials for h2.
-                    up.h1_only.store(true, std::sync::atomic::Ordering::Relaxed);
-                    return not_carried("does not offer HTTP/2");
+        // A step-up route's challenge, once answered: what to sign for, and
+        // the challenge itself, passed on should signing fail.
+        let mut challenge: Option<(Challenge, Response<ProxyBody>)> = None;
+        let (head, tunnel) = loop {
+            let mut refused_by = None;
+            let mut answer = None;
+            // Once more on another connection if the one in hand was
+            // closing or refused the stream, as for a TCP tunnel.
+            for _ in 0..2 {
+                let (sender, info) = match up.h2.tunnel_sender(refused_by.as_ref()).await {
+                    Ok(conn) => conn,
+                    Err(ForwardError::NotH2) => {
+                        // As a request would: the upstream gets its HTTP/1.1
+                        // pool, and no more dials for h2.
+                        up.h1_only.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return not_carried("does not offer HTTP/2");
+                    }
+                    Err(e) => {
+                        tcp.connection(Direction::Outbound, "failed");
+                        return self.respond(&up, Err(e));
+                    }
+                };
+                let mut parts = parts.clone();
+                // Signed for the connection it goes on (the binding).
+                let signed = match &challenge {
+                    Some((ch, _)) => self.stepup.sign_switch(ch, &mut parts, &info),
+                    None => Ok(()),
+                };
+                if let Err(why) = signed {
+                    if let Some((_, unanswered)) = challenge.take() {
+                        return signer::pass(unanswered, why);
+                    }
                 }
-                Err(e) => {
+                let this = sender.clone();
+                let req = Request::from_parts(parts, ());
+                match tokio::time::timeout(wait, sender.switch_protocol(req, &protocol)).await {
+                    Ok(Err(e)) if e.is_refused_stream() => refused_by = Some(this),
+                    Ok(Err(TunnelError::H2(_))) if this.is_closed() => {}
+                    a => {
+                        answer = Some(a);
+                        break;
+                    }
+                }
+            }
+            match answer {
+                Some(Ok(Ok(Switched::Open(head, tunnel)))) => break (head, tunnel),
+                Some(Ok(Ok(Switched::Answered(resp))))
+                    if is_stepup_challenge(resp.status(), resp.headers()) =>
+                {
+                    // A step-up route: signed and sent again, once.
+                    if challenge.is_some() {
+                        return self.stepup.switch_rejected(resp.map(ProxyBody::Mesh));
+                    }
+                    let resp = resp.map(ProxyBody::Mesh);
+                    match self.stepup.switch_challenge(&resp) {
+                        Ok(c) => challenge = Some((c, resp)),
+                        Err(why) => return signer::pass(resp, why),
+                    }
+                }
+                Some(Ok(Ok(Switched::Answered(mut resp)))) => {
+                    // As the 101's: no sidecar-owned field passes.
+                    let _ = owned::strip_response(resp.headers_mut());
+                    return resp.map(ProxyBody::Mesh);
+                }
+                Some(Ok(Err(TunnelError::NoExtendedConnect))) => {
+                    return not_carried("does not take extended CONNECT (RFC 8441)");
+                }
+                Some(Ok(Err(e))) => {
                     tcp.connection(Direction::Outbound, "failed");
-                    return self.respond(&up, Err(e));
+                    tracing::warn!(upstream = %up.cfg.address, %protocol, error = %e, "protocol switch failed");
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "upstream {}: {protocol} switch failed: {e}\n",
+                            up.cfg.address
+                        ),
+                    );
                 }
-            };
-            let this = sender.clone();
-            let req = Request::from_parts(parts.clone(), ());
-            match tokio::time::timeout(wait, sender.switch_protocol(req, &protocol)).await {
-                Ok(Err(e)) if e.is_refused_stream() => refused_by = Some(this),
-                Ok(Err(TunnelError::H2(_))) if this.is_closed() => {}
-                a => {
-                    answer = Some(a);
-                    break;
+                Some(Err(_)) => {
+                    tcp.connection(Direction::Outbound, "failed");
+                    tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no answer within {wait:?}");
+                    return text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "upstream {}: no answer to the {protocol} switch within {wait:?}\n",
+                            up.cfg.address
+                        ),
+                    );
                 }
-            }
-        }
-        let (head, tunnel) = match answer {
-            Some(Ok(Ok(Switched::Open(head, tunnel)))) => (head, tunnel),
-            Some(Ok(Ok(Switched::Answered(mut resp)))) => {
-                // As the 101's: no sidecar-owned field passes.
-                let _ = owned::strip_response(resp.headers_mut());
-                return resp.map(ProxyBody::Mesh);
-            }
-            Some(Ok(Err(TunnelError::NoExtendedConnect))) => {
-                return not_carried("does not take extended CONNECT (RFC 8441)");
-            }
-            Some(Ok(Err(e))) => {
-                tcp.connection(Direction::Outbound, "failed");
-                tracing::warn!(upstream = %up.cfg.address, %protocol, error = %e, "protocol switch failed");
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "upstream {}: {protocol} switch failed: {e}\n",
-                        up.cfg.address
-                    ),
-                );
-            }
-            Some(Err(_)) => {
-                tcp.connection(Direction::Outbound, "failed");
-                tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no answer within {wait:?}");
-                return text(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "upstream {}: no answer to the {protocol} switch within {wait:?}\n",
-                        up.cfg.address
-                    ),
-                );
-            }
-            None => {
-                tcp.connection(Direction::Outbound, "failed");
-                tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no connection to the peer would take the stream");
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "upstream {}: no connection would take the {protocol} switch\n",
-                        up.cfg.address
-                    ),
-                );
+                None => {
+                    tcp.connection(Direction::Outbound, "failed");
+                    tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no connection to the peer would take the stream");
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "upstream {}: no connection would take the {protocol} switch\n",
+                            up.cfg.address
+                        ),
+                    );
+                }
             }
         };
         let Ok(upgrade) = HeaderValue::from_str(&protocol) else {
