@@ -1352,7 +1352,7 @@ fn step_up_mode(key: &str, v: Option<&toml::Value>) -> Result<StepUpMode, Config
 /// `[[routes]]`, `[[risk_rules]]`, `[[deny]]` and `[[tcp]]` at its top level. Errors
 /// name the file and the key (`/etc/keyproof/policy.toml: routes[0].allow[1]`).
 pub fn load_policy_file(path: &Path) -> Result<PolicyConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = crate::files::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
@@ -2629,7 +2629,7 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
             if file.as_os_str().is_empty() {
                 return Err(invalid("outbound.upstreams_file", "must name a file"));
             }
-            let text = std::fs::read_to_string(file).map_err(|e| {
+            let text = crate::files::read_to_string(file).map_err(|e| {
                 invalid(
                     "outbound.upstreams_file",
                     format!("cannot read {}: {e}", file.display()),
@@ -2716,7 +2716,7 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = crate::files::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;

@@ -62,7 +62,9 @@
 //! ([`identity::renew`]); `listener.rs` binds, accepts and tracks
 //! connections for drain; `admin.rs` serves `/ready`, `/metrics` and
 //! `/identity`; `metrics.rs` defines every metric and its labels;
-//! `config.rs` parses and validates the TOML; `run.rs` starts and stops the
+//! `config.rs` parses and validates the TOML (`files.rs` reads it and every
+//! other file an operator names: regular files of bounded size only);
+//! `run.rs` starts and stops the
 //! process and watches `[inbound] policy_file` and `[outbound]
 //! upstreams_file` with `watched.rs` (`watch_policy`: a valid change
 //! replaces the inbound's policy whole, `Inbound::replace_policy`; the risk
@@ -78,6 +80,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod identity;
 pub mod inbound;

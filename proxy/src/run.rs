@@ -179,7 +179,7 @@ pub async fn watch_upstreams(
 /// it cannot be read or parsed now (the rules read with the configuration
 /// serve, and the watcher takes the next valid content).
 async fn upstreams_at_start(path: &Path) -> Option<(Vec<u8>, Vec<config::UpstreamRule>)> {
-    let bytes = tokio::fs::read(path).await.ok()?;
+    let bytes = crate::files::read_async(path).await.ok()?;
     let text = std::str::from_utf8(&bytes).ok()?;
     match config::parse_upstreams(path, text) {
         Ok(rules) => Some((bytes, rules)),
@@ -305,7 +305,7 @@ pub async fn watch_policy(
 /// with. `None` when it cannot be read or parsed now (the policy read with
 /// the configuration serves, and the watcher takes the next valid content).
 async fn policy_at_start(path: &Path) -> Option<(Vec<u8>, PolicyConfig)> {
-    let bytes = match tokio::fs::read(path).await {
+    let bytes = match crate::files::read_async(path).await {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(policy_file = %path.display(), error = %e, "inbound policy file unreadable at start; the policy read with the configuration serves");

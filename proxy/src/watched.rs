@@ -135,7 +135,7 @@ async fn changed_content(
 ) -> Look {
     loop {
         watch.changed().await;
-        let now = match tokio::fs::read(path).await {
+        let now = match crate::files::read_async(path).await {
             Ok(b) => b,
             Err(e) => {
                 // The first failure may be a replacement in progress.
@@ -180,7 +180,7 @@ async fn settled(path: &Path, first: Vec<u8>) -> Option<Vec<u8>> {
     let mut last = first;
     for _ in 0..SETTLE_TRIES {
         tokio::time::sleep(SETTLE).await;
-        let again = tokio::fs::read(path).await.ok()?;
+        let again = crate::files::read_async(path).await.ok()?;
         if again == last {
             return Some(last);
         }

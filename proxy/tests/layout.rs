@@ -262,7 +262,7 @@ fn the_folders_keep_to_their_layers() {
                 || (under(m, "inbound") && under(d, "outbound"))
                 || (under(m, "outbound") && under(d, "inbound"))
                 || (["metrics", "config", "error"].contains(&m.as_str())
-                    && !(d.is_empty() || under(d, "http") || d == "error"))
+                    && !(d.is_empty() || under(d, "http") || d == "error" || d == "files"))
                 || (!m.is_empty() && d.is_empty());
             if bad {
                 wrong.push(format!(

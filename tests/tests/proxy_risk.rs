@@ -928,6 +928,43 @@ fn bad_policy_file_is_refused_logged_and_the_old_one_keeps_serving() {
     );
     assert!(again > failed, "{}", mesh.inbound.log_text());
     serving_the_old(&mesh);
+
+    // What is no regular file is not read: a FIFO (no writer ever comes;
+    // reading it would block the watcher for good) and a device (a
+    // symlink to /dev/zero would be read until memory ran out).
+    let mut seen = again;
+    let fifo = policy.with_extension("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let zero = policy.with_extension("zero");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    for (odd, what) in [(&fifo, "a FIFO"), (&zero, "a character device")] {
+        // An unreadable file is reported once until it is readable again:
+        // a readable (bad) file between the two.
+        write_renamed(&policy, "[[routes]\n");
+        seen = mesh.inbound.wait_sample(
+            "keyproof_policy_reloads_total",
+            &[("result", "failed")],
+            seen + 1.0,
+        );
+        std::fs::rename(odd, &policy).unwrap();
+        let now = mesh.inbound.wait_sample(
+            "keyproof_policy_reloads_total",
+            &[("result", "failed")],
+            seen + 1.0,
+        );
+        assert!(now > seen, "{what}: {}", mesh.inbound.log_text());
+        seen = now;
+        assert!(
+            mesh.inbound.log_text().contains(what),
+            "{}",
+            mesh.inbound.log_text()
+        );
+        serving_the_old(&mesh);
+    }
     assert_eq!(reloads(&mesh, "ok"), 0.0);
 
     // A good file after bad ones is taken.

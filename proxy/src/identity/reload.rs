@@ -53,7 +53,7 @@ impl Snapshot {
         let read = |p: &Path| {
             let p = p.to_path_buf();
             async move {
-                tokio::fs::read(&p)
+                crate::files::read_async(&p)
                     .await
                     .map_err(|e| MaterialError::Unreadable(format!("{}: {e}", p.display())))
             }

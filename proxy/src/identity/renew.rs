@@ -69,7 +69,7 @@ impl CaIdentity {
     /// than the CA's latest bundle, or newer). A file that cannot be read
     /// or parsed changes nothing; each new outcome is logged once.
     fn reread_bootstrap_bundle(&self) {
-        let read = std::fs::read(&self.bootstrap_bundle)
+        let read = crate::files::read(&self.bootstrap_bundle)
             .map_err(|e| e.to_string())
             .and_then(|pem| TrustBundle::from_pem(&pem).map_err(|e| e.to_string()))
             .map(|b| b.roots().to_vec());
@@ -289,7 +289,7 @@ pub fn bootstrap_trust(
     cfg: &CaSourceConfig,
 ) -> Result<SharedVerifier, IdentityError> {
     const BUNDLE: &str = "identity.trust_bundle";
-    let pem = std::fs::read(&identity.trust_bundle).map_err(|source| IdentityError::Read {
+    let pem = crate::files::read(&identity.trust_bundle).map_err(|source| IdentityError::Read {
         key: BUNDLE,
         path: identity.trust_bundle.display().to_string(),
         source,

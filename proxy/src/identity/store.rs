@@ -33,7 +33,7 @@ use crate::identity::key::{TokenKey, WorkloadKey};
 pub use crate::identity::error::IdentityError;
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
-    std::fs::read(path).map_err(|source| IdentityError::Read {
+    crate::files::read(path).map_err(|source| IdentityError::Read {
         key,
         path: path.display().to_string(),
         source,
