@@ -31,6 +31,11 @@ pub enum VerifyError {
     /// without the one this side of the handshake needs.
     #[error("certificate may not be used this way: {0}")]
     BadKeyUsage(&'static str),
+    /// The chain is valid, to a root of the bundle, for the other side's
+    /// purpose only: a certificate of this trust domain's issuing, made
+    /// for a server (or a client), presented as the other.
+    #[error("certificate may not be used this way: {0}")]
+    WrongPurpose(&'static str),
     #[error("not a valid X.509-SVID: {0}")]
     Svid(#[from] SvidError),
     #[error("SPIFFE ID {got} is not in trust domain {expected}")]
@@ -52,7 +57,7 @@ impl VerifyError {
             VerifyError::Expired => "expired",
             VerifyError::NotYetValid => "not_yet_valid",
             VerifyError::BadChain(_) => "unknown_ca",
-            VerifyError::BadKeyUsage(_) => "bad_key_usage",
+            VerifyError::BadKeyUsage(_) | VerifyError::WrongPurpose(_) => "bad_key_usage",
             VerifyError::Svid(SvidError::UnsupportedKey(_)) => "unsupported_key",
             VerifyError::Svid(e) if e.is_key_usage() => "bad_key_usage",
             VerifyError::Svid(_) | VerifyError::ForeignTrustDomain { .. } => "bad_identity",
@@ -239,12 +244,12 @@ impl SvidVerifier {
         usage: Usage,
     ) -> Result<VerifiedSvid, VerifyError> {
         let ee = EndEntityCert::try_from(end_entity).map_err(map_webpki)?;
-        let eku = match usage {
-            Usage::ClientAuth => KeyUsage::client_auth(),
-            Usage::ServerAuth => KeyUsage::server_auth(),
+        let (eku, other) = match usage {
+            Usage::ClientAuth => (KeyUsage::client_auth(), KeyUsage::server_auth()),
+            Usage::ServerAuth => (KeyUsage::server_auth(), KeyUsage::client_auth()),
         };
-        let path = ee
-            .verify_for_usage(
+        let verify = |eku| {
+            ee.verify_for_usage(
                 sigcache::chain_algorithms(),
                 self.bundle.anchors(),
                 intermediates,
@@ -253,7 +258,24 @@ impl SvidVerifier {
                 None,
                 None,
             )
-            .map_err(map_webpki)?;
+        };
+        let path = match verify(eku) {
+            Ok(p) => p,
+            Err(e) => {
+                let e = map_webpki(e);
+                // webpki refuses the purpose before it checks a signature:
+                // whether the chain is ours is found out with the other
+                // purpose (only such a refusal may name who holds it).
+                if let VerifyError::BadKeyUsage(why) = e {
+                    if verify(other)
+                        .is_ok_and(|p| self.bundle.check_anchor(p.anchor(), now).is_ok())
+                    {
+                        return Err(VerifyError::WrongPurpose(why));
+                    }
+                }
+                return Err(e);
+            }
+        };
         self.bundle.check_anchor(path.anchor(), now)?;
         for ca in path.intermediate_certificates() {
             let der = ca.der();

@@ -639,7 +639,9 @@ fn verify_error(e: VerifyError, leaf: &CertificateDer<'_>) -> rustls::Error {
     // a certificate nobody of ours signed.
     let chained = matches!(
         e,
-        VerifyError::Svid(_) | VerifyError::ForeignTrustDomain { .. }
+        VerifyError::Svid(_)
+            | VerifyError::ForeignTrustDomain { .. }
+            | VerifyError::WrongPurpose(_)
     );
     reject(e.reason(), e.to_string(), leaf, chained)
 }
@@ -2219,6 +2221,20 @@ mod tests {
                     },
                 ),
                 "bad_key_usage",
+                // Ours, for the other purpose: it names who holds it.
+                true,
+            ),
+            (
+                "server-only EKU from an unknown root",
+                Pki::new(TD).craft(
+                    WEB,
+                    Leaf {
+                        eku: Some(&[SERVER_AUTH]),
+                        ..Leaf::default()
+                    },
+                ),
+                "bad_key_usage",
+                // Anyone's making: no refusal is held against the ID.
                 false,
             ),
             (

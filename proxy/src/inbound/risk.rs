@@ -1066,11 +1066,16 @@ impl RouteRisk {
             .iter()
             .filter_map(|n| rules.iter().find(|r| &r.name == n))
             .collect();
+        // The methods as a set: their order or repetition in the file says
+        // nothing about where the route is.
+        let mut methods: Vec<&str> = route.methods.iter().map(|m| m.as_str()).collect();
+        methods.sort_unstable();
+        methods.dedup();
         // What the route does, not what it is called in the file or which
         // callers it allows: those change nothing the state is about.
         let mut what = format!(
             "{:?}\0{:?}\0{:?}",
-            route.path_prefix, route.methods, route.step_up
+            route.path_prefix, methods, route.step_up
         );
         for r in &listed {
             what.push('\0');
@@ -1079,7 +1084,7 @@ impl RouteRisk {
         let fingerprint = table.hasher.hash_one(&what);
         let place = table
             .hasher
-            .hash_one(format!("{:?}\0{:?}", route.path_prefix, route.methods));
+            .hash_one(format!("{:?}\0{:?}", route.path_prefix, methods));
         let mut compiled = Vec::with_capacity(listed.len());
         let mut rate_rules = Vec::new();
         for r in listed {
@@ -1620,6 +1625,32 @@ mod tests {
         for t in 0..4 {
             assert_eq!(r.evaluate(&p, &none(), at(6 * SEC + t)), Verdict::Pass);
         }
+    }
+
+    #[test]
+    fn a_reload_that_lists_the_same_methods_otherwise_keeps_what_it_counted() {
+        use http::Method;
+        let f = fx(100);
+        let with = |methods: &[Method]| {
+            let mut c = route_config(0, &["new", "burst"]);
+            c.methods = methods.to_vec();
+            let r = Arc::new(RouteRisk::new(&f.table, &c, &f.rules));
+            f.table.apply([&*r]);
+            r
+        };
+        let r = with(&[Method::GET, Method::POST]);
+        let p = peer(1);
+        r.served(&p, at(0));
+        for t in 0..3 {
+            assert_eq!(r.evaluate(&p, &none(), at(t)), Verdict::Pass);
+        }
+        // The same set, in another order and with a repeat: the same
+        // place, so the 4th request in the second still fires.
+        let r = with(&[Method::POST, Method::GET, Method::GET]);
+        assert_eq!(r.evaluate(&p, &none(), at(3)), ch("burst"));
+        // Another set is another place.
+        let r = with(&[Method::POST]);
+        assert_eq!(r.evaluate(&p, &none(), at(4)), ch("new"));
     }
 
     /// Passes of `r` for `p` at each of `times`.
