@@ -3,16 +3,19 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::http::body::{text, ProxyBody};
+use crate::http::server::{Activity, StreamGuard};
 use crate::identity::store::IdentityStore;
+use crate::listener::HandshakeGate;
 use crate::metrics::Metrics;
 
 /// What the admin endpoints report on.
@@ -111,8 +114,24 @@ impl AdminState {
     }
 }
 
+/// Admin connections kept open at once. Beyond it the oldest is closed for
+/// the new one (counted `keyproof_admin_connections_shed_total`): a flood of
+/// connections only displaces itself, and a probe or a scrape, which
+/// connects afresh, always gets in.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a request head may take, from the connection's start or the
+/// end of the previous response.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection without a request for this long is closed (Prometheus
+/// scrapes every 15-60 s on a kept-alive connection).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The most a request head may take: a few short fields are all the admin
+/// endpoints read.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
 /// Serves the admin endpoints until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+    let gate = HandshakeGate::new(MAX_CONNECTIONS, state.metrics.admin_shed.clone());
     loop {
         let (tcp, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -126,14 +145,32 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
             _ = crate::http::server::stopped(&mut stop) => return,
         };
         let state = state.clone();
+        let slot = gate.admit();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
+            let activity = Activity::default();
+            let streams = activity.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let _in_flight = StreamGuard::start(&streams);
                 let r = state.respond(&req);
                 async move { Ok::<_, Infallible>(r) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let conn = std::pin::pin!(hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(tcp), svc));
+            let served = crate::http::server::drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                activity,
+                IDLE_TIMEOUT,
+                &mut stop,
+            );
+            tokio::select! {
+                _ = served => {}
+                _ = slot.evicted() => {}
+            }
         });
     }
 }
@@ -214,6 +251,39 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> Reply {
         request(addr, "GET", path).await
+    }
+
+    #[tokio::test]
+    async fn connections_are_bounded_oldest_first_and_a_silent_one_is_closed_in_time() {
+        let admin = start(IdentityStore::empty()).await;
+        // A silent connection, then as many more as the listener keeps: the
+        // oldest is closed for the newest, and a probe still gets in.
+        let mut first = tokio::net::TcpStream::connect(admin.addr).await.unwrap();
+        let mut rest = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            rest.push(tokio::net::TcpStream::connect(admin.addr).await.unwrap());
+        }
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf))
+            .await
+            .expect("the oldest is closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(request(admin.addr, "GET", "/live").await.status, 200);
+        assert!(admin.state.metrics.admin_shed.get() >= 2);
+        drop(rest);
+        // A head that never completes: closed within HEADER_READ_TIMEOUT.
+        let mut slow = tokio::net::TcpStream::connect(admin.addr).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: a")
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(HEADER_READ_TIMEOUT * 2, slow.read_to_end(&mut got))
+            .await
+            .expect("closed within the header read timeout");
+        assert!(start.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_millis(500));
+        let _ = admin.stop.send(true);
     }
 
     #[tokio::test]

@@ -115,7 +115,8 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Bounds the TLS handshakes in progress on a listener. At the bound, the
+/// Bounds the TLS handshakes in progress on a listener (and the admin
+/// listener's connections: `admin.rs`). At the bound, the
 /// oldest pending handshake is closed to make room for the new one (and
 /// counted): a flood of connections that never finish their handshake then
 /// only displaces itself, and a caller whose handshake takes `d` is served

@@ -190,6 +190,9 @@ pub struct Metrics {
     /// `keyproof_policy_closed_connections_total`: inbound connections
     /// closed because a policy change put their caller on the deny list.
     pub policy_closed: IntCounter,
+    /// `keyproof_admin_connections_shed_total`: admin connections closed
+    /// to make room for a newer one ([`crate::admin::MAX_CONNECTIONS`]).
+    pub admin_shed: IntCounter,
     /// `keyproof_audit_records_total` by result, in [`AUDIT_RESULTS`] order.
     pub audit_records: [IntCounter; 3],
     sig_cache: [IntCounter; 2],
@@ -480,6 +483,12 @@ impl Metrics {
              policy_file change put their caller on the deny list.",
         )?;
         registry.register(Box::new(policy_closed.clone()))?;
+        let admin_shed = IntCounter::new(
+            "keyproof_admin_connections_shed_total",
+            "Admin listener connections closed to make room for a newer one, because as many \
+             as the admin listener keeps were open.",
+        )?;
+        registry.register(Box::new(admin_shed.clone()))?;
         let audit_records = IntCounterVec::new(
             Opts::new(
                 "keyproof_audit_records_total",
@@ -602,6 +611,7 @@ impl Metrics {
             upstream_reloads: ["ok", "failed"].map(|r| upstream_reloads.with_label_values(&[r])),
             policy_generation,
             policy_closed,
+            admin_shed,
             audit_records: AUDIT_RESULTS.map(|r| audit_records.with_label_values(&[r])),
             sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
             sig_cache_sync: Default::default(),
