@@ -840,7 +840,25 @@ pub struct BodyReader {
     state: ReadState,
     /// Body bytes read so far, to size the reads.
     read: u64,
+    /// What the chunked decoder gave after the data it merged into the
+    /// last frame: the end of the body, to give next.
+    held: Option<Held>,
 }
+
+/// The end of a chunked body, found while merging its last chunks.
+#[derive(Debug)]
+enum Held {
+    Trailers(HeaderMap),
+    Done,
+    Failed(H1Error),
+}
+
+/// Chunks already read and smaller than this together go out as one frame
+/// of up to about this size: an HTTP/2 peer counts each DATA frame's
+/// overhead, and h2 closes a whole connection (`too_many_data_frames`)
+/// that sends it more small frames than it has read, so a body of many tiny
+/// chunks must not become as many frames on a shared mesh connection.
+const COALESCE: usize = 16 * 1024;
 
 #[derive(Debug)]
 enum ReadState {
@@ -878,7 +896,11 @@ impl BodyReader {
             Framing::Chunked => ReadState::Chunked(ChunkedDecoder::new(max_trailers)),
             Framing::UntilClose => ReadState::UntilClose,
         };
-        BodyReader { state, read: 0 }
+        BodyReader {
+            state,
+            read: 0,
+            held: None,
+        }
     }
 
     /// Whether the body has ended (or failed).
@@ -903,6 +925,14 @@ impl BodyReader {
         cx: &mut Context<'_>,
         mut read: impl FnMut(&mut Context<'_>, &mut BytesMut) -> Poll<io::Result<usize>>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(held) = self.held.take() {
+            self.state = ReadState::Done;
+            return match held {
+                Held::Trailers(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                Held::Done => Poll::Ready(None),
+                Held::Failed(e) => self.fail(e.into()),
+            };
+        }
         loop {
             match &mut self.state {
                 ReadState::Done => return Poll::Ready(None),
@@ -917,7 +947,14 @@ impl BodyReader {
                     }
                 }
                 ReadState::Chunked(dec) => match dec.decode(buf) {
-                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Decoded::Data(d)) if d.len() >= COALESCE => {
+                        return Poll::Ready(Some(Ok(Frame::data(d))))
+                    }
+                    Ok(Decoded::Data(d)) => {
+                        let (data, held) = coalesce(dec, buf, d);
+                        self.held = held;
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     Ok(Decoded::Trailers(t)) => {
                         self.state = ReadState::Done;
                         return Poll::Ready(Some(Ok(Frame::trailers(t))));
@@ -959,6 +996,36 @@ impl BodyReader {
         self.state = ReadState::Done;
         Poll::Ready(Some(Err(e)))
     }
+}
+
+/// `first` and the chunks after it already in `buf`, as one piece of up to
+/// about [`COALESCE`] bytes, and the end of the body if it came first.
+fn coalesce(dec: &mut ChunkedDecoder, buf: &mut BytesMut, first: Bytes) -> (Bytes, Option<Held>) {
+    // Most bodies are one chunk: no copy unless a second one is there.
+    let mut merged: Option<BytesMut> = None;
+    loop {
+        if merged.as_ref().map_or(first.len(), BytesMut::len) >= COALESCE {
+            break;
+        }
+        let held = match dec.decode(buf) {
+            Ok(Decoded::Data(more)) => {
+                merged
+                    .get_or_insert_with(|| {
+                        let mut m = BytesMut::with_capacity(COALESCE.max(first.len() + more.len()));
+                        m.extend_from_slice(&first);
+                        m
+                    })
+                    .extend_from_slice(&more);
+                continue;
+            }
+            Ok(Decoded::NeedMore) => None,
+            Ok(Decoded::Trailers(t)) => Some(Held::Trailers(t)),
+            Ok(Decoded::Done) => Some(Held::Done),
+            Err(e) => Some(Held::Failed(e)),
+        };
+        return (merged.map_or(first, BytesMut::freeze), held);
+    }
+    (merged.map_or(first, BytesMut::freeze), None)
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
@@ -1540,6 +1607,35 @@ mod tests {
         assert!(r.error.is_some());
         let r = read_body(Framing::Chunked, b"zz\r\n", &[]);
         assert_eq!(r.error.as_deref(), Some("malformed chunked body"));
+    }
+
+    #[test]
+    fn small_chunks_already_read_go_out_as_one_frame_and_the_end_after_it() {
+        // 40,000 one-byte chunks in a few reads: a few frames, not 40,000
+        // (each would be an HTTP/2 DATA frame on the mesh).
+        let body: Vec<u8> = b"1\r\nx\r\n".repeat(40_000);
+        let mut pieces: Vec<&[u8]> = body.chunks(64 * 1024).collect();
+        pieces.push(b"0\r\nx-t: 1\r\n\r\nNEXT");
+        let r = read_body(Framing::Chunked, b"", &pieces);
+        assert_eq!(r.frames.concat().len(), 40_000);
+        assert!(r.frames.len() < 40, "{} frames", r.frames.len());
+        assert!(r.frames.iter().all(|f| f.len() <= COALESCE + 1));
+        assert_eq!(r.trailers.unwrap()["x-t"], "1");
+        assert_eq!(r.left, b"NEXT");
+        // The end found while merging comes after the data, as it was sent:
+        // without trailers, and broken.
+        let r = read_body(Framing::Chunked, b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n", &[]);
+        assert_eq!(
+            (r.frames, r.trailers.is_none()),
+            (vec![b"ab".to_vec()], true)
+        );
+        let r = read_body(Framing::Chunked, b"1\r\na\r\n1\r\nb\r\nzz\r\n", &[]);
+        assert_eq!(r.frames, [b"ab".to_vec()]);
+        assert_eq!(r.error.as_deref(), Some("malformed chunked body"));
+        // A large chunk goes as it is.
+        let big = format!("4000\r\n{}\r\n0\r\n\r\n", "y".repeat(0x4000));
+        let r = read_body(Framing::Chunked, big.as_bytes(), &[]);
+        assert_eq!(r.frames.len(), 1);
     }
 
     #[test]
