@@ -208,6 +208,7 @@ struct RawInboundStepUp {
     max_body: Option<u64>,
     max_outstanding: Option<usize>,
     max_outstanding_per_peer: Option<usize>,
+    max_buffered: Option<u64>,
     channel_binding: Option<bool>,
     audit_log: Option<toml::Value>,
     max_tracked_identities: Option<usize>,
@@ -806,6 +807,9 @@ pub struct InboundStepUpConfig {
     pub max_outstanding: usize,
     /// Nonces outstanding at once for one peer key.
     pub max_outstanding_per_peer: usize,
+    /// Bytes of signed request bodies held at once while their digest and
+    /// signature are checked, all callers (one caller may hold a quarter).
+    pub max_buffered: u64,
     /// Whether signatures must cover the TLS exporter.
     pub channel_binding: bool,
     /// Step-up audit records (JSON lines), if any.
@@ -823,6 +827,7 @@ impl Default for InboundStepUpConfig {
             max_body: 1 << 20,
             max_outstanding: 100_000,
             max_outstanding_per_peer: 64,
+            max_buffered: 64 << 20,
             channel_binding: true,
             audit_log: None,
             max_tracked_identities: 10_000,
@@ -2125,6 +2130,13 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             return Err(invalid(
                 "inbound.stepup.max_outstanding_per_peer",
                 "must be between 1 and max_outstanding",
+            ));
+        }
+        stepup.max_buffered = s.max_buffered.unwrap_or(stepup.max_buffered);
+        if stepup.max_buffered < stepup.max_body {
+            return Err(invalid(
+                "inbound.stepup.max_buffered",
+                "must be at least max_body (one body is held whole)",
             ));
         }
         stepup.channel_binding = s.channel_binding.unwrap_or(true);

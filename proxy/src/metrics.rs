@@ -801,6 +801,8 @@ pub struct VerifierMetrics {
     pub outstanding: IntGauge,
     /// `keyproof_stepup_nonce_table_full_total`.
     pub table_full: IntCounter,
+    /// `keyproof_stepup_body_budget_full_total`.
+    pub budget_full: IntCounter,
 }
 
 impl VerifierMetrics {
@@ -839,6 +841,11 @@ impl VerifierMetrics {
             "keyproof_stepup_nonce_table_full_total",
             "Nonces not issued because the table was full (globally: 503, per peer: 429).",
         )?;
+        let budget_full = IntCounter::new(
+            "keyproof_stepup_body_budget_full_total",
+            "Signed requests answered 503 because the bodies held for verification had used \
+             their budget (globally, or this caller's share).",
+        )?;
         let capacity_gauge = IntGauge::new(
             "keyproof_stepup_nonce_capacity",
             "Bound on outstanding step-up nonces ([inbound.stepup] max_outstanding).",
@@ -848,6 +855,7 @@ impl VerifierMetrics {
         metrics.register(Box::new(verifications_vec.clone()))?;
         metrics.register(Box::new(outstanding.clone()))?;
         metrics.register(Box::new(table_full.clone()))?;
+        metrics.register(Box::new(budget_full.clone()))?;
         metrics.register(Box::new(capacity_gauge))?;
         let mut challenges: HashMap<String, HashMap<String, IntCounter>> = HashMap::new();
         for (route, reasons) in routes {
@@ -865,6 +873,7 @@ impl VerifierMetrics {
             verifications: Outcome::ALL.map(|o| verifications_vec.with_label_values(&[o.as_str()])),
             outstanding,
             table_full,
+            budget_full,
         })
     }
 

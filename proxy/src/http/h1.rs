@@ -840,9 +840,6 @@ pub struct BodyReader {
     state: ReadState,
     /// Body bytes read so far, to size the reads.
     read: u64,
-    /// What the chunked decoder gave after the data it merged into the
-    /// last frame: the end of the body, to give next.
-    held: Option<Held>,
 }
 
 /// The end of a chunked body, found while merging its last chunks.
@@ -865,6 +862,12 @@ enum ReadState {
     Length(u64),
     Chunked(ChunkedDecoder),
     UntilClose,
+    /// The end of a chunked body, found while merging its last chunks into
+    /// the frame given before: given next (boxed, as it is rare and every
+    /// body carries the state; a plain end is [`ReadState::Ended`]).
+    Ending(Box<Held>),
+    /// As `Ending` with the body's plain end (the common one).
+    Ended,
     Done,
 }
 
@@ -896,23 +899,20 @@ impl BodyReader {
             Framing::Chunked => ReadState::Chunked(ChunkedDecoder::new(max_trailers)),
             Framing::UntilClose => ReadState::UntilClose,
         };
-        BodyReader {
-            state,
-            read: 0,
-            held: None,
-        }
+        BodyReader { state, read: 0 }
     }
 
     /// Whether the body has ended (or failed).
     pub fn is_done(&self) -> bool {
-        matches!(self.state, ReadState::Done)
+        // `Ended`: its last data is given, and it was read whole.
+        matches!(self.state, ReadState::Done | ReadState::Ended)
     }
 
     /// The body's remaining length, when known.
     pub fn size_hint(&self) -> SizeHint {
         match self.state {
             ReadState::Length(n) => SizeHint::with_exact(n),
-            ReadState::Done => SizeHint::with_exact(0),
+            ReadState::Done | ReadState::Ended => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }
@@ -925,17 +925,25 @@ impl BodyReader {
         cx: &mut Context<'_>,
         mut read: impl FnMut(&mut Context<'_>, &mut BytesMut) -> Poll<io::Result<usize>>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(held) = self.held.take() {
-            self.state = ReadState::Done;
-            return match held {
-                Held::Trailers(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-                Held::Done => Poll::Ready(None),
-                Held::Failed(e) => self.fail(e.into()),
-            };
-        }
         loop {
             match &mut self.state {
                 ReadState::Done => return Poll::Ready(None),
+                ReadState::Ended => {
+                    self.state = ReadState::Done;
+                    return Poll::Ready(None);
+                }
+                ReadState::Ending(_) => {
+                    let ReadState::Ending(end) =
+                        std::mem::replace(&mut self.state, ReadState::Done)
+                    else {
+                        unreachable!("matched just above")
+                    };
+                    return match *end {
+                        Held::Trailers(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                        Held::Done => Poll::Ready(None),
+                        Held::Failed(e) => self.fail(e.into()),
+                    };
+                }
                 ReadState::Length(left) => {
                     if !buf.is_empty() {
                         let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
@@ -951,8 +959,12 @@ impl BodyReader {
                         return Poll::Ready(Some(Ok(Frame::data(d))))
                     }
                     Ok(Decoded::Data(d)) => {
-                        let (data, held) = coalesce(dec, buf, d);
-                        self.held = held;
+                        let (data, end) = coalesce(dec, buf, d);
+                        match end {
+                            Some(Held::Done) => self.state = ReadState::Ended,
+                            Some(end) => self.state = ReadState::Ending(Box::new(end)),
+                            None => {}
+                        }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Ok(Decoded::Trailers(t)) => {

@@ -24,6 +24,7 @@ use crate::http::body::{declared_length, text, ProxyBody};
 use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
 use crate::http::owned::{STEP_UP_REASON, STEP_UP_VERIFIED};
 use crate::inbound::audit::{self, Audit, Record};
+use crate::inbound::budget::BodyBudget;
 use crate::inbound::conn::InboundConn;
 use crate::inbound::policy::Route;
 use crate::inbound::risk::{Failure, Now, RiskTable};
@@ -151,6 +152,8 @@ pub struct InboundStepUp {
     /// Refused proofs raise the caller's risk.
     risk: Arc<RiskTable>,
     audit: Option<Arc<Audit>>,
+    /// Bodies held whole for their check (`max_buffered`).
+    budget: Arc<BodyBudget>,
 }
 
 impl std::fmt::Debug for InboundStepUp {
@@ -244,6 +247,7 @@ impl InboundStepUp {
             body_timeout: deps.body_timeout,
             risk: deps.risk,
             audit: deps.audit,
+            budget: BodyBudget::new(config.max_buffered, config.max_body),
         })
     }
 
@@ -337,6 +341,11 @@ impl InboundStepUp {
             drain(&mut body, self.max_body, STEPUP_DRAIN).await;
             return Err(self.too_large(conn, route_id, reason));
         }
+        // Held until the check is done, and given back then.
+        let need = declared.unwrap_or(self.max_body as u64);
+        let Some(_held) = self.budget.take(conn.peer.id.as_str(), need) else {
+            return Err(self.busy(conn, route_id, reason));
+        };
         let body = match read_limited(&mut body, self.max_body, Some(self.body_timeout)).await {
             Ok(b) => b,
             Err(ReadError::Stalled(after)) => {
@@ -575,6 +584,20 @@ impl InboundStepUp {
         self.metrics
             .outstanding
             .set(i64::try_from(self.verifier.outstanding()).unwrap_or(i64::MAX));
+        resp
+    }
+
+    /// The answer when the bodies held for their check have used the
+    /// budget: 503, to be tried again shortly (the nonce stays unused).
+    fn busy(&self, conn: &InboundConn, route_id: &str, reason: &Reason) -> Response<ProxyBody> {
+        self.metrics.budget_full.inc();
+        tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), held = self.budget.held(), "step-up: signed bodies held for their check are at inbound.stepup.max_buffered (or this caller's quarter of it); answered 503");
+        let mut resp = no_store(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many signed request bodies are being checked (inbound.stepup.max_buffered) on step-up route {route_id}; retry shortly\n"),
+        ));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         resp
     }
 
@@ -859,6 +882,34 @@ mod tests {
             metric(&s.metrics, "keyproof_stepup_nonces_outstanding"),
             1.0
         );
+    }
+
+    #[tokio::test]
+    async fn a_signed_body_beyond_the_held_budget_gets_503_and_its_nonce_stays_usable() {
+        let s = setup(1024);
+        let web = s.web.id.to_string();
+        // This caller's share (a quarter of 64 MiB) is taken by bodies in
+        // their check.
+        let share = s.stepup.budget.take(&web, 16 << 20).expect("the share");
+        let ch = s.challenge(ROUTE).await;
+        let resp = s.verify(s.signed(&ch, ROUTE, b"{}")).await.unwrap_err();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            metric(&s.metrics, "keyproof_stepup_body_budget_full_total"),
+            1.0
+        );
+        // Another caller is not held up by it; once the bodies are done,
+        // the same proof goes through (it was never checked).
+        assert!(s
+            .stepup
+            .budget
+            .take("spiffe://unit.keyproof.test/ns/x/sa/y", 1 << 20)
+            .is_some());
+        drop(share);
+        let (req, _) = s.verify(s.signed(&ch, ROUTE, b"{}")).await.unwrap();
+        assert_eq!(req.headers()[&STEP_UP_VERIFIED], "verified");
+        assert_eq!(s.stepup.budget.held(), 0, "given back after the check");
     }
 
     #[tokio::test]

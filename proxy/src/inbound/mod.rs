@@ -35,6 +35,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod budget;
 pub mod callers;
 pub mod challenge;
 pub mod conn;
