@@ -603,7 +603,10 @@ fn response_framing(
     hop: &FramingFields,
     headers: &mut HeaderMap,
 ) -> Result<(Framing, bool), H1Error> {
-    let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
+    // RFC 9112 section 6.1: an HTTP/1.0 message with a transfer coding has
+    // faulty framing; read it, then close (a bodyless one too).
+    let faulty = hop.transfer_encoding && version == Version::HTTP_10;
+    let keep_alive = !hop.close && !faulty && (version == Version::HTTP_11 || hop.keep_alive);
     if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -621,11 +624,6 @@ fn response_framing(
             // Both: Transfer-Encoding wins, and the connection is not
             // trusted with another message.
             headers.remove(header::CONTENT_LENGTH);
-            keep_alive = false;
-        }
-        if version == Version::HTTP_10 {
-            // RFC 9112 section 6.1: an HTTP/1.0 message with a transfer
-            // coding has faulty framing; read it, then close.
             keep_alive = false;
         }
         return Ok(if hop.chunked {
@@ -1166,6 +1164,10 @@ mod tests {
             let r = head(raw, Method::GET).unwrap().unwrap();
             assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false), "{raw:?}");
         }
+        // Bodyless answers too (the fuzzer found a HEAD's kept alive).
+        let raw = "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: gzip\r\n\r\n";
+        let r = head(raw, Method::HEAD).unwrap().unwrap();
+        assert_eq!((r.framing, r.keep_alive), (Framing::Empty, false));
     }
 
     #[test]
