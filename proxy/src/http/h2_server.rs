@@ -93,6 +93,11 @@ impl std::fmt::Debug for Handoff {
     }
 }
 
+/// How long a gracefully shut down connection with no stream left waits for
+/// the caller's answer to h2's PING (a round trip) before it closes anyway
+/// (or `keep_alive_timeout`, if shorter).
+const SHUTDOWN_PING_GRACE: Duration = Duration::from_secs(5);
+
 /// One HTTP/2 connection being served: a future that ends when the
 /// connection does. `svc` answers each request; its body type `R` is made
 /// from the stream's [`MeshBody`].
@@ -103,6 +108,10 @@ pub struct Connection<I, S, R> {
     /// Shutdown was asked for before the handshake finished.
     close_pending: bool,
     keep_alive: KeepAlive,
+    /// After a graceful shutdown: when a connection with no stream left is
+    /// closed even if the caller never answers the PING that h2 waits for
+    /// before its final GOAWAY.
+    close_by: Option<Pin<Box<Sleep>>>,
 }
 
 enum State<I> {
@@ -143,6 +152,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             svc,
             body: PhantomData,
             close_pending: false,
+            close_by: None,
             keep_alive: KeepAlive {
                 interval: settings.keep_alive_interval,
                 timeout: settings.keep_alive_timeout,
@@ -161,7 +171,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
         let me = self.get_mut();
         match &mut me.state {
             State::Handshaking(_) => me.close_pending = true,
-            State::Serving(conn) => conn.graceful_shutdown(),
+            State::Serving(conn) => {
+                conn.graceful_shutdown();
+                // h2 sends its last GOAWAY once the caller answers a PING:
+                // one that never does would keep an idle connection (and
+                // its `max_connections` place) until the keep-alive gave
+                // up on it, a minute and more later.
+                if me.close_by.is_none() {
+                    let grace = me.keep_alive.timeout.min(SHUTDOWN_PING_GRACE);
+                    me.close_by = Some(Box::pin(tokio::time::sleep(grace)));
+                }
+            }
         }
     }
 }
@@ -194,6 +214,17 @@ where
             if me.keep_alive.poll(cx) {
                 tracing::debug!("HTTP/2 connection: no PONG in time; closing");
                 conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+            }
+            if let Some(by) = &mut me.close_by {
+                // Streams still in flight finish first (their ends wake
+                // this task); then it closes.
+                if by.as_mut().poll(cx).is_ready() && !conn.has_streams() {
+                    me.close_by = None;
+                    tracing::debug!(
+                        "HTTP/2 connection: shut down, no stream left, no PING answer; closing"
+                    );
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                }
             }
             match ready!(conn.poll_accept(cx)) {
                 Some(Ok((req, respond))) => {
@@ -728,6 +759,37 @@ mod tests {
         tokio::time::timeout(WAIT, server)
             .await
             .expect("closed once its PING went unanswered")
+            .expect("server task")
+            .ok();
+    }
+
+    #[tokio::test]
+    async fn a_shut_down_connection_whose_caller_never_answers_the_ping_closes_anyway() {
+        let mut s = settings();
+        s.keep_alive_interval = Duration::from_secs(60);
+        s.keep_alive_timeout = Duration::from_millis(100);
+        let (cli, srv) = tokio::io::duplex(1 << 20);
+        let (go, shut) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let mut conn = Box::pin(Connection::new(&s, srv, |_req: Request<MeshBody>| async {
+                Response::new(Empty::<Bytes>::new())
+            }));
+            tokio::select! {
+                r = conn.as_mut() => return r,
+                _ = shut => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        });
+        // Handshaken, then never polled: the shutdown's PING goes
+        // unanswered (the keep-alive PING would come only in a minute).
+        let (_send, conn) = h2::client::handshake(cli).await.expect("client handshake");
+        let _conn = conn;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        go.send(()).expect("shutdown");
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("closed soon after its graceful shutdown")
             .expect("server task")
             .ok();
     }
