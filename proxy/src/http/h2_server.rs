@@ -60,6 +60,10 @@ pub struct Settings {
     pub keep_alive_interval: Duration,
     /// See `keep_alive_interval`.
     pub keep_alive_timeout: Duration,
+    /// A response whose caller reads none of it (its flow-control window
+    /// shut) for this long is reset (`body_timeout`): it would hold the app
+    /// connection that feeds it.
+    pub send_stall: Duration,
     /// `SETTINGS_ENABLE_CONNECT_PROTOCOL` (RFC 8441): callers may switch
     /// protocols (WebSocket) with an extended `CONNECT`. Only a listener
     /// that carries such switches may say so: a client told it may would
@@ -107,6 +111,8 @@ pub struct Connection<I, S, R> {
     body: PhantomData<fn(R)>,
     /// Shutdown was asked for before the handshake finished.
     close_pending: bool,
+    /// [`Settings::send_stall`].
+    send_stall: Duration,
     keep_alive: KeepAlive,
     /// After a graceful shutdown: when a connection with no stream left is
     /// closed even if the caller never answers the PING that h2 waits for
@@ -152,6 +158,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             svc,
             body: PhantomData,
             close_pending: false,
+            send_stall: settings.send_stall,
             close_by: None,
             keep_alive: KeepAlive {
                 interval: settings.keep_alive_interval,
@@ -232,7 +239,7 @@ where
                     let (parts, recv) = req.into_parts();
                     let body = MeshBody::new(recv, &parts.headers);
                     let fut = (me.svc)(Request::from_parts(parts, R::from(body)));
-                    tokio::spawn(respond_with(fut, respond, kind));
+                    tokio::spawn(respond_with(fut, respond, kind, me.send_stall));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e.into())),
                 None => return Poll::Ready(Ok(())),
@@ -302,8 +309,12 @@ impl Kind {
 
 /// One stream: the handler's future (dropped if the caller resets the
 /// stream first), then the response head, then the body or the tunnel.
-async fn respond_with<F, B>(fut: F, mut respond: h2::server::SendResponse<Bytes>, kind: Kind)
-where
+async fn respond_with<F, B>(
+    fut: F,
+    mut respond: h2::server::SendResponse<Bytes>,
+    kind: Kind,
+    send_stall: Duration,
+) where
     F: Future<Output = Response<B>>,
     B: SendBody,
 {
@@ -374,7 +385,7 @@ where
         }
     };
     if !eos {
-        if let Err(why) = h2_stream::send_body(&mut body, &mut stream).await {
+        if let Err(why) = h2_stream::send_body(&mut body, &mut stream, Some(send_stall)).await {
             tracing::debug!(reason = why, "response body not sent; resetting the stream");
             stream.send_reset(h2::Reason::INTERNAL_ERROR);
         }
@@ -402,6 +413,7 @@ mod tests {
             max_concurrent_streams: 4,
             keep_alive_interval: Duration::from_secs(60),
             keep_alive_timeout: Duration::from_secs(20),
+            send_stall: Duration::from_secs(30),
             extended_connect: false,
         }
     }
@@ -792,6 +804,57 @@ mod tests {
             .expect("closed soon after its graceful shutdown")
             .expect("server task")
             .ok();
+    }
+
+    #[tokio::test]
+    async fn a_response_its_caller_reads_none_of_is_reset_and_its_body_dropped() {
+        let mut s = settings();
+        s.send_stall = Duration::from_millis(200);
+        let (dropped_tx, dropped_rx) = oneshot::channel();
+        let dropped_tx = std::sync::Mutex::new(Some(dropped_tx));
+        let (mut send, _server) = pair(s, move |_req: Request<MeshBody>| {
+            let (feed, body) = TestBody::channel(None);
+            let dropped = body.dropped.clone();
+            let tx = dropped_tx.lock().unwrap().take();
+            async move {
+                // Far more than the caller's window, as fast as it goes;
+                // then tell the test when the body (the app's connection,
+                // in the proxy) was let go.
+                tokio::spawn(async move {
+                    for _ in 0..64 {
+                        if feed
+                            .send(Ok(http_body::Frame::data(Bytes::from(vec![
+                                7u8;
+                                16 * 1024
+                            ]))))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    while !dropped.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if let Some(tx) = tx {
+                        let _ = tx.send(());
+                    }
+                });
+                Response::new(body)
+            }
+        })
+        .await;
+        let req = Request::get("http://x/big").body(()).expect("request");
+        let (resp, _) = send.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(WAIT, resp)
+            .await
+            .expect("in time")
+            .expect("head");
+        // Never read: the window stays shut.
+        let _held = resp.into_body();
+        tokio::time::timeout(WAIT, dropped_rx)
+            .await
+            .expect("the body was dropped once the caller read nothing for send_stall")
+            .expect("signal");
     }
 
     #[tokio::test]

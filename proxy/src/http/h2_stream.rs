@@ -309,7 +309,9 @@ async fn tunnel_down<W: AsyncWrite + Unpin>(
 /// the stream counting against the connection's concurrency. The reset
 /// fails the response future, so the app is answered (502) at once.
 pub async fn pipe<B: SendBody>(mut body: B, mut stream: h2::SendStream<Bytes>) {
-    if let Err(why) = send_body(&mut body, &mut stream).await {
+    // No bound on the peer's reading: its app may take its time with an
+    // upload (backpressure), and the caller's own sidecar is at this end.
+    if let Err(why) = send_body(&mut body, &mut stream, None).await {
         tracing::debug!(reason = why, "request body not sent; resetting the stream");
         stream.send_reset(h2::Reason::INTERNAL_ERROR);
     }
@@ -322,6 +324,7 @@ pub async fn pipe<B: SendBody>(mut body: B, mut stream: h2::SendStream<Bytes>) {
 pub async fn send_body<B: SendBody>(
     body: &mut B,
     stream: &mut h2::SendStream<Bytes>,
+    stall: Option<Duration>,
 ) -> Result<(), &'static str> {
     loop {
         let frame = poll_fn(|cx| {
@@ -367,11 +370,25 @@ pub async fn send_body<B: SendBody>(
         }
         while !data.is_empty() {
             stream.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
+            // The clock is read only once the peer's window is shut.
+            let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
+            let granted = poll_fn(|cx| {
+                if let Poll::Ready(g) = stream.poll_capacity(cx) {
+                    return Poll::Ready(Ok(g));
+                }
+                let Some(d) = stall else {
+                    return Poll::Pending;
+                };
+                let s = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+                s.as_mut().poll(cx).map(|()| Err(()))
+            })
+            .await;
+            let granted = match granted {
+                Ok(Some(Ok(n))) => n,
                 // Closed or reset by the peer: nothing more to send.
-                None => return Ok(()),
-                Some(Err(_)) => return Err("flow control failed"),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(_))) => return Err("flow control failed"),
+                Err(()) => return Err("the caller read none of the response for body_timeout"),
             };
             if granted == 0 {
                 continue;

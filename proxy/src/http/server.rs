@@ -108,6 +108,7 @@ impl Builders {
             max_concurrent_streams: limits.max_concurrent_streams,
             keep_alive_interval: Duration::from_secs(60),
             keep_alive_timeout: Duration::from_secs(20),
+            send_stall: limits.body_timeout,
             extended_connect,
         };
         let mut strict_h1 = hyper::server::conn::http1::Builder::new();
