@@ -53,9 +53,11 @@ fuzz_target!(|data: &[u8]| {
     let raw = &wire[..consumed];
     // RFC 9112 section 6.1: an HTTP/1.0 message with a transfer coding has
     // faulty framing, and the connection closes after it.
+    // The field name whole, up to its colon: `Transfer-Encodingg` is
+    // another field.
     let te = raw
-        .windows(18)
-        .any(|w| w.eq_ignore_ascii_case(b"\ntransfer-encoding"));
+        .windows(19)
+        .any(|w| w.eq_ignore_ascii_case(b"\ntransfer-encoding:"));
     if te && head.parts.version == http::Version::HTTP_10 {
         assert!(
             !head.keep_alive,
