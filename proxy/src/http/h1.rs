@@ -75,6 +75,10 @@ pub enum H1Error {
     /// `Transfer-Encoding` names `chunked` more than once.
     #[error("chunked applied more than once")]
     ChunkedTwice,
+    /// A request with both `Transfer-Encoding` and `Content-Length`: two
+    /// framings, the shape of request smuggling (400, on both listeners).
+    #[error("both Transfer-Encoding and Content-Length")]
+    BothFramings,
 }
 
 impl H1Error {
@@ -363,11 +367,10 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
         if hop.chunked_count > 1 {
             return Err(H1Error::ChunkedTwice);
         }
-        if !hop.chunked
-            || hop.other_coding
-            || hop.content_length.is_some()
-            || version == Version::HTTP_10
-        {
+        if hop.content_length.is_some() {
+            return Err(H1Error::BothFramings);
+        }
+        if !hop.chunked || hop.other_coding || version == Version::HTTP_10 {
             return Err(H1Error::TransferEncoding);
         }
         Framing::Chunked
@@ -380,6 +383,11 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
     if framing == Framing::Chunked {
         // The body's framing is the proxy's business from here on.
         headers.remove(header::TRANSFER_ENCODING);
+    }
+    if let (true, Some(n)) = (hop.content_length_repeated, hop.content_length) {
+        // `5, 5` (or two fields of 5): one value goes on (RFC 9110 section
+        // 8.6), which HTTP/2 and the app read as the sender meant.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
     let mut parts = http::Request::new(()).into_parts().0;
@@ -398,6 +406,10 @@ pub fn parse_request_head(buf: &mut BytesMut, max: usize) -> Result<Option<Reque
 /// How the body after a complete request head `head` is framed, as far as
 /// a reader that only follows message boundaries needs to know (see
 /// `h1_guard`); `None` when the head is not one the server will accept.
+/// A head with both `Transfer-Encoding` and `Content-Length` is
+/// [`Framing::UntilClose`]: no request is framed so, and the guard makes
+/// the server refuse it (RFC 9112 section 6.1 lets a server take such a
+/// request; the sidecar does not, on either listener).
 pub(crate) fn request_body_framing(head: &[u8]) -> Option<Framing> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -408,6 +420,9 @@ pub(crate) fn request_body_framing(head: &[u8]) -> Option<Framing> {
         return None;
     }
     let hop = FramingFields::scan(req.headers).ok()?;
+    if hop.transfer_encoding && hop.content_length.is_some() {
+        return Some(Framing::UntilClose);
+    }
     if hop.transfer_encoding {
         return hop.chunked.then_some(Framing::Chunked);
     }
@@ -546,6 +561,8 @@ struct FramingFields {
     other_coding: bool,
     /// The one Content-Length value, when present.
     content_length: Option<u64>,
+    /// It came as a list or in several fields (the same value each time).
+    content_length_repeated: bool,
     /// Further fields the Connection field names (rare).
     named: Vec<String>,
 }
@@ -561,6 +578,7 @@ impl FramingFields {
                     if h.content_length.is_some_and(|l| l != n) {
                         return Err(H1Error::ContentLength);
                     }
+                    h.content_length_repeated |= h.content_length.is_some();
                     h.content_length = Some(n);
                 }
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -1335,6 +1353,24 @@ mod tests {
     }
 
     #[test]
+    fn an_agreeing_list_of_lengths_goes_on_as_one_value() {
+        for raw in [
+            "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            let r = request(raw).unwrap().unwrap();
+            assert_eq!(r.framing, Framing::Length(5));
+            let all: Vec<_> = r
+                .parts
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .collect();
+            assert_eq!(all, ["5"], "{raw:?}");
+        }
+    }
+
+    #[test]
     fn request_framing_and_smuggling_shapes() {
         let r = request("\r\nPOST /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
             .unwrap()
@@ -1361,7 +1397,7 @@ mod tests {
         for (bad, status) in [
             (
                 "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
-                501,
+                400,
             ),
             (
                 "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",

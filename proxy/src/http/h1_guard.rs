@@ -118,15 +118,22 @@ impl<I> StrictLines<I> {
                         self.at = At::Lost;
                         return None;
                     }
-                    self.line_end();
+                    if self.line_end() {
+                        // The head's last LF, as for a bare one: hyper
+                        // refuses the head.
+                        bytes[i - 1] = 0;
+                        return Some(i - 1);
+                    }
                 }
             }
         }
         None
     }
 
-    /// A line (CRLF) ended in a checked section.
-    fn line_end(&mut self) {
+    /// A line (CRLF) ended in a checked section; true when it ended a head
+    /// the server must refuse.
+    fn line_end(&mut self) -> bool {
+        let mut refuse = false;
         match self.at {
             At::Head => {
                 if self.line == b"\r\n" {
@@ -137,7 +144,12 @@ impl<I> StrictLines<I> {
                         Some(Framing::Empty) => At::Head,
                         Some(Framing::Length(n)) => At::Body(n),
                         Some(Framing::Chunked) => At::ChunkLine,
-                        Some(Framing::UntilClose) | None => At::Lost,
+                        // Both a length and a coding: refused.
+                        Some(Framing::UntilClose) => {
+                            refuse = true;
+                            At::Lost
+                        }
+                        None => At::Lost,
                     };
                     self.line.clear();
                 }
@@ -169,6 +181,7 @@ impl<I> StrictLines<I> {
             // A large head once does not keep its buffer.
             self.line = Vec::new();
         }
+        refuse
     }
 }
 
@@ -225,6 +238,9 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET / HTTP/1.1\r\nA: b\nC: d\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\nx\r\n0\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx: y\n\r\n",
+            // Both framings at once (a smuggling shape): refused too.
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
         ] {
             for step in [1, 3, bad.len()] {
                 assert!(

@@ -1194,7 +1194,7 @@ mod tests {
             (b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", 400),
             (
                 b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
-                501,
+                400,
             ),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
             (b"GET / HTTP/1.1\r\nExpect: later\r\n\r\n", 417),
