@@ -96,8 +96,10 @@ fn lengths_disagree(p: &Plain<'_>) -> bool {
     false
 }
 
+/// A refusal of the request's transfer coding: one keyproof does not
+/// decode (501), or one beside a length (400, checked first).
 fn is_te(e: &H1Error) -> bool {
-    matches!(e, H1Error::TransferEncoding)
+    matches!(e, H1Error::TransferEncoding | H1Error::BothFramings)
 }
 
 /// A `Transfer-Encoding` value naming no coding but `chunked`: its list
@@ -117,7 +119,7 @@ const RULES: &[Rule] = &[
         why: "RFC 9112 section 6.1: a request with both is refused, as \
               either framing could be the one another party reads",
         applies: |p| p.has("transfer-encoding") && p.has("content-length"),
-        allowed: Allowed::Refuses(is_te),
+        allowed: Allowed::Refuses(|e| matches!(e, H1Error::BothFramings | H1Error::ChunkedTwice)),
     },
     Rule {
         name: "transfer-encoding not ending in chunked",
@@ -296,6 +298,18 @@ fn expected_fields(p: &Plain<'_>) -> Vec<(String, Vec<u8>)> {
         .map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec()))
         .filter(|(n, v)| !drops.iter().any(|d| d(n, v)))
         .collect();
+    // An agreeing list of lengths (`5, 5`, or two fields of 5) goes on as
+    // its one value (RFC 9110 section 8.6).
+    let lengths: Vec<u64> = out
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .filter_map(|item| std::str::from_utf8(item.trim_ascii()).ok()?.parse().ok())
+        .collect();
+    if lengths.len() > 1 {
+        out.retain(|(n, _)| n != "content-length");
+        out.push(("content-length".into(), lengths[0].to_string().into_bytes()));
+    }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }

@@ -536,7 +536,7 @@ fn the_outbound_serves_http1_strictly() {
         // Both framings: a request smuggling shape (RFC 9112 section 6.1).
         (
             "POST / HTTP/1.1\r\nHost: api.default.svc\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            501,
+            400,
         ),
         ("POST / HTTP/1.1\r\nHost: api.default.svc\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
         ("HELLO THERE\r\n\r\n", 400),
