@@ -63,6 +63,9 @@ pub struct TunnelEnd {
 /// 9 bytes into a record of their own.
 const TUNNEL_CHUNK: usize = 2 * 16 * 1024 - 9;
 
+/// Body frames smaller than this, ready together, are sent as one.
+const MERGE: usize = 16 * 1024;
+
 /// Pumps a `CONNECT` stream (`send`, `recv`) to and from a local
 /// connection (`rd`, `wr`) until both ways have ended, or nothing crossed
 /// for `idle` (closed then between `idle` and twice it).
@@ -326,16 +329,23 @@ pub async fn send_body<B: SendBody>(
     stream: &mut h2::SendStream<Bytes>,
     stall: Option<Duration>,
 ) -> Result<(), &'static str> {
+    // A frame polled while merging small ones, to handle next.
+    let mut next: Option<Option<Result<Frame<Bytes>, B::Error>>> = None;
     loop {
-        let frame = poll_fn(|cx| {
-            // The peer may reset the stream (it answered already, or gave
-            // up): stop reading the body then.
-            if stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(None);
+        let frame = match next.take() {
+            Some(f) => Some(f),
+            None => {
+                poll_fn(|cx| {
+                    // The peer may reset the stream (it answered already,
+                    // or gave up): stop reading the body then.
+                    if stream.poll_reset(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    Pin::new(&mut *body).poll_frame(cx).map(Some)
+                })
+                .await
             }
-            Pin::new(&mut *body).poll_frame(cx).map(Some)
-        })
-        .await;
+        };
         let frame = match frame {
             None => return Ok(()),
             Some(None) => {
@@ -359,7 +369,45 @@ pub async fn send_body<B: SendBody>(
                 };
             }
         };
-        let last = body.is_end_stream();
+        if data.len() < MERGE && !body.is_end_stream() {
+            // Small frames the body has ready go out as one DATA frame: a
+            // peer counts each frame's overhead, and h2 closes the whole
+            // connection (`too_many_data_frames`) when more small frames
+            // arrive than its reader has taken, which a stream of tiny
+            // gRPC messages to a slow reader would cause.
+            let mut merged: Option<bytes::BytesMut> = None;
+            loop {
+                let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await;
+                match polled {
+                    Poll::Ready(Some(Ok(f))) if f.is_data() => {
+                        let more = f.into_data().unwrap_or_default();
+                        let m = merged.get_or_insert_with(|| {
+                            let mut m = bytes::BytesMut::with_capacity(MERGE);
+                            m.extend_from_slice(&data);
+                            m
+                        });
+                        m.extend_from_slice(&more);
+                        if m.len() >= MERGE || body.is_end_stream() {
+                            break;
+                        }
+                    }
+                    Poll::Ready(other) => {
+                        next = Some(other);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if let Some(m) = merged {
+                data = m.freeze();
+            }
+        }
+        // The end, found while merging, goes with the data.
+        let ended = matches!(next, Some(None));
+        if ended {
+            next = None;
+        }
+        let last = ended || (next.is_none() && body.is_end_stream());
         if data.is_empty() {
             if last {
                 return stream
