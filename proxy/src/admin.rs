@@ -117,8 +117,12 @@ impl AdminState {
 /// Admin connections kept open at once. Beyond it the oldest is closed for
 /// the new one (counted `keyproof_admin_connections_shed_total`): a flood of
 /// connections only displaces itself, and a probe or a scrape, which
-/// connects afresh, always gets in.
-pub const MAX_CONNECTIONS: usize = 64;
+/// connects afresh and asks at once, is answered unless this many newer
+/// connections arrive before its answer (a few milliseconds). The admin
+/// port should still be reachable only from the kubelet and Prometheus
+/// (a NetworkPolicy): an unauthenticated listener cannot tell a probe from
+/// a flood.
+pub const MAX_CONNECTIONS: usize = 256;
 /// How long a request head may take, from the connection's start or the
 /// end of the previous response.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -430,6 +430,11 @@ fn a_websocket_client_behind_http_proxy_gets_its_tunnel_served_as_the_mesh_serve
     for bad in [
         "CONNECT api.default.svc:80 HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
         "CONNECT api.default.svc HTTP/1.1\r\n\r\n",
+        "CONNECT api.default.svc:0 HTTP/1.1\r\n\r\n",
+        "CONNECT api.default.svc:+80 HTTP/1.1\r\n\r\n",
+        "CONNECT user:pw@api.default.svc:80 HTTP/1.1\r\n\r\n",
+        // Tunnel bytes with the head: refused, not a 200 and a close.
+        "CONNECT api.default.svc:80 HTTP/1.1\r\n\r\nGET /chat HTTP/1.1\r\nHost: api.default.svc\r\n\r\n",
     ] {
         let (status, _) = tunnel_exchange(m.out_addr, bad, b"");
         assert!(status.starts_with("HTTP/1.1 400"), "{bad:?}: {status}");

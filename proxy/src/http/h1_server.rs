@@ -422,6 +422,16 @@ where
                 "the sidecar is shutting down; switch protocols on a new connection\n",
             );
         }
+        if method == Method::CONNECT && resp.status().is_success() && !buf.is_empty() {
+            // Tunnel bytes already read with the head: the tunnel's server
+            // reads its socket from the first byte, so they would be lost.
+            // Refused, whatever the TCP segments were, rather than a 200
+            // and a silent close.
+            resp = text(
+                StatusCode::BAD_REQUEST,
+                "bytes were sent after CONNECT before its 200: wait for the tunnel to open\n",
+            );
+        }
         if let Some(connection) = switch_of(&method, resp.status()) {
             let to = resp
                 .extensions_mut()
@@ -1045,17 +1055,20 @@ mod tests {
     #[tokio::test]
     async fn a_connects_2xx_hands_the_connection_over_without_framing_fields() {
         let srv = server(limits(), open(), switcher).await;
-        // HTTP/1.1 and HTTP/1.0, with the tunnel's first bytes in the same
-        // write as the head.
+        // HTTP/1.1 and HTTP/1.0; the tunnel's bytes once the 200 is in.
         for head in [
-            &b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nearly"[..],
-            b"CONNECT a:443 HTTP/1.0\r\n\r\nearly",
+            &b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"[..],
+            b"CONNECT a:443 HTTP/1.0\r\n\r\n",
         ] {
             // Read by hand: a 2xx without framing fields is, to a client
             // that did not send CONNECT, a body up to the close.
             let mut s = TcpStream::connect(srv.addr).await.unwrap();
             s.write_all(head).await.unwrap();
             let mut buf = Vec::new();
+            while find(&buf, b"\r\n\r\n").is_none() {
+                assert!(read_more(&mut s, &mut buf).await > 0);
+            }
+            s.write_all(b"early").await.unwrap();
             while find(&buf, b"EARLY").is_none() {
                 assert!(read_more(&mut s, &mut buf).await > 0);
             }
@@ -1067,6 +1080,14 @@ mod tests {
             }
             assert_eq!(rest, "early");
         }
+        // Tunnel bytes read with the head would be lost to the tunnel's
+        // server: 400, however the segments fell.
+        let (_s, _buf, r) = exchange(
+            srv.addr,
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nearly",
+        )
+        .await;
+        assert_eq!(r.status, 400);
         // With content, a CONNECT cannot switch (where would the tunnel
         // start?): the handler's 200 becomes a 502.
         let (_s, _buf, r) = exchange(

@@ -43,10 +43,20 @@ impl Outbound {
                 "a CONNECT request has no content (RFC 9110 section 9.3.6)\n",
             );
         }
-        // Authority-form: a host and a port, nothing else.
+        // Authority-form: a host and a port (digits, not 0), nothing else
+        // (no userinfo).
         let uri = req.uri();
+        let port_ok = |a: &http::uri::Authority| {
+            a.port()
+                .is_some_and(|p| p.as_str().bytes().all(|b| b.is_ascii_digit()) && p.as_u16() != 0)
+        };
         let authority = match uri.authority() {
-            Some(a) if uri.scheme().is_none() && a.port_u16().is_some() && !a.host().is_empty() => {
+            Some(a)
+                if uri.scheme().is_none()
+                    && port_ok(a)
+                    && !a.host().is_empty()
+                    && !a.as_str().contains('@') =>
+            {
                 a.clone()
             }
             _ => {
@@ -89,10 +99,9 @@ impl Outbound {
             return;
         };
         if !early.is_empty() {
-            // Clients wait for the 200 before they start; one that did not
-            // would have its first bytes read ahead of the server that must
-            // parse them, which serves a socket from its first byte.
-            tracing::debug!(peer = %remote, "CONNECT: bytes sent before the 200; closed");
+            // The HTTP/1 server refuses a CONNECT whose head came with more
+            // bytes (400): none are left here.
+            tracing::debug!(peer = %remote, "CONNECT: bytes read ahead of the tunnel; closed");
             return;
         }
         // Boxed: this serves a connection, which may lead back here.
