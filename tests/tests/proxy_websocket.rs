@@ -534,14 +534,25 @@ type H2Send = hyper::client::conn::http2::SendRequest<http_body_util::Empty<byte
 /// An HTTP/2 connection to the inbound at `to` as `cert`, hyper's own
 /// client.
 async fn h2_caller(to: SocketAddr, pki: &Pki, cert: &Cert) -> H2Send {
+    h2_caller_bound(to, pki, cert).await.0
+}
+
+/// [`h2_caller`], with the connection's `EXPORTER-Channel-Binding` (what a
+/// step-up proof binds).
+async fn h2_caller_bound(to: SocketAddr, pki: &Pki, cert: &Cert) -> (H2Send, [u8; 32]) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let tls = mtls_stream(to, pki, cert, b"h2").await;
+    let mut exporter = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
+        .expect("exporter");
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
             .await
             .expect("h2 handshake");
     tokio::spawn(conn);
-    send
+    (send, exporter)
 }
 
 /// A `CONNECT` to `target`: extended (a switch to `protocol`, `target` a
@@ -774,18 +785,7 @@ fn a_switch_on_a_step_up_route_is_proven_over_the_connect_as_sent_and_never_repl
     );
     let signer = signer_for(&web_cert);
     rt.block_on(async {
-        use hyper_util::rt::{TokioExecutor, TokioIo};
-        let tls = mtls_stream(in_addr, &pki, &web_cert, b"h2").await;
-        let mut exporter = [0u8; 32];
-        tls.get_ref()
-            .1
-            .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
-            .unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let (mut send, exporter) = h2_caller_bound(in_addr, &pki, &web_cert).await;
         let heads = || app.heads.lock().unwrap().len();
 
         // Unsigned: a challenge, and the app never hears of it.

@@ -84,6 +84,12 @@ impl Outbound {
         // The peer answers once its app has (bounded at the peer); this
         // bounds a peer that never does.
         let wait = self.cfg.connect_timeout + 2 * self.cfg.limits.header_read_timeout;
+        // A switch that found no answer: counted, logged and said.
+        let failed = |status: StatusCode, why: String| {
+            tcp.connection(Direction::Outbound, "failed");
+            tracing::warn!(upstream = %up.cfg.address, "protocol switch failed: {why}");
+            text(status, format!("upstream {}: {why}\n", up.cfg.address))
+        };
         // A step-up route's challenge, once answered: what to sign for, and
         // the challenge itself, passed on should signing fail.
         let mut challenge: Option<(Challenge, Response<ProxyBody>)> = None;
@@ -152,36 +158,21 @@ impl Outbound {
                     return not_carried("does not take extended CONNECT (RFC 8441)");
                 }
                 Some(Ok(Err(e))) => {
-                    tcp.connection(Direction::Outbound, "failed");
-                    tracing::warn!(upstream = %up.cfg.address, %protocol, error = %e, "protocol switch failed");
-                    return text(
+                    return failed(
                         StatusCode::BAD_GATEWAY,
-                        format!(
-                            "upstream {}: {protocol} switch failed: {e}\n",
-                            up.cfg.address
-                        ),
+                        format!("{protocol} switch failed: {e}"),
                     );
                 }
                 Some(Err(_)) => {
-                    tcp.connection(Direction::Outbound, "failed");
-                    tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no answer within {wait:?}");
-                    return text(
+                    return failed(
                         StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "upstream {}: no answer to the {protocol} switch within {wait:?}\n",
-                            up.cfg.address
-                        ),
+                        format!("no answer to the {protocol} switch within {wait:?}"),
                     );
                 }
                 None => {
-                    tcp.connection(Direction::Outbound, "failed");
-                    tracing::warn!(upstream = %up.cfg.address, %protocol, "protocol switch: no connection to the peer would take the stream");
-                    return text(
+                    return failed(
                         StatusCode::BAD_GATEWAY,
-                        format!(
-                            "upstream {}: no connection would take the {protocol} switch\n",
-                            up.cfg.address
-                        ),
+                        format!("no connection would take the {protocol} switch"),
                     );
                 }
             }
