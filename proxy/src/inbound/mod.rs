@@ -1039,8 +1039,6 @@ impl Inbound {
     }
 }
 
-/// Whether a request carries a step-up proof attempt (a signature, or its
-/// input: one without the other is a malformed attempt, refused as such).
 /// What a request on route `r` must show before it goes on.
 enum Need {
     /// A step-up proof, for this reason.
@@ -1075,6 +1073,8 @@ fn need<B>(req: &Request<B>, conn: &InboundConn, r: &Route) -> Need {
     }
 }
 
+/// Whether a request carries a step-up proof attempt (a signature, or its
+/// input: one without the other is a malformed attempt, refused as such).
 fn carries_proof(h: &HeaderMap) -> bool {
     h.contains_key(keyproof_stepup::headers::SIGNATURE)
         || h.contains_key(keyproof_stepup::headers::SIGNATURE_INPUT)

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::http::body::{text, ProxyBody};
 use crate::http::h1_server::{MaySwitch, ServerBody, SwitchTo, Upgraded};
-use crate::outbound::{host_key, Miss, Outbound};
+use crate::outbound::{host_key, Miss, Outbound, Via};
 
 impl Outbound {
     /// Answers an explicit `CONNECT`: 200 with the connection's handoff
@@ -105,6 +105,6 @@ impl Outbound {
             return;
         }
         // Boxed: this serves a connection, which may lead back here.
-        Box::pin(self.serve_app(tcp, remote, true, shutdown)).await;
+        Box::pin(self.serve_app(tcp, remote, Via::Tunnel, shutdown)).await;
     }
 }

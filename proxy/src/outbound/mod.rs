@@ -241,16 +241,16 @@ impl Outbound {
         if let Some(dst) = crate::original_dst::redirected(&tcp) {
             return self.transparent(tcp, remote, dst, shutdown).await;
         }
-        self.serve_app(tcp, remote, false, shutdown).await;
+        self.serve_app(tcp, remote, Via::Listener, shutdown).await;
     }
 
     /// Serves an explicit app connection, or the inside of an app's
-    /// `CONNECT` tunnel (`tunneled`), in the HTTP version it opens with.
+    /// `CONNECT` tunnel (`via`), in the HTTP version it opens with.
     async fn serve_app(
         self: Arc<Self>,
         tcp: TcpStream,
         remote: SocketAddr,
-        tunneled: bool,
+        via: Via,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let idle = self.cfg.limits.idle_timeout;
@@ -260,10 +260,7 @@ impl Outbound {
             _ = tokio::time::sleep(idle) => return,
         };
         match h2 {
-            Ok(h2) => {
-                let via = if tunneled { Via::Tunnel } else { Via::Listener };
-                self.serve_http(tcp, remote, h2, via, None, shutdown).await;
-            }
+            Ok(h2) => self.serve_http(tcp, remote, h2, via, None, shutdown).await,
             Err(e) => {
                 tracing::debug!(peer = %remote, error = %e, "outbound connection ended with an error");
             }
