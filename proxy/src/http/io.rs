@@ -1,6 +1,7 @@
 //! I/O wrappers for connections whose first bytes are looked at before a
 //! server takes them: a rewound preface, the bare-LF guard.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -119,5 +120,135 @@ mod tests {
         let mut back = [0u8; 3];
         far.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"out");
+    }
+}
+
+/// A connection whose writes may wait at most `limit` for the peer to take
+/// bytes: a write still blocked then fails (`TimedOut`), which ends the
+/// connection and lets go of what fed it. For HTTP/1.1 callers of the
+/// inbound, whose responses have no flow-control window to watch: one
+/// that reads none of a response for `body_timeout` would otherwise hold
+/// the app connection behind it for ever. The clock is read only once a
+/// write has had to wait.
+pub struct WriteStall<I> {
+    inner: I,
+    limit: std::time::Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteStall<I> {
+    /// Wraps `inner`; writes may wait `limit`.
+    pub fn new(inner: I, limit: std::time::Duration) -> WriteStall<I> {
+        WriteStall {
+            inner,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// `polled`, or the stall error once writes have waited `limit`.
+    fn bound<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer read nothing for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteStall<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bound(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bound(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bound(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod write_stall_tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_takes_fails_after_the_limit_and_progress_restarts_it() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut w = WriteStall::new(near, Duration::from_millis(200));
+        // The peer takes a little now and then: slow, but never stalled
+        // for the limit.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 16];
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                got += far.read(&mut buf).await.unwrap();
+            }
+            // Then nothing more, and the writer must give up.
+            (got, far)
+        });
+        let start = std::time::Instant::now();
+        let mut written = 0;
+        let err = loop {
+            match w.write(&[7u8; 32]).await {
+                Ok(n) => written += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let (got, _far) = reader.await.unwrap();
+        assert!(got > 0 && written >= got, "{got} read, {written} written");
+        // It waited past the slow reader's pauses, and gave up once it stopped.
+        assert!(start.elapsed() >= Duration::from_millis(600), "{:?}", start.elapsed());
     }
 }

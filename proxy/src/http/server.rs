@@ -23,7 +23,7 @@ use crate::error::BoxError;
 use crate::http::h1_guard::StrictLines;
 use crate::http::h2_server;
 use crate::http::h2_stream::MeshBody;
-use crate::http::io::Rewind;
+use crate::http::io::{Rewind, WriteStall};
 use crate::http::map_in_place::map_in_place;
 use crate::http::traits::SendBody;
 
@@ -228,7 +228,12 @@ where
         )
         .await;
     }
-    let io = StrictLines::new(io, builders.max_header_bytes);
+    // A caller that reads none of a response for `body_timeout` loses the
+    // connection (HTTP/2 resets the one stream instead: `send_body`).
+    let io = StrictLines::new(
+        WriteStall::new(io, builders.h2.send_stall),
+        builders.max_header_bytes,
+    );
     let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         map_in_place(svc(req.map(R::from)), Ok::<_, Infallible>)
     });
