@@ -66,6 +66,25 @@ const TUNNEL_CHUNK: usize = 2 * 16 * 1024 - 9;
 /// Body frames smaller than this, ready together, are sent as one.
 const MERGE: usize = 16 * 1024;
 
+use crate::http::io::MIN_PROGRESS;
+
+/// How long a response has waited for its reader's window since the
+/// reader last took [`MIN_PROGRESS`] bytes.
+#[derive(Default)]
+struct SlowReader {
+    waited: Duration,
+    taken: usize,
+}
+
+impl SlowReader {
+    fn took(&mut self, n: usize) {
+        self.taken += n;
+        if self.taken >= MIN_PROGRESS {
+            *self = SlowReader::default();
+        }
+    }
+}
+
 /// Pumps a `CONNECT` stream (`send`, `recv`) to and from a local
 /// connection (`rd`, `wr`) until both ways have ended, or nothing crossed
 /// for `idle` (closed then between `idle` and twice it).
@@ -331,6 +350,7 @@ pub async fn send_body<B: SendBody>(
 ) -> Result<(), &'static str> {
     // A frame polled while merging small ones, to handle next.
     let mut next: Option<Option<Result<Frame<Bytes>, B::Error>>> = None;
+    let mut slow = SlowReader::default();
     loop {
         let frame = match next.take() {
             Some(f) => Some(f),
@@ -420,24 +440,33 @@ pub async fn send_body<B: SendBody>(
             stream.reserve_capacity(data.len());
             // The clock is read only once the peer's window is shut.
             let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
+            let mut began = None;
             let granted = poll_fn(|cx| {
                 if let Poll::Ready(g) = stream.poll_capacity(cx) {
                     return Poll::Ready(Ok(g));
                 }
-                let Some(d) = stall else {
+                let Some(limit) = stall else {
                     return Poll::Pending;
                 };
-                let s = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+                began.get_or_insert_with(tokio::time::Instant::now);
+                let left = limit.saturating_sub(slow.waited);
+                let s = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(left)));
                 s.as_mut().poll(cx).map(|()| Err(()))
             })
             .await;
+            if let Some(began) = began {
+                slow.waited += began.elapsed();
+            }
             let granted = match granted {
                 Ok(Some(Ok(n))) => n,
                 // Closed or reset by the peer: nothing more to send.
                 Ok(None) => return Ok(()),
                 Ok(Some(Err(_))) => return Err("flow control failed"),
-                Err(()) => return Err("the caller read none of the response for body_timeout"),
+                Err(()) => {
+                    return Err("the caller took too little of the response for body_timeout")
+                }
             };
+            slow.took(granted);
             if granted == 0 {
                 continue;
             }

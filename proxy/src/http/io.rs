@@ -123,17 +123,27 @@ mod tests {
     }
 }
 
+/// A reader must take this much per stall limit of waiting on it
+/// (`body_timeout`): one that takes a byte at a time would otherwise hold
+/// what feeds it (an app connection) for ever. That is a floor of about
+/// 550 bytes a second with the default 30 s, and only while the sidecar has
+/// bytes waiting for the reader.
+pub const MIN_PROGRESS: usize = 16 * 1024;
+
 /// A connection whose writes may wait at most `limit` for the peer to take
-/// bytes: a write still blocked then fails (`TimedOut`), which ends the
-/// connection and lets go of what fed it. For HTTP/1.1 callers of the
-/// inbound, whose responses have no flow-control window to watch: one
-/// that reads none of a response for `body_timeout` would otherwise hold
-/// the app connection behind it for ever. The clock is read only once a
-/// write has had to wait.
+/// [`MIN_PROGRESS`] bytes: a write blocked beyond it fails (`TimedOut`),
+/// which ends the connection and lets go of what fed it. For HTTP/1.1
+/// callers of the inbound, whose responses have no flow-control window to
+/// watch. Only time spent blocked counts, and the clock is read only once
+/// a write has had to wait.
 pub struct WriteStall<I> {
     inner: I,
     limit: std::time::Duration,
-    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Blocked time since the peer last took `MIN_PROGRESS` bytes.
+    waited: std::time::Duration,
+    taken: usize,
+    /// The write blocked now: since when, and the deadline.
+    blocked: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<I> WriteStall<I> {
@@ -142,28 +152,45 @@ impl<I> WriteStall<I> {
         WriteStall {
             inner,
             limit,
-            waiting: None,
+            waited: std::time::Duration::ZERO,
+            taken: 0,
+            blocked: None,
         }
     }
 
-    /// `polled`, or the stall error once writes have waited `limit`.
-    fn bound<T>(
+    /// `polled` (what it took counted), or the stall error once writes
+    /// have waited `limit` without the peer taking `MIN_PROGRESS`.
+    fn bound(
         &mut self,
         cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.waiting = None;
-            return polled;
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(r) = polled {
+            if let Some((since, _)) = self.blocked.take() {
+                self.waited += since.elapsed();
+            }
+            if let Ok(n) = &r {
+                self.taken += n;
+                if self.taken >= MIN_PROGRESS {
+                    (self.waited, self.taken) = (std::time::Duration::ZERO, 0);
+                }
+            }
+            return Poll::Ready(r);
         }
-        let limit = self.limit;
-        let waiting = self
-            .waiting
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match waiting.as_mut().poll(cx) {
+        let left = self.limit.saturating_sub(self.waited);
+        let (_, deadline) = self.blocked.get_or_insert_with(|| {
+            (
+                tokio::time::Instant::now(),
+                Box::pin(tokio::time::sleep(left)),
+            )
+        });
+        match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the peer read nothing for {limit:?}"),
+                format!(
+                    "the peer took less than {MIN_PROGRESS} bytes in {:?} of waiting",
+                    self.limit
+                ),
             ))),
             Poll::Pending => Poll::Pending,
         }
@@ -204,8 +231,8 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_flush(cx);
-        self.bound(cx, polled)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx).map_ok(|()| 0);
+        self.bound(cx, polled).map_ok(|_| ())
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -221,34 +248,46 @@ mod write_stall_tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn a_write_the_peer_never_takes_fails_after_the_limit_and_progress_restarts_it() {
-        let (near, mut far) = tokio::io::duplex(64);
-        let mut w = WriteStall::new(near, Duration::from_millis(200));
-        // The peer takes a little now and then: slow, but never stalled
-        // for the limit.
-        let reader = tokio::spawn(async move {
-            let mut got = 0;
-            let mut buf = [0u8; 16];
-            for _ in 0..6 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                got += far.read(&mut buf).await.unwrap();
+    /// Writes 32-byte pieces to a peer that reads `per_read` bytes every
+    /// 50 ms `reads` times, then stops (keeping its end open): how long
+    /// until a write failed, how much was written, and the error.
+    async fn against(per_read: usize, reads: usize) -> (Duration, usize, io::Error) {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut w = WriteStall::new(near, Duration::from_millis(300));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; per_read];
+            for _ in 0..reads {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = far.read_exact(&mut buf).await;
             }
-            // Then nothing more, and the writer must give up.
-            (got, far)
+            let _ = stopped.await;
+            drop(far);
         });
         let start = std::time::Instant::now();
         let mut written = 0;
         let err = loop {
-            match w.write(&[7u8; 32]).await {
+            match w.write(&[7u8; 1024]).await {
                 Ok(n) => written += n,
                 Err(e) => break e,
             }
         };
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        let (got, _far) = reader.await.unwrap();
-        assert!(got > 0 && written >= got, "{got} read, {written} written");
-        // It waited past the slow reader's pauses, and gave up once it stopped.
-        assert!(start.elapsed() >= Duration::from_millis(600), "{:?}", start.elapsed());
+        let _ = stop.send(());
+        (start.elapsed(), written, err)
+    }
+
+    #[tokio::test]
+    async fn a_reader_taking_too_little_is_cut_and_one_taking_enough_is_served() {
+        // 16 KiB every 50 ms: served as long as it reads (2 s), cut only
+        // once it stops.
+        let (took, written, e) = against(MIN_PROGRESS, 40).await;
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(took >= Duration::from_millis(2000), "{took:?}");
+        assert!(written >= 40 * MIN_PROGRESS, "{written}");
+        // A trickle (64 bytes every 50 ms, for as long): cut once its
+        // waits add up to the limit, long before it stops.
+        let (took, _, e) = against(64, 40).await;
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(took < Duration::from_millis(1500), "{took:?}");
     }
 }
