@@ -15,6 +15,29 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
+/// Whether `e`, or an error it wraps, says a peer's message was malformed
+/// (a chunked body HTTP/1.1 could not read, say), rather than that a
+/// connection failed: the former is the sender's fault (400), the latter a
+/// 502. hyper and rustls say so with these I/O error kinds.
+pub fn is_malformed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.is::<crate::http::h1::H1Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            ) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -28,5 +51,20 @@ mod tests {
         let e = Outer(std::io::Error::other("connection reset"));
         assert_eq!(root_cause(&e), "connection reset");
         assert_eq!(root_cause(&std::io::Error::other("alone")), "alone");
+    }
+
+    #[test]
+    fn malformed_messages_are_told_from_failed_connections() {
+        let bad = Outer(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "invalid chunk size line",
+        ));
+        assert!(is_malformed(&bad));
+        assert!(is_malformed(&crate::http::h1::H1Error::Chunk));
+        let reset = Outer(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(!is_malformed(&reset));
+        assert!(!is_malformed(&std::io::Error::from(
+            std::io::ErrorKind::UnexpectedEof
+        )));
     }
 }

@@ -720,8 +720,13 @@ fn connection_may_not_name_fields_the_proxy_relies_on() {
 #[test]
 fn host_transfer_coding_and_line_ending_shapes_are_refused_on_both_listeners() {
     let m = mesh("");
-    let cases: [(&str, u16); 8] = [
+    let cases: [(&str, u16); 11] = [
         ("GET /plain HTTP/1.1\r\nHost: {h}\r\nHost: {h}\r\n\r\n", 400),
+        // A chunked body malformed after good chunks: the client's fault
+        // (400), not the app's or the mesh's (502).
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", 400),
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabcdef\r\n0\r\n\r\n", 400),
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nno colon\r\n\r\n", 400),
         ("GET /plain HTTP/1.1\r\nHost: {h}\r\nHost: other.example\r\n\r\n", 400),
         ("GET http://other.example/plain HTTP/1.1\r\nHost: {h}\r\n\r\n", 400),
         ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),

@@ -61,6 +61,10 @@ pub enum AppError {
     /// The caller's request body made no progress for this long.
     #[error("request body made no progress for {0:?}")]
     BodyTimeout(Duration),
+    /// The caller's request body was malformed (its chunked framing, say):
+    /// the caller's fault, answered 400, not the app's.
+    #[error("malformed request body: {0}")]
+    Malformed(String),
 }
 
 /// What bounds the HTTP/1.1 pool beyond its timeouts.
@@ -104,12 +108,15 @@ enum Exchange {
     Failed(String),
     /// The request body stalled.
     Stalled(Duration),
+    /// The request body was malformed.
+    Malformed(String),
 }
 
 impl Exchange {
     fn into_app_error(self) -> AppError {
         match self {
             Exchange::Stalled(d) => AppError::BodyTimeout(d),
+            Exchange::Malformed(e) => AppError::Malformed(e),
             Exchange::Unanswered(e) => {
                 AppError::Failed(format!("connection closed before a response: {e}"))
             }
@@ -178,7 +185,7 @@ impl H1Pool {
         // What of the body has arrived already goes out with the head: for
         // most requests, the whole of it, in one write.
         if let Err(e) = sender.gather(&mut out) {
-            return Either::Left(Box::pin(std::future::ready(Err(AppError::Failed(e)))) as Sending);
+            return Either::Left(Box::pin(std::future::ready(Err(e.into_app_error()))) as Sending);
         }
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
@@ -277,6 +284,7 @@ impl H1Pool {
                 (wr, r) = &mut pump, if pumped.is_none() => match r {
                     Ok(()) => pumped = Some(Some(wr)),
                     Err(PumpError::Body(e)) => return Err(Exchange::Failed(e)),
+                    Err(PumpError::Malformed(e)) => return Err(Exchange::Malformed(e)),
                     Err(PumpError::Stalled(d)) => return Err(Exchange::Stalled(d)),
                     // The app stopped reading: it may have answered (and
                     // closed), so read on.
@@ -438,10 +446,24 @@ async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
 enum PumpError {
     /// The caller's body failed or broke its declared length.
     Body(String),
+    /// The caller's body was malformed.
+    Malformed(String),
     /// The app's side of the connection failed.
     Write(io::Error),
     /// The caller's body made no progress for this long.
     Stalled(Duration),
+}
+
+impl PumpError {
+    /// As the exchange fails when the body fails before a byte was sent.
+    fn into_app_error(self) -> AppError {
+        match self {
+            PumpError::Malformed(e) => AppError::Malformed(e),
+            PumpError::Body(e) => AppError::Failed(e),
+            PumpError::Write(e) => AppError::Failed(e.to_string()),
+            PumpError::Stalled(d) => AppError::BodyTimeout(d),
+        }
+    }
 }
 
 /// The request body on its way to the app, framed as its head declared.
@@ -480,7 +502,7 @@ impl<B: SendBody> BodySender<B> {
     }
 
     /// Appends to `out` the frames that are ready without waiting.
-    fn gather(&mut self, out: &mut BytesMut) -> Result<(), String> {
+    fn gather(&mut self, out: &mut BytesMut) -> Result<(), PumpError> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         while !self.done && out.len() < GATHER {
             match Pin::new(&mut self.body).poll_frame(&mut cx) {
@@ -519,14 +541,14 @@ impl<B: SendBody> BodySender<B> {
                 };
             let data = match self.encode(frame, &mut head) {
                 Ok(d) => d.unwrap_or_default(),
-                Err(e) => return (wr, Err(PumpError::Body(e))),
+                Err(e) => return (wr, Err(e)),
             };
             if !data.is_empty() {
                 self.suffix(&mut tail);
             }
             if !self.done && self.body.is_end_stream() {
                 if let Err(e) = self.encode(None, &mut tail) {
-                    return (wr, Err(PumpError::Body(e)));
+                    return (wr, Err(e));
                 }
             }
             let mut chain = (&mut head).chain(data).chain(&mut tail);
@@ -546,7 +568,7 @@ impl<B: SendBody> BodySender<B> {
         &mut self,
         frame: Option<Result<Frame<Bytes>, B::Error>>,
         out: &mut BytesMut,
-    ) -> Result<Option<Bytes>, String> {
+    ) -> Result<Option<Bytes>, PumpError> {
         let frame = match frame {
             None => {
                 self.done = true;
@@ -555,16 +577,21 @@ impl<B: SendBody> BodySender<B> {
                         h1::write_last_chunk(None, out);
                         Ok(None)
                     }
-                    Framing::Length(n) if self.sent != n => Err(format!(
+                    Framing::Length(n) if self.sent != n => Err(PumpError::Body(format!(
                         "request body ended after {} of {n} bytes",
                         self.sent
-                    )),
+                    ))),
                     _ => Ok(None),
                 };
             }
             Some(Err(e)) => {
                 let e: BoxError = e.into();
-                return Err(format!("request body failed: {e}"));
+                let why = format!("request body failed: {}", crate::error::root_cause(&*e));
+                return Err(if crate::error::is_malformed(&*e) {
+                    PumpError::Malformed(why)
+                } else {
+                    PumpError::Body(why)
+                });
             }
             Some(Ok(f)) => f,
         };
@@ -575,7 +602,9 @@ impl<B: SendBody> BodySender<B> {
                 match self.framing {
                     Framing::Chunked => h1::chunk_start(data.len(), out),
                     Framing::Length(n) if self.sent > n => {
-                        return Err(format!("request body longer than its {n} bytes"))
+                        return Err(PumpError::Body(format!(
+                            "request body longer than its {n} bytes"
+                        )))
                     }
                     _ => {}
                 }
@@ -588,10 +617,10 @@ impl<B: SendBody> BodySender<B> {
                 match (self.framing, frame.trailers_ref()) {
                     (Framing::Chunked, t) => h1::write_last_chunk(t, out),
                     (Framing::Length(n), _) if self.sent != n => {
-                        return Err(format!(
+                        return Err(PumpError::Body(format!(
                             "request body ended after {} of {n} bytes",
                             self.sent
-                        ))
+                        )))
                     }
                     _ => {}
                 }

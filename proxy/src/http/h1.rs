@@ -33,7 +33,7 @@ const MAX_HEADERS: usize = 128;
 const MAX_CHUNK_LINE: usize = 1024;
 
 /// Why a message could not be read.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum H1Error {
     /// The head is not HTTP/1.x.
     #[error("malformed message head: {0}")]

@@ -83,6 +83,10 @@ struct ReadSide {
     /// The body stalled for `body_timeout`: answer 408 if still possible,
     /// and close without lingering.
     stalled: bool,
+    /// The body's framing was malformed: answer 400 if still possible
+    /// (what the handler made of the broken body is not the cause), and
+    /// close.
+    malformed: Option<H1Error>,
 }
 
 /// A request body read straight off the client's connection.
@@ -128,10 +132,10 @@ impl ServerBody {
 
     /// Hands the read half back to the connection.
     fn go_home(&mut self, finished: bool) {
-        self.send_home(finished, false);
+        self.send_home(finished, false, None);
     }
 
-    fn send_home(&mut self, finished: bool, stalled: bool) {
+    fn send_home(&mut self, finished: bool, stalled: bool, malformed: Option<H1Error>) {
         if let (Some(home), Some(io)) = (self.home.take(), self.io.take()) {
             let buf = std::mem::take(&mut self.buf);
             let _ = home.send(ReadSide {
@@ -139,6 +143,7 @@ impl ServerBody {
                 buf,
                 finished,
                 stalled,
+                malformed,
             });
         }
     }
@@ -194,8 +199,16 @@ impl Body for ServerBody {
                 None => Poll::Ready(Ok(0)),
             });
         match &polled {
-            Poll::Ready(Some(Err(_))) => {
-                // The connection's framing is lost: it closes.
+            Poll::Ready(Some(Err(e))) => {
+                // The connection's framing is lost: it closes, with a 400
+                // when the client sent a malformed body.
+                let malformed = match e {
+                    BodyError::Framing(e) => Some(e.clone()),
+                    _ => None,
+                };
+                if malformed.is_some() {
+                    this.send_home(false, false, malformed);
+                }
                 this.io = None;
                 this.home = None;
             }
@@ -203,7 +216,7 @@ impl Body for ServerBody {
             Poll::Ready(_) => this.progressed = true,
             Poll::Pending => {
                 if this.poll_stall(cx).is_ready() {
-                    this.send_home(false, true);
+                    this.send_home(false, true, None);
                     this.deadline = None;
                     return Poll::Ready(Some(Err(BodyError::Io(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -406,6 +419,13 @@ where
                     (home, close) = (None, true);
                     drop(side);
                 }
+                Ok(ReadSide {
+                    malformed: Some(e), ..
+                }) => {
+                    // Nor when the client's body was malformed.
+                    resp = text(e.status(), format!("bad request body: {e}\n"));
+                    (home, close) = (None, true);
+                }
                 Ok(side) if side.finished => {
                     (rd, buf, home) = (Some(side.io), side.buf, None);
                 }
@@ -487,7 +507,7 @@ where
         }
         if let Some(home) = home {
             match wait_home(home, closing).await {
-                Some(side) if side.stalled => return Ok(()),
+                Some(side) if side.stalled || side.malformed.is_some() => return Ok(()),
                 Some(side) if side.finished => (rd, buf) = (Some(side.io), side.buf),
                 Some(side) => (unread, close) = (Some(side.io), true),
                 None => return Ok(()),
@@ -1387,16 +1407,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_malformed_chunked_body_closes_the_connection_after_the_response() {
+    async fn a_malformed_chunked_body_gets_400_and_close_wherever_it_breaks() {
         let srv = server(limits(), open(), echo).await;
-        let (mut s, mut buf, r) = exchange(
-            srv.addr,
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET / HTTP/1.1\r\n\r\n",
-        )
-        .await;
-        assert_eq!(r.status, 502, "the handler's answer to the failed body");
-        assert_eq!(r.field("connection"), Some("close"));
-        assert_closed(&mut s, &mut buf).await;
+        for wire in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET / HTTP/1.1\r\n\r\n"[..],
+            // Good chunks first: the break is mid-body.
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabcdef\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n-1\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nbad trailer\r\n\r\n",
+        ] {
+            let (mut s, mut buf, r) = exchange(srv.addr, wire).await;
+            // Not the handler's answer to the failed body (502): the
+            // client sent it malformed.
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(wire));
+            assert!(String::from_utf8_lossy(&r.body).contains("malformed"), "{r:?}");
+            assert_eq!(r.field("connection"), Some("close"));
+            assert_closed(&mut s, &mut buf).await;
+        }
     }
 
     #[tokio::test]

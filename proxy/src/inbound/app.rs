@@ -167,6 +167,18 @@ impl AppClient {
                 }
                 r
             }
+            Err(AppError::Malformed(cause)) => {
+                tracing::info!(app = %self.addr, error = %cause, "malformed request body; closing");
+                let mut r = text(
+                    StatusCode::BAD_REQUEST,
+                    format!("malformed request body: {cause}\n"),
+                );
+                if h1_caller {
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                r
+            }
             Err(AppError::Failed(cause)) => {
                 tracing::warn!(app = %self.addr, error = %cause, "app request failed");
                 text(
