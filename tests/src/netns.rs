@@ -441,7 +441,18 @@ pub struct PodNginx {
 impl PodNginx {
     /// Starts it in `pod` (as root, one process, like [`crate::nginx`]).
     pub fn start(pods: &Pods, pod: &Pod, port: u16) -> PodNginx {
-        let dir = pods.path(&format!("nginx-{}", pod.ns));
+        PodNginx::start_as(pods, pod, port, false)
+    }
+
+    /// As [`PodNginx::start`], speaking HTTP/2 without TLS (prior
+    /// knowledge, as a gRPC server does) and nothing else.
+    pub fn start_h2c(pods: &Pods, pod: &Pod, port: u16) -> PodNginx {
+        PodNginx::start_as(pods, pod, port, true)
+    }
+
+    fn start_as(pods: &Pods, pod: &Pod, port: u16, h2c: bool) -> PodNginx {
+        let dir = pods.path(&format!("nginx-{}-{port}", pod.ns));
+        let http2 = if h2c { " http2" } else { "" };
         std::fs::create_dir_all(&dir).expect("nginx dir");
         let d = dir.display();
         let conf = format!(
@@ -451,7 +462,7 @@ impl PodNginx {
                client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
                uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  default_type text/plain;\n\
                keepalive_requests 100000000;\n\
-               server {{\n    listen 0.0.0.0:{port} backlog=4096;\n    server_name _;\n\
+               server {{\n    listen 0.0.0.0:{port}{http2} backlog=4096;\n    server_name _;\n\
                  location / {{ return 200 \"xfcc=$http_x_forwarded_client_cert\\nstepup=$http_x_keyproof_step_up\\n\"; }}\n  }}\n}}\n"
         );
         let conf_path = dir.join("nginx.conf");

@@ -570,5 +570,27 @@ fn a_passed_through_connection_never_carries_a_meshed_request() {
         "{}",
         side_a.admin("/metrics").1
     );
+    // HTTP/2 without TLS (a gRPC client, say) to a server outside the
+    // mesh: A's sidecar serves it stream by stream, and the stream no rule
+    // takes goes on in plain HTTP/2 to where curl sent it.
+    let h2c = PodNginx::start_h2c(&pods, c, H2C);
+    let url = format!("http://{}:{H2C}/h2c-outside", c.ip);
+    let (code, body, rc) = curl(a, &["--http2-prior-knowledge", &url]);
+    assert_eq!(
+        (code, rc),
+        (200, 0),
+        "{body}\n--- sidecar A:\n{}\n--- nginx:\n{}",
+        side_a.log_text(),
+        h2c.error_log()
+    );
+    assert!(body.starts_with("xfcc=\n"), "{body}");
+    assert!(
+        h2c.access_log().contains("/h2c-outside"),
+        "{}",
+        h2c.access_log()
+    );
     redirect(a, &["--remove"]);
 }
+
+/// An HTTP/2-only server (prior knowledge) in pod C.
+const H2C: u16 = 8082;

@@ -28,6 +28,7 @@ pub mod detect;
 pub mod host_guard;
 pub mod kept;
 pub mod own_ports;
+mod passthrough;
 pub mod rules;
 pub mod signer;
 pub mod table;
@@ -141,10 +142,9 @@ enum Via {
 enum Miss {
     NoRule,
     /// No rule takes the host, on a redirected connection to a destination
-    /// no `cidr` or `port` rule names: outside the mesh, but the connection
-    /// serves mesh requests (HTTP/2 without TLS, or an HTTP/1 connection
-    /// whose first request was a meshed host's), so it cannot be passed
-    /// through.
+    /// no `cidr` or `port` rule names: outside the mesh. An HTTP/2 stream
+    /// goes on to the destination (`passthrough.rs`); an HTTP/1 connection
+    /// whose first request was a meshed host's cannot be passed through.
     OutsideMesh(SocketAddr),
     NoAddress,
     Build(String),
@@ -156,7 +156,7 @@ impl Miss {
         match self {
             Miss::NoRule => format!("no upstream for host {host}\n"),
             Miss::OutsideMesh(dst) => format!(
-                "no upstream for host {host}: {dst} is outside the mesh, and this connection carries mesh requests (HTTP/2 without TLS, or HTTP/1 whose first request went to the mesh); HTTP/1 on a connection of its own is passed through, and any connection to a port in [outbound] opaque_ports\n"
+                "no upstream for host {host}: {dst} is outside the mesh, and this HTTP/1 connection's first request went to the mesh; HTTP/1 on a connection of its own is passed through, and any connection to a port in [outbound] opaque_ports\n"
             ),
             Miss::NoAddress => format!(
                 "no address for host {host}: its upstream rule dials the original destination, which only redirected connections have\n"
@@ -178,6 +178,8 @@ pub struct Outbound {
     h1_limits: ServerLimits,
     cfg: OutboundConfig,
     unmeshed_seen: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Plain HTTP/2 connections for streams outside the mesh.
+    plain_h2: passthrough::PlainH2,
     /// Whether a redirected connection from the outbound's own dial (a
     /// loop) has been logged at error level yet.
     loop_logged: std::sync::atomic::AtomicBool,
@@ -207,6 +209,7 @@ impl Outbound {
             },
             cfg: cfg.clone(),
             unmeshed_seen: std::sync::Mutex::default(),
+            plain_h2: passthrough::PlainH2::default(),
             loop_logged: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -547,6 +550,15 @@ impl Outbound {
         let host = host_key(&authority);
         let up = match self.upstream_for(host, route) {
             Ok(up) => up,
+            // A stream outside the mesh on an HTTP/2 connection goes to
+            // its destination as it came (not a tunnel: CONNECT stays 502).
+            Err(Miss::OutsideMesh(dst))
+                if parts.version == Version::HTTP_2
+                    && switching.is_none()
+                    && parts.method != http::Method::CONNECT =>
+            {
+                return Either::Left(Box::pin(self.pass_unmeshed_h2(dst, authority, parts, body)));
+            }
             Err(miss) => {
                 let msg = miss.explain(host);
                 return Either::Left(Box::pin(ready(text(StatusCode::BAD_GATEWAY, msg))));

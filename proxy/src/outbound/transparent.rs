@@ -270,21 +270,25 @@ impl Outbound {
         }
     }
 
+    /// Whether `dst` is a destination outside the mesh not seen lately:
+    /// what goes there is logged once per destination, not per connection.
+    pub(super) fn first_sight_of(&self, dst: SocketAddr) -> bool {
+        let mut seen = self
+            .unmeshed_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() >= MAX_LOGGED_DESTINATIONS {
+            seen.clear();
+        }
+        seen.insert(dst)
+    }
+
     /// A destination outside the mesh: spliced in plain TCP, or refused.
     /// `http1`: the connection is HTTP/1 whose first request no rule took;
     /// each later request must not be one a rule takes either
     /// ([`HostGuard`]), by the rules in use when it comes.
     async fn unmeshed(&self, mut tcp: TcpStream, dst: SocketAddr, http1: bool) {
-        let first = {
-            let mut seen = self
-                .unmeshed_seen
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if seen.len() >= MAX_LOGGED_DESTINATIONS {
-                seen.clear();
-            }
-            seen.insert(dst)
-        };
+        let first = self.first_sight_of(dst);
         let tcp_metrics = &self.all_metrics.tcp;
         match self.cfg.unmeshed {
             Unmeshed::Deny => {
@@ -768,34 +772,116 @@ mod tests {
         assert_eq!(tcp_result(&m, "passthrough"), 1.0);
     }
 
-    #[tokio::test]
-    async fn h2_without_tls_outside_the_mesh_says_why_it_is_not_passed_through() {
-        // HTTP/2 is served whatever its first authority: an authority no
-        // rule takes gets a 502 that says what passes instead, and the
-        // destination sees nothing.
-        let (plain, seen) = recording_server().await;
-        let (o, _m) = outbound(&format!(
-            "[[outbound.upstreams]]\nhost = \"api.demo\"\nidentity = \"{API}\"\n"
-        ));
-        let c = redirected(&o, plain).await;
-        let (mut send, conn) = h2::client::handshake(c).await.unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("http://example.org/").body(()).unwrap();
+    /// A plain HTTP/2 server (prior knowledge) that answers each request
+    /// `200 plain <authority><path>` and counts its connections.
+    async fn plain_h2_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let body = format!(
+                            "plain {}{} xfcc={}",
+                            req.uri().authority().map_or("", |a| a.as_str()),
+                            req.uri().path(),
+                            req.headers().contains_key("x-forwarded-client-cert"),
+                        );
+                        let resp = http::Response::new(());
+                        let mut send = respond.send_response(resp, false).unwrap();
+                        let _ = send.send_data(bytes::Bytes::from(body), true);
+                    }
+                });
+            }
+        });
+        (addr, n)
+    }
+
+    /// A GET for `uri` on `send`: its status and body.
+    async fn h2_get(send: &mut h2::client::SendRequest<bytes::Bytes>, uri: &str) -> (u16, String) {
+        let req = http::Request::get(uri).body(()).unwrap();
         let (resp, _) = send.send_request(req, true).unwrap();
         let resp = tokio::time::timeout(WAIT, resp)
             .await
             .expect("answered")
             .unwrap();
-        assert_eq!(resp.status(), 502);
+        let status = resp.status().as_u16();
         let mut body = resp.into_body();
         let mut text = Vec::new();
         while let Some(d) = body.data().await {
             text.extend_from_slice(&d.unwrap());
         }
-        let text = String::from_utf8_lossy(&text);
-        assert!(text.contains("is outside the mesh"), "{text}");
-        assert!(text.contains("opaque_ports"), "{text}");
-        assert!(seen.lock().unwrap().is_empty());
+        (status, String::from_utf8_lossy(&text).into_owned())
+    }
+
+    #[tokio::test]
+    async fn h2_without_tls_passes_streams_outside_the_mesh_to_their_destination() {
+        // HTTP/2 is served stream by stream, whatever its first authority:
+        // a stream for a host no rule takes, to a destination no cidr or
+        // port rule names, goes on in plain HTTP/2 to the connection's
+        // original destination (one connection, shared); a stream for a
+        // meshed host on the same app connection still goes to the mesh.
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
+        let (plain, conns) = plain_h2_server().await;
+        let rule = format!(
+            "[[outbound.upstreams]]\nhost = \"api.demo\"\naddress = \"{mesh}\"\nidentity = \"{API}\"\n"
+        );
+        let (o, m) = outbound(&rule);
+        let c = redirected(&o, plain).await;
+        let (mut send, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        for path in ["/a", "/b"] {
+            let (status, body) = h2_get(&mut send, &format!("http://example.org{path}")).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body, format!("plain example.org{path} xfcc=false"));
+        }
+        let (status, body) = h2_get(&mut send, "http://api.demo/m").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            !body.starts_with("plain"),
+            "a meshed host went out in plain text: {body}"
+        );
+        // A second app connection to the same destination shares the
+        // passthrough connection.
+        let c = redirected(&o, plain).await;
+        let (mut send2, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let (status, body) = h2_get(&mut send2, "http://example.org/c").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "plain example.org/c xfcc=false")
+        );
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+
+        // With unmeshed = "deny": 502, and the destination sees nothing.
+        let (plain, conns) = plain_h2_server().await;
+        let (o, _m) = outbound(&format!("unmeshed = \"deny\"\n{rule}"));
+        let c = redirected(&o, plain).await;
+        let (mut send, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let (status, body) = h2_get(&mut send, "http://example.org/").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("is outside the mesh"), "{body}");
+        assert!(body.contains("unmeshed = \"deny\""), "{body}");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // A destination that does not speak HTTP/2: 502 saying so.
+        let (plain, _seen) = echo_server().await;
+        let (o, _m) = outbound(&rule);
+        let c = redirected(&o, plain).await;
+        let (mut send, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let (status, body) = h2_get(&mut send, "http://example.org/").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("outside the mesh"), "{body}");
     }
 
     #[tokio::test]
