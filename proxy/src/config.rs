@@ -251,8 +251,7 @@ struct RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstreamsFile {
-    #[serde(default)]
-    upstreams: Vec<RawUpstream>,
+    upstreams: Option<Vec<RawUpstream>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1378,6 +1377,16 @@ pub fn parse_policy(path: &Path, text: &str) -> Result<PolicyConfig, ConfigError
     }
     let raw: RawPolicy =
         toml::from_str(text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+    // Nor is a file without `routes` (comments alone, or a deny list
+    // alone) taken for a policy with no routes: a partly written or
+    // mis-generated file must not lift every route. An empty policy says
+    // so.
+    if raw.routes.is_none() {
+        return Err(ConfigError::Parse(format!(
+            "{}: the policy file has no `routes` key (an empty policy is written `routes = []`)",
+            path.display()
+        )));
+    }
     policy(&format!("{}: ", path.display()), raw)
 }
 
@@ -2622,7 +2631,16 @@ pub fn parse_upstreams(path: &Path, text: &str) -> Result<Vec<UpstreamRule>, Con
     }
     let raw: RawUpstreamsFile =
         toml::from_str(text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
-    upstream_rules(&format!("{}: upstreams", path.display()), raw.upstreams)
+    // A file of comments alone is as likely a partial write as the empty
+    // one: taken as no upstreams, it would send meshed traffic out in plain
+    // text. No upstreams is said in so many words.
+    let Some(upstreams) = raw.upstreams else {
+        return Err(ConfigError::Parse(format!(
+            "{}: the upstreams file has no `upstreams` key (no upstreams is written `upstreams = []`)",
+            path.display()
+        )));
+    };
+    upstream_rules(&format!("{}: upstreams", path.display()), upstreams)
 }
 
 fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
@@ -4930,6 +4948,16 @@ mod tests {
         std::fs::write(&path, " \n").expect("write");
         let e = load_policy_file(&path).expect_err("empty file").to_string();
         assert!(e.contains("the policy file is empty"), "{e}");
+        // As is one with no routes key: comments alone, or a deny list
+        // alone (what a generator that failed after its header leaves).
+        for partial in [
+            "# keyproof policy\n",
+            "[[deny]]\nspiffe_id = \"spiffe://prod.example.com/ns/x/sa/y\"\n",
+        ] {
+            std::fs::write(&path, partial).expect("write");
+            let e = load_policy_file(&path).expect_err(partial).to_string();
+            assert!(e.contains("has no `routes` key"), "{partial}: {e}");
+        }
         std::fs::write(&path, "routes = []\n").expect("write");
         let p = load_policy_file(&path).expect("empty policy");
         assert!(p.routes.is_empty() && p.risk_rules.is_empty() && p.deny.is_empty());
@@ -5125,7 +5153,7 @@ max_tunnels_per_peer = 11
         let dir = tempfile::tempdir().expect("temp dir");
         let path = write_policy(
             dir.path(),
-            "[[tcp]]\nport = 15001\nallow = [\"spiffe://td/*\"]\n",
+            "routes = []\n[[tcp]]\nport = 15001\nallow = [\"spiffe://td/*\"]\n",
         );
         let (key, _) = invalid_key(&cfg(&format!(
             "policy_file = {:?}\n",
@@ -5149,7 +5177,7 @@ max_tunnels_per_peer = 11
         let dir = tempfile::tempdir().expect("temp dir");
         let path = write_policy(
             dir.path(),
-            "[[tcp]]\nport = 2\nallow = [\"spiffe://td/*\"]\n",
+            "routes = []\n[[tcp]]\nport = 2\nallow = [\"spiffe://td/*\"]\n",
         );
         let (key, _) = invalid_key(&inb(&format!(
             "policy_file = {:?}\n",
@@ -5206,11 +5234,14 @@ max_tunnels_per_peer = 11
         let dir = tempfile::tempdir().expect("temp dir");
         let path = write_policy(
             dir.path(),
-            "[[tcp]]\nport = 5432\nallow = [\"spiffe://td/ns/shop/*\"]\n",
+            "routes = []\n[[tcp]]\nport = 5432\nallow = [\"spiffe://td/ns/shop/*\"]\n",
         );
         let p = load_policy_file(&path).expect("policy");
         assert_eq!(p.tcp[0].port, 5432);
-        let path = write_policy(dir.path(), "[[tcp]]\nport = 5432\nallow = [\"shop\"]\n");
+        let path = write_policy(
+            dir.path(),
+            "routes = []\n[[tcp]]\nport = 5432\nallow = [\"shop\"]\n",
+        );
         match load_policy_file(&path) {
             Err(ConfigError::Invalid { key, .. }) => {
                 assert_eq!(key, format!("{}: tcp[0].allow[0]", path.display()));
@@ -5484,6 +5515,12 @@ max_tunnels_per_peer = 11
         let (key, _) = invalid_key(&text);
         assert_eq!(key, format!("{}: upstreams[0].port", path.display()));
         assert!(parse_upstreams(&path, " \n").is_err());
+        // Comments alone are refused too: taken as no upstreams, a partial
+        // write would pass meshed destinations through in plain text.
+        let e = parse_upstreams(&path, "# generated\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no `upstreams` key"), "{e}");
         assert_eq!(parse_upstreams(&path, "upstreams = []\n").unwrap().len(), 0);
     }
 }

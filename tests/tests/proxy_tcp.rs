@@ -194,7 +194,7 @@ fn check_config_lists_the_open_ports_and_who_may_tunnel() {
     let policy = pki.path("policy.toml");
     std::fs::write(
         &policy,
-        format!("[[tcp]]\nport = 5432\nallow = [\"spiffe://{TD}/ns/shop/*\"]\n"),
+        format!("routes = []\n[[tcp]]\nport = 5432\nallow = [\"spiffe://{TD}/ns/shop/*\"]\n"),
     )
     .unwrap();
     let cfg = pki.path("inbound.toml");

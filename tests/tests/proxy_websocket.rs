@@ -993,6 +993,120 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
 }
 
 #[test]
+fn a_switch_is_decided_again_when_its_route_turns_to_risk_or_its_rules_change() {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = runtime(2);
+    let app = rt.block_on(raw_app());
+    let pki = Pki::new(TD);
+    let web_cert = pki.issue("web", "/ns/default/sa/web");
+    let web = pki.id("/ns/default/sa/web");
+    let open_route = format!("[[routes]]\npath_prefix = \"/\"\nallow = [\"{web}\"]\n");
+    // /ws decides by risk: a caller from KP is refused; `extra` lists more.
+    let risk_route = |extra: &str| {
+        format!(
+            "[[routes]]\npath_prefix = \"/ws\"\nallow = [\"{web}\"]\nstep_up = \"risk\"\nrisk = [\"kp\"{extra}]\n\
+             {open_route}\
+             [[risk_rules]]\nname = \"kp\"\nheader = \"x-country\"\none_of = [\"KP\"]\naction = \"deny\"\n\
+             [[risk_rules]]\nname = \"new\"\nnew_peer = \"1h\"\n"
+        )
+    };
+    let policy = pki.path("policy.toml");
+    std::fs::write(&policy, &open_route).unwrap();
+    let (inbound, in_addr) = inbound_alone(
+        &pki,
+        app.addr,
+        &format!("policy_file = {:?}\n", policy.display().to_string()),
+    );
+    let reloads = || inbound.metric("keyproof_policy_reloads_total{result=\"ok\"}");
+    let reload = |text: &str| {
+        let before = reloads();
+        write_renamed(&policy, text);
+        for _ in 0..100 {
+            if reloads() > before {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the policy was not reloaded:\n{}", inbound.log_text());
+    };
+    rt.block_on(async {
+        let send = h2_caller(in_addr, &pki, &web_cert).await;
+        // A switch on /ws, carrying bytes, or its status when refused.
+        let open = |country: &'static str| {
+            let mut send = send.clone();
+            async move {
+                let mut req = connect_req("https://api.default.svc/ws/chat", Some("websocket"));
+                req.headers_mut()
+                    .insert("x-country", country.parse().unwrap());
+                let resp = send.send_request(req).await.unwrap();
+                if resp.status() != 200 {
+                    return Err(resp.status().as_u16());
+                }
+                let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+                io.write_all(b"GET /t HTTP/1.1\r\n\r\nhello").await.unwrap();
+                let mut got = Vec::new();
+                while !got.ends_with(b"hello") {
+                    let mut b = [0u8; 256];
+                    let n = io.read(&mut b).await.unwrap();
+                    assert!(n > 0, "closed early");
+                    got.extend_from_slice(&b[..n]);
+                }
+                Ok(io)
+            }
+        };
+        async fn cut(io: &mut TokioIo<hyper::upgrade::Upgraded>) -> bool {
+            let mut b = [0u8; 64];
+            match tokio::time::timeout(std::time::Duration::from_secs(3), io.read(&mut b)).await {
+                Ok(r) => r.is_err(),
+                Err(_) => false,
+            }
+        }
+        async fn alive(io: &mut TokioIo<hyper::upgrade::Upgraded>) -> bool {
+            if io.write_all(b"ping").await.is_err() {
+                return false;
+            }
+            let mut b = [0u8; 4];
+            matches!(
+                tokio::time::timeout(std::time::Duration::from_secs(3), io.read_exact(&mut b))
+                    .await,
+                Ok(Ok(4))
+            ) && &b == b"ping"
+        }
+        // Made when no rule decided on /ws; /ws then decides by risk, and
+        // its deny rule fires for this caller: cut, as a new one is refused.
+        let mut kp = open("KP").await.expect("no rule on /ws yet");
+        reload(&risk_route(""));
+        assert!(
+            cut(&mut kp).await,
+            "a switch the new rules deny stayed open"
+        );
+        assert_eq!(open("KP").await.err(), Some(403));
+        // Made under these rules (none fired): a reload that leaves /ws
+        // and its rules as they are keeps it...
+        let mut de = open("DE").await.expect("no rule fires");
+        let other = pki.id("/ns/other/sa/x");
+        reload(&format!(
+            "{}[[deny]]\nspiffe_id = \"{other}\"\n",
+            risk_route("")
+        ));
+        assert!(alive(&mut de).await, "an unrelated change cut the switch");
+        // ... and one that changes them decides on it again (made again,
+        // it meets `new`, a challenge).
+        reload(&risk_route(", \"new\""));
+        assert!(
+            cut(&mut de).await,
+            "a switch outlived a change of its route's rules"
+        );
+        assert_eq!(open("DE").await.err(), Some(401));
+    });
+    assert_eq!(
+        inbound.metric("keyproof_tcp_connections_total{direction=\"inbound\",result=\"revoked\"}"),
+        2.0
+    );
+}
+
+#[test]
 fn an_apps_reset_reaches_the_client_through_the_mesh_as_a_reset() {
     use std::io::{Read, Write};
     let rt = runtime(1);

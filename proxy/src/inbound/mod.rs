@@ -724,7 +724,11 @@ impl Inbound {
             };
             // `admit` decided with the policy of its moment, which may
             // have been swapped since: decided again.
-            let grant = Grant::Switch { path, proven };
+            let risk = match &route {
+                Some(r) if !proven => r.risk.as_ref().map(|k| k.fingerprint()),
+                _ => None,
+            };
+            let grant = Grant::Switch { path, proven, risk };
             let permit = match this.hold(&conn, grant, None) {
                 Ok(p) => p,
                 Err(resp) => return *resp,

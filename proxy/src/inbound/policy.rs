@@ -225,16 +225,24 @@ impl Policy {
     /// Whether an open tunnel or switched connection, allowed as `grant`,
     /// is still allowed: the deny list, the port's `tcp` rule, or the
     /// path's route. An unproven switch does not ride a route that demands
-    /// a proof of every request (`always`); on a `risk` route the rules
-    /// decided when it was made, as they decide each request once.
+    /// a proof of every request (`always`). On a `risk` route it stays
+    /// only if that very route and its rules let it through (they decided
+    /// on it once, as they decide each request once); a route that became
+    /// `risk`, or whose rules changed, never decided on it, and the switch
+    /// is decided again by being made again (a `deny` or challenge rule of
+    /// the new policy may fire for it).
     pub fn still_allows(&self, grant: &Grant, peer: &SpiffeId, serial: &str) -> bool {
         match grant {
             Grant::Tcp(port) => self.decide_tcp(*port, peer, serial) == TcpDecision::Allow,
-            Grant::Switch { path, proven } => {
+            Grant::Switch { path, proven, risk } => {
                 match self.decide(&http::Method::GET, path, peer, serial) {
-                    Decision::Allow(r) => {
-                        *proven || r.is_none_or(|r| r.step_up != StepUpMode::Always)
-                    }
+                    Decision::Allow(_) if *proven => true,
+                    Decision::Allow(None) => true,
+                    Decision::Allow(Some(r)) => match r.step_up {
+                        StepUpMode::Always => false,
+                        StepUpMode::Risk => r.risk.as_ref().map(RouteRisk::fingerprint) == *risk,
+                        StepUpMode::Never => true,
+                    },
                     Decision::Deny(_) => false,
                 }
             }
@@ -379,27 +387,47 @@ mod tests {
             pol(&[r], DefaultPolicy::Deny, &m)
         };
         let web = id(WEB);
-        let switch = |proven| Grant::Switch {
+        let switch = |proven, risk| Grant::Switch {
             path: "/ws/chat".into(),
             proven,
+            risk,
         };
-        for (mode, unproven) in [
-            (StepUpMode::Never, true),
-            // A route that now demands a proof of everything: unproven
-            // switches go, proven ones stay.
-            (StepUpMode::Always, false),
-            // Its rules decided once, when the switch was made.
-            (StepUpMode::Risk, true),
-        ] {
+        for mode in [StepUpMode::Never, StepUpMode::Always, StepUpMode::Risk] {
             let p = with(mode);
+            // Made under the route as it is now (its fingerprint, when it
+            // decides by risk).
+            let here = p.routes[0].risk.as_ref().map(RouteRisk::fingerprint);
+            let unproven = match mode {
+                StepUpMode::Never => true,
+                // A route that demands a proof of everything: unproven
+                // switches go, proven ones stay.
+                StepUpMode::Always => false,
+                // Its rules decided once, when the switch was made.
+                StepUpMode::Risk => true,
+            };
             assert_eq!(
-                p.still_allows(&switch(false), &web, "01"),
+                p.still_allows(&switch(false, here), &web, "01"),
                 unproven,
                 "{mode:?}"
             );
-            assert!(p.still_allows(&switch(true), &web, "01"), "{mode:?}");
+            assert!(p.still_allows(&switch(true, None), &web, "01"), "{mode:?}");
             // Another caller: never.
-            assert!(!p.still_allows(&switch(true), &id(OPS), "02"), "{mode:?}");
+            assert!(
+                !p.still_allows(&switch(true, None), &id(OPS), "02"),
+                "{mode:?}"
+            );
+        }
+        // Made unproven under no rules, or other ones: a route that decides
+        // by risk now never decided on it, and it goes (made again, the
+        // switch meets the new rules); a proven one stays.
+        let p = with(StepUpMode::Risk);
+        let here = p.routes[0].risk.as_ref().map(RouteRisk::fingerprint);
+        for before in [None, here.map(|f| f ^ 1)] {
+            assert!(
+                !p.still_allows(&switch(false, before), &web, "01"),
+                "{before:?}"
+            );
+            assert!(p.still_allows(&switch(true, None), &web, "01"));
         }
     }
 

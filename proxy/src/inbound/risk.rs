@@ -1057,6 +1057,13 @@ fn header_fires(fields: Fields<'_>, rule: &HeaderRule) -> bool {
 }
 
 impl RouteRisk {
+    /// Identifies the route's path prefix, methods, mode and the rules it
+    /// lists, as they are configured: equal across a reload that left them
+    /// as they were.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
     /// Compiles `route`'s risk rules (its `risk` list, every name of which
     /// is in `rules`: the configuration checked that). The table applies
     /// them to refusals once [`RiskTable::apply`] is given the route.
@@ -1066,11 +1073,15 @@ impl RouteRisk {
             .iter()
             .filter_map(|n| rules.iter().find(|r| &r.name == n))
             .collect();
-        // The methods as a set: their order or repetition in the file says
-        // nothing about where the route is.
+        // The methods as the set of requests they match: their order or
+        // repetition in the file says nothing about where the route is, and
+        // HEAD beside GET adds nothing (GET covers it, `policy::covers`).
         let mut methods: Vec<&str> = route.methods.iter().map(|m| m.as_str()).collect();
         methods.sort_unstable();
         methods.dedup();
+        if methods.contains(&"GET") {
+            methods.retain(|m| *m != "HEAD");
+        }
         // What the route does, not what it is called in the file or which
         // callers it allows: those change nothing the state is about.
         let mut what = format!(
@@ -1647,6 +1658,9 @@ mod tests {
         // The same set, in another order and with a repeat: the same
         // place, so the 4th request in the second still fires.
         let r = with(&[Method::POST, Method::GET, Method::GET]);
+        assert_eq!(r.evaluate(&p, &none(), at(3)), ch("burst"));
+        // HEAD beside GET matches no request more (GET covers HEAD).
+        let r = with(&[Method::HEAD, Method::POST, Method::GET]);
         assert_eq!(r.evaluate(&p, &none(), at(3)), ch("burst"));
         // Another set is another place.
         let r = with(&[Method::POST]);

@@ -119,6 +119,10 @@ pub enum Grant {
         /// A step-up proof came with it: it may ride a route that demands
         /// one (`always`).
         proven: bool,
+        /// Unproven on a `risk` route: the fingerprint of the route and
+        /// rules that let it through. Only those rules decided on it; under
+        /// others, the switch is decided again by being made again.
+        risk: Option<u64>,
     },
 }
 
@@ -707,6 +711,7 @@ mod tests {
                 Grant::Switch {
                     path: "/chat".into(),
                     proven: false,
+                    risk: None,
                 },
             )
             .unwrap();
@@ -921,7 +926,8 @@ mod tests {
         let mut h2 = client(&web, addr).await;
         let (status, _) = connect(&mut h2, port).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
-        let file = format!("[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
+        let file =
+            format!("routes = []\n[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
         let policy =
             crate::config::parse_policy(std::path::Path::new("p.toml"), &file).expect("policy");
         inbound.replace_policy(&policy).expect("replace");
@@ -1247,7 +1253,8 @@ mod tests {
         let rest = format!("http_ports = [8080]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
         let (addr, _m, _stop, inbound) = serve_inbound(&api, &rest).await;
         for port in [8080, admin] {
-            let file = format!("[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
+            let file =
+                format!("routes = []\n[[tcp]]\nport = {port}\nallow = [\"spiffe://{TD}{WEB}\"]\n");
             let policy = crate::config::parse_policy(std::path::Path::new("p.toml"), &file)
                 .expect("valid on its own");
             let e = inbound.replace_policy(&policy).expect_err("refused");
