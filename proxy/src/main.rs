@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyproof_proxy::config::{Config, IdentitySource, LogFormat};
-use keyproof_proxy::redirect::{self, InboundPorts, Outcome};
+use keyproof_proxy::redirect::{self, Family, InboundPorts, Outcome};
 
 #[derive(Parser)]
 #[command(
@@ -190,30 +190,46 @@ fn redirect_cmd(a: RedirectArgs) -> anyhow::Result<()> {
     // Validated even for --remove, so a typo is never silently ignored.
     let rules = redirect::rules(&opts)?;
     if a.dry_run {
-        let script = if a.remove {
-            redirect::remove_script(&redirect::installed_state()).unwrap_or_default()
-        } else {
-            redirect::install_script(&rules, &Default::default())
-        };
-        print!("{script}");
+        // Both families' input, each headed by the program it is for.
+        for (family, rules) in [(Family::V4, rules), (Family::V6, redirect::rules6(&opts))] {
+            let script = if a.remove {
+                redirect::remove_script(family, &redirect::installed_state(family))
+                    .unwrap_or_default()
+            } else {
+                redirect::install_script(family, &rules, &Default::default())
+            };
+            let program = match family {
+                Family::V4 => "iptables-restore",
+                Family::V6 => "ip6tables-restore (where the kernel has IPv6)",
+            };
+            print!("# {program} --noflush\n{script}");
+        }
         return Ok(());
     }
-    let outcome = if a.remove {
+    let (v4, v6) = if a.remove {
         redirect::remove()?
     } else {
         redirect::install(&opts)?
     };
-    let what = match outcome {
+    let what = |o: Outcome| match o {
         Outcome::Installed => "installed",
         Outcome::Replaced => "replaced the rules already installed",
         Outcome::Removed => "removed",
         Outcome::NothingToRemove => "nothing to remove: none of our chains is",
     };
     println!(
-        "redirect: {what} ({}, {} in the nat table, IPv4)",
+        "redirect: {} ({}, {} in the nat table, IPv4)",
+        what(v4),
         redirect::INBOUND_CHAIN,
         redirect::OUTPUT_CHAIN
     );
+    match v6 {
+        Some(o) => println!(
+            "redirect: {} (the same chains in ip6tables' filter table: IPv6 TCP is refused, not intercepted)",
+            what(o)
+        ),
+        None => println!("redirect: no IPv6 in this namespace: nothing to refuse"),
+    }
     if !a.remove {
         for w in redirect::warnings(&opts) {
             eprintln!("redirect: warning: {w}");
@@ -221,8 +237,8 @@ fn redirect_cmd(a: RedirectArgs) -> anyhow::Result<()> {
         let v6 = redirect::current_global_ipv6_addresses();
         if !v6.is_empty() {
             eprintln!(
-                "redirect: warning: IPv6 TCP is not intercepted, and this namespace has IPv6 \
-                 addresses ({}): connections over them bypass the sidecar",
+                "redirect: warning: this namespace has global IPv6 addresses ({}): TCP over them \
+                 is refused, not meshed; mesh traffic must use IPv4",
                 v6.join(", ")
             );
         }

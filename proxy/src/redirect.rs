@@ -15,8 +15,13 @@
 //! it twice leaves one copy. Removing deletes our jumps and chains and
 //! nothing else: the namespace is as it was before.
 //!
-//! IPv4 only: IPv6 TCP is not intercepted (the listeners bind IPv4
-//! addresses); see docs/transparent.md.
+//! IPv4 is intercepted. IPv6 TCP cannot be (the listeners bind IPv4
+//! addresses), so it is refused instead, never let past the sidecar: in a
+//! namespace with IPv6, the same two chains in ip6tables' `filter` table
+//! reset every new TCP connection but loopback's, the proxy's own and the
+//! excluded ports' (link-local addresses included, which every interface
+//! with IPv6 has, and which reach a dual-stack app from the same segment).
+//! See docs/transparent.md.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -31,11 +36,50 @@ pub const INBOUND_CHAIN: &str = "KEYPROOF_INBOUND";
 /// `OUTPUT`).
 pub const OUTPUT_CHAIN: &str = "KEYPROOF_OUTPUT";
 
-/// The table everything is installed in.
-const TABLE: &str = "nat";
+/// An `iptables` family, and the table our chains live in there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4: the `nat` table, connections redirected to the listeners.
+    V4,
+    /// IPv6: the `filter` table, new connections reset (fail closed).
+    V6,
+}
 
-/// The jumps into our chains: (built-in chain, our chain).
-const JUMPS: [(&str, &str); 2] = [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN)];
+impl Family {
+    /// The table our chains are in.
+    pub fn table(self) -> &'static str {
+        match self {
+            Family::V4 => "nat",
+            Family::V6 => "filter",
+        }
+    }
+
+    /// The jumps into our chains: (built-in chain, our chain).
+    fn jumps(self) -> [(&'static str, &'static str); 2] {
+        match self {
+            Family::V4 => [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN)],
+            Family::V6 => [("INPUT", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN)],
+        }
+    }
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+}
+
+/// How a new IPv6 TCP connection is refused: a reset, so that a client
+/// with both families (happy eyeballs) moves to IPv4 at once.
+const REFUSE6: [&str; 5] = ["--syn", "-j", "REJECT", "--reject-with", "tcp-reset"];
 
 /// Loopback: never redirected, so the proxy's own local legs (inbound to
 /// the app, an app calling the outbound listener explicitly) stay direct.
@@ -69,11 +113,11 @@ pub enum RedirectError {
         /// The offending item.
         value: String,
     },
-    /// An IPv6 network: only IPv4 is intercepted, so excluding one would
-    /// suggest a protection that does not exist.
+    /// An IPv6 network: only IPv4 is intercepted (IPv6 TCP is refused), so
+    /// excluding one would suggest an exception that does not exist.
     #[error(
-        "--exclude-cidrs: {value:?} is IPv6; redirect intercepts IPv4 only (IPv6 traffic is \
-         not redirected at all, see docs/transparent.md)"
+        "--exclude-cidrs: {value:?} is IPv6; redirect intercepts IPv4 only (IPv6 TCP is \
+         refused, see docs/transparent.md)"
     )]
     Ipv6Cidr {
         /// The offending item.
@@ -389,6 +433,64 @@ pub fn rules(opts: &Options) -> Result<Vec<Rule>, RedirectError> {
     Ok(out)
 }
 
+/// The IPv6 rules of our two chains (ip6tables, `filter` table): what IPv4
+/// redirects, IPv6 refuses. Loopback, the proxy's own connections and the
+/// excluded ports pass as they do in IPv4 (excluded CIDRs are IPv4 only);
+/// every other new TCP connection is reset. A pure function of `opts`,
+/// after [`rules`] has validated them.
+pub fn rules6(opts: &Options) -> Vec<Rule> {
+    let refuse = |port: Option<&str>| -> Vec<String> {
+        let mut spec = vec!["-p".to_owned(), "tcp".to_owned()];
+        if let Some(p) = port {
+            spec.extend(["--dport".to_owned(), p.to_owned()]);
+        }
+        spec.extend(REFUSE6.iter().map(|a| (*a).to_owned()));
+        spec
+    };
+    let mut out = vec![Rule::new(INBOUND_CHAIN, &["-i", "lo", "-j", "RETURN"])];
+    let mut keep = opts.exclude_inbound_ports.clone();
+    dedup_in_order(&mut keep);
+    for p in &keep {
+        let p = p.to_string();
+        out.push(Rule::new(
+            INBOUND_CHAIN,
+            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
+        ));
+    }
+    match &opts.inbound_ports {
+        InboundPorts::All => out.push(Rule {
+            chain: INBOUND_CHAIN,
+            spec: refuse(None),
+        }),
+        InboundPorts::List(ports) => {
+            for p in ports.iter().filter(|p| !keep.contains(p)) {
+                out.push(Rule {
+                    chain: INBOUND_CHAIN,
+                    spec: refuse(Some(&p.to_string())),
+                });
+            }
+        }
+    }
+    let uid = opts.proxy_uid.to_string();
+    out.push(Rule::new(
+        OUTPUT_CHAIN,
+        &["-m", "owner", "--uid-owner", &uid, "-j", "RETURN"],
+    ));
+    out.push(Rule::new(OUTPUT_CHAIN, &["-o", "lo", "-j", "RETURN"]));
+    for p in &opts.exclude_outbound_ports {
+        let p = p.to_string();
+        out.push(Rule::new(
+            OUTPUT_CHAIN,
+            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
+        ));
+    }
+    out.push(Rule {
+        chain: OUTPUT_CHAIN,
+        spec: refuse(None),
+    });
+    out
+}
+
 /// Options that are valid but switch interception off where the operator
 /// probably meant it on: `redirect` installs them and prints these.
 pub fn warnings(opts: &Options) -> Vec<String> {
@@ -436,7 +538,7 @@ fn jump_line(builtin: &str, ours: &str) -> String {
 
 /// What of ours is in the `nat` table now, read from `iptables -t nat -S`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NatState {
+pub struct ChainState {
     /// Our chains that exist.
     pub chains: Vec<&'static str>,
     /// Every rule in a built-in chain that jumps to one of ours, as printed
@@ -444,10 +546,10 @@ pub struct NatState {
     pub jumps: Vec<String>,
 }
 
-impl NatState {
+impl ChainState {
     /// Parses `iptables -t nat -S` output.
-    pub fn parse(listing: &str) -> NatState {
-        let mut st = NatState::default();
+    pub fn parse(listing: &str) -> ChainState {
+        let mut st = ChainState::default();
         for line in listing.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix("-N ") {
                 for ours in [INBOUND_CHAIN, OUTPUT_CHAIN] {
@@ -473,13 +575,13 @@ impl NatState {
     }
 }
 
-/// The `iptables-restore --noflush` input that brings the table from
-/// `state` to exactly `rules` plus one jump per chain: our chains are
-/// declared (which empties them), refilled, and the jumps fixed up (a
-/// missing one inserted first in its built-in chain, any other jump into
-/// our chains deleted).
-pub fn install_script(rules: &[Rule], state: &NatState) -> String {
-    let mut s = format!("*{TABLE}\n");
+/// The `iptables-restore --noflush` input (`ip6tables-restore` for
+/// [`Family::V6`]) that brings the family's table from `state` to exactly
+/// `rules` plus one jump per chain: our chains are declared (which empties
+/// them), refilled, and the jumps fixed up (a missing one inserted first in
+/// its built-in chain, any other jump into our chains deleted).
+pub fn install_script(family: Family, rules: &[Rule], state: &ChainState) -> String {
+    let mut s = format!("*{}\n", family.table());
     for ours in [INBOUND_CHAIN, OUTPUT_CHAIN] {
         let _ = writeln!(s, ":{ours} - [0:0]");
     }
@@ -495,7 +597,7 @@ pub fn install_script(rules: &[Rule], state: &NatState) -> String {
             let _ = writeln!(s, "-D {spec}");
         }
     }
-    for (builtin, ours) in JUMPS {
+    for (builtin, ours) in family.jumps() {
         let _ = writeln!(s, "-I {builtin} 1 -p tcp -j {ours}");
     }
     s.push_str("COMMIT\n");
@@ -503,12 +605,12 @@ pub fn install_script(rules: &[Rule], state: &NatState) -> String {
 }
 
 /// The `iptables-restore --noflush` input that deletes everything of ours
-/// in `state`; `None` when there is nothing to delete.
-pub fn remove_script(state: &NatState) -> Option<String> {
+/// in `state` (the family's table); `None` when there is nothing to delete.
+pub fn remove_script(family: Family, state: &ChainState) -> Option<String> {
     if state.is_empty() {
         return None;
     }
-    let mut s = format!("*{TABLE}\n");
+    let mut s = format!("*{}\n", family.table());
     for j in &state.jumps {
         if let Some(spec) = j.strip_prefix("-A ") {
             let _ = writeln!(s, "-D {spec}");
@@ -522,10 +624,14 @@ pub fn remove_script(state: &NatState) -> Option<String> {
 }
 
 /// The state after a complete install: what `--remove --dry-run` shows.
-pub fn installed_state() -> NatState {
-    NatState {
+pub fn installed_state(family: Family) -> ChainState {
+    ChainState {
         chains: vec![INBOUND_CHAIN, OUTPUT_CHAIN],
-        jumps: JUMPS.iter().map(|(b, o)| jump_line(b, o)).collect(),
+        jumps: family
+            .jumps()
+            .iter()
+            .map(|(b, o)| jump_line(b, o))
+            .collect(),
     }
 }
 
@@ -543,11 +649,23 @@ pub enum Outcome {
 }
 
 /// Installs `opts`' rules in the current network namespace, replacing any
-/// earlier set of ours in one transaction.
-pub fn install(opts: &Options) -> Result<Outcome, RedirectError> {
-    let rules = rules(opts)?;
-    let state = read_state()?;
-    restore(&install_script(&rules, &state))?;
+/// earlier set of ours in one transaction per family: IPv4's, then, where
+/// the kernel has IPv6, IPv6's (an IPv6 namespace whose rules cannot be
+/// installed is an error: its TCP would bypass the sidecar). The second
+/// outcome is IPv6's, `None` without IPv6.
+pub fn install(opts: &Options) -> Result<(Outcome, Option<Outcome>), RedirectError> {
+    let v4 = install_family(Family::V4, &rules(opts)?)?;
+    let v6 = if has_ipv6() {
+        Some(install_family(Family::V6, &rules6(opts))?)
+    } else {
+        None
+    };
+    Ok((v4, v6))
+}
+
+fn install_family(family: Family, rules: &[Rule]) -> Result<Outcome, RedirectError> {
+    let state = read_state(family)?;
+    restore(family, &install_script(family, rules, &state))?;
     Ok(if state.is_empty() {
         Outcome::Installed
     } else {
@@ -555,22 +673,40 @@ pub fn install(opts: &Options) -> Result<Outcome, RedirectError> {
     })
 }
 
-/// Removes our rules from the current network namespace; a no-op when none
-/// are installed.
-pub fn remove() -> Result<Outcome, RedirectError> {
-    let state = read_state()?;
-    match remove_script(&state) {
+/// Removes our rules from the current network namespace, both families; a
+/// no-op where none are installed. The second outcome is IPv6's, `None`
+/// without IPv6.
+pub fn remove() -> Result<(Outcome, Option<Outcome>), RedirectError> {
+    let v4 = remove_family(Family::V4)?;
+    let v6 = if has_ipv6() {
+        Some(remove_family(Family::V6)?)
+    } else {
+        None
+    };
+    Ok((v4, v6))
+}
+
+fn remove_family(family: Family) -> Result<Outcome, RedirectError> {
+    let state = read_state(family)?;
+    match remove_script(family, &state) {
         None => Ok(Outcome::NothingToRemove),
         Some(script) => {
-            restore(&script)?;
+            restore(family, &script)?;
             Ok(Outcome::Removed)
         }
     }
 }
 
+/// Whether the kernel gives this namespace IPv6 (every interface then has
+/// a link-local address at least).
+pub fn has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}
+
 /// The namespace's global-scope IPv6 addresses as `address%interface`,
-/// read from `/proc/net/if_inet6` text: the traffic `redirect` does not
-/// intercept. Link-local and loopback addresses carry no pod traffic.
+/// read from `/proc/net/if_inet6` text: those a dual-stack cluster routes
+/// pod traffic over, which `redirect` refuses rather than meshes (as it
+/// refuses link-local traffic, which reaches pods on the same segment).
 pub fn global_ipv6_addresses(if_inet6: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in if_inet6.lines() {
@@ -597,37 +733,33 @@ pub fn current_global_ipv6_addresses() -> Vec<String> {
         .unwrap_or_default()
 }
 
-const IPTABLES: &str = "iptables";
-const IPTABLES_RESTORE: &str = "iptables-restore";
-
-fn read_state() -> Result<NatState, RedirectError> {
-    let out = Command::new(IPTABLES)
-        .args(["-w", "-t", TABLE, "-S"])
+fn read_state(family: Family) -> Result<ChainState, RedirectError> {
+    let program = family.iptables();
+    let out = Command::new(program)
+        .args(["-w", "-t", family.table(), "-S"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| spawn_error(IPTABLES, e))?;
-    check(IPTABLES, out.status, &out.stderr)?;
-    Ok(NatState::parse(&String::from_utf8_lossy(&out.stdout)))
+        .map_err(|e| spawn_error(program, e))?;
+    check(program, out.status, &out.stderr)?;
+    Ok(ChainState::parse(&String::from_utf8_lossy(&out.stdout)))
 }
 
-fn restore(script: &str) -> Result<(), RedirectError> {
-    let mut child = Command::new(IPTABLES_RESTORE)
+fn restore(family: Family, script: &str) -> Result<(), RedirectError> {
+    let program = family.restore();
+    let mut child = Command::new(program)
         .args(["-w", "--noflush"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| spawn_error(IPTABLES_RESTORE, e))?;
-    let io = |source| RedirectError::Io {
-        program: IPTABLES_RESTORE,
-        source,
-    };
+        .map_err(|e| spawn_error(program, e))?;
+    let io = |source| RedirectError::Io { program, source };
     if let Some(mut stdin) = child.stdin.take() {
         // A refusal can close stdin early; the exit status tells why.
         let _ = stdin.write_all(script.as_bytes());
     }
     let out = child.wait_with_output().map_err(io)?;
-    check(IPTABLES_RESTORE, out.status, &out.stderr)
+    check(program, out.status, &out.stderr)
 }
 
 fn spawn_error(program: &'static str, e: std::io::Error) -> RedirectError {
@@ -812,7 +944,7 @@ mod tests {
             -A PREROUTING -p tcp -j KEYPROOF_INBOUND\n-A OUTPUT -d 10.0.0.0/8 -j OTHER\n\
             -A OUTPUT -p tcp -j KEYPROOF_OUTPUT\n-A OUTPUT -p tcp -j KEYPROOF_OUTPUT\n\
             -A KEYPROOF_INBOUND -p tcp -j REDIRECT --to-ports 15443\n";
-        let st = NatState::parse(listing);
+        let st = ChainState::parse(listing);
         assert_eq!(st.chains, [INBOUND_CHAIN]);
         assert_eq!(
             st.jumps,
@@ -822,13 +954,13 @@ mod tests {
                 "-A OUTPUT -p tcp -j KEYPROOF_OUTPUT",
             ]
         );
-        assert!(NatState::parse("-P OUTPUT ACCEPT\n").is_empty());
+        assert!(ChainState::parse("-P OUTPUT ACCEPT\n").is_empty());
     }
 
     #[test]
     fn install_adds_missing_jumps_and_drops_extra_ones() {
         let r = rules(&Options::default()).unwrap();
-        let fresh = install_script(&r, &NatState::default());
+        let fresh = install_script(Family::V4, &r, &ChainState::default());
         assert!(fresh.starts_with("*nat\n:KEYPROOF_INBOUND - [0:0]\n:KEYPROOF_OUTPUT - [0:0]\n"));
         assert!(fresh.ends_with(
             "-I PREROUTING 1 -p tcp -j KEYPROOF_INBOUND\n-I OUTPUT 1 -p tcp -j KEYPROOF_OUTPUT\nCOMMIT\n"
@@ -836,14 +968,14 @@ mod tests {
         assert_eq!(fresh.matches("-A KEYPROOF_").count(), r.len());
         // Installed already: each jump moved back to first place in one
         // transaction (a rule inserted above it since would bypass it).
-        let again = install_script(&r, &installed_state());
+        let again = install_script(Family::V4, &r, &installed_state(Family::V4));
         assert_eq!(again.matches("-D ").count(), 2, "{again}");
         assert!(again.ends_with(
             "-D PREROUTING -p tcp -j KEYPROOF_INBOUND\n-D OUTPUT -p tcp -j KEYPROOF_OUTPUT\n\
              -I PREROUTING 1 -p tcp -j KEYPROOF_INBOUND\n-I OUTPUT 1 -p tcp -j KEYPROOF_OUTPUT\nCOMMIT\n"
         ), "{again}");
         // Two copies of one jump and a stray one: one copy left.
-        let messy = NatState {
+        let messy = ChainState {
             chains: vec![OUTPUT_CHAIN],
             jumps: vec![
                 "-A OUTPUT -p tcp -j KEYPROOF_OUTPUT".into(),
@@ -851,7 +983,7 @@ mod tests {
                 "-A OUTPUT -d 10.0.0.0/8 -j KEYPROOF_OUTPUT".into(),
             ],
         };
-        let s = install_script(&r, &messy);
+        let s = install_script(Family::V4, &r, &messy);
         assert!(s.contains("-D OUTPUT -p tcp -j KEYPROOF_OUTPUT\n"), "{s}");
         assert!(
             s.contains("-D OUTPUT -d 10.0.0.0/8 -j KEYPROOF_OUTPUT\n"),
@@ -898,10 +1030,59 @@ mod tests {
     }
 
     #[test]
-    fn remove_deletes_only_ours_and_nothing_when_absent() {
-        assert_eq!(remove_script(&NatState::default()), None);
+    fn ipv6_refuses_what_ipv4_redirects() {
+        let r = rules6(&Options::default());
         assert_eq!(
-            remove_script(&installed_state()).unwrap(),
+            lines(&r),
+            [
+                "-A KEYPROOF_INBOUND -i lo -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --syn -j REJECT --reject-with tcp-reset",
+                "-A KEYPROOF_OUTPUT -m owner --uid-owner 2102 -j RETURN",
+                "-A KEYPROOF_OUTPUT -o lo -j RETURN",
+                "-A KEYPROOF_OUTPUT -p tcp --syn -j REJECT --reject-with tcp-reset",
+            ]
+        );
+        // The same exclusions (ports: CIDRs are IPv4's), the same listed
+        // inbound ports.
+        let opts = Options {
+            proxy_uid: 1337,
+            inbound_ports: parse_inbound_ports("8080,9000").unwrap(),
+            exclude_inbound_ports: vec![9000],
+            exclude_outbound_ports: vec![53],
+            exclude_cidrs: parse_cidrs("10.0.0.0/8").unwrap(),
+            ..Options::default()
+        };
+        assert_eq!(
+            lines(&rules6(&opts)),
+            [
+                "-A KEYPROOF_INBOUND -i lo -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --dport 9000 -j RETURN",
+                "-A KEYPROOF_INBOUND -p tcp --dport 8080 --syn -j REJECT --reject-with tcp-reset",
+                "-A KEYPROOF_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                "-A KEYPROOF_OUTPUT -o lo -j RETURN",
+                "-A KEYPROOF_OUTPUT -p tcp --dport 53 -j RETURN",
+                "-A KEYPROOF_OUTPUT -p tcp --syn -j REJECT --reject-with tcp-reset",
+            ]
+        );
+        // In the filter table, jumped to from INPUT and OUTPUT.
+        let s = install_script(Family::V6, &r, &ChainState::default());
+        assert!(s.starts_with("*filter\n:KEYPROOF_INBOUND - [0:0]\n"), "{s}");
+        assert!(
+            s.ends_with(
+                "-I INPUT 1 -p tcp -j KEYPROOF_INBOUND\n-I OUTPUT 1 -p tcp -j KEYPROOF_OUTPUT\nCOMMIT\n"
+            ),
+            "{s}"
+        );
+        assert!(remove_script(Family::V6, &installed_state(Family::V6))
+            .unwrap()
+            .starts_with("*filter\n-D INPUT -p tcp -j KEYPROOF_INBOUND\n"));
+    }
+
+    #[test]
+    fn remove_deletes_only_ours_and_nothing_when_absent() {
+        assert_eq!(remove_script(Family::V4, &ChainState::default()), None);
+        assert_eq!(
+            remove_script(Family::V4, &installed_state(Family::V4)).unwrap(),
             "*nat\n-D PREROUTING -p tcp -j KEYPROOF_INBOUND\n-D OUTPUT -p tcp -j KEYPROOF_OUTPUT\n\
              -F KEYPROOF_INBOUND\n-X KEYPROOF_INBOUND\n-F KEYPROOF_OUTPUT\n-X KEYPROOF_OUTPUT\nCOMMIT\n"
         );

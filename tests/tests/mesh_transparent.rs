@@ -594,3 +594,113 @@ fn a_passed_through_connection_never_carries_a_meshed_request() {
 
 /// An HTTP/2-only server (prior knowledge) in pod C.
 const H2C: u16 = 8082;
+
+/// A dual-stack server (`[::]`, as Go, Java and Node listen by default):
+/// answers `plain` to every connection.
+const DUAL_STACK_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1]))); s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"plain\n"); c.close()
+"#;
+
+/// Connects to ADDR PORT; prints what came back, or the error number.
+const PROBE_CLIENT: &str = r#"
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+    print(c.recv(64).decode().strip() or "closed")
+except OSError as e:
+    print("error", e.errno)
+"#;
+
+/// The pod's IPv6 link-local address as `fe80::...%iface`, once it has
+/// left duplicate address detection.
+fn link_local(pod: &Pod) -> Option<String> {
+    for _ in 0..50 {
+        let out = run_ok(pod.cmd("ip").args([
+            "-6", "-o", "addr", "show", "dev", pod.iface, "scope", "link",
+        ]));
+        if let Some(line) = out.lines().find(|l| l.contains("fe80::")) {
+            if !line.contains("tentative") {
+                let addr = line
+                    .split_whitespace()
+                    .skip_while(|w| *w != "inet6")
+                    .nth(1)?;
+                let addr = addr.split('/').next()?;
+                return Some(format!("{addr}%{}", pod.iface));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn ipv6_is_refused_not_let_past_the_sidecar() {
+    if !can_run(&["python3", "setpriv"]) {
+        return;
+    }
+    if !Path::new("/proc/net/if_inet6").exists() {
+        eprintln!("NOTICE: no IPv6 in this kernel: nothing to refuse");
+        return;
+    }
+    let pods = Pods::create();
+    let (a, b, c) = (&pods.a, &pods.b, &pods.c);
+    const PORT: &str = "8083";
+    let mut server = b.cmd("/usr/bin/python3");
+    server.args(["-c", DUAL_STACK_SERVER, PORT]);
+    let _b_app = b.spawn(server, &pods.path("dual-b.out"));
+    let mut server = c.cmd("/usr/bin/python3");
+    server.args(["-c", DUAL_STACK_SERVER, PORT]);
+    let _c_app = c.spawn(server, &pods.path("dual-c.out"));
+    assert!(b.wait_port(b.addr(8083), Duration::from_secs(10)));
+    assert!(c.wait_port(c.addr(8083), Duration::from_secs(10)));
+    let (b6, c6) = (
+        link_local(b).expect("B's link-local address"),
+        link_local(c).expect("C's link-local address"),
+    );
+    let probe = |from: &Pod, to: &str, app: bool| {
+        let mut cmd = if app {
+            from.cmd_app("/usr/bin/python3")
+        } else {
+            from.cmd("/usr/bin/python3")
+        };
+        cmd.args(["-c", PROBE_CLIENT, to, PORT]);
+        String::from_utf8_lossy(&run(&mut cmd).stdout)
+            .trim()
+            .to_owned()
+    };
+    // Without the rules, a pod with no sidecar reaches B's app over
+    // link-local IPv6, in plain text; and A's app reaches C.
+    assert_eq!(probe(c, &b6, false), "plain");
+    assert_eq!(probe(a, &c6, true), "plain");
+    redirect(b, &["--proxy-uid", "2102"]);
+    redirect(a, &["--proxy-uid", "2102"]);
+    // With them, IPv6 TCP is refused both ways (reset: ECONNREFUSED), as
+    // IPv4 goes to the sidecar.
+    assert_eq!(probe(c, &b6, false), "error 111", "into B");
+    assert_eq!(probe(a, &c6, true), "error 111", "out of A");
+    // The proxy's uid still dials out.
+    let mut as_proxy = a.cmd_as(2102, 2102, "/usr/bin/python3");
+    as_proxy.args(["-c", PROBE_CLIENT, &c6, PORT]);
+    assert_eq!(
+        String::from_utf8_lossy(&run(&mut as_proxy).stdout).trim(),
+        "plain"
+    );
+    let filter6 = run_ok(b.cmd("ip6tables").args(["-S"]));
+    assert!(
+        filter6.contains("-A INPUT -p tcp -j KEYPROOF_INBOUND"),
+        "{filter6}"
+    );
+    // --remove restores both families.
+    redirect(b, &["--remove"]);
+    redirect(a, &["--remove"]);
+    let filter6 = run_ok(b.cmd("ip6tables").args(["-S"]));
+    assert!(!filter6.contains("KEYPROOF"), "{filter6}");
+    assert_eq!(probe(c, &b6, false), "plain");
+}

@@ -720,13 +720,17 @@ fn connection_may_not_name_fields_the_proxy_relies_on() {
 #[test]
 fn host_transfer_coding_and_line_ending_shapes_are_refused_on_both_listeners() {
     let m = mesh("");
-    let cases: [(&str, u16); 11] = [
+    let cases: [(&str, u16); 13] = [
         ("GET /plain HTTP/1.1\r\nHost: {h}\r\nHost: {h}\r\n\r\n", 400),
         // A chunked body malformed after good chunks: the client's fault
         // (400), not the app's or the mesh's (502).
         ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", 400),
         ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabcdef\r\n0\r\n\r\n", 400),
         ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nno colon\r\n\r\n", 400),
+        // A bare LF in a chunk extension, where a parser takes any other
+        // byte: refused at once, however the body goes on.
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5;x\nhello\r\n0\r\n\r\n", 400),
+        ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0;x\n", 400),
         ("GET /plain HTTP/1.1\r\nHost: {h}\r\nHost: other.example\r\n\r\n", 400),
         ("GET http://other.example/plain HTTP/1.1\r\nHost: {h}\r\n\r\n", 400),
         ("POST /plain HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
@@ -773,6 +777,27 @@ fn host_transfer_coding_and_line_ending_shapes_are_refused_on_both_listeners() {
             .await
             .unwrap();
         assert_eq!(got.0, 400, "{}", got.2);
+        // An authority the app could read otherwise than the rules did, or
+        // none at all: 400 on both listeners.
+        for host in ["localhost/admin", "x@localhost", "evil.example, localhost", "localhost:http"] {
+            let req = format!("GET /authority HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let r = inbound_h1(&m, &req).await;
+            assert_eq!(r.status, 400, "inbound Host {host:?}: {r:?}");
+            let req = req.replace("localhost", "api.default.svc");
+            let r = outbound_h1(&m, &req).await;
+            assert_eq!(r.status, 400, "outbound Host {host:?}: {r:?}");
+        }
+        let r = inbound_h1(&m, "GET /authority HTTP/1.1\r\nX-A: 1\r\n\r\n").await;
+        assert_eq!(r.status, 400, "no Host: {r:?}");
+        let mut req = h2_request("/authority", &[], None);
+        *req.uri_mut() = "https://u:p@localhost/authority".parse().unwrap();
+        let got = inbound_h2(&m, req).await.unwrap();
+        assert_eq!(got.0, 400, "userinfo in :authority: {}", got.2);
+        assert!(
+            !m.app.all().contains("/authority"),
+            "a refused authority reached the app:\n{}",
+            m.app.all()
+        );
     });
 }
 

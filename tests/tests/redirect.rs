@@ -101,6 +101,11 @@ impl Netns {
         normalize(&self.exec_ok(&["iptables-save", "-t", "nat"]))
     }
 
+    /// The same for ip6tables' `filter` table, where IPv6 is refused.
+    fn filter6(&self) -> String {
+        normalize(&self.exec_ok(&["ip6tables-save", "-t", "filter"]))
+    }
+
     /// Connects as `uid` to `addr` and returns the first line the other
     /// end sends (empty when the connection fails or stays silent).
     fn connect_as(&self, uid: u32, ip: &str, port: u16) -> String {
@@ -248,7 +253,9 @@ fn installing_twice_leaves_one_copy_and_remove_restores_the_table() {
         "-j",
         "RETURN",
     ]);
+    ns.exec_ok(&["ip6tables", "-A", "INPUT", "-p", "udp", "-j", "ACCEPT"]);
     let before = ns.nat();
+    let before6 = ns.filter6();
 
     // --dry-run prints the rules and changes nothing.
     let dry = run_ok(&mut ns.redirect(&["--dry-run", "--exclude-outbound-ports", "53"]));
@@ -257,7 +264,13 @@ fn installing_twice_leaves_one_copy_and_remove_restores_the_table() {
             && dry.contains("-A KEYPROOF_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n"),
         "{dry}"
     );
+    assert!(
+        dry.contains("# ip6tables-restore")
+            && dry.contains("-A KEYPROOF_OUTPUT -p tcp --syn -j REJECT --reject-with tcp-reset\n"),
+        "{dry}"
+    );
     assert_eq!(ns.nat(), before, "--dry-run changed the table");
+    assert_eq!(ns.filter6(), before6, "--dry-run changed the IPv6 table");
 
     let first = run_ok(&mut ns.redirect(&[]));
     assert!(first.contains("installed"), "{first}");
@@ -266,6 +279,21 @@ fn installing_twice_leaves_one_copy_and_remove_restores_the_table() {
     assert!(second.contains("replaced"), "{second}");
     let twice = ns.nat();
     assert_eq!(once, twice, "a second install changed the table");
+    // IPv6: refused, one copy of each jump, first in its chain.
+    let six = ns.filter6();
+    for line in [
+        "-A INPUT -p tcp -j KEYPROOF_INBOUND",
+        "-A OUTPUT -p tcp -j KEYPROOF_OUTPUT",
+        "-A KEYPROOF_INBOUND -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset",
+    ] {
+        let n = six.lines().filter(|l| *l == line).count();
+        assert_eq!(n, 1, "{line} appears {n} times:\n{six}");
+    }
+    assert_eq!(
+        six.lines().find(|l| l.starts_with("-A INPUT")),
+        Some("-A INPUT -p tcp -j KEYPROOF_INBOUND"),
+        "{six}"
+    );
     for line in [
         ":KEYPROOF_INBOUND - [0:0]",
         ":KEYPROOF_OUTPUT - [0:0]",
@@ -304,6 +332,11 @@ fn installing_twice_leaves_one_copy_and_remove_restores_the_table() {
     let removed = run_ok(&mut ns.redirect(&["--remove"]));
     assert!(removed.contains("removed"), "{removed}");
     assert_eq!(ns.nat(), before, "--remove did not restore the table");
+    assert_eq!(
+        ns.filter6(),
+        before6,
+        "--remove did not restore the IPv6 table"
+    );
     let again = run_ok(&mut ns.redirect(&["--remove"]));
     assert!(again.contains("nothing to remove"), "{again}");
     assert_eq!(ns.nat(), before);
@@ -332,7 +365,8 @@ fn app_connections_are_redirected_and_the_proxys_are_not() {
     ]);
     let _peer_listeners = peer.listeners(&[("0.0.0.0", 80, "PEER")]);
 
-    // IPv6 is not intercepted: said when the pod has an address to use.
+    // IPv6 is refused, not intercepted: said when the pod has a global
+    // address a dual-stack cluster would route over.
     pod.exec_ok(&[
         "ip",
         "addr",
@@ -346,7 +380,7 @@ fn app_connections_are_redirected_and_the_proxys_are_not() {
     let warning = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success()
-            && warning.contains("IPv6 TCP is not intercepted")
+            && warning.contains("is refused, not meshed")
             && warning.contains("fd00:250::1%eth0"),
         "{warning}"
     );

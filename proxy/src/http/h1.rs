@@ -776,12 +776,19 @@ impl ChunkedDecoder {
                     // a line that long may still end (its CR can be the
                     // last byte read).
                     let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
-                    let Some(end) = find_crlf(window) else {
+                    // The line ends at its first LF, which must follow a
+                    // CR: a bare one fails the body now, not once a CRLF
+                    // comes (it may never).
+                    let Some(lf) = window.iter().position(|b| *b == b'\n') else {
                         if buf.len() > MAX_CHUNK_LINE + 1 {
                             return Err(H1Error::Chunk);
                         }
                         return Ok(Decoded::NeedMore);
                     };
+                    if lf == 0 || window[lf - 1] != b'\r' {
+                        return Err(H1Error::BareLf);
+                    }
+                    let end = lf - 1;
                     let size = parse_chunk_size(&buf[..end])?;
                     buf.advance(end + 2);
                     self.state = if size == 0 {
@@ -829,6 +836,11 @@ impl ChunkedDecoder {
                         Ok(httparse::Status::Complete((len, f))) => (len, locate(buf, f)),
                         Ok(httparse::Status::Partial) if buf.len() > self.max_trailers => {
                             return Err(H1Error::TooLarge(self.max_trailers))
+                        }
+                        // Refused as soon as it is read, whether or not the
+                        // section ever ends.
+                        Ok(httparse::Status::Partial) if has_bare_lf(buf) => {
+                            return Err(H1Error::BareLf)
                         }
                         Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
                         Err(_) => return Err(H1Error::Chunk),
@@ -1056,10 +1068,6 @@ fn coalesce(dec: &mut ChunkedDecoder, buf: &mut BytesMut, first: Bytes) -> (Byte
     (merged.map_or(first, BytesMut::freeze), None)
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
-}
-
 /// `1*HEXDIG [ BWS ";" chunk-ext ]`, at most 16 hex digits.
 fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
@@ -1284,6 +1292,24 @@ mod tests {
             decode_all(b"0\r\nx: y\n\r\n", 1),
             Err(H1Error::BareLf)
         ));
+        // A bare LF in a chunk line (its extension included) or an
+        // unfinished trailer section fails at once, not when (if ever) a
+        // CRLF comes.
+        for bad in [&b"5;x\nhello"[..], b"5\r\nhello\r\n0;x\n", b"0\r\nx: y\n"] {
+            let mut dec = ChunkedDecoder::new(1024);
+            let mut buf = BytesMut::from(bad);
+            let got = loop {
+                match dec.decode(&mut buf) {
+                    Ok(Decoded::Data(_)) => continue,
+                    other => break other,
+                }
+            };
+            assert!(
+                matches!(got, Err(H1Error::BareLf)),
+                "{:?}: {got:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         for bad in [
             "HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 0\n\n",

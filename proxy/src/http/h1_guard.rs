@@ -5,12 +5,19 @@
 //! listeners, so that no head is read one way here and another way by a
 //! strict peer. This wrapper follows the message boundaries of the bytes
 //! hyper reads (heads, `Content-Length` and chunked bodies, trailer
-//! sections) and, where a head, chunk line or trailer section holds a bare
-//! LF, turns that LF into a NUL byte: no HTTP/1 parser accepts NUL in a
-//! head, so hyper answers 400 and closes, as for any malformed head. The
-//! read ends there with an empty line after the NUL: hyper re-parses a
-//! partial head only once it sees one end, and the bytes after a refused
-//! head are never read anyway.
+//! sections):
+//!
+//! - Where a head holds a bare LF, the LF becomes a NUL byte: no HTTP/1
+//!   parser accepts NUL in a head, so hyper answers 400 and closes, as for
+//!   any malformed head. The read ends there with an empty line after the
+//!   NUL: hyper re-parses a partial head only once it sees one end, and the
+//!   bytes after a refused head are never read anyway.
+//! - Where a chunk line or trailer section holds a bare LF, or a body is
+//!   framed in a way the guard cannot follow, the read fails
+//!   (`InvalidData`): the body fails, the request is answered 400
+//!   (`error::is_malformed`), and the connection is not read again. Bytes
+//!   are never rewritten inside a body, where hyper may take any byte (a
+//!   chunk extension), and hyper never reads past what the guard followed.
 //!
 //! Cost per request: one pass over the head's bytes (copied into a reused
 //! buffer only when a head spans reads) and one framing parse of it.
@@ -36,9 +43,24 @@ enum At {
     ChunkData(u64),
     /// The trailer section after the last chunk.
     Trailers,
-    /// Something the guard cannot follow (hyper will refuse it): bytes
-    /// pass unchecked from here on.
+    /// A head the guard cannot follow (hyper will refuse it and close):
+    /// bytes pass unchecked from here on.
     Lost,
+    /// A body the guard cannot follow, or with a bare LF in its framing:
+    /// every read fails from here on.
+    Failed(&'static str),
+}
+
+/// What a read holds, as the guard followed it.
+#[derive(Debug, PartialEq, Eq)]
+enum Followed {
+    /// Nothing wrong (or nothing the guard follows any more).
+    Fine,
+    /// A head to refuse: the byte at this index is poisoned.
+    Poisoned(usize),
+    /// A body to fail, and why: the read passes on only the bytes before
+    /// the index (those the guard followed), the next one fails.
+    Failed(usize, &'static str),
 }
 
 /// An HTTP/1.1 server connection whose heads may not hold a bare LF.
@@ -65,13 +87,14 @@ impl<I> StrictLines<I> {
         }
     }
 
-    /// Follows `bytes` (just read), poisoning bare LFs in heads. Returns
-    /// where it poisoned one, if it did.
-    fn follow(&mut self, bytes: &mut [u8]) -> Option<usize> {
+    /// Follows `bytes` (just read), poisoning bare LFs in heads and
+    /// failing bodies whose framing holds one.
+    fn follow(&mut self, bytes: &mut [u8]) -> Followed {
         let mut i = 0;
         while i < bytes.len() {
             match self.at {
-                At::Lost => return None,
+                At::Lost => return Followed::Fine,
+                At::Failed(why) => return Followed::Failed(0, why),
                 At::Body(n) => {
                     let take = usize::try_from(n)
                         .unwrap_or(usize::MAX)
@@ -100,34 +123,65 @@ impl<I> StrictLines<I> {
                         self.line.extend_from_slice(rest);
                         self.prev = rest[rest.len() - 1];
                         if self.line.len() > self.max.saturating_add(2) {
-                            self.at = At::Lost;
+                            return self.too_long(bytes.len());
                         }
-                        return None;
+                        return Followed::Fine;
                     };
                     let before = if p == 0 { self.prev } else { rest[p - 1] };
                     if before != b'\r' {
+                        if self.at != At::Head {
+                            return self.fail(i, "bare LF in a chunk line or trailer section");
+                        }
                         bytes[i + p] = 0;
                         // hyper refuses the head; nothing after it matters.
                         self.at = At::Lost;
-                        return Some(i + p);
+                        return Followed::Poisoned(i + p);
                     }
                     self.line.extend_from_slice(&rest[..=p]);
                     self.prev = b'\n';
                     i += p + 1;
                     if self.line.len() > self.max.saturating_add(2) {
-                        self.at = At::Lost;
-                        return None;
+                        return self.too_long(i);
                     }
+                    let line_len = self.line.len();
                     if self.line_end() {
                         // The head's last LF, as for a bare one: hyper
                         // refuses the head.
                         bytes[i - 1] = 0;
-                        return Some(i - 1);
+                        return Followed::Poisoned(i - 1);
+                    }
+                    if let At::Failed(why) = self.at {
+                        // The line just ended (a size the guard cannot
+                        // read): nothing of it goes on.
+                        return Followed::Failed(i.saturating_sub(line_len), why);
                     }
                 }
             }
         }
-        None
+        Followed::Fine
+    }
+
+    /// A head beyond `max` is hyper's to refuse (431, and close); a chunk
+    /// line or trailer section beyond it fails the body.
+    /// `i`: where the read's checked bytes end.
+    fn too_long(&mut self, i: usize) -> Followed {
+        if self.at == At::Head {
+            self.at = At::Lost;
+            return Followed::Fine;
+        }
+        self.fail(
+            i,
+            "chunk line or trailer section larger than the head limit",
+        )
+    }
+
+    /// Fails the body at the line or section that holds index `i` of this
+    /// read: what came before it goes on (hyper reads the head and the
+    /// body up to there), and the read after it fails.
+    fn fail(&mut self, i: usize, why: &'static str) -> Followed {
+        let start = i.saturating_sub(self.line.len());
+        self.at = At::Failed(why);
+        Followed::Failed(start, why)
     }
 
     /// A line (CRLF) ended in a checked section; true when it ended a head
@@ -166,7 +220,7 @@ impl<I> StrictLines<I> {
                 self.at = match size {
                     Some(0) => At::Trailers,
                     Some(n) => At::ChunkData(n.saturating_add(2)),
-                    None => At::Lost,
+                    None => At::Failed("malformed chunk size"),
                 };
                 self.line.clear();
             }
@@ -191,22 +245,45 @@ impl<I: AsyncRead + Unpin> AsyncRead for StrictLines<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let At::Failed(why) = self.at {
+            return Poll::Ready(Err(malformed(why)));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && self.at != At::Lost {
             let this = &mut *self;
-            if let Some(at) = this.follow(&mut buf.filled_mut()[before..]) {
-                // The read ends at the NUL, followed by an empty line, so
-                // that hyper parses (and refuses) now rather than waiting
-                // for the end of a head that may never come.
-                buf.set_filled(before + at + 1);
-                if buf.remaining() >= 4 {
-                    buf.put_slice(b"\r\n\r\n");
+            match this.follow(&mut buf.filled_mut()[before..]) {
+                Followed::Fine => {}
+                Followed::Poisoned(at) => {
+                    // The read ends at the NUL, followed by an empty line,
+                    // so that hyper parses (and refuses) now rather than
+                    // waiting for the end of a head that may never come.
+                    buf.set_filled(before + at + 1);
+                    if buf.remaining() >= 4 {
+                        buf.put_slice(b"\r\n\r\n");
+                    }
+                }
+                Followed::Failed(0, why) => {
+                    buf.set_filled(before);
+                    return Poll::Ready(Err(malformed(why)));
+                }
+                Followed::Failed(at, _) => {
+                    // hyper gets what the guard followed (the head, the
+                    // body so far), so that it has a request to answer;
+                    // the next read fails. Nothing from the bad line on
+                    // reaches it.
+                    buf.set_filled(before + at);
                 }
             }
         }
         r
     }
+}
+
+/// The read error of a body the guard refused: `InvalidData`, which
+/// [`crate::error::is_malformed`] reads as the caller's fault (400).
+fn malformed(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
 crate::http::io::delegate_write!(StrictLines);
@@ -215,18 +292,34 @@ crate::http::io::delegate_write!(StrictLines);
 mod tests {
     use super::*;
 
-    /// Feeds `wire` in pieces of `step`; returns what hyper would read.
-    fn run(wire: &[u8], step: usize) -> Vec<u8> {
+    /// Feeds `wire` in pieces of `step`; returns what hyper would read,
+    /// and whether the guard failed the read.
+    fn follow_all(wire: &[u8], step: usize) -> (Vec<u8>, bool) {
         let mut g = StrictLines::new((), 1024);
         let mut out = wire.to_vec();
+        let mut failed = false;
         for piece in out.chunks_mut(step) {
-            g.follow(piece);
+            if let Followed::Failed(at, _) = g.follow(piece) {
+                // What hyper would not see.
+                piece[at..].fill(b'-');
+                failed = true;
+            }
         }
-        out
+        if failed && step == wire.len() {
+            // Read whole, the bad line never reaches hyper (in parts,
+            // what came before its LF did, and hyper waits for the rest).
+            let seen = String::from_utf8_lossy(&out);
+            assert!(!seen.contains("zz") && !seen.contains(";x"), "{seen}");
+        }
+        (out, failed)
+    }
+
+    fn run(wire: &[u8], step: usize) -> Vec<u8> {
+        follow_all(wire, step).0
     }
 
     #[test]
-    fn bare_lfs_in_heads_chunk_lines_and_trailers_are_poisoned_bodies_are_not() {
+    fn bare_lfs_in_heads_are_poisoned_in_chunk_lines_and_trailers_fail_in_data_pass() {
         let ok: &[u8] = b"\r\nPOST /a HTTP/1.1\r\nContent-Length: 4\r\n\r\na\nb\nGET /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n\n\n\n\r\n0\r\nx: y\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
         for step in [1, 2, 5, 7, ok.len()] {
             assert_eq!(run(ok, step), ok, "step {step}");
@@ -236,8 +329,6 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\n\n",
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET / HTTP/1.1\r\nA: b\nC: d\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\nx\r\n0\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx: y\n\r\n",
             // Both framings at once (a smuggling shape): refused too.
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
@@ -250,6 +341,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_chunk_line_or_trailer_section_with_a_bare_lf_fails_unrewritten() {
+        let head = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for body in [
+            "1\nx\r\n0\r\n\r\n",
+            "0\r\nx: y\n\r\n",
+            // In a chunk extension, where hyper takes any byte but CR and LF
+            // (a NUL there would pass).
+            "5;x\nabc\r\n0\r\n\r\n",
+            "5\r\nhello\r\n0;x\n",
+            "0;x\nb\r\n\r\n",
+            // A size the guard cannot read.
+            "zz\r\n",
+        ] {
+            let wire = format!("{head}{body}");
+            for step in [1, 3, wire.len()] {
+                let (seen, failed) = follow_all(wire.as_bytes(), step);
+                assert!(failed, "{body:?} step {step}");
+                assert!(!seen.contains(&0), "{body:?} step {step}: rewritten");
+            }
+        }
+        // And every read after it fails too: nothing on the connection is
+        // read unguarded.
+        let mut g = StrictLines::new((), 1024);
+        let mut wire = format!("{head}0;x\n").into_bytes();
+        assert!(matches!(g.follow(&mut wire), Followed::Failed(..)));
+        let mut next = b"\r\nGET / HTTP/1.1\nHost: a\r\n\r\n".to_vec();
+        assert!(matches!(g.follow(&mut next), Followed::Failed(0, _)));
     }
 
     #[test]

@@ -408,6 +408,59 @@ pub fn check_request(
     Ok(f)
 }
 
+/// The request's authority (its target's, else `Host`), as the app will
+/// read it: present, except in HTTP/1.0 (RFC 9112 section 3.2; RFC 9113
+/// section 8.3.1: `http` and `https` have one), without userinfo (RFC 9113
+/// section 8.3.1, RFC 9110 section 4.2.4), and a host every server reads
+/// the same way (a DNS name or an address, an optional port). Anything
+/// else is refused with 400 on both listeners, rather than handed to an
+/// app that may read `b.svc/admin` or `evil.example, b.svc` otherwise than
+/// the sidecar's rules did. Called after [`check_request`], which refuses
+/// two Host fields and one that disagrees with the target.
+pub fn check_authority(
+    version: http::Version,
+    uri: &Uri,
+    h: &HeaderMap,
+) -> Result<(), HeaderRefusal> {
+    let value = match uri.authority() {
+        Some(a) => a.as_str().as_bytes(),
+        None => match h.get(header::HOST) {
+            Some(v) => v.as_bytes(),
+            None if version == http::Version::HTTP_10 || version == http::Version::HTTP_09 => {
+                return Ok(())
+            }
+            None => {
+                return Err(HeaderRefusal::bad(
+                    "the request has no Host (nor :authority)",
+                ))
+            }
+        },
+    };
+    let shown = || String::from_utf8_lossy(value).into_owned();
+    if value.contains(&b'@') {
+        return Err(HeaderRefusal::bad(format!(
+            "the authority {:?} carries userinfo",
+            shown()
+        )));
+    }
+    let host_ok = http::uri::Authority::try_from(value).ok().is_some_and(|a| {
+        // After the host, nothing or a port that is a number.
+        let port = &a.as_str()[a.host().len()..];
+        plain_host(a.host()).is_some()
+            && (port.is_empty()
+                || port.strip_prefix(':').is_some_and(|p| {
+                    p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+                }))
+    });
+    if !host_ok {
+        return Err(HeaderRefusal::bad(format!(
+            "the authority {:?} is no host name or address with an optional port",
+            shown()
+        )));
+    }
+    Ok(())
+}
+
 /// `Transfer-Encoding` as a proxy can forward it faithfully: exactly one
 /// `chunked` (which the proxy decodes and re-frames), and nothing else.
 /// A coding before `chunked` is refused with 501 rather than decoded
@@ -776,6 +829,49 @@ mod tests {
         assert!(check_request(&h, &uri, Underscores::Reject)
             .unwrap()
             .is_clean());
+    }
+
+    #[test]
+    fn an_authority_is_there_without_userinfo_and_one_host() {
+        use http::Version;
+        let origin: Uri = "/x".parse().unwrap();
+        let ok = |v: Version, uri: &Uri, host: Option<&str>| {
+            let h = host.map_or_else(HeaderMap::new, |host| map(&[("host", host)]));
+            check_authority(v, uri, &h).is_ok()
+        };
+        for host in [
+            "b.svc",
+            "B.SVC:8080",
+            "10.0.0.1:80",
+            "[::1]:443",
+            "a_b.svc.",
+            "localhost",
+        ] {
+            assert!(ok(Version::HTTP_11, &origin, Some(host)), "{host}");
+        }
+        for host in [
+            "b.svc/admin",
+            "b.svc@evil.example",
+            "u:p@b.svc",
+            "evil.example, b.svc",
+            "a,b",
+            "b.svc:http",
+            "b.svc:+80",
+            "b.svc:99999",
+            "",
+            "a..b",
+        ] {
+            assert!(!ok(Version::HTTP_11, &origin, Some(host)), "{host:?}");
+        }
+        // No Host: only HTTP/1.0 may.
+        assert!(!ok(Version::HTTP_11, &origin, None));
+        assert!(!ok(Version::HTTP_2, &origin, None));
+        assert!(ok(Version::HTTP_10, &origin, None));
+        // HTTP/2's :authority, userinfo included.
+        let with_user: Uri = "https://u:p@b.svc/x".parse().unwrap();
+        assert!(!ok(Version::HTTP_2, &with_user, None));
+        let plain: Uri = "https://b.svc/x".parse().unwrap();
+        assert!(ok(Version::HTTP_2, &plain, None));
     }
 
     #[test]

@@ -552,7 +552,9 @@ impl Inbound {
             return Either::Left(self.port_refused(req, &conn, why));
         }
         let mode = self.cfg.headers_with_underscores;
-        let found = match owned::check_request(req.headers(), req.uri(), mode) {
+        let found = match owned::check_request(req.headers(), req.uri(), mode).and_then(|f| {
+            owned::check_authority(req.version(), req.uri(), req.headers()).map(|()| f)
+        }) {
             Ok(f) => f,
             Err(r) => {
                 if r.underscore {

@@ -522,7 +522,10 @@ impl Outbound {
         // a malformed request here rather than from the peer; sidecar-owned
         // fields the app sends are removed (the peer's inbound would remove
         // them anyway, and the signer adds the step-up fields itself).
-        let found = match owned::check_request(&parts.headers, &parts.uri, Underscores::Allow) {
+        let found = match owned::check_request(&parts.headers, &parts.uri, Underscores::Allow)
+            .and_then(|f| {
+                owned::check_authority(parts.version, &parts.uri, &parts.headers).map(|()| f)
+            }) {
             Ok(f) => f,
             Err(r) => {
                 tracing::info!(method = %parts.method, reason = %r.reason, "outbound request refused: header fields");
