@@ -113,6 +113,25 @@ pub enum RedirectError {
         /// The offending item.
         value: String,
     },
+    /// A network written with host bits (`10.0.0.1/8`): the network or the
+    /// address may have been meant, and the two exclude very different
+    /// traffic.
+    #[error(
+        "--exclude-cidrs: {value:?} has host bits set: write the network ({net}) or the address \
+         ({addr}/32)"
+    )]
+    HostBits {
+        /// The offending item.
+        value: String,
+        /// The network it lies in.
+        net: Ipv4Net,
+        /// The address it names.
+        addr: std::net::Ipv4Addr,
+    },
+    /// A uid no process can run as: `(uid_t)-1` means "no uid" to the
+    /// kernel, so every dial of the sidecar would be redirected.
+    #[error("--proxy-uid: {0} is not a uid a process can run as (4294967295 is (uid_t)-1)")]
+    InvalidUid(u32),
     /// An IPv6 network: only IPv4 is intercepted (IPv6 TCP is refused), so
     /// excluding one would suggest an exception that does not exist.
     #[error(
@@ -302,7 +321,14 @@ pub fn parse_cidrs(s: &str) -> Result<Vec<Ipv4Net>, RedirectError> {
             continue;
         }
         let net = if let Ok(net) = item.parse::<Ipv4Net>() {
-            net.trunc()
+            if net.trunc() != net {
+                return Err(RedirectError::HostBits {
+                    value: item.to_owned(),
+                    net: net.trunc(),
+                    addr: net.addr(),
+                });
+            }
+            net
         } else if let Ok(addr) = item.parse::<std::net::Ipv4Addr>() {
             Ipv4Net::from(addr)
         } else if item.parse::<ipnet::Ipv6Net>().is_ok()
@@ -361,6 +387,9 @@ pub fn rules(opts: &Options) -> Result<Vec<Rule>, RedirectError> {
                 value: "0".to_owned(),
             });
         }
+    }
+    if opts.proxy_uid == u32::MAX {
+        return Err(RedirectError::InvalidUid(opts.proxy_uid));
     }
     let mut out = Vec::new();
 
@@ -826,7 +855,7 @@ mod tests {
             inbound_ports: parse_inbound_ports("8080, 5432,9000,15090,8080").unwrap(),
             exclude_inbound_ports: parse_ports("--exclude-inbound-ports", "9000").unwrap(),
             exclude_outbound_ports: parse_ports("--exclude-outbound-ports", "53,443").unwrap(),
-            exclude_cidrs: parse_cidrs("10.96.0.1/12,169.254.169.254").unwrap(),
+            exclude_cidrs: parse_cidrs("10.96.0.0/12,169.254.169.254").unwrap(),
             outbound_port: 16001,
             inbound_port: 16443,
             admin_port: 16090,
@@ -846,7 +875,7 @@ mod tests {
                 "-A KEYPROOF_OUTPUT -m owner --uid-owner 1337 -j RETURN",
                 "-A KEYPROOF_OUTPUT -o lo -j RETURN",
                 "-A KEYPROOF_OUTPUT -d 127.0.0.0/8 -j RETURN",
-                // Host bits cleared; an address is its /32.
+                // An address is its /32.
                 "-A KEYPROOF_OUTPUT -d 10.96.0.0/12 -j RETURN",
                 "-A KEYPROOF_OUTPUT -d 169.254.169.254/32 -j RETURN",
                 "-A KEYPROOF_OUTPUT -p tcp --dport 53 -j RETURN",
@@ -905,6 +934,24 @@ mod tests {
             );
         }
         assert!(parse_cidrs("").unwrap().is_empty());
+        // Host bits: the network or the address? Said, not guessed.
+        let e = parse_cidrs("10.0.0.1/8").unwrap_err().to_string();
+        assert!(
+            e.contains("has host bits set")
+                && e.contains("10.0.0.0/8")
+                && e.contains("10.0.0.1/32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_uid_no_process_has_is_refused() {
+        let opts = Options {
+            proxy_uid: u32::MAX,
+            ..Options::default()
+        };
+        let e = rules(&opts).unwrap_err().to_string();
+        assert!(e.starts_with("--proxy-uid: 4294967295"), "{e}");
     }
 
     #[test]

@@ -484,6 +484,11 @@ fn bad_flags_and_missing_rights_give_clear_errors() {
             "invalid CIDR \"10.0.0.0/33\"",
         ),
         (&["--exclude-cidrs", "fd00::/8"], "is IPv6"),
+        (&["--exclude-cidrs", "10.0.0.1/8"], "has host bits set"),
+        (
+            &["--proxy-uid", "4294967295"],
+            "not a uid a process can run as",
+        ),
         (
             &["--exclude-outbound-ports", "53,http"],
             "--exclude-outbound-ports: invalid port \"http\": expected a number from 1 to 65535",

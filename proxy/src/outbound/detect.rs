@@ -6,6 +6,8 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -22,6 +24,12 @@ pub enum Protocol {
     H2,
     /// HTTP/1.x.
     Http1,
+    /// The beginning of an HTTP/1 request line that did not end within the
+    /// timeout (`AUTH secret`, a slow client): the caller decides, HTTP/1
+    /// where the TCP way would be plain text (a passthrough could carry a
+    /// meshed host's request in the clear), TCP where it is a mutual-TLS
+    /// tunnel.
+    PartialHttp1,
     /// Anything else.
     Tcp,
 }
@@ -93,10 +101,12 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
 }
 
 /// Peeks at `tcp` until its first bytes tell the protocol: nothing within
-/// `timeout`, an end of stream, or bytes that cannot begin HTTP are TCP.
-/// A beginning of HTTP still partial at `timeout`, or filling `max` bytes
-/// (a long request line), is HTTP/1: taken for TCP, it could be passed
-/// through in plain text.
+/// `timeout`, an end of stream, or bytes that cannot begin HTTP are TCP,
+/// and so is a beginning of HTTP the client ended with its FIN (no request
+/// or preface can follow). A beginning of the HTTP/2 preface at `timeout`
+/// is HTTP/2 (its server waits for the rest); one of a request line is
+/// [`Protocol::PartialHttp1`]; one filling `max` bytes (a long request
+/// line) is HTTP/1.
 pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Result<Protocol> {
     let deadline = Instant::now() + timeout;
     let max = max.max(PREFACE.len());
@@ -105,8 +115,7 @@ pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Resul
     let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
-            Err(_) if seen > 0 => return Ok(Protocol::Http1),
-            Err(_) => return Ok(Protocol::Tcp),
+            Err(_) => return Ok(undecided(&buf[..seen])),
             Ok(r) => r?,
         };
         if n == 0 {
@@ -116,15 +125,38 @@ pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Resul
             Some(p) => return Ok(p),
             None if n == buf.len() && grow(&mut buf, max) => continue,
             None if n == buf.len() => return Ok(Protocol::Http1),
+            None if peer_done(tcp) => return Ok(Protocol::Tcp),
             None => {
                 if Instant::now() >= deadline {
-                    return Ok(Protocol::Http1);
+                    return Ok(undecided(&buf[..n]));
                 }
                 seen = n;
                 backoff.wait(n, deadline).await;
             }
         }
     }
+}
+
+/// What bytes still undecided at the timeout are taken for.
+fn undecided(seen: &[u8]) -> Protocol {
+    if seen.is_empty() {
+        // Nothing: a server-first protocol.
+        Protocol::Tcp
+    } else if PREFACE.starts_with(seen) {
+        Protocol::H2
+    } else {
+        Protocol::PartialHttp1
+    }
+}
+
+/// Whether the client has ended its side (its FIN is queued behind the
+/// bytes peeked): `peek` keeps returning those bytes and cannot tell.
+/// tokio records the end (`EPOLLRDHUP`) in the socket's readiness, which a
+/// peek never clears; readiness not yet known counts as not ended.
+fn peer_done(tcp: &TcpStream) -> bool {
+    tcp.ready(Interest::READABLE)
+        .now_or_never()
+        .is_some_and(|r| r.is_ok_and(|r| r.is_read_closed()))
 }
 
 /// A peek buffer's first size: a request line and most request heads fit.
@@ -199,7 +231,8 @@ pub async fn peek_host(tcp: &TcpStream, deadline: Instant, max: usize) -> Head {
         if n == buf.len() && grow(&mut buf, max) {
             continue;
         }
-        if n == buf.len() || Instant::now() >= deadline {
+        // A client that ended its side will not finish the head.
+        if n == buf.len() || Instant::now() >= deadline || peer_done(tcp) {
             return Head::Unreadable;
         }
         backoff.wait(n, deadline).await;
@@ -418,7 +451,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_partial_request_line_at_the_timeout_is_http() {
+    async fn a_partial_request_line_at_the_timeout_is_partial_http() {
         use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -426,13 +459,49 @@ mod tests {
         let (mut c, (s, _)) = (c.unwrap(), s.unwrap());
         c.write_all(b"GET /a-long-path").await.unwrap();
         let p = detect(&s, Duration::from_millis(100), 1024).await.unwrap();
-        assert_eq!(p, Protocol::Http1);
+        assert_eq!(p, Protocol::PartialHttp1);
         // A request line longer than the peek buffer.
         c.write_all(&[b'x'; 2048]).await.unwrap();
         let p = detect(&s, Duration::from_secs(2), 1024).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         let head = peek_host(&s, Instant::now() + Duration::from_millis(100), 1024).await;
         assert_eq!(head, Head::Unreadable);
+    }
+
+    #[tokio::test]
+    async fn a_beginning_the_client_ends_is_tcp_and_a_slow_preface_is_h2() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        for (sent, close, want) in [
+            // An HTTP-like beginning, then the client's FIN: no request can
+            // follow; decided at once, not at the timeout.
+            (&b"GET"[..], true, Protocol::Tcp),
+            (b"AUTH secret", true, Protocol::Tcp),
+            // The HTTP/2 preface in two writes, the second late.
+            (b"PRI * HTTP/2.0\r\n", false, Protocol::H2),
+        ] {
+            let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+            let (mut c, (s, _)) = (c.unwrap(), s.unwrap());
+            c.write_all(sent).await.unwrap();
+            if close {
+                c.shutdown().await.unwrap();
+            }
+            let t = std::time::Instant::now();
+            let p = detect(&s, Duration::from_secs(1), 1024).await.unwrap();
+            assert_eq!(p, want, "{:?}", String::from_utf8_lossy(sent));
+            if close {
+                assert!(
+                    t.elapsed() < Duration::from_millis(500),
+                    "waited for the timeout"
+                );
+                // Nor does the head wait for the timeout.
+                let t = std::time::Instant::now();
+                let head = peek_host(&s, Instant::now() + Duration::from_secs(5), 1024).await;
+                assert_eq!(head, Head::Unreadable);
+                assert!(t.elapsed() < Duration::from_secs(1));
+            }
+        }
     }
 
     #[tokio::test]

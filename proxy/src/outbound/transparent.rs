@@ -112,6 +112,14 @@ impl Outbound {
                 _ = crate::http::server::stopped(&mut shutdown) => return,
             }
         };
+        let protocol = match protocol {
+            // A beginning of HTTP/1 that never ended its request line: TCP
+            // when the TCP way is a tunnel (encrypted), else HTTP/1, whose
+            // server refuses it rather than pass it on in plain text.
+            Protocol::PartialHttp1 if table.rules().for_tcp(&candidates).is_some() => Protocol::Tcp,
+            Protocol::PartialHttp1 => Protocol::Http1,
+            p => p,
+        };
         match protocol {
             Protocol::Tcp => match table.rules().for_tcp(&candidates) {
                 Some(i) => self.tunnel(tcp, dst, &table, i).await,
@@ -126,7 +134,8 @@ impl Outbound {
                 }
                 None => self.unmeshed(tcp, dst, false).await,
             },
-            Protocol::Http1 => {
+            // (PartialHttp1 is decided above.)
+            Protocol::Http1 | Protocol::PartialHttp1 => {
                 let peek = detect::peek_host(&tcp, head_by, self.cfg.limits.max_header_bytes);
                 let head = tokio::select! {
                     h = peek => h,
@@ -552,6 +561,19 @@ mod tests {
         let mut c = redirected(&o, mesh).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(exchange(&mut c, b"late").await, b"late");
+        // The beginning of a request line that never ends (`AUTH secret`):
+        // tunnelled after detect_timeout (encrypted), not held as HTTP for
+        // the header timeout; one the client ends (`GET`, FIN) at once.
+        let mut c = redirected(&o, mesh).await;
+        c.write_all(b"AUTH secret").await.unwrap();
+        let mut got = [0u8; 11];
+        tokio::time::timeout(WAIT, c.read_exact(&mut got))
+            .await
+            .expect("tunnelled in time")
+            .unwrap();
+        assert_eq!(&got, b"AUTH secret");
+        let mut c = redirected(&o, mesh).await;
+        assert_eq!(exchange(&mut c, b"GET").await, b"GET");
     }
 
     #[tokio::test]
