@@ -25,13 +25,15 @@
 #   env: ROUNDS (3), SECONDS_EACH (8), CONNS (32: wrk connections), CLIENTS (8: pgbench clients), BULK_MB (400),
 #        WORKERS (1: each sidecar's runtime.worker_threads), KINDS ("http bulk rr": which loads run),
 #        PLACEMENTS ("shared pods": see above; "pods" needs 2 CPUs),
+#        BALANCE (shared: the cidr rule's `balance`; B is a pod address, no Service to balance;
+#                 "connection" gives each app connection and tunnel a mesh connection of its own),
 #        KEYPROOF_PROXY (target/x86_64-unknown-linux-gnu/release/keyproof-proxy, from `cargo build-proxy`),
 #        KEEP (1: leave the work directory). Needs ip, iptables, wrk, nginx, stunnel4, postgresql-15, pgbench, python3, openssl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 keyproof=${KEYPROOF_PROXY:-$repo/target/x86_64-unknown-linux-gnu/release/keyproof-proxy}
 rounds=${ROUNDS:-3} secs=${SECONDS_EACH:-8} workers=${WORKERS:-1} conns=${CONNS:-32} clients=${CLIENTS:-8} bulk_mb=${BULK_MB:-400}
-kinds=${KINDS:-http bulk rr} placements=${PLACEMENTS:-shared pods}
+kinds=${KINDS:-http bulk rr} placements=${PLACEMENTS:-shared pods} balance=${BALANCE:-shared}
 pgbin=/usr/lib/postgresql/15/bin
 for pl in $placements; do
   case $pl in shared) ;; pods) [ "$(nproc)" -ge 2 ] || { echo "PLACEMENTS: pods needs 2 CPUs" >&2; exit 2; };;
@@ -46,6 +48,9 @@ done
 # The transparent features: the `redirect` subcommand (and with it SO_ORIGINAL_DST, [[inbound.tcp]], cidr rules).
 if "$keyproof" redirect --help >/dev/null 2>&1; then transparent=1; else transparent=0
   echo "NOTE: $keyproof has no 'redirect' subcommand: intercepted HTTP and the keyproof TCP tunnel are not run" >&2; fi
+# Rules' `balance` (older binaries share, and refuse the key).
+if grep -qa 'a mesh connection per app connection' "$keyproof"; then balance_line="balance = \"$balance\"\n"
+else balance_line=""; fi
 
 # Namespace names as tests/src/netns.rs makes them (kp-<pid>-...), so a run killed before its cleanup is
 # swept by the next namespace test.
@@ -147,7 +152,7 @@ identity() { printf '[identity]\ntrust_bundle = "%s"\n[identity.files]\ncert = "
   printf '[outbound]\nlisten = "127.0.0.1:15001"\n'
   [ $transparent = 1 ] && printf 'opaque_ports = [5001, 5432]\n'
   printf '[[outbound.upstreams]]\nhost = "b.bench"\naddress = "%s:15443"\nidentity = "spiffe://bench.local/ns/default/sa/server"\n' "$b_ip"
-  [ $transparent = 1 ] && printf '[[outbound.upstreams]]\ncidr = "%s"\nidentity = "spiffe://bench.local/*"\n' "$subnet"
+  [ $transparent = 1 ] && printf "[[outbound.upstreams]]\ncidr = \"%s\"\nidentity = \"spiffe://bench.local/*\"\n$balance_line" "$subnet"
   printf '[inbound]\nlisten = "0.0.0.0:15443"\napp = "127.0.0.1:8080"\n[admin]\nlisten = "0.0.0.0:15090"\n[runtime]\nworker_threads = %s\n' "$workers"
 } > "$work/a.toml"
 # Not through inA/inB: `ip netns exec` and env exec, so $! is the proxy's own pid (for /proc CPU).

@@ -245,6 +245,7 @@ struct RawUpstream {
     port: Option<i64>,
     address: Option<String>,
     identity: String,
+    balance: Option<String>,
 }
 
 /// `[outbound] upstreams_file`: `[[upstreams]]` at its top level.
@@ -1016,6 +1017,25 @@ pub struct UpstreamRule {
     pub address: Option<String>,
     /// Who the peer must prove to be.
     pub identity: IdentityTemplate,
+    /// Whether app connections share mesh connections.
+    pub balance: Balance,
+}
+
+/// How a rule's traffic is spread over mesh connections (`balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Each app connection (and each TCP tunnel) gets a mesh connection of
+    /// its own, dialled to the original destination, so that a Service
+    /// address is balanced by kube-proxy per app connection, as it is
+    /// without the mesh (`"connection"`; the default of a rule that dials
+    /// the original destination). One shared connection would take every
+    /// app connection of the pod to the one backend it was dialled to.
+    Connection,
+    /// Every app connection to the destination shares one mesh connection
+    /// (`"shared"`; the default of a rule with an `address`): fewer
+    /// handshakes, and tunnels and requests multiplexed on one TLS
+    /// connection. For destinations that are pods, not Service addresses.
+    Shared,
 }
 
 impl UpstreamRule {
@@ -1051,6 +1071,9 @@ impl UpstreamRule {
             when.join(" and "),
             self.identity.text
         );
+        if self.balance == Balance::Connection {
+            s.push_str(", a mesh connection per app connection");
+        }
         if self.host.is_none() {
             s.push_str(" (opaque TCP and HTTP)");
         } else if self.cidr.is_none() && self.port.is_none() && self.address.is_none() {
@@ -2594,6 +2617,18 @@ fn upstream_rules(prefix: &str, raw: Vec<RawUpstream>) -> Result<Vec<UpstreamRul
             .map(|a| host_port(&format!("{key}.address"), a))
             .transpose()?;
         let identity = identity_template(&format!("{key}.identity"), &u.identity, host.as_ref())?;
+        let balance = match u.balance.as_deref() {
+            None if address.is_none() => Balance::Connection,
+            None => Balance::Shared,
+            Some("connection") => Balance::Connection,
+            Some("shared") => Balance::Shared,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{key}.balance"),
+                    format!("unknown value {other:?}; expected \"connection\" or \"shared\""),
+                ))
+            }
+        };
         if rules
             .iter()
             .any(|o| o.host == host && o.cidr == cidr && o.port == port)
@@ -2613,6 +2648,7 @@ fn upstream_rules(prefix: &str, raw: Vec<RawUpstream>) -> Result<Vec<UpstreamRul
             port,
             address,
             identity,
+            balance,
         });
     }
     Ok(rules)

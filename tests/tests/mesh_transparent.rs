@@ -664,6 +664,9 @@ fn ipv6_is_refused_not_let_past_the_sidecar() {
         link_local(b).expect("B's link-local address"),
         link_local(c).expect("C's link-local address"),
     );
+    // A dials from its own, which must have left duplicate address
+    // detection too.
+    link_local(a).expect("A's link-local address");
     let probe = |from: &Pod, to: &str, app: bool| {
         let mut cmd = if app {
             from.cmd_app("/usr/bin/python3")

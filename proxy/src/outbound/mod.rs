@@ -54,7 +54,7 @@ use keyproof_stepup::is_stepup_challenge;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::{OutboundConfig, UpstreamConfig, UpstreamRule};
+use crate::config::{Balance, OutboundConfig, UpstreamConfig, UpstreamRule};
 use crate::error::root_cause;
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody, RequestBody, ResponseFuture};
 use crate::http::h1_server::{self, ServerLimits};
@@ -397,26 +397,37 @@ impl Outbound {
                             Miss::OutsideMesh(r.dst)
                         }
                     })?;
-                self.upstream_of_rule(&t, i, &caps, r.dst)
+                self.upstream_of_rule(&t, i, &caps, r.dst, Some(r))
             }
         }
     }
 
-    /// The upstream rule `i` of `table` dials for destination `dst`.
+    /// The upstream rule `i` of `table` dials for destination `dst` of a
+    /// redirected connection: shared by every app connection, or, for a
+    /// rule with `balance = "connection"`, the app connection's own (that
+    /// of `route`, its HTTP connection; a fresh one for a TCP tunnel,
+    /// `None`).
     fn upstream_of_rule(
         &self,
         table: &Table,
         i: usize,
         caps: &Captures,
         dst: SocketAddr,
+        route: Option<&Route>,
     ) -> Result<Arc<Upstream>, Miss> {
-        if let Some(up) = table.fixed(i) {
-            return Ok(up.clone());
-        }
         let rule = table.rules().get(i);
-        match rule.address.as_deref() {
-            Some(a) => self.upstream(rule, a, caps),
-            None => self.upstream(rule, &dst.to_string(), caps),
+        let address = rule.address.clone().unwrap_or_else(|| dst.to_string());
+        if rule.balance == Balance::Shared {
+            if let Some(up) = table.fixed(i) {
+                return Ok(up.clone());
+            }
+            return self.upstream(rule, &address, caps);
+        }
+        let identity = rules::fill(&rule.identity, caps).map_err(|e| Miss::Build(e.to_string()))?;
+        let make = || self.build_upstream(rule, &address, identity.clone());
+        match route {
+            Some(r) => r.own_upstream(&address, &identity, make),
+            None => make(),
         }
     }
 
@@ -437,17 +448,7 @@ impl Outbound {
         if let Some(up) = cache.get(&key) {
             return Ok(up.clone());
         }
-        let cfg = UpstreamConfig {
-            host: rule
-                .host
-                .as_ref()
-                .map_or_else(|| address.to_owned(), ToString::to_string),
-            address: address.to_owned(),
-            identity,
-        };
-        let up = Upstream::new(0, &cfg, &self.cfg, &self.store, &self.all_metrics)
-            .map(Arc::new)
-            .map_err(|e| Miss::Build(e.to_string()))?;
+        let up = self.build_upstream(rule, address, identity)?;
         if cache.len() >= MAX_ON_DEMAND {
             // Idle first: only the cache holds them.
             let idle: Vec<_> = cache
@@ -467,6 +468,27 @@ impl Outbound {
         }
         cache.insert(key, up.clone());
         Ok(up)
+    }
+
+    /// A new upstream (and so new connections) for `address`, expecting
+    /// `identity`.
+    fn build_upstream(
+        &self,
+        rule: &UpstreamRule,
+        address: &str,
+        identity: keyproof_identity::IdPattern,
+    ) -> Result<Arc<Upstream>, Miss> {
+        let cfg = UpstreamConfig {
+            host: rule
+                .host
+                .as_ref()
+                .map_or_else(|| address.to_owned(), ToString::to_string),
+            address: address.to_owned(),
+            identity,
+        };
+        Upstream::new(0, &cfg, &self.cfg, &self.store, &self.all_metrics)
+            .map(Arc::new)
+            .map_err(|e| Miss::Build(e.to_string()))
     }
 
     fn forward(

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
+use keyproof_identity::IdPattern;
 
 use crate::config::{OutboundConfig, UpstreamConfig, UpstreamRule};
 use crate::identity::store::IdentityStore;
@@ -20,6 +21,16 @@ pub struct Route {
     /// The original destination.
     pub dst: SocketAddr,
     cached: ArcSwap<Cached>,
+    /// This app connection's own mesh connection (a rule with `balance =
+    /// "connection"`): the upstream, by its dial address and identity.
+    own: std::sync::Mutex<Option<Own>>,
+}
+
+/// An upstream of one app connection alone, and what it was made for.
+struct Own {
+    address: String,
+    identity: IdPattern,
+    up: Arc<Upstream>,
 }
 
 /// A table's candidates for a route's destination.
@@ -41,7 +52,33 @@ impl Route {
                 table: Arc::downgrade(table),
                 candidates,
             }),
+            own: std::sync::Mutex::new(None),
         }
+    }
+
+    /// This connection's own upstream for `address` and `identity`, made
+    /// by `make` the first time (and again when a reload changed them):
+    /// every request of the app connection rides one mesh connection, and
+    /// no other app connection's do.
+    pub fn own_upstream<E>(
+        &self,
+        address: &str,
+        identity: &IdPattern,
+        make: impl FnOnce() -> Result<Arc<Upstream>, E>,
+    ) -> Result<Arc<Upstream>, E> {
+        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = own.as_ref() {
+            if o.address == address && o.identity == *identity {
+                return Ok(o.up.clone());
+            }
+        }
+        let up = make()?;
+        *own = Some(Own {
+            address: address.to_owned(),
+            identity: identity.clone(),
+            up: up.clone(),
+        });
+        Ok(up)
     }
 
     /// The candidates of `table` for this route's destination: those

@@ -202,7 +202,7 @@ impl Outbound {
     /// Opaque TCP to `dst` through rule `i`'s upstream.
     async fn tunnel(&self, mut tcp: TcpStream, dst: SocketAddr, table: &Table, i: usize) {
         let tcp_metrics = &self.all_metrics.tcp;
-        let up = match self.upstream_of_rule(table, i, &Captures::default(), dst) {
+        let up = match self.upstream_of_rule(table, i, &Captures::default(), dst, None) {
             Ok(up) => up,
             Err(_) => {
                 tcp_metrics.connection(Direction::Outbound, "failed");
@@ -593,6 +593,55 @@ mod tests {
         assert!(got.is_empty());
         assert_eq!(tcp_result(&m, "failed"), 1.0);
         assert_eq!(tcp_result(&m, "ok"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn each_app_connection_gets_its_own_mesh_connection_unless_shared() {
+        // A Service address behind a cidr rule is balanced by kube-proxy
+        // per connection: one shared mesh connection would take every app
+        // connection of the pod to the backend it was first dialled to.
+        let api = workload("/ns/demo/sa/api");
+        for (balance, want) in [
+            ("", 4),
+            ("balance = \"connection\"\n", 4),
+            ("balance = \"shared\"\n", 1),
+        ] {
+            let (mesh, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Connect]).await;
+            let (o, _m) = outbound(&format!(
+                "[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n{balance}"
+            ));
+            let mut keep = Vec::new();
+            // Two HTTP app connections, two requests each...
+            for _ in 0..2 {
+                let mut c = redirected(&o, mesh).await;
+                for _ in 0..2 {
+                    c.write_all(b"GET /x HTTP/1.1\r\nHost: web.demo.svc\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let head = response_head(&mut c).await;
+                    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                }
+                keep.push(c);
+            }
+            // ... and two TCP tunnels.
+            for _ in 0..2 {
+                let mut c = redirected(&o, mesh).await;
+                c.write_all(b"\x00tcp").await.unwrap();
+                let mut got = [0u8; 4];
+                tokio::time::timeout(WAIT, c.read_exact(&mut got))
+                    .await
+                    .expect("tunnelled")
+                    .unwrap();
+                keep.push(c);
+            }
+            let mut conns = Vec::new();
+            while let Ok(Some(a)) =
+                tokio::time::timeout(Duration::from_millis(300), accepted.recv()).await
+            {
+                conns.push(a);
+            }
+            assert_eq!(conns.len(), want, "{balance:?}");
+        }
     }
 
     #[tokio::test]
