@@ -402,13 +402,7 @@ pub fn rules(opts: &Options) -> Result<Vec<Rule>, RedirectError> {
     let mut keep = vec![opts.inbound_port, opts.admin_port];
     keep.extend(&opts.exclude_inbound_ports);
     dedup_in_order(&mut keep);
-    for p in &keep {
-        let p = p.to_string();
-        out.push(Rule::new(
-            INBOUND_CHAIN,
-            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
-        ));
-    }
+    out.extend(port_returns(INBOUND_CHAIN, &keep));
     match &opts.inbound_ports {
         InboundPorts::All => out.push(Rule::new(
             INBOUND_CHAIN,
@@ -447,13 +441,7 @@ pub fn rules(opts: &Options) -> Result<Vec<Rule>, RedirectError> {
         let net = net.to_string();
         out.push(Rule::new(OUTPUT_CHAIN, &["-d", &net, "-j", "RETURN"]));
     }
-    for p in &opts.exclude_outbound_ports {
-        let p = p.to_string();
-        out.push(Rule::new(
-            OUTPUT_CHAIN,
-            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
-        ));
-    }
+    out.extend(port_returns(OUTPUT_CHAIN, &opts.exclude_outbound_ports));
     let outbound_port = opts.outbound_port.to_string();
     out.push(Rule::new(
         OUTPUT_CHAIN,
@@ -479,13 +467,7 @@ pub fn rules6(opts: &Options) -> Vec<Rule> {
     let mut out = vec![Rule::new(INBOUND_CHAIN, &["-i", "lo", "-j", "RETURN"])];
     let mut keep = opts.exclude_inbound_ports.clone();
     dedup_in_order(&mut keep);
-    for p in &keep {
-        let p = p.to_string();
-        out.push(Rule::new(
-            INBOUND_CHAIN,
-            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
-        ));
-    }
+    out.extend(port_returns(INBOUND_CHAIN, &keep));
     match &opts.inbound_ports {
         InboundPorts::All => out.push(Rule {
             chain: INBOUND_CHAIN,
@@ -506,13 +488,7 @@ pub fn rules6(opts: &Options) -> Vec<Rule> {
         &["-m", "owner", "--uid-owner", &uid, "-j", "RETURN"],
     ));
     out.push(Rule::new(OUTPUT_CHAIN, &["-o", "lo", "-j", "RETURN"]));
-    for p in &opts.exclude_outbound_ports {
-        let p = p.to_string();
-        out.push(Rule::new(
-            OUTPUT_CHAIN,
-            &["-p", "tcp", "--dport", &p, "-j", "RETURN"],
-        ));
-    }
+    out.extend(port_returns(OUTPUT_CHAIN, &opts.exclude_outbound_ports));
     out.push(Rule {
         chain: OUTPUT_CHAIN,
         spec: refuse(None),
@@ -549,6 +525,14 @@ pub fn warnings(opts: &Options) -> Vec<String> {
         }
     }
     w
+}
+
+/// `RETURN` for TCP to each of `ports`, in `chain`: connections left alone.
+fn port_returns<'a>(chain: &'static str, ports: &'a [u16]) -> impl Iterator<Item = Rule> + 'a {
+    ports.iter().map(move |p| {
+        let p = p.to_string();
+        Rule::new(chain, &["-p", "tcp", "--dport", &p, "-j", "RETURN"])
+    })
 }
 
 fn dedup_in_order(v: &mut Vec<u16>) {
