@@ -507,6 +507,13 @@ mod tests {
             .as_deref()
         }
 
+        /// SoftHSM keeps every token of this process in one directory, and
+        /// a token being created is half written there for a moment: a
+        /// test that scans the slots then (another test's `--init-token`,
+        /// or the module in this process) fails ("Could not get info about
+        /// the token in slot 0", seen in CI). The tests take turns.
+        static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
         /// A fresh token labelled `label` (PIN 5678) and a PIN file for it.
         fn token(label: &str, dir: &Path) -> Option<Pkcs11Config> {
             let conf = conf()?;
@@ -551,6 +558,7 @@ mod tests {
 
         #[test]
         fn a_certificate_file_with_the_key_in_a_token_is_an_identity_that_signs_in_the_token() {
+            let _turn = TURN.blocking_lock();
             let dir = tempfile::tempdir().expect("temp dir");
             let Some(p) = token("kp-files", dir.path()) else {
                 return;
@@ -616,6 +624,7 @@ mod tests {
         async fn a_new_certificate_for_the_token_key_is_reloaded_and_one_for_another_key_refused() {
             use crate::identity::reload::{IdentityFiles, ReloadOutcome, Reloader};
             use crate::identity::store::IdentityStore;
+            let _turn = TURN.lock().await;
             let dir = tempfile::tempdir().expect("temp dir");
             let Some(p) = token("kp-reload", dir.path()) else {
                 return;
@@ -670,6 +679,7 @@ mod tests {
 
         #[test]
         fn token_problems_at_startup_name_the_pkcs11_key_and_never_the_pin() {
+            let _turn = TURN.blocking_lock();
             let dir = tempfile::tempdir().expect("temp dir");
             let Some(p) = token("kp-errors", dir.path()) else {
                 return;

@@ -178,8 +178,6 @@ pub struct Outbound {
     h1_limits: ServerLimits,
     cfg: OutboundConfig,
     unmeshed_seen: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
-    /// Plain HTTP/2 connections for streams outside the mesh.
-    plain_h2: passthrough::PlainH2,
     /// Whether a redirected connection from the outbound's own dial (a
     /// loop) has been logged at error level yet.
     loop_logged: std::sync::atomic::AtomicBool,
@@ -209,7 +207,6 @@ impl Outbound {
             },
             cfg: cfg.clone(),
             unmeshed_seen: std::sync::Mutex::default(),
-            plain_h2: passthrough::PlainH2::default(),
             loop_logged: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -561,10 +558,13 @@ impl Outbound {
         // as `:authority`, which is what the inbound reads.
         let authority = match parts.uri.authority() {
             Some(a) => Some(a.clone()),
-            None => parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            None => match parts.headers.get(header::HOST) {
+                Some(h) => Authority::try_from(h.as_bytes()).ok(),
+                // HTTP/1.0 may name no host (`check_authority` let it
+                // through): on a redirected connection, where it was
+                // going says it.
+                None => route.and_then(|r| Authority::try_from(r.dst.to_string()).ok()),
+            },
         };
         let Some(authority) = authority.filter(|a| !a.host().is_empty()) else {
             return Either::Left(Box::pin(ready(text(
@@ -582,7 +582,11 @@ impl Outbound {
                     && switching.is_none()
                     && parts.method != http::Method::CONNECT =>
             {
-                return Either::Left(Box::pin(self.pass_unmeshed_h2(dst, authority, parts, body)));
+                // Only a redirected connection has a destination outside.
+                let slot = route.map(Route::plain_slot).unwrap_or_default();
+                return Either::Left(Box::pin(
+                    self.pass_unmeshed_h2(dst, slot, authority, parts, body),
+                ));
             }
             Err(miss) => {
                 let msg = miss.explain(host);

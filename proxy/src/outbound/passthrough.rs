@@ -7,16 +7,14 @@
 //! `cidr` or `port` rule names, is outside the mesh, exactly as a whole
 //! HTTP/1 connection whose request no rule takes is. With `[outbound]
 //! unmeshed = "passthrough"` such a stream goes on as it came: over a plain
-//! HTTP/2 connection to the connection's original destination, one per
-//! destination and shared by its streams, as Envoy's passthrough cluster
-//! does. With `"deny"` it gets 502. A stream for a meshed host on the same
-//! app connection still goes to the mesh: only the streams outside it are
-//! sent in plain text, each to where the app sent it.
+//! HTTP/2 connection to the connection's original destination, one per app
+//! connection ([`PlainSlot`]), as Envoy's passthrough cluster does. With
+//! `"deny"` it gets 502. A stream for a meshed host on the same app
+//! connection still goes to the mesh: only the streams outside it are sent
+//! in plain text, each to where the app sent it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
 use http::{header, Request, Response, StatusCode, Version};
@@ -30,52 +28,20 @@ use crate::metrics::Direction;
 use crate::outbound::own_ports::{self, OwnConn};
 use crate::outbound::Outbound;
 
-/// Destinations with a plain HTTP/2 connection kept at once; beyond it, the
-/// least recently used is let go (its streams in flight finish).
-const MAX_DESTINATIONS: usize = 256;
+/// An app connection's plain HTTP/2 connection to its destination, made
+/// at its first stream outside the mesh. One per app connection, as the
+/// app would have had without the sidecar: one app's streams never wait on
+/// another's at the destination's stream limit, and the connection ends
+/// with the app's. The lock is held across a dial, so that the streams of
+/// a burst wait for the one dial rather than each make one.
+pub(super) type PlainSlot = Arc<tokio::sync::Mutex<Option<Plain>>>;
 
-/// Plain HTTP/2 connections to destinations outside the mesh.
-#[derive(Default)]
-pub(super) struct PlainH2 {
-    conns: Mutex<HashMap<SocketAddr, Kept>>,
-}
-
-struct Kept {
+/// A plain HTTP/2 connection to a destination outside the mesh.
+pub(super) struct Plain {
     send: MeshSender,
-    used: Instant,
     /// Registers the dial as the sidecar's own while it lives, so that a
     /// redirect that catches it is refused, not served again.
     _own: OwnConn,
-}
-
-impl PlainH2 {
-    /// The connection to `dst` in use, if it is still open; a connection
-    /// idle for `idle` is let go on the way.
-    fn current(&self, dst: SocketAddr, idle: Duration) -> Option<MeshSender> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        conns.retain(|_, k| !k.send.is_closed() && now.duration_since(k.used) < idle);
-        let kept = conns.get_mut(&dst)?;
-        kept.used = now;
-        Some(kept.send.clone())
-    }
-
-    fn keep(&self, dst: SocketAddr, send: MeshSender, own: OwnConn) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if conns.len() >= MAX_DESTINATIONS && !conns.contains_key(&dst) {
-            if let Some(oldest) = conns.iter().min_by_key(|(_, k)| k.used).map(|(a, _)| *a) {
-                conns.remove(&oldest);
-            }
-        }
-        conns.insert(
-            dst,
-            Kept {
-                send,
-                used: Instant::now(),
-                _own: own,
-            },
-        );
-    }
 }
 
 /// Why a stream could not be passed to its destination.
@@ -93,11 +59,12 @@ enum PassError {
 
 impl Outbound {
     /// Sends an HTTP/2 request for `authority`, which no rule takes, to the
-    /// original destination `dst` of its connection in plain HTTP/2, or
-    /// refuses it (`unmeshed = "deny"`).
+    /// original destination `dst` of its connection in plain HTTP/2, on the
+    /// app connection's `slot`, or refuses it (`unmeshed = "deny"`).
     pub(super) async fn pass_unmeshed_h2(
         &self,
         dst: SocketAddr,
+        slot: PlainSlot,
         authority: Authority,
         mut parts: http::request::Parts,
         body: RequestBody,
@@ -123,10 +90,8 @@ impl Outbound {
             Err(resp) => return *resp,
         };
         parts.version = Version::HTTP_2;
-        match self
-            .send_plain_h2(dst, Request::from_parts(parts, body))
-            .await
-        {
+        let req = Request::from_parts(parts, body);
+        match self.send_plain_h2(dst, &slot, req).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::debug!(%dst, error = %e, "HTTP/2 passthrough failed");
@@ -142,29 +107,47 @@ impl Outbound {
     async fn send_plain_h2(
         &self,
         dst: SocketAddr,
+        slot: &PlainSlot,
         req: Request<RequestBody>,
     ) -> Result<Response<ProxyBody>, PassError> {
-        let idle = self.cfg.limits.idle_timeout;
         let mut req = req;
-        // Once more on a fresh connection when the kept one was closing
+        let mut failed: Option<MeshSender> = None;
+        // Once more on a fresh connection when the one in hand was closing
         // before anything of the request went out.
-        for fresh in [false, true] {
-            let send = match self.plain_h2.current(dst, idle).filter(|_| !fresh) {
-                Some(s) => s,
-                None => self.dial_plain_h2(dst).await?,
+        for _ in 0..2 {
+            let send = {
+                let mut plain = slot.lock().await;
+                let usable = plain.as_ref().filter(|p| {
+                    !p.send.is_closed()
+                        && !failed.as_ref().is_some_and(|f| f.same_connection(&p.send))
+                });
+                match usable {
+                    Some(p) => p.send.clone(),
+                    None => {
+                        let (send, own) = self.dial_plain_h2(dst).await?;
+                        *plain = Some(Plain {
+                            send: send.clone(),
+                            _own: own,
+                        });
+                        send
+                    }
+                }
             };
-            match send.try_send(req).await {
+            match send.clone().try_send(req).await {
                 Ok(resp) => return Ok(resp.map(ProxyBody::Mesh)),
                 Err(e) => match e.unsent {
-                    Some(unsent) if !fresh => req = unsent,
+                    Some(unsent) if failed.is_none() => {
+                        req = unsent;
+                        failed = Some(send);
+                    }
                     _ => return Err(PassError::Request(dst, root_cause(&e.error))),
                 },
             }
         }
-        unreachable!("the second round returns")
+        unreachable!("the second round returns or fails")
     }
 
-    async fn dial_plain_h2(&self, dst: SocketAddr) -> Result<MeshSender, PassError> {
+    async fn dial_plain_h2(&self, dst: SocketAddr) -> Result<(MeshSender, OwnConn), PassError> {
         let tcp = &self.all_metrics.tcp;
         let dial = async {
             let (io, own) = own_ports::connect(dst)
@@ -180,16 +163,14 @@ impl Outbound {
         let dialled = tokio::time::timeout(self.cfg.connect_timeout, dial)
             .await
             .unwrap_or(Err(PassError::Timeout(dst)));
-        match dialled {
-            Ok((send, own)) => {
-                tcp.connection(Direction::Outbound, "passthrough");
-                self.plain_h2.keep(dst, send.clone(), own);
-                Ok(send)
-            }
-            Err(e) => {
-                tcp.connection(Direction::Outbound, "failed");
-                Err(e)
-            }
-        }
+        tcp.connection(
+            Direction::Outbound,
+            if dialled.is_ok() {
+                "passthrough"
+            } else {
+                "failed"
+            },
+        );
+        dialled
     }
 }

@@ -10,6 +10,7 @@ use keyproof_identity::IdPattern;
 use crate::config::{OutboundConfig, UpstreamConfig, UpstreamRule};
 use crate::identity::store::IdentityStore;
 use crate::metrics::Metrics;
+use crate::outbound::passthrough::PlainSlot;
 use crate::outbound::rules::{Candidates, RuleSet};
 use crate::outbound::upstream::{OutboundError, Upstream};
 
@@ -24,6 +25,8 @@ pub struct Route {
     /// This app connection's own mesh connection (a rule with `balance =
     /// "connection"`): the upstream, by its dial address and identity.
     own: std::sync::Mutex<Option<Own>>,
+    /// Its plain HTTP/2 connection for streams outside the mesh.
+    plain: PlainSlot,
 }
 
 /// An upstream of one app connection alone, and what it was made for.
@@ -53,7 +56,14 @@ impl Route {
                 candidates,
             }),
             own: std::sync::Mutex::new(None),
+            plain: PlainSlot::default(),
         }
+    }
+
+    /// The app connection's plain HTTP/2 connection, for its streams
+    /// outside the mesh (`passthrough.rs`).
+    pub(super) fn plain_slot(&self) -> PlainSlot {
+        self.plain.clone()
     }
 
     /// This connection's own upstream for `address` and `identity`, made

@@ -596,6 +596,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn http_10_without_host_goes_where_the_connection_was_going() {
+        let api = workload("/ns/demo/sa/api");
+        let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
+        let (o, _m) = outbound(&format!(
+            "[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n"
+        ));
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(&mut c, b"GET /x HTTP/1.0\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        // HTTP/1.1 must name one.
+        let mut c = redirected(&o, mesh).await;
+        let got = exchange(&mut c, b"GET /x HTTP/1.1\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    }
+
+    #[tokio::test]
     async fn each_app_connection_gets_its_own_mesh_connection_unless_shared() {
         // A Service address behind a cidr rule is balanced by kube-proxy
         // per connection: one shared mesh connection would take every app
@@ -896,8 +914,9 @@ mod tests {
         // HTTP/2 is served stream by stream, whatever its first authority:
         // a stream for a host no rule takes, to a destination no cidr or
         // port rule names, goes on in plain HTTP/2 to the connection's
-        // original destination (one connection, shared); a stream for a
-        // meshed host on the same app connection still goes to the mesh.
+        // original destination (one plain connection per app connection);
+        // a stream for a meshed host on the same app connection still goes
+        // to the mesh.
         let api = workload("/ns/demo/sa/api");
         let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
         let (plain, conns) = plain_h2_server().await;
@@ -919,8 +938,9 @@ mod tests {
             !body.starts_with("plain"),
             "a meshed host went out in plain text: {body}"
         );
-        // A second app connection to the same destination shares the
-        // passthrough connection.
+        // A second app connection to the same destination gets one of its
+        // own, as it would have without the sidecar: its streams never
+        // wait on the first's at the destination's stream limit.
         let c = redirected(&o, plain).await;
         let (mut send2, conn) = h2::client::handshake(c).await.unwrap();
         tokio::spawn(conn);
@@ -929,8 +949,25 @@ mod tests {
             (status, body.as_str()),
             (200, "plain example.org/c xfcc=false")
         );
-        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(tcp_result(&m, "passthrough"), 2.0);
+        // A burst of streams opening a third app connection waits for its
+        // one dial, rather than each dialling.
+        let c = redirected(&o, plain).await;
+        let (send3, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let burst: Vec<_> = (0..20)
+            .map(|i| {
+                let mut send = send3.clone();
+                tokio::spawn(
+                    async move { h2_get(&mut send, &format!("http://example.org/{i}")).await },
+                )
+            })
+            .collect();
+        for b in burst {
+            assert_eq!(b.await.unwrap().0, 200);
+        }
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
 
         // With unmeshed = "deny": 502, and the destination sees nothing.
         let (plain, conns) = plain_h2_server().await;
