@@ -14,7 +14,6 @@
 //! in plain text, each to where the app sent it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
 use http::{header, Request, Response, StatusCode, Version};
@@ -26,23 +25,8 @@ use crate::http::mesh_client::MeshSender;
 use crate::http::owned::strip_hop_by_hop;
 use crate::metrics::Direction;
 use crate::outbound::own_ports::{self, OwnConn};
+use crate::outbound::table::{Plain, PlainSlot};
 use crate::outbound::Outbound;
-
-/// An app connection's plain HTTP/2 connection to its destination, made
-/// at its first stream outside the mesh. One per app connection, as the
-/// app would have had without the sidecar: one app's streams never wait on
-/// another's at the destination's stream limit, and the connection ends
-/// with the app's. The lock is held across a dial, so that the streams of
-/// a burst wait for the one dial rather than each make one.
-pub(super) type PlainSlot = Arc<tokio::sync::Mutex<Option<Plain>>>;
-
-/// A plain HTTP/2 connection to a destination outside the mesh.
-pub(super) struct Plain {
-    send: MeshSender,
-    /// Registers the dial as the sidecar's own while it lives, so that a
-    /// redirect that catches it is refused, not served again.
-    _own: OwnConn,
-}
 
 /// Why a stream could not be passed to its destination.
 #[derive(Debug, thiserror::Error)]

@@ -8,11 +8,29 @@ use arc_swap::ArcSwap;
 use keyproof_identity::IdPattern;
 
 use crate::config::{OutboundConfig, UpstreamConfig, UpstreamRule};
+use crate::http::mesh_client::MeshSender;
 use crate::identity::store::IdentityStore;
 use crate::metrics::Metrics;
-use crate::outbound::passthrough::PlainSlot;
+use crate::outbound::own_ports::OwnConn;
 use crate::outbound::rules::{Candidates, RuleSet};
 use crate::outbound::upstream::{OutboundError, Upstream};
+
+/// An app connection's plain HTTP/2 connection to its destination, made
+/// at its first stream outside the mesh. One per app connection, as the
+/// app would have had without the sidecar: one app's streams never wait on
+/// another's at the destination's stream limit, and the connection ends
+/// with the app's. The lock is held across a dial, so that the streams of
+/// a burst wait for the one dial rather than each make one.
+pub type PlainSlot = Arc<tokio::sync::Mutex<Option<Plain>>>;
+
+/// A plain HTTP/2 connection to a destination outside the mesh.
+pub struct Plain {
+    /// Its sending half.
+    pub(super) send: MeshSender,
+    /// Registers the dial as the sidecar's own while it lives, so that a
+    /// redirect that catches it is refused, not served again.
+    pub(super) _own: OwnConn,
+}
 
 /// What a redirected HTTP connection routes by: its original destination,
 /// and the rules whose destination conditions hold for it, found again
