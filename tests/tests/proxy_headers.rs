@@ -285,17 +285,19 @@ impl Raw {
     }
 }
 
-/// Writes `req` and reads one response (status 0: none within 10 s).
+/// Writes `req` and reads one response (status 0: none within 10 s). A
+/// write that fails is read after all: a server that refuses a head it
+/// has read enough of (431, say) answers and closes while the rest is
+/// still being sent, and its answer is already here.
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8]) -> Raw {
     let none = || Raw {
         status: 0,
         fields: vec![],
         body: String::new(),
     };
-    if s.write_all(req).await.is_err() {
-        return none();
+    if s.write_all(req).await.is_ok() {
+        let _ = s.flush().await;
     }
-    let _ = s.flush().await;
     tokio::time::timeout(Duration::from_secs(10), read_response(s))
         .await
         .unwrap_or_else(|_| none())
