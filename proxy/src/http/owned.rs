@@ -443,22 +443,31 @@ pub fn check_authority(
             shown()
         )));
     }
-    let host_ok = http::uri::Authority::try_from(value).ok().is_some_and(|a| {
-        // After the host, nothing or a port that is a number.
-        let port = &a.as_str()[a.host().len()..];
-        plain_host(a.host()).is_some()
-            && (port.is_empty()
-                || port.strip_prefix(':').is_some_and(|p| {
-                    p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
-                }))
-    });
-    if !host_ok {
+    if !std::str::from_utf8(value).is_ok_and(plain_authority) {
         return Err(HeaderRefusal::bad(format!(
             "the authority {:?} is no host name or address with an optional port",
             shown()
         )));
     }
     Ok(())
+}
+
+/// `host[:port]`: a [`plain_host`] (an IPv6 literal in brackets), then
+/// nothing or a port that is a number. Read in place: it runs per request.
+fn plain_authority(s: &str) -> bool {
+    let (host, port) = if s.starts_with('[') {
+        match s.find(']') {
+            Some(i) => s.split_at(i + 1),
+            None => return false,
+        }
+    } else {
+        s.rfind(':').map_or((s, ""), |i| s.split_at(i))
+    };
+    plain_host(host).is_some()
+        && (port.is_empty()
+            || port.strip_prefix(':').is_some_and(|p| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+            }))
 }
 
 /// `Transfer-Encoding` as a proxy can forward it faithfully: exactly one

@@ -413,11 +413,13 @@ impl Outbound {
         route: Option<&Route>,
     ) -> Result<Arc<Upstream>, Miss> {
         let rule = table.rules().get(i);
-        let address = rule.address.clone().unwrap_or_else(|| dst.to_string());
         if rule.balance == Balance::Shared {
             if let Some(up) = table.fixed(i) {
                 return Ok(up.clone());
             }
+        }
+        let address = rule.address.clone().unwrap_or_else(|| dst.to_string());
+        if rule.balance == Balance::Shared {
             return self.upstream(rule, &address, caps);
         }
         let identity = rules::fill(&rule.identity, caps).map_err(|e| Miss::Build(e.to_string()))?;
