@@ -436,38 +436,57 @@ pub fn check_authority(
             }
         },
     };
-    let shown = || String::from_utf8_lossy(value).into_owned();
-    if value.contains(&b'@') {
-        return Err(HeaderRefusal::bad(format!(
-            "the authority {:?} carries userinfo",
-            shown()
-        )));
+    if plain_authority(value) {
+        return Ok(());
     }
-    if !std::str::from_utf8(value).is_ok_and(plain_authority) {
-        return Err(HeaderRefusal::bad(format!(
-            "the authority {:?} is no host name or address with an optional port",
-            shown()
-        )));
-    }
-    Ok(())
+    let shown = String::from_utf8_lossy(value);
+    Err(HeaderRefusal::bad(if value.contains(&b'@') {
+        format!("the authority {shown:?} carries userinfo")
+    } else {
+        format!("the authority {shown:?} is no host name or address with an optional port")
+    }))
 }
 
-/// `host[:port]`: a [`plain_host`] (an IPv6 literal in brackets), then
-/// nothing or a port that is a number. Read in place: it runs per request.
-fn plain_authority(s: &str) -> bool {
-    let (host, port) = if s.starts_with('[') {
-        match s.find(']') {
-            Some(i) => s.split_at(i + 1),
-            None => return false,
+/// `host[:port]`: a host as [`plain_host`] takes it (an IPv6 literal in
+/// brackets), then nothing or a port that is a number. Read in one pass
+/// over the bytes: it runs per request on both listeners.
+fn plain_authority(s: &[u8]) -> bool {
+    if s.first() == Some(&b'[') {
+        let Some(i) = s.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let (host, port) = s.split_at(i + 1);
+        return std::str::from_utf8(host).is_ok_and(|h| plain_host(h).is_some()) && port_ok(port);
+    }
+    let (host, port) = s
+        .iter()
+        .rposition(|b| *b == b':')
+        .map_or((s, &b""[..]), |i| s.split_at(i));
+    // As `plain_host`: one final dot allowed, no other empty label, and
+    // letters, digits, `-`, `_` and `.` only.
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    let mut prev = b'.';
+    for &b in host {
+        let ok = b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && prev != b'.');
+        if !ok {
+            return false;
         }
-    } else {
-        s.rfind(':').map_or((s, ""), |i| s.split_at(i))
-    };
-    plain_host(host).is_some()
-        && (port.is_empty()
-            || port.strip_prefix(':').is_some_and(|p| {
-                !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
-            }))
+        prev = b;
+    }
+    prev != b'.' && port_ok(port)
+}
+
+/// Nothing, or `:` and a port number (digits only).
+fn port_ok(port: &[u8]) -> bool {
+    match port.strip_prefix(b":") {
+        None => port.is_empty(),
+        Some(p) => {
+            !p.is_empty()
+                && p.len() <= 5
+                && p.iter().all(u8::is_ascii_digit)
+                && p.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 65535
+        }
+    }
 }
 
 /// `Transfer-Encoding` as a proxy can forward it faithfully: exactly one
@@ -854,6 +873,7 @@ mod tests {
             "10.0.0.1:80",
             "[::1]:443",
             "a_b.svc.",
+            "b.svc.:80",
             "localhost",
         ] {
             assert!(ok(Version::HTTP_11, &origin, Some(host)), "{host}");
@@ -867,6 +887,13 @@ mod tests {
             "b.svc:http",
             "b.svc:+80",
             "b.svc:99999",
+            "b.svc:",
+            ":80",
+            ".b.svc",
+            "b..svc",
+            "b.svc..",
+            "[::1",
+            "[::1]x",
             "",
             "a..b",
         ] {
