@@ -851,10 +851,24 @@ fn a_switch_on_a_step_up_route_is_proven_over_the_connect_as_sent_and_never_repl
     );
 }
 
+/// Sends through a tunnel or switch opened to [`raw_app`] (which reads a
+/// head first, then echoes) and waits for the echo: it carries bytes.
+async fn carries(io: &mut hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(b"GET /t HTTP/1.1\r\n\r\nhello").await.unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"hello") {
+        let mut b = [0u8; 256];
+        let n = io.read(&mut b).await.unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&b[..n]);
+    }
+}
+
 #[test]
 fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows() {
     use hyper_util::rt::TokioIo;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let rt = runtime(2);
     let (app, tcp_app) = rt.block_on(async { (raw_app().await, raw_app().await) });
     let pki = Pki::new(TD);
@@ -887,15 +901,7 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
                 .unwrap();
             assert_eq!(resp.status(), 200, "{}", inbound.log_text());
             let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
-            // The TCP app reads a head first, then switches and echoes.
-            io.write_all(b"GET /t HTTP/1.1\r\n\r\nhello").await.unwrap();
-            let mut got = Vec::new();
-            while !got.ends_with(b"hello") {
-                let mut b = [0u8; 256];
-                let n = io.read(&mut b).await.unwrap();
-                assert!(n > 0, "closed early");
-                got.extend_from_slice(&b[..n]);
-            }
+            carries(&mut io).await;
             open.push(io);
         }
         // A switch still being set up when the policy changes: the app
@@ -1044,14 +1050,7 @@ fn a_switch_is_decided_again_when_its_route_turns_to_risk_or_its_rules_change() 
                     return Err(resp.status().as_u16());
                 }
                 let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
-                io.write_all(b"GET /t HTTP/1.1\r\n\r\nhello").await.unwrap();
-                let mut got = Vec::new();
-                while !got.ends_with(b"hello") {
-                    let mut b = [0u8; 256];
-                    let n = io.read(&mut b).await.unwrap();
-                    assert!(n > 0, "closed early");
-                    got.extend_from_slice(&b[..n]);
-                }
+                carries(&mut io).await;
                 Ok(io)
             }
         };
