@@ -43,8 +43,9 @@ pub struct Route {
     /// This app connection's own mesh connection (a rule with `balance =
     /// "connection"`): the upstream, by its dial address and identity.
     own: std::sync::Mutex<Option<Own>>,
-    /// Its plain HTTP/2 connection for streams outside the mesh.
-    plain: PlainSlot,
+    /// Its plain HTTP/2 connection for streams outside the mesh, made
+    /// (slot and all) only by a connection that has such a stream.
+    plain: std::sync::OnceLock<PlainSlot>,
 }
 
 /// An upstream of one app connection alone, and what it was made for.
@@ -74,14 +75,14 @@ impl Route {
                 candidates,
             }),
             own: std::sync::Mutex::new(None),
-            plain: PlainSlot::default(),
+            plain: std::sync::OnceLock::new(),
         }
     }
 
     /// The app connection's plain HTTP/2 connection, for its streams
     /// outside the mesh (`passthrough.rs`).
     pub(super) fn plain_slot(&self) -> PlainSlot {
-        self.plain.clone()
+        self.plain.get_or_init(PlainSlot::default).clone()
     }
 
     /// This connection's own upstream for `address` and `identity`, made
