@@ -862,6 +862,75 @@ fn the_head_limit_is_max_header_bytes_exactly_on_both_listeners() {
     });
 }
 
+/// Python's `http.client` sending a body after a head the sidecar refuses
+/// (too large: 431) gets the answer, on both listeners. The client writes
+/// the whole request before it reads, and a write met with a reset raises
+/// before it reads anything: the sidecar reads on briefly after refusing,
+/// rather than close with the body arriving.
+#[test]
+fn a_client_still_sending_reads_the_refusal_of_its_head_on_both_listeners() {
+    const CLIENT: &str = r#"
+import http.client, ssl, sys, time
+kind, port, host, fill = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if kind == "in":
+    ctx = ssl.create_default_context(cafile=sys.argv[5])
+    ctx.load_cert_chain(sys.argv[6], sys.argv[7])
+    c = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=10)
+else:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def body():
+    # 200 KiB over about 150 ms, as over a real link.
+    for _ in range(25):
+        yield b"p" * 8192
+        time.sleep(0.006)
+try:
+    c.request("POST", "/big", body=body(), headers={"Host": host, "x-fill": "a" * fill})
+    r = c.getresponse()
+    print(r.status)
+except OSError as e:
+    print("error", type(e).__name__, e)
+"#;
+    let m = mesh("");
+    let (ca, crt, key) = (
+        m.pki.bundle.display().to_string(),
+        m.web.crt.display().to_string(),
+        m.web.key.display().to_string(),
+    );
+    let run = |args: &[String]| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", CLIENT])
+            .args(args)
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            + &String::from_utf8_lossy(&out.stderr)
+    };
+    for round in 0..3 {
+        let inbound = run(&[
+            "in".into(),
+            m.in_addr.port().to_string(),
+            "localhost".into(),
+            (MAX + 1000).to_string(),
+            ca.clone(),
+            crt.clone(),
+            key.clone(),
+        ]);
+        assert_eq!(inbound, "431", "inbound, round {round}");
+        let outbound = run(&[
+            "out".into(),
+            m.out_addr.port().to_string(),
+            "api.default.svc".into(),
+            (OUT_MAX + 1000).to_string(),
+        ]);
+        assert_eq!(outbound, "431", "outbound, round {round}");
+    }
+    assert!(
+        !m.app.all().contains("/big"),
+        "a refused head reached the app:\n{}",
+        m.app.all()
+    );
+}
+
 #[test]
 fn a_trailer_http2_cannot_carry_never_hangs_the_mesh() {
     let m = mesh("");

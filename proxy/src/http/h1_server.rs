@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::http::h1::{self, BodyError, BodyReader, Connection, Framing, H1Error, RequestHead};
-use crate::http::io::Rewind;
+use crate::http::io::{Rewind, LINGER, LINGER_BYTES};
 use crate::http::owned;
 use crate::http::response::{http_date, text};
 use crate::http::server::PROGRESS;
@@ -49,11 +49,6 @@ use crate::http::traits::ResponseBody;
 /// chunk) so that they go out in one write; larger ones are written as they
 /// are.
 const GATHER: usize = 16 * 1024;
-
-/// How long a connection that is closed with a request body left unread is
-/// drained first, so that the client reads the response rather than a reset.
-const LINGER: Duration = Duration::from_millis(500);
-const LINGER_BYTES: usize = 256 * 1024;
 
 /// What the server enforces on each connection.
 #[derive(Debug, Clone, Copy)]
@@ -369,7 +364,13 @@ where
             }
             Err(HeadEnd::Bad(e)) => {
                 let resp: Response<B> = text(e.status(), format!("bad request: {e}\n"));
-                return refuse(&mut wr, &mut out, resp, &activity).await;
+                refuse(&mut wr, &mut out, resp, &activity).await?;
+                // The client may still be sending (the rest of a head too
+                // large, a body): read on, or its next write is reset and
+                // it may never read the answer. Not after a timeout: that
+                // client is the slow one.
+                linger(io).await;
+                return Ok(());
             }
         };
         let RequestHead {
@@ -1221,6 +1222,42 @@ mod tests {
         let srv = server(limits(), open(), echo).await;
         let (_s, _buf, r) = exchange(srv.addr, fits.as_bytes()).await;
         assert_eq!(r.status, 200);
+    }
+
+    /// A client still sending when its head is refused (a head far over
+    /// the limit, a malformed one followed by its body) gets to finish
+    /// sending and reads the answer: the server reads on briefly before it
+    /// closes, as it does after an unread body, rather than reset the
+    /// client's writes.
+    #[tokio::test]
+    async fn a_refused_head_is_answered_while_the_client_is_still_sending() {
+        let srv = server(limits(), open(), echo).await;
+        for (start, status) in [
+            (&b"GET / HTTP/1.1\r\nx: "[..], 431),
+            (&b"GET / HTTP/1.1\nHost: a\r\n\r\n"[..], 400),
+        ] {
+            for _ in 0..5 {
+                let s = TcpStream::connect(srv.addr).await.expect("connect");
+                let (mut rd, mut wr) = s.into_split();
+                let start = start.to_vec();
+                let writer = tokio::spawn(async move {
+                    wr.write_all(&start).await?;
+                    let filler = vec![b'a'; 64 * 1024];
+                    for _ in 0..3 {
+                        wr.write_all(&filler).await?;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok::<_, io::Error>(wr)
+                });
+                let mut buf = Vec::new();
+                let r = response(&mut rd, &mut buf, false).await;
+                assert_eq!(r.map(|r| r.status), Some(status));
+                // A client such as curl stops at its first failed write
+                // and never reads the answer.
+                let wrote = writer.await.expect("writer");
+                assert!(wrote.is_ok(), "a write failed: {:?}", wrote.err());
+            }
+        }
     }
 
     #[tokio::test]

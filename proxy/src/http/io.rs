@@ -240,6 +240,116 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<I> {
     }
 }
 
+/// How long a closing HTTP/1.1 connection reads on for what the client is
+/// still sending, and how much it reads at most (nginx's lingering close).
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+/// See [`LINGER`].
+pub const LINGER_BYTES: usize = 256 * 1024;
+
+/// An HTTP/1.1 connection that, once its write side is shut, reads and
+/// discards what the client is still sending, for [`LINGER`] or
+/// [`LINGER_BYTES`], before the shutdown completes. A server that refuses a
+/// head (431, 400) closes while the client may still be writing the rest of
+/// it or a body; closing a socket with unread bytes makes the kernel reset
+/// the connection, and a client whose write fails with that reset (curl,
+/// most libraries) never reads the answer. hyper shuts the connection down
+/// this way after such an answer, and at every other close, where the read
+/// ends at once on the client's own close.
+pub struct Lingering<I> {
+    inner: I,
+    state: Linger,
+}
+
+enum Linger {
+    Open,
+    Draining {
+        until: Pin<Box<tokio::time::Sleep>>,
+        seen: usize,
+    },
+    Done,
+}
+
+impl<I> Lingering<I> {
+    /// Wraps `inner`.
+    pub fn new(inner: I) -> Lingering<I> {
+        Lingering {
+            inner,
+            state: Linger::Open,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Lingering<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Lingering<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                Linger::Open => {
+                    std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+                    this.state = Linger::Draining {
+                        until: Box::pin(tokio::time::sleep(LINGER)),
+                        seen: 0,
+                    };
+                }
+                Linger::Draining { until, seen } => {
+                    if until.as_mut().poll(cx).is_ready() {
+                        this.state = Linger::Done;
+                        continue;
+                    }
+                    let mut scratch = [0u8; 8192];
+                    let mut rb = ReadBuf::new(&mut scratch);
+                    match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                            *seen += rb.filled().len();
+                            if *seen > LINGER_BYTES {
+                                this.state = Linger::Done;
+                            }
+                        }
+                        // The client's close, or a failed read: done.
+                        Poll::Ready(_) => this.state = Linger::Done,
+                    }
+                }
+                Linger::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod write_stall_tests {
     use std::time::Duration;

@@ -23,7 +23,7 @@ use crate::error::BoxError;
 use crate::http::h1_guard::StrictLines;
 use crate::http::h2_server;
 use crate::http::h2_stream::MeshBody;
-use crate::http::io::{Rewind, WriteStall};
+use crate::http::io::{Lingering, Rewind, WriteStall};
 use crate::http::map_in_place::map_in_place;
 use crate::http::traits::SendBody;
 
@@ -231,7 +231,7 @@ where
     // A caller that reads none of a response for `body_timeout` loses the
     // connection (HTTP/2 resets the one stream instead: `send_body`).
     let io = StrictLines::new(
-        WriteStall::new(io, builders.h2.send_stall),
+        Lingering::new(WriteStall::new(io, builders.h2.send_stall)),
         builders.max_header_bytes,
     );
     let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -412,9 +412,9 @@ mod tests {
 
     /// Serves `io` as `proto` with a service whose requests take `delay`
     /// and answer "done"; the sender starts shutdown.
-    fn serve_pipe(
+    fn serve_pipe<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         proto: Proto,
-        io: tokio::io::DuplexStream,
+        io: I,
         limits: Limits,
         delay: Duration,
     ) -> (
@@ -606,6 +606,48 @@ mod tests {
                 got.starts_with(&format!("HTTP/1.1 {status} ")),
                 "{raw:?}: {got:?}"
             );
+        }
+    }
+
+    /// A client still sending when its head is refused gets to finish
+    /// sending (curl stops at its first failed write and never reads the
+    /// answer): the server reads on briefly before it closes, rather than
+    /// reset the client's writes. Real TCP: a pipe has no resets.
+    #[tokio::test]
+    async fn a_refused_http1_head_is_answered_while_the_client_is_still_sending() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let small = Limits {
+            max_header_bytes: 1024,
+            ..limits()
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        for (start, status) in [
+            (&b"GET / HTTP/1.1\r\nHost: a\r\nx: "[..], "431"),
+            (&b"GET / HTTP/1.1\r\nHost: a\n\r\n"[..], "400"),
+        ] {
+            let cli = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (srv, _) = l.accept().await.expect("accept");
+            let (_tx, task) = serve_pipe(Proto::Http1, srv, small.clone(), Duration::ZERO);
+            let (mut rd, mut wr) = cli.into_split();
+            let writer = tokio::spawn(async move {
+                wr.write_all(start).await?;
+                let filler = vec![b'a'; 64 * 1024];
+                for _ in 0..3 {
+                    wr.write_all(&filler).await?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok::<_, std::io::Error>(wr)
+            });
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(WAIT, rd.read_to_end(&mut got)).await;
+            let got = String::from_utf8_lossy(&got);
+            assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{got:?}");
+            let wrote = writer.await.expect("writer");
+            assert!(wrote.is_ok(), "{status}: a write failed: {:?}", wrote.err());
+            let _ = task.await;
         }
     }
 
