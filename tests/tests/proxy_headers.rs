@@ -803,6 +803,71 @@ fn host_transfer_coding_and_line_ending_shapes_are_refused_on_both_listeners() {
     });
 }
 
+/// HTTP/2 on plain TCP (prior knowledge), as an app talks to the
+/// outbound.
+async fn h2c_at(
+    at: SocketAddr,
+    req: Request<AppBody>,
+) -> Result<(StatusCode, HeaderMap, String, Option<HeaderMap>), hyper::Error> {
+    let s = tokio::net::TcpStream::connect(at).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(s))
+            .await?;
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await?;
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    Ok((parts.status, parts.headers, body, trailers))
+}
+
+/// HTTP/2 forms RFC 9113 section 8 calls malformed and h2 lets through: a
+/// `:path` that is not absolute, a `:scheme` the sidecar does not serve,
+/// a field value with whitespace at an end (an HTTP/1.1 app would read it
+/// trimmed, the sidecar's rules untrimmed). 400 on both listeners, and
+/// the app never sees them.
+#[test]
+fn malformed_http2_forms_are_refused_on_both_listeners() {
+    let m = mesh("");
+    rt().block_on(async {
+        let shapes: [(&str, &[(&str, &str)]); 5] = [
+            ("https://{h}?form=1", &[]),
+            ("javascript://{h}/form", &[]),
+            ("https://{h}/form", &[("x-amount", " 20000")]),
+            ("https://{h}/form", &[("x-amount", "20000\t")]),
+            ("https://{h}/form", &[("x-amount", "20000 ")]),
+        ];
+        for (uri, fields) in shapes {
+            let mut req = h2_request("/form", fields, None);
+            *req.uri_mut() = uri.replace("{h}", "localhost").parse().unwrap();
+            let got = inbound_h2(&m, req).await.unwrap();
+            assert_eq!(got.0, 400, "inbound {uri} {fields:?}: {}", got.2);
+            let mut req = h2_request("/form", fields, None);
+            *req.uri_mut() = uri.replace("{h}", "api.default.svc").parse().unwrap();
+            let got = h2c_at(m.out_addr, req).await.unwrap();
+            assert_eq!(got.0, 400, "outbound {uri} {fields:?}: {}", got.2);
+        }
+        assert!(
+            !m.app.all().contains("/form"),
+            "a malformed HTTP/2 request reached the app:\n{}",
+            m.app.all()
+        );
+        // The well-formed ones are served.
+        for uri in ["https://{h}/form?x=1", "http://{h}/form"] {
+            let mut req = h2_request("/form", &[("x-amount", "2 0")], None);
+            *req.uri_mut() = uri.replace("{h}", "localhost").parse().unwrap();
+            let got = inbound_h2(&m, req).await.unwrap();
+            assert_eq!(got.0, 200, "inbound {uri}: {}", got.2);
+            let mut req = h2_request("/form", &[("x-amount", "2 0")], None);
+            *req.uri_mut() = uri.replace("{h}", "api.default.svc").parse().unwrap();
+            let got = h2c_at(m.out_addr, req).await.unwrap();
+            assert_eq!(got.0, 200, "outbound {uri}: {}", got.2);
+        }
+    });
+}
+
 /// A head of `len` bytes exactly: `GET <path> HTTP/1.1`, Host, one filler
 /// field sized to fit.
 fn head_of(len: usize, host: &str) -> String {

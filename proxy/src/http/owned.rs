@@ -447,6 +447,51 @@ pub fn check_authority(
     }))
 }
 
+/// What RFC 9113 section 8 makes a malformed HTTP/2 request, where h2
+/// lets it through: a `:scheme` other than `http` and `https` (the
+/// sidecar serves no other), a `:path` that is not absolute (`?x`, which
+/// h2 and the `http` crate read as `/?x`; `*` only for `OPTIONS`), and a
+/// field value with whitespace at either end (section 8.2.1: an HTTP/1.1
+/// app would read it trimmed, and the sidecar's header rules untrimmed).
+/// Refused with 400 on both listeners. HTTP/1.1 has none of these
+/// forms: its parser trims values and reads the target as sent.
+pub fn check_h2_form(
+    version: http::Version,
+    method: &http::Method,
+    uri: &Uri,
+    h: &HeaderMap,
+) -> Result<(), HeaderRefusal> {
+    if version != http::Version::HTTP_2 {
+        return Ok(());
+    }
+    if method != http::Method::CONNECT {
+        // h2 keeps `:scheme` only beside `:authority`; without it (a
+        // `host` field instead) the scheme was checked for syntax alone.
+        if let Some(other) = uri.scheme_str().filter(|s| !matches!(*s, "http" | "https")) {
+            return Err(HeaderRefusal::bad(format!(
+                ":scheme {other:?} is not http or https"
+            )));
+        }
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        if !(path.starts_with('/') || (path == "*" && method == http::Method::OPTIONS)) {
+            return Err(HeaderRefusal::bad(format!(
+                ":path {path:?} is not an absolute path"
+            )));
+        }
+    }
+    for (name, value) in h {
+        let v = value.as_bytes();
+        let edge = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+        if edge(v.first()) || edge(v.last()) {
+            return Err(HeaderRefusal::bad(format!(
+                "the value of {:?} starts or ends with whitespace",
+                name.as_str()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `host[:port]`: a host as [`plain_host`] takes it (an IPv6 literal in
 /// brackets), then nothing or a port that is a number. Read in one pass
 /// over the bytes: it runs per request on both listeners.
@@ -857,6 +902,30 @@ mod tests {
         assert!(check_request(&h, &uri, Underscores::Reject)
             .unwrap()
             .is_clean());
+    }
+
+    #[test]
+    fn http2_forms_h2_lets_through_are_refused_and_http1_is_left_alone() {
+        use http::{Method, Version};
+        let ok = |v: Version, m: Method, uri: &str, fields: &[(&str, &str)]| {
+            check_h2_form(v, &m, &uri.parse().unwrap(), &map(fields)).is_ok()
+        };
+        let h2 = Version::HTTP_2;
+        assert!(ok(h2, Method::GET, "https://a/x?y", &[("x", "a b")]));
+        assert!(ok(h2, Method::GET, "http://a/", &[]));
+        // No `:authority`: h2 kept no scheme.
+        assert!(ok(h2, Method::GET, "/x", &[("host", "a")]));
+        assert!(ok(h2, Method::OPTIONS, "*", &[]));
+        assert!(!ok(h2, Method::GET, "*", &[]));
+        assert!(ok(h2, Method::CONNECT, "a:443", &[]));
+        assert!(!ok(h2, Method::GET, "https://a?y", &[]));
+        assert!(!ok(h2, Method::GET, "javascript://a/x", &[]));
+        assert!(!ok(h2, Method::GET, "ftp://a/x", &[]));
+        for v in [" 1", "1 ", "\t1", "1\t"] {
+            assert!(!ok(h2, Method::GET, "https://a/x", &[("x-amount", v)]), "{v:?}");
+            assert!(ok(Version::HTTP_11, Method::GET, "/x", &[("x-amount", v)]), "{v:?}");
+        }
+        assert!(ok(Version::HTTP_11, Method::GET, "http://a?y", &[]));
     }
 
     #[test]

@@ -553,7 +553,9 @@ impl Inbound {
         }
         let mode = self.cfg.headers_with_underscores;
         let found = match owned::check_request(req.headers(), req.uri(), mode).and_then(|f| {
-            owned::check_authority(req.version(), req.uri(), req.headers()).map(|()| f)
+            owned::check_authority(req.version(), req.uri(), req.headers())?;
+            owned::check_h2_form(req.version(), req.method(), req.uri(), req.headers())?;
+            Ok(f)
         }) {
             Ok(f) => f,
             Err(r) => {

@@ -523,6 +523,14 @@ impl Outbound {
             }
         }
         let (mut parts, body) = req.into_parts();
+        // Before normalization, which would make `?x` the `/?x` h2 reads.
+        if let Err(r) =
+            owned::check_h2_form(parts.version, &parts.method, &parts.uri, &parts.headers)
+        {
+            tracing::info!(method = %parts.method, reason = %r.reason, "outbound request refused: HTTP/2 form");
+            let resp = text(r.status, format!("bad request: {}\n", r.reason));
+            return Either::Left(Box::pin(ready(resp)));
+        }
         // The path goes out (and is signed for step-up) in the form the
         // peer's inbound decides on, so its normalization is the identity.
         match crate::http::path::normalize_uri(
