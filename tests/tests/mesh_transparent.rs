@@ -707,3 +707,160 @@ fn ipv6_is_refused_not_let_past_the_sidecar() {
     assert!(!filter6.contains("KEYPROOF"), "{filter6}");
     assert_eq!(probe(c, &b6, false), "plain");
 }
+
+/// A Service address: kube-proxy's DNAT in the node, half the connections
+/// to B and half to C, both meshed. Each of A's app connections (and each
+/// TCP tunnel) gets a mesh connection of its own, dialled to the Service
+/// address, so kube-proxy balances them as it would without the mesh; a
+/// sidecar pooling one connection per destination would send all of them
+/// to whichever backend its first dial met.
+#[test]
+fn a_service_address_is_balanced_per_app_connection() {
+    if !can_run(TOOLS) {
+        return;
+    }
+    const VIP: &str = "10.96.0.10";
+    const GATEWAY: &str = "10.77.0.254";
+    let pods = Pods::create();
+    let (a, b, c) = (&pods.a, &pods.b, &pods.c);
+    let pki = Pki::new(TD);
+    let cert_a = pki.issue("a", "/ns/shop/sa/client");
+    let cert_srv = pki.issue("srv", "/ns/web/sa/server");
+    let id_a = pki.id("/ns/shop/sa/client");
+    // The node routes to the Service range and balances it, as kube-proxy
+    // does (iptables mode); the backends see the node's address.
+    let node = |args: &[&str]| {
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &pods.node])
+                .args(args),
+        )
+    };
+    node(&["ip", "addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
+    node(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let (to_b, to_c) = (b.addr(HTTP).to_string(), c.addr(HTTP).to_string());
+    node(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        VIP,
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        "0.5",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to_b,
+    ]);
+    node(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        VIP,
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to_c,
+    ]);
+    node(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-d",
+        SUBNET,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "MASQUERADE",
+    ]);
+    run_ok(
+        a.cmd("ip")
+            .args(["route", "add", "10.96.0.0/16", "via", GATEWAY]),
+    );
+
+    let nginx_b = PodNginx::start(&pods, b, HTTP);
+    let nginx_c = PodNginx::start(&pods, c, HTTP);
+    let server = sidecar_config(
+        &identity_toml(&pki.bundle, &cert_srv),
+        &format!("[[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"{id_a}\"]\n"),
+        "",
+    );
+    let side_b = Sidecar::start(&pods, b, "b", &server, ADMIN);
+    let side_c = Sidecar::start(&pods, c, "c", &server, ADMIN);
+    // The Service range meshed by a cidr rule, `balance` left to its
+    // default.
+    let side_a = Sidecar::start(
+        &pods,
+        a,
+        "a",
+        &sidecar_config(
+            &identity_toml(&pki.bundle, &cert_a),
+            "",
+            &format!(
+                "[[outbound.upstreams]]\ncidr = \"10.96.0.0/16\"\nidentity = \"spiffe://{TD}/ns/web/*\"\n"
+            ),
+        ),
+        ADMIN,
+    );
+    for pod in [a, b, c] {
+        redirect(pod, &["--proxy-uid", "0"]);
+    }
+    let logs = || {
+        format!(
+            "--- sidecar A:\n{}\n--- sidecar B:\n{}\n--- sidecar C:\n{}",
+            side_a.log_text(),
+            side_b.log_text(),
+            side_c.log_text()
+        )
+    };
+    let url = format!("http://{VIP}/");
+    const RUNS: usize = 20;
+    for i in 0..RUNS {
+        // A new curl, so a new app connection, each time.
+        let (code, body, rc) = curl(a, &[&url]);
+        assert_eq!((code, rc), (200, 0), "run {i}: {body}\n{}", logs());
+        assert!(body.contains(&format!("URI={id_a}")), "run {i}: {body}");
+    }
+    let served = |n: &PodNginx| {
+        n.access_log()
+            .lines()
+            .filter(|l| l.contains(" 200 /"))
+            .count()
+    };
+    let (on_b, on_c) = (served(&nginx_b), served(&nginx_c));
+    assert_eq!(
+        on_b + on_c,
+        RUNS,
+        "B:\n{}\nC:\n{}",
+        nginx_b.access_log(),
+        nginx_c.access_log()
+    );
+    // All 20 on one side has probability 2^-19 with per-connection
+    // balancing, and is certain with one pooled connection.
+    assert!(
+        on_b > 0 && on_c > 0,
+        "B served {on_b}, C served {on_c}\n{}",
+        logs()
+    );
+}

@@ -922,8 +922,14 @@ mod tests {
         assert!(!ok(h2, Method::GET, "javascript://a/x", &[]));
         assert!(!ok(h2, Method::GET, "ftp://a/x", &[]));
         for v in [" 1", "1 ", "\t1", "1\t"] {
-            assert!(!ok(h2, Method::GET, "https://a/x", &[("x-amount", v)]), "{v:?}");
-            assert!(ok(Version::HTTP_11, Method::GET, "/x", &[("x-amount", v)]), "{v:?}");
+            assert!(
+                !ok(h2, Method::GET, "https://a/x", &[("x-amount", v)]),
+                "{v:?}"
+            );
+            assert!(
+                ok(Version::HTTP_11, Method::GET, "/x", &[("x-amount", v)]),
+                "{v:?}"
+            );
         }
         assert!(ok(Version::HTTP_11, Method::GET, "http://a?y", &[]));
     }
