@@ -729,71 +729,24 @@ fn a_service_address_is_balanced_per_app_connection() {
     let id_a = pki.id("/ns/shop/sa/client");
     // The node routes to the Service range and balances it, as kube-proxy
     // does (iptables mode); the backends see the node's address.
-    let node = |args: &[&str]| {
+    let node = |line: String| {
         run_ok(
             Command::new("ip")
                 .args(["netns", "exec", &pods.node])
-                .args(args),
+                .args(line.split_whitespace()),
         )
     };
-    node(&["ip", "addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
-    node(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    let (to_b, to_c) = (b.addr(HTTP).to_string(), c.addr(HTTP).to_string());
-    node(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        VIP,
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-m",
-        "statistic",
-        "--mode",
-        "random",
-        "--probability",
-        "0.5",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &to_b,
-    ]);
-    node(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        VIP,
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &to_c,
-    ]);
-    node(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-d",
-        SUBNET,
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "DNAT",
-        "-j",
-        "MASQUERADE",
-    ]);
+    node(format!("ip addr add {GATEWAY}/24 dev br0"));
+    node("sysctl -qw net.ipv4.ip_forward=1".into());
+    let dnat = "iptables -t nat -A PREROUTING -p tcp --dport 80 -j DNAT";
+    let (to_b, to_c) = (b.addr(HTTP), c.addr(HTTP));
+    node(format!(
+        "{dnat} -d {VIP} -m statistic --mode random --probability 0.5 --to-destination {to_b}"
+    ));
+    node(format!("{dnat} -d {VIP} --to-destination {to_c}"));
+    node(format!(
+        "iptables -t nat -A POSTROUTING -d {SUBNET} -m conntrack --ctstate DNAT -j MASQUERADE"
+    ));
     run_ok(
         a.cmd("ip")
             .args(["route", "add", "10.96.0.0/16", "via", GATEWAY]),

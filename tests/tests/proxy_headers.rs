@@ -409,10 +409,17 @@ async fn h2_at(
     cert: &Cert,
     req: Request<AppBody>,
 ) -> Result<(StatusCode, HeaderMap, String, Option<HeaderMap>), hyper::Error> {
-    let s = tls(at, pki, cert, &[b"h2"]).await;
+    h2_over(tls(at, pki, cert, &[b"h2"]).await, req).await
+}
+
+/// One HTTP/2 request on `io`: (status, fields, body, trailers).
+async fn h2_over<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: I,
+    req: Request<AppBody>,
+) -> Result<(StatusCode, HeaderMap, String, Option<HeaderMap>), hyper::Error> {
     let (mut send, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(s))
+            .handshake(hyper_util::rt::TokioIo::new(io))
             .await?;
     tokio::spawn(conn);
     let resp = send.send_request(req).await?;
@@ -809,18 +816,7 @@ async fn h2c_at(
     at: SocketAddr,
     req: Request<AppBody>,
 ) -> Result<(StatusCode, HeaderMap, String, Option<HeaderMap>), hyper::Error> {
-    let s = tokio::net::TcpStream::connect(at).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(s))
-            .await?;
-    tokio::spawn(conn);
-    let resp = send.send_request(req).await?;
-    let (parts, body) = resp.into_parts();
-    let collected = body.collect().await?;
-    let trailers = collected.trailers().cloned();
-    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
-    Ok((parts.status, parts.headers, body, trailers))
+    h2_over(tokio::net::TcpStream::connect(at).await.unwrap(), req).await
 }
 
 /// HTTP/2 forms RFC 9113 section 8 calls malformed and h2 lets through: a
