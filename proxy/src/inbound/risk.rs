@@ -1198,15 +1198,17 @@ impl RouteRisk {
                             note(i, r.action);
                         } else if let Test::Rate { window, .. } = r.test {
                             // Requests it may have made before it was
-                            // forgotten are not known: they raise a
-                            // challenge rule. Not a denial: every caller
-                            // admitted after any eviction is such a one (the
-                            // table does not keep whom it forgot), and a
-                            // deny rule on the rate would refuse newcomers.
-                            if r.action == RiskAction::Challenge
-                                && id
-                                    .forgotten_before
-                                    .is_some_and(|f| now < f.saturating_add(window))
+                            // forgotten are not known: the rule fires, as a
+                            // challenge whatever its action. Not a denial:
+                            // every caller admitted after any eviction is
+                            // such a one (the table does not keep whom it
+                            // forgot), and a deny rule on the rate would
+                            // refuse newcomers. Not a pass either: a caller
+                            // a deny rule was refusing would get a fresh
+                            // allowance, unproven, once pushed out.
+                            if id
+                                .forgotten_before
+                                .is_some_and(|f| now < f.saturating_add(window))
                             {
                                 note(i, RiskAction::Challenge);
                             }
@@ -2464,12 +2466,20 @@ mod tests {
         assert_eq!(r.evaluate(&p, &none(), at(7)), ch("burst"));
         // A window after the last caller was forgotten, it is itself again.
         assert_eq!(r.evaluate(&p, &none(), at(1100)), Verdict::Pass);
-        // A deny rule on the rate acts on what the table counted: a
+        // A deny rule on the rate: a caller it refused, forgotten, is
+        // challenged (not given a fresh allowance unproven), and so is a
         // newcomer after an eviction (the table cannot tell it from a
-        // forgotten caller) is not refused, nor challenged by it.
+        // forgotten caller), which is not refused.
         let flood = f.route(1, &["flood"]);
-        assert_eq!(flood.evaluate(&peer(9), &none(), at(1200)), Verdict::Pass);
-        assert_eq!(f.metric("keyproof_risk_evictions_total"), 3.0);
+        let q = peer(20);
+        let mut t = 1200;
+        while flood.evaluate(&q, &none(), at(t)) != deny("flood") {
+            t += 1;
+        }
+        r.evaluate(&peer(21), &none(), at(t + 1));
+        r.evaluate(&peer(22), &none(), at(t + 2));
+        assert_eq!(flood.evaluate(&q, &none(), at(t + 3)), ch("flood"));
+        assert_eq!(flood.evaluate(&peer(23), &none(), at(t + 4)), ch("flood"));
     }
 
     #[test]
