@@ -998,6 +998,95 @@ fn a_policy_change_cuts_the_tunnels_sockets_and_connections_it_no_longer_allows(
     );
 }
 
+/// Writes `text` over the policy file `policy` of `inbound` and waits for
+/// its reload.
+fn reload_policy(inbound: &ProxyProc, policy: &std::path::Path, text: &str) {
+    let reloads = || inbound.metric("keyproof_policy_reloads_total{result=\"ok\"}");
+    let before = reloads();
+    write_renamed(policy, text);
+    for _ in 0..100 {
+        if reloads() > before {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the policy was not reloaded:\n{}", inbound.log_text());
+}
+
+/// A switch proven on an `always` route was decided on by that route's
+/// rules: a reload that makes the route decide by risk, with a deny rule
+/// that fires for the handshake, cuts it, as it refuses it made again. Its
+/// proof does not carry it past rules that never saw it.
+#[test]
+fn a_proven_switch_is_cut_when_its_route_gets_rules_that_deny_it() {
+    use std::io::{Read, Write};
+    let rt = runtime(1);
+    let app = rt.block_on(raw_app());
+    let pki = Pki::new(TD);
+    let web = pki.id("/ns/default/sa/web");
+    let rest = format!("[[routes]]\npath_prefix = \"/\"\nallow = [\"{web}\"]\n");
+    let always = format!(
+        "[[routes]]\npath_prefix = \"/ws\"\nallow = [\"{web}\"]\nstep_up = \"always\"\n{rest}"
+    );
+    let risky = format!(
+        "[[routes]]\npath_prefix = \"/ws\"\nallow = [\"{web}\"]\nstep_up = \"risk\"\nrisk = [\"kp\"]\n{rest}\
+         [[risk_rules]]\nname = \"kp\"\nheader = \"x-country\"\none_of = [\"KP\"]\naction = \"deny\"\n"
+    );
+    let policy = pki.path("policy.toml");
+    std::fs::write(&policy, &always).unwrap();
+    let (inbound, outbound, out_addr) = pair(
+        &pki,
+        app.addr,
+        &format!("policy_file = {:?}\n", policy.display().to_string()),
+    );
+    // An HTTP/1.1 switch through the outbound, which proves it: the
+    // status line, and the connection.
+    let open = || {
+        let mut s = std::net::TcpStream::connect(out_addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        write!(
+            s,
+            "GET /ws/chat HTTP/1.1\r\nHost: api.default.svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Country: KP\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        (head.lines().next().unwrap_or_default().to_owned(), s)
+    };
+    let echoes = |s: &mut std::net::TcpStream| {
+        let mut b = [0u8; 4];
+        s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
+    };
+    let (status, mut ws) = open();
+    assert!(status.contains(" 101 "), "{status}");
+    assert!(echoes(&mut ws), "the proven switch carries nothing");
+    assert_eq!(
+        outbound.metric("keyproof_stepup_signatures_total{result=\"ok\"}"),
+        1.0
+    );
+    reload_policy(&inbound, &policy, &risky);
+    let mut b = [0u8; 16];
+    // The reset comes within a few seconds of the reload; a read that
+    // times out found the switch still open.
+    let ended = match ws.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    assert!(ended, "a proven switch outlived rules that deny it");
+    let (status, _) = open();
+    assert!(status.contains(" 403 "), "made again: {status}");
+}
+
 #[test]
 fn a_switch_is_decided_again_when_its_route_turns_to_risk_or_its_rules_change() {
     use hyper_util::rt::TokioIo;
@@ -1024,18 +1113,7 @@ fn a_switch_is_decided_again_when_its_route_turns_to_risk_or_its_rules_change() 
         app.addr,
         &format!("policy_file = {:?}\n", policy.display().to_string()),
     );
-    let reloads = || inbound.metric("keyproof_policy_reloads_total{result=\"ok\"}");
-    let reload = |text: &str| {
-        let before = reloads();
-        write_renamed(&policy, text);
-        for _ in 0..100 {
-            if reloads() > before {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("the policy was not reloaded:\n{}", inbound.log_text());
-    };
+    let reload = |text: &str| reload_policy(&inbound, &policy, text);
     rt.block_on(async {
         let send = h2_caller(in_addr, &pki, &web_cert).await;
         // A switch on /ws, carrying bytes, or its status when refused.

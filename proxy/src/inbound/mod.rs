@@ -728,10 +728,9 @@ impl Inbound {
             };
             // `admit` decided with the policy of its moment, which may
             // have been swapped since: decided again.
-            let risk = match &route {
-                Some(r) if !proven => r.risk.as_ref().map(|k| k.fingerprint()),
-                _ => None,
-            };
+            let risk = route
+                .as_ref()
+                .and_then(|r| r.risk.as_ref().map(|k| k.fingerprint()));
             let grant = Grant::Switch { path, proven, risk };
             let permit = match this.hold(&conn, grant, None) {
                 Ok(p) => p,

@@ -225,24 +225,28 @@ impl Policy {
     /// Whether an open tunnel or switched connection, allowed as `grant`,
     /// is still allowed: the deny list, the port's `tcp` rule, or the
     /// path's route. An unproven switch does not ride a route that demands
-    /// a proof of every request (`always`). On a `risk` route it stays
-    /// only if that very route and its rules let it through (they decided
-    /// on it once, as they decide each request once); a route that became
-    /// `risk`, or whose rules changed, never decided on it, and the switch
-    /// is decided again by being made again (a `deny` or challenge rule of
-    /// the new policy may fire for it).
+    /// a proof of every request (`always`). On a step-up route (`risk`, or
+    /// `always` for a proven one) a switch stays only if that very route
+    /// and its rules let it through (they decided on it once, as they
+    /// decide each request once); a route that became `risk` or `always`,
+    /// or whose rules changed, never decided on it, and the switch is
+    /// decided again by being made again (a `deny` or challenge rule of the
+    /// new policy may fire for it: the handshake's fields, which header
+    /// rules read, are not kept).
     pub fn still_allows(&self, grant: &Grant, peer: &SpiffeId, serial: &str) -> bool {
         match grant {
             Grant::Tcp(port) => self.decide_tcp(*port, peer, serial) == TcpDecision::Allow,
             Grant::Switch { path, proven, risk } => {
                 match self.decide(&http::Method::GET, path, peer, serial) {
-                    Decision::Allow(_) if *proven => true,
                     Decision::Allow(None) => true,
-                    Decision::Allow(Some(r)) => match r.step_up {
-                        StepUpMode::Always => false,
-                        StepUpMode::Risk => r.risk.as_ref().map(RouteRisk::fingerprint) == *risk,
-                        StepUpMode::Never => true,
-                    },
+                    Decision::Allow(Some(r)) => {
+                        let same = || r.risk.as_ref().map(RouteRisk::fingerprint) == *risk;
+                        match r.step_up {
+                            StepUpMode::Always => *proven && same(),
+                            StepUpMode::Risk => same(),
+                            StepUpMode::Never => true,
+                        }
+                    }
                     Decision::Deny(_) => false,
                 }
             }
@@ -379,7 +383,8 @@ mod tests {
     }
 
     #[test]
-    fn an_open_switch_stays_on_a_step_up_route_only_if_proven_or_the_route_decides_by_risk() {
+    fn an_open_switch_stays_on_a_step_up_route_only_while_the_rules_that_decided_on_it_are_in_force(
+    ) {
         let m = Metrics::new().unwrap();
         let with = |mode| {
             let mut r = route("/ws", &[], &[WEB]);
@@ -410,24 +415,33 @@ mod tests {
                 unproven,
                 "{mode:?}"
             );
-            assert!(p.still_allows(&switch(true, None), &web, "01"), "{mode:?}");
+            assert!(p.still_allows(&switch(true, here), &web, "01"), "{mode:?}");
             // Another caller: never.
             assert!(
-                !p.still_allows(&switch(true, None), &id(OPS), "02"),
+                !p.still_allows(&switch(true, here), &id(OPS), "02"),
                 "{mode:?}"
             );
         }
-        // Made unproven under no rules, or other ones: a route that decides
-        // by risk now never decided on it, and it goes (made again, the
-        // switch meets the new rules); a proven one stays.
-        let p = with(StepUpMode::Risk);
-        let here = p.routes[0].risk.as_ref().map(RouteRisk::fingerprint);
-        for before in [None, here.map(|f| f ^ 1)] {
-            assert!(
-                !p.still_allows(&switch(false, before), &web, "01"),
-                "{before:?}"
-            );
-            assert!(p.still_allows(&switch(true, None), &web, "01"));
+        // Made under no rules, or other ones: a step-up route never decided
+        // on it, and it goes, proven or not (made again, the switch meets
+        // the new rules, whose deny rules may refuse it); on a route that
+        // demands nothing it stays.
+        for mode in [StepUpMode::Always, StepUpMode::Risk, StepUpMode::Never] {
+            let p = with(mode);
+            let here = p.routes[0].risk.as_ref().map(RouteRisk::fingerprint);
+            let other = match here {
+                Some(f) => [None, Some(f ^ 1)],
+                None => [Some(1), Some(2)],
+            };
+            for before in other {
+                for proven in [false, true] {
+                    assert_eq!(
+                        p.still_allows(&switch(proven, before), &web, "01"),
+                        mode == StepUpMode::Never,
+                        "{mode:?} {before:?} proven {proven}"
+                    );
+                }
+            }
         }
     }
 
