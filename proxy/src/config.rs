@@ -1687,6 +1687,22 @@ fn risk_rule(key: &str, r: RawRiskRule) -> Result<RiskRuleConfig, ConfigError> {
 /// A value a `header = "host"` rule compares with must be a host (an
 /// authority: its port and a final dot are ignored, as for the request's):
 /// an IPv6 literal in brackets, for one.
+/// A value an `equals` or `one_of` test compares with: plain ASCII, as
+/// `risk::trim_loose` reads the request's (whatever it strips at the ends
+/// could never match), and for `Host` a host.
+fn match_value(name: &http::HeaderName, key: &str, v: &str) -> Result<(), ConfigError> {
+    let b = v.as_bytes();
+    let edge = |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_graphic() && *c != b'"');
+    if !(edge(b.first()) && edge(b.last()) && b.iter().all(|c| c.is_ascii_graphic() || *c == b' '))
+    {
+        return Err(invalid(
+            key.to_owned(),
+            format!("{v:?} must be printable ASCII, without spaces or quotes at either end"),
+        ));
+    }
+    host_value(name, key, v)
+}
+
 fn host_value(name: &http::HeaderName, key: &str, v: &str) -> Result<(), ConfigError> {
     if name != http::header::HOST {
         return Ok(());
@@ -1768,14 +1784,14 @@ fn header_condition(
         };
         HeaderTest::Above(n)
     } else if let Some(v) = equals {
-        host_value(&name, &format!("{key}.equals"), &v)?;
+        match_value(&name, &format!("{key}.equals"), &v)?;
         HeaderTest::Equals(v)
     } else if let Some(v) = one_of {
         if v.is_empty() {
             return Err(invalid(format!("{key}.one_of"), "is empty"));
         }
         for (i, x) in v.iter().enumerate() {
-            host_value(&name, &format!("{key}.one_of[{i}]"), x)?;
+            match_value(&name, &format!("{key}.one_of[{i}]"), x)?;
         }
         HeaderTest::OneOf(v)
     } else {
@@ -4489,6 +4505,26 @@ mod tests {
                 "header = \"Host\"\nequals = \"a,b\"\n",
                 format!("{k}.equals"),
                 "is not a host",
+            ),
+            (
+                "header = \"x-kind\"\none_of = [\"a\", \" b\"]\n",
+                format!("{k}.one_of[1]"),
+                "printable ASCII",
+            ),
+            (
+                "header = \"x-kind\"\nequals = \"\\\"KP\\\"\"\n",
+                format!("{k}.equals"),
+                "printable ASCII",
+            ),
+            (
+                "header = \"x-kind\"\nequals = \"M\\u00fcnchen\"\n",
+                format!("{k}.equals"),
+                "printable ASCII",
+            ),
+            (
+                "header = \"x-kind\"\nequals = \"\"\n",
+                format!("{k}.equals"),
+                "printable ASCII",
             ),
             (
                 "header = \"x\"\nabove = \"5\"\n",

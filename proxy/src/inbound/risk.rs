@@ -892,6 +892,25 @@ impl HeaderRule {
     }
 }
 
+/// `s` as an app may read it for a comparison: without what any of them
+/// strips at either end. HTTP's whitespace, and also the bytes beyond ASCII
+/// (a no-break space or NEL, in Latin-1 as WSGI and Node decode fields, or
+/// in UTF-8), controls and double quotes: Python's `strip()` and
+/// JavaScript's `trim()` remove Unicode whitespace, and a quoted string
+/// reads as its contents to a structured-field parser. Rules only ever add
+/// a challenge or a refusal, so reading `KP\xa0` or `"KP"` as `KP` errs on
+/// the safe side; configured values are plain ASCII (the configuration
+/// checks), so nothing trimmed here could be part of one.
+fn trim_loose(s: &[u8]) -> &[u8] {
+    let kept = |b: &u8| b.is_ascii_graphic() && *b != b'"';
+    let start = s.iter().position(kept);
+    let end = s.iter().rposition(kept);
+    match (start, end) {
+        (Some(a), Some(b)) => &s[a..=b],
+        _ => &[],
+    }
+}
+
 /// `s` without leading and trailing optional whitespace (space, tab).
 fn trim_ows(s: &[u8]) -> &[u8] {
     let start = s.iter().position(|b| !matches!(b, b' ' | b'\t'));
@@ -906,7 +925,7 @@ fn trim_ows(s: &[u8]) -> &[u8] {
 /// apart: without userinfo, port or a final dot (`admin.internal.:443` is
 /// `admin.internal`); an IPv6 literal keeps its brackets.
 fn host_part(v: &[u8]) -> &[u8] {
-    let v = trim_ows(v);
+    let v = trim_loose(v);
     let v = v
         .iter()
         .rposition(|b| *b == b'@')
@@ -920,7 +939,7 @@ fn host_part(v: &[u8]) -> &[u8] {
         // `admin.internal:x` is admin.internal to nginx and most frameworks.
         v.iter()
             .position(|b| *b == b':')
-            .map_or(v, |colon| trim_ows(&v[..colon]))
+            .map_or(v, |colon| trim_loose(&v[..colon]))
     };
     host.strip_suffix(b".").unwrap_or(host)
 }
@@ -938,12 +957,24 @@ fn value_matches(v: &[u8], want: &str, host: bool) -> bool {
 }
 
 /// Whether `v` (one field value) or one of its list elements equals `want`,
-/// ignoring ASCII case.
+/// ignoring ASCII case. A `want` that is itself a list (`a, b`) is
+/// compared element by element, however either spaces its commas.
 fn value_is(v: &[u8], want: &str) -> bool {
     let want = want.as_bytes();
-    trim_ows(v).eq_ignore_ascii_case(want)
+    if want.contains(&b',') {
+        let mut got = v.split(|b| *b == b',').map(trim_loose);
+        let mut wanted = want.split(|b| *b == b',').map(trim_ows);
+        return loop {
+            match (got.next(), wanted.next()) {
+                (None, None) => break true,
+                (Some(g), Some(w)) if g.eq_ignore_ascii_case(w) => {}
+                _ => break false,
+            }
+        };
+    }
+    trim_loose(v).eq_ignore_ascii_case(want)
         || v.split(|b| *b == b',')
-            .any(|el| trim_ows(el).eq_ignore_ascii_case(want))
+            .any(|el| trim_loose(el).eq_ignore_ascii_case(want))
 }
 
 /// A decimal number as text, normalized: `int` without leading zeros,
@@ -2143,8 +2174,46 @@ mod tests {
             },
             RiskAction::Challenge,
         );
-        let v = r.evaluate(&p, &headers(&[("x-pair", " A, B ")]), at(0));
-        assert_eq!(v, ch("extra"));
+        for value in [" A, B ", "a,b", "a ,\tB"] {
+            let v = r.evaluate(&p, &headers(&[("x-pair", value)]), at(0));
+            assert_eq!(v, ch("extra"), "{value:?}");
+        }
+        let v = r.evaluate(&p, &headers(&[("x-pair", "a, b, c")]), at(0));
+        assert_eq!(v, Verdict::Pass);
+    }
+
+    #[test]
+    fn values_are_read_as_an_app_strips_them() {
+        // What Python's strip() and JavaScript's trim() remove at the ends
+        // (a no-break space or NEL in Latin-1 or UTF-8, an ideographic
+        // space), and quotes: all read as the value within.
+        let f = fx(100);
+        let p = peer(1);
+        let r = f.route(0, &["kind"]);
+        let h = |v: &[u8]| {
+            let mut m = http::HeaderMap::new();
+            m.insert(
+                HeaderName::from_static("x-kind"),
+                http::HeaderValue::from_bytes(v).expect("value"),
+            );
+            m
+        };
+        for value in [
+            &b"wire\xa0"[..],
+            b"\xa0wire",
+            b"wire\x85",
+            b"wire\xc2\xa0",
+            b"\xe3\x80\x80wire",
+            b"\"wire\"",
+            b"card, \"WIRE\"\xa0",
+        ] {
+            let v = r.evaluate(&p, &h(value), at(0));
+            assert_eq!(v, ch("kind"), "{:?}", String::from_utf8_lossy(value));
+        }
+        for value in [&b"wire\xa0x"[..], b"wi\xa0re", b"wired"] {
+            let v = r.evaluate(&p, &h(value), at(0));
+            assert_eq!(v, Verdict::Pass, "{:?}", String::from_utf8_lossy(value));
+        }
     }
 
     #[test]
