@@ -463,7 +463,7 @@ impl PodNginx {
                uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  default_type text/plain;\n\
                keepalive_requests 100000000;\n\
                server {{\n    listen 0.0.0.0:{port}{http2} backlog=4096;\n    server_name _;\n\
-                 location / {{ return 200 \"xfcc=$http_x_forwarded_client_cert\\nstepup=$http_x_keyproof_step_up\\n\"; }}\n  }}\n}}\n"
+                 location / {{ return 200 \"xfcc=$http_x_forwarded_client_cert\\nxff=$http_x_forwarded_for\\nstepup=$http_x_keyproof_step_up\\n\"; }}\n  }}\n}}\n"
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
@@ -550,11 +550,15 @@ impl PodPostgres {
             std::fs::read_to_string(data.join("postgresql.conf")).expect("postgresql.conf");
         pg_conf.push_str(&conf);
         std::fs::write(data.join("postgresql.conf"), pg_conf).expect("write postgresql.conf");
-        // initdb's -A trust covers local and loopback; the pods' subnet too
-        // (a tunnelled connection arrives from 127.0.0.1, a direct one from
-        // the caller's pod address).
+        // initdb's -A trust covers local and 127.0.0.1; the pods' subnet
+        // too (a direct connection arrives from the caller's pod address).
         let mut hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("pg_hba.conf");
-        hba.push_str(&format!("host all all {SUBNET} trust\n"));
+        // Meshed callers come from the sidecar's app source, 127.0.0.6,
+        // which the loopback line does not cover: an operator lists it, as
+        // here, with whatever authentication it wants for them.
+        hba.push_str(&format!(
+            "host all all {SUBNET} trust\nhost all all 127.0.0.6/32 trust\n"
+        ));
         std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         let mut c = pod.cmd_as(uid, gid, format!("{PG_BIN}/postgres"));
         c.arg("-D").arg(&data).current_dir(&dir);

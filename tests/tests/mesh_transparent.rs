@@ -92,7 +92,7 @@ fn harness_pods_services_capture_and_teardown() {
             &["-H", "x-forwarded-client-cert: URI=spiffe://x/probe", &url],
         );
         assert_eq!((code, rc), (200, 0), "{body}\n{}", nginx.error_log());
-        assert_eq!(body, "xfcc=URI=spiffe://x/probe\nstepup=\n");
+        assert_eq!(body, "xfcc=URI=spiffe://x/probe\nxff=\nstepup=\n");
         let text = cap.stop();
         assert!(
             text.contains(REQUEST_LINE),
@@ -236,12 +236,17 @@ fn transparent_mesh_between_pods() {
     // HTTP: unmodified curl, intercepted both ends, TLS only on the wire.
     let cap = Capture::start(&pods, b, "mesh");
     let url = format!("http://{}/", b.addr(HTTP));
-    let (code, body, rc) = curl(a, &[&url]);
+    let (code, body, rc) = curl(a, &["-H", "X-Forwarded-For: 127.0.0.1", &url]);
     a_conns += 1;
     assert_eq!((code, rc), (200, 0), "{body}\n{}", logs());
     assert!(
         body.starts_with("xfcc=") && body.contains(&format!("URI={id_a}")),
         "B's app must see A's SPIFFE ID in XFCC: {body}"
+    );
+    // And A's address as the last hop, after what A's app claimed.
+    assert!(
+        body.contains(&format!("\nxff=127.0.0.1, {}\n", a.ip)),
+        "{body}"
     );
     assert!(body.ends_with("stepup=\n"), "{body}");
     // psql through the tunnel, in the same capture.
@@ -251,6 +256,13 @@ fn transparent_mesh_between_pods() {
         "{}\n--- postgres:\n{}",
         logs(),
         pg.log_text()
+    );
+    a_conns += 1;
+    // PostgreSQL sees the tunnel come from 127.0.0.6, which its default
+    // pg_hba.conf (trust for 127.0.0.1) does not trust.
+    assert_eq!(
+        psql(a, b.addr(PG), "select inet_client_addr()").as_deref(),
+        Ok("127.0.0.6")
     );
     a_conns += 1;
     let big = "select count(*) from generate_series(1, 200000)";
@@ -354,9 +366,11 @@ fn transparent_mesh_between_pods() {
         !log.contains(&c.ip.to_string()) && !log.contains("from-c") && !log.contains("raw-c"),
         "nginx saw C: {log}"
     );
-    // Everything nginx saw came from B's own inbound over loopback.
+    // Everything nginx saw came from B's own inbound over loopback, from
+    // 127.0.0.6: never from 127.0.0.1, which apps trust as a local
+    // process.
     assert!(
-        !log.is_empty() && log.lines().all(|l| l.starts_with("127.0.0.1 ")),
+        !log.is_empty() && log.lines().all(|l| l.starts_with("127.0.0.6 ")),
         "{log}"
     );
     assert!(
@@ -386,7 +400,7 @@ fn transparent_mesh_between_pods() {
     assert_eq!(c.nat_rules(), nat_before[2], "C changed");
     // Without the rules, A's curl goes straight to nginx, unmeshed.
     let (code, body, _) = curl(a, &[&url]);
-    assert_eq!((code, body.as_str()), (200, "xfcc=\nstepup=\n"));
+    assert_eq!((code, body.as_str()), (200, "xfcc=\nxff=\nstepup=\n"));
     let last = nginx.access_log();
     assert!(last.ends_with(&format!("{} 200 /\n", a.ip)), "{last}");
 }

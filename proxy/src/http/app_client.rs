@@ -125,6 +125,46 @@ impl Exchange {
     }
 }
 
+/// The address the inbound's connections to an app on IPv4 loopback come
+/// from: not 127.0.0.1, so that what an app grants 127.0.0.1 (PostgreSQL's
+/// default `pg_hba.conf` trusts it without a password, Redis's protected
+/// mode, nginx's `set_real_ip_from 127.0.0.1`) is not extended to every
+/// caller the route policy admits: a caller is not a local process. Istio's
+/// sidecar uses the same address for the same reason. Any address of
+/// 127.0.0.0/8 is the loopback interface's, so it needs no setup.
+pub const APP_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
+/// Connects to the app at `addr` (an address, or a name and port), from
+/// [`APP_SOURCE`] when it is on IPv4 loopback. Each resolved address is
+/// tried in turn.
+pub async fn dial_app<A: tokio::net::ToSocketAddrs>(addr: A) -> io::Result<TcpStream> {
+    let mut last = None;
+    for to in tokio::net::lookup_host(addr).await? {
+        let tried = match to {
+            std::net::SocketAddr::V4(v4) if v4.ip().is_loopback() => {
+                let s = tokio::net::TcpSocket::new_v4()?;
+                // A port whose last connection is in TIME_WAIT may be
+                // taken again: the app connections of a busy pod would
+                // otherwise run out of the source's ephemeral ports.
+                s.set_reuseaddr(true)?;
+                s.bind(std::net::SocketAddr::from((APP_SOURCE, 0)))?;
+                s.connect(to).await
+            }
+            _ => TcpStream::connect(to).await,
+        };
+        match tried {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the app's address resolved to nothing",
+        )
+    }))
+}
+
 impl H1Pool {
     /// A pool dialling `addr`; idle connections close after `idle_timeout`,
     /// and response heads above `max_head` bytes are refused.
@@ -371,7 +411,7 @@ impl H1Pool {
         self.reaper.call_once(|| {
             tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
         });
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+        let tcp = tokio::time::timeout(self.connect_timeout, dial_app(self.addr.as_str()))
             .await
             .map_err(|_| {
                 AppError::Unavailable(format!(
@@ -813,7 +853,7 @@ impl<B: SendBody> H2cConn<B> {
                 return Ok((**s).clone());
             }
         }
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+        let tcp = tokio::time::timeout(self.connect_timeout, dial_app(self.addr.as_str()))
             .await
             .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))?
             .map_err(|e| e.to_string())?;
@@ -1479,5 +1519,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
         assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_app_is_dialled_from_127_0_0_6_when_on_loopback() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (dialled, accepted) = tokio::join!(dial_app(addr), l.accept());
+        dialled.expect("dialled");
+        let (_, from) = accepted.expect("accepted");
+        assert_eq!(from.ip(), std::net::IpAddr::from(APP_SOURCE));
+        // By name too, and many times over (ports of the source reused).
+        for _ in 0..200 {
+            let (d, a) = tokio::join!(dial_app(format!("localhost:{}", addr.port())), l.accept());
+            drop(d.expect("dialled by name"));
+            drop(a.expect("accepted"));
+        }
     }
 }

@@ -447,6 +447,56 @@ pub fn check_authority(
     }))
 }
 
+/// Adds the caller's address (`ip`, as text) to the request's
+/// `x-forwarded-for`, and to its `Forwarded` if it has one (RFC 7239), as
+/// the last hop: the app reaches the caller through the sidecar, from a
+/// loopback address, and an app that trusts loopback proxies (Express's
+/// `trust proxy 'loopback'`, Rails' trusted proxies) takes the last
+/// address it does not trust as the client's. Without it, a caller's own
+/// `X-Forwarded-For: 127.0.0.1` would be believed. The fields' earlier
+/// values are kept, joined into one field (Go's `Header.Get` reads only the
+/// first of several).
+pub fn add_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
+    use http::header::{Entry, FORWARDED};
+    static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    match h.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(v) => {
+            v.insert(ip.clone());
+        }
+        Entry::Occupied(mut o) => {
+            let joined = join_with(o.iter(), ip.as_bytes());
+            if let Some(v) = joined {
+                o.insert(v);
+            }
+        }
+    }
+    if let Entry::Occupied(mut o) = h.entry(FORWARDED) {
+        // `for=` takes an IPv6 address quoted and in brackets.
+        let node = if ip.as_bytes().contains(&b':') {
+            format!("for=\"[{}]\"", String::from_utf8_lossy(ip.as_bytes()))
+        } else {
+            format!("for={}", String::from_utf8_lossy(ip.as_bytes()))
+        };
+        if let Some(v) = join_with(o.iter(), node.as_bytes()) {
+            o.insert(v);
+        }
+    }
+}
+
+/// `values` joined by `, `, then `last`: one field value.
+fn join_with<'a>(
+    values: impl Iterator<Item = &'a HeaderValue>,
+    last: &[u8],
+) -> Option<HeaderValue> {
+    let mut joined = Vec::new();
+    for v in values {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(last);
+    HeaderValue::from_bytes(&joined).ok()
+}
+
 /// What RFC 9113 section 8 makes a malformed HTTP/2 request, where h2
 /// lets it through: a `:scheme` other than `http` and `https` (the
 /// sidecar serves no other), a `:path` that is not absolute (`?x`, which
@@ -902,6 +952,36 @@ mod tests {
         assert!(check_request(&h, &uri, Underscores::Reject)
             .unwrap()
             .is_clean());
+    }
+
+    #[test]
+    fn the_callers_address_is_the_last_forwarded_hop() {
+        let ip = HeaderValue::from_static("10.0.0.7");
+        let mut h = HeaderMap::new();
+        add_forwarded_for(&mut h, &ip);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["10.0.0.7"]
+        );
+        assert!(h.get("forwarded").is_none());
+        // A caller's own claims stay first, in one field.
+        let mut h = map(&[
+            ("x-forwarded-for", "127.0.0.1"),
+            ("x-forwarded-for", "1.2.3.4, 5.6.7.8"),
+            ("forwarded", "for=127.0.0.1"),
+        ]);
+        add_forwarded_for(&mut h, &ip);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["127.0.0.1, 1.2.3.4, 5.6.7.8, 10.0.0.7"]
+        );
+        assert_eq!(
+            h.get_all("forwarded").iter().collect::<Vec<_>>(),
+            ["for=127.0.0.1, for=10.0.0.7"]
+        );
+        let mut h = map(&[("forwarded", "for=x")]);
+        add_forwarded_for(&mut h, &HeaderValue::from_static("fd00::7"));
+        assert_eq!(h.get("forwarded").unwrap(), "for=x, for=\"[fd00::7]\"");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct InboundConn {
     pub stepup: Option<keyproof_stepup::Peer>,
     /// The `x-forwarded-client-cert` value for this caller.
     pub xfcc: HeaderValue,
+    /// The caller's address as `x-forwarded-for` adds it
+    /// ([`crate::http::owned::add_forwarded_for`]).
+    pub forwarded_for: HeaderValue,
     /// Where a redirected connection's requests go (`127.0.0.1:<original
     /// port>`); `None`: `[inbound] app`.
     pub app: Option<Arc<AppClient>>,
@@ -70,6 +73,7 @@ impl InboundConn {
             None
         };
         let xfcc = xfcc(own, &peer)?;
+        let forwarded_for = HeaderValue::from_str(&remote.ip().to_canonical().to_string()).ok()?;
         tracing::debug!(peer = %remote, peer_id = %peer.id, "inbound connection");
         // The verifier's view of the caller, once per connection: the key
         // from the verified leaf and this connection's channel binding.
@@ -90,6 +94,7 @@ impl InboundConn {
             exporter,
             stepup: view,
             xfcc,
+            forwarded_for,
             app,
             refusal,
             activity,
@@ -154,6 +159,7 @@ impl InboundConn {
             xfcc: xfcc(own, &peer).expect("valid SPIFFE IDs make a header value"),
             peer,
             remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            forwarded_for: HeaderValue::from_static("127.0.0.1"),
             exporter,
             stepup,
             app: None,

@@ -59,6 +59,7 @@ use keyproof_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::app_client;
 use crate::http::body::{text, ProxyBody, RequestBody};
 use crate::http::h2_server::Handoff;
 use crate::http::h2_stream::pump_tunnel;
@@ -399,7 +400,7 @@ impl Tunnels {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
     {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(self.connect_timeout, app_client::dial_app(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
                 Ok(tcp)
