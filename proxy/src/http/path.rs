@@ -246,8 +246,12 @@ fn rewrite(path: &[u8], mode: Mode) -> Result<Option<String>, PathError> {
             continue;
         }
         check_raw(b)?;
+        // A leading `//` in either mode: the target would read as a
+        // network-path reference (`//host/path`, RFC 3986 section 4.2) to
+        // an app that resolves it as a URL, which WHATWG's parser and
+        // Python's `urlsplit` do.
         if b == b'/'
-            && ((mode == Mode::Strict && path.get(i + 1) == Some(&b'/'))
+            && (((mode == Mode::Strict || i == 0) && path.get(i + 1) == Some(&b'/'))
                 || dot_segment_at(path, i + 1))
         {
             return slow(path, mode).map(Some);
@@ -294,7 +298,9 @@ fn slow(path: &[u8], mode: Mode) -> Result<String, PathError> {
                 trailing = true;
             }
             b"" if last => trailing = true,
-            b"" if mode == Mode::Strict => {}
+            // Merged in strict mode; kept otherwise, except where none
+            // is kept yet: the path never starts with `//`.
+            b"" if mode == Mode::Strict || stack.is_empty() => {}
             s => {
                 stack.push(s);
                 trailing = false;
@@ -486,10 +492,16 @@ mod tests {
     fn keep_slashes() {
         let k = |p| normalize(p, Mode::KeepSlashes).map(Cow::into_owned);
         assert!(matches!(
-            normalize("//a//b/", Mode::KeepSlashes),
+            normalize("/a//b/", Mode::KeepSlashes),
             Ok(Cow::Borrowed(_))
         ));
-        assert_eq!(k("//a/./b//../c").as_deref(), Ok("//a/b/c"));
+        // Never a leading `//`: an app resolving the target as a URL would
+        // read `//x/admin` as host `x`, path `/admin`.
+        assert_eq!(k("//a//b/").as_deref(), Ok("/a//b/"));
+        assert_eq!(k("///x/admin").as_deref(), Ok("/x/admin"));
+        assert_eq!(k("/a/..//x/admin").as_deref(), Ok("/x/admin"));
+        assert_eq!(k("/.//x/admin").as_deref(), Ok("/x/admin"));
+        assert_eq!(k("//a/./b//../c").as_deref(), Ok("/a/b/c"));
         assert_eq!(k("/a//..").as_deref(), Ok("/a/"));
         assert_eq!(k("/%61//").as_deref(), Ok("/a//"));
         assert_eq!(k("/.."), Err(PathError::AboveRoot));

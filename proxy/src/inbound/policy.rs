@@ -68,17 +68,34 @@ pub struct Policy {
     /// `[[inbound.tcp]]`: port and who may tunnel to it; few entries, so a
     /// scan beats a map.
     tcp: Vec<(u16, Vec<IdPattern>)>,
+    /// Some route prefix has an upper-case letter: every path is matched
+    /// both ways (see `decide`), not only those with one.
+    mixed_case: bool,
 }
 
 /// Segment-aware prefix match: `/admin` matches `/admin` and `/admin/x`,
 /// never `/administrator` (a plain string prefix would let a route's rule
-/// leak onto unrelated paths). `path` is the normalized path without its
-/// query.
-fn path_matches(prefix: &str, path: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        None => false,
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
-    }
+/// leak onto unrelated paths). A prefix written with a final `/`
+/// (`/secret/`) matches the path without it too (`/secret`), which most
+/// frameworks serve with the same handler. `fold_case`: ASCII case ignored,
+/// as Express and ASP.NET Core match by default. `path` is the normalized
+/// path without its query.
+fn path_matches(prefix: &str, path: &str, fold_case: bool) -> bool {
+    let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
+    let base = match prefix.strip_suffix(b"/") {
+        Some(b) if !b.is_empty() => b,
+        _ => prefix,
+    };
+    let Some(head) = path.get(..base.len()) else {
+        return false;
+    };
+    let same = if fold_case {
+        head.eq_ignore_ascii_case(base)
+    } else {
+        head == base
+    };
+    let rest = &path[base.len()..];
+    same && (base.ends_with(b"/") || rest.is_empty() || rest[0] == b'/')
 }
 
 impl Policy {
@@ -130,6 +147,10 @@ impl Policy {
             default_denied: metrics.authz_denied("default"),
             deny,
             tcp: cfg.tcp.iter().map(|t| (t.port, t.allow.clone())).collect(),
+            mixed_case: cfg
+                .routes
+                .iter()
+                .any(|r| r.path_prefix.bytes().any(|b| b.is_ascii_uppercase())),
         })
     }
 
@@ -152,10 +173,32 @@ impl Policy {
         if let Some(msg) = self.deny_listed(peer, serial) {
             return Decision::Deny(msg);
         }
-        let hit = self.routes.iter().find(|r| {
-            path_matches(&r.path_prefix, path)
-                && (r.methods.is_empty() || r.methods.iter().any(|m| covers(m, method)))
-        });
+        let find = |fold_case| {
+            self.routes.iter().find(|r| {
+                path_matches(&r.path_prefix, path, fold_case)
+                    && (r.methods.is_empty() || r.methods.iter().any(|m| covers(m, method)))
+            })
+        };
+        let mut hit = find(false);
+        // An app that ignores case (Express, ASP.NET Core by default) serves
+        // `/ADMIN` from its `/admin` handler: a route the path meets only
+        // when case is ignored must allow the caller too, and its step-up
+        // applies where the route matched as written has none. Looked for
+        // only when case can make a difference.
+        if self.mixed_case || path.bytes().any(|b| b.is_ascii_uppercase()) {
+            if let Some(folded) = find(true).filter(|f| !hit.is_some_and(|h| Arc::ptr_eq(h, f))) {
+                if !folded.allow.iter().any(|p| p.matches(peer)) {
+                    folded.denied.inc();
+                    return Decision::Deny(format!(
+                        "forbidden: route {} (which {path} meets when case is ignored, as many apps match paths) does not allow {peer} to {method}\n",
+                        folded.path_prefix
+                    ));
+                }
+                if folded.step_up.any() && !hit.is_some_and(|h| h.step_up.any()) {
+                    hit = Some(folded);
+                }
+            }
+        }
         match hit {
             Some(r) if r.allow.iter().any(|p| p.matches(peer)) => Decision::Allow(Some(r)),
             Some(r) => {
@@ -290,11 +333,11 @@ mod tests {
 
     #[test]
     fn prefix_is_segment_aware() {
-        assert!(path_matches("/admin", "/admin"));
-        assert!(path_matches("/admin", "/admin/users"));
-        assert!(!path_matches("/admin", "/administrator"));
-        assert!(path_matches("/", "/anything"));
-        assert!(path_matches("/api/", "/api/x"));
+        assert!(path_matches("/admin", "/admin", false));
+        assert!(path_matches("/admin", "/admin/users", false));
+        assert!(!path_matches("/admin", "/administrator", false));
+        assert!(path_matches("/", "/anything", false));
+        assert!(path_matches("/api/", "/api/x", false));
     }
 
     #[test]
@@ -459,13 +502,7 @@ mod tests {
             );
         }
         // Other names that merely start with the prefix are not under it.
-        for path in [
-            "/administrator",
-            "/admin-panel",
-            "/admin.json",
-            "/Admin",
-            "/",
-        ] {
+        for path in ["/administrator", "/admin-panel", "/admin.json", "/"] {
             assert_eq!(
                 outcome(&p, http::Method::GET, path, WEB).as_deref(),
                 Some(""),
@@ -475,19 +512,56 @@ mod tests {
     }
 
     #[test]
-    fn a_prefix_ending_in_a_slash_does_not_cover_the_path_without_it() {
-        assert!(path_matches("/api/", "/api/"));
-        assert!(path_matches("/api/", "/api/v1"));
-        assert!(!path_matches("/api/", "/api"));
-        assert!(!path_matches("/api/", "/apiv1"));
-        assert!(path_matches("/", "/"));
+    fn a_prefix_ending_in_a_slash_covers_the_path_without_it() {
+        // `/secret/` is `/secret` to Express, whose non-strict routing
+        // serves both from one handler.
+        assert!(path_matches("/api/", "/api/", false));
+        assert!(path_matches("/api/", "/api/v1", false));
+        assert!(path_matches("/api/", "/api", false));
+        assert!(!path_matches("/api/", "/apiv1", false));
+        assert!(!path_matches("/api/", "/ap", false));
+        assert!(path_matches("/", "/", false));
+    }
+
+    #[test]
+    fn a_route_the_path_meets_when_case_is_ignored_must_allow_the_caller_too() {
+        let m = Metrics::new().unwrap();
+        let admin = route("/admin", &[], &[OPS]);
+        let mut pay = route("/Pay/", &[], &[WEB, OPS]);
+        pay.step_up = StepUpMode::Always;
+        let p = pol(&[admin, pay], DefaultPolicy::AllowTrustDomain, &m);
+        let web = id(WEB);
+        for path in ["/ADMIN", "/Admin/users", "/aDmIn"] {
+            assert!(
+                matches!(
+                    p.decide(&http::Method::GET, path, &web, "01"),
+                    Decision::Deny(_)
+                ),
+                "{path}"
+            );
+            assert!(matches!(
+                p.decide(&http::Method::GET, path, &id(OPS), "02"),
+                Decision::Allow(None)
+            ));
+        }
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/administrator", &web, "01"),
+            Decision::Allow(None)
+        ));
+        // A step-up route met only when case is ignored: its step-up applies.
+        for path in ["/pay", "/PAY/x", "/Pay"] {
+            match p.decide(&http::Method::GET, path, &web, "01") {
+                Decision::Allow(Some(r)) => assert_eq!(r.path_prefix, "/Pay/", "{path}"),
+                _ => panic!("{path}: not the step-up route"),
+            }
+        }
     }
 
     #[test]
     fn the_query_is_not_part_of_the_matched_path() {
         // `decide` is given the path without its query (the inbound passes
         // `uri.path()`): a path that still carried one would not match.
-        assert!(!path_matches("/admin", "/admin?q=1"));
+        assert!(!path_matches("/admin", "/admin?q=1", false));
     }
 
     #[test]
