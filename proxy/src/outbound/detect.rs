@@ -32,11 +32,21 @@ pub enum Protocol {
     PartialHttp1,
     /// Anything else.
     Tcp,
+    /// Nothing from the client within the timeout: a server-first protocol,
+    /// or a client that writes late. TCP, but the client's first bytes,
+    /// when they come, may still be HTTP (see `HostGuard::late`).
+    Silent,
 }
 
 /// The protocol `b` (the first bytes, however many) shows, or `None` while
 /// they could still begin either HTTP form.
 pub fn classify(b: &[u8]) -> Option<Protocol> {
+    // Empty lines before a request line are skipped by servers (RFC 9112
+    // section 2.2): they start HTTP/1 as much as the request line does.
+    let lead = b.iter().take_while(|&&c| c == b'\r' || c == b'\n').count();
+    if lead > 0 {
+        return classify(&b[lead..]);
+    }
     if b.is_empty() {
         return None;
     }
@@ -140,8 +150,8 @@ pub async fn detect(tcp: &TcpStream, timeout: Duration, max: usize) -> io::Resul
 /// What bytes still undecided at the timeout are taken for.
 fn undecided(seen: &[u8]) -> Protocol {
     if seen.is_empty() {
-        // Nothing: a server-first protocol.
-        Protocol::Tcp
+        // Nothing: a server-first protocol, or a late writer.
+        Protocol::Silent
     } else if PREFACE.starts_with(seen) {
         Protocol::H2
     } else {
@@ -523,15 +533,26 @@ mod tests {
         assert_eq!(got, Head::Complete(vec!["big.example".into()]));
     }
 
+    #[test]
+    fn empty_lines_before_a_request_line_start_http1() {
+        assert_eq!(classify(b"\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"\n\r\n\r\nGET / HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"\r\n\r\n"), None);
+        assert_eq!(classify(b"\r\nEHLO x\r\n"), Some(Protocol::Tcp));
+    }
+
     #[tokio::test]
-    async fn a_silent_client_is_tcp_after_the_timeout_and_nothing_is_consumed() {
+    async fn a_silent_client_is_silent_after_the_timeout_and_nothing_is_consumed() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
         let (mut c, (s, _)) = (c.unwrap(), s.unwrap());
         let t = std::time::Instant::now();
         let p = detect(&s, Duration::from_millis(100), 1024).await.unwrap();
-        assert_eq!(p, Protocol::Tcp);
+        assert_eq!(p, Protocol::Silent);
         assert!(t.elapsed() >= Duration::from_millis(100));
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

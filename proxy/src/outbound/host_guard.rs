@@ -30,10 +30,14 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::h1::{ChunkedDecoder, Decoded, Framing};
-use crate::outbound::detect::{head_facts, HeadParse};
+use crate::outbound::detect::{classify, head_facts, HeadParse, Protocol};
 
 /// Where in the request stream the next byte is.
 enum At {
+    /// The client's first bytes on a connection it was silent on at first
+    /// (a server-first protocol, or an HTTP client that writes late): HTTP
+    /// (`classify`), judged from then on; anything else, opaque.
+    Undecided,
     /// A request head (leading empty lines included).
     Head,
     /// This many body bytes to pass.
@@ -93,6 +97,9 @@ pub struct HostGuard<I, F> {
     /// How much of a head in progress was searched for its end: a head
     /// that arrives a byte at a time is parsed once, not at every byte.
     searched: usize,
+    /// The request being passed asked to switch protocols: once its body
+    /// has passed, the client's next bytes tell whether the server did.
+    switch_next: bool,
 }
 
 impl<I, F> HostGuard<I, F>
@@ -110,6 +117,31 @@ where
             max_head,
             stopped: None,
             searched: 0,
+            switch_next: false,
+        }
+    }
+
+    /// Guards `inner` on a connection its client was silent on when it was
+    /// decided: the first bytes, when they come, are judged as HTTP if they
+    /// start an HTTP/1 request line (`detect::classify`, empty lines before
+    /// it included), and pass as opaque TCP otherwise (a server-first
+    /// protocol's reply, `EHLO`, a binary handshake). An app that connects
+    /// and writes its request late never sends it to a meshed host in
+    /// plain text. The HTTP/2 preface is stopped: its streams' hosts are
+    /// not read here.
+    pub fn late(inner: I, max_head: usize, may_pass: F) -> HostGuard<I, F> {
+        HostGuard {
+            at: At::Undecided,
+            ..HostGuard::new(inner, max_head, may_pass)
+        }
+    }
+
+    /// After a body: the next request, or the bytes after a switch.
+    fn after_body(&mut self) -> At {
+        if std::mem::take(&mut self.switch_next) {
+            At::Switching
+        } else {
+            At::Head
         }
     }
 
@@ -134,14 +166,14 @@ where
                         }
                         self.release(facts.len);
                         self.searched = 0;
-                        self.at = if facts.switches {
-                            At::Switching
-                        } else {
-                            match facts.framing {
-                                Framing::Length(n) => At::Body(n),
-                                Framing::Chunked => At::Chunked(ChunkedDecoder::new(self.max_head)),
-                                Framing::Empty | Framing::UntilClose => At::Head,
-                            }
+                        // A request to switch may carry a body: its bytes
+                        // are the request's, whatever they look like, and
+                        // only what follows them tells whether it switched.
+                        self.switch_next = facts.switches;
+                        self.at = match facts.framing {
+                            Framing::Length(n) if n > 0 => At::Body(n),
+                            Framing::Chunked => At::Chunked(ChunkedDecoder::new(self.max_head)),
+                            _ => self.after_body(),
                         };
                     }
                 },
@@ -151,7 +183,7 @@ where
                         .min(self.pending.len());
                     *left -= n as u64;
                     if *left == 0 {
-                        self.at = At::Head;
+                        self.at = self.after_body();
                     }
                     self.release(n);
                 }
@@ -174,13 +206,20 @@ where
                     }
                     let used = before - scratch.len();
                     if done {
-                        self.at = At::Head;
+                        self.at = self.after_body();
                     }
                     self.release(used);
                     if !done {
                         return Ok(());
                     }
                 }
+                At::Undecided => match classify(&self.pending) {
+                    None if self.pending.len() > self.max_head => return Err(Stopped::Unreadable),
+                    None => return Ok(()),
+                    Some(Protocol::Http1) => self.at = At::Head,
+                    Some(Protocol::H2) => return Err(Stopped::Unreadable),
+                    Some(_) => self.at = At::Opaque,
+                },
                 At::Switching => {
                     let n = self.pending.len().min(H2_PREFACE.len());
                     if self.pending[..n] == H2_PREFACE[..n] {
@@ -315,12 +354,22 @@ mod tests {
     /// What the guard hands out of `writes` (each read apart), with a rule
     /// taking `meshed.example`, and how the read ended.
     async fn through(writes: &[&[u8]]) -> (Vec<u8>, Option<String>) {
+        through_as(writes, false).await
+    }
+
+    /// As [`through`], for a guard made `late` or not.
+    async fn through_as(writes: &[&[u8]], late: bool) -> (Vec<u8>, Option<String>) {
         let app = Writes(writes.iter().map(|w| w.to_vec()).collect());
-        let mut g = HostGuard::new(app, 1024, |hosts: &[String]| {
+        let may_pass = |hosts: &[String]| {
             !hosts
                 .iter()
                 .any(|h| h.eq_ignore_ascii_case("meshed.example"))
-        });
+        };
+        let mut g = if late {
+            HostGuard::late(app, 1024, may_pass)
+        } else {
+            HostGuard::new(app, 1024, may_pass)
+        };
         let mut out = Vec::new();
         let mut buf = [0u8; 7];
         loop {
@@ -357,6 +406,49 @@ mod tests {
         .await;
         assert_eq!(out, FIRST);
         assert!(stop.unwrap().contains("MESHED.example"));
+    }
+
+    #[tokio::test]
+    async fn a_late_first_write_is_judged_as_http_when_it_is_and_passes_otherwise() {
+        // HTTP for a meshed host, also after empty lines, and split: stopped.
+        let crlf = [&b"\r\n"[..], MESHED].concat();
+        for writes in [
+            vec![MESHED],
+            vec![&crlf[..]],
+            vec![&MESHED[..3], &MESHED[3..]],
+        ] {
+            let (out, stop) = through_as(&writes, true).await;
+            assert!(out.is_empty(), "{out:?}");
+            assert!(stop.unwrap().contains("meshed.example"));
+        }
+        // HTTP for another host passes, and later requests are judged.
+        let (out, stop) = through_as(&[FIRST, MESHED], true).await;
+        assert_eq!(out, FIRST);
+        assert!(stop.is_some());
+        // A server-first protocol's replies and binary handshakes pass,
+        // and are never read as heads after.
+        for first in [
+            &b"EHLO client.example\r\n"[..],
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
+            b"+OK\r\n",
+        ] {
+            let stream = [first, MESHED].concat();
+            let (out, stop) = through_as(&[&stream], true).await;
+            assert_eq!((out, stop), (stream.clone(), None));
+        }
+        // HTTP/2's preface: its streams' hosts are not read here.
+        let (out, stop) = through_as(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], true).await;
+        assert!(out.is_empty() && stop.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_request_to_switch_passes_its_body_before_the_next_bytes_tell() {
+        // The body looks like a TLS record; the server answered 200 and
+        // did not switch, so the next request is judged.
+        let up = b"POST /u HTTP/1.1\r\nHost: example.org\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\n\x16\x03\x01\x00\x01";
+        let (out, stop) = through(&[&up[..], MESHED]).await;
+        assert_eq!(out, up.to_vec());
+        assert!(stop.unwrap().contains("meshed.example"));
     }
 
     #[tokio::test]

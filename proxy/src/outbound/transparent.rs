@@ -91,7 +91,7 @@ impl Outbound {
         let table = self.rules();
         let candidates = table.rules().candidates(dst);
         if candidates.is_empty() {
-            return self.unmeshed(tcp, dst, false).await;
+            return self.unmeshed(tcp, dst, Guard::None).await;
         }
         let protocol = if self.cfg.opaque_ports.contains(&dst.port()) {
             Protocol::Tcp
@@ -121,7 +121,7 @@ impl Outbound {
             p => p,
         };
         match protocol {
-            Protocol::Tcp => match table.rules().for_tcp(&candidates) {
+            Protocol::Tcp | Protocol::Silent => match table.rules().for_tcp(&candidates) {
                 Some(i) => self.tunnel(tcp, dst, &table, i).await,
                 None if table.rules().claims_destination(&candidates) => {
                     // A meshed destination whose rules all need a Host:
@@ -132,7 +132,9 @@ impl Outbound {
                     tracing::info!(peer = %remote, %dst, "opaque TCP to a meshed destination that only host rules cover: refused rather than passed through in plain text");
                     reset(tcp)
                 }
-                None => self.unmeshed(tcp, dst, false).await,
+                // Host rules may take what a silent client writes late.
+                None if protocol == Protocol::Silent => self.unmeshed(tcp, dst, Guard::Late).await,
+                None => self.unmeshed(tcp, dst, Guard::None).await,
             },
             // (PartialHttp1 is decided above.)
             Protocol::Http1 | Protocol::PartialHttp1 => {
@@ -166,7 +168,7 @@ impl Outbound {
                         // Nothing was consumed: a passthrough sends it all,
                         // and judges each later request by its own hosts.
                         drop(table);
-                        return self.unmeshed(tcp, dst, true).await;
+                        return self.unmeshed(tcp, dst, Guard::Http1).await;
                     }
                     // A meshed destination (a cidr or port rule holds) and
                     // a Host no rule takes (a typo, a bare IP): served, so
@@ -296,7 +298,7 @@ impl Outbound {
     /// `http1`: the connection is HTTP/1 whose first request no rule took;
     /// each later request must not be one a rule takes either
     /// ([`HostGuard`]), by the rules in use when it comes.
-    async fn unmeshed(&self, mut tcp: TcpStream, dst: SocketAddr, http1: bool) {
+    async fn unmeshed(&self, mut tcp: TcpStream, dst: SocketAddr, guard: Guard) {
         let first = self.first_sight_of(dst);
         let tcp_metrics = &self.all_metrics.tcp;
         match self.cfg.unmeshed {
@@ -338,19 +340,26 @@ impl Outbound {
                     read: &down,
                 };
                 let idle = self.cfg.limits.idle_timeout;
-                let outcome = if http1 {
-                    let may_pass = |hosts: &[String]| {
-                        let table = self.rules();
-                        let rules = table.rules();
-                        let c = rules.candidates(dst);
-                        !rules.claims_destination(&c) && unmeshed_hosts(rules, &c, hosts)
-                    };
-                    let max = self.cfg.limits.max_header_bytes;
-                    let mut app = HostGuard::new(app, max, may_pass);
-                    splice(&mut app, &mut peer, idle, &up, &down).await
-                } else {
-                    let mut app = app;
-                    splice(&mut app, &mut peer, idle, &up, &down).await
+                let may_pass = |hosts: &[String]| {
+                    let table = self.rules();
+                    let rules = table.rules();
+                    let c = rules.candidates(dst);
+                    !rules.claims_destination(&c) && unmeshed_hosts(rules, &c, hosts)
+                };
+                let max = self.cfg.limits.max_header_bytes;
+                let outcome = match guard {
+                    Guard::Http1 => {
+                        let mut app = HostGuard::new(app, max, may_pass);
+                        splice(&mut app, &mut peer, idle, &up, &down).await
+                    }
+                    Guard::Late => {
+                        let mut app = HostGuard::late(app, max, may_pass);
+                        splice(&mut app, &mut peer, idle, &up, &down).await
+                    }
+                    Guard::None => {
+                        let mut app = app;
+                        splice(&mut app, &mut peer, idle, &up, &down).await
+                    }
                 };
                 tcp_metrics.bytes(Direction::Outbound, up.into_inner(), down.into_inner());
                 match outcome {
@@ -372,6 +381,18 @@ impl Outbound {
             }
         }
     }
+}
+
+/// How a passthrough reads the app's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// Opaque: no rule could take anything it sends.
+    None,
+    /// HTTP/1, each request judged by its hosts (`HostGuard::new`).
+    Http1,
+    /// The client was silent when the connection was decided: its first
+    /// bytes are judged as HTTP/1 if they are (`HostGuard::late`).
+    Late,
 }
 
 /// Whether no rule among `c` takes any of `hosts` (none: a request without
@@ -859,6 +880,52 @@ mod tests {
         );
         assert!(!got().contains("api.db.svc"));
         assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_request_written_late_or_after_an_empty_line_never_leaves_in_plain_text() {
+        // Only host rules; the destination is outside the mesh. An app that
+        // connects and writes after detect_timeout (100 ms here), or starts
+        // with an empty line, sending a meshed host's request: reset, never
+        // passed through. Another host's request, written late, passes.
+        let rule = "[[outbound.upstreams]]\nhost = \"*.{ns}.svc\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/api\"\n";
+        let meshed: &[u8] =
+            b"GET /x HTTP/1.1\r\nHost: api.db.svc\r\nAuthorization: Bearer s3cret\r\n\r\n";
+        let crlf = [&b"\r\n"[..], meshed].concat();
+        for (late, req) in [(true, meshed), (false, &crlf[..]), (true, &crlf[..])] {
+            let (plain, seen) = recording_server().await;
+            let (o, m) = outbound(rule);
+            let mut c = redirected(&o, plain).await;
+            if late {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            c.write_all(req).await.unwrap();
+            // Reset, or served by the mesh way (a 502 here, no upstream).
+            let mut rest = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), c.read_to_end(&mut rest)).await;
+            let got = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+            assert!(
+                !got.contains("s3cret"),
+                "late {late}: sent in plain text: {got}"
+            );
+            let _ = m;
+        }
+        let (plain, seen) = recording_server().await;
+        let (o, _m) = outbound(rule);
+        let mut c = redirected(&o, plain).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n")
+            .await
+            .unwrap();
+        let got = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        tokio::time::timeout(WAIT, async {
+            while !got().contains("example.org") {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("a late request for a host outside the mesh passed through");
     }
 
     /// A plain HTTP/2 server (prior knowledge) that answers each request
