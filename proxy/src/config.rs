@@ -105,6 +105,7 @@ struct RawLimits {
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
@@ -136,6 +137,7 @@ struct RawInbound {
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
@@ -227,6 +229,7 @@ struct RawOutbound {
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_concurrent_streams: Option<u32>,
@@ -478,6 +481,13 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// A connection with no I/O for this long is closed gracefully.
     pub idle_timeout: Duration,
+    /// A TCP tunnel, plain-text passthrough or switched (WebSocket)
+    /// connection with no byte either way for this long is closed. Longer
+    /// than `idle_timeout`: such connections (a database pool's, a
+    /// `LISTEN` session, a pub/sub consumer) are quiet for minutes
+    /// legitimately, and kernel keepalives carry no byte. Envoy's TCP proxy
+    /// has the same default.
+    pub tcp_idle_timeout: Duration,
     /// Largest request head accepted.
     pub max_header_bytes: usize,
     /// Connections served at once, counted from the end of their TLS
@@ -1248,6 +1258,11 @@ fn limits(
             "idle_timeout",
             raw.idle_timeout.as_ref(),
             Duration::from_secs(300),
+        )?,
+        tcp_idle_timeout: nonzero(
+            "tcp_idle_timeout",
+            raw.tcp_idle_timeout.as_ref(),
+            Duration::from_secs(3600),
         )?,
         max_header_bytes,
         max_connections,
@@ -2226,6 +2241,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
                 handshake_timeout: raw.handshake_timeout,
                 header_read_timeout: raw.header_read_timeout,
                 idle_timeout: raw.idle_timeout,
+                tcp_idle_timeout: raw.tcp_idle_timeout,
                 max_header_bytes: raw.max_header_bytes,
                 max_connections: raw.max_connections,
                 max_handshakes: raw.max_handshakes,
@@ -2783,6 +2799,7 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
                 handshake_timeout: raw.handshake_timeout,
                 header_read_timeout: raw.header_read_timeout,
                 idle_timeout: raw.idle_timeout,
+                tcp_idle_timeout: raw.tcp_idle_timeout,
                 max_header_bytes: raw.max_header_bytes,
                 max_connections: raw.max_connections,
                 // The outbound's listener is plaintext: no handshakes.

@@ -326,6 +326,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_millis(200),
+            tcp_idle_timeout: Duration::from_millis(200),
             max_header_bytes: 16384,
             max_connections: 4,
             max_handshakes: 4,

@@ -228,7 +228,7 @@ impl Inbound {
             callers: Arc::default(),
             tunnels: Tunnels {
                 connect_timeout: cfg.app_connect_timeout,
-                idle: cfg.limits.idle_timeout,
+                idle: cfg.limits.tcp_idle_timeout,
                 metrics: metrics.tcp.clone(),
                 limits: TunnelLimits::new(cfg.max_tunnels, cfg.max_tunnels_per_peer),
             },

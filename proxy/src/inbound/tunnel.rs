@@ -29,7 +29,7 @@
 //!   writing it, resets the stream with CONNECT_ERROR, which keyproof's
 //!   outbound carries on as a TCP reset of its own app.
 //! * Idle: a tunnel with no byte either way for the listener's
-//!   `idle_timeout` is closed, the app connection with a reset, the stream
+//!   `tcp_idle_timeout` is closed, the app connection with a reset, the stream
 //!   with RST_STREAM CANCEL.
 //! * Revoked: a tunnel is allowed once, but lives on; each open one is
 //!   registered with what allowed it ([`Grant`]: the port, or a switch's
@@ -884,7 +884,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+    async fn an_idle_tunnel_is_closed_after_the_tcp_idle_timeout() {
         let (api, web) = (workload(API), workload(WEB));
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
         let port = l.local_addr().expect("address").port();
@@ -893,7 +893,11 @@ mod tests {
             let mut buf = [0u8; 16];
             tcp.read(&mut buf).await
         });
-        let rest = format!("idle_timeout = \"300ms\"\n{}", tcp_rule(port, WEB));
+        // The HTTP idle_timeout, shorter, does not end a tunnel.
+        let rest = format!(
+            "idle_timeout = \"100ms\"\ntcp_idle_timeout = \"600ms\"\n{}",
+            tcp_rule(port, WEB)
+        );
         let (addr, m, _stop) = serve(&api, &rest).await;
         let mut h2 = client(&web, addr).await;
         let (status, stream) = connect(&mut h2, port).await;
@@ -908,7 +912,7 @@ mod tests {
             panic!("the idle tunnel ended without a reset: {end:?}");
         };
         assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
-        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(start.elapsed() >= Duration::from_millis(600));
         let read = tokio::time::timeout(Duration::from_secs(3), app)
             .await
             .expect("the app's connection was closed")

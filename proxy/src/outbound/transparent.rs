@@ -30,7 +30,7 @@
 //! before RST_STREAM `NO_ERROR` or `CANCEL` when its app resets: while the
 //! app here still sends, the FIN for an END_STREAM waits up to 20 ms for
 //! such a reset, so the app gets the reset alone. A tunnel or passthrough
-//! with no byte either way for the listener's `idle_timeout` is closed
+//! with no byte either way for the listener's `tcp_idle_timeout` is closed
 //! (the stream cancelled, the app's connection closed without a reset).
 
 use std::io;
@@ -269,7 +269,7 @@ impl Outbound {
         };
         tcp_metrics.connection(Direction::Outbound, "ok");
         let (rd, wr) = tcp.split();
-        let end = tunnel.pump(rd, wr, self.cfg.limits.idle_timeout).await;
+        let end = tunnel.pump(rd, wr, self.cfg.limits.tcp_idle_timeout).await;
         tcp_metrics.bytes(Direction::Outbound, end.sent, end.received);
         if let Some(why) = end.error {
             // A reset on the mesh side reaches the app as a reset, not as a
@@ -339,7 +339,7 @@ impl Outbound {
                     io: &mut server,
                     read: &down,
                 };
-                let idle = self.cfg.limits.idle_timeout;
+                let idle = self.cfg.limits.tcp_idle_timeout;
                 let may_pass = |hosts: &[String]| {
                     let table = self.rules();
                     let rules = table.rules();
@@ -1237,19 +1237,25 @@ mod tests {
     async fn an_idle_passthrough_is_closed_and_its_bytes_counted() {
         let (plain, _conns) = echo_server().await;
         let (o, m) = outbound(&format!(
-            "idle_timeout = \"200ms\"\n[[outbound.upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"{API}\"\n"
+            "idle_timeout = \"100ms\"\ntcp_idle_timeout = \"500ms\"\n[[outbound.upstreams]]\ncidr = \"10.0.0.0/8\"\nidentity = \"{API}\"\n"
         ));
         let mut c = redirected(&o, plain).await;
         c.write_all(b"\x16\x03\x01hi").await.unwrap();
         let mut echo = [0u8; 5];
         c.read_exact(&mut echo).await.unwrap();
-        // Silent from here, both ways: closed after the idle timeout.
+        // Quiet for longer than the HTTP idle_timeout: still open.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.write_all(b"\x16\x03\x01hi").await.unwrap();
+        c.read_exact(&mut echo).await.unwrap();
+        // Silent from here, both ways: closed after the TCP idle timeout.
+        let start = std::time::Instant::now();
         let mut rest = Vec::new();
         tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
             .await
             .expect("an idle passthrough stays open")
             .unwrap();
         assert!(rest.is_empty());
+        assert!(start.elapsed() >= Duration::from_millis(450));
         tokio::time::sleep(Duration::from_millis(50)).await;
         let bytes = |way: &str| {
             metric(
@@ -1259,7 +1265,7 @@ mod tests {
         };
         assert_eq!(
             (bytes("client_to_server"), bytes("server_to_client")),
-            (5.0, 5.0)
+            (10.0, 10.0)
         );
     }
 

@@ -181,7 +181,7 @@ impl Outbound {
             return text(StatusCode::BAD_REQUEST, "bad Upgrade field\n");
         };
         tcp.connection(Direction::Outbound, "ok");
-        let idle = self.cfg.limits.idle_timeout;
+        let idle = self.cfg.limits.tcp_idle_timeout;
         let tcp = tcp.clone();
         // Dropped unrun (the app's connection ended before the 101 went
         // out): the tunnel goes with it, which resets the stream.
