@@ -121,12 +121,23 @@ pub fn write_request_head(
     dst.put_u8(b' ');
     dst.put_slice(path.as_bytes());
     dst.put_slice(b" HTTP/1.1\r\n");
+    // HTTP/2 may carry the cookie in several fields; HTTP/1.1 in one, the
+    // crumbs joined by "; " (RFC 9113 section 8.2.3): many frameworks read
+    // only the first `Cookie` line. A map's values of one name are adjacent.
+    let mut cookie_open = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
-        dst.put_slice(name.as_str().as_bytes());
-        dst.put_slice(b": ");
+        let cookie = name == header::COOKIE;
+        if cookie && cookie_open {
+            dst.truncate(dst.len() - 2);
+            dst.put_slice(b"; ");
+        } else {
+            dst.put_slice(name.as_str().as_bytes());
+            dst.put_slice(b": ");
+        }
+        cookie_open = cookie;
         dst.put_slice(value.as_bytes());
         dst.put_slice(b"\r\n");
     }
@@ -625,6 +636,20 @@ fn response_framing(
     // faulty framing; read it, then close (a bodyless one too).
     let faulty = hop.transfer_encoding && version == Version::HTTP_10;
     let keep_alive = !hop.close && !faulty && (version == Version::HTTP_11 || hop.keep_alive);
+    if status == StatusCode::NO_CONTENT {
+        // RFC 9110 section 8.6: a 204 has none; HTTP/2 callers would
+        // refuse it (RFC 9113 section 8.1.1).
+        headers.remove(header::CONTENT_LENGTH);
+    } else if let Some(n) = hop.content_length {
+        // `5, 5` or two `Content-Length: 5` fields, which the reader takes
+        // as one length (RFC 9112 section 6.3): sent on as the one value,
+        // or an HTTP/2 caller would refuse the response.
+        let mut all = headers.get_all(header::CONTENT_LENGTH).iter();
+        let first = all.next();
+        if all.next().is_some() || first.is_some_and(|v| v.as_bytes().contains(&b',')) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
     if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -1114,6 +1139,55 @@ mod tests {
             &out[..],
             b"PUT / HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        let mut out = BytesMut::new();
+        write_request_head(&Method::GET, "/", &h, Framing::Empty, &mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("cookie:").count(), 1, "{text}");
+        assert!(text.contains("\r\ncookie: a=1; b=2; c=3\r\n"), "{text}");
+        assert!(text.contains("\r\naccept: */*\r\n"), "{text}");
+    }
+
+    #[test]
+    fn a_repeated_content_length_goes_on_as_one_and_a_204_has_none() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+        ] {
+            let r = head(raw, Method::GET).unwrap().unwrap();
+            assert_eq!(r.framing, Framing::Length(2));
+            let cl: Vec<_> = r
+                .parts
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .collect();
+            assert_eq!(cl, ["2"], "{raw:?}");
+        }
+        let r = head(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.framing, Framing::Empty);
+        assert!(!r.parts.headers.contains_key(header::CONTENT_LENGTH));
+        // A HEAD's and a 304's length describe the representation: kept.
+        let r = head(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 8\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.parts.headers[header::CONTENT_LENGTH], "8");
     }
 
     #[test]
