@@ -656,3 +656,50 @@ fn uploads_of_unknown_length_reach_the_app_whole_in_chunked_coding() {
     );
     assert!(body.contains(&format!("body-bytes: {}", 3 << 20)), "{body}");
 }
+
+/// The handshake checks the caller's certificate once; an HTTP/2
+/// connection that lives on past the certificate's expiry ends then (as a
+/// new handshake with it would fail), rather than go on passing route
+/// policy with an expired identity.
+#[test]
+fn a_connection_ends_when_its_callers_certificate_expires() {
+    let s = setup(None, "", None);
+    let id = s.pki.id("/ns/default/sa/web");
+    let short = s.pki.craft("short", &[&id], -60, 2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let addr: SocketAddr = format!("127.0.0.1:{}", s.port).parse().unwrap();
+        let tls = mtls_stream(addr, &s.pki, &short, b"h2").await;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 handshake");
+        let conn = tokio::spawn(conn);
+        let get = || {
+            http::Request::get("https://localhost/x")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        let first = send
+            .send_request(get())
+            .await
+            .expect("served before expiry");
+        assert_eq!(first.status(), 200);
+        // Past the expiry (and the bounded grace of an ending connection):
+        // the connection is gone, and no request on it is served.
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let later = send.send_request(get()).await;
+        assert!(
+            later.as_ref().map_or(true, |r| r.status() != 200),
+            "served after the certificate expired: {:?}",
+            later.map(|r| r.status())
+        );
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+        assert!(ended.is_ok(), "the connection outlived the certificate");
+    });
+}

@@ -844,6 +844,9 @@ pub struct PeerIdentity {
     /// form `[[inbound.deny]] serial` entries are kept in (and audit
     /// records name).
     pub serial: String,
+    /// When the leaf stops being valid: a connection that outlives it
+    /// ends then, as a new handshake with it would fail.
+    pub not_after: std::time::SystemTime,
 }
 
 impl PeerIdentity {
@@ -859,6 +862,10 @@ impl PeerIdentity {
             cert_sha256: keys::sha256(leaf),
             spki_sha256: keys::sha256(parsed.public_key().raw),
             serial: serial_hex(parsed.raw_serial()),
+            not_after: std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(
+                    u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0),
+                ),
             leaf: leaf.clone(),
         })
     }

@@ -404,6 +404,14 @@ impl Inbound {
             return;
         };
         let drain = conn.drain.clone();
+        // The handshake checked the caller's certificate once; the
+        // connection may live on (HTTP/2, a tunnel) past its expiry, and
+        // ends then, as a new handshake with it would fail.
+        let expires_in = conn
+            .peer
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
         let conn = Arc::new(conn);
         let this = self.clone();
         let streams = activity.clone();
@@ -424,6 +432,10 @@ impl Inbound {
             let denied = tokio::select! {
                 _ = server::stopped(&mut global) => false,
                 () = drain.cancelled() => true,
+                () = tokio::time::sleep(expires_in) => {
+                    tracing::info!(peer = %remote, "inbound connection ends: its caller's certificate expired");
+                    true
+                }
             };
             let _ = stop_tx.send(true);
             if denied {
