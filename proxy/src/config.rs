@@ -124,6 +124,7 @@ struct RawInbound {
     app_connect_timeout: Option<String>,
     app_pool_idle_timeout: Option<String>,
     max_app_connections: Option<usize>,
+    max_app_connections_per_peer: Option<usize>,
     headers_with_underscores: Option<String>,
     policy_file: Option<PathBuf>,
     routes: Option<Vec<RawRoute>>,
@@ -874,6 +875,11 @@ pub struct InboundConfig {
     /// Connections to the app open at once (HTTP/1.1); requests beyond it
     /// wait up to `app_connect_timeout` for one, then get 503.
     pub max_app_connections: usize,
+    /// At most this many of them held by one caller SPIFFE ID at once (its
+    /// requests beyond wait, as for a connection): a caller sending bodies
+    /// or reading answers slowly cannot hold every connection and starve
+    /// the others. Default a quarter of `max_app_connections`.
+    pub max_app_connections_per_peer: usize,
     /// What happens to header names with `_` (sidecar-owned names in
     /// disguise are always removed).
     pub headers_with_underscores: crate::http::owned::Underscores,
@@ -2041,6 +2047,15 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             "must be between 1 and 1048576",
         ));
     }
+    let max_app_connections_per_peer = raw
+        .max_app_connections_per_peer
+        .unwrap_or((max_app_connections / 4).max(1));
+    if max_app_connections_per_peer == 0 || max_app_connections_per_peer > max_app_connections {
+        return Err(invalid(
+            "inbound.max_app_connections_per_peer",
+            format!("must be between 1 and max_app_connections ({max_app_connections})"),
+        ));
+    }
     let default_policy = match raw.default_policy.as_deref() {
         None | Some("allow-trust-domain") => DefaultPolicy::AllowTrustDomain,
         Some("deny") => DefaultPolicy::Deny,
@@ -2231,6 +2246,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             Duration::from_secs(4),
         )?,
         max_app_connections,
+        max_app_connections_per_peer,
         policy,
         policy_file,
         stepup,
@@ -3391,6 +3407,8 @@ mod tests {
         assert_eq!(i.limits.max_concurrent_streams, 100);
         assert_eq!(i.limits.body_timeout, Duration::from_secs(30));
         assert_eq!(i.max_app_connections, 256);
+        assert_eq!(i.max_app_connections_per_peer, 64);
+        assert_eq!(i.limits.tcp_idle_timeout, Duration::from_secs(3600));
         let o = cfg.outbound.unwrap();
         assert_eq!(o.limits.max_concurrent_streams, 100);
         assert_eq!(o.limits.body_timeout, Duration::from_secs(30));
@@ -3405,6 +3423,7 @@ mod tests {
         assert_eq!(set.limits.max_concurrent_streams, 3);
         assert_eq!(set.limits.body_timeout, Duration::from_secs(2));
         assert_eq!(set.max_app_connections, 4);
+        assert_eq!(set.max_app_connections_per_peer, 1);
 
         for (line, key) in [
             ("max_handshakes = 0", "inbound.max_handshakes"),
@@ -3414,6 +3433,15 @@ mod tests {
             ),
             ("body_timeout = \"0s\"", "inbound.body_timeout"),
             ("max_app_connections = 0", "inbound.max_app_connections"),
+            (
+                "max_app_connections_per_peer = 257",
+                "inbound.max_app_connections_per_peer",
+            ),
+            (
+                "max_app_connections_per_peer = 0",
+                "inbound.max_app_connections_per_peer",
+            ),
+            ("tcp_idle_timeout = \"0s\"", "inbound.tcp_idle_timeout"),
         ] {
             let e = Config::parse(&format!("{base}{line}\n"))
                 .unwrap_err()

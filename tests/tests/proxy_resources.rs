@@ -76,6 +76,8 @@ struct World {
     pki: Pki,
     server: Cert,
     web: Cert,
+    /// The caller that is not the flood's: every limit leaves it room.
+    legit: Cert,
     app: EchoApp,
 }
 
@@ -84,10 +86,12 @@ impl World {
         let pki = Pki::new("resources.test");
         let server = pki.issue("server", "/ns/default/sa/api");
         let web = pki.issue("web", "/ns/default/sa/web");
+        let legit = pki.issue("legit", "/ns/default/sa/legit");
         World {
             pki,
             server,
             web,
+            legit,
             app: EchoApp::start(),
         }
     }
@@ -112,8 +116,8 @@ impl World {
     /// status and how long it took.
     fn legit(&self, inbound: SocketAddr, path: &str) -> (u16, Duration) {
         let (crt, key, ca) = (
-            self.web.crt.display().to_string(),
-            self.web.key.display().to_string(),
+            self.legit.crt.display().to_string(),
+            self.legit.key.display().to_string(),
             self.pki.bundle.display().to_string(),
         );
         let resolve = format!("localhost:{}:127.0.0.1", inbound.port());

@@ -75,6 +75,19 @@ pub struct H1Bounds {
     pub max_connections: usize,
     /// A request body with no progress for this long ends the request.
     pub body_timeout: Duration,
+    /// Of `max_connections`, what one caller may hold at once (the size of
+    /// the share its requests pass, for the error that names it: see
+    /// [`H1Pool::request`]).
+    pub max_per_peer: usize,
+}
+
+/// A request's hold on the app's connections, released when its
+/// connection is back in the pool or closed: the pool's slot, and its
+/// caller's share.
+#[derive(Debug)]
+struct Slot {
+    _pool: OwnedSemaphorePermit,
+    _peer: Option<OwnedSemaphorePermit>,
 }
 
 /// A keep-alive pool of HTTP/1.1 connections to one address.
@@ -187,6 +200,18 @@ impl H1Pool {
         })
     }
 
+    /// Waits (in order of arrival, up to the connect timeout) for a permit
+    /// of the caller's `share` when it holds all of them.
+    async fn wait_share(&self, share: Arc<Semaphore>) -> Result<OwnedSemaphorePermit, AppError> {
+        match tokio::time::timeout(self.connect_timeout, share.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(AppError::Unavailable(format!(
+                "this caller's {} app connections (inbound.max_app_connections_per_peer) stayed in use for {:?}",
+                self.bounds.max_per_peer, self.connect_timeout
+            ))),
+        }
+    }
+
     /// Waits (in order of arrival, up to the connect timeout) for a
     /// connection slot when all are in use.
     async fn wait_slot(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, AppError> {
@@ -207,9 +232,15 @@ impl H1Pool {
     /// The head is encoded (and what of the body has arrived gathered)
     /// before the future exists; the future holds only what is left to
     /// send, which keeps it small (see `body::ResponseFuture`).
+    ///
+    /// `share`: the caller's share of the connections (`max_per_peer`
+    /// permits, one per caller: the inbound's `app_share`); a request holds
+    /// one of its permits as long as a connection, and waits for one as
+    /// for a connection.
     pub fn request<B: SendBody>(
         self: &Arc<Self>,
         req: Request<B>,
+        share: Option<&Arc<Semaphore>>,
     ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -227,6 +258,27 @@ impl H1Pool {
         if let Err(e) = sender.gather(&mut out) {
             return Either::Left(Box::pin(std::future::ready(Err(e.into_app_error()))) as Sending);
         }
+        let peer = match share.map(|s| s.clone().try_acquire_owned()) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                // The caller holds its whole share: wait for one of its own
+                // requests to end (rare, boxed).
+                let (pool, share) = (self.clone(), share.cloned());
+                return Either::Left(Box::pin(async move {
+                    let peer = match share {
+                        Some(s) => Some(pool.wait_share(s).await?),
+                        None => None,
+                    };
+                    let slot = pool.wait_slot().await?;
+                    let slot = Slot {
+                        _pool: slot,
+                        _peer: peer,
+                    };
+                    pool.send(slot, out, sender, parts.method).await
+                }));
+            }
+        };
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
@@ -234,9 +286,17 @@ impl H1Pool {
                 let pool = self.clone();
                 return Either::Left(Box::pin(async move {
                     let slot = pool.wait_slot().await?;
+                    let slot = Slot {
+                        _pool: slot,
+                        _peer: peer,
+                    };
                     pool.send(slot, out, sender, parts.method).await
                 }));
             }
+        };
+        let slot = Slot {
+            _pool: slot,
+            _peer: peer,
         };
         Either::Right(self.send(slot, out, sender, parts.method))
     }
@@ -245,7 +305,7 @@ impl H1Pool {
     /// `slot` held until the connection is back in the pool or closed.
     fn send<B: SendBody>(
         self: &Arc<Self>,
-        slot: OwnedSemaphorePermit,
+        slot: Slot,
         out: BytesMut,
         sender: BodySender<B>,
         method: Method,
@@ -733,13 +793,13 @@ pub struct AppBody {
     reader: BodyReader,
     keep_alive: bool,
     pool: Arc<H1Pool>,
-    /// The pool's connection slot, released when the connection is back
-    /// or closed.
-    slot: Option<OwnedSemaphorePermit>,
+    /// The pool's connection slot and the caller's share, released when
+    /// the connection is back or closed.
+    slot: Option<Slot>,
 }
 
 /// Gives the response body the connection slot to release.
-fn with_slot(mut resp: Response<AppBody>, slot: OwnedSemaphorePermit) -> Response<AppBody> {
+fn with_slot(mut resp: Response<AppBody>, slot: Slot) -> Response<AppBody> {
     let body = resp.body_mut();
     if body.io.is_some() {
         body.slot = Some(slot);
@@ -1051,6 +1111,7 @@ mod tests {
     fn bounds() -> H1Bounds {
         H1Bounds {
             max_connections: 8,
+            max_per_peer: 8,
             body_timeout: Duration::from_secs(1),
         }
     }
@@ -1071,7 +1132,7 @@ mod tests {
         pool: &Arc<H1Pool>,
         req: Request<B>,
     ) -> Result<Response<AppBody>, AppError> {
-        tokio::time::timeout(WAIT, pool.request(req))
+        tokio::time::timeout(WAIT, pool.request(req, None))
             .await
             .expect("the request neither completed nor failed")
     }
@@ -1256,6 +1317,7 @@ mod tests {
             Duration::from_secs(10),
             H1Bounds {
                 max_connections: 8,
+                max_per_peer: 8,
                 body_timeout: stall,
             },
         );
@@ -1361,6 +1423,7 @@ mod tests {
             1024,
             H1Bounds {
                 max_connections: 1,
+                max_per_peer: 1,
                 body_timeout: Duration::from_secs(1),
             },
         );
@@ -1372,11 +1435,47 @@ mod tests {
         // A waiting request gets the slot as soon as it is free.
         let waiting = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.request(get("/")).await.map(|r| r.status()) }
+            async move { pool.request(get("/"), None).await.map(|r| r.status()) }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(read(held).await.0, b"ok");
         assert_eq!(waiting.await.unwrap().unwrap(), 200);
+    }
+
+    #[tokio::test]
+    async fn one_caller_holds_at_most_its_share_and_others_are_served_past_it() {
+        let app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
+        let pool = H1Pool::new(
+            &app.addr,
+            Duration::from_millis(150),
+            Duration::from_secs(10),
+            1024,
+            H1Bounds {
+                max_connections: 4,
+                max_per_peer: 2,
+                body_timeout: Duration::from_secs(1),
+            },
+        );
+        let (greedy, other) = (Arc::new(Semaphore::new(2)), Arc::new(Semaphore::new(2)));
+        // The greedy caller's answers are not read: it holds 2 connections.
+        let a = pool.request(get("/"), Some(&greedy)).await.unwrap();
+        let b = pool.request(get("/"), Some(&greedy)).await.unwrap();
+        let e = pool
+            .request(get("/"), Some(&greedy))
+            .await
+            .expect_err("beyond its share");
+        assert!(
+            matches!(&e, AppError::Unavailable(m) if m.contains("max_app_connections_per_peer")),
+            "{e:?}"
+        );
+        // Another caller is served at once, from the connections left.
+        let r = pool.request(get("/"), Some(&other)).await.unwrap();
+        assert_eq!(read(r).await.0, b"ok");
+        // Its share back, the greedy caller is served again.
+        assert_eq!(read(a).await.0, b"ok");
+        let r = pool.request(get("/"), Some(&greedy)).await.unwrap();
+        assert_eq!(read(r).await.0, b"ok");
+        drop(b);
     }
 
     #[tokio::test]

@@ -64,6 +64,7 @@ impl AppClient {
             app_client::H1Bounds {
                 max_connections: cfg.max_app_connections,
                 body_timeout: cfg.limits.body_timeout,
+                max_per_peer: cfg.max_app_connections_per_peer,
             },
         );
         Ok(AppClient {

@@ -29,6 +29,9 @@ pub struct InboundConn {
     pub stepup: Option<keyproof_stepup::Peer>,
     /// The `x-forwarded-client-cert` value for this caller.
     pub xfcc: HeaderValue,
+    /// The caller's share of the app's connections, one for all its
+    /// connections (`inbound.max_app_connections_per_peer`).
+    pub app_share: Arc<tokio::sync::Semaphore>,
     /// The caller's address as `x-forwarded-for` adds it
     /// ([`crate::http::owned::add_forwarded_for`]).
     pub forwarded_for: HeaderValue,
@@ -53,6 +56,9 @@ impl InboundConn {
     /// connection iptables redirected, where its original port's HTTP goes
     /// or why it goes nowhere. `None` when the XFCC value cannot
     /// be a header value, which valid SPIFFE IDs never cause.
+    // Each argument is one independent fact of the accepted connection;
+    // bundling them would only move the list into a struct literal.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         session: &rustls::ServerConnection,
         peer: PeerIdentity,
@@ -61,6 +67,7 @@ impl InboundConn {
         need_exporter: bool,
         redirected: Option<Result<Arc<AppClient>, PortRefusal>>,
         activity: Activity,
+        app_share: Arc<tokio::sync::Semaphore>,
     ) -> Option<InboundConn> {
         let (app, refusal) = match redirected {
             None => (None, None),
@@ -95,6 +102,7 @@ impl InboundConn {
             stepup: view,
             xfcc,
             forwarded_for,
+            app_share,
             app,
             refusal,
             activity,
@@ -160,6 +168,7 @@ impl InboundConn {
             peer,
             remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
             forwarded_for: HeaderValue::from_static("127.0.0.1"),
+            app_share: Arc::new(tokio::sync::Semaphore::new(64)),
             exporter,
             stepup,
             app: None,

@@ -134,6 +134,11 @@ pub struct Inbound {
     app: Arc<AppClient>,
     /// `127.0.0.1:<port>`: redirected connections, by original port.
     ports: AppClients,
+    /// Each caller's share of the app's connections, by SPIFFE ID, while
+    /// it has a connection (`app_share`).
+    shares: std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Weak<tokio::sync::Semaphore>>,
+    >,
     tunnels: Tunnels,
     /// Open caller connections, for a deny-list change to close.
     callers: Arc<callers::Callers>,
@@ -225,6 +230,7 @@ impl Inbound {
             risk,
             app,
             ports: AppClients::default(),
+            shares: Default::default(),
             callers: Arc::default(),
             tunnels: Tunnels {
                 connect_timeout: cfg.app_connect_timeout,
@@ -390,6 +396,7 @@ impl Inbound {
         };
         let own = self.store.current();
         let registered = self.callers.register(&peer.id, &peer.serial);
+        let app_share = self.app_share(&peer.id);
         let target = redirected.map(|dst| self.redirected_to(dst.port()));
         let activity: server::Activity = Arc::new(AtomicU64::new(0));
         let Some(conn) = InboundConn::new(
@@ -400,6 +407,7 @@ impl Inbound {
             self.need_exporter,
             target,
             activity.clone(),
+            app_share,
         ) else {
             return;
         };
@@ -650,7 +658,7 @@ impl Inbound {
                 async move { this.stepped_up(req, &conn, &r).await },
             ));
         }
-        Either::Right(self.forward(req, self.app_of(&conn), false))
+        Either::Right(self.forward(req, &conn, false))
     }
 
     /// A CONNECT: over HTTP/2, an opaque TCP tunnel to the authority's
@@ -909,13 +917,13 @@ impl Inbound {
                 return self.unverified(req, conn, r).await
             }
             // `admit` sends only step-up routes here.
-            Need::Nothing => return self.forward(req, self.app_of(conn), false).await,
+            Need::Nothing => return self.forward(req, conn, false).await,
         };
         let (req, verified) = match self.stepup.verify(req, conn, r, &reason).await {
             Ok(v) => v,
             Err(resp) => return resp,
         };
-        let mut resp = self.forward(req, self.app_of(conn), true).await;
+        let mut resp = self.forward(req, conn, true).await;
         if resp.extensions().get::<AppAsked>().is_some() {
             tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, reason = reason.as_str(), "the app asked for a step-up proof of a request that carried one (x-keyproof-step-up: verified); answered 502");
             return text(
@@ -956,7 +964,12 @@ impl Inbound {
             Some(names) => body.without(names.clone()),
             None => body,
         };
-        let resp = Self::forward_counted(Request::from_parts(parts, body), self.app_of(conn)).await;
+        let resp = Self::forward_counted(
+            Request::from_parts(parts, body),
+            self.app_of(conn),
+            &conn.app_share,
+        )
+        .await;
         if resp.extensions().get::<AppAsked>().is_none() {
             served(r, conn, &resp);
             return resp;
@@ -1009,10 +1022,11 @@ impl Inbound {
     fn forward(
         &self,
         req: Request<ProxyBody>,
-        app: &Arc<AppClient>,
+        conn: &InboundConn,
         may_step_up: bool,
     ) -> Either<ResponseFuture<'static>, impl Future<Output = Response<ProxyBody>> + Send + 'static>
     {
+        let app = self.app_of(conn);
         let (mut parts, body) = req.into_parts();
         let (use_h2, h1_caller) = match app.to_app(&mut parts) {
             Ok(how) => how,
@@ -1030,13 +1044,18 @@ impl Inbound {
                 )
             }));
         }
-        Either::Right(map_in_place(app.h1.request(req), move |sent| {
-            app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, may_step_up)
-        }))
+        Either::Right(map_in_place(
+            app.h1.request(req, Some(&conn.app_share)),
+            move |sent| app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, may_step_up),
+        ))
     }
 
     /// [`Inbound::forward`] for a request whose body is counted.
-    async fn forward_counted(req: Request<Counted>, app: &AppClient) -> Response<ProxyBody> {
+    async fn forward_counted(
+        req: Request<Counted>,
+        app: &AppClient,
+        share: &Arc<tokio::sync::Semaphore>,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let (use_h2, h1_caller) = match app.to_app(&mut parts) {
             Ok(how) => how,
@@ -1047,8 +1066,27 @@ impl Inbound {
             let sent = app.h2_counted.request(req).await;
             return app.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller, true);
         }
-        let sent = app.h1.request(req).await;
+        let sent = app.h1.request(req, Some(share)).await;
         app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
+    }
+
+    /// `peer`'s share of the app's connections, shared by all its
+    /// connections: one caller cannot hold more than its share however
+    /// many connections it opens. Entries of callers with no connection
+    /// left are swept as the map grows.
+    fn app_share(&self, peer: &keyproof_identity::SpiffeId) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(peer.as_str()).and_then(std::sync::Weak::upgrade) {
+            return s;
+        }
+        if map.len() >= 1024 && map.len().is_power_of_two() {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let share = Arc::new(tokio::sync::Semaphore::new(
+            self.cfg.max_app_connections_per_peer,
+        ));
+        map.insert(peer.as_str().to_owned(), Arc::downgrade(&share));
+        share
     }
 
     /// The app a connection's requests go to: `[inbound] app`, or for a
@@ -1517,7 +1555,8 @@ mod tests {
         let req = Request::get("/x")
             .body(ProxyBody::empty())
             .expect("request");
-        let fut = inbound.app.h1.request(req);
+        let share = Arc::new(tokio::sync::Semaphore::new(4));
+        let fut = inbound.app.h1.request(req, Some(&share));
         let size = std::mem::size_of_val(&fut);
         drop(fut);
         println!("H1Pool::request future (ProxyBody): {size} bytes");
