@@ -496,6 +496,29 @@ pub fn rules6(opts: &Options) -> Vec<Rule> {
     out
 }
 
+/// Whether `nets` together hold every IPv4 address (`0.0.0.0/0`, or
+/// `0.0.0.0/1` and `128.0.0.0/1`, or any other split of the space).
+fn covers_everything(nets: &[Ipv4Net]) -> bool {
+    let mut ranges: Vec<(u64, u64)> = nets
+        .iter()
+        .map(|n| {
+            (
+                u64::from(u32::from(n.network())),
+                u64::from(u32::from(n.broadcast())) + 1,
+            )
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut reached = 0u64;
+    for (start, end) in ranges {
+        if start > reached {
+            return false;
+        }
+        reached = reached.max(end);
+    }
+    reached > u64::from(u32::MAX)
+}
+
 /// Options that are valid but switch interception off where the operator
 /// probably meant it on: `redirect` installs them and prints these.
 pub fn warnings(opts: &Options) -> Vec<String> {
@@ -506,7 +529,9 @@ pub fn warnings(opts: &Options) -> Vec<String> {
                 .to_owned(),
         );
     }
-    if let Some(net) = opts.exclude_cidrs.iter().find(|n| n.prefix_len() == 0) {
+    if covers_everything(&opts.exclude_cidrs) {
+        let nets: Vec<String> = opts.exclude_cidrs.iter().map(|n| n.to_string()).collect();
+        let net = nets.join(",");
         w.push(format!(
             "--exclude-cidrs {net} excludes every destination: no outbound connection is intercepted"
         ));
@@ -667,18 +692,39 @@ pub enum Outcome {
 /// installed is an error: its TCP would bypass the sidecar). The second
 /// outcome is IPv6's, `None` without IPv6.
 pub fn install(opts: &Options) -> Result<(Outcome, Option<Outcome>), RedirectError> {
-    let v4 = install_family(Family::V4, &rules(opts)?)?;
-    let v6 = if has_ipv6() {
-        Some(install_family(Family::V6, &rules6(opts))?)
+    // Both families' tools are asked first: a missing ip6tables fails
+    // before IPv4's rules change, not half way.
+    let rules4 = rules(opts)?;
+    let state4 = read_state(Family::V4)?;
+    let state6 = if has_ipv6() {
+        Some(read_state(Family::V6)?)
     } else {
         None
+    };
+    let v4 = install_family(Family::V4, &rules4, &state4)?;
+    let v6 = match state6 {
+        None => None,
+        Some(state6) => match install_family(Family::V6, &rules6(opts), &state6) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                // Not left half installed: IPv4's rules of this run go
+                // again where there were none before it.
+                if v4 == Outcome::Installed {
+                    let _ = remove_family(Family::V4);
+                }
+                return Err(e);
+            }
+        },
     };
     Ok((v4, v6))
 }
 
-fn install_family(family: Family, rules: &[Rule]) -> Result<Outcome, RedirectError> {
-    let state = read_state(family)?;
-    restore(family, &install_script(family, rules, &state))?;
+fn install_family(
+    family: Family,
+    rules: &[Rule],
+    state: &ChainState,
+) -> Result<Outcome, RedirectError> {
+    restore(family, &install_script(family, rules, state))?;
     Ok(if state.is_empty() {
         Outcome::Installed
     } else {
@@ -690,6 +736,11 @@ fn install_family(family: Family, rules: &[Rule]) -> Result<Outcome, RedirectErr
 /// no-op where none are installed. The second outcome is IPv6's, `None`
 /// without IPv6.
 pub fn remove() -> Result<(Outcome, Option<Outcome>), RedirectError> {
+    // As for `install`: both tools are there before anything changes.
+    read_state(Family::V4)?;
+    if has_ipv6() {
+        read_state(Family::V6)?;
+    }
     let v4 = remove_family(Family::V4)?;
     let v6 = if has_ipv6() {
         Some(remove_family(Family::V6)?)
@@ -1045,6 +1096,27 @@ mod tests {
         let w = warnings(&o);
         assert_eq!(w.len(), 3, "{w:?}");
         assert!(w[0].starts_with("--proxy-uid 0"), "{w:?}");
+        // The whole space split in parts is every destination too.
+        for split in [
+            "0.0.0.0/1,128.0.0.0/1",
+            "128.0.0.0/1,0.0.0.0/2,64.0.0.0/2,10.0.0.0/8",
+        ] {
+            let o = Options {
+                exclude_cidrs: parse_cidrs(split).unwrap(),
+                ..Options::default()
+            };
+            assert!(
+                warnings(&o)
+                    .iter()
+                    .any(|w| w.contains("excludes every destination")),
+                "{split}"
+            );
+        }
+        let o = Options {
+            exclude_cidrs: parse_cidrs("0.0.0.0/1,128.0.0.0/2,192.0.0.0/3,224.0.0.0/4").unwrap(),
+            ..Options::default()
+        };
+        assert!(warnings(&o).is_empty(), "240.0.0.0/4 is left");
         assert!(
             w[1].contains("0.0.0.0/0 excludes every destination"),
             "{w:?}"
