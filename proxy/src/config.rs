@@ -125,6 +125,7 @@ struct RawInbound {
     app_pool_idle_timeout: Option<String>,
     max_app_connections: Option<usize>,
     max_app_connections_per_peer: Option<usize>,
+    max_connections_per_peer: Option<usize>,
     headers_with_underscores: Option<String>,
     policy_file: Option<PathBuf>,
     routes: Option<Vec<RawRoute>>,
@@ -878,8 +879,15 @@ pub struct InboundConfig {
     /// At most this many of them held by one caller SPIFFE ID at once (its
     /// requests beyond wait, as for a connection): a caller sending bodies
     /// or reading answers slowly cannot hold every connection and starve
-    /// the others. Default a quarter of `max_app_connections`.
+    /// the others. Default three quarters of `max_app_connections` (all of
+    /// them below 4): a quarter is always left to other callers, and a
+    /// service with one main caller still gives it most of the pool.
     pub max_app_connections_per_peer: usize,
+    /// Connections one caller SPIFFE ID holds at once, of
+    /// `limits.max_connections` (default three quarters, as for
+    /// `max_app_connections_per_peer`): beyond, its next connection waits
+    /// after its handshake for one of its own to end.
+    pub max_connections_per_peer: usize,
     /// What happens to header names with `_` (sidecar-owned names in
     /// disguise are always removed).
     pub headers_with_underscores: crate::http::owned::Underscores,
@@ -2047,9 +2055,36 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
             "must be between 1 and 1048576",
         ));
     }
+    let limits = limits(
+        "inbound",
+        &RawLimits {
+            handshake_timeout: raw.handshake_timeout,
+            header_read_timeout: raw.header_read_timeout,
+            idle_timeout: raw.idle_timeout,
+            tcp_idle_timeout: raw.tcp_idle_timeout,
+            max_header_bytes: raw.max_header_bytes,
+            max_connections: raw.max_connections,
+            max_handshakes: raw.max_handshakes,
+            max_concurrent_streams: raw.max_concurrent_streams,
+            body_timeout: raw.body_timeout,
+        },
+        Duration::from_secs(30),
+    )?;
+    let max_connections_per_peer = raw
+        .max_connections_per_peer
+        .unwrap_or(limits.max_connections - limits.max_connections / 4);
+    if max_connections_per_peer == 0 || max_connections_per_peer > limits.max_connections {
+        return Err(invalid(
+            "inbound.max_connections_per_peer",
+            format!(
+                "must be between 1 and max_connections ({})",
+                limits.max_connections
+            ),
+        ));
+    }
     let max_app_connections_per_peer = raw
         .max_app_connections_per_peer
-        .unwrap_or((max_app_connections / 4).max(1));
+        .unwrap_or(max_app_connections - max_app_connections / 4);
     if max_app_connections_per_peer == 0 || max_app_connections_per_peer > max_app_connections {
         return Err(invalid(
             "inbound.max_app_connections_per_peer",
@@ -2247,25 +2282,12 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         )?,
         max_app_connections,
         max_app_connections_per_peer,
+        max_connections_per_peer,
         policy,
         policy_file,
         stepup,
         headers_with_underscores,
-        limits: limits(
-            "inbound",
-            &RawLimits {
-                handshake_timeout: raw.handshake_timeout,
-                header_read_timeout: raw.header_read_timeout,
-                idle_timeout: raw.idle_timeout,
-                tcp_idle_timeout: raw.tcp_idle_timeout,
-                max_header_bytes: raw.max_header_bytes,
-                max_connections: raw.max_connections,
-                max_handshakes: raw.max_handshakes,
-                max_concurrent_streams: raw.max_concurrent_streams,
-                body_timeout: raw.body_timeout,
-            },
-            Duration::from_secs(30),
-        )?,
+        limits,
         http_ports,
         own_ports: Vec::new(),
         max_tunnels,
@@ -3407,7 +3429,8 @@ mod tests {
         assert_eq!(i.limits.max_concurrent_streams, 100);
         assert_eq!(i.limits.body_timeout, Duration::from_secs(30));
         assert_eq!(i.max_app_connections, 256);
-        assert_eq!(i.max_app_connections_per_peer, 64);
+        assert_eq!(i.max_app_connections_per_peer, 192);
+        assert_eq!(i.max_connections_per_peer, 7500);
         assert_eq!(i.limits.tcp_idle_timeout, Duration::from_secs(3600));
         let o = cfg.outbound.unwrap();
         assert_eq!(o.limits.max_concurrent_streams, 100);
@@ -3423,7 +3446,7 @@ mod tests {
         assert_eq!(set.limits.max_concurrent_streams, 3);
         assert_eq!(set.limits.body_timeout, Duration::from_secs(2));
         assert_eq!(set.max_app_connections, 4);
-        assert_eq!(set.max_app_connections_per_peer, 1);
+        assert_eq!(set.max_app_connections_per_peer, 3);
 
         for (line, key) in [
             ("max_handshakes = 0", "inbound.max_handshakes"),
@@ -3440,6 +3463,10 @@ mod tests {
             (
                 "max_app_connections_per_peer = 0",
                 "inbound.max_app_connections_per_peer",
+            ),
+            (
+                "max_connections_per_peer = 10001",
+                "inbound.max_connections_per_peer",
             ),
             ("tcp_idle_timeout = \"0s\"", "inbound.tcp_idle_timeout"),
         ] {

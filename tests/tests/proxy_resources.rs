@@ -188,6 +188,46 @@ fn idle_h2_connections_are_closed_even_while_pinging() {
     drop(sends);
 }
 
+/// One caller holds at most `max_connections_per_peer` (three quarters
+/// of `max_connections` by default) of the connection places: one that
+/// opens every place and keeps them (a request now and then, within
+/// `idle_timeout`) leaves a quarter to the others, whose requests are
+/// served at once.
+#[test]
+fn one_caller_cannot_hold_every_connection_place() {
+    let w = World::new();
+    let (proxy, addr) = w.inbound(
+        "places",
+        w.app.addr,
+        "idle_timeout = \"30s\"\nmax_connections = 4\n",
+    );
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"h2");
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            // The fourth waits after its handshake, beyond its caller's
+            // share; the first three take three places.
+            held.push(tokio::spawn(h2_conn::<Empty<Bytes>>(
+                addr,
+                cfg.clone(),
+                None,
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        held
+    });
+    let (code, took) = w.legit(addr, "/other-caller");
+    assert_eq!(code, 200, "{}", proxy.log_text());
+    assert!(
+        took < Duration::from_secs(2),
+        "another caller waited {took:?} behind one caller's connections"
+    );
+    for h in held {
+        h.abort();
+    }
+}
+
 /// Handshakes: a flood of connections that never finish their TLS
 /// handshake (about 200 new ones a second for 4 s, up to 500 held open)
 /// takes neither the connection slots nor the memory: every legitimate

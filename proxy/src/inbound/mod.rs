@@ -134,11 +134,9 @@ pub struct Inbound {
     app: Arc<AppClient>,
     /// `127.0.0.1:<port>`: redirected connections, by original port.
     ports: AppClients,
-    /// Each caller's share of the app's connections, by SPIFFE ID, while
-    /// it has a connection (`app_share`).
-    shares: std::sync::Mutex<
-        std::collections::HashMap<String, std::sync::Weak<tokio::sync::Semaphore>>,
-    >,
+    /// Each caller's shares of connections, by SPIFFE ID, while it has a
+    /// connection (`share_of`).
+    shares: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<PeerShare>>>,
     tunnels: Tunnels,
     /// Open caller connections, for a deny-list change to close.
     callers: Arc<callers::Callers>,
@@ -380,8 +378,19 @@ impl Inbound {
         self.metrics
             .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
         // Only an authenticated connection takes one of `max_connections`;
-        // at the limit it waits here for one.
+        // at the limit it waits here for one. First one of its caller's
+        // share of them: a caller waiting beyond its share holds none of
+        // the others'.
+        let share = self.share_of(&peer.id);
+        let app_share = share.app.clone();
         let mut stop = shutdown.clone();
+        let _peer_slot = tokio::select! {
+            p = share.connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = server::stopped(&mut stop) => return,
+        };
         let _slot = tokio::select! {
             p = self.established.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -396,7 +405,6 @@ impl Inbound {
         };
         let own = self.store.current();
         let registered = self.callers.register(&peer.id, &peer.serial);
-        let app_share = self.app_share(&peer.id);
         let target = redirected.map(|dst| self.redirected_to(dst.port()));
         let activity: server::Activity = Arc::new(AtomicU64::new(0));
         let Some(conn) = InboundConn::new(
@@ -1070,11 +1078,11 @@ impl Inbound {
         app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
     }
 
-    /// `peer`'s share of the app's connections, shared by all its
-    /// connections: one caller cannot hold more than its share however
-    /// many connections it opens. Entries of callers with no connection
-    /// left are swept as the map grows.
-    fn app_share(&self, peer: &keyproof_identity::SpiffeId) -> Arc<tokio::sync::Semaphore> {
+    /// `peer`'s shares, held by all its connections: one caller cannot
+    /// hold more than its share however many connections it opens.
+    /// Entries of callers with no connection left are swept as the map
+    /// grows.
+    fn share_of(&self, peer: &keyproof_identity::SpiffeId) -> Arc<PeerShare> {
         let mut map = self.shares.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(peer.as_str()).and_then(std::sync::Weak::upgrade) {
             return s;
@@ -1082,9 +1090,14 @@ impl Inbound {
         if map.len() >= 1024 && map.len().is_power_of_two() {
             map.retain(|_, w| w.strong_count() > 0);
         }
-        let share = Arc::new(tokio::sync::Semaphore::new(
-            self.cfg.max_app_connections_per_peer,
-        ));
+        let share = Arc::new(PeerShare {
+            app: Arc::new(tokio::sync::Semaphore::new(
+                self.cfg.max_app_connections_per_peer,
+            )),
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                self.cfg.max_connections_per_peer,
+            )),
+        });
         map.insert(peer.as_str().to_owned(), Arc::downgrade(&share));
         share
     }
@@ -1166,6 +1179,14 @@ fn served(r: &Route, conn: &InboundConn, resp: &Response<ProxyBody>) {
     if let (Some(risk), true) = (&r.risk, from_app(resp)) {
         risk.served(&conn.peer.id, Now::system());
     }
+}
+
+/// What one caller SPIFFE ID may hold at once, across its connections.
+struct PeerShare {
+    /// App connections (`max_app_connections_per_peer`).
+    app: Arc<tokio::sync::Semaphore>,
+    /// Connections to this listener (`max_connections_per_peer`).
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs `f` on drop.
