@@ -240,8 +240,12 @@ fn response_head(
             return Err(H1Error::BareLf);
         }
         let code = resp.code.unwrap_or(0);
-        let status =
-            StatusCode::from_u16(code).map_err(|_| H1Error::Head(httparse::Error::Status))?;
+        // RFC 9110 section 15: status codes are 100 to 599; `999` would
+        // reach the caller as a status its client may not know how to read.
+        let status = StatusCode::from_u16(code)
+            .ok()
+            .filter(|s| s.as_u16() <= 599)
+            .ok_or(H1Error::Head(httparse::Error::Status))?;
         let version = if resp.version == Some(0) {
             Version::HTTP_10
         } else {
@@ -1138,6 +1142,16 @@ mod tests {
         assert_eq!(
             &out[..],
             b"PUT / HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_status_beyond_599_is_no_response() {
+        assert!(head("HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n", Method::GET).is_err());
+        assert!(
+            head("HTTP/1.1 599 Odd\r\nContent-Length: 0\r\n\r\n", Method::GET)
+                .unwrap()
+                .is_some()
         );
     }
 

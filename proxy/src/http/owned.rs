@@ -497,13 +497,17 @@ fn join_with<'a>(
     HeaderValue::from_bytes(&joined).ok()
 }
 
+/// The most fields a request may carry: HTTP/1.1's parser takes 128.
+const MAX_FIELDS: usize = 128;
+
 /// What RFC 9113 section 8 makes a malformed HTTP/2 request, where h2
 /// lets it through: a `:scheme` other than `http` and `https` (the
 /// sidecar serves no other), a `:path` that is not absolute (`?x`, which
 /// h2 and the `http` crate read as `/?x`; `*` only for `OPTIONS`), and a
 /// field value with whitespace at either end (section 8.2.1: an HTTP/1.1
 /// app would read it trimmed, and the sidecar's header rules untrimmed).
-/// Refused with 400 on both listeners. HTTP/1.1 has none of these
+/// Refused with 400 on both listeners; more fields than an HTTP/1.1 head
+/// may carry (128) with 431. HTTP/1.1 has none of these
 /// forms: its parser trims values and reads the target as sent.
 pub fn check_h2_form(
     version: http::Version,
@@ -528,6 +532,17 @@ pub fn check_h2_form(
                 ":path {path:?} is not an absolute path"
             )));
         }
+    }
+    if h.len() > MAX_FIELDS {
+        // As many as an HTTP/1.1 head may carry: the app behind reads
+        // HTTP/1.1, and its parser may stop earlier.
+        return Err(HeaderRefusal {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ..HeaderRefusal::bad(format!(
+                "{} header fields, more than the {MAX_FIELDS} an HTTP/1.1 head may carry",
+                h.len()
+            ))
+        });
     }
     for (name, value) in h {
         let v = value.as_bytes();
@@ -991,6 +1006,13 @@ mod tests {
             check_h2_form(v, &m, &uri.parse().unwrap(), &map(fields)).is_ok()
         };
         let h2 = Version::HTTP_2;
+        // As many fields as an HTTP/1.1 head may carry, not one more (431).
+        let names: Vec<String> = (0..129).map(|i| format!("x-f{i}")).collect();
+        let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        assert!(ok(h2, Method::GET, "https://a/x", &many[..128]));
+        let uri = "https://a/x".parse().unwrap();
+        let r = check_h2_form(h2, &Method::GET, &uri, &map(&many)).unwrap_err();
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         assert!(ok(h2, Method::GET, "https://a/x?y", &[("x", "a b")]));
         assert!(ok(h2, Method::GET, "http://a/", &[]));
         // No `:authority`: h2 kept no scheme.
