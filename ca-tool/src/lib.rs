@@ -14,6 +14,7 @@ pub mod ca;
 pub mod cakey;
 pub mod check;
 pub mod client;
+pub mod conns;
 pub mod csr;
 pub mod file_renewer;
 pub mod fsutil;

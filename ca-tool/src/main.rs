@@ -295,6 +295,11 @@ struct ServeArgs {
     /// Issuances allowed per identity per minute (0: unlimited).
     #[arg(long, default_value_t = 30)]
     rate_limit: u32,
+    /// API connections one client address may hold open (0: no bound but
+    /// the total of 4096). At the bound a new connection from that address
+    /// closes its oldest idle one, or is refused if all are busy.
+    #[arg(long, default_value_t = keyproof_ca::serve::DEFAULT_MAX_CONNECTIONS_PER_IP)]
+    max_connections_per_ip: usize,
     /// Log format: text (colour only when stderr is a terminal) or JSON lines.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -1147,6 +1152,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         service_accounts,
         pin_file: a.pin.pin_file,
         store,
+        max_connections_per_ip: a.max_connections_per_ip,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

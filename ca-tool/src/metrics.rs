@@ -49,6 +49,15 @@
 //!   serving its previous state because the store's latest cannot be
 //!   loaded yet (typically: a rotated file key has not reached its key
 //!   directory), 1 otherwise.
+//! - `keyproof_ca_connections_open`: connections open on the API
+//!   listener (handshaking, idle or busy; see [`crate::conns`]).
+//! - `keyproof_ca_connections_closed_total{reason}`: API connections the
+//!   server closed or refused, by [`CONNECTION_CLOSE_REASONS`]: `ended`
+//!   (the client closed it, or it failed), `handshake_failed`,
+//!   `handshake_timeout`, `idle` (nothing in flight for the idle timeout:
+//!   HTTP/2 gets a GOAWAY), `evicted` (to make room at the per-address or
+//!   the total bound), `refused_per_ip` and `refused_full` (no room, and
+//!   nothing that could give way).
 //! - `keyproof_build_info{binary="keyproof-ca",version}`: 1.
 
 use prometheus::{
@@ -68,7 +77,7 @@ pub const ISSUANCE_RESULTS: [&str; 3] = ["ok", "refused", "error"];
 /// Every API error code `serve` answers with besides the ServiceAccount
 /// token ones ([`SaTokenError::CODES`]); `keyproof_ca_refusals_total` starts
 /// each of them at 0 so that alerts can take `rate()` of a code never seen.
-pub const API_CODES: [&str; 21] = [
+pub const API_CODES: [&str; 22] = [
     "bad_request",
     "not_found",
     "method_not_allowed",
@@ -90,6 +99,7 @@ pub const API_CODES: [&str; 21] = [
     "signing_key_unavailable",
     "request_header_too_large",
     "store_unavailable",
+    "request_timeout",
 ];
 
 /// Every `op` of `keyproof_ca_store_errors_total`: the store operations
@@ -100,6 +110,17 @@ pub const STORE_OPS: [&str; 5] = [
     "token_take",
     "token_give_back",
     "ledger_append",
+];
+
+/// Every `reason` of `keyproof_ca_connections_closed_total`.
+pub const CONNECTION_CLOSE_REASONS: [&str; 7] = [
+    "ended",
+    "handshake_failed",
+    "handshake_timeout",
+    "idle",
+    "evicted",
+    "refused_per_ip",
+    "refused_full",
 ];
 
 /// Every `stage` of `keyproof_ca_rotation_stage`.
@@ -164,6 +185,8 @@ pub struct CaMetrics {
     rotation_stage: IntGaugeVec,
     jwks: Option<(IntGauge, IntCounterVec)>,
     key_operations: IntCounterVec,
+    connections_open: IntGauge,
+    connections_closed: IntCounterVec,
     store: Option<StoreMetrics>,
 }
 
@@ -307,8 +330,26 @@ impl CaMetrics {
         for r in ["ok", "failed", "unavailable"] {
             key_operations.with_label_values(&[r]);
         }
+        let connections_open = IntGauge::new(
+            "keyproof_ca_connections_open",
+            "Connections open on the API listener (handshaking, idle or busy)",
+        )
+        .expect("valid metric");
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "keyproof_ca_connections_closed_total",
+                "API connections closed or refused, by reason (ended, handshake_failed, handshake_timeout, idle, evicted, refused_per_ip, refused_full)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for r in CONNECTION_CLOSE_REASONS {
+            connections_closed.with_label_values(&[r]);
+        }
         for c in [
             Box::new(issuances.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_open.clone()),
+            Box::new(connections_closed.clone()),
             Box::new(key_operations.clone()),
             Box::new(refusals.clone()),
             Box::new(ledger_commit.clone()),
@@ -386,8 +427,22 @@ impl CaMetrics {
             rotation_stage,
             jwks,
             key_operations,
+            connections_open,
+            connections_closed,
             store,
         }
+    }
+
+    /// Sets `keyproof_ca_connections_open`.
+    pub fn set_connections_open(&self, n: usize) {
+        self.connections_open
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an API connection closed or refused for `reason` (one of
+    /// [`CONNECTION_CLOSE_REASONS`]).
+    pub fn connection_closed(&self, reason: &str) {
+        self.connections_closed.with_label_values(&[reason]).inc();
     }
 
     /// Sets `keyproof_ca_store_up`.

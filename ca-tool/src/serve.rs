@@ -30,6 +30,15 @@
 //! HTTP/1.1, counted as `request_header_too_large`; a refused stream on
 //! HTTP/2).
 //!
+//! Every API connection is bounded (see [`crate::conns`] and
+//! `docs/ca-serve.md`): the TLS handshake ([`HANDSHAKE_TIMEOUT`]), an
+//! HTTP/1.1 request head ([`HEADER_TIMEOUT`]), a request body
+//! ([`BODY_TIMEOUT`], then 408 `request_timeout`), and idleness of either
+//! protocol ([`IDLE_TIMEOUT`] with no request in flight: HTTP/2 gets a
+//! GOAWAY); one client address holds at most `--max-connections-per-ip`
+//! connections and all of them together [`MAX_CONNECTIONS`], a new one
+//! closing an idle one to make room.
+//!
 //! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits, idle
 //! sockets evicted when it is full: see [`crate::admin`]):
 //! `GET /healthz` (200 while the process runs), `GET /ready` (503 when the CA
@@ -123,11 +132,11 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::attest::{self, AttestError, SaAttestor, SaConfig};
 use crate::ca::{files, Ca, CaError};
 use crate::cakey::KeyAccess;
+use crate::conns::{ConnTable, Slot};
 use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
@@ -143,9 +152,29 @@ const MAX_BODY: usize = 64 * 1024;
 /// the API and is refused there with a code, counted and logged, instead of
 /// by the HTTP layer.
 const MAX_HEADERS: usize = 64 * 1024;
+/// How long a client has to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an HTTP/1.1 request head may take to arrive, counted from the
+/// handshake or the previous answer (so also how long a kept-alive
+/// HTTP/1.1 connection may sit idle: hyper runs this timer while it waits).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection of either protocol may have no request in
+/// flight, from its handshake or its last request's answer, before it is
+/// closed (HTTP/2: GOAWAY, then the close). A client makes one call per
+/// connection, rarely a few: none waits this long between two.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request body (a CSR, at most [`MAX_BODY`]) may take to
+/// arrive once its head has: a body sent a byte at a time would otherwise
+/// keep its connection busy, and so out of reach of eviction, forever.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection asked to close (idle, or shutting down) may take
+/// to finish what it has in flight, and to flush its answers to a client
+/// that does not read them, before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// The most API connections open at once (see [`crate::conns`]).
 const MAX_CONNECTIONS: usize = 4096;
+/// The default of `--max-connections-per-ip`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
 /// How often the intermediate's token key is probed while it works (every
 /// second while it does not).
 const KEY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
@@ -189,6 +218,9 @@ pub struct ServeOptions {
     /// Where the state lives: [`StoreSpec::Dir`] is `dir`; with PostgreSQL
     /// `dir` is the key directory (see [`crate::store`]).
     pub store: crate::store::StoreSpec,
+    /// The most API connections one client address may hold open (0: no
+    /// bound but the total); see [`crate::conns`].
+    pub max_connections_per_ip: usize,
 }
 
 impl ServeOptions {
@@ -981,15 +1013,28 @@ impl Server {
         let (parts, body) = req.into_parts();
         // Read the (bounded) body before answering anything: an answer sent
         // while the client is still sending resets the HTTP/2 stream.
-        let result = match Limited::new(body, MAX_BODY).collect().await {
-            Ok(body) => {
+        let result = match tokio::time::timeout(
+            BODY_TIMEOUT,
+            Limited::new(body, MAX_BODY).collect(),
+        )
+        .await
+        {
+            Ok(Ok(body)) => {
                 self.dispatch(&parts, &body.to_bytes(), &conn, &mut call)
                     .await
             }
-            Err(e) => Err(ApiError::new(
+            Ok(Err(e)) => Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "bad_request",
                 format!("request body: {e}"),
+            )),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {}s",
+                    BODY_TIMEOUT.as_secs()
+                ),
             )),
         };
         match result {
@@ -1738,14 +1783,14 @@ pub async fn run(
         ],
         _ => Vec::new(),
     };
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let table = ConnTable::new(
+        MAX_CONNECTIONS,
+        server.opts.max_connections_per_ip,
+        IDLE_TIMEOUT,
+        server.metrics.clone(),
+    );
     tokio::pin!(shutdown);
     loop {
-        // Backpressure: stop accepting while every connection slot is busy.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            _ = &mut shutdown => break,
-        };
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -1757,76 +1802,30 @@ pub async fn run(
             },
             _ = &mut shutdown => break,
         };
+        // A slot, possibly evicting an idle connection (see `crate::conns`);
+        // without one the socket is closed at once, so that an address
+        // holding busy connections gets no further one.
+        let slot = match table.admit(addr.ip()) {
+            Ok(s) => s,
+            Err(refused) => {
+                tracing::debug!(peer = %addr, reason = refused.reason(), "API connection refused");
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let server = server.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(peer = %addr, "TLS handshake timed out");
-                    return;
-                }
+            let slot = Arc::new(slot);
+            let state = slot.conn.clone();
+            // Dropping the connection's future closes the socket.
+            let reason = tokio::select! {
+                r = serve_conn(server.clone(), acceptor, tcp, addr, slot) => r,
+                _ = state.evicted() => "evicted",
             };
-            // The handshake verified the chain (resumption is off, so every
-            // connection is a full handshake); keep the identity and expiry
-            // to refuse renewals once the SVID lapses on a long-lived
-            // connection.
-            let session = tls.get_ref().1;
-            let conn = Conn {
-                addr,
-                svid: session.peer_certificates().and_then(peer_svid),
-            };
-            tracing::debug!(
-                peer = %addr,
-                spiffe_id = conn.svid.as_ref().map(|p| p.spiffe_id.as_str()),
-                group = session
-                    .negotiated_key_exchange_group()
-                    .map(|g| keyproof_identity::tls::group_label(g.name())),
-                "TLS handshake"
-            );
-            let svc = {
-                let server = server.clone();
-                let conn = conn.clone();
-                hyper::service::service_fn(move |req| {
-                    let server = server.clone();
-                    let conn = conn.clone();
-                    async move { Ok::<_, Infallible>(server.handle(req, conn).await) }
-                })
-            };
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADERS);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(64)
-                .max_header_list_size(MAX_HEADERS as u32);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-                let too_large = e
-                    .downcast_ref::<hyper::Error>()
-                    .is_some_and(hyper::Error::is_parse_too_large);
-                if too_large {
-                    // hyper answered 431 itself (the request never reached
-                    // `handle`); count and log it like any refusal.
-                    let refused = ApiError::new(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "request_header_too_large",
-                        format!("the request head is over {MAX_HEADERS} bytes"),
-                    );
-                    server.metrics.refusal(refused.code);
-                    Call::new(&conn).log_refusal(&refused);
-                } else {
-                    tracing::debug!(peer = %addr, error = %e, "connection ended");
-                }
+            // An eviction is counted by the table.
+            if reason != "evicted" {
+                server.metrics.connection_closed(reason);
             }
         });
     }
@@ -1836,6 +1835,113 @@ pub async fn run(
         t.abort();
     }
     Ok(())
+}
+
+/// Serves one API connection: the TLS handshake, then HTTP until the client
+/// is done or the connection has had nothing in flight for
+/// [`IDLE_TIMEOUT`]. Returns why it ended (a `reason` of
+/// `keyproof_ca_connections_closed_total`).
+async fn serve_conn(
+    server: Arc<Server>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    slot: Arc<Slot>,
+) -> &'static str {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
+            return "handshake_failed";
+        }
+        Err(_) => {
+            tracing::info!(peer = %addr, "TLS handshake timed out");
+            return "handshake_timeout";
+        }
+    };
+    // The handshake verified the chain (resumption is off, so every
+    // connection is a full handshake); keep the identity and expiry
+    // to refuse renewals once the SVID lapses on a long-lived
+    // connection.
+    let session = tls.get_ref().1;
+    let conn = Conn {
+        addr,
+        svid: session.peer_certificates().and_then(peer_svid),
+    };
+    if conn.svid.is_some() {
+        slot.conn.set_authenticated();
+    }
+    tracing::debug!(
+        peer = %addr,
+        spiffe_id = conn.svid.as_ref().map(|p| p.spiffe_id.as_str()),
+        group = session
+            .negotiated_key_exchange_group()
+            .map(|g| keyproof_identity::tls::group_label(g.name())),
+        "TLS handshake"
+    );
+    let svc = {
+        let server = server.clone();
+        let conn = conn.clone();
+        let slot = slot.clone();
+        hyper::service::service_fn(move |req| {
+            // In flight from the head until the answer is produced: the
+            // connection is neither idle nor evictable meanwhile.
+            let in_flight = slot.request();
+            let server = server.clone();
+            let conn = conn.clone();
+            async move {
+                let r = server.handle(req, conn).await;
+                drop(in_flight);
+                Ok::<_, Infallible>(r)
+            }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .max_header_list_size(MAX_HEADERS as u32);
+    let http = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(http);
+    let (result, reason) = tokio::select! {
+        r = http.as_mut() => (r, "ended"),
+        _ = slot.idle() => {
+            // HTTP/2: GOAWAY, then the close once nothing is in flight;
+            // HTTP/1.1: the close after the answer in progress, if any.
+            // Bounded, for a client that never reads what it is sent.
+            http.as_mut().graceful_shutdown();
+            tracing::debug!(peer = %addr, "API connection idle; closing it");
+            match tokio::time::timeout(CLOSE_GRACE, http.as_mut()).await {
+                Ok(r) => (r, "idle"),
+                Err(_) => (Ok(()), "idle"),
+            }
+        }
+    };
+    if let Err(e) = result {
+        let too_large = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large);
+        if too_large {
+            // hyper answered 431 itself (the request never reached
+            // `handle`); count and log it like any refusal.
+            let refused = ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_too_large",
+                format!("the request head is over {MAX_HEADERS} bytes"),
+            );
+            server.metrics.refusal(refused.code);
+            Call::new(&conn).log_refusal(&refused);
+        } else {
+            tracing::debug!(peer = %addr, error = %e, "connection ended");
+        }
+    }
+    reason
 }
 
 /// Keeps the workspace `ws` (the directory `server` serves) up to date with

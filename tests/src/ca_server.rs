@@ -181,3 +181,82 @@ pub fn curl_bootstrap(
         format!("{response}{}", String::from_utf8_lossy(&out.stderr)),
     )
 }
+
+/// A TLS connection to the API of the server of `ca` on `port` (verified
+/// against the CA's bundle, as `localhost`), offering ALPN `alpn`, with the
+/// client certificate (chain and key PEM files) if given.
+pub async fn tls_connect(
+    ca: &TestCa,
+    port: u16,
+    alpn: &[u8],
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca.bundle()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(|c| c.unwrap())
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: what a client
+/// that then sends nothing more writes.
+pub const H2_PREFACE: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// Reads an HTTP/2 connection until the server closes it or `within`
+/// passes: (closed, a GOAWAY frame arrived before the close).
+pub async fn h2_until_closed<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    within: Duration,
+) -> (bool, bool) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = Vec::new();
+    let mut goaway = false;
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Err(_) => return (false, goaway),
+            Ok(Ok(n)) => n,
+            // A reset after the GOAWAY is a close too.
+            Ok(Err(_)) => 0,
+        };
+        if n == 0 {
+            return (true, goaway);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // Whole frames: 3 bytes of length, the type, flags, stream id.
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            goaway |= buf[3] == 0x7;
+            buf.drain(..9 + len);
+        }
+    }
+}

@@ -907,3 +907,177 @@ fn ready_follows_the_ledger_within_a_second_and_logs_only_changes() {
     assert_eq!(log.matches("not ready").count(), 1, "{log}");
     assert_eq!(log.matches("ready again").count(), 1, "{log}");
 }
+
+/// An HTTP/2 connection with nothing in flight is closed (GOAWAY first)
+/// after the idle timeout, whether it never made a request or made one;
+/// a request body that stops arriving is answered 408.
+#[test]
+fn idle_api_connections_are_closed_and_a_stalled_body_times_out() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ca = TestCa::new(TD);
+    let srv = CaServer::start(&ca, &[]);
+    let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
+    rt().block_on(async {
+        // Unauthenticated, the preface and then nothing.
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            let mut s = ca_server::tls_connect(&ca, srv.port, b"h2", None)
+                .await
+                .unwrap();
+            s.write_all(ca_server::H2_PREFACE).await.unwrap();
+            silent.push(s);
+        }
+        // Authenticated, one request, then nothing (the client keeps it).
+        let tls = ca_server::tls_connect(&ca, srv.port, b"h2", Some((&cert, &key)))
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        let driver = tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                http::Request::get("https://localhost/v1/bundle")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let answered = Instant::now();
+        // HTTP/1.1 whose body stops after a few bytes.
+        let mut slow = ca_server::tls_connect(&ca, srv.port, b"http/1.1", None)
+            .await
+            .unwrap();
+        slow.write_all(
+            b"POST /v1/bootstrap HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer kpt_x\r\n\
+              Content-Type: application/pkcs10\r\nContent-Length: 100\r\n\r\nMIIB",
+        )
+        .await
+        .unwrap();
+        let sent = Instant::now();
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(read.is_ok(), "no answer to a stalled body: {answer:?}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+        assert!(
+            sent.elapsed() >= Duration::from_secs(9),
+            "{:?}",
+            sent.elapsed()
+        );
+        // The silent ones got a GOAWAY at the idle timeout, and the close
+        // at most 10 s later (they never acknowledge the server's PING).
+        for s in &mut silent {
+            let (closed, goaway) = ca_server::h2_until_closed(s, Duration::from_secs(15)).await;
+            assert!(closed, "an idle HTTP/2 connection is still open");
+            assert!(goaway, "closed without a GOAWAY");
+        }
+        // So did the one that made a request, counted from its answer.
+        tokio::time::timeout(Duration::from_secs(15), driver)
+            .await
+            .expect("the client's idle connection is still open")
+            .unwrap()
+            .unwrap();
+        assert!(
+            answered.elapsed() >= Duration::from_secs(9),
+            "{:?}",
+            answered.elapsed()
+        );
+    });
+    let m = srv.scrape();
+    assert!(
+        sample(&m, "keyproof_ca_connections_closed_total{reason=\"idle\"}").unwrap() >= 4.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "keyproof_ca_refusals_total{code=\"request_timeout\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&m, "keyproof_ca_connections_open"), Some(0.0), "{m}");
+}
+
+/// One client address holds at most `--max-connections-per-ip` (64 by
+/// default) API connections: more from it close its own oldest idle ones,
+/// so a client holding sockets open locks nobody out, itself included.
+#[test]
+fn one_address_cannot_hold_every_api_connection() {
+    use tokio::io::AsyncWriteExt;
+
+    let ca = TestCa::new(TD);
+    let srv = CaServer::start(&ca, &[]);
+    let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
+    let csr = ca.path("new.csr");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=x",
+                "-keyout",
+            ])
+            .arg(ca.path("new.key"))
+            .arg("-out")
+            .arg(&csr),
+    );
+    let rt = rt();
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            // Later ones evict earlier ones, which may fail mid-handshake.
+            if let Ok(mut s) = ca_server::tls_connect(&ca, srv.port, b"h2", None).await {
+                let _ = s.write_all(ca_server::H2_PREFACE).await;
+                held.push(s);
+            }
+        }
+        held
+    });
+    let m = srv.scrape();
+    let open = sample(&m, "keyproof_ca_connections_open").expect("connections_open");
+    assert!(open <= 64.0, "{open} open: {m}");
+    assert!(
+        sample(
+            &m,
+            "keyproof_ca_connections_closed_total{reason=\"evicted\"}"
+        )
+        .unwrap()
+            >= 36.0,
+        "{m}"
+    );
+    // A renewal from the same address still gets through, at once.
+    let started = std::time::Instant::now();
+    let (status, body) = curl(
+        &ca,
+        srv.port,
+        &[
+            "-m",
+            "5",
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+            "--data-binary",
+            &format!("@{}", csr.display()),
+            "-H",
+            "Content-Type: application/pkcs10",
+        ],
+        "/v1/renew",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(held);
+}
