@@ -1946,3 +1946,44 @@ fn lifetimes_at_their_bounds_are_accepted() {
     let small = TestCa::with_args(TD, &["--root-ttl", "1d", "--intermediate-ttl", "1d"]);
     run_ok(cmd("keyproof-ca").args(["check", "--dir"]).arg(&small.dir));
 }
+
+/// `--store` URLs in messages: the password is masked however its
+/// parameter's name is spelt (tokio-postgres percent-decodes names, so
+/// `pass%77ord` is the password), and in the user information.
+#[test]
+fn a_store_password_is_never_shown_however_its_parameter_is_spelt() {
+    let ca = TestCa::new(TD);
+    // Nothing listens there: every command fails with the URL in its error.
+    let port = free_port();
+    for url in [
+        format!("postgres://kp@127.0.0.1:{port}/postgres?pass%77ord=SECRET"),
+        format!("postgres://kp@127.0.0.1:{port}/postgres?%70assword=SECRET&sslmode=disable"),
+        format!("postgres://kp@127.0.0.1:{port}/postgres?PASS%57ORD=SECRET&bogus=1"),
+        format!("postgres://kp:SECRET@127.0.0.1:{port}/postgres?ssl%6dode=verify-full"),
+        format!("postgres://kp:pa#SECRET@127.0.0.1:{port}/postgres"),
+    ] {
+        for args in [
+            vec!["bundle", "--dir", ca.dir.to_str().unwrap()],
+            vec!["migrate", "--schema-only"],
+            vec![
+                "serve",
+                "--dir",
+                ca.dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+        ] {
+            let out = keyproof_tests::run(cmd("keyproof-ca").args(&args).args(["--store", &url]));
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success(), "{args:?} {url}: {all}");
+            assert!(!all.contains("SECRET"), "{args:?} {url}: {all}");
+            assert!(all.contains("***"), "{args:?} {url}: {all}");
+        }
+    }
+}

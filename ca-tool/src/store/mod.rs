@@ -74,14 +74,27 @@ pub enum StoreError {
     Corrupt { what: &'static str, msg: String },
 }
 
-/// What `--store` names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `--store` names. Its `Debug` masks the password, like every
+/// message does.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreSpec {
     /// No `--store`: the state is the directory `--dir`.
     Dir,
     /// `postgres://` or `postgresql://` (a libpq URL; `sslmode=require` or
     /// `verify-full`, `sslrootcert=FILE` for TLS to the database).
     Postgres(String),
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Dir => f.write_str("Dir"),
+            StoreSpec::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&mask_password(url))
+                .finish(),
+        }
+    }
 }
 
 impl StoreSpec {
@@ -104,42 +117,134 @@ impl StoreSpec {
 }
 
 /// `url` with any password replaced by `***`, for messages and logs: the
-/// one in the user information (`user:password@`) and a `password`
-/// query parameter (libpq takes both).
+/// one in the user information (`user:password@`) and the value of every
+/// query parameter whose name, percent-decoded and in any case, ends in
+/// `password` (`password`, `pass%77ord`, `sslpassword`: tokio-postgres
+/// decodes parameter names before it looks them up). The URL is split
+/// where tokio-postgres splits it ([`url_parts`]), so what it takes for a
+/// password is what is masked; where the two readings could differ, more
+/// is masked, never less.
 pub fn mask_password(url: &str) -> String {
-    let masked = mask_userinfo(url);
-    let Some((head, query)) = masked.split_once('?') else {
-        return masked;
+    let Some(parts) = url_parts(url) else {
+        // Not `scheme://...`: nothing can be told apart, so nothing of it
+        // is shown.
+        return "***".into();
     };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_owned(),
-        })
-        .collect();
-    format!("{head}?{}", query.join("&"))
+    let mut out = String::with_capacity(url.len());
+    out.push_str(parts.scheme);
+    out.push_str("://");
+    if let Some(creds) = parts.creds {
+        let user = creds.split_once(':').map_or(creds, |(u, _)| u);
+        if user.contains(['?', '/']) {
+            // A user name does not hold a path or a query: the `@` was
+            // meant for something else, and what precedes it may be
+            // anything (tokio-postgres reads a password from it after a
+            // `:`); show none of it.
+            out.push_str("***");
+        } else if user.len() < creds.len() {
+            out.push_str(user);
+            out.push_str(":***");
+        } else {
+            out.push_str(creds);
+        }
+        out.push('@');
+    }
+    out.push_str(parts.location);
+    if let Some(query) = parts.query {
+        out.push('?');
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if is_password_key(k) => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push_str(&masked.join("&"));
+    }
+    out
 }
 
-/// Errs on the side of masking: everything between the first `:` after the
-/// scheme and the last `@` before the query goes, even if the password
-/// holds a raw `/` or `@` (which a URL should have percent-encoded).
-fn mask_userinfo(url: &str) -> String {
-    // scheme://user:password@host...
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (head, tail) = match rest.find(['?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match head.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+/// Whether a query parameter's name (as written, percent-encoded or not)
+/// names a secret: decoded, in any case, it ends in `password`.
+fn is_password_key(raw: &str) -> bool {
+    let decoded = percent_decode_lossy(raw).to_ascii_lowercase();
+    // A name that does not decode (a stray `%`) is masked too: better a
+    // masked harmless value than a shown password.
+    decoded.ends_with("password") || raw.contains('%') && decoded.contains("pass")
+}
+
+/// `%XX` decoding; a malformed escape is kept as written, and bytes that
+/// are not UTF-8 are replaced.
+pub(crate) fn percent_decode_lossy(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
     }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A database URL split as tokio-postgres's URL parser splits it (see
+/// [`url_parts`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct UrlParts<'a> {
+    /// `postgres`, `postgresql` (or whatever was given).
+    pub scheme: &'a str,
+    /// Up to the first `@`, if there is one (anywhere): the user
+    /// information, `user[:password]`.
+    pub creds: Option<&'a str>,
+    /// Hosts, ports and the database name: up to the first `?` after the
+    /// user information.
+    pub location: &'a str,
+    /// After that `?`: `name=value` pairs split on `&`.
+    pub query: Option<&'a str>,
+}
+
+/// Splits `scheme://[creds@]location[?query]` the way tokio-postgres reads
+/// a URL: the user information ends at the *first* `@` of the whole rest,
+/// even one in what looks like the query, and the query starts at the
+/// first `?` after it. Should a raw `@` follow in the location (a password
+/// that should have been percent-encoded), the user information is taken
+/// to reach the last `@` before the query, so that the password is masked
+/// whole. `None` when there is no `scheme://`.
+pub(crate) fn url_parts(url: &str) -> Option<UrlParts<'_>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (creds, after) = match rest.find('@') {
+        Some(first) => {
+            let q = rest.find('?').unwrap_or(rest.len());
+            let end = if first < q {
+                rest[..q].rfind('@').unwrap_or(first)
+            } else {
+                first
+            };
+            (Some(&rest[..end]), &rest[end + 1..])
+        }
+        None => (None, rest),
+    };
+    let (location, query) = match after.split_once('?') {
+        Some((l, q)) => (l, Some(q)),
+        None => (after, None),
+    };
+    Some(UrlParts {
+        scheme,
+        creds,
+        location,
+        query,
+    })
 }
 
 /// An opened store.
@@ -239,12 +344,73 @@ mod tests {
     }
 
     #[test]
+    fn passwords_are_masked_however_their_parameter_name_is_spelt() {
+        for (url, shown) in [
+            // tokio-postgres decodes names: each of these is `password`.
+            (
+                "postgres://kp@db:5432/postgres?pass%77ord=SECRET",
+                "postgres://kp@db:5432/postgres?pass%77ord=***",
+            ),
+            (
+                "postgres://kp@db/k?%70%61%73%73%77%6f%72%64=SECRET&sslmode=require",
+                "postgres://kp@db/k?%70%61%73%73%77%6f%72%64=***&sslmode=require",
+            ),
+            (
+                "postgres://db/k?PassWord=SECRET",
+                "postgres://db/k?PassWord=***",
+            ),
+            (
+                "postgres://db/k?sslpassword=SECRET",
+                "postgres://db/k?sslpassword=***",
+            ),
+            // A stray escape in a name that looks like it.
+            (
+                "postgres://db/k?pass%zzword=SECRET",
+                "postgres://db/k?pass%zzword=***",
+            ),
+            // `#` is nothing special to tokio-postgres: it is in the password.
+            ("postgres://u:pa#SECRET@db/k", "postgres://u:***@db/k"),
+            // The first `@` ends the user information, even in the query:
+            // tokio-postgres then reads `password` after the second `?`.
+            (
+                "postgres://h/d?x=1@h2/d2?password=SECRET",
+                "postgres://***@h2/d2?password=***",
+            ),
+            ("postgres://h:5432/d?x=SECRET@h2/d", "postgres://h:***@h2/d"),
+            // Percent-encoded user information.
+            (
+                "postgres://u%3Ax:SECRET%40@db/k",
+                "postgres://u%3Ax:***@db/k",
+            ),
+            ("no scheme SECRET", "***"),
+        ] {
+            let masked = mask_password(url);
+            assert_eq!(masked, shown, "{url}");
+            assert!(!masked.contains("SECRET"), "{url}");
+        }
+        // What tokio-postgres takes for the password is what is masked.
+        for url in [
+            "postgres://kp@db:5432/postgres?pass%77ord=SECRET",
+            "postgres://u:pa#SECRET@db/k",
+            "postgres://h/d?x=1@h2/d2?password=SECRET",
+            "postgres://h:5432/d?x=SECRET@h2/d",
+        ] {
+            let config: tokio_postgres::Config = url.parse().unwrap();
+            let pw = String::from_utf8(config.get_password().unwrap().to_vec()).unwrap();
+            assert!(pw.contains("SECRET"), "{url}: {pw}");
+            assert!(!mask_password(url).contains(&pw), "{url}");
+        }
+    }
+
+    #[test]
     fn only_postgres_urls_are_stores() {
         assert_eq!(StoreSpec::parse(None).unwrap(), StoreSpec::Dir);
         assert!(matches!(
             StoreSpec::parse(Some("postgresql://x/y")).unwrap(),
             StoreSpec::Postgres(_)
         ));
+        let spec = StoreSpec::parse(Some("postgres://u@h/d?pass%77ord=SECRET")).unwrap();
+        assert!(!format!("{spec:?}").contains("SECRET"), "{spec:?}");
         let e = StoreSpec::parse(Some("mysql://u:pw@h/d"))
             .unwrap_err()
             .to_string();

@@ -70,18 +70,25 @@ fn percent_decode(s: &str) -> Option<String> {
 /// Parses `url`: `sslmode` and `sslrootcert` are handled here, the rest by
 /// `tokio-postgres` (which refuses parameters it does not know).
 pub fn parse(url: &str) -> Result<DbUrl, StoreError> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, q),
+    // The query as tokio-postgres finds it (after the first `@`, if any),
+    // so that the parameters taken out here are the ones it would read.
+    let query = super::url_parts(url).and_then(|p| p.query);
+    let (base, query) = match query {
+        Some(q) => (&url[..url.len() - q.len() - 1], q),
         None => (url, ""),
     };
     let mut mode = SslMode::Prefer;
     let mut rootcert: Option<PathBuf> = None;
     let mut rest = Vec::new();
     for kv in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        match k {
+        let (raw, v) = kv.split_once('=').unwrap_or((kv, ""));
+        // tokio-postgres decodes parameter names (`ssl%6dode` is
+        // `sslmode`): so are they here, or such a spelling would reach it
+        // unchecked.
+        let k = super::percent_decode_lossy(raw);
+        match k.as_str() {
             "sslmode" => {
-                mode = match v {
+                mode = match super::percent_decode_lossy(v).as_str() {
                     "disable" => SslMode::Disable,
                     "allow" | "prefer" => SslMode::Prefer,
                     "require" => SslMode::Require,
@@ -336,6 +343,34 @@ mod tests {
             u.masked,
             "postgres://ca:***@db:5433/k?sslmode=require&application_name=x"
         );
+    }
+
+    #[test]
+    fn parameter_names_are_read_decoded_and_a_password_never_shown() {
+        let u = parse("postgres://kp@db/k?pass%77ord=SECRET&ssl%6Dode=disable").unwrap();
+        assert_eq!(
+            u.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+        assert_eq!(u.config.get_password(), Some(&b"SECRET"[..]));
+        assert_eq!(
+            u.masked,
+            "postgres://kp@db/k?pass%77ord=***&ssl%6Dode=disable"
+        );
+        // An encoded sslmode is checked like a plain one.
+        let e = parse("postgres://kp@db/k?pass%77ord=SECRET&ssl%6dode=verify%2Dfull")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("need sslrootcert"), "{e}");
+        assert!(!e.contains("SECRET"), "{e}");
+        // Errors from tokio-postgres's own parsing show the masked URL.
+        let e = parse("postgres://kp@db/k?pass%77ord=SECRET&bogus=1")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("pass%77ord=***"), "{e}");
+        assert!(!e.contains("SECRET"), "{e}");
     }
 
     #[test]
