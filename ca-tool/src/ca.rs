@@ -88,6 +88,10 @@ pub enum CaError {
     ForeignTrustDomain { id: String, trust_domain: String },
     #[error("SPIFFE ID {0} has no path; a workload ID needs one (e.g. /ns/default/sa/web)")]
     NotAWorkloadId(String),
+    /// An ID the CA keeps for itself: whoever held it would be taken for
+    /// the CA by every client (see [`crate::issue::reserved_for_the_ca`]).
+    #[error("SPIFFE ID {0} is reserved for the CA server itself (workloads authenticate the CA by it); it is never issued to anyone else")]
+    ReservedId(String),
     #[error("{0}")]
     Csr(#[from] CsrError),
     #[error("the issuing intermediate expired at {0}; run `keyproof-ca rotate intermediate`")]

@@ -74,10 +74,44 @@ fn valid_dns_name(name: &str) -> bool {
         })
 }
 
+/// Whether `id` is one the CA keeps for its own server:
+/// `spiffe://<td>/keyproof-ca` (what `serve` presents and every client
+/// expects of it by default) and every ID below it. A workload holding one
+/// would be taken for the CA by `renew` and the sidecars, and be sent their
+/// CSRs and bootstrap credentials.
+pub fn reserved_for_the_ca(id: &SpiffeId) -> bool {
+    let own = keyproof_identity::spiffe::ca_server_id(id.trust_domain_name());
+    id.as_str() == own
+        || id
+            .as_str()
+            .strip_prefix(own.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Refuses an ID the CA keeps for itself ([`reserved_for_the_ca`]).
+pub fn check_not_reserved(id: &SpiffeId) -> Result<(), CaError> {
+    if reserved_for_the_ca(id) {
+        return Err(CaError::ReservedId(id.to_string()));
+    }
+    Ok(())
+}
+
 impl Ca {
     /// Checks the request against the CA's rules and signs a leaf. Nothing is
-    /// written; call [`Ca::record`] before handing the certificate out.
+    /// written; call [`Ca::record`] before handing the certificate out. An ID
+    /// the CA keeps for itself is refused ([`reserved_for_the_ca`]).
     pub fn sign(&self, req: &IssueRequest, requester: &str) -> Result<Issued, CaError> {
+        check_not_reserved(&req.spiffe_id)?;
+        self.sign_any(req, requester)
+    }
+
+    /// [`Ca::sign`] for the CA server's own certificate: the one caller
+    /// allowed an ID the CA keeps for itself.
+    pub fn sign_server(&self, req: &IssueRequest, requester: &str) -> Result<Issued, CaError> {
+        self.sign_any(req, requester)
+    }
+
+    fn sign_any(&self, req: &IssueRequest, requester: &str) -> Result<Issued, CaError> {
         let id = &req.spiffe_id;
         if !id.is_member_of(self.trust_domain()) {
             return Err(CaError::ForeignTrustDomain {
@@ -276,6 +310,27 @@ mod tests {
         assert!(!valid_dns_name("-a.b"));
         assert!(!valid_dns_name("a.*.b"));
         assert!(!valid_dns_name("a b"));
+    }
+
+    #[test]
+    fn the_cas_own_id_and_those_below_it_are_reserved() {
+        use keyproof_identity::spiffe::SpiffeId;
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        for reserved in [
+            "spiffe://td.test/keyproof-ca",
+            "spiffe://td.test/keyproof-ca/replica-1",
+            "spiffe://other.test/keyproof-ca",
+        ] {
+            assert!(super::reserved_for_the_ca(&id(reserved)), "{reserved}");
+            assert!(super::check_not_reserved(&id(reserved)).is_err());
+        }
+        for free in [
+            "spiffe://td.test/keyproof-cafe",
+            "spiffe://td.test/ns/keyproof-ca",
+            "spiffe://td.test/ns/default/sa/web",
+        ] {
+            assert!(!super::reserved_for_the_ca(&id(free)), "{free}");
+        }
     }
 }
 

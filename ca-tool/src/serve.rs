@@ -329,6 +329,7 @@ fn ca_error(e: CaError) -> ApiError {
         CaError::Csr(c) => ApiError::new(StatusCode::BAD_REQUEST, c.code(), c.to_string()),
         e @ (CaError::ForeignTrustDomain { .. }
         | CaError::NotAWorkloadId(_)
+        | CaError::ReservedId(_)
         | CaError::SpiffeId(_)) => {
             ApiError::new(StatusCode::FORBIDDEN, "id_not_allowed", e.to_string())
         }
@@ -788,7 +789,7 @@ fn own_cert(ca: &Ca, opts: &ServeOptions) -> Result<(CertifiedKey, Duration, i64
     };
     let key = ca.key_type().generate()?;
     let ttl = Duration::from_secs(24 * 3600);
-    let issued = ca.sign(
+    let issued = ca.sign_server(
         &IssueRequest {
             spiffe_id: id,
             key: SubjectKey::from_key_pair(&key, ca.key_type()),
@@ -937,6 +938,12 @@ impl Server {
     /// Signs a certificate, which must not be handed out before
     /// [`Server::record`] says it is in the ledger.
     fn sign(&self, id: SpiffeId, key: SubjectKey, requester: String) -> Result<Issued, ApiError> {
+        // The server's own ID, also a configured `--spiffe-id` outside
+        // `/keyproof-ca` (`Ca::sign` refuses that one and those below it),
+        // before the rate limit, which a refusal should not use up.
+        if self.opts.server_id.as_ref() == Some(&id) || crate::issue::reserved_for_the_ca(&id) {
+            return Err(ca_error(CaError::ReservedId(id.to_string())));
+        }
         if !self.limiter.allow(id.as_str()) {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,

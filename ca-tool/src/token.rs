@@ -94,6 +94,7 @@ pub fn create(ca: &Ca, spiffe_id: &SpiffeId, ttl: Duration) -> Result<(String, R
     if !spiffe_id.is_workload() {
         return Err(CaError::NotAWorkloadId(spiffe_id.to_string()));
     }
+    crate::issue::check_not_reserved(spiffe_id)?;
     let mut secret = [0u8; 32];
     aws_lc_rs::rand::fill(&mut secret).expect("system random number generator failed");
     let token = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));

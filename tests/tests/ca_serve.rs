@@ -1081,3 +1081,84 @@ fn one_address_cannot_hold_every_api_connection() {
     assert!(started.elapsed() < Duration::from_secs(3));
     drop(held);
 }
+
+/// `spiffe://<td>/keyproof-ca` (and below it), and a server's configured
+/// `--spiffe-id`, are the CA's own: never issued, as a join token's
+/// identity, at bootstrap or at renewal.
+#[test]
+fn the_cas_own_identity_is_never_issued() {
+    let ca = TestCa::new(TD);
+    let own = format!("spiffe://{TD}/keyproof-ca");
+    // The command line: issue and token create.
+    for id in [own.clone(), format!("{own}/replica-1")] {
+        let err = keyproof_tests::run_err(
+            cmd("keyproof-ca")
+                .args(["issue", "--dir"])
+                .arg(&ca.dir)
+                .args(["--spiffe-id", &id, "--key-out"])
+                .arg(ca.path("own.key"))
+                .arg("--cert-out")
+                .arg(ca.path("own.crt")),
+        );
+        assert!(err.contains("reserved for the CA server"), "{err}");
+        assert!(!ca.path("own.crt").exists());
+        let err = keyproof_tests::run_err(
+            cmd("keyproof-ca")
+                .args(["token", "create", "--dir"])
+                .arg(&ca.dir)
+                .args(["--spiffe-id", &id]),
+        );
+        assert!(err.contains("reserved for the CA server"), "{err}");
+    }
+    // Not a prefix match on the string.
+    ca.issue("near", "/keyproof-cafe", &[]);
+
+    // A server with its own --spiffe-id outside /keyproof-ca: a join
+    // token for that ID (the command line cannot know it) is refused at
+    // bootstrap, and stays unspent.
+    let custom = format!("spiffe://{TD}/ns/keyproof/sa/ca");
+    let srv = CaServer::start(&ca, &["--spiffe-id", &custom]);
+    let t = token(&ca, &custom, "1h");
+    let k = new_key(KeyType::EcdsaP256, &custom).unwrap();
+    let (status, code, body) = ca_server::curl_bootstrap(
+        &ca,
+        srv.port,
+        &k.csr_pem,
+        &["-H", &format!("Authorization: Bearer {t}")],
+        "",
+    );
+    assert_eq!((status, code.as_str()), (403, "id_not_allowed"), "{body}");
+    assert!(body.contains("reserved for the CA server"), "{body}");
+
+    // A certificate for the CA's ID made without the CA's consent (as an
+    // older keyproof-ca issued one) cannot renew.
+    let (cert, key) = craft(
+        &ca,
+        "own",
+        &own,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+    );
+    let csr = new_key(KeyType::EcdsaP256, &own).unwrap();
+    let csr_file = ca.path("own.csr");
+    fs::write(&csr_file, &csr.csr_pem).unwrap();
+    let (status, body) = curl(
+        &ca,
+        srv.port,
+        &[
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+            "--data-binary",
+            &format!("@{}", csr_file.display()),
+            "-H",
+            "Content-Type: application/pkcs10",
+        ],
+        "/v1/renew",
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("id_not_allowed"), "{body}");
+    let ledger = fs::read_to_string(ca.dir.join("ledger.jsonl")).unwrap_or_default();
+    assert!(!ledger.contains(&format!("\"{own}\"")), "{ledger}");
+    assert!(!ledger.contains(&format!("\"{custom}\"")), "{ledger}");
+}
