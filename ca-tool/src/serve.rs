@@ -399,6 +399,10 @@ impl Call {
 struct Conn {
     addr: SocketAddr,
     svid: Option<VerifiedSvid>,
+    /// The certificate chain it presented (leaf first), verified by the
+    /// handshake against the bundle of that moment: a renewal verifies it
+    /// again against the bundle of its own moment.
+    chain: Arc<[rustls::pki_types::CertificateDer<'static>]>,
 }
 
 /// The state reloaded when the CA directory changes.
@@ -837,6 +841,16 @@ impl Server {
         self.reload(false);
     }
 
+    /// [`Server::reload`] if the CA's files changed, now (unless the store
+    /// follower is rewriting the workspace: it reloads when done).
+    fn refresh_now(&self) {
+        if self.refreshing.load(Ordering::Acquire) {
+            return;
+        }
+        *self.last_check.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.reload(false);
+    }
+
     /// Reloads the CA when its files changed (or, with `force`, anyway: the
     /// store follower rewrote the workspace, keys included), and reissues
     /// the server's own certificate when the chain changed or it is due.
@@ -1133,12 +1147,52 @@ impl Server {
                 "the SVID this connection was opened with has expired; bootstrap again",
             ));
         }
+        self.still_trusted(conn, peer)?;
         let id = peer.spiffe_id.clone();
         check_requested_id(req, &id)?;
         let key = parse_csr(body)?;
         let issued = self.issue(id.clone(), key, format!("renew:{id}")).await?;
         tracing::info!(spiffe_id = %id, serial = %issued.entry.serial, "renewed");
         Ok(self.issued_response(&issued))
+    }
+
+    /// Verifies the connection's client chain again, against the trust
+    /// bundle in force now: the handshake may have been verified against
+    /// an older one (a connection opened before `rotate root finish`, or
+    /// the first one after it, before the directory was looked at again),
+    /// and a certificate that chains only to a root that left the bundle
+    /// must not be renewed into one from the new root.
+    fn still_trusted(&self, conn: &Conn, peer: &VerifiedSvid) -> Result<(), ApiError> {
+        // Whatever changed in the CA directory up to now, without the
+        // once-a-second throttle (a few `stat`s).
+        self.refresh_now();
+        let untrusted = |why: String| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "client_certificate_untrusted",
+                format!(
+                    "the SVID this connection was opened with no longer chains to the CA's \
+                     trust bundle ({why}); bootstrap again"
+                ),
+            )
+        };
+        let Some((leaf, intermediates)) = conn.chain.split_first() else {
+            return Err(untrusted("no certificate".into()));
+        };
+        let verified = self
+            .verifier
+            .load()
+            .verify(
+                leaf,
+                intermediates,
+                rustls::pki_types::UnixTime::now(),
+                keyproof_identity::verify::Usage::ClientAuth,
+            )
+            .map_err(|e| untrusted(e.to_string()))?;
+        if verified.spiffe_id != peer.spiffe_id {
+            return Err(untrusted("another identity".into()));
+        }
+        Ok(())
     }
 
     /// `POST /v1/bootstrap`: routes the bearer credential by its shape.
@@ -1855,6 +1909,10 @@ async fn serve_conn(
     addr: SocketAddr,
     slot: Arc<Slot>,
 ) -> &'static str {
+    // The handshake verifies the client against the loaded bundle: bring
+    // it up to date first (at most once a second; a renewal checks again,
+    // see `Server::renew`).
+    server.refresh();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -1874,6 +1932,10 @@ async fn serve_conn(
     let conn = Conn {
         addr,
         svid: session.peer_certificates().and_then(peer_svid),
+        chain: session
+            .peer_certificates()
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+            .unwrap_or_default(),
     };
     if conn.svid.is_some() {
         slot.conn.set_authenticated();

@@ -1162,3 +1162,105 @@ fn the_cas_own_identity_is_never_issued() {
     assert!(!ledger.contains(&format!("\"{own}\"")), "{ledger}");
     assert!(!ledger.contains(&format!("\"{custom}\"")), "{ledger}");
 }
+
+/// After `rotate root finish --force`, a certificate that chains only to
+/// the root that left the bundle renews neither on a connection opened
+/// before the rotation nor on the first one after it: a renewal verifies
+/// the client's chain against the bundle in force at the request.
+#[test]
+fn a_certificate_of_a_root_rotated_out_cannot_renew_on_any_connection() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    let ca = TestCa::new(TD);
+    let srv = CaServer::start(&ca, &[]);
+    let (cert, key) = ca.issue("old", "/ns/default/sa/web", &[]);
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let renew_req = || {
+        http::Request::post("/v1/renew")
+            .header("host", "localhost")
+            .header("content-type", "application/pkcs10")
+            .body(Full::new(Bytes::from(k.csr_pem.clone())))
+            .unwrap()
+    };
+    let rot = |step: &[&str]| {
+        run_ok(
+            cmd("keyproof-ca")
+                .args(["rotate", "root"])
+                .args(step)
+                .arg("--dir")
+                .arg(&ca.dir),
+        );
+    };
+    rt().block_on(async {
+        // Opened, and renewing, before the rotation.
+        let tls = ca_server::tls_connect(&ca, srv.port, b"http/1.1", Some((&cert, &key)))
+            .await
+            .unwrap();
+        let (mut held, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let r = held.send_request(renew_req()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.into_body().collect().await;
+
+        rot(&["prepare"]);
+        rot(&["activate"]);
+        rot(&["finish", "--force"]);
+
+        // The first new connection, at once (the server may not have looked
+        // at the directory since): refused in the handshake, or 401.
+        let answer = async {
+            let tls =
+                ca_server::tls_connect(&ca, srv.port, b"http/1.1", Some((&cert, &key))).await?;
+            let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(conn);
+            let r = s
+                .send_request(renew_req())
+                .await
+                .map_err(std::io::Error::other)?;
+            let status = r.status();
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((
+                status,
+                String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            ))
+        }
+        .await;
+        if let Ok((status, body)) = &answer {
+            assert_eq!(status.as_u16(), 401, "first new connection: {body}");
+            assert!(body.contains("client_certificate_untrusted"), "{body}");
+        }
+
+        // The held connection: 401 now.
+        let r = held.send_request(renew_req()).await.unwrap();
+        let status = r.status();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status.as_u16(), 401, "held connection: {body}");
+        assert!(body.contains("client_certificate_untrusted"), "{body}");
+    });
+    // Nothing was issued after the rotation.
+    let ledger = fs::read_to_string(ca.dir.join("ledger.jsonl")).unwrap();
+    let renewals = ledger
+        .lines()
+        .filter(|l| l.contains(&format!("renew:{WEB}")))
+        .count();
+    assert_eq!(renewals, 1, "{ledger}");
+    assert!(
+        sample(
+            &srv.scrape(),
+            "keyproof_ca_refusals_total{code=\"client_certificate_untrusted\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+}
