@@ -12,6 +12,7 @@
 //!   bundle.pem              every trusted root (more than one during a root move)
 //!   bundle.spiffe.json      the same as a SPIFFE trust bundle
 //!   ledger.jsonl            one line per issued certificate
+//!   revoked.json            certificates `serve` no longer renews
 //!   next/                   the prepared root and intermediate (root rotation)
 //!   previous-root.crt       the outgoing root, once the new one is active
 //!   archive/                retired keys and certificates
@@ -52,6 +53,8 @@ pub mod files {
     pub const BUNDLE_JSON: &str = crate::bundle::SPIFFE_FILE;
     pub const LEDGER: &str = "ledger.jsonl";
     pub const TOKENS: &str = "tokens.jsonl";
+    /// Certificates `serve` no longer renews (see [`crate::revoke`]).
+    pub const REVOKED: &str = "revoked.json";
     pub const NEXT: &str = "next";
     pub const PREVIOUS_ROOT: &str = "previous-root.crt";
     pub const ARCHIVE: &str = "archive";
@@ -92,6 +95,9 @@ pub enum CaError {
     /// the CA by every client (see [`crate::issue::reserved_for_the_ca`]).
     #[error("SPIFFE ID {0} is reserved for the CA server itself (workloads authenticate the CA by it); it is never issued to anyone else")]
     ReservedId(String),
+    /// `revoke` could not do what it was asked.
+    #[error("{0}")]
+    Revocation(String),
     #[error("{0}")]
     Csr(#[from] CsrError),
     #[error("the issuing intermediate expired at {0}; run `keyproof-ca rotate intermediate`")]

@@ -181,6 +181,7 @@ impl Ca {
             sha256: keys::fingerprint(&leaf),
             issued_at: ca::rfc3339(now),
             requester: requester.to_owned(),
+            renewed_from: None,
         };
         Ok(Issued {
             leaf,

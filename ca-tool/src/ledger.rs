@@ -41,6 +41,11 @@ pub struct Entry {
     /// `bootstrap:sa:system:serviceaccount:<ns>:<sa>/<pod name>`.
     #[serde(default)]
     pub requester: String,
+    /// For a renewal: the hex serial of the certificate the caller
+    /// presented, so that revoking a certificate also reaches what was
+    /// renewed from it (see [`crate::revoke`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_from: Option<String>,
 }
 
 /// Appends one entry.

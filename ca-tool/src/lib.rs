@@ -26,6 +26,7 @@ pub mod kube;
 pub mod ledger;
 pub mod metrics;
 pub mod renewer;
+pub mod revoke;
 pub mod rotate;
 pub mod serve;
 pub mod store;

@@ -151,6 +151,33 @@ enum Command {
     /// The issuance ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Revoke certificates: `serve` no longer renews them. A serial also
+    /// revokes every certificate renewed from it; a SPIFFE ID, every
+    /// unexpired certificate of that ID (a new bootstrap starts afresh).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// CA directory; with --store, the key directory.
+    #[arg(long)]
+    dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Hex serial of the certificate (as in the ledger, `openssl x509
+    /// -serial`, or the sidecars' deny list; `:` separators allowed).
+    #[arg(
+        long,
+        required_unless_present = "spiffe_id",
+        conflicts_with = "spiffe_id"
+    )]
+    serial: Option<String>,
+    /// Every unexpired certificate of this SPIFFE ID.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Why, recorded with the revocation.
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 /// `--store`, for every command that reads or writes CA state.
@@ -1320,6 +1347,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Csr(a) => make_csr(a)?,
         Command::Migrate(a) => migrate(a)?,
         Command::Ledger(LedgerCommand::Export { dir, store }) => ledger_export(dir, store)?,
+        Command::Revoke(a) => revoke(a)?,
         Command::Token(TokenCommand::Create {
             dir,
             store,
@@ -1395,6 +1423,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `keyproof-ca revoke`.
+fn revoke(a: RevokeArgs) -> Result<()> {
+    use keyproof_ca::revoke::Target;
+    let target = match (&a.serial, &a.spiffe_id) {
+        (Some(s), _) => Target::Serial(s.clone()),
+        (None, Some(id)) => Target::SpiffeId(SpiffeId::parse(id).context("--spiffe-id")?),
+        (None, None) => bail!("--serial or --spiffe-id is required"),
+    };
+    // Exclusive: `revoked.json` is a document, rewritten whole.
+    let added = with_state(&a.store, &a.dir, Access::Exclusive, |dir| {
+        Ca::open_public(dir)?;
+        Ok(keyproof_ca::revoke::revoke(
+            dir,
+            &target,
+            &a.reason,
+            time::OffsetDateTime::now_utc(),
+        )?)
+    })?;
+    if added.is_empty() {
+        println!("already revoked; nothing new");
+    }
+    for r in &added {
+        println!(
+            "revoked {} serial {} (valid until {})",
+            r.spiffe_id, r.serial, r.not_after
+        );
+    }
+    Ok(())
 }
 
 /// `keyproof-ca migrate`.

@@ -77,7 +77,7 @@ pub const ISSUANCE_RESULTS: [&str; 3] = ["ok", "refused", "error"];
 /// Every API error code `serve` answers with besides the ServiceAccount
 /// token ones ([`SaTokenError::CODES`]); `keyproof_ca_refusals_total` starts
 /// each of them at 0 so that alerts can take `rate()` of a code never seen.
-pub const API_CODES: [&str; 23] = [
+pub const API_CODES: [&str; 24] = [
     "bad_request",
     "not_found",
     "method_not_allowed",
@@ -94,6 +94,7 @@ pub const API_CODES: [&str; 23] = [
     "client_certificate_required",
     "client_certificate_expired",
     "client_certificate_untrusted",
+    "certificate_revoked",
     "rate_limited",
     "ca_unavailable",
     "ledger_unavailable",

@@ -4,9 +4,11 @@
 //! The API (`--listen`, TLS 1.3; `Server::handle` dispatches, one method
 //! per endpoint):
 //!
-//! - `POST /v1/renew`: the caller's current SVID (verified in the handshake)
-//!   names the identity; the body is a CSR; the answer is a new SVID for that
-//!   identity only.
+//! - `POST /v1/renew`: the caller's current SVID (verified in the handshake,
+//!   and again against the bundle in force at the request) names the
+//!   identity; the body is a CSR; the answer is a new SVID for that
+//!   identity only. A revoked certificate ([`crate::revoke`]) is refused,
+//!   and the ledger entry names the serial renewed from.
 //! - `POST /v1/bootstrap`: `Authorization: Bearer <credential>` and a CSR.
 //!   The credential is either a join token (`kpt_...`: single-use, expiring,
 //!   bound to one identity, and spent only by an answer that carries the
@@ -141,6 +143,7 @@ use crate::csr::{self, SubjectKey};
 use crate::issue::{IssueRequest, Issued};
 use crate::ledger;
 use crate::metrics::{CaGauges, CaMetrics, IssuanceKind};
+use crate::revoke::RevokedSet;
 use crate::store::pg::TakenToken;
 use crate::store::{PgStore, Store, StoreError, StoreSpec, Workspace};
 use crate::token::{self, TokenError, TokenStore};
@@ -408,6 +411,8 @@ struct Conn {
 /// The state reloaded when the CA directory changes.
 struct Loaded {
     ca: Ca,
+    /// `revoked.json`: certificates that renew no more.
+    revoked: RevokedSet,
     stamp: Vec<Option<SystemTime>>,
 }
 
@@ -417,6 +422,7 @@ fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
         files::INT_CRT,
         files::BUNDLE_PEM,
         files::ROOT_CRT,
+        files::REVOKED,
     ]
     .iter()
     .map(|f| {
@@ -861,16 +867,20 @@ impl Server {
         let changed = force || current != self.loaded.load().stamp;
         if changed {
             match Ca::open_with(dir, &self.opts.key_access())
-                .and_then(|ca| Ok((verifier_for(&ca)?, ca)))
+                .and_then(|ca| Ok((verifier_for(&ca)?, RevokedSet::load(dir)?, ca)))
             {
-                Ok((v, ca)) => {
+                Ok((v, revoked, ca)) => {
                     watch_key(&ca, &self.metrics);
                     tracing::info!(
                         sequence = ca.state().spiffe_sequence,
                         "CA directory changed; reloaded"
                     );
                     self.verifier.store(Arc::new(v));
-                    self.loaded.store(Arc::new(Loaded { ca, stamp: current }));
+                    self.loaded.store(Arc::new(Loaded {
+                        ca,
+                        revoked,
+                        stamp: current,
+                    }));
                     *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     self.metrics.set_store_state_current(true);
                 }
@@ -941,8 +951,12 @@ impl Server {
         id: SpiffeId,
         key: SubjectKey,
         requester: String,
+        renewed_from: Option<String>,
     ) -> Result<Issued, ApiError> {
-        let issued = self.sign(id, key, requester)?;
+        let mut issued = self.sign(id, key, requester)?;
+        // The ledger links a renewal to what it renewed, so that a
+        // revocation reaches it (see `crate::revoke`).
+        issued.entry.renewed_from = renewed_from;
         match self.record(&issued).await {
             Ok(()) => Ok(issued),
             Err(Recorded::Failed(e) | Recorded::Unknown(e)) => Err(e),
@@ -1148,10 +1162,36 @@ impl Server {
             ));
         }
         self.still_trusted(conn, peer)?;
+        let serial = presented_serial(conn).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "client_certificate_required",
+                "the client certificate cannot be read",
+            )
+        })?;
+        // `still_trusted` brought the loaded state up to date.
+        if self.loaded.load().revoked.contains_raw(&serial) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "certificate_revoked",
+                format!(
+                    "the certificate with serial {} is revoked; it renews no more \
+                     (bootstrap again with a new credential)",
+                    crate::ca::serial_hex(&serial)
+                ),
+            ));
+        }
         let id = peer.spiffe_id.clone();
         check_requested_id(req, &id)?;
         let key = parse_csr(body)?;
-        let issued = self.issue(id.clone(), key, format!("renew:{id}")).await?;
+        let issued = self
+            .issue(
+                id.clone(),
+                key,
+                format!("renew:{id}"),
+                Some(crate::ca::serial_hex(&serial)),
+            )
+            .await?;
         tracing::info!(spiffe_id = %id, serial = %issued.entry.serial, "renewed");
         Ok(self.issued_response(&issued))
     }
@@ -1421,6 +1461,7 @@ impl Server {
                 id.clone(),
                 key,
                 format!("bootstrap:sa:{sub}/{}", claims.pod_name),
+                None,
             )
             .await?;
         tracing::info!(spiffe_id = %id, sub = %sub, pod = %claims.pod_name, serial = %issued.entry.serial, "bootstrapped with a ServiceAccount token");
@@ -1559,6 +1600,12 @@ fn claimed_sub(jwt: &str) -> Option<String> {
     let sub = v.get("sub")?.as_str()?;
     (!sub.is_empty() && sub.len() <= 256 && sub.bytes().all(|b| b.is_ascii_graphic()))
         .then(|| sub.to_owned())
+}
+
+/// The DER serial of the connection's client certificate.
+fn presented_serial(conn: &Conn) -> Option<Vec<u8>> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(conn.chain.first()?).ok()?;
+    Some(leaf.tbs_certificate.raw_serial().to_vec())
 }
 
 /// Identity and expiry of a client certificate the handshake verified (the
@@ -1779,6 +1826,7 @@ pub async fn run(
     let server = Arc::new(Server {
         loaded: ArcSwap::from_pointee(Loaded {
             stamp: stamp(&dir),
+            revoked: RevokedSet::load(&dir)?,
             ca,
         }),
         dir,

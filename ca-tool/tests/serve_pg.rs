@@ -852,3 +852,49 @@ fn a_replica_starting_before_the_new_key_reaches_it_serves_the_previous_chain() 
     assert!(b.running());
     assert_eq!(b.metric("keyproof_ca_store_state_current"), 1.0);
 }
+
+#[test]
+fn a_revocation_committed_to_the_store_reaches_both_replicas_with_the_lineage() {
+    let Some(s) = Setup::new() else { return };
+    let a = s.replica("a");
+    let b = s.replica("b");
+    // The stolen certificate; then a renewal of it (as a thief would).
+    std::fs::copy(s.path("w.crt"), s.path("stolen.crt")).expect("copy");
+    std::fs::copy(s.path("w.key"), s.path("stolen.key")).expect("copy");
+    s.renew(&a).expect("renew from a");
+    let serial = |f: &str| {
+        let chain = keys::certs_from_pem(&std::fs::read(s.path(f)).expect("chain")).expect("pem");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("x509");
+        keyproof_ca::ca::serial_hex(leaf.tbs_certificate.raw_serial())
+    };
+    let (stolen, renewed) = (serial("stolen.crt"), serial("w.crt"));
+    // The store's ledger links the renewal to its parent.
+    let export = ok(ca().args(["ledger", "export", "--store", &s.pg.url()]));
+    assert!(
+        export.contains(&format!("\"serial\":\"{renewed}\""))
+            && export.contains(&format!("\"renewed_from\":\"{stolen}\"")),
+        "{export}"
+    );
+
+    let out = ok(s
+        .state_cmd("revoke")
+        .args(["--serial", &stolen, "--reason", "stolen"]));
+    assert!(out.contains(&stolen) && out.contains(&renewed), "{out}");
+    // Both replicas refuse both, within about a second.
+    let start = Instant::now();
+    for r in [&a, &b] {
+        loop {
+            match s.renew(r) {
+                Err(e) if e.contains("certificate_revoked") => break,
+                other => {
+                    assert!(start.elapsed() < PATIENCE, "{other:?}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    std::fs::copy(s.path("stolen.crt"), s.path("w.crt")).expect("copy");
+    std::fs::copy(s.path("stolen.key"), s.path("w.key")).expect("copy");
+    let err = s.renew(&b).expect_err("the stolen certificate renews");
+    assert!(err.contains("certificate_revoked"), "{err}");
+}

@@ -2,7 +2,7 @@
 //! driven by keyproof's CA client and by curl.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1262,5 +1262,156 @@ fn a_certificate_of_a_root_rotated_out_cannot_renew_on_any_connection() {
         )
         .unwrap()
             >= 1.0
+    );
+}
+
+/// A new P-256 key and a CSR for it, with openssl: (csr, key).
+fn openssl_csr(ca: &TestCa, name: &str) -> (PathBuf, PathBuf) {
+    let (csr, key) = (
+        ca.path(&format!("{name}.csr")),
+        ca.path(&format!("{name}.key")),
+    );
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=x",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr),
+    );
+    (csr, key)
+}
+
+/// `POST /v1/renew` with curl: (status, the `error` code or `ok`, the
+/// answer's JSON).
+fn curl_renew(ca: &TestCa, port: u16, cert: &Path, key: &Path, csr: &Path) -> (u16, String, Value) {
+    let (status, body) = curl(
+        ca,
+        port,
+        &[
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+            "--data-binary",
+            &format!("@{}", csr.display()),
+            "-H",
+            "Content-Type: application/pkcs10",
+        ],
+        "/v1/renew",
+    );
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let code = v["error"].as_str().unwrap_or("ok").to_owned();
+    (status, code, v)
+}
+
+/// A stolen certificate cannot escape a revocation by renewing: revoking
+/// its serial also revokes what was renewed from it (the ledger links each
+/// renewal to its parent), and revoking an ID revokes all of its
+/// certificates while a new bootstrap starts afresh.
+#[test]
+fn a_revoked_certificate_and_whatever_was_renewed_from_it_renew_no_more() {
+    let ca = TestCa::new(TD);
+    let srv = CaServer::start(&ca, &[]);
+    let (stolen, stolen_key) = ca.issue("stolen", "/ns/shop/sa/payments", &[]);
+    let (other, other_key) = ca.issue("other", "/ns/default/sa/web", &[]);
+    let serial_of = |cert: &Path| {
+        let out = run_ok(
+            Command::new("openssl")
+                .args(["x509", "-noout", "-serial", "-in"])
+                .arg(cert),
+        );
+        out.trim().trim_start_matches("serial=").to_owned()
+    };
+    // The thief renews before the revocation, then renews its renewal.
+    let mut held = (stolen.clone(), stolen_key.clone());
+    for i in 0..2 {
+        let (csr, key) = openssl_csr(&ca, &format!("thief{i}"));
+        let (status, code, v) = curl_renew(&ca, srv.port, &held.0, &held.1, &csr);
+        assert_eq!((status, code.as_str()), (200, "ok"), "{v}");
+        let crt = ca.path(&format!("thief{i}.crt"));
+        fs::write(&crt, v["chain_pem"].as_str().unwrap()).unwrap();
+        held = (crt, key);
+    }
+    let ledger = fs::read_to_string(ca.dir.join("ledger.jsonl")).unwrap();
+    // As the ledger writes serials.
+    let stolen_serial = keyproof_ca::revoke::normalize_serial(&serial_of(&stolen)).unwrap();
+    assert!(
+        ledger.contains(&format!("\"renewed_from\":\"{stolen_serial}\"")),
+        "{ledger}"
+    );
+
+    let out = run_ok(
+        cmd("keyproof-ca")
+            .args(["revoke", "--dir"])
+            .arg(&ca.dir)
+            .args(["--serial", &serial_of(&stolen), "--reason", "stolen"]),
+    );
+    assert_eq!(out.matches("revoked spiffe://").count(), 3, "{out}");
+    // The stolen certificate and both of the thief's renewals: refused.
+    for (cert, key) in [(&stolen, &stolen_key), (&held.0, &held.1)] {
+        let (csr, _) = openssl_csr(&ca, "after");
+        let (status, code, v) = curl_renew(&ca, srv.port, cert, key, &csr);
+        assert_eq!((status, code.as_str()), (403, "certificate_revoked"), "{v}");
+    }
+    // Other identities are untouched.
+    let (csr, _) = openssl_csr(&ca, "web");
+    assert_eq!(curl_renew(&ca, srv.port, &other, &other_key, &csr).0, 200);
+    // Again: nothing new.
+    let out = run_ok(
+        cmd("keyproof-ca")
+            .args(["revoke", "--dir"])
+            .arg(&ca.dir)
+            .args(["--serial", &serial_of(&stolen)]),
+    );
+    assert!(out.contains("nothing new"), "{out}");
+    // A typo is not a revocation.
+    let err = keyproof_tests::run_err(
+        cmd("keyproof-ca")
+            .args(["revoke", "--dir"])
+            .arg(&ca.dir)
+            .args(["--serial", "abcdef"]),
+    );
+    assert!(err.contains("no unexpired certificate"), "{err}");
+
+    // By ID: every certificate of web goes; a new bootstrap is not revoked.
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["revoke", "--dir"])
+            .arg(&ca.dir)
+            .args(["--spiffe-id", WEB]),
+    );
+    let (csr, _) = openssl_csr(&ca, "web2");
+    assert_eq!(
+        curl_renew(&ca, srv.port, &other, &other_key, &csr).1,
+        "certificate_revoked"
+    );
+    let c = client(&ca, srv.port);
+    let rt = rt();
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let svid = rt
+        .block_on(c.bootstrap(&token(&ca, WEB, "1h"), &k.csr_pem))
+        .expect("bootstrap after the revocation");
+    let current = Arc::new(certified_key(svid.chain.clone(), &k.key_der).unwrap());
+    let k2 = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    assert_eq!(code(rt.block_on(c.renew(current, &k2.csr_pem))), "ok");
+    let m = srv.scrape();
+    assert_eq!(
+        sample(
+            &m,
+            "keyproof_ca_refusals_total{code=\"certificate_revoked\"}"
+        ),
+        Some(3.0),
+        "{m}"
     );
 }

@@ -774,7 +774,9 @@ impl PgStore {
         }
         let mut cols: [Vec<String>; 6] = Default::default();
         let mut times: [Vec<OffsetDateTime>; 3] = Default::default();
+        let mut renewed_from: Vec<Option<String>> = Vec::with_capacity(entries.len());
         for e in entries {
+            renewed_from.push(e.renewed_from.clone());
             cols[0].push(e.serial.clone());
             cols[1].push(e.spiffe_id.clone());
             cols[2].push(e.issuer_key_id.clone());
@@ -785,18 +787,26 @@ impl PgStore {
             times[1].push(parse_time(&e.not_after, "ledger entry")?);
             times[2].push(parse_time(&e.issued_at, "ledger entry")?);
         }
-        let params: [&(dyn ToSql + Sync); 9] = [
-            &cols[0], &cols[1], &times[0], &times[1], &cols[2], &cols[3], &cols[4], &times[2],
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &cols[0],
+            &cols[1],
+            &times[0],
+            &times[1],
+            &cols[2],
+            &cols[3],
+            &cols[4],
+            &times[2],
             &cols[5],
+            &renewed_from,
         ];
         // One statement for the batch; UNNEST keeps row order, so seq
         // follows the order given.
         tx.execute(
             "INSERT INTO ledger (serial, spiffe_id, not_before, not_after, issuer_key_id, \
-             root_sha256, sha256, issued_at, requester) \
-             SELECT a, b, c, d, e, f, g, h, i FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
-             $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[]) \
-             WITH ORDINALITY AS t(a, b, c, d, e, f, g, h, i, n) ORDER BY n",
+             root_sha256, sha256, issued_at, requester, renewed_from) \
+             SELECT a, b, c, d, e, f, g, h, i, j FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+             $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[]) \
+             WITH ORDINALITY AS t(a, b, c, d, e, f, g, h, i, j, n) ORDER BY n",
             &params,
         )
         .await
@@ -1063,7 +1073,7 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 const LEDGER_SELECT: &str = "SELECT serial, spiffe_id, not_before, not_after, issuer_key_id, \
-                             root_sha256, sha256, issued_at, requester FROM ledger";
+                             root_sha256, sha256, issued_at, requester, renewed_from FROM ledger";
 
 /// A `join_tokens` row (id, sha256, spiffe_id, expires_at, created_at,
 /// used_at); a row that does not convert is an error, never a panic.
@@ -1121,6 +1131,9 @@ fn entry_of(r: &tokio_postgres::Row) -> Result<ledger::Entry, StoreError> {
         sha256: text(6, "sha256")?,
         issued_at: time(7, "issued_at")?,
         requester: text(8, "requester")?,
+        renewed_from: r
+            .try_get::<_, Option<String>>(9)
+            .map_err(|e| bad("renewed_from", e))?,
     })
 }
 

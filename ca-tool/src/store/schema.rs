@@ -7,7 +7,7 @@
 //! refuse an older one.
 
 /// The schema version this binary writes.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// The advisory lock (`pg_advisory_xact_lock`) migrations run under, so
 /// replicas starting together apply each migration once.
@@ -57,8 +57,15 @@ CREATE TABLE ledger (
 CREATE INDEX ledger_root_not_after ON ledger (root_sha256, not_after);
 ";
 
+/// Version 2: a renewal's ledger row names the serial it was renewed
+/// from, so that a revocation reaches the certificates renewed from a
+/// revoked one (see [`crate::revoke`]).
+const V2: &str = "
+ALTER TABLE ledger ADD COLUMN renewed_from text;
+";
+
 /// `(version, SQL)`, in order.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 #[cfg(test)]
 mod tests {
