@@ -68,13 +68,19 @@ pub(crate) fn workload(path: &str) -> Workload {
 
 /// A workload at `path` with a key of type `kt`.
 pub(crate) fn workload_with(path: &str, kt: KeyType) -> Workload {
+    workload_for(path, kt, Duration::from_secs(3600))
+}
+
+/// A workload at `path` with a key of type `kt`, whose certificate is
+/// valid for `ttl` from now.
+pub(crate) fn workload_for(path: &str, kt: KeyType, ttl: Duration) -> Workload {
     let kp = kt.generate().expect("key");
     let issued = ca()
         .sign(
             &IssueRequest {
                 spiffe_id: id(path),
                 key: SubjectKey::from_key_pair(&kp, kt),
-                ttl: Duration::from_secs(3600),
+                ttl,
                 dns: vec![],
             },
             "keyproof-proxy unit tests",

@@ -472,6 +472,9 @@ pub struct MeshConnInfo {
     pub exporter: [u8; 32],
     /// A process-unique connection number (for per-connection nonce reuse).
     pub conn_id: u64,
+    /// When the server's certificate stops being valid: no new request
+    /// goes on the connection after it, as a new handshake would fail.
+    pub not_after: std::time::SystemTime,
 }
 
 /// A live mesh connection: its sender and what is known about it.

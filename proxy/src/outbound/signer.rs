@@ -638,6 +638,7 @@ mod tests {
             peer_id: workload("/ns/demo/sa/api").id,
             exporter,
             conn_id: 1,
+            not_after: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
         }
     }
 

@@ -191,7 +191,9 @@ impl Dialer {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|leaf| svid::check_leaf_der(leaf).ok());
-        let Some(peer_id) = peer_id else {
+        let not_after =
+            store::PeerIdentity::from_certs(session.peer_certificates()).map(|p| p.not_after);
+        let (Some(peer_id), Some(not_after)) = (peer_id, not_after) else {
             return Err(ConnectError::Handshake {
                 addr: self.address.clone(),
                 reason: "bad_identity",
@@ -208,6 +210,7 @@ impl Dialer {
                 peer_id,
                 exporter,
                 conn_id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
+                not_after,
             }),
             open,
         })
@@ -332,10 +335,15 @@ impl MeshLink {
         Box::pin(self.redial(usable)).await
     }
 
-    /// The live connection's sender, if there is one.
+    /// The live connection's sender, if there is one. A connection whose
+    /// server certificate has expired takes no new request: the next one
+    /// dials anew (and a handshake with that certificate fails), while
+    /// what is in flight on the old one finishes.
     pub fn current(&self) -> Option<MeshConn> {
         let c = self.current.load();
-        let c = c.as_ref().filter(|c| !c.0.is_closed())?;
+        let c = c
+            .as_ref()
+            .filter(|c| !c.0.is_closed() && std::time::SystemTime::now() < c.1.not_after)?;
         Some((c.0.clone(), c.1.clone()))
     }
 
@@ -484,7 +492,9 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::identity::store::test_pki::Pki;
-    use crate::testing::{config, metric, workload, Workload};
+    use crate::testing::{config, metric, workload, workload_for, Workload};
+    use keyproof_identity::keys::KeyType;
+    use std::time::SystemTime;
 
     const WAIT: Duration = Duration::from_secs(2);
     const API: &str = "spiffe://unit.keyproof.test/ns/demo/sa/api";
@@ -925,6 +935,40 @@ pub(crate) mod tests {
         assert_ne!(fresh.exporter, info.exporter);
         assert_eq!(fresh.peer_id, api.id);
         assert_eq!(handshakes(&m, "ok"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn no_request_goes_on_a_connection_past_its_servers_certificate() {
+        let api = workload_for(
+            "/ns/demo/sa/api",
+            KeyType::EcdsaP256,
+            Duration::from_secs(2),
+        );
+        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        let (_, info) = sender(&up).await;
+        let _open = next(&mut accepted).await;
+        assert!(up.h2.current().is_some());
+        // The server keeps the connection open past its certificate's
+        // expiry; the link no longer offers it, and a new dial meets the
+        // expired certificate.
+        tokio::time::sleep(
+            info.not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(
+            up.h2.current().is_none(),
+            "an expired server's connection is still offered"
+        );
+        match dial_error(&up).await {
+            ConnectError::Handshake { reason, .. } => assert_eq!(reason, "expired"),
+            e => panic!("{e}"),
+        }
+        assert_eq!(handshakes(&m, "expired"), 1.0);
     }
 
     #[tokio::test]
