@@ -475,6 +475,13 @@ pub struct MeshConnInfo {
     /// When the server's certificate stops being valid: no new request
     /// goes on the connection after it, as a new handshake would fail.
     pub not_after: std::time::SystemTime,
+    /// notAfter (Unix seconds) of the certificate this side presented.
+    pub own_not_after: i64,
+    /// From when the connection is near an end: `not_after`, or shortly
+    /// before the certificate this side presented expires (the server
+    /// ends the connection then). Past it, a request goes on a new
+    /// connection when a renewed certificate is there to present.
+    pub retire_at: std::time::SystemTime,
 }
 
 /// A live mesh connection: its sender and what is known about it.

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http::uri::Authority;
@@ -117,10 +117,21 @@ struct Dialer {
     connect_timeout: Duration,
     handshake_timeout: Duration,
     metrics: DirectionMetrics,
+    /// The identity the connections present.
+    store: Arc<IdentityStore>,
 }
 
 impl Dialer {
     async fn dial(&self) -> Result<MeshStream, ConnectError> {
+        // Read before the handshake: a renewal during it makes this the
+        // older (earlier) certificate's, which retires the connection early
+        // rather than late.
+        let own = self.store.get();
+        let own_not_after = own.as_ref().map_or(i64::MAX, |i| i.not_after);
+        let own_margin = own
+            .as_ref()
+            .map_or(0, |i| ((i.not_after - i.not_before) / 10).clamp(1, 60));
+        drop(own);
         let (tcp, own) = match tokio::time::timeout(
             self.connect_timeout,
             own_ports::connect_host(&self.address),
@@ -211,10 +222,18 @@ impl Dialer {
                 exporter,
                 conn_id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
                 not_after,
+                own_not_after,
+                retire_at: not_after.min(unix_time(own_not_after.saturating_sub(own_margin))),
             }),
             open,
         })
     }
+}
+
+/// `secs` after the Unix epoch, clamped to between the epoch and some
+/// 34,000 years after it (no overflow, whatever a certificate says).
+fn unix_time(secs: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs.clamp(0, 1 << 40).unsigned_abs())
 }
 
 /// One mutual-TLS connection to an upstream sidecar.
@@ -343,8 +362,28 @@ impl MeshLink {
         let c = self.current.load();
         let c = c
             .as_ref()
-            .filter(|c| !c.0.is_closed() && std::time::SystemTime::now() < c.1.not_after)?;
+            .filter(|c| !c.0.is_closed() && self.usable(&c.1))?;
         Some((c.0.clone(), c.1.clone()))
+    }
+
+    /// Whether a new request may go on the connection of `info`.
+    fn usable(&self, info: &MeshConnInfo) -> bool {
+        let now = std::time::SystemTime::now();
+        if now < info.retire_at {
+            return true;
+        }
+        if now >= info.not_after {
+            return false;
+        }
+        // The certificate this side presented is about to expire, and the
+        // server ends the connection then (GOAWAY): requests sent as it
+        // does would fail unprocessed. A renewed certificate goes on a new
+        // connection now, while what is in flight here finishes; without
+        // one, there is nothing better than this connection.
+        self.dialer
+            .store
+            .get()
+            .is_none_or(|i| i.not_after <= info.own_not_after)
     }
 
     async fn redial(&self, usable: impl Fn(&MeshConn) -> bool) -> Result<MeshConn, ForwardError> {
@@ -426,6 +465,7 @@ impl Upstream {
                 connect_timeout: cfg.connect_timeout,
                 handshake_timeout: cfg.limits.handshake_timeout,
                 metrics: metrics.outbound.clone(),
+                store: store.clone(),
             }))
         };
         let h1 = Client::builder(TokioExecutor::new())
@@ -494,7 +534,6 @@ pub(crate) mod tests {
     use crate::identity::store::test_pki::Pki;
     use crate::testing::{config, metric, workload, workload_for, Workload};
     use keyproof_identity::keys::KeyType;
-    use std::time::SystemTime;
 
     const WAIT: Duration = Duration::from_secs(2);
     const API: &str = "spiffe://unit.keyproof.test/ns/demo/sa/api";
@@ -969,6 +1008,40 @@ pub(crate) mod tests {
             e => panic!("{e}"),
         }
         assert_eq!(handshakes(&m, "expired"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_takes_new_requests_to_a_new_connection_before_the_old_expires() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let cfg = outbound_cfg(&addr.to_string(), API, "");
+        let web = workload_for(
+            "/ns/demo/sa/web",
+            KeyType::EcdsaP256,
+            Duration::from_secs(4),
+        );
+        let store = web.store();
+        let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
+        let (_, info) = sender(&up).await;
+        let _first = next(&mut accepted).await;
+        assert!(info.retire_at < info.not_after);
+        let until = |t: SystemTime| t.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(until(info.retire_at) + Duration::from_millis(100)).await;
+        // Near our certificate's end with nothing newer to present: this
+        // connection is still the best there is.
+        let (_, same) = sender(&up).await;
+        assert_eq!(same.conn_id, info.conn_id);
+        // Renewed: new requests go on a connection presenting the new
+        // certificate, before the server ends the old one at its expiry.
+        store.replace(workload("/ns/demo/sa/web").identity());
+        let (_, fresh) = sender(&up).await;
+        assert_ne!(fresh.conn_id, info.conn_id);
+        assert!(SystemTime::now() < unix_time(info.own_not_after));
+        let _second = next(&mut accepted).await;
+        assert_eq!(handshakes(&m, "ok"), 2.0);
+        let (_, again) = sender(&up).await;
+        assert_eq!(again.conn_id, fresh.conn_id, "the new connection is kept");
     }
 
     #[tokio::test]
