@@ -428,6 +428,11 @@ fn allow_trust_domain_default_keeps_admin_to_its_route() {
         ("/Admin/x", Want::Denied),
         ("/%41dmin/x", Want::Denied),
         ("/STEPUP/y", Want::Challenge),
+        // Java's equalsIgnoreCase and JavaScript's /iu equate dotless ı,
+        // dotted İ, long ſ and the Kelvin sign with i, i, s and k.
+        ("/adm%C4%B1n", Want::Denied),
+        ("/ADM%c4%b0N/x", Want::Denied),
+        ("/%C5%BFtepup", Want::Challenge),
         ("/admin;", Want::Bad),
         ("/admin;jsessionid=1", Want::Bad),
         ("/x/..;/admin", Want::Bad),

@@ -27,6 +27,10 @@ pub struct Route {
     /// The compiled risk rules of a `risk` route.
     pub risk: Option<RouteRisk>,
     denied: IntCounter,
+    /// A `risk` route as an `always` one: what applies when a path meets
+    /// two different `risk` routes, as written and when case is ignored
+    /// (see [`Policy::decide`]).
+    always: Option<Arc<Route>>,
 }
 
 /// The outcome for one request.
@@ -77,25 +81,61 @@ pub struct Policy {
 /// never `/administrator` (a plain string prefix would let a route's rule
 /// leak onto unrelated paths). A prefix written with a final `/`
 /// (`/secret/`) matches the path without it too (`/secret`), which most
-/// frameworks serve with the same handler. `fold_case`: ASCII case ignored,
-/// as Express and ASP.NET Core match by default. `path` is the normalized
-/// path without its query.
+/// frameworks serve with the same handler. `fold_case`: case ignored as
+/// apps ignore it (see [`fold_len`]), as Express and ASP.NET Core match by
+/// default. `path` is the normalized path without its query.
 fn path_matches(prefix: &str, path: &str, fold_case: bool) -> bool {
     let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
     let base = match prefix.strip_suffix(b"/") {
         Some(b) if !b.is_empty() => b,
         _ => prefix,
     };
-    let Some(head) = path.get(..base.len()) else {
+    let len = if fold_case {
+        fold_len(base, path)
+    } else {
+        path.starts_with(base).then_some(base.len())
+    };
+    let Some(len) = len else {
         return false;
     };
-    let same = if fold_case {
-        head.eq_ignore_ascii_case(base)
-    } else {
-        head == base
-    };
-    let rest = &path[base.len()..];
-    same && (base.ends_with(b"/") || rest.is_empty() || rest[0] == b'/')
+    let rest = &path[len..];
+    base.ends_with(b"/") || rest.is_empty() || rest[0] == b'/'
+}
+
+/// The four non-ASCII letters that case-insensitive comparisons in common
+/// app stacks equate with an ASCII one (Java's `equalsIgnoreCase`,
+/// JavaScript's `/iu`, .NET's `OrdinalIgnoreCase`): dotless ı and dotted
+/// İ with `i`, long ſ with `s`, the Kelvin sign with `k`. A path carries
+/// them percent-encoded (raw non-ASCII is refused before this), in either
+/// hex case.
+const FOLDS_TO_ASCII: [(&[u8], u8); 4] = [
+    (b"%C4%B1", b'i'),
+    (b"%C4%B0", b'i'),
+    (b"%C5%BF", b's'),
+    (b"%E2%84%AA", b'k'),
+];
+
+/// How many bytes of `path` the ASCII `base` covers when case is ignored
+/// as apps ignore it (ASCII letters either case, and [`FOLDS_TO_ASCII`]),
+/// or `None` if `path` does not start with it so.
+fn fold_len(base: &[u8], path: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    for &b in base {
+        let c = *path.get(at)?;
+        if c.eq_ignore_ascii_case(&b) {
+            at += 1;
+            continue;
+        }
+        let rest = &path[at..];
+        let (enc, _) = FOLDS_TO_ASCII.iter().find(|(enc, ascii)| {
+            *ascii == b.to_ascii_lowercase()
+                && rest
+                    .get(..enc.len())
+                    .is_some_and(|r| r.eq_ignore_ascii_case(enc))
+        })?;
+        at += enc.len();
+    }
+    Some(at)
 }
 
 impl Policy {
@@ -117,14 +157,19 @@ impl Policy {
                 StepUpMode::Risk => Some(RouteRisk::new(table, r, &cfg.risk_rules)),
                 _ => None,
             };
-            routes.push(Arc::new(Route {
+            let route = |step_up, risk, always| Route {
                 path_prefix: r.path_prefix.clone(),
                 methods: r.methods.clone(),
                 allow: r.allow.clone(),
-                step_up: r.step_up,
+                step_up,
                 risk,
                 denied: metrics.authz_denied(&r.path_prefix),
-            }));
+                always,
+            };
+            let always = risk
+                .is_some()
+                .then(|| Arc::new(route(StepUpMode::Always, None, None)));
+            routes.push(Arc::new(route(r.step_up, risk, always)));
         }
         let deny = cfg
             .deny
@@ -179,37 +224,41 @@ impl Policy {
                     && (r.methods.is_empty() || r.methods.iter().any(|m| covers(m, method)))
             })
         };
-        let mut hit = find(false);
+        let written = find(false);
         // An app that ignores case (Express, ASP.NET Core by default) serves
-        // `/ADMIN` from its `/admin` handler: a route the path meets only
-        // when case is ignored must allow the caller too, and its step-up
-        // applies where the route matched as written has none. Looked for
-        // only when case can make a difference.
-        if self.mixed_case || path.bytes().any(|b| b.is_ascii_uppercase()) {
-            if let Some(folded) = find(true).filter(|f| !hit.is_some_and(|h| Arc::ptr_eq(h, f))) {
-                if !folded.allow.iter().any(|p| p.matches(peer)) {
-                    folded.denied.inc();
-                    return Decision::Deny(format!(
-                        "forbidden: route {} (which {path} meets when case is ignored, as many apps match paths) does not allow {peer} to {method}\n",
-                        folded.path_prefix
-                    ));
-                }
-                if folded.step_up.any() && !hit.is_some_and(|h| h.step_up.any()) {
-                    hit = Some(folded);
-                }
+        // `/ADMIN` from its `/admin` handler, one that does not from the
+        // handler of the route matched as written: a path that meets
+        // another route when case is ignored must pass both, and the
+        // stricter step-up applies. Looked for only when case can make a
+        // difference.
+        let folded = if self.mixed_case || path.bytes().any(|b| b.is_ascii_uppercase() || b == b'%')
+        {
+            find(true).filter(|f| !written.is_some_and(|w| Arc::ptr_eq(w, f)))
+        } else {
+            None
+        };
+        if let Some(f) = folded {
+            if !f.allow.iter().any(|p| p.matches(peer)) {
+                f.denied.inc();
+                return Decision::Deny(format!(
+                    "forbidden: route {} (which {path} meets when case is ignored, as many apps match paths) does not allow {peer} to {method}\n",
+                    f.path_prefix
+                ));
             }
         }
-        match hit {
-            Some(r) if r.allow.iter().any(|p| p.matches(peer)) => Decision::Allow(Some(r)),
-            Some(r) => {
-                r.denied.inc();
+        match written {
+            Some(w) if w.allow.iter().any(|p| p.matches(peer)) => {
+                Decision::Allow(Some(folded.map_or(w, |f| stricter(w, f))))
+            }
+            Some(w) => {
+                w.denied.inc();
                 Decision::Deny(format!(
                     "forbidden: route {} does not allow {peer} to {method}\n",
-                    r.path_prefix
+                    w.path_prefix
                 ))
             }
             None => match self.default {
-                DefaultPolicy::AllowTrustDomain => Decision::Allow(None),
+                DefaultPolicy::AllowTrustDomain => Decision::Allow(folded),
                 DefaultPolicy::Deny => {
                     self.default_denied.inc();
                     Decision::Deny(format!(
@@ -218,6 +267,25 @@ impl Policy {
                 }
             },
         }
+    }
+}
+
+/// Of two routes one path meets (as written, and when case is ignored),
+/// the one whose step-up is stricter: `always` over `risk` over `never`.
+/// Two different `risk` routes each have rules the other lacks, and
+/// which handler serves the path depends on the app: such a request is
+/// challenged always (only a path whose case differs from the routes'
+/// meets two).
+fn stricter<'a>(written: &'a Arc<Route>, folded: &'a Arc<Route>) -> &'a Arc<Route> {
+    let rank = |m: StepUpMode| match m {
+        StepUpMode::Never => 0,
+        StepUpMode::Risk => 1,
+        StepUpMode::Always => 2,
+    };
+    match rank(folded.step_up).cmp(&rank(written.step_up)) {
+        std::cmp::Ordering::Greater => folded,
+        std::cmp::Ordering::Less => written,
+        std::cmp::Ordering::Equal => folded.always.as_ref().unwrap_or(written),
     }
 }
 
@@ -541,7 +609,7 @@ mod tests {
             );
             assert!(matches!(
                 p.decide(&http::Method::GET, path, &id(OPS), "02"),
-                Decision::Allow(None)
+                Decision::Allow(Some(r)) if r.path_prefix == "/admin" && !r.step_up.any()
             ));
         }
         assert!(matches!(
@@ -555,6 +623,100 @@ mod tests {
                 _ => panic!("{path}: not the step-up route"),
             }
         }
+    }
+
+    #[test]
+    fn of_two_routes_a_path_meets_by_case_the_stricter_step_up_applies_and_both_allow_lists() {
+        let m = Metrics::new().unwrap();
+        let with = |prefix: &str, allow: &[&str], mode| RouteConfig {
+            step_up: mode,
+            ..route(prefix, &[], allow)
+        };
+        let routes = [
+            with("/secret", &[WEB, OPS], StepUpMode::Always),
+            with("/pay", &[WEB, OPS], StepUpMode::Risk),
+            with("/ops", &[OPS], StepUpMode::Never),
+            with("/", &[WEB, OPS], StepUpMode::Risk),
+        ];
+        let p = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        let web = id(WEB);
+        let mode = |path: &str, peer: &SpiffeId| match p.decide(&http::Method::GET, path, peer, "")
+        {
+            Decision::Allow(Some(r)) => Some(r.step_up),
+            Decision::Allow(None) => Some(StepUpMode::Never),
+            Decision::Deny(_) => None,
+        };
+        // As written, the catch-all `risk` route; when case is ignored, an
+        // `always` one: always.
+        for path in ["/SECRET", "/Secret/x", "/sEcReT"] {
+            assert_eq!(mode(path, &web), Some(StepUpMode::Always), "{path}");
+        }
+        assert_eq!(mode("/secret", &web), Some(StepUpMode::Always));
+        // Two `risk` routes with rules of their own: always.
+        assert_eq!(mode("/PAY", &web), Some(StepUpMode::Always));
+        assert_eq!(mode("/pay", &web), Some(StepUpMode::Risk));
+        assert_eq!(mode("/other", &web), Some(StepUpMode::Risk));
+        // The route met when case is ignored must allow the caller.
+        assert_eq!(mode("/OPS", &web), None);
+        assert_eq!(mode("/OPS", &id(OPS)), Some(StepUpMode::Risk));
+        // And so must the one matched as written, whichever applies.
+        let routes = [
+            with("/admin", &[WEB], StepUpMode::Always),
+            with("/", &[OPS], StepUpMode::Never),
+        ];
+        let p = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/ADMIN", &web, ""),
+            Decision::Deny(msg) if msg.contains("route / does not allow")
+        ));
+        // Met only when case is ignored, under default deny: the default
+        // refuses (a case-sensitive app serves no route there).
+        let routes = [with("/admin", &[WEB], StepUpMode::Always)];
+        let p = pol(&routes, DefaultPolicy::Deny, &m);
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/ADMIN", &web, ""),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/admin", &web, ""),
+            Decision::Allow(Some(_))
+        ));
+    }
+
+    #[test]
+    fn non_ascii_letters_apps_equate_with_ascii_ones_meet_the_route() {
+        for path in [
+            "/adm%C4%B1n",
+            "/adm%c4%b1n/x",
+            "/ADM%C4%B0N",
+            "/%C5%BFecret",
+            "/%e2%84%aaey",
+        ] {
+            let route = if path.contains("ecret") {
+                "/secret"
+            } else if path.contains("ey") {
+                "/key"
+            } else {
+                "/admin"
+            };
+            assert!(path_matches(route, path, true), "{path}");
+            assert!(!path_matches(route, path, false), "{path}");
+        }
+        for path in ["/adm%C4%B2n", "/adm%C4", "/admi%C4%B1", "/adm%C4%B1nx"] {
+            assert!(!path_matches("/admin", path, true), "{path}");
+        }
+        let m = Metrics::new().unwrap();
+        let mut admin = route("/admin", &[], &[WEB]);
+        admin.step_up = StepUpMode::Always;
+        let p = pol(&[admin], DefaultPolicy::AllowTrustDomain, &m);
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/adm%C4%B1n", &id(WEB), ""),
+            Decision::Allow(Some(r)) if r.step_up == StepUpMode::Always
+        ));
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/adm%C4%B1n", &id(OPS), ""),
+            Decision::Deny(_)
+        ));
     }
 
     #[test]
