@@ -885,8 +885,8 @@ pub struct InboundConfig {
     pub max_app_connections_per_peer: usize,
     /// Connections one caller SPIFFE ID holds at once, of
     /// `limits.max_connections` (default three quarters, as for
-    /// `max_app_connections_per_peer`): beyond, its next connection waits
-    /// after its handshake for one of its own to end.
+    /// `max_app_connections_per_peer`): beyond, its next connection is
+    /// closed after its handshake.
     pub max_connections_per_peer: usize,
     /// What happens to header names with `_` (sidecar-owned names in
     /// disguise are always removed).

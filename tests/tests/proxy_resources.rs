@@ -190,31 +190,37 @@ fn idle_h2_connections_are_closed_even_while_pinging() {
 
 /// One caller holds at most `max_connections_per_peer` (three quarters
 /// of `max_connections` by default) of the connection places: one that
-/// opens every place and keeps them (a request now and then, within
-/// `idle_timeout`) leaves a quarter to the others, whose requests are
-/// served at once.
+/// opens many more connections than places and keeps them (a request now
+/// and then, within `idle_timeout`) leaves a quarter to the others, whose
+/// requests are served at once. Its connections beyond its share are
+/// closed after their handshake: waiting, they would hold the accept
+/// loop's places (`max_connections` + `max_handshakes`) from everyone.
 #[test]
 fn one_caller_cannot_hold_every_connection_place() {
     let w = World::new();
     let (proxy, addr) = w.inbound(
         "places",
         w.app.addr,
-        "idle_timeout = \"30s\"\nmax_connections = 4\n",
+        "idle_timeout = \"30s\"\nmax_connections = 4\nmax_handshakes = 2\n",
     );
     let rt = rt();
     let cfg = client_tls(&w.pki, &w.web, b"h2");
     let held = rt.block_on(async {
         let mut held = Vec::new();
-        for _ in 0..4 {
-            // The fourth waits after its handshake, beyond its caller's
-            // share; the first three take three places.
+        for _ in 0..12 {
+            // The first three take three places; the rest are beyond
+            // their caller's share.
+            // One handshake at a time (`max_handshakes` sheds the oldest
+            // of more): an HTTP/2 handshake refused by a closed connection
+            // panics its task, which is what those beyond the share see.
             held.push(tokio::spawn(h2_conn::<Empty<Bytes>>(
                 addr,
                 cfg.clone(),
                 None,
             )));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         held
     });
     let (code, took) = w.legit(addr, "/other-caller");
@@ -222,6 +228,13 @@ fn one_caller_cannot_hold_every_connection_place() {
     assert!(
         took < Duration::from_secs(2),
         "another caller waited {took:?} behind one caller's connections"
+    );
+    assert!(
+        proxy
+            .log_text()
+            .contains("its caller holds max_connections_per_peer connections already"),
+        "{}",
+        proxy.log_text()
     );
     for h in held {
         h.abort();

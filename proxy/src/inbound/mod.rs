@@ -81,6 +81,8 @@ use crate::metrics::{DirectionMetrics, Metrics};
 
 /// Throttles the log line for handshakes our own key could not sign.
 static OWN_KEY_LOG: LogEvery = LogEvery::new(10);
+/// Callers at their connection share opening more.
+static OVER_SHARE_LOG: LogEvery = LogEvery::new(10);
 
 /// "At most once every N seconds", lock-free: for a log line that would
 /// otherwise repeat once per connection during an outage.
@@ -379,17 +381,17 @@ impl Inbound {
             .key_exchange(session.negotiated_key_exchange_group().map(|g| g.name()));
         // Only an authenticated connection takes one of `max_connections`;
         // at the limit it waits here for one. First one of its caller's
-        // share of them: a caller waiting beyond its share holds none of
-        // the others'.
+        // share of them, which it does not wait for: a waiting connection
+        // still holds a place of the accept loop, and a caller at its share
+        // opening more would take those from everyone else.
         let share = self.share_of(&peer.id);
         let app_share = share.app.clone();
         let mut stop = shutdown.clone();
-        let _peer_slot = tokio::select! {
-            p = share.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = server::stopped(&mut stop) => return,
+        let Ok(_peer_slot) = share.connections.clone().try_acquire_owned() else {
+            if OVER_SHARE_LOG.due() {
+                tracing::warn!(peer = %remote, peer_id = %peer.id, "inbound connection closed: its caller holds max_connections_per_peer connections already (logged at most every 10 s)");
+            }
+            return;
         };
         let _slot = tokio::select! {
             p = self.established.clone().acquire_owned() => match p {
