@@ -477,10 +477,35 @@ pub fn add_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
         } else {
             format!("for={}", String::from_utf8_lossy(ip.as_bytes()))
         };
-        if let Some(v) = join_with(o.iter(), node.as_bytes()) {
+        // A caller's value left inside an open quoted-string would swallow
+        // the node appended after it (`for=6.6.6.6;x="`): a parser that
+        // honours quotes would read the caller's claim as the last hop.
+        // Such a field is malformed (RFC 7239 section 4); it is replaced.
+        let joined = if o.iter().all(|v| quotes_closed(v.as_bytes())) {
+            join_with(o.iter(), node.as_bytes())
+        } else {
+            HeaderValue::from_str(&node).ok()
+        };
+        if let Some(v) = joined {
             o.insert(v);
         }
     }
+}
+
+/// Whether every quoted-string of a field value ends (RFC 9110 section
+/// 5.6.4: `\` escapes the next byte inside one).
+fn quotes_closed(v: &[u8]) -> bool {
+    let (mut quoted, mut escaped) = (false, false);
+    for &b in v {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        }
+    }
+    !quoted && !escaped
 }
 
 /// `values` joined by `, `, then `last`: one field value.
@@ -997,6 +1022,30 @@ mod tests {
         let mut h = map(&[("forwarded", "for=x")]);
         add_forwarded_for(&mut h, &HeaderValue::from_static("fd00::7"));
         assert_eq!(h.get("forwarded").unwrap(), "for=x, for=\"[fd00::7]\"");
+        // A caller's open quote would swallow the appended hop: such a
+        // field is replaced, whatever line holds the quote.
+        for claims in [
+            &[("forwarded", "for=6.6.6.6;x=\"")][..],
+            &[
+                ("forwarded", "for=1.1.1.1"),
+                ("forwarded", "for=\"6.6.6.6\\\""),
+            ],
+            &[("forwarded", "for=6.6.6.6;x=\"a\\")],
+        ] {
+            let mut h = map(claims);
+            add_forwarded_for(&mut h, &ip);
+            assert_eq!(
+                h.get_all("forwarded").iter().collect::<Vec<_>>(),
+                ["for=10.0.0.7"],
+                "{claims:?}"
+            );
+        }
+        let mut h = map(&[("forwarded", "for=\"[::1]\";by=\"a\\\"b\"")]);
+        add_forwarded_for(&mut h, &ip);
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=\"[::1]\";by=\"a\\\"b\", for=10.0.0.7"
+        );
     }
 
     #[test]
