@@ -664,6 +664,41 @@ fn interop_python_signs_for_the_inbound_and_verifies_the_outbound() {
     assert!(stdout.contains("x-keyproof-step-up: verified"), "{stdout}");
     assert_eq!(stepup_metric(&inbound, "ok"), 1.0);
 
+    // RFC 9421 signs `@path` as sent: a target the inbound normalizes
+    // (`//`, `%7E`, a dot segment) verifies as the caller signed it.
+    let out = Command::new(&py)
+        .arg(repo().join("stepup/interop/sign_client.py"))
+        .args([
+            "--connect",
+            &in_addr.to_string(),
+            "--server-name",
+            "localhost",
+        ])
+        .arg("--cert")
+        .arg(&web.crt)
+        .arg("--key")
+        .arg(&web.key)
+        .arg("--ca")
+        .arg(&pki.bundle)
+        .args([
+            "--method",
+            "POST",
+            "--path",
+            "/admin//x/./%7Euser?x=1",
+            "--body",
+            "{}",
+        ])
+        .output()
+        .expect("run sign_client.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("signed response: 200"),
+        "a signature over the path as sent failed:\n{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        inbound.log_text()
+    );
+    assert_eq!(stepup_metric(&inbound, "ok"), 2.0);
+
     // The other way: the outbound sidecar signs; a capturing server records
     // the request as it arrives; Python verifies it.
     let cap = capture_server(&pki, &pki.issue("capture", "/ns/default/sa/api"));

@@ -134,6 +134,14 @@ fn not_issued(e: &IssueError) -> &'static str {
     }
 }
 
+/// The request target as the caller sent it, kept (in the request's
+/// extensions) when normalization changed it: RFC 9421 signs `@path` as
+/// sent (section 2.2.6: percent-encoding as sent, no dot-segment removal),
+/// so a proof is verified over that, while the policy and the app see the
+/// normalized target it maps to.
+#[derive(Debug, Clone)]
+pub struct SentTarget(pub http::Uri);
+
 /// Proof that a request passed [`InboundStepUp::verify`]; needed by
 /// [`InboundStepUp::on_response`], so a next nonce is only ever attached to
 /// the response of a verified request.
@@ -314,7 +322,10 @@ impl InboundStepUp {
         };
         let (mut parts, mut body) = req.into_parts();
         let now = unix_now();
-        let view = RequestView::from_parts(&parts);
+        let view = match parts.extensions.get::<SentTarget>() {
+            Some(sent) => RequestView::new(&parts.method, &sent.0, &parts.headers),
+            None => RequestView::from_parts(&parts),
+        };
         let has_content_type = view.has_content_type();
         let pending = match self.verifier.begin(peer, route_id, &view, now) {
             Ok(p) => p,

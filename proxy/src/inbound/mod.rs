@@ -609,7 +609,10 @@ impl Inbound {
         let path_mode = self.cfg.path_normalization;
         match path::normalize_uri(req.method(), req.uri(), path_mode) {
             Ok(None) => {}
-            Ok(Some(uri)) => *req.uri_mut() = uri,
+            Ok(Some(uri)) => {
+                let sent = std::mem::replace(req.uri_mut(), uri);
+                req.extensions_mut().insert(challenge::SentTarget(sent));
+            }
             Err(why) => {
                 self.metrics.refused(why);
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), reason = why.reason(), "request refused: {why}");
