@@ -422,7 +422,7 @@ impl Verifier {
         now: u64,
     ) -> Outcome {
         match self.begin(peer, route_id, req, now) {
-            Ok(pending) => pending.finish(body),
+            Ok(pending) => pending.finish(body, now),
             Err(outcome) => outcome,
         }
     }
@@ -454,15 +454,16 @@ impl Pending<'_> {
         u64::from(self.nonce_expires)
     }
 
-    /// Steps 8-10 with the buffered body.
-    pub fn finish(self, body: &[u8]) -> Outcome {
+    /// Steps 8-10 with the buffered body, at `now` (Unix seconds): the
+    /// nonce must still be alive when the body has arrived.
+    pub fn finish(self, body: &[u8], now: u64) -> Outcome {
         let d = digest::sha256(body);
-        self.finish_with_body_sha256(&d)
+        self.finish_with_body_sha256(&d, now)
     }
 
     /// Steps 8-10 with the SHA-256 of the body, for a proxy that hashes the
     /// body while streaming it.
-    pub fn finish_with_body_sha256(self, body_sha256: &[u8; 32]) -> Outcome {
+    pub fn finish_with_body_sha256(self, body_sha256: &[u8; 32], now: u64) -> Outcome {
         // Step 8.
         if !bool::from(self.digest.ct_eq(body_sha256)) {
             return Outcome::DigestMismatch;
@@ -474,6 +475,12 @@ impl Pending<'_> {
         // Step 10: single use. Exactly one concurrent caller wins.
         if !self.verifier.table.take(&self.nonce_id) {
             return Outcome::Replay;
+        }
+        // The nonce was alive when the head arrived; a body that finished
+        // after its expiry must not pass because the purge had not run yet
+        // (taken first, so that it is used up either way).
+        if u64::from(self.nonce_expires) < now {
+            return Outcome::Expired;
         }
         Outcome::Ok
     }

@@ -607,6 +607,19 @@ fn thousand_concurrent_replays_exactly_one_ok() {
 }
 
 #[test]
+fn a_body_that_arrives_after_its_nonce_expired_is_refused_and_uses_the_nonce_up() {
+    let (fx, parts) = signed_p256();
+    let view = RequestView::from_parts(&parts);
+    let pending = fx
+        .verifier
+        .begin(&fx.peer, ROUTE, &view, NOW)
+        .expect("headers ok");
+    let late = pending.nonce_expires_at() + 1;
+    assert_eq!(pending.finish(BODY, late), Outcome::Expired);
+    assert_eq!(fx.verify(&parts, BODY, ROUTE, NOW), Outcome::Replay);
+}
+
+#[test]
 fn two_phase_api_checks_headers_before_the_body() {
     let (fx, parts) = signed_p256();
     let view = RequestView::from_parts(&parts);
@@ -617,7 +630,7 @@ fn two_phase_api_checks_headers_before_the_body() {
     assert_eq!(pending.max_body(), 1024 * 1024);
     assert!(pending.signature_base().starts_with(b"\"@method\": POST\n"));
     assert_eq!(
-        pending.finish_with_body_sha256(&keyproof_stepup::digest::sha256(BODY)),
+        pending.finish_with_body_sha256(&keyproof_stepup::digest::sha256(BODY), NOW),
         Outcome::Ok
     );
     // A bad nonce is known before any body is read.

@@ -521,7 +521,7 @@ fn the_examples_are_what_the_code_sends() {
         &format!("```\n{}\n```", placeholders(base, &nonce, &keyid)),
         "the example signature base (a fenced block of exactly these lines)",
     );
-    assert_eq!(pending.finish(body), Outcome::Ok);
+    assert_eq!(pending.finish(body, NOW), Outcome::Ok);
 }
 
 #[test]

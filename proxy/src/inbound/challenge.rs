@@ -327,6 +327,13 @@ impl InboundStepUp {
             None => RequestView::from_parts(&parts),
         };
         let has_content_type = view.has_content_type();
+        // A body declared larger than can be checked gets 413 before any
+        // challenge: the signed resend could only get 413 too.
+        let declared = declared_length(&parts.headers);
+        if declared.is_some_and(|n| n > self.max_body as u64) {
+            drain(&mut body, self.max_body, STEPUP_DRAIN).await;
+            return Err(self.too_large(conn, route_id, reason));
+        }
         let pending = match self.verifier.begin(peer, route_id, &view, now) {
             Ok(p) => p,
             Err(outcome) => {
@@ -347,11 +354,6 @@ impl InboundStepUp {
                 ));
             }
         };
-        let declared = declared_length(&parts.headers);
-        if declared.is_some_and(|n| n > self.max_body as u64) {
-            drain(&mut body, self.max_body, STEPUP_DRAIN).await;
-            return Err(self.too_large(conn, route_id, reason));
-        }
         // Held until the check is done, and given back then.
         let need = declared.unwrap_or(self.max_body as u64);
         let Some(_held) = self.budget.take(conn.peer.id.as_str(), need) else {
@@ -388,7 +390,7 @@ impl InboundStepUp {
         // left out rather than written up to a second wrong.
         let issued_ms = pending.nonce_issued_ms();
         let expires = pending.nonce_expires_at();
-        let outcome = pending.finish(&body);
+        let outcome = pending.finish(&body, unix_now());
         let age = issued_ms.map(|ms| Now::system().0.saturating_sub(ms));
         if !outcome.is_ok() {
             return Err(self.refuse(
@@ -1010,6 +1012,20 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(www_authenticate(&resp), "StepUp error=\"digest_mismatch\"");
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_request_declaring_a_body_over_max_body_gets_413_not_a_challenge() {
+        let s = setup(16);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(17));
+        let resp = s
+            .verify(request(ROUTE, b"0123456789abcdefg", headers))
+            .await
+            .unwrap_err();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(resp.headers().get("accept-signature").is_none());
+        assert_eq!(s.stepup.verifier.outstanding(), 0, "a nonce was issued");
     }
 
     #[tokio::test]

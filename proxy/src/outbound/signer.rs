@@ -681,7 +681,10 @@ mod tests {
         let req = t.request(signed, &Bytes::from_static(b"{}"));
         let view = RequestView::new(req.method(), req.uri(), req.headers());
         let pending = v.begin(&peer, "/admin", &view, unix_now()).unwrap();
-        assert_eq!(pending.finish(b"{}"), keyproof_stepup::Outcome::Ok);
+        assert_eq!(
+            pending.finish(b"{}", unix_now()),
+            keyproof_stepup::Outcome::Ok
+        );
         assert_eq!(
             metric(&metrics, "keyproof_stepup_signatures_total{result=\"ok\"}"),
             1.0
