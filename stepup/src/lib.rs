@@ -39,7 +39,9 @@ pub use outcome::Outcome;
 pub use sign::{
     is_stepup_challenge, Challenge, ChallengeError, SignError, SignRefusal, SignedHeaders, Signer,
 };
-pub use verify::{strip_stepup_headers, ChallengeHeaders, Peer, Pending, Verifier};
+pub use verify::{
+    is_stepup_attempt, strip_stepup_headers, ChallengeHeaders, Peer, Pending, Verifier,
+};
 
 /// The `tag` parameter every stepup-v1 signature carries.
 pub const TAG: &str = "stepup-v1";

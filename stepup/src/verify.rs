@@ -22,7 +22,7 @@ use crate::headers::{
 use crate::nonce::{IssueError, NonceId, NonceKey, NonceTable, ENCODED_LEN};
 use crate::outcome::Outcome;
 use crate::sf;
-use crate::{BINDING_LEN, TAG};
+use crate::{BINDING_LEN, LABEL, TAG};
 
 /// Largest accepted `Signature-Input` (all field lines). A genuine one is
 /// about 300 bytes.
@@ -126,6 +126,32 @@ pub fn strip_stepup_headers(headers: &mut HeaderMap) {
     headers.remove(SIGNATURE_INPUT);
     headers.remove(STEPUP_BINDING);
     headers.remove(ACCEPT_SIGNATURE);
+}
+
+/// Whether the request's `Signature-Input` or `Signature` is a step-up
+/// proof attempt: a field naming the `stepup` label, or one that does not
+/// parse (refused as malformed). A signature of the caller's own under
+/// other labels only (RFC 9421 signatures an app checks itself) is not.
+pub fn is_stepup_attempt(headers: &HeaderMap) -> bool {
+    // The common case, a signer's single `stepup` member, without parsing.
+    let mut inputs = headers.get_all(&SIGNATURE_INPUT).iter();
+    if let (Some(v), None) = (inputs.next(), inputs.next()) {
+        if v.as_bytes().starts_with(b"stepup=") {
+            return true;
+        }
+    }
+    [&SIGNATURE_INPUT, &SIGNATURE].into_iter().any(|name| {
+        let Some(v) = sf::field_value(headers, name) else {
+            return false;
+        };
+        let Ok(v) = std::str::from_utf8(&v) else {
+            return true;
+        };
+        match sfv::Parser::new(v).parse::<sfv::Dictionary>() {
+            Ok(d) => d.keys().any(|k| k.as_str() == LABEL),
+            Err(_) => true,
+        }
+    })
 }
 
 /// The inbound verifier. One per process (or per listener); share it behind
@@ -518,7 +544,33 @@ const fn www_authenticate(error: Option<Outcome>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::LABEL;
+
+    #[test]
+    fn only_a_stepup_member_or_an_unreadable_field_is_a_stepup_attempt() {
+        let h = |fields: &[(&http::HeaderName, &str)]| {
+            let mut m = HeaderMap::new();
+            for (n, v) in fields {
+                m.append((*n).clone(), HeaderValue::from_str(v).unwrap());
+            }
+            is_stepup_attempt(&m)
+        };
+        assert!(!h(&[]));
+        assert!(h(&[(&SIGNATURE_INPUT, "stepup=(\"@method\");created=1")]));
+        assert!(h(&[(&SIGNATURE_INPUT, "app=(\"@method\"), stepup=()")]));
+        assert!(h(&[(&SIGNATURE, "stepup=:AAAA:")]));
+        assert!(h(&[
+            (&SIGNATURE_INPUT, "app=(\"@method\""),
+            (&SIGNATURE, "app=:AAAA:")
+        ]));
+        assert!(!h(&[
+            (&SIGNATURE_INPUT, "app=(\"@method\");created=1"),
+            (&SIGNATURE, "app=:AAAA:")
+        ]));
+        assert!(!h(&[
+            (&SIGNATURE_INPUT, "sig1=()"),
+            (&SIGNATURE_INPUT, "sig2=()")
+        ]));
+    }
 
     /// `Accept-Signature` serialised by `sfv`, the way it was built before
     /// it was written by hand.

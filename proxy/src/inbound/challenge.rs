@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use keyproof_stepup::{
-    strip_stepup_headers, unix_now, IssueError, Outcome, Peer, RequestView, StepUpConfig, Verifier,
+    is_stepup_attempt, strip_stepup_headers, unix_now, IssueError, Outcome, Peer, RequestView,
+    StepUpConfig, Verifier,
 };
 
 use crate::config::{InboundStepUpConfig, PolicyConfig, RiskAction, StepUpMode};
@@ -321,6 +322,12 @@ impl InboundStepUp {
             return Err(self.unsupported_key(conn, route_id, reason));
         };
         let (mut parts, mut body) = req.into_parts();
+        if !is_stepup_attempt(&parts.headers) {
+            // Signatures of the caller's own (other labels) are no attempt
+            // at a proof: the request has none, and is challenged as such
+            // rather than refused as malformed and held against it.
+            strip_stepup_headers(&mut parts.headers);
+        }
         let now = unix_now();
         let view = match parts.extensions.get::<SentTarget>() {
             Some(sent) => RequestView::new(&parts.method, &sent.0, &parts.headers),
@@ -1012,6 +1019,21 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(www_authenticate(&resp), "StepUp error=\"digest_mismatch\"");
+    }
+
+    #[tokio::test]
+    async fn a_callers_own_signature_under_another_label_is_no_proof_and_not_held_against_it() {
+        let s = setup(1024);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "signature-input",
+            HeaderValue::from_static("app=(\"@method\");created=1"),
+        );
+        headers.insert("signature", HeaderValue::from_static("app=:AAAA:"));
+        let resp = s.verify(request(ROUTE, b"{}", headers)).await.unwrap_err();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(resp.headers().get("accept-signature").is_some());
+        assert_eq!(www_authenticate(&resp), "StepUp error=\"stepup_required\"");
     }
 
     #[tokio::test]

@@ -1149,11 +1149,14 @@ fn need<B>(req: &Request<B>, conn: &InboundConn, r: &Route) -> Need {
     }
 }
 
-/// Whether a request carries a step-up proof attempt (a signature, or its
-/// input: one without the other is a malformed attempt, refused as such).
+/// Whether a request carries a step-up proof attempt (a `stepup`
+/// signature, or its input: one without the other is a malformed attempt,
+/// refused as such). A caller's own RFC 9421 signatures under other labels
+/// are not one.
 fn carries_proof(h: &HeaderMap) -> bool {
-    h.contains_key(keyproof_stepup::headers::SIGNATURE)
-        || h.contains_key(keyproof_stepup::headers::SIGNATURE_INPUT)
+    (h.contains_key(keyproof_stepup::headers::SIGNATURE)
+        || h.contains_key(keyproof_stepup::headers::SIGNATURE_INPUT))
+        && keyproof_stepup::is_stepup_attempt(h)
 }
 
 /// Whether `resp` is the app's own answer rather than one the inbound made
