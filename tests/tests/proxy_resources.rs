@@ -241,6 +241,31 @@ fn one_caller_cannot_hold_every_connection_place() {
     }
 }
 
+/// A caller the deny list names keeps no idle connection: its requests
+/// get 403, and its connection ends within `header_read_timeout` even if
+/// it never sends one (HTTP/2 without a preface would otherwise be held
+/// until `idle_timeout`).
+#[test]
+fn a_deny_listed_caller_holds_no_idle_connection() {
+    let w = World::new();
+    let (proxy, addr) = w.inbound(
+        "denied",
+        w.app.addr,
+        "idle_timeout = \"60s\"\nheader_read_timeout = \"1s\"\n\
+         [[inbound.deny]]\nspiffe_id = \"spiffe://resources.test/ns/default/sa/web\"\n",
+    );
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"h2");
+    rt.block_on(async {
+        let (_send, task) = h2_conn::<Empty<Bytes>>(addr, cfg, None).await;
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("a deny-listed caller's idle connection outlived header_read_timeout")
+            .expect("driver");
+    });
+    assert_eq!(w.legit(addr, "/other").0, 200, "{}", proxy.log_text());
+}
+
 /// Handshakes: a flood of connections that never finish their TLS
 /// handshake (about 200 new ones a second for 4 s, up to 500 held open)
 /// takes neither the connection slots nor the memory: every legitimate

@@ -430,6 +430,15 @@ impl Inbound {
             .not_after
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
+        // A caller the deny list names has its requests refused (403,
+        // counted) for as long as it takes to send one head, not for as
+        // long as it cares to hold an idle connection.
+        let denied_at_start = self.policy.load().denies(&conn.peer.id, &conn.peer.serial);
+        let ends_in = if denied_at_start {
+            expires_in.min(self.cfg.limits.header_read_timeout)
+        } else {
+            expires_in
+        };
         let conn = Arc::new(conn);
         let this = self.clone();
         let streams = activity.clone();
@@ -450,8 +459,12 @@ impl Inbound {
             let denied = tokio::select! {
                 _ = server::stopped(&mut global) => false,
                 () = drain.cancelled() => true,
-                () = tokio::time::sleep(expires_in) => {
-                    tracing::info!(peer = %remote, "inbound connection ends: its caller's certificate expired");
+                () = tokio::time::sleep(ends_in) => {
+                    if denied_at_start {
+                        tracing::debug!(peer = %remote, "inbound connection ends: its caller is on the deny list");
+                    } else {
+                        tracing::info!(peer = %remote, "inbound connection ends: its caller's certificate expired");
+                    }
                     true
                 }
             };
