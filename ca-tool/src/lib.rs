@@ -16,6 +16,7 @@ pub mod check;
 pub mod client;
 pub mod conns;
 pub mod csr;
+pub mod dirlock;
 pub mod file_renewer;
 pub mod fsutil;
 pub mod inspect;

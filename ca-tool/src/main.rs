@@ -765,6 +765,20 @@ fn with_state<T>(
 ) -> Result<T> {
     let spec = store.spec()?;
     if spec == StoreSpec::Dir {
+        // Directory mode has no store lock: a lock file in the CA directory
+        // serialises read-modify-write of its documents (dirlock.rs), held
+        // until `f` is done. `init` needs none (it refuses a non-empty
+        // directory, and its files appear by rename, ca.json last).
+        use keyproof_ca::dirlock::{DirLock, Mode};
+        let mode = match access {
+            Access::Exclusive => Some(Mode::Exclusive),
+            Access::Append => Some(Mode::Shared),
+            Access::Read | Access::Init | Access::Serve => None,
+        };
+        let _lock = match mode {
+            Some(m) => DirLock::acquire(dir, m)?,
+            None => None,
+        };
         return f(dir);
     }
     let rt = runtime()?;

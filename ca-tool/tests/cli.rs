@@ -58,3 +58,67 @@ fn init_into_a_fresh_directory_writes_the_root_certificate() {
     assert!(ca_dir.join("root.crt").is_file());
     assert!(ca_dir.join("bundle.pem").is_file());
 }
+
+/// Parallel `revoke`s on one CA directory each rewrite `revoked.json`
+/// whole: without the directory lock the last writer dropped the others'
+/// entries while every command reported success (adv33 F1).
+#[test]
+fn parallel_revokes_on_one_directory_all_stick() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("run keyproof-ca");
+        assert!(
+            out.status.success(),
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(ca()
+        .args(["init", "--trust-domain", "lock.keyproof.test", "--dir"])
+        .arg(&dir));
+    const N: usize = 8;
+    let mut serials = Vec::new();
+    for i in 0..N {
+        let cert = tmp.path().join(format!("w{i}.crt"));
+        run(ca()
+            .args(["issue", "--spiffe-id"])
+            .arg(format!("spiffe://lock.keyproof.test/w{i}"))
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--cert-out")
+            .arg(&cert)
+            .arg("--key-out")
+            .arg(tmp.path().join(format!("w{i}.key"))));
+    }
+    let ledger = std::fs::read_to_string(dir.join("ledger.jsonl")).expect("ledger");
+    for line in ledger.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("ledger line");
+        serials.push(v["serial"].as_str().expect("serial").to_owned());
+    }
+    assert_eq!(serials.len(), N);
+    for _round in 0..3 {
+        let _ = std::fs::remove_file(dir.join("revoked.json"));
+        let children: Vec<_> = serials
+            .iter()
+            .map(|s| {
+                ca().args(["revoke", "--serial", s, "--dir"])
+                    .arg(&dir)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("spawn revoke")
+            })
+            .collect();
+        for mut c in children {
+            assert!(c.wait().expect("wait").success());
+        }
+        let list: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("revoked.json")).expect("revoked.json"))
+                .expect("revoked.json parses");
+        let got = list["revoked"].as_array().expect("revoked array").len();
+        assert_eq!(got, N, "revocations lost: {list}");
+    }
+}
