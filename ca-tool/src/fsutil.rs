@@ -20,14 +20,28 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
 }
 
 /// Appends one line to a file, creating it with `mode` if needed, and syncs.
+///
+/// A file that does not end with a newline holds a torn last line (a crash
+/// or ENOSPC part-way through an earlier append): the new line then starts
+/// with a newline of its own, so it is not glued onto the torn bytes into
+/// one line no reader can parse.
 pub fn append_line(path: &Path, line: &str, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let mut f = fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .mode(mode)
         .open(path)?;
-    let mut buf = Vec::with_capacity(line.len() + 1);
+    let len = f.metadata()?.len();
+    let mut buf = Vec::with_capacity(line.len() + 2);
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.read_exact_at(&mut last, len - 1)?;
+        if last[0] != b'\n' {
+            buf.push(b'\n');
+        }
+    }
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
     f.write_all(&buf)?;
@@ -80,5 +94,59 @@ fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+/// Parses one line of a JSON-lines file. A line that does not parse may
+/// be a torn append with a later, whole line glued onto it (written by a
+/// version that did not start a new line after a torn one): the whole
+/// record at its end is recovered (`Ok((value, true))`); the torn bytes
+/// before it are never parsed as a record of their own.
+pub fn parse_json_line<T: serde::de::DeserializeOwned>(
+    line: &str,
+) -> Result<(T, bool), serde_json::Error> {
+    let first = match serde_json::from_str(line) {
+        Ok(v) => return Ok((v, false)),
+        Err(e) => e,
+    };
+    for (i, _) in line.match_indices('{').skip_while(|(i, _)| *i == 0) {
+        if let Ok(v) = serde_json::from_str(&line[i..]) {
+            return Ok((v, true));
+        }
+    }
+    Err(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_append_after_a_torn_line_starts_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        fs::write(&path, "{\"a\":1}\n{\"a\":").unwrap();
+        append_line(&path, "{\"a\":2}", SECRET).unwrap();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"a\":\n{\"a\":2}\n"
+        );
+    }
+
+    #[test]
+    fn a_glued_line_yields_its_whole_record_only() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct R {
+            a: u32,
+        }
+        assert_eq!(
+            parse_json_line::<R>("{\"a\":7,\"b{\"a\":2}").unwrap(),
+            (R { a: 2 }, true)
+        );
+        assert!(parse_json_line::<R>("{\"a\":7,\"b").is_err());
+        assert_eq!(
+            parse_json_line::<R>("{\"a\":1}").unwrap(),
+            (R { a: 1 }, false)
+        );
     }
 }

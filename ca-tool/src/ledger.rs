@@ -70,8 +70,12 @@ pub fn append_all(dir: &Path, entries: &[Entry]) -> Result<(), CaError> {
     fsutil::append_line(&path, &lines, 0o600).map_err(io_err(&path))
 }
 
-/// Reads every entry; a torn last line (a crash mid-append) is skipped, any
-/// other bad line is an error naming its number.
+/// Reads every entry. A torn last line (a crash mid-append) is skipped
+/// silently: it is what a crash leaves. A torn line elsewhere (an append
+/// made after one by a version that glued onto it) is skipped with a
+/// warning on standard error, recovering the whole entry glued onto it:
+/// one torn append must not stop `revoke`, `check` and `ledger export`
+/// for good, and the entry after it is a real issuance `revoke` needs.
 pub fn read_all(dir: &Path) -> Result<Vec<Entry>, CaError> {
     let path = dir.join(files::LEDGER);
     let text = match fs::read_to_string(&path) {
@@ -82,15 +86,27 @@ pub fn read_all(dir: &Path) -> Result<Vec<Entry>, CaError> {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut out = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str(line) {
-            Ok(e) => out.push(e),
-            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
-            Err(e) => {
-                return Err(CaError::Corrupt {
-                    path: path.clone(),
-                    msg: format!("line {}: {e}", i + 1),
-                })
+        if i + 1 == lines.len() && !text.ends_with('\n') {
+            if let Ok(e) = serde_json::from_str(line) {
+                out.push(e);
             }
+            continue;
+        }
+        match fsutil::parse_json_line(line) {
+            Ok((e, false)) => out.push(e),
+            Ok((e, true)) => {
+                eprintln!(
+                    "warning: {}: line {}: skipped a torn entry glued before a whole one",
+                    path.display(),
+                    i + 1
+                );
+                out.push(e)
+            }
+            Err(e) => eprintln!(
+                "warning: {}: line {}: skipped a torn or unreadable entry: {e}",
+                path.display(),
+                i + 1
+            ),
         }
     }
     Ok(out)
@@ -222,5 +238,55 @@ impl GroupWriter {
         };
         *last = Some((Instant::now(), problem.clone()));
         problem.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(serial: &str) -> Entry {
+        Entry {
+            serial: serial.into(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            not_before: "2026-01-01T00:00:00Z".into(),
+            not_after: "2036-01-01T00:00:00Z".into(),
+            issuer_key_id: "ab".into(),
+            root_sha256: String::new(),
+            sha256: "cd".into(),
+            issued_at: "2026-01-01T00:00:00Z".into(),
+            requester: "cli".into(),
+            renewed_from: None,
+        }
+    }
+
+    /// A torn append followed by another append used to glue both into
+    /// one bad line that was no longer last: every later read failed, so
+    /// `revoke`, `check` and `ledger export` did (adv33 F6).
+    #[test]
+    fn an_append_after_a_torn_line_keeps_the_ledger_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        append(d, &entry("01")).unwrap();
+        let path = d.join(files::LEDGER);
+        let mut text = fs::read_to_string(&path).unwrap();
+        let whole = serde_json::to_string(&entry("02")).unwrap();
+        text.push_str(&whole[..whole.len() / 2]);
+        fs::write(&path, &text).unwrap();
+        append(d, &entry("03")).unwrap();
+        let serials: Vec<String> = read_all(d).unwrap().into_iter().map(|e| e.serial).collect();
+        assert_eq!(serials, ["01", "03"]);
+        // A ledger glued by an older version: the glued entry is kept.
+        fs::write(
+            &path,
+            format!(
+                "{text}{}\n{}\n",
+                serde_json::to_string(&entry("04")).unwrap(),
+                serde_json::to_string(&entry("05")).unwrap()
+            ),
+        )
+        .unwrap();
+        let serials: Vec<String> = read_all(d).unwrap().into_iter().map(|e| e.serial).collect();
+        assert_eq!(serials, ["01", "04", "05"]);
     }
 }

@@ -163,14 +163,30 @@ impl TokenStore {
             return Ok(());
         }
         for line in text[start..end].lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<Record>(line) {
-                Ok(Record::Token {
+            // A torn line (a crash mid-append) is skipped, not fatal: it
+            // made every join-token bootstrap fail. Its bytes never become
+            // a token (a record parses whole or not at all); a whole
+            // record glued after it is recovered.
+            let record = match fsutil::parse_json_line::<Record>(line) {
+                Ok((r, glued)) => {
+                    if glued {
+                        tracing::warn!(path = %path.display(), "tokens: skipped a torn line glued before a whole record");
+                    }
+                    r
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "tokens: skipped a torn or unreadable line");
+                    continue;
+                }
+            };
+            match record {
+                Record::Token {
                     id,
                     sha256,
                     spiffe_id,
                     expires_at,
                     ..
-                }) => {
+                } => {
                     self.by_hash.insert(
                         sha256,
                         Entry {
@@ -180,14 +196,8 @@ impl TokenStore {
                         },
                     );
                 }
-                Ok(Record::Used { id, .. }) => {
+                Record::Used { id, .. } => {
                     self.used.insert(id);
-                }
-                Err(e) => {
-                    return Err(CaError::Corrupt {
-                        path,
-                        msg: e.to_string(),
-                    })
                 }
             }
         }
@@ -356,5 +366,53 @@ mod tests {
             store.reserve(d, "kpt_one", later).unwrap(),
             Err(TokenError::Expired(_))
         ));
+    }
+
+    /// A crash mid-append left a torn line; the next `token create` used to
+    /// glue onto it and from then on every join-token bootstrap got 503
+    /// (adv33 F7). The torn bytes never count as a token.
+    #[test]
+    fn a_torn_line_neither_breaks_the_store_nor_counts_as_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        record(d, "kpt_old", WEB, Duration::from_secs(3600));
+        let path = d.join(files::TOKENS);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        // Half of a record for kpt_torn, no newline: what a crash leaves.
+        let mut torn = String::new();
+        {
+            let tmp = tempfile::tempdir().unwrap();
+            record(tmp.path(), "kpt_torn", WEB, Duration::from_secs(3600));
+            torn.push_str(&std::fs::read_to_string(tmp.path().join(files::TOKENS)).unwrap());
+        }
+        text.push_str(&torn[..torn.len() / 2]);
+        std::fs::write(&path, &text).unwrap();
+        record(d, "kpt_new", WEB, Duration::from_secs(3600));
+        let now = ca::now();
+        let mut store = TokenStore::default();
+        assert!(store.reserve(d, "kpt_old", now).unwrap().is_ok());
+        assert!(store.reserve(d, "kpt_new", now).unwrap().is_ok());
+        assert_eq!(
+            store.reserve(d, "kpt_torn", now).unwrap(),
+            Err(TokenError::Invalid)
+        );
+        // A file written glued by an older version: the whole record at
+        // the end of the glued line is recovered.
+        let glued = format!("{}{}", &torn[..torn.len() / 2], {
+            let tmp = tempfile::tempdir().unwrap();
+            record(tmp.path(), "kpt_glued", WEB, Duration::from_secs(3600));
+            std::fs::read_to_string(tmp.path().join(files::TOKENS)).unwrap()
+        });
+        let dir2 = tempfile::tempdir().unwrap();
+        std::fs::write(dir2.path().join(files::TOKENS), glued).unwrap();
+        let mut store = TokenStore::default();
+        assert!(store
+            .reserve(dir2.path(), "kpt_glued", now)
+            .unwrap()
+            .is_ok());
+        assert_eq!(
+            store.reserve(dir2.path(), "kpt_torn", now).unwrap(),
+            Err(TokenError::Invalid)
+        );
     }
 }
