@@ -458,6 +458,11 @@ pub fn check_dir(
         chain_finding(&mut r, &subject, e, ca.bundle(), &intermediates, now);
     }
     key_findings(&mut r, &ca, access);
+    // `serve` refuses to start on a revoked.json it cannot read (and a
+    // running one keeps its old revocations): the health check must say so.
+    if let Err(e) = crate::revoke::load(dir) {
+        r.push(Level::Bad, files::REVOKED, e.to_string());
+    }
     r.push(Level::Ok, "rotation", crate::rotate::stage_report(&ca)?);
     r.collapse();
     Ok(r)

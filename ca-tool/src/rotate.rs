@@ -38,12 +38,25 @@ use crate::cakey::{KeyAccess, KeyHome, KeyLocation};
 use crate::fsutil::{self, PUBLIC};
 use crate::ledger;
 
+/// Creates (or keeps) a subdirectory of the CA directory, mode 0700 whatever
+/// the umask: `next/` holds the next root key, `archive/` old keys. An
+/// existing one with a looser mode is tightened.
+fn private_dir(path: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io_err(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))
+}
+
 /// A name in `archive/` for `name` that nothing has taken: prefixed with the
 /// time in nanoseconds (not [`ca::now`], which is whole seconds: two steps
 /// in the same second must not overwrite each other's archive).
 fn archive_path(dir: &Path, name: &str) -> Result<std::path::PathBuf, CaError> {
     let adir = dir.join(files::ARCHIVE);
-    fs::create_dir_all(&adir).map_err(io_err(&adir))?;
+    private_dir(&adir)?;
     let mut t = OffsetDateTime::now_utc().unix_timestamp_nanos();
     loop {
         let dst = adir.join(format!("{t}-{name}"));
@@ -224,7 +237,7 @@ pub fn prepare(
             write_offline_key("root-key-out", path, &root.key)?;
         }
         let next = dir.join(files::NEXT);
-        fs::create_dir_all(&next).map_err(io_err(&next))?;
+        private_dir(&next)?;
         write_pair(&next, "root", &root)?;
         write_pair(&next, "intermediate", &int)?;
         bundle::write(dir, state.bundle_meta(), &roots)?;

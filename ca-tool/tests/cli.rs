@@ -122,3 +122,59 @@ fn parallel_revokes_on_one_directory_all_stick() {
         assert_eq!(got, N, "revocations lost: {list}");
     }
 }
+
+/// `archive/` and `next/` (which holds the next root key) are 0700 however
+/// loose the umask or an existing directory's mode (adv33 F11); `check`
+/// fails on a revoked.json `serve` could not load (adv33 F10).
+#[test]
+fn rotation_subdirectories_are_private_and_check_reads_revoked_json() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("run keyproof-ca");
+        assert!(
+            out.status.success(),
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(ca()
+        .args(["init", "--trust-domain", "perm.keyproof.test", "--dir"])
+        .arg(&dir));
+    // As a umask of 000 would leave it.
+    std::fs::create_dir(dir.join("archive")).expect("mkdir archive");
+    std::fs::set_permissions(dir.join("archive"), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
+    run(ca().args(["rotate", "intermediate", "--dir"]).arg(&dir));
+    run(ca().args(["rotate", "root", "prepare", "--dir"]).arg(&dir));
+    for sub in ["archive", "next"] {
+        let mode = std::fs::metadata(dir.join(sub))
+            .expect("subdirectory")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{sub}: mode {mode:o}");
+    }
+    let check = |dir: &std::path::Path| {
+        ca().args(["check", "--dir"])
+            .arg(dir)
+            .output()
+            .expect("run check")
+    };
+    let out = check(&dir);
+    assert!(
+        out.status.code() != Some(2),
+        "check of a good CA: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::write(dir.join("revoked.json"), "{\"revoked\": [").expect("write");
+    let out = check(&dir);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "check passed a corrupt revoked.json: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked.json"));
+}
