@@ -77,7 +77,7 @@ pub const ISSUANCE_RESULTS: [&str; 3] = ["ok", "refused", "error"];
 /// Every API error code `serve` answers with besides the ServiceAccount
 /// token ones ([`SaTokenError::CODES`]); `keyproof_ca_refusals_total` starts
 /// each of them at 0 so that alerts can take `rate()` of a code never seen.
-pub const API_CODES: [&str; 24] = [
+pub const API_CODES: [&str; 25] = [
     "bad_request",
     "not_found",
     "method_not_allowed",
@@ -102,6 +102,7 @@ pub const API_CODES: [&str; 24] = [
     "request_header_too_large",
     "store_unavailable",
     "request_timeout",
+    "server_busy",
 ];
 
 /// Every `op` of `keyproof_ca_store_errors_total`: the store operations

@@ -39,7 +39,10 @@
 //! protocol ([`IDLE_TIMEOUT`] with no request in flight: HTTP/2 gets a
 //! GOAWAY); one client address holds at most `--max-connections-per-ip`
 //! connections and all of them together [`MAX_CONNECTIONS`], a new one
-//! closing an idle one to make room.
+//! closing an idle one to make room. Memory too: an HTTP/2 connection
+//! carries at most [`MAX_STREAMS`] streams with small flow-control windows,
+//! and the request bodies being read share [`BODY_BUDGET`] (beyond it, 503
+//! `server_busy` at once).
 //!
 //! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits, idle
 //! sockets evicted when it is full: see [`crate::admin`]):
@@ -150,6 +153,21 @@ use crate::token::{self, TokenError, TokenStore};
 
 /// Largest accepted request body (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
+/// Request-body bytes all connections together may hold at once (read,
+/// or reserved by a request whose body is arriving). Connection counts
+/// alone do not bound memory: every stream of every connection could
+/// otherwise hold [`MAX_BODY`] for [`BODY_TIMEOUT`], gigabytes with no
+/// credential at all. A request beyond it gets 503 `server_busy` at once.
+const BODY_BUDGET: usize = 4 * 1024 * 1024;
+/// Concurrent HTTP/2 streams per connection: a renewal client makes one
+/// or two calls per connection; every stream may hold a request head and
+/// body.
+const MAX_STREAMS: u32 = 4;
+/// HTTP/2 flow-control windows: what a peer may send before the server
+/// has read it, so what hyper buffers unread per stream and connection
+/// (the connection's cannot start below the protocol's 65,535 bytes).
+const STREAM_WINDOW: u32 = 16 * 1024;
+const CONN_WINDOW: u32 = 65_535;
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list). Well
 /// above [`attest::MAX_TOKEN_LEN`], so that an oversized credential reaches
 /// the API and is refused there with a code, counted and logged, instead of
@@ -468,6 +486,56 @@ impl ResolvesServerCert for OwnCert {
     }
 }
 
+/// The request-body bytes all connections may hold at once
+/// ([`BODY_BUDGET`]): each request reserves what its body may take before
+/// reading any of it, and gives it back with its answer.
+struct BodyBudget(Arc<tokio::sync::Semaphore>);
+
+impl BodyBudget {
+    fn new(bytes: usize) -> BodyBudget {
+        BodyBudget(Arc::new(tokio::sync::Semaphore::new(bytes)))
+    }
+
+    /// Reserves room for `body`: its announced length (Content-Length, or
+    /// nothing for a request that ended with its head), else [`MAX_BODY`].
+    /// Returns the limit to read it with (a body longer than it announced
+    /// is cut off there) and the reservation.
+    fn reserve(
+        &self,
+        body: &Incoming,
+    ) -> Result<(usize, tokio::sync::OwnedSemaphorePermit), ApiError> {
+        use hyper::body::Body as _;
+        let want = if body.is_end_stream() {
+            0
+        } else {
+            match body.size_hint().exact() {
+                Some(n) if n > MAX_BODY as u64 => {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "bad_request",
+                        format!("request body: {n} bytes, over the {MAX_BODY} accepted"),
+                    ))
+                }
+                Some(n) => n as usize,
+                None => MAX_BODY,
+            }
+        };
+        self.take(want).map(|p| (want, p))
+    }
+
+    fn take(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        // `bytes` is at most MAX_BODY: it fits in u32.
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.0.clone().try_acquire_many_owned(n).map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_busy",
+                "too many request bodies in flight; try again shortly",
+            )
+        })
+    }
+}
+
 struct Server {
     opts: ServeOptions,
     /// The CA directory served: `opts.dir`, or with a store the workspace
@@ -494,6 +562,8 @@ struct Server {
     attestor: Option<SaAttestor>,
     ledger: ledger::GroupWriter,
     limiter: RateLimiter,
+    /// [`BODY_BUDGET`], shared by every request.
+    bodies: BodyBudget,
     last_check: Mutex<Instant>,
     metrics: Arc<CaMetrics>,
     /// What `/ready` last answered (`None` before the first probe), so that
@@ -1046,31 +1116,16 @@ impl Server {
         self.refresh();
         let mut call = Call::new(&conn);
         let (parts, body) = req.into_parts();
-        // Read the (bounded) body before answering anything: an answer sent
-        // while the client is still sending resets the HTTP/2 stream.
-        let result = match tokio::time::timeout(
-            BODY_TIMEOUT,
-            Limited::new(body, MAX_BODY).collect(),
-        )
-        .await
-        {
-            Ok(Ok(body)) => {
-                self.dispatch(&parts, &body.to_bytes(), &conn, &mut call)
-                    .await
+        let result = match self.bodies.reserve(&body) {
+            Err(e) => Err(e),
+            Ok((limit, permit)) => {
+                let r = self
+                    .read_and_dispatch(&parts, body, limit, &conn, &mut call)
+                    .await;
+                // The body is held until the answer is ready.
+                drop(permit);
+                r
             }
-            Ok(Err(e)) => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "bad_request",
-                format!("request body: {e}"),
-            )),
-            Err(_) => Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                format!(
-                    "the request body did not arrive within {}s",
-                    BODY_TIMEOUT.as_secs()
-                ),
-            )),
         };
         match result {
             Ok(r) => {
@@ -1087,6 +1142,36 @@ impl Server {
                 call.log_refusal(&e);
                 e.response()
             }
+        }
+    }
+
+    /// Reads a body of at most `limit` bytes (what was reserved for it),
+    /// then dispatches the request.
+    async fn read_and_dispatch(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+        limit: usize,
+        conn: &Conn,
+        call: &mut Call,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        // Read the (bounded) body before answering anything: an answer sent
+        // while the client is still sending resets the HTTP/2 stream.
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await {
+            Ok(Ok(body)) => self.dispatch(parts, &body.to_bytes(), conn, call).await,
+            Ok(Err(e)) => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_request",
+                format!("request body: {e}"),
+            )),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {}s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )),
         }
     }
 
@@ -1845,6 +1930,7 @@ pub async fn run(
             per_minute: opts.per_identity_per_minute,
             windows: Mutex::new(HashMap::new()),
         },
+        bodies: BodyBudget::new(BODY_BUDGET),
         last_check: Mutex::new(Instant::now()),
         metrics,
         was_ready: Mutex::new(None),
@@ -2022,7 +2108,9 @@ async fn serve_conn(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
         .max_header_list_size(MAX_HEADERS as u32);
     let http = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(http);
@@ -2189,6 +2277,22 @@ fn watch_key(ca: &Ca, metrics: &CaMetrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The body budget is shared: once it is spent, a request is refused
+    /// with 503 `server_busy` at once, until an answer gives bytes back.
+    #[test]
+    fn the_body_budget_refuses_beyond_its_bytes_until_given_back() {
+        let budget = BodyBudget::new(BODY_BUDGET);
+        let held: Vec<_> = (0..BODY_BUDGET / MAX_BODY)
+            .map(|_| budget.take(MAX_BODY).unwrap())
+            .collect();
+        let refused = budget.take(1).unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.code, "server_busy");
+        assert!(crate::metrics::API_CODES.contains(&refused.code));
+        drop(held);
+        assert!(budget.take(MAX_BODY).is_ok());
+    }
 
     fn parts(uri: &str, auth: Option<&str>) -> http::request::Parts {
         let mut b = Request::builder().method(Method::POST).uri(uri);

@@ -1415,3 +1415,104 @@ fn a_revoked_certificate_and_whatever_was_renewed_from_it_renew_no_more() {
         "{m}"
     );
 }
+
+/// An HTTP/2 connection with no client certificate.
+async fn h2_client<B>(ca: &TestCa, port: u16) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tls = ca_server::tls_connect(ca, port, b"h2", None).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A request body that sends 1 KiB and then never ends (nor announces a
+/// length): what a client with no credentials can hold open.
+struct StalledBody(bool);
+
+impl hyper::body::Body for StalledBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from(
+            vec![b'A'; 1024],
+        )))))
+    }
+}
+
+/// Request bodies in flight share one budget (4 MiB) whatever the number
+/// of connections, and an HTTP/2 connection carries a few streams, not
+/// 64: before, every stream of every connection could hold 64 KiB for
+/// 10 s with no credential, and a handful of clients took the CA's memory
+/// past its container limit (adv33 F2). Beyond the budget a request gets
+/// 503 `server_busy` at once.
+#[test]
+fn request_bodies_in_flight_share_a_bounded_budget() {
+    use std::time::Instant;
+
+    let ca = TestCa::new(TD);
+    let srv = CaServer::start(&ca, &[]);
+    rt().block_on(async {
+        let post = || {
+            http::Request::post("https://localhost/v1/bootstrap")
+                .header("authorization", "Bearer kpt_x")
+                .body(StalledBody(false))
+                .unwrap()
+        };
+        // 64 KiB reserved per body of unknown length: 64 of them take the
+        // whole budget, over 16 connections of 4 streams.
+        let (mut stalled, mut senders) = (Vec::new(), Vec::new());
+        for _ in 0..16 {
+            let mut send = h2_client(&ca, srv.port).await;
+            for _ in 0..4 {
+                let fut = send.send_request(post());
+                stalled.push(tokio::spawn(fut));
+            }
+            senders.push(send);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut send = h2_client(&ca, srv.port).await;
+        let started = Instant::now();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            send.send_request(
+                http::Request::post("https://localhost/v1/bootstrap")
+                    .header("authorization", "Bearer kpt_x")
+                    .header("content-length", "100")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                        b'A';
+                        100
+                    ])))
+                    .unwrap(),
+            ),
+        )
+        .await
+        .expect("a request over the body budget waited instead of a 503")
+        .unwrap();
+        assert_eq!(resp.status(), 503);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        for t in stalled {
+            t.abort();
+        }
+        drop(senders);
+    });
+    let m = srv.scrape();
+    assert!(
+        sample(&m, "keyproof_ca_refusals_total{code=\"server_busy\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+}
