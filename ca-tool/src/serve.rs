@@ -429,9 +429,24 @@ struct Conn {
 /// The state reloaded when the CA directory changes.
 struct Loaded {
     ca: Ca,
-    /// `revoked.json`: certificates that renew no more.
-    revoked: RevokedSet,
     stamp: Vec<Option<SystemTime>>,
+}
+
+/// `revoked.json` as loaded, with what identified the file then. Kept apart
+/// from [`Loaded`]: revocation does not depend on the signing chain, so a
+/// CA state that fails to load (a key not yet on this replica, a broken
+/// rotation) must not freeze the revocations made since.
+struct Revocations {
+    set: RevokedSet,
+    stamp: Option<(SystemTime, u64, u64)>,
+}
+
+/// What identifies this version of `revoked.json` (it is replaced by a
+/// rename, so the inode changes even within one mtime tick).
+fn revoked_stamp(dir: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir.join(files::REVOKED)).ok()?;
+    Some((m.modified().ok()?, m.ino(), m.len()))
 }
 
 fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
@@ -440,7 +455,6 @@ fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
         files::INT_CRT,
         files::BUNDLE_PEM,
         files::ROOT_CRT,
-        files::REVOKED,
     ]
     .iter()
     .map(|f| {
@@ -550,6 +564,7 @@ struct Server {
     /// the store follower's) never store their results out of order.
     reloading: Mutex<()>,
     loaded: ArcSwap<Loaded>,
+    revoked: ArcSwap<Revocations>,
     /// Why the changed CA directory cannot be loaded (the previous state
     /// stays in use meanwhile); `None` when the loaded state is current.
     reload_error: Mutex<Option<String>>,
@@ -927,30 +942,58 @@ impl Server {
         self.reload(false);
     }
 
+    /// Reloads `revoked.json` when it changed (or, with `force`, anyway),
+    /// whether or not the rest of the CA loads. One that cannot be read
+    /// keeps the previous list, loudly (`check` reports it too).
+    fn reload_revoked(&self, force: bool) {
+        let current = revoked_stamp(&self.dir);
+        if !force && current == self.revoked.load().stamp {
+            return;
+        }
+        match RevokedSet::load(&self.dir) {
+            Ok(set) => {
+                tracing::info!(revoked = set.len(), "revocation list loaded");
+                self.revoked.store(Arc::new(Revocations {
+                    set,
+                    stamp: current,
+                }));
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    "revoked.json changed but could not be loaded; keeping the previous revocations"
+                );
+                // Said once per version of the file, not on every request.
+                let set = self.revoked.load().set.clone();
+                self.revoked.store(Arc::new(Revocations {
+                    set,
+                    stamp: current,
+                }));
+            }
+        }
+    }
+
     /// Reloads the CA when its files changed (or, with `force`, anyway: the
     /// store follower rewrote the workspace, keys included), and reissues
     /// the server's own certificate when the chain changed or it is due.
     fn reload(&self, force: bool) {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let dir = &self.dir;
+        self.reload_revoked(force);
         let current = stamp(dir);
         let changed = force || current != self.loaded.load().stamp;
         if changed {
             match Ca::open_with(dir, &self.opts.key_access())
-                .and_then(|ca| Ok((verifier_for(&ca)?, RevokedSet::load(dir)?, ca)))
+                .and_then(|ca| Ok((verifier_for(&ca)?, ca)))
             {
-                Ok((v, revoked, ca)) => {
+                Ok((v, ca)) => {
                     watch_key(&ca, &self.metrics);
                     tracing::info!(
                         sequence = ca.state().spiffe_sequence,
                         "CA directory changed; reloaded"
                     );
                     self.verifier.store(Arc::new(v));
-                    self.loaded.store(Arc::new(Loaded {
-                        ca,
-                        revoked,
-                        stamp: current,
-                    }));
+                    self.loaded.store(Arc::new(Loaded { ca, stamp: current }));
                     *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     self.metrics.set_store_state_current(true);
                 }
@@ -1255,7 +1298,7 @@ impl Server {
             )
         })?;
         // `still_trusted` brought the loaded state up to date.
-        if self.loaded.load().revoked.contains_raw(&serial) {
+        if self.revoked.load().set.contains_raw(&serial) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "certificate_revoked",
@@ -1911,8 +1954,11 @@ pub async fn run(
     let server = Arc::new(Server {
         loaded: ArcSwap::from_pointee(Loaded {
             stamp: stamp(&dir),
-            revoked: RevokedSet::load(&dir)?,
             ca,
+        }),
+        revoked: ArcSwap::from_pointee(Revocations {
+            stamp: revoked_stamp(&dir),
+            set: RevokedSet::load(&dir)?,
         }),
         dir,
         store: store.clone(),

@@ -1516,3 +1516,46 @@ fn request_bodies_in_flight_share_a_bounded_budget() {
         "{m}"
     );
 }
+
+/// A server that cannot load the CA's latest state (here an
+/// intermediate.key that is not the certificate's, as a rotation killed
+/// between its renames leaves it) still follows revoked.json: revocation
+/// does not depend on the signing chain, and before, the previous
+/// revocation list was kept with the previous state (adv33 F3).
+#[test]
+fn a_revocation_takes_effect_while_the_rest_of_the_ca_fails_to_reload() {
+    let ca = TestCa::new(TD);
+    let srv = CaServer::start(&ca, &[]);
+    let (stolen, stolen_key) = ca.issue("stolen", "/ns/shop/sa/payments", &[]);
+    let serial = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(&stolen),
+    )
+    .trim()
+    .trim_start_matches("serial=")
+    .to_owned();
+    // Another P-256 key in place of the intermediate's.
+    let (_, other_key) = openssl_csr(&ca, "other");
+    fs::copy(&other_key, ca.dir.join("intermediate.key")).unwrap();
+    // ca.json rewritten as it was: the server sees a change and reloads.
+    let state = fs::read(ca.dir.join("ca.json")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(ca.dir.join("ca.json"), state).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (csr, _) = openssl_csr(&ca, "probe");
+    // The reload failed: the server signs with the previous state.
+    let (status, code, v) = curl_renew(&ca, srv.port, &stolen, &stolen_key, &csr);
+    assert_eq!((status, code.as_str()), (200, "ok"), "{v}");
+    assert!(srv.log().contains("could not be loaded"), "{}", srv.log());
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["revoke", "--dir"])
+            .arg(&ca.dir)
+            .args(["--serial", &serial, "--reason", "stolen"]),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (csr, _) = openssl_csr(&ca, "after");
+    let (status, code, v) = curl_renew(&ca, srv.port, &stolen, &stolen_key, &csr);
+    assert_eq!((status, code.as_str()), (403, "certificate_revoked"), "{v}");
+}
