@@ -152,7 +152,7 @@ enum Command {
     #[command(subcommand)]
     Ledger(LedgerCommand),
     /// Revoke certificates: `serve` no longer renews them. A serial also
-    /// revokes every certificate renewed from it; a SPIFFE ID, every
+    /// revokes its whole renewal lineage (its ancestors too); a SPIFFE ID, every
     /// unexpired certificate of that ID (a new bootstrap starts afresh).
     Revoke(RevokeArgs),
 }

@@ -10,7 +10,9 @@
 //! A thief may have renewed before the revocation. Every renewal's ledger
 //! entry names the serial it was renewed from (`renewed_from`), so
 //! revoking a serial revokes, at that moment, every unexpired certificate
-//! renewed from it, directly or not: the whole lineage below it. Revoking
+//! of its renewal lineage: up to the certificate it descends from (whoever
+//! renewed into the revoked certificate held its parent's key, and may
+//! still hold it), and everything renewed from that, directly or not. Revoking
 //! a SPIFFE ID revokes every unexpired certificate of that ID; a new
 //! bootstrap (a new join token, a ServiceAccount token) then starts a
 //! lineage that is not revoked. A renewal that runs at the very moment
@@ -59,7 +61,7 @@ pub struct Revoked {
 /// What to revoke.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// One certificate, and everything renewed from it.
+    /// One certificate and its whole renewal lineage (up and down).
     Serial(String),
     /// Every certificate of one SPIFFE ID.
     SpiffeId(SpiffeId),
@@ -124,7 +126,8 @@ fn expired(not_after: &str, now: OffsetDateTime) -> bool {
 
 /// Revokes `target` in the CA directory `dir` (a store's workspace works
 /// the same): finds the unexpired certificates it names in the ledger
-/// (for a serial, with every certificate renewed from it, however many
+/// (for a serial, its whole renewal lineage: up to the certificate it
+/// descends from, and every certificate renewed from that, however many
 /// renewals down), adds them to `revoked.json`, and drops entries whose
 /// certificate has expired. Returns the certificates newly revoked; none
 /// when all were already. A serial the ledger holds no unexpired
@@ -136,42 +139,71 @@ pub fn revoke(
     reason: &str,
     now: OffsetDateTime,
 ) -> Result<Vec<Revoked>, CaError> {
-    let live: Vec<ledger::Entry> = ledger::read_all(dir)?
-        .into_iter()
-        .filter(|e| !expired(&e.not_after, now))
-        .collect();
+    let all = ledger::read_all(dir)?;
+    let live: Vec<&ledger::Entry> = all.iter().filter(|e| !expired(&e.not_after, now)).collect();
+    // For a serial: the lineage is walked from its first certificate, over
+    // the whole ledger (an expired ancestor links live relatives), and only
+    // the live ones are listed.
+    let mut lineage: Option<HashSet<&str>> = None;
     let (by, mut hit): (String, Vec<&ledger::Entry>) = match target {
         Target::Serial(s) => {
             let serial = normalize_serial(s)?;
-            let Some(first) = live.iter().find(|e| e.serial == serial) else {
+            let Some(first) = live.iter().copied().find(|e| e.serial == serial) else {
                 return Err(CaError::Revocation(format!(
                     "no unexpired certificate with serial {serial} in the ledger"
                 )));
             };
-            (format!("serial:{serial}"), vec![first])
+            // Up first: whoever renewed into this certificate held its
+            // parent's key, so a thief seen using a renewal may still hold
+            // the certificate it was renewed from (and renew it again).
+            let parent: std::collections::HashMap<&str, &str> = all
+                .iter()
+                .filter_map(|e| Some((e.serial.as_str(), e.renewed_from.as_deref()?)))
+                .collect();
+            let mut top = first.serial.as_str();
+            let mut seen = HashSet::from([top]);
+            while let Some(p) = parent.get(top) {
+                if !seen.insert(p) {
+                    break; // a cycle: only a corrupt ledger has one
+                }
+                top = p;
+            }
+            lineage = Some(HashSet::from([top]));
+            let hit = live.iter().copied().filter(|e| e.serial == top).collect();
+            (format!("serial:{serial}"), hit)
         }
         Target::SpiffeId(id) => {
-            let all: Vec<&ledger::Entry> =
-                live.iter().filter(|e| e.spiffe_id == id.as_str()).collect();
-            if all.is_empty() {
+            let of_id: Vec<&ledger::Entry> = live
+                .iter()
+                .copied()
+                .filter(|e| e.spiffe_id == id.as_str())
+                .collect();
+            if of_id.is_empty() {
                 return Err(CaError::Revocation(format!(
                     "no unexpired certificate for {id} in the ledger"
                 )));
             }
-            (format!("spiffe_id:{id}"), all)
+            (format!("spiffe_id:{id}"), of_id)
         }
     };
     // The lineage below: the ledger is in issuance order, so one pass
     // finds children after their parents; loop to a fixed point anyway
     // (two files merged, a store's rows).
-    let mut serials: HashSet<&str> = hit.iter().map(|e| e.serial.as_str()).collect();
+    let mut serials: HashSet<&str> =
+        lineage.unwrap_or_else(|| hit.iter().map(|e| e.serial.as_str()).collect());
+    let walk: Vec<&ledger::Entry> = if matches!(target, Target::Serial(_)) {
+        all.iter().collect()
+    } else {
+        live.clone()
+    };
     loop {
         let before = serials.len();
-        for e in &live {
+        for e in &walk {
             if e.renewed_from
                 .as_deref()
                 .is_some_and(|p| serials.contains(p))
                 && serials.insert(e.serial.as_str())
+                && !expired(&e.not_after, now)
             {
                 hit.push(e);
             }
@@ -309,6 +341,33 @@ mod tests {
         // Unknown or expired serials are refused.
         assert!(revoke(dir, &Target::Serial("99".into()), "", now()).is_err());
         assert!(revoke(dir, &Target::Serial("11".into()), "", now()).is_err());
+    }
+
+    /// The thief renewed the stolen A into C and is seen using C: revoking
+    /// C must also take A (which the thief still holds and could renew
+    /// again) and A's other renewals, across an expired link (adv33 F4).
+    #[test]
+    fn a_serial_takes_its_ancestors_and_their_lineage_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        ledger::append_all(
+            dir,
+            &[
+                entry("0a", WEB, None, "2026-02-01T00:00:00Z"),
+                entry("aa", WEB, Some("0a"), LATER),
+                entry("bb", WEB, Some("aa"), LATER),
+                entry("cc", WEB, Some("aa"), LATER),
+                entry("dd", WEB, Some("cc"), LATER),
+                entry("ee", WEB, None, LATER),
+                entry("ff", API, Some("ee"), LATER),
+            ],
+        )
+        .unwrap();
+        let got = revoke(dir, &Target::Serial("cc".into()), "", now()).unwrap();
+        let mut serials: Vec<&str> = got.iter().map(|r| r.serial.as_str()).collect();
+        serials.sort();
+        assert_eq!(serials, ["aa", "bb", "cc", "dd"]);
+        assert!(got.iter().all(|r| r.by == "serial:cc"));
     }
 
     #[test]
