@@ -249,6 +249,12 @@ impl RevokedSet {
         self.0.contains(&ca::serial_hex(raw_serial))
     }
 
+    /// Whether the certificate with this hex serial (as the ledger writes
+    /// it) is revoked.
+    pub fn contains(&self, serial_hex: &str) -> bool {
+        self.0.contains(serial_hex)
+    }
+
     /// How many serials are revoked.
     pub fn len(&self) -> usize {
         self.0.len()

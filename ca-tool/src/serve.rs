@@ -441,6 +441,57 @@ struct Revocations {
     stamp: Option<(SystemTime, u64, u64)>,
 }
 
+/// Renewal links this server knows (child serial to parent serial, hex as
+/// the ledger writes them), so that a renewal whose presented certificate
+/// descends from a revoked one is refused: a renewal that raced `revoke`
+/// (issued after it read the ledger) is not on the list itself, but its
+/// ancestor is. Seeded from `ledger.jsonl` at start (directory mode) and
+/// extended by every renewal this server issues; links of expired
+/// certificates are dropped now and then.
+#[derive(Default)]
+struct Lineage {
+    /// child → (parent, the child's notAfter in Unix seconds).
+    parents: HashMap<String, (String, i64)>,
+    inserts: u64,
+}
+
+impl Lineage {
+    /// Most links walked up from one certificate: a ledger never holds a
+    /// cycle, but a bound costs nothing.
+    const MAX_DEPTH: usize = 10_000;
+
+    fn insert(&mut self, child: String, parent: String, not_after: &str) {
+        let Ok(t) =
+            time::OffsetDateTime::parse(not_after, &time::format_description::well_known::Rfc3339)
+        else {
+            return;
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if t.unix_timestamp() <= now {
+            return;
+        }
+        self.parents.insert(child, (parent, t.unix_timestamp()));
+        self.inserts += 1;
+        if self.inserts >= 4096 {
+            self.inserts = 0;
+            self.parents.retain(|_, (_, na)| *na > now);
+        }
+    }
+
+    /// The nearest revoked ancestor of `serial`, if any.
+    fn revoked_ancestor(&self, serial: &str, revoked: &RevokedSet) -> Option<String> {
+        let mut at = serial;
+        for _ in 0..Self::MAX_DEPTH {
+            let (parent, _) = self.parents.get(at)?;
+            if revoked.contains(parent) {
+                return Some(parent.clone());
+            }
+            at = parent;
+        }
+        None
+    }
+}
+
 /// What identifies this version of `revoked.json` (it is replaced by a
 /// rename, so the inode changes even within one mtime tick).
 fn revoked_stamp(dir: &Path) -> Option<(SystemTime, u64, u64)> {
@@ -565,6 +616,7 @@ struct Server {
     reloading: Mutex<()>,
     loaded: ArcSwap<Loaded>,
     revoked: ArcSwap<Revocations>,
+    lineage: Mutex<Lineage>,
     /// Why the changed CA directory cannot be loaded (the previous state
     /// stays in use meanwhile); `None` when the loaded state is current.
     reload_error: Mutex<Option<String>>,
@@ -1298,6 +1350,23 @@ impl Server {
             )
         })?;
         // `still_trusted` brought the loaded state up to date.
+        let serial_hex = crate::ca::serial_hex(&serial);
+        let ancestor = self
+            .lineage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .revoked_ancestor(&serial_hex, &self.revoked.load().set);
+        if let Some(ancestor) = ancestor {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "certificate_revoked",
+                format!(
+                    "the certificate with serial {serial_hex} was renewed from the revoked \
+                     certificate {ancestor}; it renews no more (bootstrap again with a new \
+                     credential)"
+                ),
+            ));
+        }
         if self.revoked.load().set.contains_raw(&serial) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -1317,9 +1386,17 @@ impl Server {
                 id.clone(),
                 key,
                 format!("renew:{id}"),
-                Some(crate::ca::serial_hex(&serial)),
+                Some(serial_hex.clone()),
             )
             .await?;
+        self.lineage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                issued.entry.serial.clone(),
+                serial_hex,
+                &issued.entry.not_after,
+            );
         tracing::info!(spiffe_id = %id, serial = %issued.entry.serial, "renewed");
         Ok(self.issued_response(&issued))
     }
@@ -1960,6 +2037,7 @@ pub async fn run(
             stamp: revoked_stamp(&dir),
             set: RevokedSet::load(&dir)?,
         }),
+        lineage: Mutex::new(seed_lineage(&dir)),
         dir,
         store: store.clone(),
         refreshing: AtomicBool::new(false),
@@ -2320,9 +2398,51 @@ fn watch_key(ca: &Ca, metrics: &CaMetrics) {
     }
 }
 
+/// [`Lineage`] from the renewals in `ledger.jsonl` (none with a store: its
+/// ledger is a table; the replica learns the renewals it issues). A ledger
+/// that cannot be read starts it empty: revocation by serial still holds.
+fn seed_lineage(dir: &Path) -> Lineage {
+    let mut l = Lineage::default();
+    match ledger::read_all(dir) {
+        Ok(entries) => {
+            for e in entries {
+                if let Some(p) = e.renewed_from {
+                    l.insert(e.serial, p, &e.not_after);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "the ledger's renewal links could not be read"),
+    }
+    l
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A renewal that raced `revoke` is not on the list, its ancestor is:
+    /// the walk up finds it; expired links are not kept.
+    #[test]
+    fn a_certificate_descending_from_a_revoked_one_is_found() {
+        let later = "2099-01-01T00:00:00Z";
+        let mut l = Lineage::default();
+        l.insert("bb".into(), "aa".into(), later);
+        l.insert("cc".into(), "bb".into(), later);
+        l.insert("ee".into(), "dd".into(), later);
+        l.insert("old".into(), "aa".into(), "2001-01-01T00:00:00Z");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(files::REVOKED),
+            r#"{"revoked":[{"serial":"aa","spiffe_id":"x","not_after":"2099-01-01T00:00:00Z","revoked_at":"2026-01-01T00:00:00Z","by":"serial:aa"}]}"#,
+        )
+        .unwrap();
+        let revoked = RevokedSet::load(dir.path()).unwrap();
+        assert_eq!(l.revoked_ancestor("cc", &revoked).as_deref(), Some("aa"));
+        assert_eq!(l.revoked_ancestor("bb", &revoked).as_deref(), Some("aa"));
+        assert_eq!(l.revoked_ancestor("ee", &revoked), None);
+        assert_eq!(l.revoked_ancestor("aa", &revoked), None);
+        assert!(!l.parents.contains_key("old"));
+    }
 
     /// The body budget is shared: once it is spent, a request is refused
     /// with 503 `server_busy` at once, until an answer gives bytes back.

@@ -1559,3 +1559,47 @@ fn a_revocation_takes_effect_while_the_rest_of_the_ca_fails_to_reload() {
     let (status, code, v) = curl_renew(&ca, srv.port, &stolen, &stolen_key, &csr);
     assert_eq!((status, code.as_str()), (403, "certificate_revoked"), "{v}");
 }
+
+/// A renewal that raced `revoke` (issued after it read the ledger) is not
+/// on the revocation list, but the certificate it was renewed from is:
+/// serve refuses to renew it (adv33 F5). Simulated by taking the renewal's
+/// entry out of revoked.json again.
+#[test]
+fn a_renewal_that_raced_the_revocation_renews_no_more() {
+    let ca = TestCa::new(TD);
+    let srv = CaServer::start(&ca, &[]);
+    let (stolen, stolen_key) = ca.issue("stolen", "/ns/shop/sa/payments", &[]);
+    let serial = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(&stolen),
+    )
+    .trim()
+    .trim_start_matches("serial=")
+    .to_owned();
+    let (csr, key) = openssl_csr(&ca, "escaped");
+    let (status, code, v) = curl_renew(&ca, srv.port, &stolen, &stolen_key, &csr);
+    assert_eq!((status, code.as_str()), (200, "ok"), "{v}");
+    let escaped = ca.path("escaped.crt");
+    fs::write(&escaped, v["chain_pem"].as_str().unwrap()).unwrap();
+    let escaped_serial = v["serial"].as_str().unwrap().to_owned();
+    run_ok(
+        cmd("keyproof-ca")
+            .args(["revoke", "--dir"])
+            .arg(&ca.dir)
+            .args(["--serial", &serial]),
+    );
+    // As if `revoke` had read the ledger before the renewal was recorded.
+    let path = ca.dir.join("revoked.json");
+    let mut list: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    list["revoked"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|r| r["serial"] != escaped_serial.as_str());
+    assert_eq!(list["revoked"].as_array().unwrap().len(), 1, "{list}");
+    fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (csr, _) = openssl_csr(&ca, "again");
+    let (status, code, v) = curl_renew(&ca, srv.port, &escaped, &key, &csr);
+    assert_eq!((status, code.as_str()), (403, "certificate_revoked"), "{v}");
+}
