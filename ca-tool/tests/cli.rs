@@ -178,3 +178,44 @@ fn rotation_subdirectories_are_private_and_check_reads_revoked_json() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("revoked.json"));
 }
+
+/// Parallel `rotate intermediate` runs on one directory used to install one
+/// run's key beside another's certificate (the CA could no longer sign);
+/// under the directory lock they run one after the other (adv33 F8).
+#[test]
+fn parallel_intermediate_rotations_leave_a_matching_pair() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let out = ca()
+        .args(["init", "--trust-domain", "rot.keyproof.test", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("run keyproof-ca");
+    assert!(out.status.success());
+    for _round in 0..15 {
+        let children: Vec<_> = (0..6)
+            .map(|_| {
+                ca().args(["rotate", "intermediate", "--dir"])
+                    .arg(&dir)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("spawn rotate")
+            })
+            .collect();
+        for mut c in children {
+            assert!(c.wait().expect("wait").success());
+        }
+        let out = ca()
+            .args(["check", "--dir"])
+            .arg(&dir)
+            .output()
+            .expect("run check");
+        assert_ne!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
