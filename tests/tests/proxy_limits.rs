@@ -69,9 +69,19 @@ fn header_limit_and_connection_backpressure() {
         start.elapsed()
     );
 
-    // Two authenticated, idle connections take both slots; a third caller
-    // waits (after its handshake) and is served once the idle timeout
-    // frees one.
+    // Two authenticated, idle connections take both slots; another
+    // caller waits (after its handshake) and is served once the idle
+    // timeout frees one. (A third connection of the same caller would be
+    // beyond its `max_connections_per_peer` share, and closed.)
+    let other = pki.issue("other", "/ns/default/sa/other");
+    let (other_crt, other_key) = (
+        other.crt.display().to_string(),
+        other.key.display().to_string(),
+    );
+    let mut args: Vec<&str> = base.to_vec();
+    args[2] = &other_crt;
+    args[4] = &other_key;
+    args.push(&url);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
