@@ -623,40 +623,45 @@ fn interop_python_signs_for_the_inbound_and_verifies_the_outbound() {
     );
 
     // Python (http-message-signatures + pyOpenSSL) is the caller, straight
-    // against the real inbound over mutual TLS.
-    let out = Command::new(&py)
-        .arg(repo().join("stepup/interop/sign_client.py"))
-        .args([
-            "--connect",
-            &in_addr.to_string(),
-            "--server-name",
-            "localhost",
-        ])
-        .arg("--cert")
-        .arg(&web.crt)
-        .arg("--key")
-        .arg(&web.key)
-        .arg("--ca")
-        .arg(&pki.bundle)
-        .args([
-            "--method",
-            "POST",
-            "--path",
-            "/admin/rotate?x=1",
-            "--content-type",
-            "application/json",
-            "--body",
-            "{\"a\":1}",
-        ])
-        .output()
-        .expect("run sign_client.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "sign_client.py failed:\n{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        inbound.log_text()
-    );
+    // against the real inbound over mutual TLS: whether it ended with a
+    // 2xx, its output, and a report for a failed assertion.
+    let sign_client = |request: &[&str]| {
+        let out = Command::new(&py)
+            .arg(repo().join("stepup/interop/sign_client.py"))
+            .args([
+                "--connect",
+                &in_addr.to_string(),
+                "--server-name",
+                "localhost",
+            ])
+            .arg("--cert")
+            .arg(&web.crt)
+            .arg("--key")
+            .arg(&web.key)
+            .arg("--ca")
+            .arg(&pki.bundle)
+            .args(request)
+            .output()
+            .expect("run sign_client.py");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report = format!(
+            "sign_client.py:\n{stdout}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            inbound.log_text()
+        );
+        (out.status.success(), stdout, report)
+    };
+    let (ok, stdout, report) = sign_client(&[
+        "--method",
+        "POST",
+        "--path",
+        "/admin/rotate?x=1",
+        "--content-type",
+        "application/json",
+        "--body",
+        "{\"a\":1}",
+    ]);
+    assert!(ok, "{report}");
     assert!(
         stdout.contains("first response: 401") && stdout.contains("signed response: 200"),
         "{stdout}"
@@ -666,36 +671,17 @@ fn interop_python_signs_for_the_inbound_and_verifies_the_outbound() {
 
     // RFC 9421 signs `@path` as sent: a target the inbound normalizes
     // (`//`, `%7E`, a dot segment) verifies as the caller signed it.
-    let out = Command::new(&py)
-        .arg(repo().join("stepup/interop/sign_client.py"))
-        .args([
-            "--connect",
-            &in_addr.to_string(),
-            "--server-name",
-            "localhost",
-        ])
-        .arg("--cert")
-        .arg(&web.crt)
-        .arg("--key")
-        .arg(&web.key)
-        .arg("--ca")
-        .arg(&pki.bundle)
-        .args([
-            "--method",
-            "POST",
-            "--path",
-            "/admin//x/./%7Euser?x=1",
-            "--body",
-            "{}",
-        ])
-        .output()
-        .expect("run sign_client.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, stdout, report) = sign_client(&[
+        "--method",
+        "POST",
+        "--path",
+        "/admin//x/./%7Euser?x=1",
+        "--body",
+        "{}",
+    ]);
     assert!(
-        out.status.success() && stdout.contains("signed response: 200"),
-        "a signature over the path as sent failed:\n{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        inbound.log_text()
+        ok && stdout.contains("signed response: 200"),
+        "a signature over the path as sent failed: {report}"
     );
     assert_eq!(stepup_metric(&inbound, "ok"), 2.0);
 

@@ -492,20 +492,43 @@ pub fn add_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
     }
 }
 
-/// Whether every quoted-string of a field value ends (RFC 9110 section
-/// 5.6.4: `\` escapes the next byte inside one).
+/// Whether every quoted-string of a field value ends.
 fn quotes_closed(v: &[u8]) -> bool {
-    let (mut quoted, mut escaped) = (false, false);
+    let mut q = Quotes::default();
     for &b in v {
-        if escaped {
-            escaped = false;
-        } else if quoted && b == b'\\' {
-            escaped = true;
-        } else if b == b'"' {
-            quoted = !quoted;
-        }
+        q.outside(b);
     }
-    !quoted && !escaped
+    q.closed()
+}
+
+/// Follows a field value's quoted-strings byte by byte (RFC 9110 section
+/// 5.6.4: `\` escapes the next byte inside one).
+#[derive(Default)]
+struct Quotes {
+    quoted: bool,
+    escaped: bool,
+}
+
+impl Quotes {
+    /// Takes the next byte: whether it stands outside every quoted-string
+    /// (a quote mark itself does not).
+    fn outside(&mut self, b: u8) -> bool {
+        if self.escaped {
+            self.escaped = false;
+        } else if self.quoted && b == b'\\' {
+            self.escaped = true;
+        } else if b == b'"' {
+            self.quoted = !self.quoted;
+        } else {
+            return !self.quoted;
+        }
+        false
+    }
+
+    /// Whether the bytes taken left no quoted-string open.
+    fn closed(&self) -> bool {
+        !self.quoted && !self.escaped
+    }
 }
 
 /// `values` joined by `, `, then `last`: one field value.
@@ -770,16 +793,10 @@ fn elements(v: &[u8]) -> impl Iterator<Item = &[u8]> {
         if rest.is_empty() {
             return None;
         }
-        let (mut quoted, mut escaped) = (false, false);
+        let mut q = Quotes::default();
         let mut end = rest.len();
         for (i, &b) in rest.iter().enumerate() {
-            if escaped {
-                escaped = false;
-            } else if quoted && b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                quoted = !quoted;
-            } else if b == b',' && !quoted {
+            if q.outside(b) && b == b',' {
                 end = i;
                 break;
             }
