@@ -142,25 +142,7 @@ fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
     let ca = TestCa::new(TD);
     let srv = CaServer::start(&ca, &["--rate-limit", "3"]);
     let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
-    let csr = ca.path("new.csr");
-    run_ok(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                "/CN=x",
-                "-keyout",
-            ])
-            .arg(ca.path("new.key"))
-            .arg("-out")
-            .arg(&csr),
-    );
+    let (csr, _) = openssl_csr(&ca, "new");
     let cert_s = cert.display().to_string();
     let key_s = key.display().to_string();
     let data = format!("@{}", csr.display());
@@ -1015,25 +997,7 @@ fn one_address_cannot_hold_every_api_connection() {
     let ca = TestCa::new(TD);
     let srv = CaServer::start(&ca, &[]);
     let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
-    let csr = ca.path("new.csr");
-    run_ok(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                "/CN=x",
-                "-keyout",
-            ])
-            .arg(ca.path("new.key"))
-            .arg("-out")
-            .arg(&csr),
-    );
+    let (csr, _) = openssl_csr(&ca, "new");
     let rt = rt();
     let held = rt.block_on(async {
         let mut held = Vec::new();
