@@ -751,7 +751,7 @@ impl Outbound {
             Ok(r) => r,
             Err(resp) => return Ok(*resp),
         };
-        let sent = up.h1.request(req).await;
+        let sent = up.h1.client().request(req).await;
         sent.map(|r| r.map(ProxyBody::Stream)).map_err(|e| {
             let mut cur: &(dyn std::error::Error + 'static) = &e;
             loop {
@@ -796,7 +796,7 @@ impl Outbound {
 
 /// Turns the HTTP/2-form request into the form the HTTP/1.1 pool sends:
 /// the app's authority in Host, the URI keyed to the upstream's pool.
-fn into_h1(
+pub(crate) fn into_h1(
     req: Request<ProxyBody>,
     pool_key: &Authority,
 ) -> Result<Request<ProxyBody>, Box<Response<ProxyBody>>> {

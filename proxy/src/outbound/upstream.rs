@@ -213,21 +213,42 @@ impl Dialer {
         };
         let open = self.metrics.connections_open.clone();
         open.inc();
+        let info = Arc::new(MeshConnInfo {
+            peer_id,
+            exporter,
+            conn_id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
+            not_after,
+            own_not_after,
+            retire_at: not_after.min(unix_time(own_not_after.saturating_sub(own_margin))),
+        });
         Ok(MeshStream {
             tls,
             _own: own,
             h2,
-            info: Arc::new(MeshConnInfo {
-                peer_id,
-                exporter,
-                conn_id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
-                not_after,
-                own_not_after,
-                retire_at: not_after.min(unix_time(own_not_after.saturating_sub(own_margin))),
-            }),
+            info,
             open,
         })
     }
+}
+
+/// Whether a new request may go on a connection of `info` made with the
+/// identity of `store`. Past its server's certificate, never. Near the end
+/// of the certificate this side presented, only while there is no renewed
+/// one: the server ends the connection when it expires (GOAWAY or close),
+/// and requests sent as it does would fail unprocessed, so a renewed
+/// certificate goes on a new connection while what is in flight here
+/// finishes.
+fn usable(info: &MeshConnInfo, store: &IdentityStore) -> bool {
+    let now = SystemTime::now();
+    if now < info.retire_at {
+        return true;
+    }
+    if now >= info.not_after {
+        return false;
+    }
+    store
+        .get()
+        .is_none_or(|i| i.not_after <= info.own_not_after)
 }
 
 /// `secs` after the Unix epoch, clamped to between the epoch and some
@@ -300,8 +321,9 @@ impl Connection for MeshStream {
 }
 
 /// The pool's connector: every URI it is asked for maps to this upstream.
+/// Each connection it makes is noted in its pool generation's [`Earliest`].
 #[derive(Clone)]
-pub struct MeshConnector(Arc<Dialer>);
+pub struct MeshConnector(Arc<Dialer>, Arc<Earliest>);
 
 impl tower_service::Service<Uri> for MeshConnector {
     type Response = TokioIo<MeshStream>;
@@ -313,8 +335,82 @@ impl tower_service::Service<Uri> for MeshConnector {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
-        let d = self.0.clone();
-        Box::pin(async move { d.dial().await.map(TokioIo::new) })
+        let (d, earliest) = (self.0.clone(), self.1.clone());
+        Box::pin(async move {
+            let stream = d.dial().await?;
+            earliest.note(&stream.info);
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// The connection of a pool generation that retires first.
+#[derive(Default)]
+pub struct Earliest(std::sync::Mutex<Option<Arc<MeshConnInfo>>>);
+
+impl Earliest {
+    fn note(&self, info: &Arc<MeshConnInfo>) {
+        let mut e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if e.as_ref().is_none_or(|o| info.retire_at < o.retire_at) {
+            *e = Some(info.clone());
+        }
+    }
+
+    /// Whether a connection of the generation takes no new request.
+    fn retired(&self, store: &IdentityStore) -> bool {
+        let e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        e.as_ref().is_some_and(|i| !usable(i, store))
+    }
+}
+
+/// The HTTP/1.1 pool of an upstream that does not offer `h2`. hyper's pool
+/// asks a connection only whether it is open before reusing it, so
+/// connections are kept in generations: once one of the current
+/// generation may take no new request ([`usable`]: its server's
+/// certificate expired, or ours is about to and a renewed one exists), the
+/// next request gets a new pool. Requests in flight on the old one finish,
+/// and its idle connections close with it.
+pub struct H1Pool {
+    dialer: Arc<Dialer>,
+    idle_timeout: Duration,
+    current: std::sync::Mutex<Arc<H1Generation>>,
+}
+
+struct H1Generation {
+    client: Client<MeshConnector, ProxyBody>,
+    earliest: Arc<Earliest>,
+}
+
+impl H1Pool {
+    fn new(dialer: Arc<Dialer>, idle_timeout: Duration) -> H1Pool {
+        let first = H1Pool::generation(&dialer, idle_timeout);
+        H1Pool {
+            dialer,
+            idle_timeout,
+            current: std::sync::Mutex::new(first),
+        }
+    }
+
+    fn generation(dialer: &Arc<Dialer>, idle_timeout: Duration) -> Arc<H1Generation> {
+        let earliest = Arc::new(Earliest::default());
+        Arc::new(H1Generation {
+            client: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(idle_timeout)
+                .set_host(false)
+                .build(MeshConnector(dialer.clone(), earliest.clone())),
+            earliest,
+        })
+    }
+
+    /// The pool a new request goes to.
+    pub fn client(&self) -> Client<MeshConnector, ProxyBody> {
+        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if g.earliest.retired(&self.dialer.store) {
+            tracing::debug!(upstream = %self.dialer.address, "a certificate of an HTTP/1.1 connection is at its end; new requests go to new connections");
+            *g = H1Pool::generation(&self.dialer, self.idle_timeout);
+        }
+        g.client.clone()
     }
 }
 
@@ -362,28 +458,8 @@ impl MeshLink {
         let c = self.current.load();
         let c = c
             .as_ref()
-            .filter(|c| !c.0.is_closed() && self.usable(&c.1))?;
+            .filter(|c| !c.0.is_closed() && usable(&c.1, &self.dialer.store))?;
         Some((c.0.clone(), c.1.clone()))
-    }
-
-    /// Whether a new request may go on the connection of `info`.
-    fn usable(&self, info: &MeshConnInfo) -> bool {
-        let now = std::time::SystemTime::now();
-        if now < info.retire_at {
-            return true;
-        }
-        if now >= info.not_after {
-            return false;
-        }
-        // The certificate this side presented is about to expire, and the
-        // server ends the connection then (GOAWAY): requests sent as it
-        // does would fail unprocessed. A renewed certificate goes on a new
-        // connection now, while what is in flight here finishes; without
-        // one, there is nothing better than this connection.
-        self.dialer
-            .store
-            .get()
-            .is_none_or(|i| i.not_after <= info.own_not_after)
     }
 
     async fn redial(&self, usable: impl Fn(&MeshConn) -> bool) -> Result<MeshConn, ForwardError> {
@@ -426,7 +502,7 @@ pub struct Upstream {
     /// The HTTP/1.1 pool's key for it.
     pub pool_key: Authority,
     /// The HTTP/1.1 pool, for an upstream that does not offer `h2`.
-    pub h1: Client<MeshConnector, ProxyBody>,
+    pub h1: H1Pool,
     /// The shared HTTP/2 connection.
     pub h2: MeshLink,
     /// Set once the upstream turned out not to offer `h2`.
@@ -468,11 +544,7 @@ impl Upstream {
                 store: store.clone(),
             }))
         };
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .set_host(false)
-            .build(MeshConnector(mk(&[b"http/1.1"])?));
+        let h1 = H1Pool::new(mk(&[b"http/1.1"])?, cfg.pool_idle_timeout);
         let pool_key: Authority = u.address.parse().map_err(|e| OutboundError::Address {
             key: format!("outbound.upstreams[{i}].address"),
             msg: format!("{e}"),
@@ -687,7 +759,22 @@ pub(crate) mod tests {
                         _close,
                     });
                     if !h2 {
-                        let _ = closed.await;
+                        // HTTP/1.1: 200 to every request, counted, until the
+                        // client closes or the test drops its `Accepted`.
+                        let svc = hyper::service::service_fn(move |_req| {
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            async {
+                                Ok::<_, std::convert::Infallible>(Response::new(
+                                    http_body_util::Empty::<bytes::Bytes>::new(),
+                                ))
+                            }
+                        });
+                        let serve = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc);
+                        tokio::select! {
+                            _ = closed => {}
+                            _ = serve => {}
+                        }
                         return;
                     }
                     let mut server = h2::server::Builder::new();
@@ -1074,6 +1161,88 @@ pub(crate) mod tests {
         assert_eq!(handshakes(&m, "ok"), 1.0);
         assert_eq!(open_connections(&m), 0.0);
         assert!(up.h2.current().is_none());
+    }
+
+    /// Sends `get()` through the upstream's HTTP/1.1 pool, as the outbound
+    /// does.
+    async fn h1_get(up: &Upstream) -> Result<StatusCode, String> {
+        let req =
+            crate::outbound::into_h1(get(), &up.pool_key).map_err(|r| r.status().to_string())?;
+        match tokio::time::timeout(Duration::from_secs(5), up.h1.client().request(req)).await {
+            Ok(Ok(r)) => Ok(r.status()),
+            Ok(Err(e)) => Err(root_cause(&e)),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_request_goes_on_a_pooled_http1_connection_past_its_servers_certificate() {
+        let api = workload_for(
+            "/ns/demo/sa/api",
+            KeyType::EcdsaP256,
+            Duration::from_secs(2),
+        );
+        let (addr, mut accepted) = mesh_server(&api, &[b"http/1.1"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let up = upstream(&outbound_cfg(&addr.to_string(), API, ""), &m);
+        assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
+        assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
+        let first = next(&mut accepted).await;
+        assert_eq!(
+            first.requests.load(Ordering::SeqCst),
+            2,
+            "one pooled connection"
+        );
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        // The pooled connection is still open, but its server's certificate
+        // has expired: the request dials anew and meets it.
+        let e = h1_get(&up)
+            .await
+            .expect_err("a request past the server's certificate");
+        assert!(e.contains("expired") || e.contains("Expired"), "{e}");
+        assert_eq!(
+            first.requests.load(Ordering::SeqCst),
+            2,
+            "sent on the expired connection"
+        );
+        assert_eq!(handshakes(&m, "expired"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_takes_http1_requests_to_a_new_connection_before_the_old_expires()
+    {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) = mesh_server(&api, &[b"http/1.1"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let cfg = outbound_cfg(&addr.to_string(), API, "");
+        let web = workload_for(
+            "/ns/demo/sa/web",
+            KeyType::EcdsaP256,
+            Duration::from_secs(4),
+        );
+        let store = web.store();
+        let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
+        assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
+        let old = next(&mut accepted).await;
+        // Past the retirement margin (a tenth of 4 s, at least 1 s) with
+        // nothing newer to present: the connection is still the best there is.
+        tokio::time::sleep(Duration::from_millis(3200)).await;
+        assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
+        assert_eq!(old.requests.load(Ordering::SeqCst), 2);
+        // Renewed: the next request goes on a new connection, before ours
+        // expires on the old one.
+        store.replace(workload("/ns/demo/sa/web").identity());
+        assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
+        let new = next(&mut accepted).await;
+        assert_eq!(old.requests.load(Ordering::SeqCst), 2);
+        assert_eq!(new.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
+        assert_eq!(
+            new.requests.load(Ordering::SeqCst),
+            2,
+            "the new connection is kept"
+        );
+        assert_eq!(handshakes(&m, "ok"), 2.0);
     }
 
     #[tokio::test]
