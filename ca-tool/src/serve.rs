@@ -1815,6 +1815,7 @@ fn presented_serial(conn: &Conn) -> Option<Vec<u8>> {
 
 /// Identity and expiry of a client certificate the handshake verified (the
 /// verifier already applied every SVID rule; only the ID is read here).
+/// `not_after` is the leaf's own: a renewal is refused past it.
 fn peer_svid(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Option<VerifiedSvid> {
     let (_, leaf) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
     Some(VerifiedSvid {

@@ -56,7 +56,10 @@ impl VerifyError {
             }
             VerifyError::Expired => "expired",
             VerifyError::NotYetValid => "not_yet_valid",
-            VerifyError::BadChain(_) => "unknown_ca",
+            // Under a root of the bundle, but not a valid path: a path
+            // length, an unknown critical extension, a name constraint.
+            // Not `unknown_ca`, which operators watch during root rotation.
+            VerifyError::BadChain(_) => "bad_chain",
             VerifyError::BadKeyUsage(_) | VerifyError::WrongPurpose(_) => "bad_key_usage",
             VerifyError::Svid(SvidError::UnsupportedKey(_)) => "unsupported_key",
             VerifyError::Svid(e) if e.is_key_usage() => "bad_key_usage",
@@ -77,6 +80,9 @@ fn map_webpki(e: webpki::Error) -> VerifyError {
         webpki::Error::CaUsedAsEndEntity => {
             VerifyError::BadKeyUsage("a CA certificate (cA=true) presented as the end entity")
         }
+        webpki::Error::EndEntityUsedAsCa => VerifyError::BadKeyUsage(
+            "an end-entity certificate (cA=false) used to issue another certificate",
+        ),
         #[allow(deprecated)]
         webpki::Error::RequiredEkuNotFound
         | webpki::Error::RequiredEkuNotFoundContext(_)
@@ -104,7 +110,10 @@ pub struct VerifiedSvid {
     pub spiffe_id: SpiffeId,
     /// SHA-256 of the end-entity SubjectPublicKeyInfo DER.
     pub spki_sha256: [u8; 32],
-    /// The end-entity certificate's notAfter, seconds since the epoch.
+    /// When the validated chain stops being valid: the earliest notAfter of
+    /// the end-entity certificate and the intermediates of its path,
+    /// seconds since the epoch. An intermediate that expires before the
+    /// leaf fails every later handshake as surely as the leaf would.
     pub not_after: i64,
 }
 
@@ -277,11 +286,13 @@ impl SvidVerifier {
             }
         };
         self.bundle.check_anchor(path.anchor(), now)?;
+        let mut not_after = i64::MAX;
         for ca in path.intermediate_certificates() {
             let der = ca.der();
             let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
                 .map_err(|e| VerifyError::BadChain(format!("intermediate: {e}")))?;
             svid::check_signing(&parsed)?;
+            not_after = not_after.min(parsed.validity().not_after.timestamp());
         }
         let (_, leaf) = x509_parser::parse_x509_certificate(end_entity)
             .map_err(|e| SvidError::Parse(e.to_string()))?;
@@ -295,7 +306,7 @@ impl SvidVerifier {
         Ok(VerifiedSvid {
             spiffe_id,
             spki_sha256: keys::sha256(leaf.public_key().raw),
-            not_after: leaf.validity().not_after.timestamp(),
+            not_after: not_after.min(leaf.validity().not_after.timestamp()),
         })
     }
 }

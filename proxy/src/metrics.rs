@@ -62,7 +62,7 @@ pub const KEY_LOCATIONS: [&str; 3] = ["file", "memory", "pkcs11"];
 pub const KEY_OPERATION_RESULTS: [&str; 3] = ["ok", "failed", "unavailable"];
 
 /// Every `result` label of `keyproof_tls_handshakes_total`.
-pub const HANDSHAKE_RESULTS: [&str; 13] = [
+pub const HANDSHAKE_RESULTS: [&str; 14] = [
     "ok",
     "no_client_cert",
     "unknown_ca",
@@ -77,6 +77,9 @@ pub const HANDSHAKE_RESULTS: [&str; 13] = [
     "unsupported_key",
     // Ours, not the peer's: the token holding our key could not sign.
     "key_unavailable",
+    // Under a root of the bundle, but not a valid path (a path length, an
+    // unknown critical extension, a name constraint).
+    "bad_chain",
 ];
 
 /// Index of `protocol` in [`HANDSHAKE_RESULTS`], where unknown results go.
@@ -1179,7 +1182,7 @@ mod tests {
         zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
         assert_eq!(
             checked,
-            2 * (13 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 4
+            2 * (14 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 4
         );
         // Nothing to say before a bundle is installed (not even its trust
         // domain), and no sequence unless a CA states one.

@@ -22,7 +22,12 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 const TD: &str = "hs.test";
-const NEW_RESULTS: [&str; 3] = ["possession_failed", "bad_key_usage", "unsupported_key"];
+const NEW_RESULTS: [&str; 4] = [
+    "possession_failed",
+    "bad_key_usage",
+    "unsupported_key",
+    "bad_chain",
+];
 
 fn addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
@@ -183,6 +188,20 @@ fn inbound_refuses_other_key_types_and_misused_certificates_under_their_reason()
                     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
                 }),
             "bad_key_usage",
+        ),
+        (
+            // Under the bundle's root, but no valid path: its own label,
+            // not `unknown_ca`, which operators watch during root rotation.
+            "critext",
+            s.pki.craft_with("critext", &[&id("critext")], p256(), |p| {
+                let mut ext = rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 55555, 1],
+                    vec![0x05, 0x00],
+                );
+                ext.set_criticality(true);
+                p.custom_extensions.push(ext);
+            }),
+            "bad_chain",
         ),
     ];
     for (name, cert, reason) in &cases {
@@ -593,4 +612,191 @@ fn sidecars_agree_on_x25519mlkem768_and_classic_clients_get_x25519() {
             s.proxy.metrics()
         );
     }
+}
+
+/// A caller's TLS 1.3 configuration with `cert` and the roots of `bundle`.
+fn caller_tls(cert: &Cert, bundle: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for r in CertificateDer::pem_file_iter(bundle).unwrap() {
+        roots.add(r.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        chain_of(cert),
+        PrivateKeyDer::from_pem_file(&cert.key).unwrap(),
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+/// A kept HTTP/2 connection to `addr`, presenting `cert`.
+async fn kept_connection(
+    cert: &Cert,
+    bundle: &std::path::Path,
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(caller_tls(cert, bundle))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("mTLS handshake");
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// The status of one GET on `send`, or why there is none.
+async fn get_on(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<u16, String> {
+    let req = http::Request::get("https://localhost/x")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await {
+        Ok(Ok(r)) => Ok(r.status().as_u16()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer in 5 s".into()),
+    }
+}
+
+/// Dropping a root from the trust bundle is what an operator does after a
+/// CA compromise. The connections that root's certificates opened end, in
+/// both directions, and are not waited out: an inbound closes those of its
+/// callers (gracefully, then for good), an outbound sends no new request on
+/// those to its upstreams; connections under the roots still trusted go on.
+#[test]
+fn a_root_dropped_from_the_bundle_ends_the_connections_it_had_verified() {
+    let (old, new) = (Pki::new(TD), Pki::new(TD));
+    let both_pem = format!("{}{}", old.ca.bundle_pem(), new.ca.bundle_pem());
+    let both = new.path("both.pem");
+    std::fs::write(&both, &both_pem).unwrap();
+    let app = EchoApp::start();
+    let identity = |bundle: &std::path::Path, cert: &Cert| {
+        format!(
+            "[identity]\ntrust_bundle = {:?}\nreload_interval = \"1s\"\n[identity.files]\ncert = {:?}\nkey = {:?}\n",
+            bundle.display().to_string(),
+            cert.crt.display().to_string(),
+            cert.key.display().to_string()
+        )
+    };
+    // The inbound: its own certificate of the new root, both roots trusted.
+    let in_bundle = new.path("in-bundle.pem");
+    std::fs::write(&in_bundle, &both_pem).unwrap();
+    let (in_addr, in_admin) = (addr(), addr());
+    let inbound = ProxyProc::start(
+        new.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{}\"\n[admin]\nlisten = \"{in_admin}\"\n",
+            identity(&in_bundle, &new.issue("server", "/ns/default/sa/api")),
+            app.addr
+        ),
+        in_admin,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let old_web = old.issue("old-web", "/ns/default/sa/web");
+    let new_web = new.issue("new-web", "/ns/default/sa/web");
+    let (mut by_old, mut by_new) = rt.block_on(async {
+        (
+            kept_connection(&old_web, &both, in_addr).await,
+            kept_connection(&new_web, &both, in_addr).await,
+        )
+    });
+    assert_eq!(rt.block_on(get_on(&mut by_old)), Ok(200));
+    assert_eq!(rt.block_on(get_on(&mut by_new)), Ok(200));
+    write_renamed(&in_bundle, &new.ca.bundle_pem());
+    let cut = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while tokio::time::Instant::now() < deadline {
+            if by_old.is_closed() || get_on(&mut by_old).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    });
+    assert!(
+        cut,
+        "a caller of the dropped root is still served:\n{}",
+        inbound.log_text()
+    );
+    assert_eq!(
+        rt.block_on(get_on(&mut by_new)),
+        Ok(200),
+        "the caller of the root still trusted lost its connection"
+    );
+    assert!(
+        inbound
+            .log_text()
+            .contains("no longer accepts its caller's certificate"),
+        "{}",
+        inbound.log_text()
+    );
+
+    // The outbound: an upstream presenting a certificate of the old root,
+    // reached over a kept mesh connection, is not used once that root goes.
+    let (up_addr, up_admin) = (addr(), addr());
+    let _upstream = ProxyProc::start(
+        old.tmp.path(),
+        "up",
+        &format!(
+            "{}[inbound]\nlisten = \"{up_addr}\"\napp = \"{}\"\n[admin]\nlisten = \"{up_admin}\"\n",
+            identity(&both, &old.issue("api-old", "/ns/default/sa/api")),
+            app.addr
+        ),
+        up_admin,
+    );
+    let out_bundle = new.path("out-bundle.pem");
+    std::fs::write(&out_bundle, &both_pem).unwrap();
+    let (out_addr, out_admin) = (addr(), addr());
+    let outbound = ProxyProc::start(
+        new.tmp.path(),
+        "out",
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{up_addr}\"\nidentity = \"{}\"\n\
+             [admin]\nlisten = \"{out_admin}\"\n",
+            identity(&out_bundle, &new.issue("web", "/ns/default/sa/web")),
+            new.id("/ns/default/sa/api")
+        ),
+        out_admin,
+    );
+    let through = || {
+        curl(&[
+            "-x",
+            &format!("http://{out_addr}"),
+            "http://api.default.svc/x",
+        ])
+    };
+    for _ in 0..3 {
+        assert_eq!(through().0, 200);
+    }
+    assert_eq!(
+        outbound.metric(&sample("outbound", "ok")),
+        1.0,
+        "one kept connection"
+    );
+    write_renamed(&out_bundle, &new.ca.bundle_pem());
+    let refused = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        let (code, body, _) = through();
+        code == 502 && body.contains("unknown_ca")
+    });
+    assert!(
+        refused,
+        "the outbound kept using an upstream of the dropped root:\n{}",
+        outbound.log_text()
+    );
+    assert!(outbound.metric(&sample("outbound", "unknown_ca")) >= 1.0);
 }

@@ -482,6 +482,10 @@ pub struct MeshConnInfo {
     /// ends the connection then). Past it, a request goes on a new
     /// connection when a renewed certificate is there to present.
     pub retire_at: std::time::SystemTime,
+    /// The generation of our trust bundle's roots read before the
+    /// handshake verified the server: once the roots change, the server
+    /// is not taken on trust, and new requests go on a new connection.
+    pub trust_generation: u64,
 }
 
 /// A live mesh connection: its sender and what is known about it.

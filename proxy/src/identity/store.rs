@@ -16,6 +16,7 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use x509_parser::certificate::X509Certificate;
 
 use arc_swap::ArcSwapOption;
 use keyproof_identity::tls::{PeerPolicy, Refusal, SvidClientVerifier, SvidServerVerifier};
@@ -211,7 +212,10 @@ pub struct Identity {
     pub verifier: SvidVerifier,
     /// Leaf serial, hex.
     pub serial: String,
-    /// Leaf notAfter, seconds since the epoch.
+    /// When the presented chain stops being valid, seconds since the epoch:
+    /// the earliest notAfter of the leaf and the intermediates of its path
+    /// to the bundle (what `keyproof_identity_cert_expiry_timestamp_seconds`
+    /// and `/ready` report, and renewal is timed by).
     pub not_after: i64,
     /// Leaf notBefore, seconds since the epoch.
     pub not_before: i64,
@@ -509,6 +513,12 @@ impl Identity {
 pub struct IdentityStore {
     current: ArcSwapOption<Identity>,
     held: tokio::sync::watch::Sender<bool>,
+    /// The trust bundle's generation: one more each time an identity with
+    /// other roots is put in use. Read per request by the outbound (an
+    /// atomic, not the watch's lock); the watch wakes the inbound's
+    /// connections, which verify their callers again.
+    trust_generation: std::sync::atomic::AtomicU64,
+    trust_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl IdentityStore {
@@ -517,6 +527,8 @@ impl IdentityStore {
         Arc::new(IdentityStore {
             current: ArcSwapOption::from_pointee(identity),
             held: tokio::sync::watch::Sender::new(true),
+            trust_generation: Default::default(),
+            trust_changed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -525,7 +537,25 @@ impl IdentityStore {
         Arc::new(IdentityStore {
             current: ArcSwapOption::empty(),
             held: tokio::sync::watch::Sender::new(false),
+            trust_generation: Default::default(),
+            trust_changed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// The trust bundle's generation (see [`IdentityStore::trust_changes`]).
+    /// Read it before a handshake: a connection whose generation is no
+    /// longer the current one was verified against other roots.
+    #[inline]
+    pub fn trust_generation(&self) -> u64 {
+        self.trust_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Wakes on every change of the trust bundle's roots, with the new
+    /// generation. Renewals of our own certificate under the same roots do
+    /// not wake it.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trust_changed.subscribe()
     }
 
     /// The identity in use, if one is held yet.
@@ -548,8 +578,37 @@ impl IdentityStore {
     /// connections keep the one they negotiated. Reloads and renewals go
     /// through [`IdentityStore::install`], which also exports and logs it.
     pub fn replace(&self, identity: Identity) {
+        let roots_changed =
+            self.current.load().as_ref().is_some_and(|old| {
+                old.verifier.bundle().roots() != identity.verifier.bundle().roots()
+            });
         self.current.store(Some(Arc::new(identity)));
+        if roots_changed {
+            // After the store: whoever sees the new generation finds the
+            // new roots in use.
+            let g = self
+                .trust_generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                + 1;
+            self.trust_changed.send_replace(g);
+        }
         self.held.send_replace(true);
+    }
+
+    /// Verifies a peer's chain (leaf first) again, as a handshake under
+    /// the trust bundle in use now would.
+    pub fn verify_again(
+        &self,
+        chain: &[CertificateDer<'static>],
+        usage: Usage,
+    ) -> Result<(), VerifyError> {
+        let Some(leaf) = chain.first() else {
+            return Err(VerifyError::NoCertificate);
+        };
+        let id = self.get().ok_or(VerifyError::EmptyBundle)?;
+        id.verifier
+            .verify(leaf, &chain[1..], UnixTime::now(), usage)
+            .map(|_| ())
     }
 
     /// Puts a new identity in use (a reload, a renewal): exports its
@@ -844,8 +903,9 @@ pub struct PeerIdentity {
     /// form `[[inbound.deny]] serial` entries are kept in (and audit
     /// records name).
     pub serial: String,
-    /// When the leaf stops being valid: a connection that outlives it
-    /// ends then, as a new handshake with it would fail.
+    /// When the caller's chain stops being valid (the leaf, or an
+    /// intermediate of its path that expires first): a connection that
+    /// outlives it ends then, as a new handshake with it would fail.
     pub not_after: std::time::SystemTime,
 }
 
@@ -854,7 +914,8 @@ impl PeerIdentity {
     /// `None` only if the verifier's accepted chain no longer parses, which
     /// would be a bug; the caller refuses the connection then.
     pub fn from_certs(certs: Option<&[CertificateDer<'static>]>) -> Option<PeerIdentity> {
-        let leaf = certs?.first()?;
+        let certs = certs?;
+        let leaf = certs.first()?;
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
         let id = svid::spiffe_id_of(&parsed).ok()?;
         Some(PeerIdentity {
@@ -864,11 +925,36 @@ impl PeerIdentity {
             serial: serial_hex(parsed.raw_serial()),
             not_after: std::time::UNIX_EPOCH
                 + std::time::Duration::from_secs(
-                    u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0),
+                    u64::try_from(path_not_after(&parsed, &certs[1..])).unwrap_or(0),
                 ),
             leaf: leaf.clone(),
         })
     }
+}
+
+/// The earliest notAfter of `leaf` and of the presented certificates that
+/// issued it, issuer by issuer (by name: the handshake already verified a
+/// path, and webpki takes its intermediates from these). A presented
+/// certificate off that path (a stale extra, which webpki ignores) does not
+/// count.
+fn path_not_after(leaf: &X509Certificate<'_>, presented: &[CertificateDer<'static>]) -> i64 {
+    let mut not_after = leaf.validity().not_after.timestamp();
+    let parsed: Vec<X509Certificate<'_>> = presented
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, p)| p))
+        .collect();
+    let mut used = vec![false; parsed.len()];
+    let mut issuer = leaf.issuer();
+    // Each step takes a certificate not taken before: the walk ends.
+    while let Some(i) = (0..parsed.len()).find(|&i| !used[i] && parsed[i].subject() == issuer) {
+        used[i] = true;
+        not_after = not_after.min(parsed[i].validity().not_after.timestamp());
+        if parsed[i].subject() == parsed[i].issuer() {
+            break;
+        }
+        issuer = parsed[i].issuer();
+    }
+    not_after
 }
 
 /// A certificate serial (big-endian bytes, as DER holds them: a leading
@@ -1256,6 +1342,61 @@ mod tests {
         usages: &[Usage],
     ) -> Result<Identity, MaterialError> {
         Identity::from_parts(s.chain, s.key, roots, usages, None)
+    }
+
+    /// The intermediate's notAfter, as the proxy reads times.
+    fn intermediate_not_after(pki: &Pki) -> i64 {
+        let (_, int) = x509_parser::parse_x509_certificate(pki.ca.intermediate()).expect("int");
+        int.validity().not_after.timestamp()
+    }
+
+    #[test]
+    fn an_identity_and_a_peer_expire_with_the_first_certificate_of_their_path() {
+        let pki = Pki::shared(TD);
+        let int_end = intermediate_not_after(pki);
+        // A leaf outliving its intermediate (keyproof-ca never issues one;
+        // another issuer of `[identity.files]` may).
+        let long = pki.craft(
+            WEB,
+            Leaf {
+                not_after: 30 * 24 * 3600,
+                ..Leaf::default()
+            },
+        );
+        // A stale extra certificate off the path, which webpki ignores.
+        let stale = pki.craft(
+            API,
+            Leaf {
+                not_before: -200,
+                not_after: -100,
+                ..Leaf::default()
+            },
+        );
+        let mut presented = long.chain.clone();
+        presented.insert(1, stale.chain[0].clone());
+        let peer = PeerIdentity::from_certs(Some(&presented)).expect("peer");
+        assert_eq!(
+            peer.not_after,
+            std::time::UNIX_EPOCH + Duration::from_secs(int_end as u64)
+        );
+        let own = from_svid(long, pki.roots(), BOTH).expect("identity");
+        assert_eq!(own.not_after, int_end, "the intermediate ends first");
+        // The usual case: the leaf ends first.
+        let short = pki.craft(WEB, Leaf::default());
+        let (_, leaf) = x509_parser::parse_x509_certificate(&short.chain[0]).expect("leaf");
+        let leaf_end = leaf.validity().not_after.timestamp();
+        assert!(leaf_end < int_end);
+        let peer = PeerIdentity::from_certs(Some(&short.chain)).expect("peer");
+        assert_eq!(
+            peer.not_after,
+            std::time::UNIX_EPOCH + Duration::from_secs(leaf_end as u64)
+        );
+        assert_eq!(
+            from_svid(short, pki.roots(), BOTH)
+                .expect("identity")
+                .not_after,
+            leaf_end
+        );
     }
 
     #[test]
@@ -1991,6 +2132,12 @@ mod tests {
             (
                 refusal(Refusal::Invalid(VerifyError::Svid(SvidError::LeafIsCa))),
                 "bad_key_usage",
+            ),
+            (
+                refusal(Refusal::Invalid(VerifyError::BadChain(
+                    "PathLenConstraintViolated".into(),
+                ))),
+                "bad_chain",
             ),
             (
                 refusal(Refusal::Invalid(VerifyError::Svid(

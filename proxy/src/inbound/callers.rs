@@ -18,12 +18,19 @@
 //!
 //! A registration is one lock and one map entry per connection, taken once
 //! its handshake has named the caller; it goes when the connection does.
+//!
+//! A trust bundle change reaches open connections too ([`distrusted`]):
+//! dropping a root is what an operator does after a CA compromise, and a
+//! caller whose chain no longer verifies must not keep what it holds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use keyproof_identity::SpiffeId;
+use keyproof_identity::{SpiffeId, Usage, VerifyError};
+use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
+
+use crate::identity::store::IdentityStore;
 
 /// Every open caller connection of a listener.
 #[derive(Default)]
@@ -98,6 +105,34 @@ impl Callers {
     /// Whether no connection is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Resolves, with why, once the trust bundle in use no longer accepts the
+/// caller's `chain` (leaf first), which was verified under generation
+/// `seen` of `store`'s roots (read before its handshake). Each change of the
+/// roots verifies the chain again; renewals of our own certificate under
+/// the same roots cost nothing.
+pub async fn distrusted(
+    store: &IdentityStore,
+    mut seen: u64,
+    chain: &[CertificateDer<'static>],
+) -> VerifyError {
+    let mut changes = store.trust_changes();
+    loop {
+        // Checked before the first wait: the roots may have changed while
+        // the handshake ran.
+        let now = *changes.borrow_and_update();
+        if now != seen {
+            if let Err(e) = store.verify_again(chain, Usage::ClientAuth) {
+                return e;
+            }
+            seen = now;
+        }
+        if changes.changed().await.is_err() {
+            // The store is gone: so is the listener.
+            return std::future::pending().await;
+        }
     }
 }
 

@@ -331,6 +331,9 @@ impl Inbound {
         // The handshake holds a place among the pending ones, not a
         // connection slot: see `HandshakeGate`.
         let slot = self.gate.admit();
+        // Before the handshake, so that a bundle change during it is seen
+        // as one after it (the caller is verified again).
+        let trusted = self.store.trust_generation();
         let handshake = tokio::time::timeout(
             self.cfg.limits.handshake_timeout,
             self.acceptor.accept(ReadAhead::new(tcp)),
@@ -371,6 +374,8 @@ impl Inbound {
             Ok(Ok(tls)) => tls,
         };
         let (_, session) = tls.get_ref();
+        let chain: Arc<[rustls_pki_types::CertificateDer<'static>]> =
+            session.peer_certificates().unwrap_or(&[]).into();
         let Some(peer) = PeerIdentity::from_certs(session.peer_certificates()) else {
             self.metrics.handshake("bad_identity");
             tracing::warn!(peer = %remote, reason = "bad_identity", "inbound peer certificate unreadable after verification");
@@ -439,6 +444,7 @@ impl Inbound {
         } else {
             expires_in
         };
+        let (store, peer_id) = (self.store.clone(), conn.peer.id.clone());
         let conn = Arc::new(conn);
         let this = self.clone();
         let streams = activity.clone();
@@ -459,6 +465,10 @@ impl Inbound {
             let denied = tokio::select! {
                 _ = server::stopped(&mut global) => false,
                 () = drain.cancelled() => true,
+                e = callers::distrusted(&store, trusted, &chain) => {
+                    tracing::warn!(peer = %remote, peer_id = %peer_id, error = %e, "inbound connection cut: the trust bundle in use no longer accepts its caller's certificate");
+                    true
+                }
                 () = tokio::time::sleep(ends_in) => {
                     if denied_at_start {
                         tracing::debug!(peer = %remote, "inbound connection ends: its caller is on the deny list");

@@ -128,6 +128,7 @@ impl Dialer {
         // rather than late.
         let own = self.store.get();
         let own_not_after = own.as_ref().map_or(i64::MAX, |i| i.not_after);
+        let trust_generation = self.store.trust_generation();
         let own_margin = own
             .as_ref()
             .map_or(0, |i| ((i.not_after - i.not_before) / 10).clamp(1, 60));
@@ -220,6 +221,7 @@ impl Dialer {
             not_after,
             own_not_after,
             retire_at: not_after.min(unix_time(own_not_after.saturating_sub(own_margin))),
+            trust_generation,
         });
         Ok(MeshStream {
             tls,
@@ -232,13 +234,18 @@ impl Dialer {
 }
 
 /// Whether a new request may go on a connection of `info` made with the
-/// identity of `store`. Past its server's certificate, never. Near the end
+/// identity of `store`. Past its server's certificate, or once the trust
+/// bundle's roots changed since it was verified, never (a new handshake
+/// verifies the server against the roots in use). Near the end
 /// of the certificate this side presented, only while there is no renewed
 /// one: the server ends the connection when it expires (GOAWAY or close),
 /// and requests sent as it does would fail unprocessed, so a renewed
 /// certificate goes on a new connection while what is in flight here
 /// finishes.
 fn usable(info: &MeshConnInfo, store: &IdentityStore) -> bool {
+    if info.trust_generation != store.trust_generation() {
+        return false;
+    }
     let now = SystemTime::now();
     if now < info.retire_at {
         return true;
@@ -367,8 +374,8 @@ impl Earliest {
 /// asks a connection only whether it is open before reusing it, so
 /// connections are kept in generations: once one of the current
 /// generation may take no new request ([`usable`]: its server's
-/// certificate expired, or ours is about to and a renewed one exists), the
-/// next request gets a new pool. Requests in flight on the old one finish,
+/// certificate expired, ours is about to and a renewed one exists, or the
+/// trust bundle's roots changed), the next request gets a new pool. Requests in flight on the old one finish,
 /// and its idle connections close with it.
 pub struct H1Pool {
     dialer: Arc<Dialer>,
@@ -379,6 +386,9 @@ pub struct H1Pool {
 struct H1Generation {
     client: Client<MeshConnector, ProxyBody>,
     earliest: Arc<Earliest>,
+    /// The trust bundle's generation when this pool generation began:
+    /// every connection of it was verified under those roots or later ones.
+    trust_generation: u64,
 }
 
 impl H1Pool {
@@ -394,6 +404,7 @@ impl H1Pool {
     fn generation(dialer: &Arc<Dialer>, idle_timeout: Duration) -> Arc<H1Generation> {
         let earliest = Arc::new(Earliest::default());
         Arc::new(H1Generation {
+            trust_generation: dialer.store.trust_generation(),
             client: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(idle_timeout)
@@ -406,8 +417,10 @@ impl H1Pool {
     /// The pool a new request goes to.
     pub fn client(&self) -> Client<MeshConnector, ProxyBody> {
         let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if g.earliest.retired(&self.dialer.store) {
-            tracing::debug!(upstream = %self.dialer.address, "a certificate of an HTTP/1.1 connection is at its end; new requests go to new connections");
+        if g.trust_generation != self.dialer.store.trust_generation()
+            || g.earliest.retired(&self.dialer.store)
+        {
+            tracing::debug!(upstream = %self.dialer.address, "the trust bundle changed, or a certificate of an HTTP/1.1 connection is at its end; new requests go to new connections");
             *g = H1Pool::generation(&self.dialer, self.idle_timeout);
         }
         g.client.clone()
@@ -1129,6 +1142,49 @@ pub(crate) mod tests {
         assert_eq!(handshakes(&m, "ok"), 2.0);
         let (_, again) = sender(&up).await;
         assert_eq!(again.conn_id, fresh.conn_id, "the new connection is kept");
+    }
+
+    #[tokio::test]
+    async fn a_change_of_trusted_roots_takes_new_requests_to_a_new_connection() {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
+        let m = Metrics::new().expect("metrics");
+        let cfg = outbound_cfg(&addr.to_string(), API, "");
+        let store = workload("/ns/demo/sa/web").store();
+        let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
+        let (_, info) = sender(&up).await;
+        let _first = next(&mut accepted).await;
+        // Our certificate renewed under the same roots: the connection stays.
+        store.replace(workload("/ns/demo/sa/web").identity());
+        let (_, same) = sender(&up).await;
+        assert_eq!(same.conn_id, info.conn_id);
+        // Another set of roots: the server is verified again, on a new
+        // connection, before a new request goes to it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = keyproof_ca::ca::Ca::init(
+            &dir.path().join("ca"),
+            &keyproof_ca::ca::InitOptions {
+                trust_domain: keyproof_identity::TrustDomain::parse(crate::testing::TD)
+                    .expect("trust domain"),
+                key_type: KeyType::EcdsaP256,
+                root_ttl: Duration::from_secs(2 * 86_400),
+                intermediate_ttl: Duration::from_secs(86_400),
+            },
+        )
+        .expect("another CA");
+        let held = store.current();
+        let mut roots = held.verifier.bundle().roots().to_vec();
+        roots.extend(other.bundle().iter().cloned());
+        let usages = [
+            keyproof_identity::Usage::ServerAuth,
+            keyproof_identity::Usage::ClientAuth,
+        ];
+        store.replace(held.with_bundle(roots, &usages).expect("wider bundle"));
+        assert!(up.h2.current().is_none(), "offered past a change of roots");
+        let (_, fresh) = sender(&up).await;
+        assert_ne!(fresh.conn_id, info.conn_id);
+        let _second = next(&mut accepted).await;
+        assert_eq!(handshakes(&m, "ok"), 2.0);
     }
 
     #[tokio::test]
