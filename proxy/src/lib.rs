@@ -36,7 +36,7 @@
 //!                                                an app asking where no proof can follow: 502;
 //!                                                InboundStepUp::on_response puts the next nonce
 //!                                                on the answer (`always`, or the app asked)
-//!   http/app_client.rs   H1Pool::request       ──▶ the local app (H2cConn for gRPC apps)
+//!   http/app_client.rs   H1Pool::request       ──▶ the local app (H2cPool for gRPC apps)
 //!
 //! local app ── plaintext ──▶
 //!   outbound/mod.rs      Outbound::connection  h2 prior knowledge, or http/h1_server.rs

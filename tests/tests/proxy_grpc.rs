@@ -1,11 +1,13 @@
 //! gRPC end to end through a sidecar pair: a tonic client speaking h2c to
 //! the outbound, a tonic server behind the inbound. Unary, server streaming,
-//! and a non-OK status that travels in the trailers.
+//! and a non-OK status that travels in the trailers; and one caller's
+//! never-ending streams not holding up another caller.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -101,6 +103,29 @@ impl tower_service::Service<Request<String>> for Counting {
     }
 }
 
+/// Bidirectional: each message echoed as it comes, the head at once.
+struct Chat;
+/// Chats the app has begun.
+static CHATS: AtomicUsize = AtomicUsize::new(0);
+impl tower_service::Service<Request<tonic::Streaming<String>>> for Chat {
+    type Response = Response<MsgStream>;
+    type Error = Status;
+    type Future = BoxFut<Result<Response<MsgStream>, Status>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: Request<tonic::Streaming<String>>) -> Self::Future {
+        use tokio_stream::StreamExt;
+        CHATS.fetch_add(1, Ordering::SeqCst);
+        let incoming = req.into_inner();
+        Box::pin(async move {
+            Ok(Response::new(
+                Box::pin(incoming.map(|m| m.map(|s| format!("chat {s}")))) as MsgStream,
+            ))
+        })
+    }
+}
+
 #[derive(Clone)]
 struct EchoService;
 
@@ -121,6 +146,7 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for EchoService {
             Ok(match req.uri().path() {
                 "/test.Echo/Unary" => grpc.unary(Unary, req).await,
                 "/test.Echo/Count" => grpc.server_streaming(Counting, req).await,
+                "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
                 _ => Status::unimplemented("no such method").into_http(),
             })
         })
@@ -228,4 +254,127 @@ fn grpc_through_the_sidecar_pair() {
         outbound.metric("keyproof_tls_handshakes_total{direction=\"outbound\",result=\"ok\"}"),
         1.0
     );
+}
+
+/// A caller whose streams never end cannot hold up another caller, though
+/// the app takes only 2 streams per connection: the inbound bounds the
+/// first caller's streams by its share (`max_app_connections_per_peer`)
+/// and opens another connection to the app when one is full.
+#[test]
+fn one_callers_endless_grpc_streams_do_not_hold_up_another_caller() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(2))
+            .add_service(EchoService)
+            .serve(app_addr)
+            .await
+    });
+    keyproof_tests::wait_for_port(app_addr, Duration::from_secs(5));
+
+    let pki = Pki::new("grpc.test");
+    let server = pki.issue("server", "/ns/default/sa/grpc");
+    let greedy = pki.issue("greedy", "/ns/default/sa/greedy");
+    let other = pki.issue("other", "/ns/default/sa/other");
+    let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+    let (in_addr, in_admin) = (port(), port());
+    let _inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"{in_addr}\"\napp = \"{app_addr}\"\nmax_app_connections = 8\nmax_app_connections_per_peer = 2\napp_connect_timeout = \"1s\"\n[admin]\nlisten = \"{in_admin}\"\n",
+            identity_toml(&pki.bundle, &server)
+        ),
+        in_admin,
+    );
+    let outbound = |name: &str, id| {
+        let (addr, admin) = (port(), port());
+        let proc = ProxyProc::start(
+            pki.tmp.path(),
+            name,
+            &format!(
+                "{}[outbound]\nlisten = \"{addr}\"\n[[outbound.upstreams]]\nhost = \"grpc.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://grpc.test/ns/default/sa/grpc\"\n[admin]\nlisten = \"{admin}\"\n",
+                identity_toml(&pki.bundle, id)
+            ),
+            admin,
+        );
+        (proc, addr)
+    };
+    let (_greedy_out, greedy_addr) = outbound("greedy", &greedy);
+    let (other_out, other_addr) = outbound("other", &other);
+
+    rt.block_on(async {
+        let connect = |addr: SocketAddr| async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .origin("http://grpc.default.svc".parse().unwrap())
+                .connect()
+                .await
+                .expect("connect to outbound");
+            tonic::client::Grpc::new(channel)
+        };
+        let greedy = connect(greedy_addr).await;
+        // Four chats whose request streams never end: beyond the app's 2
+        // streams on a connection, and beyond the caller's share of 2.
+        let mut held = Vec::new();
+        for i in 0..4 {
+            let mut grpc = greedy.clone();
+            held.push(tokio::spawn(async move {
+                use tokio_stream::StreamExt;
+                let messages =
+                    tokio_stream::iter(vec![format!("hold {i}")]).chain(tokio_stream::pending());
+                grpc.ready().await.unwrap();
+                let resp = grpc
+                    .streaming(
+                        Request::new(messages),
+                        PathAndQuery::from_static("/test.Echo/Chat"),
+                        StringCodec,
+                    )
+                    .await;
+                // Held open (or refused): kept until the test ends.
+                let kept = resp.map(|r| r.into_inner());
+                std::future::pending::<()>().await;
+                drop(kept);
+            }));
+        }
+        let begun = tokio::time::Instant::now();
+        while CHATS.load(Ordering::SeqCst) < 2 {
+            assert!(
+                begun.elapsed() < Duration::from_secs(5),
+                "the greedy caller's chats never began"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let mut grpc = connect(other_addr).await;
+        for i in 0..3 {
+            let began = tokio::time::Instant::now();
+            grpc.ready().await.unwrap();
+            let resp = tokio::time::timeout(
+                Duration::from_secs(5),
+                grpc.unary(
+                    Request::new(format!("hello {i}")),
+                    PathAndQuery::from_static("/test.Echo/Unary"),
+                    StringCodec,
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("the other caller's RPC {i} waited behind the greedy one"))
+            .unwrap_or_else(|s| panic!("unary failed: {s:?}\n{}", other_out.log_text()));
+            assert!(resp.into_inner().starts_with(&format!("echo hello {i}")));
+            assert!(
+                began.elapsed() < Duration::from_secs(2),
+                "took {:?}",
+                began.elapsed()
+            );
+        }
+        for h in held {
+            h.abort();
+        }
+    });
 }

@@ -1,6 +1,7 @@
 //! The inbound's connections to the local app: a keep-alive pool of
-//! plaintext HTTP/1.1 connections, and one multiplexed h2c connection for
-//! apps that need HTTP/2 (gRPC).
+//! plaintext HTTP/1.1 connections, and multiplexed h2c connections for
+//! apps that need HTTP/2 (gRPC), as many as the app's stream limit needs
+//! ([`H2cPool`]).
 //!
 //! The HTTP/1.1 side is the proxy's own client (wire format in [`crate::http::h1`])
 //! rather than hyper's. hyper's runs each connection as a task fed through a
@@ -21,18 +22,16 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::Either;
+use futures_util::task::AtomicWaker;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -40,6 +39,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::BoxError;
 use crate::http::h1::{self, BodyError, BodyReader, Framing, H1Error};
+use crate::http::h2_stream::MeshBody;
 use crate::http::traits::SendBody;
 
 /// Idle connections kept beyond this many are closed: enough for any burst
@@ -67,13 +67,16 @@ pub enum AppError {
     Malformed(String),
 }
 
-/// What bounds the HTTP/1.1 pool beyond its timeouts.
+/// What bounds the HTTP/1.1 pool and the h2c connections beyond their
+/// timeouts.
 #[derive(Debug, Clone, Copy)]
-pub struct H1Bounds {
-    /// Connections to the app open at once; a request beyond waits up to
-    /// the connect timeout for one.
+pub struct AppBounds {
+    /// Connections to the app open at once (HTTP/1.1), and h2c streams open
+    /// at once over all h2c connections; a request beyond waits up to the
+    /// connect timeout for one.
     pub max_connections: usize,
-    /// A request body with no progress for this long ends the request.
+    /// A request body with no progress for this long ends the request (on
+    /// h2c, only until the response head arrives).
     pub body_timeout: Duration,
     /// Of `max_connections`, what one caller may hold at once (the size of
     /// the share its requests pass, for the error that names it: see
@@ -101,7 +104,7 @@ pub struct H1Pool {
     /// One permit per connection in use (idle ones are at most what was in
     /// use before, as a new one is dialled only when none is idle).
     slots: Arc<Semaphore>,
-    bounds: H1Bounds,
+    bounds: AppBounds,
 }
 
 struct Idle {
@@ -186,7 +189,7 @@ impl H1Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_head: usize,
-        bounds: H1Bounds,
+        bounds: AppBounds,
     ) -> Arc<H1Pool> {
         Arc::new(H1Pool {
             addr: addr.to_owned(),
@@ -871,63 +874,491 @@ impl std::fmt::Debug for H1Pool {
     }
 }
 
-/// One multiplexed h2c connection to the app, re-dialled when it closes.
-/// Hand-rolled rather than a pooled client so that the caller's
-/// `:authority` reaches the app unchanged (a pool would put the app's
-/// address there).
-pub struct H2cConn<B> {
-    addr: String,
-    connect_timeout: Duration,
-    current: ArcSwapOption<http2::SendRequest<B>>,
-    dialing: tokio::sync::Mutex<()>,
+/// h2c flow-control windows: hyper's client defaults, which the app path
+/// had before it was on the `h2` crate.
+const H2C_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const H2C_CONN_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// One h2c connection to the app.
+struct H2cLink {
+    send: h2::client::SendRequest<Bytes>,
+    /// Our streams open on it, against the app's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS: h2 would queue a stream beyond it
+    /// without a bound, behind streams that may never end.
+    open: AtomicUsize,
+    /// Set when the connection ended (or refused a stream as closing): new
+    /// streams need another.
+    closed: AtomicBool,
 }
 
-impl<B: SendBody> H2cConn<B> {
-    /// A connection to `addr`, dialled on first use.
-    pub fn new(addr: &str, connect_timeout: Duration) -> H2cConn<B> {
-        H2cConn {
+impl H2cLink {
+    /// Takes one of the app's concurrent streams on this connection, if one
+    /// is free.
+    fn reserve(self: &Arc<Self>) -> Option<Reserved> {
+        if self.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let max = self.send.current_max_send_streams();
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Reserved(self.clone()))
+    }
+}
+
+/// A stream of an [`H2cLink`], given back when dropped.
+struct Reserved(Arc<H2cLink>);
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request's hold on the app's h2c streams, kept by its response body
+/// until the body ends or is dropped: the connection's stream, the pool's
+/// and the caller's share.
+struct StreamHold {
+    _stream: Reserved,
+    _pool: OwnedSemaphorePermit,
+    _peer: Option<OwnedSemaphorePermit>,
+    /// The request body's pump, if it still runs.
+    watch: Option<Arc<Watch>>,
+}
+
+impl Drop for StreamHold {
+    fn drop(&mut self) {
+        // A request body still going would keep the stream open after its
+        // hold is given back (the app's limit counts it, ours no longer
+        // would): its pump resets the stream.
+        if let Some(w) = &self.watch {
+            w.state.store(DONE, Ordering::Release);
+            w.pump.wake();
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamHold")
+    }
+}
+
+/// The h2c connections to one app address (gRPC, `app_protocol = "h2"`),
+/// on the `h2` crate directly: it sends the caller's `:authority` as it is
+/// (a pooled hyper client would put the app's address there) and tells the
+/// app's stream limit, so that a full connection gets another beside it
+/// (as Envoy's HTTP/2 pool does) instead of queueing without a bound.
+///
+/// A request holds one permit of its caller's share (the same as the
+/// HTTP/1.1 pool's, so `max_per_peer` bounds a caller's app connections and
+/// h2c streams together) and one of the pool's `max_connections` streams,
+/// from before its stream opens until its response body ends: one caller
+/// with streams that never end cannot take every stream the app allows.
+/// Connections are dialled only when every open one is full, each of those
+/// holding at least one stream, so they are bounded by `max_connections`
+/// too.
+pub struct H2cPool {
+    addr: String,
+    connect_timeout: Duration,
+    max_header_bytes: u32,
+    bounds: AppBounds,
+    links: Mutex<Vec<Arc<H2cLink>>>,
+    /// One dial at a time: a burst finding every connection full makes one
+    /// more, not one each.
+    dialing: tokio::sync::Mutex<()>,
+    streams: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for H2cPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2cPool").field("addr", &self.addr).finish()
+    }
+}
+
+/// [`H2cPool::request`]'s body wrapper: fails the body once it has made no
+/// progress for `body_timeout` while the response head is awaited, or once
+/// the response is done with, either of which resets the stream
+/// (`h2_stream::pipe`). After the head, a quiet body is left alone: a
+/// bidirectional gRPC stream may be silent for long.
+struct Watched<B> {
+    body: B,
+    stall: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was set.
+    progressed: bool,
+    watch: Arc<Watch>,
+}
+
+/// What the request and its body pump tell each other.
+struct Watch {
+    /// [`AWAITING_HEAD`], then [`HEAD_CAME`] or [`STALLED`] (whichever is
+    /// set first wins), then [`DONE`].
+    state: AtomicU8,
+    /// Woken when the response is done with.
+    pump: AtomicWaker,
+}
+
+const AWAITING_HEAD: u8 = 0;
+const HEAD_CAME: u8 = 1;
+const STALLED: u8 = 2;
+/// The response ended or was dropped: the rest of the body goes nowhere.
+const DONE: u8 = 3;
+
+/// The response to a request whose body was still being sent was dropped.
+#[derive(Debug, thiserror::Error)]
+#[error("the response was dropped")]
+struct ResponseDropped;
+
+/// A request body stalled before the app's response head.
+#[derive(Debug, thiserror::Error)]
+#[error("request body made no progress for {0:?}")]
+struct BodyStalled(Duration);
+
+impl<B: SendBody> Body for Watched<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        this.watch.pump.register(cx.waker());
+        let state = this.watch.state.load(Ordering::Acquire);
+        if state == DONE {
+            return Poll::Ready(Some(Err(ResponseDropped.into())));
+        }
+        if let Poll::Ready(f) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.progressed = true;
+            return Poll::Ready(f.map(|r| r.map_err(Into::into)));
+        }
+        if state != AWAITING_HEAD {
+            this.timer = None;
+            return Poll::Pending;
+        }
+        // The clock is read only when the body has nothing ready.
+        let deadline = tokio::time::Instant::now() + this.stall;
+        let timer = match &mut this.timer {
+            Some(t) => {
+                if this.progressed {
+                    t.as_mut().reset(deadline);
+                }
+                t
+            }
+            None => this
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        this.progressed = false;
+        if timer.as_mut().poll(cx).is_ready()
+            && this
+                .watch
+                .state
+                .compare_exchange(AWAITING_HEAD, STALLED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Poll::Ready(Some(Err(BodyStalled(this.stall).into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl H2cPool {
+    /// The connections to `addr`, dialled as requests need them; response
+    /// heads above `max_header_bytes` are refused.
+    pub fn new(
+        addr: &str,
+        connect_timeout: Duration,
+        max_header_bytes: usize,
+        bounds: AppBounds,
+    ) -> Arc<H2cPool> {
+        Arc::new(H2cPool {
             addr: addr.to_owned(),
             connect_timeout,
-            current: ArcSwapOption::empty(),
+            max_header_bytes: u32::try_from(max_header_bytes).unwrap_or(u32::MAX),
+            bounds,
+            links: Mutex::new(Vec::new()),
             dialing: tokio::sync::Mutex::new(()),
+            streams: Arc::new(Semaphore::new(bounds.max_connections.max(1))),
+        })
+    }
+
+    /// Sends `req` (HTTP/2 form: scheme and authority in the URI) on a
+    /// connection with a stream free, dialling one if none has, and waits
+    /// for the response head. `share`: the caller's share, as for
+    /// [`H1Pool::request`].
+    pub fn request<B: SendBody>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        share: Option<&Arc<Semaphore>>,
+    ) -> impl Future<Output = Result<Response<H2cBody>, AppError>> + Send + 'static {
+        let pool = self.clone();
+        let share = share.cloned();
+        async move {
+            let peer = match share {
+                None => None,
+                Some(s) => Some(match s.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => pool.wait(s, true).await?,
+                }),
+            };
+            let total = match pool.streams.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => pool.wait(pool.streams.clone(), false).await?,
+            };
+            pool.send(req, total, peer).await
         }
     }
 
-    /// Sends `req` (HTTP/2 form) on the connection, dialling it if needed.
-    pub async fn request(&self, req: Request<B>) -> Result<Response<Incoming>, AppError> {
-        let mut send = self.sender().await.map_err(AppError::Unavailable)?;
-        send.send_request(req)
-            .await
-            .map_err(|e| AppError::Failed(crate::error::root_cause(&e)))
+    /// Waits (in order of arrival, up to the connect timeout) for a permit
+    /// of `of`: the caller's share, or the pool's streams.
+    async fn wait(
+        &self,
+        of: Arc<Semaphore>,
+        share: bool,
+    ) -> Result<OwnedSemaphorePermit, AppError> {
+        match tokio::time::timeout(self.connect_timeout, of.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ if share => Err(AppError::Unavailable(format!(
+                "this caller's {} app connections and h2c streams (inbound.max_app_connections_per_peer) stayed in use for {:?}",
+                self.bounds.max_per_peer, self.connect_timeout
+            ))),
+            _ => Err(AppError::Unavailable(format!(
+                "all {} h2c streams to the app (inbound.max_app_connections) stayed in use for {:?}",
+                self.bounds.max_connections, self.connect_timeout
+            ))),
+        }
     }
 
-    async fn sender(&self) -> Result<http2::SendRequest<B>, String> {
-        if let Some(s) = self.current.load().as_ref() {
-            if !s.is_closed() {
-                return Ok((**s).clone());
+    async fn send<B: SendBody>(
+        &self,
+        req: Request<B>,
+        pool: OwnedSemaphorePermit,
+        peer: Option<OwnedSemaphorePermit>,
+    ) -> Result<Response<H2cBody>, AppError> {
+        let (mut parts, body) = req.into_parts();
+        if let Some(len) = body.size_hint().exact() {
+            // As hyper does: a known length is announced, except a zero one
+            // on methods without payload semantics.
+            if (len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE))
+                && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+            {
+                parts
+                    .headers
+                    .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
             }
         }
-        let _g = self.dialing.lock().await;
-        if let Some(s) = self.current.load().as_ref() {
-            if !s.is_closed() {
-                return Ok((**s).clone());
+        // A connection found closed before the stream opened is noticed
+        // here, not by a failed request: once more, on another.
+        let mut tries = 2;
+        let (stream, mut send) = loop {
+            let stream = self.stream().await?;
+            let mut send = stream.0.send.clone();
+            match poll_fn(|cx| send.poll_ready(cx)).await {
+                Ok(()) => break (stream, send),
+                Err(e) => {
+                    stream.0.closed.store(true, Ordering::Relaxed);
+                    tries -= 1;
+                    if tries == 0 {
+                        return Err(AppError::Failed(format!("app h2c connection: {e}")));
+                    }
+                }
+            }
+        };
+        let eos = body.is_end_stream();
+        let (response, tx) = match send.send_request(Request::from_parts(parts, ()), eos) {
+            Ok(r) => r,
+            Err(e) => {
+                if e.is_go_away() || e.is_io() {
+                    stream.0.closed.store(true, Ordering::Relaxed);
+                }
+                return Err(AppError::Failed(format!("app h2c request: {e}")));
+            }
+        };
+        let watch = if eos {
+            None
+        } else {
+            // Only a request with a body still to come costs a task.
+            let watch = Arc::new(Watch {
+                state: AtomicU8::new(AWAITING_HEAD),
+                pump: AtomicWaker::new(),
+            });
+            let body = Watched {
+                body,
+                stall: self.bounds.body_timeout,
+                timer: None,
+                progressed: false,
+                watch: watch.clone(),
+            };
+            tokio::spawn(crate::http::h2_stream::pipe(body, tx));
+            Some(watch)
+        };
+        // Dropped before the head (the caller gave up), the request's
+        // future resets the stream too.
+        let hold = StreamHold {
+            _stream: stream,
+            _pool: pool,
+            _peer: peer,
+            watch,
+        };
+        let head = response.await;
+        if let Some(w) = &hold.watch {
+            if w.state
+                .compare_exchange(
+                    AWAITING_HEAD,
+                    HEAD_CAME,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+            {
+                return Err(AppError::BodyTimeout(self.bounds.body_timeout));
             }
         }
-        let tcp = tokio::time::timeout(self.connect_timeout, dial_app(self.addr.as_str()))
+        let resp = head.map_err(|e| {
+            if e.is_go_away() || e.is_io() {
+                hold._stream.0.closed.store(true, Ordering::Relaxed);
+            }
+            AppError::Failed(format!("app h2c stream: {e}"))
+        })?;
+        let (parts, recv) = resp.into_parts();
+        let body = MeshBody::new(recv, &parts.headers);
+        let hold = if body.is_end_stream() {
+            None
+        } else {
+            Some(hold)
+        };
+        Ok(Response::from_parts(parts, H2cBody { body, hold }))
+    }
+
+    /// A free stream on an open connection, or on a new one.
+    async fn stream(&self) -> Result<Reserved, AppError> {
+        if let Some(s) = self.free_stream() {
+            return Ok(s);
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(s) = self.free_stream() {
+            return Ok(s);
+        }
+        let link = self.dial().await?;
+        let s = link
+            .reserve()
+            .ok_or_else(|| AppError::Unavailable("the app allows no HTTP/2 streams".to_owned()))?;
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(link);
+        Ok(s)
+    }
+
+    fn free_stream(&self) -> Option<Reserved> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.retain(|l| !l.closed.load(Ordering::Relaxed));
+        links.iter().find_map(H2cLink::reserve)
+    }
+
+    /// A new connection, once the app's SETTINGS (its stream limit) are in.
+    async fn dial(&self) -> Result<Arc<H2cLink>, AppError> {
+        let setup = async {
+            let tcp = dial_app(self.addr.as_str())
+                .await
+                .map_err(|e| AppError::Unavailable(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            let (send, mut conn) = h2::client::Builder::new()
+                .initial_window_size(H2C_STREAM_WINDOW)
+                .initial_connection_window_size(H2C_CONN_WINDOW)
+                .max_header_list_size(self.max_header_bytes)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .map_err(|e| AppError::Unavailable(format!("HTTP/2 handshake: {e}")))?;
+            // The app's SETTINGS come before its answer to a PING: once that
+            // is in, `current_max_send_streams` is the app's own limit.
+            let mut ping = conn.ping_pong().ok_or_else(|| {
+                AppError::Unavailable("HTTP/2 connection without PING".to_owned())
+            })?;
+            let pong = ping.ping(h2::Ping::opaque());
+            tokio::pin!(pong);
+            tokio::select! {
+                r = &mut conn => {
+                    let why = r.err().map_or_else(|| "closed".to_owned(), |e| e.to_string());
+                    return Err(AppError::Unavailable(format!("HTTP/2 connection ended at once: {why}")));
+                }
+                r = &mut pong => {
+                    r.map_err(|e| AppError::Unavailable(format!("HTTP/2 PING: {e}")))?;
+                }
+            }
+            Ok((send, conn))
+        };
+        let (send, conn) = tokio::time::timeout(self.connect_timeout, setup)
             .await
-            .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))?
-            .map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
+            .map_err(|_| {
+                AppError::Unavailable(format!(
+                    "connect timed out after {:?}",
+                    self.connect_timeout
+                ))
+            })??;
+        let link = Arc::new(H2cLink {
+            send,
+            open: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         });
-        self.current.store(Some(Arc::new(send.clone())));
-        Ok(send)
+        // Weak: the connection ends once the pool and its streams are gone.
+        let watch = Arc::downgrade(&link);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app h2c connection closed");
+            }
+            if let Some(l) = watch.upgrade() {
+                l.closed.store(true, Ordering::Relaxed);
+            }
+        });
+        Ok(link)
+    }
+}
+
+/// A response body from an h2c connection to the app: data, then trailers
+/// (gRPC's status). Its stream, and its caller's share of them, are given
+/// back when it ends or is dropped.
+#[derive(Debug)]
+pub struct H2cBody {
+    body: MeshBody,
+    hold: Option<StreamHold>,
+}
+
+impl Body for H2cBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            this.hold = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -941,7 +1372,9 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::http::traits::test_body::{data, trailers, TestBody};
+    use crate::http::traits::test_body::{data, trailers, Feed, TestBody};
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
     const WAIT: Duration = Duration::from_secs(2);
 
@@ -1100,7 +1533,7 @@ mod tests {
         move |_, _, _| Reply::Send(bytes)
     }
 
-    fn pool_with(addr: &str, idle: Duration, bounds: H1Bounds) -> Arc<H1Pool> {
+    fn pool_with(addr: &str, idle: Duration, bounds: AppBounds) -> Arc<H1Pool> {
         H1Pool::new(addr, Duration::from_secs(1), idle, 1024, bounds)
     }
 
@@ -1108,8 +1541,8 @@ mod tests {
         pool_with(addr, Duration::from_secs(10), bounds())
     }
 
-    fn bounds() -> H1Bounds {
-        H1Bounds {
+    fn bounds() -> AppBounds {
+        AppBounds {
             max_connections: 8,
             max_per_peer: 8,
             body_timeout: Duration::from_secs(1),
@@ -1315,7 +1748,7 @@ mod tests {
         let pool = pool_with(
             &app.addr,
             Duration::from_secs(10),
-            H1Bounds {
+            AppBounds {
                 max_connections: 8,
                 max_per_peer: 8,
                 body_timeout: stall,
@@ -1421,7 +1854,7 @@ mod tests {
             Duration::from_millis(150),
             Duration::from_secs(10),
             1024,
-            H1Bounds {
+            AppBounds {
                 max_connections: 1,
                 max_per_peer: 1,
                 body_timeout: Duration::from_secs(1),
@@ -1450,7 +1883,7 @@ mod tests {
             Duration::from_millis(150),
             Duration::from_secs(10),
             1024,
-            H1Bounds {
+            AppBounds {
                 max_connections: 4,
                 max_per_peer: 2,
                 body_timeout: Duration::from_secs(1),
@@ -1603,12 +2036,12 @@ mod tests {
                 });
             }
         });
-        let h2c: H2cConn<Empty<Bytes>> = H2cConn::new(&addr, Duration::from_secs(1));
+        let h2c = h2c_pool(&addr, 8, 8, Duration::from_secs(1));
         for _ in 0..2 {
             let req = Request::get("http://caller.example/x")
-                .body(Empty::new())
+                .body(Empty::<Bytes>::new())
                 .unwrap();
-            let resp = tokio::time::timeout(WAIT, h2c.request(req))
+            let resp = tokio::time::timeout(WAIT, h2c.request(req, None))
                 .await
                 .unwrap()
                 .unwrap();
@@ -1618,6 +2051,167 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
         assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    }
+
+    /// An h2c app allowing `max_streams` concurrent streams: `/collect`
+    /// answers once the whole request body is in; anything else echoes the
+    /// request body (data and trailers) as it arrives, after an immediate
+    /// head. Counts its connections.
+    async fn h2_app(max_streams: u32) -> (String, Arc<AtomicUsize>) {
+        use hyper::server::conn::http2 as server;
+        type Reply = http_body_util::Either<Full<Bytes>, Incoming>;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let count = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let reply: Reply = if req.uri().path() == "/collect" {
+                        let got = req.into_body().collect().await;
+                        let got = got.map(|c| c.to_bytes()).unwrap_or_default();
+                        http_body_util::Either::Left(Full::new(got))
+                    } else {
+                        http_body_util::Either::Right(req.into_body())
+                    };
+                    Ok::<_, std::convert::Infallible>(Response::new(reply))
+                });
+                let conn = server::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(max_streams)
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::spawn(conn);
+            }
+        });
+        (addr, accepts)
+    }
+
+    fn h2c_pool(
+        addr: &str,
+        max_connections: usize,
+        max_per_peer: usize,
+        body_timeout: Duration,
+    ) -> Arc<H2cPool> {
+        H2cPool::new(
+            addr,
+            Duration::from_millis(150),
+            16 * 1024,
+            AppBounds {
+                max_connections,
+                max_per_peer,
+                body_timeout,
+            },
+        )
+    }
+
+    fn h2c_req<B>(path: &str, body: B) -> Request<B> {
+        Request::post(format!("http://app.example{path}"))
+            .body(body)
+            .unwrap()
+    }
+
+    /// A request whose body never ends: its echoed response never ends
+    /// either, and holds its stream until dropped.
+    async fn h2c_hold(
+        pool: &Arc<H2cPool>,
+        share: Option<&Arc<Semaphore>>,
+    ) -> (Feed, Response<H2cBody>) {
+        let (feed, body) = TestBody::channel(None);
+        let resp = tokio::time::timeout(WAIT, pool.request(h2c_req("/echo", body), share))
+            .await
+            .expect("a stream")
+            .expect("an answer");
+        (feed, resp)
+    }
+
+    async fn h2c_unary(
+        pool: &Arc<H2cPool>,
+        share: Option<&Arc<Semaphore>>,
+    ) -> Result<Bytes, AppError> {
+        let req = h2c_req("/echo", Full::new(Bytes::from_static(b"ping")));
+        let resp = tokio::time::timeout(WAIT, pool.request(req, share))
+            .await
+            .expect("neither answered nor failed")?;
+        Ok(resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn an_h2c_caller_holding_its_share_waits_while_another_caller_is_served() {
+        let (addr, _) = h2_app(2).await;
+        let pool = h2c_pool(&addr, 8, 1, Duration::from_secs(5));
+        let (greedy, other) = (Arc::new(Semaphore::new(1)), Arc::new(Semaphore::new(1)));
+        let (_feed, held) = h2c_hold(&pool, Some(&greedy)).await;
+        let e = h2c_unary(&pool, Some(&greedy))
+            .await
+            .expect_err("beyond its share");
+        assert!(
+            matches!(&e, AppError::Unavailable(m) if m.contains("max_app_connections_per_peer")),
+            "{e:?}"
+        );
+        assert_eq!(h2c_unary(&pool, Some(&other)).await.unwrap(), "ping");
+        // A waiting request gets the share as soon as the stream ends.
+        let waiting = tokio::spawn({
+            let (pool, greedy) = (pool.clone(), greedy.clone());
+            async move { h2c_unary(&pool, Some(&greedy)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        assert_eq!(waiting.await.unwrap().unwrap(), "ping");
+    }
+
+    #[tokio::test]
+    async fn a_full_h2c_connection_gets_another_beside_it_up_to_max_connections() {
+        let (addr, accepts) = h2_app(2).await;
+        let pool = h2c_pool(&addr, 3, 3, Duration::from_secs(5));
+        let (_f1, r1) = h2c_hold(&pool, None).await;
+        let (_f2, _r2) = h2c_hold(&pool, None).await;
+        assert_eq!(accepts.load(Ordering::SeqCst), 1);
+        // The app's 2 streams are in use: a second connection, at once.
+        let (_f3, _r3) = h2c_hold(&pool, None).await;
+        assert_eq!(accepts.load(Ordering::SeqCst), 2);
+        // 3 streams, max_connections: the next waits, then 503.
+        let e = h2c_unary(&pool, None).await.expect_err("no stream left");
+        assert!(
+            matches!(&e, AppError::Unavailable(m) if m.contains("(inbound.max_app_connections)")),
+            "{e:?}"
+        );
+        // A stream given back is taken again, on the connection it was on.
+        drop(r1);
+        assert_eq!(h2c_unary(&pool, None).await.unwrap(), "ping");
+        assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_h2c_body_stalled_before_the_head_times_out_but_not_after() {
+        let (addr, _) = h2_app(2).await;
+        let stall = Duration::from_millis(100);
+        let pool = h2c_pool(&addr, 8, 8, stall);
+        let req = h2c_req("/collect", TestBody::stalling(&["abc"], None));
+        let e = tokio::time::timeout(WAIT, pool.request(req, None))
+            .await
+            .expect("the stall is bounded")
+            .expect_err("stalled");
+        assert!(matches!(e, AppError::BodyTimeout(d) if d == stall), "{e:?}");
+        // The stream was reset and given back.
+        assert_eq!(pool.streams.available_permits(), 8);
+        // Once the head is in, a quiet body is left alone (a gRPC
+        // bidirectional stream), and trailers pass both ways.
+        let (feed, resp) = h2c_hold(&pool, None).await;
+        let mut body = resp.into_body();
+        feed.send(data("a")).unwrap();
+        let f = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+        assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "a");
+        tokio::time::sleep(stall * 3).await;
+        feed.send(data("b")).unwrap();
+        feed.send(trailers(&[("grpc-status", "0")])).unwrap();
+        let f = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+        assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "b");
+        let f = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+        let t = f.unwrap().unwrap().into_trailers().unwrap();
+        assert_eq!(t["grpc-status"], "0");
+        assert!(body.frame().await.is_none());
+        assert_eq!(pool.streams.available_permits(), 8);
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::error::BoxError;
-use crate::http::app_client::AppBody;
+use crate::http::app_client::{AppBody, H2cBody};
 use crate::http::h1_server::ServerBody;
 use crate::http::h2_stream::MeshBody;
 use crate::http::owned::{self, Underscores};
@@ -38,6 +38,9 @@ pub enum ProxyBody {
     /// A response body from the app's HTTP/1.1 pool, which returns its
     /// connection to the pool when it ends.
     App(AppBody),
+    /// A response body from one of the app's h2c connections, which gives
+    /// its stream back when it ends.
+    H2c(H2cBody),
     /// A response body from an upstream sidecar's HTTP/2 mesh connection.
     Mesh(MeshBody),
     /// A request body from the outbound's own HTTP/1.1 server.
@@ -159,6 +162,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Tee(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::App(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::H2c(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Mesh(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Checked(b, mode) => {
@@ -196,6 +200,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Tee(b) => b.is_end_stream(),
             ProxyBody::App(b) => b.is_end_stream(),
+            ProxyBody::H2c(b) => b.is_end_stream(),
             ProxyBody::Mesh(b) => b.is_end_stream(),
             ProxyBody::H1(b) => b.is_end_stream(),
             ProxyBody::Checked(b, _) => b.is_end_stream(),
@@ -208,6 +213,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
             ProxyBody::Tee(b) => b.size_hint(),
             ProxyBody::App(b) => b.size_hint(),
+            ProxyBody::H2c(b) => b.size_hint(),
             ProxyBody::Mesh(b) => b.size_hint(),
             ProxyBody::H1(b) => b.size_hint(),
             ProxyBody::Checked(b, _) => b.size_hint(),

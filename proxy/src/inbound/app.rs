@@ -32,10 +32,7 @@ pub struct AppClient {
     /// HTTP/1.1, pooled.
     pub h1: Arc<app_client::H1Pool>,
     /// h2c (gRPC, or `app_protocol = "h2"`).
-    pub h2: app_client::H2cConn<ProxyBody>,
-    /// For requests whose body is counted on its way; dialled only if such
-    /// a request goes to an HTTP/2 app.
-    pub h2_counted: app_client::H2cConn<crate::inbound::counted::Counted>,
+    pub h2: Arc<app_client::H2cPool>,
     authority: Authority,
     protocol: AppProtocol,
     /// `host:port`, for the log and the caller's error bodies.
@@ -56,21 +53,26 @@ impl AppClient {
     /// dialled until a request needs it.
     pub fn new(addr: &str, cfg: &InboundConfig) -> Result<AppClient, BadAddress> {
         let authority: Authority = addr.parse().map_err(|e| BadAddress(format!("{e}")))?;
+        let bounds = app_client::AppBounds {
+            max_connections: cfg.max_app_connections,
+            body_timeout: cfg.limits.body_timeout,
+            max_per_peer: cfg.max_app_connections_per_peer,
+        };
         let h1 = app_client::H1Pool::new(
             addr,
             cfg.app_connect_timeout,
             cfg.app_pool_idle_timeout,
             cfg.limits.max_header_bytes,
-            app_client::H1Bounds {
-                max_connections: cfg.max_app_connections,
-                body_timeout: cfg.limits.body_timeout,
-                max_per_peer: cfg.max_app_connections_per_peer,
-            },
+            bounds,
         );
         Ok(AppClient {
             h1,
-            h2: app_client::H2cConn::new(addr, cfg.app_connect_timeout),
-            h2_counted: app_client::H2cConn::new(addr, cfg.app_connect_timeout),
+            h2: app_client::H2cPool::new(
+                addr,
+                cfg.app_connect_timeout,
+                cfg.limits.max_header_bytes,
+                bounds,
+            ),
             authority,
             protocol: cfg.app_protocol,
             addr: addr.to_owned(),

@@ -1071,13 +1071,10 @@ impl Inbound {
         let app = app.clone();
         let req = Request::from_parts(parts, body);
         if use_h2 {
+            let sent = app.h2.request(req, Some(&conn.app_share));
             return Either::Left(Box::pin(async move {
-                let sent = app.h2.request(req).await;
-                app.answer(
-                    sent.map(|r| r.map(ProxyBody::Stream)),
-                    h1_caller,
-                    may_step_up,
-                )
+                let sent = sent.await;
+                app.answer(sent.map(|r| r.map(ProxyBody::H2c)), h1_caller, may_step_up)
             }));
         }
         Either::Right(map_in_place(
@@ -1099,8 +1096,8 @@ impl Inbound {
         };
         let req = Request::from_parts(parts, body);
         if use_h2 {
-            let sent = app.h2_counted.request(req).await;
-            return app.answer(sent.map(|r| r.map(ProxyBody::Stream)), h1_caller, true);
+            let sent = app.h2.request(req, Some(share)).await;
+            return app.answer(sent.map(|r| r.map(ProxyBody::H2c)), h1_caller, true);
         }
         let sent = app.h1.request(req, Some(share)).await;
         app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
@@ -1186,7 +1183,10 @@ fn carries_proof(h: &HeaderMap) -> bool {
 /// because there was none (503, 502, 408): the proxy's own are whole
 /// in-memory bodies, the app's stream from its connection.
 fn from_app(resp: &Response<ProxyBody>) -> bool {
-    matches!(resp.body(), ProxyBody::App(_) | ProxyBody::Stream(_))
+    matches!(
+        resp.body(),
+        ProxyBody::App(_) | ProxyBody::H2c(_) | ProxyBody::Stream(_)
+    )
 }
 
 /// How long the connection of a caller the deny list names may take to
