@@ -873,13 +873,17 @@ pub struct InboundConfig {
     pub policy_file: Option<PathBuf>,
     /// Step-up verifier settings.
     pub stepup: InboundStepUpConfig,
-    /// Connections to the app open at once (HTTP/1.1); requests beyond it
-    /// wait up to `app_connect_timeout` for one, then get 503.
+    /// Connections to the app open at once (HTTP/1.1), and h2c streams to
+    /// the app open at once over all h2c connections (gRPC; a connection
+    /// the app's stream limit fills gets another beside it, so there are
+    /// at most as many connections); requests beyond wait up to
+    /// `app_connect_timeout` for one, then get 503.
     pub max_app_connections: usize,
-    /// At most this many of them held by one caller SPIFFE ID at once (its
-    /// requests beyond wait, as for a connection): a caller sending bodies
-    /// or reading answers slowly cannot hold every connection and starve
-    /// the others. Default three quarters of `max_app_connections` (all of
+    /// At most this many of them held by one caller SPIFFE ID at once, its
+    /// HTTP/1.1 app connections and h2c streams together (its requests
+    /// beyond wait, as for a connection): a caller sending bodies, reading
+    /// answers slowly or keeping gRPC streams open cannot hold every
+    /// connection or stream and starve the others. Default three quarters of `max_app_connections` (all of
     /// them below 4): a quarter is always left to other callers, and a
     /// service with one main caller still gives it most of the pool.
     pub max_app_connections_per_peer: usize,
