@@ -22,7 +22,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -889,6 +889,9 @@ struct H2cLink {
     /// Set when the connection ended (or refused a stream as closing): new
     /// streams need another.
     closed: AtomicBool,
+    born: Instant,
+    /// When `open` last fell to 0, in milliseconds since `born`.
+    idle_at: AtomicU64,
 }
 
 impl H2cLink {
@@ -906,6 +909,14 @@ impl H2cLink {
             .ok()
             .map(|_| Reserved(self.clone()))
     }
+
+    /// Whether no stream has been open on it for `idle` (the clock is read
+    /// only for a connection with none open).
+    fn idle_for(&self, idle: Duration) -> bool {
+        self.open.load(Ordering::Acquire) == 0
+            && self.born.elapsed().as_millis() as u64
+                >= self.idle_at.load(Ordering::Acquire) + idle.as_millis() as u64
+    }
 }
 
 /// A stream of an [`H2cLink`], given back when dropped.
@@ -913,7 +924,10 @@ struct Reserved(Arc<H2cLink>);
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let now = self.0.born.elapsed().as_millis() as u64;
+            self.0.idle_at.store(now, Ordering::Release);
+        }
     }
 }
 
@@ -921,7 +935,7 @@ impl Drop for Reserved {
 /// until the body ends or is dropped: the connection's stream, the pool's
 /// and the caller's share.
 struct StreamHold {
-    _stream: Reserved,
+    stream: Reserved,
     _pool: OwnedSemaphorePermit,
     _peer: Option<OwnedSemaphorePermit>,
     /// The request body's pump, if it still runs.
@@ -959,10 +973,13 @@ impl std::fmt::Debug for StreamHold {
 /// with streams that never end cannot take every stream the app allows.
 /// Connections are dialled only when every open one is full, each of those
 /// holding at least one stream, so they are bounded by `max_connections`
-/// too.
+/// too. Streams go to the oldest connection with room, so once a burst is
+/// over the newer ones fall idle, and are closed after `idle_timeout`
+/// (the first stays: it is the one connection a quiet app needs).
 pub struct H2cPool {
     addr: String,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     max_header_bytes: u32,
     bounds: AppBounds,
     links: Mutex<Vec<Arc<H2cLink>>>,
@@ -1080,12 +1097,14 @@ impl H2cPool {
     pub fn new(
         addr: &str,
         connect_timeout: Duration,
+        idle_timeout: Duration,
         max_header_bytes: usize,
         bounds: AppBounds,
     ) -> Arc<H2cPool> {
         Arc::new(H2cPool {
             addr: addr.to_owned(),
             connect_timeout,
+            idle_timeout,
             max_header_bytes: u32::try_from(max_header_bytes).unwrap_or(u32::MAX),
             bounds,
             links: Mutex::new(Vec::new()),
@@ -1207,7 +1226,7 @@ impl H2cPool {
         // Dropped before the head (the caller gave up), the request's
         // future resets the stream too.
         let hold = StreamHold {
-            _stream: stream,
+            stream,
             _pool: pool,
             _peer: peer,
             watch,
@@ -1228,7 +1247,7 @@ impl H2cPool {
         }
         let resp = head.map_err(|e| {
             if e.is_go_away() || e.is_io() {
-                hold._stream.0.closed.store(true, Ordering::Relaxed);
+                hold.stream.0.closed.store(true, Ordering::Relaxed);
             }
             AppError::Failed(format!("app h2c stream: {e}"))
         })?;
@@ -1247,7 +1266,16 @@ impl H2cPool {
         if let Some(s) = self.free_stream() {
             return Ok(s);
         }
-        let _dialing = self.dialing.lock().await;
+        // Bounded: behind a dial to an app that does not answer, each
+        // waiting request would otherwise add its own connect timeout.
+        let _dialing = tokio::time::timeout(self.connect_timeout, self.dialing.lock())
+            .await
+            .map_err(|_| {
+                AppError::Unavailable(format!(
+                    "connect timed out after {:?}",
+                    self.connect_timeout
+                ))
+            })?;
         if let Some(s) = self.free_stream() {
             return Ok(s);
         }
@@ -1264,7 +1292,14 @@ impl H2cPool {
 
     fn free_stream(&self) -> Option<Reserved> {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        links.retain(|l| !l.closed.load(Ordering::Relaxed));
+        let mut first = true;
+        links.retain(|l| {
+            // Dropped here, a connection closes once its last stream ends.
+            let keep =
+                !l.closed.load(Ordering::Relaxed) && (first || !l.idle_for(self.idle_timeout));
+            first = false;
+            keep
+        });
         links.iter().find_map(H2cLink::reserve)
     }
 
@@ -1313,6 +1348,8 @@ impl H2cPool {
             send,
             open: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            born: Instant::now(),
+            idle_at: AtomicU64::new(0),
         });
         // Weak: the connection ends once the pool and its streams are gone.
         let watch = Arc::downgrade(&link);
@@ -2096,6 +2133,7 @@ mod tests {
         H2cPool::new(
             addr,
             Duration::from_millis(150),
+            Duration::from_millis(300),
             16 * 1024,
             AppBounds {
                 max_connections,
@@ -2168,7 +2206,7 @@ mod tests {
         let (_f2, _r2) = h2c_hold(&pool, None).await;
         assert_eq!(accepts.load(Ordering::SeqCst), 1);
         // The app's 2 streams are in use: a second connection, at once.
-        let (_f3, _r3) = h2c_hold(&pool, None).await;
+        let (f3, r3) = h2c_hold(&pool, None).await;
         assert_eq!(accepts.load(Ordering::SeqCst), 2);
         // 3 streams, max_connections: the next waits, then 503.
         let e = h2c_unary(&pool, None).await.expect_err("no stream left");
@@ -2179,6 +2217,13 @@ mod tests {
         // A stream given back is taken again, on the connection it was on.
         drop(r1);
         assert_eq!(h2c_unary(&pool, None).await.unwrap(), "ping");
+        assert_eq!(accepts.load(Ordering::SeqCst), 2);
+        // The burst over, the second connection is closed once idle for the
+        // idle timeout (300 ms); the first stays.
+        drop((f3, r3));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(h2c_unary(&pool, None).await.unwrap(), "ping");
+        assert_eq!(pool.links.lock().unwrap().len(), 1);
         assert_eq!(accepts.load(Ordering::SeqCst), 2);
     }
 

@@ -70,6 +70,7 @@ impl AppClient {
             h2: app_client::H2cPool::new(
                 addr,
                 cfg.app_connect_timeout,
+                cfg.app_pool_idle_timeout,
                 cfg.limits.max_header_bytes,
                 bounds,
             ),
