@@ -971,18 +971,26 @@ impl std::fmt::Debug for StreamHold {
 /// h2c streams together) and one of the pool's `max_connections` streams,
 /// from before its stream opens until its response body ends: one caller
 /// with streams that never end cannot take every stream the app allows.
-/// Connections are dialled only when every open one is full, each of those
-/// holding at least one stream, so they are bounded by `max_connections`
-/// too. Streams go to the oldest connection with room, so once a burst is
-/// over the newer ones fall idle, and are closed after `idle_timeout`
-/// (the first stays: it is the one connection a quiet app needs).
+/// Each caller has connections of its own: neither a response it does not
+/// read (which fills a connection's flow-control window) nor its streams
+/// (which fill the app's per-connection limit) stall another caller's.
+/// A caller's connection is dialled only when every one it has is full;
+/// streams go to its oldest connection with room, so once a burst is over
+/// the newer ones fall idle. A connection idle for `idle_timeout` is
+/// closed, and before a dial so is every idle one beyond `max_connections`:
+/// connections stay bounded by it, as each of the others holds a stream.
 pub struct H2cPool {
     addr: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_header_bytes: u32,
     bounds: AppBounds,
-    links: Mutex<Vec<Arc<H2cLink>>>,
+    /// Each caller's connections, by [`caller_key`]: a connection carries
+    /// one caller's streams only. A caller that stops reading its responses
+    /// fills its connection's flow-control window, and one whose streams
+    /// hold the app's per-connection stream limit fills that; on a shared
+    /// connection either would stall every other caller's streams.
+    links: Mutex<std::collections::HashMap<usize, Vec<Arc<H2cLink>>>>,
     /// One dial at a time: a burst finding every connection full makes one
     /// more, not one each.
     dialing: tokio::sync::Mutex<()>,
@@ -1091,6 +1099,14 @@ impl<B: SendBody> Body for Watched<B> {
     }
 }
 
+/// The key of a caller's connections: its share, one `Arc` per caller
+/// SPIFFE ID for as long as any of its connections or streams holds it
+/// (`inbound::PeerShare`), so the address names one caller meanwhile; 0
+/// for requests without a share.
+fn caller_key(share: Option<&Arc<Semaphore>>) -> usize {
+    share.map_or(0, |s| Arc::as_ptr(s) as usize)
+}
+
 impl H2cPool {
     /// The connections to `addr`, dialled as requests need them; response
     /// heads above `max_header_bytes` are refused.
@@ -1107,7 +1123,7 @@ impl H2cPool {
             idle_timeout,
             max_header_bytes: u32::try_from(max_header_bytes).unwrap_or(u32::MAX),
             bounds,
-            links: Mutex::new(Vec::new()),
+            links: Mutex::new(std::collections::HashMap::new()),
             dialing: tokio::sync::Mutex::new(()),
             streams: Arc::new(Semaphore::new(bounds.max_connections.max(1))),
         })
@@ -1124,6 +1140,7 @@ impl H2cPool {
     ) -> impl Future<Output = Result<Response<H2cBody>, AppError>> + Send + 'static {
         let pool = self.clone();
         let share = share.cloned();
+        let key = caller_key(share.as_ref());
         async move {
             let peer = match share {
                 None => None,
@@ -1136,7 +1153,7 @@ impl H2cPool {
                 Ok(p) => p,
                 Err(_) => pool.wait(pool.streams.clone(), false).await?,
             };
-            pool.send(req, total, peer).await
+            pool.send(req, total, peer, key).await
         }
     }
 
@@ -1165,6 +1182,7 @@ impl H2cPool {
         req: Request<B>,
         pool: OwnedSemaphorePermit,
         peer: Option<OwnedSemaphorePermit>,
+        key: usize,
     ) -> Result<Response<H2cBody>, AppError> {
         let (mut parts, body) = req.into_parts();
         if let Some(len) = body.size_hint().exact() {
@@ -1182,7 +1200,7 @@ impl H2cPool {
         // here, not by a failed request: once more, on another.
         let mut tries = 2;
         let (stream, mut send) = loop {
-            let stream = self.stream().await?;
+            let stream = self.stream(key).await?;
             let mut send = stream.0.send.clone();
             match poll_fn(|cx| send.poll_ready(cx)).await {
                 Ok(()) => break (stream, send),
@@ -1261,9 +1279,9 @@ impl H2cPool {
         Ok(Response::from_parts(parts, H2cBody { body, hold }))
     }
 
-    /// A free stream on an open connection, or on a new one.
-    async fn stream(&self) -> Result<Reserved, AppError> {
-        if let Some(s) = self.free_stream() {
+    /// A free stream on an open connection of caller `key`, or on a new one.
+    async fn stream(&self, key: usize) -> Result<Reserved, AppError> {
+        if let Some(s) = self.free_stream(key) {
             return Ok(s);
         }
         // Bounded: behind a dial to an app that does not answer, each
@@ -1276,9 +1294,10 @@ impl H2cPool {
                     self.connect_timeout
                 ))
             })?;
-        if let Some(s) = self.free_stream() {
+        if let Some(s) = self.free_stream(key) {
             return Ok(s);
         }
+        self.sweep();
         let link = self.dial().await?;
         let s = link
             .reserve()
@@ -1286,21 +1305,47 @@ impl H2cPool {
         self.links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
             .push(link);
         Ok(s)
     }
 
-    fn free_stream(&self) -> Option<Reserved> {
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        let mut first = true;
-        links.retain(|l| {
-            // Dropped here, a connection closes once its last stream ends.
-            let keep =
-                !l.closed.load(Ordering::Relaxed) && (first || !l.idle_for(self.idle_timeout));
-            first = false;
-            keep
-        });
-        links.iter().find_map(H2cLink::reserve)
+    fn free_stream(&self, key: usize) -> Option<Reserved> {
+        let mut all = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let links = all.get_mut(&key)?;
+        // Dropped here, a connection closes once its last stream ends.
+        links.retain(|l| !l.closed.load(Ordering::Relaxed) && !l.idle_for(self.idle_timeout));
+        let free = links.iter().find_map(H2cLink::reserve);
+        if links.is_empty() {
+            all.remove(&key);
+        }
+        free
+    }
+
+    /// Before a dial: drops the connections of every caller that are closed
+    /// or idle past `idle_timeout` (callers gone for good leave theirs),
+    /// and, at `max_connections`, every idle one.
+    fn sweep(&self) {
+        let mut all = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut left = 0;
+        for links in all.values_mut() {
+            links.retain(|l| !l.closed.load(Ordering::Relaxed) && !l.idle_for(self.idle_timeout));
+            left += links.len();
+        }
+        if left >= self.bounds.max_connections {
+            for links in all.values_mut() {
+                links.retain(|l| !l.idle_for(Duration::ZERO));
+            }
+        }
+        all.retain(|_, links| !links.is_empty());
+    }
+
+    /// Connections open now (each caller's).
+    #[cfg(test)]
+    fn connections(&self) -> usize {
+        let all = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        all.values().map(Vec::len).sum()
     }
 
     /// A new connection, once the app's SETTINGS (its stream limit) are in.
@@ -2199,6 +2244,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_caller_that_reads_none_of_its_responses_stalls_no_other_caller() {
+        let (addr, accepts) = h2_app(100).await;
+        let pool = h2c_pool(&addr, 16, 8, Duration::from_secs(5));
+        let (greedy, other) = (Arc::new(Semaphore::new(8)), Arc::new(Semaphore::new(8)));
+        // Three echoes of 3 MiB, none read: their data takes the whole
+        // connection window (5 MiB), 2 MiB a stream.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let (feed, resp) = h2c_hold(&pool, Some(&greedy)).await;
+            for _ in 0..48 {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                feed.send(Ok(Frame::data(chunk))).expect("body alive");
+            }
+            held.push((feed, resp));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // On a connection of its own, the other caller is served at once.
+        let served = tokio::time::timeout(WAIT, h2c_unary(&pool, Some(&other)))
+            .await
+            .expect("the other caller's response stalled behind the unread ones");
+        assert_eq!(served.unwrap(), "ping");
+        assert_eq!(accepts.load(Ordering::SeqCst), 2);
+        drop(held);
+    }
+
+    #[tokio::test]
     async fn a_full_h2c_connection_gets_another_beside_it_up_to_max_connections() {
         let (addr, accepts) = h2_app(2).await;
         let pool = h2c_pool(&addr, 3, 3, Duration::from_secs(5));
@@ -2219,11 +2290,11 @@ mod tests {
         assert_eq!(h2c_unary(&pool, None).await.unwrap(), "ping");
         assert_eq!(accepts.load(Ordering::SeqCst), 2);
         // The burst over, the second connection is closed once idle for the
-        // idle timeout (300 ms); the first stays.
+        // idle timeout (300 ms), while the first carries on.
         drop((f3, r3));
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(h2c_unary(&pool, None).await.unwrap(), "ping");
-        assert_eq!(pool.links.lock().unwrap().len(), 1);
+        let (_f4, _r4) = h2c_hold(&pool, None).await;
+        assert_eq!(pool.connections(), 1);
         assert_eq!(accepts.load(Ordering::SeqCst), 2);
     }
 
