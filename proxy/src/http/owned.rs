@@ -555,7 +555,8 @@ const MAX_FIELDS: usize = 128;
 /// field value with whitespace at either end (section 8.2.1: an HTTP/1.1
 /// app would read it trimmed, and the sidecar's header rules untrimmed).
 /// Refused with 400 on both listeners; more fields than an HTTP/1.1 head
-/// may carry (128) with 431. HTTP/1.1 has none of these
+/// may carry (128) with 431, and an `Expect` other than `100-continue`
+/// with 417, as the HTTP/1.1 listeners do. HTTP/1.1 has none of these
 /// forms: its parser trims values and reads the target as sent.
 pub fn check_h2_form(
     version: http::Version,
@@ -591,6 +592,20 @@ pub fn check_h2_form(
                 h.len()
             ))
         });
+    }
+    // As the HTTP/1.1 listeners answer it (RFC 9110 section 10.1.1): the
+    // app must not be left to decide on an expectation the sidecar cannot
+    // meet.
+    for v in h.get_all(header::EXPECT) {
+        if !v.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+            return Err(HeaderRefusal {
+                status: StatusCode::EXPECTATION_FAILED,
+                ..HeaderRefusal::bad(format!(
+                    "Expect {:?} cannot be met (only 100-continue)",
+                    String::from_utf8_lossy(v.as_bytes())
+                ))
+            });
+        }
     }
     for (name, value) in h {
         let v = value.as_bytes();
@@ -1086,6 +1101,22 @@ mod tests {
         assert!(ok(h2, Method::OPTIONS, "*", &[]));
         assert!(!ok(h2, Method::GET, "*", &[]));
         assert!(ok(h2, Method::CONNECT, "a:443", &[]));
+        // An expectation the sidecar cannot meet: 417, as over HTTP/1.1.
+        assert!(ok(
+            h2,
+            Method::POST,
+            "https://a/x",
+            &[("expect", "100-Continue")]
+        ));
+        let foo = map(&[("expect", "foo")]);
+        let r = check_h2_form(h2, &Method::POST, &uri, &foo).unwrap_err();
+        assert_eq!(r.status, StatusCode::EXPECTATION_FAILED);
+        assert!(ok(
+            Version::HTTP_11,
+            Method::POST,
+            "/x",
+            &[("expect", "foo")]
+        ));
         assert!(!ok(h2, Method::GET, "https://a?y", &[]));
         assert!(!ok(h2, Method::GET, "javascript://a/x", &[]));
         assert!(!ok(h2, Method::GET, "ftp://a/x", &[]));
