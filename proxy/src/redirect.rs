@@ -183,6 +183,12 @@ pub enum RedirectError {
         /// What it said.
         stderr: String,
     },
+    /// Another `redirect` held this network namespace's lock for too long.
+    #[error(
+        "another keyproof-proxy redirect has been changing this network namespace's rules for \
+         {0:?}; run one at a time"
+    )]
+    Busy(std::time::Duration),
     /// The program could not be started or talked to.
     #[error("{program}: {source}")]
     Io {
@@ -692,9 +698,10 @@ pub enum Outcome {
 /// installed is an error: its TCP would bypass the sidecar). The second
 /// outcome is IPv6's, `None` without IPv6.
 pub fn install(opts: &Options) -> Result<(Outcome, Option<Outcome>), RedirectError> {
+    let rules4 = rules(opts)?;
+    let _lock = NamespaceLock::take()?;
     // Both families' tools are asked first: a missing ip6tables fails
     // before IPv4's rules change, not half way.
-    let rules4 = rules(opts)?;
     let state4 = read_state(Family::V4)?;
     let state6 = if has_ipv6() {
         Some(read_state(Family::V6)?)
@@ -736,6 +743,7 @@ fn install_family(
 /// no-op where none are installed. The second outcome is IPv6's, `None`
 /// without IPv6.
 pub fn remove() -> Result<(Outcome, Option<Outcome>), RedirectError> {
+    let _lock = NamespaceLock::take()?;
     // As for `install`: both tools are there before anything changes.
     read_state(Family::V4)?;
     if has_ipv6() {
@@ -757,6 +765,53 @@ fn remove_family(family: Family) -> Result<Outcome, RedirectError> {
         Some(script) => {
             restore(family, &script)?;
             Ok(Outcome::Removed)
+        }
+    }
+}
+
+/// Serialises `redirect` runs in one network namespace. Each run reads the
+/// installed rules, then writes a transaction per family based on them:
+/// two at once would delete each other's jumps (and fail on the second
+/// delete), or leave one run's IPv4 rules beside the other's IPv6 rules.
+/// iptables' own lock (`-w`) covers one command, not that read and the two
+/// writes.
+///
+/// The lock is an abstract Unix socket, whose names belong to the network
+/// namespace: two runs in one pod's namespace (an init container and a
+/// native sidecar, whose `/run` differ) meet, runs in other pods do not,
+/// and the kernel releases it when the process ends, however it ends.
+struct NamespaceLock(#[allow(dead_code)] std::os::unix::net::UnixListener);
+
+impl NamespaceLock {
+    const NAME: &'static [u8] = b"keyproof-proxy-redirect.lock";
+    /// Longer than any run takes (a few iptables commands).
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+    fn take() -> Result<NamespaceLock, RedirectError> {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(Self::NAME).map_err(|e| {
+            RedirectError::Io {
+                program: "redirect lock",
+                source: e,
+            }
+        })?;
+        let start = std::time::Instant::now();
+        loop {
+            match std::os::unix::net::UnixListener::bind_addr(&addr) {
+                Ok(l) => return Ok(NamespaceLock(l)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if start.elapsed() >= Self::PATIENCE {
+                        return Err(RedirectError::Busy(Self::PATIENCE));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(RedirectError::Io {
+                        program: "redirect lock",
+                        source: e,
+                    })
+                }
+            }
         }
     }
 }
@@ -1179,6 +1234,22 @@ mod tests {
         assert!(remove_script(Family::V6, &installed_state(Family::V6))
             .unwrap()
             .starts_with("*filter\n-D INPUT -p tcp -j KEYPROOF_INBOUND\n"));
+    }
+
+    #[test]
+    fn one_run_at_a_time_holds_the_namespace_lock() {
+        let first = NamespaceLock::take().expect("free");
+        let waiter = std::thread::spawn(|| {
+            let t = std::time::Instant::now();
+            NamespaceLock::take().map(|_| t.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(first);
+        let waited = waiter.join().expect("thread").expect("taken once free");
+        assert!(
+            waited >= std::time::Duration::from_millis(150),
+            "{waited:?}"
+        );
     }
 
     #[test]

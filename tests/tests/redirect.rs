@@ -342,6 +342,54 @@ fn installing_twice_leaves_one_copy_and_remove_restores_the_table() {
     assert_eq!(ns.nat(), before);
 }
 
+/// Runs at once in one namespace (an init container restarted beside a
+/// run still going, an operator's re-run) take turns: each succeeds, and
+/// both address families end with the options of one run, never IPv4's of
+/// one and IPv6's of another.
+#[test]
+fn runs_at_once_take_turns_and_leave_one_consistent_set() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new();
+    for round in 0..3 {
+        let ports: Vec<String> = (0..6)
+            .map(|i| (1000 + round * 10 + i).to_string())
+            .collect();
+        let runs: Vec<_> = ports
+            .iter()
+            .map(|p| {
+                ns.redirect(&["--exclude-outbound-ports", p])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn redirect")
+            })
+            .collect();
+        for r in runs {
+            let out = r.wait_with_output().expect("redirect ran");
+            assert!(
+                out.status.success(),
+                "a run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let (four, six) = (ns.nat(), ns.filter6());
+        let excluded = |rules: &str| -> Vec<String> {
+            ports
+                .iter()
+                .filter(|p| rules.contains(&format!("--dport {p} -j RETURN")))
+                .cloned()
+                .collect()
+        };
+        let (e4, e6) = (excluded(&four), excluded(&six));
+        assert_eq!(e4.len(), 1, "IPv4 excludes {e4:?}:\n{four}");
+        assert_eq!(e4, e6, "IPv4 and IPv6 from different runs:\n{four}\n{six}");
+        assert_eq!(four.matches("-j KEYPROOF_OUTPUT").count(), 1, "{four}");
+    }
+    run_ok(&mut ns.redirect(&["--remove"]));
+}
+
 #[test]
 fn app_connections_are_redirected_and_the_proxys_are_not() {
     if !can_run() {
