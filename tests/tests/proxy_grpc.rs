@@ -153,8 +153,9 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for EchoService {
     }
 }
 
-#[test]
-fn grpc_through_the_sidecar_pair() {
+/// The tonic echo app on a port of its own (taking at most `max_streams`
+/// streams per connection), on a runtime the test keeps.
+fn echo_app(max_streams: Option<u32>) -> (tokio::runtime::Runtime, SocketAddr) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -163,11 +164,18 @@ fn grpc_through_the_sidecar_pair() {
     let app_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     rt.spawn(async move {
         tonic::transport::Server::builder()
+            .max_concurrent_streams(max_streams)
             .add_service(EchoService)
             .serve(app_addr)
             .await
     });
     keyproof_tests::wait_for_port(app_addr, Duration::from_secs(5));
+    (rt, app_addr)
+}
+
+#[test]
+fn grpc_through_the_sidecar_pair() {
+    let (rt, app_addr) = echo_app(None);
 
     let pki = Pki::new("grpc.test");
     let server = pki.issue("server", "/ns/default/sa/grpc");
@@ -262,20 +270,7 @@ fn grpc_through_the_sidecar_pair() {
 /// and opens another connection to the app when one is full.
 #[test]
 fn one_callers_endless_grpc_streams_do_not_hold_up_another_caller() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let app_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    rt.spawn(async move {
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(2))
-            .add_service(EchoService)
-            .serve(app_addr)
-            .await
-    });
-    keyproof_tests::wait_for_port(app_addr, Duration::from_secs(5));
+    let (rt, app_addr) = echo_app(Some(2));
 
     let pki = Pki::new("grpc.test");
     let server = pki.issue("server", "/ns/default/sa/grpc");

@@ -650,6 +650,20 @@ pub(crate) mod tests {
         Upstream::new(0, &first(cfg), cfg, &web, metrics).expect("upstream")
     }
 
+    /// An upstream at `addr` for a client whose certificate lives 4 s.
+    fn with_short_lived_client(addr: SocketAddr) -> (Metrics, Arc<IdentityStore>, Upstream) {
+        let m = Metrics::new().expect("metrics");
+        let cfg = outbound_cfg(&addr.to_string(), API, "");
+        let web = workload_for(
+            "/ns/demo/sa/web",
+            KeyType::EcdsaP256,
+            Duration::from_secs(4),
+        );
+        let store = web.store();
+        let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
+        (m, store, up)
+    }
+
     fn handshakes(m: &Metrics, result: &str) -> f64 {
         metric(
             m,
@@ -1114,15 +1128,7 @@ pub(crate) mod tests {
     async fn a_renewed_certificate_takes_new_requests_to_a_new_connection_before_the_old_expires() {
         let api = workload("/ns/demo/sa/api");
         let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
-        let m = Metrics::new().expect("metrics");
-        let cfg = outbound_cfg(&addr.to_string(), API, "");
-        let web = workload_for(
-            "/ns/demo/sa/web",
-            KeyType::EcdsaP256,
-            Duration::from_secs(4),
-        );
-        let store = web.store();
-        let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
+        let (m, store, up) = with_short_lived_client(addr);
         let (_, info) = sender(&up).await;
         let _first = next(&mut accepted).await;
         assert!(info.retire_at < info.not_after);
@@ -1269,15 +1275,7 @@ pub(crate) mod tests {
     {
         let api = workload("/ns/demo/sa/api");
         let (addr, mut accepted) = mesh_server(&api, &[b"http/1.1"], vec![Serve::Answer]).await;
-        let m = Metrics::new().expect("metrics");
-        let cfg = outbound_cfg(&addr.to_string(), API, "");
-        let web = workload_for(
-            "/ns/demo/sa/web",
-            KeyType::EcdsaP256,
-            Duration::from_secs(4),
-        );
-        let store = web.store();
-        let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
+        let (m, store, up) = with_short_lived_client(addr);
         assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
         let old = next(&mut accepted).await;
         // Past the retirement margin (a tenth of 4 s, at least 1 s) with
