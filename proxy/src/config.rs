@@ -883,9 +883,10 @@ pub struct InboundConfig {
     /// HTTP/1.1 app connections and h2c streams together (its requests
     /// beyond wait, as for a connection): a caller sending bodies, reading
     /// answers slowly or keeping gRPC streams open cannot hold every
-    /// connection or stream and starve the others. Default three quarters of `max_app_connections` (all of
-    /// them below 4): a quarter is always left to other callers, and a
-    /// service with one main caller still gives it most of the pool.
+    /// connection or stream and starve the others. Default three quarters
+    /// of `max_app_connections` (all of them below 4): a quarter is always
+    /// left to other callers, and a service with one main caller still
+    /// gives it most of the pool.
     pub max_app_connections_per_peer: usize,
     /// Connections one caller SPIFFE ID holds at once, of
     /// `limits.max_connections` (default three quarters, as for

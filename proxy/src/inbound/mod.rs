@@ -457,8 +457,10 @@ impl Inbound {
         };
         let idle = self.cfg.limits.idle_timeout;
         // The connection stops gracefully on shutdown, or once a request
-        // found its caller on the deny list (its 403 goes out first); it is
-        // cut at once when a policy change deny-lists its caller.
+        // found its caller on the deny list (its 403 goes out first), or
+        // the caller's certificate expired or is no longer under the trust
+        // bundle's roots (then with a bounded grace); it is cut at once
+        // when a policy change deny-lists its caller.
         let (stop_tx, stop) = watch::channel(false);
         let mut global = shutdown;
         let stopping = async move {
@@ -481,8 +483,9 @@ impl Inbound {
             let _ = stop_tx.send(true);
             if denied {
                 // A graceful end waits on the caller (HTTP/2 waits for a
-                // PING's answer before its last GOAWAY): a denied caller
-                // gets a bounded one, then the connection is cut.
+                // PING's answer before its last GOAWAY): a denied caller,
+                // or one no longer trusted, gets a bounded one, then the
+                // connection is cut.
                 tokio::time::sleep(DENIED_GRACE).await;
                 return;
             }
