@@ -21,12 +21,14 @@
 //! * `owned.rs`: header fields the sidecar owns, hop-by-hop and trailer
 //!   rules; `path.rs`: the path normalizer.
 //! * `read_ahead.rs`: a mesh connection's socket read in large chunks
-//!   under TLS.
+//!   under TLS; `frame_guard.rs`: a budget for the WINDOW_UPDATE, PRIORITY
+//!   and unknown frames an HTTP/2 peer sends, on both ends' connections.
 //! * `traits.rs`, `response.rs`, `io.rs`, `map_in_place.rs`: small pieces
 //!   the others share.
 
 pub mod app_client;
 pub mod body;
+pub mod frame_guard;
 pub mod h1;
 pub mod h1_guard;
 pub mod h1_server;
