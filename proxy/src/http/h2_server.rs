@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use crate::error::BoxError;
+use crate::http::frame_guard::{Budget, FrameGuard, Side, Trip};
 use crate::http::h2_stream::{self, MeshBody, MAX_FRAME_SIZE};
 use crate::http::owned;
 use crate::http::response::http_date;
@@ -118,11 +119,20 @@ pub struct Connection<I, S, R> {
     /// closed even if the caller never answers the PING that h2 waits for
     /// before its final GOAWAY.
     close_by: Option<Pin<Box<Sleep>>>,
+    /// Set by the transport's [`FrameGuard`] when the caller floods it.
+    flood: Arc<Trip>,
+    /// Once GOAWAY `ENHANCE_YOUR_CALM` is sent for a flood: when the
+    /// connection ends whether or not it could be flushed (a flooding
+    /// caller need not read it).
+    flood_close_by: Option<Pin<Box<Sleep>>>,
 }
 
+/// How long a connection closed for a flood may take to flush its GOAWAY.
+const FLOOD_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 enum State<I> {
-    Handshaking(h2::server::Handshake<I, Bytes>),
-    Serving(h2::server::Connection<I, Bytes>),
+    Handshaking(h2::server::Handshake<FrameGuard<I>, Bytes>),
+    Serving(h2::server::Connection<FrameGuard<I>, Bytes>),
 }
 
 /// PINGs on a timer: while no PING is out (`waiting` false) the timer says
@@ -138,6 +148,8 @@ struct KeepAlive {
 impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
     /// Starts the handshake on `io`.
     pub fn new(settings: &Settings, io: I, svc: S) -> Connection<I, S, R> {
+        let io = FrameGuard::new(io, Side::Server, Budget::DEFAULT);
+        let flood = io.trip();
         let mut builder = h2::server::Builder::new();
         if settings.extended_connect {
             // RFC 8441: a protocol switch (WebSocket) arrives as a
@@ -160,6 +172,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             close_pending: false,
             send_stall: settings.send_stall,
             close_by: None,
+            flood,
+            flood_close_by: None,
             keep_alive: KeepAlive {
                 interval: settings.keep_alive_interval,
                 timeout: settings.keep_alive_timeout,
@@ -210,6 +224,9 @@ where
         loop {
             let conn = match &mut me.state {
                 State::Handshaking(_) if me.close_pending => return Poll::Ready(Ok(())),
+                State::Handshaking(_) if me.flood.is_set() => {
+                    return Poll::Ready(Err(me.flood.error().into()))
+                }
                 State::Handshaking(hs) => {
                     let mut conn = ready!(Pin::new(hs).poll(cx))?;
                     me.keep_alive.ping = conn.ping_pong();
@@ -233,7 +250,29 @@ where
                     conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                 }
             }
-            match ready!(conn.poll_accept(cx)) {
+            let accepted = match conn.poll_accept(cx) {
+                Poll::Ready(a) => a,
+                Poll::Pending => {
+                    // The guard reads nothing more once tripped; h2 then
+                    // needs only to write its GOAWAY.
+                    if !me.flood.is_set() {
+                        return Poll::Pending;
+                    }
+                    match &mut me.flood_close_by {
+                        None => {
+                            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                            me.flood_close_by =
+                                Some(Box::pin(tokio::time::sleep(FLOOD_CLOSE_GRACE)));
+                            continue;
+                        }
+                        Some(by) => {
+                            ready!(by.as_mut().poll(cx));
+                            return Poll::Ready(Err(me.flood.error().into()));
+                        }
+                    }
+                }
+            };
+            match accepted {
                 Some(Ok((req, respond))) => {
                     let kind = Kind::of(req.method());
                     let (parts, recv) = req.into_parts();
@@ -241,7 +280,12 @@ where
                     let fut = (me.svc)(Request::from_parts(parts, R::from(body)));
                     tokio::spawn(respond_with(fut, respond, kind, me.send_stall));
                 }
+                Some(Err(e)) if me.flood.is_set() => {
+                    tracing::debug!(error = %e, "HTTP/2 connection closed for a flood");
+                    return Poll::Ready(Err(me.flood.error().into()));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                None if me.flood.is_set() => return Poll::Ready(Err(me.flood.error().into())),
                 None => return Poll::Ready(Ok(())),
             }
         }
@@ -968,5 +1012,112 @@ mod tests {
             .await
             .expect("the connection ended")
             .expect("a clean end");
+    }
+
+    /// Frames of `kind` in what a raw client read, with their payloads.
+    fn frames_of(mut got: &[u8], kind: u8) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while got.len() >= 9 {
+            let len = usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+            if got.len() < 9 + len {
+                break;
+            }
+            if got[3] == kind {
+                out.push(got[9..9 + len].to_vec());
+            }
+            got = &got[9 + len..];
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_update_flood_is_closed_with_enhance_your_calm_while_a_download_completes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        const BIG: usize = 16 << 20;
+        let body = Bytes::from(vec![7u8; BIG]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let body = body.clone();
+                let ended_tx = ended_tx.clone();
+                tokio::spawn(async move {
+                    let svc = move |_req: Request<MeshBody>| {
+                        let body = body.clone();
+                        async move { Response::new(Full::new(body)) }
+                    };
+                    let r = Connection::new(&settings(), tcp, svc).await;
+                    let _ = ended_tx.send(r.map_err(|e| e.to_string()));
+                });
+            }
+        });
+
+        // A download on its own connection, by the h2 crate's client with
+        // its default (small) windows: many WINDOW_UPDATEs, all earned.
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(conn);
+        let download = tokio::spawn(async move {
+            let mut send = send.ready().await.expect("ready");
+            let req = Request::get("http://x/big").body(()).expect("request");
+            let (resp, _) = send.send_request(req, true).expect("send");
+            let mut body = resp.await.expect("response").into_body();
+            let mut n = 0;
+            while let Some(d) = body.data().await {
+                let d = d.expect("data");
+                let _ = body.flow_control().release_capacity(d.len());
+                n += d.len();
+            }
+            n
+        });
+
+        // The flood: WINDOW_UPDATE(stream 0, 1), non-stop.
+        let mut raw = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .expect("preface");
+        let (mut rd, mut wr) = raw.into_split();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let _ = rd.read_to_end(&mut got).await;
+            got
+        });
+        let wu = [0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let blob: Vec<u8> = wu.iter().copied().cycle().take(wu.len() * 1000).collect();
+        let flood = tokio::spawn(async move {
+            let mut sent = 0u64;
+            while wr.write_all(&blob).await.is_ok() {
+                sent += 1000;
+            }
+            sent
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the flooding connection closed in time")
+            .expect("reader");
+        let sent = tokio::time::timeout(Duration::from_secs(10), flood)
+            .await
+            .expect("the flood stopped")
+            .expect("flood");
+        let goaway = frames_of(&got, 0x7);
+        assert_eq!(goaway.len(), 1, "one GOAWAY");
+        assert_eq!(goaway[0][4..8], [0, 0, 0, 11], "ENHANCE_YOUR_CALM");
+        assert!(sent < 1_000_000, "closed after {sent} frames");
+        let end = tokio::time::timeout(WAIT, ended.recv())
+            .await
+            .expect("the connection's future ended")
+            .expect("an end");
+        let e = end.expect_err("a flood is an error");
+        assert!(e.contains("WINDOW_UPDATE"), "{e}");
+
+        let n = tokio::time::timeout(Duration::from_secs(120), download)
+            .await
+            .expect("the download completed in time")
+            .expect("download");
+        assert_eq!(n, BIG);
     }
 }
