@@ -52,6 +52,15 @@ pub const RENEWAL_RESULTS: [&str; 8] = [
     "key_unavailable",
 ];
 
+/// Every `side` label of `keyproof_http2_flood_closed_total`, in
+/// [`crate::http::frame_guard::Side`] order: `server` (a connection the
+/// proxy serves: inbound callers, the outbound's local app), `client` (the
+/// outbound's mesh connection to an upstream).
+pub const FLOOD_SIDES: [crate::http::frame_guard::Side; 2] = [
+    crate::http::frame_guard::Side::Server,
+    crate::http::frame_guard::Side::Client,
+];
+
 /// Every `location` label of `keyproof_identity_key_location`: where the
 /// workload key lives.
 pub const KEY_LOCATIONS: [&str; 3] = ["file", "memory", "pkcs11"];
@@ -200,6 +209,9 @@ pub struct Metrics {
     pub audit_records: [IntCounter; 3],
     sig_cache: [IntCounter; 2],
     sig_cache_sync: std::sync::Arc<std::sync::Mutex<()>>,
+    /// `keyproof_http2_flood_closed_total`, one child per
+    /// [`FLOOD_SIDES`], brought up to the process-wide counts at render.
+    flood_closed: [IntCounter; 2],
     bundle: TrustBundleMetrics,
     /// Opaque TCP carried over the mesh.
     pub tcp: TcpMetrics,
@@ -561,6 +573,18 @@ impl Metrics {
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(renewals.clone()))?;
         registry.register(Box::new(sig_cache.clone()))?;
+        let flood_closed = IntCounterVec::new(
+            Opts::new(
+                "keyproof_http2_flood_closed_total",
+                "HTTP/2 connections closed (GOAWAY ENHANCE_YOUR_CALM) because the peer sent \
+                 more WINDOW_UPDATE, PRIORITY or unknown frames than the connection's traffic \
+                 allows, by side: server (the proxy served the connection: inbound callers, \
+                 the outbound's local app) or client (the outbound's connection to an \
+                 upstream). Counted for the whole process.",
+            ),
+            &["side"],
+        )?;
+        registry.register(Box::new(flood_closed.clone()))?;
         let tcp_connections = IntCounterVec::new(
             Opts::new(
                 "keyproof_tcp_connections_total",
@@ -618,6 +642,7 @@ impl Metrics {
             audit_records: AUDIT_RESULTS.map(|r| audit_records.with_label_values(&[r])),
             sig_cache: ["hit", "miss"].map(|r| sig_cache.with_label_values(&[r])),
             sig_cache_sync: Default::default(),
+            flood_closed: FLOOD_SIDES.map(|s| flood_closed.with_label_values(&[s.as_str()])),
             bundle: TrustBundleMetrics {
                 roots: bundle_roots,
                 root_expiry,
@@ -632,7 +657,8 @@ impl Metrics {
     }
 
     /// Brings the signature-cache counters up to the process-wide cache's
-    /// own counts (it lives in `keyproof-ca`, which has no registry).
+    /// own counts (it lives in `keyproof-ca`, which has no registry), and
+    /// the HTTP/2 flood counters up to the frame guards'.
     fn sync_sig_cache(&self) {
         let _one_at_a_time = self
             .sig_cache_sync
@@ -640,6 +666,11 @@ impl Metrics {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let stats = keyproof_identity::sigcache::SigCache::global().stats();
         for (counter, total) in self.sig_cache.iter().zip([stats.hits, stats.misses]) {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        // The HTTP/2 frame guards count below every registry too.
+        for (counter, side) in self.flood_closed.iter().zip(FLOOD_SIDES) {
+            let total = crate::http::frame_guard::closed(side);
             counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
@@ -1493,5 +1524,25 @@ mod tests {
         // Other tests use the cache concurrently: at least, never exactly.
         assert!(cache("miss") > before.misses as f64);
         assert!(cache("hit") >= before.hits as f64);
+    }
+
+    #[test]
+    fn http2_floods_closed_are_exported_by_side_from_the_process_wide_count() {
+        use crate::http::frame_guard;
+        let m = Metrics::new().expect("metrics");
+        let t = text(&m);
+        for side in FLOOD_SIDES {
+            let got = sample(
+                &t,
+                "keyproof_http2_flood_closed_total",
+                &[("side", side.as_str())],
+            )
+            .expect("exported");
+            // Other tests in this process may have closed some already.
+            assert!(
+                got >= 0.0 && got <= frame_guard::closed(side) as f64,
+                "{side:?} {got}"
+            );
+        }
     }
 }

@@ -404,7 +404,7 @@ mod tests {
         let mut stream = PREFACE.to_vec();
         stream.extend(frame(0x4, &[]));
         stream.extend(frame(HEADERS, &[7; 30]));
-        stream.extend(frame(DATA, &[0; 20_000]));
+        stream.extend(frame(DATA, &vec![0; 20_000]));
         stream.extend(window_update());
         stream.extend(frame(0x20, &[1, 2, 3]));
         let want = vec![

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use keyproof_identity::SpiffeId;
 
+use crate::http::frame_guard::{Budget, FrameGuard, Side};
 use crate::http::h2_stream::{
     pipe, pump_tunnel, MeshBody, TunnelEnd, MAX_FRAME_SIZE, STALLED_STREAMS,
 };
@@ -71,6 +72,9 @@ impl MeshSender {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // An upstream could flood the connection as a caller could the
+        // inbound: its reads fail once over budget.
+        let io = FrameGuard::new(io, Side::Client, Budget::DEFAULT);
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
@@ -1287,5 +1291,49 @@ mod tests {
         assert!(end.idle && end.error.is_none(), "{end:?}");
         let reason = tokio::time::timeout(WAIT, seen.recv()).await.unwrap();
         assert_eq!(reason, Some(Some(h2::Reason::CANCEL)));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_flooding_window_updates_loses_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (cli, mut srv) = tokio::io::duplex(1 << 16);
+        let flood = tokio::spawn(async move {
+            // The server's SETTINGS, then WINDOW_UPDATE(0, 1) non-stop,
+            // while whatever the client sends is drained.
+            let (mut rd, mut wr) = tokio::io::split(&mut srv);
+            let drain = async {
+                let mut buf = vec![0; 1 << 16];
+                while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+            };
+            let send = async {
+                wr.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+                let wu = [0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+                let blob: Vec<u8> = wu.iter().copied().cycle().take(wu.len() * 100).collect();
+                let mut sent = 0u64;
+                loop {
+                    wr.write_all(&blob).await?;
+                    sent += 100;
+                    if sent > 10_000_000 {
+                        return Ok::<u64, std::io::Error>(sent);
+                    }
+                }
+            };
+            tokio::select! {
+                () = drain => None,
+                r = send => r.ok(),
+            }
+        });
+        let sender = MeshSender::handshake(cli, 16 * 1024)
+            .await
+            .expect("client handshake");
+        tokio::time::timeout(WAIT * 5, async {
+            while !sender.is_closed() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the connection closed");
+        let sent = flood.await.expect("flood");
+        assert!(sent.is_none(), "the flood went on: {sent:?}");
     }
 }
