@@ -1,6 +1,7 @@
-//! Listener limits: oversized request heads and the connection cap (which
+//! Listener limits: oversized request heads, the connection cap (which
 //! must queue authenticated clients, not refuse them, and is not taken by
-//! connections still in their handshake).
+//! connections still in their handshake), and the HTTP/2 control-frame
+//! budget.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -103,4 +104,110 @@ fn header_limit_and_connection_backpressure() {
             2.0
         ) >= 2.0
     );
+}
+
+/// A caller flooding WINDOW_UPDATE frames (which h2 itself does not bound)
+/// is closed with GOAWAY ENHANCE_YOUR_CALM within seconds, logged and
+/// counted, and everyone else is still served.
+#[test]
+fn a_window_update_flood_is_closed_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = Pki::new("flood.test");
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let evil = pki.issue("evil", "/ns/default/sa/evil");
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let port = free_port();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{}\"\n[admin]\nlisten = \"{admin}\"\n",
+            identity_toml(&pki.bundle, &server),
+            app.addr
+        ),
+        admin,
+    );
+    let inbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (got, sent, took) = rt.block_on(async {
+        let tls = mtls_stream(inbound, &pki, &evil, b"h2").await;
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        wr.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0; 1 << 16];
+            while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let wu = [0u8, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let blob: Vec<u8> = wu.iter().copied().cycle().take(wu.len() * 1000).collect();
+        let start = Instant::now();
+        let flood = tokio::spawn(async move {
+            let mut sent = 0u64;
+            while start.elapsed() < Duration::from_secs(20) && wr.write_all(&blob).await.is_ok() {
+                sent += 1000;
+            }
+            sent
+        });
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("the flooding connection closed in time")
+            .unwrap();
+        let took = start.elapsed();
+        (got, flood.await.unwrap(), took)
+    });
+    assert!(took < Duration::from_secs(10), "closed after {took:?}");
+    // The server's frames: find its GOAWAY and the reason in it.
+    let mut rest = &got[..];
+    let mut reason = None;
+    while rest.len() >= 9 {
+        let len = (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+        if rest.len() < 9 + len {
+            break;
+        }
+        if rest[3] == 7 && len >= 8 {
+            reason = Some(u32::from_be_bytes([rest[13], rest[14], rest[15], rest[16]]));
+        }
+        rest = &rest[9 + len..];
+    }
+    assert_eq!(
+        reason,
+        Some(11),
+        "GOAWAY ENHANCE_YOUR_CALM after {sent} frames"
+    );
+    assert!(
+        proxy.wait_sample(
+            "keyproof_http2_flood_closed_total",
+            &[("side", "server")],
+            1.0
+        ) >= 1.0
+    );
+    assert!(
+        proxy.log_text().contains("control-frame flood"),
+        "{}",
+        proxy.log_text()
+    );
+    let (code, body) = rt.block_on(async {
+        let tls = mtls_stream(inbound, &pki, &web, b"http/1.1").await;
+        raw_http1(
+            tls,
+            b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        )
+        .await
+    });
+    assert_eq!(code, 200, "{body}");
 }
