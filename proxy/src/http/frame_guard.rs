@@ -21,6 +21,7 @@
 //! `ENHANCE_YOUR_CALM`; a client's read fails with [`ControlFlood`].
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -185,6 +186,43 @@ struct Tally {
     allowed: u64,
 }
 
+/// A transport that can name its peer, for the line logged when it floods
+/// (asked then only: a system call).
+pub trait PeerAddr {
+    /// The peer's address, if the transport has one.
+    fn peer_addr(&self) -> Option<SocketAddr>;
+}
+
+impl PeerAddr for tokio::net::TcpStream {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        tokio::net::TcpStream::peer_addr(self).ok()
+    }
+}
+
+impl<T: PeerAddr> PeerAddr for tokio_rustls::server::TlsStream<T> {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.get_ref().0.peer_addr()
+    }
+}
+
+impl<T: PeerAddr> PeerAddr for crate::http::read_ahead::ReadAhead<T> {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.get_ref().peer_addr()
+    }
+}
+
+impl<T: PeerAddr> PeerAddr for crate::http::io::Rewind<T> {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.get_ref().peer_addr()
+    }
+}
+
+impl PeerAddr for tokio::io::DuplexStream {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
 /// An HTTP/2 connection's transport, with the peer's work-free frames
 /// counted against a [`Budget`] (see the module documentation).
 pub struct FrameGuard<I> {
@@ -196,6 +234,8 @@ pub struct FrameGuard<I> {
     /// Set once the peer went over budget; shared with the connection's
     /// owner (see [`FrameGuard::trip`]).
     trip: Arc<Trip>,
+    /// Names the peer in the log line (see [`PeerAddr`]).
+    peer: fn(&I) -> Option<SocketAddr>,
 }
 
 /// Whether a guard's peer went over budget, shared with the connection's
@@ -224,6 +264,18 @@ impl Trip {
 
 impl<I> FrameGuard<I> {
     /// Guards `inner`, the transport of an HTTP/2 connection on `side`,
+    /// from its first byte; its peer is named when it floods.
+    pub fn with_peer(inner: I, side: Side, budget: Budget) -> FrameGuard<I>
+    where
+        I: PeerAddr,
+    {
+        FrameGuard {
+            peer: <I as PeerAddr>::peer_addr,
+            ..FrameGuard::new(inner, side, budget)
+        }
+    }
+
+    /// Guards `inner`, the transport of an HTTP/2 connection on `side`,
     /// from its first byte.
     pub fn new(inner: I, side: Side, budget: Budget) -> FrameGuard<I> {
         let (read, write) = match side {
@@ -241,6 +293,7 @@ impl<I> FrameGuard<I> {
                 allowed: budget.base,
             },
             trip: Arc::default(),
+            peer: |_| None,
         }
     }
 
@@ -273,8 +326,10 @@ impl<I> FrameGuard<I> {
         self.trip.allowed.store(tally.allowed, Ordering::Relaxed);
         self.trip.set.store(true, Ordering::Relaxed);
         CLOSED[self.side as usize].fetch_add(1, Ordering::Relaxed);
+        let peer = (self.peer)(&self.inner).map_or_else(|| "-".to_owned(), |p| p.to_string());
         tracing::warn!(
             side = self.side.as_str(),
+            peer = %peer,
             frames = tally.idle,
             allowed = tally.allowed,
             "HTTP/2 connection closed: its peer sent WINDOW_UPDATE, PRIORITY or unknown frames beyond the budget its traffic allows (a control-frame flood)"

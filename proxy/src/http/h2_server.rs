@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use crate::error::BoxError;
-use crate::http::frame_guard::{Budget, FrameGuard, Side, Trip};
+use crate::http::frame_guard::{Budget, FrameGuard, PeerAddr, Side, Trip};
 use crate::http::h2_stream::{self, MeshBody, MAX_FRAME_SIZE};
 use crate::http::owned;
 use crate::http::response::http_date;
@@ -147,8 +147,11 @@ struct KeepAlive {
 
 impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
     /// Starts the handshake on `io`.
-    pub fn new(settings: &Settings, io: I, svc: S) -> Connection<I, S, R> {
-        let io = FrameGuard::new(io, Side::Server, Budget::DEFAULT);
+    pub fn new(settings: &Settings, io: I, svc: S) -> Connection<I, S, R>
+    where
+        I: PeerAddr,
+    {
+        let io = FrameGuard::with_peer(io, Side::Server, Budget::DEFAULT);
         let flood = io.trip();
         let mut builder = h2::server::Builder::new();
         if settings.extended_connect {

@@ -66,6 +66,11 @@ impl<I> Rewind<I> {
         Rewind { pre, at: 0, inner }
     }
 
+    /// The connection.
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+
     /// The connection, and whatever of `pre` was not read.
     pub fn into_inner(self) -> (I, Vec<u8>) {
         let Rewind { mut pre, at, inner } = self;

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::error::BoxError;
+use crate::http::frame_guard::PeerAddr;
 use crate::http::h1_guard::StrictLines;
 use crate::http::h2_server;
 use crate::http::h2_stream::MeshBody;
@@ -172,7 +173,7 @@ pub async fn serve<I, S, R, F, B>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + PeerAddr + Unpin + Send + 'static,
     S: Fn(http::Request<R>) -> F + Send + 'static,
     R: From<Incoming> + From<MeshBody> + Send + 'static,
     F: Future<Output = http::Response<B>> + Send + 'static,
@@ -208,7 +209,7 @@ async fn serve_as<I, S, R, F, B>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + PeerAddr + Unpin + Send + 'static,
     S: Fn(http::Request<R>) -> F + Send + 'static,
     R: From<Incoming> + From<MeshBody> + Send + 'static,
     F: Future<Output = http::Response<B>> + Send + 'static,
@@ -413,7 +414,7 @@ mod tests {
 
     /// Serves `io` as `proto` with a service whose requests take `delay`
     /// and answer "done"; the sender starts shutdown.
-    fn serve_pipe<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    fn serve_pipe<I: AsyncRead + AsyncWrite + PeerAddr + Unpin + Send + 'static>(
         proto: Proto,
         io: I,
         limits: Limits,
