@@ -205,6 +205,12 @@ impl<T: PeerAddr> PeerAddr for tokio_rustls::server::TlsStream<T> {
     }
 }
 
+impl<T: PeerAddr> PeerAddr for tokio_rustls::client::TlsStream<T> {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.get_ref().0.peer_addr()
+    }
+}
+
 impl<T: PeerAddr> PeerAddr for crate::http::read_ahead::ReadAhead<T> {
     fn peer_addr(&self) -> Option<SocketAddr> {
         self.get_ref().peer_addr()

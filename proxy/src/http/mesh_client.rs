@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use keyproof_identity::SpiffeId;
 
-use crate::http::frame_guard::{Budget, FrameGuard, Side};
+use crate::http::frame_guard::{Budget, FrameGuard, PeerAddr, Side};
 use crate::http::h2_stream::{
     pipe, pump_tunnel, MeshBody, TunnelEnd, MAX_FRAME_SIZE, STALLED_STREAMS,
 };
@@ -70,11 +70,11 @@ impl MeshSender {
     /// the connection (and keeps it alive with PINGs while it is used).
     pub async fn handshake<T>(io: T, max_header_bytes: u32) -> Result<MeshSender, h2::Error>
     where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + PeerAddr + Unpin + Send + 'static,
     {
         // An upstream could flood the connection as a caller could the
         // inbound: its reads fail once over budget.
-        let io = FrameGuard::new(io, Side::Client, Budget::DEFAULT);
+        let io = FrameGuard::with_peer(io, Side::Client, Budget::DEFAULT);
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)

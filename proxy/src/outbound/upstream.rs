@@ -280,6 +280,12 @@ impl Drop for MeshStream {
     }
 }
 
+impl crate::http::frame_guard::PeerAddr for MeshStream {
+    fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tls.get_ref().0.get_ref().peer_addr().ok()
+    }
+}
+
 impl AsyncRead for MeshStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
