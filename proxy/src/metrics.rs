@@ -1526,23 +1526,44 @@ mod tests {
         assert!(cache("hit") >= before.hits as f64);
     }
 
-    #[test]
-    fn http2_floods_closed_are_exported_by_side_from_the_process_wide_count() {
-        use crate::http::frame_guard;
+    #[tokio::test]
+    async fn http2_floods_closed_are_exported_by_side_from_the_process_wide_count() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        use crate::http::frame_guard::{Budget, FrameGuard, Side};
         let m = Metrics::new().expect("metrics");
-        let t = text(&m);
-        for side in FLOOD_SIDES {
-            let got = sample(
-                &t,
+        let server = |t: &str| {
+            sample(
+                t,
                 "keyproof_http2_flood_closed_total",
-                &[("side", side.as_str())],
+                &[("side", "server")],
             )
-            .expect("exported");
-            // Other tests in this process may have closed some already.
-            assert!(
-                got >= 0.0 && got <= frame_guard::closed(side) as f64,
-                "{side:?} {got}"
-            );
+        };
+        let before = server(&text(&m)).expect("exported from the start");
+        assert!(sample(
+            &text(&m),
+            "keyproof_http2_flood_closed_total",
+            &[("side", "client")]
+        )
+        .is_some());
+        // A server-side guard whose caller sends two WINDOW_UPDATEs where
+        // one is allowed.
+        let budget = Budget {
+            base: 1,
+            ..Budget::DEFAULT
+        };
+        let (mut peer, near) = tokio::io::duplex(1024);
+        let mut g = FrameGuard::new(near, Side::Server, budget);
+        let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for _ in 0..2 {
+            flood.extend_from_slice(&[0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
         }
+        peer.write_all(&flood).await.expect("write");
+        let mut buf = vec![0; flood.len()];
+        g.read_exact(&mut buf).await.expect("read");
+        assert!(g.trip().is_set());
+        let after = server(&text(&m)).expect("exported");
+        // Other tests in this process may close some too.
+        assert!(after >= before + 1.0, "{before} then {after}");
     }
 }
