@@ -9,23 +9,35 @@ use std::time::{Duration, Instant};
 use keyproof_tests::free_port;
 use keyproof_tests::proxy_support::*;
 
-#[test]
-fn header_limit_and_connection_backpressure() {
-    let pki = Pki::new("limits.test");
-    let app = EchoApp::start();
-    let server = pki.issue("server", "/ns/default/sa/api");
-    let web = pki.issue("web", "/ns/default/sa/web");
+/// An inbound sidecar presenting `server` in front of `app`, with `extra`
+/// lines in its `[inbound]` section; and its port.
+fn inbound(pki: &Pki, server: &Cert, app: &EchoApp, extra: &str) -> (ProxyProc, u16) {
     let port = free_port();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let proxy = ProxyProc::start(
         pki.tmp.path(),
         "in",
         &format!(
-            "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{}\"\nhandshake_timeout = \"5s\"\nmax_header_bytes = 16384\nmax_connections = 2\nidle_timeout = \"1s\"\n[admin]\nlisten = \"{admin}\"\n",
-            identity_toml(&pki.bundle, &server),
+            "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{}\"\n{extra}[admin]\nlisten = \"{admin}\"\n",
+            identity_toml(&pki.bundle, server),
             app.addr
         ),
         admin,
+    );
+    (proxy, port)
+}
+
+#[test]
+fn header_limit_and_connection_backpressure() {
+    let pki = Pki::new("limits.test");
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web = pki.issue("web", "/ns/default/sa/web");
+    let (proxy, port) = inbound(
+        &pki,
+        &server,
+        &app,
+        "handshake_timeout = \"5s\"\nmax_header_bytes = 16384\nmax_connections = 2\nidle_timeout = \"1s\"\n",
     );
     let (crt, key, ca) = (
         web.crt.display().to_string(),
@@ -118,18 +130,7 @@ fn a_window_update_flood_is_closed_and_counted() {
     let server = pki.issue("server", "/ns/default/sa/api");
     let evil = pki.issue("evil", "/ns/default/sa/evil");
     let web = pki.issue("web", "/ns/default/sa/web");
-    let port = free_port();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let proxy = ProxyProc::start(
-        pki.tmp.path(),
-        "in",
-        &format!(
-            "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{}\"\n[admin]\nlisten = \"{admin}\"\n",
-            identity_toml(&pki.bundle, &server),
-            app.addr
-        ),
-        admin,
-    );
+    let (proxy, port) = inbound(&pki, &server, &app, "");
     let inbound: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
