@@ -46,6 +46,9 @@ pub struct Peer {
     /// What follows the nonce in every `Accept-Signature` for this peer:
     /// `";alg="...";keyid="...";tag="stepup-v1"`, serialised once.
     accept_suffix: String,
+    /// Whose share of the nonce table this peer's nonces count against:
+    /// its identity ([`Peer::bounded_as`]), else its key.
+    bound: [u8; 32],
 }
 
 impl Peer {
@@ -61,10 +64,21 @@ impl Peer {
             key.keyid()
         );
         Peer {
+            bound: *key.spki_sha256(),
             key,
             exporter,
             accept_suffix,
         }
+    }
+
+    /// Counts this peer's outstanding nonces against `identity`'s share
+    /// (`max_outstanding_per_peer`) rather than its key's: every key of one
+    /// identity (its replicas, its renewals) then shares one bound, as the
+    /// wire format's "per peer identity" asks. A nonce stays bound to the
+    /// key it was issued for.
+    pub fn bounded_as(mut self, identity: &str) -> Peer {
+        self.bound = digest::sha256(identity.as_bytes());
+        self
     }
 
     /// From the peer's verified leaf certificate (DER) and the exporter.
@@ -284,7 +298,7 @@ impl Verifier {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let id = self
             .table
-            .issue(&self.rng, peer.key.spki_sha256(), expires, now, issued_ms)?;
+            .issue(&self.rng, &peer.bound, expires, now, issued_ms)?;
         Ok((id, expires))
     }
 

@@ -564,6 +564,53 @@ fn full_table_fails_closed_globally_and_per_peer() {
 }
 
 #[test]
+fn one_identitys_keys_share_its_per_peer_bound() {
+    // Replicas and renewals of one SPIFFE ID hold different keys; each key
+    // must not bring a share of its own (the wire format bounds the table
+    // per peer identity).
+    let w = p256();
+    let cfg = StepUpConfig {
+        max_outstanding: 100,
+        max_outstanding_per_peer: 2,
+        ..StepUpConfig::default()
+    };
+    let fx = fixture_with(&w, cfg);
+    const ID: &str = "spiffe://example.org/ns/shop/sa/web";
+    let keys: Vec<_> = (0..3).map(|_| p256()).collect();
+    let peers: Vec<Peer> = keys
+        .iter()
+        .map(|k| {
+            Peer::from_cert_der(&k.cert_der, Some(fx.exporter))
+                .expect("peer")
+                .bounded_as(ID)
+        })
+        .collect();
+    fx.verifier
+        .challenge(&peers[0], ROUTE, true, None, NOW)
+        .expect("first");
+    fx.verifier
+        .challenge(&peers[1], ROUTE, true, None, NOW)
+        .expect("second, another key");
+    for p in &peers {
+        assert!(
+            matches!(
+                fx.verifier.challenge(p, ROUTE, true, None, NOW),
+                Err(IssueError::PeerFull { .. })
+            ),
+            "every key of the identity is over its bound"
+        );
+    }
+    // Another identity still gets its own share.
+    let other = Peer::from_cert_der(&keys[2].cert_der, Some(fx.exporter))
+        .expect("peer")
+        .bounded_as("spiffe://example.org/ns/shop/sa/api");
+    fx.verifier
+        .challenge(&other, ROUTE, true, None, NOW)
+        .expect("another identity");
+    assert_eq!(fx.verifier.outstanding(), 3);
+}
+
+#[test]
 fn restarted_verifier_refuses_old_nonces() {
     let (fx, parts) = signed_p256();
     let restarted = Verifier::new(StepUpConfig::default()).expect("verifier");

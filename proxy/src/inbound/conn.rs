@@ -86,7 +86,9 @@ impl InboundConn {
         // from the verified leaf and this connection's channel binding.
         let view = if need_exporter {
             match keyproof_stepup::Peer::from_cert_der(&peer.leaf, exporter) {
-                Ok(p) => Some(p),
+                // One share of the nonce table per caller identity, however
+                // many keys (replicas, renewals) it holds.
+                Ok(p) => Some(p.bounded_as(peer.id.as_str())),
                 Err(e) => {
                     tracing::info!(peer = %remote, peer_id = %peer.id, error = %e, "caller's key cannot sign stepup-v1; step-up routes will refuse it");
                     None
@@ -161,8 +163,11 @@ impl InboundConn {
         own: &SpiffeId,
         exporter: Option<[u8; 32]>,
     ) -> InboundConn {
-        let stepup =
-            exporter.and_then(|_| keyproof_stepup::Peer::from_cert_der(&peer.leaf, exporter).ok());
+        let stepup = exporter.and_then(|_| {
+            keyproof_stepup::Peer::from_cert_der(&peer.leaf, exporter)
+                .ok()
+                .map(|p| p.bounded_as(peer.id.as_str()))
+        });
         InboundConn {
             xfcc: xfcc(own, &peer).expect("valid SPIFFE IDs make a header value"),
             peer,
