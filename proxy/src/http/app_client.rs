@@ -40,6 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::error::BoxError;
 use crate::http::h1::{self, BodyError, BodyReader, Framing, H1Error};
 use crate::http::h2_stream::MeshBody;
+use crate::http::owned;
 use crate::http::traits::SendBody;
 
 /// Idle connections kept beyond this many are closed: enough for any burst
@@ -245,9 +246,28 @@ impl H1Pool {
         req: Request<B>,
         share: Option<&Arc<Semaphore>>,
     ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
-        let (parts, body) = req.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (mut parts, body) = req.into_parts();
         let mut sender = BodySender::new(body, &parts.method, self.bounds.body_timeout);
+        let reuse = Reuse {
+            // A request carrying a verified step-up proof is never sent
+            // twice, idempotent or not: the app may have acted on it before
+            // its connection closed, and a single-use proof reaches it once.
+            resend: idempotent(&parts.method)
+                && !parts.headers.contains_key(&owned::STEP_UP_VERIFIED),
+            // A body on a method whose handlers seldom read one (a GET's)
+            // may be left unread by the app, which would then parse it as
+            // the connection's next request: one the caller wrote whole,
+            // owned fields and all, that no route decided on. Such a
+            // request has the connection to itself.
+            keep: sender.framing == Framing::Empty || !body_often_unread(&parts.method),
+        };
+        if !reuse.keep {
+            parts.headers.insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut out = BytesMut::new();
         h1::write_request_head(
             &parts.method,
@@ -278,7 +298,7 @@ impl H1Pool {
                         _pool: slot,
                         _peer: peer,
                     };
-                    pool.send(slot, out, sender, parts.method).await
+                    pool.send(slot, out, sender, parts.method, reuse).await
                 }));
             }
         };
@@ -293,7 +313,7 @@ impl H1Pool {
                         _pool: slot,
                         _peer: peer,
                     };
-                    pool.send(slot, out, sender, parts.method).await
+                    pool.send(slot, out, sender, parts.method, reuse).await
                 }));
             }
         };
@@ -301,7 +321,7 @@ impl H1Pool {
             _pool: slot,
             _peer: peer,
         };
-        Either::Right(self.send(slot, out, sender, parts.method))
+        Either::Right(self.send(slot, out, sender, parts.method, reuse))
     }
 
     /// Sends the encoded request on an idle connection or a new one, with
@@ -312,6 +332,7 @@ impl H1Pool {
         out: BytesMut,
         sender: BodySender<B>,
         method: Method,
+        reuse: Reuse,
     ) -> impl Future<Output = Result<Response<AppBody>, AppError>> + Send + 'static {
         let (idle, pool) = (self.checkout(), self.clone());
         // The rare paths (a body still arriving, dialling) are boxed: inline,
@@ -322,13 +343,15 @@ impl H1Pool {
                     Some(io) => io,
                     None => pool.dial().await?,
                 };
-                let sent = pool.exchange_streaming(io, &out, sender, &method).await;
+                let sent = pool
+                    .exchange_streaming(io, &out, sender, &method, reuse.keep)
+                    .await;
                 sent.map(|r| with_slot(r, slot))
                     .map_err(Exchange::into_app_error)
             }) as Sending);
         }
         // Only a request wholly in `out` can be sent again.
-        let resendable = idempotent(&method);
+        let resendable = reuse.resend;
         // An async block, not an `async fn`: those copy their arguments
         // into the future twice.
         Either::Right(async move {
@@ -337,7 +360,7 @@ impl H1Pool {
                 None => (Box::pin(pool.dial()).await?, false),
             };
             loop {
-                match pool.exchange(io, &out, &method).await {
+                match pool.exchange(io, &out, &method, reuse.keep).await {
                     Ok(resp) => return Ok(with_slot(resp, slot)),
                     Err(Exchange::Unanswered(e)) if pooled && resendable => {
                         tracing::debug!(error = %e, "pooled app connection was closed; retrying");
@@ -356,13 +379,14 @@ impl H1Pool {
         mut io: TcpStream,
         out: &[u8],
         method: &Method,
+        keep: bool,
     ) -> Result<Response<AppBody>, Exchange> {
         // Reads start small (a typical response head and body fit) and grow
         // once a body turns out large. An idle connection holds no buffer.
         let mut buf = BytesMut::with_capacity(h1::SMALL_READ);
         io.write_all(out).await.map_err(Exchange::Unanswered)?;
         let head = read_head(&mut io, &mut buf, method, self.max_head).await?;
-        Ok(self.response(head, AppIo::Whole(io), buf))
+        Ok(self.response(head, AppIo::Whole(io), buf, keep))
     }
 
     /// One request whose head (and the start of its body) is in `out` and
@@ -373,6 +397,7 @@ impl H1Pool {
         out: &[u8],
         sender: BodySender<B>,
         method: &Method,
+        keep: bool,
     ) -> Result<Response<AppBody>, Exchange> {
         let mut buf = BytesMut::with_capacity(h1::SMALL_READ);
         io.write_all(out).await.map_err(Exchange::Unanswered)?;
@@ -412,14 +437,17 @@ impl H1Pool {
                 AppIo::Read(rd)
             }
         };
-        Ok(self.response(head, io, buf))
+        Ok(self.response(head, io, buf, keep))
     }
 
+    /// The response whose head came on `io`; its connection goes back to
+    /// the pool after its body if the app allows and `keep`.
     fn response(
         self: &Arc<Self>,
         head: h1::ResponseHead,
         io: AppIo,
         buf: BytesMut,
+        keep: bool,
     ) -> Response<AppBody> {
         let h1::ResponseHead {
             parts,
@@ -430,7 +458,7 @@ impl H1Pool {
             io: Some(io),
             buf,
             reader: BodyReader::new(framing, self.max_head),
-            keep_alive,
+            keep_alive: keep_alive && keep,
             pool: self.clone(),
             slot: None,
         };
@@ -486,6 +514,26 @@ impl H1Pool {
         let _ = tcp.set_nodelay(true);
         Ok(tcp)
     }
+}
+
+/// What a request allows beyond being sent once on one connection.
+#[derive(Debug, Clone, Copy)]
+struct Reuse {
+    /// It may be sent again on a new connection when a pooled one's close
+    /// left it unanswered.
+    resend: bool,
+    /// Its connection may carry another request after it.
+    keep: bool,
+}
+
+/// Methods whose handlers commonly ignore a request body (RFC 9110 gives
+/// content no defined meaning on them): an app may answer without reading
+/// it.
+fn body_often_unread(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
 }
 
 /// RFC 9110 section 9.2.2.
@@ -1779,6 +1827,66 @@ mod tests {
             .expect_err("a POST may have had effects");
         assert!(matches!(e, AppError::Failed(_)), "{e:?}");
         assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_verified_step_up_request_is_not_sent_again() {
+        // The app may have read and acted on it before it closed: a
+        // single-use proof must reach it once, even on a GET.
+        let app = app(answers_once).await;
+        let pool = pool(&app.addr);
+        send(&pool, get("/")).await.unwrap();
+        let mut req = get("/");
+        req.headers_mut().insert(
+            owned::STEP_UP_VERIFIED.clone(),
+            http::HeaderValue::from_static("verified"),
+        );
+        let e = send(&pool, req)
+            .await
+            .expect_err("a consumed proof is not sent twice");
+        assert!(matches!(e, AppError::Failed(_)), "{e:?}");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_on_a_get_or_delete_has_its_connection_to_itself() {
+        // An app that answers a GET without reading its body would parse
+        // the body as the connection's next request: the caller's own,
+        // that no route decided on. Such a request goes out with
+        // `connection: close`, and its connection is never reused, even if
+        // the app would keep it.
+        let mut app = app(always("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).await;
+        let pool = pool(&app.addr);
+        for method in [Method::GET, Method::DELETE] {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("/a")
+                .body(Full::new(Bytes::from_static(
+                    b"GET /admin HTTP/1.1\r\n\r\n",
+                )))
+                .unwrap();
+            let resp = send(&pool, req).await.unwrap();
+            read(resp).await;
+            let s = app.seen.recv().await.unwrap();
+            assert!(
+                s.head.contains("\r\nconnection: close\r\n"),
+                "{method}: {}",
+                s.head
+            );
+        }
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 2, "one connection each");
+        // Without a body, and a POST with one, keep the connection.
+        send(&pool, get("/b")).await.map(read).unwrap().await;
+        let post = Request::post("/c")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        send(&pool, post).await.map(read).unwrap().await;
+        send(&pool, get("/d")).await.map(read).unwrap().await;
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 3);
+        for _ in 0..3 {
+            let s = app.seen.recv().await.unwrap();
+            assert!(!s.head.contains("connection"), "{}", s.head);
+        }
     }
 
     #[tokio::test]
