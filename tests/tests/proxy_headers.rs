@@ -479,7 +479,8 @@ Signature: stepup=:AAAA:\r\n\
 signature_input: stepup=();nonce=\"x\"\r\n\
 Stepup-Binding: :AAAA:\r\n\
 Transfer_Encoding: gzip\r\n\
-content_length: 5\r\n";
+content_length: 5\r\n\
+X_Forwarded_For: 6.6.6.6\r\n";
 
 /// Exactly the sidecar's one XFCC, and no other owned field, in a record.
 fn assert_only_the_sidecars_fields(record: &str) {
@@ -502,8 +503,9 @@ fn assert_only_the_sidecars_fields(record: &str) {
             "{f} reached the app:\n{record}"
         );
     }
-    // Framing fields in disguise: at most the proxy's own, spelt with '-'.
-    for f in ["transfer-encoding", "content-length"] {
+    // Framing fields and the forwarding field the sidecar appends to, in
+    // disguise: at most the proxy's own, spelt with '-'.
+    for f in ["transfer-encoding", "content-length", "x-forwarded-for"] {
         assert!(
             lines_naming(record, f).iter().all(|l| l.starts_with(f)),
             "{f} in disguise reached the app:\n{record}"

@@ -433,6 +433,16 @@ fn allow_trust_domain_default_keeps_admin_to_its_route() {
         ("/adm%C4%B1n", Want::Denied),
         ("/ADM%c4%b0N/x", Want::Denied),
         ("/%C5%BFtepup", Want::Challenge),
+        // Spring MVC's suffix patterns and Rails' (.:format) serve these
+        // from the /admin and /stepup handlers.
+        ("/admin.json", Want::Denied),
+        ("/admin%2ejson", Want::Denied),
+        ("/admin.", Want::Denied),
+        ("/stepup.json", Want::Challenge),
+        // A method override in the query (Symfony, Laravel read it there).
+        ("/public/x?_method=DELETE", Want::Bad),
+        ("/public/x?a=1&%5Fmethod=PUT", Want::Bad),
+        ("/public/x?.method=PUT", Want::Bad),
         ("/admin;", Want::Bad),
         ("/admin;jsessionid=1", Want::Bad),
         ("/x/..;/admin", Want::Bad),

@@ -203,11 +203,15 @@ pub fn is_owned(name: &[u8]) -> bool {
 }
 
 /// Whether `name`, which holds a `_`, equals once `_` is read as `-` a
-/// field whose value the proxy decides (framing, hop-by-hop): an app that
-/// maps both spellings to one variable would read the caller's instead.
+/// field whose value the proxy decides (framing, hop-by-hop) or appends to
+/// (`X-Forwarded-For`, [`add_forwarded_for`]): an app that maps both
+/// spellings to one variable (CGI, WSGI, PHP: `HTTP_X_FORWARDED_FOR`)
+/// would read the caller's instead, or the caller's after the sidecar's.
 fn controlled_in_disguise(name: &[u8]) -> bool {
     name.contains(&b'_')
-        && (HOP_BY_HOP.iter().any(|h| same_name(name, h)) || same_name(name, "content-length"))
+        && (HOP_BY_HOP.iter().any(|h| same_name(name, h))
+            || same_name(name, "content-length")
+            || same_name(name, "x-forwarded-for"))
 }
 
 /// Whether `name` is one of the step-up request fields, spelt exactly.
@@ -312,8 +316,10 @@ pub fn plain_host(host: &str) -> Option<&str> {
 /// method than the request's (Werkzeug, Express, Laravel, ASP.NET...): a
 /// route restricted to some methods would be walked past by a POST that
 /// asks for DELETE. Refused in any spelling, `_` for `-` included (a CGI
-/// or WSGI app reads both as one). A `_method` form field, the other way
-/// such middleware reads, is in the body, which the sidecar does not read.
+/// or WSGI app reads both as one). A `_method` parameter in the query
+/// (Symfony and Laravel read it there too) is refused as well
+/// ([`overrides_method`]); a `_method` form field, the form's own way, is
+/// in the body, which the sidecar does not read.
 const METHOD_OVERRIDES: [&str; 3] = [
     "x-http-method-override",
     "x-http-method",
@@ -366,6 +372,13 @@ pub fn check_request(
             length = true;
         }
     }
+    if let Some(q) = uri.query() {
+        if overrides_method(q) {
+            return Err(HeaderRefusal::bad(
+                "a _method parameter in the query is not accepted: routes are decided by the request's method, which an override would change behind them; send the method itself",
+            ));
+        }
+    }
     if hosts > 0 {
         let mut all = h.get_all(header::HOST).iter();
         let first = all.next();
@@ -406,6 +419,50 @@ pub fn check_request(
         check_transfer_encoding(h.get_all(header::TRANSFER_ENCODING).iter(), length)?;
     }
     Ok(f)
+}
+
+/// Whether `query` has a `_method` parameter as a framework reads its
+/// name: percent-decoded, `+` as a space, any case, and with PHP's
+/// renaming of a leading space, `.` or `[` to `_` (`.method` is `_method`
+/// to Symfony and Laravel).
+fn overrides_method(query: &str) -> bool {
+    const NAME: &[u8] = b"_method";
+    query.split(['&', ';']).any(|pair| {
+        let key = pair.split('=').next().unwrap_or(pair).as_bytes();
+        // Each byte of the name takes one to three bytes of the query.
+        if key.len() < NAME.len() || key.len() > NAME.len() * 3 {
+            return false;
+        }
+        let mut decoded = [0u8; 7];
+        let (mut at, mut n) = (0, 0);
+        while at < key.len() {
+            if n == decoded.len() {
+                return false;
+            }
+            let b = match key[at] {
+                b'%' => {
+                    let hex = key
+                        .get(at + 1..at + 3)
+                        .and_then(|h| std::str::from_utf8(h).ok());
+                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        Some(b) => {
+                            at += 2;
+                            b
+                        }
+                        None => b'%',
+                    }
+                }
+                b'+' => b' ',
+                b => b,
+            };
+            decoded[n] = b;
+            n += 1;
+            at += 1;
+        }
+        n == NAME.len()
+            && matches!(decoded[0], b'_' | b' ' | b'.' | b'[')
+            && decoded[1..].eq_ignore_ascii_case(&NAME[1..])
+    })
 }
 
 /// The request's authority (its target's, else `Host`), as the app will
@@ -982,6 +1039,46 @@ mod tests {
     }
 
     #[test]
+    fn a_method_override_in_the_query_is_refused_as_frameworks_read_its_name() {
+        for q in [
+            "_method=DELETE",
+            "a=1&_method=PUT",
+            "a=1;_method=PUT",
+            "_METHOD=DELETE",
+            "%5Fmethod=DELETE",
+            "%5fMethod=DELETE",
+            "_%6Dethod=DELETE",
+            ".method=DELETE",
+            "+method=DELETE",
+            "%20method=DELETE",
+            "[method=DELETE",
+            "_method",
+            "x=&_method=",
+        ] {
+            let uri: Uri = format!("/admin/users/5?{q}").parse().unwrap();
+            let e = check_request(&HeaderMap::new(), &uri, Underscores::Allow).unwrap_err();
+            assert_eq!(e.status, http::StatusCode::BAD_REQUEST, "{q}");
+            assert!(e.reason.contains("_method"), "{q}: {}", e.reason);
+        }
+        for q in [
+            "method=DELETE",
+            "x_method=DELETE",
+            "_methods=DELETE",
+            "a=_method",
+            "q=%5Fmethod",
+            "_metho%",
+            "__method=1",
+            "",
+        ] {
+            let uri: Uri = format!("/admin/users/5?{q}").parse().unwrap();
+            assert!(
+                check_request(&HeaderMap::new(), &uri, Underscores::Allow).is_ok(),
+                "{q}"
+            );
+        }
+    }
+
+    #[test]
     fn requests_lose_owned_fields_and_keep_the_rest() {
         let uri: Uri = "/a".parse().unwrap();
         let mut h = map(&[
@@ -997,6 +1094,10 @@ mod tests {
             ("transfer_encoding", "gzip"),
             ("Content_Length", "5"),
             ("proxy_authorization", "x"),
+            // The sidecar appends the caller's address to X-Forwarded-For:
+            // a CGI app would read this one, after it, as the last hop.
+            ("X_Forwarded_For", "6.6.6.6"),
+            ("x_forwarded-for", "6.6.6.6"),
         ]);
         let f = check_request(&h, &uri, Underscores::Allow).unwrap();
         assert!(f.owned);

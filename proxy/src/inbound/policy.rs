@@ -28,8 +28,8 @@ pub struct Route {
     pub risk: Option<RouteRisk>,
     denied: IntCounter,
     /// A `risk` route as an `always` one: what applies when a path meets
-    /// two different `risk` routes, as written and when case is ignored
-    /// (see [`Policy::decide`]).
+    /// two different `risk` routes, as written and as apps read it (see
+    /// [`Policy::decide`]).
     always: Option<Arc<Route>>,
 }
 
@@ -81,16 +81,20 @@ pub struct Policy {
 /// never `/administrator` (a plain string prefix would let a route's rule
 /// leak onto unrelated paths). A prefix written with a final `/`
 /// (`/secret/`) matches the path without it too (`/secret`), which most
-/// frameworks serve with the same handler. `fold_case`: case ignored as
-/// apps ignore it (see [`fold_len`]), as Express and ASP.NET Core match by
-/// default. `path` is the normalized path without its query.
-fn path_matches(prefix: &str, path: &str, fold_case: bool) -> bool {
+/// frameworks serve with the same handler. `as_apps_read`: the path as
+/// many apps read it when they pick a handler: case ignored (see
+/// [`fold_len`]), as Express and ASP.NET Core match by default, and a
+/// `.suffix` on the segment that ends the prefix (`/admin.json`,
+/// `/admin.`), which Spring MVC's suffix patterns (the default before 5.3)
+/// and Rails' `(.:format)` serve from the `/admin` handler. `path` is the
+/// normalized path without its query.
+fn path_matches(prefix: &str, path: &str, as_apps_read: bool) -> bool {
     let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
     let base = match prefix.strip_suffix(b"/") {
         Some(b) if !b.is_empty() => b,
         _ => prefix,
     };
-    let len = if fold_case {
+    let len = if as_apps_read {
         fold_len(base, path)
     } else {
         path.starts_with(base).then_some(base.len())
@@ -99,7 +103,18 @@ fn path_matches(prefix: &str, path: &str, fold_case: bool) -> bool {
         return false;
     };
     let rest = &path[len..];
-    base.ends_with(b"/") || rest.is_empty() || rest[0] == b'/'
+    base.ends_with(b"/")
+        || rest.is_empty()
+        || rest[0] == b'/'
+        || (as_apps_read && rest[0] == b'.' && !rest.contains(&b'/'))
+}
+
+/// Whether [`path_matches`] as apps read paths could find a route that the
+/// path as written does not meet: it has a letter whose case or encoding
+/// could differ, or a `.` in its last segment.
+fn may_read_otherwise(path: &str) -> bool {
+    let last = path.rsplit('/').next().unwrap_or(path);
+    path.bytes().any(|b| b.is_ascii_uppercase() || b == b'%') || last.contains('.')
 }
 
 /// The four non-ASCII letters that case-insensitive comparisons in common
@@ -218,21 +233,20 @@ impl Policy {
         if let Some(msg) = self.deny_listed(peer, serial) {
             return Decision::Deny(msg);
         }
-        let find = |fold_case| {
+        let find = |as_apps_read| {
             self.routes.iter().find(|r| {
-                path_matches(&r.path_prefix, path, fold_case)
+                path_matches(&r.path_prefix, path, as_apps_read)
                     && (r.methods.is_empty() || r.methods.iter().any(|m| covers(m, method)))
             })
         };
         let written = find(false);
         // An app that ignores case (Express, ASP.NET Core by default) serves
-        // `/ADMIN` from its `/admin` handler, one that does not from the
-        // handler of the route matched as written: a path that meets
-        // another route when case is ignored must pass both, and the
-        // stricter step-up applies. Looked for only when case can make a
-        // difference.
-        let folded = if self.mixed_case || path.bytes().any(|b| b.is_ascii_uppercase() || b == b'%')
-        {
+        // `/ADMIN` from its `/admin` handler, one with suffix patterns
+        // (Spring MVC, Rails) `/admin.json`; another app serves either from
+        // the handler of the route matched as written. A path that meets
+        // another route as apps read it must pass both, and the stricter
+        // step-up applies. Looked for only when that can make a difference.
+        let folded = if self.mixed_case || may_read_otherwise(path) {
             find(true).filter(|f| !written.is_some_and(|w| Arc::ptr_eq(w, f)))
         } else {
             None
@@ -241,7 +255,7 @@ impl Policy {
             if !f.allow.iter().any(|p| p.matches(peer)) {
                 f.denied.inc();
                 return Decision::Deny(format!(
-                    "forbidden: route {} (which {path} meets when case is ignored, as many apps match paths) does not allow {peer} to {method}\n",
+                    "forbidden: route {} (which {path} meets as many apps match paths: case ignored, a .suffix after its last segment) does not allow {peer} to {method}\n",
                     f.path_prefix
                 ));
             }
@@ -270,12 +284,12 @@ impl Policy {
     }
 }
 
-/// Of two routes one path meets (as written, and when case is ignored),
-/// the one whose step-up is stricter: `always` over `risk` over `never`.
-/// Two different `risk` routes each have rules the other lacks, and
-/// which handler serves the path depends on the app: such a request is
-/// challenged always (only a path whose case differs from the routes'
-/// meets two).
+/// Of two routes one path meets (as written, and as apps read it), the
+/// one whose step-up is stricter: `always` over `risk` over `never`. Two
+/// different `risk` routes each have rules the other lacks, and which
+/// handler serves the path depends on the app: such a request is
+/// challenged always (only a path whose case differs from the routes', or
+/// with a `.suffix`, meets two).
 fn stricter<'a>(written: &'a Arc<Route>, folded: &'a Arc<Route>) -> &'a Arc<Route> {
     let rank = |m: StepUpMode| match m {
         StepUpMode::Never => 0,
@@ -569,8 +583,9 @@ mod tests {
                 "{path}"
             );
         }
-        // Other names that merely start with the prefix are not under it.
-        for path in ["/administrator", "/admin-panel", "/admin.json", "/"] {
+        // Other names that merely start with the prefix are not under it
+        // (`/admin.json` is, as apps read it: see the suffix test below).
+        for path in ["/administrator", "/admin-panel", "/admin_x", "/"] {
             assert_eq!(
                 outcome(&p, http::Method::GET, path, WEB).as_deref(),
                 Some(""),
@@ -717,6 +732,52 @@ mod tests {
             p.decide(&http::Method::GET, "/adm%C4%B1n", &id(OPS), ""),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn a_suffix_on_a_routes_last_segment_meets_the_route() {
+        // Spring MVC's suffix patterns and Rails' `(.:format)` serve
+        // `/admin.json` and `/admin.` from the `/admin` handler.
+        for path in ["/admin.json", "/admin.", "/ADMIN.json", "/admin..x"] {
+            assert!(path_matches("/admin", path, true), "{path}");
+            assert!(path_matches("/admin/", path, true), "{path}");
+        }
+        assert!(!path_matches("/admin", "/admin.json", false));
+        // A suffix is of the last segment only; other names stay apart.
+        for path in ["/admin.json/x", "/administrator.json", "/admi.json"] {
+            assert!(!path_matches("/admin", path, true), "{path}");
+        }
+        let m = Metrics::new().unwrap();
+        let mut admin = route("/admin", &[], &[OPS]);
+        admin.step_up = StepUpMode::Always;
+        let routes = [admin, route("/", &[], &[WEB, OPS])];
+        let p = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
+        for path in ["/admin.json", "/admin.", "/Admin.xml"] {
+            assert!(
+                matches!(
+                    p.decide(&http::Method::GET, path, &id(WEB), ""),
+                    Decision::Deny(msg) if msg.contains("route /admin ")
+                ),
+                "{path}"
+            );
+            assert!(
+                matches!(
+                    p.decide(&http::Method::GET, path, &id(OPS), ""),
+                    Decision::Allow(Some(r)) if r.step_up == StepUpMode::Always
+                ),
+                "{path}"
+            );
+        }
+        // Dots elsewhere change nothing.
+        for path in ["/static/app.js", "/admin.json/x", "/a.b/admin"] {
+            assert!(
+                matches!(
+                    p.decide(&http::Method::GET, path, &id(WEB), ""),
+                    Decision::Allow(Some(r)) if r.path_prefix == "/"
+                ),
+                "{path}"
+            );
+        }
     }
 
     #[test]
