@@ -85,10 +85,23 @@ impl KeyType {
         }
     }
 
-    /// Generates a fresh key pair.
+    /// Generates a fresh key pair. An Ed25519 key is kept (and so written)
+    /// as PKCS#8 v1, RFC 8410's form: the v2 document the generator makes
+    /// (RFC 5958, the public key appended) is refused by OpenSSL 3.0 and
+    /// Python's `cryptography`, which operators and other sidecars use to
+    /// read key files. Both forms load here.
     pub fn generate(self) -> Result<KeyPair, KeyError> {
-        KeyPair::generate_for(self.signature_algorithm())
-            .map_err(|e| KeyError::Crypto(e.to_string()))
+        let crypto = |e: &dyn fmt::Display| KeyError::Crypto(e.to_string());
+        let kp = KeyPair::generate_for(self.signature_algorithm()).map_err(|e| crypto(&e))?;
+        if self != KeyType::Ed25519 {
+            return Ok(kp);
+        }
+        let v1 = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(kp.serialized_der())
+            .map_err(|e| crypto(&e))?
+            .to_pkcs8v1()
+            .map_err(|e| crypto(&e))?;
+        KeyPair::from_pkcs8_der_and_sign_algo(&v1.as_ref().into(), &PKCS_ED25519)
+            .map_err(|e| crypto(&e))
     }
 
     /// The key type of a parsed SubjectPublicKeyInfo.
@@ -275,6 +288,30 @@ mod tests {
             assert_eq!(KeyType::from_spki_algorithm_der(alg_id), Some(kt));
         }
         assert_eq!(KeyType::from_spki_algorithm_der(&[0x30, 0x00]), None);
+    }
+
+    /// Ed25519 keys are PKCS#8 v1 (version 0, no public key after the
+    /// private one), which OpenSSL 3.0 and Python's `cryptography` read;
+    /// they sign, and a v2 document still loads.
+    #[test]
+    fn ed25519_keys_are_pkcs8_v1_and_both_forms_load() {
+        let kp = KeyType::Ed25519.generate().unwrap();
+        let der = kp.serialized_der();
+        // SEQUENCE (46) { INTEGER 0, AlgorithmIdentifier, OCTET STRING }.
+        assert_eq!(der.len(), 48, "{der:02x?}");
+        assert_eq!(&der[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00]);
+        let msg = b"x";
+        let sig = rcgen::SigningKey::sign(&kp, msg).unwrap();
+        let public = rcgen::PublicKeyData::der_bytes(&kp).to_vec();
+        aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, public)
+            .verify(msg, &sig)
+            .unwrap();
+        let v2 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(
+            &aws_lc_rs::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        assert_eq!(v2.as_ref()[4], 0x01, "the generator's own form is v2");
+        KeyPair::from_pkcs8_der_and_sign_algo(&v2.as_ref().into(), &PKCS_ED25519).unwrap();
     }
 
     /// The DER form must verify where aws-lc-rs' own ASN.1 signatures do,

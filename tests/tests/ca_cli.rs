@@ -79,6 +79,33 @@ fn init_writes_a_private_ca_and_issue_passes_openssl_verify() {
         // The certificate file holds leaf then intermediate.
         let pem = fs::read_to_string(&cert).unwrap();
         assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2);
+        // OpenSSL reads every key written (OpenSSL 3.0 refuses an Ed25519
+        // key in PKCS#8 v2), and each is the certificate's.
+        for k in [
+            key.clone(),
+            ca.dir.join("root.key"),
+            ca.dir.join("intermediate.key"),
+        ] {
+            let out = Command::new("openssl")
+                .args(["pkey", "-pubout", "-in"])
+                .arg(&k)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl pkey {} ({key_type}): {}",
+                k.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if k == key {
+                let cert_pub = Command::new("openssl")
+                    .args(["x509", "-noout", "-pubkey", "-in"])
+                    .arg(&cert)
+                    .output()
+                    .unwrap();
+                assert_eq!(out.stdout, cert_pub.stdout, "{key_type}");
+            }
+        }
 
         // inspect --json says what was issued.
         let json: Value = serde_json::from_str(&run_ok(
