@@ -1276,15 +1276,30 @@ fn k8s_bundle(a: K8sBundleArgs) -> Result<()> {
     Ok(())
 }
 
+/// Resolves on SIGTERM or SIGINT. SIGHUP, which supervisors send for
+/// "reload", is logged and otherwise ignored: its default action would stop
+/// the daemon on the spot, without finishing the requests in flight.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        let hangup = async {
+            match &mut hup {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            Some(()) = hangup => {
+                tracing::info!("SIGHUP ignored: keyproof-ca stops on SIGTERM or SIGINT");
+            }
+        }
     }
 }
 

@@ -677,6 +677,32 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// On SIGHUP, every watched file (identity, policy, upstreams) is looked at
+/// again at once. SIGHUP is what operators and supervisors send for
+/// "reload", and its default action would end the sidecar on the spot,
+/// without a drain. A file whose content is unchanged reloads nothing.
+fn reload_on_hangup() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!(
+                            "SIGHUP: looking at the identity, policy and upstream files again"
+                        );
+                        crate::identity::watch::look_again();
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; it would stop the sidecar without a drain")
+            }
+        }
+    }
+}
+
 /// Builds the runtime `[runtime]` asks for (current-thread for one worker).
 pub fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, StartError> {
     let mut b = if worker_threads <= 1 {
@@ -696,6 +722,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         // One signal listener for the whole life: `[identity.ca]` may wait
         // for the CA in `start`, and a SIGTERM then must still stop us.
         let mut stop = std::pin::pin!(shutdown_signal());
+        reload_on_hangup();
         let running = tokio::select! {
             r = start(&cfg) => r?,
             _ = &mut stop => {

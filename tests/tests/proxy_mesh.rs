@@ -297,6 +297,35 @@ fn graceful_shutdown_lets_in_flight_request_finish() {
     assert!(st.success(), "exit status {st}\n{}", inbound.log_text());
 }
 
+#[test]
+fn sighup_is_a_reload_not_a_stop() {
+    // Supervisors and operators send SIGHUP for "reload"; its default
+    // action would end the sidecar without a drain, dropping the request
+    // in flight.
+    let p = pair("");
+    let out = format!("http://{}", p.out_addr);
+    let slow = std::thread::spawn(move || curl(&["-x", &out, "http://api.default.svc/slow"]));
+    std::thread::sleep(Duration::from_millis(600));
+    for proc in [&p.inbound, &p.outbound] {
+        let st = std::process::Command::new("kill")
+            .args(["-HUP", &proc.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let (code, body, _) = slow.join().unwrap();
+    assert_eq!(code, 200, "{body}\n{}", p.inbound.log_text());
+    assert!(body.contains("slow done"), "{body}");
+    let out = format!("http://{}", p.out_addr);
+    let (code, body, _) = curl(&["-x", &out, "http://api.default.svc/"]);
+    assert_eq!(code, 200, "still serving after SIGHUP: {body}");
+    for proc in [&p.inbound, &p.outbound] {
+        let log = proc.log_text();
+        assert!(log.contains("SIGHUP: looking at"), "{log}");
+        assert!(!log.contains("stopped"), "{log}");
+    }
+}
+
 /// An upstream that only offers `http/1.1` (openssl s_server, mutual TLS):
 /// the outbound falls back from its shared h2 connection to an HTTP/1.1 pool,
 /// and refuses gRPC-style HTTP/2 to it with a clear reason.

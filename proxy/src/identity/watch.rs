@@ -25,6 +25,17 @@ use tokio::sync::watch;
 /// How long to wait for a burst of events (a Secret update is several) to end.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// Bumped by [`look_again`]: every [`FileWatch`] of the process looks again.
+static LOOK_AGAIN: std::sync::LazyLock<watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| watch::channel(0).0);
+
+/// Makes every [`FileWatch`] of the process report a possible change now,
+/// as on SIGHUP: an operator's "reload" for a file system whose events do
+/// not arrive, without waiting for the next tick.
+pub fn look_again() {
+    LOOK_AGAIN.send_modify(|g| *g = g.wrapping_add(1));
+}
+
 /// A running watch; dropping it stops the notifications.
 pub struct FileWatch {
     _watcher: Option<notify::RecommendedWatcher>,
@@ -64,6 +75,7 @@ impl FileWatch {
                 None
             }
         };
+        let mut again = LOOK_AGAIN.subscribe();
         let ticker = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -81,6 +93,8 @@ impl FileWatch {
                         }
                     }
                     _ = tick.tick() => {}
+                    // The sender is a static: never closed.
+                    _ = again.changed() => {}
                 }
                 generation += 1;
                 if tx.send(generation).is_err() {
