@@ -481,15 +481,10 @@ pub struct MeshConnInfo {
     pub not_after: std::time::SystemTime,
     /// notAfter (Unix seconds) of the certificate this side presented.
     pub own_not_after: i64,
-    /// From when the connection is near an end: `not_after`, or shortly
-    /// before the certificate this side presented expires (the server
-    /// ends the connection then). Past it, a request goes on a new
-    /// connection when a renewed certificate is there to present.
-    pub retire_at: std::time::SystemTime,
-    /// The generation of our trust bundle's roots read before the
-    /// handshake verified the server: once the roots change, the server
-    /// is not taken on trust, and new requests go on a new connection.
-    pub trust_generation: u64,
+    /// [`IdentityStore::identity_generation`](crate::identity::store::IdentityStore::identity_generation)
+    /// read before the handshake: once our certificate or our roots
+    /// change, new requests go on a new connection.
+    pub identity_generation: u64,
 }
 
 /// A live mesh connection: its sender and what is known about it.

@@ -519,6 +519,9 @@ pub struct IdentityStore {
     /// connections, which verify their callers again.
     trust_generation: std::sync::atomic::AtomicU64,
     trust_changed: tokio::sync::watch::Sender<u64>,
+    /// One more each time the certificate chain we present or the trust
+    /// bundle's roots change: what an outbound connection was made with.
+    identity_generation: std::sync::atomic::AtomicU64,
 }
 
 impl IdentityStore {
@@ -529,6 +532,7 @@ impl IdentityStore {
             held: tokio::sync::watch::Sender::new(true),
             trust_generation: Default::default(),
             trust_changed: tokio::sync::watch::Sender::new(0),
+            identity_generation: Default::default(),
         })
     }
 
@@ -539,6 +543,7 @@ impl IdentityStore {
             held: tokio::sync::watch::Sender::new(false),
             trust_generation: Default::default(),
             trust_changed: tokio::sync::watch::Sender::new(0),
+            identity_generation: Default::default(),
         })
     }
 
@@ -548,6 +553,18 @@ impl IdentityStore {
     #[inline]
     pub fn trust_generation(&self) -> u64 {
         self.trust_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The generation of what a handshake of ours presents and trusts: one
+    /// more on every renewal or reload of our certificate and every change
+    /// of the trust bundle's roots (not on a bundle refresh that changes
+    /// neither). Read it before a handshake: a connection whose generation
+    /// is no longer the current one presented a certificate we no longer
+    /// hold, or verified its peer against other roots.
+    #[inline]
+    pub fn identity_generation(&self) -> u64 {
+        self.identity_generation
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
@@ -578,11 +595,18 @@ impl IdentityStore {
     /// connections keep the one they negotiated. Reloads and renewals go
     /// through [`IdentityStore::install`], which also exports and logs it.
     pub fn replace(&self, identity: Identity) {
-        let roots_changed =
-            self.current.load().as_ref().is_some_and(|old| {
-                old.verifier.bundle().roots() != identity.verifier.bundle().roots()
-            });
+        let (roots_changed, chain_changed) = match self.current.load().as_ref() {
+            Some(old) => (
+                old.verifier.bundle().roots() != identity.verifier.bundle().roots(),
+                old.certified.cert != identity.certified.cert,
+            ),
+            None => (false, false),
+        };
         self.current.store(Some(Arc::new(identity)));
+        if roots_changed || chain_changed {
+            self.identity_generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         if roots_changed {
             // After the store: whoever sees the new generation finds the
             // new roots in use.

@@ -640,8 +640,7 @@ mod tests {
             conn_id: 1,
             not_after: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
             own_not_after: i64::MAX,
-            retire_at: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
-            trust_generation: 0,
+            identity_generation: 0,
         }
     }
 

@@ -124,15 +124,10 @@ struct Dialer {
 impl Dialer {
     async fn dial(&self) -> Result<MeshStream, ConnectError> {
         // Read before the handshake: a renewal during it makes this the
-        // older (earlier) certificate's, which retires the connection early
-        // rather than late.
-        let own = self.store.get();
-        let own_not_after = own.as_ref().map_or(i64::MAX, |i| i.not_after);
-        let trust_generation = self.store.trust_generation();
-        let own_margin = own
-            .as_ref()
-            .map_or(0, |i| ((i.not_after - i.not_before) / 10).clamp(1, 60));
-        drop(own);
+        // older generation's, which retires the connection early rather
+        // than late.
+        let identity_generation = self.store.identity_generation();
+        let own_not_after = self.store.get().map_or(i64::MAX, |i| i.not_after);
         let (tcp, own) = match tokio::time::timeout(
             self.connect_timeout,
             own_ports::connect_host(&self.address),
@@ -220,8 +215,7 @@ impl Dialer {
             conn_id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
             not_after,
             own_not_after,
-            retire_at: not_after.min(unix_time(own_not_after.saturating_sub(own_margin))),
-            trust_generation,
+            identity_generation,
         });
         Ok(MeshStream {
             tls,
@@ -234,34 +228,17 @@ impl Dialer {
 }
 
 /// Whether a new request may go on a connection of `info` made with the
-/// identity of `store`. Past its server's certificate, or once the trust
-/// bundle's roots changed since it was verified, never (a new handshake
-/// verifies the server against the roots in use). Near the end
-/// of the certificate this side presented, only while there is no renewed
-/// one: the server ends the connection when it expires (GOAWAY or close),
-/// and requests sent as it does would fail unprocessed, so a renewed
-/// certificate goes on a new connection while what is in flight here
-/// finishes.
+/// identity of `store`: until its server's certificate expires (a new
+/// handshake would fail then), and while we still present the certificate
+/// it was made with and trust the roots it verified its server against.
+/// After a renewal or reload of our certificate, new requests go on a
+/// connection presenting the new one, while what is in flight here
+/// finishes: the server attributes them to the certificate we hold now
+/// (its XFCC, its deny list by serial), and nothing is left to fail when
+/// the old certificate expires. After a change of roots the server is
+/// verified again by a new handshake.
 fn usable(info: &MeshConnInfo, store: &IdentityStore) -> bool {
-    if info.trust_generation != store.trust_generation() {
-        return false;
-    }
-    let now = SystemTime::now();
-    if now < info.retire_at {
-        return true;
-    }
-    if now >= info.not_after {
-        return false;
-    }
-    store
-        .get()
-        .is_none_or(|i| i.not_after <= info.own_not_after)
-}
-
-/// `secs` after the Unix epoch, clamped to between the epoch and some
-/// 34,000 years after it (no overflow, whatever a certificate says).
-fn unix_time(secs: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(secs.clamp(0, 1 << 40).unsigned_abs())
+    info.identity_generation == store.identity_generation() && SystemTime::now() < info.not_after
 }
 
 /// One mutual-TLS connection to an upstream sidecar.
@@ -364,7 +341,7 @@ pub struct Earliest(std::sync::Mutex<Option<Arc<MeshConnInfo>>>);
 impl Earliest {
     fn note(&self, info: &Arc<MeshConnInfo>) {
         let mut e = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if e.as_ref().is_none_or(|o| info.retire_at < o.retire_at) {
+        if e.as_ref().is_none_or(|o| info.not_after < o.not_after) {
             *e = Some(info.clone());
         }
     }
@@ -380,9 +357,9 @@ impl Earliest {
 /// asks a connection only whether it is open before reusing it, so
 /// connections are kept in generations: once one of the current
 /// generation may take no new request ([`usable`]: its server's
-/// certificate expired, ours is about to and a renewed one exists, or the
-/// trust bundle's roots changed), the next request gets a new pool. Requests in flight on the old one finish,
-/// and its idle connections close with it.
+/// certificate expired, ours was renewed, or the trust bundle's roots
+/// changed), the next request gets a new pool. Requests in flight on the
+/// old one finish, and its idle connections close with it.
 pub struct H1Pool {
     dialer: Arc<Dialer>,
     idle_timeout: Duration,
@@ -392,9 +369,10 @@ pub struct H1Pool {
 struct H1Generation {
     client: Client<MeshConnector, ProxyBody>,
     earliest: Arc<Earliest>,
-    /// The trust bundle's generation when this pool generation began:
-    /// every connection of it was verified under those roots or later ones.
-    trust_generation: u64,
+    /// The identity's generation when this pool generation began: every
+    /// connection of it presented that certificate or a later one, and
+    /// verified its server under those roots or later ones.
+    identity_generation: u64,
 }
 
 impl H1Pool {
@@ -410,7 +388,7 @@ impl H1Pool {
     fn generation(dialer: &Arc<Dialer>, idle_timeout: Duration) -> Arc<H1Generation> {
         let earliest = Arc::new(Earliest::default());
         Arc::new(H1Generation {
-            trust_generation: dialer.store.trust_generation(),
+            identity_generation: dialer.store.identity_generation(),
             client: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(idle_timeout)
@@ -423,10 +401,10 @@ impl H1Pool {
     /// The pool a new request goes to.
     pub fn client(&self) -> Client<MeshConnector, ProxyBody> {
         let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if g.trust_generation != self.dialer.store.trust_generation()
+        if g.identity_generation != self.dialer.store.identity_generation()
             || g.earliest.retired(&self.dialer.store)
         {
-            tracing::debug!(upstream = %self.dialer.address, "the trust bundle changed, or a certificate of an HTTP/1.1 connection is at its end; new requests go to new connections");
+            tracing::debug!(upstream = %self.dialer.address, "our certificate or the trust bundle changed, or a server's certificate expired; new requests go to new connections");
             *g = H1Pool::generation(&self.dialer, self.idle_timeout);
         }
         g.client.clone()
@@ -656,16 +634,12 @@ pub(crate) mod tests {
         Upstream::new(0, &first(cfg), cfg, &web, metrics).expect("upstream")
     }
 
-    /// An upstream at `addr` for a client whose certificate lives 4 s.
-    fn with_short_lived_client(addr: SocketAddr) -> (Metrics, Arc<IdentityStore>, Upstream) {
+    /// An upstream at `addr`, dialled as the `web` workload whose store is
+    /// returned (to renew it, or change its roots).
+    fn with_client(addr: SocketAddr) -> (Metrics, Arc<IdentityStore>, Upstream) {
         let m = Metrics::new().expect("metrics");
         let cfg = outbound_cfg(&addr.to_string(), API, "");
-        let web = workload_for(
-            "/ns/demo/sa/web",
-            KeyType::EcdsaP256,
-            Duration::from_secs(4),
-        );
-        let store = web.store();
+        let store = workload("/ns/demo/sa/web").store();
         let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
         (m, store, up)
     }
@@ -1131,25 +1105,32 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_renewed_certificate_takes_new_requests_to_a_new_connection_before_the_old_expires() {
+    async fn a_renewed_certificate_takes_new_requests_to_a_new_connection_at_once() {
         let api = workload("/ns/demo/sa/api");
         let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
-        let (m, store, up) = with_short_lived_client(addr);
+        let (m, store, up) = with_client(addr);
         let (_, info) = sender(&up).await;
         let _first = next(&mut accepted).await;
-        assert!(info.retire_at < info.not_after);
-        let until = |t: SystemTime| t.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::sleep(until(info.retire_at) + Duration::from_millis(100)).await;
-        // Near our certificate's end with nothing newer to present: this
-        // connection is still the best there is.
+        // A bundle refresh that changes neither our certificate nor the
+        // roots: the connection stays.
+        let held = store.current();
+        let usages = [
+            keyproof_identity::Usage::ServerAuth,
+            keyproof_identity::Usage::ClientAuth,
+        ];
+        store.replace(
+            held.with_bundle(held.verifier.bundle().roots().to_vec(), &usages)
+                .expect("same bundle"),
+        );
         let (_, same) = sender(&up).await;
         assert_eq!(same.conn_id, info.conn_id);
-        // Renewed: new requests go on a connection presenting the new
-        // certificate, before the server ends the old one at its expiry.
+        // Renewed, far from the old certificate's end: new requests go on a
+        // connection presenting the new certificate, so that the server
+        // attributes them to it (XFCC, a deny list by serial).
         store.replace(workload("/ns/demo/sa/web").identity());
+        assert!(up.h2.current().is_none(), "offered past a renewal");
         let (_, fresh) = sender(&up).await;
         assert_ne!(fresh.conn_id, info.conn_id);
-        assert!(SystemTime::now() < unix_time(info.own_not_after));
         let _second = next(&mut accepted).await;
         assert_eq!(handshakes(&m, "ok"), 2.0);
         let (_, again) = sender(&up).await;
@@ -1160,16 +1141,9 @@ pub(crate) mod tests {
     async fn a_change_of_trusted_roots_takes_new_requests_to_a_new_connection() {
         let api = workload("/ns/demo/sa/api");
         let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![Serve::Answer]).await;
-        let m = Metrics::new().expect("metrics");
-        let cfg = outbound_cfg(&addr.to_string(), API, "");
-        let store = workload("/ns/demo/sa/web").store();
-        let up = Upstream::new(0, &first(&cfg), &cfg, &store, &m).expect("upstream");
+        let (m, store, up) = with_client(addr);
         let (_, info) = sender(&up).await;
         let _first = next(&mut accepted).await;
-        // Our certificate renewed under the same roots: the connection stays.
-        store.replace(workload("/ns/demo/sa/web").identity());
-        let (_, same) = sender(&up).await;
-        assert_eq!(same.conn_id, info.conn_id);
         // Another set of roots: the server is verified again, on a new
         // connection, before a new request goes to it.
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1277,20 +1251,16 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_renewed_certificate_takes_http1_requests_to_a_new_connection_before_the_old_expires()
-    {
+    async fn a_renewed_certificate_takes_http1_requests_to_a_new_connection_at_once() {
         let api = workload("/ns/demo/sa/api");
         let (addr, mut accepted) = mesh_server(&api, &[b"http/1.1"], vec![Serve::Answer]).await;
-        let (m, store, up) = with_short_lived_client(addr);
+        let (m, store, up) = with_client(addr);
         assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
         let old = next(&mut accepted).await;
-        // Past the retirement margin (a tenth of 4 s, at least 1 s) with
-        // nothing newer to present: the connection is still the best there is.
-        tokio::time::sleep(Duration::from_millis(3200)).await;
         assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
         assert_eq!(old.requests.load(Ordering::SeqCst), 2);
-        // Renewed: the next request goes on a new connection, before ours
-        // expires on the old one.
+        // Renewed: the next request goes on a new connection presenting the
+        // new certificate.
         store.replace(workload("/ns/demo/sa/web").identity());
         assert_eq!(h1_get(&up).await, Ok(StatusCode::OK));
         let new = next(&mut accepted).await;
