@@ -185,6 +185,11 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     /// `keyproof_identity_cert_issued_timestamp_seconds`.
     pub cert_issued: Gauge,
+    /// Both certificate gauges are registered with the first identity
+    /// installed: before it (an `[identity.ca]` sidecar waiting for the
+    /// CA) a 0 would read as a certificate that expired in 1970, and page
+    /// as one.
+    cert_registered: std::sync::Arc<std::sync::Once>,
     reloads: IntCounterVec,
     renewals: IntCounterVec,
     ca_failovers: IntCounterVec,
@@ -408,7 +413,6 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(authz_denied.clone()))?;
-        registry.register(Box::new(cert_expiry.clone()))?;
         let cert_issued = Gauge::new(
             "keyproof_identity_cert_issued_timestamp_seconds",
             "notBefore of the workload certificate in use, seconds since the epoch.",
@@ -569,7 +573,6 @@ impl Metrics {
         registry.register(Box::new(root_expiry.clone()))?;
         registry.register(Box::new(sequence.clone()))?;
         registry.register(Box::new(build_info))?;
-        registry.register(Box::new(cert_issued.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(renewals.clone()))?;
         registry.register(Box::new(sig_cache.clone()))?;
@@ -628,6 +631,7 @@ impl Metrics {
             authz_denied,
             cert_expiry,
             cert_issued,
+            cert_registered: std::sync::Arc::new(std::sync::Once::new()),
             reloads,
             renewals,
             ca_failovers,
@@ -733,6 +737,13 @@ impl Metrics {
     pub fn identity_installed(&self, not_before: i64, not_after: i64) {
         self.cert_expiry.set(not_after as f64);
         self.cert_issued.set(not_before as f64);
+        self.cert_registered.call_once(|| {
+            for g in [&self.cert_expiry, &self.cert_issued] {
+                if let Err(e) = self.registry.register(Box::new(g.clone())) {
+                    tracing::error!(error = %e, "certificate gauge not registered");
+                }
+            }
+        });
     }
 
     /// Sets the trust bundle gauges for the bundle of `trust_domain` now in
@@ -1209,11 +1220,26 @@ mod tests {
         }
         zero("keyproof_stepup_nonces_outstanding", &[]);
         zero("keyproof_stepup_nonce_table_full_total", &[]);
-        zero("keyproof_identity_cert_expiry_timestamp_seconds", &[]);
-        zero("keyproof_identity_cert_issued_timestamp_seconds", &[]);
         assert_eq!(
             checked,
-            2 * (14 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 4
+            2 * (14 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 2
+        );
+        // No certificate, no expiry: a 0 would page as one expired in 1970.
+        assert!(
+            !t.contains("\nkeyproof_identity_cert_expiry_timestamp_seconds"),
+            "{t}"
+        );
+        assert!(!t.contains("\nkeyproof_identity_cert_issued_timestamp_seconds"));
+        m.identity_installed(1_000, 2_000);
+        m.identity_installed(1_500, 2_500);
+        let t = text(&m);
+        assert_eq!(
+            sample(&t, "keyproof_identity_cert_expiry_timestamp_seconds", &[]),
+            Some(2_500.0)
+        );
+        assert_eq!(
+            sample(&t, "keyproof_identity_cert_issued_timestamp_seconds", &[]),
+            Some(1_500.0)
         );
         // Nothing to say before a bundle is installed (not even its trust
         // domain), and no sequence unless a CA states one.

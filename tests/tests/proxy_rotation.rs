@@ -1101,6 +1101,16 @@ fn ready_only_once_a_certificate_is_held() {
     wait_until("a failed bootstrap", Duration::from_secs(5), || {
         renewals("ca_unreachable") >= 1.0
     });
+    // No certificate, no expiry gauge: a 0 would page as a certificate
+    // that expired in 1970 (KeyproofCertExpiringSoon) on every pod waiting
+    // for the CA.
+    let (_, m) = http_get(in_admin, "/metrics").unwrap();
+    for g in [
+        "keyproof_identity_cert_expiry_timestamp_seconds",
+        "keyproof_identity_cert_issued_timestamp_seconds",
+    ] {
+        assert!(!m.contains(&format!("\n{g} ")), "{g} before a certificate:\n{m}");
+    }
     for _ in 0..3 {
         let (code, body) = http_get(in_admin, "/ready").unwrap();
         assert_eq!(code, 503, "{body}");
@@ -1121,6 +1131,16 @@ fn ready_only_once_a_certificate_is_held() {
     assert_eq!(
         identity(in_admin)["spiffe_id"].as_str(),
         Some(format!("spiffe://{TD}{API}").as_str())
+    );
+    let (_, m) = http_get(in_admin, "/metrics").unwrap();
+    let expiry = m
+        .lines()
+        .find_map(|l| l.strip_prefix("keyproof_identity_cert_expiry_timestamp_seconds "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert_eq!(
+        expiry,
+        identity(in_admin)["not_after_unix"].as_f64(),
+        "{m}"
     );
     let client = ca.issue("client", WEB, &[]);
     let (code, body, _) = curl(&[
