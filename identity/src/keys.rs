@@ -22,6 +22,60 @@ pub enum KeyError {
     Unsupported(String),
     #[error("key generation or parsing failed: {0}")]
     Crypto(String),
+    /// A key of an accepted type that no private key can stand behind, or
+    /// in an encoding other verifiers refuse.
+    #[error("public key refused: {0}")]
+    Refused(&'static str),
+}
+
+/// Ed25519 public keys of small order (RFC 8032 points whose multiple by
+/// the cofactor 8 is the identity), as encoded canonically and with `y`
+/// one `p` higher, sign bit aside (libsodium's list). A signature
+/// `R = identity, S = 0` verifies under the identity for every message, and
+/// under the others for one message in two to eight: a certificate holding
+/// one proves no possession of anything.
+const ED25519_SMALL_ORDER: [[u8; 32]; 7] = {
+    let mut l = [[0u8; 32]; 7];
+    // 0 (order 4) stays all zeros; 1 (order 1):
+    l[1][0] = 1;
+    l[2] = [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
+        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
+        0xfc, 0x05,
+    ];
+    l[3] = [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
+        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
+        0x03, 0x7a,
+    ];
+    // p - 1 (order 2), p (0 again, order 4), p + 1 (1 again, order 1).
+    let mut i = 4;
+    while i < 7 {
+        let mut k = 1;
+        while k < 31 {
+            l[i][k] = 0xff;
+            k += 1;
+        }
+        l[i][31] = 0x7f;
+        l[i][0] = 0xec + (i as u8 - 4);
+        i += 1;
+    }
+    l
+};
+
+/// Whether `key` (the 32 bytes of an Ed25519 public key) encodes a point
+/// of small order, or `y` not reduced mod `p` (RFC 8032 section 5.1.3
+/// refuses that encoding).
+fn ed25519_refused(key: &[u8]) -> bool {
+    let Ok(key) = <&[u8; 32]>::try_from(key) else {
+        return true;
+    };
+    let mut y = *key;
+    y[31] &= 0x7f;
+    let small = ED25519_SMALL_ORDER.contains(&y);
+    // y >= p = 2^255 - 19: all ones above byte 0, and byte 0 at least 0xed.
+    let unreduced = y[0] >= 0xed && y[1..31].iter().all(|b| *b == 0xff) && y[31] == 0x7f;
+    small || unreduced
 }
 
 /// The key algorithms keyproof issues and accepts for workloads: the one
@@ -105,9 +159,18 @@ impl KeyType {
     }
 
     /// The key type of a parsed SubjectPublicKeyInfo.
+    /// The key itself is checked too: an Ed25519 key of small order (or
+    /// an unreduced encoding) and a P-256 point not in uncompressed form
+    /// are refused, whoever asks (the CA for a CSR, a peer's certificate).
     pub fn of_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyType, KeyError> {
         let alg = &spki.algorithm.algorithm;
+        let key = spki.subject_public_key.data.as_ref();
         if *alg == OID_SIG_ED25519 {
+            if ed25519_refused(key) {
+                return Err(KeyError::Refused(
+                    "an Ed25519 key of small order, or not canonically encoded: no private key proves possession of it",
+                ));
+            }
             return Ok(KeyType::Ed25519);
         }
         if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
@@ -117,6 +180,13 @@ impl KeyType {
                 .as_ref()
                 .and_then(|p| p.as_oid().ok());
             if curve.as_ref() == Some(&OID_EC_P256) {
+                // SEC 1 uncompressed: 0x04, x, y. A compressed point is
+                // one other verifiers (ring, Go) refuse.
+                if key.len() != 65 || key[0] != 0x04 {
+                    return Err(KeyError::Refused(
+                        "a P-256 point not in uncompressed form (0x04 || x || y)",
+                    ));
+                }
                 return Ok(KeyType::EcdsaP256);
             }
             let curve = curve.map(|c| c.to_id_string());
@@ -288,6 +358,55 @@ mod tests {
             assert_eq!(KeyType::from_spki_algorithm_der(alg_id), Some(kt));
         }
         assert_eq!(KeyType::from_spki_algorithm_der(&[0x30, 0x00]), None);
+    }
+
+    /// Keys no private key stands behind (Ed25519 of small order, or an
+    /// unreduced encoding) and P-256 points other verifiers refuse
+    /// (compressed) are no key type; genuine keys are.
+    #[test]
+    fn keys_proving_no_possession_are_refused() {
+        use x509_parser::prelude::FromDer;
+        let ed = |key: &[u8; 32]| {
+            let mut der = vec![
+                0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+            ];
+            der.extend_from_slice(key);
+            der
+        };
+        let of = |der: &[u8]| {
+            let (_, spki) = SubjectPublicKeyInfo::from_der(der).expect("SPKI");
+            KeyType::of_spki(&spki)
+        };
+        for (i, small) in ED25519_SMALL_ORDER.iter().enumerate() {
+            for sign in [0u8, 0x80] {
+                let mut k = *small;
+                k[31] |= sign;
+                assert!(
+                    matches!(of(&ed(&k)), Err(KeyError::Refused(_))),
+                    "{i} {sign:#x}"
+                );
+            }
+        }
+        // y = p + 2 ... 2^255 - 1: not reduced.
+        let mut unreduced = [0xff; 32];
+        unreduced[31] = 0x7f;
+        unreduced[0] = 0xf0;
+        assert!(matches!(of(&ed(&unreduced)), Err(KeyError::Refused(_))));
+        for kt in KeyType::ALL {
+            let kp = kt.generate().unwrap();
+            let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
+            assert_eq!(of(&spki).unwrap(), kt);
+        }
+        // The same P-256 point, compressed.
+        let kp = KeyType::EcdsaP256.generate().unwrap();
+        let raw = rcgen::PublicKeyData::der_bytes(&kp);
+        let mut der = vec![
+            0x30, 0x39, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x22, 0x00,
+        ];
+        der.push(0x02 | (raw[64] & 1));
+        der.extend_from_slice(&raw[1..33]);
+        assert!(matches!(of(&der), Err(KeyError::Refused(_))));
     }
 
     /// Ed25519 keys are PKCS#8 v1 (version 0, no public key after the

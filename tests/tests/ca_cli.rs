@@ -157,6 +157,66 @@ fn init_writes_a_private_ca_and_issue_passes_openssl_verify() {
     }
 }
 
+/// A CSR (DER) for `spki` (DER) signed with `sig` under Ed25519, by hand:
+/// no private key is needed for the keys it is used with.
+fn ed25519_csr(spki: &[u8], sig: &[u8; 64]) -> Vec<u8> {
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        assert!(body.len() < 0x80);
+        let mut v = vec![tag, body.len() as u8];
+        v.extend_from_slice(body);
+        v
+    }
+    // version 0, an empty subject, the key, no attributes.
+    let info = tlv(
+        0x30,
+        &[&[0x02, 0x01, 0x00, 0x30, 0x00][..], spki, &[0xa0, 0x00]].concat(),
+    );
+    let alg = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+    let bits = tlv(0x03, &[&[0u8][..], &sig[..]].concat());
+    let body = [info, alg.to_vec(), bits].concat();
+    let mut der = vec![0x30, 0x81, body.len() as u8];
+    der.extend_from_slice(&body);
+    der
+}
+
+#[test]
+fn a_csr_whose_key_no_private_key_stands_behind_is_refused() {
+    // The Ed25519 identity point verifies `R = identity, S = 0` for every
+    // message: its certificate would let anyone who saw it pass handshakes.
+    let ca = TestCa::with_args(TD, &["--key-type", "ed25519"]);
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let spki = [
+        &[
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ][..],
+        &identity[..],
+    ]
+    .concat();
+    let mut sig = [0u8; 64];
+    sig[0] = 1;
+    let csr = ca.path("keyless.csr");
+    fs::write(&csr, ed25519_csr(&spki, &sig)).unwrap();
+    let out = cmd("keyproof-ca")
+        .args(["issue", "--dir"])
+        .arg(&ca.dir)
+        .args([
+            "--spiffe-id",
+            "spiffe://prod.example.com/ns/default/sa/web",
+            "--csr",
+        ])
+        .arg(&csr)
+        .arg("--cert-out")
+        .arg(ca.path("keyless.crt"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "issued: {err}");
+    assert!(err.contains("small order"), "{err}");
+    assert!(!ca.path("keyless.crt").exists());
+    assert_eq!(ledger_lines(&ca).len(), 0);
+}
+
 #[test]
 fn issue_from_csr_takes_the_key_not_the_identity() {
     let ca = TestCa::new(TD);
