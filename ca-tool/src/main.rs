@@ -1045,8 +1045,12 @@ fn issue_in(dir: &Path, a: IssueArgs) -> Result<String> {
         ttl: a.ttl,
         dns: a.dns,
     };
-    // Sign first (all checks), then write the outputs, then record: a
-    // failure at any step leaves the ledger without a certificate nobody has.
+    // Sign first (all checks), stage the outputs, record, then publish
+    // them: a certificate is never out there without its ledger line (which
+    // `revoke` and `serve` go by), even if the process dies between the two
+    // or the ledger cannot be written. A failure to publish leaves a line
+    // for a certificate nobody has, which only delays `rotate root finish`
+    // until it would have expired.
     let issued = ca.sign(&req, "cli")?;
     let flag_err = |flag: &'static str, path: &Path| {
         let path = path.to_owned();
@@ -1070,6 +1074,7 @@ fn issue_in(dir: &Path, a: IssueArgs) -> Result<String> {
     };
     let cert_staged = fsutil::stage(&cert_out, issued.chain_pem().as_bytes(), PUBLIC)
         .map_err(flag_err("cert-out", &a.cert_out))?;
+    ca.record(&issued)?;
     let replace = a.force;
     let mut key_written = None;
     if let Some((staged, path, given)) = key_staged {
@@ -1085,7 +1090,6 @@ fn issue_in(dir: &Path, a: IssueArgs) -> Result<String> {
         }
         return Err(flag_err("cert-out", &a.cert_out)(e));
     }
-    ca.record(&issued)?;
     Ok(format!(
         "issued {} serial {} valid until {}",
         issued.entry.spiffe_id, issued.entry.serial, issued.entry.not_after

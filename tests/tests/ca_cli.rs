@@ -157,6 +157,41 @@ fn init_writes_a_private_ca_and_issue_passes_openssl_verify() {
     }
 }
 
+#[test]
+fn issue_publishes_no_certificate_the_ledger_does_not_hold() {
+    // A ledger that cannot be appended to (a full or read-only volume; a
+    // directory in its place here): the command fails, and neither the
+    // certificate nor its key is left behind for `revoke` not to know.
+    let ca = TestCa::new(TD);
+    let ledger = ca.dir.join("ledger.jsonl");
+    fs::remove_file(&ledger).unwrap();
+    fs::create_dir(&ledger).unwrap();
+    let (cert, key) = (ca.path("w.crt"), ca.path("w.key"));
+    let out = cmd("keyproof-ca")
+        .args(["issue", "--dir"])
+        .arg(&ca.dir)
+        .args(["--spiffe-id", "spiffe://prod.example.com/ns/default/sa/web"])
+        .arg("--cert-out")
+        .arg(&cert)
+        .arg("--key-out")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ledger.jsonl"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!cert.exists() && !key.exists(), "outputs left behind");
+    let stray: Vec<_> = fs::read_dir(cert.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".keyproof-tmp-"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
 /// A CSR (DER) for `spki` (DER) signed with `sig` under Ed25519, by hand:
 /// no private key is needed for the keys it is used with.
 fn ed25519_csr(spki: &[u8], sig: &[u8; 64]) -> Vec<u8> {
