@@ -1389,6 +1389,72 @@ mod key_tests {
     }
 
     #[test]
+    fn an_activate_killed_at_any_step_is_finished_by_running_it_again() {
+        // `activate` moves four files and then writes ca.json; a kill
+        // between any two leaves a directory that running it again
+        // completes, into the same CA as an uninterrupted run.
+        let moves = [
+            files::ROOT_KEY,
+            files::INT_KEY,
+            files::ROOT_CRT,
+            files::INT_CRT,
+        ];
+        for done in 0..=moves.len() + 1 {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("ca");
+            Ca::init(&dir, &opts()).unwrap();
+            let old_root = first_cert(&dir.join(files::ROOT_CRT)).unwrap();
+            rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), None).unwrap();
+            let next = dir.join(files::NEXT);
+            let new_root = first_cert(&next.join(files::ROOT_CRT)).unwrap();
+            if done > 0 {
+                // What the run did before its first move.
+                fs::copy(dir.join(files::ROOT_CRT), dir.join(files::PREVIOUS_ROOT)).unwrap();
+            }
+            for f in moves.iter().take(done) {
+                fs::rename(next.join(f), dir.join(f)).unwrap();
+            }
+            if done > moves.len() {
+                fs::remove_dir(&next).unwrap();
+            }
+            rotate::activate(&dir, &access(None)).unwrap_or_else(|e| panic!("{done}: {e}"));
+            let ca = Ca::open(&dir).unwrap_or_else(|e| panic!("{done}: {e}"));
+            assert_eq!(ca.state().rotation, RotationStage::Activated, "{done}");
+            assert_eq!(ca.root(), &new_root, "{done}");
+            issue(&ca);
+            let prev = first_cert(&dir.join(files::PREVIOUS_ROOT)).unwrap();
+            assert_eq!(prev, old_root, "{done}");
+            rotate::finish(&dir, true).unwrap_or_else(|e| panic!("{done}: {e}"));
+            let ca = Ca::open(&dir).unwrap();
+            assert_eq!(ca.bundle(), std::slice::from_ref(&new_root), "{done}");
+            rotate::intermediate(&dir, DAY, &access(None)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_root_left_in_the_bundle_by_an_interrupted_prepare_does_not_stay() {
+        // prepare writes the bundle before ca.json: killed between them, the
+        // bundle holds a root the state does not know. The next prepare,
+        // and finish, build the bundle from the CA's own roots.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        Ca::init(&dir, &opts()).unwrap();
+        let state = fs::read(dir.join(files::STATE)).unwrap();
+        rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), None).unwrap();
+        let orphan = first_cert(&dir.join(files::NEXT).join(files::ROOT_CRT)).unwrap();
+        fs::write(dir.join(files::STATE), &state).unwrap();
+        assert_eq!(Ca::open(&dir).unwrap().bundle().len(), 2);
+        rotate::prepare(&dir, 365 * DAY, 30 * DAY, &access(None), None).unwrap();
+        let ca = Ca::open(&dir).unwrap();
+        assert_eq!(ca.bundle().len(), 2);
+        assert!(!ca.bundle().contains(&orphan));
+        rotate::activate(&dir, &access(None)).unwrap();
+        rotate::finish(&dir, true).unwrap();
+        let ca = Ca::open(&dir).unwrap();
+        assert_eq!(ca.bundle(), std::slice::from_ref(ca.root()));
+    }
+
+    #[test]
     fn a_root_in_the_directory_can_move_offline_at_a_root_rotation() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");

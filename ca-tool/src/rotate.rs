@@ -230,8 +230,10 @@ pub fn prepare(
     state.rotation = RotationStage::Prepared;
     state.keys.next_root = root.location.clone();
     state.keys.next_intermediate = int.location.clone();
-    let mut roots = ca.bundle().to_vec();
-    roots.push(root.cert.clone());
+    // Idle, the bundle is the CA's one root: built from it, not from
+    // bundle.pem, which a prepare killed before it wrote ca.json left
+    // holding a root of its own that nothing else would ever take out.
+    let roots = vec![ca.root().clone(), root.cert.clone()];
     let install = || -> Result<(), CaError> {
         if let KeyHome::Offline(path) = &root_home {
             write_offline_key("root-key-out", path, &root.key)?;
@@ -264,13 +266,41 @@ pub fn activate(dir: &Path, access: &KeyAccess) -> Result<String, CaError> {
     require(&ca, RotationStage::Prepared, "activate")?;
     let next = dir.join(files::NEXT);
     let locs = ca.state().keys.clone();
-    let int_key = open_key(
-        &next,
-        "intermediate",
-        "prepared intermediate key",
-        &locs.next_intermediate,
-        access.intermediate_pin(),
-    )?;
+    // A run killed part way (its renames are separate steps, and `ca.json`
+    // is written last) is finished by running it again: each prepared
+    // file is in `next/` until moved, and in the directory after, so the
+    // new material is wherever it is now, and moves that happened are not
+    // made again.
+    let moved = |f: &str| !next.join(f).exists();
+    let new_home = |f: &str| {
+        if moved(f) {
+            dir.to_owned()
+        } else {
+            next.clone()
+        }
+    };
+    let int_key = match &locs.next_intermediate {
+        KeyLocation::File => {
+            let key_path = new_home(files::INT_KEY).join(files::INT_KEY);
+            let cert_path = new_home(files::INT_CRT).join(files::INT_CRT);
+            let key = ca::read_key_file(&key_path)?;
+            ca::check_key_matches(
+                "prepared intermediate key",
+                key_path.display().to_string(),
+                &key,
+                &first_cert(&cert_path)?,
+                &cert_path,
+            )?;
+            key
+        }
+        other => open_key(
+            &new_home(files::INT_CRT),
+            "intermediate",
+            "prepared intermediate key",
+            other,
+            access.intermediate_pin(),
+        )?,
+    };
     if let Err(e) = int_key.probe() {
         return Err(CaError::Rotation(format!(
             "cannot activate: the prepared intermediate key ({}) does not sign: {e}",
@@ -280,22 +310,45 @@ pub fn activate(dir: &Path, access: &KeyAccess) -> Result<String, CaError> {
     // The new root key is not needed to issue; a file one must be there to
     // be moved into place.
     if locs.next_root.is_file() {
-        open_key(&next, "root", "prepared root key", &locs.next_root, None)?;
+        let key_path = new_home(files::ROOT_KEY).join(files::ROOT_KEY);
+        let cert_path = new_home(files::ROOT_CRT).join(files::ROOT_CRT);
+        ca::check_key_matches(
+            "prepared root key",
+            key_path.display().to_string(),
+            &ca::read_key_file(&key_path)?,
+            &first_cert(&cert_path)?,
+            &cert_path,
+        )?;
     }
-    let new = first_cert(&next.join(files::ROOT_CRT))?;
-    let prev = dir.join(files::PREVIOUS_ROOT);
-    fs::copy(dir.join(files::ROOT_CRT), &prev).map_err(io_err(&prev))?;
-    archive(dir, files::ROOT_CRT)?;
-    archive(dir, files::INT_CRT)?;
-    archive_key(dir, "root", &locs.root)?;
-    archive_key(dir, "intermediate", &locs.intermediate)?;
-    for f in [files::ROOT_KEY, files::INT_KEY] {
+    let new = first_cert(&new_home(files::ROOT_CRT).join(files::ROOT_CRT))?;
+    if !moved(files::ROOT_CRT) {
+        // Only while root.crt is still the outgoing root.
+        let prev = dir.join(files::PREVIOUS_ROOT);
+        fs::copy(dir.join(files::ROOT_CRT), &prev).map_err(io_err(&prev))?;
+        archive(dir, files::ROOT_CRT)?;
+    }
+    if !moved(files::INT_CRT) {
+        archive(dir, files::INT_CRT)?;
+    }
+    for (f, stem, old, new_loc) in [
+        (files::ROOT_KEY, "root", &locs.root, &locs.next_root),
+        (
+            files::INT_KEY,
+            "intermediate",
+            &locs.intermediate,
+            &locs.next_intermediate,
+        ),
+    ] {
         let src = next.join(f);
-        if src.exists() {
-            fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
+        if new_loc.is_file() {
+            if src.exists() {
+                archive_key(dir, stem, old)?;
+                fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
+            }
         } else {
-            // The new key lives elsewhere: the old file (archived above)
-            // must not look like the current key.
+            // The new key lives elsewhere: the old file must not look like
+            // the current key.
+            archive_key(dir, stem, old)?;
             let old = dir.join(f);
             if old.exists() {
                 fs::remove_file(&old).map_err(io_err(&old))?;
@@ -304,9 +357,13 @@ pub fn activate(dir: &Path, access: &KeyAccess) -> Result<String, CaError> {
     }
     for f in [files::ROOT_CRT, files::INT_CRT] {
         let src = next.join(f);
-        fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
+        if src.exists() {
+            fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
+        }
     }
-    fs::remove_dir(&next).map_err(io_err(&next))?;
+    if next.exists() {
+        fs::remove_dir(&next).map_err(io_err(&next))?;
+    }
     let mut state = ca.state().clone();
     state.rotation = RotationStage::Activated;
     state.keys.root = locs.next_root;
@@ -358,13 +415,10 @@ pub fn finish(dir: &Path, force: bool) -> Result<String, CaError> {
         msg.push_str("renew them (or wait for them to expire), or pass --force");
         return Err(CaError::Rotation(msg));
     }
-    let prev = first_cert(&dir.join(files::PREVIOUS_ROOT))?;
-    let roots: Vec<_> = ca
-        .bundle()
-        .iter()
-        .filter(|r| **r != prev)
-        .cloned()
-        .collect();
+    // The new root alone: built from root.crt rather than by taking the
+    // outgoing one out of bundle.pem, which an interrupted prepare may have
+    // left holding another.
+    let roots = vec![ca.root().clone()];
     let mut state = ca.state().clone();
     state.spiffe_sequence += 1;
     state.rotation = RotationStage::Idle;
