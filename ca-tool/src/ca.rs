@@ -623,6 +623,28 @@ pub(crate) fn write_offline_key(flag: &str, path: &Path, key: &CaKey) -> Result<
         .map_err(err)
 }
 
+/// A key file in the CA directory (or key directory) that others can read
+/// or anyone but its owner replace signs for whoever can: refused, as
+/// keyproof-ca writes its keys 0600 (a Secret mounted 0440 with an fsGroup
+/// passes). An offline root key given with --root-key is not held to it:
+/// removable media may show every file 0644.
+fn check_key_file_mode(path: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o026 != 0 {
+        return Err(CaError::Corrupt {
+            path: path.to_owned(),
+            msg: format!(
+                "a CA private key readable by others or writable by anyone but its owner (mode {mode:o}); chmod 600"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Reads a PEM key file named by `--{flag}` (or in the CA directory).
 pub(crate) fn read_key_file(path: &Path) -> Result<CaKey, CaError> {
     let pem = String::from_utf8(read(path)?).map_err(|_| CaError::Corrupt {
@@ -671,7 +693,11 @@ pub(crate) fn open_key(
     pin: Option<&Path>,
 ) -> Result<CaKey, CaError> {
     let key = match loc {
-        KeyLocation::File => read_key_file(&dir.join(format!("{stem}.key")))?,
+        KeyLocation::File => {
+            let path = dir.join(format!("{stem}.key"));
+            check_key_file_mode(&path)?;
+            read_key_file(&path)?
+        }
         KeyLocation::Pkcs11(r) => cakey::open_token_key(r, pin, what)?,
         KeyLocation::Offline(_) => {
             return Err(CaError::RootKeyOffline(format!(

@@ -2891,6 +2891,30 @@ impl Config {
             .admin
             .map(|a| socket_addr("admin.listen", &a.listen).map(|listen| AdminConfig { listen }))
             .transpose()?;
+        // Two listeners on one port fail at bind, after a rollout: said
+        // here, by check-config. The unspecified address takes the port on
+        // every address of its family (and `[::]` usually on IPv4 too).
+        let listens = [
+            ("inbound.listen", inbound.as_ref().map(|i| i.listen)),
+            ("outbound.listen", outbound.as_ref().map(|o| o.listen)),
+            ("admin.listen", admin.as_ref().map(|a| a.listen)),
+        ];
+        for (n, (key, a)) in listens.iter().enumerate() {
+            for (other, b) in &listens[..n] {
+                if let (Some(a), Some(b)) = (a, b) {
+                    let overlap =
+                        a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                    if a.port() != 0 && a.port() == b.port() && overlap {
+                        return Err(invalid(
+                            *key,
+                            format!(
+                                "{a} is also {other} ({b}): each listener needs a port of its own"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         let mut inbound = inbound;
         if let Some(i) = inbound.as_mut() {
             let mut own = vec![i.listen.port()];
@@ -5277,6 +5301,52 @@ max_tunnels_per_peer = 11
         .expect("valid");
         let i = c.inbound.expect("inbound");
         assert_eq!((i.max_tunnels, i.max_tunnels_per_peer), (10, 10));
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_are_refused_naming_both() {
+        let cfg = |inb: &str, out: &str, admin: &str| {
+            format!(
+                "{BASE}[inbound]\nlisten = \"{inb}\"\napp = \"127.0.0.1:8080\"\n[outbound]\nlisten = \"{out}\"\n[admin]\nlisten = \"{admin}\"\n"
+            )
+        };
+        for (inb, out, admin, key) in [
+            (
+                "0.0.0.0:15443",
+                "127.0.0.1:15001",
+                "0.0.0.0:15443",
+                "admin.listen",
+            ),
+            (
+                "0.0.0.0:15443",
+                "127.0.0.1:15443",
+                "0.0.0.0:15090",
+                "outbound.listen",
+            ),
+            (
+                "127.0.0.1:15443",
+                "127.0.0.1:15001",
+                "127.0.0.1:15001",
+                "admin.listen",
+            ),
+            (
+                "[::]:15443",
+                "127.0.0.1:15001",
+                "[::1]:15443",
+                "admin.listen",
+            ),
+        ] {
+            let (k, msg) = invalid_key(&cfg(inb, out, admin));
+            assert_eq!(k, key, "{inb} {out} {admin}: {msg}");
+            assert!(msg.contains("a port of its own"), "{msg}");
+        }
+        // Other addresses, or ephemeral ports: no collision.
+        for (inb, out, admin) in [
+            ("10.0.0.1:15443", "127.0.0.1:15443", "127.0.0.2:15443"),
+            ("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            Config::parse(&cfg(inb, out, admin)).expect("valid");
+        }
     }
 
     #[test]

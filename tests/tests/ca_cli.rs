@@ -158,6 +158,30 @@ fn init_writes_a_private_ca_and_issue_passes_openssl_verify() {
 }
 
 #[test]
+fn a_ca_key_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = TestCa::new(TD);
+    let key = ca.dir.join("intermediate.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = run_err(
+        cmd("keyproof-ca")
+            .args(["issue", "--dir"])
+            .arg(&ca.dir)
+            .args(["--spiffe-id", "spiffe://prod.example.com/ns/default/sa/web"])
+            .arg("--cert-out")
+            .arg(ca.path("w.crt"))
+            .arg("--key-out")
+            .arg(ca.path("w.key")),
+    );
+    assert!(
+        err.contains("intermediate.key") && err.contains("mode 644"),
+        "{err}"
+    );
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o440)).unwrap();
+    ca.issue("web", "/ns/default/sa/web", &[]);
+}
+
+#[test]
 fn issue_publishes_no_certificate_the_ledger_does_not_hold() {
     // A ledger that cannot be appended to (a full or read-only volume; a
     // directory in its place here): the command fails, and neither the
@@ -187,7 +211,11 @@ fn issue_publishes_no_certificate_the_ledger_does_not_hold() {
     let stray: Vec<_> = fs::read_dir(cert.parent().unwrap())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".keyproof-tmp-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".keyproof-tmp-")
+        })
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }

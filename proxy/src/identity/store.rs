@@ -41,6 +41,33 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
     })
 }
 
+/// A private key file others may write is refused (whoever can replace
+/// it can become this workload); one others may read is used, with a
+/// warning. Kubernetes mounts a Secret 0644 unless told otherwise
+/// (`defaultMode: 0440`, as deploy/ does), and within the sidecar's own
+/// container no other user runs.
+fn check_key_mode(path: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Not there: the read says so, naming the key.
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(invalid(
+            "identity.files.key",
+            format!(
+                "{} is writable by others (mode {mode:o}): whoever can replace the key can become this workload; chmod 600 (or 0440 with fsGroup)",
+                path.display()
+            ),
+        ));
+    }
+    if mode & 0o004 != 0 {
+        tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "the private key is readable by every user of this machine; chmod 600 (a Kubernetes Secret: defaultMode 0440)");
+    }
+    Ok(())
+}
+
 fn invalid(key: &'static str, msg: impl fmt::Display) -> IdentityError {
     IdentityError::Invalid {
         key,
@@ -301,6 +328,7 @@ impl Identity {
                 (chain, WorkloadKey::Pkcs11(token), roots)
             }
             (None, Some(key_path)) => {
+                check_key_mode(key_path)?;
                 let key_pem = read(KEY, key_path)?;
                 let (chain, key, roots) = parse_pem(&cert_pem, &key_pem, &bundle_pem)
                     .map_err(|e| invalid(e.files_key(), e))?;
@@ -1868,6 +1896,34 @@ mod tests {
             assert_eq!(key, want_key, "{what}: {e}");
             assert!(e.to_string().starts_with(want_key), "{what}: {e}");
             assert!(e.to_string().contains(says), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_key_file_others_may_write_is_refused_and_one_they_may_read_is_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let pki = Pki::shared(TD);
+        let w = pki.issue(API);
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_files(dir.path(), &w.chain_pem(), &w.key_pem(), &pki.bundle_pem());
+        let key = dir.path().join("tls.key");
+        for (mode, ok) in [
+            (0o600, true),
+            (0o440, true),
+            (0o644, true),
+            (0o620, false),
+            (0o602, false),
+            (0o666, false),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            match Identity::load(&files_config(dir.path(), None), BOTH) {
+                Ok(_) => assert!(ok, "{mode:o} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{mode:o}: {e}");
+                    assert!(e.to_string().starts_with("identity.files.key"), "{e}");
+                    assert!(e.to_string().contains("writable by others"), "{e}");
+                }
+            }
         }
     }
 
