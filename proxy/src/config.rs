@@ -1176,6 +1176,20 @@ fn duration(key: &str, v: Option<&String>, default: Duration) -> Result<Duration
     }
 }
 
+/// A timeout that 0 would turn into "fail at once" (every connect not
+/// instant would time out): refused at 0.
+fn nonzero_duration(
+    key: &str,
+    v: Option<&String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration(key, v, default)?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
 fn socket_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse::<SocketAddr>().map_err(|_| {
         invalid(
@@ -2275,12 +2289,12 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         default_policy,
         app_protocol,
         path_normalization,
-        app_connect_timeout: duration(
+        app_connect_timeout: nonzero_duration(
             "inbound.app_connect_timeout",
             raw.app_connect_timeout.as_ref(),
             Duration::from_secs(2),
         )?,
-        app_pool_idle_timeout: duration(
+        app_pool_idle_timeout: nonzero_duration(
             "inbound.app_pool_idle_timeout",
             raw.app_pool_idle_timeout.as_ref(),
             Duration::from_secs(4),
@@ -2818,12 +2832,12 @@ fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
         detect_timeout,
         opaque_ports,
         unmeshed,
-        connect_timeout: duration(
+        connect_timeout: nonzero_duration(
             "outbound.connect_timeout",
             raw.connect_timeout.as_ref(),
             Duration::from_secs(5),
         )?,
-        pool_idle_timeout: duration(
+        pool_idle_timeout: nonzero_duration(
             "outbound.pool_idle_timeout",
             raw.pool_idle_timeout.as_ref(),
             Duration::from_secs(15),
@@ -3498,6 +3512,14 @@ mod tests {
                 "inbound.max_connections_per_peer",
             ),
             ("tcp_idle_timeout = \"0s\"", "inbound.tcp_idle_timeout"),
+            (
+                "app_connect_timeout = \"0s\"",
+                "inbound.app_connect_timeout",
+            ),
+            (
+                "app_pool_idle_timeout = \"0s\"",
+                "inbound.app_pool_idle_timeout",
+            ),
         ] {
             let e = Config::parse(&format!("{base}{line}\n"))
                 .unwrap_err()
@@ -5634,6 +5656,14 @@ max_tunnels_per_peer = 11
                 "outbound.opaque_ports[1]",
             ),
             (outb("detect_timeout = \"0s\"\n"), "outbound.detect_timeout"),
+            (
+                outb("connect_timeout = \"0s\"\n"),
+                "outbound.connect_timeout",
+            ),
+            (
+                outb("pool_idle_timeout = \"0s\"\n"),
+                "outbound.pool_idle_timeout",
+            ),
             (
                 outb("detect_timeout = \"soon\"\n"),
                 "outbound.detect_timeout",

@@ -44,6 +44,9 @@ pub enum H1Error {
     /// The head (or trailer section) is larger than allowed.
     #[error("message head larger than {0} bytes")]
     TooLarge(usize),
+    /// The head (or trailer section) has more fields than allowed.
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyFields,
     /// `Content-Length` is not one decimal number.
     #[error("invalid content-length")]
     ContentLength,
@@ -85,7 +88,9 @@ impl H1Error {
     /// The status a server answers a request it could not read with.
     pub fn status(&self) -> StatusCode {
         match self {
-            H1Error::TooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            H1Error::TooLarge(_) | H1Error::TooManyFields => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             H1Error::TransferEncoding => StatusCode::NOT_IMPLEMENTED,
             H1Error::Expectation => StatusCode::EXPECTATION_FAILED,
             _ => StatusCode::BAD_REQUEST,
@@ -299,7 +304,7 @@ fn head_len(
         Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
         Ok(httparse::Status::Partial) if buffered > max => Err(H1Error::TooLarge(max)),
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(H1Error::TooLarge(max)),
+        Err(httparse::Error::TooManyHeaders) => Err(H1Error::TooManyFields),
         Err(e) => Err(H1Error::Head(e)),
     }
 }
@@ -1322,6 +1327,16 @@ mod tests {
             parse_response_head(&mut BytesMut::from(big.as_str()), &Method::GET, 1024),
             Err(H1Error::TooLarge(1024))
         ));
+        // Many small fields: the count is what is too large, and said so.
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            "X: 1\r\n".repeat(MAX_HEADERS + 1)
+        );
+        let e = parse_response_head(&mut BytesMut::from(many.as_str()), &Method::GET, 65536)
+            .unwrap_err();
+        assert!(matches!(e, H1Error::TooManyFields), "{e:?}");
+        assert_eq!(e.to_string(), "more than 128 header fields");
+        assert_eq!(e.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
 
     /// Feeds `wire` to a decoder `step` bytes at a time.
