@@ -220,6 +220,22 @@ fn issue_publishes_no_certificate_the_ledger_does_not_hold() {
     assert!(stray.is_empty(), "{stray:?}");
 }
 
+/// `keyproof-ca issue` of `csr` for the `web` workload, into `cert`.
+fn issue_csr(ca: &TestCa, csr: &Path, cert: &Path) -> Command {
+    let mut c = cmd("keyproof-ca");
+    c.args(["issue", "--dir"])
+        .arg(&ca.dir)
+        .args([
+            "--spiffe-id",
+            "spiffe://prod.example.com/ns/default/sa/web",
+            "--csr",
+        ])
+        .arg(csr)
+        .arg("--cert-out")
+        .arg(cert);
+    c
+}
+
 /// A CSR (DER) for `spki` (DER) signed with `sig` under Ed25519, by hand:
 /// no private key is needed for the keys it is used with.
 fn ed25519_csr(spki: &[u8], sig: &[u8; 64]) -> Vec<u8> {
@@ -260,17 +276,7 @@ fn a_csr_whose_key_no_private_key_stands_behind_is_refused() {
     sig[0] = 1;
     let csr = ca.path("keyless.csr");
     fs::write(&csr, ed25519_csr(&spki, &sig)).unwrap();
-    let out = cmd("keyproof-ca")
-        .args(["issue", "--dir"])
-        .arg(&ca.dir)
-        .args([
-            "--spiffe-id",
-            "spiffe://prod.example.com/ns/default/sa/web",
-            "--csr",
-        ])
-        .arg(&csr)
-        .arg("--cert-out")
-        .arg(ca.path("keyless.crt"))
+    let out = issue_csr(&ca, &csr, &ca.path("keyless.crt"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -308,19 +314,7 @@ fn issue_from_csr_takes_the_key_not_the_identity() {
             ]),
     );
     let cert = ca.path("csr.crt");
-    run_ok(
-        cmd("keyproof-ca")
-            .args(["issue", "--dir"])
-            .arg(&ca.dir)
-            .args([
-                "--spiffe-id",
-                "spiffe://prod.example.com/ns/default/sa/web",
-                "--csr",
-            ])
-            .arg(&csr)
-            .arg("--cert-out")
-            .arg(&cert),
-    );
+    run_ok(&mut issue_csr(&ca, &csr, &cert));
     let json: Value = serde_json::from_str(&run_ok(
         cmd("keyproof-ca").arg("inspect").arg(&cert).arg("--json"),
     ))
