@@ -1109,7 +1109,10 @@ fn ready_only_once_a_certificate_is_held() {
         "keyproof_identity_cert_expiry_timestamp_seconds",
         "keyproof_identity_cert_issued_timestamp_seconds",
     ] {
-        assert!(!m.contains(&format!("\n{g} ")), "{g} before a certificate:\n{m}");
+        assert!(
+            !m.contains(&format!("\n{g} ")),
+            "{g} before a certificate:\n{m}"
+        );
     }
     for _ in 0..3 {
         let (code, body) = http_get(in_admin, "/ready").unwrap();
@@ -1137,11 +1140,7 @@ fn ready_only_once_a_certificate_is_held() {
         .lines()
         .find_map(|l| l.strip_prefix("keyproof_identity_cert_expiry_timestamp_seconds "))
         .and_then(|v| v.trim().parse::<f64>().ok());
-    assert_eq!(
-        expiry,
-        identity(in_admin)["not_after_unix"].as_f64(),
-        "{m}"
-    );
+    assert_eq!(expiry, identity(in_admin)["not_after_unix"].as_f64(), "{m}");
     let client = ca.issue("client", WEB, &[]);
     let (code, body, _) = curl(&[
         "-k",
