@@ -55,13 +55,19 @@ pub fn check_dns_name(name: &str) -> Result<String, String> {
     } else {
         Err(format!(
             "invalid DNS name {name:?}: expected labels of letters, digits and '-' separated by \
-             dots (a leading \"*.\" allowed), e.g. web.default.svc"
+             dots, the last not all digits (a leading \"*.\" allowed), e.g. web.default.svc"
         ))
     }
 }
 
 fn valid_dns_name(name: &str) -> bool {
+    // The last label is a top-level name, never all digits (RFC 3696
+    // section 2): `1.2.3.4` is an address, not a dNSName. A wildcard needs
+    // a name below it: a bare `*` would match every host.
+    let last = name.rsplit('.').next().unwrap_or(name);
     !name.is_empty()
+        && name != "*"
+        && !last.bytes().all(|b| b.is_ascii_digit())
         && name.len() <= 253
         && name.split('.').enumerate().all(|(i, label)| {
             (!label.is_empty() && label.len() <= 63)
@@ -311,6 +317,12 @@ mod tests {
         assert!(!valid_dns_name("-a.b"));
         assert!(!valid_dns_name("a.*.b"));
         assert!(!valid_dns_name("a b"));
+        assert!(!valid_dns_name("*"));
+        assert!(!valid_dns_name("1.2.3.4"));
+        assert!(!valid_dns_name("host.123"));
+        assert!(valid_dns_name("*.svc"));
+        assert!(valid_dns_name("123.example"));
+        assert!(valid_dns_name("localhost"));
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! certificates, rotate the CA, and serve renewals.
 
 use std::path::{Path, PathBuf};
+
+// Standard output that a closed pipe ends quietly, under the usual names.
+use keyproof_identity::{out_print as print, out_println as println};
 use std::process::ExitCode;
 use std::time::Duration;
 

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod pkcs11;
 pub mod sigcache;
 pub mod spiffe;
+pub mod stdout;
 pub mod svid;
 pub mod tls;
 pub mod verify;

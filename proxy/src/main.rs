@@ -2,6 +2,9 @@
 //! `redirect`.
 
 use std::path::PathBuf;
+
+// Standard output that a closed pipe ends quietly, under the usual names.
+use keyproof_identity::{out_print as print, out_println as println};
 use std::process::ExitCode;
 
 use anyhow::Context;

@@ -158,6 +158,23 @@ fn init_writes_a_private_ca_and_issue_passes_openssl_verify() {
 }
 
 #[test]
+fn output_to_a_reader_that_went_away_ends_quietly() {
+    // `keyproof-ca bundle | head -1`: the reader is gone before the write.
+    let ca = TestCa::new(TD);
+    let bin = cmd("keyproof-ca").get_program().to_owned();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"(sleep 0.3; "$0" bundle --dir "$1"; echo "rc=$?" >&2) | true"#)
+        .arg(&bin)
+        .arg(&ca.dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("rc=0"), "{err}");
+}
+
+#[test]
 fn a_ca_key_others_can_read_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let ca = TestCa::new(TD);
