@@ -1577,6 +1577,7 @@ fn ledger_export(dir: Option<PathBuf>, store: StoreArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
+        Ok(_) if keyproof_identity::stdout::failed() => ExitCode::FAILURE,
         Ok(code) => code,
         Err(e) => {
             // One line: the error and its causes, outermost first. Errors

@@ -1,20 +1,31 @@
 //! Standard output for both command lines. `print!` and `println!` panic
-//! when the reader has gone (`keyproof-ca bundle | head -1`); these end the
-//! command quietly instead, as other Unix tools do, and report any other
-//! write error once. Each binary imports them under the standard names.
+//! when the reader has gone (`keyproof-ca bundle | head -1`); with these
+//! the command carries on and ends as it would have (what it wrote to
+//! files stays whole), the output going nowhere. Any other write error is
+//! reported once and makes the exit status a failure ([`failed`]). Each
+//! binary imports them under the standard names.
 
-/// Ends the process for a failed write to standard output: quietly (exit 0)
-/// when the reader closed the pipe, with the error otherwise (exit 1).
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Notes a failed write to standard output: nothing to say when the reader
+/// closed the pipe (the rest of the output goes nowhere); any other error
+/// is reported once, and [`failed`] turns true.
 #[doc(hidden)]
-pub fn write_failed(e: std::io::Error) -> ! {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        std::process::exit(0);
+pub fn write_failed(e: std::io::Error) {
+    if e.kind() != std::io::ErrorKind::BrokenPipe
+        && !FAILED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        eprintln!("error: writing to standard output: {e}");
     }
-    eprintln!("error: writing to standard output: {e}");
-    std::process::exit(1)
 }
 
-/// `print!` that ends the command quietly when standard output is closed.
+/// Whether a write to standard output failed other than by a closed pipe:
+/// `main` then ends with a failure status.
+pub fn failed() -> bool {
+    FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `print!` that survives a closed standard output.
 #[macro_export]
 macro_rules! out_print {
     ($($arg:tt)*) => {{
@@ -25,7 +36,7 @@ macro_rules! out_print {
     }};
 }
 
-/// `println!` that ends the command quietly when standard output is closed.
+/// `println!` that survives a closed standard output.
 #[macro_export]
 macro_rules! out_println {
     ($($arg:tt)*) => {{

@@ -114,6 +114,7 @@ fn port(s: &str) -> Result<u16, String> {
 
 fn main() -> ExitCode {
     match real_main() {
+        Ok(()) if keyproof_identity::stdout::failed() => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keyproof-proxy: {e:#}");

@@ -172,6 +172,17 @@ fn output_to_a_reader_that_went_away_ends_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("rc=0"), "{err}");
+    // Any other failed write is said once and fails the command.
+    let out = cmd("keyproof-ca")
+        .args(["bundle", "--dir"])
+        .arg(&ca.dir)
+        .stdout(fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("writing to standard output"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
