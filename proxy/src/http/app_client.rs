@@ -1814,38 +1814,35 @@ mod tests {
         assert_eq!(app.accepts.load(Ordering::SeqCst), 2);
     }
 
-    #[tokio::test]
-    async fn a_post_on_a_pooled_connection_the_app_closed_is_not_sent_again() {
+    /// Sends `req` on a pooled connection the app closes at it without an
+    /// answer: it fails, and is not sent again on a new connection.
+    async fn not_sent_again<B: SendBody>(req: Request<B>, why: &str) {
         let app = app(answers_once).await;
         let pool = pool(&app.addr);
         send(&pool, get("/")).await.unwrap();
+        let e = send(&pool, req).await.expect_err(why);
+        assert!(matches!(e, AppError::Failed(_)), "{e:?}");
+        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_post_on_a_pooled_connection_the_app_closed_is_not_sent_again() {
         let req = Request::post("/")
             .body(Full::new(Bytes::from_static(b"x")))
             .unwrap();
-        let e = send(&pool, req)
-            .await
-            .expect_err("a POST may have had effects");
-        assert!(matches!(e, AppError::Failed(_)), "{e:?}");
-        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+        not_sent_again(req, "a POST may have had effects").await;
     }
 
     #[tokio::test]
     async fn a_verified_step_up_request_is_not_sent_again() {
         // The app may have read and acted on it before it closed: a
         // single-use proof must reach it once, even on a GET.
-        let app = app(answers_once).await;
-        let pool = pool(&app.addr);
-        send(&pool, get("/")).await.unwrap();
         let mut req = get("/");
         req.headers_mut().insert(
             owned::STEP_UP_VERIFIED.clone(),
             http::HeaderValue::from_static("verified"),
         );
-        let e = send(&pool, req)
-            .await
-            .expect_err("a consumed proof is not sent twice");
-        assert!(matches!(e, AppError::Failed(_)), "{e:?}");
-        assert_eq!(app.accepts.load(Ordering::SeqCst), 1);
+        not_sent_again(req, "a consumed proof is not sent twice").await;
     }
 
     #[tokio::test]

@@ -479,8 +479,6 @@ pub struct MeshConnInfo {
     /// When the server's certificate stops being valid: no new request
     /// goes on the connection after it, as a new handshake would fail.
     pub not_after: std::time::SystemTime,
-    /// notAfter (Unix seconds) of the certificate this side presented.
-    pub own_not_after: i64,
     /// [`IdentityStore::identity_generation`](crate::identity::store::IdentityStore::identity_generation)
     /// read before the handshake: once our certificate or our roots
     /// change, new requests go on a new connection.

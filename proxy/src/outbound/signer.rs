@@ -639,7 +639,6 @@ mod tests {
             exporter,
             conn_id: 1,
             not_after: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
-            own_not_after: i64::MAX,
             identity_generation: 0,
         }
     }

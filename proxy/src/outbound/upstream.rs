@@ -127,7 +127,6 @@ impl Dialer {
         // older generation's, which retires the connection early rather
         // than late.
         let identity_generation = self.store.identity_generation();
-        let own_not_after = self.store.get().map_or(i64::MAX, |i| i.not_after);
         let (tcp, own) = match tokio::time::timeout(
             self.connect_timeout,
             own_ports::connect_host(&self.address),
@@ -214,7 +213,6 @@ impl Dialer {
             exporter,
             conn_id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
             not_after,
-            own_not_after,
             identity_generation,
         });
         Ok(MeshStream {
