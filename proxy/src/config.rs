@@ -278,6 +278,15 @@ struct RawRuntime {
     worker_threads: Option<usize>,
     log_format: Option<String>,
     shutdown_grace: Option<String>,
+    memory_limit: Option<RawSize>,
+}
+
+/// A size: a byte count, or a string with a unit (`"96Mi"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 // ---- validated configuration ---------------------------------------------
@@ -1167,6 +1176,73 @@ pub struct RuntimeConfig {
     pub log_format: LogFormat,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// The memory the sidecar sheds connections above
+    /// (`memory.rs`).
+    pub memory_limit: MemoryLimit,
+}
+
+/// `[runtime] memory_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryLimit {
+    /// Half the container's cgroup limit; none without one.
+    Auto,
+    /// No limit: nothing is shed.
+    Off,
+    /// This many bytes.
+    Bytes(u64),
+}
+
+/// The smallest `memory_limit`: below it the sidecar's own working set
+/// (identity, policy, nonce table) would leave nothing for connections.
+const MIN_MEMORY_LIMIT: u64 = 16 << 20;
+
+/// `"auto"`, `"off"`, a byte count, or a number with a unit: `k`/`M`/`G`
+/// (powers of 1000) or `Ki`/`Mi`/`Gi` (powers of 1024), as Kubernetes
+/// writes memory limits.
+fn memory_limit(v: Option<&RawSize>) -> Result<MemoryLimit, ConfigError> {
+    const KEY: &str = "runtime.memory_limit";
+    let bytes = match v {
+        None => return Ok(MemoryLimit::Auto),
+        Some(RawSize::Bytes(n)) => *n,
+        Some(RawSize::Text(t)) if t == "auto" => return Ok(MemoryLimit::Auto),
+        Some(RawSize::Text(t)) if t == "off" => return Ok(MemoryLimit::Off),
+        Some(RawSize::Text(t)) => {
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (digits, unit) = t.split_at(split);
+            let unit_bytes: u64 = match unit {
+                "" => 1,
+                "k" | "K" => 1000,
+                "M" => 1000 * 1000,
+                "G" => 1000 * 1000 * 1000,
+                "Ki" => 1 << 10,
+                "Mi" => 1 << 20,
+                "Gi" => 1 << 30,
+                _ => {
+                    return Err(invalid(
+                        KEY,
+                        format!("{t:?} is not \"auto\", \"off\" or a size such as \"96Mi\""),
+                    ))
+                }
+            };
+            digits
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(unit_bytes))
+                .ok_or_else(|| {
+                    invalid(
+                        KEY,
+                        format!("{t:?} is not \"auto\", \"off\" or a size such as \"96Mi\""),
+                    )
+                })?
+        }
+    };
+    if bytes < MIN_MEMORY_LIMIT {
+        return Err(invalid(
+            KEY,
+            format!("{bytes} bytes is below the least the sidecar runs in (16Mi)"),
+        ));
+    }
+    Ok(MemoryLimit::Bytes(bytes))
 }
 
 fn duration(key: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
@@ -2975,6 +3051,7 @@ impl Config {
                 raw.runtime.shutdown_grace.as_ref(),
                 Duration::from_secs(30),
             )?,
+            memory_limit: memory_limit(raw.runtime.memory_limit.as_ref())?,
         };
         Ok(Config {
             identity,
@@ -3163,8 +3240,14 @@ impl Config {
         }
         let _ = writeln!(
             s,
-            "runtime: {} worker thread(s)",
-            self.runtime.worker_threads
+            "runtime: {} worker thread(s); {}",
+            self.runtime.worker_threads,
+            match self.runtime.memory_limit {
+                MemoryLimit::Auto =>
+                    "memory limit half the container's (none outside one)".to_owned(),
+                MemoryLimit::Off => "no memory limit".to_owned(),
+                MemoryLimit::Bytes(b) => format!("connections shed above {} MiB of heap", b >> 20),
+            }
         );
         s
     }
@@ -3773,6 +3856,22 @@ mod tests {
                 outb("[runtime]\nshutdown_grace = \"x\"\n"),
                 "runtime.shutdown_grace",
             ),
+            (
+                outb("[runtime]\nmemory_limit = \"96MB\"\n"),
+                "runtime.memory_limit",
+            ),
+            (
+                outb("[runtime]\nmemory_limit = \"15Mi\"\n"),
+                "runtime.memory_limit",
+            ),
+            (
+                outb("[runtime]\nmemory_limit = \"99999999999Gi\"\n"),
+                "runtime.memory_limit",
+            ),
+            (
+                outb("[runtime]\nmemory_limit = 1000\n"),
+                "runtime.memory_limit",
+            ),
         ]
         .into_iter()
         .map(|(text, key): (String, &str)| (text, key.to_owned()))
@@ -4028,6 +4127,30 @@ mod tests {
     }
 
     #[test]
+    fn memory_limits_read_as_kubernetes_writes_them() {
+        let limit = |v: &str| {
+            Config::parse(&outb(&format!("[runtime]\nmemory_limit = {v}\n")))
+                .expect("config")
+                .runtime
+                .memory_limit
+        };
+        assert_eq!(
+            Config::parse(&outb(""))
+                .expect("config")
+                .runtime
+                .memory_limit,
+            MemoryLimit::Auto
+        );
+        assert_eq!(limit("\"auto\""), MemoryLimit::Auto);
+        assert_eq!(limit("\"off\""), MemoryLimit::Off);
+        assert_eq!(limit("\"96Mi\""), MemoryLimit::Bytes(96 << 20));
+        assert_eq!(limit("\"1Gi\""), MemoryLimit::Bytes(1 << 30));
+        assert_eq!(limit("\"100M\""), MemoryLimit::Bytes(100_000_000));
+        assert_eq!(limit("\"20000k\""), MemoryLimit::Bytes(20_000_000));
+        assert_eq!(limit("33554432"), MemoryLimit::Bytes(32 << 20));
+    }
+
+    #[test]
     fn values_are_normalized() {
         let cfg = Config::parse(
             &ca("key_type = \"ed25519\"\nserver_id = \"spiffe://td/ca/*\"\n")
@@ -4207,10 +4330,14 @@ mod tests {
             "outbound: plaintext on 127.0.0.1:3",
             "  host api -> api:443 expecting spiffe://td/ns/a/sa/api",
             "admin: http://127.0.0.1:9090/metrics",
-            "runtime: 1 worker thread(s)",
+            "runtime: 1 worker thread(s); memory limit half the container's",
         ] {
             assert!(e.contains(says), "{says:?} not in:\n{e}");
         }
+        let e = Config::parse(&(text.clone() + "[runtime]\nmemory_limit = \"96Mi\"\n"))
+            .expect("config")
+            .explain();
+        assert!(e.contains("connections shed above 96 MiB of heap"), "{e}");
         let e = Config::parse(&ca("")).expect("config").explain();
         assert!(
             e.contains("identity: spiffe://td/ns/a/sa/b from the CA at https://ca.svc:8443 (server spiffe://td/keyproof-ca), ecdsa-p256 key in memory"),

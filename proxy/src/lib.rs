@@ -85,6 +85,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod original_dst;
 pub mod outbound;

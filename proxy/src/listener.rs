@@ -1,6 +1,7 @@
 //! What the inbound and outbound listeners share below HTTP: binding, an
-//! accept loop with backpressure, connection tracking for drain, and the
-//! bound on TLS handshakes in progress.
+//! accept loop with backpressure, connection tracking for drain, the
+//! bound on TLS handshakes in progress, and the outbound's app connections
+//! for the memory budget.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -13,7 +14,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::http::server::stopped;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::server::{stopped, Activity, PROGRESS};
+use crate::memory::Shed;
 
 /// Binds a listener with a deep backlog (excess clients wait there when
 /// `max_connections` is reached, rather than being refused).
@@ -401,5 +405,125 @@ mod tests {
         assert_eq!(gate.pending(), 2);
         drop(c);
         assert_eq!(gate.pending(), 1);
+    }
+}
+
+/// The outbound's open app connections, for the memory budget to shed
+/// (`memory.rs`): they are all one holder's, the pod's own app, whose
+/// unfinished heads or uploads to a slow upstream fill the sidecar as a
+/// caller's would. Those with no request in flight go first, then the
+/// newest.
+#[derive(Default)]
+pub struct AppConns {
+    open: Mutex<AppOpen>,
+}
+
+#[derive(Default)]
+struct AppOpen {
+    by_id: std::collections::HashMap<u64, (Activity, CancellationToken)>,
+    next: u64,
+}
+
+/// One app connection's entry, removed on drop.
+pub struct AppConn {
+    conns: Arc<AppConns>,
+    id: u64,
+    close: CancellationToken,
+}
+
+impl AppConns {
+    /// Registers a connection whose requests in flight `activity` counts.
+    pub fn register(self: &Arc<Self>, activity: Activity) -> AppConn {
+        let close = CancellationToken::new();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let id = open.next;
+        open.next += 1;
+        open.by_id.insert(id, (activity, close.clone()));
+        AppConn {
+            conns: self.clone(),
+            id,
+            close,
+        }
+    }
+}
+
+impl AppConn {
+    /// Resolves when the connection is to be closed.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.close.cancelled()
+    }
+}
+
+impl Drop for AppConn {
+    fn drop(&mut self) {
+        let mut open = self.conns.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.by_id.remove(&self.id);
+    }
+}
+
+impl Shed for AppConns {
+    fn open(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .len()
+    }
+
+    fn largest(&self) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.by_id
+            .values()
+            .filter(|(_, close)| !close.is_cancelled())
+            .count()
+    }
+
+    fn shed(&self, n: usize) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live: Vec<(bool, u64, &CancellationToken)> = open
+            .by_id
+            .iter()
+            .filter(|(_, (_, close))| !close.is_cancelled())
+            .map(|(&id, (activity, close))| {
+                let busy = activity.load(Ordering::Relaxed) & (PROGRESS - 1) != 0;
+                (busy, id, close)
+            })
+            .collect();
+        // Idle first, then the newest.
+        live.sort_unstable_by_key(|&(busy, id, _)| (busy, std::cmp::Reverse(id)));
+        live.iter().take(n).for_each(|(_, _, close)| close.cancel());
+        live.len().min(n)
+    }
+
+    fn calm(&self) {}
+
+    fn take_refused(&self) -> Option<u64> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod app_conns_tests {
+    use super::*;
+
+    #[test]
+    fn the_apps_idle_connections_are_shed_first_then_the_newest() {
+        let conns = Arc::new(AppConns::default());
+        let busy = || Activity::new(std::sync::atomic::AtomicU64::new(1));
+        let c: Vec<AppConn> = [busy(), Activity::default(), busy(), Activity::default()]
+            .into_iter()
+            .map(|a| conns.register(a))
+            .collect();
+        let closed = |c: &AppConn| c.close.is_cancelled();
+        assert_eq!((conns.open(), conns.largest()), (4, 4));
+        assert_eq!(conns.shed(3), 3);
+        assert_eq!(
+            c.iter().map(closed).collect::<Vec<_>>(),
+            [false, true, true, true]
+        );
+        assert_eq!(conns.largest(), 1);
+        assert_eq!(conns.shed(5), 1);
+        drop(c);
+        assert_eq!(conns.open(), 0);
     }
 }

@@ -12,6 +12,12 @@ use clap::{Parser, Subcommand};
 use keyproof_proxy::config::{Config, IdentitySource, LogFormat};
 use keyproof_proxy::redirect::{self, Family, InboundPorts, Outcome};
 
+/// jemalloc: its statistics give the memory budget the heap in one read,
+/// and its background threads give freed pages back to the system
+/// (`keyproof_proxy::memory`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "keyproof-proxy",

@@ -220,6 +220,41 @@ pub struct Metrics {
     bundle: TrustBundleMetrics,
     /// Opaque TCP carried over the mesh.
     pub tcp: TcpMetrics,
+    /// The memory budget (`memory.rs`).
+    pub memory: MemoryMetrics,
+}
+
+/// `keyproof_memory_*`: what the process holds, its limit, and the
+/// connections closed to stay under it (`memory.rs`).
+#[derive(Clone)]
+pub struct MemoryMetrics {
+    heap: IntGauge,
+    resident: IntGauge,
+    limit: IntGauge,
+    registry: Registry,
+    /// `keyproof_memory_shed_connections_total`.
+    pub shed: IntCounter,
+}
+
+impl MemoryMetrics {
+    /// Sets the heap gauge, in bytes.
+    pub fn set_heap(&self, bytes: u64) {
+        self.heap.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the resident gauge, in bytes.
+    pub fn set_resident(&self, bytes: u64) {
+        self.resident.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Exports the limit in use. Without one there is no series: a 0 would
+    /// make `heap / limit` read as infinitely over.
+    pub fn limit(&self, bytes: u64) {
+        self.limit.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        if let Err(e) = self.registry.register(Box::new(self.limit.clone())) {
+            tracing::debug!(error = %e, "memory limit gauge registered already");
+        }
+    }
 }
 
 /// Results of `keyproof_tcp_connections_total`, one child each per
@@ -612,6 +647,31 @@ impl Metrics {
         }
         registry.register(Box::new(tcp_connections.clone()))?;
         registry.register(Box::new(tcp_bytes.clone()))?;
+        let memory = MemoryMetrics {
+            heap: IntGauge::new(
+                "keyproof_memory_heap_bytes",
+                "Bytes the allocator has handed out and not had back: what runtime.memory_limit \
+                 holds the sidecar under.",
+            )?,
+            resident: IntGauge::new(
+                "keyproof_memory_resident_bytes",
+                "Resident memory of the process, as the kernel counts it.",
+            )?,
+            limit: IntGauge::new(
+                "keyproof_memory_limit_bytes",
+                "runtime.memory_limit in use (absent when there is none): above it \
+                 connections are shed.",
+            )?,
+            registry: registry.clone(),
+            shed: IntCounter::new(
+                "keyproof_memory_shed_connections_total",
+                "Connections closed because memory was above runtime.memory_limit (inbound \
+                 callers' and the app's), from the holder of the most connections first.",
+            )?,
+        };
+        registry.register(Box::new(memory.heap.clone()))?;
+        registry.register(Box::new(memory.resident.clone()))?;
+        registry.register(Box::new(memory.shed.clone()))?;
         let dir = |d: Direction| DirectionMetrics {
             handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
             key_exchanges: GROUP_LABELS.map(|g| key_exchanges.with_label_values(&[d.as_str(), g])),
@@ -657,6 +717,7 @@ impl Metrics {
                 connections: tcp_connections,
                 bytes: tcp_bytes,
             },
+            memory,
         })
     }
 

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use keyproof_identity::Usage;
 
-use crate::config::{self, Config, ConfigError, IdentitySource, PolicyConfig};
+use crate::config::{self, Config, ConfigError, IdentitySource, MemoryLimit, PolicyConfig};
 use crate::identity::key::TokenKey;
 use crate::identity::reload;
 use crate::identity::renew;
 use crate::identity::store::{self, Identity, IdentityStore};
 use crate::listener;
-use crate::{admin, inbound, metrics, outbound, watched};
+use crate::{admin, inbound, memory, metrics, outbound, watched};
 
 /// Why the proxy could not start. Every variant names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,9 @@ pub enum StartError {
     /// The async runtime could not be created.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    /// A thread of the sidecar's own could not be started.
+    #[error("thread: {0}")]
+    Thread(std::io::Error),
 }
 
 fn pattern_trust_domain(p: &keyproof_identity::IdPattern) -> String {
@@ -348,6 +351,9 @@ pub struct Running {
     policy_task: Option<tokio::task::AbortHandle>,
     /// The `[outbound] upstreams_file` watcher.
     upstreams_task: Option<tokio::task::AbortHandle>,
+    /// Stops the memory budget's watch (`memory.rs`) when sent to or
+    /// dropped.
+    stop_memory: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// Loads the identity (`[identity.files]`: before any port is bound, so a
@@ -545,9 +551,39 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         key_probe_task,
         policy_task: None,
         upstreams_task: None,
+        stop_memory: None,
     };
     cancel_identity.disarm();
     cancel_probe.disarm();
+    let limit = memory::resolve(cfg.runtime.memory_limit);
+    match (cfg.runtime.memory_limit, limit) {
+        (_, Some(l)) => tracing::info!(
+            limit_bytes = l,
+            "memory limit: inbound connections are shed above it (runtime.memory_limit)"
+        ),
+        (MemoryLimit::Auto, None) => tracing::info!(
+            "no container memory limit found: no memory limit (runtime.memory_limit = \"auto\")"
+        ),
+        (_, None) => {}
+    }
+    memory::bound_receive_windows(limit);
+    let (stop_memory, memory_rx) = std::sync::mpsc::channel();
+    memory::spawn(
+        limit,
+        inbound
+            .iter()
+            .map(|ib| ib.callers() as Arc<dyn memory::Shed>)
+            .chain(
+                outbound
+                    .iter()
+                    .map(|ob| ob.conns() as Arc<dyn memory::Shed>),
+            )
+            .collect(),
+        metrics.memory.clone(),
+        memory_rx,
+    )
+    .map_err(StartError::Thread)?;
+    running.stop_memory = Some(stop_memory);
     if let (Some(l), Some(ib), Some(c)) = (in_l, inbound, cfg.inbound.as_ref()) {
         running.inbound_addr = l.local_addr().ok();
         tracing::info!(listen = %fmt_addr(running.inbound_addr), app = %c.app, "inbound listening");
@@ -646,6 +682,7 @@ impl Running {
         if let Some(t) = self.upstreams_task {
             t.abort();
         }
+        drop(self.stop_memory);
     }
 }
 

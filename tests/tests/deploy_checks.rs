@@ -56,6 +56,10 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_trust_bundle_root_expiry_timestamp_seconds",
     "keyproof_trust_bundle_sequence",
     "keyproof_build_info",
+    "keyproof_memory_heap_bytes",
+    "keyproof_memory_resident_bytes",
+    "keyproof_memory_limit_bytes",
+    "keyproof_memory_shed_connections_total",
     // keyproof-ca serve's /metrics.
     "keyproof_ca_issuances_total",
     "keyproof_ca_refusals_total",
@@ -892,6 +896,8 @@ fn grafana_dashboard_is_valid() {
         "keyproof_deny_list_refused_total",
         "keyproof_policy_reloads_total",
         "keyproof_identity_cert_expiry_timestamp_seconds",
+        "keyproof_memory_heap_bytes",
+        "keyproof_memory_shed_connections_total",
     ] {
         assert!(all.contains(needle), "the dashboard shows no {needle}");
     }

@@ -797,3 +797,273 @@ fn a_burst_through_a_new_mesh_connection_is_not_refused() {
     let bad: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
     assert!(bad.is_empty(), "{} of 250 failed: {bad:?}", bad.len());
 }
+
+/// Memory: one caller's connections, each holding an unfinished request
+/// head just under `max_header_bytes`, cannot take the sidecar far past
+/// `runtime.memory_limit` (the OOM kill of a pod's sidecar was a few
+/// hundred such connections away). Above the limit that caller's
+/// connections are closed and counted; another caller is served
+/// throughout; resident memory comes back down once the flood has gone.
+#[test]
+fn one_callers_unfinished_heads_are_shed_at_the_memory_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LIMIT_MIB: u64 = 40;
+    const FLOOD: usize = 600;
+    let w = World::new();
+    let (proxy, addr) = w.inbound(
+        "memory",
+        w.app.addr,
+        &format!("\n[runtime]\nmemory_limit = \"{LIMIT_MIB}Mi\"\n"),
+    );
+    assert_eq!(w.legit(addr, "/warm").0, 200, "{}", proxy.log_text());
+    let limit = proxy.metric("keyproof_memory_limit_bytes");
+    assert_eq!(limit, (LIMIT_MIB << 20) as f64, "{}", proxy.metrics());
+    // What the process holds outside the heap (code, stacks) is not
+    // the limit's: RSS is compared with it added.
+    let start_kib = rss_kib(proxy.pid());
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"http/1.1");
+    let head = format!("GET / HTTP/1.1\r\nhost: x\r\nx-a: {}", "a".repeat(60_000));
+    let pid = proxy.pid();
+    let (held, peak_rss) = rt.block_on(async {
+        let mut held = Vec::new();
+        let mut peak_rss = 0;
+        for i in 0..FLOOD {
+            let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+                continue;
+            };
+            let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await;
+            // A connection of a caller being shed is closed as soon as
+            // its handshake names it.
+            let Ok(mut tls) = tls else { continue };
+            if tls.write_all(head.as_bytes()).await.is_ok() {
+                held.push(tls);
+            }
+            if i % 50 == 0 {
+                peak_rss = peak_rss.max(rss_kib(pid));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (held, peak_rss.max(rss_kib(pid)))
+    });
+    // Another caller is served while the flood is held.
+    for _ in 0..3 {
+        let (code, took) = w.legit(addr, "/during-flood");
+        assert_eq!(code, 200, "{}", proxy.log_text());
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+    let shed = proxy.metric("keyproof_memory_shed_connections_total");
+    // How many of the flood's connections the sidecar closed: a read
+    // ends at once on those, and waits on the others.
+    let open = rt.block_on(async {
+        let mut open = 0;
+        for mut s in held {
+            let mut b = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(20), s.read(&mut b)).await {
+                Err(_) => open += 1,
+                Ok(Ok(0) | Err(_)) => {}
+                Ok(Ok(_)) => open += 1,
+            }
+        }
+        open
+    });
+    eprintln!("RSS at start {start_kib} KiB, peak {peak_rss} KiB; shed {shed}; flood connections still open {open}");
+    assert!(shed > 0.0, "nothing shed\n{}", proxy.log_text());
+    assert!(
+        open < FLOOD / 2,
+        "{open} of the flood's {FLOOD} connections stayed open"
+    );
+    // Without the limit: 152 MiB over a start of 20 MiB (debug build).
+    assert!(
+        peak_rss < start_kib + (LIMIT_MIB + 20) * 1024,
+        "RSS went from {start_kib} KiB to {peak_rss} KiB with a {LIMIT_MIB} MiB limit"
+    );
+    assert!(
+        proxy
+            .log_text()
+            .contains("memory above runtime.memory_limit: shedding connections"),
+        "{}",
+        proxy.log_text()
+    );
+    // The flood gone, freed pages go back to the system.
+    let gone = Instant::now();
+    let deadline = gone + Duration::from_secs(30);
+    loop {
+        let rss = rss_kib(pid);
+        if rss < start_kib + LIMIT_MIB * 1024 / 4 {
+            eprintln!("RSS {rss} KiB {:?} after the flood", gone.elapsed());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "RSS still {rss} KiB 30 s after the flood (peak {peak_rss} KiB)"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(w.legit(addr, "/after").0, 200);
+}
+
+/// A request body that never ends: 16 KiB chunks as fast as flow control
+/// takes them.
+struct Endless;
+
+impl Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[b'x'; 16384])))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+}
+
+/// Memory, HTTP/2: one caller's connections, each with 100 uploads
+/// filling their flow-control windows while the app reads nothing, cannot
+/// take the sidecar far past `runtime.memory_limit`. The data arrives at
+/// loopback speed, faster than any look at the heap: what bounds it is
+/// that receive windows are granted out of the memory budget (a full
+/// 16 MiB to the first connections, less to each next one). Without it,
+/// 32 such connections took 250 MB.
+#[test]
+fn one_callers_http2_uploads_to_a_stalled_app_stay_within_the_memory_limit() {
+    const LIMIT_MIB: u64 = 40;
+    const CONNS: usize = 32;
+    let w = World::new();
+    // An app that accepts connections and never reads from them.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = stalled.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in stalled.incoming() {
+            held.push(s);
+        }
+    });
+    let (proxy, addr) = w.inbound(
+        "memory-h2",
+        app,
+        &format!("\n[runtime]\nmemory_limit = \"{LIMIT_MIB}Mi\"\n"),
+    );
+    let start_kib = rss_kib(proxy.pid());
+    let pid = proxy.pid();
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"h2");
+    let peak_rss = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..CONNS {
+            let (send, conn) = h2_conn::<Endless>(addr, cfg.clone(), None).await;
+            tasks.push(conn);
+            for _ in 0..100 {
+                let mut send = send.clone();
+                tasks.push(tokio::spawn(async move {
+                    if send.ready().await.is_err() {
+                        return;
+                    }
+                    let req = hyper::Request::post("https://localhost/upload")
+                        .body(Endless)
+                        .expect("request");
+                    let _ = send.send_request(req).await;
+                }));
+            }
+        }
+        let mut peak = 0;
+        for _ in 0..30 {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in tasks {
+            t.abort();
+        }
+        peak
+    });
+    eprintln!("RSS at start {start_kib} KiB, peak {peak_rss} KiB");
+    // The limit, plus pages the allocator has not yet given back: freed
+    // at this pace, they lag by about 30 MiB.
+    assert!(
+        peak_rss < start_kib + (LIMIT_MIB + 32) * 1024,
+        "RSS went from {start_kib} KiB to {peak_rss} KiB with a {LIMIT_MIB} MiB limit"
+    );
+    // Alive, and back under its limit once the uploads are gone (the
+    // gauge is refreshed every second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let heap = proxy.metric("keyproof_memory_heap_bytes");
+        if heap > 0.0 && heap < (LIMIT_MIB << 20) as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heap {heap}\n{}",
+            proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Memory, outbound: the pod's own app (or whatever runs in the pod)
+/// holding unfinished heads on the outbound is shed like a caller: its
+/// connections are closed above `runtime.memory_limit`, and an inbound
+/// caller with one connection is not (the app holds the most).
+#[test]
+fn the_apps_unfinished_heads_on_the_outbound_are_shed_not_a_caller() {
+    const LIMIT_MIB: u64 = 40;
+    const FLOOD: usize = 800;
+    let w = World::new();
+    let out_port = free_port();
+    let (proxy, addr) = w.inbound(
+        "memory-out",
+        w.app.addr,
+        &format!(
+            "\n[outbound]\nlisten = \"127.0.0.1:{out_port}\"\n[runtime]\nmemory_limit = \"{LIMIT_MIB}Mi\"\n"
+        ),
+    );
+    let start_kib = rss_kib(proxy.pid());
+    // A caller with one keep-alive HTTP/2 connection, open before the flood.
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.legit, b"h2");
+    let (mut legit, _task) = rt.block_on(h2_conn::<Empty<Bytes>>(addr, cfg, None));
+    let get = |send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>| {
+        rt.block_on(async {
+            let req = hyper::Request::get("https://localhost/legit")
+                .body(Empty::new())
+                .expect("request");
+            match send.send_request(req).await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        })
+    };
+    assert_eq!(get(&mut legit), 200);
+    let head = format!("GET / HTTP/1.1\r\nhost: x\r\nx-a: {}", "a".repeat(60_000));
+    let mut held = Vec::new();
+    let mut peak_rss = 0;
+    for i in 0..FLOOD {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", out_port)) {
+            if s.write_all(head.as_bytes()).is_ok() {
+                held.push(s);
+            }
+        }
+        if i % 50 == 0 {
+            peak_rss = peak_rss.max(rss_kib(proxy.pid()));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let peak_rss = peak_rss.max(rss_kib(proxy.pid()));
+    let shed = proxy.metric("keyproof_memory_shed_connections_total");
+    eprintln!("RSS at start {start_kib} KiB, peak {peak_rss} KiB; shed {shed}");
+    assert!(shed > 0.0, "nothing shed\n{}", proxy.log_text());
+    assert!(
+        peak_rss < start_kib + (LIMIT_MIB + 20) * 1024,
+        "RSS went from {start_kib} KiB to {peak_rss} KiB with a {LIMIT_MIB} MiB limit"
+    );
+    // The caller's connection was not the one shed.
+    assert_eq!(get(&mut legit), 200, "{}", proxy.log_text());
+    drop(held);
+}

@@ -35,12 +35,19 @@ use crate::http::h2_stream::{self, MeshBody, MAX_FRAME_SIZE};
 use crate::http::owned;
 use crate::http::response::http_date;
 use crate::http::traits::SendBody;
+use crate::memory::Grant;
 
 /// Flow-control windows a caller may fill before it waits: a stream's is
 /// hyper's server default; the connection's outlasts
 /// [`h2_stream::STALLED_STREAMS`] streams whose apps stopped reading.
+/// These are the most; under a memory limit a connection gets what the
+/// process's receive pool grants (`memory.rs`), down to
+/// [`MIN_CONN_WINDOW`], its streams' windows scaled alike down to the
+/// protocol's default.
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = STREAM_WINDOW * h2_stream::STALLED_STREAMS;
+const MIN_CONN_WINDOW: u32 = 256 * 1024;
+const MIN_STREAM_WINDOW: u32 = 65_535;
 /// At most this much of a response is buffered per stream beyond what the
 /// caller's window lets out (hyper's default).
 const MAX_SEND_BUFFER: usize = 400 * 1024;
@@ -125,6 +132,9 @@ pub struct Connection<I, S, R> {
     /// connection ends whether or not it could be flushed (a flooding
     /// caller need not read it).
     flood_close_by: Option<Pin<Box<Sleep>>>,
+    /// The receive window's share of the memory budget, given back when
+    /// the connection ends.
+    _window: Grant,
 }
 
 /// How long a connection closed for a flood may take to flush its GOAWAY.
@@ -159,9 +169,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             // `CONNECT` with `:protocol`, and is answered as a tunnel.
             builder.enable_connect_protocol();
         }
+        let window = Grant::take(u64::from(MIN_CONN_WINDOW), u64::from(CONN_WINDOW));
+        let conn_window = u32::try_from(window.bytes()).unwrap_or(CONN_WINDOW);
+        let stream_window =
+            (conn_window / h2_stream::STALLED_STREAMS).clamp(MIN_STREAM_WINDOW, STREAM_WINDOW);
         let handshake = builder
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
+            .initial_window_size(stream_window)
+            .initial_connection_window_size(conn_window)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_header_list_size(settings.max_header_list_size)
             .max_concurrent_streams(settings.max_concurrent_streams)
@@ -177,6 +191,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             close_by: None,
             flood,
             flood_close_by: None,
+            _window: window,
             keep_alive: KeepAlive {
                 interval: settings.keep_alive_interval,
                 timeout: settings.keep_alive_timeout,

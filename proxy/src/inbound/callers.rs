@@ -19,35 +19,49 @@
 //! A registration is one lock and one map entry per connection, taken once
 //! its handshake has named the caller; it goes when the connection does.
 //!
+//! The same registry is what the memory budget sheds from (`memory.rs`):
+//! [`Shed::shed`] closes the connections of the caller holding the most,
+//! and until [`Shed::calm`] a new connection of a caller shed from is
+//! closed as it registers.
+//!
 //! A trust bundle change reaches open connections too ([`distrusted`]):
 //! dropping a root is what an operator does after a CA compromise, and a
 //! caller whose chain no longer verifies must not keep what it holds.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use keyproof_identity::{SpiffeId, Usage, VerifyError};
 use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::server::Activity;
 use crate::identity::store::IdentityStore;
+use crate::memory::Shed;
 
 /// Every open caller connection of a listener.
 #[derive(Default)]
 pub struct Callers {
     open: Mutex<Open>,
+    /// Connections closed as they registered, since [`Shed::take_refused`].
+    refused: AtomicU64,
 }
 
 #[derive(Default)]
 struct Open {
     by_id: HashMap<u64, Caller>,
     next: u64,
+    /// Callers shed from since the last [`Shed::calm`].
+    shed_from: Vec<SpiffeId>,
 }
 
 struct Caller {
     peer: SpiffeId,
     serial: String,
     close: CancellationToken,
+    /// The connection's activity word: requests in flight in its low bits.
+    activity: Activity,
 }
 
 /// One connection's entry, removed on drop.
@@ -58,10 +72,21 @@ pub struct Registered {
 }
 
 impl Callers {
-    /// Registers a connection of `peer`, whose certificate has `serial`.
-    pub fn register(self: &Arc<Self>, peer: &SpiffeId, serial: &str) -> Registered {
+    /// Registers a connection of `peer`, whose certificate has `serial`
+    /// and whose requests in flight `activity` counts. While memory is
+    /// being shed from `peer`, the registration comes back closed.
+    pub fn register(
+        self: &Arc<Self>,
+        peer: &SpiffeId,
+        serial: &str,
+        activity: Activity,
+    ) -> Registered {
         let close = CancellationToken::new();
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.shed_from.contains(peer) {
+            close.cancel();
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
         let id = open.next;
         open.next += 1;
         open.by_id.insert(
@@ -70,6 +95,7 @@ impl Callers {
                 peer: peer.clone(),
                 serial: serial.to_owned(),
                 close: close.clone(),
+                activity,
             },
         );
         Registered {
@@ -136,6 +162,95 @@ pub async fn distrusted(
     }
 }
 
+/// What the memory budget sheds from (`memory.rs`).
+impl Shed for Callers {
+    fn open(&self) -> usize {
+        self.len()
+    }
+
+    fn largest(&self) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts: HashMap<&SpiffeId, usize> = HashMap::new();
+        for c in open.by_id.values() {
+            if !c.close.is_cancelled() {
+                *counts.entry(&c.peer).or_default() += 1;
+            }
+        }
+        counts.into_values().max().unwrap_or(0)
+    }
+
+    /// Closes `n` connections (fewer if fewer are open) to give their
+    /// memory back; returns how many. Each is taken from the caller with
+    /// the most connections still open, so that the callers holding the
+    /// most are brought down to the level of the next; of a caller's, those
+    /// with no request in flight go first (an unfinished head, an idle
+    /// keep-alive), then the newest. Callers shed from have their new
+    /// connections closed until [`Shed::calm`].
+    fn shed(&self, n: usize) -> usize {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_peer: HashMap<&SpiffeId, Vec<(bool, u64)>> = HashMap::new();
+        for (&id, c) in &open.by_id {
+            if !c.close.is_cancelled() {
+                let busy = c.activity.load(Ordering::Relaxed) & IN_FLIGHT != 0;
+                by_peer.entry(&c.peer).or_default().push((busy, id));
+            }
+        }
+        let mut groups: Vec<(&SpiffeId, Vec<(bool, u64)>)> = by_peer.into_iter().collect();
+        for (_, conns) in &mut groups {
+            // Popped from the end: busy last, oldest last.
+            conns.sort_unstable_by_key(|&(busy, id)| (std::cmp::Reverse(busy), id));
+        }
+        let mut most: BinaryHeap<(usize, usize)> = groups
+            .iter()
+            .enumerate()
+            .map(|(i, (_, conns))| (conns.len(), i))
+            .collect();
+        let mut chosen = Vec::with_capacity(n.min(open.by_id.len()));
+        let mut from = Vec::new();
+        while chosen.len() < n {
+            let Some((_, i)) = most.pop() else { break };
+            let (peer, conns) = &mut groups[i];
+            if let Some((_, id)) = conns.pop() {
+                chosen.push(id);
+                if !from.contains(*peer) {
+                    from.push((*peer).clone());
+                }
+            }
+            if !conns.is_empty() {
+                most.push((conns.len(), i));
+            }
+        }
+        drop(groups);
+        for id in &chosen {
+            if let Some(c) = open.by_id.get(id) {
+                c.close.cancel();
+            }
+        }
+        for peer in from {
+            if !open.shed_from.contains(&peer) {
+                open.shed_from.push(peer);
+            }
+        }
+        chosen.len()
+    }
+
+    /// Memory is back under its limit: callers shed from may connect again.
+    fn calm(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.shed_from.clear();
+    }
+
+    /// Connections closed as they registered since the last call, if any.
+    fn take_refused(&self) -> Option<u64> {
+        let n = self.refused.swap(0, Ordering::Relaxed);
+        (n > 0).then_some(n)
+    }
+}
+
+/// The bits of an activity word that count requests in flight
+/// (`http::server::PROGRESS` counts above them).
+const IN_FLIGHT: u64 = crate::http::server::PROGRESS - 1;
+
 impl Registered {
     /// Resolves when the connection is to be closed.
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
@@ -159,9 +274,9 @@ mod tests {
         let callers = Arc::new(Callers::default());
         let web: SpiffeId = "spiffe://t.test/ns/a/sa/web".parse().unwrap();
         let ops: SpiffeId = "spiffe://t.test/ns/a/sa/ops".parse().unwrap();
-        let a = callers.register(&web, "0a");
-        let b = callers.register(&web, "0b");
-        let c = callers.register(&ops, "0a");
+        let a = callers.register(&web, "0a", Activity::default());
+        let b = callers.register(&web, "0b", Activity::default());
+        let c = callers.register(&ops, "0a", Activity::default());
         // A deny entry by serial, for web's first certificate only.
         assert_eq!(callers.close(|p, s| p == &web && s == "0a"), 1);
         let closed = |r: &Registered| r.close.is_cancelled();
@@ -173,5 +288,52 @@ mod tests {
         assert_eq!(callers.close(|p, _| p == &web), 1);
         drop((a, b, c));
         assert!(callers.is_empty());
+    }
+
+    #[test]
+    fn shedding_takes_from_the_caller_with_the_most_idle_ones_first() {
+        let callers = Arc::new(Callers::default());
+        let flood: SpiffeId = "spiffe://t.test/ns/a/sa/flood".parse().unwrap();
+        let web: SpiffeId = "spiffe://t.test/ns/a/sa/web".parse().unwrap();
+        let ops: SpiffeId = "spiffe://t.test/ns/a/sa/ops".parse().unwrap();
+        let busy = || Activity::new(AtomicU64::new(1));
+        // flood: 6 connections, the first two with a request in flight.
+        let f: Vec<Registered> = (0..6)
+            .map(|i| {
+                let a = if i < 2 { busy() } else { Activity::default() };
+                callers.register(&flood, "01", a)
+            })
+            .collect();
+        let w: Vec<Registered> = (0..3)
+            .map(|_| callers.register(&web, "02", Activity::default()))
+            .collect();
+        let o = callers.register(&ops, "03", busy());
+        let closed = |r: &Registered| r.close.is_cancelled();
+        assert_eq!((callers.open(), callers.largest()), (10, 6));
+        // Three: flood's three newest idle ones; web is not yet level.
+        assert_eq!(callers.shed(3), 3);
+        assert_eq!(
+            f.iter().map(closed).collect::<Vec<_>>(),
+            [false, false, false, true, true, true]
+        );
+        assert!(!w.iter().any(closed) && !closed(&o));
+        // Two more: flood and web are level at 3 and 3; one from each
+        // (flood's last idle one, web's newest), in either order.
+        assert_eq!(callers.shed(2), 2);
+        assert!(closed(&f[2]) && closed(&w[2]));
+        assert!(!closed(&f[0]) && !closed(&f[1]) && !closed(&o));
+        assert_eq!(callers.largest(), 2);
+        // More than are open: all of them, the busy ones last.
+        assert_eq!(callers.shed(100), 5);
+        assert!(f.iter().chain(&w).all(closed) && closed(&o));
+        // Until calm, a new connection of a caller shed from is closed as
+        // it registers, and counted; after, it is not.
+        let again = callers.register(&flood, "01", Activity::default());
+        assert!(closed(&again));
+        assert_eq!(callers.take_refused(), Some(1));
+        assert_eq!(callers.take_refused(), None);
+        callers.calm();
+        let after = callers.register(&flood, "01", Activity::default());
+        assert!(!closed(&after));
     }
 }

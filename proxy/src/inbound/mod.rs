@@ -411,9 +411,11 @@ impl Inbound {
             _ => Proto::Detect,
         };
         let own = self.store.current();
-        let registered = self.callers.register(&peer.id, &peer.serial);
-        let target = redirected.map(|dst| self.redirected_to(dst.port()));
         let activity: server::Activity = Arc::new(AtomicU64::new(0));
+        let registered = self
+            .callers
+            .register(&peer.id, &peer.serial, activity.clone());
+        let target = redirected.map(|dst| self.redirected_to(dst.port()));
         let Some(conn) = InboundConn::new(
             session,
             peer,
@@ -498,7 +500,7 @@ impl Inbound {
             r = served => r,
             () = stopping => Ok(()),
             () = registered.closed() => {
-                tracing::debug!(peer = %remote, "inbound connection closed: the deny list now names its caller");
+                tracing::debug!(peer = %remote, "inbound connection closed: the deny list now names its caller, or the memory budget shed it");
                 Ok(())
             }
         };
@@ -1104,6 +1106,12 @@ impl Inbound {
         }
         let sent = app.h1.request(req, Some(share)).await;
         app.answer(sent.map(|r| r.map(ProxyBody::App)), h1_caller, true)
+    }
+
+    /// The open connections of verified callers, which the memory budget
+    /// sheds from (`memory.rs`).
+    pub fn callers(&self) -> Arc<callers::Callers> {
+        self.callers.clone()
     }
 
     /// `peer`'s shares, held by all its connections: one caller cannot

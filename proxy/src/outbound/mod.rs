@@ -181,6 +181,8 @@ pub struct Outbound {
     /// Whether a redirected connection from the outbound's own dial (a
     /// loop) has been logged at error level yet.
     loop_logged: std::sync::atomic::AtomicBool,
+    /// The app's open HTTP connections, for the memory budget to shed.
+    conns: Arc<crate::listener::AppConns>,
 }
 
 impl Outbound {
@@ -208,6 +210,7 @@ impl Outbound {
             cfg: cfg.clone(),
             unmeshed_seen: std::sync::Mutex::default(),
             loop_logged: std::sync::atomic::AtomicBool::new(false),
+            conns: Arc::default(),
         }))
     }
 
@@ -287,62 +290,78 @@ impl Outbound {
             Via::Redirected(route) => (Some(route), None),
         };
         let activity = Arc::new(AtomicU64::new(0));
+        let registered = self.conns.register(activity.clone());
         let idle = self.cfg.limits.idle_timeout;
-        let result = if h2 {
-            let this = self.clone();
-            let streams = activity.clone();
-            let svc = move |req: Request<RequestBody>| {
-                let this = this.clone();
-                let route = route.clone();
-                let stream = StreamGuard::start(&streams);
-                async move {
-                    let resp = this.request(req, route.as_deref()).await;
-                    drop(stream);
-                    resp
-                }
-            };
-            server::serve(
-                &self.builders,
-                Proto::H2,
-                tcp,
-                activity,
-                idle,
-                svc,
-                shutdown,
-            )
-            .await
-        } else {
-            let closing = AtomicBool::new(false);
-            let route = route.as_deref();
-            let mut limits = self.h1_limits;
-            limits.first_head_by = head_by;
-            let conn = pin!(h1_server::serve(
-                tcp,
-                limits,
-                &closing,
-                activity.clone(),
-                |req| match &tunnels {
-                    // An explicit app's tunnel (only there: one in a
-                    // tunnel, or on a redirected connection, is 405).
-                    Some(shutdown) if req.method() == http::Method::CONNECT => {
-                        Either::Left(ready(self.connect(&req, remote, shutdown.clone())))
+        let served = async {
+            if h2 {
+                let this = self.clone();
+                let streams = activity.clone();
+                let svc = move |req: Request<RequestBody>| {
+                    let this = this.clone();
+                    let route = route.clone();
+                    let stream = StreamGuard::start(&streams);
+                    async move {
+                        let resp = this.request(req, route.as_deref()).await;
+                        drop(stream);
+                        resp
                     }
-                    _ => Either::Right(self.request(req.map(RequestBody::H1), route)),
-                }
-            ));
-            server::drive(
-                conn,
-                |_| closing.store(true, Ordering::Relaxed),
-                activity,
-                idle,
-                &mut shutdown,
-            )
-            .await
-            .map_err(Into::into)
+                };
+                server::serve(
+                    &self.builders,
+                    Proto::H2,
+                    tcp,
+                    activity,
+                    idle,
+                    svc,
+                    shutdown,
+                )
+                .await
+            } else {
+                let closing = AtomicBool::new(false);
+                let route = route.as_deref();
+                let mut limits = self.h1_limits;
+                limits.first_head_by = head_by;
+                let conn = pin!(h1_server::serve(
+                    tcp,
+                    limits,
+                    &closing,
+                    activity.clone(),
+                    |req| match &tunnels {
+                        // An explicit app's tunnel (only there: one in a
+                        // tunnel, or on a redirected connection, is 405).
+                        Some(shutdown) if req.method() == http::Method::CONNECT => {
+                            Either::Left(ready(self.connect(&req, remote, shutdown.clone())))
+                        }
+                        _ => Either::Right(self.request(req.map(RequestBody::H1), route)),
+                    }
+                ));
+                server::drive(
+                    conn,
+                    |_| closing.store(true, Ordering::Relaxed),
+                    activity,
+                    idle,
+                    &mut shutdown,
+                )
+                .await
+                .map_err(Into::into)
+            }
+        };
+        let result = tokio::select! {
+            r = served => r,
+            () = registered.closed() => {
+                tracing::debug!(peer = %remote, "outbound connection closed: the memory budget shed it");
+                Ok(())
+            }
         };
         if let Err(e) = result {
             tracing::debug!(peer = %remote, error = %e, "outbound connection ended with an error");
         }
+    }
+
+    /// The app's open HTTP connections, which the memory budget sheds from
+    /// (`memory.rs`).
+    pub fn conns(&self) -> Arc<crate::listener::AppConns> {
+        self.conns.clone()
     }
 
     /// One request, start to response. Built like the inbound's: the

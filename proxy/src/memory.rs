@@ -1,0 +1,504 @@
+//! The sidecar's memory budget: what keeps one caller from getting the pod
+//! OOM-killed.
+//!
+//! Every limit on a connection bounds what that connection can make the
+//! sidecar hold: a request head it never finishes (up to
+//! `max_header_bytes`, buffered on its way through TLS and the parser),
+//! HTTP/2 streams whose bodies fill their flow-control windows while the
+//! app is slow, tunnels. But `max_connections_per_peer` times any of them
+//! is far beyond a sidecar's container limit (128Mi in the shipped
+//! manifests): a few hundred connections of one caller with one
+//! certificate of the trust domain were enough, and the kubelet's OOM kill
+//! takes the whole pod's service down for every caller.
+//!
+//! Two mechanisms, against `[runtime] memory_limit` (by default half the
+//! container's cgroup limit: the other half is for memory outside the heap,
+//! the code, and pages the allocator has not yet given back):
+//!
+//! - **Shedding.** A thread looks at resident memory every [`PERIOD`];
+//!   above the limit it reads the heap (bytes the allocator has handed out
+//!   and not had back: what closing connections can return), and if that
+//!   is above the limit too, closes connections, as Envoy's overload
+//!   manager resets the streams that hold the most: inbound callers'
+//!   connections and the outbound's app connections, from the holder with
+//!   the most first (a caller identity; the app counts as one), so that a
+//!   flood sheds itself and a caller with a few is touched last; a
+//!   holder's connections with no request in flight before those with
+//!   one, then the newest; enough to bring the heap under nine tenths of
+//!   the limit. Until it is back under the limit, a new connection of a
+//!   caller shed from is closed as soon as its handshake names it
+//!   (`inbound/callers.rs`). How many to close is estimated from what each
+//!   connection holds on average (the heap above what it was with no
+//!   connection open), so that a small excess does not close them all.
+//!   The heap does not say whose it is: the choice is by connection
+//!   count, which finds a flood but may take a caller with a large pool
+//!   before a few heavy connections. A heap that was above the limit with
+//!   no connection open (a limit set too low) sheds nothing, and says so.
+//! - **Receive windows out of the budget** ([`Grant`]). Shedding answers
+//!   growth slower than a look; an HTTP/2 caller fills its windows at once.
+//!
+//! The allocator is jemalloc (`main.rs`, tuned in `.cargo/config.toml`):
+//! its statistics give the heap in one read, and its background thread
+//! gives freed pages back to the system within a tenth of a second, so
+//! that resident memory follows the heap down after a peak (glibc's malloc
+//! kept them: 233 MB resident 3 s after 1,000 connections had closed).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::MemoryMetrics;
+
+/// What the watch sheds from: the inbound's open caller connections
+/// (`inbound/callers.rs`) and the outbound's app connections
+/// (`listener::AppConns`).
+pub trait Shed: Send + Sync {
+    /// Connections open now.
+    fn open(&self) -> usize;
+    /// Connections (not yet closed) of the holder with the most.
+    fn largest(&self) -> usize;
+    /// Closes `n` connections, the caller holding the most first; returns
+    /// how many. Callers shed from have new connections closed until
+    /// [`Shed::calm`].
+    fn shed(&self, n: usize) -> usize;
+    /// Memory is back under its limit: callers shed from may connect
+    /// again.
+    fn calm(&self);
+    /// Connections closed as they opened since the last call, if any.
+    fn take_refused(&self) -> Option<u64>;
+}
+
+/// How often resident memory is looked at: at 125 MB/s (1,000 connections
+/// sending unfinished heads as fast as their handshakes allow went at
+/// about half that) a period lets about 6 MB more in. A look reads
+/// `/proc/self/statm`, a few microseconds.
+pub const PERIOD: Duration = Duration::from_millis(50);
+
+/// Shedding stops once the heap is under this many tenths of the limit, so
+/// that a heap hovering at the limit does not shed on every look.
+const CALM_TENTHS: u64 = 9;
+
+/// Bytes the allocator has handed out and not had back: jemalloc's
+/// `stats.allocated`. The statistics are refreshed first, which merges
+/// every arena's (about 50,000 instructions): the watch does it only when
+/// it decides something, and once a second for the gauge. `None` when
+/// jemalloc is not the allocator (the library's own unit tests).
+pub fn heap_bytes() -> Option<u64> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let bytes = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
+    u64::try_from(bytes).ok().filter(|&b| b > 0)
+}
+
+/// Resident memory, what the kernel charges to the container: `statm`'s
+/// second field, in pages.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages.saturating_mul(page_size()))
+}
+
+/// The kernel's page size (4 KiB on x86-64, 4, 16 or 64 KiB on arm64),
+/// from the auxiliary vector the kernel gave the process (`AT_PAGESZ`).
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        const AT_PAGESZ: u64 = 6;
+        let auxv = std::fs::read("/proc/self/auxv").unwrap_or_default();
+        auxv.chunks_exact(16)
+            .map(|pair| {
+                let (k, v) = pair.split_at(8);
+                let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8]));
+                (word(k), word(v))
+            })
+            .find(|&(k, _)| k == AT_PAGESZ)
+            .map_or(4096, |(_, v)| v)
+    })
+}
+
+/// The memory limit of the container this process runs in, from its
+/// cgroup (v2 `memory.max`, else v1 `memory.limit_in_bytes`); `None` when
+/// there is none.
+pub fn container_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut candidates = Vec::new();
+    // v2: "0::/path"; in a container with its own cgroup namespace the
+    // path is "/" and the files are at the mount's top.
+    if let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) {
+        candidates.push(format!(
+            "/sys/fs/cgroup{}/memory.max",
+            path.trim_end_matches('/')
+        ));
+    }
+    candidates.push("/sys/fs/cgroup/memory.max".to_owned());
+    // v1: "N:memory:/path", mounted per controller.
+    if let Some(path) = own
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p))
+    {
+        candidates.push(format!(
+            "/sys/fs/cgroup/memory{}/memory.limit_in_bytes",
+            path.trim_end_matches('/')
+        ));
+    }
+    candidates.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".to_owned());
+    candidates
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| parse_cgroup_limit(&s))
+}
+
+/// A cgroup limit file's content: "max" (v2) or a byte count, where v1
+/// says "no limit" with a number near `i64::MAX`.
+fn parse_cgroup_limit(s: &str) -> Option<u64> {
+    let n: u64 = s.trim().parse().ok()?;
+    (n < 1 << 60).then_some(n)
+}
+
+/// The limit the sidecar holds its heap under: `[runtime] memory_limit`,
+/// or with `auto`, half the container's (none without one).
+pub fn resolve(setting: crate::config::MemoryLimit) -> Option<u64> {
+    use crate::config::MemoryLimit;
+    match setting {
+        MemoryLimit::Off => None,
+        MemoryLimit::Bytes(n) => Some(n),
+        MemoryLimit::Auto => container_limit().map(|c| c / 2),
+    }
+}
+
+/// How many connections to close when the heap is `heap` bytes with `open`
+/// connections open, it was `idle` with none, and the limit is `limit`:
+/// enough, at what each holds on average, to bring the heap under
+/// nine tenths of the limit; at least one; none when under the limit or
+/// when the connections hold nothing above the idle heap.
+pub fn to_shed(heap: u64, idle: u64, limit: u64, open: usize) -> usize {
+    if heap <= limit || open == 0 {
+        return 0;
+    }
+    let held = heap.saturating_sub(idle);
+    let per_conn = held / open as u64;
+    if per_conn == 0 {
+        return 0;
+    }
+    let excess = heap - calm(limit);
+    let n = excess.div_ceil(per_conn);
+    usize::try_from(n).unwrap_or(usize::MAX).clamp(1, open)
+}
+
+fn calm(limit: u64) -> u64 {
+    limit / 10 * CALM_TENTHS
+}
+
+/// Starts watching the heap, on a thread of its own: a runtime busy with
+/// the very connections that fill memory (one worker thread by default)
+/// would put the look itself behind them. Sets the memory gauges, and
+/// above `limit` sheds `holders`' connections (see the module's
+/// documentation); ends when `stop` is dropped or sent to.
+pub fn spawn(
+    limit: Option<u64>,
+    holders: Vec<Arc<dyn Shed>>,
+    metrics: MemoryMetrics,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    if let Some(l) = limit {
+        metrics.limit(l);
+    }
+    std::thread::Builder::new()
+        .name("keyproof-memory".into())
+        .spawn(move || {
+            let mut watch = Watch::new(limit, holders, metrics);
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(PERIOD) {
+                watch.look();
+            }
+        })
+}
+
+/// The watch's state between two looks.
+struct Watch {
+    limit: Option<u64>,
+    holders: Vec<Arc<dyn Shed>>,
+    metrics: MemoryMetrics,
+    looks: u64,
+    /// The heap when no connection was last open.
+    idle: u64,
+    shedding: bool,
+    told_nothing_to_shed: bool,
+}
+
+/// The heap gauge is refreshed every this many looks (a second) when
+/// nothing is decided.
+const GAUGE_EVERY: u64 = 20;
+
+impl Watch {
+    fn new(limit: Option<u64>, holders: Vec<Arc<dyn Shed>>, metrics: MemoryMetrics) -> Watch {
+        Watch {
+            limit,
+            holders,
+            metrics,
+            looks: 0,
+            idle: heap_bytes().unwrap_or(0),
+            shedding: false,
+            told_nothing_to_shed: false,
+        }
+    }
+
+    fn look(&mut self) {
+        self.looks += 1;
+        let resident = resident_bytes().unwrap_or(0);
+        self.metrics.set_resident(resident);
+        // Only resident memory can get the pod killed: the heap, which
+        // says how much shedding can give back, is read when resident
+        // memory is over the limit (the heap may be, too, with pages
+        // allocated and never touched: nothing to shed then).
+        let over = self.limit.is_some_and(|l| resident > l);
+        if !over && !self.shedding && !self.looks.is_multiple_of(GAUGE_EVERY) {
+            return;
+        }
+        let heap = heap_bytes().unwrap_or(resident);
+        self.metrics.set_heap(heap);
+        let open: usize = self.holders.iter().map(|h| h.open()).sum();
+        if open == 0 {
+            self.idle = heap;
+        }
+        let Some(limit) = self.limit else { return };
+        for h in &self.holders {
+            if let Some(n) = h.take_refused() {
+                self.metrics.shed.inc_by(n);
+            }
+        }
+        if over && heap > limit {
+            let n = to_shed(heap, self.idle, limit, open);
+            if n == 0 {
+                if !self.told_nothing_to_shed {
+                    self.told_nothing_to_shed = true;
+                    tracing::warn!(heap, limit, idle_heap = self.idle, connections = open, "memory above runtime.memory_limit, but the connections hold nothing above the heap without them: nothing to shed");
+                }
+                return;
+            }
+            let closed = self.shed(n);
+            self.metrics.shed.inc_by(closed as u64);
+            if !self.shedding {
+                self.shedding = true;
+                tracing::warn!(heap, resident, limit, connections = open, closed, "memory above runtime.memory_limit: shedding connections, from the holder of the most");
+            }
+        } else if self.shedding {
+            // Under the limit: callers shed from may connect again. (The
+            // nine tenths are how far each shedding goes, not how long a
+            // caller stays refused: a heap that stays between the two,
+            // held by something else, must not lock anyone out.)
+            self.shedding = false;
+            self.told_nothing_to_shed = false;
+            for h in &self.holders {
+                h.calm();
+            }
+            tracing::info!(
+                heap,
+                resident,
+                limit,
+                "memory back under runtime.memory_limit: no longer shedding"
+            );
+        }
+    }
+
+    /// Closes `n` connections across the holders, from whichever has the
+    /// holder with the most, down to the next one's level at a time.
+    fn shed(&self, n: usize) -> usize {
+        let mut closed = 0;
+        while closed < n {
+            let mut by_size: Vec<(usize, &Arc<dyn Shed>)> =
+                self.holders.iter().map(|h| (h.largest(), h)).collect();
+            by_size.sort_unstable_by_key(|&(size, _)| std::cmp::Reverse(size));
+            let Some(&(top, first)) = by_size.first() else {
+                break;
+            };
+            if top == 0 {
+                break;
+            }
+            let next = by_size.get(1).map_or(0, |&(size, _)| size);
+            let batch = (n - closed).min((top - next).max(1));
+            let done = first.shed(batch);
+            if done == 0 {
+                break;
+            }
+            closed += done;
+        }
+        closed
+    }
+}
+
+/// Receive buffering granted to connections from the process's budget.
+///
+/// Shedding answers growth that takes longer than a [`PERIOD`]; an HTTP/2
+/// caller fills its connection's whole receive window at once, at
+/// loopback speed, when the app does not read (32 connections with 16 MiB
+/// windows took the heap past 110 MB before the first look). So receive
+/// windows are granted out of a pool of half the memory limit: each new
+/// connection gets a quarter of what is left, between a floor and its
+/// maximum, and gives it back when it closes. The first connections (a
+/// pod's few peer pods) get full windows; a flood of them gets the floor,
+/// which the handshakes' pace and shedding bound together. Without a
+/// limit every connection gets its maximum.
+#[derive(Debug)]
+struct Pool {
+    /// Bytes in the pool; `u64::MAX` for no limit.
+    size: AtomicU64,
+    /// Bytes granted and not given back.
+    taken: AtomicU64,
+}
+
+static POOL: Pool = Pool::new();
+
+/// Sizes the receive pool for a memory limit (`None`: no limit). The pool
+/// is the process's, as the limit is: sidecars run in one process (the
+/// quickstart's) share it.
+pub fn bound_receive_windows(limit: Option<u64>) {
+    POOL.bound(limit);
+}
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool {
+            size: AtomicU64::new(u64::MAX),
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    fn bound(&self, limit: Option<u64>) {
+        self.size
+            .store(limit.map_or(u64::MAX, |l| l / 2), Ordering::Relaxed);
+    }
+
+    fn take(&'static self, floor: u64, max: u64) -> Grant {
+        let size = self.size.load(Ordering::Relaxed);
+        let mut taken = self.taken.load(Ordering::Relaxed);
+        loop {
+            let left = size.saturating_sub(taken);
+            let bytes = (left / 4).clamp(floor, max);
+            let reserved = bytes.min(left);
+            match self.taken.compare_exchange_weak(
+                taken,
+                taken + reserved,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Grant {
+                        bytes,
+                        reserved,
+                        pool: self,
+                    }
+                }
+                Err(now) => taken = now,
+            }
+        }
+    }
+}
+
+/// Receive buffering granted to one connection: [`Grant::bytes`], of
+/// which the part the pool still had is given back on drop.
+#[derive(Debug)]
+pub struct Grant {
+    bytes: u64,
+    reserved: u64,
+    pool: &'static Pool,
+}
+
+impl Grant {
+    /// Takes a quarter of what the process's pool has left, but at least
+    /// `floor` and at most `max` bytes.
+    pub fn take(floor: u64, max: u64) -> Grant {
+        POOL.take(floor, max)
+    }
+
+    /// The bytes granted.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.pool.taken.fetch_sub(self.reserved, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MI: u64 = 1 << 20;
+
+    #[test]
+    fn sheds_what_brings_the_heap_under_nine_tenths() {
+        // 500 connections holding 100 MiB above an idle 4 MiB: 0.2 MiB
+        // each; the limit 96 MiB, calm at 86.4 MiB.
+        let n = to_shed(104 * MI, 4 * MI, 96 * MI, 500);
+        // (104 - 86.4) MiB / 0.2 MiB = 88, give or take integer rounding.
+        assert!((88..=89).contains(&n), "{n}");
+        // Under the limit: nothing; at any excess: at least one; never
+        // more than are open.
+        assert_eq!(to_shed(96 * MI, 4 * MI, 96 * MI, 500), 0);
+        assert_eq!(to_shed(96 * MI + 1, 0, 96 * MI, 2), 1);
+        assert_eq!(to_shed(1_000 * MI, 0, 96 * MI, 3), 3);
+    }
+
+    #[test]
+    fn nothing_is_shed_for_memory_the_connections_do_not_hold() {
+        // The heap was above the limit before any connection opened.
+        assert_eq!(to_shed(200 * MI, 210 * MI, 96 * MI, 10), 0);
+        assert_eq!(to_shed(200 * MI, 4 * MI, 96 * MI, 0), 0);
+    }
+
+    #[test]
+    fn cgroup_limits_read_as_v1_and_v2_write_them() {
+        assert_eq!(parse_cgroup_limit("134217728\n"), Some(128 * MI));
+        assert_eq!(parse_cgroup_limit("max\n"), None);
+        // cgroup v1's "unlimited".
+        assert_eq!(parse_cgroup_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_cgroup_limit(""), None);
+    }
+
+    #[test]
+    fn auto_is_half_the_container_and_off_is_none() {
+        use crate::config::MemoryLimit;
+        assert_eq!(resolve(MemoryLimit::Off), None);
+        assert_eq!(resolve(MemoryLimit::Bytes(64 * MI)), Some(64 * MI));
+        assert_eq!(resolve(MemoryLimit::Auto), container_limit().map(|c| c / 2));
+    }
+
+    #[test]
+    fn resident_memory_reads_this_process() {
+        assert!([4096, 16384, 65536].contains(&page_size()));
+        let before = resident_bytes().expect("statm");
+        // 64 MiB touched is resident.
+        let v = std::hint::black_box(vec![1u8; 64 << 20]);
+        let after = resident_bytes().expect("statm");
+        assert!(after >= before + (60 << 20), "{before} -> {after}");
+        drop(v);
+    }
+
+    #[test]
+    fn receive_windows_come_out_of_the_pool_and_go_back() {
+        // A pool of its own: the process's serves the other tests' servers.
+        static POOL: Pool = Pool::new();
+        POOL.bound(Some(128 * MI));
+        let floor = 256 << 10;
+        let max = 16 * MI;
+        // A pool of 64 MiB: 16 MiB (the maximum), then a quarter of 48.
+        let a = POOL.take(floor, max);
+        let b = POOL.take(floor, max);
+        assert_eq!((a.bytes(), b.bytes()), (16 * MI, 12 * MI));
+        // A flood gets less and less, then the floor, which the pool no
+        // longer backs.
+        let flood: Vec<Grant> = (0..40).map(|_| POOL.take(floor, max)).collect();
+        assert!(flood.iter().all(|g| g.bytes() >= floor));
+        assert_eq!(flood.last().map(Grant::bytes), Some(floor));
+        let granted: u64 = flood.iter().map(|g| g.reserved).sum::<u64>() + a.reserved + b.reserved;
+        assert!(granted <= 64 * MI, "{granted}");
+        // Given back, the pool grants full windows again.
+        drop((a, b, flood));
+        assert_eq!(POOL.taken.load(Ordering::Relaxed), 0);
+        assert_eq!(POOL.take(floor, max).bytes(), max);
+        POOL.bound(None);
+        assert_eq!(POOL.take(floor, max).bytes(), max);
+    }
+}
