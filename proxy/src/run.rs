@@ -559,7 +559,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     match (cfg.runtime.memory_limit, limit) {
         (_, Some(l)) => tracing::info!(
             limit_bytes = l,
-            "memory limit: inbound connections are shed above it (runtime.memory_limit)"
+            "memory limit: connections are shed above it (runtime.memory_limit)"
         ),
         (MemoryLimit::Auto, None) => tracing::info!(
             "no container memory limit found: no memory limit (runtime.memory_limit = \"auto\")"
