@@ -68,10 +68,10 @@ pub trait Shed: Send + Sync {
     fn take_refused(&self) -> Option<u64>;
 }
 
-/// How often resident memory is looked at: at 125 MB/s (1,000 connections
-/// sending unfinished heads as fast as their handshakes allow went at
-/// about half that) a period lets about 6 MB more in. A look reads
-/// `/proc/self/statm`, a few microseconds.
+/// How often resident memory is looked at: at 125 MB/s (the round-5
+/// tester's estimate for HTTP/2 uploads) a period lets about 6 MB more in;
+/// faster bursts are what the receive-window pool ([`Grant`]) is for. A
+/// look reads `/proc/self/statm`, a few microseconds.
 pub const PERIOD: Duration = Duration::from_millis(50);
 
 /// Shedding stops once the heap is under this many tenths of the limit, so
