@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::server::{stopped, Activity, PROGRESS};
-use crate::memory::Shed;
+use crate::memory::{Heads, Shed};
 
 /// Binds a listener with a deep backlog (excess clients wait there when
 /// `max_connections` is reached, rather than being refused).
@@ -416,6 +416,8 @@ mod tests {
 #[derive(Default)]
 pub struct AppConns {
     open: Mutex<AppOpen>,
+    /// The app's HTTP/2 request heads in flight (`memory::Heads`).
+    heads: Arc<Heads>,
 }
 
 #[derive(Default)]
@@ -451,6 +453,11 @@ impl AppConn {
     /// Resolves when the connection is to be closed.
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.close.cancelled()
+    }
+
+    /// What the app's request heads are charged to.
+    pub fn heads(&self) -> Arc<Heads> {
+        self.conns.heads.clone()
     }
 }
 

@@ -11,7 +11,7 @@
 //! certificate of the trust domain were enough, and the kubelet's OOM kill
 //! takes the whole pod's service down for every caller.
 //!
-//! Two mechanisms, against `[runtime] memory_limit` (by default half the
+//! Three mechanisms, against `[runtime] memory_limit` (by default half the
 //! container's cgroup limit: the other half is for memory outside the heap,
 //! the code, and pages the allocator has not yet given back):
 //!
@@ -36,6 +36,10 @@
 //!   no connection open (a limit set too low) sheds nothing, and says so.
 //! - **Receive windows out of the budget** ([`Grant`]). Shedding answers
 //!   growth slower than a look; an HTTP/2 caller fills its windows at once.
+//! - **Request heads out of the budget** ([`Heads`]): HPACK makes a large
+//!   head cheap to send, and a burst of them arrives at once too. (Signed
+//!   step-up bodies, read whole, are bounded to a quarter of the limit as
+//!   well: `run.rs`.)
 //!
 //! The allocator is jemalloc (`main.rs`, tuned in `.cargo/config.toml`):
 //! its statistics give the heap in one read, and its background thread
@@ -243,6 +247,10 @@ impl Watch {
 
     fn look(&mut self) {
         self.looks += 1;
+        let refused = take_refused_heads();
+        if refused > 0 {
+            self.metrics.refused.inc_by(refused);
+        }
         let resident = resident_bytes().unwrap_or(0);
         self.metrics.set_resident(resident);
         // Only resident memory can get the pod killed: the heap, which
@@ -256,7 +264,13 @@ impl Watch {
         let heap = heap_bytes().unwrap_or(resident);
         self.metrics.set_heap(heap);
         let open: usize = self.holders.iter().map(|h| h.open()).sum();
-        if open == 0 {
+        // Right after a shed, connections are closed but what their tasks
+        // held is not all freed yet: taken then, the baseline would read
+        // as memory no connection holds, and hide the next flood from
+        // `to_shed` (round 6: 78 MB under a 64 MiB limit). So it rises
+        // only while memory is calm; it may always go down.
+        let calm_now = !self.shedding && self.limit.is_none_or(|l| heap < calm(l));
+        if open == 0 && (calm_now || heap < self.idle) {
             self.idle = heap;
         }
         let Some(limit) = self.limit else { return };
@@ -347,11 +361,12 @@ struct Pool {
 
 static POOL: Pool = Pool::new();
 
-/// Sizes the receive pool for a memory limit (`None`: no limit). The pool
-/// is the process's, as the limit is: sidecars run in one process (the
-/// quickstart's) share it.
+/// Sizes the receive pool and the request-head budget for a memory limit
+/// (`None`: no limit). Both are the process's, as the limit is: sidecars
+/// run in one process (the quickstart's) share them.
 pub fn bound_receive_windows(limit: Option<u64>) {
     POOL.bound(limit);
+    HEADS.bound(limit.map(|l| l / 4));
 }
 
 impl Pool {
@@ -419,6 +434,103 @@ impl Drop for Grant {
     fn drop(&mut self) {
         self.pool.taken.fetch_sub(self.reserved, Ordering::Relaxed);
     }
+}
+
+/// Request heads in flight, out of the budget.
+///
+/// HPACK lets a caller send a header it sent before as a one-byte index
+/// into the connection's dynamic table: a 60 KB request head can cost 30
+/// bytes on the wire, and 64 connections each with 100 such requests
+/// arriving in one burst took the heap past 170 MB before the first look
+/// (round 6's F5). A head is decoded before the server sees it; what the
+/// server can bound is how many decoded heads it keeps: each HTTP/2
+/// request's head (RFC 7541 section 4.1's size: names, values, 32 bytes
+/// each) is charged here until its handler has answered, out of a budget
+/// of a quarter of the limit, of which one holder (a caller identity, the
+/// app) may hold a quarter. A request over either is refused with
+/// `REFUSED_STREAM`, which tells the caller that nothing of it was
+/// processed and that it may retry: a flood refuses itself, and another
+/// caller's requests still fit. What one connection decodes in one read
+/// before its streams are accepted stays outside (`max_concurrent_streams`
+/// times `max_header_list_size`), a connection at a time per worker
+/// thread.
+#[derive(Debug)]
+struct HeadBudget {
+    /// Bytes in the budget; `u64::MAX` for no limit.
+    size: AtomicU64,
+    /// Bytes charged and not given back.
+    taken: AtomicU64,
+    /// Requests refused since the watch last counted them.
+    refused: AtomicU64,
+}
+
+static HEADS: HeadBudget = HeadBudget {
+    size: AtomicU64::new(u64::MAX),
+    taken: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
+};
+
+/// The share of the head budget one holder may hold, in parts.
+const HOLDER_SHARE: u64 = 4;
+
+impl HeadBudget {
+    fn bound(&self, size: Option<u64>) {
+        self.size.store(size.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Charges `bytes` to `holder`; `None` when that would take the holder
+    /// past its share or the budget past its size (a holder holding
+    /// nothing may take one head whatever its size, so that a
+    /// `max_header_bytes` above the share is not refused outright).
+    fn take(&'static self, holder: &Arc<Heads>, bytes: u64) -> Option<HeadGrant> {
+        let size = self.size.load(Ordering::Relaxed);
+        if size == u64::MAX {
+            return Some(HeadGrant(None));
+        }
+        let share = size / HOLDER_SHARE;
+        let before = holder.held.fetch_add(bytes, Ordering::Relaxed);
+        let all = self.taken.fetch_add(bytes, Ordering::Relaxed);
+        if (before > 0 && before + bytes > share) || all + bytes > size {
+            holder.held.fetch_sub(bytes, Ordering::Relaxed);
+            self.taken.fetch_sub(bytes, Ordering::Relaxed);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(HeadGrant(Some((bytes, holder.clone(), self))))
+    }
+}
+
+/// One holder's request heads in flight: a caller identity's across its
+/// connections (`inbound/callers.rs`), or the app's (`listener::AppConns`).
+#[derive(Debug, Default)]
+pub struct Heads {
+    held: AtomicU64,
+}
+
+impl Heads {
+    /// Charges a request head of `bytes` to this holder, or refuses it
+    /// (see [`HeadBudget`]); the grant gives it back when dropped.
+    pub fn take(self: &Arc<Self>, bytes: u64) -> Option<HeadGrant> {
+        HEADS.take(self, bytes)
+    }
+}
+
+/// A request head charged to its holder until dropped.
+#[derive(Debug)]
+pub struct HeadGrant(Option<(u64, Arc<Heads>, &'static HeadBudget)>);
+
+impl Drop for HeadGrant {
+    fn drop(&mut self) {
+        if let Some((bytes, holder, budget)) = &self.0 {
+            holder.held.fetch_sub(*bytes, Ordering::Relaxed);
+            budget.taken.fetch_sub(*bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Requests refused for the head budget since the last call.
+fn take_refused_heads() -> u64 {
+    HEADS.refused.swap(0, Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -500,5 +612,44 @@ mod tests {
         assert_eq!(POOL.take(floor, max).bytes(), max);
         POOL.bound(None);
         assert_eq!(POOL.take(floor, max).bytes(), max);
+    }
+
+    #[test]
+    fn request_heads_are_refused_past_a_holders_share_or_the_budget() {
+        // A budget of its own: the process's serves the other tests.
+        static HEADS: HeadBudget = HeadBudget {
+            size: AtomicU64::new(u64::MAX),
+            taken: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        };
+        // No limit: nothing is counted.
+        let flood = Arc::new(Heads::default());
+        assert!(HEADS.take(&flood, 100 * MI).is_some());
+        assert_eq!(HEADS.taken.load(Ordering::Relaxed), 0);
+        // 16 MiB, of which a holder may hold 4.
+        HEADS.bound(Some(16 * MI));
+        let head = 60 << 10;
+        let held: Vec<HeadGrant> = std::iter::from_fn(|| HEADS.take(&flood, head)).collect();
+        assert_eq!(held.len() as u64, 4 * MI / head);
+        assert_eq!(HEADS.refused.swap(0, Ordering::Relaxed), 1);
+        // Another holder still fits, up to the budget.
+        let others: Vec<Arc<Heads>> = (0..4).map(|_| Arc::default()).collect();
+        let mut more = Vec::new();
+        for o in &others {
+            more.extend(std::iter::from_fn(|| HEADS.take(o, head)).take(100));
+        }
+        assert!(HEADS.taken.load(Ordering::Relaxed) <= 16 * MI);
+        assert!(HEADS.take(&others[3], head).is_none());
+        // A holder holding nothing gets one head larger than its share.
+        drop(more);
+        let big = Arc::new(Heads::default());
+        let one = HEADS.take(&big, 5 * MI);
+        assert!(one.is_some());
+        assert!(HEADS.take(&big, 1).is_none());
+        // Given back, all of it.
+        drop((held, one));
+        assert_eq!(HEADS.taken.load(Ordering::Relaxed), 0);
+        assert_eq!(flood.held.load(Ordering::Relaxed), 0);
+        assert!(HEADS.take(&flood, head).is_some());
     }
 }

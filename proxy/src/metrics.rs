@@ -234,6 +234,8 @@ pub struct MemoryMetrics {
     registry: Registry,
     /// `keyproof_memory_shed_connections_total`.
     pub shed: IntCounter,
+    /// `keyproof_memory_refused_requests_total`.
+    pub refused: IntCounter,
 }
 
 impl MemoryMetrics {
@@ -668,10 +670,17 @@ impl Metrics {
                 "Connections closed because memory was above runtime.memory_limit (inbound \
                  callers' and the app's), from the holder of the most connections first.",
             )?,
+            refused: IntCounter::new(
+                "keyproof_memory_refused_requests_total",
+                "HTTP/2 requests refused (REFUSED_STREAM, safe to retry) because the request \
+                 heads in flight had taken their share of runtime.memory_limit (a quarter of \
+                 it, a sixteenth per caller identity or the app).",
+            )?,
         };
         registry.register(Box::new(memory.heap.clone()))?;
         registry.register(Box::new(memory.resident.clone()))?;
         registry.register(Box::new(memory.shed.clone()))?;
+        registry.register(Box::new(memory.refused.clone()))?;
         let dir = |d: Direction| DirectionMetrics {
             handshakes: HANDSHAKE_RESULTS.map(|r| handshakes.with_label_values(&[d.as_str(), r])),
             key_exchanges: GROUP_LABELS.map(|g| key_exchanges.with_label_values(&[d.as_str(), g])),

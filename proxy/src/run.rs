@@ -491,14 +491,17 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         }
         None => (None, None),
     };
-    let inbound = match (cfg.inbound.as_ref(), fresh) {
-        (Some(c), Some(policy)) => {
+    let limit = memory::resolve(cfg.runtime.memory_limit);
+    let inbound = match cfg.inbound.as_ref() {
+        Some(c) => {
             let mut c = c.clone();
-            c.policy = policy;
+            if let Some(policy) = fresh {
+                c.policy = policy;
+            }
+            c.stepup.max_buffered = stepup_bodies_within(&c.stepup, limit);
             Some(inbound::Inbound::new(&c, store.clone(), &metrics)?)
         }
-        (Some(c), None) => Some(inbound::Inbound::new(c, store.clone(), &metrics)?),
-        (None, _) => None,
+        None => None,
     };
     let mut upstreams_seen = None;
     let outbound = match cfg.outbound.as_ref() {
@@ -555,7 +558,6 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     };
     cancel_identity.disarm();
     cancel_probe.disarm();
-    let limit = memory::resolve(cfg.runtime.memory_limit);
     match (cfg.runtime.memory_limit, limit) {
         (_, Some(l)) => tracing::info!(
             limit_bytes = l,
@@ -683,6 +685,26 @@ impl Running {
             t.abort();
         }
         drop(self.stop_memory);
+    }
+}
+
+/// Signed step-up bodies held whole at once: `[inbound.stepup]
+/// max_buffered`, but under a memory limit at most a quarter of it (and
+/// never less than one `max_body`). The default 64 MiB is the whole of the
+/// limit a 128Mi container gets: four callers' shares of it would have
+/// taken the sidecar there at loopback speed, faster than shedding looks.
+fn stepup_bodies_within(s: &config::InboundStepUpConfig, limit: Option<u64>) -> u64 {
+    match limit {
+        Some(l) if s.max_buffered > l / 4 => {
+            let bounded = (l / 4).max(s.max_body);
+            tracing::info!(
+                max_buffered = s.max_buffered,
+                bounded,
+                "step-up bodies held at once bounded to a quarter of runtime.memory_limit"
+            );
+            bounded
+        }
+        _ => s.max_buffered,
     }
 }
 
@@ -1015,6 +1037,18 @@ mod tests {
                 .join(":"),
             format!("{}: routes[1].allow[1]", file.display())
         );
+    }
+
+    #[test]
+    fn step_up_bodies_held_at_once_fit_a_quarter_of_the_memory_limit() {
+        const MI: u64 = 1 << 20;
+        let s = config::InboundStepUpConfig::default();
+        // No limit, or a limit four times the setting: as configured.
+        assert_eq!(stepup_bodies_within(&s, None), 64 * MI);
+        assert_eq!(stepup_bodies_within(&s, Some(256 * MI)), 64 * MI);
+        // 128Mi's default limit: 16 MiB; never under one body.
+        assert_eq!(stepup_bodies_within(&s, Some(64 * MI)), 16 * MI);
+        assert_eq!(stepup_bodies_within(&s, Some(2 * MI)), MI);
     }
 
     #[test]

@@ -60,6 +60,7 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_memory_resident_bytes",
     "keyproof_memory_limit_bytes",
     "keyproof_memory_shed_connections_total",
+    "keyproof_memory_refused_requests_total",
     // keyproof-ca serve's /metrics.
     "keyproof_ca_issuances_total",
     "keyproof_ca_refusals_total",
@@ -898,6 +899,7 @@ fn grafana_dashboard_is_valid() {
         "keyproof_identity_cert_expiry_timestamp_seconds",
         "keyproof_memory_heap_bytes",
         "keyproof_memory_shed_connections_total",
+        "keyproof_memory_refused_requests_total",
     ] {
         assert!(all.contains(needle), "the dashboard shows no {needle}");
     }

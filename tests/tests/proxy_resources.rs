@@ -1007,6 +1007,119 @@ fn one_callers_http2_uploads_to_a_stalled_app_stay_within_the_memory_limit() {
     }
 }
 
+/// Memory, HTTP/2 request heads: HPACK lets a caller send a header it
+/// sent before as a one-byte index into the connection's table, so one
+/// caller's 64 connections, each with 100 requests carrying 15 copies of
+/// a 4,000-byte field, cost a few hundred kilobytes on the wire and decode
+/// to 390 MB of heads, all at once, faster than any look at the heap. The
+/// heads of requests the stalled app has not answered are charged to the
+/// caller, out of a quarter of the limit; past its share, a request is
+/// refused with `REFUSED_STREAM` (and counted) before anything of it is
+/// processed. Without the budget, 64 such connections sent by a tester's
+/// client all at once took 170 MB under a 64 MiB limit.
+#[test]
+fn one_callers_hpack_amplified_request_heads_stay_within_the_memory_limit() {
+    const LIMIT_MIB: u64 = 40;
+    const CONNS: usize = 64;
+    const STREAMS: usize = 100;
+    let w = World::new();
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = stalled.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in stalled.incoming() {
+            held.push(s);
+        }
+    });
+    let (proxy, addr) = w.inbound(
+        "memory-hpack",
+        app,
+        &format!("\n[runtime]\nmemory_limit = \"{LIMIT_MIB}Mi\"\n"),
+    );
+    let pid = proxy.pid();
+    let start_kib = rss_kib(pid);
+    let rt = rt();
+    let cfg = client_tls(&w.pki, &w.web, b"h2");
+    let value = hyper::header::HeaderValue::from_str(&"v".repeat(4000)).expect("value");
+    let (peak_rss, refused, sent) = rt.block_on(async {
+        // Every connection open and idle first: the heads then arrive
+        // together.
+        let mut conns = Vec::new();
+        for _ in 0..CONNS {
+            conns.push(h2_conn::<Empty<Bytes>>(addr, cfg.clone(), None).await);
+        }
+        let refused = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for (send, _) in &conns {
+            for _ in 0..STREAMS {
+                let mut send = send.clone();
+                let value = value.clone();
+                let refused = refused.clone();
+                tasks.push(tokio::spawn(async move {
+                    if send.ready().await.is_err() {
+                        return;
+                    }
+                    let mut req = hyper::Request::get("https://localhost/held")
+                        .body(Empty::<Bytes>::new())
+                        .expect("request");
+                    for _ in 0..15 {
+                        req.headers_mut().append("x-a", value.clone());
+                    }
+                    if let Err(e) = send.send_request(req).await {
+                        // hyper keeps h2's reason in its error's source.
+                        if format!("{e:?}").contains("REFUSED_STREAM") {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+        }
+        let mut peak = 0;
+        for _ in 0..30 {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in tasks {
+            t.abort();
+        }
+        for (_, conn) in conns {
+            conn.abort();
+        }
+        (peak, refused.load(Ordering::Relaxed), CONNS * STREAMS)
+    });
+    eprintln!(
+        "RSS at start {start_kib} KiB, peak {peak_rss} KiB; {refused} of {sent} requests refused"
+    );
+    // Under the limit, allocator slack and all (24 MiB above the start
+    // here; 63 MiB before heads were budgeted, with shedding).
+    assert!(
+        peak_rss < start_kib + LIMIT_MIB * 1024,
+        "RSS went from {start_kib} KiB to {peak_rss} KiB with a {LIMIT_MIB} MiB limit"
+    );
+    // Most of the flood was refused, and said so: a caller's share of
+    // the budget (2.5 MiB) holds about 40 such heads.
+    assert!(refused > sent / 2, "{refused} of {sent} refused");
+    assert!(
+        proxy.metric("keyproof_memory_refused_requests_total") >= refused as f64,
+        "{}",
+        proxy.log_text()
+    );
+    // Alive, and back under its limit once the connections are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let heap = proxy.metric("keyproof_memory_heap_bytes");
+        if heap > 0.0 && heap < (LIMIT_MIB << 20) as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heap {heap}\n{}",
+            proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Memory, outbound: the pod's own app (or whatever runs in the pod)
 /// holding unfinished heads on the outbound is shed like a caller: its
 /// connections are closed above `runtime.memory_limit`, and an inbound

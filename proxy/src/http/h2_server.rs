@@ -35,7 +35,7 @@ use crate::http::h2_stream::{self, MeshBody, MAX_FRAME_SIZE};
 use crate::http::owned;
 use crate::http::response::http_date;
 use crate::http::traits::SendBody;
-use crate::memory::Grant;
+use crate::memory::{Grant, HeadGrant, Heads};
 
 /// Flow-control windows a caller may fill before it waits: a stream's is
 /// hyper's server default; the connection's outlasts
@@ -135,6 +135,9 @@ pub struct Connection<I, S, R> {
     /// The receive window's share of the memory budget, given back when
     /// the connection ends.
     _window: Grant,
+    /// Whom the requests' heads are charged to (`memory.rs`): the caller's
+    /// identity, across its connections.
+    heads: Arc<Heads>,
 }
 
 /// How long a connection closed for a flood may take to flush its GOAWAY.
@@ -156,8 +159,9 @@ struct KeepAlive {
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
-    /// Starts the handshake on `io`.
-    pub fn new(settings: &Settings, io: I, svc: S) -> Connection<I, S, R>
+    /// Starts the handshake on `io`; the requests' heads are charged to
+    /// `heads` while their handlers run.
+    pub fn new(settings: &Settings, io: I, heads: Arc<Heads>, svc: S) -> Connection<I, S, R>
     where
         I: PeerAddr,
     {
@@ -192,6 +196,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             flood,
             flood_close_by: None,
             _window: window,
+            heads,
             keep_alive: KeepAlive {
                 interval: settings.keep_alive_interval,
                 timeout: settings.keep_alive_timeout,
@@ -291,12 +296,18 @@ where
                 }
             };
             match accepted {
-                Some(Ok((req, respond))) => {
+                Some(Ok((req, mut respond))) => {
+                    let Some(head) = me.heads.take(head_bytes(&req)) else {
+                        // Dropped here, decoded head and all, before any
+                        // of it is processed: the caller may retry.
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    };
                     let kind = Kind::of(req.method());
                     let (parts, recv) = req.into_parts();
                     let body = MeshBody::new(recv, &parts.headers);
                     let fut = (me.svc)(Request::from_parts(parts, R::from(body)));
-                    tokio::spawn(respond_with(fut, respond, kind, me.send_stall));
+                    tokio::spawn(respond_with(fut, head, respond, kind, me.send_stall));
                 }
                 Some(Err(e)) if me.flood.is_set() => {
                     tracing::debug!(error = %e, "HTTP/2 connection closed for a flood");
@@ -369,10 +380,30 @@ impl Kind {
     }
 }
 
+/// A request head's size as HPACK counts it (RFC 7541 section 4.1): each
+/// field's name and value and 32 bytes, the pseudo-fields included.
+fn head_bytes<T>(req: &Request<T>) -> u64 {
+    const FIELD: usize = 32;
+    let uri = req.uri();
+    let pseudo = req.method().as_str().len()
+        + uri.scheme_str().map_or(0, str::len)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + 4 * FIELD;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + FIELD)
+        .sum();
+    (pseudo + fields) as u64
+}
+
 /// One stream: the handler's future (dropped if the caller resets the
 /// stream first), then the response head, then the body or the tunnel.
+/// The request's `head` is charged until the handler has answered.
 async fn respond_with<F, B>(
     fut: F,
+    head: HeadGrant,
     mut respond: h2::server::SendResponse<Bytes>,
     kind: Kind,
     send_stall: Duration,
@@ -392,6 +423,7 @@ async fn respond_with<F, B>(
         }
     })
     .await;
+    drop(head);
     let Some(resp) = answer else { return };
     let (mut parts, mut body) = resp.into_parts();
     owned::strip_hop_by_hop(&mut parts.headers);
@@ -520,7 +552,7 @@ mod tests {
     {
         let (cli, srv) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(async move {
-            Connection::new(&settings, srv, svc)
+            Connection::new(&settings, srv, Arc::default(), svc)
                 .await
                 .map_err(|e| e.to_string())
         });
@@ -771,7 +803,7 @@ mod tests {
         };
         let (stop_tx, stop) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let mut conn = std::pin::pin!(Connection::new(&settings(), srv, svc));
+            let mut conn = std::pin::pin!(Connection::new(&settings(), srv, Arc::default(), svc));
             let mut stop = stop;
             let mut stopped = false;
             poll_fn(|cx| {
@@ -821,7 +853,7 @@ mod tests {
         s.keep_alive_timeout = Duration::from_millis(100);
         let (cli, srv) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(async move {
-            Connection::new(&s, srv, |_req: Request<MeshBody>| async {
+            Connection::new(&s, srv, Arc::default(), |_req: Request<MeshBody>| async {
                 Response::new(Empty::<Bytes>::new())
             })
             .await
@@ -845,9 +877,12 @@ mod tests {
         let (cli, srv) = tokio::io::duplex(1 << 20);
         let (go, shut) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let mut conn = Box::pin(Connection::new(&s, srv, |_req: Request<MeshBody>| async {
-                Response::new(Empty::<Bytes>::new())
-            }));
+            let mut conn = Box::pin(Connection::new(
+                &s,
+                srv,
+                Arc::default(),
+                |_req: Request<MeshBody>| async { Response::new(Empty::<Bytes>::new()) },
+            ));
             tokio::select! {
                 r = conn.as_mut() => return r,
                 _ = shut => {}
@@ -1021,6 +1056,7 @@ mod tests {
         let mut conn = Box::pin(Connection::new(
             &settings(),
             srv,
+            Arc::default(),
             |_req: Request<MeshBody>| async { Response::new(Empty::<Bytes>::new()) },
         ));
         let pending = poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx).is_pending())).await;
@@ -1068,7 +1104,7 @@ mod tests {
                         let body = body.clone();
                         async move { Response::new(Full::new(body)) }
                     };
-                    let r = Connection::new(&settings(), tcp, svc).await;
+                    let r = Connection::new(&settings(), tcp, Arc::default(), svc).await;
                     let _ = ended_tx.send(r.map_err(|e| e.to_string()));
                 });
             }

@@ -27,6 +27,7 @@ use crate::http::h2_stream::MeshBody;
 use crate::http::io::{Lingering, Rewind, WriteStall};
 use crate::http::map_in_place::map_in_place;
 use crate::http::traits::SendBody;
+use crate::memory::Heads;
 
 /// Resolves once the shutdown flag is set (immediately if it already is).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -162,11 +163,14 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Vec<u8>)> 
 /// Serves HTTP on one connection until the peer is done, the connection is
 /// idle for `idle` (no stream in flight, none started: the service counts
 /// its requests with [`StreamGuard`]), or shutdown starts. Idle and shutdown are both graceful:
-/// an in-flight request still completes.
+/// an in-flight request still completes. HTTP/2 requests' heads are
+/// charged to `heads` (`memory.rs`).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<I, S, R, F, B>(
     builders: &Builders,
     proto: Proto,
     io: I,
+    heads: Arc<Heads>,
     activity: Activity,
     idle: Duration,
     svc: S,
@@ -193,16 +197,21 @@ where
             };
             let (h2, pre) = first;
             let io = Rewind::new(pre, io);
-            return Box::pin(serve_as(builders, h2, io, activity, idle, svc, shutdown)).await;
+            return Box::pin(serve_as(
+                builders, h2, io, heads, activity, idle, svc, shutdown,
+            ))
+            .await;
         }
     };
-    serve_as(builders, h2, io, activity, idle, svc, shutdown).await
+    serve_as(builders, h2, io, heads, activity, idle, svc, shutdown).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_as<I, S, R, F, B>(
     builders: &Builders,
     h2: bool,
     io: I,
+    heads: Arc<Heads>,
     activity: Activity,
     idle: Duration,
     svc: S,
@@ -219,7 +228,7 @@ where
     // state (most of what an idle connection costs) would be stored twice,
     // as `drive`'s argument and as its pinned local.
     if h2 {
-        let conn = pin!(h2_server::Connection::new(&builders.h2, io, svc));
+        let conn = pin!(h2_server::Connection::new(&builders.h2, io, heads, svc));
         return drive(
             conn,
             |c| c.graceful_shutdown(),
@@ -356,7 +365,7 @@ mod tests {
         tokio::spawn(async move {
             let b = Builders::new(&limits(), false);
             let (_tx, rx) = watch::channel(false);
-            let _ = serve(&b, Proto::H2, io, activity, idle, svc, rx).await;
+            let _ = serve(&b, Proto::H2, io, Arc::default(), activity, idle, svc, rx).await;
         })
     }
 
@@ -436,9 +445,18 @@ mod tests {
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let b = Builders::new(&limits, false);
-            serve(&b, proto, io, activity, limits.idle_timeout, svc, rx)
-                .await
-                .map_err(|e| e.to_string())
+            serve(
+                &b,
+                proto,
+                io,
+                Arc::default(),
+                activity,
+                limits.idle_timeout,
+                svc,
+                rx,
+            )
+            .await
+            .map_err(|e| e.to_string())
         });
         (tx, task)
     }

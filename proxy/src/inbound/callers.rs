@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::server::Activity;
 use crate::identity::store::IdentityStore;
-use crate::memory::Shed;
+use crate::memory::{Heads, Shed};
 
 /// Every open caller connection of a listener.
 #[derive(Default)]
@@ -54,6 +54,9 @@ struct Open {
     next: u64,
     /// Callers shed from since the last [`Shed::calm`].
     shed_from: Vec<SpiffeId>,
+    /// Each caller's request heads in flight, across its connections
+    /// (`memory::Heads`), and how many connections it has open.
+    heads: HashMap<SpiffeId, (Arc<Heads>, usize)>,
 }
 
 struct Caller {
@@ -69,6 +72,7 @@ pub struct Registered {
     callers: Arc<Callers>,
     id: u64,
     close: CancellationToken,
+    heads: Arc<Heads>,
 }
 
 impl Callers {
@@ -89,6 +93,9 @@ impl Callers {
         }
         let id = open.next;
         open.next += 1;
+        let (heads, conns) = open.heads.entry(peer.clone()).or_default();
+        *conns += 1;
+        let heads = heads.clone();
         open.by_id.insert(
             id,
             Caller {
@@ -102,6 +109,7 @@ impl Callers {
             callers: self.clone(),
             id,
             close,
+            heads,
         }
     }
 
@@ -256,12 +264,26 @@ impl Registered {
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.close.cancelled()
     }
+
+    /// What the caller's request heads are charged to, shared by all its
+    /// connections.
+    pub fn heads(&self) -> Arc<Heads> {
+        self.heads.clone()
+    }
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
         let mut open = self.callers.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.by_id.remove(&self.id);
+        let Some(c) = open.by_id.remove(&self.id) else {
+            return;
+        };
+        if let Some((_, conns)) = open.heads.get_mut(&c.peer) {
+            *conns -= 1;
+            if *conns == 0 {
+                open.heads.remove(&c.peer);
+            }
+        }
     }
 }
 

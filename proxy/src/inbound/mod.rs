@@ -495,7 +495,16 @@ impl Inbound {
             // read as a stop too, which it already is.
             std::future::pending::<()>().await;
         };
-        let served = server::serve(&self.builders, proto, tls, activity, idle, svc, stop);
+        let served = server::serve(
+            &self.builders,
+            proto,
+            tls,
+            registered.heads(),
+            activity,
+            idle,
+            svc,
+            stop,
+        );
         let result = tokio::select! {
             r = served => r,
             () = stopping => Ok(()),

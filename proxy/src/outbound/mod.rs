@@ -310,6 +310,7 @@ impl Outbound {
                     &self.builders,
                     Proto::H2,
                     tcp,
+                    registered.heads(),
                     activity,
                     idle,
                     svc,
