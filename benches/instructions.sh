@@ -6,7 +6,9 @@
 # has no AVX-512, so libc picks other memcpy/memset variants, and it counts
 # a `rep movsb` or `rep stosb` as one instruction per byte.
 # usage: benches/instructions.sh in|out [BINARY]   (default: the `cargo build-proxy` binary)
-#        env: CONNS (8), SECONDS_EACH (8). Needs valgrind, wrk, nginx, openssl.
+#        env: CONNS (8), SECONDS_EACH (8), MEMORY_LIMIT (e.g. 64Mi: the measured side's
+#        [runtime] memory_limit; by default none, as outside a container). Needs
+#        valgrind, wrk, nginx, openssl.
 set -euo pipefail
 here=$(dirname "$(realpath "$0")"); repo=$(realpath "$here/..")
 bench=$repo/../shared/bench
@@ -23,6 +25,11 @@ KEYPROOF_PROXY=$bin "$bench/sidecars.sh" start keyproof "$work/certs" "$work/run
 # The measured side is restarted under valgrind, instrumenting nothing until
 # the pair is warm.
 kill "$(cat "$work/run/keyproof-$side.pid")"; sleep 0.5
+if [ -n "${MEMORY_LIMIT:-}" ]; then
+  sed -i "s/^worker_threads = 1$/worker_threads = 1\nmemory_limit = \"$MEMORY_LIMIT\"/" \
+    "$work/run/keyproof-$side.toml"
+  grep -q "^memory_limit = \"$MEMORY_LIMIT\"" "$work/run/keyproof-$side.toml"
+fi
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.out" \
   "$bin" run --config "$work/run/keyproof-$side.toml" > "$work/valgrind.log" 2>&1 &
 vg=$!
