@@ -445,15 +445,17 @@ impl Drop for Grant {
 /// (round 6's F5). A head is decoded before the server sees it; what the
 /// server can bound is how many decoded heads it keeps: each HTTP/2
 /// request's head (RFC 7541 section 4.1's size: names, values, 32 bytes
-/// each) is charged here until its handler has answered, out of a budget
-/// of a quarter of the limit, of which one holder (a caller identity, the
-/// app) may hold a quarter. A request over either is refused with
-/// `REFUSED_STREAM`, which tells the caller that nothing of it was
-/// processed and that it may retry: a flood refuses itself, and another
-/// caller's requests still fit. What one connection decodes in one read
-/// before its streams are accepted stays outside (`max_concurrent_streams`
-/// times `max_header_list_size`), a connection at a time per worker
-/// thread.
+/// each), with what a request in flight holds besides and a reserve for
+/// the trailers a request with an open body may still send
+/// (`http/h2_server.rs`), is charged here until its handler has
+/// answered, out of a budget of a quarter of the limit, of which one
+/// holder (a caller identity, the app) may hold a quarter. A request over
+/// either is refused with `REFUSED_STREAM`, which tells the caller that
+/// nothing of it was processed and that it may retry: a flood refuses
+/// itself, and another caller's requests still fit. What one connection
+/// decodes in one read before its streams are accepted stays outside
+/// (`max_concurrent_streams` times `max_header_list_size`), a connection
+/// at a time per worker thread.
 #[derive(Debug)]
 struct HeadBudget {
     /// Bytes in the budget; `u64::MAX` for no limit.
