@@ -530,6 +530,58 @@ impl Drop for HeadGrant {
     }
 }
 
+/// An HTTP/1.1 request head that spans reads, charged to its holder in
+/// steps as it grows (and given back when it ends): a caller can open its
+/// connections first, then send a 60 KB unfinished head on each at once,
+/// faster than a look at the heap (2,000 such heads took a sidecar to
+/// 96 MB; `max_connections_per_peer` is 7,500). A head that arrives whole
+/// in one read is never charged.
+#[derive(Debug)]
+pub struct Unfinished {
+    heads: Arc<Heads>,
+    grants: Vec<HeadGrant>,
+    charged: u64,
+}
+
+/// The steps an unfinished head is charged in.
+const UNFINISHED_STEP: u64 = 16 * 1024;
+
+impl Unfinished {
+    /// Nothing charged yet, to `heads`.
+    pub fn new(heads: Arc<Heads>) -> Unfinished {
+        Unfinished {
+            heads,
+            grants: Vec::new(),
+            charged: 0,
+        }
+    }
+
+    /// Charges what the head holds now, `bytes`; false when the budget
+    /// refuses it (the connection is to be closed: nothing of the head
+    /// was processed).
+    pub fn hold(&mut self, bytes: u64) -> bool {
+        if HEADS.size.load(Ordering::Relaxed) == u64::MAX {
+            return true;
+        }
+        while self.charged < bytes {
+            let Some(g) = self.heads.take(UNFINISHED_STEP) else {
+                return false;
+            };
+            self.grants.push(g);
+            self.charged += UNFINISHED_STEP;
+        }
+        true
+    }
+
+    /// The head ended (or was refused): its charge goes back.
+    pub fn done(&mut self) {
+        if self.charged > 0 {
+            self.grants.clear();
+            self.charged = 0;
+        }
+    }
+}
+
 /// Requests refused for the head budget since the last call.
 fn take_refused_heads() -> u64 {
     HEADS.refused.swap(0, Ordering::Relaxed)

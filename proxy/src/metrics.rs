@@ -672,9 +672,10 @@ impl Metrics {
             )?,
             refused: IntCounter::new(
                 "keyproof_memory_refused_requests_total",
-                "HTTP/2 requests refused (REFUSED_STREAM, safe to retry) because the request \
-                 heads in flight had taken their share of runtime.memory_limit (a quarter of \
-                 it, a sixteenth per caller identity or the app).",
+                "Requests refused because the request heads in flight had taken their share of \
+                 runtime.memory_limit (a quarter of it, a sixteenth per caller identity or the \
+                 app): HTTP/2 with REFUSED_STREAM (safe to retry), an unfinished HTTP/1.1 head \
+                 by closing its connection.",
             )?,
         };
         registry.register(Box::new(memory.heap.clone()))?;

@@ -24,11 +24,13 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::http::h1::{request_body_framing, Framing};
+use crate::memory::{Heads, Unfinished};
 
 /// Where in the message stream the next byte is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,8 @@ pub struct StrictLines<I> {
     prev: u8,
     /// Heads longer than this are hyper's to refuse (431).
     max: usize,
+    /// What a head spanning reads is charged to (`memory.rs`).
+    unfinished: Option<Unfinished>,
 }
 
 impl<I> StrictLines<I> {
@@ -84,7 +88,16 @@ impl<I> StrictLines<I> {
             line: Vec::new(),
             prev: 0,
             max,
+            unfinished: None,
         }
+    }
+
+    /// Charges a head that spans reads to `heads` while it is unfinished:
+    /// hyper's read buffer and this guard's copy of it, twice its length.
+    /// Refused, the read fails and the connection closes.
+    pub fn charged_to(mut self, heads: Arc<Heads>) -> StrictLines<I> {
+        self.unfinished = Some(Unfinished::new(heads));
+        self
     }
 
     /// Follows `bytes` (just read), poisoning bare LFs in heads and
@@ -275,10 +288,25 @@ impl<I: AsyncRead + Unpin> AsyncRead for StrictLines<I> {
                     buf.set_filled(before + at);
                 }
             }
+            if let Some(u) = &mut this.unfinished {
+                if this.line.is_empty() {
+                    u.done();
+                } else if !u.hold(2 * this.line.len() as u64) {
+                    u.done();
+                    this.line = Vec::new();
+                    this.at = At::Failed(BUDGET_SPENT);
+                    buf.set_filled(before);
+                    return Poll::Ready(Err(io::Error::other(BUDGET_SPENT)));
+                }
+            }
         }
         r
     }
 }
+
+/// Why a connection's unfinished head was refused.
+const BUDGET_SPENT: &str =
+    "unfinished request head refused: its caller's share of the memory budget is spent";
 
 /// The read error of a body the guard refused: `InvalidData`, which
 /// [`crate::error::is_malformed`] reads as the caller's fault (400).

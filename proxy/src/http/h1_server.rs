@@ -44,6 +44,7 @@ use crate::http::owned;
 use crate::http::response::{http_date, text};
 use crate::http::server::PROGRESS;
 use crate::http::traits::ResponseBody;
+use crate::memory::{Heads, Unfinished};
 
 /// Body bytes up to this size are copied next to the head (or the previous
 /// chunk) so that they go out in one write; larger ones are written as they
@@ -333,6 +334,7 @@ pub async fn serve<H, F, B>(
     mut limits: ServerLimits,
     closing: &AtomicBool,
     activity: Arc<AtomicU64>,
+    heads: Arc<Heads>,
     mut handler: H,
 ) -> io::Result<()>
 where
@@ -344,11 +346,13 @@ where
     let mut rd = Some(rd);
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
+    let mut unfinished = Unfinished::new(heads);
     loop {
         let Some(io) = rd.as_mut() else {
             return Ok(());
         };
-        let head = match read_head(io, &mut buf, limits, closing, &activity).await {
+        let head = match read_head(io, &mut buf, limits, closing, &activity, &mut unfinished).await
+        {
             Ok(head) => {
                 limits.first_head_by = None;
                 head
@@ -551,21 +555,31 @@ async fn wait_home(home: oneshot::Receiver<ReadSide>, closing: &AtomicBool) -> O
 
 /// Reads until a whole request head is in `buf`. No timer runs while the
 /// connection waits for a first byte (the idle timeout covers that), nor
-/// when a head arrives whole: only a partial head arms one.
+/// when a head arrives whole: only a partial head arms one, and is charged
+/// to the memory budget (`unfinished`) until it ends.
 async fn read_head(
     io: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     limits: ServerLimits,
     closing: &AtomicBool,
     activity: &AtomicU64,
+    unfinished: &mut Unfinished,
 ) -> Result<RequestHead, HeadEnd> {
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         if !buf.is_empty() {
             match h1::parse_request_head(buf, limits.max_header_bytes) {
-                Ok(Some(head)) => return Ok(head),
+                Ok(Some(head)) => {
+                    unfinished.done();
+                    return Ok(head);
+                }
                 Ok(None) => {}
                 Err(e) => return Err(HeadEnd::Bad(e)),
+            }
+            if !unfinished.hold(buf.len() as u64) {
+                return Err(HeadEnd::Io(io::Error::other(
+                    "unfinished request head refused: the app's share of the memory budget is spent",
+                )));
             }
             if deadline.is_none() && !buf.is_empty() {
                 deadline = Some(Box::pin(match limits.first_head_by {
@@ -810,7 +824,9 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
                 let (closing, a, h) = (closing.clone(), a.clone(), handler.clone());
-                tokio::spawn(async move { serve(tcp, limits, &closing, a, h).await });
+                tokio::spawn(
+                    async move { serve(tcp, limits, &closing, a, Arc::default(), h).await },
+                );
             }
         });
         Server { addr, activity }

@@ -163,8 +163,9 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Vec<u8>)> 
 /// Serves HTTP on one connection until the peer is done, the connection is
 /// idle for `idle` (no stream in flight, none started: the service counts
 /// its requests with [`StreamGuard`]), or shutdown starts. Idle and shutdown are both graceful:
-/// an in-flight request still completes. HTTP/2 requests' heads are
-/// charged to `heads` (`memory.rs`).
+/// an in-flight request still completes. Request heads are charged to
+/// `heads` (`memory.rs`): HTTP/2's each until its handler answers,
+/// HTTP/1.1's while one spans reads.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<I, S, R, F, B>(
     builders: &Builders,
@@ -243,7 +244,8 @@ where
     let io = StrictLines::new(
         Lingering::new(WriteStall::new(io, builders.h2.send_stall)),
         builders.max_header_bytes,
-    );
+    )
+    .charged_to(heads);
     let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         map_in_place(svc(req.map(R::from)), Ok::<_, Infallible>)
     });

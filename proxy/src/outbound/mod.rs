@@ -327,6 +327,7 @@ impl Outbound {
                     limits,
                     &closing,
                     activity.clone(),
+                    registered.heads(),
                     |req| match &tunnels {
                         // An explicit app's tunnel (only there: one in a
                         // tunnel, or on a redirected connection, is 405).
