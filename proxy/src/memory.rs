@@ -31,8 +31,10 @@
 //!   connection holds on average (the heap above what it was with no
 //!   connection open), so that a small excess does not close them all.
 //!   The heap does not say whose it is: the choice is by connection
-//!   count, which finds a flood but may take a caller with a large pool
-//!   before a few heavy connections. A heap that was above the limit with
+//!   count, each connection weighed by its caller's requests in flight
+//!   ([`Heads::held`]), which finds a flood; memory a connection holds
+//!   otherwise (windows, responses its caller does not read) counts only
+//!   as the connection. A heap that was above the limit with
 //!   no connection open (a limit set too low) sheds nothing, and says so.
 //! - **Receive windows out of the budget** ([`Grant`]). Shedding answers
 //!   growth slower than a look; an HTTP/2 caller fills its windows at once.
@@ -514,6 +516,18 @@ impl Heads {
     /// (see [`HeadBudget`]); the grant gives it back when dropped.
     pub fn take(self: &Arc<Self>, bytes: u64) -> Option<HeadGrant> {
         HEADS.take(self, bytes)
+    }
+
+    /// Bytes this holder has charged now (none without a limit).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Charges `bytes` with no budget to refuse them: what the shedding
+    /// order sees of a caller with requests in flight, in unit tests.
+    #[cfg(test)]
+    pub fn charge_for_test(&self, bytes: u64) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 

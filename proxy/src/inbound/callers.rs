@@ -189,7 +189,8 @@ impl Shed for Callers {
 
     /// Closes `n` connections (fewer if fewer are open) to give their
     /// memory back; returns how many. Each is taken from the caller with
-    /// the most connections still open, so that the callers holding the
+    /// the most connections still open, each weighed by the requests the
+    /// caller has in flight ([`weight`]), so that the callers holding the
     /// most are brought down to the level of the next; of a caller's, those
     /// with no request in flight go first (an unfinished head, an idle
     /// keep-alive), then the newest. Callers shed from have their new
@@ -203,21 +204,30 @@ impl Shed for Callers {
                 by_peer.entry(&c.peer).or_default().push((busy, id));
             }
         }
-        let mut groups: Vec<(&SpiffeId, Vec<(bool, u64)>)> = by_peer.into_iter().collect();
-        for (_, conns) in &mut groups {
+        // Each caller's connections (in flight or not, and id) and weight.
+        type Group<'a> = (&'a SpiffeId, Vec<(bool, u64)>, u64);
+        let mut groups: Vec<Group<'_>> = by_peer
+            .into_iter()
+            .map(|(peer, conns)| {
+                let held = open.heads.get(peer).map_or(0, |(h, _)| h.held());
+                let weight = weight(conns.len(), held);
+                (peer, conns, weight)
+            })
+            .collect();
+        for (_, conns, _) in &mut groups {
             // Popped from the end: busy last, oldest last.
             conns.sort_unstable_by_key(|&(busy, id)| (std::cmp::Reverse(busy), id));
         }
-        let mut most: BinaryHeap<(usize, usize)> = groups
+        let mut most: BinaryHeap<(u64, usize)> = groups
             .iter()
             .enumerate()
-            .map(|(i, (_, conns))| (conns.len(), i))
+            .map(|(i, (_, conns, w))| (conns.len() as u64 * w, i))
             .collect();
         let mut chosen = Vec::with_capacity(n.min(open.by_id.len()));
         let mut from = Vec::new();
         while chosen.len() < n {
             let Some((_, i)) = most.pop() else { break };
-            let (peer, conns) = &mut groups[i];
+            let (peer, conns, w) = &mut groups[i];
             if let Some((_, id)) = conns.pop() {
                 chosen.push(id);
                 if !from.contains(*peer) {
@@ -225,7 +235,7 @@ impl Shed for Callers {
                 }
             }
             if !conns.is_empty() {
-                most.push((conns.len(), i));
+                most.push((conns.len() as u64 * *w, i));
             }
         }
         drop(groups);
@@ -253,6 +263,19 @@ impl Shed for Callers {
         let n = self.refused.swap(0, Ordering::Relaxed);
         (n > 0).then_some(n)
     }
+}
+
+/// What one of a caller's connections counts for when choosing whom to
+/// shed from, in thousandths of a connection: one, plus its share of the
+/// caller's requests in flight (`memory::Heads`: heads, and what each
+/// request holds besides) in units of an idle connection's heap. A caller
+/// spreading a flood over many identities, one connection each, then
+/// weighs more than a caller with a few idle pooled connections (round 6:
+/// the pooled caller was shed first, by count).
+fn weight(conns: usize, held: u64) -> u64 {
+    const IDLE_CONNECTION: u64 = 50 * 1024;
+    let per_conn = held / (conns.max(1) as u64);
+    1000 + per_conn.saturating_mul(1000) / IDLE_CONNECTION
 }
 
 /// The bits of an activity word that count requests in flight
@@ -357,5 +380,33 @@ mod tests {
         callers.calm();
         let after = callers.register(&flood, "01", Activity::default());
         assert!(!closed(&after));
+    }
+
+    #[test]
+    fn a_caller_with_requests_in_flight_is_shed_before_a_larger_idle_pool() {
+        let callers = Arc::new(Callers::default());
+        let pool: SpiffeId = "spiffe://t.test/ns/a/sa/pool".parse().unwrap();
+        let closed = |r: &Registered| r.close.is_cancelled();
+        // A legitimate caller's three idle pooled connections.
+        let p: Vec<Registered> = (0..3)
+            .map(|_| callers.register(&pool, "01", Activity::default()))
+            .collect();
+        // Eight identities of one flood, one connection each, each with
+        // 100 requests in flight (about 4 KiB charged apiece).
+        let f: Vec<Registered> = (0..8)
+            .map(|i| {
+                let id: SpiffeId = format!("spiffe://t.test/ns/a/sa/f{i}").parse().unwrap();
+                let r = callers.register(&id, "02", Activity::new(AtomicU64::new(100)));
+                r.heads().charge_for_test(100 * 4200);
+                r
+            })
+            .collect();
+        // By count the pool went first; weighed, the flood does.
+        assert_eq!(callers.shed(8), 8);
+        assert!(f.iter().all(closed), "the flood's connections stay open");
+        assert!(!p.iter().any(closed), "the pool was shed");
+        // Then the pool, once nothing heavier is left.
+        assert_eq!(callers.shed(1), 1);
+        assert!(p.iter().any(closed));
     }
 }
