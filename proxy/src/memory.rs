@@ -410,6 +410,29 @@ impl Pool {
     }
 }
 
+/// How much of a body an HTTP/2 stream may hold beyond what its peer's
+/// flow-control window lets out: `max` (h2's default, 400 KB) without a
+/// limit; under one, a thousandth of it (64 KiB under the 64 MiB that
+/// `auto` gives in 128Mi), at least 64 KiB. Every stream whose reader has
+/// stopped holds this much: a caller's unread responses on the inbound
+/// (`max_app_connections` of them), the app's uploads to an upstream
+/// that does not answer on the outbound (300 of them held 117 MB, round
+/// 6's F7). The peer's window, not this buffer, paces a stream that is
+/// read: the mesh's windows are 1 MiB.
+pub fn send_buffer(max: usize) -> usize {
+    send_buffer_of(POOL.size.load(Ordering::Relaxed), max)
+}
+
+/// [`send_buffer`] with a receive pool of `pool` bytes (half the limit).
+fn send_buffer_of(pool: u64, max: usize) -> usize {
+    const FLOOR: u64 = 64 * 1024;
+    if pool == u64::MAX {
+        return max;
+    }
+    let share = (pool / 512).max(FLOOR);
+    usize::try_from(share).unwrap_or(max).min(max)
+}
+
 /// Receive buffering granted to one connection: [`Grant::bytes`], of
 /// which the part the pool still had is given back on drop.
 #[derive(Debug)]
@@ -680,6 +703,18 @@ mod tests {
         assert_eq!(POOL.take(floor, max).bytes(), max);
         POOL.bound(None);
         assert_eq!(POOL.take(floor, max).bytes(), max);
+    }
+
+    #[test]
+    fn send_buffers_shrink_under_a_limit() {
+        let max = 400 * 1024;
+        assert_eq!(send_buffer_of(u64::MAX, max), max);
+        // 64 MiB (a pool of 32): 64 KiB; 256 MiB: 256 KiB; never under
+        // 64 KiB nor over the maximum.
+        assert_eq!(send_buffer_of(32 * MI, max), 64 << 10);
+        assert_eq!(send_buffer_of(128 * MI, max), 256 << 10);
+        assert_eq!(send_buffer_of(8 * MI, max), 64 << 10);
+        assert_eq!(send_buffer_of(4096 * MI, max), max);
     }
 
     #[test]

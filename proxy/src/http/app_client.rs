@@ -1407,6 +1407,9 @@ impl H2cPool {
                 .initial_window_size(H2C_STREAM_WINDOW)
                 .initial_connection_window_size(H2C_CONN_WINDOW)
                 .max_header_list_size(self.max_header_bytes)
+                // h2's default (400 KB), less under a memory limit: an
+                // app that stops reading holds this much of each upload.
+                .max_send_buffer_size(crate::memory::send_buffer(400 * 1024))
                 .enable_push(false)
                 .handshake::<_, Bytes>(tcp)
                 .await
