@@ -434,6 +434,11 @@ pub struct AppConn {
 }
 
 impl AppConns {
+    /// What the app's requests are charged to (`memory.rs`).
+    pub fn heads(&self) -> Arc<Heads> {
+        self.heads.clone()
+    }
+
     /// Registers a connection whose requests in flight `activity` counts.
     pub fn register(self: &Arc<Self>, activity: Activity) -> AppConn {
         let close = CancellationToken::new();

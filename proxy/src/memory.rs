@@ -567,14 +567,15 @@ impl Drop for HeadGrant {
     }
 }
 
-/// An HTTP/1.1 request head that spans reads, charged to its holder in
-/// steps as it grows (and given back when it ends): a caller can open its
-/// connections first, then send a 60 KB unfinished head on each at once,
-/// faster than a look at the heap (2,000 such heads took a sidecar to
-/// 96 MB; `max_connections_per_peer` is 7,500). A head that arrives whole
-/// in one read is never charged.
+/// Bytes a holder keeps as they grow, charged in steps (and given back at
+/// [`Growing::done`] or on drop): an HTTP/1.1 request head that spans
+/// reads (a caller can open its connections first, then send a 60 KB
+/// unfinished head on each at once, faster than a look at the heap: 2,000
+/// such heads took a sidecar to 96 MB, and `max_connections_per_peer` is
+/// 7,500; a head that arrives whole in one read is never charged), or the
+/// copy of a request body the outbound keeps for a step-up resend.
 #[derive(Debug)]
-pub struct Unfinished {
+pub struct Growing {
     heads: Arc<Heads>,
     grants: Vec<HeadGrant>,
     charged: u64,
@@ -583,19 +584,19 @@ pub struct Unfinished {
 /// The steps an unfinished head is charged in.
 const UNFINISHED_STEP: u64 = 16 * 1024;
 
-impl Unfinished {
+impl Growing {
     /// Nothing charged yet, to `heads`.
-    pub fn new(heads: Arc<Heads>) -> Unfinished {
-        Unfinished {
+    pub fn new(heads: Arc<Heads>) -> Growing {
+        Growing {
             heads,
             grants: Vec::new(),
             charged: 0,
         }
     }
 
-    /// Charges what the head holds now, `bytes`; false when the budget
-    /// refuses it (the connection is to be closed: nothing of the head
-    /// was processed).
+    /// Charges what is held now, `bytes`; false when the budget refuses it
+    /// (an unfinished head's connection is to be closed: nothing of the
+    /// head was processed; a body's copy is dropped).
     pub fn hold(&mut self, bytes: u64) -> bool {
         if HEADS.size.load(Ordering::Relaxed) == u64::MAX {
             return true;
@@ -610,7 +611,8 @@ impl Unfinished {
         true
     }
 
-    /// The head ended (or was refused): its charge goes back.
+    /// What was held is no longer (a head ended, a copy was dropped): its
+    /// charge goes back.
     pub fn done(&mut self) {
         if self.charged > 0 {
             self.grants.clear();

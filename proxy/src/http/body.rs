@@ -318,7 +318,7 @@ mod tests {
             .unwrap();
         assert_eq!(data, b"abc");
         assert_eq!(names, kept);
-        let (body, _copy) = tee(RequestBody::Hyper(incoming(CHUNKED).await), 1024);
+        let (body, _copy) = tee(RequestBody::Hyper(incoming(CHUNKED).await), 1024, None);
         let (_, names) = collect(ProxyBody::Tee(body)).await.unwrap();
         assert_eq!(names, kept);
         let wire = &CHUNKED[CHUNKED.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];

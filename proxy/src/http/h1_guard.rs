@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::http::h1::{request_body_framing, Framing};
-use crate::memory::{Heads, Unfinished};
+use crate::memory::{Growing, Heads};
 
 /// Where in the message stream the next byte is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub struct StrictLines<I> {
     /// Heads longer than this are hyper's to refuse (431).
     max: usize,
     /// What a head spanning reads is charged to (`memory.rs`).
-    unfinished: Option<Unfinished>,
+    unfinished: Option<Growing>,
 }
 
 impl<I> StrictLines<I> {
@@ -96,7 +96,7 @@ impl<I> StrictLines<I> {
     /// hyper's read buffer and this guard's copy of it, twice its length.
     /// Refused, the read fails and the connection closes.
     pub fn charged_to(mut self, heads: Arc<Heads>) -> StrictLines<I> {
-        self.unfinished = Some(Unfinished::new(heads));
+        self.unfinished = Some(Growing::new(heads));
         self
     }
 

@@ -44,7 +44,7 @@ use crate::http::owned;
 use crate::http::response::{http_date, text};
 use crate::http::server::PROGRESS;
 use crate::http::traits::ResponseBody;
-use crate::memory::{Heads, Unfinished};
+use crate::memory::{Growing, Heads};
 
 /// Body bytes up to this size are copied next to the head (or the previous
 /// chunk) so that they go out in one write; larger ones are written as they
@@ -346,7 +346,7 @@ where
     let mut rd = Some(rd);
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
-    let mut unfinished = Unfinished::new(heads);
+    let mut unfinished = Growing::new(heads);
     loop {
         let Some(io) = rd.as_mut() else {
             return Ok(());
@@ -563,7 +563,7 @@ async fn read_head(
     limits: ServerLimits,
     closing: &AtomicBool,
     activity: &AtomicU64,
-    unfinished: &mut Unfinished,
+    unfinished: &mut Growing,
 ) -> Result<RequestHead, HeadEnd> {
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {

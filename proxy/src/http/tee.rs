@@ -13,12 +13,18 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
+use crate::memory::{Growing, Heads};
+
 #[derive(Debug, Default)]
 struct TeeState {
     chunks: Vec<Bytes>,
     len: usize,
     overflow: bool,
     complete: bool,
+    /// What the copy is charged to (`memory.rs`): the chunks it keeps
+    /// would otherwise be freed once sent, and an upstream that never
+    /// answers keeps them all (300 uploads held 117 MB, round 6's F7).
+    charge: Option<Growing>,
 }
 
 fn lock(m: &Mutex<TeeState>) -> MutexGuard<'_, TeeState> {
@@ -45,16 +51,21 @@ pub struct TeeHandle(Arc<Mutex<TeeState>>);
 pub enum Resend {
     /// The whole body, as sent.
     Body(Bytes),
-    /// The body was larger than the bound.
+    /// The body was larger than the bound (or than the memory budget
+    /// would keep).
     TooLarge,
     /// The upstream answered before the whole body was sent.
     Incomplete,
 }
 
 /// Wraps `body` (which must not be at its end already; an empty body needs
-/// no copy) with a copy bounded by `limit`.
-pub fn tee<B>(body: B, limit: usize) -> (TeeBody<B>, TeeHandle) {
-    let state = Arc::new(Mutex::new(TeeState::default()));
+/// no copy) with a copy bounded by `limit`, and charged to `heads` as it
+/// grows: refused, the copy is dropped, as one over `limit` is.
+pub fn tee<B>(body: B, limit: usize, heads: Option<Arc<Heads>>) -> (TeeBody<B>, TeeHandle) {
+    let state = Arc::new(Mutex::new(TeeState {
+        charge: heads.map(Growing::new),
+        ..TeeState::default()
+    }));
     (
         TeeBody {
             inner: body,
@@ -105,9 +116,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for TeeBody<B> {
                 let mut s = lock(&this.state);
                 if let Some(d) = frame.data_ref() {
                     if !s.overflow {
-                        if s.len + d.len() > this.limit {
+                        let len = s.len + d.len();
+                        let refused = s.charge.as_mut().is_some_and(|c| !c.hold(len as u64));
+                        if len > this.limit || refused {
                             s.overflow = true;
                             s.chunks = Vec::new();
+                            if let Some(c) = s.charge.as_mut() {
+                                c.done();
+                            }
                         } else {
                             s.len += d.len();
                             s.chunks.push(d.clone());
@@ -165,12 +181,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_within_the_limit_is_kept_whole() {
-        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 4);
+        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 4, None);
         assert_eq!(stream(&mut body).await, b"abcd");
         assert_eq!(resent(&copy).as_deref(), Some(&b"abcd"[..]));
         // Trailers end the body and are not part of the copy.
         let steps = vec![data("ab"), trailers(&[("x-t", "1")])];
-        let (mut body, copy) = tee(TestBody::steps(steps, None), 4);
+        let (mut body, copy) = tee(TestBody::steps(steps, None), 4, None);
         stream(&mut body).await;
         assert_eq!(resent(&copy).as_deref(), Some(&b"ab"[..]));
     }
@@ -178,7 +194,7 @@ mod tests {
     #[tokio::test]
     async fn a_single_frame_is_kept_without_a_copy() {
         let frame = Bytes::from_static(b"whole");
-        let (mut body, copy) = tee(TestBody::from(frame.clone()), 16);
+        let (mut body, copy) = tee(TestBody::from(frame.clone()), 16, None);
         stream(&mut body).await;
         let kept = resent(&copy).unwrap();
         assert_eq!(kept.as_ptr(), frame.as_ptr());
@@ -186,7 +202,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_streamed_but_not_kept() {
-        let (mut body, copy) = tee(TestBody::steps(vec![data("abc"), data("de")], None), 4);
+        let (mut body, copy) = tee(
+            TestBody::steps(vec![data("abc"), data("de")], None),
+            4,
+            None,
+        );
         assert_eq!(
             stream(&mut body).await,
             b"abcde",
@@ -197,10 +217,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_not_yet_streamed_to_its_end_is_incomplete() {
-        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 64);
+        let (mut body, copy) = tee(
+            TestBody::steps(vec![data("ab"), data("cd")], None),
+            64,
+            None,
+        );
         let _ = body.frame().await;
         assert!(matches!(copy.resend(), Resend::Incomplete));
-        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), Err("x".into())], None), 64);
+        let (mut body, copy) = tee(
+            TestBody::steps(vec![data("ab"), Err("x".into())], None),
+            64,
+            None,
+        );
         let _ = body.frame().await;
         assert!(body.frame().await.unwrap().is_err());
         assert!(matches!(copy.resend(), Resend::Incomplete));
@@ -209,7 +237,11 @@ mod tests {
     #[tokio::test]
     async fn the_end_is_noted_with_the_last_frame_without_polling_again() {
         // A sender stops polling once the body says it has ended.
-        let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 64);
+        let (mut body, copy) = tee(
+            TestBody::steps(vec![data("ab"), data("cd")], None),
+            64,
+            None,
+        );
         let _ = body.frame().await;
         let _ = body.frame().await;
         assert!(body.is_end_stream());

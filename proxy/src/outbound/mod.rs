@@ -659,7 +659,7 @@ impl Outbound {
         let (body, copy) = if body.is_end_stream() {
             (ProxyBody::from(body), None)
         } else {
-            let (body, copy) = tee(body, self.stepup.max_body());
+            let (body, copy) = tee(body, self.stepup.max_body(), Some(self.conns.heads()));
             (ProxyBody::Tee(body), Some(copy))
         };
         let req = Request::from_parts(parts, body);
