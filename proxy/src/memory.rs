@@ -509,7 +509,7 @@ impl HeadBudget {
     /// past its share or the budget past its size (a holder holding
     /// nothing may take one head whatever its size, so that a
     /// `max_header_bytes` above the share is not refused outright).
-    fn take(&'static self, holder: &Arc<Heads>, bytes: u64) -> Option<HeadGrant> {
+    fn take(&'static self, holder: &Arc<Heads>, bytes: u64, count: bool) -> Option<HeadGrant> {
         let size = self.size.load(Ordering::Relaxed);
         if size == u64::MAX {
             return Some(HeadGrant(None));
@@ -520,7 +520,9 @@ impl HeadBudget {
         if (before > 0 && before + bytes > share) || all + bytes > size {
             holder.held.fetch_sub(bytes, Ordering::Relaxed);
             self.taken.fetch_sub(bytes, Ordering::Relaxed);
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            if count {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         }
         Some(HeadGrant(Some((bytes, holder.clone(), self))))
@@ -538,7 +540,7 @@ impl Heads {
     /// Charges a request head of `bytes` to this holder, or refuses it
     /// (see [`HeadBudget`]); the grant gives it back when dropped.
     pub fn take(self: &Arc<Self>, bytes: u64) -> Option<HeadGrant> {
-        HEADS.take(self, bytes)
+        HEADS.take(self, bytes, true)
     }
 
     /// Bytes this holder has charged now (none without a limit).
@@ -579,18 +581,31 @@ pub struct Growing {
     heads: Arc<Heads>,
     grants: Vec<HeadGrant>,
     charged: u64,
+    /// Refusals are requests refused, and counted as such.
+    refuses_requests: bool,
 }
 
 /// The steps an unfinished head is charged in.
-const UNFINISHED_STEP: u64 = 16 * 1024;
+const GROWING_STEP: u64 = 16 * 1024;
 
 impl Growing {
-    /// Nothing charged yet, to `heads`.
+    /// Nothing charged yet, to `heads`; a refusal refuses a request
+    /// (`keyproof_memory_refused_requests_total`).
     pub fn new(heads: Arc<Heads>) -> Growing {
         Growing {
             heads,
             grants: Vec::new(),
             charged: 0,
+            refuses_requests: true,
+        }
+    }
+
+    /// As [`Growing::new`], for what the sidecar may drop and go on
+    /// without (a body's copy): a refusal is not counted.
+    pub fn optional(heads: Arc<Heads>) -> Growing {
+        Growing {
+            refuses_requests: false,
+            ..Growing::new(heads)
         }
     }
 
@@ -602,11 +617,11 @@ impl Growing {
             return true;
         }
         while self.charged < bytes {
-            let Some(g) = self.heads.take(UNFINISHED_STEP) else {
+            let Some(g) = HEADS.take(&self.heads, GROWING_STEP, self.refuses_requests) else {
                 return false;
             };
             self.grants.push(g);
-            self.charged += UNFINISHED_STEP;
+            self.charged += GROWING_STEP;
         }
         true
     }
@@ -729,32 +744,32 @@ mod tests {
         };
         // No limit: nothing is counted.
         let flood = Arc::new(Heads::default());
-        assert!(HEADS.take(&flood, 100 * MI).is_some());
+        assert!(HEADS.take(&flood, 100 * MI, true).is_some());
         assert_eq!(HEADS.taken.load(Ordering::Relaxed), 0);
         // 16 MiB, of which a holder may hold 4.
         HEADS.bound(Some(16 * MI));
         let head = 60 << 10;
-        let held: Vec<HeadGrant> = std::iter::from_fn(|| HEADS.take(&flood, head)).collect();
+        let held: Vec<HeadGrant> = std::iter::from_fn(|| HEADS.take(&flood, head, true)).collect();
         assert_eq!(held.len() as u64, 4 * MI / head);
         assert_eq!(HEADS.refused.swap(0, Ordering::Relaxed), 1);
         // Another holder still fits, up to the budget.
         let others: Vec<Arc<Heads>> = (0..4).map(|_| Arc::default()).collect();
         let mut more = Vec::new();
         for o in &others {
-            more.extend(std::iter::from_fn(|| HEADS.take(o, head)).take(100));
+            more.extend(std::iter::from_fn(|| HEADS.take(o, head, true)).take(100));
         }
         assert!(HEADS.taken.load(Ordering::Relaxed) <= 16 * MI);
-        assert!(HEADS.take(&others[3], head).is_none());
+        assert!(HEADS.take(&others[3], head, true).is_none());
         // A holder holding nothing gets one head larger than its share.
         drop(more);
         let big = Arc::new(Heads::default());
-        let one = HEADS.take(&big, 5 * MI);
+        let one = HEADS.take(&big, 5 * MI, true);
         assert!(one.is_some());
-        assert!(HEADS.take(&big, 1).is_none());
+        assert!(HEADS.take(&big, 1, true).is_none());
         // Given back, all of it.
         drop((held, one));
         assert_eq!(HEADS.taken.load(Ordering::Relaxed), 0);
         assert_eq!(flood.held.load(Ordering::Relaxed), 0);
-        assert!(HEADS.take(&flood, head).is_some());
+        assert!(HEADS.take(&flood, head, true).is_some());
     }
 }

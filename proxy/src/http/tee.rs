@@ -63,7 +63,7 @@ pub enum Resend {
 /// grows: refused, the copy is dropped, as one over `limit` is.
 pub fn tee<B>(body: B, limit: usize, heads: Option<Arc<Heads>>) -> (TeeBody<B>, TeeHandle) {
     let state = Arc::new(Mutex::new(TeeState {
-        charge: heads.map(Growing::new),
+        charge: heads.map(Growing::optional),
         ..TeeState::default()
     }));
     (
