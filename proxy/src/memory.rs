@@ -585,7 +585,7 @@ pub struct Growing {
     refuses_requests: bool,
 }
 
-/// The steps an unfinished head is charged in.
+/// The steps what grows is charged in.
 const GROWING_STEP: u64 = 16 * 1024;
 
 impl Growing {

@@ -1246,6 +1246,80 @@ fn one_callers_hpack_amplified_request_trailers_stay_within_the_memory_limit() {
     held_requests_stay_within_the_memory_limit("memory-trailers", true);
 }
 
+/// Memory, outbound: the app's uploads to an upstream that never answers.
+/// The outbound keeps a copy of each streaming request body until the
+/// response head comes (to answer a first step-up challenge by sending it
+/// again), and each mesh stream buffers some of it beyond the upstream's
+/// window: 300 such uploads of 1 MB held 117 MB (round 6's F7). The
+/// copies are charged to the app and dropped past its share; send
+/// buffers shrink under the limit.
+#[test]
+fn the_apps_uploads_to_a_hung_upstream_stay_within_the_memory_limit() {
+    use tokio::io::AsyncWriteExt;
+    const LIMIT_MIB: u64 = 40;
+    const UPLOADS: usize = 200;
+    let w = World::new();
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = stalled.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in stalled.incoming() {
+            held.push(s);
+        }
+    });
+    let (_inbound, in_addr) = w.inbound("hung-upstream", app, "");
+    let out_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let out_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let outbound = ProxyProc::start(
+        w.pki.tmp.path(),
+        "uploads-out",
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\n\
+             identity = \"spiffe://resources.test/ns/default/sa/api\"\n\
+             [admin]\nlisten = \"{out_admin}\"\n[runtime]\nmemory_limit = \"{LIMIT_MIB}Mi\"\n",
+            identity_toml(&w.pki.bundle, &w.web),
+        ),
+        out_admin,
+    );
+    let pid = outbound.pid();
+    let start_kib = rss_kib(pid);
+    let rt = rt();
+    let peak_rss = rt.block_on(async {
+        let body = Bytes::from(vec![b'x'; 1_000_000]);
+        let mut tasks = Vec::new();
+        for _ in 0..UPLOADS {
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move {
+                let Ok(mut s) = tokio::net::TcpStream::connect(out_addr).await else {
+                    return;
+                };
+                let head = "POST /upload HTTP/1.1\r\nhost: api.default.svc\r\ncontent-length: 1000000\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_ok() {
+                    let _ = s.write_all(&body).await;
+                }
+                // Held open: the upstream never answers.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }));
+        }
+        let mut peak = 0;
+        for _ in 0..40 {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in tasks {
+            t.abort();
+        }
+        peak
+    });
+    eprintln!("outbound RSS at start {start_kib} KiB, peak {peak_rss} KiB");
+    assert!(
+        peak_rss < start_kib + LIMIT_MIB * 1024,
+        "RSS went from {start_kib} KiB to {peak_rss} KiB with a {LIMIT_MIB} MiB limit\n{}",
+        outbound.log_text()
+    );
+}
+
 /// Memory, outbound: the pod's own app (or whatever runs in the pod)
 /// holding unfinished heads on the outbound is bounded like a caller: its
 /// heads are charged to it as they grow, out of its share of the budget
