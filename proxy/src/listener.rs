@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::server::{stopped, Activity, PROGRESS};
-use crate::memory::{Heads, Shed};
+use crate::memory::{Holder, Shed};
 
 /// Binds a listener with a deep backlog (excess clients wait there when
 /// `max_connections` is reached, rather than being refused).
@@ -416,8 +416,8 @@ mod tests {
 #[derive(Default)]
 pub struct AppConns {
     open: Mutex<AppOpen>,
-    /// The app's HTTP/2 request heads in flight (`memory::Heads`).
-    heads: Arc<Heads>,
+    /// The app's share of the memory budget (`memory::Holder`).
+    heads: Arc<Holder>,
 }
 
 #[derive(Default)]
@@ -434,8 +434,8 @@ pub struct AppConn {
 }
 
 impl AppConns {
-    /// What the app's requests are charged to (`memory.rs`).
-    pub fn heads(&self) -> Arc<Heads> {
+    /// The app's share of the memory budget (`memory.rs`).
+    pub fn holder(&self) -> Arc<Holder> {
         self.heads.clone()
     }
 
@@ -460,8 +460,9 @@ impl AppConn {
         self.close.cancelled()
     }
 
-    /// What the app's request heads are charged to.
-    pub fn heads(&self) -> Arc<Heads> {
+    /// The app's share of the memory budget, shared by all its
+    /// connections.
+    pub fn holder(&self) -> Arc<Holder> {
         self.conns.heads.clone()
     }
 }

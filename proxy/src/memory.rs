@@ -32,13 +32,14 @@
 //!   connection open), so that a small excess does not close them all.
 //!   The heap does not say whose it is: the choice is by connection
 //!   count, each connection weighed by its caller's requests in flight
-//!   ([`Heads::held`]), which finds a flood; memory a connection holds
+//!   ([`Holder::held`]), which finds a flood; memory a connection holds
 //!   otherwise (windows, responses its caller does not read) counts only
 //!   as the connection. A heap that was above the limit with
 //!   no connection open (a limit set too low) sheds nothing, and says so.
 //! - **Receive windows out of the budget** ([`Grant`]). Shedding answers
 //!   growth slower than a look; an HTTP/2 caller fills its windows at once.
-//! - **Request heads out of the budget** ([`Heads`]): HPACK makes a large
+//!   One caller's connections together get at most a quarter of them.
+//! - **Request heads out of the budget** ([`Holder`]): HPACK makes a large
 //!   head cheap to send, and a burst of them arrives at once too. (Signed
 //!   step-up bodies, read whole, are bounded to a quarter of the limit as
 //!   well: `run.rs`.)
@@ -384,12 +385,17 @@ impl Pool {
             .store(limit.map_or(u64::MAX, |l| l / 2), Ordering::Relaxed);
     }
 
-    fn take(&'static self, floor: u64, max: u64) -> Grant {
+    fn take(&'static self, floor: u64, max: u64, holder: &Arc<Holder>) -> Grant {
         let size = self.size.load(Ordering::Relaxed);
+        // A holder's connections together get at most a quarter of the
+        // pool: past it, the floor (round 6's F6: 20 idle connections of
+        // one caller left every later caller the floor).
+        let mine = holder.windows.load(Ordering::Relaxed);
+        let share_left = (size / HOLDER_SHARE).saturating_sub(mine);
         let mut taken = self.taken.load(Ordering::Relaxed);
         loop {
             let left = size.saturating_sub(taken);
-            let bytes = (left / 4).clamp(floor, max);
+            let bytes = (left / 4).min(share_left).clamp(floor, max);
             let reserved = bytes.min(left);
             match self.taken.compare_exchange_weak(
                 taken,
@@ -398,11 +404,13 @@ impl Pool {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    holder.windows.fetch_add(reserved, Ordering::Relaxed);
                     return Grant {
                         bytes,
                         reserved,
                         pool: self,
-                    }
+                        holder: holder.clone(),
+                    };
                 }
                 Err(now) => taken = now,
             }
@@ -440,13 +448,15 @@ pub struct Grant {
     bytes: u64,
     reserved: u64,
     pool: &'static Pool,
+    holder: Arc<Holder>,
 }
 
 impl Grant {
     /// Takes a quarter of what the process's pool has left, but at least
-    /// `floor` and at most `max` bytes.
-    pub fn take(floor: u64, max: u64) -> Grant {
-        POOL.take(floor, max)
+    /// `floor` and at most `max` bytes, and within `holder`'s share (a
+    /// quarter of the pool for all its connections).
+    pub fn take(floor: u64, max: u64, holder: &Arc<Holder>) -> Grant {
+        POOL.take(floor, max, holder)
     }
 
     /// The bytes granted.
@@ -458,6 +468,9 @@ impl Grant {
 impl Drop for Grant {
     fn drop(&mut self) {
         self.pool.taken.fetch_sub(self.reserved, Ordering::Relaxed);
+        self.holder
+            .windows
+            .fetch_sub(self.reserved, Ordering::Relaxed);
     }
 }
 
@@ -509,7 +522,7 @@ impl HeadBudget {
     /// past its share or the budget past its size (a holder holding
     /// nothing may take one head whatever its size, so that a
     /// `max_header_bytes` above the share is not refused outright).
-    fn take(&'static self, holder: &Arc<Heads>, bytes: u64, count: bool) -> Option<HeadGrant> {
+    fn take(&'static self, holder: &Arc<Holder>, bytes: u64, count: bool) -> Option<HeadGrant> {
         let size = self.size.load(Ordering::Relaxed);
         if size == u64::MAX {
             return Some(HeadGrant(None));
@@ -529,14 +542,17 @@ impl HeadBudget {
     }
 }
 
-/// One holder's request heads in flight: a caller identity's across its
-/// connections (`inbound/callers.rs`), or the app's (`listener::AppConns`).
+/// One holder's share of the budget: its request heads in flight, and the
+/// receive windows its connections were granted ([`Grant`]); a caller
+/// identity's across its connections (`inbound/callers.rs`), or the app's
+/// (`listener::AppConns`).
 #[derive(Debug, Default)]
-pub struct Heads {
+pub struct Holder {
     held: AtomicU64,
+    windows: AtomicU64,
 }
 
-impl Heads {
+impl Holder {
     /// Charges a request head of `bytes` to this holder, or refuses it
     /// (see [`HeadBudget`]); the grant gives it back when dropped.
     pub fn take(self: &Arc<Self>, bytes: u64) -> Option<HeadGrant> {
@@ -558,7 +574,7 @@ impl Heads {
 
 /// A request head charged to its holder until dropped.
 #[derive(Debug)]
-pub struct HeadGrant(Option<(u64, Arc<Heads>, &'static HeadBudget)>);
+pub struct HeadGrant(Option<(u64, Arc<Holder>, &'static HeadBudget)>);
 
 impl Drop for HeadGrant {
     fn drop(&mut self) {
@@ -578,7 +594,7 @@ impl Drop for HeadGrant {
 /// copy of a request body the outbound keeps for a step-up resend.
 #[derive(Debug)]
 pub struct Growing {
-    heads: Arc<Heads>,
+    heads: Arc<Holder>,
     grants: Vec<HeadGrant>,
     charged: u64,
     /// Refusals are requests refused, and counted as such.
@@ -591,7 +607,7 @@ const GROWING_STEP: u64 = 16 * 1024;
 impl Growing {
     /// Nothing charged yet, to `heads`; a refusal refuses a request
     /// (`keyproof_memory_refused_requests_total`).
-    pub fn new(heads: Arc<Heads>) -> Growing {
+    pub fn new(heads: Arc<Holder>) -> Growing {
         Growing {
             heads,
             grants: Vec::new(),
@@ -602,7 +618,7 @@ impl Growing {
 
     /// As [`Growing::new`], for what the sidecar may drop and go on
     /// without (a body's copy): a refusal is not counted.
-    pub fn optional(heads: Arc<Heads>) -> Growing {
+    pub fn optional(heads: Arc<Holder>) -> Growing {
         Growing {
             refuses_requests: false,
             ..Growing::new(heads)
@@ -704,12 +720,14 @@ mod tests {
         let floor = 256 << 10;
         let max = 16 * MI;
         // A pool of 64 MiB: 16 MiB (the maximum), then a quarter of 48.
-        let a = POOL.take(floor, max);
-        let b = POOL.take(floor, max);
+        let a = POOL.take(floor, max, &Arc::default());
+        let b = POOL.take(floor, max, &Arc::default());
         assert_eq!((a.bytes(), b.bytes()), (16 * MI, 12 * MI));
         // A flood gets less and less, then the floor, which the pool no
         // longer backs.
-        let flood: Vec<Grant> = (0..40).map(|_| POOL.take(floor, max)).collect();
+        let flood: Vec<Grant> = (0..40)
+            .map(|_| POOL.take(floor, max, &Arc::default()))
+            .collect();
         assert!(flood.iter().all(|g| g.bytes() >= floor));
         assert_eq!(flood.last().map(Grant::bytes), Some(floor));
         let granted: u64 = flood.iter().map(|g| g.reserved).sum::<u64>() + a.reserved + b.reserved;
@@ -717,9 +735,29 @@ mod tests {
         // Given back, the pool grants full windows again.
         drop((a, b, flood));
         assert_eq!(POOL.taken.load(Ordering::Relaxed), 0);
-        assert_eq!(POOL.take(floor, max).bytes(), max);
+        assert_eq!(POOL.take(floor, max, &Arc::default()).bytes(), max);
         POOL.bound(None);
-        assert_eq!(POOL.take(floor, max).bytes(), max);
+        assert_eq!(POOL.take(floor, max, &Arc::default()).bytes(), max);
+    }
+
+    #[test]
+    fn one_holder_takes_at_most_a_quarter_of_the_window_pool() {
+        static POOL: Pool = Pool::new();
+        POOL.bound(Some(128 * MI));
+        let (floor, max) = (256 << 10, 16 * MI);
+        // 20 connections of one caller: 16 MiB of the 64 MiB pool in all,
+        // then the floor.
+        let att = Arc::new(Holder::default());
+        let idle: Vec<Grant> = (0..20).map(|_| POOL.take(floor, max, &att)).collect();
+        let reserved: u64 = idle.iter().map(|g| g.reserved).sum();
+        assert!(reserved <= 16 * MI + 19 * floor, "{reserved}");
+        assert_eq!(idle.last().map(Grant::bytes), Some(floor));
+        // Another caller still gets a quarter of what is left (round 6:
+        // the floor).
+        let good = POOL.take(floor, max, &Arc::default());
+        assert!(good.bytes() > 10 * MI, "{}", good.bytes());
+        drop(idle);
+        assert_eq!(att.windows.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -743,7 +781,7 @@ mod tests {
             refused: AtomicU64::new(0),
         };
         // No limit: nothing is counted.
-        let flood = Arc::new(Heads::default());
+        let flood = Arc::new(Holder::default());
         assert!(HEADS.take(&flood, 100 * MI, true).is_some());
         assert_eq!(HEADS.taken.load(Ordering::Relaxed), 0);
         // 16 MiB, of which a holder may hold 4.
@@ -753,7 +791,7 @@ mod tests {
         assert_eq!(held.len() as u64, 4 * MI / head);
         assert_eq!(HEADS.refused.swap(0, Ordering::Relaxed), 1);
         // Another holder still fits, up to the budget.
-        let others: Vec<Arc<Heads>> = (0..4).map(|_| Arc::default()).collect();
+        let others: Vec<Arc<Holder>> = (0..4).map(|_| Arc::default()).collect();
         let mut more = Vec::new();
         for o in &others {
             more.extend(std::iter::from_fn(|| HEADS.take(o, head, true)).take(100));
@@ -762,7 +800,7 @@ mod tests {
         assert!(HEADS.take(&others[3], head, true).is_none());
         // A holder holding nothing gets one head larger than its share.
         drop(more);
-        let big = Arc::new(Heads::default());
+        let big = Arc::new(Holder::default());
         let one = HEADS.take(&big, 5 * MI, true);
         assert!(one.is_some());
         assert!(HEADS.take(&big, 1, true).is_none());

@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::http::h1::{request_body_framing, Framing};
-use crate::memory::{Growing, Heads};
+use crate::memory::{Growing, Holder};
 
 /// Where in the message stream the next byte is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl<I> StrictLines<I> {
     /// Charges a head that spans reads to `heads` while it is unfinished:
     /// hyper's read buffer and this guard's copy of it, twice its length.
     /// Refused, the read fails and the connection closes.
-    pub fn charged_to(mut self, heads: Arc<Heads>) -> StrictLines<I> {
+    pub fn charged_to(mut self, heads: Arc<Holder>) -> StrictLines<I> {
         self.unfinished = Some(Growing::new(heads));
         self
     }

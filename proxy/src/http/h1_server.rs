@@ -44,7 +44,7 @@ use crate::http::owned;
 use crate::http::response::{http_date, text};
 use crate::http::server::PROGRESS;
 use crate::http::traits::ResponseBody;
-use crate::memory::{Growing, Heads};
+use crate::memory::{Growing, Holder};
 
 /// Body bytes up to this size are copied next to the head (or the previous
 /// chunk) so that they go out in one write; larger ones are written as they
@@ -334,7 +334,7 @@ pub async fn serve<H, F, B>(
     mut limits: ServerLimits,
     closing: &AtomicBool,
     activity: Arc<AtomicU64>,
-    heads: Arc<Heads>,
+    heads: Arc<Holder>,
     mut handler: H,
 ) -> io::Result<()>
 where

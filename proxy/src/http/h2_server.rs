@@ -35,7 +35,7 @@ use crate::http::h2_stream::{self, MeshBody, MAX_FRAME_SIZE};
 use crate::http::owned;
 use crate::http::response::http_date;
 use crate::http::traits::SendBody;
-use crate::memory::{self, Grant, HeadGrant, Heads};
+use crate::memory::{self, Grant, HeadGrant, Holder};
 
 /// Flow-control windows a caller may fill before it waits: a stream's is
 /// hyper's server default; the connection's outlasts
@@ -138,7 +138,7 @@ pub struct Connection<I, S, R> {
     _window: Grant,
     /// Whom the requests' heads are charged to (`memory.rs`): the caller's
     /// identity, across its connections.
-    heads: Arc<Heads>,
+    heads: Arc<Holder>,
     /// [`TRAILERS_SHARE`] of `max_header_list_size`.
     trailers_reserve: u64,
 }
@@ -164,7 +164,7 @@ struct KeepAlive {
 impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
     /// Starts the handshake on `io`; the requests' heads are charged to
     /// `heads` while their handlers run.
-    pub fn new(settings: &Settings, io: I, heads: Arc<Heads>, svc: S) -> Connection<I, S, R>
+    pub fn new(settings: &Settings, io: I, heads: Arc<Holder>, svc: S) -> Connection<I, S, R>
     where
         I: PeerAddr,
     {
@@ -176,7 +176,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             // `CONNECT` with `:protocol`, and is answered as a tunnel.
             builder.enable_connect_protocol();
         }
-        let window = Grant::take(u64::from(MIN_CONN_WINDOW), u64::from(CONN_WINDOW));
+        let window = Grant::take(u64::from(MIN_CONN_WINDOW), u64::from(CONN_WINDOW), &heads);
         let conn_window = u32::try_from(window.bytes()).unwrap_or(CONN_WINDOW);
         let stream_window =
             (conn_window / h2_stream::STALLED_STREAMS).clamp(MIN_STREAM_WINDOW, STREAM_WINDOW);

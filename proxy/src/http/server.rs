@@ -27,7 +27,7 @@ use crate::http::h2_stream::MeshBody;
 use crate::http::io::{Lingering, Rewind, WriteStall};
 use crate::http::map_in_place::map_in_place;
 use crate::http::traits::SendBody;
-use crate::memory::Heads;
+use crate::memory::Holder;
 
 /// Resolves once the shutdown flag is set (immediately if it already is).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -171,7 +171,7 @@ pub async fn serve<I, S, R, F, B>(
     builders: &Builders,
     proto: Proto,
     io: I,
-    heads: Arc<Heads>,
+    heads: Arc<Holder>,
     activity: Activity,
     idle: Duration,
     svc: S,
@@ -212,7 +212,7 @@ async fn serve_as<I, S, R, F, B>(
     builders: &Builders,
     h2: bool,
     io: I,
-    heads: Arc<Heads>,
+    heads: Arc<Holder>,
     activity: Activity,
     idle: Duration,
     svc: S,

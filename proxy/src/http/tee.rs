@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::memory::{Growing, Heads};
+use crate::memory::{Growing, Holder};
 
 #[derive(Debug, Default)]
 struct TeeState {
@@ -61,7 +61,7 @@ pub enum Resend {
 /// Wraps `body` (which must not be at its end already; an empty body needs
 /// no copy) with a copy bounded by `limit`, and charged to `heads` as it
 /// grows: refused, the copy is dropped, as one over `limit` is.
-pub fn tee<B>(body: B, limit: usize, heads: Option<Arc<Heads>>) -> (TeeBody<B>, TeeHandle) {
+pub fn tee<B>(body: B, limit: usize, heads: Option<Arc<Holder>>) -> (TeeBody<B>, TeeHandle) {
     let state = Arc::new(Mutex::new(TeeState {
         charge: heads.map(Growing::optional),
         ..TeeState::default()

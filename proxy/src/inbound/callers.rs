@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::server::Activity;
 use crate::identity::store::IdentityStore;
-use crate::memory::{Heads, Shed};
+use crate::memory::{Holder, Shed};
 
 /// Every open caller connection of a listener.
 #[derive(Default)]
@@ -54,9 +54,9 @@ struct Open {
     next: u64,
     /// Callers shed from since the last [`Shed::calm`].
     shed_from: Vec<SpiffeId>,
-    /// Each caller's request heads in flight, across its connections
-    /// (`memory::Heads`), and how many connections it has open.
-    heads: HashMap<SpiffeId, (Arc<Heads>, usize)>,
+    /// Each caller's share of the memory budget, across its connections
+    /// (`memory::Holder`), and how many connections it has open.
+    heads: HashMap<SpiffeId, (Arc<Holder>, usize)>,
 }
 
 struct Caller {
@@ -72,7 +72,7 @@ pub struct Registered {
     callers: Arc<Callers>,
     id: u64,
     close: CancellationToken,
-    heads: Arc<Heads>,
+    heads: Arc<Holder>,
 }
 
 impl Callers {
@@ -267,7 +267,7 @@ impl Shed for Callers {
 
 /// What one of a caller's connections counts for when choosing whom to
 /// shed from, in thousandths of a connection: one, plus its share of the
-/// caller's requests in flight (`memory::Heads`: heads, and what each
+/// caller's requests in flight (`memory::Holder`: heads, and what each
 /// request holds besides) in units of an idle connection's heap. A caller
 /// spreading a flood over many identities, one connection each, then
 /// weighs more than a caller with a few idle pooled connections (round 6:
@@ -288,9 +288,9 @@ impl Registered {
         self.close.cancelled()
     }
 
-    /// What the caller's request heads are charged to, shared by all its
+    /// The caller's share of the memory budget, shared by all its
     /// connections.
-    pub fn heads(&self) -> Arc<Heads> {
+    pub fn holder(&self) -> Arc<Holder> {
         self.heads.clone()
     }
 }
@@ -397,7 +397,7 @@ mod tests {
             .map(|i| {
                 let id: SpiffeId = format!("spiffe://t.test/ns/a/sa/f{i}").parse().unwrap();
                 let r = callers.register(&id, "02", Activity::new(AtomicU64::new(100)));
-                r.heads().charge_for_test(100 * 4200);
+                r.holder().charge_for_test(100 * 4200);
                 r
             })
             .collect();

@@ -499,7 +499,7 @@ impl Inbound {
             &self.builders,
             proto,
             tls,
-            registered.heads(),
+            registered.holder(),
             activity,
             idle,
             svc,

@@ -310,7 +310,7 @@ impl Outbound {
                     &self.builders,
                     Proto::H2,
                     tcp,
-                    registered.heads(),
+                    registered.holder(),
                     activity,
                     idle,
                     svc,
@@ -327,7 +327,7 @@ impl Outbound {
                     limits,
                     &closing,
                     activity.clone(),
-                    registered.heads(),
+                    registered.holder(),
                     |req| match &tunnels {
                         // An explicit app's tunnel (only there: one in a
                         // tunnel, or on a redirected connection, is 405).
@@ -659,7 +659,7 @@ impl Outbound {
         let (body, copy) = if body.is_end_stream() {
             (ProxyBody::from(body), None)
         } else {
-            let (body, copy) = tee(body, self.stepup.max_body(), Some(self.conns.heads()));
+            let (body, copy) = tee(body, self.stepup.max_body(), Some(self.conns.holder()));
             (ProxyBody::Tee(body), Some(copy))
         };
         let req = Request::from_parts(parts, body);
