@@ -417,7 +417,7 @@ mod tests {
 pub struct AppConns {
     open: Mutex<AppOpen>,
     /// The app's share of the memory budget (`memory::Holder`).
-    heads: Arc<Holder>,
+    holder: Arc<Holder>,
 }
 
 #[derive(Default)]
@@ -436,7 +436,7 @@ pub struct AppConn {
 impl AppConns {
     /// The app's share of the memory budget (`memory.rs`).
     pub fn holder(&self) -> Arc<Holder> {
-        self.heads.clone()
+        self.holder.clone()
     }
 
     /// Registers a connection whose requests in flight `activity` counts.
@@ -463,7 +463,7 @@ impl AppConn {
     /// The app's share of the memory budget, shared by all its
     /// connections.
     pub fn holder(&self) -> Arc<Holder> {
-        self.conns.heads.clone()
+        self.conns.holder.clone()
     }
 }
 

@@ -559,6 +559,15 @@ impl Holder {
         HEADS.take(self, bytes, true)
     }
 
+    /// As [`Holder::take`], with the size worked out only under a limit
+    /// (it is a walk over the head's fields, on every request).
+    pub fn take_sized(self: &Arc<Self>, bytes: impl FnOnce() -> u64) -> Option<HeadGrant> {
+        if HEADS.size.load(Ordering::Relaxed) == u64::MAX {
+            return Some(HeadGrant(None));
+        }
+        self.take(bytes())
+    }
+
     /// Bytes this holder has charged now (none without a limit).
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
@@ -594,7 +603,7 @@ impl Drop for HeadGrant {
 /// copy of a request body the outbound keeps for a step-up resend.
 #[derive(Debug)]
 pub struct Growing {
-    heads: Arc<Holder>,
+    holder: Arc<Holder>,
     grants: Vec<HeadGrant>,
     charged: u64,
     /// Refusals are requests refused, and counted as such.
@@ -607,9 +616,9 @@ const GROWING_STEP: u64 = 16 * 1024;
 impl Growing {
     /// Nothing charged yet, to `heads`; a refusal refuses a request
     /// (`keyproof_memory_refused_requests_total`).
-    pub fn new(heads: Arc<Holder>) -> Growing {
+    pub fn new(holder: Arc<Holder>) -> Growing {
         Growing {
-            heads,
+            holder,
             grants: Vec::new(),
             charged: 0,
             refuses_requests: true,
@@ -618,10 +627,10 @@ impl Growing {
 
     /// As [`Growing::new`], for what the sidecar may drop and go on
     /// without (a body's copy): a refusal is not counted.
-    pub fn optional(heads: Arc<Holder>) -> Growing {
+    pub fn optional(holder: Arc<Holder>) -> Growing {
         Growing {
             refuses_requests: false,
-            ..Growing::new(heads)
+            ..Growing::new(holder)
         }
     }
 
@@ -633,7 +642,7 @@ impl Growing {
             return true;
         }
         while self.charged < bytes {
-            let Some(g) = HEADS.take(&self.heads, GROWING_STEP, self.refuses_requests) else {
+            let Some(g) = HEADS.take(&self.holder, GROWING_STEP, self.refuses_requests) else {
                 return false;
             };
             self.grants.push(g);

@@ -92,11 +92,11 @@ impl<I> StrictLines<I> {
         }
     }
 
-    /// Charges a head that spans reads to `heads` while it is unfinished:
+    /// Charges a head that spans reads to `holder` while it is unfinished:
     /// hyper's read buffer and this guard's copy of it, twice its length.
     /// Refused, the read fails and the connection closes.
-    pub fn charged_to(mut self, heads: Arc<Holder>) -> StrictLines<I> {
-        self.unfinished = Some(Growing::new(heads));
+    pub fn charged_to(mut self, holder: Arc<Holder>) -> StrictLines<I> {
+        self.unfinished = Some(Growing::new(holder));
         self
     }
 

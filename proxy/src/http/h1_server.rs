@@ -334,7 +334,7 @@ pub async fn serve<H, F, B>(
     mut limits: ServerLimits,
     closing: &AtomicBool,
     activity: Arc<AtomicU64>,
-    heads: Arc<Holder>,
+    holder: Arc<Holder>,
     mut handler: H,
 ) -> io::Result<()>
 where
@@ -346,7 +346,7 @@ where
     let mut rd = Some(rd);
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
-    let mut unfinished = Growing::new(heads);
+    let mut unfinished = Growing::new(holder);
     loop {
         let Some(io) = rd.as_mut() else {
             return Ok(());

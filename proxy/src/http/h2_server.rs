@@ -138,7 +138,7 @@ pub struct Connection<I, S, R> {
     _window: Grant,
     /// Whom the requests' heads are charged to (`memory.rs`): the caller's
     /// identity, across its connections.
-    heads: Arc<Holder>,
+    holder: Arc<Holder>,
     /// [`TRAILERS_SHARE`] of `max_header_list_size`.
     trailers_reserve: u64,
 }
@@ -162,9 +162,9 @@ struct KeepAlive {
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
-    /// Starts the handshake on `io`; the requests' heads are charged to
-    /// `heads` while their handlers run.
-    pub fn new(settings: &Settings, io: I, heads: Arc<Holder>, svc: S) -> Connection<I, S, R>
+    /// Starts the handshake on `io`; its receive window and its requests'
+    /// heads are charged to `holder` (a caller identity; the app).
+    pub fn new(settings: &Settings, io: I, holder: Arc<Holder>, svc: S) -> Connection<I, S, R>
     where
         I: PeerAddr,
     {
@@ -176,7 +176,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             // `CONNECT` with `:protocol`, and is answered as a tunnel.
             builder.enable_connect_protocol();
         }
-        let window = Grant::take(u64::from(MIN_CONN_WINDOW), u64::from(CONN_WINDOW), &heads);
+        let window = Grant::take(u64::from(MIN_CONN_WINDOW), u64::from(CONN_WINDOW), &holder);
         let conn_window = u32::try_from(window.bytes()).unwrap_or(CONN_WINDOW);
         let stream_window =
             (conn_window / h2_stream::STALLED_STREAMS).clamp(MIN_STREAM_WINDOW, STREAM_WINDOW);
@@ -199,7 +199,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             flood,
             flood_close_by: None,
             _window: window,
-            heads,
+            holder,
             trailers_reserve: u64::from(settings.max_header_list_size / TRAILERS_SHARE)
                 .min(MAX_TRAILERS_RESERVE),
             keep_alive: KeepAlive {
@@ -302,11 +302,11 @@ where
             };
             match accepted {
                 Some(Ok((req, mut respond))) => {
-                    let mut charge = head_bytes(&req) + STREAM_COST;
-                    if !req.body().is_end_stream() {
-                        charge += me.trailers_reserve;
-                    }
-                    let Some(head) = me.heads.take(charge) else {
+                    let charge = || {
+                        let open_body = !req.body().is_end_stream();
+                        head_bytes(&req) + STREAM_COST + u64::from(open_body) * me.trailers_reserve
+                    };
+                    let Some(head) = me.holder.take_sized(charge) else {
                         // Dropped here, decoded head and all, before any
                         // of it is processed: the caller may retry.
                         respond.send_reset(h2::Reason::REFUSED_STREAM);

@@ -164,14 +164,14 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Vec<u8>)> 
 /// idle for `idle` (no stream in flight, none started: the service counts
 /// its requests with [`StreamGuard`]), or shutdown starts. Idle and shutdown are both graceful:
 /// an in-flight request still completes. Request heads are charged to
-/// `heads` (`memory.rs`): HTTP/2's each until its handler answers,
+/// `holder` (`memory.rs`): HTTP/2's each until its handler answers,
 /// HTTP/1.1's while one spans reads.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<I, S, R, F, B>(
     builders: &Builders,
     proto: Proto,
     io: I,
-    heads: Arc<Holder>,
+    holder: Arc<Holder>,
     activity: Activity,
     idle: Duration,
     svc: S,
@@ -199,12 +199,12 @@ where
             let (h2, pre) = first;
             let io = Rewind::new(pre, io);
             return Box::pin(serve_as(
-                builders, h2, io, heads, activity, idle, svc, shutdown,
+                builders, h2, io, holder, activity, idle, svc, shutdown,
             ))
             .await;
         }
     };
-    serve_as(builders, h2, io, heads, activity, idle, svc, shutdown).await
+    serve_as(builders, h2, io, holder, activity, idle, svc, shutdown).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -212,7 +212,7 @@ async fn serve_as<I, S, R, F, B>(
     builders: &Builders,
     h2: bool,
     io: I,
-    heads: Arc<Holder>,
+    holder: Arc<Holder>,
     activity: Activity,
     idle: Duration,
     svc: S,
@@ -229,7 +229,7 @@ where
     // state (most of what an idle connection costs) would be stored twice,
     // as `drive`'s argument and as its pinned local.
     if h2 {
-        let conn = pin!(h2_server::Connection::new(&builders.h2, io, heads, svc));
+        let conn = pin!(h2_server::Connection::new(&builders.h2, io, holder, svc));
         return drive(
             conn,
             |c| c.graceful_shutdown(),
@@ -245,7 +245,7 @@ where
         Lingering::new(WriteStall::new(io, builders.h2.send_stall)),
         builders.max_header_bytes,
     )
-    .charged_to(heads);
+    .charged_to(holder);
     let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         map_in_place(svc(req.map(R::from)), Ok::<_, Infallible>)
     });

@@ -59,11 +59,11 @@ pub enum Resend {
 }
 
 /// Wraps `body` (which must not be at its end already; an empty body needs
-/// no copy) with a copy bounded by `limit`, and charged to `heads` as it
+/// no copy) with a copy bounded by `limit`, and charged to `holder` as it
 /// grows: refused, the copy is dropped, as one over `limit` is.
-pub fn tee<B>(body: B, limit: usize, heads: Option<Arc<Holder>>) -> (TeeBody<B>, TeeHandle) {
+pub fn tee<B>(body: B, limit: usize, holder: Option<Arc<Holder>>) -> (TeeBody<B>, TeeHandle) {
     let state = Arc::new(Mutex::new(TeeState {
-        charge: heads.map(Growing::optional),
+        charge: holder.map(Growing::optional),
         ..TeeState::default()
     }));
     (

@@ -56,7 +56,7 @@ struct Open {
     shed_from: Vec<SpiffeId>,
     /// Each caller's share of the memory budget, across its connections
     /// (`memory::Holder`), and how many connections it has open.
-    heads: HashMap<SpiffeId, (Arc<Holder>, usize)>,
+    holders: HashMap<SpiffeId, (Arc<Holder>, usize)>,
 }
 
 struct Caller {
@@ -72,7 +72,7 @@ pub struct Registered {
     callers: Arc<Callers>,
     id: u64,
     close: CancellationToken,
-    heads: Arc<Holder>,
+    holder: Arc<Holder>,
 }
 
 impl Callers {
@@ -93,9 +93,9 @@ impl Callers {
         }
         let id = open.next;
         open.next += 1;
-        let (heads, conns) = open.heads.entry(peer.clone()).or_default();
+        let (holder, conns) = open.holders.entry(peer.clone()).or_default();
         *conns += 1;
-        let heads = heads.clone();
+        let holder = holder.clone();
         open.by_id.insert(
             id,
             Caller {
@@ -109,7 +109,7 @@ impl Callers {
             callers: self.clone(),
             id,
             close,
-            heads,
+            holder,
         }
     }
 
@@ -209,7 +209,7 @@ impl Shed for Callers {
         let mut groups: Vec<Group<'_>> = by_peer
             .into_iter()
             .map(|(peer, conns)| {
-                let held = open.heads.get(peer).map_or(0, |(h, _)| h.held());
+                let held = open.holders.get(peer).map_or(0, |(h, _)| h.held());
                 let weight = weight(conns.len(), held);
                 (peer, conns, weight)
             })
@@ -291,7 +291,7 @@ impl Registered {
     /// The caller's share of the memory budget, shared by all its
     /// connections.
     pub fn holder(&self) -> Arc<Holder> {
-        self.heads.clone()
+        self.holder.clone()
     }
 }
 
@@ -301,10 +301,10 @@ impl Drop for Registered {
         let Some(c) = open.by_id.remove(&self.id) else {
             return;
         };
-        if let Some((_, conns)) = open.heads.get_mut(&c.peer) {
+        if let Some((_, conns)) = open.holders.get_mut(&c.peer) {
             *conns -= 1;
             if *conns == 0 {
-                open.heads.remove(&c.peer);
+                open.holders.remove(&c.peer);
             }
         }
     }
