@@ -413,11 +413,19 @@ mod tests {
 /// unfinished heads or uploads to a slow upstream fill the sidecar as a
 /// caller's would. Those with no request in flight go first, then the
 /// newest.
-#[derive(Default)]
 pub struct AppConns {
     open: Mutex<AppOpen>,
     /// The app's share of the memory budget (`memory::Holder`).
     holder: Arc<Holder>,
+}
+
+impl Default for AppConns {
+    fn default() -> AppConns {
+        AppConns {
+            open: Mutex::default(),
+            holder: Arc::new(Holder::app()),
+        }
+    }
 }
 
 #[derive(Default)]

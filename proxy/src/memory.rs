@@ -500,28 +500,41 @@ struct HeadBudget {
     size: AtomicU64,
     /// Bytes charged and not given back.
     taken: AtomicU64,
+    /// Holders with something charged.
+    active: AtomicU64,
     /// Requests refused since the watch last counted them.
     refused: AtomicU64,
 }
 
-static HEADS: HeadBudget = HeadBudget {
-    size: AtomicU64::new(u64::MAX),
-    taken: AtomicU64::new(0),
-    refused: AtomicU64::new(0),
-};
+static HEADS: HeadBudget = HeadBudget::new();
 
 /// The share of the head budget one holder may hold, in parts.
 const HOLDER_SHARE: u64 = 4;
 
 impl HeadBudget {
+    const fn new() -> HeadBudget {
+        HeadBudget {
+            size: AtomicU64::new(u64::MAX),
+            taken: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
     fn bound(&self, size: Option<u64>) {
         self.size.store(size.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// Charges `bytes` to `holder`; `None` when that would take the holder
-    /// past its share or the budget past its size (a holder holding
+    /// Charges `bytes` to `holder`, or `None`. A holder may take up to its
+    /// share (a quarter) while the budget has room; whatever the others
+    /// hold, it may take up to an equal split of the budget among the
+    /// holders with something charged (max-min fairness), within twice the
+    /// budget in all: a flood of a few identities filling the budget does
+    /// not lock out a caller with a few requests (round 7: five did). The
+    /// app ([`Holder::app`]) is refused only past its share: callers
+    /// cannot take the pod's own outbound calls from it. A holder holding
     /// nothing may take one head whatever its size, so that a
-    /// `max_header_bytes` above the share is not refused outright).
+    /// `max_header_bytes` above the share is not refused outright.
     fn take(&'static self, holder: &Arc<Holder>, bytes: u64, count: bool) -> Option<HeadGrant> {
         let size = self.size.load(Ordering::Relaxed);
         if size == u64::MAX {
@@ -529,16 +542,33 @@ impl HeadBudget {
         }
         let share = size / HOLDER_SHARE;
         let before = holder.held.fetch_add(bytes, Ordering::Relaxed);
-        let all = self.taken.fetch_add(bytes, Ordering::Relaxed);
-        if (before > 0 && before + bytes > share) || all + bytes > size {
-            holder.held.fetch_sub(bytes, Ordering::Relaxed);
-            self.taken.fetch_sub(bytes, Ordering::Relaxed);
+        if before == 0 {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        let all = self.taken.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let mine = before + bytes;
+        let fair = size / self.active.load(Ordering::Relaxed).max(1);
+        let granted = if holder.app {
+            before == 0 || mine <= share
+        } else {
+            (all <= size && (before == 0 || mine <= share))
+                || (all <= 2 * size && (before == 0 || mine <= fair))
+        };
+        if !granted {
+            self.give_back(holder, bytes);
             if count {
                 self.refused.fetch_add(1, Ordering::Relaxed);
             }
             return None;
         }
         Some(HeadGrant(Some((bytes, holder.clone(), self))))
+    }
+
+    fn give_back(&self, holder: &Holder, bytes: u64) {
+        if holder.held.fetch_sub(bytes, Ordering::Relaxed) == bytes {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.taken.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -550,9 +580,20 @@ impl HeadBudget {
 pub struct Holder {
     held: AtomicU64,
     windows: AtomicU64,
+    /// The pod's own app: not in the callers' competition for the head
+    /// budget.
+    app: bool,
 }
 
 impl Holder {
+    /// The outbound's holder: the pod's own app.
+    pub fn app() -> Holder {
+        Holder {
+            app: true,
+            ..Holder::default()
+        }
+    }
+
     /// Charges a request head of `bytes` to this holder, or refuses it
     /// (see [`HeadBudget`]); the grant gives it back when dropped.
     pub fn take(self: &Arc<Self>, bytes: u64) -> Option<HeadGrant> {
@@ -588,8 +629,7 @@ pub struct HeadGrant(Option<(u64, Arc<Holder>, &'static HeadBudget)>);
 impl Drop for HeadGrant {
     fn drop(&mut self) {
         if let Some((bytes, holder, budget)) = &self.0 {
-            holder.held.fetch_sub(*bytes, Ordering::Relaxed);
-            budget.taken.fetch_sub(*bytes, Ordering::Relaxed);
+            budget.give_back(holder, *bytes);
         }
     }
 }
@@ -782,41 +822,50 @@ mod tests {
     }
 
     #[test]
-    fn request_heads_are_refused_past_a_holders_share_or_the_budget() {
+    fn request_heads_are_shared_fairly_within_twice_the_budget() {
         // A budget of its own: the process's serves the other tests.
-        static HEADS: HeadBudget = HeadBudget {
-            size: AtomicU64::new(u64::MAX),
-            taken: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
+        static HEADS: HeadBudget = HeadBudget::new();
+        let take = |h: &Arc<Holder>, n: u64| HEADS.take(h, n, true);
+        let fill = |h: &Arc<Holder>, n: u64| -> Vec<HeadGrant> {
+            std::iter::from_fn(|| take(h, n)).take(100_000).collect()
         };
+        let taken = || HEADS.taken.load(Ordering::Relaxed);
         // No limit: nothing is counted.
         let flood = Arc::new(Holder::default());
-        assert!(HEADS.take(&flood, 100 * MI, true).is_some());
-        assert_eq!(HEADS.taken.load(Ordering::Relaxed), 0);
-        // 16 MiB, of which a holder may hold 4.
+        assert!(take(&flood, 100 * MI).is_some());
+        assert_eq!(taken(), 0);
+        // 16 MiB. Alone, a holder may have it all (nobody else wants it).
         HEADS.bound(Some(16 * MI));
         let head = 60 << 10;
-        let held: Vec<HeadGrant> = std::iter::from_fn(|| HEADS.take(&flood, head, true)).collect();
-        assert_eq!(held.len() as u64, 4 * MI / head);
+        let held = fill(&flood, head);
+        assert_eq!(held.len() as u64, 16 * MI / head);
         assert_eq!(HEADS.refused.swap(0, Ordering::Relaxed), 1);
-        // Another holder still fits, up to the budget.
-        let others: Vec<Arc<Holder>> = (0..4).map(|_| Arc::default()).collect();
-        let mut more = Vec::new();
-        for o in &others {
-            more.extend(std::iter::from_fn(|| HEADS.take(o, head, true)).take(100));
-        }
-        assert!(HEADS.taken.load(Ordering::Relaxed) <= 16 * MI);
-        assert!(HEADS.take(&others[3], head, true).is_none());
+        // A caller with a few requests still gets in: half each now.
+        let legit = Arc::new(Holder::default());
+        let few = fill(&legit, 4096);
+        assert_eq!(few.len() as u64, 8 * MI / 4096);
+        assert!(take(&flood, head).is_none());
+        // More identities of the flood: never beyond twice the budget,
+        // and each only to an equal split.
+        let others: Vec<Arc<Holder>> = (0..16).map(|_| Arc::default()).collect();
+        let more: Vec<Vec<HeadGrant>> = others.iter().map(|o| fill(o, head)).collect();
+        assert!(taken() <= 32 * MI, "{}", taken());
+        assert!(more.iter().any(|g| !g.is_empty()));
+        // The app is held to its own share (a quarter), whatever the
+        // callers hold.
+        let app = Arc::new(Holder::app());
+        let own = fill(&app, 4096);
+        assert_eq!(own.len() as u64, 4 * MI / 4096);
         // A holder holding nothing gets one head larger than its share.
-        drop(more);
+        drop((more, own, few));
         let big = Arc::new(Holder::default());
-        let one = HEADS.take(&big, 5 * MI, true);
+        let one = take(&big, 10 * MI);
         assert!(one.is_some());
-        assert!(HEADS.take(&big, 1, true).is_none());
         // Given back, all of it.
         drop((held, one));
-        assert_eq!(HEADS.taken.load(Ordering::Relaxed), 0);
-        assert_eq!(flood.held.load(Ordering::Relaxed), 0);
-        assert!(HEADS.take(&flood, head, true).is_some());
+        assert_eq!(taken(), 0);
+        assert_eq!(HEADS.active.load(Ordering::Relaxed), 0);
+        assert_eq!(flood.held(), 0);
+        assert!(take(&flood, head).is_some());
     }
 }
