@@ -40,6 +40,8 @@ const PRIORITY: u8 = 0x2;
 const WINDOW_UPDATE: u8 = 0x8;
 /// Types above CONTINUATION are extensions the h2 crate ignores unbounded.
 const CONTINUATION: u8 = 0x9;
+/// The flag that ends a header block (RFC 9113 section 6.2).
+const END_HEADERS: u8 = 0x4;
 
 /// How much work-free traffic a connection may receive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,10 +130,10 @@ impl Scanner {
         }
     }
 
-    /// Calls `frame(type, payload length)` for each frame header completed
-    /// in `buf`.
+    /// Calls `frame(type, flags, payload length)` for each frame header
+    /// completed in `buf`.
     #[inline]
-    fn scan(&mut self, mut buf: &[u8], mut frame: impl FnMut(u8, u32)) {
+    fn scan(&mut self, mut buf: &[u8], mut frame: impl FnMut(u8, u8, u32)) {
         loop {
             if self.skip > 0 {
                 let n = buf.len().min(self.skip as usize);
@@ -143,10 +145,10 @@ impl Scanner {
                 }
             }
             if self.have == 0 && buf.len() >= HEAD_LEN {
-                let (kind, len) = parse(&buf[..HEAD_LEN]);
+                let (kind, flags, len) = parse(&buf[..HEAD_LEN]);
                 buf = &buf[HEAD_LEN..];
                 self.skip = len;
-                frame(kind, len);
+                frame(kind, flags, len);
                 continue;
             }
             if buf.is_empty() {
@@ -162,18 +164,18 @@ impl Scanner {
                 return;
             }
             self.have = 0;
-            let (kind, len) = parse(&self.head);
+            let (kind, flags, len) = parse(&self.head);
             self.skip = len;
-            frame(kind, len);
+            frame(kind, flags, len);
         }
     }
 }
 
-/// A frame header's type and payload length.
+/// A frame header's type, flags and payload length.
 #[inline]
-fn parse(h: &[u8]) -> (u8, u32) {
+fn parse(h: &[u8]) -> (u8, u8, u32) {
     let len = u32::from(h[0]) << 16 | u32::from(h[1]) << 8 | u32::from(h[2]);
-    (h[3], len)
+    (h[3], h[4], len)
 }
 
 /// The counts the budget is checked against.
@@ -242,7 +244,18 @@ pub struct FrameGuard<I> {
     trip: Arc<Trip>,
     /// Names the peer in the log line (see [`PeerAddr`]).
     peer: fn(&I) -> Option<SocketAddr>,
+    /// Payload bytes of a header block the peer has begun (HEADERS
+    /// without END_HEADERS, then CONTINUATION) and not ended: h2 holds
+    /// them until it ends, before any stream is accepted.
+    block: u64,
+    /// Charges an unfinished block of this many bytes (0: the block
+    /// ended) to the memory budget; false when refused. A closure, as the
+    /// budget's module reads this one's counts for the metrics.
+    unfinished: Option<BlockCharge>,
 }
+
+/// See [`FrameGuard::charged_to`].
+pub type BlockCharge = Box<dyn FnMut(u64) -> bool + Send>;
 
 /// Whether a guard's peer went over budget, shared with the connection's
 /// owner.
@@ -300,7 +313,19 @@ impl<I> FrameGuard<I> {
             },
             trip: Arc::default(),
             peer: |_| None,
+            block: 0,
+            unfinished: None,
         }
+    }
+
+    /// Charges a header block the peer leaves unfinished with `charge`
+    /// (the memory budget's, `http/h2_server.rs`) as it grows, and 0 once
+    /// it ends (round 7: 2,000 connections each holding one took a sidecar
+    /// past 128 MiB before the memory watch could look); refused, the read
+    /// fails and the connection closes.
+    pub fn charged_to(mut self, charge: BlockCharge) -> FrameGuard<I> {
+        self.unfinished = Some(charge);
+        self
     }
 
     /// Set once the peer went over budget. A server-side guard then reads
@@ -315,12 +340,25 @@ impl<I> FrameGuard<I> {
     /// over budget (counted and logged here, once).
     fn received(&mut self, buf: &[u8]) -> bool {
         let tally = &mut self.tally;
-        self.read.scan(buf, |kind, _| match kind {
+        let block = &mut self.block;
+        self.read.scan(buf, |kind, flags, len| match kind {
             WINDOW_UPDATE | PRIORITY => tally.idle += 1,
             HEADERS => {
                 tally.allowed = tally
                     .allowed
-                    .saturating_add(tally.budget.per_headers_received)
+                    .saturating_add(tally.budget.per_headers_received);
+                *block = if flags & END_HEADERS == 0 {
+                    u64::from(len)
+                } else {
+                    0
+                };
+            }
+            CONTINUATION => {
+                *block = if flags & END_HEADERS == 0 {
+                    block.saturating_add(u64::from(len))
+                } else {
+                    0
+                };
             }
             k if k > CONTINUATION => tally.idle += 1,
             _ => {}
@@ -346,7 +384,7 @@ impl<I> FrameGuard<I> {
     /// Counts the frames in `buf`, just written.
     fn sent(&mut self, buf: &[u8]) {
         let tally = &mut self.tally;
-        self.write.scan(buf, |kind, _| {
+        self.write.scan(buf, |kind, _, _| {
             if kind == DATA || kind == HEADERS {
                 tally.allowed = tally.allowed.saturating_add(tally.budget.per_frame_sent);
             }
@@ -376,6 +414,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for FrameGuard<I> {
         // What was read goes up even over budget: it is read already, and
         // the next read is the one refused.
         me.received(&buf.filled()[before..]);
+        if let Some(charge) = &mut me.unfinished {
+            if !charge(me.block) {
+                charge(0);
+                buf.set_filled(before);
+                return Poll::Ready(Err(io::Error::other(
+                    "unfinished HTTP/2 header block refused: its caller's share of the memory budget is spent",
+                )));
+            }
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -455,7 +502,7 @@ mod tests {
         let mut s = Scanner::new(skip);
         let mut got = Vec::new();
         for chunk in bytes.chunks(piece) {
-            s.scan(chunk, |k, l| got.push((k, l)));
+            s.scan(chunk, |k, _, l| got.push((k, l)));
         }
         got
     }
@@ -482,6 +529,47 @@ mod tests {
                 "piece {piece}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_header_block_is_charged_until_it_ends_and_refused_past_it() {
+        let with_flags = |kind: u8, flags: u8, payload: &[u8]| {
+            let mut f = frame(kind, payload);
+            f[4] = flags;
+            f
+        };
+        let charged = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut peer, near) = tokio::io::duplex(1 << 20);
+        let seen = charged.clone();
+        // Refuses anything over 40,000 bytes.
+        let mut g = FrameGuard::new(near, Side::Server, Budget::DEFAULT).charged_to(Box::new(
+            move |bytes| {
+                seen.lock().unwrap().push(bytes);
+                bytes <= 40_000
+            },
+        ));
+        let mut wire = PREFACE.to_vec();
+        wire.extend(with_flags(HEADERS, 0, &[0; 16_000]));
+        wire.extend(with_flags(CONTINUATION, 0, &[0; 16_000]));
+        peer.write_all(&wire).await.unwrap();
+        let mut buf = vec![0; wire.len()];
+        g.read_exact(&mut buf).await.unwrap();
+        // Charged as it grew...
+        assert_eq!(charged.lock().unwrap().last(), Some(&32_000));
+        // ...and given back when it ended.
+        let end = with_flags(CONTINUATION, END_HEADERS, &[0; 100]);
+        peer.write_all(&end).await.unwrap();
+        g.read_exact(&mut buf[..end.len()]).await.unwrap();
+        assert_eq!(charged.lock().unwrap().last(), Some(&0));
+        // A block growing past what the budget allows fails the read.
+        let mut big = with_flags(HEADERS, 0, &[0; 16_000]);
+        for _ in 0..2 {
+            big.extend(with_flags(CONTINUATION, 0, &[0; 16_000]));
+        }
+        peer.write_all(&big).await.unwrap();
+        let mut sink = vec![0; big.len()];
+        let r = g.read_exact(&mut sink).await;
+        assert!(r.is_err(), "{r:?}");
     }
 
     #[tokio::test]

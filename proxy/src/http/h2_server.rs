@@ -168,7 +168,19 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
     where
         I: PeerAddr,
     {
-        let io = FrameGuard::with_peer(io, Side::Server, Budget::DEFAULT);
+        // A header block the caller leaves unfinished is charged to it
+        // (0: the block ended).
+        let mut block = memory::Growing::new(holder.clone());
+        let charge = move |bytes| {
+            if bytes == 0 {
+                block.done();
+                true
+            } else {
+                block.hold(bytes)
+            }
+        };
+        let io =
+            FrameGuard::with_peer(io, Side::Server, Budget::DEFAULT).charged_to(Box::new(charge));
         let flood = io.trip();
         let mut builder = h2::server::Builder::new();
         if settings.extended_connect {
