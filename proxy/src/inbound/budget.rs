@@ -1,14 +1,15 @@
 //! The bytes of signed request bodies held at once while their
-//! `Content-Digest` and signature are checked (`[inbound.stepup]
-//! max_buffered`).
+//! `Content-Digest` and signature are checked, and then on their way to
+//! the app (`[inbound.stepup] max_buffered`).
 //!
 //! Every other body streams through; a step-up body is read whole first,
 //! up to `max_body` each. Without a bound on them together, a caller
 //! holding a valid nonce could open a stream per concurrent-stream place
 //! and connection, each sending up to `max_body` slowly, and hold that many
 //! megabytes. The budget is taken before the body is read (its declared
-//! length, or `max_body` when it has none) and given back when the check
-//! is done; one caller may hold at most a quarter of it, so that one
+//! length, or `max_body` when it has none) and given back when the app has
+//! answered (a stalled app holds the checked body whole); one caller may
+//! hold at most a quarter of it, so that one
 //! caller cannot take it all from the others. A request beyond it gets 503
 //! at once, with `Retry-After`.
 
