@@ -419,7 +419,7 @@ impl Pool {
 }
 
 /// How much of a body an HTTP/2 stream may hold beyond what its peer's
-/// flow-control window lets out: `max` (h2's default, 400 KB) without a
+/// flow-control window lets out: h2's default, 400 KB, without a
 /// limit; under one, a thousandth of it (64 KiB under the 64 MiB that
 /// `auto` gives in 128Mi), at least 64 KiB. Every stream whose reader has
 /// stopped holds this much: a caller's unread responses on the inbound
@@ -427,9 +427,12 @@ impl Pool {
 /// that does not answer on the outbound (300 of them held 117 MB, round
 /// 6's F7). The peer's window, not this buffer, paces a stream that is
 /// read: the mesh's windows are 1 MiB.
-pub fn send_buffer(max: usize) -> usize {
-    send_buffer_of(POOL.size.load(Ordering::Relaxed), max)
+pub fn send_buffer() -> usize {
+    send_buffer_of(POOL.size.load(Ordering::Relaxed), H2_SEND_BUFFER)
 }
+
+/// h2's own default send buffer per stream (hyper's too).
+const H2_SEND_BUFFER: usize = 400 * 1024;
 
 /// [`send_buffer`] with a receive pool of `pool` bytes (half the limit).
 fn send_buffer_of(pool: u64, max: usize) -> usize {

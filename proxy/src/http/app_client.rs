@@ -1409,7 +1409,7 @@ impl H2cPool {
                 .max_header_list_size(self.max_header_bytes)
                 // h2's default (400 KB), less under a memory limit: an
                 // app that stops reading holds this much of each upload.
-                .max_send_buffer_size(crate::memory::send_buffer(400 * 1024))
+                .max_send_buffer_size(crate::memory::send_buffer())
                 .enable_push(false)
                 .handshake::<_, Bytes>(tcp)
                 .await

@@ -48,10 +48,6 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = STREAM_WINDOW * h2_stream::STALLED_STREAMS;
 const MIN_CONN_WINDOW: u32 = 256 * 1024;
 const MIN_STREAM_WINDOW: u32 = 65_535;
-/// At most this much of a response is buffered per stream beyond what the
-/// caller's window lets out (hyper's default; less under a memory limit:
-/// [`memory::send_buffer`]).
-const MAX_SEND_BUFFER: usize = 400 * 1024;
 /// Streams the server itself may reset for a caller's errors before it
 /// closes the connection (hyper's default; bounds a caller that provokes
 /// resets on purpose).
@@ -198,7 +194,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
             .max_frame_size(MAX_FRAME_SIZE)
             .max_header_list_size(settings.max_header_list_size)
             .max_concurrent_streams(settings.max_concurrent_streams)
-            .max_send_buffer_size(memory::send_buffer(MAX_SEND_BUFFER))
+            .max_send_buffer_size(memory::send_buffer())
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
             .handshake(io);
         Connection {

@@ -55,9 +55,6 @@ struct Shared {
     tunnels: AtomicUsize,
 }
 
-/// h2's own default send buffer per stream (400 KB).
-const DEFAULT_SEND_BUFFER: usize = 400 * 1024;
-
 /// A request the connection refused before anything of it was sent (the
 /// connection was closing), handed back for a retry elsewhere; or why the
 /// exchange failed.
@@ -85,7 +82,7 @@ impl MeshSender {
             .max_frame_size(MAX_FRAME_SIZE)
             // h2's default, less under a memory limit: an upstream that
             // stops reading holds this much of each upload.
-            .max_send_buffer_size(crate::memory::send_buffer(DEFAULT_SEND_BUFFER))
+            .max_send_buffer_size(crate::memory::send_buffer())
             // Until the peer's SETTINGS arrive, assume the inbound's default
             // stream limit: a burst at connection setup then queues here
             // instead of being refused (REFUSED_STREAM) beyond the limit.
