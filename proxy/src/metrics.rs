@@ -129,9 +129,29 @@ pub struct DirectionMetrics {
     /// `keyproof_headers_with_underscores_total{direction,action}`:
     /// dropped, rejected.
     underscores: [IntCounter; 2],
+    retries: [IntCounter; RETRY_REASONS.len()],
 }
 
+/// Why a request was sent again, in the order of the
+/// `keyproof_requests_retried_total` children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The peer refused the stream unprocessed (HTTP/2 `REFUSED_STREAM`,
+    /// RFC 9113 section 8.7): out of memory or streams for now.
+    RefusedStream,
+    /// The connection was closing (GOAWAY) before the request went out.
+    ConnectionClosing,
+}
+
+/// The `reason` label values of `keyproof_requests_retried_total`.
+pub const RETRY_REASONS: [&str; 2] = ["refused_stream", "connection_closing"];
+
 impl DirectionMetrics {
+    /// Counts a request sent again, unseen by the peer's app the first time.
+    pub fn retried(&self, why: Retry) {
+        self.retries[why as usize].inc();
+    }
+
     /// Counts one handshake outcome; `result` must be one of
     /// [`HANDSHAKE_RESULTS`] (anything else is counted as `protocol`).
     pub fn handshake(&self, result: &str) {
@@ -421,6 +441,15 @@ impl Metrics {
             &["direction", "action"],
         )?;
         registry.register(Box::new(underscores.clone()))?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "keyproof_requests_retried_total",
+                "Requests sent again because the peer had not processed them: it refused the \
+                 stream (REFUSED_STREAM) or its connection was closing.",
+            ),
+            &["direction", "reason"],
+        )?;
+        registry.register(Box::new(retries.clone()))?;
         let authz_denied = IntCounterVec::new(
             Opts::new(
                 "keyproof_authz_denied_total",
@@ -693,6 +722,7 @@ impl Metrics {
                 .map(|r| refused.with_label_values(&[d.as_str(), r])),
             underscores: ["dropped", "rejected"]
                 .map(|a| underscores.with_label_values(&[d.as_str(), a])),
+            retries: RETRY_REASONS.map(|r| retries.with_label_values(&[d.as_str(), r])),
         };
         Ok(Metrics {
             inbound: dir(Direction::Inbound),

@@ -34,6 +34,7 @@ const KNOWN_METRICS: &[&str] = &[
     "keyproof_headers_with_underscores_total",
     "keyproof_connections_open",
     "keyproof_requests_total",
+    "keyproof_requests_retried_total",
     "keyproof_request_duration_seconds",
     "keyproof_authz_denied_total",
     "keyproof_identity_cert_expiry_timestamp_seconds",

@@ -1323,6 +1323,110 @@ fn a_flood_of_identities_filling_the_head_budget_leaves_room_for_a_caller() {
     assert_eq!(legit, 0, "{}", proxy.log_text());
 }
 
+/// An outbound of `web` (with `extra` configuration) whose upstream
+/// `api.default.svc` is the inbound at `in_addr`, and its listener.
+fn outbound_to(w: &World, name: &str, in_addr: SocketAddr, extra: &str) -> (ProxyProc, SocketAddr) {
+    let out_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let out_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let outbound = ProxyProc::start(
+        w.pki.tmp.path(),
+        name,
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\n\
+             identity = \"spiffe://resources.test/ns/default/sa/api\"\n\
+             [admin]\nlisten = \"{out_admin}\"\n{extra}",
+            identity_toml(&w.pki.bundle, &w.web),
+        ),
+        out_admin,
+    );
+    (outbound, out_addr)
+}
+
+/// Memory, both sides: requests the inbound refuses for memory (HTTP/2
+/// `REFUSED_STREAM`: its app never saw them) are sent once more by the
+/// caller's outbound after a pause, and if refused again its app gets a
+/// 503 with `Retry-After` that says so, not a 502 that reads as a failure
+/// the request may have caused.
+#[test]
+fn requests_refused_for_memory_are_retried_then_503_with_retry_after() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REQUESTS: usize = 100;
+    let w = World::new();
+    let app = stalled_app();
+    let (inbound, in_addr) = w.inbound(
+        "refused-retried",
+        app,
+        "\n[runtime]\nmemory_limit = \"40Mi\"\n",
+    );
+    let (outbound, out_addr) = outbound_to(&w, "refused-out", in_addr, "");
+    // Heads of about 40 KB: the caller's share of the inbound's head
+    // budget (a quarter of a quarter of 40 MiB) holds some 60 of them
+    // while the app holds them all.
+    let head = format!(
+        "GET /held HTTP/1.1\r\nhost: api.default.svc\r\n{}\r\n",
+        (0..10)
+            .map(|i| format!("x-a{i}: {}\r\n", "v".repeat(4000)))
+            .collect::<String>()
+    );
+    let rt = rt();
+    let answers = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..REQUESTS {
+            let head = head.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(out_addr).await.ok()?;
+                s.write_all(head.as_bytes()).await.ok()?;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Held requests never answer; refused ones do, at once.
+                let read = tokio::time::timeout(Duration::from_secs(4), async {
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+                let _ = read.await;
+                Some(String::from_utf8_lossy(&got).into_owned())
+            }));
+        }
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.ok().flatten().unwrap_or_default());
+        }
+        answers
+    });
+    let answered: Vec<&String> = answers.iter().filter(|a| !a.is_empty()).collect();
+    let unavailable = answered
+        .iter()
+        .filter(|a| {
+            a.starts_with("HTTP/1.1 503")
+                && a.to_ascii_lowercase().contains("retry-after: 1\r\n")
+                && a.contains("refused the request without processing it")
+        })
+        .count();
+    let retried = outbound.metric(
+        "keyproof_requests_retried_total{direction=\"outbound\",reason=\"refused_stream\"}",
+    );
+    let refused = inbound.metric("keyproof_memory_refused_requests_total");
+    eprintln!(
+        "{} of {REQUESTS} answered, {unavailable} of them 503; outbound retried {retried}, inbound refused {refused}",
+        answered.len()
+    );
+    assert!(unavailable > 0, "none refused\n{}", inbound.log_text());
+    assert_eq!(
+        unavailable,
+        answered.len(),
+        "every answer is a 503 for the refusal: {:?}",
+        answered.iter().find(|a| !a.starts_with("HTTP/1.1 503"))
+    );
+    // Each 503 went twice; a retry the inbound took is held like the rest.
+    assert!(retried >= unavailable as f64, "{}", outbound.log_text());
+    assert!(refused >= 2.0 * unavailable as f64);
+}
+
 /// Memory, outbound: the app's uploads to an upstream that never answers.
 /// The outbound keeps a copy of each streaming request body until the
 /// response head comes (to answer a first step-up challenge by sending it
@@ -1338,19 +1442,11 @@ fn the_apps_uploads_to_a_hung_upstream_stay_within_the_memory_limit() {
     let w = World::new();
     let app = stalled_app();
     let (_inbound, in_addr) = w.inbound("hung-upstream", app, "");
-    let out_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let out_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let outbound = ProxyProc::start(
-        w.pki.tmp.path(),
+    let (outbound, out_addr) = outbound_to(
+        &w,
         "uploads-out",
-        &format!(
-            "{}[outbound]\nlisten = \"{out_addr}\"\n\
-             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\n\
-             identity = \"spiffe://resources.test/ns/default/sa/api\"\n\
-             [admin]\nlisten = \"{out_admin}\"\n[runtime]\nmemory_limit = \"{LIMIT_MIB}Mi\"\n",
-            identity_toml(&w.pki.bundle, &w.web),
-        ),
-        out_admin,
+        in_addr,
+        &format!("[runtime]\nmemory_limit = \"{LIMIT_MIB}Mi\"\n"),
     );
     let pid = outbound.pid();
     let start_kib = rss_kib(pid);

@@ -65,11 +65,13 @@ use crate::http::server::{self, Builders, Proto, StreamGuard};
 use crate::http::tee::{tee, Resend, TeeHandle};
 use crate::identity::store::IdentityStore;
 use crate::listener::ConnGuards;
-use crate::metrics::{DirectionMetrics, Metrics};
+use crate::metrics::{DirectionMetrics, Metrics, Retry};
 use crate::outbound::rules::Captures;
 use crate::outbound::signer::{OutboundStepUp, Template};
 use crate::outbound::table::{Route, Table};
-use crate::outbound::upstream::{send_h2, ConnectError, ForwardError, Upstream};
+use crate::outbound::upstream::{
+    pause_after_refusal, send_h2, ConnectError, ForwardError, Upstream,
+};
 
 pub use crate::outbound::upstream::OutboundError;
 
@@ -682,7 +684,7 @@ impl Outbound {
                             resp.extensions_mut().insert(info);
                             Ok(resp)
                         }
-                        Err(e) => Err(ForwardError::Upstream(root_cause(&e))),
+                        Err(e) => Err(ForwardError::from_h2(&e)),
                     };
                     self.after_send(&up, sent, head, copy).await
                 });
@@ -697,7 +699,7 @@ impl Outbound {
                 // The connection was closing: a fresh one is dialled below.
                 Some(req) => req,
                 None => {
-                    let sent = Err(ForwardError::Upstream(root_cause(&e.error)));
+                    let sent = Err(ForwardError::from_h2(&e.error));
                     return Either::Left(Box::pin(ready(self.respond(&up, sent))));
                 }
             },
@@ -722,7 +724,8 @@ impl Outbound {
     }
 
     /// The response, unless it is a first step-up challenge, which is
-    /// answered by resending the request signed (boxed: it is rare).
+    /// answered by resending the request signed, or a refused stream, sent
+    /// once more after a pause (boxed: both are rare).
     fn after_send<'a>(
         &'a self,
         up: &'a Upstream,
@@ -732,21 +735,59 @@ impl Outbound {
     ) -> Either<Ready<Response<ProxyBody>>, ResponseFuture<'a>> {
         match sent {
             Ok(resp) if is_stepup_challenge(resp.status(), resp.headers()) => {
-                if up.h1_only.load(Ordering::Relaxed) {
-                    // No h2 connection: nowhere to send a request signed for
-                    // a known channel binding.
-                    let resp = self.stepup.pass_unanswerable(resp);
-                    return Either::Left(ready(resp));
-                }
-                up.stepup_paths.learn(head.path());
                 let resend = copy.map_or(Resend::Body(bytes::Bytes::new()), |c| c.resend());
+                Either::Right(Box::pin(self.answer_challenge(up, resp, head, resend)))
+            }
+            Err(ForwardError::Refused(why)) => {
+                // Only a body kept whole can go again: one the upstream
+                // refused mid-stream, or larger than the copy, cannot.
+                let body = match copy.map_or(Resend::Body(bytes::Bytes::new()), |c| c.resend()) {
+                    Resend::Body(b) => b,
+                    Resend::TooLarge | Resend::Incomplete => {
+                        let sent = Err(ForwardError::Refused(why));
+                        return Either::Left(ready(self.respond(up, sent)));
+                    }
+                };
                 Either::Right(Box::pin(async move {
-                    let sent = self.stepup.answer_resend(&up.h2, resp, &head, resend).await;
-                    self.respond(up, sent)
+                    pause_after_refusal().await;
+                    self.metrics.retried(Retry::RefusedStream);
+                    let sent = match up.h2.sender().await {
+                        Ok((send, info)) => send_h2(&up.h2, send, info, head.request(&body)).await,
+                        Err(e) => Err(e),
+                    };
+                    match sent {
+                        Ok(resp) if is_stepup_challenge(resp.status(), resp.headers()) => {
+                            let resend = Resend::Body(body);
+                            self.answer_challenge(up, resp, head, resend).await
+                        }
+                        other => self.respond(up, other),
+                    }
                 }))
             }
             other => Either::Left(ready(self.respond(up, other))),
         }
+    }
+
+    /// Answers a first step-up challenge: the path is learned, and the
+    /// request resent signed on the h2 connection.
+    async fn answer_challenge(
+        &self,
+        up: &Upstream,
+        challenge: Response<ProxyBody>,
+        head: Template,
+        resend: Resend,
+    ) -> Response<ProxyBody> {
+        if up.h1_only.load(Ordering::Relaxed) {
+            // No h2 connection: nowhere to send a request signed for a
+            // known channel binding.
+            return self.stepup.pass_unanswerable(challenge);
+        }
+        up.stepup_paths.learn(head.path());
+        let sent = self
+            .stepup
+            .answer_resend(&up.h2, challenge, &head, resend)
+            .await;
+        self.respond(up, sent)
     }
 
     /// Sends on the upstream's h2 connection (dialling it first), or on the
@@ -804,6 +845,16 @@ impl Outbound {
                     up.cfg.address
                 ),
             ),
+            Err(ForwardError::Refused(msg)) => {
+                tracing::info!(upstream = %up.cfg.address, error = %msg, "upstream refused the request unprocessed");
+                let mut resp = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("upstream {} refused the request without processing it ({msg}): it is short of memory or streams for now; retry later\n", up.cfg.address),
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                resp
+            }
             Err(ForwardError::Upstream(msg)) => {
                 tracing::warn!(upstream = %up.cfg.address, error = %msg, "upstream request failed");
                 text(
@@ -839,13 +890,14 @@ pub(crate) fn into_h1(
 mod tests {
     use std::sync::Arc;
 
-    use http::{Request, StatusCode};
+    use http::{header, HeaderMap, Request, StatusCode};
     use http_body_util::BodyExt;
 
     use super::{host_key, Outbound};
     use crate::http::body::RequestBody;
     use crate::metrics::Metrics;
-    use crate::testing::{config, hyper_request, workload};
+    use crate::outbound::upstream::tests::{mesh_server, Serve};
+    use crate::testing::{config, hyper_request, metric, workload};
 
     /// An outbound for `web` with `upstreams` (`host`, every one at an
     /// address nothing listens on: no test here dials).
@@ -919,6 +971,82 @@ mod tests {
         assert_eq!(upstream_of(&o, "api.demo").as_deref(), Some("api.demo"));
         for a in ["other.demo", "OTHER:80", "[::1]:80", "10.0.0.1"] {
             assert_eq!(upstream_of(&o, a).as_deref(), Some("*"), "{a}");
+        }
+    }
+
+    /// Sends `raw` (an HTTP/1.1 request for `api.demo`) through an
+    /// outbound whose `api.demo` upstream is a test server serving as
+    /// `mode`: the response, with its body, the requests the server saw,
+    /// and the retries counted. With `known`, `/x` is a path known to need
+    /// step-up (buffered and signed when a nonce is kept).
+    async fn through(
+        mode: Serve,
+        raw: &[u8],
+        known: bool,
+    ) -> (StatusCode, HeaderMap, String, usize, f64) {
+        let api = workload("/ns/demo/sa/api");
+        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![mode]).await;
+        let toml = format!(
+            "[outbound]\nlisten = \"127.0.0.1:0\"\n[[outbound.upstreams]]\nhost = \"api.demo\"\naddress = \"{addr}\"\nidentity = \"spiffe://unit.keyproof.test/ns/demo/sa/api\"\n"
+        );
+        let cfg = config(&toml);
+        let m = Metrics::new().unwrap();
+        let web = workload("/ns/demo/sa/web");
+        let o = Outbound::new(cfg.outbound.as_ref().unwrap(), web.store(), &m).unwrap();
+        if known {
+            let up = o.upstream_for("api.demo", None).ok().unwrap();
+            up.stepup_paths.learn("/x");
+        }
+        let (req, _client) = hyper_request(raw).await;
+        let resp = o.request(req.map(RequestBody::Hyper), None).await;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let conn = accepted.recv().await.expect("a connection");
+        let seen = conn.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let retried = metric(
+            &m,
+            "keyproof_requests_retried_total{direction=\"outbound\",reason=\"refused_stream\"}",
+        );
+        let body = String::from_utf8_lossy(&body).into_owned();
+        (parts.status, parts.headers, body, seen, retried)
+    }
+
+    #[tokio::test]
+    async fn a_request_the_upstream_refused_unprocessed_is_sent_again_with_its_body() {
+        for (raw, len) in [
+            (&b"GET /x HTTP/1.1\r\nhost: api.demo\r\n\r\n"[..], "0"),
+            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ncontent-length: 5\r\n\r\nhello", "5"),
+            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", "7"),
+        ] {
+            // Streamed, or buffered on a path known to need step-up.
+            for known in [false, true] {
+                let (status, headers, body, seen, retried) =
+                    through(Serve::RefuseFirst(1), raw, known).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                assert_eq!(headers.get("x-body-len").unwrap(), len, "the body went again whole");
+                assert_eq!(seen, 2, "refused once, then answered");
+                assert_eq!(retried, 1.0);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_again_is_503_with_retry_after_and_not_sent_a_third_time() {
+        let raw = b"POST /x HTTP/1.1\r\nhost: api.demo\r\ncontent-length: 5\r\n\r\nhello";
+        for known in [false, true] {
+            let (status, headers, body, seen, retried) = through(Serve::Refuse, raw, known).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert_eq!(headers.get(header::RETRY_AFTER).unwrap(), "1");
+            assert!(
+                body.contains("refused the request without processing it"),
+                "{body}"
+            );
+            assert_eq!(seen, 2, "one retry");
+            assert_eq!(retried, 1.0);
+            // Any other reset may have reached the app: not sent again, 502.
+            let (status, _, body, seen, retried) = through(Serve::Reset, raw, known).await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+            assert_eq!((seen, retried), (1, 0.0));
         }
     }
 

@@ -28,15 +28,14 @@ use keyproof_stepup::{
     is_stepup_challenge, strip_stepup_headers, unix_now, Challenge, RequestView, SignError, Signer,
 };
 
-use crate::error::root_cause;
 use crate::http::body::{text, ProxyBody, RequestBody};
 use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
 use crate::http::mesh_client::MeshConnInfo;
 use crate::http::tee::Resend;
 use crate::identity::store::{Identity, IdentityStore};
-use crate::metrics::{Metrics, SignResult, SignerMetrics};
+use crate::metrics::{Metrics, Retry, SignResult, SignerMetrics};
 use crate::outbound::kept::KeptNonces;
-use crate::outbound::upstream::{ForwardError, MeshLink};
+use crate::outbound::upstream::{pause_after_refusal, ForwardError, MeshLink};
 
 use crate::http::owned::STEP_UP_ERROR;
 
@@ -84,7 +83,12 @@ impl Template {
         self.uri.path()
     }
 
-    fn request(&self, headers: HeaderMap, body: &Bytes) -> Request<ProxyBody> {
+    /// The request again, as first made, with `body`.
+    pub fn request(&self, body: &Bytes) -> Request<ProxyBody> {
+        self.request_with(self.headers.clone(), body)
+    }
+
+    fn request_with(&self, headers: HeaderMap, body: &Bytes) -> Request<ProxyBody> {
         let mut req = Request::new(if body.is_empty() {
             ProxyBody::empty()
         } else {
@@ -443,7 +447,9 @@ impl OutboundStepUp {
     /// for a nonce kept for this connection and path, if any. The signature
     /// binds the connection, so it is made after the connection is known; a
     /// request the connection refused before sending (it was closing) is
-    /// signed again for a fresh connection, once. `Ok(Err(_))`: the
+    /// signed again for a fresh connection, once, and one whose stream the
+    /// upstream refused unprocessed is signed and sent again after a pause,
+    /// once. `Ok(Err(_))`: the
     /// challenge could not be answered.
     async fn send_signed(
         &self,
@@ -454,6 +460,7 @@ impl OutboundStepUp {
     ) -> Result<Result<(Response<ProxyBody>, Arc<MeshConnInfo>), SignResult>, ForwardError> {
         let mut kept: Option<Challenge> = None;
         let mut retried = false;
+        let mut refused = false;
         loop {
             let (send, info) = link.sender().await?;
             let mut headers = template.headers.clone();
@@ -475,11 +482,21 @@ impl OutboundStepUp {
                     }
                 }
             }
-            match send.try_send(template.request(headers, body)).await {
+            match send.try_send(template.request_with(headers, body)).await {
                 Ok(resp) => return Ok(Ok((resp.map(ProxyBody::Mesh), info))),
-                Err(e) => match e.unsent {
-                    Some(_) if !retried => retried = true,
-                    _ => return Err(ForwardError::Upstream(root_cause(&e.error))),
+                Err(e) => match (e.unsent, ForwardError::from_h2(&e.error)) {
+                    (Some(_), _) if !retried => {
+                        retried = true;
+                        link.metrics().retried(Retry::ConnectionClosing);
+                    }
+                    // Refused unprocessed, the nonce was not spent either:
+                    // signed again (for whichever connection is live then).
+                    (None, ForwardError::Refused(_)) if !refused => {
+                        refused = true;
+                        pause_after_refusal().await;
+                        link.metrics().retried(Retry::RefusedStream);
+                    }
+                    (_, e) => return Err(e),
                 },
             }
         }
@@ -614,7 +631,7 @@ mod tests {
             Version::HTTP_2,
             headers(&[("content-type", "application/json")]),
         );
-        let req = t.request(headers(&[("x-a", "1")]), &Bytes::from_static(b"{}"));
+        let req = t.request_with(headers(&[("x-a", "1")]), &Bytes::from_static(b"{}"));
         assert_eq!(req.method(), Method::POST);
         assert_eq!(req.uri(), "https://api.demo/admin");
         assert_eq!(req.version(), Version::HTTP_2);
@@ -623,7 +640,7 @@ mod tests {
         assert_eq!(req.headers()["x-a"], "1");
         let body = req.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{}");
-        let empty = t.request(HeaderMap::new(), &Bytes::new());
+        let empty = t.request_with(HeaderMap::new(), &Bytes::new());
         assert!(empty.body().is_end_stream());
     }
 
@@ -677,7 +694,7 @@ mod tests {
         hook.sign(&ch, &t, &mut signed, b"{}", &info(exporter))
             .unwrap();
         // The request as the inbound receives it over HTTP/2.
-        let req = t.request(signed, &Bytes::from_static(b"{}"));
+        let req = t.request_with(signed, &Bytes::from_static(b"{}"));
         let view = RequestView::new(req.method(), req.uri(), req.headers());
         let pending = v.begin(&peer, "/admin", &view, unix_now()).unwrap();
         assert_eq!(

@@ -30,7 +30,7 @@ use crate::http::body::ProxyBody;
 use crate::http::mesh_client::{MeshConn, MeshConnInfo, MeshSender};
 use crate::http::read_ahead::ReadAhead;
 use crate::identity::store::{self, IdentityStore};
-use crate::metrics::{DirectionMetrics, Metrics};
+use crate::metrics::{DirectionMetrics, Metrics, Retry};
 use crate::outbound::kept::StepUpPaths;
 use crate::outbound::own_ports;
 
@@ -421,6 +421,11 @@ pub struct MeshLink {
 }
 
 impl MeshLink {
+    /// The outbound's metrics, where retries are counted.
+    pub fn metrics(&self) -> &DirectionMetrics {
+        &self.dialer.metrics
+    }
+
     /// The live connection's sender, dialling a new connection if there is
     /// none. The dial (TCP, TLS and h2 handshakes) is boxed: inline, its
     /// state would sit in every request's future, which is moved into place
@@ -487,6 +492,40 @@ pub enum ForwardError {
     NotH2,
     /// The upstream failed after connecting.
     Upstream(String),
+    /// The upstream refused the request's stream without processing it
+    /// (`REFUSED_STREAM`, RFC 9113 section 8.7: it is short of memory or
+    /// streams for now), so it is safe to send again.
+    Refused(String),
+}
+
+impl ForwardError {
+    /// What a stream's h2 error means for its request: a stream the peer
+    /// refused has not reached its app; after any other failure it may
+    /// have.
+    pub fn from_h2(e: &h2::Error) -> ForwardError {
+        let refused =
+            e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        if refused {
+            ForwardError::Refused(root_cause(e))
+        } else {
+            ForwardError::Upstream(root_cause(e))
+        }
+    }
+}
+
+/// How long a request the upstream refused waits before it is sent again:
+/// a peer that refuses streams for memory sheds and recovers within its
+/// 50 ms look ([`crate::memory::PERIOD`]), and a spread keeps the requests
+/// it refused together from all coming back at once.
+pub async fn pause_after_refusal() {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is seeded per instance from the OS: a jitter without a
+    // random-number crate.
+    let spread = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % 50;
+    tokio::time::sleep(Duration::from_millis(25 + spread)).await;
 }
 
 /// One entry of the upstream table: where requests for its host go, and the
@@ -573,14 +612,15 @@ pub async fn send_h2(
         Ok(r) => (r.map(ProxyBody::Mesh), info),
         Err(e) => match e.unsent {
             Some(req) => {
+                link.metrics().retried(Retry::ConnectionClosing);
                 let (send, info) = link.sender().await?;
                 let r = send
                     .try_send(req)
                     .await
-                    .map_err(|e| ForwardError::Upstream(root_cause(&e.error)))?;
+                    .map_err(|e| ForwardError::from_h2(&e.error))?;
                 (r.map(ProxyBody::Mesh), info)
             }
-            None => return Err(ForwardError::Upstream(root_cause(&e.error))),
+            None => return Err(ForwardError::from_h2(&e.error)),
         },
     };
     resp.extensions_mut().insert(info);
@@ -658,17 +698,14 @@ pub(crate) mod tests {
         match up.h2.sender().await {
             Ok(_) => panic!("the dial succeeded"),
             Err(ForwardError::Connect(e)) => e,
-            Err(ForwardError::NotH2) => panic!("NotH2, not a connect error"),
-            Err(ForwardError::Upstream(e)) => panic!("Upstream({e}), not a connect error"),
+            Err(e) => panic!("{e:?}, not a connect error"),
         }
     }
 
     async fn sender(up: &Upstream) -> MeshConn {
         match up.h2.sender().await {
             Ok(c) => c,
-            Err(ForwardError::Connect(e)) => panic!("connect failed: {e}"),
-            Err(ForwardError::NotH2) => panic!("NotH2"),
-            Err(ForwardError::Upstream(e)) => panic!("upstream failed: {e}"),
+            Err(e) => panic!("no sender: {e:?}"),
         }
     }
 
@@ -699,6 +736,10 @@ pub(crate) mod tests {
         ConnectMax(u32),
         /// Refuses every stream (`REFUSED_STREAM`).
         Refuse,
+        /// Reads each request's body, refuses the connection's first `n`
+        /// streams (`REFUSED_STREAM`) and answers the rest `200` with the
+        /// body's length in `x-body-len`.
+        RefuseFirst(usize),
         /// Never answers.
         Silent,
     }
@@ -810,6 +851,10 @@ pub(crate) mod tests {
                                     }
                                     Serve::Reset => respond.send_reset(h2::Reason::INTERNAL_ERROR),
                                     Serve::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                                    Serve::RefuseFirst(n) => {
+                                        let refuse = requests.load(Ordering::SeqCst) <= n;
+                                        tokio::spawn(refuse_or_count(req, respond, refuse));
+                                    }
                                     Serve::Silent => {
                                         tokio::spawn(async move {
                                             let _held = (req, respond);
@@ -828,6 +873,30 @@ pub(crate) mod tests {
             }
         });
         (addr, rx)
+    }
+
+    /// Reads the request's body, then refuses its stream or answers `200`
+    /// with the body's length.
+    async fn refuse_or_count(
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+        refuse: bool,
+    ) {
+        let mut body = req.into_body();
+        let mut len = 0;
+        while let Some(Ok(d)) = body.data().await {
+            len += d.len();
+            let _ = body.flow_control().release_capacity(d.len());
+        }
+        if refuse {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            return;
+        }
+        let resp = Response::builder()
+            .header("x-body-len", len)
+            .body(())
+            .expect("a response");
+        let _ = respond.send_response(resp, true);
     }
 
     /// Opens a `CONNECT` tunnel and echoes what it carries.
