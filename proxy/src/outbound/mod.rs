@@ -740,8 +740,13 @@ impl Outbound {
             }
             Err(ForwardError::Refused(why)) => {
                 // Only a body kept whole can go again: one the upstream
-                // refused mid-stream, or larger than the copy, cannot.
-                let body = match copy.map_or(Resend::Body(bytes::Bytes::new()), |c| c.resend()) {
+                // refused mid-stream, or larger than the copy, cannot. The
+                // copy stays charged to the app (`tee.rs`) until the
+                // request has gone again.
+                let body = match copy
+                    .as_ref()
+                    .map_or(Resend::Body(bytes::Bytes::new()), TeeHandle::resend)
+                {
                     Resend::Body(b) => b,
                     Resend::TooLarge | Resend::Incomplete => {
                         let sent = Err(ForwardError::Refused(why));
@@ -755,6 +760,7 @@ impl Outbound {
                         Ok((send, info)) => send_h2(&up.h2, send, info, head.request(&body)).await,
                         Err(e) => Err(e),
                     };
+                    drop(copy);
                     match sent {
                         Ok(resp) if is_stepup_challenge(resp.status(), resp.headers()) => {
                             let resend = Resend::Body(body);
