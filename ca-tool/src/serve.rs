@@ -1689,7 +1689,13 @@ impl Server {
                 self.metrics.set_ready(ready.is_ok());
                 match ready {
                     Ok(()) => text_response(StatusCode::OK, "ready\n".into()),
-                    Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    // What is wrong, not the details (file paths, token
+                    // URIs, database errors): the port answers anyone who
+                    // reaches it. The log has them.
+                    Err(why) => text_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {} (the log says why)\n", why.what),
+                    ),
                 }
             }
             "/metrics" => {
@@ -1715,11 +1721,13 @@ impl Server {
 
     /// Logs a change of readiness (not every probe: a kubelet probes every
     /// few seconds).
-    fn note_readiness(&self, ready: &Result<(), String>) {
+    fn note_readiness(&self, ready: &Result<(), NotReady>) {
         let mut was = self.was_ready.lock().unwrap_or_else(|p| p.into_inner());
         match (ready, *was) {
             (Err(_), Some(false)) | (Ok(()), None | Some(true)) => {}
-            (Err(why), None | Some(true)) => tracing::warn!(reason = %why, "not ready"),
+            (Err(why), None | Some(true)) => {
+                tracing::warn!(reason = %why.what, detail = %why.detail, "not ready");
+            }
             (Ok(()), Some(false)) => tracing::info!("ready again"),
         }
         *was = Some(ready.is_ok());
@@ -1727,7 +1735,7 @@ impl Server {
 
     /// Ready when the current CA directory is loaded, its key signs and
     /// the ledger can be appended to (with a store: the database answers).
-    fn readiness(&self) -> Result<(), String> {
+    fn readiness(&self) -> Result<(), NotReady> {
         self.refresh();
         if let Some(e) = self
             .reload_error
@@ -1744,13 +1752,19 @@ impl Server {
             // and its log.
             let previous_valid = self.loaded.load().ca.intermediate_not_after > crate::ca::now();
             if self.store.is_none() || !previous_valid {
-                return Err(format!("the CA directory cannot be loaded: {e}"));
+                return Err(NotReady::new("the CA directory cannot be loaded", e));
             }
         }
-        self.key_ready()?;
+        self.key_ready()
+            .map_err(|e| NotReady::new("the intermediate key does not sign", e))?;
         match &self.store {
-            Some(link) => link.status(),
-            None => self.ledger.writable(&self.dir),
+            Some(link) => link
+                .status()
+                .map_err(|e| NotReady::new("the store is unavailable", e)),
+            None => self
+                .ledger
+                .writable(&self.dir)
+                .map_err(|e| NotReady::new("the ledger cannot be appended to", e)),
         }
     }
 
@@ -1793,6 +1807,22 @@ impl Server {
                 }
                 false
             }
+        }
+    }
+}
+
+/// Why the server is not ready: `what` for `/ready`, `detail` for the log.
+#[derive(Debug)]
+struct NotReady {
+    what: &'static str,
+    detail: String,
+}
+
+impl NotReady {
+    fn new(what: &'static str, detail: impl std::fmt::Display) -> NotReady {
+        NotReady {
+            what,
+            detail: detail.to_string(),
         }
     }
 }
