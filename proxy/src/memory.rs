@@ -538,7 +538,13 @@ impl HeadBudget {
     /// cannot take the pod's own outbound calls from it. A holder holding
     /// nothing may take one head whatever its size, so that a
     /// `max_header_bytes` above the share is not refused outright.
-    fn take(&'static self, holder: &Arc<Holder>, bytes: u64, count: bool) -> Option<HeadGrant> {
+    fn take(
+        &'static self,
+        holder: &Arc<Holder>,
+        bytes: u64,
+        count: bool,
+        past_share: bool,
+    ) -> Option<HeadGrant> {
         let size = self.size.load(Ordering::Relaxed);
         if size == u64::MAX {
             return Some(HeadGrant(None));
@@ -551,7 +557,7 @@ impl HeadBudget {
         let all = self.taken.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let mine = before + bytes;
         let fair = size / self.active.load(Ordering::Relaxed).max(1);
-        let within_share = before == 0 || mine <= share;
+        let within_share = past_share || before == 0 || mine <= share;
         let room = all <= size || (all <= 2 * size && mine <= fair);
         let granted = within_share && (holder.app || room);
         if !granted {
@@ -597,7 +603,7 @@ impl Holder {
     /// Charges a request head of `bytes` to this holder, or refuses it
     /// (see [`HeadBudget`]); the grant gives it back when dropped.
     pub fn take(self: &Arc<Self>, bytes: u64) -> Option<HeadGrant> {
-        HEADS.take(self, bytes, true)
+        HEADS.take(self, bytes, true, false)
     }
 
     /// As [`Holder::take`], with the size worked out only under a limit
@@ -648,6 +654,8 @@ pub struct Growing {
     charged: u64,
     /// Refusals are requests refused, and counted as such.
     refuses_requests: bool,
+    /// Charged against the budget's room only, not the holder's share.
+    past_share: bool,
 }
 
 /// The steps what grows is charged in.
@@ -662,6 +670,22 @@ impl Growing {
             grants: Vec::new(),
             charged: 0,
             refuses_requests: true,
+            past_share: false,
+        }
+    }
+
+    /// As [`Growing::new`], for an HTTP/2 header block still arriving:
+    /// refused, its whole connection closes (the block cannot be skipped:
+    /// the HPACK state it changes is the connection's), with every request
+    /// on it, processed or not (round 8: a caller with many 40 KB heads in
+    /// flight lost its answered requests with them). So only a full budget
+    /// refuses it (and past it, the equal split among holders); the
+    /// holder's share is kept by its head, which is charged once it ends
+    /// and refused alone (`REFUSED_STREAM`).
+    pub fn header_block(holder: Arc<Holder>) -> Growing {
+        Growing {
+            past_share: true,
+            ..Growing::new(holder)
         }
     }
 
@@ -682,7 +706,13 @@ impl Growing {
             return true;
         }
         while self.charged < bytes {
-            let Some(g) = HEADS.take(&self.holder, GROWING_STEP, self.refuses_requests) else {
+            let taken = HEADS.take(
+                &self.holder,
+                GROWING_STEP,
+                self.refuses_requests,
+                self.past_share,
+            );
+            let Some(g) = taken else {
                 return false;
             };
             self.grants.push(g);
@@ -825,7 +855,7 @@ mod tests {
     fn request_heads_are_shared_fairly_within_twice_the_budget() {
         // A budget of its own: the process's serves the other tests.
         static HEADS: HeadBudget = HeadBudget::new();
-        let take = |h: &Arc<Holder>, n: u64| HEADS.take(h, n, true);
+        let take = |h: &Arc<Holder>, n: u64| HEADS.take(h, n, true, false);
         let fill = |h: &Arc<Holder>, n: u64| -> Vec<HeadGrant> {
             std::iter::from_fn(|| take(h, n)).take(100_000).collect()
         };
@@ -870,5 +900,25 @@ mod tests {
         assert_eq!(HEADS.active.load(Ordering::Relaxed), 0);
         assert_eq!(flood.held(), 0);
         assert!(take(&flood, head).is_some());
+    }
+
+    #[test]
+    fn header_blocks_still_arriving_are_refused_only_by_a_full_budget() {
+        static HEADS: HeadBudget = HeadBudget::new();
+        HEADS.bound(Some(16 * MI));
+        let step = 16 << 10;
+        let caller = Arc::new(Holder::default());
+        // Its share (4 MiB) is held by its requests in flight...
+        let heads: Vec<HeadGrant> =
+            std::iter::from_fn(|| HEADS.take(&caller, step, true, false)).collect();
+        assert_eq!(heads.len() as u64, 4 * MI / step);
+        // ...and a block still arriving on one of its connections goes on
+        // (to be refused alone once it ends), up to the budget's room, and
+        // then an equal split past it.
+        let blocks: Vec<HeadGrant> =
+            std::iter::from_fn(|| HEADS.take(&caller, step, true, true)).collect();
+        assert_eq!(HEADS.taken.load(Ordering::Relaxed), 16 * MI);
+        drop((heads, blocks));
+        assert_eq!(caller.held(), 0);
     }
 }

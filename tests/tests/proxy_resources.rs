@@ -1350,7 +1350,6 @@ fn outbound_to(w: &World, name: &str, in_addr: SocketAddr, extra: &str) -> (Prox
 /// the request may have caused.
 #[test]
 fn requests_refused_for_memory_are_retried_then_503_with_retry_after() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const REQUESTS: usize = 100;
     let w = World::new();
     let app = stalled_app();
@@ -1369,35 +1368,7 @@ fn requests_refused_for_memory_are_retried_then_503_with_retry_after() {
             .map(|i| format!("x-a{i}: {}\r\n", "v".repeat(4000)))
             .collect::<String>()
     );
-    let rt = rt();
-    let answers = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for _ in 0..REQUESTS {
-            let head = head.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut s = tokio::net::TcpStream::connect(out_addr).await.ok()?;
-                s.write_all(head.as_bytes()).await.ok()?;
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                // Held requests never answer; refused ones do, at once.
-                let read = tokio::time::timeout(Duration::from_secs(4), async {
-                    loop {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                });
-                let _ = read.await;
-                Some(String::from_utf8_lossy(&got).into_owned())
-            }));
-        }
-        let mut answers = Vec::new();
-        for t in tasks {
-            answers.push(t.await.ok().flatten().unwrap_or_default());
-        }
-        answers
-    });
+    let answers = rt().block_on(send_each(out_addr, vec![head; REQUESTS], Duration::ZERO));
     let answered: Vec<&String> = answers.iter().filter(|a| !a.is_empty()).collect();
     let unavailable = answered
         .iter()
@@ -1425,6 +1396,103 @@ fn requests_refused_for_memory_are_retried_then_503_with_retry_after() {
     // Each 503 went twice; a retry the inbound took is held like the rest.
     assert!(retried >= unavailable as f64, "{}", outbound.log_text());
     assert!(refused >= 2.0 * unavailable as f64);
+}
+
+/// Sends each of `requests` (raw HTTP/1.1) on a connection of its own to
+/// `addr`, `gap` apart, and reads what comes back within 4 s of the last
+/// (held requests get nothing): the answers, in order.
+async fn send_each(addr: SocketAddr, requests: Vec<String>, gap: Duration) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tasks = Vec::new();
+    for raw in requests {
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            s.write_all(raw.as_bytes()).await.ok()?;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let read = tokio::time::timeout(Duration::from_secs(4), async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+            let _ = read.await;
+            Some(String::from_utf8_lossy(&got).into_owned())
+        }));
+        tokio::time::sleep(gap).await;
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.ok().flatten().unwrap_or_default());
+    }
+    answers
+}
+
+/// Memory, both sides: heads too large for one HTTP/2 frame (a HEADERS
+/// frame and CONTINUATION) from a caller whose share of the head budget
+/// is held by its requests in flight are refused one stream at a time
+/// (`REFUSED_STREAM`: retried, then 503), not by closing the mesh
+/// connection, which failed every request on it with 502, answered ones
+/// included (round 8).
+#[test]
+fn large_heads_past_a_callers_share_refuse_their_stream_not_the_connection() {
+    const LARGE: usize = 150;
+    const SMALL: usize = 60;
+    let w = World::new();
+    let (inbound, in_addr) = w.inbound(
+        "large-heads",
+        w.app.addr,
+        "\n[runtime]\nmemory_limit = \"40Mi\"\n",
+    );
+    let (_outbound, out_addr) = outbound_to(&w, "large-heads-out", in_addr, "");
+    // About 40 KB of header values: 35 KB Huffman-coded, over the 32 KiB
+    // frames the inbound takes. The app answers /slow after 2 s.
+    let large = format!(
+        "GET /slow HTTP/1.1\r\nhost: api.default.svc\r\nconnection: close\r\n{}\r\n",
+        (0..10)
+            .map(|i| format!("x-a{i}: {}\r\n", "v".repeat(4000)))
+            .collect::<String>()
+    );
+    let small = "GET /small HTTP/1.1\r\nhost: api.default.svc\r\nconnection: close\r\n\r\n";
+    let rt = rt();
+    let (large, small) = rt.block_on(async {
+        let large = tokio::spawn(send_each(
+            out_addr,
+            vec![large; LARGE],
+            Duration::from_millis(2),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let small = send_each(
+            out_addr,
+            vec![small.to_owned(); SMALL],
+            Duration::from_millis(5),
+        )
+        .await;
+        (large.await.expect("large"), small)
+    });
+    let status = |a: &String| a.split(' ').nth(1).unwrap_or("none").to_owned();
+    let count = |all: &[String]| {
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for a in all {
+            *by.entry(status(a)).or_default() += 1;
+        }
+        by
+    };
+    let (by_large, by_small) = (count(&large), count(&small));
+    let refused = inbound.metric("keyproof_memory_refused_requests_total");
+    eprintln!("large heads: {by_large:?}; small: {by_small:?}; refused {refused}");
+    assert!(refused > 0.0, "the budget was never full: {by_large:?}");
+    for a in large.iter().chain(&small) {
+        assert!(
+            matches!(status(a).as_str(), "200" | "503"),
+            "{}\n{}",
+            a.lines().take(12).collect::<Vec<_>>().join("\n"),
+            inbound.log_text()
+        );
+    }
+    assert_eq!(by_small.get("200"), Some(&SMALL), "{by_small:?}");
 }
 
 /// Memory, outbound: the app's uploads to an upstream that never answers.

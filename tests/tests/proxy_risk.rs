@@ -1564,6 +1564,61 @@ fn trailer_fields_read_by_header_rules_never_reach_the_app_unevaluated() {
     assert_eq!(mesh.challenges("/pay", "big"), 0.0);
 }
 
+/// A body read whole (to sign it, to verify it, to send it again after a
+/// challenge or an app's ask) goes on with its trailer section: a request
+/// whose trailers are lost on the way is another request (round 8: the
+/// resent request lost them).
+#[test]
+fn trailers_go_on_through_every_step_up_path() {
+    let mesh = Mesh::start(&[("web", WEB)], |_, _| {
+        [
+            rule("big", "header = \"x-amount\"\nabove = 1000"),
+            route("/su", "\"always\"", &[]),
+            route("/asks", "\"risk\"", &["big"]),
+        ]
+        .concat()
+    });
+    let out = mesh.caller("web").out_addr;
+    let call = |path: &str| {
+        let raw = format!(
+            "POST http://{AUTHORITY}{path} HTTP/1.1\r\nhost: {AUTHORITY}\r\ntransfer-encoding: chunked\r\n\
+             trailer: x-sum, x-amount\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 42\r\n\
+             x-amount: 99999\r\n\r\n"
+        );
+        let (code, text) = raw_call(out, &raw);
+        assert_eq!(code, 200, "{path}: {text}\n{}", mesh.inbound.log_text());
+        let seen = mesh.app.seen_under(path);
+        let last = seen.last().expect("the app saw it").clone();
+        assert_eq!(last.body_len, 3, "{seen:?}");
+        assert!(
+            last.trailers.iter().any(|(k, v)| k == "x-sum" && v == "42"),
+            "{path}: the trailers were lost: {seen:?}"
+        );
+        seen
+    };
+    // The first request to the path: streamed, challenged, resent from
+    // the outbound's copy.
+    let first = call("/su/first");
+    assert_eq!(first.len(), 1, "{first:?}");
+    verified(&first[0], "always");
+    // Then a path known to need step-up: read whole and signed up front.
+    let known = call("/su/known");
+    verified(&known[0], "always");
+    assert!(known[0].trailers.iter().any(|(k, _)| k == "x-amount"));
+    // The app asks: the caller's sidecar resends it, signed. The field
+    // the route's rule reads does not reach the app from the trailers,
+    // verified or not (it was never evaluated).
+    let asked = call("/asks/ask-t");
+    assert_eq!(asked.len(), 2, "asked, then verified: {asked:?}");
+    verified(&asked[1], "app");
+    for seen in &asked {
+        assert!(
+            seen.trailers.iter().all(|(k, _)| k != "x-amount"),
+            "{seen:?}"
+        );
+    }
+}
+
 #[test]
 fn an_app_asking_in_another_spelling_or_value_is_heard() {
     let mesh = Mesh::start(&[("web", WEB)], |_, _| {

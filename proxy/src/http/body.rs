@@ -16,6 +16,7 @@ use crate::error::BoxError;
 use crate::http::app_client::{AppBody, H2cBody};
 use crate::http::h1_server::ServerBody;
 use crate::http::h2_stream::MeshBody;
+use crate::http::limited::Whole;
 use crate::http::owned::{self, Underscores};
 use crate::http::response;
 use crate::http::tee::TeeBody;
@@ -32,6 +33,8 @@ pub enum ProxyBody {
     Stream(Incoming),
     /// A complete body (or none, once taken).
     Full(Option<Bytes>),
+    /// A complete body with its trailer section (what is left to send).
+    Whole(Whole),
     /// A streamed peer body of which the outbound keeps a bounded copy, so
     /// a step-up challenge can be answered by resending it.
     Tee(TeeBody<RequestBody>),
@@ -61,6 +64,17 @@ impl ProxyBody {
 impl From<Bytes> for ProxyBody {
     fn from(b: Bytes) -> Self {
         ProxyBody::Full(Some(b))
+    }
+}
+
+impl From<Whole> for ProxyBody {
+    /// Without trailers, as [`ProxyBody::Full`] (or empty).
+    fn from(w: Whole) -> Self {
+        match w.trailers {
+            Some(_) => ProxyBody::Whole(w),
+            None if w.data.is_empty() => ProxyBody::empty(),
+            None => ProxyBody::Full(Some(w.data)),
+        }
     }
 }
 
@@ -160,6 +174,11 @@ impl Body for ProxyBody {
         let polled = match self.get_mut() {
             ProxyBody::Stream(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Whole(w) => Poll::Ready(if !w.data.is_empty() {
+                Some(Ok(Frame::data(std::mem::take(&mut w.data))))
+            } else {
+                w.trailers.take().map(|t| Ok(Frame::trailers(t)))
+            }),
             ProxyBody::Tee(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::App(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::H2c(b) => boxed(Pin::new(b).poll_frame(cx)),
@@ -198,6 +217,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Stream(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Whole(w) => w.data.is_empty() && w.trailers.is_none(),
             ProxyBody::Tee(b) => b.is_end_stream(),
             ProxyBody::App(b) => b.is_end_stream(),
             ProxyBody::H2c(b) => b.is_end_stream(),
@@ -211,6 +231,13 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Stream(b) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            // Not exact: a length announced in HTTP/1.1 leaves no place
+            // for the trailers, which only chunked coding carries.
+            ProxyBody::Whole(w) => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(w.data.len() as u64);
+                hint
+            }
             ProxyBody::Tee(b) => b.size_hint(),
             ProxyBody::App(b) => b.size_hint(),
             ProxyBody::H2c(b) => b.size_hint(),

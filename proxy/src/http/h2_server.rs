@@ -166,7 +166,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin, S, R> Connection<I, S, R> {
     {
         // A header block the caller leaves unfinished is charged to it
         // (0: the block ended).
-        let mut block = memory::Growing::new(holder.clone());
+        let mut block = memory::Growing::header_block(holder.clone());
         let charge = move |bytes| {
             if bytes == 0 {
                 block.done();

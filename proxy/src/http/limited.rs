@@ -30,14 +30,44 @@ pub enum ReadError {
     Stalled(Duration),
 }
 
-/// Reads a whole body, refusing more than `limit` bytes, and giving up when
-/// nothing comes for `stall` (when given). Request trailers are dropped
-/// (HTTP/1 clients never send them; gRPC sends none on requests).
+/// A body read whole: its content, and the trailer section that ended it
+/// (rare on requests: HTTP/1.1 chunked trailers, HTTP/2 trailing
+/// HEADERS), kept so that the body goes on, or again, as it came.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Whole {
+    /// The content.
+    pub data: Bytes,
+    /// The trailer section, if the body had one.
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Whole {
+    /// A body of `data` and no trailers.
+    pub fn data(data: Bytes) -> Whole {
+        Whole {
+            data,
+            trailers: None,
+        }
+    }
+}
+
+impl std::ops::Deref for Whole {
+    type Target = [u8];
+
+    /// The content (what a signature's `Content-Digest` covers).
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Reads a whole body, refusing more than `limit` bytes of content, and
+/// giving up when nothing comes for `stall` (when given). Its trailers are
+/// kept.
 pub async fn read_limited<B>(
     body: &mut B,
     limit: usize,
     stall: Option<Duration>,
-) -> Result<Bytes, ReadError>
+) -> Result<Whole, ReadError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -47,6 +77,7 @@ where
     }
     let mut first: Option<Bytes> = None;
     let mut buf: Vec<u8> = Vec::new();
+    let mut trailers = None;
     loop {
         let frame = match stall {
             None => body.frame().await,
@@ -66,8 +97,14 @@ where
         };
         let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| ReadError::Body(e.to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+                continue;
+            }
         };
         let have = first.as_ref().map_or(0, Bytes::len) + buf.len();
         if have + data.len() > limit {
@@ -84,10 +121,11 @@ where
             None => buf.extend_from_slice(&data),
         }
     }
-    Ok(match first {
+    let data = match first {
         Some(f) => f,
         None => Bytes::from(buf),
-    })
+    };
+    Ok(Whole { data, trailers })
 }
 
 /// Reads and drops up to `limit` more bytes of a body that is being
@@ -182,7 +220,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn frames_are_joined_and_trailers_dropped() {
+    async fn frames_are_joined_and_trailers_kept() {
         let steps = vec![
             data("ab"),
             data("cd"),
@@ -190,8 +228,21 @@ mod tests {
             trailers(&[("x-t", "1")]),
         ];
         let mut body = TestBody::steps(steps, None);
-        let r = read_limited(&mut body, 64, None).await;
-        assert_eq!(r.ok().as_deref(), Some(&b"abcdef"[..]));
+        let r = read_limited(&mut body, 64, None).await.ok().unwrap();
+        assert_eq!(&r[..], b"abcdef");
+        assert_eq!(r.trailers.unwrap().get("x-t").unwrap(), "1");
+        // As a body again: the content, then the trailers.
+        let whole = Whole {
+            data: Bytes::from_static(b"ab"),
+            trailers: Some(http::HeaderMap::from_iter([(
+                http::HeaderName::from_static("x-t"),
+                http::HeaderValue::from_static("1"),
+            )])),
+        };
+        let mut again = crate::http::body::ProxyBody::from(whole.clone());
+        assert_eq!(again.size_hint().exact(), None, "chunked in HTTP/1.1");
+        assert_eq!(read_limited(&mut again, 64, None).await.ok(), Some(whole));
+        assert!(again.is_end_stream());
         // One frame: the same bytes, not a copy.
         let frame = Bytes::from_static(b"one");
         let mut body = TestBody::from(frame.clone());

@@ -13,11 +13,15 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
+use crate::http::limited::Whole;
 use crate::memory::{Growing, Holder};
 
 #[derive(Debug, Default)]
 struct TeeState {
     chunks: Vec<Bytes>,
+    /// The trailer section that ended the body, if any: a resend without
+    /// it would be another request (a checksum in a trailer, say).
+    trailers: Option<http::HeaderMap>,
     len: usize,
     overflow: bool,
     complete: bool,
@@ -49,8 +53,8 @@ pub struct TeeHandle(Arc<Mutex<TeeState>>);
 /// The body available for a resend.
 #[derive(Debug)]
 pub enum Resend {
-    /// The whole body, as sent.
-    Body(Bytes),
+    /// The whole body, as sent, with its trailers.
+    Body(Whole),
     /// The body was larger than the bound (or than the memory budget
     /// would keep).
     TooLarge,
@@ -87,7 +91,7 @@ impl TeeHandle {
             return Resend::Incomplete;
         }
         let chunks = std::mem::take(&mut s.chunks);
-        Resend::Body(match chunks.len() {
+        let data = match chunks.len() {
             0 => Bytes::new(),
             1 => chunks.into_iter().next().unwrap_or_default(),
             _ => {
@@ -97,6 +101,10 @@ impl TeeHandle {
                 }
                 b.freeze()
             }
+        };
+        Resend::Body(Whole {
+            data,
+            trailers: s.trailers.take(),
         })
     }
 }
@@ -131,7 +139,12 @@ impl<B: Body<Data = Bytes> + Unpin> Body for TeeBody<B> {
                     }
                 }
                 // The sender may never poll again once the body says it has
-                // ended, so completion is noted with the last frame.
+                // ended, so completion is noted with the last frame (a
+                // trailer section always is).
+                if let Some(t) = frame.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                    s.complete = true;
+                }
                 if this.inner.is_end_stream() {
                     s.complete = true;
                 }
@@ -172,7 +185,7 @@ mod tests {
         out
     }
 
-    fn resent(h: &TeeHandle) -> Option<Bytes> {
+    fn resent(h: &TeeHandle) -> Option<Whole> {
         match h.resend() {
             Resend::Body(b) => Some(b),
             _ => None,
@@ -184,11 +197,15 @@ mod tests {
         let (mut body, copy) = tee(TestBody::steps(vec![data("ab"), data("cd")], None), 4, None);
         assert_eq!(stream(&mut body).await, b"abcd");
         assert_eq!(resent(&copy).as_deref(), Some(&b"abcd"[..]));
-        // Trailers end the body and are not part of the copy.
+        // Trailers are kept too: a resend without them would be another
+        // request.
         let steps = vec![data("ab"), trailers(&[("x-t", "1")])];
         let (mut body, copy) = tee(TestBody::steps(steps, None), 4, None);
         stream(&mut body).await;
-        assert_eq!(resent(&copy).as_deref(), Some(&b"ab"[..]));
+        let kept = resent(&copy).unwrap();
+        assert_eq!(&kept.data[..], b"ab");
+        let t = kept.trailers.expect("the trailers kept");
+        assert_eq!(t.get("x-t").unwrap(), "1");
     }
 
     #[tokio::test]

@@ -370,7 +370,7 @@ impl InboundStepUp {
         let Some(held) = self.budget.take(conn.peer.id.as_str(), need) else {
             return Err(self.busy(conn, route_id, reason));
         };
-        let body = match read_limited(&mut body, self.max_body, Some(self.body_timeout)).await {
+        let mut body = match read_limited(&mut body, self.max_body, Some(self.body_timeout)).await {
             Ok(b) => b,
             Err(ReadError::Stalled(after)) => {
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, "step-up: request body stalled for {after:?}");
@@ -434,11 +434,13 @@ impl InboundStepUp {
         parts
             .headers
             .insert(STEP_UP_REASON.clone(), reason.header_value());
-        let body = if body.is_empty() {
-            ProxyBody::empty()
-        } else {
-            ProxyBody::Full(Some(body))
-        };
+        // Its trailers go on, but not the fields the route's risk rules
+        // read in the header section: they were never evaluated.
+        let read = route.risk.as_ref().and_then(|k| k.header_fields());
+        if let (Some(t), Some(names)) = (body.trailers.as_mut(), read) {
+            crate::http::owned::remove_named(t, names);
+        }
+        let body = ProxyBody::from(body);
         Ok((
             Request::from_parts(parts, body),
             Verified {

@@ -58,6 +58,7 @@ use crate::config::{Balance, OutboundConfig, UpstreamConfig, UpstreamRule};
 use crate::error::root_cause;
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody, RequestBody, ResponseFuture};
 use crate::http::h1_server::{self, ServerLimits};
+use crate::http::limited::Whole;
 use crate::http::map_in_place::map_in_place;
 use crate::http::mesh_client::Start;
 use crate::http::owned::{self, strip_hop_by_hop, Underscores};
@@ -735,7 +736,7 @@ impl Outbound {
     ) -> Either<Ready<Response<ProxyBody>>, ResponseFuture<'a>> {
         match sent {
             Ok(resp) if is_stepup_challenge(resp.status(), resp.headers()) => {
-                let resend = copy.map_or(Resend::Body(bytes::Bytes::new()), |c| c.resend());
+                let resend = copy.map_or(Resend::Body(Whole::default()), |c| c.resend());
                 Either::Right(Box::pin(self.answer_challenge(up, resp, head, resend)))
             }
             Err(ForwardError::Refused(why)) => {
@@ -745,7 +746,7 @@ impl Outbound {
                 // request has gone again.
                 let body = match copy
                     .as_ref()
-                    .map_or(Resend::Body(bytes::Bytes::new()), TeeHandle::resend)
+                    .map_or(Resend::Body(Whole::default()), TeeHandle::resend)
                 {
                     Resend::Body(b) => b,
                     Resend::TooLarge | Resend::Incomplete => {
@@ -1019,10 +1020,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_the_upstream_refused_unprocessed_is_sent_again_with_its_body() {
-        for (raw, len) in [
-            (&b"GET /x HTTP/1.1\r\nhost: api.demo\r\n\r\n"[..], "0"),
-            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ncontent-length: 5\r\n\r\nhello", "5"),
-            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", "7"),
+        for (raw, len, trailers) in [
+            (&b"GET /x HTTP/1.1\r\nhost: api.demo\r\n\r\n"[..], "0", ""),
+            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ncontent-length: 5\r\n\r\nhello", "5", ""),
+            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", "7", ""),
+            // Its trailers go again too (round 8: they were lost).
+            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 42\r\n\r\n", "3", "x-sum=42"),
         ] {
             // Streamed, or buffered on a path known to need step-up.
             for known in [false, true] {
@@ -1030,6 +1033,7 @@ mod tests {
                     through(Serve::RefuseFirst(1), raw, known).await;
                 assert_eq!(status, StatusCode::OK, "{body}");
                 assert_eq!(headers.get("x-body-len").unwrap(), len, "the body went again whole");
+                assert_eq!(headers.get("x-trailers").unwrap(), trailers, "known: {known}");
                 assert_eq!(seen, 2, "refused once, then answered");
                 assert_eq!(retried, 1.0);
             }

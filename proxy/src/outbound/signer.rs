@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
+
 use http::header::{HeaderValue, HOST};
 use http::uri::Authority;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
@@ -29,7 +29,7 @@ use keyproof_stepup::{
 };
 
 use crate::http::body::{text, ProxyBody, RequestBody};
-use crate::http::limited::{drain, read_limited, ReadError, STEPUP_DRAIN};
+use crate::http::limited::{drain, read_limited, ReadError, Whole, STEPUP_DRAIN};
 use crate::http::mesh_client::MeshConnInfo;
 use crate::http::tee::Resend;
 use crate::identity::store::{Identity, IdentityStore};
@@ -84,16 +84,12 @@ impl Template {
     }
 
     /// The request again, as first made, with `body`.
-    pub fn request(&self, body: &Bytes) -> Request<ProxyBody> {
+    pub fn request(&self, body: &Whole) -> Request<ProxyBody> {
         self.request_with(self.headers.clone(), body)
     }
 
-    fn request_with(&self, headers: HeaderMap, body: &Bytes) -> Request<ProxyBody> {
-        let mut req = Request::new(if body.is_empty() {
-            ProxyBody::empty()
-        } else {
-            ProxyBody::Full(Some(body.clone()))
-        });
+    fn request_with(&self, headers: HeaderMap, body: &Whole) -> Request<ProxyBody> {
+        let mut req = Request::new(ProxyBody::from(body.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = Version::HTTP_2;
@@ -408,7 +404,7 @@ impl OutboundStepUp {
         link: &MeshLink,
         challenge: Response<ProxyBody>,
         template: &Template,
-        body: Bytes,
+        body: Whole,
     ) -> Result<Response<ProxyBody>, ForwardError> {
         let ch = match Challenge::from_headers(challenge.headers()) {
             Ok(Some(c)) => c,
@@ -455,7 +451,7 @@ impl OutboundStepUp {
         &self,
         link: &MeshLink,
         template: &Template,
-        body: &Bytes,
+        body: &Whole,
         challenge: Option<&Challenge>,
     ) -> Result<Result<(Response<ProxyBody>, Arc<MeshConnInfo>), SignResult>, ForwardError> {
         let mut kept: Option<Challenge> = None;
@@ -631,7 +627,10 @@ mod tests {
             Version::HTTP_2,
             headers(&[("content-type", "application/json")]),
         );
-        let req = t.request_with(headers(&[("x-a", "1")]), &Bytes::from_static(b"{}"));
+        let req = t.request_with(
+            headers(&[("x-a", "1")]),
+            &Whole::data(bytes::Bytes::from_static(b"{}")),
+        );
         assert_eq!(req.method(), Method::POST);
         assert_eq!(req.uri(), "https://api.demo/admin");
         assert_eq!(req.version(), Version::HTTP_2);
@@ -640,7 +639,7 @@ mod tests {
         assert_eq!(req.headers()["x-a"], "1");
         let body = req.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{}");
-        let empty = t.request_with(HeaderMap::new(), &Bytes::new());
+        let empty = t.request_with(HeaderMap::new(), &Whole::default());
         assert!(empty.body().is_end_stream());
     }
 
@@ -694,7 +693,7 @@ mod tests {
         hook.sign(&ch, &t, &mut signed, b"{}", &info(exporter))
             .unwrap();
         // The request as the inbound receives it over HTTP/2.
-        let req = t.request_with(signed, &Bytes::from_static(b"{}"));
+        let req = t.request_with(signed, &Whole::data(bytes::Bytes::from_static(b"{}")));
         let view = RequestView::new(req.method(), req.uri(), req.headers());
         let pending = v.begin(&peer, "/admin", &view, unix_now()).unwrap();
         assert_eq!(

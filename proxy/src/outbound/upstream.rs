@@ -738,7 +738,8 @@ pub(crate) mod tests {
         Refuse,
         /// Reads each request's body, refuses the connection's first `n`
         /// streams (`REFUSED_STREAM`) and answers the rest `200` with the
-        /// body's length in `x-body-len`.
+        /// body's length in `x-body-len` and its trailers in
+        /// `x-trailers` (`name=value,...`).
         RefuseFirst(usize),
         /// Never answers.
         Silent,
@@ -888,12 +889,21 @@ pub(crate) mod tests {
             len += d.len();
             let _ = body.flow_control().release_capacity(d.len());
         }
+        let trailers = match body.trailers().await {
+            Ok(Some(t)) => t
+                .iter()
+                .map(|(n, v)| format!("{n}={}", v.to_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => String::new(),
+        };
         if refuse {
             respond.send_reset(h2::Reason::REFUSED_STREAM);
             return;
         }
         let resp = Response::builder()
             .header("x-body-len", len)
+            .header("x-trailers", trailers)
             .body(())
             .expect("a response");
         let _ = respond.send_response(resp, true);
