@@ -261,10 +261,18 @@ impl Watch {
         // memory is over the limit (the heap may be, too, with pages
         // allocated and never touched: nothing to shed then).
         let over = self.limit.is_some_and(|l| resident > l);
-        if !over && !self.shedding && !self.looks.is_multiple_of(GAUGE_EVERY) {
+        // Under half the limit, the budgets are at their largest anyway.
+        let filling = self.limit.is_some_and(|l| resident > l / 2);
+        if let (Some(l), false) = (self.limit, filling) {
+            resize_budgets(l, 0);
+        }
+        if !over && !filling && !self.shedding && !self.looks.is_multiple_of(GAUGE_EVERY) {
             return;
         }
         let heap = heap_bytes().unwrap_or(resident);
+        if let (Some(l), true) = (self.limit, filling) {
+            resize_budgets(l, heap.saturating_sub(HEADS.taken.load(Ordering::Relaxed)));
+        }
         self.metrics.set_heap(heap);
         let open: usize = self.holders.iter().map(|h| h.open()).sum();
         // Right after a shed, connections are closed but what their tasks
@@ -368,8 +376,33 @@ static POOL: Pool = Pool::new();
 /// (`None`: no limit). Both are the process's, as the limit is: sidecars
 /// run in one process (the quickstart's) share them.
 pub fn bound_receive_windows(limit: Option<u64>) {
-    POOL.bound(limit);
+    POOL.bound(limit.map(|l| l / 2));
     HEADS.bound(limit.map(|l| l / 4));
+}
+
+/// Sizes the receive pool and the head budget to the room the rest of the
+/// heap (`held`: what the connections hold besides request heads) leaves
+/// under `limit`. Both take bursts that arrive faster than a look: taken at
+/// their full size on top of a heap already near the limit (2,000 idle
+/// connections of 25-30 KiB each before any request), they took the heap to
+/// one and a half times the limit before shedding answered (round 7's N4).
+/// So the head budget (of which holders may take twice in all) is at most
+/// half the room, and the pool at most the room, between floors that keep
+/// callers served and their sizes at an idle heap (a quarter of the limit,
+/// half of it).
+fn resize_budgets(limit: u64, held: u64) {
+    let (heads, pool) = budgets_for(limit, held);
+    HEADS.bound(Some(heads));
+    POOL.bound(Some(pool));
+}
+
+/// The head budget and the receive pool for [`resize_budgets`].
+fn budgets_for(limit: u64, held: u64) -> (u64, u64) {
+    let room = limit.saturating_sub(held);
+    (
+        (room / 2).clamp(limit / 16, limit / 4),
+        room.clamp(limit / 8, limit / 2),
+    )
 }
 
 impl Pool {
@@ -380,9 +413,8 @@ impl Pool {
         }
     }
 
-    fn bound(&self, limit: Option<u64>) {
-        self.size
-            .store(limit.map_or(u64::MAX, |l| l / 2), Ordering::Relaxed);
+    fn bound(&self, size: Option<u64>) {
+        self.size.store(size.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     fn take(&'static self, floor: u64, max: u64, holder: &Arc<Holder>) -> Grant {
@@ -795,7 +827,7 @@ mod tests {
     fn receive_windows_come_out_of_the_pool_and_go_back() {
         // A pool of its own: the process's serves the other tests' servers.
         static POOL: Pool = Pool::new();
-        POOL.bound(Some(128 * MI));
+        POOL.bound(Some(64 * MI));
         let floor = 256 << 10;
         let max = 16 * MI;
         // A pool of 64 MiB: 16 MiB (the maximum), then a quarter of 48.
@@ -822,7 +854,7 @@ mod tests {
     #[test]
     fn one_holder_takes_at_most_a_quarter_of_the_window_pool() {
         static POOL: Pool = Pool::new();
-        POOL.bound(Some(128 * MI));
+        POOL.bound(Some(64 * MI));
         let (floor, max) = (256 << 10, 16 * MI);
         // 20 connections of one caller: 16 MiB of the 64 MiB pool in all,
         // then the floor.
@@ -837,6 +869,20 @@ mod tests {
         assert!(good.bytes() > 10 * MI, "{}", good.bytes());
         drop(idle);
         assert_eq!(att.windows.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn budgets_shrink_to_the_room_the_connections_leave() {
+        let limit = 64 * MI;
+        // An idle heap (the sidecar's own 20 MiB): the full sizes.
+        assert_eq!(budgets_for(limit, 20 * MI), (16 * MI, 32 * MI));
+        // Connections holding 40 MiB: 24 left, heads at most 12 (24 when
+        // twice taken), the pool 24.
+        assert_eq!(budgets_for(limit, 40 * MI), (12 * MI, 24 * MI));
+        // At or past the limit: the floors, a sixteenth and an eighth.
+        for held in [60 * MI, limit, 2 * limit] {
+            assert_eq!(budgets_for(limit, held), (4 * MI, 8 * MI));
+        }
     }
 
     #[test]

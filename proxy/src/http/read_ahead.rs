@@ -8,12 +8,13 @@
 //! (more is likely waiting), it reads up to [`CHUNK`] at once and serves
 //! the following small reads from that. Writes pass straight through.
 //!
-//! Connections that carry small exchanges keep no buffer: it is taken only
-//! once a read shows data arriving faster than it is asked for, and given
-//! back when the socket runs dry after a read smaller than a direct one
-//! (request/response traffic goes back to direct reads, into the caller's
-//! own buffer). A stream keeps it while it flows: freed and taken again at
-//! every pause, it cost page faults as the allocator returned the memory.
+//! The buffer is taken only once a read shows data arriving faster than it
+//! is asked for, and given back whenever the socket runs dry: a connection
+//! at rest holds none. A burst (a caller's unfinished request head, on
+//! each of its connections at once) would otherwise keep 64 KiB per
+//! connection: 2,000 of them were 25-30 MB of round 7's N4 peak. A stream
+//! that pauses takes it again from the allocator's recently freed memory
+//! (jemalloc keeps freed pages for 100 ms, `.cargo/config.toml`).
 
 use std::io;
 use std::pin::Pin;
@@ -34,10 +35,6 @@ pub struct ReadAhead<I> {
     buf: Vec<u8>,
     at: usize,
     end: usize,
-    /// Fills of `buf` in a row that took more than a direct read would
-    /// have: from two on, a stream, which keeps its buffer when the socket
-    /// runs dry.
-    fills: u8,
 }
 
 impl<I> ReadAhead<I> {
@@ -48,7 +45,6 @@ impl<I> ReadAhead<I> {
             buf: Vec::new(),
             at: 0,
             end: 0,
-            fills: 0,
         }
     }
 
@@ -89,7 +85,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for ReadAhead<I> {
             if let Poll::Ready(Ok(())) = r {
                 if wanted > 0 && out.filled().len() - before == wanted && wanted < CHUNK {
                     this.buf = vec![0; CHUNK];
-                    this.fills = 0;
                 }
             }
             return r;
@@ -98,11 +93,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for ReadAhead<I> {
         match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
-                this.fills = if n > wanted {
-                    this.fills.saturating_add(1)
-                } else {
-                    0
-                };
                 this.at = 0;
                 this.end = n;
                 if n > 0 {
@@ -111,15 +101,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for ReadAhead<I> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                if this.fills < 2 {
-                    // Dry after what a direct read would have taken (small
-                    // exchanges), or after one burst: not a stream. A
-                    // burst is what a caller's unfinished request head
-                    // is, on each of its connections at once; kept, the
-                    // buffers of 2,000 of them were 25-30 MB (round 7's
-                    // N4 scenario: 101-107 MB at the peak, 76-79 MB freed).
-                    this.buf = Vec::new();
-                }
+                // Dry: given back (see the module's documentation).
+                this.buf = Vec::new();
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -180,14 +163,14 @@ mod tests {
         assert_eq!(r.buf.len(), CHUNK);
         assert_eq!(r.read(&mut small).await.expect("read"), 4096);
         assert_eq!(r.end - r.at, CHUNK - 4096, "one read of CHUNK ahead");
-        // Drained, then dry: a stream pausing keeps its buffer.
+        // Drained, then dry: given back.
         let left = 100_000 - 2 * 4096;
         let got = read_small(&mut r, left).await;
         assert_eq!(got.len(), left);
         let wait = std::time::Duration::from_millis(50);
         let pending = tokio::time::timeout(wait, r.read(&mut small)).await;
         assert!(pending.is_err(), "nothing more was sent");
-        assert_eq!(r.buf.len(), CHUNK, "a pausing stream lost its buffer");
+        assert!(r.buf.is_empty(), "a dry socket kept its buffer");
         // A small message, then dry: back to direct reads, no buffer.
         w.write_all(b"pong").await.expect("write");
         assert_eq!(r.read(&mut small).await.expect("read"), 4);
