@@ -1760,7 +1760,7 @@ impl Server {
         match &self.store {
             Some(link) => link
                 .status()
-                .map_err(|e| NotReady::new("the store is unavailable", e)),
+                .map_err(|e| NotReady::new("the store's database does not answer", e)),
             None => self
                 .ledger
                 .writable(&self.dir)
