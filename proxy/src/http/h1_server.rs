@@ -407,15 +407,7 @@ where
             };
             (body, Some(rx))
         };
-        let answer = handler(Request::from_parts(parts, body));
-        let mut resp = match rd.as_mut() {
-            // No body: the socket is free to watch while the answer comes.
-            Some(io) => match answer_unless_gone(answer, io, &mut buf, limits).await {
-                Some(resp) => resp,
-                None => return Ok(()),
-            },
-            None => answer.await,
-        };
+        let mut resp = handler(Request::from_parts(parts, body)).await;
         // A CONNECT that did not switch was refused; what follows it on the wire
         // would be tunnel bytes, not a request.
         let mut close = !keep_alive || method == Method::CONNECT;
@@ -555,39 +547,6 @@ async fn wait_home(home: oneshot::Receiver<ReadSide>, closing: &AtomicBool) -> O
         }
         if closing.load(Ordering::Relaxed) {
             return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await
-}
-
-/// The handler's answer to a request without a body, unless the client
-/// goes first: its connection closed (or half-closed: hyper's default, too)
-/// while the answer was awaited. The answer's future is then dropped, which
-/// resets its stream to the upstream, rather than held until the upstream
-/// answers someone who has left. Meanwhile, bytes the client pipelines are
-/// read into `buf` for the next head (up to `max_header_bytes`, then left
-/// in the socket).
-async fn answer_unless_gone<F: Future>(
-    answer: F,
-    io: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-    limits: ServerLimits,
-) -> Option<F::Output> {
-    let mut answer = pin!(answer);
-    poll_fn(|cx| {
-        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        while buf.len() < limits.max_header_bytes {
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(h1::SMALL_READ);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(_)) => {}
-                Poll::Pending => break,
-            }
         }
         Poll::Pending
     })
@@ -1402,43 +1361,6 @@ mod tests {
             .map(|(p, b)| (p.to_string(), b.as_bytes().to_vec()))
             .collect();
         assert_eq!(got, want);
-    }
-
-    #[tokio::test]
-    async fn a_client_gone_while_its_answer_is_awaited_drops_the_answer() {
-        // An answer that never comes, and says when it is dropped (which
-        // resets its upstream stream).
-        struct Dropped(Arc<AtomicBool>);
-        impl Drop for Dropped {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
-        let dropped = Arc::new(AtomicBool::new(false));
-        let flag = dropped.clone();
-        let never = move |_req: Request<ServerBody>| {
-            let guard = Dropped(flag.clone());
-            async move {
-                let _guard = guard;
-                std::future::pending::<Response<Full<Bytes>>>().await
-            }
-        };
-        let srv = server(limits(), open(), never).await;
-        let mut s = TcpStream::connect(srv.addr).await.expect("connect");
-        s.write_all(b"GET /wait HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .expect("write");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !dropped.load(Ordering::SeqCst),
-            "dropped while the client waits"
-        );
-        drop(s);
-        let start = tokio::time::Instant::now();
-        while !dropped.load(Ordering::SeqCst) {
-            assert!(start.elapsed() < WAIT, "the answer outlived its client");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     #[tokio::test]
