@@ -589,7 +589,9 @@ impl HeadBudget {
         let all = self.taken.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let mine = before + bytes;
         let fair = size / self.active.load(Ordering::Relaxed).max(1);
-        let within_share = past_share || before == 0 || mine <= share;
+        // The app is held to its share whatever it holds (it is not held to
+        // the room: callers cannot take its outbound calls from it).
+        let within_share = (past_share && !holder.app) || before == 0 || mine <= share;
         let room = all <= size || (all <= 2 * size && mine <= fair);
         let granted = within_share && (holder.app || room);
         if !granted {
@@ -966,5 +968,12 @@ mod tests {
         assert_eq!(HEADS.taken.load(Ordering::Relaxed), 16 * MI);
         drop((heads, blocks));
         assert_eq!(caller.held(), 0);
+        // The app's blocks stay within its share: it is never held to the
+        // room, so nothing else would bound them.
+        let app = Arc::new(Holder::app());
+        let blocks: Vec<HeadGrant> =
+            std::iter::from_fn(|| HEADS.take(&app, step, true, true)).collect();
+        assert_eq!(HEADS.taken.load(Ordering::Relaxed), 4 * MI);
+        drop(blocks);
     }
 }
