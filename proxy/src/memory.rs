@@ -44,6 +44,10 @@
 //!   step-up bodies, read whole, are bounded to a quarter of the limit as
 //!   well: `run.rs`.)
 //!
+//! Both budgets shrink to the room left once resident memory is past half
+//! the limit (`resize_budgets`): a burst on connections that already
+//! hold most of the limit must not add its full size on top.
+//!
 //! The allocator is jemalloc (`main.rs`, tuned in `.cargo/config.toml`):
 //! its statistics give the heap in one read, and its background thread
 //! gives freed pages back to the system within a tenth of a second, so
@@ -356,7 +360,8 @@ impl Watch {
 /// caller fills its connection's whole receive window at once, at
 /// loopback speed, when the app does not read (32 connections with 16 MiB
 /// windows took the heap past 110 MB before the first look). So receive
-/// windows are granted out of a pool of half the memory limit: each new
+/// windows are granted out of a pool of half the memory limit (less when
+/// the connections already hold much of it: [`resize_budgets`]): each new
 /// connection gets a quarter of what is left, between a floor and its
 /// maximum, and gives it back when it closes. The first connections (a
 /// pod's few peer pods) get full windows; a flood of them gets the floor,
@@ -521,7 +526,8 @@ impl Drop for Grant {
 /// each), with what a request in flight holds besides and a reserve for
 /// the trailers a request with an open body may still send
 /// (`http/h2_server.rs`), is charged here until its handler has
-/// answered, out of a budget of a quarter of the limit, of which one
+/// answered, out of a budget of a quarter of the limit (less when memory
+/// fills: [`resize_budgets`]), of which one
 /// holder (a caller identity, the app) may hold a quarter. A request over
 /// either is refused with `REFUSED_STREAM`, which tells the caller that
 /// nothing of it was processed and that it may retry: a flood refuses
