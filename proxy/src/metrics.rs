@@ -139,7 +139,8 @@ pub enum Retry {
     /// The peer refused the stream unprocessed (HTTP/2 `REFUSED_STREAM`,
     /// RFC 9113 section 8.7): out of memory or streams for now.
     RefusedStream,
-    /// The connection was closing (GOAWAY) before the request went out.
+    /// The connection was closing (GOAWAY) before the request went out,
+    /// or its GOAWAY left the request's stream out (RFC 9113 section 6.8).
     ConnectionClosing,
 }
 

@@ -196,3 +196,69 @@ pub(crate) async fn one_request_app() -> (SocketAddr, oneshot::Receiver<String>)
     });
     (addr, rx)
 }
+
+/// An HTTP/2 server written frame by frame, for what the h2 crate's server
+/// cannot be made to do on cue: once `after` request heads have arrived
+/// (each counted in `heads`), it sends GOAWAY with `last` as the last
+/// stream id it processes and `reason` (an HTTP/2 error code), and ends its
+/// side, reading on until the client closes (closing with data unread
+/// would reset the connection before the client read the GOAWAY).
+pub(crate) async fn h2_going_away<T>(
+    mut io: T,
+    after: usize,
+    last: u32,
+    reason: u32,
+    heads: Arc<std::sync::atomic::AtomicUsize>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len())
+            .expect("a small frame")
+            .to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+        f.extend_from_slice(payload);
+        f
+    }
+    let mut preface = [0u8; 24];
+    if io.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    if io.write_all(&frame(SETTINGS, 0, &[])).await.is_err() {
+        return;
+    }
+    let mut head = [0u8; 9];
+    while io.read_exact(&mut head).await.is_ok() {
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        if io.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        let reply = match (head[3], head[4] & ACK) {
+            (SETTINGS, 0) => frame(SETTINGS, ACK, &[]),
+            (PING, 0) => frame(PING, ACK, &payload),
+            (HEADERS, _)
+                if heads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == after =>
+            {
+                let mut goaway = last.to_be_bytes().to_vec();
+                goaway.extend_from_slice(&reason.to_be_bytes());
+                if io.write_all(&frame(GOAWAY, 0, &goaway)).await.is_err() {
+                    return;
+                }
+                let _ = io.shutdown().await;
+                let mut rest = [0u8; 4096];
+                while matches!(io.read(&mut rest).await, Ok(n) if n > 0) {}
+                return;
+            }
+            _ => continue,
+        };
+        if io.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}

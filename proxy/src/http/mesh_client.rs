@@ -65,6 +65,43 @@ pub struct TrySendError<B> {
     pub error: h2::Error,
 }
 
+/// Why the peer did not process a stream: the request can be sent again
+/// as it is, on another connection (RFC 9113 sections 8.7 and 6.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unprocessed {
+    /// `REFUSED_STREAM`: the peer is short of memory or streams for now,
+    /// so a retry waits a little.
+    Refused,
+    /// The stream's id is above the last one the peer's GOAWAY said it
+    /// processes: the connection is closing, and a fresh one can take
+    /// the request at once.
+    GoneAway,
+}
+
+/// Whether `e`, a stream's error, says the peer never processed the
+/// stream. A GOAWAY the peer sent fails only the streams above its last
+/// stream id this way: those it cut later, once processed, end with an
+/// I/O error instead, and a GOAWAY of our own is not the peer's.
+pub fn unprocessed(e: &h2::Error) -> Option<Unprocessed> {
+    if !e.is_remote() {
+        None
+    } else if e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Some(Unprocessed::Refused)
+    } else if e.is_go_away() {
+        Some(Unprocessed::GoneAway)
+    } else {
+        None
+    }
+}
+
+/// A stream cut by the peer's GOAWAY: nothing more goes on its connection,
+/// even before the connection's task notices.
+fn mark_if_going_away(e: &h2::Error, shared: &Shared) {
+    if e.is_go_away() && e.is_remote() {
+        shared.closed.store(true, Ordering::Relaxed);
+    }
+}
+
 impl MeshSender {
     /// Performs the HTTP/2 handshake on `io` and spawns the task that drives
     /// the connection (and keeps it alive with PINGs while it is used).
@@ -215,7 +252,7 @@ impl MeshSender {
             // Only a request with a body still to send costs a task.
             tokio::spawn(pipe(body, stream));
         }
-        Ok(ResponseHeadFuture(response))
+        Ok(ResponseHeadFuture { response, shared })
     }
 }
 
@@ -270,7 +307,13 @@ async fn open(
         }
         TunnelError::H2(e)
     })?;
-    let (head, recv) = response.await.map_err(TunnelError::H2)?.into_parts();
+    let (head, recv) = response
+        .await
+        .map_err(|e| {
+            mark_if_going_away(&e, shared);
+            TunnelError::H2(e)
+        })?
+        .into_parts();
     let tunnel = Tunnel {
         send: stream,
         recv,
@@ -347,11 +390,10 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
-    /// Whether the peer refused the stream before processing it
-    /// (`REFUSED_STREAM`: at its stream limit, or going away): always
-    /// safe to retry on another connection.
-    pub fn is_refused_stream(&self) -> bool {
-        matches!(self, TunnelError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    /// Whether the peer did not process the stream (see [`unprocessed`]):
+    /// always safe to retry on another connection.
+    pub fn is_unprocessed(&self) -> bool {
+        matches!(self, TunnelError::H2(e) if unprocessed(e).is_some())
     }
 }
 
@@ -411,13 +453,18 @@ pub enum Start<B> {
 }
 
 /// The response head of a request sent on a mesh connection.
-pub struct ResponseHeadFuture(h2::client::ResponseFuture);
+pub struct ResponseHeadFuture {
+    response: h2::client::ResponseFuture,
+    shared: Arc<Shared>,
+}
 
 impl Future for ResponseHeadFuture {
     type Output = Result<Response<MeshBody>, h2::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let resp = ready!(Pin::new(&mut self.0).poll(cx))?;
+        let resp = ready!(Pin::new(&mut self.response).poll(cx)).inspect_err(|e| {
+            mark_if_going_away(e, &self.shared);
+        })?;
         let (parts, recv) = resp.into_parts();
         let body = MeshBody::new(recv, &parts.headers);
         Poll::Ready(Ok(Response::from_parts(parts, body)))
@@ -824,6 +871,51 @@ mod tests {
             let req = request(Method::GET, Empty::<Bytes>::new());
             let e = send(&mesh, req).await.expect_err("closed");
             assert!(e.unsent.is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn only_streams_above_the_peers_goaway_are_unprocessed() {
+        const NO_ERROR: u32 = 0x0;
+        const PROTOCOL_ERROR: u32 = 0x1;
+        // Two streams in flight (ids 1 and 3); the peer's GOAWAY says it
+        // processes stream 1 and nothing above, then its side ends before
+        // stream 1 is answered.
+        for (reason, tunnel) in [(NO_ERROR, false), (PROTOCOL_ERROR, false), (NO_ERROR, true)] {
+            let (cli, srv) = tokio::io::duplex(1 << 16);
+            let heads = Arc::new(AtomicUsize::new(0));
+            tokio::spawn(crate::testing::h2_going_away(srv, 2, 1, reason, heads));
+            let mesh = MeshSender::handshake(cli, 16 * 1024)
+                .await
+                .expect("handshake");
+            let first = send(&mesh, request(Method::GET, Empty::<Bytes>::new()));
+            let (first, second) = if tunnel {
+                let second = tokio::time::timeout(WAIT, mesh.clone().connect("10.0.0.1:5432"));
+                let (first, second) = tokio::join!(first, second);
+                let second = second.expect("no answer").map(drop).expect_err("gone away");
+                assert!(second.is_unprocessed(), "{second:?}");
+                (first, None)
+            } else {
+                let second = send(&mesh, request(Method::POST, Full::new(Bytes::from("b"))));
+                let (first, second) = tokio::join!(first, second);
+                (first, Some(second))
+            };
+            let processed = first.map(drop).expect_err("cut").error;
+            assert_eq!(unprocessed(&processed), None, "{reason}: {processed:?}");
+            if let Some(second) = second {
+                let above = second.map(drop).expect_err("gone away");
+                assert!(above.unsent.is_none(), "it was sent");
+                assert_eq!(
+                    unprocessed(&above.error),
+                    Some(Unprocessed::GoneAway),
+                    "{reason}: {:?}",
+                    above.error
+                );
+            }
+            assert!(
+                mesh.is_closed(),
+                "nothing more goes on a closing connection"
+            );
         }
     }
 

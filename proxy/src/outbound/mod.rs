@@ -60,19 +60,17 @@ use crate::http::body::{absolute_uri, path_of, text, ProxyBody, RequestBody, Res
 use crate::http::h1_server::{self, ServerLimits};
 use crate::http::limited::Whole;
 use crate::http::map_in_place::map_in_place;
-use crate::http::mesh_client::Start;
+use crate::http::mesh_client::{Start, Unprocessed};
 use crate::http::owned::{self, strip_hop_by_hop, Underscores};
 use crate::http::server::{self, Builders, Proto, StreamGuard};
 use crate::http::tee::{tee, Resend, TeeHandle};
 use crate::identity::store::IdentityStore;
 use crate::listener::ConnGuards;
-use crate::metrics::{DirectionMetrics, Metrics, Retry};
+use crate::metrics::{DirectionMetrics, Metrics};
 use crate::outbound::rules::Captures;
 use crate::outbound::signer::{OutboundStepUp, Template};
 use crate::outbound::table::{Route, Table};
-use crate::outbound::upstream::{
-    pause_after_refusal, send_h2, ConnectError, ForwardError, Upstream,
-};
+use crate::outbound::upstream::{before_retry, send_h2, ConnectError, ForwardError, Upstream};
 
 pub use crate::outbound::upstream::OutboundError;
 
@@ -739,7 +737,7 @@ impl Outbound {
                 let resend = copy.map_or(Resend::Body(Whole::default()), |c| c.resend());
                 Either::Right(Box::pin(self.answer_challenge(up, resp, head, resend)))
             }
-            Err(ForwardError::Refused(why)) => {
+            Err(ForwardError::Unprocessed(why, msg)) => {
                 // Only a body kept whole can go again: one the upstream
                 // refused mid-stream, or larger than the copy, cannot. The
                 // copy stays charged to the app (`tee.rs`) until the
@@ -750,13 +748,12 @@ impl Outbound {
                 {
                     Resend::Body(b) => b,
                     Resend::TooLarge | Resend::Incomplete => {
-                        let sent = Err(ForwardError::Refused(why));
+                        let sent = Err(ForwardError::Unprocessed(why, msg));
                         return Either::Left(ready(self.respond(up, sent)));
                     }
                 };
                 Either::Right(Box::pin(async move {
-                    pause_after_refusal().await;
-                    self.metrics.retried(Retry::RefusedStream);
+                    before_retry(why, &self.metrics).await;
                     let sent = match up.h2.sender().await {
                         Ok((send, info)) => send_h2(&up.h2, send, info, head.request(&body)).await,
                         Err(e) => Err(e),
@@ -852,11 +849,21 @@ impl Outbound {
                     up.cfg.address
                 ),
             ),
-            Err(ForwardError::Refused(msg)) => {
-                tracing::info!(upstream = %up.cfg.address, error = %msg, "upstream refused the request unprocessed");
+            Err(ForwardError::Unprocessed(why, msg)) => {
+                tracing::info!(upstream = %up.cfg.address, error = %msg, "upstream did not process the request");
+                let (what, why) = match why {
+                    Unprocessed::Refused => (
+                        "refused the request without processing it",
+                        "it is short of memory or streams for now",
+                    ),
+                    Unprocessed::GoneAway => (
+                        "closed the connection without processing the request",
+                        "it is shutting down or shedding connections",
+                    ),
+                };
                 let mut resp = text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("upstream {} refused the request without processing it ({msg}): it is short of memory or streams for now; retry later\n", up.cfg.address),
+                    format!("upstream {} {what} ({msg}): {why}; retry later\n", up.cfg.address),
                 );
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -991,8 +998,26 @@ mod tests {
         raw: &[u8],
         known: bool,
     ) -> (StatusCode, HeaderMap, String, usize, f64) {
+        let (status, headers, body, seen, retried) = through_each(vec![mode], raw, known).await;
+        (status, headers, body, seen[0], retried("refused_stream"))
+    }
+
+    /// [`through`] to a test server that serves its `n`-th connection as
+    /// `modes[n]`: the requests each connection saw, and the retries
+    /// counted for a given reason.
+    async fn through_each(
+        modes: Vec<Serve>,
+        raw: &[u8],
+        known: bool,
+    ) -> (
+        StatusCode,
+        HeaderMap,
+        String,
+        Vec<usize>,
+        impl Fn(&str) -> f64,
+    ) {
         let api = workload("/ns/demo/sa/api");
-        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], vec![mode]).await;
+        let (addr, mut accepted) = mesh_server(&api, &[b"h2"], modes).await;
         let toml = format!(
             "[outbound]\nlisten = \"127.0.0.1:0\"\n[[outbound.upstreams]]\nhost = \"api.demo\"\naddress = \"{addr}\"\nidentity = \"spiffe://unit.keyproof.test/ns/demo/sa/api\"\n"
         );
@@ -1008,34 +1033,97 @@ mod tests {
         let resp = o.request(req.map(RequestBody::Hyper), None).await;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        let conn = accepted.recv().await.expect("a connection");
-        let seen = conn.requests.load(std::sync::atomic::Ordering::SeqCst);
-        let retried = metric(
-            &m,
-            "keyproof_requests_retried_total{direction=\"outbound\",reason=\"refused_stream\"}",
-        );
+        let mut seen = vec![accepted.recv().await.expect("a connection")];
+        while let Ok(c) = accepted.try_recv() {
+            seen.push(c);
+        }
+        let seen = seen
+            .iter()
+            .map(|c| c.requests.load(std::sync::atomic::Ordering::SeqCst))
+            .collect();
+        let retried = move |reason: &str| {
+            metric(
+                &m,
+                &format!(
+                    "keyproof_requests_retried_total{{direction=\"outbound\",reason=\"{reason}\"}}"
+                ),
+            )
+        };
         let body = String::from_utf8_lossy(&body).into_owned();
         (parts.status, parts.headers, body, seen, retried)
     }
 
+    /// Requests with and without a body, sized, chunked and with trailers:
+    /// each with the length and trailers the app must see.
+    const BODIES: [(&[u8], &str, &str); 4] = [
+        (b"GET /x HTTP/1.1\r\nhost: api.demo\r\n\r\n", "0", ""),
+        (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ncontent-length: 5\r\n\r\nhello", "5", ""),
+        (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", "7", ""),
+        // Its trailers go again too (round 8: they were lost).
+        (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 42\r\n\r\n", "3", "x-sum=42"),
+    ];
+
     #[tokio::test]
     async fn a_request_the_upstream_refused_unprocessed_is_sent_again_with_its_body() {
-        for (raw, len, trailers) in [
-            (&b"GET /x HTTP/1.1\r\nhost: api.demo\r\n\r\n"[..], "0", ""),
-            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ncontent-length: 5\r\n\r\nhello", "5", ""),
-            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", "7", ""),
-            // Its trailers go again too (round 8: they were lost).
-            (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 42\r\n\r\n", "3", "x-sum=42"),
-        ] {
+        for (raw, len, trailers) in BODIES {
             // Streamed, or buffered on a path known to need step-up.
             for known in [false, true] {
                 let (status, headers, body, seen, retried) =
                     through(Serve::RefuseFirst(1), raw, known).await;
                 assert_eq!(status, StatusCode::OK, "{body}");
-                assert_eq!(headers.get("x-body-len").unwrap(), len, "the body went again whole");
-                assert_eq!(headers.get("x-trailers").unwrap(), trailers, "known: {known}");
+                assert_eq!(
+                    headers.get("x-body-len").unwrap(),
+                    len,
+                    "the body went again whole"
+                );
+                assert_eq!(
+                    headers.get("x-trailers").unwrap(),
+                    trailers,
+                    "known: {known}"
+                );
                 assert_eq!(seen, 2, "refused once, then answered");
                 assert_eq!(retried, 1.0);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_left_out_of_the_upstreams_goaway_is_sent_again_on_a_fresh_connection() {
+        for (raw, len, trailers) in BODIES {
+            for known in [false, true] {
+                let modes = vec![Serve::GoAwayAbove, Serve::RefuseFirst(0)];
+                let (status, headers, body, seen, retried) = through_each(modes, raw, known).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                assert_eq!(
+                    headers.get("x-body-len").unwrap(),
+                    len,
+                    "the body went again whole"
+                );
+                assert_eq!(
+                    headers.get("x-trailers").unwrap(),
+                    trailers,
+                    "known: {known}"
+                );
+                assert_eq!(
+                    seen,
+                    [1, 1],
+                    "sent on the closing connection, answered on a fresh one"
+                );
+                assert_eq!(retried("connection_closing"), 1.0);
+                assert_eq!(retried("refused_stream"), 0.0);
+            }
+            // Left out again: 503, not sent a third time.
+            for known in [false, true] {
+                let (status, headers, body, seen, retried) =
+                    through_each(vec![Serve::GoAwayAbove], raw, known).await;
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+                assert_eq!(headers.get(header::RETRY_AFTER).unwrap(), "1");
+                assert!(
+                    body.contains("closed the connection without processing the request"),
+                    "{body}"
+                );
+                assert_eq!(seen, [1, 1]);
+                assert_eq!(retried("connection_closing"), 1.0);
             }
         }
     }

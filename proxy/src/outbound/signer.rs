@@ -35,7 +35,7 @@ use crate::http::tee::Resend;
 use crate::identity::store::{Identity, IdentityStore};
 use crate::metrics::{Metrics, Retry, SignResult, SignerMetrics};
 use crate::outbound::kept::KeptNonces;
-use crate::outbound::upstream::{pause_after_refusal, ForwardError, MeshLink};
+use crate::outbound::upstream::{before_retry, ForwardError, MeshLink};
 
 use crate::http::owned::STEP_UP_ERROR;
 
@@ -443,10 +443,10 @@ impl OutboundStepUp {
     /// for a nonce kept for this connection and path, if any. The signature
     /// binds the connection, so it is made after the connection is known; a
     /// request the connection refused before sending (it was closing) is
-    /// signed again for a fresh connection, once, and one whose stream the
-    /// upstream refused unprocessed is signed and sent again after a pause,
-    /// once. `Ok(Err(_))`: the
-    /// challenge could not be answered.
+    /// signed again for a fresh connection, once, and one the upstream did
+    /// not process (it refused the stream, or its GOAWAY left it out) is
+    /// signed and sent again, once, after a pause if it was refused.
+    /// `Ok(Err(_))`: the challenge could not be answered.
     async fn send_signed(
         &self,
         link: &MeshLink,
@@ -485,12 +485,11 @@ impl OutboundStepUp {
                         retried = true;
                         link.metrics().retried(Retry::ConnectionClosing);
                     }
-                    // Refused unprocessed, the nonce was not spent either:
-                    // signed again (for whichever connection is live then).
-                    (None, ForwardError::Refused(_)) if !refused => {
+                    // Not processed, the nonce was not spent either: signed
+                    // again (for whichever connection is live then).
+                    (None, ForwardError::Unprocessed(why, _)) if !refused => {
                         refused = true;
-                        pause_after_refusal().await;
-                        link.metrics().retried(Retry::RefusedStream);
+                        before_retry(why, link.metrics()).await;
                     }
                     (_, e) => return Err(e),
                 },

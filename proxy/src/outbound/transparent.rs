@@ -243,8 +243,8 @@ impl Outbound {
                     tracing::info!(upstream = %up.cfg.address, %dst, %status, "TCP tunnel refused by the peer");
                     return reset(tcp);
                 }
-                Ok(Err(e)) if e.is_refused_stream() => {
-                    tracing::info!(upstream = %up.cfg.address, %dst, "TCP tunnel: the mesh connection refused the stream (at the peer's stream limit?); trying another connection");
+                Ok(Err(e)) if e.is_unprocessed() => {
+                    tracing::info!(upstream = %up.cfg.address, %dst, error = %e, "TCP tunnel: the mesh connection did not take the stream (the peer's stream limit, or its GOAWAY); trying another connection");
                     refused_by = Some(this);
                 }
                 Ok(Err(e)) if this.is_closed() => {
@@ -1300,17 +1300,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_stream_is_retried_on_another_connection() {
-        let api = workload("/ns/demo/sa/api");
-        let (mesh, _accepted) =
-            mesh_server(&api, &[b"h2"], vec![Serve::Refuse, Serve::Connect]).await;
-        let (o, m) = outbound(&format!(
-            "opaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n",
-            mesh.port()
-        ));
-        let mut c = redirected(&o, mesh).await;
-        assert_eq!(exchange(&mut c, b"again").await, b"again");
-        assert_eq!(tcp_result(&m, "ok"), 1.0);
+    async fn a_stream_refused_or_left_out_of_a_goaway_is_retried_on_another_connection() {
+        for first in [Serve::Refuse, Serve::GoAwayAbove] {
+            let api = workload("/ns/demo/sa/api");
+            let (mesh, _accepted) = mesh_server(&api, &[b"h2"], vec![first, Serve::Connect]).await;
+            let (o, m) = outbound(&format!(
+                "opaque_ports = [{}]\n[[outbound.upstreams]]\ncidr = \"127.0.0.0/8\"\nidentity = \"{API}\"\n",
+                mesh.port()
+            ));
+            let mut c = redirected(&o, mesh).await;
+            assert_eq!(exchange(&mut c, b"again").await, b"again");
+            assert_eq!(tcp_result(&m, "ok"), 1.0);
+        }
     }
 
     #[tokio::test]

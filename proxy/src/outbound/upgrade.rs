@@ -126,7 +126,7 @@ impl Outbound {
                 let this = sender.clone();
                 let req = Request::from_parts(parts, ());
                 match tokio::time::timeout(wait, sender.switch_protocol(req, &protocol)).await {
-                    Ok(Err(e)) if e.is_refused_stream() => refused_by = Some(this),
+                    Ok(Err(e)) if e.is_unprocessed() => refused_by = Some(this),
                     Ok(Err(TunnelError::H2(_))) if this.is_closed() => {}
                     a => {
                         answer = Some(a);

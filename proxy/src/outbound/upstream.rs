@@ -27,7 +27,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{OutboundConfig, UpstreamConfig};
 use crate::error::root_cause;
 use crate::http::body::ProxyBody;
-use crate::http::mesh_client::{MeshConn, MeshConnInfo, MeshSender};
+use crate::http::mesh_client::{unprocessed, MeshConn, MeshConnInfo, MeshSender, Unprocessed};
 use crate::http::read_ahead::ReadAhead;
 use crate::identity::store::{self, IdentityStore};
 use crate::metrics::{DirectionMetrics, Metrics, Retry};
@@ -492,24 +492,35 @@ pub enum ForwardError {
     NotH2,
     /// The upstream failed after connecting.
     Upstream(String),
-    /// The upstream refused the request's stream without processing it
-    /// (`REFUSED_STREAM`, RFC 9113 section 8.7: it is short of memory or
-    /// streams for now), so it is safe to send again.
-    Refused(String),
+    /// The upstream did not process the request: it refused the stream
+    /// (`REFUSED_STREAM`, RFC 9113 section 8.7: short of memory or
+    /// streams for now), or its GOAWAY left the stream out (section 6.8:
+    /// it is closing). Safe to send again.
+    Unprocessed(Unprocessed, String),
 }
 
 impl ForwardError {
     /// What a stream's h2 error means for its request: a stream the peer
-    /// refused has not reached its app; after any other failure it may
-    /// have.
+    /// refused, or left out of its GOAWAY, has not reached its app; after
+    /// any other failure it may have.
     pub fn from_h2(e: &h2::Error) -> ForwardError {
-        let refused =
-            e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
-        if refused {
-            ForwardError::Refused(root_cause(e))
-        } else {
-            ForwardError::Upstream(root_cause(e))
+        match unprocessed(e) {
+            Some(why) => ForwardError::Unprocessed(why, root_cause(e)),
+            None => ForwardError::Upstream(root_cause(e)),
         }
+    }
+}
+
+/// Waits before a request the upstream did not process goes again, and
+/// counts the retry: after a refusal, a pause of 25-75 ms; a closing
+/// connection's request goes at once, on a fresh one.
+pub async fn before_retry(why: Unprocessed, metrics: &DirectionMetrics) {
+    match why {
+        Unprocessed::Refused => {
+            pause_after_refusal().await;
+            metrics.retried(Retry::RefusedStream);
+        }
+        Unprocessed::GoneAway => metrics.retried(Retry::ConnectionClosing),
     }
 }
 
@@ -517,7 +528,7 @@ impl ForwardError {
 /// a peer that refuses streams for memory sheds and recovers within its
 /// 50 ms look ([`crate::memory::PERIOD`]), and a spread keeps the requests
 /// it refused together from all coming back at once.
-pub async fn pause_after_refusal() {
+async fn pause_after_refusal() {
     use std::hash::{BuildHasher, Hasher};
     // `RandomState` is seeded per instance from the OS: a jitter without a
     // random-number crate.
@@ -727,6 +738,9 @@ pub(crate) mod tests {
         Answer,
         /// Sends GOAWAY (last stream 0) right after the handshake and closes.
         GoAwayAtOnce,
+        /// Takes the connection's first request head, then sends GOAWAY
+        /// with last stream 0: the request is left out, unprocessed.
+        GoAwayAbove,
         /// Resets every request's stream.
         Reset,
         /// Opens every `CONNECT` tunnel and echoes it; answers other
@@ -822,6 +836,10 @@ pub(crate) mod tests {
                             _ = closed => {}
                             _ = serve => {}
                         }
+                        return;
+                    }
+                    if let Serve::GoAwayAbove = mode {
+                        crate::testing::h2_going_away(tls, 1, 0, 0, requests).await;
                         return;
                     }
                     let mut server = h2::server::Builder::new();
@@ -1408,8 +1426,10 @@ pub(crate) mod tests {
         let (send, info) = sender(&up).await;
         let first = next(&mut accepted).await;
         until_closed(&up.h2).await;
+        // Unsent, or sent and left out of the GOAWAY: unprocessed either
+        // way, and not sent a third time.
         match send_h2(&up.h2, send, info, get()).await {
-            Err(ForwardError::Upstream(msg)) => assert!(!msg.is_empty()),
+            Err(ForwardError::Unprocessed(Unprocessed::GoneAway, msg)) => assert!(!msg.is_empty()),
             Err(e) => panic!("wrong error: {e:?}"),
             Ok(r) => panic!("answered {}", r.status()),
         }
