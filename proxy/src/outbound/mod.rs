@@ -1063,6 +1063,19 @@ mod tests {
         (b"POST /x HTTP/1.1\r\nhost: api.demo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 42\r\n\r\n", "3", "x-sum=42"),
     ];
 
+    /// Asserts that the test server answered, having read the whole body
+    /// (its length) and `trailers`.
+    fn answered_whole(status: StatusCode, headers: &HeaderMap, body: &str, want: (&str, &str)) {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (len, trailers) = want;
+        assert_eq!(
+            headers.get("x-body-len").unwrap(),
+            len,
+            "the body went again whole"
+        );
+        assert_eq!(headers.get("x-trailers").unwrap(), trailers);
+    }
+
     #[tokio::test]
     async fn a_request_the_upstream_refused_unprocessed_is_sent_again_with_its_body() {
         for (raw, len, trailers) in BODIES {
@@ -1070,17 +1083,7 @@ mod tests {
             for known in [false, true] {
                 let (status, headers, body, seen, retried) =
                     through(Serve::RefuseFirst(1), raw, known).await;
-                assert_eq!(status, StatusCode::OK, "{body}");
-                assert_eq!(
-                    headers.get("x-body-len").unwrap(),
-                    len,
-                    "the body went again whole"
-                );
-                assert_eq!(
-                    headers.get("x-trailers").unwrap(),
-                    trailers,
-                    "known: {known}"
-                );
+                answered_whole(status, &headers, &body, (len, trailers));
                 assert_eq!(seen, 2, "refused once, then answered");
                 assert_eq!(retried, 1.0);
             }
@@ -1093,17 +1096,7 @@ mod tests {
             for known in [false, true] {
                 let modes = vec![Serve::GoAwayAbove, Serve::RefuseFirst(0)];
                 let (status, headers, body, seen, retried) = through_each(modes, raw, known).await;
-                assert_eq!(status, StatusCode::OK, "{body}");
-                assert_eq!(
-                    headers.get("x-body-len").unwrap(),
-                    len,
-                    "the body went again whole"
-                );
-                assert_eq!(
-                    headers.get("x-trailers").unwrap(),
-                    trailers,
-                    "known: {known}"
-                );
+                answered_whole(status, &headers, &body, (len, trailers));
                 assert_eq!(
                     seen,
                     [1, 1],
