@@ -494,6 +494,15 @@ impl Pending<'_> {
         u64::from(self.nonce_expires)
     }
 
+    /// Withdraws the nonce unchecked, for a request that will not be
+    /// finished (its body could not be held or read whole): the nonce
+    /// can no longer be used, and stops holding a place under the table's
+    /// bounds at once rather than at its expiry. Only the peer it was
+    /// issued to can get here (its MAC and the channel binding held).
+    pub fn withdraw(self) {
+        self.verifier.table.take(&self.nonce_id);
+    }
+
     /// Steps 8-10 with the buffered body, at `now` (Unix seconds): the
     /// nonce must still be alive when the body has arrived.
     pub fn finish(self, body: &[u8], now: u64) -> Outcome {

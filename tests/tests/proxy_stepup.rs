@@ -36,7 +36,8 @@ fn repo() -> std::path::PathBuf {
 }
 
 /// `/admin` and `/super` demand step-up from web (and ops on `/admin`);
-/// `/ops` demands step-up but only admits ops; `/plain` has no step-up.
+/// `/ops` demands step-up but only admits ops; `/plain` has no step-up;
+/// `/slow` (the app answers it after two seconds) demands it from web.
 fn inbound_config(
     pki: &Pki,
     server: &Cert,
@@ -52,6 +53,7 @@ fn inbound_config(
          [[inbound.routes]]\npath_prefix = \"/super\"\nallow = [\"{web}\"]\nstep_up = true\n\
          [[inbound.routes]]\npath_prefix = \"/ops\"\nallow = [\"{ops}\"]\nstep_up = true\n\
          [[inbound.routes]]\npath_prefix = \"/plain\"\nallow = [\"{web}\"]\n\
+         [[inbound.routes]]\npath_prefix = \"/slow\"\nallow = [\"{web}\"]\nstep_up = true\n\
          [admin]\nlisten = \"{admin}\"\n",
         identity_toml(&pki.bundle, server)
     )
@@ -147,21 +149,54 @@ fn promtool_clean(exposition: &str) {
     );
 }
 
-#[test]
-fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
-    let pki = Pki::new(TD);
+/// The echo app behind api's inbound ([`inbound_config`]), and web's
+/// outbound to it.
+struct Mesh {
+    app: EchoApp,
+    web: Cert,
+    in_cfg: String,
+    in_admin: SocketAddr,
+    out_addr: SocketAddr,
+    inb: ProxyProc,
+    outbound: ProxyProc,
+}
+
+fn mesh(pki: &Pki) -> Mesh {
     let app = EchoApp::start();
     let server = pki.issue("server", "/ns/default/sa/api");
     let web = pki.issue("web", "/ns/default/sa/web");
     let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
-    let in_cfg = inbound_config(&pki, &server, in_addr, app.addr, in_admin);
+    let in_cfg = inbound_config(pki, &server, in_addr, app.addr, in_admin);
     let inb = ProxyProc::start(pki.tmp.path(), "in", &in_cfg, in_admin);
     let outbound = ProxyProc::start(
         pki.tmp.path(),
         "out",
-        &outbound_config(&pki, &web, out_addr, out_admin, &[(AUTHORITY, in_addr)]),
+        &outbound_config(pki, &web, out_addr, out_admin, &[(AUTHORITY, in_addr)]),
         out_admin,
     );
+    Mesh {
+        app,
+        web,
+        in_cfg,
+        in_admin,
+        out_addr,
+        inb,
+        outbound,
+    }
+}
+
+#[test]
+fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
+    let pki = Pki::new(TD);
+    let Mesh {
+        app: _app,
+        web,
+        in_cfg,
+        in_admin,
+        out_addr,
+        inb,
+        outbound,
+    } = mesh(&pki);
     // Every result is exported from the start.
     let m = inb.metrics();
     for r in [
@@ -324,6 +359,65 @@ fn mesh_post_passes_step_up_in_one_round_trip_and_survives_a_restart() {
 
 async fn caller(inbound: SocketAddr, pki: &Pki, cert: &Cert) -> Caller {
     Caller::connect(inbound, pki, cert, AUTHORITY).await
+}
+
+/// Requests to a step-up route that the app takes its time to answer, all
+/// at once, bodiless (GET) and with a small body: how many got 200, and the
+/// other answers.
+fn at_once(out: SocketAddr, n: usize) -> (usize, Vec<(u16, String)>) {
+    let url = format!("http://{AUTHORITY}/slow");
+    let proxy = format!("http://{out}");
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let (url, proxy) = (url.clone(), proxy.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut args = vec!["-x", proxy.as_str()];
+            if i % 4 == 0 {
+                args.extend_from_slice(&["-d", "{\"a\":1}"]);
+            }
+            args.push(url.as_str());
+            let (code, body, _) = curl(&args);
+            (code, body)
+        }));
+    }
+    let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = answers.iter().filter(|(c, _)| *c == 200).count();
+    (ok, answers.into_iter().filter(|(c, _)| *c != 200).collect())
+}
+
+#[test]
+fn many_concurrent_step_up_requests_of_one_caller_all_pass_and_leave_no_nonce_behind() {
+    // `/slow` answers after two seconds: every request is in flight at the
+    // inbound at once. A bodiless request used to hold `max_body` of
+    // `max_buffered` until answered (a caller's quarter: 16 of 1 MiB, the
+    // defaults), so the rest got 503, and the nonce each carried stayed
+    // outstanding for its life: past 64 per caller, every request was 429
+    // for 30 s.
+    let pki = Pki::new(TD);
+    let m = mesh(&pki);
+    let (out_addr, inb) = (m.out_addr, &m.inb);
+    const N: usize = 40;
+    // The first wave is challenged (the path is new to the outbound); the
+    // second is signed up front with the nonces the first brought back.
+    for wave in ["challenged", "signed up front"] {
+        let (ok, others) = at_once(out_addr, N);
+        assert_eq!(
+            ok,
+            N,
+            "{wave}: {} of {N} refused, e.g. {:?}\n{}",
+            others.len(),
+            others.first(),
+            inb.log_text()
+        );
+    }
+    assert_eq!(stepup_metric(inb, "ok"), (2 * N) as f64);
+    assert_eq!(inb.metric("keyproof_stepup_nonce_table_full_total"), 0.0);
+    assert_eq!(inb.metric("keyproof_stepup_body_budget_full_total"), 0.0);
+    assert!(
+        inb.metric("keyproof_stepup_nonces_outstanding") <= N as f64,
+        "{}",
+        inb.metrics()
+    );
 }
 
 #[test]

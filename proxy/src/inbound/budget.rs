@@ -78,6 +78,23 @@ impl BodyBudget {
     }
 }
 
+impl Taken {
+    /// Gives back what is held beyond `bytes`: a body taken at its bound
+    /// and read whole holds only its length while the app answers.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        let extra = self.bytes.saturating_sub(bytes);
+        if extra == 0 {
+            return;
+        }
+        let mut held = self.budget.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.total = held.total.saturating_sub(extra);
+        if let Some(mine) = held.by_peer.get_mut(&self.peer) {
+            *mine = mine.saturating_sub(extra);
+        }
+        self.bytes -= extra;
+    }
+}
+
 impl Drop for Taken {
     fn drop(&mut self) {
         let mut held = self.budget.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -116,5 +133,25 @@ mod tests {
         // A share is never below one body.
         let small = BodyBudget::new(100, 60);
         assert!(small.take("a", 60).is_some());
+    }
+
+    #[test]
+    fn a_body_read_whole_keeps_only_its_length() {
+        let b = BodyBudget::new(400, 100);
+        let mut t: Vec<_> = (0..4)
+            .map(|_| b.take("a", 25).expect("a's share"))
+            .collect();
+        assert!(b.take("a", 1).is_none());
+        t[0].shrink_to(5);
+        t[1].shrink_to(0);
+        t[2].shrink_to(30); // never grows
+        assert_eq!(b.held(), 5 + 25 + 25);
+        assert!(
+            b.take("a", 45).is_some(),
+            "the rest of a's share is free again"
+        );
+        drop(t);
+        assert_eq!(b.held(), 0);
+        assert!(b.take("a", 100).is_some(), "all of it given back");
     }
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as _;
 use keyproof_stepup::{
     is_stepup_attempt, strip_stepup_headers, unix_now, IssueError, Outcome, Peer, RequestView,
     StepUpConfig, Verifier,
@@ -365,14 +366,31 @@ impl InboundStepUp {
                 ));
             }
         };
-        // Held until the app has answered (see `Verified`).
-        let need = declared.unwrap_or(self.max_body as u64);
-        let Some(held) = self.budget.take(conn.peer.id.as_str(), need) else {
+        // Held until the app has answered (see `Verified`): its bound until
+        // read, then its length. A request whose head ended its stream
+        // holds nothing (held at `max_body`, a caller's concurrent
+        // bodiless requests would be refused past a quarter of the budget).
+        let need = if body.is_end_stream() {
+            0
+        } else {
+            declared.unwrap_or(self.max_body as u64)
+        };
+        // A request that is not checked leaves no nonce behind to count
+        // against its caller's bound until it expires.
+        let withdraw = |pending: keyproof_stepup::Pending<'_>| {
+            pending.withdraw();
+            self.metrics
+                .outstanding
+                .set(i64::try_from(self.verifier.outstanding()).unwrap_or(i64::MAX));
+        };
+        let Some(mut held) = self.budget.take(conn.peer.id.as_str(), need) else {
+            withdraw(pending);
             return Err(self.busy(conn, route_id, reason));
         };
         let mut body = match read_limited(&mut body, self.max_body, Some(self.body_timeout)).await {
             Ok(b) => b,
             Err(ReadError::Stalled(after)) => {
+                withdraw(pending);
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, "step-up: request body stalled for {after:?}");
                 let mut r = text(
                     StatusCode::REQUEST_TIMEOUT,
@@ -385,10 +403,12 @@ impl InboundStepUp {
                 return Err(r);
             }
             Err(ReadError::TooLarge) => {
+                withdraw(pending);
                 drain(&mut body, self.max_body, STEPUP_DRAIN).await;
                 return Err(self.too_large(conn, route_id, reason));
             }
             Err(ReadError::Body(e)) => {
+                withdraw(pending);
                 tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, error = %e, "step-up: reading the request body failed");
                 return Err(text(
                     StatusCode::BAD_REQUEST,
@@ -396,6 +416,7 @@ impl InboundStepUp {
                 ));
             }
         };
+        held.shrink_to(body.len() as u64);
         // Known to the millisecond while the nonce is outstanding. A used
         // one (a replay) left only its expiry, to the second: its age is
         // left out rather than written up to a second wrong.
@@ -638,8 +659,8 @@ impl InboundStepUp {
     ) -> Response<ProxyBody> {
         tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, reason = reason.as_str(), result = "body_too_large", max_body = self.max_body, "step-up refused: body larger than inbound.stepup.max_body");
         self.audit(conn, route_id, reason, "body_too_large", None);
-        // Not a verification outcome: the signature was never checked and
-        // the nonce stays unused (it expires).
+        // Not a verification outcome: the signature was never checked (a
+        // nonce whose head was checked already is withdrawn, unspent).
         no_store(text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
@@ -914,13 +935,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_signed_body_beyond_the_held_budget_gets_503_and_its_nonce_stays_usable() {
+    async fn a_signed_body_beyond_the_held_budget_gets_503_and_its_nonce_is_withdrawn() {
         let s = setup(1024);
         let web = s.web.id.to_string();
         // This caller's share (a quarter of 64 MiB) is taken by bodies in
         // their check.
         let share = s.stepup.budget.take(&web, 16 << 20).expect("the share");
         let ch = s.challenge(ROUTE).await;
+        let outstanding = || metric(&s.metrics, "keyproof_stepup_nonces_outstanding");
+        assert_eq!(outstanding(), 1.0);
         let resp = s.verify(s.signed(&ch, ROUTE, b"{}")).await.unwrap_err();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
@@ -928,17 +951,49 @@ mod tests {
             metric(&s.metrics, "keyproof_stepup_body_budget_full_total"),
             1.0
         );
-        // Another caller is not held up by it; once the bodies are done,
-        // the same proof goes through (it was never checked).
+        // Its nonce no longer counts against the caller's bound (a
+        // caller's sidecar passes the 503 on and drops the nonce: kept, it
+        // would hold a place until it expired).
+        assert_eq!(outstanding(), 0.0);
+        // Another caller is not held up by it; once the bodies are done, a
+        // fresh proof goes through, and a bodiless request holds nothing.
         assert!(s
             .stepup
             .budget
             .take("spiffe://unit.keyproof.test/ns/x/sa/y", 1 << 20)
             .is_some());
-        drop(share);
-        let (req, _) = s.verify(s.signed(&ch, ROUTE, b"{}")).await.unwrap();
+        let ch = s.challenge(ROUTE).await;
+        let (req, verified) = s.verify(s.signed(&ch, ROUTE, b"")).await.unwrap();
         assert_eq!(req.headers()[&STEP_UP_VERIFIED], "verified");
-        assert_eq!(s.stepup.budget.held(), 0, "given back after the check");
+        drop(share);
+        assert_eq!(
+            s.stepup.budget.held(),
+            0,
+            "a bodiless request holds nothing"
+        );
+        let ch = s.challenge(ROUTE).await;
+        let (req, checked) = s.verify(s.signed(&ch, ROUTE, b"{}")).await.unwrap();
+        assert_eq!(req.headers()[&STEP_UP_VERIFIED], "verified");
+        assert_eq!(s.stepup.budget.held(), 2, "a checked body holds its length");
+        drop((verified, checked));
+        assert_eq!(s.stepup.budget.held(), 0, "given back with the answer");
+    }
+
+    #[tokio::test]
+    async fn a_body_not_read_whole_withdraws_its_nonce() {
+        let s = setup(8);
+        let ch = s.challenge(ROUTE).await;
+        // No length declared, larger than max_body when read: 413 after
+        // the head's check.
+        let resp = s
+            .verify(s.signed(&ch, ROUTE, b"{\"rotate\":true}"))
+            .await
+            .unwrap_err();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            metric(&s.metrics, "keyproof_stepup_nonces_outstanding"),
+            0.0
+        );
     }
 
     #[tokio::test]
