@@ -847,7 +847,7 @@ impl Default for InboundStepUpConfig {
             max_clock_skew: Duration::from_secs(60),
             max_body: 1 << 20,
             max_outstanding: 100_000,
-            max_outstanding_per_peer: 64,
+            max_outstanding_per_peer: 256,
             max_buffered: 64 << 20,
             channel_binding: true,
             audit_log: None,
@@ -4059,7 +4059,7 @@ mod tests {
         assert_eq!(i.stepup.max_clock_skew, Duration::from_secs(60));
         assert_eq!(i.stepup.max_body, 1 << 20);
         assert_eq!(i.stepup.max_outstanding, 100_000);
-        assert_eq!(i.stepup.max_outstanding_per_peer, 64);
+        assert_eq!(i.stepup.max_outstanding_per_peer, 256);
         assert!(i.stepup.channel_binding);
         assert_eq!(
             (d.nonce_ttl, d.max_outstanding_per_peer),

@@ -14,7 +14,8 @@ pub struct StepUpConfig {
     pub max_body: usize,
     /// Bound on issued-and-unused nonces in the whole process (default 100000).
     pub max_outstanding: usize,
-    /// Bound on issued-and-unused nonces per peer key (default 64).
+    /// Bound on issued-and-unused nonces per peer: its key, or its identity
+    /// ([`crate::Peer::bounded_as`]) (default 256).
     pub max_outstanding_per_peer: usize,
     /// Compare `Stepup-Binding` with the connection's TLS exporter (default true).
     /// When false the header is still required and signed (the wire format does
@@ -29,7 +30,7 @@ impl Default for StepUpConfig {
             max_clock_skew: Duration::from_secs(60),
             max_body: 1024 * 1024,
             max_outstanding: 100_000,
-            max_outstanding_per_peer: 64,
+            max_outstanding_per_peer: 256,
             channel_binding: true,
         }
     }

@@ -391,8 +391,8 @@ fn many_concurrent_step_up_requests_of_one_caller_all_pass_and_leave_no_nonce_be
     // inbound at once. A bodiless request used to hold `max_body` of
     // `max_buffered` until answered (a caller's quarter: 16 of 1 MiB, the
     // defaults), so the rest got 503, and the nonce each carried stayed
-    // outstanding for its life: past 64 per caller, every request was 429
-    // for 30 s.
+    // outstanding for its life: past 64 per caller (the default then),
+    // every request was 429 for 30 s.
     let pki = Pki::new(TD);
     let m = mesh(&pki);
     let (out_addr, inb) = (m.out_addr, &m.inb);

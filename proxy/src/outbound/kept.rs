@@ -20,8 +20,9 @@ use keyproof_stepup::Challenge;
 /// Kept nonces older than this are dropped rather than used: the inbound's
 /// default lifetime is 30 s, and using an expired one costs a challenge.
 const KEEP_FOR: Duration = Duration::from_secs(25);
-/// Bound per (connection, path): the inbound's default per-peer bound.
-const MAX_PER_PATH: usize = 64;
+/// Bound per (connection, path): the inbound's default per-identity bound
+/// (a pool beyond it could not be refilled anyway).
+const MAX_PER_PATH: usize = 256;
 /// Bound on all kept nonces.
 const MAX_TOTAL: usize = 4096;
 
