@@ -5,6 +5,9 @@
 //! [`Verifier::begin`] runs steps 1-7 on the headers; [`Pending::finish`] runs
 //! steps 8-10 once the body is read (up to [`StepUpConfig::max_body`]).
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
 use http::header::{HeaderValue, CACHE_CONTROL};
 use http::HeaderMap;
 use sfv::BareItemFromInput;
@@ -49,6 +52,10 @@ pub struct Peer {
     /// Whose share of the nonce table this peer's nonces count against:
     /// its identity ([`Peer::bounded_as`]), else its key.
     bound: [u8; 32],
+    /// Nonces issued on this connection and not yet used here, oldest
+    /// first (at most the per-peer bound): what
+    /// [`Verifier::withdraw_issued`] takes back once the connection is gone.
+    issued: Mutex<VecDeque<NonceId>>,
 }
 
 impl Peer {
@@ -68,6 +75,7 @@ impl Peer {
             key,
             exporter,
             accept_suffix,
+            issued: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -92,6 +100,37 @@ impl Peer {
     /// The peer's key.
     pub fn key(&self) -> &PeerKey {
         &self.key
+    }
+
+    /// How many nonces issued on this connection are not known to be used
+    /// (some may have been used on another connection, or expired).
+    pub fn unused_issued(&self) -> usize {
+        self.issued().len()
+    }
+
+    fn issued(&self) -> std::sync::MutexGuard<'_, VecDeque<NonceId>> {
+        // Every mutation is one deque operation: nothing half-done to see.
+        self.issued.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes `id` as issued on this connection, keeping at most `cap`.
+    fn note_issued(&self, id: NonceId, cap: usize) {
+        let mut issued = self.issued();
+        if issued.len() >= cap {
+            // Forgotten here, it still expires in the table.
+            issued.pop_front();
+        }
+        issued.push_back(id);
+    }
+
+    /// `id` was used (or withdrawn): nothing to take back for it. Nonces
+    /// are mostly used in the order they were issued, so it is found near
+    /// the front.
+    fn note_used(&self, id: &NonceId) {
+        let mut issued = self.issued();
+        if let Some(i) = issued.iter().position(|n| n == id) {
+            issued.remove(i);
+        }
     }
 }
 
@@ -299,7 +338,21 @@ impl Verifier {
         let id = self
             .table
             .issue(&self.rng, &peer.bound, expires, now, issued_ms)?;
+        peer.note_issued(id, self.cfg.max_outstanding_per_peer);
         Ok((id, expires))
+    }
+
+    /// Takes back the nonces issued on `peer`'s connection and not used
+    /// there, once that connection is gone: each is bound to the caller's
+    /// key and route and could still be used on another connection of the
+    /// caller's, but a signer keeps them per connection (design §5), so
+    /// left alone they would count against the caller's bound until they
+    /// expire (a caller renewing its certificate replaces its connections
+    /// and strands a nonce per request it had in flight). Returns how many
+    /// were still outstanding.
+    pub fn withdraw_issued(&self, peer: &Peer) -> usize {
+        let issued = std::mem::take(&mut *peer.issued());
+        issued.iter().filter(|id| self.table.take(id)).count()
     }
 
     /// A challenge for the next request of this peer on this route: a fresh
@@ -501,6 +554,7 @@ impl Pending<'_> {
     /// issued to can get here (its MAC and the channel binding held).
     pub fn withdraw(self) {
         self.verifier.table.take(&self.nonce_id);
+        self.peer.note_used(&self.nonce_id);
     }
 
     /// Steps 8-10 with the buffered body, at `now` (Unix seconds): the
@@ -525,6 +579,7 @@ impl Pending<'_> {
         if !self.verifier.table.take(&self.nonce_id) {
             return Outcome::Replay;
         }
+        self.peer.note_used(&self.nonce_id);
         // The nonce was alive when the head arrived; a body that finished
         // after its expiry must not pass because the purge had not run yet
         // (taken first, so that it is used up either way).

@@ -688,3 +688,38 @@ fn two_phase_api_checks_headers_before_the_body() {
         .unwrap_err();
     assert_eq!(err, Outcome::BadNonce);
 }
+
+#[test]
+fn a_closed_connections_unused_nonces_are_withdrawn_and_its_used_ones_left_alone() {
+    let w = p256();
+    let cfg = StepUpConfig {
+        max_outstanding: 100,
+        max_outstanding_per_peer: 4,
+        ..StepUpConfig::default()
+    };
+    let fx = fixture_with(&w, cfg);
+    let mut used = request("POST", URI, CT);
+    let ch = fx.challenge(&used, ROUTE, NOW);
+    let mut kept = request("POST", URI, CT);
+    let kept_ch = fx.challenge(&kept, ROUTE, NOW);
+    let _third = fx.challenge(&kept, ROUTE, NOW);
+    fx.sign(&ch, &mut used, BODY, NOW);
+    assert_eq!(fx.verify(&used, BODY, ROUTE, NOW), Outcome::Ok);
+    assert_eq!(fx.verifier.outstanding(), 2);
+    // The connection is gone: its two unused nonces stop counting against
+    // the caller at once, not when they expire.
+    assert_eq!(fx.verifier.withdraw_issued(&fx.peer), 2);
+    assert_eq!(fx.verifier.outstanding(), 0);
+    assert_eq!(fx.verifier.withdraw_issued(&fx.peer), 0, "nothing twice");
+    // A withdrawn nonce is spent: it can never be used.
+    fx.sign(&kept_ch, &mut kept, BODY, NOW);
+    assert_eq!(fx.verify(&kept, BODY, ROUTE, NOW), Outcome::Replay);
+    // A connection tracks no more than the per-peer bound allows: the
+    // caller can again hold four.
+    for i in 0..4 {
+        fx.verifier
+            .challenge(&fx.peer, ROUTE, true, None, NOW)
+            .unwrap_or_else(|e| panic!("challenge {i}: {e}"));
+    }
+    assert_eq!(fx.verifier.withdraw_issued(&fx.peer), 4);
+}

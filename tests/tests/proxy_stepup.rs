@@ -162,11 +162,16 @@ struct Mesh {
 }
 
 fn mesh(pki: &Pki) -> Mesh {
+    mesh_with(pki, "")
+}
+
+/// [`mesh`], with more TOML for the inbound.
+fn mesh_with(pki: &Pki, inbound_extra: &str) -> Mesh {
     let app = EchoApp::start();
     let server = pki.issue("server", "/ns/default/sa/api");
     let web = pki.issue("web", "/ns/default/sa/web");
     let (in_addr, in_admin, out_addr, out_admin) = (addr(), addr(), addr(), addr());
-    let in_cfg = inbound_config(pki, &server, in_addr, app.addr, in_admin);
+    let in_cfg = inbound_config(pki, &server, in_addr, app.addr, in_admin) + inbound_extra;
     let inb = ProxyProc::start(pki.tmp.path(), "in", &in_cfg, in_admin);
     let outbound = ProxyProc::start(
         pki.tmp.path(),
@@ -418,6 +423,67 @@ fn many_concurrent_step_up_requests_of_one_caller_all_pass_and_leave_no_nonce_be
         "{}",
         inb.metrics()
     );
+}
+
+#[test]
+fn renewing_the_callers_certificate_under_step_up_load_fails_nothing_and_strands_no_nonce() {
+    // Each renewal makes the caller's sidecar dial a new mesh connection;
+    // the nonces it kept for the old one (about one per request in flight)
+    // used to count against the caller's bound until they expired (round
+    // 9 F1: 28,037 of 34,246 requests 429 over five renewals). A bound of
+    // 24 with 8 requests in flight: three renewals used to reach it.
+    const WORKERS: usize = 8;
+    let pki = Pki::new(TD);
+    let m = mesh_with(&pki, "[inbound.stepup]\nmax_outstanding_per_peer = 24\n");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (stop, out) = (stop.clone(), m.out_addr);
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                let mut sent = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (code, body) = post_via(out, "/admin/rotate", &[]);
+                    sent += 1;
+                    if code != 200 {
+                        failed.push((code, body));
+                    }
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_secs(3));
+        let next = pki.issue(&format!("web-{i}"), "/ns/default/sa/web");
+        write_renamed(&m.web.key, &std::fs::read_to_string(&next.key).unwrap());
+        write_renamed(&m.web.crt, &std::fs::read_to_string(&next.crt).unwrap());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut sent, mut failed) = (0, Vec::new());
+    for w in workers {
+        let (s, f) = w.join().unwrap();
+        sent += s;
+        failed.extend(f);
+    }
+    assert!(
+        m.outbound
+            .metric("keyproof_identity_reloads_total{result=\"ok\"}")
+            >= 3.0,
+        "{}",
+        m.outbound.log_text()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert_eq!(m.inb.metric("keyproof_stepup_nonce_table_full_total"), 0.0);
+    // Idle now: what is outstanding is the live connection's kept pool.
+    let outstanding = m.inb.metric("keyproof_stepup_nonces_outstanding");
+    assert!(outstanding <= WORKERS as f64, "{outstanding} outstanding");
 }
 
 #[test]

@@ -37,6 +37,9 @@ use crate::metrics::VerifierMetrics;
 /// refused by their MAC'd expiry anyway; purging only returns their memory
 /// and their slot under `max_outstanding`.
 const PURGE_EVERY: Duration = Duration::from_secs(5);
+/// How long a closed connection's unused nonces stay valid: see
+/// [`InboundStepUp::connection_ended`].
+const WITHDRAW_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the inbound step-up verifier could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +282,30 @@ impl InboundStepUp {
     }
 
     /// Waits until every audit record made so far is written.
+    /// Takes back, after a short grace, the nonces issued on a connection
+    /// that has ended and not used on it (see
+    /// [`keyproof_stepup::Verifier::withdraw_issued`]). The grace lets a
+    /// challenge answered just as the connection closed (a signer resends
+    /// on its live connection) still be verified rather than read as a
+    /// replay.
+    pub fn connection_ended(&self, conn: Arc<InboundConn>) {
+        if conn.stepup.as_ref().is_none_or(|p| p.unused_issued() == 0) {
+            return;
+        }
+        let (verifier, outstanding) = (self.verifier.clone(), self.metrics.outstanding.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(WITHDRAW_GRACE).await;
+            let Some(peer) = conn.stepup.as_ref() else {
+                return;
+            };
+            let n = verifier.withdraw_issued(peer);
+            if n > 0 {
+                tracing::debug!(peer = %conn.remote, peer_id = %conn.peer.id, withdrawn = n, "step-up: nonces of a closed connection withdrawn");
+                outstanding.set(i64::try_from(verifier.outstanding()).unwrap_or(i64::MAX));
+            }
+        });
+    }
+
     pub fn flush_audit(&self) {
         if let Some(a) = &self.audit {
             a.flush();

@@ -448,6 +448,7 @@ impl Inbound {
         };
         let (store, peer_id) = (self.store.clone(), conn.peer.id.clone());
         let conn = Arc::new(conn);
+        let ended = conn.clone();
         let this = self.clone();
         let streams = activity.clone();
         let svc = move |req: Request<RequestBody>| {
@@ -516,6 +517,7 @@ impl Inbound {
         if let Err(e) = result {
             tracing::debug!(peer = %remote, error = %e, "inbound connection ended with an error");
         }
+        self.stepup.connection_ended(ended);
     }
 
     /// Where the HTTP of a connection redirected from local `port` goes, or
