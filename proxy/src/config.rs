@@ -278,6 +278,7 @@ struct RawRuntime {
     worker_threads: Option<usize>,
     log_format: Option<String>,
     shutdown_grace: Option<String>,
+    drain_delay: Option<String>,
     memory_limit: Option<RawSize>,
 }
 
@@ -1176,6 +1177,10 @@ pub struct RuntimeConfig {
     pub log_format: LogFormat,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long the sidecar goes on accepting after SIGTERM, `/ready`
+    /// already 503, before it drains: time for the callers' endpoints to
+    /// drop it (a preStop sleep of its own).
+    pub drain_delay: Duration,
     /// The memory the sidecar sheds connections above
     /// (`memory.rs`).
     pub memory_limit: MemoryLimit,
@@ -3051,6 +3056,11 @@ impl Config {
                 raw.runtime.shutdown_grace.as_ref(),
                 Duration::from_secs(30),
             )?,
+            drain_delay: duration(
+                "runtime.drain_delay",
+                raw.runtime.drain_delay.as_ref(),
+                Duration::ZERO,
+            )?,
             memory_limit: memory_limit(raw.runtime.memory_limit.as_ref())?,
         };
         Ok(Config {
@@ -4039,6 +4049,7 @@ mod tests {
         assert_eq!(cfg.runtime.worker_threads, 1);
         assert_eq!(cfg.runtime.log_format, LogFormat::Text);
         assert_eq!(cfg.runtime.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(cfg.runtime.drain_delay, Duration::ZERO);
 
         let i = cfg.inbound.expect("inbound");
         assert_eq!(i.listen, "127.0.0.1:1".parse::<SocketAddr>().expect("addr"));
@@ -4301,6 +4312,10 @@ mod tests {
         // A duration must be a string.
         let msg = parse_error(&outb("[runtime]\nshutdown_grace = 30\n"));
         assert!(msg.contains("shutdown_grace"), "{msg}");
+        let cfg = Config::parse(&outb("[runtime]\ndrain_delay = \"5s\"\n")).expect("config");
+        assert_eq!(cfg.runtime.drain_delay, Duration::from_secs(5));
+        let (key, _) = invalid_key(&outb("[runtime]\ndrain_delay = \"5\"\n"));
+        assert_eq!(key, "runtime.drain_delay");
     }
 
     #[test]

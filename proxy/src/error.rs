@@ -38,6 +38,37 @@ pub fn is_malformed(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// "At most once every N seconds", lock-free: for a log line that would
+/// otherwise repeat once per connection during an outage.
+pub struct LogEvery {
+    secs: u64,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl LogEvery {
+    /// A throttle of `secs` seconds.
+    pub const fn new(secs: u64) -> LogEvery {
+        LogEvery {
+            secs,
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to log now (and if so, not again for `secs`).
+    pub fn due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Relaxed);
+        now >= last.saturating_add(self.secs)
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

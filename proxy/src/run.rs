@@ -343,6 +343,7 @@ pub struct Running {
     stop_admin: tokio::sync::watch::Sender<bool>,
     tracker: Arc<listener::Tracker>,
     grace: Duration,
+    drain_delay: Duration,
     /// The reloader (`[identity.files]`) or renewer (`[identity.ca]`).
     identity_task: tokio::task::JoinHandle<()>,
     /// The probe of a PKCS#11 workload key (`[identity.pkcs11]`).
@@ -550,6 +551,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         stop_admin,
         tracker: tracker.clone(),
         grace: cfg.runtime.shutdown_grace,
+        drain_delay: cfg.runtime.drain_delay,
         identity_task,
         key_probe_task,
         policy_task: None,
@@ -661,10 +663,17 @@ impl Drop for AbortOnDrop {
 }
 
 impl Running {
-    /// Drains: `/ready` turns 503, listeners close, connections finish their
-    /// in-flight requests (up to the grace period), then the admin stops.
+    /// Drains: `/ready` turns 503; after `drain_delay` (everything still
+    /// served) listeners close, connections finish their in-flight
+    /// requests (up to the grace period), then the admin stops.
     pub async fn shutdown(self) {
         self.admin.draining.store(true, Ordering::Release);
+        if !self.drain_delay.is_zero() {
+            // Callers that have not yet seen the endpoint go keep arriving
+            // for a while: served, not refused.
+            tracing::info!(delay = ?self.drain_delay, "shutting down: /ready is 503, still serving until the delay is over");
+            tokio::time::sleep(self.drain_delay).await;
+        }
         let _ = self.stop_accepting.send(true);
         tracing::info!(grace = ?self.grace, "draining");
         if tokio::time::timeout(self.grace, self.tracker.wait_idle())

@@ -420,6 +420,35 @@ fn route_policy_by_id_prefix_and_method() {
 }
 
 #[test]
+fn after_sigterm_new_callers_are_served_for_the_drain_delay_then_it_stops() {
+    // Kubernetes takes a terminating pod out of its Service's endpoints
+    // while it delivers SIGTERM: callers keep arriving for a few seconds
+    // (round 9 F2: every one was refused, the listener closed at once).
+    let mut s = setup(
+        None,
+        &format!("[[inbound.routes]]\npath_prefix = \"/\"\nallow = [\"spiffe://{TD}/*\"]\n[runtime]\ndrain_delay = \"2s\"\n"),
+        None,
+    );
+    assert_eq!(s.curl_as(&s.web, &[], "/before").0, 200);
+    let sent = Instant::now();
+    s.proxy.terminate();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ready, body) = http_get(s.proxy.admin, "/ready").expect("admin answers");
+    assert_eq!(ready, 503, "{body}");
+    // A new connection, and a request on it.
+    let (code, body, _) = s.curl_as(&s.web, &[], "/during");
+    assert_eq!(code, 200, "{body}\n{}", s.proxy.log_text());
+    let status = s.proxy.wait(Duration::from_secs(10)).expect("it stops");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2),
+        "stopped before the drain delay was over"
+    );
+    let (code, _, exit) = s.curl_as(&s.web, &[], "/after");
+    assert_eq!((code, exit), (0, 7), "connection refused once stopped");
+}
+
+#[test]
 fn default_deny_and_app_down() {
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let s = setup(

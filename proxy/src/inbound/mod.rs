@@ -59,6 +59,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{InboundConfig, PolicyConfig, StepUpMode};
+use crate::error::LogEvery;
 use crate::http::body::{declared_length, text, ProxyBody, RequestBody, ResponseFuture};
 use crate::http::h2_stream::MeshBody;
 use crate::http::limited::{self, STEPUP_DRAIN};
@@ -83,36 +84,6 @@ use crate::metrics::{DirectionMetrics, Metrics};
 static OWN_KEY_LOG: LogEvery = LogEvery::new(10);
 /// Callers at their connection share opening more.
 static OVER_SHARE_LOG: LogEvery = LogEvery::new(10);
-
-/// "At most once every N seconds", lock-free: for a log line that would
-/// otherwise repeat once per connection during an outage.
-struct LogEvery {
-    secs: u64,
-    last: AtomicU64,
-}
-
-impl LogEvery {
-    const fn new(secs: u64) -> LogEvery {
-        LogEvery {
-            secs,
-            last: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether to log now (and if so, not again for `secs`).
-    fn due(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last.load(Relaxed);
-        now >= last.saturating_add(self.secs)
-            && self
-                .last
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-    }
-}
 
 fn ready(resp: Response<ProxyBody>) -> ResponseFuture<'static> {
     Box::pin(std::future::ready(resp))

@@ -55,7 +55,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{Balance, OutboundConfig, UpstreamConfig, UpstreamRule};
-use crate::error::root_cause;
+use crate::error::{root_cause, LogEvery};
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody, RequestBody, ResponseFuture};
 use crate::http::h1_server::{self, ServerLimits};
 use crate::http::limited::Whole;
@@ -73,6 +73,9 @@ use crate::outbound::table::{Route, Table};
 use crate::outbound::upstream::{before_retry, send_h2, ConnectError, ForwardError, Upstream};
 
 pub use crate::outbound::upstream::OutboundError;
+
+/// Throttles the log line for requests whose upstream cannot be reached.
+static CONNECT_FAILED_LOG: LogEvery = LogEvery::new(10);
 
 /// Whether the client opens with the HTTP/2 connection preface (prior
 /// knowledge, as gRPC clients do), peeked so that either server reads the
@@ -841,7 +844,14 @@ impl Outbound {
     ) -> Response<ProxyBody> {
         match sent {
             Ok(resp) => resp,
-            Err(ForwardError::Connect(e)) => text(e.status(), format!("{e}\n")),
+            Err(ForwardError::Connect(e)) => {
+                // Once per request would flood the log while a peer is down
+                // (every request to it fails); silent, nothing said why.
+                if CONNECT_FAILED_LOG.due() {
+                    tracing::warn!(upstream = %up.cfg.address, error = %e, "cannot reach the upstream: requests to it fail with 502/503 (logged at most every 10 s)");
+                }
+                text(e.status(), format!("{e}\n"))
+            }
             Err(ForwardError::NotH2) => text(
                 StatusCode::BAD_GATEWAY,
                 format!(
