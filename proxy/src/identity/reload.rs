@@ -28,6 +28,14 @@ use crate::metrics::Metrics;
 pub const SETTLE_FOR: Duration = Duration::from_secs(2);
 /// Pause between retries of inconsistent material.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// How long valid new material must stay the same before it is used: a
+/// file written in place (not renamed into place) can be read half
+/// written, and a prefix of a bundle is a valid bundle with fewer roots.
+const STABLE_FOR: Duration = Duration::from_millis(250);
+/// The same, for a bundle that drops a root in use: live connections under
+/// that root are cut and its callers refused, and finishing a rotation is
+/// never urgent.
+const STABLE_FOR_DROP: Duration = SETTLE_FOR;
 
 /// The three files of a file-based identity.
 #[derive(Debug, Clone)]
@@ -111,6 +119,9 @@ pub struct Reloader {
     rejected: Option<[u8; 32]>,
     /// [`SETTLE_FOR`]; a field so that tests can wait less.
     settle_for: Duration,
+    /// [`STABLE_FOR`] and [`STABLE_FOR_DROP`]; fields so that tests can
+    /// wait less.
+    stable_for: (Duration, Duration),
 }
 
 impl Reloader {
@@ -130,6 +141,7 @@ impl Reloader {
             token: None,
             rejected: None,
             settle_for: SETTLE_FOR,
+            stable_for: (STABLE_FOR, STABLE_FOR_DROP),
         }
     }
 
@@ -176,7 +188,21 @@ impl Reloader {
                     self.rejected = None;
                     return ReloadOutcome::Unchanged;
                 }
-                Ok(Some(next)) => next,
+                Ok(Some(next)) => {
+                    // Taken only once it has stayed the same (a writer may
+                    // be half way through it).
+                    let wait = if drops_a_root(self.store.get().as_deref(), &next) {
+                        self.stable_for.1
+                    } else {
+                        self.stable_for.0
+                    };
+                    tokio::time::sleep(wait).await;
+                    match Snapshot::read(&self.files).await {
+                        Ok(again) if again.digest() == digest => next,
+                        // Changed meanwhile: the new content is looked at.
+                        _ => continue,
+                    }
+                }
                 Err(e) => {
                     if self.rejected == Some(digest) {
                         return ReloadOutcome::Unchanged;
@@ -239,6 +265,15 @@ impl Reloader {
     }
 }
 
+/// Whether `next`'s bundle leaves out a root `current`'s has.
+fn drops_a_root(current: Option<&Identity>, next: &Identity) -> bool {
+    current.is_some_and(|c| {
+        c.roots
+            .iter()
+            .any(|r| !next.roots.iter().any(|n| n.sha256 == r.sha256))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +286,8 @@ mod tests {
 
     /// Short enough for a test, long enough for a retry or two.
     const SETTLE: Duration = Duration::from_millis(150);
+    /// How long a bundle dropping a root must stay the same, in the tests.
+    const DROP_STABLE: Duration = Duration::from_millis(400);
 
     struct Setup {
         pki: &'static Pki,
@@ -280,6 +317,7 @@ mod tests {
             let mut reloader =
                 Reloader::new(files.clone(), store.clone(), metrics.clone(), BOTH.to_vec());
             reloader.settle_for = settle_for;
+            reloader.stable_for = (Duration::from_millis(20), DROP_STABLE);
             Setup {
                 pki,
                 _dir: dir,
@@ -340,6 +378,37 @@ mod tests {
         // Looking again finds nothing new.
         assert_eq!(s.reloader.check().await, ReloadOutcome::Unchanged);
         assert_eq!(s.counted(), [("ok", 1.0)]);
+    }
+
+    #[tokio::test]
+    async fn a_bundle_written_in_place_is_not_taken_half_written() {
+        let mut s = Setup::new(SETTLE);
+        let other = Pki::shared("second-root.keyproof.test");
+        let svid = s.pki.issue(API);
+        let both = format!("{}{}", s.pki.bundle_pem(), other.bundle_pem());
+        write(&s.files, &svid, &both);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Applied);
+        assert_eq!(s.store.current().roots.len(), 2);
+        // Round 9 F4: the first root written, the second a moment later. The
+        // prefix is a valid bundle that drops a root (cutting the callers
+        // under it), so it must stay the same a while before it is used.
+        std::fs::write(&s.files.bundle, s.pki.bundle_pem()).expect("write prefix");
+        let mut reloader = s.reloader;
+        let check = tokio::spawn(async move {
+            let outcome = reloader.check().await;
+            (reloader, outcome)
+        });
+        tokio::time::sleep(DROP_STABLE / 4).await;
+        std::fs::write(&s.files.bundle, &both).expect("write the rest");
+        let (reloader, outcome) = check.await.expect("task");
+        s.reloader = reloader;
+        assert_eq!(outcome, ReloadOutcome::Unchanged);
+        assert_eq!(s.store.current().roots.len(), 2, "the prefix was used");
+        // A root really dropped is, once the file has stayed so.
+        std::fs::write(&s.files.bundle, s.pki.bundle_pem()).expect("drop a root");
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Applied);
+        assert_eq!(s.store.current().roots.len(), 1);
+        assert_eq!(s.counted(), [("ok", 2.0)]);
     }
 
     #[tokio::test]
