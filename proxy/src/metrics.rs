@@ -71,7 +71,7 @@ pub const KEY_LOCATIONS: [&str; 3] = ["file", "memory", "pkcs11"];
 pub const KEY_OPERATION_RESULTS: [&str; 3] = ["ok", "failed", "unavailable"];
 
 /// Every `result` label of `keyproof_tls_handshakes_total`.
-pub const HANDSHAKE_RESULTS: [&str; 14] = [
+pub const HANDSHAKE_RESULTS: [&str; 15] = [
     "ok",
     "no_client_cert",
     "unknown_ca",
@@ -89,6 +89,9 @@ pub const HANDSHAKE_RESULTS: [&str; 14] = [
     // Under a root of the bundle, but not a valid path (a path length, an
     // unknown critical extension, a name constraint).
     "bad_chain",
+    // Outbound: completed here, then refused by the peer (an alert on the
+    // first read): counted besides its `ok`.
+    "refused_by_peer",
 ];
 
 /// Index of `protocol` in [`HANDSHAKE_RESULTS`], where unknown results go.
@@ -1324,7 +1327,7 @@ mod tests {
         zero("keyproof_stepup_nonce_table_full_total", &[]);
         assert_eq!(
             checked,
-            2 * (14 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 2
+            2 * (15 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 2
         );
         // No certificate, no expiry: a 0 would page as one expired in 1970.
         assert!(

@@ -22,11 +22,12 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 const TD: &str = "hs.test";
-const NEW_RESULTS: [&str; 4] = [
+const NEW_RESULTS: [&str; 5] = [
     "possession_failed",
     "bad_key_usage",
     "unsupported_key",
     "bad_chain",
+    "refused_by_peer",
 ];
 
 fn addr() -> SocketAddr {
@@ -500,6 +501,46 @@ fn up_addr(ups: &[(&str, FakeUpstream, &str)], host: &str) -> String {
         .find(|u| u.0 == host)
         .map(|u| u.1.addr.to_string())
         .unwrap_or_default()
+}
+
+#[test]
+fn a_caller_the_peer_refuses_after_its_handshake_counts_refused_by_peer() {
+    // Round 9 F5: the outbound's certificate is under a root the inbound
+    // does not trust. In TLS 1.3 the client's handshake ends before the
+    // server has checked its certificate, so the outbound counted `ok`
+    // while every request failed on the server's alert.
+    let s = inbound();
+    let other = Pki::new(TD);
+    let client = other.issue("client", "/ns/default/sa/web");
+    let both = other.path("both.pem");
+    let mut pem = std::fs::read(&s.pki.bundle).unwrap();
+    pem.extend(std::fs::read(&other.bundle).unwrap());
+    std::fs::write(&both, pem).unwrap();
+    let (out_addr, out_admin) = (addr(), addr());
+    let cfg = format!(
+        "{}[outbound]\nlisten = \"{out_addr}\"\n\
+         [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{}\"\nidentity = \"{}\"\n\
+         [admin]\nlisten = \"{out_admin}\"\n",
+        identity_toml(&both, &client),
+        s.addr,
+        s.pki.id("/ns/default/sa/api"),
+    );
+    let out = ProxyProc::start(other.tmp.path(), "out", &cfg, out_admin);
+    let (code, body, _) = curl(&[
+        "-x",
+        &format!("http://{out_addr}"),
+        "http://api.default.svc/x",
+    ]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("alert"), "{body}");
+    let refused = out.wait_metric(&sample("outbound", "refused_by_peer"), 1.0);
+    assert_eq!(refused, 1.0, "{}", out.metrics());
+    assert!(
+        out.log_text().contains("does not accept our certificate"),
+        "{}",
+        out.log_text()
+    );
+    s.expect_one_more("unknown_ca", 0.0, "the inbound's side");
 }
 
 #[test]

@@ -102,10 +102,58 @@ fn mark_if_going_away(e: &h2::Error, shared: &Shared) {
     }
 }
 
+/// Called when a connection ends on a TLS alert by which the peer refuses
+/// our certificate. In TLS 1.3 the client finishes its handshake before the
+/// server has checked the client's certificate: the server's verdict comes
+/// as an alert on the first read, after the dial was counted a success.
+pub type OnRefused = Box<dyn FnOnce() + Send>;
+
+/// Whether `e`, a connection's end, is an alert by which the peer refused
+/// our certificate (or our possession of its key).
+pub fn refused_our_certificate(e: &h2::Error) -> bool {
+    use rustls::AlertDescription as A;
+    const REFUSALS: [A; 9] = [
+        A::BadCertificate,
+        A::UnsupportedCertificate,
+        A::CertificateRevoked,
+        A::CertificateExpired,
+        A::CertificateUnknown,
+        A::UnknownCA,
+        A::AccessDenied,
+        A::DecryptError,
+        A::CertificateRequired,
+    ];
+    let Some(io) = e.get_io() else {
+        return false;
+    };
+    if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return matches!(tls, rustls::Error::AlertReceived(a) if REFUSALS.contains(a));
+    }
+    // h2 keeps an I/O error's kind and message only: rustls's message for
+    // an alert received is "received fatal alert: <description>".
+    let message = io.to_string();
+    REFUSALS
+        .iter()
+        .any(|a| message.contains(&rustls::Error::AlertReceived(*a).to_string()))
+}
+
 impl MeshSender {
     /// Performs the HTTP/2 handshake on `io` and spawns the task that drives
     /// the connection (and keeps it alive with PINGs while it is used).
     pub async fn handshake<T>(io: T, max_header_bytes: u32) -> Result<MeshSender, h2::Error>
+    where
+        T: AsyncRead + AsyncWrite + PeerAddr + Unpin + Send + 'static,
+    {
+        Self::handshake_reporting(io, max_header_bytes, None).await
+    }
+
+    /// [`MeshSender::handshake`], calling `refused` if the connection ends
+    /// because the peer refused our certificate.
+    pub async fn handshake_reporting<T>(
+        io: T,
+        max_header_bytes: u32,
+        refused: Option<OnRefused>,
+    ) -> Result<MeshSender, h2::Error>
     where
         T: AsyncRead + AsyncWrite + PeerAddr + Unpin + Send + 'static,
     {
@@ -133,7 +181,7 @@ impl MeshSender {
             tunnels: AtomicUsize::new(0),
         });
         let ping = conn.ping_pong();
-        tokio::spawn(drive(conn, ping, shared.clone()));
+        tokio::spawn(drive(conn, ping, shared.clone(), refused));
         Ok(MeshSender { send, shared })
     }
 
@@ -476,6 +524,7 @@ async fn drive(
     mut conn: h2::client::Connection<impl AsyncRead + AsyncWrite + Unpin, Bytes>,
     ping: Option<h2::PingPong>,
     shared: Arc<Shared>,
+    refused: Option<OnRefused>,
 ) {
     let mut tick = tokio::time::interval(PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -510,7 +559,14 @@ async fn drive(
     };
     shared.closed.store(true, Ordering::Relaxed);
     if let Err(e) = result {
-        tracing::debug!(error = %e, "outbound h2 connection closed");
+        if refused_our_certificate(&e) {
+            tracing::warn!(error = %e, "outbound mesh connection refused by the peer after the handshake: it does not accept our certificate");
+            if let Some(count) = refused {
+                count();
+            }
+        } else {
+            tracing::debug!(error = %e, "outbound h2 connection closed");
+        }
     }
 }
 

@@ -2271,11 +2271,12 @@ mod tests {
             assert!(HANDSHAKE_RESULTS.contains(&f.reason), "{}", f.reason);
             seen.insert(f.reason);
         }
-        // Everything but success and the accept loop's own timeout comes
-        // from classify.
+        // Everything but success, the accept loop's own timeout and the
+        // outbound's refused_by_peer (an alert after the handshake, seen by
+        // the mesh client) comes from classify.
         let expected: BTreeSet<&str> = HANDSHAKE_RESULTS
             .into_iter()
-            .filter(|r| !matches!(*r, "ok" | "timeout"))
+            .filter(|r| !matches!(*r, "ok" | "timeout" | "refused_by_peer"))
             .collect();
         assert_eq!(seen, expected);
         // Our own refusals carry the caller's ID and the verifier's words.

@@ -474,7 +474,10 @@ impl MeshLink {
             return Err(ForwardError::NotH2);
         }
         let info = stream.info.clone();
-        let send = MeshSender::handshake(stream, self.max_header_bytes)
+        let metrics = self.dialer.metrics.clone();
+        let refused: crate::http::mesh_client::OnRefused =
+            Box::new(move || metrics.handshake("refused_by_peer"));
+        let send = MeshSender::handshake_reporting(stream, self.max_header_bytes, Some(refused))
             .await
             .map_err(|e| ForwardError::Upstream(e.to_string()))?;
         self.current
