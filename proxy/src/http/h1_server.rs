@@ -15,6 +15,9 @@
 //! after the response, as its end on the wire is then unknown; the
 //! response says `connection: close` when that is known before its head
 //! goes out, and the client's remaining bytes are drained briefly first.
+//! One dropped only after the head went out (it did not say close) is read
+//! to its end and discarded, within a lingering close's bounds, and the
+//! connection goes on.
 //!
 //! Limits: a request head must arrive within `header_read_timeout` of its
 //! first byte (408 otherwise) and fit `max_header_bytes` (431); a client
@@ -83,6 +86,9 @@ struct ReadSide {
     /// (what the handler made of the broken body is not the cause), and
     /// close.
     malformed: Option<H1Error>,
+    /// Where the body's reading stopped, when it was dropped unread: the
+    /// rest can be read and discarded ([`drain_rest`]).
+    reader: BodyReader,
 }
 
 /// A request body read straight off the client's connection.
@@ -134,12 +140,14 @@ impl ServerBody {
     fn send_home(&mut self, finished: bool, stalled: bool, malformed: Option<H1Error>) {
         if let (Some(home), Some(io)) = (self.home.take(), self.io.take()) {
             let buf = std::mem::take(&mut self.buf);
+            let reader = std::mem::replace(&mut self.reader, BodyReader::new(Framing::Empty, 0));
             let _ = home.send(ReadSide {
                 io,
                 buf,
                 finished,
                 stalled,
                 malformed,
+                reader,
             });
         }
     }
@@ -514,7 +522,15 @@ where
             match wait_home(home, closing).await {
                 Some(side) if side.stalled || side.malformed.is_some() => return Ok(()),
                 Some(side) if side.finished => (rd, buf) = (Some(side.io), side.buf),
-                Some(side) => (unread, close) = (Some(side.io), true),
+                // The head went out without `connection: close` (the body
+                // was still being read): a client sends its next request
+                // on this connection, so the rest of the body is read and
+                // discarded, within bounds, rather than the connection
+                // closed under that request (round 9 F6).
+                Some(side) => match drain_rest(side).await {
+                    Ok((io, b)) if !closing.load(Ordering::Relaxed) => (rd, buf) = (Some(io), b),
+                    Ok((io, _)) | Err(io) => (unread, close) = (Some(io), true),
+                },
                 None => return Ok(()),
             }
         }
@@ -525,6 +541,46 @@ where
             }
             return Ok(());
         }
+    }
+}
+
+/// Reads and discards the rest of a request body its handler dropped
+/// unread, up to [`LINGER_BYTES`] within [`LINGER`] (the bounds of a
+/// closing connection's linger): the read half and what follows the body,
+/// or the read half alone when the body did not end within them (the
+/// connection then closes).
+async fn drain_rest(side: ReadSide) -> Result<(OwnedReadHalf, BytesMut), OwnedReadHalf> {
+    let ReadSide {
+        mut io,
+        mut buf,
+        mut reader,
+        ..
+    } = side;
+    let mut seen = 0;
+    let drained = tokio::time::timeout(LINGER, async {
+        loop {
+            let frame = poll_fn(|cx| {
+                reader.poll_frame(&mut buf, cx, |cx, buf| {
+                    tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, buf)
+                })
+            })
+            .await;
+            match frame {
+                None => return reader.is_done(),
+                Some(Ok(f)) => {
+                    seen += f.data_ref().map_or(0, Bytes::len);
+                    if seen > LINGER_BYTES {
+                        return false;
+                    }
+                }
+                Some(Err(_)) => return false,
+            }
+        }
+    })
+    .await;
+    match drained {
+        Ok(true) => Ok((io, buf)),
+        _ => Err(io),
     }
 }
 
@@ -1457,6 +1513,42 @@ mod tests {
         s.write_all(b"defGET /2 HTTP/1.1\r\n\r\n").await.unwrap();
         let r = response(&mut s, &mut buf, false).await.unwrap();
         assert_eq!((r.status, &r.body[..]), (200, &b"early"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_after_the_response_is_drained_and_the_connection_kept() {
+        // Round 9 F6: the outbound's answer went out while the body was
+        // still on its way to the mesh, whose stream then ended without it
+        // (an early 503): the connection closed under the client's next
+        // request, though the head had not said it would.
+        let later = |req: Request<ServerBody>| async move {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drop(req);
+            });
+            Response::new(Full::new(Bytes::from_static(b"early")))
+        };
+        let srv = server(limits(), open(), later).await;
+        let (mut s, mut buf, r) =
+            exchange(srv.addr, b"POST / HTTP/1.1\r\nContent-Length: 6\r\n\r\nabc").await;
+        assert_eq!((r.status, r.field("connection")), (200, None));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"defGET /2 HTTP/1.1\r\n\r\n").await.unwrap();
+        let r = response(&mut s, &mut buf, false)
+            .await
+            .expect("served on the same connection");
+        assert_eq!((r.status, &r.body[..]), (200, &b"early"[..]));
+        // A rest larger than a lingering close reads: the connection closes.
+        let big = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 4 << 20);
+        let (mut s, mut buf, r) = exchange(srv.addr, big.as_bytes()).await;
+        assert_eq!(r.status, 200);
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..(4 << 20) / chunk.len() {
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        assert_closed(&mut s, &mut buf).await;
     }
 
     #[tokio::test]
