@@ -281,7 +281,6 @@ impl InboundStepUp {
         self.max_body
     }
 
-    /// Waits until every audit record made so far is written.
     /// Takes back, after a short grace, the nonces issued on a connection
     /// that has ended and not used on it (see
     /// [`keyproof_stepup::Verifier::withdraw_issued`]). The grace lets a
@@ -306,6 +305,7 @@ impl InboundStepUp {
         });
     }
 
+    /// Waits until every audit record made so far is written.
     pub fn flush_audit(&self) {
         if let Some(a) = &self.audit {
             a.flush();
