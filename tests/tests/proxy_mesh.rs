@@ -275,6 +275,47 @@ fn wrong_server_identity_and_unreachable_upstream() {
 }
 
 #[test]
+fn callers_leave_a_connection_whose_app_has_gone() {
+    // Round 9 F2: a terminating pod's app exits before its native sidecar
+    // hears of it, and callers' long-lived mesh connections kept bringing
+    // requests, each answered 503 until the sidecar itself stopped.
+    let Pair {
+        _silent,
+        pki: _pki,
+        _app: app,
+        inbound: _inbound,
+        outbound,
+        in_addr: _,
+        out_addr,
+    } = pair("");
+    let out = format!("http://{out_addr}");
+    let get = || curl(&["-x", &out, "http://api.default.svc/x"]);
+    let dials =
+        || outbound.metric("keyproof_tls_handshakes_total{direction=\"outbound\",result=\"ok\"}");
+    assert_eq!(get().0, 200);
+    assert_eq!(get().0, 200);
+    assert_eq!(dials(), 1.0, "one mesh connection");
+    drop(app);
+    let (code, body, _) = get();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("app unavailable"), "{body}");
+    // The inbound ended that connection gracefully: the next request goes
+    // on a new one (to another endpoint, behind a Service).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get().0, 503);
+    assert_eq!(
+        dials(),
+        2.0,
+        "a new mesh connection\n{}",
+        outbound.log_text()
+    );
+    // Told at most every few seconds: a crash-looping app does not cost a
+    // handshake per request.
+    assert_eq!(get().0, 503);
+    assert_eq!(dials(), 2.0);
+}
+
+#[test]
 fn graceful_shutdown_lets_in_flight_request_finish() {
     let p = pair("");
     let mut inbound = p.inbound;

@@ -56,6 +56,10 @@ pub enum AppError {
     /// No connection could be made: the app is down or not listening yet.
     #[error("{0}")]
     Unavailable(String),
+    /// The app's port refused the connection: nothing listens there (the
+    /// app has exited, or has not started).
+    #[error("{0}")]
+    Refused(String),
     /// The app failed the request after a connection was made.
     #[error("{0}")]
     Failed(String),
@@ -150,6 +154,16 @@ impl Exchange {
 /// sidecar uses the same address for the same reason. Any address of
 /// 127.0.0.0/8 is the loopback interface's, so it needs no setup.
 pub const APP_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
+/// A failed dial to the app: refused (nothing listens), or otherwise
+/// unavailable.
+fn dial_error(e: io::Error) -> AppError {
+    if e.kind() == io::ErrorKind::ConnectionRefused {
+        AppError::Refused(e.to_string())
+    } else {
+        AppError::Unavailable(e.to_string())
+    }
+}
 
 /// Connects to the app at `addr` (an address, or a name and port), from
 /// [`APP_SOURCE`] when it is on IPv4 loopback. Each resolved address is
@@ -510,7 +524,7 @@ impl H1Pool {
                     self.connect_timeout
                 ))
             })?
-            .map_err(|e| AppError::Unavailable(e.to_string()))?;
+            .map_err(dial_error)?;
         let _ = tcp.set_nodelay(true);
         Ok(tcp)
     }
@@ -1399,9 +1413,7 @@ impl H2cPool {
     /// A new connection, once the app's SETTINGS (its stream limit) are in.
     async fn dial(&self) -> Result<Arc<H2cLink>, AppError> {
         let setup = async {
-            let tcp = dial_app(self.addr.as_str())
-                .await
-                .map_err(|e| AppError::Unavailable(e.to_string()))?;
+            let tcp = dial_app(self.addr.as_str()).await.map_err(dial_error)?;
             let _ = tcp.set_nodelay(true);
             let (send, mut conn) = h2::client::Builder::new()
                 .initial_window_size(H2C_STREAM_WINDOW)
@@ -2102,13 +2114,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nothing_listening_is_unavailable() {
+    async fn nothing_listening_is_refused() {
         let addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
         let e = send(&pool(&addr), get("/")).await.expect_err("refused");
-        assert!(matches!(e, AppError::Unavailable(_)), "{e:?}");
+        assert!(matches!(e, AppError::Refused(_)), "{e:?}");
     }
 
     #[tokio::test]

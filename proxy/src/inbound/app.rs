@@ -37,6 +37,50 @@ pub struct AppClient {
     protocol: AppProtocol,
     /// `host:port`, for the log and the caller's error bodies.
     addr: String,
+    /// Said when the app's port refuses connections.
+    pub gone: AppGone,
+}
+
+/// Tells the connections of callers that the app's port refused a
+/// connection: the app has exited (as a terminating pod's app does before
+/// its native sidecar is told) or not started. Each connection then ends
+/// gracefully, so that its caller dials anew and a Service sends it to an
+/// endpoint whose app is there, instead of every request on it getting 503
+/// until the sidecar itself stops. Said at most every [`AppGone::EVERY`]: a
+/// crash-looping app costs each caller a reconnection that often, not one
+/// per failed request.
+#[derive(Debug, Default)]
+pub struct AppGone {
+    notify: tokio::sync::Notify,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl AppGone {
+    /// The most often the connections are told, in seconds.
+    pub const EVERY: u64 = 5;
+
+    /// The app's port refused a connection.
+    pub fn note(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Relaxed);
+        let due = last == 0 || now >= last.saturating_add(Self::EVERY);
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Resolves the next time the app's port refuses a connection.
+    pub async fn refused(&self) {
+        self.notify.notified().await;
+    }
 }
 
 impl std::fmt::Debug for AppClient {
@@ -77,6 +121,7 @@ impl AppClient {
             authority,
             protocol: cfg.app_protocol,
             addr: addr.to_owned(),
+            gone: AppGone::default(),
         })
     }
 
@@ -151,6 +196,14 @@ impl AppClient {
                     return self.app_asked(may_step_up);
                 }
                 resp
+            }
+            Err(AppError::Refused(cause)) => {
+                tracing::warn!(app = %self.addr, error = %cause, "app unavailable: nothing listens on its port");
+                self.gone.note();
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("app unavailable: {}: {cause}\n", self.addr),
+                )
             }
             Err(AppError::Unavailable(cause)) => {
                 tracing::warn!(app = %self.addr, error = %cause, "app unavailable");

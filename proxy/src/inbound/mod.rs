@@ -418,6 +418,7 @@ impl Inbound {
             expires_in
         };
         let (store, peer_id) = (self.store.clone(), conn.peer.id.clone());
+        let app = self.app_of(&conn).clone();
         let conn = Arc::new(conn);
         let ended = conn.clone();
         let this = self.clone();
@@ -430,7 +431,8 @@ impl Inbound {
             })
         };
         let idle = self.cfg.limits.idle_timeout;
-        // The connection stops gracefully on shutdown, or once a request
+        // The connection stops gracefully on shutdown, or when the app's
+        // port refuses connections, or once a request
         // found its caller on the deny list (its 403 goes out first), or
         // the caller's certificate expired or is no longer under the trust
         // bundle's roots (then with a bounded grace); it is cut at once
@@ -440,6 +442,12 @@ impl Inbound {
         let stopping = async move {
             let denied = tokio::select! {
                 _ = server::stopped(&mut global) => false,
+                () = app.gone.refused() => {
+                    // What is in flight finishes; the caller's next
+                    // requests go on a new connection (see `AppGone`).
+                    tracing::info!(peer = %remote, app = app.addr(), "inbound connection ends gracefully: the app's port refuses connections");
+                    false
+                }
                 () = drain.cancelled() => true,
                 e = callers::distrusted(&store, trusted, &chain) => {
                     tracing::warn!(peer = %remote, peer_id = %peer_id, error = %e, "inbound connection cut: the trust bundle in use no longer accepts its caller's certificate");
