@@ -39,7 +39,9 @@ pub fn is_malformed(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// "At most once every N seconds", lock-free: for a log line that would
-/// otherwise repeat once per connection during an outage.
+/// otherwise repeat once per connection during an outage (or any other
+/// reaction to one).
+#[derive(Debug)]
 pub struct LogEvery {
     secs: u64,
     last: std::sync::atomic::AtomicU64,

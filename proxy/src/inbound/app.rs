@@ -12,6 +12,7 @@ use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Response, StatusCode, Uri, Version};
 
 use crate::config::{AppProtocol, InboundConfig};
+use crate::error::LogEvery;
 use crate::http::app_client::{self, AppError};
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody};
 use crate::http::owned;
@@ -49,10 +50,19 @@ pub struct AppClient {
 /// until the sidecar itself stops. Said at most every [`AppGone::EVERY`]: a
 /// crash-looping app costs each caller a reconnection that often, not one
 /// per failed request.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AppGone {
     notify: tokio::sync::Notify,
-    last: std::sync::atomic::AtomicU64,
+    every: LogEvery,
+}
+
+impl Default for AppGone {
+    fn default() -> AppGone {
+        AppGone {
+            notify: tokio::sync::Notify::new(),
+            every: LogEvery::new(Self::EVERY),
+        }
+    }
 }
 
 impl AppGone {
@@ -61,18 +71,7 @@ impl AppGone {
 
     /// The app's port refused a connection.
     pub fn note(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last.load(Relaxed);
-        let due = last == 0 || now >= last.saturating_add(Self::EVERY);
-        if due
-            && self
-                .last
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-        {
+        if self.every.due() {
             self.notify.notify_waiters();
         }
     }
