@@ -97,7 +97,7 @@ pub fn unprocessed(e: &h2::Error) -> Option<Unprocessed> {
 /// A stream cut by the peer's GOAWAY: nothing more goes on its connection,
 /// even before the connection's task notices.
 fn mark_if_going_away(e: &h2::Error, shared: &Shared) {
-    if e.is_go_away() && e.is_remote() {
+    if unprocessed(e) == Some(Unprocessed::GoneAway) {
         shared.closed.store(true, Ordering::Relaxed);
     }
 }
@@ -126,11 +126,9 @@ pub fn refused_our_certificate(e: &h2::Error) -> bool {
     let Some(io) = e.get_io() else {
         return false;
     };
-    if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        return matches!(tls, rustls::Error::AlertReceived(a) if REFUSALS.contains(a));
-    }
-    // h2 keeps an I/O error's kind and message only: rustls's message for
-    // an alert received is "received fatal alert: <description>".
+    // h2 keeps an I/O error's kind and message only (not the rustls error
+    // to downcast to): rustls's message for an alert received is
+    // "received fatal alert: <description>".
     let message = io.to_string();
     REFUSALS
         .iter()
