@@ -787,3 +787,58 @@ pub fn write_renamed(path: &Path, text: &str) {
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
 }
+
+/// A TCP balancer, as a Service's virtual IP is to its callers: each new
+/// connection goes to the next backend in turn, its bytes copied both ways
+/// (each direction's end passed on as a half-close). Stops accepting when
+/// dropped.
+pub struct RoundRobin {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RoundRobin {
+    /// Starts balancing over `backends`, the first connection going to the
+    /// first.
+    pub fn start(backends: Vec<SocketAddr>) -> RoundRobin {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind balancer");
+        let addr = listener.local_addr().expect("addr");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for (i, caller) in listener.incoming().enumerate() {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(caller) = caller else { continue };
+                let to = backends[i % backends.len()];
+                std::thread::spawn(move || {
+                    let Ok(backend) = std::net::TcpStream::connect(to) else {
+                        return;
+                    };
+                    let copy = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    };
+                    let (Ok(c2), Ok(b2)) = (caller.try_clone(), backend.try_clone()) else {
+                        return;
+                    };
+                    let up = std::thread::spawn(move || copy(c2, b2));
+                    copy(backend, caller);
+                    let _ = up.join();
+                });
+            }
+        });
+        RoundRobin { addr, stop }
+    }
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}

@@ -296,13 +296,16 @@ fn callers_leave_a_connection_whose_app_has_gone() {
     assert_eq!(get().0, 200);
     assert_eq!(dials(), 1.0, "one mesh connection");
     drop(app);
+    // The inbound refuses the stream (nothing reached the app) and ends
+    // that connection gracefully: the request goes again on a new one (to
+    // another endpoint, behind a Service; here the same, whose app is
+    // still gone).
     let (code, body, _) = get();
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("app unavailable"), "{body}");
-    // The inbound ended that connection gracefully: the next request goes
-    // on a new one (to another endpoint, behind a Service).
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(get().0, 503);
+    assert!(
+        body.contains("refused the request without processing it"),
+        "{body}"
+    );
     assert_eq!(
         dials(),
         2.0,
@@ -311,8 +314,92 @@ fn callers_leave_a_connection_whose_app_has_gone() {
     );
     // Told at most every few seconds: a crash-looping app does not cost a
     // handshake per request.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get().0, 503);
     assert_eq!(get().0, 503);
     assert_eq!(dials(), 2.0);
+}
+
+#[test]
+fn a_request_the_app_never_saw_goes_again_to_another_endpoint() {
+    // A terminating pod's app exits before its sidecar does, and callers'
+    // mesh connections to it still bring requests: each of them, refused
+    // by the app's closed port, reached nothing, and the caller's sidecar
+    // sends it again on a new connection, which the Service (here a
+    // round-robin balancer) gives to a pod whose app is there. The caller's
+    // app sees no failure.
+    let pki = Pki::new(TD);
+    let app = EchoApp::start();
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let client = pki.issue("client", "/ns/default/sa/web");
+    let inbound = |name: &str, app: SocketAddr| {
+        let (listen, admin) = (addr(), addr());
+        let p = ProxyProc::start(
+            pki.tmp.path(),
+            name,
+            &format!(
+                "{}[inbound]\nlisten = \"{listen}\"\napp = \"{app}\"\n[admin]\nlisten = \"{admin}\"\n",
+                identity_toml(&pki.bundle, &server),
+            ),
+            admin,
+        );
+        (p, listen)
+    };
+    // Nothing listens on the first pod's app port.
+    let (gone, gone_addr) = inbound("in-gone", addr());
+    let (live, live_addr) = inbound("in-live", app.addr);
+    let service = RoundRobin::start(vec![gone_addr, live_addr]);
+    let (out_addr, out_admin) = (addr(), addr());
+    let outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &format!(
+            "{}[outbound]\nlisten = \"{out_addr}\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
+             [admin]\nlisten = \"{out_admin}\"\n",
+            identity_toml(&pki.bundle, &client),
+            service.addr
+        ),
+        out_admin,
+    );
+    let out = format!("http://{out_addr}");
+    // The first request (with a body, which goes again whole) meets the
+    // gone app.
+    let (code, body, _) = curl(&["-x", &out, "-d", "hello", "http://api.default.svc/pay"]);
+    assert_eq!(code, 200, "{body}\n{}", outbound.log_text());
+    assert!(body.starts_with("POST /pay"), "{body}");
+    assert!(body.contains("body-bytes: 5"), "{body}");
+    let retried = |why: &str| {
+        outbound.sample(
+            "keyproof_requests_retried_total",
+            &[("direction", "outbound"), ("reason", why)],
+        )
+    };
+    assert_eq!(retried("refused_stream"), 1.0);
+    // The gone pod counted what it refused; the live one served it.
+    let answered = |p: &ProxyProc, code: &str| {
+        p.sample(
+            "keyproof_requests_total",
+            &[("direction", "inbound"), ("code", code)],
+        )
+    };
+    assert_eq!(answered(&gone, "5xx"), 1.0);
+    assert_eq!(answered(&live, "2xx"), 1.0);
+    // Later requests stay on the live pod's connection.
+    for _ in 0..3 {
+        assert_eq!(curl(&["-x", &out, "http://api.default.svc/"]).0, 200);
+    }
+    assert_eq!(retried("refused_stream"), 1.0);
+
+    // A caller speaking HTTP/1.1 straight to the inbound has no such
+    // signal: it gets the 503, and the connection closes with it.
+    let (code, body, _) = curl_mtls(gone_addr, &pki, &client, "/", &["--http1.1", "-i"]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("app unavailable"), "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("connection: close"),
+        "{body}"
+    );
 }
 
 #[test]

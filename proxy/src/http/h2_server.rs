@@ -102,6 +102,14 @@ impl std::fmt::Debug for Handoff {
     }
 }
 
+/// Marks an answer the caller is not to see: the stream is reset with
+/// `REFUSED_STREAM` instead, which tells an HTTP/2 caller that nothing of
+/// the request was processed (RFC 9113 section 8.7), so it may send it
+/// again, on another connection. The answer itself goes to an HTTP/1
+/// caller, who has no such signal.
+#[derive(Debug, Clone, Copy)]
+pub struct Unprocessed;
+
 /// How long a gracefully shut down connection with no stream left waits for
 /// the caller's answer to h2's PING (a round trip) before it closes anyway
 /// (or `keep_alive_timeout`, if shorter).
@@ -457,6 +465,10 @@ async fn respond_with<F, B>(
     .await;
     drop(head);
     let Some(resp) = answer else { return };
+    if resp.extensions().get::<Unprocessed>().is_some() {
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+        return;
+    }
     let (mut parts, mut body) = resp.into_parts();
     owned::strip_hop_by_hop(&mut parts.headers);
     // TE means nothing in a response, and h2 refuses any but a literal

@@ -70,7 +70,8 @@ pub struct TrySendError<B> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unprocessed {
     /// `REFUSED_STREAM`: the peer is short of memory or streams for now,
-    /// so a retry waits a little.
+    /// so a retry waits a little (or its app is not listening: a keyproof
+    /// inbound then also ends the connection, so the retry dials anew).
     Refused,
     /// The stream's id is above the last one the peer's GOAWAY said it
     /// processes: the connection is closing, and a fresh one can take

@@ -15,6 +15,7 @@ use crate::config::{AppProtocol, InboundConfig};
 use crate::error::LogEvery;
 use crate::http::app_client::{self, AppError};
 use crate::http::body::{absolute_uri, path_of, text, ProxyBody};
+use crate::http::h2_server::Unprocessed;
 use crate::http::owned;
 
 /// Marks the 502 that [`AppClient::answer`] makes of an app's response
@@ -199,10 +200,21 @@ impl AppClient {
             Err(AppError::Refused(cause)) => {
                 tracing::warn!(app = %self.addr, error = %cause, "app unavailable: nothing listens on its port");
                 self.gone.note();
-                text(
+                // Nothing of the request reached the app: an HTTP/2 caller
+                // is told so and sends it again, after the notice above on
+                // a new connection, which a Service gives to an endpoint
+                // whose app is there. An HTTP/1 caller gets the 503, and
+                // its connection ends for the same reason.
+                let mut r = text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("app unavailable: {}: {cause}\n", self.addr),
-                )
+                );
+                r.extensions_mut().insert(Unprocessed);
+                if h1_caller {
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                r
             }
             Err(AppError::Unavailable(cause)) => {
                 tracing::warn!(app = %self.addr, error = %cause, "app unavailable");

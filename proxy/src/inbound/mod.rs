@@ -61,6 +61,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{InboundConfig, PolicyConfig, StepUpMode};
 use crate::error::LogEvery;
 use crate::http::body::{declared_length, text, ProxyBody, RequestBody, ResponseFuture};
+use crate::http::h2_server::Unprocessed;
 use crate::http::h2_stream::MeshBody;
 use crate::http::limited::{self, STEPUP_DRAIN};
 use crate::http::map_in_place::map_in_place;
@@ -805,7 +806,12 @@ impl Inbound {
                 stream: StreamGuard::start(&conn.activity),
                 permit,
             };
-            let resp = upgrade::switch(&this.tunnels, parts, stream, sw, held).await;
+            let mut resp = upgrade::switch(&this.tunnels, parts, stream, sw, held).await;
+            if proven {
+                // As for a proven request (`stepped_up`): no resend under
+                // a spent nonce.
+                resp.extensions_mut().remove::<Unprocessed>();
+            }
             let asked = resp.extensions().get::<AppAsked>().is_some();
             match &route {
                 Some(r) if asked && !proven => {
@@ -955,6 +961,9 @@ impl Inbound {
             Err(resp) => return resp,
         };
         let mut resp = self.forward(req, conn, true).await;
+        // Its nonce is spent: the same proof sent again would read as a
+        // replay, so the caller gets the app's absence as it is.
+        resp.extensions_mut().remove::<Unprocessed>();
         if resp.extensions().get::<AppAsked>().is_some() {
             tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = %r.path_prefix, reason = reason.as_str(), "the app asked for a step-up proof of a request that carried one (x-keyproof-step-up: verified); answered 502");
             return text(

@@ -10,8 +10,10 @@
 //! port.
 //!
 //! What the caller sees: `200` once the app accepted the connection (the
-//! stream then carries the bytes), `502` when the app refused it, `504`
-//! when it did not answer within `app_connect_timeout`, `503` when
+//! stream then carries the bytes), a `REFUSED_STREAM` reset when nothing
+//! listens on the port (nothing was processed: the caller may try another
+//! endpoint), `502` when connecting failed otherwise, `504` when the app
+//! did not answer within `app_connect_timeout`, `503` when
 //! `[inbound] max_tunnels` tunnels are open already, or
 //! `max_tunnels_per_peer` of the caller's own (counted `limited`; the app
 //! is never connected).
@@ -61,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::app_client;
 use crate::http::body::{text, ProxyBody, RequestBody};
-use crate::http::h2_server::Handoff;
+use crate::http::h2_server::{Handoff, Unprocessed};
 use crate::http::h2_stream::pump_tunnel;
 use crate::http::io::Rewind;
 use crate::http::server::StreamGuard;
@@ -391,7 +393,8 @@ impl Tunnels {
     }
 
     /// Connects the app at `addr` within `connect_timeout`, or answers why
-    /// not (502 refused, 504 no answer), logged.
+    /// not (502 refused, 504 no answer), logged; a refused connection's
+    /// answer is marked [`Unprocessed`].
     pub async fn connect_app<A>(
         &self,
         addr: A,
@@ -407,10 +410,16 @@ impl Tunnels {
             }
             Ok(Err(e)) => {
                 tracing::warn!(peer = %caller.remote, peer_id = %caller.id, app = %addr, error = %e, "the app did not accept the connection");
-                Err(Box::new(text(
+                let mut resp = text(
                     StatusCode::BAD_GATEWAY,
                     format!("tunnel: connecting {addr}: {e}\n"),
-                )))
+                );
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    // Nothing listens there (the app has exited, or not
+                    // started): the caller may try another endpoint.
+                    resp.extensions_mut().insert(Unprocessed);
+                }
+                Err(Box::new(resp))
             }
             Err(_) => {
                 tracing::warn!(peer = %caller.remote, peer_id = %caller.id, app = %addr, "the app did not accept the connection within {:?}", self.connect_timeout);
@@ -868,19 +877,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_app_port_refusing_the_connection_gets_502_counted_failed() {
+    async fn an_app_port_refusing_the_connection_refuses_the_stream_counted_failed() {
+        // Nothing reached the app: the caller may open the tunnel again on
+        // another connection, to another endpoint.
         let (api, web) = (workload(API), workload(WEB));
         let port = closed_port().await;
         let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
-        let mut h2 = client(&web, addr).await;
-        let (status, body) = connect(&mut h2, port).await;
-        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
-        assert_eq!(tcp(&m, "failed"), 1.0);
-        assert_eq!(tcp(&m, "ok") + tcp(&m, "denied"), 0.0);
-        // The connection is still good for the next stream.
-        let (status, _) = connect(&mut h2, port).await;
-        assert_eq!(status, StatusCode::BAD_GATEWAY);
-        assert_eq!(tcp(&m, "failed"), 2.0);
+        let h2 = client(&web, addr).await;
+        for n in 1..=2 {
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(format!("127.0.0.1:{port}"))
+                .body(())
+                .expect("request");
+            let mut ready = h2.clone().ready().await.expect("ready");
+            let (resp, _stream) = ready.send_request(req, false).expect("send CONNECT");
+            let e = tokio::time::timeout(Duration::from_secs(5), resp)
+                .await
+                .expect("answer in time")
+                .expect_err("a reset");
+            assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e}");
+            assert_eq!(tcp(&m, "failed"), f64::from(n));
+            assert_eq!(tcp(&m, "ok") + tcp(&m, "denied"), 0.0);
+            // The connection is still good for the next stream.
+        }
     }
 
     #[tokio::test]

@@ -864,7 +864,7 @@ impl Outbound {
                 let (what, why) = match why {
                     Unprocessed::Refused => (
                         "refused the request without processing it",
-                        "it is short of memory or streams for now",
+                        "it is short of memory or streams, or its app is not listening, for now",
                     ),
                     Unprocessed::GoneAway => (
                         "closed the connection without processing the request",
