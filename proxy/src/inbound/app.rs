@@ -70,11 +70,14 @@ impl AppGone {
     /// The most often the connections are told, in seconds.
     pub const EVERY: u64 = 5;
 
-    /// The app's port refused a connection.
-    pub fn note(&self) {
-        if self.every.due() {
+    /// The app's port refused a connection. True when the connections
+    /// were told (the first time in [`AppGone::EVERY`]).
+    pub fn note(&self) -> bool {
+        let due = self.every.due();
+        if due {
             self.notify.notify_waiters();
         }
+        due
     }
 
     /// Resolves the next time the app's port refuses a connection.
@@ -198,8 +201,12 @@ impl AppClient {
                 resp
             }
             Err(AppError::Refused(cause)) => {
-                tracing::warn!(app = %self.addr, error = %cause, "app unavailable: nothing listens on its port");
-                self.gone.note();
+                // Logged with the notice: a gone app meets every request.
+                if self.gone.note() {
+                    tracing::warn!(app = %self.addr, error = %cause, "app unavailable: nothing listens on its port; callers' connections end");
+                } else {
+                    tracing::debug!(app = %self.addr, error = %cause, "app unavailable: nothing listens on its port");
+                }
                 // Nothing of the request reached the app: an HTTP/2 caller
                 // is told so and sends it again, after the notice above on
                 // a new connection, which a Service gives to an endpoint
