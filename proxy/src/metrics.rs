@@ -89,8 +89,9 @@ pub const HANDSHAKE_RESULTS: [&str; 15] = [
     // Under a root of the bundle, but not a valid path (a path length, an
     // unknown critical extension, a name constraint).
     "bad_chain",
-    // Outbound: completed here, then refused by the peer (an alert on the
-    // first read): counted besides its `ok`.
+    // The peer refused our certificate with an alert: inbound, during the
+    // handshake; outbound, after it completed here (an alert on the first
+    // read), counted besides its `ok`.
     "refused_by_peer",
 ];
 

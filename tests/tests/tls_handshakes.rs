@@ -544,6 +544,38 @@ fn a_caller_the_peer_refuses_after_its_handshake_counts_refused_by_peer() {
 }
 
 #[test]
+fn an_inbound_whose_certificate_its_caller_refuses_counts_refused_by_peer() {
+    // The caller trusts another root only, as callers do of an inbound
+    // whose own certificate expired or whose root they no longer trust:
+    // its alert is the inbound's own problem, not a caller's `protocol`
+    // error.
+    let s = inbound();
+    let other = Pki::new(TD);
+    let client = other.issue("client", "/ns/default/sa/web");
+    let (out_addr, out_admin) = (addr(), addr());
+    let cfg = format!(
+        "{}[outbound]\nlisten = \"{out_addr}\"\n\
+         [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{}\"\nidentity = \"{}\"\n\
+         [admin]\nlisten = \"{out_admin}\"\n",
+        identity_toml(&other.bundle, &client),
+        s.addr,
+        s.pki.id("/ns/default/sa/api"),
+    );
+    let out = ProxyProc::start(other.tmp.path(), "out", &cfg, out_admin);
+    let (code, body, _) = curl(&[
+        "-x",
+        &format!("http://{out_addr}"),
+        "http://api.default.svc/x",
+    ]);
+    assert_eq!(code, 502, "{body}");
+    assert_eq!(out.metric(&sample("outbound", "unknown_ca")), 1.0);
+    s.expect_one_more("refused_by_peer", 0.0, "the inbound's side");
+    assert_eq!(s.proxy.metric(&sample("inbound", "protocol")), 0.0);
+    let log = s.proxy.log_text();
+    assert!(log.contains("the peer refused our certificate"), "{log}");
+}
+
+#[test]
 fn sidecars_agree_on_x25519mlkem768_and_classic_clients_get_x25519() {
     let s = inbound();
     let (out_addr, out_admin) = (addr(), addr());

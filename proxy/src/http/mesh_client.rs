@@ -112,18 +112,6 @@ pub type OnRefused = Box<dyn FnOnce() + Send>;
 /// Whether `e`, a connection's end, is an alert by which the peer refused
 /// our certificate (or our possession of its key).
 pub fn refused_our_certificate(e: &h2::Error) -> bool {
-    use rustls::AlertDescription as A;
-    const REFUSALS: [A; 9] = [
-        A::BadCertificate,
-        A::UnsupportedCertificate,
-        A::CertificateRevoked,
-        A::CertificateExpired,
-        A::CertificateUnknown,
-        A::UnknownCA,
-        A::AccessDenied,
-        A::DecryptError,
-        A::CertificateRequired,
-    ];
     let Some(io) = e.get_io() else {
         return false;
     };
@@ -134,6 +122,28 @@ pub fn refused_our_certificate(e: &h2::Error) -> bool {
     REFUSALS
         .iter()
         .any(|a| message.contains(&rustls::Error::AlertReceived(*a).to_string()))
+}
+
+/// The TLS alerts by which a peer refuses our certificate (or our proof of
+/// possession of its key), rather than the connection.
+const REFUSALS: [rustls::AlertDescription; 9] = {
+    use rustls::AlertDescription as A;
+    [
+        A::BadCertificate,
+        A::UnsupportedCertificate,
+        A::CertificateRevoked,
+        A::CertificateExpired,
+        A::CertificateUnknown,
+        A::UnknownCA,
+        A::AccessDenied,
+        A::DecryptError,
+        A::CertificateRequired,
+    ]
+};
+
+/// Whether `alert`, received from the peer, refuses our certificate.
+pub fn refuses_our_certificate(alert: rustls::AlertDescription) -> bool {
+    REFUSALS.contains(&alert)
 }
 
 impl MeshSender {

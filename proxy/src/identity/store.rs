@@ -29,6 +29,7 @@ use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::config::{IdentityConfig, IdentitySource};
+use crate::http::mesh_client;
 use crate::identity::key::{TokenKey, WorkloadKey};
 
 pub use crate::identity::error::IdentityError;
@@ -826,6 +827,14 @@ pub fn classify(err: &io::Error) -> HandshakeFailure {
                 chain_verified: false,
             }
         }
+        Some(rustls::Error::AlertReceived(a)) if mesh_client::refuses_our_certificate(*a) => HandshakeFailure {
+            reason: "refused_by_peer",
+            message: format!(
+                "the peer refused our certificate or our proof of its key ({a:?}): is ours expired, or under a root the peer does not trust?"
+            ),
+            peer_id: None,
+            chain_verified: false,
+        },
         Some(other) => HandshakeFailure {
             reason: "protocol",
             message: other.to_string(),
@@ -2241,9 +2250,17 @@ mod tests {
                 ))),
                 "protocol",
             ),
+            // The peer refused ours (an inbound whose own certificate
+            // expired hears this from every caller).
             (
                 io_err(rustls::Error::AlertReceived(
-                    rustls::AlertDescription::BadCertificate,
+                    rustls::AlertDescription::CertificateExpired,
+                )),
+                "refused_by_peer",
+            ),
+            (
+                io_err(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::HandshakeFailure,
                 )),
                 "protocol",
             ),
@@ -2271,12 +2288,11 @@ mod tests {
             assert!(HANDSHAKE_RESULTS.contains(&f.reason), "{}", f.reason);
             seen.insert(f.reason);
         }
-        // Everything but success, the accept loop's own timeout and the
-        // outbound's refused_by_peer (an alert after the handshake, seen by
-        // the mesh client) comes from classify.
+        // Everything but success and the accept loop's own timeout comes
+        // from classify.
         let expected: BTreeSet<&str> = HANDSHAKE_RESULTS
             .into_iter()
-            .filter(|r| !matches!(*r, "ok" | "timeout" | "refused_by_peer"))
+            .filter(|r| !matches!(*r, "ok" | "timeout"))
             .collect();
         assert_eq!(seen, expected);
         // Our own refusals carry the caller's ID and the verifier's words.
