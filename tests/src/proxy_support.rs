@@ -788,6 +788,32 @@ pub fn write_renamed(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
+/// An outbound sidecar with the files of `pki` (trusting `bundle`,
+/// presenting `cert`) that routes `api.default.svc` to `upstream`, expecting
+/// `identity` there: the process and its listen address.
+pub fn outbound_to(
+    pki: &Pki,
+    bundle: &Path,
+    cert: &Cert,
+    upstream: SocketAddr,
+    identity: &str,
+) -> (ProxyProc, SocketAddr) {
+    let free = || -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], crate::free_port())) };
+    let (listen, admin) = (free(), free());
+    let proc = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &format!(
+            "{}[outbound]\nlisten = \"{listen}\"\n\
+             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{upstream}\"\nidentity = \"{identity}\"\n\
+             [admin]\nlisten = \"{admin}\"\n",
+            identity_toml(bundle, cert),
+        ),
+        admin,
+    );
+    (proc, listen)
+}
+
 /// A TCP balancer, as a Service's virtual IP is to its callers: each new
 /// connection goes to the next backend in turn, its bytes copied both ways
 /// (each direction's end passed on as a half-close). Stops accepting when

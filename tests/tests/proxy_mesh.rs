@@ -349,19 +349,8 @@ fn a_request_the_app_never_saw_goes_again_to_another_endpoint() {
     let (gone, gone_addr) = inbound("in-gone", addr());
     let (live, live_addr) = inbound("in-live", app.addr);
     let service = RoundRobin::start(vec![gone_addr, live_addr]);
-    let (out_addr, out_admin) = (addr(), addr());
-    let outbound = ProxyProc::start(
-        pki.tmp.path(),
-        "out",
-        &format!(
-            "{}[outbound]\nlisten = \"{out_addr}\"\n\
-             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
-             [admin]\nlisten = \"{out_admin}\"\n",
-            identity_toml(&pki.bundle, &client),
-            service.addr
-        ),
-        out_admin,
-    );
+    let api = format!("spiffe://{TD}/ns/default/sa/api");
+    let (outbound, out_addr) = outbound_to(&pki, &pki.bundle, &client, service.addr, &api);
     let out = format!("http://{out_addr}");
     // The first request (with a body, which goes again whole) meets the
     // gone app.

@@ -94,18 +94,8 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
 fn pair(pki: &Pki, app: SocketAddr, inbound_extra: &str) -> (ProxyProc, ProxyProc, SocketAddr) {
     let (inbound, in_addr) = inbound_alone(pki, app, inbound_extra);
     let client = pki.issue("client", "/ns/default/sa/web");
-    let (out_addr, out_admin) = (addr(), addr());
-    let outbound = ProxyProc::start(
-        pki.tmp.path(),
-        "out",
-        &format!(
-            "{}[outbound]\nlisten = \"{out_addr}\"\n\
-             [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{in_addr}\"\nidentity = \"spiffe://{TD}/ns/default/sa/api\"\n\
-             [admin]\nlisten = \"{out_admin}\"\n",
-            identity_toml(&pki.bundle, &client)
-        ),
-        out_admin,
-    );
+    let api = format!("spiffe://{TD}/ns/default/sa/api");
+    let (outbound, out_addr) = outbound_to(pki, &pki.bundle, &client, in_addr, &api);
     (inbound, outbound, out_addr)
 }
 

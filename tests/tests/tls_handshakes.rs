@@ -503,6 +503,25 @@ fn up_addr(ups: &[(&str, FakeUpstream, &str)], host: &str) -> String {
         .unwrap_or_default()
 }
 
+/// An outbound (files of `pki`, trusting `bundle`, as `client`) for the
+/// inbound of `s`, and its answer to one request: (the outbound, status,
+/// body).
+fn get_through_outbound(
+    s: &Inbound,
+    pki: &Pki,
+    bundle: &std::path::Path,
+    client: &Cert,
+) -> (ProxyProc, u16, String) {
+    let api = s.pki.id("/ns/default/sa/api");
+    let (out, out_addr) = outbound_to(pki, bundle, client, s.addr, &api);
+    let (code, body, _) = curl(&[
+        "-x",
+        &format!("http://{out_addr}"),
+        "http://api.default.svc/x",
+    ]);
+    (out, code, body)
+}
+
 #[test]
 fn a_caller_the_peer_refuses_after_its_handshake_counts_refused_by_peer() {
     // Round 9 F5: the outbound's certificate is under a root the inbound
@@ -516,21 +535,7 @@ fn a_caller_the_peer_refuses_after_its_handshake_counts_refused_by_peer() {
     let mut pem = std::fs::read(&s.pki.bundle).unwrap();
     pem.extend(std::fs::read(&other.bundle).unwrap());
     std::fs::write(&both, pem).unwrap();
-    let (out_addr, out_admin) = (addr(), addr());
-    let cfg = format!(
-        "{}[outbound]\nlisten = \"{out_addr}\"\n\
-         [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{}\"\nidentity = \"{}\"\n\
-         [admin]\nlisten = \"{out_admin}\"\n",
-        identity_toml(&both, &client),
-        s.addr,
-        s.pki.id("/ns/default/sa/api"),
-    );
-    let out = ProxyProc::start(other.tmp.path(), "out", &cfg, out_admin);
-    let (code, body, _) = curl(&[
-        "-x",
-        &format!("http://{out_addr}"),
-        "http://api.default.svc/x",
-    ]);
+    let (out, code, body) = get_through_outbound(&s, &other, &both, &client);
     assert_eq!(code, 502, "{body}");
     assert!(body.contains("alert"), "{body}");
     let refused = out.wait_metric(&sample("outbound", "refused_by_peer"), 1.0);
@@ -552,21 +557,7 @@ fn an_inbound_whose_certificate_its_caller_refuses_counts_refused_by_peer() {
     let s = inbound();
     let other = Pki::new(TD);
     let client = other.issue("client", "/ns/default/sa/web");
-    let (out_addr, out_admin) = (addr(), addr());
-    let cfg = format!(
-        "{}[outbound]\nlisten = \"{out_addr}\"\n\
-         [[outbound.upstreams]]\nhost = \"api.default.svc\"\naddress = \"{}\"\nidentity = \"{}\"\n\
-         [admin]\nlisten = \"{out_admin}\"\n",
-        identity_toml(&other.bundle, &client),
-        s.addr,
-        s.pki.id("/ns/default/sa/api"),
-    );
-    let out = ProxyProc::start(other.tmp.path(), "out", &cfg, out_admin);
-    let (code, body, _) = curl(&[
-        "-x",
-        &format!("http://{out_addr}"),
-        "http://api.default.svc/x",
-    ]);
+    let (out, code, body) = get_through_outbound(&s, &other, &other.bundle, &client);
     assert_eq!(code, 502, "{body}");
     assert_eq!(out.metric(&sample("outbound", "unknown_ca")), 1.0);
     s.expect_one_more("refused_by_peer", 0.0, "the inbound's side");

@@ -502,7 +502,7 @@ mod tests {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use http::{Method, Request, StatusCode};
+    use http::{Method, Request, Response, StatusCode};
     use keyproof_identity::{IdPattern, SpiffeId};
     use rustls_pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -611,6 +611,26 @@ mod tests {
         StatusCode,
         Result<(h2::SendStream<Bytes>, h2::RecvStream), String>,
     ) {
+        let (resp, stream) = send_connect(send, port).await;
+        let resp = resp.expect("answer, not a reset");
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if status == StatusCode::OK {
+            return (status, Ok((stream, body)));
+        }
+        let text = read_all(&mut body).await;
+        (status, Err(String::from_utf8_lossy(&text).into_owned()))
+    }
+
+    /// Sends a CONNECT to `127.0.0.1:<port>`: its answer (or reset), and
+    /// the stream's sending half.
+    async fn send_connect(
+        send: &h2::client::SendRequest<Bytes>,
+        port: u16,
+    ) -> (
+        Result<Response<h2::RecvStream>, h2::Error>,
+        h2::SendStream<Bytes>,
+    ) {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(format!("127.0.0.1:{port}"))
@@ -620,15 +640,8 @@ mod tests {
         let (resp, stream) = ready.send_request(req, false).expect("send CONNECT");
         let resp = tokio::time::timeout(Duration::from_secs(5), resp)
             .await
-            .expect("answer in time")
-            .expect("answer, not a reset");
-        let status = resp.status();
-        let mut body = resp.into_body();
-        if status == StatusCode::OK {
-            return (status, Ok((stream, body)));
-        }
-        let text = read_all(&mut body).await;
-        (status, Err(String::from_utf8_lossy(&text).into_owned()))
+            .expect("answer in time");
+        (resp, stream)
     }
 
     /// Everything until END_STREAM.
@@ -885,17 +898,7 @@ mod tests {
         let (addr, m, _stop) = serve(&api, &tcp_rule(port, WEB)).await;
         let h2 = client(&web, addr).await;
         for n in 1..=2 {
-            let req = Request::builder()
-                .method(Method::CONNECT)
-                .uri(format!("127.0.0.1:{port}"))
-                .body(())
-                .expect("request");
-            let mut ready = h2.clone().ready().await.expect("ready");
-            let (resp, _stream) = ready.send_request(req, false).expect("send CONNECT");
-            let e = tokio::time::timeout(Duration::from_secs(5), resp)
-                .await
-                .expect("answer in time")
-                .expect_err("a reset");
+            let e = send_connect(&h2, port).await.0.expect_err("a reset");
             assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e}");
             assert_eq!(tcp(&m, "failed"), f64::from(n));
             assert_eq!(tcp(&m, "ok") + tcp(&m, "denied"), 0.0);
