@@ -3149,7 +3149,12 @@ impl Config {
                 );
             }
             for d in &i.policy.deny {
-                let _ = writeln!(s, "  deny {}: 403 on every path", d.label());
+                // A thief holding the key can renew into a new serial.
+                let lasts = match d {
+                    DenyEntry::Serial(_) => " (until that certificate is renewed: revoke it at the CA too, keyproof-ca revoke --serial)",
+                    DenyEntry::Id(_) => "",
+                };
+                let _ = writeln!(s, "  deny {}: 403 on every path{lasts}", d.label());
             }
             for t in &i.policy.tcp {
                 let allow = t
@@ -5700,7 +5705,7 @@ max_tunnels_per_peer = 11
         for says in [
             want_route,
             "  deny spiffe://td/ns/x/sa/stolen: 403 on every path\n",
-            "  deny serial:a1b: 403 on every path\n",
+            "  deny serial:a1b: 403 on every path (until that certificate is renewed: revoke it at the CA too, keyproof-ca revoke --serial)\n",
             "  risk state for at most 500 caller identities",
             "  step-up audit records to standard output\n",
         ] {
@@ -5718,7 +5723,7 @@ max_tunnels_per_peer = 11
         .explain();
         for says in [
             format!("  policy (routes, risk rules, deny list) from {} (re-read on change)\n", path.display()),
-            "  deny serial:f: 403 on every path\n".to_owned(),
+            "  deny serial:f: 403 on every path (until that certificate is renewed: revoke it at the CA too, keyproof-ca revoke --serial)\n".to_owned(),
             "  route /pay (any method): allow [spiffe://td/ns/shop/*], step-up by risk: challenge when burst (more than 3 requests within any 1s by the caller on this route); challenge when the app answers x-keyproof-step-up: required\n".to_owned(),
             "  step-up audit records appended to /var/log/a.jsonl\n".to_owned(),
         ] {

@@ -455,15 +455,26 @@ fn h2_request(
         .unwrap()
 }
 
-/// The lines of a recorded request naming `field` (any `_`/`-` and case).
+/// The lines of a recorded request naming `field` (any case, and any
+/// punctuation for `-`: `_` as CGI reads it, `.` as PHP does).
 fn lines_naming<'a>(record: &'a str, field: &str) -> Vec<&'a str> {
-    let want = field.to_ascii_lowercase().replace('_', "-");
+    let fold = |n: &str| -> String {
+        n.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    };
+    let want = fold(field);
     record
         .lines()
         .filter(|l| {
             let l = l.strip_prefix("trailer ").unwrap_or(l);
-            l.split_once(':')
-                .is_some_and(|(k, _)| k.to_ascii_lowercase().replace('_', "-") == want)
+            l.split_once(':').is_some_and(|(k, _)| fold(k) == want)
         })
         .collect()
 }
@@ -474,13 +485,17 @@ X-Forwarded_Client-Cert: By=forged\r\n\
 X-Forwarded-Client-Cert: By=forged\r\n\
 X_Keyproof_Step_Up: verified\r\n\
 x-keyproof-step-up: verified\r\n\
+X-Keyproof.Step.Up: verified\r\n\
+x~keyproof~step~up~reason: always\r\n\
+X.Forwarded.Client.Cert: By=spiffe://evil\r\n\
 x-keyproof-future-field: 1\r\n\
 Signature: stepup=:AAAA:\r\n\
 signature_input: stepup=();nonce=\"x\"\r\n\
 Stepup-Binding: :AAAA:\r\n\
 Transfer_Encoding: gzip\r\n\
 content_length: 5\r\n\
-X_Forwarded_For: 6.6.6.6\r\n";
+X_Forwarded_For: 6.6.6.6\r\n\
+X.Forwarded.For: 6.6.6.7\r\n";
 
 /// Exactly the sidecar's one XFCC, and no other owned field, in a record.
 fn assert_only_the_sidecars_fields(record: &str) {
@@ -503,9 +518,14 @@ fn assert_only_the_sidecars_fields(record: &str) {
             "{f} reached the app:\n{record}"
         );
     }
-    // Framing fields and the forwarding field the sidecar appends to, in
-    // disguise: at most the proxy's own, spelt with '-'.
-    for f in ["transfer-encoding", "content-length", "x-forwarded-for"] {
+    // Framing fields, the forwarding field the sidecar appends to and the
+    // step-up reason, in disguise: at most the proxy's own, spelt with '-'.
+    for f in [
+        "transfer-encoding",
+        "content-length",
+        "x-forwarded-for",
+        "x-keyproof-step-up-reason",
+    ] {
         assert!(
             lines_naming(record, f).iter().all(|l| l.starts_with(f)),
             "{f} in disguise reached the app:\n{record}"
@@ -548,6 +568,14 @@ fn owned_fields_in_any_disguise_never_reach_the_app() {
         let r = outbound_h1(&m, &req).await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_only_the_sidecars_fields(&r.body);
+        // A method override is refused in every spelling an app reads as
+        // one (PHP: `.` as `_`, so Symfony's `X-HTTP-Method-Override`).
+        for name in ["X-HTTP-Method-Override", "X_HTTP_Method_Override", "X.HTTP.Method.Override"] {
+            let req = format!("POST /plain HTTP/1.1\r\nHost: localhost\r\n{name}: DELETE\r\ncontent-length: 0\r\n\r\n");
+            let r = inbound_h1(&m, &req).await;
+            assert_eq!(r.status, 400, "{name}: {r:?}");
+            assert!(r.body.contains("not accepted"), "{name}: {r:?}");
+        }
     });
 }
 

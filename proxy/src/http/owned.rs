@@ -6,9 +6,11 @@
 //!
 //! * [`OWNED`] and the `x-keyproof-` prefix: fields only the sidecar sets.
 //!   A copy from the network is removed, also when its name equals an owned
-//!   name once `_` is read as `-` (CGI, WSGI and many frameworks map
-//!   `X-Forwarded-Client-Cert` and `X_Forwarded_Client_Cert` to the same
-//!   variable, and the forged one may arrive first).
+//!   name once `_`, `.` or other punctuation is read as `-` (CGI, WSGI and
+//!   many frameworks map `X-Forwarded-Client-Cert` and
+//!   `X_Forwarded_Client_Cert` to the same variable, PHP maps
+//!   `X.Forwarded.Client.Cert` there too, and the forged one may arrive
+//!   first).
 //! * [`HOP_BY_HOP`]: fields describing one connection (RFC 9110 section
 //!   7.6.1), never forwarded.
 //! * [`NOT_IN_TRAILERS`]: fields whose meaning is needed before the content
@@ -184,31 +186,49 @@ impl Findings {
     }
 }
 
-/// Whether `name` equals `canonical` (lowercase, with `-`), ignoring ASCII
-/// case and reading `_` as `-`.
+/// Whether `name` equals `canonical` (lowercase letters and digits, `-`
+/// between words) as an app may read it: ASCII case ignored, and any
+/// punctuation a field name may hold (`_`, `.`, `~`, `!`...) read as `-`.
+/// CGI, WSGI and PHP read `X-Foo` as `HTTP_X_FOO`, and so `X_Foo` too;
+/// PHP also turns `.` into `_` (`X.Foo` is `HTTP_X_FOO` to a PHP app behind
+/// Caddy or PHP's own server); older CGI gateways turned every other byte
+/// into `_`. A name that differs from an owned one only there is that
+/// name to some app.
 pub(crate) fn same_name(name: &[u8], canonical: &str) -> bool {
     let c = canonical.as_bytes();
     name.len() == c.len()
-        && name
-            .iter()
-            .zip(c)
-            .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+        && name.iter().zip(c).all(|(a, b)| {
+            if *b == b'-' {
+                !a.is_ascii_alphanumeric()
+            } else {
+                a.to_ascii_lowercase() == *b
+            }
+        })
 }
 
-/// Whether `name` is a sidecar-owned field, or one once `_` is read as `-`.
+/// Whether `name` holds punctuation other than `-`: the names that may be
+/// another field's name in disguise ([`same_name`]).
+fn may_be_disguised(name: &[u8]) -> bool {
+    name.iter()
+        .any(|b| !b.is_ascii_alphanumeric() && *b != b'-')
+}
+
+/// Whether `name` is a sidecar-owned field, in any spelling [`same_name`]
+/// reads as one.
 pub fn is_owned(name: &[u8]) -> bool {
     let p = OWNED_PREFIX.len();
     (name.len() >= p && same_name(&name[..p], OWNED_PREFIX))
         || OWNED.iter().any(|o| same_name(name, o))
 }
 
-/// Whether `name`, which holds a `_`, equals once `_` is read as `-` a
-/// field whose value the proxy decides (framing, hop-by-hop) or appends to
-/// (`X-Forwarded-For`, [`add_forwarded_for`]): an app that maps both
-/// spellings to one variable (CGI, WSGI, PHP: `HTTP_X_FORWARDED_FOR`)
-/// would read the caller's instead, or the caller's after the sidecar's.
+/// Whether `name`, spelt otherwise, is a field whose value the proxy
+/// decides (framing, hop-by-hop) or appends to (`X-Forwarded-For`,
+/// [`add_forwarded_for`]) in a spelling [`same_name`] reads as it: an app
+/// that maps both spellings to one variable (CGI, WSGI, PHP:
+/// `HTTP_X_FORWARDED_FOR`) would read the caller's instead, or the
+/// caller's after the sidecar's.
 fn controlled_in_disguise(name: &[u8]) -> bool {
-    name.contains(&b'_')
+    may_be_disguised(name)
         && (HOP_BY_HOP.iter().any(|h| same_name(name, h))
             || same_name(name, "content-length")
             || same_name(name, "x-forwarded-for"))
@@ -315,8 +335,9 @@ pub fn plain_host(host: &str) -> Option<&str> {
 /// Fields by which frameworks' method-override middleware runs another
 /// method than the request's (Werkzeug, Express, Laravel, ASP.NET...): a
 /// route restricted to some methods would be walked past by a POST that
-/// asks for DELETE. Refused in any spelling, `_` for `-` included (a CGI
-/// or WSGI app reads both as one). A `_method` parameter in the query
+/// asks for DELETE. Refused in any spelling [`same_name`] reads as one of
+/// them (a CGI, WSGI or PHP app reads `X_HTTP_Method_Override` and
+/// `X.HTTP.Method.Override` as the same). A `_method` parameter in the query
 /// (Symfony and Laravel read it there too) is refused as well
 /// ([`overrides_method`]); a `_method` form field, the form's own way, is
 /// in the body, which the sidecar does not read.
@@ -336,10 +357,10 @@ pub fn check_request(
     for name in h.keys() {
         let n = name.as_str().as_bytes();
         // Cheap filters first: the names acted on start with one of these
-        // letters or hold an `_`.
+        // letters or hold punctuation other than `-`.
         match n.first() {
             Some(b'x' | b's' | b'h' | b'c' | b't') => {}
-            _ if !n.contains(&b'_') => continue,
+            _ if !may_be_disguised(n) => continue,
             _ => {}
         }
         if is_owned(n) || controlled_in_disguise(n) {
@@ -790,7 +811,7 @@ pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
 /// the app's choosing. One pass over the names when there is nothing to do.
 ///
 /// Returns whether the app asked for the caller's step-up proof: any
-/// `x-keyproof-step-up` field (any case, `_` for `-`), whatever its value,
+/// `x-keyproof-step-up` field (any spelling [`same_name`] reads as it), whatever its value,
 /// counts, since only `required` has a meaning there and a response must
 /// never pass on when the app may have meant it. The field is removed like
 /// every owned one, and the inbound decides what the request becomes (the
@@ -804,7 +825,7 @@ pub fn strip_response(h: &mut HeaderMap) -> bool {
         let n = name.as_str().as_bytes();
         match n.first() {
             Some(b'x' | b'a' | b'w') => {}
-            _ if !n.contains(&b'_') => continue,
+            _ if !may_be_disguised(n) => continue,
             _ => {}
         }
         if *name == header::WWW_AUTHENTICATE {
@@ -1006,6 +1027,62 @@ mod tests {
             "x-forwarded-for",
             "signatures",
             "content-digest",
+        ] {
+            assert!(!is_owned(n.as_bytes()), "{n}");
+        }
+    }
+
+    #[test]
+    fn every_punctuation_a_field_name_may_hold_reads_as_a_dash() {
+        // Round 10 F1: PHP reads `X-Keyproof.Step.Up` as
+        // `HTTP_X_KEYPROOF_STEP_UP`, and `X.HTTP.Method.Override` as the
+        // override, as it reads the `_` spellings.
+        let uri: Uri = "/admin".parse().unwrap();
+        for p in "!#$%&'*+.^_`|~".chars() {
+            let spell = |canonical: &str| canonical.replace('-', &p.to_string());
+            let name = |n: &str| http::HeaderName::from_bytes(spell(n).as_bytes()).unwrap();
+            for o in OWNED {
+                assert!(is_owned(spell(o).as_bytes()), "{}", spell(o));
+            }
+            assert!(is_owned(spell("x-keyproof-later").as_bytes()));
+            // Removed from requests, owned and controlled alike.
+            let mut h = HeaderMap::new();
+            for n in [
+                OWNED[0],
+                OWNED[4],
+                OWNED[5],
+                "x-forwarded-for",
+                "keep-alive",
+            ] {
+                h.insert(name(n), http::HeaderValue::from_static("forged"));
+            }
+            h.insert("x-amount", http::HeaderValue::from_static("1"));
+            let found = check_request(&h, &uri, Underscores::Allow).unwrap();
+            strip_request(&mut h, found, false);
+            assert_eq!(names(&h), ["x-amount"], "{p}");
+            // Refused as a method override.
+            for o in METHOD_OVERRIDES {
+                let mut h = HeaderMap::new();
+                h.insert(name(o), http::HeaderValue::from_static("DELETE"));
+                let e = check_request(&h, &uri, Underscores::Allow).unwrap_err();
+                assert!(
+                    e.reason.contains("not accepted"),
+                    "{}: {}",
+                    spell(o),
+                    e.reason
+                );
+            }
+            // The app's own ask for a step-up, in the response.
+            let mut h = HeaderMap::new();
+            h.insert(name(OWNED[4]), http::HeaderValue::from_static("required"));
+            assert!(strip_response(&mut h), "{p}");
+            assert!(h.is_empty());
+        }
+        // Letters and digits are not punctuation, and `-` is the name.
+        for n in [
+            "x-keyproofs-step",
+            "xakeyproof-step",
+            "x-forwarded-client-cer1",
         ] {
             assert!(!is_owned(n.as_bytes()), "{n}");
         }

@@ -806,18 +806,19 @@ fn in_hours(now: u64, start: u16, end: u16) -> bool {
 }
 
 /// A `header` rule as requests are matched against it. The field is read
-/// in every spelling the listeners treat as one name (any case, `_` for
-/// `-`: many app frameworks map both to one variable), and a field value is
+/// in every spelling the listeners treat as one name (any case, `_`, `.`
+/// or other punctuation for `-`: many app frameworks map them to one
+/// variable, see `owned::same_name`), and a field value is
 /// read as the list RFC 9110 makes of it (`US, KP` in one field is two
 /// values): whichever way the app reads it, the rule sees it too.
 #[derive(Debug)]
 struct HeaderRule {
-    /// Lowercase, `-` for `_`.
+    /// Lowercase, `-` for any punctuation.
     name: Box<str>,
     /// The configured name, for the one lookup when no other spelling
     /// exists.
     exact: HeaderName,
-    /// Whether the name has a `-` (so `_` spellings exist).
+    /// Whether the name has a `-` (so other spellings exist).
     spellings: bool,
     /// Whether the field is `Host`: the request's authority is its value
     /// too.
@@ -837,7 +838,13 @@ enum HeaderMatch {
 
 impl HeaderRule {
     fn new(name: &HeaderName, test: &HeaderTest) -> HeaderRule {
-        let canonical = name.as_str().replace('_', "-");
+        // Punctuation as `-`: the rule reads the field in every spelling an
+        // app may read as it (`owned::same_name`).
+        let canonical: String = name
+            .as_str()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
         let host = canonical == "host";
         // A host is compared as a host: the configured one as well.
         let want = |v: &str| -> Box<str> {
@@ -2098,12 +2105,17 @@ mod tests {
         let f = fx(100);
         let p = peer(1);
         let r = f.route(0, &["big", "test", "debug"]);
-        for name in ["x-amount", "X-Amount", "x_amount", "X_AMOUNT"] {
+        // PHP reads `X.Amount` as `HTTP_X_AMOUNT` too (round 10 F1).
+        for name in [
+            "x-amount", "X-Amount", "x_amount", "X_AMOUNT", "X.Amount", "x~amount",
+        ] {
             let h = headers(&[(name, "20000")]);
             assert_eq!(r.evaluate(&p, &h, at(0)), ch("big"), "{name}");
         }
         // An innocent copy in one spelling does not hide the other.
         let h = headers(&[("x-amount", "5"), ("x_amount", "20000")]);
+        assert_eq!(r.evaluate(&p, &h, at(0)), ch("big"));
+        let h = headers(&[("x-amount", "5"), ("x.amount", "20000")]);
         assert_eq!(r.evaluate(&p, &h, at(0)), ch("big"));
         for name in ["x_test", "X-TEST"] {
             let h = headers(&[(name, "yes")]);
@@ -2125,7 +2137,7 @@ mod tests {
             },
             RiskAction::Challenge,
         );
-        for name in ["x-region", "x_region", "X-Region"] {
+        for name in ["x-region", "x_region", "X-Region", "x.region"] {
             let hs = headers(&[(name, "KP")]);
             assert_eq!(r.evaluate(&p, &hs, at(0)), ch("extra"), "{name}");
         }
@@ -2142,6 +2154,7 @@ mod tests {
         assert_eq!(r.evaluate(&p, &none(), at(0)), Verdict::Pass);
         assert!(r.reads_header(b"AMOUNT") && !r.reads_header(b"amounts"));
         assert!(r.reads_header(b"X_Amount") && r.reads_header(b"x-kind"));
+        assert!(r.reads_header(b"X.Amount"));
         assert!(!r.reads_header(b"x-other"));
     }
 
