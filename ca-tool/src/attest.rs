@@ -549,6 +549,11 @@ fn check_issuer(issuer: &str) -> Result<(), String> {
 /// Reads the file and the stamp of what was read (from the open handle, so
 /// that a replacement between the two is seen at the next check).
 fn read_jwks(path: &Path) -> Result<(FileStamp, Vec<u8>), String> {
+    keyproof_identity::filemode::refuse_writable(
+        path,
+        "whoever can rewrite the JWKS can sign ServiceAccount tokens for any workload",
+    )
+    .map_err(|e| e.to_string())?;
     let file = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
     let mut bytes = Vec::new();
@@ -1643,6 +1648,15 @@ mod tests {
         let att = SaAttestor::new(config(&path)).expect("one usable key");
         assert_eq!(att.status().keys, 1);
         assert!(att.verify(&keys().p256.sign(&shop()), NOW).is_ok());
+        // A JWKS others may rewrite (round 10, keys F4): whoever can would
+        // sign tokens for any ServiceAccount.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).expect("chmod");
+            let e = err(config(&path));
+            assert!(e.contains("writable by others"), "{e}");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
 
         for issuer in [
             "",

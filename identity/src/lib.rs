@@ -10,12 +10,15 @@
 //! * [`keys`]: the key types an SVID may hold, PEM helpers and fingerprints.
 //! * [`pkcs11`]: keys held in a PKCS#11 token, signing without being read.
 //! * [`duration`]: human durations (`24h`, `90d`) for flags and configuration.
+//! * [`filemode`]: the permission checks of the files that decide who a
+//!   workload is and whom it trusts.
 //!
 //! The CA (`keyproof-ca`), the proxy and the step-up protocol all take these
 //! definitions from here, so every binary agrees on what it issues, accepts
 //! and signs with.
 
 pub mod duration;
+pub mod filemode;
 pub mod keys;
 pub mod pkcs11;
 pub mod sigcache;

@@ -429,6 +429,11 @@ fn module(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
     if let Some(m) = map.get(path) {
         return Ok(m.clone());
     }
+    crate::filemode::refuse_writable(
+        path,
+        "whoever can rewrite the module runs their code in this process, with its session to the token",
+    )
+    .map_err(|e| module_err(path, e))?;
     let ctx = Pkcs11::new(path).map_err(|e| module_err(path, e))?;
     match ctx.initialize(init_args()) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
@@ -488,6 +493,11 @@ fn read_pin(path: &Path) -> Result<AuthPin, Pkcs11Error> {
         msg,
     };
     let raw = read_small(path).map_err(|e| pin_err(e.to_string()))?;
+    crate::filemode::refuse_writable(
+        path,
+        "whoever can rewrite the PIN can lock this process out of the token",
+    )
+    .map_err(|e| pin_err(e.to_string()))?;
     let raw = String::from_utf8(raw).map_err(|_| pin_err("not UTF-8".into()))?;
     let pin = raw.trim_end_matches(['\n', '\r']);
     if pin.is_empty() {
@@ -829,14 +839,20 @@ impl TokenSpec {
                 })
             }
         };
-        // A key that could be copied out of the token is not what a
-        // `pkcs11` location promises: refused, not reported as such.
+        // A key that could be copied out of the token, or that ever could
+        // (imported from a file whose copy may be kept, or exportable once
+        // and made fast later, a change PKCS#11 allows), is not what a
+        // `pkcs11` location promises: refused, not reported as such. The
+        // token sets CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE itself,
+        // and only for a key generated in it that never was either.
         let guard = session
             .get_attributes(
                 key,
                 &[
                     AttributeType::Sensitive,
                     AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
                     AttributeType::Id,
                 ],
             )
@@ -854,6 +870,14 @@ impl TokenSpec {
                     return Err(bad(
                         "the private key is CKA_EXTRACTABLE: it could be copied out of the token \
                          (wrapped); make it with CKA_EXTRACTABLE false"
+                            .into(),
+                    ))
+                }
+                Attribute::AlwaysSensitive(false) | Attribute::NeverExtractable(false) => {
+                    return Err(bad(
+                        "the private key has been outside the token, or could have been \
+                         (not CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE: imported, or \
+                         exportable once), so a copy may exist; generate it in the token"
                             .into(),
                     ))
                 }
@@ -1691,9 +1715,18 @@ mod tests {
 
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
     const PIN: &str = "5678";
-    const TOKENS: [&str; 10] = [
-        "t-files", "t-gen", "t-errors", "t-remove", "t-rcgen", "t-stress", "t-other", "t-pin",
-        "t-swap", "t-race",
+    const TOKENS: [&str; 11] = [
+        "t-files",
+        "t-gen",
+        "t-errors",
+        "t-remove",
+        "t-rcgen",
+        "t-stress",
+        "t-other",
+        "t-pin",
+        "t-swap",
+        "t-race",
+        "t-imported",
     ];
 
     struct Hsm {
@@ -1877,6 +1910,21 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.reason(), "pin_file", "{e}");
+        // One others may write (round 10, keys F4).
+        let open_pin = h.dir.join("open-pin");
+        std::fs::write(&open_pin, format!("{PIN}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open_pin, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Pkcs11Key::open(
+            &TokenSpec {
+                pin_file: open_pin,
+                ..s.clone()
+            },
+            "k",
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "pin_file", "{e}");
+        assert!(e.to_string().contains("writable by others"), "{e}");
         // Not regular files: refused at once, never read (or waited on).
         let fifo = h.dir.join("pin-fifo");
         let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
@@ -2094,29 +2142,67 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        tool(&[
-            "--keypairgen",
-            "--key-type",
-            "EC:prime256v1",
-            "--label",
-            "sw",
-        ]);
-        tool(&["--delete-object", "--type", "privkey", "--label", "sw"]);
-        let other = KeyType::EcdsaP256.generate().unwrap();
-        let p8 = h.dir.join("other.p8");
-        std::fs::write(&p8, other.serialize_der()).unwrap();
+        for (label, id) in [("sw", "01"), ("other", "02")] {
+            tool(&[
+                "--keypairgen",
+                "--key-type",
+                "EC:prime256v1",
+                "--label",
+                label,
+                "--id",
+                id,
+            ]);
+        }
+        // The other pair's public key takes the place of sw's.
+        tool(&["--delete-object", "--type", "pubkey", "--id", "01"]);
+        tool(&["--type", "pubkey", "--id", "02", "--set-id", "01"]);
+        let e = Pkcs11Key::open(&spec(h, "t-swap"), "sw").unwrap_err();
+        assert_eq!(e.reason(), "bad_key", "{e}");
+        assert!(e.to_string().contains("not the pair"), "{e}");
+    }
+
+    /// A private key imported into the token (a copy of it may be kept
+    /// outside), or one made exportable, is refused: `pkcs11` promises a
+    /// key that never left the token (round 10, keys F1).
+    #[test]
+    fn a_key_that_was_ever_outside_the_token_is_refused() {
+        let Some(h) = hsm() else { return };
+        let tool = |args: &[&str]| {
+            let out = Command::new("pkcs11-tool")
+                .args([
+                    "--module",
+                    MODULE,
+                    "--token-label",
+                    "t-imported",
+                    "--login",
+                    "--pin",
+                    PIN,
+                ])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let copy = KeyType::EcdsaP256.generate().unwrap();
+        let p8 = h.dir.join("copy.p8");
+        std::fs::write(&p8, copy.serialize_der()).unwrap();
         tool(&[
             "--write-object",
             p8.to_str().unwrap(),
             "--type",
             "privkey",
             "--label",
-            "sw",
+            "imported",
             "--usage-sign",
+            "--sensitive",
         ]);
-        let e = Pkcs11Key::open(&spec(h, "t-swap"), "sw").unwrap_err();
+        let e = Pkcs11Key::open(&spec(h, "t-imported"), "imported").unwrap_err();
         assert_eq!(e.reason(), "bad_key", "{e}");
-        assert!(e.to_string().contains("not the pair"), "{e}");
+        assert!(e.to_string().contains("CKA_NEVER_EXTRACTABLE"), "{e}");
     }
 
     /// Generators racing on one label end with one key, which all of them

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyproof_identity::{keys, Usage};
+use keyproof_identity::{filemode, keys, Usage};
 use tokio::time::Instant;
 
 use crate::identity::key::{TokenKey, WorkloadKey};
@@ -66,6 +66,13 @@ impl Snapshot {
                     .map_err(|e| MaterialError::Unreadable(format!("{}: {e}", p.display())))
             }
         };
+        // As at startup: a file others may rewrite is no identity.
+        filemode::refuse_writable(&files.bundle, store::BUNDLE_WRITERS)
+            .map_err(|e| MaterialError::Bundle(e.to_string()))?;
+        if let Some(k) = &files.key {
+            filemode::refuse_writable(k, store::KEY_WRITERS)
+                .map_err(|e| MaterialError::Key(e.to_string()))?;
+        }
         Ok(Snapshot {
             cert: read(&files.cert).await?,
             key: match &files.key {
@@ -378,6 +385,32 @@ mod tests {
         // Looking again finds nothing new.
         assert_eq!(s.reloader.check().await, ReloadOutcome::Unchanged);
         assert_eq!(s.counted(), [("ok", 1.0)]);
+    }
+
+    #[tokio::test]
+    async fn a_key_or_bundle_others_may_write_is_refused_as_at_startup() {
+        // Round 10 (keys) F2: the mode was checked at startup only.
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |p: &std::path::Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        let key = |s: &Setup| s.files.key.clone().expect("key file");
+        let mut s = Setup::new(SETTLE);
+        let old = s.store.current();
+        let next = s.pki.issue(API);
+        write(&s.files, &next, &s.pki.bundle_pem());
+        chmod(&key(&s), 0o666);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Rejected("invalid"));
+        assert_eq!(s.store.current().serial, old.serial);
+        assert_eq!(s.counted(), [("invalid", 1.0)]);
+        chmod(&key(&s), 0o600);
+        chmod(&s.files.bundle, 0o646);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Rejected("invalid"));
+        assert_eq!(s.store.current().serial, old.serial);
+        assert_eq!(s.counted(), [("invalid", 2.0)]);
+        chmod(&s.files.bundle, 0o644);
+        assert_eq!(s.reloader.check().await, ReloadOutcome::Applied);
+        assert_ne!(s.store.current().serial, old.serial);
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::config::{CaSourceConfig, IdentityConfig};
 use crate::identity::key::{TokenKey, WorkloadKey};
-use crate::identity::store::{Identity, IdentityError, IdentityStore, MaterialError};
+use crate::identity::store::{self, Identity, IdentityError, IdentityStore, MaterialError};
 use crate::metrics::Metrics;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -69,10 +69,14 @@ impl CaIdentity {
     /// than the CA's latest bundle, or newer). A file that cannot be read
     /// or parsed changes nothing; each new outcome is logged once.
     fn reread_bootstrap_bundle(&self) {
-        let read = crate::files::read(&self.bootstrap_bundle)
-            .map_err(|e| e.to_string())
-            .and_then(|pem| TrustBundle::from_pem(&pem).map_err(|e| e.to_string()))
-            .map(|b| b.roots().to_vec());
+        let read = keyproof_identity::filemode::refuse_writable(
+            &self.bootstrap_bundle,
+            store::BUNDLE_WRITERS,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|()| crate::files::read(&self.bootstrap_bundle).map_err(|e| e.to_string()))
+        .and_then(|pem| TrustBundle::from_pem(&pem).map_err(|e| e.to_string()))
+        .map(|b| b.roots().to_vec());
         {
             let mut last = self
                 .last_bootstrap_read
@@ -289,6 +293,11 @@ pub fn bootstrap_trust(
     cfg: &CaSourceConfig,
 ) -> Result<SharedVerifier, IdentityError> {
     const BUNDLE: &str = "identity.trust_bundle";
+    keyproof_identity::filemode::refuse_writable(&identity.trust_bundle, store::BUNDLE_WRITERS)
+        .map_err(|e| IdentityError::Invalid {
+            key: BUNDLE,
+            msg: e.to_string(),
+        })?;
     let pem = crate::files::read(&identity.trust_bundle).map_err(|source| IdentityError::Read {
         key: BUNDLE,
         path: identity.trust_bundle.display().to_string(),

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use x509_parser::certificate::X509Certificate;
 
 use arc_swap::ArcSwapOption;
+use keyproof_identity::filemode;
 use keyproof_identity::tls::{PeerPolicy, Refusal, SvidClientVerifier, SvidServerVerifier};
 use keyproof_identity::{
     keys, svid, IdPattern, SpiffeId, SvidVerifier, TrustBundle, Usage, VerifyError,
@@ -48,26 +49,20 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
 /// (`defaultMode: 0440`, as deploy/ does), and within the sidecar's own
 /// container no other user runs.
 fn check_key_mode(path: &Path) -> Result<(), IdentityError> {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::metadata(path) else {
-        // Not there: the read says so, naming the key.
-        return Ok(());
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return Err(invalid(
-            "identity.files.key",
-            format!(
-                "{} is writable by others (mode {mode:o}): whoever can replace the key can become this workload; chmod 600 (or 0440 with fsGroup)",
-                path.display()
-            ),
-        ));
-    }
-    if mode & 0o004 != 0 {
+    filemode::refuse_writable(path, KEY_WRITERS).map_err(|e| invalid("identity.files.key", e))?;
+    if let Some(mode) = filemode::readable_by_all(path) {
         tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "the private key is readable by every user of this machine; chmod 600 (a Kubernetes Secret: defaultMode 0440)");
     }
     Ok(())
 }
+
+/// What whoever may rewrite a key file can do (refused at startup and at
+/// every reload).
+pub const KEY_WRITERS: &str = "whoever can replace the key can become this workload";
+
+/// What whoever may rewrite a trust bundle can do.
+pub const BUNDLE_WRITERS: &str =
+    "whoever can rewrite the trust bundle can add a root and be any workload to this one";
 
 fn invalid(key: &'static str, msg: impl fmt::Display) -> IdentityError {
     IdentityError::Invalid {
@@ -320,6 +315,8 @@ impl Identity {
                 "not configured: the identity comes from [identity.ca]",
             ));
         };
+        filemode::refuse_writable(&cfg.trust_bundle, BUNDLE_WRITERS)
+            .map_err(|e| invalid(BUNDLE, e))?;
         let bundle_pem = read(BUNDLE, &cfg.trust_bundle)?;
         let cert_pem = read(CERT, &files.cert)?;
         let (chain, key, roots) = match (token, &files.key) {
