@@ -439,6 +439,13 @@ fn allow_trust_domain_default_keeps_admin_to_its_route() {
         ("/admin%2ejson", Want::Denied),
         ("/admin.", Want::Denied),
         ("/stepup.json", Want::Challenge),
+        // A PHP front controller routes by the path after the script, a
+        // script runs with its path info, Rails strips a final slash.
+        ("/index.php/admin/x", Want::Denied),
+        ("/app/INDEX.php/stepup/y", Want::Challenge),
+        ("/admin.php/x", Want::Denied),
+        ("/admin.json/", Want::Denied),
+        ("/stepup.php/", Want::Challenge),
         // A method override in the query (Symfony, Laravel read it there).
         ("/public/x?_method=DELETE", Want::Bad),
         ("/public/x?a=1&%5Fmethod=PUT", Want::Bad),

@@ -109,12 +109,60 @@ fn path_matches(prefix: &str, path: &str, as_apps_read: bool) -> bool {
         || (as_apps_read && rest[0] == b'.' && !rest.contains(&b'/'))
 }
 
-/// Whether [`path_matches`] as apps read paths could find a route that the
-/// path as written does not meet: it has a letter whose case or encoding
-/// could differ, or a `.` in its last segment.
+/// Whether an app could read `path` as one that meets a route the path as
+/// written does not ([`read_as`], [`path_matches`] as apps read paths): it
+/// has a letter whose case or encoding could differ, or a `.` (a suffix, a
+/// script).
 fn may_read_otherwise(path: &str) -> bool {
-    let last = path.rsplit('/').next().unwrap_or(path);
-    path.bytes().any(|b| b.is_ascii_uppercase() || b == b'%') || last.contains('.')
+    path.bytes()
+        .any(|b| b.is_ascii_uppercase() || b == b'%' || b == b'.')
+}
+
+/// Extensions of scripts that web servers run with the rest of the path as
+/// its PATH_INFO (CGI, RFC 3875 section 4.1.5): `/index.php/admin/x` runs
+/// `index.php`, and a front controller (Symfony, Laravel, most PHP
+/// frameworks; CGI and ASP.NET handlers alike) routes by `/admin/x`.
+const SCRIPTS: [&str; 18] = [
+    "php", "php3", "php4", "php5", "php7", "php8", "phtml", "phar", "cgi", "fcgi", "pl", "py",
+    "rb", "asp", "aspx", "asmx", "ashx", "dll",
+];
+
+/// The paths an app may pick a handler by, for the normalized `path`:
+/// the path itself; without one final `/` (Rails and others strip it, and
+/// `/admin.json/` is then `/admin.json`); and for each segment that names
+/// a script and is followed by more ([`SCRIPTS`]), the script's path
+/// (`/admin.php`) and its PATH_INFO (`/admin/x`), each also without a
+/// final `/`. Slices of `path`.
+fn read_as(path: &str) -> Vec<&str> {
+    fn push<'p>(out: &mut Vec<&'p str>, p: &'p str) {
+        for q in [Some(p), p.strip_suffix('/').filter(|q| !q.is_empty())]
+            .into_iter()
+            .flatten()
+        {
+            if !out.contains(&q) {
+                out.push(q);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(2);
+    push(&mut out, path);
+    let mut start = 1;
+    while let Some(end) = path
+        .get(start..)
+        .and_then(|r| r.find('/'))
+        .map(|i| start + i)
+    {
+        let segment = &path[start..end];
+        let is_script = segment.rsplit_once('.').is_some_and(|(name, ext)| {
+            !name.is_empty() && SCRIPTS.iter().any(|s| s.eq_ignore_ascii_case(ext))
+        });
+        if is_script {
+            push(&mut out, &path[..end]);
+            push(&mut out, &path[end..]);
+        }
+        start = end + 1;
+    }
+    out
 }
 
 /// The four non-ASCII letters that case-insensitive comparisons in common
@@ -233,31 +281,38 @@ impl Policy {
         if let Some(msg) = self.deny_listed(peer, serial) {
             return Decision::Deny(msg);
         }
-        let find = |as_apps_read| {
+        let find = |path: &str, as_apps_read| {
             self.routes.iter().find(|r| {
                 path_matches(&r.path_prefix, path, as_apps_read)
                     && (r.methods.is_empty() || r.methods.iter().any(|m| covers(m, method)))
             })
         };
-        let written = find(false);
+        let written = find(path, false);
         // An app that ignores case (Express, ASP.NET Core by default) serves
         // `/ADMIN` from its `/admin` handler, one with suffix patterns
-        // (Spring MVC, Rails) `/admin.json`; another app serves either from
+        // (Spring MVC, Rails) `/admin.json`, a PHP front controller
+        // `/index.php/admin` (see `read_as`); another app serves each from
         // the handler of the route matched as written. A path that meets
-        // another route as apps read it must pass both, and the stricter
-        // step-up applies. Looked for only when that can make a difference.
-        let folded = if self.mixed_case || may_read_otherwise(path) {
-            find(true).filter(|f| !written.is_some_and(|w| Arc::ptr_eq(w, f)))
-        } else {
-            None
-        };
-        if let Some(f) = folded {
-            if !f.allow.iter().any(|p| p.matches(peer)) {
-                f.denied.inc();
-                return Decision::Deny(format!(
-                    "forbidden: route {} (which {path} meets as many apps match paths: case ignored, a .suffix after its last segment) does not allow {peer} to {method}\n",
-                    f.path_prefix
-                ));
+        // other routes as apps read it must pass all of them, and the
+        // strictest step-up applies. A reading that meets no route adds
+        // nothing. Looked for only when that can make a difference.
+        let mut folded: Option<&Arc<Route>> = None;
+        if self.mixed_case || may_read_otherwise(path) {
+            for alt in read_as(path) {
+                let Some(f) = find(alt, true) else { continue };
+                if written.is_some_and(|w| Arc::ptr_eq(w, f))
+                    || folded.is_some_and(|g| Arc::ptr_eq(g, f))
+                {
+                    continue;
+                }
+                if !f.allow.iter().any(|p| p.matches(peer)) {
+                    f.denied.inc();
+                    return Decision::Deny(format!(
+                        "forbidden: route {} (which {path} meets as many apps match paths: case ignored, a .suffix after its last segment, a script's path info) does not allow {peer} to {method}\n",
+                        f.path_prefix
+                    ));
+                }
+                folded = Some(folded.map_or(f, |g| stricter(g, f)));
             }
         }
         match written {
@@ -778,6 +833,81 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    #[test]
+    fn a_scripts_path_info_and_a_suffix_before_a_final_slash_meet_their_routes() {
+        // Round 10 F3: a PHP front controller routes `/index.php/admin/x`
+        // by `/admin/x`; F3b: `/admin.php/x` runs admin.php, and Rails
+        // strips the `/` of `/admin.json/`.
+        let m = Metrics::new().unwrap();
+        let mut admin = route("/admin", &[], &[OPS]);
+        admin.step_up = StepUpMode::Always;
+        for default in [DefaultPolicy::AllowTrustDomain, DefaultPolicy::Deny] {
+            let catch_all = route("/", &[], &[WEB, OPS]);
+            let routes = [admin.clone(), catch_all];
+            let p = pol(&routes, default, &m);
+            for path in [
+                "/index.php/admin/x",
+                "/index.php/admin",
+                "/app/index.PHP/admin/",
+                "/admin.php/x",
+                "/admin.php/",
+                "/admin.json/",
+                "/cgi-bin/run.cgi/admin",
+                "/svc.asmx/x/index.php/admin",
+            ] {
+                assert!(
+                    matches!(
+                        p.decide(&http::Method::GET, path, &id(WEB), ""),
+                        Decision::Deny(msg) if msg.contains("route /admin ") && msg.contains("path info")
+                    ),
+                    "{path}"
+                );
+                assert!(
+                    matches!(
+                        p.decide(&http::Method::GET, path, &id(OPS), ""),
+                        Decision::Allow(Some(r)) if r.step_up == StepUpMode::Always
+                    ),
+                    "{path}"
+                );
+            }
+            // What no app reads as /admin stays with the catch-all.
+            for path in [
+                "/static/app.js",
+                "/index.php",
+                "/index.php/",
+                "/index.php/users",
+                "/php/admin",
+                "/.php/admin",
+                "/notes.txt/admin",
+                "/administrator.php/x",
+            ] {
+                assert!(
+                    matches!(
+                        p.decide(&http::Method::GET, path, &id(WEB), ""),
+                        Decision::Allow(Some(r)) if r.path_prefix == "/"
+                    ),
+                    "{path}"
+                );
+            }
+        }
+        // Under the default policy with no route for the path as written,
+        // its path info still meets /admin.
+        let p = pol(&[admin], DefaultPolicy::AllowTrustDomain, &m);
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/index.php/admin/x", &id(OPS), ""),
+            Decision::Allow(Some(r)) if r.step_up == StepUpMode::Always
+        ));
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/index.php/admin/x", &id(WEB), ""),
+            Decision::Deny(_)
+        ));
+        assert_eq!(read_as("/a/b"), ["/a/b"]);
+        assert_eq!(
+            read_as("/x/i.php/a/"),
+            ["/x/i.php/a/", "/x/i.php/a", "/x/i.php", "/a/", "/a"]
+        );
     }
 
     #[test]
