@@ -2293,7 +2293,7 @@ fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
         Some(f) => format!("{}: ", f.display()),
         None => "inbound.".to_owned(),
     };
-    check_tcp_ports(&policy_prefix, &policy, &http_ports, &[])?;
+    check_tcp_ports(&policy_prefix, &policy, &http_ports, &app, &[])?;
     let max_tunnels = raw.max_tunnels.unwrap_or(4096);
     if max_tunnels == 0 || max_tunnels > (1 << 20) {
         return Err(invalid(
@@ -2402,14 +2402,17 @@ fn app_port(app: &str) -> Option<u16> {
 
 /// A policy's `tcp` ports against the ports that can never be tunnel
 /// targets: `http_ports` (a port is either HTTP or TCP, so that plain HTTP
-/// can never reach a port a `tcp` rule guards) and `own_ports` (the
-/// proxy's listeners). `prefix` starts the key named in the error, as in
-/// [`policy`]. Also used on a policy file reload, against the ports of the
-/// configuration in use.
+/// can never reach a port a `tcp` rule guards), the port of `[inbound]
+/// app` (`app`: a tunnel there would carry raw HTTP to the app past the
+/// routes, step-up and the sidecar's own fields, even when `http_ports`
+/// leaves it out) and `own_ports` (the proxy's listeners). `prefix` starts
+/// the key named in the error, as in [`policy`]. Also used on a policy file
+/// reload, against the ports of the configuration in use.
 pub fn check_tcp_ports(
     prefix: &str,
     policy: &PolicyConfig,
     http_ports: &[u16],
+    app: &str,
     own_ports: &[u16],
 ) -> Result<(), ConfigError> {
     for (i, t) in policy.tcp.iter().enumerate() {
@@ -2427,6 +2430,15 @@ pub fn check_tcp_ports(
                 format!("{prefix}tcp[{i}].port"),
                 format!(
                     "port {} is also in inbound.http_ports; a port is either HTTP or TCP (tunnels only), so remove it from one of them",
+                    t.port
+                ),
+            ));
+        }
+        if app_port(app) == Some(t.port) {
+            return Err(invalid(
+                format!("{prefix}tcp[{i}].port"),
+                format!(
+                    "port {} is the port of inbound.app, whose HTTP goes through the routes; it is never a tunnel target",
                     t.port
                 ),
             ));
@@ -3028,7 +3040,7 @@ impl Config {
                 Some(f) => format!("{}: ", f.display()),
                 None => "inbound.".to_owned(),
             };
-            check_tcp_ports(&prefix, &i.policy, &[], &own)?;
+            check_tcp_ports(&prefix, &i.policy, &[], "", &own)?;
             i.own_ports = own;
         }
         let worker_threads = raw.runtime.worker_threads.unwrap_or(1);
@@ -5560,8 +5572,11 @@ max_tunnels_per_peer = 11
         assert!(msg.contains("also in inbound.http_ports"), "{msg}");
         let (key, _) = invalid_key(&inb(&format!("http_ports = [5432]\n{}", rule(5432))));
         assert_eq!(key, "inbound.tcp[0].port");
-        // Not an HTTP port: fine.
-        Config::parse(&inb(&format!("http_ports = [8080]\n{}", rule(2)))).expect("valid");
+        // Not an HTTP port: fine; but never the app's port (round 10 N4).
+        Config::parse(&inb(&format!("http_ports = [8080]\n{}", rule(3)))).expect("valid");
+        let (key, msg) = invalid_key(&inb(&format!("http_ports = [8080]\n{}", rule(2))));
+        assert_eq!(key, "inbound.tcp[0].port");
+        assert!(msg.contains("port of inbound.app"), "{msg}");
         let dir = tempfile::tempdir().expect("temp dir");
         let path = write_policy(
             dir.path(),

@@ -347,6 +347,12 @@ const METHOD_OVERRIDES: [&str; 3] = [
     "x-method-override",
 ];
 
+/// Fields by which some apps route by another path than the request's
+/// (Symfony and Zend before CVE-2018-14773, IIS URL Rewrite behind a
+/// proxy): the route decided on would not be the handler that runs.
+/// Refused in any spelling [`same_name`] reads as one of them.
+const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
 pub fn check_request(
     h: &HeaderMap,
     uri: &Uri,
@@ -368,6 +374,11 @@ pub fn check_request(
         } else if METHOD_OVERRIDES.iter().any(|o| same_name(n, o)) {
             return Err(HeaderRefusal::bad(format!(
                 "{:?} is not accepted: routes are decided by the request's method, which an override would change behind them; send the method itself",
+                name.as_str()
+            )));
+        } else if URL_OVERRIDES.iter().any(|o| same_name(n, o)) {
+            return Err(HeaderRefusal::bad(format!(
+                "{:?} is not accepted: routes are decided by the request's path, which an override would change behind them; send the path itself",
                 name.as_str()
             )));
         } else if n.contains(&b'_') {
@@ -1077,6 +1088,15 @@ mod tests {
             h.insert(name(OWNED[4]), http::HeaderValue::from_static("required"));
             assert!(strip_response(&mut h), "{p}");
             assert!(h.is_empty());
+        }
+        for o in URL_OVERRIDES {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(o.replace('-', ".").as_bytes()).unwrap(),
+                http::HeaderValue::from_static("/admin"),
+            );
+            let e = check_request(&h, &uri, Underscores::Allow).unwrap_err();
+            assert!(e.reason.contains("path itself"), "{o}: {}", e.reason);
         }
         // Letters and digits are not punctuation, and `-` is the name.
         for n in [

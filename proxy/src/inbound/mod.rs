@@ -238,7 +238,13 @@ impl Inbound {
             Some(f) => format!("{}: ", f.display()),
             None => String::new(),
         };
-        crate::config::check_tcp_ports(&prefix, cfg, &self.cfg.http_ports, &self.cfg.own_ports)?;
+        crate::config::check_tcp_ports(
+            &prefix,
+            cfg,
+            &self.cfg.http_ports,
+            &self.cfg.app,
+            &self.cfg.own_ports,
+        )?;
         let mut generation = self
             .generation
             .lock()
