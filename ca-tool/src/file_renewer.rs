@@ -335,6 +335,15 @@ impl<'a> Renewer<'a> {
             id: id.clone(),
             msg: e.to_string(),
         })?;
+        if !keyproof_identity::spiffe::names_only_ca_servers(&pattern, trust_domain.as_str()) {
+            return Err(RenewError::ServerId {
+                id,
+                msg: format!(
+                    "may match a workload's ID: whoever held one would be taken for the CA and sent this workload's CSRs; use {} or an ID or pattern below it, which the CA never issues to a workload",
+                    ca_server_id(trust_domain.as_str())
+                ),
+            });
+        }
         let client = CaClient::with_urls(&opts.ca_url, verifier.clone(), pattern)
             .map_err(|e| match e {
                 ClientError::BadUrl(url) => RenewError::BadUrl { url },

@@ -86,12 +86,7 @@ fn valid_dns_name(name: &str) -> bool {
 /// would be taken for the CA by `renew` and the sidecars, and be sent their
 /// CSRs and bootstrap credentials.
 pub fn reserved_for_the_ca(id: &SpiffeId) -> bool {
-    let own = keyproof_identity::spiffe::ca_server_id(id.trust_domain_name());
-    id.as_str() == own
-        || id
-            .as_str()
-            .strip_prefix(own.as_str())
-            .is_some_and(|rest| rest.starts_with('/'))
+    keyproof_identity::spiffe::is_ca_server_id(id)
 }
 
 /// Refuses an ID the CA keeps for itself ([`reserved_for_the_ca`]).

@@ -111,6 +111,36 @@ pub fn ca_server_id(trust_domain: &str) -> String {
     format!("spiffe://{trust_domain}/keyproof-ca")
 }
 
+/// Whether `id` is one the CA keeps for its own server: [`ca_server_id`]
+/// of its trust domain and every ID below it. The CA never issues one to a
+/// workload: a workload holding one would be taken for the CA by `renew`
+/// and the sidecars, and be sent their CSRs and bootstrap credentials.
+pub fn is_ca_server_id(id: &SpiffeId) -> bool {
+    is_at_or_below(id.as_str(), &ca_server_id(id.trust_domain_name()))
+}
+
+/// Whether every ID `pattern` matches is one [`is_ca_server_id`] in trust
+/// domain `td`: the only patterns a client may take the CA server by. Any
+/// other would let a workload holding a matching ID pass for the CA, be
+/// handed join tokens and ServiceAccount tokens, and say which roots to
+/// trust.
+pub fn names_only_ca_servers(pattern: &IdPattern, td: &str) -> bool {
+    let own = ca_server_id(td);
+    match pattern {
+        IdPattern::Exact(id) => is_at_or_below(id.as_str(), &own),
+        // Stored with its final `/`: below `own` when it starts with `own/`.
+        IdPattern::Prefix(p) => p
+            .strip_prefix(own.as_str())
+            .is_some_and(|rest| rest.starts_with('/')),
+    }
+}
+
+/// `id` is `base` or below it.
+fn is_at_or_below(id: &str, base: &str) -> bool {
+    id.strip_prefix(base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 impl TrustDomain {
     /// Parses a bare trust domain name (`prod.example.com`) or a trust domain
     /// written as a SPIFFE ID with no path (`spiffe://prod.example.com`).
@@ -272,6 +302,34 @@ impl fmt::Display for IdPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_ca_servers_own_ids_may_name_the_ca_server() {
+        let p = |s: &str| IdPattern::parse(s).expect("pattern");
+        for ok in [
+            "spiffe://td/keyproof-ca",
+            "spiffe://td/keyproof-ca/east",
+            "spiffe://td/keyproof-ca/*",
+            "spiffe://td/keyproof-ca/east/*",
+        ] {
+            assert!(names_only_ca_servers(&p(ok), "td"), "{ok}");
+        }
+        for bad in [
+            "spiffe://td/*",
+            "spiffe://td/ca/*",
+            "spiffe://td/ca/prod",
+            "spiffe://td/keyproof-cax",
+            "spiffe://td/keyproof-ca-evil/*",
+            "spiffe://other/keyproof-ca",
+            "spiffe://other/keyproof-ca/*",
+        ] {
+            assert!(!names_only_ca_servers(&p(bad), "td"), "{bad}");
+        }
+        let id = |s: &str| SpiffeId::parse(s).expect("id");
+        assert!(is_ca_server_id(&id("spiffe://td/keyproof-ca")));
+        assert!(is_ca_server_id(&id("spiffe://td/keyproof-ca/x")));
+        assert!(!is_ca_server_id(&id("spiffe://td/keyproof-cax")));
+    }
 
     #[test]
     fn valid_ids() {

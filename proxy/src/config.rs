@@ -2598,6 +2598,15 @@ fn ca_source(raw: RawIdentityCa) -> Result<CaSourceConfig, ConfigError> {
         ))
         .map_err(|e| invalid("identity.ca.server_id", e))?,
     };
+    let td = spiffe_id.trust_domain_name();
+    if !keyproof_identity::spiffe::names_only_ca_servers(&server_id, td) {
+        return Err(invalid(
+            "identity.ca.server_id",
+            format!(
+                "{server_id} may match a workload's ID: whoever held one would be taken for the CA, sent this sidecar's bootstrap token and trusted for its roots; use spiffe://{td}/keyproof-ca or an ID or pattern below it, which the CA never issues to a workload"
+            ),
+        ));
+    }
     let key_type = match raw.key_type.as_deref() {
         None => keyproof_identity::keys::KeyType::EcdsaP256,
         Some(k) => k.parse().map_err(|_| {
@@ -3728,6 +3737,19 @@ mod tests {
             ),
             (ca("").replace(id, "https://td/a"), "identity.ca.spiffe_id"),
             (ca("server_id = \"ca\"\n"), "identity.ca.server_id"),
+            // Round 10 (keys) F10: a pattern a workload's ID may match.
+            (
+                ca("server_id = \"spiffe://td/ca/*\"\n"),
+                "identity.ca.server_id",
+            ),
+            (
+                ca("server_id = \"spiffe://td/*\"\n"),
+                "identity.ca.server_id",
+            ),
+            (
+                ca("server_id = \"spiffe://td/ca\"\n"),
+                "identity.ca.server_id",
+            ),
             (ca("key_type = \"rsa\"\n"), "identity.ca.key_type"),
             (
                 ca("bundle_refresh = \"500ms\"\n"),
@@ -4181,7 +4203,7 @@ mod tests {
     #[test]
     fn values_are_normalized() {
         let cfg = Config::parse(
-            &ca("key_type = \"ed25519\"\nserver_id = \"spiffe://td/ca/*\"\n")
+            &ca("key_type = \"ed25519\"\nserver_id = \"spiffe://td/keyproof-ca/*\"\n")
                 .replace("https://ca.svc:8443", "https://ca.svc:8443/"),
         )
         .expect("config");
@@ -4190,7 +4212,7 @@ mod tests {
         };
         assert_eq!(c.urls, ["https://ca.svc:8443"]);
         assert_eq!(c.key_type, keyproof_identity::keys::KeyType::Ed25519);
-        assert_eq!(c.server_id.to_string(), "spiffe://td/ca/*");
+        assert_eq!(c.server_id.to_string(), "spiffe://td/keyproof-ca/*");
 
         let id = "spiffe://td/ns/a/sa/b";
         let cfg = Config::parse(&outb(
