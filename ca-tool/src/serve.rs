@@ -41,7 +41,8 @@
 //! connections and all of them together [`MAX_CONNECTIONS`], a new one
 //! closing an idle one to make room. Memory too: an HTTP/2 connection
 //! carries at most [`MAX_STREAMS`] streams with small flow-control windows,
-//! and the request bodies being read share [`BODY_BUDGET`] (beyond it, 503
+//! and the request bodies being read share [`BODY_BUDGET`], of which one
+//! client address holds at most [`BODY_SHARE`] (beyond either, 503
 //! `server_busy` at once).
 //!
 //! The admin listener (`--admin-listen`, plain HTTP/1.1, small limits, idle
@@ -116,7 +117,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -159,6 +160,12 @@ const MAX_BODY: usize = 64 * 1024;
 /// otherwise hold [`MAX_BODY`] for [`BODY_TIMEOUT`], gigabytes with no
 /// credential at all. A request beyond it gets 503 `server_busy` at once.
 const BODY_BUDGET: usize = 4 * 1024 * 1024;
+/// The part of [`BODY_BUDGET`] one client address may hold: eight bodies
+/// of [`MAX_BODY`] (a CSR is well under 2 KiB: hundreds of renewals at
+/// once). Without it, one address within its connection bound could hold
+/// the whole budget with slow uploads and no credential, and every other
+/// client would get `server_busy` for as long as it kept at it.
+const BODY_SHARE: usize = BODY_BUDGET / 8;
 /// Concurrent HTTP/2 streams per connection: a renewal client makes one
 /// or two calls per connection; every stream may hold a request head and
 /// body.
@@ -552,23 +559,50 @@ impl ResolvesServerCert for OwnCert {
 }
 
 /// The request-body bytes all connections may hold at once
-/// ([`BODY_BUDGET`]): each request reserves what its body may take before
-/// reading any of it, and gives it back with its answer.
-struct BodyBudget(Arc<tokio::sync::Semaphore>);
+/// ([`BODY_BUDGET`]), and each client address ([`BODY_SHARE`]): each
+/// request reserves what its body may take before reading any of it, and
+/// gives it back with its answer.
+struct BodyBudget {
+    all: Arc<tokio::sync::Semaphore>,
+    by_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    share: usize,
+}
+
+/// A request's reservation, given back when dropped.
+#[derive(Debug)]
+struct BodyPermit {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    by_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+    bytes: usize,
+}
+
+impl Drop for BodyPermit {
+    fn drop(&mut self) {
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = by_ip.get_mut(&self.ip) {
+            *held = held.saturating_sub(self.bytes);
+            if *held == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
 
 impl BodyBudget {
-    fn new(bytes: usize) -> BodyBudget {
-        BodyBudget(Arc::new(tokio::sync::Semaphore::new(bytes)))
+    fn new(bytes: usize, share: usize) -> BodyBudget {
+        BodyBudget {
+            all: Arc::new(tokio::sync::Semaphore::new(bytes)),
+            by_ip: Arc::default(),
+            share,
+        }
     }
 
-    /// Reserves room for `body`: its announced length (Content-Length, or
-    /// nothing for a request that ended with its head), else [`MAX_BODY`].
-    /// Returns the limit to read it with (a body longer than it announced
-    /// is cut off there) and the reservation.
-    fn reserve(
-        &self,
-        body: &Incoming,
-    ) -> Result<(usize, tokio::sync::OwnedSemaphorePermit), ApiError> {
+    /// Reserves room for `body` from `ip`: its announced length
+    /// (Content-Length, or nothing for a request that ended with its head),
+    /// else [`MAX_BODY`]. Returns the limit to read it with (a body longer
+    /// than it announced is cut off there) and the reservation.
+    fn reserve(&self, body: &Incoming, ip: IpAddr) -> Result<(usize, BodyPermit), ApiError> {
         use hyper::body::Body as _;
         let want = if body.is_end_stream() {
             0
@@ -585,18 +619,35 @@ impl BodyBudget {
                 None => MAX_BODY,
             }
         };
-        self.take(want).map(|p| (want, p))
+        self.take(want, ip).map(|p| (want, p))
     }
 
-    fn take(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        // `bytes` is at most MAX_BODY: it fits in u32.
-        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-        self.0.clone().try_acquire_many_owned(n).map_err(|_| {
+    fn take(&self, bytes: usize, ip: IpAddr) -> Result<BodyPermit, ApiError> {
+        let busy = || {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_busy",
                 "too many request bodies in flight; try again shortly",
             )
+        };
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let held = by_ip.get(&ip).copied().unwrap_or(0);
+        if held + bytes > self.share {
+            return Err(busy());
+        }
+        // `bytes` is at most MAX_BODY: it fits in u32.
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let all = self
+            .all
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| busy())?;
+        *by_ip.entry(ip).or_insert(0) += bytes;
+        Ok(BodyPermit {
+            _all: all,
+            by_ip: self.by_ip.clone(),
+            ip,
+            bytes,
         })
     }
 }
@@ -1211,7 +1262,7 @@ impl Server {
         self.refresh();
         let mut call = Call::new(&conn);
         let (parts, body) = req.into_parts();
-        let result = match self.bodies.reserve(&body) {
+        let result = match self.bodies.reserve(&body, conn.addr.ip()) {
             Err(e) => Err(e),
             Ok((limit, permit)) => {
                 let r = self
@@ -2085,7 +2136,7 @@ pub async fn run(
             per_minute: opts.per_identity_per_minute,
             windows: Mutex::new(HashMap::new()),
         },
-        bodies: BodyBudget::new(BODY_BUDGET),
+        bodies: BodyBudget::new(BODY_BUDGET, BODY_SHARE),
         last_check: Mutex::new(Instant::now()),
         metrics,
         was_ready: Mutex::new(None),
@@ -2476,19 +2527,30 @@ mod tests {
     }
 
     /// The body budget is shared: once it is spent, a request is refused
-    /// with 503 `server_busy` at once, until an answer gives bytes back.
+    /// with 503 `server_busy` at once, until an answer gives bytes back;
+    /// and one address holds at most its share of it (round 10, keys F8:
+    /// slow uploads from one address held it all).
     #[test]
-    fn the_body_budget_refuses_beyond_its_bytes_until_given_back() {
-        let budget = BodyBudget::new(BODY_BUDGET);
-        let held: Vec<_> = (0..BODY_BUDGET / MAX_BODY)
-            .map(|_| budget.take(MAX_BODY).unwrap())
-            .collect();
-        let refused = budget.take(1).unwrap_err();
+    fn the_body_budget_refuses_beyond_its_bytes_and_an_address_beyond_its_share() {
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let budget = BodyBudget::new(BODY_BUDGET, BODY_SHARE);
+        let per_ip = BODY_SHARE / MAX_BODY;
+        let mut held = Vec::new();
+        for n in 0..(BODY_BUDGET / BODY_SHARE) as u8 {
+            for _ in 0..per_ip {
+                held.push(budget.take(MAX_BODY, ip(n)).unwrap());
+            }
+            // This address has its share; the others still get theirs.
+            let refused = budget.take(1, ip(n)).unwrap_err();
+            assert_eq!(refused.code, "server_busy");
+        }
+        let refused = budget.take(1, ip(200)).unwrap_err();
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(refused.code, "server_busy");
         assert!(crate::metrics::API_CODES.contains(&refused.code));
         drop(held);
-        assert!(budget.take(MAX_BODY).is_ok());
+        assert!(budget.by_ip.lock().unwrap().is_empty());
+        assert!(budget.take(MAX_BODY, ip(0)).is_ok());
     }
 
     fn parts(uri: &str, auth: Option<&str>) -> http::request::Parts {
