@@ -322,7 +322,8 @@ struct ServeArgs {
     /// Lifetime of the SVIDs it issues (1s to 100y).
     #[arg(long, default_value = "24h", value_parser = svid_ttl)]
     ttl: Duration,
-    /// Issuances allowed per identity per minute (0: unlimited).
+    /// Issuances allowed per identity per minute to one client address,
+    /// eight times that to all addresses together (0: unlimited).
     #[arg(long, default_value_t = 30)]
     rate_limit: u32,
     /// API connections one client address may hold open (0: no bound but

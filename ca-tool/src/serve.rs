@@ -526,11 +526,23 @@ fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
 /// Fixed one-minute windows per identity.
 struct RateLimiter {
     per_minute: u32,
-    windows: Mutex<HashMap<String, (Instant, u32)>>,
+    windows: Mutex<HashMap<RateKey, (Instant, u32)>>,
 }
 
+/// An identity, and the client address (`None`: every address).
+type RateKey = (String, Option<IpAddr>);
+
+/// How many times `--rate-limit` one identity may be issued per minute
+/// from all addresses together.
+const IDENTITY_CEILING: u32 = 8;
+
 impl RateLimiter {
-    fn allow(&self, id: &str) -> bool {
+    /// Whether `id` may be issued once more to a client at `ip`: at most
+    /// `per_minute` times per minute to one address, so that one replica
+    /// of a workload (crash-looping, buggy, or in other hands) cannot use
+    /// up what the identity's other replicas need to renew; and
+    /// [`IDENTITY_CEILING`] times that to all addresses together.
+    fn allow(&self, id: &str, ip: IpAddr) -> bool {
         if self.per_minute == 0 {
             return true;
         }
@@ -539,12 +551,19 @@ impl RateLimiter {
         if w.len() > 100_000 {
             w.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
         }
-        let slot = w.entry(id.to_owned()).or_insert((now, 0));
-        if now.duration_since(slot.0) >= Duration::from_secs(60) {
-            *slot = (now, 0);
-        }
-        slot.1 += 1;
-        slot.1 <= self.per_minute
+        let mut count = |key: RateKey, limit: u32| {
+            let slot = w.entry(key).or_insert((now, 0));
+            if now.duration_since(slot.0) >= Duration::from_secs(60) {
+                *slot = (now, 0);
+            }
+            slot.1 += 1;
+            slot.1 <= limit
+        };
+        count((id.to_owned(), Some(ip)), self.per_minute)
+            && count(
+                (id.to_owned(), None),
+                self.per_minute.saturating_mul(IDENTITY_CEILING),
+            )
     }
 }
 
@@ -1168,8 +1187,9 @@ impl Server {
         key: SubjectKey,
         requester: String,
         renewed_from: Option<String>,
+        ip: IpAddr,
     ) -> Result<Issued, ApiError> {
-        let mut issued = self.sign(id, key, requester)?;
+        let mut issued = self.sign(id, key, requester, ip)?;
         // The ledger links a renewal to what it renewed, so that a
         // revocation reaches it (see `crate::revoke`).
         issued.entry.renewed_from = renewed_from;
@@ -1181,20 +1201,27 @@ impl Server {
 
     /// Signs a certificate, which must not be handed out before
     /// [`Server::record`] says it is in the ledger.
-    fn sign(&self, id: SpiffeId, key: SubjectKey, requester: String) -> Result<Issued, ApiError> {
+    fn sign(
+        &self,
+        id: SpiffeId,
+        key: SubjectKey,
+        requester: String,
+        ip: IpAddr,
+    ) -> Result<Issued, ApiError> {
         // The server's own ID, also a configured `--spiffe-id` outside
         // `/keyproof-ca` (`Ca::sign` refuses that one and those below it),
         // before the rate limit, which a refusal should not use up.
         if self.opts.server_id.as_ref() == Some(&id) || crate::issue::reserved_for_the_ca(&id) {
             return Err(ca_error(CaError::ReservedId(id.to_string())));
         }
-        if !self.limiter.allow(id.as_str()) {
+        if !self.limiter.allow(id.as_str(), ip) {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
-                    "too many issuances for {id}; limit {} per minute",
-                    self.limiter.per_minute
+                    "too many issuances for {id}; limit {} per minute from one address, {} from all",
+                    self.limiter.per_minute,
+                    self.limiter.per_minute.saturating_mul(IDENTITY_CEILING)
                 ),
             ));
         }
@@ -1438,6 +1465,7 @@ impl Server {
                 key,
                 format!("renew:{id}"),
                 Some(serial_hex.clone()),
+                call.peer.ip(),
             )
             .await?;
         self.lineage
@@ -1624,7 +1652,12 @@ impl Server {
                 }
             }
             let key = parse_csr(body)?;
-            self.sign(id.clone(), key, format!("bootstrap:{token_id}"))
+            self.sign(
+                id.clone(),
+                key,
+                format!("bootstrap:{token_id}"),
+                call.peer.ip(),
+            )
         }
         .await;
         let issued = match issued {
@@ -1718,6 +1751,7 @@ impl Server {
                 key,
                 format!("bootstrap:sa:{sub}/{}", claims.pod_name),
                 None,
+                call.peer.ip(),
             )
             .await?;
         tracing::info!(spiffe_id = %id, sub = %sub, pod = %claims.pod_name, serial = %issued.entry.serial, "bootstrapped with a ServiceAccount token");

@@ -146,11 +146,13 @@ fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
     let cert_s = cert.display().to_string();
     let key_s = key.display().to_string();
     let data = format!("@{}", csr.display());
-    let renew = |path: &str| {
+    let renew_from = |source: &str, path: &str| {
         curl(
             &ca,
             srv.port,
             &[
+                "--interface",
+                source,
                 "--cert",
                 &cert_s,
                 "--key",
@@ -163,6 +165,7 @@ fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
             path,
         )
     };
+    let renew = |path: &str| renew_from("127.0.0.1", path);
     let (status, body) = renew("/v1/renew");
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -184,7 +187,7 @@ fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
         "client_certificate_required"
     );
 
-    // Rate limit: 3 per minute per identity (one used above).
+    // Rate limit: 3 per minute per identity and address (one used above).
     assert_eq!(renew("/v1/renew").0, 200);
     assert_eq!(renew("/v1/renew").0, 200);
     let (status, body) = renew("/v1/renew");
@@ -193,6 +196,10 @@ fn renewal_is_only_for_the_callers_own_identity_and_rate_limited() {
         serde_json::from_str::<Value>(&body).unwrap()["error"],
         "rate_limited"
     );
+    // Another replica of the identity (another address) still renews: one
+    // replica cannot use up what the others need (round 10, keys F6).
+    let (status, body) = renew_from("127.0.0.2", "/v1/renew");
+    assert_eq!(status, 200, "{body}");
 
     // Bundle: PEM by default, SPIFFE JSON on request.
     let (status, pem) = curl(&ca, srv.port, &[], "/v1/bundle");
