@@ -163,6 +163,9 @@ fn real_main() -> anyhow::Result<()> {
                     // can be checked now: the bootstrap bundle and patterns.
                     keyproof_proxy::identity::renew::bootstrap_trust(&cfg.identity, ca)
                         .with_context(invalid)?;
+                    if let Some(p) = &cfg.identity.pkcs11 {
+                        keyproof_proxy::identity::key::TokenKey::check(p).with_context(invalid)?;
+                    }
                     keyproof_proxy::check_trust_domain_name(&cfg, ca.spiffe_id.trust_domain_name())
                         .with_context(invalid)?;
                     print!("{}", cfg.explain());

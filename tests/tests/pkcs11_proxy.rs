@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use keyproof_tests::ca_server::CaServer;
 use keyproof_tests::proxy_support::*;
 use keyproof_tests::softhsm::{self, SoftHsm, Token, TokenCert};
-use keyproof_tests::{cmd, free_port, run_ok, TestCa};
+use keyproof_tests::{cmd, free_port, run, run_ok, TestCa};
 use serde_json::Value;
 
 const TD: &str = "pkcs11.test";
@@ -465,6 +465,28 @@ fn ca_identity_generates_the_key_in_the_token_and_renews_with_it() {
     );
     let app = EchoApp::start();
     let (in_addr, in_admin) = (addr(), addr());
+    // check-config opens the token and generates nothing: the key may be
+    // absent still; a module that is not there is refused (round 10, keys
+    // F7: it said "configuration OK" for a sidecar that could not start).
+    let check = |identity_cfg: &str| {
+        let p = ca.path("check.toml");
+        std::fs::write(&p, inbound_toml(identity_cfg, in_addr, app.addr, in_admin)).unwrap();
+        run(cmd("keyproof-proxy")
+            .env(conf_k, &conf_v)
+            .args(["check-config", "--config"])
+            .arg(&p))
+    };
+    let ok = check(&identity_cfg);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(hsm.private_keys(&token).is_empty());
+    let missing = check(&identity_cfg.replace(softhsm::MODULE, "/nonexistent/libpkcs11.so"));
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(said.contains("identity.pkcs11.module"), "{said}");
     let inb = ProxyProc::start_env(
         ca.tmp.path(),
         "in",

@@ -128,6 +128,21 @@ impl TokenKey {
         Ok(Arc::new(TokenKey::new(key)))
     }
 
+    /// What `check-config` can check of the token key `[identity.ca]`
+    /// generates when it is absent: the module loads, the token is there,
+    /// the PIN logs in, and a key already under the label is one keyproof
+    /// would use. Nothing is generated.
+    pub fn check(cfg: &Pkcs11Config) -> Result<(), IdentityError> {
+        match Pkcs11Key::open(&cfg.token_spec(), &cfg.key_label) {
+            Ok(_) => Ok(()),
+            Err(e) if e.reason() == "no_key" => Ok(()),
+            Err(e) => Err(IdentityError::Invalid {
+                key: pkcs11_config_key(&e),
+                msg: e.to_string(),
+            }),
+        }
+    }
+
     fn open_once(
         cfg: &Pkcs11Config,
         spec: &keyproof_identity::pkcs11::TokenSpec,
