@@ -661,15 +661,13 @@ impl Inbound {
         ) {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
-                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
+                // The caller's own refusal raises its risk.
                 self.risk
                     .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
                 self.drain_if_deny_listed(&conn);
-                return Either::Left(Box::pin(async move {
-                    drain_refused(req.into_body()).await;
-                    text(StatusCode::FORBIDDEN, msg)
-                }));
+                return Either::Left(policy_refused(req, &conn, msg));
             }
+            Decision::Unrouted(msg) => return Either::Left(policy_refused(req, &conn, msg)),
         };
         // What a switch is allowed as, for a policy change to decide on.
         let switch_path = switching.as_ref().map(|_| matched.into_owned());
@@ -737,14 +735,22 @@ impl Inbound {
         }
         let policy = self.policy.load_full();
         let decision = policy.decide_tcp(port, &conn.peer.id, &conn.peer.serial);
-        if let TcpDecision::Deny(msg) = decision {
-            self.drain_if_deny_listed(conn);
+        let refused = match decision {
+            TcpDecision::Allow => None,
+            TcpDecision::Deny(msg) => {
+                // The caller's own refusal raises its risk.
+                self.drain_if_deny_listed(conn);
+                self.risk
+                    .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
+                Some(msg)
+            }
+            TcpDecision::Unrouted(msg) => Some(msg),
+        };
+        if let Some(msg) = refused {
             self.tunnels
                 .metrics
                 .connection(crate::metrics::Direction::Inbound, "denied");
             tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, port, "tunnel refused by policy");
-            self.risk
-                .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
             return ready(text(StatusCode::FORBIDDEN, msg));
         }
         let permit = match self.hold(conn, Grant::Tcp(port), Some(&policy)) {
@@ -1226,6 +1232,19 @@ fn served(r: &Route, conn: &InboundConn, resp: &Response<ProxyBody>) {
     if let (Some(risk), true) = (&r.risk, from_app(resp)) {
         risk.served(&conn.peer.id, Now::system());
     }
+}
+
+/// A request the policy refuses: 403 once its body is drained, logged.
+fn policy_refused(
+    req: Request<RequestBody>,
+    conn: &InboundConn,
+    msg: String,
+) -> ResponseFuture<'static> {
+    tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
+    Box::pin(async move {
+        drain_refused(req.into_body()).await;
+        text(StatusCode::FORBIDDEN, msg)
+    })
 }
 
 /// What one caller SPIFFE ID may hold at once, across its connections.

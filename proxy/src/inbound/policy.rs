@@ -38,8 +38,13 @@ pub struct Route {
 pub enum Decision<'a> {
     /// Forward; the matched route, if any.
     Allow(Option<&'a Arc<Route>>),
-    /// Refuse with 403; the body says which rule.
+    /// Refuse with 403; the body says which rule. The caller's own
+    /// refusal: the deny list or a route's `allow` list names it.
     Deny(String),
+    /// Refuse with 403: no route matches and `default_policy` is `deny`.
+    /// Not held against the caller (its risk rules): well-behaved callers
+    /// ask for paths no route names (`/favicon.ico`, a health check).
+    Unrouted(String),
 }
 
 /// The outcome for one tunnel (HTTP/2 CONNECT).
@@ -47,8 +52,13 @@ pub enum Decision<'a> {
 pub enum TcpDecision {
     /// Connect the local port.
     Allow,
-    /// Refuse with 403; the body says why.
+    /// Refuse with 403; the body says why. The caller's own refusal: the
+    /// deny list or the port's rule names it.
     Deny(String),
+    /// Refuse with 403: no rule for the port. Not held against the caller:
+    /// an unmodified app in transparent mode dials ports of peers that
+    /// take no tunnels.
+    Unrouted(String),
 }
 
 /// One compiled `[[inbound.deny]]` entry.
@@ -330,7 +340,7 @@ impl Policy {
                 DefaultPolicy::AllowTrustDomain => Decision::Allow(folded),
                 DefaultPolicy::Deny => {
                     self.default_denied.inc();
-                    Decision::Deny(format!(
+                    Decision::Unrouted(format!(
                         "forbidden: no route matches {method} {path} and default_policy is deny\n"
                     ))
                 }
@@ -427,7 +437,7 @@ impl Policy {
                             StepUpMode::Never => true,
                         }
                     }
-                    Decision::Deny(_) => false,
+                    Decision::Deny(_) | Decision::Unrouted(_) => false,
                 }
             }
         }
@@ -441,7 +451,7 @@ impl Policy {
             return TcpDecision::Deny(msg);
         }
         match self.tcp.iter().find(|(p, _)| *p == port) {
-            None => TcpDecision::Deny(format!(
+            None => TcpDecision::Unrouted(format!(
                 "forbidden: no tcp rule for port {port}: tunnels to it are refused\n"
             )),
             Some((_, allow)) if allow.iter().any(|p| p.matches(peer)) => TcpDecision::Allow,
@@ -515,7 +525,7 @@ mod tests {
         ));
         assert!(matches!(
             p.decide(&http::Method::GET, "/other", &web_id, ""),
-            Decision::Deny(_)
+            Decision::Unrouted(_)
         ));
     }
 
@@ -539,7 +549,7 @@ mod tests {
         match p.decide(&method, path, &id(peer), "") {
             Decision::Allow(Some(r)) => Some(r.path_prefix.clone()),
             Decision::Allow(None) => Some(String::new()),
-            Decision::Deny(_) => None,
+            Decision::Deny(_) | Decision::Unrouted(_) => None,
         }
     }
 
@@ -714,7 +724,7 @@ mod tests {
         {
             Decision::Allow(Some(r)) => Some(r.step_up),
             Decision::Allow(None) => Some(StepUpMode::Never),
-            Decision::Deny(_) => None,
+            Decision::Deny(_) | Decision::Unrouted(_) => None,
         };
         // As written, the catch-all `risk` route; when case is ignored, an
         // `always` one: always.
@@ -745,7 +755,7 @@ mod tests {
         let p = pol(&routes, DefaultPolicy::Deny, &m);
         assert!(matches!(
             p.decide(&http::Method::GET, "/ADMIN", &web, ""),
-            Decision::Deny(_)
+            Decision::Unrouted(_)
         ));
         assert!(matches!(
             p.decide(&http::Method::GET, "/admin", &web, ""),
@@ -974,7 +984,9 @@ mod tests {
         // A GET is not this route's: the default decides, even for ops.
         assert_eq!(outcome(&deny, http::Method::GET, "/admin", OPS), None);
         match deny.decide(&http::Method::GET, "/admin", &id(OPS), "") {
-            Decision::Deny(msg) => assert!(msg.contains("no route matches GET /admin"), "{msg}"),
+            Decision::Unrouted(msg) => {
+                assert!(msg.contains("no route matches GET /admin"), "{msg}")
+            }
             other => panic!("{other:?}"),
         }
         let allow = pol(&routes, DefaultPolicy::AllowTrustDomain, &m);
@@ -991,7 +1003,7 @@ mod tests {
         let routes = [route("/admin", &[], &[WEB])];
         let deny = pol(&routes, DefaultPolicy::Deny, &m);
         match deny.decide(&http::Method::GET, "/other", &id(WEB), "") {
-            Decision::Deny(msg) => assert_eq!(
+            Decision::Unrouted(msg) => assert_eq!(
                 msg,
                 "forbidden: no route matches GET /other and default_policy is deny\n"
             ),
@@ -1119,7 +1131,7 @@ mod tests {
             &id(peer),
             serial,
         ) {
-            Decision::Deny(body) => Some(body),
+            Decision::Deny(body) | Decision::Unrouted(body) => Some(body),
             Decision::Allow(_) => None,
         };
         // A route that allows the whole trust domain, and the default.
