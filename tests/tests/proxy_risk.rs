@@ -551,6 +551,31 @@ fn lockout_refuses_with_403_for_the_window_and_counts() {
     );
 }
 
+#[test]
+fn a_path_no_route_names_is_refused_but_not_held_against_the_caller() {
+    // Round 10 F4: under default deny, a well-behaved caller's stray
+    // requests (/favicon.ico) locked its identity out of a lockout route.
+    let mesh = Mesh::start(&[("web", WEB)], |_, _| {
+        [
+            "default_policy = \"deny\"\n".to_owned(),
+            rule("lockout", "failures_above = \"2/5m\"\naction = \"deny\""),
+            route("/vault", "\"risk\"", &["lockout"]),
+        ]
+        .concat()
+    });
+    for _ in 0..4 {
+        let (code, body) = mesh.call("web", "/favicon.ico", &[]);
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("no route matches"), "{body}");
+    }
+    plain(&mesh.ok("web", "/vault/1", &[]));
+    assert_eq!(
+        mesh.inbound
+            .sample("keyproof_authz_denied_total", &[("route", "default")]),
+        4.0
+    );
+}
+
 /// `0A:1B:..`: a serial as an operator copies it from `openssl x509
 /// -serial`, upper case with colons and a leading zero byte.
 fn operator_serial(hex: &str) -> String {
