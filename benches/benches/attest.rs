@@ -69,6 +69,7 @@ fn verify(c: &mut Criterion) {
         issuer: ISSUER.to_owned(),
         audience: "keyproof-ca".to_owned(),
         leeway: Duration::from_secs(60),
+        max_lifetime: Some(Duration::from_secs(24 * 3600)),
     })
     .expect("attestor");
 

@@ -94,6 +94,12 @@ pub struct SaConfig {
     pub audience: String,
     /// Clock skew allowed on `exp`, `nbf` and `iat`.
     pub leeway: Duration,
+    /// The longest lifetime (`exp` - `iat`) a token may have, `None` for
+    /// no bound. TokenReview is not asked whether the token's pod still
+    /// exists, so a token stays usable for its whole life; this keeps a
+    /// long-lived one (`kubectl create token --duration 8760h`), leaked,
+    /// from being a bootstrap credential for that long.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// Startup failure (the JWKS cannot be read or holds no usable key, or the
@@ -851,6 +857,17 @@ fn check_claims(
             }
         }
     }
+    if let Some(max) = cfg.max_lifetime {
+        let max = i64::try_from(max.as_secs()).unwrap_or(i64::MAX);
+        let iat = numeric_date(claims, "iat")?
+            .ok_or_else(|| malformed("iat missing: the token's lifetime cannot be bounded"))?;
+        let lifetime = exp.saturating_sub(iat);
+        if lifetime > max {
+            return Err(malformed(format!(
+                "lifetime {lifetime} s is over --k8s-max-token-lifetime ({max} s): ask for a shorter-lived token (projected volume expirationSeconds)"
+            )));
+        }
+    }
 
     let sub = match claims.get("sub") {
         Some(Value::String(s)) => s.as_str(),
@@ -1073,6 +1090,7 @@ mod tests {
             issuer: ISSUER.into(),
             audience: AUDIENCE.into(),
             leeway: Duration::from_secs(60),
+            max_lifetime: Some(Duration::from_secs(24 * 3600)),
         }
     }
 
@@ -1218,6 +1236,19 @@ mod tests {
         is_malformed(c.att.verify(&k.sign(&v), NOW), "exp");
         v["exp"] = json!((NOW + 600) as f64 + 0.5);
         assert!(c.att.verify(&k.sign(&v), NOW).is_ok(), "fractional exp");
+
+        // A token that lives longer than the bound (24 h here) is refused
+        // however fresh (round 10, keys F3), and so is one without `iat`.
+        let mut v = shop();
+        v["exp"] = json!(NOW + 24 * 3600);
+        assert!(c.att.verify(&k.sign(&v), NOW).is_ok(), "24 h");
+        v["exp"] = json!(NOW + 24 * 3600 + 1);
+        is_malformed(c.att.verify(&k.sign(&v), NOW), "--k8s-max-token-lifetime");
+        v["iat"] = json!(NOW - 10 * 365 * 24 * 3600);
+        v["exp"] = json!(NOW + 600);
+        is_malformed(c.att.verify(&k.sign(&v), NOW), "--k8s-max-token-lifetime");
+        v.as_object_mut().expect("object").remove("iat");
+        is_malformed(c.att.verify(&k.sign(&v), NOW), "iat missing");
     }
 
     /// A token from the future is `Malformed("not yet valid ...")`, not
@@ -1233,11 +1264,10 @@ mod tests {
         v.as_object_mut().expect("object").remove("nbf");
         let t = k.sign(&v);
         is_malformed(c.att.verify(&t, NOW - 61), "not yet valid: iat");
+        // Without `iat` the lifetime cannot be bounded (Kubernetes always
+        // sets it); `nbf` is optional.
         v.as_object_mut().expect("object").remove("iat");
-        assert!(
-            c.att.verify(&k.sign(&v), NOW - 3600).is_ok(),
-            "nbf and iat optional"
-        );
+        is_malformed(c.att.verify(&k.sign(&v), NOW - 3600), "iat missing");
     }
 
     #[test]

@@ -348,6 +348,10 @@ struct ServeArgs {
     /// The audience ServiceAccount tokens must name [default: keyproof-ca].
     #[arg(long, value_name = "AUD", requires = "k8s_jwks")]
     k8s_audience: Option<String>,
+    /// The longest lifetime (exp - iat) a ServiceAccount token may have;
+    /// 0s: no bound. Such a token bootstraps for as long as it lives.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = human_duration)]
+    k8s_max_token_lifetime: Duration,
     #[command(flatten)]
     pin: PinArgs,
 }
@@ -1167,6 +1171,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             issuer,
             audience: a.k8s_audience.unwrap_or_else(|| "keyproof-ca".to_owned()),
             leeway: SA_TOKEN_LEEWAY,
+            max_lifetime: Some(a.k8s_max_token_lifetime).filter(|d| !d.is_zero()),
         }),
         // clap makes the two flags require each other.
         _ => None,

@@ -269,6 +269,7 @@ mod tests {
             issuer: ISSUER.into(),
             audience: AUDIENCE.into(),
             leeway: Duration::from_secs(60),
+            max_lifetime: None,
         })
         .expect("attestor");
 
