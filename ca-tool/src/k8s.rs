@@ -31,7 +31,8 @@ fn dns1123(flag: &'static str, s: &str, max: usize) -> Result<(), SecretError> {
 }
 
 /// Renders the Secret as YAML after checking the inputs fit together: the
-/// chain parses, the key matches the leaf, the bundle holds certificates.
+/// chain parses and its leaf is an X.509-SVID (not a CA), the key matches
+/// the leaf, the bundle holds certificates.
 pub fn secret_yaml(
     name: &str,
     namespace: Option<&str>,
@@ -47,6 +48,15 @@ pub fn secret_yaml(
         flag: "cert",
         msg: e.to_string(),
     })?;
+    // A workload's Secret holds a workload's certificate: never a CA's
+    // (the intermediate and its key would let the workload issue any
+    // identity), nor anything else that is no X.509-SVID leaf.
+    if let Some(leaf) = certs.first() {
+        keyproof_identity::svid::check_leaf_der(leaf).map_err(|e| SecretError::Input {
+            flag: "cert",
+            msg: format!("not a workload's certificate (an X.509-SVID leaf): {e}"),
+        })?;
+    }
     let key = keys::private_key_from_pem(key_pem).map_err(|e| SecretError::Input {
         flag: "key",
         msg: e.to_string(),

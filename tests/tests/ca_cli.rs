@@ -740,6 +740,21 @@ fn check_exit_codes_bundle_formats_and_k8s_secret() {
             .arg(ca.bundle()),
     );
     assert!(err.contains("--name"), "{err}");
+    // The CA's own intermediate and key are no workload's (round 10, keys
+    // F11): the workload would issue any identity with them.
+    let err = run_err(
+        cmd("keyproof-ca")
+            .args(["k8s-secret", "--name", "web-svid", "--cert"])
+            .arg(ca.dir.join("intermediate.crt"))
+            .arg("--key")
+            .arg(ca.dir.join("intermediate.key"))
+            .arg("--bundle")
+            .arg(ca.bundle()),
+    );
+    assert!(
+        err.contains("--cert") && err.contains("not a workload's certificate"),
+        "{err}"
+    );
 }
 
 #[test]
