@@ -2117,31 +2117,34 @@ mod tests {
         assert!(key.is_available());
     }
 
+    /// Runs OpenSC's pkcs11-tool, logged in to `token`, which must succeed.
+    fn pkcs11_tool(token: &str, args: &[&str]) {
+        let out = Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                MODULE,
+                "--token-label",
+                token,
+                "--login",
+                "--pin",
+                PIN,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A private key swapped under the label (public object left behind)
     /// is refused at open: it would sign every handshake wrongly.
     #[test]
     fn a_private_key_that_is_not_the_public_keys_pair_is_refused() {
         let Some(h) = hsm() else { return };
-        let tool = |args: &[&str]| {
-            let out = Command::new("pkcs11-tool")
-                .args([
-                    "--module",
-                    MODULE,
-                    "--token-label",
-                    "t-swap",
-                    "--login",
-                    "--pin",
-                    PIN,
-                ])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let tool = |args: &[&str]| pkcs11_tool("t-swap", args);
         for (label, id) in [("sw", "01"), ("other", "02")] {
             tool(&[
                 "--keypairgen",
@@ -2167,26 +2170,7 @@ mod tests {
     #[test]
     fn a_key_that_was_ever_outside_the_token_is_refused() {
         let Some(h) = hsm() else { return };
-        let tool = |args: &[&str]| {
-            let out = Command::new("pkcs11-tool")
-                .args([
-                    "--module",
-                    MODULE,
-                    "--token-label",
-                    "t-imported",
-                    "--login",
-                    "--pin",
-                    PIN,
-                ])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let tool = |args: &[&str]| pkcs11_tool("t-imported", args);
         let copy = KeyType::EcdsaP256.generate().unwrap();
         let p8 = h.dir.join("copy.p8");
         std::fs::write(&p8, copy.serialize_der()).unwrap();
