@@ -523,7 +523,8 @@ fn stamp(dir: &Path) -> Vec<Option<SystemTime>> {
     .collect()
 }
 
-/// Fixed one-minute windows per identity.
+/// Fixed one-minute windows per identity and client address, and per
+/// identity from all addresses.
 struct RateLimiter {
     per_minute: u32,
     windows: Mutex<HashMap<RateKey, (Instant, u32)>>,
