@@ -30,9 +30,6 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
-    /// Another `serve` serves the directory.
-    #[error("{path}: another keyproof-ca serve is serving this CA directory; one process only may (it alone redeems join tokens and writes the ledger); for more replicas use --store")]
-    Serving { path: PathBuf },
 }
 
 /// How the lock is held.
@@ -42,19 +39,6 @@ pub enum Mode {
     Shared,
     /// Read-modify-write of documents.
     Exclusive,
-}
-
-/// Opens (creating it, 0600) the lock file at `path`; its content is never
-/// read or written.
-fn open(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(crate::fsutil::SECRET)
-        .open(path)
 }
 
 /// A held lock; dropping it (closing the file) releases it.
@@ -70,6 +54,7 @@ impl DirLock {
     /// its own with the message it always gave, and a lock file must not
     /// create the directory.
     pub fn acquire(dir: &Path, mode: Mode) -> Result<Option<DirLock>, LockError> {
+        use std::os::unix::fs::OpenOptionsExt;
         if !dir.is_dir() {
             return Ok(None);
         }
@@ -78,7 +63,14 @@ impl DirLock {
             path: path.clone(),
             source,
         };
-        let file = open(&path).map_err(err)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(crate::fsutil::SECRET)
+            .open(&path)
+            .map_err(err)?;
         let (op, try_op) = match mode {
             Mode::Shared => (
                 FlockOperation::LockShared,
@@ -104,33 +96,6 @@ impl DirLock {
         }
         Ok(Some(DirLock { _file: file }))
     }
-
-    /// The lock `serve` holds for as long as it serves the CA directory
-    /// `dir`, or that another `serve` holds it: the single-use join tokens
-    /// and the ledger are one process's to write (two would redeem one
-    /// token twice). It is a lock on the directory itself, not on the
-    /// commands' lock file (they run while `serve` does), and creates
-    /// nothing. `None` when `dir` does not exist (as [`DirLock::acquire`]).
-    pub fn serving(dir: &Path) -> Result<Option<DirLock>, LockError> {
-        if !dir.is_dir() {
-            return Ok(None);
-        }
-        let path = dir.to_path_buf();
-        let file = File::open(dir).map_err(|source| LockError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        loop {
-            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(Some(DirLock { _file: file })),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(LockError::Serving { path })
-                }
-                Err(source) => return Err(LockError::Io { path, source }),
-            }
-        }
-    }
 }
 
 fn flock(f: &File, op: FlockOperation) -> std::io::Result<()> {
@@ -154,23 +119,6 @@ mod tests {
         assert!(flock(&other, FlockOperation::NonBlockingLockShared).is_err());
         drop(held);
         assert!(flock(&other, FlockOperation::NonBlockingLockShared).is_ok());
-    }
-
-    #[test]
-    fn a_second_serve_on_a_directory_is_refused_until_the_first_exits() {
-        // Round 10 (keys) F12: two would redeem one join token twice.
-        let dir = tempfile::tempdir().unwrap();
-        let first = DirLock::serving(dir.path()).unwrap();
-        assert!(first.is_some());
-        let e = DirLock::serving(dir.path()).unwrap_err();
-        assert!(matches!(e, LockError::Serving { .. }), "{e}");
-        assert!(e.to_string().contains("another keyproof-ca serve"), "{e}");
-        // The commands' own lock is another file: they still run.
-        assert!(DirLock::acquire(dir.path(), Mode::Exclusive)
-            .unwrap()
-            .is_some());
-        drop(first);
-        assert!(DirLock::serving(dir.path()).unwrap().is_some());
     }
 
     #[test]

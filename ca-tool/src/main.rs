@@ -1208,14 +1208,6 @@ fn serve(a: ServeArgs) -> Result<()> {
         store,
         max_connections_per_ip: a.max_connections_per_ip,
     };
-    // In directory mode the join tokens and the ledger are this process's
-    // alone to write: a second `serve` on the directory is refused (held
-    // until this one exits). With --store the store serialises replicas.
-    let _serving = if opts.store == StoreSpec::Dir {
-        keyproof_ca::dirlock::DirLock::serving(&opts.dir)?
-    } else {
-        None
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
