@@ -146,6 +146,10 @@ pub enum CaError {
     /// A step failed after generating keys in a token, which keeps them.
     #[error("{error} (keys generated in the token for this step are left there unused: {keys})")]
     LeftInToken { error: Box<CaError>, keys: String },
+    /// A join token reserved here was spent meanwhile by another process
+    /// serving the same CA directory.
+    #[error("join token {0} was spent by another keyproof-ca serve on this CA directory")]
+    TokenSpent(String),
 }
 
 /// Names the token keys a failed step generated (a token keeps every key it

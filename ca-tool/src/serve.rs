@@ -1688,14 +1688,17 @@ impl Server {
                 return Err(e);
             }
         }
-        held.spend(&self.dir).map_err(|e| {
-            ApiError::new(
+        held.spend(&self.dir).map_err(|e| match e {
+            // Another process on this directory spent it first: as if
+            // this one had seen that at the start.
+            CaError::TokenSpent(_) => refused(TokenError::Reused, call),
+            e => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ca_unavailable",
                 format!(
                     "the join token could not be marked used, so the certificate is withheld: {e}"
                 ),
-            )
+            ),
         })?;
         tracing::info!(spiffe_id = %id, token = %token_id, serial = %issued.entry.serial, "bootstrapped");
         Ok(self.issued_response(&issued))

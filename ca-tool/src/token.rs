@@ -253,6 +253,19 @@ impl TokenStore {
         token_id: &str,
         now: OffsetDateTime,
     ) -> Result<(), CaError> {
+        // One serving process per directory is the supported set-up, but a
+        // second one (a `serve` run by hand, a shared volume) must not
+        // redeem the token too: its `used` line is read, and this one
+        // written, under the directory's lock.
+        let _lock = crate::dirlock::DirLock::acquire(dir, crate::dirlock::Mode::Exclusive)
+            .map_err(
+                |crate::dirlock::LockError::Io { path, source }| CaError::Io { path, source },
+            )?;
+        self.refresh(dir)?;
+        if self.used.contains(token_id) {
+            self.reserved.remove(token_id);
+            return Err(CaError::TokenSpent(token_id.to_owned()));
+        }
         append(
             dir,
             &Record::Used {
@@ -292,6 +305,32 @@ mod tests {
     }
 
     const WEB: &str = "spiffe://example.org/ns/default/sa/web";
+
+    #[test]
+    fn two_processes_on_one_directory_spend_a_token_once() {
+        // Round 10 (keys) F12: two `serve` on one directory (unsupported,
+        // but a hand-run one or a shared volume makes it) each reserved the
+        // token in memory and both spent it.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        record(d, "kpt_one", WEB, Duration::from_secs(3600));
+        let now = ca::now();
+        let (mut a, mut b) = (TokenStore::default(), TokenStore::default());
+        let (ta, _) = a.reserve(d, "kpt_one", now).unwrap().unwrap();
+        let (tb, _) = b.reserve(d, "kpt_one", now).unwrap().unwrap();
+        a.commit(d, &ta, now).unwrap();
+        let e = b.commit(d, &tb, now).unwrap_err();
+        assert!(matches!(e, CaError::TokenSpent(_)), "{e}");
+        let used = std::fs::read_to_string(d.join(files::TOKENS))
+            .unwrap()
+            .matches("\"used\"")
+            .count();
+        assert_eq!(used, 1);
+        assert_eq!(
+            b.reserve(d, "kpt_one", now).unwrap(),
+            Err(TokenError::Reused)
+        );
+    }
 
     #[test]
     fn a_reserved_token_is_refused_to_others_and_spent_only_on_commit() {
