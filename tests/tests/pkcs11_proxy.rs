@@ -487,6 +487,12 @@ fn ca_identity_generates_the_key_in_the_token_and_renews_with_it() {
     assert!(!missing.status.success());
     let said = String::from_utf8_lossy(&missing.stderr);
     assert!(said.contains("identity.pkcs11.module"), "{said}");
+    // A PIN every user may read is used, and said (one others may write
+    // is refused: keyproof_identity::pkcs11 tests).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
     let inb = ProxyProc::start_env(
         ca.tmp.path(),
         "in",
@@ -512,6 +518,11 @@ fn ca_identity_generates_the_key_in_the_token_and_renews_with_it() {
     }
     .spki_pem();
     assert_key_location(&inb, "pkcs11", Some(&uri("api-token", "api")));
+    assert!(
+        inb.log_text().contains("PIN is readable by every user"),
+        "{}",
+        logs()
+    );
     let (c_crt, c_key) = ca.issue("client", WEB, &[]);
     let call = || {
         curl(&[
