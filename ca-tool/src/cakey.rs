@@ -395,6 +395,7 @@ pub(crate) fn generate(home: &KeyHome, what: &str, kt: KeyType) -> Result<NewKey
             Ok(NewKey { key, kid, location })
         }
         KeyHome::Token(spec) => {
+            warn_if_pin_readable(spec);
             // A taken label (a collision of 48 random bits, or a leftover)
             // is never reused: try another.
             let mut attempts = 0;
@@ -446,13 +447,24 @@ pub enum CaKeyError {
     Generate(String),
 }
 
+/// As the sidecar does: a PIN file every user may read is used, and said
+/// (refusing it would stop a CA whose operator mounted a group-readable
+/// Secret; one others may write is refused when it is read).
+fn warn_if_pin_readable(spec: &TokenSpec) {
+    if let Some(mode) = keyproof_identity::filemode::readable_by_all(&spec.pin_file) {
+        tracing::warn!(file = %spec.pin_file.display(), mode = format!("{mode:o}"), "the token PIN is readable by every user of this machine; chmod 600 (a Kubernetes Secret: defaultMode 0440)");
+    }
+}
+
 /// Opens the token key `r` (named `what` in errors).
 pub(crate) fn open_token_key(
     r: &TokenKeyRef,
     pin_override: Option<&Path>,
     what: &str,
 ) -> Result<CaKey, CaKeyError> {
-    Pkcs11Key::open(&r.spec(pin_override), &r.label)
+    let spec = r.spec(pin_override);
+    warn_if_pin_readable(&spec);
+    Pkcs11Key::open(&spec, &r.label)
         .map(CaKey::from)
         .map_err(|source| CaKeyError::Pkcs11 {
             what: what.to_owned(),

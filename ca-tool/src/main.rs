@@ -1189,9 +1189,24 @@ fn serve(a: ServeArgs) -> Result<()> {
             None => None,
             // With --store the CA is read from the store (whose schema is
             // brought up to date, as the server does).
-            Some(id) => Some(with_state(&a.store, &a.dir, Access::Serve, |dir| {
-                workload_id(&Ca::open_public(dir)?, id.as_str())
-            })?),
+            Some(id) => {
+                let id = with_state(&a.store, &a.dir, Access::Serve, |dir| {
+                    workload_id(&Ca::open_public(dir)?, id.as_str())
+                })?;
+                // Clients take the CA only by an ID at or below the default
+                // (`[identity.ca] server_id`, `renew --server-id`); any
+                // other would start a server nobody can renew from, under
+                // an ID a workload may hold.
+                if !keyproof_identity::spiffe::is_ca_server_id(&id) {
+                    bail!(
+                        "--spiffe-id {id}: not the CA's own ID; use {} or an ID below it (e.g. {}/replica-1): \
+                         clients take the CA by no other",
+                        keyproof_identity::spiffe::ca_server_id(id.trust_domain_name()),
+                        keyproof_identity::spiffe::ca_server_id(id.trust_domain_name())
+                    );
+                }
+                Some(id)
+            }
         }
     };
     let store = a.store.spec()?;

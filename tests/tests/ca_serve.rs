@@ -1091,22 +1091,18 @@ fn the_cas_own_identity_is_never_issued() {
     // Not a prefix match on the string.
     ca.issue("near", "/keyproof-cafe", &[]);
 
-    // A server with its own --spiffe-id outside /keyproof-ca: a join
-    // token for that ID (the command line cannot know it) is refused at
-    // bootstrap, and stays unspent.
+    // A server's own --spiffe-id must be the CA's: clients take the CA by
+    // no other (`[identity.ca] server_id`, `renew --server-id`), and one
+    // outside /keyproof-ca is an ID a workload may hold.
     let custom = format!("spiffe://{TD}/ns/keyproof/sa/ca");
-    let srv = CaServer::start(&ca, &["--spiffe-id", &custom]);
-    let t = token(&ca, &custom, "1h");
-    let k = new_key(KeyType::EcdsaP256, &custom).unwrap();
-    let (status, code, body) = ca_server::curl_bootstrap(
-        &ca,
-        srv.port,
-        &k.csr_pem,
-        &["-H", &format!("Authorization: Bearer {t}")],
-        "",
+    let err = keyproof_tests::run_err(
+        cmd("keyproof-ca")
+            .args(["serve", "--dir"])
+            .arg(&ca.dir)
+            .args(["--listen", "127.0.0.1:0", "--spiffe-id", &custom]),
     );
-    assert_eq!((status, code.as_str()), (403, "id_not_allowed"), "{body}");
-    assert!(body.contains("reserved for the CA server"), "{body}");
+    assert!(err.contains("not the CA's own ID"), "{err}");
+    let srv = CaServer::start(&ca, &["--spiffe-id", &format!("{own}/replica-1")]);
 
     // A certificate for the CA's ID made without the CA's consent (as an
     // older keyproof-ca issued one) cannot renew.
