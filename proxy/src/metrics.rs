@@ -468,7 +468,7 @@ impl Metrics {
                 "Requests refused with 400 before any route decision, by direction and \
                  reason (a path with no safe normal form: encoded_slash, backslash, \
                  encoded_control, bad_percent_encoding, above_root, not_absolute, \
-                 semicolon, invalid_character).",
+                 semicolon, invalid_character, encoded_delimiter, double_encoded).",
             ),
             &["direction", "reason"],
         )?;
@@ -1328,7 +1328,7 @@ mod tests {
         zero("keyproof_stepup_nonce_table_full_total", &[]);
         assert_eq!(
             checked,
-            2 * (15 + 8 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 2
+            2 * (15 + 10 + 5 + 5 + 2 + 2) + 9 + 8 + 3 + 3 + 11 + 10 + 3 + 2 + 2 + 1 + 3 + 2
         );
         // No certificate, no expiry: a 0 would page as one expired in 1970.
         assert!(

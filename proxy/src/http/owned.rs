@@ -177,10 +177,13 @@ pub struct Findings {
     pub owned: bool,
     /// Other fields with `_` in their name (to drop, per the mode).
     pub underscores: u32,
+    /// A field that states the client's address ([`CLIENT_ADDRESS`]), in
+    /// any spelling: the inbound replaces them ([`set_client_address`]).
+    pub client_address: bool,
 }
 
 impl Findings {
-    /// Whether the fields need no change.
+    /// Whether [`strip_request`] has nothing to remove.
     pub fn is_clean(&self) -> bool {
         !self.owned && self.underscores == 0
     }
@@ -234,6 +237,45 @@ fn controlled_in_disguise(name: &[u8]) -> bool {
             || same_name(name, "x-forwarded-for"))
 }
 
+/// Single-address fields that name a request's client, which apps behind
+/// a proxy they trust take as the caller's address: nginx's realip module
+/// reads `X-Real-IP` unless told otherwise, other stacks the CDN spellings
+/// (Go chi's `RealIP`, Rails, Laravel's trusted proxies). The inbound is
+/// the proxy in front of the app, so a caller's copy would be believed:
+/// every copy goes (in any spelling [`same_name`] reads as one), and
+/// `X-Real-IP` is set to the caller's address, as nginx's own
+/// `proxy_set_header X-Real-IP $remote_addr` does.
+pub const CLIENT_ADDRESS: [&str; 6] = [
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+];
+
+/// `x-real-ip`: set by the inbound to the caller's address.
+static X_REAL_IP: HeaderName = HeaderName::from_static(CLIENT_ADDRESS[0]);
+
+fn is_client_address(name: &[u8]) -> bool {
+    CLIENT_ADDRESS.iter().any(|c| same_name(name, c))
+}
+
+/// The inbound's part of [`CLIENT_ADDRESS`]: removes every copy a caller
+/// sent (when [`check_request`] found one) and sets `X-Real-IP` to the
+/// caller's address `ip`. The outbound leaves an app's own fields alone:
+/// the peer's inbound replaces them, and a destination outside the mesh
+/// gets what the app sent.
+pub fn set_client_address(h: &mut HeaderMap, found: Findings, ip: &HeaderValue) {
+    if found.client_address {
+        while let Some(name) = h.keys().find(|k| is_client_address(k.as_str().as_bytes())) {
+            let name = name.clone();
+            h.remove(&name);
+        }
+    }
+    h.insert(X_REAL_IP.clone(), ip.clone());
+}
+
 /// Whether `name` is one of the step-up request fields, spelt exactly.
 fn is_stepup_request(name: &str) -> bool {
     STEPUP_REQUEST.contains(&name)
@@ -249,6 +291,7 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 /// Whether `name` may not appear in a trailer section.
 pub fn not_in_trailers(name: &[u8]) -> bool {
     is_owned(name)
+        || is_client_address(name)
         || HOP_BY_HOP.iter().any(|h| same_name(name, h))
         || NOT_IN_TRAILERS.iter().any(|h| same_name(name, h))
 }
@@ -349,9 +392,18 @@ const METHOD_OVERRIDES: [&str; 3] = [
 
 /// Fields by which some apps route by another path than the request's
 /// (Symfony and Zend before CVE-2018-14773, IIS URL Rewrite behind a
-/// proxy): the route decided on would not be the handler that runs.
-/// Refused in any spelling [`same_name`] reads as one of them.
-const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+/// proxy; gunicorn takes `SCRIPT_NAME` and `PATH_INFO` from a proxy it
+/// trusts and cuts the first off the path Flask and Django route by, as
+/// the common `X-Script-Name` middleware does): the route decided on would
+/// not be the handler that runs. Refused in any spelling [`same_name`]
+/// reads as one of them.
+const URL_OVERRIDES: [&str; 5] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "script-name",
+    "path-info",
+    "x-script-name",
+];
 
 pub fn check_request(
     h: &HeaderMap,
@@ -365,12 +417,14 @@ pub fn check_request(
         // Cheap filters first: the names acted on start with one of these
         // letters or hold punctuation other than `-`.
         match n.first() {
-            Some(b'x' | b's' | b'h' | b'c' | b't') => {}
+            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f') => {}
             _ if !may_be_disguised(n) => continue,
             _ => {}
         }
         if is_owned(n) || controlled_in_disguise(n) {
             f.owned = true;
+        } else if is_client_address(n) {
+            f.client_address = true;
         } else if METHOD_OVERRIDES.iter().any(|o| same_name(n, o)) {
             return Err(HeaderRefusal::bad(format!(
                 "{:?} is not accepted: routes are decided by the request's method, which an override would change behind them; send the method itself",
@@ -454,46 +508,67 @@ pub fn check_request(
 }
 
 /// Whether `query` has a `_method` parameter as a framework reads its
-/// name: percent-decoded, `+` as a space, any case, and with PHP's
-/// renaming of a leading space, `.` or `[` to `_` (`.method` is `_method`
-/// to Symfony and Laravel).
+/// name: percent-decoded, `+` as a space, any case, and as PHP's query
+/// parser (which Symfony and Laravel read) names it: leading spaces
+/// dropped, the name ended by a NUL or a `[` (`_method[]` is an array
+/// named `_method`), a space or `.` in it read as `_` (`.method`,
+/// `+_method`, `_method%00x` are `_method` to them). A name that is
+/// `method` after leading spaces is refused too (PHP before 8 read the
+/// space as `_`).
 fn overrides_method(query: &str) -> bool {
-    const NAME: &[u8] = b"_method";
     query.split(['&', ';']).any(|pair| {
         let key = pair.split('=').next().unwrap_or(pair).as_bytes();
-        // Each byte of the name takes one to three bytes of the query.
-        if key.len() < NAME.len() || key.len() > NAME.len() * 3 {
+        key.len() >= b"method".len() && names_method_override(key)
+    })
+}
+
+/// See [`overrides_method`]; `key` as it is in the query.
+fn names_method_override(key: &[u8]) -> bool {
+    const NAME: &[u8] = b"_method";
+    let mut name = [0u8; 8];
+    let (mut n, mut leading_spaces) = (0, 0usize);
+    for b in percent_decoded(key) {
+        if n == 0 && b == b' ' {
+            leading_spaces += 1;
+            continue;
+        }
+        let b = match b {
+            0 => break,
+            b'[' if n > 0 => break,
+            b' ' | b'.' | b'[' => b'_',
+            b => b,
+        };
+        if n == name.len() {
             return false;
         }
-        let mut decoded = [0u8; 7];
-        let (mut at, mut n) = (0, 0);
-        while at < key.len() {
-            if n == decoded.len() {
-                return false;
-            }
-            let b = match key[at] {
-                b'%' => {
-                    let hex = key
-                        .get(at + 1..at + 3)
-                        .and_then(|h| std::str::from_utf8(h).ok());
-                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        Some(b) => {
-                            at += 2;
-                            b
-                        }
-                        None => b'%',
+        name[n] = b;
+        n += 1;
+    }
+    let name = &name[..n];
+    name.eq_ignore_ascii_case(NAME) || (leading_spaces > 0 && name.eq_ignore_ascii_case(&NAME[1..]))
+}
+
+/// `raw` with `%XX` decoded and `+` read as a space, as a form decoder
+/// reads a query's names; a `%` not followed by two hex digits stays.
+fn percent_decoded(raw: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let b = *raw.get(at)?;
+        at += 1;
+        Some(match b {
+            b'%' => {
+                let hex = |i: usize| raw.get(i).and_then(|c| (*c as char).to_digit(16));
+                match (hex(at), hex(at + 1)) {
+                    (Some(h), Some(l)) => {
+                        at += 2;
+                        (h * 16 + l) as u8
                     }
+                    _ => b'%',
                 }
-                b'+' => b' ',
-                b => b,
-            };
-            decoded[n] = b;
-            n += 1;
-            at += 1;
-        }
-        n == NAME.len()
-            && matches!(decoded[0], b'_' | b' ' | b'.' | b'[')
-            && decoded[1..].eq_ignore_ascii_case(&NAME[1..])
+            }
+            b'+' => b' ',
+            b => b,
+        })
     })
 }
 
@@ -795,7 +870,7 @@ fn check_transfer_encoding<'a>(
 /// step-up request fields when `keep_stepup`: the verifier consumes those)
 /// and, in `drop` mode, the other names with `_`.
 pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
-    if found.is_clean() {
+    if !found.owned && found.underscores == 0 {
         return;
     }
     let drop_underscores = found.underscores > 0;
@@ -806,7 +881,7 @@ pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
         } else if controlled_in_disguise(n.as_bytes()) {
             true
         } else {
-            drop_underscores && n.contains('_')
+            drop_underscores && n.contains('_') && !is_client_address(n.as_bytes())
         }
     };
     while let Some(name) = h.keys().find(|k| doomed(k)) {
@@ -1151,6 +1226,15 @@ mod tests {
             "[method=DELETE",
             "_method",
             "x=&_method=",
+            // PHP's names: leading spaces dropped, a NUL or `[` ends them.
+            "+_method=DELETE",
+            "%20%20_method=DELETE",
+            "++.method=DELETE",
+            "_method%00x=DELETE",
+            "_method%00=DELETE",
+            "_method[]=DELETE",
+            "_method[x]=DELETE",
+            "+++++++++++++++++++++++++++++++++++++++++_method=PUT",
         ] {
             let uri: Uri = format!("/admin/users/5?{q}").parse().unwrap();
             let e = check_request(&HeaderMap::new(), &uri, Underscores::Allow).unwrap_err();
@@ -1165,6 +1249,8 @@ mod tests {
             "q=%5Fmethod",
             "_metho%",
             "__method=1",
+            "x%00_method=1",
+            "_method_=1",
             "",
         ] {
             let uri: Uri = format!("/admin/users/5?{q}").parse().unwrap();
@@ -1674,13 +1760,70 @@ mod strip_tests {
             f,
             Findings {
                 owned: false,
-                underscores: 2
+                underscores: 2,
+                client_address: false,
             }
         );
         assert!(!f.is_clean());
         // In `allow` mode such names are nothing to act on.
         let f = check_request(&map(&[("my_field", "1")]), &uri, Underscores::Allow).unwrap();
         assert!(f.is_clean());
+    }
+
+    #[test]
+    fn a_callers_client_address_fields_are_replaced_by_its_own_address() {
+        // Round 11 F4: nginx behind a proxy it trusts reads X-Real-IP by
+        // default; other stacks the CDN spellings.
+        let uri: Uri = "/x".parse().unwrap();
+        let ip = HeaderValue::from_static("10.1.2.3");
+        for mode in [Underscores::Allow, Underscores::Drop] {
+            let mut h = map(&[
+                ("x-real-ip", "10.9.9.9"),
+                ("X_Real_IP", "10.9.9.8"),
+                ("x.real.ip", "10.9.9.7"),
+                ("true-client-ip", "10.9.9.6"),
+                ("x-client-ip", "10.9.9.5"),
+                ("cf-connecting-ip", "10.9.9.4"),
+                ("fastly_client_ip", "10.9.9.3"),
+                ("x-cluster-client-ip", "10.9.9.2"),
+                ("x-amount", "1"),
+            ]);
+            let f = check_request(&h, &uri, mode).unwrap();
+            assert!(f.client_address && !f.owned, "{f:?}");
+            strip_request(&mut h, f, false);
+            set_client_address(&mut h, f, &ip);
+            let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            names.sort();
+            assert_eq!(names, ["x-amount", "x-real-ip"], "{mode:?}");
+            assert_eq!(h["x-real-ip"], "10.1.2.3");
+        }
+        // Without any, X-Real-IP is still set.
+        let mut h = map(&[("x-amount", "1")]);
+        let f = check_request(&h, &uri, Underscores::Allow).unwrap();
+        set_client_address(&mut h, f, &ip);
+        assert_eq!(h["x-real-ip"], "10.1.2.3");
+        // Never in trailers.
+        assert!(not_in_trailers(b"x-real-ip") && not_in_trailers(b"True_Client_IP"));
+    }
+
+    #[test]
+    fn a_path_override_field_is_refused_in_every_spelling() {
+        // Round 11 F2: gunicorn takes SCRIPT_NAME from a proxy it trusts
+        // and cuts it off the path Flask and Django route by.
+        let uri: Uri = "/x/admin".parse().unwrap();
+        for n in [
+            "script_name",
+            "SCRIPT-NAME",
+            "script.name",
+            "path_info",
+            "x-script-name",
+            "X_Script_Name",
+        ] {
+            let h = map(&[(n, "/x")]);
+            let e = check_request(&h, &uri, Underscores::Allow).unwrap_err();
+            assert_eq!(e.status, http::StatusCode::BAD_REQUEST, "{n}");
+        }
+        assert!(check_request(&map(&[("scriptname", "/x")]), &uri, Underscores::Allow).is_ok());
     }
 
     #[test]

@@ -12,12 +12,14 @@
 //!   DIGIT, `-`, `.`, `_`, `~`) are decoded, and the hex of every other
 //!   percent-encoding is upper-cased (`%2e` is `.`, `%c3` is `%C3`). This
 //!   happens before dot-segment removal, so `/a/%2e%2e/b` is `/b`. A `%25`
-//!   stays `%25`: nothing is decoded twice;
+//!   stays `%25`: nothing is decoded twice (and one followed by two hex
+//!   digits, a double encoding, is refused);
 //! - dot segments are removed as RFC 3986 section 5.2.4 says;
 //! - with [`Mode::Strict`], runs of `/` are merged into one.
 //!
 //! Refused, because apps disagree on what they mean (see [`PathError`]): an
-//! encoded `/` or `\`, a raw `\`, encoded control bytes, invalid
+//! encoded `/` or `\`, an encoded `?` or `#`, a double encoding (`%2561`),
+//! a raw `\`, encoded control bytes, invalid
 //! percent-encoding, dot segments climbing above the root, `;` (path
 //! parameters: Java servlet containers read `/..;/` as `/../`), raw bytes
 //! outside RFC 3986 `pchar`, and a path not starting with `/`.
@@ -82,11 +84,21 @@ pub enum PathError {
     /// `|`, `^`, non-ASCII...); it must be percent-encoded.
     #[error("the path contains a character that must be percent-encoded")]
     InvalidCharacter,
+    /// `%3F` or `%23`: a hop that decodes the path before passing it on
+    /// (nginx's `proxy_pass http://backend$uri`, a `rewrite`) ends the path
+    /// there, and the rest becomes a query or a fragment.
+    #[error("the path contains an encoded '?' or '#'")]
+    EncodedDelimiter,
+    /// `%25` followed by two hex digits: decoded once it is another
+    /// percent-encoding (`%2561` is `%61`), which a hop that decodes the
+    /// path passes on for the app to decode again.
+    #[error("the path contains an encoded '%' followed by two hex digits (double encoding)")]
+    DoubleEncoded,
 }
 
 /// Every `reason` label of `keyproof_http_requests_refused_total`, in the
 /// order of [`PathError::index`].
-pub const REFUSAL_REASONS: [&str; 8] = [
+pub const REFUSAL_REASONS: [&str; 10] = [
     "encoded_slash",
     "backslash",
     "encoded_control",
@@ -95,6 +107,8 @@ pub const REFUSAL_REASONS: [&str; 8] = [
     "not_absolute",
     "semicolon",
     "invalid_character",
+    "encoded_delimiter",
+    "double_encoded",
 ];
 
 impl PathError {
@@ -114,6 +128,8 @@ impl PathError {
             PathError::NotAbsolute => 5,
             PathError::Semicolon => 6,
             PathError::InvalidCharacter => 7,
+            PathError::EncodedDelimiter => 8,
+            PathError::DoubleEncoded => 9,
         }
     }
 }
@@ -188,8 +204,28 @@ fn decode_at(path: &[u8], i: usize) -> Result<u8, PathError> {
         b'/' | b'\\' => Err(PathError::EncodedSlash),
         v if v < 0x20 || v == 0x7F => Err(PathError::EncodedControl),
         b';' => Err(PathError::Semicolon),
+        b'?' | b'#' => Err(PathError::EncodedDelimiter),
+        b'%' if hex_digits_follow(path, i + 3) => Err(PathError::DoubleEncoded),
         v => Ok(v),
     }
+}
+
+/// Whether the two bytes from `path[j]` on are hex digits once decoded:
+/// `%25%32%46` becomes `%252F` when the digits (unreserved) are decoded.
+fn hex_digits_follow(path: &[u8], j: usize) -> bool {
+    let next = |j: usize| -> Option<(u8, usize)> {
+        match *path.get(j)? {
+            b'%' => {
+                let hi = hex_val(*path.get(j + 1)?)?;
+                let lo = hex_val(*path.get(j + 2)?)?;
+                Some((hi << 4 | lo, j + 3))
+            }
+            b => Some((b, j + 1)),
+        }
+    };
+    let Some((a, j)) = next(j) else { return false };
+    let Some((b, _)) = next(j) else { return false };
+    hex_val(a).is_some() && hex_val(b).is_some()
 }
 
 /// Whether the segment starting at `path[i]` (just after a `/`) is `.` or
@@ -425,7 +461,9 @@ mod tests {
             ("/a///b//", "/a/b/"),
             ("/%61dmin", "/admin"),
             ("/%41%5a%30%2D%2e%5F%7E", "/AZ0-._~"),
-            ("/%2561dmin", "/%2561dmin"),
+            ("/%25", "/%25"),
+            ("/100%25-done", "/100%25-done"),
+            ("/%25g1", "/%25g1"),
             ("/a%3a%40%c3%a9", "/a%3A%40%C3%A9"),
             ("/%C0%AE%C0%AE/admin", "/%C0%AE%C0%AE/admin"),
             ("/%c0%ae", "/%C0%AE"),
@@ -443,6 +481,13 @@ mod tests {
         }
         let bad = [
             ("/public/..%2fadmin", PathError::EncodedSlash),
+            ("/admin%3F/users", PathError::EncodedDelimiter),
+            ("/admin%3f", PathError::EncodedDelimiter),
+            ("/admin%23/users", PathError::EncodedDelimiter),
+            ("/adm%2569n/users", PathError::DoubleEncoded),
+            ("/%2561dmin", PathError::DoubleEncoded),
+            ("/a%252F", PathError::DoubleEncoded),
+            ("/a%25%32%46", PathError::DoubleEncoded),
             ("/admin%2f", PathError::EncodedSlash),
             ("/admin%2F", PathError::EncodedSlash),
             ("/a%5cb", PathError::EncodedSlash),

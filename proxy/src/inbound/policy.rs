@@ -128,19 +128,27 @@ fn may_read_otherwise(path: &str) -> bool {
         .any(|b| b.is_ascii_uppercase() || b == b'%' || b == b'.')
 }
 
-/// Extensions of scripts that web servers run with the rest of the path as
-/// its PATH_INFO (CGI, RFC 3875 section 4.1.5): `/index.php/admin/x` runs
-/// `index.php`, and a front controller (Symfony, Laravel, most PHP
-/// frameworks; CGI and ASP.NET handlers alike) routes by `/admin/x`.
-const SCRIPTS: [&str; 18] = [
-    "php", "php3", "php4", "php5", "php7", "php8", "phtml", "phar", "cgi", "fcgi", "pl", "py",
-    "rb", "asp", "aspx", "asmx", "ashx", "dll",
-];
+/// Whether a path segment may name a script that a web server runs with
+/// the rest of the path as its PATH_INFO (CGI, RFC 3875 section 4.1.5):
+/// `/index.php/admin/x` runs `index.php`, and a front controller (Symfony,
+/// Laravel, most PHP frameworks; CGI, mod_wsgi and ASP.NET handlers alike)
+/// routes by `/admin/x`. Servers run scripts of whatever extension they are
+/// told to (lighttpd's `cgi.assign`, Apache's `AddHandler`: `.sh`, `.lua`,
+/// `.wsgi`, `.cfm`...), so any name with an extension counts (letters and
+/// digits, at least one letter: `v1.2` is a version, not a script); reading
+/// a path more ways only adds routes it must pass.
+fn may_name_script(segment: &str) -> bool {
+    segment.rsplit_once('.').is_some_and(|(name, ext)| {
+        !name.is_empty()
+            && ext.bytes().all(|b| b.is_ascii_alphanumeric())
+            && ext.bytes().any(|b| b.is_ascii_alphabetic())
+    })
+}
 
 /// The paths an app may pick a handler by, for the normalized `path`:
 /// the path itself; without one final `/` (Rails and others strip it, and
 /// `/admin.json/` is then `/admin.json`); and for each segment that names
-/// a script and is followed by more ([`SCRIPTS`]), the script's path
+/// a script and is followed by more ([`may_name_script`]), the script's path
 /// (`/admin.php`) and its PATH_INFO (`/admin/x`), each also without a
 /// final `/`. Slices of `path`.
 fn read_as(path: &str) -> Vec<&str> {
@@ -163,10 +171,7 @@ fn read_as(path: &str) -> Vec<&str> {
         .map(|i| start + i)
     {
         let segment = &path[start..end];
-        let is_script = segment.rsplit_once('.').is_some_and(|(name, ext)| {
-            !name.is_empty() && SCRIPTS.iter().any(|s| s.eq_ignore_ascii_case(ext))
-        });
-        if is_script {
+        if may_name_script(segment) {
             push(&mut out, &path[..end]);
             push(&mut out, &path[end..]);
         }
@@ -833,8 +838,10 @@ mod tests {
                 "{path}"
             );
         }
-        // Dots elsewhere change nothing.
-        for path in ["/static/app.js", "/admin.json/x", "/a.b/admin"] {
+        // Dots elsewhere change nothing (a segment with an extension
+        // followed by more is read as a script and its path info: see
+        // the next test).
+        for path in ["/static/app.js", "/v1.2/admin", "/a.b/x"] {
             assert!(
                 matches!(
                     p.decide(&http::Method::GET, path, &id(WEB), ""),
@@ -866,6 +873,12 @@ mod tests {
                 "/admin.json/",
                 "/cgi-bin/run.cgi/admin",
                 "/svc.asmx/x/index.php/admin",
+                // Round 11 F6: a server runs scripts of any extension it
+                // is told to (lighttpd's cgi.assign, Apache's AddHandler).
+                "/app.sh/admin/users",
+                "/app.wsgi/admin",
+                "/x/run.lua/admin/",
+                "/notes.txt/admin",
             ] {
                 assert!(
                     matches!(
@@ -890,7 +903,9 @@ mod tests {
                 "/index.php/users",
                 "/php/admin",
                 "/.php/admin",
-                "/notes.txt/admin",
+                "/x./admin",
+                "/a.b-c/admin",
+                "/api/v1.2/admin",
                 "/administrator.php/x",
             ] {
                 assert!(

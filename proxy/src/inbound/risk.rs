@@ -885,6 +885,23 @@ impl HeaderRule {
             (Some(h.get_all(&self.exact).iter()), None)
         };
         let authority = f.authority.filter(|_| self.host).map(str::as_bytes);
+        // An app that trusts the sidecar as its proxy (as it must, to read
+        // `X-Forwarded-For` right) takes its host from these: Express's
+        // `req.hostname`, Django's `USE_X_FORWARDED_HOST`, Symfony's
+        // trusted proxies, Werkzeug's `ProxyFix`. A caller writes them, so
+        // a host rule reads them as hosts too.
+        let forwarded = self.host.then(|| {
+            h.iter()
+                .filter(|(k, _)| {
+                    crate::http::owned::same_name(k.as_str().as_bytes(), "x-forwarded-host")
+                })
+                .map(|(_, v)| v.as_bytes())
+                .chain(
+                    h.get_all(http::header::FORWARDED)
+                        .iter()
+                        .flat_map(|v| forwarded_hosts(v.as_bytes())),
+                )
+        });
         exact
             .into_iter()
             .flatten()
@@ -896,6 +913,7 @@ impl HeaderRule {
             )
             .map(HeaderValue::as_bytes)
             .chain(authority)
+            .chain(forwarded.into_iter().flatten())
     }
 }
 
@@ -926,6 +944,18 @@ fn trim_ows(s: &[u8]) -> &[u8] {
         (Some(a), Some(b)) => &s[a..=b],
         _ => &[],
     }
+}
+
+/// The `host=` parameters of a `Forwarded` value (RFC 7239), in every
+/// element, quoted or not (a quoted one is trimmed when compared).
+fn forwarded_hosts(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',' || *b == b';').filter_map(|pair| {
+        let pair = trim_ows(pair);
+        let (name, value) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+        trim_ows(name)
+            .eq_ignore_ascii_case(b"host")
+            .then_some(&value[1..])
+    })
 }
 
 /// The host of a `Host` value or an authority, as virtual hosts are told
@@ -1947,6 +1977,57 @@ mod tests {
         ));
         let tagged = g.route(0, &["tagged"]);
         assert_eq!(tagged.evaluate(&p, by_authority("a"), at(0)), Verdict::Pass);
+    }
+
+    #[test]
+    fn a_host_rule_reads_the_hosts_an_app_behind_a_trusted_proxy_takes() {
+        // Express, Django, Symfony and Werkzeug behind a proxy they trust
+        // take the host from X-Forwarded-Host (or Forwarded's host=), which
+        // the caller wrote.
+        let mut f = fx(100);
+        f.rules.push(challenge(
+            "admin",
+            RiskCondition::Header {
+                name: HeaderName::from_static("host"),
+                test: HeaderTest::Equals("admin.internal".into()),
+            },
+        ));
+        let r = f.route(0, &["admin"]);
+        let p = peer(1);
+        for fields in [
+            vec![("host", "web"), ("x-forwarded-host", "admin.internal")],
+            vec![("host", "web"), ("x-forwarded-host", "admin.internal:8443")],
+            vec![("host", "web"), ("x-forwarded-host", "web, admin.internal")],
+            vec![("host", "web"), ("x_forwarded_host", "ADMIN.internal")],
+            vec![
+                ("host", "web"),
+                ("forwarded", "for=1.2.3.4;host=admin.internal"),
+            ],
+            vec![
+                ("host", "web"),
+                ("forwarded", "for=x, Host=\"admin.internal\";proto=https"),
+            ],
+        ] {
+            assert_eq!(
+                r.evaluate(&p, &headers(&fields), at(0)),
+                ch("admin"),
+                "{fields:?}"
+            );
+        }
+        for fields in [
+            vec![("host", "web"), ("x-forwarded-host", "web")],
+            vec![
+                ("host", "web"),
+                ("forwarded", "for=admin.internal;by=admin.internal"),
+            ],
+            vec![("host", "web"), ("x-forwarded-server", "admin.internal")],
+        ] {
+            assert_eq!(
+                r.evaluate(&p, &headers(&fields), at(0)),
+                Verdict::Pass,
+                "{fields:?}"
+            );
+        }
     }
 
     #[test]
