@@ -2872,6 +2872,17 @@ pub fn parse_upstreams(path: &Path, text: &str) -> Result<Vec<UpstreamRule>, Con
 
 fn outbound(raw: RawOutbound) -> Result<OutboundConfig, ConfigError> {
     let listen = socket_addr("outbound.listen", &raw.listen)?;
+    // Whoever reaches the outbound is taken for the app and calls out as
+    // this workload, so only the pod itself may: the app on loopback, and
+    // iptables' REDIRECT, which delivers to loopback.
+    if !listen.ip().is_loopback() {
+        return Err(invalid(
+            "outbound.listen",
+            format!(
+                "{listen} is not a loopback address: every host that reaches it could call out as this workload; listen on 127.0.0.1 (redirected connections arrive there)"
+            ),
+        ));
+    }
     let upstreams = match &raw.upstreams_file {
         Some(file) => {
             if !raw.upstreams.is_empty() {
@@ -3352,6 +3363,20 @@ mod tests {
         let addr = format!("{BASE}[outbound]\nlisten = \"nope\"\n");
         let e = Config::parse(&addr).unwrap_err().to_string();
         assert!(e.starts_with("outbound.listen:"), "{e}");
+        // Round 11 mesh F4: reachable from other hosts, the outbound would
+        // call out as this workload for them.
+        for open in ["0.0.0.0:15001", "[::]:15001", "10.1.2.3:15001"] {
+            let addr = format!("{BASE}[outbound]\nlisten = \"{open}\"\n");
+            let e = Config::parse(&addr).unwrap_err().to_string();
+            assert!(
+                e.starts_with("outbound.listen:") && e.contains("loopback"),
+                "{e}"
+            );
+        }
+        for local in ["127.0.0.1:15001", "127.0.0.2:15001", "[::1]:15001"] {
+            let addr = format!("{BASE}[outbound]\nlisten = \"{local}\"\n");
+            assert!(Config::parse(&addr).is_ok(), "{local}");
+        }
         let to =
             format!("{BASE}[outbound]\nlisten = \"127.0.0.1:1\"\nhandshake_timeout = \"10\"\n");
         let e = Config::parse(&to).unwrap_err().to_string();

@@ -549,10 +549,16 @@ fn a_passed_through_connection_never_carries_a_meshed_request() {
     // on), then the meshed request: still judged.
     let declined = r"GET /ws HTTP/1.1\r\nHost: example.org\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
     let smuggled = r"POST /cl-te HTTP/1.1\r\nHost: example.org\r\nTransfer-Encoding: chunked\r\nContent-Length: 70\r\n\r\n0\r\n\r\nGET /m HTTP/1.1\r\nHost: api.db.svc.cluster.local\r\nX-S: s3cret-2\r\n\r\n";
+    // Methods some servers take and others refuse (round 11 mesh F1: taken
+    // for opaque TCP, the connection went on unjudged).
+    let lowercase = r"get /lower HTTP/1.1\r\nHost: example.org\r\n\r\n";
+    let custom = r"PURGE_CACHE /custom HTTP/1.1\r\nHost: example.org\r\n\r\n";
     for (requests, first) in [
         (vec![plain, meshed], "HTTP/1.1 200 OK"),
         (vec![declined, meshed], "HTTP/1.1 200 OK"),
         (vec![plain, smuggled], "HTTP/1.1 200 OK"),
+        (vec![lowercase, meshed], "HTTP/1.1 200 OK"),
+        (vec![custom, meshed], "HTTP/1.1 200 OK"),
     ] {
         let out = client(&requests);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -829,5 +835,110 @@ fn a_service_address_is_balanced_per_app_connection() {
         on_b > 0 && on_c > 0,
         "B served {on_b}, C served {on_c}\n{}",
         logs()
+    );
+}
+
+/// A Service whose `port` is not its `targetPort` (6432 to PostgreSQL's
+/// 5432, as a pgbouncer-style Service maps it): A's outbound names the
+/// Service's port in its CONNECT (that is what the app dialled), the node
+/// translates the connection to B's 5432, and B's inbound tunnels to the
+/// port the connection was delivered to, as HTTP goes there, never to a
+/// local 127.0.0.1:6432 that only shares the Service's number (round 11
+/// mesh F5: the tunnel went to the authority's port).
+#[test]
+fn a_tunnel_through_a_service_goes_to_the_port_the_connection_was_delivered_to() {
+    if !can_run(TOOLS) {
+        return;
+    }
+    const VIP: &str = "10.96.0.12";
+    const GATEWAY: &str = "10.77.0.254";
+    const SERVICE_PORT: u16 = 6432;
+    let pods = Pods::create();
+    let (a, b) = (&pods.a, &pods.b);
+    let pki = Pki::new(TD);
+    let cert_a = pki.issue("a", "/ns/shop/sa/client");
+    let cert_b = pki.issue("b", "/ns/db/sa/server");
+    let id_a = pki.id("/ns/shop/sa/client");
+    let node = |line: String| {
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &pods.node])
+                .args(line.split_whitespace()),
+        )
+    };
+    node(format!("ip addr add {GATEWAY}/24 dev br0"));
+    node("sysctl -qw net.ipv4.ip_forward=1".into());
+    node(format!(
+        "iptables -t nat -A PREROUTING -p tcp -d {VIP} --dport {SERVICE_PORT} -j DNAT --to-destination {}",
+        b.addr(PG)
+    ));
+    node(format!(
+        "iptables -t nat -A POSTROUTING -d {SUBNET} -m conntrack --ctstate DNAT -j MASQUERADE"
+    ));
+    run_ok(
+        a.cmd("ip")
+            .args(["route", "add", "10.96.0.0/16", "via", GATEWAY]),
+    );
+    let _pg = PodPostgres::start(&pods, b, PG);
+    // Without the mesh the Service reaches PostgreSQL.
+    assert_eq!(
+        psql(
+            a,
+            format!("{VIP}:{SERVICE_PORT}").parse().unwrap(),
+            "select 1"
+        )
+        .as_deref(),
+        Ok("1")
+    );
+    // A rule for the Service's port number too: the tunnel must still go
+    // to 5432, where nothing on 6432 would answer.
+    let side_b = Sidecar::start(
+        &pods,
+        b,
+        "b",
+        &sidecar_config(
+            &identity_toml(&pki.bundle, &cert_b),
+            &format!(
+                "[[inbound.tcp]]\nport = {PG}\nallow = [\"{id_a}\"]\n\
+                 [[inbound.tcp]]\nport = {SERVICE_PORT}\nallow = [\"{id_a}\"]\n"
+            ),
+            "",
+        ),
+        ADMIN,
+    );
+    let side_a = Sidecar::start(
+        &pods,
+        a,
+        "a",
+        &sidecar_config(
+            &identity_toml(&pki.bundle, &cert_a),
+            "",
+            &format!(
+                "opaque_ports = [{SERVICE_PORT}]\n[[outbound.upstreams]]\ncidr = \"10.96.0.0/16\"\nidentity = \"spiffe://{TD}/ns/db/*\"\n"
+            ),
+        ),
+        ADMIN,
+    );
+    for pod in [a, b] {
+        redirect(pod, &["--proxy-uid", "0"]);
+    }
+    let got = psql(
+        a,
+        format!("{VIP}:{SERVICE_PORT}").parse().unwrap(),
+        "select 1",
+    );
+    assert_eq!(
+        got.as_deref(),
+        Ok("1"),
+        "--- sidecar A:\n{}\n--- sidecar B:\n{}",
+        side_a.log_text(),
+        side_b.log_text()
+    );
+    assert_eq!(
+        side_b.sample(
+            "keyproof_tcp_connections_total",
+            &[("direction", "inbound"), ("result", "ok")]
+        ),
+        1.0
     );
 }

@@ -41,6 +41,11 @@ pub struct InboundConn {
     /// A redirected connection whose original port takes no HTTP: every
     /// request on it but CONNECT is refused (403).
     pub refusal: Option<PortRefusal>,
+    /// A redirected connection's original port: where it was delivered,
+    /// after any Service's translation (`port` to `targetPort`), which is
+    /// where its tunnels go too. `None`: a connection made to the inbound
+    /// port itself.
+    pub original_port: Option<u16>,
     /// The connection's activity word: a tunnel holds a stream of it for
     /// its whole life, so that the connection carrying it is not idle.
     pub activity: Activity,
@@ -53,8 +58,8 @@ impl InboundConn {
     /// The facts of a connection whose handshake verified `peer`. The
     /// channel binding and the step-up view are derived only when some
     /// route may demand step-up (`need_exporter`). `redirected`: for a
-    /// connection iptables redirected, where its original port's HTTP goes
-    /// or why it goes nowhere. `None` when the XFCC value cannot
+    /// connection iptables redirected, its original port and where that
+    /// port's HTTP goes or why it goes nowhere. `None` when the XFCC value cannot
     /// be a header value, which valid SPIFFE IDs never cause.
     // Each argument is one independent fact of the accepted connection;
     // bundling them would only move the list into a struct literal.
@@ -65,14 +70,14 @@ impl InboundConn {
         remote: SocketAddr,
         own: &SpiffeId,
         need_exporter: bool,
-        redirected: Option<Result<Arc<AppClient>, PortRefusal>>,
+        redirected: Option<(u16, Result<Arc<AppClient>, PortRefusal>)>,
         activity: Activity,
         app_share: Arc<tokio::sync::Semaphore>,
     ) -> Option<InboundConn> {
-        let (app, refusal) = match redirected {
-            None => (None, None),
-            Some(Ok(app)) => (Some(app), None),
-            Some(Err(why)) => (None, Some(why)),
+        let (app, refusal, original_port) = match redirected {
+            None => (None, None, None),
+            Some((port, Ok(app))) => (Some(app), None, Some(port)),
+            Some((port, Err(why))) => (None, Some(why), Some(port)),
         };
         let exporter = if need_exporter {
             keyproof_identity::tls::channel_binding(session)
@@ -107,6 +112,7 @@ impl InboundConn {
             app_share,
             app,
             refusal,
+            original_port,
             activity,
             drain: Default::default(),
         })
@@ -178,6 +184,7 @@ impl InboundConn {
             stepup,
             app: None,
             refusal: None,
+            original_port: None,
             activity: Activity::default(),
             drain: Default::default(),
         }

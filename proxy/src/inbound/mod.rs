@@ -393,7 +393,7 @@ impl Inbound {
         let registered = self
             .callers
             .register(&peer.id, &peer.serial, activity.clone());
-        let target = redirected.map(|dst| self.redirected_to(dst.port()));
+        let target = redirected.map(|dst| (dst.port(), self.redirected_to(dst.port())));
         let Some(conn) = InboundConn::new(
             session,
             peer,
@@ -714,7 +714,12 @@ impl Inbound {
             ));
         }
         let port = match tunnel::port_of(&req) {
-            Ok(p) => p,
+            // On a redirected connection the tunnel goes where the
+            // connection was delivered: the caller names the port it
+            // dialled, which for a Service is the Service's `port`, not the
+            // `targetPort` the node translated it to. Only a connection to
+            // the inbound port itself names its target.
+            Ok(p) => conn.original_port.unwrap_or(p),
             Err(e) => {
                 // Counted, so that a scan shows in the metric.
                 self.tunnels
@@ -1458,6 +1463,7 @@ mod tests {
         port: u16,
     ) -> Arc<InboundConn> {
         let mut c = InboundConn::for_tests(caller.peer(), &api.id, None);
+        c.original_port = Some(port);
         match inbound.redirected_to(port) {
             Ok(app) => c.app = Some(app),
             Err(why) => c.refusal = Some(why),

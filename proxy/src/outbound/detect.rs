@@ -15,8 +15,6 @@ use crate::http::h1::{parse_request_head, Framing};
 use crate::http::owned::{list_elements, plain_host};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Longest method accepted in a request line.
-const MAX_METHOD: usize = 20;
 /// The protocol of a redirected connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -41,6 +39,21 @@ pub enum Protocol {
 /// The protocol `b` (the first bytes, however many) shows, or `None` while
 /// they could still begin either HTTP form.
 pub fn classify(b: &[u8]) -> Option<Protocol> {
+    // A PROXY protocol header (HAProxy's, which nginx and HAProxy clients
+    // send with `send-proxy`) before HTTP: the HTTP way cannot serve it,
+    // and passed through it would carry the request in plain text, so it
+    // is decided as a request line that never ended (a tunnel where the
+    // TCP way is one, else refused).
+    match proxy_header_len(b) {
+        ProxyHeader::None => {}
+        ProxyHeader::Partial => return None,
+        ProxyHeader::Len(n) => {
+            return match classify(&b[n..])? {
+                Protocol::Tcp => Some(Protocol::Tcp),
+                _ => Some(Protocol::PartialHttp1),
+            }
+        }
+    }
     // Empty lines before a request line are skipped by servers (RFC 9112
     // section 2.2): they start HTTP/1 as much as the request line does.
     let lead = b.iter().take_while(|&&c| c == b'\r' || c == b'\n').count();
@@ -59,7 +72,56 @@ pub fn classify(b: &[u8]) -> Option<Protocol> {
     request_line(b)
 }
 
-/// `METHOD SP target SP HTTP/1.d CRLF`, checked as far as `b` goes.
+/// How far a PROXY protocol header (version 1 or 2) at the start of `b`
+/// goes.
+enum ProxyHeader {
+    None,
+    Partial,
+    Len(usize),
+}
+
+/// The PROXY protocol's version 1 line and version 2 signature.
+const PROXY_V1: &[u8] = b"PROXY ";
+const PROXY_V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+/// Longest version 1 line (the specification's bound).
+const PROXY_V1_MAX: usize = 107;
+
+fn proxy_header_len(b: &[u8]) -> ProxyHeader {
+    let n = b.len().min(PROXY_V2.len());
+    if b[..n] == PROXY_V2[..n] {
+        // Signature, version and command, family, then a 16-bit length.
+        let Some(len) = b.get(14..16) else {
+            return ProxyHeader::Partial;
+        };
+        let total = 16 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+        return if b.len() < total {
+            ProxyHeader::Partial
+        } else {
+            ProxyHeader::Len(total)
+        };
+    }
+    let n = b.len().min(PROXY_V1.len());
+    if b[..n] != PROXY_V1[..n] {
+        return ProxyHeader::None;
+    }
+    match b.iter().take(PROXY_V1_MAX).position(|&c| c == b'\n') {
+        Some(i) => ProxyHeader::Len(i + 1),
+        None if b.len() < PROXY_V1_MAX => ProxyHeader::Partial,
+        None => ProxyHeader::None,
+    }
+}
+
+/// RFC 9110 `tchar`: what a method is made of. Servers differ on which
+/// they take (nginx upper case and `_`, Go and Apache any token, in any
+/// case), so every token counts: a request the sidecar took for opaque TCP
+/// could be passed through in plain text.
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+/// `METHOD SP target SP HTTP/1.d CRLF`, checked as far as `b` goes; runs
+/// of spaces count as one (nginx takes them), and so do spaces after the
+/// version.
 fn request_line(b: &[u8]) -> Option<Protocol> {
     const TCP: Option<Protocol> = Some(Protocol::Tcp);
     let line_end = b.iter().position(|&c| c == b'\n');
@@ -68,33 +130,32 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
         None => b,
     };
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let mut parts = line.splitn(3, |&c| c == b' ');
-    let method = parts.next().unwrap_or_default();
-    // Methods are tokens: upper-case letters here, and `-` after the first
-    // (`M-SEARCH`, `VERSION-CONTROL`).
-    let token = method
-        .iter()
-        .enumerate()
-        .all(|(i, &c)| c.is_ascii_uppercase() || i > 0 && c == b'-');
-    if method.len() > MAX_METHOD || !token {
+    // Until the line ends, a part that reaches the end of `b` may go on.
+    let more = if line_end.is_some() { TCP } else { None };
+    let method = line.iter().take_while(|&&c| is_tchar(c)).count();
+    if method == 0 {
         return TCP;
     }
-    let Some(target) = parts.next() else {
-        // Still in the method.
-        return if line_end.is_some() || method.is_empty() && !b.is_empty() {
-            TCP
+    let rest = &line[method..];
+    let Some(rest) = after_spaces(rest) else {
+        return if rest.is_empty() { more } else { TCP };
+    };
+    let target = rest.iter().take_while(|&&c| c > 0x20 && c < 0x7f).count();
+    let rest = &rest[target..];
+    if target == 0 {
+        return if rest.is_empty() { more } else { TCP };
+    }
+    let Some(version) = after_spaces(rest) else {
+        return if rest.is_empty() { more } else { TCP };
+    };
+    let v_len = version.iter().take_while(|&&c| c != b' ').count();
+    let (version, trailing) = version.split_at(v_len);
+    if version.is_empty() || trailing.iter().any(|&c| c != b' ') {
+        return if version.is_empty() && trailing.is_empty() {
+            more
         } else {
-            None
+            TCP
         };
-    };
-    if method.is_empty() || !target.iter().all(|&c| c > 0x20 && c < 0x7f) {
-        return TCP;
-    }
-    let Some(version) = parts.next() else {
-        return if line_end.is_some() { TCP } else { None };
-    };
-    if target.is_empty() {
-        return TCP;
     }
     const V: &[u8] = b"HTTP/1.";
     let ok_so_far = if version.len() <= V.len() {
@@ -108,6 +169,13 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
         (true, true) => TCP,
         (true, false) => None,
     }
+}
+
+/// `b` after one or more leading spaces; `None` if it does not start with
+/// one.
+fn after_spaces(b: &[u8]) -> Option<&[u8]> {
+    let n = b.iter().take_while(|&&c| c == b' ').count();
+    (n > 0).then_some(&b[n..])
 }
 
 /// Peeks at `tcp` until its first bytes tell the protocol: nothing within
@@ -366,7 +434,45 @@ mod tests {
             (b"GET / HTTP/2.0\r\n", Some(Tcp)),
             (b"GET / HTTP/1.11\r\n", Some(Tcp)),
             (b"GET  HTTP/1.1\r\n", Some(Tcp)),
-            (b"get / HTTP/1.1\r\n", Some(Tcp)),
+            (b"get / HTTP/1.1\r\n", Some(Http1)),
+            // Round 11 mesh F1: any token is a method to some server, and
+            // nginx takes runs of spaces.
+            (b"PURGE_CACHE /x HTTP/1.1\r\n", Some(Http1)),
+            (b"GET2 /x HTTP/1.1\r\n", Some(Http1)),
+            (
+                b"X-VERY-LONG-CUSTOM-METHOD-NAME-OF-FORTY-BYTES /x HTTP/1.1\r\n",
+                Some(Http1),
+            ),
+            (b"GET  /x HTTP/1.1\r\n", Some(Http1)),
+            (b"GET /x   HTTP/1.1  \r\n", Some(Http1)),
+            (b"GET  /x  ", None),
+            (b"GET\t/x HTTP/1.1\r\n", Some(Tcp)),
+            (b"GET /x HTTP/1.1 x\r\n", Some(Tcp)),
+            // A PROXY protocol header before HTTP: neither served nor
+            // passed in plain text.
+            (
+                b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nGET / HTTP/1.1\r\n",
+                Some(PartialHttp1),
+            ),
+            (b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nGET /", None),
+            (
+                b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n\x00\x00\x00\x08",
+                Some(Tcp),
+            ),
+            (b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n", None),
+            (b"PROXY TCP4 10.0", None),
+            (b"PROX", None),
+            (b"POST / HTTP/1.1\r\n", Some(Http1)),
+            (
+                b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c123456789012GET / HTTP/1.1\r\n",
+                Some(PartialHttp1),
+            ),
+            (
+                b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c123456789012\x16\x03",
+                Some(Tcp),
+            ),
+            (b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c1234", None),
+            (b"\r\n\r\nGET / HTTP/1.1\r\n", Some(Http1)),
             (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Some(Tcp)),
             (b"\x16\x03\x01\x02\x00", Some(Tcp)),
             (b"SSH-2.0-OpenSSH\r\n", Some(Tcp)),
@@ -374,11 +480,13 @@ mod tests {
             (b"*1\r\n$4\r\nPING\r\n", Some(Tcp)),
             (b"GET\r\n", Some(Tcp)),
             (b"GET /\r\n", Some(Tcp)),
-            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", Some(Tcp)),
+            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", None),
+            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n", Some(Tcp)),
             (b"GET /\x01 HTTP/1.1\r\n", Some(Tcp)),
             (b"M-SEARCH * HTTP/1.1\r\n", Some(Http1)),
             (b"VERSION-CONTROL /r HTTP/1.1\r\n", Some(Http1)),
-            (b"-GET / HTTP/1.1\r\n", Some(Tcp)),
+            (b"-GET / HTTP/1.1\r\n", Some(Http1)),
+            (b"{\"a\": 1}\r\n", Some(Tcp)),
         ];
         for (b, want) in cases {
             assert_eq!(classify(b), *want, "{:?}", String::from_utf8_lossy(b));

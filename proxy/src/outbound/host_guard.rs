@@ -217,7 +217,9 @@ where
                     None if self.pending.len() > self.max_head => return Err(Stopped::Unreadable),
                     None => return Ok(()),
                     Some(Protocol::Http1) => self.at = At::Head,
-                    Some(Protocol::H2) => return Err(Stopped::Unreadable),
+                    // HTTP/2's streams, and HTTP behind a PROXY protocol
+                    // header, are not read here.
+                    Some(Protocol::H2 | Protocol::PartialHttp1) => return Err(Stopped::Unreadable),
                     Some(_) => self.at = At::Opaque,
                 },
                 At::Switching => {
