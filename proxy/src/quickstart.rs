@@ -108,7 +108,16 @@ fn issue(
     let crt = dir.join(format!("{name}.crt"));
     let key = dir.join(format!("{name}.key"));
     write(&crt, issued.chain_pem().as_bytes())?;
-    write(&key, kp.serialize_pem().as_bytes())?;
+    // A throwaway key is still a key: 0600, as every key keyproof writes.
+    keyproof_ca::fsutil::write_atomic(
+        &key,
+        kp.serialize_pem().as_bytes(),
+        keyproof_ca::fsutil::SECRET,
+    )
+    .map_err(|source| QuickstartError::Io {
+        path: key.clone(),
+        source,
+    })?;
     Ok((crt, key))
 }
 

@@ -112,7 +112,16 @@ fn run_fails_before_binding_on_bad_identity() {
 #[test]
 fn quickstart_once_exits_zero() {
     let start = std::time::Instant::now();
-    let out = run_ok(cmd("keyproof-proxy").args(["quickstart", "--once"]));
+    let full = cmd("keyproof-proxy")
+        .args(["quickstart", "--once"])
+        .output()
+        .expect("run quickstart");
+    assert!(full.status.success(), "{full:?}");
+    let out = String::from_utf8_lossy(&full.stdout).into_owned();
+    // Its keys are written 0600 like every key (round 11: 0644, and the
+    // sidecars warned about their own demo keys).
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert!(!err.contains("readable by every user"), "{err}");
     assert!(out.contains("200 OK"), "{out}");
     assert!(out.contains("403 Forbidden"), "{out}");
     assert!(out.contains("/metrics"), "{out}");

@@ -25,6 +25,12 @@ const KEEP_FOR: Duration = Duration::from_secs(25);
 const MAX_PER_PATH: usize = 256;
 /// Bound on all kept nonces.
 const MAX_TOTAL: usize = 4096;
+/// Longest path remembered, as a step-up path or the key of kept nonces.
+/// The bounds above count entries; a path may be as long as a request
+/// head (64 KiB), and paths chosen by whoever shapes the app's requests
+/// would otherwise pin that much each (round 11: 330 MB for 5,000 paths of
+/// 60 KB). A longer path works as any other, with a challenge each time.
+const MAX_REMEMBERED_PATH: usize = 1024;
 
 type Pool = VecDeque<(Challenge, Instant)>;
 
@@ -81,6 +87,9 @@ impl KeptNonces {
     /// nonce that does not fit is dropped; the request it would have signed
     /// is challenged instead).
     pub fn keep(&self, conn_id: u64, path: &str, ch: Challenge) {
+        if path.len() > MAX_REMEMBERED_PATH {
+            return;
+        }
         let mut k = self.lock();
         if k.len >= MAX_TOTAL {
             // Drop stale entries (closed connections, unused paths).
@@ -139,9 +148,13 @@ impl StepUpPaths {
             .contains(path)
     }
 
-    /// Remembers `path` (bounded: beyond the bound, new paths keep working
-    /// through the replay path, only without the up-front signature).
+    /// Remembers `path` (bounded, in paths and in each one's length: beyond
+    /// the bounds, paths keep working through the replay path, only without
+    /// the up-front signature).
     pub fn learn(&self, path: &str) {
+        if path.len() > MAX_REMEMBERED_PATH {
+            return;
+        }
         let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
         if set.len() < MAX_STEPUP_PATHS && set.insert(path.to_owned()) {
             self.len.store(set.len(), Ordering::Relaxed);
@@ -176,6 +189,20 @@ mod tests {
         assert_eq!(k.take(2, "/a").map(|c| c.nonce), Some("other-conn".into()));
         assert_eq!(k.lock().len, 0);
         assert!(k.lock().by_conn.is_empty());
+    }
+
+    #[test]
+    fn a_long_path_is_not_remembered() {
+        let long = format!("/admin/{}", "x".repeat(MAX_REMEMBERED_PATH));
+        let k = KeptNonces::default();
+        k.keep(1, &long, ch("n"));
+        assert_eq!(k.take(1, &long), None);
+        assert_eq!(k.lock().len, 0);
+        let p = StepUpPaths::default();
+        p.learn(&long);
+        assert!(!p.contains(&long));
+        p.learn("/admin/x");
+        assert!(p.contains("/admin/x"));
     }
 
     #[test]
