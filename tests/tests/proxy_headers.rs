@@ -579,6 +579,50 @@ fn owned_fields_in_any_disguise_never_reach_the_app() {
     });
 }
 
+/// Round 11: what an app behind a proxy it trusts reads as the caller's
+/// address or its own path, from the caller. Single-address fields are
+/// replaced by the caller's address (`X-Real-IP`, which nginx's realip
+/// reads by default) or removed; `SCRIPT_NAME` (gunicorn cuts it off the
+/// path Flask routes by) and a `_method` query in PHP's spellings are
+/// refused, as are an encoded `?` and a double encoding in the path.
+#[test]
+fn client_address_fields_and_path_overrides_are_the_sidecars_to_say() {
+    let m = mesh("");
+    rt().block_on(async {
+        let forged = "X-Real-IP: 10.9.9.9\r\nx_real_ip: 10.9.9.8\r\nTrue-Client-IP: 10.9.9.7\r\nCF-Connecting-IP: 10.9.9.6\r\nX-Client-IP: 10.9.9.5\r\n";
+        let req = format!("GET /plain HTTP/1.1\r\nHost: localhost\r\n{forged}\r\n");
+        let r = inbound_h1(&m, &req).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(lines_naming(&r.body, "x-real-ip"), ["x-real-ip: 127.0.0.1"], "{}", r.body);
+        for f in ["true-client-ip", "cf-connecting-ip", "x-client-ip"] {
+            assert!(lines_naming(&r.body, f).is_empty(), "{f}: {}", r.body);
+        }
+        // Through the mesh too (HTTP/2 from the caller's sidecar).
+        let req = format!("GET /plain HTTP/1.1\r\nHost: api.default.svc\r\n{forged}\r\n");
+        let r = outbound_h1(&m, &req).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(lines_naming(&r.body, "x-real-ip"), ["x-real-ip: 127.0.0.1"], "{}", r.body);
+        for (what, req) in [
+            ("SCRIPT_NAME", "GET /x/admin HTTP/1.1\r\nHost: localhost\r\nSCRIPT_NAME: /x\r\n\r\n"),
+            ("Script-Name", "GET /x/admin HTTP/1.1\r\nHost: localhost\r\nScript-Name: /x\r\n\r\n"),
+            ("PATH_INFO", "GET /x HTTP/1.1\r\nHost: localhost\r\nPATH_INFO: /admin\r\n\r\n"),
+            ("X-Script-Name", "GET /x/admin HTTP/1.1\r\nHost: localhost\r\nX-Script-Name: /x\r\n\r\n"),
+            ("+_method", "POST /plain?+_method=DELETE HTTP/1.1\r\nHost: localhost\r\ncontent-length: 0\r\n\r\n"),
+            ("_method%00", "POST /plain?_method%00x=DELETE HTTP/1.1\r\nHost: localhost\r\ncontent-length: 0\r\n\r\n"),
+            ("%3F", "GET /admin%3F/x HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            ("%2561", "GET /%2561dmin HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        ] {
+            let r = inbound_h1(&m, req).await;
+            assert_eq!(r.status, 400, "{what}: {r:?}");
+        }
+    });
+    assert!(
+        !m.app.all().contains("/x/admin") && !m.app.all().contains("DELETE"),
+        "{}",
+        m.app.all()
+    );
+}
+
 #[test]
 fn headers_with_underscores_drop_and_reject() {
     for (mode, dropped, rejected) in [("drop", 2.0, 0.0), ("reject", 0.0, 1.0)] {

@@ -45,3 +45,22 @@ pub mod response;
 pub mod server;
 pub mod tee;
 pub mod traits;
+
+/// A request path as log lines show it: at most its first 256 bytes. A
+/// caller repeats a long path for a few bytes each over HTTP/2 (HPACK), and
+/// a line per refused request must not cost the log hundreds of times what
+/// the caller sent.
+pub fn shown_path(path: &str) -> &str {
+    const SHOWN: usize = 256;
+    path.get(..SHOWN).unwrap_or(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_logged_path_is_cut_at_256_bytes() {
+        assert_eq!(super::shown_path("/a"), "/a");
+        let long = format!("/{}", "x".repeat(4096));
+        assert_eq!(super::shown_path(&long).len(), 256);
+    }
+}

@@ -33,6 +33,9 @@ use crate::inbound::risk::{Failure, Now, RiskTable};
 use crate::metrics::Metrics;
 use crate::metrics::VerifierMetrics;
 
+/// See the table-full branch of the challenge.
+static TABLE_FULL_LOG: crate::error::LogEvery = crate::error::LogEvery::new(10);
+
 /// How often expired nonces are dropped from the table. Expired nonces are
 /// refused by their MAC'd expiry anyway; purging only returns their memory
 /// and their slot under `max_outstanding`.
@@ -639,13 +642,18 @@ impl InboundStepUp {
                 resp
             }
             Err(e) => {
-                if matches!(
+                // Full tables refuse every request of a flood: the metric
+                // counts each, the log says it at most every 10 s.
+                let full = matches!(
                     e,
                     IssueError::GlobalFull { .. } | IssueError::PeerFull { .. }
-                ) {
+                );
+                if full {
                     self.metrics.table_full.inc();
                 }
-                tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), error = %e, "step-up challenge not issued");
+                if !full || TABLE_FULL_LOG.due() {
+                    tracing::warn!(peer = %conn.remote, peer_id = %conn.peer.id, route = route_id, result = outcome.as_str(), error = %e, "step-up challenge not issued{}", if full { " (a full nonce table: logged at most every 10 s, counted in keyproof_stepup_nonce_table_full_total)" } else { "" });
+                }
                 if outcome == Outcome::Missing {
                     // What the caller got: no challenge.
                     self.audit(conn, route_id, reason, not_issued(&e), None);

@@ -598,7 +598,7 @@ impl Inbound {
                     switching = Some((p, stream));
                 }
                 Some(Err((status, why))) => {
-                    tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, path = req.uri().path(), %status, "protocol switch refused: {}", why.trim_end());
+                    tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, path = crate::http::shown_path(req.uri().path()), %status, "protocol switch refused: {}", why.trim_end());
                     return Either::Left(ready(text(status, why)));
                 }
             }
@@ -640,7 +640,7 @@ impl Inbound {
             }
             Err(why) => {
                 self.metrics.refused(why);
-                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), reason = why.reason(), "request refused: {why}");
+                tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = crate::http::shown_path(req.uri().path()), reason = why.reason(), "request refused: {why}");
                 return Either::Left(Box::pin(async move {
                     drain_refused(req.into_body()).await;
                     text(
@@ -1246,7 +1246,7 @@ fn policy_refused(
     conn: &InboundConn,
     msg: String,
 ) -> ResponseFuture<'static> {
-    tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = req.uri().path(), "request refused by policy");
+    tracing::info!(peer = %conn.remote, peer_id = %conn.peer.id, method = %req.method(), path = crate::http::shown_path(req.uri().path()), "request refused by policy");
     Box::pin(async move {
         drain_refused(req.into_body()).await;
         text(StatusCode::FORBIDDEN, msg)

@@ -539,7 +539,7 @@ impl Outbound {
                     // Dropped as hop-by-hop, the offer would reach the app as
                     // a plain request, which it answers with a puzzling 426
                     // or 400: said here, with what to do instead.
-                    tracing::info!(method = %req.method(), path = req.uri().path(), %protocol, "outbound request refused: {why}");
+                    tracing::info!(method = %req.method(), path = crate::http::shown_path(req.uri().path()), %protocol, "outbound request refused: {why}");
                     return Either::Left(Box::pin(ready(text(
                         StatusCode::NOT_IMPLEMENTED,
                         format!("HTTP/1.1 Upgrade to {protocol} is not carried over the mesh: {why}; list the port in [outbound] opaque_ports (and in an [[inbound.tcp]] rule of the peer) to tunnel the whole connection as TCP\n"),
@@ -567,7 +567,7 @@ impl Outbound {
             Ok(Some(uri)) => parts.uri = uri,
             Err(why) => {
                 self.metrics.refused(why);
-                tracing::info!(method = %parts.method, path = parts.uri.path(), reason = why.reason(), "outbound request refused: {why}");
+                tracing::info!(method = %parts.method, path = crate::http::shown_path(parts.uri.path()), reason = why.reason(), "outbound request refused: {why}");
                 let msg = format!("bad request path: {why}\n");
                 return Either::Left(Box::pin(ready(text(StatusCode::BAD_REQUEST, msg))));
             }

@@ -417,7 +417,7 @@ impl OutboundStepUp {
             Ok(sent) => sent,
             Err(r) => {
                 tracing::warn!(
-                    path = template.path(),
+                    path = crate::http::shown_path(template.path()),
                     result = r.as_str(),
                     "step-up challenge not answered"
                 );
@@ -433,7 +433,7 @@ impl OutboundStepUp {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned();
-            tracing::warn!(upstream_id = %info.peer_id, path = template.path(), challenge = %why, "step-up: the upstream refused our signed request");
+            tracing::warn!(upstream_id = %info.peer_id, path = crate::http::shown_path(template.path()), challenge = %why, "step-up: the upstream refused our signed request");
             return Ok(pass(resp, describe(SignResult::Rejected)));
         }
         Ok(self.finish(resp, info.conn_id, template.path()))
