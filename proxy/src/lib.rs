@@ -31,6 +31,9 @@
 //!                                                with its body counted (inbound/counted.rs); if
 //!                                                the app answers `x-keyproof-step-up: required`,
 //!                                                the caller is challenged (or 413)
+//!   inbound/in_flight.rs RouteGate             requests admitted without a proof: their
+//!                                                frames, both ways, decided on again after a
+//!                                                policy change
 //!   inbound/mod.rs       Inbound::forward      to the app (verified requests with
 //!                                                `x-keyproof-step-up: verified` and the reason);
 //!                                                an app asking where no proof can follow: 502;

@@ -1675,3 +1675,109 @@ fn an_app_asking_in_another_spelling_or_value_is_heard() {
         "{text}"
     );
 }
+
+/// Round 11 (auth F7): a request stream open across a policy change that
+/// drops its caller from the route's `allow` is decided on again at its
+/// next frame and ends, as tunnels and switched connections are: the app
+/// gets no more of it. A chunked upload through the caller's sidecar
+/// stands in for a gRPC client stream.
+#[test]
+fn a_stream_the_new_policy_refuses_ends_at_its_next_message() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    // The app: reads one request's body as it comes, records it, never
+    // answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_addr = listener.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let record = got.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(mut tcp) = tcp else { return };
+            let record = record.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tcp.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    record.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let pki = Pki::new(TD);
+    let server = pki.issue("server", "/ns/default/sa/api");
+    let web = pki.issue("web", WEB);
+    let policy = pki.path("policy.toml");
+    let v1 = format!(
+        "[[routes]]\npath_prefix = \"/p\"\nallow = {}\n",
+        list(&[&id(WEB)])
+    );
+    std::fs::write(&policy, &v1).unwrap();
+    let (in_addr, in_admin) = (addr(), addr());
+    let identity = identity_toml(&pki.bundle, &server).replacen(
+        "[identity]\n",
+        "[identity]\nreload_interval = \"1s\"\n",
+        1,
+    );
+    let inbound = ProxyProc::start(
+        pki.tmp.path(),
+        "in",
+        &format!(
+            "{identity}[inbound]\nlisten = \"{in_addr}\"\napp = \"{app_addr}\"\npolicy_file = {:?}\n[admin]\nlisten = \"{in_admin}\"\n",
+            policy.display().to_string()
+        ),
+        in_admin,
+    );
+    let (out_addr, out_admin) = (addr(), addr());
+    let _outbound = ProxyProc::start(
+        pki.tmp.path(),
+        "out",
+        &outbound_config(&pki, &web, out_addr, out_admin, in_addr),
+        out_admin,
+    );
+    let mut c = std::net::TcpStream::connect(out_addr).unwrap();
+    write!(
+        c,
+        "POST /p/stream HTTP/1.1\r\nHost: {AUTHORITY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nmsg1\n\r\n"
+    )
+    .unwrap();
+    let seen = |what: &str| {
+        let got = got.clone();
+        let what = what.to_owned();
+        move || String::from_utf8_lossy(&got.lock().unwrap()).contains(&what)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), seen("msg1")),
+        "the stream never reached the app:\n{}",
+        inbound.log_text()
+    );
+    // The incident: web is no longer allowed on /p.
+    write_renamed(
+        &policy,
+        &format!(
+            "[[routes]]\npath_prefix = \"/p\"\nallow = {}\n",
+            list(&[&id(OPS)])
+        ),
+    );
+    assert!(
+        inbound.wait_sample("keyproof_policy_reloads_total", &[("result", "ok")], 1.0) >= 1.0,
+        "{}",
+        inbound.log_text()
+    );
+    let _ = write!(c, "5\r\nmsg2\n\r\n");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !seen("msg2")(),
+        "the app got a message after the policy refused its caller:\n{}",
+        inbound.log_text()
+    );
+    assert!(
+        inbound
+            .log_text()
+            .contains("a request in flight that the new policy refuses"),
+        "{}",
+        inbound.log_text()
+    );
+}

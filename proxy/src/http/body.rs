@@ -52,12 +52,38 @@ pub enum ProxyBody {
     /// `headers_with_underscores` is `drop` or `reject`: its trailer
     /// section is held to the same rule as its header section.
     Checked(RequestBody, Underscores),
+    /// A body that a [`FrameGate`] may end before any frame: a request
+    /// stream whose caller a policy change no longer admits.
+    Gated(Box<Gated>),
+}
+
+/// Asked before each frame of a [`Gated`] body.
+pub trait FrameGate: Send + Sync {
+    /// `Err`: the body ends with that error (its stream is reset).
+    fn admit(&self) -> Result<(), BoxError>;
+}
+
+/// A body and the gate its frames pass.
+pub struct Gated {
+    body: ProxyBody,
+    gate: std::sync::Arc<dyn FrameGate>,
+}
+
+impl std::fmt::Debug for Gated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gated").field("body", &self.body).finish()
+    }
 }
 
 impl ProxyBody {
     /// An empty body.
     pub fn empty() -> ProxyBody {
         ProxyBody::Full(None)
+    }
+
+    /// `self`, its frames passing `gate` first.
+    pub fn gated(self, gate: std::sync::Arc<dyn FrameGate>) -> ProxyBody {
+        ProxyBody::Gated(Box::new(Gated { body: self, gate }))
     }
 }
 
@@ -184,6 +210,13 @@ impl Body for ProxyBody {
             ProxyBody::H2c(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Mesh(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::H1(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Gated(g) => {
+                if let Err(e) = g.gate.admit() {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                // Trailers are cleaned by the inner body's own pass.
+                return Pin::new(&mut g.body).poll_frame(cx);
+            }
             ProxyBody::Checked(b, mode) => {
                 let mode = *mode;
                 boxed(Pin::new(b).poll_frame(cx)).map(|f| {
@@ -224,6 +257,7 @@ impl Body for ProxyBody {
             ProxyBody::Mesh(b) => b.is_end_stream(),
             ProxyBody::H1(b) => b.is_end_stream(),
             ProxyBody::Checked(b, _) => b.is_end_stream(),
+            ProxyBody::Gated(g) => g.body.is_end_stream(),
         }
     }
 
@@ -244,6 +278,7 @@ impl Body for ProxyBody {
             ProxyBody::Mesh(b) => b.size_hint(),
             ProxyBody::H1(b) => b.size_hint(),
             ProxyBody::Checked(b, _) => b.size_hint(),
+            ProxyBody::Gated(g) => g.body.size_hint(),
         }
     }
 }

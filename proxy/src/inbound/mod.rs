@@ -40,6 +40,7 @@ pub mod callers;
 pub mod challenge;
 pub mod conn;
 pub mod counted;
+pub mod in_flight;
 pub mod policy;
 pub mod risk;
 pub mod tunnel;
@@ -228,7 +229,9 @@ impl Inbound {
     }
 
     /// Takes a new policy into use (a `policy_file` change): requests from
-    /// now on are decided by it, requests in flight keep their route. The
+    /// now on are decided by it, requests in flight admitted without a
+    /// proof at their next frame (`in_flight`), proven ones keep their
+    /// route. The
     /// risk table's failures and lockouts carry over, and so does the
     /// per-route state of every unchanged route (see `RouteRisk`'s
     /// fingerprint). Returns the new policy's generation.
@@ -653,12 +656,10 @@ impl Inbound {
         let matched = path::match_form(req.uri().path(), path_mode);
         // The guard of the policy in use lives for this statement only: the
         // route is kept by its own reference.
-        let route = match self.policy.load().decide(
-            req.method(),
-            &matched,
-            &conn.peer.id,
-            &conn.peer.serial,
-        ) {
+        let policy = self.policy.load();
+        let generation = policy.generation;
+        let decision = policy.decide(req.method(), &matched, &conn.peer.id, &conn.peer.serial);
+        let route = match decision {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
                 // The caller's own refusal raises its risk.
@@ -669,6 +670,7 @@ impl Inbound {
             }
             Decision::Unrouted(msg) => return Either::Left(policy_refused(req, &conn, msg)),
         };
+        drop(policy);
         // What a switch is allowed as, for a policy change to decide on.
         let switch_path = switching.as_ref().map(|_| matched.into_owned());
         let (mut parts, body) = req.into_parts();
@@ -688,14 +690,28 @@ impl Inbound {
             Underscores::Allow => ProxyBody::from(body),
             mode => ProxyBody::Checked(body, mode),
         };
-        let req = Request::from_parts(parts, body);
-        if let Some(r) = route.filter(|r| r.step_up.any()) {
-            let this = self.clone();
+        if let Some(r) = route.as_ref().filter(|r| r.step_up.any()) {
+            let (req, r, this) = (Request::from_parts(parts, body), r.clone(), self.clone());
             return Either::Left(Box::pin(
                 async move { this.stepped_up(req, &conn, &r).await },
             ));
         }
-        Either::Right(self.forward(req, &conn, false))
+        // Admitted without a proof: its frames, both ways, pass the gate
+        // that decides on it again after a policy change.
+        let gate = in_flight::RouteGate::new(
+            self.clone(),
+            conn.clone(),
+            parts.method.clone(),
+            parts.uri.clone(),
+            route
+                .as_ref()
+                .and_then(|r| r.risk.as_ref().map(|k| k.fingerprint())),
+            generation,
+        );
+        let req = Request::from_parts(parts, gate.guard(body));
+        Either::Right(map_in_place(self.forward(req, &conn, false), move |resp| {
+            resp.map(|b| gate.guard_response(b))
+        }))
     }
 
     /// A CONNECT: over HTTP/2, an opaque TCP tunnel to the authority's

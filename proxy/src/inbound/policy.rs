@@ -85,6 +85,9 @@ pub struct Policy {
     /// Some route prefix has an upper-case letter: every path is matched
     /// both ways (see `decide`), not only those with one.
     mixed_case: bool,
+    /// Which load this is: what a request admitted under it compares with
+    /// the policy in force, to be decided on again only after a change.
+    pub generation: u64,
 }
 
 /// Segment-aware prefix match: `/admin` matches `/admin` and `/admin/x`,
@@ -220,13 +223,13 @@ impl Policy {
     /// Compiles a policy, and makes `table` apply its risk routes (per-route
     /// state of a route the reload leaves unchanged carries over; that of a
     /// changed or removed route starts again). `generation` numbers the
-    /// loads (for the `keyproof_policy_generation` gauge; the table does not
-    /// need it).
+    /// loads (the `keyproof_policy_generation` gauge, and what requests in
+    /// flight compare with).
     pub fn new(
         cfg: &PolicyConfig,
         default: DefaultPolicy,
         table: &Arc<RiskTable>,
-        _generation: u64,
+        generation: u64,
         metrics: &Metrics,
     ) -> Result<Policy, prometheus::Error> {
         let mut routes = Vec::with_capacity(cfg.routes.len());
@@ -274,6 +277,7 @@ impl Policy {
                 .routes
                 .iter()
                 .any(|r| r.path_prefix.bytes().any(|b| b.is_ascii_uppercase())),
+            generation,
         })
     }
 
@@ -432,19 +436,35 @@ impl Policy {
         match grant {
             Grant::Tcp(port) => self.decide_tcp(*port, peer, serial) == TcpDecision::Allow,
             Grant::Switch { path, proven, risk } => {
-                match self.decide(&http::Method::GET, path, peer, serial) {
-                    Decision::Allow(None) => true,
-                    Decision::Allow(Some(r)) => {
-                        let same = || r.risk.as_ref().map(RouteRisk::fingerprint) == *risk;
-                        match r.step_up {
-                            StepUpMode::Always => *proven && same(),
-                            StepUpMode::Risk => same(),
-                            StepUpMode::Never => true,
-                        }
-                    }
-                    Decision::Deny(_) | Decision::Unrouted(_) => false,
+                self.still_admits(&http::Method::GET, path, *proven, *risk, peer, serial)
+            }
+        }
+    }
+
+    /// Whether a request admitted earlier (`method`, the matched `path`;
+    /// `proven`: it carried a verified step-up proof; `risk`: the
+    /// fingerprint of the `risk` route that decided on it) would be
+    /// admitted by this policy as it was: see [`Policy::still_allows`].
+    pub fn still_admits(
+        &self,
+        method: &http::Method,
+        path: &str,
+        proven: bool,
+        risk: Option<u64>,
+        peer: &SpiffeId,
+        serial: &str,
+    ) -> bool {
+        match self.decide(method, path, peer, serial) {
+            Decision::Allow(None) => true,
+            Decision::Allow(Some(r)) => {
+                let same = || r.risk.as_ref().map(RouteRisk::fingerprint) == risk;
+                match r.step_up {
+                    StepUpMode::Always => proven && same(),
+                    StepUpMode::Risk => same(),
+                    StepUpMode::Never => true,
                 }
             }
+            Decision::Deny(_) | Decision::Unrouted(_) => false,
         }
     }
 
