@@ -124,11 +124,15 @@ fn path_matches(prefix: &str, path: &str, as_apps_read: bool) -> bool {
 
 /// Whether an app could read `path` as one that meets a route the path as
 /// written does not ([`read_as`], [`path_matches`] as apps read paths): it
-/// has a letter whose case or encoding could differ, or a `.` (a suffix, a
-/// script).
+/// has a letter whose case or encoding could differ, a `.` (a suffix, a
+/// script), or a `cgi-bin` segment (scripts without an extension).
 fn may_read_otherwise(path: &str) -> bool {
     path.bytes()
         .any(|b| b.is_ascii_uppercase() || b == b'%' || b == b'.')
+        || path
+            .as_bytes()
+            .windows(b"/cgi-bin/".len())
+            .any(|w| w.eq_ignore_ascii_case(b"/cgi-bin/"))
 }
 
 /// Whether a path segment may name a script that a web server runs with
@@ -137,13 +141,20 @@ fn may_read_otherwise(path: &str) -> bool {
 /// Laravel, most PHP frameworks; CGI, mod_wsgi and ASP.NET handlers alike)
 /// routes by `/admin/x`. Servers run scripts of whatever extension they are
 /// told to (lighttpd's `cgi.assign`, Apache's `AddHandler`: `.sh`, `.lua`,
-/// `.wsgi`, `.cfm`...), so any name with an extension counts (letters and
-/// digits, at least one letter: `v1.2` is a version, not a script); reading
-/// a path more ways only adds routes it must pass.
-fn may_name_script(segment: &str) -> bool {
+/// `.wsgi`, `.cfm`...), so any name with an extension counts (letters,
+/// digits, `-` and `_`, at least one letter: `v1.2` is a version, not a
+/// script), and so does any name right after a `cgi-bin` segment, where
+/// Apache's `ScriptAlias` and lighttpd run scripts without one. Reading a
+/// path more ways only adds routes it must pass.
+fn may_name_script(segment: &str, after: Option<&str>) -> bool {
+    if after.is_some_and(|a| a.eq_ignore_ascii_case("cgi-bin")) && !segment.is_empty() {
+        return true;
+    }
     segment.rsplit_once('.').is_some_and(|(name, ext)| {
         !name.is_empty()
-            && ext.bytes().all(|b| b.is_ascii_alphanumeric())
+            && ext
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && ext.bytes().any(|b| b.is_ascii_alphabetic())
     })
 }
@@ -168,16 +179,18 @@ fn read_as(path: &str) -> Vec<&str> {
     let mut out = Vec::with_capacity(2);
     push(&mut out, path);
     let mut start = 1;
+    let mut previous = None;
     while let Some(end) = path
         .get(start..)
         .and_then(|r| r.find('/'))
         .map(|i| start + i)
     {
         let segment = &path[start..end];
-        if may_name_script(segment) {
+        if may_name_script(segment, previous) {
             push(&mut out, &path[..end]);
             push(&mut out, &path[end..]);
         }
+        previous = Some(segment);
         start = end + 1;
     }
     out
@@ -899,6 +912,11 @@ mod tests {
                 "/app.wsgi/admin",
                 "/x/run.lua/admin/",
                 "/notes.txt/admin",
+                // Round 11 verification: scripts without an extension
+                // under cgi-bin, and extensions with `-`.
+                "/cgi-bin/app/admin/users",
+                "/CGI-BIN/app/admin",
+                "/x/app.v2-x/admin",
             ] {
                 assert!(
                     matches!(
@@ -924,8 +942,9 @@ mod tests {
                 "/php/admin",
                 "/.php/admin",
                 "/x./admin",
-                "/a.b-c/admin",
                 "/api/v1.2/admin",
+                "/cgi-bin/admin",
+                "/cgi/app/admin",
                 "/administrator.php/x",
             ] {
                 assert!(

@@ -119,9 +119,16 @@ fn is_tchar(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
-/// `METHOD SP target SP HTTP/1.d CRLF`, checked as far as `b` goes; runs
-/// of spaces count as one (nginx takes them), and so do spaces after the
-/// version.
+/// `METHOD SP target SP HTTP/1.d CRLF`, checked as far as `b` goes, and
+/// read as loosely as any server reads one: servers differ (nginx takes runs
+/// of spaces, raw bytes beyond ASCII in the target, `HTTP/1.10`; others
+/// tabs, whitespace before the method, a version in lower case), and a
+/// request taken for opaque TCP could be passed through in plain text. So
+/// anything of the shape "token, whitespace, target, whitespace, `HTTP/`
+/// in any case" is HTTP/1, whatever the target's bytes and the version's
+/// digits: the HTTP way refuses what its parser cannot read, and no other
+/// protocol's first line ends in `HTTP/...` (RTSP, SIP and ICAP name their
+/// own).
 fn request_line(b: &[u8]) -> Option<Protocol> {
     const TCP: Option<Protocol> = Some(Protocol::Tcp);
     let line_end = b.iter().position(|&c| c == b'\n');
@@ -132,49 +139,50 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     // Until the line ends, a part that reaches the end of `b` may go on.
     let more = if line_end.is_some() { TCP } else { None };
+    let line = &line[line.iter().take_while(|&&c| is_blank(c)).count()..];
     let method = line.iter().take_while(|&&c| is_tchar(c)).count();
     if method == 0 {
-        return TCP;
+        return if line.is_empty() { more } else { TCP };
     }
     let rest = &line[method..];
-    let Some(rest) = after_spaces(rest) else {
+    let Some(rest) = after_blanks(rest) else {
         return if rest.is_empty() { more } else { TCP };
     };
-    let target = rest.iter().take_while(|&&c| c > 0x20 && c < 0x7f).count();
+    let target = rest.iter().take_while(|&&c| !is_blank(c)).count();
     let rest = &rest[target..];
-    if target == 0 {
-        return if rest.is_empty() { more } else { TCP };
-    }
-    let Some(version) = after_spaces(rest) else {
-        return if rest.is_empty() { more } else { TCP };
+    let Some(version) = after_blanks(rest) else {
+        // `rest` is empty here: the target reached the end of the line.
+        return more;
     };
-    let v_len = version.iter().take_while(|&&c| c != b' ').count();
+    let v_len = version.iter().take_while(|&&c| !is_blank(c)).count();
     let (version, trailing) = version.split_at(v_len);
-    if version.is_empty() || trailing.iter().any(|&c| c != b' ') {
-        return if version.is_empty() && trailing.is_empty() {
-            more
-        } else {
-            TCP
-        };
+    if !trailing.iter().all(|&c| is_blank(c)) {
+        return TCP;
     }
-    const V: &[u8] = b"HTTP/1.";
-    let ok_so_far = if version.len() <= V.len() {
-        V.starts_with(version)
-    } else {
-        version.starts_with(V) && version.len() == V.len() + 1 && version[V.len()].is_ascii_digit()
-    };
-    match (ok_so_far, line_end.is_some()) {
-        (false, _) => TCP,
-        (true, true) if version.len() == V.len() + 1 => Some(Protocol::Http1),
-        (true, true) => TCP,
-        (true, false) => None,
+    const V: &[u8] = b"HTTP/";
+    let n = version.len().min(V.len());
+    if version.is_empty() {
+        return more;
+    }
+    if !version[..n].eq_ignore_ascii_case(&V[..n]) {
+        return TCP;
+    }
+    match (version.len() > V.len(), line_end.is_some()) {
+        (true, true) => Some(Protocol::Http1),
+        (false, true) => TCP,
+        (_, false) => None,
     }
 }
 
-/// `b` after one or more leading spaces; `None` if it does not start with
+/// A space or a tab: what servers take between a request line's parts.
+fn is_blank(c: u8) -> bool {
+    c == b' ' || c == b'\t'
+}
+
+/// `b` after one or more leading blanks; `None` if it does not start with
 /// one.
-fn after_spaces(b: &[u8]) -> Option<&[u8]> {
-    let n = b.iter().take_while(|&&c| c == b' ').count();
+fn after_blanks(b: &[u8]) -> Option<&[u8]> {
+    let n = b.iter().take_while(|&&c| is_blank(c)).count();
     (n > 0).then_some(&b[n..])
 }
 
@@ -431,8 +439,8 @@ mod tests {
             (b"GET /", None),
             (b"GET / HTTP/1", None),
             (b"GET / HTTP/1.1", None),
-            (b"GET / HTTP/2.0\r\n", Some(Tcp)),
-            (b"GET / HTTP/1.11\r\n", Some(Tcp)),
+            (b"GET / HTTP/2.0\r\n", Some(Http1)),
+            (b"GET / HTTP/1.11\r\n", Some(Http1)),
             (b"GET  HTTP/1.1\r\n", Some(Tcp)),
             (b"get / HTTP/1.1\r\n", Some(Http1)),
             // Round 11 mesh F1: any token is a method to some server, and
@@ -446,8 +454,22 @@ mod tests {
             (b"GET  /x HTTP/1.1\r\n", Some(Http1)),
             (b"GET /x   HTTP/1.1  \r\n", Some(Http1)),
             (b"GET  /x  ", None),
-            (b"GET\t/x HTTP/1.1\r\n", Some(Tcp)),
+            (b"GET\t/x HTTP/1.1\r\n", Some(Http1)),
             (b"GET /x HTTP/1.1 x\r\n", Some(Tcp)),
+            // Round 11 verification: what nginx, Node and others still
+            // take for a request.
+            (b"GET /users/Jos\xc3\xa9 HTTP/1.1\r\n", Some(Http1)),
+            (b"GET /a\x7fb HTTP/1.1\r\n", Some(Http1)),
+            (b"GET /x HTTP/1.10\r\n", Some(Http1)),
+            (b"GET /x http/1.1\r\n", Some(Http1)),
+            (b"GET /x\tHTTP/1.1\t\r\n", Some(Http1)),
+            (b" GET /x HTTP/1.1\r\n", Some(Http1)),
+            (b"\tGET /x HTTP/1.1\r\n", Some(Http1)),
+            (b"GET /x htt", None),
+            (b"OPTIONS rtsp://x/a RTSP/1.0\r\n", Some(Tcp)),
+            (b"INVITE sip:a@b SIP/2.0\r\n", Some(Tcp)),
+            (b"GET /x HTTP/\r\n", Some(Tcp)),
+            (b"  \r\n", Some(Tcp)),
             // A PROXY protocol header before HTTP: neither served nor
             // passed in plain text.
             (
@@ -482,7 +504,7 @@ mod tests {
             (b"GET /\r\n", Some(Tcp)),
             (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", None),
             (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n", Some(Tcp)),
-            (b"GET /\x01 HTTP/1.1\r\n", Some(Tcp)),
+            (b"GET /\x01 HTTP/1.1\r\n", Some(Http1)),
             (b"M-SEARCH * HTTP/1.1\r\n", Some(Http1)),
             (b"VERSION-CONTROL /r HTTP/1.1\r\n", Some(Http1)),
             (b"-GET / HTTP/1.1\r\n", Some(Http1)),
