@@ -662,10 +662,7 @@ impl Inbound {
         let route = match decision {
             Decision::Allow(r) => r.cloned(),
             Decision::Deny(msg) => {
-                // The caller's own refusal raises its risk.
-                self.risk
-                    .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
-                self.drain_if_deny_listed(&conn);
+                self.refused_by_policy(&conn);
                 return Either::Left(policy_refused(req, &conn, msg));
             }
             Decision::Unrouted(msg) => return Either::Left(policy_refused(req, &conn, msg)),
@@ -760,10 +757,7 @@ impl Inbound {
         let refused = match decision {
             TcpDecision::Allow => None,
             TcpDecision::Deny(msg) => {
-                // The caller's own refusal raises its risk.
-                self.drain_if_deny_listed(conn);
-                self.risk
-                    .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
+                self.refused_by_policy(conn);
                 Some(msg)
             }
             TcpDecision::Unrouted(msg) => Some(msg),
@@ -898,14 +892,21 @@ impl Inbound {
         Ok((parts, true))
     }
 
-    /// Ends a refused caller's connection once what is in flight is
-    /// answered, if the deny list names it: a denied caller keeps no
+    /// After a 403 of the policy. A caller the deny list names has its
+    /// connection ended once what is in flight is answered: it keeps no
     /// connection (and no `max_connections` place) for longer than a
-    /// request.
+    /// request. Any other caller's refusal is its own and raises its risk.
+    /// A deny-list refusal does not: an identity on the list is refused
+    /// whatever its risk, and a certificate on it by serial is by
+    /// construction not its identity's current holder (a stolen key), whose
+    /// refusals must not lock the renewed, legitimate workload out.
     #[cold]
-    fn drain_if_deny_listed(&self, conn: &InboundConn) {
+    fn refused_by_policy(&self, conn: &InboundConn) {
         if self.policy.load().denies(&conn.peer.id, &conn.peer.serial) {
             conn.drain.cancel();
+        } else {
+            self.risk
+                .record_failure(conn.peer.id.as_str(), Failure::Forbidden, Now::system());
         }
     }
 

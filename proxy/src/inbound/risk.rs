@@ -946,15 +946,31 @@ fn trim_ows(s: &[u8]) -> &[u8] {
     }
 }
 
-/// The `host=` parameters of a `Forwarded` value (RFC 7239), in every
-/// element, quoted or not (a quoted one is trimmed when compared).
+/// The `host=` parameters of a `Forwarded` value (RFC 7239), as the laxest
+/// parsers find them: Spring's `ForwardedHeaderUtils`, Reactor Netty and
+/// Vert.x search each element for `host="?([^;,"]+)` anywhere, so
+/// `xhost=a`, `for="host=a"` and an unterminated `host="a` are host `a` to
+/// them. Every `host=` in the value counts (a rule only ever adds a
+/// challenge or a refusal), case ignored.
 fn forwarded_hosts(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|b| *b == b',' || *b == b';').filter_map(|pair| {
-        let pair = trim_ows(pair);
-        let (name, value) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
-        trim_ows(name)
-            .eq_ignore_ascii_case(b"host")
-            .then_some(&value[1..])
+    const KEY: &[u8] = b"host=";
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while at + KEY.len() <= v.len() {
+            let here = at;
+            at += 1;
+            if !v[here..here + KEY.len()].eq_ignore_ascii_case(KEY) {
+                continue;
+            }
+            let rest = &v[here + KEY.len()..];
+            let rest = rest.strip_prefix(b"\"").unwrap_or(rest);
+            let end = rest
+                .iter()
+                .position(|b| matches!(b, b';' | b',' | b'"'))
+                .unwrap_or(rest.len());
+            return Some(&rest[..end]);
+        }
+        None
     })
 }
 
@@ -963,6 +979,13 @@ fn forwarded_hosts(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `admin.internal`); an IPv6 literal keeps its brackets.
 fn host_part(v: &[u8]) -> &[u8] {
     let v = trim_loose(v);
+    // What a URL parser ends the authority at: an app that builds its URL
+    // from a forwarded host (`new URL(path, "http://" + host)`) reads
+    // `admin.example/x` as admin.example.
+    let v = &v[..v
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#' | b'\\'))
+        .unwrap_or(v.len())];
     let v = v
         .iter()
         .rposition(|b| *b == b'@')
@@ -2006,6 +2029,26 @@ mod tests {
             vec![
                 ("host", "web"),
                 ("forwarded", "for=x, Host=\"admin.internal\";proto=https"),
+            ],
+            // Round 11b F4: what Spring, Reactor Netty and Vert.x find, and
+            // what a URL parser cuts a forwarded host at.
+            vec![
+                ("host", "web"),
+                ("forwarded", "for=10.0.0.1;xhost=admin.internal"),
+            ],
+            vec![
+                ("host", "web"),
+                ("forwarded", "for=\"host=admin.internal\""),
+            ],
+            vec![("host", "web"), ("forwarded", "host=\"admin.internal")],
+            vec![("host", "web"), ("forwarded", "host=admin.internal\"")],
+            vec![("host", "web"), ("x-forwarded-host", "admin.internal/x")],
+            vec![("host", "web"), ("x-forwarded-host", "admin.internal?x")],
+            vec![("host", "web"), ("x-forwarded-host", "admin.internal#x")],
+            vec![("host", "web"), ("x-forwarded-host", "admin.internal\\x")],
+            vec![
+                ("host", "web"),
+                ("x-forwarded-host", "admin.internal/x@evil"),
             ],
         ] {
             assert_eq!(
