@@ -2472,6 +2472,38 @@ mod tests {
             }
 
             #[tokio::test]
+            async fn a_certificate_denied_by_serial_cannot_lock_its_identity_out() {
+                // Round 11b F3: the thief of a key whose certificate the
+                // deny list names by serial keeps being refused; those
+                // refusals are not the renewed workload's.
+                let (api, web) = (workload(API), workload(WEB));
+                let (addr, _seen) = app(never_asks).await;
+                let stolen = "0a0b0c";
+                let (inbound, _metrics) = inbound_with(
+                    &api,
+                    addr,
+                    &risk_config(
+                        &["lockout"],
+                        LOCKOUT,
+                        &format!("[[inbound.deny]]\nserial = \"{stolen}\"\n"),
+                    ),
+                    false,
+                    None,
+                );
+                let mut thief = InboundConn::for_tests(web.peer(), &api.id, None);
+                thief.peer.serial = stolen.to_owned();
+                let thief = Arc::new(thief);
+                for _ in 0..5 {
+                    let resp = send(&inbound, &thief, &post("/pay", &plain_fields(), b"{}")).await;
+                    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                }
+                // The renewed certificate of the same identity.
+                let renewed = conn(&web, &api);
+                let resp = send(&inbound, &renewed, &post("/pay", &plain_fields(), b"{}")).await;
+                assert_eq!(resp.status(), StatusCode::OK, "{}", body_text(resp).await);
+            }
+
+            #[tokio::test]
             async fn the_deny_list_refuses_by_certificate_serial_in_any_spelling_and_by_id() {
                 let (api, web, ops) = (workload(API), workload(WEB), workload("/ns/ops/sa/x"));
                 let (addr, seen) = app(never_asks).await;
