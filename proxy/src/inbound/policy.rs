@@ -129,10 +129,11 @@ fn path_matches(prefix: &str, path: &str, as_apps_read: bool) -> bool {
 fn may_read_otherwise(path: &str) -> bool {
     path.bytes()
         .any(|b| b.is_ascii_uppercase() || b == b'%' || b == b'.')
-        || path
-            .as_bytes()
-            .windows(b"/cgi-bin/".len())
-            .any(|w| w.eq_ignore_ascii_case(b"/cgi-bin/"))
+        || (path.contains('-')
+            && path
+                .as_bytes()
+                .windows(b"/cgi-bin/".len())
+                .any(|w| w.eq_ignore_ascii_case(b"/cgi-bin/")))
 }
 
 /// Whether a path segment may name a script that a web server runs with
