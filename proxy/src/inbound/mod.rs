@@ -654,8 +654,8 @@ impl Inbound {
             }
         }
         let matched = path::match_form(req.uri().path(), path_mode);
-        // The guard of the policy in use lives for this statement only: the
-        // route is kept by its own reference.
+        // The guard of the policy in use is dropped once it has decided: the
+        // route is kept by its own reference, the generation for the gate.
         let policy = self.policy.load();
         let generation = policy.generation;
         let decision = policy.decide(req.method(), &matched, &conn.peer.id, &conn.peer.serial);
