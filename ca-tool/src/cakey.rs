@@ -395,7 +395,7 @@ pub(crate) fn generate(home: &KeyHome, what: &str, kt: KeyType) -> Result<NewKey
             Ok(NewKey { key, kid, location })
         }
         KeyHome::Token(spec) => {
-            warn_if_pin_readable(spec);
+            warn_if_pin_readable(&spec.pin_file);
             // A taken label (a collision of 48 random bits, or a leftover)
             // is never reused: try another.
             let mut attempts = 0;
@@ -447,12 +447,13 @@ pub enum CaKeyError {
     Generate(String),
 }
 
-/// As the sidecar does: a PIN file every user may read is used, and said
-/// (refusing it would stop a CA whose operator mounted a group-readable
-/// Secret; one others may write is refused when it is read).
-fn warn_if_pin_readable(spec: &TokenSpec) {
-    if let Some(mode) = keyproof_identity::filemode::readable_by_all(&spec.pin_file) {
-        tracing::warn!(file = %spec.pin_file.display(), mode = format!("{mode:o}"), "the token PIN is readable by every user of this machine; chmod 600 (a Kubernetes Secret: defaultMode 0440)");
+/// A token PIN file every user may read is used, and said, by the CA and
+/// the sidecar alike (refusing it would stop a process whose operator
+/// mounted a group-readable Secret; one others may write is refused when
+/// it is read).
+pub fn warn_if_pin_readable(pin_file: &Path) {
+    if let Some(mode) = keyproof_identity::filemode::readable_by_all(pin_file) {
+        tracing::warn!(file = %pin_file.display(), mode = format!("{mode:o}"), "the token PIN is readable by every user of this machine; chmod 600 (a Kubernetes Secret: defaultMode 0440)");
     }
 }
 
@@ -463,7 +464,7 @@ pub(crate) fn open_token_key(
     what: &str,
 ) -> Result<CaKey, CaKeyError> {
     let spec = r.spec(pin_override);
-    warn_if_pin_readable(&spec);
+    warn_if_pin_readable(&spec.pin_file);
     Pkcs11Key::open(&spec, &r.label)
         .map(CaKey::from)
         .map_err(|source| CaKeyError::Pkcs11 {

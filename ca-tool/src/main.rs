@@ -1198,11 +1198,10 @@ fn serve(a: ServeArgs) -> Result<()> {
                 // other would start a server nobody can renew from, under
                 // an ID a workload may hold.
                 if !keyproof_identity::spiffe::is_ca_server_id(&id) {
+                    let own = keyproof_identity::spiffe::ca_server_id(id.trust_domain_name());
                     bail!(
-                        "--spiffe-id {id}: not the CA's own ID; use {} or an ID below it (e.g. {}/replica-1): \
-                         clients take the CA by no other",
-                        keyproof_identity::spiffe::ca_server_id(id.trust_domain_name()),
-                        keyproof_identity::spiffe::ca_server_id(id.trust_domain_name())
+                        "--spiffe-id {id}: not the CA's own ID; use {own} or an ID below it (e.g. {own}/replica-1): \
+                         clients take the CA by no other"
                     );
                 }
                 Some(id)

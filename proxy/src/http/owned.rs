@@ -216,6 +216,12 @@ fn may_be_disguised(name: &[u8]) -> bool {
         .any(|b| !b.is_ascii_alphanumeric() && *b != b'-')
 }
 
+/// RFC 9110 `tchar`: what tokens (methods, field names, auth-schemes,
+/// protocol names) are made of.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Whether `name` is a sidecar-owned field, in any spelling [`same_name`]
 /// reads as one.
 pub fn is_owned(name: &[u8]) -> bool {
@@ -557,11 +563,11 @@ fn percent_decoded(raw: &[u8]) -> impl Iterator<Item = u8> + '_ {
         at += 1;
         Some(match b {
             b'%' => {
-                let hex = |i: usize| raw.get(i).and_then(|c| (*c as char).to_digit(16));
+                let hex = |i: usize| raw.get(i).copied().and_then(crate::http::path::hex_val);
                 match (hex(at), hex(at + 1)) {
                     (Some(h), Some(l)) => {
                         at += 2;
-                        (h * 16 + l) as u8
+                        h << 4 | l
                     }
                     _ => b'%',
                 }
@@ -989,8 +995,7 @@ fn elements(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The auth-scheme an element starts, or `None` when the element is an
 /// auth-param continuing the previous challenge (`name=value`).
 fn scheme_of(el: &[u8]) -> Option<&[u8]> {
-    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    let len = el.iter().take_while(|b| tchar(b)).count();
+    let len = el.iter().take_while(|b| is_tchar(**b)).count();
     if len == 0 {
         return None;
     }

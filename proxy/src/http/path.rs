@@ -183,7 +183,8 @@ const PLAIN: [bool; 256] = {
     t
 };
 
-fn hex_val(b: u8) -> Option<u8> {
+/// The value of one hex digit, either case.
+pub(crate) fn hex_val(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'A'..=b'F' => Some(b - b'A' + 10),

@@ -126,9 +126,7 @@ impl TokenKey {
         })?;
         // As for a key file: one others may write was refused on reading;
         // one every user may read is used, and said.
-        if let Some(mode) = keyproof_identity::filemode::readable_by_all(&cfg.pin_file) {
-            tracing::warn!(file = %cfg.pin_file.display(), mode = format!("{mode:o}"), "the token PIN is readable by every user of this machine; chmod 600 (a Kubernetes Secret: defaultMode 0440)");
-        }
+        keyproof_ca::cakey::warn_if_pin_readable(&cfg.pin_file);
         tracing::info!(uri = %key.uri(), key_type = %key.key_type(), "workload key opened in the PKCS#11 token");
         Ok(Arc::new(TokenKey::new(key)))
     }

@@ -81,7 +81,7 @@ pub fn protocol_of<B>(
     }
     let token = !s.is_empty()
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            .all(|b| crate::http::owned::is_tchar(b) || b == b'/');
     Some(Err(if token {
         (
             StatusCode::NOT_IMPLEMENTED,

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::http::h1::{parse_request_head, Framing};
-use crate::http::owned::{list_elements, plain_host};
+use crate::http::owned::{is_tchar, list_elements, plain_host};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The protocol of a redirected connection.
@@ -109,14 +109,6 @@ fn proxy_header_len(b: &[u8]) -> ProxyHeader {
         None if b.len() < PROXY_V1_MAX => ProxyHeader::Partial,
         None => ProxyHeader::None,
     }
-}
-
-/// RFC 9110 `tchar`: what a method is made of. Servers differ on which
-/// they take (nginx upper case and `_`, Go and Apache any token, in any
-/// case), so every token counts: a request the sidecar took for opaque TCP
-/// could be passed through in plain text.
-fn is_tchar(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
 /// `METHOD SP target SP HTTP/1.d CRLF`, checked as far as `b` goes, and

@@ -57,7 +57,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Whether an HTTP/1 request may start with `b` (a method's token
 /// character, or the empty lines and whitespace servers skip).
 fn may_start_http1(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~\r\n \t".contains(&b)
+    crate::http::owned::is_tchar(b) || b"\r\n \t".contains(&b)
 }
 
 /// Why a passed-through connection was stopped.
