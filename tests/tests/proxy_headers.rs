@@ -589,12 +589,31 @@ fn owned_fields_in_any_disguise_never_reach_the_app() {
 fn client_address_fields_and_path_overrides_are_the_sidecars_to_say() {
     let m = mesh("");
     rt().block_on(async {
-        let forged = "X-Real-IP: 10.9.9.9\r\nx_real_ip: 10.9.9.8\r\nTrue-Client-IP: 10.9.9.7\r\nCF-Connecting-IP: 10.9.9.6\r\nX-Client-IP: 10.9.9.5\r\n";
+        // Round 12: also what mTLS terminators and authenticating proxies
+        // say of the caller's certificate, user and scheme.
+        let forged = "X-Real-IP: 10.9.9.9\r\nx_real_ip: 10.9.9.8\r\nTrue-Client-IP: 10.9.9.7\r\nCF-Connecting-IP: 10.9.9.6\r\nX-Client-IP: 10.9.9.5\r\n\
+            ssl-client-verify: SUCCESS\r\nssl-client-subject-dn: CN=ops\r\nX-SSL-Client-S-DN: CN=ops\r\n\
+            X-Forwarded-User: ops\r\nX_Auth_Request_User: ops\r\nClient-Cert: :AAAA:\r\n\
+            X-Forwarded-Proto: https\r\nX-Forwarded-Port: 443\r\nFront-End-Https: on\r\n";
+        let stated = [
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x-client-ip",
+            "ssl-client-verify",
+            "ssl-client-subject-dn",
+            "x-ssl-client-s-dn",
+            "x-forwarded-user",
+            "x_auth_request_user",
+            "client-cert",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "front-end-https",
+        ];
         let req = format!("GET /plain HTTP/1.1\r\nHost: localhost\r\n{forged}\r\n");
         let r = inbound_h1(&m, &req).await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(lines_naming(&r.body, "x-real-ip"), ["x-real-ip: 127.0.0.1"], "{}", r.body);
-        for f in ["true-client-ip", "cf-connecting-ip", "x-client-ip"] {
+        for f in stated {
             assert!(lines_naming(&r.body, f).is_empty(), "{f}: {}", r.body);
         }
         // Through the mesh too (HTTP/2 from the caller's sidecar).
@@ -602,6 +621,9 @@ fn client_address_fields_and_path_overrides_are_the_sidecars_to_say() {
         let r = outbound_h1(&m, &req).await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(lines_naming(&r.body, "x-real-ip"), ["x-real-ip: 127.0.0.1"], "{}", r.body);
+        for f in stated {
+            assert!(lines_naming(&r.body, f).is_empty(), "{f}: {}", r.body);
+        }
         for (what, req) in [
             ("SCRIPT_NAME", "GET /x/admin HTTP/1.1\r\nHost: localhost\r\nSCRIPT_NAME: /x\r\n\r\n"),
             ("Script-Name", "GET /x/admin HTTP/1.1\r\nHost: localhost\r\nScript-Name: /x\r\n\r\n"),

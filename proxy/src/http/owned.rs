@@ -177,9 +177,10 @@ pub struct Findings {
     pub owned: bool,
     /// Other fields with `_` in their name (to drop, per the mode).
     pub underscores: u32,
-    /// A field that states the client's address ([`CLIENT_ADDRESS`]), in
-    /// any spelling: the inbound replaces them ([`set_client_address`]).
-    pub client_address: bool,
+    /// A field that states the client's address or other facts about the
+    /// caller ([`CLIENT_ADDRESS`], [`CALLER_STATEMENTS`]), in any spelling:
+    /// the inbound removes them ([`set_caller_statements`]).
+    pub caller_statement: bool,
 }
 
 impl Findings {
@@ -248,9 +249,9 @@ fn controlled_in_disguise(name: &[u8]) -> bool {
 /// reads `X-Real-IP` unless told otherwise, other stacks the CDN spellings
 /// (Go chi's `RealIP`, Rails, Laravel's trusted proxies). The inbound is
 /// the proxy in front of the app, so a caller's copy would be believed:
-/// every copy goes (in any spelling [`same_name`] reads as one), and
-/// `X-Real-IP` is set to the caller's address, as nginx's own
-/// `proxy_set_header X-Real-IP $remote_addr` does.
+/// every copy goes ([`CALLER_STATEMENTS`]), and `X-Real-IP` is set to the
+/// caller's address, as nginx's own `proxy_set_header X-Real-IP
+/// $remote_addr` does.
 pub const CLIENT_ADDRESS: [&str; 6] = [
     "x-real-ip",
     "true-client-ip",
@@ -260,21 +261,96 @@ pub const CLIENT_ADDRESS: [&str; 6] = [
     "x-cluster-client-ip",
 ];
 
+/// Fields by which the front proxies an app may have been moved from tell
+/// it who the caller is or how it connected: its verified client
+/// certificate (RFC 9440, nginx-ingress, HAProxy, Traefik, AWS, Azure,
+/// GCP), the user an authenticating proxy let in (oauth2-proxy, Kubernetes'
+/// authenticating proxy, Grafana, Kong, IAP, Cloudflare Access, Azure
+/// EasyAuth), and the scheme and port the caller used (Express's
+/// `req.secure`, Werkzeug's `ProxyFix`, Django's `SECURE_PROXY_SSL_HEADER`,
+/// Rails, Laravel). An app that trusts the sidecar as its proxy would take
+/// a caller's copy as the sidecar's word. The sidecar states the caller in
+/// `x-forwarded-client-cert` and `X-Real-IP`; every caller's copy of these
+/// goes, in any spelling [`same_name`] reads as one, and the scheme is left
+/// to the app's own connection (plain HTTP from the sidecar).
+pub const CALLER_STATEMENTS: [&str; 27] = [
+    // The client certificate.
+    "client-cert",
+    "client-cert-chain",
+    "x-client-cert",
+    "x-client-certificate",
+    "x-client-verify",
+    "x-client-dn",
+    "x-arr-clientcert",
+    "x-arr-ssl",
+    // The user an authenticating proxy let in.
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "x-forwarded-groups",
+    "x-forwarded-access-token",
+    "x-remote-user",
+    "x-remote-group",
+    "remote-user",
+    "x-authenticated-user",
+    "x-authenticated-userid",
+    "x-credential-identifier",
+    "x-anonymous-consumer",
+    "x-endpoint-api-userinfo",
+    "x-apigateway-api-userinfo",
+    // The scheme and port the caller used.
+    "x-forwarded-proto",
+    "x-forwarded-protocol",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+];
+
+/// [`CALLER_STATEMENTS`] more: families of fields, by prefix.
+pub const CALLER_STATEMENT_PREFIXES: [&str; 12] = [
+    "ssl-client-",
+    "x-ssl-",
+    "x-forwarded-tls-",
+    "x-amzn-mtls-",
+    "x-amzn-oidc-",
+    "x-ms-client-principal",
+    "x-goog-authenticated-user-",
+    "x-auth-request-",
+    "x-remote-extra-",
+    "x-webauth-",
+    "x-consumer-",
+    "cf-access-",
+];
+
+/// [`CALLER_STATEMENTS`] more: the scheme, in the spellings that are no
+/// `x-forwarded-` field.
+const SCHEME_STATEMENTS: [&str; 3] = ["front-end-https", "x-url-scheme", "x-scheme"];
+
 /// `x-real-ip`: set by the inbound to the caller's address.
 static X_REAL_IP: HeaderName = HeaderName::from_static(CLIENT_ADDRESS[0]);
 
-fn is_client_address(name: &[u8]) -> bool {
+/// Whether `name` states something about the caller that only the sidecar
+/// may state to the app: [`CLIENT_ADDRESS`], [`CALLER_STATEMENTS`] and
+/// their prefixes, in any spelling [`same_name`] reads as one.
+fn is_caller_statement(name: &[u8]) -> bool {
+    let starts = |p: &str| name.len() >= p.len() && same_name(&name[..p.len()], p);
     CLIENT_ADDRESS.iter().any(|c| same_name(name, c))
+        || CALLER_STATEMENTS.iter().any(|c| same_name(name, c))
+        || SCHEME_STATEMENTS.iter().any(|c| same_name(name, c))
+        || CALLER_STATEMENT_PREFIXES.iter().any(|p| starts(p))
 }
 
-/// The inbound's part of [`CLIENT_ADDRESS`]: removes every copy a caller
-/// sent (when [`check_request`] found one) and sets `X-Real-IP` to the
-/// caller's address `ip`. The outbound leaves an app's own fields alone:
-/// the peer's inbound replaces them, and a destination outside the mesh
-/// gets what the app sent.
-pub fn set_client_address(h: &mut HeaderMap, found: Findings, ip: &HeaderValue) {
-    if found.client_address {
-        while let Some(name) = h.keys().find(|k| is_client_address(k.as_str().as_bytes())) {
+/// The inbound's part of [`CLIENT_ADDRESS`] and [`CALLER_STATEMENTS`]:
+/// removes every copy a caller sent (when [`check_request`] found one) and
+/// sets `X-Real-IP` to the caller's address `ip`. The outbound leaves an
+/// app's own fields alone: the peer's inbound replaces them, and a
+/// destination outside the mesh gets what the app sent.
+pub fn set_caller_statements(h: &mut HeaderMap, found: Findings, ip: &HeaderValue) {
+    if found.caller_statement {
+        while let Some(name) = h
+            .keys()
+            .find(|k| is_caller_statement(k.as_str().as_bytes()))
+        {
             let name = name.clone();
             h.remove(&name);
         }
@@ -297,7 +373,7 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 /// Whether `name` may not appear in a trailer section.
 pub fn not_in_trailers(name: &[u8]) -> bool {
     is_owned(name)
-        || is_client_address(name)
+        || is_caller_statement(name)
         || HOP_BY_HOP.iter().any(|h| same_name(name, h))
         || NOT_IN_TRAILERS.iter().any(|h| same_name(name, h))
 }
@@ -423,14 +499,14 @@ pub fn check_request(
         // Cheap filters first: the names acted on start with one of these
         // letters or hold punctuation other than `-`.
         match n.first() {
-            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f') => {}
+            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r') => {}
             _ if !may_be_disguised(n) => continue,
             _ => {}
         }
         if is_owned(n) || controlled_in_disguise(n) {
             f.owned = true;
-        } else if is_client_address(n) {
-            f.client_address = true;
+        } else if is_caller_statement(n) {
+            f.caller_statement = true;
         } else if METHOD_OVERRIDES.iter().any(|o| same_name(n, o)) {
             return Err(HeaderRefusal::bad(format!(
                 "{:?} is not accepted: routes are decided by the request's method, which an override would change behind them; send the method itself",
@@ -887,7 +963,7 @@ pub fn strip_request(h: &mut HeaderMap, found: Findings, keep_stepup: bool) {
         } else if controlled_in_disguise(n.as_bytes()) {
             true
         } else {
-            drop_underscores && n.contains('_') && !is_client_address(n.as_bytes())
+            drop_underscores && n.contains('_') && !is_caller_statement(n.as_bytes())
         }
     };
     while let Some(name) = h.keys().find(|k| doomed(k)) {
@@ -1766,7 +1842,7 @@ mod strip_tests {
             Findings {
                 owned: false,
                 underscores: 2,
-                client_address: false,
+                caller_statement: false,
             }
         );
         assert!(!f.is_clean());
@@ -1794,9 +1870,9 @@ mod strip_tests {
                 ("x-amount", "1"),
             ]);
             let f = check_request(&h, &uri, mode).unwrap();
-            assert!(f.client_address && !f.owned, "{f:?}");
+            assert!(f.caller_statement && !f.owned, "{f:?}");
             strip_request(&mut h, f, false);
-            set_client_address(&mut h, f, &ip);
+            set_caller_statements(&mut h, f, &ip);
             let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
             names.sort();
             assert_eq!(names, ["x-amount", "x-real-ip"], "{mode:?}");
@@ -1805,10 +1881,86 @@ mod strip_tests {
         // Without any, X-Real-IP is still set.
         let mut h = map(&[("x-amount", "1")]);
         let f = check_request(&h, &uri, Underscores::Allow).unwrap();
-        set_client_address(&mut h, f, &ip);
+        set_caller_statements(&mut h, f, &ip);
         assert_eq!(h["x-real-ip"], "10.1.2.3");
         // Never in trailers.
         assert!(not_in_trailers(b"x-real-ip") && not_in_trailers(b"True_Client_IP"));
+    }
+
+    #[test]
+    fn what_a_front_proxy_says_of_the_caller_is_the_sidecars_to_say() {
+        // Round 12 F1/F2: the fields by which mTLS terminators and
+        // authenticating proxies name the caller's certificate, user and
+        // scheme, in any spelling; fields that only share a word stay.
+        let uri: Uri = "/x".parse().unwrap();
+        let ip = HeaderValue::from_static("10.1.2.3");
+        let forged = [
+            "ssl-client-verify",
+            "SSL_Client_Subject_DN",
+            "ssl-client-cert",
+            "x-ssl-client-verify",
+            "X-SSL-Client-S-DN",
+            "x.ssl.cert",
+            "x-client-cert",
+            "client-cert",
+            "Client-Cert-Chain",
+            "x-forwarded-tls-client-cert",
+            "x-forwarded-tls-client-cert-info",
+            "x-amzn-mtls-clientcert",
+            "x-amzn-mtls-clientcert-leaf",
+            "x-amzn-oidc-identity",
+            "x-arr-clientcert",
+            "x-forwarded-user",
+            "x_forwarded_email",
+            "x-auth-request-user",
+            "X-Auth-Request-Groups",
+            "x-remote-user",
+            "x-remote-group",
+            "x-remote-extra-scopes",
+            "remote-user",
+            "Remote_User",
+            "x-webauth-user",
+            "x-consumer-username",
+            "x-authenticated-userid",
+            "x-goog-authenticated-user-email",
+            "x-ms-client-principal-name",
+            "cf-access-authenticated-user-email",
+            "x-forwarded-proto",
+            "X_Forwarded_Proto",
+            "x-forwarded-ssl",
+            "front-end-https",
+            "x-url-scheme",
+            "x-forwarded-scheme",
+            "x-forwarded-port",
+            "x-scheme",
+        ];
+        let kept = [
+            "x-amount",
+            "x-client-id",
+            "x-client-version",
+            "x-user-agent",
+            "x-forwarded-host",
+            "x-forwarded-for",
+            "remote-users",
+            "sslclient",
+        ];
+        let mut fields: Vec<(&str, &str)> = forged.iter().map(|n| (*n, "ops")).collect();
+        fields.extend(kept.iter().map(|n| (*n, "1")));
+        for mode in [Underscores::Allow, Underscores::Drop] {
+            let mut h = map(&fields);
+            let f = check_request(&h, &uri, mode).unwrap();
+            assert!(f.caller_statement && !f.owned, "{f:?}");
+            strip_request(&mut h, f, false);
+            set_caller_statements(&mut h, f, &ip);
+            let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            names.sort();
+            let mut want: Vec<_> = kept.iter().copied().chain(["x-real-ip"]).collect();
+            want.sort();
+            assert_eq!(names, want, "{mode:?}");
+        }
+        for n in forged {
+            assert!(not_in_trailers(n.as_bytes()), "{n}");
+        }
     }
 
     #[test]

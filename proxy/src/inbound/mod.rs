@@ -679,7 +679,7 @@ impl Inbound {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(XFCC.clone(), conn.xfcc.clone());
         owned::add_forwarded_for(&mut parts.headers, &conn.forwarded_for);
-        owned::set_client_address(&mut parts.headers, found, &conn.forwarded_for);
+        owned::set_caller_statements(&mut parts.headers, found, &conn.forwarded_for);
         if let (Some((protocol, stream)), Some(path)) = (switching, switch_path) {
             return Either::Left(self.switch(parts, stream, &conn, route, protocol, path));
         }
