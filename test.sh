@@ -30,7 +30,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Everything that needs installing is collected first, so that a run without
 # root can say in one message what is missing instead of failing half-way.
-apt_pkgs=(openssl curl prometheus yamllint nginx iptables iproute2 tcpdump postgresql postgresql-client stunnel4 softhsm2 opensc)
+apt_pkgs=(openssl curl prometheus yamllint nginx iptables iproute2 tcpdump postgresql postgresql-client stunnel4 softhsm2 opensc strace)
 missing_apt=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing_apt+=("$p"); done
 # Only for a machine that has less than the CI image: the venvs below need

@@ -77,13 +77,21 @@ pub fn spiffe_json(meta: Meta, roots: &[CertificateDer<'_>]) -> String {
 
 /// Writes [`PEM_FILE`] and [`SPIFFE_FILE`] into `dir`.
 pub fn write(dir: &Path, meta: Meta, roots: &[CertificateDer<'_>]) -> Result<(), WriteError> {
-    let write = |name: &str, data: &[u8]| {
+    for (name, data) in documents(meta, roots) {
         let path = dir.join(name);
-        fsutil::write_atomic(&path, data, PUBLIC).map_err(|source| WriteError { path, source })
-    };
+        fsutil::write_atomic(&path, &data, PUBLIC).map_err(|source| WriteError { path, source })?;
+    }
+    Ok(())
+}
+
+/// The bundle's files for `roots`: [`PEM_FILE`] and [`SPIFFE_FILE`], by
+/// name, as [`write`] writes them.
+pub fn documents(meta: Meta, roots: &[CertificateDer<'_>]) -> [(&'static str, Vec<u8>); 2] {
     let pem: String = roots.iter().map(|c| keys::cert_pem(c)).collect();
-    write(PEM_FILE, pem.as_bytes())?;
-    write(SPIFFE_FILE, spiffe_json(meta, roots).as_bytes())
+    [
+        (PEM_FILE, pem.into_bytes()),
+        (SPIFFE_FILE, spiffe_json(meta, roots).into_bytes()),
+    ]
 }
 
 /// Reads the roots out of a SPIFFE trust bundle document.

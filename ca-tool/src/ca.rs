@@ -541,15 +541,30 @@ pub(crate) fn not_after_of(der: &[u8]) -> Result<OffsetDateTime, CaError> {
 /// the key is kept in the directory (a token key has no file; an offline
 /// one is written by [`write_offline_key`]).
 pub(crate) fn write_pair(dir: &Path, stem: &str, ca: &NewCa) -> Result<(), CaError> {
-    if let (KeyLocation::File, CaKey::File(k)) = (&ca.location, &ca.key) {
-        let key_path = dir.join(format!("{stem}.key"));
-        fsutil::write_atomic(&key_path, k.serialize_pem().as_bytes(), SECRET)
-            .map_err(io_err(&key_path))?;
+    for (name, data, mode) in pair_files(stem, ca) {
+        let path = dir.join(name);
+        fsutil::write_atomic(&path, &data, mode).map_err(io_err(&path))?;
     }
-    let crt_path = dir.join(format!("{stem}.crt"));
-    fsutil::write_atomic(&crt_path, keys::cert_pem(&ca.cert).as_bytes(), PUBLIC)
-        .map_err(io_err(&crt_path))?;
     Ok(())
+}
+
+/// The files of a new CA certificate and, when it is a file, its key
+/// (`<stem>.key` first): name, contents and mode.
+pub(crate) fn pair_files(stem: &str, ca: &NewCa) -> Vec<(String, Vec<u8>, u32)> {
+    let mut out = Vec::with_capacity(2);
+    if let (KeyLocation::File, CaKey::File(k)) = (&ca.location, &ca.key) {
+        out.push((
+            format!("{stem}.key"),
+            k.serialize_pem().into_bytes(),
+            SECRET,
+        ));
+    }
+    out.push((
+        format!("{stem}.crt"),
+        keys::cert_pem(&ca.cert).into_bytes(),
+        PUBLIC,
+    ));
+    out
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CaError> {
@@ -1089,12 +1104,17 @@ impl Ca {
 
 pub(crate) fn write_state(dir: &Path, state: &CaState) -> Result<(), CaError> {
     let path = dir.join(files::STATE);
+    fsutil::write_atomic(&path, &state_json(dir, state)?, PUBLIC).map_err(io_err(&path))
+}
+
+/// `ca.json`'s contents for `state` (of the CA directory `dir`).
+pub(crate) fn state_json(dir: &Path, state: &CaState) -> Result<Vec<u8>, CaError> {
     let mut json = serde_json::to_vec_pretty(state).map_err(|e| CaError::Corrupt {
-        path: path.clone(),
+        path: dir.join(files::STATE),
         msg: e.to_string(),
     })?;
     json.push(b'\n');
-    fsutil::write_atomic(&path, &json, PUBLIC).map_err(io_err(&path))
+    Ok(json)
 }
 
 /// Moves every file of `staged` into `dir`, `ca.json` last: until it is in

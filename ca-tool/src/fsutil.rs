@@ -84,6 +84,18 @@ impl Staged {
     }
 }
 
+/// Creates (or keeps) a directory, mode 0700 whatever the umask; an existing
+/// one with a looser mode is tightened. For the CA directory's `next/`
+/// (the next root key), `archive/` (old keys) and the journal.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+}
+
 /// Syncs the directory holding `path`, so a rename into it survives a crash.
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     fs::File::open(parent_dir(path))?.sync_all()

@@ -21,6 +21,7 @@ pub mod file_renewer;
 pub mod fsutil;
 pub mod inspect;
 pub mod issue;
+pub mod journal;
 pub mod jwks_sync;
 pub mod k8s;
 pub mod kube;

@@ -778,6 +778,24 @@ fn with_state<T>(
         // until `f` is done. `init` needs none (it refuses a non-empty
         // directory, and its files appear by rename, ca.json last).
         use keyproof_ca::dirlock::{DirLock, Mode};
+        use keyproof_ca::journal::{self, Recovered};
+        // A change a killed command left half made (journal.rs) is finished
+        // or undone first, under the exclusive lock, whatever this command
+        // does: nothing reads a half-rotated directory.
+        if !matches!(access, Access::Init) && dir.join(journal::JOURNAL).is_dir() {
+            let _lock = DirLock::acquire(dir, Mode::Exclusive)?;
+            match journal::recover(dir)? {
+                Recovered::Finished => eprintln!(
+                    "keyproof-ca: {}: finished a change an interrupted command had committed",
+                    dir.display()
+                ),
+                Recovered::Undone => eprintln!(
+                    "keyproof-ca: {}: removed a change an interrupted command had not committed; the directory is as before it",
+                    dir.display()
+                ),
+                Recovered::Nothing => {}
+            }
+        }
         let mode = match access {
             Access::Exclusive => Some(Mode::Exclusive),
             Access::Append => Some(Mode::Shared),

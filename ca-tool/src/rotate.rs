@@ -22,58 +22,60 @@
 //! note in `archive/`.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyproof_identity::keys;
+use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use crate::bundle;
 use crate::ca::{
     self, check_ca_lifetimes, check_offline_key_path, files, first_cert, io_err, left_in_token,
-    new_intermediate, new_root, open_key, write_offline_key, write_pair, write_state, Ca, CaError,
-    Lifetime, RotationStage,
+    new_intermediate, new_root, open_key, pair_files, state_json, write_offline_key, Ca, CaError,
+    Lifetime, NewCa, RotationStage,
 };
 use crate::cakey::{KeyAccess, KeyHome, KeyLocation};
-use crate::fsutil::{self, PUBLIC};
+use crate::fsutil::{self, PUBLIC, SECRET};
+use crate::journal::Change;
 use crate::ledger;
 
-/// Creates (or keeps) a subdirectory of the CA directory, mode 0700 whatever
-/// the umask: `next/` holds the next root key, `archive/` old keys. An
-/// existing one with a looser mode is tightened.
+/// [`fsutil::private_dir`], its error a [`CaError`].
 fn private_dir(path: &Path) -> Result<(), CaError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(io_err(path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))
+    fsutil::private_dir(path).map_err(io_err(path))
 }
 
-/// A name in `archive/` for `name` that nothing has taken: prefixed with the
-/// time in nanoseconds (not [`ca::now`], which is whole seconds: two steps
-/// in the same second must not overwrite each other's archive).
-fn archive_path(dir: &Path, name: &str) -> Result<std::path::PathBuf, CaError> {
+/// A name in `archive/` for `name` that nothing has taken, relative to the
+/// CA directory: prefixed with the time in nanoseconds (not [`ca::now`],
+/// which is whole seconds: two steps in the same second must not overwrite
+/// each other's archive).
+fn archive_path(dir: &Path, name: &str) -> Result<PathBuf, CaError> {
     let adir = dir.join(files::ARCHIVE);
     private_dir(&adir)?;
     let mut t = OffsetDateTime::now_utc().unix_timestamp_nanos();
     loop {
-        let dst = adir.join(format!("{t}-{name}"));
-        if fs::symlink_metadata(&dst).is_err() {
-            return Ok(dst);
+        let rel = Path::new(files::ARCHIVE).join(format!("{t}-{name}"));
+        if fs::symlink_metadata(dir.join(&rel)).is_err() {
+            return Ok(rel);
         }
         t += 1;
     }
 }
 
-fn archive(dir: &Path, name: &str) -> Result<(), CaError> {
+/// Adds to `change` a copy of the file `name` into `archive/`, if it is there.
+fn archive(change: &mut Change, dir: &Path, name: &str) -> Result<(), CaError> {
     let src = dir.join(name);
-    if !src.exists() {
-        return Ok(());
-    }
-    let dst = archive_path(dir, name)?;
-    fs::copy(&src, &dst).map_err(io_err(&dst))?;
+    let data = match fs::read(&src) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(&src)(e)),
+    };
+    let mode = if name.ends_with(".key") {
+        SECRET
+    } else {
+        PUBLIC
+    };
+    change.put(archive_path(dir, name)?, data, mode);
     Ok(())
 }
 
@@ -82,9 +84,14 @@ fn archive(dir: &Path, name: &str) -> Result<(), CaError> {
 /// is left where it is, and a note in `archive/` says where, so that the
 /// operator can destroy it once nothing needs it. keyproof never deletes
 /// token objects.
-fn archive_key(dir: &Path, stem: &str, loc: &KeyLocation) -> Result<(), CaError> {
+fn archive_key(
+    change: &mut Change,
+    dir: &Path,
+    stem: &str,
+    loc: &KeyLocation,
+) -> Result<(), CaError> {
     let note = match loc {
-        KeyLocation::File => return archive(dir, &format!("{stem}.key")),
+        KeyLocation::File => return archive(change, dir, &format!("{stem}.key")),
         KeyLocation::Pkcs11(t) => format!(
             "left in the token; once nothing needs it, delete it, e.g. `pkcs11-tool --module {} \
              --token-label {} --login --delete-object --type privkey --label {}` (and the \
@@ -107,7 +114,23 @@ fn archive_key(dir: &Path, stem: &str, loc: &KeyLocation) -> Result<(), CaError>
     });
     let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
     text.push(b'\n');
-    fsutil::write_atomic(&path, &text, PUBLIC).map_err(io_err(&path))
+    change.put(path, text, PUBLIC);
+    Ok(())
+}
+
+/// Adds a new CA certificate (and its key, when a file) to `change`, in
+/// `rel_dir` (relative to the CA directory).
+fn put_pair(change: &mut Change, rel_dir: &Path, stem: &str, ca: &NewCa) {
+    for (name, data, mode) in pair_files(stem, ca) {
+        change.put(rel_dir.join(name), data, mode);
+    }
+}
+
+/// Adds the bundle for `roots` to `change`.
+fn put_bundle(change: &mut Change, meta: bundle::Meta, roots: &[CertificateDer<'_>]) {
+    for (name, data) in bundle::documents(meta, roots) {
+        change.put(name, data, PUBLIC);
+    }
 }
 
 fn require(ca: &Ca, stage: RotationStage, step: &str) -> Result<(), CaError> {
@@ -155,15 +178,19 @@ pub fn intermediate(dir: &Path, ttl: Duration, access: &KeyAccess) -> Result<Str
     )?;
     let old = ca.state().keys.intermediate.clone();
     let install = || -> Result<(), CaError> {
-        archive(dir, files::INT_CRT)?;
-        archive_key(dir, "intermediate", &old)?;
-        write_pair(dir, "intermediate", &int)?;
+        // The old pair and the new one, all or nothing (journal.rs): a
+        // run killed between the new key and its certificate must not leave
+        // a directory that neither serves nor issues.
+        let mut change = Change::new(dir);
+        archive(&mut change, dir, files::INT_CRT)?;
+        archive_key(&mut change, dir, "intermediate", &old)?;
+        put_pair(&mut change, Path::new(""), "intermediate", &int);
         if int.location != old {
             let mut state = ca.state().clone();
             state.keys.intermediate = int.location.clone();
-            write_state(dir, &state)?;
+            change.put(files::STATE, state_json(dir, &state)?, PUBLIC);
         }
-        Ok(())
+        change.commit()
     };
     install().map_err(|e| left_in_token(e, &[&int.location]))?;
     Ok(format!(
@@ -238,12 +265,16 @@ pub fn prepare(
         if let KeyHome::Offline(path) = &root_home {
             write_offline_key("root-key-out", path, &root.key)?;
         }
-        let next = dir.join(files::NEXT);
-        private_dir(&next)?;
-        write_pair(&next, "root", &root)?;
-        write_pair(&next, "intermediate", &int)?;
-        bundle::write(dir, state.bundle_meta(), &roots)?;
-        write_state(dir, &state)
+        // All or nothing (journal.rs): a bundle with the new root beside a
+        // `ca.json` that knows nothing of it would be served to every
+        // workload.
+        let mut change = Change::new(dir);
+        let next = Path::new(files::NEXT);
+        put_pair(&mut change, next, "root", &root);
+        put_pair(&mut change, next, "intermediate", &int);
+        put_bundle(&mut change, state.bundle_meta(), &roots);
+        change.put(files::STATE, state_json(dir, &state)?, PUBLIC);
+        change.commit()
     };
     install().map_err(|e| left_in_token(e, &[&root.location, &int.location]))?;
     Ok(format!(
@@ -321,14 +352,18 @@ pub fn activate(dir: &Path, access: &KeyAccess) -> Result<String, CaError> {
         )?;
     }
     let new = first_cert(&new_home(files::ROOT_CRT).join(files::ROOT_CRT))?;
+    // All or nothing (journal.rs), and what is left in `next/` by a run
+    // of an older version killed part way is taken from there.
+    let mut change = Change::new(dir);
     if !moved(files::ROOT_CRT) {
         // Only while root.crt is still the outgoing root.
-        let prev = dir.join(files::PREVIOUS_ROOT);
-        fs::copy(dir.join(files::ROOT_CRT), &prev).map_err(io_err(&prev))?;
-        archive(dir, files::ROOT_CRT)?;
+        let prev = dir.join(files::ROOT_CRT);
+        let data = fs::read(&prev).map_err(io_err(&prev))?;
+        change.put(files::PREVIOUS_ROOT, data, PUBLIC);
+        archive(&mut change, dir, files::ROOT_CRT)?;
     }
     if !moved(files::INT_CRT) {
-        archive(dir, files::INT_CRT)?;
+        archive(&mut change, dir, files::INT_CRT)?;
     }
     for (f, stem, old, new_loc) in [
         (files::ROOT_KEY, "root", &locs.root, &locs.next_root),
@@ -342,40 +377,44 @@ pub fn activate(dir: &Path, access: &KeyAccess) -> Result<String, CaError> {
         let src = next.join(f);
         if new_loc.is_file() {
             if src.exists() {
-                archive_key(dir, stem, old)?;
-                fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
+                archive_key(&mut change, dir, stem, old)?;
+                move_into_place(&mut change, dir, f, SECRET)?;
             }
         } else {
             // The new key lives elsewhere: the old file must not look like
             // the current key.
-            archive_key(dir, stem, old)?;
-            let old = dir.join(f);
-            if old.exists() {
-                fs::remove_file(&old).map_err(io_err(&old))?;
-            }
+            archive_key(&mut change, dir, stem, old)?;
+            change.remove(f);
         }
     }
     for f in [files::ROOT_CRT, files::INT_CRT] {
-        let src = next.join(f);
-        if src.exists() {
-            fs::rename(&src, dir.join(f)).map_err(io_err(&src))?;
+        if next.join(f).exists() {
+            move_into_place(&mut change, dir, f, PUBLIC)?;
         }
     }
-    if next.exists() {
-        fs::remove_dir(&next).map_err(io_err(&next))?;
-    }
+    change.remove_dir(files::NEXT);
     let mut state = ca.state().clone();
     state.rotation = RotationStage::Activated;
     state.keys.root = locs.next_root;
     state.keys.intermediate = locs.next_intermediate;
     state.keys.next_root = KeyLocation::File;
     state.keys.next_intermediate = KeyLocation::File;
-    write_state(dir, &state)?;
+    change.put(files::STATE, state_json(dir, &state)?, PUBLIC);
+    change.commit()?;
     Ok(format!(
         "activated: new certificates chain to root {}.\n\
          Next: once every certificate from the old root has been renewed or has expired, `rotate root finish`.",
         keys::fingerprint(&new)
     ))
+}
+
+/// Adds to `change` the move of `next/<name>` to `<name>`.
+fn move_into_place(change: &mut Change, dir: &Path, name: &str, mode: u32) -> Result<(), CaError> {
+    let src = dir.join(files::NEXT).join(name);
+    let data = fs::read(&src).map_err(io_err(&src))?;
+    change.put(name, data, mode);
+    change.remove(Path::new(files::NEXT).join(name));
+    Ok(())
 }
 
 /// Ledger entries still valid that chain to the outgoing root.
@@ -422,11 +461,12 @@ pub fn finish(dir: &Path, force: bool) -> Result<String, CaError> {
     let mut state = ca.state().clone();
     state.spiffe_sequence += 1;
     state.rotation = RotationStage::Idle;
-    bundle::write(dir, state.bundle_meta(), &roots)?;
-    write_state(dir, &state)?;
-    archive(dir, files::PREVIOUS_ROOT)?;
-    let prev_path = dir.join(files::PREVIOUS_ROOT);
-    fs::remove_file(&prev_path).map_err(io_err(&prev_path))?;
+    let mut change = Change::new(dir);
+    put_bundle(&mut change, state.bundle_meta(), &roots);
+    change.put(files::STATE, state_json(dir, &state)?, PUBLIC);
+    archive(&mut change, dir, files::PREVIOUS_ROOT)?;
+    change.remove(files::PREVIOUS_ROOT);
+    change.commit()?;
     Ok(format!(
         "finished: the bundle holds {} root(s) (spiffe_sequence {}){}",
         roots.len(),

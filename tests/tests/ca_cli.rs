@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyproof_tests::{cmd, free_port, list_dir, run_err, run_ok, TestCa};
+use keyproof_tests::{bin, cmd, free_port, list_dir, run, run_err, run_ok, TestCa};
 use serde_json::Value;
 
 const TD: &str = "prod.example.com";
@@ -2172,5 +2172,105 @@ fn a_store_password_is_never_shown_however_its_parameter_is_spelt() {
             assert!(!all.contains("SECRET"), "{args:?} {url}: {all}");
             assert!(all.contains("***"), "{args:?} {url}: {all}");
         }
+    }
+}
+
+/// Round 12 (CA F1, F2): a rotation step killed at any of its renames
+/// (SIGKILL injected by strace at the Nth `rename*` call: the OOM killer or
+/// a power cut there) leaves a CA directory that the next command finishes
+/// or undoes: `check` passes, `issue` signs, the rotation goes on to its
+/// end with one root in the bundle, and nothing is left behind (no journal,
+/// no `next/`, no temporary file). Each step is killed at every rename it
+/// makes, until a run makes them all.
+#[test]
+fn a_rotation_killed_at_any_rename_leaves_a_ca_that_serves_and_goes_on() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is not installed (./test.sh installs it)");
+    }
+    let rot = |ca: &TestCa, args: &[&str]| {
+        run_ok(
+            cmd("keyproof-ca")
+                .arg("rotate")
+                .args(args)
+                .arg("--dir")
+                .arg(&ca.dir),
+        );
+    };
+    let rotation = |ca: &TestCa| -> String {
+        let v: Value =
+            serde_json::from_str(&fs::read_to_string(ca.dir.join("ca.json")).unwrap()).unwrap();
+        v["rotation"].as_str().unwrap().to_owned()
+    };
+    // (step, its arguments, the steps before it)
+    type Step<'a> = (&'a str, &'a [&'a str], &'a [&'a [&'a str]]);
+    let steps: [Step<'_>; 4] = [
+        ("intermediate", &["intermediate"], &[]),
+        ("prepare", &["root", "prepare"], &[]),
+        ("activate", &["root", "activate"], &[&["root", "prepare"]]),
+        (
+            "finish",
+            &["root", "finish", "--force"],
+            &[&["root", "prepare"], &["root", "activate"]],
+        ),
+    ];
+    for (name, args, before) in steps {
+        let mut n = 1;
+        loop {
+            let ca = TestCa::new(TD);
+            for b in before {
+                rot(&ca, b);
+            }
+            let what = format!("{name} killed at rename {n}");
+            let out = run(Command::new("strace")
+                .args(["-f", "-qq", "-o", "/dev/null"])
+                .args(["-e", "trace=rename,renameat,renameat2"])
+                .arg(format!(
+                    "--inject=rename,renameat,renameat2:signal=SIGKILL:when={n}"
+                ))
+                .arg(bin("keyproof-ca"))
+                .arg("rotate")
+                .args(args)
+                .arg("--dir")
+                .arg(&ca.dir));
+            let finished = out.status.success();
+            // Whatever the kill left, the next command takes it from there.
+            let check = run(cmd("keyproof-ca").args(["check", "--dir"]).arg(&ca.dir));
+            let said = String::from_utf8_lossy(&check.stdout).into_owned();
+            assert!(
+                check.status.code().is_some_and(|c| c < 2),
+                "{what}: check: {said}{}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+            ca.issue(&format!("after-{n}"), "/ns/default/sa/web", &[]);
+            match rotation(&ca).as_str() {
+                "prepared" => {
+                    rot(&ca, &["root", "activate"]);
+                    rot(&ca, &["root", "finish", "--force"]);
+                }
+                "activated" => rot(&ca, &["root", "finish", "--force"]),
+                _ => {}
+            }
+            let roots = fs::read_to_string(ca.bundle())
+                .unwrap()
+                .matches("BEGIN CERTIFICATE")
+                .count();
+            assert_eq!(roots, 1, "{what}");
+            let (leaf, _) = ca.issue(&format!("end-{n}"), "/ns/default/sa/web", &[]);
+            assert!(openssl_verify(&ca, &leaf).status.success(), "{what}");
+            let left: Vec<String> = fs::read_dir(&ca.dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|f| {
+                    f.starts_with(".keyproof-tmp") || f == ".keyproof-journal" || f == "next"
+                })
+                .collect();
+            assert!(left.is_empty(), "{what}: left behind: {left:?}");
+            if finished {
+                break;
+            }
+            n += 1;
+            assert!(n < 40, "{name}: still killed at rename {n}");
+        }
+        assert!(n > 2, "{name}: only {n} renames: was the kill injected?");
     }
 }
