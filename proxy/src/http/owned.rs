@@ -252,13 +252,30 @@ fn controlled_in_disguise(name: &[u8]) -> bool {
 /// every copy goes ([`CALLER_STATEMENTS`]), and `X-Real-IP` is set to the
 /// caller's address, as nginx's own `proxy_set_header X-Real-IP
 /// $remote_addr` does.
-pub const CLIENT_ADDRESS: [&str; 6] = [
+pub const CLIENT_ADDRESS: [&str; 21] = [
     "x-real-ip",
     "true-client-ip",
     "x-client-ip",
     "cf-connecting-ip",
     "fastly-client-ip",
     "x-cluster-client-ip",
+    // PHP's common `get_client_ip()` reads these first, Rails' `remote_ip`
+    // `Client-IP` too.
+    "client-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-proxyuser-ip",
+    "x-original-forwarded-for",
+    "x-envoy-external-address",
+    "x-azure-clientip",
+    "x-appengine-user-ip",
+    "akamai-client-ip",
+    "wl-proxy-client-ip",
+    "proxy-client-ip",
+    "x-forwarded-client-ip",
 ];
 
 /// Fields by which the front proxies an app may have been moved from tell
@@ -499,7 +516,7 @@ pub fn check_request(
         // Cheap filters first: the names acted on start with one of these
         // letters or hold punctuation other than `-`.
         match n.first() {
-            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r') => {}
+            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r' | b'a' | b'w') => {}
             _ if !may_be_disguised(n) => continue,
             _ => {}
         }
@@ -1960,6 +1977,30 @@ mod strip_tests {
         }
         for n in forged {
             assert!(not_in_trailers(n.as_bytes()), "{n}");
+        }
+    }
+
+    #[test]
+    fn every_caller_statement_is_found_by_the_request_check() {
+        // The request check skips names by their first letter: every
+        // listed name (and a prefix's family) must get past that filter.
+        let uri: Uri = "/x".parse().unwrap();
+        let names = CLIENT_ADDRESS
+            .iter()
+            .chain(&CALLER_STATEMENTS)
+            .chain(&SCHEME_STATEMENTS)
+            .map(|n| n.to_string())
+            .chain(CALLER_STATEMENT_PREFIXES.iter().map(|p| format!("{p}x")));
+        for n in names {
+            for spelt in [n.clone(), n.replace('-', "_").to_uppercase()] {
+                let mut h = http::HeaderMap::new();
+                h.insert(
+                    HeaderName::from_bytes(spelt.as_bytes()).unwrap(),
+                    HeaderValue::from_static("1"),
+                );
+                let f = check_request(&h, &uri, Underscores::Allow).unwrap();
+                assert!(f.caller_statement, "{spelt}");
+            }
         }
     }
 

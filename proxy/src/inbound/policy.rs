@@ -31,6 +31,65 @@ pub struct Route {
     /// two different `risk` routes, as written and as apps read it (see
     /// [`Policy::decide`]).
     always: Option<Arc<Route>>,
+    /// Other paths by which web servers run the script the route names
+    /// ([`script_aliases`]).
+    aliases: Vec<ScriptAlias>,
+}
+
+/// A path by which a server runs a script other than the script's own.
+#[derive(Debug, PartialEq, Eq)]
+enum ScriptAlias {
+    /// This path and everything below it (`/admin` for `/admin.php`).
+    Prefix(String),
+    /// This directory, with or without its final `/` (`/panel` for
+    /// `/panel/index.php`).
+    Directory(String),
+}
+
+impl ScriptAlias {
+    /// Whether `path` (normalized, no query) is this alias as apps read
+    /// paths (case ignored, a `.suffix`: [`path_matches`]).
+    fn meets(&self, path: &str) -> bool {
+        match self {
+            ScriptAlias::Prefix(p) => path_matches(p, path, true),
+            ScriptAlias::Directory(d) if d == "/" => path == "/",
+            ScriptAlias::Directory(d) => {
+                let p = path.strip_suffix('/').unwrap_or(path).as_bytes();
+                fold_len(d.as_bytes(), p) == Some(p.len())
+            }
+        }
+    }
+}
+
+/// The other paths by which web servers run the script a route's prefix
+/// names (its last segment has an extension: [`may_name_script`]): without
+/// the extension, which the "hide .php" rewrites (nginx `try_files $uri
+/// $uri.php`, Apache `RewriteRule ^([^.]+)$ $1.php`) and Apache's
+/// `MultiViews` (also for `/admin/x`, as PATH_INFO) serve from it; and for
+/// a directory index (`index.*`, IIS's `default.*`), its directory, which
+/// every server runs it for (nginx `index`, Apache `DirectoryIndex`). A
+/// route written for the script must also hold for those: they are the
+/// same handler.
+fn script_aliases(prefix: &str) -> Vec<ScriptAlias> {
+    let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+    let Some((dir, last)) = trimmed.rsplit_once('/') else {
+        return Vec::new();
+    };
+    if !may_name_script(last, None) {
+        return Vec::new();
+    }
+    let Some((name, _ext)) = last.rsplit_once('.') else {
+        return Vec::new();
+    };
+    let mut out = vec![ScriptAlias::Prefix(format!("{dir}/{name}"))];
+    if name.eq_ignore_ascii_case("index") || name.eq_ignore_ascii_case("default") {
+        out.push(ScriptAlias::Directory(if dir.is_empty() {
+            "/".to_owned()
+        } else {
+            dir.to_owned()
+        }));
+    }
+    out
 }
 
 /// The outcome for one request.
@@ -85,6 +144,8 @@ pub struct Policy {
     /// Some route prefix has an upper-case letter: every path is matched
     /// both ways (see `decide`), not only those with one.
     mixed_case: bool,
+    /// Some route names a script ([`script_aliases`]).
+    scripted: bool,
     /// Which load this is: what a request admitted under it compares with
     /// the policy in force, to be decided on again only after a change.
     pub generation: u64,
@@ -260,6 +321,7 @@ impl Policy {
                 risk,
                 denied: metrics.authz_denied(&r.path_prefix),
                 always,
+                aliases: script_aliases(&r.path_prefix),
             };
             let always = risk
                 .is_some()
@@ -282,7 +344,6 @@ impl Policy {
         // not change what the table records.
         table.apply(routes.iter().filter_map(|r| r.risk.as_ref()));
         Ok(Policy {
-            routes,
             default,
             default_denied: metrics.authz_denied("default"),
             deny,
@@ -291,6 +352,8 @@ impl Policy {
                 .routes
                 .iter()
                 .any(|r| r.path_prefix.bytes().any(|b| b.is_ascii_uppercase())),
+            scripted: routes.iter().any(|r| !r.aliases.is_empty()),
+            routes,
             generation,
         })
     }
@@ -304,13 +367,13 @@ impl Policy {
     /// Decides one request and counts a refusal. `serial` is the caller's
     /// certificate serial (hex, for the deny list; leading zeros and case
     /// do not matter). The deny list is checked first, whatever the path.
-    pub fn decide(
-        &self,
+    pub fn decide<'p>(
+        &'p self,
         method: &http::Method,
         path: &str,
         peer: &SpiffeId,
         serial: &str,
-    ) -> Decision<'_> {
+    ) -> Decision<'p> {
         if let Some(msg) = self.deny_listed(peer, serial) {
             return Decision::Deny(msg);
         }
@@ -330,22 +393,29 @@ impl Policy {
         // strictest step-up applies. A reading that meets no route adds
         // nothing. Looked for only when that can make a difference.
         let mut folded: Option<&Arc<Route>> = None;
+        let mut also =
+            |f: &'p Arc<Route>| also_meets(written, &mut folded, f, (method, path, peer));
         if self.mixed_case || may_read_otherwise(path) {
             for alt in read_as(path) {
-                let Some(f) = find(alt, true) else { continue };
-                if written.is_some_and(|w| Arc::ptr_eq(w, f))
-                    || folded.is_some_and(|g| Arc::ptr_eq(g, f))
+                if let Some(f) = find(alt, true) {
+                    if let Err(msg) = also(f) {
+                        return Decision::Deny(msg);
+                    }
+                }
+            }
+        }
+        // A route that names a script holds for the paths servers run it by
+        // without its name (`/admin` for `/admin.php`, `/panel/` for
+        // `/panel/index.php`).
+        if self.scripted {
+            for r in &self.routes {
+                if r.aliases.iter().any(|a| a.meets(path))
+                    && (r.methods.is_empty() || r.methods.iter().any(|m| covers(m, method)))
                 {
-                    continue;
+                    if let Err(msg) = also(r) {
+                        return Decision::Deny(msg);
+                    }
                 }
-                if !f.allow.iter().any(|p| p.matches(peer)) {
-                    f.denied.inc();
-                    return Decision::Deny(format!(
-                        "forbidden: route {} (which {path} meets as many apps match paths: case ignored, a .suffix after its last segment, a script's path info) does not allow {peer} to {method}\n",
-                        f.path_prefix
-                    ));
-                }
-                folded = Some(folded.map_or(f, |g| stricter(g, f)));
             }
         }
         match written {
@@ -370,6 +440,30 @@ impl Policy {
             },
         }
     }
+}
+
+/// A route `f` that a request meets as apps read its path, beside the one
+/// it meets as written (`written`) and those met so far (`folded`, the
+/// strictest): the caller must be allowed by it (else the refusal's body),
+/// and its step-up joins `folded`.
+fn also_meets<'p>(
+    written: Option<&'p Arc<Route>>,
+    folded: &mut Option<&'p Arc<Route>>,
+    f: &'p Arc<Route>,
+    (method, path, peer): (&http::Method, &str, &SpiffeId),
+) -> Result<(), String> {
+    if written.is_some_and(|w| Arc::ptr_eq(w, f)) || folded.is_some_and(|g| Arc::ptr_eq(g, f)) {
+        return Ok(());
+    }
+    if !f.allow.iter().any(|p| p.matches(peer)) {
+        f.denied.inc();
+        return Err(format!(
+            "forbidden: route {} (which {path} meets as many apps match paths: case ignored, a .suffix after its last segment, a script's path info, a script without its extension or by its directory) does not allow {peer} to {method}\n",
+            f.path_prefix
+        ));
+    }
+    *folded = Some(folded.map_or(f, |g| stricter(g, f)));
+    Ok(())
 }
 
 /// Of two routes one path meets (as written, and as apps read it), the
@@ -972,6 +1066,78 @@ mod tests {
         assert_eq!(
             read_as("/x/i.php/a/"),
             ["/x/i.php/a/", "/x/i.php/a", "/x/i.php", "/a/", "/a"]
+        );
+    }
+
+    #[test]
+    fn a_route_for_a_script_holds_for_its_name_without_extension_and_its_directory() {
+        // Round 12 auth F4/F5: nginx `try_files $uri $uri.php`, Apache
+        // MultiViews and `RewriteRule ^([^.]+)$ $1.php` run /admin.php for
+        // /admin (and /admin/x); every server runs a directory's index
+        // script for the directory.
+        let m = Metrics::new().unwrap();
+        for default in [DefaultPolicy::AllowTrustDomain, DefaultPolicy::Deny] {
+            let mut script = route("/admin.php", &[], &[OPS]);
+            script.step_up = StepUpMode::Always;
+            let mut index = route("/panel/index.php", &[], &[OPS]);
+            index.step_up = StepUpMode::Always;
+            let mut front = route("/index.php", &[http::Method::POST], &[OPS]);
+            front.step_up = StepUpMode::Always;
+            let catch_all = route("/", &[], &[WEB, OPS]);
+            let p = pol(&[script, index, front, catch_all], default, &m);
+            for (method, path) in [
+                (http::Method::GET, "/admin"),
+                (http::Method::GET, "/ADMIN"),
+                (http::Method::GET, "/admin/"),
+                (http::Method::GET, "/admin/users"),
+                (http::Method::GET, "/admin.json"),
+                (http::Method::GET, "/panel/"),
+                (http::Method::GET, "/panel"),
+                (http::Method::GET, "/Panel/"),
+                (http::Method::GET, "/panel/index"),
+                (http::Method::POST, "/"),
+            ] {
+                assert!(
+                    matches!(
+                        p.decide(&method, path, &id(WEB), ""),
+                        Decision::Deny(msg) if msg.contains("without its extension")
+                    ),
+                    "{method} {path}"
+                );
+                assert!(
+                    matches!(
+                        p.decide(&method, path, &id(OPS), ""),
+                        Decision::Allow(Some(r)) if r.step_up == StepUpMode::Always
+                    ),
+                    "{method} {path}"
+                );
+            }
+            // Other paths, and other methods than the route's, stay with
+            // the catch-all.
+            for (method, path) in [
+                (http::Method::GET, "/administrator"),
+                (http::Method::GET, "/panel/x"),
+                (http::Method::GET, "/panels/"),
+                (http::Method::GET, "/"),
+                (http::Method::GET, "/x/admin"),
+            ] {
+                assert!(
+                    matches!(
+                        p.decide(&method, path, &id(WEB), ""),
+                        Decision::Allow(Some(r)) if r.path_prefix == "/"
+                    ),
+                    "{method} {path}"
+                );
+            }
+        }
+        assert_eq!(script_aliases("/v1.2"), []);
+        assert_eq!(script_aliases("/api/"), []);
+        assert_eq!(
+            script_aliases("/a/Default.aspx"),
+            [
+                ScriptAlias::Prefix("/a/Default".into()),
+                ScriptAlias::Directory("/a".into())
+            ]
         );
     }
 
