@@ -2148,6 +2148,17 @@ pub fn format_duration(d: Duration) -> String {
 fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
     let listen = socket_addr("inbound.listen", &raw.listen)?;
     let app = host_port("inbound.app", &raw.app)?;
+    if app
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST))
+    {
+        // IPv4 loopback has 127.0.0.6 to dial from (app_client::APP_SOURCE);
+        // IPv6 has one loopback address, the app's own.
+        tracing::warn!(
+            app = %app,
+            "inbound.app: on [::1] the app sees every caller as ::1, its own loopback address, and grants callers what it grants local processes; listen on 127.0.0.1 (the inbound then dials from 127.0.0.6)"
+        );
+    }
     let max_app_connections = raw.max_app_connections.unwrap_or(256);
     if max_app_connections == 0 || max_app_connections > (1 << 20) {
         return Err(invalid(

@@ -170,7 +170,11 @@ fn dial_error(e: io::Error) -> AppError {
 /// tried in turn.
 pub async fn dial_app<A: tokio::net::ToSocketAddrs>(addr: A) -> io::Result<TcpStream> {
     let mut last = None;
-    for to in tokio::net::lookup_host(addr).await? {
+    // IPv4 loopback first (`localhost` may resolve to ::1 first): from
+    // there the app sees APP_SOURCE, not its own loopback address.
+    let mut addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+    addrs.sort_by_key(|a| !(a.is_ipv4() && a.ip().is_loopback()));
+    for to in addrs {
         let tried = match to {
             std::net::SocketAddr::V4(v4) if v4.ip().is_loopback() => {
                 let s = tokio::net::TcpSocket::new_v4()?;

@@ -290,8 +290,9 @@ pub const CLIENT_ADDRESS: [&str; 21] = [
 /// `x-forwarded-client-cert` and `X-Real-IP`; every caller's copy of these
 /// goes, in any spelling [`same_name`] reads as one, and the scheme is left
 /// to the app's own connection (plain HTTP from the sidecar).
-pub const CALLER_STATEMENTS: [&str; 27] = [
-    // The client certificate.
+pub const CALLER_STATEMENTS: [&str; 29] = [
+    // The client certificate (Linkerd's proxy states its identity).
+    "l5d-client-id",
     "client-cert",
     "client-cert-chain",
     "x-client-cert",
@@ -321,6 +322,7 @@ pub const CALLER_STATEMENTS: [&str; 27] = [
     "x-forwarded-ssl",
     "x-forwarded-scheme",
     "x-forwarded-port",
+    "x-forwarded-prefix",
 ];
 
 /// [`CALLER_STATEMENTS`] more: families of fields, by prefix.
@@ -393,6 +395,11 @@ pub fn not_in_trailers(name: &[u8]) -> bool {
         || is_caller_statement(name)
         || HOP_BY_HOP.iter().any(|h| same_name(name, h))
         || NOT_IN_TRAILERS.iter().any(|h| same_name(name, h))
+        // Refused in a header section (`check_request`); an app that merges
+        // trailers into its headers (Apache's `MergeTrailers`) would read
+        // them after the route was decided.
+        || METHOD_OVERRIDES.iter().any(|h| same_name(name, h))
+        || URL_OVERRIDES.iter().any(|h| same_name(name, h))
 }
 
 /// Removes from a trailer section every field [`not_in_trailers`] names.
@@ -516,7 +523,7 @@ pub fn check_request(
         // Cheap filters first: the names acted on start with one of these
         // letters or hold punctuation other than `-`.
         match n.first() {
-            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r' | b'a' | b'w') => {}
+            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r' | b'a' | b'w' | b'l') => {}
             _ if !may_be_disguised(n) => continue,
             _ => {}
         }
@@ -1008,8 +1015,11 @@ pub fn strip_response(h: &mut HeaderMap) -> bool {
     let mut asked = false;
     for name in h.keys() {
         let n = name.as_str().as_bytes();
+        // Cheap filter first: the names acted on start with one of these
+        // letters (see `responses_lose_every_owned_field_whatever_its_first_letter`)
+        // or hold punctuation other than `-`.
         match n.first() {
-            Some(b'x' | b'a' | b'w') => {}
+            Some(b'x' | b'a' | b'w' | b's') => {}
             _ if !may_be_disguised(n) => continue,
             _ => {}
         }
@@ -1950,6 +1960,8 @@ mod strip_tests {
             "x-forwarded-scheme",
             "x-forwarded-port",
             "x-scheme",
+            "l5d-client-id",
+            "X-Forwarded-Prefix",
         ];
         let kept = [
             "x-amount",
@@ -2001,6 +2013,38 @@ mod strip_tests {
                 let f = check_request(&h, &uri, Underscores::Allow).unwrap();
                 assert!(f.caller_statement, "{spelt}");
             }
+        }
+    }
+
+    #[test]
+    fn responses_lose_every_owned_field_whatever_its_first_letter() {
+        // Round 12 su F1: `stepup-binding` starts with a letter the cheap
+        // filter did not let through.
+        for n in [
+            "stepup-binding",
+            "Stepup-Binding",
+            "x-keyproof-step-up",
+            "x-forwarded-client-cert",
+            "accept-signature",
+        ] {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("x"),
+            );
+            h.insert("content-type", HeaderValue::from_static("text/plain"));
+            let _ = strip_response(&mut h);
+            assert_eq!(h.len(), 1, "{n}: {h:?}");
+        }
+    }
+
+    #[test]
+    fn overrides_never_pass_in_trailers() {
+        // Round 12 su F3: refused in the header section, so removed from
+        // trailers, which some stacks merge into the headers.
+        for n in METHOD_OVERRIDES.iter().chain(&URL_OVERRIDES) {
+            assert!(not_in_trailers(n.as_bytes()), "{n}");
+            assert!(not_in_trailers(n.replace('-', "_").as_bytes()), "{n}");
         }
     }
 

@@ -1032,9 +1032,19 @@ fn value_is(v: &[u8], want: &str) -> bool {
             }
         };
     }
-    trim_loose(v).eq_ignore_ascii_case(want)
-        || v.split(|b| *b == b',')
-            .any(|el| trim_loose(el).eq_ignore_ascii_case(want))
+    // An element with parameters (`application/xml; charset=utf-8`) is
+    // also read as its part before them, as apps dispatch on a media type
+    // (RFC 9110 section 5.6.6), unless `want` names parameters itself.
+    let bare = |el: &[u8]| -> bool {
+        let el = trim_loose(el);
+        el.eq_ignore_ascii_case(want)
+            || (!want.contains(&b';')
+                && el
+                    .split(|b| *b == b';')
+                    .next()
+                    .is_some_and(|t| trim_loose(t).eq_ignore_ascii_case(want)))
+    };
+    bare(v) || v.split(|b| *b == b',').any(bare)
 }
 
 /// A decimal number as text, normalized: `int` without leading zeros,
@@ -1140,10 +1150,16 @@ fn header_fires(fields: Fields<'_>, rule: &HeaderRule) -> bool {
         HeaderMatch::Above(limit) => {
             values.any(|v| Num::parse(v).is_none_or(|n| n.above(limit.num())))
         }
-        HeaderMatch::Equals(want) => values.any(|v| value_matches(v, want, rule.host)),
-        HeaderMatch::OneOf(list) => {
-            values.any(|v| list.iter().any(|want| value_matches(v, want, rule.host)))
+        // A value with a byte outside ASCII counts as equal: apps compare
+        // with case folds of their own (Go's `EqualFold` takes the Kelvin
+        // sign for `k` and the long s for `s`; a Latin-1 `ß` is `SS` to
+        // Java's, Python's and JavaScript's upper case), which no table
+        // here could follow. Such a caller is challenged, never let under.
+        HeaderMatch::Equals(want) => {
+            values.any(|v| !v.is_ascii() || value_matches(v, want, rule.host))
         }
+        HeaderMatch::OneOf(list) => values
+            .any(|v| !v.is_ascii() || list.iter().any(|want| value_matches(v, want, rule.host))),
     }
 }
 
@@ -2283,6 +2299,52 @@ mod tests {
     }
 
     #[test]
+    fn equals_and_one_of_err_on_the_safe_side_for_folds_and_parameters() {
+        // Round 12 su F2: Go's EqualFold takes U+212A for `k`, Latin-1
+        // `ß` upper-cases to `SS`; su F4: apps dispatch on a media type
+        // without its parameters.
+        let p = peer(1);
+        let h = |n: &str| HeaderName::from_bytes(n.as_bytes()).expect("name");
+        let (_f, r) = with_rule(
+            RiskCondition::Header {
+                name: h("x-country"),
+                test: HeaderTest::OneOf(vec!["KP".into(), "SS".into()]),
+            },
+            RiskAction::Challenge,
+        );
+        let mut hs = HeaderMap::new();
+        hs.insert(
+            "x-country",
+            HeaderValue::from_bytes(b"\xe2\x84\xaaP").unwrap(),
+        );
+        assert_eq!(r.evaluate(&p, &hs, at(0)), ch("extra"));
+        hs.insert("x-country", HeaderValue::from_bytes(b"\xdf").unwrap());
+        assert_eq!(r.evaluate(&p, &hs, at(0)), ch("extra"));
+        hs.insert("x-country", HeaderValue::from_static("FR"));
+        assert_eq!(r.evaluate(&p, &hs, at(0)), Verdict::Pass);
+        let (_f, r) = with_rule(
+            RiskCondition::Header {
+                name: h("content-type"),
+                test: HeaderTest::Equals("application/xml".into()),
+            },
+            RiskAction::Challenge,
+        );
+        for v in [
+            "application/xml",
+            "application/xml; charset=utf-8",
+            "Application/XML;x=1",
+            "text/plain, application/xml ; q=1",
+        ] {
+            let hs = headers(&[("content-type", v)]);
+            assert_eq!(r.evaluate(&p, &hs, at(0)), ch("extra"), "{v}");
+        }
+        for v in ["application/xml+x", "text/xml; a=application/xml"] {
+            let hs = headers(&[("content-type", v)]);
+            assert_eq!(r.evaluate(&p, &hs, at(0)), Verdict::Pass, "{v}");
+        }
+    }
+
+    #[test]
     fn header_values_are_read_as_lists_without_whitespace_or_case() {
         let f = fx(100);
         let p = peer(1);
@@ -2347,7 +2409,14 @@ mod tests {
             let v = r.evaluate(&p, &h(value), at(0));
             assert_eq!(v, ch("kind"), "{:?}", String::from_utf8_lossy(value));
         }
-        for value in [&b"wire\xa0x"[..], b"wi\xa0re", b"wired"] {
+        // Other bytes outside ASCII count as equal too (round 12 su F2:
+        // apps fold them in ways of their own); ASCII values differing
+        // stay different.
+        for value in [&b"wire\xa0x"[..], b"wi\xa0re"] {
+            let v = r.evaluate(&p, &h(value), at(0));
+            assert_eq!(v, ch("kind"), "{:?}", String::from_utf8_lossy(value));
+        }
+        for value in [&b"wired"[..], b"wi re"] {
             let v = r.evaluate(&p, &h(value), at(0));
             assert_eq!(v, Verdict::Pass, "{:?}", String::from_utf8_lossy(value));
         }

@@ -114,21 +114,22 @@ fn proxy_header_len(b: &[u8]) -> ProxyHeader {
 /// `METHOD SP target SP HTTP/1.d CRLF`, checked as far as `b` goes, and
 /// read as loosely as any server reads one: servers differ (nginx takes runs
 /// of spaces, raw bytes beyond ASCII in the target, `HTTP/1.10`; others
-/// tabs, whitespace before the method, a version in lower case), and a
-/// request taken for opaque TCP could be passed through in plain text. So
-/// anything of the shape "token, whitespace, target, whitespace, `HTTP/`
-/// in any case" is HTTP/1, whatever the target's bytes and the version's
-/// digits: the HTTP way refuses what its parser cannot read, and no other
-/// protocol's first line ends in `HTTP/...` (RTSP, SIP and ICAP name their
-/// own).
+/// tabs, whitespace before the method, a version in lower case, a space
+/// inside the target, words after the version, a bare CR ending the line),
+/// and a request taken for opaque TCP could be passed through in plain
+/// text. So a line of a token, whitespace, and then anything with a later
+/// word starting `HTTP/` in any case is HTTP/1, whatever the target's bytes
+/// and the version's digits: the HTTP way refuses what its parser cannot
+/// read, and no other protocol's first line has an `HTTP/...` word (RTSP,
+/// SIP and ICAP name their own). The line ends at a CR or a LF. HTTP/0.9's
+/// `GET /path` (no version) stays opaque: no server in use serves it.
 fn request_line(b: &[u8]) -> Option<Protocol> {
     const TCP: Option<Protocol> = Some(Protocol::Tcp);
-    let line_end = b.iter().position(|&c| c == b'\n');
+    let line_end = b.iter().position(|&c| c == b'\n' || c == b'\r');
     let line = match line_end {
         Some(i) => &b[..i],
         None => b,
     };
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
     // Until the line ends, a part that reaches the end of `b` may go on.
     let more = if line_end.is_some() { TCP } else { None };
     let line = &line[line.iter().take_while(|&&c| is_blank(c)).count()..];
@@ -140,26 +141,13 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
     let Some(rest) = after_blanks(rest) else {
         return if rest.is_empty() { more } else { TCP };
     };
-    let target = rest.iter().take_while(|&&c| !is_blank(c)).count();
-    let rest = &rest[target..];
-    let Some(version) = after_blanks(rest) else {
-        // `rest` is empty here: the target reached the end of the line.
-        return more;
-    };
-    let v_len = version.iter().take_while(|&&c| !is_blank(c)).count();
-    let (version, trailing) = version.split_at(v_len);
-    if !trailing.iter().all(|&c| is_blank(c)) {
-        return TCP;
-    }
     const V: &[u8] = b"HTTP/";
-    let n = version.len().min(V.len());
-    if version.is_empty() {
-        return more;
-    }
-    if !version[..n].eq_ignore_ascii_case(&V[..n]) {
-        return TCP;
-    }
-    match (version.len() > V.len(), line_end.is_some()) {
+    let versioned = rest
+        .split(|&c| is_blank(c))
+        .filter(|w| !w.is_empty())
+        .skip(1)
+        .any(|w| w.len() > V.len() && w[..V.len()].eq_ignore_ascii_case(V));
+    match (versioned, line_end.is_some()) {
         (true, true) => Some(Protocol::Http1),
         (false, true) => TCP,
         (_, false) => None,
@@ -447,7 +435,14 @@ mod tests {
             (b"GET /x   HTTP/1.1  \r\n", Some(Http1)),
             (b"GET  /x  ", None),
             (b"GET\t/x HTTP/1.1\r\n", Some(Http1)),
-            (b"GET /x HTTP/1.1 x\r\n", Some(Tcp)),
+            // Round 12 mesh F1: a space in the target, words after the
+            // version, a bare CR: still a request to some server.
+            (b"GET /x HTTP/1.1 x\r\n", Some(Http1)),
+            (b"GET /a b HTTP/1.1\r\n", Some(Http1)),
+            (b"GET / HTTP/1.1\rHost: a\r", Some(Http1)),
+            (b"GET /x HTTP/1.1 x", None),
+            (b"set key 0 0 5\r\nhello\r\n", Some(Tcp)),
+            (b"SET k v\r\n", Some(Tcp)),
             // Round 11 verification: what nginx, Node and others still
             // take for a request.
             (b"GET /users/Jos\xc3\xa9 HTTP/1.1\r\n", Some(Http1)),

@@ -45,6 +45,12 @@ pub fn match_host(pattern: &HostPattern, host: &str) -> Option<Captures> {
         HostPattern::Any => Some(Captures::default()),
         HostPattern::Exact(h) => h.eq_ignore_ascii_case(host).then(Captures::default),
         HostPattern::Labels { any_prefix, labels } => {
+            // An address is no DNS name: `10.1.2.3` has four "labels", and
+            // `*.{namespace}` would take `3` for a namespace (round 12 mesh
+            // F3). Addresses are for `cidr` rules and exact hosts.
+            if host.parse::<std::net::IpAddr>().is_ok() {
+                return None;
+            }
             let host = host.to_ascii_lowercase();
             let host = host.strip_suffix('.').unwrap_or(&host);
             let got: Vec<&str> = host.split('.').collect();
@@ -229,6 +235,26 @@ impl RuleSet {
     /// The rule an HTTP request with `host` on a redirected connection
     /// uses, among the connection's candidates: an exact host first, then
     /// in file order (a candidate without host condition takes any host).
+    /// Whether some rule's host pattern (other than `*`) takes `host`,
+    /// whatever the destination: the name is in the mesh, and a request
+    /// naming it must not leave in plain text to an address no rule covers
+    /// (an egress proxy, say) when the rules that take it are limited by
+    /// `cidr` or `port`.
+    pub fn names_meshed_host(&self, host: &str) -> bool {
+        self.rules.iter().any(|r| match &r.host {
+            None | Some(HostPattern::Any) => false,
+            Some(p) => match_host(p, host).is_some(),
+        })
+    }
+
+    /// Whether any rule has a host pattern other than `*`
+    /// ([`RuleSet::names_meshed_host`] can say yes).
+    pub fn has_host_names(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(&r.host, Some(p) if !matches!(p, HostPattern::Any)))
+    }
+
     pub fn for_host(&self, c: &Candidates, host: Option<&str>) -> Option<(usize, Captures)> {
         if let Some(host) = host {
             let exact = c.0.iter().copied().find(|&i| {
@@ -298,6 +324,12 @@ mod tests {
         assert!(match_host(&anchored, "x.api.demo").is_none());
         assert!(match_host(&pat("*"), "anything").is_some());
         assert!(match_host(&pat("Api.Demo"), "API.demo").is_some());
+        // Round 12 mesh F3: an address is no DNS name, whatever its dots.
+        for addr in ["10.1.2.3", "10.0.0.7", "::1", "fd00::7"] {
+            assert_eq!(match_host(&pat("*.{namespace}"), addr), None, "{addr}");
+            assert_eq!(match_host(&pat("*.{a}.{b}.{c}"), addr), None, "{addr}");
+        }
+        assert!(match_host(&pat("*"), "10.1.2.3").is_some());
     }
 
     #[test]

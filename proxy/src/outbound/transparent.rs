@@ -91,7 +91,16 @@ impl Outbound {
         let table = self.rules();
         let candidates = table.rules().candidates(dst);
         if candidates.is_empty() {
-            return self.unmeshed(tcp, dst, Guard::None).await;
+            // No rule covers the address, but HTTP sent to it (an egress
+            // proxy's absolute-form request, a CONNECT) may name a meshed
+            // host: read lazily, refused then (`may_pass`).
+            let guard = if table.rules().has_host_names() {
+                Guard::Late
+            } else {
+                Guard::None
+            };
+            drop(table);
+            return self.unmeshed(tcp, dst, guard).await;
         }
         let protocol = if self.cfg.opaque_ports.contains(&dst.port()) {
             Protocol::Tcp
@@ -344,7 +353,9 @@ impl Outbound {
                     let table = self.rules();
                     let rules = table.rules();
                     let c = rules.candidates(dst);
-                    !rules.claims_destination(&c) && unmeshed_hosts(rules, &c, hosts)
+                    !rules.claims_destination(&c)
+                        && unmeshed_hosts(rules, &c, hosts)
+                        && !hosts.iter().any(|h| rules.names_meshed_host(h))
                 };
                 let max = self.cfg.limits.max_header_bytes;
                 let outcome = match guard {
@@ -889,6 +900,47 @@ mod tests {
         );
         assert!(!got().contains("api.db.svc"));
         assert_eq!(tcp_result(&m, "passthrough"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_meshed_host_named_to_an_address_no_rule_covers_never_leaves_in_plain_text() {
+        // Round 12 mesh F2: host rules limited by `cidr` (the example's
+        // way) say nothing of an egress proxy's address; an absolute-form
+        // request, a CONNECT or a later request naming a meshed service
+        // sent there must not go out in plain text. Other hosts pass.
+        let rule = "[[outbound.upstreams]]\nhost = \"*.{ns}.svc.cluster.local\"\ncidr = \"10.96.0.0/12\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\"\n";
+        for (first, second) in [
+            (&b"GET http://api.db.svc.cluster.local/ HTTP/1.1\r\nHost: api.db.svc.cluster.local\r\nAuthorization: Bearer s3cret\r\n\r\n"[..], None),
+            (b"CONNECT api.db.svc.cluster.local:8080 HTTP/1.1\r\nHost: api.db.svc.cluster.local:8080\r\nProxy-Authorization: s3cret\r\n\r\n", None),
+            (
+                b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n",
+                Some(&b"GET /x HTTP/1.1\r\nHost: api.db.svc.cluster.local\r\nAuthorization: Bearer s3cret\r\n\r\n"[..]),
+            ),
+        ] {
+            let (plain, seen) = recording_server().await;
+            let (o, _m) = outbound(rule);
+            let mut c = redirected(&o, plain).await;
+            c.write_all(first).await.unwrap();
+            if let Some(second) = second {
+                let got = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+                tokio::time::timeout(WAIT, async {
+                    while !got().contains("example.org") {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await
+                .expect("the first request passed through");
+                c.write_all(second).await.unwrap();
+            }
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+                .await
+                .expect("closed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let got = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+            assert!(!got.contains("s3cret"), "{got}");
+            assert!(!got.contains("api.db.svc"), "{got}");
+        }
     }
 
     #[tokio::test]
