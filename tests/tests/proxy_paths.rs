@@ -42,8 +42,14 @@ struct Setup {
 }
 
 fn setup(default_policy: &str, public_route: bool) -> Setup {
+    setup_with(default_policy, public_route, LOCATIONS, "")
+}
+
+/// [`setup`] with other nginx locations and routes (TOML, placed first;
+/// `{client}` stands for the client's SPIFFE ID).
+fn setup_with(default_policy: &str, public_route: bool, locations: &str, routes: &str) -> Setup {
     let pki = Pki::new(TD);
-    let nginx = Nginx::start(LOCATIONS);
+    let nginx = Nginx::start(locations);
     let server = pki.issue("server", "/ns/default/sa/api");
     let client = pki.issue("client", "/ns/default/sa/client");
     let other = pki.issue("other", "/ns/default/sa/other");
@@ -51,6 +57,7 @@ fn setup(default_policy: &str, public_route: bool) -> Setup {
         pki.id("/ns/default/sa/client"),
         pki.id("/ns/default/sa/other"),
     );
+    let routes = routes.replace("{client}", &cid);
     let public = if public_route {
         format!("[[inbound.routes]]\npath_prefix = \"/public\"\nallow = [\"{cid}\", \"{oid}\"]\n")
     } else {
@@ -60,7 +67,7 @@ fn setup(default_policy: &str, public_route: bool) -> Setup {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cfg = format!(
         "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\napp = \"{}\"\ndefault_policy = \"{default_policy}\"\n\
-         {public}[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{cid}\"]\n\
+         {routes}{public}[[inbound.routes]]\npath_prefix = \"/admin\"\nallow = [\"{cid}\"]\n\
          [[inbound.routes]]\npath_prefix = \"/stepup\"\nallow = [\"{cid}\", \"{oid}\"]\nstep_up = true\n\
          [admin]\nlisten = \"{admin}\"\n",
         identity_toml(&pki.bundle, &server),
@@ -585,4 +592,54 @@ fn through_the_outbound() {
     assert_eq!(bad, 0.0, "{}", log());
     // What the inbound refused never came from the outbound's own refusals.
     assert_eq!(s.refused("encoded_slash"), 0.0);
+}
+
+/// Round 12 auth F4/F5: nginx serves `/panel.php` for `/panel` (the "hide
+/// .php" rewrite) and `/desk/index.php` for `/desk/` (its index). Routes
+/// written for the scripts hold for those paths too.
+#[test]
+fn a_route_for_a_script_holds_where_the_server_runs_it_by_another_path() {
+    let locations = r#"
+    location = /panel.php { return 200 "ADMIN-SECRET panel.php\n"; }
+    location = /panel { rewrite ^ /panel.php last; }
+    location /panel/ { rewrite ^ /panel.php last; }
+    location = /desk/index.php { return 200 "ADMIN-SECRET desk/index.php\n"; }
+    location = /desk/ { rewrite ^ /desk/index.php last; }
+    location / { return 404 "NOTHING $uri\n"; }
+"#;
+    let routes = "[[inbound.routes]]\npath_prefix = \"/panel.php\"\nallow = [\"{client}\"]\n\
+                  [[inbound.routes]]\npath_prefix = \"/desk/index.php\"\nallow = [\"{client}\"]\n";
+    let s = setup_with("allow-trust-domain", false, locations, routes);
+    let rt = rt();
+    let log = || format!("{}\nnginx:\n{}", s.inbound.log_text(), s.nginx.access_log());
+    for target in [
+        "/panel.php",
+        "/panel",
+        "/PANEL",
+        "/panel/x",
+        "/desk/index.php",
+        "/desk/",
+        "/desk",
+    ] {
+        check(
+            &format!("h1 {target}"),
+            s.h1(&rt, &s.other, "GET", target),
+            Want::Denied,
+            &log,
+        );
+        if let Some(got) = s.h2(&rt, &s.other, target) {
+            check(&format!("h2 {target}"), got, Want::Denied, &log);
+        }
+    }
+    // The allowed caller still reaches them.
+    let (status, body) = s.h1(&rt, &s.client, "GET", "/panel");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s.h1(&rt, &s.client, "GET", "/desk/");
+    assert_eq!(status, 200, "{body}");
+    let access = s.nginx.access_log();
+    assert_eq!(
+        access.lines().filter(|l| l.starts_with("200")).count(),
+        2,
+        "{access}"
+    );
 }
