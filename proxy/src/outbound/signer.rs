@@ -103,6 +103,10 @@ struct SignerSlot {
     signer: Result<Arc<Signer>, String>,
 }
 
+/// A request sent on a mesh connection: the response, the connection, and
+/// whether the request went signed.
+type Sent = (Response<ProxyBody>, Arc<MeshConnInfo>, bool);
+
 /// The outbound step-up signer hook.
 pub struct OutboundStepUp {
     max_body: usize,
@@ -272,6 +276,15 @@ impl OutboundStepUp {
         Ok(())
     }
 
+    /// Whether `ch` names another key than the one that authenticated
+    /// `info`'s connection: the connection is of the identity held now
+    /// (connections of an earlier one are not reused for new requests) and
+    /// the challenge asks an earlier key.
+    fn stale_for(&self, ch: &Challenge, info: &MeshConnInfo) -> bool {
+        info.identity_generation == self.store.identity_generation()
+            && self.current_signer().is_ok_and(|s| s.keyid() != ch.keyid)
+    }
+
     /// Sends a request to a path known to need step-up: buffers the body (up
     /// to `max_body`), signs up front when a nonce is kept for this
     /// connection and path, and answers a challenge once.
@@ -303,7 +316,7 @@ impl OutboundStepUp {
                 ))
             }
         };
-        let (resp, info) = match self.send_signed(link, &template, &body, None).await? {
+        let (resp, info, _) = match self.send_signed(link, &template, &body, None).await? {
             Ok(sent) => sent,
             // Unreachable without a challenge to answer; kept total.
             Err(r) => return Ok(text(StatusCode::BAD_GATEWAY, format!("{}\n", describe(r)))),
@@ -413,16 +426,34 @@ impl OutboundStepUp {
                 return Ok(pass(challenge, describe(SignResult::BadChallenge)));
             }
         };
-        let (resp, info) = match self.send_signed(link, template, &body, Some(&ch)).await? {
-            Ok(sent) => sent,
-            Err(r) => {
-                tracing::warn!(
-                    path = crate::http::shown_path(template.path()),
-                    result = r.as_str(),
-                    "step-up challenge not answered"
-                );
-                return Ok(pass(challenge, describe(r)));
+        let mut ch = ch;
+        let mut challenge = challenge;
+        // A challenge answered once more: one met on a connection our
+        // previous certificate authenticated, whose nonce the connection in
+        // hand (our current certificate's) cannot use (`send_signed`).
+        let mut again = true;
+        let (resp, info) = loop {
+            let (resp, info, signed) =
+                match self.send_signed(link, template, &body, Some(&ch)).await? {
+                    Ok(sent) => sent,
+                    Err(r) => {
+                        tracing::warn!(
+                            path = crate::http::shown_path(template.path()),
+                            result = r.as_str(),
+                            "step-up challenge not answered"
+                        );
+                        return Ok(pass(challenge, describe(r)));
+                    }
+                };
+            if !signed && again && is_stepup_challenge(resp.status(), resp.headers()) {
+                if let Ok(Some(fresh)) = Challenge::from_headers(resp.headers()) {
+                    again = false;
+                    ch = fresh;
+                    challenge = resp;
+                    continue;
+                }
             }
+            break (resp, info);
         };
         drop(challenge);
         if is_stepup_challenge(resp.status(), resp.headers()) {
@@ -446,21 +477,29 @@ impl OutboundStepUp {
     /// signed again for a fresh connection, once, and one the upstream did
     /// not process (it refused the stream, or its GOAWAY left it out) is
     /// signed and sent again, once, after a pause if it was refused.
-    /// `Ok(Err(_))`: the challenge could not be answered.
+    /// `Ok(Err(_))`: the challenge could not be answered. With the
+    /// response comes whether the request went signed: a challenge for a key
+    /// other than the one of the connection in hand (met on a connection our
+    /// previous certificate authenticated, before a renewal) is not
+    /// answered there, where the inbound would refuse it as
+    /// `keyid_mismatch` and hold it against us; the request goes unsigned,
+    /// and is challenged afresh for the connection's own key.
     async fn send_signed(
         &self,
         link: &MeshLink,
         template: &Template,
         body: &Whole,
         challenge: Option<&Challenge>,
-    ) -> Result<Result<(Response<ProxyBody>, Arc<MeshConnInfo>), SignResult>, ForwardError> {
+    ) -> Result<Result<Sent, SignResult>, ForwardError> {
         let mut kept: Option<Challenge> = None;
         let mut retried = false;
         let mut refused = false;
         loop {
             let (send, info) = link.sender().await?;
             let mut headers = template.headers.clone();
+            let mut signed = true;
             match challenge {
+                Some(ch) if self.stale_for(ch, &info) => signed = false,
                 Some(ch) => {
                     if let Err(r) = self.sign(ch, template, &mut headers, body, &info) {
                         return Ok(Err(r));
@@ -479,7 +518,7 @@ impl OutboundStepUp {
                 }
             }
             match send.try_send(template.request_with(headers, body)).await {
-                Ok(resp) => return Ok(Ok((resp.map(ProxyBody::Mesh), info))),
+                Ok(resp) => return Ok(Ok((resp.map(ProxyBody::Mesh), info, signed))),
                 Err(e) => match (e.unsent, ForwardError::from_h2(&e.error)) {
                     (Some(_), _) if !retried => {
                         retried = true;
