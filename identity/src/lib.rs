@@ -21,6 +21,7 @@ pub mod duration;
 pub mod filemode;
 pub mod keys;
 pub mod pkcs11;
+pub mod private_memory;
 pub mod sigcache;
 pub mod spiffe;
 pub mod stdout;

@@ -166,6 +166,7 @@ async fn demo_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
 
 /// Runs the demo; with `once`, returns after it, otherwise waits for Ctrl-C.
 pub async fn run(once: bool) -> Result<(), QuickstartError> {
+    crate::run::keep_memory_private();
     let tmp = std::env::temp_dir().join(format!("keyproof-quickstart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|source| QuickstartError::Io {

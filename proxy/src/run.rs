@@ -783,8 +783,18 @@ pub fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, StartEr
     b.enable_all().build().map_err(StartError::Runtime)
 }
 
+/// Marks the process not dumpable (`keyproof_identity::private_memory`):
+/// the workload key never lands in a core file or reaches a same-user
+/// `ptrace`.
+pub fn keep_memory_private() {
+    if let Err(e) = keyproof_identity::private_memory::keep_private() {
+        tracing::warn!(error = %e, "could not mark the process not dumpable: a core dump or a same-user ptrace would see the workload key");
+    }
+}
+
 /// `keyproof-proxy run`: start, serve until SIGTERM/SIGINT, drain, return.
 pub fn run(cfg: Config) -> Result<(), StartError> {
+    keep_memory_private();
     let rt = runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async {
         // One signal listener for the whole life: `[identity.ca]` may wait
