@@ -271,12 +271,29 @@ const FOLDS_TO_ASCII: [(&[u8], u8); 4] = [
     (b"%E2%84%AA", b'k'),
 ];
 
-/// How many bytes of `path` the ASCII `base` covers when case is ignored
-/// as apps ignore it (ASCII letters either case, and [`FOLDS_TO_ASCII`]),
-/// or `None` if `path` does not start with it so.
+/// How many bytes of `path` the route prefix `base` covers when case is
+/// ignored as apps ignore it (ASCII letters either case, and
+/// [`FOLDS_TO_ASCII`]; a letter beyond ASCII in the route, percent-encoded
+/// UTF-8, either case too, by Unicode's case mapping, as ASP.NET Core's
+/// `OrdinalIgnoreCase`, Fastify's `caseSensitive: false` and Java's
+/// `equalsIgnoreCase` compare), or `None` if `path` does not start with it
+/// so.
 fn fold_len(base: &[u8], path: &[u8]) -> Option<usize> {
-    let mut at = 0;
-    for &b in base {
+    let (mut i, mut at) = (0, 0);
+    while i < base.len() {
+        let b = base[i];
+        if b == b'%' {
+            if let Some((want, n)) = encoded_char(&base[i..]).filter(|(c, _)| !c.is_ascii()) {
+                let (got, m) = encoded_char(&path[at..])?;
+                if !same_letter(want, got) {
+                    return None;
+                }
+                i += n;
+                at += m;
+                continue;
+            }
+        }
+        i += 1;
         let c = *path.get(at)?;
         if c.eq_ignore_ascii_case(&b) {
             at += 1;
@@ -292,6 +309,39 @@ fn fold_len(base: &[u8], path: &[u8]) -> Option<usize> {
         at += enc.len();
     }
     Some(at)
+}
+
+/// The character a percent-encoded UTF-8 sequence at the start of `b`
+/// stands for, and the sequence's length; `None` if `b` starts otherwise.
+fn encoded_char(b: &[u8]) -> Option<(char, usize)> {
+    let byte = |k: usize| -> Option<u8> {
+        let e = b.get(k * 3..k * 3 + 3)?;
+        if e[0] != b'%' {
+            return None;
+        }
+        let hex = std::str::from_utf8(&e[1..]).ok()?;
+        u8::from_str_radix(hex, 16).ok()
+    };
+    let first = byte(0)?;
+    let len = match first {
+        0x00..=0x7f => 1,
+        0xc2..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf4 => 4,
+        _ => return None,
+    };
+    let mut buf = [0u8; 4];
+    buf[0] = first;
+    for (k, slot) in buf.iter_mut().enumerate().take(len).skip(1) {
+        *slot = byte(k)?;
+    }
+    let c = std::str::from_utf8(&buf[..len]).ok()?.chars().next()?;
+    Some((c, len * 3))
+}
+
+/// Whether two letters are the same but for case, as Unicode maps case.
+fn same_letter(a: char, b: char) -> bool {
+    a == b || a.to_lowercase().eq(b.to_lowercase()) || a.to_uppercase().eq(b.to_uppercase())
 }
 
 impl Policy {
@@ -930,6 +980,43 @@ mod tests {
             p.decide(&http::Method::GET, "/adm%C4%B1n", &id(OPS), ""),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn a_letter_beyond_ascii_in_a_route_meets_its_other_case() {
+        // Round 12 auth F6: Fastify (caseSensitive: false), ASP.NET Core
+        // and Java fold é and É alike.
+        let m = Metrics::new().unwrap();
+        let mut cafe = route("/caf%C3%A9/admin", &[], &[OPS]);
+        cafe.step_up = StepUpMode::Always;
+        let p = pol(
+            &[cafe, route("/", &[], &[WEB, OPS])],
+            DefaultPolicy::Deny,
+            &m,
+        );
+        for path in [
+            "/caf%C3%A9/admin",
+            "/caf%C3%89/admin",
+            "/CAF%c3%89/ADMIN/x",
+            "/%C3%9Cber",
+        ] {
+            let want_admin = !path.contains("%C3%9C");
+            let got = p.decide(&http::Method::GET, path, &id(WEB), "");
+            assert_eq!(
+                matches!(got, Decision::Deny(_)),
+                want_admin,
+                "{path}: {got:?}"
+            );
+        }
+        // Another letter is another path.
+        assert!(matches!(
+            p.decide(&http::Method::GET, "/caf%C3%A8/admin", &id(WEB), ""),
+            Decision::Allow(Some(r)) if r.path_prefix == "/"
+        ));
+        assert_eq!(encoded_char(b"%C3%A9x"), Some(('\u{e9}', 6)));
+        assert_eq!(encoded_char(b"%C3"), None);
+        assert_eq!(encoded_char(b"%FFx"), None);
+        assert!(same_letter('\u{e9}', '\u{c9}') && !same_letter('\u{e9}', '\u{e8}'));
     }
 
     #[test]
