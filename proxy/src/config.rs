@@ -2148,16 +2148,22 @@ pub fn format_duration(d: Duration) -> String {
 fn inbound(raw: RawInbound) -> Result<InboundConfig, ConfigError> {
     let listen = socket_addr("inbound.listen", &raw.listen)?;
     let app = host_port("inbound.app", &raw.app)?;
-    if app
-        .parse::<std::net::SocketAddr>()
-        .is_ok_and(|a| a.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST))
-    {
-        // IPv4 loopback has 127.0.0.6 to dial from (app_client::APP_SOURCE);
-        // IPv6 has one loopback address, the app's own.
-        tracing::warn!(
-            app = %app,
-            "inbound.app: on [::1] the app sees every caller as ::1, its own loopback address, and grants callers what it grants local processes; listen on 127.0.0.1 (the inbound then dials from 127.0.0.6)"
-        );
+    if let Ok(addr) = app.parse::<std::net::SocketAddr>() {
+        // IPv4 loopback has 127.0.0.6 to dial from (app_client::APP_SOURCE),
+        // so that the app tells callers from its own local processes. On
+        // these the app would see every caller as its own loopback address.
+        let own = match addr.ip() {
+            std::net::IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.is_unspecified() || v6.to_ipv4_mapped().is_some()
+            }
+            std::net::IpAddr::V4(v4) => v4.is_unspecified(),
+        };
+        if own {
+            return Err(invalid(
+                "inbound.app",
+                "on [::1], [::], 0.0.0.0 or an IPv4-mapped address the app would see every caller as its own loopback address, and grant callers what it grants local processes; give the app's IPv4 loopback address (127.0.0.1:PORT), which the inbound dials from 127.0.0.6",
+            ));
+        }
     }
     let max_app_connections = raw.max_app_connections.unwrap_or(256);
     if max_app_connections == 0 || max_app_connections > (1 << 20) {
@@ -3374,6 +3380,20 @@ mod tests {
         let addr = format!("{BASE}[outbound]\nlisten = \"nope\"\n");
         let e = Config::parse(&addr).unwrap_err().to_string();
         assert!(e.starts_with("outbound.listen:"), "{e}");
+        // Round 12 auth F7: on these the app sees callers as itself.
+        for own in [
+            "[::1]:8080",
+            "[::]:8080",
+            "0.0.0.0:8080",
+            "[::ffff:127.0.0.1]:8080",
+        ] {
+            let text = format!("{BASE}[inbound]\nlisten = \"127.0.0.1:1\"\napp = \"{own}\"\n");
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with("inbound.app:") && e.contains("127.0.0.6"),
+                "{e}"
+            );
+        }
         // Round 11 mesh F4: reachable from other hosts, the outbound would
         // call out as this workload for them.
         for open in ["0.0.0.0:15001", "[::]:15001", "10.1.2.3:15001"] {

@@ -252,7 +252,7 @@ fn controlled_in_disguise(name: &[u8]) -> bool {
 /// every copy goes ([`CALLER_STATEMENTS`]), and `X-Real-IP` is set to the
 /// caller's address, as nginx's own `proxy_set_header X-Real-IP
 /// $remote_addr` does.
-pub const CLIENT_ADDRESS: [&str; 21] = [
+pub const CLIENT_ADDRESS: [&str; 24] = [
     "x-real-ip",
     "true-client-ip",
     "x-client-ip",
@@ -276,6 +276,9 @@ pub const CLIENT_ADDRESS: [&str; 21] = [
     "wl-proxy-client-ip",
     "proxy-client-ip",
     "x-forwarded-client-ip",
+    "cf-connecting-ipv6",
+    "fly-client-ip",
+    "x-azure-socketip",
 ];
 
 /// Fields by which the front proxies an app may have been moved from tell
@@ -290,13 +293,11 @@ pub const CLIENT_ADDRESS: [&str; 21] = [
 /// `x-forwarded-client-cert` and `X-Real-IP`; every caller's copy of these
 /// goes, in any spelling [`same_name`] reads as one, and the scheme is left
 /// to the app's own connection (plain HTTP from the sidecar).
-pub const CALLER_STATEMENTS: [&str; 29] = [
+pub const CALLER_STATEMENTS: [&str; 27] = [
     // The client certificate (Linkerd's proxy states its identity).
     "l5d-client-id",
     "client-cert",
     "client-cert-chain",
-    "x-client-cert",
-    "x-client-certificate",
     "x-client-verify",
     "x-client-dn",
     "x-arr-clientcert",
@@ -326,7 +327,18 @@ pub const CALLER_STATEMENTS: [&str; 29] = [
 ];
 
 /// [`CALLER_STATEMENTS`] more: families of fields, by prefix.
-pub const CALLER_STATEMENT_PREFIXES: [&str; 12] = [
+pub const CALLER_STATEMENT_PREFIXES: [&str; 20] = [
+    // `X-Client-Cert` and Google's load balancer's `X-Client-Cert-Spiffe`,
+    // `-Present`, `-Chain-Verified`...
+    "x-client-cert",
+    "ms-aspnetcore-clientcert",
+    "wl-proxy-",
+    // Authelia's and others' `Remote-User`, `-Groups`, `-Email`, `-Name`.
+    "remote-",
+    "x-authentik-",
+    "tailscale-",
+    "cloudfront-",
+    "cf-visitor",
     "ssl-client-",
     "x-ssl-",
     "x-forwarded-tls-",
@@ -523,7 +535,9 @@ pub fn check_request(
         // Cheap filters first: the names acted on start with one of these
         // letters or hold punctuation other than `-`.
         match n.first() {
-            Some(b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r' | b'a' | b'w' | b'l') => {}
+            Some(
+                b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r' | b'a' | b'w' | b'l' | b'm',
+            ) => {}
             _ if !may_be_disguised(n) => continue,
             _ => {}
         }
@@ -1962,6 +1976,21 @@ mod strip_tests {
             "x-scheme",
             "l5d-client-id",
             "X-Forwarded-Prefix",
+            // Round 12 verification V2.
+            "x-client-cert-spiffe",
+            "x-client-cert-present",
+            "ms-aspnetcore-clientcert",
+            "wl-proxy-client-cert",
+            "wl-proxy-ssl",
+            "remote-groups",
+            "remote-email",
+            "x-authentik-username",
+            "tailscale-user-login",
+            "cf-connecting-ipv6",
+            "fly-client-ip",
+            "x-azure-socketip",
+            "cloudfront-forwarded-proto",
+            "cf-visitor",
         ];
         let kept = [
             "x-amount",
@@ -1970,8 +1999,8 @@ mod strip_tests {
             "x-user-agent",
             "x-forwarded-host",
             "x-forwarded-for",
-            "remote-users",
             "sslclient",
+            "remotely",
         ];
         let mut fields: Vec<(&str, &str)> = forged.iter().map(|n| (*n, "ops")).collect();
         fields.extend(kept.iter().map(|n| (*n, "1")));

@@ -41,8 +41,10 @@ pub struct Route {
 enum ScriptAlias {
     /// This path and everything below it (`/admin` for `/admin.php`).
     Prefix(String),
-    /// This directory, with or without its final `/` (`/panel` for
-    /// `/panel/index.php`).
+    /// This directory and everything below it (`/panel` for
+    /// `/panel/index.php`: PHP's own server runs a directory's index for
+    /// any path below it that names no file, as front controllers are
+    /// set up to).
     Directory(String),
 }
 
@@ -52,11 +54,8 @@ impl ScriptAlias {
     fn meets(&self, path: &str) -> bool {
         match self {
             ScriptAlias::Prefix(p) => path_matches(p, path, true),
-            ScriptAlias::Directory(d) if d == "/" => path == "/",
-            ScriptAlias::Directory(d) => {
-                let p = path.strip_suffix('/').unwrap_or(path).as_bytes();
-                fold_len(d.as_bytes(), p) == Some(p.len())
-            }
+            ScriptAlias::Directory(d) if d == "/" => true,
+            ScriptAlias::Directory(d) => path_matches(d, path, true),
         }
     }
 }
@@ -66,8 +65,10 @@ impl ScriptAlias {
 /// the extension, which the "hide .php" rewrites (nginx `try_files $uri
 /// $uri.php`, Apache `RewriteRule ^([^.]+)$ $1.php`) and Apache's
 /// `MultiViews` (also for `/admin/x`, as PATH_INFO) serve from it; and for
-/// a directory index (`index.*`, IIS's `default.*`), its directory, which
-/// every server runs it for (nginx `index`, Apache `DirectoryIndex`). A
+/// a directory index (`index.*`, IIS's `default.*`), its directory and
+/// everything below it: every server runs it for the directory (nginx
+/// `index`, Apache `DirectoryIndex`), PHP's own server for any path below
+/// it that names no file, and front controllers are set up so. A
 /// route written for the script must also hold for those: they are the
 /// same handler.
 fn script_aliases(prefix: &str) -> Vec<ScriptAlias> {
@@ -1182,7 +1183,11 @@ mod tests {
                 (http::Method::GET, "/panel"),
                 (http::Method::GET, "/Panel/"),
                 (http::Method::GET, "/panel/index"),
+                // Verification V1: `php -S` runs panel/index.php for any
+                // path below /panel that names no file.
+                (http::Method::GET, "/panel/users/delete"),
                 (http::Method::POST, "/"),
+                (http::Method::POST, "/any/path"),
             ] {
                 assert!(
                     matches!(
@@ -1203,7 +1208,6 @@ mod tests {
             // the catch-all.
             for (method, path) in [
                 (http::Method::GET, "/administrator"),
-                (http::Method::GET, "/panel/x"),
                 (http::Method::GET, "/panels/"),
                 (http::Method::GET, "/"),
                 (http::Method::GET, "/x/admin"),

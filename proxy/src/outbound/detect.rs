@@ -154,9 +154,12 @@ fn request_line(b: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// A space or a tab: what servers take between a request line's parts.
+/// What some server takes between a request line's parts: a space or a
+/// tab, and what Python's `str.split()` (its `http.server`) splits at too:
+/// the other ASCII whitespace (VT, FF), the separators 0x1C-0x1F, and NEL
+/// and the no-break space of a line read as Latin-1.
 fn is_blank(c: u8) -> bool {
-    c == b' ' || c == b'\t'
+    matches!(c, b' ' | b'\t' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0)
 }
 
 /// `b` after one or more leading blanks; `None` if it does not start with
@@ -443,6 +446,11 @@ mod tests {
             (b"GET /x HTTP/1.1 x", None),
             (b"set key 0 0 5\r\nhello\r\n", Some(Tcp)),
             (b"SET k v\r\n", Some(Tcp)),
+            // Verification V4: Python's http.server splits at any
+            // whitespace str.split() knows.
+            (b"GET\x0c/ HTTP/1.1\r\n", Some(Http1)),
+            (b"GET /\x0bHTTP/1.1\r\n", Some(Http1)),
+            (b"GET\x1f/\xa0HTTP/1.1\r\n", Some(Http1)),
             // Round 11 verification: what nginx, Node and others still
             // take for a request.
             (b"GET /users/Jos\xc3\xa9 HTTP/1.1\r\n", Some(Http1)),

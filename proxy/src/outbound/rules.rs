@@ -38,6 +38,23 @@ fn is_dns_label(label: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// Whether `host`'s last label is a number (`10.88.12034`, `0x0a.0x58.0x2f.0x02`,
+/// octal `012`): an address in a form `inet_aton` reads, never a DNS name
+/// (no top-level domain is numeric, RFC 3696 section 2).
+fn numeric_last_label(host: &str) -> bool {
+    let last = host
+        .strip_suffix('.')
+        .unwrap_or(host)
+        .rsplit('.')
+        .next()
+        .unwrap_or("");
+    let hex = last
+        .strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    !last.is_empty() && (last.bytes().all(|b| b.is_ascii_digit()) || hex)
+}
+
 /// Matches `host` (any case; an IPv6 literal without brackets) against
 /// `pattern`; the captures on a match.
 pub fn match_host(pattern: &HostPattern, host: &str) -> Option<Captures> {
@@ -48,7 +65,7 @@ pub fn match_host(pattern: &HostPattern, host: &str) -> Option<Captures> {
             // An address is no DNS name: `10.1.2.3` has four "labels", and
             // `*.{namespace}` would take `3` for a namespace (round 12 mesh
             // F3). Addresses are for `cidr` rules and exact hosts.
-            if host.parse::<std::net::IpAddr>().is_ok() {
+            if host.parse::<std::net::IpAddr>().is_ok() || numeric_last_label(host) {
                 return None;
             }
             let host = host.to_ascii_lowercase();
@@ -235,24 +252,50 @@ impl RuleSet {
     /// The rule an HTTP request with `host` on a redirected connection
     /// uses, among the connection's candidates: an exact host first, then
     /// in file order (a candidate without host condition takes any host).
-    /// Whether some rule's host pattern (other than `*`) takes `host`,
-    /// whatever the destination: the name is in the mesh, and a request
-    /// naming it must not leave in plain text to an address no rule covers
-    /// (an egress proxy, say) when the rules that take it are limited by
-    /// `cidr` or `port`.
+    /// Whether `host` is in the mesh whatever the destination, so that a
+    /// request naming it must not leave in plain text to an address no rule
+    /// covers (an egress proxy, say): a name some rule's host pattern takes
+    /// by a literal part of it (`*.{namespace}.svc.cluster.local`, an exact
+    /// host), or an address inside some rule's `cidr`. A pattern of
+    /// wildcards and placeholders alone (`*.{namespace}`) names no host by
+    /// itself: its rule's `cidr` or `port` says where it holds, and outside
+    /// them `www.example.com` is any other name.
     pub fn names_meshed_host(&self, host: &str) -> bool {
+        let h = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if let Ok(ip) = h.parse::<std::net::IpAddr>() {
+            let ip = match ip {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            return self
+                .rules
+                .iter()
+                .any(|r| r.cidr.is_some_and(|c| c.contains(&ip)));
+        }
         self.rules.iter().any(|r| match &r.host {
-            None | Some(HostPattern::Any) => false,
-            Some(p) => match_host(p, host).is_some(),
+            Some(p @ HostPattern::Exact(_)) => match_host(p, host).is_some(),
+            Some(p @ HostPattern::Labels { labels, .. })
+                if labels.iter().any(|l| matches!(l, HostLabel::Literal(_))) =>
+            {
+                match_host(p, host).is_some()
+            }
+            _ => false,
         })
     }
 
-    /// Whether any rule has a host pattern other than `*`
-    /// ([`RuleSet::names_meshed_host`] can say yes).
+    /// Whether [`RuleSet::names_meshed_host`] can say yes for some host.
     pub fn has_host_names(&self) -> bool {
-        self.rules
-            .iter()
-            .any(|r| matches!(&r.host, Some(p) if !matches!(p, HostPattern::Any)))
+        self.rules.iter().any(|r| {
+            r.cidr.is_some()
+                || matches!(&r.host, Some(HostPattern::Exact(_)))
+                || matches!(&r.host, Some(HostPattern::Labels { labels, .. })
+                    if labels.iter().any(|l| matches!(l, HostLabel::Literal(_))))
+        })
     }
 
     pub fn for_host(&self, c: &Candidates, host: Option<&str>) -> Option<(usize, Captures)> {
@@ -330,6 +373,36 @@ mod tests {
             assert_eq!(match_host(&pat("*.{a}.{b}.{c}"), addr), None, "{addr}");
         }
         assert!(match_host(&pat("*"), "10.1.2.3").is_some());
+        // Nor is an address in inet_aton's other forms (verification V7).
+        for addr in ["10.88.12034", "0x0a.0x58.0x2f.0x02", "a.012"] {
+            assert_eq!(match_host(&pat("*.{namespace}"), addr), None, "{addr}");
+        }
+    }
+
+    #[test]
+    fn a_meshed_host_is_named_by_a_literal_part_of_a_pattern_or_a_cidr() {
+        let set = rules(&format!(
+            "{}{}{}",
+            rule("host = \"*.{ns}.svc.cluster.local\"\ncidr = \"10.96.0.0/12\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\""),
+            rule("host = \"*.{ns}\"\ncidr = \"10.96.0.0/12\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\""),
+            rule(&format!("host = \"db.internal\"\nport = 5432\n{ID}")),
+        ));
+        assert!(set.has_host_names());
+        for yes in [
+            "api.db.svc.cluster.local",
+            "db.internal",
+            "10.96.0.5",
+            "::ffff:10.96.0.5",
+        ] {
+            assert!(set.names_meshed_host(yes), "{yes}");
+        }
+        for no in ["www.example.com", "api.db", "10.0.0.1", "example.internal"] {
+            assert!(!set.names_meshed_host(no), "{no}");
+        }
+        let broad = rules(&rule(
+            "host = \"*.{ns}\"\nport = 80\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\"",
+        ));
+        assert!(!broad.has_host_names() && !broad.names_meshed_host("api.db"));
     }
 
     #[test]

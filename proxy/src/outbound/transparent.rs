@@ -908,8 +908,27 @@ mod tests {
         // way) say nothing of an egress proxy's address; an absolute-form
         // request, a CONNECT or a later request naming a meshed service
         // sent there must not go out in plain text. Other hosts pass.
-        let rule = "[[outbound.upstreams]]\nhost = \"*.{ns}.svc.cluster.local\"\ncidr = \"10.96.0.0/12\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\"\n";
+        // The example's rules (deploy/kubernetes/example-transparent).
+        let rule = "[[outbound.upstreams]]\nhost = \"*.{ns}.svc.cluster.local\"\ncidr = \"10.96.0.0/12\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\"\n\
+                    [[outbound.upstreams]]\nhost = \"*.{ns}\"\ncidr = \"10.96.0.0/12\"\nidentity = \"spiffe://unit.keyproof.test/ns/{ns}/sa/*\"\n\
+                    [[outbound.upstreams]]\ncidr = \"10.96.0.0/12\"\nidentity = \"spiffe://unit.keyproof.test/ns/*\"\n";
+        // Any other name, even one `*.{ns}` would take inside the range,
+        // passes (verification V6).
+        for host in ["www.example.com", "api.db", "github.com:8080"] {
+            let (plain, _conns) = echo_server().await;
+            let (o, _m) = outbound(rule);
+            let mut c = redirected(&o, plain).await;
+            let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert_eq!(
+                exchange(&mut c, req.as_bytes()).await,
+                req.as_bytes(),
+                "{host}"
+            );
+        }
         for (first, second) in [
+            // An address in the mesh's range, named (verification V5).
+            (&b"GET http://10.96.0.5/ HTTP/1.1\r\nHost: 10.96.0.5\r\nAuthorization: Bearer s3cret\r\n\r\n"[..], None),
+            (b"GET / HTTP/1.1\r\nHost: 10.96.0.5:8080\r\nAuthorization: Bearer s3cret\r\n\r\n", None),
             (&b"GET http://api.db.svc.cluster.local/ HTTP/1.1\r\nHost: api.db.svc.cluster.local\r\nAuthorization: Bearer s3cret\r\n\r\n"[..], None),
             (b"CONNECT api.db.svc.cluster.local:8080 HTTP/1.1\r\nHost: api.db.svc.cluster.local:8080\r\nProxy-Authorization: s3cret\r\n\r\n", None),
             (
@@ -939,7 +958,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let got = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
             assert!(!got.contains("s3cret"), "{got}");
-            assert!(!got.contains("api.db.svc"), "{got}");
+            assert!(!got.contains("api.db.svc") && !got.contains("10.96"), "{got}");
         }
     }
 
