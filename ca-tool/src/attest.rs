@@ -56,7 +56,6 @@
 //! up. The offline mode here needs none of that.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -560,15 +559,8 @@ fn read_jwks(path: &Path) -> Result<(FileStamp, Vec<u8>), String> {
         "whoever can rewrite the JWKS can sign ServiceAccount tokens for any workload",
     )
     .map_err(|e| e.to_string())?;
-    let file = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_JWKS_LEN + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() as u64 > MAX_JWKS_LEN {
-        return Err(format!("larger than {MAX_JWKS_LEN} bytes"));
-    }
+    let (meta, bytes) =
+        crate::fsutil::read_regular(path, MAX_JWKS_LEN).map_err(|e| format!("cannot read: {e}"))?;
     Ok((FileStamp::of(&meta), bytes))
 }
 

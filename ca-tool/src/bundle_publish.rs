@@ -155,13 +155,8 @@ pub fn read_bundle(dir: &Path) -> Result<Bundle, PublishError> {
         path: path.clone(),
         msg,
     };
-    let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
-    if meta.len() > MAX_BUNDLE_BYTES as u64 {
-        return Err(err(format!(
-            "larger than {MAX_BUNDLE_BYTES} bytes: not a trust bundle"
-        )));
-    }
-    let bytes = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+    let (_, bytes) = crate::fsutil::read_regular(&path, MAX_BUNDLE_BYTES as u64)
+        .map_err(|e| err(e.to_string()))?;
     check_bundle(path, bytes)
 }
 

@@ -77,6 +77,14 @@ pub enum CaError {
     NotACa(PathBuf),
     #[error("--dir {}: no such directory", .0.display())]
     NoSuchDirectory(PathBuf),
+    /// `migrate` moved this directory's CA into a store (see
+    /// [`crate::migrated`]): its files are no longer the CA's state.
+    #[error("--dir {}: this CA directory was migrated to a store ({store}) on {at}; use --store URL (with --dir {} as the key directory); its tokens, ledger and revocations are no longer the CA's state", dir.display(), dir.display())]
+    Migrated {
+        dir: PathBuf,
+        at: String,
+        store: String,
+    },
     #[error("refusing to initialise {}: it is a symbolic link to {}, which does not exist (--dir must not exist, or be an empty directory)", dir.display(), target.display())]
     DanglingLink { dir: PathBuf, target: PathBuf },
     #[error("refusing to initialise {}: its parent directory {} does not exist; create it first (--dir is created, its parents are not)", dir.display(), parent.display())]
@@ -567,8 +575,10 @@ pub(crate) fn pair_files(stem: &str, ca: &NewCa) -> Vec<(String, Vec<u8>, u32)> 
     out
 }
 
+/// Reads a CA file or a key file named by a flag (`--root-key`, which may
+/// be `/dev/stdin`): bounded, and never a FIFO or a device.
 fn read(path: &Path) -> Result<Vec<u8>, CaError> {
-    fs::read(path).map_err(io_err(path))
+    crate::fsutil::read_input(path, crate::fsutil::MAX_INPUT).map_err(io_err(path))
 }
 
 /// `path` with its directory resolved (links, `..`), for comparing places.
@@ -953,6 +963,7 @@ impl Ca {
         if !state_path.exists() {
             return Err(CaError::NotACa(dir.to_owned()));
         }
+        crate::migrated::refuse(dir)?;
         let state: CaState =
             serde_json::from_slice(&read(&state_path)?).map_err(|e| CaError::Corrupt {
                 path: state_path.clone(),

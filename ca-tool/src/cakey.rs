@@ -402,7 +402,13 @@ pub(crate) fn generate(home: &KeyHome, what: &str, kt: KeyType) -> Result<NewKey
             loop {
                 let kid = random_kid();
                 let label = format!("keyproof-{what}-{kid}");
-                match Pkcs11Key::generate(spec, &label, kt) {
+                let generated = crate::pin_memory::guard(
+                    crate::pin_memory::dir(),
+                    &spec.pin_file,
+                    &spec.token_label,
+                    || Pkcs11Key::generate(spec, &label, kt),
+                );
+                match generated {
                     Ok(key) => {
                         let location = KeyLocation::Pkcs11(TokenKeyRef {
                             module: spec.module.clone(),
@@ -465,12 +471,17 @@ pub(crate) fn open_token_key(
 ) -> Result<CaKey, CaKeyError> {
     let spec = r.spec(pin_override);
     warn_if_pin_readable(&spec.pin_file);
-    Pkcs11Key::open(&spec, &r.label)
-        .map(CaKey::from)
-        .map_err(|source| CaKeyError::Pkcs11 {
-            what: what.to_owned(),
-            source,
-        })
+    crate::pin_memory::guard(
+        crate::pin_memory::dir(),
+        &spec.pin_file,
+        &spec.token_label,
+        || Pkcs11Key::open(&spec, &r.label),
+    )
+    .map(CaKey::from)
+    .map_err(|source| CaKeyError::Pkcs11 {
+        what: what.to_owned(),
+        source,
+    })
 }
 
 /// `-` as an offline key path: the key goes to standard output (for a CA

@@ -178,7 +178,7 @@ impl std::fmt::Display for Outcome {
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, RenewError> {
-    std::fs::read(path).map_err(|source| RenewError::Read {
+    crate::fsutil::read_input(path, crate::fsutil::MAX_INPUT).map_err(|source| RenewError::Read {
         flag,
         path: path.to_owned(),
         source,

@@ -109,6 +109,97 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// Largest input file the CLI reads (a CSR, a certificate or its key, a
+/// trust bundle, a JWKS, a token): real ones are a few KiB, and a bound far
+/// above them keeps a mistyped path (`/dev/zero`) or a runaway pipe from
+/// filling the memory of the host.
+pub const MAX_INPUT: u64 = 4 * 1024 * 1024;
+
+/// The path read from the process's standard input (`--root-key
+/// /dev/stdin < key.pem`, `kubectl exec -i`): it may be a pipe, read up to
+/// the same bound as a file.
+pub const STDIN_PATH: &str = "/dev/stdin";
+
+/// Why an input file was refused before (or while) reading it.
+#[derive(Debug, thiserror::Error)]
+pub enum InputRefused {
+    /// A FIFO, a device, a socket or a directory: it could block forever or
+    /// never end.
+    #[error(
+        "not a regular file ({0}): a FIFO or a device is refused rather than waited on \
+         (pass a file, or the data on {STDIN_PATH})"
+    )]
+    NotRegular(&'static str),
+    /// Over the bound.
+    #[error("larger than {0} bytes: not an input this command reads")]
+    TooLarge(u64),
+}
+
+/// Reads an input file named on the command line (or in a configuration):
+/// a regular file (a symbolic link to one counts: a Secret volume's files
+/// are links) of at most `max` bytes, or [`STDIN_PATH`] up to the same
+/// bound. A refusal is an `InvalidInput` I/O error wrapping
+/// [`InputRefused`], so callers name the flag and path as for any read
+/// error, and `NotFound` stays `NotFound`.
+pub fn read_input(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    if path == Path::new(STDIN_PATH) {
+        let mut out = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(max + 1)
+            .read_to_end(&mut out)?;
+        return bounded(out, max);
+    }
+    read_regular(path, max).map(|(_, data)| data)
+}
+
+/// Reads a regular file of at most `max` bytes, with the metadata of the
+/// handle read (so that a replacement between the two is not missed). The
+/// file is opened non-blocking: a FIFO is refused, not waited on for a
+/// writer.
+pub fn read_regular(path: &Path, max: u64) -> std::io::Result<(fs::Metadata, Vec<u8>)> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "a special file"
+        };
+        return Err(refused(InputRefused::NotRegular(kind)));
+    }
+    if meta.len() > max {
+        return Err(refused(InputRefused::TooLarge(max)));
+    }
+    let mut out = Vec::new();
+    f.take(max + 1).read_to_end(&mut out)?;
+    Ok((meta, bounded(out, max)?))
+}
+
+fn bounded(data: Vec<u8>, max: u64) -> std::io::Result<Vec<u8>> {
+    if data.len() as u64 > max {
+        return Err(refused(InputRefused::TooLarge(max)));
+    }
+    Ok(data)
+}
+
+fn refused(why: InputRefused) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, why)
+}
+
 /// Parses one line of a JSON-lines file. A line that does not parse may
 /// be a torn append with a later, whole line glued onto it (written by a
 /// version that did not start a new line after a torn one): the whole
@@ -160,5 +251,31 @@ mod tests {
             parse_json_line::<R>("{\"a\":1}").unwrap(),
             (R { a: 1 }, false)
         );
+    }
+    #[test]
+    fn an_input_is_a_bounded_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.pem");
+        fs::write(&ok, b"abc").unwrap();
+        assert_eq!(read_input(&ok, 3).unwrap(), b"abc");
+        let e = read_input(&ok, 2).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("larger than 2 bytes"), "{e}");
+
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        // Refused at once, not waited on for a writer.
+        let e = read_input(&fifo, MAX_INPUT).unwrap_err();
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        let e = read_input(Path::new("/dev/zero"), MAX_INPUT).unwrap_err();
+        assert!(e.to_string().contains("a device"), "{e}");
+        let e = read_input(dir.path(), MAX_INPUT).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let e = read_input(&dir.path().join("missing"), MAX_INPUT).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -157,7 +157,9 @@ pub fn write_if_changed(path: &Path, body: &[u8]) -> Result<bool, SyncError> {
         path: path.to_owned(),
         source,
     };
-    if std::fs::read(path).is_ok_and(|old| old == body) {
+    // Compared only with a regular file no larger than `body` (a FIFO or a
+    // device at the output path is replaced, never read).
+    if fsutil::read_regular(path, body.len() as u64).is_ok_and(|(_, old)| old == body) {
         return Ok(false);
     }
     fsutil::write_atomic(path, body, PUBLIC).map_err(write_err)?;

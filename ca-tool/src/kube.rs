@@ -124,7 +124,8 @@ fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, KubeError> {
         path: ca_file.to_owned(),
         msg,
     };
-    let pem = std::fs::read(ca_file).map_err(|e| ca_err(e.to_string()))?;
+    let pem = crate::fsutil::read_input(ca_file, crate::fsutil::MAX_INPUT)
+        .map_err(|e| ca_err(e.to_string()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ca_err(format!("not PEM: {e}")))?;
@@ -157,7 +158,9 @@ fn bearer(token_file: &Path) -> Result<HeaderValue, KubeError> {
         path: token_file.to_owned(),
         msg,
     };
-    let raw = std::fs::read_to_string(token_file).map_err(|e| tok_err(e.to_string()))?;
+    let raw = crate::fsutil::read_input(token_file, crate::fsutil::MAX_INPUT)
+        .map_err(|e| tok_err(e.to_string()))?;
+    let raw = String::from_utf8(raw).map_err(|_| tok_err("not UTF-8".into()))?;
     let token = raw.trim();
     if token.is_empty() {
         return Err(tok_err("the file is empty".into()));

@@ -55,6 +55,8 @@ pub fn append(dir: &Path, entry: &Entry) -> Result<(), CaError> {
 
 /// Appends entries with a single write and fsync (group commit).
 pub fn append_all(dir: &Path, entries: &[Entry]) -> Result<(), CaError> {
+    // A `serve --dir` started before `migrate` records nothing more here.
+    crate::migrated::refuse(dir)?;
     let path = dir.join(files::LEDGER);
     let mut lines = String::new();
     for e in entries {

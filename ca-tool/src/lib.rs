@@ -27,6 +27,8 @@ pub mod k8s;
 pub mod kube;
 pub mod ledger;
 pub mod metrics;
+pub mod migrated;
+pub mod pin_memory;
 pub mod renewer;
 pub mod revoke;
 pub mod rotate;

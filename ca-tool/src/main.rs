@@ -725,9 +725,11 @@ impl RootKeyArgs {
     }
 }
 
-/// Reads a file named by `--flag`; the error names the flag and the path.
+/// Reads a file named by `--flag` (a bounded regular file or `/dev/stdin`,
+/// see [`fsutil::read_input`]); the error names the flag and the path.
 fn read(path: &Path, flag: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("--{flag} {}", path.display()))
+    fsutil::read_input(path, fsutil::MAX_INPUT)
+        .with_context(|| format!("--{flag} {}", path.display()))
 }
 
 /// What a command does with the CA state (see [`with_state`]).
@@ -771,6 +773,9 @@ fn with_state<T>(
     access: Access,
     f: impl FnOnce(&Path) -> Result<T>,
 ) -> Result<T> {
+    // A PIN the token refuses is remembered here (pin_memory.rs): the CA
+    // directory, or the key directory with --store.
+    keyproof_ca::pin_memory::remember_in(dir);
     let spec = store.spec()?;
     if spec == StoreSpec::Dir {
         // Directory mode has no store lock: a lock file in the CA directory
@@ -779,6 +784,10 @@ fn with_state<T>(
         // directory, and its files appear by rename, ca.json last).
         use keyproof_ca::dirlock::{DirLock, Mode};
         use keyproof_ca::journal::{self, Recovered};
+        // A directory `migrate` moved into a store is not a CA any more.
+        if !matches!(access, Access::Init) && dir.join(keyproof_ca::ca::files::STATE).exists() {
+            keyproof_ca::migrated::refuse(dir)?;
+        }
         // A change a killed command left half made (journal.rs) is finished
         // or undone first, under the exclusive lock, whatever this command
         // does: nothing reads a half-rotated directory.
@@ -813,7 +822,12 @@ fn with_state<T>(
     let opened = rt
         .block_on(Store::open(&spec, dir, migrate))
         .map_err(store_err)?;
-    let co = rt.block_on(opened.checkout(exclusive)).map_err(store_err)?;
+    // Appending (`issue`, `token create`) and serve's look never sign with
+    // a root key: their workspace gets none.
+    let roots = !matches!(access, Access::Append | Access::Serve);
+    let co = rt
+        .block_on(opened.checkout_keys(exclusive, roots))
+        .map_err(store_err)?;
     if let Checkout::Workspace(ws) = &co {
         match (access, ws.trust_domain()) {
             (Access::Init, Some(td)) => return Err(store_err(StoreError::AlreadyHoldsCa(td))),
@@ -1124,7 +1138,8 @@ fn issue_in(dir: &Path, a: IssueArgs) -> Result<String> {
 
 fn inspect(a: InspectArgs) -> Result<ExitCode> {
     // FILE is positional: errors name the file, not a flag.
-    let pem = std::fs::read(&a.file).with_context(|| a.file.display().to_string())?;
+    let pem = fsutil::read_input(&a.file, fsutil::MAX_INPUT)
+        .with_context(|| a.file.display().to_string())?;
     let bundle = a.bundle.as_deref().map(read_bundle).transpose()?;
     let report = inspect::inspect(&pem, bundle.as_deref())
         .map_err(anyhow::Error::msg)
@@ -1227,6 +1242,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         }
     };
     let store = a.store.spec()?;
+    // A PIN the token refuses is remembered in the CA (or key) directory,
+    // so that a restarted server does not offer it again (pin_memory.rs).
+    keyproof_ca::pin_memory::remember_in(&a.dir);
     let opts = keyproof_ca::serve::ServeOptions {
         dir: a.dir,
         listen: a.listen,
@@ -1557,6 +1575,17 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             db.import_dir(&dir).await
         })
         .map_err(store_err)?;
+    // The store now holds the CA: fence the directory so that no
+    // directory-mode command (an old `serve --dir` included) honours its
+    // join tokens again or takes a revocation the store never sees.
+    keyproof_ca::migrated::mark(&dir, &masked).with_context(|| {
+        format!(
+            "the CA was moved into {masked}, but {} could not be marked as migrated; stop \
+             every `serve --dir {}` and do not use the directory without --store",
+            dir.display(),
+            dir.display()
+        )
+    })?;
     println!(
         "moved {} documents, {} join tokens ({} used) and {} ledger entries from {} into {masked}",
         report.documents,
@@ -1581,8 +1610,9 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     }
     println!(
         "from now on use --store with --dir {} (the key directory); the directory's other \
-         files are no longer the CA's state",
-        dir.display()
+         files are no longer the CA's state, and directory-mode commands refuse it ({} marks it)",
+        dir.display(),
+        keyproof_ca::migrated::MARKER
     );
     Ok(())
 }
@@ -1614,6 +1644,11 @@ fn ledger_export(dir: Option<PathBuf>, store: StoreArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // The CA's keys and PINs are in memory: no core file, no same-user
+    // ptrace (keyproof_identity::private_memory).
+    if let Err(e) = keyproof_identity::private_memory::keep_private() {
+        eprintln!("keyproof-ca: warning: could not mark the process not dumpable: {e}");
+    }
     match run(Cli::parse()) {
         Ok(_) if keyproof_identity::stdout::failed() => ExitCode::FAILURE,
         Ok(code) => code,

@@ -421,9 +421,11 @@ async fn bootstrap(
             "bootstrap",
         )
     };
-    let text = tokio::fs::read_to_string(path)
-        .await
+    // A small regular file (a projected token, a join token Secret): read
+    // bounded, and a FIFO or a device is refused rather than waited on.
+    let raw = crate::fsutil::read_input(path, crate::fsutil::MAX_INPUT)
         .map_err(|e| unreadable(e.to_string()))?;
+    let text = String::from_utf8(raw).map_err(|_| unreadable("not UTF-8".into()))?;
     let token = one_token(&text).map_err(unreadable)?;
     // Names the identity wanted, so that a credential for another one
     // (another namespace's ServiceAccount, another workload's join token)

@@ -112,6 +112,11 @@
 //!   `keyproof_ca_store_errors_total{op="refresh"}` and shows
 //!   `keyproof_ca_store_state_current` 0 until a refresh, and the reload
 //!   it brings, succeed.
+//! - A replica whose loaded chain is no longer in the store's bundle (a
+//!   root rotation finished while its key directory lacked the current
+//!   intermediate key) is not ready and answers issuance with 503
+//!   `ca_unavailable`, the join token left unspent: what it would sign
+//!   chains to nothing the workloads trust any more.
 //! - A replica needs the database to start (the documents are there): it
 //!   exits with the error otherwise, and its supervisor restarts it.
 
@@ -433,6 +438,25 @@ struct Conn {
     chain: Arc<[rustls::pki_types::CertificateDer<'static>]>,
 }
 
+/// Why `ca` (the state loaded before) does not chain to the bundle now in
+/// `dir` (the store's, in the workspace), or `None` when its root is in
+/// it. A bundle that cannot be read is not held against the loaded chain:
+/// the reload error says what is wrong.
+fn off_bundle(dir: &Path, ca: &Ca) -> Option<String> {
+    let path = dir.join(files::BUNDLE_PEM);
+    let (_, pem) = crate::fsutil::read_regular(&path, crate::fsutil::MAX_INPUT).ok()?;
+    let roots = keyproof_identity::keys::certs_from_pem(&pem).ok()?;
+    if roots.iter().any(|r| r.as_ref() == ca.root().as_ref()) {
+        return None;
+    }
+    Some(format!(
+        "the chain this replica loaded (root SHA-256 {}) is no longer in the store's bundle: a \
+         root rotation finished before its key directory received the current intermediate key; \
+         update the key directory (--dir) of this replica",
+        keyproof_identity::keys::fingerprint(ca.root())
+    ))
+}
+
 /// The state reloaded when the CA directory changes.
 struct Loaded {
     ca: Ca,
@@ -691,6 +715,12 @@ struct Server {
     /// Why the changed CA directory cannot be loaded (the previous state
     /// stays in use meanwhile); `None` when the loaded state is current.
     reload_error: Mutex<Option<String>>,
+    /// With a store: why the loaded chain no longer chains to the store's
+    /// bundle (a root rotation finished while this replica's key directory
+    /// lacked the new intermediate key). The replica is then not ready and
+    /// issues nothing: no peer holding the current bundle would accept
+    /// what it signs, and a join token spent on it would be lost.
+    off_bundle: Mutex<Option<String>>,
     verifier: SharedVerifier,
     own: Arc<OwnCert>,
     own_renew_at: Mutex<Instant>,
@@ -1118,6 +1148,7 @@ impl Server {
                     self.verifier.store(Arc::new(v));
                     self.loaded.store(Arc::new(Loaded { ca, stamp: current }));
                     *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    *self.off_bundle.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     self.metrics.set_store_state_current(true);
                 }
                 // Mid-rotation files may be briefly inconsistent: keep the
@@ -1127,6 +1158,13 @@ impl Server {
                     *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(e.to_string());
                     self.metrics.set_store_state_current(false);
+                    if self.store.is_some() {
+                        let off = off_bundle(dir, &self.loaded.load().ca);
+                        if let Some(why) = &off {
+                            tracing::error!(reason = %why, "not issuing until the key directory catches up");
+                        }
+                        *self.off_bundle.lock().unwrap_or_else(|p| p.into_inner()) = off;
+                    }
                     return;
                 }
             }
@@ -1228,6 +1266,13 @@ impl Server {
         }
         if let Some(link) = &self.store {
             link.usable()?;
+        }
+        if let Some(why) = self.off_bundle() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ca_unavailable",
+                why,
+            ));
         }
         let loaded = self.loaded.load();
         let issued = loaded
@@ -1844,6 +1889,12 @@ impl Server {
                 return Err(NotReady::new("the CA directory cannot be loaded", e));
             }
         }
+        if let Some(why) = self.off_bundle() {
+            return Err(NotReady::new(
+                "the loaded chain is not in the store's bundle",
+                &why,
+            ));
+        }
         self.key_ready()
             .map_err(|e| NotReady::new("the intermediate key does not sign", e))?;
         match &self.store {
@@ -1855,6 +1906,15 @@ impl Server {
                 .writable(&self.dir)
                 .map_err(|e| NotReady::new("the ledger cannot be appended to", e)),
         }
+    }
+
+    /// Why the loaded chain does not chain to the store's bundle, if so
+    /// (see [`Server::off_bundle`]).
+    fn off_bundle(&self) -> Option<String> {
+        self.off_bundle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether the intermediate's key signs: always for a key in memory;
@@ -2163,6 +2223,7 @@ pub async fn run(
         refreshing: AtomicBool::new(false),
         reloading: Mutex::new(()),
         reload_error: Mutex::new(None),
+        off_bundle: Mutex::new(None),
         verifier,
         own,
         own_renew_at: Mutex::new(Instant::now() + renew_in),

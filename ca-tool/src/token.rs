@@ -112,6 +112,9 @@ pub fn create(ca: &Ca, spiffe_id: &SpiffeId, ttl: Duration) -> Result<(String, R
 }
 
 fn append(dir: &Path, r: &Record) -> Result<(), CaError> {
+    // A `serve --dir` started before `migrate` spends no token here: the
+    // store has it (see `crate::migrated`).
+    crate::migrated::refuse(dir)?;
     let path = dir.join(files::TOKENS);
     let line = serde_json::to_string(r).map_err(|e| CaError::Corrupt {
         path: path.clone(),
@@ -218,6 +221,7 @@ impl TokenStore {
         presented: &str,
         now: OffsetDateTime,
     ) -> Result<Result<(String, SpiffeId), TokenError>, CaError> {
+        crate::migrated::refuse(dir)?;
         self.refresh(dir)?;
         let Some(entry) = self.by_hash.get(&hash(presented.trim())) else {
             return Ok(Err(TokenError::Invalid));

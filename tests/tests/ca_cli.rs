@@ -2274,3 +2274,209 @@ fn a_rotation_killed_at_any_rename_leaves_a_ca_that_serves_and_goes_on() {
         assert!(n > 2, "{name}: only {n} renames: was the kill injected?");
     }
 }
+
+/// Runs `keyproof-ca args` under `timeout 20` (an old binary waits on a
+/// FIFO forever), with `stdin` fed to it, and returns (exit code, stderr).
+fn run_fed(args: &[&std::ffi::OsStr], stdin: Vec<u8>) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new("timeout")
+        .arg("20")
+        .arg(bin("keyproof-ca"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    // The binary stops reading at its bound: a broken pipe here is expected.
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_input_files_are_bounded_regular_files() {
+    let ca = TestCa::new(TD);
+    let (cert, key) = ca.issue("web", "/ns/default/sa/web", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let big = tmp.path().join("big.pem");
+    fs::write(&big, vec![b'A'; 5 * 1024 * 1024]).unwrap();
+    let fifo = tmp.path().join("fifo.pem");
+    run_ok(Command::new("mkfifo").arg(&fifo));
+    let out = tmp.path().join("out.pem");
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let dir = ca.dir.as_os_str();
+    let bundle = ca.bundle();
+    // (arguments with BAD where the input goes, the flag the error names)
+    let cases: Vec<(Vec<&std::ffi::OsStr>, &str)> = vec![
+        (
+            vec![
+                os("issue"),
+                os("--dir"),
+                dir,
+                os("--spiffe-id"),
+                os("spiffe://prod.example.com/x"),
+                os("--cert-out"),
+                out.as_os_str(),
+                os("--csr"),
+            ],
+            "--csr",
+        ),
+        (vec![os("inspect")], ""),
+        (
+            vec![
+                os("check"),
+                os("--bundle"),
+                bundle.as_os_str(),
+                os("--cert"),
+            ],
+            "--cert",
+        ),
+        (
+            vec![os("check"), os("--cert"), cert.as_os_str(), os("--bundle")],
+            "--bundle",
+        ),
+        (
+            vec![
+                os("k8s-secret"),
+                os("--name"),
+                os("web"),
+                os("--bundle"),
+                bundle.as_os_str(),
+                os("--key"),
+                key.as_os_str(),
+                os("--cert"),
+            ],
+            "--cert",
+        ),
+    ];
+    for (args, flag) in cases {
+        for (bad, stdin, want) in [
+            (big.as_path(), Vec::new(), "larger than"),
+            (fifo.as_path(), Vec::new(), "a FIFO"),
+            (
+                Path::new("/dev/stdin"),
+                vec![b'A'; 5 * 1024 * 1024],
+                "larger than",
+            ),
+        ] {
+            let mut a = args.clone();
+            a.push(bad.as_os_str());
+            let (code, err) = run_fed(&a, stdin);
+            assert_eq!(code, Some(2), "{a:?}: {err}");
+            assert!(err.contains(want), "{a:?}: {err}");
+            assert!(
+                err.contains(flag) && err.contains(&*bad.to_string_lossy()),
+                "{a:?}: the error names the flag and the path: {err}"
+            );
+        }
+    }
+    assert!(!out.exists());
+}
+
+/// A PIN the token refused is not offered again by the next process
+/// either (a crash-looping `serve`, the daily `check`): pkcs11-spy counts
+/// the `C_Login` calls that reach the token. A changed PIN file is tried,
+/// and works.
+#[test]
+fn a_refused_pin_is_not_offered_again_by_the_next_process() {
+    use keyproof_tests::softhsm::{self, SoftHsm};
+    let Some(hsm) = SoftHsm::new("a_refused_pin_across_processes") else {
+        return;
+    };
+    let spy = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
+    if !Path::new(spy).exists() {
+        assert!(std::env::var_os("CI").is_none(), "{spy} missing (opensc)");
+        eprintln!("SKIP: {spy} missing");
+        return;
+    }
+    let token = hsm.init_token("kpca", "4321-ca");
+    let pin = hsm.pin_file("ca.pin", &token.pin);
+    let spy_log = hsm.path("spy.log");
+    let ca_cmd = |args: &[&str]| {
+        let mut c = hsm.command(bin("keyproof-ca"));
+        c.env("PKCS11SPY", softhsm::MODULE)
+            .env("PKCS11SPY_OUTPUT", &spy_log)
+            .args(args);
+        c
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    run_ok(
+        ca_cmd(&[
+            "init",
+            "--trust-domain",
+            TD,
+            "--pkcs11-module",
+            spy,
+            "--pkcs11-token",
+            "kpca",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--pin-file")
+        .arg(&pin),
+    );
+    // The PIN changed on the token; the PIN file lags.
+    let stale = hsm.pin_file("stale.pin", "0000-old");
+    fs::write(&spy_log, "").unwrap();
+    let wrong = || {
+        fs::read_to_string(&spy_log)
+            .unwrap_or_default()
+            .matches("CKR_PIN_INCORRECT")
+            .count()
+    };
+    for i in 0..3 {
+        let out = keyproof_tests::run(
+            ca_cmd(&["check"])
+                .arg("--dir")
+                .arg(&dir)
+                .arg("--pin-file")
+                .arg(&stale),
+        );
+        assert_eq!(out.status.code(), Some(2), "start {i}: {out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if i > 0 {
+            assert!(
+                stdout.contains("not offered again") || stderr.contains("not offered again"),
+                "start {i}: {stdout}{stderr}"
+            );
+        }
+    }
+    // serve, too, refuses at start without offering it.
+    let out = keyproof_tests::run(
+        ca_cmd(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--pin-file")
+        .arg(&stale),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(wrong(), 1, "the refused PIN was offered more than once");
+
+    // A fixed file is tried, and works.
+    fs::write(&stale, format!("{}\n", token.pin)).unwrap();
+    let out = keyproof_tests::run(
+        ca_cmd(&["check"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--pin-file")
+            .arg(&stale),
+    );
+    assert_ne!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(wrong(), 1);
+}

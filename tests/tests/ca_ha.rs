@@ -786,3 +786,291 @@ fn test_cluster_stops_and_starts_on_its_data() {
     drop(pg);
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+/// `migrate` fences the directory it moved: a join token created in it
+/// before is spent once (at a store replica), never again at the old
+/// `serve --dir` still running on it, and every directory-mode command
+/// refuses it, while store-mode commands keep using it as their key
+/// directory.
+#[test]
+fn a_migrated_directory_is_fenced_but_stays_the_key_directory() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.url("kp_fence");
+    let ca = TestCa::new(TD);
+    let token = run_ok(
+        cmd("keyproof-ca")
+            .args(["token", "create", "--spiffe-id", WEB, "--dir"])
+            .arg(&ca.dir),
+    )
+    .trim()
+    .to_owned();
+    // The single-replica server of the directory, still running.
+    let old = CaServer::start(&ca, &["--rate-limit", "0"]);
+    let out = run_ok(
+        cmd("keyproof-ca")
+            .args(["migrate", "--store", &url, "--dir"])
+            .arg(&ca.dir),
+    );
+    assert!(out.contains("moved"), "{out}");
+
+    // The old server no longer honours the directory's token.
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let r = rt()
+        .block_on(keyproof_tests::ca_server::client(&ca, old.port).bootstrap(&token, &k.csr_pem));
+    assert_ne!(
+        code(r),
+        "ok",
+        "the old serve --dir spent a migrated token: {}",
+        old.log()
+    );
+
+    // Directory-mode commands refuse the directory, saying why.
+    let dir = ca.dir.to_string_lossy().into_owned();
+    let out_cert = ca.path("fenced.crt").to_string_lossy().into_owned();
+    let out_key = ca.path("fenced.key").to_string_lossy().into_owned();
+    for args in [
+        vec!["token", "create", "--spiffe-id", WEB, "--dir", &dir],
+        vec![
+            "issue",
+            "--spiffe-id",
+            WEB,
+            "--dir",
+            &dir,
+            "--cert-out",
+            &out_cert,
+            "--key-out",
+            &out_key,
+        ],
+        vec!["check", "--dir", &dir],
+        vec!["revoke", "--spiffe-id", WEB, "--dir", &dir],
+        vec!["rotate", "intermediate", "--dir", &dir],
+        vec!["bundle", "--dir", &dir],
+        vec![
+            "serve",
+            "--dir",
+            &dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        vec!["migrate", "--store", &url, "--dir", &dir],
+    ] {
+        let out = cmd("keyproof-ca")
+            .env_remove("KEYPROOF_CA_STORE")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("was migrated to a store") && err.contains("--store"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!Path::new(&out_cert).exists());
+
+    // With --store, the directory is the key directory: the token is
+    // spent there, once.
+    let replica = CaServer::start(&ca, &["--rate-limit", "0", "--store", &url]);
+    wait_until("the replica to be ready", Duration::from_secs(30), || {
+        replica.admin_get("/ready").0 == 200
+    });
+    let store_bundle = run_ok(
+        cmd("keyproof-ca")
+            .args(["bundle", "--store", &url, "--dir"])
+            .arg(&ca.dir),
+    );
+    let c = client_for(&store_bundle, replica.port);
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    assert_eq!(
+        code(rt().block_on(c.bootstrap(&token, &k.csr_pem))),
+        "ok",
+        "{}",
+        replica.log()
+    );
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    assert_eq!(
+        code(rt().block_on(c.bootstrap(&token, &k.csr_pem))),
+        "token_reused"
+    );
+    let out = keyproof_tests::run(
+        cmd("keyproof-ca")
+            .args(["check", "--store", &url, "--dir"])
+            .arg(&ca.dir),
+    );
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "check --store with the migrated directory as key directory: {out:?}"
+    );
+}
+
+/// Every file under `dir`, recursively, as paths relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `serve --store` signs with the intermediate only: its workspace in the
+/// temporary directory (left behind if it is killed) holds no root key,
+/// not even the archived ones a root rotation left in the key directory.
+#[test]
+fn a_replicas_workspace_holds_no_root_key() {
+    let Some(ha) = HaCa::new("kp_ws_keys") else {
+        return;
+    };
+    run_ok(&mut ha.ca_cmd(&["rotate", "root", "prepare"]));
+    run_ok(&mut ha.ca_cmd(&["rotate", "root", "activate"]));
+    let in_key_dir = files_under(&ha.ca.dir);
+    assert!(
+        in_key_dir
+            .iter()
+            .any(|f| f.starts_with("archive/") && f.ends_with("root.key")),
+        "the key directory holds an archived root key: {in_key_dir:?}"
+    );
+    let srv = ha.serve(free_port(), false, &[]);
+    let prefix = format!("keyproof-ca-ws-{}-", srv.pid());
+    let workspaces: Vec<PathBuf> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    assert!(!workspaces.is_empty(), "no workspace named {prefix}*");
+    for ws in workspaces {
+        let files = files_under(&ws);
+        assert!(files.iter().any(|f| f == "intermediate.key"), "{files:?}");
+        let roots: Vec<&String> = files.iter().filter(|f| f.ends_with("root.key")).collect();
+        assert!(
+            roots.is_empty(),
+            "root keys copied to {}: {roots:?}",
+            ws.display()
+        );
+    }
+
+    // Nor does `issue --store`'s, held open while it waits for its CSR.
+    use std::io::Write;
+    let tmpdir = tempfile::tempdir().unwrap();
+    let cert = ha.ca.path("held.crt");
+    let cert = cert.to_string_lossy().into_owned();
+    let mut issue = ha
+        .ca_cmd(&[
+            "issue",
+            "--spiffe-id",
+            WEB,
+            "--csr",
+            "/dev/stdin",
+            "--cert-out",
+            &cert,
+        ])
+        .env("TMPDIR", tmpdir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ws = PathBuf::new();
+    wait_until("issue's workspace", Duration::from_secs(20), || {
+        if let Ok(Some(st)) = issue.try_wait() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(issue.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("issue ended before it read its CSR: {st}: {err}");
+        }
+        let found = std::fs::read_dir(tmpdir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("intermediate.key").exists());
+        found.map(|p| ws = p).is_some()
+    });
+    let files = files_under(&ws);
+    let roots: Vec<&String> = files.iter().filter(|f| f.ends_with("root.key")).collect();
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let mut stdin = issue.stdin.take().unwrap();
+    stdin.write_all(k.csr_pem.as_bytes()).unwrap();
+    drop(stdin);
+    let out = issue.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(roots.is_empty(), "root keys copied for issue: {roots:?}");
+}
+
+/// A replica whose key directory missed a root rotation (its Secret not
+/// updated yet) serves from the previous chain while that chain is in the
+/// store's bundle; once `rotate root finish` takes the old root out, it
+/// turns not ready and refuses to issue (503, the join token left
+/// unspent) rather than sign certificates that chain to nothing anyone
+/// trusts; it is back when its key directory catches up.
+#[test]
+fn a_replica_left_off_the_bundle_by_a_rotation_issues_nothing() {
+    let Some(ha) = HaCa::new("kp_off_bundle") else {
+        return;
+    };
+    // Replica B's copy of the key Secret, which the kubelet does not update.
+    let tmp_b = tempfile::tempdir().unwrap();
+    let dir_b = tmp_b.path().join("keys");
+    run_ok(Command::new("cp").arg("-a").arg(&ha.ca.dir).arg(&dir_b));
+    let ca_b = TestCa {
+        tmp: tmp_b,
+        dir: dir_b.clone(),
+        trust_domain: TD.to_owned(),
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let _a = ha.serve(pa, false, &[]);
+    let b = CaServer::start_env(&ca_b, pb, &["--rate-limit", "0", "--store", &ha.url], &[]);
+    wait_until("replica B to be ready", Duration::from_secs(30), || {
+        b.admin_get("/ready").0 == 200
+    });
+    run_ok(&mut ha.ca_cmd(&["rotate", "root", "prepare"]));
+    run_ok(&mut ha.ca_cmd(&["rotate", "root", "activate"]));
+    // Between activate and finish the old root is in the bundle: B stays.
+    wait_until("the activated state", FOLLOW_LIMIT, || {
+        b.admin_get("/metrics")
+            .1
+            .contains("keyproof_ca_store_state_current 0")
+    });
+    assert_eq!(b.admin_get("/ready").0, 200, "{}", b.log());
+    // Old and new root: a client that still reaches B's old-root server
+    // certificate (a workload yet to learn the new bundle).
+    let both_roots = ha.bundle_pem();
+    run_ok(&mut ha.ca_cmd(&["rotate", "root", "finish"]));
+    wait_until("replica B to turn not ready", FOLLOW_LIMIT, || {
+        b.admin_get("/ready").0 == 503
+    });
+    let token = ha.token(WEB);
+    let rt = rt();
+    let k = new_key(KeyType::EcdsaP256, WEB).unwrap();
+    let r = rt.block_on(client_for(&both_roots, pb).bootstrap(&token, &k.csr_pem));
+    assert_eq!(
+        code(r),
+        "ca_unavailable",
+        "B must not issue off the bundle
+{}",
+        b.log()
+    );
+    // The token was not spent: A issues for it.
+    let svid = rt
+        .block_on(ha.client(pa).bootstrap(&token, &k.csr_pem))
+        .expect("the token is still good at A");
+    let root = pem_roots(&ha.bundle_pem()).remove(0);
+    assert!(chains_to(&svid, &root));
+    // B's key directory catches up: ready again.
+    std::fs::remove_dir_all(&dir_b).unwrap();
+    run_ok(Command::new("cp").arg("-a").arg(&ha.ca.dir).arg(&dir_b));
+    wait_until("replica B to be ready again", FOLLOW_LIMIT, || {
+        b.admin_get("/ready").0 == 200
+    });
+}

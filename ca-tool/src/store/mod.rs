@@ -278,11 +278,25 @@ impl Store {
     /// [`Workspace`] checked out of PostgreSQL. `exclusive` takes the
     /// advisory lock (commands that change documents: `rotate`, `init`).
     pub async fn checkout(&self, exclusive: bool) -> Result<Checkout, StoreError> {
+        self.checkout_keys(exclusive, true).await
+    }
+
+    /// [`Store::checkout`]; without `roots`, a workspace gets no root key
+    /// (for commands that never sign with one: it would only be one more
+    /// copy outside the key directory).
+    pub async fn checkout_keys(
+        &self,
+        exclusive: bool,
+        roots: bool,
+    ) -> Result<Checkout, StoreError> {
         match self {
             Store::Dir(d) => Ok(Checkout::Dir(d.clone())),
-            Store::Postgres { db, key_dir } => {
+            Store::Postgres { db, key_dir } if roots => {
                 Ok(Checkout::Workspace(db.checkout(key_dir, exclusive).await?))
             }
+            Store::Postgres { db, key_dir } => Ok(Checkout::Workspace(
+                db.checkout_without_roots(key_dir, exclusive).await?,
+            )),
         }
     }
 

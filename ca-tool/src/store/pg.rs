@@ -368,7 +368,18 @@ impl PgStore {
     /// Keys are resolved by content (see [`workspace::resolve_keys`]): each
     /// certificate gets the key file of the key directory that is its key.
     pub async fn checkout(&self, key_dir: &Path, exclusive: bool) -> Result<Workspace, StoreError> {
-        self.checkout_as(key_dir, exclusive, false).await
+        self.checkout_as(key_dir, exclusive, false, true).await
+    }
+
+    /// [`PgStore::checkout`] for a command that never signs with a root
+    /// key (`issue`, `token create`): the workspace, a copy in the
+    /// temporary directory, gets none.
+    pub async fn checkout_without_roots(
+        &self,
+        key_dir: &Path,
+        exclusive: bool,
+    ) -> Result<Workspace, StoreError> {
+        self.checkout_as(key_dir, exclusive, false, false).await
     }
 
     /// `serve`'s read-only workspace: as [`PgStore::checkout`] without the
@@ -377,7 +388,7 @@ impl PgStore {
     /// on the previous intermediate ([`Workspace::fallback`] says so, here
     /// and after each [`PgStore::refresh`]): the replica lags, and starts.
     pub async fn checkout_serve(&self, key_dir: &Path) -> Result<Workspace, StoreError> {
-        self.checkout_as(key_dir, false, true).await
+        self.checkout_as(key_dir, false, true, false).await
     }
 
     async fn checkout_as(
@@ -385,6 +396,7 @@ impl PgStore {
         key_dir: &Path,
         exclusive: bool,
         read_only: bool,
+        roots: bool,
     ) -> Result<Workspace, StoreError> {
         let lock = if exclusive {
             let (client, conn) = self.dedicated().await?;
@@ -421,7 +433,12 @@ impl PgStore {
         }
         let (generation, docs) = self.read_docs(&tx).await?;
         let dir_keys = workspace::scan(key_dir, |k| k == Kind::Key)?;
-        let (keys, fallback) = workspace::resolve_keys(&docs, &dir_keys, read_only);
+        let (mut keys, fallback) = workspace::resolve_keys(&docs, &dir_keys, read_only);
+        if !roots {
+            // Never written to the workspace, so never seen as removed at
+            // checkin either.
+            keys.retain(|n, _| !workspace::is_root_key(n));
+        }
         let token_rows = tx
             .query(
                 // Expired tokens are of no use to any command.

@@ -172,30 +172,9 @@ fn provider() -> Arc<CryptoProvider> {
 const MAX_ROOTS_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Reads a regular file of at most [`MAX_ROOTS_BYTES`]: a FIFO would block
-/// the connect forever and a device (`/dev/zero`) fill the memory. The
-/// file is opened non-blocking so that a FIFO is refused, not waited on.
+/// the connect forever and a device (`/dev/zero`) fill the memory.
 fn read_limited(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    if meta.len() > MAX_ROOTS_BYTES {
-        return Err(std::io::Error::other(format!(
-            "larger than {MAX_ROOTS_BYTES} bytes: not a CA bundle"
-        )));
-    }
-    let mut out = Vec::new();
-    f.take(MAX_ROOTS_BYTES + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > MAX_ROOTS_BYTES {
-        return Err(std::io::Error::other("grew while read"));
-    }
-    Ok(out)
+    crate::fsutil::read_regular(path, MAX_ROOTS_BYTES).map(|(_, data)| data)
 }
 
 fn read_roots(url: &str, path: &std::path::Path) -> Result<rustls::RootCertStore, StoreError> {
@@ -414,6 +393,6 @@ mod tests {
         let big = dir.path().join("big.pem");
         std::fs::write(&big, vec![b'a'; (MAX_ROOTS_BYTES + 1) as usize]).unwrap();
         let e = read_limited(&big).unwrap_err();
-        assert!(e.to_string().contains("not a CA bundle"), "{e}");
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 }

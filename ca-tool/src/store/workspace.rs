@@ -122,9 +122,14 @@ pub(crate) fn resolve_keys(
 ) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>) {
     let mut keys = dir_keys.clone();
     let mut over = BTreeMap::new();
-    if read_only {
-        keys.retain(|n, _| n != files::ROOT_KEY && n != "next/root.key");
-    }
+    // A workspace is a copy in /tmp, outside the key directory the operator
+    // protects, and a killed process leaves it until the next start sweeps
+    // it: it holds no root key nothing will sign with. Archived root keys
+    // are never used; `serve` uses no root key at all.
+    keys.retain(|n, _| {
+        let root = is_root_key(n);
+        !(root && (read_only || n.starts_with("archive/")))
+    });
     let Some(locs) = docs
         .get(files::STATE)
         .and_then(|b| serde_json::from_slice::<crate::ca::CaState>(b).ok())
@@ -174,6 +179,13 @@ pub(crate) fn resolve_keys(
         }
     }
     (keys, over)
+}
+
+/// Whether a key file of the layout is a root's: `root.key`,
+/// `next/root.key`, or an archived `archive/<time>-root.key`.
+pub(crate) fn is_root_key(rel: &str) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    name == files::ROOT_KEY || name.ends_with("-root.key")
 }
 
 /// The newest archived intermediate certificate (name, its key) that is
@@ -430,6 +442,45 @@ mod tests {
         assert_eq!(kind("next/root.crt"), Kind::Document);
         assert!(check_rel("../x").is_err() && check_rel("/x").is_err() && check_rel("").is_err());
         assert!(check_rel("archive/1-root.crt").is_ok());
+    }
+
+    #[test]
+    fn a_workspace_holds_no_root_key_it_does_not_use() {
+        let dir_keys: BTreeMap<String, Vec<u8>> = [
+            "root.key",
+            "intermediate.key",
+            "next/root.key",
+            "next/intermediate.key",
+            "archive/20260101T000000Z-root.key",
+            "archive/20260101T000000Z-intermediate.key",
+        ]
+        .into_iter()
+        .map(|n| (n.to_owned(), b"k".to_vec()))
+        .collect();
+        let names = |read_only| {
+            resolve_keys(&BTreeMap::new(), &dir_keys, read_only)
+                .0
+                .into_keys()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(true),
+            [
+                "archive/20260101T000000Z-intermediate.key",
+                "intermediate.key",
+                "next/intermediate.key"
+            ]
+        );
+        assert_eq!(
+            names(false),
+            [
+                "archive/20260101T000000Z-intermediate.key",
+                "intermediate.key",
+                "next/intermediate.key",
+                "next/root.key",
+                "root.key"
+            ]
+        );
     }
 
     #[test]
