@@ -276,13 +276,20 @@ impl OutboundStepUp {
         Ok(())
     }
 
-    /// Whether `ch` names another key than the one that authenticated
-    /// `info`'s connection: the connection is of the identity held now
-    /// (connections of an earlier one are not reused for new requests) and
-    /// the challenge asks an earlier key.
+    /// Whether `ch` names another key of ours than the one that
+    /// authenticated `info`'s connection: the connection is of the identity
+    /// held now (connections of an earlier one are not reused for new
+    /// requests) and the challenge asks a key we held before it. (A key that
+    /// was never ours is refused by `sign`, as `keyid_mismatch`.)
     fn stale_for(&self, ch: &Challenge, info: &MeshConnInfo) -> bool {
         info.identity_generation == self.store.identity_generation()
             && self.current_signer().is_ok_and(|s| s.keyid() != ch.keyid)
+            && self
+                .previous
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|p| p.keyid() == ch.keyid)
     }
 
     /// Sends a request to a path known to need step-up: buffers the body (up
