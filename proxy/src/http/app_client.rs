@@ -169,11 +169,37 @@ fn dial_error(e: io::Error) -> AppError {
 /// [`APP_SOURCE`] when it is on IPv4 loopback. Each resolved address is
 /// tried in turn.
 pub async fn dial_app<A: tokio::net::ToSocketAddrs>(addr: A) -> io::Result<TcpStream> {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     let mut last = None;
-    // IPv4 loopback first (`localhost` may resolve to ::1 first): from
-    // there the app sees APP_SOURCE, not its own loopback address.
-    let mut addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+    // Whatever the name (`0`, `ip6-localhost`, `::ffff:127.0.0.1`), the app
+    // is never dialled where it would see the caller as itself: IPv4 forms
+    // of loopback are dialled on 127.0.0.1 (from APP_SOURCE), IPv6
+    // loopback and `::` not at all. IPv4 loopback first.
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    let mut own = None;
+    for to in tokio::net::lookup_host(addr).await? {
+        let ip = match to.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                Some(v4) => IpAddr::V4(v4),
+                None if v6.is_loopback() || v6.is_unspecified() => {
+                    own = Some(to);
+                    continue;
+                }
+                None => IpAddr::V6(v6),
+            },
+            v4 => v4,
+        };
+        addrs.push(SocketAddr::new(ip, to.port()));
+    }
     addrs.sort_by_key(|a| !(a.is_ipv4() && a.ip().is_loopback()));
+    if let (true, Some(own)) = (addrs.is_empty(), own) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the app's address resolves to {own} only, where the app would see every caller as its own loopback address: give its IPv4 loopback address (127.0.0.1:PORT)"),
+        ));
+    }
     for to in addrs {
         let tried = match to {
             std::net::SocketAddr::V4(v4) if v4.ip().is_loopback() => {
@@ -2470,5 +2496,21 @@ mod tests {
             drop(d.expect("dialled by name"));
             drop(a.expect("accepted"));
         }
+        // Round 12 verification VA3: other spellings of loopback are
+        // dialled on IPv4 from APP_SOURCE, IPv6 loopback not at all.
+        for spelt in [
+            format!("0:{}", addr.port()),
+            format!("0.0.0.0:{}", addr.port()),
+            format!("[::ffff:127.0.0.1]:{}", addr.port()),
+        ] {
+            let (d, a) = tokio::join!(dial_app(spelt.clone()), l.accept());
+            drop(d.expect("dialled"));
+            let (_, from) = a.expect("accepted");
+            assert_eq!(from.ip(), std::net::IpAddr::from(APP_SOURCE), "{spelt}");
+        }
+        let e = dial_app(format!("[::1]:{}", addr.port()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
     }
 }

@@ -252,7 +252,7 @@ fn controlled_in_disguise(name: &[u8]) -> bool {
 /// every copy goes ([`CALLER_STATEMENTS`]), and `X-Real-IP` is set to the
 /// caller's address, as nginx's own `proxy_set_header X-Real-IP
 /// $remote_addr` does.
-pub const CLIENT_ADDRESS: [&str; 24] = [
+pub const CLIENT_ADDRESS: [&str; 31] = [
     "x-real-ip",
     "true-client-ip",
     "x-client-ip",
@@ -279,6 +279,13 @@ pub const CLIENT_ADDRESS: [&str; 24] = [
     "cf-connecting-ipv6",
     "fly-client-ip",
     "x-azure-socketip",
+    "x-real-client-ip",
+    "x-client-real-ip",
+    "x-true-ip",
+    "do-connecting-ip",
+    "ali-cdn-real-ip",
+    "cdn-src-ip",
+    "x-original-for",
 ];
 
 /// Fields by which the front proxies an app may have been moved from tell
@@ -293,15 +300,13 @@ pub const CLIENT_ADDRESS: [&str; 24] = [
 /// `x-forwarded-client-cert` and `X-Real-IP`; every caller's copy of these
 /// goes, in any spelling [`same_name`] reads as one, and the scheme is left
 /// to the app's own connection (plain HTTP from the sidecar).
-pub const CALLER_STATEMENTS: [&str; 27] = [
+pub const CALLER_STATEMENTS: [&str; 35] = [
     // The client certificate (Linkerd's proxy states its identity).
     "l5d-client-id",
     "client-cert",
     "client-cert-chain",
     "x-client-verify",
     "x-client-dn",
-    "x-arr-clientcert",
-    "x-arr-ssl",
     // The user an authenticating proxy let in.
     "x-forwarded-user",
     "x-forwarded-email",
@@ -311,12 +316,17 @@ pub const CALLER_STATEMENTS: [&str; 27] = [
     "x-remote-user",
     "x-remote-group",
     "remote-user",
-    "x-authenticated-user",
-    "x-authenticated-userid",
-    "x-credential-identifier",
     "x-anonymous-consumer",
     "x-endpoint-api-userinfo",
     "x-apigateway-api-userinfo",
+    "x-userinfo",
+    "x-auth-user",
+    "x-spiffe-id",
+    "x-client-verified",
+    "x-client-subject",
+    "x-client-issuer",
+    "x-client-s-dn",
+    "x-client-i-dn",
     // The scheme and port the caller used.
     "x-forwarded-proto",
     "x-forwarded-protocol",
@@ -324,10 +334,15 @@ pub const CALLER_STATEMENTS: [&str; 27] = [
     "x-forwarded-scheme",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-forwarded-https",
+    "x-https",
+    "https",
+    "forwarded-proto",
+    "x-original-proto",
 ];
 
 /// [`CALLER_STATEMENTS`] more: families of fields, by prefix.
-pub const CALLER_STATEMENT_PREFIXES: [&str; 20] = [
+pub const CALLER_STATEMENT_PREFIXES: [&str; 31] = [
     // `X-Client-Cert` and Google's load balancer's `X-Client-Cert-Spiffe`,
     // `-Present`, `-Chain-Verified`...
     "x-client-cert",
@@ -339,6 +354,17 @@ pub const CALLER_STATEMENT_PREFIXES: [&str; 20] = [
     "tailscale-",
     "cloudfront-",
     "cf-visitor",
+    "cf-client-cert-",
+    "x-arr-",
+    "x-authenticated-",
+    "x-credential-",
+    "oidc-",
+    "x-pomerium-",
+    "x-vouch-",
+    "x-wl-proxy-",
+    "x-forwarded-client-cert-",
+    "x-jwt-",
+    "x-vercel-",
     "ssl-client-",
     "x-ssl-",
     "x-forwarded-tls-",
@@ -459,12 +485,37 @@ pub fn underscores_in_trailers(t: &mut HeaderMap, mode: Underscores) -> Result<(
 #[error("trailer field name {0:?} contains '_' (inbound.headers_with_underscores = \"reject\")")]
 pub struct TrailerRefused(String);
 
-/// Checks a request's header section before anything is forwarded:
-/// `Host` (at most one, agreeing with an absolute-form or HTTP/2
-/// authority), `Connection` (may not name framing, routing or owned
-/// fields), `Transfer-Encoding` (only one `chunked`, no other coding) and,
-/// in `reject` mode, names with `_`. Says what [`strip_request`] has to
-/// remove; one pass over the names when all is well.
+/// The first letters of every name [`check_request`] acts on as written
+/// (names in disguise are found by their punctuation): built from the lists
+/// themselves, so that a name added to one is never skipped by the filter.
+const REQUEST_FIRST_LETTERS: [bool; 256] = first_letters(&[
+    &OWNED,
+    &[OWNED_PREFIX],
+    &CLIENT_ADDRESS,
+    &CALLER_STATEMENTS,
+    &SCHEME_STATEMENTS,
+    &CALLER_STATEMENT_PREFIXES,
+    &METHOD_OVERRIDES,
+    &URL_OVERRIDES,
+    &HOP_BY_HOP,
+    &["host", "connection", "transfer-encoding", "content-length"],
+]);
+
+/// A table of the first bytes of the names in `lists`.
+const fn first_letters(lists: &[&[&str]]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < lists.len() {
+        let mut j = 0;
+        while j < lists[i].len() {
+            table[lists[i][j].as_bytes()[0] as usize] = true;
+            j += 1;
+        }
+        i += 1;
+    }
+    table
+}
+
 /// The elements of the comma-separated list fields `name` of `h`, trimmed,
 /// empty ones left out (RFC 9110 section 5.6.1).
 pub fn list_elements(h: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &[u8]> {
@@ -523,6 +574,12 @@ const URL_OVERRIDES: [&str; 5] = [
     "x-script-name",
 ];
 
+/// Checks a request's header section before anything is forwarded:
+/// `Host` (at most one, agreeing with an absolute-form or HTTP/2
+/// authority), `Connection` (may not name framing, routing or owned
+/// fields), `Transfer-Encoding` (only one `chunked`, no other coding) and,
+/// in `reject` mode, names with `_`. Says what [`strip_request`] has to
+/// remove; one pass over the names when all is well.
 pub fn check_request(
     h: &HeaderMap,
     uri: &Uri,
@@ -532,12 +589,11 @@ pub fn check_request(
     let (mut hosts, mut connection, mut te, mut length) = (0u32, false, false, false);
     for name in h.keys() {
         let n = name.as_str().as_bytes();
-        // Cheap filters first: the names acted on start with one of these
-        // letters or hold punctuation other than `-`.
+        // Cheap filters first: the names acted on start with one of the
+        // letters of `REQUEST_FIRST_LETTERS` or hold punctuation other than
+        // `-`.
         match n.first() {
-            Some(
-                b'x' | b's' | b'h' | b'c' | b't' | b'p' | b'f' | b'r' | b'a' | b'w' | b'l' | b'm',
-            ) => {}
+            Some(&b) if REQUEST_FIRST_LETTERS[usize::from(b)] => {}
             _ if !may_be_disguised(n) => continue,
             _ => {}
         }
@@ -1991,6 +2047,27 @@ mod strip_tests {
             "x-azure-socketip",
             "cloudfront-forwarded-proto",
             "cf-visitor",
+            // Second verification VA2.
+            "cf-client-cert-sha256",
+            "x-pomerium-claim-email",
+            "x-authenticated-groups",
+            "cdn-src-ip",
+            "oidc-claim-email",
+            "x-userinfo",
+            "x-credential-username",
+            "x-vouch-user",
+            "x-auth-user",
+            "x-jwt-payload",
+            "x-client-verified",
+            "x-client-s-dn",
+            "x-arr-clientcert-verified",
+            "x-forwarded-client-cert-info",
+            "x-spiffe-id",
+            "x-true-ip",
+            "do-connecting-ip",
+            "x-vercel-forwarded-for",
+            "x-forwarded-https",
+            "forwarded-proto",
         ];
         let kept = [
             "x-amount",
