@@ -350,6 +350,7 @@ fn migrate_moves_a_directory_and_the_ledger_exports_the_same() {
             p(&tmp.path().join(format!("{i}.crt"))),
         ]);
     }
+    let before = ok(&["ledger", "export", "--dir", p(&dir)]);
     let out = ok(&["migrate", "--dir", p(&dir), "--store", &url]);
     assert!(out.contains("2 ledger entries"), "{out}");
     assert!(out.contains("1 join tokens"), "{out}");
@@ -360,7 +361,10 @@ fn migrate_moves_a_directory_and_the_ledger_exports_the_same() {
 
     let file = std::fs::read_to_string(dir.join("ledger.jsonl")).unwrap();
     assert_eq!(ok(&["ledger", "export", "--store", &url]), file);
-    assert_eq!(ok(&["ledger", "export", "--dir", p(&dir)]), file);
+    assert_eq!(before, file);
+    // The directory itself is fenced now (round 12 CA F3).
+    let err = fails(&["ledger", "export", "--dir", p(&dir)]);
+    assert!(err.contains("migrated to a store"), "{err}");
     // The URL from the environment, as in Kubernetes.
     let o = run_env(&["ledger", "export"], &[("KEYPROOF_CA_STORE", &url)]);
     assert!(o.ok, "{}", o.stderr);
@@ -387,9 +391,9 @@ fn migrate_moves_a_directory_and_the_ledger_exports_the_same() {
     let o = run(&["check", "--store", &url, "--dir", p(&dir)]);
     assert_eq!(o.code, 0, "check: {}{}", o.stdout, o.stderr);
 
-    // Once is enough.
+    // Once is enough: the directory is fenced (and the store holds a CA).
     let err = fails(&["migrate", "--dir", p(&dir), "--store", &url]);
-    assert!(err.contains("already holds a CA"), "{err}");
+    assert!(err.contains("migrated to a store"), "{err}");
 }
 
 #[test]
