@@ -60,6 +60,13 @@ impl ScriptAlias {
     }
 }
 
+/// Extensions of server-side scripts, which the "hide the extension"
+/// rewrites and content negotiation serve without it.
+const SCRIPT_EXTENSIONS: [&str; 20] = [
+    "php", "php3", "php4", "php5", "php7", "php8", "phtml", "cgi", "pl", "py", "rb", "asp", "aspx",
+    "ashx", "asmx", "jsp", "jspx", "cfm", "shtml", "lua",
+];
+
 /// The other paths by which web servers run the script a route's prefix
 /// names (its last segment has an extension: [`may_name_script`]): without
 /// the extension, which the "hide .php" rewrites (nginx `try_files $uri
@@ -79,10 +86,18 @@ fn script_aliases(prefix: &str) -> Vec<ScriptAlias> {
     if !may_name_script(last, None) {
         return Vec::new();
     }
-    let Some((name, _ext)) = last.rsplit_once('.') else {
+    let Some((name, ext)) = last.rsplit_once('.') else {
         return Vec::new();
     };
-    let mut out = vec![ScriptAlias::Prefix(format!("{dir}/{name}"))];
+    let mut out = Vec::new();
+    // Only scripts lose their extension that way: a route for a data file
+    // (`/report.json`) does not take `/report/...`, another handler's.
+    if SCRIPT_EXTENSIONS
+        .iter()
+        .any(|e| ext.eq_ignore_ascii_case(e))
+    {
+        out.push(ScriptAlias::Prefix(format!("{dir}/{name}")));
+    }
     if name.eq_ignore_ascii_case("index") || name.eq_ignore_ascii_case("default") {
         out.push(ScriptAlias::Directory(if dir.is_empty() {
             "/".to_owned()
@@ -1223,6 +1238,12 @@ mod tests {
         }
         assert_eq!(script_aliases("/v1.2"), []);
         assert_eq!(script_aliases("/api/"), []);
+        // A data file's route takes no other handler's paths.
+        assert_eq!(script_aliases("/report.json"), []);
+        assert_eq!(
+            script_aliases("/panel/index.html"),
+            [ScriptAlias::Directory("/panel".into())]
+        );
         assert_eq!(
             script_aliases("/a/Default.aspx"),
             [
