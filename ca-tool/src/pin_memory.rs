@@ -120,8 +120,12 @@ fn offered(pin_file: &Path) -> Option<Vec<u8>> {
     (!raw.is_empty()).then_some(raw)
 }
 
+/// The marker of `pin_file`, named by the file it resolves to (links and
+/// `..` followed), so that one file named two ways is one marker.
 fn marker_path(dir: &Path, pin_file: &Path) -> PathBuf {
-    let abs = std::path::absolute(pin_file).unwrap_or_else(|_| pin_file.to_owned());
+    let abs = std::fs::canonicalize(pin_file)
+        .or_else(|_| std::path::absolute(pin_file))
+        .unwrap_or_else(|_| pin_file.to_owned());
     let id = hex::encode(keyproof_identity::keys::sha256(
         abs.as_os_str().as_encoded_bytes(),
     ));

@@ -55,6 +55,46 @@ fn numeric_last_label(host: &str) -> bool {
     !last.is_empty() && (last.bytes().all(|b| b.is_ascii_digit()) || hex)
 }
 
+/// An IPv4 address in a form `inet_aton` and URL parsers read besides the
+/// dotted quad (WHATWG URL, section 3.5): one to four parts, each decimal,
+/// hex (`0x`) or octal (a leading `0`), the last filling the bytes left
+/// (`10.88.15617`, `0x0a.0x58.0x3d.0x01`, `173555969`, `10.88.61.01`).
+fn loose_ipv4(host: &str) -> Option<std::net::IpAddr> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut nums = Vec::with_capacity(4);
+    for p in &parts {
+        let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X"))
+        {
+            (h, 16)
+        } else if p.len() > 1 && p.starts_with('0') {
+            (&p[1..], 8)
+        } else {
+            (*p, 10)
+        };
+        let n = if digits.is_empty() {
+            0
+        } else {
+            u64::from_str_radix(digits, radix).ok()?
+        };
+        nums.push(n);
+    }
+    let (last, first) = nums.split_last()?;
+    if first.iter().any(|&n| n > 255) || *last >= 1u64 << (8 * (5 - nums.len())) {
+        return None;
+    }
+    let mut v: u64 = *last;
+    for (i, &n) in first.iter().enumerate() {
+        v |= n << (8 * (3 - i));
+    }
+    u32::try_from(v)
+        .ok()
+        .map(|v| std::net::IpAddr::V4(std::net::Ipv4Addr::from(v)))
+}
+
 /// Matches `host` (any case; an IPv6 literal without brackets) against
 /// `pattern`; the captures on a match.
 pub fn match_host(pattern: &HostPattern, host: &str) -> Option<Captures> {
@@ -265,7 +305,7 @@ impl RuleSet {
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
-        if let Ok(ip) = h.parse::<std::net::IpAddr>() {
+        if let Some(ip) = h.parse::<std::net::IpAddr>().ok().or_else(|| loose_ipv4(h)) {
             let ip = match ip {
                 std::net::IpAddr::V6(v6) => v6
                     .to_ipv4_mapped()
@@ -393,10 +433,23 @@ mod tests {
             "db.internal",
             "10.96.0.5",
             "::ffff:10.96.0.5",
+            // Second verification VM1: inet_aton's other forms.
+            "0x0a.0x60.0x00.0x05",
+            "10.96.5",
+            "10.6291461",
+            "174063621",
+            "10.96.0.05",
         ] {
             assert!(set.names_meshed_host(yes), "{yes}");
         }
-        for no in ["www.example.com", "api.db", "10.0.0.1", "example.internal"] {
+        for no in [
+            "www.example.com",
+            "api.db",
+            "10.0.0.1",
+            "example.internal",
+            "1.2.3.4.5",
+            "0x1g",
+        ] {
             assert!(!set.names_meshed_host(no), "{no}");
         }
         let broad = rules(&rule(
