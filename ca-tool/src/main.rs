@@ -783,27 +783,12 @@ fn with_state<T>(
         // until `f` is done. `init` needs none (it refuses a non-empty
         // directory, and its files appear by rename, ca.json last).
         use keyproof_ca::dirlock::{DirLock, Mode};
-        use keyproof_ca::journal::{self, Recovered};
         // A directory `migrate` moved into a store is not a CA any more.
         if !matches!(access, Access::Init) && dir.join(keyproof_ca::ca::files::STATE).exists() {
             keyproof_ca::migrated::refuse(dir)?;
         }
-        // A change a killed command left half made (journal.rs) is finished
-        // or undone first, under the exclusive lock, whatever this command
-        // does: nothing reads a half-rotated directory.
-        if !matches!(access, Access::Init) && dir.join(journal::JOURNAL).is_dir() {
-            let _lock = DirLock::acquire(dir, Mode::Exclusive)?;
-            match journal::recover(dir)? {
-                Recovered::Finished => eprintln!(
-                    "keyproof-ca: {}: finished a change an interrupted command had committed",
-                    dir.display()
-                ),
-                Recovered::Undone => eprintln!(
-                    "keyproof-ca: {}: removed a change an interrupted command had not committed; the directory is as before it",
-                    dir.display()
-                ),
-                Recovered::Nothing => {}
-            }
+        if !matches!(access, Access::Init) {
+            recover_dir(dir)?;
         }
         let mode = match access {
             Access::Exclusive => Some(Mode::Exclusive),
@@ -842,6 +827,30 @@ fn with_state<T>(
         rt.block_on(opened.checkin(co)).map_err(store_err)?;
     }
     Ok(out)
+}
+
+/// Finishes or undoes a change a killed command left half made in the CA
+/// directory `dir` (journal.rs), under the exclusive lock, before a command
+/// reads it: nothing reads a half-rotated directory.
+fn recover_dir(dir: &Path) -> Result<()> {
+    use keyproof_ca::dirlock::{DirLock, Mode};
+    use keyproof_ca::journal::{self, Recovered};
+    if !dir.join(journal::JOURNAL).is_dir() {
+        return Ok(());
+    }
+    let _lock = DirLock::acquire(dir, Mode::Exclusive)?;
+    match journal::recover(dir)? {
+        Recovered::Finished => eprintln!(
+            "keyproof-ca: {}: finished a change an interrupted command had committed",
+            dir.display()
+        ),
+        Recovered::Undone => eprintln!(
+            "keyproof-ca: {}: removed a change an interrupted command had not committed; the directory is as before it",
+            dir.display()
+        ),
+        Recovered::Nothing => {}
+    }
+    Ok(())
 }
 
 /// An error of the directory code run on a workspace: the workspace's
@@ -1242,6 +1251,11 @@ fn serve(a: ServeArgs) -> Result<()> {
         }
     };
     let store = a.store.spec()?;
+    // Whether or not `--spiffe-id` looked at the directory above: a change
+    // a killed `rotate` left is finished or undone before serving.
+    if store == StoreSpec::Dir {
+        recover_dir(&a.dir)?;
+    }
     // A PIN the token refuses is remembered in the CA (or key) directory,
     // so that a restarted server does not offer it again (pin_memory.rs).
     keyproof_ca::pin_memory::remember_in(&a.dir);
