@@ -878,13 +878,7 @@ mod tests {
             .await
             .unwrap();
         let got = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-        tokio::time::timeout(WAIT, async {
-            while !got().contains("example.org") {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the first request passed through");
+        seen_at_last(&seen, "example.org").await;
         c.write_all(b"GET /x HTTP/1.1\r\nHost: api.db.svc\r\nAuthorization: Bearer s3cret\r\n\r\n")
             .await
             .unwrap();
@@ -941,14 +935,7 @@ mod tests {
             let mut c = redirected(&o, plain).await;
             c.write_all(first).await.unwrap();
             if let Some(second) = second {
-                let got = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-                tokio::time::timeout(WAIT, async {
-                    while !got().contains("example.org") {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                })
-                .await
-                .expect("the first request passed through");
+                seen_at_last(&seen, "example.org").await;
                 c.write_all(second).await.unwrap();
             }
             let mut rest = Vec::new();
@@ -1180,6 +1167,19 @@ mod tests {
 
     /// A plain TCP server that records everything it receives and answers
     /// nothing.
+    /// Waits until the recording server has seen `what` (the first request
+    /// passed through).
+    async fn seen_at_last(seen: &std::sync::Mutex<Vec<u8>>, what: &str) {
+        let got = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        tokio::time::timeout(WAIT, async {
+            while !got().contains(what) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the first request passed through");
+    }
+
     async fn recording_server() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
