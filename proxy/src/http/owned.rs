@@ -300,7 +300,7 @@ pub const CLIENT_ADDRESS: [&str; 31] = [
 /// `x-forwarded-client-cert` and `X-Real-IP`; every caller's copy of these
 /// goes, in any spelling [`same_name`] reads as one, and the scheme is left
 /// to the app's own connection (plain HTTP from the sidecar).
-pub const CALLER_STATEMENTS: [&str; 35] = [
+pub const CALLER_STATEMENTS: [&str; 37] = [
     // The client certificate (Linkerd's proxy states its identity).
     "l5d-client-id",
     "client-cert",
@@ -315,7 +315,6 @@ pub const CALLER_STATEMENTS: [&str; 35] = [
     "x-forwarded-access-token",
     "x-remote-user",
     "x-remote-group",
-    "remote-user",
     "x-anonymous-consumer",
     "x-endpoint-api-userinfo",
     "x-apigateway-api-userinfo",
@@ -339,6 +338,9 @@ pub const CALLER_STATEMENTS: [&str; 35] = [
     "https",
     "forwarded-proto",
     "x-original-proto",
+    "front-end-https",
+    "x-url-scheme",
+    "x-scheme",
 ];
 
 /// [`CALLER_STATEMENTS`] more: families of fields, by prefix.
@@ -379,10 +381,6 @@ pub const CALLER_STATEMENT_PREFIXES: [&str; 31] = [
     "cf-access-",
 ];
 
-/// [`CALLER_STATEMENTS`] more: the scheme, in the spellings that are no
-/// `x-forwarded-` field.
-const SCHEME_STATEMENTS: [&str; 3] = ["front-end-https", "x-url-scheme", "x-scheme"];
-
 /// `x-real-ip`: set by the inbound to the caller's address.
 static X_REAL_IP: HeaderName = HeaderName::from_static(CLIENT_ADDRESS[0]);
 
@@ -393,7 +391,6 @@ fn is_caller_statement(name: &[u8]) -> bool {
     let starts = |p: &str| name.len() >= p.len() && same_name(&name[..p.len()], p);
     CLIENT_ADDRESS.iter().any(|c| same_name(name, c))
         || CALLER_STATEMENTS.iter().any(|c| same_name(name, c))
-        || SCHEME_STATEMENTS.iter().any(|c| same_name(name, c))
         || CALLER_STATEMENT_PREFIXES.iter().any(|p| starts(p))
 }
 
@@ -493,7 +490,6 @@ const REQUEST_FIRST_LETTERS: [bool; 256] = first_letters(&[
     &[OWNED_PREFIX],
     &CLIENT_ADDRESS,
     &CALLER_STATEMENTS,
-    &SCHEME_STATEMENTS,
     &CALLER_STATEMENT_PREFIXES,
     &METHOD_OVERRIDES,
     &URL_OVERRIDES,
@@ -2106,7 +2102,6 @@ mod strip_tests {
         let names = CLIENT_ADDRESS
             .iter()
             .chain(&CALLER_STATEMENTS)
-            .chain(&SCHEME_STATEMENTS)
             .map(|n| n.to_string())
             .chain(CALLER_STATEMENT_PREFIXES.iter().map(|p| format!("{p}x")));
         for n in names {
