@@ -79,12 +79,8 @@ pub enum CaError {
     NoSuchDirectory(PathBuf),
     /// `migrate` moved this directory's CA into a store (see
     /// [`crate::migrated`]): its files are no longer the CA's state.
-    #[error("--dir {}: this CA directory was migrated to a store ({store}) on {at}; use --store URL (with --dir {} as the key directory); its tokens, ledger and revocations are no longer the CA's state", dir.display(), dir.display())]
-    Migrated {
-        dir: PathBuf,
-        at: String,
-        store: String,
-    },
+    #[error(transparent)]
+    Migrated(#[from] crate::migrated::MigratedDir),
     #[error("refusing to initialise {}: it is a symbolic link to {}, which does not exist (--dir must not exist, or be an empty directory)", dir.display(), target.display())]
     DanglingLink { dir: PathBuf, target: PathBuf },
     #[error("refusing to initialise {}: its parent directory {} does not exist; create it first (--dir is created, its parents are not)", dir.display(), parent.display())]

@@ -200,6 +200,16 @@ fn refused(why: InputRefused) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, why)
 }
 
+/// The time now, RFC 3339 in whole seconds (as the CA's records write it),
+/// for the records of modules that sit below `ca`.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// Parses one line of a JSON-lines file. A line that does not parse may
 /// be a torn append with a later, whole line glued onto it (written by a
 /// version that did not start a new line after a torn one): the whole

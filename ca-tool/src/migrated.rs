@@ -9,12 +9,23 @@
 //! files stay where they are: store-mode commands read them from `DIR` as
 //! their key directory, and never look at the marker.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ca::{io_err, CaError};
 use crate::fsutil;
+
+/// A directory `migrate` moved into a store, refused.
+#[derive(Debug, thiserror::Error)]
+#[error("--dir {}: this CA directory was migrated to a store ({store}) on {at}; use --store URL (with --dir {} as the key directory); its tokens, ledger and revocations are no longer the CA's state", dir.display(), dir.display())]
+pub struct MigratedDir {
+    /// The directory.
+    pub dir: PathBuf,
+    /// When (RFC 3339), as the marker says.
+    pub at: String,
+    /// The store's URL, password masked, as the marker says.
+    pub store: String,
+}
 
 /// The marker file, in the CA directory.
 pub const MARKER: &str = "migrated.json";
@@ -29,33 +40,32 @@ pub struct Migrated {
 }
 
 /// Marks `dir` as migrated to `store` (a masked URL) now.
-pub fn mark(dir: &Path, store: &str) -> Result<(), CaError> {
+pub fn mark(dir: &Path, store: &str) -> std::io::Result<()> {
     let path = dir.join(MARKER);
     let body = serde_json::to_vec_pretty(&Migrated {
-        migrated_at: crate::ca::rfc3339(crate::ca::now()),
+        migrated_at: fsutil::now_rfc3339(),
         store: store.to_owned(),
     })
-    .map_err(|e| CaError::Corrupt {
-        path: path.clone(),
-        msg: e.to_string(),
-    })?;
-    fsutil::write_atomic(&path, &body, fsutil::PUBLIC).map_err(io_err(&path))
+    .map_err(std::io::Error::other)?;
+    fsutil::write_atomic(&path, &body, fsutil::PUBLIC)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Refuses a directory `migrate` moved into a store. A marker that cannot
 /// be read or parsed still fences the directory: its presence is what
 /// counts.
-pub fn refuse(dir: &Path) -> Result<(), CaError> {
+pub fn refuse(dir: &Path) -> Result<(), MigratedDir> {
     let path = dir.join(MARKER);
-    match std::fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err(&path)(e)),
-        Ok(_) => {}
+    // There, or not readable: fenced all the same.
+    if let Err(e) = std::fs::symlink_metadata(&path) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Ok(());
+        }
     }
     let m = fsutil::read_input(&path, 64 * 1024)
         .ok()
         .and_then(|b| serde_json::from_slice::<Migrated>(&b).ok());
-    Err(CaError::Migrated {
+    Err(MigratedDir {
         dir: dir.to_owned(),
         at: m
             .as_ref()

@@ -161,7 +161,7 @@ fn write_marker(path: &Path, pin_file: &Path, pin: &[u8]) -> Result<(), String> 
     aws_lc_rs::rand::fill(&mut salt).map_err(|_| "no randomness".to_owned())?;
     let r = Refusal {
         pin_file: pin_file.display().to_string(),
-        refused_at: crate::ca::rfc3339(crate::ca::now()),
+        refused_at: fsutil::now_rfc3339(),
         salt: hex::encode(salt),
         digest: hex::encode(digest(&salt, pin)),
     };
