@@ -180,14 +180,13 @@ const MAX_STREAMS: u32 = 4;
 /// (the connection's cannot start below the protocol's 65,535 bytes).
 const STREAM_WINDOW: u32 = 16 * 1024;
 const CONN_WINDOW: u32 = 65_535;
-/// Largest request head (HTTP/1 read buffer, HTTP/2 header list). Above
-/// [`attest::MAX_TOKEN_LEN`] by room for a few KiB more, so that an
-/// oversized credential reaches the API and is refused there with a code,
-/// counted and logged, instead of by the HTTP layer; and no more, since a
-/// head arriving is held whole by every connection that sends one, with no
-/// credential needed: with [`MAX_CONNECTIONS`], about 100 MiB at worst
-/// with the connections' own buffers (the shipped manifest allows 256 Mi).
-const MAX_HEADERS: usize = 24 * 1024;
+/// Largest request head (HTTP/1 read buffer, HTTP/2 header list). Well
+/// above [`attest::MAX_TOKEN_LEN`], so that an oversized credential reaches
+/// the API and is refused there with a code, counted and logged, instead of
+/// by the HTTP layer. A head arriving is held whole by every connection
+/// that sends one, with no credential needed: [`MAX_CONNECTIONS`] bounds
+/// them (about 90 KiB a connection at worst with its buffers).
+const MAX_HEADERS: usize = 64 * 1024;
 /// How long a client has to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an HTTP/1.1 request head may take to arrive, counted from the
@@ -207,8 +206,12 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// to finish what it has in flight, and to flush its answers to a client
 /// that does not read them, before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
-/// The most API connections open at once (see [`crate::conns`]).
-const MAX_CONNECTIONS: usize = 2048;
+/// The most API connections open at once (see [`crate::conns`]): each may
+/// hold an unfinished head of up to [`MAX_HEADERS`], so this bounds that
+/// memory (about 140 MiB at worst, within the shipped manifest's 256 Mi).
+/// Renewals take one short call per connection: a thousand at once is far
+/// beyond what a cluster's renewers make.
+const MAX_CONNECTIONS: usize = 1024;
 /// The default of `--max-connections-per-ip`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
 /// How often the intermediate's token key is probed while it works (every
