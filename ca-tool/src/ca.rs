@@ -396,12 +396,7 @@ pub fn check_ca_lifetimes(root: Duration, intermediate: Duration) -> Result<(), 
     Ok(())
 }
 
-/// Now, truncated to whole seconds: X.509 times have no fractions, and the
-/// ledger should say exactly what the certificate says.
-pub(crate) fn now() -> OffsetDateTime {
-    let t = OffsetDateTime::now_utc();
-    t.replace_nanosecond(0).unwrap_or(t)
-}
+pub(crate) use crate::fsutil::{now, rfc3339};
 
 /// A serial number as lowercase hex without leading zero bytes, as
 /// `openssl x509 -serial` prints it.
@@ -411,11 +406,6 @@ pub fn serial_hex(bytes: &[u8]) -> String {
         .position(|b| *b != 0)
         .unwrap_or(bytes.len().saturating_sub(1));
     hex::encode(&bytes[start..])
-}
-
-pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 /// 128 bits from the system CSPRNG, as a positive DER INTEGER (a leading zero

@@ -200,14 +200,23 @@ fn refused(why: InputRefused) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, why)
 }
 
-/// The time now, RFC 3339 in whole seconds (as the CA's records write it),
-/// for the records of modules that sit below `ca`.
+/// Now, truncated to whole seconds: X.509 times have no fractions, and the
+/// ledger should say exactly what the certificate says.
+pub fn now() -> time::OffsetDateTime {
+    let t = time::OffsetDateTime::now_utc();
+    t.replace_nanosecond(0).unwrap_or(t)
+}
+
+/// `t` as RFC 3339 (its Unix seconds should formatting ever fail).
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// [`rfc3339`] of [`now`]: the time of a record, for the modules below
+/// `ca` (`migrated`, `pin_memory`).
 pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-    now.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    rfc3339(now())
 }
 
 /// Parses one line of a JSON-lines file. A line that does not parse may
